@@ -1,0 +1,65 @@
+"""Symbolic dimensions: parsing declarations and binding them to numbers.
+
+A dimension is either a positive integer or a name; names become SymPy
+symbols (positive integers) so that shapes such as ``m*n`` simplify.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import sympy as sp
+
+from .errors import DimensionError
+
+Dim = sp.Expr
+Shape = tuple[sp.Expr, sp.Expr]
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z_0-9]*$")
+
+
+def dim(value: str | int | sp.Expr, *, where: str = "") -> sp.Expr:
+    """Parse one declared dimension: a positive int or an identifier."""
+    context = f" in {where}" if where else ""
+    if isinstance(value, bool):
+        raise DimensionError(f"unknown dimension {value!r}{context}: dimensions are identifiers or positive integers")
+    if isinstance(value, int):
+        if value < 1:
+            raise DimensionError(f"unknown dimension {value!r}{context}: a dimension must be a positive integer")
+        return sp.Integer(value)
+    if isinstance(value, sp.Expr) and (value.is_Symbol or value.is_Integer):
+        return dim(int(value), where=where) if value.is_Integer else value
+    if isinstance(value, str) and _NAME.match(value):
+        return sp.Symbol(value, integer=True, positive=True)
+    if isinstance(value, str) and value.strip().isdigit():
+        return dim(int(value), where=where)
+    raise DimensionError(f"unknown dimension {value!r}{context}: dimensions are identifiers or positive integers")
+
+
+def same(a: sp.Expr, b: sp.Expr) -> bool:
+    """Whether two dimension expressions are equal for every binding."""
+    return a == b or sp.expand(a - b) == 0
+
+
+def bind(shape: Shape, actual: tuple[int, int], binding: dict[sp.Symbol, int], *, what: str) -> None:
+    """Bind the symbols of ``shape`` to the numbers in ``actual``; raise on conflict."""
+    for declared, number in zip(shape, actual):
+        if declared.is_Integer:
+            if int(declared) != number:
+                raise DimensionError(f"{what}: expected a size of {declared}, got {number}")
+        elif declared.is_Symbol:
+            previous = binding.setdefault(declared, number)
+            if previous != number:
+                raise DimensionError(
+                    f"{what}: dimension '{declared}' is {number} here but {previous} elsewhere"
+                )
+
+
+def evaluate(d: sp.Expr, binding: Mapping[sp.Symbol, int]) -> int:
+    """A dimension expression's value under ``binding``."""
+    if d.is_Integer:
+        return int(d)
+    missing = sorted(str(s) for s in d.free_symbols if s not in binding)
+    if missing:
+        raise DimensionError(f"unknown dimension '{missing[0]}': no value fixes it")
+    return int(d.xreplace(dict(binding)))

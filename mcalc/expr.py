@@ -1,0 +1,610 @@
+"""The expression IR: immutable matrix-valued nodes with symbolic shapes.
+
+One IR serves every layer of the compiler. A user's declaration builds nodes
+of the first group (symbols, products, elementwise functions, ...); the
+differential engine answers with nodes of the same IR plus the structured
+factors of matrix calculus (Kronecker products, diagonals, identities,
+commutation matrices) so that a derived rule is an expression like any other:
+printable, simplifiable, evaluable and, later, compilable.
+
+Every node is a matrix: vectors are ``(n, 1)``, scalars ``(1, 1)``. Nodes
+compare structurally, so they can key dictionaries and be rewritten.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import sympy as sp
+
+from . import dims
+from .errors import ShapeError, UnsupportedOperationError
+
+if TYPE_CHECKING:
+    from .functions import ElementwiseFunction
+
+ONE = sp.Integer(1)
+
+
+class Expr:
+    """A matrix-valued expression node.
+
+    ``args`` holds the children (``Expr``) and the parameters (names, SymPy
+    numbers, dimensions, functions) that define the node; ``shape`` is
+    ``(rows, cols)`` as SymPy expressions in the dimension symbols.
+    """
+
+    __slots__ = ("args", "shape", "_hash", "_symbols")
+    symmetric = False  # known to equal its own transpose
+
+    def __init__(self, *args: Any) -> None:
+        self.args = args
+        self.shape = self._infer_shape()
+        self._hash = hash((type(self).__name__, args))
+        self._symbols: frozenset[Symbol] | None = None
+
+    # --- structure -------------------------------------------------------
+    def _infer_shape(self) -> dims.Shape:
+        raise NotImplementedError
+
+    @property
+    def children(self) -> tuple[Expr, ...]:
+        return tuple(a for a in self.args if isinstance(a, Expr))
+
+    def rebuild(self, children: list[Expr]) -> Expr:
+        """The same node over new children (parameters kept in place)."""
+        it = iter(children)
+        return type(self)(*[next(it) if isinstance(a, Expr) else a for a in self.args])
+
+    @property
+    def symbols(self) -> frozenset[Symbol]:
+        """The declared symbols this expression depends on."""
+        if self._symbols is None:
+            found: set[Symbol] = set()
+            for c in self.children:
+                found |= c.symbols
+            self._symbols = frozenset(found)
+        return self._symbols
+
+    def walk(self) -> Iterator[Expr]:
+        """Every node, children before parents (duplicates included)."""
+        for c in self.children:
+            yield from c.walk()
+        yield self
+
+    @property
+    def rows(self) -> sp.Expr:
+        return self.shape[0]
+
+    @property
+    def cols(self) -> sp.Expr:
+        return self.shape[1]
+
+    @property
+    def size(self) -> sp.Expr:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def is_scalar(self) -> bool:
+        return self.shape == (ONE, ONE)
+
+    @property
+    def is_vector(self) -> bool:
+        return self.shape[1] == ONE
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (
+            type(self) is type(other) and self._hash == other._hash and self.args == other.args
+        )
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __repr__(self) -> str:
+        from .printing.text import to_text
+
+        return to_text(self)
+
+    def _repr_latex_(self) -> str:
+        from .printing.latex import to_latex
+
+        return f"${to_latex(self)}$"
+
+    # --- declaration operators --------------------------------------------
+    @property
+    def T(self) -> Expr:
+        return Transpose(self)
+
+    def __matmul__(self, other: Any) -> Expr:
+        return MatMul(self, _operand(other, "@"))
+
+    def __rmatmul__(self, other: Any) -> Expr:
+        return MatMul(_operand(other, "@"), self)
+
+    def __mul__(self, other: Any) -> Expr:
+        if _is_number(other):
+            return ScalarMul(sp.sympify(other), self)
+        return _elementwise_product(self, _operand(other, "*"))
+
+    def __rmul__(self, other: Any) -> Expr:
+        if _is_number(other):
+            return ScalarMul(sp.sympify(other), self)
+        return _elementwise_product(_operand(other, "*"), self)
+
+    def __add__(self, other: Any) -> Expr:
+        return _sum_of(self, other)
+
+    def __radd__(self, other: Any) -> Expr:
+        return _sum_of(other, self)
+
+    def __sub__(self, other: Any) -> Expr:
+        return _sum_of(self, -1 * other if _is_number(other) else -_operand(other, "-"))
+
+    def __rsub__(self, other: Any) -> Expr:
+        return _sum_of(other, -self)
+
+    def __neg__(self) -> Expr:
+        return ScalarMul(sp.Integer(-1), self)
+
+    def __truediv__(self, other: Any) -> Expr:
+        from .functions import reciprocal
+
+        if _is_number(other):
+            if sp.sympify(other) == 0:
+                raise UnsupportedOperationError(f"division of {self!r} by zero")
+            return ScalarMul(1 / sp.sympify(other), self)
+        return self * reciprocal(_operand(other, "/"))
+
+    def __rtruediv__(self, other: Any) -> Expr:
+        from .functions import reciprocal
+
+        return other * reciprocal(self)
+
+    def __pow__(self, exponent: Any) -> Expr:
+        from .functions import power
+
+        if not _is_number(exponent):
+            raise UnsupportedOperationError(
+                f"'{self!r} ** {exponent!r}': only a constant exponent is supported; "
+                "use mc.elementwise for other functions"
+            )
+        return power(sp.sympify(exponent))(self)
+
+    def _unsupported(self, op: str) -> Any:
+        raise UnsupportedOperationError(
+            f"operation '{op}' on {self!r} is not supported by mcalc; declare it with "
+            "mc.elementwise(name, sympy_expr, var) if it acts elementwise"
+        )
+
+    def __abs__(self) -> Expr:
+        return self._unsupported("abs")
+
+    def __lt__(self, other: Any) -> Expr:
+        return self._unsupported("<")
+
+    __le__ = __lt__
+    __gt__ = __lt__
+    __ge__ = __lt__
+
+    def __floordiv__(self, other: Any) -> Expr:
+        return self._unsupported("//")
+
+    def __mod__(self, other: Any) -> Expr:
+        return self._unsupported("%")
+
+    def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
+        return self._unsupported(f"numpy.{ufunc.__name__}")
+
+    def __bool__(self) -> bool:
+        return True
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, Expr) or isinstance(value, bool):
+        return False
+    if isinstance(value, (int, float)):
+        return True
+    return isinstance(value, sp.Expr) and not value.free_symbols - _dimension_symbols(value)
+
+
+def _dimension_symbols(value: sp.Expr) -> set:
+    return {s for s in value.free_symbols if s.is_integer and s.is_positive}
+
+
+def _operand(value: Any, op: str) -> Expr:
+    if isinstance(value, Expr):
+        return value
+    raise UnsupportedOperationError(
+        f"operand {value!r} of '{op}' is not an mcalc expression; declare it with "
+        "mc.Vector / mc.Matrix / mc.Scalar (NumPy arrays are values, not declarations)"
+    )
+
+
+def _elementwise_product(a: Expr, b: Expr) -> Expr:
+    if a.is_scalar and not b.is_scalar:
+        return ScaleBy(a, b)
+    if b.is_scalar and not a.is_scalar:
+        return ScaleBy(b, a)
+    return Hadamard(a, b)
+
+
+def _sum_of(a: Any, b: Any) -> Expr:
+    """``a + b`` with numbers and (1,1) expressions broadcast over matrices."""
+    if _is_number(a):
+        a, b = b, a
+    if _is_number(b):
+        b = ScalarMul(sp.sympify(b), Ones(*a.shape))
+    b = _operand(b, "+")
+    a = _operand(a, "+")
+    if a.is_scalar and not b.is_scalar:
+        a = ScaleBy(a, Ones(*b.shape))
+    elif b.is_scalar and not a.is_scalar:
+        b = ScaleBy(b, Ones(*a.shape))
+    return Add(a, b)
+
+
+def _require_same_shape(op: str, *operands: Expr) -> dims.Shape:
+    first = operands[0].shape
+    for o in operands[1:]:
+        if not (dims.same(o.shape[0], first[0]) and dims.same(o.shape[1], first[1])):
+            listing = ", ".join(f"{x!r} is {_fmt(x.shape)}" for x in operands)
+            raise ShapeError(f"shape mismatch in {op}: {listing}")
+    return first
+
+
+def _fmt(shape: dims.Shape) -> str:
+    return f"({shape[0]}, {shape[1]})"
+
+
+# =============================================================================
+# Leaves
+# =============================================================================
+class Symbol(Expr):
+    """A declared matrix symbol. ``hints`` guide sampling (e.g. 'positive')."""
+
+    __slots__ = ()
+
+    def __init__(self, name: str, rows: sp.Expr, cols: sp.Expr, hints: tuple[str, ...] = ()) -> None:
+        super().__init__(name, rows, cols, tuple(sorted(hints)))
+
+    def _infer_shape(self) -> dims.Shape:
+        return (self.args[1], self.args[2])
+
+    @property
+    def name(self) -> str:
+        return self.args[0]
+
+    @property
+    def hints(self) -> tuple[str, ...]:
+        return self.args[3]
+
+    @property
+    def symbols(self) -> frozenset[Symbol]:
+        return frozenset((self,))
+
+
+class Seed(Expr):
+    """A quantity backpropagated into a module: 𝓗z (``'Hz'``) or δz (``'dz'``).
+
+    δz has the shape of the module output z (its vec is the gradient); 𝓗z is
+    the (size z × size z) Hessian of the loss with respect to vec z.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, kind: str, rows: sp.Expr, cols: sp.Expr) -> None:
+        super().__init__(kind, rows, cols)
+
+    def _infer_shape(self) -> dims.Shape:
+        return (self.args[1], self.args[2])
+
+    @property
+    def kind(self) -> str:
+        return self.args[0]
+
+    @property
+    def symmetric(self) -> bool:  # a Hessian is symmetric
+        return self.kind == "Hz"
+
+
+class Identity(Expr):
+    """The identity matrix I_n."""
+
+    __slots__ = ()
+    symmetric = True
+
+    def __init__(self, n: sp.Expr) -> None:
+        super().__init__(sp.sympify(n))
+
+    def _infer_shape(self) -> dims.Shape:
+        return (self.args[0], self.args[0])
+
+
+class Zero(Expr):
+    """The zero matrix of a shape."""
+
+    __slots__ = ()
+
+    def __init__(self, rows: sp.Expr, cols: sp.Expr) -> None:
+        super().__init__(sp.sympify(rows), sp.sympify(cols))
+
+    def _infer_shape(self) -> dims.Shape:
+        return (self.args[0], self.args[1])
+
+    @property
+    def symmetric(self) -> bool:
+        return self.args[0] == self.args[1]
+
+
+class Ones(Expr):
+    """The all-ones matrix (1_n for a vector)."""
+
+    __slots__ = ()
+
+    def __init__(self, rows: sp.Expr, cols: sp.Expr) -> None:
+        super().__init__(sp.sympify(rows), sp.sympify(cols))
+
+    def _infer_shape(self) -> dims.Shape:
+        return (self.args[0], self.args[1])
+
+    @property
+    def symmetric(self) -> bool:
+        return self.args[0] == self.args[1]
+
+
+class Commutation(Expr):
+    """The commutation matrix K_{m,n}: K vec(A) = vec(Aᵀ) for A of shape (m, n)."""
+
+    __slots__ = ()
+
+    def __init__(self, m: sp.Expr, n: sp.Expr) -> None:
+        super().__init__(sp.sympify(m), sp.sympify(n))
+
+    def _infer_shape(self) -> dims.Shape:
+        size = self.args[0] * self.args[1]
+        return (size, size)
+
+
+# =============================================================================
+# Operations a declaration uses
+# =============================================================================
+class MatMul(Expr):
+    """The matrix product A B C ... (n-ary, at least two factors)."""
+
+    __slots__ = ()
+
+    def _infer_shape(self) -> dims.Shape:
+        if len(self.args) < 2:
+            raise ValueError("MatMul needs two factors")
+        for left, right in zip(self.args, self.args[1:]):
+            if not dims.same(left.cols, right.rows):
+                raise ShapeError(
+                    f"shape mismatch in matrix product {left!r} @ {right!r}: "
+                    f"{_fmt(left.shape)} @ {_fmt(right.shape)}"
+                )
+        return (self.args[0].rows, self.args[-1].cols)
+
+
+class Add(Expr):
+    """The sum A + B + ... of equally shaped terms (n-ary)."""
+
+    __slots__ = ()
+
+    def _infer_shape(self) -> dims.Shape:
+        return _require_same_shape("sum", *self.args)
+
+
+class ScalarMul(Expr):
+    """A constant multiple c·A; c is a SymPy number or an expression in the dimensions."""
+
+    __slots__ = ()
+
+    def __init__(self, coefficient: sp.Expr, operand: Expr) -> None:
+        super().__init__(sp.sympify(coefficient), operand)
+
+    def _infer_shape(self) -> dims.Shape:
+        return self.args[1].shape
+
+    @property
+    def coefficient(self) -> sp.Expr:
+        return self.args[0]
+
+    @property
+    def operand(self) -> Expr:
+        return self.args[1]
+
+    @property
+    def symmetric(self) -> bool:
+        return self.args[1].symmetric
+
+
+class ScaleBy(Expr):
+    """A matrix scaled by a (1, 1) expression s: s·A."""
+
+    __slots__ = ()
+
+    def _infer_shape(self) -> dims.Shape:
+        scale, operand = self.args
+        if not scale.is_scalar:
+            raise ShapeError(f"{scale!r} scales {operand!r} but is {_fmt(scale.shape)}, not (1, 1)")
+        return operand.shape
+
+    @property
+    def symmetric(self) -> bool:
+        return self.args[1].symmetric
+
+
+class Hadamard(Expr):
+    """The elementwise (Hadamard) product A ⊙ B."""
+
+    __slots__ = ()
+
+    def _infer_shape(self) -> dims.Shape:
+        return _require_same_shape("elementwise product", *self.args)
+
+
+class Transpose(Expr):
+    """The transpose Aᵀ."""
+
+    __slots__ = ()
+
+    def _infer_shape(self) -> dims.Shape:
+        return (self.args[0].cols, self.args[0].rows)
+
+
+class Apply(Expr):
+    """An elementwise function φ applied to every entry of A."""
+
+    __slots__ = ()
+
+    def __init__(self, function: ElementwiseFunction, operand: Expr) -> None:
+        super().__init__(function, operand)
+
+    def _infer_shape(self) -> dims.Shape:
+        return self.args[1].shape
+
+    @property
+    def function(self) -> ElementwiseFunction:
+        return self.args[0]
+
+    @property
+    def operand(self) -> Expr:
+        return self.args[1]
+
+
+class Sum(Expr):
+    """The sum of all entries, 1ᵀ vec(A): a (1, 1) expression."""
+
+    __slots__ = ()
+
+    def _infer_shape(self) -> dims.Shape:
+        return (ONE, ONE)
+
+
+class Trace(Expr):
+    """The trace of a square matrix."""
+
+    __slots__ = ()
+
+    def _infer_shape(self) -> dims.Shape:
+        (a,) = self.args
+        if not dims.same(a.rows, a.cols):
+            raise ShapeError(f"trace of non-square {a!r} {_fmt(a.shape)}")
+        return (ONE, ONE)
+
+
+class Softmax(Expr):
+    """softmax(x) = exp(x) / 1ᵀexp(x) of a vector."""
+
+    __slots__ = ()
+
+    def _infer_shape(self) -> dims.Shape:
+        (x,) = self.args
+        if not x.is_vector:
+            raise ShapeError(f"softmax expects a vector, got {x!r} of shape {_fmt(x.shape)}")
+        return x.shape
+
+
+class LogSoftmax(Expr):
+    """log softmax(x) = x − log(1ᵀexp(x)) 1 of a vector."""
+
+    __slots__ = ()
+
+    def _infer_shape(self) -> dims.Shape:
+        (x,) = self.args
+        if not x.is_vector:
+            raise ShapeError(f"log_softmax expects a vector, got {x!r} of shape {_fmt(x.shape)}")
+        return x.shape
+
+
+class Inverse(Expr):
+    """The inverse A⁻¹ of a square matrix."""
+
+    __slots__ = ()
+
+    def _infer_shape(self) -> dims.Shape:
+        (a,) = self.args
+        if not dims.same(a.rows, a.cols):
+            raise ShapeError(f"inverse of non-square {a!r} {_fmt(a.shape)}")
+        return a.shape
+
+
+# =============================================================================
+# Structured factors of derived rules
+# =============================================================================
+class Kron(Expr):
+    """The Kronecker product A ⊗ B."""
+
+    __slots__ = ()
+
+    def _infer_shape(self) -> dims.Shape:
+        a, b = self.args
+        return (a.rows * b.rows, a.cols * b.cols)
+
+    @property
+    def symmetric(self) -> bool:
+        return self.args[0].symmetric and self.args[1].symmetric
+
+
+class Diag(Expr):
+    """diag(v): the square matrix with the vector v on its diagonal."""
+
+    __slots__ = ()
+    symmetric = True
+
+    def _infer_shape(self) -> dims.Shape:
+        (v,) = self.args
+        if not v.is_vector:
+            raise ShapeError(f"diag expects a vector, got {v!r} of shape {_fmt(v.shape)}")
+        return (v.rows, v.rows)
+
+
+class Vec(Expr):
+    """vec(A): the columns of A stacked into one vector (column-major)."""
+
+    __slots__ = ()
+
+    def _infer_shape(self) -> dims.Shape:
+        return (self.args[0].size, ONE)
+
+
+class PSDProjection(Expr):
+    """A symmetric matrix with its negative eigenvalues cast by ``mode``.
+
+    ``mode`` is ``'abs'`` (eigenvalues → |λ|) or ``'clip'`` (→ max(λ, 0)), the
+    positive-curvature Hessian's treatment of concave terms (Section 3.2).
+    """
+
+    __slots__ = ()
+    symmetric = True
+
+    def __init__(self, mode: str, operand: Expr) -> None:
+        super().__init__(mode, operand)
+
+    def _infer_shape(self) -> dims.Shape:
+        return self.args[1].shape
+
+    @property
+    def mode(self) -> str:
+        return self.args[0]
+
+    @property
+    def operand(self) -> Expr:
+        return self.args[1]
+
+
+def substitute(expr: Expr, mapping: dict[Expr, Expr]) -> Expr:
+    """Replace subexpressions (typically symbols) by others of the same shape."""
+    memo: dict[Expr, Expr] = {}
+
+    def go(node: Expr) -> Expr:
+        if node in mapping:
+            return mapping[node]
+        if node in memo:
+            return memo[node]
+        kids = node.children
+        out = node.rebuild([go(c) for c in kids]) if kids else node
+        memo[node] = out
+        return out
+
+    return go(expr)

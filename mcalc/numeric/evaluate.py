@@ -1,0 +1,212 @@
+"""Dense NumPy evaluation of any expression (the reference semantics of the IR).
+
+Structured factors are materialised here, and only here: this is what a user
+gets when they ask for a dense matrix. vec is column-stacking (Fortran order)
+whatever NumPy's storage order.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import sympy as sp
+
+from .. import dims
+from ..errors import EvaluationError
+from ..expr import Expr, Seed, Symbol
+
+
+def vec(a: np.ndarray) -> np.ndarray:
+    """Column-stacking vec of a 2-D array, as a 1-D array."""
+    return np.asarray(a).reshape(-1, order="F")
+
+
+def unvec(v: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The inverse of :func:`vec`."""
+    return np.asarray(v).reshape(shape, order="F")
+
+
+def commutation_matrix(m: int, n: int) -> np.ndarray:
+    """K_{m,n} with K vec(A) = vec(Aᵀ) for A of shape (m, n)."""
+    k = np.zeros((m * n, m * n))
+    for i in range(m):
+        for j in range(n):
+            k[j + n * i, i + m * j] = 1.0
+    return k
+
+
+def to_user_shape(a: np.ndarray, expr: Expr) -> np.ndarray:
+    """(1, 1) → a 0-d float, (n, 1) → 1-D, else 2-D."""
+    if expr.is_scalar:
+        return np.float64(a[0, 0])
+    if expr.is_vector:
+        return a[:, 0].copy()
+    return a
+
+
+def as_matrix(value: Any, symbol: Symbol | Seed, what: str) -> np.ndarray:
+    """A user's array as a finite 2-D float array with the symbol's orientation."""
+    try:
+        a = np.asarray(value, dtype=float)
+    except (TypeError, ValueError) as exc:
+        raise EvaluationError(f"{what}: value is not a numeric array ({exc})") from None
+    if a.ndim == 0:
+        a = a.reshape(1, 1)
+    elif a.ndim == 1:
+        a = a.reshape(-1, 1) if symbol.is_vector else a.reshape(1, -1)
+    elif a.ndim != 2:
+        raise EvaluationError(f"{what}: expected a 1-D or 2-D array, got shape {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise EvaluationError(f"{what}: value contains NaN or Inf")
+    return a
+
+
+class Evaluator:
+    """Evaluates expressions under one set of values, memoising shared subexpressions."""
+
+    def __init__(self, env: Mapping[str, np.ndarray], binding: Mapping[sp.Symbol, int],
+                 seeds: Mapping[str, np.ndarray] | None = None) -> None:
+        self.env = dict(env)
+        self.binding = dict(binding)
+        self.seeds = dict(seeds or {})
+        self._memo: dict[Expr, np.ndarray] = {}
+
+    @classmethod
+    def for_module(
+        cls,
+        module: Any,
+        values: Mapping[str, Any],
+        *,
+        dz: Any = None,
+        Hz: Any = None,
+        seeds: Iterable[Seed] = (),
+    ) -> Evaluator:
+        """Bind a module's dimensions from ``values`` and check every shape."""
+        if not isinstance(values, Mapping):
+            raise EvaluationError(f"values for module '{module.name}' must be a mapping from symbol names to arrays")
+        binding: dict[sp.Symbol, int] = {}
+        env: dict[str, np.ndarray] = {}
+        for s in module.symbols:
+            if s.name not in values:
+                raise EvaluationError(f"module '{module.name}': no value for symbol '{s.name}'")
+            a = as_matrix(values[s.name], s, f"value of '{s.name}'")
+            dims.bind(s.shape, a.shape, binding, what=f"value of '{s.name}' with shape {a.shape}")
+            env[s.name] = a
+        out_shape = tuple(dims.evaluate(d, binding) for d in module.output.shape)
+        seed_values: dict[str, np.ndarray] = {}
+        size = out_shape[0] * out_shape[1]
+        for seed in seeds:
+            given = dz if seed.kind == "dz" else Hz
+            if given is None:
+                continue
+            a = np.asarray(given, dtype=float)
+            if seed.kind == "dz":
+                if a.size != size:
+                    raise EvaluationError(f"dz: expected {size} entries (the size of z), got shape {a.shape}")
+                a = unvec(a.reshape(-1) if a.ndim != 2 or a.shape != out_shape else vec(a), out_shape)
+            elif a.shape != (size, size):
+                raise EvaluationError(f"Hz: expected shape ({size}, {size}), got {a.shape}")
+            if not np.all(np.isfinite(a)):
+                raise EvaluationError(f"{seed.kind}: value contains NaN or Inf")
+            seed_values[seed.kind] = a
+        return cls(env, binding, seed_values)
+
+    # ------------------------------------------------------------------
+    def dim(self, d: sp.Expr) -> int:
+        return dims.evaluate(d, self.binding)
+
+    def value(self, expr: Expr) -> np.ndarray:
+        """The dense value of ``expr`` as a 2-D array."""
+        memo = self._memo
+        if expr in memo:
+            return memo[expr]
+        method = getattr(self, f"_eval_{type(expr).__name__}")
+        out = method(expr)
+        memo[expr] = out
+        return out
+
+    def _eval_Symbol(self, e: Expr) -> np.ndarray:
+        return self.env[e.args[0]]
+
+    def _eval_Seed(self, e: Seed) -> np.ndarray:
+        if e.kind not in self.seeds:
+            name = "dz" if e.kind == "dz" else "Hz"
+            raise EvaluationError(f"this rule needs {name}: pass {name}=... to evaluate it")
+        return self.seeds[e.kind]
+
+    def _eval_Identity(self, e: Expr) -> np.ndarray:
+        return np.eye(self.dim(e.args[0]))
+
+    def _eval_Zero(self, e: Expr) -> np.ndarray:
+        return np.zeros((self.dim(e.args[0]), self.dim(e.args[1])))
+
+    def _eval_Ones(self, e: Expr) -> np.ndarray:
+        return np.ones((self.dim(e.args[0]), self.dim(e.args[1])))
+
+    def _eval_Commutation(self, e: Expr) -> np.ndarray:
+        return commutation_matrix(self.dim(e.args[0]), self.dim(e.args[1]))
+
+    def _eval_MatMul(self, e: Expr) -> np.ndarray:
+        return np.linalg.multi_dot([self.value(f) for f in e.args])
+
+    def _eval_Add(self, e: Expr) -> np.ndarray:
+        return sum(self.value(t) for t in e.args[1:]) + self.value(e.args[0])
+
+    def _eval_ScalarMul(self, e: Expr) -> np.ndarray:
+        c = float(e.args[0].xreplace(self.binding))
+        return c * self.value(e.args[1])
+
+    def _eval_ScaleBy(self, e: Expr) -> np.ndarray:
+        return self.value(e.args[0])[0, 0] * self.value(e.args[1])
+
+    def _eval_Hadamard(self, e: Expr) -> np.ndarray:
+        return self.value(e.args[0]) * self.value(e.args[1])
+
+    def _eval_Transpose(self, e: Expr) -> np.ndarray:
+        return self.value(e.args[0]).T
+
+    def _eval_Apply(self, e: Expr) -> np.ndarray:
+        with np.errstate(all="ignore"):
+            return e.args[0].numpy(self.value(e.args[1]))
+
+    def _eval_Sum(self, e: Expr) -> np.ndarray:
+        return np.sum(self.value(e.args[0])).reshape(1, 1)
+
+    def _eval_Trace(self, e: Expr) -> np.ndarray:
+        return np.trace(self.value(e.args[0])).reshape(1, 1)
+
+    def _eval_Softmax(self, e: Expr) -> np.ndarray:
+        x = self.value(e.args[0])
+        p = np.exp(x - x.max())
+        return p / p.sum()
+
+    def _eval_LogSoftmax(self, e: Expr) -> np.ndarray:
+        x = self.value(e.args[0])
+        shifted = x - x.max()
+        return shifted - np.log(np.exp(shifted).sum())
+
+    def _eval_Inverse(self, e: Expr) -> np.ndarray:
+        try:
+            return np.linalg.inv(self.value(e.args[0]))
+        except np.linalg.LinAlgError:
+            raise EvaluationError(f"{e.args[0]!r} is singular at these values") from None
+
+    def _eval_Kron(self, e: Expr) -> np.ndarray:
+        return np.kron(self.value(e.args[0]), self.value(e.args[1]))
+
+    def _eval_Diag(self, e: Expr) -> np.ndarray:
+        return np.diag(self.value(e.args[0])[:, 0])
+
+    def _eval_Vec(self, e: Expr) -> np.ndarray:
+        return vec(self.value(e.args[0])).reshape(-1, 1)
+
+    def _eval_PSDProjection(self, e: Expr) -> np.ndarray:
+        return psd_project(self.value(e.args[1]), e.args[0])
+
+
+def psd_project(s: np.ndarray, mode: str) -> np.ndarray:
+    """V f(Λ) Vᵀ for the symmetric part of ``s`` = V Λ Vᵀ, f = |·| or max(·, 0)."""
+    eigenvalues, vectors = np.linalg.eigh(0.5 * (s + s.T))
+    cast = np.abs(eigenvalues) if mode == "abs" else np.maximum(eigenvalues, 0.0)
+    return (vectors * cast) @ vectors.T

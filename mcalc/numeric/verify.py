@@ -1,0 +1,108 @@
+"""Verification of every derived rule of a module against the finite-difference oracle."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ..calculus.derivation import Derivation
+from ..calculus.hbp import CURVATURES
+from ..errors import EvaluationError
+from ..expr import Inverse, Symbol
+from ..module import Module
+from .evaluate import Evaluator
+from .finite_diff import fd_hbp, fd_jacobian, fd_second_order
+
+TOLERANCES = {"jacobian": 1e-6, "gradient": 1e-6, "hbp": 2e-5, "hessian": 2e-5}
+SAMPLE_DIMS = (3, 2, 4, 5, 6)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One rule compared with its oracle: relative max-abs error against a tolerance."""
+
+    module: str
+    rule: str
+    curvature: str
+    error: float
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.error <= self.tolerance)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+
+def relative_error(value: np.ndarray, reference: np.ndarray) -> float:
+    """max |value − reference| / max(1, max |reference|)."""
+    value, reference = np.asarray(value, dtype=float), np.asarray(reference, dtype=float)
+    if value.shape != reference.shape:
+        return float("inf")
+    scale = max(1.0, float(np.max(np.abs(reference), initial=0.0)))
+    return float(np.max(np.abs(value - reference), initial=0.0)) / scale
+
+
+def sample_values(module: Module, rng: np.random.Generator,
+                  dims: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+    """A random point for ``module``: distinct small sizes, values shaped by the symbols' hints."""
+    names = sorted({str(d) for s in module.symbols for d in s.shape if d.is_Symbol})
+    sizes = {n: (dims or {}).get(n, SAMPLE_DIMS[i % len(SAMPLE_DIMS)]) for i, n in enumerate(names)}
+    inverted = {node.args[0] for node in module.output.walk() if isinstance(node, Inverse)}
+    values: dict[str, np.ndarray] = {}
+    for s in module.symbols:
+        rows, cols = (int(d) if d.is_Integer else sizes[str(d)] for d in s.shape)
+        values[s.name] = _draw(s, rows, cols, rng, s in inverted)
+    return values
+
+
+def _draw(s: Symbol, rows: int, cols: int, rng: np.random.Generator, inverted: bool) -> np.ndarray:
+    if "simplex" in s.hints:
+        a = np.zeros((rows, cols))
+        a[rng.integers(rows), :] = 1.0  # one-hot per column
+    elif "positive" in s.hints:
+        a = rng.uniform(0.5, 1.5, size=(rows, cols))
+    else:
+        a = rng.normal(scale=0.8, size=(rows, cols))
+        if inverted and rows == cols:
+            a += rows * np.eye(rows)  # keep an inverted symbol well conditioned
+    return a[:, 0] if s.is_vector else a
+
+
+def verify_module(module: Module, *, seed: int = 0, curvatures: tuple[str, ...] = CURVATURES,
+                  derivation: Derivation | None = None) -> list[Check]:
+    """Check every Jacobian, gradient and HBP rule (each curvature) of ``module`` at a random point."""
+    rng = np.random.default_rng(seed)
+    d = derivation or Derivation(module)
+    values = sample_values(module, rng)
+    ev = Evaluator.for_module(module, values)
+    z = ev.value(module.output)
+    if not np.all(np.isfinite(z)):
+        raise EvaluationError(f"module '{module.name}': forward pass is not finite at the sample point")
+    size = z.size
+    dz = rng.normal(size=size)
+    a = rng.normal(size=(size, size))
+    Hz = a @ a.T / size  # a positive semi-definite loss Hessian, as from MSE or cross-entropy
+    checks: list[Check] = []
+    for v in module.variables:
+        label = v.name if v.is_vector else f"vec {v.name}"
+        J_fd = fd_jacobian(module, v.name, values)
+        checks.append(Check(module.name, f"Dz({label})", "-",
+                            relative_error(d.evaluate_jacobian(v.name, values), J_fd), TOLERANCES["jacobian"]))
+        checks.append(Check(module.name, f"δ{v.name}", "-",
+                            relative_error(d.evaluate_gradient(v.name, values, dz), J_fd.T @ dz),
+                            TOLERANCES["gradient"]))
+        for c in curvatures:
+            reference = fd_hbp(module, v.name, values, dz, Hz, c)
+            value = d.evaluate_hbp(v.name, values, dz=dz, Hz=Hz, curvature=c)
+            checks.append(Check(module.name, f"𝓗{label}", c, relative_error(value, reference), TOLERANCES["hbp"]))
+        if module.output.is_scalar:
+            reference = fd_second_order(module, v.name, values, np.ones(1))
+            checks.append(Check(module.name, f"Hz({label})", "-",
+                                relative_error(d.evaluate_hessian(v.name, values), reference),
+                                TOLERANCES["hessian"]))
+    return checks
+
+

@@ -1,0 +1,51 @@
+"""The printer skeleton: one ``_print_<Node>`` method per node type, as SymPy's printers.
+
+Parentheses come from precedence: a child is wrapped when it binds looser
+than the position it is printed in.
+"""
+from __future__ import annotations
+
+import sympy as sp
+
+from ..expr import Expr
+
+PRECEDENCE = {
+    "Add": 10,
+    "Kron": 20,
+    "Hadamard": 25,
+    "ScalarMul": 30,
+    "ScaleBy": 30,
+    "MatMul": 40,
+    "Transpose": 90,
+    "Inverse": 90,
+}
+ATOM = 100
+
+
+class Printer:
+    """Base class; subclasses define the ``_print_<Node>`` methods."""
+
+    def doprint(self, expr: Expr) -> str:
+        return self._print(expr)
+
+    def _print(self, expr: Expr) -> str:
+        method = getattr(self, f"_print_{type(expr).__name__}", None)
+        if method is None:
+            raise NotImplementedError(f"{type(self).__name__} cannot print {type(expr).__name__}")
+        return method(expr)
+
+    @staticmethod
+    def precedence(expr: Expr) -> int:
+        return PRECEDENCE.get(type(expr).__name__, ATOM)
+
+    def parens(self, text: str) -> str:
+        return f"({text})"
+
+    def wrap(self, expr: Expr, level: int, strict: bool = False) -> str:
+        """``expr`` printed, parenthesised if it binds looser than ``level``."""
+        p = self.precedence(expr)
+        text = self._print(expr)
+        return self.parens(text) if p < level or (strict and p == level) else text
+
+    def dim(self, d: sp.Expr) -> str:
+        return str(d).replace("*", "")

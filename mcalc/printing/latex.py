@@ -1,0 +1,113 @@
+"""LaTeX printing of expressions, in the notation of the HBP paper."""
+from __future__ import annotations
+
+import sympy as sp
+
+from ..expr import ONE, Expr, ScalarMul
+from .base import ATOM, Printer
+
+
+def _name(name: str) -> str:
+    head, _, tail = name.partition("_")
+    return f"{head}_{{{tail}}}" if tail else name
+
+
+class LatexPrinter(Printer):
+    def parens(self, text: str) -> str:
+        return rf"\left({text}\right)"
+
+    def dim(self, d: sp.Expr) -> str:
+        return sp.latex(d).replace(r"\cdot", "")
+
+    def _print_Symbol(self, e: Expr) -> str:
+        return _name(e.args[0])
+
+    def _print_Seed(self, e: Expr) -> str:
+        return r"\mathcal{H}z" if e.args[0] == "Hz" else r"\delta z"
+
+    def _print_Identity(self, e: Expr) -> str:
+        return f"I_{{{self.dim(e.args[0])}}}"
+
+    def _print_Zero(self, e: Expr) -> str:
+        return "0"
+
+    def _print_Ones(self, e: Expr) -> str:
+        rows, cols = e.shape
+        if cols == ONE:
+            return rf"\mathbf{{1}}_{{{self.dim(rows)}}}"
+        if rows == ONE:
+            return rf"\mathbf{{1}}_{{{self.dim(cols)}}}^{{\top}}"
+        return rf"\mathbf{{1}}_{{{self.dim(rows)} \times {self.dim(cols)}}}"
+
+    def _print_Commutation(self, e: Expr) -> str:
+        return f"K_{{{self.dim(e.args[0])},{self.dim(e.args[1])}}}"
+
+    def _print_MatMul(self, e: Expr) -> str:
+        return " ".join(self.wrap(f, 40, strict=True) for f in e.args)
+
+    def _print_Add(self, e: Expr) -> str:
+        out = self._print(e.args[0])
+        for t in e.args[1:]:
+            if isinstance(t, ScalarMul) and t.coefficient.is_number and t.coefficient < 0:
+                positive = t.operand if t.coefficient == -1 else ScalarMul(-t.coefficient, t.operand)
+                out += " - " + self.wrap(positive, 10, strict=True)
+            else:
+                out += " + " + self._print(t)
+        return out
+
+    def _print_ScalarMul(self, e: Expr) -> str:
+        c = e.args[0]
+        operand = self.wrap(e.args[1], 30)
+        if c == -1:
+            return f"-{operand}"
+        coefficient = sp.latex(c) if c.is_Integer or c.is_Symbol else rf"\left({sp.latex(c)}\right)"
+        return f"{coefficient} {operand}"
+
+    def _print_ScaleBy(self, e: Expr) -> str:
+        return rf"{self.wrap(e.args[0], ATOM)} \, {self.wrap(e.args[1], 30)}"
+
+    def _print_Hadamard(self, e: Expr) -> str:
+        return r" \odot ".join(self.wrap(f, 41) for f in e.args)
+
+    def _print_Kron(self, e: Expr) -> str:
+        return r" \otimes ".join(self.wrap(f, 41) for f in e.args)
+
+    def _print_Transpose(self, e: Expr) -> str:
+        return self.wrap(e.args[0], ATOM) + r"^{\top}"
+
+    def _print_Inverse(self, e: Expr) -> str:
+        return self.wrap(e.args[0], ATOM) + "^{-1}"
+
+    def _print_Apply(self, e: Expr) -> str:
+        f = e.args[0]
+        primes = "'" * f.order
+        return rf"{f.base.latex_name}{primes}\left({self._print(e.args[1])}\right)"
+
+    def _print_Sum(self, e: Expr) -> str:
+        return rf"\operatorname{{sum}}\left({self._print(e.args[0])}\right)"
+
+    def _print_Trace(self, e: Expr) -> str:
+        return rf"\operatorname{{tr}}\left({self._print(e.args[0])}\right)"
+
+    def _print_Softmax(self, e: Expr) -> str:
+        return rf"\operatorname{{softmax}}\left({self._print(e.args[0])}\right)"
+
+    def _print_LogSoftmax(self, e: Expr) -> str:
+        return rf"\log\operatorname{{softmax}}\left({self._print(e.args[0])}\right)"
+
+    def _print_Diag(self, e: Expr) -> str:
+        return rf"\operatorname{{diag}}\left[{self._print(e.args[0])}\right]"
+
+    def _print_Vec(self, e: Expr) -> str:
+        return rf"\operatorname{{vec}}\left({self._print(e.args[0])}\right)"
+
+    def _print_PSDProjection(self, e: Expr) -> str:
+        return rf"\operatorname{{{e.args[0]}}}_{{\mathrm{{eig}}}}\left[{self._print(e.args[1])}\right]"
+
+
+_printer = LatexPrinter()
+
+
+def to_latex(expr: Expr) -> str:
+    """The LaTeX form of ``expr``."""
+    return _printer.doprint(expr)

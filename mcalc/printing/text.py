@@ -1,0 +1,104 @@
+"""Plain-text (Unicode) printing of expressions: W x + b, (x xᵀ) ⊗ 𝓗z, diag[σ'(x)] ..."""
+from __future__ import annotations
+
+import sympy as sp
+
+from ..expr import ONE, Expr, ScalarMul
+from .base import ATOM, Printer
+
+
+class TextPrinter(Printer):
+    def _print_Symbol(self, e: Expr) -> str:
+        return e.args[0]
+
+    def _print_Seed(self, e: Expr) -> str:
+        return "𝓗z" if e.args[0] == "Hz" else "δz"
+
+    def _sub(self, d: sp.Expr) -> str:
+        text = self.dim(d)
+        return text if len(text) == 1 else f"({text})"
+
+    def _print_Identity(self, e: Expr) -> str:
+        return f"I_{self._sub(e.args[0])}"
+
+    def _print_Zero(self, e: Expr) -> str:
+        return "0"
+
+    def _print_Ones(self, e: Expr) -> str:
+        rows, cols = e.shape
+        if cols == ONE:
+            return f"1_{self._sub(rows)}"
+        if rows == ONE:
+            return f"1_{self._sub(cols)}ᵀ"
+        return f"1_({self.dim(rows)}×{self.dim(cols)})"
+
+    def _print_Commutation(self, e: Expr) -> str:
+        return f"K_({self.dim(e.args[0])},{self.dim(e.args[1])})"
+
+    def _print_MatMul(self, e: Expr) -> str:
+        return " ".join(self.wrap(f, 40, strict=True) for f in e.args)
+
+    def _print_Add(self, e: Expr) -> str:
+        out = self._print(e.args[0])
+        for t in e.args[1:]:
+            if isinstance(t, ScalarMul) and t.coefficient.is_number and t.coefficient < 0:
+                positive = t.operand if t.coefficient == -1 else ScalarMul(-t.coefficient, t.operand)
+                out += " − " + self.wrap(positive, 10, strict=True)
+            else:
+                out += " + " + self._print(t)
+        return out
+
+    def _print_ScalarMul(self, e: Expr) -> str:
+        c = e.args[0]
+        operand = self.wrap(e.args[1], 30)
+        if c == -1:
+            return f"−{operand}"
+        coefficient = str(c) if c.is_Integer or c.is_Symbol else f"({c})"
+        return f"{coefficient}·{operand}"
+
+    def _print_ScaleBy(self, e: Expr) -> str:
+        return f"{self.wrap(e.args[0], ATOM)}·{self.wrap(e.args[1], 30)}"
+
+    def _print_Hadamard(self, e: Expr) -> str:
+        return " ⊙ ".join(self.wrap(f, 41) for f in e.args)
+
+    def _print_Kron(self, e: Expr) -> str:
+        return " ⊗ ".join(self.wrap(f, 41) for f in e.args)
+
+    def _print_Transpose(self, e: Expr) -> str:
+        return self.wrap(e.args[0], ATOM) + "ᵀ"
+
+    def _print_Inverse(self, e: Expr) -> str:
+        return self.wrap(e.args[0], ATOM) + "⁻¹"
+
+    def _print_Apply(self, e: Expr) -> str:
+        return f"{e.args[0].display_name}({self._print(e.args[1])})"
+
+    def _print_Sum(self, e: Expr) -> str:
+        return f"sum({self._print(e.args[0])})"
+
+    def _print_Trace(self, e: Expr) -> str:
+        return f"tr({self._print(e.args[0])})"
+
+    def _print_Softmax(self, e: Expr) -> str:
+        return f"softmax({self._print(e.args[0])})"
+
+    def _print_LogSoftmax(self, e: Expr) -> str:
+        return f"log_softmax({self._print(e.args[0])})"
+
+    def _print_Diag(self, e: Expr) -> str:
+        return f"diag[{self._print(e.args[0])}]"
+
+    def _print_Vec(self, e: Expr) -> str:
+        return f"vec({self._print(e.args[0])})"
+
+    def _print_PSDProjection(self, e: Expr) -> str:
+        return f"{e.args[0]}_eig[{self._print(e.args[1])}]"
+
+
+_printer = TextPrinter()
+
+
+def to_text(expr: Expr) -> str:
+    """The plain-text form of ``expr``."""
+    return _printer.doprint(expr)

@@ -1,0 +1,125 @@
+"""Declaration: matrix symbols and the operations a module is written with."""
+from __future__ import annotations
+
+import keyword
+import re
+
+import sympy as sp
+
+from . import dims
+from .errors import DeclarationError, UnsupportedOperationError
+from .expr import (
+    Diag,
+    Expr,
+    Identity,
+    Inverse,
+    Kron,
+    LogSoftmax,
+    Softmax,
+    Sum,
+    Symbol,
+    Trace,
+    Vec,
+)
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z_0-9]*$")
+_HINTS = {"positive", "simplex"}
+
+
+def _symbol(name: str, rows: str | int, cols: str | int, hints: tuple[str, ...]) -> Symbol:
+    if not isinstance(name, str) or not _NAME.match(name) or keyword.iskeyword(name):
+        raise DeclarationError(f"symbol name {name!r} must be a Python identifier")
+    unknown = set(hints) - _HINTS
+    if unknown:
+        raise DeclarationError(f"symbol '{name}': unknown hint {sorted(unknown)}; known: {sorted(_HINTS)}")
+    where = f"the declaration of '{name}'"
+    return Symbol(name, dims.dim(rows, where=where), dims.dim(cols, where=where), hints)
+
+
+def _hints(positive: bool, simplex: bool) -> tuple[str, ...]:
+    return tuple(h for h, on in (("positive", positive), ("simplex", simplex)) if on)
+
+
+def Vector(name: str, n: str | int, *, positive: bool = False, simplex: bool = False) -> Symbol:
+    """A column vector symbol of length ``n``.
+
+    ``positive`` asks verification to sample positive values (e.g. under a log);
+    ``simplex`` marks a label that is non-negative and sums to one (a one-hot or
+    a probability vector).
+    """
+    return _symbol(name, n, 1, _hints(positive, simplex))
+
+
+def Matrix(name: str, rows: str | int, cols: str | int, *, positive: bool = False) -> Symbol:
+    """A matrix symbol of shape ``(rows, cols)``."""
+    return _symbol(name, rows, cols, _hints(positive, False))
+
+
+def Scalar(name: str, *, positive: bool = False) -> Symbol:
+    """A scalar symbol, shape (1, 1)."""
+    return _symbol(name, 1, 1, _hints(positive, False))
+
+
+def _expr(value: object, op: str) -> Expr:
+    if not isinstance(value, Expr):
+        raise UnsupportedOperationError(f"{op}({value!r}): the argument is not an mcalc expression")
+    return value
+
+
+def sum(a: Expr) -> Expr:  # noqa: A001 - mirrors the mathematical name, as in the design
+    """The sum of all entries, a scalar."""
+    return Sum(_expr(a, "sum"))
+
+
+def mean(a: Expr) -> Expr:
+    """The mean of all entries, a scalar."""
+    a = _expr(a, "mean")
+    return (1 / a.size) * Sum(a)
+
+
+def trace(a: Expr) -> Expr:
+    """The trace of a square matrix."""
+    return Trace(_expr(a, "trace"))
+
+
+def softmax(x: Expr) -> Expr:
+    """softmax of a vector."""
+    return Softmax(_expr(x, "softmax"))
+
+
+def log_softmax(x: Expr) -> Expr:
+    """log-softmax of a vector (numerically the stable form)."""
+    return LogSoftmax(_expr(x, "log_softmax"))
+
+
+def inv(a: Expr) -> Expr:
+    """The inverse of a square matrix."""
+    return Inverse(_expr(a, "inv"))
+
+
+# Structured factors, for writing closed forms (the engine has no differential
+# rule for them: they appear in derived rules, not in modules).
+def kron(a: Expr, b: Expr) -> Expr:
+    """The Kronecker product a ⊗ b."""
+    return Kron(_expr(a, "kron"), _expr(b, "kron"))
+
+
+def diag(v: Expr) -> Expr:
+    """The diagonal matrix of a vector."""
+    return Diag(_expr(v, "diag"))
+
+
+def vec(a: Expr) -> Expr:
+    """Column-stacking vectorisation."""
+    return Vec(_expr(a, "vec"))
+
+
+def identity(n: str | int) -> Expr:
+    """The identity matrix I_n."""
+    return Identity(dims.dim(n, where="identity"))
+
+
+__all__ = [
+    "Vector", "Matrix", "Scalar", "sum", "mean", "trace", "softmax", "log_softmax", "inv",
+    "kron", "diag", "vec", "identity", "sp",
+]
