@@ -34,7 +34,7 @@ class Expr:
     ``(rows, cols)`` as SymPy expressions in the dimension symbols.
     """
 
-    __slots__ = ("args", "shape", "_hash", "_symbols")
+    __slots__ = ("_hash", "_symbols", "args", "shape")
     symmetric = False  # known to equal its own transpose
 
     def __init__(self, *args: Any) -> None:
@@ -606,5 +606,21 @@ def substitute(expr: Expr, mapping: dict[Expr, Expr]) -> Expr:
         out = node.rebuild([go(c) for c in kids]) if kids else node
         memo[node] = out
         return out
+
+    return go(expr)
+
+
+def map_dims(expr: Expr, mapping: dict[sp.Symbol, sp.Expr]) -> Expr:
+    """``expr`` with its dimension symbols replaced (in symbols' shapes and every sized node)."""
+    if not mapping:
+        return expr
+    memo: dict[Expr, Expr] = {}
+
+    def go(node: Expr) -> Expr:
+        if node not in memo:
+            args = [go(a) if isinstance(a, Expr) else a.xreplace(mapping) if isinstance(a, sp.Basic) else a
+                    for a in node.args]
+            memo[node] = type(node)(*args)
+        return memo[node]
 
     return go(expr)

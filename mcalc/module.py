@@ -5,9 +5,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
+import sympy as sp
 
+from . import dims
 from .errors import DeclarationError
-from .expr import Expr, Symbol, substitute
+from .expr import Expr, Symbol, map_dims, substitute
 
 if TYPE_CHECKING:
     from .calculus.derivation import Derivation
@@ -110,6 +112,19 @@ class Module:
             [mapping[s] for s in self.constants],
         )
 
+    @property
+    def dimensions(self) -> set[sp.Symbol]:
+        """The dimension symbols of the module's declared symbols."""
+        return {d for s in self.symbols for extent in s.shape for d in extent.free_symbols}
+
+    def with_dims(self, mapping: dict[sp.Symbol, sp.Expr]) -> Module:
+        """A copy with dimension symbols renamed (or fixed) by ``mapping``."""
+        if not mapping:
+            return self
+        new = {s: map_dims(s, mapping) for s in self.symbols}
+        return Module(self.name, map_dims(self.output, mapping), [new[s] for s in self.inputs],
+                      [new[s] for s in self.params], [new[s] for s in self.constants])
+
     def __repr__(self) -> str:
         return (
             f"Module({self.name}: z = {self.output!r}; inputs={[s.name for s in self.inputs]}, "
@@ -129,15 +144,13 @@ def chain(name: str, modules: Iterable[Module]) -> Module:
     first = modules[0]
     output, inputs = first.output, list(first.inputs)
     params, constants = list(first.params), list(first.constants)
-    for m in modules[1:]:
+    used = first.dimensions
+    for position, m in enumerate(modules[1:], start=2):
         if len(m.inputs) != 1:
             raise DeclarationError(f"chain '{name}': module '{m.name}' must have exactly one input to be chained")
+        m = m.with_dims(_unify(name, m, output, used, position))
+        used |= m.dimensions
         (x,) = m.inputs
-        if x.shape != output.shape:
-            raise DeclarationError(
-                f"chain '{name}': '{m.name}' expects input '{x.name}' of shape {x.shape} "
-                f"but receives {output!r} of shape {output.shape}"
-            )
         taken = {s.name for s in inputs + params + constants}
         for s in m.params + m.constants:
             if s.name in taken:
@@ -149,3 +162,25 @@ def chain(name: str, modules: Iterable[Module]) -> Module:
         params += m.params
         constants += m.constants
     return Module(name, output, inputs, params, constants)
+
+
+def _unify(chain_name: str, m: Module, incoming: Expr, used: set[sp.Symbol], position: int) -> dict:
+    """Dimension renaming that makes ``m``'s input the shape of ``incoming`` and keeps its other dims apart."""
+    (x,) = m.inputs
+    mapping: dict[sp.Symbol, sp.Expr] = {}
+    for own, given in zip(x.shape, incoming.shape):
+        if own.is_Symbol and mapping.get(own, given) == given:
+            mapping[own] = given
+        elif not dims.same(own.xreplace(mapping), given):
+            raise DeclarationError(
+                f"chain '{chain_name}': '{m.name}' expects input '{x.name}' of shape {x.shape} "
+                f"but receives {incoming!r} of shape {incoming.shape}"
+            )
+    taken = used | set(mapping.values())
+    for d in sorted(m.dimensions - set(mapping), key=str):
+        if d in taken:
+            fresh = next(f"{d}{position}{k or ''}" for k in range(100)
+                         if dims.dim(f"{d}{position}{k or ''}") not in taken)
+            mapping[d] = dims.dim(fresh)
+            taken.add(mapping[d])
+    return mapping

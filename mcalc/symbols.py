@@ -66,7 +66,7 @@ def _expr(value: object, op: str) -> Expr:
     return value
 
 
-def sum(a: Expr) -> Expr:  # noqa: A001 - mirrors the mathematical name, as in the design
+def sum(a: Expr) -> Expr:
     """The sum of all entries, a scalar."""
     return Sum(_expr(a, "sum"))
 
@@ -120,6 +120,18 @@ def identity(n: str | int) -> Expr:
 
 
 __all__ = [
-    "Vector", "Matrix", "Scalar", "sum", "mean", "trace", "softmax", "log_softmax", "inv",
-    "kron", "diag", "vec", "identity", "sp",
+    "Matrix",
+    "Scalar",
+    "Vector",
+    "diag",
+    "identity",
+    "inv",
+    "kron",
+    "log_softmax",
+    "mean",
+    "softmax",
+    "sp",
+    "sum",
+    "trace",
+    "vec",
 ]

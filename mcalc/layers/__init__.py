@@ -15,6 +15,17 @@ LIBRARY: tuple[Module, ...] = (
 )
 
 __all__ = [
-    "LIBRARY", "Bias", "CrossEntropy", "Exp", "Linear", "MSE", "MatMul", "ReLU", "Sigmoid",
-    "SigmoidLinear", "Softmax", "Softplus", "Tanh",
+    "LIBRARY",
+    "MSE",
+    "Bias",
+    "CrossEntropy",
+    "Exp",
+    "Linear",
+    "MatMul",
+    "ReLU",
+    "Sigmoid",
+    "SigmoidLinear",
+    "Softmax",
+    "Softplus",
+    "Tanh",
 ]

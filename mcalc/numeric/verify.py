@@ -54,11 +54,12 @@ def sample_values(module: Module, rng: np.random.Generator,
     values: dict[str, np.ndarray] = {}
     for s in module.symbols:
         rows, cols = (int(d) if d.is_Integer else sizes[str(d)] for d in s.shape)
-        values[s.name] = _draw(s, rows, cols, rng, s in inverted)
+        values[s.name] = draw_value(s, rows, cols, rng, s in inverted)
     return values
 
 
-def _draw(s: Symbol, rows: int, cols: int, rng: np.random.Generator, inverted: bool) -> np.ndarray:
+def draw_value(s: Symbol, rows: int, cols: int, rng: np.random.Generator, inverted: bool) -> np.ndarray:
+    """A random value for ``s`` honouring its hints (one-hot for simplex, positive, well-conditioned)."""
     if "simplex" in s.hints:
         a = np.zeros((rows, cols))
         a[rng.integers(rows), :] = 1.0  # one-hot per column

@@ -46,7 +46,7 @@ def _scalar_parts(e: Expr) -> tuple[sp.Expr, Expr]:
 
 
 # --- matrix products -----------------------------------------------------------
-@rule(MatMul, "associativity of the matrix product")
+@rule(MatMul, "(A B) C = A (B C), associativity")
 def matmul_flatten(e: MatMul) -> Expr | None:
     if any(isinstance(f, MatMul) for f in e.args):
         return MatMul(*[g for f in e.args for g in (f.args if isinstance(f, MatMul) else (f,))])
@@ -80,7 +80,7 @@ def matmul_pull_constant(e: MatMul) -> Expr | None:
 
 @rule(MatMul, "a (1×1) factor of a product is a scalar multiple: A s B = s·(A B)")
 def matmul_scalar_factor(e: MatMul) -> Expr | None:
-    if all(f.is_scalar for f in e.args):
+    if e.is_scalar:  # a (1×1) product stays a product (s·t for scalars is s t, see scale_nested)
         return None
     for i, f in enumerate(e.args):
         if f.is_scalar:
@@ -95,6 +95,8 @@ def _mixed(left: Expr, right: Expr) -> Expr | None:
         (a, b), (c, d) = left.args, right.args
         if dims.same(a.cols, c.rows) and dims.same(b.cols, d.rows):
             return Kron(MatMul(a, c), MatMul(b, d))
+        return None
+    if left.is_scalar or right.is_scalar:  # scalars are the scalar rules' business
         return None
     if isinstance(left, Kron):
         a, b = left.args
@@ -176,7 +178,7 @@ def matmul_distribute_identity(e: MatMul) -> Expr | None:
 
 
 # --- sums and constant multiples -------------------------------------------------
-@rule(Add, "associativity of +")
+@rule(Add, "(A + B) + C = A + (B + C), associativity")
 def add_flatten(e: Add) -> Expr | None:
     if any(isinstance(t, Add) for t in e.args):
         return Add(*[u for t in e.args for u in (t.args if isinstance(t, Add) else (t,))])

@@ -83,17 +83,28 @@ class Simplifier:
         memo = self._memo
         if expr in memo:
             return memo[expr]
-        kids = expr.children
-        current = expr.rebuild([self(c) for c in kids]) if kids else expr
-        if current in memo:
-            result = memo[current]
-        else:
-            rewritten = _rewrite_once(current, self.rulesets)
-            result = current if rewritten is None else self(rewritten)
-        memo[expr] = memo[current] = result
+        visited: list[Expr] = [expr]
+        current = expr
+        while True:  # iterate (not recurse) so long rewrite chains cannot exhaust the stack
+            kids = current.children
+            rebuilt = current.rebuild([self(c) for c in kids]) if kids else current
+            if rebuilt in memo:
+                result = memo[rebuilt]
+                break
+            visited.append(rebuilt)
+            rewritten = _rewrite_once(rebuilt, self.rulesets)
+            if rewritten is None:
+                result = rebuilt
+                break
+            if len(visited) > MAX_REWRITES:
+                raise RuntimeError(f"simplification does not terminate on {expr!r}")
+            current = rewritten
+        for node in visited:
+            memo[node] = result
         return result
 
 
+MAX_REWRITES = 10_000
 _default = Simplifier()
 
 
@@ -102,3 +113,9 @@ def simplify(expr: Expr, rulesets: tuple[str, ...] = ("algebra",)) -> Expr:
     if rulesets == ("algebra",):
         return _default(expr)
     return Simplifier(rulesets)(expr)
+
+
+def reset_cache() -> None:
+    """Forget every simplified node (so that rewrites fire again, e.g. to observe them)."""
+    global _default
+    _default = Simplifier()

@@ -67,7 +67,7 @@ def is_psd(e: Expr) -> bool:
     return False
 
 
-@rule(PSDProjection, "a PSD matrix is its own projection; the projection of 0 is 0")
+@rule(PSDProjection, "P(S) = S for S ⪰ 0; P(0) = 0 (Section 3.2)")
 def psd_trivial(e: PSDProjection) -> Expr | None:
     if isinstance(e.operand, Zero) or is_psd(e.operand):
         return e.operand

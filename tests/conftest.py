@@ -1,0 +1,21 @@
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # torch_reference, strategies
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+def seeds_for(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A random δz and a random symmetric PSD 𝓗z for an output of ``size`` entries."""
+    dz = rng.normal(size=size)
+    a = rng.normal(size=(size, size))
+    return dz, a @ a.T / size

@@ -1,0 +1,98 @@
+"""An independent dense reference: the module's forward pass in PyTorch, differentiated by autograd.
+
+Nothing here uses mcalc's derivatives: only the meaning of each declared
+operation (its forward semantics) is restated with torch operations.
+"""
+from __future__ import annotations
+
+import numpy as np
+import sympy as sp
+import torch
+
+import mcalc as mc
+from mcalc import expr as E
+from mcalc.numeric.evaluate import as_matrix, psd_project
+
+_TORCH = {
+    "sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu, "exp": torch.exp, "log": torch.log,
+    "softplus": torch.nn.functional.softplus, "sqrt": torch.sqrt, "reciprocal": torch.reciprocal,
+}
+_SYMPY_TO_TORCH = {"exp": torch.exp, "log": torch.log, "sin": torch.sin, "cos": torch.cos, "tanh": torch.tanh,
+                   "sqrt": torch.sqrt, "cosh": torch.cosh, "sinh": torch.sinh}
+
+
+def _function(f: mc.ElementwiseFunction):
+    if f.order == 0 and f.name in _TORCH:
+        return _TORCH[f.name]
+    (t,) = f.expr.free_symbols
+    return sp.lambdify(t, f.expr, modules=[_SYMPY_TO_TORCH])
+
+
+def forward(node: E.Expr, env: dict[str, torch.Tensor], sizes: dict) -> torch.Tensor:
+    """The value of ``node`` as a 2-D torch tensor."""
+    go = lambda c: forward(c, env, sizes)  # noqa: E731
+    a = [go(c) for c in node.children]
+    t = type(node)
+    if t is E.Symbol:
+        return env[node.name]
+    if t is E.Ones:
+        return torch.ones(int(node.rows.xreplace(sizes)), int(node.cols.xreplace(sizes)), dtype=torch.float64)
+    if t is E.MatMul:
+        out = a[0]
+        for f in a[1:]:
+            out = out @ f
+        return out
+    if t is E.Add:
+        return sum(a[1:], a[0])
+    if t is E.ScalarMul:
+        return float(node.coefficient.xreplace(sizes)) * a[0]
+    if t is E.ScaleBy:
+        return a[0][0, 0] * a[1]
+    if t is E.Hadamard:
+        return a[0] * a[1]
+    if t is E.Transpose:
+        return a[0].T
+    if t is E.Apply:
+        return _function(node.function)(a[0])
+    if t is E.Sum:
+        return a[0].sum().reshape(1, 1)
+    if t is E.Trace:
+        return torch.trace(a[0]).reshape(1, 1)
+    if t is E.Softmax:
+        return torch.softmax(a[0], dim=0)
+    if t is E.LogSoftmax:
+        return torch.log_softmax(a[0], dim=0)
+    if t is E.Inverse:
+        return torch.linalg.inv(a[0])
+    raise NotImplementedError(t.__name__)
+
+
+def dense_rules(module: mc.Module, name: str, values: dict, dz: np.ndarray, Hz: np.ndarray) -> dict:
+    """Jacobian, gradient and 𝓗v in every curvature mode, by torch autograd."""
+    env = {s.name: torch.tensor(as_matrix(values[s.name], s, s.name), dtype=torch.float64) for s in module.symbols}
+    sizes = {}
+    for s in module.symbols:
+        for d, n in zip(s.shape, env[s.name].shape):
+            if d.is_Symbol:
+                sizes[d] = n
+    base = env[name]
+
+    def f(flat: torch.Tensor) -> torch.Tensor:
+        local = dict(env)
+        local[name] = flat.reshape(base.shape[1], base.shape[0]).T  # unvec, column-major
+        return forward(module.output, local, sizes).T.reshape(-1)  # vec, column-major
+
+    v0 = base.T.reshape(-1).clone()
+    weights = torch.tensor(np.asarray(dz, dtype=float).reshape(-1))
+    J = torch.autograd.functional.jacobian(f, v0).numpy()
+    S = torch.autograd.functional.hessian(lambda v: weights @ f(v), v0).numpy()
+    ggn = J.T @ Hz @ J
+    return {
+        "jacobian": J,
+        "gradient": J.T @ np.asarray(dz).reshape(-1),
+        "exact": ggn + S,
+        "ggn": ggn,
+        "pch-abs": ggn + psd_project(S, "abs"),
+        "pch-clip": ggn + psd_project(S, "clip"),
+        "second-order": S,
+    }
