@@ -494,27 +494,21 @@ class Trace(Expr):
 
 
 class Softmax(Expr):
-    """softmax(x) = exp(x) / 1ᵀexp(x) of a vector."""
+    """softmax(x) = exp(x) / 1ᵀexp(x), column by column (a declaration applies it to a vector)."""
 
     __slots__ = ()
 
     def _infer_shape(self) -> dims.Shape:
-        (x,) = self.args
-        if not x.is_vector:
-            raise ShapeError(f"softmax expects a vector, got {x!r} of shape {_fmt(x.shape)}")
-        return x.shape
+        return self.args[0].shape
 
 
 class LogSoftmax(Expr):
-    """log softmax(x) = x − log(1ᵀexp(x)) 1 of a vector."""
+    """log softmax(x) = x − log(1ᵀexp(x)) 1, column by column."""
 
     __slots__ = ()
 
     def _infer_shape(self) -> dims.Shape:
-        (x,) = self.args
-        if not x.is_vector:
-            raise ShapeError(f"log_softmax expects a vector, got {x!r} of shape {_fmt(x.shape)}")
-        return x.shape
+        return self.args[0].shape
 
 
 class Inverse(Expr):
@@ -591,6 +585,46 @@ class PSDProjection(Expr):
     @property
     def operand(self) -> Expr:
         return self.args[1]
+
+
+# =============================================================================
+# Batch forms (layer 4: a per-sample rule lowered over a batch of B samples)
+# =============================================================================
+BATCH = sp.Symbol("B", integer=True, positive=True)  # the batch size
+
+
+class Stacked(Expr):
+    """A per-sample vector (an input, a label, δz) stacked over the batch: column i is sample i."""
+
+    __slots__ = ()
+
+    def _infer_shape(self) -> dims.Shape:
+        (v,) = self.args
+        if not v.is_vector:
+            raise ShapeError(f"only per-sample vectors are stacked, not {v!r} of shape {_fmt(v.shape)}")
+        return (v.rows, BATCH)
+
+
+class BatchMean(Expr):
+    """(1/B) Σᵢ e(sample i) for a rule with no closed batch form: evaluated sample by sample.
+
+    ``args`` = (e, per-sample leaves of e as a tuple).
+    """
+
+    __slots__ = ()
+
+    def __init__(self, operand: Expr, leaves: tuple[Expr, ...]) -> None:
+        super().__init__(operand, tuple(leaves))
+
+    def _infer_shape(self) -> dims.Shape:
+        return self.args[0].shape
+
+    @property
+    def children(self) -> tuple[Expr, ...]:
+        return (self.args[0],)
+
+    def rebuild(self, children: list[Expr]) -> Expr:
+        return BatchMean(children[0], self.args[1])
 
 
 def substitute(expr: Expr, mapping: dict[Expr, Expr]) -> Expr:

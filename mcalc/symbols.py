@@ -7,7 +7,7 @@ import re
 import sympy as sp
 
 from . import dims
-from .errors import DeclarationError, UnsupportedOperationError
+from .errors import DeclarationError, ShapeError, UnsupportedOperationError
 from .expr import (
     Diag,
     Expr,
@@ -82,14 +82,21 @@ def trace(a: Expr) -> Expr:
     return Trace(_expr(a, "trace"))
 
 
+def _vector(x: object, op: str) -> Expr:
+    x = _expr(x, op)
+    if not x.is_vector:
+        raise ShapeError(f"{op} expects a vector, got {x!r} of shape ({x.rows}, {x.cols})")
+    return x
+
+
 def softmax(x: Expr) -> Expr:
     """softmax of a vector."""
-    return Softmax(_expr(x, "softmax"))
+    return Softmax(_vector(x, "softmax"))
 
 
 def log_softmax(x: Expr) -> Expr:
     """log-softmax of a vector (numerically the stable form)."""
-    return LogSoftmax(_expr(x, "log_softmax"))
+    return LogSoftmax(_vector(x, "log_softmax"))
 
 
 def inv(a: Expr) -> Expr:

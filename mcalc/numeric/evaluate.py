@@ -14,7 +14,7 @@ import sympy as sp
 
 from .. import dims
 from ..errors import EvaluationError
-from ..expr import Expr, Seed, Symbol
+from ..expr import BATCH, Expr, Seed, Symbol
 
 
 def vec(a: np.ndarray) -> np.ndarray:
@@ -66,10 +66,12 @@ class Evaluator:
     """Evaluates expressions under one set of values, memoising shared subexpressions."""
 
     def __init__(self, env: Mapping[str, np.ndarray], binding: Mapping[sp.Symbol, int],
-                 seeds: Mapping[str, np.ndarray] | None = None) -> None:
+                 seeds: Mapping[str, np.ndarray] | None = None,
+                 stacked: Mapping[str, np.ndarray] | None = None) -> None:
         self.env = dict(env)
         self.binding = dict(binding)
         self.seeds = dict(seeds or {})
+        self.stacked = dict(stacked or {})  # per-sample quantities over the batch, (rows, B)
         self._memo: dict[Expr, np.ndarray] = {}
 
     @classmethod
@@ -111,6 +113,46 @@ class Evaluator:
                 raise EvaluationError(f"{seed.kind}: value contains NaN or Inf")
             seed_values[seed.kind] = a
         return cls(env, binding, seed_values)
+
+    @classmethod
+    def for_batch(
+        cls,
+        module: Any,
+        shared: Mapping[str, Any],
+        batch: Mapping[str, Any],
+        *,
+        dZ: Any = None,
+        Hz: Any = None,
+    ) -> Evaluator:
+        """Values for batch rules: ``batch`` maps per-sample symbols to (B, …) arrays
+        (sample i in row i, as PyTorch stores a batch), ``shared`` the parameters;
+        ``dZ`` is (B, size z), ``Hz`` the (size z, size z) batch-averaged loss Hessian."""
+        binding: dict[sp.Symbol, int] = {}
+        env: dict[str, np.ndarray] = {}
+        stacked: dict[str, np.ndarray] = {}
+        sizes = {np.shape(v)[0] for v in batch.values()} | ({np.shape(dZ)[0]} if dZ is not None else set())
+        if len(sizes) != 1:
+            raise EvaluationError(f"batch arrays disagree on the batch size: {sorted(sizes)}")
+        binding[BATCH] = sizes.pop()
+        for s in module.symbols:
+            if s.name in batch:
+                a = np.asarray(batch[s.name], dtype=float)
+                if a.ndim != 2 or not s.is_vector:
+                    raise EvaluationError(f"batch of '{s.name}': expected shape (B, {s.rows}), got {a.shape}")
+                dims.bind(s.shape, (a.shape[1], 1), binding, what=f"batch of '{s.name}' with shape {a.shape}")
+                stacked[s.name] = a.T
+            elif s.name in shared:
+                a = as_matrix(shared[s.name], s, f"value of '{s.name}'")
+                dims.bind(s.shape, a.shape, binding, what=f"value of '{s.name}' with shape {a.shape}")
+                env[s.name] = a
+            else:
+                raise EvaluationError(f"module '{module.name}': no value for symbol '{s.name}'")
+        seeds: dict[str, np.ndarray] = {}
+        if dZ is not None:
+            stacked["dz"] = np.asarray(dZ, dtype=float).reshape(binding[BATCH], -1).T
+        if Hz is not None:
+            seeds["Hz"] = np.asarray(Hz, dtype=float)
+        return cls(env, binding, seeds, stacked)
 
     # ------------------------------------------------------------------
     def dim(self, d: sp.Expr) -> int:
@@ -178,13 +220,35 @@ class Evaluator:
 
     def _eval_Softmax(self, e: Expr) -> np.ndarray:
         x = self.value(e.args[0])
-        p = np.exp(x - x.max())
-        return p / p.sum()
+        p = np.exp(x - x.max(axis=0, keepdims=True))
+        return p / p.sum(axis=0, keepdims=True)
 
     def _eval_LogSoftmax(self, e: Expr) -> np.ndarray:
         x = self.value(e.args[0])
-        shifted = x - x.max()
-        return shifted - np.log(np.exp(shifted).sum())
+        shifted = x - x.max(axis=0, keepdims=True)
+        return shifted - np.log(np.exp(shifted).sum(axis=0, keepdims=True))
+
+    def _eval_Stacked(self, e: Expr) -> np.ndarray:
+        leaf = e.args[0]
+        key = leaf.kind if isinstance(leaf, Seed) else leaf.args[0]
+        if key not in self.stacked:
+            raise EvaluationError(f"no batch of values for '{key}'")
+        return self.stacked[key]
+
+    def _eval_BatchMean(self, e: Expr) -> np.ndarray:
+        operand, leaves = e.args
+        total = None
+        size = self.dim(BATCH)
+        for i in range(size):
+            env, seeds = dict(self.env), dict(self.seeds)
+            for leaf in leaves:
+                if isinstance(leaf, Seed):
+                    seeds[leaf.kind] = self.stacked[leaf.kind][:, i : i + 1]
+                else:
+                    env[leaf.args[0]] = self.stacked[leaf.args[0]][:, i : i + 1]
+            value = Evaluator(env, self.binding, seeds, self.stacked).value(operand)
+            total = value if total is None else total + value
+        return total / size
 
     def _eval_Inverse(self, e: Expr) -> np.ndarray:
         try:

@@ -101,6 +101,12 @@ class LatexPrinter(Printer):
     def _print_Vec(self, e: Expr) -> str:
         return rf"\operatorname{{vec}}\left({self._print(e.args[0])}\right)"
 
+    def _print_Stacked(self, e: Expr) -> str:
+        return rf"\left[{self._print(e.args[0])}\right]_{{B}}"
+
+    def _print_BatchMean(self, e: Expr) -> str:
+        return rf"\overline{{{self._print(e.args[0])}}}"
+
     def _print_PSDProjection(self, e: Expr) -> str:
         return rf"\operatorname{{{e.args[0]}}}_{{\mathrm{{eig}}}}\left[{self._print(e.args[1])}\right]"
 

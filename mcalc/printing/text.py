@@ -92,6 +92,12 @@ class TextPrinter(Printer):
     def _print_Vec(self, e: Expr) -> str:
         return f"vec({self._print(e.args[0])})"
 
+    def _print_Stacked(self, e: Expr) -> str:
+        return f"[{self._print(e.args[0])}]_B"
+
+    def _print_BatchMean(self, e: Expr) -> str:
+        return f"meanᵢ[{self._print(e.args[0])}]"
+
     def _print_PSDProjection(self, e: Expr) -> str:
         return f"{e.args[0]}_eig[{self._print(e.args[1])}]"
 

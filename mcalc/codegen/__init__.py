@@ -1,0 +1,1 @@
+"""Code generation (layers 4–5): batch plans and backends."""

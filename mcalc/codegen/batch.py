@@ -1,0 +1,241 @@
+"""Batch lowering: a per-sample rule rewritten over a batch of B samples (Section 3.3).
+
+Per-sample vectors (inputs, labels, δz) become stacked (rows × B) matrices,
+column i holding sample i, and batch means are pushed through the rule's
+structure with closed forms, so that batch work is matrix products plus
+elementwise passes:
+
+    meanᵢ(S vᵢ T)               = S meanᵢ(vᵢ) T                   (linearity)
+    meanᵢ(uᵢ wᵢᵀ)               = U Wᵀ / B                        (one matrix product)
+    meanᵢ(diag(aᵢ) H diag(bᵢ))  = H ⊙ (A Bᵀ) / B                  (diag(a)H diag(b) = H ⊙ abᵀ)
+    meanᵢ(Pᵢ ⊗ Q)               = meanᵢ(Pᵢ) ⊗ Q                   (M&N 2.2, linearity)
+
+A rule with no closed form keeps a :class:`~mcalc.expr.BatchMean` node that
+is evaluated sample by sample.
+
+Batch conventions (BackPACK's): the loss is the batch mean, δZ holds the
+gradients of that mean (so each column carries the 1/B), 𝓗z̄ is the batch
+average of the per-sample loss Hessians, and the PCH cast applies to the
+summed concave term.
+"""
+from __future__ import annotations
+
+import functools
+
+from ..calculus.derivation import Derivation
+from ..calculus.hbp import cast_concave, check_curvature
+from ..errors import McalcError
+from ..expr import (
+    BATCH,
+    ONE,
+    Add,
+    Apply,
+    BatchMean,
+    Diag,
+    Expr,
+    Hadamard,
+    Identity,
+    Kron,
+    LogSoftmax,
+    MatMul,
+    Ones,
+    ScalarMul,
+    ScaleBy,
+    Softmax,
+    Stacked,
+    Sum,
+    Transpose,
+    Vec,
+    substitute,
+)
+from ..simplify import simplify
+
+APPROXIMATIONS = {
+    "6": "E[Jᵀ E(H) J]: the expectation of the sandwiched Hessian, eq. (6)",
+    "7": "E(J)ᵀ E(H) E(J): averaged Jacobians, eq. (7)",
+}
+
+
+class BatchLowering:
+    """Lowers the per-sample rules of one module over a batch."""
+
+    def __init__(self, derivation: Derivation) -> None:
+        self.derivation = derivation
+        m = derivation.module
+        self.leaves: tuple[Expr, ...] = (*m.inputs, *[c for c in m.constants if c.is_vector], derivation.dz)
+
+    @functools.cache  # noqa: B019 - one lowering per derivation
+    def varies(self, e: Expr) -> bool:
+        """Whether ``e`` differs from sample to sample."""
+        if e in self.leaves:
+            return True
+        if isinstance(e, Stacked):
+            return False
+        return any(self.varies(c) for c in e.children)
+
+    def _mean_fallback(self, e: Expr) -> Expr:
+        return BatchMean(e, tuple(leaf for leaf in self.leaves if _contains(e, leaf)))
+
+    # --- per-sample vectors → (rows × B) ----------------------------------------
+    def stack(self, e: Expr) -> Expr | None:
+        """The (rows × B) batch form of a per-sample column vector, or None."""
+        if not self.varies(e):
+            return MatMul(e, Ones(ONE, BATCH)) if e.cols == ONE else None
+        if e.cols != ONE:
+            return None
+        if e in self.leaves:
+            return Stacked(e)
+        parts = [self.stack(c) for c in e.children]
+        if any(p is None for p in parts):
+            return self._stack_product(e) if isinstance(e, MatMul) else None
+        if isinstance(e, (Add, Hadamard)):
+            return type(e)(*parts)
+        if isinstance(e, (ScalarMul, Apply)):
+            return type(e)(e.args[0], parts[0])
+        if isinstance(e, (Softmax, LogSoftmax)):
+            return type(e)(parts[0])
+        if isinstance(e, Vec):
+            return parts[0]
+        if isinstance(e, ScaleBy):
+            scale = e.args[0]
+            if not self.varies(scale):
+                return ScaleBy(scale, parts[1])
+            return Hadamard(MatMul(Ones(e.rows, ONE), parts[0]), parts[1])
+        if isinstance(e, Sum):
+            return MatMul(Ones(ONE, e.args[0].rows), parts[0])
+        if isinstance(e, MatMul):
+            return self._stack_product(e)
+        return None
+
+    def _stack_product(self, e: MatMul) -> Expr | None:
+        factors = e.args
+        j = next(i for i, f in enumerate(factors) if self.varies(f))
+        prefix, rest = factors[:j], factors[j:]
+        first = rest[0]
+        if len(rest) == 1:
+            inner = self.stack(first)
+        elif first.cols == ONE:  # a column times a per-sample scalar: cᵢ (uᵢᵀ wᵢ) = (1 sᵀ) ⊙ C
+            inner = self.stack(ScaleBy(MatMul(*rest[1:]), first))
+        elif first.rows == ONE:  # a per-sample row times a column: uᵢᵀ cᵢ = 1ᵀ (U ⊙ C)
+            column = rest[1] if len(rest) == 2 else MatMul(*rest[1:])
+            u, c = self.stack(simplify(Transpose(first))), self.stack(column)
+            inner = None if u is None or c is None else MatMul(Ones(ONE, first.cols), Hadamard(u, c))
+        else:
+            inner = None
+        if inner is None:
+            return None
+        return MatMul(*prefix, inner) if prefix else inner
+
+    # --- batch means --------------------------------------------------------------
+    def mean(self, e: Expr) -> Expr:
+        """(1/B) Σᵢ e(sample i), in closed form where the structure allows."""
+        if not self.varies(e):
+            return e
+        if isinstance(e, Add):
+            return Add(*[self.mean(t) for t in e.args])
+        if isinstance(e, ScalarMul):
+            return ScalarMul(e.coefficient, self.mean(e.operand))
+        if isinstance(e, Transpose):
+            return Transpose(self.mean(e.args[0]))
+        if e.cols == ONE:
+            stacked = self.stack(e)
+            if stacked is not None:
+                return ScalarMul(1 / BATCH, MatMul(stacked, Ones(BATCH, ONE)))
+        if isinstance(e, Diag):
+            return Diag(self.mean(e.args[0]))
+        if isinstance(e, ScaleBy):
+            scale, operand = e.args
+            if not self.varies(operand):
+                return ScaleBy(self.mean(scale), operand)
+            if not self.varies(scale):
+                return ScaleBy(scale, self.mean(operand))
+        if isinstance(e, Kron):
+            left, right = e.args
+            if not self.varies(right):
+                return Kron(self.mean(left), right)
+            if not self.varies(left):
+                return Kron(left, self.mean(right))
+        if isinstance(e, MatMul):
+            closed = self._mean_product(e)
+            if closed is not None:
+                return closed
+        if e.rows == ONE:
+            return Transpose(self.mean(simplify(Transpose(e))))
+        return self._mean_fallback(e)
+
+    def _mean_product(self, e: MatMul) -> Expr | None:
+        f = e.args
+        varying = [i for i, g in enumerate(f) if self.varies(g)]
+
+        def around(middle: Expr, j: int, k: int) -> Expr:
+            parts = (*f[:j], middle, *f[k + 1 :])
+            return parts[0] if len(parts) == 1 else MatMul(*parts)
+
+        if len(varying) == 1:
+            (j,) = varying
+            return around(self.mean(f[j]), j, j)
+        if len(varying) != 2:
+            return None
+        j, k = varying
+        if isinstance(f[j], Diag) and isinstance(f[k], Diag):
+            a, b = self.stack(f[j].args[0]), self.stack(f[k].args[0])
+            if a is None or b is None:
+                return None
+            inner = f[j + 1 : k]
+            h = Identity(f[j].cols) if not inner else inner[0] if len(inner) == 1 else MatMul(*inner)
+            return around(Hadamard(h, ScalarMul(1 / BATCH, MatMul(a, Transpose(b)))), j, k)
+        if k == j + 1 and f[j].cols == ONE and f[k].rows == ONE:
+            u, w = self.stack(f[j]), self.stack(simplify(Transpose(f[k])))
+            if u is None or w is None:
+                return None
+            return around(ScalarMul(1 / BATCH, MatMul(u, Transpose(w))), j, k)
+        return None
+
+
+def _contains(e: Expr, leaf: Expr) -> bool:
+    return any(node == leaf for node in e.walk())
+
+
+# --- the batch rules of a module ---------------------------------------------------
+def batch_lowering(d: Derivation) -> BatchLowering:
+    return BatchLowering(d)
+
+
+def batch_forward(d: Derivation) -> Expr:
+    """Z: the module's outputs for the batch, (size z × B)."""
+    return _require(BatchLowering(d).stack(d.module.output), d, "forward pass")
+
+
+def batch_gradient(d: Derivation, name: str) -> Expr:
+    """δX (size x × B) for an input; Σᵢ δθᵢ for a parameter (δZ carries the mean's 1/B)."""
+    lowering = BatchLowering(d)
+    per_sample = d.gradient(name)
+    if d.module.symbol(name) in d.module.inputs:
+        return _require(lowering.stack(per_sample), d, f"δ{name}")
+    return simplify(ScalarMul(BATCH, lowering.mean(per_sample)))
+
+
+def batch_hbp(d: Derivation, name: str, curvature: str = "exact", approximation: str = "6") -> Expr:
+    """𝓗̄v over a batch by approximation (6) or (7), structured (see the module docstring)."""
+    check_curvature(curvature)
+    if approximation not in APPROXIMATIONS:
+        raise McalcError(f"unknown batch approximation {approximation!r}; choose 6 or 7")
+    lowering = BatchLowering(d)
+    if approximation == "6":
+        ggn = lowering.mean(d.gauss_newton(name))
+        concave = ScalarMul(BATCH, lowering.mean(d.second_order(name)))  # Σᵢ Σₖ Hzₖ(xᵢ) δzᵢₖ
+    else:
+        jacobian = simplify(lowering.mean(d.jacobian(name)))
+        ggn = MatMul(Transpose(jacobian), d.Hz, jacobian)
+        summed_dz = MatMul(Stacked(d.dz), Ones(BATCH, ONE))  # Σᵢ δzᵢ
+        concave = lowering.mean(substitute(d.second_order(name), {d.dz: summed_dz}))
+    ggn = simplify(ggn)
+    return simplify(Add(ggn, cast_concave(simplify(concave), curvature)))
+
+
+def _require(e: Expr | None, d: Derivation, what: str) -> Expr:
+    if e is None:
+        raise McalcError(f"module '{d.module.name}': the {what} has no batch form (per-sample matrices)")
+    return simplify(e)
+
+
