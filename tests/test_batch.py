@@ -34,6 +34,7 @@ def _cast(S, curvature):
 
 def check_batch_rules(module, batch_size=4, seed=0):
     d = mc.derive(module)
+    forward = batch_forward(d)
     samples, shared, batch = _batch(module, batch_size, seed)
     rng = np.random.default_rng(seed)
     size = np.size(module.forward(samples[0]))
@@ -41,7 +42,7 @@ def check_batch_rules(module, batch_size=4, seed=0):
     a = rng.normal(size=(size, size))
     Hz = a @ a.T / size
     ev = Evaluator.for_batch(module, shared, batch, dZ=dZ, Hz=Hz)
-    Z = ev.value(batch_forward(d))
+    Z = ev.value(forward)
     expected_Z = np.stack([np.atleast_1d(module.forward(v)).reshape(-1) for v in samples], axis=1)
     np.testing.assert_allclose(Z, expected_Z, atol=1e-12)
     second = lambda name, values, dz: Evaluator.for_module(module, values, dz=dz, seeds=(d.dz,)).value(  # noqa: E731

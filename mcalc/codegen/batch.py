@@ -63,6 +63,12 @@ class BatchLowering:
         self.derivation = derivation
         m = derivation.module
         self.leaves: tuple[Expr, ...] = (*m.inputs, *[c for c in m.constants if c.is_vector], derivation.dz)
+        matrices = [s.name for s in self.leaves if not s.is_vector]
+        if matrices:
+            raise McalcError(
+                f"module '{m.name}': per-sample matrix {matrices} (a matrix input or output) has no batch form; "
+                "batches stack per-sample vectors"
+            )
 
     @functools.cache  # noqa: B019 - one lowering per derivation
     def varies(self, e: Expr) -> bool:
@@ -115,7 +121,8 @@ class BatchLowering:
         if len(rest) == 1:
             inner = self.stack(first)
         elif first.cols == ONE:  # a column times a per-sample scalar: cᵢ (uᵢᵀ wᵢ) = (1 sᵀ) ⊙ C
-            inner = self.stack(ScaleBy(MatMul(*rest[1:]), first))
+            scale = rest[1] if len(rest) == 2 else MatMul(*rest[1:])
+            inner = self.stack(ScaleBy(scale, first))
         elif first.rows == ONE:  # a per-sample row times a column: uᵢᵀ cᵢ = 1ᵀ (U ⊙ C)
             column = rest[1] if len(rest) == 2 else MatMul(*rest[1:])
             u, c = self.stack(simplify(Transpose(first))), self.stack(column)
@@ -159,7 +166,7 @@ class BatchLowering:
             closed = self._mean_product(e)
             if closed is not None:
                 return closed
-        if e.rows == ONE:
+        if e.rows == ONE and e.cols != ONE:
             return Transpose(self.mean(simplify(Transpose(e))))
         return self._mean_fallback(e)
 
