@@ -1,0 +1,149 @@
+"""Prints program steps as NumPy (or CuPy) array code, one ``_print_<Node>`` method per node type.
+
+The array module is ``xp`` in the generated code, so the same printer serves
+NumPy and CuPy. Structured factors are printed without materialising them:
+a product with a ones vector is a sum, diag(v) M is a row scaling, and a
+diagonal added to a matrix is written onto its diagonal.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import sympy as sp
+from sympy.printing.numpy import NumPyPrinter as _SymPyNumPyPrinter
+
+from ..expr import ONE, Diag, Expr, Identity, Ones, ScalarMul
+from ..functions import ElementwiseFunction
+from .plan import sanitise
+
+
+def function_name(f: ElementwiseFunction) -> str:
+    return f"_fn_{sanitise(f.base.name)}_{f.order}"
+
+
+def function_source(f: ElementwiseFunction) -> str:
+    """``def _fn_sigmoid_1(t): return …`` from the SymPy formula of φ^(k)."""
+    expr = f.expr.replace(sp.Heaviside, lambda arg, *rest: sp.Heaviside(arg, 0))
+    (t,) = expr.free_symbols or {sp.Symbol("t", real=True)}
+    code = _SymPyNumPyPrinter({"fully_qualified_modules": True}).doprint(expr.xreplace({t: sp.Symbol("t")}))
+    code = code.replace("numpy.", "xp.")
+    if not expr.free_symbols:
+        code = f"xp.full_like(t, {code})"
+    return f"def {function_name(f)}(t):\n    return {code}\n"
+
+
+class ArrayPrinter:
+    """Right-hand sides of program steps; ``ref`` names an already computed child."""
+
+    def __init__(self, ref: Callable[[Expr], str]) -> None:
+        self.ref = ref
+
+    def rhs(self, node: Expr) -> str:
+        return getattr(self, f"_print_{type(node).__name__}")(node)
+
+    # --- helpers ---------------------------------------------------------
+    def dim(self, d: sp.Expr) -> str:
+        return sp.pycode(d).replace("math.", "")
+
+    def operand(self, node: Expr) -> str:
+        """A child as code: a name, or an in-place constant."""
+        if isinstance(node, Ones):
+            return f"xp.ones(({self.dim(node.rows)}, {self.dim(node.cols)}))"
+        if isinstance(node, Identity):
+            return f"xp.eye({self.dim(node.rows)})"
+        if node.__class__.__name__ == "Zero":
+            return f"xp.zeros(({self.dim(node.rows)}, {self.dim(node.cols)}))"
+        return self.ref(node)
+
+    # --- products --------------------------------------------------------
+    def _print_MatMul(self, node: Expr) -> str:
+        code, row_scales, column_sum = None, [], False
+        for f in node.args:
+            if isinstance(f, Ones) and code is not None and f.cols == ONE:  # M 1 = row sums
+                code = f"{code}.sum(axis=1, keepdims=True)" if f.rows != ONE else code
+                continue
+            if isinstance(f, Ones) and code is not None and f.rows == ONE:  # v 1ᵀ = v broadcast
+                code = f"xp.broadcast_to({code}, ({self.dim(node.rows)}, {self.dim(f.cols)}))"
+                continue
+            if isinstance(f, Ones) and code is None and f.rows == ONE and not row_scales:  # 1ᵀ M = column sums
+                column_sum = True
+                continue
+            if isinstance(f, Diag):  # diag(v) M scales the rows of M, M diag(v) its columns
+                v = self.ref(f.args[0])
+                if code is None:
+                    row_scales.append(v)
+                else:
+                    code = f"({code} * {v}.T)"
+                continue
+            factor = self.operand(f)
+            for v in row_scales:
+                factor = f"({v} * {factor})"
+            row_scales = []
+            if column_sum:
+                factor, column_sum = f"{factor}.sum(axis=0, keepdims=True)", False
+            code = factor if code is None else f"({code} @ {factor})"
+        return code
+
+    def _print_Add(self, node: Expr) -> str:
+        dense, diagonal = [], []
+        for t in node.args:
+            c, core = (t.coefficient, t.operand) if isinstance(t, ScalarMul) else (sp.Integer(1), t)
+            if isinstance(core, Diag):
+                v = self.ref(core.args[0])
+                diagonal.append(v if c == 1 else f"({self.dim(c)}) * {v}")
+            elif isinstance(core, Identity):
+                diagonal.append(f"{self.dim(c)}")
+            else:
+                dense.append(self.operand(t))
+        total = " + ".join(dense) if dense else f"xp.zeros(({self.dim(node.rows)}, {self.dim(node.cols)}))"
+        if not diagonal:
+            return total
+        return f"_plus_diagonal({total}, {' + '.join(diagonal)})"
+
+    def _print_ScalarMul(self, node: Expr) -> str:
+        return f"({self.dim(node.args[0])}) * {self.operand(node.args[1])}"
+
+    def _print_ScaleBy(self, node: Expr) -> str:
+        return f"{self.operand(node.args[1])} * {self.ref(node.args[0])}"
+
+    def _print_Hadamard(self, node: Expr) -> str:
+        return " * ".join(self.operand(f) for f in node.args)
+
+    def _print_Transpose(self, node: Expr) -> str:
+        return f"{self.operand(node.args[0])}.T"
+
+    def _print_Apply(self, node: Expr) -> str:
+        return f"{function_name(node.args[0])}({self.operand(node.args[1])})"
+
+    def _print_Sum(self, node: Expr) -> str:
+        return f"{self.operand(node.args[0])}.sum(keepdims=True)"
+
+    def _print_Trace(self, node: Expr) -> str:
+        return f"xp.trace({self.operand(node.args[0])}).reshape(1, 1)"
+
+    def _print_Softmax(self, node: Expr) -> str:
+        return f"_softmax({self.operand(node.args[0])})"
+
+    def _print_LogSoftmax(self, node: Expr) -> str:
+        return f"_log_softmax({self.operand(node.args[0])})"
+
+    def _print_Inverse(self, node: Expr) -> str:
+        return f"xp.linalg.inv({self.operand(node.args[0])})"
+
+    def _print_Kron(self, node: Expr) -> str:
+        return f"xp.kron({self.operand(node.args[0])}, {self.operand(node.args[1])})"
+
+    def _print_Diag(self, node: Expr) -> str:
+        return f"xp.diagflat({self.ref(node.args[0])})"
+
+    def _print_Vec(self, node: Expr) -> str:
+        return f"{self.operand(node.args[0])}.reshape(-1, 1, order='F')"
+
+    def _print_Commutation(self, node: Expr) -> str:
+        return f"_commutation({self.dim(node.args[0])}, {self.dim(node.args[1])})"
+
+    def _print_PSDProjection(self, node: Expr) -> str:
+        return f"_psd_{node.args[0]}({self.operand(node.args[1])})"
+
+    def _print_Stacked(self, node: Expr) -> str:
+        return self.ref(node)

@@ -1,0 +1,230 @@
+"""Kernel plans: a module's batch rules as straight-line programs.
+
+A program is a list of steps ``tK = op(children)`` in dependency order, with
+common subexpressions computed once across every rule of the function. Each
+step has a kind that a backend uses to decide what runs where:
+
+``blas``        matrix products (BLAS / cuBLAS);
+``elementwise`` entry-by-entry work (fused into one CUDA kernel per group);
+``reduce``      sums over the batch or the rows, fused with the elementwise
+                work that feeds them;
+``other``       the rest (softmax, inverse, eigen-projection, per-sample fallbacks).
+
+Curvature blocks are never expanded: a rule Σⱼ cⱼ (Aⱼ ⊗ Bⱼ) + M is planned as
+its factors Aⱼ, Bⱼ and the dense remainder M (see :class:`BlockPlan`).
+"""
+from __future__ import annotations
+
+import keyword
+import re
+from dataclasses import dataclass, field
+
+from ..calculus.derivation import Derivation
+from ..calculus.hbp import CURVATURES
+from ..expr import (
+    Add,
+    Apply,
+    BatchMean,
+    Diag,
+    Expr,
+    Hadamard,
+    Identity,
+    Kron,
+    MatMul,
+    Ones,
+    ScalarMul,
+    ScaleBy,
+    Seed,
+    Stacked,
+    Symbol,
+    Transpose,
+    Zero,
+)
+from ..simplify import simplify
+from .batch import APPROXIMATIONS, BatchLowering, batch_forward, batch_gradient, batch_hbp
+
+_IDENT = re.compile(r"[^0-9A-Za-z_]")
+
+
+def sanitise(name: str) -> str:
+    """A user's name as a safe identifier for generated code."""
+    clean = _IDENT.sub("_", name)
+    if not clean or clean[0].isdigit() or keyword.iskeyword(clean):
+        clean = "_" + clean
+    return clean
+
+
+ELEMENTWISE = (Add, Hadamard, ScalarMul, ScaleBy, Apply, Transpose)
+
+
+@dataclass
+class Step:
+    """``target = node(children)``; ``kind`` says which engine runs it."""
+
+    target: str
+    node: Expr
+    kind: str
+
+
+@dataclass
+class BlockPlan:
+    """A curvature block Σⱼ (Aⱼ ⊗ Bⱼ) + M: temps of the factors and of the dense part."""
+
+    kron: list[tuple[str, str]] = field(default_factory=list)
+    dense: str | None = None
+
+
+@dataclass
+class Program:
+    """Steps computing a set of named results."""
+
+    steps: list[Step] = field(default_factory=list)
+    results: dict[str, str | BlockPlan] = field(default_factory=dict)
+    fallbacks: list[tuple[str, Program, tuple[Expr, ...]]] = field(default_factory=list)
+    names: dict[Expr, str] = field(default_factory=dict)  # how each computed node is referred to
+
+
+def classify(node: Expr) -> str:
+    if isinstance(node, MatMul):
+        if any(isinstance(f, Ones) for f in node.args):
+            return "reduce"
+        return "blas"
+    if isinstance(node, ELEMENTWISE):
+        return "elementwise"
+    return "other"
+
+
+class ProgramBuilder:
+    """Builds a :class:`Program`, naming every distinct node once (common subexpressions)."""
+
+    def __init__(self, prefix: str = "t") -> None:
+        self.program = Program()
+        self.names = self.program.names
+        self.prefix = prefix
+
+    def leaf_name(self, node: Expr) -> str | None:
+        if isinstance(node, Stacked):
+            leaf = node.args[0]
+            return "S['dz']" if isinstance(leaf, Seed) else f"S[{leaf.name!r}]"
+        if isinstance(node, Symbol):
+            return f"P[{node.name!r}]"
+        if isinstance(node, Seed):
+            return "Hz" if node.kind == "Hz" else "dz"
+        return None
+
+    def ref(self, node: Expr) -> str:
+        if node in self.names:
+            return self.names[node]
+        leaf = self.leaf_name(node)
+        if leaf is not None:
+            self.names[node] = leaf
+            return leaf
+        if isinstance(node, (Ones, Identity, Zero)):
+            self.names[node] = ""  # printed in place by the printer
+            return ""
+        if isinstance(node, BatchMean):
+            return self._fallback(node)
+        for child in node.children:
+            self.ref(_in_place(node, child))
+        target = f"{self.prefix}{len(self.program.steps)}"
+        self.program.steps.append(Step(target, node, classify(node)))
+        self.names[node] = target
+        return target
+
+    def _fallback(self, node: BatchMean) -> str:
+        operand, leaves = node.args
+        inner = ProgramBuilder(prefix=f"f{len(self.program.fallbacks)}_")
+        for leaf in leaves:  # per-sample columns inside the loop
+            inner.names[leaf] = f"col[{leaf.name!r}]" if isinstance(leaf, Symbol) else "col['dz']"
+        inner.program.results["value"] = inner.ref(operand)
+        name = f"_mean{len(self.program.fallbacks)}"
+        self.program.fallbacks.append((name, inner.program, leaves))
+        target = f"{self.prefix}{len(self.program.steps)}"
+        self.program.steps.append(Step(target, node, "other"))
+        self.names[node] = target
+        return target
+
+    def block(self, rule: Expr) -> BlockPlan:
+        """Plan a curvature block: its Kronecker terms as factors, the rest dense."""
+        plan = BlockPlan()
+        dense: list[Expr] = []
+        for term in rule.args if isinstance(rule, Add) else (rule,):
+            factors = _kron_factors(term)
+            if factors is None:
+                dense.append(term)
+            else:
+                plan.kron.append((self.ref(factors[0]), self.ref(factors[1])))
+        if dense:
+            plan.dense = self.ref(dense[0] if len(dense) == 1 else Add(*dense))
+        return plan
+
+
+def _in_place(parent: Expr, child: Expr) -> Expr:
+    """What of ``child`` the printer needs when it writes ``parent``: a diagonal is used through its vector."""
+    if isinstance(parent, (Add, MatMul)):
+        core = child.operand if isinstance(child, ScalarMul) and isinstance(parent, Add) else child
+        if isinstance(core, Diag):
+            return core.args[0]
+        if isinstance(core, Identity) and isinstance(parent, Add):
+            return core
+    return child
+
+
+def _kron_factors(term: Expr) -> tuple[Expr, Expr] | None:
+    """c·(A ⊗ B) or s·(A ⊗ B) as (c·A, B), with the scale folded into the smaller side."""
+    scale: list[tuple[type, object]] = []
+    while isinstance(term, (ScalarMul, ScaleBy)):
+        scale.append((type(term), term.args[0]))
+        term = term.args[1]
+    if not isinstance(term, Kron):
+        return None
+    left, right = term.args
+    for kind, factor in scale:
+        left = kind(factor, left)
+    return simplify(left), right
+
+
+# --- the functions a module's generated code provides ----------------------------------
+@dataclass
+class ModulePlan:
+    """Every program of one module: forward, gradients, and HBP per curvature and approximation."""
+
+    name: str
+    derivation: Derivation
+    forward: Program
+    gradients: Program
+    hbp: dict[tuple[str, str], Program]
+    dims: dict[str, str]  # dimension name → how to read it off the arguments
+    per_sample: list[str]
+    params: list[str]
+
+
+def plan_module(d: Derivation) -> ModulePlan:
+    m = d.module
+    BatchLowering(d)  # refuses modules without a batch form, with a clear error
+    forward = ProgramBuilder()
+    forward.program.results["Z"] = forward.ref(batch_forward(d))
+    gradients = ProgramBuilder()
+    for v in m.variables:
+        gradients.program.results[v.name] = gradients.ref(batch_gradient(d, v.name))
+    hbp: dict[tuple[str, str], Program] = {}
+    for curvature in CURVATURES:
+        for approximation in APPROXIMATIONS:
+            builder = ProgramBuilder()
+            for v in m.variables:
+                builder.program.results[v.name] = builder.block(batch_hbp(d, v.name, curvature, approximation))
+            hbp[(curvature, approximation)] = builder.program
+    per_sample = [s.name for s in (*m.inputs, *[c for c in m.constants if c.is_vector])]
+    return ModulePlan(m.name, d, forward.program, gradients.program, hbp, _dimension_sources(d, per_sample),
+                      per_sample, [s.name for s in m.params + tuple(c for c in m.constants if not c.is_vector)])
+
+
+def _dimension_sources(d: Derivation, per_sample: list[str]) -> dict[str, str]:
+    sources: dict[str, str] = {"B": "S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1]"}
+    for s in d.module.symbols:
+        where = f"S[{s.name!r}]" if s.name in per_sample else f"P[{s.name!r}]"
+        for axis, extent in enumerate(s.shape if s.name not in per_sample else (s.rows,)):
+            if extent.is_Symbol and str(extent) not in sources:
+                sources[str(extent)] = f"{where}.shape[{axis}]"
+    return sources
+

@@ -1,0 +1,1 @@
+"""Runtime (layer 6): curvature blocks, array backends and the loader of generated code."""
