@@ -51,11 +51,39 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
+def _compile_only(modules: list[Module]) -> int:
+    from .codegen.compile import compile_source
+    from .codegen.cuda import kernel_sources
+    from .codegen.plan import plan_module
+
+    results = [compile_source(m.name, kernel_sources(plan_module(Derivation(m)))) for m in modules]
+    rows = [[r.module, str(r.kernels), r.compiler, f"{r.seconds:.2f} s", "ok" if r.ok else "FAILED"] for r in results]
+    print(_table(rows, ["module", "kernels", "compiler", "time", "result"]))
+    for r in results:
+        if not r.ok:
+            print(f"\n{r.module}:\n{r.log}")
+    failed = sum(not r.ok for r in results)
+    print(f"\n{len(results) - failed} passed, {failed} failed")
+    return EXIT_MISMATCH if failed else 0
+
+
 def _verify(args: argparse.Namespace) -> int:
     from .numeric.verify import verify_module
+    from .numeric.verify_backend import verify_backend
 
     modules = _modules(args.file, args.module)
-    checks = [c for m in modules for c in verify_module(m, seed=args.seed)]
+    if args.compile_only:
+        return _compile_only(modules)
+    if args.backend == "cupy":
+        from .runtime.backends import gpu_available, gpu_unavailable_reason
+
+        if not gpu_available():
+            raise McalcError(f"--backend cupy needs a GPU: {gpu_unavailable_reason()}; "
+                             "use --compile-only to compile the CUDA kernels without one")
+    if args.backend == "symbolic":
+        checks = [c for m in modules for c in verify_module(m, seed=args.seed)]
+    else:
+        checks = [c for m in modules for c in verify_backend(m, args.backend, seed=args.seed)]
     failed = [c for c in checks if not c.ok]
     if args.json:
         print(json.dumps({"backend": args.backend, "checks": [c.as_dict() for c in checks],
@@ -66,6 +94,19 @@ def _verify(args: argparse.Namespace) -> int:
         print(_table(rows, ["module", "rule", "curvature", "error", "tolerance", "result"]))
         print(f"\n{len(checks) - len(failed)} passed, {len(failed)} failed")
     return EXIT_MISMATCH if failed else 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .codegen.generate import BACKENDS, DEFAULT_DIRECTORY, generate
+
+    modules = [m for f in args.files for m in load_modules(f)] if args.files else _modules(None, None)
+    backends = BACKENDS if args.target == "all" else (args.target,)
+    directory = Path(args.out) if args.out else DEFAULT_DIRECTORY
+    written = generate(modules, backends, directory, progress=sys.stderr.isatty())
+    print(f"wrote {len(written)} files and {directory / 'manifest.json'}")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -108,11 +149,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check every rule against finite differences")
     p.add_argument("file", nargs="?", help="a Python file declaring mc.Module objects (default: built-in library)")
     p.add_argument("--module", help="only the module of this name")
-    p.add_argument("--backend", choices=["symbolic"], default="symbolic",
-                   help="what is checked: the symbolic rules evaluated densely")
+    p.add_argument("--backend", choices=["symbolic", "numpy", "cupy"], default="symbolic",
+                   help="what is checked: the symbolic rules (dense), or the generated code of a backend")
+    p.add_argument("--compile-only", action="store_true", help="only compile every CUDA kernel (nvcc or NVRTC)")
     p.add_argument("--seed", type=int, default=0, help="random point to check at")
     p.add_argument("--json", action="store_true", help="print the checks as JSON")
     p.set_defaults(run=_verify)
+
+    p = sub.add_parser("generate", help="render modules to NumPy / CuPy code with a manifest")
+    p.add_argument("files", nargs="*", help="Python files declaring mc.Module objects (default: built-in library)")
+    p.add_argument("--target", choices=["numpy", "cupy", "all"], default="all")
+    p.add_argument("--out", help="output folder (default: the project's generated/)")
+    p.set_defaults(run=_generate)
 
     p = sub.add_parser("demo", help="the main job on embedded data")
     p.set_defaults(run=_demo)

@@ -220,7 +220,8 @@ def plan_module(d: Derivation) -> ModulePlan:
 
 
 def _dimension_sources(d: Derivation, per_sample: list[str]) -> dict[str, str]:
-    sources: dict[str, str] = {"B": "S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1]"}
+    # B: from δZ, else from any per-sample input, else 1 (a module of parameters alone)
+    sources: dict[str, str] = {"B": "S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1"}
     for s in d.module.symbols:
         where = f"S[{s.name!r}]" if s.name in per_sample else f"P[{s.name!r}]"
         for axis, extent in enumerate(s.shape if s.name not in per_sample else (s.rows,)):

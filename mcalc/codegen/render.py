@@ -33,7 +33,7 @@ def template_hash(backend: str) -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    for path in sorted((TEMPLATES / backend).glob("*")):
+    for path in sorted([*(TEMPLATES / backend).glob("*"), *(TEMPLATES / "common").glob("*")]):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 

@@ -1,0 +1,290 @@
+"""The CuPy backend: elementwise and reducing work fused into CUDA kernels around cuBLAS products.
+
+Fusion: a *group* is an elementwise step with the elementwise steps that feed
+only it (same shape), inlined into one expression per output entry; a row sum
+M 1 over such a group becomes one reduction kernel. Everything else (matrix
+products, softmax, eigen-projections) is printed as CuPy calls by the array
+printer. Kernels are printed for float and double (SymPy's C99 printer with
+the matching math functions); coefficients in the dimensions (1/B) are passed
+as kernel arguments.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy as sp
+from sympy.codegen.ast import float32, float64, real
+from sympy.printing.c import C99CodePrinter
+
+from .. import __version__
+from ..expr import ONE, Add, Apply, Diag, Expr, Hadamard, Identity, MatMul, Ones, ScalarMul, ScaleBy
+from ..functions import ElementwiseFunction
+from ..printing.text import to_text
+from .numpy_printer import ArrayPrinter
+from .plan import ModulePlan, Program, _in_place, sanitise
+from .render import _leaf_key, environment, functions_of
+
+DTYPES = {"float": float32, "double": float64}
+FUSABLE = (Add, Hadamard, ScalarMul, ScaleBy, Apply)
+
+
+def _is_broadcast(node: Expr) -> bool:
+    """v 1ᵀ or 1 wᵀ: a vector repeated, read in place by a kernel."""
+    return isinstance(node, MatMul) and len(node.args) == 2 and (
+        (isinstance(node.args[1], Ones) and node.args[0].cols == ONE and node.args[1].rows == ONE)
+        or (isinstance(node.args[0], Ones) and node.args[1].rows == ONE and node.args[0].cols == ONE))
+
+
+def _is_row_sum(node: Expr) -> bool:
+    return isinstance(node, MatMul) and len(node.args) == 2 and isinstance(node.args[1], Ones) \
+        and node.args[1].cols == ONE and node.args[1].rows != ONE
+
+
+@dataclass
+class Kernel:
+    """One fused kernel: output ``target`` of shape ``shape``, inputs in order, coefficients."""
+
+    name: str
+    target: str
+    shape: tuple[sp.Expr, sp.Expr]
+    body: Expr  # the root node (an elementwise node, or the operand of a row sum)
+    reduce: bool
+    members: set[str] = field(default_factory=set)
+    inputs: list[tuple[str, tuple[sp.Expr, sp.Expr]]] = field(default_factory=list)
+    coefficients: list[sp.Expr] = field(default_factory=list)  # in the order the kernel takes them
+    functions: list[ElementwiseFunction] = field(default_factory=list)
+    source: dict[str, str] = field(default_factory=dict)  # dtype → CUDA source
+
+
+class KernelBuilder:
+    """Finds fusion groups in a program and prints their CUDA source."""
+
+    def __init__(self, program: Program, prefix: str) -> None:
+        self.program = program
+        self.prefix = prefix
+        self.by_target = {s.target: s for s in program.steps}
+        self.uses: dict[str, int] = {}
+        for s in program.steps:
+            for child in s.node.children:
+                name = program.names.get(child)
+                if name:
+                    self.uses[name] = self.uses.get(name, 0) + 1
+        for result in program.results.values():
+            for name in ([result] if isinstance(result, str) else
+                         [t for pair in result.kron for t in pair] + [result.dense]):
+                if name:
+                    self.uses[name] = self.uses.get(name, 0) + 2  # results are used outside
+        self.kernels: list[Kernel] = []
+
+    def _internal(self, node: Expr, shape: tuple) -> bool:
+        name = self.program.names.get(node, "")
+        step = self.by_target.get(name)
+        return (step is not None and isinstance(step.node, FUSABLE) and self.uses.get(name, 0) == 1
+                and tuple(node.shape) == tuple(shape))
+
+    def build(self) -> list[Kernel]:
+        fused: set[str] = set()
+        for step in reversed(self.program.steps):
+            if step.target in fused:
+                continue
+            node = step.node
+            if _is_row_sum(node) and self._internal(node.args[0], node.args[0].shape):
+                kernel = Kernel(f"{self.prefix}{len(self.kernels)}", step.target, node.args[0].shape,
+                                node.args[0], True)
+            elif isinstance(node, FUSABLE) and _worth_fusing(node):
+                kernel = Kernel(f"{self.prefix}{len(self.kernels)}", step.target, node.shape, node, False)
+            else:
+                continue
+            self._collect(kernel, kernel.body, top=True)
+            fused |= kernel.members
+            self.kernels.append(kernel)
+        for kernel in self.kernels:
+            kernel.source = {dtype: self._source(kernel, dtype) for dtype in DTYPES}
+        return self.kernels
+
+    def _collect(self, kernel: Kernel, node: Expr, top: bool = False) -> None:
+        if top or self._internal(node, kernel.shape):
+            kernel.members.add(self.program.names[node])
+            for child in node.children:
+                target = _in_place(node, child)
+                if isinstance(target, (Identity, Ones)):
+                    continue
+                self._collect(kernel, target)
+            return
+        source = node.args[0] if _is_broadcast(node) and not isinstance(node.args[0], Ones) else (
+            node.args[1] if _is_broadcast(node) else node)
+        name = self.program.names[source]
+        if name not in [n for n, _ in kernel.inputs]:
+            kernel.inputs.append((name, source.shape))
+
+    # --- CUDA source ------------------------------------------------------------
+    def _source(self, kernel: Kernel, dtype: str) -> str:
+        printer = _ElementPrinter(self, kernel, dtype)
+        value = printer.element(kernel.body)
+        kernel.coefficients, kernel.functions = printer.coefficients, printer.functions
+        return environment().get_template("cupy/kernel.cu.j2").render(
+            kernel=kernel, dtype=dtype, value=value, inputs=printer.loads,
+            coefficients=[f"c{i}" for i in range(len(printer.coefficients))],
+        )
+
+
+def _worth_fusing(node: Expr) -> bool:
+    """A lone scaling of a matrix product is left to CuPy: fusing it gains no pass over memory."""
+    return True
+
+
+class _ElementPrinter:
+    """Prints one entry (row r, column c) of a fused expression as CUDA C."""
+
+    def __init__(self, builder: KernelBuilder, kernel: Kernel, dtype: str) -> None:
+        self.builder, self.kernel, self.dtype = builder, kernel, dtype
+        self.functions: list[ElementwiseFunction] = []
+        self.loads = [(f"in{i}", self._index(shape)) for i, (_, shape) in enumerate(kernel.inputs)]
+        self.coefficients: list[sp.Expr] = []
+
+    def _index(self, shape: tuple) -> str:
+        rows, cols = self.kernel.shape
+        if tuple(shape) == (ONE, ONE):
+            return "0"
+        if shape[1] == ONE and shape[0] == rows:
+            return "r"
+        if shape[0] == ONE and shape[1] == cols:
+            return "c"
+        return "r * cols + c"
+
+    def load(self, node: Expr) -> str:
+        source = node
+        if _is_broadcast(node):
+            source = node.args[1] if isinstance(node.args[0], Ones) else node.args[0]
+        name = self.builder.program.names[source]
+        index = [n for n, _ in self.kernel.inputs].index(name)
+        return f"in{index}[{self._index(source.shape)}]"
+
+    def element(self, node: Expr) -> str:
+        names = self.builder.program.names
+        if isinstance(node, Ones):
+            return f"({self.dtype})1"
+        if isinstance(node, Identity):
+            return f"(r == c ? ({self.dtype})1 : ({self.dtype})0)"
+        if names.get(node) not in self.kernel.members:
+            return self.load(node)
+        if isinstance(node, Add):
+            terms = []
+            for t in node.args:
+                coefficient, core = (t.args[0], t.args[1]) if isinstance(t, ScalarMul) else (None, t)
+                if isinstance(core, (Diag, Identity)):
+                    inner = self.element(core.args[0]) if isinstance(core, Diag) else "1"
+                    if coefficient is not None:
+                        inner = f"({self._coefficient_name(coefficient)} * {inner})"
+                    terms.append(f"(r == c ? {inner} : ({self.dtype})0)")
+                else:
+                    terms.append(self.element(t))
+            return "(" + " + ".join(terms) + ")"
+        if isinstance(node, Hadamard):
+            return "(" + " * ".join(self.element(f) for f in node.args) + ")"
+        if isinstance(node, ScalarMul):
+            return f"({self._coefficient_name(node.args[0])} * {self.element(node.args[1])})"
+        if isinstance(node, ScaleBy):
+            return f"({self.element(node.args[0])} * {self.element(node.args[1])})"
+        if isinstance(node, Apply):
+            f = node.args[0]
+            if f not in self.functions:
+                self.functions.append(f)
+            return f"{_device_name(f)}_{self.dtype}({self.element(node.args[1])})"
+        raise NotImplementedError(type(node).__name__)
+
+    def _coefficient_name(self, c: sp.Expr) -> str:
+        self.coefficients.append(c)
+        return f"c{len(self.coefficients) - 1}"
+
+
+def device_function(f: ElementwiseFunction, dtype: str) -> str:
+    """``__device__ T fn_sigmoid_1(T t)`` from φ^(k)'s SymPy formula (a step is 0 at its kink)."""
+    expr = f.expr.replace(sp.Heaviside, lambda arg, *rest: sp.Piecewise((1, arg > 0), (0, True)))
+    expr = expr.rewrite(sp.Piecewise) if expr.has(sp.Max, sp.Min) else expr  # ternaries: no host-only fmax(int, T)
+    t = next(iter(expr.free_symbols), sp.Symbol("t"))
+    printer = C99CodePrinter(settings={"type_aliases": {real: DTYPES[dtype]}})
+    body = " ".join(printer.doprint(expr.xreplace({t: sp.Symbol("t")})).split())
+    name = f"{_device_name(f)}_{dtype}"
+    return f"static __device__ __forceinline__ {dtype} {name}({dtype} t) {{ return ({dtype})({body}); }}"
+
+
+def _device_name(f: ElementwiseFunction) -> str:
+    return f"fn_{sanitise(f.base.name)}_{f.order}"
+
+
+# --- the generated CuPy module -----------------------------------------------------------
+def _program_context(program: Program, prefix: str) -> dict[str, Any]:
+    kernels = KernelBuilder(program, prefix).build()
+    roots = {k.target: k for k in kernels}
+    members = set().union(*[k.members for k in kernels]) if kernels else set()
+    printer = ArrayPrinter(lambda node: program.names[node])
+    lines, calls = [], iter(program.fallbacks)
+    for step in program.steps:
+        if step.target in roots:
+            k = roots[step.target]
+            shape = k.shape if not k.reduce else (k.shape[0], ONE)
+            dims = ", ".join(printer.dim(d) for d in k.shape)
+            out = ", ".join(printer.dim(d) for d in shape)
+            coefficients = ", ".join(printer.dim(c) for c in k.coefficients)
+            args = ", ".join(name for name, _ in k.inputs)
+            lines.append(f"{step.target} = _launch({k.name!r}, ({dims}), ({out}), [{args}], [{coefficients}], "
+                         f"{k.reduce})")
+        elif step.target in members:
+            continue
+        elif step.node.__class__.__name__ == "BatchMean":
+            lines.append(f"{step.target} = {next(calls)[0]}()")
+        else:
+            lines.append(f"{step.target} = {printer.rhs(step.node)}")
+    fallbacks = []
+    for name, inner, leaves in program.fallbacks:
+        context = _program_context(inner, f"{prefix}{name}_")
+        kernels += context["kernels"]
+        fallbacks.append({"name": name, "lines": context["lines"], "value": inner.results["value"],
+                          "leaves": [_leaf_key(leaf) for leaf in leaves]})
+    return {"lines": lines, "fallbacks": fallbacks, "results": program.results, "kernels": kernels}
+
+
+def render_cupy_module(plan: ModulePlan) -> str:
+    m = plan.derivation.module
+    forward = _program_context(plan.forward, "forward_")
+    gradients = _program_context(plan.gradients, "gradients_")
+    hbp = {key: _program_context(p, f"hbp_{key[0].replace('-', '_')}_{key[1]}_") for key, p in plan.hbp.items()}
+    kernels = forward["kernels"] + gradients["kernels"] + [k for c in hbp.values() for k in c["kernels"]]
+    source = cuda_source(kernels)
+    module = {
+        "name": m.name,
+        "output_text": to_text(m.output),
+        "per_sample": plan.per_sample,
+        "params": plan.params,
+        "variables": [v.name for v in m.variables],
+        "dims": plan.dims,
+        "dim_names": ", ".join(plan.dims) + ("," if len(plan.dims) == 1 else ""),
+    }
+    return environment().get_template("cupy/module.py.j2").render(
+        module=module, version=__version__, backend="cupy", functions=functions_of(plan),
+        forward=forward, gradients=gradients, hbp=hbp, cuda_source=source,
+        kernel_names=[k.name for k in kernels],
+    )
+
+
+def kernel_sources(plan: ModulePlan) -> str:
+    """Every CUDA kernel of a module, for compiling offline (``mcalc verify --compile-only``)."""
+    kernels = []
+    for p, prefix in [(plan.forward, "forward_"), (plan.gradients, "gradients_"),
+                      *[(p, f"hbp_{k[0].replace('-', '_')}_{k[1]}_") for k, p in plan.hbp.items()]]:
+        kernels += _program_context(p, prefix)["kernels"]
+    return cuda_source(kernels)
+
+
+def cuda_source(kernels: list[Kernel]) -> str:
+    """One translation unit: each device function once per dtype, then every kernel."""
+    functions: dict[str, str] = {}
+    for k in kernels:
+        for f in k.functions:
+            for dtype in DTYPES:
+                functions.setdefault(f"{_device_name(f)}_{dtype}", device_function(f, dtype))
+    header = "// Generated by mcalc: fused elementwise and reduction kernels.\n"
+    return header + "\n".join(functions[name] for name in sorted(functions)) + "\n\n" + "\n".join(
+        k.source[dtype] for k in kernels for dtype in DTYPES)

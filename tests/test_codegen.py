@@ -1,0 +1,102 @@
+"""Generated code: committed and up to date, loaded only when valid, CUDA that compiles, verified backends."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+from test_codegen_numpy import check_generated
+from hypothesis import HealthCheck, Phase, given, settings
+from strategies import modules
+
+import mcalc as mc
+from mcalc import layers as L
+from mcalc.codegen.compile import compile_source
+from mcalc.codegen.cuda import kernel_sources
+from mcalc.codegen.generate import BACKENDS, DEFAULT_DIRECTORY, generate
+from mcalc.codegen.plan import plan_module, sanitise
+from mcalc.loader import load_modules
+from mcalc.numeric.verify_backend import verify_backend
+from mcalc.runtime.loader import check_entry, load
+
+EXAMPLES = load_modules(ROOT / "examples" / "custom_layers.py")
+
+
+def test_generated_folder_is_up_to_date(tmp_path):
+    generate(L.LIBRARY, BACKENDS, tmp_path)
+    fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    committed = sorted(p.relative_to(DEFAULT_DIRECTORY) for p in DEFAULT_DIRECTORY.rglob("*") if p.is_file())
+    assert fresh == committed, "run `mcalc generate` and commit generated/"
+    for relative in fresh:
+        assert (tmp_path / relative).read_bytes() == (DEFAULT_DIRECTORY / relative).read_bytes(), (
+            f"generated/{relative} is stale: run `mcalc generate` and commit generated/")
+
+
+def test_loader_refuses_corrupted_stale_and_missing_entries(tmp_path):
+    generate([L.Linear], ["numpy"], tmp_path)
+    check_entry(tmp_path, L.Linear, "numpy")
+    path = tmp_path / "numpy" / "Linear.py"
+    path.write_text(path.read_text() + "\n# edited\n")
+    with pytest.raises(mc.McalcError, match="corrupted.*mcalc generate"):
+        check_entry(tmp_path, L.Linear, "numpy")
+    generate([L.Linear], ["numpy"], tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["entries"]["numpy/Linear.py"]["source_hash"] = "0" * 64
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(mc.McalcError, match="stale \\(module declaration"):
+        check_entry(tmp_path, L.Linear, "numpy")
+    with pytest.raises(mc.McalcError, match="no generated code for module 'MatMul'"):
+        check_entry(tmp_path, L.MatMul, "numpy")
+    (tmp_path / "manifest.json").write_text("{ not json")
+    with pytest.raises(mc.McalcError, match="corrupted manifest"):
+        check_entry(tmp_path, L.Linear, "numpy")
+
+
+def test_user_modules_are_cached_by_hash(tmp_path, monkeypatch):
+    monkeypatch.setenv("MCALC_CACHE", str(tmp_path))
+    (module,) = [m for m in EXAMPLES if m.name == "LowRank"]
+    code = load(module, "numpy")
+    assert code.MODULE == "LowRank" and list(tmp_path.rglob("LowRank.py"))
+
+
+def test_names_are_sanitised():
+    assert sanitise("my layer-2") == "my_layer_2" and sanitise("class") == "_class" and sanitise("2x") == "_2x"
+
+
+@pytest.mark.skipif(not shutil.which("nvcc"), reason="nvcc is not installed: CUDA kernels cannot be compiled here")
+@pytest.mark.parametrize("module", list(L.LIBRARY) + EXAMPLES, ids=lambda m: m.name)
+def test_every_cuda_kernel_compiles(module):
+    result = compile_source(module.name, kernel_sources(plan_module(mc.derive(module))))
+    assert result.ok, result.log
+    assert result.kernels > 0 or module.name in {"Bias"}
+
+
+@pytest.mark.parametrize("module", [L.Linear, L.SigmoidLinear, L.CrossEntropy, L.Softmax], ids=lambda m: m.name)
+def test_numpy_backend_against_finite_differences(module):
+    checks = verify_backend(module, "numpy")
+    assert checks and all(c.ok for c in checks), [c for c in checks if not c.ok]
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+          phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(module=modules())
+def test_numpy_backend_on_random_modules(module, tmp_path_factory):
+    try:
+        plan_module(mc.derive(module))
+    except mc.McalcError as exc:  # per-sample matrices: no batch form, said clearly
+        assert "no batch form" in str(exc)
+        return
+    directory = tmp_path_factory.mktemp("random")
+    generate([module], ["numpy"], directory)
+    check_generated(module, load(module, "numpy", directory))
+
+
+def test_cli_generate_and_verify(tmp_path):
+    example = str(ROOT / "examples" / "custom_layers.py")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "mcalc.cli", *a], capture_output=True, text=True)  # noqa: E731
+    done = run("generate", example, "--target", "numpy", "--out", str(tmp_path))
+    assert done.returncode == 0 and (tmp_path / "manifest.json").exists(), done.stderr
+    assert (tmp_path / "numpy" / "GatedLinear.py").exists()
+    done = run("verify", "--backend", "numpy", "--module", "Linear")
+    assert done.returncode == 0 and done.stdout.strip().endswith("passed, 0 failed"), done.stdout

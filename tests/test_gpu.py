@@ -1,0 +1,61 @@
+"""On a GPU: the CuPy backend's fused kernels agree with the NumPy backend (float64 tightly, float32 to its precision)."""
+import numpy as np
+import pytest
+
+import mcalc as mc
+from mcalc import layers as L
+from mcalc.numeric.verify_backend import verify_backend
+from mcalc.runtime.backends import gpu_available, gpu_unavailable_reason
+from mcalc.runtime.loader import load
+
+pytestmark = pytest.mark.skipif(not gpu_available(), reason=f"no GPU: {gpu_unavailable_reason()}")
+
+
+def _inputs(module, rng, batch, dtype):
+    import cupy as cp
+
+    P, S = {}, {}
+    sizes = {"n": 7, "m": 5}
+    for s in module.symbols:
+        rows = int(s.rows) if s.rows.is_Integer else sizes[str(s.rows)]
+        cols = int(s.cols) if s.cols.is_Integer else sizes[str(s.cols)]
+        if s in module.inputs or (s in module.constants and s.is_vector):
+            if "simplex" in s.hints:
+                value = np.eye(rows)[:, rng.integers(rows, size=batch)]
+            else:
+                value = rng.normal(size=(rows, batch))
+            S[s.name] = value
+        else:
+            P[s.name] = rng.normal(size=(rows, cols)) * 0.5
+    return P, S
+
+
+@pytest.mark.parametrize("module", L.LIBRARY, ids=lambda m: m.name)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_cupy_kernels_match_numpy(module, dtype):
+    import cupy as cp
+
+    numpy_code, cupy_code = load(module, "numpy"), load(module, "cupy")
+    rng = np.random.default_rng(0)
+    P, S = _inputs(module, rng, 64, dtype)
+    Z = numpy_code.forward(P, S)["Z"]
+    S["dz"] = rng.normal(size=Z.shape) / Z.shape[1]
+    a = rng.normal(size=(Z.shape[0], Z.shape[0]))
+    Hz = a @ a.T / Z.shape[0]
+    to_gpu = lambda d: {k: cp.asarray(v, dtype=dtype) for k, v in d.items()}  # noqa: E731
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == np.float64 else dict(rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(cupy_code.forward(to_gpu(P), to_gpu(S))["Z"].get(), Z, **tol)
+    for key, function in numpy_code.HBP.items():
+        expected = function(P, S, Hz)
+        got = cupy_code.HBP[key](to_gpu(P), to_gpu(S), cp.asarray(Hz, dtype=dtype))
+        for v in module.variables:
+            e, g = expected[v.name].to_dense(), got[v.name].to_dense().get()
+            scale = max(1.0, float(np.abs(e).max()))
+            np.testing.assert_allclose(g / scale, e / scale, **tol, err_msg=f"{module.name} {v.name} {key}")
+
+
+@pytest.mark.parametrize("module", [L.SigmoidLinear, L.CrossEntropy], ids=lambda m: m.name)
+def test_cupy_backend_against_finite_differences(module):
+    checks = verify_backend(module, "cupy")
+    assert all(c.ok for c in checks), [c for c in checks if not c.ok]
+    assert mc.CURVATURES
