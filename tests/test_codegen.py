@@ -6,9 +6,9 @@ import sys
 
 import pytest
 from conftest import ROOT
-from test_codegen_numpy import check_generated
 from hypothesis import HealthCheck, Phase, given, settings
 from strategies import modules
+from test_codegen_numpy import check_generated
 
 import mcalc as mc
 from mcalc import layers as L
@@ -38,7 +38,7 @@ def test_loader_refuses_corrupted_stale_and_missing_entries(tmp_path):
     check_entry(tmp_path, L.Linear, "numpy")
     path = tmp_path / "numpy" / "Linear.py"
     path.write_text(path.read_text() + "\n# edited\n")
-    with pytest.raises(mc.McalcError, match="corrupted.*mcalc generate"):
+    with pytest.raises(mc.McalcError, match=r"corrupted.*mcalc generate"):
         check_entry(tmp_path, L.Linear, "numpy")
     generate([L.Linear], ["numpy"], tmp_path)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
@@ -78,7 +78,8 @@ def test_numpy_backend_against_finite_differences(module):
     assert checks and all(c.ok for c in checks), [c for c in checks if not c.ok]
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+@settings(max_examples=10, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
           phases=[Phase.explicit, Phase.reuse, Phase.generate])
 @given(module=modules())
 def test_numpy_backend_on_random_modules(module, tmp_path_factory):

@@ -39,7 +39,7 @@ def verify_backend(module: Module, backend: str, *, seed: int = 0) -> list[Check
     code = load(module, backend)
     xp = np
     if backend == "cupy":
-        import cupy as xp  # noqa: N813 - the array module of the generated code
+        import cupy as xp
     per_sample = [s for s in module.symbols if s in module.inputs or (s in module.constants and s.is_vector)]
     samples = [sample_values(module, np.random.default_rng(seed + k)) for k in range(BATCH_SIZE)]
     shared = {s.name: as_matrix(samples[0][s.name], s, s.name) for s in module.symbols if s not in per_sample}
