@@ -88,7 +88,7 @@ extern "C" __global__ void gradients_0_double(const double* __restrict__ in0, co
     out[i] = ((c0 * (in0[c] * in1[r * cols + c])) + (in0[c] * in2[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_exact_6_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float c0, const float c1, const float c2, const float c3, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -96,10 +96,10 @@ extern "C" __global__ void hbp_exact_6_0_float(const float* __restrict__ in0, co
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * (in0[0] * in1[r * cols + c])) + (c1 * in2[r * cols + c]));
+    out[i] = ((c0 * (in0[0] * in1[r * cols + c])) + (c1 * ((r == c ? (c2 * in2[r]) : (float)0) + (c3 * in3[r * cols + c]))));
 }
 
-extern "C" __global__ void hbp_exact_6_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double c0, const double c1, const double c2, const double c3, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -107,10 +107,10 @@ extern "C" __global__ void hbp_exact_6_0_double(const double* __restrict__ in0, 
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * (in0[0] * in1[r * cols + c])) + (c1 * in2[r * cols + c]));
+    out[i] = ((c0 * (in0[0] * in1[r * cols + c])) + (c1 * ((r == c ? (c2 * in2[r]) : (double)0) + (c3 * in3[r * cols + c]))));
 }
 
-extern "C" __global__ void hbp_exact_6_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -118,10 +118,10 @@ extern "C" __global__ void hbp_exact_6_1_float(const float* __restrict__ in0, co
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
+    out[i] = (in0[c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_6_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -129,7 +129,7 @@ extern "C" __global__ void hbp_exact_6_1_double(const double* __restrict__ in0, 
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
+    out[i] = (in0[c] * in1[r * cols + c]);
 }
 
 extern "C" __global__ void hbp_exact_6_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
@@ -154,7 +154,7 @@ extern "C" __global__ void hbp_exact_6_2_double(const double* __restrict__ in0, 
     out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_exact_6__mean0_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_3_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -162,10 +162,10 @@ extern "C" __global__ void hbp_exact_6__mean0_0_float(const float* __restrict__ 
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[0] * ((r == c ? in1[r] : (float)0) + (c0 * in2[r * cols + c])));
+    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_exact_6__mean0_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_3_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -173,7 +173,7 @@ extern "C" __global__ void hbp_exact_6__mean0_0_double(const double* __restrict_
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[0] * ((r == c ? in1[r] : (double)0) + (c0 * in2[r * cols + c])));
+    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
 }
 
 extern "C" __global__ void hbp_exact_7_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
@@ -396,7 +396,7 @@ extern "C" __global__ void hbp_pch_abs_6_0_double(const double* __restrict__ in0
     out[i] = ((c0 * (in0[0] * in1[r * cols + c])) + in2[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, const float c2, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -404,10 +404,10 @@ extern "C" __global__ void hbp_pch_abs_6_1_float(const float* __restrict__ in0, 
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
+    out[i] = (c0 * ((r == c ? (c1 * in0[r]) : (float)0) + (c2 * in1[r * cols + c])));
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, const double c2, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -415,10 +415,10 @@ extern "C" __global__ void hbp_pch_abs_6_1_double(const double* __restrict__ in0
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
+    out[i] = (c0 * ((r == c ? (c1 * in0[r]) : (double)0) + (c2 * in1[r * cols + c])));
 }
 
-extern "C" __global__ void hbp_pch_abs_6_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_2_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -426,10 +426,10 @@ extern "C" __global__ void hbp_pch_abs_6_2_float(const float* __restrict__ in0, 
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
+    out[i] = (in0[c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_6_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_2_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -437,7 +437,7 @@ extern "C" __global__ void hbp_pch_abs_6_2_double(const double* __restrict__ in0
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
+    out[i] = (in0[c] * in1[r * cols + c]);
 }
 
 extern "C" __global__ void hbp_pch_abs_6_3_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
@@ -462,7 +462,7 @@ extern "C" __global__ void hbp_pch_abs_6_3_double(const double* __restrict__ in0
     out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_abs_6__mean0_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_4_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -470,10 +470,10 @@ extern "C" __global__ void hbp_pch_abs_6__mean0_0_float(const float* __restrict_
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[0] * ((r == c ? in1[r] : (float)0) + (c0 * in2[r * cols + c])));
+    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_abs_6__mean0_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_4_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -481,7 +481,7 @@ extern "C" __global__ void hbp_pch_abs_6__mean0_0_double(const double* __restric
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[0] * ((r == c ? in1[r] : (double)0) + (c0 * in2[r * cols + c])));
+    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
 }
 
 extern "C" __global__ void hbp_pch_abs_7_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, float* __restrict__ out, const long long rows, const long long cols)
@@ -616,7 +616,7 @@ extern "C" __global__ void hbp_pch_clip_6_0_double(const double* __restrict__ in
     out[i] = ((c0 * (in0[0] * in1[r * cols + c])) + in2[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_6_1_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, const float c2, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -624,10 +624,10 @@ extern "C" __global__ void hbp_pch_clip_6_1_float(const float* __restrict__ in0,
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
+    out[i] = (c0 * ((r == c ? (c1 * in0[r]) : (float)0) + (c2 * in1[r * cols + c])));
 }
 
-extern "C" __global__ void hbp_pch_clip_6_1_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, const double c2, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -635,10 +635,10 @@ extern "C" __global__ void hbp_pch_clip_6_1_double(const double* __restrict__ in
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
+    out[i] = (c0 * ((r == c ? (c1 * in0[r]) : (double)0) + (c2 * in1[r * cols + c])));
 }
 
-extern "C" __global__ void hbp_pch_clip_6_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_2_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -646,10 +646,10 @@ extern "C" __global__ void hbp_pch_clip_6_2_float(const float* __restrict__ in0,
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
+    out[i] = (in0[c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_6_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_2_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -657,7 +657,7 @@ extern "C" __global__ void hbp_pch_clip_6_2_double(const double* __restrict__ in
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
+    out[i] = (in0[c] * in1[r * cols + c]);
 }
 
 extern "C" __global__ void hbp_pch_clip_6_3_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
@@ -682,7 +682,7 @@ extern "C" __global__ void hbp_pch_clip_6_3_double(const double* __restrict__ in
     out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_clip_6__mean0_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_4_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -690,10 +690,10 @@ extern "C" __global__ void hbp_pch_clip_6__mean0_0_float(const float* __restrict
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[0] * ((r == c ? in1[r] : (float)0) + (c0 * in2[r * cols + c])));
+    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_clip_6__mean0_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_4_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -701,7 +701,7 @@ extern "C" __global__ void hbp_pch_clip_6__mean0_0_double(const double* __restri
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[0] * ((r == c ? in1[r] : (double)0) + (c0 * in2[r * cols + c])));
+    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
 }
 
 extern "C" __global__ void hbp_pch_clip_7_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, float* __restrict__ out, const long long rows, const long long cols)
@@ -881,28 +881,20 @@ def gradients(P, S):
 def hbp_exact_6(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6): one block per input and parameter."""
     B, n = _dims(P, S).values()
-    def _mean0():
-        total = 0.0
-        for i in range(B):
-            col = {"x": S["x"][:, i:i + 1], "dz": S["dz"][:, i:i + 1], }
-            f0_0 = _softmax(col['x'])
-            f0_1 = f0_0.T
-            f0_2 = (f0_0 @ f0_1)
-            f0_5 = _launch('hbp_exact_6__mean0_0', (n, n), (n, n), [col['dz'], f0_0, f0_2], [-1], False)
-            total = total + f0_5
-        return total / B
-
     t0 = _softmax(S['x'])
-    t2 = _launch('hbp_exact_6_2', (n, B), (n, B), [S['y'], t0], [-1], False)
+    t2 = _launch('hbp_exact_6_3', (n, B), (n, B), [S['y'], t0], [-1], False)
     t3 = S['y'].T
     t4 = t0.T
-    t6 = _launch('hbp_exact_6_1', (B, n), (B, n), [t3, t4], [-1], False)
+    t6 = _launch('hbp_exact_6_2', (B, n), (B, n), [t3, t4], [-1], False)
     t7 = (t2 @ t6)
-    t10 = _mean0()
-    t12 = _launch('hbp_exact_6_0', (n, n), (n, n), [Hz, t7, t10], [1/B, B], False)
+    t10 = (xp.ones((n, 1)) @ S['dz'])
+    t11 = _launch('hbp_exact_6_1', (n, B), (n, B), [S['dz'], t0], [], False)
+    t12 = t11.sum(axis=1, keepdims=True)
+    t13 = (t11 @ t4)
+    t17 = _launch('hbp_exact_6_0', (n, n), (n, n), [Hz, t7, t12, t13], [1/B, B, 1/B, -1/B], False)
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t12),
+        "x": CurvatureBlock(kron=[], dense=t17),
     }
 
 def hbp_exact_7(P, S, Hz):
@@ -957,30 +949,22 @@ def hbp_ggn_7(P, S, Hz):
 def hbp_pch_abs_6(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6): one block per input and parameter."""
     B, n = _dims(P, S).values()
-    def _mean0():
-        total = 0.0
-        for i in range(B):
-            col = {"x": S["x"][:, i:i + 1], "dz": S["dz"][:, i:i + 1], }
-            f0_0 = _softmax(col['x'])
-            f0_1 = f0_0.T
-            f0_2 = (f0_0 @ f0_1)
-            f0_5 = _launch('hbp_pch_abs_6__mean0_0', (n, n), (n, n), [col['dz'], f0_0, f0_2], [-1], False)
-            total = total + f0_5
-        return total / B
-
     t0 = _softmax(S['x'])
-    t2 = _launch('hbp_pch_abs_6_3', (n, B), (n, B), [S['y'], t0], [-1], False)
+    t2 = _launch('hbp_pch_abs_6_4', (n, B), (n, B), [S['y'], t0], [-1], False)
     t3 = S['y'].T
     t4 = t0.T
-    t6 = _launch('hbp_pch_abs_6_2', (B, n), (B, n), [t3, t4], [-1], False)
+    t6 = _launch('hbp_pch_abs_6_3', (B, n), (B, n), [t3, t4], [-1], False)
     t7 = (t2 @ t6)
-    t10 = _mean0()
-    t11 = _launch('hbp_pch_abs_6_1', (n, n), (n, n), [t10], [B], False)
-    t12 = _psd_abs(t11)
-    t13 = _launch('hbp_pch_abs_6_0', (n, n), (n, n), [Hz, t7, t12], [1/B], False)
+    t10 = (xp.ones((n, 1)) @ S['dz'])
+    t11 = _launch('hbp_pch_abs_6_2', (n, B), (n, B), [S['dz'], t0], [], False)
+    t12 = t11.sum(axis=1, keepdims=True)
+    t13 = (t11 @ t4)
+    t16 = _launch('hbp_pch_abs_6_1', (n, n), (n, n), [t12, t13], [B, 1/B, -1/B], False)
+    t17 = _psd_abs(t16)
+    t18 = _launch('hbp_pch_abs_6_0', (n, n), (n, n), [Hz, t7, t17], [1/B], False)
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t13),
+        "x": CurvatureBlock(kron=[], dense=t18),
     }
 
 def hbp_pch_abs_7(P, S, Hz):
@@ -1008,30 +992,22 @@ def hbp_pch_abs_7(P, S, Hz):
 def hbp_pch_clip_6(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6): one block per input and parameter."""
     B, n = _dims(P, S).values()
-    def _mean0():
-        total = 0.0
-        for i in range(B):
-            col = {"x": S["x"][:, i:i + 1], "dz": S["dz"][:, i:i + 1], }
-            f0_0 = _softmax(col['x'])
-            f0_1 = f0_0.T
-            f0_2 = (f0_0 @ f0_1)
-            f0_5 = _launch('hbp_pch_clip_6__mean0_0', (n, n), (n, n), [col['dz'], f0_0, f0_2], [-1], False)
-            total = total + f0_5
-        return total / B
-
     t0 = _softmax(S['x'])
-    t2 = _launch('hbp_pch_clip_6_3', (n, B), (n, B), [S['y'], t0], [-1], False)
+    t2 = _launch('hbp_pch_clip_6_4', (n, B), (n, B), [S['y'], t0], [-1], False)
     t3 = S['y'].T
     t4 = t0.T
-    t6 = _launch('hbp_pch_clip_6_2', (B, n), (B, n), [t3, t4], [-1], False)
+    t6 = _launch('hbp_pch_clip_6_3', (B, n), (B, n), [t3, t4], [-1], False)
     t7 = (t2 @ t6)
-    t10 = _mean0()
-    t11 = _launch('hbp_pch_clip_6_1', (n, n), (n, n), [t10], [B], False)
-    t12 = _psd_clip(t11)
-    t13 = _launch('hbp_pch_clip_6_0', (n, n), (n, n), [Hz, t7, t12], [1/B], False)
+    t10 = (xp.ones((n, 1)) @ S['dz'])
+    t11 = _launch('hbp_pch_clip_6_2', (n, B), (n, B), [S['dz'], t0], [], False)
+    t12 = t11.sum(axis=1, keepdims=True)
+    t13 = (t11 @ t4)
+    t16 = _launch('hbp_pch_clip_6_1', (n, n), (n, n), [t12, t13], [B, 1/B, -1/B], False)
+    t17 = _psd_clip(t16)
+    t18 = _launch('hbp_pch_clip_6_0', (n, n), (n, n), [Hz, t7, t17], [1/B], False)
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t13),
+        "x": CurvatureBlock(kron=[], dense=t18),
     }
 
 def hbp_pch_clip_7(P, S, Hz):

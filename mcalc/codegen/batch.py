@@ -156,6 +156,9 @@ class BatchLowering:
                 return ScaleBy(self.mean(scale), operand)
             if not self.varies(scale):
                 return ScaleBy(scale, self.mean(operand))
+            pushed = _push_scale(scale, operand)  # sᵢ Mᵢ: let the scale ride on a per-sample vector
+            if pushed is not None:
+                return self.mean(pushed)
         if isinstance(e, Kron):
             left, right = e.args
             if not self.varies(right):
@@ -197,6 +200,21 @@ class BatchLowering:
                 return None
             return around(ScalarMul(1 / BATCH, MatMul(u, Transpose(w))), j, k)
         return None
+
+
+def _push_scale(s: Expr, m: Expr) -> Expr | None:
+    """sᵢ Mᵢ rewritten so that sᵢ multiplies a vector: s(A + B) = sA + sB, s diag(v) = diag(s v), s (u wᵀ) = (s u) wᵀ."""
+    if isinstance(m, Add):
+        return Add(*[ScaleBy(s, t) for t in m.args])
+    if isinstance(m, ScalarMul):
+        return ScalarMul(m.coefficient, ScaleBy(s, m.operand))
+    if isinstance(m, Diag):
+        return Diag(ScaleBy(s, m.args[0]))
+    if isinstance(m, MatMul):
+        for i, f in enumerate(m.args):
+            if f.cols == ONE:
+                return MatMul(*m.args[:i], ScaleBy(s, f), *m.args[i + 1 :])
+    return None
 
 
 def _contains(e: Expr, leaf: Expr) -> bool:
