@@ -203,7 +203,7 @@ class BatchLowering:
 
 
 def _push_scale(s: Expr, m: Expr) -> Expr | None:
-    """sᵢ Mᵢ rewritten so that sᵢ multiplies a vector: s(A + B) = sA + sB, s diag(v) = diag(s v), s (u wᵀ) = (s u) wᵀ."""
+    """sᵢ Mᵢ with sᵢ moved onto a vector: s(A + B) = sA + sB, s diag(v) = diag(s v), s (u wᵀ) = (s u) wᵀ."""
     if isinstance(m, Add):
         return Add(*[ScaleBy(s, t) for t in m.args])
     if isinstance(m, ScalarMul):
