@@ -65,4 +65,5 @@ def test_kronecker_blocks_stay_factored(generated):
     block = code.HBP[("exact", "6")]({"W": W, "b": b}, {"x": X}, np.eye(4))["W"]
     (A, B), = block.kron
     assert block.dense is None and A.shape == (6, 6) and B.shape == (4, 4)  # E[x xᵀ] and 𝓗z, never 24 × 24
-    np.testing.assert_allclose(A, X @ X.T / 10)
+    np.testing.assert_allclose(np.kron(A, B), np.kron(X @ X.T / 10, np.eye(4)))
+    assert np.allclose(B, np.eye(4) / 10)  # the 1/B went to the smaller factor

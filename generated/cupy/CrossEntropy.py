@@ -66,7 +66,7 @@ extern "C" __global__ void forward_1_double(const double* __restrict__ in0, cons
     out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void gradients_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void gradients_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -77,7 +77,7 @@ extern "C" __global__ void gradients_0_float(const float* __restrict__ in0, cons
     out[i] = ((c0 * (in0[c] * in1[r * cols + c])) + (in0[c] * in2[r * cols + c]));
 }
 
-extern "C" __global__ void gradients_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void gradients_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -88,7 +88,7 @@ extern "C" __global__ void gradients_0_double(const double* __restrict__ in0, co
     out[i] = ((c0 * (in0[c] * in1[r * cols + c])) + (in0[c] * in2[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_exact_6_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float c0, const float c1, const float c2, const float c3, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float c0, const float c1, const float c2, const float c3, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -99,7 +99,7 @@ extern "C" __global__ void hbp_exact_6_0_float(const float* __restrict__ in0, co
     out[i] = ((c0 * (in0[0] * in1[r * cols + c])) + (c1 * ((r == c ? (c2 * in2[r]) : (float)0) + (c3 * in3[r * cols + c]))));
 }
 
-extern "C" __global__ void hbp_exact_6_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double c0, const double c1, const double c2, const double c3, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double c0, const double c1, const double c2, const double c3, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -110,7 +110,7 @@ extern "C" __global__ void hbp_exact_6_0_double(const double* __restrict__ in0, 
     out[i] = ((c0 * (in0[0] * in1[r * cols + c])) + (c1 * ((r == c ? (c2 * in2[r]) : (double)0) + (c3 * in3[r * cols + c]))));
 }
 
-extern "C" __global__ void hbp_exact_6_1_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -121,7 +121,7 @@ extern "C" __global__ void hbp_exact_6_1_float(const float* __restrict__ in0, co
     out[i] = (in0[c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_6_1_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -132,7 +132,7 @@ extern "C" __global__ void hbp_exact_6_1_double(const double* __restrict__ in0, 
     out[i] = (in0[c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_6_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -143,7 +143,7 @@ extern "C" __global__ void hbp_exact_6_2_float(const float* __restrict__ in0, co
     out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_exact_6_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -154,7 +154,7 @@ extern "C" __global__ void hbp_exact_6_2_double(const double* __restrict__ in0, 
     out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_exact_6_3_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_3_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -165,7 +165,7 @@ extern "C" __global__ void hbp_exact_6_3_float(const float* __restrict__ in0, co
     out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_exact_6_3_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_3_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -176,7 +176,7 @@ extern "C" __global__ void hbp_exact_6_3_double(const double* __restrict__ in0, 
     out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_exact_7_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_7_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -187,7 +187,7 @@ extern "C" __global__ void hbp_exact_7_0_float(const float* __restrict__ in0, co
     out[i] = ((in0[0] * in1[r * cols + c]) + (in2[0] * ((r == c ? (c0 * in3[r]) : (float)0) + (c1 * in4[r * cols + c]))));
 }
 
-extern "C" __global__ void hbp_exact_7_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double* __restrict__ in4, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_7_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double* __restrict__ in4, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -198,7 +198,7 @@ extern "C" __global__ void hbp_exact_7_0_double(const double* __restrict__ in0, 
     out[i] = ((in0[0] * in1[r * cols + c]) + (in2[0] * ((r == c ? (c0 * in3[r]) : (double)0) + (c1 * in4[r * cols + c]))));
 }
 
-extern "C" __global__ void hbp_exact_7_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_7_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -209,7 +209,7 @@ extern "C" __global__ void hbp_exact_7_1_float(const float* __restrict__ in0, co
     out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_exact_7_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_7_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -220,7 +220,7 @@ extern "C" __global__ void hbp_exact_7_1_double(const double* __restrict__ in0, 
     out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_exact_7_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_7_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -231,7 +231,7 @@ extern "C" __global__ void hbp_exact_7_2_float(const float* __restrict__ in0, co
     out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_exact_7_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_7_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -242,7 +242,7 @@ extern "C" __global__ void hbp_exact_7_2_double(const double* __restrict__ in0, 
     out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_ggn_6_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -253,7 +253,7 @@ extern "C" __global__ void hbp_ggn_6_0_float(const float* __restrict__ in0, cons
     out[i] = (c0 * (in0[0] * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_ggn_6_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -264,7 +264,7 @@ extern "C" __global__ void hbp_ggn_6_0_double(const double* __restrict__ in0, co
     out[i] = (c0 * (in0[0] * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_ggn_6_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_6_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -275,7 +275,7 @@ extern "C" __global__ void hbp_ggn_6_1_float(const float* __restrict__ in0, cons
     out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_ggn_6_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_6_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -286,7 +286,7 @@ extern "C" __global__ void hbp_ggn_6_1_double(const double* __restrict__ in0, co
     out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_ggn_6_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -297,7 +297,7 @@ extern "C" __global__ void hbp_ggn_6_2_float(const float* __restrict__ in0, cons
     out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_ggn_6_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_6_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -308,7 +308,7 @@ extern "C" __global__ void hbp_ggn_6_2_double(const double* __restrict__ in0, co
     out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_ggn_7_0_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_7_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -319,7 +319,7 @@ extern "C" __global__ void hbp_ggn_7_0_float(const float* __restrict__ in0, cons
     out[i] = (in0[0] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_ggn_7_0_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_7_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -330,7 +330,7 @@ extern "C" __global__ void hbp_ggn_7_0_double(const double* __restrict__ in0, co
     out[i] = (in0[0] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_ggn_7_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_7_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -341,7 +341,7 @@ extern "C" __global__ void hbp_ggn_7_1_float(const float* __restrict__ in0, cons
     out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_ggn_7_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_7_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -352,7 +352,7 @@ extern "C" __global__ void hbp_ggn_7_1_double(const double* __restrict__ in0, co
     out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_ggn_7_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_7_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -363,7 +363,7 @@ extern "C" __global__ void hbp_ggn_7_2_float(const float* __restrict__ in0, cons
     out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_ggn_7_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_7_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -374,7 +374,7 @@ extern "C" __global__ void hbp_ggn_7_2_double(const double* __restrict__ in0, co
     out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_abs_6_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -385,7 +385,7 @@ extern "C" __global__ void hbp_pch_abs_6_0_float(const float* __restrict__ in0, 
     out[i] = ((c0 * (in0[0] * in1[r * cols + c])) + in2[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_6_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -396,7 +396,7 @@ extern "C" __global__ void hbp_pch_abs_6_0_double(const double* __restrict__ in0
     out[i] = ((c0 * (in0[0] * in1[r * cols + c])) + in2[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, const float c2, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, const float c2, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -407,7 +407,7 @@ extern "C" __global__ void hbp_pch_abs_6_1_float(const float* __restrict__ in0, 
     out[i] = (c0 * ((r == c ? (c1 * in0[r]) : (float)0) + (c2 * in1[r * cols + c])));
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, const double c2, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, const double c2, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -418,7 +418,7 @@ extern "C" __global__ void hbp_pch_abs_6_1_double(const double* __restrict__ in0
     out[i] = (c0 * ((r == c ? (c1 * in0[r]) : (double)0) + (c2 * in1[r * cols + c])));
 }
 
-extern "C" __global__ void hbp_pch_abs_6_2_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -429,7 +429,7 @@ extern "C" __global__ void hbp_pch_abs_6_2_float(const float* __restrict__ in0, 
     out[i] = (in0[c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_6_2_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -440,7 +440,7 @@ extern "C" __global__ void hbp_pch_abs_6_2_double(const double* __restrict__ in0
     out[i] = (in0[c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_6_3_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_3_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -451,7 +451,7 @@ extern "C" __global__ void hbp_pch_abs_6_3_float(const float* __restrict__ in0, 
     out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_abs_6_3_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_3_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -462,7 +462,7 @@ extern "C" __global__ void hbp_pch_abs_6_3_double(const double* __restrict__ in0
     out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_abs_6_4_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_4_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -473,7 +473,7 @@ extern "C" __global__ void hbp_pch_abs_6_4_float(const float* __restrict__ in0, 
     out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_abs_6_4_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_4_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -484,7 +484,7 @@ extern "C" __global__ void hbp_pch_abs_6_4_double(const double* __restrict__ in0
     out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_abs_7_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -495,7 +495,7 @@ extern "C" __global__ void hbp_pch_abs_7_0_float(const float* __restrict__ in0, 
     out[i] = ((in0[0] * in1[r * cols + c]) + (in2[0] * in3[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_abs_7_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -506,7 +506,7 @@ extern "C" __global__ void hbp_pch_abs_7_0_double(const double* __restrict__ in0
     out[i] = ((in0[0] * in1[r * cols + c]) + (in2[0] * in3[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_abs_7_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -517,7 +517,7 @@ extern "C" __global__ void hbp_pch_abs_7_1_float(const float* __restrict__ in0, 
     out[i] = ((r == c ? (c0 * in0[r]) : (float)0) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_abs_7_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -528,7 +528,7 @@ extern "C" __global__ void hbp_pch_abs_7_1_double(const double* __restrict__ in0
     out[i] = ((r == c ? (c0 * in0[r]) : (double)0) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_abs_7_2_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_1_2_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -539,7 +539,7 @@ extern "C" __global__ void hbp_pch_abs_7_2_float(const float* __restrict__ in0, 
     out[i] = fn_abs_0_float(in0[0]);
 }
 
-extern "C" __global__ void hbp_pch_abs_7_2_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_1_2_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -550,7 +550,7 @@ extern "C" __global__ void hbp_pch_abs_7_2_double(const double* __restrict__ in0
     out[i] = fn_abs_0_double(in0[0]);
 }
 
-extern "C" __global__ void hbp_pch_abs_7_3_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_1_3_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -561,7 +561,7 @@ extern "C" __global__ void hbp_pch_abs_7_3_float(const float* __restrict__ in0, 
     out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_abs_7_3_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_1_3_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -572,7 +572,7 @@ extern "C" __global__ void hbp_pch_abs_7_3_double(const double* __restrict__ in0
     out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_abs_7_4_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_1_4_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -583,7 +583,7 @@ extern "C" __global__ void hbp_pch_abs_7_4_float(const float* __restrict__ in0, 
     out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_abs_7_4_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_1_4_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -594,7 +594,7 @@ extern "C" __global__ void hbp_pch_abs_7_4_double(const double* __restrict__ in0
     out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_clip_6_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -605,7 +605,7 @@ extern "C" __global__ void hbp_pch_clip_6_0_float(const float* __restrict__ in0,
     out[i] = ((c0 * (in0[0] * in1[r * cols + c])) + in2[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_6_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -616,7 +616,7 @@ extern "C" __global__ void hbp_pch_clip_6_0_double(const double* __restrict__ in
     out[i] = ((c0 * (in0[0] * in1[r * cols + c])) + in2[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_6_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, const float c2, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, const float c2, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -627,7 +627,7 @@ extern "C" __global__ void hbp_pch_clip_6_1_float(const float* __restrict__ in0,
     out[i] = (c0 * ((r == c ? (c1 * in0[r]) : (float)0) + (c2 * in1[r * cols + c])));
 }
 
-extern "C" __global__ void hbp_pch_clip_6_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, const double c2, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, const double c2, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -638,7 +638,7 @@ extern "C" __global__ void hbp_pch_clip_6_1_double(const double* __restrict__ in
     out[i] = (c0 * ((r == c ? (c1 * in0[r]) : (double)0) + (c2 * in1[r * cols + c])));
 }
 
-extern "C" __global__ void hbp_pch_clip_6_2_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -649,7 +649,7 @@ extern "C" __global__ void hbp_pch_clip_6_2_float(const float* __restrict__ in0,
     out[i] = (in0[c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_6_2_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -660,7 +660,7 @@ extern "C" __global__ void hbp_pch_clip_6_2_double(const double* __restrict__ in
     out[i] = (in0[c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_6_3_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_3_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -671,7 +671,7 @@ extern "C" __global__ void hbp_pch_clip_6_3_float(const float* __restrict__ in0,
     out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_clip_6_3_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_3_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -682,7 +682,7 @@ extern "C" __global__ void hbp_pch_clip_6_3_double(const double* __restrict__ in
     out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_clip_6_4_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_4_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -693,7 +693,7 @@ extern "C" __global__ void hbp_pch_clip_6_4_float(const float* __restrict__ in0,
     out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_clip_6_4_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_4_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -704,7 +704,7 @@ extern "C" __global__ void hbp_pch_clip_6_4_double(const double* __restrict__ in
     out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_clip_7_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_7_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -715,7 +715,7 @@ extern "C" __global__ void hbp_pch_clip_7_0_float(const float* __restrict__ in0,
     out[i] = ((in0[0] * in1[r * cols + c]) + in2[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_7_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_7_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -726,7 +726,7 @@ extern "C" __global__ void hbp_pch_clip_7_0_double(const double* __restrict__ in
     out[i] = ((in0[0] * in1[r * cols + c]) + in2[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_7_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_7_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -737,7 +737,7 @@ extern "C" __global__ void hbp_pch_clip_7_1_float(const float* __restrict__ in0,
     out[i] = (in0[0] * ((r == c ? (c0 * in1[r]) : (float)0) + (c1 * in2[r * cols + c])));
 }
 
-extern "C" __global__ void hbp_pch_clip_7_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_7_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -748,7 +748,7 @@ extern "C" __global__ void hbp_pch_clip_7_1_double(const double* __restrict__ in
     out[i] = (in0[0] * ((r == c ? (c0 * in1[r]) : (double)0) + (c1 * in2[r * cols + c])));
 }
 
-extern "C" __global__ void hbp_pch_clip_7_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_7_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -759,7 +759,7 @@ extern "C" __global__ void hbp_pch_clip_7_2_float(const float* __restrict__ in0,
     out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_clip_7_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_7_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -770,7 +770,7 @@ extern "C" __global__ void hbp_pch_clip_7_2_double(const double* __restrict__ in
     out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_clip_7_3_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_7_1_3_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -781,7 +781,7 @@ extern "C" __global__ void hbp_pch_clip_7_3_float(const float* __restrict__ in0,
     out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_clip_7_3_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_7_1_3_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -818,8 +818,8 @@ def _launch(name, shape, out_shape, inputs, coefficients, reduce):
     return out
 
 
-def _plus_diagonal(m, v):
-    out = xp.array(m, copy=True)
+def _plus_diagonal(m, v, copy):
+    out = xp.array(m, copy=True) if copy or m.base is not None else m  # views and arguments are copied
     index = xp.arange(out.shape[0])
     out[index, index] += xp.reshape(xp.asarray(v, dtype=out.dtype), (-1,))
     return out
@@ -852,6 +852,13 @@ def _psd_clip(a):
     return (v * xp.maximum(w, 0.0)) @ v.T
 
 
+def _kron(scale, a, b):
+    """Kronecker factors with a scalar folded into the smaller one (the cheaper pass)."""
+    if isinstance(scale, (int, float)) and scale == 1:
+        return a, b
+    return (a * scale, b) if a.size <= b.size else (a, b * scale)
+
+
 
 def _dims(P, S):
     return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], }
@@ -868,177 +875,261 @@ def forward(P, S):
     return {"Z": t3}
 
 
-def gradients(P, S):
-    """δ of every input (size, B) and parameter (summed over the batch); S['dz'] holds δZ."""
+def _gradients_all(P, S):
     B, n = _dims(P, S).values()
     t0 = (xp.ones((n, 1)) @ S['dz'])
     t3 = _softmax(S['x'])
-    t5 = _launch('gradients_0', (n, B), (n, B), [S['dz'], S['y'], t3], [-1], False)
+    t5 = _launch('gradients_1_0', (n, B), (n, B), [S['dz'], S['y'], t3], [-1], False)
 
     return {"x": t5, }
 
 
-def hbp_exact_6(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (6): one block per input and parameter."""
+def _gradients_params(P, S):
+    B, n = _dims(P, S).values()
+
+    return {}
+
+
+def gradients(P, S, inputs=True):
+    """δ of every input (size, B) and parameter (summed over the batch); S['dz'] holds δZ.
+
+    ``inputs=False`` skips the inputs (a first layer's data needs no gradient)."""
+    return _gradients_all(P, S) if inputs else _gradients_params(P, S)
+
+
+def _hbp_exact_6_all(P, S, Hz):
+    """Batch HBP, curvature exact, approximation (6)."""
     B, n = _dims(P, S).values()
     t0 = _softmax(S['x'])
-    t2 = _launch('hbp_exact_6_3', (n, B), (n, B), [S['y'], t0], [-1], False)
+    t2 = _launch('hbp_exact_6_1_3', (n, B), (n, B), [S['y'], t0], [-1], False)
     t3 = S['y'].T
     t4 = t0.T
-    t6 = _launch('hbp_exact_6_2', (B, n), (B, n), [t3, t4], [-1], False)
+    t6 = _launch('hbp_exact_6_1_2', (B, n), (B, n), [t3, t4], [-1], False)
     t7 = (t2 @ t6)
     t10 = (xp.ones((n, 1)) @ S['dz'])
-    t11 = _launch('hbp_exact_6_1', (n, B), (n, B), [S['dz'], t0], [], False)
+    t11 = _launch('hbp_exact_6_1_1', (n, B), (n, B), [S['dz'], t0], [], False)
     t12 = t11.sum(axis=1, keepdims=True)
     t13 = (t11 @ t4)
-    t17 = _launch('hbp_exact_6_0', (n, n), (n, n), [Hz, t7, t12, t13], [1/B, B, 1/B, -1/B], False)
+    t17 = _launch('hbp_exact_6_1_0', (n, n), (n, n), [Hz, t7, t12, t13], [1/B, B, 1/B, -1/B], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t17),
     }
 
-def hbp_exact_7(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (7): one block per input and parameter."""
+def _hbp_exact_6_params(P, S, Hz):
+    """Batch HBP, curvature exact, approximation (6), parameters only."""
+    B, n = _dims(P, S).values()
+
+    return {
+    }
+
+def _hbp_exact_7_all(P, S, Hz):
+    """Batch HBP, curvature exact, approximation (7)."""
     B, n = _dims(P, S).values()
     t1 = _softmax(S['x'])
-    t3 = _launch('hbp_exact_7_2', (n, B), (n, B), [S['y'], t1], [1/B, -1/B], False)
+    t3 = _launch('hbp_exact_7_1_2', (n, B), (n, B), [S['y'], t1], [1/B, -1/B], False)
     t4 = S['y'].T
     t6 = t1.T
-    t8 = _launch('hbp_exact_7_1', (B, n), (B, n), [t4, t6], [1/B, -1/B], False)
+    t8 = _launch('hbp_exact_7_1_1', (B, n), (B, n), [t4, t6], [1/B, -1/B], False)
     t9 = (xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)) @ t8)
     t11 = S['dz'].T
     t12 = t11.sum(keepdims=True)
     t13 = t1.sum(axis=1, keepdims=True)
     t14 = (t1 @ t6)
-    t18 = _launch('hbp_exact_7_0', (n, n), (n, n), [Hz, t9, t12, t13, t14], [1/B, -1/B], False)
+    t18 = _launch('hbp_exact_7_1_0', (n, n), (n, n), [Hz, t9, t12, t13, t14], [1/B, -1/B], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t18),
     }
 
-def hbp_ggn_6(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (6): one block per input and parameter."""
+def _hbp_exact_7_params(P, S, Hz):
+    """Batch HBP, curvature exact, approximation (7), parameters only."""
+    B, n = _dims(P, S).values()
+
+    return {
+    }
+
+def _hbp_ggn_6_all(P, S, Hz):
+    """Batch HBP, curvature ggn, approximation (6)."""
     B, n = _dims(P, S).values()
     t0 = _softmax(S['x'])
-    t2 = _launch('hbp_ggn_6_2', (n, B), (n, B), [S['y'], t0], [-1], False)
+    t2 = _launch('hbp_ggn_6_1_2', (n, B), (n, B), [S['y'], t0], [-1], False)
     t3 = S['y'].T
     t4 = t0.T
-    t6 = _launch('hbp_ggn_6_1', (B, n), (B, n), [t3, t4], [-1], False)
+    t6 = _launch('hbp_ggn_6_1_1', (B, n), (B, n), [t3, t4], [-1], False)
     t7 = (t2 @ t6)
-    t9 = _launch('hbp_ggn_6_0', (n, n), (n, n), [Hz, t7], [1/B], False)
+    t9 = _launch('hbp_ggn_6_1_0', (n, n), (n, n), [Hz, t7], [1/B], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t9),
     }
 
-def hbp_ggn_7(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (7): one block per input and parameter."""
+def _hbp_ggn_6_params(P, S, Hz):
+    """Batch HBP, curvature ggn, approximation (6), parameters only."""
+    B, n = _dims(P, S).values()
+
+    return {
+    }
+
+def _hbp_ggn_7_all(P, S, Hz):
+    """Batch HBP, curvature ggn, approximation (7)."""
     B, n = _dims(P, S).values()
     t1 = _softmax(S['x'])
-    t3 = _launch('hbp_ggn_7_2', (n, B), (n, B), [S['y'], t1], [1/B, -1/B], False)
+    t3 = _launch('hbp_ggn_7_1_2', (n, B), (n, B), [S['y'], t1], [1/B, -1/B], False)
     t4 = S['y'].T
     t6 = t1.T
-    t8 = _launch('hbp_ggn_7_1', (B, n), (B, n), [t4, t6], [1/B, -1/B], False)
+    t8 = _launch('hbp_ggn_7_1_1', (B, n), (B, n), [t4, t6], [1/B, -1/B], False)
     t9 = (xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)) @ t8)
-    t10 = _launch('hbp_ggn_7_0', (n, n), (n, n), [Hz, t9], [], False)
+    t10 = _launch('hbp_ggn_7_1_0', (n, n), (n, n), [Hz, t9], [], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t10),
     }
 
-def hbp_pch_abs_6(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (6): one block per input and parameter."""
+def _hbp_ggn_7_params(P, S, Hz):
+    """Batch HBP, curvature ggn, approximation (7), parameters only."""
+    B, n = _dims(P, S).values()
+
+    return {
+    }
+
+def _hbp_pch_abs_6_all(P, S, Hz):
+    """Batch HBP, curvature pch-abs, approximation (6)."""
     B, n = _dims(P, S).values()
     t0 = _softmax(S['x'])
-    t2 = _launch('hbp_pch_abs_6_4', (n, B), (n, B), [S['y'], t0], [-1], False)
+    t2 = _launch('hbp_pch_abs_6_1_4', (n, B), (n, B), [S['y'], t0], [-1], False)
     t3 = S['y'].T
     t4 = t0.T
-    t6 = _launch('hbp_pch_abs_6_3', (B, n), (B, n), [t3, t4], [-1], False)
+    t6 = _launch('hbp_pch_abs_6_1_3', (B, n), (B, n), [t3, t4], [-1], False)
     t7 = (t2 @ t6)
     t10 = (xp.ones((n, 1)) @ S['dz'])
-    t11 = _launch('hbp_pch_abs_6_2', (n, B), (n, B), [S['dz'], t0], [], False)
+    t11 = _launch('hbp_pch_abs_6_1_2', (n, B), (n, B), [S['dz'], t0], [], False)
     t12 = t11.sum(axis=1, keepdims=True)
     t13 = (t11 @ t4)
-    t16 = _launch('hbp_pch_abs_6_1', (n, n), (n, n), [t12, t13], [B, 1/B, -1/B], False)
+    t16 = _launch('hbp_pch_abs_6_1_1', (n, n), (n, n), [t12, t13], [B, 1/B, -1/B], False)
     t17 = _psd_abs(t16)
-    t18 = _launch('hbp_pch_abs_6_0', (n, n), (n, n), [Hz, t7, t17], [1/B], False)
+    t18 = _launch('hbp_pch_abs_6_1_0', (n, n), (n, n), [Hz, t7, t17], [1/B], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t18),
     }
 
-def hbp_pch_abs_7(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (7): one block per input and parameter."""
+def _hbp_pch_abs_6_params(P, S, Hz):
+    """Batch HBP, curvature pch-abs, approximation (6), parameters only."""
+    B, n = _dims(P, S).values()
+
+    return {
+    }
+
+def _hbp_pch_abs_7_all(P, S, Hz):
+    """Batch HBP, curvature pch-abs, approximation (7)."""
     B, n = _dims(P, S).values()
     t1 = _softmax(S['x'])
-    t3 = _launch('hbp_pch_abs_7_4', (n, B), (n, B), [S['y'], t1], [1/B, -1/B], False)
+    t3 = _launch('hbp_pch_abs_7_1_4', (n, B), (n, B), [S['y'], t1], [1/B, -1/B], False)
     t4 = S['y'].T
     t6 = t1.T
-    t8 = _launch('hbp_pch_abs_7_3', (B, n), (B, n), [t4, t6], [1/B, -1/B], False)
+    t8 = _launch('hbp_pch_abs_7_1_3', (B, n), (B, n), [t4, t6], [1/B, -1/B], False)
     t9 = (xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)) @ t8)
     t11 = S['dz'].T
     t12 = t11.sum(keepdims=True)
-    t13 = _launch('hbp_pch_abs_7_2', (1, 1), (1, 1), [t12], [], False)
+    t13 = _launch('hbp_pch_abs_7_1_2', (1, 1), (1, 1), [t12], [], False)
     t14 = t1.sum(axis=1, keepdims=True)
     t15 = (t1 @ t6)
-    t17 = _launch('hbp_pch_abs_7_1', (n, n), (n, n), [t14, t15], [1/B, -1/B], False)
+    t17 = _launch('hbp_pch_abs_7_1_1', (n, n), (n, n), [t14, t15], [1/B, -1/B], False)
     t18 = _psd_abs(t17)
-    t20 = _launch('hbp_pch_abs_7_0', (n, n), (n, n), [Hz, t9, t13, t18], [], False)
+    t20 = _launch('hbp_pch_abs_7_1_0', (n, n), (n, n), [Hz, t9, t13, t18], [], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t20),
     }
 
-def hbp_pch_clip_6(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (6): one block per input and parameter."""
+def _hbp_pch_abs_7_params(P, S, Hz):
+    """Batch HBP, curvature pch-abs, approximation (7), parameters only."""
+    B, n = _dims(P, S).values()
+
+    return {
+    }
+
+def _hbp_pch_clip_6_all(P, S, Hz):
+    """Batch HBP, curvature pch-clip, approximation (6)."""
     B, n = _dims(P, S).values()
     t0 = _softmax(S['x'])
-    t2 = _launch('hbp_pch_clip_6_4', (n, B), (n, B), [S['y'], t0], [-1], False)
+    t2 = _launch('hbp_pch_clip_6_1_4', (n, B), (n, B), [S['y'], t0], [-1], False)
     t3 = S['y'].T
     t4 = t0.T
-    t6 = _launch('hbp_pch_clip_6_3', (B, n), (B, n), [t3, t4], [-1], False)
+    t6 = _launch('hbp_pch_clip_6_1_3', (B, n), (B, n), [t3, t4], [-1], False)
     t7 = (t2 @ t6)
     t10 = (xp.ones((n, 1)) @ S['dz'])
-    t11 = _launch('hbp_pch_clip_6_2', (n, B), (n, B), [S['dz'], t0], [], False)
+    t11 = _launch('hbp_pch_clip_6_1_2', (n, B), (n, B), [S['dz'], t0], [], False)
     t12 = t11.sum(axis=1, keepdims=True)
     t13 = (t11 @ t4)
-    t16 = _launch('hbp_pch_clip_6_1', (n, n), (n, n), [t12, t13], [B, 1/B, -1/B], False)
+    t16 = _launch('hbp_pch_clip_6_1_1', (n, n), (n, n), [t12, t13], [B, 1/B, -1/B], False)
     t17 = _psd_clip(t16)
-    t18 = _launch('hbp_pch_clip_6_0', (n, n), (n, n), [Hz, t7, t17], [1/B], False)
+    t18 = _launch('hbp_pch_clip_6_1_0', (n, n), (n, n), [Hz, t7, t17], [1/B], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t18),
     }
 
-def hbp_pch_clip_7(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (7): one block per input and parameter."""
+def _hbp_pch_clip_6_params(P, S, Hz):
+    """Batch HBP, curvature pch-clip, approximation (6), parameters only."""
+    B, n = _dims(P, S).values()
+
+    return {
+    }
+
+def _hbp_pch_clip_7_all(P, S, Hz):
+    """Batch HBP, curvature pch-clip, approximation (7)."""
     B, n = _dims(P, S).values()
     t1 = _softmax(S['x'])
-    t3 = _launch('hbp_pch_clip_7_3', (n, B), (n, B), [S['y'], t1], [1/B, -1/B], False)
+    t3 = _launch('hbp_pch_clip_7_1_3', (n, B), (n, B), [S['y'], t1], [1/B, -1/B], False)
     t4 = S['y'].T
     t6 = t1.T
-    t8 = _launch('hbp_pch_clip_7_2', (B, n), (B, n), [t4, t6], [1/B, -1/B], False)
+    t8 = _launch('hbp_pch_clip_7_1_2', (B, n), (B, n), [t4, t6], [1/B, -1/B], False)
     t9 = (xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)) @ t8)
     t11 = S['dz'].T
     t12 = t11.sum(keepdims=True)
     t13 = t1.sum(axis=1, keepdims=True)
     t14 = (t1 @ t6)
-    t17 = _launch('hbp_pch_clip_7_1', (n, n), (n, n), [t12, t13, t14], [1/B, -1/B], False)
+    t17 = _launch('hbp_pch_clip_7_1_1', (n, n), (n, n), [t12, t13, t14], [1/B, -1/B], False)
     t18 = _psd_clip(t17)
-    t19 = _launch('hbp_pch_clip_7_0', (n, n), (n, n), [Hz, t9, t18], [], False)
+    t19 = _launch('hbp_pch_clip_7_1_0', (n, n), (n, n), [Hz, t9, t18], [], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t19),
     }
 
+def _hbp_pch_clip_7_params(P, S, Hz):
+    """Batch HBP, curvature pch-clip, approximation (7), parameters only."""
+    B, n = _dims(P, S).values()
 
-HBP = {
-    ("exact", "6"): hbp_exact_6,
-    ("exact", "7"): hbp_exact_7,
-    ("ggn", "6"): hbp_ggn_6,
-    ("ggn", "7"): hbp_ggn_7,
-    ("pch-abs", "6"): hbp_pch_abs_6,
-    ("pch-abs", "7"): hbp_pch_abs_7,
-    ("pch-clip", "6"): hbp_pch_clip_6,
-    ("pch-clip", "7"): hbp_pch_clip_7,
+    return {
+    }
+
+
+def _hbp(curvature, approximation):
+    def run(P, S, Hz, inputs=True):
+        """Curvature blocks of every input and parameter (parameters only when ``inputs=False``)."""
+        return _HBP[(curvature, approximation, inputs)](P, S, Hz)
+    return run
+
+
+_HBP = {
+    ("exact", "6", True): _hbp_exact_6_all,
+    ("exact", "6", False): _hbp_exact_6_params,
+    ("exact", "7", True): _hbp_exact_7_all,
+    ("exact", "7", False): _hbp_exact_7_params,
+    ("ggn", "6", True): _hbp_ggn_6_all,
+    ("ggn", "6", False): _hbp_ggn_6_params,
+    ("ggn", "7", True): _hbp_ggn_7_all,
+    ("ggn", "7", False): _hbp_ggn_7_params,
+    ("pch-abs", "6", True): _hbp_pch_abs_6_all,
+    ("pch-abs", "6", False): _hbp_pch_abs_6_params,
+    ("pch-abs", "7", True): _hbp_pch_abs_7_all,
+    ("pch-abs", "7", False): _hbp_pch_abs_7_params,
+    ("pch-clip", "6", True): _hbp_pch_clip_6_all,
+    ("pch-clip", "6", False): _hbp_pch_clip_6_params,
+    ("pch-clip", "7", True): _hbp_pch_clip_7_all,
+    ("pch-clip", "7", False): _hbp_pch_clip_7_params,
 }
+HBP = {(c, a): _hbp(c, a) for c, a, _ in _HBP}

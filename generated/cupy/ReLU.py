@@ -49,7 +49,7 @@ extern "C" __global__ void forward_0_double(const double* __restrict__ in0, doub
     out[i] = fn_relu_0_double(in0[r * cols + c]);
 }
 
-extern "C" __global__ void gradients_0_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void gradients_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -60,7 +60,7 @@ extern "C" __global__ void gradients_0_float(const float* __restrict__ in0, cons
     out[i] = (in0[r * cols + c] * fn_relu_1_float(in1[r * cols + c]));
 }
 
-extern "C" __global__ void gradients_0_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void gradients_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -71,7 +71,7 @@ extern "C" __global__ void gradients_0_double(const double* __restrict__ in0, co
     out[i] = (in0[r * cols + c] * fn_relu_1_double(in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_exact_6_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -82,7 +82,7 @@ extern "C" __global__ void hbp_exact_6_0_float(const float* __restrict__ in0, co
     out[i] = (c0 * (in0[r * cols + c] * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_exact_6_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -93,7 +93,7 @@ extern "C" __global__ void hbp_exact_6_0_double(const double* __restrict__ in0, 
     out[i] = (c0 * (in0[r * cols + c] * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_exact_6_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -104,7 +104,7 @@ extern "C" __global__ void hbp_exact_6_1_float(const float* __restrict__ in0, fl
     out[i] = fn_relu_1_float(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_6_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -115,7 +115,7 @@ extern "C" __global__ void hbp_exact_6_1_double(const double* __restrict__ in0, 
     out[i] = fn_relu_1_double(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_7_0_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_7_1_0_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -126,7 +126,7 @@ extern "C" __global__ void hbp_exact_7_0_float(const float* __restrict__ in0, co
     out[i] = (c0 * in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_7_0_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_7_1_0_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -137,7 +137,7 @@ extern "C" __global__ void hbp_exact_7_0_double(const double* __restrict__ in0, 
     out[i] = (c0 * in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_7_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_7_1_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -155,7 +155,7 @@ extern "C" __global__ void hbp_exact_7_1_float(const float* __restrict__ in0, fl
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_exact_7_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_7_1_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -173,7 +173,7 @@ extern "C" __global__ void hbp_exact_7_1_double(const double* __restrict__ in0, 
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_ggn_6_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -184,7 +184,7 @@ extern "C" __global__ void hbp_ggn_6_0_float(const float* __restrict__ in0, cons
     out[i] = (c0 * (in0[r * cols + c] * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_ggn_6_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -195,7 +195,7 @@ extern "C" __global__ void hbp_ggn_6_0_double(const double* __restrict__ in0, co
     out[i] = (c0 * (in0[r * cols + c] * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_ggn_6_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_6_1_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -206,7 +206,7 @@ extern "C" __global__ void hbp_ggn_6_1_float(const float* __restrict__ in0, floa
     out[i] = fn_relu_1_float(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_ggn_6_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_6_1_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -217,7 +217,7 @@ extern "C" __global__ void hbp_ggn_6_1_double(const double* __restrict__ in0, do
     out[i] = fn_relu_1_double(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_ggn_7_0_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_7_1_0_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -228,7 +228,7 @@ extern "C" __global__ void hbp_ggn_7_0_float(const float* __restrict__ in0, cons
     out[i] = (c0 * in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_ggn_7_0_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_7_1_0_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -239,7 +239,7 @@ extern "C" __global__ void hbp_ggn_7_0_double(const double* __restrict__ in0, co
     out[i] = (c0 * in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_ggn_7_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_7_1_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -257,7 +257,7 @@ extern "C" __global__ void hbp_ggn_7_1_float(const float* __restrict__ in0, floa
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_ggn_7_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_7_1_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -275,7 +275,7 @@ extern "C" __global__ void hbp_ggn_7_1_double(const double* __restrict__ in0, do
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_pch_abs_6_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -286,7 +286,7 @@ extern "C" __global__ void hbp_pch_abs_6_0_float(const float* __restrict__ in0, 
     out[i] = (c0 * (in0[r * cols + c] * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_abs_6_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -297,7 +297,7 @@ extern "C" __global__ void hbp_pch_abs_6_0_double(const double* __restrict__ in0
     out[i] = (c0 * (in0[r * cols + c] * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -308,7 +308,7 @@ extern "C" __global__ void hbp_pch_abs_6_1_float(const float* __restrict__ in0, 
     out[i] = fn_relu_1_float(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -319,7 +319,7 @@ extern "C" __global__ void hbp_pch_abs_6_1_double(const double* __restrict__ in0
     out[i] = fn_relu_1_double(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_7_0_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_1_0_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -330,7 +330,7 @@ extern "C" __global__ void hbp_pch_abs_7_0_float(const float* __restrict__ in0, 
     out[i] = (c0 * in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_7_0_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_1_0_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -341,7 +341,7 @@ extern "C" __global__ void hbp_pch_abs_7_0_double(const double* __restrict__ in0
     out[i] = (c0 * in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_7_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_1_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -359,7 +359,7 @@ extern "C" __global__ void hbp_pch_abs_7_1_float(const float* __restrict__ in0, 
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_pch_abs_7_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_1_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -377,7 +377,7 @@ extern "C" __global__ void hbp_pch_abs_7_1_double(const double* __restrict__ in0
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_pch_clip_6_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -388,7 +388,7 @@ extern "C" __global__ void hbp_pch_clip_6_0_float(const float* __restrict__ in0,
     out[i] = (c0 * (in0[r * cols + c] * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_clip_6_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -399,7 +399,7 @@ extern "C" __global__ void hbp_pch_clip_6_0_double(const double* __restrict__ in
     out[i] = (c0 * (in0[r * cols + c] * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_clip_6_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -410,7 +410,7 @@ extern "C" __global__ void hbp_pch_clip_6_1_float(const float* __restrict__ in0,
     out[i] = fn_relu_1_float(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_6_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -421,7 +421,7 @@ extern "C" __global__ void hbp_pch_clip_6_1_double(const double* __restrict__ in
     out[i] = fn_relu_1_double(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_7_0_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_7_1_0_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -432,7 +432,7 @@ extern "C" __global__ void hbp_pch_clip_7_0_float(const float* __restrict__ in0,
     out[i] = (c0 * in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_7_0_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_7_1_0_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -443,7 +443,7 @@ extern "C" __global__ void hbp_pch_clip_7_0_double(const double* __restrict__ in
     out[i] = (c0 * in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_7_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_7_1_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -461,7 +461,7 @@ extern "C" __global__ void hbp_pch_clip_7_1_float(const float* __restrict__ in0,
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_pch_clip_7_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_7_1_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -505,8 +505,8 @@ def _launch(name, shape, out_shape, inputs, coefficients, reduce):
     return out
 
 
-def _plus_diagonal(m, v):
-    out = xp.array(m, copy=True)
+def _plus_diagonal(m, v, copy):
+    out = xp.array(m, copy=True) if copy or m.base is not None else m  # views and arguments are copied
     index = xp.arange(out.shape[0])
     out[index, index] += xp.reshape(xp.asarray(v, dtype=out.dtype), (-1,))
     return out
@@ -539,6 +539,13 @@ def _psd_clip(a):
     return (v * xp.maximum(w, 0.0)) @ v.T
 
 
+def _kron(scale, a, b):
+    """Kronecker factors with a scalar folded into the smaller one (the cheaper pass)."""
+    if isinstance(scale, (int, float)) and scale == 1:
+        return a, b
+    return (a * scale, b) if a.size <= b.size else (a, b * scale)
+
+
 
 def _dims(P, S):
     return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], }
@@ -552,114 +559,198 @@ def forward(P, S):
     return {"Z": t0}
 
 
-def gradients(P, S):
-    """δ of every input (size, B) and parameter (summed over the batch); S['dz'] holds δZ."""
+def _gradients_all(P, S):
     B, n = _dims(P, S).values()
-    t1 = _launch('gradients_0', (n, B), (n, B), [S['dz'], S['x']], [], False)
+    t1 = _launch('gradients_1_0', (n, B), (n, B), [S['dz'], S['x']], [], False)
 
     return {"x": t1, }
 
 
-def hbp_exact_6(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (6): one block per input and parameter."""
+def _gradients_params(P, S):
     B, n = _dims(P, S).values()
-    t0 = _launch('hbp_exact_6_1', (n, B), (n, B), [S['x']], [], False)
+
+    return {}
+
+
+def gradients(P, S, inputs=True):
+    """δ of every input (size, B) and parameter (summed over the batch); S['dz'] holds δZ.
+
+    ``inputs=False`` skips the inputs (a first layer's data needs no gradient)."""
+    return _gradients_all(P, S) if inputs else _gradients_params(P, S)
+
+
+def _hbp_exact_6_all(P, S, Hz):
+    """Batch HBP, curvature exact, approximation (6)."""
+    B, n = _dims(P, S).values()
+    t0 = _launch('hbp_exact_6_1_1', (n, B), (n, B), [S['x']], [], False)
     t1 = t0.T
     t2 = (t0 @ t1)
-    t4 = _launch('hbp_exact_6_0', (n, n), (n, n), [t2, Hz], [1/B], False)
+    t4 = _launch('hbp_exact_6_1_0', (n, n), (n, n), [t2, Hz], [1/B], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t4),
     }
 
-def hbp_exact_7(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (7): one block per input and parameter."""
+def _hbp_exact_6_params(P, S, Hz):
+    """Batch HBP, curvature exact, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
-    t1 = _launch('hbp_exact_7_1', (n, B), (n, 1), [S['x']], [], True)
+
+    return {
+    }
+
+def _hbp_exact_7_all(P, S, Hz):
+    """Batch HBP, curvature exact, approximation (7)."""
+    B, n = _dims(P, S).values()
+    t1 = _launch('hbp_exact_7_1_1', (n, B), (n, 1), [S['x']], [], True)
     t2 = ((t1 * Hz) * t1.T)
-    t3 = _launch('hbp_exact_7_0', (n, n), (n, n), [t2], [B**(-2)], False)
+    t3 = _launch('hbp_exact_7_1_0', (n, n), (n, n), [t2], [B**(-2)], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t3),
     }
 
-def hbp_ggn_6(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (6): one block per input and parameter."""
+def _hbp_exact_7_params(P, S, Hz):
+    """Batch HBP, curvature exact, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
-    t0 = _launch('hbp_ggn_6_1', (n, B), (n, B), [S['x']], [], False)
+
+    return {
+    }
+
+def _hbp_ggn_6_all(P, S, Hz):
+    """Batch HBP, curvature ggn, approximation (6)."""
+    B, n = _dims(P, S).values()
+    t0 = _launch('hbp_ggn_6_1_1', (n, B), (n, B), [S['x']], [], False)
     t1 = t0.T
     t2 = (t0 @ t1)
-    t4 = _launch('hbp_ggn_6_0', (n, n), (n, n), [t2, Hz], [1/B], False)
+    t4 = _launch('hbp_ggn_6_1_0', (n, n), (n, n), [t2, Hz], [1/B], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t4),
     }
 
-def hbp_ggn_7(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (7): one block per input and parameter."""
+def _hbp_ggn_6_params(P, S, Hz):
+    """Batch HBP, curvature ggn, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
-    t1 = _launch('hbp_ggn_7_1', (n, B), (n, 1), [S['x']], [], True)
+
+    return {
+    }
+
+def _hbp_ggn_7_all(P, S, Hz):
+    """Batch HBP, curvature ggn, approximation (7)."""
+    B, n = _dims(P, S).values()
+    t1 = _launch('hbp_ggn_7_1_1', (n, B), (n, 1), [S['x']], [], True)
     t2 = ((t1 * Hz) * t1.T)
-    t3 = _launch('hbp_ggn_7_0', (n, n), (n, n), [t2], [B**(-2)], False)
+    t3 = _launch('hbp_ggn_7_1_0', (n, n), (n, n), [t2], [B**(-2)], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t3),
     }
 
-def hbp_pch_abs_6(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (6): one block per input and parameter."""
+def _hbp_ggn_7_params(P, S, Hz):
+    """Batch HBP, curvature ggn, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
-    t0 = _launch('hbp_pch_abs_6_1', (n, B), (n, B), [S['x']], [], False)
+
+    return {
+    }
+
+def _hbp_pch_abs_6_all(P, S, Hz):
+    """Batch HBP, curvature pch-abs, approximation (6)."""
+    B, n = _dims(P, S).values()
+    t0 = _launch('hbp_pch_abs_6_1_1', (n, B), (n, B), [S['x']], [], False)
     t1 = t0.T
     t2 = (t0 @ t1)
-    t4 = _launch('hbp_pch_abs_6_0', (n, n), (n, n), [t2, Hz], [1/B], False)
+    t4 = _launch('hbp_pch_abs_6_1_0', (n, n), (n, n), [t2, Hz], [1/B], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t4),
     }
 
-def hbp_pch_abs_7(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (7): one block per input and parameter."""
+def _hbp_pch_abs_6_params(P, S, Hz):
+    """Batch HBP, curvature pch-abs, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
-    t1 = _launch('hbp_pch_abs_7_1', (n, B), (n, 1), [S['x']], [], True)
+
+    return {
+    }
+
+def _hbp_pch_abs_7_all(P, S, Hz):
+    """Batch HBP, curvature pch-abs, approximation (7)."""
+    B, n = _dims(P, S).values()
+    t1 = _launch('hbp_pch_abs_7_1_1', (n, B), (n, 1), [S['x']], [], True)
     t2 = ((t1 * Hz) * t1.T)
-    t3 = _launch('hbp_pch_abs_7_0', (n, n), (n, n), [t2], [B**(-2)], False)
+    t3 = _launch('hbp_pch_abs_7_1_0', (n, n), (n, n), [t2], [B**(-2)], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t3),
     }
 
-def hbp_pch_clip_6(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (6): one block per input and parameter."""
+def _hbp_pch_abs_7_params(P, S, Hz):
+    """Batch HBP, curvature pch-abs, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
-    t0 = _launch('hbp_pch_clip_6_1', (n, B), (n, B), [S['x']], [], False)
+
+    return {
+    }
+
+def _hbp_pch_clip_6_all(P, S, Hz):
+    """Batch HBP, curvature pch-clip, approximation (6)."""
+    B, n = _dims(P, S).values()
+    t0 = _launch('hbp_pch_clip_6_1_1', (n, B), (n, B), [S['x']], [], False)
     t1 = t0.T
     t2 = (t0 @ t1)
-    t4 = _launch('hbp_pch_clip_6_0', (n, n), (n, n), [t2, Hz], [1/B], False)
+    t4 = _launch('hbp_pch_clip_6_1_0', (n, n), (n, n), [t2, Hz], [1/B], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t4),
     }
 
-def hbp_pch_clip_7(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (7): one block per input and parameter."""
+def _hbp_pch_clip_6_params(P, S, Hz):
+    """Batch HBP, curvature pch-clip, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
-    t1 = _launch('hbp_pch_clip_7_1', (n, B), (n, 1), [S['x']], [], True)
+
+    return {
+    }
+
+def _hbp_pch_clip_7_all(P, S, Hz):
+    """Batch HBP, curvature pch-clip, approximation (7)."""
+    B, n = _dims(P, S).values()
+    t1 = _launch('hbp_pch_clip_7_1_1', (n, B), (n, 1), [S['x']], [], True)
     t2 = ((t1 * Hz) * t1.T)
-    t3 = _launch('hbp_pch_clip_7_0', (n, n), (n, n), [t2], [B**(-2)], False)
+    t3 = _launch('hbp_pch_clip_7_1_0', (n, n), (n, n), [t2], [B**(-2)], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t3),
     }
 
+def _hbp_pch_clip_7_params(P, S, Hz):
+    """Batch HBP, curvature pch-clip, approximation (7), parameters only."""
+    B, n = _dims(P, S).values()
 
-HBP = {
-    ("exact", "6"): hbp_exact_6,
-    ("exact", "7"): hbp_exact_7,
-    ("ggn", "6"): hbp_ggn_6,
-    ("ggn", "7"): hbp_ggn_7,
-    ("pch-abs", "6"): hbp_pch_abs_6,
-    ("pch-abs", "7"): hbp_pch_abs_7,
-    ("pch-clip", "6"): hbp_pch_clip_6,
-    ("pch-clip", "7"): hbp_pch_clip_7,
+    return {
+    }
+
+
+def _hbp(curvature, approximation):
+    def run(P, S, Hz, inputs=True):
+        """Curvature blocks of every input and parameter (parameters only when ``inputs=False``)."""
+        return _HBP[(curvature, approximation, inputs)](P, S, Hz)
+    return run
+
+
+_HBP = {
+    ("exact", "6", True): _hbp_exact_6_all,
+    ("exact", "6", False): _hbp_exact_6_params,
+    ("exact", "7", True): _hbp_exact_7_all,
+    ("exact", "7", False): _hbp_exact_7_params,
+    ("ggn", "6", True): _hbp_ggn_6_all,
+    ("ggn", "6", False): _hbp_ggn_6_params,
+    ("ggn", "7", True): _hbp_ggn_7_all,
+    ("ggn", "7", False): _hbp_ggn_7_params,
+    ("pch-abs", "6", True): _hbp_pch_abs_6_all,
+    ("pch-abs", "6", False): _hbp_pch_abs_6_params,
+    ("pch-abs", "7", True): _hbp_pch_abs_7_all,
+    ("pch-abs", "7", False): _hbp_pch_abs_7_params,
+    ("pch-clip", "6", True): _hbp_pch_clip_6_all,
+    ("pch-clip", "6", False): _hbp_pch_clip_6_params,
+    ("pch-clip", "7", True): _hbp_pch_clip_7_all,
+    ("pch-clip", "7", False): _hbp_pch_clip_7_params,
 }
+HBP = {(c, a): _hbp(c, a) for c, a, _ in _HBP}

@@ -23,10 +23,12 @@ def _fn_sigmoid_0(t):
     return (1 + xp.exp(-t))**(-1.0)
 
 def _fn_sigmoid_1(t):
-    return (1/4)/xp.cosh((1/2)*t)**2
+    s = (1 + xp.exp(-t))**(-1.0)
+    return s*(1 - s)
 
 def _fn_sigmoid_2(t):
-    return -1/4*xp.sinh((1/2)*t)/xp.cosh((1/2)*t)**3
+    s = (1 + xp.exp(-t))**(-1.0)
+    return s*(s - 1)*(2*s - 1)
 
 
 _SOURCE = r"""
@@ -37,10 +39,10 @@ static __device__ __forceinline__ double fn_relu_0_double(double t) { return (do
 static __device__ __forceinline__ float fn_relu_0_float(float t) { return (float)(((t <= 0) ? ( 0 ) : ( t ))); }
 static __device__ __forceinline__ double fn_sigmoid_0_double(double t) { return (double)(1.0/(1 + exp(-t))); }
 static __device__ __forceinline__ float fn_sigmoid_0_float(float t) { return (float)(1.0F/(1 + expf(-t))); }
-static __device__ __forceinline__ double fn_sigmoid_1_double(double t) { return (double)((1.0/4.0)/pow(cosh((1.0/2.0)*t), 2)); }
-static __device__ __forceinline__ float fn_sigmoid_1_float(float t) { return (float)((1.0F/4.0F)/powf(coshf((1.0F/2.0F)*t), 2)); }
-static __device__ __forceinline__ double fn_sigmoid_2_double(double t) { return (double)(-1.0/4.0*sinh((1.0/2.0)*t)/pow(cosh((1.0/2.0)*t), 3)); }
-static __device__ __forceinline__ float fn_sigmoid_2_float(float t) { return (float)(-1.0F/4.0F*sinhf((1.0F/2.0F)*t)/powf(coshf((1.0F/2.0F)*t), 3)); }
+static __device__ __forceinline__ double fn_sigmoid_1_double(double t) { const double s = (double)(1.0/(1 + exp(-t))); return (double)(s*(1 - s)); }
+static __device__ __forceinline__ float fn_sigmoid_1_float(float t) { const float s = (float)(1.0F/(1 + expf(-t))); return (float)(s*(1 - s)); }
+static __device__ __forceinline__ double fn_sigmoid_2_double(double t) { const double s = (double)(1.0/(1 + exp(-t))); return (double)(s*(s - 1)*(2*s - 1)); }
+static __device__ __forceinline__ float fn_sigmoid_2_float(float t) { const float s = (float)(1.0F/(1 + expf(-t))); return (float)(s*(s - 1)*(2*s - 1)); }
 
 extern "C" __global__ void forward_0_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
@@ -86,7 +88,7 @@ extern "C" __global__ void forward_1_double(const double* __restrict__ in0, doub
     out[i] = fn_sigmoid_0_double(in0[r * cols + c]);
 }
 
-extern "C" __global__ void gradients_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void gradients_1_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -97,7 +99,7 @@ extern "C" __global__ void gradients_0_float(const float* __restrict__ in0, floa
     out[i] = fn_sigmoid_0_float(in0[r * cols + c]);
 }
 
-extern "C" __global__ void gradients_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void gradients_1_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -108,7 +110,7 @@ extern "C" __global__ void gradients_0_double(const double* __restrict__ in0, do
     out[i] = fn_sigmoid_0_double(in0[r * cols + c]);
 }
 
-extern "C" __global__ void gradients_1_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void gradients_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -119,7 +121,7 @@ extern "C" __global__ void gradients_1_float(const float* __restrict__ in0, cons
     out[i] = (in0[r * cols + c] * fn_sigmoid_1_float(in1[r * cols + c]));
 }
 
-extern "C" __global__ void gradients_1_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void gradients_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -130,29 +132,7 @@ extern "C" __global__ void gradients_1_double(const double* __restrict__ in0, co
     out[i] = (in0[r * cols + c] * fn_sigmoid_1_double(in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_exact_6_0_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_exact_6_0_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_exact_6_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void gradients_0_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -163,7 +143,7 @@ extern "C" __global__ void hbp_exact_6_1_float(const float* __restrict__ in0, fl
     out[i] = fn_sigmoid_0_float(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_6_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void gradients_0_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -174,7 +154,51 @@ extern "C" __global__ void hbp_exact_6_1_double(const double* __restrict__ in0, 
     out[i] = fn_sigmoid_0_double(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_6_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = fn_sigmoid_0_float(in0[r * cols + c]);
+}
+
+extern "C" __global__ void hbp_exact_6_1_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = fn_sigmoid_0_double(in0[r * cols + c]);
+}
+
+extern "C" __global__ void hbp_exact_6_1_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * (r == c ? (float)1 : (float)0));
+}
+
+extern "C" __global__ void hbp_exact_6_1_1_double(const double c0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * (r == c ? (double)1 : (double)0));
+}
+
+extern "C" __global__ void hbp_exact_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -185,7 +209,7 @@ extern "C" __global__ void hbp_exact_6_2_float(const float* __restrict__ in0, co
     out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? in2[r] : (float)0));
 }
 
-extern "C" __global__ void hbp_exact_6_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -196,7 +220,7 @@ extern "C" __global__ void hbp_exact_6_2_double(const double* __restrict__ in0, 
     out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? in2[r] : (double)0));
 }
 
-extern "C" __global__ void hbp_exact_6_3_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_3_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -214,7 +238,7 @@ extern "C" __global__ void hbp_exact_6_3_float(const float* __restrict__ in0, co
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_exact_6_3_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_3_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -232,7 +256,7 @@ extern "C" __global__ void hbp_exact_6_3_double(const double* __restrict__ in0, 
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_exact_6_4_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_4_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -243,7 +267,7 @@ extern "C" __global__ void hbp_exact_6_4_float(const float* __restrict__ in0, fl
     out[i] = fn_sigmoid_1_float(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_6_4_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_4_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -254,29 +278,7 @@ extern "C" __global__ void hbp_exact_6_4_double(const double* __restrict__ in0, 
     out[i] = fn_sigmoid_1_double(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_7_0_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_exact_7_0_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_exact_7_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_0_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -287,7 +289,7 @@ extern "C" __global__ void hbp_exact_7_1_float(const float* __restrict__ in0, fl
     out[i] = fn_sigmoid_0_float(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_7_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_0_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -298,7 +300,73 @@ extern "C" __global__ void hbp_exact_7_1_double(const double* __restrict__ in0, 
     out[i] = fn_sigmoid_0_double(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_7_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_0_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * (r == c ? (float)1 : (float)0));
+}
+
+extern "C" __global__ void hbp_exact_6_0_1_double(const double c0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * (r == c ? (double)1 : (double)0));
+}
+
+extern "C" __global__ void hbp_exact_7_1_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = fn_sigmoid_0_float(in0[r * cols + c]);
+}
+
+extern "C" __global__ void hbp_exact_7_1_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = fn_sigmoid_0_double(in0[r * cols + c]);
+}
+
+extern "C" __global__ void hbp_exact_7_1_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * (r == c ? (float)1 : (float)0));
+}
+
+extern "C" __global__ void hbp_exact_7_1_1_double(const double c0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * (r == c ? (double)1 : (double)0));
+}
+
+extern "C" __global__ void hbp_exact_7_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -309,7 +377,7 @@ extern "C" __global__ void hbp_exact_7_2_float(const float* __restrict__ in0, co
     out[i] = ((c0 * in0[r * cols + c]) + (r == c ? (c1 * in1[r]) : (float)0));
 }
 
-extern "C" __global__ void hbp_exact_7_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_7_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -320,7 +388,7 @@ extern "C" __global__ void hbp_exact_7_2_double(const double* __restrict__ in0, 
     out[i] = ((c0 * in0[r * cols + c]) + (r == c ? (c1 * in1[r]) : (double)0));
 }
 
-extern "C" __global__ void hbp_exact_7_3_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_7_1_3_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -338,7 +406,7 @@ extern "C" __global__ void hbp_exact_7_3_float(const float* __restrict__ in0, co
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_exact_7_3_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_7_1_3_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -356,7 +424,7 @@ extern "C" __global__ void hbp_exact_7_3_double(const double* __restrict__ in0, 
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_exact_7_4_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_7_1_4_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -374,7 +442,7 @@ extern "C" __global__ void hbp_exact_7_4_float(const float* __restrict__ in0, fl
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_exact_7_4_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_7_1_4_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -392,29 +460,7 @@ extern "C" __global__ void hbp_exact_7_4_double(const double* __restrict__ in0, 
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_ggn_6_0_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_ggn_6_0_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_ggn_6_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_7_0_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -425,7 +471,7 @@ extern "C" __global__ void hbp_ggn_6_1_float(const float* __restrict__ in0, floa
     out[i] = fn_sigmoid_0_float(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_ggn_6_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_7_0_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -436,7 +482,73 @@ extern "C" __global__ void hbp_ggn_6_1_double(const double* __restrict__ in0, do
     out[i] = fn_sigmoid_0_double(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_ggn_6_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_7_0_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * (r == c ? (float)1 : (float)0));
+}
+
+extern "C" __global__ void hbp_exact_7_0_1_double(const double c0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * (r == c ? (double)1 : (double)0));
+}
+
+extern "C" __global__ void hbp_ggn_6_1_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = fn_sigmoid_0_float(in0[r * cols + c]);
+}
+
+extern "C" __global__ void hbp_ggn_6_1_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = fn_sigmoid_0_double(in0[r * cols + c]);
+}
+
+extern "C" __global__ void hbp_ggn_6_1_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * (r == c ? (float)1 : (float)0));
+}
+
+extern "C" __global__ void hbp_ggn_6_1_1_double(const double c0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * (r == c ? (double)1 : (double)0));
+}
+
+extern "C" __global__ void hbp_ggn_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -447,7 +559,7 @@ extern "C" __global__ void hbp_ggn_6_2_float(const float* __restrict__ in0, cons
     out[i] = (c0 * (in0[r * cols + c] * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_ggn_6_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_6_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -458,7 +570,7 @@ extern "C" __global__ void hbp_ggn_6_2_double(const double* __restrict__ in0, co
     out[i] = (c0 * (in0[r * cols + c] * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_ggn_6_3_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_6_1_3_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -469,7 +581,7 @@ extern "C" __global__ void hbp_ggn_6_3_float(const float* __restrict__ in0, floa
     out[i] = fn_sigmoid_1_float(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_ggn_6_3_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_6_1_3_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -480,29 +592,7 @@ extern "C" __global__ void hbp_ggn_6_3_double(const double* __restrict__ in0, do
     out[i] = fn_sigmoid_1_double(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_ggn_7_0_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_ggn_7_0_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_ggn_7_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_6_0_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -513,7 +603,7 @@ extern "C" __global__ void hbp_ggn_7_1_float(const float* __restrict__ in0, floa
     out[i] = fn_sigmoid_0_float(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_ggn_7_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_6_0_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -524,7 +614,73 @@ extern "C" __global__ void hbp_ggn_7_1_double(const double* __restrict__ in0, do
     out[i] = fn_sigmoid_0_double(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_ggn_7_2_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_6_0_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * (r == c ? (float)1 : (float)0));
+}
+
+extern "C" __global__ void hbp_ggn_6_0_1_double(const double c0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * (r == c ? (double)1 : (double)0));
+}
+
+extern "C" __global__ void hbp_ggn_7_1_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = fn_sigmoid_0_float(in0[r * cols + c]);
+}
+
+extern "C" __global__ void hbp_ggn_7_1_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = fn_sigmoid_0_double(in0[r * cols + c]);
+}
+
+extern "C" __global__ void hbp_ggn_7_1_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * (r == c ? (float)1 : (float)0));
+}
+
+extern "C" __global__ void hbp_ggn_7_1_1_double(const double c0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * (r == c ? (double)1 : (double)0));
+}
+
+extern "C" __global__ void hbp_ggn_7_1_2_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -535,7 +691,7 @@ extern "C" __global__ void hbp_ggn_7_2_float(const float* __restrict__ in0, cons
     out[i] = (c0 * in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_ggn_7_2_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_7_1_2_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -546,7 +702,7 @@ extern "C" __global__ void hbp_ggn_7_2_double(const double* __restrict__ in0, co
     out[i] = (c0 * in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_ggn_7_3_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_7_1_3_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -564,7 +720,7 @@ extern "C" __global__ void hbp_ggn_7_3_float(const float* __restrict__ in0, floa
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_ggn_7_3_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_7_1_3_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -582,29 +738,7 @@ extern "C" __global__ void hbp_ggn_7_3_double(const double* __restrict__ in0, do
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_pch_abs_6_0_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_abs_6_0_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_abs_6_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_7_0_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -615,7 +749,7 @@ extern "C" __global__ void hbp_pch_abs_6_1_float(const float* __restrict__ in0, 
     out[i] = fn_sigmoid_0_float(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_7_0_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -626,7 +760,73 @@ extern "C" __global__ void hbp_pch_abs_6_1_double(const double* __restrict__ in0
     out[i] = fn_sigmoid_0_double(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_6_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_7_0_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * (r == c ? (float)1 : (float)0));
+}
+
+extern "C" __global__ void hbp_ggn_7_0_1_double(const double c0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * (r == c ? (double)1 : (double)0));
+}
+
+extern "C" __global__ void hbp_pch_abs_6_1_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = fn_sigmoid_0_float(in0[r * cols + c]);
+}
+
+extern "C" __global__ void hbp_pch_abs_6_1_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = fn_sigmoid_0_double(in0[r * cols + c]);
+}
+
+extern "C" __global__ void hbp_pch_abs_6_1_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * (r == c ? (float)1 : (float)0));
+}
+
+extern "C" __global__ void hbp_pch_abs_6_1_1_double(const double c0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * (r == c ? (double)1 : (double)0));
+}
+
+extern "C" __global__ void hbp_pch_abs_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -637,7 +837,7 @@ extern "C" __global__ void hbp_pch_abs_6_2_float(const float* __restrict__ in0, 
     out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? in2[r] : (float)0));
 }
 
-extern "C" __global__ void hbp_pch_abs_6_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -648,7 +848,7 @@ extern "C" __global__ void hbp_pch_abs_6_2_double(const double* __restrict__ in0
     out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? in2[r] : (double)0));
 }
 
-extern "C" __global__ void hbp_pch_abs_6_3_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_3_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -659,7 +859,7 @@ extern "C" __global__ void hbp_pch_abs_6_3_float(const float* __restrict__ in0, 
     out[i] = fn_abs_0_float(in0[r]);
 }
 
-extern "C" __global__ void hbp_pch_abs_6_3_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_3_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -670,7 +870,7 @@ extern "C" __global__ void hbp_pch_abs_6_3_double(const double* __restrict__ in0
     out[i] = fn_abs_0_double(in0[r]);
 }
 
-extern "C" __global__ void hbp_pch_abs_6_4_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_4_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -688,7 +888,7 @@ extern "C" __global__ void hbp_pch_abs_6_4_float(const float* __restrict__ in0, 
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_pch_abs_6_4_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_4_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -706,7 +906,7 @@ extern "C" __global__ void hbp_pch_abs_6_4_double(const double* __restrict__ in0
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_pch_abs_6_5_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_5_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -717,7 +917,7 @@ extern "C" __global__ void hbp_pch_abs_6_5_float(const float* __restrict__ in0, 
     out[i] = fn_sigmoid_1_float(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_6_5_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_5_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -728,29 +928,7 @@ extern "C" __global__ void hbp_pch_abs_6_5_double(const double* __restrict__ in0
     out[i] = fn_sigmoid_1_double(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_7_0_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_abs_7_0_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_0_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -761,7 +939,7 @@ extern "C" __global__ void hbp_pch_abs_7_1_float(const float* __restrict__ in0, 
     out[i] = fn_sigmoid_0_float(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_7_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_0_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -772,7 +950,73 @@ extern "C" __global__ void hbp_pch_abs_7_1_double(const double* __restrict__ in0
     out[i] = fn_sigmoid_0_double(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_7_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_0_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * (r == c ? (float)1 : (float)0));
+}
+
+extern "C" __global__ void hbp_pch_abs_6_0_1_double(const double c0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * (r == c ? (double)1 : (double)0));
+}
+
+extern "C" __global__ void hbp_pch_abs_7_1_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = fn_sigmoid_0_float(in0[r * cols + c]);
+}
+
+extern "C" __global__ void hbp_pch_abs_7_1_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = fn_sigmoid_0_double(in0[r * cols + c]);
+}
+
+extern "C" __global__ void hbp_pch_abs_7_1_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * (r == c ? (float)1 : (float)0));
+}
+
+extern "C" __global__ void hbp_pch_abs_7_1_1_double(const double c0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * (r == c ? (double)1 : (double)0));
+}
+
+extern "C" __global__ void hbp_pch_abs_7_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -783,7 +1027,7 @@ extern "C" __global__ void hbp_pch_abs_7_2_float(const float* __restrict__ in0, 
     out[i] = ((c0 * in0[r * cols + c]) + in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_7_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -794,7 +1038,7 @@ extern "C" __global__ void hbp_pch_abs_7_2_double(const double* __restrict__ in0
     out[i] = ((c0 * in0[r * cols + c]) + in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_7_3_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_1_3_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -805,7 +1049,7 @@ extern "C" __global__ void hbp_pch_abs_7_3_float(const float* __restrict__ in0, 
     out[i] = (c0 * in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_7_3_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_1_3_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -816,7 +1060,7 @@ extern "C" __global__ void hbp_pch_abs_7_3_double(const double* __restrict__ in0
     out[i] = (c0 * in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_7_4_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_1_4_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -834,7 +1078,7 @@ extern "C" __global__ void hbp_pch_abs_7_4_float(const float* __restrict__ in0, 
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_pch_abs_7_4_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_1_4_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -852,7 +1096,7 @@ extern "C" __global__ void hbp_pch_abs_7_4_double(const double* __restrict__ in0
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_pch_abs_7_5_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_1_5_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -870,7 +1114,7 @@ extern "C" __global__ void hbp_pch_abs_7_5_float(const float* __restrict__ in0, 
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_pch_abs_7_5_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_1_5_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -888,29 +1132,7 @@ extern "C" __global__ void hbp_pch_abs_7_5_double(const double* __restrict__ in0
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_pch_clip_6_0_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_clip_6_0_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_0_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -921,7 +1143,7 @@ extern "C" __global__ void hbp_pch_clip_6_1_float(const float* __restrict__ in0,
     out[i] = fn_sigmoid_0_float(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_6_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_0_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -932,7 +1154,73 @@ extern "C" __global__ void hbp_pch_clip_6_1_double(const double* __restrict__ in
     out[i] = fn_sigmoid_0_double(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_6_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_0_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * (r == c ? (float)1 : (float)0));
+}
+
+extern "C" __global__ void hbp_pch_abs_7_0_1_double(const double c0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * (r == c ? (double)1 : (double)0));
+}
+
+extern "C" __global__ void hbp_pch_clip_6_1_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = fn_sigmoid_0_float(in0[r * cols + c]);
+}
+
+extern "C" __global__ void hbp_pch_clip_6_1_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = fn_sigmoid_0_double(in0[r * cols + c]);
+}
+
+extern "C" __global__ void hbp_pch_clip_6_1_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * (r == c ? (float)1 : (float)0));
+}
+
+extern "C" __global__ void hbp_pch_clip_6_1_1_double(const double c0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * (r == c ? (double)1 : (double)0));
+}
+
+extern "C" __global__ void hbp_pch_clip_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -943,7 +1231,7 @@ extern "C" __global__ void hbp_pch_clip_6_2_float(const float* __restrict__ in0,
     out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? in2[r] : (float)0));
 }
 
-extern "C" __global__ void hbp_pch_clip_6_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -954,7 +1242,7 @@ extern "C" __global__ void hbp_pch_clip_6_2_double(const double* __restrict__ in
     out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? in2[r] : (double)0));
 }
 
-extern "C" __global__ void hbp_pch_clip_6_3_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_3_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -965,7 +1253,7 @@ extern "C" __global__ void hbp_pch_clip_6_3_float(const float* __restrict__ in0,
     out[i] = fn_relu_0_float(in0[r]);
 }
 
-extern "C" __global__ void hbp_pch_clip_6_3_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_3_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -976,7 +1264,7 @@ extern "C" __global__ void hbp_pch_clip_6_3_double(const double* __restrict__ in
     out[i] = fn_relu_0_double(in0[r]);
 }
 
-extern "C" __global__ void hbp_pch_clip_6_4_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_4_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -994,7 +1282,7 @@ extern "C" __global__ void hbp_pch_clip_6_4_float(const float* __restrict__ in0,
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_pch_clip_6_4_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_4_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -1012,7 +1300,7 @@ extern "C" __global__ void hbp_pch_clip_6_4_double(const double* __restrict__ in
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_pch_clip_6_5_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_5_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -1023,7 +1311,7 @@ extern "C" __global__ void hbp_pch_clip_6_5_float(const float* __restrict__ in0,
     out[i] = fn_sigmoid_1_float(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_6_5_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_5_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -1034,29 +1322,7 @@ extern "C" __global__ void hbp_pch_clip_6_5_double(const double* __restrict__ in
     out[i] = fn_sigmoid_1_double(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_7_0_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_clip_7_0_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_0_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -1067,7 +1333,7 @@ extern "C" __global__ void hbp_pch_clip_7_1_float(const float* __restrict__ in0,
     out[i] = fn_sigmoid_0_float(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_7_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_0_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -1078,7 +1344,73 @@ extern "C" __global__ void hbp_pch_clip_7_1_double(const double* __restrict__ in
     out[i] = fn_sigmoid_0_double(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_7_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_0_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * (r == c ? (float)1 : (float)0));
+}
+
+extern "C" __global__ void hbp_pch_clip_6_0_1_double(const double c0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * (r == c ? (double)1 : (double)0));
+}
+
+extern "C" __global__ void hbp_pch_clip_7_1_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = fn_sigmoid_0_float(in0[r * cols + c]);
+}
+
+extern "C" __global__ void hbp_pch_clip_7_1_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = fn_sigmoid_0_double(in0[r * cols + c]);
+}
+
+extern "C" __global__ void hbp_pch_clip_7_1_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * (r == c ? (float)1 : (float)0));
+}
+
+extern "C" __global__ void hbp_pch_clip_7_1_1_double(const double c0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * (r == c ? (double)1 : (double)0));
+}
+
+extern "C" __global__ void hbp_pch_clip_7_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -1089,7 +1421,7 @@ extern "C" __global__ void hbp_pch_clip_7_2_float(const float* __restrict__ in0,
     out[i] = ((c0 * in0[r * cols + c]) + in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_7_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_7_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -1100,7 +1432,7 @@ extern "C" __global__ void hbp_pch_clip_7_2_double(const double* __restrict__ in
     out[i] = ((c0 * in0[r * cols + c]) + in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_7_3_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_7_1_3_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -1111,7 +1443,7 @@ extern "C" __global__ void hbp_pch_clip_7_3_float(const float* __restrict__ in0,
     out[i] = (c0 * in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_7_3_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_7_1_3_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -1122,7 +1454,7 @@ extern "C" __global__ void hbp_pch_clip_7_3_double(const double* __restrict__ in
     out[i] = (c0 * in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_7_4_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_7_1_4_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -1140,7 +1472,7 @@ extern "C" __global__ void hbp_pch_clip_7_4_float(const float* __restrict__ in0,
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_pch_clip_7_4_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_7_1_4_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -1158,7 +1490,7 @@ extern "C" __global__ void hbp_pch_clip_7_4_double(const double* __restrict__ in
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_pch_clip_7_5_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_7_1_5_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -1176,7 +1508,7 @@ extern "C" __global__ void hbp_pch_clip_7_5_float(const float* __restrict__ in0,
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_pch_clip_7_5_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_7_1_5_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -1192,6 +1524,50 @@ extern "C" __global__ void hbp_pch_clip_7_5_double(const double* __restrict__ in
         __syncthreads();
     }
     if (threadIdx.x == 0) out[r] = partial[0];
+}
+
+extern "C" __global__ void hbp_pch_clip_7_0_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = fn_sigmoid_0_float(in0[r * cols + c]);
+}
+
+extern "C" __global__ void hbp_pch_clip_7_0_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = fn_sigmoid_0_double(in0[r * cols + c]);
+}
+
+extern "C" __global__ void hbp_pch_clip_7_0_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * (r == c ? (float)1 : (float)0));
+}
+
+extern "C" __global__ void hbp_pch_clip_7_0_1_double(const double c0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * (r == c ? (double)1 : (double)0));
 }
 
 """
@@ -1220,8 +1596,8 @@ def _launch(name, shape, out_shape, inputs, coefficients, reduce):
     return out
 
 
-def _plus_diagonal(m, v):
-    out = xp.array(m, copy=True)
+def _plus_diagonal(m, v, copy):
+    out = xp.array(m, copy=True) if copy or m.base is not None else m  # views and arguments are copied
     index = xp.arange(out.shape[0])
     out[index, index] += xp.reshape(xp.asarray(v, dtype=out.dtype), (-1,))
     return out
@@ -1254,6 +1630,13 @@ def _psd_clip(a):
     return (v * xp.maximum(w, 0.0)) @ v.T
 
 
+def _kron(scale, a, b):
+    """Kronecker factors with a scalar folded into the smaller one (the cheaper pass)."""
+    if isinstance(scale, (int, float)) and scale == 1:
+        return a, b
+    return (a * scale, b) if a.size <= b.size else (a, b * scale)
+
+
 
 def _dims(P, S):
     return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], "m": P['W'].shape[0], }
@@ -1270,13 +1653,12 @@ def forward(P, S):
     return {"Z": t3}
 
 
-def gradients(P, S):
-    """δ of every input (size, B) and parameter (summed over the batch); S['dz'] holds δZ."""
+def _gradients_all(P, S):
     B, n, m = _dims(P, S).values()
     t0 = P['W'].T
     t1 = (t0 @ S['dz'])
-    t3 = _launch('gradients_1', (n, B), (n, B), [t1, S['x']], [], False)
-    t4 = _launch('gradients_0', (n, B), (n, B), [S['x']], [], False)
+    t3 = _launch('gradients_1_1', (n, B), (n, B), [t1, S['x']], [], False)
+    t4 = _launch('gradients_1_0', (n, B), (n, B), [S['x']], [], False)
     t5 = t4.T
     t6 = (S['dz'] @ t5)
     t7 = S['dz'].sum(axis=1, keepdims=True)
@@ -1284,186 +1666,323 @@ def gradients(P, S):
     return {"x": t3, "W": t6, "b": t7, }
 
 
-def hbp_exact_6(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (6): one block per input and parameter."""
+def _gradients_params(P, S):
+    B, n, m = _dims(P, S).values()
+    t0 = _launch('gradients_0_0', (n, B), (n, B), [S['x']], [], False)
+    t1 = t0.T
+    t2 = (S['dz'] @ t1)
+    t3 = S['dz'].sum(axis=1, keepdims=True)
+
+    return {"W": t2, "b": t3, }
+
+
+def gradients(P, S, inputs=True):
+    """δ of every input (size, B) and parameter (summed over the batch); S['dz'] holds δZ.
+
+    ``inputs=False`` skips the inputs (a first layer's data needs no gradient)."""
+    return _gradients_all(P, S) if inputs else _gradients_params(P, S)
+
+
+def _hbp_exact_6_all(P, S, Hz):
+    """Batch HBP, curvature exact, approximation (6)."""
     B, n, m = _dims(P, S).values()
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
-    t2 = _launch('hbp_exact_6_4', (n, B), (n, B), [S['x']], [], False)
+    t2 = _launch('hbp_exact_6_1_4', (n, B), (n, B), [S['x']], [], False)
     t3 = t2.T
     t4 = (t2 @ t3)
     t7 = (t0 @ S['dz'])
-    t10 = _launch('hbp_exact_6_3', (n, B), (n, 1), [t7, S['x']], [], True)
-    t11 = _launch('hbp_exact_6_2', (n, n), (n, n), [t1, t4, t10], [1/B], False)
-    t12 = _launch('hbp_exact_6_1', (n, B), (n, B), [S['x']], [], False)
-    t13 = t12.T
-    t14 = (t12 @ t13)
-    t15 = _launch('hbp_exact_6_0', (n, n), (n, n), [t14], [1/B], False)
+    t10 = _launch('hbp_exact_6_1_3', (n, B), (n, 1), [t7, S['x']], [], True)
+    t11 = _launch('hbp_exact_6_1_2', (n, n), (n, n), [t1, t4, t10], [1/B], False)
+    t12 = _launch('hbp_exact_6_1_1', (1, 1), (1, 1), [], [1/B], False)
+    t13 = _launch('hbp_exact_6_1_0', (n, B), (n, B), [S['x']], [], False)
+    t14 = t13.T
+    t15 = (t13 @ t14)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t11),
-        "W": CurvatureBlock(kron=[(t15, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t12, t15, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def hbp_exact_7(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (7): one block per input and parameter."""
+def _hbp_exact_6_params(P, S, Hz):
+    """Batch HBP, curvature exact, approximation (6), parameters only."""
     B, n, m = _dims(P, S).values()
-    t1 = _launch('hbp_exact_7_4', (n, B), (n, 1), [S['x']], [], True)
+    t0 = _launch('hbp_exact_6_0_1', (1, 1), (1, 1), [], [1/B], False)
+    t1 = _launch('hbp_exact_6_0_0', (n, B), (n, B), [S['x']], [], False)
+    t2 = t1.T
+    t3 = (t1 @ t2)
+
+    return {
+        "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),
+        "b": CurvatureBlock(kron=[], dense=Hz),
+    }
+
+def _hbp_exact_7_all(P, S, Hz):
+    """Batch HBP, curvature exact, approximation (7)."""
+    B, n, m = _dims(P, S).values()
+    t1 = _launch('hbp_exact_7_1_4', (n, B), (n, 1), [S['x']], [], True)
     t2 = P['W'].T
     t3 = ((((t1 * t2) @ Hz) @ P['W']) * t1.T)
     t5 = xp.broadcast_to((t2 @ S['dz']).sum(axis=1, keepdims=True), (n, B))
-    t8 = _launch('hbp_exact_7_3', (n, B), (n, 1), [t5, S['x']], [], True)
-    t9 = _launch('hbp_exact_7_2', (n, n), (n, n), [t3, t8], [B**(-2), 1/B], False)
-    t10 = _launch('hbp_exact_7_1', (n, B), (n, B), [S['x']], [], False)
-    t11 = t10.T
-    t12 = (xp.broadcast_to(t10.sum(axis=1, keepdims=True), (n, B)) @ t11)
-    t13 = _launch('hbp_exact_7_0', (n, n), (n, n), [t12], [B**(-2)], False)
+    t8 = _launch('hbp_exact_7_1_3', (n, B), (n, 1), [t5, S['x']], [], True)
+    t9 = _launch('hbp_exact_7_1_2', (n, n), (n, n), [t3, t8], [B**(-2), 1/B], False)
+    t10 = _launch('hbp_exact_7_1_1', (1, 1), (1, 1), [], [B**(-2)], False)
+    t11 = _launch('hbp_exact_7_1_0', (n, B), (n, B), [S['x']], [], False)
+    t12 = t11.T
+    t13 = (xp.broadcast_to(t11.sum(axis=1, keepdims=True), (n, B)) @ t12)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t9),
-        "W": CurvatureBlock(kron=[(t13, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t10, t13, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def hbp_ggn_6(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (6): one block per input and parameter."""
+def _hbp_exact_7_params(P, S, Hz):
+    """Batch HBP, curvature exact, approximation (7), parameters only."""
+    B, n, m = _dims(P, S).values()
+    t0 = _launch('hbp_exact_7_0_1', (1, 1), (1, 1), [], [B**(-2)], False)
+    t1 = _launch('hbp_exact_7_0_0', (n, B), (n, B), [S['x']], [], False)
+    t2 = t1.T
+    t3 = (xp.broadcast_to(t1.sum(axis=1, keepdims=True), (n, B)) @ t2)
+
+    return {
+        "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),
+        "b": CurvatureBlock(kron=[], dense=Hz),
+    }
+
+def _hbp_ggn_6_all(P, S, Hz):
+    """Batch HBP, curvature ggn, approximation (6)."""
     B, n, m = _dims(P, S).values()
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
-    t2 = _launch('hbp_ggn_6_3', (n, B), (n, B), [S['x']], [], False)
+    t2 = _launch('hbp_ggn_6_1_3', (n, B), (n, B), [S['x']], [], False)
     t3 = t2.T
     t4 = (t2 @ t3)
-    t6 = _launch('hbp_ggn_6_2', (n, n), (n, n), [t1, t4], [1/B], False)
-    t7 = _launch('hbp_ggn_6_1', (n, B), (n, B), [S['x']], [], False)
-    t8 = t7.T
-    t9 = (t7 @ t8)
-    t10 = _launch('hbp_ggn_6_0', (n, n), (n, n), [t9], [1/B], False)
+    t6 = _launch('hbp_ggn_6_1_2', (n, n), (n, n), [t1, t4], [1/B], False)
+    t7 = _launch('hbp_ggn_6_1_1', (1, 1), (1, 1), [], [1/B], False)
+    t8 = _launch('hbp_ggn_6_1_0', (n, B), (n, B), [S['x']], [], False)
+    t9 = t8.T
+    t10 = (t8 @ t9)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t6),
-        "W": CurvatureBlock(kron=[(t10, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t7, t10, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def hbp_ggn_7(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (7): one block per input and parameter."""
+def _hbp_ggn_6_params(P, S, Hz):
+    """Batch HBP, curvature ggn, approximation (6), parameters only."""
     B, n, m = _dims(P, S).values()
-    t1 = _launch('hbp_ggn_7_3', (n, B), (n, 1), [S['x']], [], True)
+    t0 = _launch('hbp_ggn_6_0_1', (1, 1), (1, 1), [], [1/B], False)
+    t1 = _launch('hbp_ggn_6_0_0', (n, B), (n, B), [S['x']], [], False)
+    t2 = t1.T
+    t3 = (t1 @ t2)
+
+    return {
+        "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),
+        "b": CurvatureBlock(kron=[], dense=Hz),
+    }
+
+def _hbp_ggn_7_all(P, S, Hz):
+    """Batch HBP, curvature ggn, approximation (7)."""
+    B, n, m = _dims(P, S).values()
+    t1 = _launch('hbp_ggn_7_1_3', (n, B), (n, 1), [S['x']], [], True)
     t2 = P['W'].T
     t3 = ((((t1 * t2) @ Hz) @ P['W']) * t1.T)
-    t4 = _launch('hbp_ggn_7_2', (n, n), (n, n), [t3], [B**(-2)], False)
-    t5 = _launch('hbp_ggn_7_1', (n, B), (n, B), [S['x']], [], False)
-    t6 = t5.T
-    t7 = (xp.broadcast_to(t5.sum(axis=1, keepdims=True), (n, B)) @ t6)
-    t8 = _launch('hbp_ggn_7_0', (n, n), (n, n), [t7], [B**(-2)], False)
+    t4 = _launch('hbp_ggn_7_1_2', (n, n), (n, n), [t3], [B**(-2)], False)
+    t5 = _launch('hbp_ggn_7_1_1', (1, 1), (1, 1), [], [B**(-2)], False)
+    t6 = _launch('hbp_ggn_7_1_0', (n, B), (n, B), [S['x']], [], False)
+    t7 = t6.T
+    t8 = (xp.broadcast_to(t6.sum(axis=1, keepdims=True), (n, B)) @ t7)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t4),
-        "W": CurvatureBlock(kron=[(t8, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t5, t8, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def hbp_pch_abs_6(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (6): one block per input and parameter."""
+def _hbp_ggn_7_params(P, S, Hz):
+    """Batch HBP, curvature ggn, approximation (7), parameters only."""
+    B, n, m = _dims(P, S).values()
+    t0 = _launch('hbp_ggn_7_0_1', (1, 1), (1, 1), [], [B**(-2)], False)
+    t1 = _launch('hbp_ggn_7_0_0', (n, B), (n, B), [S['x']], [], False)
+    t2 = t1.T
+    t3 = (xp.broadcast_to(t1.sum(axis=1, keepdims=True), (n, B)) @ t2)
+
+    return {
+        "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),
+        "b": CurvatureBlock(kron=[], dense=Hz),
+    }
+
+def _hbp_pch_abs_6_all(P, S, Hz):
+    """Batch HBP, curvature pch-abs, approximation (6)."""
     B, n, m = _dims(P, S).values()
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
-    t2 = _launch('hbp_pch_abs_6_5', (n, B), (n, B), [S['x']], [], False)
+    t2 = _launch('hbp_pch_abs_6_1_5', (n, B), (n, B), [S['x']], [], False)
     t3 = t2.T
     t4 = (t2 @ t3)
     t7 = (t0 @ S['dz'])
-    t10 = _launch('hbp_pch_abs_6_4', (n, B), (n, 1), [t7, S['x']], [], True)
-    t11 = _launch('hbp_pch_abs_6_3', (n, 1), (n, 1), [t10], [], False)
-    t12 = _launch('hbp_pch_abs_6_2', (n, n), (n, n), [t1, t4, t11], [1/B], False)
-    t13 = _launch('hbp_pch_abs_6_1', (n, B), (n, B), [S['x']], [], False)
-    t14 = t13.T
-    t15 = (t13 @ t14)
-    t16 = _launch('hbp_pch_abs_6_0', (n, n), (n, n), [t15], [1/B], False)
+    t10 = _launch('hbp_pch_abs_6_1_4', (n, B), (n, 1), [t7, S['x']], [], True)
+    t11 = _launch('hbp_pch_abs_6_1_3', (n, 1), (n, 1), [t10], [], False)
+    t12 = _launch('hbp_pch_abs_6_1_2', (n, n), (n, n), [t1, t4, t11], [1/B], False)
+    t13 = _launch('hbp_pch_abs_6_1_1', (1, 1), (1, 1), [], [1/B], False)
+    t14 = _launch('hbp_pch_abs_6_1_0', (n, B), (n, B), [S['x']], [], False)
+    t15 = t14.T
+    t16 = (t14 @ t15)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t12),
-        "W": CurvatureBlock(kron=[(t16, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t13, t16, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def hbp_pch_abs_7(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (7): one block per input and parameter."""
+def _hbp_pch_abs_6_params(P, S, Hz):
+    """Batch HBP, curvature pch-abs, approximation (6), parameters only."""
     B, n, m = _dims(P, S).values()
-    t1 = _launch('hbp_pch_abs_7_5', (n, B), (n, 1), [S['x']], [], True)
+    t0 = _launch('hbp_pch_abs_6_0_1', (1, 1), (1, 1), [], [1/B], False)
+    t1 = _launch('hbp_pch_abs_6_0_0', (n, B), (n, B), [S['x']], [], False)
+    t2 = t1.T
+    t3 = (t1 @ t2)
+
+    return {
+        "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),
+        "b": CurvatureBlock(kron=[], dense=Hz),
+    }
+
+def _hbp_pch_abs_7_all(P, S, Hz):
+    """Batch HBP, curvature pch-abs, approximation (7)."""
+    B, n, m = _dims(P, S).values()
+    t1 = _launch('hbp_pch_abs_7_1_5', (n, B), (n, 1), [S['x']], [], True)
     t2 = P['W'].T
     t3 = ((((t1 * t2) @ Hz) @ P['W']) * t1.T)
     t5 = xp.broadcast_to((t2 @ S['dz']).sum(axis=1, keepdims=True), (n, B))
-    t8 = _launch('hbp_pch_abs_7_4', (n, B), (n, 1), [t5, S['x']], [], True)
+    t8 = _launch('hbp_pch_abs_7_1_4', (n, B), (n, 1), [t5, S['x']], [], True)
     t9 = xp.diagflat(t8)
-    t10 = _launch('hbp_pch_abs_7_3', (n, n), (n, n), [t9], [1/B], False)
+    t10 = _launch('hbp_pch_abs_7_1_3', (n, n), (n, n), [t9], [1/B], False)
     t11 = _psd_abs(t10)
-    t12 = _launch('hbp_pch_abs_7_2', (n, n), (n, n), [t3, t11], [B**(-2)], False)
-    t13 = _launch('hbp_pch_abs_7_1', (n, B), (n, B), [S['x']], [], False)
-    t14 = t13.T
-    t15 = (xp.broadcast_to(t13.sum(axis=1, keepdims=True), (n, B)) @ t14)
-    t16 = _launch('hbp_pch_abs_7_0', (n, n), (n, n), [t15], [B**(-2)], False)
+    t12 = _launch('hbp_pch_abs_7_1_2', (n, n), (n, n), [t3, t11], [B**(-2)], False)
+    t13 = _launch('hbp_pch_abs_7_1_1', (1, 1), (1, 1), [], [B**(-2)], False)
+    t14 = _launch('hbp_pch_abs_7_1_0', (n, B), (n, B), [S['x']], [], False)
+    t15 = t14.T
+    t16 = (xp.broadcast_to(t14.sum(axis=1, keepdims=True), (n, B)) @ t15)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t12),
-        "W": CurvatureBlock(kron=[(t16, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t13, t16, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def hbp_pch_clip_6(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (6): one block per input and parameter."""
+def _hbp_pch_abs_7_params(P, S, Hz):
+    """Batch HBP, curvature pch-abs, approximation (7), parameters only."""
+    B, n, m = _dims(P, S).values()
+    t0 = _launch('hbp_pch_abs_7_0_1', (1, 1), (1, 1), [], [B**(-2)], False)
+    t1 = _launch('hbp_pch_abs_7_0_0', (n, B), (n, B), [S['x']], [], False)
+    t2 = t1.T
+    t3 = (xp.broadcast_to(t1.sum(axis=1, keepdims=True), (n, B)) @ t2)
+
+    return {
+        "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),
+        "b": CurvatureBlock(kron=[], dense=Hz),
+    }
+
+def _hbp_pch_clip_6_all(P, S, Hz):
+    """Batch HBP, curvature pch-clip, approximation (6)."""
     B, n, m = _dims(P, S).values()
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
-    t2 = _launch('hbp_pch_clip_6_5', (n, B), (n, B), [S['x']], [], False)
+    t2 = _launch('hbp_pch_clip_6_1_5', (n, B), (n, B), [S['x']], [], False)
     t3 = t2.T
     t4 = (t2 @ t3)
     t7 = (t0 @ S['dz'])
-    t10 = _launch('hbp_pch_clip_6_4', (n, B), (n, 1), [t7, S['x']], [], True)
-    t11 = _launch('hbp_pch_clip_6_3', (n, 1), (n, 1), [t10], [], False)
-    t12 = _launch('hbp_pch_clip_6_2', (n, n), (n, n), [t1, t4, t11], [1/B], False)
-    t13 = _launch('hbp_pch_clip_6_1', (n, B), (n, B), [S['x']], [], False)
-    t14 = t13.T
-    t15 = (t13 @ t14)
-    t16 = _launch('hbp_pch_clip_6_0', (n, n), (n, n), [t15], [1/B], False)
+    t10 = _launch('hbp_pch_clip_6_1_4', (n, B), (n, 1), [t7, S['x']], [], True)
+    t11 = _launch('hbp_pch_clip_6_1_3', (n, 1), (n, 1), [t10], [], False)
+    t12 = _launch('hbp_pch_clip_6_1_2', (n, n), (n, n), [t1, t4, t11], [1/B], False)
+    t13 = _launch('hbp_pch_clip_6_1_1', (1, 1), (1, 1), [], [1/B], False)
+    t14 = _launch('hbp_pch_clip_6_1_0', (n, B), (n, B), [S['x']], [], False)
+    t15 = t14.T
+    t16 = (t14 @ t15)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t12),
-        "W": CurvatureBlock(kron=[(t16, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t13, t16, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def hbp_pch_clip_7(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (7): one block per input and parameter."""
+def _hbp_pch_clip_6_params(P, S, Hz):
+    """Batch HBP, curvature pch-clip, approximation (6), parameters only."""
     B, n, m = _dims(P, S).values()
-    t1 = _launch('hbp_pch_clip_7_5', (n, B), (n, 1), [S['x']], [], True)
+    t0 = _launch('hbp_pch_clip_6_0_1', (1, 1), (1, 1), [], [1/B], False)
+    t1 = _launch('hbp_pch_clip_6_0_0', (n, B), (n, B), [S['x']], [], False)
+    t2 = t1.T
+    t3 = (t1 @ t2)
+
+    return {
+        "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),
+        "b": CurvatureBlock(kron=[], dense=Hz),
+    }
+
+def _hbp_pch_clip_7_all(P, S, Hz):
+    """Batch HBP, curvature pch-clip, approximation (7)."""
+    B, n, m = _dims(P, S).values()
+    t1 = _launch('hbp_pch_clip_7_1_5', (n, B), (n, 1), [S['x']], [], True)
     t2 = P['W'].T
     t3 = ((((t1 * t2) @ Hz) @ P['W']) * t1.T)
     t5 = xp.broadcast_to((t2 @ S['dz']).sum(axis=1, keepdims=True), (n, B))
-    t8 = _launch('hbp_pch_clip_7_4', (n, B), (n, 1), [t5, S['x']], [], True)
+    t8 = _launch('hbp_pch_clip_7_1_4', (n, B), (n, 1), [t5, S['x']], [], True)
     t9 = xp.diagflat(t8)
-    t10 = _launch('hbp_pch_clip_7_3', (n, n), (n, n), [t9], [1/B], False)
+    t10 = _launch('hbp_pch_clip_7_1_3', (n, n), (n, n), [t9], [1/B], False)
     t11 = _psd_clip(t10)
-    t12 = _launch('hbp_pch_clip_7_2', (n, n), (n, n), [t3, t11], [B**(-2)], False)
-    t13 = _launch('hbp_pch_clip_7_1', (n, B), (n, B), [S['x']], [], False)
-    t14 = t13.T
-    t15 = (xp.broadcast_to(t13.sum(axis=1, keepdims=True), (n, B)) @ t14)
-    t16 = _launch('hbp_pch_clip_7_0', (n, n), (n, n), [t15], [B**(-2)], False)
+    t12 = _launch('hbp_pch_clip_7_1_2', (n, n), (n, n), [t3, t11], [B**(-2)], False)
+    t13 = _launch('hbp_pch_clip_7_1_1', (1, 1), (1, 1), [], [B**(-2)], False)
+    t14 = _launch('hbp_pch_clip_7_1_0', (n, B), (n, B), [S['x']], [], False)
+    t15 = t14.T
+    t16 = (xp.broadcast_to(t14.sum(axis=1, keepdims=True), (n, B)) @ t15)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t12),
-        "W": CurvatureBlock(kron=[(t16, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t13, t16, Hz), ], dense=None),
+        "b": CurvatureBlock(kron=[], dense=Hz),
+    }
+
+def _hbp_pch_clip_7_params(P, S, Hz):
+    """Batch HBP, curvature pch-clip, approximation (7), parameters only."""
+    B, n, m = _dims(P, S).values()
+    t0 = _launch('hbp_pch_clip_7_0_1', (1, 1), (1, 1), [], [B**(-2)], False)
+    t1 = _launch('hbp_pch_clip_7_0_0', (n, B), (n, B), [S['x']], [], False)
+    t2 = t1.T
+    t3 = (xp.broadcast_to(t1.sum(axis=1, keepdims=True), (n, B)) @ t2)
+
+    return {
+        "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 
-HBP = {
-    ("exact", "6"): hbp_exact_6,
-    ("exact", "7"): hbp_exact_7,
-    ("ggn", "6"): hbp_ggn_6,
-    ("ggn", "7"): hbp_ggn_7,
-    ("pch-abs", "6"): hbp_pch_abs_6,
-    ("pch-abs", "7"): hbp_pch_abs_7,
-    ("pch-clip", "6"): hbp_pch_clip_6,
-    ("pch-clip", "7"): hbp_pch_clip_7,
+def _hbp(curvature, approximation):
+    def run(P, S, Hz, inputs=True):
+        """Curvature blocks of every input and parameter (parameters only when ``inputs=False``)."""
+        return _HBP[(curvature, approximation, inputs)](P, S, Hz)
+    return run
+
+
+_HBP = {
+    ("exact", "6", True): _hbp_exact_6_all,
+    ("exact", "6", False): _hbp_exact_6_params,
+    ("exact", "7", True): _hbp_exact_7_all,
+    ("exact", "7", False): _hbp_exact_7_params,
+    ("ggn", "6", True): _hbp_ggn_6_all,
+    ("ggn", "6", False): _hbp_ggn_6_params,
+    ("ggn", "7", True): _hbp_ggn_7_all,
+    ("ggn", "7", False): _hbp_ggn_7_params,
+    ("pch-abs", "6", True): _hbp_pch_abs_6_all,
+    ("pch-abs", "6", False): _hbp_pch_abs_6_params,
+    ("pch-abs", "7", True): _hbp_pch_abs_7_all,
+    ("pch-abs", "7", False): _hbp_pch_abs_7_params,
+    ("pch-clip", "6", True): _hbp_pch_clip_6_all,
+    ("pch-clip", "6", False): _hbp_pch_clip_6_params,
+    ("pch-clip", "7", True): _hbp_pch_clip_7_all,
+    ("pch-clip", "7", False): _hbp_pch_clip_7_params,
 }
+HBP = {(c, a): _hbp(c, a) for c, a, _ in _HBP}

@@ -23,10 +23,12 @@ def _fn_tanh_0(t):
     return xp.tanh(t)
 
 def _fn_tanh_1(t):
-    return xp.cosh(t)**(-2.0)
+    s = xp.tanh(t)
+    return 1 - s**2
 
 def _fn_tanh_2(t):
-    return -2*xp.sinh(t)/xp.cosh(t)**3
+    s = xp.tanh(t)
+    return 2*s**3 - 2*s
 
 
 _SOURCE = r"""
@@ -37,10 +39,10 @@ static __device__ __forceinline__ double fn_relu_0_double(double t) { return (do
 static __device__ __forceinline__ float fn_relu_0_float(float t) { return (float)(((t <= 0) ? ( 0 ) : ( t ))); }
 static __device__ __forceinline__ double fn_tanh_0_double(double t) { return (double)(tanh(t)); }
 static __device__ __forceinline__ float fn_tanh_0_float(float t) { return (float)(tanhf(t)); }
-static __device__ __forceinline__ double fn_tanh_1_double(double t) { return (double)(pow(cosh(t), -2)); }
-static __device__ __forceinline__ float fn_tanh_1_float(float t) { return (float)(powf(coshf(t), -2)); }
-static __device__ __forceinline__ double fn_tanh_2_double(double t) { return (double)(-2*sinh(t)/pow(cosh(t), 3)); }
-static __device__ __forceinline__ float fn_tanh_2_float(float t) { return (float)(-2*sinhf(t)/powf(coshf(t), 3)); }
+static __device__ __forceinline__ double fn_tanh_1_double(double t) { const double s = (double)(tanh(t)); return (double)(1 - pow(s, 2)); }
+static __device__ __forceinline__ float fn_tanh_1_float(float t) { const float s = (float)(tanhf(t)); return (float)(1 - powf(s, 2)); }
+static __device__ __forceinline__ double fn_tanh_2_double(double t) { const double s = (double)(tanh(t)); return (double)(2*pow(s, 3) - 2*s); }
+static __device__ __forceinline__ float fn_tanh_2_float(float t) { const float s = (float)(tanhf(t)); return (float)(2*powf(s, 3) - 2*s); }
 
 extern "C" __global__ void forward_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
@@ -64,7 +66,7 @@ extern "C" __global__ void forward_0_double(const double* __restrict__ in0, doub
     out[i] = fn_tanh_0_double(in0[r * cols + c]);
 }
 
-extern "C" __global__ void gradients_0_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void gradients_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -75,7 +77,7 @@ extern "C" __global__ void gradients_0_float(const float* __restrict__ in0, cons
     out[i] = (in0[r * cols + c] * fn_tanh_1_float(in1[r * cols + c]));
 }
 
-extern "C" __global__ void gradients_0_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void gradients_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -86,7 +88,7 @@ extern "C" __global__ void gradients_0_double(const double* __restrict__ in0, co
     out[i] = (in0[r * cols + c] * fn_tanh_1_double(in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_exact_6_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -97,7 +99,7 @@ extern "C" __global__ void hbp_exact_6_0_float(const float* __restrict__ in0, co
     out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? in2[r] : (float)0));
 }
 
-extern "C" __global__ void hbp_exact_6_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -108,7 +110,7 @@ extern "C" __global__ void hbp_exact_6_0_double(const double* __restrict__ in0, 
     out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? in2[r] : (double)0));
 }
 
-extern "C" __global__ void hbp_exact_6_1_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -126,7 +128,7 @@ extern "C" __global__ void hbp_exact_6_1_float(const float* __restrict__ in0, co
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_exact_6_1_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -144,7 +146,7 @@ extern "C" __global__ void hbp_exact_6_1_double(const double* __restrict__ in0, 
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_exact_6_2_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_2_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -155,7 +157,7 @@ extern "C" __global__ void hbp_exact_6_2_float(const float* __restrict__ in0, fl
     out[i] = fn_tanh_1_float(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_6_2_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_2_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -166,7 +168,7 @@ extern "C" __global__ void hbp_exact_6_2_double(const double* __restrict__ in0, 
     out[i] = fn_tanh_1_double(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_7_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_7_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -177,7 +179,7 @@ extern "C" __global__ void hbp_exact_7_0_float(const float* __restrict__ in0, co
     out[i] = ((c0 * in0[r * cols + c]) + (r == c ? (c1 * in1[r]) : (float)0));
 }
 
-extern "C" __global__ void hbp_exact_7_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_7_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -188,7 +190,7 @@ extern "C" __global__ void hbp_exact_7_0_double(const double* __restrict__ in0, 
     out[i] = ((c0 * in0[r * cols + c]) + (r == c ? (c1 * in1[r]) : (double)0));
 }
 
-extern "C" __global__ void hbp_exact_7_1_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_7_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -206,7 +208,7 @@ extern "C" __global__ void hbp_exact_7_1_float(const float* __restrict__ in0, co
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_exact_7_1_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_7_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -224,7 +226,7 @@ extern "C" __global__ void hbp_exact_7_1_double(const double* __restrict__ in0, 
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_exact_7_2_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_7_1_2_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -242,7 +244,7 @@ extern "C" __global__ void hbp_exact_7_2_float(const float* __restrict__ in0, fl
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_exact_7_2_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_7_1_2_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -260,7 +262,7 @@ extern "C" __global__ void hbp_exact_7_2_double(const double* __restrict__ in0, 
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_ggn_6_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -271,7 +273,7 @@ extern "C" __global__ void hbp_ggn_6_0_float(const float* __restrict__ in0, cons
     out[i] = (c0 * (in0[r * cols + c] * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_ggn_6_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -282,7 +284,7 @@ extern "C" __global__ void hbp_ggn_6_0_double(const double* __restrict__ in0, co
     out[i] = (c0 * (in0[r * cols + c] * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_ggn_6_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_6_1_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -293,7 +295,7 @@ extern "C" __global__ void hbp_ggn_6_1_float(const float* __restrict__ in0, floa
     out[i] = fn_tanh_1_float(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_ggn_6_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_6_1_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -304,7 +306,7 @@ extern "C" __global__ void hbp_ggn_6_1_double(const double* __restrict__ in0, do
     out[i] = fn_tanh_1_double(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_ggn_7_0_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_7_1_0_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -315,7 +317,7 @@ extern "C" __global__ void hbp_ggn_7_0_float(const float* __restrict__ in0, cons
     out[i] = (c0 * in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_ggn_7_0_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_7_1_0_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -326,7 +328,7 @@ extern "C" __global__ void hbp_ggn_7_0_double(const double* __restrict__ in0, co
     out[i] = (c0 * in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_ggn_7_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_7_1_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -344,7 +346,7 @@ extern "C" __global__ void hbp_ggn_7_1_float(const float* __restrict__ in0, floa
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_ggn_7_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_7_1_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -362,7 +364,7 @@ extern "C" __global__ void hbp_ggn_7_1_double(const double* __restrict__ in0, do
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_pch_abs_6_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -373,7 +375,7 @@ extern "C" __global__ void hbp_pch_abs_6_0_float(const float* __restrict__ in0, 
     out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? in2[r] : (float)0));
 }
 
-extern "C" __global__ void hbp_pch_abs_6_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -384,7 +386,7 @@ extern "C" __global__ void hbp_pch_abs_6_0_double(const double* __restrict__ in0
     out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? in2[r] : (double)0));
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -395,7 +397,7 @@ extern "C" __global__ void hbp_pch_abs_6_1_float(const float* __restrict__ in0, 
     out[i] = fn_abs_0_float(in0[r]);
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -406,7 +408,7 @@ extern "C" __global__ void hbp_pch_abs_6_1_double(const double* __restrict__ in0
     out[i] = fn_abs_0_double(in0[r]);
 }
 
-extern "C" __global__ void hbp_pch_abs_6_2_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -424,7 +426,7 @@ extern "C" __global__ void hbp_pch_abs_6_2_float(const float* __restrict__ in0, 
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_pch_abs_6_2_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -442,7 +444,7 @@ extern "C" __global__ void hbp_pch_abs_6_2_double(const double* __restrict__ in0
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_pch_abs_6_3_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_3_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -453,7 +455,7 @@ extern "C" __global__ void hbp_pch_abs_6_3_float(const float* __restrict__ in0, 
     out[i] = fn_tanh_1_float(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_6_3_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_3_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -464,7 +466,7 @@ extern "C" __global__ void hbp_pch_abs_6_3_double(const double* __restrict__ in0
     out[i] = fn_tanh_1_double(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_7_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -475,7 +477,7 @@ extern "C" __global__ void hbp_pch_abs_7_0_float(const float* __restrict__ in0, 
     out[i] = ((c0 * in0[r * cols + c]) + in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_7_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -486,7 +488,7 @@ extern "C" __global__ void hbp_pch_abs_7_0_double(const double* __restrict__ in0
     out[i] = ((c0 * in0[r * cols + c]) + in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_7_1_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_1_1_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -497,7 +499,7 @@ extern "C" __global__ void hbp_pch_abs_7_1_float(const float* __restrict__ in0, 
     out[i] = (c0 * in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_7_1_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_1_1_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -508,7 +510,7 @@ extern "C" __global__ void hbp_pch_abs_7_1_double(const double* __restrict__ in0
     out[i] = (c0 * in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_7_2_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -526,7 +528,7 @@ extern "C" __global__ void hbp_pch_abs_7_2_float(const float* __restrict__ in0, 
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_pch_abs_7_2_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -544,7 +546,7 @@ extern "C" __global__ void hbp_pch_abs_7_2_double(const double* __restrict__ in0
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_pch_abs_7_3_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_1_3_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -562,7 +564,7 @@ extern "C" __global__ void hbp_pch_abs_7_3_float(const float* __restrict__ in0, 
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_pch_abs_7_3_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_1_3_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -580,7 +582,7 @@ extern "C" __global__ void hbp_pch_abs_7_3_double(const double* __restrict__ in0
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_pch_clip_6_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -591,7 +593,7 @@ extern "C" __global__ void hbp_pch_clip_6_0_float(const float* __restrict__ in0,
     out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? in2[r] : (float)0));
 }
 
-extern "C" __global__ void hbp_pch_clip_6_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -602,7 +604,7 @@ extern "C" __global__ void hbp_pch_clip_6_0_double(const double* __restrict__ in
     out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? in2[r] : (double)0));
 }
 
-extern "C" __global__ void hbp_pch_clip_6_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -613,7 +615,7 @@ extern "C" __global__ void hbp_pch_clip_6_1_float(const float* __restrict__ in0,
     out[i] = fn_relu_0_float(in0[r]);
 }
 
-extern "C" __global__ void hbp_pch_clip_6_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -624,7 +626,7 @@ extern "C" __global__ void hbp_pch_clip_6_1_double(const double* __restrict__ in
     out[i] = fn_relu_0_double(in0[r]);
 }
 
-extern "C" __global__ void hbp_pch_clip_6_2_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -642,7 +644,7 @@ extern "C" __global__ void hbp_pch_clip_6_2_float(const float* __restrict__ in0,
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_pch_clip_6_2_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -660,7 +662,7 @@ extern "C" __global__ void hbp_pch_clip_6_2_double(const double* __restrict__ in
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_pch_clip_6_3_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_3_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -671,7 +673,7 @@ extern "C" __global__ void hbp_pch_clip_6_3_float(const float* __restrict__ in0,
     out[i] = fn_tanh_1_float(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_6_3_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_3_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -682,7 +684,7 @@ extern "C" __global__ void hbp_pch_clip_6_3_double(const double* __restrict__ in
     out[i] = fn_tanh_1_double(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_7_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_7_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -693,7 +695,7 @@ extern "C" __global__ void hbp_pch_clip_7_0_float(const float* __restrict__ in0,
     out[i] = ((c0 * in0[r * cols + c]) + in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_7_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_7_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -704,7 +706,7 @@ extern "C" __global__ void hbp_pch_clip_7_0_double(const double* __restrict__ in
     out[i] = ((c0 * in0[r * cols + c]) + in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_7_1_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_7_1_1_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -715,7 +717,7 @@ extern "C" __global__ void hbp_pch_clip_7_1_float(const float* __restrict__ in0,
     out[i] = (c0 * in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_7_1_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_7_1_1_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -726,7 +728,7 @@ extern "C" __global__ void hbp_pch_clip_7_1_double(const double* __restrict__ in
     out[i] = (c0 * in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_7_2_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_7_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -744,7 +746,7 @@ extern "C" __global__ void hbp_pch_clip_7_2_float(const float* __restrict__ in0,
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_pch_clip_7_2_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_7_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -762,7 +764,7 @@ extern "C" __global__ void hbp_pch_clip_7_2_double(const double* __restrict__ in
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_pch_clip_7_3_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_7_1_3_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -780,7 +782,7 @@ extern "C" __global__ void hbp_pch_clip_7_3_float(const float* __restrict__ in0,
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_pch_clip_7_3_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_7_1_3_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -824,8 +826,8 @@ def _launch(name, shape, out_shape, inputs, coefficients, reduce):
     return out
 
 
-def _plus_diagonal(m, v):
-    out = xp.array(m, copy=True)
+def _plus_diagonal(m, v, copy):
+    out = xp.array(m, copy=True) if copy or m.base is not None else m  # views and arguments are copied
     index = xp.arange(out.shape[0])
     out[index, index] += xp.reshape(xp.asarray(v, dtype=out.dtype), (-1,))
     return out
@@ -858,6 +860,13 @@ def _psd_clip(a):
     return (v * xp.maximum(w, 0.0)) @ v.T
 
 
+def _kron(scale, a, b):
+    """Kronecker factors with a scalar folded into the smaller one (the cheaper pass)."""
+    if isinstance(scale, (int, float)) and scale == 1:
+        return a, b
+    return (a * scale, b) if a.size <= b.size else (a, b * scale)
+
+
 
 def _dims(P, S):
     return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], }
@@ -871,131 +880,215 @@ def forward(P, S):
     return {"Z": t0}
 
 
-def gradients(P, S):
-    """δ of every input (size, B) and parameter (summed over the batch); S['dz'] holds δZ."""
+def _gradients_all(P, S):
     B, n = _dims(P, S).values()
-    t1 = _launch('gradients_0', (n, B), (n, B), [S['dz'], S['x']], [], False)
+    t1 = _launch('gradients_1_0', (n, B), (n, B), [S['dz'], S['x']], [], False)
 
     return {"x": t1, }
 
 
-def hbp_exact_6(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (6): one block per input and parameter."""
+def _gradients_params(P, S):
     B, n = _dims(P, S).values()
-    t0 = _launch('hbp_exact_6_2', (n, B), (n, B), [S['x']], [], False)
+
+    return {}
+
+
+def gradients(P, S, inputs=True):
+    """δ of every input (size, B) and parameter (summed over the batch); S['dz'] holds δZ.
+
+    ``inputs=False`` skips the inputs (a first layer's data needs no gradient)."""
+    return _gradients_all(P, S) if inputs else _gradients_params(P, S)
+
+
+def _hbp_exact_6_all(P, S, Hz):
+    """Batch HBP, curvature exact, approximation (6)."""
+    B, n = _dims(P, S).values()
+    t0 = _launch('hbp_exact_6_1_2', (n, B), (n, B), [S['x']], [], False)
     t1 = t0.T
     t2 = (t0 @ t1)
-    t7 = _launch('hbp_exact_6_1', (n, B), (n, 1), [S['dz'], S['x']], [], True)
-    t8 = _launch('hbp_exact_6_0', (n, n), (n, n), [t2, Hz, t7], [1/B], False)
+    t7 = _launch('hbp_exact_6_1_1', (n, B), (n, 1), [S['dz'], S['x']], [], True)
+    t8 = _launch('hbp_exact_6_1_0', (n, n), (n, n), [t2, Hz, t7], [1/B], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t8),
     }
 
-def hbp_exact_7(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (7): one block per input and parameter."""
+def _hbp_exact_6_params(P, S, Hz):
+    """Batch HBP, curvature exact, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
-    t1 = _launch('hbp_exact_7_2', (n, B), (n, 1), [S['x']], [], True)
+
+    return {
+    }
+
+def _hbp_exact_7_all(P, S, Hz):
+    """Batch HBP, curvature exact, approximation (7)."""
+    B, n = _dims(P, S).values()
+    t1 = _launch('hbp_exact_7_1_2', (n, B), (n, 1), [S['x']], [], True)
     t2 = ((t1 * Hz) * t1.T)
     t4 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
-    t7 = _launch('hbp_exact_7_1', (n, B), (n, 1), [t4, S['x']], [], True)
-    t8 = _launch('hbp_exact_7_0', (n, n), (n, n), [t2, t7], [B**(-2), 1/B], False)
+    t7 = _launch('hbp_exact_7_1_1', (n, B), (n, 1), [t4, S['x']], [], True)
+    t8 = _launch('hbp_exact_7_1_0', (n, n), (n, n), [t2, t7], [B**(-2), 1/B], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t8),
     }
 
-def hbp_ggn_6(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (6): one block per input and parameter."""
+def _hbp_exact_7_params(P, S, Hz):
+    """Batch HBP, curvature exact, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
-    t0 = _launch('hbp_ggn_6_1', (n, B), (n, B), [S['x']], [], False)
+
+    return {
+    }
+
+def _hbp_ggn_6_all(P, S, Hz):
+    """Batch HBP, curvature ggn, approximation (6)."""
+    B, n = _dims(P, S).values()
+    t0 = _launch('hbp_ggn_6_1_1', (n, B), (n, B), [S['x']], [], False)
     t1 = t0.T
     t2 = (t0 @ t1)
-    t4 = _launch('hbp_ggn_6_0', (n, n), (n, n), [t2, Hz], [1/B], False)
+    t4 = _launch('hbp_ggn_6_1_0', (n, n), (n, n), [t2, Hz], [1/B], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t4),
     }
 
-def hbp_ggn_7(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (7): one block per input and parameter."""
+def _hbp_ggn_6_params(P, S, Hz):
+    """Batch HBP, curvature ggn, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
-    t1 = _launch('hbp_ggn_7_1', (n, B), (n, 1), [S['x']], [], True)
+
+    return {
+    }
+
+def _hbp_ggn_7_all(P, S, Hz):
+    """Batch HBP, curvature ggn, approximation (7)."""
+    B, n = _dims(P, S).values()
+    t1 = _launch('hbp_ggn_7_1_1', (n, B), (n, 1), [S['x']], [], True)
     t2 = ((t1 * Hz) * t1.T)
-    t3 = _launch('hbp_ggn_7_0', (n, n), (n, n), [t2], [B**(-2)], False)
+    t3 = _launch('hbp_ggn_7_1_0', (n, n), (n, n), [t2], [B**(-2)], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t3),
     }
 
-def hbp_pch_abs_6(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (6): one block per input and parameter."""
+def _hbp_ggn_7_params(P, S, Hz):
+    """Batch HBP, curvature ggn, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
-    t0 = _launch('hbp_pch_abs_6_3', (n, B), (n, B), [S['x']], [], False)
+
+    return {
+    }
+
+def _hbp_pch_abs_6_all(P, S, Hz):
+    """Batch HBP, curvature pch-abs, approximation (6)."""
+    B, n = _dims(P, S).values()
+    t0 = _launch('hbp_pch_abs_6_1_3', (n, B), (n, B), [S['x']], [], False)
     t1 = t0.T
     t2 = (t0 @ t1)
-    t7 = _launch('hbp_pch_abs_6_2', (n, B), (n, 1), [S['dz'], S['x']], [], True)
-    t8 = _launch('hbp_pch_abs_6_1', (n, 1), (n, 1), [t7], [], False)
-    t9 = _launch('hbp_pch_abs_6_0', (n, n), (n, n), [t2, Hz, t8], [1/B], False)
+    t7 = _launch('hbp_pch_abs_6_1_2', (n, B), (n, 1), [S['dz'], S['x']], [], True)
+    t8 = _launch('hbp_pch_abs_6_1_1', (n, 1), (n, 1), [t7], [], False)
+    t9 = _launch('hbp_pch_abs_6_1_0', (n, n), (n, n), [t2, Hz, t8], [1/B], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t9),
     }
 
-def hbp_pch_abs_7(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (7): one block per input and parameter."""
+def _hbp_pch_abs_6_params(P, S, Hz):
+    """Batch HBP, curvature pch-abs, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
-    t1 = _launch('hbp_pch_abs_7_3', (n, B), (n, 1), [S['x']], [], True)
+
+    return {
+    }
+
+def _hbp_pch_abs_7_all(P, S, Hz):
+    """Batch HBP, curvature pch-abs, approximation (7)."""
+    B, n = _dims(P, S).values()
+    t1 = _launch('hbp_pch_abs_7_1_3', (n, B), (n, 1), [S['x']], [], True)
     t2 = ((t1 * Hz) * t1.T)
     t4 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
-    t7 = _launch('hbp_pch_abs_7_2', (n, B), (n, 1), [t4, S['x']], [], True)
+    t7 = _launch('hbp_pch_abs_7_1_2', (n, B), (n, 1), [t4, S['x']], [], True)
     t8 = xp.diagflat(t7)
-    t9 = _launch('hbp_pch_abs_7_1', (n, n), (n, n), [t8], [1/B], False)
+    t9 = _launch('hbp_pch_abs_7_1_1', (n, n), (n, n), [t8], [1/B], False)
     t10 = _psd_abs(t9)
-    t11 = _launch('hbp_pch_abs_7_0', (n, n), (n, n), [t2, t10], [B**(-2)], False)
+    t11 = _launch('hbp_pch_abs_7_1_0', (n, n), (n, n), [t2, t10], [B**(-2)], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t11),
     }
 
-def hbp_pch_clip_6(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (6): one block per input and parameter."""
+def _hbp_pch_abs_7_params(P, S, Hz):
+    """Batch HBP, curvature pch-abs, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
-    t0 = _launch('hbp_pch_clip_6_3', (n, B), (n, B), [S['x']], [], False)
+
+    return {
+    }
+
+def _hbp_pch_clip_6_all(P, S, Hz):
+    """Batch HBP, curvature pch-clip, approximation (6)."""
+    B, n = _dims(P, S).values()
+    t0 = _launch('hbp_pch_clip_6_1_3', (n, B), (n, B), [S['x']], [], False)
     t1 = t0.T
     t2 = (t0 @ t1)
-    t7 = _launch('hbp_pch_clip_6_2', (n, B), (n, 1), [S['dz'], S['x']], [], True)
-    t8 = _launch('hbp_pch_clip_6_1', (n, 1), (n, 1), [t7], [], False)
-    t9 = _launch('hbp_pch_clip_6_0', (n, n), (n, n), [t2, Hz, t8], [1/B], False)
+    t7 = _launch('hbp_pch_clip_6_1_2', (n, B), (n, 1), [S['dz'], S['x']], [], True)
+    t8 = _launch('hbp_pch_clip_6_1_1', (n, 1), (n, 1), [t7], [], False)
+    t9 = _launch('hbp_pch_clip_6_1_0', (n, n), (n, n), [t2, Hz, t8], [1/B], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t9),
     }
 
-def hbp_pch_clip_7(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (7): one block per input and parameter."""
+def _hbp_pch_clip_6_params(P, S, Hz):
+    """Batch HBP, curvature pch-clip, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
-    t1 = _launch('hbp_pch_clip_7_3', (n, B), (n, 1), [S['x']], [], True)
+
+    return {
+    }
+
+def _hbp_pch_clip_7_all(P, S, Hz):
+    """Batch HBP, curvature pch-clip, approximation (7)."""
+    B, n = _dims(P, S).values()
+    t1 = _launch('hbp_pch_clip_7_1_3', (n, B), (n, 1), [S['x']], [], True)
     t2 = ((t1 * Hz) * t1.T)
     t4 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
-    t7 = _launch('hbp_pch_clip_7_2', (n, B), (n, 1), [t4, S['x']], [], True)
+    t7 = _launch('hbp_pch_clip_7_1_2', (n, B), (n, 1), [t4, S['x']], [], True)
     t8 = xp.diagflat(t7)
-    t9 = _launch('hbp_pch_clip_7_1', (n, n), (n, n), [t8], [1/B], False)
+    t9 = _launch('hbp_pch_clip_7_1_1', (n, n), (n, n), [t8], [1/B], False)
     t10 = _psd_clip(t9)
-    t11 = _launch('hbp_pch_clip_7_0', (n, n), (n, n), [t2, t10], [B**(-2)], False)
+    t11 = _launch('hbp_pch_clip_7_1_0', (n, n), (n, n), [t2, t10], [B**(-2)], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t11),
     }
 
+def _hbp_pch_clip_7_params(P, S, Hz):
+    """Batch HBP, curvature pch-clip, approximation (7), parameters only."""
+    B, n = _dims(P, S).values()
 
-HBP = {
-    ("exact", "6"): hbp_exact_6,
-    ("exact", "7"): hbp_exact_7,
-    ("ggn", "6"): hbp_ggn_6,
-    ("ggn", "7"): hbp_ggn_7,
-    ("pch-abs", "6"): hbp_pch_abs_6,
-    ("pch-abs", "7"): hbp_pch_abs_7,
-    ("pch-clip", "6"): hbp_pch_clip_6,
-    ("pch-clip", "7"): hbp_pch_clip_7,
+    return {
+    }
+
+
+def _hbp(curvature, approximation):
+    def run(P, S, Hz, inputs=True):
+        """Curvature blocks of every input and parameter (parameters only when ``inputs=False``)."""
+        return _HBP[(curvature, approximation, inputs)](P, S, Hz)
+    return run
+
+
+_HBP = {
+    ("exact", "6", True): _hbp_exact_6_all,
+    ("exact", "6", False): _hbp_exact_6_params,
+    ("exact", "7", True): _hbp_exact_7_all,
+    ("exact", "7", False): _hbp_exact_7_params,
+    ("ggn", "6", True): _hbp_ggn_6_all,
+    ("ggn", "6", False): _hbp_ggn_6_params,
+    ("ggn", "7", True): _hbp_ggn_7_all,
+    ("ggn", "7", False): _hbp_ggn_7_params,
+    ("pch-abs", "6", True): _hbp_pch_abs_6_all,
+    ("pch-abs", "6", False): _hbp_pch_abs_6_params,
+    ("pch-abs", "7", True): _hbp_pch_abs_7_all,
+    ("pch-abs", "7", False): _hbp_pch_abs_7_params,
+    ("pch-clip", "6", True): _hbp_pch_clip_6_all,
+    ("pch-clip", "6", False): _hbp_pch_clip_6_params,
+    ("pch-clip", "7", True): _hbp_pch_clip_7_all,
+    ("pch-clip", "7", False): _hbp_pch_clip_7_params,
 }
+HBP = {(c, a): _hbp(c, a) for c, a, _ in _HBP}

@@ -14,8 +14,8 @@ PARAMS = ["W", "b"]
 VARIABLES = ["x", "W", "b"]
 
 
-def _plus_diagonal(m, v):
-    out = xp.array(m, copy=True)
+def _plus_diagonal(m, v, copy):
+    out = xp.array(m, copy=True) if copy or m.base is not None else m  # views and arguments are copied
     index = xp.arange(out.shape[0])
     out[index, index] += xp.reshape(xp.asarray(v, dtype=out.dtype), (-1,))
     return out
@@ -48,6 +48,13 @@ def _psd_clip(a):
     return (v * xp.maximum(w, 0.0)) @ v.T
 
 
+def _kron(scale, a, b):
+    """Kronecker factors with a scalar folded into the smaller one (the cheaper pass)."""
+    if isinstance(scale, (int, float)) and scale == 1:
+        return a, b
+    return (a * scale, b) if a.size <= b.size else (a, b * scale)
+
+
 
 def _dims(P, S):
     return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], "m": P['W'].shape[0], }
@@ -63,8 +70,7 @@ def forward(P, S):
     return {"Z": t2}
 
 
-def gradients(P, S):
-    """δ of every input (size, B) and parameter (summed over the batch); S['dz'] holds δZ."""
+def _gradients_all(P, S):
     B, n, m = _dims(P, S).values()
     t0 = P['W'].T
     t1 = (t0 @ S['dz'])
@@ -75,134 +81,262 @@ def gradients(P, S):
     return {"x": t1, "W": t3, "b": t4, }
 
 
-def hbp_exact_6(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (6): one block per input and parameter."""
+def _gradients_params(P, S):
+    B, n, m = _dims(P, S).values()
+    t0 = S['x'].T
+    t1 = (S['dz'] @ t0)
+    t2 = S['dz'].sum(axis=1, keepdims=True)
+
+    return {"W": t1, "b": t2, }
+
+
+def gradients(P, S, inputs=True):
+    """δ of every input (size, B) and parameter (summed over the batch); S['dz'] holds δZ.
+
+    ``inputs=False`` skips the inputs (a first layer's data needs no gradient)."""
+    return _gradients_all(P, S) if inputs else _gradients_params(P, S)
+
+
+def _hbp_exact_6_all(P, S, Hz):
+    """Batch HBP, curvature exact, approximation (6)."""
     B, n, m = _dims(P, S).values()
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
-    t2 = S['x'].T
-    t3 = (S['x'] @ t2)
-    t4 = (1/B) * t3
+    t2 = (1/B) * xp.eye(1)
+    t3 = S['x'].T
+    t4 = (S['x'] @ t3)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t1),
-        "W": CurvatureBlock(kron=[(t4, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t2, t4, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def hbp_exact_7(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (7): one block per input and parameter."""
+def _hbp_exact_6_params(P, S, Hz):
+    """Batch HBP, curvature exact, approximation (6), parameters only."""
+    B, n, m = _dims(P, S).values()
+    t0 = (1/B) * xp.eye(1)
+    t1 = S['x'].T
+    t2 = (S['x'] @ t1)
+
+    return {
+        "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),
+        "b": CurvatureBlock(kron=[], dense=Hz),
+    }
+
+def _hbp_exact_7_all(P, S, Hz):
+    """Batch HBP, curvature exact, approximation (7)."""
     B, n, m = _dims(P, S).values()
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
-    t2 = S['x'].T
-    t3 = (xp.broadcast_to(S['x'].sum(axis=1, keepdims=True), (n, B)) @ t2)
-    t4 = (B**(-2)) * t3
+    t2 = (B**(-2)) * xp.eye(1)
+    t3 = S['x'].T
+    t4 = (xp.broadcast_to(S['x'].sum(axis=1, keepdims=True), (n, B)) @ t3)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t1),
-        "W": CurvatureBlock(kron=[(t4, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t2, t4, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def hbp_ggn_6(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (6): one block per input and parameter."""
+def _hbp_exact_7_params(P, S, Hz):
+    """Batch HBP, curvature exact, approximation (7), parameters only."""
+    B, n, m = _dims(P, S).values()
+    t0 = (B**(-2)) * xp.eye(1)
+    t1 = S['x'].T
+    t2 = (xp.broadcast_to(S['x'].sum(axis=1, keepdims=True), (n, B)) @ t1)
+
+    return {
+        "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),
+        "b": CurvatureBlock(kron=[], dense=Hz),
+    }
+
+def _hbp_ggn_6_all(P, S, Hz):
+    """Batch HBP, curvature ggn, approximation (6)."""
     B, n, m = _dims(P, S).values()
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
-    t2 = S['x'].T
-    t3 = (S['x'] @ t2)
-    t4 = (1/B) * t3
+    t2 = (1/B) * xp.eye(1)
+    t3 = S['x'].T
+    t4 = (S['x'] @ t3)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t1),
-        "W": CurvatureBlock(kron=[(t4, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t2, t4, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def hbp_ggn_7(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (7): one block per input and parameter."""
+def _hbp_ggn_6_params(P, S, Hz):
+    """Batch HBP, curvature ggn, approximation (6), parameters only."""
+    B, n, m = _dims(P, S).values()
+    t0 = (1/B) * xp.eye(1)
+    t1 = S['x'].T
+    t2 = (S['x'] @ t1)
+
+    return {
+        "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),
+        "b": CurvatureBlock(kron=[], dense=Hz),
+    }
+
+def _hbp_ggn_7_all(P, S, Hz):
+    """Batch HBP, curvature ggn, approximation (7)."""
     B, n, m = _dims(P, S).values()
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
-    t2 = S['x'].T
-    t3 = (xp.broadcast_to(S['x'].sum(axis=1, keepdims=True), (n, B)) @ t2)
-    t4 = (B**(-2)) * t3
+    t2 = (B**(-2)) * xp.eye(1)
+    t3 = S['x'].T
+    t4 = (xp.broadcast_to(S['x'].sum(axis=1, keepdims=True), (n, B)) @ t3)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t1),
-        "W": CurvatureBlock(kron=[(t4, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t2, t4, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def hbp_pch_abs_6(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (6): one block per input and parameter."""
+def _hbp_ggn_7_params(P, S, Hz):
+    """Batch HBP, curvature ggn, approximation (7), parameters only."""
+    B, n, m = _dims(P, S).values()
+    t0 = (B**(-2)) * xp.eye(1)
+    t1 = S['x'].T
+    t2 = (xp.broadcast_to(S['x'].sum(axis=1, keepdims=True), (n, B)) @ t1)
+
+    return {
+        "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),
+        "b": CurvatureBlock(kron=[], dense=Hz),
+    }
+
+def _hbp_pch_abs_6_all(P, S, Hz):
+    """Batch HBP, curvature pch-abs, approximation (6)."""
     B, n, m = _dims(P, S).values()
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
-    t2 = S['x'].T
-    t3 = (S['x'] @ t2)
-    t4 = (1/B) * t3
+    t2 = (1/B) * xp.eye(1)
+    t3 = S['x'].T
+    t4 = (S['x'] @ t3)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t1),
-        "W": CurvatureBlock(kron=[(t4, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t2, t4, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def hbp_pch_abs_7(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (7): one block per input and parameter."""
+def _hbp_pch_abs_6_params(P, S, Hz):
+    """Batch HBP, curvature pch-abs, approximation (6), parameters only."""
+    B, n, m = _dims(P, S).values()
+    t0 = (1/B) * xp.eye(1)
+    t1 = S['x'].T
+    t2 = (S['x'] @ t1)
+
+    return {
+        "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),
+        "b": CurvatureBlock(kron=[], dense=Hz),
+    }
+
+def _hbp_pch_abs_7_all(P, S, Hz):
+    """Batch HBP, curvature pch-abs, approximation (7)."""
     B, n, m = _dims(P, S).values()
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
-    t2 = S['x'].T
-    t3 = (xp.broadcast_to(S['x'].sum(axis=1, keepdims=True), (n, B)) @ t2)
-    t4 = (B**(-2)) * t3
+    t2 = (B**(-2)) * xp.eye(1)
+    t3 = S['x'].T
+    t4 = (xp.broadcast_to(S['x'].sum(axis=1, keepdims=True), (n, B)) @ t3)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t1),
-        "W": CurvatureBlock(kron=[(t4, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t2, t4, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def hbp_pch_clip_6(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (6): one block per input and parameter."""
+def _hbp_pch_abs_7_params(P, S, Hz):
+    """Batch HBP, curvature pch-abs, approximation (7), parameters only."""
+    B, n, m = _dims(P, S).values()
+    t0 = (B**(-2)) * xp.eye(1)
+    t1 = S['x'].T
+    t2 = (xp.broadcast_to(S['x'].sum(axis=1, keepdims=True), (n, B)) @ t1)
+
+    return {
+        "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),
+        "b": CurvatureBlock(kron=[], dense=Hz),
+    }
+
+def _hbp_pch_clip_6_all(P, S, Hz):
+    """Batch HBP, curvature pch-clip, approximation (6)."""
     B, n, m = _dims(P, S).values()
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
-    t2 = S['x'].T
-    t3 = (S['x'] @ t2)
-    t4 = (1/B) * t3
+    t2 = (1/B) * xp.eye(1)
+    t3 = S['x'].T
+    t4 = (S['x'] @ t3)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t1),
-        "W": CurvatureBlock(kron=[(t4, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t2, t4, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def hbp_pch_clip_7(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (7): one block per input and parameter."""
+def _hbp_pch_clip_6_params(P, S, Hz):
+    """Batch HBP, curvature pch-clip, approximation (6), parameters only."""
+    B, n, m = _dims(P, S).values()
+    t0 = (1/B) * xp.eye(1)
+    t1 = S['x'].T
+    t2 = (S['x'] @ t1)
+
+    return {
+        "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),
+        "b": CurvatureBlock(kron=[], dense=Hz),
+    }
+
+def _hbp_pch_clip_7_all(P, S, Hz):
+    """Batch HBP, curvature pch-clip, approximation (7)."""
     B, n, m = _dims(P, S).values()
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
-    t2 = S['x'].T
-    t3 = (xp.broadcast_to(S['x'].sum(axis=1, keepdims=True), (n, B)) @ t2)
-    t4 = (B**(-2)) * t3
+    t2 = (B**(-2)) * xp.eye(1)
+    t3 = S['x'].T
+    t4 = (xp.broadcast_to(S['x'].sum(axis=1, keepdims=True), (n, B)) @ t3)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t1),
-        "W": CurvatureBlock(kron=[(t4, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t2, t4, Hz), ], dense=None),
+        "b": CurvatureBlock(kron=[], dense=Hz),
+    }
+
+def _hbp_pch_clip_7_params(P, S, Hz):
+    """Batch HBP, curvature pch-clip, approximation (7), parameters only."""
+    B, n, m = _dims(P, S).values()
+    t0 = (B**(-2)) * xp.eye(1)
+    t1 = S['x'].T
+    t2 = (xp.broadcast_to(S['x'].sum(axis=1, keepdims=True), (n, B)) @ t1)
+
+    return {
+        "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 
-HBP = {
-    ("exact", "6"): hbp_exact_6,
-    ("exact", "7"): hbp_exact_7,
-    ("ggn", "6"): hbp_ggn_6,
-    ("ggn", "7"): hbp_ggn_7,
-    ("pch-abs", "6"): hbp_pch_abs_6,
-    ("pch-abs", "7"): hbp_pch_abs_7,
-    ("pch-clip", "6"): hbp_pch_clip_6,
-    ("pch-clip", "7"): hbp_pch_clip_7,
+def _hbp(curvature, approximation):
+    def run(P, S, Hz, inputs=True):
+        """Curvature blocks of every input and parameter (parameters only when ``inputs=False``)."""
+        return _HBP[(curvature, approximation, inputs)](P, S, Hz)
+    return run
+
+
+_HBP = {
+    ("exact", "6", True): _hbp_exact_6_all,
+    ("exact", "6", False): _hbp_exact_6_params,
+    ("exact", "7", True): _hbp_exact_7_all,
+    ("exact", "7", False): _hbp_exact_7_params,
+    ("ggn", "6", True): _hbp_ggn_6_all,
+    ("ggn", "6", False): _hbp_ggn_6_params,
+    ("ggn", "7", True): _hbp_ggn_7_all,
+    ("ggn", "7", False): _hbp_ggn_7_params,
+    ("pch-abs", "6", True): _hbp_pch_abs_6_all,
+    ("pch-abs", "6", False): _hbp_pch_abs_6_params,
+    ("pch-abs", "7", True): _hbp_pch_abs_7_all,
+    ("pch-abs", "7", False): _hbp_pch_abs_7_params,
+    ("pch-clip", "6", True): _hbp_pch_clip_6_all,
+    ("pch-clip", "6", False): _hbp_pch_clip_6_params,
+    ("pch-clip", "7", True): _hbp_pch_clip_7_all,
+    ("pch-clip", "7", False): _hbp_pch_clip_7_params,
 }
+HBP = {(c, a): _hbp(c, a) for c, a, _ in _HBP}

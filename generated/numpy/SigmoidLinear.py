@@ -23,14 +23,16 @@ def _fn_sigmoid_0(t):
     return (1 + xp.exp(-t))**(-1.0)
 
 def _fn_sigmoid_1(t):
-    return (1/4)/xp.cosh((1/2)*t)**2
+    s = (1 + xp.exp(-t))**(-1.0)
+    return s*(1 - s)
 
 def _fn_sigmoid_2(t):
-    return -1/4*xp.sinh((1/2)*t)/xp.cosh((1/2)*t)**3
+    s = (1 + xp.exp(-t))**(-1.0)
+    return s*(s - 1)*(2*s - 1)
 
 
-def _plus_diagonal(m, v):
-    out = xp.array(m, copy=True)
+def _plus_diagonal(m, v, copy):
+    out = xp.array(m, copy=True) if copy or m.base is not None else m  # views and arguments are copied
     index = xp.arange(out.shape[0])
     out[index, index] += xp.reshape(xp.asarray(v, dtype=out.dtype), (-1,))
     return out
@@ -63,6 +65,13 @@ def _psd_clip(a):
     return (v * xp.maximum(w, 0.0)) @ v.T
 
 
+def _kron(scale, a, b):
+    """Kronecker factors with a scalar folded into the smaller one (the cheaper pass)."""
+    if isinstance(scale, (int, float)) and scale == 1:
+        return a, b
+    return (a * scale, b) if a.size <= b.size else (a, b * scale)
+
+
 
 def _dims(P, S):
     return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], "m": P['W'].shape[0], }
@@ -79,8 +88,7 @@ def forward(P, S):
     return {"Z": t3}
 
 
-def gradients(P, S):
-    """δ of every input (size, B) and parameter (summed over the batch); S['dz'] holds δZ."""
+def _gradients_all(P, S):
     B, n, m = _dims(P, S).values()
     t0 = P['W'].T
     t1 = (t0 @ S['dz'])
@@ -94,8 +102,25 @@ def gradients(P, S):
     return {"x": t3, "W": t6, "b": t7, }
 
 
-def hbp_exact_6(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (6): one block per input and parameter."""
+def _gradients_params(P, S):
+    B, n, m = _dims(P, S).values()
+    t0 = _fn_sigmoid_0(S['x'])
+    t1 = t0.T
+    t2 = (S['dz'] @ t1)
+    t3 = S['dz'].sum(axis=1, keepdims=True)
+
+    return {"W": t2, "b": t3, }
+
+
+def gradients(P, S, inputs=True):
+    """δ of every input (size, B) and parameter (summed over the batch); S['dz'] holds δZ.
+
+    ``inputs=False`` skips the inputs (a first layer's data needs no gradient)."""
+    return _gradients_all(P, S) if inputs else _gradients_params(P, S)
+
+
+def _hbp_exact_6_all(P, S, Hz):
+    """Batch HBP, curvature exact, approximation (6)."""
     B, n, m = _dims(P, S).values()
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
@@ -108,20 +133,33 @@ def hbp_exact_6(P, S, Hz):
     t8 = _fn_sigmoid_2(S['x'])
     t9 = t7 * t8
     t10 = t9.sum(axis=1, keepdims=True)
-    t11 = _plus_diagonal(t6, t10)
-    t12 = _fn_sigmoid_0(S['x'])
-    t13 = t12.T
-    t14 = (t12 @ t13)
-    t15 = (1/B) * t14
+    t11 = _plus_diagonal(t6, t10, copy=False)
+    t12 = (1/B) * xp.eye(1)
+    t13 = _fn_sigmoid_0(S['x'])
+    t14 = t13.T
+    t15 = (t13 @ t14)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t11),
-        "W": CurvatureBlock(kron=[(t15, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t12, t15, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def hbp_exact_7(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (7): one block per input and parameter."""
+def _hbp_exact_6_params(P, S, Hz):
+    """Batch HBP, curvature exact, approximation (6), parameters only."""
+    B, n, m = _dims(P, S).values()
+    t0 = (1/B) * xp.eye(1)
+    t1 = _fn_sigmoid_0(S['x'])
+    t2 = t1.T
+    t3 = (t1 @ t2)
+
+    return {
+        "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),
+        "b": CurvatureBlock(kron=[], dense=Hz),
+    }
+
+def _hbp_exact_7_all(P, S, Hz):
+    """Batch HBP, curvature exact, approximation (7)."""
     B, n, m = _dims(P, S).values()
     t0 = _fn_sigmoid_1(S['x'])
     t1 = t0.sum(axis=1, keepdims=True)
@@ -132,20 +170,33 @@ def hbp_exact_7(P, S, Hz):
     t6 = _fn_sigmoid_2(S['x'])
     t7 = t5 * t6
     t8 = t7.sum(axis=1, keepdims=True)
-    t9 = _plus_diagonal(t4, (1/B) * t8)
-    t10 = _fn_sigmoid_0(S['x'])
-    t11 = t10.T
-    t12 = (xp.broadcast_to(t10.sum(axis=1, keepdims=True), (n, B)) @ t11)
-    t13 = (B**(-2)) * t12
+    t9 = _plus_diagonal(t4, (1/B) * t8, copy=False)
+    t10 = (B**(-2)) * xp.eye(1)
+    t11 = _fn_sigmoid_0(S['x'])
+    t12 = t11.T
+    t13 = (xp.broadcast_to(t11.sum(axis=1, keepdims=True), (n, B)) @ t12)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t9),
-        "W": CurvatureBlock(kron=[(t13, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t10, t13, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def hbp_ggn_6(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (6): one block per input and parameter."""
+def _hbp_exact_7_params(P, S, Hz):
+    """Batch HBP, curvature exact, approximation (7), parameters only."""
+    B, n, m = _dims(P, S).values()
+    t0 = (B**(-2)) * xp.eye(1)
+    t1 = _fn_sigmoid_0(S['x'])
+    t2 = t1.T
+    t3 = (xp.broadcast_to(t1.sum(axis=1, keepdims=True), (n, B)) @ t2)
+
+    return {
+        "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),
+        "b": CurvatureBlock(kron=[], dense=Hz),
+    }
+
+def _hbp_ggn_6_all(P, S, Hz):
+    """Batch HBP, curvature ggn, approximation (6)."""
     B, n, m = _dims(P, S).values()
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
@@ -154,38 +205,64 @@ def hbp_ggn_6(P, S, Hz):
     t4 = (t2 @ t3)
     t5 = t1 * t4
     t6 = (1/B) * t5
-    t7 = _fn_sigmoid_0(S['x'])
-    t8 = t7.T
-    t9 = (t7 @ t8)
-    t10 = (1/B) * t9
+    t7 = (1/B) * xp.eye(1)
+    t8 = _fn_sigmoid_0(S['x'])
+    t9 = t8.T
+    t10 = (t8 @ t9)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t6),
-        "W": CurvatureBlock(kron=[(t10, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t7, t10, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def hbp_ggn_7(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (7): one block per input and parameter."""
+def _hbp_ggn_6_params(P, S, Hz):
+    """Batch HBP, curvature ggn, approximation (6), parameters only."""
+    B, n, m = _dims(P, S).values()
+    t0 = (1/B) * xp.eye(1)
+    t1 = _fn_sigmoid_0(S['x'])
+    t2 = t1.T
+    t3 = (t1 @ t2)
+
+    return {
+        "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),
+        "b": CurvatureBlock(kron=[], dense=Hz),
+    }
+
+def _hbp_ggn_7_all(P, S, Hz):
+    """Batch HBP, curvature ggn, approximation (7)."""
     B, n, m = _dims(P, S).values()
     t0 = _fn_sigmoid_1(S['x'])
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = P['W'].T
     t3 = ((((t1 * t2) @ Hz) @ P['W']) * t1.T)
     t4 = (B**(-2)) * t3
-    t5 = _fn_sigmoid_0(S['x'])
-    t6 = t5.T
-    t7 = (xp.broadcast_to(t5.sum(axis=1, keepdims=True), (n, B)) @ t6)
-    t8 = (B**(-2)) * t7
+    t5 = (B**(-2)) * xp.eye(1)
+    t6 = _fn_sigmoid_0(S['x'])
+    t7 = t6.T
+    t8 = (xp.broadcast_to(t6.sum(axis=1, keepdims=True), (n, B)) @ t7)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t4),
-        "W": CurvatureBlock(kron=[(t8, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t5, t8, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def hbp_pch_abs_6(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (6): one block per input and parameter."""
+def _hbp_ggn_7_params(P, S, Hz):
+    """Batch HBP, curvature ggn, approximation (7), parameters only."""
+    B, n, m = _dims(P, S).values()
+    t0 = (B**(-2)) * xp.eye(1)
+    t1 = _fn_sigmoid_0(S['x'])
+    t2 = t1.T
+    t3 = (xp.broadcast_to(t1.sum(axis=1, keepdims=True), (n, B)) @ t2)
+
+    return {
+        "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),
+        "b": CurvatureBlock(kron=[], dense=Hz),
+    }
+
+def _hbp_pch_abs_6_all(P, S, Hz):
+    """Batch HBP, curvature pch-abs, approximation (6)."""
     B, n, m = _dims(P, S).values()
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
@@ -199,20 +276,33 @@ def hbp_pch_abs_6(P, S, Hz):
     t9 = t7 * t8
     t10 = t9.sum(axis=1, keepdims=True)
     t11 = _fn_abs_0(t10)
-    t12 = _plus_diagonal(t6, t11)
-    t13 = _fn_sigmoid_0(S['x'])
-    t14 = t13.T
-    t15 = (t13 @ t14)
-    t16 = (1/B) * t15
+    t12 = _plus_diagonal(t6, t11, copy=False)
+    t13 = (1/B) * xp.eye(1)
+    t14 = _fn_sigmoid_0(S['x'])
+    t15 = t14.T
+    t16 = (t14 @ t15)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t12),
-        "W": CurvatureBlock(kron=[(t16, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t13, t16, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def hbp_pch_abs_7(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (7): one block per input and parameter."""
+def _hbp_pch_abs_6_params(P, S, Hz):
+    """Batch HBP, curvature pch-abs, approximation (6), parameters only."""
+    B, n, m = _dims(P, S).values()
+    t0 = (1/B) * xp.eye(1)
+    t1 = _fn_sigmoid_0(S['x'])
+    t2 = t1.T
+    t3 = (t1 @ t2)
+
+    return {
+        "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),
+        "b": CurvatureBlock(kron=[], dense=Hz),
+    }
+
+def _hbp_pch_abs_7_all(P, S, Hz):
+    """Batch HBP, curvature pch-abs, approximation (7)."""
     B, n, m = _dims(P, S).values()
     t0 = _fn_sigmoid_1(S['x'])
     t1 = t0.sum(axis=1, keepdims=True)
@@ -227,19 +317,32 @@ def hbp_pch_abs_7(P, S, Hz):
     t10 = (1/B) * t9
     t11 = _psd_abs(t10)
     t12 = t4 + t11
-    t13 = _fn_sigmoid_0(S['x'])
-    t14 = t13.T
-    t15 = (xp.broadcast_to(t13.sum(axis=1, keepdims=True), (n, B)) @ t14)
-    t16 = (B**(-2)) * t15
+    t13 = (B**(-2)) * xp.eye(1)
+    t14 = _fn_sigmoid_0(S['x'])
+    t15 = t14.T
+    t16 = (xp.broadcast_to(t14.sum(axis=1, keepdims=True), (n, B)) @ t15)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t12),
-        "W": CurvatureBlock(kron=[(t16, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t13, t16, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def hbp_pch_clip_6(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (6): one block per input and parameter."""
+def _hbp_pch_abs_7_params(P, S, Hz):
+    """Batch HBP, curvature pch-abs, approximation (7), parameters only."""
+    B, n, m = _dims(P, S).values()
+    t0 = (B**(-2)) * xp.eye(1)
+    t1 = _fn_sigmoid_0(S['x'])
+    t2 = t1.T
+    t3 = (xp.broadcast_to(t1.sum(axis=1, keepdims=True), (n, B)) @ t2)
+
+    return {
+        "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),
+        "b": CurvatureBlock(kron=[], dense=Hz),
+    }
+
+def _hbp_pch_clip_6_all(P, S, Hz):
+    """Batch HBP, curvature pch-clip, approximation (6)."""
     B, n, m = _dims(P, S).values()
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
@@ -253,20 +356,33 @@ def hbp_pch_clip_6(P, S, Hz):
     t9 = t7 * t8
     t10 = t9.sum(axis=1, keepdims=True)
     t11 = _fn_relu_0(t10)
-    t12 = _plus_diagonal(t6, t11)
-    t13 = _fn_sigmoid_0(S['x'])
-    t14 = t13.T
-    t15 = (t13 @ t14)
-    t16 = (1/B) * t15
+    t12 = _plus_diagonal(t6, t11, copy=False)
+    t13 = (1/B) * xp.eye(1)
+    t14 = _fn_sigmoid_0(S['x'])
+    t15 = t14.T
+    t16 = (t14 @ t15)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t12),
-        "W": CurvatureBlock(kron=[(t16, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t13, t16, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def hbp_pch_clip_7(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (7): one block per input and parameter."""
+def _hbp_pch_clip_6_params(P, S, Hz):
+    """Batch HBP, curvature pch-clip, approximation (6), parameters only."""
+    B, n, m = _dims(P, S).values()
+    t0 = (1/B) * xp.eye(1)
+    t1 = _fn_sigmoid_0(S['x'])
+    t2 = t1.T
+    t3 = (t1 @ t2)
+
+    return {
+        "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),
+        "b": CurvatureBlock(kron=[], dense=Hz),
+    }
+
+def _hbp_pch_clip_7_all(P, S, Hz):
+    """Batch HBP, curvature pch-clip, approximation (7)."""
     B, n, m = _dims(P, S).values()
     t0 = _fn_sigmoid_1(S['x'])
     t1 = t0.sum(axis=1, keepdims=True)
@@ -281,25 +397,54 @@ def hbp_pch_clip_7(P, S, Hz):
     t10 = (1/B) * t9
     t11 = _psd_clip(t10)
     t12 = t4 + t11
-    t13 = _fn_sigmoid_0(S['x'])
-    t14 = t13.T
-    t15 = (xp.broadcast_to(t13.sum(axis=1, keepdims=True), (n, B)) @ t14)
-    t16 = (B**(-2)) * t15
+    t13 = (B**(-2)) * xp.eye(1)
+    t14 = _fn_sigmoid_0(S['x'])
+    t15 = t14.T
+    t16 = (xp.broadcast_to(t14.sum(axis=1, keepdims=True), (n, B)) @ t15)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t12),
-        "W": CurvatureBlock(kron=[(t16, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t13, t16, Hz), ], dense=None),
+        "b": CurvatureBlock(kron=[], dense=Hz),
+    }
+
+def _hbp_pch_clip_7_params(P, S, Hz):
+    """Batch HBP, curvature pch-clip, approximation (7), parameters only."""
+    B, n, m = _dims(P, S).values()
+    t0 = (B**(-2)) * xp.eye(1)
+    t1 = _fn_sigmoid_0(S['x'])
+    t2 = t1.T
+    t3 = (xp.broadcast_to(t1.sum(axis=1, keepdims=True), (n, B)) @ t2)
+
+    return {
+        "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 
-HBP = {
-    ("exact", "6"): hbp_exact_6,
-    ("exact", "7"): hbp_exact_7,
-    ("ggn", "6"): hbp_ggn_6,
-    ("ggn", "7"): hbp_ggn_7,
-    ("pch-abs", "6"): hbp_pch_abs_6,
-    ("pch-abs", "7"): hbp_pch_abs_7,
-    ("pch-clip", "6"): hbp_pch_clip_6,
-    ("pch-clip", "7"): hbp_pch_clip_7,
+def _hbp(curvature, approximation):
+    def run(P, S, Hz, inputs=True):
+        """Curvature blocks of every input and parameter (parameters only when ``inputs=False``)."""
+        return _HBP[(curvature, approximation, inputs)](P, S, Hz)
+    return run
+
+
+_HBP = {
+    ("exact", "6", True): _hbp_exact_6_all,
+    ("exact", "6", False): _hbp_exact_6_params,
+    ("exact", "7", True): _hbp_exact_7_all,
+    ("exact", "7", False): _hbp_exact_7_params,
+    ("ggn", "6", True): _hbp_ggn_6_all,
+    ("ggn", "6", False): _hbp_ggn_6_params,
+    ("ggn", "7", True): _hbp_ggn_7_all,
+    ("ggn", "7", False): _hbp_ggn_7_params,
+    ("pch-abs", "6", True): _hbp_pch_abs_6_all,
+    ("pch-abs", "6", False): _hbp_pch_abs_6_params,
+    ("pch-abs", "7", True): _hbp_pch_abs_7_all,
+    ("pch-abs", "7", False): _hbp_pch_abs_7_params,
+    ("pch-clip", "6", True): _hbp_pch_clip_6_all,
+    ("pch-clip", "6", False): _hbp_pch_clip_6_params,
+    ("pch-clip", "7", True): _hbp_pch_clip_7_all,
+    ("pch-clip", "7", False): _hbp_pch_clip_7_params,
 }
+HBP = {(c, a): _hbp(c, a) for c, a, _ in _HBP}

@@ -14,8 +14,8 @@ PARAMS = []
 VARIABLES = ["x"]
 
 
-def _plus_diagonal(m, v):
-    out = xp.array(m, copy=True)
+def _plus_diagonal(m, v, copy):
+    out = xp.array(m, copy=True) if copy or m.base is not None else m  # views and arguments are copied
     index = xp.arange(out.shape[0])
     out[index, index] += xp.reshape(xp.asarray(v, dtype=out.dtype), (-1,))
     return out
@@ -48,6 +48,13 @@ def _psd_clip(a):
     return (v * xp.maximum(w, 0.0)) @ v.T
 
 
+def _kron(scale, a, b):
+    """Kronecker factors with a scalar folded into the smaller one (the cheaper pass)."""
+    if isinstance(scale, (int, float)) and scale == 1:
+        return a, b
+    return (a * scale, b) if a.size <= b.size else (a, b * scale)
+
+
 
 def _dims(P, S):
     return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], }
@@ -61,8 +68,7 @@ def forward(P, S):
     return {"Z": t0}
 
 
-def gradients(P, S):
-    """δ of every input (size, B) and parameter (summed over the batch); S['dz'] holds δZ."""
+def _gradients_all(P, S):
     B, n = _dims(P, S).values()
     t0 = _softmax(S['x'])
     t1 = S['dz'] * t0
@@ -74,8 +80,21 @@ def gradients(P, S):
     return {"x": t5, }
 
 
-def hbp_exact_6(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (6): one block per input and parameter."""
+def _gradients_params(P, S):
+    B, n = _dims(P, S).values()
+
+    return {}
+
+
+def gradients(P, S, inputs=True):
+    """δ of every input (size, B) and parameter (summed over the batch); S['dz'] holds δZ.
+
+    ``inputs=False`` skips the inputs (a first layer's data needs no gradient)."""
+    return _gradients_all(P, S) if inputs else _gradients_params(P, S)
+
+
+def _hbp_exact_6_all(P, S, Hz):
+    """Batch HBP, curvature exact, approximation (6)."""
     B, n = _dims(P, S).values()
     def _mean0():
         total = 0.0
@@ -85,7 +104,7 @@ def hbp_exact_6(P, S, Hz):
             f0_1 = f0_0.T
             f0_2 = (f0_0 @ f0_1)
             f0_3 = (-1) * f0_2
-            f0_4 = _plus_diagonal(f0_3, f0_0)
+            f0_4 = _plus_diagonal(f0_3, f0_0, copy=False)
             f0_5 = ((f0_4 @ Hz) @ f0_4)
             total = total + f0_5
         return total / B
@@ -112,7 +131,7 @@ def hbp_exact_6(P, S, Hz):
     t19 = t15 + t18
     t20 = (t1 @ t19)
     t21 = (-1/B) * t20
-    t22 = _plus_diagonal(t13 + t21, t8)
+    t22 = _plus_diagonal(t13 + t21, t8, copy=False)
     t23 = (B) * t22
     t24 = t0 + t23
 
@@ -120,15 +139,22 @@ def hbp_exact_6(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t24),
     }
 
-def hbp_exact_7(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (7): one block per input and parameter."""
+def _hbp_exact_6_params(P, S, Hz):
+    """Batch HBP, curvature exact, approximation (6), parameters only."""
+    B, n = _dims(P, S).values()
+
+    return {
+    }
+
+def _hbp_exact_7_all(P, S, Hz):
+    """Batch HBP, curvature exact, approximation (7)."""
     B, n = _dims(P, S).values()
     t0 = _softmax(S['x'])
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = t0.T
     t3 = (t0 @ t2)
     t4 = (-1/B) * t3
-    t5 = _plus_diagonal(t4, (1/B) * t1)
+    t5 = _plus_diagonal(t4, (1/B) * t1, copy=False)
     t6 = ((t5 @ Hz) @ t5)
     t7 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
     t8 = t7 * t0
@@ -151,14 +177,21 @@ def hbp_exact_7(P, S, Hz):
     t25 = t21 + t24
     t26 = (t0 @ t25)
     t27 = (-1/B) * t26
-    t28 = _plus_diagonal(t6 + t18 + t27, t14)
+    t28 = _plus_diagonal(t6 + t18 + t27, t14, copy=False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t28),
     }
 
-def hbp_ggn_6(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (6): one block per input and parameter."""
+def _hbp_exact_7_params(P, S, Hz):
+    """Batch HBP, curvature exact, approximation (7), parameters only."""
+    B, n = _dims(P, S).values()
+
+    return {
+    }
+
+def _hbp_ggn_6_all(P, S, Hz):
+    """Batch HBP, curvature ggn, approximation (6)."""
     B, n = _dims(P, S).values()
     def _mean0():
         total = 0.0
@@ -168,7 +201,7 @@ def hbp_ggn_6(P, S, Hz):
             f0_1 = f0_0.T
             f0_2 = (f0_0 @ f0_1)
             f0_3 = (-1) * f0_2
-            f0_4 = _plus_diagonal(f0_3, f0_0)
+            f0_4 = _plus_diagonal(f0_3, f0_0, copy=False)
             f0_5 = ((f0_4 @ Hz) @ f0_4)
             total = total + f0_5
         return total / B
@@ -179,23 +212,37 @@ def hbp_ggn_6(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t0),
     }
 
-def hbp_ggn_7(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (7): one block per input and parameter."""
+def _hbp_ggn_6_params(P, S, Hz):
+    """Batch HBP, curvature ggn, approximation (6), parameters only."""
+    B, n = _dims(P, S).values()
+
+    return {
+    }
+
+def _hbp_ggn_7_all(P, S, Hz):
+    """Batch HBP, curvature ggn, approximation (7)."""
     B, n = _dims(P, S).values()
     t0 = _softmax(S['x'])
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = t0.T
     t3 = (t0 @ t2)
     t4 = (-1/B) * t3
-    t5 = _plus_diagonal(t4, (1/B) * t1)
+    t5 = _plus_diagonal(t4, (1/B) * t1, copy=False)
     t6 = ((t5 @ Hz) @ t5)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t6),
     }
 
-def hbp_pch_abs_6(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (6): one block per input and parameter."""
+def _hbp_ggn_7_params(P, S, Hz):
+    """Batch HBP, curvature ggn, approximation (7), parameters only."""
+    B, n = _dims(P, S).values()
+
+    return {
+    }
+
+def _hbp_pch_abs_6_all(P, S, Hz):
+    """Batch HBP, curvature pch-abs, approximation (6)."""
     B, n = _dims(P, S).values()
     def _mean0():
         total = 0.0
@@ -205,7 +252,7 @@ def hbp_pch_abs_6(P, S, Hz):
             f0_1 = f0_0.T
             f0_2 = (f0_0 @ f0_1)
             f0_3 = (-1) * f0_2
-            f0_4 = _plus_diagonal(f0_3, f0_0)
+            f0_4 = _plus_diagonal(f0_3, f0_0, copy=False)
             f0_5 = ((f0_4 @ Hz) @ f0_4)
             total = total + f0_5
         return total / B
@@ -232,7 +279,7 @@ def hbp_pch_abs_6(P, S, Hz):
     t19 = t15 + t18
     t20 = (t1 @ t19)
     t21 = (-1/B) * t20
-    t22 = _plus_diagonal(t13 + t21, t8)
+    t22 = _plus_diagonal(t13 + t21, t8, copy=False)
     t23 = (B) * t22
     t24 = _psd_abs(t23)
     t25 = t0 + t24
@@ -241,15 +288,22 @@ def hbp_pch_abs_6(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t25),
     }
 
-def hbp_pch_abs_7(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (7): one block per input and parameter."""
+def _hbp_pch_abs_6_params(P, S, Hz):
+    """Batch HBP, curvature pch-abs, approximation (6), parameters only."""
+    B, n = _dims(P, S).values()
+
+    return {
+    }
+
+def _hbp_pch_abs_7_all(P, S, Hz):
+    """Batch HBP, curvature pch-abs, approximation (7)."""
     B, n = _dims(P, S).values()
     t0 = _softmax(S['x'])
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = t0.T
     t3 = (t0 @ t2)
     t4 = (-1/B) * t3
-    t5 = _plus_diagonal(t4, (1/B) * t1)
+    t5 = _plus_diagonal(t4, (1/B) * t1, copy=False)
     t6 = ((t5 @ Hz) @ t5)
     t7 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
     t8 = t7 * t0
@@ -272,7 +326,7 @@ def hbp_pch_abs_7(P, S, Hz):
     t25 = t21 + t24
     t26 = (t0 @ t25)
     t27 = (-1/B) * t26
-    t28 = _plus_diagonal(t18 + t27, t14)
+    t28 = _plus_diagonal(t18 + t27, t14, copy=False)
     t29 = _psd_abs(t28)
     t30 = t6 + t29
 
@@ -280,8 +334,15 @@ def hbp_pch_abs_7(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t30),
     }
 
-def hbp_pch_clip_6(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (6): one block per input and parameter."""
+def _hbp_pch_abs_7_params(P, S, Hz):
+    """Batch HBP, curvature pch-abs, approximation (7), parameters only."""
+    B, n = _dims(P, S).values()
+
+    return {
+    }
+
+def _hbp_pch_clip_6_all(P, S, Hz):
+    """Batch HBP, curvature pch-clip, approximation (6)."""
     B, n = _dims(P, S).values()
     def _mean0():
         total = 0.0
@@ -291,7 +352,7 @@ def hbp_pch_clip_6(P, S, Hz):
             f0_1 = f0_0.T
             f0_2 = (f0_0 @ f0_1)
             f0_3 = (-1) * f0_2
-            f0_4 = _plus_diagonal(f0_3, f0_0)
+            f0_4 = _plus_diagonal(f0_3, f0_0, copy=False)
             f0_5 = ((f0_4 @ Hz) @ f0_4)
             total = total + f0_5
         return total / B
@@ -318,7 +379,7 @@ def hbp_pch_clip_6(P, S, Hz):
     t19 = t15 + t18
     t20 = (t1 @ t19)
     t21 = (-1/B) * t20
-    t22 = _plus_diagonal(t13 + t21, t8)
+    t22 = _plus_diagonal(t13 + t21, t8, copy=False)
     t23 = (B) * t22
     t24 = _psd_clip(t23)
     t25 = t0 + t24
@@ -327,15 +388,22 @@ def hbp_pch_clip_6(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t25),
     }
 
-def hbp_pch_clip_7(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (7): one block per input and parameter."""
+def _hbp_pch_clip_6_params(P, S, Hz):
+    """Batch HBP, curvature pch-clip, approximation (6), parameters only."""
+    B, n = _dims(P, S).values()
+
+    return {
+    }
+
+def _hbp_pch_clip_7_all(P, S, Hz):
+    """Batch HBP, curvature pch-clip, approximation (7)."""
     B, n = _dims(P, S).values()
     t0 = _softmax(S['x'])
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = t0.T
     t3 = (t0 @ t2)
     t4 = (-1/B) * t3
-    t5 = _plus_diagonal(t4, (1/B) * t1)
+    t5 = _plus_diagonal(t4, (1/B) * t1, copy=False)
     t6 = ((t5 @ Hz) @ t5)
     t7 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
     t8 = t7 * t0
@@ -358,7 +426,7 @@ def hbp_pch_clip_7(P, S, Hz):
     t25 = t21 + t24
     t26 = (t0 @ t25)
     t27 = (-1/B) * t26
-    t28 = _plus_diagonal(t18 + t27, t14)
+    t28 = _plus_diagonal(t18 + t27, t14, copy=False)
     t29 = _psd_clip(t28)
     t30 = t6 + t29
 
@@ -366,14 +434,37 @@ def hbp_pch_clip_7(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t30),
     }
 
+def _hbp_pch_clip_7_params(P, S, Hz):
+    """Batch HBP, curvature pch-clip, approximation (7), parameters only."""
+    B, n = _dims(P, S).values()
 
-HBP = {
-    ("exact", "6"): hbp_exact_6,
-    ("exact", "7"): hbp_exact_7,
-    ("ggn", "6"): hbp_ggn_6,
-    ("ggn", "7"): hbp_ggn_7,
-    ("pch-abs", "6"): hbp_pch_abs_6,
-    ("pch-abs", "7"): hbp_pch_abs_7,
-    ("pch-clip", "6"): hbp_pch_clip_6,
-    ("pch-clip", "7"): hbp_pch_clip_7,
+    return {
+    }
+
+
+def _hbp(curvature, approximation):
+    def run(P, S, Hz, inputs=True):
+        """Curvature blocks of every input and parameter (parameters only when ``inputs=False``)."""
+        return _HBP[(curvature, approximation, inputs)](P, S, Hz)
+    return run
+
+
+_HBP = {
+    ("exact", "6", True): _hbp_exact_6_all,
+    ("exact", "6", False): _hbp_exact_6_params,
+    ("exact", "7", True): _hbp_exact_7_all,
+    ("exact", "7", False): _hbp_exact_7_params,
+    ("ggn", "6", True): _hbp_ggn_6_all,
+    ("ggn", "6", False): _hbp_ggn_6_params,
+    ("ggn", "7", True): _hbp_ggn_7_all,
+    ("ggn", "7", False): _hbp_ggn_7_params,
+    ("pch-abs", "6", True): _hbp_pch_abs_6_all,
+    ("pch-abs", "6", False): _hbp_pch_abs_6_params,
+    ("pch-abs", "7", True): _hbp_pch_abs_7_all,
+    ("pch-abs", "7", False): _hbp_pch_abs_7_params,
+    ("pch-clip", "6", True): _hbp_pch_clip_6_all,
+    ("pch-clip", "6", False): _hbp_pch_clip_6_params,
+    ("pch-clip", "7", True): _hbp_pch_clip_7_all,
+    ("pch-clip", "7", False): _hbp_pch_clip_7_params,
 }
+HBP = {(c, a): _hbp(c, a) for c, a, _ in _HBP}

@@ -21,7 +21,7 @@ from .. import __version__
 from ..expr import ONE, Add, Apply, Diag, Expr, Hadamard, Identity, MatMul, Ones, ScalarMul, ScaleBy
 from ..functions import ElementwiseFunction
 from ..printing.text import to_text
-from .numpy_printer import ArrayPrinter
+from .numpy_printer import ArrayPrinter, through_base
 from .plan import ModulePlan, Program, _in_place, sanitise
 from .render import _leaf_key, environment, functions_of
 
@@ -72,7 +72,7 @@ class KernelBuilder:
                     self.uses[name] = self.uses.get(name, 0) + 1
         for result in program.results.values():
             for name in ([result] if isinstance(result, str) else
-                         [t for pair in result.kron for t in pair] + [result.dense]):
+                         [t for triple in result.kron for t in triple[1:]] + [result.dense]):
                 if name:
                     self.uses[name] = self.uses.get(name, 0) + 2  # results are used outside
         self.kernels: list[Kernel] = []
@@ -205,8 +205,13 @@ def device_function(f: ElementwiseFunction, dtype: str) -> str:
     expr = expr.rewrite(sp.Piecewise) if expr.has(sp.Max, sp.Min) else expr  # ternaries: no host-only fmax(int, T)
     t = next(iter(expr.free_symbols), sp.Symbol("t"))
     printer = C99CodePrinter(settings={"type_aliases": {real: DTYPES[dtype]}})
-    body = " ".join(printer.doprint(expr.xreplace({t: sp.Symbol("t")})).split())
     name = f"{_device_name(f)}_{dtype}"
+    pieces = through_base(f)
+    if pieces is not None:  # φ^(k) = g(φ): evaluate φ once
+        base, g = (" ".join(printer.doprint(e).split()) for e in pieces)
+        return (f"static __device__ __forceinline__ {dtype} {name}({dtype} t) {{ const {dtype} s = ({dtype})({base}); "
+                f"return ({dtype})({g}); }}")
+    body = " ".join(printer.doprint(expr.xreplace({t: sp.Symbol("t")})).split())
     return f"static __device__ __forceinline__ {dtype} {name}({dtype} t) {{ return ({dtype})({body}); }}"
 
 
@@ -249,9 +254,9 @@ def _program_context(program: Program, prefix: str) -> dict[str, Any]:
 def render_cupy_module(plan: ModulePlan) -> str:
     m = plan.derivation.module
     forward = _program_context(plan.forward, "forward_")
-    gradients = _program_context(plan.gradients, "gradients_")
-    hbp = {key: _program_context(p, f"hbp_{key[0].replace('-', '_')}_{key[1]}_") for key, p in plan.hbp.items()}
-    kernels = forward["kernels"] + gradients["kernels"] + [k for c in hbp.values() for k in c["kernels"]]
+    gradients = {key: _program_context(p, f"gradients_{int(key)}_") for key, p in plan.gradients.items()}
+    hbp = {key: _program_context(p, _hbp_prefix(key)) for key, p in plan.hbp.items()}
+    kernels = forward["kernels"] + [k for c in [*gradients.values(), *hbp.values()] for k in c["kernels"]]
     source = cuda_source(kernels)
     module = {
         "name": m.name,
@@ -272,10 +277,14 @@ def render_cupy_module(plan: ModulePlan) -> str:
 def kernel_sources(plan: ModulePlan) -> str:
     """Every CUDA kernel of a module, for compiling offline (``mcalc verify --compile-only``)."""
     kernels = []
-    for p, prefix in [(plan.forward, "forward_"), (plan.gradients, "gradients_"),
-                      *[(p, f"hbp_{k[0].replace('-', '_')}_{k[1]}_") for k, p in plan.hbp.items()]]:
+    for p, prefix in [(plan.forward, "forward_"), *[(p, f"gradients_{int(k)}_") for k, p in plan.gradients.items()],
+                      *[(p, _hbp_prefix(k)) for k, p in plan.hbp.items()]]:
         kernels += _program_context(p, prefix)["kernels"]
     return cuda_source(kernels)
+
+
+def _hbp_prefix(key: tuple[str, str, bool]) -> str:
+    return f"hbp_{key[0].replace('-', '_')}_{key[1]}_{int(key[2])}_"
 
 
 def cuda_source(kernels: list[Kernel]) -> str:

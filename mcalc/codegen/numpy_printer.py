@@ -21,12 +21,27 @@ def function_name(f: ElementwiseFunction) -> str:
     return f"_fn_{sanitise(f.base.name)}_{f.order}"
 
 
+def through_base(f: ElementwiseFunction) -> tuple[sp.Expr, sp.Expr] | None:
+    """(φ(t), g(s)) when φ^(k) = g(φ) (σ′ = σ(1 − σ)): one exp instead of sinh and cosh³."""
+    g = f.in_terms_of_base()
+    if g is None:
+        return None
+    base = f.base.expr
+    (t,) = base.free_symbols
+    return base.xreplace({t: sp.Symbol("t")}), g.xreplace({sp.Symbol(f.base.name): sp.Symbol("s")})
+
+
 def function_source(f: ElementwiseFunction) -> str:
     """``def _fn_sigmoid_1(t): return …`` from the SymPy formula of φ^(k)."""
+    printer = _SymPyNumPyPrinter({"fully_qualified_modules": True})
+    pieces = through_base(f)
+    if pieces is not None:
+        base, g = pieces
+        base_code, g_code = (printer.doprint(e).replace("numpy.", "xp.") for e in (base, g))
+        return f"def {function_name(f)}(t):\n    s = {base_code}\n    return {g_code}\n"
     expr = f.expr.replace(sp.Heaviside, lambda arg, *rest: sp.Heaviside(arg, 0))
     (t,) = expr.free_symbols or {sp.Symbol("t", real=True)}
-    code = _SymPyNumPyPrinter({"fully_qualified_modules": True}).doprint(expr.xreplace({t: sp.Symbol("t")}))
-    code = code.replace("numpy.", "xp.")
+    code = printer.doprint(expr.xreplace({t: sp.Symbol("t")})).replace("numpy.", "xp.")
     if not expr.free_symbols:
         code = f"xp.full_like(t, {code})"
     return f"def {function_name(f)}(t):\n    return {code}\n"
@@ -98,7 +113,9 @@ class ArrayPrinter:
         total = " + ".join(dense) if dense else f"xp.zeros(({self.dim(node.rows)}, {self.dim(node.cols)}))"
         if not diagonal:
             return total
-        return f"_plus_diagonal({total}, {' + '.join(diagonal)})"
+        # a lone argument (a parameter, 𝓗z) must not be written to; a fresh sum may be
+        shared = len(dense) == 1 and (total.startswith(("P[", "S[", "col[")) or total in ("Hz", "dz"))
+        return f"_plus_diagonal({total}, {' + '.join(diagonal)}, copy={shared})"
 
     def _print_ScalarMul(self, node: Expr) -> str:
         return f"({self.dim(node.args[0])}) * {self.operand(node.args[1])}"

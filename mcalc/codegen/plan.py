@@ -19,6 +19,8 @@ import keyword
 import re
 from dataclasses import dataclass, field
 
+import sympy as sp
+
 from ..calculus.derivation import Derivation
 from ..calculus.hbp import CURVATURES
 from ..expr import (
@@ -70,7 +72,7 @@ class Step:
 class BlockPlan:
     """A curvature block Σⱼ (Aⱼ ⊗ Bⱼ) + M: temps of the factors and of the dense part."""
 
-    kron: list[tuple[str, str]] = field(default_factory=list)
+    kron: list[tuple[str, str, str]] = field(default_factory=list)  # (scale, A, B)
     dense: str | None = None
 
 
@@ -153,7 +155,8 @@ class ProgramBuilder:
             if factors is None:
                 dense.append(term)
             else:
-                plan.kron.append((self.ref(factors[0]), self.ref(factors[1])))
+                scale, left, right = factors
+                plan.kron.append((self.ref(scale) if scale is not None else "1", self.ref(left), self.ref(right)))
         if dense:
             plan.dense = self.ref(dense[0] if len(dense) == 1 else Add(*dense))
         return plan
@@ -170,18 +173,25 @@ def _in_place(parent: Expr, child: Expr) -> Expr:
     return child
 
 
-def _kron_factors(term: Expr) -> tuple[Expr, Expr] | None:
-    """c·(A ⊗ B) or s·(A ⊗ B) as (c·A, B), with the scale folded into the smaller side."""
-    scale: list[tuple[type, object]] = []
+def _kron_factors(term: Expr) -> tuple[Expr | None, Expr, Expr] | None:
+    """c·s·(A ⊗ B) as (the (1×1) scale c·s or None, A, B).
+
+    Which factor absorbs the scale is decided at run time, from the sizes: the
+    smaller one (a cost model the generated ``_kron`` applies).
+    """
+    coefficient, scales = sp.Integer(1), []
     while isinstance(term, (ScalarMul, ScaleBy)):
-        scale.append((type(term), term.args[0]))
+        if isinstance(term, ScalarMul):
+            coefficient *= term.args[0]
+        else:
+            scales.append(term.args[0])
         term = term.args[1]
     if not isinstance(term, Kron):
         return None
-    left, right = term.args
-    for kind, factor in scale:
-        left = kind(factor, left)
-    return simplify(left), right
+    if coefficient == 1 and not scales:
+        return None, term.args[0], term.args[1]
+    product = scales[0] if len(scales) == 1 else MatMul(*scales) if scales else Identity(sp.Integer(1))
+    return simplify(ScalarMul(coefficient, product)), term.args[0], term.args[1]
 
 
 # --- the functions a module's generated code provides ----------------------------------
@@ -192,8 +202,8 @@ class ModulePlan:
     name: str
     derivation: Derivation
     forward: Program
-    gradients: Program
-    hbp: dict[tuple[str, str], Program]
+    gradients: dict[bool, Program]  # with inputs (True) or for parameters alone (False)
+    hbp: dict[tuple[str, str, bool], Program]  # (curvature, approximation, with inputs)
     dims: dict[str, str]  # dimension name → how to read it off the arguments
     per_sample: list[str]
     params: list[str]
@@ -204,18 +214,24 @@ def plan_module(d: Derivation) -> ModulePlan:
     BatchLowering(d)  # refuses modules without a batch form, with a clear error
     forward = ProgramBuilder()
     forward.program.results["Z"] = forward.ref(batch_forward(d))
-    gradients = ProgramBuilder()
-    for v in m.variables:
-        gradients.program.results[v.name] = gradients.ref(batch_gradient(d, v.name))
-    hbp: dict[tuple[str, str], Program] = {}
+    # A first layer's input needs no gradient or curvature: a second program skips that work.
+    wanted = {True: m.variables, False: m.params}
+    gradients: dict[bool, Program] = {}
+    for with_inputs, variables in wanted.items():
+        builder = ProgramBuilder()
+        for v in variables:
+            builder.program.results[v.name] = builder.ref(batch_gradient(d, v.name))
+        gradients[with_inputs] = builder.program
+    hbp: dict[tuple[str, str, bool], Program] = {}
     for curvature in CURVATURES:
         for approximation in APPROXIMATIONS:
-            builder = ProgramBuilder()
-            for v in m.variables:
-                builder.program.results[v.name] = builder.block(batch_hbp(d, v.name, curvature, approximation))
-            hbp[(curvature, approximation)] = builder.program
+            for with_inputs, variables in wanted.items():
+                builder = ProgramBuilder()
+                for v in variables:
+                    builder.program.results[v.name] = builder.block(batch_hbp(d, v.name, curvature, approximation))
+                hbp[(curvature, approximation, with_inputs)] = builder.program
     per_sample = [s.name for s in (*m.inputs, *[c for c in m.constants if c.is_vector])]
-    return ModulePlan(m.name, d, forward.program, gradients.program, hbp, _dimension_sources(d, per_sample),
+    return ModulePlan(m.name, d, forward.program, gradients, hbp, _dimension_sources(d, per_sample),
                       per_sample, [s.name for s in m.params + tuple(c for c in m.constants if not c.is_vector)])
 
 

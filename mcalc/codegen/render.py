@@ -59,7 +59,7 @@ def _program_context(program: Program) -> dict[str, Any]:
 
 def functions_of(plan: ModulePlan) -> list[str]:
     seen: dict[str, str] = {}
-    programs = [plan.forward, plan.gradients, *plan.hbp.values()]
+    programs = [plan.forward, *plan.gradients.values(), *plan.hbp.values()]
     while programs:
         p = programs.pop()
         programs += [inner for _, inner, _ in p.fallbacks]
@@ -88,6 +88,6 @@ def render_module(plan: ModulePlan, backend: str, header: str) -> str:
         header=header,
         functions=functions_of(plan),
         forward=_program_context(plan.forward),
-        gradients=_program_context(plan.gradients),
+        gradients={key: _program_context(p) for key, p in plan.gradients.items()},
         hbp={key: _program_context(p) for key, p in plan.hbp.items()},
     )

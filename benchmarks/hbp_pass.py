@@ -1,0 +1,189 @@
+"""One batch HBP pass over the HBP paper's network, mcalc's generated code against BackPACK, side by side.
+
+    python benchmarks/hbp_pass.py [--device cpu|cuda] [--json OUT]
+
+Network 3072-1024-512-256-128-64-32-16-10, sigmoids, cross-entropy with mean
+reduction, batch 500, float32. Both sides compute, per layer, the weight and
+bias blocks of approximation (6), E[Jᵀ E(H) J], with batch-averaged curvature
+passed backwards (BackPACK: ``HBP(curv_type, 'sum', 'average', 'E[J^T E(H) J]')``).
+Factor conventions: BackPACK stores the weight block as [𝓗̄z, E[x xᵀ]] for its
+row-major vec, mcalc as E[x xᵀ] ⊗ 𝓗̄z for column-stacking vec: the factors are
+compared one to one. On CPU mcalc runs its NumPy backend; on CUDA its fused
+CuPy kernels, and the same plan with unfused CuPy operations.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import mcalc as mc  # noqa: E402
+from mcalc import layers as L  # noqa: E402
+from mcalc.codegen.plan import plan_module  # noqa: E402
+from mcalc.codegen.render import render_module  # noqa: E402
+from mcalc.runtime.loader import load  # noqa: E402
+
+SIZES = [3072, 1024, 512, 256, 128, 64, 32, 16, 10]
+BATCH = 500
+MODES = {"exact": "hessian", "ggn": "ggn", "pch-abs": "pch-abs"}
+
+
+def unfused(module: mc.Module) -> types.ModuleType:
+    """The same plan printed as plain CuPy operations (one kernel per operation)."""
+    source = render_module(plan_module(mc.derive(module)), "numpy", "import cupy as xp")
+    namespace = types.ModuleType(f"unfused_{module.name}")
+    exec(compile(source, f"<unfused {module.name}>", "exec"), namespace.__dict__)
+    return namespace
+
+
+def mcalc_pass(codes: dict, params: list[dict], X, Y, mode: str, xp) -> list[dict]:
+    """Forward, loss, then gradients and HBP blocks module by module, back to the input."""
+    layers = []
+    for i in range(len(SIZES) - 1):
+        layers.append(("Linear", params[i]))
+        if i < len(SIZES) - 2:
+            layers.append(("Sigmoid", {}))
+    inputs, Z = [], X
+    for kind, P in layers:
+        inputs.append(Z)
+        Z = codes[kind].forward(P, {"x": Z})["Z"]
+    S = {"x": Z, "y": Y, "dz": xp.full((1, X.shape[1]), 1.0 / X.shape[1], dtype=X.dtype)}
+    dZ = codes["CrossEntropy"].gradients({}, S)["x"]
+    Hz = codes["CrossEntropy"].HBP[("exact", "6")]({}, S, xp.zeros((1, 1), dtype=X.dtype))["x"].dense
+    blocks = []
+    for position, ((kind, P), X_in) in reversed(list(enumerate(zip(layers, inputs)))):
+        S = {"x": X_in, "dz": dZ}
+        first = position == 0  # the data needs no gradient or curvature (BackPACK skips them too)
+        grads = codes[kind].gradients(P, S, inputs=not first)
+        out = codes[kind].HBP[(mode, "6")](P, S, Hz, inputs=not first)
+        if not first:
+            dZ, Hz = grads["x"], out["x"].dense
+        if kind == "Linear":
+            blocks.append(out)
+    return blocks[::-1]
+
+
+def backpack_pass(model, loss_fn, X, y, mode: str):
+    from backpack import backpack
+    from backpack.extensions import HBP
+
+    extension = HBP(MODES[mode], "sum", "average", "E[J^T E(H) J]")
+    model.zero_grad()
+    loss = loss_fn(model(X), y)
+    with backpack(extension):
+        loss.backward()
+    return [(m.weight.hbp, m.bias.hbp) for m in model if hasattr(m, "weight")]
+
+
+def timed(fn, repeats: int, sync=lambda: None) -> float:
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="write the figures here")
+    args = parser.parse_args()
+
+    import torch
+    from backpack import extend
+
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    device = torch.device(args.device)
+    layers = []
+    for i in range(len(SIZES) - 1):
+        linear = torch.nn.Linear(SIZES[i], SIZES[i + 1])
+        torch.nn.init.xavier_uniform_(linear.weight)
+        layers += [linear] + ([torch.nn.Sigmoid()] if i < len(SIZES) - 2 else [])
+    model = extend(torch.nn.Sequential(*layers).to(device))
+    loss_fn = extend(torch.nn.CrossEntropyLoss())
+    X_t = torch.randn(BATCH, SIZES[0], device=device)
+    y_t = torch.randint(0, SIZES[-1], (BATCH,), device=device)
+
+    if args.device == "cuda":
+        import cupy as xp
+
+        sync = xp.cuda.Device().synchronize
+        variants = {"mcalc fused CuPy": {m.name: load(m, "cupy") for m in (L.Linear, L.Sigmoid, L.CrossEntropy)},
+                    "mcalc unfused CuPy": {m.name: unfused(m) for m in (L.Linear, L.Sigmoid, L.CrossEntropy)}}
+        torch_sync = torch.cuda.synchronize
+    else:
+        xp = np
+        sync = torch_sync = lambda: None  # noqa: E731
+        variants = {"mcalc NumPy": {m.name: load(m, "numpy") for m in (L.Linear, L.Sigmoid, L.CrossEntropy)}}
+    params = [{"W": xp.asarray(m.weight.detach().cpu().numpy()),
+               "b": xp.asarray(m.bias.detach().cpu().numpy()[:, None])} for m in model if hasattr(m, "weight")]
+    X = xp.ascontiguousarray(xp.asarray(X_t.cpu().numpy()).T)
+    Y = xp.asarray(np.eye(SIZES[-1], dtype=np.float32)[y_t.cpu().numpy()].T)
+
+    def plain():
+        model.zero_grad()
+        loss_fn(model(X_t), y_t).backward()
+
+    results = {"plain PyTorch forward+backward": timed(plain, args.repeats, torch_sync)}
+    agreement = {}
+    for mode in MODES:
+        reference = backpack_pass(model, loss_fn, X_t, y_t, mode)
+        results[f"BackPACK HBP [{mode}]"] = timed(lambda: backpack_pass(model, loss_fn, X_t, y_t, mode),
+                                                   args.repeats, torch_sync)
+        for name, codes in variants.items():
+            blocks = mcalc_pass(codes, params, X, Y, mode, xp)
+            results[f"{name} [{mode}]"] = timed(lambda: mcalc_pass(codes, params, X, Y, mode, xp), args.repeats, sync)
+            worst = 0.0
+            for ours, (w_ref, b_ref) in zip(blocks, reference):
+                (A, Bk), = ours["W"].kron
+                pairs = [(Bk, w_ref[0]), (A, w_ref[1]), (ours["b"].dense, b_ref[0])]
+                for mine, theirs in pairs:
+                    mine = mine.get() if hasattr(mine, "get") else np.asarray(mine)
+                    theirs = theirs.detach().cpu().numpy()
+                    worst = max(worst, float(np.abs(mine - theirs).max() / max(np.abs(theirs).max(), 1e-30)))
+            agreement[f"{name} [{mode}]"] = worst
+    print(f"device: {args.device}, batch {BATCH}, float32, network {'-'.join(map(str, SIZES))}")
+    for name, seconds in results.items():
+        print(f"  {name:<40} {seconds * 1e3:9.1f} ms")
+    print("agreement with BackPACK (max relative difference of the Kronecker factors and bias blocks):")
+    for name, worst in agreement.items():
+        print(f"  {name:<40} {worst:.1e}")
+    print("ratios:")
+    ratios = {}
+    for mode in MODES:
+        bp = results[f"BackPACK HBP [{mode}]"]
+        for name in variants:
+            ratios[f"BackPACK / {name} [{mode}]"] = bp / results[f"{name} [{mode}]"]
+        if args.device == "cuda":
+            ratios[f"unfused / fused [{mode}]"] = (results[f"mcalc unfused CuPy [{mode}]"]
+                                                   / results[f"mcalc fused CuPy [{mode}]"])
+        ratios[f"BackPACK / plain PyTorch [{mode}]"] = bp / results["plain PyTorch forward+backward"]
+    for name, r in ratios.items():
+        print(f"  {name:<48} {r:6.2f}×")
+    if args.json:
+        machine = f"{platform.node()}, {os.cpu_count()} CPU cores"
+        if args.device == "cuda":
+            machine += ", " + torch.cuda.get_device_name()
+        Path(args.json).write_text(json.dumps({"machine": machine, "seconds": results, "ratios": ratios,
+                                               "agreement": agreement, "torch": torch.__version__}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
