@@ -86,6 +86,22 @@ def backpack_pass(model, loss_fn, X, y, mode: str):
     return [(m.weight.hbp, m.bias.hbp) for m in model if hasattr(m, "weight")]
 
 
+def _difference(ours: dict, reference: tuple, xp) -> float:
+    """Relative difference of the weight blocks' action 𝓗̄z V E[x xᵀ] on a random V, and of the bias blocks.
+
+    A Kronecker product fixes its factors only up to a scale moved between them,
+    so the blocks are compared by what they do, not factor by factor.
+    """
+    host = lambda a: a.get() if hasattr(a, "get") else np.asarray(a)  # noqa: E731
+    (G, A), (Hb,) = [[t.detach().cpu().numpy().astype(np.float64) for t in r] for r in reference]
+    V = np.random.default_rng(0).normal(size=(G.shape[0], A.shape[0]))
+    theirs = G @ V @ A.T  # (G ⊗ A) applied to V's row-major vec
+    mine = host(ours["W"].matvec(xp.asarray(V.reshape(-1, order="F"), dtype=xp.float32))).reshape(V.shape, order="F")
+    bias = host(ours["b"].dense)
+    return max(float(np.abs(mine - theirs).max() / np.abs(theirs).max()),
+               float(np.abs(bias - Hb).max() / np.abs(Hb).max()))
+
+
 def timed(fn, repeats: int, sync=lambda: None) -> float:
     fn()
     sync()
@@ -130,7 +146,7 @@ def main() -> None:
         torch_sync = torch.cuda.synchronize
     else:
         xp = np
-        sync = torch_sync = lambda: None  # noqa: E731
+        sync = torch_sync = lambda: None
         variants = {"mcalc NumPy": {m.name: load(m, "numpy") for m in (L.Linear, L.Sigmoid, L.CrossEntropy)}}
     params = [{"W": xp.asarray(m.weight.detach().cpu().numpy()),
                "b": xp.asarray(m.bias.detach().cpu().numpy()[:, None])} for m in model if hasattr(m, "weight")]
@@ -145,24 +161,17 @@ def main() -> None:
     agreement = {}
     for mode in MODES:
         reference = backpack_pass(model, loss_fn, X_t, y_t, mode)
-        results[f"BackPACK HBP [{mode}]"] = timed(lambda: backpack_pass(model, loss_fn, X_t, y_t, mode),
+        results[f"BackPACK HBP [{mode}]"] = timed(lambda m=mode: backpack_pass(model, loss_fn, X_t, y_t, m),
                                                    args.repeats, torch_sync)
         for name, codes in variants.items():
             blocks = mcalc_pass(codes, params, X, Y, mode, xp)
-            results[f"{name} [{mode}]"] = timed(lambda: mcalc_pass(codes, params, X, Y, mode, xp), args.repeats, sync)
-            worst = 0.0
-            for ours, (w_ref, b_ref) in zip(blocks, reference):
-                (A, Bk), = ours["W"].kron
-                pairs = [(Bk, w_ref[0]), (A, w_ref[1]), (ours["b"].dense, b_ref[0])]
-                for mine, theirs in pairs:
-                    mine = mine.get() if hasattr(mine, "get") else np.asarray(mine)
-                    theirs = theirs.detach().cpu().numpy()
-                    worst = max(worst, float(np.abs(mine - theirs).max() / max(np.abs(theirs).max(), 1e-30)))
-            agreement[f"{name} [{mode}]"] = worst
+            run = lambda c=codes, m=mode: mcalc_pass(c, params, X, Y, m, xp)  # noqa: E731
+            results[f"{name} [{mode}]"] = timed(run, args.repeats, sync)
+            agreement[f"{name} [{mode}]"] = max(_difference(ours, refs, xp) for ours, refs in zip(blocks, reference))
     print(f"device: {args.device}, batch {BATCH}, float32, network {'-'.join(map(str, SIZES))}")
     for name, seconds in results.items():
         print(f"  {name:<40} {seconds * 1e3:9.1f} ms")
-    print("agreement with BackPACK (max relative difference of the Kronecker factors and bias blocks):")
+    print("agreement with BackPACK (max relative difference of the weight blocks' action and the bias blocks):")
     for name, worst in agreement.items():
         print(f"  {name:<40} {worst:.1e}")
     print("ratios:")
