@@ -553,6 +553,20 @@ class Diag(Expr):
         return (v.rows, v.rows)
 
 
+class Gram(Expr):
+    """P Pᵀ for a batch matrix P (rows × B): a Kronecker factor such as B·E[x xᵀ].
+
+    Kept as P so that a backend can decide from the sizes whether to form it
+    (cost rows²·B once) or apply it through P (cost 2·rows·B per product).
+    """
+
+    __slots__ = ()
+    symmetric = True
+
+    def _infer_shape(self) -> dims.Shape:
+        return (self.args[0].rows, self.args[0].rows)
+
+
 class Vec(Expr):
     """vec(A): the columns of A stacked into one vector (column-major)."""
 

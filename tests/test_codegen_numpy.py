@@ -67,3 +67,36 @@ def test_kronecker_blocks_stay_factored(generated):
     assert block.dense is None and A.shape == (6, 6) and B.shape == (4, 4)  # E[x xᵀ] and 𝓗z, never 24 × 24
     np.testing.assert_allclose(np.kron(A, B), np.kron(X @ X.T / 10, np.eye(4)))
     assert np.allclose(B, np.eye(4) / 10)  # the 1/B went to the smaller factor
+
+
+def test_wide_batch_factors_stay_implicit(generated):
+    """E[x xᵀ] for rows > B is applied through X (the cost model), and still equals X Xᵀ / B."""
+    from mcalc.runtime.blocks import Gram
+
+    code = load(L.Linear, "numpy", generated)
+    rng = np.random.default_rng(1)
+    W, b, X = rng.normal(size=(3, 8)), rng.normal(size=(3, 1)), rng.normal(size=(8, 5))
+    block = code.HBP[("ggn", "6")]({"W": W, "b": b}, {"x": X}, np.eye(3))["W"]
+    ((A, _),) = block.kron
+    assert isinstance(A, Gram)
+    np.testing.assert_allclose(block.to_dense(), np.kron(X @ X.T / 5, np.eye(3)))
+    v = rng.normal(size=24)
+    np.testing.assert_allclose(block.matvec(v), np.kron(X @ X.T / 5, np.eye(3)) @ v)
+
+
+@pytest.mark.parametrize("curvature", ["exact", "pch-abs"])
+def test_row_wise_splitting_keeps_the_diagonal_sub_blocks(generated, curvature):
+    """Section 4: splitting W's rows into groups keeps exactly the matching diagonal sub-blocks."""
+    code = load(L.SigmoidLinear, "numpy", generated)
+    rng = np.random.default_rng(2)
+    W, b, X = rng.normal(size=(6, 4)), rng.normal(size=(6, 1)), rng.normal(size=(4, 9))
+    S = {"x": X, "dz": rng.normal(size=(6, 9)) / 9}
+    a = rng.normal(size=(6, 6))
+    blocks = code.HBP[(curvature, "6")]({"W": W, "b": b}, S, a @ a.T)
+    for name, rows in (("W", 6), ("b", 6), ("x", 4)):
+        full = blocks[name].to_dense()
+        parts = blocks[name].split_rows(rows, 3)
+        cols = full.shape[0] // rows
+        for part, block in zip(np.array_split(np.arange(rows), 3), parts):
+            index = (part[:, None] + rows * np.arange(cols)[None, :]).reshape(-1, order="F")
+            np.testing.assert_allclose(block.to_dense(), full[np.ix_(index, index)], atol=1e-12)

@@ -6,7 +6,7 @@ Arrays hold one sample per column: per-sample inputs are (rows, B), parameters a
 import functools  # noqa: F401 - used by printed functions such as max
 
 import cupy as xp
-from mcalc.runtime.blocks import CurvatureBlock
+from mcalc.runtime.blocks import CurvatureBlock, Gram
 
 MODULE = "SigmoidLinear"
 PER_SAMPLE = ["x"]
@@ -1634,7 +1634,12 @@ def _kron(scale, a, b):
     """Kronecker factors with a scalar folded into the smaller one (the cheaper pass)."""
     if isinstance(scale, (int, float)) and scale == 1:
         return a, b
-    return (a * scale, b) if a.size <= b.size else (a, b * scale)
+    return (a * scale, b) if a.size <= b.size and not isinstance(a, Gram) else (a, b * scale)
+
+
+def _gram(p):
+    """P Pᵀ formed when that is cheaper than applying it through P (rows ≤ B), else kept implicit."""
+    return p @ p.T if p.shape[0] <= p.shape[1] else Gram(p)
 
 
 
@@ -1696,12 +1701,11 @@ def _hbp_exact_6_all(P, S, Hz):
     t11 = _launch('hbp_exact_6_1_2', (n, n), (n, n), [t1, t4, t10], [1/B], False)
     t12 = _launch('hbp_exact_6_1_1', (1, 1), (1, 1), [], [1/B], False)
     t13 = _launch('hbp_exact_6_1_0', (n, B), (n, B), [S['x']], [], False)
-    t14 = t13.T
-    t15 = (t13 @ t14)
+    t14 = _gram(t13)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t11),
-        "W": CurvatureBlock(kron=[_kron(t12, t15, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t12, t14, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -1710,11 +1714,10 @@ def _hbp_exact_6_params(P, S, Hz):
     B, n, m = _dims(P, S).values()
     t0 = _launch('hbp_exact_6_0_1', (1, 1), (1, 1), [], [1/B], False)
     t1 = _launch('hbp_exact_6_0_0', (n, B), (n, B), [S['x']], [], False)
-    t2 = t1.T
-    t3 = (t1 @ t2)
+    t2 = _gram(t1)
 
     return {
-        "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -1762,12 +1765,11 @@ def _hbp_ggn_6_all(P, S, Hz):
     t6 = _launch('hbp_ggn_6_1_2', (n, n), (n, n), [t1, t4], [1/B], False)
     t7 = _launch('hbp_ggn_6_1_1', (1, 1), (1, 1), [], [1/B], False)
     t8 = _launch('hbp_ggn_6_1_0', (n, B), (n, B), [S['x']], [], False)
-    t9 = t8.T
-    t10 = (t8 @ t9)
+    t9 = _gram(t8)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t6),
-        "W": CurvatureBlock(kron=[_kron(t7, t10, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t7, t9, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -1776,11 +1778,10 @@ def _hbp_ggn_6_params(P, S, Hz):
     B, n, m = _dims(P, S).values()
     t0 = _launch('hbp_ggn_6_0_1', (1, 1), (1, 1), [], [1/B], False)
     t1 = _launch('hbp_ggn_6_0_0', (n, B), (n, B), [S['x']], [], False)
-    t2 = t1.T
-    t3 = (t1 @ t2)
+    t2 = _gram(t1)
 
     return {
-        "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -1829,12 +1830,11 @@ def _hbp_pch_abs_6_all(P, S, Hz):
     t12 = _launch('hbp_pch_abs_6_1_2', (n, n), (n, n), [t1, t4, t11], [1/B], False)
     t13 = _launch('hbp_pch_abs_6_1_1', (1, 1), (1, 1), [], [1/B], False)
     t14 = _launch('hbp_pch_abs_6_1_0', (n, B), (n, B), [S['x']], [], False)
-    t15 = t14.T
-    t16 = (t14 @ t15)
+    t15 = _gram(t14)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t12),
-        "W": CurvatureBlock(kron=[_kron(t13, t16, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t13, t15, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -1843,11 +1843,10 @@ def _hbp_pch_abs_6_params(P, S, Hz):
     B, n, m = _dims(P, S).values()
     t0 = _launch('hbp_pch_abs_6_0_1', (1, 1), (1, 1), [], [1/B], False)
     t1 = _launch('hbp_pch_abs_6_0_0', (n, B), (n, B), [S['x']], [], False)
-    t2 = t1.T
-    t3 = (t1 @ t2)
+    t2 = _gram(t1)
 
     return {
-        "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -1901,12 +1900,11 @@ def _hbp_pch_clip_6_all(P, S, Hz):
     t12 = _launch('hbp_pch_clip_6_1_2', (n, n), (n, n), [t1, t4, t11], [1/B], False)
     t13 = _launch('hbp_pch_clip_6_1_1', (1, 1), (1, 1), [], [1/B], False)
     t14 = _launch('hbp_pch_clip_6_1_0', (n, B), (n, B), [S['x']], [], False)
-    t15 = t14.T
-    t16 = (t14 @ t15)
+    t15 = _gram(t14)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t12),
-        "W": CurvatureBlock(kron=[_kron(t13, t16, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t13, t15, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -1915,11 +1913,10 @@ def _hbp_pch_clip_6_params(P, S, Hz):
     B, n, m = _dims(P, S).values()
     t0 = _launch('hbp_pch_clip_6_0_1', (1, 1), (1, 1), [], [1/B], False)
     t1 = _launch('hbp_pch_clip_6_0_0', (n, B), (n, B), [S['x']], [], False)
-    t2 = t1.T
-    t3 = (t1 @ t2)
+    t2 = _gram(t1)
 
     return {
-        "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 

@@ -6,7 +6,7 @@ Arrays hold one sample per column: per-sample inputs are (rows, B), parameters a
 import functools  # noqa: F401 - used by printed functions such as max
 
 import numpy as xp
-from mcalc.runtime.blocks import CurvatureBlock
+from mcalc.runtime.blocks import CurvatureBlock, Gram
 
 MODULE = "Linear"
 PER_SAMPLE = ["x"]
@@ -52,7 +52,12 @@ def _kron(scale, a, b):
     """Kronecker factors with a scalar folded into the smaller one (the cheaper pass)."""
     if isinstance(scale, (int, float)) and scale == 1:
         return a, b
-    return (a * scale, b) if a.size <= b.size else (a, b * scale)
+    return (a * scale, b) if a.size <= b.size and not isinstance(a, Gram) else (a, b * scale)
+
+
+def _gram(p):
+    """P Pᵀ formed when that is cheaper than applying it through P (rows ≤ B), else kept implicit."""
+    return p @ p.T if p.shape[0] <= p.shape[1] else Gram(p)
 
 
 
@@ -103,12 +108,11 @@ def _hbp_exact_6_all(P, S, Hz):
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
     t2 = (1/B) * xp.eye(1)
-    t3 = S['x'].T
-    t4 = (S['x'] @ t3)
+    t3 = _gram(S['x'])
 
     return {
         "x": CurvatureBlock(kron=[], dense=t1),
-        "W": CurvatureBlock(kron=[_kron(t2, t4, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t2, t3, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -116,11 +120,10 @@ def _hbp_exact_6_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6), parameters only."""
     B, n, m = _dims(P, S).values()
     t0 = (1/B) * xp.eye(1)
-    t1 = S['x'].T
-    t2 = (S['x'] @ t1)
+    t1 = _gram(S['x'])
 
     return {
-        "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t0, t1, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -157,12 +160,11 @@ def _hbp_ggn_6_all(P, S, Hz):
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
     t2 = (1/B) * xp.eye(1)
-    t3 = S['x'].T
-    t4 = (S['x'] @ t3)
+    t3 = _gram(S['x'])
 
     return {
         "x": CurvatureBlock(kron=[], dense=t1),
-        "W": CurvatureBlock(kron=[_kron(t2, t4, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t2, t3, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -170,11 +172,10 @@ def _hbp_ggn_6_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6), parameters only."""
     B, n, m = _dims(P, S).values()
     t0 = (1/B) * xp.eye(1)
-    t1 = S['x'].T
-    t2 = (S['x'] @ t1)
+    t1 = _gram(S['x'])
 
     return {
-        "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t0, t1, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -211,12 +212,11 @@ def _hbp_pch_abs_6_all(P, S, Hz):
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
     t2 = (1/B) * xp.eye(1)
-    t3 = S['x'].T
-    t4 = (S['x'] @ t3)
+    t3 = _gram(S['x'])
 
     return {
         "x": CurvatureBlock(kron=[], dense=t1),
-        "W": CurvatureBlock(kron=[_kron(t2, t4, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t2, t3, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -224,11 +224,10 @@ def _hbp_pch_abs_6_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6), parameters only."""
     B, n, m = _dims(P, S).values()
     t0 = (1/B) * xp.eye(1)
-    t1 = S['x'].T
-    t2 = (S['x'] @ t1)
+    t1 = _gram(S['x'])
 
     return {
-        "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t0, t1, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -265,12 +264,11 @@ def _hbp_pch_clip_6_all(P, S, Hz):
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
     t2 = (1/B) * xp.eye(1)
-    t3 = S['x'].T
-    t4 = (S['x'] @ t3)
+    t3 = _gram(S['x'])
 
     return {
         "x": CurvatureBlock(kron=[], dense=t1),
-        "W": CurvatureBlock(kron=[_kron(t2, t4, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t2, t3, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -278,11 +276,10 @@ def _hbp_pch_clip_6_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6), parameters only."""
     B, n, m = _dims(P, S).values()
     t0 = (1/B) * xp.eye(1)
-    t1 = S['x'].T
-    t2 = (S['x'] @ t1)
+    t1 = _gram(S['x'])
 
     return {
-        "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t0, t1, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 

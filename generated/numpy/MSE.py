@@ -6,7 +6,7 @@ Arrays hold one sample per column: per-sample inputs are (rows, B), parameters a
 import functools  # noqa: F401 - used by printed functions such as max
 
 import numpy as xp
-from mcalc.runtime.blocks import CurvatureBlock
+from mcalc.runtime.blocks import CurvatureBlock, Gram
 
 MODULE = "MSE"
 PER_SAMPLE = ["x", "y"]
@@ -55,7 +55,12 @@ def _kron(scale, a, b):
     """Kronecker factors with a scalar folded into the smaller one (the cheaper pass)."""
     if isinstance(scale, (int, float)) and scale == 1:
         return a, b
-    return (a * scale, b) if a.size <= b.size else (a, b * scale)
+    return (a * scale, b) if a.size <= b.size and not isinstance(a, Gram) else (a, b * scale)
+
+
+def _gram(p):
+    """P Pᵀ formed when that is cheaper than applying it through P (rows ≤ B), else kept implicit."""
+    return p @ p.T if p.shape[0] <= p.shape[1] else Gram(p)
 
 
 

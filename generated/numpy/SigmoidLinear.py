@@ -6,7 +6,7 @@ Arrays hold one sample per column: per-sample inputs are (rows, B), parameters a
 import functools  # noqa: F401 - used by printed functions such as max
 
 import numpy as xp
-from mcalc.runtime.blocks import CurvatureBlock
+from mcalc.runtime.blocks import CurvatureBlock, Gram
 
 MODULE = "SigmoidLinear"
 PER_SAMPLE = ["x"]
@@ -69,7 +69,12 @@ def _kron(scale, a, b):
     """Kronecker factors with a scalar folded into the smaller one (the cheaper pass)."""
     if isinstance(scale, (int, float)) and scale == 1:
         return a, b
-    return (a * scale, b) if a.size <= b.size else (a, b * scale)
+    return (a * scale, b) if a.size <= b.size and not isinstance(a, Gram) else (a, b * scale)
+
+
+def _gram(p):
+    """P Pᵀ formed when that is cheaper than applying it through P (rows ≤ B), else kept implicit."""
+    return p @ p.T if p.shape[0] <= p.shape[1] else Gram(p)
 
 
 
@@ -136,12 +141,11 @@ def _hbp_exact_6_all(P, S, Hz):
     t11 = _plus_diagonal(t6, t10, copy=False)
     t12 = (1/B) * xp.eye(1)
     t13 = _fn_sigmoid_0(S['x'])
-    t14 = t13.T
-    t15 = (t13 @ t14)
+    t14 = _gram(t13)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t11),
-        "W": CurvatureBlock(kron=[_kron(t12, t15, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t12, t14, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -150,11 +154,10 @@ def _hbp_exact_6_params(P, S, Hz):
     B, n, m = _dims(P, S).values()
     t0 = (1/B) * xp.eye(1)
     t1 = _fn_sigmoid_0(S['x'])
-    t2 = t1.T
-    t3 = (t1 @ t2)
+    t2 = _gram(t1)
 
     return {
-        "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -207,12 +210,11 @@ def _hbp_ggn_6_all(P, S, Hz):
     t6 = (1/B) * t5
     t7 = (1/B) * xp.eye(1)
     t8 = _fn_sigmoid_0(S['x'])
-    t9 = t8.T
-    t10 = (t8 @ t9)
+    t9 = _gram(t8)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t6),
-        "W": CurvatureBlock(kron=[_kron(t7, t10, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t7, t9, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -221,11 +223,10 @@ def _hbp_ggn_6_params(P, S, Hz):
     B, n, m = _dims(P, S).values()
     t0 = (1/B) * xp.eye(1)
     t1 = _fn_sigmoid_0(S['x'])
-    t2 = t1.T
-    t3 = (t1 @ t2)
+    t2 = _gram(t1)
 
     return {
-        "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -279,12 +280,11 @@ def _hbp_pch_abs_6_all(P, S, Hz):
     t12 = _plus_diagonal(t6, t11, copy=False)
     t13 = (1/B) * xp.eye(1)
     t14 = _fn_sigmoid_0(S['x'])
-    t15 = t14.T
-    t16 = (t14 @ t15)
+    t15 = _gram(t14)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t12),
-        "W": CurvatureBlock(kron=[_kron(t13, t16, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t13, t15, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -293,11 +293,10 @@ def _hbp_pch_abs_6_params(P, S, Hz):
     B, n, m = _dims(P, S).values()
     t0 = (1/B) * xp.eye(1)
     t1 = _fn_sigmoid_0(S['x'])
-    t2 = t1.T
-    t3 = (t1 @ t2)
+    t2 = _gram(t1)
 
     return {
-        "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -359,12 +358,11 @@ def _hbp_pch_clip_6_all(P, S, Hz):
     t12 = _plus_diagonal(t6, t11, copy=False)
     t13 = (1/B) * xp.eye(1)
     t14 = _fn_sigmoid_0(S['x'])
-    t15 = t14.T
-    t16 = (t14 @ t15)
+    t15 = _gram(t14)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t12),
-        "W": CurvatureBlock(kron=[_kron(t13, t16, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t13, t15, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -373,11 +371,10 @@ def _hbp_pch_clip_6_params(P, S, Hz):
     B, n, m = _dims(P, S).values()
     t0 = (1/B) * xp.eye(1)
     t1 = _fn_sigmoid_0(S['x'])
-    t2 = t1.T
-    t3 = (t1 @ t2)
+    t2 = _gram(t1)
 
     return {
-        "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 

@@ -162,5 +162,8 @@ class ArrayPrinter:
     def _print_PSDProjection(self, node: Expr) -> str:
         return f"_psd_{node.args[0]}({self.operand(node.args[1])})"
 
+    def _print_Gram(self, node: Expr) -> str:
+        return f"_gram({self.operand(node.args[0])})"
+
     def _print_Stacked(self, node: Expr) -> str:
         return self.ref(node)

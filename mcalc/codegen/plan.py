@@ -24,11 +24,13 @@ import sympy as sp
 from ..calculus.derivation import Derivation
 from ..calculus.hbp import CURVATURES
 from ..expr import (
+    BATCH,
     Add,
     Apply,
     BatchMean,
     Diag,
     Expr,
+    Gram,
     Hadamard,
     Identity,
     Kron,
@@ -155,7 +157,7 @@ class ProgramBuilder:
             if factors is None:
                 dense.append(term)
             else:
-                scale, left, right = factors
+                scale, left, right = (_implicit_gram(f) if f is not None else None for f in factors)
                 plan.kron.append((self.ref(scale) if scale is not None else "1", self.ref(left), self.ref(right)))
         if dense:
             plan.dense = self.ref(dense[0] if len(dense) == 1 else Add(*dense))
@@ -171,6 +173,14 @@ def _in_place(parent: Expr, child: Expr) -> Expr:
         if isinstance(core, Identity) and isinstance(parent, Add):
             return core
     return child
+
+
+def _implicit_gram(factor: Expr) -> Expr:
+    """A batch Gram matrix P Pᵀ as a :class:`Gram` factor (formed or kept implicit at run time)."""
+    if isinstance(factor, MatMul) and len(factor.args) == 2 and factor.args[1] == Transpose(factor.args[0]) \
+            and factor.args[0].cols == BATCH:
+        return Gram(factor.args[0])
+    return factor
 
 
 def _kron_factors(term: Expr) -> tuple[Expr | None, Expr, Expr] | None:

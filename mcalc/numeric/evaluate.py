@@ -259,6 +259,10 @@ class Evaluator:
     def _eval_Kron(self, e: Expr) -> np.ndarray:
         return np.kron(self.value(e.args[0]), self.value(e.args[1]))
 
+    def _eval_Gram(self, e: Expr) -> np.ndarray:
+        p = self.value(e.args[0])
+        return p @ p.T
+
     def _eval_Diag(self, e: Expr) -> np.ndarray:
         return np.diag(self.value(e.args[0])[:, 0])
 

@@ -101,6 +101,10 @@ class LatexPrinter(Printer):
     def _print_Vec(self, e: Expr) -> str:
         return rf"\operatorname{{vec}}\left({self._print(e.args[0])}\right)"
 
+    def _print_Gram(self, e: Expr) -> str:
+        inner = self.wrap(e.args[0], ATOM)
+        return rf"{inner} {inner}^{{\top}}"
+
     def _print_Stacked(self, e: Expr) -> str:
         return rf"\left[{self._print(e.args[0])}\right]_{{B}}"
 

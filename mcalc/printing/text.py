@@ -92,6 +92,10 @@ class TextPrinter(Printer):
     def _print_Vec(self, e: Expr) -> str:
         return f"vec({self._print(e.args[0])})"
 
+    def _print_Gram(self, e: Expr) -> str:
+        inner = self.wrap(e.args[0], ATOM)
+        return f"{inner} {inner}ᵀ"
+
     def _print_Stacked(self, e: Expr) -> str:
         return f"[{self._print(e.args[0])}]_B"
 
