@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test
+.PHONY: demo test bench
 $(VENV)/installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -15,3 +15,10 @@ demo: $(VENV)/installed
 test: $(VENV)/installed
 	$(VENV)/bin/ruff check mcalc tests examples benchmarks
 	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+# Benchmarks side by side with BackPACK 1.7.1. Installed without its dependencies on purpose:
+# it declares torchvision, which HBP does not use and which would pull a multi-GB CUDA torch.
+bench: $(VENV)/installed
+	$(PY) -m pip install -q --no-deps backpack-for-pytorch==1.7.1 unfoldNd==0.2.3 einops
+	$(PY) benchmarks/derive.py --json benchmarks/results/derive.json
+	$(PY) benchmarks/hbp_pass.py --json benchmarks/results/hbp_pass_cpu.json
