@@ -641,6 +641,13 @@ class BatchMean(Expr):
         return BatchMean(children[0], self.args[1])
 
 
+def product(factors: tuple[Expr, ...], rows: sp.Expr) -> Expr:
+    """The matrix product of ``factors``; I_rows when there are none."""
+    if not factors:
+        return Identity(rows)
+    return factors[0] if len(factors) == 1 else MatMul(*factors)
+
+
 def substitute(expr: Expr, mapping: dict[Expr, Expr]) -> Expr:
     """Replace subexpressions (typically symbols) by others of the same shape."""
     memo: dict[Expr, Expr] = {}

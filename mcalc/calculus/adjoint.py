@@ -27,6 +27,7 @@ from ..expr import (
     Symbol,
     Trace,
     Transpose,
+    product,
 )
 from ..simplify import simplify
 
@@ -68,18 +69,13 @@ def backprop(expr: Expr, wrt: Symbol, adjoint: Expr) -> Expr:
     return simplify(Add(*contributions) if len(contributions) > 1 else contributions[0])
 
 
-def _product(factors: tuple[Expr, ...], rows: object) -> Expr:
-    if not factors:
-        return Identity(rows)
-    return factors[0] if len(factors) == 1 else MatMul(*factors)
-
 
 @defvjp(MatMul)
 def _matmul(node: MatMul, lam: Expr) -> list[Expr]:
     out = []  # ⟨Λ, L dA R⟩ = ⟨Lᵀ Λ Rᵀ, dA⟩
     for i, a in enumerate(node.args):
-        left = _product(node.args[:i], a.rows)
-        right = _product(node.args[i + 1 :], a.cols)
+        left = product(node.args[:i], a.rows)
+        right = product(node.args[i + 1 :], a.cols)
         out.append(MatMul(Transpose(left), lam, Transpose(right)))
     return out
 

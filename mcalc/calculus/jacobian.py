@@ -38,6 +38,7 @@ from ..expr import (
     Transpose,
     Vec,
     Zero,
+    product,
 )
 from ..simplify import simplify
 
@@ -90,19 +91,14 @@ def jacobian(expr: Expr, wrt: Symbol) -> Expr:
     return Jacobians(wrt)(expr)
 
 
-def _product(factors: tuple[Expr, ...], rows: object) -> Expr:
-    if not factors:
-        return Identity(rows)
-    return factors[0] if len(factors) == 1 else MatMul(*factors)
-
 
 @defjvp(MatMul)
 def _matmul(node: MatMul, jac: JacobianOf) -> Expr:
     # d(A₁…Aₙ) = Σᵢ L dAᵢ R, and vec(L dAᵢ R) = (Rᵀ ⊗ L) vec dAᵢ  (S.1)
     terms = []
     for i, a in enumerate(node.args):
-        left = _product(node.args[:i], a.rows)
-        right = _product(node.args[i + 1 :], a.cols)
+        left = product(node.args[:i], a.rows)
+        right = product(node.args[i + 1 :], a.cols)
         terms.append(MatMul(Kron(Transpose(right), left), jac(a)))
     return Add(*terms) if len(terms) > 1 else terms[0]
 

@@ -21,7 +21,6 @@ from ..expr import (
     Diag,
     Expr,
     Hadamard,
-    Identity,
     Inverse,
     Kron,
     LogSoftmax,
@@ -34,6 +33,7 @@ from ..expr import (
     Transpose,
     Vec,
     Zero,
+    product,
 )
 from ..simplify import simplify
 from .adjoint import child_adjoints
@@ -82,11 +82,6 @@ def second_order_term(expr: Expr, wrt: Symbol, adjoint: Expr, jac: Jacobians | N
     return simplify(Add(*terms) if len(terms) > 1 else terms[0])
 
 
-def _product(factors: tuple[Expr, ...], rows: object) -> Expr:
-    if not factors:
-        return Identity(rows)
-    return factors[0] if len(factors) == 1 else MatMul(*factors)
-
 
 @deflocal(MatMul)
 def _matmul(node: MatMul, lam: Expr, jac: Jacobians) -> list[Expr]:
@@ -99,9 +94,9 @@ def _matmul(node: MatMul, lam: Expr, jac: Jacobians) -> list[Expr]:
             ji, jj = jac(f[i]), jac(f[j])
             if not (_depends(ji) and _depends(jj)):
                 continue
-            left = _product(f[:i], f[i].rows)
-            middle = _product(f[i + 1 : j], f[i].cols)
-            right = _product(f[j + 1 :], f[j].cols)
+            left = product(f[:i], f[i].rows)
+            middle = product(f[i + 1 : j], f[i].cols)
+            right = product(f[j + 1 :], f[j].cols)
             p = MatMul(right, Transpose(lam), left)
             bilinear = MatMul(Commutation(f[j].cols, f[j].rows), Kron(Transpose(middle), p))
             out += _symmetrised(jj, bilinear, ji)

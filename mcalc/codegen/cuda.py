@@ -20,10 +20,9 @@ from sympy.printing.c import C99CodePrinter
 from .. import __version__
 from ..expr import ONE, Add, Apply, Diag, Expr, Hadamard, Identity, MatMul, Ones, ScalarMul, ScaleBy
 from ..functions import ElementwiseFunction
-from ..printing.text import to_text
 from .numpy_printer import ArrayPrinter, through_base
 from .plan import ModulePlan, Program, _in_place, sanitise
-from .render import _leaf_key, environment, functions_of
+from .render import _leaf_key, environment, functions_of, module_context
 
 DTYPES = {"float": float32, "double": float64}
 FUSABLE = (Add, Hadamard, ScalarMul, ScaleBy, Apply)
@@ -92,7 +91,7 @@ class KernelBuilder:
             if _is_row_sum(node) and self._internal(node.args[0], node.args[0].shape):
                 kernel = Kernel(f"{self.prefix}{len(self.kernels)}", step.target, node.args[0].shape,
                                 node.args[0], True)
-            elif isinstance(node, FUSABLE) and _worth_fusing(node):
+            elif isinstance(node, FUSABLE):
                 kernel = Kernel(f"{self.prefix}{len(self.kernels)}", step.target, node.shape, node, False)
             else:
                 continue
@@ -127,11 +126,6 @@ class KernelBuilder:
             kernel=kernel, dtype=dtype, value=value, inputs=printer.loads,
             coefficients=[f"c{i}" for i in range(len(printer.coefficients))],
         )
-
-
-def _worth_fusing(node: Expr) -> bool:
-    """A lone scaling of a matrix product is left to CuPy: fusing it gains no pass over memory."""
-    return True
 
 
 class _ElementPrinter:
@@ -252,23 +246,13 @@ def _program_context(program: Program, prefix: str) -> dict[str, Any]:
 
 
 def render_cupy_module(plan: ModulePlan) -> str:
-    m = plan.derivation.module
     forward = _program_context(plan.forward, "forward_")
     gradients = {key: _program_context(p, f"gradients_{int(key)}_") for key, p in plan.gradients.items()}
     hbp = {key: _program_context(p, _hbp_prefix(key)) for key, p in plan.hbp.items()}
     kernels = forward["kernels"] + [k for c in [*gradients.values(), *hbp.values()] for k in c["kernels"]]
     source = cuda_source(kernels)
-    module = {
-        "name": m.name,
-        "output_text": to_text(m.output),
-        "per_sample": plan.per_sample,
-        "params": plan.params,
-        "variables": [v.name for v in m.variables],
-        "dims": plan.dims,
-        "dim_names": ", ".join(plan.dims) + ("," if len(plan.dims) == 1 else ""),
-    }
     return environment().get_template("cupy/module.py.j2").render(
-        module=module, version=__version__, backend="cupy", functions=functions_of(plan),
+        module=module_context(plan), version=__version__, backend="cupy", functions=functions_of(plan),
         forward=forward, gradients=gradients, hbp=hbp, cuda_source=source,
         kernel_names=[k.name for k in kernels],
     )

@@ -164,6 +164,3 @@ class ArrayPrinter:
 
     def _print_Gram(self, node: Expr) -> str:
         return f"_gram({self.operand(node.args[0])})"
-
-    def _print_Stacked(self, node: Expr) -> str:
-        return self.ref(node)

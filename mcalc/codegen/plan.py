@@ -1,14 +1,10 @@
 """Kernel plans: a module's batch rules as straight-line programs.
 
 A program is a list of steps ``tK = op(children)`` in dependency order, with
-common subexpressions computed once across every rule of the function. Each
-step has a kind that a backend uses to decide what runs where:
-
-``blas``        matrix products (BLAS / cuBLAS);
-``elementwise`` entry-by-entry work (fused into one CUDA kernel per group);
-``reduce``      sums over the batch or the rows, fused with the elementwise
-                work that feeds them;
-``other``       the rest (softmax, inverse, eigen-projection, per-sample fallbacks).
+common subexpressions computed once across every rule of the function. A
+backend decides what runs where from the steps' nodes: matrix products go to
+BLAS / cuBLAS, and the CUDA backend fuses elementwise steps and the row sums
+they feed into kernels (:mod:`mcalc.codegen.cuda`).
 
 Curvature blocks are never expanded: a rule Σⱼ cⱼ (Aⱼ ⊗ Bⱼ) + M is planned as
 its factors Aⱼ, Bⱼ and the dense remainder M (see :class:`BlockPlan`).
@@ -26,12 +22,10 @@ from ..calculus.hbp import CURVATURES
 from ..expr import (
     BATCH,
     Add,
-    Apply,
     BatchMean,
     Diag,
     Expr,
     Gram,
-    Hadamard,
     Identity,
     Kron,
     MatMul,
@@ -58,16 +52,12 @@ def sanitise(name: str) -> str:
     return clean
 
 
-ELEMENTWISE = (Add, Hadamard, ScalarMul, ScaleBy, Apply, Transpose)
-
-
 @dataclass
 class Step:
-    """``target = node(children)``; ``kind`` says which engine runs it."""
+    """``target = node(children)``."""
 
     target: str
     node: Expr
-    kind: str
 
 
 @dataclass
@@ -87,15 +77,6 @@ class Program:
     fallbacks: list[tuple[str, Program, tuple[Expr, ...]]] = field(default_factory=list)
     names: dict[Expr, str] = field(default_factory=dict)  # how each computed node is referred to
 
-
-def classify(node: Expr) -> str:
-    if isinstance(node, MatMul):
-        if any(isinstance(f, Ones) for f in node.args):
-            return "reduce"
-        return "blas"
-    if isinstance(node, ELEMENTWISE):
-        return "elementwise"
-    return "other"
 
 
 class ProgramBuilder:
@@ -131,7 +112,7 @@ class ProgramBuilder:
         for child in node.children:
             self.ref(_in_place(node, child))
         target = f"{self.prefix}{len(self.program.steps)}"
-        self.program.steps.append(Step(target, node, classify(node)))
+        self.program.steps.append(Step(target, node))
         self.names[node] = target
         return target
 
@@ -144,7 +125,7 @@ class ProgramBuilder:
         name = f"_mean{len(self.program.fallbacks)}"
         self.program.fallbacks.append((name, inner.program, leaves))
         target = f"{self.prefix}{len(self.program.steps)}"
-        self.program.steps.append(Step(target, node, "other"))
+        self.program.steps.append(Step(target, node))
         self.names[node] = target
         return target
 

@@ -70,9 +70,10 @@ def functions_of(plan: ModulePlan) -> list[str]:
     return [seen[k] for k in sorted(seen)]
 
 
-def render_module(plan: ModulePlan, backend: str, header: str) -> str:
+def module_context(plan: ModulePlan) -> dict[str, Any]:
+    """What the templates say about the module itself."""
     m = plan.derivation.module
-    module = {
+    return {
         "name": m.name,
         "output_text": to_text(m.output),
         "per_sample": plan.per_sample,
@@ -81,8 +82,11 @@ def render_module(plan: ModulePlan, backend: str, header: str) -> str:
         "dims": plan.dims,
         "dim_names": ", ".join(plan.dims) + ("," if len(plan.dims) == 1 else ""),
     }
+
+
+def render_module(plan: ModulePlan, backend: str, header: str) -> str:
     return environment().get_template(f"{backend}/module.py.j2").render(
-        module=module,
+        module=module_context(plan),
         version=__version__,
         backend=backend,
         header=header,
