@@ -131,6 +131,19 @@ def _demo(args: argparse.Namespace) -> int:
     print(_table(rows, ["module", "checks", "derive", "verify", "worst error/tol", "result"]))
     print("\nThe composite σ → Linear, derived analytically, is (S.11a–c) of the HBP paper:\n")
     print(render(Derivation(SigmoidLinear), "text"))
+
+    from .numeric.verify_backend import verify_backend
+
+    print("\nGenerated NumPy code (generated/), batch rules (6) and (7), against finite differences:\n")
+    rows = []
+    for m in LIBRARY:
+        start = time.perf_counter()
+        checks = verify_backend(m, "numpy")
+        bad = sum(not c.ok for c in checks)
+        failures += bad
+        rows.append([m.name, str(len(checks)), f"{(time.perf_counter() - start) * 1e3:.0f} ms",
+                     f"{max(c.error / c.tolerance for c in checks):.1e}", "ok" if not bad else f"{bad} MISMATCH"])
+    print(_table(rows, ["module", "checks", "time", "worst error/tol", "result"]))
     return EXIT_MISMATCH if failures else 0
 
 
