@@ -32,7 +32,7 @@ import mcalc as mc  # noqa: E402
 from mcalc import layers as L  # noqa: E402
 from mcalc.codegen.plan import plan_module  # noqa: E402
 from mcalc.codegen.render import render_module  # noqa: E402
-from mcalc.runtime.loader import load  # noqa: E402
+from mcalc.train.network import Network  # noqa: E402
 
 SIZES = [3072, 1024, 512, 256, 128, 64, 32, 16, 10]
 BATCH = 500
@@ -47,31 +47,10 @@ def unfused(module: mc.Module) -> types.ModuleType:
     return namespace
 
 
-def mcalc_pass(codes: dict, params: list[dict], X, Y, mode: str, xp) -> list[dict]:
-    """Forward, loss, then gradients and HBP blocks module by module, back to the input."""
-    layers = []
-    for i in range(len(SIZES) - 1):
-        layers.append(("Linear", params[i]))
-        if i < len(SIZES) - 2:
-            layers.append(("Sigmoid", {}))
-    inputs, Z = [], X
-    for kind, P in layers:
-        inputs.append(Z)
-        Z = codes[kind].forward(P, {"x": Z})["Z"]
-    S = {"x": Z, "y": Y, "dz": xp.full((1, X.shape[1]), 1.0 / X.shape[1], dtype=X.dtype)}
-    dZ = codes["CrossEntropy"].gradients({}, S)["x"]
-    Hz = codes["CrossEntropy"].HBP[("exact", "6")]({}, S, xp.zeros((1, 1), dtype=X.dtype))["x"].dense
-    blocks = []
-    for position, ((kind, P), X_in) in reversed(list(enumerate(zip(layers, inputs)))):
-        S = {"x": X_in, "dz": dZ}
-        first = position == 0  # the data needs no gradient or curvature (BackPACK skips them too)
-        grads = codes[kind].gradients(P, S, inputs=not first)
-        out = codes[kind].HBP[(mode, "6")](P, S, Hz, inputs=not first)
-        if not first:
-            dZ, Hz = grads["x"], out["x"].dense
-        if kind == "Linear":
-            blocks.append(out)
-    return blocks[::-1]
+def mcalc_pass(net: Network, X, Y, mode: str) -> list[tuple]:
+    """Forward, loss, gradients and every layer's (W, b) HBP blocks by approximation (6)."""
+    _, _, blocks = net.backward(X, Y, mode, "6")
+    return [(blocks[f"W{i}"], blocks[f"b{i}"]) for i in range(1, len(SIZES))]
 
 
 def backpack_pass(model, loss_fn, X, y, mode: str):
@@ -86,7 +65,7 @@ def backpack_pass(model, loss_fn, X, y, mode: str):
     return [(m.weight.hbp, m.bias.hbp) for m in model if hasattr(m, "weight")]
 
 
-def _difference(ours: dict, reference: tuple, xp) -> float:
+def _difference(ours: tuple, reference: tuple, xp) -> float:
     """Relative difference of the weight blocks' action 𝓗̄z V E[x xᵀ] on a random V, and of the bias blocks.
 
     A Kronecker product fixes its factors only up to a scale moved between them,
@@ -96,8 +75,9 @@ def _difference(ours: dict, reference: tuple, xp) -> float:
     (G, A), (Hb,) = [[t.detach().cpu().numpy().astype(np.float64) for t in r] for r in reference]
     V = np.random.default_rng(0).normal(size=(G.shape[0], A.shape[0]))
     theirs = G @ V @ A.T  # (G ⊗ A) applied to V's row-major vec
-    mine = host(ours["W"].matvec(xp.asarray(V.reshape(-1, order="F"), dtype=xp.float32))).reshape(V.shape, order="F")
-    bias = host(ours["b"].dense)
+    weight, bias_block = ours
+    mine = host(weight.matvec(xp.asarray(V.reshape(-1, order="F"), dtype=xp.float32))).reshape(V.shape, order="F")
+    bias = host(bias_block.dense)
     return max(float(np.abs(mine - theirs).max() / np.abs(theirs).max()),
                float(np.abs(bias - Hb).max() / np.abs(Hb).max()))
 
@@ -137,19 +117,25 @@ def main() -> None:
     X_t = torch.randn(BATCH, SIZES[0], device=device)
     y_t = torch.randint(0, SIZES[-1], (BATCH,), device=device)
 
+    spec = "-".join([str(SIZES[0]), *[f"{w}-sigmoid" for w in SIZES[1:-1]], str(SIZES[-1])])
     if args.device == "cuda":
         import cupy as xp
 
         sync = xp.cuda.Device().synchronize
-        variants = {"mcalc fused CuPy": {m.name: load(m, "cupy") for m in (L.Linear, L.Sigmoid, L.CrossEntropy)},
-                    "mcalc unfused CuPy": {m.name: unfused(m) for m in (L.Linear, L.Sigmoid, L.CrossEntropy)}}
         torch_sync = torch.cuda.synchronize
+        unfused_net = Network(spec, backend="cupy", dtype=np.float32)
+        unfused_net.code = {m.name: unfused(m) for m in (L.Linear, L.Sigmoid, L.CrossEntropy)}
+        variants = {"mcalc fused CuPy": Network(spec, backend="cupy", dtype=np.float32),
+                    "mcalc unfused CuPy": unfused_net}
     else:
         xp = np
         sync = torch_sync = lambda: None
-        variants = {"mcalc NumPy": {m.name: load(m, "numpy") for m in (L.Linear, L.Sigmoid, L.CrossEntropy)}}
-    params = [{"W": xp.asarray(m.weight.detach().cpu().numpy()),
-               "b": xp.asarray(m.bias.detach().cpu().numpy()[:, None])} for m in model if hasattr(m, "weight")]
+        variants = {"mcalc NumPy": Network(spec, backend="numpy", dtype=np.float32)}
+    linears = [m for m in model if hasattr(m, "weight")]
+    for net in variants.values():  # the PyTorch model's weights
+        for i, m in enumerate(linears, start=1):
+            net.params[f"W{i}"] = xp.asarray(m.weight.detach().cpu().numpy())
+            net.params[f"b{i}"] = xp.asarray(m.bias.detach().cpu().numpy()[:, None])
     X = xp.ascontiguousarray(xp.asarray(X_t.cpu().numpy()).T)
     Y = xp.asarray(np.eye(SIZES[-1], dtype=np.float32)[y_t.cpu().numpy()].T)
 
@@ -163,9 +149,9 @@ def main() -> None:
         reference = backpack_pass(model, loss_fn, X_t, y_t, mode)
         results[f"BackPACK HBP [{mode}]"] = timed(lambda m=mode: backpack_pass(model, loss_fn, X_t, y_t, m),
                                                    args.repeats, torch_sync)
-        for name, codes in variants.items():
-            blocks = mcalc_pass(codes, params, X, Y, mode, xp)
-            run = lambda c=codes, m=mode: mcalc_pass(c, params, X, Y, m, xp)  # noqa: E731
+        for name, net in variants.items():
+            blocks = mcalc_pass(net, X, Y, mode)
+            run = lambda n=net, m=mode: mcalc_pass(n, X, Y, m)  # noqa: E731
             results[f"{name} [{mode}]"] = timed(run, args.repeats, sync)
             agreement[f"{name} [{mode}]"] = max(_difference(ours, refs, xp) for ours, refs in zip(blocks, reference))
     print(f"device: {args.device}, batch {BATCH}, float32, network {'-'.join(map(str, SIZES))}")

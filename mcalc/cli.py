@@ -109,6 +109,33 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .train.data import load as load_data
+    from .train.network import Network, parse_spec
+    from .train.optimizers import make_optimizer
+    from .train.trainer import plot, train, write_json
+
+    data = load_data(args.data, seed=args.seed, folder=args.data_dir)
+    widths, _ = parse_spec(args.model)
+    if widths[0] != data.features or widths[-1] != data.classes:
+        raise McalcError(f"model '{args.model}' maps {widths[0]} → {widths[-1]}, but the data have "
+                         f"{data.features} features and {data.classes} classes")
+    net = Network(args.model, loss=args.loss, backend=args.backend, seed=args.seed)
+    options = {"lr": args.lr}
+    if args.optimizer == "hbp-newton":
+        options.update(curvature=args.curvature, approximation=args.approximation, split=args.split)
+    result = train(net, data, make_optimizer(args.optimizer, **options), epochs=args.epochs,
+                   batch_size=args.batch_size, seed=args.seed, progress=sys.stderr.isatty(), name=args.optimizer)
+    for row in result["history"]:
+        print(f"epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f}  test loss {row['test_loss']:.4f}  "
+              f"test accuracy {row['test_accuracy']:.4f}  {row['wall_s']:.1f} s")
+    if args.json:
+        write_json(result, args.json)
+    if args.plot:
+        plot([result], args.plot)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .layers import LIBRARY, SigmoidLinear
     from .numeric.verify import verify_module
@@ -174,6 +201,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", choices=["numpy", "cupy", "all"], default="all")
     p.add_argument("--out", help="output folder (default: the project's generated/)")
     p.set_defaults(run=_generate)
+
+    p = sub.add_parser("train", help="train a network on the generated kernels")
+    p.add_argument("--data", default="digits", help="digits (bundled), mnist, cifar10 (with --data-dir) or FILE.npz")
+    p.add_argument("--data-dir", help="folder of the MNIST IDX files or CIFAR-10 python batches")
+    p.add_argument("--model", default="64-128-sigmoid-10", help="widths and activations, e.g. 64-128-sigmoid-10")
+    p.add_argument("--loss", choices=["ce", "mse"], default="ce")
+    p.add_argument("--optimizer", choices=["sgd", "adam", "hbp-newton"], default="hbp-newton")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, help="learning rate (default: the optimiser's)")
+    p.add_argument("--curvature", choices=["exact", "ggn", "pch-abs", "pch-clip"], default="pch-abs")
+    p.add_argument("--approximation", choices=["6", "7"], default="6")
+    p.add_argument("--split", type=int, default=1, help="row-wise sub-blocks per parameter (Section 4)")
+    p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the history here")
+    p.add_argument("--plot", help="write loss and accuracy curves here (PNG)")
+    p.set_defaults(run=_train)
 
     p = sub.add_parser("demo", help="the main job on embedded data")
     p.set_defaults(run=_demo)

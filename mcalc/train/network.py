@@ -1,0 +1,141 @@
+"""Networks: a sequence of library modules on their generated kernels, with curvature backprop.
+
+A spec such as ``64-128-sigmoid-64-sigmoid-10`` reads: input width 64, a
+linear layer to 128, a sigmoid, a linear layer to 64, a sigmoid, a linear
+layer to 10; the loss (cross-entropy or square loss) follows. Arrays hold one
+sample per column, as the generated code does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .. import layers as L
+from ..errors import McalcError
+from ..module import Module
+from ..runtime.blocks import CurvatureBlock
+from ..runtime.loader import load
+
+ACTIVATIONS = {"sigmoid": L.Sigmoid, "tanh": L.Tanh, "relu": L.ReLU, "softplus": L.Softplus}
+LOSSES = {"ce": L.CrossEntropy, "mse": L.MSE}
+
+
+@dataclass
+class Layer:
+    """One module of the network and the names of its parameters in the network."""
+
+    module: Module
+    params: dict[str, str]  # module's parameter name → network parameter name
+
+
+def parse_spec(spec: str) -> tuple[list[int], list[str]]:
+    """Widths, and for each linear layer the activation that follows it ('' for none)."""
+    widths: list[int] = []
+    after: dict[int, str] = {}  # linear layer index → activation
+    for token in (t.strip().lower() for t in spec.split("-") if t.strip()):
+        if token.isdigit():
+            if int(token) < 1:
+                raise McalcError(f"model spec '{spec}': width {token} must be positive")
+            widths.append(int(token))
+        elif token in ACTIVATIONS:
+            layer = len(widths) - 2  # the linear layer that ends at the last width
+            if layer < 0 or layer in after:
+                raise McalcError(f"model spec '{spec}': activation '{token}' must follow a width")
+            after[layer] = token
+        else:
+            raise McalcError(f"model spec '{spec}': unknown token '{token}'; widths are integers, "
+                             f"activations are {', '.join(ACTIVATIONS)}")
+    if len(widths) < 2:
+        raise McalcError(f"model spec '{spec}': needs an input and an output width, e.g. 64-10")
+    if len(widths) - 2 in after:
+        raise McalcError(f"model spec '{spec}': ends with an activation; the last token is the output width")
+    return widths, [after.get(i, "") for i in range(len(widths) - 1)]
+
+
+class Network:
+    """A feed-forward network of library modules with a loss, run on the generated code of one backend."""
+
+    def __init__(self, spec: str, loss: str = "ce", backend: str = "numpy", seed: int = 0,
+                 dtype: Any = np.float64) -> None:
+        if loss not in LOSSES:
+            raise McalcError(f"unknown loss '{loss}'; choose one of {', '.join(LOSSES)}")
+        self.spec, self.backend, self.dtype = spec, backend, dtype
+        self.widths, activations = parse_spec(spec)
+        self.xp = np
+        if backend == "cupy":
+            import cupy
+
+            self.xp = cupy
+        self.layers: list[Layer] = []
+        self.params: dict[str, Any] = {}
+        rng = np.random.default_rng(seed)
+        for i in range(len(self.widths) - 1):
+            fan_in, fan_out = self.widths[i], self.widths[i + 1]
+            bound = np.sqrt(6.0 / (fan_in + fan_out))  # Xavier / Glorot uniform
+            self.params[f"W{i + 1}"] = self.xp.asarray(rng.uniform(-bound, bound, (fan_out, fan_in)), dtype=dtype)
+            self.params[f"b{i + 1}"] = self.xp.zeros((fan_out, 1), dtype=dtype)
+            self.layers.append(Layer(L.Linear, {"W": f"W{i + 1}", "b": f"b{i + 1}"}))
+            if activations[i]:
+                self.layers.append(Layer(ACTIVATIONS[activations[i]], {}))
+        self.loss_module = LOSSES[loss]
+        self.code = {layer.module.name: load(layer.module, backend) for layer in self.layers}
+        self.code[self.loss_module.name] = load(self.loss_module, backend)
+
+    # --- passes -------------------------------------------------------------------
+    def _module_params(self, layer: Layer, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        params = self.params if params is None else params
+        return {own: params[name] for own, name in layer.params.items()}
+
+    def forward(self, X: Any, params: dict[str, Any] | None = None) -> tuple[Any, list[Any]]:
+        """Outputs (widths[-1], B) and the input of every layer."""
+        inputs, Z = [], X
+        for layer in self.layers:
+            inputs.append(Z)
+            Z = self.code[layer.module.name].forward(self._module_params(layer, params), {"x": Z})["Z"]
+        return Z, inputs
+
+    def loss(self, X: Any, Y: Any, params: dict[str, Any] | None = None) -> float:
+        """The batch mean of the per-sample losses."""
+        Z, _ = self.forward(X, params)
+        return float(self.code[self.loss_module.name].forward({}, {"x": Z, "y": Y})["Z"].mean())
+
+    def backward(self, X: Any, Y: Any, curvature: str | None = None, approximation: str = "6",
+                 ) -> tuple[float, dict[str, Any], dict[str, CurvatureBlock]]:
+        """Loss, gradients of every parameter and, with ``curvature``, their HBP blocks (Section 3.3).
+
+        The loss is the batch mean: δZ carries 1/B and 𝓗̄z is the mean of the
+        per-sample loss Hessians, passed backwards module by module by (4a).
+        """
+        xp = self.xp
+        Z, inputs = self.forward(X)
+        code = self.code[self.loss_module.name]
+        B = X.shape[1]
+        S = {"x": Z, "y": Y, "dz": xp.full((1, B), 1.0 / B, dtype=Z.dtype)}
+        loss = float(code.forward({}, S)["Z"].mean())
+        dZ = code.gradients({}, S)["x"]
+        Hz = code.HBP[("exact", approximation)]({}, S, xp.zeros((1, 1), dtype=Z.dtype))["x"].dense \
+            if curvature else None
+        grads: dict[str, Any] = {}
+        blocks: dict[str, CurvatureBlock] = {}
+        for position in reversed(range(len(self.layers))):
+            layer = self.layers[position]
+            P, S = self._module_params(layer), {"x": inputs[position], "dz": dZ}
+            first = position == 0  # the data needs no gradient or curvature
+            g = self.code[layer.module.name].gradients(P, S, inputs=not first)
+            for own, name in layer.params.items():
+                grads[name] = g[own]
+            if curvature:
+                out = self.code[layer.module.name].HBP[(curvature, approximation)](P, S, Hz, inputs=not first)
+                for own, name in layer.params.items():
+                    blocks[name] = out[own]
+                if not first:
+                    Hz = out["x"].dense
+            if not first:
+                dZ = g["x"]
+        return loss, grads, blocks
+
+    def accuracy(self, X: Any, labels: Any) -> float:
+        Z, _ = self.forward(X)
+        return float((self.xp.argmax(Z, axis=0) == labels).mean())

@@ -1,0 +1,105 @@
+"""The training loop: mini-batches, evaluation per epoch, a guard against non-finite steps."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..codegen.manifest import write_atomic
+from .data import Dataset
+from .network import Network
+
+
+def one_hot(labels: np.ndarray, classes: int) -> np.ndarray:
+    """Labels as columns of the identity: (classes, B)."""
+    return np.eye(classes)[:, labels]
+
+
+def train(net: Network, data: Dataset, optimizer: Any, *, epochs: int, batch_size: int, seed: int = 0,
+          progress: bool = False, name: str = "") -> dict[str, Any]:
+    """Train ``net`` and return ``{"optimizer", "history": [...], "final": {...}}`` (the design's format).
+
+    A step whose loss is not finite is rejected (the weights are kept) and,
+    for a curvature method, its damping α doubled; steps rejected are counted.
+    """
+    xp = net.xp
+    rng = np.random.default_rng(seed)
+    as_array = lambda a: xp.asarray(a, dtype=net.dtype)  # noqa: E731
+    X_train, X_test = as_array(data.x_train.T), as_array(data.x_test.T)
+    Y_train, Y_test = as_array(one_hot(data.y_train, data.classes)), as_array(one_hot(data.y_test, data.classes))
+    labels_test = xp.asarray(data.y_test)
+    steps = math.ceil(len(data.y_train) / batch_size)
+    history, rejected, start = [], 0, time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=epochs * steps, desc=name or "train", unit="step", leave=False)
+    for epoch in range(1, epochs + 1):
+        order = rng.permutation(len(data.y_train))
+        losses = []
+        for k in range(steps):
+            index = xp.asarray(order[k * batch_size:(k + 1) * batch_size])
+            X, Y = X_train[:, index], Y_train[:, index]
+            loss, grads, blocks = net.backward(X, Y, getattr(optimizer, "curvature", None),
+                                               getattr(optimizer, "approximation", "6"))
+            updates = optimizer.step(net, grads, blocks)
+            previous = dict(net.params)
+            net.params = {name: value + updates[name] for name, value in net.params.items()}
+            if not math.isfinite(net.loss(X, Y)) or not all(bool(xp.isfinite(u).all()) for u in updates.values()):
+                net.params = previous  # reject the step: never corrupt the weights
+                rejected += 1
+                if hasattr(optimizer, "alpha"):
+                    optimizer.alpha = min(1.0, 2 * optimizer.alpha)
+            else:
+                losses.append(loss)
+            if bar is not None:
+                bar.update()
+        history.append({
+            "epoch": epoch,
+            "train_loss": float(np.mean(losses)) if losses else float("nan"),
+            "test_loss": net.loss(X_test, Y_test),
+            "test_accuracy": net.accuracy(X_test, labels_test),
+            "wall_s": time.perf_counter() - start,
+        })
+        if bar is not None:
+            bar.set_postfix(acc=f"{history[-1]['test_accuracy']:.3f}")
+    if bar is not None:
+        bar.close()
+    return {"optimizer": name, "history": history, "final": {**history[-1], "rejected_steps": rejected}}
+
+
+def write_json(result: dict[str, Any], path: str | Path) -> None:
+    write_atomic(Path(path), json.dumps(result, indent=2) + "\n")
+
+
+def plot(results: list[dict[str, Any]], path: str | Path) -> None:
+    """Test loss and accuracy against epochs and against wall-clock time, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(2, 2, figsize=(11, 7), sharey="row")
+    for result in results:
+        h = result["history"]
+        for column, x_key in enumerate(("epoch", "wall_s")):
+            xs = [r[x_key] for r in h]
+            axes[0][column].plot(xs, [r["test_loss"] for r in h], label=result["optimizer"])
+            axes[1][column].plot(xs, [r["test_accuracy"] for r in h], label=result["optimizer"])
+    for column, label in enumerate(("epoch", "wall-clock seconds")):
+        axes[1][column].set_xlabel(label)
+    axes[0][0].set_ylabel("test loss")
+    axes[1][0].set_ylabel("test accuracy")
+    axes[0][0].set_yscale("log")
+    axes[0][1].legend()
+    figure.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(tmp, dpi=110)
+    plt.close(figure)
+    tmp.replace(path)  # written whole or not at all

@@ -1,0 +1,180 @@
+"""The training driver: networks on generated kernels, optimiser steps against dense computations, data, CLI."""
+import gzip
+import json
+import pickle
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import mcalc as mc
+from mcalc.numeric.finite_diff import hessian_fd
+from mcalc.train import data as D
+from mcalc.train.network import Network, parse_spec
+from mcalc.train.optimizers import HBPNewton, conjugate_gradient, make_optimizer
+from mcalc.train.trainer import train
+
+
+def test_parse_spec():
+    assert parse_spec("64-128-sigmoid-64-tanh-10") == ([64, 128, 64, 10], ["sigmoid", "tanh", ""])
+    assert parse_spec("4-3-2") == ([4, 3, 2], ["", ""])
+    for bad, message in [("64", "input and an output"), ("64-sigmoid-10", "must follow a width"),
+                         ("64-10-relu", "ends with an activation"), ("64-gelu-10", "unknown token")]:
+        with pytest.raises(mc.McalcError, match=message):
+            parse_spec(bad)
+
+
+def _tiny(seed=0, batch=6):
+    net = Network("4-5-sigmoid-3", seed=seed)
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(4, batch))
+    Y = np.eye(3)[:, rng.integers(3, size=batch)]
+    return net, X, Y
+
+
+def test_single_sample_blocks_are_the_exact_hessian_blocks():
+    net, X, Y = _tiny(batch=1)
+    _, _, blocks = net.backward(X, Y, "exact")
+    for name, p in net.params.items():
+        def loss(flat, name=name, p=p):
+            return net.loss(X, Y, {**net.params, name: flat.reshape(p.shape, order="F")})
+
+        np.testing.assert_allclose(blocks[name].to_dense(), hessian_fd(loss, p.reshape(-1, order="F")), atol=1e-6)
+
+
+def test_conjugate_gradient_solves_spd_systems():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(8, 8))
+    A, b = a @ a.T + np.eye(8), rng.normal(size=8)
+    x, steps = conjugate_gradient(lambda v: A @ v, b, 1e-12, 100)
+    np.testing.assert_allclose(A @ x, b, atol=1e-9)
+    assert steps <= 8 + 1
+
+
+@pytest.mark.parametrize("split", [1, 2])
+def test_newton_step_equals_the_dense_solve(split):
+    """Eq. (8): Δθ = −γ [α I + (1 − α) 𝓗̄θ]⁻¹ δθ, block by block (row-wise sub-blocks when split)."""
+    net, X, Y = _tiny()
+    optimizer = HBPNewton(lr=0.1, alpha=0.02, cg_tolerance=1e-12, cg_iterations=500, split=split)
+    _, grads, blocks = net.backward(X, Y, optimizer.curvature)
+    updates = optimizer.step(net, grads, blocks)
+    for name, g in grads.items():
+        H = blocks[name].to_dense()
+        rows = g.shape[0]
+        mask = np.zeros_like(H)
+        for part in np.array_split(np.arange(rows), split):
+            index = (part[:, None] + rows * np.arange(g.shape[1])[None, :]).reshape(-1, order="F")
+            mask[np.ix_(index, index)] = 1.0
+        system = 0.02 * np.eye(len(H)) + 0.98 * (H * mask)
+        expected = -0.1 * np.linalg.solve(system, g.reshape(-1, order="F"))
+        np.testing.assert_allclose(updates[name].reshape(-1, order="F"), expected, rtol=1e-7, atol=1e-10)
+
+
+def test_sgd_and_adam_steps():
+    net, X, Y = _tiny()
+    _, grads, _ = net.backward(X, Y)
+    sgd = make_optimizer("sgd", lr=0.5, momentum=0.9)
+    first = sgd.step(net, grads, {})
+    second = sgd.step(net, grads, {})
+    for name, g in grads.items():
+        np.testing.assert_allclose(first[name], -0.5 * g)
+        np.testing.assert_allclose(second[name], -0.5 * 1.9 * g)
+    adam = make_optimizer("adam", lr=0.01)
+    step = adam.step(net, grads, {})
+    for name, g in grads.items():  # the first Adam step is −lr·sign(g) up to ε
+        np.testing.assert_allclose(step[name], -0.01 * g / (np.abs(g) + 1e-8), rtol=1e-6)
+    with pytest.raises(mc.McalcError, match="unknown optimizer"):
+        make_optimizer("lbfgs")
+
+
+class _Exploding:
+    curvature = None
+
+    def step(self, net, grads, blocks):
+        return {name: g * np.inf for name, g in grads.items()}
+
+
+def test_non_finite_steps_are_rejected_and_weights_kept():
+    net = Network("64-10", seed=0)
+    before = {k: v.copy() for k, v in net.params.items()}
+    result = train(net, D.digits(), _Exploding(), epochs=1, batch_size=512)
+    assert result["final"]["rejected_steps"] == 3
+    for name, value in net.params.items():
+        np.testing.assert_array_equal(value, before[name])
+
+
+@pytest.mark.parametrize(("optimizer", "options", "epochs"), [
+    ("sgd", {"lr": 0.1, "momentum": 0.9}, 20),
+    ("adam", {"lr": 3e-3}, 15),
+    ("hbp-newton", {}, 10),  # the paper's defaults: γ = 0.1, α = 0.02, ε_CG = 0.1, n_CG = 50, PCH-abs
+])
+def test_each_optimizer_trains_digits_to_95_percent(optimizer, options, epochs):
+    net = Network("64-128-sigmoid-10", seed=0)
+    result = train(net, D.digits(), make_optimizer(optimizer, **options), epochs=epochs, batch_size=64)
+    assert max(row["test_accuracy"] for row in result["history"]) >= 0.95, result["history"]
+
+
+# --- data --------------------------------------------------------------------------------------
+def _idx(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def test_mnist_idx_files(tmp_path):
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 7), ("t10k", 3)):
+        (tmp_path / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx(rng.integers(0, 256, (n, 4, 4)))))
+        (tmp_path / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx(rng.integers(0, 10, n)))
+    data = D.load("mnist", folder=str(tmp_path))
+    assert data.x_train.shape == (7, 16) and data.x_test.shape == (3, 16) and data.x_train.max() <= 1.0
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x09\x01" + b"\x00" * 8)
+    with pytest.raises(mc.McalcError, match="bad magic number"):
+        D.mnist(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(_idx(np.arange(5))[:-2])
+    with pytest.raises(mc.McalcError, match="header says 5 values"):
+        D.mnist(tmp_path)
+    with pytest.raises(mc.McalcError, match="missing"):
+        D.mnist(tmp_path / "nowhere")
+
+
+def test_cifar10_batches(tmp_path):
+    rng = np.random.default_rng(0)
+    for name, n in (("data_batch_1", 4), ("data_batch_2", 2), ("test_batch", 3)):
+        entry = {b"data": rng.integers(0, 256, (n, 3072)).astype(np.uint8), b"labels": list(rng.integers(0, 10, n))}
+        (tmp_path / name).write_bytes(pickle.dumps(entry))
+    data = D.load("cifar10", folder=str(tmp_path))
+    assert data.x_train.shape == (6, 3072) and len(data.y_test) == 3
+    (tmp_path / "test_batch").write_bytes(b"not a pickle")
+    with pytest.raises(mc.McalcError, match="not a CIFAR-10 python batch"):
+        D.cifar10(tmp_path)
+
+
+def test_npz_and_bad_data(tmp_path):
+    path = tmp_path / "toy.npz"
+    np.savez(path, x_train=np.ones((5, 3)), y_train=np.arange(5) % 2, x_test=np.ones((2, 3)), y_test=[0, 1])
+    assert D.load(str(path)).features == 3
+    np.savez(path, x_train=np.ones((5, 3)), y_train=np.arange(4), x_test=np.ones((2, 3)), y_test=[0, 1])
+    with pytest.raises(mc.McalcError, match="shapes do not fit"):
+        D.load(str(path))
+    with pytest.raises(mc.McalcError, match="needs the folder"):
+        D.load("cifar10")
+    with pytest.raises(mc.McalcError, match="unknown data"):
+        D.load("imagenet")
+    digits = D.digits()
+    assert digits.features == 64 and digits.classes == 10 and len(digits.y_train) + len(digits.y_test) == 1797
+
+
+def test_cli_train_writes_json_and_plot(tmp_path):
+    out, png = tmp_path / "history.json", tmp_path / "curves.png"
+    done = subprocess.run([sys.executable, "-m", "mcalc.cli", "train", "--optimizer", "sgd", "--epochs", "2",
+                           "--json", str(out), "--plot", str(png)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert result["optimizer"] == "sgd" and len(result["history"]) == 2
+    assert set(result["history"][0]) == {"epoch", "train_loss", "test_loss", "test_accuracy", "wall_s"}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    done = subprocess.run([sys.executable, "-m", "mcalc.cli", "train", "--model", "64-5"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "10 classes" in done.stderr
