@@ -113,7 +113,7 @@ def _train(args: argparse.Namespace) -> int:
     from .train.data import load as load_data
     from .train.network import Network, parse_spec
     from .train.optimizers import make_optimizer
-    from .train.trainer import plot, train, write_json
+    from .train.trainer import load_checkpoint, plot, train, write_json
 
     data = load_data(args.data, seed=args.seed, folder=args.data_dir)
     widths, _ = parse_spec(args.model)
@@ -124,8 +124,12 @@ def _train(args: argparse.Namespace) -> int:
     options = {"lr": args.lr}
     if args.optimizer == "hbp-newton":
         options.update(curvature=args.curvature, approximation=args.approximation, split=args.split)
+    resume = load_checkpoint(args.resume) if args.resume else None
+    if resume is not None and resume.get("spec") != args.model:
+        raise McalcError(f"{args.resume}: the checkpoint is of model '{resume.get('spec')}', not '{args.model}'")
     result = train(net, data, make_optimizer(args.optimizer, **options), epochs=args.epochs,
-                   batch_size=args.batch_size, seed=args.seed, progress=sys.stderr.isatty(), name=args.optimizer)
+                   batch_size=args.batch_size, seed=args.seed, progress=sys.stderr.isatty(), name=args.optimizer,
+                   checkpoint=args.checkpoint or args.resume, resume=resume)
     for row in result["history"]:
         print(f"epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f}  test loss {row['test_loss']:.4f}  "
               f"test accuracy {row['test_accuracy']:.4f}  {row['wall_s']:.1f} s")
@@ -171,7 +175,40 @@ def _demo(args: argparse.Namespace) -> int:
         rows.append([m.name, str(len(checks)), f"{(time.perf_counter() - start) * 1e3:.0f} ms",
                      f"{max(c.error / c.tolerance for c in checks):.1e}", "ok" if not bad else f"{bad} MISMATCH"])
     print(_table(rows, ["module", "checks", "time", "worst error/tol", "result"]))
+    _demo_training(args)
     return EXIT_MISMATCH if failures else 0
+
+
+DEMO_RUNS = (  # optimiser, its options, batch size: the same network for each
+    ("sgd", {"lr": 0.1, "momentum": 0.9}, 64),
+    ("adam", {"lr": 3e-3}, 64),
+    ("hbp-newton", {}, 64),
+)
+
+
+def _demo_training(args: argparse.Namespace) -> None:
+    from .train.data import digits
+    from .train.network import Network
+    from .train.optimizers import make_optimizer
+    from .train.trainer import plot, train, write_json
+
+    target = args.target_accuracy
+    print(f"\nTraining 64-128-sigmoid-10 on the bundled digits ({args.epochs} epochs each, seed {args.seed}):\n")
+    data, results, rows = digits(args.seed), [], []
+    for name, options, batch in DEMO_RUNS:
+        net = Network("64-128-sigmoid-10", seed=args.seed)
+        result = train(net, data, make_optimizer(name, **options), epochs=args.epochs, batch_size=batch,
+                       seed=args.seed, progress=sys.stderr.isatty(), name=name)
+        results.append(result)
+        reached = next((r for r in result["history"] if r["test_accuracy"] >= target), None)
+        final = result["final"]
+        rows.append([name, f"{final['test_loss']:.3f}", f"{final['test_accuracy']:.3f}",
+                     str(reached["epoch"]) if reached else "-", f"{reached['wall_s']:.1f} s" if reached else "-"])
+    print(_table(rows, ["optimizer", "test loss", "test accuracy", f"epochs to {target:.0%}",
+                        f"seconds to {target:.0%}"]))
+    plot(results, args.plot)
+    write_json({"runs": results}, args.json)
+    print(f"\ncurves: {args.plot}   history: {args.json}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,9 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the history here")
     p.add_argument("--plot", help="write loss and accuracy curves here (PNG)")
+    p.add_argument("--checkpoint", help="save the run here after every epoch")
+    p.add_argument("--resume", help="continue the run saved in this checkpoint (and keep saving to it)")
     p.set_defaults(run=_train)
 
     p = sub.add_parser("demo", help="the main job on embedded data")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--target-accuracy", type=float, default=0.95)
+    p.add_argument("--plot", default="mcalc-demo.png", help="where the training curves go")
+    p.add_argument("--json", default="mcalc-demo.json", help="where the histories go")
     p.set_defaults(run=_demo)
     return parser
 

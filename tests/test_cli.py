@@ -58,7 +58,11 @@ def test_verify_exits_1_on_a_wrong_rule(monkeypatch, capsys):
     assert "MISMATCH" in capsys.readouterr().out
 
 
-def test_demo_runs():
-    result = run("demo")
+def test_demo_runs(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "mcalc.cli", "demo", "--epochs", "3"], capture_output=True,
+                            text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "SigmoidLinear" in result.stdout and "MISMATCH" not in result.stdout
+    assert "hbp-newton" in result.stdout and (tmp_path / "mcalc-demo.png").exists()
+    runs = json.loads((tmp_path / "mcalc-demo.json").read_text())["runs"]
+    assert [r["optimizer"] for r in runs] == ["sgd", "adam", "hbp-newton"]

@@ -178,3 +178,22 @@ def test_cli_train_writes_json_and_plot(tmp_path):
     done = subprocess.run([sys.executable, "-m", "mcalc.cli", "train", "--model", "64-5"],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "10 classes" in done.stderr
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "hbp-newton"])
+def test_resume_gives_the_same_history_as_an_uninterrupted_run(tmp_path, optimizer):
+    from mcalc.train.trainer import load_checkpoint
+
+    data = D.digits()
+    whole = train(Network("64-32-sigmoid-10", seed=3), data, make_optimizer(optimizer), epochs=4, batch_size=128,
+                  seed=5)
+    path = tmp_path / "run.ckpt"
+    train(Network("64-32-sigmoid-10", seed=3), data, make_optimizer(optimizer), epochs=2, batch_size=128, seed=5,
+          checkpoint=path)
+    resumed = train(Network("64-32-sigmoid-10", seed=99), data, make_optimizer(optimizer), epochs=4,
+                    batch_size=128, seed=5, resume=load_checkpoint(path))
+    strip = lambda h: [{k: v for k, v in row.items() if k != "wall_s"} for row in h]  # noqa: E731
+    assert strip(resumed["history"]) == strip(whole["history"])
+    (tmp_path / "bad.ckpt").write_bytes(b"garbage")
+    with pytest.raises(mc.McalcError, match="not an mcalc checkpoint"):
+        load_checkpoint(tmp_path / "bad.ckpt")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import time
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..codegen.manifest import write_atomic
+from ..errors import McalcError
 from .data import Dataset
 from .network import Network
 
@@ -19,27 +21,57 @@ def one_hot(labels: np.ndarray, classes: int) -> np.ndarray:
     return np.eye(classes)[:, labels]
 
 
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Everything needed to continue a run, written atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(pickle.dumps(state))
+    tmp.replace(path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise McalcError(f"{path}: no such checkpoint")
+    try:
+        state = pickle.loads(path.read_bytes())
+        _ = state["epoch"], state["params"], state["optimizer"], state["rng"], state["history"]
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, AttributeError) as exc:
+        raise McalcError(f"{path}: not an mcalc checkpoint ({type(exc).__name__})") from None
+    return state
+
+
 def train(net: Network, data: Dataset, optimizer: Any, *, epochs: int, batch_size: int, seed: int = 0,
-          progress: bool = False, name: str = "") -> dict[str, Any]:
+          progress: bool = False, name: str = "", checkpoint: str | Path | None = None,
+          resume: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train ``net`` and return ``{"optimizer", "history": [...], "final": {...}}`` (the design's format).
 
     A step whose loss is not finite is rejected (the weights are kept) and,
     for a curvature method, its damping α doubled; steps rejected are counted.
+    With ``checkpoint`` the state is saved after every epoch; ``resume`` (a
+    loaded checkpoint) continues that run exactly where it stopped.
     """
     xp = net.xp
     rng = np.random.default_rng(seed)
+    history, rejected, first_epoch, elapsed = [], 0, 1, 0.0
+    if resume is not None:
+        net.params = {k: xp.asarray(v) for k, v in resume["params"].items()}
+        optimizer = resume["optimizer"]
+        rng.bit_generator.state = resume["rng"]
+        history, rejected = list(resume["history"]), resume["rejected"]
+        first_epoch, elapsed = resume["epoch"] + 1, history[-1]["wall_s"] if history else 0.0
     as_array = lambda a: xp.asarray(a, dtype=net.dtype)  # noqa: E731
     X_train, X_test = as_array(data.x_train.T), as_array(data.x_test.T)
     Y_train, Y_test = as_array(one_hot(data.y_train, data.classes)), as_array(one_hot(data.y_test, data.classes))
     labels_test = xp.asarray(data.y_test)
     steps = math.ceil(len(data.y_train) / batch_size)
-    history, rejected, start = [], 0, time.perf_counter()
+    start = time.perf_counter() - elapsed
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=epochs * steps, desc=name or "train", unit="step", leave=False)
-    for epoch in range(1, epochs + 1):
+        bar = tqdm(total=(epochs - first_epoch + 1) * steps, desc=name or "train", unit="step", leave=False)
+    for epoch in range(first_epoch, epochs + 1):
         order = rng.permutation(len(data.y_train))
         losses = []
         for k in range(steps):
@@ -68,8 +100,14 @@ def train(net: Network, data: Dataset, optimizer: Any, *, epochs: int, batch_siz
         })
         if bar is not None:
             bar.set_postfix(acc=f"{history[-1]['test_accuracy']:.3f}")
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, {"epoch": epoch, "params": dict(net.params), "optimizer": optimizer,
+                                         "rng": rng.bit_generator.state, "history": history, "rejected": rejected,
+                                         "spec": net.spec})
     if bar is not None:
         bar.close()
+    if not history:
+        raise McalcError(f"nothing to train: the run already has {first_epoch - 1} of {epochs} epochs")
     return {"optimizer": name, "history": history, "final": {**history[-1], "rejected_steps": rejected}}
 
 
