@@ -124,6 +124,8 @@ def _train(args: argparse.Namespace) -> int:
     options = {"lr": args.lr}
     if args.optimizer == "hbp-newton":
         options.update(curvature=args.curvature, approximation=args.approximation, split=args.split)
+    if args.optimizer == "kfac":
+        options.update(fisher=args.fisher, seed=args.seed)
     resume = load_checkpoint(args.resume) if args.resume else None
     if resume is not None and resume.get("spec") != args.model:
         raise McalcError(f"{args.resume}: the checkpoint is of model '{resume.get('spec')}', not '{args.model}'")
@@ -183,6 +185,7 @@ DEMO_RUNS = (  # optimiser, its options, batch size: the same network for each
     ("sgd", {"lr": 0.1, "momentum": 0.9}, 64),
     ("adam", {"lr": 3e-3}, 64),
     ("hbp-newton", {}, 64),
+    ("kfac", {"fisher": "mc", "lr": 0.05}, 64),
 )
 
 
@@ -244,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="folder of the MNIST IDX files or CIFAR-10 python batches")
     p.add_argument("--model", default="64-128-sigmoid-10", help="widths and activations, e.g. 64-128-sigmoid-10")
     p.add_argument("--loss", choices=["ce", "mse"], default="ce")
-    p.add_argument("--optimizer", choices=["sgd", "adam", "hbp-newton"], default="hbp-newton")
+    p.add_argument("--optimizer", choices=["sgd", "adam", "hbp-newton", "kfac"], default="hbp-newton")
+    p.add_argument("--fisher", choices=["mc", "exact"], default="mc", help="kfac: sampled or exact Fisher")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, help="learning rate (default: the optimiser's)")

@@ -136,6 +136,22 @@ class Network:
                 dZ = g["x"]
         return loss, grads, blocks
 
+    def adjoints(self, inputs: list[Any], dZ: Any) -> dict[int, Any]:
+        """The adjoint of every layer's output, from ``dZ`` at the network's output (gradient backprop)."""
+        out = {len(self.layers) - 1: dZ}
+        for position in range(len(self.layers) - 1, 0, -1):
+            layer = self.layers[position]
+            S = {"x": inputs[position], "dz": dZ}
+            dZ = self.code[layer.module.name].gradients(self._module_params(layer), S)["x"]
+            out[position - 1] = dZ
+        return out
+
+    def predict(self, X: Any) -> Any:
+        """The model's predictive distribution softmax(z), (classes, B)."""
+        Z, _ = self.forward(X)
+        e = self.xp.exp(Z - Z.max(axis=0, keepdims=True))
+        return e / e.sum(axis=0, keepdims=True)
+
     def accuracy(self, X: Any, labels: Any) -> float:
         Z, _ = self.forward(X)
         return float((self.xp.argmax(Z, axis=0) == labels).mean())

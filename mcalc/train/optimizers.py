@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from ..errors import McalcError
 from ..runtime.blocks import CurvatureBlock
 from .network import Network
@@ -18,7 +20,8 @@ class SGD:
     curvature: str | None = None
     velocity: dict[str, Any] = field(default_factory=dict)
 
-    def step(self, net: Network, grads: dict[str, Any], blocks: dict[str, CurvatureBlock]) -> dict[str, Any]:
+    def step(self, net: Network, grads: dict[str, Any], blocks: dict[str, CurvatureBlock],
+             batch: tuple[Any, Any] | None = None) -> dict[str, Any]:
         updates = {}
         for name, g in grads.items():
             v = self.momentum * self.velocity.get(name, 0.0) + g
@@ -40,7 +43,8 @@ class Adam:
     m: dict[str, Any] = field(default_factory=dict)
     v: dict[str, Any] = field(default_factory=dict)
 
-    def step(self, net: Network, grads: dict[str, Any], blocks: dict[str, CurvatureBlock]) -> dict[str, Any]:
+    def step(self, net: Network, grads: dict[str, Any], blocks: dict[str, CurvatureBlock],
+             batch: tuple[Any, Any] | None = None) -> dict[str, Any]:
         self.t += 1
         updates = {}
         for name, g in grads.items():
@@ -98,7 +102,8 @@ class HBPNewton:
         self.cg_steps.append(steps)
         return delta.reshape(g.shape, order="F")
 
-    def step(self, net: Network, grads: dict[str, Any], blocks: dict[str, CurvatureBlock]) -> dict[str, Any]:
+    def step(self, net: Network, grads: dict[str, Any], blocks: dict[str, CurvatureBlock],
+             batch: tuple[Any, Any] | None = None) -> dict[str, Any]:
         updates = {}
         for name, g in grads.items():
             rows = g.shape[0]
@@ -113,9 +118,86 @@ class HBPNewton:
         return updates
 
 
+@dataclass
+class KFAC:
+    """K-FAC (Martens & Grosse 2015): per linear layer, F ≈ Ā ⊗ G with Ā = E[ã ãᵀ], ã = [a; 1],
+    G = E[g gᵀ] for g the gradient of the log-likelihood at the layer's output.
+
+    ``fisher='mc'`` samples one label per input from the model's softmax;
+    ``'exact'`` takes the expectation over all classes (Σ_c p_c g_c g_cᵀ). The
+    factors are running averages (decay ``decay``) with factored Tikhonov
+    damping (A + π√λ I) ⊗ (G + √λ/π I), π = √((tr A/dim A)/(tr G/dim G)),
+    and the update −γ (G + √λ/π)⁻¹ ∇[W b] (A + π√λ)⁻¹, with momentum.
+    """
+
+    lr: float = 0.1
+    damping: float = 1e-2
+    decay: float = 0.95
+    momentum: float = 0.9
+    fisher: str = "mc"
+    seed: int = 0
+    curvature: str | None = None
+    factors: dict[int, tuple[Any, Any]] = field(default_factory=dict)
+    velocity: dict[str, Any] = field(default_factory=dict)
+    rng: np.random.Generator | None = None  # the labels' sampler (part of the state a checkpoint keeps)
+
+    def _statistics(self, net: Network, X: Any) -> dict[int, tuple[Any, Any]]:
+        xp = net.xp
+        _, inputs = net.forward(X)
+        B = X.shape[1]
+        p = net.predict(X)
+        if self.fisher == "mc":  # one label per input drawn from softmax(z); δz = (p − y)/B for the mean loss
+            self.rng = self.rng or np.random.default_rng(self.seed)
+            cumulative = np.cumsum(np.asarray(p.get() if hasattr(p, "get") else p), axis=0)
+            labels = np.minimum((self.rng.random(B)[None, :] > cumulative).sum(axis=0), p.shape[0] - 1)
+            targets = [(xp.asarray(np.eye(p.shape[0])[:, labels]), 1.0)]
+        elif self.fisher == "exact":  # every class, weighted by its probability
+            targets = [(xp.zeros_like(p) + xp.eye(p.shape[0])[:, [c]], p[c:c + 1, :]) for c in range(p.shape[0])]
+        else:
+            raise McalcError(f"unknown Fisher '{self.fisher}'; choose mc or exact")
+        out: dict[int, tuple[Any, Any]] = {}
+        for position, layer in enumerate(net.layers):
+            if layer.params:
+                a = xp.concatenate([inputs[position], xp.ones((1, B), dtype=X.dtype)])
+                out[position] = (a @ a.T / B, 0)
+        for target, weight in targets:
+            adjoints = net.adjoints(inputs, (p - target) * xp.sqrt(weight) / B)
+            for position in out:
+                g = adjoints[position] * B  # per-sample gradients, one per column
+                A, G = out[position]
+                out[position] = (A, G + g @ g.T / B)
+        return out
+
+    def step(self, net: Network, grads: dict[str, Any], blocks: dict[str, CurvatureBlock],
+             batch: tuple[Any, Any] | None = None) -> dict[str, Any]:
+        if batch is None:
+            raise McalcError("kfac needs the mini-batch to estimate its Kronecker factors")
+        xp = net.xp
+        for position, (A, G) in self._statistics(net, batch[0]).items():
+            if position in self.factors:
+                A0, G0 = self.factors[position]
+                A, G = self.decay * A0 + (1 - self.decay) * A, self.decay * G0 + (1 - self.decay) * G
+            self.factors[position] = (A, G)
+        updates = {}
+        for position, (A, G) in self.factors.items():
+            names = net.layers[position].params
+            W, b = names["W"], names["b"]
+            pi = float(xp.sqrt((xp.trace(A) / A.shape[0]) / (xp.trace(G) / G.shape[0])))
+            root = self.damping**0.5
+            A_damped = A + pi * root * xp.eye(A.shape[0], dtype=A.dtype)
+            G_damped = G + root / pi * xp.eye(G.shape[0], dtype=G.dtype)
+            gradient = xp.concatenate([grads[W], grads[b]], axis=1)  # ∇[W b]
+            direction = xp.linalg.solve(G_damped, xp.linalg.solve(A_damped, gradient.T).T)
+            for name, part in ((W, direction[:, :-1]), (b, direction[:, -1:])):
+                v = self.momentum * self.velocity.get(name, 0.0) + part
+                self.velocity[name] = v
+                updates[name] = -self.lr * v
+        return updates
+
+
 def make_optimizer(name: str, **options: Any) -> Any:
     """An optimiser by its command-line name."""
-    table = {"sgd": SGD, "adam": Adam, "hbp-newton": HBPNewton}
+    table = {"sgd": SGD, "adam": Adam, "hbp-newton": HBPNewton, "kfac": KFAC}
     if name not in table:
         raise McalcError(f"unknown optimizer '{name}'; available: {', '.join(table)}")
     return table[name](**{k: v for k, v in options.items() if v is not None})

@@ -79,7 +79,7 @@ def train(net: Network, data: Dataset, optimizer: Any, *, epochs: int, batch_siz
             X, Y = X_train[:, index], Y_train[:, index]
             loss, grads, blocks = net.backward(X, Y, getattr(optimizer, "curvature", None),
                                                getattr(optimizer, "approximation", "6"))
-            updates = optimizer.step(net, grads, blocks)
+            updates = optimizer.step(net, grads, blocks, (X, Y))
             previous = dict(net.params)
             net.params = {name: value + updates[name] for name, value in net.params.items()}
             if not math.isfinite(net.loss(X, Y)) or not all(bool(xp.isfinite(u).all()) for u in updates.values()):
