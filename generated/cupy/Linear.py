@@ -537,8 +537,8 @@ def _hbp_exact_7_all(P, S, Hz):
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
     t2 = _launch('hbp_exact_7_1_0', (1, 1), (1, 1), [], [B**(-2)], False)
-    t3 = S['x'].T
-    t4 = (xp.broadcast_to(S['x'].sum(axis=1, keepdims=True), (n, B)) @ t3)
+    t3 = S['x'].sum(axis=1, keepdims=True)
+    t4 = _gram(t3)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t1),
@@ -550,8 +550,8 @@ def _hbp_exact_7_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7), parameters only."""
     B, n, m = _dims(P, S).values()
     t0 = _launch('hbp_exact_7_0_0', (1, 1), (1, 1), [], [B**(-2)], False)
-    t1 = S['x'].T
-    t2 = (xp.broadcast_to(S['x'].sum(axis=1, keepdims=True), (n, B)) @ t1)
+    t1 = S['x'].sum(axis=1, keepdims=True)
+    t2 = _gram(t1)
 
     return {
         "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),
@@ -589,8 +589,8 @@ def _hbp_ggn_7_all(P, S, Hz):
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
     t2 = _launch('hbp_ggn_7_1_0', (1, 1), (1, 1), [], [B**(-2)], False)
-    t3 = S['x'].T
-    t4 = (xp.broadcast_to(S['x'].sum(axis=1, keepdims=True), (n, B)) @ t3)
+    t3 = S['x'].sum(axis=1, keepdims=True)
+    t4 = _gram(t3)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t1),
@@ -602,8 +602,8 @@ def _hbp_ggn_7_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7), parameters only."""
     B, n, m = _dims(P, S).values()
     t0 = _launch('hbp_ggn_7_0_0', (1, 1), (1, 1), [], [B**(-2)], False)
-    t1 = S['x'].T
-    t2 = (xp.broadcast_to(S['x'].sum(axis=1, keepdims=True), (n, B)) @ t1)
+    t1 = S['x'].sum(axis=1, keepdims=True)
+    t2 = _gram(t1)
 
     return {
         "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),
@@ -641,8 +641,8 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
     t2 = _launch('hbp_pch_abs_7_1_0', (1, 1), (1, 1), [], [B**(-2)], False)
-    t3 = S['x'].T
-    t4 = (xp.broadcast_to(S['x'].sum(axis=1, keepdims=True), (n, B)) @ t3)
+    t3 = S['x'].sum(axis=1, keepdims=True)
+    t4 = _gram(t3)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t1),
@@ -654,8 +654,8 @@ def _hbp_pch_abs_7_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7), parameters only."""
     B, n, m = _dims(P, S).values()
     t0 = _launch('hbp_pch_abs_7_0_0', (1, 1), (1, 1), [], [B**(-2)], False)
-    t1 = S['x'].T
-    t2 = (xp.broadcast_to(S['x'].sum(axis=1, keepdims=True), (n, B)) @ t1)
+    t1 = S['x'].sum(axis=1, keepdims=True)
+    t2 = _gram(t1)
 
     return {
         "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),
@@ -693,8 +693,8 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
     t2 = _launch('hbp_pch_clip_7_1_0', (1, 1), (1, 1), [], [B**(-2)], False)
-    t3 = S['x'].T
-    t4 = (xp.broadcast_to(S['x'].sum(axis=1, keepdims=True), (n, B)) @ t3)
+    t3 = S['x'].sum(axis=1, keepdims=True)
+    t4 = _gram(t3)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t1),
@@ -706,8 +706,8 @@ def _hbp_pch_clip_7_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7), parameters only."""
     B, n, m = _dims(P, S).values()
     t0 = _launch('hbp_pch_clip_7_0_0', (1, 1), (1, 1), [], [B**(-2)], False)
-    t1 = S['x'].T
-    t2 = (xp.broadcast_to(S['x'].sum(axis=1, keepdims=True), (n, B)) @ t1)
+    t1 = S['x'].sum(axis=1, keepdims=True)
+    t2 = _gram(t1)
 
     return {
         "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),

@@ -324,24 +324,38 @@ extern "C" __global__ void hbp_exact_6_0_1_double(const double c0, double* __res
 
 extern "C" __global__ void hbp_exact_7_1_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_0_float(in0[r * cols + c]);
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ float partial[256];
+    float acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += fn_sigmoid_0_float(in0[r * cols + c]);
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[r] = partial[0];
 }
 
 extern "C" __global__ void hbp_exact_7_1_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_0_double(in0[r * cols + c]);
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ double partial[256];
+    double acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += fn_sigmoid_0_double(in0[r * cols + c]);
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[r] = partial[0];
 }
 
 extern "C" __global__ void hbp_exact_7_1_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
@@ -462,24 +476,38 @@ extern "C" __global__ void hbp_exact_7_1_4_double(const double* __restrict__ in0
 
 extern "C" __global__ void hbp_exact_7_0_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_0_float(in0[r * cols + c]);
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ float partial[256];
+    float acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += fn_sigmoid_0_float(in0[r * cols + c]);
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[r] = partial[0];
 }
 
 extern "C" __global__ void hbp_exact_7_0_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_0_double(in0[r * cols + c]);
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ double partial[256];
+    double acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += fn_sigmoid_0_double(in0[r * cols + c]);
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[r] = partial[0];
 }
 
 extern "C" __global__ void hbp_exact_7_0_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
@@ -638,24 +666,38 @@ extern "C" __global__ void hbp_ggn_6_0_1_double(const double c0, double* __restr
 
 extern "C" __global__ void hbp_ggn_7_1_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_0_float(in0[r * cols + c]);
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ float partial[256];
+    float acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += fn_sigmoid_0_float(in0[r * cols + c]);
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[r] = partial[0];
 }
 
 extern "C" __global__ void hbp_ggn_7_1_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_0_double(in0[r * cols + c]);
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ double partial[256];
+    double acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += fn_sigmoid_0_double(in0[r * cols + c]);
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[r] = partial[0];
 }
 
 extern "C" __global__ void hbp_ggn_7_1_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
@@ -740,24 +782,38 @@ extern "C" __global__ void hbp_ggn_7_1_3_double(const double* __restrict__ in0, 
 
 extern "C" __global__ void hbp_ggn_7_0_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_0_float(in0[r * cols + c]);
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ float partial[256];
+    float acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += fn_sigmoid_0_float(in0[r * cols + c]);
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[r] = partial[0];
 }
 
 extern "C" __global__ void hbp_ggn_7_0_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_0_double(in0[r * cols + c]);
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ double partial[256];
+    double acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += fn_sigmoid_0_double(in0[r * cols + c]);
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[r] = partial[0];
 }
 
 extern "C" __global__ void hbp_ggn_7_0_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
@@ -974,24 +1030,38 @@ extern "C" __global__ void hbp_pch_abs_6_0_1_double(const double c0, double* __r
 
 extern "C" __global__ void hbp_pch_abs_7_1_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_0_float(in0[r * cols + c]);
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ float partial[256];
+    float acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += fn_sigmoid_0_float(in0[r * cols + c]);
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[r] = partial[0];
 }
 
 extern "C" __global__ void hbp_pch_abs_7_1_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_0_double(in0[r * cols + c]);
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ double partial[256];
+    double acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += fn_sigmoid_0_double(in0[r * cols + c]);
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[r] = partial[0];
 }
 
 extern "C" __global__ void hbp_pch_abs_7_1_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
@@ -1134,24 +1204,38 @@ extern "C" __global__ void hbp_pch_abs_7_1_5_double(const double* __restrict__ i
 
 extern "C" __global__ void hbp_pch_abs_7_0_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_0_float(in0[r * cols + c]);
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ float partial[256];
+    float acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += fn_sigmoid_0_float(in0[r * cols + c]);
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[r] = partial[0];
 }
 
 extern "C" __global__ void hbp_pch_abs_7_0_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_0_double(in0[r * cols + c]);
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ double partial[256];
+    double acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += fn_sigmoid_0_double(in0[r * cols + c]);
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[r] = partial[0];
 }
 
 extern "C" __global__ void hbp_pch_abs_7_0_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
@@ -1368,24 +1452,38 @@ extern "C" __global__ void hbp_pch_clip_6_0_1_double(const double c0, double* __
 
 extern "C" __global__ void hbp_pch_clip_7_1_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_0_float(in0[r * cols + c]);
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ float partial[256];
+    float acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += fn_sigmoid_0_float(in0[r * cols + c]);
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[r] = partial[0];
 }
 
 extern "C" __global__ void hbp_pch_clip_7_1_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_0_double(in0[r * cols + c]);
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ double partial[256];
+    double acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += fn_sigmoid_0_double(in0[r * cols + c]);
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[r] = partial[0];
 }
 
 extern "C" __global__ void hbp_pch_clip_7_1_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
@@ -1528,24 +1626,38 @@ extern "C" __global__ void hbp_pch_clip_7_1_5_double(const double* __restrict__ 
 
 extern "C" __global__ void hbp_pch_clip_7_0_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_0_float(in0[r * cols + c]);
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ float partial[256];
+    float acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += fn_sigmoid_0_float(in0[r * cols + c]);
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[r] = partial[0];
 }
 
 extern "C" __global__ void hbp_pch_clip_7_0_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_0_double(in0[r * cols + c]);
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ double partial[256];
+    double acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += fn_sigmoid_0_double(in0[r * cols + c]);
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[r] = partial[0];
 }
 
 extern "C" __global__ void hbp_pch_clip_7_0_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
@@ -1731,9 +1843,8 @@ def _hbp_exact_7_all(P, S, Hz):
     t8 = _launch('hbp_exact_7_1_3', (n, B), (n, 1), [t5, S['x']], [], True)
     t9 = _launch('hbp_exact_7_1_2', (n, n), (n, n), [t3, t8], [B**(-2), 1/B], False)
     t10 = _launch('hbp_exact_7_1_1', (1, 1), (1, 1), [], [B**(-2)], False)
-    t11 = _launch('hbp_exact_7_1_0', (n, B), (n, B), [S['x']], [], False)
-    t12 = t11.T
-    t13 = (xp.broadcast_to(t11.sum(axis=1, keepdims=True), (n, B)) @ t12)
+    t12 = _launch('hbp_exact_7_1_0', (n, B), (n, 1), [S['x']], [], True)
+    t13 = _gram(t12)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t9),
@@ -1745,9 +1856,8 @@ def _hbp_exact_7_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7), parameters only."""
     B, n, m = _dims(P, S).values()
     t0 = _launch('hbp_exact_7_0_1', (1, 1), (1, 1), [], [B**(-2)], False)
-    t1 = _launch('hbp_exact_7_0_0', (n, B), (n, B), [S['x']], [], False)
-    t2 = t1.T
-    t3 = (xp.broadcast_to(t1.sum(axis=1, keepdims=True), (n, B)) @ t2)
+    t2 = _launch('hbp_exact_7_0_0', (n, B), (n, 1), [S['x']], [], True)
+    t3 = _gram(t2)
 
     return {
         "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),
@@ -1793,9 +1903,8 @@ def _hbp_ggn_7_all(P, S, Hz):
     t3 = ((((t1 * t2) @ Hz) @ P['W']) * t1.T)
     t4 = _launch('hbp_ggn_7_1_2', (n, n), (n, n), [t3], [B**(-2)], False)
     t5 = _launch('hbp_ggn_7_1_1', (1, 1), (1, 1), [], [B**(-2)], False)
-    t6 = _launch('hbp_ggn_7_1_0', (n, B), (n, B), [S['x']], [], False)
-    t7 = t6.T
-    t8 = (xp.broadcast_to(t6.sum(axis=1, keepdims=True), (n, B)) @ t7)
+    t7 = _launch('hbp_ggn_7_1_0', (n, B), (n, 1), [S['x']], [], True)
+    t8 = _gram(t7)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t4),
@@ -1807,9 +1916,8 @@ def _hbp_ggn_7_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7), parameters only."""
     B, n, m = _dims(P, S).values()
     t0 = _launch('hbp_ggn_7_0_1', (1, 1), (1, 1), [], [B**(-2)], False)
-    t1 = _launch('hbp_ggn_7_0_0', (n, B), (n, B), [S['x']], [], False)
-    t2 = t1.T
-    t3 = (xp.broadcast_to(t1.sum(axis=1, keepdims=True), (n, B)) @ t2)
+    t2 = _launch('hbp_ggn_7_0_0', (n, B), (n, 1), [S['x']], [], True)
+    t3 = _gram(t2)
 
     return {
         "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),
@@ -1863,9 +1971,8 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     t11 = _psd_abs(t10)
     t12 = _launch('hbp_pch_abs_7_1_2', (n, n), (n, n), [t3, t11], [B**(-2)], False)
     t13 = _launch('hbp_pch_abs_7_1_1', (1, 1), (1, 1), [], [B**(-2)], False)
-    t14 = _launch('hbp_pch_abs_7_1_0', (n, B), (n, B), [S['x']], [], False)
-    t15 = t14.T
-    t16 = (xp.broadcast_to(t14.sum(axis=1, keepdims=True), (n, B)) @ t15)
+    t15 = _launch('hbp_pch_abs_7_1_0', (n, B), (n, 1), [S['x']], [], True)
+    t16 = _gram(t15)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t12),
@@ -1877,9 +1984,8 @@ def _hbp_pch_abs_7_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7), parameters only."""
     B, n, m = _dims(P, S).values()
     t0 = _launch('hbp_pch_abs_7_0_1', (1, 1), (1, 1), [], [B**(-2)], False)
-    t1 = _launch('hbp_pch_abs_7_0_0', (n, B), (n, B), [S['x']], [], False)
-    t2 = t1.T
-    t3 = (xp.broadcast_to(t1.sum(axis=1, keepdims=True), (n, B)) @ t2)
+    t2 = _launch('hbp_pch_abs_7_0_0', (n, B), (n, 1), [S['x']], [], True)
+    t3 = _gram(t2)
 
     return {
         "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),
@@ -1933,9 +2039,8 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     t11 = _psd_clip(t10)
     t12 = _launch('hbp_pch_clip_7_1_2', (n, n), (n, n), [t3, t11], [B**(-2)], False)
     t13 = _launch('hbp_pch_clip_7_1_1', (1, 1), (1, 1), [], [B**(-2)], False)
-    t14 = _launch('hbp_pch_clip_7_1_0', (n, B), (n, B), [S['x']], [], False)
-    t15 = t14.T
-    t16 = (xp.broadcast_to(t14.sum(axis=1, keepdims=True), (n, B)) @ t15)
+    t15 = _launch('hbp_pch_clip_7_1_0', (n, B), (n, 1), [S['x']], [], True)
+    t16 = _gram(t15)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t12),
@@ -1947,9 +2052,8 @@ def _hbp_pch_clip_7_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7), parameters only."""
     B, n, m = _dims(P, S).values()
     t0 = _launch('hbp_pch_clip_7_0_1', (1, 1), (1, 1), [], [B**(-2)], False)
-    t1 = _launch('hbp_pch_clip_7_0_0', (n, B), (n, B), [S['x']], [], False)
-    t2 = t1.T
-    t3 = (xp.broadcast_to(t1.sum(axis=1, keepdims=True), (n, B)) @ t2)
+    t2 = _launch('hbp_pch_clip_7_0_0', (n, B), (n, 1), [S['x']], [], True)
+    t3 = _gram(t2)
 
     return {
         "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),

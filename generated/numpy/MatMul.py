@@ -127,8 +127,8 @@ def _hbp_exact_7_all(P, S, Hz):
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
     t2 = (B**(-2)) * xp.eye(1)
-    t3 = S['x'].T
-    t4 = (xp.broadcast_to(S['x'].sum(axis=1, keepdims=True), (n, B)) @ t3)
+    t3 = S['x'].sum(axis=1, keepdims=True)
+    t4 = _gram(t3)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t1),
@@ -139,8 +139,8 @@ def _hbp_exact_7_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7), parameters only."""
     B, n, m = _dims(P, S).values()
     t0 = (B**(-2)) * xp.eye(1)
-    t1 = S['x'].T
-    t2 = (xp.broadcast_to(S['x'].sum(axis=1, keepdims=True), (n, B)) @ t1)
+    t1 = S['x'].sum(axis=1, keepdims=True)
+    t2 = _gram(t1)
 
     return {
         "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),
@@ -175,8 +175,8 @@ def _hbp_ggn_7_all(P, S, Hz):
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
     t2 = (B**(-2)) * xp.eye(1)
-    t3 = S['x'].T
-    t4 = (xp.broadcast_to(S['x'].sum(axis=1, keepdims=True), (n, B)) @ t3)
+    t3 = S['x'].sum(axis=1, keepdims=True)
+    t4 = _gram(t3)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t1),
@@ -187,8 +187,8 @@ def _hbp_ggn_7_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7), parameters only."""
     B, n, m = _dims(P, S).values()
     t0 = (B**(-2)) * xp.eye(1)
-    t1 = S['x'].T
-    t2 = (xp.broadcast_to(S['x'].sum(axis=1, keepdims=True), (n, B)) @ t1)
+    t1 = S['x'].sum(axis=1, keepdims=True)
+    t2 = _gram(t1)
 
     return {
         "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),
@@ -223,8 +223,8 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
     t2 = (B**(-2)) * xp.eye(1)
-    t3 = S['x'].T
-    t4 = (xp.broadcast_to(S['x'].sum(axis=1, keepdims=True), (n, B)) @ t3)
+    t3 = S['x'].sum(axis=1, keepdims=True)
+    t4 = _gram(t3)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t1),
@@ -235,8 +235,8 @@ def _hbp_pch_abs_7_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7), parameters only."""
     B, n, m = _dims(P, S).values()
     t0 = (B**(-2)) * xp.eye(1)
-    t1 = S['x'].T
-    t2 = (xp.broadcast_to(S['x'].sum(axis=1, keepdims=True), (n, B)) @ t1)
+    t1 = S['x'].sum(axis=1, keepdims=True)
+    t2 = _gram(t1)
 
     return {
         "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),
@@ -271,8 +271,8 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
     t2 = (B**(-2)) * xp.eye(1)
-    t3 = S['x'].T
-    t4 = (xp.broadcast_to(S['x'].sum(axis=1, keepdims=True), (n, B)) @ t3)
+    t3 = S['x'].sum(axis=1, keepdims=True)
+    t4 = _gram(t3)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t1),
@@ -283,8 +283,8 @@ def _hbp_pch_clip_7_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7), parameters only."""
     B, n, m = _dims(P, S).values()
     t0 = (B**(-2)) * xp.eye(1)
-    t1 = S['x'].T
-    t2 = (xp.broadcast_to(S['x'].sum(axis=1, keepdims=True), (n, B)) @ t1)
+    t1 = S['x'].sum(axis=1, keepdims=True)
+    t2 = _gram(t1)
 
     return {
         "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),

@@ -176,8 +176,8 @@ def _hbp_exact_7_all(P, S, Hz):
     t9 = _plus_diagonal(t4, (1/B) * t8, copy=False)
     t10 = (B**(-2)) * xp.eye(1)
     t11 = _fn_sigmoid_0(S['x'])
-    t12 = t11.T
-    t13 = (xp.broadcast_to(t11.sum(axis=1, keepdims=True), (n, B)) @ t12)
+    t12 = t11.sum(axis=1, keepdims=True)
+    t13 = _gram(t12)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t9),
@@ -190,8 +190,8 @@ def _hbp_exact_7_params(P, S, Hz):
     B, n, m = _dims(P, S).values()
     t0 = (B**(-2)) * xp.eye(1)
     t1 = _fn_sigmoid_0(S['x'])
-    t2 = t1.T
-    t3 = (xp.broadcast_to(t1.sum(axis=1, keepdims=True), (n, B)) @ t2)
+    t2 = t1.sum(axis=1, keepdims=True)
+    t3 = _gram(t2)
 
     return {
         "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),
@@ -240,8 +240,8 @@ def _hbp_ggn_7_all(P, S, Hz):
     t4 = (B**(-2)) * t3
     t5 = (B**(-2)) * xp.eye(1)
     t6 = _fn_sigmoid_0(S['x'])
-    t7 = t6.T
-    t8 = (xp.broadcast_to(t6.sum(axis=1, keepdims=True), (n, B)) @ t7)
+    t7 = t6.sum(axis=1, keepdims=True)
+    t8 = _gram(t7)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t4),
@@ -254,8 +254,8 @@ def _hbp_ggn_7_params(P, S, Hz):
     B, n, m = _dims(P, S).values()
     t0 = (B**(-2)) * xp.eye(1)
     t1 = _fn_sigmoid_0(S['x'])
-    t2 = t1.T
-    t3 = (xp.broadcast_to(t1.sum(axis=1, keepdims=True), (n, B)) @ t2)
+    t2 = t1.sum(axis=1, keepdims=True)
+    t3 = _gram(t2)
 
     return {
         "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),
@@ -318,8 +318,8 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     t12 = t4 + t11
     t13 = (B**(-2)) * xp.eye(1)
     t14 = _fn_sigmoid_0(S['x'])
-    t15 = t14.T
-    t16 = (xp.broadcast_to(t14.sum(axis=1, keepdims=True), (n, B)) @ t15)
+    t15 = t14.sum(axis=1, keepdims=True)
+    t16 = _gram(t15)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t12),
@@ -332,8 +332,8 @@ def _hbp_pch_abs_7_params(P, S, Hz):
     B, n, m = _dims(P, S).values()
     t0 = (B**(-2)) * xp.eye(1)
     t1 = _fn_sigmoid_0(S['x'])
-    t2 = t1.T
-    t3 = (xp.broadcast_to(t1.sum(axis=1, keepdims=True), (n, B)) @ t2)
+    t2 = t1.sum(axis=1, keepdims=True)
+    t3 = _gram(t2)
 
     return {
         "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),
@@ -396,8 +396,8 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     t12 = t4 + t11
     t13 = (B**(-2)) * xp.eye(1)
     t14 = _fn_sigmoid_0(S['x'])
-    t15 = t14.T
-    t16 = (xp.broadcast_to(t14.sum(axis=1, keepdims=True), (n, B)) @ t15)
+    t15 = t14.sum(axis=1, keepdims=True)
+    t16 = _gram(t15)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t12),
@@ -410,8 +410,8 @@ def _hbp_pch_clip_7_params(P, S, Hz):
     B, n, m = _dims(P, S).values()
     t0 = (B**(-2)) * xp.eye(1)
     t1 = _fn_sigmoid_0(S['x'])
-    t2 = t1.T
-    t3 = (xp.broadcast_to(t1.sum(axis=1, keepdims=True), (n, B)) @ t2)
+    t2 = t1.sum(axis=1, keepdims=True)
+    t3 = _gram(t2)
 
     return {
         "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),

@@ -157,11 +157,16 @@ def _in_place(parent: Expr, child: Expr) -> Expr:
 
 
 def _implicit_gram(factor: Expr) -> Expr:
-    """A batch Gram matrix P Pᵀ as a :class:`Gram` factor (formed or kept implicit at run time)."""
-    if isinstance(factor, MatMul) and len(factor.args) == 2 and factor.args[1] == Transpose(factor.args[0]) \
-            and factor.args[0].cols == BATCH:
-        return Gram(factor.args[0])
-    return factor
+    """A thin Gram matrix P Pᵀ (P with B columns, or one) as a :class:`Gram` factor, formed or kept
+    implicit at run time: X Xᵀ in (6), the rank-one (X 1)(X 1)ᵀ in (7)."""
+    if not isinstance(factor, MatMul) or len(factor.args) % 2:
+        return factor
+    half = len(factor.args) // 2
+    left, right = factor.args[:half], factor.args[half:]
+    if any(simplify(Transpose(a)) != b for a, b in zip(left, reversed(right))):
+        return factor
+    p = left[0] if half == 1 else MatMul(*left)
+    return Gram(p) if p.cols in (BATCH, sp.Integer(1)) else factor
 
 
 def _kron_factors(term: Expr) -> tuple[Expr | None, Expr, Expr] | None:
