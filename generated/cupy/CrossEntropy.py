@@ -88,7 +88,7 @@ extern "C" __global__ void gradients_1_0_double(const double* __restrict__ in0, 
     out[i] = ((c0 * (in0[c] * in1[r * cols + c])) + (in0[c] * in2[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_exact_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float c0, const float c1, const float c2, const float c3, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float c0, const float c1, const float c2, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -96,10 +96,10 @@ extern "C" __global__ void hbp_exact_6_1_0_float(const float* __restrict__ in0, 
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * (in0[0] * in1[r * cols + c])) + (c1 * ((r == c ? (c2 * in2[r]) : (float)0) + (c3 * in3[r * cols + c]))));
+    out[i] = ((in0[0] * in1[r * cols + c]) + (c0 * ((r == c ? (c1 * in2[r]) : (float)0) + (c2 * in3[r * cols + c]))));
 }
 
-extern "C" __global__ void hbp_exact_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double c0, const double c1, const double c2, const double c3, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double c0, const double c1, const double c2, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -107,7 +107,7 @@ extern "C" __global__ void hbp_exact_6_1_0_double(const double* __restrict__ in0
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * (in0[0] * in1[r * cols + c])) + (c1 * ((r == c ? (c2 * in2[r]) : (double)0) + (c3 * in3[r * cols + c]))));
+    out[i] = ((in0[0] * in1[r * cols + c]) + (c0 * ((r == c ? (c1 * in2[r]) : (double)0) + (c2 * in3[r * cols + c]))));
 }
 
 extern "C" __global__ void hbp_exact_6_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
@@ -132,7 +132,7 @@ extern "C" __global__ void hbp_exact_6_1_1_double(const double* __restrict__ in0
     out[i] = (in0[c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -140,10 +140,10 @@ extern "C" __global__ void hbp_exact_6_1_2_float(const float* __restrict__ in0, 
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_exact_6_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -151,7 +151,7 @@ extern "C" __global__ void hbp_exact_6_1_2_double(const double* __restrict__ in0
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
 extern "C" __global__ void hbp_exact_6_1_3_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
@@ -242,7 +242,7 @@ extern "C" __global__ void hbp_exact_7_1_2_double(const double* __restrict__ in0
     out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_ggn_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -250,10 +250,10 @@ extern "C" __global__ void hbp_ggn_6_1_0_float(const float* __restrict__ in0, co
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (c0 * (in0[0] * in1[r * cols + c]));
+    out[i] = (in0[0] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_ggn_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -261,10 +261,10 @@ extern "C" __global__ void hbp_ggn_6_1_0_double(const double* __restrict__ in0, 
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (c0 * (in0[0] * in1[r * cols + c]));
+    out[i] = (in0[0] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_ggn_6_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_6_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -272,10 +272,10 @@ extern "C" __global__ void hbp_ggn_6_1_1_float(const float* __restrict__ in0, co
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_ggn_6_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_6_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -283,7 +283,7 @@ extern "C" __global__ void hbp_ggn_6_1_1_double(const double* __restrict__ in0, 
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
 extern "C" __global__ void hbp_ggn_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
@@ -374,7 +374,7 @@ extern "C" __global__ void hbp_ggn_7_1_2_double(const double* __restrict__ in0, 
     out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -382,10 +382,10 @@ extern "C" __global__ void hbp_pch_abs_6_1_0_float(const float* __restrict__ in0
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * (in0[0] * in1[r * cols + c])) + in2[r * cols + c]);
+    out[i] = ((in0[0] * in1[r * cols + c]) + in2[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -393,7 +393,7 @@ extern "C" __global__ void hbp_pch_abs_6_1_0_double(const double* __restrict__ i
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * (in0[0] * in1[r * cols + c])) + in2[r * cols + c]);
+    out[i] = ((in0[0] * in1[r * cols + c]) + in2[r * cols + c]);
 }
 
 extern "C" __global__ void hbp_pch_abs_6_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, const float c2, float* __restrict__ out, const long long rows, const long long cols)
@@ -440,7 +440,7 @@ extern "C" __global__ void hbp_pch_abs_6_1_2_double(const double* __restrict__ i
     out[i] = (in0[c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1_3_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_3_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -448,10 +448,10 @@ extern "C" __global__ void hbp_pch_abs_6_1_3_float(const float* __restrict__ in0
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1_3_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_3_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -459,7 +459,7 @@ extern "C" __global__ void hbp_pch_abs_6_1_3_double(const double* __restrict__ i
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
 extern "C" __global__ void hbp_pch_abs_6_1_4_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
@@ -594,7 +594,7 @@ extern "C" __global__ void hbp_pch_abs_7_1_4_double(const double* __restrict__ i
     out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_clip_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -602,10 +602,10 @@ extern "C" __global__ void hbp_pch_clip_6_1_0_float(const float* __restrict__ in
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * (in0[0] * in1[r * cols + c])) + in2[r * cols + c]);
+    out[i] = ((in0[0] * in1[r * cols + c]) + in2[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -613,7 +613,7 @@ extern "C" __global__ void hbp_pch_clip_6_1_0_double(const double* __restrict__ 
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * (in0[0] * in1[r * cols + c])) + in2[r * cols + c]);
+    out[i] = ((in0[0] * in1[r * cols + c]) + in2[r * cols + c]);
 }
 
 extern "C" __global__ void hbp_pch_clip_6_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, const float c2, float* __restrict__ out, const long long rows, const long long cols)
@@ -660,7 +660,7 @@ extern "C" __global__ void hbp_pch_clip_6_1_2_double(const double* __restrict__ 
     out[i] = (in0[c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_6_1_3_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_3_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -668,10 +668,10 @@ extern "C" __global__ void hbp_pch_clip_6_1_3_float(const float* __restrict__ in
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_clip_6_1_3_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_3_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -679,7 +679,7 @@ extern "C" __global__ void hbp_pch_clip_6_1_3_double(const double* __restrict__ 
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
 extern "C" __global__ void hbp_pch_clip_6_1_4_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
@@ -908,14 +908,14 @@ def _hbp_exact_6_all(P, S, Hz):
     t0 = _softmax(S['x'])
     t2 = _launch('hbp_exact_6_1_3', (n, B), (n, B), [S['y'], t0], [-1], False)
     t3 = S['y'].T
-    t4 = t0.T
-    t6 = _launch('hbp_exact_6_1_2', (B, n), (B, n), [t3, t4], [-1], False)
-    t7 = (t2 @ t6)
+    t5 = t0.T
+    t7 = _launch('hbp_exact_6_1_2', (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
+    t8 = (t2 @ t7)
     t10 = (xp.ones((n, 1)) @ S['dz'])
     t11 = _launch('hbp_exact_6_1_1', (n, B), (n, B), [S['dz'], t0], [], False)
     t12 = t11.sum(axis=1, keepdims=True)
-    t13 = (t11 @ t4)
-    t17 = _launch('hbp_exact_6_1_0', (n, n), (n, n), [Hz, t7, t12, t13], [1/B, B, 1/B, -1/B], False)
+    t13 = (t11 @ t5)
+    t17 = _launch('hbp_exact_6_1_0', (n, n), (n, n), [Hz, t8, t12, t13], [B, 1/B, -1/B], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t17),
@@ -960,10 +960,10 @@ def _hbp_ggn_6_all(P, S, Hz):
     t0 = _softmax(S['x'])
     t2 = _launch('hbp_ggn_6_1_2', (n, B), (n, B), [S['y'], t0], [-1], False)
     t3 = S['y'].T
-    t4 = t0.T
-    t6 = _launch('hbp_ggn_6_1_1', (B, n), (B, n), [t3, t4], [-1], False)
-    t7 = (t2 @ t6)
-    t9 = _launch('hbp_ggn_6_1_0', (n, n), (n, n), [Hz, t7], [1/B], False)
+    t5 = t0.T
+    t7 = _launch('hbp_ggn_6_1_1', (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
+    t8 = (t2 @ t7)
+    t9 = _launch('hbp_ggn_6_1_0', (n, n), (n, n), [Hz, t8], [], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t9),
@@ -1004,16 +1004,16 @@ def _hbp_pch_abs_6_all(P, S, Hz):
     t0 = _softmax(S['x'])
     t2 = _launch('hbp_pch_abs_6_1_4', (n, B), (n, B), [S['y'], t0], [-1], False)
     t3 = S['y'].T
-    t4 = t0.T
-    t6 = _launch('hbp_pch_abs_6_1_3', (B, n), (B, n), [t3, t4], [-1], False)
-    t7 = (t2 @ t6)
+    t5 = t0.T
+    t7 = _launch('hbp_pch_abs_6_1_3', (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
+    t8 = (t2 @ t7)
     t10 = (xp.ones((n, 1)) @ S['dz'])
     t11 = _launch('hbp_pch_abs_6_1_2', (n, B), (n, B), [S['dz'], t0], [], False)
     t12 = t11.sum(axis=1, keepdims=True)
-    t13 = (t11 @ t4)
+    t13 = (t11 @ t5)
     t16 = _launch('hbp_pch_abs_6_1_1', (n, n), (n, n), [t12, t13], [B, 1/B, -1/B], False)
     t17 = _psd_abs(t16)
-    t18 = _launch('hbp_pch_abs_6_1_0', (n, n), (n, n), [Hz, t7, t17], [1/B], False)
+    t18 = _launch('hbp_pch_abs_6_1_0', (n, n), (n, n), [Hz, t8, t17], [], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t18),
@@ -1061,16 +1061,16 @@ def _hbp_pch_clip_6_all(P, S, Hz):
     t0 = _softmax(S['x'])
     t2 = _launch('hbp_pch_clip_6_1_4', (n, B), (n, B), [S['y'], t0], [-1], False)
     t3 = S['y'].T
-    t4 = t0.T
-    t6 = _launch('hbp_pch_clip_6_1_3', (B, n), (B, n), [t3, t4], [-1], False)
-    t7 = (t2 @ t6)
+    t5 = t0.T
+    t7 = _launch('hbp_pch_clip_6_1_3', (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
+    t8 = (t2 @ t7)
     t10 = (xp.ones((n, 1)) @ S['dz'])
     t11 = _launch('hbp_pch_clip_6_1_2', (n, B), (n, B), [S['dz'], t0], [], False)
     t12 = t11.sum(axis=1, keepdims=True)
-    t13 = (t11 @ t4)
+    t13 = (t11 @ t5)
     t16 = _launch('hbp_pch_clip_6_1_1', (n, n), (n, n), [t12, t13], [B, 1/B, -1/B], False)
     t17 = _psd_clip(t16)
-    t18 = _launch('hbp_pch_clip_6_1_0', (n, n), (n, n), [Hz, t7, t17], [1/B], False)
+    t18 = _launch('hbp_pch_clip_6_1_0', (n, n), (n, n), [Hz, t8, t17], [], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t18),

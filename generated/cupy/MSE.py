@@ -110,7 +110,7 @@ extern "C" __global__ void hbp_exact_6_1_0_double(const double* __restrict__ in0
     out[i] = ((c0 * (in0[0] * in1[r * cols + c])) + (c1 * (in2[0] * (r == c ? (double)1 : (double)0))));
 }
 
-extern "C" __global__ void hbp_exact_6_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -118,10 +118,10 @@ extern "C" __global__ void hbp_exact_6_1_1_float(const float* __restrict__ in0, 
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_exact_6_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -129,7 +129,7 @@ extern "C" __global__ void hbp_exact_6_1_1_double(const double* __restrict__ in0
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
 extern "C" __global__ void hbp_exact_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
@@ -242,7 +242,7 @@ extern "C" __global__ void hbp_ggn_6_1_0_double(const double* __restrict__ in0, 
     out[i] = (c0 * (in0[0] * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_ggn_6_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_6_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -250,10 +250,10 @@ extern "C" __global__ void hbp_ggn_6_1_1_float(const float* __restrict__ in0, co
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_ggn_6_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_6_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -261,7 +261,7 @@ extern "C" __global__ void hbp_ggn_6_1_1_double(const double* __restrict__ in0, 
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
 extern "C" __global__ void hbp_ggn_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
@@ -396,7 +396,7 @@ extern "C" __global__ void hbp_pch_abs_6_1_1_double(const double* __restrict__ i
     out[i] = fn_abs_0_double(in0[0]);
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -404,10 +404,10 @@ extern "C" __global__ void hbp_pch_abs_6_1_2_float(const float* __restrict__ in0
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -415,7 +415,7 @@ extern "C" __global__ void hbp_pch_abs_6_1_2_double(const double* __restrict__ i
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
 extern "C" __global__ void hbp_pch_abs_6_1_3_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
@@ -572,7 +572,7 @@ extern "C" __global__ void hbp_pch_clip_6_1_1_double(const double* __restrict__ 
     out[i] = (in0[0] * (r == c ? (double)1 : (double)0));
 }
 
-extern "C" __global__ void hbp_pch_clip_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -580,10 +580,10 @@ extern "C" __global__ void hbp_pch_clip_6_1_2_float(const float* __restrict__ in
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_clip_6_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -591,7 +591,7 @@ extern "C" __global__ void hbp_pch_clip_6_1_2_double(const double* __restrict__ 
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
 extern "C" __global__ void hbp_pch_clip_6_1_3_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
@@ -817,15 +817,15 @@ def _hbp_exact_6_all(P, S, Hz):
     B, n = _dims(P, S).values()
     t1 = _launch('hbp_exact_6_1_2', (n, B), (n, B), [S['x'], S['y']], [-1], False)
     t2 = S['x'].T
-    t3 = S['y'].T
-    t5 = _launch('hbp_exact_6_1_1', (B, n), (B, n), [t2, t3], [-1], False)
-    t6 = (t1 @ t5)
-    t9 = S['dz'].T
-    t10 = t9.sum(keepdims=True)
-    t13 = _launch('hbp_exact_6_1_0', (n, n), (n, n), [Hz, t6, t10], [4/B, 2], False)
+    t4 = S['y'].T
+    t6 = _launch('hbp_exact_6_1_1', (B, n), (B, n), [t2, t4], [1/B, -1/B], False)
+    t7 = (t1 @ t6)
+    t10 = S['dz'].T
+    t11 = t10.sum(keepdims=True)
+    t14 = _launch('hbp_exact_6_1_0', (n, n), (n, n), [Hz, t7, t11], [4, 2], False)
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t13),
+        "x": CurvatureBlock(kron=[], dense=t14),
     }
 
 def _hbp_exact_6_params(P, S, Hz):
@@ -863,13 +863,13 @@ def _hbp_ggn_6_all(P, S, Hz):
     B, n = _dims(P, S).values()
     t1 = _launch('hbp_ggn_6_1_2', (n, B), (n, B), [S['x'], S['y']], [-1], False)
     t2 = S['x'].T
-    t3 = S['y'].T
-    t5 = _launch('hbp_ggn_6_1_1', (B, n), (B, n), [t2, t3], [-1], False)
-    t6 = (t1 @ t5)
-    t8 = _launch('hbp_ggn_6_1_0', (n, n), (n, n), [Hz, t6], [4/B], False)
+    t4 = S['y'].T
+    t6 = _launch('hbp_ggn_6_1_1', (B, n), (B, n), [t2, t4], [1/B, -1/B], False)
+    t7 = (t1 @ t6)
+    t9 = _launch('hbp_ggn_6_1_0', (n, n), (n, n), [Hz, t7], [4], False)
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t8),
+        "x": CurvatureBlock(kron=[], dense=t9),
     }
 
 def _hbp_ggn_6_params(P, S, Hz):
@@ -905,16 +905,16 @@ def _hbp_pch_abs_6_all(P, S, Hz):
     B, n = _dims(P, S).values()
     t1 = _launch('hbp_pch_abs_6_1_3', (n, B), (n, B), [S['x'], S['y']], [-1], False)
     t2 = S['x'].T
-    t3 = S['y'].T
-    t5 = _launch('hbp_pch_abs_6_1_2', (B, n), (B, n), [t2, t3], [-1], False)
-    t6 = (t1 @ t5)
-    t9 = S['dz'].T
-    t10 = t9.sum(keepdims=True)
-    t11 = _launch('hbp_pch_abs_6_1_1', (1, 1), (1, 1), [t10], [], False)
-    t14 = _launch('hbp_pch_abs_6_1_0', (n, n), (n, n), [Hz, t6, t11], [4/B, 2], False)
+    t4 = S['y'].T
+    t6 = _launch('hbp_pch_abs_6_1_2', (B, n), (B, n), [t2, t4], [1/B, -1/B], False)
+    t7 = (t1 @ t6)
+    t10 = S['dz'].T
+    t11 = t10.sum(keepdims=True)
+    t12 = _launch('hbp_pch_abs_6_1_1', (1, 1), (1, 1), [t11], [], False)
+    t15 = _launch('hbp_pch_abs_6_1_0', (n, n), (n, n), [Hz, t7, t12], [4, 2], False)
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t14),
+        "x": CurvatureBlock(kron=[], dense=t15),
     }
 
 def _hbp_pch_abs_6_params(P, S, Hz):
@@ -953,17 +953,17 @@ def _hbp_pch_clip_6_all(P, S, Hz):
     B, n = _dims(P, S).values()
     t1 = _launch('hbp_pch_clip_6_1_3', (n, B), (n, B), [S['x'], S['y']], [-1], False)
     t2 = S['x'].T
-    t3 = S['y'].T
-    t5 = _launch('hbp_pch_clip_6_1_2', (B, n), (B, n), [t2, t3], [-1], False)
-    t6 = (t1 @ t5)
-    t9 = S['dz'].T
-    t10 = t9.sum(keepdims=True)
-    t11 = _launch('hbp_pch_clip_6_1_1', (n, n), (n, n), [t10], [], False)
-    t12 = _psd_clip(t11)
-    t14 = _launch('hbp_pch_clip_6_1_0', (n, n), (n, n), [Hz, t6, t12], [4/B, 2], False)
+    t4 = S['y'].T
+    t6 = _launch('hbp_pch_clip_6_1_2', (B, n), (B, n), [t2, t4], [1/B, -1/B], False)
+    t7 = (t1 @ t6)
+    t10 = S['dz'].T
+    t11 = t10.sum(keepdims=True)
+    t12 = _launch('hbp_pch_clip_6_1_1', (n, n), (n, n), [t11], [], False)
+    t13 = _psd_clip(t12)
+    t15 = _launch('hbp_pch_clip_6_1_0', (n, n), (n, n), [Hz, t7, t13], [4, 2], False)
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t14),
+        "x": CurvatureBlock(kron=[], dense=t15),
     }
 
 def _hbp_pch_clip_6_params(P, S, Hz):

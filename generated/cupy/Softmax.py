@@ -62,7 +62,7 @@ extern "C" __global__ void gradients_1_1_double(const double* __restrict__ in0, 
     out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float c0, const float c1, const float c2, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float* __restrict__ in5, const float* __restrict__ in6, const float* __restrict__ in7, const float c0, const float c1, const float c2, const float c3, const float c4, const float c5, const float c6, const float c7, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -70,10 +70,10 @@ extern "C" __global__ void hbp_exact_6_1_0_float(const float* __restrict__ in0, 
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * ((r == c ? in1[r] : (float)0) + (c1 * in2[r * cols + c]) + (c2 * in3[r * cols + c]))));
+    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (c1 * in2[r * cols + c]) + (c2 * in3[r * cols + c]) + (c3 * ((r == c ? in4[r] : (float)0) + (c4 * ((c5 * in5[r * cols + c]) + (c6 * in6[r * cols + c]))) + (c7 * in7[r * cols + c]))));
 }
 
-extern "C" __global__ void hbp_exact_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double c0, const double c1, const double c2, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double* __restrict__ in4, const double* __restrict__ in5, const double* __restrict__ in6, const double* __restrict__ in7, const double c0, const double c1, const double c2, const double c3, const double c4, const double c5, const double c6, const double c7, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -81,10 +81,10 @@ extern "C" __global__ void hbp_exact_6_1_0_double(const double* __restrict__ in0
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * ((r == c ? in1[r] : (double)0) + (c1 * in2[r * cols + c]) + (c2 * in3[r * cols + c]))));
+    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (c1 * in2[r * cols + c]) + (c2 * in3[r * cols + c]) + (c3 * ((r == c ? in4[r] : (double)0) + (c4 * ((c5 * in5[r * cols + c]) + (c6 * in6[r * cols + c]))) + (c7 * in7[r * cols + c]))));
 }
 
-extern "C" __global__ void hbp_exact_6_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -92,10 +92,10 @@ extern "C" __global__ void hbp_exact_6_1_1_float(const float* __restrict__ in0, 
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * (in1[r * cols + c] * in2[r * cols + c])));
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_exact_6_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -103,7 +103,7 @@ extern "C" __global__ void hbp_exact_6_1_1_double(const double* __restrict__ in0
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * (in1[r * cols + c] * in2[r * cols + c])));
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
 extern "C" __global__ void hbp_exact_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
@@ -128,7 +128,7 @@ extern "C" __global__ void hbp_exact_6_1_2_double(const double* __restrict__ in0
     out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_6_1_3_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_3_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -136,10 +136,10 @@ extern "C" __global__ void hbp_exact_6_1_3_float(const float* __restrict__ in0, 
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
+    out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_6_1_3_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_3_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -147,17 +147,17 @@ extern "C" __global__ void hbp_exact_6_1_3_double(const double* __restrict__ in0
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
+    out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_6_1_4_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_4_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
     __shared__ float partial[256];
     float acc = 0;
     for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
+        acc += ((c0 * in0[r * cols + c]) + (c1 * (in1[r * cols + c] * in2[r * cols + c])));
     }
     partial[threadIdx.x] = acc;
     __syncthreads();
@@ -168,14 +168,14 @@ extern "C" __global__ void hbp_exact_6_1_4_float(const float* __restrict__ in0, 
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_exact_6_1_4_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_4_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
     __shared__ double partial[256];
     double acc = 0;
     for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
+        acc += ((c0 * in0[r * cols + c]) + (c1 * (in1[r * cols + c] * in2[r * cols + c])));
     }
     partial[threadIdx.x] = acc;
     __syncthreads();
@@ -208,7 +208,29 @@ extern "C" __global__ void hbp_exact_6_1_5_double(const double* __restrict__ in0
     out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_6_1_6_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_6_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * (in1[r * cols + c] * in2[r * cols + c])));
+}
+
+extern "C" __global__ void hbp_exact_6_1_6_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * (in1[r * cols + c] * in2[r * cols + c])));
+}
+
+extern "C" __global__ void hbp_exact_6_1_7_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -219,7 +241,7 @@ extern "C" __global__ void hbp_exact_6_1_6_float(const float* __restrict__ in0, 
     out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_6_1_6_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_7_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -230,7 +252,7 @@ extern "C" __global__ void hbp_exact_6_1_6_double(const double* __restrict__ in0
     out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_6_1__mean0_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_8_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -238,10 +260,10 @@ extern "C" __global__ void hbp_exact_6_1__mean0_0_float(const float* __restrict_
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((r == c ? in0[r] : (float)0) + (c0 * in1[r * cols + c]));
+    out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_6_1__mean0_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_6_1_8_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -249,10 +271,10 @@ extern "C" __global__ void hbp_exact_6_1__mean0_0_double(const double* __restric
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((r == c ? in0[r] : (double)0) + (c0 * in1[r * cols + c]));
+    out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_7_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_7_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float c0, const float c1, const float c2, const float c3, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -260,10 +282,10 @@ extern "C" __global__ void hbp_exact_7_1_0_float(const float* __restrict__ in0, 
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (r == c ? in1[r] : (float)0) + (c0 * in2[r * cols + c]) + (c1 * in3[r * cols + c]));
+    out[i] = (in0[r * cols + c] + (r == c ? in1[r] : (float)0) + (c0 * ((c1 * in2[r * cols + c]) + (c2 * in3[r * cols + c]))) + (c3 * in4[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_exact_7_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_7_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double* __restrict__ in4, const double c0, const double c1, const double c2, const double c3, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -271,10 +293,10 @@ extern "C" __global__ void hbp_exact_7_1_0_double(const double* __restrict__ in0
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (r == c ? in1[r] : (double)0) + (c0 * in2[r * cols + c]) + (c1 * in3[r * cols + c]));
+    out[i] = (in0[r * cols + c] + (r == c ? in1[r] : (double)0) + (c0 * ((c1 * in2[r * cols + c]) + (c2 * in3[r * cols + c]))) + (c3 * in4[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_exact_7_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_7_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -282,10 +304,10 @@ extern "C" __global__ void hbp_exact_7_1_1_float(const float* __restrict__ in0, 
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * (in1[r * cols + c] * in2[r * cols + c])));
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * (in1[r * cols + c] * in2[r * cols + c])));
 }
 
-extern "C" __global__ void hbp_exact_7_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_7_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -293,7 +315,7 @@ extern "C" __global__ void hbp_exact_7_1_1_double(const double* __restrict__ in0
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * (in1[r * cols + c] * in2[r * cols + c])));
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * (in1[r * cols + c] * in2[r * cols + c])));
 }
 
 extern "C" __global__ void hbp_exact_7_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
@@ -318,7 +340,7 @@ extern "C" __global__ void hbp_exact_7_1_2_double(const double* __restrict__ in0
     out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_7_1_3_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_7_1_3_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -326,10 +348,10 @@ extern "C" __global__ void hbp_exact_7_1_3_float(const float* __restrict__ in0, 
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
+    out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_7_1_3_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_7_1_3_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -337,17 +359,17 @@ extern "C" __global__ void hbp_exact_7_1_3_double(const double* __restrict__ in0
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
+    out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_7_1_4_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_7_1_4_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
     __shared__ float partial[256];
     float acc = 0;
     for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
+        acc += ((c0 * in0[r * cols + c]) + (c1 * (in1[r * cols + c] * in2[r * cols + c])));
     }
     partial[threadIdx.x] = acc;
     __syncthreads();
@@ -358,14 +380,14 @@ extern "C" __global__ void hbp_exact_7_1_4_float(const float* __restrict__ in0, 
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_exact_7_1_4_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_7_1_4_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
     __shared__ double partial[256];
     double acc = 0;
     for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
+        acc += ((c0 * in0[r * cols + c]) + (c1 * (in1[r * cols + c] * in2[r * cols + c])));
     }
     partial[threadIdx.x] = acc;
     __syncthreads();
@@ -398,29 +420,7 @@ extern "C" __global__ void hbp_exact_7_1_5_double(const double* __restrict__ in0
     out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_7_1_6_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[r * cols + c] * in1[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_exact_7_1_6_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[r * cols + c] * in1[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_exact_7_1_7_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_7_1_6_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -431,7 +431,7 @@ extern "C" __global__ void hbp_exact_7_1_7_float(const float* __restrict__ in0, 
     out[i] = ((r == c ? (c0 * in0[r]) : (float)0) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_exact_7_1_7_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_exact_7_1_6_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -442,7 +442,7 @@ extern "C" __global__ void hbp_exact_7_1_7_double(const double* __restrict__ in0
     out[i] = ((r == c ? (c0 * in0[r]) : (double)0) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_ggn_6_1__mean0_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float c0, const float c1, const float c2, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -450,10 +450,10 @@ extern "C" __global__ void hbp_ggn_6_1__mean0_0_float(const float* __restrict__ 
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((r == c ? in0[r] : (float)0) + (c0 * in1[r * cols + c]));
+    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (c1 * in2[r * cols + c]) + (c2 * in3[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_ggn_6_1__mean0_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_ggn_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double c0, const double c1, const double c2, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -461,7 +461,73 @@ extern "C" __global__ void hbp_ggn_6_1__mean0_0_double(const double* __restrict_
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((r == c ? in0[r] : (double)0) + (c0 * in1[r * cols + c]));
+    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (c1 * in2[r * cols + c]) + (c2 * in3[r * cols + c]));
+}
+
+extern "C" __global__ void hbp_ggn_6_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * (in1[r * cols + c] * in2[r * cols + c])));
+}
+
+extern "C" __global__ void hbp_ggn_6_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * (in1[r * cols + c] * in2[r * cols + c])));
+}
+
+extern "C" __global__ void hbp_ggn_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (in0[r * cols + c] * in1[r * cols + c]);
+}
+
+extern "C" __global__ void hbp_ggn_6_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (in0[r * cols + c] * in1[r * cols + c]);
+}
+
+extern "C" __global__ void hbp_ggn_6_1_3_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (in0[r * cols + c] * in1[r * cols + c]);
+}
+
+extern "C" __global__ void hbp_ggn_6_1_3_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
 extern "C" __global__ void hbp_ggn_7_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
@@ -486,7 +552,7 @@ extern "C" __global__ void hbp_ggn_7_1_0_double(const double* __restrict__ in0, 
     out[i] = ((r == c ? (c0 * in0[r]) : (double)0) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float c0, const float c1, const float c2, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -494,10 +560,10 @@ extern "C" __global__ void hbp_pch_abs_6_1_0_float(const float* __restrict__ in0
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + in1[r * cols + c]);
+    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (c1 * in2[r * cols + c]) + (c2 * in3[r * cols + c]) + in4[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double* __restrict__ in4, const double c0, const double c1, const double c2, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -505,10 +571,10 @@ extern "C" __global__ void hbp_pch_abs_6_1_0_double(const double* __restrict__ i
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + in1[r * cols + c]);
+    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (c1 * in2[r * cols + c]) + (c2 * in3[r * cols + c]) + in4[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, const float c2, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float c0, const float c1, const float c2, const float c3, const float c4, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -516,10 +582,10 @@ extern "C" __global__ void hbp_pch_abs_6_1_1_float(const float* __restrict__ in0
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (c0 * ((r == c ? in0[r] : (float)0) + (c1 * in1[r * cols + c]) + (c2 * in2[r * cols + c])));
+    out[i] = (c0 * ((r == c ? in0[r] : (float)0) + (c1 * ((c2 * in1[r * cols + c]) + (c3 * in2[r * cols + c]))) + (c4 * in3[r * cols + c])));
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, const double c2, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double c0, const double c1, const double c2, const double c3, const double c4, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -527,10 +593,10 @@ extern "C" __global__ void hbp_pch_abs_6_1_1_double(const double* __restrict__ i
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (c0 * ((r == c ? in0[r] : (double)0) + (c1 * in1[r * cols + c]) + (c2 * in2[r * cols + c])));
+    out[i] = (c0 * ((r == c ? in0[r] : (double)0) + (c1 * ((c2 * in1[r * cols + c]) + (c3 * in2[r * cols + c]))) + (c4 * in3[r * cols + c])));
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -538,10 +604,10 @@ extern "C" __global__ void hbp_pch_abs_6_1_2_float(const float* __restrict__ in0
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * (in1[r * cols + c] * in2[r * cols + c])));
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -549,7 +615,7 @@ extern "C" __global__ void hbp_pch_abs_6_1_2_double(const double* __restrict__ i
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * (in1[r * cols + c] * in2[r * cols + c])));
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
 extern "C" __global__ void hbp_pch_abs_6_1_3_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
@@ -574,7 +640,7 @@ extern "C" __global__ void hbp_pch_abs_6_1_3_double(const double* __restrict__ i
     out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1_4_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_4_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -582,10 +648,10 @@ extern "C" __global__ void hbp_pch_abs_6_1_4_float(const float* __restrict__ in0
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
+    out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1_4_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_4_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -593,17 +659,17 @@ extern "C" __global__ void hbp_pch_abs_6_1_4_double(const double* __restrict__ i
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
+    out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1_5_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_5_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
     __shared__ float partial[256];
     float acc = 0;
     for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
+        acc += ((c0 * in0[r * cols + c]) + (c1 * (in1[r * cols + c] * in2[r * cols + c])));
     }
     partial[threadIdx.x] = acc;
     __syncthreads();
@@ -614,14 +680,14 @@ extern "C" __global__ void hbp_pch_abs_6_1_5_float(const float* __restrict__ in0
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1_5_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_5_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
     __shared__ double partial[256];
     double acc = 0;
     for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
+        acc += ((c0 * in0[r * cols + c]) + (c1 * (in1[r * cols + c] * in2[r * cols + c])));
     }
     partial[threadIdx.x] = acc;
     __syncthreads();
@@ -654,7 +720,29 @@ extern "C" __global__ void hbp_pch_abs_6_1_6_double(const double* __restrict__ i
     out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1_7_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_7_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * (in1[r * cols + c] * in2[r * cols + c])));
+}
+
+extern "C" __global__ void hbp_pch_abs_6_1_7_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * (in1[r * cols + c] * in2[r * cols + c])));
+}
+
+extern "C" __global__ void hbp_pch_abs_6_1_8_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -665,7 +753,7 @@ extern "C" __global__ void hbp_pch_abs_6_1_7_float(const float* __restrict__ in0
     out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1_7_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_8_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -676,7 +764,7 @@ extern "C" __global__ void hbp_pch_abs_6_1_7_double(const double* __restrict__ i
     out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1__mean0_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_9_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -684,10 +772,10 @@ extern "C" __global__ void hbp_pch_abs_6_1__mean0_0_float(const float* __restric
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((r == c ? in0[r] : (float)0) + (c0 * in1[r * cols + c]));
+    out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1__mean0_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_6_1_9_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -695,7 +783,7 @@ extern "C" __global__ void hbp_pch_abs_6_1__mean0_0_double(const double* __restr
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((r == c ? in0[r] : (double)0) + (c0 * in1[r * cols + c]));
+    out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
 extern "C" __global__ void hbp_pch_abs_7_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
@@ -720,7 +808,7 @@ extern "C" __global__ void hbp_pch_abs_7_1_0_double(const double* __restrict__ i
     out[i] = (in0[r * cols + c] + in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_7_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float c0, const float c1, const float c2, const float c3, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -728,10 +816,10 @@ extern "C" __global__ void hbp_pch_abs_7_1_1_float(const float* __restrict__ in0
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((r == c ? in0[r] : (float)0) + (c0 * in1[r * cols + c]) + (c1 * in2[r * cols + c]));
+    out[i] = ((r == c ? in0[r] : (float)0) + (c0 * ((c1 * in1[r * cols + c]) + (c2 * in2[r * cols + c]))) + (c3 * in3[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_abs_7_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double c0, const double c1, const double c2, const double c3, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -739,10 +827,10 @@ extern "C" __global__ void hbp_pch_abs_7_1_1_double(const double* __restrict__ i
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((r == c ? in0[r] : (double)0) + (c0 * in1[r * cols + c]) + (c1 * in2[r * cols + c]));
+    out[i] = ((r == c ? in0[r] : (double)0) + (c0 * ((c1 * in1[r * cols + c]) + (c2 * in2[r * cols + c]))) + (c3 * in3[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_abs_7_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -750,10 +838,10 @@ extern "C" __global__ void hbp_pch_abs_7_1_2_float(const float* __restrict__ in0
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * (in1[r * cols + c] * in2[r * cols + c])));
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * (in1[r * cols + c] * in2[r * cols + c])));
 }
 
-extern "C" __global__ void hbp_pch_abs_7_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -761,7 +849,7 @@ extern "C" __global__ void hbp_pch_abs_7_1_2_double(const double* __restrict__ i
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * (in1[r * cols + c] * in2[r * cols + c])));
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * (in1[r * cols + c] * in2[r * cols + c])));
 }
 
 extern "C" __global__ void hbp_pch_abs_7_1_3_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
@@ -786,7 +874,7 @@ extern "C" __global__ void hbp_pch_abs_7_1_3_double(const double* __restrict__ i
     out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_7_1_4_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_1_4_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -794,10 +882,10 @@ extern "C" __global__ void hbp_pch_abs_7_1_4_float(const float* __restrict__ in0
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
+    out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_7_1_4_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_1_4_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -805,17 +893,17 @@ extern "C" __global__ void hbp_pch_abs_7_1_4_double(const double* __restrict__ i
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
+    out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_7_1_5_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_1_5_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
     __shared__ float partial[256];
     float acc = 0;
     for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
+        acc += ((c0 * in0[r * cols + c]) + (c1 * (in1[r * cols + c] * in2[r * cols + c])));
     }
     partial[threadIdx.x] = acc;
     __syncthreads();
@@ -826,14 +914,14 @@ extern "C" __global__ void hbp_pch_abs_7_1_5_float(const float* __restrict__ in0
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_pch_abs_7_1_5_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_1_5_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
     __shared__ double partial[256];
     double acc = 0;
     for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
+        acc += ((c0 * in0[r * cols + c]) + (c1 * (in1[r * cols + c] * in2[r * cols + c])));
     }
     partial[threadIdx.x] = acc;
     __syncthreads();
@@ -866,29 +954,7 @@ extern "C" __global__ void hbp_pch_abs_7_1_6_double(const double* __restrict__ i
     out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_7_1_7_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[r * cols + c] * in1[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_7_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[r * cols + c] * in1[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_8_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_1_7_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -899,7 +965,7 @@ extern "C" __global__ void hbp_pch_abs_7_1_8_float(const float* __restrict__ in0
     out[i] = ((r == c ? (c0 * in0[r]) : (float)0) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_abs_7_1_8_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_abs_7_1_7_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -910,7 +976,7 @@ extern "C" __global__ void hbp_pch_abs_7_1_8_double(const double* __restrict__ i
     out[i] = ((r == c ? (c0 * in0[r]) : (double)0) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_clip_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float c0, const float c1, const float c2, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -918,10 +984,10 @@ extern "C" __global__ void hbp_pch_clip_6_1_0_float(const float* __restrict__ in
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + in1[r * cols + c]);
+    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (c1 * in2[r * cols + c]) + (c2 * in3[r * cols + c]) + in4[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double* __restrict__ in4, const double c0, const double c1, const double c2, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -929,10 +995,10 @@ extern "C" __global__ void hbp_pch_clip_6_1_0_double(const double* __restrict__ 
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + in1[r * cols + c]);
+    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (c1 * in2[r * cols + c]) + (c2 * in3[r * cols + c]) + in4[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_6_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, const float c2, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float c0, const float c1, const float c2, const float c3, const float c4, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -940,10 +1006,10 @@ extern "C" __global__ void hbp_pch_clip_6_1_1_float(const float* __restrict__ in
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (c0 * ((r == c ? in0[r] : (float)0) + (c1 * in1[r * cols + c]) + (c2 * in2[r * cols + c])));
+    out[i] = (c0 * ((r == c ? in0[r] : (float)0) + (c1 * ((c2 * in1[r * cols + c]) + (c3 * in2[r * cols + c]))) + (c4 * in3[r * cols + c])));
 }
 
-extern "C" __global__ void hbp_pch_clip_6_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, const double c2, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double c0, const double c1, const double c2, const double c3, const double c4, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -951,10 +1017,10 @@ extern "C" __global__ void hbp_pch_clip_6_1_1_double(const double* __restrict__ 
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (c0 * ((r == c ? in0[r] : (double)0) + (c1 * in1[r * cols + c]) + (c2 * in2[r * cols + c])));
+    out[i] = (c0 * ((r == c ? in0[r] : (double)0) + (c1 * ((c2 * in1[r * cols + c]) + (c3 * in2[r * cols + c]))) + (c4 * in3[r * cols + c])));
 }
 
-extern "C" __global__ void hbp_pch_clip_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -962,10 +1028,10 @@ extern "C" __global__ void hbp_pch_clip_6_1_2_float(const float* __restrict__ in
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * (in1[r * cols + c] * in2[r * cols + c])));
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_clip_6_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -973,7 +1039,7 @@ extern "C" __global__ void hbp_pch_clip_6_1_2_double(const double* __restrict__ 
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * (in1[r * cols + c] * in2[r * cols + c])));
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
 extern "C" __global__ void hbp_pch_clip_6_1_3_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
@@ -998,7 +1064,7 @@ extern "C" __global__ void hbp_pch_clip_6_1_3_double(const double* __restrict__ 
     out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_6_1_4_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_4_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -1006,10 +1072,10 @@ extern "C" __global__ void hbp_pch_clip_6_1_4_float(const float* __restrict__ in
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
+    out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_6_1_4_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_4_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -1017,17 +1083,17 @@ extern "C" __global__ void hbp_pch_clip_6_1_4_double(const double* __restrict__ 
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
+    out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_6_1_5_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_5_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
     __shared__ float partial[256];
     float acc = 0;
     for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
+        acc += ((c0 * in0[r * cols + c]) + (c1 * (in1[r * cols + c] * in2[r * cols + c])));
     }
     partial[threadIdx.x] = acc;
     __syncthreads();
@@ -1038,14 +1104,14 @@ extern "C" __global__ void hbp_pch_clip_6_1_5_float(const float* __restrict__ in
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_pch_clip_6_1_5_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_5_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
     __shared__ double partial[256];
     double acc = 0;
     for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
+        acc += ((c0 * in0[r * cols + c]) + (c1 * (in1[r * cols + c] * in2[r * cols + c])));
     }
     partial[threadIdx.x] = acc;
     __syncthreads();
@@ -1078,7 +1144,29 @@ extern "C" __global__ void hbp_pch_clip_6_1_6_double(const double* __restrict__ 
     out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_6_1_7_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_7_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * (in1[r * cols + c] * in2[r * cols + c])));
+}
+
+extern "C" __global__ void hbp_pch_clip_6_1_7_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * (in1[r * cols + c] * in2[r * cols + c])));
+}
+
+extern "C" __global__ void hbp_pch_clip_6_1_8_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -1089,7 +1177,7 @@ extern "C" __global__ void hbp_pch_clip_6_1_7_float(const float* __restrict__ in
     out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_6_1_7_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_8_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -1100,7 +1188,7 @@ extern "C" __global__ void hbp_pch_clip_6_1_7_double(const double* __restrict__ 
     out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_6_1__mean0_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_9_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -1108,10 +1196,10 @@ extern "C" __global__ void hbp_pch_clip_6_1__mean0_0_float(const float* __restri
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((r == c ? in0[r] : (float)0) + (c0 * in1[r * cols + c]));
+    out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_6_1__mean0_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_6_1_9_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -1119,7 +1207,7 @@ extern "C" __global__ void hbp_pch_clip_6_1__mean0_0_double(const double* __rest
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((r == c ? in0[r] : (double)0) + (c0 * in1[r * cols + c]));
+    out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
 extern "C" __global__ void hbp_pch_clip_7_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
@@ -1144,7 +1232,7 @@ extern "C" __global__ void hbp_pch_clip_7_1_0_double(const double* __restrict__ 
     out[i] = (in0[r * cols + c] + in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_7_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_7_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float c0, const float c1, const float c2, const float c3, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -1152,10 +1240,10 @@ extern "C" __global__ void hbp_pch_clip_7_1_1_float(const float* __restrict__ in
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((r == c ? in0[r] : (float)0) + (c0 * in1[r * cols + c]) + (c1 * in2[r * cols + c]));
+    out[i] = ((r == c ? in0[r] : (float)0) + (c0 * ((c1 * in1[r * cols + c]) + (c2 * in2[r * cols + c]))) + (c3 * in3[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_clip_7_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_7_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double c0, const double c1, const double c2, const double c3, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -1163,10 +1251,10 @@ extern "C" __global__ void hbp_pch_clip_7_1_1_double(const double* __restrict__ 
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((r == c ? in0[r] : (double)0) + (c0 * in1[r * cols + c]) + (c1 * in2[r * cols + c]));
+    out[i] = ((r == c ? in0[r] : (double)0) + (c0 * ((c1 * in1[r * cols + c]) + (c2 * in2[r * cols + c]))) + (c3 * in3[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_clip_7_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_7_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -1174,10 +1262,10 @@ extern "C" __global__ void hbp_pch_clip_7_1_2_float(const float* __restrict__ in
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * (in1[r * cols + c] * in2[r * cols + c])));
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * (in1[r * cols + c] * in2[r * cols + c])));
 }
 
-extern "C" __global__ void hbp_pch_clip_7_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_7_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -1185,7 +1273,7 @@ extern "C" __global__ void hbp_pch_clip_7_1_2_double(const double* __restrict__ 
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * (in1[r * cols + c] * in2[r * cols + c])));
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * (in1[r * cols + c] * in2[r * cols + c])));
 }
 
 extern "C" __global__ void hbp_pch_clip_7_1_3_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
@@ -1210,7 +1298,7 @@ extern "C" __global__ void hbp_pch_clip_7_1_3_double(const double* __restrict__ 
     out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_7_1_4_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_7_1_4_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -1218,10 +1306,10 @@ extern "C" __global__ void hbp_pch_clip_7_1_4_float(const float* __restrict__ in
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
+    out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_7_1_4_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_7_1_4_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -1229,17 +1317,17 @@ extern "C" __global__ void hbp_pch_clip_7_1_4_double(const double* __restrict__ 
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
+    out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_7_1_5_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_7_1_5_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
     __shared__ float partial[256];
     float acc = 0;
     for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
+        acc += ((c0 * in0[r * cols + c]) + (c1 * (in1[r * cols + c] * in2[r * cols + c])));
     }
     partial[threadIdx.x] = acc;
     __syncthreads();
@@ -1250,14 +1338,14 @@ extern "C" __global__ void hbp_pch_clip_7_1_5_float(const float* __restrict__ in
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_pch_clip_7_1_5_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_7_1_5_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
     __shared__ double partial[256];
     double acc = 0;
     for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
+        acc += ((c0 * in0[r * cols + c]) + (c1 * (in1[r * cols + c] * in2[r * cols + c])));
     }
     partial[threadIdx.x] = acc;
     __syncthreads();
@@ -1290,29 +1378,7 @@ extern "C" __global__ void hbp_pch_clip_7_1_6_double(const double* __restrict__ 
     out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_clip_7_1_7_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[r * cols + c] * in1[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_7_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[r * cols + c] * in1[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_8_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_7_1_7_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -1323,7 +1389,7 @@ extern "C" __global__ void hbp_pch_clip_7_1_8_float(const float* __restrict__ in
     out[i] = ((r == c ? (c0 * in0[r]) : (float)0) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_clip_7_1_8_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void hbp_pch_clip_7_1_7_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -1445,36 +1511,32 @@ def gradients(P, S, inputs=True):
 def _hbp_exact_6_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6)."""
     B, n = _dims(P, S).values()
-    def _mean0():
-        total = 0.0
-        for i in range(B):
-            col = {"x": S["x"][:, i:i + 1], }
-            f0_0 = _softmax(col['x'])
-            f0_1 = f0_0.T
-            f0_2 = (f0_0 @ f0_1)
-            f0_4 = _launch('hbp_exact_6_1__mean0_0', (n, n), (n, n), [f0_0, f0_2], [-1], False)
-            f0_5 = ((f0_4 @ Hz) @ f0_4)
-            total = total + f0_5
-        return total / B
-
-    t0 = _mean0()
-    t1 = _softmax(S['x'])
-    t2 = _launch('hbp_exact_6_1_6', (n, B), (n, B), [S['dz'], t1], [], False)
-    t4 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t2)
-    t5 = _launch('hbp_exact_6_1_5', (n, B), (n, B), [t4, t1], [], False)
-    t8 = _launch('hbp_exact_6_1_4', (n, B), (n, 1), [t2, t5], [1/B, -1/B], True)
-    t10 = _launch('hbp_exact_6_1_3', (n, B), (n, B), [t2, t5], [-1], False)
-    t11 = t1.T
-    t12 = (t10 @ t11)
-    t14 = S['dz'].T
-    t15 = _launch('hbp_exact_6_1_2', (B, n), (B, n), [t14, t11], [], False)
-    t16 = xp.broadcast_to(t15.sum(axis=1, keepdims=True), (B, n))
-    t19 = _launch('hbp_exact_6_1_1', (B, n), (B, n), [t15, t16, t11], [-1], False)
-    t20 = (t1 @ t19)
-    t24 = _launch('hbp_exact_6_1_0', (n, n), (n, n), [t0, t8, t12, t20], [B, -1/B, -1/B], False)
+    t0 = _softmax(S['x'])
+    t1 = t0.T
+    t2 = (t0 @ t1)
+    t5 = (Hz @ t0)
+    t6 = _launch('hbp_exact_6_1_8', (n, B), (n, B), [t0, t5], [], False)
+    t7 = (t6 @ t1)
+    t9 = (t1 @ Hz)
+    t10 = _launch('hbp_exact_6_1_7', (B, n), (B, n), [t1, t9], [], False)
+    t12 = xp.broadcast_to(t10.sum(axis=1, keepdims=True), (B, n))
+    t15 = _launch('hbp_exact_6_1_6', (B, n), (B, n), [t10, t12, t1], [1/B, -1/B], False)
+    t16 = (t0 @ t15)
+    t18 = _launch('hbp_exact_6_1_5', (n, B), (n, B), [S['dz'], t0], [], False)
+    t20 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t18)
+    t24 = _launch('hbp_exact_6_1_4', (n, B), (n, 1), [t18, t20, t0], [1/B, -1/B], True)
+    t25 = (t18 @ t1)
+    t27 = S['dz'].T
+    t28 = _launch('hbp_exact_6_1_3', (B, n), (B, n), [t27, t1], [], False)
+    t29 = xp.broadcast_to(t28.sum(axis=1, keepdims=True), (B, n))
+    t30 = _launch('hbp_exact_6_1_2', (B, n), (B, n), [t29, t1], [], False)
+    t31 = (t0 @ t30)
+    t37 = _launch('hbp_exact_6_1_1', (B, n), (B, n), [t28, t30], [1/B, -1/B], False)
+    t38 = (t0 @ t37)
+    t42 = _launch('hbp_exact_6_1_0', (n, n), (n, n), [t2, Hz, t7, t16, t24, t25, t31, t38], [1/B, -1/B, -1, B, -1, 1/B, -1/B, -1], False)
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t24),
+        "x": CurvatureBlock(kron=[], dense=t42),
     }
 
 def _hbp_exact_6_params(P, S, Hz):
@@ -1491,25 +1553,26 @@ def _hbp_exact_7_all(P, S, Hz):
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = t0.T
     t3 = (t0 @ t2)
-    t5 = _launch('hbp_exact_7_1_7', (n, n), (n, n), [t1, t3], [1/B, -1/B], False)
+    t5 = _launch('hbp_exact_7_1_6', (n, n), (n, n), [t1, t3], [1/B, -1/B], False)
     t6 = ((t5 @ Hz) @ t5)
     t7 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
-    t8 = _launch('hbp_exact_7_1_6', (n, B), (n, B), [t7, t0], [], False)
+    t8 = _launch('hbp_exact_7_1_5', (n, B), (n, B), [t7, t0], [], False)
     t10 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t8)
-    t11 = _launch('hbp_exact_7_1_5', (n, B), (n, B), [t10, t0], [], False)
-    t14 = _launch('hbp_exact_7_1_4', (n, B), (n, 1), [t8, t11], [1/B, -1/B], True)
-    t16 = _launch('hbp_exact_7_1_3', (n, B), (n, B), [t8, t11], [-1], False)
-    t17 = (t16 @ t2)
-    t19 = S['dz'].T
-    t20 = (xp.broadcast_to(xp.ones((B, 1)), (B, B)) @ t19)
-    t21 = _launch('hbp_exact_7_1_2', (B, n), (B, n), [t20, t2], [], False)
-    t22 = xp.broadcast_to(t21.sum(axis=1, keepdims=True), (B, n))
-    t25 = _launch('hbp_exact_7_1_1', (B, n), (B, n), [t21, t22, t2], [-1], False)
-    t26 = (t0 @ t25)
-    t28 = _launch('hbp_exact_7_1_0', (n, n), (n, n), [t6, t14, t17, t26], [-1/B, -1/B], False)
+    t14 = _launch('hbp_exact_7_1_4', (n, B), (n, 1), [t8, t10, t0], [1/B, -1/B], True)
+    t15 = (t8 @ t2)
+    t17 = xp.broadcast_to((t2 @ S['dz']).sum(axis=1, keepdims=True), (B, n))
+    t18 = _launch('hbp_exact_7_1_3', (B, n), (B, n), [t2, t17], [], False)
+    t19 = (t0 @ t18)
+    t23 = S['dz'].T
+    t24 = (xp.broadcast_to(xp.ones((B, 1)), (B, B)) @ t23)
+    t25 = _launch('hbp_exact_7_1_2', (B, n), (B, n), [t24, t2], [], False)
+    t27 = xp.broadcast_to(t25.sum(axis=1, keepdims=True), (B, n))
+    t30 = _launch('hbp_exact_7_1_1', (B, n), (B, n), [t25, t27, t2], [1/B, -1/B], False)
+    t31 = (t0 @ t30)
+    t33 = _launch('hbp_exact_7_1_0', (n, n), (n, n), [t6, t14, t15, t19, t31], [-1, 1/B, -1/B, -1], False)
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t28),
+        "x": CurvatureBlock(kron=[], dense=t33),
     }
 
 def _hbp_exact_7_params(P, S, Hz):
@@ -1522,22 +1585,21 @@ def _hbp_exact_7_params(P, S, Hz):
 def _hbp_ggn_6_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6)."""
     B, n = _dims(P, S).values()
-    def _mean0():
-        total = 0.0
-        for i in range(B):
-            col = {"x": S["x"][:, i:i + 1], }
-            f0_0 = _softmax(col['x'])
-            f0_1 = f0_0.T
-            f0_2 = (f0_0 @ f0_1)
-            f0_4 = _launch('hbp_ggn_6_1__mean0_0', (n, n), (n, n), [f0_0, f0_2], [-1], False)
-            f0_5 = ((f0_4 @ Hz) @ f0_4)
-            total = total + f0_5
-        return total / B
-
-    t0 = _mean0()
+    t0 = _softmax(S['x'])
+    t1 = t0.T
+    t2 = (t0 @ t1)
+    t5 = (Hz @ t0)
+    t6 = _launch('hbp_ggn_6_1_3', (n, B), (n, B), [t0, t5], [], False)
+    t7 = (t6 @ t1)
+    t9 = (t1 @ Hz)
+    t10 = _launch('hbp_ggn_6_1_2', (B, n), (B, n), [t1, t9], [], False)
+    t12 = xp.broadcast_to(t10.sum(axis=1, keepdims=True), (B, n))
+    t15 = _launch('hbp_ggn_6_1_1', (B, n), (B, n), [t10, t12, t1], [1/B, -1/B], False)
+    t16 = (t0 @ t15)
+    t18 = _launch('hbp_ggn_6_1_0', (n, n), (n, n), [t2, Hz, t7, t16], [1/B, -1/B, -1], False)
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t0),
+        "x": CurvatureBlock(kron=[], dense=t18),
     }
 
 def _hbp_ggn_6_params(P, S, Hz):
@@ -1571,38 +1633,34 @@ def _hbp_ggn_7_params(P, S, Hz):
 def _hbp_pch_abs_6_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6)."""
     B, n = _dims(P, S).values()
-    def _mean0():
-        total = 0.0
-        for i in range(B):
-            col = {"x": S["x"][:, i:i + 1], }
-            f0_0 = _softmax(col['x'])
-            f0_1 = f0_0.T
-            f0_2 = (f0_0 @ f0_1)
-            f0_4 = _launch('hbp_pch_abs_6_1__mean0_0', (n, n), (n, n), [f0_0, f0_2], [-1], False)
-            f0_5 = ((f0_4 @ Hz) @ f0_4)
-            total = total + f0_5
-        return total / B
-
-    t0 = _mean0()
-    t1 = _softmax(S['x'])
-    t2 = _launch('hbp_pch_abs_6_1_7', (n, B), (n, B), [S['dz'], t1], [], False)
-    t4 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t2)
-    t5 = _launch('hbp_pch_abs_6_1_6', (n, B), (n, B), [t4, t1], [], False)
-    t8 = _launch('hbp_pch_abs_6_1_5', (n, B), (n, 1), [t2, t5], [1/B, -1/B], True)
-    t10 = _launch('hbp_pch_abs_6_1_4', (n, B), (n, B), [t2, t5], [-1], False)
-    t11 = t1.T
-    t12 = (t10 @ t11)
-    t14 = S['dz'].T
-    t15 = _launch('hbp_pch_abs_6_1_3', (B, n), (B, n), [t14, t11], [], False)
-    t16 = xp.broadcast_to(t15.sum(axis=1, keepdims=True), (B, n))
-    t19 = _launch('hbp_pch_abs_6_1_2', (B, n), (B, n), [t15, t16, t11], [-1], False)
-    t20 = (t1 @ t19)
-    t23 = _launch('hbp_pch_abs_6_1_1', (n, n), (n, n), [t8, t12, t20], [B, -1/B, -1/B], False)
-    t24 = _psd_abs(t23)
-    t25 = _launch('hbp_pch_abs_6_1_0', (n, n), (n, n), [t0, t24], [], False)
+    t0 = _softmax(S['x'])
+    t1 = t0.T
+    t2 = (t0 @ t1)
+    t5 = (Hz @ t0)
+    t6 = _launch('hbp_pch_abs_6_1_9', (n, B), (n, B), [t0, t5], [], False)
+    t7 = (t6 @ t1)
+    t9 = (t1 @ Hz)
+    t10 = _launch('hbp_pch_abs_6_1_8', (B, n), (B, n), [t1, t9], [], False)
+    t12 = xp.broadcast_to(t10.sum(axis=1, keepdims=True), (B, n))
+    t15 = _launch('hbp_pch_abs_6_1_7', (B, n), (B, n), [t10, t12, t1], [1/B, -1/B], False)
+    t16 = (t0 @ t15)
+    t18 = _launch('hbp_pch_abs_6_1_6', (n, B), (n, B), [S['dz'], t0], [], False)
+    t20 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t18)
+    t24 = _launch('hbp_pch_abs_6_1_5', (n, B), (n, 1), [t18, t20, t0], [1/B, -1/B], True)
+    t25 = (t18 @ t1)
+    t27 = S['dz'].T
+    t28 = _launch('hbp_pch_abs_6_1_4', (B, n), (B, n), [t27, t1], [], False)
+    t29 = xp.broadcast_to(t28.sum(axis=1, keepdims=True), (B, n))
+    t30 = _launch('hbp_pch_abs_6_1_3', (B, n), (B, n), [t29, t1], [], False)
+    t31 = (t0 @ t30)
+    t37 = _launch('hbp_pch_abs_6_1_2', (B, n), (B, n), [t28, t30], [1/B, -1/B], False)
+    t38 = (t0 @ t37)
+    t41 = _launch('hbp_pch_abs_6_1_1', (n, n), (n, n), [t24, t25, t31, t38], [B, -1, 1/B, -1/B, -1], False)
+    t42 = _psd_abs(t41)
+    t43 = _launch('hbp_pch_abs_6_1_0', (n, n), (n, n), [t2, Hz, t7, t16, t42], [1/B, -1/B, -1], False)
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t25),
+        "x": CurvatureBlock(kron=[], dense=t43),
     }
 
 def _hbp_pch_abs_6_params(P, S, Hz):
@@ -1619,27 +1677,28 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = t0.T
     t3 = (t0 @ t2)
-    t5 = _launch('hbp_pch_abs_7_1_8', (n, n), (n, n), [t1, t3], [1/B, -1/B], False)
+    t5 = _launch('hbp_pch_abs_7_1_7', (n, n), (n, n), [t1, t3], [1/B, -1/B], False)
     t6 = ((t5 @ Hz) @ t5)
     t7 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
-    t8 = _launch('hbp_pch_abs_7_1_7', (n, B), (n, B), [t7, t0], [], False)
+    t8 = _launch('hbp_pch_abs_7_1_6', (n, B), (n, B), [t7, t0], [], False)
     t10 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t8)
-    t11 = _launch('hbp_pch_abs_7_1_6', (n, B), (n, B), [t10, t0], [], False)
-    t14 = _launch('hbp_pch_abs_7_1_5', (n, B), (n, 1), [t8, t11], [1/B, -1/B], True)
-    t16 = _launch('hbp_pch_abs_7_1_4', (n, B), (n, B), [t8, t11], [-1], False)
-    t17 = (t16 @ t2)
-    t19 = S['dz'].T
-    t20 = (xp.broadcast_to(xp.ones((B, 1)), (B, B)) @ t19)
-    t21 = _launch('hbp_pch_abs_7_1_3', (B, n), (B, n), [t20, t2], [], False)
-    t22 = xp.broadcast_to(t21.sum(axis=1, keepdims=True), (B, n))
-    t25 = _launch('hbp_pch_abs_7_1_2', (B, n), (B, n), [t21, t22, t2], [-1], False)
-    t26 = (t0 @ t25)
-    t28 = _launch('hbp_pch_abs_7_1_1', (n, n), (n, n), [t14, t17, t26], [-1/B, -1/B], False)
-    t29 = _psd_abs(t28)
-    t30 = _launch('hbp_pch_abs_7_1_0', (n, n), (n, n), [t6, t29], [], False)
+    t14 = _launch('hbp_pch_abs_7_1_5', (n, B), (n, 1), [t8, t10, t0], [1/B, -1/B], True)
+    t15 = (t8 @ t2)
+    t17 = xp.broadcast_to((t2 @ S['dz']).sum(axis=1, keepdims=True), (B, n))
+    t18 = _launch('hbp_pch_abs_7_1_4', (B, n), (B, n), [t2, t17], [], False)
+    t19 = (t0 @ t18)
+    t23 = S['dz'].T
+    t24 = (xp.broadcast_to(xp.ones((B, 1)), (B, B)) @ t23)
+    t25 = _launch('hbp_pch_abs_7_1_3', (B, n), (B, n), [t24, t2], [], False)
+    t27 = xp.broadcast_to(t25.sum(axis=1, keepdims=True), (B, n))
+    t30 = _launch('hbp_pch_abs_7_1_2', (B, n), (B, n), [t25, t27, t2], [1/B, -1/B], False)
+    t31 = (t0 @ t30)
+    t33 = _launch('hbp_pch_abs_7_1_1', (n, n), (n, n), [t14, t15, t19, t31], [-1, 1/B, -1/B, -1], False)
+    t34 = _psd_abs(t33)
+    t35 = _launch('hbp_pch_abs_7_1_0', (n, n), (n, n), [t6, t34], [], False)
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t30),
+        "x": CurvatureBlock(kron=[], dense=t35),
     }
 
 def _hbp_pch_abs_7_params(P, S, Hz):
@@ -1652,38 +1711,34 @@ def _hbp_pch_abs_7_params(P, S, Hz):
 def _hbp_pch_clip_6_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6)."""
     B, n = _dims(P, S).values()
-    def _mean0():
-        total = 0.0
-        for i in range(B):
-            col = {"x": S["x"][:, i:i + 1], }
-            f0_0 = _softmax(col['x'])
-            f0_1 = f0_0.T
-            f0_2 = (f0_0 @ f0_1)
-            f0_4 = _launch('hbp_pch_clip_6_1__mean0_0', (n, n), (n, n), [f0_0, f0_2], [-1], False)
-            f0_5 = ((f0_4 @ Hz) @ f0_4)
-            total = total + f0_5
-        return total / B
-
-    t0 = _mean0()
-    t1 = _softmax(S['x'])
-    t2 = _launch('hbp_pch_clip_6_1_7', (n, B), (n, B), [S['dz'], t1], [], False)
-    t4 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t2)
-    t5 = _launch('hbp_pch_clip_6_1_6', (n, B), (n, B), [t4, t1], [], False)
-    t8 = _launch('hbp_pch_clip_6_1_5', (n, B), (n, 1), [t2, t5], [1/B, -1/B], True)
-    t10 = _launch('hbp_pch_clip_6_1_4', (n, B), (n, B), [t2, t5], [-1], False)
-    t11 = t1.T
-    t12 = (t10 @ t11)
-    t14 = S['dz'].T
-    t15 = _launch('hbp_pch_clip_6_1_3', (B, n), (B, n), [t14, t11], [], False)
-    t16 = xp.broadcast_to(t15.sum(axis=1, keepdims=True), (B, n))
-    t19 = _launch('hbp_pch_clip_6_1_2', (B, n), (B, n), [t15, t16, t11], [-1], False)
-    t20 = (t1 @ t19)
-    t23 = _launch('hbp_pch_clip_6_1_1', (n, n), (n, n), [t8, t12, t20], [B, -1/B, -1/B], False)
-    t24 = _psd_clip(t23)
-    t25 = _launch('hbp_pch_clip_6_1_0', (n, n), (n, n), [t0, t24], [], False)
+    t0 = _softmax(S['x'])
+    t1 = t0.T
+    t2 = (t0 @ t1)
+    t5 = (Hz @ t0)
+    t6 = _launch('hbp_pch_clip_6_1_9', (n, B), (n, B), [t0, t5], [], False)
+    t7 = (t6 @ t1)
+    t9 = (t1 @ Hz)
+    t10 = _launch('hbp_pch_clip_6_1_8', (B, n), (B, n), [t1, t9], [], False)
+    t12 = xp.broadcast_to(t10.sum(axis=1, keepdims=True), (B, n))
+    t15 = _launch('hbp_pch_clip_6_1_7', (B, n), (B, n), [t10, t12, t1], [1/B, -1/B], False)
+    t16 = (t0 @ t15)
+    t18 = _launch('hbp_pch_clip_6_1_6', (n, B), (n, B), [S['dz'], t0], [], False)
+    t20 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t18)
+    t24 = _launch('hbp_pch_clip_6_1_5', (n, B), (n, 1), [t18, t20, t0], [1/B, -1/B], True)
+    t25 = (t18 @ t1)
+    t27 = S['dz'].T
+    t28 = _launch('hbp_pch_clip_6_1_4', (B, n), (B, n), [t27, t1], [], False)
+    t29 = xp.broadcast_to(t28.sum(axis=1, keepdims=True), (B, n))
+    t30 = _launch('hbp_pch_clip_6_1_3', (B, n), (B, n), [t29, t1], [], False)
+    t31 = (t0 @ t30)
+    t37 = _launch('hbp_pch_clip_6_1_2', (B, n), (B, n), [t28, t30], [1/B, -1/B], False)
+    t38 = (t0 @ t37)
+    t41 = _launch('hbp_pch_clip_6_1_1', (n, n), (n, n), [t24, t25, t31, t38], [B, -1, 1/B, -1/B, -1], False)
+    t42 = _psd_clip(t41)
+    t43 = _launch('hbp_pch_clip_6_1_0', (n, n), (n, n), [t2, Hz, t7, t16, t42], [1/B, -1/B, -1], False)
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t25),
+        "x": CurvatureBlock(kron=[], dense=t43),
     }
 
 def _hbp_pch_clip_6_params(P, S, Hz):
@@ -1700,27 +1755,28 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = t0.T
     t3 = (t0 @ t2)
-    t5 = _launch('hbp_pch_clip_7_1_8', (n, n), (n, n), [t1, t3], [1/B, -1/B], False)
+    t5 = _launch('hbp_pch_clip_7_1_7', (n, n), (n, n), [t1, t3], [1/B, -1/B], False)
     t6 = ((t5 @ Hz) @ t5)
     t7 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
-    t8 = _launch('hbp_pch_clip_7_1_7', (n, B), (n, B), [t7, t0], [], False)
+    t8 = _launch('hbp_pch_clip_7_1_6', (n, B), (n, B), [t7, t0], [], False)
     t10 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t8)
-    t11 = _launch('hbp_pch_clip_7_1_6', (n, B), (n, B), [t10, t0], [], False)
-    t14 = _launch('hbp_pch_clip_7_1_5', (n, B), (n, 1), [t8, t11], [1/B, -1/B], True)
-    t16 = _launch('hbp_pch_clip_7_1_4', (n, B), (n, B), [t8, t11], [-1], False)
-    t17 = (t16 @ t2)
-    t19 = S['dz'].T
-    t20 = (xp.broadcast_to(xp.ones((B, 1)), (B, B)) @ t19)
-    t21 = _launch('hbp_pch_clip_7_1_3', (B, n), (B, n), [t20, t2], [], False)
-    t22 = xp.broadcast_to(t21.sum(axis=1, keepdims=True), (B, n))
-    t25 = _launch('hbp_pch_clip_7_1_2', (B, n), (B, n), [t21, t22, t2], [-1], False)
-    t26 = (t0 @ t25)
-    t28 = _launch('hbp_pch_clip_7_1_1', (n, n), (n, n), [t14, t17, t26], [-1/B, -1/B], False)
-    t29 = _psd_clip(t28)
-    t30 = _launch('hbp_pch_clip_7_1_0', (n, n), (n, n), [t6, t29], [], False)
+    t14 = _launch('hbp_pch_clip_7_1_5', (n, B), (n, 1), [t8, t10, t0], [1/B, -1/B], True)
+    t15 = (t8 @ t2)
+    t17 = xp.broadcast_to((t2 @ S['dz']).sum(axis=1, keepdims=True), (B, n))
+    t18 = _launch('hbp_pch_clip_7_1_4', (B, n), (B, n), [t2, t17], [], False)
+    t19 = (t0 @ t18)
+    t23 = S['dz'].T
+    t24 = (xp.broadcast_to(xp.ones((B, 1)), (B, B)) @ t23)
+    t25 = _launch('hbp_pch_clip_7_1_3', (B, n), (B, n), [t24, t2], [], False)
+    t27 = xp.broadcast_to(t25.sum(axis=1, keepdims=True), (B, n))
+    t30 = _launch('hbp_pch_clip_7_1_2', (B, n), (B, n), [t25, t27, t2], [1/B, -1/B], False)
+    t31 = (t0 @ t30)
+    t33 = _launch('hbp_pch_clip_7_1_1', (n, n), (n, n), [t14, t15, t19, t31], [-1, 1/B, -1/B, -1], False)
+    t34 = _psd_clip(t33)
+    t35 = _launch('hbp_pch_clip_7_1_0', (n, n), (n, n), [t6, t34], [], False)
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t30),
+        "x": CurvatureBlock(kron=[], dense=t35),
     }
 
 def _hbp_pch_clip_7_params(P, S, Hz):

@@ -111,16 +111,16 @@ def _hbp_exact_6_all(P, S, Hz):
     t1 = (-1) * t0
     t2 = S['y'] + t1
     t3 = S['y'].T
-    t4 = t0.T
-    t5 = (-1) * t4
-    t6 = t3 + t5
-    t7 = (t2 @ t6)
-    t8 = t7 * Hz
-    t9 = (1/B) * t8
+    t4 = (1/B) * t3
+    t5 = t0.T
+    t6 = (-1/B) * t5
+    t7 = t4 + t6
+    t8 = (t2 @ t7)
+    t9 = t8 * Hz
     t10 = (xp.ones((n, 1)) @ S['dz'])
     t11 = t10 * t0
     t12 = t11.sum(axis=1, keepdims=True)
-    t13 = (t11 @ t4)
+    t13 = (t11 @ t5)
     t14 = (-1/B) * t13
     t15 = _plus_diagonal(t14, (1/B) * t12, copy=False)
     t16 = (B) * t15
@@ -178,12 +178,12 @@ def _hbp_ggn_6_all(P, S, Hz):
     t1 = (-1) * t0
     t2 = S['y'] + t1
     t3 = S['y'].T
-    t4 = t0.T
-    t5 = (-1) * t4
-    t6 = t3 + t5
-    t7 = (t2 @ t6)
-    t8 = t7 * Hz
-    t9 = (1/B) * t8
+    t4 = (1/B) * t3
+    t5 = t0.T
+    t6 = (-1/B) * t5
+    t7 = t4 + t6
+    t8 = (t2 @ t7)
+    t9 = t8 * Hz
 
     return {
         "x": CurvatureBlock(kron=[], dense=t9),
@@ -229,16 +229,16 @@ def _hbp_pch_abs_6_all(P, S, Hz):
     t1 = (-1) * t0
     t2 = S['y'] + t1
     t3 = S['y'].T
-    t4 = t0.T
-    t5 = (-1) * t4
-    t6 = t3 + t5
-    t7 = (t2 @ t6)
-    t8 = t7 * Hz
-    t9 = (1/B) * t8
+    t4 = (1/B) * t3
+    t5 = t0.T
+    t6 = (-1/B) * t5
+    t7 = t4 + t6
+    t8 = (t2 @ t7)
+    t9 = t8 * Hz
     t10 = (xp.ones((n, 1)) @ S['dz'])
     t11 = t10 * t0
     t12 = t11.sum(axis=1, keepdims=True)
-    t13 = (t11 @ t4)
+    t13 = (t11 @ t5)
     t14 = (-1/B) * t13
     t15 = _plus_diagonal(t14, (1/B) * t12, copy=False)
     t16 = (B) * t15
@@ -299,16 +299,16 @@ def _hbp_pch_clip_6_all(P, S, Hz):
     t1 = (-1) * t0
     t2 = S['y'] + t1
     t3 = S['y'].T
-    t4 = t0.T
-    t5 = (-1) * t4
-    t6 = t3 + t5
-    t7 = (t2 @ t6)
-    t8 = t7 * Hz
-    t9 = (1/B) * t8
+    t4 = (1/B) * t3
+    t5 = t0.T
+    t6 = (-1/B) * t5
+    t7 = t4 + t6
+    t8 = (t2 @ t7)
+    t9 = t8 * Hz
     t10 = (xp.ones((n, 1)) @ S['dz'])
     t11 = t10 * t0
     t12 = t11.sum(axis=1, keepdims=True)
-    t13 = (t11 @ t4)
+    t13 = (t11 @ t5)
     t14 = (-1/B) * t13
     t15 = _plus_diagonal(t14, (1/B) * t12, copy=False)
     t16 = (B) * t15

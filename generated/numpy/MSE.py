@@ -109,20 +109,21 @@ def _hbp_exact_6_all(P, S, Hz):
     t0 = (-1) * S['y']
     t1 = S['x'] + t0
     t2 = S['x'].T
-    t3 = S['y'].T
-    t4 = (-1) * t3
-    t5 = t2 + t4
-    t6 = (t1 @ t5)
-    t7 = t6 * Hz
-    t8 = (4/B) * t7
-    t9 = S['dz'].T
-    t10 = t9.sum(keepdims=True)
-    t11 = xp.eye(n) * t10
-    t12 = (2) * t11
-    t13 = t8 + t12
+    t3 = (1/B) * t2
+    t4 = S['y'].T
+    t5 = (-1/B) * t4
+    t6 = t3 + t5
+    t7 = (t1 @ t6)
+    t8 = t7 * Hz
+    t9 = (4) * t8
+    t10 = S['dz'].T
+    t11 = t10.sum(keepdims=True)
+    t12 = xp.eye(n) * t11
+    t13 = (2) * t12
+    t14 = t9 + t13
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t13),
+        "x": CurvatureBlock(kron=[], dense=t14),
     }
 
 def _hbp_exact_6_params(P, S, Hz):
@@ -169,15 +170,16 @@ def _hbp_ggn_6_all(P, S, Hz):
     t0 = (-1) * S['y']
     t1 = S['x'] + t0
     t2 = S['x'].T
-    t3 = S['y'].T
-    t4 = (-1) * t3
-    t5 = t2 + t4
-    t6 = (t1 @ t5)
-    t7 = t6 * Hz
-    t8 = (4/B) * t7
+    t3 = (1/B) * t2
+    t4 = S['y'].T
+    t5 = (-1/B) * t4
+    t6 = t3 + t5
+    t7 = (t1 @ t6)
+    t8 = t7 * Hz
+    t9 = (4) * t8
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t8),
+        "x": CurvatureBlock(kron=[], dense=t9),
     }
 
 def _hbp_ggn_6_params(P, S, Hz):
@@ -219,21 +221,22 @@ def _hbp_pch_abs_6_all(P, S, Hz):
     t0 = (-1) * S['y']
     t1 = S['x'] + t0
     t2 = S['x'].T
-    t3 = S['y'].T
-    t4 = (-1) * t3
-    t5 = t2 + t4
-    t6 = (t1 @ t5)
-    t7 = t6 * Hz
-    t8 = (4/B) * t7
-    t9 = S['dz'].T
-    t10 = t9.sum(keepdims=True)
-    t11 = _fn_abs_0(t10)
-    t12 = xp.eye(n) * t11
-    t13 = (2) * t12
-    t14 = t8 + t13
+    t3 = (1/B) * t2
+    t4 = S['y'].T
+    t5 = (-1/B) * t4
+    t6 = t3 + t5
+    t7 = (t1 @ t6)
+    t8 = t7 * Hz
+    t9 = (4) * t8
+    t10 = S['dz'].T
+    t11 = t10.sum(keepdims=True)
+    t12 = _fn_abs_0(t11)
+    t13 = xp.eye(n) * t12
+    t14 = (2) * t13
+    t15 = t9 + t14
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t14),
+        "x": CurvatureBlock(kron=[], dense=t15),
     }
 
 def _hbp_pch_abs_6_params(P, S, Hz):
@@ -281,21 +284,22 @@ def _hbp_pch_clip_6_all(P, S, Hz):
     t0 = (-1) * S['y']
     t1 = S['x'] + t0
     t2 = S['x'].T
-    t3 = S['y'].T
-    t4 = (-1) * t3
-    t5 = t2 + t4
-    t6 = (t1 @ t5)
-    t7 = t6 * Hz
-    t8 = (4/B) * t7
-    t9 = S['dz'].T
-    t10 = t9.sum(keepdims=True)
-    t11 = xp.eye(n) * t10
-    t12 = _psd_clip(t11)
-    t13 = (2) * t12
-    t14 = t8 + t13
+    t3 = (1/B) * t2
+    t4 = S['y'].T
+    t5 = (-1/B) * t4
+    t6 = t3 + t5
+    t7 = (t1 @ t6)
+    t8 = t7 * Hz
+    t9 = (4) * t8
+    t10 = S['dz'].T
+    t11 = t10.sum(keepdims=True)
+    t12 = xp.eye(n) * t11
+    t13 = _psd_clip(t12)
+    t14 = (2) * t13
+    t15 = t9 + t14
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t14),
+        "x": CurvatureBlock(kron=[], dense=t15),
     }
 
 def _hbp_pch_clip_6_params(P, S, Hz):

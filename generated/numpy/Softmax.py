@@ -101,47 +101,52 @@ def gradients(P, S, inputs=True):
 def _hbp_exact_6_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6)."""
     B, n = _dims(P, S).values()
-    def _mean0():
-        total = 0.0
-        for i in range(B):
-            col = {"x": S["x"][:, i:i + 1], }
-            f0_0 = _softmax(col['x'])
-            f0_1 = f0_0.T
-            f0_2 = (f0_0 @ f0_1)
-            f0_3 = (-1) * f0_2
-            f0_4 = _plus_diagonal(f0_3, f0_0, copy=False)
-            f0_5 = ((f0_4 @ Hz) @ f0_4)
-            total = total + f0_5
-        return total / B
-
-    t0 = _mean0()
-    t1 = _softmax(S['x'])
-    t2 = S['dz'] * t1
-    t3 = (1/B) * t2
-    t4 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t2)
-    t5 = t4 * t1
-    t6 = (-1/B) * t5
-    t7 = t3 + t6
-    t8 = t7.sum(axis=1, keepdims=True)
-    t9 = (-1) * t5
-    t10 = t2 + t9
-    t11 = t1.T
-    t12 = (t10 @ t11)
-    t13 = (-1/B) * t12
-    t14 = S['dz'].T
-    t15 = t14 * t11
-    t16 = xp.broadcast_to(t15.sum(axis=1, keepdims=True), (B, n))
-    t17 = t16 * t11
-    t18 = (-1) * t17
-    t19 = t15 + t18
-    t20 = (t1 @ t19)
-    t21 = (-1/B) * t20
-    t22 = _plus_diagonal(t13 + t21, t8, copy=False)
-    t23 = (B) * t22
-    t24 = t0 + t23
+    t0 = _softmax(S['x'])
+    t1 = t0.T
+    t2 = (t0 @ t1)
+    t3 = t2 * Hz
+    t4 = (1/B) * t3
+    t5 = (Hz @ t0)
+    t6 = t0 * t5
+    t7 = (t6 @ t1)
+    t8 = (-1/B) * t7
+    t9 = (t1 @ Hz)
+    t10 = t1 * t9
+    t11 = (1/B) * t10
+    t12 = xp.broadcast_to(t10.sum(axis=1, keepdims=True), (B, n))
+    t13 = t12 * t1
+    t14 = (-1/B) * t13
+    t15 = t11 + t14
+    t16 = (t0 @ t15)
+    t17 = (-1) * t16
+    t18 = S['dz'] * t0
+    t19 = (1/B) * t18
+    t20 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t18)
+    t21 = t20 * t0
+    t22 = (-1/B) * t21
+    t23 = t19 + t22
+    t24 = t23.sum(axis=1, keepdims=True)
+    t25 = (t18 @ t1)
+    t26 = (1/B) * t25
+    t27 = S['dz'].T
+    t28 = t27 * t1
+    t29 = xp.broadcast_to(t28.sum(axis=1, keepdims=True), (B, n))
+    t30 = t29 * t1
+    t31 = (t0 @ t30)
+    t32 = (-1/B) * t31
+    t33 = t26 + t32
+    t34 = (-1) * t33
+    t35 = (1/B) * t28
+    t36 = (-1/B) * t30
+    t37 = t35 + t36
+    t38 = (t0 @ t37)
+    t39 = (-1) * t38
+    t40 = _plus_diagonal(t34 + t39, t24, copy=False)
+    t41 = (B) * t40
+    t42 = t4 + t8 + t17 + t41
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t24),
+        "x": CurvatureBlock(kron=[], dense=t42),
     }
 
 def _hbp_exact_6_params(P, S, Hz):
@@ -169,23 +174,28 @@ def _hbp_exact_7_all(P, S, Hz):
     t12 = (-1/B) * t11
     t13 = t9 + t12
     t14 = t13.sum(axis=1, keepdims=True)
-    t15 = (-1) * t11
-    t16 = t8 + t15
-    t17 = (t16 @ t2)
-    t18 = (-1/B) * t17
-    t19 = S['dz'].T
-    t20 = (xp.broadcast_to(xp.ones((B, 1)), (B, B)) @ t19)
-    t21 = t20 * t2
-    t22 = xp.broadcast_to(t21.sum(axis=1, keepdims=True), (B, n))
-    t23 = t22 * t2
-    t24 = (-1) * t23
-    t25 = t21 + t24
-    t26 = (t0 @ t25)
-    t27 = (-1/B) * t26
-    t28 = _plus_diagonal(t6 + t18 + t27, t14, copy=False)
+    t15 = (t8 @ t2)
+    t16 = (1/B) * t15
+    t17 = xp.broadcast_to((t2 @ S['dz']).sum(axis=1, keepdims=True), (B, n))
+    t18 = t2 * t17
+    t19 = (t0 @ t18)
+    t20 = (-1/B) * t19
+    t21 = t16 + t20
+    t22 = (-1) * t21
+    t23 = S['dz'].T
+    t24 = (xp.broadcast_to(xp.ones((B, 1)), (B, B)) @ t23)
+    t25 = t24 * t2
+    t26 = (1/B) * t25
+    t27 = xp.broadcast_to(t25.sum(axis=1, keepdims=True), (B, n))
+    t28 = t27 * t2
+    t29 = (-1/B) * t28
+    t30 = t26 + t29
+    t31 = (t0 @ t30)
+    t32 = (-1) * t31
+    t33 = _plus_diagonal(t6 + t22 + t32, t14, copy=False)
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t28),
+        "x": CurvatureBlock(kron=[], dense=t33),
     }
 
 def _hbp_exact_7_params(P, S, Hz):
@@ -198,23 +208,28 @@ def _hbp_exact_7_params(P, S, Hz):
 def _hbp_ggn_6_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6)."""
     B, n = _dims(P, S).values()
-    def _mean0():
-        total = 0.0
-        for i in range(B):
-            col = {"x": S["x"][:, i:i + 1], }
-            f0_0 = _softmax(col['x'])
-            f0_1 = f0_0.T
-            f0_2 = (f0_0 @ f0_1)
-            f0_3 = (-1) * f0_2
-            f0_4 = _plus_diagonal(f0_3, f0_0, copy=False)
-            f0_5 = ((f0_4 @ Hz) @ f0_4)
-            total = total + f0_5
-        return total / B
-
-    t0 = _mean0()
+    t0 = _softmax(S['x'])
+    t1 = t0.T
+    t2 = (t0 @ t1)
+    t3 = t2 * Hz
+    t4 = (1/B) * t3
+    t5 = (Hz @ t0)
+    t6 = t0 * t5
+    t7 = (t6 @ t1)
+    t8 = (-1/B) * t7
+    t9 = (t1 @ Hz)
+    t10 = t1 * t9
+    t11 = (1/B) * t10
+    t12 = xp.broadcast_to(t10.sum(axis=1, keepdims=True), (B, n))
+    t13 = t12 * t1
+    t14 = (-1/B) * t13
+    t15 = t11 + t14
+    t16 = (t0 @ t15)
+    t17 = (-1) * t16
+    t18 = t4 + t8 + t17
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t0),
+        "x": CurvatureBlock(kron=[], dense=t18),
     }
 
 def _hbp_ggn_6_params(P, S, Hz):
@@ -249,48 +264,53 @@ def _hbp_ggn_7_params(P, S, Hz):
 def _hbp_pch_abs_6_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6)."""
     B, n = _dims(P, S).values()
-    def _mean0():
-        total = 0.0
-        for i in range(B):
-            col = {"x": S["x"][:, i:i + 1], }
-            f0_0 = _softmax(col['x'])
-            f0_1 = f0_0.T
-            f0_2 = (f0_0 @ f0_1)
-            f0_3 = (-1) * f0_2
-            f0_4 = _plus_diagonal(f0_3, f0_0, copy=False)
-            f0_5 = ((f0_4 @ Hz) @ f0_4)
-            total = total + f0_5
-        return total / B
-
-    t0 = _mean0()
-    t1 = _softmax(S['x'])
-    t2 = S['dz'] * t1
-    t3 = (1/B) * t2
-    t4 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t2)
-    t5 = t4 * t1
-    t6 = (-1/B) * t5
-    t7 = t3 + t6
-    t8 = t7.sum(axis=1, keepdims=True)
-    t9 = (-1) * t5
-    t10 = t2 + t9
-    t11 = t1.T
-    t12 = (t10 @ t11)
-    t13 = (-1/B) * t12
-    t14 = S['dz'].T
-    t15 = t14 * t11
-    t16 = xp.broadcast_to(t15.sum(axis=1, keepdims=True), (B, n))
-    t17 = t16 * t11
-    t18 = (-1) * t17
-    t19 = t15 + t18
-    t20 = (t1 @ t19)
-    t21 = (-1/B) * t20
-    t22 = _plus_diagonal(t13 + t21, t8, copy=False)
-    t23 = (B) * t22
-    t24 = _psd_abs(t23)
-    t25 = t0 + t24
+    t0 = _softmax(S['x'])
+    t1 = t0.T
+    t2 = (t0 @ t1)
+    t3 = t2 * Hz
+    t4 = (1/B) * t3
+    t5 = (Hz @ t0)
+    t6 = t0 * t5
+    t7 = (t6 @ t1)
+    t8 = (-1/B) * t7
+    t9 = (t1 @ Hz)
+    t10 = t1 * t9
+    t11 = (1/B) * t10
+    t12 = xp.broadcast_to(t10.sum(axis=1, keepdims=True), (B, n))
+    t13 = t12 * t1
+    t14 = (-1/B) * t13
+    t15 = t11 + t14
+    t16 = (t0 @ t15)
+    t17 = (-1) * t16
+    t18 = S['dz'] * t0
+    t19 = (1/B) * t18
+    t20 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t18)
+    t21 = t20 * t0
+    t22 = (-1/B) * t21
+    t23 = t19 + t22
+    t24 = t23.sum(axis=1, keepdims=True)
+    t25 = (t18 @ t1)
+    t26 = (1/B) * t25
+    t27 = S['dz'].T
+    t28 = t27 * t1
+    t29 = xp.broadcast_to(t28.sum(axis=1, keepdims=True), (B, n))
+    t30 = t29 * t1
+    t31 = (t0 @ t30)
+    t32 = (-1/B) * t31
+    t33 = t26 + t32
+    t34 = (-1) * t33
+    t35 = (1/B) * t28
+    t36 = (-1/B) * t30
+    t37 = t35 + t36
+    t38 = (t0 @ t37)
+    t39 = (-1) * t38
+    t40 = _plus_diagonal(t34 + t39, t24, copy=False)
+    t41 = (B) * t40
+    t42 = _psd_abs(t41)
+    t43 = t4 + t8 + t17 + t42
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t25),
+        "x": CurvatureBlock(kron=[], dense=t43),
     }
 
 def _hbp_pch_abs_6_params(P, S, Hz):
@@ -318,25 +338,30 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     t12 = (-1/B) * t11
     t13 = t9 + t12
     t14 = t13.sum(axis=1, keepdims=True)
-    t15 = (-1) * t11
-    t16 = t8 + t15
-    t17 = (t16 @ t2)
-    t18 = (-1/B) * t17
-    t19 = S['dz'].T
-    t20 = (xp.broadcast_to(xp.ones((B, 1)), (B, B)) @ t19)
-    t21 = t20 * t2
-    t22 = xp.broadcast_to(t21.sum(axis=1, keepdims=True), (B, n))
-    t23 = t22 * t2
-    t24 = (-1) * t23
-    t25 = t21 + t24
-    t26 = (t0 @ t25)
-    t27 = (-1/B) * t26
-    t28 = _plus_diagonal(t18 + t27, t14, copy=False)
-    t29 = _psd_abs(t28)
-    t30 = t6 + t29
+    t15 = (t8 @ t2)
+    t16 = (1/B) * t15
+    t17 = xp.broadcast_to((t2 @ S['dz']).sum(axis=1, keepdims=True), (B, n))
+    t18 = t2 * t17
+    t19 = (t0 @ t18)
+    t20 = (-1/B) * t19
+    t21 = t16 + t20
+    t22 = (-1) * t21
+    t23 = S['dz'].T
+    t24 = (xp.broadcast_to(xp.ones((B, 1)), (B, B)) @ t23)
+    t25 = t24 * t2
+    t26 = (1/B) * t25
+    t27 = xp.broadcast_to(t25.sum(axis=1, keepdims=True), (B, n))
+    t28 = t27 * t2
+    t29 = (-1/B) * t28
+    t30 = t26 + t29
+    t31 = (t0 @ t30)
+    t32 = (-1) * t31
+    t33 = _plus_diagonal(t22 + t32, t14, copy=False)
+    t34 = _psd_abs(t33)
+    t35 = t6 + t34
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t30),
+        "x": CurvatureBlock(kron=[], dense=t35),
     }
 
 def _hbp_pch_abs_7_params(P, S, Hz):
@@ -349,48 +374,53 @@ def _hbp_pch_abs_7_params(P, S, Hz):
 def _hbp_pch_clip_6_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6)."""
     B, n = _dims(P, S).values()
-    def _mean0():
-        total = 0.0
-        for i in range(B):
-            col = {"x": S["x"][:, i:i + 1], }
-            f0_0 = _softmax(col['x'])
-            f0_1 = f0_0.T
-            f0_2 = (f0_0 @ f0_1)
-            f0_3 = (-1) * f0_2
-            f0_4 = _plus_diagonal(f0_3, f0_0, copy=False)
-            f0_5 = ((f0_4 @ Hz) @ f0_4)
-            total = total + f0_5
-        return total / B
-
-    t0 = _mean0()
-    t1 = _softmax(S['x'])
-    t2 = S['dz'] * t1
-    t3 = (1/B) * t2
-    t4 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t2)
-    t5 = t4 * t1
-    t6 = (-1/B) * t5
-    t7 = t3 + t6
-    t8 = t7.sum(axis=1, keepdims=True)
-    t9 = (-1) * t5
-    t10 = t2 + t9
-    t11 = t1.T
-    t12 = (t10 @ t11)
-    t13 = (-1/B) * t12
-    t14 = S['dz'].T
-    t15 = t14 * t11
-    t16 = xp.broadcast_to(t15.sum(axis=1, keepdims=True), (B, n))
-    t17 = t16 * t11
-    t18 = (-1) * t17
-    t19 = t15 + t18
-    t20 = (t1 @ t19)
-    t21 = (-1/B) * t20
-    t22 = _plus_diagonal(t13 + t21, t8, copy=False)
-    t23 = (B) * t22
-    t24 = _psd_clip(t23)
-    t25 = t0 + t24
+    t0 = _softmax(S['x'])
+    t1 = t0.T
+    t2 = (t0 @ t1)
+    t3 = t2 * Hz
+    t4 = (1/B) * t3
+    t5 = (Hz @ t0)
+    t6 = t0 * t5
+    t7 = (t6 @ t1)
+    t8 = (-1/B) * t7
+    t9 = (t1 @ Hz)
+    t10 = t1 * t9
+    t11 = (1/B) * t10
+    t12 = xp.broadcast_to(t10.sum(axis=1, keepdims=True), (B, n))
+    t13 = t12 * t1
+    t14 = (-1/B) * t13
+    t15 = t11 + t14
+    t16 = (t0 @ t15)
+    t17 = (-1) * t16
+    t18 = S['dz'] * t0
+    t19 = (1/B) * t18
+    t20 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t18)
+    t21 = t20 * t0
+    t22 = (-1/B) * t21
+    t23 = t19 + t22
+    t24 = t23.sum(axis=1, keepdims=True)
+    t25 = (t18 @ t1)
+    t26 = (1/B) * t25
+    t27 = S['dz'].T
+    t28 = t27 * t1
+    t29 = xp.broadcast_to(t28.sum(axis=1, keepdims=True), (B, n))
+    t30 = t29 * t1
+    t31 = (t0 @ t30)
+    t32 = (-1/B) * t31
+    t33 = t26 + t32
+    t34 = (-1) * t33
+    t35 = (1/B) * t28
+    t36 = (-1/B) * t30
+    t37 = t35 + t36
+    t38 = (t0 @ t37)
+    t39 = (-1) * t38
+    t40 = _plus_diagonal(t34 + t39, t24, copy=False)
+    t41 = (B) * t40
+    t42 = _psd_clip(t41)
+    t43 = t4 + t8 + t17 + t42
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t25),
+        "x": CurvatureBlock(kron=[], dense=t43),
     }
 
 def _hbp_pch_clip_6_params(P, S, Hz):
@@ -418,25 +448,30 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     t12 = (-1/B) * t11
     t13 = t9 + t12
     t14 = t13.sum(axis=1, keepdims=True)
-    t15 = (-1) * t11
-    t16 = t8 + t15
-    t17 = (t16 @ t2)
-    t18 = (-1/B) * t17
-    t19 = S['dz'].T
-    t20 = (xp.broadcast_to(xp.ones((B, 1)), (B, B)) @ t19)
-    t21 = t20 * t2
-    t22 = xp.broadcast_to(t21.sum(axis=1, keepdims=True), (B, n))
-    t23 = t22 * t2
-    t24 = (-1) * t23
-    t25 = t21 + t24
-    t26 = (t0 @ t25)
-    t27 = (-1/B) * t26
-    t28 = _plus_diagonal(t18 + t27, t14, copy=False)
-    t29 = _psd_clip(t28)
-    t30 = t6 + t29
+    t15 = (t8 @ t2)
+    t16 = (1/B) * t15
+    t17 = xp.broadcast_to((t2 @ S['dz']).sum(axis=1, keepdims=True), (B, n))
+    t18 = t2 * t17
+    t19 = (t0 @ t18)
+    t20 = (-1/B) * t19
+    t21 = t16 + t20
+    t22 = (-1) * t21
+    t23 = S['dz'].T
+    t24 = (xp.broadcast_to(xp.ones((B, 1)), (B, B)) @ t23)
+    t25 = t24 * t2
+    t26 = (1/B) * t25
+    t27 = xp.broadcast_to(t25.sum(axis=1, keepdims=True), (B, n))
+    t28 = t27 * t2
+    t29 = (-1/B) * t28
+    t30 = t26 + t29
+    t31 = (t0 @ t30)
+    t32 = (-1) * t31
+    t33 = _plus_diagonal(t22 + t32, t14, copy=False)
+    t34 = _psd_clip(t33)
+    t35 = t6 + t34
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t30),
+        "x": CurvatureBlock(kron=[], dense=t35),
     }
 
 def _hbp_pch_clip_7_params(P, S, Hz):

@@ -120,6 +120,10 @@ class BatchLowering:
         first = rest[0]
         if len(rest) == 1:
             inner = self.stack(first)
+        elif isinstance(first, Diag):  # diag(v) c = v ⊙ c
+            column = rest[1] if len(rest) == 2 else MatMul(*rest[1:])
+            v, c = self.stack(first.args[0]), self.stack(column)
+            inner = None if v is None or c is None else Hadamard(v, c)
         elif first.cols == ONE:  # a column times a per-sample scalar: cᵢ (uᵢᵀ wᵢ) = (1 sᵀ) ⊙ C
             scale = rest[1] if len(rest) == 2 else MatMul(*rest[1:])
             inner = self.stack(ScaleBy(scale, first))
@@ -184,6 +188,16 @@ class BatchLowering:
         if len(varying) == 1:
             (j,) = varying
             return around(self.mean(f[j]), j, j)
+        for j in varying:  # (…)(A + B)(…) = (…)A(…) + (…)B(…): distribute a varying sum
+            if isinstance(f[j], Add):
+                return Add(*[self.mean(simplify(MatMul(*f[:j], t, *f[j + 1 :]))) for t in f[j].args])
+        for t in range(varying[0] + 1, varying[-1] + 1):  # uᵢ wᵢᵀ with uᵢ = F₁…Fₜ a column, wᵢᵀ a row
+            left, right = f[:t], f[t:]
+            if left[-1].cols == ONE and right[0].rows == ONE:
+                u = self.stack(left[0] if len(left) == 1 else MatMul(*left))
+                w = self.stack(simplify(Transpose(right[0] if len(right) == 1 else MatMul(*right))))
+                if u is not None and w is not None:
+                    return ScalarMul(1 / BATCH, MatMul(u, Transpose(w)))
         if len(varying) != 2:
             return None
         j, k = varying
