@@ -6,7 +6,7 @@ Arrays hold one sample per column: per-sample inputs are (rows, B), parameters a
 import functools  # noqa: F401 - used by printed functions such as max
 
 import numpy as xp
-from mcalc.runtime.blocks import CurvatureBlock, Gram
+from mcalc.runtime.blocks import CurvatureBlock
 
 MODULE = "CrossEntropy"
 PER_SAMPLE = ["x", "y"]
@@ -17,50 +17,13 @@ def _fn_abs_0(t):
     return abs(t)
 
 
-def _plus_diagonal(m, v, copy):
-    out = xp.array(m, copy=True) if copy or m.base is not None else m  # views and arguments are copied
-    index = xp.arange(out.shape[0])
-    out[index, index] += xp.reshape(xp.asarray(v, dtype=out.dtype), (-1,))
-    return out
-
-
-def _softmax(x):
-    e = xp.exp(x - x.max(axis=0, keepdims=True))
-    return e / e.sum(axis=0, keepdims=True)
-
-
-def _log_softmax(x):
-    shifted = x - x.max(axis=0, keepdims=True)
-    return shifted - xp.log(xp.exp(shifted).sum(axis=0, keepdims=True))
-
-
-def _commutation(m, n):
-    k = xp.zeros((m * n, m * n))
-    i, j = xp.meshgrid(xp.arange(m), xp.arange(n), indexing="ij")
-    k[(j + n * i).ravel(), (i + m * j).ravel()] = 1.0
-    return k
-
-
-def _psd_abs(a):
-    w, v = xp.linalg.eigh(0.5 * (a + a.T))
-    return (v * xp.abs(w)) @ v.T
-
-
-def _psd_clip(a):
-    w, v = xp.linalg.eigh(0.5 * (a + a.T))
-    return (v * xp.maximum(w, 0.0)) @ v.T
-
-
-def _kron(scale, a, b):
-    """Kronecker factors with a scalar folded into the smaller one (the cheaper pass)."""
-    if isinstance(scale, (int, float)) and scale == 1:
-        return a, b
-    return (a * scale, b) if a.size <= b.size and not isinstance(a, Gram) else (a, b * scale)
-
-
-def _gram(p):
-    """P Pᵀ formed when that is cheaper than applying it through P (rows ≤ B), else kept implicit."""
-    return p @ p.T if p.shape[0] <= p.shape[1] else Gram(p)
+from mcalc.runtime.array_ops import commutation as _commutation  # noqa: F401
+from mcalc.runtime.array_ops import gram as _gram  # noqa: F401
+from mcalc.runtime.array_ops import kron as _kron  # noqa: F401
+from mcalc.runtime.array_ops import log_softmax as _log_softmax  # noqa: F401
+from mcalc.runtime.array_ops import plus_diagonal as _plus_diagonal  # noqa: F401
+from mcalc.runtime.array_ops import psd_project as _psd_project  # noqa: F401
+from mcalc.runtime.array_ops import softmax as _softmax  # noqa: F401
 
 
 
@@ -242,7 +205,7 @@ def _hbp_pch_abs_6_all(P, S, Hz):
     t14 = (-1/B) * t13
     t15 = _plus_diagonal(t14, (1/B) * t12, copy=False)
     t16 = (B) * t15
-    t17 = _psd_abs(t16)
+    t17 = _psd_project(t16, 'abs')
     t18 = t9 + t17
 
     return {
@@ -277,7 +240,7 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     t15 = (t1 @ t6)
     t16 = (-1/B) * t15
     t17 = _plus_diagonal(t16, (1/B) * t14, copy=False)
-    t18 = _psd_abs(t17)
+    t18 = _psd_project(t17, 'abs')
     t19 = t18 * t13
     t20 = t10 + t19
 
@@ -312,7 +275,7 @@ def _hbp_pch_clip_6_all(P, S, Hz):
     t14 = (-1/B) * t13
     t15 = _plus_diagonal(t14, (1/B) * t12, copy=False)
     t16 = (B) * t15
-    t17 = _psd_clip(t16)
+    t17 = _psd_project(t16, 'clip')
     t18 = t9 + t17
 
     return {
@@ -347,7 +310,7 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     t15 = (-1/B) * t14
     t16 = _plus_diagonal(t15, (1/B) * t13, copy=False)
     t17 = t16 * t12
-    t18 = _psd_clip(t17)
+    t18 = _psd_project(t17, 'clip')
     t19 = t10 + t18
 
     return {

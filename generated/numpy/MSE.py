@@ -6,7 +6,7 @@ Arrays hold one sample per column: per-sample inputs are (rows, B), parameters a
 import functools  # noqa: F401 - used by printed functions such as max
 
 import numpy as xp
-from mcalc.runtime.blocks import CurvatureBlock, Gram
+from mcalc.runtime.blocks import CurvatureBlock
 
 MODULE = "MSE"
 PER_SAMPLE = ["x", "y"]
@@ -17,50 +17,13 @@ def _fn_abs_0(t):
     return abs(t)
 
 
-def _plus_diagonal(m, v, copy):
-    out = xp.array(m, copy=True) if copy or m.base is not None else m  # views and arguments are copied
-    index = xp.arange(out.shape[0])
-    out[index, index] += xp.reshape(xp.asarray(v, dtype=out.dtype), (-1,))
-    return out
-
-
-def _softmax(x):
-    e = xp.exp(x - x.max(axis=0, keepdims=True))
-    return e / e.sum(axis=0, keepdims=True)
-
-
-def _log_softmax(x):
-    shifted = x - x.max(axis=0, keepdims=True)
-    return shifted - xp.log(xp.exp(shifted).sum(axis=0, keepdims=True))
-
-
-def _commutation(m, n):
-    k = xp.zeros((m * n, m * n))
-    i, j = xp.meshgrid(xp.arange(m), xp.arange(n), indexing="ij")
-    k[(j + n * i).ravel(), (i + m * j).ravel()] = 1.0
-    return k
-
-
-def _psd_abs(a):
-    w, v = xp.linalg.eigh(0.5 * (a + a.T))
-    return (v * xp.abs(w)) @ v.T
-
-
-def _psd_clip(a):
-    w, v = xp.linalg.eigh(0.5 * (a + a.T))
-    return (v * xp.maximum(w, 0.0)) @ v.T
-
-
-def _kron(scale, a, b):
-    """Kronecker factors with a scalar folded into the smaller one (the cheaper pass)."""
-    if isinstance(scale, (int, float)) and scale == 1:
-        return a, b
-    return (a * scale, b) if a.size <= b.size and not isinstance(a, Gram) else (a, b * scale)
-
-
-def _gram(p):
-    """P Pᵀ formed when that is cheaper than applying it through P (rows ≤ B), else kept implicit."""
-    return p @ p.T if p.shape[0] <= p.shape[1] else Gram(p)
+from mcalc.runtime.array_ops import commutation as _commutation  # noqa: F401
+from mcalc.runtime.array_ops import gram as _gram  # noqa: F401
+from mcalc.runtime.array_ops import kron as _kron  # noqa: F401
+from mcalc.runtime.array_ops import log_softmax as _log_softmax  # noqa: F401
+from mcalc.runtime.array_ops import plus_diagonal as _plus_diagonal  # noqa: F401
+from mcalc.runtime.array_ops import psd_project as _psd_project  # noqa: F401
+from mcalc.runtime.array_ops import softmax as _softmax  # noqa: F401
 
 
 
@@ -294,7 +257,7 @@ def _hbp_pch_clip_6_all(P, S, Hz):
     t10 = S['dz'].T
     t11 = t10.sum(keepdims=True)
     t12 = xp.eye(n) * t11
-    t13 = _psd_clip(t12)
+    t13 = _psd_project(t12, 'clip')
     t14 = (2) * t13
     t15 = t9 + t14
 
@@ -326,7 +289,7 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     t11 = S['dz'].T
     t12 = t11.sum(keepdims=True)
     t13 = xp.eye(n) * t12
-    t14 = _psd_clip(t13)
+    t14 = _psd_project(t13, 'clip')
     t15 = (2) * t14
     t16 = t10 + t15
 

@@ -6,7 +6,7 @@ Arrays hold one sample per column: per-sample inputs are (rows, B), parameters a
 import functools  # noqa: F401 - used by printed functions such as max
 
 import numpy as xp
-from mcalc.runtime.blocks import CurvatureBlock, Gram
+from mcalc.runtime.blocks import CurvatureBlock
 
 MODULE = "SigmoidLinear"
 PER_SAMPLE = ["x"]
@@ -31,50 +31,13 @@ def _fn_sigmoid_2(t):
     return s*(s - 1)*(2*s - 1)
 
 
-def _plus_diagonal(m, v, copy):
-    out = xp.array(m, copy=True) if copy or m.base is not None else m  # views and arguments are copied
-    index = xp.arange(out.shape[0])
-    out[index, index] += xp.reshape(xp.asarray(v, dtype=out.dtype), (-1,))
-    return out
-
-
-def _softmax(x):
-    e = xp.exp(x - x.max(axis=0, keepdims=True))
-    return e / e.sum(axis=0, keepdims=True)
-
-
-def _log_softmax(x):
-    shifted = x - x.max(axis=0, keepdims=True)
-    return shifted - xp.log(xp.exp(shifted).sum(axis=0, keepdims=True))
-
-
-def _commutation(m, n):
-    k = xp.zeros((m * n, m * n))
-    i, j = xp.meshgrid(xp.arange(m), xp.arange(n), indexing="ij")
-    k[(j + n * i).ravel(), (i + m * j).ravel()] = 1.0
-    return k
-
-
-def _psd_abs(a):
-    w, v = xp.linalg.eigh(0.5 * (a + a.T))
-    return (v * xp.abs(w)) @ v.T
-
-
-def _psd_clip(a):
-    w, v = xp.linalg.eigh(0.5 * (a + a.T))
-    return (v * xp.maximum(w, 0.0)) @ v.T
-
-
-def _kron(scale, a, b):
-    """Kronecker factors with a scalar folded into the smaller one (the cheaper pass)."""
-    if isinstance(scale, (int, float)) and scale == 1:
-        return a, b
-    return (a * scale, b) if a.size <= b.size and not isinstance(a, Gram) else (a, b * scale)
-
-
-def _gram(p):
-    """P Pᵀ formed when that is cheaper than applying it through P (rows ≤ B), else kept implicit."""
-    return p @ p.T if p.shape[0] <= p.shape[1] else Gram(p)
+from mcalc.runtime.array_ops import commutation as _commutation  # noqa: F401
+from mcalc.runtime.array_ops import gram as _gram  # noqa: F401
+from mcalc.runtime.array_ops import kron as _kron  # noqa: F401
+from mcalc.runtime.array_ops import log_softmax as _log_softmax  # noqa: F401
+from mcalc.runtime.array_ops import plus_diagonal as _plus_diagonal  # noqa: F401
+from mcalc.runtime.array_ops import psd_project as _psd_project  # noqa: F401
+from mcalc.runtime.array_ops import softmax as _softmax  # noqa: F401
 
 
 
@@ -314,7 +277,7 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     t8 = t7.sum(axis=1, keepdims=True)
     t9 = xp.diagflat(t8)
     t10 = (1/B) * t9
-    t11 = _psd_abs(t10)
+    t11 = _psd_project(t10, 'abs')
     t12 = t4 + t11
     t13 = (B**(-2)) * xp.eye(1)
     t14 = _fn_sigmoid_0(S['x'])
@@ -392,7 +355,7 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     t8 = t7.sum(axis=1, keepdims=True)
     t9 = xp.diagflat(t8)
     t10 = (1/B) * t9
-    t11 = _psd_clip(t10)
+    t11 = _psd_project(t10, 'clip')
     t12 = t4 + t11
     t13 = (B**(-2)) * xp.eye(1)
     t14 = _fn_sigmoid_0(S['x'])

@@ -6,7 +6,7 @@ Arrays hold one sample per column: per-sample inputs are (rows, B), parameters a
 import functools  # noqa: F401 - used by printed functions such as max
 
 import numpy as xp
-from mcalc.runtime.blocks import CurvatureBlock, Gram
+from mcalc.runtime.blocks import CurvatureBlock
 
 MODULE = "Softmax"
 PER_SAMPLE = ["x"]
@@ -14,50 +14,13 @@ PARAMS = []
 VARIABLES = ["x"]
 
 
-def _plus_diagonal(m, v, copy):
-    out = xp.array(m, copy=True) if copy or m.base is not None else m  # views and arguments are copied
-    index = xp.arange(out.shape[0])
-    out[index, index] += xp.reshape(xp.asarray(v, dtype=out.dtype), (-1,))
-    return out
-
-
-def _softmax(x):
-    e = xp.exp(x - x.max(axis=0, keepdims=True))
-    return e / e.sum(axis=0, keepdims=True)
-
-
-def _log_softmax(x):
-    shifted = x - x.max(axis=0, keepdims=True)
-    return shifted - xp.log(xp.exp(shifted).sum(axis=0, keepdims=True))
-
-
-def _commutation(m, n):
-    k = xp.zeros((m * n, m * n))
-    i, j = xp.meshgrid(xp.arange(m), xp.arange(n), indexing="ij")
-    k[(j + n * i).ravel(), (i + m * j).ravel()] = 1.0
-    return k
-
-
-def _psd_abs(a):
-    w, v = xp.linalg.eigh(0.5 * (a + a.T))
-    return (v * xp.abs(w)) @ v.T
-
-
-def _psd_clip(a):
-    w, v = xp.linalg.eigh(0.5 * (a + a.T))
-    return (v * xp.maximum(w, 0.0)) @ v.T
-
-
-def _kron(scale, a, b):
-    """Kronecker factors with a scalar folded into the smaller one (the cheaper pass)."""
-    if isinstance(scale, (int, float)) and scale == 1:
-        return a, b
-    return (a * scale, b) if a.size <= b.size and not isinstance(a, Gram) else (a, b * scale)
-
-
-def _gram(p):
-    """P Pᵀ formed when that is cheaper than applying it through P (rows ≤ B), else kept implicit."""
-    return p @ p.T if p.shape[0] <= p.shape[1] else Gram(p)
+from mcalc.runtime.array_ops import commutation as _commutation  # noqa: F401
+from mcalc.runtime.array_ops import gram as _gram  # noqa: F401
+from mcalc.runtime.array_ops import kron as _kron  # noqa: F401
+from mcalc.runtime.array_ops import log_softmax as _log_softmax  # noqa: F401
+from mcalc.runtime.array_ops import plus_diagonal as _plus_diagonal  # noqa: F401
+from mcalc.runtime.array_ops import psd_project as _psd_project  # noqa: F401
+from mcalc.runtime.array_ops import softmax as _softmax  # noqa: F401
 
 
 
@@ -306,7 +269,7 @@ def _hbp_pch_abs_6_all(P, S, Hz):
     t39 = (-1) * t38
     t40 = _plus_diagonal(t34 + t39, t24, copy=False)
     t41 = (B) * t40
-    t42 = _psd_abs(t41)
+    t42 = _psd_project(t41, 'abs')
     t43 = t4 + t8 + t17 + t42
 
     return {
@@ -357,7 +320,7 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     t31 = (t0 @ t30)
     t32 = (-1) * t31
     t33 = _plus_diagonal(t22 + t32, t14, copy=False)
-    t34 = _psd_abs(t33)
+    t34 = _psd_project(t33, 'abs')
     t35 = t6 + t34
 
     return {
@@ -416,7 +379,7 @@ def _hbp_pch_clip_6_all(P, S, Hz):
     t39 = (-1) * t38
     t40 = _plus_diagonal(t34 + t39, t24, copy=False)
     t41 = (B) * t40
-    t42 = _psd_clip(t41)
+    t42 = _psd_project(t41, 'clip')
     t43 = t4 + t8 + t17 + t42
 
     return {
@@ -467,7 +430,7 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     t31 = (t0 @ t30)
     t32 = (-1) * t31
     t33 = _plus_diagonal(t22 + t32, t14, copy=False)
-    t34 = _psd_clip(t33)
+    t34 = _psd_project(t33, 'clip')
     t35 = t6 + t34
 
     return {

@@ -157,10 +157,10 @@ class ArrayPrinter:
         return f"{self.operand(node.args[0])}.reshape(-1, 1, order='F')"
 
     def _print_Commutation(self, node: Expr) -> str:
-        return f"_commutation({self.dim(node.args[0])}, {self.dim(node.args[1])})"
+        return f"_commutation({self.dim(node.args[0])}, {self.dim(node.args[1])}, xp)"
 
     def _print_PSDProjection(self, node: Expr) -> str:
-        return f"_psd_{node.args[0]}({self.operand(node.args[1])})"
+        return f"_psd_project({self.operand(node.args[1])}, {node.args[0]!r})"
 
     def _print_Gram(self, node: Expr) -> str:
         return f"_gram({self.operand(node.args[0])})"

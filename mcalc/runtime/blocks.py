@@ -53,7 +53,7 @@ class CurvatureBlock:
 
     def matvec(self, v: Any) -> Any:
         """C v for a flat v (column-stacking vec of the parameter)."""
-        xp = _namespace(v)
+        xp = namespace(v)
         out = self.dense @ v if self.dense is not None else xp.zeros_like(v)
         for a, b in self.kron:
             V = v.reshape(b.shape[1], a.shape[1], order="F")
@@ -67,7 +67,7 @@ class CurvatureBlock:
         i + m j, so the sub-block of the rows R is Σ A ⊗ B[R, R] + M[idx, idx]:
         Kronecker structure survives the split.
         """
-        xp = _namespace(_dense(self.kron[0][1]) if self.kron else self.dense)
+        xp = namespace(_dense(self.kron[0][1]) if self.kron else self.dense)
         cols = self.size // rows
         out = []
         for part in xp.array_split(xp.arange(rows), groups):
@@ -81,7 +81,7 @@ class CurvatureBlock:
 
     def to_dense(self) -> Any:
         """C as one matrix (only when a dense matrix is really wanted)."""
-        parts = [_namespace(_dense(a)).kron(_dense(a), _dense(b)) for a, b in self.kron]
+        parts = [namespace(_dense(a)).kron(_dense(a), _dense(b)) for a, b in self.kron]
         if self.dense is not None:
             parts.append(self.dense)
         total = parts[0]
@@ -90,7 +90,8 @@ class CurvatureBlock:
         return total
 
 
-def _namespace(a: Any) -> Any:
+def namespace(a: Any) -> Any:
+    """numpy or cupy, whichever ``a`` belongs to."""
     module = type(a).__module__.split(".")[0]
     if module == "cupy":
         import cupy

@@ -1,0 +1,56 @@
+"""Array helpers the generated code calls, for NumPy and CuPy arrays alike."""
+from __future__ import annotations
+
+from typing import Any
+
+from .blocks import Gram, namespace
+
+
+def plus_diagonal(m: Any, v: Any, copy: bool) -> Any:
+    """m + diag(v); ``m`` is written in place unless it is an argument (``copy``) or a view."""
+    xp = namespace(m)
+    out = xp.array(m, copy=True) if copy or m.base is not None else m
+    index = xp.arange(out.shape[0])
+    out[index, index] += xp.reshape(xp.asarray(v, dtype=out.dtype), (-1,))
+    return out
+
+
+def softmax(x: Any) -> Any:
+    """Column-wise softmax."""
+    xp = namespace(x)
+    e = xp.exp(x - x.max(axis=0, keepdims=True))
+    return e / e.sum(axis=0, keepdims=True)
+
+
+def log_softmax(x: Any) -> Any:
+    """Column-wise log-softmax, in the stable form."""
+    xp = namespace(x)
+    shifted = x - x.max(axis=0, keepdims=True)
+    return shifted - xp.log(xp.exp(shifted).sum(axis=0, keepdims=True))
+
+
+def commutation(m: int, n: int, xp: Any) -> Any:
+    """K_{m,n}: K vec(A) = vec(Aᵀ) for A of shape (m, n)."""
+    k = xp.zeros((m * n, m * n))
+    i, j = xp.meshgrid(xp.arange(m), xp.arange(n), indexing="ij")
+    k[(j + n * i).ravel(), (i + m * j).ravel()] = 1.0
+    return k
+
+
+def psd_project(a: Any, mode: str) -> Any:
+    """V f(Λ) Vᵀ of the symmetric part of ``a``, f = |·| ('abs') or max(·, 0) ('clip')."""
+    xp = namespace(a)
+    w, v = xp.linalg.eigh(0.5 * (a + a.T))
+    return (v * (xp.abs(w) if mode == "abs" else xp.maximum(w, 0.0))) @ v.T
+
+
+def kron(scale: Any, a: Any, b: Any) -> tuple[Any, Any]:
+    """Kronecker factors with a scalar folded into the smaller one (the cheaper pass)."""
+    if isinstance(scale, (int, float)) and scale == 1:
+        return a, b
+    return (a * scale, b) if a.size <= b.size and not isinstance(a, Gram) else (a, b * scale)
+
+
+def gram(p: Any) -> Any:
+    """P Pᵀ formed when that is cheaper than applying it through P (rows ≤ columns), else kept implicit."""
+    return p @ p.T if p.shape[0] <= p.shape[1] else Gram(p)
