@@ -15,6 +15,7 @@ import sympy as sp
 from .. import dims
 from ..errors import EvaluationError
 from ..expr import BATCH, Expr, Seed, Symbol
+from ..runtime.array_ops import commutation, psd_project
 
 
 def vec(a: np.ndarray) -> np.ndarray:
@@ -29,11 +30,7 @@ def unvec(v: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 def commutation_matrix(m: int, n: int) -> np.ndarray:
     """K_{m,n} with K vec(A) = vec(Aᵀ) for A of shape (m, n)."""
-    k = np.zeros((m * n, m * n))
-    for i in range(m):
-        for j in range(n):
-            k[j + n * i, i + m * j] = 1.0
-    return k
+    return commutation(m, n, np)
 
 
 def to_user_shape(a: np.ndarray, expr: Expr) -> np.ndarray:
@@ -272,9 +269,3 @@ class Evaluator:
     def _eval_PSDProjection(self, e: Expr) -> np.ndarray:
         return psd_project(self.value(e.args[1]), e.args[0])
 
-
-def psd_project(s: np.ndarray, mode: str) -> np.ndarray:
-    """V f(Λ) Vᵀ for the symmetric part of ``s`` = V Λ Vᵀ, f = |·| or max(·, 0)."""
-    eigenvalues, vectors = np.linalg.eigh(0.5 * (s + s.T))
-    cast = np.abs(eigenvalues) if mode == "abs" else np.maximum(eigenvalues, 0.0)
-    return (vectors * cast) @ vectors.T
