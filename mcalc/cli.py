@@ -186,6 +186,7 @@ DEMO_RUNS = (  # optimiser, its options, batch size: the same network for each
     ("adam", {"lr": 3e-3}, 64),
     ("hbp-newton", {}, 64),
     ("kfac", {"fisher": "mc", "lr": 0.05}, 64),
+    ("kbfgs", {}, 64),  # the authors' defaults: γ = 0.3, λ = 0.3, momentum 0.9
 )
 
 
@@ -247,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="folder of the MNIST IDX files or CIFAR-10 python batches")
     p.add_argument("--model", default="64-128-sigmoid-10", help="widths and activations, e.g. 64-128-sigmoid-10")
     p.add_argument("--loss", choices=["ce", "mse"], default="ce")
-    p.add_argument("--optimizer", choices=["sgd", "adam", "hbp-newton", "kfac"], default="hbp-newton")
+    p.add_argument("--optimizer", choices=["sgd", "adam", "hbp-newton", "kfac", "kbfgs"], default="hbp-newton")
     p.add_argument("--fisher", choices=["mc", "exact"], default="mc", help="kfac: sampled or exact Fisher")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64)

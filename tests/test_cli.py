@@ -65,4 +65,4 @@ def test_demo_runs(tmp_path):
     assert "SigmoidLinear" in result.stdout and "MISMATCH" not in result.stdout
     assert "hbp-newton" in result.stdout and (tmp_path / "mcalc-demo.png").exists()
     runs = json.loads((tmp_path / "mcalc-demo.json").read_text())["runs"]
-    assert [r["optimizer"] for r in runs] == ["sgd", "adam", "hbp-newton", "kfac"]
+    assert [r["optimizer"] for r in runs] == ["sgd", "adam", "hbp-newton", "kfac", "kbfgs"]

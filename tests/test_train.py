@@ -228,3 +228,55 @@ def test_kfac_trains_digits_to_95_percent(fisher):
     net = Network("64-128-sigmoid-10", seed=0)
     result = train(net, D.digits(), make_optimizer("kfac", fisher=fisher, lr=0.05), epochs=8, batch_size=64)
     assert max(row["test_accuracy"] for row in result["history"]) >= 0.95, result["history"]
+
+
+def test_bfgs_inverse_update_satisfies_the_secant_equation():
+    from mcalc.train.optimizers import bfgs_inverse_update
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(5, 5))
+    H = a @ a.T + np.eye(5)
+    s, y = rng.normal(size=(5, 1)), rng.normal(size=(5, 1))
+    y = y if (s.T @ y).item() > 0 else -y
+    H_new = bfgs_inverse_update(H, s, y)
+    np.testing.assert_allclose(H_new @ y, s, atol=1e-10)
+    np.testing.assert_allclose(H_new, H_new.T, atol=1e-12)
+    assert np.linalg.eigvalsh(H_new).min() > 0
+    assert bfgs_inverse_update(H, s, -y) is H  # no curvature along s: H kept
+
+
+def test_double_damping_guarantees_positive_curvature():
+    from mcalc.train.optimizers import double_damping
+
+    rng = np.random.default_rng(1)
+    H = np.eye(4) * 2.0
+    for _ in range(20):
+        s, y = rng.normal(size=(4, 1)), rng.normal(size=(4, 1))
+        s2, y2 = double_damping(H, s, y, 0.2, 0.5)
+        assert (s2.T @ y2).item() >= 0.2 * (y.T @ H @ y).item() + 0.5 * (s2.T @ s2).item() - 1e-12
+
+
+def test_kbfgs_first_step_against_the_dense_kronecker_computation():
+    from mcalc.train.optimizers import KBFGS
+
+    net, X, Y = _tiny(batch=8)
+    _, grads, _ = net.backward(X, Y)
+    optimizer = KBFGS(lr=0.3, damping=0.3)
+    updates = optimizer.step(net, grads, {}, (X, Y))
+    _, inputs = net.forward(X)
+    for position, layer in enumerate(net.layers):
+        if not layer.params:
+            continue
+        a = np.vstack([inputs[position], np.ones((1, 8))])
+        H_a = np.linalg.inv(a @ a.T / 8 + np.sqrt(0.3) * np.eye(len(a)))  # H_g = I at the first step
+        gradient = np.hstack([grads[layer.params["W"]], grads[layer.params["b"]]])
+        expected = -0.3 * np.kron(H_a.T, np.eye(gradient.shape[0])) @ gradient.reshape(-1, order="F")
+        got = np.hstack([updates[layer.params["W"]], updates[layer.params["b"]]]).reshape(-1, order="F")
+        np.testing.assert_allclose(got, expected, atol=1e-12)
+    assert all(np.linalg.eigvalsh(H).min() > 0 for H in optimizer.H_g.values())  # kept positive definite
+
+
+def test_kbfgs_trains_digits_to_95_percent():
+    net = Network("64-128-sigmoid-10", seed=0)
+    result = train(net, D.digits(), make_optimizer("kbfgs"), epochs=8, batch_size=64)
+    assert max(row["test_accuracy"] for row in result["history"]) >= 0.95, result["history"]

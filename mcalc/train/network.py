@@ -114,7 +114,7 @@ class Network:
         B = X.shape[1]
         S = {"x": Z, "y": Y, "dz": xp.full((1, B), 1.0 / B, dtype=Z.dtype)}
         loss = float(code.forward({}, S)["Z"].mean())
-        dZ = code.gradients({}, S)["x"]
+        dZ = self.output_gradient(Z, Y)
         Hz = code.HBP[("exact", approximation)]({}, S, xp.zeros((1, 1), dtype=Z.dtype))["x"].dense \
             if curvature else None
         grads: dict[str, Any] = {}
@@ -135,6 +135,11 @@ class Network:
             if not first:
                 dZ = g["x"]
         return loss, grads, blocks
+
+    def output_gradient(self, Z: Any, Y: Any) -> Any:
+        """δZ: the gradient of the batch-mean loss with respect to the network's outputs."""
+        S = {"x": Z, "y": Y, "dz": self.xp.full((1, Z.shape[1]), 1.0 / Z.shape[1], dtype=Z.dtype)}
+        return self.code[self.loss_module.name].gradients({}, S)["x"]
 
     def adjoints(self, inputs: list[Any], dZ: Any) -> dict[int, Any]:
         """The adjoint of every layer's output, from ``dZ`` at the network's output (gradient backprop)."""

@@ -195,9 +195,110 @@ class KFAC:
         return updates
 
 
+def bfgs_inverse_update(H: Any, s: Any, y: Any) -> Any:
+    """H⁺ = (I − ρ s yᵀ) H (I − ρ y sᵀ) + ρ s sᵀ, ρ = 1/(sᵀy): H⁺ y = s. Skipped (H kept) unless sᵀy > 0."""
+    sy = (s.T @ y).item()
+    if sy <= 0:
+        return H
+    rho = 1.0 / sy
+    Hy = H @ y
+    return H + (rho * rho * (y.T @ Hy).item() + rho) * (s @ s.T) - rho * (s @ Hy.T + Hy @ s.T)
+
+
+def double_damping(H: Any, s: Any, y: Any, mu1: float, mu2: float) -> tuple[Any, Any]:
+    """Powell's damping in the inverse form (sᵀy ≥ μ₁ yᵀHy), then Levenberg–Marquardt (y ← y + μ₂ s).
+
+    Afterwards sᵀy ≥ μ₁ yᵀHy + μ₂ sᵀs > 0, so the BFGS update keeps H positive definite.
+    """
+    sy, yHy = (s.T @ y).item(), (y.T @ (H @ y)).item()
+    if sy < mu1 * yHy:
+        theta = (1 - mu1) * yHy / (yHy - sy)
+        s = theta * s + (1 - theta) * (H @ y)
+    return s, y + mu2 * s
+
+
+@dataclass
+class KBFGS:
+    """K-BFGS (Goldfarb, Ren & Bahamou 2020): per linear layer the inverse curvature H_a ⊗ H_g.
+
+    Ā is a running average (decay ``decay``) of E[ã ãᵀ], ã = [a; 1]; H_a starts as
+    (Ā + √λ I)⁻¹ and is then updated by BFGS with s = H_a ā, y = (Ā + √λ I) s (no
+    re-inversion). H_g starts as I and is updated by BFGS from a pair measured by a
+    second forward and backward pass on the same mini-batch after the step: s the
+    change of the mean pre-activations, y the change of their mean gradients, made
+    safe by double damping (Powell μ₁ = 0.2, then Levenberg–Marquardt μ₂ = √λ).
+    The step is −γ H_g ∇[W b] H_a with momentum; the authors' defaults
+    γ = 0.3, λ = 0.3, momentum 0.9.
+    """
+
+    lr: float = 0.3
+    damping: float = 0.3
+    decay: float = 0.9
+    momentum: float = 0.9
+    mu1: float = 0.2
+    curvature: str | None = None
+    A: dict[int, Any] = field(default_factory=dict)
+    H_a: dict[int, Any] = field(default_factory=dict)
+    H_g: dict[int, Any] = field(default_factory=dict)
+    velocity: dict[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def _linear_statistics(net: Network, X: Any, Y: Any, params: dict[str, Any]) -> dict[int, tuple[Any, Any]]:
+        """Per linear layer: mean pre-activation and mean gradient of the loss at it."""
+        Z, inputs = net.forward(X, params)
+        saved, net.params = net.params, params
+        try:
+            adjoints = net.adjoints(inputs, net.output_gradient(Z, Y))
+        finally:
+            net.params = saved
+        out = {}
+        for position, layer in enumerate(net.layers):
+            if layer.params:
+                pre = inputs[position + 1] if position + 1 < len(net.layers) else Z
+                out[position] = (pre.mean(axis=1, keepdims=True), adjoints[position].sum(axis=1, keepdims=True))
+        return out
+
+    def step(self, net: Network, grads: dict[str, Any], blocks: dict[str, CurvatureBlock],
+             batch: tuple[Any, Any] | None = None) -> dict[str, Any]:
+        if batch is None:
+            raise McalcError("kbfgs needs the mini-batch for its second forward and backward pass")
+        xp = net.xp
+        X, Y = batch
+        _, inputs = net.forward(X)
+        root = self.damping**0.5
+        updates: dict[str, Any] = {}
+        for position, layer in enumerate(net.layers):
+            if not layer.params:
+                continue
+            a = xp.concatenate([inputs[position], xp.ones((1, X.shape[1]), dtype=X.dtype)])
+            batch_A = a @ a.T / X.shape[1]
+            self.A[position] = batch_A if position not in self.A else \
+                self.decay * self.A[position] + (1 - self.decay) * batch_A
+            damped = self.A[position] + root * xp.eye(len(batch_A), dtype=batch_A.dtype)
+            if position not in self.H_a:
+                self.H_a[position] = xp.linalg.inv(damped)
+            else:
+                s_a = self.H_a[position] @ a.mean(axis=1, keepdims=True)
+                self.H_a[position] = bfgs_inverse_update(self.H_a[position], s_a, damped @ s_a)
+            H_g = self.H_g.setdefault(position, xp.eye(grads[layer.params["W"]].shape[0], dtype=X.dtype))
+            W, b = layer.params["W"], layer.params["b"]
+            direction = -H_g @ xp.concatenate([grads[W], grads[b]], axis=1) @ self.H_a[position]
+            for name, part in ((W, direction[:, :-1]), (b, direction[:, -1:])):
+                v = self.momentum * self.velocity.get(name, 0.0) + part
+                self.velocity[name] = v
+                updates[name] = self.lr * v
+        before = self._linear_statistics(net, X, Y, net.params)
+        after = self._linear_statistics(net, X, Y, {k: v + updates[k] for k, v in net.params.items()})
+        for position, (pre, grad) in before.items():
+            s_g, y_g = after[position][0] - pre, after[position][1] - grad
+            s_g, y_g = double_damping(self.H_g[position], s_g, y_g, self.mu1, root)
+            self.H_g[position] = bfgs_inverse_update(self.H_g[position], s_g, y_g)
+        return updates
+
+
 def make_optimizer(name: str, **options: Any) -> Any:
     """An optimiser by its command-line name."""
-    table = {"sgd": SGD, "adam": Adam, "hbp-newton": HBPNewton, "kfac": KFAC}
+    table = {"sgd": SGD, "adam": Adam, "hbp-newton": HBPNewton, "kfac": KFAC, "kbfgs": KBFGS}
     if name not in table:
         raise McalcError(f"unknown optimizer '{name}'; available: {', '.join(table)}")
     return table[name](**{k: v for k, v in options.items() if v is not None})
