@@ -24,7 +24,7 @@ _SOURCE = r"""
 static __device__ __forceinline__ double fn_abs_0_double(double t) { return (double)(fabs(t)); }
 static __device__ __forceinline__ float fn_abs_0_float(float t) { return (float)(fabsf(t)); }
 
-extern "C" __global__ void forward_0_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_e768e514d527_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -35,7 +35,7 @@ extern "C" __global__ void forward_0_float(const float* __restrict__ in0, const 
     out[i] = (c0 * in0[c]);
 }
 
-extern "C" __global__ void forward_0_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_e768e514d527_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -46,7 +46,7 @@ extern "C" __global__ void forward_0_double(const double* __restrict__ in0, cons
     out[i] = (c0 * in0[c]);
 }
 
-extern "C" __global__ void forward_1_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_531d59972706_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -57,7 +57,7 @@ extern "C" __global__ void forward_1_float(const float* __restrict__ in0, const 
     out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void forward_1_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_531d59972706_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -68,7 +68,7 @@ extern "C" __global__ void forward_1_double(const double* __restrict__ in0, cons
     out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void gradients_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_eaa61725f54d_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -79,7 +79,7 @@ extern "C" __global__ void gradients_1_0_float(const float* __restrict__ in0, co
     out[i] = ((c0 * (in0[c] * in1[r * cols + c])) + (in0[c] * in2[r * cols + c]));
 }
 
-extern "C" __global__ void gradients_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_eaa61725f54d_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -90,7 +90,7 @@ extern "C" __global__ void gradients_1_0_double(const double* __restrict__ in0, 
     out[i] = ((c0 * (in0[c] * in1[r * cols + c])) + (in0[c] * in2[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_exact_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float c0, const float c1, const float c2, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_8a39c66b9282_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float c0, const float c1, const float c2, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -101,7 +101,7 @@ extern "C" __global__ void hbp_exact_6_1_0_float(const float* __restrict__ in0, 
     out[i] = ((in0[0] * in1[r * cols + c]) + (c0 * ((r == c ? (c1 * in2[r]) : (float)0) + (c2 * in3[r * cols + c]))));
 }
 
-extern "C" __global__ void hbp_exact_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double c0, const double c1, const double c2, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_8a39c66b9282_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double c0, const double c1, const double c2, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -112,7 +112,7 @@ extern "C" __global__ void hbp_exact_6_1_0_double(const double* __restrict__ in0
     out[i] = ((in0[0] * in1[r * cols + c]) + (c0 * ((r == c ? (c1 * in2[r]) : (double)0) + (c2 * in3[r * cols + c]))));
 }
 
-extern "C" __global__ void hbp_exact_6_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_e3154fdc0682_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -123,7 +123,7 @@ extern "C" __global__ void hbp_exact_6_1_1_float(const float* __restrict__ in0, 
     out[i] = (in0[c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_6_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_e3154fdc0682_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -134,7 +134,7 @@ extern "C" __global__ void hbp_exact_6_1_1_double(const double* __restrict__ in0
     out[i] = (in0[c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_edb4640e4693_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -145,7 +145,7 @@ extern "C" __global__ void hbp_exact_6_1_2_float(const float* __restrict__ in0, 
     out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_exact_6_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_edb4640e4693_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -156,7 +156,7 @@ extern "C" __global__ void hbp_exact_6_1_2_double(const double* __restrict__ in0
     out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_exact_6_1_3_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_52dc92557383_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -167,7 +167,7 @@ extern "C" __global__ void hbp_exact_6_1_3_float(const float* __restrict__ in0, 
     out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_exact_6_1_3_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_52dc92557383_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -178,7 +178,7 @@ extern "C" __global__ void hbp_exact_6_1_3_double(const double* __restrict__ in0
     out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_exact_7_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_d92a703ff2d9_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -189,7 +189,7 @@ extern "C" __global__ void hbp_exact_7_1_0_float(const float* __restrict__ in0, 
     out[i] = ((in0[0] * in1[r * cols + c]) + (in2[0] * ((r == c ? (c0 * in3[r]) : (float)0) + (c1 * in4[r * cols + c]))));
 }
 
-extern "C" __global__ void hbp_exact_7_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double* __restrict__ in4, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_d92a703ff2d9_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double* __restrict__ in4, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -200,51 +200,7 @@ extern "C" __global__ void hbp_exact_7_1_0_double(const double* __restrict__ in0
     out[i] = ((in0[0] * in1[r * cols + c]) + (in2[0] * ((r == c ? (c0 * in3[r]) : (double)0) + (c1 * in4[r * cols + c]))));
 }
 
-extern "C" __global__ void hbp_exact_7_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_exact_7_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_exact_7_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_exact_7_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_ggn_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_f676ffeebc3d_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -255,7 +211,7 @@ extern "C" __global__ void hbp_ggn_6_1_0_float(const float* __restrict__ in0, co
     out[i] = (in0[0] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_ggn_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_f676ffeebc3d_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -266,117 +222,7 @@ extern "C" __global__ void hbp_ggn_6_1_0_double(const double* __restrict__ in0, 
     out[i] = (in0[0] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_ggn_6_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_ggn_6_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_ggn_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_ggn_6_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_ggn_7_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[0] * in1[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_ggn_7_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[0] * in1[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_ggn_7_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_ggn_7_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_ggn_7_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_ggn_7_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_pch_abs_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_6864483093b3_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -387,7 +233,7 @@ extern "C" __global__ void hbp_pch_abs_6_1_0_float(const float* __restrict__ in0
     out[i] = ((in0[0] * in1[r * cols + c]) + in2[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_6864483093b3_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -398,7 +244,7 @@ extern "C" __global__ void hbp_pch_abs_6_1_0_double(const double* __restrict__ i
     out[i] = ((in0[0] * in1[r * cols + c]) + in2[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, const float c2, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_c5fcf4f17afa_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, const float c2, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -409,7 +255,7 @@ extern "C" __global__ void hbp_pch_abs_6_1_1_float(const float* __restrict__ in0
     out[i] = (c0 * ((r == c ? (c1 * in0[r]) : (float)0) + (c2 * in1[r * cols + c])));
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, const double c2, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_c5fcf4f17afa_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, const double c2, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -420,73 +266,7 @@ extern "C" __global__ void hbp_pch_abs_6_1_1_double(const double* __restrict__ i
     out[i] = (c0 * ((r == c ? (c1 * in0[r]) : (double)0) + (c2 * in1[r * cols + c])));
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[c] * in1[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_abs_6_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[c] * in1[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_abs_6_1_3_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_pch_abs_6_1_3_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_pch_abs_6_1_4_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_pch_abs_6_1_4_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_b283cf72c718_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -497,7 +277,7 @@ extern "C" __global__ void hbp_pch_abs_7_1_0_float(const float* __restrict__ in0
     out[i] = ((in0[0] * in1[r * cols + c]) + (in2[0] * in3[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_abs_7_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_b283cf72c718_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -508,7 +288,7 @@ extern "C" __global__ void hbp_pch_abs_7_1_0_double(const double* __restrict__ i
     out[i] = ((in0[0] * in1[r * cols + c]) + (in2[0] * in3[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_abs_7_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_259bde065cff_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -519,7 +299,7 @@ extern "C" __global__ void hbp_pch_abs_7_1_1_float(const float* __restrict__ in0
     out[i] = ((r == c ? (c0 * in0[r]) : (float)0) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_abs_7_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_259bde065cff_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -530,7 +310,7 @@ extern "C" __global__ void hbp_pch_abs_7_1_1_double(const double* __restrict__ i
     out[i] = ((r == c ? (c0 * in0[r]) : (double)0) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_abs_7_1_2_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_66981b83a90a_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -541,7 +321,7 @@ extern "C" __global__ void hbp_pch_abs_7_1_2_float(const float* __restrict__ in0
     out[i] = fn_abs_0_float(in0[0]);
 }
 
-extern "C" __global__ void hbp_pch_abs_7_1_2_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_66981b83a90a_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -552,183 +332,7 @@ extern "C" __global__ void hbp_pch_abs_7_1_2_double(const double* __restrict__ i
     out[i] = fn_abs_0_double(in0[0]);
 }
 
-extern "C" __global__ void hbp_pch_abs_7_1_3_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_3_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_4_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_4_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((in0[0] * in1[r * cols + c]) + in2[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((in0[0] * in1[r * cols + c]) + in2[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, const float c2, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * ((r == c ? (c1 * in0[r]) : (float)0) + (c2 * in1[r * cols + c])));
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, const double c2, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * ((r == c ? (c1 * in0[r]) : (double)0) + (c2 * in1[r * cols + c])));
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[c] * in1[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[c] * in1[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_3_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_3_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_4_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_4_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((in0[0] * in1[r * cols + c]) + in2[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((in0[0] * in1[r * cols + c]) + in2[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_50e90ba97e03_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -739,7 +343,7 @@ extern "C" __global__ void hbp_pch_clip_7_1_1_float(const float* __restrict__ in
     out[i] = (in0[0] * ((r == c ? (c0 * in1[r]) : (float)0) + (c1 * in2[r * cols + c])));
 }
 
-extern "C" __global__ void hbp_pch_clip_7_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_50e90ba97e03_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -748,50 +352,6 @@ extern "C" __global__ void hbp_pch_clip_7_1_1_double(const double* __restrict__ 
     (void)r;
     (void)c;
     out[i] = (in0[0] * ((r == c ? (c0 * in1[r]) : (double)0) + (c1 * in2[r * cols + c])));
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_3_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_3_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
 """
@@ -816,9 +376,9 @@ def forward(P, S):
     """Z = the module's outputs, (size z, B)."""
     B, n = _dims(P, S).values()
     t0 = _log_softmax(S['x'])
-    t1 = _launch('forward_1', (n, B), (n, B), [S['y'], t0], [], False)
+    t1 = _launch('k_531d59972706', (n, B), (n, B), [S['y'], t0], [], False)
     t2 = t1.sum(axis=0, keepdims=True)
-    t3 = _launch('forward_0', (1, B), (1, B), [t2], [-1], False)
+    t3 = _launch('k_e768e514d527', (1, B), (1, B), [t2], [-1], False)
 
     return {"Z": t3}
 
@@ -827,7 +387,7 @@ def _gradients_all(P, S):
     B, n = _dims(P, S).values()
     t0 = (xp.ones((n, 1)) @ S['dz'])
     t3 = _softmax(S['x'])
-    t5 = _launch('gradients_1_0', (n, B), (n, B), [S['dz'], S['y'], t3], [-1], False)
+    t5 = _launch('k_eaa61725f54d', (n, B), (n, B), [S['dz'], S['y'], t3], [-1], False)
 
     return {"x": t5, }
 
@@ -849,16 +409,16 @@ def _hbp_exact_6_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6)."""
     B, n = _dims(P, S).values()
     t0 = _softmax(S['x'])
-    t2 = _launch('hbp_exact_6_1_3', (n, B), (n, B), [S['y'], t0], [-1], False)
+    t2 = _launch('k_52dc92557383', (n, B), (n, B), [S['y'], t0], [-1], False)
     t3 = S['y'].T
     t5 = t0.T
-    t7 = _launch('hbp_exact_6_1_2', (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
+    t7 = _launch('k_edb4640e4693', (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
     t8 = (t2 @ t7)
     t10 = (xp.ones((n, 1)) @ S['dz'])
-    t11 = _launch('hbp_exact_6_1_1', (n, B), (n, B), [S['dz'], t0], [], False)
+    t11 = _launch('k_e3154fdc0682', (n, B), (n, B), [S['dz'], t0], [], False)
     t12 = t11.sum(axis=1, keepdims=True)
     t13 = (t11 @ t5)
-    t17 = _launch('hbp_exact_6_1_0', (n, n), (n, n), [Hz, t8, t12, t13], [B, 1/B, -1/B], False)
+    t17 = _launch('k_8a39c66b9282', (n, n), (n, n), [Hz, t8, t12, t13], [B, 1/B, -1/B], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t17),
@@ -875,16 +435,16 @@ def _hbp_exact_7_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7)."""
     B, n = _dims(P, S).values()
     t1 = _softmax(S['x'])
-    t3 = _launch('hbp_exact_7_1_2', (n, B), (n, B), [S['y'], t1], [1/B, -1/B], False)
+    t3 = _launch('k_edb4640e4693', (n, B), (n, B), [S['y'], t1], [1/B, -1/B], False)
     t4 = S['y'].T
     t6 = t1.T
-    t8 = _launch('hbp_exact_7_1_1', (B, n), (B, n), [t4, t6], [1/B, -1/B], False)
+    t8 = _launch('k_edb4640e4693', (B, n), (B, n), [t4, t6], [1/B, -1/B], False)
     t9 = (xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)) @ t8)
     t11 = S['dz'].T
     t12 = t11.sum(keepdims=True)
     t13 = t1.sum(axis=1, keepdims=True)
     t14 = (t1 @ t6)
-    t18 = _launch('hbp_exact_7_1_0', (n, n), (n, n), [Hz, t9, t12, t13, t14], [1/B, -1/B], False)
+    t18 = _launch('k_d92a703ff2d9', (n, n), (n, n), [Hz, t9, t12, t13, t14], [1/B, -1/B], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t18),
@@ -901,12 +461,12 @@ def _hbp_ggn_6_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6)."""
     B, n = _dims(P, S).values()
     t0 = _softmax(S['x'])
-    t2 = _launch('hbp_ggn_6_1_2', (n, B), (n, B), [S['y'], t0], [-1], False)
+    t2 = _launch('k_52dc92557383', (n, B), (n, B), [S['y'], t0], [-1], False)
     t3 = S['y'].T
     t5 = t0.T
-    t7 = _launch('hbp_ggn_6_1_1', (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
+    t7 = _launch('k_edb4640e4693', (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
     t8 = (t2 @ t7)
-    t9 = _launch('hbp_ggn_6_1_0', (n, n), (n, n), [Hz, t8], [], False)
+    t9 = _launch('k_f676ffeebc3d', (n, n), (n, n), [Hz, t8], [], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t9),
@@ -923,12 +483,12 @@ def _hbp_ggn_7_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7)."""
     B, n = _dims(P, S).values()
     t1 = _softmax(S['x'])
-    t3 = _launch('hbp_ggn_7_1_2', (n, B), (n, B), [S['y'], t1], [1/B, -1/B], False)
+    t3 = _launch('k_edb4640e4693', (n, B), (n, B), [S['y'], t1], [1/B, -1/B], False)
     t4 = S['y'].T
     t6 = t1.T
-    t8 = _launch('hbp_ggn_7_1_1', (B, n), (B, n), [t4, t6], [1/B, -1/B], False)
+    t8 = _launch('k_edb4640e4693', (B, n), (B, n), [t4, t6], [1/B, -1/B], False)
     t9 = (xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)) @ t8)
-    t10 = _launch('hbp_ggn_7_1_0', (n, n), (n, n), [Hz, t9], [], False)
+    t10 = _launch('k_f676ffeebc3d', (n, n), (n, n), [Hz, t9], [], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t10),
@@ -945,18 +505,18 @@ def _hbp_pch_abs_6_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6)."""
     B, n = _dims(P, S).values()
     t0 = _softmax(S['x'])
-    t2 = _launch('hbp_pch_abs_6_1_4', (n, B), (n, B), [S['y'], t0], [-1], False)
+    t2 = _launch('k_52dc92557383', (n, B), (n, B), [S['y'], t0], [-1], False)
     t3 = S['y'].T
     t5 = t0.T
-    t7 = _launch('hbp_pch_abs_6_1_3', (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
+    t7 = _launch('k_edb4640e4693', (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
     t8 = (t2 @ t7)
     t10 = (xp.ones((n, 1)) @ S['dz'])
-    t11 = _launch('hbp_pch_abs_6_1_2', (n, B), (n, B), [S['dz'], t0], [], False)
+    t11 = _launch('k_e3154fdc0682', (n, B), (n, B), [S['dz'], t0], [], False)
     t12 = t11.sum(axis=1, keepdims=True)
     t13 = (t11 @ t5)
-    t16 = _launch('hbp_pch_abs_6_1_1', (n, n), (n, n), [t12, t13], [B, 1/B, -1/B], False)
+    t16 = _launch('k_c5fcf4f17afa', (n, n), (n, n), [t12, t13], [B, 1/B, -1/B], False)
     t17 = _psd_project(t16, 'abs')
-    t18 = _launch('hbp_pch_abs_6_1_0', (n, n), (n, n), [Hz, t8, t17], [], False)
+    t18 = _launch('k_6864483093b3', (n, n), (n, n), [Hz, t8, t17], [], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t18),
@@ -973,19 +533,19 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7)."""
     B, n = _dims(P, S).values()
     t1 = _softmax(S['x'])
-    t3 = _launch('hbp_pch_abs_7_1_4', (n, B), (n, B), [S['y'], t1], [1/B, -1/B], False)
+    t3 = _launch('k_edb4640e4693', (n, B), (n, B), [S['y'], t1], [1/B, -1/B], False)
     t4 = S['y'].T
     t6 = t1.T
-    t8 = _launch('hbp_pch_abs_7_1_3', (B, n), (B, n), [t4, t6], [1/B, -1/B], False)
+    t8 = _launch('k_edb4640e4693', (B, n), (B, n), [t4, t6], [1/B, -1/B], False)
     t9 = (xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)) @ t8)
     t11 = S['dz'].T
     t12 = t11.sum(keepdims=True)
-    t13 = _launch('hbp_pch_abs_7_1_2', (1, 1), (1, 1), [t12], [], False)
+    t13 = _launch('k_66981b83a90a', (1, 1), (1, 1), [t12], [], False)
     t14 = t1.sum(axis=1, keepdims=True)
     t15 = (t1 @ t6)
-    t17 = _launch('hbp_pch_abs_7_1_1', (n, n), (n, n), [t14, t15], [1/B, -1/B], False)
+    t17 = _launch('k_259bde065cff', (n, n), (n, n), [t14, t15], [1/B, -1/B], False)
     t18 = _psd_project(t17, 'abs')
-    t20 = _launch('hbp_pch_abs_7_1_0', (n, n), (n, n), [Hz, t9, t13, t18], [], False)
+    t20 = _launch('k_b283cf72c718', (n, n), (n, n), [Hz, t9, t13, t18], [], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t20),
@@ -1002,18 +562,18 @@ def _hbp_pch_clip_6_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6)."""
     B, n = _dims(P, S).values()
     t0 = _softmax(S['x'])
-    t2 = _launch('hbp_pch_clip_6_1_4', (n, B), (n, B), [S['y'], t0], [-1], False)
+    t2 = _launch('k_52dc92557383', (n, B), (n, B), [S['y'], t0], [-1], False)
     t3 = S['y'].T
     t5 = t0.T
-    t7 = _launch('hbp_pch_clip_6_1_3', (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
+    t7 = _launch('k_edb4640e4693', (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
     t8 = (t2 @ t7)
     t10 = (xp.ones((n, 1)) @ S['dz'])
-    t11 = _launch('hbp_pch_clip_6_1_2', (n, B), (n, B), [S['dz'], t0], [], False)
+    t11 = _launch('k_e3154fdc0682', (n, B), (n, B), [S['dz'], t0], [], False)
     t12 = t11.sum(axis=1, keepdims=True)
     t13 = (t11 @ t5)
-    t16 = _launch('hbp_pch_clip_6_1_1', (n, n), (n, n), [t12, t13], [B, 1/B, -1/B], False)
+    t16 = _launch('k_c5fcf4f17afa', (n, n), (n, n), [t12, t13], [B, 1/B, -1/B], False)
     t17 = _psd_project(t16, 'clip')
-    t18 = _launch('hbp_pch_clip_6_1_0', (n, n), (n, n), [Hz, t8, t17], [], False)
+    t18 = _launch('k_6864483093b3', (n, n), (n, n), [Hz, t8, t17], [], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t18),
@@ -1030,18 +590,18 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7)."""
     B, n = _dims(P, S).values()
     t1 = _softmax(S['x'])
-    t3 = _launch('hbp_pch_clip_7_1_3', (n, B), (n, B), [S['y'], t1], [1/B, -1/B], False)
+    t3 = _launch('k_edb4640e4693', (n, B), (n, B), [S['y'], t1], [1/B, -1/B], False)
     t4 = S['y'].T
     t6 = t1.T
-    t8 = _launch('hbp_pch_clip_7_1_2', (B, n), (B, n), [t4, t6], [1/B, -1/B], False)
+    t8 = _launch('k_edb4640e4693', (B, n), (B, n), [t4, t6], [1/B, -1/B], False)
     t9 = (xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)) @ t8)
     t11 = S['dz'].T
     t12 = t11.sum(keepdims=True)
     t13 = t1.sum(axis=1, keepdims=True)
     t14 = (t1 @ t6)
-    t17 = _launch('hbp_pch_clip_7_1_1', (n, n), (n, n), [t12, t13, t14], [1/B, -1/B], False)
+    t17 = _launch('k_50e90ba97e03', (n, n), (n, n), [t12, t13, t14], [1/B, -1/B], False)
     t18 = _psd_project(t17, 'clip')
-    t19 = _launch('hbp_pch_clip_7_1_0', (n, n), (n, n), [Hz, t9, t18], [], False)
+    t19 = _launch('k_6864483093b3', (n, n), (n, n), [Hz, t9, t18], [], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t19),

@@ -46,7 +46,7 @@ static __device__ __forceinline__ float fn_exp_2_float(float t) { const float s 
 static __device__ __forceinline__ double fn_relu_0_double(double t) { return (double)(((t <= 0) ? ( 0 ) : ( t ))); }
 static __device__ __forceinline__ float fn_relu_0_float(float t) { return (float)(((t <= 0) ? ( 0 ) : ( t ))); }
 
-extern "C" __global__ void forward_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_58a778e76de5_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -57,7 +57,7 @@ extern "C" __global__ void forward_0_float(const float* __restrict__ in0, float*
     out[i] = fn_exp_0_float(in0[r * cols + c]);
 }
 
-extern "C" __global__ void forward_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_58a778e76de5_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -68,7 +68,7 @@ extern "C" __global__ void forward_0_double(const double* __restrict__ in0, doub
     out[i] = fn_exp_0_double(in0[r * cols + c]);
 }
 
-extern "C" __global__ void gradients_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_aaa29efe186c_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -79,7 +79,7 @@ extern "C" __global__ void gradients_1_0_float(const float* __restrict__ in0, co
     out[i] = (in0[r * cols + c] * fn_exp_1_float(in1[r * cols + c]));
 }
 
-extern "C" __global__ void gradients_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_aaa29efe186c_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -90,7 +90,7 @@ extern "C" __global__ void gradients_1_0_double(const double* __restrict__ in0, 
     out[i] = (in0[r * cols + c] * fn_exp_1_double(in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_exact_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_98a1b805bfa4_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -101,7 +101,7 @@ extern "C" __global__ void hbp_exact_6_1_0_float(const float* __restrict__ in0, 
     out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? in2[r] : (float)0));
 }
 
-extern "C" __global__ void hbp_exact_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_98a1b805bfa4_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -112,7 +112,7 @@ extern "C" __global__ void hbp_exact_6_1_0_double(const double* __restrict__ in0
     out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? in2[r] : (double)0));
 }
 
-extern "C" __global__ void hbp_exact_6_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_dbc81e6ec641_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -130,7 +130,7 @@ extern "C" __global__ void hbp_exact_6_1_1_float(const float* __restrict__ in0, 
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_exact_6_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_dbc81e6ec641_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -148,7 +148,7 @@ extern "C" __global__ void hbp_exact_6_1_1_double(const double* __restrict__ in0
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_exact_6_1_2_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_559b8e747321_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -159,7 +159,7 @@ extern "C" __global__ void hbp_exact_6_1_2_float(const float* __restrict__ in0, 
     out[i] = fn_exp_1_float(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_6_1_2_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_559b8e747321_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -170,7 +170,7 @@ extern "C" __global__ void hbp_exact_6_1_2_double(const double* __restrict__ in0
     out[i] = fn_exp_1_double(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_7_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_b4c3ebd29860_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -181,7 +181,7 @@ extern "C" __global__ void hbp_exact_7_1_0_float(const float* __restrict__ in0, 
     out[i] = ((c0 * in0[r * cols + c]) + (r == c ? (c1 * in1[r]) : (float)0));
 }
 
-extern "C" __global__ void hbp_exact_7_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_b4c3ebd29860_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -192,43 +192,7 @@ extern "C" __global__ void hbp_exact_7_1_0_double(const double* __restrict__ in0
     out[i] = ((c0 * in0[r * cols + c]) + (r == c ? (c1 * in1[r]) : (double)0));
 }
 
-extern "C" __global__ void hbp_exact_7_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * fn_exp_2_float(in1[r * cols + c]));
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_exact_7_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * fn_exp_2_double(in1[r * cols + c]));
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_exact_7_1_2_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_e0ac7de37a0c_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -246,7 +210,7 @@ extern "C" __global__ void hbp_exact_7_1_2_float(const float* __restrict__ in0, 
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_exact_7_1_2_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_e0ac7de37a0c_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -264,7 +228,7 @@ extern "C" __global__ void hbp_exact_7_1_2_double(const double* __restrict__ in0
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_ggn_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_bbf53db00b39_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -275,7 +239,7 @@ extern "C" __global__ void hbp_ggn_6_1_0_float(const float* __restrict__ in0, co
     out[i] = (c0 * (in0[r * cols + c] * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_ggn_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_bbf53db00b39_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -286,29 +250,7 @@ extern "C" __global__ void hbp_ggn_6_1_0_double(const double* __restrict__ in0, 
     out[i] = (c0 * (in0[r * cols + c] * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_ggn_6_1_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_exp_1_float(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_ggn_6_1_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_exp_1_double(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_ggn_7_1_0_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_b6da753aeb00_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -319,7 +261,7 @@ extern "C" __global__ void hbp_ggn_7_1_0_float(const float* __restrict__ in0, co
     out[i] = (c0 * in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_ggn_7_1_0_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_b6da753aeb00_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -330,65 +272,7 @@ extern "C" __global__ void hbp_ggn_7_1_0_double(const double* __restrict__ in0, 
     out[i] = (c0 * in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_ggn_7_1_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_exp_1_float(in0[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_ggn_7_1_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_exp_1_double(in0[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_abs_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? in2[r] : (float)0));
-}
-
-extern "C" __global__ void hbp_pch_abs_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? in2[r] : (double)0));
-}
-
-extern "C" __global__ void hbp_pch_abs_6_1_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_14913a26c4f9_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -399,7 +283,7 @@ extern "C" __global__ void hbp_pch_abs_6_1_1_float(const float* __restrict__ in0
     out[i] = fn_abs_0_float(in0[r]);
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_14913a26c4f9_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -410,65 +294,7 @@ extern "C" __global__ void hbp_pch_abs_6_1_1_double(const double* __restrict__ i
     out[i] = fn_abs_0_double(in0[r]);
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * fn_exp_2_float(in1[r * cols + c]));
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_abs_6_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * fn_exp_2_double(in1[r * cols + c]));
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_abs_6_1_3_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_exp_1_float(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_abs_6_1_3_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_exp_1_double(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_159d01c99017_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -479,7 +305,7 @@ extern "C" __global__ void hbp_pch_abs_7_1_0_float(const float* __restrict__ in0
     out[i] = ((c0 * in0[r * cols + c]) + in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_7_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_159d01c99017_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -490,123 +316,7 @@ extern "C" __global__ void hbp_pch_abs_7_1_0_double(const double* __restrict__ i
     out[i] = ((c0 * in0[r * cols + c]) + in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_7_1_1_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_1_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * fn_exp_2_float(in1[r * cols + c]));
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * fn_exp_2_double(in1[r * cols + c]));
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_3_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_exp_1_float(in0[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_3_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_exp_1_double(in0[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? in2[r] : (float)0));
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? in2[r] : (double)0));
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_888d7e8e6774_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -617,7 +327,7 @@ extern "C" __global__ void hbp_pch_clip_6_1_1_float(const float* __restrict__ in
     out[i] = fn_relu_0_float(in0[r]);
 }
 
-extern "C" __global__ void hbp_pch_clip_6_1_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_888d7e8e6774_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -626,180 +336,6 @@ extern "C" __global__ void hbp_pch_clip_6_1_1_double(const double* __restrict__ 
     (void)r;
     (void)c;
     out[i] = fn_relu_0_double(in0[r]);
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * fn_exp_2_float(in1[r * cols + c]));
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * fn_exp_2_double(in1[r * cols + c]));
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_3_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_exp_1_float(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_3_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_exp_1_double(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + in1[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + in1[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_1_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_1_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * fn_exp_2_float(in1[r * cols + c]));
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * fn_exp_2_double(in1[r * cols + c]));
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_3_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_exp_1_float(in0[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_3_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_exp_1_double(in0[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
 }
 
 """
@@ -823,14 +359,14 @@ def _dims(P, S):
 def forward(P, S):
     """Z = the module's outputs, (size z, B)."""
     B, n = _dims(P, S).values()
-    t0 = _launch('forward_0', (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_58a778e76de5', (n, B), (n, B), [S['x']], [], False)
 
     return {"Z": t0}
 
 
 def _gradients_all(P, S):
     B, n = _dims(P, S).values()
-    t1 = _launch('gradients_1_0', (n, B), (n, B), [S['dz'], S['x']], [], False)
+    t1 = _launch('k_aaa29efe186c', (n, B), (n, B), [S['dz'], S['x']], [], False)
 
     return {"x": t1, }
 
@@ -851,11 +387,11 @@ def gradients(P, S, inputs=True):
 def _hbp_exact_6_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6)."""
     B, n = _dims(P, S).values()
-    t0 = _launch('hbp_exact_6_1_2', (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_559b8e747321', (n, B), (n, B), [S['x']], [], False)
     t1 = t0.T
     t2 = (t0 @ t1)
-    t7 = _launch('hbp_exact_6_1_1', (n, B), (n, 1), [S['dz'], S['x']], [], True)
-    t8 = _launch('hbp_exact_6_1_0', (n, n), (n, n), [t2, Hz, t7], [1/B], False)
+    t7 = _launch('k_dbc81e6ec641', (n, B), (n, 1), [S['dz'], S['x']], [], True)
+    t8 = _launch('k_98a1b805bfa4', (n, n), (n, n), [t2, Hz, t7], [1/B], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t8),
@@ -871,11 +407,11 @@ def _hbp_exact_6_params(P, S, Hz):
 def _hbp_exact_7_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7)."""
     B, n = _dims(P, S).values()
-    t1 = _launch('hbp_exact_7_1_2', (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_e0ac7de37a0c', (n, B), (n, 1), [S['x']], [], True)
     t2 = ((t1 * Hz) * t1.T)
     t4 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
-    t7 = _launch('hbp_exact_7_1_1', (n, B), (n, 1), [t4, S['x']], [], True)
-    t8 = _launch('hbp_exact_7_1_0', (n, n), (n, n), [t2, t7], [B**(-2), 1/B], False)
+    t7 = _launch('k_dbc81e6ec641', (n, B), (n, 1), [t4, S['x']], [], True)
+    t8 = _launch('k_b4c3ebd29860', (n, n), (n, n), [t2, t7], [B**(-2), 1/B], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t8),
@@ -891,10 +427,10 @@ def _hbp_exact_7_params(P, S, Hz):
 def _hbp_ggn_6_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6)."""
     B, n = _dims(P, S).values()
-    t0 = _launch('hbp_ggn_6_1_1', (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_559b8e747321', (n, B), (n, B), [S['x']], [], False)
     t1 = t0.T
     t2 = (t0 @ t1)
-    t4 = _launch('hbp_ggn_6_1_0', (n, n), (n, n), [t2, Hz], [1/B], False)
+    t4 = _launch('k_bbf53db00b39', (n, n), (n, n), [t2, Hz], [1/B], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t4),
@@ -910,9 +446,9 @@ def _hbp_ggn_6_params(P, S, Hz):
 def _hbp_ggn_7_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7)."""
     B, n = _dims(P, S).values()
-    t1 = _launch('hbp_ggn_7_1_1', (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_e0ac7de37a0c', (n, B), (n, 1), [S['x']], [], True)
     t2 = ((t1 * Hz) * t1.T)
-    t3 = _launch('hbp_ggn_7_1_0', (n, n), (n, n), [t2], [B**(-2)], False)
+    t3 = _launch('k_b6da753aeb00', (n, n), (n, n), [t2], [B**(-2)], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t3),
@@ -928,12 +464,12 @@ def _hbp_ggn_7_params(P, S, Hz):
 def _hbp_pch_abs_6_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6)."""
     B, n = _dims(P, S).values()
-    t0 = _launch('hbp_pch_abs_6_1_3', (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_559b8e747321', (n, B), (n, B), [S['x']], [], False)
     t1 = t0.T
     t2 = (t0 @ t1)
-    t7 = _launch('hbp_pch_abs_6_1_2', (n, B), (n, 1), [S['dz'], S['x']], [], True)
-    t8 = _launch('hbp_pch_abs_6_1_1', (n, 1), (n, 1), [t7], [], False)
-    t9 = _launch('hbp_pch_abs_6_1_0', (n, n), (n, n), [t2, Hz, t8], [1/B], False)
+    t7 = _launch('k_dbc81e6ec641', (n, B), (n, 1), [S['dz'], S['x']], [], True)
+    t8 = _launch('k_14913a26c4f9', (n, 1), (n, 1), [t7], [], False)
+    t9 = _launch('k_98a1b805bfa4', (n, n), (n, n), [t2, Hz, t8], [1/B], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t9),
@@ -949,14 +485,14 @@ def _hbp_pch_abs_6_params(P, S, Hz):
 def _hbp_pch_abs_7_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7)."""
     B, n = _dims(P, S).values()
-    t1 = _launch('hbp_pch_abs_7_1_3', (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_e0ac7de37a0c', (n, B), (n, 1), [S['x']], [], True)
     t2 = ((t1 * Hz) * t1.T)
     t4 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
-    t7 = _launch('hbp_pch_abs_7_1_2', (n, B), (n, 1), [t4, S['x']], [], True)
+    t7 = _launch('k_dbc81e6ec641', (n, B), (n, 1), [t4, S['x']], [], True)
     t8 = xp.diagflat(t7)
-    t9 = _launch('hbp_pch_abs_7_1_1', (n, n), (n, n), [t8], [1/B], False)
+    t9 = _launch('k_b6da753aeb00', (n, n), (n, n), [t8], [1/B], False)
     t10 = _psd_project(t9, 'abs')
-    t11 = _launch('hbp_pch_abs_7_1_0', (n, n), (n, n), [t2, t10], [B**(-2)], False)
+    t11 = _launch('k_159d01c99017', (n, n), (n, n), [t2, t10], [B**(-2)], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t11),
@@ -972,12 +508,12 @@ def _hbp_pch_abs_7_params(P, S, Hz):
 def _hbp_pch_clip_6_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6)."""
     B, n = _dims(P, S).values()
-    t0 = _launch('hbp_pch_clip_6_1_3', (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_559b8e747321', (n, B), (n, B), [S['x']], [], False)
     t1 = t0.T
     t2 = (t0 @ t1)
-    t7 = _launch('hbp_pch_clip_6_1_2', (n, B), (n, 1), [S['dz'], S['x']], [], True)
-    t8 = _launch('hbp_pch_clip_6_1_1', (n, 1), (n, 1), [t7], [], False)
-    t9 = _launch('hbp_pch_clip_6_1_0', (n, n), (n, n), [t2, Hz, t8], [1/B], False)
+    t7 = _launch('k_dbc81e6ec641', (n, B), (n, 1), [S['dz'], S['x']], [], True)
+    t8 = _launch('k_888d7e8e6774', (n, 1), (n, 1), [t7], [], False)
+    t9 = _launch('k_98a1b805bfa4', (n, n), (n, n), [t2, Hz, t8], [1/B], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t9),
@@ -993,14 +529,14 @@ def _hbp_pch_clip_6_params(P, S, Hz):
 def _hbp_pch_clip_7_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7)."""
     B, n = _dims(P, S).values()
-    t1 = _launch('hbp_pch_clip_7_1_3', (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_e0ac7de37a0c', (n, B), (n, 1), [S['x']], [], True)
     t2 = ((t1 * Hz) * t1.T)
     t4 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
-    t7 = _launch('hbp_pch_clip_7_1_2', (n, B), (n, 1), [t4, S['x']], [], True)
+    t7 = _launch('k_dbc81e6ec641', (n, B), (n, 1), [t4, S['x']], [], True)
     t8 = xp.diagflat(t7)
-    t9 = _launch('hbp_pch_clip_7_1_1', (n, n), (n, n), [t8], [1/B], False)
+    t9 = _launch('k_b6da753aeb00', (n, n), (n, n), [t8], [1/B], False)
     t10 = _psd_project(t9, 'clip')
-    t11 = _launch('hbp_pch_clip_7_1_0', (n, n), (n, n), [t2, t10], [B**(-2)], False)
+    t11 = _launch('k_159d01c99017', (n, n), (n, n), [t2, t10], [B**(-2)], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t11),

@@ -24,7 +24,7 @@ _SOURCE = r"""
 static __device__ __forceinline__ double fn_abs_0_double(double t) { return (double)(fabs(t)); }
 static __device__ __forceinline__ float fn_abs_0_float(float t) { return (float)(fabsf(t)); }
 
-extern "C" __global__ void forward_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_3609146dac45_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -35,7 +35,7 @@ extern "C" __global__ void forward_0_float(const float* __restrict__ in0, float*
     out[i] = (in0[r * cols + c] * in0[r * cols + c]);
 }
 
-extern "C" __global__ void forward_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_3609146dac45_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -46,7 +46,7 @@ extern "C" __global__ void forward_0_double(const double* __restrict__ in0, doub
     out[i] = (in0[r * cols + c] * in0[r * cols + c]);
 }
 
-extern "C" __global__ void forward_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_52dc92557383_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -57,7 +57,7 @@ extern "C" __global__ void forward_1_float(const float* __restrict__ in0, const 
     out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void forward_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_52dc92557383_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -68,7 +68,7 @@ extern "C" __global__ void forward_1_double(const double* __restrict__ in0, cons
     out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void gradients_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_89a14ba3b649_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -79,7 +79,7 @@ extern "C" __global__ void gradients_1_0_float(const float* __restrict__ in0, co
     out[i] = (c0 * (in0[c] * (in1[r * cols + c] + (c1 * in2[r * cols + c]))));
 }
 
-extern "C" __global__ void gradients_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_89a14ba3b649_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -90,7 +90,7 @@ extern "C" __global__ void gradients_1_0_double(const double* __restrict__ in0, 
     out[i] = (c0 * (in0[c] * (in1[r * cols + c] + (c1 * in2[r * cols + c]))));
 }
 
-extern "C" __global__ void hbp_exact_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_f058db9b2cae_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -101,7 +101,7 @@ extern "C" __global__ void hbp_exact_6_1_0_float(const float* __restrict__ in0, 
     out[i] = ((c0 * (in0[0] * in1[r * cols + c])) + (c1 * (in2[0] * (r == c ? (float)1 : (float)0))));
 }
 
-extern "C" __global__ void hbp_exact_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_f058db9b2cae_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -112,7 +112,7 @@ extern "C" __global__ void hbp_exact_6_1_0_double(const double* __restrict__ in0
     out[i] = ((c0 * (in0[0] * in1[r * cols + c])) + (c1 * (in2[0] * (r == c ? (double)1 : (double)0))));
 }
 
-extern "C" __global__ void hbp_exact_6_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_edb4640e4693_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -123,7 +123,7 @@ extern "C" __global__ void hbp_exact_6_1_1_float(const float* __restrict__ in0, 
     out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_exact_6_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_edb4640e4693_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -134,95 +134,7 @@ extern "C" __global__ void hbp_exact_6_1_1_double(const double* __restrict__ in0
     out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_exact_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_exact_6_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_exact_7_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * (in0[0] * in1[r * cols + c])) + (c1 * (in2[0] * (r == c ? (float)1 : (float)0))));
-}
-
-extern "C" __global__ void hbp_exact_7_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * (in0[0] * in1[r * cols + c])) + (c1 * (in2[0] * (r == c ? (double)1 : (double)0))));
-}
-
-extern "C" __global__ void hbp_exact_7_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_exact_7_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_exact_7_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_exact_7_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_ggn_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_de71cc95aead_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -233,7 +145,7 @@ extern "C" __global__ void hbp_ggn_6_1_0_float(const float* __restrict__ in0, co
     out[i] = (c0 * (in0[0] * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_ggn_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_de71cc95aead_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -244,139 +156,7 @@ extern "C" __global__ void hbp_ggn_6_1_0_double(const double* __restrict__ in0, 
     out[i] = (c0 * (in0[0] * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_ggn_6_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_ggn_6_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_ggn_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_ggn_6_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_ggn_7_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (in0[0] * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_ggn_7_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (in0[0] * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_ggn_7_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_ggn_7_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_ggn_7_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_ggn_7_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_pch_abs_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * (in0[0] * in1[r * cols + c])) + (c1 * (in2[0] * (r == c ? (float)1 : (float)0))));
-}
-
-extern "C" __global__ void hbp_pch_abs_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * (in0[0] * in1[r * cols + c])) + (c1 * (in2[0] * (r == c ? (double)1 : (double)0))));
-}
-
-extern "C" __global__ void hbp_pch_abs_6_1_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_66981b83a90a_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -387,7 +167,7 @@ extern "C" __global__ void hbp_pch_abs_6_1_1_float(const float* __restrict__ in0
     out[i] = fn_abs_0_float(in0[0]);
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_66981b83a90a_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -398,139 +178,7 @@ extern "C" __global__ void hbp_pch_abs_6_1_1_double(const double* __restrict__ i
     out[i] = fn_abs_0_double(in0[0]);
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_pch_abs_6_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_pch_abs_6_1_3_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_pch_abs_6_1_3_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * (in0[0] * in1[r * cols + c])) + (c1 * (in2[0] * (r == c ? (float)1 : (float)0))));
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * (in0[0] * in1[r * cols + c])) + (c1 * (in2[0] * (r == c ? (double)1 : (double)0))));
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_abs_0_float(in0[0]);
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_abs_0_double(in0[0]);
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_3_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_3_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_fda518cfe531_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -541,7 +189,7 @@ extern "C" __global__ void hbp_pch_clip_6_1_0_float(const float* __restrict__ in
     out[i] = ((c0 * (in0[0] * in1[r * cols + c])) + (c1 * in2[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_clip_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_fda518cfe531_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -552,7 +200,7 @@ extern "C" __global__ void hbp_pch_clip_6_1_0_double(const double* __restrict__ 
     out[i] = ((c0 * (in0[0] * in1[r * cols + c])) + (c1 * in2[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_pch_clip_6_1_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_b7885957cd37_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -563,7 +211,7 @@ extern "C" __global__ void hbp_pch_clip_6_1_1_float(const float* __restrict__ in
     out[i] = (in0[0] * (r == c ? (float)1 : (float)0));
 }
 
-extern "C" __global__ void hbp_pch_clip_6_1_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_b7885957cd37_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -572,138 +220,6 @@ extern "C" __global__ void hbp_pch_clip_6_1_1_double(const double* __restrict__ 
     (void)r;
     (void)c;
     out[i] = (in0[0] * (r == c ? (double)1 : (double)0));
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_3_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_3_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * (in0[0] * in1[r * cols + c])) + (c1 * in2[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * (in0[0] * in1[r * cols + c])) + (c1 * in2[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[0] * (r == c ? (float)1 : (float)0));
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[0] * (r == c ? (double)1 : (double)0));
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_3_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_3_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
 """
@@ -727,8 +243,8 @@ def _dims(P, S):
 def forward(P, S):
     """Z = the module's outputs, (size z, B)."""
     B, n = _dims(P, S).values()
-    t1 = _launch('forward_1', (n, B), (n, B), [S['x'], S['y']], [-1], False)
-    t2 = _launch('forward_0', (n, B), (n, B), [t1], [], False)
+    t1 = _launch('k_52dc92557383', (n, B), (n, B), [S['x'], S['y']], [-1], False)
+    t2 = _launch('k_3609146dac45', (n, B), (n, B), [t1], [], False)
     t3 = t2.sum(axis=0, keepdims=True)
 
     return {"Z": t3}
@@ -737,7 +253,7 @@ def forward(P, S):
 def _gradients_all(P, S):
     B, n = _dims(P, S).values()
     t0 = (xp.ones((n, 1)) @ S['dz'])
-    t4 = _launch('gradients_1_0', (n, B), (n, B), [S['dz'], S['x'], S['y']], [2, -1], False)
+    t4 = _launch('k_89a14ba3b649', (n, B), (n, B), [S['dz'], S['x'], S['y']], [2, -1], False)
 
     return {"x": t4, }
 
@@ -758,14 +274,14 @@ def gradients(P, S, inputs=True):
 def _hbp_exact_6_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6)."""
     B, n = _dims(P, S).values()
-    t1 = _launch('hbp_exact_6_1_2', (n, B), (n, B), [S['x'], S['y']], [-1], False)
+    t1 = _launch('k_52dc92557383', (n, B), (n, B), [S['x'], S['y']], [-1], False)
     t2 = S['x'].T
     t4 = S['y'].T
-    t6 = _launch('hbp_exact_6_1_1', (B, n), (B, n), [t2, t4], [1/B, -1/B], False)
+    t6 = _launch('k_edb4640e4693', (B, n), (B, n), [t2, t4], [1/B, -1/B], False)
     t7 = (t1 @ t6)
     t10 = S['dz'].T
     t11 = t10.sum(keepdims=True)
-    t14 = _launch('hbp_exact_6_1_0', (n, n), (n, n), [Hz, t7, t11], [4, 2], False)
+    t14 = _launch('k_f058db9b2cae', (n, n), (n, n), [Hz, t7, t11], [4, 2], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t14),
@@ -781,14 +297,14 @@ def _hbp_exact_6_params(P, S, Hz):
 def _hbp_exact_7_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7)."""
     B, n = _dims(P, S).values()
-    t2 = _launch('hbp_exact_7_1_2', (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], False)
+    t2 = _launch('k_edb4640e4693', (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], False)
     t3 = S['x'].T
     t5 = S['y'].T
-    t7 = _launch('hbp_exact_7_1_1', (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
+    t7 = _launch('k_edb4640e4693', (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
     t8 = (xp.broadcast_to(t2.sum(axis=1, keepdims=True), (n, B)) @ t7)
     t11 = S['dz'].T
     t12 = t11.sum(keepdims=True)
-    t15 = _launch('hbp_exact_7_1_0', (n, n), (n, n), [Hz, t8, t12], [4, 2], False)
+    t15 = _launch('k_f058db9b2cae', (n, n), (n, n), [Hz, t8, t12], [4, 2], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t15),
@@ -804,12 +320,12 @@ def _hbp_exact_7_params(P, S, Hz):
 def _hbp_ggn_6_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6)."""
     B, n = _dims(P, S).values()
-    t1 = _launch('hbp_ggn_6_1_2', (n, B), (n, B), [S['x'], S['y']], [-1], False)
+    t1 = _launch('k_52dc92557383', (n, B), (n, B), [S['x'], S['y']], [-1], False)
     t2 = S['x'].T
     t4 = S['y'].T
-    t6 = _launch('hbp_ggn_6_1_1', (B, n), (B, n), [t2, t4], [1/B, -1/B], False)
+    t6 = _launch('k_edb4640e4693', (B, n), (B, n), [t2, t4], [1/B, -1/B], False)
     t7 = (t1 @ t6)
-    t9 = _launch('hbp_ggn_6_1_0', (n, n), (n, n), [Hz, t7], [4], False)
+    t9 = _launch('k_de71cc95aead', (n, n), (n, n), [Hz, t7], [4], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t9),
@@ -825,12 +341,12 @@ def _hbp_ggn_6_params(P, S, Hz):
 def _hbp_ggn_7_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7)."""
     B, n = _dims(P, S).values()
-    t2 = _launch('hbp_ggn_7_1_2', (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], False)
+    t2 = _launch('k_edb4640e4693', (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], False)
     t3 = S['x'].T
     t5 = S['y'].T
-    t7 = _launch('hbp_ggn_7_1_1', (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
+    t7 = _launch('k_edb4640e4693', (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
     t8 = (xp.broadcast_to(t2.sum(axis=1, keepdims=True), (n, B)) @ t7)
-    t10 = _launch('hbp_ggn_7_1_0', (n, n), (n, n), [Hz, t8], [4], False)
+    t10 = _launch('k_de71cc95aead', (n, n), (n, n), [Hz, t8], [4], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t10),
@@ -846,15 +362,15 @@ def _hbp_ggn_7_params(P, S, Hz):
 def _hbp_pch_abs_6_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6)."""
     B, n = _dims(P, S).values()
-    t1 = _launch('hbp_pch_abs_6_1_3', (n, B), (n, B), [S['x'], S['y']], [-1], False)
+    t1 = _launch('k_52dc92557383', (n, B), (n, B), [S['x'], S['y']], [-1], False)
     t2 = S['x'].T
     t4 = S['y'].T
-    t6 = _launch('hbp_pch_abs_6_1_2', (B, n), (B, n), [t2, t4], [1/B, -1/B], False)
+    t6 = _launch('k_edb4640e4693', (B, n), (B, n), [t2, t4], [1/B, -1/B], False)
     t7 = (t1 @ t6)
     t10 = S['dz'].T
     t11 = t10.sum(keepdims=True)
-    t12 = _launch('hbp_pch_abs_6_1_1', (1, 1), (1, 1), [t11], [], False)
-    t15 = _launch('hbp_pch_abs_6_1_0', (n, n), (n, n), [Hz, t7, t12], [4, 2], False)
+    t12 = _launch('k_66981b83a90a', (1, 1), (1, 1), [t11], [], False)
+    t15 = _launch('k_f058db9b2cae', (n, n), (n, n), [Hz, t7, t12], [4, 2], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t15),
@@ -870,15 +386,15 @@ def _hbp_pch_abs_6_params(P, S, Hz):
 def _hbp_pch_abs_7_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7)."""
     B, n = _dims(P, S).values()
-    t2 = _launch('hbp_pch_abs_7_1_3', (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], False)
+    t2 = _launch('k_edb4640e4693', (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], False)
     t3 = S['x'].T
     t5 = S['y'].T
-    t7 = _launch('hbp_pch_abs_7_1_2', (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
+    t7 = _launch('k_edb4640e4693', (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
     t8 = (xp.broadcast_to(t2.sum(axis=1, keepdims=True), (n, B)) @ t7)
     t11 = S['dz'].T
     t12 = t11.sum(keepdims=True)
-    t13 = _launch('hbp_pch_abs_7_1_1', (1, 1), (1, 1), [t12], [], False)
-    t16 = _launch('hbp_pch_abs_7_1_0', (n, n), (n, n), [Hz, t8, t13], [4, 2], False)
+    t13 = _launch('k_66981b83a90a', (1, 1), (1, 1), [t12], [], False)
+    t16 = _launch('k_f058db9b2cae', (n, n), (n, n), [Hz, t8, t13], [4, 2], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t16),
@@ -894,16 +410,16 @@ def _hbp_pch_abs_7_params(P, S, Hz):
 def _hbp_pch_clip_6_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6)."""
     B, n = _dims(P, S).values()
-    t1 = _launch('hbp_pch_clip_6_1_3', (n, B), (n, B), [S['x'], S['y']], [-1], False)
+    t1 = _launch('k_52dc92557383', (n, B), (n, B), [S['x'], S['y']], [-1], False)
     t2 = S['x'].T
     t4 = S['y'].T
-    t6 = _launch('hbp_pch_clip_6_1_2', (B, n), (B, n), [t2, t4], [1/B, -1/B], False)
+    t6 = _launch('k_edb4640e4693', (B, n), (B, n), [t2, t4], [1/B, -1/B], False)
     t7 = (t1 @ t6)
     t10 = S['dz'].T
     t11 = t10.sum(keepdims=True)
-    t12 = _launch('hbp_pch_clip_6_1_1', (n, n), (n, n), [t11], [], False)
+    t12 = _launch('k_b7885957cd37', (n, n), (n, n), [t11], [], False)
     t13 = _psd_project(t12, 'clip')
-    t15 = _launch('hbp_pch_clip_6_1_0', (n, n), (n, n), [Hz, t7, t13], [4, 2], False)
+    t15 = _launch('k_fda518cfe531', (n, n), (n, n), [Hz, t7, t13], [4, 2], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t15),
@@ -919,16 +435,16 @@ def _hbp_pch_clip_6_params(P, S, Hz):
 def _hbp_pch_clip_7_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7)."""
     B, n = _dims(P, S).values()
-    t2 = _launch('hbp_pch_clip_7_1_3', (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], False)
+    t2 = _launch('k_edb4640e4693', (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], False)
     t3 = S['x'].T
     t5 = S['y'].T
-    t7 = _launch('hbp_pch_clip_7_1_2', (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
+    t7 = _launch('k_edb4640e4693', (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
     t8 = (xp.broadcast_to(t2.sum(axis=1, keepdims=True), (n, B)) @ t7)
     t11 = S['dz'].T
     t12 = t11.sum(keepdims=True)
-    t13 = _launch('hbp_pch_clip_7_1_1', (n, n), (n, n), [t12], [], False)
+    t13 = _launch('k_b7885957cd37', (n, n), (n, n), [t12], [], False)
     t14 = _psd_project(t13, 'clip')
-    t16 = _launch('hbp_pch_clip_7_1_0', (n, n), (n, n), [Hz, t8, t14], [4, 2], False)
+    t16 = _launch('k_fda518cfe531', (n, n), (n, n), [Hz, t8, t14], [4, 2], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t16),

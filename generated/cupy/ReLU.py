@@ -29,7 +29,7 @@ static __device__ __forceinline__ float fn_relu_0_float(float t) { return (float
 static __device__ __forceinline__ double fn_relu_1_double(double t) { return (double)(((t > 0) ? ( 1 ) : ( 0 ))); }
 static __device__ __forceinline__ float fn_relu_1_float(float t) { return (float)(((t > 0) ? ( 1 ) : ( 0 ))); }
 
-extern "C" __global__ void forward_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_90b16f48f862_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -40,7 +40,7 @@ extern "C" __global__ void forward_0_float(const float* __restrict__ in0, float*
     out[i] = fn_relu_0_float(in0[r * cols + c]);
 }
 
-extern "C" __global__ void forward_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_90b16f48f862_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -51,7 +51,7 @@ extern "C" __global__ void forward_0_double(const double* __restrict__ in0, doub
     out[i] = fn_relu_0_double(in0[r * cols + c]);
 }
 
-extern "C" __global__ void gradients_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_29b586e8102a_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -62,7 +62,7 @@ extern "C" __global__ void gradients_1_0_float(const float* __restrict__ in0, co
     out[i] = (in0[r * cols + c] * fn_relu_1_float(in1[r * cols + c]));
 }
 
-extern "C" __global__ void gradients_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_29b586e8102a_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -73,7 +73,7 @@ extern "C" __global__ void gradients_1_0_double(const double* __restrict__ in0, 
     out[i] = (in0[r * cols + c] * fn_relu_1_double(in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_exact_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_bbf53db00b39_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -84,7 +84,7 @@ extern "C" __global__ void hbp_exact_6_1_0_float(const float* __restrict__ in0, 
     out[i] = (c0 * (in0[r * cols + c] * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_exact_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_bbf53db00b39_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -95,7 +95,7 @@ extern "C" __global__ void hbp_exact_6_1_0_double(const double* __restrict__ in0
     out[i] = (c0 * (in0[r * cols + c] * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_exact_6_1_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_e5758009459e_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -106,7 +106,7 @@ extern "C" __global__ void hbp_exact_6_1_1_float(const float* __restrict__ in0, 
     out[i] = fn_relu_1_float(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_6_1_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_e5758009459e_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -117,7 +117,7 @@ extern "C" __global__ void hbp_exact_6_1_1_double(const double* __restrict__ in0
     out[i] = fn_relu_1_double(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_7_1_0_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_b6da753aeb00_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -128,7 +128,7 @@ extern "C" __global__ void hbp_exact_7_1_0_float(const float* __restrict__ in0, 
     out[i] = (c0 * in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_7_1_0_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_b6da753aeb00_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -139,7 +139,7 @@ extern "C" __global__ void hbp_exact_7_1_0_double(const double* __restrict__ in0
     out[i] = (c0 * in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_7_1_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_e2964d1f4ef1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -157,313 +157,7 @@ extern "C" __global__ void hbp_exact_7_1_1_float(const float* __restrict__ in0, 
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_exact_7_1_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_relu_1_double(in0[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_ggn_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (in0[r * cols + c] * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_ggn_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (in0[r * cols + c] * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_ggn_6_1_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_relu_1_float(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_ggn_6_1_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_relu_1_double(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_ggn_7_1_0_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_ggn_7_1_0_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_ggn_7_1_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_relu_1_float(in0[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_ggn_7_1_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_relu_1_double(in0[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_abs_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (in0[r * cols + c] * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_pch_abs_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (in0[r * cols + c] * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_pch_abs_6_1_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_relu_1_float(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_abs_6_1_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_relu_1_double(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_0_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_0_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_relu_1_float(in0[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_relu_1_double(in0[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (in0[r * cols + c] * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (in0[r * cols + c] * in1[r * cols + c]));
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_relu_1_float(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_relu_1_double(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_0_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_0_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_relu_1_float(in0[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_e2964d1f4ef1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -502,14 +196,14 @@ def _dims(P, S):
 def forward(P, S):
     """Z = the module's outputs, (size z, B)."""
     B, n = _dims(P, S).values()
-    t0 = _launch('forward_0', (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_90b16f48f862', (n, B), (n, B), [S['x']], [], False)
 
     return {"Z": t0}
 
 
 def _gradients_all(P, S):
     B, n = _dims(P, S).values()
-    t1 = _launch('gradients_1_0', (n, B), (n, B), [S['dz'], S['x']], [], False)
+    t1 = _launch('k_29b586e8102a', (n, B), (n, B), [S['dz'], S['x']], [], False)
 
     return {"x": t1, }
 
@@ -530,10 +224,10 @@ def gradients(P, S, inputs=True):
 def _hbp_exact_6_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6)."""
     B, n = _dims(P, S).values()
-    t0 = _launch('hbp_exact_6_1_1', (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_e5758009459e', (n, B), (n, B), [S['x']], [], False)
     t1 = t0.T
     t2 = (t0 @ t1)
-    t4 = _launch('hbp_exact_6_1_0', (n, n), (n, n), [t2, Hz], [1/B], False)
+    t4 = _launch('k_bbf53db00b39', (n, n), (n, n), [t2, Hz], [1/B], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t4),
@@ -549,9 +243,9 @@ def _hbp_exact_6_params(P, S, Hz):
 def _hbp_exact_7_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7)."""
     B, n = _dims(P, S).values()
-    t1 = _launch('hbp_exact_7_1_1', (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_e2964d1f4ef1', (n, B), (n, 1), [S['x']], [], True)
     t2 = ((t1 * Hz) * t1.T)
-    t3 = _launch('hbp_exact_7_1_0', (n, n), (n, n), [t2], [B**(-2)], False)
+    t3 = _launch('k_b6da753aeb00', (n, n), (n, n), [t2], [B**(-2)], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t3),
@@ -567,10 +261,10 @@ def _hbp_exact_7_params(P, S, Hz):
 def _hbp_ggn_6_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6)."""
     B, n = _dims(P, S).values()
-    t0 = _launch('hbp_ggn_6_1_1', (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_e5758009459e', (n, B), (n, B), [S['x']], [], False)
     t1 = t0.T
     t2 = (t0 @ t1)
-    t4 = _launch('hbp_ggn_6_1_0', (n, n), (n, n), [t2, Hz], [1/B], False)
+    t4 = _launch('k_bbf53db00b39', (n, n), (n, n), [t2, Hz], [1/B], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t4),
@@ -586,9 +280,9 @@ def _hbp_ggn_6_params(P, S, Hz):
 def _hbp_ggn_7_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7)."""
     B, n = _dims(P, S).values()
-    t1 = _launch('hbp_ggn_7_1_1', (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_e2964d1f4ef1', (n, B), (n, 1), [S['x']], [], True)
     t2 = ((t1 * Hz) * t1.T)
-    t3 = _launch('hbp_ggn_7_1_0', (n, n), (n, n), [t2], [B**(-2)], False)
+    t3 = _launch('k_b6da753aeb00', (n, n), (n, n), [t2], [B**(-2)], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t3),
@@ -604,10 +298,10 @@ def _hbp_ggn_7_params(P, S, Hz):
 def _hbp_pch_abs_6_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6)."""
     B, n = _dims(P, S).values()
-    t0 = _launch('hbp_pch_abs_6_1_1', (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_e5758009459e', (n, B), (n, B), [S['x']], [], False)
     t1 = t0.T
     t2 = (t0 @ t1)
-    t4 = _launch('hbp_pch_abs_6_1_0', (n, n), (n, n), [t2, Hz], [1/B], False)
+    t4 = _launch('k_bbf53db00b39', (n, n), (n, n), [t2, Hz], [1/B], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t4),
@@ -623,9 +317,9 @@ def _hbp_pch_abs_6_params(P, S, Hz):
 def _hbp_pch_abs_7_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7)."""
     B, n = _dims(P, S).values()
-    t1 = _launch('hbp_pch_abs_7_1_1', (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_e2964d1f4ef1', (n, B), (n, 1), [S['x']], [], True)
     t2 = ((t1 * Hz) * t1.T)
-    t3 = _launch('hbp_pch_abs_7_1_0', (n, n), (n, n), [t2], [B**(-2)], False)
+    t3 = _launch('k_b6da753aeb00', (n, n), (n, n), [t2], [B**(-2)], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t3),
@@ -641,10 +335,10 @@ def _hbp_pch_abs_7_params(P, S, Hz):
 def _hbp_pch_clip_6_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6)."""
     B, n = _dims(P, S).values()
-    t0 = _launch('hbp_pch_clip_6_1_1', (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_e5758009459e', (n, B), (n, B), [S['x']], [], False)
     t1 = t0.T
     t2 = (t0 @ t1)
-    t4 = _launch('hbp_pch_clip_6_1_0', (n, n), (n, n), [t2, Hz], [1/B], False)
+    t4 = _launch('k_bbf53db00b39', (n, n), (n, n), [t2, Hz], [1/B], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t4),
@@ -660,9 +354,9 @@ def _hbp_pch_clip_6_params(P, S, Hz):
 def _hbp_pch_clip_7_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7)."""
     B, n = _dims(P, S).values()
-    t1 = _launch('hbp_pch_clip_7_1_1', (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_e2964d1f4ef1', (n, B), (n, 1), [S['x']], [], True)
     t2 = ((t1 * Hz) * t1.T)
-    t3 = _launch('hbp_pch_clip_7_1_0', (n, n), (n, n), [t2], [B**(-2)], False)
+    t3 = _launch('k_b6da753aeb00', (n, n), (n, n), [t2], [B**(-2)], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t3),

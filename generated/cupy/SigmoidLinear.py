@@ -46,7 +46,7 @@ static __device__ __forceinline__ float fn_sigmoid_1_float(float t) { const floa
 static __device__ __forceinline__ double fn_sigmoid_2_double(double t) { const double s = (double)(1.0/(1 + exp(-t))); return (double)(s*(s - 1)*(2*s - 1)); }
 static __device__ __forceinline__ float fn_sigmoid_2_float(float t) { const float s = (float)(1.0F/(1 + expf(-t))); return (float)(s*(s - 1)*(2*s - 1)); }
 
-extern "C" __global__ void forward_0_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_a3cc1fa8db9e_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -57,7 +57,7 @@ extern "C" __global__ void forward_0_float(const float* __restrict__ in0, const 
     out[i] = (in0[r * cols + c] + in1[r]);
 }
 
-extern "C" __global__ void forward_0_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_a3cc1fa8db9e_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -68,7 +68,7 @@ extern "C" __global__ void forward_0_double(const double* __restrict__ in0, cons
     out[i] = (in0[r * cols + c] + in1[r]);
 }
 
-extern "C" __global__ void forward_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_431f249de813_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -79,7 +79,7 @@ extern "C" __global__ void forward_1_float(const float* __restrict__ in0, float*
     out[i] = fn_sigmoid_0_float(in0[r * cols + c]);
 }
 
-extern "C" __global__ void forward_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_431f249de813_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -90,29 +90,7 @@ extern "C" __global__ void forward_1_double(const double* __restrict__ in0, doub
     out[i] = fn_sigmoid_0_double(in0[r * cols + c]);
 }
 
-extern "C" __global__ void gradients_1_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_0_float(in0[r * cols + c]);
-}
-
-extern "C" __global__ void gradients_1_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_0_double(in0[r * cols + c]);
-}
-
-extern "C" __global__ void gradients_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_7f80f5161959_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -123,7 +101,7 @@ extern "C" __global__ void gradients_1_1_float(const float* __restrict__ in0, co
     out[i] = (in0[r * cols + c] * fn_sigmoid_1_float(in1[r * cols + c]));
 }
 
-extern "C" __global__ void gradients_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_7f80f5161959_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -134,51 +112,7 @@ extern "C" __global__ void gradients_1_1_double(const double* __restrict__ in0, 
     out[i] = (in0[r * cols + c] * fn_sigmoid_1_double(in1[r * cols + c]));
 }
 
-extern "C" __global__ void gradients_0_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_0_float(in0[r * cols + c]);
-}
-
-extern "C" __global__ void gradients_0_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_0_double(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_exact_6_1_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_0_float(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_exact_6_1_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_0_double(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_exact_6_1_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_46178010f642_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -189,7 +123,7 @@ extern "C" __global__ void hbp_exact_6_1_1_float(const float c0, float* __restri
     out[i] = (c0 * (r == c ? (float)1 : (float)0));
 }
 
-extern "C" __global__ void hbp_exact_6_1_1_double(const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_46178010f642_double(const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -200,7 +134,7 @@ extern "C" __global__ void hbp_exact_6_1_1_double(const double c0, double* __res
     out[i] = (c0 * (r == c ? (double)1 : (double)0));
 }
 
-extern "C" __global__ void hbp_exact_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_98a1b805bfa4_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -211,7 +145,7 @@ extern "C" __global__ void hbp_exact_6_1_2_float(const float* __restrict__ in0, 
     out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? in2[r] : (float)0));
 }
 
-extern "C" __global__ void hbp_exact_6_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_98a1b805bfa4_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -222,7 +156,7 @@ extern "C" __global__ void hbp_exact_6_1_2_double(const double* __restrict__ in0
     out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? in2[r] : (double)0));
 }
 
-extern "C" __global__ void hbp_exact_6_1_3_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_36ef97f1d271_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -240,7 +174,7 @@ extern "C" __global__ void hbp_exact_6_1_3_float(const float* __restrict__ in0, 
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_exact_6_1_3_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_36ef97f1d271_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -258,7 +192,7 @@ extern "C" __global__ void hbp_exact_6_1_3_double(const double* __restrict__ in0
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_exact_6_1_4_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_8f7445a19454_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -269,7 +203,7 @@ extern "C" __global__ void hbp_exact_6_1_4_float(const float* __restrict__ in0, 
     out[i] = fn_sigmoid_1_float(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_6_1_4_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_8f7445a19454_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -280,51 +214,7 @@ extern "C" __global__ void hbp_exact_6_1_4_double(const double* __restrict__ in0
     out[i] = fn_sigmoid_1_double(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_6_0_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_0_float(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_exact_6_0_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_0_double(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_exact_6_0_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (r == c ? (float)1 : (float)0));
-}
-
-extern "C" __global__ void hbp_exact_6_0_1_double(const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (r == c ? (double)1 : (double)0));
-}
-
-extern "C" __global__ void hbp_exact_7_1_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_0022d4faedf5_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -342,7 +232,7 @@ extern "C" __global__ void hbp_exact_7_1_0_float(const float* __restrict__ in0, 
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_exact_7_1_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_0022d4faedf5_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -360,29 +250,7 @@ extern "C" __global__ void hbp_exact_7_1_0_double(const double* __restrict__ in0
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_exact_7_1_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (r == c ? (float)1 : (float)0));
-}
-
-extern "C" __global__ void hbp_exact_7_1_1_double(const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (r == c ? (double)1 : (double)0));
-}
-
-extern "C" __global__ void hbp_exact_7_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_b4c3ebd29860_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -393,7 +261,7 @@ extern "C" __global__ void hbp_exact_7_1_2_float(const float* __restrict__ in0, 
     out[i] = ((c0 * in0[r * cols + c]) + (r == c ? (c1 * in1[r]) : (float)0));
 }
 
-extern "C" __global__ void hbp_exact_7_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_b4c3ebd29860_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -404,43 +272,7 @@ extern "C" __global__ void hbp_exact_7_1_2_double(const double* __restrict__ in0
     out[i] = ((c0 * in0[r * cols + c]) + (r == c ? (c1 * in1[r]) : (double)0));
 }
 
-extern "C" __global__ void hbp_exact_7_1_3_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * fn_sigmoid_2_float(in1[r * cols + c]));
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_exact_7_1_3_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * fn_sigmoid_2_double(in1[r * cols + c]));
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_exact_7_1_4_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_95c0909512b8_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -458,7 +290,7 @@ extern "C" __global__ void hbp_exact_7_1_4_float(const float* __restrict__ in0, 
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_exact_7_1_4_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_95c0909512b8_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -476,109 +308,7 @@ extern "C" __global__ void hbp_exact_7_1_4_double(const double* __restrict__ in0
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_exact_7_0_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_sigmoid_0_float(in0[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_exact_7_0_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_sigmoid_0_double(in0[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_exact_7_0_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (r == c ? (float)1 : (float)0));
-}
-
-extern "C" __global__ void hbp_exact_7_0_1_double(const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (r == c ? (double)1 : (double)0));
-}
-
-extern "C" __global__ void hbp_ggn_6_1_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_0_float(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_ggn_6_1_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_0_double(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_ggn_6_1_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (r == c ? (float)1 : (float)0));
-}
-
-extern "C" __global__ void hbp_ggn_6_1_1_double(const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (r == c ? (double)1 : (double)0));
-}
-
-extern "C" __global__ void hbp_ggn_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_bbf53db00b39_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -589,7 +319,7 @@ extern "C" __global__ void hbp_ggn_6_1_2_float(const float* __restrict__ in0, co
     out[i] = (c0 * (in0[r * cols + c] * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_ggn_6_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_bbf53db00b39_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -600,131 +330,7 @@ extern "C" __global__ void hbp_ggn_6_1_2_double(const double* __restrict__ in0, 
     out[i] = (c0 * (in0[r * cols + c] * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_ggn_6_1_3_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_1_float(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_ggn_6_1_3_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_1_double(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_ggn_6_0_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_0_float(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_ggn_6_0_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_0_double(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_ggn_6_0_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (r == c ? (float)1 : (float)0));
-}
-
-extern "C" __global__ void hbp_ggn_6_0_1_double(const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (r == c ? (double)1 : (double)0));
-}
-
-extern "C" __global__ void hbp_ggn_7_1_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_sigmoid_0_float(in0[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_ggn_7_1_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_sigmoid_0_double(in0[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_ggn_7_1_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (r == c ? (float)1 : (float)0));
-}
-
-extern "C" __global__ void hbp_ggn_7_1_1_double(const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (r == c ? (double)1 : (double)0));
-}
-
-extern "C" __global__ void hbp_ggn_7_1_2_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_b6da753aeb00_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -735,7 +341,7 @@ extern "C" __global__ void hbp_ggn_7_1_2_float(const float* __restrict__ in0, co
     out[i] = (c0 * in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_ggn_7_1_2_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_b6da753aeb00_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -746,167 +352,7 @@ extern "C" __global__ void hbp_ggn_7_1_2_double(const double* __restrict__ in0, 
     out[i] = (c0 * in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_ggn_7_1_3_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_sigmoid_1_float(in0[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_ggn_7_1_3_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_sigmoid_1_double(in0[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_ggn_7_0_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_sigmoid_0_float(in0[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_ggn_7_0_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_sigmoid_0_double(in0[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_ggn_7_0_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (r == c ? (float)1 : (float)0));
-}
-
-extern "C" __global__ void hbp_ggn_7_0_1_double(const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (r == c ? (double)1 : (double)0));
-}
-
-extern "C" __global__ void hbp_pch_abs_6_1_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_0_float(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_abs_6_1_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_0_double(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_abs_6_1_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (r == c ? (float)1 : (float)0));
-}
-
-extern "C" __global__ void hbp_pch_abs_6_1_1_double(const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (r == c ? (double)1 : (double)0));
-}
-
-extern "C" __global__ void hbp_pch_abs_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? in2[r] : (float)0));
-}
-
-extern "C" __global__ void hbp_pch_abs_6_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? in2[r] : (double)0));
-}
-
-extern "C" __global__ void hbp_pch_abs_6_1_3_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_14913a26c4f9_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -917,7 +363,7 @@ extern "C" __global__ void hbp_pch_abs_6_1_3_float(const float* __restrict__ in0
     out[i] = fn_abs_0_float(in0[r]);
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1_3_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_14913a26c4f9_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -928,167 +374,7 @@ extern "C" __global__ void hbp_pch_abs_6_1_3_double(const double* __restrict__ i
     out[i] = fn_abs_0_double(in0[r]);
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1_4_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * fn_sigmoid_2_float(in1[r * cols + c]));
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_abs_6_1_4_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * fn_sigmoid_2_double(in1[r * cols + c]));
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_abs_6_1_5_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_1_float(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_abs_6_1_5_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_1_double(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_abs_6_0_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_0_float(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_abs_6_0_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_0_double(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_abs_6_0_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (r == c ? (float)1 : (float)0));
-}
-
-extern "C" __global__ void hbp_pch_abs_6_0_1_double(const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (r == c ? (double)1 : (double)0));
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_sigmoid_0_float(in0[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_sigmoid_0_double(in0[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (r == c ? (float)1 : (float)0));
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_1_double(const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (r == c ? (double)1 : (double)0));
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_159d01c99017_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -1099,7 +385,7 @@ extern "C" __global__ void hbp_pch_abs_7_1_2_float(const float* __restrict__ in0
     out[i] = ((c0 * in0[r * cols + c]) + in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_7_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_159d01c99017_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -1110,225 +396,7 @@ extern "C" __global__ void hbp_pch_abs_7_1_2_double(const double* __restrict__ i
     out[i] = ((c0 * in0[r * cols + c]) + in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_7_1_3_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_3_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_4_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * fn_sigmoid_2_float(in1[r * cols + c]));
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_4_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * fn_sigmoid_2_double(in1[r * cols + c]));
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_5_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_sigmoid_1_float(in0[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_5_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_sigmoid_1_double(in0[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_abs_7_0_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_sigmoid_0_float(in0[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_abs_7_0_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_sigmoid_0_double(in0[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_abs_7_0_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (r == c ? (float)1 : (float)0));
-}
-
-extern "C" __global__ void hbp_pch_abs_7_0_1_double(const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (r == c ? (double)1 : (double)0));
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_0_float(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_0_double(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (r == c ? (float)1 : (float)0));
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_1_double(const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (r == c ? (double)1 : (double)0));
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? in2[r] : (float)0));
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? in2[r] : (double)0));
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_3_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_888d7e8e6774_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -1339,7 +407,7 @@ extern "C" __global__ void hbp_pch_clip_6_1_3_float(const float* __restrict__ in
     out[i] = fn_relu_0_float(in0[r]);
 }
 
-extern "C" __global__ void hbp_pch_clip_6_1_3_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_888d7e8e6774_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -1348,340 +416,6 @@ extern "C" __global__ void hbp_pch_clip_6_1_3_double(const double* __restrict__ 
     (void)r;
     (void)c;
     out[i] = fn_relu_0_double(in0[r]);
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_4_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * fn_sigmoid_2_float(in1[r * cols + c]));
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_4_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * fn_sigmoid_2_double(in1[r * cols + c]));
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_5_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_1_float(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_5_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_1_double(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_clip_6_0_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_0_float(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_clip_6_0_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_0_double(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_clip_6_0_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (r == c ? (float)1 : (float)0));
-}
-
-extern "C" __global__ void hbp_pch_clip_6_0_1_double(const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (r == c ? (double)1 : (double)0));
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_sigmoid_0_float(in0[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_sigmoid_0_double(in0[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (r == c ? (float)1 : (float)0));
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_1_double(const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (r == c ? (double)1 : (double)0));
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + in1[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + in1[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_3_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_3_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_4_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * fn_sigmoid_2_float(in1[r * cols + c]));
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_4_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * fn_sigmoid_2_double(in1[r * cols + c]));
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_5_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_sigmoid_1_float(in0[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_5_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_sigmoid_1_double(in0[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_clip_7_0_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_sigmoid_0_float(in0[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_clip_7_0_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_sigmoid_0_double(in0[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_clip_7_0_1_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (r == c ? (float)1 : (float)0));
-}
-
-extern "C" __global__ void hbp_pch_clip_7_0_1_double(const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (r == c ? (double)1 : (double)0));
 }
 
 """
@@ -1705,10 +439,10 @@ def _dims(P, S):
 def forward(P, S):
     """Z = the module's outputs, (size z, B)."""
     B, n, m = _dims(P, S).values()
-    t0 = _launch('forward_1', (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
     t1 = (P['W'] @ t0)
     t2 = xp.broadcast_to(P['b'], (m, B))
-    t3 = _launch('forward_0', (m, B), (m, B), [t1, P['b']], [], False)
+    t3 = _launch('k_a3cc1fa8db9e', (m, B), (m, B), [t1, P['b']], [], False)
 
     return {"Z": t3}
 
@@ -1717,8 +451,8 @@ def _gradients_all(P, S):
     B, n, m = _dims(P, S).values()
     t0 = P['W'].T
     t1 = (t0 @ S['dz'])
-    t3 = _launch('gradients_1_1', (n, B), (n, B), [t1, S['x']], [], False)
-    t4 = _launch('gradients_1_0', (n, B), (n, B), [S['x']], [], False)
+    t3 = _launch('k_7f80f5161959', (n, B), (n, B), [t1, S['x']], [], False)
+    t4 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
     t5 = t4.T
     t6 = (S['dz'] @ t5)
     t7 = S['dz'].sum(axis=1, keepdims=True)
@@ -1728,7 +462,7 @@ def _gradients_all(P, S):
 
 def _gradients_params(P, S):
     B, n, m = _dims(P, S).values()
-    t0 = _launch('gradients_0_0', (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
     t1 = t0.T
     t2 = (S['dz'] @ t1)
     t3 = S['dz'].sum(axis=1, keepdims=True)
@@ -1748,14 +482,14 @@ def _hbp_exact_6_all(P, S, Hz):
     B, n, m = _dims(P, S).values()
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
-    t2 = _launch('hbp_exact_6_1_4', (n, B), (n, B), [S['x']], [], False)
+    t2 = _launch('k_8f7445a19454', (n, B), (n, B), [S['x']], [], False)
     t3 = t2.T
     t4 = (t2 @ t3)
     t7 = (t0 @ S['dz'])
-    t10 = _launch('hbp_exact_6_1_3', (n, B), (n, 1), [t7, S['x']], [], True)
-    t11 = _launch('hbp_exact_6_1_2', (n, n), (n, n), [t1, t4, t10], [1/B], False)
-    t12 = _launch('hbp_exact_6_1_1', (1, 1), (1, 1), [], [1/B], False)
-    t13 = _launch('hbp_exact_6_1_0', (n, B), (n, B), [S['x']], [], False)
+    t10 = _launch('k_36ef97f1d271', (n, B), (n, 1), [t7, S['x']], [], True)
+    t11 = _launch('k_98a1b805bfa4', (n, n), (n, n), [t1, t4, t10], [1/B], False)
+    t12 = _launch('k_46178010f642', (1, 1), (1, 1), [], [1/B], False)
+    t13 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
     t14 = _gram(t13)
 
     return {
@@ -1767,8 +501,8 @@ def _hbp_exact_6_all(P, S, Hz):
 def _hbp_exact_6_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6), parameters only."""
     B, n, m = _dims(P, S).values()
-    t0 = _launch('hbp_exact_6_0_1', (1, 1), (1, 1), [], [1/B], False)
-    t1 = _launch('hbp_exact_6_0_0', (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_46178010f642', (1, 1), (1, 1), [], [1/B], False)
+    t1 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
     t2 = _gram(t1)
 
     return {
@@ -1779,14 +513,14 @@ def _hbp_exact_6_params(P, S, Hz):
 def _hbp_exact_7_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7)."""
     B, n, m = _dims(P, S).values()
-    t1 = _launch('hbp_exact_7_1_4', (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_95c0909512b8', (n, B), (n, 1), [S['x']], [], True)
     t2 = P['W'].T
     t3 = ((((t1 * t2) @ Hz) @ P['W']) * t1.T)
     t5 = xp.broadcast_to((t2 @ S['dz']).sum(axis=1, keepdims=True), (n, B))
-    t8 = _launch('hbp_exact_7_1_3', (n, B), (n, 1), [t5, S['x']], [], True)
-    t9 = _launch('hbp_exact_7_1_2', (n, n), (n, n), [t3, t8], [B**(-2), 1/B], False)
-    t10 = _launch('hbp_exact_7_1_1', (1, 1), (1, 1), [], [B**(-2)], False)
-    t12 = _launch('hbp_exact_7_1_0', (n, B), (n, 1), [S['x']], [], True)
+    t8 = _launch('k_36ef97f1d271', (n, B), (n, 1), [t5, S['x']], [], True)
+    t9 = _launch('k_b4c3ebd29860', (n, n), (n, n), [t3, t8], [B**(-2), 1/B], False)
+    t10 = _launch('k_46178010f642', (1, 1), (1, 1), [], [B**(-2)], False)
+    t12 = _launch('k_0022d4faedf5', (n, B), (n, 1), [S['x']], [], True)
     t13 = _gram(t12)
 
     return {
@@ -1798,8 +532,8 @@ def _hbp_exact_7_all(P, S, Hz):
 def _hbp_exact_7_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7), parameters only."""
     B, n, m = _dims(P, S).values()
-    t0 = _launch('hbp_exact_7_0_1', (1, 1), (1, 1), [], [B**(-2)], False)
-    t2 = _launch('hbp_exact_7_0_0', (n, B), (n, 1), [S['x']], [], True)
+    t0 = _launch('k_46178010f642', (1, 1), (1, 1), [], [B**(-2)], False)
+    t2 = _launch('k_0022d4faedf5', (n, B), (n, 1), [S['x']], [], True)
     t3 = _gram(t2)
 
     return {
@@ -1812,12 +546,12 @@ def _hbp_ggn_6_all(P, S, Hz):
     B, n, m = _dims(P, S).values()
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
-    t2 = _launch('hbp_ggn_6_1_3', (n, B), (n, B), [S['x']], [], False)
+    t2 = _launch('k_8f7445a19454', (n, B), (n, B), [S['x']], [], False)
     t3 = t2.T
     t4 = (t2 @ t3)
-    t6 = _launch('hbp_ggn_6_1_2', (n, n), (n, n), [t1, t4], [1/B], False)
-    t7 = _launch('hbp_ggn_6_1_1', (1, 1), (1, 1), [], [1/B], False)
-    t8 = _launch('hbp_ggn_6_1_0', (n, B), (n, B), [S['x']], [], False)
+    t6 = _launch('k_bbf53db00b39', (n, n), (n, n), [t1, t4], [1/B], False)
+    t7 = _launch('k_46178010f642', (1, 1), (1, 1), [], [1/B], False)
+    t8 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
     t9 = _gram(t8)
 
     return {
@@ -1829,8 +563,8 @@ def _hbp_ggn_6_all(P, S, Hz):
 def _hbp_ggn_6_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6), parameters only."""
     B, n, m = _dims(P, S).values()
-    t0 = _launch('hbp_ggn_6_0_1', (1, 1), (1, 1), [], [1/B], False)
-    t1 = _launch('hbp_ggn_6_0_0', (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_46178010f642', (1, 1), (1, 1), [], [1/B], False)
+    t1 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
     t2 = _gram(t1)
 
     return {
@@ -1841,12 +575,12 @@ def _hbp_ggn_6_params(P, S, Hz):
 def _hbp_ggn_7_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7)."""
     B, n, m = _dims(P, S).values()
-    t1 = _launch('hbp_ggn_7_1_3', (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_95c0909512b8', (n, B), (n, 1), [S['x']], [], True)
     t2 = P['W'].T
     t3 = ((((t1 * t2) @ Hz) @ P['W']) * t1.T)
-    t4 = _launch('hbp_ggn_7_1_2', (n, n), (n, n), [t3], [B**(-2)], False)
-    t5 = _launch('hbp_ggn_7_1_1', (1, 1), (1, 1), [], [B**(-2)], False)
-    t7 = _launch('hbp_ggn_7_1_0', (n, B), (n, 1), [S['x']], [], True)
+    t4 = _launch('k_b6da753aeb00', (n, n), (n, n), [t3], [B**(-2)], False)
+    t5 = _launch('k_46178010f642', (1, 1), (1, 1), [], [B**(-2)], False)
+    t7 = _launch('k_0022d4faedf5', (n, B), (n, 1), [S['x']], [], True)
     t8 = _gram(t7)
 
     return {
@@ -1858,8 +592,8 @@ def _hbp_ggn_7_all(P, S, Hz):
 def _hbp_ggn_7_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7), parameters only."""
     B, n, m = _dims(P, S).values()
-    t0 = _launch('hbp_ggn_7_0_1', (1, 1), (1, 1), [], [B**(-2)], False)
-    t2 = _launch('hbp_ggn_7_0_0', (n, B), (n, 1), [S['x']], [], True)
+    t0 = _launch('k_46178010f642', (1, 1), (1, 1), [], [B**(-2)], False)
+    t2 = _launch('k_0022d4faedf5', (n, B), (n, 1), [S['x']], [], True)
     t3 = _gram(t2)
 
     return {
@@ -1872,15 +606,15 @@ def _hbp_pch_abs_6_all(P, S, Hz):
     B, n, m = _dims(P, S).values()
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
-    t2 = _launch('hbp_pch_abs_6_1_5', (n, B), (n, B), [S['x']], [], False)
+    t2 = _launch('k_8f7445a19454', (n, B), (n, B), [S['x']], [], False)
     t3 = t2.T
     t4 = (t2 @ t3)
     t7 = (t0 @ S['dz'])
-    t10 = _launch('hbp_pch_abs_6_1_4', (n, B), (n, 1), [t7, S['x']], [], True)
-    t11 = _launch('hbp_pch_abs_6_1_3', (n, 1), (n, 1), [t10], [], False)
-    t12 = _launch('hbp_pch_abs_6_1_2', (n, n), (n, n), [t1, t4, t11], [1/B], False)
-    t13 = _launch('hbp_pch_abs_6_1_1', (1, 1), (1, 1), [], [1/B], False)
-    t14 = _launch('hbp_pch_abs_6_1_0', (n, B), (n, B), [S['x']], [], False)
+    t10 = _launch('k_36ef97f1d271', (n, B), (n, 1), [t7, S['x']], [], True)
+    t11 = _launch('k_14913a26c4f9', (n, 1), (n, 1), [t10], [], False)
+    t12 = _launch('k_98a1b805bfa4', (n, n), (n, n), [t1, t4, t11], [1/B], False)
+    t13 = _launch('k_46178010f642', (1, 1), (1, 1), [], [1/B], False)
+    t14 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
     t15 = _gram(t14)
 
     return {
@@ -1892,8 +626,8 @@ def _hbp_pch_abs_6_all(P, S, Hz):
 def _hbp_pch_abs_6_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6), parameters only."""
     B, n, m = _dims(P, S).values()
-    t0 = _launch('hbp_pch_abs_6_0_1', (1, 1), (1, 1), [], [1/B], False)
-    t1 = _launch('hbp_pch_abs_6_0_0', (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_46178010f642', (1, 1), (1, 1), [], [1/B], False)
+    t1 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
     t2 = _gram(t1)
 
     return {
@@ -1904,17 +638,17 @@ def _hbp_pch_abs_6_params(P, S, Hz):
 def _hbp_pch_abs_7_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7)."""
     B, n, m = _dims(P, S).values()
-    t1 = _launch('hbp_pch_abs_7_1_5', (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_95c0909512b8', (n, B), (n, 1), [S['x']], [], True)
     t2 = P['W'].T
     t3 = ((((t1 * t2) @ Hz) @ P['W']) * t1.T)
     t5 = xp.broadcast_to((t2 @ S['dz']).sum(axis=1, keepdims=True), (n, B))
-    t8 = _launch('hbp_pch_abs_7_1_4', (n, B), (n, 1), [t5, S['x']], [], True)
+    t8 = _launch('k_36ef97f1d271', (n, B), (n, 1), [t5, S['x']], [], True)
     t9 = xp.diagflat(t8)
-    t10 = _launch('hbp_pch_abs_7_1_3', (n, n), (n, n), [t9], [1/B], False)
+    t10 = _launch('k_b6da753aeb00', (n, n), (n, n), [t9], [1/B], False)
     t11 = _psd_project(t10, 'abs')
-    t12 = _launch('hbp_pch_abs_7_1_2', (n, n), (n, n), [t3, t11], [B**(-2)], False)
-    t13 = _launch('hbp_pch_abs_7_1_1', (1, 1), (1, 1), [], [B**(-2)], False)
-    t15 = _launch('hbp_pch_abs_7_1_0', (n, B), (n, 1), [S['x']], [], True)
+    t12 = _launch('k_159d01c99017', (n, n), (n, n), [t3, t11], [B**(-2)], False)
+    t13 = _launch('k_46178010f642', (1, 1), (1, 1), [], [B**(-2)], False)
+    t15 = _launch('k_0022d4faedf5', (n, B), (n, 1), [S['x']], [], True)
     t16 = _gram(t15)
 
     return {
@@ -1926,8 +660,8 @@ def _hbp_pch_abs_7_all(P, S, Hz):
 def _hbp_pch_abs_7_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7), parameters only."""
     B, n, m = _dims(P, S).values()
-    t0 = _launch('hbp_pch_abs_7_0_1', (1, 1), (1, 1), [], [B**(-2)], False)
-    t2 = _launch('hbp_pch_abs_7_0_0', (n, B), (n, 1), [S['x']], [], True)
+    t0 = _launch('k_46178010f642', (1, 1), (1, 1), [], [B**(-2)], False)
+    t2 = _launch('k_0022d4faedf5', (n, B), (n, 1), [S['x']], [], True)
     t3 = _gram(t2)
 
     return {
@@ -1940,15 +674,15 @@ def _hbp_pch_clip_6_all(P, S, Hz):
     B, n, m = _dims(P, S).values()
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
-    t2 = _launch('hbp_pch_clip_6_1_5', (n, B), (n, B), [S['x']], [], False)
+    t2 = _launch('k_8f7445a19454', (n, B), (n, B), [S['x']], [], False)
     t3 = t2.T
     t4 = (t2 @ t3)
     t7 = (t0 @ S['dz'])
-    t10 = _launch('hbp_pch_clip_6_1_4', (n, B), (n, 1), [t7, S['x']], [], True)
-    t11 = _launch('hbp_pch_clip_6_1_3', (n, 1), (n, 1), [t10], [], False)
-    t12 = _launch('hbp_pch_clip_6_1_2', (n, n), (n, n), [t1, t4, t11], [1/B], False)
-    t13 = _launch('hbp_pch_clip_6_1_1', (1, 1), (1, 1), [], [1/B], False)
-    t14 = _launch('hbp_pch_clip_6_1_0', (n, B), (n, B), [S['x']], [], False)
+    t10 = _launch('k_36ef97f1d271', (n, B), (n, 1), [t7, S['x']], [], True)
+    t11 = _launch('k_888d7e8e6774', (n, 1), (n, 1), [t10], [], False)
+    t12 = _launch('k_98a1b805bfa4', (n, n), (n, n), [t1, t4, t11], [1/B], False)
+    t13 = _launch('k_46178010f642', (1, 1), (1, 1), [], [1/B], False)
+    t14 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
     t15 = _gram(t14)
 
     return {
@@ -1960,8 +694,8 @@ def _hbp_pch_clip_6_all(P, S, Hz):
 def _hbp_pch_clip_6_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6), parameters only."""
     B, n, m = _dims(P, S).values()
-    t0 = _launch('hbp_pch_clip_6_0_1', (1, 1), (1, 1), [], [1/B], False)
-    t1 = _launch('hbp_pch_clip_6_0_0', (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_46178010f642', (1, 1), (1, 1), [], [1/B], False)
+    t1 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
     t2 = _gram(t1)
 
     return {
@@ -1972,17 +706,17 @@ def _hbp_pch_clip_6_params(P, S, Hz):
 def _hbp_pch_clip_7_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7)."""
     B, n, m = _dims(P, S).values()
-    t1 = _launch('hbp_pch_clip_7_1_5', (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_95c0909512b8', (n, B), (n, 1), [S['x']], [], True)
     t2 = P['W'].T
     t3 = ((((t1 * t2) @ Hz) @ P['W']) * t1.T)
     t5 = xp.broadcast_to((t2 @ S['dz']).sum(axis=1, keepdims=True), (n, B))
-    t8 = _launch('hbp_pch_clip_7_1_4', (n, B), (n, 1), [t5, S['x']], [], True)
+    t8 = _launch('k_36ef97f1d271', (n, B), (n, 1), [t5, S['x']], [], True)
     t9 = xp.diagflat(t8)
-    t10 = _launch('hbp_pch_clip_7_1_3', (n, n), (n, n), [t9], [1/B], False)
+    t10 = _launch('k_b6da753aeb00', (n, n), (n, n), [t9], [1/B], False)
     t11 = _psd_project(t10, 'clip')
-    t12 = _launch('hbp_pch_clip_7_1_2', (n, n), (n, n), [t3, t11], [B**(-2)], False)
-    t13 = _launch('hbp_pch_clip_7_1_1', (1, 1), (1, 1), [], [B**(-2)], False)
-    t15 = _launch('hbp_pch_clip_7_1_0', (n, B), (n, 1), [S['x']], [], True)
+    t12 = _launch('k_159d01c99017', (n, n), (n, n), [t3, t11], [B**(-2)], False)
+    t13 = _launch('k_46178010f642', (1, 1), (1, 1), [], [B**(-2)], False)
+    t15 = _launch('k_0022d4faedf5', (n, B), (n, 1), [S['x']], [], True)
     t16 = _gram(t15)
 
     return {
@@ -1994,8 +728,8 @@ def _hbp_pch_clip_7_all(P, S, Hz):
 def _hbp_pch_clip_7_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7), parameters only."""
     B, n, m = _dims(P, S).values()
-    t0 = _launch('hbp_pch_clip_7_0_1', (1, 1), (1, 1), [], [B**(-2)], False)
-    t2 = _launch('hbp_pch_clip_7_0_0', (n, B), (n, 1), [S['x']], [], True)
+    t0 = _launch('k_46178010f642', (1, 1), (1, 1), [], [B**(-2)], False)
+    t2 = _launch('k_0022d4faedf5', (n, B), (n, 1), [S['x']], [], True)
     t3 = _gram(t2)
 
     return {

@@ -44,7 +44,7 @@ static __device__ __forceinline__ float fn_softplus_1_float(float t) { return (f
 static __device__ __forceinline__ double fn_softplus_2_double(double t) { return (double)(exp(t)/(exp(2*t) + 2*exp(t) + 1)); }
 static __device__ __forceinline__ float fn_softplus_2_float(float t) { return (float)(expf(t)/(expf(2*t) + 2*expf(t) + 1)); }
 
-extern "C" __global__ void forward_0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_05480c8a8cbb_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -55,7 +55,7 @@ extern "C" __global__ void forward_0_float(const float* __restrict__ in0, float*
     out[i] = fn_softplus_0_float(in0[r * cols + c]);
 }
 
-extern "C" __global__ void forward_0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_05480c8a8cbb_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -66,7 +66,7 @@ extern "C" __global__ void forward_0_double(const double* __restrict__ in0, doub
     out[i] = fn_softplus_0_double(in0[r * cols + c]);
 }
 
-extern "C" __global__ void gradients_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_454f781be5fc_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -77,7 +77,7 @@ extern "C" __global__ void gradients_1_0_float(const float* __restrict__ in0, co
     out[i] = (in0[r * cols + c] * fn_softplus_1_float(in1[r * cols + c]));
 }
 
-extern "C" __global__ void gradients_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_454f781be5fc_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -88,7 +88,7 @@ extern "C" __global__ void gradients_1_0_double(const double* __restrict__ in0, 
     out[i] = (in0[r * cols + c] * fn_softplus_1_double(in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_exact_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_98a1b805bfa4_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -99,7 +99,7 @@ extern "C" __global__ void hbp_exact_6_1_0_float(const float* __restrict__ in0, 
     out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? in2[r] : (float)0));
 }
 
-extern "C" __global__ void hbp_exact_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_98a1b805bfa4_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -110,7 +110,7 @@ extern "C" __global__ void hbp_exact_6_1_0_double(const double* __restrict__ in0
     out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? in2[r] : (double)0));
 }
 
-extern "C" __global__ void hbp_exact_6_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_f3488bff5e17_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -128,7 +128,7 @@ extern "C" __global__ void hbp_exact_6_1_1_float(const float* __restrict__ in0, 
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_exact_6_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_f3488bff5e17_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -146,7 +146,7 @@ extern "C" __global__ void hbp_exact_6_1_1_double(const double* __restrict__ in0
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_exact_6_1_2_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_05cb103f62cd_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -157,7 +157,7 @@ extern "C" __global__ void hbp_exact_6_1_2_float(const float* __restrict__ in0, 
     out[i] = fn_softplus_1_float(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_6_1_2_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_05cb103f62cd_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -168,7 +168,7 @@ extern "C" __global__ void hbp_exact_6_1_2_double(const double* __restrict__ in0
     out[i] = fn_softplus_1_double(in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_exact_7_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_b4c3ebd29860_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -179,7 +179,7 @@ extern "C" __global__ void hbp_exact_7_1_0_float(const float* __restrict__ in0, 
     out[i] = ((c0 * in0[r * cols + c]) + (r == c ? (c1 * in1[r]) : (float)0));
 }
 
-extern "C" __global__ void hbp_exact_7_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_b4c3ebd29860_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -190,43 +190,7 @@ extern "C" __global__ void hbp_exact_7_1_0_double(const double* __restrict__ in0
     out[i] = ((c0 * in0[r * cols + c]) + (r == c ? (c1 * in1[r]) : (double)0));
 }
 
-extern "C" __global__ void hbp_exact_7_1_1_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * fn_softplus_2_float(in1[r * cols + c]));
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_exact_7_1_1_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * fn_softplus_2_double(in1[r * cols + c]));
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_exact_7_1_2_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_26045612d8a9_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -244,7 +208,7 @@ extern "C" __global__ void hbp_exact_7_1_2_float(const float* __restrict__ in0, 
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_exact_7_1_2_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_26045612d8a9_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -262,7 +226,7 @@ extern "C" __global__ void hbp_exact_7_1_2_double(const double* __restrict__ in0
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void hbp_ggn_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_bbf53db00b39_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -273,7 +237,7 @@ extern "C" __global__ void hbp_ggn_6_1_0_float(const float* __restrict__ in0, co
     out[i] = (c0 * (in0[r * cols + c] * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_ggn_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_bbf53db00b39_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -284,29 +248,7 @@ extern "C" __global__ void hbp_ggn_6_1_0_double(const double* __restrict__ in0, 
     out[i] = (c0 * (in0[r * cols + c] * in1[r * cols + c]));
 }
 
-extern "C" __global__ void hbp_ggn_6_1_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_softplus_1_float(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_ggn_6_1_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_softplus_1_double(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_ggn_7_1_0_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_b6da753aeb00_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -317,7 +259,7 @@ extern "C" __global__ void hbp_ggn_7_1_0_float(const float* __restrict__ in0, co
     out[i] = (c0 * in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_ggn_7_1_0_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_b6da753aeb00_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -328,65 +270,7 @@ extern "C" __global__ void hbp_ggn_7_1_0_double(const double* __restrict__ in0, 
     out[i] = (c0 * in0[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_ggn_7_1_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_softplus_1_float(in0[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_ggn_7_1_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_softplus_1_double(in0[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_abs_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? in2[r] : (float)0));
-}
-
-extern "C" __global__ void hbp_pch_abs_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? in2[r] : (double)0));
-}
-
-extern "C" __global__ void hbp_pch_abs_6_1_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_14913a26c4f9_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -397,7 +281,7 @@ extern "C" __global__ void hbp_pch_abs_6_1_1_float(const float* __restrict__ in0
     out[i] = fn_abs_0_float(in0[r]);
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_14913a26c4f9_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -408,65 +292,7 @@ extern "C" __global__ void hbp_pch_abs_6_1_1_double(const double* __restrict__ i
     out[i] = fn_abs_0_double(in0[r]);
 }
 
-extern "C" __global__ void hbp_pch_abs_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * fn_softplus_2_float(in1[r * cols + c]));
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_abs_6_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * fn_softplus_2_double(in1[r * cols + c]));
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_abs_6_1_3_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_softplus_1_float(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_abs_6_1_3_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_softplus_1_double(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_159d01c99017_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -477,7 +303,7 @@ extern "C" __global__ void hbp_pch_abs_7_1_0_float(const float* __restrict__ in0
     out[i] = ((c0 * in0[r * cols + c]) + in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_7_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_159d01c99017_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -488,123 +314,7 @@ extern "C" __global__ void hbp_pch_abs_7_1_0_double(const double* __restrict__ i
     out[i] = ((c0 * in0[r * cols + c]) + in1[r * cols + c]);
 }
 
-extern "C" __global__ void hbp_pch_abs_7_1_1_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_1_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * fn_softplus_2_float(in1[r * cols + c]));
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * fn_softplus_2_double(in1[r * cols + c]));
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_3_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_softplus_1_float(in0[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_abs_7_1_3_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_softplus_1_double(in0[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? in2[r] : (float)0));
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? in2[r] : (double)0));
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_888d7e8e6774_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -615,7 +325,7 @@ extern "C" __global__ void hbp_pch_clip_6_1_1_float(const float* __restrict__ in
     out[i] = fn_relu_0_float(in0[r]);
 }
 
-extern "C" __global__ void hbp_pch_clip_6_1_1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_888d7e8e6774_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -624,180 +334,6 @@ extern "C" __global__ void hbp_pch_clip_6_1_1_double(const double* __restrict__ 
     (void)r;
     (void)c;
     out[i] = fn_relu_0_double(in0[r]);
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * fn_softplus_2_float(in1[r * cols + c]));
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * fn_softplus_2_double(in1[r * cols + c]));
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_3_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_softplus_1_float(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_clip_6_1_3_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_softplus_1_double(in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + in1[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + in1[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_1_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_1_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_2_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * fn_softplus_2_float(in1[r * cols + c]));
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_2_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * fn_softplus_2_double(in1[r * cols + c]));
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_3_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_softplus_1_float(in0[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void hbp_pch_clip_7_1_3_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_softplus_1_double(in0[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
 }
 
 """
@@ -821,14 +357,14 @@ def _dims(P, S):
 def forward(P, S):
     """Z = the module's outputs, (size z, B)."""
     B, n = _dims(P, S).values()
-    t0 = _launch('forward_0', (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_05480c8a8cbb', (n, B), (n, B), [S['x']], [], False)
 
     return {"Z": t0}
 
 
 def _gradients_all(P, S):
     B, n = _dims(P, S).values()
-    t1 = _launch('gradients_1_0', (n, B), (n, B), [S['dz'], S['x']], [], False)
+    t1 = _launch('k_454f781be5fc', (n, B), (n, B), [S['dz'], S['x']], [], False)
 
     return {"x": t1, }
 
@@ -849,11 +385,11 @@ def gradients(P, S, inputs=True):
 def _hbp_exact_6_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6)."""
     B, n = _dims(P, S).values()
-    t0 = _launch('hbp_exact_6_1_2', (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_05cb103f62cd', (n, B), (n, B), [S['x']], [], False)
     t1 = t0.T
     t2 = (t0 @ t1)
-    t7 = _launch('hbp_exact_6_1_1', (n, B), (n, 1), [S['dz'], S['x']], [], True)
-    t8 = _launch('hbp_exact_6_1_0', (n, n), (n, n), [t2, Hz, t7], [1/B], False)
+    t7 = _launch('k_f3488bff5e17', (n, B), (n, 1), [S['dz'], S['x']], [], True)
+    t8 = _launch('k_98a1b805bfa4', (n, n), (n, n), [t2, Hz, t7], [1/B], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t8),
@@ -869,11 +405,11 @@ def _hbp_exact_6_params(P, S, Hz):
 def _hbp_exact_7_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7)."""
     B, n = _dims(P, S).values()
-    t1 = _launch('hbp_exact_7_1_2', (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_26045612d8a9', (n, B), (n, 1), [S['x']], [], True)
     t2 = ((t1 * Hz) * t1.T)
     t4 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
-    t7 = _launch('hbp_exact_7_1_1', (n, B), (n, 1), [t4, S['x']], [], True)
-    t8 = _launch('hbp_exact_7_1_0', (n, n), (n, n), [t2, t7], [B**(-2), 1/B], False)
+    t7 = _launch('k_f3488bff5e17', (n, B), (n, 1), [t4, S['x']], [], True)
+    t8 = _launch('k_b4c3ebd29860', (n, n), (n, n), [t2, t7], [B**(-2), 1/B], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t8),
@@ -889,10 +425,10 @@ def _hbp_exact_7_params(P, S, Hz):
 def _hbp_ggn_6_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6)."""
     B, n = _dims(P, S).values()
-    t0 = _launch('hbp_ggn_6_1_1', (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_05cb103f62cd', (n, B), (n, B), [S['x']], [], False)
     t1 = t0.T
     t2 = (t0 @ t1)
-    t4 = _launch('hbp_ggn_6_1_0', (n, n), (n, n), [t2, Hz], [1/B], False)
+    t4 = _launch('k_bbf53db00b39', (n, n), (n, n), [t2, Hz], [1/B], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t4),
@@ -908,9 +444,9 @@ def _hbp_ggn_6_params(P, S, Hz):
 def _hbp_ggn_7_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7)."""
     B, n = _dims(P, S).values()
-    t1 = _launch('hbp_ggn_7_1_1', (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_26045612d8a9', (n, B), (n, 1), [S['x']], [], True)
     t2 = ((t1 * Hz) * t1.T)
-    t3 = _launch('hbp_ggn_7_1_0', (n, n), (n, n), [t2], [B**(-2)], False)
+    t3 = _launch('k_b6da753aeb00', (n, n), (n, n), [t2], [B**(-2)], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t3),
@@ -926,12 +462,12 @@ def _hbp_ggn_7_params(P, S, Hz):
 def _hbp_pch_abs_6_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6)."""
     B, n = _dims(P, S).values()
-    t0 = _launch('hbp_pch_abs_6_1_3', (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_05cb103f62cd', (n, B), (n, B), [S['x']], [], False)
     t1 = t0.T
     t2 = (t0 @ t1)
-    t7 = _launch('hbp_pch_abs_6_1_2', (n, B), (n, 1), [S['dz'], S['x']], [], True)
-    t8 = _launch('hbp_pch_abs_6_1_1', (n, 1), (n, 1), [t7], [], False)
-    t9 = _launch('hbp_pch_abs_6_1_0', (n, n), (n, n), [t2, Hz, t8], [1/B], False)
+    t7 = _launch('k_f3488bff5e17', (n, B), (n, 1), [S['dz'], S['x']], [], True)
+    t8 = _launch('k_14913a26c4f9', (n, 1), (n, 1), [t7], [], False)
+    t9 = _launch('k_98a1b805bfa4', (n, n), (n, n), [t2, Hz, t8], [1/B], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t9),
@@ -947,14 +483,14 @@ def _hbp_pch_abs_6_params(P, S, Hz):
 def _hbp_pch_abs_7_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7)."""
     B, n = _dims(P, S).values()
-    t1 = _launch('hbp_pch_abs_7_1_3', (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_26045612d8a9', (n, B), (n, 1), [S['x']], [], True)
     t2 = ((t1 * Hz) * t1.T)
     t4 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
-    t7 = _launch('hbp_pch_abs_7_1_2', (n, B), (n, 1), [t4, S['x']], [], True)
+    t7 = _launch('k_f3488bff5e17', (n, B), (n, 1), [t4, S['x']], [], True)
     t8 = xp.diagflat(t7)
-    t9 = _launch('hbp_pch_abs_7_1_1', (n, n), (n, n), [t8], [1/B], False)
+    t9 = _launch('k_b6da753aeb00', (n, n), (n, n), [t8], [1/B], False)
     t10 = _psd_project(t9, 'abs')
-    t11 = _launch('hbp_pch_abs_7_1_0', (n, n), (n, n), [t2, t10], [B**(-2)], False)
+    t11 = _launch('k_159d01c99017', (n, n), (n, n), [t2, t10], [B**(-2)], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t11),
@@ -970,12 +506,12 @@ def _hbp_pch_abs_7_params(P, S, Hz):
 def _hbp_pch_clip_6_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6)."""
     B, n = _dims(P, S).values()
-    t0 = _launch('hbp_pch_clip_6_1_3', (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_05cb103f62cd', (n, B), (n, B), [S['x']], [], False)
     t1 = t0.T
     t2 = (t0 @ t1)
-    t7 = _launch('hbp_pch_clip_6_1_2', (n, B), (n, 1), [S['dz'], S['x']], [], True)
-    t8 = _launch('hbp_pch_clip_6_1_1', (n, 1), (n, 1), [t7], [], False)
-    t9 = _launch('hbp_pch_clip_6_1_0', (n, n), (n, n), [t2, Hz, t8], [1/B], False)
+    t7 = _launch('k_f3488bff5e17', (n, B), (n, 1), [S['dz'], S['x']], [], True)
+    t8 = _launch('k_888d7e8e6774', (n, 1), (n, 1), [t7], [], False)
+    t9 = _launch('k_98a1b805bfa4', (n, n), (n, n), [t2, Hz, t8], [1/B], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t9),
@@ -991,14 +527,14 @@ def _hbp_pch_clip_6_params(P, S, Hz):
 def _hbp_pch_clip_7_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7)."""
     B, n = _dims(P, S).values()
-    t1 = _launch('hbp_pch_clip_7_1_3', (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_26045612d8a9', (n, B), (n, 1), [S['x']], [], True)
     t2 = ((t1 * Hz) * t1.T)
     t4 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
-    t7 = _launch('hbp_pch_clip_7_1_2', (n, B), (n, 1), [t4, S['x']], [], True)
+    t7 = _launch('k_f3488bff5e17', (n, B), (n, 1), [t4, S['x']], [], True)
     t8 = xp.diagflat(t7)
-    t9 = _launch('hbp_pch_clip_7_1_1', (n, n), (n, n), [t8], [1/B], False)
+    t9 = _launch('k_b6da753aeb00', (n, n), (n, n), [t8], [1/B], False)
     t10 = _psd_project(t9, 'clip')
-    t11 = _launch('hbp_pch_clip_7_1_0', (n, n), (n, n), [t2, t10], [B**(-2)], False)
+    t11 = _launch('k_159d01c99017', (n, n), (n, n), [t2, t10], [B**(-2)], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t11),

@@ -10,6 +10,7 @@ as kernel arguments.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ from .render import _leaf_key, environment, functions_of, module_context
 
 DTYPES = {"float": float32, "double": float64}
 FUSABLE = (Add, Hadamard, ScalarMul, ScaleBy, Apply)
+_UNNAMED = "KERNEL_NAME"  # stands for a kernel's name until its content names it
 
 
 def _is_broadcast(node: Expr) -> bool:
@@ -59,9 +61,8 @@ class Kernel:
 class KernelBuilder:
     """Finds fusion groups in a program and prints their CUDA source."""
 
-    def __init__(self, program: Program, prefix: str) -> None:
+    def __init__(self, program: Program) -> None:
         self.program = program
-        self.prefix = prefix
         self.by_target = {s.target: s for s in program.steps}
         self.uses: dict[str, int] = {}
         for s in program.steps:
@@ -89,10 +90,9 @@ class KernelBuilder:
                 continue
             node = step.node
             if _is_row_sum(node) and self._internal(node.args[0], node.args[0].shape):
-                kernel = Kernel(f"{self.prefix}{len(self.kernels)}", step.target, node.args[0].shape,
-                                node.args[0], True)
+                kernel = Kernel(_UNNAMED, step.target, node.args[0].shape, node.args[0], True)
             elif isinstance(node, FUSABLE):
-                kernel = Kernel(f"{self.prefix}{len(self.kernels)}", step.target, node.shape, node, False)
+                kernel = Kernel(_UNNAMED, step.target, node.shape, node, False)
             else:
                 continue
             self._collect(kernel, kernel.body, top=True)
@@ -100,6 +100,11 @@ class KernelBuilder:
             self.kernels.append(kernel)
         for kernel in self.kernels:
             kernel.source = {dtype: self._source(kernel, dtype) for dtype in DTYPES}
+            # named by content: the same kernel in another program (another curvature mode, say)
+            # gets the same name, so a module's source holds and compiles it once
+            digest = hashlib.sha256("".join(kernel.source.values()).encode()).hexdigest()[:12]
+            kernel.name = f"k_{digest}"
+            kernel.source = {dtype: src.replace(_UNNAMED, kernel.name) for dtype, src in kernel.source.items()}
         return self.kernels
 
     def _collect(self, kernel: Kernel, node: Expr, top: bool = False) -> None:
@@ -214,8 +219,8 @@ def _device_name(f: ElementwiseFunction) -> str:
 
 
 # --- the generated CuPy module -----------------------------------------------------------
-def _program_context(program: Program, prefix: str) -> dict[str, Any]:
-    kernels = KernelBuilder(program, prefix).build()
+def _program_context(program: Program) -> dict[str, Any]:
+    kernels = KernelBuilder(program).build()
     roots = {k.target: k for k in kernels}
     members = set().union(*[k.members for k in kernels]) if kernels else set()
     printer = ArrayPrinter(lambda node: program.names[node])
@@ -238,41 +243,38 @@ def _program_context(program: Program, prefix: str) -> dict[str, Any]:
             lines.append(f"{step.target} = {printer.rhs(step.node)}")
     fallbacks = []
     for name, inner, leaves in program.fallbacks:
-        context = _program_context(inner, f"{prefix}{name}_")
+        context = _program_context(inner)
         kernels += context["kernels"]
         fallbacks.append({"name": name, "lines": context["lines"], "value": inner.results["value"],
                           "leaves": [_leaf_key(leaf) for leaf in leaves]})
     return {"lines": lines, "fallbacks": fallbacks, "results": program.results, "kernels": kernels}
 
 
+def _contexts(plan: ModulePlan) -> tuple[dict, dict, dict, list[Kernel]]:
+    """Every program of a module printed for CuPy, and all their kernels."""
+    forward = _program_context(plan.forward)
+    gradients = {key: _program_context(p) for key, p in plan.gradients.items()}
+    hbp = {key: _program_context(p) for key, p in plan.hbp.items()}
+    kernels = [k for c in [forward, *gradients.values(), *hbp.values()] for k in c["kernels"]]
+    return forward, gradients, hbp, kernels
+
+
 def render_cupy_module(plan: ModulePlan) -> str:
-    forward = _program_context(plan.forward, "forward_")
-    gradients = {key: _program_context(p, f"gradients_{int(key)}_") for key, p in plan.gradients.items()}
-    hbp = {key: _program_context(p, _hbp_prefix(key)) for key, p in plan.hbp.items()}
-    kernels = forward["kernels"] + [k for c in [*gradients.values(), *hbp.values()] for k in c["kernels"]]
+    forward, gradients, hbp, kernels = _contexts(plan)
     source = cuda_source(kernels)
     return environment().get_template("cupy/module.py.j2").render(
         module=module_context(plan), version=__version__, backend="cupy", functions=functions_of(plan),
         forward=forward, gradients=gradients, hbp=hbp, cuda_source=source,
-        kernel_names=[k.name for k in kernels],
     )
 
 
 def kernel_sources(plan: ModulePlan) -> str:
     """Every CUDA kernel of a module, for compiling offline (``mcalc verify --compile-only``)."""
-    kernels = []
-    for p, prefix in [(plan.forward, "forward_"), *[(p, f"gradients_{int(k)}_") for k, p in plan.gradients.items()],
-                      *[(p, _hbp_prefix(k)) for k, p in plan.hbp.items()]]:
-        kernels += _program_context(p, prefix)["kernels"]
-    return cuda_source(kernels)
-
-
-def _hbp_prefix(key: tuple[str, str, bool]) -> str:
-    return f"hbp_{key[0].replace('-', '_')}_{key[1]}_{int(key[2])}_"
+    return cuda_source(_contexts(plan)[3])
 
 
 def cuda_source(kernels: list[Kernel]) -> str:
-    """One translation unit: each device function once per dtype, then every kernel."""
+    """One translation unit: each device function once per dtype, then each distinct kernel once."""
     functions: dict[str, str] = {}
     for k in kernels:
         for f in k.functions:
@@ -280,4 +282,4 @@ def cuda_source(kernels: list[Kernel]) -> str:
                 functions.setdefault(f"{_device_name(f)}_{dtype}", device_function(f, dtype))
     header = "// Generated by mcalc: fused elementwise and reduction kernels.\n"
     return header + "\n".join(functions[name] for name in sorted(functions)) + "\n\n" + "\n".join(
-        k.source[dtype] for k in kernels for dtype in DTYPES)
+        k.source[dtype] for k in {k.name: k for k in kernels}.values() for dtype in DTYPES)
