@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sympy as sp
 
-from ..expr import Expr
+from ..expr import Expr, ScalarMul
 
 PRECEDENCE = {
     "Add": 10,
@@ -49,3 +49,16 @@ class Printer:
 
     def dim(self, d: sp.Expr) -> str:
         return str(d).replace("*", "")
+
+    minus = "-"
+
+    def _print_Add(self, e: Expr) -> str:
+        """A sum, a negative constant multiple written as a subtraction (``minus`` is the sign)."""
+        out = self._print(e.args[0])
+        for t in e.args[1:]:
+            if isinstance(t, ScalarMul) and t.coefficient.is_number and t.coefficient < 0:
+                positive = t.operand if t.coefficient == -1 else ScalarMul(-t.coefficient, t.operand)
+                out += f" {self.minus} " + self.wrap(positive, 10, strict=True)
+            else:
+                out += " + " + self._print(t)
+        return out

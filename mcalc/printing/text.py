@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import sympy as sp
 
-from ..expr import ONE, Expr, ScalarMul
+from ..expr import ONE, Expr
 from .base import ATOM, Printer
 
 
 class TextPrinter(Printer):
+    minus = "−"
+
     def _print_Symbol(self, e: Expr) -> str:
         return e.args[0]
 
@@ -37,16 +39,6 @@ class TextPrinter(Printer):
 
     def _print_MatMul(self, e: Expr) -> str:
         return " ".join(self.wrap(f, 40, strict=True) for f in e.args)
-
-    def _print_Add(self, e: Expr) -> str:
-        out = self._print(e.args[0])
-        for t in e.args[1:]:
-            if isinstance(t, ScalarMul) and t.coefficient.is_number and t.coefficient < 0:
-                positive = t.operand if t.coefficient == -1 else ScalarMul(-t.coefficient, t.operand)
-                out += " − " + self.wrap(positive, 10, strict=True)
-            else:
-                out += " + " + self._print(t)
-        return out
 
     def _print_ScalarMul(self, e: Expr) -> str:
         c = e.args[0]
