@@ -126,6 +126,8 @@ def _train(args: argparse.Namespace) -> int:
         options.update(curvature=args.curvature, approximation=args.approximation, split=args.split)
     if args.optimizer == "kfac":
         options.update(fisher=args.fisher, seed=args.seed)
+    if args.optimizer in ("hf-newton", "hf-gn"):
+        options.update(damping=args.damping, cg_iterations=args.cg_iterations)
     resume = load_checkpoint(args.resume) if args.resume else None
     if resume is not None and resume.get("spec") != args.model:
         raise McalcError(f"{args.resume}: the checkpoint is of model '{resume.get('spec')}', not '{args.model}'")
@@ -187,6 +189,8 @@ DEMO_RUNS = (  # optimiser, its options, batch size: the same network for each
     ("hbp-newton", {}, 64),
     ("kfac", {"fisher": "mc", "lr": 0.05}, 64),
     ("kbfgs", {}, 64),  # the authors' defaults: γ = 0.3, λ = 0.3, momentum 0.9
+    ("hf-gn", {}, 256),  # Hessian-free wants larger batches for its curvature (Martens 2010)
+    ("hf-newton", {}, 256),
 )
 
 
@@ -248,8 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="folder of the MNIST IDX files or CIFAR-10 python batches")
     p.add_argument("--model", default="64-128-sigmoid-10", help="widths and activations, e.g. 64-128-sigmoid-10")
     p.add_argument("--loss", choices=["ce", "mse"], default="ce")
-    p.add_argument("--optimizer", choices=["sgd", "adam", "hbp-newton", "kfac", "kbfgs"], default="hbp-newton")
+    p.add_argument("--optimizer", choices=["sgd", "adam", "hbp-newton", "kfac", "kbfgs", "hf-newton", "hf-gn"],
+                   default="hbp-newton")
     p.add_argument("--fisher", choices=["mc", "exact"], default="mc", help="kfac: sampled or exact Fisher")
+    p.add_argument("--damping", type=float, help="hf-newton, hf-gn: initial Levenberg–Marquardt λ (default 1)")
+    p.add_argument("--cg-iterations", type=int, help="hf-newton, hf-gn: at most this many CG steps (default 20)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, help="learning rate (default: the optimiser's)")

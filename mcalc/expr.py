@@ -284,10 +284,13 @@ class Symbol(Expr):
 
 
 class Seed(Expr):
-    """A quantity backpropagated into a module: 𝓗z (``'Hz'``) or δz (``'dz'``).
+    """A quantity passed into a module's rules from outside: 𝓗z (``'Hz'``), δz (``'dz'``),
+    or a direction of the R-operator: the tangent of a variable v (``'V:v'``) or
+    R{δz} (``'Rdz'``), the directional derivative of δz (Pearlmutter 1994).
 
     δz has the shape of the module output z (its vec is the gradient); 𝓗z is
-    the (size z × size z) Hessian of the loss with respect to vec z.
+    the (size z × size z) Hessian of the loss with respect to vec z; a tangent
+    has the shape of what it is the tangent of.
     """
 
     __slots__ = ()
@@ -305,6 +308,19 @@ class Seed(Expr):
     @property
     def symmetric(self) -> bool:  # a Hessian is symmetric
         return self.kind == "Hz"
+
+
+TANGENT_PREFIX = "V:"
+
+
+def tangent(v: Symbol) -> Seed:
+    """The direction dv of a variable in a directional derivative (the R-operator's V)."""
+    return Seed(TANGENT_PREFIX + v.name, *v.shape)
+
+
+def tangent_of(seed: Seed) -> str | None:
+    """The variable name a tangent seed stands for, None for other seeds."""
+    return seed.kind[len(TANGENT_PREFIX):] if seed.kind.startswith(TANGENT_PREFIX) else None
 
 
 class Identity(Expr):

@@ -14,6 +14,9 @@ from .expr import Expr, Symbol, map_dims, substitute
 if TYPE_CHECKING:
     from .calculus.derivation import Derivation
 
+# Names the generated code gives to what is passed into a module's rules.
+RESERVED_NAMES = {"dz": "δz, the gradient backpropagated into a module", "Hz": "𝓗z, the Hessian passed back"}
+
 
 class Module:
     """A network module z = f(inputs, params; constants).
@@ -52,6 +55,9 @@ class Module:
                     )
                 if s.name in labelled:
                     raise DeclarationError(f"module '{self.name}': symbol '{s.name}' is labelled twice")
+                if s.name in RESERVED_NAMES:
+                    raise DeclarationError(f"module '{self.name}': the name '{s.name}' is reserved "
+                                           f"({RESERVED_NAMES[s.name]}); rename the symbol")
                 labelled[s.name] = s
         used = {s.name: s for s in self.output.symbols}
         for n, s in used.items():

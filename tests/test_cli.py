@@ -58,6 +58,19 @@ def test_verify_exits_1_on_a_wrong_rule(monkeypatch, capsys):
     assert "MISMATCH" in capsys.readouterr().out
 
 
+def test_verify_exits_1_on_a_wrong_directional_derivative(monkeypatch, capsys):
+    from mcalc.calculus.differential import DIFFERENTIAL_RULES
+    from mcalc.expr import Hadamard
+
+    def wrong(node, d):  # drops the derivative: dφ(A) = φ(A) ⊙ dA
+        return Hadamard(node, d(node.operand))
+
+    monkeypatch.setitem(DIFFERENTIAL_RULES, Apply, wrong)
+    assert cli.main(["verify", "--module", "Tanh"]) == cli.EXIT_MISMATCH
+    out = capsys.readouterr().out
+    assert "R{z}" in out and "MISMATCH" in out
+
+
 def test_demo_runs(tmp_path):
     result = subprocess.run([sys.executable, "-m", "mcalc.cli", "demo", "--epochs", "3"], capture_output=True,
                             text=True, cwd=tmp_path)
@@ -65,4 +78,4 @@ def test_demo_runs(tmp_path):
     assert "SigmoidLinear" in result.stdout and "MISMATCH" not in result.stdout
     assert "hbp-newton" in result.stdout and (tmp_path / "mcalc-demo.png").exists()
     runs = json.loads((tmp_path / "mcalc-demo.json").read_text())["runs"]
-    assert [r["optimizer"] for r in runs] == ["sgd", "adam", "hbp-newton", "kfac", "kbfgs"]
+    assert [r["optimizer"] for r in runs] == ["sgd", "adam", "hbp-newton", "kfac", "kbfgs", "hf-gn", "hf-newton"]

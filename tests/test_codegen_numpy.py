@@ -6,8 +6,9 @@ from test_batch import _batch
 
 import mcalc as mc
 from mcalc import layers as L
-from mcalc.codegen.batch import batch_forward, batch_gradient, batch_hbp
+from mcalc.codegen.batch import batch_forward, batch_gradient, batch_gradient_tangent, batch_hbp, batch_jvp
 from mcalc.codegen.generate import generate
+from mcalc.expr import tangent
 from mcalc.loader import load_modules
 from mcalc.numeric.evaluate import Evaluator, as_matrix
 from mcalc.runtime.loader import load
@@ -46,6 +47,7 @@ def check_generated(module, code):
     grads = code.gradients(shared, S)
     for v in module.variables:
         np.testing.assert_allclose(grads[v.name], ev.value(batch_gradient(d, v.name)), atol=1e-12)
+    check_generated_tangents(module, code, d, ev, shared, S, rng)
     for (curvature, approximation), function in code.HBP.items():
         blocks = function(shared, S, Hz)
         for v in module.variables:
@@ -55,6 +57,46 @@ def check_generated(module, code):
                                        err_msg=f"{v.name} {curvature} ({approximation})")
             probe = rng.normal(size=expected.shape[0])
             np.testing.assert_allclose(got.matvec(probe), expected @ probe, atol=1e-10)
+
+
+def check_generated_tangents(module, code, d, ev, P, S, rng):
+    """The generated jvp and rgradients (all variables moving, then the parameters alone) against the
+    symbolic batch rules, evaluated densely with the same tangents."""
+    B = S["dz"].shape[1]
+    V = {v.name: rng.normal(size=(v.rows.xreplace(ev.binding), B) if v in module.inputs else P[v.name].shape)
+         for v in module.variables}
+    V["dz"] = rng.normal(size=S["dz"].shape)
+    for v in module.inputs:
+        ev.stacked[tangent(v).kind] = V[v.name]
+    for v in module.params:
+        ev.seeds[tangent(v).kind] = V[v.name]
+    ev.stacked[d.Rdz.kind] = V["dz"]
+    for with_inputs in (True, False):
+        if not with_inputs and not module.params:
+            with pytest.raises(ValueError, match="no parameters"):
+                code.jvp(P, S, V, inputs=False)
+            continue
+        moving = {n: a for n, a in V.items() if with_inputs or n not in {v.name for v in module.inputs}}
+        np.testing.assert_allclose(code.jvp(P, S, moving, inputs=with_inputs)["Z"],
+                                   ev.value(batch_jvp(d, with_inputs)), atol=1e-12)
+        got = code.rgradients(P, S, moving, inputs=with_inputs)
+        for v in module.variables if with_inputs else module.params:
+            np.testing.assert_allclose(got[v.name], ev.value(batch_gradient_tangent(d, v.name, with_inputs)),
+                                       atol=1e-12, err_msg=f"R{{δ{v.name}}}")
+        # A cache shared by calls on the same batch: the second call, with other directions, reuses
+        # the loop invariants and still equals an uncached call.
+        cache, other = {}, {n: rng.normal(size=a.shape) for n, a in moving.items()}
+        for f in (code.jvp, code.rgradients):
+            f(P, S, moving, inputs=with_inputs, cache=cache)
+            reused, fresh = f(P, S, other, inputs=with_inputs, cache=cache), f(P, S, other, inputs=with_inputs)
+            for name in fresh:
+                np.testing.assert_allclose(reused[name], fresh[name], atol=1e-13)
+        other_dz = dict(S, dz=rng.normal(size=S["dz"].shape))
+        code.gradients(P, S, inputs=with_inputs, cache=cache)
+        reused = code.gradients(P, other_dz, inputs=with_inputs, cache=cache)
+        fresh = code.gradients(P, other_dz, inputs=with_inputs)
+        for name in fresh:
+            np.testing.assert_allclose(reused[name], fresh[name], atol=1e-13)
 
 
 def test_kronecker_blocks_stay_factored(generated):

@@ -12,3 +12,14 @@ def test_cifar10_example_prints_the_papers_table():
     rows = [line for line in done.stdout.splitlines() if line.startswith(("SGD", "CG"))]
     assert len(rows) == 8
     assert rows[0].split()[1] == "0.406" and rows[2].split()[2] == "0.488"  # the authors' numbers beside ours
+
+
+def test_mnist_hf_example_prints_seed_002s_table():
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "mnist_hf.py"), "--digits", "--epochs", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith(("SGD", "Newton", "HF-"))]
+    assert len(rows) == 6
+    assert "0.2121 / 0.9138 / 222" in rows[0] and "0.2049 / 0.9239 / 246" in rows[4]  # seed 002's beside ours
+    accuracies = [float(row.split()[-3]) for row in rows]
+    assert all(0.0 <= a <= 1.0 for a in accuracies) and max(accuracies) > 0.5  # the methods learn

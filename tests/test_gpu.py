@@ -53,6 +53,51 @@ def test_cupy_kernels_match_numpy(module, dtype):
             np.testing.assert_allclose(g / scale, e / scale, **tol, err_msg=f"{module.name} {v.name} {key}")
 
 
+@pytest.mark.parametrize("module", L.LIBRARY, ids=lambda m: m.name)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_cupy_tangents_match_numpy(module, dtype):
+    """The R-operator's generated functions: jvp and rgradients (all moving, and parameters alone)."""
+    import cupy as cp
+
+    numpy_code, cupy_code = load(module, "numpy"), load(module, "cupy")
+    rng = np.random.default_rng(1)
+    P, S = _inputs(module, rng, 64, dtype)
+    Z = numpy_code.forward(P, S)["Z"]
+    S["dz"] = rng.normal(size=Z.shape) / Z.shape[1]
+    V = {v.name: rng.normal(size=(S[v.name] if v in module.inputs else P[v.name]).shape) for v in module.variables}
+    V["dz"] = rng.normal(size=Z.shape)
+    to_gpu = lambda d: {k: cp.asarray(v, dtype=dtype) for k, v in d.items()}  # noqa: E731
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == np.float64 else dict(rtol=2e-4, atol=2e-4)
+    for inputs in (True, False) if module.params else (True,):
+        moving = {k: v for k, v in V.items() if inputs or k not in {x.name for x in module.inputs}}
+        expected = numpy_code.jvp(P, S, moving, inputs=inputs)["Z"]
+        got = cupy_code.jvp(to_gpu(P), to_gpu(S), to_gpu(moving), inputs=inputs)["Z"].get()
+        scale = max(1.0, float(np.abs(expected).max()))
+        np.testing.assert_allclose(got / scale, expected / scale, **tol)
+        expected = numpy_code.rgradients(P, S, moving, inputs=inputs)
+        got = cupy_code.rgradients(to_gpu(P), to_gpu(S), to_gpu(moving), inputs=inputs)
+        for name, e in expected.items():
+            scale = max(1.0, float(np.abs(e).max()))
+            np.testing.assert_allclose(got[name].get() / scale, e / scale, **tol, err_msg=f"R{{δ{name}}}")
+
+
+@pytest.mark.parametrize("matrix", ["gn", "hessian"])
+def test_network_curvature_products_on_cupy_match_numpy(matrix):
+    import cupy as cp
+
+    from mcalc.train.network import Network
+
+    rng = np.random.default_rng(2)
+    X, labels = rng.normal(size=(12, 32)), rng.integers(0, 4, 32)
+    Y = np.eye(4)[:, labels]
+    host, device = Network("12-8-tanh-6-sigmoid-4", seed=1), Network("12-8-tanh-6-sigmoid-4", backend="cupy", seed=1)
+    V = {k: rng.normal(size=v.shape) for k, v in host.params.items()}
+    expected = host.curvature_product(X, Y, matrix)(V)
+    got = device.curvature_product(cp.asarray(X), cp.asarray(Y), matrix)({k: cp.asarray(v) for k, v in V.items()})
+    for name, e in expected.items():
+        np.testing.assert_allclose(got[name].get(), e, rtol=1e-9, atol=1e-11, err_msg=name)
+
+
 @pytest.mark.parametrize("module", [L.SigmoidLinear, L.CrossEntropy], ids=lambda m: m.name)
 def test_cupy_backend_against_finite_differences(module):
     checks = verify_backend(module, "cupy")

@@ -48,3 +48,52 @@ def test_random_modules_match_torch_autograd(module, seed):
         ref = torch_reference.dense_rules(module, v.name, values, dz, Hz)
         np.testing.assert_allclose(d.evaluate_jacobian(v.name, values), ref["jacobian"], rtol=1e-9, atol=1e-9)
         np.testing.assert_allclose(d.evaluate_hbp(v.name, values, dz=dz, Hz=Hz), ref["exact"], rtol=1e-8, atol=1e-8)
+        tangents = {u.name: rng.normal(size=np.shape(values[u.name])) for u in module.variables}
+        size = np.size(module.forward(values))
+        Rdz = rng.normal(size=size)
+        ref = torch_reference.dense_tangents(module, values, dz, tangents, Rdz)
+        got = d.evaluate_gradient_tangent(v.name, values, dz=dz, tangents=tangents, Rdz=Rdz)
+        np.testing.assert_allclose(got, ref[v.name], rtol=1e-8, atol=1e-8, err_msg=f"R{{δ{v.name}}}")
+
+
+@st.composite
+def networks(draw):
+    """A random feed-forward spec: widths 1–5, each hidden layer followed by a random activation."""
+    widths = draw(st.lists(st.integers(1, 5), min_size=2, max_size=4))
+    tokens = [str(widths[0])]
+    for w in widths[1:-1]:
+        tokens += [str(w), draw(st.sampled_from(["sigmoid", "tanh", "softplus", "relu"]))]
+    return "-".join([*tokens, str(max(2, widths[-1]))])
+
+
+@SETTINGS
+@given(spec=networks(), loss=st.sampled_from(["ce", "mse"]), batch=st.integers(1, 6), seed=st.integers(0, 1000))
+def test_random_networks_curvature_products(spec, loss, batch, seed):
+    """Hv against the central difference of the gradient along v; Gv symmetric and positive semi-definite."""
+    from mcalc.train.network import Network
+
+    net = Network(spec, loss=loss, seed=seed)
+    rng = np.random.default_rng(seed)
+    # Random biases too: with zero biases a layer of dead ReLUs puts the next pre-activation on relu's kink.
+    net.params = {k: rng.normal(scale=0.8, size=a.shape) for k, a in net.params.items()}
+    X = rng.normal(size=(net.widths[0], batch))
+    Y = np.eye(net.widths[-1])[:, rng.integers(0, net.widths[-1], batch)]
+    U, V = ({k: rng.normal(size=a.shape) for k, a in net.params.items()} for _ in range(2))
+    dot = lambda a, b: sum(float((a[k] * b[k]).sum()) for k in a)  # noqa: E731
+    h, theta = 1e-5, net.params
+
+    def gradient(step):
+        net.params = {k: theta[k] + step * V[k] for k in theta}
+        try:
+            return net.backward(X, Y)[1]
+        finally:
+            net.params = theta
+
+    plus, minus = gradient(h), gradient(-h)
+    Hv = net.curvature_product(X, Y, "hessian")(V)
+    for k in theta:
+        np.testing.assert_allclose(Hv[k], (plus[k] - minus[k]) / (2 * h), atol=1e-6, err_msg=f"{spec} {k}")
+    G = net.curvature_product(X, Y, "gn")
+    Gu, Gv = G(U), G(V)
+    assert abs(dot(U, Gv) - dot(V, Gu)) <= 1e-10 * (1 + abs(dot(U, Gv)))
+    assert dot(V, Gv) >= -1e-12

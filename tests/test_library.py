@@ -7,6 +7,7 @@ from conftest import seeds_for
 import mcalc as mc
 from mcalc import layers as L
 from mcalc.calculus.explicit import symbolically_equal
+from mcalc.expr import tangent
 from mcalc.numeric.verify import sample_values, verify_module
 
 
@@ -28,6 +29,31 @@ def test_every_rule_matches_torch_autograd(module, rng):
         for c in mc.CURVATURES:
             got = d.evaluate_hbp(v.name, values, dz=dz, Hz=Hz, curvature=c)
             np.testing.assert_allclose(got, ref[c], atol=1e-10, err_msg=f"{module.name} {v.name} {c}")
+
+
+@pytest.mark.parametrize("module", L.LIBRARY, ids=lambda m: m.name)
+def test_r_operator_matches_torch_forward_over_reverse(module, rng):
+    """R{z} and R{δv} (every variable and δz moving) against torch's jvp of its own gradients."""
+    d = mc.derive(module)
+    values = sample_values(module, rng)
+    size = np.size(module.forward(values))
+    dz, Rdz = rng.normal(size=size), rng.normal(size=size)
+    tangents = {v.name: rng.normal(size=np.shape(values[v.name])) for v in module.variables}
+    ref = torch_reference.dense_tangents(module, values, dz, tangents, Rdz)
+    np.testing.assert_allclose(d.evaluate_jvp(values, tangents), ref["R{z}"], atol=1e-12)
+    for v in module.variables:
+        got = d.evaluate_gradient_tangent(v.name, values, dz=dz, tangents=tangents, Rdz=Rdz)
+        np.testing.assert_allclose(got, ref[v.name], atol=1e-10, err_msg=f"R{{δ{v.name}}}")
+
+
+def test_r_operator_of_linear_is_the_product_rule():
+    """Closed forms: R{z} = dW x + W dx + db; R{δx} = dWᵀ δz + Wᵀ R{δz}; R{δW} = R{δz} xᵀ + δz dxᵀ."""
+    d = mc.derive(L.Linear)
+    dx, dW, db = (tangent(s) for s in (x, W, b))
+    assert symbolically_equal(d.jvp(("x", "W", "b")), dW @ x + W @ dx + db)
+    assert symbolically_equal(d.gradient_tangent("x", ("x", "W", "b")), dW.T @ d.dz + W.T @ d.Rdz)
+    assert symbolically_equal(d.gradient_tangent("W", ("x", "W", "b")), d.Rdz @ x.T + d.dz @ dx.T)
+    assert symbolically_equal(d.gradient_tangent("W", ("W", "b")), d.Rdz @ x.T)  # the data does not move
 
 
 # --- closed forms of the paper ----------------------------------------------------------------

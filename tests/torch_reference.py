@@ -96,3 +96,29 @@ def dense_rules(module: mc.Module, name: str, values: dict, dz: np.ndarray, Hz: 
         "pch-clip": ggn + psd_project(S, "clip"),
         "second-order": S,
     }
+
+
+def dense_tangents(module: mc.Module, values: dict, dz: np.ndarray, tangents: dict, Rdz: np.ndarray) -> dict:
+    """vec R{z} and every vec R{δv}, by torch's forward-over-reverse autograd (Pearlmutter's R-operator)."""
+    env = {s.name: torch.tensor(as_matrix(values[s.name], s, s.name), dtype=torch.float64) for s in module.symbols}
+    sizes = {d: n for s in module.symbols for d, n in zip(s.shape, env[s.name].shape) if d.is_Symbol}
+    names = [v.name for v in module.variables]
+    point = tuple(env[n] for n in names)
+    direction = tuple(torch.tensor(as_matrix(tangents[n], module.symbol(n), n)) if n in tangents
+                      else torch.zeros_like(env[n]) for n in names)
+    weights = torch.tensor(np.asarray(dz, dtype=float).reshape(-1))
+    pulled = torch.tensor(np.asarray(Rdz, dtype=float).reshape(-1))
+
+    def output(*variables: torch.Tensor) -> torch.Tensor:
+        return forward(module.output, {**env, **dict(zip(names, variables))}, sizes).T.reshape(-1)
+
+    def gradients(*variables: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.autograd.grad(weights @ output(*variables), variables, create_graph=True)
+
+    _, Rz = torch.autograd.functional.jvp(output, point, direction)
+    _, moved = torch.autograd.functional.jvp(gradients, point, direction)
+    _, vjp = torch.autograd.functional.vjp(output, point, pulled)  # Dz(v)ᵀ R{δz}
+    out = {"R{z}": Rz.numpy()}
+    for n, m, p in zip(names, moved, vjp):
+        out[n] = (m + p).T.reshape(-1).numpy()  # vec, column-major
+    return out

@@ -90,6 +90,50 @@ extern "C" __global__ void k_eaa61725f54d_double(const double* __restrict__ in0,
     out[i] = ((c0 * (in0[c] * in1[r * cols + c])) + (in0[c] * in2[r * cols + c]));
 }
 
+extern "C" __global__ void k_442036a17620_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = ((in0[r * cols + c] + (c0 * in1[r * cols + c])) * in2[r * cols + c]);
+}
+
+extern "C" __global__ void k_442036a17620_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = ((in0[r * cols + c] + (c0 * in1[r * cols + c])) * in2[r * cols + c]);
+}
+
+extern "C" __global__ void k_fe106be29eba_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float* __restrict__ in5, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = ((c0 * (in0[c] * in1[r * cols + c])) + (in0[c] * in2[r * cols + c]) + (in3[c] * (in4[r * cols + c] + (c1 * (in5[r * cols + c] * in2[r * cols + c])))));
+}
+
+extern "C" __global__ void k_fe106be29eba_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double* __restrict__ in4, const double* __restrict__ in5, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = ((c0 * (in0[c] * in1[r * cols + c])) + (in0[c] * in2[r * cols + c]) + (in3[c] * (in4[r * cols + c] + (c1 * (in5[r * cols + c] * in2[r * cols + c])))));
+}
+
 extern "C" __global__ void k_8a39c66b9282_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float c0, const float c1, const float c2, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
@@ -383,26 +427,87 @@ def forward(P, S):
     return {"Z": t3}
 
 
-def _gradients_all(P, S):
+def _gradients_all(P, S, C=None):
     B, n = _dims(P, S).values()
+    hoisted = C.get('gradients_all') if C is not None else None
+    if hoisted is None:
+        t3 = _softmax(S['x'])
+        if C is not None:
+            C['gradients_all'] = (t3,)
+    else:
+        t3, = hoisted
     t0 = (xp.ones((n, 1)) @ S['dz'])
-    t3 = _softmax(S['x'])
     t5 = _launch('k_eaa61725f54d', (n, B), (n, B), [S['dz'], S['y'], t3], [-1], False)
 
     return {"x": t5, }
 
 
-def _gradients_params(P, S):
+def _gradients_params(P, S, C=None):
     B, n = _dims(P, S).values()
 
     return {}
 
 
-def gradients(P, S, inputs=True):
+def gradients(P, S, inputs=True, cache=None):
     """δ of every input (size, B) and parameter (summed over the batch); S['dz'] holds δZ.
 
-    ``inputs=False`` skips the inputs (a first layer's data needs no gradient)."""
-    return _gradients_all(P, S) if inputs else _gradients_params(P, S)
+    ``inputs=False`` skips the inputs (a first layer's data needs no gradient). Calls that share
+    ``cache`` (a dict) must share P and S except S['dz']: what does not depend on it is reused."""
+    return _gradients_all(P, S, cache) if inputs else _gradients_params(P, S, cache)
+
+
+def _jvp_all(P, S, V, C=None):
+    B, n = _dims(P, S).values()
+    hoisted = C.get('jvp_all') if C is not None else None
+    if hoisted is None:
+        t0 = _softmax(S['x'])
+        if C is not None:
+            C['jvp_all'] = (t0,)
+    else:
+        t0, = hoisted
+    t1 = _launch('k_531d59972706', (n, B), (n, B), [V['x'], t0], [], False)
+    t2 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t1)
+    t5 = _launch('k_442036a17620', (n, B), (n, B), [V['x'], t2, S['y']], [-1], False)
+    t6 = t5.sum(axis=0, keepdims=True)
+    t7 = _launch('k_e768e514d527', (1, B), (1, B), [t6], [-1], False)
+
+    return {"Z": t7}
+
+
+def jvp(P, S, V, inputs=True, cache=None):
+    """R{Z} (size z, B): the outputs' tangent when each variable v moves along V[v] (inputs' tangents
+    stacked like the inputs). ``inputs=False``: only the parameters move. Calls that share ``cache``
+    must share P and S: only V may change."""
+    return _jvp_all(P, S, V, cache) if inputs else _no_parameters()
+
+
+def _rgradients_all(P, S, V, C=None):
+    B, n = _dims(P, S).values()
+    hoisted = C.get('rgradients_all') if C is not None else None
+    if hoisted is None:
+        t3 = _softmax(S['x'])
+        t5 = (xp.ones((n, 1)) @ S['dz'])
+        if C is not None:
+            C['rgradients_all'] = (t3, t5,)
+    else:
+        t3, t5, = hoisted
+    t0 = (xp.ones((n, 1)) @ V['dz'])
+    t6 = _launch('k_531d59972706', (n, B), (n, B), [V['x'], t3], [], False)
+    t7 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t6)
+    t12 = _launch('k_fe106be29eba', (n, B), (n, B), [V['dz'], S['y'], t3, S['dz'], t6, t7], [-1, -1], False)
+
+    return {"x": t12, }
+
+
+def rgradients(P, S, V, inputs=True, cache=None):
+    """R{δv} of every variable: the gradients' directional derivatives (Pearlmutter's R-backprop) when
+    the variables move along V and δZ = S['dz'] along V['dz']. ``inputs=False``: the inputs do not move
+    and their R{δ} is not computed. Calls that share ``cache`` must share P and S: only V may change."""
+    return _rgradients_all(P, S, V, cache) if inputs else _no_parameters()
+
+
+def _no_parameters():
+    raise ValueError(f"module {MODULE} has no parameters: with inputs=False nothing moves")
 
 
 def _hbp_exact_6_all(P, S, Hz):

@@ -42,6 +42,50 @@ extern "C" __global__ void k_a3cc1fa8db9e_double(const double* __restrict__ in0,
     out[i] = (in0[r * cols + c] + in1[r]);
 }
 
+extern "C" __global__ void k_7a29c394231f_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (in0[r * cols + c] + in1[r * cols + c] + in2[r]);
+}
+
+extern "C" __global__ void k_7a29c394231f_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (in0[r * cols + c] + in1[r * cols + c] + in2[r]);
+}
+
+extern "C" __global__ void k_41a52876c677_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (in0[r * cols + c] + in1[r * cols + c]);
+}
+
+extern "C" __global__ void k_41a52876c677_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (in0[r * cols + c] + in1[r * cols + c]);
+}
+
 extern "C" __global__ void k_46178010f642_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
@@ -92,31 +136,119 @@ def forward(P, S):
     return {"Z": t2}
 
 
-def _gradients_all(P, S):
+def _gradients_all(P, S, C=None):
     B, n, m = _dims(P, S).values()
-    t0 = P['W'].T
+    hoisted = C.get('gradients_all') if C is not None else None
+    if hoisted is None:
+        t0 = P['W'].T
+        t2 = S['x'].T
+        if C is not None:
+            C['gradients_all'] = (t0, t2,)
+    else:
+        t0, t2, = hoisted
     t1 = (t0 @ S['dz'])
-    t2 = S['x'].T
     t3 = (S['dz'] @ t2)
     t4 = S['dz'].sum(axis=1, keepdims=True)
 
     return {"x": t1, "W": t3, "b": t4, }
 
 
-def _gradients_params(P, S):
+def _gradients_params(P, S, C=None):
     B, n, m = _dims(P, S).values()
-    t0 = S['x'].T
+    hoisted = C.get('gradients_params') if C is not None else None
+    if hoisted is None:
+        t0 = S['x'].T
+        if C is not None:
+            C['gradients_params'] = (t0,)
+    else:
+        t0, = hoisted
     t1 = (S['dz'] @ t0)
     t2 = S['dz'].sum(axis=1, keepdims=True)
 
     return {"W": t1, "b": t2, }
 
 
-def gradients(P, S, inputs=True):
+def gradients(P, S, inputs=True, cache=None):
     """δ of every input (size, B) and parameter (summed over the batch); S['dz'] holds δZ.
 
-    ``inputs=False`` skips the inputs (a first layer's data needs no gradient)."""
-    return _gradients_all(P, S) if inputs else _gradients_params(P, S)
+    ``inputs=False`` skips the inputs (a first layer's data needs no gradient). Calls that share
+    ``cache`` (a dict) must share P and S except S['dz']: what does not depend on it is reused."""
+    return _gradients_all(P, S, cache) if inputs else _gradients_params(P, S, cache)
+
+
+def _jvp_all(P, S, V, C=None):
+    B, n, m = _dims(P, S).values()
+    t0 = (V['W'] @ S['x'])
+    t1 = (P['W'] @ V['x'])
+    t2 = xp.broadcast_to(V['b'], (m, B))
+    t3 = _launch('k_7a29c394231f', (m, B), (m, B), [t0, t1, V['b']], [], False)
+
+    return {"Z": t3}
+
+
+def _jvp_params(P, S, V, C=None):
+    B, n, m = _dims(P, S).values()
+    t0 = (V['W'] @ S['x'])
+    t1 = xp.broadcast_to(V['b'], (m, B))
+    t2 = _launch('k_a3cc1fa8db9e', (m, B), (m, B), [t0, V['b']], [], False)
+
+    return {"Z": t2}
+
+
+def jvp(P, S, V, inputs=True, cache=None):
+    """R{Z} (size z, B): the outputs' tangent when each variable v moves along V[v] (inputs' tangents
+    stacked like the inputs). ``inputs=False``: only the parameters move. Calls that share ``cache``
+    must share P and S: only V may change."""
+    return _jvp_all(P, S, V, cache) if inputs else _jvp_params(P, S, V, cache)
+
+
+def _rgradients_all(P, S, V, C=None):
+    B, n, m = _dims(P, S).values()
+    hoisted = C.get('rgradients_all') if C is not None else None
+    if hoisted is None:
+        t2 = P['W'].T
+        t5 = S['x'].T
+        if C is not None:
+            C['rgradients_all'] = (t2, t5,)
+    else:
+        t2, t5, = hoisted
+    t0 = V['W'].T
+    t1 = (t0 @ S['dz'])
+    t3 = (t2 @ V['dz'])
+    t4 = _launch('k_41a52876c677', (n, B), (n, B), [t1, t3], [], False)
+    t6 = (V['dz'] @ t5)
+    t7 = V['x'].T
+    t8 = (S['dz'] @ t7)
+    t9 = _launch('k_41a52876c677', (m, n), (m, n), [t6, t8], [], False)
+    t10 = V['dz'].sum(axis=1, keepdims=True)
+
+    return {"x": t4, "W": t9, "b": t10, }
+
+
+def _rgradients_params(P, S, V, C=None):
+    B, n, m = _dims(P, S).values()
+    hoisted = C.get('rgradients_params') if C is not None else None
+    if hoisted is None:
+        t0 = S['x'].T
+        if C is not None:
+            C['rgradients_params'] = (t0,)
+    else:
+        t0, = hoisted
+    t1 = (V['dz'] @ t0)
+    t2 = V['dz'].sum(axis=1, keepdims=True)
+
+    return {"W": t1, "b": t2, }
+
+
+def rgradients(P, S, V, inputs=True, cache=None):
+    """R{δv} of every variable: the gradients' directional derivatives (Pearlmutter's R-backprop) when
+    the variables move along V and δZ = S['dz'] along V['dz']. ``inputs=False``: the inputs do not move
+    and their R{δ} is not computed. Calls that share ``cache`` must share P and S: only V may change."""
+    return _rgradients_all(P, S, V, cache) if inputs else _rgradients_params(P, S, V, cache)
+
+
+def _no_parameters():
+    raise ValueError(f"module {MODULE} has no parameters: with inputs=False nothing moves")
 
 
 def _hbp_exact_6_all(P, S, Hz):

@@ -90,6 +90,72 @@ extern "C" __global__ void k_89a14ba3b649_double(const double* __restrict__ in0,
     out[i] = (c0 * (in0[c] * (in1[r * cols + c] + (c1 * in2[r * cols + c]))));
 }
 
+extern "C" __global__ void k_e768e514d527_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * in0[c]);
+}
+
+extern "C" __global__ void k_e768e514d527_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * in0[c]);
+}
+
+extern "C" __global__ void k_3ac21bab4968_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (in0[r * cols + c] * (in1[r * cols + c] + (c0 * in2[r * cols + c])));
+}
+
+extern "C" __global__ void k_3ac21bab4968_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (in0[r * cols + c] * (in1[r * cols + c] + (c0 * in2[r * cols + c])));
+}
+
+extern "C" __global__ void k_0554ac7d87a1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * ((in0[c] * (in1[r * cols + c] + (c1 * in2[r * cols + c]))) + (in3[c] * in4[r * cols + c])));
+}
+
+extern "C" __global__ void k_0554ac7d87a1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double* __restrict__ in4, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * ((in0[c] * (in1[r * cols + c] + (c1 * in2[r * cols + c]))) + (in3[c] * in4[r * cols + c])));
+}
+
 extern "C" __global__ void k_f058db9b2cae_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
@@ -250,7 +316,7 @@ def forward(P, S):
     return {"Z": t3}
 
 
-def _gradients_all(P, S):
+def _gradients_all(P, S, C=None):
     B, n = _dims(P, S).values()
     t0 = (xp.ones((n, 1)) @ S['dz'])
     t4 = _launch('k_89a14ba3b649', (n, B), (n, B), [S['dz'], S['x'], S['y']], [2, -1], False)
@@ -258,17 +324,60 @@ def _gradients_all(P, S):
     return {"x": t4, }
 
 
-def _gradients_params(P, S):
+def _gradients_params(P, S, C=None):
     B, n = _dims(P, S).values()
 
     return {}
 
 
-def gradients(P, S, inputs=True):
+def gradients(P, S, inputs=True, cache=None):
     """δ of every input (size, B) and parameter (summed over the batch); S['dz'] holds δZ.
 
-    ``inputs=False`` skips the inputs (a first layer's data needs no gradient)."""
-    return _gradients_all(P, S) if inputs else _gradients_params(P, S)
+    ``inputs=False`` skips the inputs (a first layer's data needs no gradient). Calls that share
+    ``cache`` (a dict) must share P and S except S['dz']: what does not depend on it is reused."""
+    return _gradients_all(P, S, cache) if inputs else _gradients_params(P, S, cache)
+
+
+def _jvp_all(P, S, V, C=None):
+    B, n = _dims(P, S).values()
+    t2 = _launch('k_3ac21bab4968', (n, B), (n, B), [V['x'], S['x'], S['y']], [-1], False)
+    t3 = t2.sum(axis=0, keepdims=True)
+    t4 = _launch('k_e768e514d527', (1, B), (1, B), [t3], [2], False)
+
+    return {"Z": t4}
+
+
+def jvp(P, S, V, inputs=True, cache=None):
+    """R{Z} (size z, B): the outputs' tangent when each variable v moves along V[v] (inputs' tangents
+    stacked like the inputs). ``inputs=False``: only the parameters move. Calls that share ``cache``
+    must share P and S: only V may change."""
+    return _jvp_all(P, S, V, cache) if inputs else _no_parameters()
+
+
+def _rgradients_all(P, S, V, C=None):
+    B, n = _dims(P, S).values()
+    hoisted = C.get('rgradients_all') if C is not None else None
+    if hoisted is None:
+        t4 = (xp.ones((n, 1)) @ S['dz'])
+        if C is not None:
+            C['rgradients_all'] = (t4,)
+    else:
+        t4, = hoisted
+    t0 = (xp.ones((n, 1)) @ V['dz'])
+    t7 = _launch('k_0554ac7d87a1', (n, B), (n, B), [V['dz'], S['x'], S['y'], S['dz'], V['x']], [2, -1], False)
+
+    return {"x": t7, }
+
+
+def rgradients(P, S, V, inputs=True, cache=None):
+    """R{δv} of every variable: the gradients' directional derivatives (Pearlmutter's R-backprop) when
+    the variables move along V and δZ = S['dz'] along V['dz']. ``inputs=False``: the inputs do not move
+    and their R{δ} is not computed. Calls that share ``cache`` must share P and S: only V may change."""
+    return _rgradients_all(P, S, V, cache) if inputs else _no_parameters()
+
+
+def _no_parameters():
+    raise ValueError(f"module {MODULE} has no parameters: with inputs=False nothing moves")
 
 
 def _hbp_exact_6_all(P, S, Hz):

@@ -20,14 +20,14 @@ def _fn_relu_0(t):
     return functools.reduce(xp.maximum, [0, t])
 
 def _fn_sigmoid_0(t):
-    return (1 + xp.exp(-t))**(-1.0)
+    return 1/(1 + xp.exp(-t))
 
 def _fn_sigmoid_1(t):
-    s = (1 + xp.exp(-t))**(-1.0)
+    s = 1/(1 + xp.exp(-t))
     return s*(1 - s)
 
 def _fn_sigmoid_2(t):
-    s = (1 + xp.exp(-t))**(-1.0)
+    s = 1/(1 + xp.exp(-t))
     return s*(s - 1)*(2*s - 1)
 
 
@@ -112,6 +112,116 @@ extern "C" __global__ void k_7f80f5161959_double(const double* __restrict__ in0,
     out[i] = (in0[r * cols + c] * fn_sigmoid_1_double(in1[r * cols + c]));
 }
 
+extern "C" __global__ void k_7a29c394231f_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (in0[r * cols + c] + in1[r * cols + c] + in2[r]);
+}
+
+extern "C" __global__ void k_7a29c394231f_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (in0[r * cols + c] + in1[r * cols + c] + in2[r]);
+}
+
+extern "C" __global__ void k_41a52876c677_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (in0[r * cols + c] + in1[r * cols + c]);
+}
+
+extern "C" __global__ void k_41a52876c677_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (in0[r * cols + c] + in1[r * cols + c]);
+}
+
+extern "C" __global__ void k_531d59972706_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (in0[r * cols + c] * in1[r * cols + c]);
+}
+
+extern "C" __global__ void k_531d59972706_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (in0[r * cols + c] * in1[r * cols + c]);
+}
+
+extern "C" __global__ void k_1a0ed3fc59d5_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float* __restrict__ in5, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (((in0[r * cols + c] + in1[r * cols + c]) * in2[r * cols + c]) + (in3[r * cols + c] * (in4[r * cols + c] * fn_sigmoid_2_float(in5[r * cols + c]))));
+}
+
+extern "C" __global__ void k_1a0ed3fc59d5_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double* __restrict__ in4, const double* __restrict__ in5, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (((in0[r * cols + c] + in1[r * cols + c]) * in2[r * cols + c]) + (in3[r * cols + c] * (in4[r * cols + c] * fn_sigmoid_2_double(in5[r * cols + c]))));
+}
+
+extern "C" __global__ void k_8f7445a19454_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = fn_sigmoid_1_float(in0[r * cols + c]);
+}
+
+extern "C" __global__ void k_8f7445a19454_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = fn_sigmoid_1_double(in0[r * cols + c]);
+}
+
 extern "C" __global__ void k_46178010f642_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
@@ -190,28 +300,6 @@ extern "C" __global__ void k_36ef97f1d271_double(const double* __restrict__ in0,
         __syncthreads();
     }
     if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void k_8f7445a19454_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_1_float(in0[r * cols + c]);
-}
-
-extern "C" __global__ void k_8f7445a19454_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_1_double(in0[r * cols + c]);
 }
 
 extern "C" __global__ void k_0022d4faedf5_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
@@ -447,34 +535,143 @@ def forward(P, S):
     return {"Z": t3}
 
 
-def _gradients_all(P, S):
+def _gradients_all(P, S, C=None):
     B, n, m = _dims(P, S).values()
-    t0 = P['W'].T
+    hoisted = C.get('gradients_all') if C is not None else None
+    if hoisted is None:
+        t0 = P['W'].T
+        t4 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
+        t5 = t4.T
+        if C is not None:
+            C['gradients_all'] = (t0, t4, t5,)
+    else:
+        t0, t4, t5, = hoisted
     t1 = (t0 @ S['dz'])
     t3 = _launch('k_7f80f5161959', (n, B), (n, B), [t1, S['x']], [], False)
-    t4 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
-    t5 = t4.T
     t6 = (S['dz'] @ t5)
     t7 = S['dz'].sum(axis=1, keepdims=True)
 
     return {"x": t3, "W": t6, "b": t7, }
 
 
-def _gradients_params(P, S):
+def _gradients_params(P, S, C=None):
     B, n, m = _dims(P, S).values()
-    t0 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
-    t1 = t0.T
+    hoisted = C.get('gradients_params') if C is not None else None
+    if hoisted is None:
+        t0 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
+        t1 = t0.T
+        if C is not None:
+            C['gradients_params'] = (t0, t1,)
+    else:
+        t0, t1, = hoisted
     t2 = (S['dz'] @ t1)
     t3 = S['dz'].sum(axis=1, keepdims=True)
 
     return {"W": t2, "b": t3, }
 
 
-def gradients(P, S, inputs=True):
+def gradients(P, S, inputs=True, cache=None):
     """δ of every input (size, B) and parameter (summed over the batch); S['dz'] holds δZ.
 
-    ``inputs=False`` skips the inputs (a first layer's data needs no gradient)."""
-    return _gradients_all(P, S) if inputs else _gradients_params(P, S)
+    ``inputs=False`` skips the inputs (a first layer's data needs no gradient). Calls that share
+    ``cache`` (a dict) must share P and S except S['dz']: what does not depend on it is reused."""
+    return _gradients_all(P, S, cache) if inputs else _gradients_params(P, S, cache)
+
+
+def _jvp_all(P, S, V, C=None):
+    B, n, m = _dims(P, S).values()
+    hoisted = C.get('jvp_all') if C is not None else None
+    if hoisted is None:
+        t0 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
+        if C is not None:
+            C['jvp_all'] = (t0,)
+    else:
+        t0, = hoisted
+    t1 = (V['W'] @ t0)
+    t3 = _launch('k_7f80f5161959', (n, B), (n, B), [V['x'], S['x']], [], False)
+    t4 = (P['W'] @ t3)
+    t5 = xp.broadcast_to(V['b'], (m, B))
+    t6 = _launch('k_7a29c394231f', (m, B), (m, B), [t1, t4, V['b']], [], False)
+
+    return {"Z": t6}
+
+
+def _jvp_params(P, S, V, C=None):
+    B, n, m = _dims(P, S).values()
+    hoisted = C.get('jvp_params') if C is not None else None
+    if hoisted is None:
+        t0 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
+        if C is not None:
+            C['jvp_params'] = (t0,)
+    else:
+        t0, = hoisted
+    t1 = (V['W'] @ t0)
+    t2 = xp.broadcast_to(V['b'], (m, B))
+    t3 = _launch('k_a3cc1fa8db9e', (m, B), (m, B), [t1, V['b']], [], False)
+
+    return {"Z": t3}
+
+
+def jvp(P, S, V, inputs=True, cache=None):
+    """R{Z} (size z, B): the outputs' tangent when each variable v moves along V[v] (inputs' tangents
+    stacked like the inputs). ``inputs=False``: only the parameters move. Calls that share ``cache``
+    must share P and S: only V may change."""
+    return _jvp_all(P, S, V, cache) if inputs else _jvp_params(P, S, V, cache)
+
+
+def _rgradients_all(P, S, V, C=None):
+    B, n, m = _dims(P, S).values()
+    hoisted = C.get('rgradients_all') if C is not None else None
+    if hoisted is None:
+        t2 = P['W'].T
+        t5 = _launch('k_8f7445a19454', (n, B), (n, B), [S['x']], [], False)
+        t7 = (t2 @ S['dz'])
+        t12 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
+        t13 = t12.T
+        t16 = t5.T
+        if C is not None:
+            C['rgradients_all'] = (t2, t5, t7, t12, t13, t16,)
+    else:
+        t2, t5, t7, t12, t13, t16, = hoisted
+    t0 = V['W'].T
+    t1 = (t0 @ S['dz'])
+    t3 = (t2 @ V['dz'])
+    t11 = _launch('k_1a0ed3fc59d5', (n, B), (n, B), [t1, t3, t5, t7, V['x'], S['x']], [], False)
+    t14 = (V['dz'] @ t13)
+    t15 = V['x'].T
+    t17 = _launch('k_531d59972706', (B, n), (B, n), [t15, t16], [], False)
+    t18 = (S['dz'] @ t17)
+    t19 = _launch('k_41a52876c677', (m, n), (m, n), [t14, t18], [], False)
+    t20 = V['dz'].sum(axis=1, keepdims=True)
+
+    return {"x": t11, "W": t19, "b": t20, }
+
+
+def _rgradients_params(P, S, V, C=None):
+    B, n, m = _dims(P, S).values()
+    hoisted = C.get('rgradients_params') if C is not None else None
+    if hoisted is None:
+        t0 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
+        t1 = t0.T
+        if C is not None:
+            C['rgradients_params'] = (t0, t1,)
+    else:
+        t0, t1, = hoisted
+    t2 = (V['dz'] @ t1)
+    t3 = V['dz'].sum(axis=1, keepdims=True)
+
+    return {"W": t2, "b": t3, }
+
+
+def rgradients(P, S, V, inputs=True, cache=None):
+    """R{δv} of every variable: the gradients' directional derivatives (Pearlmutter's R-backprop) when
+    the variables move along V and δZ = S['dz'] along V['dz']. ``inputs=False``: the inputs do not move
+    and their R{δ} is not computed. Calls that share ``cache`` must share P and S: only V may change."""
+    return _rgradients_all(P, S, V, cache) if inputs else _rgradients_params(P, S, V, cache)
+
+
+def _no_parameters():
+    raise ValueError(f"module {MODULE} has no parameters: with inputs=False nothing moves")
 
 
 def _hbp_exact_6_all(P, S, Hz):

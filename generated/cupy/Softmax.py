@@ -64,6 +64,50 @@ extern "C" __global__ void k_531d59972706_double(const double* __restrict__ in0,
     out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
+extern "C" __global__ void k_3cefff2a2be0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float* __restrict__ in5, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (in0[r * cols + c] + in1[r * cols + c] + (c0 * ((in2[r * cols + c] * in3[r * cols + c]) + (in4[r * cols + c] * in5[r * cols + c]))));
+}
+
+extern "C" __global__ void k_3cefff2a2be0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double* __restrict__ in4, const double* __restrict__ in5, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (in0[r * cols + c] + in1[r * cols + c] + (c0 * ((in2[r * cols + c] * in3[r * cols + c]) + (in4[r * cols + c] * in5[r * cols + c]))));
+}
+
+extern "C" __global__ void k_41a52876c677_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (in0[r * cols + c] + in1[r * cols + c]);
+}
+
+extern "C" __global__ void k_41a52876c677_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (in0[r * cols + c] + in1[r * cols + c]);
+}
+
 extern "C" __global__ void k_b209d0b303fe_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float* __restrict__ in5, const float* __restrict__ in6, const float* __restrict__ in7, const float c0, const float c1, const float c2, const float c3, const float c4, const float c5, const float c6, const float c7, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
@@ -276,28 +320,6 @@ extern "C" __global__ void k_fd465ba65c13_double(const double* __restrict__ in0,
     out[i] = (c0 * ((r == c ? in0[r] : (double)0) + (c1 * ((c2 * in1[r * cols + c]) + (c3 * in2[r * cols + c]))) + (c4 * in3[r * cols + c])));
 }
 
-extern "C" __global__ void k_41a52876c677_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[r * cols + c] + in1[r * cols + c]);
-}
-
-extern "C" __global__ void k_41a52876c677_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[r * cols + c] + in1[r * cols + c]);
-}
-
 extern "C" __global__ void k_0106afffb50a_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float c0, const float c1, const float c2, const float c3, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
@@ -346,9 +368,15 @@ def forward(P, S):
     return {"Z": t0}
 
 
-def _gradients_all(P, S):
+def _gradients_all(P, S, C=None):
     B, n = _dims(P, S).values()
-    t0 = _softmax(S['x'])
+    hoisted = C.get('gradients_all') if C is not None else None
+    if hoisted is None:
+        t0 = _softmax(S['x'])
+        if C is not None:
+            C['gradients_all'] = (t0,)
+    else:
+        t0, = hoisted
     t1 = _launch('k_531d59972706', (n, B), (n, B), [S['dz'], t0], [], False)
     t2 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t1)
     t5 = _launch('k_214ee803fe55', (n, B), (n, B), [t1, t2, t0], [-1], False)
@@ -356,17 +384,75 @@ def _gradients_all(P, S):
     return {"x": t5, }
 
 
-def _gradients_params(P, S):
+def _gradients_params(P, S, C=None):
     B, n = _dims(P, S).values()
 
     return {}
 
 
-def gradients(P, S, inputs=True):
+def gradients(P, S, inputs=True, cache=None):
     """δ of every input (size, B) and parameter (summed over the batch); S['dz'] holds δZ.
 
-    ``inputs=False`` skips the inputs (a first layer's data needs no gradient)."""
-    return _gradients_all(P, S) if inputs else _gradients_params(P, S)
+    ``inputs=False`` skips the inputs (a first layer's data needs no gradient). Calls that share
+    ``cache`` (a dict) must share P and S except S['dz']: what does not depend on it is reused."""
+    return _gradients_all(P, S, cache) if inputs else _gradients_params(P, S, cache)
+
+
+def _jvp_all(P, S, V, C=None):
+    B, n = _dims(P, S).values()
+    hoisted = C.get('jvp_all') if C is not None else None
+    if hoisted is None:
+        t0 = _softmax(S['x'])
+        if C is not None:
+            C['jvp_all'] = (t0,)
+    else:
+        t0, = hoisted
+    t1 = _launch('k_531d59972706', (n, B), (n, B), [V['x'], t0], [], False)
+    t2 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t1)
+    t5 = _launch('k_214ee803fe55', (n, B), (n, B), [t1, t2, t0], [-1], False)
+
+    return {"Z": t5}
+
+
+def jvp(P, S, V, inputs=True, cache=None):
+    """R{Z} (size z, B): the outputs' tangent when each variable v moves along V[v] (inputs' tangents
+    stacked like the inputs). ``inputs=False``: only the parameters move. Calls that share ``cache``
+    must share P and S: only V may change."""
+    return _jvp_all(P, S, V, cache) if inputs else _no_parameters()
+
+
+def _rgradients_all(P, S, V, C=None):
+    B, n = _dims(P, S).values()
+    hoisted = C.get('rgradients_all') if C is not None else None
+    if hoisted is None:
+        t0 = _softmax(S['x'])
+        t11 = _launch('k_531d59972706', (n, B), (n, B), [S['dz'], t0], [], False)
+        t12 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t11)
+        if C is not None:
+            C['rgradients_all'] = (t0, t11, t12,)
+    else:
+        t0, t11, t12, = hoisted
+    t1 = _launch('k_531d59972706', (n, B), (n, B), [V['x'], t0], [], False)
+    t2 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t1)
+    t5 = _launch('k_214ee803fe55', (n, B), (n, B), [t1, t2, t0], [-1], False)
+    t6 = _launch('k_531d59972706', (n, B), (n, B), [t5, S['dz']], [], False)
+    t7 = _launch('k_531d59972706', (n, B), (n, B), [V['dz'], t0], [], False)
+    t8 = _launch('k_41a52876c677', (n, B), (n, B), [t6, t7], [], False)
+    t9 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t8)
+    t16 = _launch('k_3cefff2a2be0', (n, B), (n, B), [t6, t7, t9, t0, t12, t5], [-1], False)
+
+    return {"x": t16, }
+
+
+def rgradients(P, S, V, inputs=True, cache=None):
+    """R{δv} of every variable: the gradients' directional derivatives (Pearlmutter's R-backprop) when
+    the variables move along V and δZ = S['dz'] along V['dz']. ``inputs=False``: the inputs do not move
+    and their R{δ} is not computed. Calls that share ``cache`` must share P and S: only V may change."""
+    return _rgradients_all(P, S, V, cache) if inputs else _no_parameters()
+
+
+def _no_parameters():
+    raise ValueError(f"module {MODULE} has no parameters: with inputs=False nothing moves")
 
 
 def _hbp_exact_6_all(P, S, Hz):

@@ -42,29 +42,99 @@ def forward(P, S):
     return {"Z": t3}
 
 
-def _gradients_all(P, S):
+def _gradients_all(P, S, C=None):
     B, n = _dims(P, S).values()
+    hoisted = C.get('gradients_all') if C is not None else None
+    if hoisted is None:
+        t3 = _softmax(S['x'])
+        if C is not None:
+            C['gradients_all'] = (t3,)
+    else:
+        t3, = hoisted
     t0 = (xp.ones((n, 1)) @ S['dz'])
     t1 = t0 * S['y']
     t2 = (-1) * t1
-    t3 = _softmax(S['x'])
     t4 = t0 * t3
     t5 = t2 + t4
 
     return {"x": t5, }
 
 
-def _gradients_params(P, S):
+def _gradients_params(P, S, C=None):
     B, n = _dims(P, S).values()
 
     return {}
 
 
-def gradients(P, S, inputs=True):
+def gradients(P, S, inputs=True, cache=None):
     """δ of every input (size, B) and parameter (summed over the batch); S['dz'] holds δZ.
 
-    ``inputs=False`` skips the inputs (a first layer's data needs no gradient)."""
-    return _gradients_all(P, S) if inputs else _gradients_params(P, S)
+    ``inputs=False`` skips the inputs (a first layer's data needs no gradient). Calls that share
+    ``cache`` (a dict) must share P and S except S['dz']: what does not depend on it is reused."""
+    return _gradients_all(P, S, cache) if inputs else _gradients_params(P, S, cache)
+
+
+def _jvp_all(P, S, V, C=None):
+    B, n = _dims(P, S).values()
+    hoisted = C.get('jvp_all') if C is not None else None
+    if hoisted is None:
+        t0 = _softmax(S['x'])
+        if C is not None:
+            C['jvp_all'] = (t0,)
+    else:
+        t0, = hoisted
+    t1 = V['x'] * t0
+    t2 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t1)
+    t3 = (-1) * t2
+    t4 = V['x'] + t3
+    t5 = t4 * S['y']
+    t6 = t5.sum(axis=0, keepdims=True)
+    t7 = (-1) * t6
+
+    return {"Z": t7}
+
+
+def jvp(P, S, V, inputs=True, cache=None):
+    """R{Z} (size z, B): the outputs' tangent when each variable v moves along V[v] (inputs' tangents
+    stacked like the inputs). ``inputs=False``: only the parameters move. Calls that share ``cache``
+    must share P and S: only V may change."""
+    return _jvp_all(P, S, V, cache) if inputs else _no_parameters()
+
+
+def _rgradients_all(P, S, V, C=None):
+    B, n = _dims(P, S).values()
+    hoisted = C.get('rgradients_all') if C is not None else None
+    if hoisted is None:
+        t3 = _softmax(S['x'])
+        t5 = (xp.ones((n, 1)) @ S['dz'])
+        if C is not None:
+            C['rgradients_all'] = (t3, t5,)
+    else:
+        t3, t5, = hoisted
+    t0 = (xp.ones((n, 1)) @ V['dz'])
+    t1 = t0 * S['y']
+    t2 = (-1) * t1
+    t4 = t0 * t3
+    t6 = V['x'] * t3
+    t7 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t6)
+    t8 = t7 * t3
+    t9 = (-1) * t8
+    t10 = t6 + t9
+    t11 = t5 * t10
+    t12 = t2 + t4 + t11
+
+    return {"x": t12, }
+
+
+def rgradients(P, S, V, inputs=True, cache=None):
+    """R{δv} of every variable: the gradients' directional derivatives (Pearlmutter's R-backprop) when
+    the variables move along V and δZ = S['dz'] along V['dz']. ``inputs=False``: the inputs do not move
+    and their R{δ} is not computed. Calls that share ``cache`` must share P and S: only V may change."""
+    return _rgradients_all(P, S, V, cache) if inputs else _no_parameters()
+
+
+def _no_parameters():
+    raise ValueError(f"module {MODULE} has no parameters: with inputs=False nothing moves")
 
 
 def _hbp_exact_6_all(P, S, Hz):

@@ -42,28 +42,90 @@ def forward(P, S):
     return {"Z": t3}
 
 
-def _gradients_all(P, S):
+def _gradients_all(P, S, C=None):
     B, n = _dims(P, S).values()
+    hoisted = C.get('gradients_all') if C is not None else None
+    if hoisted is None:
+        t1 = (-1) * S['y']
+        t2 = S['x'] + t1
+        if C is not None:
+            C['gradients_all'] = (t1, t2,)
+    else:
+        t1, t2, = hoisted
     t0 = (xp.ones((n, 1)) @ S['dz'])
-    t1 = (-1) * S['y']
-    t2 = S['x'] + t1
     t3 = t0 * t2
     t4 = (2) * t3
 
     return {"x": t4, }
 
 
-def _gradients_params(P, S):
+def _gradients_params(P, S, C=None):
     B, n = _dims(P, S).values()
 
     return {}
 
 
-def gradients(P, S, inputs=True):
+def gradients(P, S, inputs=True, cache=None):
     """δ of every input (size, B) and parameter (summed over the batch); S['dz'] holds δZ.
 
-    ``inputs=False`` skips the inputs (a first layer's data needs no gradient)."""
-    return _gradients_all(P, S) if inputs else _gradients_params(P, S)
+    ``inputs=False`` skips the inputs (a first layer's data needs no gradient). Calls that share
+    ``cache`` (a dict) must share P and S except S['dz']: what does not depend on it is reused."""
+    return _gradients_all(P, S, cache) if inputs else _gradients_params(P, S, cache)
+
+
+def _jvp_all(P, S, V, C=None):
+    B, n = _dims(P, S).values()
+    hoisted = C.get('jvp_all') if C is not None else None
+    if hoisted is None:
+        t0 = (-1) * S['y']
+        t1 = S['x'] + t0
+        if C is not None:
+            C['jvp_all'] = (t0, t1,)
+    else:
+        t0, t1, = hoisted
+    t2 = V['x'] * t1
+    t3 = t2.sum(axis=0, keepdims=True)
+    t4 = (2) * t3
+
+    return {"Z": t4}
+
+
+def jvp(P, S, V, inputs=True, cache=None):
+    """R{Z} (size z, B): the outputs' tangent when each variable v moves along V[v] (inputs' tangents
+    stacked like the inputs). ``inputs=False``: only the parameters move. Calls that share ``cache``
+    must share P and S: only V may change."""
+    return _jvp_all(P, S, V, cache) if inputs else _no_parameters()
+
+
+def _rgradients_all(P, S, V, C=None):
+    B, n = _dims(P, S).values()
+    hoisted = C.get('rgradients_all') if C is not None else None
+    if hoisted is None:
+        t1 = (-1) * S['y']
+        t2 = S['x'] + t1
+        t4 = (xp.ones((n, 1)) @ S['dz'])
+        if C is not None:
+            C['rgradients_all'] = (t1, t2, t4,)
+    else:
+        t1, t2, t4, = hoisted
+    t0 = (xp.ones((n, 1)) @ V['dz'])
+    t3 = t0 * t2
+    t5 = t4 * V['x']
+    t6 = t3 + t5
+    t7 = (2) * t6
+
+    return {"x": t7, }
+
+
+def rgradients(P, S, V, inputs=True, cache=None):
+    """R{δv} of every variable: the gradients' directional derivatives (Pearlmutter's R-backprop) when
+    the variables move along V and δZ = S['dz'] along V['dz']. ``inputs=False``: the inputs do not move
+    and their R{δ} is not computed. Calls that share ``cache`` must share P and S: only V may change."""
+    return _rgradients_all(P, S, V, cache) if inputs else _no_parameters()
+
+
+def _no_parameters():
+    raise ValueError(f"module {MODULE} has no parameters: with inputs=False nothing moves")
 
 
 def _hbp_exact_6_all(P, S, Hz):

@@ -51,25 +51,82 @@ def forward(P, S):
     return {"Z": t0}
 
 
-def _gradients_all(P, S):
+def _gradients_all(P, S, C=None):
     B, n = _dims(P, S).values()
-    t0 = _fn_softplus_1(S['x'])
+    hoisted = C.get('gradients_all') if C is not None else None
+    if hoisted is None:
+        t0 = _fn_softplus_1(S['x'])
+        if C is not None:
+            C['gradients_all'] = (t0,)
+    else:
+        t0, = hoisted
     t1 = S['dz'] * t0
 
     return {"x": t1, }
 
 
-def _gradients_params(P, S):
+def _gradients_params(P, S, C=None):
     B, n = _dims(P, S).values()
 
     return {}
 
 
-def gradients(P, S, inputs=True):
+def gradients(P, S, inputs=True, cache=None):
     """δ of every input (size, B) and parameter (summed over the batch); S['dz'] holds δZ.
 
-    ``inputs=False`` skips the inputs (a first layer's data needs no gradient)."""
-    return _gradients_all(P, S) if inputs else _gradients_params(P, S)
+    ``inputs=False`` skips the inputs (a first layer's data needs no gradient). Calls that share
+    ``cache`` (a dict) must share P and S except S['dz']: what does not depend on it is reused."""
+    return _gradients_all(P, S, cache) if inputs else _gradients_params(P, S, cache)
+
+
+def _jvp_all(P, S, V, C=None):
+    B, n = _dims(P, S).values()
+    hoisted = C.get('jvp_all') if C is not None else None
+    if hoisted is None:
+        t0 = _fn_softplus_1(S['x'])
+        if C is not None:
+            C['jvp_all'] = (t0,)
+    else:
+        t0, = hoisted
+    t1 = V['x'] * t0
+
+    return {"Z": t1}
+
+
+def jvp(P, S, V, inputs=True, cache=None):
+    """R{Z} (size z, B): the outputs' tangent when each variable v moves along V[v] (inputs' tangents
+    stacked like the inputs). ``inputs=False``: only the parameters move. Calls that share ``cache``
+    must share P and S: only V may change."""
+    return _jvp_all(P, S, V, cache) if inputs else _no_parameters()
+
+
+def _rgradients_all(P, S, V, C=None):
+    B, n = _dims(P, S).values()
+    hoisted = C.get('rgradients_all') if C is not None else None
+    if hoisted is None:
+        t0 = _fn_softplus_2(S['x'])
+        t3 = _fn_softplus_1(S['x'])
+        if C is not None:
+            C['rgradients_all'] = (t0, t3,)
+    else:
+        t0, t3, = hoisted
+    t1 = V['x'] * t0
+    t2 = t1 * S['dz']
+    t4 = V['dz'] * t3
+    t5 = t2 + t4
+
+    return {"x": t5, }
+
+
+def rgradients(P, S, V, inputs=True, cache=None):
+    """R{δv} of every variable: the gradients' directional derivatives (Pearlmutter's R-backprop) when
+    the variables move along V and δZ = S['dz'] along V['dz']. ``inputs=False``: the inputs do not move
+    and their R{δ} is not computed. Calls that share ``cache`` must share P and S: only V may change."""
+    return _rgradients_all(P, S, V, cache) if inputs else _no_parameters()
+
+
+def _no_parameters():
+    raise ValueError(f"module {MODULE} has no parameters: with inputs=False nothing moves")
 
 
 def _hbp_exact_6_all(P, S, Hz):

@@ -9,11 +9,12 @@ from typing import Any
 import numpy as np
 
 from ..errors import McalcError
-from ..expr import Expr, Identity, Seed, Symbol, substitute
+from ..expr import Expr, Identity, Seed, Symbol, substitute, tangent
 from ..module import Module
 from ..simplify import simplify
 from . import hbp as hbp_rules
 from .adjoint import backprop
+from .differential import directional_derivative
 from .jacobian import Jacobians
 from .second_order import second_order_term
 
@@ -43,6 +44,7 @@ class Derivation:
         z = module.output
         self.Hz = Seed("Hz", z.size, z.size)
         self.dz = Seed("dz", *z.shape)
+        self.Rdz = Seed("Rdz", *z.shape)  # R{δz}: the direction δz moves in, for R-backprop
 
     # --- symbolic rules --------------------------------------------------
     def _variable(self, name: str) -> Symbol:
@@ -66,6 +68,22 @@ class Derivation:
     def gradient(self, name: str) -> Expr:
         """δv = [Dz(v)]ᵀ δz in v's shape (gradient backpropagation, Section 3)."""
         return backprop(self.module.output, self._variable(name), self.dz)
+
+    def _directions(self, names: tuple[str, ...]) -> dict[Expr, Expr]:
+        return {v: tangent(v) for v in map(self._variable, names)}
+
+    @functools.cache  # noqa: B019
+    def jvp(self, names: tuple[str, ...]) -> Expr:
+        """R{z} = Σᵥ Dz(v)[dv] in z's shape: the output's tangent when each named variable v moves
+        along its tangent seed dv (a Jacobian-vector product without forming the Jacobian)."""
+        return directional_derivative(self.module.output, self._directions(names))
+
+    @functools.cache  # noqa: B019
+    def gradient_tangent(self, name: str, names: tuple[str, ...]) -> Expr:
+        """R{δv}: the directional derivative of the rule δv = [Dz(v)]ᵀ δz when the named variables move
+        along their tangents and δz along R{δz} (Pearlmutter's R-backprop; exact curvature products)."""
+        directions = {**self._directions(names), self.dz: self.Rdz}
+        return directional_derivative(self.gradient(name), directions)
 
     @functools.cache  # noqa: B019
     def second_order(self, name: str) -> Expr:
@@ -146,6 +164,30 @@ class Derivation:
     ) -> np.ndarray:
         """Dense 𝓗v, shape (size v, size v)."""
         return self._evaluator(values, dz=dz, Hz=Hz).value(self.hbp(name, curvature))
+
+    def _tangent_evaluator(self, values: Mapping[str, np.ndarray], tangents: Mapping[str, Any],
+                           dz: Any = None, Rdz: Any = None) -> Any:
+        from ..numeric.evaluate import as_matrix, unvec
+
+        ev = self._evaluator(values, dz=dz)
+        for name, value in tangents.items():
+            v = self._variable(name)
+            ev.seeds[tangent(v).kind] = as_matrix(value, v, f"tangent of '{name}'")
+        if Rdz is not None:
+            ev.seeds[self.Rdz.kind] = unvec(np.asarray(Rdz, dtype=float).reshape(-1, order="F"),
+                                            ev.value(self.module.output).shape)
+        return ev
+
+    def evaluate_jvp(self, values: Mapping[str, np.ndarray], tangents: Mapping[str, Any]) -> np.ndarray:
+        """vec R{z} for tangents of some variables (by name; the others do not move)."""
+        ev = self._tangent_evaluator(values, tangents)
+        return ev.value(self.jvp(tuple(tangents))).reshape(-1, order="F")
+
+    def evaluate_gradient_tangent(self, name: str, values: Mapping[str, np.ndarray], *, dz: Any,
+                                  tangents: Mapping[str, Any], Rdz: Any) -> np.ndarray:
+        """vec R{δv} for δz = ``dz`` moving along ``Rdz`` and the named variables along their tangents."""
+        ev = self._tangent_evaluator(values, tangents, dz=dz, Rdz=Rdz)
+        return ev.value(self.gradient_tangent(name, tuple(tangents))).reshape(-1, order="F")
 
     def evaluate_hessian(self, name: str, values: Mapping[str, np.ndarray]) -> np.ndarray:
         """Dense Hessian of a scalar module with respect to vec v."""

@@ -47,6 +47,7 @@ from ..expr import (
     Transpose,
     Vec,
     substitute,
+    tangent,
 )
 from ..simplify import simplify
 
@@ -62,8 +63,9 @@ class BatchLowering:
     def __init__(self, derivation: Derivation) -> None:
         self.derivation = derivation
         m = derivation.module
-        self.leaves: tuple[Expr, ...] = (*m.inputs, *[c for c in m.constants if c.is_vector], derivation.dz)
-        matrices = [s.name for s in self.leaves if not s.is_vector]
+        self.leaves: tuple[Expr, ...] = (*m.inputs, *[c for c in m.constants if c.is_vector], derivation.dz,
+                                         *map(tangent, m.inputs), derivation.Rdz)
+        matrices = [s.name for s in m.inputs if not s.is_vector] + ([] if m.output.is_vector else ["dz"])
         if matrices:
             raise McalcError(
                 f"module '{m.name}': per-sample matrix {matrices} (a matrix input or output) has no batch form; "
@@ -247,11 +249,33 @@ def batch_forward(d: Derivation) -> Expr:
 
 def batch_gradient(d: Derivation, name: str) -> Expr:
     """δX (size x × B) for an input; Σᵢ δθᵢ for a parameter (δZ carries the mean's 1/B)."""
+    return _batch_of_gradient(d, name, d.gradient(name), f"δ{name}")
+
+
+def tangent_variables(d: Derivation, with_inputs: bool) -> tuple[str, ...]:
+    """The variables that move in a directional derivative: all, or the parameters alone (a first
+    layer, whose data does not move)."""
+    return tuple(v.name for v in (d.module.variables if with_inputs else d.module.params))
+
+
+def batch_jvp(d: Derivation, with_inputs: bool = True) -> Expr:
+    """R{Z} (size z × B): the outputs' tangents, input tangents stacked like the inputs."""
+    return _require(BatchLowering(d).stack(d.jvp(tangent_variables(d, with_inputs))), d, "tangent R{z}")
+
+
+def batch_gradient_tangent(d: Derivation, name: str, with_inputs: bool = True) -> Expr:
+    """R{δX} or R{Σᵢ δθᵢ}: :func:`batch_gradient` differentiated along the tangents and R{δZ}."""
+    per_sample = d.gradient_tangent(name, tangent_variables(d, with_inputs))
+    return _batch_of_gradient(d, name, per_sample, f"R{{δ{name}}}")
+
+
+def _batch_of_gradient(d: Derivation, name: str, per_sample: Expr, what: str) -> Expr:
     lowering = BatchLowering(d)
-    per_sample = d.gradient(name)
     if d.module.symbol(name) in d.module.inputs:
-        return _require(lowering.stack(per_sample), d, f"δ{name}")
-    return simplify(ScalarMul(BATCH, lowering.mean(per_sample)))
+        return _require(lowering.stack(per_sample), d, what)
+    mean = simplify(lowering.mean(per_sample))  # B·(Σₜ (1/B)·Tₜ) = Σₜ Tₜ, term by term
+    return simplify(Add(*[ScalarMul(BATCH, t) for t in mean.args]) if isinstance(mean, Add)
+                    else ScalarMul(BATCH, mean))
 
 
 def batch_hbp(d: Derivation, name: str, curvature: str = "exact", approximation: str = "6") -> Expr:

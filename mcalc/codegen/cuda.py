@@ -22,8 +22,8 @@ from .. import __version__
 from ..expr import ONE, Add, Apply, Diag, Expr, Hadamard, Identity, MatMul, Ones, ScalarMul, ScaleBy
 from ..functions import ElementwiseFunction
 from .numpy_printer import ArrayPrinter, through_base
-from .plan import ModulePlan, Program, _in_place, sanitise
-from .render import _leaf_key, environment, functions_of, module_context
+from .plan import ModulePlan, Program, _in_place, batch_reference, sanitise
+from .render import environment, functions_of, hoisted_lines, module_context
 
 DTYPES = {"float": float32, "double": float64}
 FUSABLE = (Add, Hadamard, ScalarMul, ScaleBy, Apply)
@@ -219,7 +219,7 @@ def _device_name(f: ElementwiseFunction) -> str:
 
 
 # --- the generated CuPy module -----------------------------------------------------------
-def _program_context(program: Program) -> dict[str, Any]:
+def _program_context(program: Program, family: str | None = None) -> dict[str, Any]:
     kernels = KernelBuilder(program).build()
     roots = {k.target: k for k in kernels}
     members = set().union(*[k.members for k in kernels]) if kernels else set()
@@ -233,44 +233,44 @@ def _program_context(program: Program) -> dict[str, Any]:
             out = ", ".join(printer.dim(d) for d in shape)
             coefficients = ", ".join(printer.dim(c) for c in k.coefficients)
             args = ", ".join(name for name, _ in k.inputs)
-            lines.append(f"{step.target} = _launch({k.name!r}, ({dims}), ({out}), [{args}], [{coefficients}], "
-                         f"{k.reduce})")
+            lines.append((step.target, f"{step.target} = _launch({k.name!r}, ({dims}), ({out}), [{args}], "
+                                       f"[{coefficients}], {k.reduce})"))
         elif step.target in members:
             continue
         elif step.node.__class__.__name__ == "BatchMean":
-            lines.append(f"{step.target} = {next(calls)[0]}()")
+            lines.append((step.target, f"{step.target} = {next(calls)[0]}()"))
         else:
-            lines.append(f"{step.target} = {printer.rhs(step.node)}")
+            lines.append((step.target, f"{step.target} = {printer.rhs(step.node)}"))
     fallbacks = []
     for name, inner, leaves in program.fallbacks:
         context = _program_context(inner)
         kernels += context["kernels"]
         fallbacks.append({"name": name, "lines": context["lines"], "value": inner.results["value"],
-                          "leaves": [_leaf_key(leaf) for leaf in leaves]})
-    return {"lines": lines, "fallbacks": fallbacks, "results": program.results, "kernels": kernels}
+                          "leaves": [batch_reference(leaf) for leaf in leaves]})
+    return {**hoisted_lines(program, lines, family), "fallbacks": fallbacks, "results": program.results,
+            "kernels": kernels}
 
 
-def _contexts(plan: ModulePlan) -> tuple[dict, dict, dict, list[Kernel]]:
-    """Every program of a module printed for CuPy, and all their kernels."""
+def _contexts(plan: ModulePlan) -> tuple[dict, dict[str, dict], list[Kernel]]:
+    """Every program of a module printed for CuPy (forward, then by family), and all their kernels."""
     forward = _program_context(plan.forward)
-    gradients = {key: _program_context(p) for key, p in plan.gradients.items()}
-    hbp = {key: _program_context(p) for key, p in plan.hbp.items()}
-    kernels = [k for c in [forward, *gradients.values(), *hbp.values()] for k in c["kernels"]]
-    return forward, gradients, hbp, kernels
+    families = {family: {key: _program_context(p, family) for key, p in programs.items()}
+                for family, programs in plan.families().items()}
+    contexts = [forward, *[c for family in families.values() for c in family.values()]]
+    return forward, families, [k for c in contexts for k in c["kernels"]]
 
 
 def render_cupy_module(plan: ModulePlan) -> str:
-    forward, gradients, hbp, kernels = _contexts(plan)
-    source = cuda_source(kernels)
+    forward, families, kernels = _contexts(plan)
     return environment().get_template("cupy/module.py.j2").render(
         module=module_context(plan), version=__version__, backend="cupy", functions=functions_of(plan),
-        forward=forward, gradients=gradients, hbp=hbp, cuda_source=source,
+        forward=forward, cuda_source=cuda_source(kernels), **families,
     )
 
 
 def kernel_sources(plan: ModulePlan) -> str:
     """Every CUDA kernel of a module, for compiling offline (``mcalc verify --compile-only``)."""
-    return cuda_source(_contexts(plan)[3])
+    return cuda_source(_contexts(plan)[2])
 
 
 def cuda_source(kernels: list[Kernel]) -> str:

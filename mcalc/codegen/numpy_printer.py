@@ -17,6 +17,16 @@ from ..functions import ElementwiseFunction
 from .plan import sanitise
 
 
+class ElementwisePrinter(_SymPyNumPyPrinter):
+    """SymPy's NumPy printer, with a reciprocal written as a division: ``1/(1 + exp(-t))``, not
+    ``(1 + exp(-t))**(-1.0)`` (a general power costs NumPy several times a division)."""
+
+    def _print_Pow(self, expr: sp.Pow, rational: bool = False) -> str:
+        if expr.exp == -1:
+            return f"1/{self.parenthesize(expr.base, sp.printing.precedence.PRECEDENCE['Pow'])}"
+        return super()._print_Pow(expr, rational=rational)
+
+
 def function_name(f: ElementwiseFunction) -> str:
     return f"_fn_{sanitise(f.base.name)}_{f.order}"
 
@@ -33,7 +43,7 @@ def through_base(f: ElementwiseFunction) -> tuple[sp.Expr, sp.Expr] | None:
 
 def function_source(f: ElementwiseFunction) -> str:
     """``def _fn_sigmoid_1(t): return …`` from the SymPy formula of φ^(k)."""
-    printer = _SymPyNumPyPrinter({"fully_qualified_modules": True})
+    printer = ElementwisePrinter({"fully_qualified_modules": True})
     pieces = through_base(f)
     if pieces is not None:
         base, g = pieces

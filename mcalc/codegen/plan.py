@@ -37,9 +37,18 @@ from ..expr import (
     Symbol,
     Transpose,
     Zero,
+    tangent_of,
 )
 from ..simplify import simplify
-from .batch import APPROXIMATIONS, BatchLowering, batch_forward, batch_gradient, batch_hbp
+from .batch import (
+    APPROXIMATIONS,
+    BatchLowering,
+    batch_forward,
+    batch_gradient,
+    batch_gradient_tangent,
+    batch_hbp,
+    batch_jvp,
+)
 
 _IDENT = re.compile(r"[^0-9A-Za-z_]")
 
@@ -89,12 +98,11 @@ class ProgramBuilder:
 
     def leaf_name(self, node: Expr) -> str | None:
         if isinstance(node, Stacked):
-            leaf = node.args[0]
-            return "S['dz']" if isinstance(leaf, Seed) else f"S[{leaf.name!r}]"
+            return batch_reference(node.args[0])
         if isinstance(node, Symbol):
             return f"P[{node.name!r}]"
         if isinstance(node, Seed):
-            return "Hz" if node.kind == "Hz" else "dz"
+            return seed_reference(node)
         return None
 
     def ref(self, node: Expr) -> str:
@@ -119,8 +127,8 @@ class ProgramBuilder:
     def _fallback(self, node: BatchMean) -> str:
         operand, leaves = node.args
         inner = ProgramBuilder(prefix=f"f{len(self.program.fallbacks)}_")
-        for leaf in leaves:  # per-sample columns inside the loop
-            inner.names[leaf] = f"col[{leaf.name!r}]" if isinstance(leaf, Symbol) else "col['dz']"
+        for leaf in leaves:  # per-sample columns inside the loop, keyed by where the batch is read
+            inner.names[leaf] = f"col[{batch_reference(leaf)!r}]"
         inner.program.results["value"] = inner.ref(operand)
         name = f"_mean{len(self.program.fallbacks)}"
         self.program.fallbacks.append((name, inner.program, leaves))
@@ -143,6 +151,20 @@ class ProgramBuilder:
         if dense:
             plan.dense = self.ref(dense[0] if len(dense) == 1 else Add(*dense))
         return plan
+
+
+def seed_reference(seed: Seed) -> str:
+    """Where generated code reads a seed: 𝓗z is an argument, δZ is S['dz'], and the R-operator's
+    directions are in V (a variable's tangent under its name, R{δZ} under 'dz')."""
+    variable = tangent_of(seed)
+    if variable is not None:
+        return f"V[{variable!r}]"
+    return {"Hz": "Hz", "dz": "S['dz']", "Rdz": "V['dz']"}[seed.kind]
+
+
+def batch_reference(leaf: Expr) -> str:
+    """Where generated code reads the batch of a per-sample leaf (an input, a label, δz, a tangent)."""
+    return seed_reference(leaf) if isinstance(leaf, Seed) else f"S[{leaf.name!r}]"
 
 
 def _in_place(parent: Expr, child: Expr) -> Expr:
@@ -193,16 +215,26 @@ def _kron_factors(term: Expr) -> tuple[Expr | None, Expr, Expr] | None:
 # --- the functions a module's generated code provides ----------------------------------
 @dataclass
 class ModulePlan:
-    """Every program of one module: forward, gradients, and HBP per curvature and approximation."""
+    """Every program of one module: forward, gradients, the R-operator's tangents, and HBP per
+    curvature and approximation."""
 
     name: str
     derivation: Derivation
     forward: Program
     gradients: dict[bool, Program]  # with inputs (True) or for parameters alone (False)
+    jvp: dict[bool, Program]  # R{Z}; parameters alone only where the module has parameters
+    rgradients: dict[bool, Program]  # R{δv} of every variable (Pearlmutter's R-backprop)
     hbp: dict[tuple[str, str, bool], Program]  # (curvature, approximation, with inputs)
     dims: dict[str, str]  # dimension name → how to read it off the arguments
     per_sample: list[str]
     params: list[str]
+
+    def families(self) -> dict[str, dict]:
+        """The keyed programs, by the function family the templates print them as."""
+        return {"gradients": self.gradients, "jvp": self.jvp, "rgradients": self.rgradients, "hbp": self.hbp}
+
+    def programs(self) -> list[Program]:
+        return [self.forward, *[p for family in self.families().values() for p in family.values()]]
 
 
 def plan_module(d: Derivation) -> ModulePlan:
@@ -213,11 +245,22 @@ def plan_module(d: Derivation) -> ModulePlan:
     # A first layer's input needs no gradient or curvature: a second program skips that work.
     wanted = {True: m.variables, False: m.params}
     gradients: dict[bool, Program] = {}
+    jvp: dict[bool, Program] = {}
+    rgradients: dict[bool, Program] = {}
     for with_inputs, variables in wanted.items():
         builder = ProgramBuilder()
         for v in variables:
             builder.program.results[v.name] = builder.ref(batch_gradient(d, v.name))
         gradients[with_inputs] = builder.program
+        if not variables:
+            continue  # nothing moves: a module without parameters has no parameters-only tangent
+        builder = ProgramBuilder()
+        builder.program.results["Z"] = builder.ref(batch_jvp(d, with_inputs))
+        jvp[with_inputs] = builder.program
+        builder = ProgramBuilder()
+        for v in variables:
+            builder.program.results[v.name] = builder.ref(batch_gradient_tangent(d, v.name, with_inputs))
+        rgradients[with_inputs] = builder.program
     hbp: dict[tuple[str, str, bool], Program] = {}
     for curvature in CURVATURES:
         for approximation in APPROXIMATIONS:
@@ -227,8 +270,41 @@ def plan_module(d: Derivation) -> ModulePlan:
                     builder.program.results[v.name] = builder.block(batch_hbp(d, v.name, curvature, approximation))
                 hbp[(curvature, approximation, with_inputs)] = builder.program
     per_sample = [s.name for s in (*m.inputs, *[c for c in m.constants if c.is_vector])]
-    return ModulePlan(m.name, d, forward.program, gradients, hbp, _dimension_sources(d, per_sample),
+    return ModulePlan(m.name, d, forward.program, gradients, jvp, rgradients, hbp, _dimension_sources(d, per_sample),
                       per_sample, [s.name for s in m.params + tuple(c for c in m.constants if not c.is_vector)])
+
+
+# --- hoisting: what a repeated call can reuse ------------------------------------------------------
+# Inside a CG loop a module's functions run again and again on the same batch with only some
+# arguments changing: δZ for `gradients` (it carries R{δZ} in a Gauss–Newton product), the
+# directions V for `jvp` and `rgradients`. Steps that depend on none of those (activation
+# derivatives, softmax, their batch forms) are loop invariants: computed on the first call and
+# kept in a cache the caller passes (loop-invariant code motion).
+def _moves_with_direction(seed: Seed) -> bool:
+    return tangent_of(seed) is not None or seed.kind == "Rdz"
+
+
+CHANGING_SEEDS = {
+    "gradients": lambda seed: seed.kind == "dz",
+    "jvp": _moves_with_direction,
+    "rgradients": _moves_with_direction,
+}
+
+
+def invariant_steps(program: Program, family: str) -> set[str]:
+    """The targets of the steps of ``program`` that do not depend on the family's changing seeds
+    (empty for a family without a cache)."""
+    changing = CHANGING_SEEDS.get(family)
+    if changing is None:
+        return set()
+    memo: dict[Expr, bool] = {}
+
+    def varies(node: Expr) -> bool:
+        if node not in memo:
+            memo[node] = (isinstance(node, Seed) and changing(node)) or any(varies(c) for c in node.children)
+        return memo[node]
+
+    return {step.target for step in program.steps if not varies(step.node)}
 
 
 def _dimension_sources(d: Derivation, per_sample: list[str]) -> dict[str, str]:

@@ -8,17 +8,17 @@ from typing import Any
 import jinja2
 
 from .. import __version__
-from ..expr import Apply, BatchMean, Expr, Symbol
+from ..expr import Apply, BatchMean
 from ..printing.text import to_text
 from .numpy_printer import ArrayPrinter, function_source
-from .plan import ModulePlan, Program
+from .plan import ModulePlan, Program, batch_reference, invariant_steps
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 
 
 @functools.cache
 def environment() -> jinja2.Environment:
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATES)),
         trim_blocks=True,
         lstrip_blocks=True,
@@ -26,6 +26,8 @@ def environment() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,
         autoescape=False,  # Python and CUDA source, not HTML
     )
+    env.filters["pyrepr"] = repr  # a string as a Python literal (tojson escapes quotes for HTML)
+    return env
 
 
 def template_hash(backend: str) -> str:
@@ -38,28 +40,34 @@ def template_hash(backend: str) -> str:
     return digest.hexdigest()
 
 
-def _leaf_key(leaf: Expr) -> str:
-    return leaf.name if isinstance(leaf, Symbol) else "dz"
-
-
-def _program_context(program: Program) -> dict[str, Any]:
+def _program_context(program: Program, family: str | None = None) -> dict[str, Any]:
     """The lines of a program (and of its per-sample fallbacks) as the template prints them."""
     printer = ArrayPrinter(lambda node: program.names[node])
     lines, calls = [], iter(program.fallbacks)
     for step in program.steps:
         rhs = f"{next(calls)[0]}()" if isinstance(step.node, BatchMean) else printer.rhs(step.node)
-        lines.append(f"{step.target} = {rhs}")
+        lines.append((step.target, f"{step.target} = {rhs}"))
     fallbacks = [
         {"name": name, "lines": _program_context(inner)["lines"], "value": inner.results["value"],
-         "leaves": [_leaf_key(leaf) for leaf in leaves]}
+         "leaves": [batch_reference(leaf) for leaf in leaves]}
         for name, inner, leaves in program.fallbacks
     ]
-    return {"lines": lines, "fallbacks": fallbacks, "results": program.results}
+    return {**hoisted_lines(program, lines, family), "fallbacks": fallbacks, "results": program.results}
+
+
+def hoisted_lines(program: Program, lines: list[tuple[str, str]], family: str | None) -> dict[str, Any]:
+    """A program's (target, line) pairs split into the loop-invariant ones, which a cache keeps
+    (``hoisted``, the targets they assign), and the rest (``lines``), in program order: an
+    invariant step depends only on invariant steps, so it may run first."""
+    invariant = invariant_steps(program, family) if family else set()
+    kept = [(t, line) for t, line in lines if t in invariant]
+    return {"lines": [line for t, line in lines if t not in invariant],
+            "invariant_lines": [line for _, line in kept], "hoisted": [t for t, _ in kept]}
 
 
 def functions_of(plan: ModulePlan) -> list[str]:
     seen: dict[str, str] = {}
-    programs = [plan.forward, *plan.gradients.values(), *plan.hbp.values()]
+    programs = plan.programs()
     while programs:
         p = programs.pop()
         programs += [inner for _, inner, _ in p.fallbacks]
@@ -92,6 +100,6 @@ def render_module(plan: ModulePlan, backend: str, header: str) -> str:
         header=header,
         functions=functions_of(plan),
         forward=_program_context(plan.forward),
-        gradients={key: _program_context(p) for key, p in plan.gradients.items()},
-        hbp={key: _program_context(p) for key, p in plan.hbp.items()},
+        **{family: {key: _program_context(p, family) for key, p in programs.items()}
+           for family, programs in plan.families().items()},
     )

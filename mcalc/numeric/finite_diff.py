@@ -78,3 +78,50 @@ def fd_hbp(module: Module, name: str, values: Mapping[str, np.ndarray], dz: np.n
     if curvature == "exact":
         return ggn + S
     return ggn + psd_project(S, curvature.removeprefix("pch-"))
+
+
+def joint_forward(module: Module, values: Mapping[str, np.ndarray], names: tuple[str, ...],
+                  ) -> tuple[Callable[[np.ndarray], np.ndarray], np.ndarray, dict[str, slice]]:
+    """vec z as a function of all named variables at once (their vecs concatenated), the point,
+    and where each variable sits in the concatenation."""
+    bases = {n: as_matrix(values[n], module.symbol(n), f"value of '{n}'") for n in names}
+    where, start = {}, 0
+    for n in names:
+        where[n] = slice(start, start + bases[n].size)
+        start += bases[n].size
+
+    def f(flat: np.ndarray) -> np.ndarray:
+        changed = dict(values)
+        for n in names:
+            changed[n] = unvec(flat[where[n]], bases[n].shape)
+        return vec(Evaluator.for_module(module, changed).value(module.output))
+
+    return f, np.concatenate([vec(bases[n]) for n in names]), where
+
+
+def fd_jvp(module: Module, values: Mapping[str, np.ndarray], tangents: Mapping[str, np.ndarray],
+           h: float = JACOBIAN_STEP) -> np.ndarray:
+    """vec R{z}: the central difference of z along the tangents (variables absent do not move)."""
+    names = tuple(tangents)
+    f, x0, where = joint_forward(module, values, names)
+    direction = np.zeros_like(x0)
+    for n in names:
+        direction[where[n]] = np.asarray(tangents[n], dtype=float).reshape(-1, order="F")
+    return (f(x0 + h * direction) - f(x0 - h * direction)) / (2 * h)
+
+
+def fd_gradient_tangents(module: Module, values: Mapping[str, np.ndarray], dz: np.ndarray,
+                         tangents: Mapping[str, np.ndarray], Rdz: np.ndarray) -> dict[str, np.ndarray]:
+    """vec R{δv} = [∇²q · V]ᵥ + Dz(v)ᵀ R{δz} for every variable v, q = δzᵀ vec z (Pearlmutter);
+    variables without a tangent do not move."""
+    names = tuple(v.name for v in module.variables)
+    f, x0, where = joint_forward(module, values, names)
+    weights = np.asarray(dz, dtype=float).reshape(-1)
+    H = hessian_fd(lambda x: float(weights @ f(x)), x0)
+    direction = np.zeros_like(x0)
+    for n, value in tangents.items():
+        direction[where[n]] = np.asarray(value, dtype=float).reshape(-1, order="F")
+    moved = H @ direction
+    J = jacobian_fd(f, x0)
+    pulled = J.T @ np.asarray(Rdz, dtype=float).reshape(-1, order="F")
+    return {n: moved[where[n]] + pulled[where[n]] for n in names}

@@ -12,7 +12,7 @@ from ..errors import EvaluationError
 from ..expr import Inverse, Symbol
 from ..module import Module
 from .evaluate import Evaluator
-from .finite_diff import fd_hbp, fd_jacobian, fd_second_order
+from .finite_diff import fd_gradient_tangents, fd_hbp, fd_jacobian, fd_jvp, fd_second_order
 
 TOLERANCES = {"jacobian": 1e-6, "gradient": 1e-6, "hbp": 2e-5, "hessian": 2e-5}
 SAMPLE_DIMS = (3, 2, 4, 5, 6)
@@ -87,6 +87,12 @@ def verify_module(module: Module, *, seed: int = 0, curvatures: tuple[str, ...] 
     a = rng.normal(size=(size, size))
     Hz = a @ a.T / size  # a positive semi-definite loss Hessian, as from MSE or cross-entropy
     checks: list[Check] = []
+    # The R-operator: every variable moves along a random tangent, δz along R{δz}.
+    tangents = {v.name: rng.normal(size=np.shape(values[v.name])) for v in module.variables}
+    Rdz = rng.normal(size=size)
+    checks.append(Check(module.name, "R{z}", "-", relative_error(
+        d.evaluate_jvp(values, tangents), fd_jvp(module, values, tangents)), TOLERANCES["jacobian"]))
+    gradient_tangents = fd_gradient_tangents(module, values, dz, tangents, Rdz)
     for v in module.variables:
         label = v.name if v.is_vector else f"vec {v.name}"
         J_fd = fd_jacobian(module, v.name, values)
@@ -99,6 +105,9 @@ def verify_module(module: Module, *, seed: int = 0, curvatures: tuple[str, ...] 
             reference = fd_hbp(module, v.name, values, dz, Hz, c)
             value = d.evaluate_hbp(v.name, values, dz=dz, Hz=Hz, curvature=c)
             checks.append(Check(module.name, f"𝓗{label}", c, relative_error(value, reference), TOLERANCES["hbp"]))
+        checks.append(Check(module.name, f"R{{δ{v.name}}}", "-", relative_error(
+            d.evaluate_gradient_tangent(v.name, values, dz=dz, tangents=tangents, Rdz=Rdz),
+            gradient_tangents[v.name]), TOLERANCES["hbp"]))
         if module.output.is_scalar:
             reference = fd_second_order(module, v.name, values, np.ones(1))
             checks.append(Check(module.name, f"Hz({label})", "-",

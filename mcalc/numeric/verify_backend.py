@@ -7,7 +7,7 @@ from ..calculus.hbp import CURVATURES
 from ..codegen.batch import APPROXIMATIONS
 from ..module import Module
 from .evaluate import as_matrix, psd_project
-from .finite_diff import fd_jacobian, fd_second_order
+from .finite_diff import fd_gradient_tangents, fd_jacobian, fd_jvp, fd_second_order
 from .verify import TOLERANCES, Check, relative_error, sample_values
 
 BATCH_SIZE = 4
@@ -63,6 +63,7 @@ def verify_backend(module: Module, backend: str, *, seed: int = 0) -> list[Check
         expected = np.stack(per, axis=1) if v in module.inputs else sum(per).reshape(got.shape, order="F")
         checks.append(Check(module.name, f"δ{v.name} (batch)", "-",
                             relative_error(got, expected), TOLERANCES["gradient"]))
+    checks += _tangent_checks(module, code, xp, samples, P, S, dZ, rng)
     for curvature in CURVATURES:
         for approximation in APPROXIMATIONS:
             blocks = code.HBP[(curvature, approximation)](P, S, xp.asarray(Hz))
@@ -73,6 +74,40 @@ def verify_backend(module: Module, backend: str, *, seed: int = 0) -> list[Check
                 label = v.name if v.is_vector else f"vec {v.name}"
                 checks.append(Check(module.name, f"𝓗̄{label} ({approximation})", curvature,
                                     relative_error(got, reference), TOLERANCES["hbp"]))
+    return checks
+
+
+def _tangent_checks(module: Module, code: object, xp: object, samples: list[dict], P: dict, S: dict,
+                    dZ: np.ndarray, rng: np.random.Generator) -> list[Check]:
+    """The generated jvp and rgradients (all variables moving, and the parameters alone) against
+    each sample's finite differences."""
+    checks = []
+    B = len(samples)
+    per_sample = {v.name for v in module.inputs}
+    shared = {v.name: rng.normal(size=np.shape(samples[0][v.name])) for v in module.params}
+    tangents = [{**shared, **{n: rng.normal(size=np.shape(samples[0][n])) for n in per_sample}} for _ in range(B)]
+    RdZ = rng.normal(size=dZ.shape)
+    for with_inputs in (True, False):
+        moving = [v for v in module.variables if with_inputs or v in module.params]
+        if not moving:
+            continue
+        chosen = [{n: t[n] for n in (v.name for v in moving)} for t in tangents]
+        V = {v.name: xp.asarray(np.stack([np.reshape(t[v.name], -1) for t in chosen], axis=1)) if v.name in per_sample
+             else xp.asarray(as_matrix(chosen[0][v.name], v, v.name)) for v in moving}
+        V["dz"] = xp.asarray(RdZ.T)
+        which = "" if with_inputs else ", parameters moving"
+        expected = np.stack([fd_jvp(module, values, t) for values, t in zip(samples, chosen)], axis=1)
+        got = _host(code.jvp(P, S, V, inputs=with_inputs)["Z"])
+        checks.append(Check(module.name, f"R{{Z}}{which}", "-", relative_error(got, expected),
+                            TOLERANCES["jacobian"]))
+        per = [fd_gradient_tangents(module, samples[i], dZ[i], chosen[i], RdZ[i]) for i in range(B)]
+        results = code.rgradients(P, S, V, inputs=with_inputs)
+        for v in moving:
+            got = _host(results[v.name])
+            expected = np.stack([r[v.name] for r in per], axis=1) if v.name in per_sample else \
+                sum(r[v.name] for r in per).reshape(got.shape, order="F")
+            checks.append(Check(module.name, f"R{{δ{v.name}}} (batch{which})", "-",
+                                relative_error(got, expected), TOLERANCES["hbp"]))
     return checks
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sympy as sp
 
-from ..expr import ONE, Expr
+from ..expr import ONE, Expr, tangent_of
 from .base import ATOM, Printer
 
 
@@ -23,7 +23,10 @@ class LatexPrinter(Printer):
         return _name(e.args[0])
 
     def _print_Seed(self, e: Expr) -> str:
-        return r"\mathcal{H}z" if e.args[0] == "Hz" else r"\delta z"
+        variable = tangent_of(e)
+        if variable is not None:
+            return rf"\mathrm{{d}}{_name(variable)}"
+        return {"Hz": r"\mathcal{H}z", "dz": r"\delta z", "Rdz": r"\mathcal{R}\{\delta z\}"}[e.kind]
 
     def _print_Identity(self, e: Expr) -> str:
         return f"I_{{{self.dim(e.args[0])}}}"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sympy as sp
 
-from ..expr import ONE, Expr
+from ..expr import ONE, Expr, tangent_of
 from .base import ATOM, Printer
 
 
@@ -14,7 +14,10 @@ class TextPrinter(Printer):
         return e.args[0]
 
     def _print_Seed(self, e: Expr) -> str:
-        return "𝓗z" if e.args[0] == "Hz" else "δz"
+        variable = tangent_of(e)
+        if variable is not None:
+            return f"d{variable}"
+        return {"Hz": "𝓗z", "dz": "δz", "Rdz": "R{δz}"}[e.kind]
 
     def _sub(self, d: sp.Expr) -> str:
         text = self.dim(d)

@@ -7,6 +7,7 @@ sample per column, as the generated code does.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,6 +151,58 @@ class Network:
             dZ = self.code[layer.module.name].gradients(self._module_params(layer), S)["x"]
             out[position - 1] = dZ
         return out
+
+    def curvature_product(self, X: Any, Y: Any, matrix: str = "gn") -> Callable[[dict[str, Any]], dict[str, Any]]:
+        """V ↦ C V over every parameter at once, for the batch-mean loss on (X, Y), without forming C.
+
+        ``matrix='gn'``: the Gauss–Newton matrix Jᵀ 𝓗L J (Schraudolph 2002; Martens 2010): the
+        tangents R{Z} run forwards through each module's generated ``jvp``, the loss Hessian takes
+        R{δZ} = 𝓗L R{Z}, and plain gradient backprop carries R{δZ} back. ``'hessian'``: the exact
+        Hessian (Pearlmutter 1994): the backward pass runs each module's ``rgradients`` instead, which
+        adds every module's second-order terms and the couplings between layers.
+        The forward pass and the adjoints are computed once here, and each module keeps what does
+        not depend on V (activation derivatives, softmax) in a cache of its own for the batch; each
+        product costs one tangent pass forwards and one backwards.
+        """
+        if matrix not in ("gn", "hessian"):
+            raise McalcError(f"unknown curvature matrix '{matrix}'; choose gn or hessian")
+        xp = self.xp
+        Z, inputs = self.forward(X)
+        B = X.shape[1]
+        loss_S = {"x": Z, "y": Y, "dz": xp.full((1, B), 1.0 / B, dtype=Z.dtype)}
+        adjoints = self.adjoints(inputs, self.output_gradient(Z, Y)) if matrix == "hessian" else {}
+        caches: list[dict] = [{} for _ in range(len(self.layers) + 1)]  # the loss's is the last
+
+        def product(V: dict[str, Any]) -> dict[str, Any]:
+            tangents, T = [], None  # the tangent of every layer's input; the data's is None
+            for position, layer in enumerate(self.layers):
+                P, moved = self._module_params(layer), self._module_params(layer, V)
+                tangents.append(T)
+                if T is not None or moved:
+                    V_layer = moved if T is None else {"x": T, **moved}
+                    T = self.code[layer.module.name].jvp(P, {"x": inputs[position]}, V_layer,
+                                                          inputs=T is not None, cache=caches[position])["Z"]
+            loss = self.code[self.loss_module.name]
+            R = loss.rgradients({}, loss_S, {"x": T, "dz": xp.zeros((1, B), dtype=Z.dtype)},
+                                cache=caches[-1])["x"]  # 𝓗L R{Z}
+            out: dict[str, Any] = {}
+            for position in reversed(range(len(self.layers))):
+                layer, T_in = self.layers[position], tangents[position]
+                code, P = self.code[layer.module.name], self._module_params(layer)
+                if matrix == "gn":
+                    r = code.gradients(P, {"x": inputs[position], "dz": R}, inputs=T_in is not None,
+                                       cache=caches[position])
+                else:
+                    V_layer = {**self._module_params(layer, V), "dz": R, **({"x": T_in} if T_in is not None else {})}
+                    r = code.rgradients(P, {"x": inputs[position], "dz": adjoints[position]}, V_layer,
+                                        inputs=T_in is not None, cache=caches[position])
+                for own, name in layer.params.items():
+                    out[name] = r[own]
+                if T_in is not None:
+                    R = r["x"]
+            return out
+
+        return product
 
     def predict(self, X: Any) -> Any:
         """The model's predictive distribution softmax(z), (classes, B)."""

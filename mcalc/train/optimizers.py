@@ -1,6 +1,7 @@
 """Optimisers: momentum SGD, Adam, and the HBP Newton step of eq. (8) solved by CG per block."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -298,7 +299,11 @@ class KBFGS:
 
 def make_optimizer(name: str, **options: Any) -> Any:
     """An optimiser by its command-line name."""
-    table = {"sgd": SGD, "adam": Adam, "hbp-newton": HBPNewton, "kfac": KFAC, "kbfgs": KBFGS}
+    from .hessian_free import HessianFree
+
+    table = {"sgd": SGD, "adam": Adam, "hbp-newton": HBPNewton, "kfac": KFAC, "kbfgs": KBFGS,
+             "hf-newton": functools.partial(HessianFree, matrix="hessian"),
+             "hf-gn": functools.partial(HessianFree, matrix="gn")}
     if name not in table:
         raise McalcError(f"unknown optimizer '{name}'; available: {', '.join(table)}")
     return table[name](**{k: v for k, v in options.items() if v is not None})
