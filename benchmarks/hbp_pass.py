@@ -1,6 +1,6 @@
 """One batch HBP pass over the HBP paper's network, mcalc's generated code against BackPACK, side by side.
 
-    python benchmarks/hbp_pass.py [--device cpu|cuda] [--json OUT]
+    python benchmarks/hbp_pass.py [--device cpu|cuda] [--repeats N] [--json OUT]
 
 Network 3072-1024-512-256-128-64-32-16-10, sigmoids, cross-entropy with mean
 reduction, batch 500, float32. Both sides compute, per layer, the weight and
@@ -9,7 +9,8 @@ passed backwards (BackPACK: ``HBP(curv_type, 'sum', 'average', 'E[J^T E(H) J]')`
 Factor conventions: BackPACK stores the weight block as [𝓗̄z, E[x xᵀ]] for its
 row-major vec, mcalc as E[x xᵀ] ⊗ 𝓗̄z for column-stacking vec: the factors are
 compared one to one. On CPU mcalc runs its NumPy backend; on CUDA its fused
-CuPy kernels, and the same plan with unfused CuPy operations.
+CuPy kernels, and the same plan with unfused CuPy operations. Contenders run in
+turn within each repeat; the medians are reported.
 """
 from __future__ import annotations
 
@@ -82,22 +83,26 @@ def _difference(ours: tuple, reference: tuple, xp) -> float:
                float(np.abs(bias - Hb).max() / np.abs(Hb).max()))
 
 
-def timed(fn, repeats: int, sync=lambda: None) -> float:
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def timed_side_by_side(contenders: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each ``name: (fn, sync)``, run in turn within every repeat, so that drift of the
+    machine (a shared CPU, GPU clocks) affects all contenders alike."""
+    for fn, sync in contenders.values():  # warm-up: compilation, caches, allocator pools
         fn()
         sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, (fn, sync) in contenders.items():
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
 
@@ -143,17 +148,17 @@ def main() -> None:
         model.zero_grad()
         loss_fn(model(X_t), y_t).backward()
 
-    results = {"plain PyTorch forward+backward": timed(plain, args.repeats, torch_sync)}
+    results = timed_side_by_side({"plain PyTorch forward+backward": (plain, torch_sync)}, args.repeats)
     agreement = {}
     for mode in MODES:
         reference = backpack_pass(model, loss_fn, X_t, y_t, mode)
-        results[f"BackPACK HBP [{mode}]"] = timed(lambda m=mode: backpack_pass(model, loss_fn, X_t, y_t, m),
-                                                   args.repeats, torch_sync)
+        contenders = {f"BackPACK HBP [{mode}]": (lambda m=mode: backpack_pass(model, loss_fn, X_t, y_t, m),
+                                                 torch_sync)}
         for name, net in variants.items():
             blocks = mcalc_pass(net, X, Y, mode)
-            run = lambda n=net, m=mode: mcalc_pass(n, X, Y, m)  # noqa: E731
-            results[f"{name} [{mode}]"] = timed(run, args.repeats, sync)
             agreement[f"{name} [{mode}]"] = max(_difference(ours, refs, xp) for ours, refs in zip(blocks, reference))
+            contenders[f"{name} [{mode}]"] = (lambda n=net, m=mode: mcalc_pass(n, X, Y, m), sync)
+        results.update(timed_side_by_side(contenders, args.repeats))
     print(f"device: {args.device}, batch {BATCH}, float32, network {'-'.join(map(str, SIZES))}")
     for name, seconds in results.items():
         print(f"  {name:<40} {seconds * 1e3:9.1f} ms")

@@ -56,6 +56,11 @@ from mcalc.runtime.array_ops import softmax as _softmax  # noqa: F401
 
 
 
+def _dtype(P, S):
+    """The arguments' floating type: constants are made in it, so float32 stays float32."""
+    return next((a.dtype for a in (*S.values(), *P.values()) if a.dtype.kind == "f"), xp.dtype(float))
+
+
 def _dims(P, S):
     return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "m": S['x'].shape[0], }
 
@@ -63,6 +68,7 @@ def _dims(P, S):
 def forward(P, S):
     """Z = the module's outputs, (size z, B)."""
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = xp.broadcast_to(P['b'], (m, B))
     t1 = _launch('k_a3cc1fa8db9e', (m, B), (m, B), [S['x'], P['b']], [], False)
 
@@ -71,6 +77,7 @@ def forward(P, S):
 
 def _gradients_all(P, S, C=None):
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = S['dz'].sum(axis=1, keepdims=True)
 
     return {"x": S['dz'], "b": t0, }
@@ -78,6 +85,7 @@ def _gradients_all(P, S, C=None):
 
 def _gradients_params(P, S, C=None):
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = S['dz'].sum(axis=1, keepdims=True)
 
     return {"b": t0, }
@@ -93,6 +101,7 @@ def gradients(P, S, inputs=True, cache=None):
 
 def _jvp_all(P, S, V, C=None):
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = xp.broadcast_to(V['b'], (m, B))
     t1 = _launch('k_a3cc1fa8db9e', (m, B), (m, B), [V['x'], V['b']], [], False)
 
@@ -101,6 +110,7 @@ def _jvp_all(P, S, V, C=None):
 
 def _jvp_params(P, S, V, C=None):
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = xp.broadcast_to(V['b'], (m, B))
 
     return {"Z": t0}
@@ -115,6 +125,7 @@ def jvp(P, S, V, inputs=True, cache=None):
 
 def _rgradients_all(P, S, V, C=None):
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = V['dz'].sum(axis=1, keepdims=True)
 
     return {"x": V['dz'], "b": t0, }
@@ -122,6 +133,7 @@ def _rgradients_all(P, S, V, C=None):
 
 def _rgradients_params(P, S, V, C=None):
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = V['dz'].sum(axis=1, keepdims=True)
 
     return {"b": t0, }
@@ -141,6 +153,7 @@ def _no_parameters():
 def _hbp_exact_6_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6)."""
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
         "x": CurvatureBlock(kron=[], dense=Hz),
@@ -150,6 +163,7 @@ def _hbp_exact_6_all(P, S, Hz):
 def _hbp_exact_6_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6), parameters only."""
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
         "b": CurvatureBlock(kron=[], dense=Hz),
@@ -158,6 +172,7 @@ def _hbp_exact_6_params(P, S, Hz):
 def _hbp_exact_7_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7)."""
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
         "x": CurvatureBlock(kron=[], dense=Hz),
@@ -167,6 +182,7 @@ def _hbp_exact_7_all(P, S, Hz):
 def _hbp_exact_7_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7), parameters only."""
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
         "b": CurvatureBlock(kron=[], dense=Hz),
@@ -175,6 +191,7 @@ def _hbp_exact_7_params(P, S, Hz):
 def _hbp_ggn_6_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6)."""
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
         "x": CurvatureBlock(kron=[], dense=Hz),
@@ -184,6 +201,7 @@ def _hbp_ggn_6_all(P, S, Hz):
 def _hbp_ggn_6_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6), parameters only."""
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
         "b": CurvatureBlock(kron=[], dense=Hz),
@@ -192,6 +210,7 @@ def _hbp_ggn_6_params(P, S, Hz):
 def _hbp_ggn_7_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7)."""
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
         "x": CurvatureBlock(kron=[], dense=Hz),
@@ -201,6 +220,7 @@ def _hbp_ggn_7_all(P, S, Hz):
 def _hbp_ggn_7_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7), parameters only."""
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
         "b": CurvatureBlock(kron=[], dense=Hz),
@@ -209,6 +229,7 @@ def _hbp_ggn_7_params(P, S, Hz):
 def _hbp_pch_abs_6_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6)."""
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
         "x": CurvatureBlock(kron=[], dense=Hz),
@@ -218,6 +239,7 @@ def _hbp_pch_abs_6_all(P, S, Hz):
 def _hbp_pch_abs_6_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6), parameters only."""
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
         "b": CurvatureBlock(kron=[], dense=Hz),
@@ -226,6 +248,7 @@ def _hbp_pch_abs_6_params(P, S, Hz):
 def _hbp_pch_abs_7_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7)."""
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
         "x": CurvatureBlock(kron=[], dense=Hz),
@@ -235,6 +258,7 @@ def _hbp_pch_abs_7_all(P, S, Hz):
 def _hbp_pch_abs_7_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7), parameters only."""
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
         "b": CurvatureBlock(kron=[], dense=Hz),
@@ -243,6 +267,7 @@ def _hbp_pch_abs_7_params(P, S, Hz):
 def _hbp_pch_clip_6_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6)."""
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
         "x": CurvatureBlock(kron=[], dense=Hz),
@@ -252,6 +277,7 @@ def _hbp_pch_clip_6_all(P, S, Hz):
 def _hbp_pch_clip_6_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6), parameters only."""
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
         "b": CurvatureBlock(kron=[], dense=Hz),
@@ -260,6 +286,7 @@ def _hbp_pch_clip_6_params(P, S, Hz):
 def _hbp_pch_clip_7_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7)."""
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
         "x": CurvatureBlock(kron=[], dense=Hz),
@@ -269,6 +296,7 @@ def _hbp_pch_clip_7_all(P, S, Hz):
 def _hbp_pch_clip_7_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7), parameters only."""
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
         "b": CurvatureBlock(kron=[], dense=Hz),

@@ -412,6 +412,11 @@ from mcalc.runtime.array_ops import softmax as _softmax  # noqa: F401
 
 
 
+def _dtype(P, S):
+    """The arguments' floating type: constants are made in it, so float32 stays float32."""
+    return next((a.dtype for a in (*S.values(), *P.values()) if a.dtype.kind == "f"), xp.dtype(float))
+
+
 def _dims(P, S):
     return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], }
 
@@ -419,6 +424,7 @@ def _dims(P, S):
 def forward(P, S):
     """Z = the module's outputs, (size z, B)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _log_softmax(S['x'])
     t1 = _launch('k_531d59972706', (n, B), (n, B), [S['y'], t0], [], False)
     t2 = t1.sum(axis=0, keepdims=True)
@@ -429,6 +435,7 @@ def forward(P, S):
 
 def _gradients_all(P, S, C=None):
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     hoisted = C.get('gradients_all') if C is not None else None
     if hoisted is None:
         t3 = _softmax(S['x'])
@@ -436,7 +443,7 @@ def _gradients_all(P, S, C=None):
             C['gradients_all'] = (t3,)
     else:
         t3, = hoisted
-    t0 = (xp.ones((n, 1)) @ S['dz'])
+    t0 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
     t5 = _launch('k_eaa61725f54d', (n, B), (n, B), [S['dz'], S['y'], t3], [-1], False)
 
     return {"x": t5, }
@@ -444,6 +451,7 @@ def _gradients_all(P, S, C=None):
 
 def _gradients_params(P, S, C=None):
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {}
 
@@ -458,6 +466,7 @@ def gradients(P, S, inputs=True, cache=None):
 
 def _jvp_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     hoisted = C.get('jvp_all') if C is not None else None
     if hoisted is None:
         t0 = _softmax(S['x'])
@@ -466,7 +475,7 @@ def _jvp_all(P, S, V, C=None):
     else:
         t0, = hoisted
     t1 = _launch('k_531d59972706', (n, B), (n, B), [V['x'], t0], [], False)
-    t2 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t1)
+    t2 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t1)
     t5 = _launch('k_442036a17620', (n, B), (n, B), [V['x'], t2, S['y']], [-1], False)
     t6 = t5.sum(axis=0, keepdims=True)
     t7 = _launch('k_e768e514d527', (1, B), (1, B), [t6], [-1], False)
@@ -483,17 +492,18 @@ def jvp(P, S, V, inputs=True, cache=None):
 
 def _rgradients_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     hoisted = C.get('rgradients_all') if C is not None else None
     if hoisted is None:
         t3 = _softmax(S['x'])
-        t5 = (xp.ones((n, 1)) @ S['dz'])
+        t5 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
         if C is not None:
             C['rgradients_all'] = (t3, t5,)
     else:
         t3, t5, = hoisted
-    t0 = (xp.ones((n, 1)) @ V['dz'])
+    t0 = (xp.ones((n, 1), dtype=dtype) @ V['dz'])
     t6 = _launch('k_531d59972706', (n, B), (n, B), [V['x'], t3], [], False)
-    t7 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t6)
+    t7 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t6)
     t12 = _launch('k_fe106be29eba', (n, B), (n, B), [V['dz'], S['y'], t3, S['dz'], t6, t7], [-1, -1], False)
 
     return {"x": t12, }
@@ -513,13 +523,14 @@ def _no_parameters():
 def _hbp_exact_6_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _softmax(S['x'])
     t2 = _launch('k_52dc92557383', (n, B), (n, B), [S['y'], t0], [-1], False)
     t3 = S['y'].T
     t5 = t0.T
     t7 = _launch('k_edb4640e4693', (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
     t8 = (t2 @ t7)
-    t10 = (xp.ones((n, 1)) @ S['dz'])
+    t10 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
     t11 = _launch('k_e3154fdc0682', (n, B), (n, B), [S['dz'], t0], [], False)
     t12 = t11.sum(axis=1, keepdims=True)
     t13 = (t11 @ t5)
@@ -532,6 +543,7 @@ def _hbp_exact_6_all(P, S, Hz):
 def _hbp_exact_6_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -539,6 +551,7 @@ def _hbp_exact_6_params(P, S, Hz):
 def _hbp_exact_7_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t1 = _softmax(S['x'])
     t3 = _launch('k_edb4640e4693', (n, B), (n, B), [S['y'], t1], [1/B, -1/B], False)
     t4 = S['y'].T
@@ -558,6 +571,7 @@ def _hbp_exact_7_all(P, S, Hz):
 def _hbp_exact_7_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -565,6 +579,7 @@ def _hbp_exact_7_params(P, S, Hz):
 def _hbp_ggn_6_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _softmax(S['x'])
     t2 = _launch('k_52dc92557383', (n, B), (n, B), [S['y'], t0], [-1], False)
     t3 = S['y'].T
@@ -580,6 +595,7 @@ def _hbp_ggn_6_all(P, S, Hz):
 def _hbp_ggn_6_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -587,6 +603,7 @@ def _hbp_ggn_6_params(P, S, Hz):
 def _hbp_ggn_7_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t1 = _softmax(S['x'])
     t3 = _launch('k_edb4640e4693', (n, B), (n, B), [S['y'], t1], [1/B, -1/B], False)
     t4 = S['y'].T
@@ -602,6 +619,7 @@ def _hbp_ggn_7_all(P, S, Hz):
 def _hbp_ggn_7_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -609,13 +627,14 @@ def _hbp_ggn_7_params(P, S, Hz):
 def _hbp_pch_abs_6_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _softmax(S['x'])
     t2 = _launch('k_52dc92557383', (n, B), (n, B), [S['y'], t0], [-1], False)
     t3 = S['y'].T
     t5 = t0.T
     t7 = _launch('k_edb4640e4693', (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
     t8 = (t2 @ t7)
-    t10 = (xp.ones((n, 1)) @ S['dz'])
+    t10 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
     t11 = _launch('k_e3154fdc0682', (n, B), (n, B), [S['dz'], t0], [], False)
     t12 = t11.sum(axis=1, keepdims=True)
     t13 = (t11 @ t5)
@@ -630,6 +649,7 @@ def _hbp_pch_abs_6_all(P, S, Hz):
 def _hbp_pch_abs_6_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -637,6 +657,7 @@ def _hbp_pch_abs_6_params(P, S, Hz):
 def _hbp_pch_abs_7_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t1 = _softmax(S['x'])
     t3 = _launch('k_edb4640e4693', (n, B), (n, B), [S['y'], t1], [1/B, -1/B], False)
     t4 = S['y'].T
@@ -659,6 +680,7 @@ def _hbp_pch_abs_7_all(P, S, Hz):
 def _hbp_pch_abs_7_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -666,13 +688,14 @@ def _hbp_pch_abs_7_params(P, S, Hz):
 def _hbp_pch_clip_6_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _softmax(S['x'])
     t2 = _launch('k_52dc92557383', (n, B), (n, B), [S['y'], t0], [-1], False)
     t3 = S['y'].T
     t5 = t0.T
     t7 = _launch('k_edb4640e4693', (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
     t8 = (t2 @ t7)
-    t10 = (xp.ones((n, 1)) @ S['dz'])
+    t10 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
     t11 = _launch('k_e3154fdc0682', (n, B), (n, B), [S['dz'], t0], [], False)
     t12 = t11.sum(axis=1, keepdims=True)
     t13 = (t11 @ t5)
@@ -687,6 +710,7 @@ def _hbp_pch_clip_6_all(P, S, Hz):
 def _hbp_pch_clip_6_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -694,6 +718,7 @@ def _hbp_pch_clip_6_params(P, S, Hz):
 def _hbp_pch_clip_7_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t1 = _softmax(S['x'])
     t3 = _launch('k_edb4640e4693', (n, B), (n, B), [S['y'], t1], [1/B, -1/B], False)
     t4 = S['y'].T
@@ -715,6 +740,7 @@ def _hbp_pch_clip_7_all(P, S, Hz):
 def _hbp_pch_clip_7_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }

@@ -302,6 +302,11 @@ from mcalc.runtime.array_ops import softmax as _softmax  # noqa: F401
 
 
 
+def _dtype(P, S):
+    """The arguments' floating type: constants are made in it, so float32 stays float32."""
+    return next((a.dtype for a in (*S.values(), *P.values()) if a.dtype.kind == "f"), xp.dtype(float))
+
+
 def _dims(P, S):
     return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], }
 
@@ -309,6 +314,7 @@ def _dims(P, S):
 def forward(P, S):
     """Z = the module's outputs, (size z, B)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t1 = _launch('k_52dc92557383', (n, B), (n, B), [S['x'], S['y']], [-1], False)
     t2 = _launch('k_3609146dac45', (n, B), (n, B), [t1], [], False)
     t3 = t2.sum(axis=0, keepdims=True)
@@ -318,7 +324,8 @@ def forward(P, S):
 
 def _gradients_all(P, S, C=None):
     B, n = _dims(P, S).values()
-    t0 = (xp.ones((n, 1)) @ S['dz'])
+    dtype = _dtype(P, S)
+    t0 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
     t4 = _launch('k_89a14ba3b649', (n, B), (n, B), [S['dz'], S['x'], S['y']], [2, -1], False)
 
     return {"x": t4, }
@@ -326,6 +333,7 @@ def _gradients_all(P, S, C=None):
 
 def _gradients_params(P, S, C=None):
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {}
 
@@ -340,6 +348,7 @@ def gradients(P, S, inputs=True, cache=None):
 
 def _jvp_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t2 = _launch('k_3ac21bab4968', (n, B), (n, B), [V['x'], S['x'], S['y']], [-1], False)
     t3 = t2.sum(axis=0, keepdims=True)
     t4 = _launch('k_e768e514d527', (1, B), (1, B), [t3], [2], False)
@@ -356,14 +365,15 @@ def jvp(P, S, V, inputs=True, cache=None):
 
 def _rgradients_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     hoisted = C.get('rgradients_all') if C is not None else None
     if hoisted is None:
-        t4 = (xp.ones((n, 1)) @ S['dz'])
+        t4 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
         if C is not None:
             C['rgradients_all'] = (t4,)
     else:
         t4, = hoisted
-    t0 = (xp.ones((n, 1)) @ V['dz'])
+    t0 = (xp.ones((n, 1), dtype=dtype) @ V['dz'])
     t7 = _launch('k_0554ac7d87a1', (n, B), (n, B), [V['dz'], S['x'], S['y'], S['dz'], V['x']], [2, -1], False)
 
     return {"x": t7, }
@@ -383,6 +393,7 @@ def _no_parameters():
 def _hbp_exact_6_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t1 = _launch('k_52dc92557383', (n, B), (n, B), [S['x'], S['y']], [-1], False)
     t2 = S['x'].T
     t4 = S['y'].T
@@ -399,6 +410,7 @@ def _hbp_exact_6_all(P, S, Hz):
 def _hbp_exact_6_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -406,6 +418,7 @@ def _hbp_exact_6_params(P, S, Hz):
 def _hbp_exact_7_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t2 = _launch('k_edb4640e4693', (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], False)
     t3 = S['x'].T
     t5 = S['y'].T
@@ -422,6 +435,7 @@ def _hbp_exact_7_all(P, S, Hz):
 def _hbp_exact_7_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -429,6 +443,7 @@ def _hbp_exact_7_params(P, S, Hz):
 def _hbp_ggn_6_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t1 = _launch('k_52dc92557383', (n, B), (n, B), [S['x'], S['y']], [-1], False)
     t2 = S['x'].T
     t4 = S['y'].T
@@ -443,6 +458,7 @@ def _hbp_ggn_6_all(P, S, Hz):
 def _hbp_ggn_6_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -450,6 +466,7 @@ def _hbp_ggn_6_params(P, S, Hz):
 def _hbp_ggn_7_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t2 = _launch('k_edb4640e4693', (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], False)
     t3 = S['x'].T
     t5 = S['y'].T
@@ -464,6 +481,7 @@ def _hbp_ggn_7_all(P, S, Hz):
 def _hbp_ggn_7_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -471,6 +489,7 @@ def _hbp_ggn_7_params(P, S, Hz):
 def _hbp_pch_abs_6_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t1 = _launch('k_52dc92557383', (n, B), (n, B), [S['x'], S['y']], [-1], False)
     t2 = S['x'].T
     t4 = S['y'].T
@@ -488,6 +507,7 @@ def _hbp_pch_abs_6_all(P, S, Hz):
 def _hbp_pch_abs_6_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -495,6 +515,7 @@ def _hbp_pch_abs_6_params(P, S, Hz):
 def _hbp_pch_abs_7_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t2 = _launch('k_edb4640e4693', (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], False)
     t3 = S['x'].T
     t5 = S['y'].T
@@ -512,6 +533,7 @@ def _hbp_pch_abs_7_all(P, S, Hz):
 def _hbp_pch_abs_7_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -519,6 +541,7 @@ def _hbp_pch_abs_7_params(P, S, Hz):
 def _hbp_pch_clip_6_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t1 = _launch('k_52dc92557383', (n, B), (n, B), [S['x'], S['y']], [-1], False)
     t2 = S['x'].T
     t4 = S['y'].T
@@ -537,6 +560,7 @@ def _hbp_pch_clip_6_all(P, S, Hz):
 def _hbp_pch_clip_6_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -544,6 +568,7 @@ def _hbp_pch_clip_6_params(P, S, Hz):
 def _hbp_pch_clip_7_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t2 = _launch('k_edb4640e4693', (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], False)
     t3 = S['x'].T
     t5 = S['y'].T
@@ -562,6 +587,7 @@ def _hbp_pch_clip_7_all(P, S, Hz):
 def _hbp_pch_clip_7_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }

@@ -189,6 +189,11 @@ from mcalc.runtime.array_ops import softmax as _softmax  # noqa: F401
 
 
 
+def _dtype(P, S):
+    """The arguments' floating type: constants are made in it, so float32 stays float32."""
+    return next((a.dtype for a in (*S.values(), *P.values()) if a.dtype.kind == "f"), xp.dtype(float))
+
+
 def _dims(P, S):
     return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], }
 
@@ -196,6 +201,7 @@ def _dims(P, S):
 def forward(P, S):
     """Z = the module's outputs, (size z, B)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _launch('k_90b16f48f862', (n, B), (n, B), [S['x']], [], False)
 
     return {"Z": t0}
@@ -203,6 +209,7 @@ def forward(P, S):
 
 def _gradients_all(P, S, C=None):
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t1 = _launch('k_29b586e8102a', (n, B), (n, B), [S['dz'], S['x']], [], False)
 
     return {"x": t1, }
@@ -210,6 +217,7 @@ def _gradients_all(P, S, C=None):
 
 def _gradients_params(P, S, C=None):
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {}
 
@@ -224,6 +232,7 @@ def gradients(P, S, inputs=True, cache=None):
 
 def _jvp_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t1 = _launch('k_29b586e8102a', (n, B), (n, B), [V['x'], S['x']], [], False)
 
     return {"Z": t1}
@@ -238,6 +247,7 @@ def jvp(P, S, V, inputs=True, cache=None):
 
 def _rgradients_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t1 = _launch('k_29b586e8102a', (n, B), (n, B), [V['dz'], S['x']], [], False)
 
     return {"x": t1, }
@@ -257,6 +267,7 @@ def _no_parameters():
 def _hbp_exact_6_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _launch('k_e5758009459e', (n, B), (n, B), [S['x']], [], False)
     t1 = t0.T
     t2 = (t0 @ t1)
@@ -269,6 +280,7 @@ def _hbp_exact_6_all(P, S, Hz):
 def _hbp_exact_6_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -276,6 +288,7 @@ def _hbp_exact_6_params(P, S, Hz):
 def _hbp_exact_7_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t1 = _launch('k_e2964d1f4ef1', (n, B), (n, 1), [S['x']], [], True)
     t2 = ((t1 * Hz) * t1.T)
     t3 = _launch('k_b6da753aeb00', (n, n), (n, n), [t2], [B**(-2)], False)
@@ -287,6 +300,7 @@ def _hbp_exact_7_all(P, S, Hz):
 def _hbp_exact_7_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -294,6 +308,7 @@ def _hbp_exact_7_params(P, S, Hz):
 def _hbp_ggn_6_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _launch('k_e5758009459e', (n, B), (n, B), [S['x']], [], False)
     t1 = t0.T
     t2 = (t0 @ t1)
@@ -306,6 +321,7 @@ def _hbp_ggn_6_all(P, S, Hz):
 def _hbp_ggn_6_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -313,6 +329,7 @@ def _hbp_ggn_6_params(P, S, Hz):
 def _hbp_ggn_7_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t1 = _launch('k_e2964d1f4ef1', (n, B), (n, 1), [S['x']], [], True)
     t2 = ((t1 * Hz) * t1.T)
     t3 = _launch('k_b6da753aeb00', (n, n), (n, n), [t2], [B**(-2)], False)
@@ -324,6 +341,7 @@ def _hbp_ggn_7_all(P, S, Hz):
 def _hbp_ggn_7_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -331,6 +349,7 @@ def _hbp_ggn_7_params(P, S, Hz):
 def _hbp_pch_abs_6_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _launch('k_e5758009459e', (n, B), (n, B), [S['x']], [], False)
     t1 = t0.T
     t2 = (t0 @ t1)
@@ -343,6 +362,7 @@ def _hbp_pch_abs_6_all(P, S, Hz):
 def _hbp_pch_abs_6_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -350,6 +370,7 @@ def _hbp_pch_abs_6_params(P, S, Hz):
 def _hbp_pch_abs_7_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t1 = _launch('k_e2964d1f4ef1', (n, B), (n, 1), [S['x']], [], True)
     t2 = ((t1 * Hz) * t1.T)
     t3 = _launch('k_b6da753aeb00', (n, n), (n, n), [t2], [B**(-2)], False)
@@ -361,6 +382,7 @@ def _hbp_pch_abs_7_all(P, S, Hz):
 def _hbp_pch_abs_7_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -368,6 +390,7 @@ def _hbp_pch_abs_7_params(P, S, Hz):
 def _hbp_pch_clip_6_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _launch('k_e5758009459e', (n, B), (n, B), [S['x']], [], False)
     t1 = t0.T
     t2 = (t0 @ t1)
@@ -380,6 +403,7 @@ def _hbp_pch_clip_6_all(P, S, Hz):
 def _hbp_pch_clip_6_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -387,6 +411,7 @@ def _hbp_pch_clip_6_params(P, S, Hz):
 def _hbp_pch_clip_7_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t1 = _launch('k_e2964d1f4ef1', (n, B), (n, 1), [S['x']], [], True)
     t2 = ((t1 * Hz) * t1.T)
     t3 = _launch('k_b6da753aeb00', (n, n), (n, n), [t2], [B**(-2)], False)
@@ -398,6 +423,7 @@ def _hbp_pch_clip_7_all(P, S, Hz):
 def _hbp_pch_clip_7_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }

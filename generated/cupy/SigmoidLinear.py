@@ -222,28 +222,6 @@ extern "C" __global__ void k_8f7445a19454_double(const double* __restrict__ in0,
     out[i] = fn_sigmoid_1_double(in0[r * cols + c]);
 }
 
-extern "C" __global__ void k_46178010f642_float(const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (r == c ? (float)1 : (float)0));
-}
-
-extern "C" __global__ void k_46178010f642_double(const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * (r == c ? (double)1 : (double)0));
-}
-
 extern "C" __global__ void k_98a1b805bfa4_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
@@ -520,6 +498,11 @@ from mcalc.runtime.array_ops import softmax as _softmax  # noqa: F401
 
 
 
+def _dtype(P, S):
+    """The arguments' floating type: constants are made in it, so float32 stays float32."""
+    return next((a.dtype for a in (*S.values(), *P.values()) if a.dtype.kind == "f"), xp.dtype(float))
+
+
 def _dims(P, S):
     return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], "m": P['W'].shape[0], }
 
@@ -527,6 +510,7 @@ def _dims(P, S):
 def forward(P, S):
     """Z = the module's outputs, (size z, B)."""
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
     t1 = (P['W'] @ t0)
     t2 = xp.broadcast_to(P['b'], (m, B))
@@ -537,6 +521,7 @@ def forward(P, S):
 
 def _gradients_all(P, S, C=None):
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     hoisted = C.get('gradients_all') if C is not None else None
     if hoisted is None:
         t0 = P['W'].T
@@ -556,6 +541,7 @@ def _gradients_all(P, S, C=None):
 
 def _gradients_params(P, S, C=None):
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     hoisted = C.get('gradients_params') if C is not None else None
     if hoisted is None:
         t0 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
@@ -580,6 +566,7 @@ def gradients(P, S, inputs=True, cache=None):
 
 def _jvp_all(P, S, V, C=None):
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     hoisted = C.get('jvp_all') if C is not None else None
     if hoisted is None:
         t0 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
@@ -598,6 +585,7 @@ def _jvp_all(P, S, V, C=None):
 
 def _jvp_params(P, S, V, C=None):
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     hoisted = C.get('jvp_params') if C is not None else None
     if hoisted is None:
         t0 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
@@ -621,6 +609,7 @@ def jvp(P, S, V, inputs=True, cache=None):
 
 def _rgradients_all(P, S, V, C=None):
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     hoisted = C.get('rgradients_all') if C is not None else None
     if hoisted is None:
         t2 = P['W'].T
@@ -649,6 +638,7 @@ def _rgradients_all(P, S, V, C=None):
 
 def _rgradients_params(P, S, V, C=None):
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     hoisted = C.get('rgradients_params') if C is not None else None
     if hoisted is None:
         t0 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
@@ -677,6 +667,7 @@ def _no_parameters():
 def _hbp_exact_6_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6)."""
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
     t2 = _launch('k_8f7445a19454', (n, B), (n, B), [S['x']], [], False)
@@ -685,122 +676,122 @@ def _hbp_exact_6_all(P, S, Hz):
     t7 = (t0 @ S['dz'])
     t10 = _launch('k_36ef97f1d271', (n, B), (n, 1), [t7, S['x']], [], True)
     t11 = _launch('k_98a1b805bfa4', (n, n), (n, n), [t1, t4, t10], [1/B], False)
-    t12 = _launch('k_46178010f642', (1, 1), (1, 1), [], [1/B], False)
-    t13 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
-    t14 = _gram(t13)
+    t12 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
+    t13 = _gram(t12)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t11),
-        "W": CurvatureBlock(kron=[_kron(t12, t14, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1/B), t13, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_exact_6_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6), parameters only."""
     B, n, m = _dims(P, S).values()
-    t0 = _launch('k_46178010f642', (1, 1), (1, 1), [], [1/B], False)
-    t1 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
-    t2 = _gram(t1)
+    dtype = _dtype(P, S)
+    t0 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
+    t1 = _gram(t0)
 
     return {
-        "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1/B), t1, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_exact_7_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7)."""
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t1 = _launch('k_95c0909512b8', (n, B), (n, 1), [S['x']], [], True)
     t2 = P['W'].T
     t3 = ((((t1 * t2) @ Hz) @ P['W']) * t1.T)
     t5 = xp.broadcast_to((t2 @ S['dz']).sum(axis=1, keepdims=True), (n, B))
     t8 = _launch('k_36ef97f1d271', (n, B), (n, 1), [t5, S['x']], [], True)
     t9 = _launch('k_b4c3ebd29860', (n, n), (n, n), [t3, t8], [B**(-2), 1/B], False)
-    t10 = _launch('k_46178010f642', (1, 1), (1, 1), [], [B**(-2)], False)
-    t12 = _launch('k_0022d4faedf5', (n, B), (n, 1), [S['x']], [], True)
-    t13 = _gram(t12)
+    t11 = _launch('k_0022d4faedf5', (n, B), (n, 1), [S['x']], [], True)
+    t12 = _gram(t11)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t9),
-        "W": CurvatureBlock(kron=[_kron(t10, t13, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((B**(-2)), t12, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_exact_7_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7), parameters only."""
     B, n, m = _dims(P, S).values()
-    t0 = _launch('k_46178010f642', (1, 1), (1, 1), [], [B**(-2)], False)
-    t2 = _launch('k_0022d4faedf5', (n, B), (n, 1), [S['x']], [], True)
-    t3 = _gram(t2)
+    dtype = _dtype(P, S)
+    t1 = _launch('k_0022d4faedf5', (n, B), (n, 1), [S['x']], [], True)
+    t2 = _gram(t1)
 
     return {
-        "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((B**(-2)), t2, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_ggn_6_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6)."""
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
     t2 = _launch('k_8f7445a19454', (n, B), (n, B), [S['x']], [], False)
     t3 = t2.T
     t4 = (t2 @ t3)
     t6 = _launch('k_bbf53db00b39', (n, n), (n, n), [t1, t4], [1/B], False)
-    t7 = _launch('k_46178010f642', (1, 1), (1, 1), [], [1/B], False)
-    t8 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
-    t9 = _gram(t8)
+    t7 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
+    t8 = _gram(t7)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t6),
-        "W": CurvatureBlock(kron=[_kron(t7, t9, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1/B), t8, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_ggn_6_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6), parameters only."""
     B, n, m = _dims(P, S).values()
-    t0 = _launch('k_46178010f642', (1, 1), (1, 1), [], [1/B], False)
-    t1 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
-    t2 = _gram(t1)
+    dtype = _dtype(P, S)
+    t0 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
+    t1 = _gram(t0)
 
     return {
-        "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1/B), t1, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_ggn_7_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7)."""
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t1 = _launch('k_95c0909512b8', (n, B), (n, 1), [S['x']], [], True)
     t2 = P['W'].T
     t3 = ((((t1 * t2) @ Hz) @ P['W']) * t1.T)
     t4 = _launch('k_b6da753aeb00', (n, n), (n, n), [t3], [B**(-2)], False)
-    t5 = _launch('k_46178010f642', (1, 1), (1, 1), [], [B**(-2)], False)
-    t7 = _launch('k_0022d4faedf5', (n, B), (n, 1), [S['x']], [], True)
-    t8 = _gram(t7)
+    t6 = _launch('k_0022d4faedf5', (n, B), (n, 1), [S['x']], [], True)
+    t7 = _gram(t6)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t4),
-        "W": CurvatureBlock(kron=[_kron(t5, t8, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((B**(-2)), t7, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_ggn_7_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7), parameters only."""
     B, n, m = _dims(P, S).values()
-    t0 = _launch('k_46178010f642', (1, 1), (1, 1), [], [B**(-2)], False)
-    t2 = _launch('k_0022d4faedf5', (n, B), (n, 1), [S['x']], [], True)
-    t3 = _gram(t2)
+    dtype = _dtype(P, S)
+    t1 = _launch('k_0022d4faedf5', (n, B), (n, 1), [S['x']], [], True)
+    t2 = _gram(t1)
 
     return {
-        "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((B**(-2)), t2, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_pch_abs_6_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6)."""
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
     t2 = _launch('k_8f7445a19454', (n, B), (n, B), [S['x']], [], False)
@@ -810,31 +801,31 @@ def _hbp_pch_abs_6_all(P, S, Hz):
     t10 = _launch('k_36ef97f1d271', (n, B), (n, 1), [t7, S['x']], [], True)
     t11 = _launch('k_14913a26c4f9', (n, 1), (n, 1), [t10], [], False)
     t12 = _launch('k_98a1b805bfa4', (n, n), (n, n), [t1, t4, t11], [1/B], False)
-    t13 = _launch('k_46178010f642', (1, 1), (1, 1), [], [1/B], False)
-    t14 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
-    t15 = _gram(t14)
+    t13 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
+    t14 = _gram(t13)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t12),
-        "W": CurvatureBlock(kron=[_kron(t13, t15, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1/B), t14, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_pch_abs_6_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6), parameters only."""
     B, n, m = _dims(P, S).values()
-    t0 = _launch('k_46178010f642', (1, 1), (1, 1), [], [1/B], False)
-    t1 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
-    t2 = _gram(t1)
+    dtype = _dtype(P, S)
+    t0 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
+    t1 = _gram(t0)
 
     return {
-        "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1/B), t1, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_pch_abs_7_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7)."""
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t1 = _launch('k_95c0909512b8', (n, B), (n, 1), [S['x']], [], True)
     t2 = P['W'].T
     t3 = ((((t1 * t2) @ Hz) @ P['W']) * t1.T)
@@ -844,31 +835,31 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     t10 = _launch('k_b6da753aeb00', (n, n), (n, n), [t9], [1/B], False)
     t11 = _psd_project(t10, 'abs')
     t12 = _launch('k_159d01c99017', (n, n), (n, n), [t3, t11], [B**(-2)], False)
-    t13 = _launch('k_46178010f642', (1, 1), (1, 1), [], [B**(-2)], False)
-    t15 = _launch('k_0022d4faedf5', (n, B), (n, 1), [S['x']], [], True)
-    t16 = _gram(t15)
+    t14 = _launch('k_0022d4faedf5', (n, B), (n, 1), [S['x']], [], True)
+    t15 = _gram(t14)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t12),
-        "W": CurvatureBlock(kron=[_kron(t13, t16, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((B**(-2)), t15, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_pch_abs_7_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7), parameters only."""
     B, n, m = _dims(P, S).values()
-    t0 = _launch('k_46178010f642', (1, 1), (1, 1), [], [B**(-2)], False)
-    t2 = _launch('k_0022d4faedf5', (n, B), (n, 1), [S['x']], [], True)
-    t3 = _gram(t2)
+    dtype = _dtype(P, S)
+    t1 = _launch('k_0022d4faedf5', (n, B), (n, 1), [S['x']], [], True)
+    t2 = _gram(t1)
 
     return {
-        "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((B**(-2)), t2, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_pch_clip_6_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6)."""
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
     t2 = _launch('k_8f7445a19454', (n, B), (n, B), [S['x']], [], False)
@@ -878,31 +869,31 @@ def _hbp_pch_clip_6_all(P, S, Hz):
     t10 = _launch('k_36ef97f1d271', (n, B), (n, 1), [t7, S['x']], [], True)
     t11 = _launch('k_888d7e8e6774', (n, 1), (n, 1), [t10], [], False)
     t12 = _launch('k_98a1b805bfa4', (n, n), (n, n), [t1, t4, t11], [1/B], False)
-    t13 = _launch('k_46178010f642', (1, 1), (1, 1), [], [1/B], False)
-    t14 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
-    t15 = _gram(t14)
+    t13 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
+    t14 = _gram(t13)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t12),
-        "W": CurvatureBlock(kron=[_kron(t13, t15, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1/B), t14, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_pch_clip_6_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6), parameters only."""
     B, n, m = _dims(P, S).values()
-    t0 = _launch('k_46178010f642', (1, 1), (1, 1), [], [1/B], False)
-    t1 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
-    t2 = _gram(t1)
+    dtype = _dtype(P, S)
+    t0 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
+    t1 = _gram(t0)
 
     return {
-        "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1/B), t1, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_pch_clip_7_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7)."""
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t1 = _launch('k_95c0909512b8', (n, B), (n, 1), [S['x']], [], True)
     t2 = P['W'].T
     t3 = ((((t1 * t2) @ Hz) @ P['W']) * t1.T)
@@ -912,25 +903,24 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     t10 = _launch('k_b6da753aeb00', (n, n), (n, n), [t9], [1/B], False)
     t11 = _psd_project(t10, 'clip')
     t12 = _launch('k_159d01c99017', (n, n), (n, n), [t3, t11], [B**(-2)], False)
-    t13 = _launch('k_46178010f642', (1, 1), (1, 1), [], [B**(-2)], False)
-    t15 = _launch('k_0022d4faedf5', (n, B), (n, 1), [S['x']], [], True)
-    t16 = _gram(t15)
+    t14 = _launch('k_0022d4faedf5', (n, B), (n, 1), [S['x']], [], True)
+    t15 = _gram(t14)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t12),
-        "W": CurvatureBlock(kron=[_kron(t13, t16, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((B**(-2)), t15, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_pch_clip_7_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7), parameters only."""
     B, n, m = _dims(P, S).values()
-    t0 = _launch('k_46178010f642', (1, 1), (1, 1), [], [B**(-2)], False)
-    t2 = _launch('k_0022d4faedf5', (n, B), (n, 1), [S['x']], [], True)
-    t3 = _gram(t2)
+    dtype = _dtype(P, S)
+    t1 = _launch('k_0022d4faedf5', (n, B), (n, 1), [S['x']], [], True)
+    t2 = _gram(t1)
 
     return {
-        "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((B**(-2)), t2, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 

@@ -356,6 +356,11 @@ from mcalc.runtime.array_ops import softmax as _softmax  # noqa: F401
 
 
 
+def _dtype(P, S):
+    """The arguments' floating type: constants are made in it, so float32 stays float32."""
+    return next((a.dtype for a in (*S.values(), *P.values()) if a.dtype.kind == "f"), xp.dtype(float))
+
+
 def _dims(P, S):
     return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], }
 
@@ -363,6 +368,7 @@ def _dims(P, S):
 def forward(P, S):
     """Z = the module's outputs, (size z, B)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _softmax(S['x'])
 
     return {"Z": t0}
@@ -370,6 +376,7 @@ def forward(P, S):
 
 def _gradients_all(P, S, C=None):
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     hoisted = C.get('gradients_all') if C is not None else None
     if hoisted is None:
         t0 = _softmax(S['x'])
@@ -378,7 +385,7 @@ def _gradients_all(P, S, C=None):
     else:
         t0, = hoisted
     t1 = _launch('k_531d59972706', (n, B), (n, B), [S['dz'], t0], [], False)
-    t2 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t1)
+    t2 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t1)
     t5 = _launch('k_214ee803fe55', (n, B), (n, B), [t1, t2, t0], [-1], False)
 
     return {"x": t5, }
@@ -386,6 +393,7 @@ def _gradients_all(P, S, C=None):
 
 def _gradients_params(P, S, C=None):
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {}
 
@@ -400,6 +408,7 @@ def gradients(P, S, inputs=True, cache=None):
 
 def _jvp_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     hoisted = C.get('jvp_all') if C is not None else None
     if hoisted is None:
         t0 = _softmax(S['x'])
@@ -408,7 +417,7 @@ def _jvp_all(P, S, V, C=None):
     else:
         t0, = hoisted
     t1 = _launch('k_531d59972706', (n, B), (n, B), [V['x'], t0], [], False)
-    t2 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t1)
+    t2 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t1)
     t5 = _launch('k_214ee803fe55', (n, B), (n, B), [t1, t2, t0], [-1], False)
 
     return {"Z": t5}
@@ -423,22 +432,23 @@ def jvp(P, S, V, inputs=True, cache=None):
 
 def _rgradients_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     hoisted = C.get('rgradients_all') if C is not None else None
     if hoisted is None:
         t0 = _softmax(S['x'])
         t11 = _launch('k_531d59972706', (n, B), (n, B), [S['dz'], t0], [], False)
-        t12 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t11)
+        t12 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t11)
         if C is not None:
             C['rgradients_all'] = (t0, t11, t12,)
     else:
         t0, t11, t12, = hoisted
     t1 = _launch('k_531d59972706', (n, B), (n, B), [V['x'], t0], [], False)
-    t2 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t1)
+    t2 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t1)
     t5 = _launch('k_214ee803fe55', (n, B), (n, B), [t1, t2, t0], [-1], False)
     t6 = _launch('k_531d59972706', (n, B), (n, B), [t5, S['dz']], [], False)
     t7 = _launch('k_531d59972706', (n, B), (n, B), [V['dz'], t0], [], False)
     t8 = _launch('k_41a52876c677', (n, B), (n, B), [t6, t7], [], False)
-    t9 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t8)
+    t9 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t8)
     t16 = _launch('k_3cefff2a2be0', (n, B), (n, B), [t6, t7, t9, t0, t12, t5], [-1], False)
 
     return {"x": t16, }
@@ -458,6 +468,7 @@ def _no_parameters():
 def _hbp_exact_6_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _softmax(S['x'])
     t1 = t0.T
     t2 = (t0 @ t1)
@@ -470,7 +481,7 @@ def _hbp_exact_6_all(P, S, Hz):
     t15 = _launch('k_4903aa5ae95d', (B, n), (B, n), [t10, t12, t1], [1/B, -1/B], False)
     t16 = (t0 @ t15)
     t18 = _launch('k_531d59972706', (n, B), (n, B), [S['dz'], t0], [], False)
-    t20 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t18)
+    t20 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t18)
     t24 = _launch('k_40db355abd07', (n, B), (n, 1), [t18, t20, t0], [1/B, -1/B], True)
     t25 = (t18 @ t1)
     t27 = S['dz'].T
@@ -489,6 +500,7 @@ def _hbp_exact_6_all(P, S, Hz):
 def _hbp_exact_6_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -496,6 +508,7 @@ def _hbp_exact_6_params(P, S, Hz):
 def _hbp_exact_7_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _softmax(S['x'])
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = t0.T
@@ -504,14 +517,14 @@ def _hbp_exact_7_all(P, S, Hz):
     t6 = ((t5 @ Hz) @ t5)
     t7 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
     t8 = _launch('k_531d59972706', (n, B), (n, B), [t7, t0], [], False)
-    t10 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t8)
+    t10 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t8)
     t14 = _launch('k_40db355abd07', (n, B), (n, 1), [t8, t10, t0], [1/B, -1/B], True)
     t15 = (t8 @ t2)
     t17 = xp.broadcast_to((t2 @ S['dz']).sum(axis=1, keepdims=True), (B, n))
     t18 = _launch('k_531d59972706', (B, n), (B, n), [t2, t17], [], False)
     t19 = (t0 @ t18)
     t23 = S['dz'].T
-    t24 = (xp.broadcast_to(xp.ones((B, 1)), (B, B)) @ t23)
+    t24 = (xp.broadcast_to(xp.ones((B, 1), dtype=dtype), (B, B)) @ t23)
     t25 = _launch('k_531d59972706', (B, n), (B, n), [t24, t2], [], False)
     t27 = xp.broadcast_to(t25.sum(axis=1, keepdims=True), (B, n))
     t30 = _launch('k_4903aa5ae95d', (B, n), (B, n), [t25, t27, t2], [1/B, -1/B], False)
@@ -525,6 +538,7 @@ def _hbp_exact_7_all(P, S, Hz):
 def _hbp_exact_7_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -532,6 +546,7 @@ def _hbp_exact_7_params(P, S, Hz):
 def _hbp_ggn_6_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _softmax(S['x'])
     t1 = t0.T
     t2 = (t0 @ t1)
@@ -552,6 +567,7 @@ def _hbp_ggn_6_all(P, S, Hz):
 def _hbp_ggn_6_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -559,6 +575,7 @@ def _hbp_ggn_6_params(P, S, Hz):
 def _hbp_ggn_7_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _softmax(S['x'])
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = t0.T
@@ -573,6 +590,7 @@ def _hbp_ggn_7_all(P, S, Hz):
 def _hbp_ggn_7_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -580,6 +598,7 @@ def _hbp_ggn_7_params(P, S, Hz):
 def _hbp_pch_abs_6_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _softmax(S['x'])
     t1 = t0.T
     t2 = (t0 @ t1)
@@ -592,7 +611,7 @@ def _hbp_pch_abs_6_all(P, S, Hz):
     t15 = _launch('k_4903aa5ae95d', (B, n), (B, n), [t10, t12, t1], [1/B, -1/B], False)
     t16 = (t0 @ t15)
     t18 = _launch('k_531d59972706', (n, B), (n, B), [S['dz'], t0], [], False)
-    t20 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t18)
+    t20 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t18)
     t24 = _launch('k_40db355abd07', (n, B), (n, 1), [t18, t20, t0], [1/B, -1/B], True)
     t25 = (t18 @ t1)
     t27 = S['dz'].T
@@ -613,6 +632,7 @@ def _hbp_pch_abs_6_all(P, S, Hz):
 def _hbp_pch_abs_6_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -620,6 +640,7 @@ def _hbp_pch_abs_6_params(P, S, Hz):
 def _hbp_pch_abs_7_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _softmax(S['x'])
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = t0.T
@@ -628,14 +649,14 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     t6 = ((t5 @ Hz) @ t5)
     t7 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
     t8 = _launch('k_531d59972706', (n, B), (n, B), [t7, t0], [], False)
-    t10 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t8)
+    t10 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t8)
     t14 = _launch('k_40db355abd07', (n, B), (n, 1), [t8, t10, t0], [1/B, -1/B], True)
     t15 = (t8 @ t2)
     t17 = xp.broadcast_to((t2 @ S['dz']).sum(axis=1, keepdims=True), (B, n))
     t18 = _launch('k_531d59972706', (B, n), (B, n), [t2, t17], [], False)
     t19 = (t0 @ t18)
     t23 = S['dz'].T
-    t24 = (xp.broadcast_to(xp.ones((B, 1)), (B, B)) @ t23)
+    t24 = (xp.broadcast_to(xp.ones((B, 1), dtype=dtype), (B, B)) @ t23)
     t25 = _launch('k_531d59972706', (B, n), (B, n), [t24, t2], [], False)
     t27 = xp.broadcast_to(t25.sum(axis=1, keepdims=True), (B, n))
     t30 = _launch('k_4903aa5ae95d', (B, n), (B, n), [t25, t27, t2], [1/B, -1/B], False)
@@ -651,6 +672,7 @@ def _hbp_pch_abs_7_all(P, S, Hz):
 def _hbp_pch_abs_7_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -658,6 +680,7 @@ def _hbp_pch_abs_7_params(P, S, Hz):
 def _hbp_pch_clip_6_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _softmax(S['x'])
     t1 = t0.T
     t2 = (t0 @ t1)
@@ -670,7 +693,7 @@ def _hbp_pch_clip_6_all(P, S, Hz):
     t15 = _launch('k_4903aa5ae95d', (B, n), (B, n), [t10, t12, t1], [1/B, -1/B], False)
     t16 = (t0 @ t15)
     t18 = _launch('k_531d59972706', (n, B), (n, B), [S['dz'], t0], [], False)
-    t20 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t18)
+    t20 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t18)
     t24 = _launch('k_40db355abd07', (n, B), (n, 1), [t18, t20, t0], [1/B, -1/B], True)
     t25 = (t18 @ t1)
     t27 = S['dz'].T
@@ -691,6 +714,7 @@ def _hbp_pch_clip_6_all(P, S, Hz):
 def _hbp_pch_clip_6_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -698,6 +722,7 @@ def _hbp_pch_clip_6_params(P, S, Hz):
 def _hbp_pch_clip_7_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _softmax(S['x'])
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = t0.T
@@ -706,14 +731,14 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     t6 = ((t5 @ Hz) @ t5)
     t7 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
     t8 = _launch('k_531d59972706', (n, B), (n, B), [t7, t0], [], False)
-    t10 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t8)
+    t10 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t8)
     t14 = _launch('k_40db355abd07', (n, B), (n, 1), [t8, t10, t0], [1/B, -1/B], True)
     t15 = (t8 @ t2)
     t17 = xp.broadcast_to((t2 @ S['dz']).sum(axis=1, keepdims=True), (B, n))
     t18 = _launch('k_531d59972706', (B, n), (B, n), [t2, t17], [], False)
     t19 = (t0 @ t18)
     t23 = S['dz'].T
-    t24 = (xp.broadcast_to(xp.ones((B, 1)), (B, B)) @ t23)
+    t24 = (xp.broadcast_to(xp.ones((B, 1), dtype=dtype), (B, B)) @ t23)
     t25 = _launch('k_531d59972706', (B, n), (B, n), [t24, t2], [], False)
     t27 = xp.broadcast_to(t25.sum(axis=1, keepdims=True), (B, n))
     t30 = _launch('k_4903aa5ae95d', (B, n), (B, n), [t25, t27, t2], [1/B, -1/B], False)
@@ -729,6 +754,7 @@ def _hbp_pch_clip_7_all(P, S, Hz):
 def _hbp_pch_clip_7_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }

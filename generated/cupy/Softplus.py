@@ -372,6 +372,11 @@ from mcalc.runtime.array_ops import softmax as _softmax  # noqa: F401
 
 
 
+def _dtype(P, S):
+    """The arguments' floating type: constants are made in it, so float32 stays float32."""
+    return next((a.dtype for a in (*S.values(), *P.values()) if a.dtype.kind == "f"), xp.dtype(float))
+
+
 def _dims(P, S):
     return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], }
 
@@ -379,6 +384,7 @@ def _dims(P, S):
 def forward(P, S):
     """Z = the module's outputs, (size z, B)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _launch('k_05480c8a8cbb', (n, B), (n, B), [S['x']], [], False)
 
     return {"Z": t0}
@@ -386,6 +392,7 @@ def forward(P, S):
 
 def _gradients_all(P, S, C=None):
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t1 = _launch('k_454f781be5fc', (n, B), (n, B), [S['dz'], S['x']], [], False)
 
     return {"x": t1, }
@@ -393,6 +400,7 @@ def _gradients_all(P, S, C=None):
 
 def _gradients_params(P, S, C=None):
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {}
 
@@ -407,6 +415,7 @@ def gradients(P, S, inputs=True, cache=None):
 
 def _jvp_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t1 = _launch('k_454f781be5fc', (n, B), (n, B), [V['x'], S['x']], [], False)
 
     return {"Z": t1}
@@ -421,6 +430,7 @@ def jvp(P, S, V, inputs=True, cache=None):
 
 def _rgradients_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t5 = _launch('k_d9118980587e', (n, B), (n, B), [V['x'], S['x'], S['dz'], V['dz']], [], False)
 
     return {"x": t5, }
@@ -440,6 +450,7 @@ def _no_parameters():
 def _hbp_exact_6_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _launch('k_05cb103f62cd', (n, B), (n, B), [S['x']], [], False)
     t1 = t0.T
     t2 = (t0 @ t1)
@@ -453,6 +464,7 @@ def _hbp_exact_6_all(P, S, Hz):
 def _hbp_exact_6_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -460,6 +472,7 @@ def _hbp_exact_6_params(P, S, Hz):
 def _hbp_exact_7_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t1 = _launch('k_26045612d8a9', (n, B), (n, 1), [S['x']], [], True)
     t2 = ((t1 * Hz) * t1.T)
     t4 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
@@ -473,6 +486,7 @@ def _hbp_exact_7_all(P, S, Hz):
 def _hbp_exact_7_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -480,6 +494,7 @@ def _hbp_exact_7_params(P, S, Hz):
 def _hbp_ggn_6_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _launch('k_05cb103f62cd', (n, B), (n, B), [S['x']], [], False)
     t1 = t0.T
     t2 = (t0 @ t1)
@@ -492,6 +507,7 @@ def _hbp_ggn_6_all(P, S, Hz):
 def _hbp_ggn_6_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -499,6 +515,7 @@ def _hbp_ggn_6_params(P, S, Hz):
 def _hbp_ggn_7_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t1 = _launch('k_26045612d8a9', (n, B), (n, 1), [S['x']], [], True)
     t2 = ((t1 * Hz) * t1.T)
     t3 = _launch('k_b6da753aeb00', (n, n), (n, n), [t2], [B**(-2)], False)
@@ -510,6 +527,7 @@ def _hbp_ggn_7_all(P, S, Hz):
 def _hbp_ggn_7_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -517,6 +535,7 @@ def _hbp_ggn_7_params(P, S, Hz):
 def _hbp_pch_abs_6_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _launch('k_05cb103f62cd', (n, B), (n, B), [S['x']], [], False)
     t1 = t0.T
     t2 = (t0 @ t1)
@@ -531,6 +550,7 @@ def _hbp_pch_abs_6_all(P, S, Hz):
 def _hbp_pch_abs_6_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -538,6 +558,7 @@ def _hbp_pch_abs_6_params(P, S, Hz):
 def _hbp_pch_abs_7_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t1 = _launch('k_26045612d8a9', (n, B), (n, 1), [S['x']], [], True)
     t2 = ((t1 * Hz) * t1.T)
     t4 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
@@ -554,6 +575,7 @@ def _hbp_pch_abs_7_all(P, S, Hz):
 def _hbp_pch_abs_7_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -561,6 +583,7 @@ def _hbp_pch_abs_7_params(P, S, Hz):
 def _hbp_pch_clip_6_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _launch('k_05cb103f62cd', (n, B), (n, B), [S['x']], [], False)
     t1 = t0.T
     t2 = (t0 @ t1)
@@ -575,6 +598,7 @@ def _hbp_pch_clip_6_all(P, S, Hz):
 def _hbp_pch_clip_6_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -582,6 +606,7 @@ def _hbp_pch_clip_6_params(P, S, Hz):
 def _hbp_pch_clip_7_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t1 = _launch('k_26045612d8a9', (n, B), (n, 1), [S['x']], [], True)
     t2 = ((t1 * Hz) * t1.T)
     t4 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
@@ -598,6 +623,7 @@ def _hbp_pch_clip_7_all(P, S, Hz):
 def _hbp_pch_clip_7_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }

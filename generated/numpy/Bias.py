@@ -24,6 +24,11 @@ from mcalc.runtime.array_ops import softmax as _softmax  # noqa: F401
 
 
 
+def _dtype(P, S):
+    """The arguments' floating type: constants are made in it, so float32 stays float32."""
+    return next((a.dtype for a in (*S.values(), *P.values()) if a.dtype.kind == "f"), xp.dtype(float))
+
+
 def _dims(P, S):
     return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "m": S['x'].shape[0], }
 
@@ -31,6 +36,7 @@ def _dims(P, S):
 def forward(P, S):
     """Z = the module's outputs, (size z, B)."""
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = xp.broadcast_to(P['b'], (m, B))
     t1 = S['x'] + t0
 
@@ -39,6 +45,7 @@ def forward(P, S):
 
 def _gradients_all(P, S, C=None):
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = S['dz'].sum(axis=1, keepdims=True)
 
     return {"x": S['dz'], "b": t0, }
@@ -46,6 +53,7 @@ def _gradients_all(P, S, C=None):
 
 def _gradients_params(P, S, C=None):
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = S['dz'].sum(axis=1, keepdims=True)
 
     return {"b": t0, }
@@ -61,6 +69,7 @@ def gradients(P, S, inputs=True, cache=None):
 
 def _jvp_all(P, S, V, C=None):
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = xp.broadcast_to(V['b'], (m, B))
     t1 = V['x'] + t0
 
@@ -69,6 +78,7 @@ def _jvp_all(P, S, V, C=None):
 
 def _jvp_params(P, S, V, C=None):
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = xp.broadcast_to(V['b'], (m, B))
 
     return {"Z": t0}
@@ -83,6 +93,7 @@ def jvp(P, S, V, inputs=True, cache=None):
 
 def _rgradients_all(P, S, V, C=None):
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = V['dz'].sum(axis=1, keepdims=True)
 
     return {"x": V['dz'], "b": t0, }
@@ -90,6 +101,7 @@ def _rgradients_all(P, S, V, C=None):
 
 def _rgradients_params(P, S, V, C=None):
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = V['dz'].sum(axis=1, keepdims=True)
 
     return {"b": t0, }
@@ -109,6 +121,7 @@ def _no_parameters():
 def _hbp_exact_6_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6)."""
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
         "x": CurvatureBlock(kron=[], dense=Hz),
@@ -118,6 +131,7 @@ def _hbp_exact_6_all(P, S, Hz):
 def _hbp_exact_6_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6), parameters only."""
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
         "b": CurvatureBlock(kron=[], dense=Hz),
@@ -126,6 +140,7 @@ def _hbp_exact_6_params(P, S, Hz):
 def _hbp_exact_7_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7)."""
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
         "x": CurvatureBlock(kron=[], dense=Hz),
@@ -135,6 +150,7 @@ def _hbp_exact_7_all(P, S, Hz):
 def _hbp_exact_7_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7), parameters only."""
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
         "b": CurvatureBlock(kron=[], dense=Hz),
@@ -143,6 +159,7 @@ def _hbp_exact_7_params(P, S, Hz):
 def _hbp_ggn_6_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6)."""
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
         "x": CurvatureBlock(kron=[], dense=Hz),
@@ -152,6 +169,7 @@ def _hbp_ggn_6_all(P, S, Hz):
 def _hbp_ggn_6_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6), parameters only."""
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
         "b": CurvatureBlock(kron=[], dense=Hz),
@@ -160,6 +178,7 @@ def _hbp_ggn_6_params(P, S, Hz):
 def _hbp_ggn_7_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7)."""
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
         "x": CurvatureBlock(kron=[], dense=Hz),
@@ -169,6 +188,7 @@ def _hbp_ggn_7_all(P, S, Hz):
 def _hbp_ggn_7_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7), parameters only."""
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
         "b": CurvatureBlock(kron=[], dense=Hz),
@@ -177,6 +197,7 @@ def _hbp_ggn_7_params(P, S, Hz):
 def _hbp_pch_abs_6_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6)."""
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
         "x": CurvatureBlock(kron=[], dense=Hz),
@@ -186,6 +207,7 @@ def _hbp_pch_abs_6_all(P, S, Hz):
 def _hbp_pch_abs_6_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6), parameters only."""
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
         "b": CurvatureBlock(kron=[], dense=Hz),
@@ -194,6 +216,7 @@ def _hbp_pch_abs_6_params(P, S, Hz):
 def _hbp_pch_abs_7_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7)."""
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
         "x": CurvatureBlock(kron=[], dense=Hz),
@@ -203,6 +226,7 @@ def _hbp_pch_abs_7_all(P, S, Hz):
 def _hbp_pch_abs_7_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7), parameters only."""
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
         "b": CurvatureBlock(kron=[], dense=Hz),
@@ -211,6 +235,7 @@ def _hbp_pch_abs_7_params(P, S, Hz):
 def _hbp_pch_clip_6_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6)."""
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
         "x": CurvatureBlock(kron=[], dense=Hz),
@@ -220,6 +245,7 @@ def _hbp_pch_clip_6_all(P, S, Hz):
 def _hbp_pch_clip_6_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6), parameters only."""
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
         "b": CurvatureBlock(kron=[], dense=Hz),
@@ -228,6 +254,7 @@ def _hbp_pch_clip_6_params(P, S, Hz):
 def _hbp_pch_clip_7_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7)."""
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
         "x": CurvatureBlock(kron=[], dense=Hz),
@@ -237,6 +264,7 @@ def _hbp_pch_clip_7_all(P, S, Hz):
 def _hbp_pch_clip_7_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7), parameters only."""
     B, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
         "b": CurvatureBlock(kron=[], dense=Hz),

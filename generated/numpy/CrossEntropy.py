@@ -27,6 +27,11 @@ from mcalc.runtime.array_ops import softmax as _softmax  # noqa: F401
 
 
 
+def _dtype(P, S):
+    """The arguments' floating type: constants are made in it, so float32 stays float32."""
+    return next((a.dtype for a in (*S.values(), *P.values()) if a.dtype.kind == "f"), xp.dtype(float))
+
+
 def _dims(P, S):
     return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], }
 
@@ -34,6 +39,7 @@ def _dims(P, S):
 def forward(P, S):
     """Z = the module's outputs, (size z, B)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _log_softmax(S['x'])
     t1 = S['y'] * t0
     t2 = t1.sum(axis=0, keepdims=True)
@@ -44,6 +50,7 @@ def forward(P, S):
 
 def _gradients_all(P, S, C=None):
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     hoisted = C.get('gradients_all') if C is not None else None
     if hoisted is None:
         t3 = _softmax(S['x'])
@@ -51,7 +58,7 @@ def _gradients_all(P, S, C=None):
             C['gradients_all'] = (t3,)
     else:
         t3, = hoisted
-    t0 = (xp.ones((n, 1)) @ S['dz'])
+    t0 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
     t1 = t0 * S['y']
     t2 = (-1) * t1
     t4 = t0 * t3
@@ -62,6 +69,7 @@ def _gradients_all(P, S, C=None):
 
 def _gradients_params(P, S, C=None):
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {}
 
@@ -76,6 +84,7 @@ def gradients(P, S, inputs=True, cache=None):
 
 def _jvp_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     hoisted = C.get('jvp_all') if C is not None else None
     if hoisted is None:
         t0 = _softmax(S['x'])
@@ -84,7 +93,7 @@ def _jvp_all(P, S, V, C=None):
     else:
         t0, = hoisted
     t1 = V['x'] * t0
-    t2 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t1)
+    t2 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t1)
     t3 = (-1) * t2
     t4 = V['x'] + t3
     t5 = t4 * S['y']
@@ -103,20 +112,21 @@ def jvp(P, S, V, inputs=True, cache=None):
 
 def _rgradients_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     hoisted = C.get('rgradients_all') if C is not None else None
     if hoisted is None:
         t3 = _softmax(S['x'])
-        t5 = (xp.ones((n, 1)) @ S['dz'])
+        t5 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
         if C is not None:
             C['rgradients_all'] = (t3, t5,)
     else:
         t3, t5, = hoisted
-    t0 = (xp.ones((n, 1)) @ V['dz'])
+    t0 = (xp.ones((n, 1), dtype=dtype) @ V['dz'])
     t1 = t0 * S['y']
     t2 = (-1) * t1
     t4 = t0 * t3
     t6 = V['x'] * t3
-    t7 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t6)
+    t7 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t6)
     t8 = t7 * t3
     t9 = (-1) * t8
     t10 = t6 + t9
@@ -140,6 +150,7 @@ def _no_parameters():
 def _hbp_exact_6_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _softmax(S['x'])
     t1 = (-1) * t0
     t2 = S['y'] + t1
@@ -150,7 +161,7 @@ def _hbp_exact_6_all(P, S, Hz):
     t7 = t4 + t6
     t8 = (t2 @ t7)
     t9 = t8 * Hz
-    t10 = (xp.ones((n, 1)) @ S['dz'])
+    t10 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
     t11 = t10 * t0
     t12 = t11.sum(axis=1, keepdims=True)
     t13 = (t11 @ t5)
@@ -166,6 +177,7 @@ def _hbp_exact_6_all(P, S, Hz):
 def _hbp_exact_6_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -173,6 +185,7 @@ def _hbp_exact_6_params(P, S, Hz):
 def _hbp_exact_7_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = (1/B) * S['y']
     t1 = _softmax(S['x'])
     t2 = (-1/B) * t1
@@ -200,6 +213,7 @@ def _hbp_exact_7_all(P, S, Hz):
 def _hbp_exact_7_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -207,6 +221,7 @@ def _hbp_exact_7_params(P, S, Hz):
 def _hbp_ggn_6_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _softmax(S['x'])
     t1 = (-1) * t0
     t2 = S['y'] + t1
@@ -225,6 +240,7 @@ def _hbp_ggn_6_all(P, S, Hz):
 def _hbp_ggn_6_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -232,6 +248,7 @@ def _hbp_ggn_6_params(P, S, Hz):
 def _hbp_ggn_7_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = (1/B) * S['y']
     t1 = _softmax(S['x'])
     t2 = (-1/B) * t1
@@ -251,6 +268,7 @@ def _hbp_ggn_7_all(P, S, Hz):
 def _hbp_ggn_7_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -258,6 +276,7 @@ def _hbp_ggn_7_params(P, S, Hz):
 def _hbp_pch_abs_6_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _softmax(S['x'])
     t1 = (-1) * t0
     t2 = S['y'] + t1
@@ -268,7 +287,7 @@ def _hbp_pch_abs_6_all(P, S, Hz):
     t7 = t4 + t6
     t8 = (t2 @ t7)
     t9 = t8 * Hz
-    t10 = (xp.ones((n, 1)) @ S['dz'])
+    t10 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
     t11 = t10 * t0
     t12 = t11.sum(axis=1, keepdims=True)
     t13 = (t11 @ t5)
@@ -285,6 +304,7 @@ def _hbp_pch_abs_6_all(P, S, Hz):
 def _hbp_pch_abs_6_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -292,6 +312,7 @@ def _hbp_pch_abs_6_params(P, S, Hz):
 def _hbp_pch_abs_7_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = (1/B) * S['y']
     t1 = _softmax(S['x'])
     t2 = (-1/B) * t1
@@ -321,6 +342,7 @@ def _hbp_pch_abs_7_all(P, S, Hz):
 def _hbp_pch_abs_7_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -328,6 +350,7 @@ def _hbp_pch_abs_7_params(P, S, Hz):
 def _hbp_pch_clip_6_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _softmax(S['x'])
     t1 = (-1) * t0
     t2 = S['y'] + t1
@@ -338,7 +361,7 @@ def _hbp_pch_clip_6_all(P, S, Hz):
     t7 = t4 + t6
     t8 = (t2 @ t7)
     t9 = t8 * Hz
-    t10 = (xp.ones((n, 1)) @ S['dz'])
+    t10 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
     t11 = t10 * t0
     t12 = t11.sum(axis=1, keepdims=True)
     t13 = (t11 @ t5)
@@ -355,6 +378,7 @@ def _hbp_pch_clip_6_all(P, S, Hz):
 def _hbp_pch_clip_6_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -362,6 +386,7 @@ def _hbp_pch_clip_6_params(P, S, Hz):
 def _hbp_pch_clip_7_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = (1/B) * S['y']
     t1 = _softmax(S['x'])
     t2 = (-1/B) * t1
@@ -390,6 +415,7 @@ def _hbp_pch_clip_7_all(P, S, Hz):
 def _hbp_pch_clip_7_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }

@@ -24,6 +24,11 @@ from mcalc.runtime.array_ops import softmax as _softmax  # noqa: F401
 
 
 
+def _dtype(P, S):
+    """The arguments' floating type: constants are made in it, so float32 stays float32."""
+    return next((a.dtype for a in (*S.values(), *P.values()) if a.dtype.kind == "f"), xp.dtype(float))
+
+
 def _dims(P, S):
     return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], "m": P['W'].shape[0], }
 
@@ -31,6 +36,7 @@ def _dims(P, S):
 def forward(P, S):
     """Z = the module's outputs, (size z, B)."""
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = (P['W'] @ S['x'])
     t1 = xp.broadcast_to(P['b'], (m, B))
     t2 = t0 + t1
@@ -40,6 +46,7 @@ def forward(P, S):
 
 def _gradients_all(P, S, C=None):
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     hoisted = C.get('gradients_all') if C is not None else None
     if hoisted is None:
         t0 = P['W'].T
@@ -57,6 +64,7 @@ def _gradients_all(P, S, C=None):
 
 def _gradients_params(P, S, C=None):
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     hoisted = C.get('gradients_params') if C is not None else None
     if hoisted is None:
         t0 = S['x'].T
@@ -80,6 +88,7 @@ def gradients(P, S, inputs=True, cache=None):
 
 def _jvp_all(P, S, V, C=None):
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = (V['W'] @ S['x'])
     t1 = (P['W'] @ V['x'])
     t2 = xp.broadcast_to(V['b'], (m, B))
@@ -90,6 +99,7 @@ def _jvp_all(P, S, V, C=None):
 
 def _jvp_params(P, S, V, C=None):
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = (V['W'] @ S['x'])
     t1 = xp.broadcast_to(V['b'], (m, B))
     t2 = t0 + t1
@@ -106,6 +116,7 @@ def jvp(P, S, V, inputs=True, cache=None):
 
 def _rgradients_all(P, S, V, C=None):
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     hoisted = C.get('rgradients_all') if C is not None else None
     if hoisted is None:
         t2 = P['W'].T
@@ -129,6 +140,7 @@ def _rgradients_all(P, S, V, C=None):
 
 def _rgradients_params(P, S, V, C=None):
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     hoisted = C.get('rgradients_params') if C is not None else None
     if hoisted is None:
         t0 = S['x'].T
@@ -156,208 +168,208 @@ def _no_parameters():
 def _hbp_exact_6_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6)."""
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
-    t2 = (1/B) * xp.eye(1)
-    t3 = _gram(S['x'])
+    t2 = _gram(S['x'])
 
     return {
         "x": CurvatureBlock(kron=[], dense=t1),
-        "W": CurvatureBlock(kron=[_kron(t2, t3, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1/B), t2, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_exact_6_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6), parameters only."""
     B, n, m = _dims(P, S).values()
-    t0 = (1/B) * xp.eye(1)
-    t1 = _gram(S['x'])
+    dtype = _dtype(P, S)
+    t0 = _gram(S['x'])
 
     return {
-        "W": CurvatureBlock(kron=[_kron(t0, t1, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1/B), t0, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_exact_7_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7)."""
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
-    t2 = (B**(-2)) * xp.eye(1)
-    t3 = S['x'].sum(axis=1, keepdims=True)
-    t4 = _gram(t3)
+    t2 = S['x'].sum(axis=1, keepdims=True)
+    t3 = _gram(t2)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t1),
-        "W": CurvatureBlock(kron=[_kron(t2, t4, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((B**(-2)), t3, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_exact_7_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7), parameters only."""
     B, n, m = _dims(P, S).values()
-    t0 = (B**(-2)) * xp.eye(1)
-    t1 = S['x'].sum(axis=1, keepdims=True)
-    t2 = _gram(t1)
+    dtype = _dtype(P, S)
+    t0 = S['x'].sum(axis=1, keepdims=True)
+    t1 = _gram(t0)
 
     return {
-        "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((B**(-2)), t1, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_ggn_6_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6)."""
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
-    t2 = (1/B) * xp.eye(1)
-    t3 = _gram(S['x'])
+    t2 = _gram(S['x'])
 
     return {
         "x": CurvatureBlock(kron=[], dense=t1),
-        "W": CurvatureBlock(kron=[_kron(t2, t3, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1/B), t2, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_ggn_6_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6), parameters only."""
     B, n, m = _dims(P, S).values()
-    t0 = (1/B) * xp.eye(1)
-    t1 = _gram(S['x'])
+    dtype = _dtype(P, S)
+    t0 = _gram(S['x'])
 
     return {
-        "W": CurvatureBlock(kron=[_kron(t0, t1, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1/B), t0, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_ggn_7_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7)."""
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
-    t2 = (B**(-2)) * xp.eye(1)
-    t3 = S['x'].sum(axis=1, keepdims=True)
-    t4 = _gram(t3)
+    t2 = S['x'].sum(axis=1, keepdims=True)
+    t3 = _gram(t2)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t1),
-        "W": CurvatureBlock(kron=[_kron(t2, t4, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((B**(-2)), t3, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_ggn_7_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7), parameters only."""
     B, n, m = _dims(P, S).values()
-    t0 = (B**(-2)) * xp.eye(1)
-    t1 = S['x'].sum(axis=1, keepdims=True)
-    t2 = _gram(t1)
+    dtype = _dtype(P, S)
+    t0 = S['x'].sum(axis=1, keepdims=True)
+    t1 = _gram(t0)
 
     return {
-        "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((B**(-2)), t1, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_pch_abs_6_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6)."""
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
-    t2 = (1/B) * xp.eye(1)
-    t3 = _gram(S['x'])
+    t2 = _gram(S['x'])
 
     return {
         "x": CurvatureBlock(kron=[], dense=t1),
-        "W": CurvatureBlock(kron=[_kron(t2, t3, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1/B), t2, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_pch_abs_6_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6), parameters only."""
     B, n, m = _dims(P, S).values()
-    t0 = (1/B) * xp.eye(1)
-    t1 = _gram(S['x'])
+    dtype = _dtype(P, S)
+    t0 = _gram(S['x'])
 
     return {
-        "W": CurvatureBlock(kron=[_kron(t0, t1, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1/B), t0, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_pch_abs_7_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7)."""
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
-    t2 = (B**(-2)) * xp.eye(1)
-    t3 = S['x'].sum(axis=1, keepdims=True)
-    t4 = _gram(t3)
+    t2 = S['x'].sum(axis=1, keepdims=True)
+    t3 = _gram(t2)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t1),
-        "W": CurvatureBlock(kron=[_kron(t2, t4, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((B**(-2)), t3, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_pch_abs_7_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7), parameters only."""
     B, n, m = _dims(P, S).values()
-    t0 = (B**(-2)) * xp.eye(1)
-    t1 = S['x'].sum(axis=1, keepdims=True)
-    t2 = _gram(t1)
+    dtype = _dtype(P, S)
+    t0 = S['x'].sum(axis=1, keepdims=True)
+    t1 = _gram(t0)
 
     return {
-        "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((B**(-2)), t1, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_pch_clip_6_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6)."""
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
-    t2 = (1/B) * xp.eye(1)
-    t3 = _gram(S['x'])
+    t2 = _gram(S['x'])
 
     return {
         "x": CurvatureBlock(kron=[], dense=t1),
-        "W": CurvatureBlock(kron=[_kron(t2, t3, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1/B), t2, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_pch_clip_6_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6), parameters only."""
     B, n, m = _dims(P, S).values()
-    t0 = (1/B) * xp.eye(1)
-    t1 = _gram(S['x'])
+    dtype = _dtype(P, S)
+    t0 = _gram(S['x'])
 
     return {
-        "W": CurvatureBlock(kron=[_kron(t0, t1, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1/B), t0, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_pch_clip_7_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7)."""
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
-    t2 = (B**(-2)) * xp.eye(1)
-    t3 = S['x'].sum(axis=1, keepdims=True)
-    t4 = _gram(t3)
+    t2 = S['x'].sum(axis=1, keepdims=True)
+    t3 = _gram(t2)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t1),
-        "W": CurvatureBlock(kron=[_kron(t2, t4, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((B**(-2)), t3, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_pch_clip_7_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7), parameters only."""
     B, n, m = _dims(P, S).values()
-    t0 = (B**(-2)) * xp.eye(1)
-    t1 = S['x'].sum(axis=1, keepdims=True)
-    t2 = _gram(t1)
+    dtype = _dtype(P, S)
+    t0 = S['x'].sum(axis=1, keepdims=True)
+    t1 = _gram(t0)
 
     return {
-        "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((B**(-2)), t1, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 

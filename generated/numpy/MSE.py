@@ -27,6 +27,11 @@ from mcalc.runtime.array_ops import softmax as _softmax  # noqa: F401
 
 
 
+def _dtype(P, S):
+    """The arguments' floating type: constants are made in it, so float32 stays float32."""
+    return next((a.dtype for a in (*S.values(), *P.values()) if a.dtype.kind == "f"), xp.dtype(float))
+
+
 def _dims(P, S):
     return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], }
 
@@ -34,6 +39,7 @@ def _dims(P, S):
 def forward(P, S):
     """Z = the module's outputs, (size z, B)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = (-1) * S['y']
     t1 = S['x'] + t0
     t2 = t1 * t1
@@ -44,6 +50,7 @@ def forward(P, S):
 
 def _gradients_all(P, S, C=None):
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     hoisted = C.get('gradients_all') if C is not None else None
     if hoisted is None:
         t1 = (-1) * S['y']
@@ -52,7 +59,7 @@ def _gradients_all(P, S, C=None):
             C['gradients_all'] = (t1, t2,)
     else:
         t1, t2, = hoisted
-    t0 = (xp.ones((n, 1)) @ S['dz'])
+    t0 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
     t3 = t0 * t2
     t4 = (2) * t3
 
@@ -61,6 +68,7 @@ def _gradients_all(P, S, C=None):
 
 def _gradients_params(P, S, C=None):
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {}
 
@@ -75,6 +83,7 @@ def gradients(P, S, inputs=True, cache=None):
 
 def _jvp_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     hoisted = C.get('jvp_all') if C is not None else None
     if hoisted is None:
         t0 = (-1) * S['y']
@@ -99,16 +108,17 @@ def jvp(P, S, V, inputs=True, cache=None):
 
 def _rgradients_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     hoisted = C.get('rgradients_all') if C is not None else None
     if hoisted is None:
         t1 = (-1) * S['y']
         t2 = S['x'] + t1
-        t4 = (xp.ones((n, 1)) @ S['dz'])
+        t4 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
         if C is not None:
             C['rgradients_all'] = (t1, t2, t4,)
     else:
         t1, t2, t4, = hoisted
-    t0 = (xp.ones((n, 1)) @ V['dz'])
+    t0 = (xp.ones((n, 1), dtype=dtype) @ V['dz'])
     t3 = t0 * t2
     t5 = t4 * V['x']
     t6 = t3 + t5
@@ -131,6 +141,7 @@ def _no_parameters():
 def _hbp_exact_6_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = (-1) * S['y']
     t1 = S['x'] + t0
     t2 = S['x'].T
@@ -143,7 +154,7 @@ def _hbp_exact_6_all(P, S, Hz):
     t9 = (4) * t8
     t10 = S['dz'].T
     t11 = t10.sum(keepdims=True)
-    t12 = xp.eye(n) * t11
+    t12 = xp.eye(n, dtype=dtype) * t11
     t13 = (2) * t12
     t14 = t9 + t13
 
@@ -154,6 +165,7 @@ def _hbp_exact_6_all(P, S, Hz):
 def _hbp_exact_6_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -161,6 +173,7 @@ def _hbp_exact_6_params(P, S, Hz):
 def _hbp_exact_7_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = (1/B) * S['x']
     t1 = (-1/B) * S['y']
     t2 = t0 + t1
@@ -174,7 +187,7 @@ def _hbp_exact_7_all(P, S, Hz):
     t10 = (4) * t9
     t11 = S['dz'].T
     t12 = t11.sum(keepdims=True)
-    t13 = xp.eye(n) * t12
+    t13 = xp.eye(n, dtype=dtype) * t12
     t14 = (2) * t13
     t15 = t10 + t14
 
@@ -185,6 +198,7 @@ def _hbp_exact_7_all(P, S, Hz):
 def _hbp_exact_7_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -192,6 +206,7 @@ def _hbp_exact_7_params(P, S, Hz):
 def _hbp_ggn_6_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = (-1) * S['y']
     t1 = S['x'] + t0
     t2 = S['x'].T
@@ -210,6 +225,7 @@ def _hbp_ggn_6_all(P, S, Hz):
 def _hbp_ggn_6_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -217,6 +233,7 @@ def _hbp_ggn_6_params(P, S, Hz):
 def _hbp_ggn_7_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = (1/B) * S['x']
     t1 = (-1/B) * S['y']
     t2 = t0 + t1
@@ -236,6 +253,7 @@ def _hbp_ggn_7_all(P, S, Hz):
 def _hbp_ggn_7_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -243,6 +261,7 @@ def _hbp_ggn_7_params(P, S, Hz):
 def _hbp_pch_abs_6_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = (-1) * S['y']
     t1 = S['x'] + t0
     t2 = S['x'].T
@@ -256,7 +275,7 @@ def _hbp_pch_abs_6_all(P, S, Hz):
     t10 = S['dz'].T
     t11 = t10.sum(keepdims=True)
     t12 = _fn_abs_0(t11)
-    t13 = xp.eye(n) * t12
+    t13 = xp.eye(n, dtype=dtype) * t12
     t14 = (2) * t13
     t15 = t9 + t14
 
@@ -267,6 +286,7 @@ def _hbp_pch_abs_6_all(P, S, Hz):
 def _hbp_pch_abs_6_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -274,6 +294,7 @@ def _hbp_pch_abs_6_params(P, S, Hz):
 def _hbp_pch_abs_7_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = (1/B) * S['x']
     t1 = (-1/B) * S['y']
     t2 = t0 + t1
@@ -288,7 +309,7 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     t11 = S['dz'].T
     t12 = t11.sum(keepdims=True)
     t13 = _fn_abs_0(t12)
-    t14 = xp.eye(n) * t13
+    t14 = xp.eye(n, dtype=dtype) * t13
     t15 = (2) * t14
     t16 = t10 + t15
 
@@ -299,6 +320,7 @@ def _hbp_pch_abs_7_all(P, S, Hz):
 def _hbp_pch_abs_7_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -306,6 +328,7 @@ def _hbp_pch_abs_7_params(P, S, Hz):
 def _hbp_pch_clip_6_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = (-1) * S['y']
     t1 = S['x'] + t0
     t2 = S['x'].T
@@ -318,7 +341,7 @@ def _hbp_pch_clip_6_all(P, S, Hz):
     t9 = (4) * t8
     t10 = S['dz'].T
     t11 = t10.sum(keepdims=True)
-    t12 = xp.eye(n) * t11
+    t12 = xp.eye(n, dtype=dtype) * t11
     t13 = _psd_project(t12, 'clip')
     t14 = (2) * t13
     t15 = t9 + t14
@@ -330,6 +353,7 @@ def _hbp_pch_clip_6_all(P, S, Hz):
 def _hbp_pch_clip_6_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -337,6 +361,7 @@ def _hbp_pch_clip_6_params(P, S, Hz):
 def _hbp_pch_clip_7_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = (1/B) * S['x']
     t1 = (-1/B) * S['y']
     t2 = t0 + t1
@@ -350,7 +375,7 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     t10 = (4) * t9
     t11 = S['dz'].T
     t12 = t11.sum(keepdims=True)
-    t13 = xp.eye(n) * t12
+    t13 = xp.eye(n, dtype=dtype) * t12
     t14 = _psd_project(t13, 'clip')
     t15 = (2) * t14
     t16 = t10 + t15
@@ -362,6 +387,7 @@ def _hbp_pch_clip_7_all(P, S, Hz):
 def _hbp_pch_clip_7_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }

@@ -41,6 +41,11 @@ from mcalc.runtime.array_ops import softmax as _softmax  # noqa: F401
 
 
 
+def _dtype(P, S):
+    """The arguments' floating type: constants are made in it, so float32 stays float32."""
+    return next((a.dtype for a in (*S.values(), *P.values()) if a.dtype.kind == "f"), xp.dtype(float))
+
+
 def _dims(P, S):
     return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], "m": P['W'].shape[0], }
 
@@ -48,6 +53,7 @@ def _dims(P, S):
 def forward(P, S):
     """Z = the module's outputs, (size z, B)."""
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _fn_sigmoid_0(S['x'])
     t1 = (P['W'] @ t0)
     t2 = xp.broadcast_to(P['b'], (m, B))
@@ -58,6 +64,7 @@ def forward(P, S):
 
 def _gradients_all(P, S, C=None):
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     hoisted = C.get('gradients_all') if C is not None else None
     if hoisted is None:
         t0 = P['W'].T
@@ -78,6 +85,7 @@ def _gradients_all(P, S, C=None):
 
 def _gradients_params(P, S, C=None):
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     hoisted = C.get('gradients_params') if C is not None else None
     if hoisted is None:
         t0 = _fn_sigmoid_0(S['x'])
@@ -102,6 +110,7 @@ def gradients(P, S, inputs=True, cache=None):
 
 def _jvp_all(P, S, V, C=None):
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     hoisted = C.get('jvp_all') if C is not None else None
     if hoisted is None:
         t0 = _fn_sigmoid_0(S['x'])
@@ -121,6 +130,7 @@ def _jvp_all(P, S, V, C=None):
 
 def _jvp_params(P, S, V, C=None):
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     hoisted = C.get('jvp_params') if C is not None else None
     if hoisted is None:
         t0 = _fn_sigmoid_0(S['x'])
@@ -144,6 +154,7 @@ def jvp(P, S, V, inputs=True, cache=None):
 
 def _rgradients_all(P, S, V, C=None):
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     hoisted = C.get('rgradients_all') if C is not None else None
     if hoisted is None:
         t2 = P['W'].T
@@ -177,6 +188,7 @@ def _rgradients_all(P, S, V, C=None):
 
 def _rgradients_params(P, S, V, C=None):
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     hoisted = C.get('rgradients_params') if C is not None else None
     if hoisted is None:
         t0 = _fn_sigmoid_0(S['x'])
@@ -205,6 +217,7 @@ def _no_parameters():
 def _hbp_exact_6_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6)."""
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
     t2 = _fn_sigmoid_1(S['x'])
@@ -217,31 +230,31 @@ def _hbp_exact_6_all(P, S, Hz):
     t9 = t7 * t8
     t10 = t9.sum(axis=1, keepdims=True)
     t11 = _plus_diagonal(t6, t10, copy=False)
-    t12 = (1/B) * xp.eye(1)
-    t13 = _fn_sigmoid_0(S['x'])
-    t14 = _gram(t13)
+    t12 = _fn_sigmoid_0(S['x'])
+    t13 = _gram(t12)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t11),
-        "W": CurvatureBlock(kron=[_kron(t12, t14, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1/B), t13, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_exact_6_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6), parameters only."""
     B, n, m = _dims(P, S).values()
-    t0 = (1/B) * xp.eye(1)
-    t1 = _fn_sigmoid_0(S['x'])
-    t2 = _gram(t1)
+    dtype = _dtype(P, S)
+    t0 = _fn_sigmoid_0(S['x'])
+    t1 = _gram(t0)
 
     return {
-        "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1/B), t1, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_exact_7_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7)."""
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _fn_sigmoid_1(S['x'])
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = P['W'].T
@@ -252,33 +265,33 @@ def _hbp_exact_7_all(P, S, Hz):
     t7 = t5 * t6
     t8 = t7.sum(axis=1, keepdims=True)
     t9 = _plus_diagonal(t4, (1/B) * t8, copy=False)
-    t10 = (B**(-2)) * xp.eye(1)
-    t11 = _fn_sigmoid_0(S['x'])
-    t12 = t11.sum(axis=1, keepdims=True)
-    t13 = _gram(t12)
+    t10 = _fn_sigmoid_0(S['x'])
+    t11 = t10.sum(axis=1, keepdims=True)
+    t12 = _gram(t11)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t9),
-        "W": CurvatureBlock(kron=[_kron(t10, t13, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((B**(-2)), t12, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_exact_7_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7), parameters only."""
     B, n, m = _dims(P, S).values()
-    t0 = (B**(-2)) * xp.eye(1)
-    t1 = _fn_sigmoid_0(S['x'])
-    t2 = t1.sum(axis=1, keepdims=True)
-    t3 = _gram(t2)
+    dtype = _dtype(P, S)
+    t0 = _fn_sigmoid_0(S['x'])
+    t1 = t0.sum(axis=1, keepdims=True)
+    t2 = _gram(t1)
 
     return {
-        "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((B**(-2)), t2, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_ggn_6_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6)."""
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
     t2 = _fn_sigmoid_1(S['x'])
@@ -286,63 +299,63 @@ def _hbp_ggn_6_all(P, S, Hz):
     t4 = (t2 @ t3)
     t5 = t1 * t4
     t6 = (1/B) * t5
-    t7 = (1/B) * xp.eye(1)
-    t8 = _fn_sigmoid_0(S['x'])
-    t9 = _gram(t8)
+    t7 = _fn_sigmoid_0(S['x'])
+    t8 = _gram(t7)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t6),
-        "W": CurvatureBlock(kron=[_kron(t7, t9, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1/B), t8, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_ggn_6_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6), parameters only."""
     B, n, m = _dims(P, S).values()
-    t0 = (1/B) * xp.eye(1)
-    t1 = _fn_sigmoid_0(S['x'])
-    t2 = _gram(t1)
+    dtype = _dtype(P, S)
+    t0 = _fn_sigmoid_0(S['x'])
+    t1 = _gram(t0)
 
     return {
-        "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1/B), t1, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_ggn_7_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7)."""
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _fn_sigmoid_1(S['x'])
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = P['W'].T
     t3 = ((((t1 * t2) @ Hz) @ P['W']) * t1.T)
     t4 = (B**(-2)) * t3
-    t5 = (B**(-2)) * xp.eye(1)
-    t6 = _fn_sigmoid_0(S['x'])
-    t7 = t6.sum(axis=1, keepdims=True)
-    t8 = _gram(t7)
+    t5 = _fn_sigmoid_0(S['x'])
+    t6 = t5.sum(axis=1, keepdims=True)
+    t7 = _gram(t6)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t4),
-        "W": CurvatureBlock(kron=[_kron(t5, t8, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((B**(-2)), t7, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_ggn_7_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7), parameters only."""
     B, n, m = _dims(P, S).values()
-    t0 = (B**(-2)) * xp.eye(1)
-    t1 = _fn_sigmoid_0(S['x'])
-    t2 = t1.sum(axis=1, keepdims=True)
-    t3 = _gram(t2)
+    dtype = _dtype(P, S)
+    t0 = _fn_sigmoid_0(S['x'])
+    t1 = t0.sum(axis=1, keepdims=True)
+    t2 = _gram(t1)
 
     return {
-        "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((B**(-2)), t2, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_pch_abs_6_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6)."""
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
     t2 = _fn_sigmoid_1(S['x'])
@@ -356,31 +369,31 @@ def _hbp_pch_abs_6_all(P, S, Hz):
     t10 = t9.sum(axis=1, keepdims=True)
     t11 = _fn_abs_0(t10)
     t12 = _plus_diagonal(t6, t11, copy=False)
-    t13 = (1/B) * xp.eye(1)
-    t14 = _fn_sigmoid_0(S['x'])
-    t15 = _gram(t14)
+    t13 = _fn_sigmoid_0(S['x'])
+    t14 = _gram(t13)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t12),
-        "W": CurvatureBlock(kron=[_kron(t13, t15, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1/B), t14, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_pch_abs_6_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6), parameters only."""
     B, n, m = _dims(P, S).values()
-    t0 = (1/B) * xp.eye(1)
-    t1 = _fn_sigmoid_0(S['x'])
-    t2 = _gram(t1)
+    dtype = _dtype(P, S)
+    t0 = _fn_sigmoid_0(S['x'])
+    t1 = _gram(t0)
 
     return {
-        "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1/B), t1, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_pch_abs_7_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7)."""
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _fn_sigmoid_1(S['x'])
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = P['W'].T
@@ -394,33 +407,33 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     t10 = (1/B) * t9
     t11 = _psd_project(t10, 'abs')
     t12 = t4 + t11
-    t13 = (B**(-2)) * xp.eye(1)
-    t14 = _fn_sigmoid_0(S['x'])
-    t15 = t14.sum(axis=1, keepdims=True)
-    t16 = _gram(t15)
+    t13 = _fn_sigmoid_0(S['x'])
+    t14 = t13.sum(axis=1, keepdims=True)
+    t15 = _gram(t14)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t12),
-        "W": CurvatureBlock(kron=[_kron(t13, t16, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((B**(-2)), t15, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_pch_abs_7_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7), parameters only."""
     B, n, m = _dims(P, S).values()
-    t0 = (B**(-2)) * xp.eye(1)
-    t1 = _fn_sigmoid_0(S['x'])
-    t2 = t1.sum(axis=1, keepdims=True)
-    t3 = _gram(t2)
+    dtype = _dtype(P, S)
+    t0 = _fn_sigmoid_0(S['x'])
+    t1 = t0.sum(axis=1, keepdims=True)
+    t2 = _gram(t1)
 
     return {
-        "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((B**(-2)), t2, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_pch_clip_6_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6)."""
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
     t2 = _fn_sigmoid_1(S['x'])
@@ -434,31 +447,31 @@ def _hbp_pch_clip_6_all(P, S, Hz):
     t10 = t9.sum(axis=1, keepdims=True)
     t11 = _fn_relu_0(t10)
     t12 = _plus_diagonal(t6, t11, copy=False)
-    t13 = (1/B) * xp.eye(1)
-    t14 = _fn_sigmoid_0(S['x'])
-    t15 = _gram(t14)
+    t13 = _fn_sigmoid_0(S['x'])
+    t14 = _gram(t13)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t12),
-        "W": CurvatureBlock(kron=[_kron(t13, t15, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1/B), t14, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_pch_clip_6_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6), parameters only."""
     B, n, m = _dims(P, S).values()
-    t0 = (1/B) * xp.eye(1)
-    t1 = _fn_sigmoid_0(S['x'])
-    t2 = _gram(t1)
+    dtype = _dtype(P, S)
+    t0 = _fn_sigmoid_0(S['x'])
+    t1 = _gram(t0)
 
     return {
-        "W": CurvatureBlock(kron=[_kron(t0, t2, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1/B), t1, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_pch_clip_7_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7)."""
     B, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _fn_sigmoid_1(S['x'])
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = P['W'].T
@@ -472,27 +485,26 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     t10 = (1/B) * t9
     t11 = _psd_project(t10, 'clip')
     t12 = t4 + t11
-    t13 = (B**(-2)) * xp.eye(1)
-    t14 = _fn_sigmoid_0(S['x'])
-    t15 = t14.sum(axis=1, keepdims=True)
-    t16 = _gram(t15)
+    t13 = _fn_sigmoid_0(S['x'])
+    t14 = t13.sum(axis=1, keepdims=True)
+    t15 = _gram(t14)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t12),
-        "W": CurvatureBlock(kron=[_kron(t13, t16, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((B**(-2)), t15, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_pch_clip_7_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7), parameters only."""
     B, n, m = _dims(P, S).values()
-    t0 = (B**(-2)) * xp.eye(1)
-    t1 = _fn_sigmoid_0(S['x'])
-    t2 = t1.sum(axis=1, keepdims=True)
-    t3 = _gram(t2)
+    dtype = _dtype(P, S)
+    t0 = _fn_sigmoid_0(S['x'])
+    t1 = t0.sum(axis=1, keepdims=True)
+    t2 = _gram(t1)
 
     return {
-        "W": CurvatureBlock(kron=[_kron(t0, t3, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((B**(-2)), t2, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 

@@ -24,6 +24,11 @@ from mcalc.runtime.array_ops import softmax as _softmax  # noqa: F401
 
 
 
+def _dtype(P, S):
+    """The arguments' floating type: constants are made in it, so float32 stays float32."""
+    return next((a.dtype for a in (*S.values(), *P.values()) if a.dtype.kind == "f"), xp.dtype(float))
+
+
 def _dims(P, S):
     return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], }
 
@@ -31,6 +36,7 @@ def _dims(P, S):
 def forward(P, S):
     """Z = the module's outputs, (size z, B)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _softmax(S['x'])
 
     return {"Z": t0}
@@ -38,6 +44,7 @@ def forward(P, S):
 
 def _gradients_all(P, S, C=None):
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     hoisted = C.get('gradients_all') if C is not None else None
     if hoisted is None:
         t0 = _softmax(S['x'])
@@ -46,7 +53,7 @@ def _gradients_all(P, S, C=None):
     else:
         t0, = hoisted
     t1 = S['dz'] * t0
-    t2 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t1)
+    t2 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t1)
     t3 = t2 * t0
     t4 = (-1) * t3
     t5 = t1 + t4
@@ -56,6 +63,7 @@ def _gradients_all(P, S, C=None):
 
 def _gradients_params(P, S, C=None):
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {}
 
@@ -70,6 +78,7 @@ def gradients(P, S, inputs=True, cache=None):
 
 def _jvp_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     hoisted = C.get('jvp_all') if C is not None else None
     if hoisted is None:
         t0 = _softmax(S['x'])
@@ -78,7 +87,7 @@ def _jvp_all(P, S, V, C=None):
     else:
         t0, = hoisted
     t1 = V['x'] * t0
-    t2 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t1)
+    t2 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t1)
     t3 = t2 * t0
     t4 = (-1) * t3
     t5 = t1 + t4
@@ -95,24 +104,25 @@ def jvp(P, S, V, inputs=True, cache=None):
 
 def _rgradients_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     hoisted = C.get('rgradients_all') if C is not None else None
     if hoisted is None:
         t0 = _softmax(S['x'])
         t11 = S['dz'] * t0
-        t12 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t11)
+        t12 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t11)
         if C is not None:
             C['rgradients_all'] = (t0, t11, t12,)
     else:
         t0, t11, t12, = hoisted
     t1 = V['x'] * t0
-    t2 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t1)
+    t2 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t1)
     t3 = t2 * t0
     t4 = (-1) * t3
     t5 = t1 + t4
     t6 = t5 * S['dz']
     t7 = V['dz'] * t0
     t8 = t6 + t7
-    t9 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t8)
+    t9 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t8)
     t10 = t9 * t0
     t13 = t12 * t5
     t14 = t10 + t13
@@ -136,6 +146,7 @@ def _no_parameters():
 def _hbp_exact_6_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _softmax(S['x'])
     t1 = t0.T
     t2 = (t0 @ t1)
@@ -156,7 +167,7 @@ def _hbp_exact_6_all(P, S, Hz):
     t17 = (-1) * t16
     t18 = S['dz'] * t0
     t19 = (1/B) * t18
-    t20 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t18)
+    t20 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t18)
     t21 = t20 * t0
     t22 = (-1/B) * t21
     t23 = t19 + t22
@@ -187,6 +198,7 @@ def _hbp_exact_6_all(P, S, Hz):
 def _hbp_exact_6_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -194,6 +206,7 @@ def _hbp_exact_6_params(P, S, Hz):
 def _hbp_exact_7_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _softmax(S['x'])
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = t0.T
@@ -204,7 +217,7 @@ def _hbp_exact_7_all(P, S, Hz):
     t7 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
     t8 = t7 * t0
     t9 = (1/B) * t8
-    t10 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t8)
+    t10 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t8)
     t11 = t10 * t0
     t12 = (-1/B) * t11
     t13 = t9 + t12
@@ -218,7 +231,7 @@ def _hbp_exact_7_all(P, S, Hz):
     t21 = t16 + t20
     t22 = (-1) * t21
     t23 = S['dz'].T
-    t24 = (xp.broadcast_to(xp.ones((B, 1)), (B, B)) @ t23)
+    t24 = (xp.broadcast_to(xp.ones((B, 1), dtype=dtype), (B, B)) @ t23)
     t25 = t24 * t2
     t26 = (1/B) * t25
     t27 = xp.broadcast_to(t25.sum(axis=1, keepdims=True), (B, n))
@@ -236,6 +249,7 @@ def _hbp_exact_7_all(P, S, Hz):
 def _hbp_exact_7_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -243,6 +257,7 @@ def _hbp_exact_7_params(P, S, Hz):
 def _hbp_ggn_6_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _softmax(S['x'])
     t1 = t0.T
     t2 = (t0 @ t1)
@@ -270,6 +285,7 @@ def _hbp_ggn_6_all(P, S, Hz):
 def _hbp_ggn_6_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -277,6 +293,7 @@ def _hbp_ggn_6_params(P, S, Hz):
 def _hbp_ggn_7_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _softmax(S['x'])
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = t0.T
@@ -292,6 +309,7 @@ def _hbp_ggn_7_all(P, S, Hz):
 def _hbp_ggn_7_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -299,6 +317,7 @@ def _hbp_ggn_7_params(P, S, Hz):
 def _hbp_pch_abs_6_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _softmax(S['x'])
     t1 = t0.T
     t2 = (t0 @ t1)
@@ -319,7 +338,7 @@ def _hbp_pch_abs_6_all(P, S, Hz):
     t17 = (-1) * t16
     t18 = S['dz'] * t0
     t19 = (1/B) * t18
-    t20 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t18)
+    t20 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t18)
     t21 = t20 * t0
     t22 = (-1/B) * t21
     t23 = t19 + t22
@@ -351,6 +370,7 @@ def _hbp_pch_abs_6_all(P, S, Hz):
 def _hbp_pch_abs_6_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -358,6 +378,7 @@ def _hbp_pch_abs_6_params(P, S, Hz):
 def _hbp_pch_abs_7_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _softmax(S['x'])
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = t0.T
@@ -368,7 +389,7 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     t7 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
     t8 = t7 * t0
     t9 = (1/B) * t8
-    t10 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t8)
+    t10 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t8)
     t11 = t10 * t0
     t12 = (-1/B) * t11
     t13 = t9 + t12
@@ -382,7 +403,7 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     t21 = t16 + t20
     t22 = (-1) * t21
     t23 = S['dz'].T
-    t24 = (xp.broadcast_to(xp.ones((B, 1)), (B, B)) @ t23)
+    t24 = (xp.broadcast_to(xp.ones((B, 1), dtype=dtype), (B, B)) @ t23)
     t25 = t24 * t2
     t26 = (1/B) * t25
     t27 = xp.broadcast_to(t25.sum(axis=1, keepdims=True), (B, n))
@@ -402,6 +423,7 @@ def _hbp_pch_abs_7_all(P, S, Hz):
 def _hbp_pch_abs_7_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -409,6 +431,7 @@ def _hbp_pch_abs_7_params(P, S, Hz):
 def _hbp_pch_clip_6_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _softmax(S['x'])
     t1 = t0.T
     t2 = (t0 @ t1)
@@ -429,7 +452,7 @@ def _hbp_pch_clip_6_all(P, S, Hz):
     t17 = (-1) * t16
     t18 = S['dz'] * t0
     t19 = (1/B) * t18
-    t20 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t18)
+    t20 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t18)
     t21 = t20 * t0
     t22 = (-1/B) * t21
     t23 = t19 + t22
@@ -461,6 +484,7 @@ def _hbp_pch_clip_6_all(P, S, Hz):
 def _hbp_pch_clip_6_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -468,6 +492,7 @@ def _hbp_pch_clip_6_params(P, S, Hz):
 def _hbp_pch_clip_7_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _softmax(S['x'])
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = t0.T
@@ -478,7 +503,7 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     t7 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
     t8 = t7 * t0
     t9 = (1/B) * t8
-    t10 = (xp.broadcast_to(xp.ones((n, 1)), (n, n)) @ t8)
+    t10 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t8)
     t11 = t10 * t0
     t12 = (-1/B) * t11
     t13 = t9 + t12
@@ -492,7 +517,7 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     t21 = t16 + t20
     t22 = (-1) * t21
     t23 = S['dz'].T
-    t24 = (xp.broadcast_to(xp.ones((B, 1)), (B, B)) @ t23)
+    t24 = (xp.broadcast_to(xp.ones((B, 1), dtype=dtype), (B, B)) @ t23)
     t25 = t24 * t2
     t26 = (1/B) * t25
     t27 = xp.broadcast_to(t25.sum(axis=1, keepdims=True), (B, n))
@@ -512,6 +537,7 @@ def _hbp_pch_clip_7_all(P, S, Hz):
 def _hbp_pch_clip_7_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }

@@ -39,6 +39,11 @@ from mcalc.runtime.array_ops import softmax as _softmax  # noqa: F401
 
 
 
+def _dtype(P, S):
+    """The arguments' floating type: constants are made in it, so float32 stays float32."""
+    return next((a.dtype for a in (*S.values(), *P.values()) if a.dtype.kind == "f"), xp.dtype(float))
+
+
 def _dims(P, S):
     return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], }
 
@@ -46,6 +51,7 @@ def _dims(P, S):
 def forward(P, S):
     """Z = the module's outputs, (size z, B)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _fn_softplus_0(S['x'])
 
     return {"Z": t0}
@@ -53,6 +59,7 @@ def forward(P, S):
 
 def _gradients_all(P, S, C=None):
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     hoisted = C.get('gradients_all') if C is not None else None
     if hoisted is None:
         t0 = _fn_softplus_1(S['x'])
@@ -67,6 +74,7 @@ def _gradients_all(P, S, C=None):
 
 def _gradients_params(P, S, C=None):
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {}
 
@@ -81,6 +89,7 @@ def gradients(P, S, inputs=True, cache=None):
 
 def _jvp_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     hoisted = C.get('jvp_all') if C is not None else None
     if hoisted is None:
         t0 = _fn_softplus_1(S['x'])
@@ -102,6 +111,7 @@ def jvp(P, S, V, inputs=True, cache=None):
 
 def _rgradients_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     hoisted = C.get('rgradients_all') if C is not None else None
     if hoisted is None:
         t0 = _fn_softplus_2(S['x'])
@@ -132,6 +142,7 @@ def _no_parameters():
 def _hbp_exact_6_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _fn_softplus_1(S['x'])
     t1 = t0.T
     t2 = (t0 @ t1)
@@ -149,6 +160,7 @@ def _hbp_exact_6_all(P, S, Hz):
 def _hbp_exact_6_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -156,6 +168,7 @@ def _hbp_exact_6_params(P, S, Hz):
 def _hbp_exact_7_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _fn_softplus_1(S['x'])
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = ((t1 * Hz) * t1.T)
@@ -173,6 +186,7 @@ def _hbp_exact_7_all(P, S, Hz):
 def _hbp_exact_7_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -180,6 +194,7 @@ def _hbp_exact_7_params(P, S, Hz):
 def _hbp_ggn_6_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _fn_softplus_1(S['x'])
     t1 = t0.T
     t2 = (t0 @ t1)
@@ -193,6 +208,7 @@ def _hbp_ggn_6_all(P, S, Hz):
 def _hbp_ggn_6_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -200,6 +216,7 @@ def _hbp_ggn_6_params(P, S, Hz):
 def _hbp_ggn_7_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _fn_softplus_1(S['x'])
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = ((t1 * Hz) * t1.T)
@@ -212,6 +229,7 @@ def _hbp_ggn_7_all(P, S, Hz):
 def _hbp_ggn_7_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -219,6 +237,7 @@ def _hbp_ggn_7_params(P, S, Hz):
 def _hbp_pch_abs_6_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _fn_softplus_1(S['x'])
     t1 = t0.T
     t2 = (t0 @ t1)
@@ -237,6 +256,7 @@ def _hbp_pch_abs_6_all(P, S, Hz):
 def _hbp_pch_abs_6_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -244,6 +264,7 @@ def _hbp_pch_abs_6_params(P, S, Hz):
 def _hbp_pch_abs_7_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _fn_softplus_1(S['x'])
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = ((t1 * Hz) * t1.T)
@@ -264,6 +285,7 @@ def _hbp_pch_abs_7_all(P, S, Hz):
 def _hbp_pch_abs_7_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -271,6 +293,7 @@ def _hbp_pch_abs_7_params(P, S, Hz):
 def _hbp_pch_clip_6_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _fn_softplus_1(S['x'])
     t1 = t0.T
     t2 = (t0 @ t1)
@@ -289,6 +312,7 @@ def _hbp_pch_clip_6_all(P, S, Hz):
 def _hbp_pch_clip_6_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -296,6 +320,7 @@ def _hbp_pch_clip_6_params(P, S, Hz):
 def _hbp_pch_clip_7_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _fn_softplus_1(S['x'])
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = ((t1 * Hz) * t1.T)
@@ -316,6 +341,7 @@ def _hbp_pch_clip_7_all(P, S, Hz):
 def _hbp_pch_clip_7_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }

@@ -41,6 +41,11 @@ from mcalc.runtime.array_ops import softmax as _softmax  # noqa: F401
 
 
 
+def _dtype(P, S):
+    """The arguments' floating type: constants are made in it, so float32 stays float32."""
+    return next((a.dtype for a in (*S.values(), *P.values()) if a.dtype.kind == "f"), xp.dtype(float))
+
+
 def _dims(P, S):
     return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], }
 
@@ -48,6 +53,7 @@ def _dims(P, S):
 def forward(P, S):
     """Z = the module's outputs, (size z, B)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _fn_tanh_0(S['x'])
 
     return {"Z": t0}
@@ -55,6 +61,7 @@ def forward(P, S):
 
 def _gradients_all(P, S, C=None):
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     hoisted = C.get('gradients_all') if C is not None else None
     if hoisted is None:
         t0 = _fn_tanh_1(S['x'])
@@ -69,6 +76,7 @@ def _gradients_all(P, S, C=None):
 
 def _gradients_params(P, S, C=None):
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {}
 
@@ -83,6 +91,7 @@ def gradients(P, S, inputs=True, cache=None):
 
 def _jvp_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     hoisted = C.get('jvp_all') if C is not None else None
     if hoisted is None:
         t0 = _fn_tanh_1(S['x'])
@@ -104,6 +113,7 @@ def jvp(P, S, V, inputs=True, cache=None):
 
 def _rgradients_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     hoisted = C.get('rgradients_all') if C is not None else None
     if hoisted is None:
         t0 = _fn_tanh_2(S['x'])
@@ -134,6 +144,7 @@ def _no_parameters():
 def _hbp_exact_6_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _fn_tanh_1(S['x'])
     t1 = t0.T
     t2 = (t0 @ t1)
@@ -151,6 +162,7 @@ def _hbp_exact_6_all(P, S, Hz):
 def _hbp_exact_6_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -158,6 +170,7 @@ def _hbp_exact_6_params(P, S, Hz):
 def _hbp_exact_7_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _fn_tanh_1(S['x'])
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = ((t1 * Hz) * t1.T)
@@ -175,6 +188,7 @@ def _hbp_exact_7_all(P, S, Hz):
 def _hbp_exact_7_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -182,6 +196,7 @@ def _hbp_exact_7_params(P, S, Hz):
 def _hbp_ggn_6_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _fn_tanh_1(S['x'])
     t1 = t0.T
     t2 = (t0 @ t1)
@@ -195,6 +210,7 @@ def _hbp_ggn_6_all(P, S, Hz):
 def _hbp_ggn_6_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -202,6 +218,7 @@ def _hbp_ggn_6_params(P, S, Hz):
 def _hbp_ggn_7_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _fn_tanh_1(S['x'])
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = ((t1 * Hz) * t1.T)
@@ -214,6 +231,7 @@ def _hbp_ggn_7_all(P, S, Hz):
 def _hbp_ggn_7_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -221,6 +239,7 @@ def _hbp_ggn_7_params(P, S, Hz):
 def _hbp_pch_abs_6_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _fn_tanh_1(S['x'])
     t1 = t0.T
     t2 = (t0 @ t1)
@@ -239,6 +258,7 @@ def _hbp_pch_abs_6_all(P, S, Hz):
 def _hbp_pch_abs_6_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -246,6 +266,7 @@ def _hbp_pch_abs_6_params(P, S, Hz):
 def _hbp_pch_abs_7_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _fn_tanh_1(S['x'])
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = ((t1 * Hz) * t1.T)
@@ -266,6 +287,7 @@ def _hbp_pch_abs_7_all(P, S, Hz):
 def _hbp_pch_abs_7_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -273,6 +295,7 @@ def _hbp_pch_abs_7_params(P, S, Hz):
 def _hbp_pch_clip_6_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _fn_tanh_1(S['x'])
     t1 = t0.T
     t2 = (t0 @ t1)
@@ -291,6 +314,7 @@ def _hbp_pch_clip_6_all(P, S, Hz):
 def _hbp_pch_clip_6_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }
@@ -298,6 +322,7 @@ def _hbp_pch_clip_6_params(P, S, Hz):
 def _hbp_pch_clip_7_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7)."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
     t0 = _fn_tanh_1(S['x'])
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = ((t1 * Hz) * t1.T)
@@ -318,6 +343,7 @@ def _hbp_pch_clip_7_all(P, S, Hz):
 def _hbp_pch_clip_7_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7), parameters only."""
     B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
 
     return {
     }

@@ -1,5 +1,9 @@
 """Prints program steps as NumPy (or CuPy) array code, one ``_print_<Node>`` method per node type.
 
+Constants (ones, identities, zeros) take the arguments' floating type, ``dtype``
+in the generated function: a float64 constant would silently promote a float32
+pass to float64.
+
 The array module is ``xp`` in the generated code, so the same printer serves
 NumPy and CuPy. Structured factors are printed without materialising them:
 a product with a ones vector is a sum, diag(v) M is a row scaling, and a
@@ -73,11 +77,11 @@ class ArrayPrinter:
     def operand(self, node: Expr) -> str:
         """A child as code: a name, or an in-place constant."""
         if isinstance(node, Ones):
-            return f"xp.ones(({self.dim(node.rows)}, {self.dim(node.cols)}))"
+            return f"xp.ones(({self.dim(node.rows)}, {self.dim(node.cols)}), dtype=dtype)"
         if isinstance(node, Identity):
-            return f"xp.eye({self.dim(node.rows)})"
+            return f"xp.eye({self.dim(node.rows)}, dtype=dtype)"
         if node.__class__.__name__ == "Zero":
-            return f"xp.zeros(({self.dim(node.rows)}, {self.dim(node.cols)}))"
+            return f"xp.zeros(({self.dim(node.rows)}, {self.dim(node.cols)}), dtype=dtype)"
         return self.ref(node)
 
     # --- products --------------------------------------------------------
@@ -120,7 +124,7 @@ class ArrayPrinter:
                 diagonal.append(f"{self.dim(c)}")
             else:
                 dense.append(self.operand(t))
-        total = " + ".join(dense) if dense else f"xp.zeros(({self.dim(node.rows)}, {self.dim(node.cols)}))"
+        total = " + ".join(dense) if dense else f"xp.zeros(({self.dim(node.rows)}, {self.dim(node.cols)}), dtype=dtype)"
         if not diagonal:
             return total
         # a lone argument (a parameter, 𝓗z) must not be written to; a fresh sum may be

@@ -145,9 +145,12 @@ class ProgramBuilder:
             factors = _kron_factors(term)
             if factors is None:
                 dense.append(term)
-            else:
-                scale, left, right = (_implicit_gram(f) if f is not None else None for f in factors)
-                plan.kron.append((self.ref(scale) if scale is not None else "1", self.ref(left), self.ref(right)))
+                continue
+            coefficient, scale, left, right = factors
+            # A number (1/B) stays a number: an array scale would cost a kernel and its own dtype.
+            scale_code = self.ref(simplify(ScalarMul(coefficient, scale))) if scale is not None \
+                else f"({sp.pycode(coefficient)})"
+            plan.kron.append((scale_code, self.ref(_implicit_gram(left)), self.ref(_implicit_gram(right))))
         if dense:
             plan.dense = self.ref(dense[0] if len(dense) == 1 else Add(*dense))
         return plan
@@ -191,8 +194,8 @@ def _implicit_gram(factor: Expr) -> Expr:
     return Gram(p) if p.cols in (BATCH, sp.Integer(1)) else factor
 
 
-def _kron_factors(term: Expr) -> tuple[Expr | None, Expr, Expr] | None:
-    """c·s·(A ⊗ B) as (the (1×1) scale c·s or None, A, B).
+def _kron_factors(term: Expr) -> tuple[sp.Expr, Expr | None, Expr, Expr] | None:
+    """c·s·(A ⊗ B) as (the number c, the (1×1) array scale s or None, A, B).
 
     Which factor absorbs the scale is decided at run time, from the sizes: the
     smaller one (a cost model the generated ``_kron`` applies).
@@ -206,10 +209,8 @@ def _kron_factors(term: Expr) -> tuple[Expr | None, Expr, Expr] | None:
         term = term.args[1]
     if not isinstance(term, Kron):
         return None
-    if coefficient == 1 and not scales:
-        return None, term.args[0], term.args[1]
-    product = scales[0] if len(scales) == 1 else MatMul(*scales) if scales else Identity(sp.Integer(1))
-    return simplify(ScalarMul(coefficient, product)), term.args[0], term.args[1]
+    scale = None if not scales else scales[0] if len(scales) == 1 else MatMul(*scales)
+    return coefficient, scale, term.args[0], term.args[1]
 
 
 # --- the functions a module's generated code provides ----------------------------------

@@ -48,6 +48,8 @@ def kron(scale: Any, a: Any, b: Any) -> tuple[Any, Any]:
     """Kronecker factors with a scalar folded into the smaller one (the cheaper pass)."""
     if isinstance(scale, (int, float)) and scale == 1:
         return a, b
+    if not isinstance(scale, (int, float)):
+        scale = scale.astype(b.dtype, copy=False)  # a (1, 1) array scale must not promote the factor
     return (a * scale, b) if a.size <= b.size and not isinstance(a, Gram) else (a, b * scale)
 
 

@@ -10,13 +10,17 @@ class KernelSet:
     def __init__(self, source: str) -> None:
         self.source = source
         self._module: Any = None
+        self._functions: dict[tuple[str, Any], Any] = {}
 
     def _function(self, name: str, dtype: Any) -> Any:
-        import cupy
+        key = (name, dtype)
+        if key not in self._functions:  # a launch is on the hot path: look each kernel up once
+            import cupy
 
-        if self._module is None:
-            self._module = cupy.RawModule(code=self.source, options=("-std=c++17",))
-        return self._module.get_function(f"{name}_{'float' if dtype == cupy.float32 else 'double'}")
+            if self._module is None:
+                self._module = cupy.RawModule(code=self.source, options=("-std=c++17",))
+            self._functions[key] = self._module.get_function(f"{name}_{'float' if dtype == cupy.float32 else 'double'}")
+        return self._functions[key]
 
     def launch(self, name: str, shape: tuple, out_shape: tuple, inputs: list[Any], coefficients: list[float],
                reduce: bool) -> Any:
