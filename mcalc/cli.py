@@ -189,8 +189,10 @@ DEMO_RUNS = (  # optimiser, its options, batch size: the same network for each
     ("hbp-newton", {}, 64),
     ("kfac", {"fisher": "mc", "lr": 0.05}, 64),
     ("kbfgs", {}, 64),  # the authors' defaults: γ = 0.3, λ = 0.3, momentum 0.9
-    ("hf-gn", {}, 256),  # Hessian-free wants larger batches for its curvature (Martens 2010)
-    ("hf-newton", {}, 256),
+    # Hessian-free wants larger batches for its curvature (Martens 2010); on a problem this small,
+    # five CG steps per batch reach the same epochs as twenty in less time.
+    ("hf-gn", {"cg_iterations": 5}, 256),
+    ("hf-newton", {"cg_iterations": 5}, 256),
 )
 
 

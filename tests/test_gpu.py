@@ -29,20 +29,28 @@ def _inputs(module, rng, batch, dtype):
     return P, S
 
 
+def _setup(module, dtype, seed):
+    """Both backends' code, a batch of 64 with δZ, the host → device copy and the dtype's tolerance."""
+    import cupy as cp
+
+    numpy_code, cupy_code = load(module, "numpy"), load(module, "cupy")
+    rng = np.random.default_rng(seed)
+    P, S = _inputs(module, rng, 64, dtype)
+    Z = numpy_code.forward(P, S)["Z"]
+    S["dz"] = rng.normal(size=Z.shape) / Z.shape[1]
+    to_gpu = lambda d: {k: cp.asarray(v, dtype=dtype) for k, v in d.items()}  # noqa: E731
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == np.float64 else dict(rtol=2e-4, atol=2e-4)
+    return numpy_code, cupy_code, rng, P, S, Z, to_gpu, tol
+
+
 @pytest.mark.parametrize("module", L.LIBRARY, ids=lambda m: m.name)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_cupy_kernels_match_numpy(module, dtype):
     import cupy as cp
 
-    numpy_code, cupy_code = load(module, "numpy"), load(module, "cupy")
-    rng = np.random.default_rng(0)
-    P, S = _inputs(module, rng, 64, dtype)
-    Z = numpy_code.forward(P, S)["Z"]
-    S["dz"] = rng.normal(size=Z.shape) / Z.shape[1]
+    numpy_code, cupy_code, rng, P, S, Z, to_gpu, tol = _setup(module, dtype, seed=0)
     a = rng.normal(size=(Z.shape[0], Z.shape[0]))
     Hz = a @ a.T / Z.shape[0]
-    to_gpu = lambda d: {k: cp.asarray(v, dtype=dtype) for k, v in d.items()}  # noqa: E731
-    tol = dict(rtol=1e-10, atol=1e-10) if dtype == np.float64 else dict(rtol=2e-4, atol=2e-4)
     np.testing.assert_allclose(cupy_code.forward(to_gpu(P), to_gpu(S))["Z"].get(), Z, **tol)
     for key, function in numpy_code.HBP.items():
         expected = function(P, S, Hz)
@@ -57,17 +65,9 @@ def test_cupy_kernels_match_numpy(module, dtype):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_cupy_tangents_match_numpy(module, dtype):
     """The R-operator's generated functions: jvp and rgradients (all moving, and parameters alone)."""
-    import cupy as cp
-
-    numpy_code, cupy_code = load(module, "numpy"), load(module, "cupy")
-    rng = np.random.default_rng(1)
-    P, S = _inputs(module, rng, 64, dtype)
-    Z = numpy_code.forward(P, S)["Z"]
-    S["dz"] = rng.normal(size=Z.shape) / Z.shape[1]
+    numpy_code, cupy_code, rng, P, S, Z, to_gpu, tol = _setup(module, dtype, seed=1)
     V = {v.name: rng.normal(size=(S[v.name] if v in module.inputs else P[v.name]).shape) for v in module.variables}
     V["dz"] = rng.normal(size=Z.shape)
-    to_gpu = lambda d: {k: cp.asarray(v, dtype=dtype) for k, v in d.items()}  # noqa: E731
-    tol = dict(rtol=1e-10, atol=1e-10) if dtype == np.float64 else dict(rtol=2e-4, atol=2e-4)
     for inputs in (True, False) if module.params else (True,):
         moving = {k: v for k, v in V.items() if inputs or k not in {x.name for x in module.inputs}}
         expected = numpy_code.jvp(P, S, moving, inputs=inputs)["Z"]

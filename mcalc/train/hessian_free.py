@@ -96,16 +96,13 @@ class HessianFree:
             raise McalcError("hessian-free optimisation needs the mini-batch for its curvature products")
         xp = net.xp
         X, Y = batch
-        names = list(grads)
-        shapes = {n: grads[n].shape for n in names}
-        pack = lambda d: xp.concatenate([d[n].reshape(-1) for n in names])  # noqa: E731
+        pack = lambda d: xp.concatenate([d[n].reshape(-1) for n in grads])  # noqa: E731
 
         def unpack(v: Any) -> dict[str, Any]:
             out, start = {}, 0
-            for n in names:
-                size = int(grads[n].size)
-                out[n] = v[start:start + size].reshape(shapes[n])
-                start += size
+            for n, g in grads.items():
+                out[n] = v[start:start + g.size].reshape(g.shape)
+                start += g.size
             return out
 
         product = net.curvature_product(X, Y, self.matrix)
