@@ -69,7 +69,6 @@ def backprop(expr: Expr, wrt: Symbol, adjoint: Expr) -> Expr:
     return simplify(Add(*contributions) if len(contributions) > 1 else contributions[0])
 
 
-
 @defvjp(MatMul)
 def _matmul(node: MatMul, lam: Expr) -> list[Expr]:
     out = []  # ⟨Λ, L dA R⟩ = ⟨Lᵀ Λ Rᵀ, dA⟩

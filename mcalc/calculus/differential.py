@@ -99,8 +99,8 @@ def _sum(terms: list[Expr], like: Expr) -> Expr:
 def _matmul(node: MatMul, d: DifferentialOf) -> Expr:
     # d(A₁…Aₙ) = Σᵢ A₁…dAᵢ…Aₙ  (M&N 8.2)
     args = node.args
-    return _sum([MatMul(*args[:i], d(a), *args[i + 1:]) if not isinstance(d(a), Zero) else d(a)
-                 for i, a in enumerate(args)], node)
+    return _sum([MatMul(*args[:i], d(a), *args[i + 1:]) for i, a in enumerate(args) if not isinstance(d(a), Zero)],
+                node)
 
 
 @defdifferential(Add)

@@ -91,7 +91,6 @@ def jacobian(expr: Expr, wrt: Symbol) -> Expr:
     return Jacobians(wrt)(expr)
 
 
-
 @defjvp(MatMul)
 def _matmul(node: MatMul, jac: JacobianOf) -> Expr:
     # d(A₁…Aₙ) = Σᵢ L dAᵢ R, and vec(L dAᵢ R) = (Rᵀ ⊗ L) vec dAᵢ  (S.1)

@@ -82,7 +82,6 @@ def second_order_term(expr: Expr, wrt: Symbol, adjoint: Expr, jac: Jacobians | N
     return simplify(Add(*terms) if len(terms) > 1 else terms[0])
 
 
-
 @deflocal(MatMul)
 def _matmul(node: MatMul, lam: Expr, jac: Jacobians) -> list[Expr]:
     # d²(…Aᵢ…Aⱼ…) ∋ 2 L dAᵢ M dAⱼ R. With P = R Λᵀ L:

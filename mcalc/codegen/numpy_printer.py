@@ -16,7 +16,7 @@ from collections.abc import Callable
 import sympy as sp
 from sympy.printing.numpy import NumPyPrinter as _SymPyNumPyPrinter
 
-from ..expr import ONE, Diag, Expr, Identity, Ones, ScalarMul
+from ..expr import ONE, Diag, Expr, Identity, Ones, ScalarMul, Seed, Stacked, Symbol
 from ..functions import ElementwiseFunction
 from .plan import sanitise
 
@@ -123,12 +123,13 @@ class ArrayPrinter:
             elif isinstance(core, Identity):
                 diagonal.append(f"{self.dim(c)}")
             else:
-                dense.append(self.operand(t))
-        total = " + ".join(dense) if dense else f"xp.zeros(({self.dim(node.rows)}, {self.dim(node.cols)}), dtype=dtype)"
+                dense.append(t)
+        total = " + ".join(map(self.operand, dense)) if dense else \
+            f"xp.zeros(({self.dim(node.rows)}, {self.dim(node.cols)}), dtype=dtype)"
         if not diagonal:
             return total
-        # a lone argument (a parameter, 𝓗z) must not be written to; a fresh sum may be
-        shared = len(dense) == 1 and (total.startswith(("P[", "S[", "col[")) or total in ("Hz", "dz"))
+        # a lone argument (a parameter, 𝓗z, a batch, a tangent) must not be written to; a fresh sum may be
+        shared = len(dense) == 1 and isinstance(dense[0], (Symbol, Seed, Stacked))
         return f"_plus_diagonal({total}, {' + '.join(diagonal)}, copy={shared})"
 
     def _print_ScalarMul(self, node: Expr) -> str:
@@ -171,7 +172,7 @@ class ArrayPrinter:
         return f"{self.operand(node.args[0])}.reshape(-1, 1, order='F')"
 
     def _print_Commutation(self, node: Expr) -> str:
-        return f"_commutation({self.dim(node.args[0])}, {self.dim(node.args[1])}, xp)"
+        return f"_commutation({self.dim(node.args[0])}, {self.dim(node.args[1])}, xp, dtype)"
 
     def _print_PSDProjection(self, node: Expr) -> str:
         return f"_psd_project({self.operand(node.args[1])}, {node.args[0]!r})"

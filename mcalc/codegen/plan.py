@@ -87,7 +87,6 @@ class Program:
     names: dict[Expr, str] = field(default_factory=dict)  # how each computed node is referred to
 
 
-
 class ProgramBuilder:
     """Builds a :class:`Program`, naming every distinct node once (common subexpressions)."""
 

@@ -29,9 +29,9 @@ def log_softmax(x: Any) -> Any:
     return shifted - xp.log(xp.exp(shifted).sum(axis=0, keepdims=True))
 
 
-def commutation(m: int, n: int, xp: Any) -> Any:
+def commutation(m: int, n: int, xp: Any, dtype: Any = float) -> Any:
     """K_{m,n}: K vec(A) = vec(Aᵀ) for A of shape (m, n)."""
-    k = xp.zeros((m * n, m * n))
+    k = xp.zeros((m * n, m * n), dtype=dtype)
     i, j = xp.meshgrid(xp.arange(m), xp.arange(n), indexing="ij")
     k[(j + n * i).ravel(), (i + m * j).ravel()] = 1.0
     return k
@@ -48,8 +48,6 @@ def kron(scale: Any, a: Any, b: Any) -> tuple[Any, Any]:
     """Kronecker factors with a scalar folded into the smaller one (the cheaper pass)."""
     if isinstance(scale, (int, float)) and scale == 1:
         return a, b
-    if not isinstance(scale, (int, float)):
-        scale = scale.astype(b.dtype, copy=False)  # a (1, 1) array scale must not promote the factor
     return (a * scale, b) if a.size <= b.size and not isinstance(a, Gram) else (a, b * scale)
 
 

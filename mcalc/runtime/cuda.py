@@ -27,8 +27,7 @@ class KernelSet:
         """Run kernel ``name`` over an output of ``shape`` (a row sum into ``out_shape`` when ``reduce``)."""
         import cupy
 
-        dtype = cupy.result_type(*inputs) if inputs else cupy.float64
-        dtype = cupy.float32 if dtype == cupy.float32 else cupy.float64
+        dtype = cupy.float32 if cupy.result_type(*inputs) == cupy.float32 else cupy.float64
         inputs = [cupy.ascontiguousarray(a, dtype=dtype) for a in inputs]
         out = cupy.empty(out_shape, dtype=dtype)
         rows, cols = (int(d) for d in shape)
