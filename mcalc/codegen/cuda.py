@@ -22,8 +22,8 @@ from .. import __version__
 from ..expr import ONE, Add, Apply, Diag, Expr, Hadamard, Identity, MatMul, Ones, ScalarMul, ScaleBy
 from ..functions import ElementwiseFunction
 from .numpy_printer import ArrayPrinter, through_base
-from .plan import ModulePlan, Program, _in_place, batch_reference, sanitise
-from .render import environment, functions_of, hoisted_lines, module_context
+from .plan import ModulePlan, Program, _in_place, sanitise
+from .render import assemble_context, environment, functions_of, module_context
 
 DTYPES = {"float": float32, "double": float64}
 FUSABLE = (Add, Hadamard, ScalarMul, ScaleBy, Apply)
@@ -243,14 +243,9 @@ def _program_context(program: Program, family: str | None = None) -> dict[str, A
             lines.append((step.target, f"{step.target} = {next(calls)[0]}()"))
         else:
             lines.append((step.target, f"{step.target} = {printer.rhs(step.node)}"))
-    fallbacks = []
-    for name, inner, leaves in program.fallbacks:
-        context = _program_context(inner)
-        kernels += context["kernels"]
-        fallbacks.append({"name": name, "lines": context["lines"], "value": inner.results["value"],
-                          "leaves": [batch_reference(leaf) for leaf in leaves]})
-    return {**hoisted_lines(program, lines, family), "fallbacks": fallbacks, "results": program.results,
-            "kernels": kernels}
+    inner = [_program_context(p) for _, p, _ in program.fallbacks]
+    kernels += [k for context in inner for k in context["kernels"]]
+    return {**assemble_context(program, lines, family, inner), "kernels": kernels}
 
 
 def _contexts(plan: ModulePlan) -> tuple[dict, dict[str, dict], list[Kernel]]:

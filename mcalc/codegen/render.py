@@ -47,22 +47,25 @@ def _program_context(program: Program, family: str | None = None) -> dict[str, A
     for step in program.steps:
         rhs = f"{next(calls)[0]}()" if isinstance(step.node, BatchMean) else printer.rhs(step.node)
         lines.append((step.target, f"{step.target} = {rhs}"))
-    fallbacks = [
-        {"name": name, "lines": _program_context(inner)["lines"], "value": inner.results["value"],
-         "leaves": [batch_reference(leaf) for leaf in leaves]}
-        for name, inner, leaves in program.fallbacks
-    ]
-    return {**hoisted_lines(program, lines, family), "fallbacks": fallbacks, "results": program.results}
+    return assemble_context(program, lines, family, [_program_context(inner) for _, inner, _ in program.fallbacks])
 
 
-def hoisted_lines(program: Program, lines: list[tuple[str, str]], family: str | None) -> dict[str, Any]:
-    """A program's (target, line) pairs split into the loop-invariant ones, which a cache keeps
-    (``hoisted``, the targets they assign), and the rest (``lines``), in program order: an
-    invariant step depends only on invariant steps, so it may run first."""
+def assemble_context(program: Program, lines: list[tuple[str, str]], family: str | None,
+                     fallback_contexts: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the templates print for a program, from its (target, line) pairs and the contexts of its
+    per-sample fallbacks (any backend's). The lines are split into the loop-invariant ones, which a
+    cache keeps (``hoisted``, the targets they assign), and the rest (``lines``), in program order:
+    an invariant step depends only on invariant steps, so it may run first."""
     invariant = invariant_steps(program, family) if family else set()
     kept = [(t, line) for t, line in lines if t in invariant]
+    fallbacks = [
+        {"name": name, "lines": context["lines"], "value": inner.results["value"],
+         "leaves": [batch_reference(leaf) for leaf in leaves]}
+        for (name, inner, leaves), context in zip(program.fallbacks, fallback_contexts)
+    ]
     return {"lines": [line for t, line in lines if t not in invariant],
-            "invariant_lines": [line for _, line in kept], "hoisted": [t for t, _ in kept]}
+            "invariant_lines": [line for _, line in kept], "hoisted": [t for t, _ in kept],
+            "fallbacks": fallbacks, "results": program.results}
 
 
 def functions_of(plan: ModulePlan) -> list[str]:
