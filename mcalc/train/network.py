@@ -16,6 +16,7 @@ import numpy as np
 from .. import layers as L
 from ..errors import McalcError
 from ..module import Module
+from ..runtime.array_ops import softmax
 from ..runtime.blocks import CurvatureBlock
 from ..runtime.loader import load
 
@@ -112,10 +113,9 @@ class Network:
         xp = self.xp
         Z, inputs = self.forward(X)
         code = self.code[self.loss_module.name]
-        B = X.shape[1]
-        S = {"x": Z, "y": Y, "dz": xp.full((1, B), 1.0 / B, dtype=Z.dtype)}
+        S = self._loss_inputs(Z, Y)
         loss = float(code.forward({}, S)["Z"].mean())
-        dZ = self.output_gradient(Z, Y)
+        dZ = code.gradients({}, S)["x"]
         Hz = code.HBP[("exact", approximation)]({}, S, xp.zeros((1, 1), dtype=Z.dtype))["x"].dense \
             if curvature else None
         grads: dict[str, Any] = {}
@@ -137,10 +137,13 @@ class Network:
                 dZ = g["x"]
         return loss, grads, blocks
 
+    def _loss_inputs(self, Z: Any, Y: Any) -> dict[str, Any]:
+        """The loss module's batch: outputs, labels, and δ = 1/B per sample (the loss is the batch mean)."""
+        return {"x": Z, "y": Y, "dz": self.xp.full((1, Z.shape[1]), 1.0 / Z.shape[1], dtype=Z.dtype)}
+
     def output_gradient(self, Z: Any, Y: Any) -> Any:
         """δZ: the gradient of the batch-mean loss with respect to the network's outputs."""
-        S = {"x": Z, "y": Y, "dz": self.xp.full((1, Z.shape[1]), 1.0 / Z.shape[1], dtype=Z.dtype)}
-        return self.code[self.loss_module.name].gradients({}, S)["x"]
+        return self.code[self.loss_module.name].gradients({}, self._loss_inputs(Z, Y))["x"]
 
     def adjoints(self, inputs: list[Any], dZ: Any) -> dict[int, Any]:
         """The adjoint of every layer's output, from ``dZ`` at the network's output (gradient backprop)."""
@@ -169,7 +172,7 @@ class Network:
         xp = self.xp
         Z, inputs = self.forward(X)
         B = X.shape[1]
-        loss_S = {"x": Z, "y": Y, "dz": xp.full((1, B), 1.0 / B, dtype=Z.dtype)}
+        loss_S = self._loss_inputs(Z, Y)
         adjoints = self.adjoints(inputs, self.output_gradient(Z, Y)) if matrix == "hessian" else {}
         caches: list[dict] = [{} for _ in range(len(self.layers) + 1)]  # the loss's is the last
 
@@ -206,9 +209,7 @@ class Network:
 
     def predict(self, X: Any) -> Any:
         """The model's predictive distribution softmax(z), (classes, B)."""
-        Z, _ = self.forward(X)
-        e = self.xp.exp(Z - Z.max(axis=0, keepdims=True))
-        return e / e.sum(axis=0, keepdims=True)
+        return softmax(self.forward(X)[0])
 
     def accuracy(self, X: Any, labels: Any) -> float:
         Z, _ = self.forward(X)

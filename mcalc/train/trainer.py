@@ -1,6 +1,7 @@
 """The training loop: mini-batches, evaluation per epoch, a guard against non-finite steps."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import pickle
@@ -23,10 +24,7 @@ def one_hot(labels: np.ndarray, classes: int) -> np.ndarray:
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Everything needed to continue a run, written atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(pickle.dumps(state))
-    tmp.replace(path)
+    write_atomic(Path(path), pickle.dumps(state))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -136,8 +134,7 @@ def plot(results: list[dict[str, Any]], path: str | Path) -> None:
     axes[0][0].set_yscale("log")
     axes[0][1].legend()
     figure.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, dpi=110)
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=110)
     plt.close(figure)
-    tmp.replace(path)  # written whole or not at all
+    write_atomic(Path(path), png.getvalue())  # written whole or not at all
