@@ -12,6 +12,28 @@ from ..runtime.blocks import CurvatureBlock
 from .network import Network
 
 
+def heavy_ball(velocity: dict[str, Any], name: str, direction: Any, momentum: float) -> Any:
+    """v ← μ v + direction for parameter ``name``, kept in ``velocity``; returns v."""
+    v = momentum * velocity.get(name, 0.0) + direction
+    velocity[name] = v
+    return v
+
+
+def with_bias_row(a: Any, xp: Any) -> Any:
+    """ã = [a; 1]: a linear layer's inputs with the row its bias multiplies."""
+    return xp.concatenate([a, xp.ones((1, a.shape[1]), dtype=a.dtype)])
+
+
+def joined(grads: dict[str, Any], W: str, b: str, xp: Any) -> Any:
+    """∇[W b]: a linear layer's weight and bias gradients side by side."""
+    return xp.concatenate([grads[W], grads[b]], axis=1)
+
+
+def split_joined(direction: Any, W: str, b: str) -> tuple[tuple[str, Any], tuple[str, Any]]:
+    """The weight and bias parts of a direction for [W b]."""
+    return (W, direction[:, :-1]), (b, direction[:, -1:])
+
+
 @dataclass
 class SGD:
     """θ ← θ − γ v, v ← μ v + δθ (heavy-ball momentum)."""
@@ -25,9 +47,7 @@ class SGD:
              batch: tuple[Any, Any] | None = None) -> dict[str, Any]:
         updates = {}
         for name, g in grads.items():
-            v = self.momentum * self.velocity.get(name, 0.0) + g
-            self.velocity[name] = v
-            updates[name] = -self.lr * v
+            updates[name] = -self.lr * heavy_ball(self.velocity, name, g, self.momentum)
         return updates
 
 
@@ -159,7 +179,7 @@ class KFAC:
         out: dict[int, tuple[Any, Any]] = {}
         for position, layer in enumerate(net.layers):
             if layer.params:
-                a = xp.concatenate([inputs[position], xp.ones((1, B), dtype=X.dtype)])
+                a = with_bias_row(inputs[position], xp)
                 out[position] = (a @ a.T / B, 0)
         for target, weight in targets:
             adjoints = net.adjoints(inputs, (p - target) * xp.sqrt(weight) / B)
@@ -187,12 +207,9 @@ class KFAC:
             root = self.damping**0.5
             A_damped = A + pi * root * xp.eye(A.shape[0], dtype=A.dtype)
             G_damped = G + root / pi * xp.eye(G.shape[0], dtype=G.dtype)
-            gradient = xp.concatenate([grads[W], grads[b]], axis=1)  # ∇[W b]
-            direction = xp.linalg.solve(G_damped, xp.linalg.solve(A_damped, gradient.T).T)
-            for name, part in ((W, direction[:, :-1]), (b, direction[:, -1:])):
-                v = self.momentum * self.velocity.get(name, 0.0) + part
-                self.velocity[name] = v
-                updates[name] = -self.lr * v
+            direction = xp.linalg.solve(G_damped, xp.linalg.solve(A_damped, joined(grads, W, b, xp).T).T)
+            for name, part in split_joined(direction, W, b):
+                updates[name] = -self.lr * heavy_ball(self.velocity, name, part, self.momentum)
         return updates
 
 
@@ -244,8 +261,10 @@ class KBFGS:
     velocity: dict[str, Any] = field(default_factory=dict)
 
     @staticmethod
-    def _linear_statistics(net: Network, X: Any, Y: Any, params: dict[str, Any]) -> dict[int, tuple[Any, Any]]:
-        """Per linear layer: mean pre-activation and mean gradient of the loss at it."""
+    def _linear_statistics(net: Network, X: Any, Y: Any, params: dict[str, Any],
+                           ) -> tuple[dict[int, tuple[Any, Any]], list[Any]]:
+        """Per linear layer: mean pre-activation and mean gradient of the loss at it; and the input of
+        every layer."""
         Z, inputs = net.forward(X, params)
         saved, net.params = net.params, params
         try:
@@ -257,7 +276,7 @@ class KBFGS:
             if layer.params:
                 pre = inputs[position + 1] if position + 1 < len(net.layers) else Z
                 out[position] = (pre.mean(axis=1, keepdims=True), adjoints[position].sum(axis=1, keepdims=True))
-        return out
+        return out, inputs
 
     def step(self, net: Network, grads: dict[str, Any], blocks: dict[str, CurvatureBlock],
              batch: tuple[Any, Any] | None = None) -> dict[str, Any]:
@@ -265,13 +284,13 @@ class KBFGS:
             raise McalcError("kbfgs needs the mini-batch for its second forward and backward pass")
         xp = net.xp
         X, Y = batch
-        _, inputs = net.forward(X)
+        before, inputs = self._linear_statistics(net, X, Y, net.params)  # its forward pass serves the step too
         root = self.damping**0.5
         updates: dict[str, Any] = {}
         for position, layer in enumerate(net.layers):
             if not layer.params:
                 continue
-            a = xp.concatenate([inputs[position], xp.ones((1, X.shape[1]), dtype=X.dtype)])
+            a = with_bias_row(inputs[position], xp)
             batch_A = a @ a.T / X.shape[1]
             self.A[position] = batch_A if position not in self.A else \
                 self.decay * self.A[position] + (1 - self.decay) * batch_A
@@ -283,13 +302,10 @@ class KBFGS:
                 self.H_a[position] = bfgs_inverse_update(self.H_a[position], s_a, damped @ s_a)
             H_g = self.H_g.setdefault(position, xp.eye(grads[layer.params["W"]].shape[0], dtype=X.dtype))
             W, b = layer.params["W"], layer.params["b"]
-            direction = -H_g @ xp.concatenate([grads[W], grads[b]], axis=1) @ self.H_a[position]
-            for name, part in ((W, direction[:, :-1]), (b, direction[:, -1:])):
-                v = self.momentum * self.velocity.get(name, 0.0) + part
-                self.velocity[name] = v
-                updates[name] = self.lr * v
-        before = self._linear_statistics(net, X, Y, net.params)
-        after = self._linear_statistics(net, X, Y, {k: v + updates[k] for k, v in net.params.items()})
+            direction = -H_g @ joined(grads, W, b, xp) @ self.H_a[position]
+            for name, part in split_joined(direction, W, b):
+                updates[name] = self.lr * heavy_ball(self.velocity, name, part, self.momentum)
+        after, _ = self._linear_statistics(net, X, Y, {k: v + updates[k] for k, v in net.params.items()})
         for position, (pre, grad) in before.items():
             s_g, y_g = after[position][0] - pre, after[position][1] - grad
             s_g, y_g = double_damping(self.H_g[position], s_g, y_g, self.mu1, root)
