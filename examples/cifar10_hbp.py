@@ -29,7 +29,7 @@ from mcalc.train.optimizers import make_optimizer
 from mcalc.train.trainer import train
 
 SPEC = "3072-1024-sigmoid-512-sigmoid-256-sigmoid-128-sigmoid-64-sigmoid-32-sigmoid-16-sigmoid-10"
-NEWTON = {"lr": 0.1, "alpha": 0.02, "cg_tolerance": 0.1, "cg_iterations": 50, "approximation": "7"}
+NEWTON = {"lr": 0.1, "alpha": 0.02, "cg_tolerance": 0.1, "cg_iterations": 50, "approximation": "7", "solver": "cg"}
 METHODS = [  # name, optimiser, options, the authors' mean test accuracy after 100 epochs (10 seeds)
     ("SGD", "sgd", {"lr": 0.1, "momentum": 0.9}, 0.406),
     ("CG, GGN", "hbp-newton", {**NEWTON, "curvature": "ggn"}, 0.446),

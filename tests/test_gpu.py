@@ -103,3 +103,26 @@ def test_cupy_backend_against_finite_differences(module):
     checks = verify_backend(module, "cupy")
     assert all(c.ok for c in checks), [c for c in checks if not c.ok]
     assert mc.CURVATURES
+
+
+@pytest.mark.parametrize("solver", ["cg", "eigen"])
+def test_hbp_newton_steps_on_cupy_match_numpy(solver):
+    """Eq. (8) per block on the device (CG, or eigenbases with cuSOLVER), three steps, against the host."""
+    import cupy as cp
+
+    from mcalc.train.network import Network
+    from mcalc.train.optimizers import HBPNewton
+
+    rng = np.random.default_rng(3)
+    X, Y = rng.normal(size=(12, 32)), np.eye(4)[:, rng.integers(0, 4, 32)]
+    nets = Network("12-8-tanh-4", seed=1), Network("12-8-tanh-4", backend="cupy", seed=1)
+    optimizers = HBPNewton(solver=solver, refresh=2), HBPNewton(solver=solver, refresh=2)
+    for _ in range(3):
+        steps = []
+        for net, optimizer, (x, y) in zip(nets, optimizers, [(X, Y), (cp.asarray(X), cp.asarray(Y))]):
+            curvature = optimizer.curvature if optimizer.needs_curvature() else None
+            _, grads, blocks = net.backward(x, y, curvature)
+            steps.append(optimizer.step(net, grads, blocks))
+            net.params = {k: v + steps[-1][k] for k, v in net.params.items()}
+        for name, expected in steps[0].items():
+            np.testing.assert_allclose(steps[1][name].get(), expected, rtol=1e-8, atol=1e-10, err_msg=name)

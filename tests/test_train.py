@@ -12,8 +12,9 @@ import pytest
 import mcalc as mc
 from mcalc.numeric.finite_diff import hessian_fd
 from mcalc.train import data as D
+from mcalc.train.block_solvers import conjugate_gradient
 from mcalc.train.network import Network, parse_spec
-from mcalc.train.optimizers import HBPNewton, conjugate_gradient, make_optimizer
+from mcalc.train.optimizers import HBPNewton, make_optimizer
 from mcalc.train.trainer import train
 
 
@@ -57,7 +58,7 @@ def test_conjugate_gradient_solves_spd_systems():
 def test_newton_step_equals_the_dense_solve(split):
     """Eq. (8): Δθ = −γ [α I + (1 − α) 𝓗̄θ]⁻¹ δθ, block by block (row-wise sub-blocks when split)."""
     net, X, Y = _tiny()
-    optimizer = HBPNewton(lr=0.1, alpha=0.02, cg_tolerance=1e-12, cg_iterations=500, split=split)
+    optimizer = HBPNewton(lr=0.1, alpha=0.02, cg_tolerance=1e-12, cg_iterations=500, split=split, solver="cg")
     _, grads, blocks = net.backward(X, Y, optimizer.curvature)
     updates = optimizer.step(net, grads, blocks)
     for name, g in grads.items():
@@ -109,7 +110,9 @@ def test_non_finite_steps_are_rejected_and_weights_kept():
 @pytest.mark.parametrize(("optimizer", "options", "epochs"), [
     ("sgd", {"lr": 0.1, "momentum": 0.9}, 20),
     ("adam", {"lr": 3e-3}, 15),
-    ("hbp-newton", {}, 10),  # the paper's defaults: γ = 0.1, α = 0.02, ε_CG = 0.1, n_CG = 50, PCH-abs
+    # the paper's defaults: γ = 0.1, α = 0.02, ε_CG = 0.1, n_CG = 50, PCH-abs; CG every step, then averaged eigenbases
+    ("hbp-newton", {"solver": "cg"}, 10),
+    ("hbp-newton", {"solver": "eigen"}, 10),
 ])
 def test_each_optimizer_trains_digits_to_95_percent(optimizer, options, epochs):
     net = Network("64-128-sigmoid-10", seed=0)
@@ -395,3 +398,14 @@ def test_kbfgs_trains_digits_to_95_percent():
     net = Network("64-128-sigmoid-10", seed=0)
     result = train(net, D.digits(), make_optimizer("kbfgs"), epochs=8, batch_size=64)
     assert max(row["test_accuracy"] for row in result["history"]) >= 0.95, result["history"]
+
+
+def test_cli_hbp_newton_solver_options(tmp_path, capsys):
+    from mcalc import cli
+
+    out = tmp_path / "eigen.json"
+    assert cli.main(["train", "--optimizer", "hbp-newton", "--solver", "eigen", "--refresh", "3", "--epochs", "1",
+                     "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["history"][0]["test_accuracy"] > 0.8
+    assert cli.main(["train", "--optimizer", "hbp-newton", "--refresh", "0", "--epochs", "1"]) == 2
+    assert "refresh and split must be positive" in capsys.readouterr().err

@@ -1,8 +1,11 @@
 """Curvature blocks as generated code returns them: Kronecker factors plus a dense remainder."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from ..errors import McalcError
 
 
 class Gram:
@@ -29,7 +32,8 @@ def _right_apply(v: Any, a: Any) -> Any:
     return a.right_apply(v) if isinstance(a, Gram) else v @ a.T
 
 
-def _dense(a: Any) -> Any:
+def dense_factor(a: Any) -> Any:
+    """A Kronecker factor as a matrix (an implicit :class:`Gram` formed)."""
     return a.dense() if isinstance(a, Gram) else a
 
 
@@ -57,7 +61,7 @@ class CurvatureBlock:
         out = self.dense @ v if self.dense is not None else xp.zeros_like(v)
         for a, b in self.kron:
             V = v.reshape(b.shape[1], a.shape[1], order="F")
-            out = out + _right_apply(_dense(b) @ V, a).reshape(-1, order="F")
+            out = out + _right_apply(dense_factor(b) @ V, a).reshape(-1, order="F")
         return out
 
     def split_rows(self, rows: int, groups: int) -> list[CurvatureBlock]:
@@ -67,11 +71,11 @@ class CurvatureBlock:
         i + m j, so the sub-block of the rows R is Σ A ⊗ B[R, R] + M[idx, idx]:
         Kronecker structure survives the split.
         """
-        xp = namespace(_dense(self.kron[0][1]) if self.kron else self.dense)
+        xp = namespace(dense_factor(self.kron[0][1]) if self.kron else self.dense)
         cols = self.size // rows
         out = []
         for part in xp.array_split(xp.arange(rows), groups):
-            kron = [(a, _dense(b)[part][:, part]) for a, b in self.kron]
+            kron = [(a, dense_factor(b)[part][:, part]) for a, b in self.kron]
             dense = None
             if self.dense is not None:
                 index = (part[:, None] + rows * xp.arange(cols)[None, :]).reshape(-1, order="F")
@@ -79,15 +83,67 @@ class CurvatureBlock:
             out.append(CurvatureBlock(kron, dense))
         return out
 
+    def factors(self) -> list[Any]:
+        """[A, B] of a block A ⊗ B, or [C] of a dense block: the blocks an :class:`Eigenbasis` covers."""
+        if len(self.kron) == 1 and self.dense is None:
+            return list(self.kron[0])
+        if not self.kron and self.dense is not None:
+            return [self.dense]
+        raise McalcError("an eigenbasis needs a block that is one Kronecker product or one dense matrix")
+
+    def eigenbasis(self, eigh: Callable[[Any], tuple[Any, Any]] | None = None) -> Eigenbasis:
+        """The eigen-decomposition of C from those of its factors; ``eigh`` decomposes one factor
+        (default :func:`factor_eigh`)."""
+        return Eigenbasis([(eigh or factor_eigh)(f) for f in self.factors()])
+
     def to_dense(self) -> Any:
         """C as one matrix (only when a dense matrix is really wanted)."""
-        parts = [namespace(_dense(a)).kron(_dense(a), _dense(b)) for a, b in self.kron]
+        parts = [namespace(dense_factor(a)).kron(dense_factor(a), dense_factor(b)) for a, b in self.kron]
         if self.dense is not None:
             parts.append(self.dense)
         total = parts[0]
         for p in parts[1:]:
             total = total + p
         return total
+
+
+@dataclass
+class Eigenbasis:
+    """C = (Q_a ⊗ Q_b) diag(λ_a ⊗ λ_b) (Q_a ⊗ Q_b)ᵀ for C = A ⊗ B with A = Q_a Λ_a Q_aᵀ, B = Q_b Λ_b Q_bᵀ
+    (the mixed-product rule), or C = Q Λ Qᵀ for a dense block on vec of the parameter.
+
+    ``pairs`` holds (λ, Q) per factor in the order of :meth:`CurvatureBlock.factors`. Kept
+    instead of C to solve damped systems with it: a Kronecker block is never formed, and only
+    its factors (n³ + m³, not (nm)³) are decomposed.
+    """
+
+    pairs: list[tuple[Any, Any]]
+
+    def __post_init__(self) -> None:
+        # the eigenvalues of C, λ_b λ_aᵀ shaped like the parameter (flat for a dense C): every solve divides by them
+        if len(self.pairs) == 1:
+            self.spectrum = self.pairs[0][0]
+        else:
+            (lam_a, _), (lam_b, _) = self.pairs
+            self.spectrum = lam_b[:, None] * lam_a[None, :]
+
+    def solve_damped(self, g: Any, alpha: float, beta: float) -> Any:
+        """[α I + β C]⁻¹ vec G for a parameter-shaped G, returned parameter-shaped.
+
+        By (S.1) vec(Q_bᵀ G Q_a) = (Q_a ⊗ Q_b)ᵀ vec G: rotate into the eigenbasis,
+        divide by α + β λ_b λ_aᵀ, rotate back.
+        """
+        if len(self.pairs) == 1:
+            q, v = self.pairs[0][1], g.reshape(-1, order="F")
+            return (q @ ((q.T @ v) / (alpha + beta * self.spectrum))).reshape(g.shape, order="F")
+        (_, q_a), (_, q_b) = self.pairs
+        return q_b @ ((q_b.T @ g @ q_a) / (alpha + beta * self.spectrum)) @ q_a.T
+
+
+def factor_eigh(a: Any) -> tuple[Any, Any]:
+    """Eigenvalues (ascending) and orthonormal eigenvectors of a symmetric factor (a :class:`Gram` formed first)."""
+    dense = dense_factor(a)
+    return namespace(dense).linalg.eigh(dense)
 
 
 def namespace(a: Any) -> Any:

@@ -1,4 +1,4 @@
-"""Optimisers: momentum SGD, Adam, and the HBP Newton step of eq. (8) solved by CG per block."""
+"""Optimisers: momentum SGD, Adam, the HBP Newton step of eq. (8) per block, K-FAC and K-BFGS."""
 from __future__ import annotations
 
 import functools
@@ -9,6 +9,7 @@ import numpy as np
 
 from ..errors import McalcError
 from ..runtime.blocks import CurvatureBlock
+from .block_solvers import DampedBlockSolver
 from .network import Network
 
 
@@ -77,33 +78,18 @@ class Adam:
         return updates
 
 
-def conjugate_gradient(matvec: Any, b: Any, tolerance: float, max_iterations: int) -> tuple[Any, int]:
-    """Solve A x = b for symmetric positive definite A; stop when ‖r‖ ≤ tolerance·‖b‖ (eq. (8)'s ε_CG)."""
-    x = b * 0
-    r = b.copy()
-    p = r.copy()
-    rr = float(r @ r)
-    target = tolerance**2 * rr
-    for iteration in range(1, max_iterations + 1):
-        if rr <= target:
-            return x, iteration - 1
-        Ap = matvec(p)
-        alpha = rr / float(p @ Ap)
-        x = x + alpha * p
-        r = r - alpha * Ap
-        rr_new = float(r @ r)
-        p = r + (rr_new / rr) * p
-        rr = rr_new
-    return x, max_iterations
-
-
 @dataclass
 class HBPNewton:
-    """Eq. (8): [α I + (1 − α) 𝓗̄θ] Δθ = −δθ per block by CG, then θ ← θ + γ Δθ.
+    """Eq. (8): [α I + (1 − α) 𝓗̄θ] Δθ = −δθ per block, then θ ← θ + γ Δθ.
 
     Defaults are the paper's Section 4: α = 0.02, ε_CG = 0.1, n_CG = 50, γ = 0.1,
     PCH-abs curvature. ``split`` divides each parameter row-wise into that many
-    independent sub-blocks (Section 4).
+    independent sub-blocks (Section 4). ``solver``: ``'cg'`` is the paper's truncated
+    CG on every step's blocks; ``'eigen'`` solves exactly in the eigenbases of each
+    block's Kronecker factors, averaged over renewals (decay ``decay``) and renewed with
+    the curvature every ``refresh`` steps (a basis that still diagonalises its averaged
+    factor to ``basis_tolerance`` only gets new eigenvalues); ``'auto'`` takes whichever
+    a cost model says is cheaper (:class:`.block_solvers.DampedBlockSolver`).
     """
 
     lr: float = 0.1
@@ -113,28 +99,47 @@ class HBPNewton:
     curvature: str = "pch-abs"
     approximation: str = "6"
     split: int = 1
-    cg_steps: list[int] = field(default_factory=list)
+    solver: str = "auto"
+    refresh: int = 5
+    decay: float = 0.8
+    basis_tolerance: float = 0.2
+    block_solver: DampedBlockSolver = field(init=False)
 
-    def solve(self, block: CurvatureBlock, g: Any) -> Any:
-        """Δθ for one block and its gradient (both in column-stacking vec)."""
-        rhs = -g.reshape(-1, order="F")
-        matvec = lambda v: self.alpha * v + (1 - self.alpha) * block.matvec(v)  # noqa: E731
-        delta, steps = conjugate_gradient(matvec, rhs, self.cg_tolerance, self.cg_iterations)
-        self.cg_steps.append(steps)
-        return delta.reshape(g.shape, order="F")
+    def __post_init__(self) -> None:
+        if self.solver not in ("auto", "cg", "eigen"):
+            raise McalcError(f"unknown solver '{self.solver}'; choose auto, cg or eigen")
+        if self.refresh < 1 or self.split < 1:
+            raise McalcError("refresh and split must be positive")
+        if not 0 <= self.decay < 1:
+            raise McalcError(f"decay must lie in [0, 1), not {self.decay}")
+        self.block_solver = DampedBlockSolver(
+            method=self.solver, refresh=self.refresh, decay=self.decay, tolerance=self.cg_tolerance,
+            max_iterations=self.cg_iterations, basis_tolerance=self.basis_tolerance)
+
+    def needs_curvature(self) -> bool:
+        """Whether the next step needs fresh curvature blocks (not while stored eigenbases serve every block)."""
+        return self.block_solver.needs_curvature()
 
     def step(self, net: Network, grads: dict[str, Any], blocks: dict[str, CurvatureBlock],
              batch: tuple[Any, Any] | None = None) -> dict[str, Any]:
+        parts, rows_of = [], {}
+        for name, g in grads.items():
+            block = blocks.get(name)
+            if self.split == 1:
+                parts.append((name, g, block))
+                continue
+            rows_of[name] = net.xp.array_split(net.xp.arange(g.shape[0]), self.split)
+            subs = block.split_rows(g.shape[0], self.split) if block is not None else [None] * self.split
+            parts.extend(((name, i), g[rows], sub) for i, (rows, sub) in enumerate(zip(rows_of[name], subs)))
+        directions = self.block_solver.solve(parts, self.alpha)
         updates = {}
         for name, g in grads.items():
-            rows = g.shape[0]
             if self.split == 1:
-                updates[name] = self.lr * self.solve(blocks[name], g)
+                updates[name] = self.lr * directions[name]
                 continue
             delta = g * 0
-            for part, sub in zip(net.xp.array_split(net.xp.arange(rows), self.split),
-                                 blocks[name].split_rows(rows, self.split)):
-                delta[part] = self.solve(sub, g[part])
+            for i, rows in enumerate(rows_of[name]):
+                delta[rows] = directions[(name, i)]
             updates[name] = self.lr * delta
         return updates
 

@@ -39,6 +39,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def curvature_for_step(optimizer: Any) -> str | None:
+    """The curvature mode whose blocks the optimiser's next step needs; None for gradients only."""
+    needs = getattr(optimizer, "needs_curvature", None)
+    return getattr(optimizer, "curvature", None) if needs is None or needs() else None
+
+
 def train(net: Network, data: Dataset, optimizer: Any, *, epochs: int, batch_size: int, seed: int = 0,
           progress: bool = False, name: str = "", checkpoint: str | Path | None = None,
           resume: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -75,7 +81,7 @@ def train(net: Network, data: Dataset, optimizer: Any, *, epochs: int, batch_siz
         for k in range(steps):
             index = xp.asarray(order[k * batch_size:(k + 1) * batch_size])
             X, Y = X_train[:, index], Y_train[:, index]
-            loss, grads, blocks = net.backward(X, Y, getattr(optimizer, "curvature", None),
+            loss, grads, blocks = net.backward(X, Y, curvature_for_step(optimizer),
                                                getattr(optimizer, "approximation", "6"))
             updates = optimizer.step(net, grads, blocks, (X, Y))
             previous = dict(net.params)

@@ -1,0 +1,282 @@
+"""Solving eq. (8) block by block: truncated CG on the current block, or the eigenbases of its
+(averaged) factors kept over several steps, whichever a cost model says is cheaper.
+
+For a block C = A ⊗ B the damped system [α I + β C] Δ = −δ is solved exactly in the eigenbases of
+A and B (:class:`~mcalc.runtime.blocks.Eigenbasis`). Decomposing costs n³ + m³ once; each later
+solve is four matrix products. Reusing a decomposition for ``refresh`` steps also lets the training
+loop skip the curvature pass on the steps in between (as K-FAC reuses its inverses).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..runtime.blocks import CurvatureBlock, Eigenbasis, Gram, dense_factor, factor_eigh, namespace
+
+
+def conjugate_gradient(matvec: Any, b: Any, tolerance: float, max_iterations: int) -> tuple[Any, int]:
+    """Solve A x = b for symmetric positive definite A; stop when ‖r‖ ≤ tolerance·‖b‖ (eq. (8)'s ε_CG)."""
+    x = b * 0
+    r = b.copy()
+    p = r.copy()
+    rr = float(r @ r)
+    target = tolerance**2 * rr
+    for iteration in range(1, max_iterations + 1):
+        if rr <= target:
+            return x, iteration - 1
+        Ap = matvec(p)
+        alpha = rr / float(p @ Ap)
+        x = x + alpha * p
+        r = r - alpha * Ap
+        rr_new = float(r @ r)
+        p = r + (rr_new / rr) * p
+        rr = rr_new
+    return x, max_iterations
+
+
+@dataclass(frozen=True)
+class SolveCosts:
+    """What the cost model charges, in flops of a matrix product on the backend.
+
+    ``eigh``: a symmetric eigen-decomposition of an n × n matrix costs ``eigh``·n³.
+    ``dispatch``: one array operation's fixed cost (Python, dispatch, launch), which
+    dominates CG on small blocks.
+    """
+
+    eigh: float
+    dispatch: float
+
+
+COSTS = {
+    # Measured on the 2-core CPU of the README (NumPy, OpenBLAS): numpy.linalg.eigh of
+    # n = 64…512 took as long as 17–58 n³ flops of that machine's GEMM; a small
+    # array operation takes ~3 µs, the time of ~1e5 GEMM flops there.
+    "numpy": SolveCosts(eigh=25.0, dispatch=1e5),
+    # Estimates, not measured: cuSOLVER's syevd runs far below GEMM speed on small matrices,
+    # and a launch (~10 µs) is worth ~1e8 flops of an H100's GEMM.
+    "cupy": SolveCosts(eigh=1000.0, dispatch=1e8),
+}
+
+_CG_OPERATIONS = 14  # per CG iteration: the block's matvec (~6) and CG's axpys and dot products (~8)
+_EIGEN_OPERATIONS = 6  # per eigenbasis solve: four products, a division, reshapes
+
+
+def _factor_shapes(block: CurvatureBlock) -> tuple[int, int, int | None]:
+    """(n, m, batch): C = A ⊗ B with A n × n (batch columns when A is an implicit Gram), B m × m;
+    a dense block of size N is (1, N, None)."""
+    if not block.kron:
+        return 1, block.dense.shape[0], None
+    a, b = block.kron[0]
+    return a.shape[0], b.shape[0], a.p.shape[1] if isinstance(a, Gram) else None
+
+
+def _matvec_flops(block: CurvatureBlock) -> float:
+    """C v as vec(B V Aᵀ) (S.1), A applied through its batch matrix when it is a Gram."""
+    n, m, batch = _factor_shapes(block)
+    if not block.kron:
+        return 2.0 * m * m
+    return 2.0 * m * m * n + (4.0 * m * n * batch if batch else 2.0 * m * n * n)
+
+
+def formation_flops(block: CurvatureBlock, costs: SolveCosts) -> float:
+    """About what the curvature pass spent on the block: products of its factors' sizes
+    (Wᵀ 𝓗 W is two of them), as many as one matvec, and ~10 array operations."""
+    return _matvec_flops(block) + 10 * costs.dispatch
+
+
+def cg_flops(block: CurvatureBlock, iterations: float, costs: SolveCosts) -> float:
+    """One step by CG: the block formed, then ``iterations`` matvecs and CG's vector updates."""
+    n, m, _ = _factor_shapes(block)
+    per_iteration = _matvec_flops(block) + 10.0 * m * n + _CG_OPERATIONS * costs.dispatch
+    return formation_flops(block, costs) + iterations * per_iteration
+
+
+def eigen_flops(block: CurvatureBlock, refresh: int, costs: SolveCosts, decomposed: set[int]) -> float:
+    """One step by the eigenbasis: forming and decomposing the block shared by ``refresh`` steps,
+    then four products. A factor whose id is in ``decomposed`` is shared with a block counted
+    before (:class:`Decompositions`) and costs nothing; the ids of this block's factors are added."""
+    n, m, _ = _factor_shapes(block)
+    decompose = 0.0
+    for factor in block.factors():
+        if id(factor) not in decomposed:
+            decomposed.add(id(factor))
+            size = factor.shape[0]
+            decompose += costs.eigh * size**3 + (2.0 * size * size * factor.p.shape[1]
+                                                 if isinstance(factor, Gram) else 0.0)
+    apply = 4.0 * m * m if not block.kron else 4.0 * m * n * (m + n)
+    return (formation_flops(block, costs) + decompose) / refresh + apply + _EIGEN_OPERATIONS * costs.dispatch
+
+
+def eigen_eligible(block: CurvatureBlock) -> bool:
+    """Whether the block is one Kronecker product or one dense matrix (what an eigenbasis covers)."""
+    return (len(block.kron) == 1 and block.dense is None) or (not block.kron and block.dense is not None)
+
+
+class Decompositions:
+    """The eigen-decompositions of one renewal's factors, each distinct factor (by identity) once:
+    blocks that share a factor (a linear layer's bias block is the B factor of its weight block
+    under (6)) share its decomposition.
+
+    A factor whose previous eigenvectors Q still nearly diagonalise it (the off-diagonal part of
+    Qᵀ F Q at most ``tolerance`` of the whole, in Frobenius norm) keeps Q and takes diag(Qᵀ F Q)
+    as its eigenvalues: the best ones for that basis (George et al. 2018), two products instead
+    of an eigh. The others are decomposed anew.
+    """
+
+    def __init__(self, tolerance: float) -> None:
+        self.tolerance = tolerance
+        self.done: list[tuple[Any, tuple[Any, Any]]] = []
+        self.full = self.corrected = 0
+
+    def __call__(self, factor: Any, previous: tuple[Any, Any] | None) -> tuple[Any, Any]:
+        for seen, result in self.done:
+            if seen is factor:
+                return result
+        result = None
+        if previous is not None and previous[1].shape[0] == factor.shape[0]:
+            q = previous[1]
+            rotated = q.T @ dense_factor(factor) @ q
+            lam = rotated.diagonal().copy()
+            whole, diagonal = float((rotated * rotated).sum()), float(lam @ lam)
+            if whole - diagonal <= self.tolerance**2 * whole:
+                result = (lam, q)
+                self.corrected += 1
+        if result is None:
+            result = factor_eigh(factor)
+            self.full += 1
+        self.done.append((factor, result))
+        return result
+
+
+class SharedAverage:
+    """Running averages of blocks' factors, F ← d F + (1 − d) F_new, one renewal at a time.
+
+    A factor that two blocks share (the same array, with the same average so far) is
+    averaged once and stays shared, so :class:`Decompositions` still sees one matrix.
+    """
+
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+        self.done: dict[tuple[int, int], Any] = {}
+
+    def __call__(self, average: CurvatureBlock | None, block: CurvatureBlock) -> CurvatureBlock:
+        new = block.factors()
+        old = None if average is None else average.factors()
+        if old is not None and [f.shape for f in old] != [f.shape for f in new]:
+            old = None
+        out = []
+        for i, factor in enumerate(new):
+            key = (id(factor), id(old[i]) if old else 0)
+            if key not in self.done:
+                self.done[key] = dense_factor(factor) if old is None else \
+                    self.decay * old[i] + (1 - self.decay) * dense_factor(factor)
+            out.append(self.done[key])
+        return CurvatureBlock(dense=out[0]) if not block.kron else CurvatureBlock(kron=[(out[0], out[1])])
+
+
+@dataclass
+class BlockSolveState:
+    """What one (sub-)block keeps between steps: its recent CG iteration counts, the running
+    average of its factors and that average's eigenbasis."""
+
+    iterations: list[int] = field(default_factory=list)
+    average: CurvatureBlock | None = None
+    basis: Eigenbasis | None = None
+
+    def mean_iterations(self) -> float:
+        return sum(self.iterations) / len(self.iterations)
+
+
+@dataclass
+class DampedBlockSolver:
+    """Δ = −[α I + (1 − α) C]⁻¹ δ for every (sub-)block of eq. (8).
+
+    ``method``:
+
+    - ``'cg'``: the paper's truncated CG on the current block, every step.
+    - ``'eigen'``: every ``refresh`` steps the blocks are computed, folded into running
+      averages of their factors (decay ``decay`` per renewal) and decomposed (or only given
+      new eigenvalues, see :class:`Decompositions`, ``basis_tolerance``); every step
+      solves exactly in those eigenbases, and the steps in between need no curvature pass.
+      The average matters: a single mini-batch's curvature kept for several steps fits
+      that batch (measured on digits with tanh: steps that stall well below CG's accuracy),
+      while averaged factors train as well as fresh CG (as K-FAC averages its factors).
+    - ``'auto'``: the first step by CG, which measures how many iterations each block needs;
+      at each renewal the flops of the two ways (:data:`COSTS`), summed over the network,
+      pick one. The estimate counts the curvature passes the eigenbases save and each shared
+      factor once, but every renewal as a full decomposition, so it leans to CG.
+
+    A block whose damped spectrum is not positive (exact curvature), or whose structure an
+    eigenbasis does not cover, is solved by CG on its current block.
+    """
+
+    method: str = "auto"
+    refresh: int = 5
+    decay: float = 0.8
+    tolerance: float = 0.1
+    max_iterations: int = 50
+    basis_tolerance: float = 0.2
+    steps: int = 0
+    using_eigen: bool = False
+    decompositions: int = 0
+    corrections: int = 0
+    states: dict[Any, BlockSolveState] = field(default_factory=dict)
+
+    def needs_curvature(self) -> bool:
+        """Whether the next step needs the current curvature blocks."""
+        return not self.using_eigen or self.steps % self.refresh == 0 or any(
+            s.basis is None for s in self.states.values())
+
+    def solve(self, parts: list[tuple[Any, Any, CurvatureBlock | None]], alpha: float) -> dict[Any, Any]:
+        """Directions for ``[(key, gradient, block or None)]``, one call per training step."""
+        out: dict[Any, Any] = {}
+        if parts[0][2] is not None and (not self.using_eigen or self.steps % self.refresh == 0):
+            self._renew(parts, alpha, out)
+        for key, g, block in parts:
+            if key not in out:
+                state = self.states[key]
+                out[key] = -state.basis.solve_damped(g, alpha, 1 - alpha) if state.basis is not None \
+                    else self._cg(state, block, g, alpha)
+        self.steps += 1
+        return out
+
+    def _renew(self, parts: list[tuple[Any, Any, CurvatureBlock | None]], alpha: float, out: dict[Any, Any]) -> None:
+        """Choose the way for the next steps and, for eigenbases, average and decompose the blocks."""
+        previous = {}
+        for key, g, block in parts:
+            state = self.states.setdefault(key, BlockSolveState())
+            previous[key], state.basis = state.basis, None
+            if self.method == "cg" or (self.method == "auto" and not state.iterations):
+                out[key] = self._cg(state, block, g, alpha)
+        self.using_eigen = self.method == "eigen" or (self.method == "auto" and self._eigen_is_cheaper(parts))
+        average, decompose = SharedAverage(self.decay), Decompositions(self.basis_tolerance)
+        for key, _, block in parts:
+            state = self.states[key]
+            if not (self.using_eigen and eigen_eligible(block)):
+                state.average = None
+                continue
+            state.average = average(state.average, block)
+            old = previous[key].pairs if previous[key] is not None else [None] * len(block.factors())
+            basis = Eigenbasis([decompose(f, o) for f, o in zip(state.average.factors(), old)])
+            if alpha + (1 - alpha) * float(basis.spectrum.min()) > 0:
+                state.basis = basis
+        self.decompositions += decompose.full
+        self.corrections += decompose.corrected
+
+    def _eigen_is_cheaper(self, parts: list[tuple[Any, Any, CurvatureBlock | None]]) -> bool:
+        eligible = [(key, block) for key, _, block in parts if eigen_eligible(block)]
+        if not eligible:
+            return False
+        costs = COSTS["cupy" if namespace(parts[0][1]).__name__ == "cupy" else "numpy"]
+        decomposed: set[int] = set()
+        by_cg = sum(cg_flops(block, self.states[key].mean_iterations(), costs) for key, block in eligible)
+        by_eigen = sum(eigen_flops(block, self.refresh, costs, decomposed) for _, block in eligible)
+        return by_eigen < by_cg
+
+    def _cg(self, state: BlockSolveState, block: CurvatureBlock, g: Any, alpha: float) -> Any:
+        rhs = -g.reshape(-1, order="F")
+        matvec = lambda v: alpha * v + (1 - alpha) * block.matvec(v)  # noqa: E731
+        delta, iterations = conjugate_gradient(matvec, rhs, self.tolerance, self.max_iterations)
+        state.iterations.append(iterations)
+        del state.iterations[:-10]  # the recent ones: how hard the blocks are now
+        return delta.reshape(g.shape, order="F")
