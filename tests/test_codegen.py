@@ -33,6 +33,33 @@ def test_generated_folder_is_up_to_date(tmp_path):
             f"generated/{relative} is stale: run `mcalc generate` and commit generated/")
 
 
+def test_a_wheel_installs_the_templates_and_generated_code(tmp_path):
+    """A non-editable install finds templates/ and generated/ under PREFIX/share/mcalc and loads the library."""
+    setuptools = pytest.importorskip("setuptools", reason="building a wheel needs setuptools in the environment")
+    if tuple(int(x) for x in setuptools.__version__.split(".")[:2]) < (70, 1):  # bdist_wheel built in since 70.1
+        pytest.importorskip("wheel", reason="setuptools < 70.1 builds wheels only with the wheel package")
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                            "-w", str(tmp_path / "wheel"), str(ROOT)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    shutil.rmtree(ROOT / "build", ignore_errors=True)
+    wheel = next((tmp_path / "wheel").glob("mcalc-*.whl"))
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--prefix",
+                              str(tmp_path / "prefix"), str(wheel)], capture_output=True, text=True)
+    assert install.returncode == 0, install.stderr
+    site = next((tmp_path / "prefix").glob("lib/python*/site-packages"))
+    script = ("from mcalc import layers as L; from mcalc.runtime.loader import load; "
+              "import mcalc.codegen.render as r; print(r.TEMPLATES); print(load(L.Linear, 'numpy').__file__)")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                         env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
+    assert run.returncode == 0, run.stderr
+    share = tmp_path / "prefix" / "share" / "mcalc"
+    assert run.stdout.split() == [str(share / "templates"), str(share / "generated" / "numpy" / "Linear.py")]
+    files = lambda top: sorted(p.relative_to(top) for p in top.rglob("*")  # noqa: E731
+                               if p.is_file() and "__pycache__" not in p.parts)
+    for folder in ("templates", "generated"):
+        assert files(share / folder) == files(ROOT / folder)
+
+
 def test_loader_refuses_corrupted_stale_and_missing_entries(tmp_path):
     generate([L.Linear], ["numpy"], tmp_path)
     check_entry(tmp_path, L.Linear, "numpy")

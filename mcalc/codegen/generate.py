@@ -8,13 +8,14 @@ from .. import __version__
 from ..calculus.derivation import Derivation
 from ..errors import McalcError
 from ..module import Module
+from .locations import project_folder
 from .manifest import content_hash, read_manifest, source_hash, write_atomic, write_manifest
 from .plan import plan_module, sanitise
 from .render import render_module, template_hash
 
 BACKENDS = ("numpy", "cupy")
 HEADERS = {"numpy": "import numpy as xp", "cupy": "import cupy as xp"}
-DEFAULT_DIRECTORY = Path(__file__).resolve().parents[2] / "generated"
+DEFAULT_DIRECTORY = project_folder("generated")
 
 
 def render(module: Module, backend: str) -> str:

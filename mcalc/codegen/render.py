@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -10,10 +9,11 @@ import jinja2
 from .. import __version__
 from ..expr import Apply, BatchMean
 from ..printing.text import to_text
+from .locations import project_folder
 from .numpy_printer import ArrayPrinter, function_source
 from .plan import ModulePlan, Program, batch_reference, invariant_steps
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
+TEMPLATES = project_folder("templates")
 
 
 @functools.cache
