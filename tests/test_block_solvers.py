@@ -171,6 +171,12 @@ def test_eigen_newton_step_equals_the_dense_solve_of_eq_8(split):
                                        atol=1e-10)
 
 
+def test_a_step_without_the_curvature_it_needs_is_refused():
+    rng = np.random.default_rng(7)
+    with pytest.raises(mc.McalcError, match="needs the curvature pass"):
+        DampedBlockSolver(method="cg").solve([("W", rng.normal(size=(4, 3)), None)], alpha=0.02)
+
+
 def test_bad_solver_options_are_refused():
     with pytest.raises(mc.McalcError, match="unknown solver 'lu'"):
         HBPNewton(solver="lu")

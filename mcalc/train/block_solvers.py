@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import McalcError
 from ..runtime.blocks import CurvatureBlock, Eigenbasis, Gram, dense_factor, factor_eigh, namespace
 
 
@@ -233,10 +234,16 @@ class DampedBlockSolver:
         if parts[0][2] is not None and (not self.using_eigen or self.steps % self.refresh == 0):
             self._renew(parts, alpha, out)
         for key, g, block in parts:
-            if key not in out:
-                state = self.states[key]
-                out[key] = -state.basis.solve_damped(g, alpha, 1 - alpha) if state.basis is not None \
-                    else self._cg(state, block, g, alpha)
+            if key in out:
+                continue
+            state = self.states.get(key)
+            if state is not None and state.basis is not None:
+                out[key] = -state.basis.solve_damped(g, alpha, 1 - alpha)
+            elif block is None:
+                raise McalcError(f"no curvature block for {key} and no eigenbasis to reuse: this step needs "
+                                 "the curvature pass (ask needs_curvature())")
+            else:
+                out[key] = self._cg(state, block, g, alpha)
         self.steps += 1
         return out
 
