@@ -83,13 +83,16 @@ class CurvatureBlock:
             out.append(CurvatureBlock(kron, dense))
         return out
 
+    @property
+    def single_term(self) -> bool:
+        """Whether C is one Kronecker product or one dense matrix: the blocks an :class:`Eigenbasis` covers."""
+        return (len(self.kron) == 1 and self.dense is None) or (not self.kron and self.dense is not None)
+
     def factors(self) -> list[Any]:
-        """[A, B] of a block A ⊗ B, or [C] of a dense block: the blocks an :class:`Eigenbasis` covers."""
-        if len(self.kron) == 1 and self.dense is None:
-            return list(self.kron[0])
-        if not self.kron and self.dense is not None:
-            return [self.dense]
-        raise McalcError("an eigenbasis needs a block that is one Kronecker product or one dense matrix")
+        """[A, B] of a block A ⊗ B, or [C] of a dense block."""
+        if not self.single_term:
+            raise McalcError("an eigenbasis needs a block that is one Kronecker product or one dense matrix")
+        return list(self.kron[0]) if self.kron else [self.dense]
 
     def eigenbasis(self, eigh: Callable[[Any], tuple[Any, Any]] | None = None) -> Eigenbasis:
         """The eigen-decomposition of C from those of its factors; ``eigh`` decomposes one factor

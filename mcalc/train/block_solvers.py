@@ -108,11 +108,6 @@ def eigen_flops(block: CurvatureBlock, refresh: int, costs: SolveCosts, decompos
     return (formation_flops(block, costs) + decompose) / refresh + apply + _EIGEN_OPERATIONS * costs.dispatch
 
 
-def eigen_eligible(block: CurvatureBlock) -> bool:
-    """Whether the block is one Kronecker product or one dense matrix (what an eigenbasis covers)."""
-    return (len(block.kron) == 1 and block.dense is None) or (not block.kron and block.dense is not None)
-
-
 class Decompositions:
     """The eigen-decompositions of one renewal's factors, each distinct factor (by identity) once:
     blocks that share a factor (a linear layer's bias block is the B factor of its weight block
@@ -259,7 +254,7 @@ class DampedBlockSolver:
         average, decompose = SharedAverage(self.decay), Decompositions(self.basis_tolerance)
         for key, _, block in parts:
             state = self.states[key]
-            if not (self.using_eigen and eigen_eligible(block)):
+            if not (self.using_eigen and block.single_term):
                 state.average = None
                 continue
             state.average = average(state.average, block)
@@ -271,7 +266,7 @@ class DampedBlockSolver:
         self.corrections += decompose.corrected
 
     def _eigen_is_cheaper(self, parts: list[tuple[Any, Any, CurvatureBlock | None]]) -> bool:
-        eligible = [(key, block) for key, _, block in parts if eigen_eligible(block)]
+        eligible = [(key, block) for key, _, block in parts if block.single_term]
         if not eligible:
             return False
         costs = COSTS["cupy" if namespace(parts[0][1]).__name__ == "cupy" else "numpy"]
