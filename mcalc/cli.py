@@ -78,8 +78,8 @@ def _verify(args: argparse.Namespace) -> int:
         from .runtime.backends import gpu_available, gpu_unavailable_reason
 
         if not gpu_available():
-            raise McalcError(f"--backend cupy needs a GPU: {gpu_unavailable_reason()}; "
-                             "use --compile-only to compile the CUDA kernels without one")
+            raise McalcError(f"--backend cupy needs a GPU: {gpu_unavailable_reason()}; use --backend "
+                             "cupy-emulated to run the CUDA kernels on the CPU, or --compile-only to compile them")
     if args.backend == "symbolic":
         checks = [c for m in modules for c in verify_module(m, seed=args.seed)]
     else:
@@ -237,8 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check every rule against finite differences")
     p.add_argument("file", nargs="?", help="a Python file declaring mc.Module objects (default: built-in library)")
     p.add_argument("--module", help="only the module of this name")
-    p.add_argument("--backend", choices=["symbolic", "numpy", "cupy"], default="symbolic",
-                   help="what is checked: the symbolic rules (dense), or the generated code of a backend")
+    p.add_argument("--backend", choices=["symbolic", "numpy", "cupy", "cupy-emulated"], default="symbolic",
+                   help="what is checked: the symbolic rules (dense), or the generated code of a backend "
+                        "(cupy-emulated: the CuPy code with its CUDA kernels run on the CPU, no GPU needed)")
     p.add_argument("--compile-only", action="store_true", help="only compile every CUDA kernel (nvcc or NVRTC)")
     p.add_argument("--seed", type=int, default=0, help="random point to check at")
     p.add_argument("--json", action="store_true", help="print the checks as JSON")

@@ -19,6 +19,7 @@ from mcalc.codegen.generate import BACKENDS, DEFAULT_DIRECTORY, generate
 from mcalc.codegen.plan import plan_module, sanitise
 from mcalc.loader import load_modules
 from mcalc.numeric.verify_backend import verify_backend
+from mcalc.runtime import emulator
 from mcalc.runtime.loader import check_entry, load
 
 EXAMPLES = load_modules(ROOT / "examples" / "custom_layers.py")
@@ -127,6 +128,25 @@ def test_numpy_backend_on_random_modules(module, tmp_path_factory):
     check_generated(module, load(module, "numpy", directory))
 
 
+@pytest.mark.skipif(bool(emulator.unavailable_reason()), reason=emulator.unavailable_reason())
+@settings(max_examples=4, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+          phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(module=modules())
+def test_cuda_kernels_on_random_modules(module, tmp_path_factory):
+    """The CuPy backend's fused kernels of Hypothesis-made modules, run by the CPU emulator, against the
+    symbolic batch rules (the same checks as the NumPy backend's)."""
+    try:
+        plan_module(mc.derive(module))
+    except mc.McalcError as exc:
+        assert "no batch form" in str(exc)
+        return
+    directory = tmp_path_factory.mktemp("random")
+    generate([module], ["cupy"], directory)
+    with emulator.installed():
+        check_generated(module, load(module, "cupy", directory))
+
+
 def test_cli_generate_and_verify(tmp_path):
     example = str(ROOT / "examples" / "custom_layers.py")
     run = lambda *a: subprocess.run([sys.executable, "-m", "mcalc.cli", *a], capture_output=True, text=True)  # noqa: E731
@@ -135,3 +155,6 @@ def test_cli_generate_and_verify(tmp_path):
     assert (tmp_path / "numpy" / "GatedLinear.py").exists()
     done = run("verify", "--backend", "numpy", "--module", "Linear")
     assert done.returncode == 0 and done.stdout.strip().endswith("passed, 0 failed"), done.stdout
+    if not emulator.unavailable_reason():  # the CUDA kernels of a user's layer, run on the CPU
+        done = run("verify", example, "--backend", "cupy-emulated", "--module", "Mish")
+        assert done.returncode == 0 and done.stdout.strip().endswith("passed, 0 failed"), done.stdout

@@ -1,14 +1,35 @@
-"""On a GPU: the CuPy backend's fused kernels agree with the NumPy backend (float64 tightly, float32 to 2e-4)."""
+"""The CuPy backend's fused kernels agree with the NumPy backend (float64 tightly, float32 to 2e-4).
+
+Each test runs twice: on a GPU (skipped, saying why, where there is none) and
+on the CPU through :mod:`mcalc.runtime.emulator`, which compiles the same
+CUDA kernels with the host's C++ compiler, so that CI runs them too.
+"""
 import numpy as np
 import pytest
 
 import mcalc as mc
 from mcalc import layers as L
 from mcalc.numeric.verify_backend import verify_backend
+from mcalc.runtime import emulator
 from mcalc.runtime.backends import gpu_available, gpu_unavailable_reason
 from mcalc.runtime.loader import load
 
-pytestmark = pytest.mark.skipif(not gpu_available(), reason=f"no GPU: {gpu_unavailable_reason()}")
+
+@pytest.fixture(params=["gpu", "emulated"])
+def cp(request):
+    """The CuPy module the test runs on: the real one on a GPU, or the emulator."""
+    if request.param == "gpu":
+        if not gpu_available():
+            pytest.skip(f"no GPU: {gpu_unavailable_reason()}")
+        import cupy
+
+        yield cupy
+        return
+    reason = emulator.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with emulator.installed() as cupy:
+        yield cupy
 
 
 def _inputs(module, rng, batch, dtype):
@@ -29,10 +50,8 @@ def _inputs(module, rng, batch, dtype):
     return P, S
 
 
-def _setup(module, dtype, seed):
+def _setup(cp, module, dtype, seed):
     """Both backends' code, a batch of 64 with δZ, the host → device copy and the dtype's tolerance."""
-    import cupy as cp
-
     numpy_code, cupy_code = load(module, "numpy"), load(module, "cupy")
     rng = np.random.default_rng(seed)
     P, S = _inputs(module, rng, 64, dtype)
@@ -45,10 +64,8 @@ def _setup(module, dtype, seed):
 
 @pytest.mark.parametrize("module", L.LIBRARY, ids=lambda m: m.name)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_cupy_kernels_match_numpy(module, dtype):
-    import cupy as cp
-
-    numpy_code, cupy_code, rng, P, S, Z, to_gpu, tol = _setup(module, dtype, seed=0)
+def test_cupy_kernels_match_numpy(cp, module, dtype):
+    numpy_code, cupy_code, rng, P, S, Z, to_gpu, tol = _setup(cp, module, dtype, seed=0)
     a = rng.normal(size=(Z.shape[0], Z.shape[0]))
     Hz = a @ a.T / Z.shape[0]
     np.testing.assert_allclose(cupy_code.forward(to_gpu(P), to_gpu(S))["Z"].get(), Z, **tol)
@@ -63,9 +80,9 @@ def test_cupy_kernels_match_numpy(module, dtype):
 
 @pytest.mark.parametrize("module", L.LIBRARY, ids=lambda m: m.name)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_cupy_tangents_match_numpy(module, dtype):
+def test_cupy_tangents_match_numpy(cp, module, dtype):
     """The R-operator's generated functions: jvp and rgradients (all moving, and parameters alone)."""
-    numpy_code, cupy_code, rng, P, S, Z, to_gpu, tol = _setup(module, dtype, seed=1)
+    numpy_code, cupy_code, rng, P, S, Z, to_gpu, tol = _setup(cp, module, dtype, seed=1)
     V = {v.name: rng.normal(size=(S[v.name] if v in module.inputs else P[v.name]).shape) for v in module.variables}
     V["dz"] = rng.normal(size=Z.shape)
     for inputs in (True, False) if module.params else (True,):
@@ -82,9 +99,7 @@ def test_cupy_tangents_match_numpy(module, dtype):
 
 
 @pytest.mark.parametrize("matrix", ["gn", "hessian"])
-def test_network_curvature_products_on_cupy_match_numpy(matrix):
-    import cupy as cp
-
+def test_network_curvature_products_on_cupy_match_numpy(cp, matrix):
     from mcalc.train.network import Network
 
     rng = np.random.default_rng(2)
@@ -99,17 +114,15 @@ def test_network_curvature_products_on_cupy_match_numpy(matrix):
 
 
 @pytest.mark.parametrize("module", [L.SigmoidLinear, L.CrossEntropy], ids=lambda m: m.name)
-def test_cupy_backend_against_finite_differences(module):
+def test_cupy_backend_against_finite_differences(cp, module):
     checks = verify_backend(module, "cupy")
     assert all(c.ok for c in checks), [c for c in checks if not c.ok]
     assert mc.CURVATURES
 
 
 @pytest.mark.parametrize("solver", ["cg", "eigen"])
-def test_hbp_newton_steps_on_cupy_match_numpy(solver):
+def test_hbp_newton_steps_on_cupy_match_numpy(cp, solver):
     """Eq. (8) per block on the device (CG, or eigenbases with cuSOLVER), three steps, against the host."""
-    import cupy as cp
-
     from mcalc.train.network import Network
     from mcalc.train.optimizers import HBPNewton
 

@@ -5,6 +5,7 @@ import numpy as np
 
 from ..calculus.hbp import CURVATURES
 from ..codegen.batch import APPROXIMATIONS
+from ..errors import McalcError
 from ..module import Module
 from .evaluate import as_matrix, psd_project
 from .finite_diff import fd_gradient_tangents, fd_jacobian, fd_jvp, fd_second_order
@@ -33,8 +34,17 @@ def _oracle(module: Module, samples: list[dict], name: str, dZ: np.ndarray, Hz: 
 
 
 def verify_backend(module: Module, backend: str, *, seed: int = 0) -> list[Check]:
-    """Check the generated forward, gradients and every HBP variant of ``module`` on ``backend``."""
+    """Check the generated forward, gradients and every HBP variant of ``module`` on ``backend``
+    ('numpy', 'cupy', or 'cupy-emulated': the CuPy code with its kernels run on the CPU)."""
     from ..runtime.loader import load
+
+    if backend == "cupy-emulated":
+        from ..runtime.emulator import installed, unavailable_reason
+
+        if unavailable_reason():
+            raise McalcError(unavailable_reason())
+        with installed():
+            return verify_backend(module, "cupy", seed=seed)
 
     code = load(module, backend)
     xp = np
