@@ -67,7 +67,8 @@ class KernelBuilder:
         self.uses: dict[str, int] = {}
         for s in program.steps:
             for child in s.node.children:
-                name = program.names.get(child)
+                # counted as the program refers to it: diag(v) in a product or sum is a use of v
+                name = program.names.get(_in_place(s.node, child))
                 if name:
                     self.uses[name] = self.uses.get(name, 0) + 1
         for result in program.results.values():
@@ -235,7 +236,7 @@ def _program_context(program: Program, family: str | None = None) -> dict[str, A
             out = ", ".join(printer.dim(d) for d in shape)
             coefficients = ", ".join(printer.dim(c) for c in k.coefficients)
             args = ", ".join(name for name, _ in k.inputs)
-            lines.append((step.target, f"{step.target} = _launch({k.name!r}, ({dims}), ({out}), [{args}], "
+            lines.append((step.target, f"{step.target} = _launch({k.name!r}, dtype, ({dims}), ({out}), [{args}], "
                                        f"[{coefficients}], {k.reduce})"))
         elif step.target in members:
             continue
