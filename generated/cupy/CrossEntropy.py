@@ -426,9 +426,9 @@ def forward(P, S):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = _log_softmax(S['x'])
-    t1 = _launch('k_531d59972706', (n, B), (n, B), [S['y'], t0], [], False)
+    t1 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['y'], t0], [], False)
     t2 = t1.sum(axis=0, keepdims=True)
-    t3 = _launch('k_e768e514d527', (1, B), (1, B), [t2], [-1], False)
+    t3 = _launch('k_e768e514d527', dtype, (1, B), (1, B), [t2], [-1], False)
 
     return {"Z": t3}
 
@@ -444,7 +444,7 @@ def _gradients_all(P, S, C=None):
     else:
         t3, = hoisted
     t0 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
-    t5 = _launch('k_eaa61725f54d', (n, B), (n, B), [S['dz'], S['y'], t3], [-1], False)
+    t5 = _launch('k_eaa61725f54d', dtype, (n, B), (n, B), [S['dz'], S['y'], t3], [-1], False)
 
     return {"x": t5, }
 
@@ -474,11 +474,11 @@ def _jvp_all(P, S, V, C=None):
             C['jvp_all'] = (t0,)
     else:
         t0, = hoisted
-    t1 = _launch('k_531d59972706', (n, B), (n, B), [V['x'], t0], [], False)
+    t1 = _launch('k_531d59972706', dtype, (n, B), (n, B), [V['x'], t0], [], False)
     t2 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t1)
-    t5 = _launch('k_442036a17620', (n, B), (n, B), [V['x'], t2, S['y']], [-1], False)
+    t5 = _launch('k_442036a17620', dtype, (n, B), (n, B), [V['x'], t2, S['y']], [-1], False)
     t6 = t5.sum(axis=0, keepdims=True)
-    t7 = _launch('k_e768e514d527', (1, B), (1, B), [t6], [-1], False)
+    t7 = _launch('k_e768e514d527', dtype, (1, B), (1, B), [t6], [-1], False)
 
     return {"Z": t7}
 
@@ -502,9 +502,9 @@ def _rgradients_all(P, S, V, C=None):
     else:
         t3, t5, = hoisted
     t0 = (xp.ones((n, 1), dtype=dtype) @ V['dz'])
-    t6 = _launch('k_531d59972706', (n, B), (n, B), [V['x'], t3], [], False)
+    t6 = _launch('k_531d59972706', dtype, (n, B), (n, B), [V['x'], t3], [], False)
     t7 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t6)
-    t12 = _launch('k_fe106be29eba', (n, B), (n, B), [V['dz'], S['y'], t3, S['dz'], t6, t7], [-1, -1], False)
+    t12 = _launch('k_fe106be29eba', dtype, (n, B), (n, B), [V['dz'], S['y'], t3, S['dz'], t6, t7], [-1, -1], False)
 
     return {"x": t12, }
 
@@ -525,16 +525,16 @@ def _hbp_exact_6_all(P, S, Hz):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = _softmax(S['x'])
-    t2 = _launch('k_52dc92557383', (n, B), (n, B), [S['y'], t0], [-1], False)
+    t2 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['y'], t0], [-1], False)
     t3 = S['y'].T
     t5 = t0.T
-    t7 = _launch('k_edb4640e4693', (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
+    t7 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
     t8 = (t2 @ t7)
     t10 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
-    t11 = _launch('k_e3154fdc0682', (n, B), (n, B), [S['dz'], t0], [], False)
+    t11 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [S['dz'], t0], [], False)
     t12 = t11.sum(axis=1, keepdims=True)
     t13 = (t11 @ t5)
-    t17 = _launch('k_8a39c66b9282', (n, n), (n, n), [Hz, t8, t12, t13], [B, 1/B, -1/B], False)
+    t17 = _launch('k_8a39c66b9282', dtype, (n, n), (n, n), [Hz, t8, t12, t13], [B, 1/B, -1/B], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t17),
@@ -553,16 +553,16 @@ def _hbp_exact_7_all(P, S, Hz):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _softmax(S['x'])
-    t3 = _launch('k_edb4640e4693', (n, B), (n, B), [S['y'], t1], [1/B, -1/B], False)
+    t3 = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['y'], t1], [1/B, -1/B], False)
     t4 = S['y'].T
     t6 = t1.T
-    t8 = _launch('k_edb4640e4693', (B, n), (B, n), [t4, t6], [1/B, -1/B], False)
+    t8 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t4, t6], [1/B, -1/B], False)
     t9 = (xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)) @ t8)
     t11 = S['dz'].T
     t12 = t11.sum(keepdims=True)
     t13 = t1.sum(axis=1, keepdims=True)
     t14 = (t1 @ t6)
-    t18 = _launch('k_d92a703ff2d9', (n, n), (n, n), [Hz, t9, t12, t13, t14], [1/B, -1/B], False)
+    t18 = _launch('k_d92a703ff2d9', dtype, (n, n), (n, n), [Hz, t9, t12, t13, t14], [1/B, -1/B], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t18),
@@ -581,12 +581,12 @@ def _hbp_ggn_6_all(P, S, Hz):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = _softmax(S['x'])
-    t2 = _launch('k_52dc92557383', (n, B), (n, B), [S['y'], t0], [-1], False)
+    t2 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['y'], t0], [-1], False)
     t3 = S['y'].T
     t5 = t0.T
-    t7 = _launch('k_edb4640e4693', (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
+    t7 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
     t8 = (t2 @ t7)
-    t9 = _launch('k_f676ffeebc3d', (n, n), (n, n), [Hz, t8], [], False)
+    t9 = _launch('k_f676ffeebc3d', dtype, (n, n), (n, n), [Hz, t8], [], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t9),
@@ -605,12 +605,12 @@ def _hbp_ggn_7_all(P, S, Hz):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _softmax(S['x'])
-    t3 = _launch('k_edb4640e4693', (n, B), (n, B), [S['y'], t1], [1/B, -1/B], False)
+    t3 = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['y'], t1], [1/B, -1/B], False)
     t4 = S['y'].T
     t6 = t1.T
-    t8 = _launch('k_edb4640e4693', (B, n), (B, n), [t4, t6], [1/B, -1/B], False)
+    t8 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t4, t6], [1/B, -1/B], False)
     t9 = (xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)) @ t8)
-    t10 = _launch('k_f676ffeebc3d', (n, n), (n, n), [Hz, t9], [], False)
+    t10 = _launch('k_f676ffeebc3d', dtype, (n, n), (n, n), [Hz, t9], [], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t10),
@@ -629,18 +629,18 @@ def _hbp_pch_abs_6_all(P, S, Hz):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = _softmax(S['x'])
-    t2 = _launch('k_52dc92557383', (n, B), (n, B), [S['y'], t0], [-1], False)
+    t2 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['y'], t0], [-1], False)
     t3 = S['y'].T
     t5 = t0.T
-    t7 = _launch('k_edb4640e4693', (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
+    t7 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
     t8 = (t2 @ t7)
     t10 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
-    t11 = _launch('k_e3154fdc0682', (n, B), (n, B), [S['dz'], t0], [], False)
+    t11 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [S['dz'], t0], [], False)
     t12 = t11.sum(axis=1, keepdims=True)
     t13 = (t11 @ t5)
-    t16 = _launch('k_c5fcf4f17afa', (n, n), (n, n), [t12, t13], [B, 1/B, -1/B], False)
+    t16 = _launch('k_c5fcf4f17afa', dtype, (n, n), (n, n), [t12, t13], [B, 1/B, -1/B], False)
     t17 = _psd_project(t16, 'abs')
-    t18 = _launch('k_6864483093b3', (n, n), (n, n), [Hz, t8, t17], [], False)
+    t18 = _launch('k_6864483093b3', dtype, (n, n), (n, n), [Hz, t8, t17], [], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t18),
@@ -659,19 +659,19 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _softmax(S['x'])
-    t3 = _launch('k_edb4640e4693', (n, B), (n, B), [S['y'], t1], [1/B, -1/B], False)
+    t3 = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['y'], t1], [1/B, -1/B], False)
     t4 = S['y'].T
     t6 = t1.T
-    t8 = _launch('k_edb4640e4693', (B, n), (B, n), [t4, t6], [1/B, -1/B], False)
+    t8 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t4, t6], [1/B, -1/B], False)
     t9 = (xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)) @ t8)
     t11 = S['dz'].T
     t12 = t11.sum(keepdims=True)
-    t13 = _launch('k_66981b83a90a', (1, 1), (1, 1), [t12], [], False)
+    t13 = _launch('k_66981b83a90a', dtype, (1, 1), (1, 1), [t12], [], False)
     t14 = t1.sum(axis=1, keepdims=True)
     t15 = (t1 @ t6)
-    t17 = _launch('k_259bde065cff', (n, n), (n, n), [t14, t15], [1/B, -1/B], False)
+    t17 = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t14, t15], [1/B, -1/B], False)
     t18 = _psd_project(t17, 'abs')
-    t20 = _launch('k_b283cf72c718', (n, n), (n, n), [Hz, t9, t13, t18], [], False)
+    t20 = _launch('k_b283cf72c718', dtype, (n, n), (n, n), [Hz, t9, t13, t18], [], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t20),
@@ -690,18 +690,18 @@ def _hbp_pch_clip_6_all(P, S, Hz):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = _softmax(S['x'])
-    t2 = _launch('k_52dc92557383', (n, B), (n, B), [S['y'], t0], [-1], False)
+    t2 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['y'], t0], [-1], False)
     t3 = S['y'].T
     t5 = t0.T
-    t7 = _launch('k_edb4640e4693', (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
+    t7 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
     t8 = (t2 @ t7)
     t10 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
-    t11 = _launch('k_e3154fdc0682', (n, B), (n, B), [S['dz'], t0], [], False)
+    t11 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [S['dz'], t0], [], False)
     t12 = t11.sum(axis=1, keepdims=True)
     t13 = (t11 @ t5)
-    t16 = _launch('k_c5fcf4f17afa', (n, n), (n, n), [t12, t13], [B, 1/B, -1/B], False)
+    t16 = _launch('k_c5fcf4f17afa', dtype, (n, n), (n, n), [t12, t13], [B, 1/B, -1/B], False)
     t17 = _psd_project(t16, 'clip')
-    t18 = _launch('k_6864483093b3', (n, n), (n, n), [Hz, t8, t17], [], False)
+    t18 = _launch('k_6864483093b3', dtype, (n, n), (n, n), [Hz, t8, t17], [], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t18),
@@ -720,18 +720,18 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _softmax(S['x'])
-    t3 = _launch('k_edb4640e4693', (n, B), (n, B), [S['y'], t1], [1/B, -1/B], False)
+    t3 = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['y'], t1], [1/B, -1/B], False)
     t4 = S['y'].T
     t6 = t1.T
-    t8 = _launch('k_edb4640e4693', (B, n), (B, n), [t4, t6], [1/B, -1/B], False)
+    t8 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t4, t6], [1/B, -1/B], False)
     t9 = (xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)) @ t8)
     t11 = S['dz'].T
     t12 = t11.sum(keepdims=True)
     t13 = t1.sum(axis=1, keepdims=True)
     t14 = (t1 @ t6)
-    t17 = _launch('k_50e90ba97e03', (n, n), (n, n), [t12, t13, t14], [1/B, -1/B], False)
+    t17 = _launch('k_50e90ba97e03', dtype, (n, n), (n, n), [t12, t13, t14], [1/B, -1/B], False)
     t18 = _psd_project(t17, 'clip')
-    t19 = _launch('k_6864483093b3', (n, n), (n, n), [Hz, t9, t18], [], False)
+    t19 = _launch('k_6864483093b3', dtype, (n, n), (n, n), [Hz, t9, t18], [], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t19),

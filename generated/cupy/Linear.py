@@ -115,7 +115,7 @@ def forward(P, S):
     dtype = _dtype(P, S)
     t0 = (P['W'] @ S['x'])
     t1 = xp.broadcast_to(P['b'], (m, B))
-    t2 = _launch('k_a3cc1fa8db9e', (m, B), (m, B), [t0, P['b']], [], False)
+    t2 = _launch('k_a3cc1fa8db9e', dtype, (m, B), (m, B), [t0, P['b']], [], False)
 
     return {"Z": t2}
 
@@ -168,7 +168,7 @@ def _jvp_all(P, S, V, C=None):
     t0 = (V['W'] @ S['x'])
     t1 = (P['W'] @ V['x'])
     t2 = xp.broadcast_to(V['b'], (m, B))
-    t3 = _launch('k_7a29c394231f', (m, B), (m, B), [t0, t1, V['b']], [], False)
+    t3 = _launch('k_7a29c394231f', dtype, (m, B), (m, B), [t0, t1, V['b']], [], False)
 
     return {"Z": t3}
 
@@ -178,7 +178,7 @@ def _jvp_params(P, S, V, C=None):
     dtype = _dtype(P, S)
     t0 = (V['W'] @ S['x'])
     t1 = xp.broadcast_to(V['b'], (m, B))
-    t2 = _launch('k_a3cc1fa8db9e', (m, B), (m, B), [t0, V['b']], [], False)
+    t2 = _launch('k_a3cc1fa8db9e', dtype, (m, B), (m, B), [t0, V['b']], [], False)
 
     return {"Z": t2}
 
@@ -204,11 +204,11 @@ def _rgradients_all(P, S, V, C=None):
     t0 = V['W'].T
     t1 = (t0 @ S['dz'])
     t3 = (t2 @ V['dz'])
-    t4 = _launch('k_41a52876c677', (n, B), (n, B), [t1, t3], [], False)
+    t4 = _launch('k_41a52876c677', dtype, (n, B), (n, B), [t1, t3], [], False)
     t6 = (V['dz'] @ t5)
     t7 = V['x'].T
     t8 = (S['dz'] @ t7)
-    t9 = _launch('k_41a52876c677', (m, n), (m, n), [t6, t8], [], False)
+    t9 = _launch('k_41a52876c677', dtype, (m, n), (m, n), [t6, t8], [], False)
     t10 = V['dz'].sum(axis=1, keepdims=True)
 
     return {"x": t4, "W": t9, "b": t10, }

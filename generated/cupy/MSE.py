@@ -315,8 +315,8 @@ def forward(P, S):
     """Z = the module's outputs, (size z, B)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_52dc92557383', (n, B), (n, B), [S['x'], S['y']], [-1], False)
-    t2 = _launch('k_3609146dac45', (n, B), (n, B), [t1], [], False)
+    t1 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['x'], S['y']], [-1], False)
+    t2 = _launch('k_3609146dac45', dtype, (n, B), (n, B), [t1], [], False)
     t3 = t2.sum(axis=0, keepdims=True)
 
     return {"Z": t3}
@@ -326,7 +326,7 @@ def _gradients_all(P, S, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
-    t4 = _launch('k_89a14ba3b649', (n, B), (n, B), [S['dz'], S['x'], S['y']], [2, -1], False)
+    t4 = _launch('k_89a14ba3b649', dtype, (n, B), (n, B), [S['dz'], S['x'], S['y']], [2, -1], False)
 
     return {"x": t4, }
 
@@ -349,9 +349,9 @@ def gradients(P, S, inputs=True, cache=None):
 def _jvp_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t2 = _launch('k_3ac21bab4968', (n, B), (n, B), [V['x'], S['x'], S['y']], [-1], False)
+    t2 = _launch('k_3ac21bab4968', dtype, (n, B), (n, B), [V['x'], S['x'], S['y']], [-1], False)
     t3 = t2.sum(axis=0, keepdims=True)
-    t4 = _launch('k_e768e514d527', (1, B), (1, B), [t3], [2], False)
+    t4 = _launch('k_e768e514d527', dtype, (1, B), (1, B), [t3], [2], False)
 
     return {"Z": t4}
 
@@ -374,7 +374,7 @@ def _rgradients_all(P, S, V, C=None):
     else:
         t4, = hoisted
     t0 = (xp.ones((n, 1), dtype=dtype) @ V['dz'])
-    t7 = _launch('k_0554ac7d87a1', (n, B), (n, B), [V['dz'], S['x'], S['y'], S['dz'], V['x']], [2, -1], False)
+    t7 = _launch('k_0554ac7d87a1', dtype, (n, B), (n, B), [V['dz'], S['x'], S['y'], S['dz'], V['x']], [2, -1], False)
 
     return {"x": t7, }
 
@@ -394,14 +394,14 @@ def _hbp_exact_6_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_52dc92557383', (n, B), (n, B), [S['x'], S['y']], [-1], False)
+    t1 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['x'], S['y']], [-1], False)
     t2 = S['x'].T
     t4 = S['y'].T
-    t6 = _launch('k_edb4640e4693', (B, n), (B, n), [t2, t4], [1/B, -1/B], False)
+    t6 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t2, t4], [1/B, -1/B], False)
     t7 = (t1 @ t6)
     t10 = S['dz'].T
     t11 = t10.sum(keepdims=True)
-    t14 = _launch('k_f058db9b2cae', (n, n), (n, n), [Hz, t7, t11], [4, 2], False)
+    t14 = _launch('k_f058db9b2cae', dtype, (n, n), (n, n), [Hz, t7, t11], [4, 2], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t14),
@@ -419,14 +419,14 @@ def _hbp_exact_7_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t2 = _launch('k_edb4640e4693', (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], False)
+    t2 = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], False)
     t3 = S['x'].T
     t5 = S['y'].T
-    t7 = _launch('k_edb4640e4693', (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
+    t7 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
     t8 = (xp.broadcast_to(t2.sum(axis=1, keepdims=True), (n, B)) @ t7)
     t11 = S['dz'].T
     t12 = t11.sum(keepdims=True)
-    t15 = _launch('k_f058db9b2cae', (n, n), (n, n), [Hz, t8, t12], [4, 2], False)
+    t15 = _launch('k_f058db9b2cae', dtype, (n, n), (n, n), [Hz, t8, t12], [4, 2], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t15),
@@ -444,12 +444,12 @@ def _hbp_ggn_6_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_52dc92557383', (n, B), (n, B), [S['x'], S['y']], [-1], False)
+    t1 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['x'], S['y']], [-1], False)
     t2 = S['x'].T
     t4 = S['y'].T
-    t6 = _launch('k_edb4640e4693', (B, n), (B, n), [t2, t4], [1/B, -1/B], False)
+    t6 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t2, t4], [1/B, -1/B], False)
     t7 = (t1 @ t6)
-    t9 = _launch('k_de71cc95aead', (n, n), (n, n), [Hz, t7], [4], False)
+    t9 = _launch('k_de71cc95aead', dtype, (n, n), (n, n), [Hz, t7], [4], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t9),
@@ -467,12 +467,12 @@ def _hbp_ggn_7_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t2 = _launch('k_edb4640e4693', (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], False)
+    t2 = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], False)
     t3 = S['x'].T
     t5 = S['y'].T
-    t7 = _launch('k_edb4640e4693', (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
+    t7 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
     t8 = (xp.broadcast_to(t2.sum(axis=1, keepdims=True), (n, B)) @ t7)
-    t10 = _launch('k_de71cc95aead', (n, n), (n, n), [Hz, t8], [4], False)
+    t10 = _launch('k_de71cc95aead', dtype, (n, n), (n, n), [Hz, t8], [4], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t10),
@@ -490,15 +490,15 @@ def _hbp_pch_abs_6_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_52dc92557383', (n, B), (n, B), [S['x'], S['y']], [-1], False)
+    t1 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['x'], S['y']], [-1], False)
     t2 = S['x'].T
     t4 = S['y'].T
-    t6 = _launch('k_edb4640e4693', (B, n), (B, n), [t2, t4], [1/B, -1/B], False)
+    t6 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t2, t4], [1/B, -1/B], False)
     t7 = (t1 @ t6)
     t10 = S['dz'].T
     t11 = t10.sum(keepdims=True)
-    t12 = _launch('k_66981b83a90a', (1, 1), (1, 1), [t11], [], False)
-    t15 = _launch('k_f058db9b2cae', (n, n), (n, n), [Hz, t7, t12], [4, 2], False)
+    t12 = _launch('k_66981b83a90a', dtype, (1, 1), (1, 1), [t11], [], False)
+    t15 = _launch('k_f058db9b2cae', dtype, (n, n), (n, n), [Hz, t7, t12], [4, 2], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t15),
@@ -516,15 +516,15 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t2 = _launch('k_edb4640e4693', (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], False)
+    t2 = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], False)
     t3 = S['x'].T
     t5 = S['y'].T
-    t7 = _launch('k_edb4640e4693', (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
+    t7 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
     t8 = (xp.broadcast_to(t2.sum(axis=1, keepdims=True), (n, B)) @ t7)
     t11 = S['dz'].T
     t12 = t11.sum(keepdims=True)
-    t13 = _launch('k_66981b83a90a', (1, 1), (1, 1), [t12], [], False)
-    t16 = _launch('k_f058db9b2cae', (n, n), (n, n), [Hz, t8, t13], [4, 2], False)
+    t13 = _launch('k_66981b83a90a', dtype, (1, 1), (1, 1), [t12], [], False)
+    t16 = _launch('k_f058db9b2cae', dtype, (n, n), (n, n), [Hz, t8, t13], [4, 2], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t16),
@@ -542,16 +542,16 @@ def _hbp_pch_clip_6_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_52dc92557383', (n, B), (n, B), [S['x'], S['y']], [-1], False)
+    t1 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['x'], S['y']], [-1], False)
     t2 = S['x'].T
     t4 = S['y'].T
-    t6 = _launch('k_edb4640e4693', (B, n), (B, n), [t2, t4], [1/B, -1/B], False)
+    t6 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t2, t4], [1/B, -1/B], False)
     t7 = (t1 @ t6)
     t10 = S['dz'].T
     t11 = t10.sum(keepdims=True)
-    t12 = _launch('k_b7885957cd37', (n, n), (n, n), [t11], [], False)
+    t12 = _launch('k_b7885957cd37', dtype, (n, n), (n, n), [t11], [], False)
     t13 = _psd_project(t12, 'clip')
-    t15 = _launch('k_fda518cfe531', (n, n), (n, n), [Hz, t7, t13], [4, 2], False)
+    t15 = _launch('k_fda518cfe531', dtype, (n, n), (n, n), [Hz, t7, t13], [4, 2], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t15),
@@ -569,16 +569,16 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t2 = _launch('k_edb4640e4693', (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], False)
+    t2 = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], False)
     t3 = S['x'].T
     t5 = S['y'].T
-    t7 = _launch('k_edb4640e4693', (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
+    t7 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
     t8 = (xp.broadcast_to(t2.sum(axis=1, keepdims=True), (n, B)) @ t7)
     t11 = S['dz'].T
     t12 = t11.sum(keepdims=True)
-    t13 = _launch('k_b7885957cd37', (n, n), (n, n), [t12], [], False)
+    t13 = _launch('k_b7885957cd37', dtype, (n, n), (n, n), [t12], [], False)
     t14 = _psd_project(t13, 'clip')
-    t16 = _launch('k_fda518cfe531', (n, n), (n, n), [Hz, t8, t14], [4, 2], False)
+    t16 = _launch('k_fda518cfe531', dtype, (n, n), (n, n), [Hz, t8, t14], [4, 2], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t16),

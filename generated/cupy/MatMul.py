@@ -119,7 +119,7 @@ def _jvp_all(P, S, V, C=None):
     dtype = _dtype(P, S)
     t0 = (V['W'] @ S['x'])
     t1 = (P['W'] @ V['x'])
-    t2 = _launch('k_41a52876c677', (m, B), (m, B), [t0, t1], [], False)
+    t2 = _launch('k_41a52876c677', dtype, (m, B), (m, B), [t0, t1], [], False)
 
     return {"Z": t2}
 
@@ -153,11 +153,11 @@ def _rgradients_all(P, S, V, C=None):
     t0 = V['W'].T
     t1 = (t0 @ S['dz'])
     t3 = (t2 @ V['dz'])
-    t4 = _launch('k_41a52876c677', (n, B), (n, B), [t1, t3], [], False)
+    t4 = _launch('k_41a52876c677', dtype, (n, B), (n, B), [t1, t3], [], False)
     t6 = (V['dz'] @ t5)
     t7 = V['x'].T
     t8 = (S['dz'] @ t7)
-    t9 = _launch('k_41a52876c677', (m, n), (m, n), [t6, t8], [], False)
+    t9 = _launch('k_41a52876c677', dtype, (m, n), (m, n), [t6, t8], [], False)
 
     return {"x": t4, "W": t9, }
 

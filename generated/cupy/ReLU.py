@@ -202,7 +202,7 @@ def forward(P, S):
     """Z = the module's outputs, (size z, B)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_90b16f48f862', (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_90b16f48f862', dtype, (n, B), (n, B), [S['x']], [], False)
 
     return {"Z": t0}
 
@@ -210,7 +210,7 @@ def forward(P, S):
 def _gradients_all(P, S, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_29b586e8102a', (n, B), (n, B), [S['dz'], S['x']], [], False)
+    t1 = _launch('k_29b586e8102a', dtype, (n, B), (n, B), [S['dz'], S['x']], [], False)
 
     return {"x": t1, }
 
@@ -233,7 +233,7 @@ def gradients(P, S, inputs=True, cache=None):
 def _jvp_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_29b586e8102a', (n, B), (n, B), [V['x'], S['x']], [], False)
+    t1 = _launch('k_29b586e8102a', dtype, (n, B), (n, B), [V['x'], S['x']], [], False)
 
     return {"Z": t1}
 
@@ -248,7 +248,7 @@ def jvp(P, S, V, inputs=True, cache=None):
 def _rgradients_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_29b586e8102a', (n, B), (n, B), [V['dz'], S['x']], [], False)
+    t1 = _launch('k_29b586e8102a', dtype, (n, B), (n, B), [V['dz'], S['x']], [], False)
 
     return {"x": t1, }
 
@@ -268,10 +268,10 @@ def _hbp_exact_6_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_e5758009459e', (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_e5758009459e', dtype, (n, B), (n, B), [S['x']], [], False)
     t1 = t0.T
     t2 = (t0 @ t1)
-    t4 = _launch('k_bbf53db00b39', (n, n), (n, n), [t2, Hz], [1/B], False)
+    t4 = _launch('k_bbf53db00b39', dtype, (n, n), (n, n), [t2, Hz], [1/B], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t4),
@@ -289,9 +289,9 @@ def _hbp_exact_7_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_e2964d1f4ef1', (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_e2964d1f4ef1', dtype, (n, B), (n, 1), [S['x']], [], True)
     t2 = ((t1 * Hz) * t1.T)
-    t3 = _launch('k_b6da753aeb00', (n, n), (n, n), [t2], [B**(-2)], False)
+    t3 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t2], [B**(-2)], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t3),
@@ -309,10 +309,10 @@ def _hbp_ggn_6_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_e5758009459e', (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_e5758009459e', dtype, (n, B), (n, B), [S['x']], [], False)
     t1 = t0.T
     t2 = (t0 @ t1)
-    t4 = _launch('k_bbf53db00b39', (n, n), (n, n), [t2, Hz], [1/B], False)
+    t4 = _launch('k_bbf53db00b39', dtype, (n, n), (n, n), [t2, Hz], [1/B], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t4),
@@ -330,9 +330,9 @@ def _hbp_ggn_7_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_e2964d1f4ef1', (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_e2964d1f4ef1', dtype, (n, B), (n, 1), [S['x']], [], True)
     t2 = ((t1 * Hz) * t1.T)
-    t3 = _launch('k_b6da753aeb00', (n, n), (n, n), [t2], [B**(-2)], False)
+    t3 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t2], [B**(-2)], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t3),
@@ -350,10 +350,10 @@ def _hbp_pch_abs_6_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_e5758009459e', (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_e5758009459e', dtype, (n, B), (n, B), [S['x']], [], False)
     t1 = t0.T
     t2 = (t0 @ t1)
-    t4 = _launch('k_bbf53db00b39', (n, n), (n, n), [t2, Hz], [1/B], False)
+    t4 = _launch('k_bbf53db00b39', dtype, (n, n), (n, n), [t2, Hz], [1/B], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t4),
@@ -371,9 +371,9 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_e2964d1f4ef1', (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_e2964d1f4ef1', dtype, (n, B), (n, 1), [S['x']], [], True)
     t2 = ((t1 * Hz) * t1.T)
-    t3 = _launch('k_b6da753aeb00', (n, n), (n, n), [t2], [B**(-2)], False)
+    t3 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t2], [B**(-2)], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t3),
@@ -391,10 +391,10 @@ def _hbp_pch_clip_6_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_e5758009459e', (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_e5758009459e', dtype, (n, B), (n, B), [S['x']], [], False)
     t1 = t0.T
     t2 = (t0 @ t1)
-    t4 = _launch('k_bbf53db00b39', (n, n), (n, n), [t2, Hz], [1/B], False)
+    t4 = _launch('k_bbf53db00b39', dtype, (n, n), (n, n), [t2, Hz], [1/B], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t4),
@@ -412,9 +412,9 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_e2964d1f4ef1', (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_e2964d1f4ef1', dtype, (n, B), (n, 1), [S['x']], [], True)
     t2 = ((t1 * Hz) * t1.T)
-    t3 = _launch('k_b6da753aeb00', (n, n), (n, n), [t2], [B**(-2)], False)
+    t3 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t2], [B**(-2)], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t3),

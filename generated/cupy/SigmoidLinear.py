@@ -511,10 +511,10 @@ def forward(P, S):
     """Z = the module's outputs, (size z, B)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], False)
     t1 = (P['W'] @ t0)
     t2 = xp.broadcast_to(P['b'], (m, B))
-    t3 = _launch('k_a3cc1fa8db9e', (m, B), (m, B), [t1, P['b']], [], False)
+    t3 = _launch('k_a3cc1fa8db9e', dtype, (m, B), (m, B), [t1, P['b']], [], False)
 
     return {"Z": t3}
 
@@ -525,14 +525,14 @@ def _gradients_all(P, S, C=None):
     hoisted = C.get('gradients_all') if C is not None else None
     if hoisted is None:
         t0 = P['W'].T
-        t4 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
+        t4 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], False)
         t5 = t4.T
         if C is not None:
             C['gradients_all'] = (t0, t4, t5,)
     else:
         t0, t4, t5, = hoisted
     t1 = (t0 @ S['dz'])
-    t3 = _launch('k_7f80f5161959', (n, B), (n, B), [t1, S['x']], [], False)
+    t3 = _launch('k_7f80f5161959', dtype, (n, B), (n, B), [t1, S['x']], [], False)
     t6 = (S['dz'] @ t5)
     t7 = S['dz'].sum(axis=1, keepdims=True)
 
@@ -544,7 +544,7 @@ def _gradients_params(P, S, C=None):
     dtype = _dtype(P, S)
     hoisted = C.get('gradients_params') if C is not None else None
     if hoisted is None:
-        t0 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
+        t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], False)
         t1 = t0.T
         if C is not None:
             C['gradients_params'] = (t0, t1,)
@@ -569,16 +569,16 @@ def _jvp_all(P, S, V, C=None):
     dtype = _dtype(P, S)
     hoisted = C.get('jvp_all') if C is not None else None
     if hoisted is None:
-        t0 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
+        t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], False)
         if C is not None:
             C['jvp_all'] = (t0,)
     else:
         t0, = hoisted
     t1 = (V['W'] @ t0)
-    t3 = _launch('k_7f80f5161959', (n, B), (n, B), [V['x'], S['x']], [], False)
+    t3 = _launch('k_7f80f5161959', dtype, (n, B), (n, B), [V['x'], S['x']], [], False)
     t4 = (P['W'] @ t3)
     t5 = xp.broadcast_to(V['b'], (m, B))
-    t6 = _launch('k_7a29c394231f', (m, B), (m, B), [t1, t4, V['b']], [], False)
+    t6 = _launch('k_7a29c394231f', dtype, (m, B), (m, B), [t1, t4, V['b']], [], False)
 
     return {"Z": t6}
 
@@ -588,14 +588,14 @@ def _jvp_params(P, S, V, C=None):
     dtype = _dtype(P, S)
     hoisted = C.get('jvp_params') if C is not None else None
     if hoisted is None:
-        t0 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
+        t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], False)
         if C is not None:
             C['jvp_params'] = (t0,)
     else:
         t0, = hoisted
     t1 = (V['W'] @ t0)
     t2 = xp.broadcast_to(V['b'], (m, B))
-    t3 = _launch('k_a3cc1fa8db9e', (m, B), (m, B), [t1, V['b']], [], False)
+    t3 = _launch('k_a3cc1fa8db9e', dtype, (m, B), (m, B), [t1, V['b']], [], False)
 
     return {"Z": t3}
 
@@ -613,9 +613,9 @@ def _rgradients_all(P, S, V, C=None):
     hoisted = C.get('rgradients_all') if C is not None else None
     if hoisted is None:
         t2 = P['W'].T
-        t5 = _launch('k_8f7445a19454', (n, B), (n, B), [S['x']], [], False)
+        t5 = _launch('k_8f7445a19454', dtype, (n, B), (n, B), [S['x']], [], False)
         t7 = (t2 @ S['dz'])
-        t12 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
+        t12 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], False)
         t13 = t12.T
         t16 = t5.T
         if C is not None:
@@ -625,12 +625,12 @@ def _rgradients_all(P, S, V, C=None):
     t0 = V['W'].T
     t1 = (t0 @ S['dz'])
     t3 = (t2 @ V['dz'])
-    t11 = _launch('k_1a0ed3fc59d5', (n, B), (n, B), [t1, t3, t5, t7, V['x'], S['x']], [], False)
+    t11 = _launch('k_1a0ed3fc59d5', dtype, (n, B), (n, B), [t1, t3, t5, t7, V['x'], S['x']], [], False)
     t14 = (V['dz'] @ t13)
     t15 = V['x'].T
-    t17 = _launch('k_531d59972706', (B, n), (B, n), [t15, t16], [], False)
+    t17 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t15, t16], [], False)
     t18 = (S['dz'] @ t17)
-    t19 = _launch('k_41a52876c677', (m, n), (m, n), [t14, t18], [], False)
+    t19 = _launch('k_41a52876c677', dtype, (m, n), (m, n), [t14, t18], [], False)
     t20 = V['dz'].sum(axis=1, keepdims=True)
 
     return {"x": t11, "W": t19, "b": t20, }
@@ -641,7 +641,7 @@ def _rgradients_params(P, S, V, C=None):
     dtype = _dtype(P, S)
     hoisted = C.get('rgradients_params') if C is not None else None
     if hoisted is None:
-        t0 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
+        t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], False)
         t1 = t0.T
         if C is not None:
             C['rgradients_params'] = (t0, t1,)
@@ -670,13 +670,13 @@ def _hbp_exact_6_all(P, S, Hz):
     dtype = _dtype(P, S)
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
-    t2 = _launch('k_8f7445a19454', (n, B), (n, B), [S['x']], [], False)
+    t2 = _launch('k_8f7445a19454', dtype, (n, B), (n, B), [S['x']], [], False)
     t3 = t2.T
     t4 = (t2 @ t3)
     t7 = (t0 @ S['dz'])
-    t10 = _launch('k_36ef97f1d271', (n, B), (n, 1), [t7, S['x']], [], True)
-    t11 = _launch('k_98a1b805bfa4', (n, n), (n, n), [t1, t4, t10], [1/B], False)
-    t12 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
+    t10 = _launch('k_36ef97f1d271', dtype, (n, B), (n, 1), [t7, S['x']], [], True)
+    t11 = _launch('k_98a1b805bfa4', dtype, (n, n), (n, n), [t1, t4, t10], [1/B], False)
+    t12 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], False)
     t13 = _gram(t12)
 
     return {
@@ -689,7 +689,7 @@ def _hbp_exact_6_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6), parameters only."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], False)
     t1 = _gram(t0)
 
     return {
@@ -701,13 +701,13 @@ def _hbp_exact_7_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_95c0909512b8', (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], True)
     t2 = P['W'].T
     t3 = ((((t1 * t2) @ Hz) @ P['W']) * t1.T)
     t5 = xp.broadcast_to((t2 @ S['dz']).sum(axis=1, keepdims=True), (n, B))
-    t8 = _launch('k_36ef97f1d271', (n, B), (n, 1), [t5, S['x']], [], True)
-    t9 = _launch('k_b4c3ebd29860', (n, n), (n, n), [t3, t8], [B**(-2), 1/B], False)
-    t11 = _launch('k_0022d4faedf5', (n, B), (n, 1), [S['x']], [], True)
+    t8 = _launch('k_36ef97f1d271', dtype, (n, B), (n, 1), [t5, S['x']], [], True)
+    t9 = _launch('k_b4c3ebd29860', dtype, (n, n), (n, n), [t3, t8], [B**(-2), 1/B], False)
+    t11 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], True)
     t12 = _gram(t11)
 
     return {
@@ -720,7 +720,7 @@ def _hbp_exact_7_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7), parameters only."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_0022d4faedf5', (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], True)
     t2 = _gram(t1)
 
     return {
@@ -734,11 +734,11 @@ def _hbp_ggn_6_all(P, S, Hz):
     dtype = _dtype(P, S)
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
-    t2 = _launch('k_8f7445a19454', (n, B), (n, B), [S['x']], [], False)
+    t2 = _launch('k_8f7445a19454', dtype, (n, B), (n, B), [S['x']], [], False)
     t3 = t2.T
     t4 = (t2 @ t3)
-    t6 = _launch('k_bbf53db00b39', (n, n), (n, n), [t1, t4], [1/B], False)
-    t7 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
+    t6 = _launch('k_bbf53db00b39', dtype, (n, n), (n, n), [t1, t4], [1/B], False)
+    t7 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], False)
     t8 = _gram(t7)
 
     return {
@@ -751,7 +751,7 @@ def _hbp_ggn_6_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6), parameters only."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], False)
     t1 = _gram(t0)
 
     return {
@@ -763,11 +763,11 @@ def _hbp_ggn_7_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_95c0909512b8', (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], True)
     t2 = P['W'].T
     t3 = ((((t1 * t2) @ Hz) @ P['W']) * t1.T)
-    t4 = _launch('k_b6da753aeb00', (n, n), (n, n), [t3], [B**(-2)], False)
-    t6 = _launch('k_0022d4faedf5', (n, B), (n, 1), [S['x']], [], True)
+    t4 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t3], [B**(-2)], False)
+    t6 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], True)
     t7 = _gram(t6)
 
     return {
@@ -780,7 +780,7 @@ def _hbp_ggn_7_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7), parameters only."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_0022d4faedf5', (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], True)
     t2 = _gram(t1)
 
     return {
@@ -794,14 +794,14 @@ def _hbp_pch_abs_6_all(P, S, Hz):
     dtype = _dtype(P, S)
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
-    t2 = _launch('k_8f7445a19454', (n, B), (n, B), [S['x']], [], False)
+    t2 = _launch('k_8f7445a19454', dtype, (n, B), (n, B), [S['x']], [], False)
     t3 = t2.T
     t4 = (t2 @ t3)
     t7 = (t0 @ S['dz'])
-    t10 = _launch('k_36ef97f1d271', (n, B), (n, 1), [t7, S['x']], [], True)
-    t11 = _launch('k_14913a26c4f9', (n, 1), (n, 1), [t10], [], False)
-    t12 = _launch('k_98a1b805bfa4', (n, n), (n, n), [t1, t4, t11], [1/B], False)
-    t13 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
+    t10 = _launch('k_36ef97f1d271', dtype, (n, B), (n, 1), [t7, S['x']], [], True)
+    t11 = _launch('k_14913a26c4f9', dtype, (n, 1), (n, 1), [t10], [], False)
+    t12 = _launch('k_98a1b805bfa4', dtype, (n, n), (n, n), [t1, t4, t11], [1/B], False)
+    t13 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], False)
     t14 = _gram(t13)
 
     return {
@@ -814,7 +814,7 @@ def _hbp_pch_abs_6_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6), parameters only."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], False)
     t1 = _gram(t0)
 
     return {
@@ -826,16 +826,16 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_95c0909512b8', (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], True)
     t2 = P['W'].T
     t3 = ((((t1 * t2) @ Hz) @ P['W']) * t1.T)
     t5 = xp.broadcast_to((t2 @ S['dz']).sum(axis=1, keepdims=True), (n, B))
-    t8 = _launch('k_36ef97f1d271', (n, B), (n, 1), [t5, S['x']], [], True)
+    t8 = _launch('k_36ef97f1d271', dtype, (n, B), (n, 1), [t5, S['x']], [], True)
     t9 = xp.diagflat(t8)
-    t10 = _launch('k_b6da753aeb00', (n, n), (n, n), [t9], [1/B], False)
+    t10 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t9], [1/B], False)
     t11 = _psd_project(t10, 'abs')
-    t12 = _launch('k_159d01c99017', (n, n), (n, n), [t3, t11], [B**(-2)], False)
-    t14 = _launch('k_0022d4faedf5', (n, B), (n, 1), [S['x']], [], True)
+    t12 = _launch('k_159d01c99017', dtype, (n, n), (n, n), [t3, t11], [B**(-2)], False)
+    t14 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], True)
     t15 = _gram(t14)
 
     return {
@@ -848,7 +848,7 @@ def _hbp_pch_abs_7_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7), parameters only."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_0022d4faedf5', (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], True)
     t2 = _gram(t1)
 
     return {
@@ -862,14 +862,14 @@ def _hbp_pch_clip_6_all(P, S, Hz):
     dtype = _dtype(P, S)
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
-    t2 = _launch('k_8f7445a19454', (n, B), (n, B), [S['x']], [], False)
+    t2 = _launch('k_8f7445a19454', dtype, (n, B), (n, B), [S['x']], [], False)
     t3 = t2.T
     t4 = (t2 @ t3)
     t7 = (t0 @ S['dz'])
-    t10 = _launch('k_36ef97f1d271', (n, B), (n, 1), [t7, S['x']], [], True)
-    t11 = _launch('k_888d7e8e6774', (n, 1), (n, 1), [t10], [], False)
-    t12 = _launch('k_98a1b805bfa4', (n, n), (n, n), [t1, t4, t11], [1/B], False)
-    t13 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
+    t10 = _launch('k_36ef97f1d271', dtype, (n, B), (n, 1), [t7, S['x']], [], True)
+    t11 = _launch('k_888d7e8e6774', dtype, (n, 1), (n, 1), [t10], [], False)
+    t12 = _launch('k_98a1b805bfa4', dtype, (n, n), (n, n), [t1, t4, t11], [1/B], False)
+    t13 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], False)
     t14 = _gram(t13)
 
     return {
@@ -882,7 +882,7 @@ def _hbp_pch_clip_6_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6), parameters only."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_431f249de813', (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], False)
     t1 = _gram(t0)
 
     return {
@@ -894,16 +894,16 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_95c0909512b8', (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], True)
     t2 = P['W'].T
     t3 = ((((t1 * t2) @ Hz) @ P['W']) * t1.T)
     t5 = xp.broadcast_to((t2 @ S['dz']).sum(axis=1, keepdims=True), (n, B))
-    t8 = _launch('k_36ef97f1d271', (n, B), (n, 1), [t5, S['x']], [], True)
+    t8 = _launch('k_36ef97f1d271', dtype, (n, B), (n, 1), [t5, S['x']], [], True)
     t9 = xp.diagflat(t8)
-    t10 = _launch('k_b6da753aeb00', (n, n), (n, n), [t9], [1/B], False)
+    t10 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t9], [1/B], False)
     t11 = _psd_project(t10, 'clip')
-    t12 = _launch('k_159d01c99017', (n, n), (n, n), [t3, t11], [B**(-2)], False)
-    t14 = _launch('k_0022d4faedf5', (n, B), (n, 1), [S['x']], [], True)
+    t12 = _launch('k_159d01c99017', dtype, (n, n), (n, n), [t3, t11], [B**(-2)], False)
+    t14 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], True)
     t15 = _gram(t14)
 
     return {
@@ -916,7 +916,7 @@ def _hbp_pch_clip_7_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7), parameters only."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_0022d4faedf5', (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], True)
     t2 = _gram(t1)
 
     return {

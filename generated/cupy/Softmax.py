@@ -384,9 +384,9 @@ def _gradients_all(P, S, C=None):
             C['gradients_all'] = (t0,)
     else:
         t0, = hoisted
-    t1 = _launch('k_531d59972706', (n, B), (n, B), [S['dz'], t0], [], False)
+    t1 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], False)
     t2 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t1)
-    t5 = _launch('k_214ee803fe55', (n, B), (n, B), [t1, t2, t0], [-1], False)
+    t5 = _launch('k_214ee803fe55', dtype, (n, B), (n, B), [t1, t2, t0], [-1], False)
 
     return {"x": t5, }
 
@@ -416,9 +416,9 @@ def _jvp_all(P, S, V, C=None):
             C['jvp_all'] = (t0,)
     else:
         t0, = hoisted
-    t1 = _launch('k_531d59972706', (n, B), (n, B), [V['x'], t0], [], False)
+    t1 = _launch('k_531d59972706', dtype, (n, B), (n, B), [V['x'], t0], [], False)
     t2 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t1)
-    t5 = _launch('k_214ee803fe55', (n, B), (n, B), [t1, t2, t0], [-1], False)
+    t5 = _launch('k_214ee803fe55', dtype, (n, B), (n, B), [t1, t2, t0], [-1], False)
 
     return {"Z": t5}
 
@@ -436,20 +436,20 @@ def _rgradients_all(P, S, V, C=None):
     hoisted = C.get('rgradients_all') if C is not None else None
     if hoisted is None:
         t0 = _softmax(S['x'])
-        t11 = _launch('k_531d59972706', (n, B), (n, B), [S['dz'], t0], [], False)
+        t11 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], False)
         t12 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t11)
         if C is not None:
             C['rgradients_all'] = (t0, t11, t12,)
     else:
         t0, t11, t12, = hoisted
-    t1 = _launch('k_531d59972706', (n, B), (n, B), [V['x'], t0], [], False)
+    t1 = _launch('k_531d59972706', dtype, (n, B), (n, B), [V['x'], t0], [], False)
     t2 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t1)
-    t5 = _launch('k_214ee803fe55', (n, B), (n, B), [t1, t2, t0], [-1], False)
-    t6 = _launch('k_531d59972706', (n, B), (n, B), [t5, S['dz']], [], False)
-    t7 = _launch('k_531d59972706', (n, B), (n, B), [V['dz'], t0], [], False)
-    t8 = _launch('k_41a52876c677', (n, B), (n, B), [t6, t7], [], False)
+    t5 = _launch('k_214ee803fe55', dtype, (n, B), (n, B), [t1, t2, t0], [-1], False)
+    t6 = _launch('k_531d59972706', dtype, (n, B), (n, B), [t5, S['dz']], [], False)
+    t7 = _launch('k_531d59972706', dtype, (n, B), (n, B), [V['dz'], t0], [], False)
+    t8 = _launch('k_41a52876c677', dtype, (n, B), (n, B), [t6, t7], [], False)
     t9 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t8)
-    t16 = _launch('k_3cefff2a2be0', (n, B), (n, B), [t6, t7, t9, t0, t12, t5], [-1], False)
+    t16 = _launch('k_3cefff2a2be0', dtype, (n, B), (n, B), [t6, t7, t9, t0, t12, t5], [-1], False)
 
     return {"x": t16, }
 
@@ -473,25 +473,25 @@ def _hbp_exact_6_all(P, S, Hz):
     t1 = t0.T
     t2 = (t0 @ t1)
     t5 = (Hz @ t0)
-    t6 = _launch('k_531d59972706', (n, B), (n, B), [t0, t5], [], False)
+    t6 = _launch('k_531d59972706', dtype, (n, B), (n, B), [t0, t5], [], False)
     t7 = (t6 @ t1)
     t9 = (t1 @ Hz)
-    t10 = _launch('k_531d59972706', (B, n), (B, n), [t1, t9], [], False)
+    t10 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t1, t9], [], False)
     t12 = xp.broadcast_to(t10.sum(axis=1, keepdims=True), (B, n))
-    t15 = _launch('k_4903aa5ae95d', (B, n), (B, n), [t10, t12, t1], [1/B, -1/B], False)
+    t15 = _launch('k_4903aa5ae95d', dtype, (B, n), (B, n), [t10, t12, t1], [1/B, -1/B], False)
     t16 = (t0 @ t15)
-    t18 = _launch('k_531d59972706', (n, B), (n, B), [S['dz'], t0], [], False)
+    t18 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], False)
     t20 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t18)
-    t24 = _launch('k_40db355abd07', (n, B), (n, 1), [t18, t20, t0], [1/B, -1/B], True)
+    t24 = _launch('k_40db355abd07', dtype, (n, B), (n, 1), [t18, t20, t0], [1/B, -1/B], True)
     t25 = (t18 @ t1)
     t27 = S['dz'].T
-    t28 = _launch('k_531d59972706', (B, n), (B, n), [t27, t1], [], False)
+    t28 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t27, t1], [], False)
     t29 = xp.broadcast_to(t28.sum(axis=1, keepdims=True), (B, n))
-    t30 = _launch('k_531d59972706', (B, n), (B, n), [t29, t1], [], False)
+    t30 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t29, t1], [], False)
     t31 = (t0 @ t30)
-    t37 = _launch('k_edb4640e4693', (B, n), (B, n), [t28, t30], [1/B, -1/B], False)
+    t37 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t28, t30], [1/B, -1/B], False)
     t38 = (t0 @ t37)
-    t42 = _launch('k_b209d0b303fe', (n, n), (n, n), [t2, Hz, t7, t16, t24, t25, t31, t38], [1/B, -1/B, -1, B, -1, 1/B, -1/B, -1], False)
+    t42 = _launch('k_b209d0b303fe', dtype, (n, n), (n, n), [t2, Hz, t7, t16, t24, t25, t31, t38], [1/B, -1/B, -1, B, -1, 1/B, -1/B, -1], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t42),
@@ -513,23 +513,23 @@ def _hbp_exact_7_all(P, S, Hz):
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = t0.T
     t3 = (t0 @ t2)
-    t5 = _launch('k_259bde065cff', (n, n), (n, n), [t1, t3], [1/B, -1/B], False)
+    t5 = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t1, t3], [1/B, -1/B], False)
     t6 = ((t5 @ Hz) @ t5)
     t7 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
-    t8 = _launch('k_531d59972706', (n, B), (n, B), [t7, t0], [], False)
+    t8 = _launch('k_531d59972706', dtype, (n, B), (n, B), [t7, t0], [], False)
     t10 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t8)
-    t14 = _launch('k_40db355abd07', (n, B), (n, 1), [t8, t10, t0], [1/B, -1/B], True)
+    t14 = _launch('k_40db355abd07', dtype, (n, B), (n, 1), [t8, t10, t0], [1/B, -1/B], True)
     t15 = (t8 @ t2)
     t17 = xp.broadcast_to((t2 @ S['dz']).sum(axis=1, keepdims=True), (B, n))
-    t18 = _launch('k_531d59972706', (B, n), (B, n), [t2, t17], [], False)
+    t18 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t2, t17], [], False)
     t19 = (t0 @ t18)
     t23 = S['dz'].T
     t24 = (xp.broadcast_to(xp.ones((B, 1), dtype=dtype), (B, B)) @ t23)
-    t25 = _launch('k_531d59972706', (B, n), (B, n), [t24, t2], [], False)
+    t25 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t24, t2], [], False)
     t27 = xp.broadcast_to(t25.sum(axis=1, keepdims=True), (B, n))
-    t30 = _launch('k_4903aa5ae95d', (B, n), (B, n), [t25, t27, t2], [1/B, -1/B], False)
+    t30 = _launch('k_4903aa5ae95d', dtype, (B, n), (B, n), [t25, t27, t2], [1/B, -1/B], False)
     t31 = (t0 @ t30)
-    t33 = _launch('k_dcec321e0aa6', (n, n), (n, n), [t6, t14, t15, t19, t31], [-1, 1/B, -1/B, -1], False)
+    t33 = _launch('k_dcec321e0aa6', dtype, (n, n), (n, n), [t6, t14, t15, t19, t31], [-1, 1/B, -1/B, -1], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t33),
@@ -551,14 +551,14 @@ def _hbp_ggn_6_all(P, S, Hz):
     t1 = t0.T
     t2 = (t0 @ t1)
     t5 = (Hz @ t0)
-    t6 = _launch('k_531d59972706', (n, B), (n, B), [t0, t5], [], False)
+    t6 = _launch('k_531d59972706', dtype, (n, B), (n, B), [t0, t5], [], False)
     t7 = (t6 @ t1)
     t9 = (t1 @ Hz)
-    t10 = _launch('k_531d59972706', (B, n), (B, n), [t1, t9], [], False)
+    t10 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t1, t9], [], False)
     t12 = xp.broadcast_to(t10.sum(axis=1, keepdims=True), (B, n))
-    t15 = _launch('k_4903aa5ae95d', (B, n), (B, n), [t10, t12, t1], [1/B, -1/B], False)
+    t15 = _launch('k_4903aa5ae95d', dtype, (B, n), (B, n), [t10, t12, t1], [1/B, -1/B], False)
     t16 = (t0 @ t15)
-    t18 = _launch('k_1dd3535c2bc6', (n, n), (n, n), [t2, Hz, t7, t16], [1/B, -1/B, -1], False)
+    t18 = _launch('k_1dd3535c2bc6', dtype, (n, n), (n, n), [t2, Hz, t7, t16], [1/B, -1/B, -1], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t18),
@@ -580,7 +580,7 @@ def _hbp_ggn_7_all(P, S, Hz):
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = t0.T
     t3 = (t0 @ t2)
-    t5 = _launch('k_259bde065cff', (n, n), (n, n), [t1, t3], [1/B, -1/B], False)
+    t5 = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t1, t3], [1/B, -1/B], False)
     t6 = ((t5 @ Hz) @ t5)
 
     return {
@@ -603,27 +603,27 @@ def _hbp_pch_abs_6_all(P, S, Hz):
     t1 = t0.T
     t2 = (t0 @ t1)
     t5 = (Hz @ t0)
-    t6 = _launch('k_531d59972706', (n, B), (n, B), [t0, t5], [], False)
+    t6 = _launch('k_531d59972706', dtype, (n, B), (n, B), [t0, t5], [], False)
     t7 = (t6 @ t1)
     t9 = (t1 @ Hz)
-    t10 = _launch('k_531d59972706', (B, n), (B, n), [t1, t9], [], False)
+    t10 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t1, t9], [], False)
     t12 = xp.broadcast_to(t10.sum(axis=1, keepdims=True), (B, n))
-    t15 = _launch('k_4903aa5ae95d', (B, n), (B, n), [t10, t12, t1], [1/B, -1/B], False)
+    t15 = _launch('k_4903aa5ae95d', dtype, (B, n), (B, n), [t10, t12, t1], [1/B, -1/B], False)
     t16 = (t0 @ t15)
-    t18 = _launch('k_531d59972706', (n, B), (n, B), [S['dz'], t0], [], False)
+    t18 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], False)
     t20 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t18)
-    t24 = _launch('k_40db355abd07', (n, B), (n, 1), [t18, t20, t0], [1/B, -1/B], True)
+    t24 = _launch('k_40db355abd07', dtype, (n, B), (n, 1), [t18, t20, t0], [1/B, -1/B], True)
     t25 = (t18 @ t1)
     t27 = S['dz'].T
-    t28 = _launch('k_531d59972706', (B, n), (B, n), [t27, t1], [], False)
+    t28 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t27, t1], [], False)
     t29 = xp.broadcast_to(t28.sum(axis=1, keepdims=True), (B, n))
-    t30 = _launch('k_531d59972706', (B, n), (B, n), [t29, t1], [], False)
+    t30 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t29, t1], [], False)
     t31 = (t0 @ t30)
-    t37 = _launch('k_edb4640e4693', (B, n), (B, n), [t28, t30], [1/B, -1/B], False)
+    t37 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t28, t30], [1/B, -1/B], False)
     t38 = (t0 @ t37)
-    t41 = _launch('k_fd465ba65c13', (n, n), (n, n), [t24, t25, t31, t38], [B, -1, 1/B, -1/B, -1], False)
+    t41 = _launch('k_fd465ba65c13', dtype, (n, n), (n, n), [t24, t25, t31, t38], [B, -1, 1/B, -1/B, -1], False)
     t42 = _psd_project(t41, 'abs')
-    t43 = _launch('k_04022f018b2c', (n, n), (n, n), [t2, Hz, t7, t16, t42], [1/B, -1/B, -1], False)
+    t43 = _launch('k_04022f018b2c', dtype, (n, n), (n, n), [t2, Hz, t7, t16, t42], [1/B, -1/B, -1], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t43),
@@ -645,25 +645,25 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = t0.T
     t3 = (t0 @ t2)
-    t5 = _launch('k_259bde065cff', (n, n), (n, n), [t1, t3], [1/B, -1/B], False)
+    t5 = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t1, t3], [1/B, -1/B], False)
     t6 = ((t5 @ Hz) @ t5)
     t7 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
-    t8 = _launch('k_531d59972706', (n, B), (n, B), [t7, t0], [], False)
+    t8 = _launch('k_531d59972706', dtype, (n, B), (n, B), [t7, t0], [], False)
     t10 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t8)
-    t14 = _launch('k_40db355abd07', (n, B), (n, 1), [t8, t10, t0], [1/B, -1/B], True)
+    t14 = _launch('k_40db355abd07', dtype, (n, B), (n, 1), [t8, t10, t0], [1/B, -1/B], True)
     t15 = (t8 @ t2)
     t17 = xp.broadcast_to((t2 @ S['dz']).sum(axis=1, keepdims=True), (B, n))
-    t18 = _launch('k_531d59972706', (B, n), (B, n), [t2, t17], [], False)
+    t18 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t2, t17], [], False)
     t19 = (t0 @ t18)
     t23 = S['dz'].T
     t24 = (xp.broadcast_to(xp.ones((B, 1), dtype=dtype), (B, B)) @ t23)
-    t25 = _launch('k_531d59972706', (B, n), (B, n), [t24, t2], [], False)
+    t25 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t24, t2], [], False)
     t27 = xp.broadcast_to(t25.sum(axis=1, keepdims=True), (B, n))
-    t30 = _launch('k_4903aa5ae95d', (B, n), (B, n), [t25, t27, t2], [1/B, -1/B], False)
+    t30 = _launch('k_4903aa5ae95d', dtype, (B, n), (B, n), [t25, t27, t2], [1/B, -1/B], False)
     t31 = (t0 @ t30)
-    t33 = _launch('k_0106afffb50a', (n, n), (n, n), [t14, t15, t19, t31], [-1, 1/B, -1/B, -1], False)
+    t33 = _launch('k_0106afffb50a', dtype, (n, n), (n, n), [t14, t15, t19, t31], [-1, 1/B, -1/B, -1], False)
     t34 = _psd_project(t33, 'abs')
-    t35 = _launch('k_41a52876c677', (n, n), (n, n), [t6, t34], [], False)
+    t35 = _launch('k_41a52876c677', dtype, (n, n), (n, n), [t6, t34], [], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t35),
@@ -685,27 +685,27 @@ def _hbp_pch_clip_6_all(P, S, Hz):
     t1 = t0.T
     t2 = (t0 @ t1)
     t5 = (Hz @ t0)
-    t6 = _launch('k_531d59972706', (n, B), (n, B), [t0, t5], [], False)
+    t6 = _launch('k_531d59972706', dtype, (n, B), (n, B), [t0, t5], [], False)
     t7 = (t6 @ t1)
     t9 = (t1 @ Hz)
-    t10 = _launch('k_531d59972706', (B, n), (B, n), [t1, t9], [], False)
+    t10 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t1, t9], [], False)
     t12 = xp.broadcast_to(t10.sum(axis=1, keepdims=True), (B, n))
-    t15 = _launch('k_4903aa5ae95d', (B, n), (B, n), [t10, t12, t1], [1/B, -1/B], False)
+    t15 = _launch('k_4903aa5ae95d', dtype, (B, n), (B, n), [t10, t12, t1], [1/B, -1/B], False)
     t16 = (t0 @ t15)
-    t18 = _launch('k_531d59972706', (n, B), (n, B), [S['dz'], t0], [], False)
+    t18 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], False)
     t20 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t18)
-    t24 = _launch('k_40db355abd07', (n, B), (n, 1), [t18, t20, t0], [1/B, -1/B], True)
+    t24 = _launch('k_40db355abd07', dtype, (n, B), (n, 1), [t18, t20, t0], [1/B, -1/B], True)
     t25 = (t18 @ t1)
     t27 = S['dz'].T
-    t28 = _launch('k_531d59972706', (B, n), (B, n), [t27, t1], [], False)
+    t28 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t27, t1], [], False)
     t29 = xp.broadcast_to(t28.sum(axis=1, keepdims=True), (B, n))
-    t30 = _launch('k_531d59972706', (B, n), (B, n), [t29, t1], [], False)
+    t30 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t29, t1], [], False)
     t31 = (t0 @ t30)
-    t37 = _launch('k_edb4640e4693', (B, n), (B, n), [t28, t30], [1/B, -1/B], False)
+    t37 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t28, t30], [1/B, -1/B], False)
     t38 = (t0 @ t37)
-    t41 = _launch('k_fd465ba65c13', (n, n), (n, n), [t24, t25, t31, t38], [B, -1, 1/B, -1/B, -1], False)
+    t41 = _launch('k_fd465ba65c13', dtype, (n, n), (n, n), [t24, t25, t31, t38], [B, -1, 1/B, -1/B, -1], False)
     t42 = _psd_project(t41, 'clip')
-    t43 = _launch('k_04022f018b2c', (n, n), (n, n), [t2, Hz, t7, t16, t42], [1/B, -1/B, -1], False)
+    t43 = _launch('k_04022f018b2c', dtype, (n, n), (n, n), [t2, Hz, t7, t16, t42], [1/B, -1/B, -1], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t43),
@@ -727,25 +727,25 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = t0.T
     t3 = (t0 @ t2)
-    t5 = _launch('k_259bde065cff', (n, n), (n, n), [t1, t3], [1/B, -1/B], False)
+    t5 = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t1, t3], [1/B, -1/B], False)
     t6 = ((t5 @ Hz) @ t5)
     t7 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
-    t8 = _launch('k_531d59972706', (n, B), (n, B), [t7, t0], [], False)
+    t8 = _launch('k_531d59972706', dtype, (n, B), (n, B), [t7, t0], [], False)
     t10 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t8)
-    t14 = _launch('k_40db355abd07', (n, B), (n, 1), [t8, t10, t0], [1/B, -1/B], True)
+    t14 = _launch('k_40db355abd07', dtype, (n, B), (n, 1), [t8, t10, t0], [1/B, -1/B], True)
     t15 = (t8 @ t2)
     t17 = xp.broadcast_to((t2 @ S['dz']).sum(axis=1, keepdims=True), (B, n))
-    t18 = _launch('k_531d59972706', (B, n), (B, n), [t2, t17], [], False)
+    t18 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t2, t17], [], False)
     t19 = (t0 @ t18)
     t23 = S['dz'].T
     t24 = (xp.broadcast_to(xp.ones((B, 1), dtype=dtype), (B, B)) @ t23)
-    t25 = _launch('k_531d59972706', (B, n), (B, n), [t24, t2], [], False)
+    t25 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t24, t2], [], False)
     t27 = xp.broadcast_to(t25.sum(axis=1, keepdims=True), (B, n))
-    t30 = _launch('k_4903aa5ae95d', (B, n), (B, n), [t25, t27, t2], [1/B, -1/B], False)
+    t30 = _launch('k_4903aa5ae95d', dtype, (B, n), (B, n), [t25, t27, t2], [1/B, -1/B], False)
     t31 = (t0 @ t30)
-    t33 = _launch('k_0106afffb50a', (n, n), (n, n), [t14, t15, t19, t31], [-1, 1/B, -1/B, -1], False)
+    t33 = _launch('k_0106afffb50a', dtype, (n, n), (n, n), [t14, t15, t19, t31], [-1, 1/B, -1/B, -1], False)
     t34 = _psd_project(t33, 'clip')
-    t35 = _launch('k_41a52876c677', (n, n), (n, n), [t6, t34], [], False)
+    t35 = _launch('k_41a52876c677', dtype, (n, n), (n, n), [t6, t34], [], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t35),

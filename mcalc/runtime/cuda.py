@@ -22,16 +22,23 @@ class KernelSet:
             self._functions[key] = self._module.get_function(f"{name}_{'float' if dtype == cupy.float32 else 'double'}")
         return self._functions[key]
 
-    def launch(self, name: str, shape: tuple, out_shape: tuple, inputs: list[Any], coefficients: list[float],
-               reduce: bool) -> Any:
-        """Run kernel ``name`` over an output of ``shape`` (a row sum into ``out_shape`` when ``reduce``)."""
+    def launch(self, name: str, dtype: Any, shape: tuple, out_shape: tuple, inputs: list[Any],
+               coefficients: list[float], reduce: bool) -> Any:
+        """Run kernel ``name`` in ``dtype`` over an output of ``shape`` (a row sum into ``out_shape`` when ``reduce``).
+
+        A launch is the fused path's unit of Python overhead, so it does the least it can: inputs already
+        contiguous and of ``dtype`` (the usual case) pass as they are, without a CuPy call each.
+        """
         import cupy
 
-        dtype = cupy.float32 if cupy.result_type(*inputs) == cupy.float32 else cupy.float64
-        inputs = [cupy.ascontiguousarray(a, dtype=dtype) for a in inputs]
+        if dtype != cupy.float32:  # kernels come in float and double: anything else runs in double
+            dtype = cupy.dtype(cupy.float64)
+        if not all(a.dtype == dtype and a.flags.c_contiguous for a in inputs):
+            inputs = [cupy.ascontiguousarray(a, dtype=dtype) for a in inputs]
         out = cupy.empty(out_shape, dtype=dtype)
-        rows, cols = (int(d) for d in shape)
-        args = (*inputs, *[dtype(c) for c in coefficients], out, cupy.int64(rows), cupy.int64(cols))
+        rows, cols = shape
+        scalar = dtype.type
+        args = (*inputs, *[scalar(c) for c in coefficients], out, cupy.int64(rows), cupy.int64(cols))
         grid = (rows,) if reduce else ((rows * cols + 255) // 256,)
         self._function(name, dtype)(grid, (256,), args)
         return out
