@@ -94,6 +94,10 @@ def test_user_modules_are_cached_by_hash(tmp_path, monkeypatch):
     (module,) = [m for m in EXAMPLES if m.name == "LowRank"]
     code = load(module, "numpy")
     assert code.MODULE == "LowRank" and list(tmp_path.rglob("LowRank.py"))
+    # another build of mcalc (say, a changed printer with the same version number) gets a fresh entry
+    monkeypatch.setattr("mcalc.runtime.loader.compiler_hash", lambda: "0" * 64)
+    load(module, "numpy")
+    assert len(list(tmp_path.rglob("LowRank.py"))) == 2
 
 
 def test_names_are_sanitised():

@@ -443,7 +443,6 @@ def _gradients_all(P, S, C=None):
             C['gradients_all'] = (t3,)
     else:
         t3, = hoisted
-    t0 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
     t5 = _launch('k_eaa61725f54d', dtype, (n, B), (n, B), [S['dz'], S['y'], t3], [-1], False)
 
     return {"x": t5, }
@@ -496,12 +495,10 @@ def _rgradients_all(P, S, V, C=None):
     hoisted = C.get('rgradients_all') if C is not None else None
     if hoisted is None:
         t3 = _softmax(S['x'])
-        t5 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
         if C is not None:
-            C['rgradients_all'] = (t3, t5,)
+            C['rgradients_all'] = (t3,)
     else:
-        t3, t5, = hoisted
-    t0 = (xp.ones((n, 1), dtype=dtype) @ V['dz'])
+        t3, = hoisted
     t6 = _launch('k_531d59972706', dtype, (n, B), (n, B), [V['x'], t3], [], False)
     t7 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t6)
     t12 = _launch('k_fe106be29eba', dtype, (n, B), (n, B), [V['dz'], S['y'], t3, S['dz'], t6, t7], [-1, -1], False)
@@ -530,7 +527,6 @@ def _hbp_exact_6_all(P, S, Hz):
     t5 = t0.T
     t7 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
     t8 = (t2 @ t7)
-    t10 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
     t11 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [S['dz'], t0], [], False)
     t12 = t11.sum(axis=1, keepdims=True)
     t13 = (t11 @ t5)
@@ -634,7 +630,6 @@ def _hbp_pch_abs_6_all(P, S, Hz):
     t5 = t0.T
     t7 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
     t8 = (t2 @ t7)
-    t10 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
     t11 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [S['dz'], t0], [], False)
     t12 = t11.sum(axis=1, keepdims=True)
     t13 = (t11 @ t5)
@@ -695,7 +690,6 @@ def _hbp_pch_clip_6_all(P, S, Hz):
     t5 = t0.T
     t7 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
     t8 = (t2 @ t7)
-    t10 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
     t11 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [S['dz'], t0], [], False)
     t12 = t11.sum(axis=1, keepdims=True)
     t13 = (t11 @ t5)

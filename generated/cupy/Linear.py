@@ -114,7 +114,6 @@ def forward(P, S):
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = (P['W'] @ S['x'])
-    t1 = xp.broadcast_to(P['b'], (m, B))
     t2 = _launch('k_a3cc1fa8db9e', dtype, (m, B), (m, B), [t0, P['b']], [], False)
 
     return {"Z": t2}
@@ -167,7 +166,6 @@ def _jvp_all(P, S, V, C=None):
     dtype = _dtype(P, S)
     t0 = (V['W'] @ S['x'])
     t1 = (P['W'] @ V['x'])
-    t2 = xp.broadcast_to(V['b'], (m, B))
     t3 = _launch('k_7a29c394231f', dtype, (m, B), (m, B), [t0, t1, V['b']], [], False)
 
     return {"Z": t3}
@@ -177,7 +175,6 @@ def _jvp_params(P, S, V, C=None):
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = (V['W'] @ S['x'])
-    t1 = xp.broadcast_to(V['b'], (m, B))
     t2 = _launch('k_a3cc1fa8db9e', dtype, (m, B), (m, B), [t0, V['b']], [], False)
 
     return {"Z": t2}

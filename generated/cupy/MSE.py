@@ -325,7 +325,6 @@ def forward(P, S):
 def _gradients_all(P, S, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
     t4 = _launch('k_89a14ba3b649', dtype, (n, B), (n, B), [S['dz'], S['x'], S['y']], [2, -1], False)
 
     return {"x": t4, }
@@ -366,14 +365,6 @@ def jvp(P, S, V, inputs=True, cache=None):
 def _rgradients_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    hoisted = C.get('rgradients_all') if C is not None else None
-    if hoisted is None:
-        t4 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
-        if C is not None:
-            C['rgradients_all'] = (t4,)
-    else:
-        t4, = hoisted
-    t0 = (xp.ones((n, 1), dtype=dtype) @ V['dz'])
     t7 = _launch('k_0554ac7d87a1', dtype, (n, B), (n, B), [V['dz'], S['x'], S['y'], S['dz'], V['x']], [2, -1], False)
 
     return {"x": t7, }

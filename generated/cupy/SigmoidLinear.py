@@ -513,7 +513,6 @@ def forward(P, S):
     dtype = _dtype(P, S)
     t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], False)
     t1 = (P['W'] @ t0)
-    t2 = xp.broadcast_to(P['b'], (m, B))
     t3 = _launch('k_a3cc1fa8db9e', dtype, (m, B), (m, B), [t1, P['b']], [], False)
 
     return {"Z": t3}
@@ -577,7 +576,6 @@ def _jvp_all(P, S, V, C=None):
     t1 = (V['W'] @ t0)
     t3 = _launch('k_7f80f5161959', dtype, (n, B), (n, B), [V['x'], S['x']], [], False)
     t4 = (P['W'] @ t3)
-    t5 = xp.broadcast_to(V['b'], (m, B))
     t6 = _launch('k_7a29c394231f', dtype, (m, B), (m, B), [t1, t4, V['b']], [], False)
 
     return {"Z": t6}
@@ -594,7 +592,6 @@ def _jvp_params(P, S, V, C=None):
     else:
         t0, = hoisted
     t1 = (V['W'] @ t0)
-    t2 = xp.broadcast_to(V['b'], (m, B))
     t3 = _launch('k_a3cc1fa8db9e', dtype, (m, B), (m, B), [t1, V['b']], [], False)
 
     return {"Z": t3}

@@ -37,6 +37,11 @@ def _is_broadcast(node: Expr) -> bool:
         or (isinstance(node.args[0], Ones) and node.args[1].rows == ONE and node.args[0].cols == ONE))
 
 
+def _is_all_ones(node: Expr) -> bool:
+    """1 or a product of ones (1ₙ 1_Bᵀ): the constant 1 in every entry, printed in place."""
+    return isinstance(node, Ones) or (isinstance(node, MatMul) and all(isinstance(a, Ones) for a in node.args))
+
+
 def _is_row_sum(node: Expr) -> bool:
     return isinstance(node, MatMul) and len(node.args) == 2 and isinstance(node.args[1], Ones) \
         and node.args[1].cols == ONE and node.args[1].rows != ONE
@@ -115,9 +120,11 @@ class KernelBuilder:
             kernel.members.add(self.program.names[node])
             for child in node.children:
                 target = _in_place(node, child)
-                if isinstance(target, (Identity, Ones)):
+                if isinstance(target, Identity) or _is_all_ones(target):
                     continue
                 self._collect(kernel, target)
+            return
+        if _is_all_ones(node):
             return
         source = node.args[0] if _is_broadcast(node) and not isinstance(node.args[0], Ones) else (
             node.args[1] if _is_broadcast(node) else node)
@@ -165,7 +172,7 @@ class _ElementPrinter:
 
     def element(self, node: Expr) -> str:
         names = self.builder.program.names
-        if isinstance(node, Ones):
+        if _is_all_ones(node):
             return f"({self.dtype})1"
         if isinstance(node, Identity):
             return f"(r == c ? ({self.dtype})1 : ({self.dtype})0)"
@@ -225,10 +232,12 @@ def _device_name(f: ElementwiseFunction) -> str:
 def _program_context(program: Program, family: str | None = None) -> dict[str, Any]:
     kernels = KernelBuilder(program).build()
     roots = {k.target: k for k in kernels}
-    members = set().union(*[k.members for k in kernels]) if kernels else set()
     printer = ArrayPrinter(lambda node: program.names[node])
     lines, calls = [], iter(program.fallbacks)
+    live = _live_steps(program, roots)
     for step in program.steps:
+        if step.target not in live:
+            continue  # fused into a kernel, or only read in place by one (a broadcast)
         if step.target in roots:
             k = roots[step.target]
             shape = k.shape if not k.reduce else (k.shape[0], ONE)
@@ -238,8 +247,6 @@ def _program_context(program: Program, family: str | None = None) -> dict[str, A
             args = ", ".join(name for name, _ in k.inputs)
             lines.append((step.target, f"{step.target} = _launch({k.name!r}, dtype, ({dims}), ({out}), [{args}], "
                                        f"[{coefficients}], {k.reduce})"))
-        elif step.target in members:
-            continue
         elif step.node.__class__.__name__ == "BatchMean":
             lines.append((step.target, f"{step.target} = {next(calls)[0]}()"))
         else:
@@ -247,6 +254,26 @@ def _program_context(program: Program, family: str | None = None) -> dict[str, A
     inner = [_program_context(p) for _, p, _ in program.fallbacks]
     kernels += [k for context in inner for k in context["kernels"]]
     return {**assemble_context(program, lines, family, inner), "kernels": kernels}
+
+
+def _live_steps(program: Program, roots: dict[str, Kernel]) -> set[str]:
+    """The targets of the steps the function must run: those its results need, through the printed
+    steps' operands and the kernels' inputs. A step fused into a kernel is not run, nor one that
+    kernels read only in place (the broadcast v 1ᵀ is read as v)."""
+    needed = {name for result in program.results.values()
+              for name in ([result] if isinstance(result, str) else
+                           [part for triple in result.kron for part in triple] + [result.dense])}
+    members = set().union(*[k.members for k in roots.values()])
+    live = set()
+    for step in reversed(program.steps):
+        if step.target not in needed or (step.target in members and step.target not in roots):
+            continue
+        live.add(step.target)
+        if step.target in roots:
+            needed |= {name for name, _ in roots[step.target].inputs}
+        elif step.node.__class__.__name__ != "BatchMean":  # a per-sample fallback reads the batch itself
+            needed |= {program.names.get(_in_place(step.node, child)) for child in step.node.children}
+    return live
 
 
 def _contexts(plan: ModulePlan) -> tuple[dict, dict[str, dict], list[Kernel]]:

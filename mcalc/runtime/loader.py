@@ -9,7 +9,7 @@ from types import ModuleType
 
 from .. import __version__
 from ..codegen.generate import DEFAULT_DIRECTORY, entry_name, generate
-from ..codegen.manifest import content_hash, read_manifest, source_hash
+from ..codegen.manifest import compiler_hash, content_hash, read_manifest, source_hash
 from ..codegen.render import template_hash
 from ..errors import McalcError
 from ..module import Module
@@ -53,7 +53,8 @@ def _import(path: Path, key: str) -> ModuleType:
 
 
 def load(module: Module, backend: str = "auto", directory: Path | None = None) -> ModuleType:
-    """The generated code of ``module``: from ``generated/`` for the library, else from the cache.
+    """The generated code of ``module``: from ``generated/`` for the library, else from the cache
+    (keyed by the module's declaration, the templates and mcalc's own source).
 
     ``backend='auto'`` takes CuPy when a GPU is usable, NumPy otherwise.
     """
@@ -66,7 +67,8 @@ def load(module: Module, backend: str = "auto", directory: Path | None = None) -
     if directory is None and any(module is m for m in LIBRARY):
         directory = DEFAULT_DIRECTORY
     if directory is None:  # a user module: generate on first use, keyed by its hashes
-        directory = cache_directory() / f"{source_hash(module)[:16]}-{template_hash(backend)[:16]}"
+        key = (source_hash(module), template_hash(backend), compiler_hash())
+        directory = cache_directory() / "-".join(part[:16] for part in key)
         if not (directory / entry_name(module, backend)).exists():
             generate([module], [backend], directory)
     path = check_entry(directory, module, backend)
