@@ -310,7 +310,7 @@ extern "C" __global__ void k_c5fcf4f17afa_double(const double* __restrict__ in0,
     out[i] = (c0 * ((r == c ? (c1 * in0[r]) : (double)0) + (c2 * in1[r * cols + c])));
 }
 
-extern "C" __global__ void k_b283cf72c718_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_0f239657472b_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -318,10 +318,10 @@ extern "C" __global__ void k_b283cf72c718_float(const float* __restrict__ in0, c
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((in0[0] * in1[r * cols + c]) + (in2[0] * in3[r * cols + c]));
+    out[i] = ((in0[0] * in1[r * cols + c]) + (fn_abs_0_float(in2[0]) * in3[r * cols + c]));
 }
 
-extern "C" __global__ void k_b283cf72c718_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_0f239657472b_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -329,7 +329,7 @@ extern "C" __global__ void k_b283cf72c718_double(const double* __restrict__ in0,
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((in0[0] * in1[r * cols + c]) + (in2[0] * in3[r * cols + c]));
+    out[i] = ((in0[0] * in1[r * cols + c]) + (fn_abs_0_double(in2[0]) * in3[r * cols + c]));
 }
 
 extern "C" __global__ void k_259bde065cff_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
@@ -352,28 +352,6 @@ extern "C" __global__ void k_259bde065cff_double(const double* __restrict__ in0,
     (void)r;
     (void)c;
     out[i] = ((r == c ? (c0 * in0[r]) : (double)0) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void k_66981b83a90a_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_abs_0_float(in0[0]);
-}
-
-extern "C" __global__ void k_66981b83a90a_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_abs_0_double(in0[0]);
 }
 
 extern "C" __global__ void k_50e90ba97e03_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
@@ -661,12 +639,11 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     t9 = (xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)) @ t8)
     t11 = S['dz'].T
     t12 = t11.sum(keepdims=True)
-    t13 = _launch('k_66981b83a90a', dtype, (1, 1), (1, 1), [t12], [], False)
     t14 = t1.sum(axis=1, keepdims=True)
     t15 = (t1 @ t6)
     t17 = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t14, t15], [1/B, -1/B], False)
     t18 = _psd_project(t17, 'abs')
-    t20 = _launch('k_b283cf72c718', dtype, (n, n), (n, n), [Hz, t9, t13, t18], [], False)
+    t20 = _launch('k_0f239657472b', dtype, (n, n), (n, n), [Hz, t9, t12, t18], [], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t20),

@@ -292,7 +292,7 @@ extern "C" __global__ void k_b6da753aeb00_double(const double* __restrict__ in0,
     out[i] = (c0 * in0[r * cols + c]);
 }
 
-extern "C" __global__ void k_14913a26c4f9_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_7aaf865ab029_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -300,10 +300,10 @@ extern "C" __global__ void k_14913a26c4f9_float(const float* __restrict__ in0, f
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = fn_abs_0_float(in0[r]);
+    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? fn_abs_0_float(in2[r]) : (float)0));
 }
 
-extern "C" __global__ void k_14913a26c4f9_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_7aaf865ab029_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -311,7 +311,7 @@ extern "C" __global__ void k_14913a26c4f9_double(const double* __restrict__ in0,
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = fn_abs_0_double(in0[r]);
+    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? fn_abs_0_double(in2[r]) : (double)0));
 }
 
 extern "C" __global__ void k_159d01c99017_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
@@ -336,7 +336,7 @@ extern "C" __global__ void k_159d01c99017_double(const double* __restrict__ in0,
     out[i] = ((c0 * in0[r * cols + c]) + in1[r * cols + c]);
 }
 
-extern "C" __global__ void k_888d7e8e6774_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_ea5e41d44144_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -344,10 +344,10 @@ extern "C" __global__ void k_888d7e8e6774_float(const float* __restrict__ in0, f
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = fn_relu_0_float(in0[r]);
+    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? fn_relu_0_float(in2[r]) : (float)0));
 }
 
-extern "C" __global__ void k_888d7e8e6774_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_ea5e41d44144_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -355,7 +355,7 @@ extern "C" __global__ void k_888d7e8e6774_double(const double* __restrict__ in0,
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = fn_relu_0_double(in0[r]);
+    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? fn_relu_0_double(in2[r]) : (double)0));
 }
 
 """
@@ -540,8 +540,7 @@ def _hbp_pch_abs_6_all(P, S, Hz):
     t1 = t0.T
     t2 = (t0 @ t1)
     t7 = _launch('k_f3488bff5e17', dtype, (n, B), (n, 1), [S['dz'], S['x']], [], True)
-    t8 = _launch('k_14913a26c4f9', dtype, (n, 1), (n, 1), [t7], [], False)
-    t9 = _launch('k_98a1b805bfa4', dtype, (n, n), (n, n), [t2, Hz, t8], [1/B], False)
+    t9 = _launch('k_7aaf865ab029', dtype, (n, n), (n, n), [t2, Hz, t7], [1/B], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t9),
@@ -588,8 +587,7 @@ def _hbp_pch_clip_6_all(P, S, Hz):
     t1 = t0.T
     t2 = (t0 @ t1)
     t7 = _launch('k_f3488bff5e17', dtype, (n, B), (n, 1), [S['dz'], S['x']], [], True)
-    t8 = _launch('k_888d7e8e6774', dtype, (n, 1), (n, 1), [t7], [], False)
-    t9 = _launch('k_98a1b805bfa4', dtype, (n, n), (n, n), [t2, Hz, t8], [1/B], False)
+    t9 = _launch('k_ea5e41d44144', dtype, (n, n), (n, n), [t2, Hz, t7], [1/B], False)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t9),

@@ -42,6 +42,13 @@ def _is_all_ones(node: Expr) -> bool:
     return isinstance(node, Ones) or (isinstance(node, MatMul) and all(isinstance(a, Ones) for a in node.args))
 
 
+def _broadcast_source(node: Expr) -> Expr:
+    """v for the broadcast v 1ᵀ or 1 vᵀ; any other node itself."""
+    if not _is_broadcast(node):
+        return node
+    return node.args[1] if isinstance(node.args[0], Ones) else node.args[0]
+
+
 def _is_row_sum(node: Expr) -> bool:
     return isinstance(node, MatMul) and len(node.args) == 2 and isinstance(node.args[1], Ones) \
         and node.args[1].cols == ONE and node.args[1].rows != ONE
@@ -84,10 +91,14 @@ class KernelBuilder:
         self.kernels: list[Kernel] = []
 
     def _internal(self, node: Expr, shape: tuple) -> bool:
+        """Whether ``node`` is computed inside a kernel over ``shape``: elementwise, used once, and of the
+        kernel's shape or a vector or scalar along it (read as entry r, c or 0: |·| of a row sum, say,
+        is evaluated where the kernel reads it, instead of in a kernel of its own)."""
         name = self.program.names.get(node, "")
         step = self.by_target.get(name)
+        rows, cols = shape
         return (step is not None and isinstance(step.node, FUSABLE) and self.uses.get(name, 0) == 1
-                and tuple(node.shape) == tuple(shape))
+                and tuple(node.shape) in {(rows, cols), (rows, ONE), (ONE, cols), (ONE, ONE)})
 
     def build(self) -> list[Kernel]:
         fused: set[str] = set()
@@ -126,8 +137,10 @@ class KernelBuilder:
             return
         if _is_all_ones(node):
             return
-        source = node.args[0] if _is_broadcast(node) and not isinstance(node.args[0], Ones) else (
-            node.args[1] if _is_broadcast(node) else node)
+        source = _broadcast_source(node)
+        if source is not node and self._internal(source, kernel.shape):
+            self._collect(kernel, source)
+            return
         name = self.program.names[source]
         if name not in [n for n, _ in kernel.inputs]:
             kernel.inputs.append((name, source.shape))
@@ -163,9 +176,7 @@ class _ElementPrinter:
         return "r * cols + c"
 
     def load(self, node: Expr) -> str:
-        source = node
-        if _is_broadcast(node):
-            source = node.args[1] if isinstance(node.args[0], Ones) else node.args[0]
+        source = _broadcast_source(node)
         name = self.builder.program.names[source]
         index = [n for n, _ in self.kernel.inputs].index(name)
         return f"in{index}[{self._index(source.shape)}]"
@@ -177,7 +188,8 @@ class _ElementPrinter:
         if isinstance(node, Identity):
             return f"(r == c ? ({self.dtype})1 : ({self.dtype})0)"
         if names.get(node) not in self.kernel.members:
-            return self.load(node)
+            source = _broadcast_source(node)
+            return self.element(source) if names.get(source) in self.kernel.members else self.load(node)
         if isinstance(node, Add):
             terms = []
             for t in node.args:
