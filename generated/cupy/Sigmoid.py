@@ -134,6 +134,66 @@ extern "C" __global__ void k_98a1b805bfa4_double(const double* __restrict__ in0,
     out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? in2[r] : (double)0));
 }
 
+extern "C" __global__ void k_e554610883c3_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, float* __restrict__ out1, const long long rows, const long long cols)
+{
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ float partial[256];
+    float acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += (in0[r * cols + c] * fn_sigmoid_2_float(in1[r * cols + c]));
+        out1[r * cols + c] = fn_sigmoid_1_float(in1[r * cols + c]);  // a sibling's entry, from the same reads
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[r] = partial[0];
+}
+
+extern "C" __global__ void k_e554610883c3_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, double* __restrict__ out1, const long long rows, const long long cols)
+{
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ double partial[256];
+    double acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += (in0[r * cols + c] * fn_sigmoid_2_double(in1[r * cols + c]));
+        out1[r * cols + c] = fn_sigmoid_1_double(in1[r * cols + c]);  // a sibling's entry, from the same reads
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[r] = partial[0];
+}
+
+extern "C" __global__ void k_b4c3ebd29860_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = ((c0 * in0[r * cols + c]) + (r == c ? (c1 * in1[r]) : (float)0));
+}
+
+extern "C" __global__ void k_b4c3ebd29860_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = ((c0 * in0[r * cols + c]) + (r == c ? (c1 * in1[r]) : (double)0));
+}
+
 extern "C" __global__ void k_36ef97f1d271_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
@@ -168,50 +228,6 @@ extern "C" __global__ void k_36ef97f1d271_double(const double* __restrict__ in0,
         __syncthreads();
     }
     if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void k_8f7445a19454_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_1_float(in0[r * cols + c]);
-}
-
-extern "C" __global__ void k_8f7445a19454_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_1_double(in0[r * cols + c]);
-}
-
-extern "C" __global__ void k_b4c3ebd29860_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (r == c ? (c1 * in1[r]) : (float)0));
-}
-
-extern "C" __global__ void k_b4c3ebd29860_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (r == c ? (c1 * in1[r]) : (double)0));
 }
 
 extern "C" __global__ void k_95c0909512b8_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
@@ -270,6 +286,28 @@ extern "C" __global__ void k_bbf53db00b39_double(const double* __restrict__ in0,
     (void)r;
     (void)c;
     out[i] = (c0 * (in0[r * cols + c] * in1[r * cols + c]));
+}
+
+extern "C" __global__ void k_8f7445a19454_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = fn_sigmoid_1_float(in0[r * cols + c]);
+}
+
+extern "C" __global__ void k_8f7445a19454_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = fn_sigmoid_1_double(in0[r * cols + c]);
 }
 
 extern "C" __global__ void k_b6da753aeb00_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
@@ -453,10 +491,9 @@ def _hbp_exact_6_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_8f7445a19454', dtype, (n, B), (n, B), [S['x']], [], False)
+    t7, t0 = _launch('k_e554610883c3', dtype, (n, B), [(n, 1), (n, B)], [S['dz'], S['x']], [], True)
     t1 = t0.T
     t2 = (t0 @ t1)
-    t7 = _launch('k_36ef97f1d271', dtype, (n, B), (n, 1), [S['dz'], S['x']], [], True)
     t8 = _launch('k_98a1b805bfa4', dtype, (n, n), (n, n), [t2, Hz, t7], [1/B], False)
 
     return {
@@ -538,10 +575,9 @@ def _hbp_pch_abs_6_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_8f7445a19454', dtype, (n, B), (n, B), [S['x']], [], False)
+    t7, t0 = _launch('k_e554610883c3', dtype, (n, B), [(n, 1), (n, B)], [S['dz'], S['x']], [], True)
     t1 = t0.T
     t2 = (t0 @ t1)
-    t7 = _launch('k_36ef97f1d271', dtype, (n, B), (n, 1), [S['dz'], S['x']], [], True)
     t9 = _launch('k_7aaf865ab029', dtype, (n, n), (n, n), [t2, Hz, t7], [1/B], False)
 
     return {
@@ -585,10 +621,9 @@ def _hbp_pch_clip_6_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_8f7445a19454', dtype, (n, B), (n, B), [S['x']], [], False)
+    t7, t0 = _launch('k_e554610883c3', dtype, (n, B), [(n, 1), (n, B)], [S['dz'], S['x']], [], True)
     t1 = t0.T
     t2 = (t0 @ t1)
-    t7 = _launch('k_36ef97f1d271', dtype, (n, B), (n, 1), [S['dz'], S['x']], [], True)
     t9 = _launch('k_ea5e41d44144', dtype, (n, n), (n, n), [t2, Hz, t7], [1/B], False)
 
     return {

@@ -22,7 +22,7 @@ from .. import __version__
 from ..expr import ONE, Add, Apply, Diag, Expr, Hadamard, Identity, MatMul, Ones, ScalarMul, ScaleBy
 from ..functions import ElementwiseFunction
 from .numpy_printer import ArrayPrinter, through_base
-from .plan import ModulePlan, Program, _in_place, sanitise
+from .plan import ModulePlan, Program, _in_place, invariant_steps, sanitise
 from .render import assemble_context, environment, functions_of, module_context
 
 DTYPES = {"float": float32, "double": float64}
@@ -56,7 +56,11 @@ def _is_row_sum(node: Expr) -> bool:
 
 @dataclass
 class Kernel:
-    """One fused kernel: output ``target`` of shape ``shape``, inputs in order, coefficients."""
+    """One fused kernel: output ``target`` of shape ``shape``, inputs in order, coefficients.
+
+    A row-sum kernel may also write ``extra`` elementwise outputs over the same (rows, cols) in the
+    same pass (sibling fusion); the launch then happens at ``placed_at``, the earlier of their steps.
+    """
 
     name: str
     target: str
@@ -67,14 +71,17 @@ class Kernel:
     inputs: list[tuple[str, tuple[sp.Expr, sp.Expr]]] = field(default_factory=list)
     coefficients: list[sp.Expr] = field(default_factory=list)  # in the order the kernel takes them
     functions: list[ElementwiseFunction] = field(default_factory=list)
+    extra: list[Kernel] = field(default_factory=list)
+    placed_at: str = ""
     source: dict[str, str] = field(default_factory=dict)  # dtype → CUDA source
 
 
 class KernelBuilder:
     """Finds fusion groups in a program and prints their CUDA source."""
 
-    def __init__(self, program: Program) -> None:
+    def __init__(self, program: Program, invariant: set[str] = frozenset()) -> None:
         self.program = program
+        self.invariant = invariant  # the loop-invariant steps, which a cache keeps: not merged with others
         self.by_target = {s.target: s for s in program.steps}
         self.uses: dict[str, int] = {}
         for s in program.steps:
@@ -116,7 +123,9 @@ class KernelBuilder:
             if not kernel.inputs:  # made of constants alone: the array printer writes it in the function's dtype
                 continue
             fused |= kernel.members
+            kernel.placed_at = kernel.target
             self.kernels.append(kernel)
+        self._merge_siblings()
         for kernel in self.kernels:
             kernel.source = {dtype: self._source(kernel, dtype) for dtype in DTYPES}
             # named by content: the same kernel in another program (another curvature mode, say)
@@ -125,6 +134,26 @@ class KernelBuilder:
             kernel.name = f"k_{digest}"
             kernel.source = {dtype: src.replace(_UNNAMED, kernel.name) for dtype, src in kernel.source.items()}
         return self.kernels
+
+    def _merge_siblings(self) -> None:
+        """A row sum and an elementwise kernel over the same (rows, cols), neither reading the other,
+        become one launch that reads the inputs once: in an activation's exact or PCH block (6), φ′(x)
+        for the Gram product and the row sum of δz ⊙ φ″(x)."""
+        position = {s.target: i for i, s in enumerate(self.program.steps)}
+        at = lambda name: position.get(name, -1)  # noqa: E731 - an argument (a leaf) is there from the start
+        for host in [k for k in self.kernels if k.reduce]:
+            for other in [k for k in self.kernels if not k.reduce and not k.extra]:
+                if other.shape != host.shape or (other.target in self.invariant) != (host.target in self.invariant):
+                    continue
+                first, later = sorted((host, other), key=lambda k: at(k.target))
+                if any(at(name) >= at(first.target) for name, _ in later.inputs):
+                    continue  # the later one needs what is computed from the earlier one's place on
+                host.extra.append(other)
+                host.members |= other.members
+                host.inputs += [i for i in other.inputs if i not in host.inputs]
+                host.placed_at = first.target
+                self.kernels.remove(other)
+                break
 
     def _collect(self, kernel: Kernel, node: Expr, top: bool = False) -> None:
         if top or self._internal(node, kernel.shape):
@@ -149,9 +178,10 @@ class KernelBuilder:
     def _source(self, kernel: Kernel, dtype: str) -> str:
         printer = _ElementPrinter(self, kernel, dtype)
         value = printer.element(kernel.body)
+        extra_values = [printer.element(e.body) for e in kernel.extra]
         kernel.coefficients, kernel.functions = printer.coefficients, printer.functions
         return environment().get_template("cupy/kernel.cu.j2").render(
-            kernel=kernel, dtype=dtype, value=value, inputs=printer.loads,
+            kernel=kernel, dtype=dtype, value=value, extra_values=extra_values, inputs=printer.loads,
             coefficients=[f"c{i}" for i in range(len(printer.coefficients))],
         )
 
@@ -242,23 +272,26 @@ def _device_name(f: ElementwiseFunction) -> str:
 
 # --- the generated CuPy module -----------------------------------------------------------
 def _program_context(program: Program, family: str | None = None) -> dict[str, Any]:
-    kernels = KernelBuilder(program).build()
-    roots = {k.target: k for k in kernels}
+    kernels = KernelBuilder(program, invariant_steps(program, family) if family else set()).build()
+    launches = {k.placed_at: k for k in kernels}
     printer = ArrayPrinter(lambda node: program.names[node])
     lines, calls = [], iter(program.fallbacks)
-    live = _live_steps(program, roots)
+    live = _live_steps(program, kernels)
     for step in program.steps:
         if step.target not in live:
             continue  # fused into a kernel, or only read in place by one (a broadcast)
-        if step.target in roots:
-            k = roots[step.target]
-            shape = k.shape if not k.reduce else (k.shape[0], ONE)
+        if step.target in launches:
+            k = launches[step.target]
             dims = ", ".join(printer.dim(d) for d in k.shape)
-            out = ", ".join(printer.dim(d) for d in shape)
+            shape = lambda rows, cols: f"({printer.dim(rows)}, {printer.dim(cols)})"  # noqa: E731
+            out = shape(k.shape[0], ONE) if k.reduce else shape(*k.shape)
+            if k.extra:
+                out = "[" + ", ".join([out, *[shape(*e.shape) for e in k.extra]]) + "]"
             coefficients = ", ".join(printer.dim(c) for c in k.coefficients)
             args = ", ".join(name for name, _ in k.inputs)
-            lines.append((step.target, f"{step.target} = _launch({k.name!r}, dtype, ({dims}), ({out}), [{args}], "
-                                       f"[{coefficients}], {k.reduce})"))
+            targets = tuple(t.target for t in (k, *k.extra))
+            lines.append((targets, f"{', '.join(targets)} = _launch({k.name!r}, dtype, ({dims}), {out}, [{args}], "
+                                   f"[{coefficients}], {k.reduce})"))
         elif step.node.__class__.__name__ == "BatchMean":
             lines.append((step.target, f"{step.target} = {next(calls)[0]}()"))
         else:
@@ -268,23 +301,28 @@ def _program_context(program: Program, family: str | None = None) -> dict[str, A
     return {**assemble_context(program, lines, family, inner), "kernels": kernels}
 
 
-def _live_steps(program: Program, roots: dict[str, Kernel]) -> set[str]:
-    """The targets of the steps the function must run: those its results need, through the printed
-    steps' operands and the kernels' inputs. A step fused into a kernel is not run, nor one that
-    kernels read only in place (the broadcast v 1ᵀ is read as v)."""
+def _live_steps(program: Program, kernels: list[Kernel]) -> set[str]:
+    """The targets of the steps the function must run (a kernel's: where it is placed): those its
+    results need, through the printed steps' operands and the kernels' inputs. A step fused into a
+    kernel is not run, nor one that kernels read only in place (the broadcast v 1ᵀ is read as v)."""
     needed = {name for result in program.results.values()
               for name in ([result] if isinstance(result, str) else
                            [part for triple in result.kron for part in triple] + [result.dense])}
-    members = set().union(*[k.members for k in roots.values()])
+    outputs = {t.target: k for k in kernels for t in (k, *k.extra)}
+    members = set().union(*[k.members for k in kernels])
     live = set()
     for step in reversed(program.steps):
-        if step.target not in needed or (step.target in members and step.target not in roots):
+        if step.target not in needed:
             continue
-        live.add(step.target)
-        if step.target in roots:
-            needed |= {name for name, _ in roots[step.target].inputs}
-        elif step.node.__class__.__name__ != "BatchMean":  # a per-sample fallback reads the batch itself
-            needed |= {program.names.get(_in_place(step.node, child)) for child in step.node.children}
+        if step.target in outputs:
+            live.add(outputs[step.target].placed_at)
+            needed |= {name for name, _ in outputs[step.target].inputs}
+        elif step.target in members:
+            continue
+        else:
+            live.add(step.target)
+            if step.node.__class__.__name__ != "BatchMean":  # a per-sample fallback reads the batch itself
+                needed |= {program.names.get(_in_place(step.node, child)) for child in step.node.children}
     return live
 
 

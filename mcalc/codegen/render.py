@@ -57,14 +57,16 @@ def assemble_context(program: Program, lines: list[tuple[str, str]], family: str
     cache keeps (``hoisted``, the targets they assign), and the rest (``lines``), in program order:
     an invariant step depends only on invariant steps, so it may run first."""
     invariant = invariant_steps(program, family) if family else set()
-    kept = [(t, line) for t, line in lines if t in invariant]
+    # a line may assign several targets (a kernel with several outputs): all or none are invariant
+    lines = [((t,) if isinstance(t, str) else t, line) for t, line in lines]
+    kept = [(t, line) for t, line in lines if t[0] in invariant]
     fallbacks = [
         {"name": name, "lines": context["lines"], "value": inner.results["value"],
          "leaves": [batch_reference(leaf) for leaf in leaves]}
         for (name, inner, leaves), context in zip(program.fallbacks, fallback_contexts)
     ]
-    return {"lines": [line for t, line in lines if t not in invariant],
-            "invariant_lines": [line for _, line in kept], "hoisted": [t for t, _ in kept],
+    return {"lines": [line for t, line in lines if t[0] not in invariant],
+            "invariant_lines": [line for _, line in kept], "hoisted": [name for t, _ in kept for name in t],
             "fallbacks": fallbacks, "results": program.results}
 
 

@@ -22,9 +22,10 @@ class KernelSet:
             self._functions[key] = self._module.get_function(f"{name}_{'float' if dtype == cupy.float32 else 'double'}")
         return self._functions[key]
 
-    def launch(self, name: str, dtype: Any, shape: tuple, out_shape: tuple, inputs: list[Any],
+    def launch(self, name: str, dtype: Any, shape: tuple, out_shape: tuple | list[tuple], inputs: list[Any],
                coefficients: list[float], reduce: bool) -> Any:
-        """Run kernel ``name`` in ``dtype`` over an output of ``shape`` (a row sum into ``out_shape`` when ``reduce``).
+        """Run kernel ``name`` in ``dtype`` over ``shape``: one output of ``out_shape`` (a row sum when
+        ``reduce``), or, for a list of shapes, a row sum and its siblings' outputs (a list is returned).
 
         A launch is the fused path's unit of Python overhead, so it does the least it can: inputs already
         contiguous and of ``dtype`` (the usual case) pass as they are, without a CuPy call each.
@@ -35,10 +36,11 @@ class KernelSet:
             dtype = cupy.dtype(cupy.float64)
         if not all(a.dtype == dtype and a.flags.c_contiguous for a in inputs):
             inputs = [cupy.ascontiguousarray(a, dtype=dtype) for a in inputs]
-        out = cupy.empty(out_shape, dtype=dtype)
+        several = isinstance(out_shape, list)
+        outs = [cupy.empty(s, dtype=dtype) for s in (out_shape if several else [out_shape])]
         rows, cols = shape
         scalar = dtype.type
-        args = (*inputs, *[scalar(c) for c in coefficients], out, cupy.int64(rows), cupy.int64(cols))
+        args = (*inputs, *[scalar(c) for c in coefficients], *outs, cupy.int64(rows), cupy.int64(cols))
         grid = (rows,) if reduce else ((rows * cols + 255) // 256,)
         self._function(name, dtype)(grid, (256,), args)
-        return out
+        return outs if several else outs[0]
