@@ -22,3 +22,4 @@ bench: $(VENV)/installed
 	$(PY) -m pip install -q --no-deps backpack-for-pytorch==1.7.1 unfoldNd==0.2.3 einops
 	$(PY) benchmarks/derive.py --json benchmarks/results/derive.json
 	$(PY) benchmarks/hbp_pass.py --json benchmarks/results/hbp_pass_cpu.json
+	$(PY) benchmarks/hbp_pass.py --count-launches --json benchmarks/results/launch_counts.json

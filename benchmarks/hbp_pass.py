@@ -1,6 +1,8 @@
 """One batch HBP pass over the HBP paper's network, mcalc's generated code against BackPACK, side by side.
 
     python benchmarks/hbp_pass.py [--device cpu|cuda] [--repeats N] [--json OUT]
+    python benchmarks/hbp_pass.py --count-launches [--json OUT]
+
 
 Network 3072-1024-512-256-128-64-32-16-10, sigmoids, cross-entropy with mean
 reduction, batch 500, float32. Both sides compute, per layer, the weight and
@@ -11,6 +13,12 @@ row-major vec, mcalc as E[x xᵀ] ⊗ 𝓗̄z for column-stacking vec: the facto
 compared one to one. On CPU mcalc runs its NumPy backend; on CUDA its fused
 CuPy kernels, and the same plan with unfused CuPy operations. Contenders run in
 turn within each repeat; the medians are reported.
+
+``--count-launches`` needs no GPU, PyTorch or BackPACK: it runs the fused and
+the unfused CuPy code of one pass on the CPU emulator and counts the device
+operations each launches (generated kernels, cuBLAS products, CuPy's own
+elementwise and reduction kernels): where a pass is bound by launches, as it
+is on a GPU at this size, their ratio is what fusion can gain.
 """
 from __future__ import annotations
 
@@ -99,12 +107,56 @@ def timed_side_by_side(contenders: dict, repeats: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def spec() -> str:
+    return "-".join([str(SIZES[0]), *[f"{w}-sigmoid" for w in SIZES[1:-1]], str(SIZES[-1])])
+
+
+def launch_counts() -> dict[str, dict[str, dict[str, int]]]:
+    """Device operations of one pass per mode, fused and unfused, counted on the CPU emulator."""
+    from mcalc.runtime import emulator
+
+    counts: dict[str, dict[str, dict[str, int]]] = {}
+    with emulator.installed() as cp:
+        unfused_net = Network(spec(), backend="cupy", dtype=np.float32)
+        unfused_net.code = {m.name: unfused(m) for m in (L.Linear, L.Sigmoid, L.CrossEntropy)}
+        variants = {"fused": Network(spec(), backend="cupy", dtype=np.float32), "unfused": unfused_net}
+        rng = np.random.default_rng(0)
+        X = cp.asarray(rng.normal(size=(SIZES[0], BATCH)), dtype=np.float32)
+        Y = cp.asarray(np.eye(SIZES[-1], dtype=np.float32)[:, rng.integers(0, SIZES[-1], BATCH)])
+        for mode in MODES:
+            counts[mode] = {}
+            for name, net in variants.items():
+                emulator.COUNTS.clear()
+                mcalc_pass(net, X, Y, mode)
+                counts[mode][name] = {**emulator.COUNTS, "total": sum(emulator.COUNTS.values())}
+    return counts
+
+
+def print_launch_counts(counts: dict, json_path: str | None) -> None:
+    kinds = ["kernel", "matmul", "reduce", "elementwise"]
+    print(f"device operations of one HBP pass (network {'-'.join(map(str, SIZES))}, batch {BATCH}), "
+          "counted on the CPU emulator:")
+    print(f"  {'mode':<8} {'variant':<8} " + " ".join(f"{k:>11}" for k in [*kinds, "total"]))
+    for mode, variants in counts.items():
+        for name, c in variants.items():
+            print(f"  {mode:<8} {name:<8} " + " ".join(f"{c.get(k, 0):>11}" for k in [*kinds, "total"]))
+        print(f"  {mode:<8} unfused / fused: {variants['unfused']['total'] / variants['fused']['total']:.2f}×")
+    if json_path:
+        Path(json_path).write_text(json.dumps({"machine": "CPU emulator (counts do not depend on the machine)",
+                                               "launches": counts}, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--count-launches", action="store_true",
+                        help="count each variant's device operations on the CPU emulator (no GPU, no torch)")
     args = parser.parse_args()
+    if args.count_launches:
+        print_launch_counts(launch_counts(), args.json)
+        return
 
     import torch
     from backpack import extend
@@ -122,20 +174,19 @@ def main() -> None:
     X_t = torch.randn(BATCH, SIZES[0], device=device)
     y_t = torch.randint(0, SIZES[-1], (BATCH,), device=device)
 
-    spec = "-".join([str(SIZES[0]), *[f"{w}-sigmoid" for w in SIZES[1:-1]], str(SIZES[-1])])
     if args.device == "cuda":
         import cupy as xp
 
         sync = xp.cuda.Device().synchronize
         torch_sync = torch.cuda.synchronize
-        unfused_net = Network(spec, backend="cupy", dtype=np.float32)
+        unfused_net = Network(spec(), backend="cupy", dtype=np.float32)
         unfused_net.code = {m.name: unfused(m) for m in (L.Linear, L.Sigmoid, L.CrossEntropy)}
-        variants = {"mcalc fused CuPy": Network(spec, backend="cupy", dtype=np.float32),
+        variants = {"mcalc fused CuPy": Network(spec(), backend="cupy", dtype=np.float32),
                     "mcalc unfused CuPy": unfused_net}
     else:
         xp = np
         sync = torch_sync = lambda: None
-        variants = {"mcalc NumPy": Network(spec, backend="numpy", dtype=np.float32)}
+        variants = {"mcalc NumPy": Network(spec(), backend="numpy", dtype=np.float32)}
     linears = [m for m in model if hasattr(m, "weight")]
     for net in variants.values():  # the PyTorch model's weights
         for i, m in enumerate(linears, start=1):
