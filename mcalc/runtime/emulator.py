@@ -271,7 +271,6 @@ def emulated_cupy() -> types.ModuleType:
     device = types.SimpleNamespace(synchronize=lambda: None)
     cupy.cuda = types.SimpleNamespace(Device=lambda *_: device,
                                       runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
-    cupy.emulated = True
     return cupy
 
 
