@@ -3,7 +3,6 @@
     python benchmarks/hbp_pass.py [--device cpu|cuda] [--repeats N] [--json OUT]
     python benchmarks/hbp_pass.py --count-launches [--json OUT]
 
-
 Network 3072-1024-512-256-128-64-32-16-10, sigmoids, cross-entropy with mean
 reduction, batch 500, float32. Both sides compute, per layer, the weight and
 bias blocks of approximation (6), E[Jᵀ E(H) J], with batch-averaged curvature
@@ -111,15 +110,20 @@ def spec() -> str:
     return "-".join([str(SIZES[0]), *[f"{w}-sigmoid" for w in SIZES[1:-1]], str(SIZES[-1])])
 
 
+def cupy_networks() -> dict[str, Network]:
+    """The network on the fused CuPy kernels, and on the same plan as unfused CuPy operations."""
+    unfused_net = Network(spec(), backend="cupy", dtype=np.float32)
+    unfused_net.code = {m.name: unfused(m) for m in (L.Linear, L.Sigmoid, L.CrossEntropy)}
+    return {"fused": Network(spec(), backend="cupy", dtype=np.float32), "unfused": unfused_net}
+
+
 def launch_counts() -> dict[str, dict[str, dict[str, int]]]:
     """Device operations of one pass per mode, fused and unfused, counted on the CPU emulator."""
     from mcalc.runtime import emulator
 
     counts: dict[str, dict[str, dict[str, int]]] = {}
     with emulator.installed() as cp:
-        unfused_net = Network(spec(), backend="cupy", dtype=np.float32)
-        unfused_net.code = {m.name: unfused(m) for m in (L.Linear, L.Sigmoid, L.CrossEntropy)}
-        variants = {"fused": Network(spec(), backend="cupy", dtype=np.float32), "unfused": unfused_net}
+        variants = cupy_networks()
         rng = np.random.default_rng(0)
         X = cp.asarray(rng.normal(size=(SIZES[0], BATCH)), dtype=np.float32)
         Y = cp.asarray(np.eye(SIZES[-1], dtype=np.float32)[:, rng.integers(0, SIZES[-1], BATCH)])
@@ -179,10 +183,7 @@ def main() -> None:
 
         sync = xp.cuda.Device().synchronize
         torch_sync = torch.cuda.synchronize
-        unfused_net = Network(spec(), backend="cupy", dtype=np.float32)
-        unfused_net.code = {m.name: unfused(m) for m in (L.Linear, L.Sigmoid, L.CrossEntropy)}
-        variants = {"mcalc fused CuPy": Network(spec(), backend="cupy", dtype=np.float32),
-                    "mcalc unfused CuPy": unfused_net}
+        variants = {f"mcalc {name} CuPy": net for name, net in cupy_networks().items()}
     else:
         xp = np
         sync = torch_sync = lambda: None

@@ -41,8 +41,9 @@ def verify_backend(module: Module, backend: str, *, seed: int = 0) -> list[Check
     if backend == "cupy-emulated":
         from ..runtime.emulator import installed, unavailable_reason
 
-        if unavailable_reason():
-            raise McalcError(unavailable_reason())
+        reason = unavailable_reason()
+        if reason:
+            raise McalcError(reason)
         with installed():
             return verify_backend(module, "cupy", seed=seed)
 

@@ -27,7 +27,6 @@ import contextlib
 import ctypes
 import functools
 import hashlib
-import itertools
 import os
 import re
 import shutil
@@ -181,31 +180,26 @@ def unavailable_reason() -> str:
     return ""
 
 
-def _library_directory() -> Path:
-    root = os.environ.get("MCALC_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mcalc")
-    return Path(root) / "emulator"
-
-
 class RawModule:
     """CuPy's ``RawModule``: the source's kernels compiled for the CPU (once per source, cached on disk)."""
 
     def __init__(self, code: str, options: tuple = (), **_: Any) -> None:
         self.code = code
-        self.kernels = {m.group(1): _parameters(m.group(2)) for m in _KERNEL.finditer(code)}
+        matches = list(_KERNEL.finditer(code))
+        self.kernels = {m.group(1): _parameters(m.group(2)) for m in matches}
+        # a kernel's body runs from its signature to the next one's
+        ends = [m.start() for m in matches[1:]] + [len(code)]
+        self._barriers = {m.group(1) for m, end in zip(matches, ends) if "__syncthreads" in code[m.end():end]}
         self._library: ctypes.CDLL | None = None
-
-    def _bodies_with_barriers(self) -> set[str]:
-        starts = [(m.group(1), m.end()) for m in _KERNEL.finditer(self.code)] + [("", len(self.code))]
-        return {name for (name, start), (_, end) in itertools.pairwise(starts)
-                if "__syncthreads" in self.code[start:end]}
 
     def compile(self) -> ctypes.CDLL:
         if self._library is None:
-            barriers = self._bodies_with_barriers()
             source = _PRELUDE + self.code + "\n" + "".join(
-                _launcher(name, kinds, name in barriers) for name, kinds in self.kernels.items())
+                _launcher(name, kinds, name in self._barriers) for name, kinds in self.kernels.items())
             digest = hashlib.sha256(source.encode()).hexdigest()[:24]
-            directory = _library_directory()
+            from .loader import cache_directory  # where user modules' generated code is cached too
+
+            directory = cache_directory() / "emulator"
             library = directory / f"kernels_{digest}.so"
             if not library.exists():
                 directory.mkdir(parents=True, exist_ok=True)
