@@ -83,18 +83,7 @@ class KernelBuilder:
         self.program = program
         self.invariant = invariant  # the loop-invariant steps, which a cache keeps: not merged with others
         self.by_target = {s.target: s for s in program.steps}
-        self.uses: dict[str, int] = {}
-        for s in program.steps:
-            for child in s.node.children:
-                # counted as the program refers to it: diag(v) in a product or sum is a use of v
-                name = program.names.get(_in_place(s.node, child))
-                if name:
-                    self.uses[name] = self.uses.get(name, 0) + 1
-        for result in program.results.values():
-            for name in ([result] if isinstance(result, str) else
-                         [t for triple in result.kron for t in triple[1:]] + [result.dense]):
-                if name:
-                    self.uses[name] = self.uses.get(name, 0) + 2  # results are used outside
+        self.uses = program.use_counts()
         self.kernels: list[Kernel] = []
 
     def _internal(self, node: Expr, shape: tuple) -> bool:
@@ -272,9 +261,10 @@ def _device_name(f: ElementwiseFunction) -> str:
 
 # --- the generated CuPy module -----------------------------------------------------------
 def _program_context(program: Program, family: str | None = None) -> dict[str, Any]:
-    kernels = KernelBuilder(program, invariant_steps(program, family) if family else set()).build()
+    invariant = invariant_steps(program, family) if family else set()
+    kernels = KernelBuilder(program, invariant).build()
     launches = {k.placed_at: k for k in kernels}
-    printer = ArrayPrinter(lambda node: program.names[node])
+    printer = ArrayPrinter(lambda node: program.names[node], program.overwritable(invariant))
     lines, calls = [], iter(program.fallbacks)
     live = _live_steps(program, kernels)
     for step in program.steps:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import sympy as sp
 from sympy.printing.numpy import NumPyPrinter as _SymPyNumPyPrinter
 
-from ..expr import ONE, Diag, Expr, Identity, Ones, ScalarMul, Seed, Stacked, Symbol
+from ..expr import ONE, Diag, Expr, Identity, Ones, ScalarMul
 from ..functions import ElementwiseFunction
 from .plan import sanitise
 
@@ -62,10 +62,12 @@ def function_source(f: ElementwiseFunction) -> str:
 
 
 class ArrayPrinter:
-    """Right-hand sides of program steps; ``ref`` names an already computed child."""
+    """Right-hand sides of program steps; ``ref`` names an already computed child, and a name in
+    ``overwritable`` is an array that no other step reads, which a step may write into."""
 
-    def __init__(self, ref: Callable[[Expr], str]) -> None:
+    def __init__(self, ref: Callable[[Expr], str], overwritable: set[str] = frozenset()) -> None:
         self.ref = ref
+        self.overwritable = overwritable
 
     def rhs(self, node: Expr) -> str:
         return getattr(self, f"_print_{type(node).__name__}")(node)
@@ -128,8 +130,9 @@ class ArrayPrinter:
             f"xp.zeros(({self.dim(node.rows)}, {self.dim(node.cols)}), dtype=dtype)"
         if not diagonal:
             return total
-        # a lone argument (a parameter, 𝓗z, a batch, a tangent) must not be written to; a fresh sum may be
-        shared = len(dense) == 1 and isinstance(dense[0], (Symbol, Seed, Stacked))
+        # a fresh sum may be written to, and so may a lone step no other step reads; an argument
+        # (a parameter, 𝓗z, a batch, a tangent), a cached invariant or a value read again may not
+        shared = len(dense) == 1 and self.operand(dense[0]) not in self.overwritable
         return f"_plus_diagonal({total}, {' + '.join(diagonal)}, copy={shared})"
 
     def _print_ScalarMul(self, node: Expr) -> str:

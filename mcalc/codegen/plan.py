@@ -86,6 +86,28 @@ class Program:
     fallbacks: list[tuple[str, Program, tuple[Expr, ...]]] = field(default_factory=list)
     names: dict[Expr, str] = field(default_factory=dict)  # how each computed node is referred to
 
+    def use_counts(self) -> dict[str, int]:
+        """How often each name is read: once per step that reads it (diag(v) in a product or sum
+        reads v), twice for a result, which is also read outside."""
+        uses: dict[str, int] = {}
+        for s in self.steps:
+            for child in s.node.children:
+                name = self.names.get(_in_place(s.node, child))
+                if name:
+                    uses[name] = uses.get(name, 0) + 1
+        for result in self.results.values():
+            for name in ([result] if isinstance(result, str) else
+                         [t for triple in result.kron for t in triple[1:]] + [result.dense]):
+                if name:
+                    uses[name] = uses.get(name, 0) + 2
+        return uses
+
+    def overwritable(self, invariant: set[str]) -> set[str]:
+        """Steps whose array a later step may write into: read once, and not a loop invariant that
+        a cache keeps for later calls."""
+        uses = self.use_counts()
+        return {s.target for s in self.steps if uses.get(s.target) == 1 and s.target not in invariant}
+
 
 class ProgramBuilder:
     """Builds a :class:`Program`, naming every distinct node once (common subexpressions)."""

@@ -42,7 +42,8 @@ def template_hash(backend: str) -> str:
 
 def _program_context(program: Program, family: str | None = None) -> dict[str, Any]:
     """The lines of a program (and of its per-sample fallbacks) as the template prints them."""
-    printer = ArrayPrinter(lambda node: program.names[node])
+    invariant = invariant_steps(program, family) if family else set()
+    printer = ArrayPrinter(lambda node: program.names[node], program.overwritable(invariant))
     lines, calls = [], iter(program.fallbacks)
     for step in program.steps:
         rhs = f"{next(calls)[0]}()" if isinstance(step.node, BatchMean) else printer.rhs(step.node)
