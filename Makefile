@@ -23,3 +23,4 @@ bench: $(VENV)/installed
 	$(PY) benchmarks/derive.py --json benchmarks/results/derive.json
 	$(PY) benchmarks/hbp_pass.py --json benchmarks/results/hbp_pass_cpu.json
 	$(PY) benchmarks/hbp_pass.py --count-launches --json benchmarks/results/launch_counts.json
+	$(PY) benchmarks/solve_costs.py --json benchmarks/results/solve_costs_cpu.json

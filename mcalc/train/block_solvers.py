@@ -39,13 +39,16 @@ def conjugate_gradient(matvec: Any, b: Any, tolerance: float, max_iterations: in
 class SolveCosts:
     """What the cost model charges, in flops of a matrix product on the backend.
 
-    ``eigh``: a symmetric eigen-decomposition of an n × n matrix costs ``eigh``·n³.
+    ``eigh``, ``eigh_fixed``: a symmetric eigen-decomposition of an n × n matrix costs
+    ``eigh_fixed`` + ``eigh``·n³ (on a GPU the fixed part, the solver's own launches and
+    synchronisations, outweighs the cubic one up to n ≈ 400).
     ``dispatch``: one array operation's fixed cost (Python, dispatch, launch), which
     dominates CG on small blocks.
     """
 
     eigh: float
     dispatch: float
+    eigh_fixed: float = 0.0
 
 
 COSTS = {
@@ -53,9 +56,10 @@ COSTS = {
     # n = 64…512 took as long as 17–58 n³ flops of that machine's GEMM; a small
     # array operation takes ~3 µs, the time of ~1e5 GEMM flops there.
     "numpy": SolveCosts(eigh=25.0, dispatch=1e5),
-    # Estimates, not measured: cuSOLVER's syevd runs far below GEMM speed on small matrices,
-    # and a launch (~10 µs) is worth ~1e8 flops of an H100's GEMM.
-    "cupy": SolveCosts(eigh=1000.0, dispatch=1e8),
+    # Measured on an H100 (benchmarks/solve_costs.py, benchmarks/results/solve_costs_h100.json;
+    # float32 GEMM 24 TFLOP/s): cupy.linalg.eigh took 0.9 ms at n = 64 and 11.4 ms at n = 1024,
+    # fitted as 2e10 + 230 n³ flops; a small array operation took 16 µs = 3.8e8 flops.
+    "cupy": SolveCosts(eigh=230.0, dispatch=3.8e8, eigh_fixed=2e10),
 }
 
 _CG_OPERATIONS = 14  # per CG iteration: the block's matvec (~6) and CG's axpys and dot products (~8)
@@ -102,7 +106,7 @@ def eigen_flops(block: CurvatureBlock, refresh: int, costs: SolveCosts, decompos
         if id(factor) not in decomposed:
             decomposed.add(id(factor))
             size = factor.shape[0]
-            decompose += costs.eigh * size**3 + (2.0 * size * size * factor.p.shape[1]
+            decompose += costs.eigh_fixed + costs.eigh * size**3 + (2.0 * size * size * factor.p.shape[1]
                                                  if isinstance(factor, Gram) else 0.0)
     apply = 4.0 * m * m if not block.kron else 4.0 * m * n * (m + n)
     return (formation_flops(block, costs) + decompose) / refresh + apply + _EIGEN_OPERATIONS * costs.dispatch
