@@ -10,8 +10,10 @@ passed backwards (BackPACK: ``HBP(curv_type, 'sum', 'average', 'E[J^T E(H) J]')`
 Factor conventions: BackPACK stores the weight block as [𝓗̄z, E[x xᵀ]] for its
 row-major vec, mcalc as E[x xᵀ] ⊗ 𝓗̄z for column-stacking vec: the factors are
 compared one to one. On CPU mcalc runs its NumPy backend; on CUDA its fused
-CuPy kernels, and the same plan with unfused CuPy operations. Contenders run in
-turn within each repeat; the medians are reported.
+CuPy kernels, and the same plan with unfused CuPy operations, each both as
+called from Python and recorded once as a CUDA graph that is replayed
+(``Network.capture_backward``). Contenders run in turn within each repeat; the
+medians are reported.
 
 ``--count-launches`` needs no GPU, PyTorch or BackPACK: it runs the fused and
 the unfused CuPy code of one pass on the CPU emulator and counts the device
@@ -49,7 +51,10 @@ MODES = {"exact": "hessian", "ggn": "ggn", "pch-abs": "pch-abs"}
 
 def unfused(module: mc.Module) -> types.ModuleType:
     """The same plan printed as plain CuPy operations (one kernel per operation)."""
-    source = render_module(plan_module(mc.derive(module)), "numpy", "import cupy as xp")
+    # products through mcalc's matmul, as in the fused code, so that this variant can be captured too
+    source = render_module(plan_module(mc.derive(module)), "numpy",
+                           "import cupy as xp\nfrom mcalc.runtime.cuda_graph import matmul as _matmul",
+                           product="_matmul({a}, {b})")
     namespace = types.ModuleType(f"unfused_{module.name}")
     exec(compile(source, f"<unfused {module.name}>", "exec"), namespace.__dict__)
     return namespace
@@ -57,7 +62,10 @@ def unfused(module: mc.Module) -> types.ModuleType:
 
 def mcalc_pass(net: Network, X, Y, mode: str) -> list[tuple]:
     """Forward, loss, gradients and every layer's (W, b) HBP blocks by approximation (6)."""
-    _, _, blocks = net.backward(X, Y, mode, "6")
+    return layer_blocks(net.backward(X, Y, mode, "6")[2])
+
+
+def layer_blocks(blocks: dict) -> list[tuple]:
     return [(blocks[f"W{i}"], blocks[f"b{i}"]) for i in range(1, len(SIZES))]
 
 
@@ -207,9 +215,15 @@ def main() -> None:
         contenders = {f"BackPACK HBP [{mode}]": (lambda m=mode: backpack_pass(model, loss_fn, X_t, y_t, m),
                                                  torch_sync)}
         for name, net in variants.items():
-            blocks = mcalc_pass(net, X, Y, mode)
-            agreement[f"{name} [{mode}]"] = max(_difference(ours, refs, xp) for ours, refs in zip(blocks, reference))
-            contenders[f"{name} [{mode}]"] = (lambda n=net, m=mode: mcalc_pass(n, X, Y, m), sync)
+            passes = {name: lambda n=net, m=mode: mcalc_pass(n, X, Y, m)}
+            if args.device == "cuda":  # the same pass recorded as one CUDA graph
+                replay = net.capture_backward(X, Y, mode, "6")
+                passes[f"{name} graph"] = lambda r=replay: layer_blocks(r(X, Y)[2])
+            for label, run in passes.items():
+                blocks = run()
+                agreement[f"{label} [{mode}]"] = max(_difference(ours, refs, xp)
+                                                     for ours, refs in zip(blocks, reference))
+                contenders[f"{label} [{mode}]"] = (run, sync)
         results.update(timed_side_by_side(contenders, args.repeats))
     print(f"device: {args.device}, batch {BATCH}, float32, network {'-'.join(map(str, SIZES))}")
     for name, seconds in results.items():
@@ -221,11 +235,15 @@ def main() -> None:
     ratios = {}
     for mode in MODES:
         bp = results[f"BackPACK HBP [{mode}]"]
-        for name in variants:
-            ratios[f"BackPACK / {name} [{mode}]"] = bp / results[f"{name} [{mode}]"]
+        for name in agreement:
+            if name.endswith(f"[{mode}]"):
+                ratios[f"BackPACK / {name}"] = bp / results[name]
         if args.device == "cuda":
-            ratios[f"unfused / fused [{mode}]"] = (results[f"mcalc unfused CuPy [{mode}]"]
-                                                   / results[f"mcalc fused CuPy [{mode}]"])
+            for graph in ("", " graph"):
+                ratios[f"unfused{graph} / fused{graph} [{mode}]"] = (
+                    results[f"mcalc unfused CuPy{graph} [{mode}]"] / results[f"mcalc fused CuPy{graph} [{mode}]"])
+            ratios[f"fused / fused graph [{mode}]"] = (results[f"mcalc fused CuPy [{mode}]"]
+                                                       / results[f"mcalc fused CuPy graph [{mode}]"])
         ratios[f"BackPACK / plain PyTorch [{mode}]"] = bp / results["plain PyTorch forward+backward"]
     for name, r in ratios.items():
         print(f"  {name:<48} {r:6.2f}×")

@@ -139,3 +139,40 @@ def test_hbp_newton_steps_on_cupy_match_numpy(cp, solver):
             net.params = {k: v + steps[-1][k] for k, v in net.params.items()}
         for name, expected in steps[0].items():
             np.testing.assert_allclose(steps[1][name].get(), expected, rtol=1e-8, atol=1e-10, err_msg=name)
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "exact"])
+def test_captured_backward_replays_the_eager_pass(cp, curvature):
+    """Network.capture_backward (a CUDA graph) gives the eager pass's loss, gradients and blocks on new
+    batches, after the parameters are rebound (as an optimiser does) and after an in-place update."""
+    from mcalc.train.network import Network
+
+    if cp.ndarray is emulator.DeviceArray:
+        pytest.skip("the emulator runs kernels as they are launched; it records no CUDA graph")
+    rng = np.random.default_rng(4)
+    batch = lambda: (cp.asarray(rng.normal(size=(12, 32))), cp.asarray(np.eye(4)[:, rng.integers(0, 4, 32)]))  # noqa: E731
+    eager, captured = (Network("12-8-tanh-6-sigmoid-4", backend="cupy", seed=1) for _ in range(2))
+    replay = captured.capture_backward(*batch(), curvature)
+    for change in ("none", "rebind", "in place"):
+        if change == "rebind":
+            for net in (eager, captured):
+                net.params = {k: v - 0.1 for k, v in net.params.items()}
+        elif change == "in place":
+            for net in (eager, captured):
+                net.params["W1"] *= 0.5
+        X, Y = batch()
+        expected, got = eager.backward(X, Y, curvature), replay(X, Y)
+        assert got[0] == pytest.approx(expected[0], rel=1e-12)
+        for name in expected[1]:
+            np.testing.assert_allclose(got[1][name].get(), expected[1][name].get(), rtol=1e-10, err_msg=name)
+            np.testing.assert_allclose(got[2][name].to_dense().get(), expected[2][name].to_dense().get(),
+                                       rtol=1e-10, atol=1e-14, err_msg=name)
+    with pytest.raises(mc.McalcError, match="captured for"):
+        replay(cp.asarray(rng.normal(size=(12, 16))), Y)
+
+
+def test_capture_needs_the_cupy_backend():
+    from mcalc.train.network import Network
+
+    with pytest.raises(mc.McalcError, match="need the cupy backend"):
+        Network("4-3", seed=0).capture_backward(np.zeros((4, 2)), np.eye(3)[:, :2])

@@ -264,7 +264,7 @@ def _program_context(program: Program, family: str | None = None) -> dict[str, A
     invariant = invariant_steps(program, family) if family else set()
     kernels = KernelBuilder(program, invariant).build()
     launches = {k.placed_at: k for k in kernels}
-    printer = ArrayPrinter(lambda node: program.names[node], program.overwritable(invariant))
+    printer = ArrayPrinter(lambda node: program.names[node], program.overwritable(invariant), "_matmul({a}, {b})")
     lines, calls = [], iter(program.fallbacks)
     live = _live_steps(program, kernels)
     for step in program.steps:

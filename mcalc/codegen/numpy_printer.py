@@ -63,11 +63,15 @@ def function_source(f: ElementwiseFunction) -> str:
 
 class ArrayPrinter:
     """Right-hand sides of program steps; ``ref`` names an already computed child, and a name in
-    ``overwritable`` is an array that no other step reads, which a step may write into."""
+    ``overwritable`` is an array that no other step reads, which a step may write into. A matrix
+    product is printed by ``product`` (``a @ b``; the CuPy backend calls a function that a CUDA
+    graph can capture)."""
 
-    def __init__(self, ref: Callable[[Expr], str], overwritable: set[str] = frozenset()) -> None:
+    def __init__(self, ref: Callable[[Expr], str], overwritable: set[str] = frozenset(),
+                 product: str = "({a} @ {b})") -> None:
         self.ref = ref
         self.overwritable = overwritable
+        self.product = product
 
     def rhs(self, node: Expr) -> str:
         return getattr(self, f"_print_{type(node).__name__}")(node)
@@ -112,7 +116,7 @@ class ArrayPrinter:
             row_scales = []
             if column_sum:
                 factor, column_sum = f"{factor}.sum(axis=0, keepdims=True)", False
-            code = factor if code is None else f"({code} @ {factor})"
+            code = factor if code is None else self.product.format(a=code, b=factor)
         return code
 
     def _print_Add(self, node: Expr) -> str:

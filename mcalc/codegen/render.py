@@ -40,15 +40,16 @@ def template_hash(backend: str) -> str:
     return digest.hexdigest()
 
 
-def _program_context(program: Program, family: str | None = None) -> dict[str, Any]:
+def _program_context(program: Program, family: str | None = None, product: str = "({a} @ {b})") -> dict[str, Any]:
     """The lines of a program (and of its per-sample fallbacks) as the template prints them."""
     invariant = invariant_steps(program, family) if family else set()
-    printer = ArrayPrinter(lambda node: program.names[node], program.overwritable(invariant))
+    printer = ArrayPrinter(lambda node: program.names[node], program.overwritable(invariant), product)
     lines, calls = [], iter(program.fallbacks)
     for step in program.steps:
         rhs = f"{next(calls)[0]}()" if isinstance(step.node, BatchMean) else printer.rhs(step.node)
         lines.append((step.target, f"{step.target} = {rhs}"))
-    return assemble_context(program, lines, family, [_program_context(inner) for _, inner, _ in program.fallbacks])
+    return assemble_context(program, lines, family,
+                            [_program_context(inner, product=product) for _, inner, _ in program.fallbacks])
 
 
 def assemble_context(program: Program, lines: list[tuple[str, str]], family: str | None,
@@ -98,14 +99,16 @@ def module_context(plan: ModulePlan) -> dict[str, Any]:
     }
 
 
-def render_module(plan: ModulePlan, backend: str, header: str) -> str:
+def render_module(plan: ModulePlan, backend: str, header: str, product: str = "({a} @ {b})") -> str:
+    """The module's source for one backend family; ``product`` prints a matrix product of the
+    NumPy family (``a @ b``)."""
     return environment().get_template(f"{backend}/module.py.j2").render(
         module=module_context(plan),
         version=__version__,
         backend=backend,
         header=header,
         functions=functions_of(plan),
-        forward=_program_context(plan.forward),
-        **{family: {key: _program_context(p, family) for key, p in programs.items()}
+        forward=_program_context(plan.forward, product=product),
+        **{family: {key: _program_context(p, family, product) for key, p in programs.items()}
            for family, programs in plan.families().items()},
     )

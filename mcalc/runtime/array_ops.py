@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from .blocks import Gram, namespace
+from .cuda_graph import matmul
 
 
 def plus_diagonal(m: Any, v: Any, copy: bool) -> Any:
@@ -41,7 +42,7 @@ def psd_project(a: Any, mode: str) -> Any:
     """V f(Λ) Vᵀ of the symmetric part of ``a``, f = |·| ('abs') or max(·, 0) ('clip')."""
     xp = namespace(a)
     w, v = xp.linalg.eigh(0.5 * (a + a.T))
-    return (v * (xp.abs(w) if mode == "abs" else xp.maximum(w, 0.0))) @ v.T
+    return matmul(v * (xp.abs(w) if mode == "abs" else xp.maximum(w, 0.0)), v.T)
 
 
 def kron(scale: Any, a: Any, b: Any) -> tuple[Any, Any]:
@@ -53,4 +54,4 @@ def kron(scale: Any, a: Any, b: Any) -> tuple[Any, Any]:
 
 def gram(p: Any) -> Any:
     """P Pᵀ formed when that is cheaper than applying it through P (rows ≤ columns), else kept implicit."""
-    return p @ p.T if p.shape[0] <= p.shape[1] else Gram(p)
+    return matmul(p, p.T) if p.shape[0] <= p.shape[1] else Gram(p)

@@ -110,11 +110,39 @@ class Network:
         The loss is the batch mean: δZ carries 1/B and 𝓗̄z is the mean of the
         per-sample loss Hessians, passed backwards module by module by (4a).
         """
+        loss, grads, blocks = self._backward(X, Y, curvature, approximation)
+        return float(loss), grads, blocks
+
+    def capture_backward(self, X: Any, Y: Any, curvature: str | None = None, approximation: str = "6",
+                         ) -> Callable[[Any, Any], tuple[float, dict[str, Any], dict[str, CurvatureBlock]]]:
+        """:meth:`backward` recorded once as a CUDA graph (cupy backend), for batches shaped as (X, Y).
+
+        The returned function replays it: one launch instead of one per kernel and product. Its
+        gradients and blocks are the same arrays on every call, overwritten by the next one. The
+        graph reads the parameter arrays bound now: update them in place, or rebind them and each
+        call copies the new values into those arrays (and binds them again).
+        """
+        if self.backend != "cupy":
+            raise McalcError(f"CUDA graphs need the cupy backend; this network runs on {self.backend}")
+        from ..runtime.cuda_graph import CapturedCall
+
+        captured = CapturedCall(lambda x, y: self._backward(x, y, curvature, approximation), [X, Y],
+                                lambda: self.params)
+
+        def replay(X: Any, Y: Any) -> tuple[float, dict[str, Any], dict[str, CurvatureBlock]]:
+            loss, grads, blocks = captured(X, Y)
+            return float(loss), grads, blocks
+
+        return replay
+
+    def _backward(self, X: Any, Y: Any, curvature: str | None, approximation: str,
+                  ) -> tuple[Any, dict[str, Any], dict[str, CurvatureBlock]]:
+        """:meth:`backward` with the loss left on the device (no host synchronisation: capturable)."""
         xp = self.xp
         Z, inputs = self.forward(X)
         code = self.code[self.loss_module.name]
         S = self._loss_inputs(Z, Y)
-        loss = float(code.forward({}, S)["Z"].mean())
+        loss = code.forward({}, S)["Z"].mean()
         dZ = code.gradients({}, S)["x"]
         Hz = code.HBP[("exact", approximation)]({}, S, xp.zeros((1, 1), dtype=Z.dtype))["x"].dense \
             if curvature else None
