@@ -19,7 +19,7 @@ from sympy.codegen.ast import float32, float64, real
 from sympy.printing.c import C99CodePrinter
 
 from .. import __version__
-from ..expr import ONE, Add, Apply, Diag, Expr, Hadamard, Identity, MatMul, Ones, ScalarMul, ScaleBy
+from ..expr import ONE, Add, Apply, BatchMean, Diag, Expr, Hadamard, Identity, MatMul, Ones, ScalarMul, ScaleBy
 from ..functions import ElementwiseFunction
 from .numpy_printer import ArrayPrinter, through_base
 from .plan import ModulePlan, Program, _in_place, invariant_steps, sanitise
@@ -282,7 +282,7 @@ def _program_context(program: Program, family: str | None = None) -> dict[str, A
             targets = tuple(t.target for t in (k, *k.extra))
             lines.append((targets, f"{', '.join(targets)} = _launch({k.name!r}, dtype, ({dims}), {out}, [{args}], "
                                    f"[{coefficients}], {k.reduce})"))
-        elif step.node.__class__.__name__ == "BatchMean":
+        elif isinstance(step.node, BatchMean):
             lines.append((step.target, f"{step.target} = {next(calls)[0]}()"))
         else:
             lines.append((step.target, f"{step.target} = {printer.rhs(step.node)}"))
@@ -295,9 +295,7 @@ def _live_steps(program: Program, kernels: list[Kernel]) -> set[str]:
     """The targets of the steps the function must run (a kernel's: where it is placed): those its
     results need, through the printed steps' operands and the kernels' inputs. A step fused into a
     kernel is not run, nor one that kernels read only in place (the broadcast v 1ᵀ is read as v)."""
-    needed = {name for result in program.results.values()
-              for name in ([result] if isinstance(result, str) else
-                           [part for triple in result.kron for part in triple] + [result.dense])}
+    needed = set(program.result_names())
     outputs = {t.target: k for k in kernels for t in (k, *k.extra)}
     members = set().union(*[k.members for k in kernels])
     live = set()
@@ -311,7 +309,7 @@ def _live_steps(program: Program, kernels: list[Kernel]) -> set[str]:
             continue
         else:
             live.add(step.target)
-            if step.node.__class__.__name__ != "BatchMean":  # a per-sample fallback reads the batch itself
+            if not isinstance(step.node, BatchMean):  # a per-sample fallback reads the batch itself
                 needed |= {program.names.get(_in_place(step.node, child)) for child in step.node.children}
     return live
 

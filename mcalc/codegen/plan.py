@@ -86,6 +86,14 @@ class Program:
     fallbacks: list[tuple[str, Program, tuple[Expr, ...]]] = field(default_factory=list)
     names: dict[Expr, str] = field(default_factory=dict)  # how each computed node is referred to
 
+    def result_names(self) -> list[str]:
+        """The names the results read: a result, or a block's Kronecker scales and factors and its
+        dense part (a scale may also be a number, written as code)."""
+        return [name for result in self.results.values()
+                for name in ([result] if isinstance(result, str) else
+                             [part for triple in result.kron for part in triple] + [result.dense])
+                if name]
+
     def use_counts(self) -> dict[str, int]:
         """How often each name is read: once per step that reads it (diag(v) in a product or sum
         reads v), twice for a result, which is also read outside."""
@@ -95,11 +103,8 @@ class Program:
                 name = self.names.get(_in_place(s.node, child))
                 if name:
                     uses[name] = uses.get(name, 0) + 1
-        for result in self.results.values():
-            for name in ([result] if isinstance(result, str) else
-                         [t for triple in result.kron for t in triple[1:]] + [result.dense]):
-                if name:
-                    uses[name] = uses.get(name, 0) + 2
+        for name in self.result_names():
+            uses[name] = uses.get(name, 0) + 2
         return uses
 
     def overwritable(self, invariant: set[str]) -> set[str]:
