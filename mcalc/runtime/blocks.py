@@ -1,7 +1,6 @@
 """Curvature blocks as generated code returns them: Kronecker factors plus a dense remainder."""
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,10 +93,9 @@ class CurvatureBlock:
             raise McalcError("an eigenbasis needs a block that is one Kronecker product or one dense matrix")
         return list(self.kron[0]) if self.kron else [self.dense]
 
-    def eigenbasis(self, eigh: Callable[[Any], tuple[Any, Any]] | None = None) -> Eigenbasis:
-        """The eigen-decomposition of C from those of its factors; ``eigh`` decomposes one factor
-        (default :func:`factor_eigh`)."""
-        return Eigenbasis([(eigh or factor_eigh)(f) for f in self.factors()])
+    def eigenbasis(self) -> Eigenbasis:
+        """The eigen-decomposition of C from those of its factors (:func:`factor_eigh` each)."""
+        return Eigenbasis([factor_eigh(f) for f in self.factors()])
 
     def to_dense(self) -> Any:
         """C as one matrix (only when a dense matrix is really wanted)."""

@@ -106,8 +106,8 @@ def eigen_flops(block: CurvatureBlock, refresh: int, costs: SolveCosts, decompos
         if id(factor) not in decomposed:
             decomposed.add(id(factor))
             size = factor.shape[0]
-            decompose += costs.eigh_fixed + costs.eigh * size**3 + (2.0 * size * size * factor.p.shape[1]
-                                                 if isinstance(factor, Gram) else 0.0)
+            forming = 2.0 * size * size * factor.p.shape[1] if isinstance(factor, Gram) else 0.0
+            decompose += forming + costs.eigh_fixed + costs.eigh * size**3
     apply = 4.0 * m * m if not block.kron else 4.0 * m * n * (m + n)
     return (formation_flops(block, costs) + decompose) / refresh + apply + _EIGEN_OPERATIONS * costs.dispatch
 
