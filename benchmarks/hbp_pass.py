@@ -145,7 +145,7 @@ def launch_counts() -> dict[str, dict[str, dict[str, int]]]:
 
 
 def print_launch_counts(counts: dict, json_path: str | None) -> None:
-    kinds = ["kernel", "matmul", "reduce", "elementwise"]
+    kinds = ["kernel", "matmul", "reduce", "elementwise", "fill"]
     print(f"device operations of one HBP pass (network {'-'.join(map(str, SIZES))}, batch {BATCH}), "
           "counted on the CPU emulator:")
     print(f"  {'mode':<8} {'variant':<8} " + " ".join(f"{k:>11}" for k in [*kinds, "total"]))

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import zipfile
 
+import numpy as np
 import pytest
 import sympy as sp
 from conftest import ROOT
@@ -139,15 +140,41 @@ def test_numpy_backend_on_random_modules(module, tmp_path_factory):
 @given(module=modules())
 @example(module=mc.Module("Found", mc.softplus(sp.Rational(1, 2) * mc.Matrix("V", "n", "m") @ mc.softplus(
     mc.Vector("u", "m"))), inputs=[], params=[mc.Matrix("V", "n", "m"), mc.Vector("u", "m")]))
+@example(module=mc.Module("SoftmaxOfGroup", mc.log_softmax(2 * mc.tanh(mc.Vector("x", "n")) + mc.Vector("b", "n")),
+                          inputs=[mc.Vector("x", "n")], params=[mc.Vector("b", "n")]))
 def test_cuda_kernels_on_random_modules(module, tmp_path_factory):
     """The CuPy backend's fused kernels of Hypothesis-made modules, run by the CPU emulator, against the
-    symbolic batch rules (the same checks as the NumPy backend's). The example is one it found: softplus′
-    was used both inside diag(·) of a product and by a kernel, which fused it away and left the product
-    reading a name never assigned (uses through diag(·) were not counted)."""
+    symbolic batch rules (the same checks as the NumPy backend's). The first example is one it found:
+    softplus′ was used both inside diag(·) of a product and by a kernel, which fused it away and left the
+    product reading a name never assigned (uses through diag(·) were not counted). The second has a
+    (log-)softmax kernel compute its operand, a fused group with a broadcast bias, in its column loops."""
     directory = _generate_random(module, "cupy", tmp_path_factory)
     if directory is not None:
         with emulator.installed():
             check_generated(module, load(module, "cupy", directory))
+
+
+@pytest.mark.skipif(bool(emulator.unavailable_reason()), reason=emulator.unavailable_reason())
+def test_softmax_kernels_stay_finite_for_large_logits():
+    """The column kernels shift by each column's max: logits of ±100 in float32 (exp overflows past 88)
+    give the cross-entropy's loss, gradient and Hessian of the stable NumPy forms, in one launch each."""
+    logits = np.array([[100.0, -100.0, 0.0], [-100.0, 100.0, 1.0], [0.0, 0.0, 2.0]], dtype=np.float32)
+    labels = np.eye(3, dtype=np.float32)
+    S = {"x": logits, "y": labels, "dz": np.full((1, 3), 1 / 3, dtype=np.float32)}
+    reference = load(L.CrossEntropy, "numpy")
+    expected = [reference.forward({}, S)["Z"], reference.gradients({}, S)["x"],
+                reference.HBP[("exact", "6")]({}, S, np.zeros((1, 1), np.float32))["x"].dense]
+    with emulator.installed() as cp:
+        code = load(L.CrossEntropy, "cupy")
+        D = {k: cp.asarray(v) for k, v in S.items()}
+        emulator.COUNTS.clear()
+        loss = code.forward({}, D)["Z"]
+        assert emulator.COUNTS["kernel"] == 3 and emulator.COUNTS["elementwise"] == 0  # log-softmax, y ⊙ ·, −·
+        hessian = code.HBP[("exact", "6")]({}, D, cp.zeros((1, 1), np.float32))["x"].dense
+        found = [loss, code.gradients({}, D)["x"], hessian]
+    for ours, theirs in zip(found, expected):
+        assert np.isfinite(ours.get()).all()
+        np.testing.assert_allclose(ours.get(), theirs, rtol=1e-5, atol=1e-6)
 
 
 def _generate_random(module, backend, tmp_path_factory):

@@ -102,6 +102,6 @@ def test_device_operations_are_counted(cp, kernels):
     scaled_add, _ = kernels
     a = cp.asarray(np.ones((3, 3)))
     emulator.COUNTS.clear()
-    b = (a @ a) * 2.0 + a.sum(axis=0)
-    scaled_add((1,), (32,), (a, b, np.float64(1.0), cp.empty((3, 3)), np.int64(9)))
-    assert emulator.COUNTS == {"matmul": 1, "elementwise": 2, "reduce": 1, "kernel": 1}
+    b = (a @ a) * 2.0 + a.sum(axis=0) + cp.ones((3, 1))
+    scaled_add((1,), (32,), (a, b, np.float64(1.0), cp.empty((3, 3)), np.int64(9)))  # empty: no fill
+    assert emulator.COUNTS == {"matmul": 1, "elementwise": 3, "reduce": 1, "kernel": 1, "fill": 1}

@@ -69,6 +69,36 @@ extern "C" __global__ void k_531d59972706_double(const double* __restrict__ in0,
     out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
+extern "C" __global__ void k_37936cc9666e_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    // out[:, c] = softmax (or log-softmax) of column c of the fused expression, in the stable form:
+    // shifted by the column's max, so exp never overflows (consecutive threads read consecutive columns)
+    const long long c = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (c >= cols) return;
+    long long r = 0;
+    float top = in0[r * cols + c];
+    for (r = 1; r < rows; ++r) top = fmaxf(top, in0[r * cols + c]);
+    float total = 0;
+    for (r = 0; r < rows; ++r) total += expf(in0[r * cols + c] - top);
+    const float shift = top + logf(total);
+    for (r = 0; r < rows; ++r) out[r * cols + c] = in0[r * cols + c] - shift;
+}
+
+extern "C" __global__ void k_37936cc9666e_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    // out[:, c] = softmax (or log-softmax) of column c of the fused expression, in the stable form:
+    // shifted by the column's max, so exp never overflows (consecutive threads read consecutive columns)
+    const long long c = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (c >= cols) return;
+    long long r = 0;
+    double top = in0[r * cols + c];
+    for (r = 1; r < rows; ++r) top = fmax(top, in0[r * cols + c]);
+    double total = 0;
+    for (r = 0; r < rows; ++r) total += exp(in0[r * cols + c] - top);
+    const double shift = top + log(total);
+    for (r = 0; r < rows; ++r) out[r * cols + c] = in0[r * cols + c] - shift;
+}
+
 extern "C" __global__ void k_eaa61725f54d_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
@@ -89,6 +119,36 @@ extern "C" __global__ void k_eaa61725f54d_double(const double* __restrict__ in0,
     (void)r;
     (void)c;
     out[i] = ((c0 * (in0[c] * in1[r * cols + c])) + (in0[c] * in2[r * cols + c]));
+}
+
+extern "C" __global__ void k_5d70c76b687f_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    // out[:, c] = softmax (or log-softmax) of column c of the fused expression, in the stable form:
+    // shifted by the column's max, so exp never overflows (consecutive threads read consecutive columns)
+    const long long c = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (c >= cols) return;
+    long long r = 0;
+    float top = in0[r * cols + c];
+    for (r = 1; r < rows; ++r) top = fmaxf(top, in0[r * cols + c]);
+    float total = 0;
+    for (r = 0; r < rows; ++r) total += expf(in0[r * cols + c] - top);
+    const float scale = (float)1 / total;
+    for (r = 0; r < rows; ++r) out[r * cols + c] = expf(in0[r * cols + c] - top) * scale;
+}
+
+extern "C" __global__ void k_5d70c76b687f_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    // out[:, c] = softmax (or log-softmax) of column c of the fused expression, in the stable form:
+    // shifted by the column's max, so exp never overflows (consecutive threads read consecutive columns)
+    const long long c = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (c >= cols) return;
+    long long r = 0;
+    double top = in0[r * cols + c];
+    for (r = 1; r < rows; ++r) top = fmax(top, in0[r * cols + c]);
+    double total = 0;
+    for (r = 0; r < rows; ++r) total += exp(in0[r * cols + c] - top);
+    const double scale = (double)1 / total;
+    for (r = 0; r < rows; ++r) out[r * cols + c] = exp(in0[r * cols + c] - top) * scale;
 }
 
 extern "C" __global__ void k_442036a17620_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
@@ -404,10 +464,10 @@ def forward(P, S):
     """Z = the module's outputs, (size z, B)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _log_softmax(S['x'])
-    t1 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['y'], t0], [], False)
+    t0 = _launch('k_37936cc9666e', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    t1 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['y'], t0], [], 'entries')
     t2 = t1.sum(axis=0, keepdims=True)
-    t3 = _launch('k_e768e514d527', dtype, (1, B), (1, B), [t2], [-1], False)
+    t3 = _launch('k_e768e514d527', dtype, (1, B), (1, B), [t2], [-1], 'entries')
 
     return {"Z": t3}
 
@@ -417,12 +477,12 @@ def _gradients_all(P, S, C=None):
     dtype = _dtype(P, S)
     hoisted = C.get('gradients_all') if C is not None else None
     if hoisted is None:
-        t3 = _softmax(S['x'])
+        t3 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
         if C is not None:
             C['gradients_all'] = (t3,)
     else:
         t3, = hoisted
-    t5 = _launch('k_eaa61725f54d', dtype, (n, B), (n, B), [S['dz'], S['y'], t3], [-1], False)
+    t5 = _launch('k_eaa61725f54d', dtype, (n, B), (n, B), [S['dz'], S['y'], t3], [-1], 'entries')
 
     return {"x": t5, }
 
@@ -447,16 +507,16 @@ def _jvp_all(P, S, V, C=None):
     dtype = _dtype(P, S)
     hoisted = C.get('jvp_all') if C is not None else None
     if hoisted is None:
-        t0 = _softmax(S['x'])
+        t0 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
         if C is not None:
             C['jvp_all'] = (t0,)
     else:
         t0, = hoisted
-    t1 = _launch('k_531d59972706', dtype, (n, B), (n, B), [V['x'], t0], [], False)
+    t1 = _launch('k_531d59972706', dtype, (n, B), (n, B), [V['x'], t0], [], 'entries')
     t2 = _matmul(xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)), t1)
-    t5 = _launch('k_442036a17620', dtype, (n, B), (n, B), [V['x'], t2, S['y']], [-1], False)
+    t5 = _launch('k_442036a17620', dtype, (n, B), (n, B), [V['x'], t2, S['y']], [-1], 'entries')
     t6 = t5.sum(axis=0, keepdims=True)
-    t7 = _launch('k_e768e514d527', dtype, (1, B), (1, B), [t6], [-1], False)
+    t7 = _launch('k_e768e514d527', dtype, (1, B), (1, B), [t6], [-1], 'entries')
 
     return {"Z": t7}
 
@@ -473,14 +533,14 @@ def _rgradients_all(P, S, V, C=None):
     dtype = _dtype(P, S)
     hoisted = C.get('rgradients_all') if C is not None else None
     if hoisted is None:
-        t3 = _softmax(S['x'])
+        t3 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
         if C is not None:
             C['rgradients_all'] = (t3,)
     else:
         t3, = hoisted
-    t6 = _launch('k_531d59972706', dtype, (n, B), (n, B), [V['x'], t3], [], False)
+    t6 = _launch('k_531d59972706', dtype, (n, B), (n, B), [V['x'], t3], [], 'entries')
     t7 = _matmul(xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)), t6)
-    t12 = _launch('k_fe106be29eba', dtype, (n, B), (n, B), [V['dz'], S['y'], t3, S['dz'], t6, t7], [-1, -1], False)
+    t12 = _launch('k_fe106be29eba', dtype, (n, B), (n, B), [V['dz'], S['y'], t3, S['dz'], t6, t7], [-1, -1], 'entries')
 
     return {"x": t12, }
 
@@ -500,16 +560,16 @@ def _hbp_exact_6_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _softmax(S['x'])
-    t2 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['y'], t0], [-1], False)
+    t0 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    t2 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['y'], t0], [-1], 'entries')
     t3 = S['y'].T
     t5 = t0.T
-    t7 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
+    t7 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], 'entries')
     t8 = _matmul(t2, t7)
-    t11 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [S['dz'], t0], [], False)
+    t11 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
     t12 = t11.sum(axis=1, keepdims=True)
     t13 = _matmul(t11, t5)
-    t17 = _launch('k_8a39c66b9282', dtype, (n, n), (n, n), [Hz, t8, t12, t13], [B, 1/B, -1/B], False)
+    t17 = _launch('k_8a39c66b9282', dtype, (n, n), (n, n), [Hz, t8, t12, t13], [B, 1/B, -1/B], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t17),
@@ -527,17 +587,17 @@ def _hbp_exact_7_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _softmax(S['x'])
-    t3 = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['y'], t1], [1/B, -1/B], False)
+    t1 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    t3 = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['y'], t1], [1/B, -1/B], 'entries')
     t4 = S['y'].T
     t6 = t1.T
-    t8 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t4, t6], [1/B, -1/B], False)
+    t8 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t4, t6], [1/B, -1/B], 'entries')
     t9 = _matmul(xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)), t8)
     t11 = S['dz'].T
     t12 = t11.sum(keepdims=True)
     t13 = t1.sum(axis=1, keepdims=True)
     t14 = _matmul(t1, t6)
-    t18 = _launch('k_d92a703ff2d9', dtype, (n, n), (n, n), [Hz, t9, t12, t13, t14], [1/B, -1/B], False)
+    t18 = _launch('k_d92a703ff2d9', dtype, (n, n), (n, n), [Hz, t9, t12, t13, t14], [1/B, -1/B], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t18),
@@ -555,13 +615,13 @@ def _hbp_ggn_6_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _softmax(S['x'])
-    t2 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['y'], t0], [-1], False)
+    t0 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    t2 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['y'], t0], [-1], 'entries')
     t3 = S['y'].T
     t5 = t0.T
-    t7 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
+    t7 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], 'entries')
     t8 = _matmul(t2, t7)
-    t9 = _launch('k_f676ffeebc3d', dtype, (n, n), (n, n), [Hz, t8], [], False)
+    t9 = _launch('k_f676ffeebc3d', dtype, (n, n), (n, n), [Hz, t8], [], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t9),
@@ -579,13 +639,13 @@ def _hbp_ggn_7_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _softmax(S['x'])
-    t3 = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['y'], t1], [1/B, -1/B], False)
+    t1 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    t3 = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['y'], t1], [1/B, -1/B], 'entries')
     t4 = S['y'].T
     t6 = t1.T
-    t8 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t4, t6], [1/B, -1/B], False)
+    t8 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t4, t6], [1/B, -1/B], 'entries')
     t9 = _matmul(xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)), t8)
-    t10 = _launch('k_f676ffeebc3d', dtype, (n, n), (n, n), [Hz, t9], [], False)
+    t10 = _launch('k_f676ffeebc3d', dtype, (n, n), (n, n), [Hz, t9], [], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t10),
@@ -603,18 +663,18 @@ def _hbp_pch_abs_6_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _softmax(S['x'])
-    t2 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['y'], t0], [-1], False)
+    t0 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    t2 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['y'], t0], [-1], 'entries')
     t3 = S['y'].T
     t5 = t0.T
-    t7 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
+    t7 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], 'entries')
     t8 = _matmul(t2, t7)
-    t11 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [S['dz'], t0], [], False)
+    t11 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
     t12 = t11.sum(axis=1, keepdims=True)
     t13 = _matmul(t11, t5)
-    t16 = _launch('k_c5fcf4f17afa', dtype, (n, n), (n, n), [t12, t13], [B, 1/B, -1/B], False)
+    t16 = _launch('k_c5fcf4f17afa', dtype, (n, n), (n, n), [t12, t13], [B, 1/B, -1/B], 'entries')
     t17 = _psd_project(t16, 'abs')
-    t18 = _launch('k_6864483093b3', dtype, (n, n), (n, n), [Hz, t8, t17], [], False)
+    t18 = _launch('k_6864483093b3', dtype, (n, n), (n, n), [Hz, t8, t17], [], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t18),
@@ -632,19 +692,19 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _softmax(S['x'])
-    t3 = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['y'], t1], [1/B, -1/B], False)
+    t1 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    t3 = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['y'], t1], [1/B, -1/B], 'entries')
     t4 = S['y'].T
     t6 = t1.T
-    t8 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t4, t6], [1/B, -1/B], False)
+    t8 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t4, t6], [1/B, -1/B], 'entries')
     t9 = _matmul(xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)), t8)
     t11 = S['dz'].T
     t12 = t11.sum(keepdims=True)
     t14 = t1.sum(axis=1, keepdims=True)
     t15 = _matmul(t1, t6)
-    t17 = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t14, t15], [1/B, -1/B], False)
+    t17 = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t14, t15], [1/B, -1/B], 'entries')
     t18 = _psd_project(t17, 'abs')
-    t20 = _launch('k_0f239657472b', dtype, (n, n), (n, n), [Hz, t9, t12, t18], [], False)
+    t20 = _launch('k_0f239657472b', dtype, (n, n), (n, n), [Hz, t9, t12, t18], [], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t20),
@@ -662,18 +722,18 @@ def _hbp_pch_clip_6_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _softmax(S['x'])
-    t2 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['y'], t0], [-1], False)
+    t0 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    t2 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['y'], t0], [-1], 'entries')
     t3 = S['y'].T
     t5 = t0.T
-    t7 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
+    t7 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], 'entries')
     t8 = _matmul(t2, t7)
-    t11 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [S['dz'], t0], [], False)
+    t11 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
     t12 = t11.sum(axis=1, keepdims=True)
     t13 = _matmul(t11, t5)
-    t16 = _launch('k_c5fcf4f17afa', dtype, (n, n), (n, n), [t12, t13], [B, 1/B, -1/B], False)
+    t16 = _launch('k_c5fcf4f17afa', dtype, (n, n), (n, n), [t12, t13], [B, 1/B, -1/B], 'entries')
     t17 = _psd_project(t16, 'clip')
-    t18 = _launch('k_6864483093b3', dtype, (n, n), (n, n), [Hz, t8, t17], [], False)
+    t18 = _launch('k_6864483093b3', dtype, (n, n), (n, n), [Hz, t8, t17], [], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t18),
@@ -691,19 +751,19 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _softmax(S['x'])
-    t3 = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['y'], t1], [1/B, -1/B], False)
+    t1 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    t3 = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['y'], t1], [1/B, -1/B], 'entries')
     t4 = S['y'].T
     t6 = t1.T
-    t8 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t4, t6], [1/B, -1/B], False)
+    t8 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t4, t6], [1/B, -1/B], 'entries')
     t9 = _matmul(xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)), t8)
     t11 = S['dz'].T
     t12 = t11.sum(keepdims=True)
     t13 = t1.sum(axis=1, keepdims=True)
     t14 = _matmul(t1, t6)
-    t17 = _launch('k_50e90ba97e03', dtype, (n, n), (n, n), [t12, t13, t14], [1/B, -1/B], False)
+    t17 = _launch('k_50e90ba97e03', dtype, (n, n), (n, n), [t12, t13, t14], [1/B, -1/B], 'entries')
     t18 = _psd_project(t17, 'clip')
-    t19 = _launch('k_6864483093b3', dtype, (n, n), (n, n), [Hz, t9, t18], [], False)
+    t19 = _launch('k_6864483093b3', dtype, (n, n), (n, n), [Hz, t9, t18], [], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t19),

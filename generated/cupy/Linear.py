@@ -115,7 +115,7 @@ def forward(P, S):
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = _matmul(P['W'], S['x'])
-    t2 = _launch('k_a3cc1fa8db9e', dtype, (m, B), (m, B), [t0, P['b']], [], False)
+    t2 = _launch('k_a3cc1fa8db9e', dtype, (m, B), (m, B), [t0, P['b']], [], 'entries')
 
     return {"Z": t2}
 
@@ -167,7 +167,7 @@ def _jvp_all(P, S, V, C=None):
     dtype = _dtype(P, S)
     t0 = _matmul(V['W'], S['x'])
     t1 = _matmul(P['W'], V['x'])
-    t3 = _launch('k_7a29c394231f', dtype, (m, B), (m, B), [t0, t1, V['b']], [], False)
+    t3 = _launch('k_7a29c394231f', dtype, (m, B), (m, B), [t0, t1, V['b']], [], 'entries')
 
     return {"Z": t3}
 
@@ -176,7 +176,7 @@ def _jvp_params(P, S, V, C=None):
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = _matmul(V['W'], S['x'])
-    t2 = _launch('k_a3cc1fa8db9e', dtype, (m, B), (m, B), [t0, V['b']], [], False)
+    t2 = _launch('k_a3cc1fa8db9e', dtype, (m, B), (m, B), [t0, V['b']], [], 'entries')
 
     return {"Z": t2}
 
@@ -202,11 +202,11 @@ def _rgradients_all(P, S, V, C=None):
     t0 = V['W'].T
     t1 = _matmul(t0, S['dz'])
     t3 = _matmul(t2, V['dz'])
-    t4 = _launch('k_41a52876c677', dtype, (n, B), (n, B), [t1, t3], [], False)
+    t4 = _launch('k_41a52876c677', dtype, (n, B), (n, B), [t1, t3], [], 'entries')
     t6 = _matmul(V['dz'], t5)
     t7 = V['x'].T
     t8 = _matmul(S['dz'], t7)
-    t9 = _launch('k_41a52876c677', dtype, (m, n), (m, n), [t6, t8], [], False)
+    t9 = _launch('k_41a52876c677', dtype, (m, n), (m, n), [t6, t8], [], 'entries')
     t10 = V['dz'].sum(axis=1, keepdims=True)
 
     return {"x": t4, "W": t9, "b": t10, }

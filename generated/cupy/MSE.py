@@ -316,8 +316,8 @@ def forward(P, S):
     """Z = the module's outputs, (size z, B)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['x'], S['y']], [-1], False)
-    t2 = _launch('k_3609146dac45', dtype, (n, B), (n, B), [t1], [], False)
+    t1 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['x'], S['y']], [-1], 'entries')
+    t2 = _launch('k_3609146dac45', dtype, (n, B), (n, B), [t1], [], 'entries')
     t3 = t2.sum(axis=0, keepdims=True)
 
     return {"Z": t3}
@@ -326,7 +326,7 @@ def forward(P, S):
 def _gradients_all(P, S, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t4 = _launch('k_89a14ba3b649', dtype, (n, B), (n, B), [S['dz'], S['x'], S['y']], [2, -1], False)
+    t4 = _launch('k_89a14ba3b649', dtype, (n, B), (n, B), [S['dz'], S['x'], S['y']], [2, -1], 'entries')
 
     return {"x": t4, }
 
@@ -349,9 +349,9 @@ def gradients(P, S, inputs=True, cache=None):
 def _jvp_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t2 = _launch('k_3ac21bab4968', dtype, (n, B), (n, B), [V['x'], S['x'], S['y']], [-1], False)
+    t2 = _launch('k_3ac21bab4968', dtype, (n, B), (n, B), [V['x'], S['x'], S['y']], [-1], 'entries')
     t3 = t2.sum(axis=0, keepdims=True)
-    t4 = _launch('k_e768e514d527', dtype, (1, B), (1, B), [t3], [2], False)
+    t4 = _launch('k_e768e514d527', dtype, (1, B), (1, B), [t3], [2], 'entries')
 
     return {"Z": t4}
 
@@ -366,7 +366,7 @@ def jvp(P, S, V, inputs=True, cache=None):
 def _rgradients_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t7 = _launch('k_0554ac7d87a1', dtype, (n, B), (n, B), [V['dz'], S['x'], S['y'], S['dz'], V['x']], [2, -1], False)
+    t7 = _launch('k_0554ac7d87a1', dtype, (n, B), (n, B), [V['dz'], S['x'], S['y'], S['dz'], V['x']], [2, -1], 'entries')
 
     return {"x": t7, }
 
@@ -386,14 +386,14 @@ def _hbp_exact_6_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['x'], S['y']], [-1], False)
+    t1 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['x'], S['y']], [-1], 'entries')
     t2 = S['x'].T
     t4 = S['y'].T
-    t6 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t2, t4], [1/B, -1/B], False)
+    t6 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t2, t4], [1/B, -1/B], 'entries')
     t7 = _matmul(t1, t6)
     t10 = S['dz'].T
     t11 = t10.sum(keepdims=True)
-    t14 = _launch('k_f058db9b2cae', dtype, (n, n), (n, n), [Hz, t7, t11], [4, 2], False)
+    t14 = _launch('k_f058db9b2cae', dtype, (n, n), (n, n), [Hz, t7, t11], [4, 2], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t14),
@@ -411,14 +411,14 @@ def _hbp_exact_7_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t2 = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], False)
+    t2 = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], 'entries')
     t3 = S['x'].T
     t5 = S['y'].T
-    t7 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
+    t7 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], 'entries')
     t8 = _matmul(xp.broadcast_to(t2.sum(axis=1, keepdims=True), (n, B)), t7)
     t11 = S['dz'].T
     t12 = t11.sum(keepdims=True)
-    t15 = _launch('k_f058db9b2cae', dtype, (n, n), (n, n), [Hz, t8, t12], [4, 2], False)
+    t15 = _launch('k_f058db9b2cae', dtype, (n, n), (n, n), [Hz, t8, t12], [4, 2], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t15),
@@ -436,12 +436,12 @@ def _hbp_ggn_6_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['x'], S['y']], [-1], False)
+    t1 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['x'], S['y']], [-1], 'entries')
     t2 = S['x'].T
     t4 = S['y'].T
-    t6 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t2, t4], [1/B, -1/B], False)
+    t6 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t2, t4], [1/B, -1/B], 'entries')
     t7 = _matmul(t1, t6)
-    t9 = _launch('k_de71cc95aead', dtype, (n, n), (n, n), [Hz, t7], [4], False)
+    t9 = _launch('k_de71cc95aead', dtype, (n, n), (n, n), [Hz, t7], [4], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t9),
@@ -459,12 +459,12 @@ def _hbp_ggn_7_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t2 = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], False)
+    t2 = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], 'entries')
     t3 = S['x'].T
     t5 = S['y'].T
-    t7 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
+    t7 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], 'entries')
     t8 = _matmul(xp.broadcast_to(t2.sum(axis=1, keepdims=True), (n, B)), t7)
-    t10 = _launch('k_de71cc95aead', dtype, (n, n), (n, n), [Hz, t8], [4], False)
+    t10 = _launch('k_de71cc95aead', dtype, (n, n), (n, n), [Hz, t8], [4], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t10),
@@ -482,14 +482,14 @@ def _hbp_pch_abs_6_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['x'], S['y']], [-1], False)
+    t1 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['x'], S['y']], [-1], 'entries')
     t2 = S['x'].T
     t4 = S['y'].T
-    t6 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t2, t4], [1/B, -1/B], False)
+    t6 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t2, t4], [1/B, -1/B], 'entries')
     t7 = _matmul(t1, t6)
     t10 = S['dz'].T
     t11 = t10.sum(keepdims=True)
-    t15 = _launch('k_e404d3259fed', dtype, (n, n), (n, n), [Hz, t7, t11], [4, 2], False)
+    t15 = _launch('k_e404d3259fed', dtype, (n, n), (n, n), [Hz, t7, t11], [4, 2], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t15),
@@ -507,14 +507,14 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t2 = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], False)
+    t2 = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], 'entries')
     t3 = S['x'].T
     t5 = S['y'].T
-    t7 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
+    t7 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], 'entries')
     t8 = _matmul(xp.broadcast_to(t2.sum(axis=1, keepdims=True), (n, B)), t7)
     t11 = S['dz'].T
     t12 = t11.sum(keepdims=True)
-    t16 = _launch('k_e404d3259fed', dtype, (n, n), (n, n), [Hz, t8, t12], [4, 2], False)
+    t16 = _launch('k_e404d3259fed', dtype, (n, n), (n, n), [Hz, t8, t12], [4, 2], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t16),
@@ -532,16 +532,16 @@ def _hbp_pch_clip_6_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['x'], S['y']], [-1], False)
+    t1 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['x'], S['y']], [-1], 'entries')
     t2 = S['x'].T
     t4 = S['y'].T
-    t6 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t2, t4], [1/B, -1/B], False)
+    t6 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t2, t4], [1/B, -1/B], 'entries')
     t7 = _matmul(t1, t6)
     t10 = S['dz'].T
     t11 = t10.sum(keepdims=True)
-    t12 = _launch('k_b7885957cd37', dtype, (n, n), (n, n), [t11], [], False)
+    t12 = _launch('k_b7885957cd37', dtype, (n, n), (n, n), [t11], [], 'entries')
     t13 = _psd_project(t12, 'clip')
-    t15 = _launch('k_fda518cfe531', dtype, (n, n), (n, n), [Hz, t7, t13], [4, 2], False)
+    t15 = _launch('k_fda518cfe531', dtype, (n, n), (n, n), [Hz, t7, t13], [4, 2], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t15),
@@ -559,16 +559,16 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t2 = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], False)
+    t2 = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], 'entries')
     t3 = S['x'].T
     t5 = S['y'].T
-    t7 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], False)
+    t7 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], 'entries')
     t8 = _matmul(xp.broadcast_to(t2.sum(axis=1, keepdims=True), (n, B)), t7)
     t11 = S['dz'].T
     t12 = t11.sum(keepdims=True)
-    t13 = _launch('k_b7885957cd37', dtype, (n, n), (n, n), [t12], [], False)
+    t13 = _launch('k_b7885957cd37', dtype, (n, n), (n, n), [t12], [], 'entries')
     t14 = _psd_project(t13, 'clip')
-    t16 = _launch('k_fda518cfe531', dtype, (n, n), (n, n), [Hz, t8, t14], [4, 2], False)
+    t16 = _launch('k_fda518cfe531', dtype, (n, n), (n, n), [Hz, t8, t14], [4, 2], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t16),

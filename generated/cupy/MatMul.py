@@ -120,7 +120,7 @@ def _jvp_all(P, S, V, C=None):
     dtype = _dtype(P, S)
     t0 = _matmul(V['W'], S['x'])
     t1 = _matmul(P['W'], V['x'])
-    t2 = _launch('k_41a52876c677', dtype, (m, B), (m, B), [t0, t1], [], False)
+    t2 = _launch('k_41a52876c677', dtype, (m, B), (m, B), [t0, t1], [], 'entries')
 
     return {"Z": t2}
 
@@ -154,11 +154,11 @@ def _rgradients_all(P, S, V, C=None):
     t0 = V['W'].T
     t1 = _matmul(t0, S['dz'])
     t3 = _matmul(t2, V['dz'])
-    t4 = _launch('k_41a52876c677', dtype, (n, B), (n, B), [t1, t3], [], False)
+    t4 = _launch('k_41a52876c677', dtype, (n, B), (n, B), [t1, t3], [], 'entries')
     t6 = _matmul(V['dz'], t5)
     t7 = V['x'].T
     t8 = _matmul(S['dz'], t7)
-    t9 = _launch('k_41a52876c677', dtype, (m, n), (m, n), [t6, t8], [], False)
+    t9 = _launch('k_41a52876c677', dtype, (m, n), (m, n), [t6, t8], [], 'entries')
 
     return {"x": t4, "W": t9, }
 

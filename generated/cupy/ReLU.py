@@ -203,7 +203,7 @@ def forward(P, S):
     """Z = the module's outputs, (size z, B)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_90b16f48f862', dtype, (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_90b16f48f862', dtype, (n, B), (n, B), [S['x']], [], 'entries')
 
     return {"Z": t0}
 
@@ -211,7 +211,7 @@ def forward(P, S):
 def _gradients_all(P, S, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_29b586e8102a', dtype, (n, B), (n, B), [S['dz'], S['x']], [], False)
+    t1 = _launch('k_29b586e8102a', dtype, (n, B), (n, B), [S['dz'], S['x']], [], 'entries')
 
     return {"x": t1, }
 
@@ -234,7 +234,7 @@ def gradients(P, S, inputs=True, cache=None):
 def _jvp_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_29b586e8102a', dtype, (n, B), (n, B), [V['x'], S['x']], [], False)
+    t1 = _launch('k_29b586e8102a', dtype, (n, B), (n, B), [V['x'], S['x']], [], 'entries')
 
     return {"Z": t1}
 
@@ -249,7 +249,7 @@ def jvp(P, S, V, inputs=True, cache=None):
 def _rgradients_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_29b586e8102a', dtype, (n, B), (n, B), [V['dz'], S['x']], [], False)
+    t1 = _launch('k_29b586e8102a', dtype, (n, B), (n, B), [V['dz'], S['x']], [], 'entries')
 
     return {"x": t1, }
 
@@ -269,10 +269,10 @@ def _hbp_exact_6_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_e5758009459e', dtype, (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_e5758009459e', dtype, (n, B), (n, B), [S['x']], [], 'entries')
     t1 = t0.T
     t2 = _matmul(t0, t1)
-    t4 = _launch('k_bbf53db00b39', dtype, (n, n), (n, n), [t2, Hz], [1/B], False)
+    t4 = _launch('k_bbf53db00b39', dtype, (n, n), (n, n), [t2, Hz], [1/B], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t4),
@@ -290,9 +290,9 @@ def _hbp_exact_7_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_e2964d1f4ef1', dtype, (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_e2964d1f4ef1', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
     t2 = ((t1 * Hz) * t1.T)
-    t3 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t2], [B**(-2)], False)
+    t3 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t2], [B**(-2)], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t3),
@@ -310,10 +310,10 @@ def _hbp_ggn_6_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_e5758009459e', dtype, (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_e5758009459e', dtype, (n, B), (n, B), [S['x']], [], 'entries')
     t1 = t0.T
     t2 = _matmul(t0, t1)
-    t4 = _launch('k_bbf53db00b39', dtype, (n, n), (n, n), [t2, Hz], [1/B], False)
+    t4 = _launch('k_bbf53db00b39', dtype, (n, n), (n, n), [t2, Hz], [1/B], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t4),
@@ -331,9 +331,9 @@ def _hbp_ggn_7_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_e2964d1f4ef1', dtype, (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_e2964d1f4ef1', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
     t2 = ((t1 * Hz) * t1.T)
-    t3 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t2], [B**(-2)], False)
+    t3 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t2], [B**(-2)], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t3),
@@ -351,10 +351,10 @@ def _hbp_pch_abs_6_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_e5758009459e', dtype, (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_e5758009459e', dtype, (n, B), (n, B), [S['x']], [], 'entries')
     t1 = t0.T
     t2 = _matmul(t0, t1)
-    t4 = _launch('k_bbf53db00b39', dtype, (n, n), (n, n), [t2, Hz], [1/B], False)
+    t4 = _launch('k_bbf53db00b39', dtype, (n, n), (n, n), [t2, Hz], [1/B], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t4),
@@ -372,9 +372,9 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_e2964d1f4ef1', dtype, (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_e2964d1f4ef1', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
     t2 = ((t1 * Hz) * t1.T)
-    t3 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t2], [B**(-2)], False)
+    t3 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t2], [B**(-2)], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t3),
@@ -392,10 +392,10 @@ def _hbp_pch_clip_6_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_e5758009459e', dtype, (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_e5758009459e', dtype, (n, B), (n, B), [S['x']], [], 'entries')
     t1 = t0.T
     t2 = _matmul(t0, t1)
-    t4 = _launch('k_bbf53db00b39', dtype, (n, n), (n, n), [t2, Hz], [1/B], False)
+    t4 = _launch('k_bbf53db00b39', dtype, (n, n), (n, n), [t2, Hz], [1/B], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t4),
@@ -413,9 +413,9 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_e2964d1f4ef1', dtype, (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_e2964d1f4ef1', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
     t2 = ((t1 * Hz) * t1.T)
-    t3 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t2], [B**(-2)], False)
+    t3 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t2], [B**(-2)], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t3),

@@ -550,9 +550,9 @@ def forward(P, S):
     """Z = the module's outputs, (size z, B)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
     t1 = _matmul(P['W'], t0)
-    t3 = _launch('k_a3cc1fa8db9e', dtype, (m, B), (m, B), [t1, P['b']], [], False)
+    t3 = _launch('k_a3cc1fa8db9e', dtype, (m, B), (m, B), [t1, P['b']], [], 'entries')
 
     return {"Z": t3}
 
@@ -563,14 +563,14 @@ def _gradients_all(P, S, C=None):
     hoisted = C.get('gradients_all') if C is not None else None
     if hoisted is None:
         t0 = P['W'].T
-        t4 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], False)
+        t4 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
         t5 = t4.T
         if C is not None:
             C['gradients_all'] = (t0, t4, t5,)
     else:
         t0, t4, t5, = hoisted
     t1 = _matmul(t0, S['dz'])
-    t3 = _launch('k_7f80f5161959', dtype, (n, B), (n, B), [t1, S['x']], [], False)
+    t3 = _launch('k_7f80f5161959', dtype, (n, B), (n, B), [t1, S['x']], [], 'entries')
     t6 = _matmul(S['dz'], t5)
     t7 = S['dz'].sum(axis=1, keepdims=True)
 
@@ -582,7 +582,7 @@ def _gradients_params(P, S, C=None):
     dtype = _dtype(P, S)
     hoisted = C.get('gradients_params') if C is not None else None
     if hoisted is None:
-        t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], False)
+        t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
         t1 = t0.T
         if C is not None:
             C['gradients_params'] = (t0, t1,)
@@ -607,15 +607,15 @@ def _jvp_all(P, S, V, C=None):
     dtype = _dtype(P, S)
     hoisted = C.get('jvp_all') if C is not None else None
     if hoisted is None:
-        t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], False)
+        t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
         if C is not None:
             C['jvp_all'] = (t0,)
     else:
         t0, = hoisted
     t1 = _matmul(V['W'], t0)
-    t3 = _launch('k_7f80f5161959', dtype, (n, B), (n, B), [V['x'], S['x']], [], False)
+    t3 = _launch('k_7f80f5161959', dtype, (n, B), (n, B), [V['x'], S['x']], [], 'entries')
     t4 = _matmul(P['W'], t3)
-    t6 = _launch('k_7a29c394231f', dtype, (m, B), (m, B), [t1, t4, V['b']], [], False)
+    t6 = _launch('k_7a29c394231f', dtype, (m, B), (m, B), [t1, t4, V['b']], [], 'entries')
 
     return {"Z": t6}
 
@@ -625,13 +625,13 @@ def _jvp_params(P, S, V, C=None):
     dtype = _dtype(P, S)
     hoisted = C.get('jvp_params') if C is not None else None
     if hoisted is None:
-        t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], False)
+        t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
         if C is not None:
             C['jvp_params'] = (t0,)
     else:
         t0, = hoisted
     t1 = _matmul(V['W'], t0)
-    t3 = _launch('k_a3cc1fa8db9e', dtype, (m, B), (m, B), [t1, V['b']], [], False)
+    t3 = _launch('k_a3cc1fa8db9e', dtype, (m, B), (m, B), [t1, V['b']], [], 'entries')
 
     return {"Z": t3}
 
@@ -649,9 +649,9 @@ def _rgradients_all(P, S, V, C=None):
     hoisted = C.get('rgradients_all') if C is not None else None
     if hoisted is None:
         t2 = P['W'].T
-        t5 = _launch('k_8f7445a19454', dtype, (n, B), (n, B), [S['x']], [], False)
+        t5 = _launch('k_8f7445a19454', dtype, (n, B), (n, B), [S['x']], [], 'entries')
         t7 = _matmul(t2, S['dz'])
-        t12 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], False)
+        t12 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
         t13 = t12.T
         t16 = t5.T
         if C is not None:
@@ -661,12 +661,12 @@ def _rgradients_all(P, S, V, C=None):
     t0 = V['W'].T
     t1 = _matmul(t0, S['dz'])
     t3 = _matmul(t2, V['dz'])
-    t11 = _launch('k_1a0ed3fc59d5', dtype, (n, B), (n, B), [t1, t3, t5, t7, V['x'], S['x']], [], False)
+    t11 = _launch('k_1a0ed3fc59d5', dtype, (n, B), (n, B), [t1, t3, t5, t7, V['x'], S['x']], [], 'entries')
     t14 = _matmul(V['dz'], t13)
     t15 = V['x'].T
-    t17 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t15, t16], [], False)
+    t17 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t15, t16], [], 'entries')
     t18 = _matmul(S['dz'], t17)
-    t19 = _launch('k_41a52876c677', dtype, (m, n), (m, n), [t14, t18], [], False)
+    t19 = _launch('k_41a52876c677', dtype, (m, n), (m, n), [t14, t18], [], 'entries')
     t20 = V['dz'].sum(axis=1, keepdims=True)
 
     return {"x": t11, "W": t19, "b": t20, }
@@ -677,7 +677,7 @@ def _rgradients_params(P, S, V, C=None):
     dtype = _dtype(P, S)
     hoisted = C.get('rgradients_params') if C is not None else None
     if hoisted is None:
-        t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], False)
+        t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
         t1 = t0.T
         if C is not None:
             C['rgradients_params'] = (t0, t1,)
@@ -706,12 +706,12 @@ def _hbp_exact_6_all(P, S, Hz):
     dtype = _dtype(P, S)
     t0 = P['W'].T
     t1 = _matmul(_matmul(t0, Hz), P['W'])
-    t2 = _launch('k_8f7445a19454', dtype, (n, B), (n, B), [S['x']], [], False)
+    t2 = _launch('k_8f7445a19454', dtype, (n, B), (n, B), [S['x']], [], 'entries')
     t3 = t2.T
     t4 = _matmul(t2, t3)
     t7 = _matmul(t0, S['dz'])
-    t10, t12 = _launch('k_d6afe995a41c', dtype, (n, B), [(n, 1), (n, B)], [t7, S['x']], [], True)
-    t11 = _launch('k_98a1b805bfa4', dtype, (n, n), (n, n), [t1, t4, t10], [1/B], False)
+    t10, t12 = _launch('k_d6afe995a41c', dtype, (n, B), [(n, 1), (n, B)], [t7, S['x']], [], 'rows')
+    t11 = _launch('k_98a1b805bfa4', dtype, (n, n), (n, n), [t1, t4, t10], [1/B], 'entries')
     t13 = _gram(t12)
 
     return {
@@ -724,7 +724,7 @@ def _hbp_exact_6_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6), parameters only."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
     t1 = _gram(t0)
 
     return {
@@ -736,13 +736,13 @@ def _hbp_exact_7_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
     t2 = P['W'].T
     t3 = (_matmul(_matmul((t1 * t2), Hz), P['W']) * t1.T)
     t5 = xp.broadcast_to(_matmul(t2, S['dz']).sum(axis=1, keepdims=True), (n, B))
-    t8 = _launch('k_36ef97f1d271', dtype, (n, B), (n, 1), [t5, S['x']], [], True)
-    t9 = _launch('k_b4c3ebd29860', dtype, (n, n), (n, n), [t3, t8], [B**(-2), 1/B], False)
-    t11 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], True)
+    t8 = _launch('k_36ef97f1d271', dtype, (n, B), (n, 1), [t5, S['x']], [], 'rows')
+    t9 = _launch('k_b4c3ebd29860', dtype, (n, n), (n, n), [t3, t8], [B**(-2), 1/B], 'entries')
+    t11 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
     t12 = _gram(t11)
 
     return {
@@ -755,7 +755,7 @@ def _hbp_exact_7_params(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7), parameters only."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
     t2 = _gram(t1)
 
     return {
@@ -769,11 +769,11 @@ def _hbp_ggn_6_all(P, S, Hz):
     dtype = _dtype(P, S)
     t0 = P['W'].T
     t1 = _matmul(_matmul(t0, Hz), P['W'])
-    t2 = _launch('k_8f7445a19454', dtype, (n, B), (n, B), [S['x']], [], False)
+    t2 = _launch('k_8f7445a19454', dtype, (n, B), (n, B), [S['x']], [], 'entries')
     t3 = t2.T
     t4 = _matmul(t2, t3)
-    t6 = _launch('k_bbf53db00b39', dtype, (n, n), (n, n), [t1, t4], [1/B], False)
-    t7 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], False)
+    t6 = _launch('k_bbf53db00b39', dtype, (n, n), (n, n), [t1, t4], [1/B], 'entries')
+    t7 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
     t8 = _gram(t7)
 
     return {
@@ -786,7 +786,7 @@ def _hbp_ggn_6_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6), parameters only."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
     t1 = _gram(t0)
 
     return {
@@ -798,11 +798,11 @@ def _hbp_ggn_7_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
     t2 = P['W'].T
     t3 = (_matmul(_matmul((t1 * t2), Hz), P['W']) * t1.T)
-    t4 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t3], [B**(-2)], False)
-    t6 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], True)
+    t4 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t3], [B**(-2)], 'entries')
+    t6 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
     t7 = _gram(t6)
 
     return {
@@ -815,7 +815,7 @@ def _hbp_ggn_7_params(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7), parameters only."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
     t2 = _gram(t1)
 
     return {
@@ -829,12 +829,12 @@ def _hbp_pch_abs_6_all(P, S, Hz):
     dtype = _dtype(P, S)
     t0 = P['W'].T
     t1 = _matmul(_matmul(t0, Hz), P['W'])
-    t2 = _launch('k_8f7445a19454', dtype, (n, B), (n, B), [S['x']], [], False)
+    t2 = _launch('k_8f7445a19454', dtype, (n, B), (n, B), [S['x']], [], 'entries')
     t3 = t2.T
     t4 = _matmul(t2, t3)
     t7 = _matmul(t0, S['dz'])
-    t10, t13 = _launch('k_d6afe995a41c', dtype, (n, B), [(n, 1), (n, B)], [t7, S['x']], [], True)
-    t12 = _launch('k_7aaf865ab029', dtype, (n, n), (n, n), [t1, t4, t10], [1/B], False)
+    t10, t13 = _launch('k_d6afe995a41c', dtype, (n, B), [(n, 1), (n, B)], [t7, S['x']], [], 'rows')
+    t12 = _launch('k_7aaf865ab029', dtype, (n, n), (n, n), [t1, t4, t10], [1/B], 'entries')
     t14 = _gram(t13)
 
     return {
@@ -847,7 +847,7 @@ def _hbp_pch_abs_6_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6), parameters only."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
     t1 = _gram(t0)
 
     return {
@@ -859,16 +859,16 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
     t2 = P['W'].T
     t3 = (_matmul(_matmul((t1 * t2), Hz), P['W']) * t1.T)
     t5 = xp.broadcast_to(_matmul(t2, S['dz']).sum(axis=1, keepdims=True), (n, B))
-    t8 = _launch('k_36ef97f1d271', dtype, (n, B), (n, 1), [t5, S['x']], [], True)
+    t8 = _launch('k_36ef97f1d271', dtype, (n, B), (n, 1), [t5, S['x']], [], 'rows')
     t9 = xp.diagflat(t8)
-    t10 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t9], [1/B], False)
+    t10 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t9], [1/B], 'entries')
     t11 = _psd_project(t10, 'abs')
-    t12 = _launch('k_159d01c99017', dtype, (n, n), (n, n), [t3, t11], [B**(-2)], False)
-    t14 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], True)
+    t12 = _launch('k_159d01c99017', dtype, (n, n), (n, n), [t3, t11], [B**(-2)], 'entries')
+    t14 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
     t15 = _gram(t14)
 
     return {
@@ -881,7 +881,7 @@ def _hbp_pch_abs_7_params(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7), parameters only."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
     t2 = _gram(t1)
 
     return {
@@ -895,12 +895,12 @@ def _hbp_pch_clip_6_all(P, S, Hz):
     dtype = _dtype(P, S)
     t0 = P['W'].T
     t1 = _matmul(_matmul(t0, Hz), P['W'])
-    t2 = _launch('k_8f7445a19454', dtype, (n, B), (n, B), [S['x']], [], False)
+    t2 = _launch('k_8f7445a19454', dtype, (n, B), (n, B), [S['x']], [], 'entries')
     t3 = t2.T
     t4 = _matmul(t2, t3)
     t7 = _matmul(t0, S['dz'])
-    t10, t13 = _launch('k_d6afe995a41c', dtype, (n, B), [(n, 1), (n, B)], [t7, S['x']], [], True)
-    t12 = _launch('k_ea5e41d44144', dtype, (n, n), (n, n), [t1, t4, t10], [1/B], False)
+    t10, t13 = _launch('k_d6afe995a41c', dtype, (n, B), [(n, 1), (n, B)], [t7, S['x']], [], 'rows')
+    t12 = _launch('k_ea5e41d44144', dtype, (n, n), (n, n), [t1, t4, t10], [1/B], 'entries')
     t14 = _gram(t13)
 
     return {
@@ -913,7 +913,7 @@ def _hbp_pch_clip_6_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6), parameters only."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
     t1 = _gram(t0)
 
     return {
@@ -925,16 +925,16 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
     t2 = P['W'].T
     t3 = (_matmul(_matmul((t1 * t2), Hz), P['W']) * t1.T)
     t5 = xp.broadcast_to(_matmul(t2, S['dz']).sum(axis=1, keepdims=True), (n, B))
-    t8 = _launch('k_36ef97f1d271', dtype, (n, B), (n, 1), [t5, S['x']], [], True)
+    t8 = _launch('k_36ef97f1d271', dtype, (n, B), (n, 1), [t5, S['x']], [], 'rows')
     t9 = xp.diagflat(t8)
-    t10 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t9], [1/B], False)
+    t10 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t9], [1/B], 'entries')
     t11 = _psd_project(t10, 'clip')
-    t12 = _launch('k_159d01c99017', dtype, (n, n), (n, n), [t3, t11], [B**(-2)], False)
-    t14 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], True)
+    t12 = _launch('k_159d01c99017', dtype, (n, n), (n, n), [t3, t11], [B**(-2)], 'entries')
+    t14 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
     t15 = _gram(t14)
 
     return {
@@ -947,7 +947,7 @@ def _hbp_pch_clip_7_params(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7), parameters only."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
     t2 = _gram(t1)
 
     return {

@@ -424,7 +424,7 @@ def forward(P, S):
     """Z = the module's outputs, (size z, B)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_05480c8a8cbb', dtype, (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_05480c8a8cbb', dtype, (n, B), (n, B), [S['x']], [], 'entries')
 
     return {"Z": t0}
 
@@ -432,7 +432,7 @@ def forward(P, S):
 def _gradients_all(P, S, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_454f781be5fc', dtype, (n, B), (n, B), [S['dz'], S['x']], [], False)
+    t1 = _launch('k_454f781be5fc', dtype, (n, B), (n, B), [S['dz'], S['x']], [], 'entries')
 
     return {"x": t1, }
 
@@ -455,7 +455,7 @@ def gradients(P, S, inputs=True, cache=None):
 def _jvp_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_454f781be5fc', dtype, (n, B), (n, B), [V['x'], S['x']], [], False)
+    t1 = _launch('k_454f781be5fc', dtype, (n, B), (n, B), [V['x'], S['x']], [], 'entries')
 
     return {"Z": t1}
 
@@ -470,7 +470,7 @@ def jvp(P, S, V, inputs=True, cache=None):
 def _rgradients_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t5 = _launch('k_d9118980587e', dtype, (n, B), (n, B), [V['x'], S['x'], S['dz'], V['dz']], [], False)
+    t5 = _launch('k_d9118980587e', dtype, (n, B), (n, B), [V['x'], S['x'], S['dz'], V['dz']], [], 'entries')
 
     return {"x": t5, }
 
@@ -490,10 +490,10 @@ def _hbp_exact_6_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t7, t0 = _launch('k_928bd2c6d438', dtype, (n, B), [(n, 1), (n, B)], [S['dz'], S['x']], [], True)
+    t7, t0 = _launch('k_928bd2c6d438', dtype, (n, B), [(n, 1), (n, B)], [S['dz'], S['x']], [], 'rows')
     t1 = t0.T
     t2 = _matmul(t0, t1)
-    t8 = _launch('k_98a1b805bfa4', dtype, (n, n), (n, n), [t2, Hz, t7], [1/B], False)
+    t8 = _launch('k_98a1b805bfa4', dtype, (n, n), (n, n), [t2, Hz, t7], [1/B], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t8),
@@ -511,11 +511,11 @@ def _hbp_exact_7_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_26045612d8a9', dtype, (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_26045612d8a9', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
     t2 = ((t1 * Hz) * t1.T)
     t4 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
-    t7 = _launch('k_f3488bff5e17', dtype, (n, B), (n, 1), [t4, S['x']], [], True)
-    t8 = _launch('k_b4c3ebd29860', dtype, (n, n), (n, n), [t2, t7], [B**(-2), 1/B], False)
+    t7 = _launch('k_f3488bff5e17', dtype, (n, B), (n, 1), [t4, S['x']], [], 'rows')
+    t8 = _launch('k_b4c3ebd29860', dtype, (n, n), (n, n), [t2, t7], [B**(-2), 1/B], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t8),
@@ -533,10 +533,10 @@ def _hbp_ggn_6_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_05cb103f62cd', dtype, (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_05cb103f62cd', dtype, (n, B), (n, B), [S['x']], [], 'entries')
     t1 = t0.T
     t2 = _matmul(t0, t1)
-    t4 = _launch('k_bbf53db00b39', dtype, (n, n), (n, n), [t2, Hz], [1/B], False)
+    t4 = _launch('k_bbf53db00b39', dtype, (n, n), (n, n), [t2, Hz], [1/B], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t4),
@@ -554,9 +554,9 @@ def _hbp_ggn_7_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_26045612d8a9', dtype, (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_26045612d8a9', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
     t2 = ((t1 * Hz) * t1.T)
-    t3 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t2], [B**(-2)], False)
+    t3 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t2], [B**(-2)], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t3),
@@ -574,10 +574,10 @@ def _hbp_pch_abs_6_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t7, t0 = _launch('k_928bd2c6d438', dtype, (n, B), [(n, 1), (n, B)], [S['dz'], S['x']], [], True)
+    t7, t0 = _launch('k_928bd2c6d438', dtype, (n, B), [(n, 1), (n, B)], [S['dz'], S['x']], [], 'rows')
     t1 = t0.T
     t2 = _matmul(t0, t1)
-    t9 = _launch('k_7aaf865ab029', dtype, (n, n), (n, n), [t2, Hz, t7], [1/B], False)
+    t9 = _launch('k_7aaf865ab029', dtype, (n, n), (n, n), [t2, Hz, t7], [1/B], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t9),
@@ -595,14 +595,14 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_26045612d8a9', dtype, (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_26045612d8a9', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
     t2 = ((t1 * Hz) * t1.T)
     t4 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
-    t7 = _launch('k_f3488bff5e17', dtype, (n, B), (n, 1), [t4, S['x']], [], True)
+    t7 = _launch('k_f3488bff5e17', dtype, (n, B), (n, 1), [t4, S['x']], [], 'rows')
     t8 = xp.diagflat(t7)
-    t9 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t8], [1/B], False)
+    t9 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t8], [1/B], 'entries')
     t10 = _psd_project(t9, 'abs')
-    t11 = _launch('k_159d01c99017', dtype, (n, n), (n, n), [t2, t10], [B**(-2)], False)
+    t11 = _launch('k_159d01c99017', dtype, (n, n), (n, n), [t2, t10], [B**(-2)], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t11),
@@ -620,10 +620,10 @@ def _hbp_pch_clip_6_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t7, t0 = _launch('k_928bd2c6d438', dtype, (n, B), [(n, 1), (n, B)], [S['dz'], S['x']], [], True)
+    t7, t0 = _launch('k_928bd2c6d438', dtype, (n, B), [(n, 1), (n, B)], [S['dz'], S['x']], [], 'rows')
     t1 = t0.T
     t2 = _matmul(t0, t1)
-    t9 = _launch('k_ea5e41d44144', dtype, (n, n), (n, n), [t2, Hz, t7], [1/B], False)
+    t9 = _launch('k_ea5e41d44144', dtype, (n, n), (n, n), [t2, Hz, t7], [1/B], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t9),
@@ -641,14 +641,14 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_26045612d8a9', dtype, (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_26045612d8a9', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
     t2 = ((t1 * Hz) * t1.T)
     t4 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
-    t7 = _launch('k_f3488bff5e17', dtype, (n, B), (n, 1), [t4, S['x']], [], True)
+    t7 = _launch('k_f3488bff5e17', dtype, (n, B), (n, 1), [t4, S['x']], [], 'rows')
     t8 = xp.diagflat(t7)
-    t9 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t8], [1/B], False)
+    t9 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t8], [1/B], 'entries')
     t10 = _psd_project(t9, 'clip')
-    t11 = _launch('k_159d01c99017', dtype, (n, n), (n, n), [t2, t10], [B**(-2)], False)
+    t11 = _launch('k_159d01c99017', dtype, (n, n), (n, n), [t2, t10], [B**(-2)], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t11),

@@ -426,7 +426,7 @@ def forward(P, S):
     """Z = the module's outputs, (size z, B)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_f85f026b9271', dtype, (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_f85f026b9271', dtype, (n, B), (n, B), [S['x']], [], 'entries')
 
     return {"Z": t0}
 
@@ -434,7 +434,7 @@ def forward(P, S):
 def _gradients_all(P, S, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_24d51780c90f', dtype, (n, B), (n, B), [S['dz'], S['x']], [], False)
+    t1 = _launch('k_24d51780c90f', dtype, (n, B), (n, B), [S['dz'], S['x']], [], 'entries')
 
     return {"x": t1, }
 
@@ -457,7 +457,7 @@ def gradients(P, S, inputs=True, cache=None):
 def _jvp_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_24d51780c90f', dtype, (n, B), (n, B), [V['x'], S['x']], [], False)
+    t1 = _launch('k_24d51780c90f', dtype, (n, B), (n, B), [V['x'], S['x']], [], 'entries')
 
     return {"Z": t1}
 
@@ -472,7 +472,7 @@ def jvp(P, S, V, inputs=True, cache=None):
 def _rgradients_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t5 = _launch('k_2ea09312fc97', dtype, (n, B), (n, B), [V['x'], S['x'], S['dz'], V['dz']], [], False)
+    t5 = _launch('k_2ea09312fc97', dtype, (n, B), (n, B), [V['x'], S['x'], S['dz'], V['dz']], [], 'entries')
 
     return {"x": t5, }
 
@@ -492,10 +492,10 @@ def _hbp_exact_6_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t7, t0 = _launch('k_d50d2803006a', dtype, (n, B), [(n, 1), (n, B)], [S['dz'], S['x']], [], True)
+    t7, t0 = _launch('k_d50d2803006a', dtype, (n, B), [(n, 1), (n, B)], [S['dz'], S['x']], [], 'rows')
     t1 = t0.T
     t2 = _matmul(t0, t1)
-    t8 = _launch('k_98a1b805bfa4', dtype, (n, n), (n, n), [t2, Hz, t7], [1/B], False)
+    t8 = _launch('k_98a1b805bfa4', dtype, (n, n), (n, n), [t2, Hz, t7], [1/B], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t8),
@@ -513,11 +513,11 @@ def _hbp_exact_7_all(P, S, Hz):
     """Batch HBP, curvature exact, approximation (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_bbece1c4b4b0', dtype, (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_bbece1c4b4b0', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
     t2 = ((t1 * Hz) * t1.T)
     t4 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
-    t7 = _launch('k_b3d733bf1653', dtype, (n, B), (n, 1), [t4, S['x']], [], True)
-    t8 = _launch('k_b4c3ebd29860', dtype, (n, n), (n, n), [t2, t7], [B**(-2), 1/B], False)
+    t7 = _launch('k_b3d733bf1653', dtype, (n, B), (n, 1), [t4, S['x']], [], 'rows')
+    t8 = _launch('k_b4c3ebd29860', dtype, (n, n), (n, n), [t2, t7], [B**(-2), 1/B], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t8),
@@ -535,10 +535,10 @@ def _hbp_ggn_6_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_5b3c6dcec810', dtype, (n, B), (n, B), [S['x']], [], False)
+    t0 = _launch('k_5b3c6dcec810', dtype, (n, B), (n, B), [S['x']], [], 'entries')
     t1 = t0.T
     t2 = _matmul(t0, t1)
-    t4 = _launch('k_bbf53db00b39', dtype, (n, n), (n, n), [t2, Hz], [1/B], False)
+    t4 = _launch('k_bbf53db00b39', dtype, (n, n), (n, n), [t2, Hz], [1/B], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t4),
@@ -556,9 +556,9 @@ def _hbp_ggn_7_all(P, S, Hz):
     """Batch HBP, curvature ggn, approximation (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_bbece1c4b4b0', dtype, (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_bbece1c4b4b0', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
     t2 = ((t1 * Hz) * t1.T)
-    t3 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t2], [B**(-2)], False)
+    t3 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t2], [B**(-2)], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t3),
@@ -576,10 +576,10 @@ def _hbp_pch_abs_6_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t7, t0 = _launch('k_d50d2803006a', dtype, (n, B), [(n, 1), (n, B)], [S['dz'], S['x']], [], True)
+    t7, t0 = _launch('k_d50d2803006a', dtype, (n, B), [(n, 1), (n, B)], [S['dz'], S['x']], [], 'rows')
     t1 = t0.T
     t2 = _matmul(t0, t1)
-    t9 = _launch('k_7aaf865ab029', dtype, (n, n), (n, n), [t2, Hz, t7], [1/B], False)
+    t9 = _launch('k_7aaf865ab029', dtype, (n, n), (n, n), [t2, Hz, t7], [1/B], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t9),
@@ -597,14 +597,14 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     """Batch HBP, curvature pch-abs, approximation (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_bbece1c4b4b0', dtype, (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_bbece1c4b4b0', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
     t2 = ((t1 * Hz) * t1.T)
     t4 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
-    t7 = _launch('k_b3d733bf1653', dtype, (n, B), (n, 1), [t4, S['x']], [], True)
+    t7 = _launch('k_b3d733bf1653', dtype, (n, B), (n, 1), [t4, S['x']], [], 'rows')
     t8 = xp.diagflat(t7)
-    t9 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t8], [1/B], False)
+    t9 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t8], [1/B], 'entries')
     t10 = _psd_project(t9, 'abs')
-    t11 = _launch('k_159d01c99017', dtype, (n, n), (n, n), [t2, t10], [B**(-2)], False)
+    t11 = _launch('k_159d01c99017', dtype, (n, n), (n, n), [t2, t10], [B**(-2)], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t11),
@@ -622,10 +622,10 @@ def _hbp_pch_clip_6_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t7, t0 = _launch('k_d50d2803006a', dtype, (n, B), [(n, 1), (n, B)], [S['dz'], S['x']], [], True)
+    t7, t0 = _launch('k_d50d2803006a', dtype, (n, B), [(n, 1), (n, B)], [S['dz'], S['x']], [], 'rows')
     t1 = t0.T
     t2 = _matmul(t0, t1)
-    t9 = _launch('k_ea5e41d44144', dtype, (n, n), (n, n), [t2, Hz, t7], [1/B], False)
+    t9 = _launch('k_ea5e41d44144', dtype, (n, n), (n, n), [t2, Hz, t7], [1/B], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t9),
@@ -643,14 +643,14 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     """Batch HBP, curvature pch-clip, approximation (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_bbece1c4b4b0', dtype, (n, B), (n, 1), [S['x']], [], True)
+    t1 = _launch('k_bbece1c4b4b0', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
     t2 = ((t1 * Hz) * t1.T)
     t4 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
-    t7 = _launch('k_b3d733bf1653', dtype, (n, B), (n, 1), [t4, S['x']], [], True)
+    t7 = _launch('k_b3d733bf1653', dtype, (n, B), (n, 1), [t4, S['x']], [], 'rows')
     t8 = xp.diagflat(t7)
-    t9 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t8], [1/B], False)
+    t9 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t8], [1/B], 'entries')
     t10 = _psd_project(t9, 'clip')
-    t11 = _launch('k_159d01c99017', dtype, (n, n), (n, n), [t2, t10], [B**(-2)], False)
+    t11 = _launch('k_159d01c99017', dtype, (n, n), (n, n), [t2, t10], [B**(-2)], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t11),

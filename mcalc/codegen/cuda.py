@@ -2,9 +2,11 @@
 
 Fusion: a *group* is an elementwise step with the elementwise steps that feed
 only it (same shape), inlined into one expression per output entry; a row sum
-M 1 over such a group becomes one reduction kernel. Everything else (matrix
-products, softmax, eigen-projections) is printed as CuPy calls by the array
-printer. Kernels are printed for float and double (SymPy's C99 printer with
+M 1 over such a group becomes one reduction kernel, and a column-wise softmax or
+log-softmax of one becomes one kernel with a thread per column (its max, its sum
+of exponentials and its entries in one pass over the column, instead of five or
+six CuPy operations). Everything else (matrix products, eigen-projections) is
+printed as CuPy calls by the array printer. Kernels are printed for float and double (SymPy's C99 printer with
 the matching math functions); coefficients in the dimensions (1/B) are passed
 as kernel arguments.
 """
@@ -19,7 +21,22 @@ from sympy.codegen.ast import float32, float64, real
 from sympy.printing.c import C99CodePrinter
 
 from .. import __version__
-from ..expr import ONE, Add, Apply, BatchMean, Diag, Expr, Hadamard, Identity, MatMul, Ones, ScalarMul, ScaleBy
+from ..expr import (
+    ONE,
+    Add,
+    Apply,
+    BatchMean,
+    Diag,
+    Expr,
+    Hadamard,
+    Identity,
+    LogSoftmax,
+    MatMul,
+    Ones,
+    ScalarMul,
+    ScaleBy,
+    Softmax,
+)
 from ..functions import ElementwiseFunction
 from .numpy_printer import ArrayPrinter, through_base
 from .plan import ModulePlan, Program, _in_place, invariant_steps, sanitise
@@ -27,6 +44,9 @@ from .render import assemble_context, environment, functions_of, module_context
 
 DTYPES = {"float": float32, "double": float64}
 FUSABLE = (Add, Hadamard, ScalarMul, ScaleBy, Apply)
+# what a kernel of each kind computes, and how it is launched (the runtime's ``layout``): a thread per
+# entry, a block per row (a tree reduction), or a thread per column (a loop down the column)
+LAYOUTS = {"map": "entries", "row_sum": "rows", "softmax": "columns", "log_softmax": "columns"}
 _UNNAMED = "KERNEL_NAME"  # stands for a kernel's name until its content names it
 
 
@@ -58,6 +78,9 @@ def _is_row_sum(node: Expr) -> bool:
 class Kernel:
     """One fused kernel: output ``target`` of shape ``shape``, inputs in order, coefficients.
 
+    ``kind`` says what it computes from ``body``: its entries ('map'), its row sums M 1 ('row_sum'),
+    or its column-wise softmax or log-softmax ('softmax', 'log_softmax').
+
     A row-sum kernel may also write ``extra`` elementwise outputs over the same (rows, cols) in the
     same pass (sibling fusion); the launch then happens at ``placed_at``, the earlier of their steps.
     """
@@ -65,8 +88,8 @@ class Kernel:
     name: str
     target: str
     shape: tuple[sp.Expr, sp.Expr]
-    body: Expr  # the root node (an elementwise node, or the operand of a row sum)
-    reduce: bool
+    body: Expr  # the root node (an elementwise node, or the operand of a row sum or softmax)
+    kind: str
     members: set[str] = field(default_factory=set)
     inputs: list[tuple[str, tuple[sp.Expr, sp.Expr]]] = field(default_factory=list)
     coefficients: list[sp.Expr] = field(default_factory=list)  # in the order the kernel takes them
@@ -103,12 +126,17 @@ class KernelBuilder:
                 continue
             node = step.node
             if _is_row_sum(node) and self._internal(node.args[0], node.args[0].shape):
-                kernel = Kernel(_UNNAMED, step.target, node.args[0].shape, node.args[0], True)
+                kernel = Kernel(_UNNAMED, step.target, node.args[0].shape, node.args[0], "row_sum")
+                self._collect(kernel, kernel.body, top=True)
             elif isinstance(node, FUSABLE):
-                kernel = Kernel(_UNNAMED, step.target, node.shape, node, False)
+                kernel = Kernel(_UNNAMED, step.target, node.shape, node, "map")
+                self._collect(kernel, kernel.body, top=True)
+            elif isinstance(node, (Softmax, LogSoftmax)):
+                kind = "softmax" if isinstance(node, Softmax) else "log_softmax"
+                kernel = Kernel(_UNNAMED, step.target, node.shape, node.args[0], kind, members={step.target})
+                self._collect(kernel, kernel.body)  # the operand: inlined when it is a group read only here
             else:
                 continue
-            self._collect(kernel, kernel.body, top=True)
             if not kernel.inputs:  # made of constants alone: the array printer writes it in the function's dtype
                 continue
             fused |= kernel.members
@@ -130,8 +158,8 @@ class KernelBuilder:
         for the Gram product and the row sum of δz ⊙ φ″(x)."""
         position = {s.target: i for i, s in enumerate(self.program.steps)}
         at = lambda name: position.get(name, -1)  # noqa: E731 - an argument (a leaf) is there from the start
-        for host in [k for k in self.kernels if k.reduce]:
-            for other in [k for k in self.kernels if not k.reduce and not k.extra]:
+        for host in [k for k in self.kernels if k.kind == "row_sum"]:
+            for other in [k for k in self.kernels if k.kind == "map" and not k.extra]:
                 if other.shape != host.shape or (other.target in self.invariant) != (host.target in self.invariant):
                     continue
                 first, later = sorted((host, other), key=lambda k: at(k.target))
@@ -274,14 +302,14 @@ def _program_context(program: Program, family: str | None = None) -> dict[str, A
             k = launches[step.target]
             dims = ", ".join(printer.dim(d) for d in k.shape)
             shape = lambda rows, cols: f"({printer.dim(rows)}, {printer.dim(cols)})"  # noqa: E731
-            out = shape(k.shape[0], ONE) if k.reduce else shape(*k.shape)
+            out = shape(k.shape[0], ONE) if k.kind == "row_sum" else shape(*k.shape)
             if k.extra:
                 out = "[" + ", ".join([out, *[shape(*e.shape) for e in k.extra]]) + "]"
             coefficients = ", ".join(printer.dim(c) for c in k.coefficients)
             args = ", ".join(name for name, _ in k.inputs)
             targets = tuple(t.target for t in (k, *k.extra))
             lines.append((targets, f"{', '.join(targets)} = _launch({k.name!r}, dtype, ({dims}), {out}, [{args}], "
-                                   f"[{coefficients}], {k.reduce})"))
+                                   f"[{coefficients}], {LAYOUTS[k.kind]!r})"))
         elif isinstance(step.node, BatchMean):
             lines.append((step.target, f"{step.target} = {next(calls)[0]}()"))
         else:

@@ -23,9 +23,11 @@ class KernelSet:
         return self._functions[key]
 
     def launch(self, name: str, dtype: Any, shape: tuple, out_shape: tuple | list[tuple], inputs: list[Any],
-               coefficients: list[float], reduce: bool) -> Any:
-        """Run kernel ``name`` in ``dtype`` over ``shape``: one output of ``out_shape`` (a row sum when
-        ``reduce``), or, for a list of shapes, a row sum and its siblings' outputs (a list is returned).
+               coefficients: list[float], layout: str) -> Any:
+        """Run kernel ``name`` in ``dtype`` over ``shape``: one output of ``out_shape``, or, for a list of
+        shapes, a row sum and its siblings' outputs (a list is returned). ``layout`` is how the kernel
+        divides the work: a thread per entry ('entries'), a block of 256 per row ('rows', a row sum)
+        or a thread per column ('columns', a softmax).
 
         A launch is the fused path's unit of Python overhead, so it does the least it can: inputs already
         contiguous and of ``dtype`` (the usual case) pass as they are, without a CuPy call each.
@@ -41,6 +43,6 @@ class KernelSet:
         rows, cols = shape
         scalar = dtype.type
         args = (*inputs, *[scalar(c) for c in coefficients], *outs, cupy.int64(rows), cupy.int64(cols))
-        grid = (rows,) if reduce else ((rows * cols + 255) // 256,)
+        grid = {"entries": ((rows * cols + 255) // 256,), "rows": (rows,), "columns": ((cols + 255) // 256,)}[layout]
         self._function(name, dtype)(grid, (256,), args)
         return outs if several else outs[0]

@@ -18,8 +18,9 @@ array that is not contiguous or not of the parameter's element type, an
 output left unwritten (``empty`` fills new arrays with NaN).
 
 Every device operation is counted in :data:`COUNTS` (kernel launches of
-generated code, and each NumPy ufunc call, product or reduction, one CuPy
-launch each), for launch counts without a GPU.
+generated code, each NumPy ufunc call, product or reduction, and each array
+made filled (zeros, ones, full, eye), one CuPy launch each), for launch counts
+without a GPU.
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ import numpy as np
 from ..errors import McalcError
 
 COUNTS: Counter = Counter()
-"""Device operations since the last reset: 'kernel' (generated kernels), 'matmul', 'reduce', 'elementwise'."""
+"""Device operations since the last reset: 'kernel' (generated kernels), 'matmul', 'reduce', 'elementwise', 'fill'."""
+_FILLS = {"zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "eye", "identity"}  # a fill kernel each
 
 _PRELUDE = r"""
 #include <math.h>
@@ -118,9 +120,11 @@ def _to_device(value: Any) -> Any:
     return value
 
 
-def _on_device(function: Any) -> Any:
+def _on_device(function: Any, counted: str | None = None) -> Any:
     @functools.wraps(function)
     def run(*args: Any, **kwargs: Any) -> Any:
+        if counted:
+            COUNTS[counted] += 1
         return _to_device(function(*args, **kwargs))
     return run
 
@@ -144,7 +148,9 @@ class _Namespace(types.ModuleType):
         value = getattr(self._source, name)
         if isinstance(value, types.ModuleType):
             return _Namespace(f"{self.__name__}.{name}", value)
-        return _on_device(value) if callable(value) and not isinstance(value, type) else value
+        if not callable(value) or isinstance(value, type):
+            return value
+        return _on_device(value, "fill" if self.__name__ == "cupy" and name in _FILLS else None)
 
 
 # --- kernels ---------------------------------------------------------------------------
