@@ -16,9 +16,10 @@ from test_codegen_numpy import check_generated
 import mcalc as mc
 from mcalc import layers as L
 from mcalc.codegen.compile import compile_source
-from mcalc.codegen.cuda import kernel_sources
+from mcalc.codegen.cuda import _program_context, cuda_source, kernel_sources
 from mcalc.codegen.generate import BACKENDS, DEFAULT_DIRECTORY, generate
-from mcalc.codegen.plan import plan_module, sanitise
+from mcalc.codegen.plan import ProgramBuilder, plan_module, sanitise
+from mcalc.expr import Diag, MatMul, ScalarMul
 from mcalc.loader import load_modules
 from mcalc.numeric.verify_backend import verify_backend
 from mcalc.runtime import emulator
@@ -175,6 +176,28 @@ def test_softmax_kernels_stay_finite_for_large_logits():
     for ours, theirs in zip(found, expected):
         assert np.isfinite(ours.get()).all()
         np.testing.assert_allclose(ours.get(), theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(bool(emulator.unavailable_reason()), reason=emulator.unavailable_reason())
+def test_row_and_column_scalings_fuse_into_one_kernel():
+    """diag(u) M diag(v) is elementwise, u[r] M[r, c] v[c]: one kernel with the scalar, u read by row and
+    v by column (a rectangular M and two vectors tell a swapped index from the right one)."""
+    u, M, v = mc.Vector("u", "m"), mc.Matrix("M", "m", "n"), mc.Vector("v", "n")
+    builder = ProgramBuilder()
+    target = builder.ref(ScalarMul(sp.Integer(3), MatMul(Diag(u), M, Diag(v))))
+    builder.program.results["out"] = target
+    context = _program_context(builder.program)
+    assert len(context["kernels"]) == 1 and len(context["lines"]) == 1
+    rng = np.random.default_rng(0)
+    values = {"u": rng.normal(size=(3, 1)), "M": rng.normal(size=(3, 5)), "v": rng.normal(size=(5, 1))}
+    with emulator.installed() as cp:
+        from mcalc.runtime.cuda import KernelSet
+
+        namespace = {"_launch": KernelSet(cuda_source(context["kernels"])).launch, "dtype": np.dtype(float),
+                     "P": {k: cp.asarray(a) for k, a in values.items()}, "m": 3, "n": 5}
+        exec(context["lines"][0], namespace)
+        out = namespace[target].get()
+    np.testing.assert_allclose(out, 3 * values["u"] * values["M"] * values["v"].T, rtol=1e-14)
 
 
 def _generate_random(module, backend, tmp_path_factory):

@@ -118,7 +118,7 @@ extern "C" __global__ void k_e5758009459e_double(const double* __restrict__ in0,
     out[i] = fn_relu_1_double(in0[r * cols + c]);
 }
 
-extern "C" __global__ void k_b6da753aeb00_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_d13b2ab6b72d_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -126,10 +126,10 @@ extern "C" __global__ void k_b6da753aeb00_float(const float* __restrict__ in0, c
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
+    out[i] = (c0 * (in0[r] * in1[r * cols + c] * in0[c]));
 }
 
-extern "C" __global__ void k_b6da753aeb00_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_d13b2ab6b72d_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -137,7 +137,7 @@ extern "C" __global__ void k_b6da753aeb00_double(const double* __restrict__ in0,
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
+    out[i] = (c0 * (in0[r] * in1[r * cols + c] * in0[c]));
 }
 
 extern "C" __global__ void k_e2964d1f4ef1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
@@ -291,8 +291,7 @@ def _hbp_exact_7_all(P, S, Hz):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_e2964d1f4ef1', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t2 = ((t1 * Hz) * t1.T)
-    t3 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t2], [B**(-2)], 'entries')
+    t3 = _launch('k_d13b2ab6b72d', dtype, (n, n), (n, n), [t1, Hz], [B**(-2)], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t3),
@@ -332,8 +331,7 @@ def _hbp_ggn_7_all(P, S, Hz):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_e2964d1f4ef1', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t2 = ((t1 * Hz) * t1.T)
-    t3 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t2], [B**(-2)], 'entries')
+    t3 = _launch('k_d13b2ab6b72d', dtype, (n, n), (n, n), [t1, Hz], [B**(-2)], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t3),
@@ -373,8 +371,7 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_e2964d1f4ef1', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t2 = ((t1 * Hz) * t1.T)
-    t3 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t2], [B**(-2)], 'entries')
+    t3 = _launch('k_d13b2ab6b72d', dtype, (n, n), (n, n), [t1, Hz], [B**(-2)], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t3),
@@ -414,8 +411,7 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_e2964d1f4ef1', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t2 = ((t1 * Hz) * t1.T)
-    t3 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t2], [B**(-2)], 'entries')
+    t3 = _launch('k_d13b2ab6b72d', dtype, (n, n), (n, n), [t1, Hz], [B**(-2)], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t3),

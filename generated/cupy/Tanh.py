@@ -173,7 +173,7 @@ extern "C" __global__ void k_d50d2803006a_double(const double* __restrict__ in0,
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void k_b4c3ebd29860_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_b7c6b7c1db29_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -181,10 +181,10 @@ extern "C" __global__ void k_b4c3ebd29860_float(const float* __restrict__ in0, c
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (r == c ? (c1 * in1[r]) : (float)0));
+    out[i] = ((c0 * (in0[r] * in1[r * cols + c] * in0[c])) + (r == c ? (c1 * in2[r]) : (float)0));
 }
 
-extern "C" __global__ void k_b4c3ebd29860_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_b7c6b7c1db29_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -192,7 +192,7 @@ extern "C" __global__ void k_b4c3ebd29860_double(const double* __restrict__ in0,
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (r == c ? (c1 * in1[r]) : (double)0));
+    out[i] = ((c0 * (in0[r] * in1[r * cols + c] * in0[c])) + (r == c ? (c1 * in2[r]) : (double)0));
 }
 
 extern "C" __global__ void k_b3d733bf1653_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
@@ -311,7 +311,7 @@ extern "C" __global__ void k_5b3c6dcec810_double(const double* __restrict__ in0,
     out[i] = fn_tanh_1_double(in0[r * cols + c]);
 }
 
-extern "C" __global__ void k_b6da753aeb00_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_d13b2ab6b72d_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -319,10 +319,10 @@ extern "C" __global__ void k_b6da753aeb00_float(const float* __restrict__ in0, c
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
+    out[i] = (c0 * (in0[r] * in1[r * cols + c] * in0[c]));
 }
 
-extern "C" __global__ void k_b6da753aeb00_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_d13b2ab6b72d_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -330,7 +330,7 @@ extern "C" __global__ void k_b6da753aeb00_double(const double* __restrict__ in0,
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
+    out[i] = (c0 * (in0[r] * in1[r * cols + c] * in0[c]));
 }
 
 extern "C" __global__ void k_7aaf865ab029_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
@@ -355,7 +355,7 @@ extern "C" __global__ void k_7aaf865ab029_double(const double* __restrict__ in0,
     out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? fn_abs_0_double(in2[r]) : (double)0));
 }
 
-extern "C" __global__ void k_159d01c99017_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_b91052e40be0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -363,10 +363,10 @@ extern "C" __global__ void k_159d01c99017_float(const float* __restrict__ in0, c
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + in1[r * cols + c]);
+    out[i] = ((c0 * (in0[r] * in1[r * cols + c] * in0[c])) + in2[r * cols + c]);
 }
 
-extern "C" __global__ void k_159d01c99017_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_b91052e40be0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -374,7 +374,29 @@ extern "C" __global__ void k_159d01c99017_double(const double* __restrict__ in0,
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + in1[r * cols + c]);
+    out[i] = ((c0 * (in0[r] * in1[r * cols + c] * in0[c])) + in2[r * cols + c]);
+}
+
+extern "C" __global__ void k_b6da753aeb00_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * in0[r * cols + c]);
+}
+
+extern "C" __global__ void k_b6da753aeb00_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * in0[r * cols + c]);
 }
 
 extern "C" __global__ void k_ea5e41d44144_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
@@ -514,10 +536,9 @@ def _hbp_exact_7_all(P, S, Hz):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_bbece1c4b4b0', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t2 = ((t1 * Hz) * t1.T)
     t4 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
     t7 = _launch('k_b3d733bf1653', dtype, (n, B), (n, 1), [t4, S['x']], [], 'rows')
-    t8 = _launch('k_b4c3ebd29860', dtype, (n, n), (n, n), [t2, t7], [B**(-2), 1/B], 'entries')
+    t8 = _launch('k_b7c6b7c1db29', dtype, (n, n), (n, n), [t1, Hz, t7], [B**(-2), 1/B], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t8),
@@ -557,8 +578,7 @@ def _hbp_ggn_7_all(P, S, Hz):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_bbece1c4b4b0', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t2 = ((t1 * Hz) * t1.T)
-    t3 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t2], [B**(-2)], 'entries')
+    t3 = _launch('k_d13b2ab6b72d', dtype, (n, n), (n, n), [t1, Hz], [B**(-2)], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t3),
@@ -598,13 +618,12 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_bbece1c4b4b0', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t2 = ((t1 * Hz) * t1.T)
     t4 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
     t7 = _launch('k_b3d733bf1653', dtype, (n, B), (n, 1), [t4, S['x']], [], 'rows')
     t8 = xp.diagflat(t7)
     t9 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t8], [1/B], 'entries')
     t10 = _psd_project(t9, 'abs')
-    t11 = _launch('k_159d01c99017', dtype, (n, n), (n, n), [t2, t10], [B**(-2)], 'entries')
+    t11 = _launch('k_b91052e40be0', dtype, (n, n), (n, n), [t1, Hz, t10], [B**(-2)], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t11),
@@ -644,13 +663,12 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_bbece1c4b4b0', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t2 = ((t1 * Hz) * t1.T)
     t4 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
     t7 = _launch('k_b3d733bf1653', dtype, (n, B), (n, 1), [t4, S['x']], [], 'rows')
     t8 = xp.diagflat(t7)
     t9 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t8], [1/B], 'entries')
     t10 = _psd_project(t9, 'clip')
-    t11 = _launch('k_159d01c99017', dtype, (n, n), (n, n), [t2, t10], [B**(-2)], 'entries')
+    t11 = _launch('k_b91052e40be0', dtype, (n, n), (n, n), [t1, Hz, t10], [B**(-2)], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t11),

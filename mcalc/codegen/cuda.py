@@ -1,7 +1,8 @@
 """The CuPy backend: elementwise and reducing work fused into CUDA kernels around cuBLAS products.
 
 Fusion: a *group* is an elementwise step with the elementwise steps that feed
-only it (same shape), inlined into one expression per output entry; a row sum
+only it (same shape), inlined into one expression per output entry (a product
+diag(u) M diag(v) that only scales rows and columns counts as elementwise); a row sum
 M 1 over such a group becomes one reduction kernel, and a column-wise softmax or
 log-softmax of one becomes one kernel with a thread per column (its max, its sum
 of exponentials and its entries in one pass over the column, instead of five or
@@ -69,6 +70,22 @@ def _broadcast_source(node: Expr) -> Expr:
     return node.args[1] if isinstance(node.args[0], Ones) else node.args[0]
 
 
+def _scaled_matrix(node: Expr) -> Expr | None:
+    """M of diag(u) M diag(v) (either side may be missing or repeated): a product that only scales the
+    rows and columns of one matrix, entry (r, c) = u[r] M[r, c] v[c], so elementwise work for a kernel."""
+    if not isinstance(node, MatMul):
+        return None
+    dense = [a for a in node.args if not isinstance(a, Diag)]
+    if len(dense) != 1 or len(dense) == len(node.args) or isinstance(dense[0], Ones) \
+            or tuple(dense[0].shape) != tuple(node.shape):
+        return None
+    return dense[0]
+
+
+def _is_elementwise(node: Expr) -> bool:
+    return isinstance(node, FUSABLE) or _scaled_matrix(node) is not None
+
+
 def _is_row_sum(node: Expr) -> bool:
     return isinstance(node, MatMul) and len(node.args) == 2 and isinstance(node.args[1], Ones) \
         and node.args[1].cols == ONE and node.args[1].rows != ONE
@@ -116,7 +133,7 @@ class KernelBuilder:
         name = self.program.names.get(node, "")
         step = self.by_target.get(name)
         rows, cols = shape
-        return (step is not None and isinstance(step.node, FUSABLE) and self.uses.get(name, 0) == 1
+        return (step is not None and _is_elementwise(step.node) and self.uses.get(name, 0) == 1
                 and tuple(node.shape) in {(rows, cols), (rows, ONE), (ONE, cols), (ONE, ONE)})
 
     def build(self) -> list[Kernel]:
@@ -128,7 +145,7 @@ class KernelBuilder:
             if _is_row_sum(node) and self._internal(node.args[0], node.args[0].shape):
                 kernel = Kernel(_UNNAMED, step.target, node.args[0].shape, node.args[0], "row_sum")
                 self._collect(kernel, kernel.body, top=True)
-            elif isinstance(node, FUSABLE):
+            elif _is_elementwise(node):
                 kernel = Kernel(_UNNAMED, step.target, node.shape, node, "map")
                 self._collect(kernel, kernel.body, top=True)
             elif isinstance(node, (Softmax, LogSoftmax)):
@@ -179,6 +196,9 @@ class KernelBuilder:
                 target = _in_place(node, child)
                 if isinstance(target, Identity) or _is_all_ones(target):
                     continue
+                if isinstance(child, Diag) and _scaled_matrix(node) is not None:
+                    self._add_input(kernel, target)  # read at r or at c by the scaling, never inlined
+                    continue
                 self._collect(kernel, target)
             return
         if _is_all_ones(node):
@@ -187,9 +207,12 @@ class KernelBuilder:
         if source is not node and self._internal(source, kernel.shape):
             self._collect(kernel, source)
             return
-        name = self.program.names[source]
+        self._add_input(kernel, source)
+
+    def _add_input(self, kernel: Kernel, node: Expr) -> None:
+        name = self.program.names[node]
         if name not in [n for n, _ in kernel.inputs]:
-            kernel.inputs.append((name, source.shape))
+            kernel.inputs.append((name, node.shape))
 
     # --- CUDA source ------------------------------------------------------------
     def _source(self, kernel: Kernel, dtype: str) -> str:
@@ -222,11 +245,12 @@ class _ElementPrinter:
             return "c"
         return "r * cols + c"
 
-    def load(self, node: Expr) -> str:
+    def load(self, node: Expr, index: str | None = None) -> str:
+        """The kernel's input ``node`` at (r, c), or at ``index`` (a scaling vector at r or at c)."""
         source = _broadcast_source(node)
         name = self.builder.program.names[source]
-        index = [n for n, _ in self.kernel.inputs].index(name)
-        return f"in{index}[{self._index(source.shape)}]"
+        position = [n for n, _ in self.kernel.inputs].index(name)
+        return f"in{position}[{self._index(source.shape) if index is None or source.shape == (ONE, ONE) else index}]"
 
     def element(self, node: Expr) -> str:
         names = self.builder.program.names
@@ -249,6 +273,15 @@ class _ElementPrinter:
                 else:
                     terms.append(self.element(t))
             return "(" + " + ".join(terms) + ")"
+        if _scaled_matrix(node) is not None:  # u[r] M[r, c] v[c]
+            factors, past_matrix = [], False
+            for a in node.args:
+                if isinstance(a, Diag):
+                    factors.append(self.load(a.args[0], "c" if past_matrix else "r"))
+                else:
+                    factors.append(self.element(a))
+                    past_matrix = True
+            return "(" + " * ".join(factors) + ")"
         if isinstance(node, Hadamard):
             return "(" + " * ".join(self.element(f) for f in node.args) + ")"
         if isinstance(node, ScalarMul):
