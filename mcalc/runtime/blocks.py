@@ -73,7 +73,7 @@ class CurvatureBlock:
         xp = namespace(dense_factor(self.kron[0][1]) if self.kron else self.dense)
         cols = self.size // rows
         out = []
-        for part in xp.array_split(xp.arange(rows), groups):
+        for part in row_groups(rows, groups, xp):
             kron = [(a, dense_factor(b)[part][:, part]) for a, b in self.kron]
             dense = None
             if self.dense is not None:
@@ -139,6 +139,12 @@ class Eigenbasis:
             return (q @ ((q.T @ v) / (alpha + beta * self.spectrum))).reshape(g.shape, order="F")
         (_, q_a), (_, q_b) = self.pairs
         return q_b @ ((q_b.T @ g @ q_a) / (alpha + beta * self.spectrum)) @ q_a.T
+
+
+def row_groups(rows: int, groups: int, xp: Any) -> list[Any]:
+    """The rows of a parameter split into ``groups`` contiguous index arrays of near-equal size (Section 4):
+    the one partition that a block's sub-blocks and the gradient's pieces must share."""
+    return xp.array_split(xp.arange(rows), groups)
 
 
 def factor_eigh(a: Any) -> tuple[Any, Any]:

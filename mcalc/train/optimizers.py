@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import McalcError
-from ..runtime.blocks import CurvatureBlock
+from ..runtime.blocks import CurvatureBlock, row_groups
 from .block_solvers import DampedBlockSolver
 from .network import Network
 
@@ -128,7 +128,7 @@ class HBPNewton:
             if self.split == 1:
                 parts.append((name, g, block))
                 continue
-            rows_of[name] = net.xp.array_split(net.xp.arange(g.shape[0]), self.split)
+            rows_of[name] = row_groups(g.shape[0], self.split, net.xp)
             subs = block.split_rows(g.shape[0], self.split) if block is not None else [None] * self.split
             parts.extend(((name, i), g[rows], sub) for i, (rows, sub) in enumerate(zip(rows_of[name], subs)))
         directions = self.block_solver.solve(parts, self.alpha)
