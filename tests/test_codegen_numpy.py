@@ -142,3 +142,24 @@ def test_row_wise_splitting_keeps_the_diagonal_sub_blocks(generated, curvature):
         for part, block in zip(np.array_split(np.arange(rows), 3), parts):
             index = (part[:, None] + rows * np.arange(cols)[None, :]).reshape(-1, order="F")
             np.testing.assert_allclose(block.to_dense(), full[np.ix_(index, index)], atol=1e-12)
+
+
+def test_a_loss_starts_hbp_with_its_own_hessian(generated):
+    """LOSS_HESSIAN: where HBP starts, nothing from above. For cross-entropy with the batch mean
+    (δz = 1/B) it is E[diag(p) − p pᵀ], p = softmax(x), by (6) and by (7) alike: (7) averages the
+    Jacobians, but a module's own second-order term is the mean of its Hessians times Σᵢ δzᵢ = 1.
+    For the squared error (y − x)ᵀ(y − x) it is 2 I; and it is HBP's block for 𝓗z = 0."""
+    rng = np.random.default_rng(3)
+    X, B = rng.normal(size=(4, 7)) * 3, 7
+    Y = np.eye(4)[:, rng.integers(0, 4, B)]
+    S = {"x": X, "y": Y, "dz": np.full((1, B), 1 / B)}
+    P = np.exp(X - X.max(axis=0)) / np.exp(X - X.max(axis=0)).sum(axis=0)
+    hessian = sum(np.diag(p) - np.outer(p, p) for p in P.T) / B
+    ce, mse = load(L.CrossEntropy, "numpy", generated), load(L.MSE, "numpy", generated)
+    for approximation in ("6", "7"):
+        start = ce.LOSS_HESSIAN[approximation]({}, S)["x"].to_dense()
+        np.testing.assert_allclose(start, hessian, atol=1e-14)
+        np.testing.assert_allclose(start, ce.HBP[("exact", approximation)]({}, S, np.zeros((1, 1)))["x"].to_dense(),
+                                   atol=1e-14)
+        np.testing.assert_allclose(mse.LOSS_HESSIAN[approximation]({}, S)["x"].to_dense(), 2 * np.eye(4), atol=1e-14)
+    assert load(L.Linear, "numpy", generated).LOSS_HESSIAN == {}  # not a loss: 𝓗z always arrives from above

@@ -69,9 +69,12 @@ def test_cupy_kernels_match_numpy(cp, module, dtype):
     a = rng.normal(size=(Z.shape[0], Z.shape[0]))
     Hz = a @ a.T / Z.shape[0]
     np.testing.assert_allclose(cupy_code.forward(to_gpu(P), to_gpu(S))["Z"].get(), Z, **tol)
-    for key, function in numpy_code.HBP.items():
-        expected = function(P, S, Hz)
-        got = cupy_code.HBP[key](to_gpu(P), to_gpu(S), cp.asarray(Hz, dtype=dtype))
+    calls = [(key, function(P, S, Hz), cupy_code.HBP[key](to_gpu(P), to_gpu(S), cp.asarray(Hz, dtype=dtype)))
+             for key, function in numpy_code.HBP.items()]
+    calls += [(f"loss Hessian ({approximation})", start(P, S),
+               cupy_code.LOSS_HESSIAN[approximation](to_gpu(P), to_gpu(S)))
+              for approximation, start in numpy_code.LOSS_HESSIAN.items()]
+    for key, expected, got in calls:
         for v in module.variables:
             e, g = expected[v.name].to_dense(), got[v.name].to_dense().get()
             scale = max(1.0, float(np.abs(e).max()))

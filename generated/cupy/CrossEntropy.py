@@ -804,3 +804,40 @@ _HBP = {
     ("pch-clip", "7", False): _hbp_pch_clip_7_params,
 }
 HBP = {(c, a): _hbp(c, a) for c, a, _ in _HBP}
+
+
+def _loss_hessian_6(P, S):
+    """Where HBP starts: the exact blocks of approximation (6) with no curvature from above (𝓗z = 0)."""
+    B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
+    t1 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    t2 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [S['dz'], t1], [], 'entries')
+    t3 = t2.sum(axis=1, keepdims=True)
+    t4 = t1.T
+    t5 = _matmul(t2, t4)
+    t8 = _launch('k_c5fcf4f17afa', dtype, (n, n), (n, n), [t3, t5], [B, 1/B, -1/B], 'entries')
+
+    return {
+        "x": CurvatureBlock(kron=[], dense=t8),
+    }
+
+
+def _loss_hessian_7(P, S):
+    """Where HBP starts: the exact blocks of approximation (7) with no curvature from above (𝓗z = 0)."""
+    B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
+    t0 = S['dz'].T
+    t1 = t0.sum(keepdims=True)
+    t2 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    t3 = t2.sum(axis=1, keepdims=True)
+    t4 = t2.T
+    t5 = _matmul(t2, t4)
+    t8 = _launch('k_50e90ba97e03', dtype, (n, n), (n, n), [t1, t3, t5], [1/B, -1/B], 'entries')
+
+    return {
+        "x": CurvatureBlock(kron=[], dense=t8),
+    }
+
+
+# a loss module's (one output per sample) curvature blocks where HBP starts, by approximation: HBP with 𝓗z = 0
+LOSS_HESSIAN = {"6": _loss_hessian_6, "7": _loss_hessian_7, }

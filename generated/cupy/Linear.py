@@ -474,3 +474,7 @@ _HBP = {
     ("pch-clip", "7", False): _hbp_pch_clip_7_params,
 }
 HBP = {(c, a): _hbp(c, a) for c, a, _ in _HBP}
+
+
+# a loss module's (one output per sample) curvature blocks where HBP starts, by approximation: HBP with 𝓗z = 0
+LOSS_HESSIAN = {}

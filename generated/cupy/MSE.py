@@ -289,6 +289,28 @@ extern "C" __global__ void k_b7885957cd37_double(const double* __restrict__ in0,
     out[i] = (in0[0] * (r == c ? (double)1 : (double)0));
 }
 
+extern "C" __global__ void k_5364c3039914_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * (in0[0] * (r == c ? (float)1 : (float)0)));
+}
+
+extern "C" __global__ void k_5364c3039914_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * (in0[0] * (r == c ? (double)1 : (double)0)));
+}
+
 """
 _launch = KernelSet(_SOURCE).launch
 
@@ -609,3 +631,33 @@ _HBP = {
     ("pch-clip", "7", False): _hbp_pch_clip_7_params,
 }
 HBP = {(c, a): _hbp(c, a) for c, a, _ in _HBP}
+
+
+def _loss_hessian_6(P, S):
+    """Where HBP starts: the exact blocks of approximation (6) with no curvature from above (𝓗z = 0)."""
+    B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
+    t0 = S['dz'].T
+    t1 = t0.sum(keepdims=True)
+    t3 = _launch('k_5364c3039914', dtype, (n, n), (n, n), [t1], [2], 'entries')
+
+    return {
+        "x": CurvatureBlock(kron=[], dense=t3),
+    }
+
+
+def _loss_hessian_7(P, S):
+    """Where HBP starts: the exact blocks of approximation (7) with no curvature from above (𝓗z = 0)."""
+    B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
+    t0 = S['dz'].T
+    t1 = t0.sum(keepdims=True)
+    t3 = _launch('k_5364c3039914', dtype, (n, n), (n, n), [t1], [2], 'entries')
+
+    return {
+        "x": CurvatureBlock(kron=[], dense=t3),
+    }
+
+
+# a loss module's (one output per sample) curvature blocks where HBP starts, by approximation: HBP with 𝓗z = 0
+LOSS_HESSIAN = {"6": _loss_hessian_6, "7": _loss_hessian_7, }

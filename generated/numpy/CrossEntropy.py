@@ -447,3 +447,45 @@ _HBP = {
     ("pch-clip", "7", False): _hbp_pch_clip_7_params,
 }
 HBP = {(c, a): _hbp(c, a) for c, a, _ in _HBP}
+
+
+def _loss_hessian_6(P, S):
+    """Where HBP starts: the exact blocks of approximation (6) with no curvature from above (𝓗z = 0)."""
+    B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
+    t0 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
+    t1 = _softmax(S['x'])
+    t2 = t0 * t1
+    t3 = t2.sum(axis=1, keepdims=True)
+    t4 = t1.T
+    t5 = (t2 @ t4)
+    t6 = (-1/B) * t5
+    t7 = _plus_diagonal(t6, (1/B) * t3, copy=False)
+    t8 = (B) * t7
+
+    return {
+        "x": CurvatureBlock(kron=[], dense=t8),
+    }
+
+
+def _loss_hessian_7(P, S):
+    """Where HBP starts: the exact blocks of approximation (7) with no curvature from above (𝓗z = 0)."""
+    B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
+    t0 = S['dz'].T
+    t1 = t0.sum(keepdims=True)
+    t2 = _softmax(S['x'])
+    t3 = t2.sum(axis=1, keepdims=True)
+    t4 = t2.T
+    t5 = (t2 @ t4)
+    t6 = (-1/B) * t5
+    t7 = _plus_diagonal(t6, (1/B) * t3, copy=False)
+    t8 = t7 * t1
+
+    return {
+        "x": CurvatureBlock(kron=[], dense=t8),
+    }
+
+
+# a loss module's (one output per sample) curvature blocks where HBP starts, by approximation: HBP with 𝓗z = 0
+LOSS_HESSIAN = {"6": _loss_hessian_6, "7": _loss_hessian_7, }

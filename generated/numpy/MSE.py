@@ -419,3 +419,35 @@ _HBP = {
     ("pch-clip", "7", False): _hbp_pch_clip_7_params,
 }
 HBP = {(c, a): _hbp(c, a) for c, a, _ in _HBP}
+
+
+def _loss_hessian_6(P, S):
+    """Where HBP starts: the exact blocks of approximation (6) with no curvature from above (𝓗z = 0)."""
+    B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
+    t0 = S['dz'].T
+    t1 = t0.sum(keepdims=True)
+    t2 = xp.eye(n, dtype=dtype) * t1
+    t3 = (2) * t2
+
+    return {
+        "x": CurvatureBlock(kron=[], dense=t3),
+    }
+
+
+def _loss_hessian_7(P, S):
+    """Where HBP starts: the exact blocks of approximation (7) with no curvature from above (𝓗z = 0)."""
+    B, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
+    t0 = S['dz'].T
+    t1 = t0.sum(keepdims=True)
+    t2 = xp.eye(n, dtype=dtype) * t1
+    t3 = (2) * t2
+
+    return {
+        "x": CurvatureBlock(kron=[], dense=t3),
+    }
+
+
+# a loss module's (one output per sample) curvature blocks where HBP starts, by approximation: HBP with 𝓗z = 0
+LOSS_HESSIAN = {"6": _loss_hessian_6, "7": _loss_hessian_7, }

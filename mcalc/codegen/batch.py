@@ -278,12 +278,21 @@ def _batch_of_gradient(d: Derivation, name: str, per_sample: Expr, what: str) ->
                     else ScalarMul(BATCH, mean))
 
 
-def batch_hbp(d: Derivation, name: str, curvature: str = "exact", approximation: str = "6") -> Expr:
-    """𝓗̄v over a batch by approximation (6) or (7), structured (see the module docstring)."""
+def batch_hbp(d: Derivation, name: str, curvature: str = "exact", approximation: str = "6",
+              terminal: bool = False) -> Expr:
+    """𝓗̄v over a batch by approximation (6) or (7), structured (see the module docstring).
+
+    ``terminal``: no curvature arrives from above (𝓗z = 0, the module is the loss, whose outputs
+    are summed): the Gauss–Newton term E[Jᵀ 𝓗z J] vanishes and only the module's own second-order
+    term is left: eq. (4a) where backpropagation starts, with δz = 1/B per sample for the batch mean."""
     check_curvature(curvature)
     if approximation not in APPROXIMATIONS:
         raise McalcError(f"unknown batch approximation {approximation!r}; choose 6 or 7")
     lowering = BatchLowering(d)
+    if terminal:
+        concave = ScalarMul(BATCH, lowering.mean(d.second_order(name))) if approximation == "6" else \
+            lowering.mean(substitute(d.second_order(name), {d.dz: MatMul(Stacked(d.dz), Ones(BATCH, ONE))}))
+        return simplify(cast_concave(simplify(concave), curvature))
     if approximation == "6":
         ggn = lowering.mean(d.gauss_newton(name))
         concave = ScalarMul(BATCH, lowering.mean(d.second_order(name)))  # Σᵢ Σₖ Hzₖ(xᵢ) δzᵢₖ

@@ -21,6 +21,7 @@ from ..calculus.derivation import Derivation
 from ..calculus.hbp import CURVATURES
 from ..expr import (
     BATCH,
+    ONE,
     Add,
     BatchMean,
     Diag,
@@ -252,13 +253,15 @@ class ModulePlan:
     jvp: dict[bool, Program]  # R{Z}; parameters alone only where the module has parameters
     rgradients: dict[bool, Program]  # R{δv} of every variable (Pearlmutter's R-backprop)
     hbp: dict[tuple[str, str, bool], Program]  # (curvature, approximation, with inputs)
+    loss_hessian: dict[str, Program]  # by approximation: HBP's start, 𝓗z = 0 (a module with one output)
     dims: dict[str, str]  # dimension name → how to read it off the arguments
     per_sample: list[str]
     params: list[str]
 
     def families(self) -> dict[str, dict]:
         """The keyed programs, by the function family the templates print them as."""
-        return {"gradients": self.gradients, "jvp": self.jvp, "rgradients": self.rgradients, "hbp": self.hbp}
+        return {"gradients": self.gradients, "jvp": self.jvp, "rgradients": self.rgradients, "hbp": self.hbp,
+                "loss_hessian": self.loss_hessian}
 
     def programs(self) -> list[Program]:
         return [self.forward, *[p for family in self.families().values() for p in family.values()]]
@@ -296,9 +299,18 @@ def plan_module(d: Derivation) -> ModulePlan:
                 for v in variables:
                     builder.program.results[v.name] = builder.block(batch_hbp(d, v.name, curvature, approximation))
                 hbp[(curvature, approximation, with_inputs)] = builder.program
+    loss_hessian: dict[str, Program] = {}
+    if m.output.rows == ONE:  # a loss (one number per sample) starts HBP: nothing arrives from above
+        for approximation in APPROXIMATIONS:
+            builder = ProgramBuilder()
+            for v in m.variables:
+                builder.program.results[v.name] = builder.block(batch_hbp(d, v.name, "exact", approximation,
+                                                                          terminal=True))
+            loss_hessian[approximation] = builder.program
     per_sample = [s.name for s in (*m.inputs, *[c for c in m.constants if c.is_vector])]
-    return ModulePlan(m.name, d, forward.program, gradients, jvp, rgradients, hbp, _dimension_sources(d, per_sample),
-                      per_sample, [s.name for s in m.params + tuple(c for c in m.constants if not c.is_vector)])
+    shared = [s.name for s in m.params + tuple(c for c in m.constants if not c.is_vector)]
+    return ModulePlan(m.name, d, forward.program, gradients, jvp, rgradients, hbp, loss_hessian,
+                      _dimension_sources(d, per_sample), per_sample, shared)
 
 
 # --- hoisting: what a repeated call can reuse ------------------------------------------------------

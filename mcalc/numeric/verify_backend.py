@@ -85,6 +85,13 @@ def verify_backend(module: Module, backend: str, *, seed: int = 0) -> list[Check
                 label = v.name if v.is_vector else f"vec {v.name}"
                 checks.append(Check(module.name, f"𝓗̄{label} ({approximation})", curvature,
                                     relative_error(got, reference), TOLERANCES["hbp"]))
+    for approximation, start in code.LOSS_HESSIAN.items():  # a loss: HBP's start, nothing from above
+        blocks = start(P, S)
+        for v in module.variables:
+            reference = _oracle(module, samples, v.name, dZ, np.zeros_like(Hz), "exact", approximation)
+            label = v.name if v.is_vector else f"vec {v.name}"
+            checks.append(Check(module.name, f"𝓗̄{label} ({approximation}), 𝓗z = 0", "exact",
+                                relative_error(_host(blocks[v.name].to_dense()), reference), TOLERANCES["hbp"]))
     return checks
 
 

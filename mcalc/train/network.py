@@ -138,14 +138,12 @@ class Network:
     def _backward(self, X: Any, Y: Any, curvature: str | None, approximation: str,
                   ) -> tuple[Any, dict[str, Any], dict[str, CurvatureBlock]]:
         """:meth:`backward` with the loss left on the device (no host synchronisation: capturable)."""
-        xp = self.xp
         Z, inputs = self.forward(X)
         code = self.code[self.loss_module.name]
         S = self._loss_inputs(Z, Y)
         loss = code.forward({}, S)["Z"].mean()
         dZ = code.gradients({}, S)["x"]
-        Hz = code.HBP[("exact", approximation)]({}, S, xp.zeros((1, 1), dtype=Z.dtype))["x"].dense \
-            if curvature else None
+        Hz = code.LOSS_HESSIAN[approximation]({}, S)["x"].dense if curvature else None
         grads: dict[str, Any] = {}
         blocks: dict[str, CurvatureBlock] = {}
         for position in reversed(range(len(self.layers))):
