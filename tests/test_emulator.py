@@ -105,3 +105,33 @@ def test_device_operations_are_counted(cp, kernels):
     b = (a @ a) * 2.0 + a.sum(axis=0) + cp.ones((3, 1))
     scaled_add((1,), (32,), (a, b, np.float64(1.0), cp.empty((3, 3)), np.int64(9)))  # empty: no fill
     assert emulator.COUNTS == {"matmul": 1, "elementwise": 3, "reduce": 1, "kernel": 1, "fill": 1}
+
+
+def test_a_captured_graph_redoes_its_operations_on_the_same_arrays(cp, kernels):
+    """Capture runs each operation and keeps how to redo it: ufuncs, reductions (0-d, as CuPy's), fills,
+    indexed reads and writes, copies and kernel launches; a replay writes the same arrays again from the
+    inputs' new contents, and is not counted op by op (a graph is one launch)."""
+    scaled_add, _ = kernels
+    a = cp.asarray(np.arange(4.0))
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        doubled = a * 2.0
+        c = cp.zeros(4)
+        c[1:3] = doubled[1:3]
+        ends = doubled[[0, 3]]
+        copied = cp.array(doubled, copy=True)
+        out = cp.empty(4)
+        scaled_add((1,), (32,), (a, copied, np.float64(1.0), out, np.int64(4)))
+        total = out.sum()
+        graph = stream.end_capture()
+    assert total.shape == () and float(total) == 18.0
+    a[...] = np.array([1.0, -1.0, 2.0, 0.5])
+    emulator.COUNTS.clear()
+    graph.launch()
+    assert not emulator.COUNTS
+    np.testing.assert_array_equal(doubled.get(), [2.0, -2.0, 4.0, 1.0])
+    np.testing.assert_array_equal(c.get(), [0.0, -2.0, 4.0, 0.0])
+    np.testing.assert_array_equal(ends.get(), [2.0, 1.0])
+    np.testing.assert_array_equal(out.get(), 3 * a.get())
+    assert float(total) == 3 * 2.5

@@ -12,6 +12,12 @@ qualifiers, built-in indices, ``__shared__`` memory and ``__syncthreads()``:
   the blocks one after another, a ``std::barrier`` standing for
   ``__syncthreads()`` (``__shared__`` becomes ``static``, shared by the block).
 
+A stream's capture records a CUDA graph: every device operation while it
+captures (ufuncs, products and reductions, array functions, kernel launches,
+indexed writes and copies) is run and also kept as how to redo it on the same
+arrays, and ``graph.launch()`` redoes them in order, so that the graph's results
+are its arrays, written again (a view is not redone: it reads its base).
+
 What a GPU would not forgive is refused here too: a scalar argument whose
 type is not the kernel parameter's (CuPy passes its bytes unchecked), an
 array that is not contiguous or not of the parameter's element type, an
@@ -109,10 +115,40 @@ class DeviceArray(np.ndarray):
         plain = [np.asarray(a) if isinstance(a, DeviceArray) else a for a in inputs]
         if "out" in kwargs:
             kwargs["out"] = tuple(np.asarray(a) if isinstance(a, DeviceArray) else a for a in kwargs["out"])
-        return _to_device(getattr(ufunc, method)(*plain, **kwargs))
+        result = _to_device(getattr(ufunc, method)(*plain, **kwargs))
+        if _recording is not None:
+            # redone into the same outputs: the ones given, or the arrays this call made
+            made = result if isinstance(result, tuple) else (result,)
+            outs = kwargs.get("out") or tuple(np.asarray(r) for r in made)
+            redo_kwargs = {**kwargs, "out": outs}
+            _recording.append(lambda: getattr(ufunc, method)(*plain, **redo_kwargs))
+        return result
+
+    # methods that may make a new array rather than a view: recorded while a graph is captured
+    def __getitem__(self, index: Any) -> Any:
+        return _recorded(self, np.ndarray.__getitem__, index)
+
+    def copy(self, *args: Any, **kwargs: Any) -> Any:
+        return _recorded(self, np.ndarray.copy, *args, **kwargs)
+
+    def astype(self, *args: Any, **kwargs: Any) -> Any:
+        return _recorded(self, np.ndarray.astype, *args, **kwargs)
+
+    def reshape(self, *args: Any, **kwargs: Any) -> Any:
+        return _recorded(self, np.ndarray.reshape, *args, **kwargs)
+
+    def ravel(self, *args: Any, **kwargs: Any) -> Any:
+        return _recorded(self, np.ndarray.ravel, *args, **kwargs)
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        np.ndarray.__setitem__(self, index, value)
+        if _recording is not None:
+            _recording.append(lambda: np.ndarray.__setitem__(self, index, value))
 
 
 def _to_device(value: Any) -> Any:
+    if isinstance(value, np.generic):  # CuPy's reductions give 0-d arrays, which a graph can write again
+        value = np.asarray(value)
     if isinstance(value, np.ndarray) and not isinstance(value, DeviceArray):
         return value.view(DeviceArray)
     if isinstance(value, tuple):
@@ -125,8 +161,69 @@ def _on_device(function: Any, counted: str | None = None) -> Any:
     def run(*args: Any, **kwargs: Any) -> Any:
         if counted:
             COUNTS[counted] += 1
-        return _to_device(function(*args, **kwargs))
+        return _to_device(_recorded(None, function, *args, **kwargs))
     return run
+
+
+# --- CUDA graphs ----------------------------------------------------------------------
+_recording: list[Any] | None = None  # while a stream captures: how to redo each device operation
+
+
+def _recorded(array: Any, function: Any, *args: Any, **kwargs: Any) -> Any:
+    """``function(array, *args)`` (or ``function(*args)``), kept while a graph is captured as how to compute
+    it again into the arrays it returned, unless they are views (of an argument): those read their base."""
+    call = (lambda: function(array, *args, **kwargs)) if array is not None else (lambda: function(*args, **kwargs))
+    result = call()
+    if _recording is None:
+        return result
+    sources = [a for a in (array, *args, *kwargs.values()) if isinstance(a, np.ndarray)]
+    made = [r for r in (result if isinstance(result, tuple) else (result,))
+            if isinstance(r, np.ndarray) and not any(np.may_share_memory(r, a) for a in sources)]
+    if made:
+        def redo() -> None:
+            fresh = call()
+            for old, new in zip(made, fresh if isinstance(fresh, tuple) else (fresh,)):
+                np.asarray(old)[...] = new
+        _recording.append(redo)
+    return result
+
+
+class _Graph:
+    """A captured graph: ``launch()`` redoes its operations in the order they were captured."""
+
+    def __init__(self, operations: list[Any]) -> None:
+        self.operations = operations
+
+    def launch(self) -> None:
+        for redo in self.operations:
+            redo()
+
+
+class _Stream:
+    """CuPy's ``cuda.Stream``: work runs at once; ``begin_capture`` … ``end_capture`` records a graph."""
+
+    def __init__(self, non_blocking: bool = False) -> None:
+        self.ptr = 0
+
+    def __enter__(self) -> _Stream:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        return None
+
+    def begin_capture(self) -> None:
+        global _recording
+        if _recording is not None:
+            raise McalcError("a graph is already being captured")
+        _recording = []
+
+    def end_capture(self) -> _Graph:
+        global _recording
+        operations, _recording = _recording or [], None
+        return _Graph(operations)
 
 
 def _empty(shape: Any, dtype: Any = float, order: str = "C") -> DeviceArray:
@@ -257,7 +354,11 @@ class EmulatedKernel:
             pointers.append(ctypes.cast(ctypes.pointer(storage), ctypes.c_void_p))
         COUNTS["kernel"] += 1
         argument_array = (ctypes.c_void_p * len(pointers))(*pointers)
-        self._launch(ctypes.c_uint(int(grid[0])), ctypes.c_uint(int(block[0])), argument_array)
+        launch = functools.partial(self._launch, ctypes.c_uint(int(grid[0])), ctypes.c_uint(int(block[0])),
+                                   argument_array)
+        launch()
+        if _recording is not None:  # the same pointers again: ``args`` keeps the arrays, ``held`` the scalars
+            _recording.append(lambda: (args, held, launch()))
 
 
 # --- the module ------------------------------------------------------------------------
@@ -269,8 +370,11 @@ def emulated_cupy() -> types.ModuleType:
     cupy.empty = _empty
     cupy.asnumpy = lambda a: np.asarray(a).view(np.ndarray)
     device = types.SimpleNamespace(synchronize=lambda: None)
-    cupy.cuda = types.SimpleNamespace(Device=lambda *_: device,
+    cupy.cuda = types.SimpleNamespace(Device=lambda *_: device, Stream=_Stream,
+                                      MemoryPool=lambda: types.SimpleNamespace(malloc=None),
+                                      using_allocator=lambda *_: contextlib.nullcontext(),
                                       runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
+    cupy.EMULATED = True  # what must differ from CuPy (cuBLAS is not there to call) asks for this
     return cupy
 
 
