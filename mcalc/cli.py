@@ -134,7 +134,7 @@ def _train(args: argparse.Namespace) -> int:
         raise McalcError(f"{args.resume}: the checkpoint is of model '{resume.get('spec')}', not '{args.model}'")
     result = train(net, data, make_optimizer(args.optimizer, **options), epochs=args.epochs,
                    batch_size=args.batch_size, seed=args.seed, progress=sys.stderr.isatty(), name=args.optimizer,
-                   checkpoint=args.checkpoint or args.resume, resume=resume)
+                   checkpoint=args.checkpoint or args.resume, resume=resume, graphs=args.graphs)
     for row in result["history"]:
         print(f"epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f}  test loss {row['test_loss']:.4f}  "
               f"test accuracy {row['test_accuracy']:.4f}  {row['wall_s']:.1f} s")
@@ -272,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "or whichever costs less (default)")
     p.add_argument("--refresh", type=int, default=5, help="hbp-newton: steps between eigenbasis renewals")
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
+    p.add_argument("--graphs", action="store_true",
+                   help="cupy: replay each backward pass as a CUDA graph (one launch instead of one per kernel)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the history here")
     p.add_argument("--plot", help="write loss and accuracy curves here (PNG)")

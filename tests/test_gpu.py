@@ -177,3 +177,27 @@ def test_capture_needs_the_cupy_backend():
 
     with pytest.raises(mc.McalcError, match="need the cupy backend"):
         Network("4-3", seed=0).capture_backward(np.zeros((4, 2)), np.eye(3)[:, :2])
+
+
+def test_training_with_graphs_matches_eager_training(cp):
+    """``train(..., graphs=True)``: the same history and weights as eager passes, with a graph per
+    curvature mode and batch shape (eigenbases renewed every other step: passes with and without
+    blocks; 200 samples in batches of 48: a last batch of 8)."""
+    from mcalc.train.data import Dataset, digits
+    from mcalc.train.network import Network
+    from mcalc.train.optimizers import HBPNewton
+    from mcalc.train.trainer import train
+
+    full = digits()
+    data = Dataset("digits", full.x_train[:200], full.y_train[:200], full.x_test[:50], full.y_test[:50])
+    runs = []
+    for graphs in (False, True):
+        net = Network("64-16-tanh-10", backend="cupy", seed=0)
+        result = train(net, data, HBPNewton(solver="eigen", refresh=2), epochs=2, batch_size=48, graphs=graphs)
+        runs.append((result["history"], {k: v.get() for k, v in net.params.items()}))
+    (eager, eager_params), (replayed, replayed_params) = runs
+    for a, b in zip(eager, replayed):
+        for key in ("train_loss", "test_loss", "test_accuracy"):
+            assert b[key] == pytest.approx(a[key], rel=1e-9), key
+    for name, value in eager_params.items():
+        np.testing.assert_allclose(replayed_params[name], value, rtol=1e-9, atol=1e-12, err_msg=name)

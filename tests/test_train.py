@@ -296,6 +296,10 @@ def test_cli_train_writes_json_and_plot(tmp_path):
     done = subprocess.run([sys.executable, "-m", "mcalc.cli", "train", "--model", "64-5"],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "10 classes" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "mcalc.cli", "train", "--graphs", "--json", str(tmp_path / "g.json")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "CUDA graphs need the cupy backend" in done.stderr
+    assert not (tmp_path / "g.json").exists()
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "hbp-newton"])

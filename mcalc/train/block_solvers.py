@@ -168,10 +168,16 @@ class SharedAverage:
         for i, factor in enumerate(new):
             key = (id(factor), id(old[i]) if old else 0)
             if key not in self.done:
-                self.done[key] = dense_factor(factor) if old is None else \
+                # the average owns its arrays: a block's may be written again after the step (a CUDA graph's are)
+                self.done[key] = _owned(factor) if old is None else \
                     self.decay * old[i] + (1 - self.decay) * dense_factor(factor)
             out.append(self.done[key])
         return CurvatureBlock(dense=out[0]) if not block.kron else CurvatureBlock(kron=[(out[0], out[1])])
+
+
+def _owned(factor: Any) -> Any:
+    """A factor as a matrix of its own (a :class:`Gram` formed, an array copied)."""
+    return factor.dense() if isinstance(factor, Gram) else factor.copy()
 
 
 @dataclass

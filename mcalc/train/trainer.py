@@ -47,15 +47,31 @@ def curvature_for_step(optimizer: Any) -> str | None:
 
 def train(net: Network, data: Dataset, optimizer: Any, *, epochs: int, batch_size: int, seed: int = 0,
           progress: bool = False, name: str = "", checkpoint: str | Path | None = None,
-          resume: dict[str, Any] | None = None) -> dict[str, Any]:
+          resume: dict[str, Any] | None = None, graphs: bool = False) -> dict[str, Any]:
     """Train ``net`` and return ``{"optimizer", "history": [...], "final": {...}}`` (the design's format).
 
     A step whose loss is not finite is rejected (the weights are kept) and,
     for a curvature method, its damping α doubled; steps rejected are counted.
     With ``checkpoint`` the state is saved after every epoch; ``resume`` (a
-    loaded checkpoint) continues that run exactly where it stopped.
+    loaded checkpoint) continues that run exactly where it stopped. ``graphs``
+    (cupy backend): each backward pass is a CUDA graph replayed, one captured per
+    curvature mode and batch shape (:meth:`Network.capture_backward`).
     """
+    if graphs and net.backend != "cupy":
+        raise McalcError(f"CUDA graphs need the cupy backend; this network runs on {net.backend}")
     xp = net.xp
+    captured: dict[tuple, Any] = {}
+
+    def backward(X: Any, Y: Any) -> tuple:
+        """Loss, gradients and the blocks the optimiser's next step needs."""
+        curvature, approximation = curvature_for_step(optimizer), getattr(optimizer, "approximation", "6")
+        if not graphs:
+            return net.backward(X, Y, curvature, approximation)
+        key = (curvature, approximation, X.shape)
+        if key not in captured:
+            captured[key] = net.capture_backward(X, Y, curvature, approximation)
+        return captured[key](X, Y)
+
     rng = np.random.default_rng(seed)
     history, rejected, first_epoch, elapsed = [], 0, 1, 0.0
     if resume is not None:
@@ -81,8 +97,7 @@ def train(net: Network, data: Dataset, optimizer: Any, *, epochs: int, batch_siz
         for k in range(steps):
             index = xp.asarray(order[k * batch_size:(k + 1) * batch_size])
             X, Y = X_train[:, index], Y_train[:, index]
-            loss, grads, blocks = net.backward(X, Y, curvature_for_step(optimizer),
-                                               getattr(optimizer, "approximation", "6"))
+            loss, grads, blocks = backward(X, Y)
             updates = optimizer.step(net, grads, blocks, (X, Y))
             previous = dict(net.params)
             net.params = {name: value + updates[name] for name, value in net.params.items()}
