@@ -135,3 +135,10 @@ def test_a_captured_graph_redoes_its_operations_on_the_same_arrays(cp, kernels):
     np.testing.assert_array_equal(ends.get(), [2.0, 1.0])
     np.testing.assert_array_equal(out.get(), 3 * a.get())
     assert float(total) == 3 * 2.5
+    with stream:
+        stream.begin_capture()
+        try:
+            with pytest.raises(McalcError, match="read on the host while a CUDA graph was captured"):
+                float((a * 2.0).sum())
+        finally:
+            stream.end_capture()

@@ -16,7 +16,8 @@ A stream's capture records a CUDA graph: every device operation while it
 captures (ufuncs, products and reductions, array functions, kernel launches,
 indexed writes and copies) is run and also kept as how to redo it on the same
 arrays, and ``graph.launch()`` redoes them in order, so that the graph's results
-are its arrays, written again (a view is not redone: it reads its base).
+are its arrays, written again (a view is not redone: it reads its base). Reading a
+device value on the host while capturing is refused, as on a GPU.
 
 What a GPU would not forgive is refused here too: a scalar argument whose
 type is not the kernel parameter's (CuPy passes its bytes unchecked), an
@@ -108,7 +109,24 @@ class DeviceArray(np.ndarray):
     __module__ = "cupy.emulated"  # runtime.blocks.namespace reads the array's module
 
     def get(self) -> np.ndarray:
+        _refuse_host_read()
         return np.array(self, copy=True).view(np.ndarray)
+
+    def __float__(self) -> float:
+        _refuse_host_read()
+        return float(np.asarray(self))
+
+    def __int__(self) -> int:
+        _refuse_host_read()
+        return int(np.asarray(self))
+
+    def __bool__(self) -> bool:
+        _refuse_host_read()
+        return bool(np.asarray(self))
+
+    def item(self, *args: Any) -> Any:
+        _refuse_host_read()
+        return np.asarray(self).item(*args)
 
     def __array_ufunc__(self, ufunc: np.ufunc, method: str, *inputs: Any, **kwargs: Any) -> Any:
         COUNTS["matmul" if ufunc is np.matmul else "reduce" if method == "reduce" else "elementwise"] += 1
@@ -186,6 +204,13 @@ def _recorded(array: Any, function: Any, *args: Any, **kwargs: Any) -> Any:
                 np.asarray(old)[...] = new
         _recording.append(redo)
     return result
+
+
+def _refuse_host_read() -> None:
+    """Reading a value on the host waits for the device, which a stream being captured cannot do."""
+    if _recording is not None:
+        raise McalcError("a device value was read on the host while a CUDA graph was captured "
+                         "(a GPU refuses that: keep the value on the device)")
 
 
 class _Graph:
