@@ -18,8 +18,8 @@ medians are reported.
 ``--count-launches`` needs no GPU, PyTorch or BackPACK: it runs the fused and
 the unfused CuPy code of one pass on the CPU emulator and counts the device
 operations each launches (generated kernels, cuBLAS products, CuPy's own
-elementwise and reduction kernels): where a pass is bound by launches, as it
-is on a GPU at this size, their ratio is what fusion can gain.
+elementwise and reduction kernels, fills): where a pass is bound by launches,
+as it is on a GPU at this size, their ratio is what fusion can gain.
 """
 from __future__ import annotations
 
