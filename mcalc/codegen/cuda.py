@@ -2,14 +2,14 @@
 
 Fusion: a *group* is an elementwise step with the elementwise steps that feed
 only it (same shape), inlined into one expression per output entry (a product
-diag(u) M diag(v) that only scales rows and columns counts as elementwise); a row sum
-M 1 over such a group becomes one reduction kernel, and a column-wise softmax or
-log-softmax of one becomes one kernel with a thread per column (its max, its sum
-of exponentials and its entries in one pass over the column, instead of five or
-six CuPy operations). Everything else (matrix products, eigen-projections) is
-printed as CuPy calls by the array printer. Kernels are printed for float and double (SymPy's C99 printer with
-the matching math functions); coefficients in the dimensions (1/B) are passed
-as kernel arguments.
+diag(u) M diag(v) that only scales rows and columns counts as elementwise). A
+row sum M 1 over such a group becomes one reduction kernel, and a column-wise
+softmax or log-softmax of one becomes one kernel with a thread per column (its
+max, its sum of exponentials and its entries in one pass down the column,
+instead of five or six CuPy operations). Everything else (matrix products,
+eigen-projections) is printed as CuPy calls by the array printer. Kernels are
+printed for float and double (SymPy's C99 printer with the matching math
+functions); coefficients in the dimensions (1/B) are passed as kernel arguments.
 """
 from __future__ import annotations
 
