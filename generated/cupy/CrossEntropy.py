@@ -151,7 +151,7 @@ extern "C" __global__ void k_5d70c76b687f_double(const double* __restrict__ in0,
     for (r = 0; r < rows; ++r) out[r * cols + c] = exp(in0[r * cols + c] - top) * scale;
 }
 
-extern "C" __global__ void k_442036a17620_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_27e0e74c7c19_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -159,10 +159,10 @@ extern "C" __global__ void k_442036a17620_float(const float* __restrict__ in0, c
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((in0[r * cols + c] + (c0 * in1[r * cols + c])) * in2[r * cols + c]);
+    out[i] = ((in0[r * cols + c] + (c0 * in1[c])) * in2[r * cols + c]);
 }
 
-extern "C" __global__ void k_442036a17620_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_27e0e74c7c19_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -170,10 +170,10 @@ extern "C" __global__ void k_442036a17620_double(const double* __restrict__ in0,
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((in0[r * cols + c] + (c0 * in1[r * cols + c])) * in2[r * cols + c]);
+    out[i] = ((in0[r * cols + c] + (c0 * in1[c])) * in2[r * cols + c]);
 }
 
-extern "C" __global__ void k_fe106be29eba_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float* __restrict__ in5, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_ba00e81ff075_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float* __restrict__ in5, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -181,10 +181,10 @@ extern "C" __global__ void k_fe106be29eba_float(const float* __restrict__ in0, c
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * (in0[c] * in1[r * cols + c])) + (in0[c] * in2[r * cols + c]) + (in3[c] * (in4[r * cols + c] + (c1 * (in5[r * cols + c] * in2[r * cols + c])))));
+    out[i] = ((c0 * (in0[c] * in1[r * cols + c])) + (in0[c] * in2[r * cols + c]) + (in3[c] * (in4[r * cols + c] + (c1 * (in5[c] * in2[r * cols + c])))));
 }
 
-extern "C" __global__ void k_fe106be29eba_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double* __restrict__ in4, const double* __restrict__ in5, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_ba00e81ff075_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double* __restrict__ in4, const double* __restrict__ in5, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -192,7 +192,7 @@ extern "C" __global__ void k_fe106be29eba_double(const double* __restrict__ in0,
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * (in0[c] * in1[r * cols + c])) + (in0[c] * in2[r * cols + c]) + (in3[c] * (in4[r * cols + c] + (c1 * (in5[r * cols + c] * in2[r * cols + c])))));
+    out[i] = ((c0 * (in0[c] * in1[r * cols + c])) + (in0[c] * in2[r * cols + c]) + (in3[c] * (in4[r * cols + c] + (c1 * (in5[c] * in2[r * cols + c])))));
 }
 
 extern "C" __global__ void k_8a39c66b9282_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float c0, const float c1, const float c2, float* __restrict__ out, const long long rows, const long long cols)
@@ -513,12 +513,12 @@ def _jvp_all(P, S, V, C=None):
     else:
         t0, = hoisted
     t1 = _launch('k_531d59972706', dtype, (n, B), (n, B), [V['x'], t0], [], 'entries')
-    t2 = _matmul(xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)), t1)
-    t5 = _launch('k_442036a17620', dtype, (n, B), (n, B), [V['x'], t2, S['y']], [-1], 'entries')
-    t6 = t5.sum(axis=0, keepdims=True)
-    t7 = _launch('k_e768e514d527', dtype, (1, B), (1, B), [t6], [-1], 'entries')
+    t2 = t1.sum(axis=0, keepdims=True)
+    t6 = _launch('k_27e0e74c7c19', dtype, (n, B), (n, B), [V['x'], t2, S['y']], [-1], 'entries')
+    t7 = t6.sum(axis=0, keepdims=True)
+    t8 = _launch('k_e768e514d527', dtype, (1, B), (1, B), [t7], [-1], 'entries')
 
-    return {"Z": t7}
+    return {"Z": t8}
 
 
 def jvp(P, S, V, inputs=True, cache=None):
@@ -539,10 +539,10 @@ def _rgradients_all(P, S, V, C=None):
     else:
         t3, = hoisted
     t6 = _launch('k_531d59972706', dtype, (n, B), (n, B), [V['x'], t3], [], 'entries')
-    t7 = _matmul(xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)), t6)
-    t12 = _launch('k_fe106be29eba', dtype, (n, B), (n, B), [V['dz'], S['y'], t3, S['dz'], t6, t7], [-1, -1], 'entries')
+    t7 = t6.sum(axis=0, keepdims=True)
+    t13 = _launch('k_ba00e81ff075', dtype, (n, B), (n, B), [V['dz'], S['y'], t3, S['dz'], t6, t7], [-1, -1], 'entries')
 
-    return {"x": t12, }
+    return {"x": t13, }
 
 
 def rgradients(P, S, V, inputs=True, cache=None):

@@ -341,14 +341,14 @@ extern "C" __global__ void k_b4c3ebd29860_double(const double* __restrict__ in0,
     out[i] = ((c0 * in0[r * cols + c]) + (r == c ? (c1 * in1[r]) : (double)0));
 }
 
-extern "C" __global__ void k_36ef97f1d271_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_d2937799515d_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
     __shared__ float partial[256];
     float acc = 0;
     for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * fn_sigmoid_2_float(in1[r * cols + c]));
+        acc += (in0[r] * fn_sigmoid_2_float(in1[r * cols + c]));
     }
     partial[threadIdx.x] = acc;
     __syncthreads();
@@ -359,14 +359,14 @@ extern "C" __global__ void k_36ef97f1d271_float(const float* __restrict__ in0, c
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void k_36ef97f1d271_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_d2937799515d_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
     __shared__ double partial[256];
     double acc = 0;
     for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * fn_sigmoid_2_double(in1[r * cols + c]));
+        acc += (in0[r] * fn_sigmoid_2_double(in1[r * cols + c]));
     }
     partial[threadIdx.x] = acc;
     __syncthreads();
@@ -739,15 +739,15 @@ def _hbp_exact_7_all(P, S, Hz):
     t1 = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
     t2 = P['W'].T
     t3 = (_matmul(_matmul((t1 * t2), Hz), P['W']) * t1.T)
-    t5 = xp.broadcast_to(_matmul(t2, S['dz']).sum(axis=1, keepdims=True), (n, B))
-    t8 = _launch('k_36ef97f1d271', dtype, (n, B), (n, 1), [t5, S['x']], [], 'rows')
-    t9 = _launch('k_b4c3ebd29860', dtype, (n, n), (n, n), [t3, t8], [B**(-2), 1/B], 'entries')
-    t11 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t12 = _gram(t11)
+    t5 = _matmul(t2, S['dz']).sum(axis=1, keepdims=True)
+    t9 = _launch('k_d2937799515d', dtype, (n, B), (n, 1), [t5, S['x']], [], 'rows')
+    t10 = _launch('k_b4c3ebd29860', dtype, (n, n), (n, n), [t3, t9], [B**(-2), 1/B], 'entries')
+    t12 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    t13 = _gram(t12)
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t9),
-        "W": CurvatureBlock(kron=[_kron((B**(-2)), t12, Hz), ], dense=None),
+        "x": CurvatureBlock(kron=[], dense=t10),
+        "W": CurvatureBlock(kron=[_kron((B**(-2)), t13, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -862,18 +862,18 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     t1 = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
     t2 = P['W'].T
     t3 = (_matmul(_matmul((t1 * t2), Hz), P['W']) * t1.T)
-    t5 = xp.broadcast_to(_matmul(t2, S['dz']).sum(axis=1, keepdims=True), (n, B))
-    t8 = _launch('k_36ef97f1d271', dtype, (n, B), (n, 1), [t5, S['x']], [], 'rows')
-    t9 = xp.diagflat(t8)
-    t10 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t9], [1/B], 'entries')
-    t11 = _psd_project(t10, 'abs')
-    t12 = _launch('k_159d01c99017', dtype, (n, n), (n, n), [t3, t11], [B**(-2)], 'entries')
-    t14 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t15 = _gram(t14)
+    t5 = _matmul(t2, S['dz']).sum(axis=1, keepdims=True)
+    t9 = _launch('k_d2937799515d', dtype, (n, B), (n, 1), [t5, S['x']], [], 'rows')
+    t10 = xp.diagflat(t9)
+    t11 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t10], [1/B], 'entries')
+    t12 = _psd_project(t11, 'abs')
+    t13 = _launch('k_159d01c99017', dtype, (n, n), (n, n), [t3, t12], [B**(-2)], 'entries')
+    t15 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    t16 = _gram(t15)
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t12),
-        "W": CurvatureBlock(kron=[_kron((B**(-2)), t15, Hz), ], dense=None),
+        "x": CurvatureBlock(kron=[], dense=t13),
+        "W": CurvatureBlock(kron=[_kron((B**(-2)), t16, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -928,18 +928,18 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     t1 = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
     t2 = P['W'].T
     t3 = (_matmul(_matmul((t1 * t2), Hz), P['W']) * t1.T)
-    t5 = xp.broadcast_to(_matmul(t2, S['dz']).sum(axis=1, keepdims=True), (n, B))
-    t8 = _launch('k_36ef97f1d271', dtype, (n, B), (n, 1), [t5, S['x']], [], 'rows')
-    t9 = xp.diagflat(t8)
-    t10 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t9], [1/B], 'entries')
-    t11 = _psd_project(t10, 'clip')
-    t12 = _launch('k_159d01c99017', dtype, (n, n), (n, n), [t3, t11], [B**(-2)], 'entries')
-    t14 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t15 = _gram(t14)
+    t5 = _matmul(t2, S['dz']).sum(axis=1, keepdims=True)
+    t9 = _launch('k_d2937799515d', dtype, (n, B), (n, 1), [t5, S['x']], [], 'rows')
+    t10 = xp.diagflat(t9)
+    t11 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t10], [1/B], 'entries')
+    t12 = _psd_project(t11, 'clip')
+    t13 = _launch('k_159d01c99017', dtype, (n, n), (n, n), [t3, t12], [B**(-2)], 'entries')
+    t15 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    t16 = _gram(t15)
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t12),
-        "W": CurvatureBlock(kron=[_kron((B**(-2)), t15, Hz), ], dense=None),
+        "x": CurvatureBlock(kron=[], dense=t13),
+        "W": CurvatureBlock(kron=[_kron((B**(-2)), t16, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 

@@ -51,7 +51,7 @@ extern "C" __global__ void k_5d70c76b687f_double(const double* __restrict__ in0,
     for (r = 0; r < rows; ++r) out[r * cols + c] = exp(in0[r * cols + c] - top) * scale;
 }
 
-extern "C" __global__ void k_214ee803fe55_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_9943cdd96570_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -59,10 +59,10 @@ extern "C" __global__ void k_214ee803fe55_float(const float* __restrict__ in0, c
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * (in1[r * cols + c] * in2[r * cols + c])));
+    out[i] = (in0[r * cols + c] + (c0 * (in1[c] * in2[r * cols + c])));
 }
 
-extern "C" __global__ void k_214ee803fe55_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_9943cdd96570_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -70,7 +70,7 @@ extern "C" __global__ void k_214ee803fe55_double(const double* __restrict__ in0,
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * (in1[r * cols + c] * in2[r * cols + c])));
+    out[i] = (in0[r * cols + c] + (c0 * (in1[c] * in2[r * cols + c])));
 }
 
 extern "C" __global__ void k_531d59972706_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
@@ -95,7 +95,7 @@ extern "C" __global__ void k_531d59972706_double(const double* __restrict__ in0,
     out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void k_3cefff2a2be0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float* __restrict__ in5, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_0f12f3cab709_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float* __restrict__ in5, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -103,10 +103,10 @@ extern "C" __global__ void k_3cefff2a2be0_float(const float* __restrict__ in0, c
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + in1[r * cols + c] + (c0 * ((in2[r * cols + c] * in3[r * cols + c]) + (in4[r * cols + c] * in5[r * cols + c]))));
+    out[i] = (in0[r * cols + c] + in1[r * cols + c] + (c0 * ((in2[c] * in3[r * cols + c]) + (in4[c] * in5[r * cols + c]))));
 }
 
-extern "C" __global__ void k_3cefff2a2be0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double* __restrict__ in4, const double* __restrict__ in5, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_0f12f3cab709_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double* __restrict__ in4, const double* __restrict__ in5, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -114,7 +114,7 @@ extern "C" __global__ void k_3cefff2a2be0_double(const double* __restrict__ in0,
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + in1[r * cols + c] + (c0 * ((in2[r * cols + c] * in3[r * cols + c]) + (in4[r * cols + c] * in5[r * cols + c]))));
+    out[i] = (in0[r * cols + c] + in1[r * cols + c] + (c0 * ((in2[c] * in3[r * cols + c]) + (in4[c] * in5[r * cols + c]))));
 }
 
 extern "C" __global__ void k_41a52876c677_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
@@ -183,14 +183,36 @@ extern "C" __global__ void k_edb4640e4693_double(const double* __restrict__ in0,
     out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void k_40db355abd07_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_c3f430aafdd9_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (in0[r] * in1[r * cols + c]);
+}
+
+extern "C" __global__ void k_c3f430aafdd9_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (in0[r] * in1[r * cols + c]);
+}
+
+extern "C" __global__ void k_4b58d386d3f4_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
     __shared__ float partial[256];
     float acc = 0;
     for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += ((c0 * in0[r * cols + c]) + (c1 * (in1[r * cols + c] * in2[r * cols + c])));
+        acc += ((c0 * in0[r * cols + c]) + (c1 * (in1[c] * in2[r * cols + c])));
     }
     partial[threadIdx.x] = acc;
     __syncthreads();
@@ -201,14 +223,14 @@ extern "C" __global__ void k_40db355abd07_float(const float* __restrict__ in0, c
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void k_40db355abd07_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_4b58d386d3f4_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
     __shared__ double partial[256];
     double acc = 0;
     for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += ((c0 * in0[r * cols + c]) + (c1 * (in1[r * cols + c] * in2[r * cols + c])));
+        acc += ((c0 * in0[r * cols + c]) + (c1 * (in1[c] * in2[r * cols + c])));
     }
     partial[threadIdx.x] = acc;
     __syncthreads();
@@ -219,7 +241,7 @@ extern "C" __global__ void k_40db355abd07_double(const double* __restrict__ in0,
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void k_4903aa5ae95d_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_70f23b55b7a4_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -227,10 +249,10 @@ extern "C" __global__ void k_4903aa5ae95d_float(const float* __restrict__ in0, c
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * (in1[r * cols + c] * in2[r * cols + c])));
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * (in1[r] * in2[r * cols + c])));
 }
 
-extern "C" __global__ void k_4903aa5ae95d_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_70f23b55b7a4_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -238,7 +260,7 @@ extern "C" __global__ void k_4903aa5ae95d_double(const double* __restrict__ in0,
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * (in1[r * cols + c] * in2[r * cols + c])));
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * (in1[r] * in2[r * cols + c])));
 }
 
 extern "C" __global__ void k_dcec321e0aa6_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float c0, const float c1, const float c2, const float c3, float* __restrict__ out, const long long rows, const long long cols)
@@ -261,6 +283,50 @@ extern "C" __global__ void k_dcec321e0aa6_double(const double* __restrict__ in0,
     (void)r;
     (void)c;
     out[i] = (in0[r * cols + c] + (r == c ? in1[r] : (double)0) + (c0 * ((c1 * in2[r * cols + c]) + (c2 * in3[r * cols + c]))) + (c3 * in4[r * cols + c]));
+}
+
+extern "C" __global__ void k_e3154fdc0682_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (in0[c] * in1[r * cols + c]);
+}
+
+extern "C" __global__ void k_e3154fdc0682_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (in0[c] * in1[r * cols + c]);
+}
+
+extern "C" __global__ void k_4604ddd5bd5b_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (in0[r * cols + c] * in1[r]);
+}
+
+extern "C" __global__ void k_4604ddd5bd5b_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (in0[r * cols + c] * in1[r]);
 }
 
 extern "C" __global__ void k_259bde065cff_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
@@ -416,10 +482,10 @@ def _gradients_all(P, S, C=None):
     else:
         t0, = hoisted
     t1 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
-    t2 = _matmul(xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)), t1)
-    t5 = _launch('k_214ee803fe55', dtype, (n, B), (n, B), [t1, t2, t0], [-1], 'entries')
+    t2 = t1.sum(axis=0, keepdims=True)
+    t6 = _launch('k_9943cdd96570', dtype, (n, B), (n, B), [t1, t2, t0], [-1], 'entries')
 
-    return {"x": t5, }
+    return {"x": t6, }
 
 
 def _gradients_params(P, S, C=None):
@@ -448,10 +514,10 @@ def _jvp_all(P, S, V, C=None):
     else:
         t0, = hoisted
     t1 = _launch('k_531d59972706', dtype, (n, B), (n, B), [V['x'], t0], [], 'entries')
-    t2 = _matmul(xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)), t1)
-    t5 = _launch('k_214ee803fe55', dtype, (n, B), (n, B), [t1, t2, t0], [-1], 'entries')
+    t2 = t1.sum(axis=0, keepdims=True)
+    t6 = _launch('k_9943cdd96570', dtype, (n, B), (n, B), [t1, t2, t0], [-1], 'entries')
 
-    return {"Z": t5}
+    return {"Z": t6}
 
 
 def jvp(P, S, V, inputs=True, cache=None):
@@ -467,22 +533,22 @@ def _rgradients_all(P, S, V, C=None):
     hoisted = C.get('rgradients_all') if C is not None else None
     if hoisted is None:
         t0 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
-        t11 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
-        t12 = _matmul(xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)), t11)
+        t13 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
+        t14 = t13.sum(axis=0, keepdims=True)
         if C is not None:
-            C['rgradients_all'] = (t0, t11, t12,)
+            C['rgradients_all'] = (t0, t13, t14,)
     else:
-        t0, t11, t12, = hoisted
+        t0, t13, t14, = hoisted
     t1 = _launch('k_531d59972706', dtype, (n, B), (n, B), [V['x'], t0], [], 'entries')
-    t2 = _matmul(xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)), t1)
-    t5 = _launch('k_214ee803fe55', dtype, (n, B), (n, B), [t1, t2, t0], [-1], 'entries')
-    t6 = _launch('k_531d59972706', dtype, (n, B), (n, B), [t5, S['dz']], [], 'entries')
-    t7 = _launch('k_531d59972706', dtype, (n, B), (n, B), [V['dz'], t0], [], 'entries')
-    t8 = _launch('k_41a52876c677', dtype, (n, B), (n, B), [t6, t7], [], 'entries')
-    t9 = _matmul(xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)), t8)
-    t16 = _launch('k_3cefff2a2be0', dtype, (n, B), (n, B), [t6, t7, t9, t0, t12, t5], [-1], 'entries')
+    t2 = t1.sum(axis=0, keepdims=True)
+    t6 = _launch('k_9943cdd96570', dtype, (n, B), (n, B), [t1, t2, t0], [-1], 'entries')
+    t7 = _launch('k_531d59972706', dtype, (n, B), (n, B), [t6, S['dz']], [], 'entries')
+    t8 = _launch('k_531d59972706', dtype, (n, B), (n, B), [V['dz'], t0], [], 'entries')
+    t9 = _launch('k_41a52876c677', dtype, (n, B), (n, B), [t7, t8], [], 'entries')
+    t10 = t9.sum(axis=0, keepdims=True)
+    t19 = _launch('k_0f12f3cab709', dtype, (n, B), (n, B), [t7, t8, t10, t0, t14, t6], [-1], 'entries')
 
-    return {"x": t16, }
+    return {"x": t19, }
 
 
 def rgradients(P, S, V, inputs=True, cache=None):
@@ -508,24 +574,24 @@ def _hbp_exact_6_all(P, S, Hz):
     t7 = _matmul(t6, t1)
     t9 = _matmul(t1, Hz)
     t10 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t1, t9], [], 'entries')
-    t12 = xp.broadcast_to(t10.sum(axis=1, keepdims=True), (B, n))
-    t15 = _launch('k_4903aa5ae95d', dtype, (B, n), (B, n), [t10, t12, t1], [1/B, -1/B], 'entries')
-    t16 = _matmul(t0, t15)
-    t18 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
-    t20 = _matmul(xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)), t18)
-    t24 = _launch('k_40db355abd07', dtype, (n, B), (n, 1), [t18, t20, t0], [1/B, -1/B], 'rows')
-    t25 = _matmul(t18, t1)
-    t27 = S['dz'].T
-    t28 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t27, t1], [], 'entries')
-    t29 = xp.broadcast_to(t28.sum(axis=1, keepdims=True), (B, n))
+    t12 = t10.sum(axis=1, keepdims=True)
+    t16 = _launch('k_70f23b55b7a4', dtype, (B, n), (B, n), [t10, t12, t1], [1/B, -1/B], 'entries')
+    t17 = _matmul(t0, t16)
+    t19 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
+    t21 = t19.sum(axis=0, keepdims=True)
+    t26 = _launch('k_4b58d386d3f4', dtype, (n, B), (n, 1), [t19, t21, t0], [1/B, -1/B], 'rows')
+    t27 = _matmul(t19, t1)
+    t29 = S['dz'].T
     t30 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t29, t1], [], 'entries')
-    t31 = _matmul(t0, t30)
-    t37 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t28, t30], [1/B, -1/B], 'entries')
-    t38 = _matmul(t0, t37)
-    t42 = _launch('k_b209d0b303fe', dtype, (n, n), (n, n), [t2, Hz, t7, t16, t24, t25, t31, t38], [1/B, -1/B, -1, B, -1, 1/B, -1/B, -1], 'entries')
+    t31 = t30.sum(axis=1, keepdims=True)
+    t33 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t31, t1], [], 'entries')
+    t34 = _matmul(t0, t33)
+    t40 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t30, t33], [1/B, -1/B], 'entries')
+    t41 = _matmul(t0, t40)
+    t45 = _launch('k_b209d0b303fe', dtype, (n, n), (n, n), [t2, Hz, t7, t17, t26, t27, t34, t41], [1/B, -1/B, -1, B, -1, 1/B, -1/B, -1], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t42),
+        "x": CurvatureBlock(kron=[], dense=t45),
     }
 
 def _hbp_exact_6_params(P, S, Hz):
@@ -546,24 +612,24 @@ def _hbp_exact_7_all(P, S, Hz):
     t3 = _matmul(t0, t2)
     t5 = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t1, t3], [1/B, -1/B], 'entries')
     t6 = _matmul(_matmul(t5, Hz), t5)
-    t7 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
-    t8 = _launch('k_531d59972706', dtype, (n, B), (n, B), [t7, t0], [], 'entries')
-    t10 = _matmul(xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)), t8)
-    t14 = _launch('k_40db355abd07', dtype, (n, B), (n, 1), [t8, t10, t0], [1/B, -1/B], 'rows')
-    t15 = _matmul(t8, t2)
-    t17 = xp.broadcast_to(_matmul(t2, S['dz']).sum(axis=1, keepdims=True), (B, n))
-    t18 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t2, t17], [], 'entries')
-    t19 = _matmul(t0, t18)
-    t23 = S['dz'].T
-    t24 = _matmul(xp.broadcast_to(xp.ones((B, 1), dtype=dtype), (B, B)), t23)
-    t25 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t24, t2], [], 'entries')
-    t27 = xp.broadcast_to(t25.sum(axis=1, keepdims=True), (B, n))
-    t30 = _launch('k_4903aa5ae95d', dtype, (B, n), (B, n), [t25, t27, t2], [1/B, -1/B], 'entries')
-    t31 = _matmul(t0, t30)
-    t33 = _launch('k_dcec321e0aa6', dtype, (n, n), (n, n), [t6, t14, t15, t19, t31], [-1, 1/B, -1/B, -1], 'entries')
+    t7 = S['dz'].sum(axis=1, keepdims=True)
+    t9 = _launch('k_c3f430aafdd9', dtype, (n, B), (n, B), [t7, t0], [], 'entries')
+    t11 = t9.sum(axis=0, keepdims=True)
+    t16 = _launch('k_4b58d386d3f4', dtype, (n, B), (n, 1), [t9, t11, t0], [1/B, -1/B], 'rows')
+    t17 = _matmul(t9, t2)
+    t19 = _matmul(t2, S['dz']).sum(axis=1, keepdims=True)
+    t21 = _launch('k_4604ddd5bd5b', dtype, (B, n), (B, n), [t2, t19], [], 'entries')
+    t22 = _matmul(t0, t21)
+    t26 = S['dz'].T
+    t27 = t26.sum(axis=0, keepdims=True)
+    t29 = _launch('k_e3154fdc0682', dtype, (B, n), (B, n), [t27, t2], [], 'entries')
+    t31 = t29.sum(axis=1, keepdims=True)
+    t35 = _launch('k_70f23b55b7a4', dtype, (B, n), (B, n), [t29, t31, t2], [1/B, -1/B], 'entries')
+    t36 = _matmul(t0, t35)
+    t38 = _launch('k_dcec321e0aa6', dtype, (n, n), (n, n), [t6, t16, t17, t22, t36], [-1, 1/B, -1/B, -1], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t33),
+        "x": CurvatureBlock(kron=[], dense=t38),
     }
 
 def _hbp_exact_7_params(P, S, Hz):
@@ -586,13 +652,13 @@ def _hbp_ggn_6_all(P, S, Hz):
     t7 = _matmul(t6, t1)
     t9 = _matmul(t1, Hz)
     t10 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t1, t9], [], 'entries')
-    t12 = xp.broadcast_to(t10.sum(axis=1, keepdims=True), (B, n))
-    t15 = _launch('k_4903aa5ae95d', dtype, (B, n), (B, n), [t10, t12, t1], [1/B, -1/B], 'entries')
-    t16 = _matmul(t0, t15)
-    t18 = _launch('k_1dd3535c2bc6', dtype, (n, n), (n, n), [t2, Hz, t7, t16], [1/B, -1/B, -1], 'entries')
+    t12 = t10.sum(axis=1, keepdims=True)
+    t16 = _launch('k_70f23b55b7a4', dtype, (B, n), (B, n), [t10, t12, t1], [1/B, -1/B], 'entries')
+    t17 = _matmul(t0, t16)
+    t19 = _launch('k_1dd3535c2bc6', dtype, (n, n), (n, n), [t2, Hz, t7, t17], [1/B, -1/B, -1], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t18),
+        "x": CurvatureBlock(kron=[], dense=t19),
     }
 
 def _hbp_ggn_6_params(P, S, Hz):
@@ -638,26 +704,26 @@ def _hbp_pch_abs_6_all(P, S, Hz):
     t7 = _matmul(t6, t1)
     t9 = _matmul(t1, Hz)
     t10 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t1, t9], [], 'entries')
-    t12 = xp.broadcast_to(t10.sum(axis=1, keepdims=True), (B, n))
-    t15 = _launch('k_4903aa5ae95d', dtype, (B, n), (B, n), [t10, t12, t1], [1/B, -1/B], 'entries')
-    t16 = _matmul(t0, t15)
-    t18 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
-    t20 = _matmul(xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)), t18)
-    t24 = _launch('k_40db355abd07', dtype, (n, B), (n, 1), [t18, t20, t0], [1/B, -1/B], 'rows')
-    t25 = _matmul(t18, t1)
-    t27 = S['dz'].T
-    t28 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t27, t1], [], 'entries')
-    t29 = xp.broadcast_to(t28.sum(axis=1, keepdims=True), (B, n))
+    t12 = t10.sum(axis=1, keepdims=True)
+    t16 = _launch('k_70f23b55b7a4', dtype, (B, n), (B, n), [t10, t12, t1], [1/B, -1/B], 'entries')
+    t17 = _matmul(t0, t16)
+    t19 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
+    t21 = t19.sum(axis=0, keepdims=True)
+    t26 = _launch('k_4b58d386d3f4', dtype, (n, B), (n, 1), [t19, t21, t0], [1/B, -1/B], 'rows')
+    t27 = _matmul(t19, t1)
+    t29 = S['dz'].T
     t30 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t29, t1], [], 'entries')
-    t31 = _matmul(t0, t30)
-    t37 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t28, t30], [1/B, -1/B], 'entries')
-    t38 = _matmul(t0, t37)
-    t41 = _launch('k_fd465ba65c13', dtype, (n, n), (n, n), [t24, t25, t31, t38], [B, -1, 1/B, -1/B, -1], 'entries')
-    t42 = _psd_project(t41, 'abs')
-    t43 = _launch('k_04022f018b2c', dtype, (n, n), (n, n), [t2, Hz, t7, t16, t42], [1/B, -1/B, -1], 'entries')
+    t31 = t30.sum(axis=1, keepdims=True)
+    t33 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t31, t1], [], 'entries')
+    t34 = _matmul(t0, t33)
+    t40 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t30, t33], [1/B, -1/B], 'entries')
+    t41 = _matmul(t0, t40)
+    t44 = _launch('k_fd465ba65c13', dtype, (n, n), (n, n), [t26, t27, t34, t41], [B, -1, 1/B, -1/B, -1], 'entries')
+    t45 = _psd_project(t44, 'abs')
+    t46 = _launch('k_04022f018b2c', dtype, (n, n), (n, n), [t2, Hz, t7, t17, t45], [1/B, -1/B, -1], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t43),
+        "x": CurvatureBlock(kron=[], dense=t46),
     }
 
 def _hbp_pch_abs_6_params(P, S, Hz):
@@ -678,26 +744,26 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     t3 = _matmul(t0, t2)
     t5 = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t1, t3], [1/B, -1/B], 'entries')
     t6 = _matmul(_matmul(t5, Hz), t5)
-    t7 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
-    t8 = _launch('k_531d59972706', dtype, (n, B), (n, B), [t7, t0], [], 'entries')
-    t10 = _matmul(xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)), t8)
-    t14 = _launch('k_40db355abd07', dtype, (n, B), (n, 1), [t8, t10, t0], [1/B, -1/B], 'rows')
-    t15 = _matmul(t8, t2)
-    t17 = xp.broadcast_to(_matmul(t2, S['dz']).sum(axis=1, keepdims=True), (B, n))
-    t18 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t2, t17], [], 'entries')
-    t19 = _matmul(t0, t18)
-    t23 = S['dz'].T
-    t24 = _matmul(xp.broadcast_to(xp.ones((B, 1), dtype=dtype), (B, B)), t23)
-    t25 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t24, t2], [], 'entries')
-    t27 = xp.broadcast_to(t25.sum(axis=1, keepdims=True), (B, n))
-    t30 = _launch('k_4903aa5ae95d', dtype, (B, n), (B, n), [t25, t27, t2], [1/B, -1/B], 'entries')
-    t31 = _matmul(t0, t30)
-    t33 = _launch('k_0106afffb50a', dtype, (n, n), (n, n), [t14, t15, t19, t31], [-1, 1/B, -1/B, -1], 'entries')
-    t34 = _psd_project(t33, 'abs')
-    t35 = _launch('k_41a52876c677', dtype, (n, n), (n, n), [t6, t34], [], 'entries')
+    t7 = S['dz'].sum(axis=1, keepdims=True)
+    t9 = _launch('k_c3f430aafdd9', dtype, (n, B), (n, B), [t7, t0], [], 'entries')
+    t11 = t9.sum(axis=0, keepdims=True)
+    t16 = _launch('k_4b58d386d3f4', dtype, (n, B), (n, 1), [t9, t11, t0], [1/B, -1/B], 'rows')
+    t17 = _matmul(t9, t2)
+    t19 = _matmul(t2, S['dz']).sum(axis=1, keepdims=True)
+    t21 = _launch('k_4604ddd5bd5b', dtype, (B, n), (B, n), [t2, t19], [], 'entries')
+    t22 = _matmul(t0, t21)
+    t26 = S['dz'].T
+    t27 = t26.sum(axis=0, keepdims=True)
+    t29 = _launch('k_e3154fdc0682', dtype, (B, n), (B, n), [t27, t2], [], 'entries')
+    t31 = t29.sum(axis=1, keepdims=True)
+    t35 = _launch('k_70f23b55b7a4', dtype, (B, n), (B, n), [t29, t31, t2], [1/B, -1/B], 'entries')
+    t36 = _matmul(t0, t35)
+    t38 = _launch('k_0106afffb50a', dtype, (n, n), (n, n), [t16, t17, t22, t36], [-1, 1/B, -1/B, -1], 'entries')
+    t39 = _psd_project(t38, 'abs')
+    t40 = _launch('k_41a52876c677', dtype, (n, n), (n, n), [t6, t39], [], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t35),
+        "x": CurvatureBlock(kron=[], dense=t40),
     }
 
 def _hbp_pch_abs_7_params(P, S, Hz):
@@ -720,26 +786,26 @@ def _hbp_pch_clip_6_all(P, S, Hz):
     t7 = _matmul(t6, t1)
     t9 = _matmul(t1, Hz)
     t10 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t1, t9], [], 'entries')
-    t12 = xp.broadcast_to(t10.sum(axis=1, keepdims=True), (B, n))
-    t15 = _launch('k_4903aa5ae95d', dtype, (B, n), (B, n), [t10, t12, t1], [1/B, -1/B], 'entries')
-    t16 = _matmul(t0, t15)
-    t18 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
-    t20 = _matmul(xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)), t18)
-    t24 = _launch('k_40db355abd07', dtype, (n, B), (n, 1), [t18, t20, t0], [1/B, -1/B], 'rows')
-    t25 = _matmul(t18, t1)
-    t27 = S['dz'].T
-    t28 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t27, t1], [], 'entries')
-    t29 = xp.broadcast_to(t28.sum(axis=1, keepdims=True), (B, n))
+    t12 = t10.sum(axis=1, keepdims=True)
+    t16 = _launch('k_70f23b55b7a4', dtype, (B, n), (B, n), [t10, t12, t1], [1/B, -1/B], 'entries')
+    t17 = _matmul(t0, t16)
+    t19 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
+    t21 = t19.sum(axis=0, keepdims=True)
+    t26 = _launch('k_4b58d386d3f4', dtype, (n, B), (n, 1), [t19, t21, t0], [1/B, -1/B], 'rows')
+    t27 = _matmul(t19, t1)
+    t29 = S['dz'].T
     t30 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t29, t1], [], 'entries')
-    t31 = _matmul(t0, t30)
-    t37 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t28, t30], [1/B, -1/B], 'entries')
-    t38 = _matmul(t0, t37)
-    t41 = _launch('k_fd465ba65c13', dtype, (n, n), (n, n), [t24, t25, t31, t38], [B, -1, 1/B, -1/B, -1], 'entries')
-    t42 = _psd_project(t41, 'clip')
-    t43 = _launch('k_04022f018b2c', dtype, (n, n), (n, n), [t2, Hz, t7, t16, t42], [1/B, -1/B, -1], 'entries')
+    t31 = t30.sum(axis=1, keepdims=True)
+    t33 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t31, t1], [], 'entries')
+    t34 = _matmul(t0, t33)
+    t40 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t30, t33], [1/B, -1/B], 'entries')
+    t41 = _matmul(t0, t40)
+    t44 = _launch('k_fd465ba65c13', dtype, (n, n), (n, n), [t26, t27, t34, t41], [B, -1, 1/B, -1/B, -1], 'entries')
+    t45 = _psd_project(t44, 'clip')
+    t46 = _launch('k_04022f018b2c', dtype, (n, n), (n, n), [t2, Hz, t7, t17, t45], [1/B, -1/B, -1], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t43),
+        "x": CurvatureBlock(kron=[], dense=t46),
     }
 
 def _hbp_pch_clip_6_params(P, S, Hz):
@@ -760,26 +826,26 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     t3 = _matmul(t0, t2)
     t5 = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t1, t3], [1/B, -1/B], 'entries')
     t6 = _matmul(_matmul(t5, Hz), t5)
-    t7 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
-    t8 = _launch('k_531d59972706', dtype, (n, B), (n, B), [t7, t0], [], 'entries')
-    t10 = _matmul(xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)), t8)
-    t14 = _launch('k_40db355abd07', dtype, (n, B), (n, 1), [t8, t10, t0], [1/B, -1/B], 'rows')
-    t15 = _matmul(t8, t2)
-    t17 = xp.broadcast_to(_matmul(t2, S['dz']).sum(axis=1, keepdims=True), (B, n))
-    t18 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t2, t17], [], 'entries')
-    t19 = _matmul(t0, t18)
-    t23 = S['dz'].T
-    t24 = _matmul(xp.broadcast_to(xp.ones((B, 1), dtype=dtype), (B, B)), t23)
-    t25 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t24, t2], [], 'entries')
-    t27 = xp.broadcast_to(t25.sum(axis=1, keepdims=True), (B, n))
-    t30 = _launch('k_4903aa5ae95d', dtype, (B, n), (B, n), [t25, t27, t2], [1/B, -1/B], 'entries')
-    t31 = _matmul(t0, t30)
-    t33 = _launch('k_0106afffb50a', dtype, (n, n), (n, n), [t14, t15, t19, t31], [-1, 1/B, -1/B, -1], 'entries')
-    t34 = _psd_project(t33, 'clip')
-    t35 = _launch('k_41a52876c677', dtype, (n, n), (n, n), [t6, t34], [], 'entries')
+    t7 = S['dz'].sum(axis=1, keepdims=True)
+    t9 = _launch('k_c3f430aafdd9', dtype, (n, B), (n, B), [t7, t0], [], 'entries')
+    t11 = t9.sum(axis=0, keepdims=True)
+    t16 = _launch('k_4b58d386d3f4', dtype, (n, B), (n, 1), [t9, t11, t0], [1/B, -1/B], 'rows')
+    t17 = _matmul(t9, t2)
+    t19 = _matmul(t2, S['dz']).sum(axis=1, keepdims=True)
+    t21 = _launch('k_4604ddd5bd5b', dtype, (B, n), (B, n), [t2, t19], [], 'entries')
+    t22 = _matmul(t0, t21)
+    t26 = S['dz'].T
+    t27 = t26.sum(axis=0, keepdims=True)
+    t29 = _launch('k_e3154fdc0682', dtype, (B, n), (B, n), [t27, t2], [], 'entries')
+    t31 = t29.sum(axis=1, keepdims=True)
+    t35 = _launch('k_70f23b55b7a4', dtype, (B, n), (B, n), [t29, t31, t2], [1/B, -1/B], 'entries')
+    t36 = _matmul(t0, t35)
+    t38 = _launch('k_0106afffb50a', dtype, (n, n), (n, n), [t16, t17, t22, t36], [-1, 1/B, -1/B, -1], 'entries')
+    t39 = _psd_project(t38, 'clip')
+    t40 = _launch('k_41a52876c677', dtype, (n, n), (n, n), [t6, t39], [], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t35),
+        "x": CurvatureBlock(kron=[], dense=t40),
     }
 
 def _hbp_pch_clip_7_params(P, S, Hz):

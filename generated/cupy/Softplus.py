@@ -193,14 +193,14 @@ extern "C" __global__ void k_b7c6b7c1db29_double(const double* __restrict__ in0,
     out[i] = ((c0 * (in0[r] * in1[r * cols + c] * in0[c])) + (r == c ? (c1 * in2[r]) : (double)0));
 }
 
-extern "C" __global__ void k_f3488bff5e17_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_7d03a24ba206_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
     __shared__ float partial[256];
     float acc = 0;
     for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * fn_softplus_2_float(in1[r * cols + c]));
+        acc += (in0[r] * fn_softplus_2_float(in1[r * cols + c]));
     }
     partial[threadIdx.x] = acc;
     __syncthreads();
@@ -211,14 +211,14 @@ extern "C" __global__ void k_f3488bff5e17_float(const float* __restrict__ in0, c
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void k_f3488bff5e17_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_7d03a24ba206_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
     __shared__ double partial[256];
     double acc = 0;
     for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * fn_softplus_2_double(in1[r * cols + c]));
+        acc += (in0[r] * fn_softplus_2_double(in1[r * cols + c]));
     }
     partial[threadIdx.x] = acc;
     __syncthreads();
@@ -534,12 +534,12 @@ def _hbp_exact_7_all(P, S, Hz):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_26045612d8a9', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t4 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
-    t7 = _launch('k_f3488bff5e17', dtype, (n, B), (n, 1), [t4, S['x']], [], 'rows')
-    t8 = _launch('k_b7c6b7c1db29', dtype, (n, n), (n, n), [t1, Hz, t7], [B**(-2), 1/B], 'entries')
+    t4 = S['dz'].sum(axis=1, keepdims=True)
+    t8 = _launch('k_7d03a24ba206', dtype, (n, B), (n, 1), [t4, S['x']], [], 'rows')
+    t9 = _launch('k_b7c6b7c1db29', dtype, (n, n), (n, n), [t1, Hz, t8], [B**(-2), 1/B], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t8),
+        "x": CurvatureBlock(kron=[], dense=t9),
     }
 
 def _hbp_exact_7_params(P, S, Hz):
@@ -616,15 +616,15 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_26045612d8a9', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t4 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
-    t7 = _launch('k_f3488bff5e17', dtype, (n, B), (n, 1), [t4, S['x']], [], 'rows')
-    t8 = xp.diagflat(t7)
-    t9 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t8], [1/B], 'entries')
-    t10 = _psd_project(t9, 'abs')
-    t11 = _launch('k_b91052e40be0', dtype, (n, n), (n, n), [t1, Hz, t10], [B**(-2)], 'entries')
+    t4 = S['dz'].sum(axis=1, keepdims=True)
+    t8 = _launch('k_7d03a24ba206', dtype, (n, B), (n, 1), [t4, S['x']], [], 'rows')
+    t9 = xp.diagflat(t8)
+    t10 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t9], [1/B], 'entries')
+    t11 = _psd_project(t10, 'abs')
+    t12 = _launch('k_b91052e40be0', dtype, (n, n), (n, n), [t1, Hz, t11], [B**(-2)], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t11),
+        "x": CurvatureBlock(kron=[], dense=t12),
     }
 
 def _hbp_pch_abs_7_params(P, S, Hz):
@@ -661,15 +661,15 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_26045612d8a9', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t4 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
-    t7 = _launch('k_f3488bff5e17', dtype, (n, B), (n, 1), [t4, S['x']], [], 'rows')
-    t8 = xp.diagflat(t7)
-    t9 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t8], [1/B], 'entries')
-    t10 = _psd_project(t9, 'clip')
-    t11 = _launch('k_b91052e40be0', dtype, (n, n), (n, n), [t1, Hz, t10], [B**(-2)], 'entries')
+    t4 = S['dz'].sum(axis=1, keepdims=True)
+    t8 = _launch('k_7d03a24ba206', dtype, (n, B), (n, 1), [t4, S['x']], [], 'rows')
+    t9 = xp.diagflat(t8)
+    t10 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t9], [1/B], 'entries')
+    t11 = _psd_project(t10, 'clip')
+    t12 = _launch('k_b91052e40be0', dtype, (n, n), (n, n), [t1, Hz, t11], [B**(-2)], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t11),
+        "x": CurvatureBlock(kron=[], dense=t12),
     }
 
 def _hbp_pch_clip_7_params(P, S, Hz):

@@ -93,14 +93,15 @@ def _jvp_all(P, S, V, C=None):
     else:
         t0, = hoisted
     t1 = V['x'] * t0
-    t2 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t1)
-    t3 = (-1) * t2
-    t4 = V['x'] + t3
-    t5 = t4 * S['y']
-    t6 = t5.sum(axis=0, keepdims=True)
-    t7 = (-1) * t6
+    t2 = t1.sum(axis=0, keepdims=True)
+    t3 = (xp.ones((n, 1), dtype=dtype) @ t2)
+    t4 = (-1) * t3
+    t5 = V['x'] + t4
+    t6 = t5 * S['y']
+    t7 = t6.sum(axis=0, keepdims=True)
+    t8 = (-1) * t7
 
-    return {"Z": t7}
+    return {"Z": t8}
 
 
 def jvp(P, S, V, inputs=True, cache=None):
@@ -126,14 +127,15 @@ def _rgradients_all(P, S, V, C=None):
     t2 = (-1) * t1
     t4 = t0 * t3
     t6 = V['x'] * t3
-    t7 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t6)
-    t8 = t7 * t3
-    t9 = (-1) * t8
-    t10 = t6 + t9
-    t11 = t5 * t10
-    t12 = t2 + t4 + t11
+    t7 = t6.sum(axis=0, keepdims=True)
+    t8 = (xp.ones((n, 1), dtype=dtype) @ t7)
+    t9 = t8 * t3
+    t10 = (-1) * t9
+    t11 = t6 + t10
+    t12 = t5 * t11
+    t13 = t2 + t4 + t12
 
-    return {"x": t12, }
+    return {"x": t13, }
 
 
 def rgradients(P, S, V, inputs=True, cache=None):

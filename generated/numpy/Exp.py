@@ -175,14 +175,15 @@ def _hbp_exact_7_all(P, S, Hz):
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = ((t1 * Hz) * t1.T)
     t3 = (B**(-2)) * t2
-    t4 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
-    t5 = _fn_exp_2(S['x'])
-    t6 = t4 * t5
-    t7 = t6.sum(axis=1, keepdims=True)
-    t8 = _plus_diagonal(t3, (1/B) * t7, copy=False)
+    t4 = S['dz'].sum(axis=1, keepdims=True)
+    t5 = xp.broadcast_to(t4, (n, B))
+    t6 = _fn_exp_2(S['x'])
+    t7 = t5 * t6
+    t8 = t7.sum(axis=1, keepdims=True)
+    t9 = _plus_diagonal(t3, (1/B) * t8, copy=False)
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t8),
+        "x": CurvatureBlock(kron=[], dense=t9),
     }
 
 def _hbp_exact_7_params(P, S, Hz):
@@ -271,17 +272,18 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = ((t1 * Hz) * t1.T)
     t3 = (B**(-2)) * t2
-    t4 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
-    t5 = _fn_exp_2(S['x'])
-    t6 = t4 * t5
-    t7 = t6.sum(axis=1, keepdims=True)
-    t8 = xp.diagflat(t7)
-    t9 = (1/B) * t8
-    t10 = _psd_project(t9, 'abs')
-    t11 = t3 + t10
+    t4 = S['dz'].sum(axis=1, keepdims=True)
+    t5 = xp.broadcast_to(t4, (n, B))
+    t6 = _fn_exp_2(S['x'])
+    t7 = t5 * t6
+    t8 = t7.sum(axis=1, keepdims=True)
+    t9 = xp.diagflat(t8)
+    t10 = (1/B) * t9
+    t11 = _psd_project(t10, 'abs')
+    t12 = t3 + t11
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t11),
+        "x": CurvatureBlock(kron=[], dense=t12),
     }
 
 def _hbp_pch_abs_7_params(P, S, Hz):
@@ -327,17 +329,18 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = ((t1 * Hz) * t1.T)
     t3 = (B**(-2)) * t2
-    t4 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
-    t5 = _fn_exp_2(S['x'])
-    t6 = t4 * t5
-    t7 = t6.sum(axis=1, keepdims=True)
-    t8 = xp.diagflat(t7)
-    t9 = (1/B) * t8
-    t10 = _psd_project(t9, 'clip')
-    t11 = t3 + t10
+    t4 = S['dz'].sum(axis=1, keepdims=True)
+    t5 = xp.broadcast_to(t4, (n, B))
+    t6 = _fn_exp_2(S['x'])
+    t7 = t5 * t6
+    t8 = t7.sum(axis=1, keepdims=True)
+    t9 = xp.diagflat(t8)
+    t10 = (1/B) * t9
+    t11 = _psd_project(t10, 'clip')
+    t12 = t3 + t11
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t11),
+        "x": CurvatureBlock(kron=[], dense=t12),
     }
 
 def _hbp_pch_clip_7_params(P, S, Hz):

@@ -53,12 +53,13 @@ def _gradients_all(P, S, C=None):
     else:
         t0, = hoisted
     t1 = S['dz'] * t0
-    t2 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t1)
-    t3 = t2 * t0
-    t4 = (-1) * t3
-    t5 = t1 + t4
+    t2 = t1.sum(axis=0, keepdims=True)
+    t3 = (xp.ones((n, 1), dtype=dtype) @ t2)
+    t4 = t3 * t0
+    t5 = (-1) * t4
+    t6 = t1 + t5
 
-    return {"x": t5, }
+    return {"x": t6, }
 
 
 def _gradients_params(P, S, C=None):
@@ -87,12 +88,13 @@ def _jvp_all(P, S, V, C=None):
     else:
         t0, = hoisted
     t1 = V['x'] * t0
-    t2 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t1)
-    t3 = t2 * t0
-    t4 = (-1) * t3
-    t5 = t1 + t4
+    t2 = t1.sum(axis=0, keepdims=True)
+    t3 = (xp.ones((n, 1), dtype=dtype) @ t2)
+    t4 = t3 * t0
+    t5 = (-1) * t4
+    t6 = t1 + t5
 
-    return {"Z": t5}
+    return {"Z": t6}
 
 
 def jvp(P, S, V, inputs=True, cache=None):
@@ -108,28 +110,31 @@ def _rgradients_all(P, S, V, C=None):
     hoisted = C.get('rgradients_all') if C is not None else None
     if hoisted is None:
         t0 = _softmax(S['x'])
-        t11 = S['dz'] * t0
-        t12 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t11)
+        t13 = S['dz'] * t0
+        t14 = t13.sum(axis=0, keepdims=True)
+        t15 = (xp.ones((n, 1), dtype=dtype) @ t14)
         if C is not None:
-            C['rgradients_all'] = (t0, t11, t12,)
+            C['rgradients_all'] = (t0, t13, t14, t15,)
     else:
-        t0, t11, t12, = hoisted
+        t0, t13, t14, t15, = hoisted
     t1 = V['x'] * t0
-    t2 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t1)
-    t3 = t2 * t0
-    t4 = (-1) * t3
-    t5 = t1 + t4
-    t6 = t5 * S['dz']
-    t7 = V['dz'] * t0
-    t8 = t6 + t7
-    t9 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t8)
-    t10 = t9 * t0
-    t13 = t12 * t5
-    t14 = t10 + t13
-    t15 = (-1) * t14
-    t16 = t6 + t7 + t15
+    t2 = t1.sum(axis=0, keepdims=True)
+    t3 = (xp.ones((n, 1), dtype=dtype) @ t2)
+    t4 = t3 * t0
+    t5 = (-1) * t4
+    t6 = t1 + t5
+    t7 = t6 * S['dz']
+    t8 = V['dz'] * t0
+    t9 = t7 + t8
+    t10 = t9.sum(axis=0, keepdims=True)
+    t11 = (xp.ones((n, 1), dtype=dtype) @ t10)
+    t12 = t11 * t0
+    t16 = t15 * t6
+    t17 = t12 + t16
+    t18 = (-1) * t17
+    t19 = t7 + t8 + t18
 
-    return {"x": t16, }
+    return {"x": t19, }
 
 
 def rgradients(P, S, V, inputs=True, cache=None):
@@ -159,40 +164,43 @@ def _hbp_exact_6_all(P, S, Hz):
     t9 = (t1 @ Hz)
     t10 = t1 * t9
     t11 = (1/B) * t10
-    t12 = xp.broadcast_to(t10.sum(axis=1, keepdims=True), (B, n))
-    t13 = t12 * t1
-    t14 = (-1/B) * t13
-    t15 = t11 + t14
-    t16 = (t0 @ t15)
-    t17 = (-1) * t16
-    t18 = S['dz'] * t0
-    t19 = (1/B) * t18
-    t20 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t18)
-    t21 = t20 * t0
-    t22 = (-1/B) * t21
-    t23 = t19 + t22
-    t24 = t23.sum(axis=1, keepdims=True)
-    t25 = (t18 @ t1)
-    t26 = (1/B) * t25
-    t27 = S['dz'].T
-    t28 = t27 * t1
-    t29 = xp.broadcast_to(t28.sum(axis=1, keepdims=True), (B, n))
+    t12 = t10.sum(axis=1, keepdims=True)
+    t13 = xp.broadcast_to(t12, (B, n))
+    t14 = t13 * t1
+    t15 = (-1/B) * t14
+    t16 = t11 + t15
+    t17 = (t0 @ t16)
+    t18 = (-1) * t17
+    t19 = S['dz'] * t0
+    t20 = (1/B) * t19
+    t21 = t19.sum(axis=0, keepdims=True)
+    t22 = (xp.ones((n, 1), dtype=dtype) @ t21)
+    t23 = t22 * t0
+    t24 = (-1/B) * t23
+    t25 = t20 + t24
+    t26 = t25.sum(axis=1, keepdims=True)
+    t27 = (t19 @ t1)
+    t28 = (1/B) * t27
+    t29 = S['dz'].T
     t30 = t29 * t1
-    t31 = (t0 @ t30)
-    t32 = (-1/B) * t31
-    t33 = t26 + t32
-    t34 = (-1) * t33
-    t35 = (1/B) * t28
-    t36 = (-1/B) * t30
-    t37 = t35 + t36
-    t38 = (t0 @ t37)
-    t39 = (-1) * t38
-    t40 = _plus_diagonal(t34 + t39, t24, copy=False)
-    t41 = (B) * t40
-    t42 = t4 + t8 + t17 + t41
+    t31 = t30.sum(axis=1, keepdims=True)
+    t32 = xp.broadcast_to(t31, (B, n))
+    t33 = t32 * t1
+    t34 = (t0 @ t33)
+    t35 = (-1/B) * t34
+    t36 = t28 + t35
+    t37 = (-1) * t36
+    t38 = (1/B) * t30
+    t39 = (-1/B) * t33
+    t40 = t38 + t39
+    t41 = (t0 @ t40)
+    t42 = (-1) * t41
+    t43 = _plus_diagonal(t37 + t42, t26, copy=False)
+    t44 = (B) * t43
+    t45 = t4 + t8 + t18 + t44
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t42),
+        "x": CurvatureBlock(kron=[], dense=t45),
     }
 
 def _hbp_exact_6_params(P, S, Hz):
@@ -214,36 +222,41 @@ def _hbp_exact_7_all(P, S, Hz):
     t4 = (-1/B) * t3
     t5 = _plus_diagonal(t4, (1/B) * t1, copy=False)
     t6 = ((t5 @ Hz) @ t5)
-    t7 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
-    t8 = t7 * t0
-    t9 = (1/B) * t8
-    t10 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t8)
-    t11 = t10 * t0
-    t12 = (-1/B) * t11
-    t13 = t9 + t12
-    t14 = t13.sum(axis=1, keepdims=True)
-    t15 = (t8 @ t2)
-    t16 = (1/B) * t15
-    t17 = xp.broadcast_to((t2 @ S['dz']).sum(axis=1, keepdims=True), (B, n))
-    t18 = t2 * t17
-    t19 = (t0 @ t18)
-    t20 = (-1/B) * t19
-    t21 = t16 + t20
-    t22 = (-1) * t21
-    t23 = S['dz'].T
-    t24 = (xp.broadcast_to(xp.ones((B, 1), dtype=dtype), (B, B)) @ t23)
-    t25 = t24 * t2
-    t26 = (1/B) * t25
-    t27 = xp.broadcast_to(t25.sum(axis=1, keepdims=True), (B, n))
-    t28 = t27 * t2
-    t29 = (-1/B) * t28
-    t30 = t26 + t29
-    t31 = (t0 @ t30)
-    t32 = (-1) * t31
-    t33 = _plus_diagonal(t6 + t22 + t32, t14, copy=False)
+    t7 = S['dz'].sum(axis=1, keepdims=True)
+    t8 = xp.broadcast_to(t7, (n, B))
+    t9 = t8 * t0
+    t10 = (1/B) * t9
+    t11 = t9.sum(axis=0, keepdims=True)
+    t12 = (xp.ones((n, 1), dtype=dtype) @ t11)
+    t13 = t12 * t0
+    t14 = (-1/B) * t13
+    t15 = t10 + t14
+    t16 = t15.sum(axis=1, keepdims=True)
+    t17 = (t9 @ t2)
+    t18 = (1/B) * t17
+    t19 = (t2 @ S['dz']).sum(axis=1, keepdims=True)
+    t20 = xp.broadcast_to(t19, (B, n))
+    t21 = t2 * t20
+    t22 = (t0 @ t21)
+    t23 = (-1/B) * t22
+    t24 = t18 + t23
+    t25 = (-1) * t24
+    t26 = S['dz'].T
+    t27 = t26.sum(axis=0, keepdims=True)
+    t28 = (xp.ones((B, 1), dtype=dtype) @ t27)
+    t29 = t28 * t2
+    t30 = (1/B) * t29
+    t31 = t29.sum(axis=1, keepdims=True)
+    t32 = xp.broadcast_to(t31, (B, n))
+    t33 = t32 * t2
+    t34 = (-1/B) * t33
+    t35 = t30 + t34
+    t36 = (t0 @ t35)
+    t37 = (-1) * t36
+    t38 = _plus_diagonal(t6 + t25 + t37, t16, copy=False)
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t33),
+        "x": CurvatureBlock(kron=[], dense=t38),
     }
 
 def _hbp_exact_7_params(P, S, Hz):
@@ -270,16 +283,17 @@ def _hbp_ggn_6_all(P, S, Hz):
     t9 = (t1 @ Hz)
     t10 = t1 * t9
     t11 = (1/B) * t10
-    t12 = xp.broadcast_to(t10.sum(axis=1, keepdims=True), (B, n))
-    t13 = t12 * t1
-    t14 = (-1/B) * t13
-    t15 = t11 + t14
-    t16 = (t0 @ t15)
-    t17 = (-1) * t16
-    t18 = t4 + t8 + t17
+    t12 = t10.sum(axis=1, keepdims=True)
+    t13 = xp.broadcast_to(t12, (B, n))
+    t14 = t13 * t1
+    t15 = (-1/B) * t14
+    t16 = t11 + t15
+    t17 = (t0 @ t16)
+    t18 = (-1) * t17
+    t19 = t4 + t8 + t18
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t18),
+        "x": CurvatureBlock(kron=[], dense=t19),
     }
 
 def _hbp_ggn_6_params(P, S, Hz):
@@ -330,41 +344,44 @@ def _hbp_pch_abs_6_all(P, S, Hz):
     t9 = (t1 @ Hz)
     t10 = t1 * t9
     t11 = (1/B) * t10
-    t12 = xp.broadcast_to(t10.sum(axis=1, keepdims=True), (B, n))
-    t13 = t12 * t1
-    t14 = (-1/B) * t13
-    t15 = t11 + t14
-    t16 = (t0 @ t15)
-    t17 = (-1) * t16
-    t18 = S['dz'] * t0
-    t19 = (1/B) * t18
-    t20 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t18)
-    t21 = t20 * t0
-    t22 = (-1/B) * t21
-    t23 = t19 + t22
-    t24 = t23.sum(axis=1, keepdims=True)
-    t25 = (t18 @ t1)
-    t26 = (1/B) * t25
-    t27 = S['dz'].T
-    t28 = t27 * t1
-    t29 = xp.broadcast_to(t28.sum(axis=1, keepdims=True), (B, n))
+    t12 = t10.sum(axis=1, keepdims=True)
+    t13 = xp.broadcast_to(t12, (B, n))
+    t14 = t13 * t1
+    t15 = (-1/B) * t14
+    t16 = t11 + t15
+    t17 = (t0 @ t16)
+    t18 = (-1) * t17
+    t19 = S['dz'] * t0
+    t20 = (1/B) * t19
+    t21 = t19.sum(axis=0, keepdims=True)
+    t22 = (xp.ones((n, 1), dtype=dtype) @ t21)
+    t23 = t22 * t0
+    t24 = (-1/B) * t23
+    t25 = t20 + t24
+    t26 = t25.sum(axis=1, keepdims=True)
+    t27 = (t19 @ t1)
+    t28 = (1/B) * t27
+    t29 = S['dz'].T
     t30 = t29 * t1
-    t31 = (t0 @ t30)
-    t32 = (-1/B) * t31
-    t33 = t26 + t32
-    t34 = (-1) * t33
-    t35 = (1/B) * t28
-    t36 = (-1/B) * t30
-    t37 = t35 + t36
-    t38 = (t0 @ t37)
-    t39 = (-1) * t38
-    t40 = _plus_diagonal(t34 + t39, t24, copy=False)
-    t41 = (B) * t40
-    t42 = _psd_project(t41, 'abs')
-    t43 = t4 + t8 + t17 + t42
+    t31 = t30.sum(axis=1, keepdims=True)
+    t32 = xp.broadcast_to(t31, (B, n))
+    t33 = t32 * t1
+    t34 = (t0 @ t33)
+    t35 = (-1/B) * t34
+    t36 = t28 + t35
+    t37 = (-1) * t36
+    t38 = (1/B) * t30
+    t39 = (-1/B) * t33
+    t40 = t38 + t39
+    t41 = (t0 @ t40)
+    t42 = (-1) * t41
+    t43 = _plus_diagonal(t37 + t42, t26, copy=False)
+    t44 = (B) * t43
+    t45 = _psd_project(t44, 'abs')
+    t46 = t4 + t8 + t18 + t45
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t43),
+        "x": CurvatureBlock(kron=[], dense=t46),
     }
 
 def _hbp_pch_abs_6_params(P, S, Hz):
@@ -386,38 +403,43 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     t4 = (-1/B) * t3
     t5 = _plus_diagonal(t4, (1/B) * t1, copy=False)
     t6 = ((t5 @ Hz) @ t5)
-    t7 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
-    t8 = t7 * t0
-    t9 = (1/B) * t8
-    t10 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t8)
-    t11 = t10 * t0
-    t12 = (-1/B) * t11
-    t13 = t9 + t12
-    t14 = t13.sum(axis=1, keepdims=True)
-    t15 = (t8 @ t2)
-    t16 = (1/B) * t15
-    t17 = xp.broadcast_to((t2 @ S['dz']).sum(axis=1, keepdims=True), (B, n))
-    t18 = t2 * t17
-    t19 = (t0 @ t18)
-    t20 = (-1/B) * t19
-    t21 = t16 + t20
-    t22 = (-1) * t21
-    t23 = S['dz'].T
-    t24 = (xp.broadcast_to(xp.ones((B, 1), dtype=dtype), (B, B)) @ t23)
-    t25 = t24 * t2
-    t26 = (1/B) * t25
-    t27 = xp.broadcast_to(t25.sum(axis=1, keepdims=True), (B, n))
-    t28 = t27 * t2
-    t29 = (-1/B) * t28
-    t30 = t26 + t29
-    t31 = (t0 @ t30)
-    t32 = (-1) * t31
-    t33 = _plus_diagonal(t22 + t32, t14, copy=False)
-    t34 = _psd_project(t33, 'abs')
-    t35 = t6 + t34
+    t7 = S['dz'].sum(axis=1, keepdims=True)
+    t8 = xp.broadcast_to(t7, (n, B))
+    t9 = t8 * t0
+    t10 = (1/B) * t9
+    t11 = t9.sum(axis=0, keepdims=True)
+    t12 = (xp.ones((n, 1), dtype=dtype) @ t11)
+    t13 = t12 * t0
+    t14 = (-1/B) * t13
+    t15 = t10 + t14
+    t16 = t15.sum(axis=1, keepdims=True)
+    t17 = (t9 @ t2)
+    t18 = (1/B) * t17
+    t19 = (t2 @ S['dz']).sum(axis=1, keepdims=True)
+    t20 = xp.broadcast_to(t19, (B, n))
+    t21 = t2 * t20
+    t22 = (t0 @ t21)
+    t23 = (-1/B) * t22
+    t24 = t18 + t23
+    t25 = (-1) * t24
+    t26 = S['dz'].T
+    t27 = t26.sum(axis=0, keepdims=True)
+    t28 = (xp.ones((B, 1), dtype=dtype) @ t27)
+    t29 = t28 * t2
+    t30 = (1/B) * t29
+    t31 = t29.sum(axis=1, keepdims=True)
+    t32 = xp.broadcast_to(t31, (B, n))
+    t33 = t32 * t2
+    t34 = (-1/B) * t33
+    t35 = t30 + t34
+    t36 = (t0 @ t35)
+    t37 = (-1) * t36
+    t38 = _plus_diagonal(t25 + t37, t16, copy=False)
+    t39 = _psd_project(t38, 'abs')
+    t40 = t6 + t39
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t35),
+        "x": CurvatureBlock(kron=[], dense=t40),
     }
 
 def _hbp_pch_abs_7_params(P, S, Hz):
@@ -444,41 +466,44 @@ def _hbp_pch_clip_6_all(P, S, Hz):
     t9 = (t1 @ Hz)
     t10 = t1 * t9
     t11 = (1/B) * t10
-    t12 = xp.broadcast_to(t10.sum(axis=1, keepdims=True), (B, n))
-    t13 = t12 * t1
-    t14 = (-1/B) * t13
-    t15 = t11 + t14
-    t16 = (t0 @ t15)
-    t17 = (-1) * t16
-    t18 = S['dz'] * t0
-    t19 = (1/B) * t18
-    t20 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t18)
-    t21 = t20 * t0
-    t22 = (-1/B) * t21
-    t23 = t19 + t22
-    t24 = t23.sum(axis=1, keepdims=True)
-    t25 = (t18 @ t1)
-    t26 = (1/B) * t25
-    t27 = S['dz'].T
-    t28 = t27 * t1
-    t29 = xp.broadcast_to(t28.sum(axis=1, keepdims=True), (B, n))
+    t12 = t10.sum(axis=1, keepdims=True)
+    t13 = xp.broadcast_to(t12, (B, n))
+    t14 = t13 * t1
+    t15 = (-1/B) * t14
+    t16 = t11 + t15
+    t17 = (t0 @ t16)
+    t18 = (-1) * t17
+    t19 = S['dz'] * t0
+    t20 = (1/B) * t19
+    t21 = t19.sum(axis=0, keepdims=True)
+    t22 = (xp.ones((n, 1), dtype=dtype) @ t21)
+    t23 = t22 * t0
+    t24 = (-1/B) * t23
+    t25 = t20 + t24
+    t26 = t25.sum(axis=1, keepdims=True)
+    t27 = (t19 @ t1)
+    t28 = (1/B) * t27
+    t29 = S['dz'].T
     t30 = t29 * t1
-    t31 = (t0 @ t30)
-    t32 = (-1/B) * t31
-    t33 = t26 + t32
-    t34 = (-1) * t33
-    t35 = (1/B) * t28
-    t36 = (-1/B) * t30
-    t37 = t35 + t36
-    t38 = (t0 @ t37)
-    t39 = (-1) * t38
-    t40 = _plus_diagonal(t34 + t39, t24, copy=False)
-    t41 = (B) * t40
-    t42 = _psd_project(t41, 'clip')
-    t43 = t4 + t8 + t17 + t42
+    t31 = t30.sum(axis=1, keepdims=True)
+    t32 = xp.broadcast_to(t31, (B, n))
+    t33 = t32 * t1
+    t34 = (t0 @ t33)
+    t35 = (-1/B) * t34
+    t36 = t28 + t35
+    t37 = (-1) * t36
+    t38 = (1/B) * t30
+    t39 = (-1/B) * t33
+    t40 = t38 + t39
+    t41 = (t0 @ t40)
+    t42 = (-1) * t41
+    t43 = _plus_diagonal(t37 + t42, t26, copy=False)
+    t44 = (B) * t43
+    t45 = _psd_project(t44, 'clip')
+    t46 = t4 + t8 + t18 + t45
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t43),
+        "x": CurvatureBlock(kron=[], dense=t46),
     }
 
 def _hbp_pch_clip_6_params(P, S, Hz):
@@ -500,38 +525,43 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     t4 = (-1/B) * t3
     t5 = _plus_diagonal(t4, (1/B) * t1, copy=False)
     t6 = ((t5 @ Hz) @ t5)
-    t7 = xp.broadcast_to(S['dz'].sum(axis=1, keepdims=True), (n, B))
-    t8 = t7 * t0
-    t9 = (1/B) * t8
-    t10 = (xp.broadcast_to(xp.ones((n, 1), dtype=dtype), (n, n)) @ t8)
-    t11 = t10 * t0
-    t12 = (-1/B) * t11
-    t13 = t9 + t12
-    t14 = t13.sum(axis=1, keepdims=True)
-    t15 = (t8 @ t2)
-    t16 = (1/B) * t15
-    t17 = xp.broadcast_to((t2 @ S['dz']).sum(axis=1, keepdims=True), (B, n))
-    t18 = t2 * t17
-    t19 = (t0 @ t18)
-    t20 = (-1/B) * t19
-    t21 = t16 + t20
-    t22 = (-1) * t21
-    t23 = S['dz'].T
-    t24 = (xp.broadcast_to(xp.ones((B, 1), dtype=dtype), (B, B)) @ t23)
-    t25 = t24 * t2
-    t26 = (1/B) * t25
-    t27 = xp.broadcast_to(t25.sum(axis=1, keepdims=True), (B, n))
-    t28 = t27 * t2
-    t29 = (-1/B) * t28
-    t30 = t26 + t29
-    t31 = (t0 @ t30)
-    t32 = (-1) * t31
-    t33 = _plus_diagonal(t22 + t32, t14, copy=False)
-    t34 = _psd_project(t33, 'clip')
-    t35 = t6 + t34
+    t7 = S['dz'].sum(axis=1, keepdims=True)
+    t8 = xp.broadcast_to(t7, (n, B))
+    t9 = t8 * t0
+    t10 = (1/B) * t9
+    t11 = t9.sum(axis=0, keepdims=True)
+    t12 = (xp.ones((n, 1), dtype=dtype) @ t11)
+    t13 = t12 * t0
+    t14 = (-1/B) * t13
+    t15 = t10 + t14
+    t16 = t15.sum(axis=1, keepdims=True)
+    t17 = (t9 @ t2)
+    t18 = (1/B) * t17
+    t19 = (t2 @ S['dz']).sum(axis=1, keepdims=True)
+    t20 = xp.broadcast_to(t19, (B, n))
+    t21 = t2 * t20
+    t22 = (t0 @ t21)
+    t23 = (-1/B) * t22
+    t24 = t18 + t23
+    t25 = (-1) * t24
+    t26 = S['dz'].T
+    t27 = t26.sum(axis=0, keepdims=True)
+    t28 = (xp.ones((B, 1), dtype=dtype) @ t27)
+    t29 = t28 * t2
+    t30 = (1/B) * t29
+    t31 = t29.sum(axis=1, keepdims=True)
+    t32 = xp.broadcast_to(t31, (B, n))
+    t33 = t32 * t2
+    t34 = (-1/B) * t33
+    t35 = t30 + t34
+    t36 = (t0 @ t35)
+    t37 = (-1) * t36
+    t38 = _plus_diagonal(t25 + t37, t16, copy=False)
+    t39 = _psd_project(t38, 'clip')
+    t40 = t6 + t39
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t35),
+        "x": CurvatureBlock(kron=[], dense=t40),
     }
 
 def _hbp_pch_clip_7_params(P, S, Hz):

@@ -122,6 +122,7 @@ class ProgramBuilder:
         self.program = Program()
         self.names = self.program.names
         self.prefix = prefix
+        self._separated: dict[Expr, Expr] = {}
 
     def leaf_name(self, node: Expr) -> str | None:
         if isinstance(node, Stacked):
@@ -132,7 +133,24 @@ class ProgramBuilder:
             return seed_reference(node)
         return None
 
+    def _broadcasts_apart(self, node: Expr) -> Expr:
+        """``node`` with every product that broadcasts a column, (A … v) 1ᵀ, written as the column (A … v)
+        times 1ᵀ (and 1 (wᵀ … B) alike): the column is then a step of its own, which a kernel reads in
+        place at row r, instead of an n × B array made by broadcasting and copied to be read."""
+        if node not in self._separated:
+            kids = node.children
+            out = node.rebuild([self._broadcasts_apart(c) for c in kids]) if kids else node
+            if isinstance(out, MatMul) and len(out.args) > 2:
+                first, last = out.args[0], out.args[-1]
+                if isinstance(last, Ones) and last.rows == ONE:
+                    out = MatMul(MatMul(*out.args[:-1]), last)
+                elif isinstance(first, Ones) and first.cols == ONE:
+                    out = MatMul(first, MatMul(*out.args[1:]))
+            self._separated[node] = self._separated[out] = out
+        return self._separated[node]
+
     def ref(self, node: Expr) -> str:
+        node = self._broadcasts_apart(node)
         if node in self.names:
             return self.names[node]
         leaf = self.leaf_name(node)
