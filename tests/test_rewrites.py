@@ -86,3 +86,27 @@ def test_every_rewrite_holds_numerically_and_every_rule_fires():
 @pytest.mark.parametrize("rule", all_rules(), ids=lambda r: r.name)
 def test_every_rule_cites_its_identity(rule):
     assert "=" in rule.cite or "M&N" in rule.cite or "(S." in rule.cite, rule.cite
+
+
+def test_planned_broadcasts_keep_their_value():
+    """The planner's (A … v) 1ᵀ → (A … v)·1ᵀ and 1 (wᵀ … B) → 1·(wᵀ … B) (the product is associative):
+    both sides on random values, nested inside elementwise work and in a product's middle too."""
+    from mcalc.codegen.plan import ProgramBuilder
+    from mcalc.expr import Hadamard, Ones
+
+    A, X, x, w = mc.Matrix("A", "n", "n"), mc.Matrix("X", "n", "k"), mc.Vector("x", "n"), mc.Vector("w", "n")
+    n, k = X.shape
+    cases = [
+        MatMul(A, x, Ones(1, k)),  # a product's column broadcast over k columns
+        MatMul(X, Ones(k, 1), Ones(1, k)),  # row sums broadcast
+        MatMul(Ones(n, 1), Ones(1, n), X),  # column sums broadcast
+        MatMul(Ones(k, 1), w.T, A),
+        Hadamard(X, MatMul(A, x, Ones(1, k))),
+        MatMul(A, MatMul(X, Ones(k, 1), Ones(1, k)), Ones(k, 1)),
+    ]
+    rng = np.random.default_rng(1)
+    for e in cases:
+        apart = ProgramBuilder()._broadcasts_apart(e)
+        assert apart != e
+        ev = _random_env([e], rng)
+        np.testing.assert_allclose(ev.value(apart), ev.value(e), rtol=1e-12, err_msg=repr(e))
