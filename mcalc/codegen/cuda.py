@@ -322,7 +322,7 @@ def _device_name(f: ElementwiseFunction) -> str:
 
 # --- the generated CuPy module -----------------------------------------------------------
 def _program_context(program: Program, family: str | None = None) -> dict[str, Any]:
-    invariant = invariant_steps(program, family) if family else set()
+    invariant = invariant_steps(program, family)
     kernels = KernelBuilder(program, invariant).build()
     launches = {k.placed_at: k for k in kernels}
     printer = ArrayPrinter(lambda node: program.names[node], program.overwritable(invariant), "_matmul({a}, {b})")
@@ -349,7 +349,7 @@ def _program_context(program: Program, family: str | None = None) -> dict[str, A
             lines.append((step.target, f"{step.target} = {printer.rhs(step.node)}"))
     inner = [_program_context(p) for _, p, _ in program.fallbacks]
     kernels += [k for context in inner for k in context["kernels"]]
-    return {**assemble_context(program, lines, family, inner), "kernels": kernels}
+    return {**assemble_context(program, lines, invariant, inner), "kernels": kernels}
 
 
 def _live_steps(program: Program, kernels: list[Kernel]) -> set[str]:

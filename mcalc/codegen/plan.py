@@ -348,9 +348,9 @@ CHANGING_SEEDS = {
 }
 
 
-def invariant_steps(program: Program, family: str) -> set[str]:
+def invariant_steps(program: Program, family: str | None) -> set[str]:
     """The targets of the steps of ``program`` that do not depend on the family's changing seeds
-    (empty for a family without a cache)."""
+    (empty for a family without a cache, and for no family: the forward pass)."""
     changing = CHANGING_SEEDS.get(family)
     if changing is None:
         return set()

@@ -42,23 +42,23 @@ def template_hash(backend: str) -> str:
 
 def _program_context(program: Program, family: str | None = None, product: str = "({a} @ {b})") -> dict[str, Any]:
     """The lines of a program (and of its per-sample fallbacks) as the template prints them."""
-    invariant = invariant_steps(program, family) if family else set()
+    invariant = invariant_steps(program, family)
     printer = ArrayPrinter(lambda node: program.names[node], program.overwritable(invariant), product)
     lines, calls = [], iter(program.fallbacks)
     for step in program.steps:
         rhs = f"{next(calls)[0]}()" if isinstance(step.node, BatchMean) else printer.rhs(step.node)
         lines.append((step.target, f"{step.target} = {rhs}"))
-    return assemble_context(program, lines, family,
+    return assemble_context(program, lines, invariant,
                             [_program_context(inner, product=product) for _, inner, _ in program.fallbacks])
 
 
-def assemble_context(program: Program, lines: list[tuple[str, str]], family: str | None,
+def assemble_context(program: Program, lines: list[tuple[str, str]], invariant: set[str],
                      fallback_contexts: list[dict[str, Any]]) -> dict[str, Any]:
     """What the templates print for a program, from its (target, line) pairs and the contexts of its
-    per-sample fallbacks (any backend's). The lines are split into the loop-invariant ones, which a
-    cache keeps (``hoisted``, the targets they assign), and the rest (``lines``), in program order:
-    an invariant step depends only on invariant steps, so it may run first."""
-    invariant = invariant_steps(program, family) if family else set()
+    per-sample fallbacks (any backend's). The lines are split into the loop-invariant ones
+    (``invariant``, :func:`.plan.invariant_steps`), which a cache keeps (``hoisted``, the targets they
+    assign), and the rest (``lines``), in program order: an invariant step depends only on invariant
+    steps, so it may run first."""
     # a line may assign several targets (a kernel with several outputs): all or none are invariant
     lines = [((t,) if isinstance(t, str) else t, line) for t, line in lines]
     kept = [(t, line) for t, line in lines if t[0] in invariant]
