@@ -289,20 +289,20 @@ def batch_hbp(d: Derivation, name: str, curvature: str = "exact", approximation:
     if approximation not in APPROXIMATIONS:
         raise McalcError(f"unknown batch approximation {approximation!r}; choose 6 or 7")
     lowering = BatchLowering(d)
+    if approximation == "6":
+        concave = ScalarMul(BATCH, lowering.mean(d.second_order(name)))  # Σᵢ Σₖ Hzₖ(xᵢ) δzᵢₖ
+    else:
+        summed_dz = MatMul(Stacked(d.dz), Ones(BATCH, ONE))  # Σᵢ δzᵢ
+        concave = lowering.mean(substitute(d.second_order(name), {d.dz: summed_dz}))
+    concave = cast_concave(simplify(concave), curvature)
     if terminal:
-        concave = ScalarMul(BATCH, lowering.mean(d.second_order(name))) if approximation == "6" else \
-            lowering.mean(substitute(d.second_order(name), {d.dz: MatMul(Stacked(d.dz), Ones(BATCH, ONE))}))
-        return simplify(cast_concave(simplify(concave), curvature))
+        return simplify(concave)
     if approximation == "6":
         ggn = lowering.mean(d.gauss_newton(name))
-        concave = ScalarMul(BATCH, lowering.mean(d.second_order(name)))  # Σᵢ Σₖ Hzₖ(xᵢ) δzᵢₖ
     else:
         jacobian = simplify(lowering.mean(d.jacobian(name)))
         ggn = MatMul(Transpose(jacobian), d.Hz, jacobian)
-        summed_dz = MatMul(Stacked(d.dz), Ones(BATCH, ONE))  # Σᵢ δzᵢ
-        concave = lowering.mean(substitute(d.second_order(name), {d.dz: summed_dz}))
-    ggn = simplify(ggn)
-    return simplify(Add(ggn, cast_concave(simplify(concave), curvature)))
+    return simplify(Add(simplify(ggn), concave))
 
 
 def _require(e: Expr | None, d: Derivation, what: str) -> Expr:

@@ -309,22 +309,18 @@ def plan_module(d: Derivation) -> ModulePlan:
         for v in variables:
             builder.program.results[v.name] = builder.ref(batch_gradient_tangent(d, v.name, with_inputs))
         rgradients[with_inputs] = builder.program
-    hbp: dict[tuple[str, str, bool], Program] = {}
-    for curvature in CURVATURES:
-        for approximation in APPROXIMATIONS:
-            for with_inputs, variables in wanted.items():
-                builder = ProgramBuilder()
-                for v in variables:
-                    builder.program.results[v.name] = builder.block(batch_hbp(d, v.name, curvature, approximation))
-                hbp[(curvature, approximation, with_inputs)] = builder.program
-    loss_hessian: dict[str, Program] = {}
-    if m.output.rows == ONE:  # a loss (one number per sample) starts HBP: nothing arrives from above
-        for approximation in APPROXIMATIONS:
-            builder = ProgramBuilder()
-            for v in m.variables:
-                builder.program.results[v.name] = builder.block(batch_hbp(d, v.name, "exact", approximation,
-                                                                          terminal=True))
-            loss_hessian[approximation] = builder.program
+    def blocks(variables: tuple, curvature: str, approximation: str, terminal: bool = False) -> Program:
+        builder = ProgramBuilder()
+        for v in variables:
+            builder.program.results[v.name] = builder.block(batch_hbp(d, v.name, curvature, approximation, terminal))
+        return builder.program
+
+    hbp = {(curvature, approximation, with_inputs): blocks(variables, curvature, approximation)
+           for curvature in CURVATURES for approximation in APPROXIMATIONS
+           for with_inputs, variables in wanted.items()}
+    # a loss (one number per sample) starts HBP: nothing arrives from above
+    loss_hessian = {approximation: blocks(m.variables, "exact", approximation, terminal=True)
+                    for approximation in APPROXIMATIONS} if m.output.rows == ONE else {}
     per_sample = [s.name for s in (*m.inputs, *[c for c in m.constants if c.is_vector])]
     shared = [s.name for s in m.params + tuple(c for c in m.constants if not c.is_vector)]
     return ModulePlan(m.name, d, forward.program, gradients, jvp, rgradients, hbp, loss_hessian,
