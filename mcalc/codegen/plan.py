@@ -142,10 +142,11 @@ class ProgramBuilder:
             out = node.rebuild([self._broadcasts_apart(c) for c in kids]) if kids else node
             if isinstance(out, MatMul) and len(out.args) > 2:
                 first, last = out.args[0], out.args[-1]
+                # the rest split again: 1 (… v) 1ᵀ broadcasts both ways, and each name must be of a split node
                 if isinstance(last, Ones) and last.rows == ONE:
-                    out = MatMul(MatMul(*out.args[:-1]), last)
+                    out = MatMul(self._broadcasts_apart(MatMul(*out.args[:-1])), last)
                 elif isinstance(first, Ones) and first.cols == ONE:
-                    out = MatMul(first, MatMul(*out.args[1:]))
+                    out = MatMul(first, self._broadcasts_apart(MatMul(*out.args[1:])))
             self._separated[node] = self._separated[out] = out
         return self._separated[node]
 
