@@ -53,12 +53,11 @@ def check_batch_rules(module, batch_size=4, seed=0):
         expected = np.stack(grads, axis=1) if v in module.inputs else sum(grads).reshape(got.shape, order="F")
         np.testing.assert_allclose(got, expected, atol=1e-12)
         Js = [d.evaluate_jacobian(v.name, values) for values in samples]
-        S6 = sum(second(v.name, values, dZ[i]) for i, values in enumerate(samples))
-        S7 = sum(second(v.name, values, dZ.sum(0)) for values in samples) / batch_size
+        S = sum(second(v.name, values, dZ[i]) for i, values in enumerate(samples))  # Σᵢ, per sample
         J7 = sum(Js) / batch_size
         for c in mc.CURVATURES:
-            expected6 = sum(J.T @ Hz @ J for J in Js) / batch_size + _cast(S6, c)  # eq. (6)
-            expected7 = J7.T @ Hz @ J7 + _cast(S7, c)  # eq. (7)
+            expected6 = sum(J.T @ Hz @ J for J in Js) / batch_size + _cast(S, c)  # eq. (6)
+            expected7 = J7.T @ Hz @ J7 + _cast(S, c)  # eq. (7), second-order term per sample (bpexts)
             np.testing.assert_allclose(ev.value(batch_hbp(d, v.name, c, "6")), expected6, atol=1e-10)
             np.testing.assert_allclose(ev.value(batch_hbp(d, v.name, c, "7")), expected7, atol=1e-10)
 

@@ -147,7 +147,7 @@ def test_row_wise_splitting_keeps_the_diagonal_sub_blocks(generated, curvature):
 def test_a_loss_starts_hbp_with_its_own_hessian(generated):
     """LOSS_HESSIAN: where HBP starts, nothing from above. For cross-entropy with the batch mean
     (δz = 1/B) it is E[diag(p) − p pᵀ], p = softmax(x), by (6) and by (7) alike: (7) averages the
-    Jacobians, but a module's own second-order term is the mean of its Hessians times Σᵢ δzᵢ = 1.
+    Jacobians, but a module's own second-order term is Σᵢ of its Hessians times δzᵢ = 1/B.
     For the squared error (y − x)ᵀ(y − x) it is 2 I; and it is HBP's block for 𝓗z = 0."""
     rng = np.random.default_rng(3)
     X, B = rng.normal(size=(4, 7)) * 3, 7

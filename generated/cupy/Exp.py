@@ -173,7 +173,7 @@ extern "C" __global__ void k_2f6da2496012_double(const double* __restrict__ in0,
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void k_b7c6b7c1db29_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_977fb34fc135_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -181,10 +181,10 @@ extern "C" __global__ void k_b7c6b7c1db29_float(const float* __restrict__ in0, c
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * (in0[r] * in1[r * cols + c] * in0[c])) + (r == c ? (c1 * in2[r]) : (float)0));
+    out[i] = ((c0 * (in0[r] * in1[r * cols + c] * in0[c])) + (r == c ? in2[r] : (float)0));
 }
 
-extern "C" __global__ void k_b7c6b7c1db29_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_977fb34fc135_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -192,17 +192,17 @@ extern "C" __global__ void k_b7c6b7c1db29_double(const double* __restrict__ in0,
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * (in0[r] * in1[r * cols + c] * in0[c])) + (r == c ? (c1 * in2[r]) : (double)0));
+    out[i] = ((c0 * (in0[r] * in1[r * cols + c] * in0[c])) + (r == c ? in2[r] : (double)0));
 }
 
-extern "C" __global__ void k_ea5bce0d806c_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_dbc81e6ec641_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
     __shared__ float partial[256];
     float acc = 0;
     for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r] * fn_exp_2_float(in1[r * cols + c]));
+        acc += (in0[r * cols + c] * fn_exp_2_float(in1[r * cols + c]));
     }
     partial[threadIdx.x] = acc;
     __syncthreads();
@@ -213,14 +213,14 @@ extern "C" __global__ void k_ea5bce0d806c_float(const float* __restrict__ in0, c
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void k_ea5bce0d806c_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_dbc81e6ec641_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
     __shared__ double partial[256];
     double acc = 0;
     for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r] * fn_exp_2_double(in1[r * cols + c]));
+        acc += (in0[r * cols + c] * fn_exp_2_double(in1[r * cols + c]));
     }
     partial[threadIdx.x] = acc;
     __syncthreads();
@@ -355,7 +355,7 @@ extern "C" __global__ void k_7aaf865ab029_double(const double* __restrict__ in0,
     out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? fn_abs_0_double(in2[r]) : (double)0));
 }
 
-extern "C" __global__ void k_b91052e40be0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_d4490dea0273_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -363,10 +363,10 @@ extern "C" __global__ void k_b91052e40be0_float(const float* __restrict__ in0, c
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * (in0[r] * in1[r * cols + c] * in0[c])) + in2[r * cols + c]);
+    out[i] = ((c0 * (in0[r] * in1[r * cols + c] * in0[c])) + (r == c ? fn_abs_0_float(in2[r]) : (float)0));
 }
 
-extern "C" __global__ void k_b91052e40be0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_d4490dea0273_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -374,29 +374,7 @@ extern "C" __global__ void k_b91052e40be0_double(const double* __restrict__ in0,
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * (in0[r] * in1[r * cols + c] * in0[c])) + in2[r * cols + c]);
-}
-
-extern "C" __global__ void k_b6da753aeb00_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
-}
-
-extern "C" __global__ void k_b6da753aeb00_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
+    out[i] = ((c0 * (in0[r] * in1[r * cols + c] * in0[c])) + (r == c ? fn_abs_0_double(in2[r]) : (double)0));
 }
 
 extern "C" __global__ void k_ea5e41d44144_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
@@ -419,6 +397,28 @@ extern "C" __global__ void k_ea5e41d44144_double(const double* __restrict__ in0,
     (void)r;
     (void)c;
     out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? fn_relu_0_double(in2[r]) : (double)0));
+}
+
+extern "C" __global__ void k_576d80003b4f_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = ((c0 * (in0[r] * in1[r * cols + c] * in0[c])) + (r == c ? fn_relu_0_float(in2[r]) : (float)0));
+}
+
+extern "C" __global__ void k_576d80003b4f_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = ((c0 * (in0[r] * in1[r * cols + c] * in0[c])) + (r == c ? fn_relu_0_double(in2[r]) : (double)0));
 }
 
 """
@@ -536,12 +536,11 @@ def _hbp_exact_7_all(P, S, Hz):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_e0ac7de37a0c', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t4 = S['dz'].sum(axis=1, keepdims=True)
-    t8 = _launch('k_ea5bce0d806c', dtype, (n, B), (n, 1), [t4, S['x']], [], 'rows')
-    t9 = _launch('k_b7c6b7c1db29', dtype, (n, n), (n, n), [t1, Hz, t8], [B**(-2), 1/B], 'entries')
+    t6 = _launch('k_dbc81e6ec641', dtype, (n, B), (n, 1), [S['dz'], S['x']], [], 'rows')
+    t7 = _launch('k_977fb34fc135', dtype, (n, n), (n, n), [t1, Hz, t6], [B**(-2)], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t9),
+        "x": CurvatureBlock(kron=[], dense=t7),
     }
 
 def _hbp_exact_7_params(P, S, Hz):
@@ -618,15 +617,11 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_e0ac7de37a0c', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t4 = S['dz'].sum(axis=1, keepdims=True)
-    t8 = _launch('k_ea5bce0d806c', dtype, (n, B), (n, 1), [t4, S['x']], [], 'rows')
-    t9 = xp.diagflat(t8)
-    t10 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t9], [1/B], 'entries')
-    t11 = _psd_project(t10, 'abs')
-    t12 = _launch('k_b91052e40be0', dtype, (n, n), (n, n), [t1, Hz, t11], [B**(-2)], 'entries')
+    t6 = _launch('k_dbc81e6ec641', dtype, (n, B), (n, 1), [S['dz'], S['x']], [], 'rows')
+    t8 = _launch('k_d4490dea0273', dtype, (n, n), (n, n), [t1, Hz, t6], [B**(-2)], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t12),
+        "x": CurvatureBlock(kron=[], dense=t8),
     }
 
 def _hbp_pch_abs_7_params(P, S, Hz):
@@ -663,15 +658,11 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_e0ac7de37a0c', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t4 = S['dz'].sum(axis=1, keepdims=True)
-    t8 = _launch('k_ea5bce0d806c', dtype, (n, B), (n, 1), [t4, S['x']], [], 'rows')
-    t9 = xp.diagflat(t8)
-    t10 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t9], [1/B], 'entries')
-    t11 = _psd_project(t10, 'clip')
-    t12 = _launch('k_b91052e40be0', dtype, (n, n), (n, n), [t1, Hz, t11], [B**(-2)], 'entries')
+    t6 = _launch('k_dbc81e6ec641', dtype, (n, B), (n, 1), [S['dz'], S['x']], [], 'rows')
+    t8 = _launch('k_576d80003b4f', dtype, (n, n), (n, n), [t1, Hz, t6], [B**(-2)], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t12),
+        "x": CurvatureBlock(kron=[], dense=t8),
     }
 
 def _hbp_pch_clip_7_params(P, S, Hz):

@@ -319,7 +319,7 @@ extern "C" __global__ void k_0022d4faedf5_double(const double* __restrict__ in0,
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void k_b4c3ebd29860_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_8f3b530c7461_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -327,10 +327,10 @@ extern "C" __global__ void k_b4c3ebd29860_float(const float* __restrict__ in0, c
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (r == c ? (c1 * in1[r]) : (float)0));
+    out[i] = ((c0 * in0[r * cols + c]) + (r == c ? in1[r] : (float)0));
 }
 
-extern "C" __global__ void k_b4c3ebd29860_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_8f3b530c7461_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -338,17 +338,17 @@ extern "C" __global__ void k_b4c3ebd29860_double(const double* __restrict__ in0,
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (r == c ? (c1 * in1[r]) : (double)0));
+    out[i] = ((c0 * in0[r * cols + c]) + (r == c ? in1[r] : (double)0));
 }
 
-extern "C" __global__ void k_d2937799515d_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_36ef97f1d271_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
     __shared__ float partial[256];
     float acc = 0;
     for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r] * fn_sigmoid_2_float(in1[r * cols + c]));
+        acc += (in0[r * cols + c] * fn_sigmoid_2_float(in1[r * cols + c]));
     }
     partial[threadIdx.x] = acc;
     __syncthreads();
@@ -359,14 +359,14 @@ extern "C" __global__ void k_d2937799515d_float(const float* __restrict__ in0, c
     if (threadIdx.x == 0) out[r] = partial[0];
 }
 
-extern "C" __global__ void k_d2937799515d_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_36ef97f1d271_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
     __shared__ double partial[256];
     double acc = 0;
     for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r] * fn_sigmoid_2_double(in1[r * cols + c]));
+        acc += (in0[r * cols + c] * fn_sigmoid_2_double(in1[r * cols + c]));
     }
     partial[threadIdx.x] = acc;
     __syncthreads();
@@ -479,7 +479,7 @@ extern "C" __global__ void k_7aaf865ab029_double(const double* __restrict__ in0,
     out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? fn_abs_0_double(in2[r]) : (double)0));
 }
 
-extern "C" __global__ void k_159d01c99017_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_edf067d60f1a_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -487,10 +487,10 @@ extern "C" __global__ void k_159d01c99017_float(const float* __restrict__ in0, c
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + in1[r * cols + c]);
+    out[i] = ((c0 * in0[r * cols + c]) + (r == c ? fn_abs_0_float(in1[r]) : (float)0));
 }
 
-extern "C" __global__ void k_159d01c99017_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_edf067d60f1a_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -498,7 +498,7 @@ extern "C" __global__ void k_159d01c99017_double(const double* __restrict__ in0,
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + in1[r * cols + c]);
+    out[i] = ((c0 * in0[r * cols + c]) + (r == c ? fn_abs_0_double(in1[r]) : (double)0));
 }
 
 extern "C" __global__ void k_ea5e41d44144_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
@@ -521,6 +521,28 @@ extern "C" __global__ void k_ea5e41d44144_double(const double* __restrict__ in0,
     (void)r;
     (void)c;
     out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? fn_relu_0_double(in2[r]) : (double)0));
+}
+
+extern "C" __global__ void k_207a6eb360e6_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = ((c0 * in0[r * cols + c]) + (r == c ? fn_relu_0_float(in1[r]) : (float)0));
+}
+
+extern "C" __global__ void k_207a6eb360e6_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = ((c0 * in0[r * cols + c]) + (r == c ? fn_relu_0_double(in1[r]) : (double)0));
 }
 
 """
@@ -739,15 +761,15 @@ def _hbp_exact_7_all(P, S, Hz):
     t1 = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
     t2 = P['W'].T
     t3 = (_matmul(_matmul((t1 * t2), Hz), P['W']) * t1.T)
-    t5 = _matmul(t2, S['dz']).sum(axis=1, keepdims=True)
-    t9 = _launch('k_d2937799515d', dtype, (n, B), (n, 1), [t5, S['x']], [], 'rows')
-    t10 = _launch('k_b4c3ebd29860', dtype, (n, n), (n, n), [t3, t9], [B**(-2), 1/B], 'entries')
-    t12 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t13 = _gram(t12)
+    t5 = _matmul(t2, S['dz'])
+    t8 = _launch('k_36ef97f1d271', dtype, (n, B), (n, 1), [t5, S['x']], [], 'rows')
+    t9 = _launch('k_8f3b530c7461', dtype, (n, n), (n, n), [t3, t8], [B**(-2)], 'entries')
+    t11 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    t12 = _gram(t11)
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t10),
-        "W": CurvatureBlock(kron=[_kron((B**(-2)), t13, Hz), ], dense=None),
+        "x": CurvatureBlock(kron=[], dense=t9),
+        "W": CurvatureBlock(kron=[_kron((B**(-2)), t12, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -862,18 +884,15 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     t1 = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
     t2 = P['W'].T
     t3 = (_matmul(_matmul((t1 * t2), Hz), P['W']) * t1.T)
-    t5 = _matmul(t2, S['dz']).sum(axis=1, keepdims=True)
-    t9 = _launch('k_d2937799515d', dtype, (n, B), (n, 1), [t5, S['x']], [], 'rows')
-    t10 = xp.diagflat(t9)
-    t11 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t10], [1/B], 'entries')
-    t12 = _psd_project(t11, 'abs')
-    t13 = _launch('k_159d01c99017', dtype, (n, n), (n, n), [t3, t12], [B**(-2)], 'entries')
-    t15 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t16 = _gram(t15)
+    t5 = _matmul(t2, S['dz'])
+    t8 = _launch('k_36ef97f1d271', dtype, (n, B), (n, 1), [t5, S['x']], [], 'rows')
+    t10 = _launch('k_edf067d60f1a', dtype, (n, n), (n, n), [t3, t8], [B**(-2)], 'entries')
+    t12 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    t13 = _gram(t12)
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t13),
-        "W": CurvatureBlock(kron=[_kron((B**(-2)), t16, Hz), ], dense=None),
+        "x": CurvatureBlock(kron=[], dense=t10),
+        "W": CurvatureBlock(kron=[_kron((B**(-2)), t13, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -928,18 +947,15 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     t1 = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
     t2 = P['W'].T
     t3 = (_matmul(_matmul((t1 * t2), Hz), P['W']) * t1.T)
-    t5 = _matmul(t2, S['dz']).sum(axis=1, keepdims=True)
-    t9 = _launch('k_d2937799515d', dtype, (n, B), (n, 1), [t5, S['x']], [], 'rows')
-    t10 = xp.diagflat(t9)
-    t11 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t10], [1/B], 'entries')
-    t12 = _psd_project(t11, 'clip')
-    t13 = _launch('k_159d01c99017', dtype, (n, n), (n, n), [t3, t12], [B**(-2)], 'entries')
-    t15 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t16 = _gram(t15)
+    t5 = _matmul(t2, S['dz'])
+    t8 = _launch('k_36ef97f1d271', dtype, (n, B), (n, 1), [t5, S['x']], [], 'rows')
+    t10 = _launch('k_207a6eb360e6', dtype, (n, n), (n, n), [t3, t8], [B**(-2)], 'entries')
+    t12 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    t13 = _gram(t12)
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t13),
-        "W": CurvatureBlock(kron=[_kron((B**(-2)), t16, Hz), ], dense=None),
+        "x": CurvatureBlock(kron=[], dense=t10),
+        "W": CurvatureBlock(kron=[_kron((B**(-2)), t13, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 

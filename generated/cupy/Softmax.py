@@ -263,7 +263,7 @@ extern "C" __global__ void k_70f23b55b7a4_double(const double* __restrict__ in0,
     out[i] = ((c0 * in0[r * cols + c]) + (c1 * (in1[r] * in2[r * cols + c])));
 }
 
-extern "C" __global__ void k_dcec321e0aa6_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float c0, const float c1, const float c2, const float c3, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_8e52ce19ca2b_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float c0, const float c1, const float c2, const float c3, const float c4, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -271,10 +271,10 @@ extern "C" __global__ void k_dcec321e0aa6_float(const float* __restrict__ in0, c
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (r == c ? in1[r] : (float)0) + (c0 * ((c1 * in2[r * cols + c]) + (c2 * in3[r * cols + c]))) + (c3 * in4[r * cols + c]));
+    out[i] = (in0[r * cols + c] + (c0 * ((r == c ? in1[r] : (float)0) + (c1 * ((c2 * in2[r * cols + c]) + (c3 * in3[r * cols + c]))) + (c4 * in4[r * cols + c]))));
 }
 
-extern "C" __global__ void k_dcec321e0aa6_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double* __restrict__ in4, const double c0, const double c1, const double c2, const double c3, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_8e52ce19ca2b_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double* __restrict__ in4, const double c0, const double c1, const double c2, const double c3, const double c4, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -282,51 +282,7 @@ extern "C" __global__ void k_dcec321e0aa6_double(const double* __restrict__ in0,
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (in0[r * cols + c] + (r == c ? in1[r] : (double)0) + (c0 * ((c1 * in2[r * cols + c]) + (c2 * in3[r * cols + c]))) + (c3 * in4[r * cols + c]));
-}
-
-extern "C" __global__ void k_e3154fdc0682_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[c] * in1[r * cols + c]);
-}
-
-extern "C" __global__ void k_e3154fdc0682_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[c] * in1[r * cols + c]);
-}
-
-extern "C" __global__ void k_4604ddd5bd5b_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[r * cols + c] * in1[r]);
-}
-
-extern "C" __global__ void k_4604ddd5bd5b_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[r * cols + c] * in1[r]);
+    out[i] = (in0[r * cols + c] + (c0 * ((r == c ? in1[r] : (double)0) + (c1 * ((c2 * in2[r * cols + c]) + (c3 * in3[r * cols + c]))) + (c4 * in4[r * cols + c]))));
 }
 
 extern "C" __global__ void k_259bde065cff_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
@@ -415,28 +371,6 @@ extern "C" __global__ void k_fd465ba65c13_double(const double* __restrict__ in0,
     (void)r;
     (void)c;
     out[i] = (c0 * ((r == c ? in0[r] : (double)0) + (c1 * ((c2 * in1[r * cols + c]) + (c3 * in2[r * cols + c]))) + (c4 * in3[r * cols + c])));
-}
-
-extern "C" __global__ void k_0106afffb50a_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float c0, const float c1, const float c2, const float c3, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((r == c ? in0[r] : (float)0) + (c0 * ((c1 * in1[r * cols + c]) + (c2 * in2[r * cols + c]))) + (c3 * in3[r * cols + c]));
-}
-
-extern "C" __global__ void k_0106afffb50a_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double c0, const double c1, const double c2, const double c3, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((r == c ? in0[r] : (double)0) + (c0 * ((c1 * in1[r * cols + c]) + (c2 * in2[r * cols + c]))) + (c3 * in3[r * cols + c]));
 }
 
 """
@@ -612,24 +546,21 @@ def _hbp_exact_7_all(P, S, Hz):
     t3 = _matmul(t0, t2)
     t5 = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t1, t3], [1/B, -1/B], 'entries')
     t6 = _matmul(_matmul(t5, Hz), t5)
-    t7 = S['dz'].sum(axis=1, keepdims=True)
-    t9 = _launch('k_c3f430aafdd9', dtype, (n, B), (n, B), [t7, t0], [], 'entries')
-    t11 = t9.sum(axis=0, keepdims=True)
-    t16 = _launch('k_4b58d386d3f4', dtype, (n, B), (n, 1), [t9, t11, t0], [1/B, -1/B], 'rows')
-    t17 = _matmul(t9, t2)
-    t19 = _matmul(t2, S['dz']).sum(axis=1, keepdims=True)
-    t21 = _launch('k_4604ddd5bd5b', dtype, (B, n), (B, n), [t2, t19], [], 'entries')
+    t7 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
+    t9 = t7.sum(axis=0, keepdims=True)
+    t14 = _launch('k_4b58d386d3f4', dtype, (n, B), (n, 1), [t7, t9, t0], [1/B, -1/B], 'rows')
+    t15 = _matmul(t7, t2)
+    t17 = S['dz'].T
+    t18 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t17, t2], [], 'entries')
+    t19 = t18.sum(axis=1, keepdims=True)
+    t21 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t19, t2], [], 'entries')
     t22 = _matmul(t0, t21)
-    t26 = S['dz'].T
-    t27 = t26.sum(axis=0, keepdims=True)
-    t29 = _launch('k_e3154fdc0682', dtype, (B, n), (B, n), [t27, t2], [], 'entries')
-    t31 = t29.sum(axis=1, keepdims=True)
-    t35 = _launch('k_70f23b55b7a4', dtype, (B, n), (B, n), [t29, t31, t2], [1/B, -1/B], 'entries')
-    t36 = _matmul(t0, t35)
-    t38 = _launch('k_dcec321e0aa6', dtype, (n, n), (n, n), [t6, t16, t17, t22, t36], [-1, 1/B, -1/B, -1], 'entries')
+    t28 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t18, t21], [1/B, -1/B], 'entries')
+    t29 = _matmul(t0, t28)
+    t33 = _launch('k_8e52ce19ca2b', dtype, (n, n), (n, n), [t6, t14, t15, t22, t29], [B, -1, 1/B, -1/B, -1], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t38),
+        "x": CurvatureBlock(kron=[], dense=t33),
     }
 
 def _hbp_exact_7_params(P, S, Hz):
@@ -744,26 +675,23 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     t3 = _matmul(t0, t2)
     t5 = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t1, t3], [1/B, -1/B], 'entries')
     t6 = _matmul(_matmul(t5, Hz), t5)
-    t7 = S['dz'].sum(axis=1, keepdims=True)
-    t9 = _launch('k_c3f430aafdd9', dtype, (n, B), (n, B), [t7, t0], [], 'entries')
-    t11 = t9.sum(axis=0, keepdims=True)
-    t16 = _launch('k_4b58d386d3f4', dtype, (n, B), (n, 1), [t9, t11, t0], [1/B, -1/B], 'rows')
-    t17 = _matmul(t9, t2)
-    t19 = _matmul(t2, S['dz']).sum(axis=1, keepdims=True)
-    t21 = _launch('k_4604ddd5bd5b', dtype, (B, n), (B, n), [t2, t19], [], 'entries')
+    t7 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
+    t9 = t7.sum(axis=0, keepdims=True)
+    t14 = _launch('k_4b58d386d3f4', dtype, (n, B), (n, 1), [t7, t9, t0], [1/B, -1/B], 'rows')
+    t15 = _matmul(t7, t2)
+    t17 = S['dz'].T
+    t18 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t17, t2], [], 'entries')
+    t19 = t18.sum(axis=1, keepdims=True)
+    t21 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t19, t2], [], 'entries')
     t22 = _matmul(t0, t21)
-    t26 = S['dz'].T
-    t27 = t26.sum(axis=0, keepdims=True)
-    t29 = _launch('k_e3154fdc0682', dtype, (B, n), (B, n), [t27, t2], [], 'entries')
-    t31 = t29.sum(axis=1, keepdims=True)
-    t35 = _launch('k_70f23b55b7a4', dtype, (B, n), (B, n), [t29, t31, t2], [1/B, -1/B], 'entries')
-    t36 = _matmul(t0, t35)
-    t38 = _launch('k_0106afffb50a', dtype, (n, n), (n, n), [t16, t17, t22, t36], [-1, 1/B, -1/B, -1], 'entries')
-    t39 = _psd_project(t38, 'abs')
-    t40 = _launch('k_41a52876c677', dtype, (n, n), (n, n), [t6, t39], [], 'entries')
+    t28 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t18, t21], [1/B, -1/B], 'entries')
+    t29 = _matmul(t0, t28)
+    t32 = _launch('k_fd465ba65c13', dtype, (n, n), (n, n), [t14, t15, t22, t29], [B, -1, 1/B, -1/B, -1], 'entries')
+    t33 = _psd_project(t32, 'abs')
+    t34 = _launch('k_41a52876c677', dtype, (n, n), (n, n), [t6, t33], [], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t40),
+        "x": CurvatureBlock(kron=[], dense=t34),
     }
 
 def _hbp_pch_abs_7_params(P, S, Hz):
@@ -826,26 +754,23 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     t3 = _matmul(t0, t2)
     t5 = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t1, t3], [1/B, -1/B], 'entries')
     t6 = _matmul(_matmul(t5, Hz), t5)
-    t7 = S['dz'].sum(axis=1, keepdims=True)
-    t9 = _launch('k_c3f430aafdd9', dtype, (n, B), (n, B), [t7, t0], [], 'entries')
-    t11 = t9.sum(axis=0, keepdims=True)
-    t16 = _launch('k_4b58d386d3f4', dtype, (n, B), (n, 1), [t9, t11, t0], [1/B, -1/B], 'rows')
-    t17 = _matmul(t9, t2)
-    t19 = _matmul(t2, S['dz']).sum(axis=1, keepdims=True)
-    t21 = _launch('k_4604ddd5bd5b', dtype, (B, n), (B, n), [t2, t19], [], 'entries')
+    t7 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
+    t9 = t7.sum(axis=0, keepdims=True)
+    t14 = _launch('k_4b58d386d3f4', dtype, (n, B), (n, 1), [t7, t9, t0], [1/B, -1/B], 'rows')
+    t15 = _matmul(t7, t2)
+    t17 = S['dz'].T
+    t18 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t17, t2], [], 'entries')
+    t19 = t18.sum(axis=1, keepdims=True)
+    t21 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t19, t2], [], 'entries')
     t22 = _matmul(t0, t21)
-    t26 = S['dz'].T
-    t27 = t26.sum(axis=0, keepdims=True)
-    t29 = _launch('k_e3154fdc0682', dtype, (B, n), (B, n), [t27, t2], [], 'entries')
-    t31 = t29.sum(axis=1, keepdims=True)
-    t35 = _launch('k_70f23b55b7a4', dtype, (B, n), (B, n), [t29, t31, t2], [1/B, -1/B], 'entries')
-    t36 = _matmul(t0, t35)
-    t38 = _launch('k_0106afffb50a', dtype, (n, n), (n, n), [t16, t17, t22, t36], [-1, 1/B, -1/B, -1], 'entries')
-    t39 = _psd_project(t38, 'clip')
-    t40 = _launch('k_41a52876c677', dtype, (n, n), (n, n), [t6, t39], [], 'entries')
+    t28 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t18, t21], [1/B, -1/B], 'entries')
+    t29 = _matmul(t0, t28)
+    t32 = _launch('k_fd465ba65c13', dtype, (n, n), (n, n), [t14, t15, t22, t29], [B, -1, 1/B, -1/B, -1], 'entries')
+    t33 = _psd_project(t32, 'clip')
+    t34 = _launch('k_41a52876c677', dtype, (n, n), (n, n), [t6, t33], [], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t40),
+        "x": CurvatureBlock(kron=[], dense=t34),
     }
 
 def _hbp_pch_clip_7_params(P, S, Hz):

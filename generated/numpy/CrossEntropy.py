@@ -13,9 +13,6 @@ PER_SAMPLE = ["x", "y"]
 PARAMS = []
 VARIABLES = ["x"]
 
-def _fn_abs_0(t):
-    return abs(t)
-
 
 from mcalc.runtime.array_ops import commutation as _commutation  # noqa: F401
 from mcalc.runtime.array_ops import gram as _gram  # noqa: F401
@@ -199,13 +196,13 @@ def _hbp_exact_7_all(P, S, Hz):
     t8 = t5 + t7
     t9 = (xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)) @ t8)
     t10 = t9 * Hz
-    t11 = S['dz'].T
-    t12 = t11.sum(keepdims=True)
-    t13 = t1.sum(axis=1, keepdims=True)
-    t14 = (t1 @ t6)
+    t11 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
+    t12 = t11 * t1
+    t13 = t12.sum(axis=1, keepdims=True)
+    t14 = (t12 @ t6)
     t15 = (-1/B) * t14
     t16 = _plus_diagonal(t15, (1/B) * t13, copy=False)
-    t17 = t16 * t12
+    t17 = (B) * t16
     t18 = t10 + t17
 
     return {
@@ -326,19 +323,18 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     t8 = t5 + t7
     t9 = (xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)) @ t8)
     t10 = t9 * Hz
-    t11 = S['dz'].T
-    t12 = t11.sum(keepdims=True)
-    t13 = _fn_abs_0(t12)
-    t14 = t1.sum(axis=1, keepdims=True)
-    t15 = (t1 @ t6)
-    t16 = (-1/B) * t15
-    t17 = _plus_diagonal(t16, (1/B) * t14, copy=False)
+    t11 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
+    t12 = t11 * t1
+    t13 = t12.sum(axis=1, keepdims=True)
+    t14 = (t12 @ t6)
+    t15 = (-1/B) * t14
+    t16 = _plus_diagonal(t15, (1/B) * t13, copy=False)
+    t17 = (B) * t16
     t18 = _psd_project(t17, 'abs')
-    t19 = t18 * t13
-    t20 = t10 + t19
+    t19 = t10 + t18
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t20),
+        "x": CurvatureBlock(kron=[], dense=t19),
     }
 
 def _hbp_pch_abs_7_params(P, S, Hz):
@@ -400,13 +396,13 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     t8 = t5 + t7
     t9 = (xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)) @ t8)
     t10 = t9 * Hz
-    t11 = S['dz'].T
-    t12 = t11.sum(keepdims=True)
-    t13 = t1.sum(axis=1, keepdims=True)
-    t14 = (t1 @ t6)
+    t11 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
+    t12 = t11 * t1
+    t13 = t12.sum(axis=1, keepdims=True)
+    t14 = (t12 @ t6)
     t15 = (-1/B) * t14
     t16 = _plus_diagonal(t15, (1/B) * t13, copy=False)
-    t17 = t16 * t12
+    t17 = (B) * t16
     t18 = _psd_project(t17, 'clip')
     t19 = t10 + t18
 
@@ -474,15 +470,15 @@ def _loss_hessian_7(P, S):
     """Where HBP starts: the exact blocks of approximation (7) with no curvature from above (𝓗z = 0)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = S['dz'].T
-    t1 = t0.sum(keepdims=True)
-    t2 = _softmax(S['x'])
+    t0 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
+    t1 = _softmax(S['x'])
+    t2 = t0 * t1
     t3 = t2.sum(axis=1, keepdims=True)
-    t4 = t2.T
+    t4 = t1.T
     t5 = (t2 @ t4)
     t6 = (-1/B) * t5
     t7 = _plus_diagonal(t6, (1/B) * t3, copy=False)
-    t8 = t7 * t1
+    t8 = (B) * t7
 
     return {
         "x": CurvatureBlock(kron=[], dense=t8),

@@ -260,19 +260,18 @@ def _hbp_exact_7_all(P, S, Hz):
     t2 = P['W'].T
     t3 = ((((t1 * t2) @ Hz) @ P['W']) * t1.T)
     t4 = (B**(-2)) * t3
-    t5 = (t2 @ S['dz']).sum(axis=1, keepdims=True)
-    t6 = xp.broadcast_to(t5, (n, B))
-    t7 = _fn_sigmoid_2(S['x'])
-    t8 = t6 * t7
-    t9 = t8.sum(axis=1, keepdims=True)
-    t10 = _plus_diagonal(t4, (1/B) * t9, copy=False)
-    t11 = _fn_sigmoid_0(S['x'])
-    t12 = t11.sum(axis=1, keepdims=True)
-    t13 = _gram(t12)
+    t5 = (t2 @ S['dz'])
+    t6 = _fn_sigmoid_2(S['x'])
+    t7 = t5 * t6
+    t8 = t7.sum(axis=1, keepdims=True)
+    t9 = _plus_diagonal(t4, t8, copy=False)
+    t10 = _fn_sigmoid_0(S['x'])
+    t11 = t10.sum(axis=1, keepdims=True)
+    t12 = _gram(t11)
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t10),
-        "W": CurvatureBlock(kron=[_kron((B**(-2)), t13, Hz), ], dense=None),
+        "x": CurvatureBlock(kron=[], dense=t9),
+        "W": CurvatureBlock(kron=[_kron((B**(-2)), t12, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -400,22 +399,19 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     t2 = P['W'].T
     t3 = ((((t1 * t2) @ Hz) @ P['W']) * t1.T)
     t4 = (B**(-2)) * t3
-    t5 = (t2 @ S['dz']).sum(axis=1, keepdims=True)
-    t6 = xp.broadcast_to(t5, (n, B))
-    t7 = _fn_sigmoid_2(S['x'])
-    t8 = t6 * t7
-    t9 = t8.sum(axis=1, keepdims=True)
-    t10 = xp.diagflat(t9)
-    t11 = (1/B) * t10
-    t12 = _psd_project(t11, 'abs')
-    t13 = t4 + t12
-    t14 = _fn_sigmoid_0(S['x'])
-    t15 = t14.sum(axis=1, keepdims=True)
-    t16 = _gram(t15)
+    t5 = (t2 @ S['dz'])
+    t6 = _fn_sigmoid_2(S['x'])
+    t7 = t5 * t6
+    t8 = t7.sum(axis=1, keepdims=True)
+    t9 = _fn_abs_0(t8)
+    t10 = _plus_diagonal(t4, t9, copy=False)
+    t11 = _fn_sigmoid_0(S['x'])
+    t12 = t11.sum(axis=1, keepdims=True)
+    t13 = _gram(t12)
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t13),
-        "W": CurvatureBlock(kron=[_kron((B**(-2)), t16, Hz), ], dense=None),
+        "x": CurvatureBlock(kron=[], dense=t10),
+        "W": CurvatureBlock(kron=[_kron((B**(-2)), t13, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -479,22 +475,19 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     t2 = P['W'].T
     t3 = ((((t1 * t2) @ Hz) @ P['W']) * t1.T)
     t4 = (B**(-2)) * t3
-    t5 = (t2 @ S['dz']).sum(axis=1, keepdims=True)
-    t6 = xp.broadcast_to(t5, (n, B))
-    t7 = _fn_sigmoid_2(S['x'])
-    t8 = t6 * t7
-    t9 = t8.sum(axis=1, keepdims=True)
-    t10 = xp.diagflat(t9)
-    t11 = (1/B) * t10
-    t12 = _psd_project(t11, 'clip')
-    t13 = t4 + t12
-    t14 = _fn_sigmoid_0(S['x'])
-    t15 = t14.sum(axis=1, keepdims=True)
-    t16 = _gram(t15)
+    t5 = (t2 @ S['dz'])
+    t6 = _fn_sigmoid_2(S['x'])
+    t7 = t5 * t6
+    t8 = t7.sum(axis=1, keepdims=True)
+    t9 = _fn_relu_0(t8)
+    t10 = _plus_diagonal(t4, t9, copy=False)
+    t11 = _fn_sigmoid_0(S['x'])
+    t12 = t11.sum(axis=1, keepdims=True)
+    t13 = _gram(t12)
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t13),
-        "W": CurvatureBlock(kron=[_kron((B**(-2)), t16, Hz), ], dense=None),
+        "x": CurvatureBlock(kron=[], dense=t10),
+        "W": CurvatureBlock(kron=[_kron((B**(-2)), t13, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 

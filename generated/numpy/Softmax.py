@@ -222,41 +222,36 @@ def _hbp_exact_7_all(P, S, Hz):
     t4 = (-1/B) * t3
     t5 = _plus_diagonal(t4, (1/B) * t1, copy=False)
     t6 = ((t5 @ Hz) @ t5)
-    t7 = S['dz'].sum(axis=1, keepdims=True)
-    t8 = xp.broadcast_to(t7, (n, B))
-    t9 = t8 * t0
-    t10 = (1/B) * t9
-    t11 = t9.sum(axis=0, keepdims=True)
-    t12 = (xp.ones((n, 1), dtype=dtype) @ t11)
-    t13 = t12 * t0
-    t14 = (-1/B) * t13
-    t15 = t10 + t14
-    t16 = t15.sum(axis=1, keepdims=True)
-    t17 = (t9 @ t2)
-    t18 = (1/B) * t17
-    t19 = (t2 @ S['dz']).sum(axis=1, keepdims=True)
+    t7 = S['dz'] * t0
+    t8 = (1/B) * t7
+    t9 = t7.sum(axis=0, keepdims=True)
+    t10 = (xp.ones((n, 1), dtype=dtype) @ t9)
+    t11 = t10 * t0
+    t12 = (-1/B) * t11
+    t13 = t8 + t12
+    t14 = t13.sum(axis=1, keepdims=True)
+    t15 = (t7 @ t2)
+    t16 = (1/B) * t15
+    t17 = S['dz'].T
+    t18 = t17 * t2
+    t19 = t18.sum(axis=1, keepdims=True)
     t20 = xp.broadcast_to(t19, (B, n))
-    t21 = t2 * t20
+    t21 = t20 * t2
     t22 = (t0 @ t21)
     t23 = (-1/B) * t22
-    t24 = t18 + t23
+    t24 = t16 + t23
     t25 = (-1) * t24
-    t26 = S['dz'].T
-    t27 = t26.sum(axis=0, keepdims=True)
-    t28 = (xp.ones((B, 1), dtype=dtype) @ t27)
-    t29 = t28 * t2
-    t30 = (1/B) * t29
-    t31 = t29.sum(axis=1, keepdims=True)
-    t32 = xp.broadcast_to(t31, (B, n))
-    t33 = t32 * t2
-    t34 = (-1/B) * t33
-    t35 = t30 + t34
-    t36 = (t0 @ t35)
-    t37 = (-1) * t36
-    t38 = _plus_diagonal(t6 + t25 + t37, t16, copy=False)
+    t26 = (1/B) * t18
+    t27 = (-1/B) * t21
+    t28 = t26 + t27
+    t29 = (t0 @ t28)
+    t30 = (-1) * t29
+    t31 = _plus_diagonal(t25 + t30, t14, copy=False)
+    t32 = (B) * t31
+    t33 = t6 + t32
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t38),
+        "x": CurvatureBlock(kron=[], dense=t33),
     }
 
 def _hbp_exact_7_params(P, S, Hz):
@@ -403,43 +398,37 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     t4 = (-1/B) * t3
     t5 = _plus_diagonal(t4, (1/B) * t1, copy=False)
     t6 = ((t5 @ Hz) @ t5)
-    t7 = S['dz'].sum(axis=1, keepdims=True)
-    t8 = xp.broadcast_to(t7, (n, B))
-    t9 = t8 * t0
-    t10 = (1/B) * t9
-    t11 = t9.sum(axis=0, keepdims=True)
-    t12 = (xp.ones((n, 1), dtype=dtype) @ t11)
-    t13 = t12 * t0
-    t14 = (-1/B) * t13
-    t15 = t10 + t14
-    t16 = t15.sum(axis=1, keepdims=True)
-    t17 = (t9 @ t2)
-    t18 = (1/B) * t17
-    t19 = (t2 @ S['dz']).sum(axis=1, keepdims=True)
+    t7 = S['dz'] * t0
+    t8 = (1/B) * t7
+    t9 = t7.sum(axis=0, keepdims=True)
+    t10 = (xp.ones((n, 1), dtype=dtype) @ t9)
+    t11 = t10 * t0
+    t12 = (-1/B) * t11
+    t13 = t8 + t12
+    t14 = t13.sum(axis=1, keepdims=True)
+    t15 = (t7 @ t2)
+    t16 = (1/B) * t15
+    t17 = S['dz'].T
+    t18 = t17 * t2
+    t19 = t18.sum(axis=1, keepdims=True)
     t20 = xp.broadcast_to(t19, (B, n))
-    t21 = t2 * t20
+    t21 = t20 * t2
     t22 = (t0 @ t21)
     t23 = (-1/B) * t22
-    t24 = t18 + t23
+    t24 = t16 + t23
     t25 = (-1) * t24
-    t26 = S['dz'].T
-    t27 = t26.sum(axis=0, keepdims=True)
-    t28 = (xp.ones((B, 1), dtype=dtype) @ t27)
-    t29 = t28 * t2
-    t30 = (1/B) * t29
-    t31 = t29.sum(axis=1, keepdims=True)
-    t32 = xp.broadcast_to(t31, (B, n))
-    t33 = t32 * t2
-    t34 = (-1/B) * t33
-    t35 = t30 + t34
-    t36 = (t0 @ t35)
-    t37 = (-1) * t36
-    t38 = _plus_diagonal(t25 + t37, t16, copy=False)
-    t39 = _psd_project(t38, 'abs')
-    t40 = t6 + t39
+    t26 = (1/B) * t18
+    t27 = (-1/B) * t21
+    t28 = t26 + t27
+    t29 = (t0 @ t28)
+    t30 = (-1) * t29
+    t31 = _plus_diagonal(t25 + t30, t14, copy=False)
+    t32 = (B) * t31
+    t33 = _psd_project(t32, 'abs')
+    t34 = t6 + t33
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t40),
+        "x": CurvatureBlock(kron=[], dense=t34),
     }
 
 def _hbp_pch_abs_7_params(P, S, Hz):
@@ -525,43 +514,37 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     t4 = (-1/B) * t3
     t5 = _plus_diagonal(t4, (1/B) * t1, copy=False)
     t6 = ((t5 @ Hz) @ t5)
-    t7 = S['dz'].sum(axis=1, keepdims=True)
-    t8 = xp.broadcast_to(t7, (n, B))
-    t9 = t8 * t0
-    t10 = (1/B) * t9
-    t11 = t9.sum(axis=0, keepdims=True)
-    t12 = (xp.ones((n, 1), dtype=dtype) @ t11)
-    t13 = t12 * t0
-    t14 = (-1/B) * t13
-    t15 = t10 + t14
-    t16 = t15.sum(axis=1, keepdims=True)
-    t17 = (t9 @ t2)
-    t18 = (1/B) * t17
-    t19 = (t2 @ S['dz']).sum(axis=1, keepdims=True)
+    t7 = S['dz'] * t0
+    t8 = (1/B) * t7
+    t9 = t7.sum(axis=0, keepdims=True)
+    t10 = (xp.ones((n, 1), dtype=dtype) @ t9)
+    t11 = t10 * t0
+    t12 = (-1/B) * t11
+    t13 = t8 + t12
+    t14 = t13.sum(axis=1, keepdims=True)
+    t15 = (t7 @ t2)
+    t16 = (1/B) * t15
+    t17 = S['dz'].T
+    t18 = t17 * t2
+    t19 = t18.sum(axis=1, keepdims=True)
     t20 = xp.broadcast_to(t19, (B, n))
-    t21 = t2 * t20
+    t21 = t20 * t2
     t22 = (t0 @ t21)
     t23 = (-1/B) * t22
-    t24 = t18 + t23
+    t24 = t16 + t23
     t25 = (-1) * t24
-    t26 = S['dz'].T
-    t27 = t26.sum(axis=0, keepdims=True)
-    t28 = (xp.ones((B, 1), dtype=dtype) @ t27)
-    t29 = t28 * t2
-    t30 = (1/B) * t29
-    t31 = t29.sum(axis=1, keepdims=True)
-    t32 = xp.broadcast_to(t31, (B, n))
-    t33 = t32 * t2
-    t34 = (-1/B) * t33
-    t35 = t30 + t34
-    t36 = (t0 @ t35)
-    t37 = (-1) * t36
-    t38 = _plus_diagonal(t25 + t37, t16, copy=False)
-    t39 = _psd_project(t38, 'clip')
-    t40 = t6 + t39
+    t26 = (1/B) * t18
+    t27 = (-1/B) * t21
+    t28 = t26 + t27
+    t29 = (t0 @ t28)
+    t30 = (-1) * t29
+    t31 = _plus_diagonal(t25 + t30, t14, copy=False)
+    t32 = (B) * t31
+    t33 = _psd_project(t32, 'clip')
+    t34 = t6 + t33
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t40),
+        "x": CurvatureBlock(kron=[], dense=t34),
     }
 
 def _hbp_pch_clip_7_params(P, S, Hz):

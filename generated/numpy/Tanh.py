@@ -175,15 +175,13 @@ def _hbp_exact_7_all(P, S, Hz):
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = ((t1 * Hz) * t1.T)
     t3 = (B**(-2)) * t2
-    t4 = S['dz'].sum(axis=1, keepdims=True)
-    t5 = xp.broadcast_to(t4, (n, B))
-    t6 = _fn_tanh_2(S['x'])
-    t7 = t5 * t6
-    t8 = t7.sum(axis=1, keepdims=True)
-    t9 = _plus_diagonal(t3, (1/B) * t8, copy=False)
+    t4 = _fn_tanh_2(S['x'])
+    t5 = S['dz'] * t4
+    t6 = t5.sum(axis=1, keepdims=True)
+    t7 = _plus_diagonal(t3, t6, copy=False)
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t9),
+        "x": CurvatureBlock(kron=[], dense=t7),
     }
 
 def _hbp_exact_7_params(P, S, Hz):
@@ -272,18 +270,14 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = ((t1 * Hz) * t1.T)
     t3 = (B**(-2)) * t2
-    t4 = S['dz'].sum(axis=1, keepdims=True)
-    t5 = xp.broadcast_to(t4, (n, B))
-    t6 = _fn_tanh_2(S['x'])
-    t7 = t5 * t6
-    t8 = t7.sum(axis=1, keepdims=True)
-    t9 = xp.diagflat(t8)
-    t10 = (1/B) * t9
-    t11 = _psd_project(t10, 'abs')
-    t12 = t3 + t11
+    t4 = _fn_tanh_2(S['x'])
+    t5 = S['dz'] * t4
+    t6 = t5.sum(axis=1, keepdims=True)
+    t7 = _fn_abs_0(t6)
+    t8 = _plus_diagonal(t3, t7, copy=False)
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t12),
+        "x": CurvatureBlock(kron=[], dense=t8),
     }
 
 def _hbp_pch_abs_7_params(P, S, Hz):
@@ -329,18 +323,14 @@ def _hbp_pch_clip_7_all(P, S, Hz):
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = ((t1 * Hz) * t1.T)
     t3 = (B**(-2)) * t2
-    t4 = S['dz'].sum(axis=1, keepdims=True)
-    t5 = xp.broadcast_to(t4, (n, B))
-    t6 = _fn_tanh_2(S['x'])
-    t7 = t5 * t6
-    t8 = t7.sum(axis=1, keepdims=True)
-    t9 = xp.diagflat(t8)
-    t10 = (1/B) * t9
-    t11 = _psd_project(t10, 'clip')
-    t12 = t3 + t11
+    t4 = _fn_tanh_2(S['x'])
+    t5 = S['dz'] * t4
+    t6 = t5.sum(axis=1, keepdims=True)
+    t7 = _fn_relu_0(t6)
+    t8 = _plus_diagonal(t3, t7, copy=False)
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t12),
+        "x": CurvatureBlock(kron=[], dense=t8),
     }
 
 def _hbp_pch_clip_7_params(P, S, Hz):

@@ -16,16 +16,16 @@ BATCH_SIZE = 4
 
 def _oracle(module: Module, samples: list[dict], name: str, dZ: np.ndarray, Hz: np.ndarray,
             curvature: str, approximation: str) -> np.ndarray:
-    """(6) or (7) from finite differences of each sample's forward pass."""
+    """(6) or (7) from finite differences of each sample's forward pass; both with the per-sample
+    second-order term Σᵢ Σₖ Hzₖ(xᵢ) δzᵢₖ, (7) averaging the Gauss–Newton term's Jacobians."""
     Js = [fd_jacobian(module, name, values) for values in samples]
     B = len(samples)
+    concave = sum(fd_second_order(module, name, values, dZ[i]) for i, values in enumerate(samples))
     if approximation == "6":
         ggn = sum(J.T @ Hz @ J for J in Js) / B
-        concave = sum(fd_second_order(module, name, values, dZ[i]) for i, values in enumerate(samples))
     else:
         J = sum(Js) / B
         ggn = J.T @ Hz @ J
-        concave = sum(fd_second_order(module, name, values, dZ.sum(0)) for values in samples) / B
     if curvature == "exact":
         return ggn + concave
     if curvature == "ggn":
