@@ -126,7 +126,7 @@ def _train(args: argparse.Namespace) -> int:
         options.update(curvature=args.curvature, approximation=args.approximation, split=args.split,
                        solver=args.solver, refresh=args.refresh)
     if args.optimizer == "kfac":
-        options.update(fisher=args.fisher, seed=args.seed)
+        options.update(fisher=args.fisher, seed=args.seed, damping=args.damping)
     if args.optimizer in ("hf-newton", "hf-gn"):
         options.update(damping=args.damping, cg_iterations=args.cg_iterations)
     resume = load_checkpoint(args.resume) if args.resume else None
@@ -184,16 +184,14 @@ def _demo(args: argparse.Namespace) -> int:
     return EXIT_MISMATCH if failures else 0
 
 
-DEMO_RUNS = (  # optimiser, its options, batch size: the same network for each
+DEMO_RUNS = (  # optimiser, its options, batch size: the same network for each; second-order ones at their defaults
     ("sgd", {"lr": 0.1, "momentum": 0.9}, 64),
     ("adam", {"lr": 3e-3}, 64),
-    ("hbp-newton", {}, 64),
-    ("kfac", {"fisher": "mc", "lr": 0.05}, 64),
+    ("hbp-newton", {}, 64),  # the paper's: α = 0.02, γ = 0.1, CG with ε = 0.1, n = 50, PCH-abs
+    ("kfac", {}, 64),  # kfac-jax's adaptive learning rate, momentum and damping
     ("kbfgs", {}, 64),  # the authors' defaults: γ = 0.3, λ = 0.3, momentum 0.9
-    # Hessian-free wants larger batches for its curvature (Martens 2010); on a problem this small, five CG
-    # steps per batch and a damping floor of 0.01 reach 97% in the fewest seconds (benchmarks/time_to_accuracy.py).
-    ("hf-gn", {"cg_iterations": 5, "min_damping": 0.01}, 256),
-    ("hf-newton", {"cg_iterations": 5, "min_damping": 0.01}, 256),
+    ("hf-gn", {}, 64),  # Martens': λ₀ = 45, n_CG ≤ 250, preconditioned, CG-backtracking
+    ("hf-newton", {}, 64),
 )
 
 
@@ -252,24 +250,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_generate)
 
     p = sub.add_parser("train", help="train a network on the generated kernels")
-    p.add_argument("--data", default="digits", help="digits (bundled), mnist, cifar10 (with --data-dir) or FILE.npz")
+    p.add_argument("--data", default="digits",
+                   help="digits (bundled), mnist1d (generated offline), synthetic (5 classes, correlated features), "
+                        "mnist, cifar10 (with --data-dir) or FILE.npz")
     p.add_argument("--data-dir", help="folder of the MNIST IDX files or CIFAR-10 python batches")
     p.add_argument("--model", default="64-128-sigmoid-10", help="widths and activations, e.g. 64-128-sigmoid-10")
     p.add_argument("--loss", choices=["ce", "mse"], default="ce")
     p.add_argument("--optimizer", choices=["sgd", "adam", "hbp-newton", "kfac", "kbfgs", "hf-newton", "hf-gn"],
                    default="hbp-newton")
     p.add_argument("--fisher", choices=["mc", "exact"], default="mc", help="kfac: sampled or exact Fisher")
-    p.add_argument("--damping", type=float, help="hf-newton, hf-gn: initial Levenberg–Marquardt λ (default 1)")
-    p.add_argument("--cg-iterations", type=int, help="hf-newton, hf-gn: at most this many CG steps (default 20)")
+    p.add_argument("--damping", type=float,
+                   help="initial Levenberg–Marquardt λ of kfac (default 1) and hf-newton, hf-gn (default 45)")
+    p.add_argument("--cg-iterations", type=int, help="hf-newton, hf-gn: at most this many CG steps (default 250)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, help="learning rate (default: the optimiser's)")
+    p.add_argument("--lr", type=float, help="learning rate (default: the optimiser's; kfac: fixed instead of "
+                   "the quadratic model's)")
     p.add_argument("--curvature", choices=["exact", "ggn", "pch-abs", "pch-clip"], default="pch-abs")
     p.add_argument("--approximation", choices=["6", "7"], default="6")
     p.add_argument("--split", type=int, default=1, help="row-wise sub-blocks per parameter (Section 4)")
-    p.add_argument("--solver", choices=["auto", "cg", "eigen"], default="auto",
-                   help="hbp-newton: CG per step (the paper), averaged eigenbases renewed every --refresh steps, "
-                        "or whichever costs less (default)")
+    p.add_argument("--solver", choices=["auto", "cg", "eigen"], default="cg",
+                   help="hbp-newton: CG per step (the paper; default), averaged eigenbases renewed every --refresh "
+                        "steps, or eigenbases where they are cheaper and as safe as CG (auto)")
     p.add_argument("--refresh", type=int, default=5, help="hbp-newton: steps between eigenbasis renewals")
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
     p.add_argument("--graphs", action="store_true",

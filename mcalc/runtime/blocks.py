@@ -128,17 +128,20 @@ class Eigenbasis:
             (lam_a, _), (lam_b, _) = self.pairs
             self.spectrum = lam_b[:, None] * lam_a[None, :]
 
-    def solve_damped(self, g: Any, alpha: float, beta: float) -> Any:
-        """[α I + β C]⁻¹ vec G for a parameter-shaped G, returned parameter-shaped.
+    def solve_damped(self, g: Any, alpha: float, beta: float, floor: float = 0.0) -> Any:
+        """[α I + β C]⁻¹ vec G for a parameter-shaped G, returned parameter-shaped; with ``floor``,
+        each eigenvalue α + β λ is taken as at least ``floor`` (no direction amplified by more than
+        1/floor).
 
         By (S.1) vec(Q_bᵀ G Q_a) = (Q_a ⊗ Q_b)ᵀ vec G: rotate into the eigenbasis,
         divide by α + β λ_b λ_aᵀ, rotate back.
         """
+        damped = namespace(g).maximum(alpha + beta * self.spectrum, floor)
         if len(self.pairs) == 1:
             q, v = self.pairs[0][1], g.reshape(-1, order="F")
-            return (q @ ((q.T @ v) / (alpha + beta * self.spectrum))).reshape(g.shape, order="F")
+            return (q @ ((q.T @ v) / damped)).reshape(g.shape, order="F")
         (_, q_a), (_, q_b) = self.pairs
-        return q_b @ ((q_b.T @ g @ q_a) / (alpha + beta * self.spectrum)) @ q_a.T
+        return q_b @ ((q_b.T @ g @ q_a) / damped) @ q_a.T
 
 
 def row_groups(rows: int, groups: int, xp: Any) -> list[Any]:

@@ -11,28 +11,63 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from ..errors import McalcError
 from ..runtime.blocks import CurvatureBlock, Eigenbasis, Gram, dense_factor, factor_eigh, namespace
 
 
-def conjugate_gradient(matvec: Any, b: Any, tolerance: float, max_iterations: int) -> tuple[Any, int]:
-    """Solve A x = b for symmetric positive definite A; stop when ‖r‖ ≤ tolerance·‖b‖ (eq. (8)'s ε_CG)."""
+@dataclass
+class CGSolution:
+    """CG's iterate, its iteration count and its largest gain: Σⱼ 1/θⱼ over the Ritz values θⱼ of the
+    Krylov space it searched (0 when it took no step)."""
+
+    x: Any
+    iterations: int
+    gain: float
+
+
+def conjugate_gradient(matvec: Any, b: Any, tolerance: float, max_iterations: int) -> CGSolution:
+    """Solve A x = b for symmetric positive definite A; stop when ‖r‖ ≤ tolerance·‖b‖ (eq. (8)'s ε_CG).
+
+    After k steps x = q(A) b with q(μ) = (1 − Πⱼ(1 − μ/θⱼ))/μ, the θⱼ the eigenvalues of the Lanczos
+    matrix T_k that CG's coefficients make (Saad 2003, Section 6.7.3): no direction of b is amplified
+    by more than q(0) = Σⱼ 1/θⱼ = tr T_k⁻¹, the ``gain`` returned, however small its eigenvalue.
+    """
     x = b * 0
     r = b.copy()
     p = r.copy()
     rr = float(r @ r)
     target = tolerance**2 * rr
+    steps: list[float] = []  # the step sizes αⱼ
+    ratios: list[float] = []  # βⱼ = rᵀr (new) / rᵀr (old)
     for iteration in range(1, max_iterations + 1):
         if rr <= target:
-            return x, iteration - 1
+            return CGSolution(x, iteration - 1, lanczos_gain(steps, ratios))
         Ap = matvec(p)
         alpha = rr / float(p @ Ap)
         x = x + alpha * p
         r = r - alpha * Ap
         rr_new = float(r @ r)
         p = r + (rr_new / rr) * p
+        steps.append(alpha)
+        ratios.append(rr_new / rr)
         rr = rr_new
-    return x, max_iterations
+    return CGSolution(x, max_iterations, lanczos_gain(steps, ratios))
+
+
+def lanczos_gain(steps: list[float], ratios: list[float]) -> float:
+    """tr T_k⁻¹ for the Lanczos matrix of k CG steps with step sizes αⱼ and ratios βⱼ:
+    T_jj = 1/αⱼ + βⱼ₋₁/αⱼ₋₁, T_j,j+1 = √βⱼ/αⱼ (Saad 2003, eq. (6.103)); host floats, on the CPU."""
+    k = len(steps)
+    if k == 0:
+        return 0.0
+    T = np.zeros((k, k))
+    for j in range(k):
+        T[j, j] = 1 / steps[j] + (ratios[j - 1] / steps[j - 1] if j else 0.0)
+        if j + 1 < k:
+            T[j, j + 1] = T[j + 1, j] = np.sqrt(ratios[j]) / steps[j]
+    return float(np.sum(1 / np.linalg.eigvalsh(T)))
 
 
 @dataclass(frozen=True)
@@ -182,12 +217,19 @@ def _owned(factor: Any) -> Any:
 
 @dataclass
 class BlockSolveState:
-    """What one (sub-)block keeps between steps: its recent CG iteration counts, the running
-    average of its factors and that average's eigenbasis."""
+    """What one (sub-)block keeps between steps: its recent CG iteration counts, the largest gain of
+    its last CG solve, the running average of its factors and that average's eigenbasis."""
 
     iterations: list[int] = field(default_factory=list)
+    gain: float = 0.0
     average: CurvatureBlock | None = None
     basis: Eigenbasis | None = None
+
+    def eigen_solve(self, g: Any, alpha: float) -> Any:
+        """Δ = −[α I + (1 − α) C]⁻¹ δ in the stored eigenbasis, no direction amplified by more than the
+        block's last CG solve could (its ``gain``, :func:`conjugate_gradient`)."""
+        floor = 1 / self.gain if self.gain > 0 else 0.0
+        return -self.basis.solve_damped(g, alpha, 1 - alpha, floor)
 
     def mean_iterations(self) -> float:
         return sum(self.iterations) / len(self.iterations)
@@ -207,21 +249,32 @@ class DampedBlockSolver:
       The average matters: a single mini-batch's curvature kept for several steps fits
       that batch (measured on digits with tanh: steps that stall well below CG's accuracy),
       while averaged factors train as well as fresh CG (as K-FAC averages its factors).
-    - ``'auto'``: the first step by CG, which measures how many iterations each block needs;
-      at each renewal the flops of the two ways (:data:`COSTS`), summed over the network,
-      pick one. The estimate counts the curvature passes the eigenbases save and each shared
-      factor once, but every renewal as a full decomposition, so it leans to CG.
+    - ``'auto'``: every renewal is a CG step, which measures how many iterations each block
+      needs; eigenbases serve the steps up to the next renewal only when they are both cheaper
+      and as safe as CG. Cheaper: the flops of the two ways (:data:`COSTS`), summed over the
+      network; the estimate counts the curvature passes the eigenbases save and each shared
+      factor once, but every renewal as a full decomposition, so it leans to CG. Safe: the bases
+      made at the last renewal (made whenever they are cheaper, also while CG serves), kept over
+      the ``refresh`` steps since, give directions for the renewal's gradients within
+      ``safe_deviation`` of CG's on the fresh blocks (relative, over the network). A basis kept
+      over several steps goes stale as the weights move; measured over three epochs, the stale
+      bases deviated from CG by 0.46–2.9 (mostly above 0.6) on MNIST-1D with two ReLU layers, where
+      such bases diverged, and by 0.24–0.43 (once 0.78) on digits with sigmoid.
 
+    Every eigen solve is damped so that no direction is amplified by more than the block's last CG
+    solve could (the sum of the inverse Ritz values of its Krylov space): an exact solve with
+    α = 0.02 would amplify a near-null direction 50×, where truncated CG leaves it alone.
     A block whose damped spectrum is not positive (exact curvature), or whose structure an
     eigenbasis does not cover, is solved by CG on its current block.
     """
 
-    method: str = "auto"
+    method: str = "cg"
     refresh: int = 5
     decay: float = 0.8
     tolerance: float = 0.1
     max_iterations: int = 50
     basis_tolerance: float = 0.2
+    safe_deviation: float = 0.5
     steps: int = 0
     using_eigen: bool = False
     decompositions: int = 0
@@ -236,14 +289,14 @@ class DampedBlockSolver:
     def solve(self, parts: list[tuple[Any, Any, CurvatureBlock | None]], alpha: float) -> dict[Any, Any]:
         """Directions for ``[(key, gradient, block or None)]``, one call per training step."""
         out: dict[Any, Any] = {}
-        if parts[0][2] is not None and (not self.using_eigen or self.steps % self.refresh == 0):
+        if parts[0][2] is not None and self.steps % self.refresh == 0:
             self._renew(parts, alpha, out)
         for key, g, block in parts:
             if key in out:
                 continue
             state = self.states.get(key)
-            if state is not None and state.basis is not None:
-                out[key] = -state.basis.solve_damped(g, alpha, 1 - alpha)
+            if self.using_eigen and state is not None and state.basis is not None:
+                out[key] = state.eigen_solve(g, alpha)
             elif block is None:
                 raise McalcError(f"no curvature block for {key} and no eigenbasis to reuse: this step needs "
                                  "the curvature pass (ask needs_curvature())")
@@ -253,27 +306,46 @@ class DampedBlockSolver:
         return out
 
     def _renew(self, parts: list[tuple[Any, Any, CurvatureBlock | None]], alpha: float, out: dict[Any, Any]) -> None:
-        """Choose the way for the next steps and, for eigenbases, average and decompose the blocks."""
+        """Choose the way for the next steps and, where eigenbases are cheaper, average and decompose the
+        blocks (under ``auto`` also while CG serves, to measure how stale a kept basis gets)."""
         previous = {}
         for key, g, block in parts:
             state = self.states.setdefault(key, BlockSolveState())
-            previous[key], state.basis = state.basis, None
-            if self.method == "cg" or (self.method == "auto" and not state.iterations):
+            # the basis made at the last renewal, with the gain it was floored by
+            previous[key] = None if state.basis is None else BlockSolveState(gain=state.gain, basis=state.basis)
+            state.basis = None
+            if self.method != "eigen" or not state.iterations:  # eigen: one CG solve measures the gain
                 out[key] = self._cg(state, block, g, alpha)
-        self.using_eigen = self.method == "eigen" or (self.method == "auto" and self._eigen_is_cheaper(parts))
+        cheaper = self.method == "eigen" or (self.method == "auto" and self._eigen_is_cheaper(parts))
         average, decompose = SharedAverage(self.decay), Decompositions(self.basis_tolerance)
         for key, _, block in parts:
             state = self.states[key]
-            if not (self.using_eigen and block.single_term):
+            if not (cheaper and block.single_term):
                 state.average = None
                 continue
             state.average = average(state.average, block)
-            old = previous[key].pairs if previous[key] is not None else [None] * len(block.factors())
+            old = previous[key].basis.pairs if previous[key] is not None else [None] * len(block.factors())
             basis = Eigenbasis([decompose(f, o) for f, o in zip(state.average.factors(), old)])
             if alpha + (1 - alpha) * float(basis.spectrum.min()) > 0:
                 state.basis = basis
         self.decompositions += decompose.full
         self.corrections += decompose.corrected
+        self.using_eigen = self.method == "eigen" or (cheaper and self._eigen_is_safe(parts, previous, alpha, out))
+
+    def _eigen_is_safe(self, parts: list[tuple[Any, Any, CurvatureBlock | None]],
+                       previous: dict[Any, BlockSolveState | None], alpha: float, cg: dict[Any, Any]) -> bool:
+        """Whether the bases made at the last renewal, kept over ``refresh`` steps, still give directions
+        within ``safe_deviation`` of CG's ``cg`` on this renewal's fresh blocks, over the network (never
+        before one such measurement)."""
+        deviation = total = 0.0
+        for key, g, _ in parts:
+            state = previous[key]
+            if state is None:
+                return False
+            difference = state.eigen_solve(g, alpha) - cg[key]
+            deviation += float((difference * difference).sum())
+            total += float((cg[key] * cg[key]).sum())
+        return total > 0 and deviation <= self.safe_deviation**2 * total
 
     def _eigen_is_cheaper(self, parts: list[tuple[Any, Any, CurvatureBlock | None]]) -> bool:
         eligible = [(key, block) for key, _, block in parts if block.single_term]
@@ -288,7 +360,8 @@ class DampedBlockSolver:
     def _cg(self, state: BlockSolveState, block: CurvatureBlock, g: Any, alpha: float) -> Any:
         rhs = -g.reshape(-1, order="F")
         matvec = lambda v: alpha * v + (1 - alpha) * block.matvec(v)  # noqa: E731
-        delta, iterations = conjugate_gradient(matvec, rhs, self.tolerance, self.max_iterations)
-        state.iterations.append(iterations)
+        solution = conjugate_gradient(matvec, rhs, self.tolerance, self.max_iterations)
+        state.iterations.append(solution.iterations)
         del state.iterations[:-10]  # the recent ones: how hard the blocks are now
-        return delta.reshape(g.shape, order="F")
+        state.gain = solution.gain
+        return solution.x.reshape(g.shape, order="F")

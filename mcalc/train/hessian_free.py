@@ -1,94 +1,153 @@
-"""Hessian-free optimisation (Martens 2010): truncated CG on exact curvature-vector products.
+"""Hessian-free optimisation (Martens 2010) as his code does it (``nnet_train_2.m``).
 
-Each step minimises the local quadratic model q(d) = gᵀd + ½ dᵀ C d by CG on
-(C + λI) d = −g, where C is the network's Gauss–Newton matrix (``hf-gn``) or
-its Hessian (``hf-newton``), applied through the generated R-operator code
-(:meth:`Network.curvature_product`), never formed. Following Martens (2010):
+Each step minimises the local quadratic model q(d) = gᵀd + ½ dᵀ C d by preconditioned CG on
+(C + λI) d = −g, where C is the network's Gauss–Newton matrix (``hf-gn``) or its Hessian
+(``hf-newton``), applied through the generated R-operator code (:meth:`Network.curvature_product`),
+never formed. Following the paper and the code:
 
-- CG starts from the previous step's solution decayed by ``warm_start``, stops
-  on his relative-progress test (or the residual tolerance, or n_CG), and stops
-  early at negative curvature, which only the Hessian can produce;
-- the Levenberg–Marquardt damping λ adapts by the reduction ratio
-  ρ = (f(θ + d) − f(θ)) / q(d): λ ← 3/2 λ when ρ < 1/4, λ ← 2/3 λ when ρ > 3/4
-  (q without the damping term, as in Martens & Sutskever 2012);
-- the step length is found by backtracking from the learning rate until the
-  Armijo condition f(θ + αd) ≤ f(θ) + 10⁻² α gᵀd holds on the mini-batch.
+- the preconditioner is diag(Σᵢ gᵢ²/B + λ)^¾, gᵢ the per-sample gradients (Section 4.7);
+- CG starts from the previous step's solution decayed by 0.95, runs at most 250 iterations, stops on
+  the relative-progress test (Section 4.4) or at negative curvature (which only the Hessian has), and
+  keeps its iterates at i = ⌈5·1.3ᵏ⌉ and the last;
+- CG-backtracking (Section 4.6): the last iterate, then earlier ones while the loss keeps falling;
+- λ adapts by the reduction ratio ρ = (f(θ + d) − f(θ)) / q(d) of the chosen iterate (q without the
+  damping): λ ← 3/2 λ when ρ < 1/4, λ ← 2/3 λ when ρ > 3/4, from λ₀ = 45 (Section 4.1);
+- the step length is backtracked from 1 by 0.8 until the Armijo condition
+  f(θ + αd) ≤ f(θ) + 10⁻² α gᵀd holds (at most 60 times; else the step is not taken).
+
+mcalc's own choices, each a named option: every quantity is measured on the mini-batch (Martens
+computes the gradient, its squares and the line search on the whole training set, and C on a part of
+it), and λ is kept above ``min_damping``, since ρ on the mini-batch the step was fitted to is
+optimistic and, without a floor, λ shrinks until each step fits its own batch. Measured on MNIST-1D
+(batch 64): with the Gauss–Newton matrix and two ReLU layers, 6 epochs, test accuracy 0.30 with a
+floor of 0.03, 0.55 with 0.3, 0.59 with 1 (digits with sigmoid prefers the lower floors), so 0.3; the
+Hessian is indefinite and needs more (8 epochs, two seeds: one tanh layer 0.24/0.51/0.42 and two ReLU
+layers 0.34/0.43/0.49 with floors 1/3/10), so 3.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import McalcError
 from ..runtime.blocks import CurvatureBlock
 from .network import Network
+from .safeguards import LevenbergMarquardt, reduction_ratio
 
 
 @dataclass
 class CGResult:
-    """The last iterate, A x for it (so the model needs no extra product), iterations, and whether
-    CG stopped at a direction of negative curvature."""
+    """The kept iterates (at i = ⌈5·1.3ᵏ⌉ and the last) with their iteration counts, C x for the last (so
+    the model needs no extra product), and whether CG stopped at a direction of negative curvature."""
 
-    x: Any
+    iterates: list[Any]
+    counts: list[int]
     Ax: Any
-    iterations: int
     negative_curvature: bool
 
+    @property
+    def x(self) -> Any:
+        return self.iterates[-1]
 
-def truncated_cg(matvec: Any, b: Any, x0: Any, *, max_iterations: int, tolerance: float,
-                 progress_tolerance: float = 5e-4) -> CGResult:
-    """Minimise φ(x) = ½ xᵀAx − bᵀx by CG from x0 (Martens 2010, Algorithm and Section 4.4).
+    @property
+    def iterations(self) -> int:
+        return self.counts[-1]
 
-    Stops when ‖r‖ ≤ tolerance·‖b‖, when φ made too little relative progress over
-    the last k = max(10, i/10) iterations — φ(xᵢ) − φ(xᵢ₋ₖ) > progress_tolerance·k·φ(xᵢ)
-    (φ < 0 once CG has made progress) — or at pᵀAp ≤ 0 (the current iterate is kept).
+
+def truncated_cg(matvec: Any, b: Any, x0: Any, *, max_iterations: int, tolerance: float = 0.0,
+                 progress_tolerance: float = 5e-4, preconditioner: Any = None) -> CGResult:
+    """Minimise φ(x) = ½ xᵀAx − bᵀx by preconditioned CG from x0 (Martens 2010, Algorithm 2 and
+    Section 4.4; ``conjgrad`` of his code).
+
+    ``preconditioner``: the diagonal M, applied as M⁻¹r. Stops when ‖r‖ ≤ tolerance·‖b‖, when φ made
+    too little relative progress over the last k = max(10, ⌈i/10⌉) iterations —
+    (φ(xᵢ) − φ(xᵢ₋ₖ))/φ(xᵢ) < k·progress_tolerance, φ < 0 — or at pᵀAp ≤ 0 (the iterate before is kept).
     """
     Ax = matvec(x0)
-    x, r = x0, b - Ax
-    p = r
-    rr = float(r @ r)
+    x, r = x0, b - Ax  # r is the negative of Martens' residual Ax − b
+    y = r if preconditioner is None else r / preconditioner
+    p = y
+    ry = float(r @ y)
     target = tolerance**2 * float(b @ b)
-    phi = [0.5 * float(x @ (Ax - 2 * b))]  # φ(x) = ½ xᵀ(Ax − 2b)
+    phi = [0.5 * float(x @ (Ax - 2 * b))]
+    iterates, counts, keep_next = [], [], 5.0
+    negative = False
+    i = 0
     for i in range(1, max_iterations + 1):
-        if rr <= target:
-            return CGResult(x, Ax, i - 1, False)
+        if float(r @ r) <= target:
+            i -= 1
+            break
         Ap = matvec(p)
         curvature = float(p @ Ap)
         if curvature <= 0:
-            return CGResult(x, Ax, i - 1, True)
-        alpha = rr / curvature
+            negative, i = True, i - 1
+            break
+        alpha = ry / curvature
         x, Ax, r = x + alpha * p, Ax + alpha * Ap, r - alpha * Ap
-        rr_new = float(r @ r)
-        p, rr = r + (rr_new / rr) * p, rr_new
+        y = r if preconditioner is None else r / preconditioner
+        ry_new = float(r @ y)
+        p, ry = y + (ry_new / ry) * p, ry_new
         phi.append(0.5 * float(x @ (Ax - 2 * b)))
-        k = max(10, i // 10)
+        if i == math.ceil(keep_next):
+            iterates.append(x)
+            counts.append(i)
+            keep_next *= 1.3
+        k = max(10, math.ceil(i / 10))
         if i > k and phi[-1] < 0 and (phi[-1] - phi[-1 - k]) / phi[-1] < k * progress_tolerance:
-            return CGResult(x, Ax, i, False)
-    return CGResult(x, Ax, max_iterations, False)
+            break
+    if not counts or counts[-1] != i:
+        iterates.append(x)
+        counts.append(i)
+    return CGResult(iterates, counts, Ax, negative)
+
+
+def squared_gradients(net: Network, X: Any, Y: Any) -> dict[str, Any]:
+    """Σᵢ gᵢ²/B for every parameter, gᵢ the gradient of sample i's loss (Martens' ``grad2``): for a
+    linear layer z = W a + b with δᵢ = ∂ℓᵢ/∂zᵢ, (δ ⊙ δ)(a ⊙ a)ᵀ/B and Σᵢ δᵢ²/B."""
+    Z, inputs = net.forward(X)
+    adjoints = net.adjoints(inputs, net.output_gradient(Z, Y))
+    B = X.shape[1]
+    out = {}
+    for position, layer in enumerate(net.layers):
+        if "W" in layer.params:
+            delta = adjoints[position] * B  # δZ carries 1/B: per-sample gradients, one per column
+            a = inputs[position]
+            out[layer.params["W"]] = (delta * delta) @ (a * a).T / B
+            out[layer.params["b"]] = (delta * delta).sum(axis=1, keepdims=True) / B
+    return out
 
 
 @dataclass
 class HessianFree:
     """Hessian-free Newton (``matrix='hessian'``) or Gauss–Newton (``'gn'``); see the module docstring.
 
-    Seed 002 uses λ = 32 for HF-Newton and λ = 4 for HF-GN with learning rate 0.5 on MNIST; these
-    defaults (λ = 1 adapted, learning rate 1, n_CG = 20) suit the digits demo. λ is kept above
-    ``min_damping``: measured on the mini-batch the step was fitted to, ρ is optimistic, and
-    without a floor λ shrinks until each step fits its own batch.
+    Defaults are Martens' (λ₀ = 45, n_CG = 250, warm start 0.95, preconditioner exponent ¾, at most 60
+    step-length reductions); ``min_damping`` is mcalc's (the module docstring says why).
     """
 
     matrix: str = "gn"
     lr: float = 1.0
-    damping: float = 1.0
+    damping: float = 45.0
     adapt_damping: bool = True
-    cg_iterations: int = 20
-    cg_tolerance: float = 1e-2
+    cg_iterations: int = 250
+    cg_tolerance: float = 0.0
     warm_start: float = 0.95
-    min_damping: float = 0.03
+    precondition: bool = True
+    exponent: float = 0.75
+    backtrack: bool = True
+    line_search_steps: int = 60
+    min_damping: float | None = None  # 0.3 for the Gauss–Newton matrix, 3 for the Hessian
     curvature: str | None = None  # no HBP blocks: the curvature comes from R-operator products
     previous: Any = None
     cg_steps: list[int] = field(default_factory=list)
     ratios: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.matrix not in ("gn", "hessian"):
+            raise McalcError(f"unknown curvature matrix '{self.matrix}'; choose gn or hessian")
+        if self.min_damping is None:
+            self.min_damping = 0.3 if self.matrix == "gn" else 3.0
 
     def step(self, net: Network, grads: dict[str, Any], blocks: dict[str, CurvatureBlock],
              batch: tuple[Any, Any] | None = None) -> dict[str, Any]:
@@ -108,32 +167,45 @@ class HessianFree:
         product = net.curvature_product(X, Y, self.matrix)
         g = pack(grads)
         damping = self.damping
+        preconditioner = (pack(squared_gradients(net, X, Y)) + damping) ** self.exponent if self.precondition else None
         start = self.warm_start * self.previous if self.previous is not None else xp.zeros_like(g)
         result = truncated_cg(lambda v: pack(product(unpack(v))) + damping * v, -g, start,
-                              max_iterations=self.cg_iterations, tolerance=self.cg_tolerance)
-        d = result.x
-        self.cg_steps.append(result.iterations)
-        if not float(d @ d) > 0:
-            d = -g  # negative curvature before any progress: fall back on the gradient
-        self.previous = d
+                              max_iterations=self.cg_iterations, tolerance=self.cg_tolerance,
+                              preconditioner=preconditioner)
+        self.previous = result.x
+        loss = lambda d: net.loss(X, Y, {n: net.params[n] + u for n, u in unpack(d).items()})  # noqa: E731
         base = net.loss(X, Y)
-        slope = float(g @ d)
-        model = slope + 0.5 * (float(d @ result.Ax) - damping * float(d @ d)) if d is result.x else slope
-        f = lambda step: net.loss(X, Y, {n: net.params[n] + step * u for n, u in unpack(d).items()})  # noqa: E731
-        full = f(1.0)
-        rho = (full - base) / model if model < 0 else -1.0
-        self.ratios.append(rho)
-        if self.adapt_damping:  # Levenberg–Marquardt by the reduction ratio (Martens 2010, Section 4.1)
-            if not rho >= 0.25 or result.negative_curvature:  # (a NaN loss counts as a failure)
-                self.damping *= 1.5
-            elif rho > 0.75:
-                self.damping = max(self.min_damping, self.damping * 2 / 3)
-        alpha, value = self.lr, full if self.lr == 1.0 else f(self.lr)
-        for _ in range(12):  # backtracking (Armijo)
-            if value <= base + 1e-2 * alpha * slope:
+        chosen = len(result.iterates) - 1
+        value = loss(result.iterates[chosen])
+        while self.backtrack and chosen > 0:  # CG-backtracking (Section 4.6): earlier iterates while better
+            earlier = loss(result.iterates[chosen - 1])
+            if not earlier < value:
                 break
-            alpha *= 0.8
-            value = f(alpha)
-        else:
-            alpha = 0.0  # no decrease along d: keep the weights; the damping has gone up
-        return {n: alpha * u for n, u in unpack(d).items()}
+            chosen, value = chosen - 1, earlier
+        d = result.iterates[chosen]
+        self.cg_steps.append(result.counts[chosen])
+        if not float(d @ d) > 0:
+            d, value = -g, loss(-g)  # negative curvature before any progress: fall back on the gradient
+        slope = float(g @ d)
+        Cd = result.Ax - damping * d if d is result.x else pack(product(unpack(d)))
+        rho = reduction_ratio(base, value, slope + 0.5 * float(d @ Cd))  # q without the damping term
+        self.ratios.append(rho)
+        if self.adapt_damping:  # Levenberg–Marquardt by the reduction ratio (Section 4.1)
+            self.damping = LevenbergMarquardt(self.damping, minimum=self.min_damping).update(rho)
+        rate = self.lr
+        if rate != 1.0:
+            value = loss(rate * d)
+        for reduction in range(self.line_search_steps + 1):  # Armijo backtracking; every rate is tested
+            if value <= base + 1e-2 * rate * slope:
+                break
+            if reduction == self.line_search_steps:
+                rate = 0.0  # no decrease along d: keep the weights; the damping has gone up
+                break
+            rate *= 0.8
+            value = loss(rate * d)
+        return {n: rate * u for n, u in unpack(d).items()}
+
+    def reject(self) -> None:
+        """After a rejected step: λ raised as for a failed reduction ratio, and CG started afresh."""
+        self.damping *= 1.5
+        self.previous = None

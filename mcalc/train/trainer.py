@@ -1,6 +1,8 @@
-"""The training loop: mini-batches, evaluation per epoch, a guard against non-finite steps."""
+"""The training loop: mini-batches, evaluation per epoch, and the guard that rejects non-finite and runaway
+steps, restoring the weights and the optimiser's state."""
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
@@ -15,6 +17,9 @@ from ..codegen.manifest import write_atomic
 from ..errors import McalcError
 from .data import Dataset
 from .network import Network
+from .safeguards import SecondOrder
+
+TRUST_BOUND = 2.0  # a second-order step that more than doubles its own mini-batch's loss is rejected
 
 
 def one_hot(labels: np.ndarray, classes: int) -> np.ndarray:
@@ -45,13 +50,35 @@ def curvature_for_step(optimizer: Any) -> str | None:
     return getattr(optimizer, "curvature", None) if needs is None or needs() else None
 
 
+def restore(optimizer: Any, snapshot: Any) -> None:
+    """Put ``optimizer`` back, in place, into the state ``snapshot`` (a deep copy) holds."""
+    vars(optimizer).clear()
+    vars(optimizer).update(vars(snapshot))
+
+
+def step_is_rejected(optimizer: Any, loss_before: float, loss_after: float, updates: dict[str, Any], xp: Any,
+                     trust_bound: float = TRUST_BOUND) -> bool:
+    """Whether the training loop rejects a step: its loss or an update is not finite or, for a
+    second-order optimiser (:class:`.safeguards.SecondOrder`), its mini-batch loss rose past
+    ``trust_bound`` times the loss before it."""
+    if not math.isfinite(loss_after) or not all(bool(xp.isfinite(u).all()) for u in updates.values()):
+        return True
+    return isinstance(optimizer, SecondOrder) and loss_after > trust_bound * loss_before
+
+
 def train(net: Network, data: Dataset, optimizer: Any, *, epochs: int, batch_size: int, seed: int = 0,
           progress: bool = False, name: str = "", checkpoint: str | Path | None = None,
           resume: dict[str, Any] | None = None, graphs: bool = False) -> dict[str, Any]:
     """Train ``net`` and return ``{"optimizer", "history": [...], "final": {...}}`` (the design's format).
 
-    A step whose loss is not finite is rejected (the weights are kept) and,
-    for a curvature method, its damping α doubled; steps rejected are counted.
+    A step is rejected when its loss or an update is not finite or, for a
+    second-order optimiser, when its mini-batch loss more than doubles
+    (:func:`step_is_rejected`): the weights and the optimiser's own state
+    (velocities, factors, quasi-Newton matrices) are restored to what they were
+    before the step, and the optimiser's ``reject()`` raises its damping; steps
+    rejected are counted. An optimiser with a ``prepare(net, X_train)`` method
+    is given the training inputs once before its first step (K-BFGS's pass
+    over the data).
     With ``checkpoint`` the state is saved after every epoch; ``resume`` (a
     loaded checkpoint) continues that run exactly where it stopped. ``graphs``
     (cupy backend): each backward pass is a CUDA graph replayed, one captured per
@@ -84,6 +111,8 @@ def train(net: Network, data: Dataset, optimizer: Any, *, epochs: int, batch_siz
     X_train, X_test = as_array(data.x_train.T), as_array(data.x_test.T)
     Y_train, Y_test = as_array(one_hot(data.y_train, data.classes)), as_array(one_hot(data.y_test, data.classes))
     labels_test = xp.asarray(data.y_test)
+    if resume is None and hasattr(optimizer, "prepare"):
+        optimizer.prepare(net, X_train)
     steps = math.ceil(len(data.y_train) / batch_size)
     start = time.perf_counter() - elapsed
     bar = None
@@ -98,14 +127,16 @@ def train(net: Network, data: Dataset, optimizer: Any, *, epochs: int, batch_siz
             index = xp.asarray(order[k * batch_size:(k + 1) * batch_size])
             X, Y = X_train[:, index], Y_train[:, index]
             loss, grads, blocks = backward(X, Y)
+            snapshot = copy.deepcopy(optimizer)
             updates = optimizer.step(net, grads, blocks, (X, Y))
             previous = dict(net.params)
             net.params = {name: value + updates[name] for name, value in net.params.items()}
-            if not math.isfinite(net.loss(X, Y)) or not all(bool(xp.isfinite(u).all()) for u in updates.values()):
-                net.params = previous  # reject the step: never corrupt the weights
+            if step_is_rejected(optimizer, loss, net.loss(X, Y), updates, xp):
+                net.params = previous  # never corrupt the weights, nor the optimiser's state
+                restore(optimizer, snapshot)
                 rejected += 1
-                if hasattr(optimizer, "alpha"):
-                    optimizer.alpha = min(1.0, 2 * optimizer.alpha)
+                if isinstance(optimizer, SecondOrder):
+                    optimizer.reject()
             else:
                 losses.append(loss)
             if bar is not None:

@@ -1,0 +1,386 @@
+"""Each second-order optimiser's steps against a transcription of its reference, and the shared safeguards.
+
+- K-BFGS: the authors' algorithm (``kbfgs_utils.py``, ``training_function.py``, ``training_utils.py`` of
+  Goldfarb, Ren & Bahamou's public code) transcribed with torch's autograd for every gradient.
+- K-FAC: kfac-jax's quadratic model (``Optimizer._solve_quad_model``, ``_compute_new_damping_and_rho``)
+  with a dense Gauss–Newton matrix.
+- Hessian-free: Martens' ``conjgrad`` (kept iterates, preconditioner), CG-backtracking and line search.
+- Safeguards: each one removed makes a test here fail (restored state, trust bound, damping raised,
+  singular solves, the eigen solver's amplification floor, auto's safety test).
+"""
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+import mcalc as mc
+from mcalc.runtime.blocks import CurvatureBlock
+from mcalc.train import data as D
+from mcalc.train.block_solvers import DampedBlockSolver, conjugate_gradient
+from mcalc.train.network import Network
+from mcalc.train.optimizers import KBFGS, KFAC, HBPNewton, quadratic_model_coefficients
+from mcalc.train.safeguards import LevenbergMarquardt, damped_solve, reduction_ratio
+from mcalc.train.trainer import step_is_rejected, train
+
+
+def _batches(rng, n=4, classes=3, batch=8, count=3):
+    return [(rng.normal(size=(n, batch)), np.eye(classes)[:, rng.integers(classes, size=batch)])
+            for _ in range(count)]
+
+
+# --- K-BFGS -----------------------------------------------------------------------------------------
+def _kbfgs_reference(params, X_train, batches, lr=0.3, lam=0.3, tau=1e-5):
+    """The authors' K-BFGS on a tanh network, transcribed: torch computes every forward and backward pass."""
+    import torch
+
+    W = [torch.tensor(params["W1"]), torch.tensor(params["W2"])]
+    b = [torch.tensor(params["b1"][:, 0]), torch.tensor(params["b2"][:, 0])]
+    L = 2
+
+    def forward(X, W, b):
+        h, a = [X.T], []  # h: each layer's input (samples in rows, as theirs); a: pre-activations
+        for layer in range(L):
+            pre = h[-1] @ W[layer].T + b[layer]
+            if pre.requires_grad:
+                pre.retain_grad()
+            a.append(pre)
+            if layer + 1 < L:
+                h.append(torch.tanh(pre))
+        return a[-1], a, h
+
+    def loss_of(z, Y):
+        return -(Y.T * torch.log_softmax(z, dim=1)).sum(dim=1).mean()
+
+    def homogeneous(h):
+        return torch.cat([h, torch.ones(h.shape[0], 1, dtype=h.dtype)], dim=1)
+
+    def bfgs(H, s, y, g):  # get_BFGS_formula
+        sy = s @ y
+        if sy <= 0 or sy <= 1e-4 * (s @ s) * torch.sqrt(g @ g):
+            return H
+        rho = 1 / sy
+        Hy = H @ y
+        return H + (rho**2 * (y @ Hy) + rho) * torch.outer(s, s) - rho * (torch.outer(s, Hy) + torch.outer(Hy, s))
+
+    _, _, h0 = forward(torch.tensor(X_train), W, b)
+    A = [homogeneous(h).T @ homogeneous(h) / h.shape[0] for h in h0]  # the pass over the training data
+    eps = math.sqrt(lam)
+    H_g = [torch.eye(len(bl), dtype=torch.float64) for bl in b]
+    H_a: list = [None, None]
+    m = [torch.zeros_like(w) for w in W] + [torch.zeros_like(bl) for bl in b]
+    s_avg = [torch.zeros(len(bl), dtype=torch.float64) for bl in b]
+    y_avg = [torch.zeros(len(bl), dtype=torch.float64) for bl in b]
+    for i, (X_np, Y_np) in enumerate(batches):
+        X, Y = torch.tensor(X_np), torch.tensor(Y_np)
+        N = X.shape[1]
+        Wr = [w.clone().requires_grad_(True) for w in W]
+        br = [bl.clone().requires_grad_(True) for bl in b]
+        z, a, h = forward(X, Wr, br)
+        loss_of(z, Y).backward()
+        grads = [w.grad + tau * w.detach() for w in Wr] + [bl.grad + tau * bl.detach() for bl in br]
+        m = [0.9 * mi + 0.1 * gi for mi, gi in zip(m, grads)]  # momentum_gradient_rho = 0.9
+        A_LM, p = [], []
+        for layer in range(L):
+            if i > 0:
+                hh = homogeneous(h[layer].detach())
+                A[layer] = 0.9 * A[layer] + 0.1 * hh.T @ hh / N
+            A_LM.append(A[layer] + eps * torch.eye(len(A[layer]), dtype=torch.float64))
+            if i == 0:
+                H_a[layer] = torch.linalg.inv(A_LM[layer])
+            homo = torch.cat([m[layer], m[L + layer][:, None]], dim=1)
+            p.append(-(H_g[layer] @ homo @ H_a[layer]))
+        W_new = [W[layer] + lr * p[layer][:, :-1] for layer in range(L)]
+        b_new = [b[layer] + lr * p[layer][:, -1] for layer in range(L)]
+        Wr2 = [w.clone().requires_grad_(True) for w in W_new]
+        br2 = [bl.clone().requires_grad_(True) for bl in b_new]
+        z2, a2, _ = forward(X, Wr2, br2)
+        loss_of(z2, Y).backward()
+        for layer in range(L):
+            grad_before, grad_after = N * a[layer].grad, N * a2[layer].grad
+            s = a[layer].detach().mean(0) - a2[layer].detach().mean(0)
+            y = grad_before.mean(0) - grad_after.mean(0)
+            s_avg[layer] = 0.9 * s_avg[layer] + 0.1 * s
+            y_avg[layer] = 0.9 * y_avg[layer] + 0.1 * y
+            s, y = s_avg[layer], y_avg[layer]
+            Hy = H_g[layer] @ y  # Powell, μ₁ = 0.2
+            if not (s @ y) / (y @ Hy) > 0.2:
+                theta = 0.8 * (y @ Hy) / ((y @ Hy) - (s @ y))
+                s = theta * s + (1 - theta) * Hy
+            if not (s @ y) / (s @ s) > eps:  # Levenberg–Marquardt, μ₂ = √λ
+                theta = (1 - eps) * (s @ s) / ((s @ s) - (s @ y))
+                y = theta * y + (1 - theta) * s
+            H_g[layer] = bfgs(H_g[layer], s, y, grad_before.mean(0))
+            mean_h = torch.cat([h[layer].detach().mean(0), torch.ones(1, dtype=torch.float64)])  # the paper's ā
+            s_h = H_a[layer] @ mean_h
+            H_a[layer] = bfgs(H_a[layer], s_h, A_LM[layer] @ s_h, mean_h)
+        W, b = W_new, b_new
+    return {"W1": W[0].numpy(), "W2": W[1].numpy(), "b1": b[0].numpy()[:, None], "b2": b[1].numpy()[:, None]}
+
+
+def test_kbfgs_steps_follow_the_authors_algorithm():
+    rng = np.random.default_rng(0)
+    net = Network("4-5-tanh-3", seed=0)
+    X_train = rng.normal(size=(4, 30))
+    batches = _batches(rng)
+    expected = _kbfgs_reference(net.params, X_train, batches)
+    optimizer = KBFGS()
+    optimizer.prepare(net, X_train)
+    for X, Y in batches:
+        _, grads, _ = net.backward(X, Y)
+        updates = optimizer.step(net, grads, {}, (X, Y))
+        net.params = {k: v + updates[k] for k, v in net.params.items()}
+    assert not np.allclose(optimizer.H_g[0], np.eye(5))  # the BFGS updates really ran
+    for name, value in expected.items():
+        np.testing.assert_allclose(net.params[name], value, rtol=1e-9, atol=1e-12)
+
+
+# --- K-FAC ------------------------------------------------------------------------------------------
+def test_quadratic_model_coefficients_minimise_the_model():
+    rng = np.random.default_rng(1)
+    v = rng.normal(size=(2, 6))
+    C = rng.normal(size=(6, 6))
+    C = C @ C.T
+    g = rng.normal(size=6)
+    A, D, b = v @ C @ v.T, v @ v.T, v @ g
+    w, change = quadratic_model_coefficients(A, D, b, 0.5, (None, None))
+    np.testing.assert_allclose((A + 0.5 * D) @ w + b, 0, atol=1e-12)  # the model's gradient vanishes
+    assert change == pytest.approx(0.5 * np.array(w) @ A @ np.array(w) + np.array(w) @ b)
+    w, _ = quadratic_model_coefficients(A, D, b, 0.5, (-0.1, None))  # the learning rate fixed
+    assert w[0] == -0.1 and w[1] == pytest.approx(-(b[1] + (A + 0.5 * D)[0, 1] * -0.1) / (A + 0.5 * D)[1, 1])
+    w, _ = quadratic_model_coefficients(A[:1, :1], D[:1, :1], b[:1], 0.5, (None,))
+    assert w[0] == pytest.approx(-b[0] / (A[0, 0] + 0.5 * D[0, 0]))
+
+
+def _dense_gn(net, X, Y):
+    names = list(net.params)
+    sizes = [net.params[n].size for n in names]
+
+    def unflat(v):
+        out, start = {}, 0
+        for n, size in zip(names, sizes):
+            out[n] = v[start:start + size].reshape(net.params[n].shape)
+            start += size
+        return out
+
+    product = net.curvature_product(X, Y, "gn")
+    n = sum(sizes)
+    C = np.stack([np.concatenate([product(unflat(e))[k].reshape(-1) for k in names]) for e in np.eye(n)], axis=1)
+    return C, names, unflat
+
+
+def test_kfac_steps_take_the_quadratic_models_learning_rate_and_momentum_and_adapt_the_damping():
+    """kfac-jax: δ = w₀ P∇ + w₁ δ_prev with w minimising the damped model with the exact GGN; λ adapted by
+    ρ every ``damping_period`` steps (1 here), by the factor ω^period."""
+    rng = np.random.default_rng(2)
+    net = Network("4-5-sigmoid-3", seed=1)
+    kfac = KFAC(fisher="exact", damping_period=1, inverse_period=1)
+    previous = None
+    for X, Y in _batches(rng, count=2):
+        C, names, unflat = _dense_gn(net, X, Y)
+        loss, grads, _ = net.backward(X, Y)
+        damping = kfac.damping
+        updates = kfac.step(net, grads, {}, (X, Y))
+        g = np.concatenate([grads[k].reshape(-1) for k in names])
+        natural = []  # P∇ from the factors, independently: (Ā + π√λ I)⁻¹ ⊗ (G + √λ/π I)⁻¹ on vec[∇W ∇b]
+        for position, (A, G) in kfac.factors.items():
+            W, b = net.layers[position].params["W"], net.layers[position].params["b"]
+            pi = np.sqrt((np.trace(A) / len(A)) / (np.trace(G) / len(G)))
+            F = np.kron(A + pi * np.sqrt(damping) * np.eye(len(A)), G + np.sqrt(damping) / pi * np.eye(len(G)))
+            joined = np.hstack([grads[W], grads[b]])
+            natural.append((W, b, np.linalg.solve(F, joined.reshape(-1, order="F")).reshape(joined.shape, order="F")))
+        P = {}
+        for W, b, d in natural:
+            P[W], P[b] = d[:, :-1], d[:, -1:]
+        vectors = [np.concatenate([P[k].reshape(-1) for k in names])]
+        if previous is not None:
+            vectors.append(previous)
+        V = np.stack(vectors)
+        A_model, D_model, b_model = V @ C @ V.T, V @ V.T, V @ g
+        w = -np.linalg.solve(A_model + damping * D_model, b_model)
+        delta = w @ V
+        got = np.concatenate([updates[k].reshape(-1) for k in names])
+        np.testing.assert_allclose(got, delta, rtol=1e-8, atol=1e-12)
+        new_loss = net.loss(X, Y, {k: net.params[k] + u for k, u in unflat(delta).items()})
+        rho = (new_loss - loss) / (0.5 * w @ A_model @ w + w @ b_model)
+        factor = 0.95
+        expected = damping / factor if rho < 0.25 else damping * factor if rho > 0.75 else damping
+        assert kfac.damping == pytest.approx(max(expected, kfac.min_damping))
+        net.params = {k: v + updates[k] for k, v in net.params.items()}
+        previous = delta
+    assert len(vectors) == 2  # the second step had a momentum term
+
+
+# --- Hessian-free ------------------------------------------------------------------------------------
+def test_preconditioned_cg_keeps_martens_iterates_and_solves_the_system():
+    from mcalc.train.hessian_free import truncated_cg
+
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(40, 40))
+    A, b = a @ a.T + 0.1 * np.eye(40), rng.normal(size=40)
+    M = np.diag(A) ** 0.75
+    result = truncated_cg(lambda v: A @ v, b, np.zeros(40), max_iterations=300, tolerance=1e-10,
+                          progress_tolerance=0, preconditioner=M)
+    np.testing.assert_allclose(result.x, np.linalg.solve(A, b), atol=1e-6)
+    kept = [math.ceil(5 * 1.3**k) for k in range(30)]
+    assert result.counts[:-1] == sorted(set(c for c in kept if c < result.counts[-1]))[:len(result.counts) - 1]
+    plain = truncated_cg(lambda v: A @ v, b, np.zeros(40), max_iterations=300, tolerance=1e-10, progress_tolerance=0)
+    assert result.iterations < plain.iterations  # the Jacobi-type preconditioner helps on this matrix
+
+
+def test_hessian_free_backtracks_to_an_earlier_cg_iterate_and_tests_every_step_length():
+    """A loss that grows along the last CG iterates makes CG-backtracking take an earlier one; a loss that
+    never falls along d makes the line search reject the step (rate 0), having tested the last rate too."""
+    from mcalc.train.hessian_free import HessianFree
+
+    rng = np.random.default_rng(4)
+    net = Network("4-5-sigmoid-3", seed=2)
+    X, Y = _batches(rng, count=1)[0]
+    _, grads, _ = net.backward(X, Y)
+    chosen = HessianFree(damping=1e-3, min_damping=0.0)
+    chosen.step(net, grads, {}, (X, Y))
+    full = HessianFree(damping=1e-3, min_damping=0.0, backtrack=False)
+    full.step(net, grads, {}, (X, Y))
+    assert chosen.cg_steps[0] <= full.cg_steps[0]
+
+    calls = []
+
+    class Rising:  # a network whose loss rises with every step, whatever its direction
+        xp = np
+        layers = net.layers
+
+        def curvature_product(self, X, Y, matrix):
+            return net.curvature_product(X, Y, matrix)
+
+        def forward(self, X, params=None):
+            return net.forward(X, params)
+
+        def adjoints(self, inputs, dZ):
+            return net.adjoints(inputs, dZ)
+
+        def output_gradient(self, Z, Y):
+            return net.output_gradient(Z, Y)
+
+        params = net.params
+
+        def loss(self, X, Y, params=None):
+            if params is None:
+                return 1.0
+            calls.append(1)
+            return 2.0
+
+    rejecting = HessianFree(line_search_steps=3, backtrack=False)
+    updates = rejecting.step(Rising(), grads, {}, (X, Y))
+    assert all(not np.any(u) for u in updates.values())
+    assert len(calls) == 1 + 3  # d itself, then three shorter steps, each tested
+
+
+# --- shared safeguards ---------------------------------------------------------------------------------
+def test_levenberg_marquardt_rule_and_reduction_ratio():
+    rule = LevenbergMarquardt(1.0, minimum=0.5, maximum=2.0)
+    assert rule.update(0.1) == 1.5 and rule.update(float("nan")) == 2.0  # capped at the maximum
+    assert rule.update(0.5) == 2.0 and rule.update(0.9) == pytest.approx(4 / 3)
+    assert LevenbergMarquardt(0.6, minimum=0.5).update(0.9) == 0.5
+    assert reduction_ratio(1.0, 0.5, -1.0) == 0.5
+    assert reduction_ratio(1.0, math.inf, -1.0) == -math.inf and reduction_ratio(1.0, 0.5, 0.0) == -math.inf
+
+
+def test_a_singular_solve_falls_back_to_a_damped_one_with_a_warning():
+    singular = np.array([[1.0, 1.0], [1.0, 1.0]])
+    with pytest.warns(RuntimeWarning, match="kfac factor A0 was singular"):
+        x = damped_solve(singular, np.array([1.0, 1.0]), np, what="kfac factor A0")
+    assert np.all(np.isfinite(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_allclose(damped_solve(np.eye(2) * 2, np.ones(2), np), [0.5, 0.5])
+    with pytest.raises(mc.McalcError, match="stays singular"):
+        damped_solve(np.full((2, 2), np.nan), np.ones(2), np)
+
+
+class _Overshooting:
+    """A second-order optimiser whose steps blow the loss up; its state counts the steps it took."""
+
+    curvature = None
+
+    def __init__(self):
+        self.taken, self.damping, self.rejections = [], 1.0, 0
+
+    def step(self, net, grads, blocks, batch=None):
+        self.taken.append(len(self.taken))
+        return {name: 50.0 * g / self.damping for name, g in grads.items()}
+
+    def reject(self):
+        self.rejections += 1
+        self.damping *= 2
+
+
+def test_rejected_steps_restore_the_weights_and_the_optimizers_state_and_raise_its_damping():
+    net = Network("64-10", seed=0)
+    before = {k: v.copy() for k, v in net.params.items()}
+    optimizer = _Overshooting()
+    result = train(net, D.digits(), optimizer, epochs=1, batch_size=512)
+    rejected = result["final"]["rejected_steps"]
+    assert rejected >= 1 and optimizer.rejections == rejected
+    assert len(optimizer.taken) == 3 - rejected  # the state of each rejected step was rolled back
+    assert optimizer.damping == 2.0**rejected
+    if rejected == 3:
+        for name, value in net.params.items():
+            np.testing.assert_array_equal(value, before[name])
+
+
+def test_the_trust_bound_applies_to_second_order_optimisers_only():
+    updates = {"W": np.ones(2)}
+    assert step_is_rejected(_Overshooting(), 1.0, 2.5, updates, np)
+    assert not step_is_rejected(_Overshooting(), 1.0, 1.5, updates, np)
+    assert not step_is_rejected(object(), 1.0, 2.5, updates, np)  # sgd, adam: only non-finite steps
+    assert step_is_rejected(object(), 1.0, float("nan"), updates, np)
+    assert step_is_rejected(object(), 1.0, 1.0, {"W": np.array([np.inf])}, np)
+
+
+def test_the_eigen_solver_amplifies_no_direction_more_than_cg_would():
+    """A near-null eigenvalue: the exact damped solve would amplify it 1/α = 50×; the eigen solver keeps
+    every direction's gain within CG's (the Ritz values' Σ 1/θ)."""
+    rng = np.random.default_rng(5)
+    q, _ = np.linalg.qr(rng.normal(size=(8, 8)))
+    C = q @ np.diag([0.0, 1e-4, 0.5, 1, 2, 4, 8, 16]) @ q.T
+    block = CurvatureBlock(dense=C)
+    g = q @ np.array([[0.05], [0.05], [1], [-1], [1], [1], [-1], [1]])  # little of it along the null directions
+    solver = DampedBlockSolver(method="eigen")
+    first = solver.solve([("b", g, block)], alpha=0.02)  # CG, measuring the gain
+    gain = solver.states["b"].gain
+    cg = conjugate_gradient(lambda v: 0.02 * v + 0.98 * C @ v, -g[:, 0], 0.1, 50)
+    np.testing.assert_allclose(first["b"][:, 0], cg.x)
+    second = solver.solve([("b", g, None)], alpha=0.02)["b"]
+    gains = np.abs(q.T @ second[:, 0]) / np.abs(q.T @ g[:, 0])
+    assert gains.max() <= gain * (1 + 1e-9) < 50
+    assert gains[0] == pytest.approx(gain)  # the null direction is floored, not amplified 50×
+
+
+def test_auto_keeps_cg_when_stale_eigenbases_deviate_from_it():
+    """auto: eigenbases only when they give CG's directions on the renewal's fresh blocks."""
+    rng = np.random.default_rng(6)
+    g = {"b": rng.normal(size=(6, 1))}
+    steady = CurvatureBlock(dense=np.diag(np.linspace(1.0, 3.0, 6)))
+    solver = DampedBlockSolver(method="auto", refresh=1, tolerance=1e-10, max_iterations=100)
+    solver._eigen_is_cheaper = lambda parts: True  # the cost model out of the way: safety decides
+    solver.solve([("b", g["b"], steady)], alpha=0.02)
+    solver.solve([("b", g["b"], steady)], alpha=0.02)
+    assert solver.using_eigen  # the same curvature again: the basis is as good as CG
+    moved = CurvatureBlock(dense=np.diag(np.linspace(30.0, 0.01, 6)))
+    solver.solve([("b", g["b"], moved)], alpha=0.02)
+    assert not solver.using_eigen and solver.needs_curvature()  # stale: back to CG, with the blocks each step
+
+
+def test_hbp_newton_raises_alpha_when_the_model_overpromises_and_keeps_the_papers_alpha_otherwise():
+    net = Network("64-128-sigmoid-10", seed=0)
+    data = D.digits()
+    optimizer = HBPNewton()
+    train(net, data, optimizer, epochs=1, batch_size=64)
+    assert optimizer.alpha == pytest.approx(0.02)  # on digits the paper's α is never raised for long
+    bad = HBPNewton(lr=30.0)  # far too long steps: ρ < 1/4
+    X, Y = data.x_train[:64].T, np.eye(10)[:, data.y_train[:64]]
+    _, grads, blocks = net.backward(X, Y, bad.curvature)
+    bad.step(net, grads, blocks, (X, Y))
+    assert bad.alpha == pytest.approx(0.03)
+    with pytest.raises(mc.McalcError, match="alpha"):
+        HBPNewton(alpha=0.0)
