@@ -24,3 +24,5 @@ bench: $(VENV)/installed
 	$(PY) benchmarks/hbp_pass.py --json benchmarks/results/hbp_pass_cpu.json
 	$(PY) benchmarks/hbp_pass.py --count-launches --json benchmarks/results/launch_counts.json
 	$(PY) benchmarks/solve_costs.py --json benchmarks/results/solve_costs_cpu.json
+	$(PY) benchmarks/robustness.py --seeds 3 --epochs 8 --json benchmarks/results/robustness.json --plot benchmarks/results/robustness.png
+	$(PY) benchmarks/time_to_accuracy.py --json benchmarks/results/time_to_accuracy.json --plot benchmarks/results/time_to_accuracy.png

@@ -1,14 +1,16 @@
-"""Epochs and wall-clock seconds for each optimiser to reach a test accuracy on digits, median over seeds.
+"""Epochs and wall-clock seconds for each optimiser to reach a test accuracy, median over seeds.
 
     python benchmarks/time_to_accuracy.py [--target 0.97] [--seeds 11] [--json OUT] [--plot OUT.png]
+        [--data digits] [--model 64-128-sigmoid-10] [--baseline sgd] [--only LABEL ...]
 
-Every optimiser trains the same network (64-128-sigmoid-10, cross-entropy; the
-batch sizes of ``mcalc demo``) on scikit-learn's bundled digits, each seed with its
-own initialisation and train/test split; hbp-newton runs twice, with its default
-solver (chosen by the cost model) and with the paper's CG on every step. A run that
+Every optimiser trains the same network (by default 64-128-sigmoid-10, cross-entropy;
+the batch sizes of ``mcalc demo``) on a data set (by default scikit-learn's bundled
+digits), each seed with its own initialisation (and, for digits, train/test split);
+hbp-newton runs twice, with its default solver (the paper's CG on every step) and
+with ``auto`` (eigenbases where they are cheaper and as safe as CG). A run that
 never reaches the target counts as infinitely long, so the median is over all seeds
 (the median of a censored time). Within each seed every optimiser runs in turn;
-printed as ratios to SGD, measured side by side.
+printed as ratios to ``--baseline``, measured side by side; a line per run as it ends.
 """
 from __future__ import annotations
 
@@ -25,13 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mcalc.cli import DEMO_RUNS  # noqa: E402
-from mcalc.train.data import digits  # noqa: E402
+from mcalc.train.data import load  # noqa: E402
 from mcalc.train.network import Network  # noqa: E402
 from mcalc.train.optimizers import make_optimizer  # noqa: E402
 from mcalc.train.trainer import plot, train  # noqa: E402
 
 RUNS = [(name, name, options, batch) for name, options, batch in DEMO_RUNS]
-RUNS.insert(3, ("hbp-newton (CG)", "hbp-newton", {"solver": "cg"}, 64))
+RUNS.insert(3, ("hbp-newton (auto)", "hbp-newton", {"solver": "auto"}, 64))
 
 
 def main() -> None:
@@ -39,23 +41,31 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.97)
     parser.add_argument("--seeds", type=int, default=11)
     parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--data", default="digits")
+    parser.add_argument("--model", default="64-128-sigmoid-10")
+    parser.add_argument("--baseline", default="sgd", help="the run the ratios are to")
+    parser.add_argument("--only", nargs="+", help="these runs only (labels)")
     parser.add_argument("--json")
     parser.add_argument("--plot")
     args = parser.parse_args()
+    runs = [run for run in RUNS if not args.only or run[0] in args.only or run[0] == args.baseline]
     first_runs = []
-    epochs: dict[str, list[float]] = {label: [] for label, *_ in RUNS}
-    seconds: dict[str, list[float]] = {label: [] for label, *_ in RUNS}
+    epochs: dict[str, list[float]] = {label: [] for label, *_ in runs}
+    seconds: dict[str, list[float]] = {label: [] for label, *_ in runs}
     for seed in range(args.seeds):  # every optimiser in turn within a seed: drift of the machine hits all alike
-        for label, name, options, batch in RUNS:
-            net = Network("64-128-sigmoid-10", seed=seed)
+        data = load(args.data, seed=seed)
+        for label, name, options, batch in runs:
+            net = Network(args.model, seed=seed)
             extra = {"seed": seed} if name == "kfac" else {}
-            result = train(net, digits(seed), make_optimizer(name, **options, **extra), epochs=args.epochs,
+            result = train(net, data, make_optimizer(name, **options, **extra), epochs=args.epochs,
                            batch_size=batch, seed=seed, name=label)
             if seed == 0:
                 first_runs.append(result)
             reached = next((r for r in result["history"] if r["test_accuracy"] >= args.target), None)
             epochs[label].append(reached["epoch"] if reached else math.inf)
             seconds[label].append(reached["wall_s"] if reached else math.inf)
+            print(f"seed {seed} {label:<18} " + (f"reached {args.target:.0%} at epoch {reached['epoch']} "
+                  f"({reached['wall_s']:.1f} s)" if reached else f"never reached {args.target:.0%}"), flush=True)
     finite = lambda x: x if math.isfinite(x) else None  # noqa: E731  (JSON has no infinity)
     summary = {label: {
         "reached": sum(math.isfinite(e) for e in epochs[label]),
@@ -65,24 +75,24 @@ def main() -> None:
         "seconds_per_epoch": statistics.median(s / e for s, e in zip(seconds[label], epochs[label])
                                                if math.isfinite(e)) if any(map(math.isfinite, epochs[label]))
         else None,
-    } for label, *_ in RUNS}
-    sgd = summary["sgd"]
-    print(f"digits, 64-128-sigmoid-10, target test accuracy {args.target:.0%}, {args.seeds} seeds, "
+    } for label, *_ in runs}
+    sgd = summary[args.baseline]
+    print(f"{args.data}, {args.model}, target test accuracy {args.target:.0%}, {args.seeds} seeds, "
           f"at most {args.epochs} epochs (median over all seeds; a run that never reaches it counts as ∞)")
-    print(f"{'optimizer':<16} {'reached':>8} {'epochs':>7} {'seconds':>8} {'s/epoch':>8} {'epochs/SGD':>11} "
-          f"{'seconds/SGD':>12}")
+    print(f"{'optimizer':<18} {'reached':>8} {'epochs':>7} {'seconds':>8} {'s/epoch':>8} "
+          f"{'epochs/' + args.baseline:>12} {'seconds/' + args.baseline:>13}")
     for label, row in summary.items():
         if row["median_epochs"] is None:
-            print(f"{label:<16} {row['reached']:>4}/{row['runs']:<3} {'∞':>7} {'∞':>8}")
+            print(f"{label:<18} {row['reached']:>4}/{row['runs']:<3} {'∞':>7} {'∞':>8}")
             continue
         ratio_e = row["median_epochs"] / sgd["median_epochs"] if sgd["median_epochs"] else float("nan")
         ratio_s = row["median_seconds"] / sgd["median_seconds"] if sgd["median_seconds"] else float("nan")
-        print(f"{label:<16} {row['reached']:>4}/{row['runs']:<3} {row['median_epochs']:>7.1f} "
-              f"{row['median_seconds']:>8.2f} {row['seconds_per_epoch']:>8.3f} {ratio_e:>11.2f} {ratio_s:>12.2f}")
+        print(f"{label:<18} {row['reached']:>4}/{row['runs']:<3} {row['median_epochs']:>7.1f} "
+              f"{row['median_seconds']:>8.2f} {row['seconds_per_epoch']:>8.3f} {ratio_e:>12.2f} {ratio_s:>13.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "machine": f"{platform.node()}, {os.cpu_count()} CPU cores", "target": args.target,
-            "summary": summary}, indent=2))
+            "machine": f"{platform.node()}, {os.cpu_count()} CPU cores", "data": args.data, "model": args.model,
+            "target": args.target, "baseline": args.baseline, "summary": summary}, indent=2))
     if args.plot:
         plot(first_runs, args.plot)
 
