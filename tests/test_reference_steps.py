@@ -297,6 +297,24 @@ def test_a_singular_solve_falls_back_to_a_damped_one_with_a_warning():
         damped_solve(np.full((2, 2), np.nan), np.ones(2), np)
 
 
+def test_a_failed_eigen_decomposition_leaves_the_block_to_cg_with_a_warning():
+    import mcalc.train.block_solvers as solvers
+
+    rng = np.random.default_rng(7)
+    block = CurvatureBlock(dense=np.diag([1.0, 2.0, 3.0]))
+    g = rng.normal(size=(3, 1))
+    solver = DampedBlockSolver(method="eigen", tolerance=1e-12)
+    real = solvers.factor_eigh
+    solvers.factor_eigh = lambda factor: np.linalg.eigh(np.full((3, 3), np.nan))  # LinAlgError: no convergence
+    try:
+        with pytest.warns(RuntimeWarning, match="eigen-decomposition of b's factors failed"):
+            out = solver.solve([("b", g, block)], alpha=0.02)
+    finally:
+        solvers.factor_eigh = real
+    assert solver.states["b"].basis is None and solver.needs_curvature()
+    np.testing.assert_allclose(out["b"][:, 0], -np.linalg.solve(0.02 * np.eye(3) + 0.98 * block.dense, g[:, 0]))
+
+
 class _Overshooting:
     """A second-order optimiser whose steps blow the loss up; its state counts the steps it took."""
 

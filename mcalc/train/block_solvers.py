@@ -8,6 +8,7 @@ loop skip the curvature pass on the steps in between (as K-FAC reuses its invers
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from ..errors import McalcError
 from ..runtime.blocks import CurvatureBlock, Eigenbasis, Gram, dense_factor, factor_eigh, namespace
+from .safeguards import is_linalg_error
 
 
 @dataclass
@@ -325,7 +327,15 @@ class DampedBlockSolver:
                 continue
             state.average = average(state.average, block)
             old = previous[key].basis.pairs if previous[key] is not None else [None] * len(block.factors())
-            basis = Eigenbasis([decompose(f, o) for f, o in zip(state.average.factors(), old)])
+            try:
+                basis = Eigenbasis([decompose(f, o) for f, o in zip(state.average.factors(), old)])
+            except Exception as exc:
+                if not is_linalg_error(exc):
+                    raise
+                warnings.warn(f"the eigen-decomposition of {key}'s factors failed ({exc}); CG solves it",
+                              RuntimeWarning, stacklevel=2)
+                state.average = None
+                continue
             if alpha + (1 - alpha) * float(basis.spectrum.min()) > 0:
                 state.basis = basis
         self.decompositions += decompose.full

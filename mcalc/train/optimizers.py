@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import McalcError
+from ..runtime.array_ops import softmax
 from ..runtime.blocks import CurvatureBlock, namespace, row_groups
 from .block_solvers import DampedBlockSolver
 from .network import Network
@@ -274,9 +275,9 @@ class KFAC:
 
     def _statistics(self, net: Network, X: Any) -> dict[int, tuple[Any, Any]]:
         xp = net.xp
-        _, inputs = net.forward(X)
+        Z, inputs = net.forward(X)
         B = X.shape[1]
-        p = net.predict(X)
+        p = softmax(Z)  # the model's predictive distribution, from the same forward pass
         if self.fisher == "mc":  # one label per input drawn from softmax(z); δz = (p − y)/B for the mean loss
             self.rng = self.rng or np.random.default_rng(self.seed)
             cumulative = np.cumsum(np.asarray(p.get() if hasattr(p, "get") else p), axis=0)

@@ -5,7 +5,8 @@
   ``_compute_new_damping_and_rho``): raised when the loss fell by less than a quarter of what the
   quadratic model promised, lowered when by more than three quarters.
 - :func:`damped_solve`: solves a damped symmetric system, and when NumPy or CuPy finds it singular or
-  the solution is not finite, raises the damping and warns instead of ending the run with a traceback.
+  the solution is not finite, raises the damping and warns instead of ending the run with a traceback
+  (an eigen-decomposition that fails likewise leaves its block to CG, :mod:`.block_solvers`).
 - :class:`SecondOrder`: what the training loop asks of an optimiser with a damping: ``reject()``,
   called after a step it rejected (a loss that is not finite, or that rose past the trust bound), once
   the weights and the optimiser's own state are restored.
@@ -57,6 +58,11 @@ class LevenbergMarquardt:
         return self.value
 
 
+def is_linalg_error(exc: Exception) -> bool:
+    """Whether ``exc`` is NumPy's or CuPy's report of a failed factorisation (singular, no convergence)."""
+    return "LinAlgError" in type(exc).__name__ or "singular" in str(exc).lower()
+
+
 def damped_solve(matrix: Any, rhs: Any, xp: Any, *, what: str = "system", attempts: int = 6) -> Any:
     """``matrix⁻¹ rhs`` for a symmetric matrix that ought to be positive definite.
 
@@ -79,7 +85,7 @@ def damped_solve(matrix: Any, rhs: Any, xp: Any, *, what: str = "system", attemp
                                   RuntimeWarning, stacklevel=2)
                 return solution
         except Exception as exc:  # numpy.linalg.LinAlgError, or CuPy's own
-            if "LinAlgError" not in type(exc).__name__ and "singular" not in str(exc).lower():
+            if not is_linalg_error(exc):
                 raise
         shift = 1e-8 * scale if attempt == 0 else shift * 100
     raise McalcError(f"{what} stays singular with its diagonal raised by {shift:.1e}: the curvature is not finite")
