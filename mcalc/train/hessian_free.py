@@ -35,6 +35,8 @@ from ..runtime.blocks import CurvatureBlock
 from .network import Network
 from .safeguards import LevenbergMarquardt, reduction_ratio
 
+RECENT = 100  # CG steps and reduction ratios kept, for diagnostics
+
 
 @dataclass
 class CGResult:
@@ -190,6 +192,7 @@ class HessianFree:
         Cd = result.Ax - damping * d if d is result.x else pack(product(unpack(d)))
         rho = reduction_ratio(base, value, slope + 0.5 * float(d @ Cd))  # q without the damping term
         self.ratios.append(rho)
+        del self.cg_steps[:-RECENT], self.ratios[:-RECENT]  # the recent ones: the training loop copies the state
         if self.adapt_damping:  # Levenberg–Marquardt by the reduction ratio (Section 4.1)
             self.damping = LevenbergMarquardt(self.damping, minimum=self.min_damping).update(rho)
         rate = self.lr
