@@ -21,12 +21,19 @@ from .safeguards import is_linalg_error
 
 @dataclass
 class CGSolution:
-    """CG's iterate, its iteration count and its largest gain: Σⱼ 1/θⱼ over the Ritz values θⱼ of the
-    Krylov space it searched (0 when it took no step)."""
+    """CG's iterate, its iteration count, and its step sizes αⱼ and ratios βⱼ = rᵀr (new) / rᵀr (old),
+    from which :attr:`gain` follows."""
 
     x: Any
     iterations: int
-    gain: float
+    steps: list[float]
+    ratios: list[float]
+
+    @property
+    def gain(self) -> float:
+        """CG's largest gain: Σⱼ 1/θⱼ over the Ritz values θⱼ of the Krylov space it searched (0 when it
+        took no step); computed on the host when asked, since only eigen solves need it."""
+        return lanczos_gain(self.steps, self.ratios)
 
 
 def conjugate_gradient(matvec: Any, b: Any, tolerance: float, max_iterations: int) -> CGSolution:
@@ -34,18 +41,18 @@ def conjugate_gradient(matvec: Any, b: Any, tolerance: float, max_iterations: in
 
     After k steps x = q(A) b with q(μ) = (1 − Πⱼ(1 − μ/θⱼ))/μ, the θⱼ the eigenvalues of the Lanczos
     matrix T_k that CG's coefficients make (Saad 2003, Section 6.7.3): no direction of b is amplified
-    by more than q(0) = Σⱼ 1/θⱼ = tr T_k⁻¹, the ``gain`` returned, however small its eigenvalue.
+    by more than q(0) = Σⱼ 1/θⱼ = tr T_k⁻¹, the solution's ``gain``, however small its eigenvalue.
     """
     x = b * 0
     r = b.copy()
     p = r.copy()
     rr = float(r @ r)
     target = tolerance**2 * rr
-    steps: list[float] = []  # the step sizes αⱼ
-    ratios: list[float] = []  # βⱼ = rᵀr (new) / rᵀr (old)
+    steps: list[float] = []
+    ratios: list[float] = []
     for iteration in range(1, max_iterations + 1):
         if rr <= target:
-            return CGSolution(x, iteration - 1, lanczos_gain(steps, ratios))
+            return CGSolution(x, iteration - 1, steps, ratios)
         Ap = matvec(p)
         alpha = rr / float(p @ Ap)
         x = x + alpha * p
@@ -55,7 +62,7 @@ def conjugate_gradient(matvec: Any, b: Any, tolerance: float, max_iterations: in
         steps.append(alpha)
         ratios.append(rr_new / rr)
         rr = rr_new
-    return CGSolution(x, max_iterations, lanczos_gain(steps, ratios))
+    return CGSolution(x, max_iterations, steps, ratios)
 
 
 def lanczos_gain(steps: list[float], ratios: list[float]) -> float:
@@ -373,5 +380,6 @@ class DampedBlockSolver:
         solution = conjugate_gradient(matvec, rhs, self.tolerance, self.max_iterations)
         state.iterations.append(solution.iterations)
         del state.iterations[:-10]  # the recent ones: how hard the blocks are now
-        state.gain = solution.gain
+        if self.method != "cg":  # only eigen solves are floored by it
+            state.gain = solution.gain
         return solution.x.reshape(g.shape, order="F")
