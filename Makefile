@@ -3,13 +3,18 @@ VENV := .venv
 PY := $(VENV)/bin/python
 
 .PHONY: demo test bench
-$(VENV)/installed: setup.cfg pyproject.toml
+# mcalc itself (what the demo needs), then the test extra on top (PyTorch's CPU build among it)
+$(VENV)/base: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/installed: $(VENV)/base
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-demo: $(VENV)/installed
+demo: $(VENV)/base
 	$(VENV)/bin/mcalc demo
 
 test: $(VENV)/installed

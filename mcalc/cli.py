@@ -109,18 +109,41 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require_gpu(option: str) -> None:
+    """Refuse ``option`` with a clear error where CuPy or a CUDA device is missing."""
+    from .runtime.backends import gpu_available, gpu_unavailable_reason
+
+    if not gpu_available():
+        raise McalcError(f"{option} needs a GPU: {gpu_unavailable_reason()}")
+
+
+def _check_train_arguments(args: argparse.Namespace) -> None:
+    """Numbers a run cannot start with, refused before anything is loaded or written."""
+    for option, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--split", args.split),
+                          ("--refresh", args.refresh)):
+        if value < 1:
+            raise McalcError(f"{option} must be a positive integer, not {value}")
+    for option, value in (("--lr", args.lr), ("--damping", args.damping)):
+        if value is not None and not value > 0:
+            raise McalcError(f"{option} must be positive, not {value}")
+    if args.cg_iterations is not None and args.cg_iterations < 1:
+        raise McalcError(f"--cg-iterations must be a positive integer, not {args.cg_iterations}")
+    if args.backend == "cupy":
+        _require_gpu("--backend cupy")
+
+
 def _train(args: argparse.Namespace) -> int:
     from .train.data import load as load_data
     from .train.network import Network, parse_spec
     from .train.optimizers import make_optimizer
     from .train.trainer import load_checkpoint, plot, train, write_json
 
+    _check_train_arguments(args)
     data = load_data(args.data, seed=args.seed, folder=args.data_dir)
     widths, _ = parse_spec(args.model)
     if widths[0] != data.features or widths[-1] != data.classes:
         raise McalcError(f"model '{args.model}' maps {widths[0]} → {widths[-1]}, but the data have "
                          f"{data.features} features and {data.classes} classes")
-    net = Network(args.model, loss=args.loss, backend=args.backend, seed=args.seed)
     options = {"lr": args.lr}
     if args.optimizer == "hbp-newton":
         options.update(curvature=args.curvature, approximation=args.approximation, split=args.split,
@@ -129,19 +152,34 @@ def _train(args: argparse.Namespace) -> int:
         options.update(fisher=args.fisher, seed=args.seed, damping=args.damping)
     if args.optimizer in ("hf-newton", "hf-gn"):
         options.update(damping=args.damping, cg_iterations=args.cg_iterations)
+    optimizer = make_optimizer(args.optimizer, **options)
     resume = load_checkpoint(args.resume) if args.resume else None
-    if resume is not None and resume.get("spec") != args.model:
-        raise McalcError(f"{args.resume}: the checkpoint is of model '{resume.get('spec')}', not '{args.model}'")
-    result = train(net, data, make_optimizer(args.optimizer, **options), epochs=args.epochs,
-                   batch_size=args.batch_size, seed=args.seed, progress=sys.stderr.isatty(), name=args.optimizer,
-                   checkpoint=args.checkpoint or args.resume, resume=resume, graphs=args.graphs)
-    for row in result["history"]:
+    if resume is not None:
+        if resume.get("spec") != args.model:
+            raise McalcError(f"{args.resume}: the checkpoint is of model '{resume.get('spec')}', not '{args.model}'")
+        saved = resume.get("name") or type(resume["optimizer"]).__name__
+        if saved not in (args.optimizer, type(optimizer).__name__):
+            raise McalcError(f"{args.resume}: the checkpoint is of optimizer '{saved}', not '{args.optimizer}'")
+    net = Network(args.model, loss=args.loss, backend=args.backend, seed=args.seed)
+    print(f"training {args.model} ({args.loss} loss) on {data.name} ({len(data.y_train)} training, "
+          f"{len(data.y_test)} test samples) with {args.optimizer}: {args.epochs} epochs, batch {args.batch_size}, "
+          f"seed {args.seed}, {args.backend}", flush=True)
+
+    def report(row: dict) -> None:  # each epoch as it ends, flushed also when the output goes to a file
         print(f"epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f}  test loss {row['test_loss']:.4f}  "
-              f"test accuracy {row['test_accuracy']:.4f}  {row['wall_s']:.1f} s")
+              f"test accuracy {row['test_accuracy']:.4f}  elapsed {row['wall_s']:.1f} s", flush=True)
+
+    result = train(net, data, optimizer, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                   progress=sys.stderr.isatty(), name=args.optimizer, checkpoint=args.checkpoint or args.resume,
+                   resume=resume, graphs=args.graphs, on_epoch=report)
+    if result["final"]["rejected_steps"]:
+        print(f"{result['final']['rejected_steps']} steps rejected (loss not finite, or more than doubled)")
     if args.json:
         write_json(result, args.json)
+        print(f"wrote {args.json}")
     if args.plot:
         plot([result], args.plot)
+        print(f"wrote {args.plot}")
     return 0
 
 
@@ -220,6 +258,17 @@ def _demo_training(args: argparse.Namespace) -> None:
     print(f"\ncurves: {args.plot}   history: {args.json}")
 
 
+class _WithDefaults(argparse.HelpFormatter):
+    """Help that names each option's default, where it has one (None and False say nothing)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        silent = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if not silent and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mcalc", description="Matrix calculus for curvature: derive, "
                                      "verify and compile Hessian backpropagation rules.")
@@ -249,34 +298,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: the project's generated/)")
     p.set_defaults(run=_generate)
 
-    p = sub.add_parser("train", help="train a network on the generated kernels")
+    p = sub.add_parser("train", help="train a network on the generated kernels", formatter_class=_WithDefaults)
     p.add_argument("--data", default="digits",
                    help="digits (bundled), mnist1d (generated offline), synthetic (5 classes, correlated features), "
                         "mnist, cifar10 (with --data-dir) or FILE.npz")
     p.add_argument("--data-dir", help="folder of the MNIST IDX files or CIFAR-10 python batches")
     p.add_argument("--model", default="64-128-sigmoid-10", help="widths and activations, e.g. 64-128-sigmoid-10")
-    p.add_argument("--loss", choices=["ce", "mse"], default="ce")
+    p.add_argument("--loss", choices=["ce", "mse"], default="ce",
+                   help="cross-entropy, or the per-sample squared error (z − y)ᵀ(z − y)")
     p.add_argument("--optimizer", choices=["sgd", "adam", "hbp-newton", "kfac", "kbfgs", "hf-newton", "hf-gn"],
-                   default="hbp-newton")
+                   default="hbp-newton", help="each at its reference's defaults (README)")
     p.add_argument("--fisher", choices=["mc", "exact"], default="mc", help="kfac: sampled or exact Fisher")
     p.add_argument("--damping", type=float,
                    help="initial Levenberg–Marquardt λ of kfac (default 1) and hf-newton, hf-gn (default 45)")
     p.add_argument("--cg-iterations", type=int, help="hf-newton, hf-gn: at most this many CG steps (default 250)")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=10, help="passes over the training data")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per step")
     p.add_argument("--lr", type=float, help="learning rate (default: the optimiser's; kfac: fixed instead of "
                    "the quadratic model's)")
-    p.add_argument("--curvature", choices=["exact", "ggn", "pch-abs", "pch-clip"], default="pch-abs")
-    p.add_argument("--approximation", choices=["6", "7"], default="6")
+    p.add_argument("--curvature", choices=["exact", "ggn", "pch-abs", "pch-clip"], default="pch-abs",
+                   help="hbp-newton's curvature blocks")
+    p.add_argument("--approximation", choices=["6", "7"], default="6",
+                   help="hbp-newton's batch rule: 6 averages the sandwiched Hessians E[Jᵀ 𝓗 J] (exact for the batch), "
+                        "7 sandwiches with the averaged Jacobians E[J]ᵀ 𝓗 E[J] (cheaper)")
     p.add_argument("--split", type=int, default=1, help="row-wise sub-blocks per parameter (Section 4)")
     p.add_argument("--solver", choices=["auto", "cg", "eigen"], default="cg",
-                   help="hbp-newton: CG per step (the paper; default), averaged eigenbases renewed every --refresh "
+                   help="hbp-newton: CG per step (the paper's), averaged eigenbases renewed every --refresh "
                         "steps, or eigenbases where they are cheaper and as safe as CG (auto)")
     p.add_argument("--refresh", type=int, default=5, help="hbp-newton: steps between eigenbasis renewals")
-    p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
+    p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy", help="where the arrays live")
     p.add_argument("--graphs", action="store_true",
                    help="cupy: replay each backward pass as a CUDA graph (one launch instead of one per kernel)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="initial weights, data order, split of digits")
     p.add_argument("--json", help="write the history here")
     p.add_argument("--plot", help="write loss and accuracy curves here (PNG)")
     p.add_argument("--checkpoint", help="save the run here after every epoch")

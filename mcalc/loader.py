@@ -28,11 +28,14 @@ def load_modules(path: str | Path, name: str | None = None) -> list[Module]:
         spec.loader.exec_module(namespace)
     except McalcError as exc:
         raise type(exc)(f"{path}: {exc}") from None
-    except Exception as exc:  # the user's code failed: report where, briefly
-        frame = traceback.extract_tb(exc.__traceback__)[-1]
-        raise ModuleFileError(
-            f"{path}: importing it failed at line {frame.lineno}: {type(exc).__name__}: {exc}"
-        ) from None
+    except Exception as exc:  # the user's code failed: report where in it, briefly
+        if isinstance(exc, SyntaxError):
+            line = exc.lineno
+        else:  # the innermost frame in the user's file, not mcalc's own
+            frames = traceback.extract_tb(exc.__traceback__)
+            line = next((f.lineno for f in reversed(frames) if Path(f.filename).resolve() == path.resolve()),
+                        frames[-1].lineno)
+        raise ModuleFileError(f"{path}: importing it failed at line {line}: {type(exc).__name__}: {exc}") from None
     finally:
         sys.modules.pop(module_name, None)
     found: dict[str, Module] = {}

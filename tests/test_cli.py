@@ -79,3 +79,83 @@ def test_demo_runs(tmp_path):
     assert "hbp-newton" in result.stdout and (tmp_path / "mcalc-demo.png").exists()
     runs = json.loads((tmp_path / "mcalc-demo.json").read_text())["runs"]
     assert [r["optimizer"] for r in runs] == ["sgd", "adam", "hbp-newton", "kfac", "kbfgs", "hf-gn", "hf-newton"]
+
+
+# --- train: bad input, live progress, help, file modes ------------------------------------------
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--batch-size", "0"], "--batch-size must be a positive integer, not 0"),
+    (["--batch-size", "-5"], "--batch-size must be a positive integer, not -5"),
+    (["--lr", "-1"], "--lr must be positive, not -1.0"),
+    (["--epochs", "0"], "--epochs must be a positive integer, not 0"),
+    (["--split", "0"], "--split must be a positive integer, not 0"),
+    (["--cg-iterations", "0"], "--cg-iterations must be a positive integer"),
+])
+def test_train_refuses_numbers_a_run_cannot_start_with(arguments, message, tmp_path, capsys):
+    out = tmp_path / "h.json"
+    assert cli.main(["train", *arguments, "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"mcalc: error: {message}" or (message in err and len(err.strip().splitlines()) == 1)
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_train_on_cupy_without_a_gpu_is_one_clear_line(tmp_path, capsys):
+    from mcalc.runtime.backends import gpu_available
+
+    if gpu_available():
+        pytest.skip("a GPU is here")
+    assert cli.main(["train", "--backend", "cupy", "--json", str(tmp_path / "h.json")]) == 2
+    assert capsys.readouterr().err.startswith("mcalc: error: --backend cupy needs a GPU: ")
+    assert not list(tmp_path.iterdir())
+
+
+def test_resume_with_another_optimizer_is_refused(tmp_path, capsys):
+    checkpoint = tmp_path / "kfac.ckpt"
+    assert cli.main(["train", "--optimizer", "kfac", "--epochs", "1", "--checkpoint", str(checkpoint)]) == 0
+    assert cli.main(["train", "--optimizer", "sgd", "--epochs", "2", "--resume", str(checkpoint)]) == 2
+    assert "the checkpoint is of optimizer 'kfac', not 'sgd'" in capsys.readouterr().err
+    assert cli.main(["train", "--optimizer", "kfac", "--epochs", "2", "--resume", str(checkpoint)]) == 0
+
+
+def test_train_prints_a_header_and_each_epoch_as_it_ends_when_piped():
+    """Piped stdout: the header and epoch 1 arrive while the run is still going (flushed per epoch)."""
+    process = subprocess.Popen([sys.executable, "-m", "mcalc.cli", "train", "--optimizer", "hf-gn", "--epochs", "6"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    header = process.stdout.readline()
+    first = process.stdout.readline()
+    running = process.poll() is None
+    rest, _ = process.communicate()
+    assert header.startswith("training 64-128-sigmoid-10 (ce loss) on digits") and "hf-gn: 6 epochs, batch 64" in header
+    assert first.startswith("epoch   1  train loss") and "elapsed" in first
+    assert running and process.returncode == 0 and rest.count("epoch ") == 5
+
+
+def test_train_help_names_the_defaults():
+    text = run("train", "--help").stdout
+    for default in ("(default: digits)", "(default: 64-128-sigmoid-10)", "(default: hbp-newton)", "(default: 10)",
+                    "(default: 64)", "(default: pch-abs)", "(default: 0)", "averaged Jacobians"):
+        assert default in " ".join(text.split()), default
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_follow_the_umask(tmp_path, umask):
+    import os
+
+    from mcalc.codegen.manifest import write_atomic
+
+    old = os.umask(umask)
+    try:
+        write_atomic(tmp_path / "a.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_an_error_in_a_users_file_names_the_users_line(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import mcalc as mc\nx = mc.Vector('x', 'n')\ny = (x +\n")
+    result = run("derive", str(bad))
+    assert result.returncode == 2 and "at line 3: SyntaxError" in result.stderr
+    bad.write_text("import mcalc as mc\nx = mc.Vector('x', 'n')\n\nm = mc.Module('M', output=x, inputs=5, params=[])\n")
+    result = run("derive", str(bad))  # raised inside mcalc (line 43 of module.py): the user's line is named
+    assert result.returncode == 2 and "at line 4: TypeError" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -456,4 +456,4 @@ def test_cli_hbp_newton_solver_options(tmp_path, capsys):
                      "--json", str(out)]) == 0
     assert json.loads(out.read_text())["history"][0]["test_accuracy"] > 0.8
     assert cli.main(["train", "--optimizer", "hbp-newton", "--refresh", "0", "--epochs", "1"]) == 2
-    assert "refresh and split must be positive" in capsys.readouterr().err
+    assert "--refresh must be a positive integer, not 0" in capsys.readouterr().err

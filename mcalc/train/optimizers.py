@@ -120,8 +120,10 @@ class HBPNewton:
     def __post_init__(self) -> None:
         if self.solver not in ("auto", "cg", "eigen"):
             raise McalcError(f"unknown solver '{self.solver}'; choose auto, cg or eigen")
-        if self.refresh < 1 or self.split < 1:
-            raise McalcError("refresh and split must be positive")
+        if self.refresh < 1:
+            raise McalcError(f"refresh must be a positive integer, not {self.refresh}")
+        if self.split < 1:
+            raise McalcError(f"split must be a positive integer, not {self.split}")
         if not 0 <= self.decay < 1:
             raise McalcError(f"decay must lie in [0, 1), not {self.decay}")
         if not 0 < self.alpha <= 1:

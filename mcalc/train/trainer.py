@@ -8,6 +8,7 @@ import json
 import math
 import pickle
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,8 @@ def step_is_rejected(optimizer: Any, loss_before: float, loss_after: float, upda
 
 def train(net: Network, data: Dataset, optimizer: Any, *, epochs: int, batch_size: int, seed: int = 0,
           progress: bool = False, name: str = "", checkpoint: str | Path | None = None,
-          resume: dict[str, Any] | None = None, graphs: bool = False) -> dict[str, Any]:
+          resume: dict[str, Any] | None = None, graphs: bool = False,
+          on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train ``net`` and return ``{"optimizer", "history": [...], "final": {...}}`` (the design's format).
 
     A step is rejected when its loss or an update is not finite or, for a
@@ -82,7 +84,8 @@ def train(net: Network, data: Dataset, optimizer: Any, *, epochs: int, batch_siz
     With ``checkpoint`` the state is saved after every epoch; ``resume`` (a
     loaded checkpoint) continues that run exactly where it stopped. ``graphs``
     (cupy backend): each backward pass is a CUDA graph replayed, one captured per
-    curvature mode and batch shape (:meth:`Network.capture_backward`).
+    curvature mode and batch shape (:meth:`Network.capture_backward`). ``on_epoch`` is called with each
+    epoch's history row as the epoch ends (the CLI prints it).
     """
     if graphs and net.backend != "cupy":
         raise McalcError(f"CUDA graphs need the cupy backend; this network runs on {net.backend}")
@@ -150,10 +153,16 @@ def train(net: Network, data: Dataset, optimizer: Any, *, epochs: int, batch_siz
         })
         if bar is not None:
             bar.set_postfix(acc=f"{history[-1]['test_accuracy']:.3f}")
+        if on_epoch is not None:
+            if bar is not None:
+                bar.clear()
+            on_epoch(history[-1])
+            if bar is not None:
+                bar.refresh()
         if checkpoint is not None:
             save_checkpoint(checkpoint, {"epoch": epoch, "params": dict(net.params), "optimizer": optimizer,
-                                         "rng": rng.bit_generator.state, "history": history, "rejected": rejected,
-                                         "spec": net.spec})
+                                         "name": name, "rng": rng.bit_generator.state, "history": history,
+                                         "rejected": rejected, "spec": net.spec})
     if bar is not None:
         bar.close()
     if not history:
