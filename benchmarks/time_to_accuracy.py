@@ -94,7 +94,7 @@ def main() -> None:
             "machine": f"{platform.node()}, {os.cpu_count()} CPU cores", "data": args.data, "model": args.model,
             "target": args.target, "baseline": args.baseline, "summary": summary}, indent=2))
     if args.plot:
-        plot(first_runs, args.plot)
+        plot(first_runs, args.plot, title=f"{args.model} on {args.data}, seed 0")
 
 
 if __name__ == "__main__":

@@ -178,7 +178,7 @@ def _train(args: argparse.Namespace) -> int:
         write_json(result, args.json)
         print(f"wrote {args.json}")
     if args.plot:
-        plot([result], args.plot)
+        plot([result], args.plot, title=f"{args.model} on {data.name}, {args.optimizer}, seed {args.seed}")
         print(f"wrote {args.plot}")
     return 0
 
@@ -253,7 +253,7 @@ def _demo_training(args: argparse.Namespace) -> None:
                      str(reached["epoch"]) if reached else "-", f"{reached['wall_s']:.1f} s" if reached else "-"])
     print(_table(rows, ["optimizer", "test loss", "test accuracy", f"epochs to {target:.0%}",
                         f"seconds to {target:.0%}"]))
-    plot(results, args.plot)
+    plot(results, args.plot, title=f"64-128-sigmoid-10 on digits, seed {args.seed}")
     write_json({"runs": results}, args.json)
     print(f"\ncurves: {args.plot}   history: {args.json}")
 

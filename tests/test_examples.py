@@ -1,4 +1,5 @@
 """The examples run: the custom layers verify, and the paper's CIFAR-10 experiment runs its table (smoke)."""
+import re
 import subprocess
 import sys
 
@@ -23,3 +24,15 @@ def test_mnist_hf_example_prints_seed_002s_table():
     assert "0.2121 / 0.9138 / 222" in rows[0] and "0.2049 / 0.9239 / 246" in rows[4]  # seed 002's beside ours
     accuracies = [float(row.split()[-3]) for row in rows]
     assert all(0.0 <= a <= 1.0 for a in accuracies) and max(accuracies) > 0.5  # the methods learn
+
+
+def test_the_readme_snippet_prints_what_the_readme_says():
+    """The first Python block of the README, run as a script, prints the lines shown under it."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    shown = re.search(r"```\n\nprints \(before the LaTeX\)\n\n((?:    .*\n)+)", readme).group(1)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    expected = [line[4:] for line in shown.splitlines()]
+    assert done.stdout.splitlines()[:len(expected)] == expected
+    assert "\\begin{align*}" in done.stdout

@@ -289,6 +289,24 @@ def test_cifar10_batches(tmp_path):
         D.cifar10(tmp_path)
 
 
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("this ran on load",))
+
+
+def test_a_cifar10_batch_that_would_run_code_is_refused(tmp_path, capsys):
+    """The batches are pickles by format: only dicts, lists, bytes, numbers and arrays are admitted."""
+    rng = np.random.default_rng(1)
+    for name in ("data_batch_1", "test_batch"):
+        entry = {b"data": rng.integers(0, 256, (2, 3072)).astype(np.uint8), b"labels": [1, 2]}
+        (tmp_path / name).write_bytes(pickle.dumps(entry))
+    assert D.cifar10(tmp_path).x_test.shape == (2, 3072)
+    (tmp_path / "test_batch").write_bytes(pickle.dumps({b"data": _RunsCode(), b"labels": [1]}))
+    with pytest.raises(mc.McalcError, match=r"not a CIFAR-10 python batch .*asks for builtins\.print"):
+        D.cifar10(tmp_path)
+    assert "this ran on load" not in capsys.readouterr().out
+
+
 def test_npz_and_bad_data(tmp_path):
     path = tmp_path / "toy.npz"
     np.savez(path, x_train=np.ones((5, 3)), y_train=np.arange(5) % 2, x_test=np.ones((2, 3)), y_test=[0, 1])

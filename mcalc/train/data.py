@@ -3,10 +3,12 @@ MNIST IDX files, CIFAR-10 python batches, .npz files."""
 from __future__ import annotations
 
 import gzip
+import io
 import pickle
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -114,16 +116,33 @@ def mnist(folder: str | Path) -> Dataset:
     return Dataset("mnist", *parts["train"], *parts["test"])
 
 
+class _BatchUnpickler(pickle.Unpickler):
+    """Reads a CIFAR-10 python batch, a pickle by its format, admitting only what the format holds
+    (dicts, lists, bytes, numbers and NumPy arrays): a pickle that asks for any other class or
+    function, which could run code on load, is refused."""
+
+    ALLOWED = frozenset({
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    })
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which a CIFAR-10 batch never holds")
+        return super().find_class(module, name)
+
+
 def cifar10(folder: str | Path) -> Dataset:
     """CIFAR-10 from its python batches (data_batch_1…5, test_batch) in ``folder``."""
     folder = Path(folder)
 
     def batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         try:
-            entry = pickle.loads(_open(path), encoding="bytes")
+            entry = _BatchUnpickler(io.BytesIO(_open(path)), encoding="bytes").load()
             data, labels = entry[b"data"], entry[b"labels"]
         except (pickle.UnpicklingError, KeyError, EOFError, TypeError) as exc:
-            raise McalcError(f"{path}: not a CIFAR-10 python batch ({type(exc).__name__})") from None
+            raise McalcError(f"{path}: not a CIFAR-10 python batch ({type(exc).__name__}: {exc})") from None
         data = np.asarray(data)
         if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
             raise McalcError(f"{path}: expected (N, 3072) data with N labels, got {data.shape}")

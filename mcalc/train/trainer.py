@@ -174,12 +174,15 @@ def write_json(result: dict[str, Any], path: str | Path) -> None:
     write_atomic(Path(path), json.dumps(result, indent=2) + "\n")
 
 
-def plot(results: list[dict[str, Any]], path: str | Path) -> None:
-    """Test loss and accuracy against epochs and against wall-clock time, one line per run."""
+def plot(results: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
+    """Test loss and accuracy against epochs and against wall-clock time, one line per run, under ``title``
+    (say, the model and the data). The accuracy axis starts just below the lowest accuracy after each
+    run's first epoch, where the runs are told apart; epochs are ticked at whole numbers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figure, axes = plt.subplots(2, 2, figsize=(11, 7), sharey="row")
     for result in results:
@@ -190,10 +193,17 @@ def plot(results: list[dict[str, Any]], path: str | Path) -> None:
             axes[1][column].plot(xs, [r["test_accuracy"] for r in h], label=result["optimizer"])
     for column, label in enumerate(("epoch", "wall-clock seconds")):
         axes[1][column].set_xlabel(label)
+    for row in axes:
+        row[0].xaxis.set_major_locator(MaxNLocator(integer=True))
+    later = [r["test_accuracy"] for result in results for r in result["history"][1:]]
+    if later:
+        axes[1][0].set_ylim(max(0.0, min(later) - 0.02), min(1.0, max(later) + 0.01))
     axes[0][0].set_ylabel("test loss")
     axes[1][0].set_ylabel("test accuracy")
     axes[0][0].set_yscale("log")
     axes[0][1].legend()
+    if title:
+        figure.suptitle(title)
     figure.tight_layout()
     png = io.BytesIO()
     figure.savefig(png, format="png", dpi=110)
