@@ -133,10 +133,11 @@ def _check_train_arguments(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .train.checkpoint import load_checkpoint
     from .train.data import load as load_data
     from .train.network import Network, parse_spec
     from .train.optimizers import make_optimizer
-    from .train.trainer import load_checkpoint, plot, train, write_json
+    from .train.trainer import plot, train, write_json
 
     _check_train_arguments(args)
     data = load_data(args.data, seed=args.seed, folder=args.data_dir)

@@ -353,23 +353,64 @@ def test_cli_train_writes_json_and_plot(tmp_path):
     assert not (tmp_path / "g.json").exists()
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "hbp-newton"])
-def test_resume_gives_the_same_history_as_an_uninterrupted_run(tmp_path, optimizer):
-    from mcalc.train.trainer import load_checkpoint
+@pytest.mark.parametrize(("optimizer", "options"), [
+    ("sgd", {}), ("adam", {}), ("hbp-newton", {}), ("hbp-newton", {"solver": "eigen", "split": 2}), ("kfac", {}),
+    ("kbfgs", {}), ("hf-gn", {"cg_iterations": 10}),
+])
+def test_resume_gives_the_same_history_as_an_uninterrupted_run(tmp_path, optimizer, options):
+    """Every optimiser's whole state (velocities, factors, quasi-Newton matrices, eigenbases with their
+    row-split keys, K-FAC's label sampler) goes through the data-only checkpoint and back."""
+    from mcalc.train.checkpoint import load_checkpoint
 
     data = D.digits()
-    whole = train(Network("64-32-sigmoid-10", seed=3), data, make_optimizer(optimizer), epochs=4, batch_size=128,
-                  seed=5)
+    whole = train(Network("64-32-sigmoid-10", seed=3), data, make_optimizer(optimizer, **options), epochs=4,
+                  batch_size=128, seed=5)
     path = tmp_path / "run.ckpt"
-    train(Network("64-32-sigmoid-10", seed=3), data, make_optimizer(optimizer), epochs=2, batch_size=128, seed=5,
-          checkpoint=path)
-    resumed = train(Network("64-32-sigmoid-10", seed=99), data, make_optimizer(optimizer), epochs=4,
+    train(Network("64-32-sigmoid-10", seed=3), data, make_optimizer(optimizer, **options), epochs=2, batch_size=128,
+          seed=5, checkpoint=path)
+    resumed = train(Network("64-32-sigmoid-10", seed=99), data, make_optimizer(optimizer, **options), epochs=4,
                     batch_size=128, seed=5, resume=load_checkpoint(path))
     strip = lambda h: [{k: v for k, v in row.items() if k != "wall_s"} for row in h]  # noqa: E731
     assert strip(resumed["history"]) == strip(whole["history"])
-    (tmp_path / "bad.ckpt").write_bytes(b"garbage")
-    with pytest.raises(mc.McalcError, match="not an mcalc checkpoint"):
-        load_checkpoint(tmp_path / "bad.ckpt")
+
+
+class _Sneaky:
+    def __reduce__(self):
+        return (print, ("this ran on load",))
+
+
+def test_checkpoints_are_data_and_anything_else_is_refused(tmp_path, capsys):
+    """A checkpoint opens with pickles refused (np.load, allow_pickle=False); a pickle, another format,
+    another version, an unknown class or garbage gets one clear error, and runs nothing."""
+    import json as json_module
+
+    from mcalc.train.checkpoint import load_checkpoint, save_checkpoint
+
+    path = tmp_path / "run.ckpt"
+    train(Network("64-10", seed=0), D.digits(), make_optimizer("kfac"), epochs=1, batch_size=512, checkpoint=path)
+    with np.load(path, allow_pickle=False) as archive:
+        document = json_module.loads(str(archive["state"]))
+        assert document["format"] == "mcalc-checkpoint" and document["version"] == 1
+        assert len(archive.files) > 5  # the arrays: weights and Kronecker factors
+    assert load_checkpoint(path)["optimizer"].factors
+    (tmp_path / "old.ckpt").write_bytes(pickle.dumps({"epoch": 1, "optimizer": _Sneaky()}))
+    for name, message in (("old.ckpt", "before version 1 of the format were pickles"),
+                          ("garbage.ckpt", "not an mcalc checkpoint")):
+        if name == "garbage.ckpt":
+            (tmp_path / name).write_bytes(b"garbage")
+        with pytest.raises(mc.McalcError, match=message):
+            load_checkpoint(tmp_path / name)
+    assert "this ran on load" not in capsys.readouterr().out
+    np.savez(tmp_path / "other.npz", state=np.array(json_module.dumps({"format": "mcalc-checkpoint", "version": 7})))
+    with pytest.raises(mc.McalcError, match="version 7; this mcalc reads version 1"):
+        load_checkpoint(tmp_path / "other.npz")
+    forged = {"format": "mcalc-checkpoint", "version": 1, "state": {"__object__": "Popen", "attributes": {}}}
+    np.savez(tmp_path / "forged.npz", state=np.array(json_module.dumps(forged)))
+    with pytest.raises(mc.McalcError, match="holds a 'Popen', which no mcalc checkpoint holds"):
+        load_checkpoint(tmp_path / "forged.npz")
+    with pytest.raises(mc.McalcError, match="cannot hold a"):
+        save_checkpoint(tmp_path / "x.ckpt", {"epoch": 1, "bad": object()})
+    assert not (tmp_path / "x.ckpt").exists()
 
 
 def test_kfac_factors_and_step_against_dense_computations():

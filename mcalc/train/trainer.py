@@ -6,7 +6,6 @@ import copy
 import io
 import json
 import math
-import pickle
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 
 from ..codegen.manifest import write_atomic
 from ..errors import McalcError
+from .checkpoint import save_checkpoint
 from .data import Dataset
 from .network import Network
 from .safeguards import SecondOrder
@@ -26,23 +26,6 @@ TRUST_BOUND = 2.0  # a second-order step that more than doubles its own mini-bat
 def one_hot(labels: np.ndarray, classes: int) -> np.ndarray:
     """Labels as columns of the identity: (classes, B)."""
     return np.eye(classes)[:, labels]
-
-
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Everything needed to continue a run, written atomically."""
-    write_atomic(Path(path), pickle.dumps(state))
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.exists():
-        raise McalcError(f"{path}: no such checkpoint")
-    try:
-        state = pickle.loads(path.read_bytes())
-        _ = state["epoch"], state["params"], state["optimizer"], state["rng"], state["history"]
-    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, AttributeError) as exc:
-        raise McalcError(f"{path}: not an mcalc checkpoint ({type(exc).__name__})") from None
-    return state
 
 
 def curvature_for_step(optimizer: Any) -> str | None:
