@@ -36,3 +36,12 @@ def test_the_readme_snippet_prints_what_the_readme_says():
     expected = [line[4:] for line in shown.splitlines()]
     assert done.stdout.splitlines()[:len(expected)] == expected
     assert "\\begin{align*}" in done.stdout
+
+
+def test_every_python_block_of_the_readme_runs():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert len(blocks) >= 2
+    for code in blocks[1:]:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert done.returncode == 0, (code, done.stderr)

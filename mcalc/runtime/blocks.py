@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from ..errors import McalcError
 
 
@@ -96,6 +98,20 @@ class CurvatureBlock:
     def eigenbasis(self) -> Eigenbasis:
         """The eigen-decomposition of C from those of its factors (:func:`factor_eigh` each)."""
         return Eigenbasis([factor_eigh(f) for f in self.factors()])
+
+    def as_linear_operator(self) -> Any:
+        """C as a ``scipy.sparse.linalg.LinearOperator`` on the column-stacking vec of the parameter, applied
+        by :meth:`matvec` (never formed), on the host: ``eigsh`` and ``cg`` work on it."""
+        from scipy.sparse.linalg import LinearOperator
+
+        sample = dense_factor(self.kron[0][1]) if self.kron else self.dense
+        xp = namespace(sample)
+
+        def matvec(v: Any) -> Any:
+            out = self.matvec(xp.asarray(np.ravel(v), dtype=sample.dtype))
+            return out.get() if hasattr(out, "get") else out
+
+        return LinearOperator((self.size, self.size), matvec=matvec, rmatvec=matvec, dtype=np.dtype(str(sample.dtype)))
 
     def to_dense(self) -> Any:
         """C as one matrix (only when a dense matrix is really wanted)."""

@@ -7,7 +7,7 @@ sample per column, as the generated code does.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,7 +60,7 @@ class Network:
     """A feed-forward network of library modules with a loss, run on the generated code of one backend."""
 
     def __init__(self, spec: str, loss: str = "ce", backend: str = "numpy", seed: int = 0,
-                 dtype: Any = np.float64) -> None:
+                 dtype: Any = np.float64, weights: Mapping[str, Any] | None = None) -> None:
         if loss not in LOSSES:
             raise McalcError(f"unknown loss '{loss}'; choose one of {', '.join(LOSSES)}")
         self.spec, self.backend, self.dtype = spec, backend, dtype
@@ -84,6 +84,30 @@ class Network:
         self.loss_module = LOSSES[loss]
         self.code = {layer.module.name: load(layer.module, backend) for layer in self.layers}
         self.code[self.loss_module.name] = load(self.loss_module, backend)
+        if weights is not None:
+            self.load_weights(weights)
+
+    def load_weights(self, weights: Mapping[str, Any]) -> None:
+        """Take every parameter from ``weights`` (NumPy, CuPy or torch arrays, by name: W1, b1, W2, …), each
+        checked against the spec: Wᵢ is (out, in), as PyTorch's ``nn.Linear.weight``; bᵢ is (out, 1), and
+        PyTorch's (out,) is taken as that column. A missing, extra or misshapen entry is refused whole."""
+        names = set(self.params)
+        if set(weights) != names:
+            missing, extra = sorted(names - set(weights)), sorted(set(weights) - names)
+            raise McalcError(f"weights for '{self.spec}' need exactly {sorted(names)}"
+                             + (f"; missing {missing}" if missing else "") + (f"; unexpected {extra}" if extra else ""))
+        loaded = {}
+        for name, current in self.params.items():
+            value = weights[name]
+            value = value.detach().cpu().numpy() if hasattr(value, "detach") else value
+            shape = tuple(getattr(value, "shape", ()))
+            if name.startswith("b") and shape == current.shape[:1]:
+                value = value.reshape(-1, 1)  # PyTorch's bias layout (out,)
+            elif shape != current.shape:
+                raise McalcError(f"weight {name} of '{self.spec}' must be {current.shape}"
+                                 + (f" or {current.shape[:1]}" if name.startswith("b") else "") + f", not {shape}")
+            loaded[name] = self.xp.asarray(value, dtype=self.dtype)
+        self.params = loaded
 
     # --- passes -------------------------------------------------------------------
     def _module_params(self, layer: Layer, params: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -113,6 +137,43 @@ class Network:
         loss, grads, blocks = self._backward(X, Y, curvature, approximation)
         return float(loss), grads, blocks
 
+    def output_curvatures(self, X: Any, Y: Any, curvature: str = "ggn", approximation: str = "6") -> list[Any]:
+        """𝓗̄ at every layer's output, in layer order (the last is the loss's own Hessian where HBP
+        starts): what each module's HBP rule receives from above, by (4a)."""
+        if not curvature:
+            raise McalcError("output curvatures need a curvature mode (exact, ggn, pch-abs or pch-clip)")
+        record: dict[int, Any] = {}
+        self._backward(X, Y, curvature, approximation, record)
+        return [record[position] for position in range(len(self.layers))]
+
+    def flat(self, tensors: Mapping[str, Any]) -> Any:
+        """Parameter-shaped arrays as one vector: in the order of ``params`` (W1, b1, W2, …), each in row-major
+        order, as PyTorch's ``parameters_to_vector`` lays out an ``nn.Sequential`` of its Linear layers."""
+        return self.xp.concatenate([self.xp.asarray(tensors[name]).reshape(-1) for name in self.params])
+
+    def unflat(self, vector: Any) -> dict[str, Any]:
+        """The inverse of :meth:`flat`."""
+        out, start = {}, 0
+        for name, value in self.params.items():
+            out[name] = vector[start:start + value.size].reshape(value.shape)
+            start += value.size
+        return out
+
+    def curvature_operator(self, X: Any, Y: Any, matrix: str = "gn") -> Any:
+        """The whole network's Gauss–Newton matrix (``'gn'``) or Hessian (``'hessian'``) of the batch-mean
+        loss on (X, Y) as a ``scipy.sparse.linalg.LinearOperator`` on :meth:`flat` vectors (so ``eigsh`` and
+        ``cg`` work on it, as with curvlinops'), applied through :meth:`curvature_product`, never formed."""
+        from scipy.sparse.linalg import LinearOperator
+
+        product = self.curvature_product(X, Y, matrix)
+        size = sum(int(v.size) for v in self.params.values())
+
+        def matvec(v: Any) -> Any:
+            out = self.flat(product(self.unflat(self.xp.asarray(np.ravel(v), dtype=self.dtype))))
+            return out.get() if hasattr(out, "get") else out
+
+        return LinearOperator((size, size), matvec=matvec, rmatvec=matvec, dtype=np.dtype(self.dtype))  # symmetric
+
     def capture_backward(self, X: Any, Y: Any, curvature: str | None = None, approximation: str = "6",
                          ) -> Callable[[Any, Any], tuple[float, dict[str, Any], dict[str, CurvatureBlock]]]:
         """:meth:`backward` recorded once as a CUDA graph (cupy backend), for batches shaped as (X, Y).
@@ -136,10 +197,15 @@ class Network:
         return replay
 
     def _backward(self, X: Any, Y: Any, curvature: str | None, approximation: str,
-                  ) -> tuple[Any, dict[str, Any], dict[str, CurvatureBlock]]:
-        """:meth:`backward` with the loss left on the device (no host synchronisation: capturable)."""
-        Z, inputs = self.forward(X)
+                  record: dict[int, Any] | None = None) -> tuple[Any, dict[str, Any], dict[str, CurvatureBlock]]:
+        """:meth:`backward` with the loss left on the device (no host synchronisation: capturable); with
+        ``record``, the curvature arriving at each layer's output is kept there by layer position."""
         code = self.code[self.loss_module.name]
+        if curvature and (curvature, approximation) not in code.HBP:
+            raise McalcError(f"unknown curvature {curvature!r} with approximation {approximation!r}; curvatures: "
+                             f"{', '.join(sorted({c for c, _ in code.HBP}))}; approximations: "
+                             f"{', '.join(sorted({repr(a) for _, a in code.HBP}))}")
+        Z, inputs = self.forward(X)
         S = self._loss_inputs(Z, Y)
         loss = code.forward({}, S)["Z"].mean()
         dZ = code.gradients({}, S)["x"]
@@ -154,6 +220,8 @@ class Network:
             for own, name in layer.params.items():
                 grads[name] = g[own]
             if curvature:
+                if record is not None:
+                    record[position] = Hz
                 out = self.code[layer.module.name].HBP[(curvature, approximation)](P, S, Hz, inputs=not first)
                 for own, name in layer.params.items():
                     blocks[name] = out[own]
