@@ -159,3 +159,11 @@ def test_an_error_in_a_users_file_names_the_users_line(tmp_path):
     result = run("derive", str(bad))  # raised inside mcalc (line 43 of module.py): the user's line is named
     assert result.returncode == 2 and "at line 4: TypeError" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_make_demo_installs_mcalc_without_the_test_extra():
+    """The demo's environment has no PyTorch: `make demo` depends on the base install, `make test` adds the extra."""
+    makefile = (ROOT / "Makefile").read_text()
+    base = makefile.split("$(VENV)/base:")[1].split("\n\n")[0]
+    assert "demo: $(VENV)/base" in makefile and "-e ." in base and "[test]" not in base
+    assert "test: $(VENV)/installed" in makefile and '-e ".[test]"' in makefile.split("$(VENV)/installed:")[1]

@@ -127,3 +127,14 @@ def test_curvature_operators_work_with_scipy_and_match_torch():
     solution, info = cg(damped, rhs, rtol=1e-12, maxiter=500)
     assert info == 0
     np.testing.assert_allclose(blocks["W1"].to_dense() @ solution + 0.1 * solution, rhs, atol=1e-8)
+
+
+def test_rebinding_parameters_is_checked():
+    net = Network("3-2-relu-2", seed=0)
+    X, Y = np.ones((3, 2)), np.eye(2)
+    with pytest.raises(mc.McalcError, match=r"parameters of '3-2-relu-2' must be"):
+        net.params = {**net.params, "b1": np.zeros((2, 2))}  # a bias of the batch's size would broadcast
+    with pytest.raises(mc.McalcError, match="must be"):
+        net.params = {k: v for k, v in net.params.items() if k != "W2"}
+    net.params = {k: v * 2 for k, v in net.params.items()}  # the same names and shapes: taken
+    assert np.isfinite(net.loss(X, Y))

@@ -71,13 +71,13 @@ class Network:
 
             self.xp = cupy
         self.layers: list[Layer] = []
-        self.params: dict[str, Any] = {}
+        self._params: dict[str, Any] = {}
         rng = np.random.default_rng(seed)
         for i in range(len(self.widths) - 1):
             fan_in, fan_out = self.widths[i], self.widths[i + 1]
             bound = np.sqrt(6.0 / (fan_in + fan_out))  # Xavier / Glorot uniform
-            self.params[f"W{i + 1}"] = self.xp.asarray(rng.uniform(-bound, bound, (fan_out, fan_in)), dtype=dtype)
-            self.params[f"b{i + 1}"] = self.xp.zeros((fan_out, 1), dtype=dtype)
+            self._params[f"W{i + 1}"] = self.xp.asarray(rng.uniform(-bound, bound, (fan_out, fan_in)), dtype=dtype)
+            self._params[f"b{i + 1}"] = self.xp.zeros((fan_out, 1), dtype=dtype)
             self.layers.append(Layer(L.Linear, {"W": f"W{i + 1}", "b": f"b{i + 1}"}))
             if activations[i]:
                 self.layers.append(Layer(ACTIVATIONS[activations[i]], {}))
@@ -86,6 +86,23 @@ class Network:
         self.code[self.loss_module.name] = load(self.loss_module, backend)
         if weights is not None:
             self.load_weights(weights)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The parameters by name (W1, b1, W2, …): Wᵢ (out, in), bᵢ (out, 1)."""
+        return self._params
+
+    @params.setter
+    def params(self, params: dict[str, Any]) -> None:
+        """Rebinding them (as optimisers do every step) is checked: the same names and shapes, or an
+        :class:`McalcError` (a bias of the batch's size would broadcast into a silently wrong loss)."""
+        if params.keys() != self._params.keys() or any(
+                tuple(params[k].shape) != tuple(v.shape) for k, v in self._params.items()):
+            got = {k: tuple(getattr(v, "shape", ())) for k, v in params.items()}
+            want = {k: tuple(v.shape) for k, v in self._params.items()}
+            raise McalcError(f"parameters of '{self.spec}' must be {want}, not {got} (load_weights converts "
+                             "PyTorch's layouts)")
+        self._params = params
 
     def load_weights(self, weights: Mapping[str, Any]) -> None:
         """Take every parameter from ``weights`` (NumPy, CuPy or torch arrays, by name: W1, b1, W2, …), each
