@@ -159,8 +159,9 @@ def write_json(result: dict[str, Any], path: str | Path) -> None:
 
 def plot(results: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
     """Test loss and accuracy against epochs and against wall-clock time, one line per run, under ``title``
-    (say, the model and the data). The accuracy axis starts just below the lowest accuracy after each
-    run's first epoch, where the runs are told apart; epochs are ticked at whole numbers."""
+    (say, the model and the data). The accuracy axis starts just below the lowest accuracy of the runs'
+    second halves, where they are told apart (the loss panels show the early epochs whole); epochs are
+    ticked at whole numbers."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -178,7 +179,7 @@ def plot(results: list[dict[str, Any]], path: str | Path, title: str = "") -> No
         axes[1][column].set_xlabel(label)
     for row in axes:
         row[0].xaxis.set_major_locator(MaxNLocator(integer=True))
-    later = [r["test_accuracy"] for result in results for r in result["history"][1:]]
+    later = [r["test_accuracy"] for result in results for r in result["history"][len(result["history"]) // 2:]]
     if later:
         axes[1][0].set_ylim(max(0.0, min(later) - 0.02), min(1.0, max(later) + 0.01))
     axes[0][0].set_ylabel("test loss")
