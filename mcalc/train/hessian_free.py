@@ -157,15 +157,7 @@ class HessianFree:
             raise McalcError("hessian-free optimisation needs the mini-batch for its curvature products")
         xp = net.xp
         X, Y = batch
-        pack = lambda d: xp.concatenate([d[n].reshape(-1) for n in grads])  # noqa: E731
-
-        def unpack(v: Any) -> dict[str, Any]:
-            out, start = {}, 0
-            for n, g in grads.items():
-                out[n] = v[start:start + g.size].reshape(g.shape)
-                start += g.size
-            return out
-
+        pack, unpack = net.flat, net.unflat
         product = net.curvature_product(X, Y, self.matrix)
         g = pack(grads)
         damping = self.damping
