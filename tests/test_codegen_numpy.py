@@ -163,3 +163,19 @@ def test_a_loss_starts_hbp_with_its_own_hessian(generated):
                                    atol=1e-14)
         np.testing.assert_allclose(mse.LOSS_HESSIAN[approximation]({}, S)["x"].to_dense(), 2 * np.eye(4), atol=1e-14)
     assert load(L.Linear, "numpy", generated).LOSS_HESSIAN == {}  # not a loss: 𝓗z always arrives from above
+
+
+@pytest.mark.parametrize("kinds", ["gram-gram", "gram-dense", "dense-gram", "dense-dense"])
+def test_a_kronecker_scale_goes_into_a_factor_that_can_take_it(kinds):
+    """(s A) ⊗ B or A ⊗ (s B): an implicit Gram cannot be scaled, so with two Grams (found by Hypothesis on a
+    random module: 'Gram' * float) the smaller is formed first."""
+    from mcalc.runtime.array_ops import kron
+    from mcalc.runtime.blocks import Gram, dense_factor
+
+    rng = np.random.default_rng(0)
+    make = {"gram": lambda n: Gram(rng.normal(size=(n, 2))), "dense": lambda n: rng.normal(size=(n, n))}
+    first, second = kinds.split("-")
+    a, b = make[first](3), make[second](4)
+    scaled = kron(-2.5, a, b)
+    expected = -2.5 * np.kron(dense_factor(a), dense_factor(b))
+    np.testing.assert_allclose(np.kron(dense_factor(scaled[0]), dense_factor(scaled[1])), expected, atol=1e-12)

@@ -46,10 +46,14 @@ def psd_project(a: Any, mode: str) -> Any:
 
 
 def kron(scale: Any, a: Any, b: Any) -> tuple[Any, Any]:
-    """Kronecker factors with a scalar folded into the smaller one (the cheaper pass)."""
+    """Kronecker factors with a scalar folded into the smaller one (the cheaper pass); an implicit
+    :class:`Gram` cannot take it, so with two of them the smaller is formed first."""
     if isinstance(scale, (int, float)) and scale == 1:
         return a, b
-    return (a * scale, b) if a.size <= b.size and not isinstance(a, Gram) else (a, b * scale)
+    if isinstance(a, Gram) and isinstance(b, Gram):
+        a, b = (a.dense(), b) if a.size <= b.size else (a, b.dense())
+    scale_a = not isinstance(a, Gram) and (a.size <= b.size or isinstance(b, Gram))
+    return (a * scale, b) if scale_a else (a, b * scale)
 
 
 def gram(p: Any) -> Any:
