@@ -67,6 +67,14 @@ def _compile_only(modules: list[Module]) -> int:
     return EXIT_MISMATCH if failed else 0
 
 
+def _require_gpu(option: str, advice: str = "") -> None:
+    """Refuse ``option`` with a clear error (and ``advice``) where CuPy or a CUDA device is missing."""
+    from .runtime.backends import gpu_available, gpu_unavailable_reason
+
+    if not gpu_available():
+        raise McalcError(f"{option} needs a GPU: {gpu_unavailable_reason()}{advice}")
+
+
 def _verify(args: argparse.Namespace) -> int:
     from .numeric.verify import verify_module
     from .numeric.verify_backend import verify_backend
@@ -75,11 +83,8 @@ def _verify(args: argparse.Namespace) -> int:
     if args.compile_only:
         return _compile_only(modules)
     if args.backend == "cupy":
-        from .runtime.backends import gpu_available, gpu_unavailable_reason
-
-        if not gpu_available():
-            raise McalcError(f"--backend cupy needs a GPU: {gpu_unavailable_reason()}; use --backend "
-                             "cupy-emulated to run the CUDA kernels on the CPU, or --compile-only to compile them")
+        _require_gpu("--backend cupy", "; use --backend cupy-emulated to run the CUDA kernels on the CPU, "
+                     "or --compile-only to compile them")
     if args.backend == "symbolic":
         checks = [c for m in modules for c in verify_module(m, seed=args.seed)]
     else:
@@ -107,14 +112,6 @@ def _generate(args: argparse.Namespace) -> int:
     written = generate(modules, backends, directory, progress=sys.stderr.isatty())
     print(f"wrote {len(written)} files and {directory / 'manifest.json'}")
     return 0
-
-
-def _require_gpu(option: str) -> None:
-    """Refuse ``option`` with a clear error where CuPy or a CUDA device is missing."""
-    from .runtime.backends import gpu_available, gpu_unavailable_reason
-
-    if not gpu_available():
-        raise McalcError(f"{option} needs a GPU: {gpu_unavailable_reason()}")
 
 
 def _check_train_arguments(args: argparse.Namespace) -> None:
@@ -223,6 +220,7 @@ def _demo(args: argparse.Namespace) -> int:
     return EXIT_MISMATCH if failures else 0
 
 
+DEMO_MODEL = "64-128-sigmoid-10"
 DEMO_RUNS = (  # optimiser, its options, batch size: the same network for each; second-order ones at their defaults
     ("sgd", {"lr": 0.1, "momentum": 0.9}, 64),
     ("adam", {"lr": 3e-3}, 64),
@@ -241,10 +239,10 @@ def _demo_training(args: argparse.Namespace) -> None:
     from .train.trainer import plot, train, write_json
 
     target = args.target_accuracy
-    print(f"\nTraining 64-128-sigmoid-10 on the bundled digits ({args.epochs} epochs each, seed {args.seed}):\n")
+    print(f"\nTraining {DEMO_MODEL} on the bundled digits ({args.epochs} epochs each, seed {args.seed}):\n")
     data, results, rows = digits(args.seed), [], []
     for name, options, batch in DEMO_RUNS:
-        net = Network("64-128-sigmoid-10", seed=args.seed)
+        net = Network(DEMO_MODEL, seed=args.seed)
         result = train(net, data, make_optimizer(name, **options), epochs=args.epochs, batch_size=batch,
                        seed=args.seed, progress=sys.stderr.isatty(), name=name)
         results.append(result)
@@ -254,7 +252,7 @@ def _demo_training(args: argparse.Namespace) -> None:
                      str(reached["epoch"]) if reached else "-", f"{reached['wall_s']:.1f} s" if reached else "-"])
     print(_table(rows, ["optimizer", "test loss", "test accuracy", f"epochs to {target:.0%}",
                         f"seconds to {target:.0%}"]))
-    plot(results, args.plot, title=f"64-128-sigmoid-10 on digits, seed {args.seed}")
+    plot(results, args.plot, title=f"{DEMO_MODEL} on digits, seed {args.seed}")
     write_json({"runs": results}, args.json)
     print(f"\ncurves: {args.plot}   history: {args.json}")
 
