@@ -24,7 +24,7 @@ import time, json, sys
 t0 = time.perf_counter()
 import mcalc as mc
 from mcalc.layers import LIBRARY
-from mcalc.loader import load_modules
+from mcalc.user_modules import load_modules
 from mcalc.numeric.verify import verify_module
 t_import = time.perf_counter() - t0
 modules = list(LIBRARY) + load_modules(sys.argv[1])
@@ -49,7 +49,7 @@ def dense_sympy_baseline(sizes: dict[str, int]) -> dict[str, float]:
 
     from mcalc.calculus.explicit import Expander
     from mcalc.layers import LIBRARY
-    from mcalc.loader import load_modules
+    from mcalc.user_modules import load_modules
 
     out = {}
     for m in list(LIBRARY) + load_modules(ROOT / "examples" / "custom_layers.py"):

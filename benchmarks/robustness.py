@@ -44,7 +44,7 @@ def run(data_name: str, activation: str, depth: int, optimizer: str, seed: int, 
     """One training run; never raises (a traceback is a result)."""
     import warnings
 
-    from mcalc.train.data import load
+    from mcalc.train.data import load_dataset
     from mcalc.train.network import Network
     from mcalc.train.optimizers import make_optimizer
     from mcalc.train.trainer import train
@@ -52,7 +52,7 @@ def run(data_name: str, activation: str, depth: int, optimizer: str, seed: int, 
     row = {"data": data_name, "activation": activation, "depth": depth, "optimizer": optimizer, "seed": seed}
     start = time.perf_counter()
     try:
-        data = load(data_name, seed=seed)
+        data = load_dataset(data_name, seed=seed)
         model = spec(data_name, activation, depth, data.features, data.classes)
         options = {"seed": seed} if optimizer == "kfac" else {}
         with warnings.catch_warnings(record=True) as caught:

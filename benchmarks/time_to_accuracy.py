@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mcalc.cli import DEMO_RUNS  # noqa: E402
-from mcalc.train.data import load  # noqa: E402
+from mcalc.train.data import load_dataset  # noqa: E402
 from mcalc.train.network import Network  # noqa: E402
 from mcalc.train.optimizers import make_optimizer  # noqa: E402
 from mcalc.train.trainer import plot, train  # noqa: E402
@@ -53,7 +53,7 @@ def main() -> None:
     epochs: dict[str, list[float]] = {label: [] for label, *_ in runs}
     seconds: dict[str, list[float]] = {label: [] for label, *_ in runs}
     for seed in range(args.seeds):  # every optimiser in turn within a seed: drift of the machine hits all alike
-        data = load(args.data, seed=seed)
+        data = load_dataset(args.data, seed=seed)
         for label, name, options, batch in runs:
             net = Network(args.model, seed=seed)
             extra = {"seed": seed} if name == "kfac" else {}

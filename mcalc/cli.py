@@ -10,13 +10,15 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from . import __version__
-from .calculus.derivation import Derivation
 from .errors import McalcError
-from .loader import load_modules
-from .module import Module
-from .printing.report import FORMATS, render
+from .modes import Approximation, Curvature
+from .printing import FORMATS
+
+if TYPE_CHECKING:  # the compiler is imported by the commands that use it: `mcalc train` runs without SymPy
+    from .module import Module
 
 EXIT_MISMATCH = 1
 EXIT_BAD_INPUT = 2
@@ -32,10 +34,15 @@ def _modules(file: str | None, name: str | None) -> list[Module]:
             if not modules:
                 raise McalcError(f"the built-in library has no module '{name}'")
         return modules
+    from .user_modules import load_modules
+
     return load_modules(file, name)
 
 
 def _derive(args: argparse.Namespace) -> int:
+    from .calculus.derivation import Derivation
+    from .printing.report import render
+
     modules = _modules(args.file, args.module)
     rendered = [render(Derivation(m), args.format) for m in modules]
     if args.format == "json":
@@ -52,6 +59,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def _compile_only(modules: list[Module]) -> int:
+    from .calculus.derivation import Derivation
     from .codegen.compile import compile_source
     from .codegen.cuda import kernel_sources
     from .codegen.plan import plan_module
@@ -104,11 +112,13 @@ def _verify(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .codegen.generate import BACKENDS, DEFAULT_DIRECTORY, generate
+    from .codegen.generate import BACKENDS, generate
+    from .runtime.generated_code import LIBRARY_DIRECTORY
+    from .user_modules import load_modules
 
     modules = [m for f in args.files for m in load_modules(f)] if args.files else _modules(None, None)
     backends = BACKENDS if args.target == "all" else (args.target,)
-    directory = Path(args.out) if args.out else DEFAULT_DIRECTORY
+    directory = Path(args.out) if args.out else LIBRARY_DIRECTORY
     written = generate(modules, backends, directory, progress=sys.stderr.isatty())
     print(f"wrote {len(written)} files and {directory / 'manifest.json'}")
     return 0
@@ -131,13 +141,13 @@ def _check_train_arguments(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from .train.checkpoint import load_checkpoint
-    from .train.data import load as load_data
+    from .train.data import load_dataset
     from .train.network import Network, parse_spec
     from .train.optimizers import make_optimizer
     from .train.trainer import plot, train, write_json
 
     _check_train_arguments(args)
-    data = load_data(args.data, seed=args.seed, folder=args.data_dir)
+    data = load_dataset(args.data, seed=args.seed, folder=args.data_dir)
     widths, _ = parse_spec(args.model)
     if widths[0] != data.features or widths[-1] != data.classes:
         raise McalcError(f"model '{args.model}' maps {widths[0]} → {widths[-1]}, but the data have "
@@ -182,8 +192,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from .calculus.derivation import Derivation
     from .layers import LIBRARY, SigmoidLinear
     from .numeric.verify import verify_module
+    from .printing.report import render
 
     print(f"mcalc {__version__} — derive and verify the built-in library\n")
     rows, failures = [], 0
@@ -226,7 +238,7 @@ DEMO_RUNS = (  # optimiser, its options, batch size: the same network for each; 
     ("adam", {"lr": 3e-3}, 64),
     ("hbp-newton", {}, 64),  # the paper's: α = 0.02, γ = 0.1, CG with ε = 0.1, n = 50, PCH-abs
     ("kfac", {}, 64),  # kfac-jax's adaptive learning rate, momentum and damping
-    ("kbfgs", {}, 64),  # the authors' defaults: γ = 0.3, λ = 0.3, momentum 0.9
+    ("kbfgs", {}, 64),  # the authors' λ = 0.3 and momentum 0.9; mcalc's γ = 1 (README)
     ("hf-gn", {}, 64),  # Martens': λ₀ = 45, n_CG ≤ 250, preconditioned, CG-backtracking
     ("hf-newton", {}, 64),
 )
@@ -315,9 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="samples per step")
     p.add_argument("--lr", type=float, help="learning rate (default: the optimiser's; kfac: fixed instead of "
                    "the quadratic model's)")
-    p.add_argument("--curvature", choices=["exact", "ggn", "pch-abs", "pch-clip"], default="pch-abs",
+    p.add_argument("--curvature", choices=[c.value for c in Curvature], default=Curvature.PCH_ABS.value,
                    help="hbp-newton's curvature blocks")
-    p.add_argument("--approximation", choices=["6", "7"], default="6",
+    p.add_argument("--approximation", choices=[a.value for a in Approximation],
+                   default=Approximation.MEAN_OF_SANDWICHES.value,
                    help="hbp-newton's batch rule: 6 averages the sandwiched Hessians E[Jᵀ 𝓗 J] (exact for the batch), "
                         "7 sandwiches with the averaged Jacobians E[J]ᵀ 𝓗 E[J] (cheaper)")
     p.add_argument("--split", type=int, default=1, help="row-wise sub-blocks per parameter (Section 4)")

@@ -19,6 +19,7 @@ import sympy as sp
 
 from . import dims
 from .errors import ShapeError, UnsupportedOperationError
+from .modes import Projection
 
 if TYPE_CHECKING:
     from .functions import ElementwiseFunction
@@ -602,8 +603,8 @@ class PSDProjection(Expr):
     __slots__ = ()
     symmetric = True
 
-    def __init__(self, mode: str, operand: Expr) -> None:
-        super().__init__(mode, operand)
+    def __init__(self, mode: Projection | str, operand: Expr) -> None:
+        super().__init__(str(Projection.parse(mode)), operand)  # the plain value: printed as it is
 
     def _infer_shape(self) -> dims.Shape:
         return self.args[1].shape

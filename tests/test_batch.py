@@ -10,9 +10,9 @@ import mcalc as mc
 from mcalc import layers as L
 from mcalc.codegen.batch import batch_forward, batch_gradient, batch_hbp
 from mcalc.expr import BatchMean
-from mcalc.loader import load_modules
 from mcalc.numeric.evaluate import Evaluator, psd_project
 from mcalc.numeric.verify import sample_values
+from mcalc.user_modules import load_modules
 
 EXAMPLES = load_modules(ROOT / "examples" / "custom_layers.py")
 

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mcalc as mc
-from mcalc.runtime.blocks import CurvatureBlock, Eigenbasis, Gram
+from mcalc.runtime.blocks import CurvatureBlock, Eigenbasis, GramFactor
 from mcalc.train import data as D
 from mcalc.train.block_solvers import (
     COSTS,
@@ -38,7 +38,7 @@ def _damped_dense_solve(block, g, alpha):
 def test_kronecker_eigenbasis_solves_the_damped_system(n, m, batch, gram, alpha, seed):
     """[α I + (1 − α)(A ⊗ B)]⁻¹ vec G through the factors' eigenbases equals the dense solve."""
     rng = np.random.default_rng(seed)
-    a = Gram(rng.normal(size=(n, batch))) if gram else _psd(rng, n)
+    a = GramFactor(rng.normal(size=(n, batch))) if gram else _psd(rng, n)
     block = CurvatureBlock(kron=[(a, _psd(rng, m))])
     g = rng.normal(size=(m, n))
     np.testing.assert_allclose(block.eigenbasis().solve_damped(g, alpha, 1 - alpha),
@@ -138,7 +138,7 @@ def test_cost_model_counts_shared_factors_once_and_prefers_cg_for_a_huge_factor(
     shared = eigen_flops(blocks["b"], 5, costs, decomposed)
     assert shared < eigen_flops(blocks["b"], 5, costs, set())  # its factor was counted with W
     assert weight + shared < cg_flops(blocks["W"], 4, costs) + cg_flops(blocks["b"], 2, costs)
-    huge = CurvatureBlock(kron=[(Gram(rng.normal(size=(3072, 8))), _psd(rng, 4))])
+    huge = CurvatureBlock(kron=[(GramFactor(rng.normal(size=(3072, 8))), _psd(rng, 4))])
     assert eigen_flops(huge, 5, costs, set()) > cg_flops(huge, 10, costs)
 
 

@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import ROOT
 
@@ -140,7 +141,7 @@ def test_train_help_names_the_defaults():
 def test_written_files_follow_the_umask(tmp_path, umask):
     import os
 
-    from mcalc.codegen.manifest import write_atomic
+    from mcalc.files import write_atomic
 
     old = os.umask(umask)
     try:
@@ -167,3 +168,33 @@ def test_make_demo_installs_mcalc_without_the_test_extra():
     base = makefile.split("$(VENV)/base:")[1].split("\n\n")[0]
     assert "demo: $(VENV)/base" in makefile and "-e ." in base and "[test]" not in base
     assert "test: $(VENV)/installed" in makefile and '-e ".[test]"' in makefile.split("$(VENV)/installed:")[1]
+
+
+def test_training_the_library_runs_without_the_compiler():
+    """`mcalc train` on the built-in library imports neither SymPy nor Jinja2: the runtime imports the
+    committed generated code, checked against its manifest, and nothing of the compiler."""
+    probe = ("import sys; from mcalc.cli import main; code = main(['train', '--epochs', '1', '--data', 'synthetic']); "
+             "print(sorted(m for m in ('sympy', 'jinja2', 'mcalc.codegen', 'mcalc.calculus') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_network_is_handed_its_generated_code(tmp_path):
+    """Code generated elsewhere (here into a folder of its own) and loaded by the store runs the network."""
+    import types
+
+    from mcalc import layers as L
+    from mcalc.codegen.generate import generate
+    from mcalc.codegen.store import load_code
+    from mcalc.train.network import Network
+
+    generate([L.Linear], ["numpy"], tmp_path)
+    code = load_code(L.Linear, "numpy", tmp_path)
+    calls = []
+    handed = types.SimpleNamespace(**vars(code))  # the same functions, its forward pass counted
+    handed.forward = lambda P, S: calls.append(1) or code.forward(P, S)
+    net = Network("4-3-tanh-2", code={"Linear": handed})
+    X, Y = np.ones((4, 5)), np.eye(2)[:, [0, 1, 0, 1, 0]]
+    assert net.backward(X, Y)[0] == Network("4-3-tanh-2").backward(X, Y)[0]
+    assert len(calls) == 2  # both linear layers ran the code handed over

@@ -16,14 +16,16 @@ from test_codegen_numpy import check_generated
 import mcalc as mc
 from mcalc import layers as L
 from mcalc.codegen.compile import compile_source
-from mcalc.codegen.cuda import _program_context, cuda_source, kernel_sources
-from mcalc.codegen.generate import BACKENDS, DEFAULT_DIRECTORY, generate
+from mcalc.codegen.cuda import CUPY, cuda_source, kernel_sources
+from mcalc.codegen.generate import BACKENDS, generate
 from mcalc.codegen.plan import ProgramBuilder, plan_module, sanitise
+from mcalc.codegen.render import program_context
+from mcalc.codegen.store import check_entry, load_code
 from mcalc.expr import Diag, MatMul, ScalarMul
-from mcalc.loader import load_modules
 from mcalc.numeric.verify_backend import verify_backend
 from mcalc.runtime import emulator
-from mcalc.runtime.loader import check_entry, load
+from mcalc.runtime.generated_code import LIBRARY_DIRECTORY
+from mcalc.user_modules import load_modules
 
 EXAMPLES = load_modules(ROOT / "examples" / "custom_layers.py")
 
@@ -31,10 +33,10 @@ EXAMPLES = load_modules(ROOT / "examples" / "custom_layers.py")
 def test_generated_folder_is_up_to_date(tmp_path):
     generate(L.LIBRARY, BACKENDS, tmp_path)
     fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
-    committed = sorted(p.relative_to(DEFAULT_DIRECTORY) for p in DEFAULT_DIRECTORY.rglob("*") if p.is_file())
+    committed = sorted(p.relative_to(LIBRARY_DIRECTORY) for p in LIBRARY_DIRECTORY.rglob("*") if p.is_file())
     assert fresh == committed, "run `mcalc generate` and commit generated/"
     for relative in fresh:
-        assert (tmp_path / relative).read_bytes() == (DEFAULT_DIRECTORY / relative).read_bytes(), (
+        assert (tmp_path / relative).read_bytes() == (LIBRARY_DIRECTORY / relative).read_bytes(), (
             f"generated/{relative} is stale: run `mcalc generate` and commit generated/")
 
 
@@ -58,8 +60,8 @@ def test_a_wheel_installs_the_templates_and_generated_code(tmp_path):
             target = prefix / rest.partition("/")[2] if head.endswith(".data") else site / name
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(archive.read(name))
-    script = ("from mcalc import layers as L; from mcalc.runtime.loader import load; "
-              "import mcalc.codegen.render as r; print(r.TEMPLATES); print(load(L.Linear, 'numpy').__file__)")
+    script = ("from mcalc import layers as L; from mcalc.codegen.store import load_code; "
+              "import mcalc.codegen.render as r; print(r.TEMPLATES); print(load_code(L.Linear, 'numpy').__file__)")
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
                          env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
     assert run.returncode == 0, run.stderr
@@ -94,11 +96,11 @@ def test_loader_refuses_corrupted_stale_and_missing_entries(tmp_path):
 def test_user_modules_are_cached_by_hash(tmp_path, monkeypatch):
     monkeypatch.setenv("MCALC_CACHE", str(tmp_path))
     (module,) = [m for m in EXAMPLES if m.name == "LowRank"]
-    code = load(module, "numpy")
+    code = load_code(module, "numpy")
     assert code.MODULE == "LowRank" and list(tmp_path.rglob("LowRank.py"))
     # another build of mcalc (say, a changed printer with the same version number) gets a fresh entry
-    monkeypatch.setattr("mcalc.runtime.loader.compiler_hash", lambda: "0" * 64)
-    load(module, "numpy")
+    monkeypatch.setattr("mcalc.codegen.store.compiler_hash", lambda: "0" * 64)
+    load_code(module, "numpy")
     assert len(list(tmp_path.rglob("LowRank.py"))) == 2
 
 
@@ -136,7 +138,7 @@ def test_numpy_backend_on_random_modules(module, tmp_path_factory):
     named only split again, so the printer found no name for it (KeyError)."""
     directory = _generate_random(module, "numpy", tmp_path_factory)
     if directory is not None:
-        check_generated(module, load(module, "numpy", directory))
+        check_generated(module, load_code(module, "numpy", directory))
 
 
 @pytest.mark.skipif(bool(emulator.unavailable_reason()), reason=emulator.unavailable_reason())
@@ -157,7 +159,7 @@ def test_cuda_kernels_on_random_modules(module, tmp_path_factory):
     directory = _generate_random(module, "cupy", tmp_path_factory)
     if directory is not None:
         with emulator.installed():
-            check_generated(module, load(module, "cupy", directory))
+            check_generated(module, load_code(module, "cupy", directory))
 
 
 @pytest.mark.skipif(bool(emulator.unavailable_reason()), reason=emulator.unavailable_reason())
@@ -167,11 +169,11 @@ def test_softmax_kernels_stay_finite_for_large_logits():
     logits = np.array([[100.0, -100.0, 0.0], [-100.0, 100.0, 1.0], [0.0, 0.0, 2.0]], dtype=np.float32)
     labels = np.eye(3, dtype=np.float32)
     S = {"x": logits, "y": labels, "dz": np.full((1, 3), 1 / 3, dtype=np.float32)}
-    reference = load(L.CrossEntropy, "numpy")
+    reference = load_code(L.CrossEntropy, "numpy")
     expected = [reference.forward({}, S)["Z"], reference.gradients({}, S)["x"],
                 reference.LOSS_HESSIAN["6"]({}, S)["x"].dense]
     with emulator.installed() as cp:
-        code = load(L.CrossEntropy, "cupy")
+        code = load_code(L.CrossEntropy, "cupy")
         D = {k: cp.asarray(v) for k, v in S.items()}
         emulator.COUNTS.clear()
         loss = code.forward({}, D)["Z"]
@@ -190,7 +192,7 @@ def test_row_and_column_scalings_fuse_into_one_kernel():
     builder = ProgramBuilder()
     target = builder.ref(ScalarMul(sp.Integer(3), MatMul(Diag(u), M, Diag(v))))
     builder.program.results["out"] = target
-    context = _program_context(builder.program)
+    context = program_context(builder.program, CUPY)
     assert len(context["kernels"]) == 1 and len(context["lines"]) == 1
     rng = np.random.default_rng(0)
     values = {"u": rng.normal(size=(3, 1)), "M": rng.normal(size=(3, 5)), "v": rng.normal(size=(5, 1))}

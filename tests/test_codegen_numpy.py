@@ -8,10 +8,10 @@ import mcalc as mc
 from mcalc import layers as L
 from mcalc.codegen.batch import batch_forward, batch_gradient, batch_gradient_tangent, batch_hbp, batch_jvp
 from mcalc.codegen.generate import generate
+from mcalc.codegen.store import load_code
 from mcalc.expr import tangent
-from mcalc.loader import load_modules
 from mcalc.numeric.evaluate import Evaluator, as_matrix
-from mcalc.runtime.loader import load
+from mcalc.user_modules import load_modules
 
 EXAMPLES = load_modules(ROOT / "examples" / "custom_layers.py")
 MODULES = list(L.LIBRARY) + EXAMPLES
@@ -26,7 +26,7 @@ def generated(tmp_path_factory):
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.name)
 def test_numpy_backend_matches_symbolic_batch_rules(module, generated):
-    check_generated(module, load(module, "numpy", generated))
+    check_generated(module, load_code(module, "numpy", generated))
 
 
 def check_generated(module, code):
@@ -100,7 +100,7 @@ def check_generated_tangents(module, code, d, ev, P, S, rng):
 
 
 def test_kronecker_blocks_stay_factored(generated):
-    code = load(L.Linear, "numpy", generated)
+    code = load_code(L.Linear, "numpy", generated)
     rng = np.random.default_rng(0)
     W, b = rng.normal(size=(4, 6)), rng.normal(size=(4, 1))
     X = rng.normal(size=(6, 10))
@@ -113,14 +113,14 @@ def test_kronecker_blocks_stay_factored(generated):
 
 def test_wide_batch_factors_stay_implicit(generated):
     """E[x xᵀ] for rows > B is applied through X (the cost model), and still equals X Xᵀ / B."""
-    from mcalc.runtime.blocks import Gram
+    from mcalc.runtime.blocks import GramFactor
 
-    code = load(L.Linear, "numpy", generated)
+    code = load_code(L.Linear, "numpy", generated)
     rng = np.random.default_rng(1)
     W, b, X = rng.normal(size=(3, 8)), rng.normal(size=(3, 1)), rng.normal(size=(8, 5))
     block = code.HBP[("ggn", "6")]({"W": W, "b": b}, {"x": X}, np.eye(3))["W"]
     ((A, _),) = block.kron
-    assert isinstance(A, Gram)
+    assert isinstance(A, GramFactor)
     np.testing.assert_allclose(block.to_dense(), np.kron(X @ X.T / 5, np.eye(3)))
     v = rng.normal(size=24)
     np.testing.assert_allclose(block.matvec(v), np.kron(X @ X.T / 5, np.eye(3)) @ v)
@@ -129,7 +129,7 @@ def test_wide_batch_factors_stay_implicit(generated):
 @pytest.mark.parametrize("curvature", ["exact", "pch-abs"])
 def test_row_wise_splitting_keeps_the_diagonal_sub_blocks(generated, curvature):
     """Section 4: splitting W's rows into groups keeps exactly the matching diagonal sub-blocks."""
-    code = load(L.SigmoidLinear, "numpy", generated)
+    code = load_code(L.SigmoidLinear, "numpy", generated)
     rng = np.random.default_rng(2)
     W, b, X = rng.normal(size=(6, 4)), rng.normal(size=(6, 1)), rng.normal(size=(4, 9))
     S = {"x": X, "dz": rng.normal(size=(6, 9)) / 9}
@@ -155,25 +155,25 @@ def test_a_loss_starts_hbp_with_its_own_hessian(generated):
     S = {"x": X, "y": Y, "dz": np.full((1, B), 1 / B)}
     P = np.exp(X - X.max(axis=0)) / np.exp(X - X.max(axis=0)).sum(axis=0)
     hessian = sum(np.diag(p) - np.outer(p, p) for p in P.T) / B
-    ce, mse = load(L.CrossEntropy, "numpy", generated), load(L.MSE, "numpy", generated)
+    ce, mse = load_code(L.CrossEntropy, "numpy", generated), load_code(L.MSE, "numpy", generated)
     for approximation in ("6", "7"):
         start = ce.LOSS_HESSIAN[approximation]({}, S)["x"].to_dense()
         np.testing.assert_allclose(start, hessian, atol=1e-14)
         np.testing.assert_allclose(start, ce.HBP[("exact", approximation)]({}, S, np.zeros((1, 1)))["x"].to_dense(),
                                    atol=1e-14)
         np.testing.assert_allclose(mse.LOSS_HESSIAN[approximation]({}, S)["x"].to_dense(), 2 * np.eye(4), atol=1e-14)
-    assert load(L.Linear, "numpy", generated).LOSS_HESSIAN == {}  # not a loss: 𝓗z always arrives from above
+    assert load_code(L.Linear, "numpy", generated).LOSS_HESSIAN == {}  # not a loss: 𝓗z always arrives from above
 
 
 @pytest.mark.parametrize("kinds", ["gram-gram", "gram-dense", "dense-gram", "dense-dense"])
 def test_a_kronecker_scale_goes_into_a_factor_that_can_take_it(kinds):
-    """(s A) ⊗ B or A ⊗ (s B): an implicit Gram cannot be scaled, so with two Grams (found by Hypothesis on a
+    """(s A) ⊗ B or A ⊗ (s B): an implicit GramFactor cannot be scaled, so with two of them (found by Hypothesis on a
     random module: 'Gram' * float) the smaller is formed first."""
     from mcalc.runtime.array_ops import kron
-    from mcalc.runtime.blocks import Gram, dense_factor
+    from mcalc.runtime.blocks import GramFactor, dense_factor
 
     rng = np.random.default_rng(0)
-    make = {"gram": lambda n: Gram(rng.normal(size=(n, 2))), "dense": lambda n: rng.normal(size=(n, n))}
+    make = {"gram": lambda n: GramFactor(rng.normal(size=(n, 2))), "dense": lambda n: rng.normal(size=(n, n))}
     first, second = kinds.split("-")
     a, b = make[first](3), make[second](4)
     scaled = kron(-2.5, a, b)

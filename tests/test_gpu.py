@@ -9,10 +9,10 @@ import pytest
 
 import mcalc as mc
 from mcalc import layers as L
+from mcalc.codegen.store import load_code
 from mcalc.numeric.verify_backend import verify_backend
 from mcalc.runtime import emulator
 from mcalc.runtime.backends import gpu_available, gpu_unavailable_reason
-from mcalc.runtime.loader import load
 
 
 @pytest.fixture(params=["gpu", "emulated"])
@@ -52,7 +52,7 @@ def _inputs(module, rng, batch, dtype):
 
 def _setup(cp, module, dtype, seed):
     """Both backends' code, a batch of 64 with δZ, the host → device copy and the dtype's tolerance."""
-    numpy_code, cupy_code = load(module, "numpy"), load(module, "cupy")
+    numpy_code, cupy_code = load_code(module, "numpy"), load_code(module, "cupy")
     rng = np.random.default_rng(seed)
     P, S = _inputs(module, rng, 64, dtype)
     Z = numpy_code.forward(P, S)["Z"]
@@ -136,8 +136,7 @@ def test_hbp_newton_steps_on_cupy_match_numpy(cp, solver):
     for _ in range(3):
         steps = []
         for net, optimizer, (x, y) in zip(nets, optimizers, [(X, Y), (cp.asarray(X), cp.asarray(Y))]):
-            curvature = optimizer.curvature if optimizer.needs_curvature() else None
-            _, grads, blocks = net.backward(x, y, curvature)
+            _, grads, blocks = net.backward(x, y, *(optimizer.curvature_request() or ()))
             steps.append(optimizer.step(net, grads, blocks))
             net.params = {k: v + steps[-1][k] for k, v in net.params.items()}
         for name, expected in steps[0].items():

@@ -71,9 +71,9 @@ def test_unsupported_models_and_modes_get_clear_errors():
         from_torch(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()))
     net = from_torch(_model())
     X, _, Y = _batch()
-    with pytest.raises(mc.McalcError, match=r"unknown curvature 'hessian'.*curvatures: exact, ggn, pch-abs, pch-clip"):
+    with pytest.raises(mc.McalcError, match=r"unknown curvature 'hessian'; choose one of 'exact', 'ggn', 'pch-abs'"):
         net.backward(X.T, Y, "hessian")
-    with pytest.raises(mc.McalcError, match=r"approximation 6; .*approximations: '6', '7'"):
+    with pytest.raises(mc.McalcError, match=r"unknown approximation 6; choose one of '6', '7'"):
         net.backward(X.T, Y, "ggn", 6)
 
 

@@ -19,6 +19,7 @@ from mcalc.runtime.blocks import CurvatureBlock
 from mcalc.train import data as D
 from mcalc.train.block_solvers import DampedBlockSolver, conjugate_gradient
 from mcalc.train.network import Network
+from mcalc.train.optimizer_protocol import Optimizer
 from mcalc.train.optimizers import KBFGS, KFAC, HBPNewton, quadratic_model_coefficients
 from mcalc.train.safeguards import LevenbergMarquardt, damped_solve, reduction_ratio
 from mcalc.train.trainer import step_is_rejected, train
@@ -124,7 +125,7 @@ def test_kbfgs_steps_follow_the_authors_algorithm():
     X_train = rng.normal(size=(4, 30))
     batches = _batches(rng)
     expected = _kbfgs_reference(net.params, X_train, batches)
-    optimizer = KBFGS()
+    optimizer = KBFGS(lr=0.3)  # the demo's learning rate, as the transcription
     optimizer.prepare(net, X_train)
     for X, Y in batches:
         _, grads, _ = net.backward(X, Y)
@@ -301,10 +302,10 @@ def test_a_failed_eigen_decomposition_leaves_the_block_to_cg_with_a_warning():
     np.testing.assert_allclose(out["b"][:, 0], -np.linalg.solve(0.02 * np.eye(3) + 0.98 * block.dense, g[:, 0]))
 
 
-class _Overshooting:
+class _Overshooting(Optimizer):
     """A second-order optimiser whose steps blow the loss up; its state counts the steps it took."""
 
-    curvature = None
+    second_order = True
 
     def __init__(self):
         self.taken, self.damping, self.rejections = [], 1.0, 0
@@ -336,9 +337,9 @@ def test_the_trust_bound_applies_to_second_order_optimisers_only():
     updates = {"W": np.ones(2)}
     assert step_is_rejected(_Overshooting(), 1.0, 2.5, updates, np)
     assert not step_is_rejected(_Overshooting(), 1.0, 1.5, updates, np)
-    assert not step_is_rejected(object(), 1.0, 2.5, updates, np)  # sgd, adam: only non-finite steps
-    assert step_is_rejected(object(), 1.0, float("nan"), updates, np)
-    assert step_is_rejected(object(), 1.0, 1.0, {"W": np.array([np.inf])}, np)
+    assert not step_is_rejected(Optimizer(), 1.0, 2.5, updates, np)  # sgd, adam: only non-finite steps
+    assert step_is_rejected(Optimizer(), 1.0, float("nan"), updates, np)
+    assert step_is_rejected(Optimizer(), 1.0, 1.0, {"W": np.array([np.inf])}, np)
 
 
 def test_the_eigen_solver_amplifies_no_direction_more_than_cg_would():

@@ -7,11 +7,11 @@ from conftest import ROOT
 import mcalc as mc
 from mcalc import layers as L
 from mcalc.expr import Commutation, Identity, Inverse, Kron, MatMul, PSDProjection, ScalarMul, Seed, Sum, Symbol
-from mcalc.loader import load_modules
 from mcalc.numeric.evaluate import Evaluator
 from mcalc.numeric.verify import draw_value
-from mcalc.simplify import all_rules, record_rewrites, simplify
-from mcalc.simplify.engine import reset_cache
+from mcalc.simplification import all_rules, record_rewrites, simplify
+from mcalc.simplification.engine import reset_cache
+from mcalc.user_modules import load_modules
 
 SIZES = {"n": 3, "m": 2, "r": 4, "k": 5}
 

@@ -14,6 +14,7 @@ from mcalc.numeric.finite_diff import hessian_fd
 from mcalc.train import data as D
 from mcalc.train.block_solvers import conjugate_gradient
 from mcalc.train.network import Network, parse_spec
+from mcalc.train.optimizer_protocol import Optimizer
 from mcalc.train.optimizers import HBPNewton, make_optimizer
 from mcalc.train.trainer import train
 
@@ -106,9 +107,7 @@ def test_sgd_and_adam_steps():
         make_optimizer("lbfgs")
 
 
-class _Exploding:
-    curvature = None
-
+class _Exploding(Optimizer):
     def step(self, net, grads, blocks, batch=None):
         with np.errstate(invalid="ignore"):  # 0 · ∞: the NaNs are the point
             return {name: g * np.inf for name, g in grads.items()}
@@ -265,7 +264,7 @@ def test_mnist_idx_files(tmp_path):
     for prefix, n in (("train", 7), ("t10k", 3)):
         (tmp_path / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx(rng.integers(0, 256, (n, 4, 4)))))
         (tmp_path / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx(rng.integers(0, 10, n)))
-    data = D.load("mnist", folder=str(tmp_path))
+    data = D.load_dataset("mnist", folder=str(tmp_path))
     assert data.x_train.shape == (7, 16) and data.x_test.shape == (3, 16) and data.x_train.max() <= 1.0
     (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x09\x01" + b"\x00" * 8)
     with pytest.raises(mc.McalcError, match="bad magic number"):
@@ -282,7 +281,7 @@ def test_cifar10_batches(tmp_path):
     for name, n in (("data_batch_1", 4), ("data_batch_2", 2), ("test_batch", 3)):
         entry = {b"data": rng.integers(0, 256, (n, 3072)).astype(np.uint8), b"labels": list(rng.integers(0, 10, n))}
         (tmp_path / name).write_bytes(pickle.dumps(entry))
-    data = D.load("cifar10", folder=str(tmp_path))
+    data = D.load_dataset("cifar10", folder=str(tmp_path))
     assert data.x_train.shape == (6, 3072) and len(data.y_test) == 3
     (tmp_path / "test_batch").write_bytes(b"not a pickle")
     with pytest.raises(mc.McalcError, match="not a CIFAR-10 python batch"):
@@ -310,14 +309,14 @@ def test_a_cifar10_batch_that_would_run_code_is_refused(tmp_path, capsys):
 def test_npz_and_bad_data(tmp_path):
     path = tmp_path / "toy.npz"
     np.savez(path, x_train=np.ones((5, 3)), y_train=np.arange(5) % 2, x_test=np.ones((2, 3)), y_test=[0, 1])
-    assert D.load(str(path)).features == 3
+    assert D.load_dataset(str(path)).features == 3
     np.savez(path, x_train=np.ones((5, 3)), y_train=np.arange(4), x_test=np.ones((2, 3)), y_test=[0, 1])
     with pytest.raises(mc.McalcError, match="shapes do not fit"):
-        D.load(str(path))
+        D.load_dataset(str(path))
     with pytest.raises(mc.McalcError, match="needs the folder"):
-        D.load("cifar10")
+        D.load_dataset("cifar10")
     with pytest.raises(mc.McalcError, match="unknown data"):
-        D.load("imagenet")
+        D.load_dataset("imagenet")
     digits = D.digits()
     assert digits.features == 64 and digits.classes == 10 and len(digits.y_train) + len(digits.y_test) == 1797
 
@@ -325,11 +324,11 @@ def test_npz_and_bad_data(tmp_path):
 def test_mnist1d_and_synthetic_are_built_in():
     """MNIST-1D as its package's defaults make it (Greydanus 2020: 4,000 + 1,000 signals of length 40, 10
     classes, the same every time); the synthetic problem: 5 classes, 20 correlated features."""
-    first, again = D.load("mnist1d"), D.load("mnist1d")
+    first, again = D.load_dataset("mnist1d"), D.load_dataset("mnist1d")
     assert first.x_train.shape == (4000, 40) and first.x_test.shape == (1000, 40) and first.classes == 10
     np.testing.assert_array_equal(first.x_train, again.x_train)
     assert set(np.bincount(first.y_train)) != {0} and np.bincount(first.y_train).min() > 300
-    synthetic = D.load("synthetic", seed=1)
+    synthetic = D.load_dataset("synthetic", seed=1)
     assert synthetic.features == 20 and synthetic.classes == 5 and len(synthetic.y_train) == 1600
     correlation = np.corrcoef(synthetic.x_train.T)
     assert np.abs(correlation[np.triu_indices(20, 1)]).max() > 0.5  # redundant features: correlated inputs

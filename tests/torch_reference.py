@@ -64,6 +64,10 @@ def forward(node: E.Expr, env: dict[str, torch.Tensor], sizes: dict) -> torch.Te
         return torch.log_softmax(a[0], dim=0)
     if t is E.Inverse:
         return torch.linalg.inv(a[0])
+    if t is E.Vec:
+        return a[0].T.reshape(-1, 1)  # columns stacked
+    if t is E.Diag:
+        return torch.diag(a[0].reshape(-1))
     raise NotImplementedError(t.__name__)
 
 

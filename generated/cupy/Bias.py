@@ -150,7 +150,7 @@ def _no_parameters():
 
 
 def _hbp_exact_6_all(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (6)."""
+    """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7)."""
     B, m = _dims(P, S).values()
     dtype = _dtype(P, S)
 
@@ -160,140 +160,7 @@ def _hbp_exact_6_all(P, S, Hz):
     }
 
 def _hbp_exact_6_params(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (6), parameters only."""
-    B, m = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-        "b": CurvatureBlock(kron=[], dense=Hz),
-    }
-
-def _hbp_exact_7_all(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (7)."""
-    B, m = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-        "x": CurvatureBlock(kron=[], dense=Hz),
-        "b": CurvatureBlock(kron=[], dense=Hz),
-    }
-
-def _hbp_exact_7_params(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (7), parameters only."""
-    B, m = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-        "b": CurvatureBlock(kron=[], dense=Hz),
-    }
-
-def _hbp_ggn_6_all(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (6)."""
-    B, m = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-        "x": CurvatureBlock(kron=[], dense=Hz),
-        "b": CurvatureBlock(kron=[], dense=Hz),
-    }
-
-def _hbp_ggn_6_params(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (6), parameters only."""
-    B, m = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-        "b": CurvatureBlock(kron=[], dense=Hz),
-    }
-
-def _hbp_ggn_7_all(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (7)."""
-    B, m = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-        "x": CurvatureBlock(kron=[], dense=Hz),
-        "b": CurvatureBlock(kron=[], dense=Hz),
-    }
-
-def _hbp_ggn_7_params(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (7), parameters only."""
-    B, m = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-        "b": CurvatureBlock(kron=[], dense=Hz),
-    }
-
-def _hbp_pch_abs_6_all(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (6)."""
-    B, m = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-        "x": CurvatureBlock(kron=[], dense=Hz),
-        "b": CurvatureBlock(kron=[], dense=Hz),
-    }
-
-def _hbp_pch_abs_6_params(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (6), parameters only."""
-    B, m = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-        "b": CurvatureBlock(kron=[], dense=Hz),
-    }
-
-def _hbp_pch_abs_7_all(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (7)."""
-    B, m = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-        "x": CurvatureBlock(kron=[], dense=Hz),
-        "b": CurvatureBlock(kron=[], dense=Hz),
-    }
-
-def _hbp_pch_abs_7_params(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (7), parameters only."""
-    B, m = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-        "b": CurvatureBlock(kron=[], dense=Hz),
-    }
-
-def _hbp_pch_clip_6_all(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (6)."""
-    B, m = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-        "x": CurvatureBlock(kron=[], dense=Hz),
-        "b": CurvatureBlock(kron=[], dense=Hz),
-    }
-
-def _hbp_pch_clip_6_params(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (6), parameters only."""
-    B, m = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-        "b": CurvatureBlock(kron=[], dense=Hz),
-    }
-
-def _hbp_pch_clip_7_all(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (7)."""
-    B, m = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-        "x": CurvatureBlock(kron=[], dense=Hz),
-        "b": CurvatureBlock(kron=[], dense=Hz),
-    }
-
-def _hbp_pch_clip_7_params(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (7), parameters only."""
+    """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7), parameters only."""
     B, m = _dims(P, S).values()
     dtype = _dtype(P, S)
 
@@ -312,20 +179,20 @@ def _hbp(curvature, approximation):
 _HBP = {
     ("exact", "6", True): _hbp_exact_6_all,
     ("exact", "6", False): _hbp_exact_6_params,
-    ("exact", "7", True): _hbp_exact_7_all,
-    ("exact", "7", False): _hbp_exact_7_params,
-    ("ggn", "6", True): _hbp_ggn_6_all,
-    ("ggn", "6", False): _hbp_ggn_6_params,
-    ("ggn", "7", True): _hbp_ggn_7_all,
-    ("ggn", "7", False): _hbp_ggn_7_params,
-    ("pch-abs", "6", True): _hbp_pch_abs_6_all,
-    ("pch-abs", "6", False): _hbp_pch_abs_6_params,
-    ("pch-abs", "7", True): _hbp_pch_abs_7_all,
-    ("pch-abs", "7", False): _hbp_pch_abs_7_params,
-    ("pch-clip", "6", True): _hbp_pch_clip_6_all,
-    ("pch-clip", "6", False): _hbp_pch_clip_6_params,
-    ("pch-clip", "7", True): _hbp_pch_clip_7_all,
-    ("pch-clip", "7", False): _hbp_pch_clip_7_params,
+    ("exact", "7", True): _hbp_exact_6_all,
+    ("exact", "7", False): _hbp_exact_6_params,
+    ("ggn", "6", True): _hbp_exact_6_all,
+    ("ggn", "6", False): _hbp_exact_6_params,
+    ("ggn", "7", True): _hbp_exact_6_all,
+    ("ggn", "7", False): _hbp_exact_6_params,
+    ("pch-abs", "6", True): _hbp_exact_6_all,
+    ("pch-abs", "6", False): _hbp_exact_6_params,
+    ("pch-abs", "7", True): _hbp_exact_6_all,
+    ("pch-abs", "7", False): _hbp_exact_6_params,
+    ("pch-clip", "6", True): _hbp_exact_6_all,
+    ("pch-clip", "6", False): _hbp_exact_6_params,
+    ("pch-clip", "7", True): _hbp_exact_6_all,
+    ("pch-clip", "7", False): _hbp_exact_6_params,
 }
 HBP = {(c, a): _hbp(c, a) for c, a, _ in _HBP}
 

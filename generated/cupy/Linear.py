@@ -240,7 +240,7 @@ def _no_parameters():
 
 
 def _hbp_exact_6_all(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (6)."""
+    """Batch HBP: exact, ggn, pch-abs, pch-clip under (6)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = P['W'].T
@@ -254,7 +254,7 @@ def _hbp_exact_6_all(P, S, Hz):
     }
 
 def _hbp_exact_6_params(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (6), parameters only."""
+    """Batch HBP: exact, ggn, pch-abs, pch-clip under (6), parameters only."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = _gram(S['x'])
@@ -265,7 +265,7 @@ def _hbp_exact_6_params(P, S, Hz):
     }
 
 def _hbp_exact_7_all(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (7)."""
+    """Batch HBP: exact, ggn, pch-abs, pch-clip under (7)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = P['W'].T
@@ -280,163 +280,7 @@ def _hbp_exact_7_all(P, S, Hz):
     }
 
 def _hbp_exact_7_params(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (7), parameters only."""
-    B, n, m = _dims(P, S).values()
-    dtype = _dtype(P, S)
-    t0 = S['x'].sum(axis=1, keepdims=True)
-    t1 = _gram(t0)
-
-    return {
-        "W": CurvatureBlock(kron=[_kron((B**(-2)), t1, Hz), ], dense=None),
-        "b": CurvatureBlock(kron=[], dense=Hz),
-    }
-
-def _hbp_ggn_6_all(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (6)."""
-    B, n, m = _dims(P, S).values()
-    dtype = _dtype(P, S)
-    t0 = P['W'].T
-    t1 = _matmul(_matmul(t0, Hz), P['W'])
-    t2 = _gram(S['x'])
-
-    return {
-        "x": CurvatureBlock(kron=[], dense=t1),
-        "W": CurvatureBlock(kron=[_kron((1/B), t2, Hz), ], dense=None),
-        "b": CurvatureBlock(kron=[], dense=Hz),
-    }
-
-def _hbp_ggn_6_params(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (6), parameters only."""
-    B, n, m = _dims(P, S).values()
-    dtype = _dtype(P, S)
-    t0 = _gram(S['x'])
-
-    return {
-        "W": CurvatureBlock(kron=[_kron((1/B), t0, Hz), ], dense=None),
-        "b": CurvatureBlock(kron=[], dense=Hz),
-    }
-
-def _hbp_ggn_7_all(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (7)."""
-    B, n, m = _dims(P, S).values()
-    dtype = _dtype(P, S)
-    t0 = P['W'].T
-    t1 = _matmul(_matmul(t0, Hz), P['W'])
-    t2 = S['x'].sum(axis=1, keepdims=True)
-    t3 = _gram(t2)
-
-    return {
-        "x": CurvatureBlock(kron=[], dense=t1),
-        "W": CurvatureBlock(kron=[_kron((B**(-2)), t3, Hz), ], dense=None),
-        "b": CurvatureBlock(kron=[], dense=Hz),
-    }
-
-def _hbp_ggn_7_params(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (7), parameters only."""
-    B, n, m = _dims(P, S).values()
-    dtype = _dtype(P, S)
-    t0 = S['x'].sum(axis=1, keepdims=True)
-    t1 = _gram(t0)
-
-    return {
-        "W": CurvatureBlock(kron=[_kron((B**(-2)), t1, Hz), ], dense=None),
-        "b": CurvatureBlock(kron=[], dense=Hz),
-    }
-
-def _hbp_pch_abs_6_all(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (6)."""
-    B, n, m = _dims(P, S).values()
-    dtype = _dtype(P, S)
-    t0 = P['W'].T
-    t1 = _matmul(_matmul(t0, Hz), P['W'])
-    t2 = _gram(S['x'])
-
-    return {
-        "x": CurvatureBlock(kron=[], dense=t1),
-        "W": CurvatureBlock(kron=[_kron((1/B), t2, Hz), ], dense=None),
-        "b": CurvatureBlock(kron=[], dense=Hz),
-    }
-
-def _hbp_pch_abs_6_params(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (6), parameters only."""
-    B, n, m = _dims(P, S).values()
-    dtype = _dtype(P, S)
-    t0 = _gram(S['x'])
-
-    return {
-        "W": CurvatureBlock(kron=[_kron((1/B), t0, Hz), ], dense=None),
-        "b": CurvatureBlock(kron=[], dense=Hz),
-    }
-
-def _hbp_pch_abs_7_all(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (7)."""
-    B, n, m = _dims(P, S).values()
-    dtype = _dtype(P, S)
-    t0 = P['W'].T
-    t1 = _matmul(_matmul(t0, Hz), P['W'])
-    t2 = S['x'].sum(axis=1, keepdims=True)
-    t3 = _gram(t2)
-
-    return {
-        "x": CurvatureBlock(kron=[], dense=t1),
-        "W": CurvatureBlock(kron=[_kron((B**(-2)), t3, Hz), ], dense=None),
-        "b": CurvatureBlock(kron=[], dense=Hz),
-    }
-
-def _hbp_pch_abs_7_params(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (7), parameters only."""
-    B, n, m = _dims(P, S).values()
-    dtype = _dtype(P, S)
-    t0 = S['x'].sum(axis=1, keepdims=True)
-    t1 = _gram(t0)
-
-    return {
-        "W": CurvatureBlock(kron=[_kron((B**(-2)), t1, Hz), ], dense=None),
-        "b": CurvatureBlock(kron=[], dense=Hz),
-    }
-
-def _hbp_pch_clip_6_all(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (6)."""
-    B, n, m = _dims(P, S).values()
-    dtype = _dtype(P, S)
-    t0 = P['W'].T
-    t1 = _matmul(_matmul(t0, Hz), P['W'])
-    t2 = _gram(S['x'])
-
-    return {
-        "x": CurvatureBlock(kron=[], dense=t1),
-        "W": CurvatureBlock(kron=[_kron((1/B), t2, Hz), ], dense=None),
-        "b": CurvatureBlock(kron=[], dense=Hz),
-    }
-
-def _hbp_pch_clip_6_params(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (6), parameters only."""
-    B, n, m = _dims(P, S).values()
-    dtype = _dtype(P, S)
-    t0 = _gram(S['x'])
-
-    return {
-        "W": CurvatureBlock(kron=[_kron((1/B), t0, Hz), ], dense=None),
-        "b": CurvatureBlock(kron=[], dense=Hz),
-    }
-
-def _hbp_pch_clip_7_all(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (7)."""
-    B, n, m = _dims(P, S).values()
-    dtype = _dtype(P, S)
-    t0 = P['W'].T
-    t1 = _matmul(_matmul(t0, Hz), P['W'])
-    t2 = S['x'].sum(axis=1, keepdims=True)
-    t3 = _gram(t2)
-
-    return {
-        "x": CurvatureBlock(kron=[], dense=t1),
-        "W": CurvatureBlock(kron=[_kron((B**(-2)), t3, Hz), ], dense=None),
-        "b": CurvatureBlock(kron=[], dense=Hz),
-    }
-
-def _hbp_pch_clip_7_params(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (7), parameters only."""
+    """Batch HBP: exact, ggn, pch-abs, pch-clip under (7), parameters only."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = S['x'].sum(axis=1, keepdims=True)
@@ -460,18 +304,18 @@ _HBP = {
     ("exact", "6", False): _hbp_exact_6_params,
     ("exact", "7", True): _hbp_exact_7_all,
     ("exact", "7", False): _hbp_exact_7_params,
-    ("ggn", "6", True): _hbp_ggn_6_all,
-    ("ggn", "6", False): _hbp_ggn_6_params,
-    ("ggn", "7", True): _hbp_ggn_7_all,
-    ("ggn", "7", False): _hbp_ggn_7_params,
-    ("pch-abs", "6", True): _hbp_pch_abs_6_all,
-    ("pch-abs", "6", False): _hbp_pch_abs_6_params,
-    ("pch-abs", "7", True): _hbp_pch_abs_7_all,
-    ("pch-abs", "7", False): _hbp_pch_abs_7_params,
-    ("pch-clip", "6", True): _hbp_pch_clip_6_all,
-    ("pch-clip", "6", False): _hbp_pch_clip_6_params,
-    ("pch-clip", "7", True): _hbp_pch_clip_7_all,
-    ("pch-clip", "7", False): _hbp_pch_clip_7_params,
+    ("ggn", "6", True): _hbp_exact_6_all,
+    ("ggn", "6", False): _hbp_exact_6_params,
+    ("ggn", "7", True): _hbp_exact_7_all,
+    ("ggn", "7", False): _hbp_exact_7_params,
+    ("pch-abs", "6", True): _hbp_exact_6_all,
+    ("pch-abs", "6", False): _hbp_exact_6_params,
+    ("pch-abs", "7", True): _hbp_exact_7_all,
+    ("pch-abs", "7", False): _hbp_exact_7_params,
+    ("pch-clip", "6", True): _hbp_exact_6_all,
+    ("pch-clip", "6", False): _hbp_exact_6_params,
+    ("pch-clip", "7", True): _hbp_exact_7_all,
+    ("pch-clip", "7", False): _hbp_exact_7_params,
 }
 HBP = {(c, a): _hbp(c, a) for c, a, _ in _HBP}
 

@@ -405,7 +405,7 @@ def _no_parameters():
 
 
 def _hbp_exact_6_all(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (6)."""
+    """Batch HBP: exact under (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['x'], S['y']], [-1], 'entries')
@@ -422,7 +422,7 @@ def _hbp_exact_6_all(P, S, Hz):
     }
 
 def _hbp_exact_6_params(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (6), parameters only."""
+    """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7), parameters only."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
 
@@ -430,7 +430,7 @@ def _hbp_exact_6_params(P, S, Hz):
     }
 
 def _hbp_exact_7_all(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (7)."""
+    """Batch HBP: exact under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t2 = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], 'entries')
@@ -446,16 +446,8 @@ def _hbp_exact_7_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t15),
     }
 
-def _hbp_exact_7_params(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (7), parameters only."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-    }
-
 def _hbp_ggn_6_all(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (6)."""
+    """Batch HBP: ggn under (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['x'], S['y']], [-1], 'entries')
@@ -469,16 +461,8 @@ def _hbp_ggn_6_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t9),
     }
 
-def _hbp_ggn_6_params(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (6), parameters only."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-    }
-
 def _hbp_ggn_7_all(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (7)."""
+    """Batch HBP: ggn under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t2 = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], 'entries')
@@ -492,16 +476,8 @@ def _hbp_ggn_7_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t10),
     }
 
-def _hbp_ggn_7_params(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (7), parameters only."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-    }
-
 def _hbp_pch_abs_6_all(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (6)."""
+    """Batch HBP: pch-abs under (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['x'], S['y']], [-1], 'entries')
@@ -517,16 +493,8 @@ def _hbp_pch_abs_6_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t15),
     }
 
-def _hbp_pch_abs_6_params(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (6), parameters only."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-    }
-
 def _hbp_pch_abs_7_all(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (7)."""
+    """Batch HBP: pch-abs under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t2 = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], 'entries')
@@ -542,16 +510,8 @@ def _hbp_pch_abs_7_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t16),
     }
 
-def _hbp_pch_abs_7_params(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (7), parameters only."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-    }
-
 def _hbp_pch_clip_6_all(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (6)."""
+    """Batch HBP: pch-clip under (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['x'], S['y']], [-1], 'entries')
@@ -569,16 +529,8 @@ def _hbp_pch_clip_6_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t15),
     }
 
-def _hbp_pch_clip_6_params(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (6), parameters only."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-    }
-
 def _hbp_pch_clip_7_all(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (7)."""
+    """Batch HBP: pch-clip under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t2 = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], 'entries')
@@ -596,14 +548,6 @@ def _hbp_pch_clip_7_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t16),
     }
 
-def _hbp_pch_clip_7_params(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (7), parameters only."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-    }
-
 
 def _hbp(curvature, approximation):
     def run(P, S, Hz, inputs=True):
@@ -616,19 +560,19 @@ _HBP = {
     ("exact", "6", True): _hbp_exact_6_all,
     ("exact", "6", False): _hbp_exact_6_params,
     ("exact", "7", True): _hbp_exact_7_all,
-    ("exact", "7", False): _hbp_exact_7_params,
+    ("exact", "7", False): _hbp_exact_6_params,
     ("ggn", "6", True): _hbp_ggn_6_all,
-    ("ggn", "6", False): _hbp_ggn_6_params,
+    ("ggn", "6", False): _hbp_exact_6_params,
     ("ggn", "7", True): _hbp_ggn_7_all,
-    ("ggn", "7", False): _hbp_ggn_7_params,
+    ("ggn", "7", False): _hbp_exact_6_params,
     ("pch-abs", "6", True): _hbp_pch_abs_6_all,
-    ("pch-abs", "6", False): _hbp_pch_abs_6_params,
+    ("pch-abs", "6", False): _hbp_exact_6_params,
     ("pch-abs", "7", True): _hbp_pch_abs_7_all,
-    ("pch-abs", "7", False): _hbp_pch_abs_7_params,
+    ("pch-abs", "7", False): _hbp_exact_6_params,
     ("pch-clip", "6", True): _hbp_pch_clip_6_all,
-    ("pch-clip", "6", False): _hbp_pch_clip_6_params,
+    ("pch-clip", "6", False): _hbp_exact_6_params,
     ("pch-clip", "7", True): _hbp_pch_clip_7_all,
-    ("pch-clip", "7", False): _hbp_pch_clip_7_params,
+    ("pch-clip", "7", False): _hbp_exact_6_params,
 }
 HBP = {(c, a): _hbp(c, a) for c, a, _ in _HBP}
 

@@ -266,7 +266,7 @@ def _no_parameters():
 
 
 def _hbp_exact_6_all(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (6)."""
+    """Batch HBP: exact, ggn, pch-abs, pch-clip under (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = _launch('k_e5758009459e', dtype, (n, B), (n, B), [S['x']], [], 'entries')
@@ -279,7 +279,7 @@ def _hbp_exact_6_all(P, S, Hz):
     }
 
 def _hbp_exact_6_params(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (6), parameters only."""
+    """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7), parameters only."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
 
@@ -287,7 +287,7 @@ def _hbp_exact_6_params(P, S, Hz):
     }
 
 def _hbp_exact_7_all(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (7)."""
+    """Batch HBP: exact, ggn, pch-abs, pch-clip under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_e2964d1f4ef1', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
@@ -295,134 +295,6 @@ def _hbp_exact_7_all(P, S, Hz):
 
     return {
         "x": CurvatureBlock(kron=[], dense=t3),
-    }
-
-def _hbp_exact_7_params(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (7), parameters only."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-    }
-
-def _hbp_ggn_6_all(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (6)."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-    t0 = _launch('k_e5758009459e', dtype, (n, B), (n, B), [S['x']], [], 'entries')
-    t1 = t0.T
-    t2 = _matmul(t0, t1)
-    t4 = _launch('k_bbf53db00b39', dtype, (n, n), (n, n), [t2, Hz], [1/B], 'entries')
-
-    return {
-        "x": CurvatureBlock(kron=[], dense=t4),
-    }
-
-def _hbp_ggn_6_params(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (6), parameters only."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-    }
-
-def _hbp_ggn_7_all(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (7)."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-    t1 = _launch('k_e2964d1f4ef1', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t3 = _launch('k_d13b2ab6b72d', dtype, (n, n), (n, n), [t1, Hz], [B**(-2)], 'entries')
-
-    return {
-        "x": CurvatureBlock(kron=[], dense=t3),
-    }
-
-def _hbp_ggn_7_params(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (7), parameters only."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-    }
-
-def _hbp_pch_abs_6_all(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (6)."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-    t0 = _launch('k_e5758009459e', dtype, (n, B), (n, B), [S['x']], [], 'entries')
-    t1 = t0.T
-    t2 = _matmul(t0, t1)
-    t4 = _launch('k_bbf53db00b39', dtype, (n, n), (n, n), [t2, Hz], [1/B], 'entries')
-
-    return {
-        "x": CurvatureBlock(kron=[], dense=t4),
-    }
-
-def _hbp_pch_abs_6_params(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (6), parameters only."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-    }
-
-def _hbp_pch_abs_7_all(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (7)."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-    t1 = _launch('k_e2964d1f4ef1', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t3 = _launch('k_d13b2ab6b72d', dtype, (n, n), (n, n), [t1, Hz], [B**(-2)], 'entries')
-
-    return {
-        "x": CurvatureBlock(kron=[], dense=t3),
-    }
-
-def _hbp_pch_abs_7_params(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (7), parameters only."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-    }
-
-def _hbp_pch_clip_6_all(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (6)."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-    t0 = _launch('k_e5758009459e', dtype, (n, B), (n, B), [S['x']], [], 'entries')
-    t1 = t0.T
-    t2 = _matmul(t0, t1)
-    t4 = _launch('k_bbf53db00b39', dtype, (n, n), (n, n), [t2, Hz], [1/B], 'entries')
-
-    return {
-        "x": CurvatureBlock(kron=[], dense=t4),
-    }
-
-def _hbp_pch_clip_6_params(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (6), parameters only."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-    }
-
-def _hbp_pch_clip_7_all(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (7)."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-    t1 = _launch('k_e2964d1f4ef1', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t3 = _launch('k_d13b2ab6b72d', dtype, (n, n), (n, n), [t1, Hz], [B**(-2)], 'entries')
-
-    return {
-        "x": CurvatureBlock(kron=[], dense=t3),
-    }
-
-def _hbp_pch_clip_7_params(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (7), parameters only."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
     }
 
 
@@ -437,19 +309,19 @@ _HBP = {
     ("exact", "6", True): _hbp_exact_6_all,
     ("exact", "6", False): _hbp_exact_6_params,
     ("exact", "7", True): _hbp_exact_7_all,
-    ("exact", "7", False): _hbp_exact_7_params,
-    ("ggn", "6", True): _hbp_ggn_6_all,
-    ("ggn", "6", False): _hbp_ggn_6_params,
-    ("ggn", "7", True): _hbp_ggn_7_all,
-    ("ggn", "7", False): _hbp_ggn_7_params,
-    ("pch-abs", "6", True): _hbp_pch_abs_6_all,
-    ("pch-abs", "6", False): _hbp_pch_abs_6_params,
-    ("pch-abs", "7", True): _hbp_pch_abs_7_all,
-    ("pch-abs", "7", False): _hbp_pch_abs_7_params,
-    ("pch-clip", "6", True): _hbp_pch_clip_6_all,
-    ("pch-clip", "6", False): _hbp_pch_clip_6_params,
-    ("pch-clip", "7", True): _hbp_pch_clip_7_all,
-    ("pch-clip", "7", False): _hbp_pch_clip_7_params,
+    ("exact", "7", False): _hbp_exact_6_params,
+    ("ggn", "6", True): _hbp_exact_6_all,
+    ("ggn", "6", False): _hbp_exact_6_params,
+    ("ggn", "7", True): _hbp_exact_7_all,
+    ("ggn", "7", False): _hbp_exact_6_params,
+    ("pch-abs", "6", True): _hbp_exact_6_all,
+    ("pch-abs", "6", False): _hbp_exact_6_params,
+    ("pch-abs", "7", True): _hbp_exact_7_all,
+    ("pch-abs", "7", False): _hbp_exact_6_params,
+    ("pch-clip", "6", True): _hbp_exact_6_all,
+    ("pch-clip", "6", False): _hbp_exact_6_params,
+    ("pch-clip", "7", True): _hbp_exact_7_all,
+    ("pch-clip", "7", False): _hbp_exact_6_params,
 }
 HBP = {(c, a): _hbp(c, a) for c, a, _ in _HBP}
 

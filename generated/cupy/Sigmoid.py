@@ -511,7 +511,7 @@ def _no_parameters():
 
 
 def _hbp_exact_6_all(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (6)."""
+    """Batch HBP: exact under (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t7, t0 = _launch('k_e554610883c3', dtype, (n, B), [(n, 1), (n, B)], [S['dz'], S['x']], [], 'rows')
@@ -524,7 +524,7 @@ def _hbp_exact_6_all(P, S, Hz):
     }
 
 def _hbp_exact_6_params(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (6), parameters only."""
+    """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7), parameters only."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
 
@@ -532,7 +532,7 @@ def _hbp_exact_6_params(P, S, Hz):
     }
 
 def _hbp_exact_7_all(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (7)."""
+    """Batch HBP: exact under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
@@ -543,16 +543,8 @@ def _hbp_exact_7_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t7),
     }
 
-def _hbp_exact_7_params(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (7), parameters only."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-    }
-
 def _hbp_ggn_6_all(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (6)."""
+    """Batch HBP: ggn under (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = _launch('k_8f7445a19454', dtype, (n, B), (n, B), [S['x']], [], 'entries')
@@ -564,16 +556,8 @@ def _hbp_ggn_6_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t4),
     }
 
-def _hbp_ggn_6_params(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (6), parameters only."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-    }
-
 def _hbp_ggn_7_all(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (7)."""
+    """Batch HBP: ggn under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
@@ -583,16 +567,8 @@ def _hbp_ggn_7_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t3),
     }
 
-def _hbp_ggn_7_params(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (7), parameters only."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-    }
-
 def _hbp_pch_abs_6_all(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (6)."""
+    """Batch HBP: pch-abs under (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t7, t0 = _launch('k_e554610883c3', dtype, (n, B), [(n, 1), (n, B)], [S['dz'], S['x']], [], 'rows')
@@ -604,16 +580,8 @@ def _hbp_pch_abs_6_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t9),
     }
 
-def _hbp_pch_abs_6_params(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (6), parameters only."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-    }
-
 def _hbp_pch_abs_7_all(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (7)."""
+    """Batch HBP: pch-abs under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
@@ -624,16 +592,8 @@ def _hbp_pch_abs_7_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t8),
     }
 
-def _hbp_pch_abs_7_params(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (7), parameters only."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-    }
-
 def _hbp_pch_clip_6_all(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (6)."""
+    """Batch HBP: pch-clip under (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t7, t0 = _launch('k_e554610883c3', dtype, (n, B), [(n, 1), (n, B)], [S['dz'], S['x']], [], 'rows')
@@ -645,16 +605,8 @@ def _hbp_pch_clip_6_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t9),
     }
 
-def _hbp_pch_clip_6_params(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (6), parameters only."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-    }
-
 def _hbp_pch_clip_7_all(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (7)."""
+    """Batch HBP: pch-clip under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
@@ -663,14 +615,6 @@ def _hbp_pch_clip_7_all(P, S, Hz):
 
     return {
         "x": CurvatureBlock(kron=[], dense=t8),
-    }
-
-def _hbp_pch_clip_7_params(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (7), parameters only."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
     }
 
 
@@ -685,19 +629,19 @@ _HBP = {
     ("exact", "6", True): _hbp_exact_6_all,
     ("exact", "6", False): _hbp_exact_6_params,
     ("exact", "7", True): _hbp_exact_7_all,
-    ("exact", "7", False): _hbp_exact_7_params,
+    ("exact", "7", False): _hbp_exact_6_params,
     ("ggn", "6", True): _hbp_ggn_6_all,
-    ("ggn", "6", False): _hbp_ggn_6_params,
+    ("ggn", "6", False): _hbp_exact_6_params,
     ("ggn", "7", True): _hbp_ggn_7_all,
-    ("ggn", "7", False): _hbp_ggn_7_params,
+    ("ggn", "7", False): _hbp_exact_6_params,
     ("pch-abs", "6", True): _hbp_pch_abs_6_all,
-    ("pch-abs", "6", False): _hbp_pch_abs_6_params,
+    ("pch-abs", "6", False): _hbp_exact_6_params,
     ("pch-abs", "7", True): _hbp_pch_abs_7_all,
-    ("pch-abs", "7", False): _hbp_pch_abs_7_params,
+    ("pch-abs", "7", False): _hbp_exact_6_params,
     ("pch-clip", "6", True): _hbp_pch_clip_6_all,
-    ("pch-clip", "6", False): _hbp_pch_clip_6_params,
+    ("pch-clip", "6", False): _hbp_exact_6_params,
     ("pch-clip", "7", True): _hbp_pch_clip_7_all,
-    ("pch-clip", "7", False): _hbp_pch_clip_7_params,
+    ("pch-clip", "7", False): _hbp_exact_6_params,
 }
 HBP = {(c, a): _hbp(c, a) for c, a, _ in _HBP}
 

@@ -723,7 +723,7 @@ def _no_parameters():
 
 
 def _hbp_exact_6_all(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (6)."""
+    """Batch HBP: exact under (6)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = P['W'].T
@@ -743,7 +743,7 @@ def _hbp_exact_6_all(P, S, Hz):
     }
 
 def _hbp_exact_6_params(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (6), parameters only."""
+    """Batch HBP: exact, ggn, pch-abs, pch-clip under (6), parameters only."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
@@ -755,7 +755,7 @@ def _hbp_exact_6_params(P, S, Hz):
     }
 
 def _hbp_exact_7_all(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (7)."""
+    """Batch HBP: exact under (7)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
@@ -774,7 +774,7 @@ def _hbp_exact_7_all(P, S, Hz):
     }
 
 def _hbp_exact_7_params(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (7), parameters only."""
+    """Batch HBP: exact, ggn, pch-abs, pch-clip under (7), parameters only."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
@@ -786,7 +786,7 @@ def _hbp_exact_7_params(P, S, Hz):
     }
 
 def _hbp_ggn_6_all(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (6)."""
+    """Batch HBP: ggn under (6)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = P['W'].T
@@ -804,20 +804,8 @@ def _hbp_ggn_6_all(P, S, Hz):
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def _hbp_ggn_6_params(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (6), parameters only."""
-    B, n, m = _dims(P, S).values()
-    dtype = _dtype(P, S)
-    t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
-    t1 = _gram(t0)
-
-    return {
-        "W": CurvatureBlock(kron=[_kron((1/B), t1, Hz), ], dense=None),
-        "b": CurvatureBlock(kron=[], dense=Hz),
-    }
-
 def _hbp_ggn_7_all(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (7)."""
+    """Batch HBP: ggn under (7)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
@@ -833,20 +821,8 @@ def _hbp_ggn_7_all(P, S, Hz):
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def _hbp_ggn_7_params(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (7), parameters only."""
-    B, n, m = _dims(P, S).values()
-    dtype = _dtype(P, S)
-    t1 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t2 = _gram(t1)
-
-    return {
-        "W": CurvatureBlock(kron=[_kron((B**(-2)), t2, Hz), ], dense=None),
-        "b": CurvatureBlock(kron=[], dense=Hz),
-    }
-
 def _hbp_pch_abs_6_all(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (6)."""
+    """Batch HBP: pch-abs under (6)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = P['W'].T
@@ -865,20 +841,8 @@ def _hbp_pch_abs_6_all(P, S, Hz):
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def _hbp_pch_abs_6_params(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (6), parameters only."""
-    B, n, m = _dims(P, S).values()
-    dtype = _dtype(P, S)
-    t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
-    t1 = _gram(t0)
-
-    return {
-        "W": CurvatureBlock(kron=[_kron((1/B), t1, Hz), ], dense=None),
-        "b": CurvatureBlock(kron=[], dense=Hz),
-    }
-
 def _hbp_pch_abs_7_all(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (7)."""
+    """Batch HBP: pch-abs under (7)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
@@ -896,20 +860,8 @@ def _hbp_pch_abs_7_all(P, S, Hz):
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def _hbp_pch_abs_7_params(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (7), parameters only."""
-    B, n, m = _dims(P, S).values()
-    dtype = _dtype(P, S)
-    t1 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t2 = _gram(t1)
-
-    return {
-        "W": CurvatureBlock(kron=[_kron((B**(-2)), t2, Hz), ], dense=None),
-        "b": CurvatureBlock(kron=[], dense=Hz),
-    }
-
 def _hbp_pch_clip_6_all(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (6)."""
+    """Batch HBP: pch-clip under (6)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = P['W'].T
@@ -928,20 +880,8 @@ def _hbp_pch_clip_6_all(P, S, Hz):
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def _hbp_pch_clip_6_params(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (6), parameters only."""
-    B, n, m = _dims(P, S).values()
-    dtype = _dtype(P, S)
-    t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
-    t1 = _gram(t0)
-
-    return {
-        "W": CurvatureBlock(kron=[_kron((1/B), t1, Hz), ], dense=None),
-        "b": CurvatureBlock(kron=[], dense=Hz),
-    }
-
 def _hbp_pch_clip_7_all(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (7)."""
+    """Batch HBP: pch-clip under (7)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
@@ -959,18 +899,6 @@ def _hbp_pch_clip_7_all(P, S, Hz):
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def _hbp_pch_clip_7_params(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (7), parameters only."""
-    B, n, m = _dims(P, S).values()
-    dtype = _dtype(P, S)
-    t1 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t2 = _gram(t1)
-
-    return {
-        "W": CurvatureBlock(kron=[_kron((B**(-2)), t2, Hz), ], dense=None),
-        "b": CurvatureBlock(kron=[], dense=Hz),
-    }
-
 
 def _hbp(curvature, approximation):
     def run(P, S, Hz, inputs=True):
@@ -985,17 +913,17 @@ _HBP = {
     ("exact", "7", True): _hbp_exact_7_all,
     ("exact", "7", False): _hbp_exact_7_params,
     ("ggn", "6", True): _hbp_ggn_6_all,
-    ("ggn", "6", False): _hbp_ggn_6_params,
+    ("ggn", "6", False): _hbp_exact_6_params,
     ("ggn", "7", True): _hbp_ggn_7_all,
-    ("ggn", "7", False): _hbp_ggn_7_params,
+    ("ggn", "7", False): _hbp_exact_7_params,
     ("pch-abs", "6", True): _hbp_pch_abs_6_all,
-    ("pch-abs", "6", False): _hbp_pch_abs_6_params,
+    ("pch-abs", "6", False): _hbp_exact_6_params,
     ("pch-abs", "7", True): _hbp_pch_abs_7_all,
-    ("pch-abs", "7", False): _hbp_pch_abs_7_params,
+    ("pch-abs", "7", False): _hbp_exact_7_params,
     ("pch-clip", "6", True): _hbp_pch_clip_6_all,
-    ("pch-clip", "6", False): _hbp_pch_clip_6_params,
+    ("pch-clip", "6", False): _hbp_exact_6_params,
     ("pch-clip", "7", True): _hbp_pch_clip_7_all,
-    ("pch-clip", "7", False): _hbp_pch_clip_7_params,
+    ("pch-clip", "7", False): _hbp_exact_7_params,
 }
 HBP = {(c, a): _hbp(c, a) for c, a, _ in _HBP}
 

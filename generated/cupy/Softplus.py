@@ -509,7 +509,7 @@ def _no_parameters():
 
 
 def _hbp_exact_6_all(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (6)."""
+    """Batch HBP: exact under (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t7, t0 = _launch('k_928bd2c6d438', dtype, (n, B), [(n, 1), (n, B)], [S['dz'], S['x']], [], 'rows')
@@ -522,7 +522,7 @@ def _hbp_exact_6_all(P, S, Hz):
     }
 
 def _hbp_exact_6_params(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (6), parameters only."""
+    """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7), parameters only."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
 
@@ -530,7 +530,7 @@ def _hbp_exact_6_params(P, S, Hz):
     }
 
 def _hbp_exact_7_all(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (7)."""
+    """Batch HBP: exact under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_26045612d8a9', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
@@ -541,16 +541,8 @@ def _hbp_exact_7_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t7),
     }
 
-def _hbp_exact_7_params(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (7), parameters only."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-    }
-
 def _hbp_ggn_6_all(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (6)."""
+    """Batch HBP: ggn under (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = _launch('k_05cb103f62cd', dtype, (n, B), (n, B), [S['x']], [], 'entries')
@@ -562,16 +554,8 @@ def _hbp_ggn_6_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t4),
     }
 
-def _hbp_ggn_6_params(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (6), parameters only."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-    }
-
 def _hbp_ggn_7_all(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (7)."""
+    """Batch HBP: ggn under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_26045612d8a9', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
@@ -581,16 +565,8 @@ def _hbp_ggn_7_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t3),
     }
 
-def _hbp_ggn_7_params(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (7), parameters only."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-    }
-
 def _hbp_pch_abs_6_all(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (6)."""
+    """Batch HBP: pch-abs under (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t7, t0 = _launch('k_928bd2c6d438', dtype, (n, B), [(n, 1), (n, B)], [S['dz'], S['x']], [], 'rows')
@@ -602,16 +578,8 @@ def _hbp_pch_abs_6_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t9),
     }
 
-def _hbp_pch_abs_6_params(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (6), parameters only."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-    }
-
 def _hbp_pch_abs_7_all(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (7)."""
+    """Batch HBP: pch-abs under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_26045612d8a9', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
@@ -622,16 +590,8 @@ def _hbp_pch_abs_7_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t8),
     }
 
-def _hbp_pch_abs_7_params(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (7), parameters only."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-    }
-
 def _hbp_pch_clip_6_all(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (6)."""
+    """Batch HBP: pch-clip under (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t7, t0 = _launch('k_928bd2c6d438', dtype, (n, B), [(n, 1), (n, B)], [S['dz'], S['x']], [], 'rows')
@@ -643,16 +603,8 @@ def _hbp_pch_clip_6_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t9),
     }
 
-def _hbp_pch_clip_6_params(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (6), parameters only."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-    }
-
 def _hbp_pch_clip_7_all(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (7)."""
+    """Batch HBP: pch-clip under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_26045612d8a9', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
@@ -661,14 +613,6 @@ def _hbp_pch_clip_7_all(P, S, Hz):
 
     return {
         "x": CurvatureBlock(kron=[], dense=t8),
-    }
-
-def _hbp_pch_clip_7_params(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (7), parameters only."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
     }
 
 
@@ -683,19 +627,19 @@ _HBP = {
     ("exact", "6", True): _hbp_exact_6_all,
     ("exact", "6", False): _hbp_exact_6_params,
     ("exact", "7", True): _hbp_exact_7_all,
-    ("exact", "7", False): _hbp_exact_7_params,
+    ("exact", "7", False): _hbp_exact_6_params,
     ("ggn", "6", True): _hbp_ggn_6_all,
-    ("ggn", "6", False): _hbp_ggn_6_params,
+    ("ggn", "6", False): _hbp_exact_6_params,
     ("ggn", "7", True): _hbp_ggn_7_all,
-    ("ggn", "7", False): _hbp_ggn_7_params,
+    ("ggn", "7", False): _hbp_exact_6_params,
     ("pch-abs", "6", True): _hbp_pch_abs_6_all,
-    ("pch-abs", "6", False): _hbp_pch_abs_6_params,
+    ("pch-abs", "6", False): _hbp_exact_6_params,
     ("pch-abs", "7", True): _hbp_pch_abs_7_all,
-    ("pch-abs", "7", False): _hbp_pch_abs_7_params,
+    ("pch-abs", "7", False): _hbp_exact_6_params,
     ("pch-clip", "6", True): _hbp_pch_clip_6_all,
-    ("pch-clip", "6", False): _hbp_pch_clip_6_params,
+    ("pch-clip", "6", False): _hbp_exact_6_params,
     ("pch-clip", "7", True): _hbp_pch_clip_7_all,
-    ("pch-clip", "7", False): _hbp_pch_clip_7_params,
+    ("pch-clip", "7", False): _hbp_exact_6_params,
 }
 HBP = {(c, a): _hbp(c, a) for c, a, _ in _HBP}
 

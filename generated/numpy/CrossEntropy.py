@@ -147,7 +147,7 @@ def _no_parameters():
 
 
 def _hbp_exact_6_all(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (6)."""
+    """Batch HBP: exact under (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = _softmax(S['x'])
@@ -174,7 +174,7 @@ def _hbp_exact_6_all(P, S, Hz):
     }
 
 def _hbp_exact_6_params(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (6), parameters only."""
+    """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7), parameters only."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
 
@@ -182,7 +182,7 @@ def _hbp_exact_6_params(P, S, Hz):
     }
 
 def _hbp_exact_7_all(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (7)."""
+    """Batch HBP: exact under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = (1/B) * S['y']
@@ -209,16 +209,8 @@ def _hbp_exact_7_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t18),
     }
 
-def _hbp_exact_7_params(P, S, Hz):
-    """Batch HBP, curvature exact, approximation (7), parameters only."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-    }
-
 def _hbp_ggn_6_all(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (6)."""
+    """Batch HBP: ggn under (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = _softmax(S['x'])
@@ -236,16 +228,8 @@ def _hbp_ggn_6_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t9),
     }
 
-def _hbp_ggn_6_params(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (6), parameters only."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-    }
-
 def _hbp_ggn_7_all(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (7)."""
+    """Batch HBP: ggn under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = (1/B) * S['y']
@@ -264,16 +248,8 @@ def _hbp_ggn_7_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t10),
     }
 
-def _hbp_ggn_7_params(P, S, Hz):
-    """Batch HBP, curvature ggn, approximation (7), parameters only."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-    }
-
 def _hbp_pch_abs_6_all(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (6)."""
+    """Batch HBP: pch-abs under (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = _softmax(S['x'])
@@ -300,16 +276,8 @@ def _hbp_pch_abs_6_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t18),
     }
 
-def _hbp_pch_abs_6_params(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (6), parameters only."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-    }
-
 def _hbp_pch_abs_7_all(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (7)."""
+    """Batch HBP: pch-abs under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = (1/B) * S['y']
@@ -337,16 +305,8 @@ def _hbp_pch_abs_7_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t19),
     }
 
-def _hbp_pch_abs_7_params(P, S, Hz):
-    """Batch HBP, curvature pch-abs, approximation (7), parameters only."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-    }
-
 def _hbp_pch_clip_6_all(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (6)."""
+    """Batch HBP: pch-clip under (6)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = _softmax(S['x'])
@@ -373,16 +333,8 @@ def _hbp_pch_clip_6_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t18),
     }
 
-def _hbp_pch_clip_6_params(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (6), parameters only."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-    }
-
 def _hbp_pch_clip_7_all(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (7)."""
+    """Batch HBP: pch-clip under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = (1/B) * S['y']
@@ -410,14 +362,6 @@ def _hbp_pch_clip_7_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t19),
     }
 
-def _hbp_pch_clip_7_params(P, S, Hz):
-    """Batch HBP, curvature pch-clip, approximation (7), parameters only."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-    }
-
 
 def _hbp(curvature, approximation):
     def run(P, S, Hz, inputs=True):
@@ -430,19 +374,19 @@ _HBP = {
     ("exact", "6", True): _hbp_exact_6_all,
     ("exact", "6", False): _hbp_exact_6_params,
     ("exact", "7", True): _hbp_exact_7_all,
-    ("exact", "7", False): _hbp_exact_7_params,
+    ("exact", "7", False): _hbp_exact_6_params,
     ("ggn", "6", True): _hbp_ggn_6_all,
-    ("ggn", "6", False): _hbp_ggn_6_params,
+    ("ggn", "6", False): _hbp_exact_6_params,
     ("ggn", "7", True): _hbp_ggn_7_all,
-    ("ggn", "7", False): _hbp_ggn_7_params,
+    ("ggn", "7", False): _hbp_exact_6_params,
     ("pch-abs", "6", True): _hbp_pch_abs_6_all,
-    ("pch-abs", "6", False): _hbp_pch_abs_6_params,
+    ("pch-abs", "6", False): _hbp_exact_6_params,
     ("pch-abs", "7", True): _hbp_pch_abs_7_all,
-    ("pch-abs", "7", False): _hbp_pch_abs_7_params,
+    ("pch-abs", "7", False): _hbp_exact_6_params,
     ("pch-clip", "6", True): _hbp_pch_clip_6_all,
-    ("pch-clip", "6", False): _hbp_pch_clip_6_params,
+    ("pch-clip", "6", False): _hbp_exact_6_params,
     ("pch-clip", "7", True): _hbp_pch_clip_7_all,
-    ("pch-clip", "7", False): _hbp_pch_clip_7_params,
+    ("pch-clip", "7", False): _hbp_exact_6_params,
 }
 HBP = {(c, a): _hbp(c, a) for c, a, _ in _HBP}
 

@@ -11,12 +11,15 @@ from collections.abc import Callable
 
 from ..errors import UnsupportedOperationError
 from ..expr import (
+    ONE,
     Add,
     Apply,
+    Diag,
     Expr,
     Hadamard,
     Identity,
     Inverse,
+    Kron,
     LogSoftmax,
     MatMul,
     Ones,
@@ -27,9 +30,10 @@ from ..expr import (
     Symbol,
     Trace,
     Transpose,
+    Vec,
     product,
 )
-from ..simplify import simplify
+from ..simplification import simplify
 
 VJP_RULES: dict[type, Callable[[Expr, Expr], list[Expr]]] = {}
 
@@ -138,3 +142,20 @@ def _log_softmax(node: LogSoftmax, lam: Expr) -> list[Expr]:
 @defvjp(Inverse)
 def _inverse(node: Inverse, lam: Expr) -> list[Expr]:
     return [ScalarMul(-1, MatMul(Transpose(node), lam, Transpose(node)))]  # −A⁻ᵀ Λ A⁻ᵀ
+
+
+@defvjp(Diag)
+def _diag(node: Diag, lam: Expr) -> list[Expr]:
+    (v,) = node.args  # ⟨Λ, diag dv⟩ = ⟨(Λ ⊙ I) 1, dv⟩: the diagonal of Λ
+    return [MatMul(Hadamard(lam, Identity(v.rows)), Ones(v.rows, ONE))]
+
+
+@defvjp(Vec)
+def _vec(node: Vec, lam: Expr) -> list[Expr]:
+    (a,) = node.args  # ⟨λ, vec dA⟩ = ⟨unvec λ, dA⟩
+    if a.cols == ONE:
+        return [lam]  # vec of a column is the column
+    # unvec λ = (vec(Iₙ)ᵀ ⊗ Iₘ)(Iₙ ⊗ λ) for A of shape (m, n): column j of Iₙ ⊗ λ holds λ in block
+    # row j, and vec(Iₙ)ᵀ ⊗ Iₘ adds block j of that column, λ's entries m·j … m·j + m − 1, into column j
+    n = Identity(a.cols)
+    return [MatMul(Kron(Transpose(Vec(n)), Identity(a.rows)), Kron(n, lam))]

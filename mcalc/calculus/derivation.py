@@ -10,8 +10,9 @@ import numpy as np
 
 from ..errors import McalcError
 from ..expr import Expr, Identity, Seed, Symbol, substitute, tangent
+from ..modes import CURVATURES, Curvature
 from ..module import Module
-from ..simplify import simplify
+from ..simplification import simplify
 from . import hbp as hbp_rules
 from .adjoint import backprop
 from .differential import directional_derivative
@@ -20,7 +21,7 @@ from .second_order import second_order_term
 
 
 @dataclass(frozen=True)
-class Rule:
+class DerivedRule:
     """One derived rule, ready to print: ``lhs = expr``, citing its equation."""
 
     variable: str
@@ -95,9 +96,9 @@ class Derivation:
         return hbp_rules.gauss_newton_term(self.jacobian(name), self.Hz)
 
     @functools.cache  # noqa: B019
-    def hbp(self, name: str, curvature: str = "exact") -> Expr:
+    def hbp(self, name: str, curvature: Curvature | str = Curvature.EXACT) -> Expr:
         """𝓗v by (4a)/(4b) in the given curvature mode, structured."""
-        hbp_rules.check_curvature(curvature)
+        curvature = Curvature.parse(curvature)
         return hbp_rules.hbp(self.gauss_newton(name), self.second_order(name), curvature)
 
     def hessian(self, name: str) -> Expr:
@@ -106,25 +107,25 @@ class Derivation:
             raise McalcError(f"module '{self.module.name}' is not scalar-valued; ask for hbp() instead")
         return simplify(substitute(self.second_order(name), {self.dz: Identity(1)}))
 
-    def rules(self, curvatures: tuple[str, ...] = hbp_rules.CURVATURES) -> list[Rule]:
+    def rules(self, curvatures: tuple[Curvature, ...] = CURVATURES) -> list[DerivedRule]:
         """Every rule of the module, in a stable order."""
-        out: list[Rule] = []
+        out: list[DerivedRule] = []
         for v in self.module.variables:
             label = hbp_rules.variable_label(v)
             latex_label = v.name if v.is_vector else rf"\operatorname{{vec}} {v.name}"
             eq = "(4a)" if v in self.module.inputs else "(4b)"
-            out.append(Rule(v.name, "jacobian", None, f"Dz({label})", rf"\mathrm{{D}}z({latex_label})",
+            out.append(DerivedRule(v.name, "jacobian", None, f"Dz({label})", rf"\mathrm{{D}}z({latex_label})",
                             self.jacobian(v.name), "(S.2)"))
-            out.append(Rule(v.name, "gradient", None, f"δ{v.name}", rf"\delta {v.name}",
+            out.append(DerivedRule(v.name, "gradient", None, f"δ{v.name}", rf"\delta {v.name}",
                             self.gradient(v.name), "Section 3"))
-            out.append(Rule(v.name, "second-order", None, f"Σₖ Hzₖ({label}) δzₖ",
+            out.append(DerivedRule(v.name, "second-order", None, f"Σₖ Hzₖ({label}) δzₖ",
                             rf"\sum_k \mathrm{{H}}z_k({latex_label})\,\delta z_k",
                             self.second_order(v.name), "(S.4)–(S.7)"))
             for c in curvatures:
-                out.append(Rule(v.name, "hbp", c, f"𝓗{label}", rf"\mathcal{{H}}{latex_label}",
+                out.append(DerivedRule(v.name, "hbp", c, f"𝓗{label}", rf"\mathcal{{H}}{latex_label}",
                                 self.hbp(v.name, c), eq))
             if self.module.output.is_scalar:
-                out.append(Rule(v.name, "hessian", None, f"Hz({label})", rf"\mathrm{{H}}z({latex_label})",
+                out.append(DerivedRule(v.name, "hessian", None, f"Hz({label})", rf"\mathrm{{H}}z({latex_label})",
                                 self.hessian(v.name), "(S.10)"))
         return out
 

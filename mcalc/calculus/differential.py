@@ -21,9 +21,11 @@ from ..expr import (
     ONE,
     Add,
     Apply,
+    Diag,
     Expr,
     Hadamard,
     Inverse,
+    Kron,
     LogSoftmax,
     MatMul,
     Ones,
@@ -36,7 +38,7 @@ from ..expr import (
     Vec,
     Zero,
 )
-from ..simplify import simplify
+from ..simplification import simplify
 
 DifferentialOf = Callable[[Expr], Expr]
 DIFFERENTIAL_RULES: dict[type, Callable[[Expr, DifferentialOf], Expr]] = {}
@@ -168,3 +170,15 @@ def _inverse(node: Inverse, d: DifferentialOf) -> Expr:
 @defdifferential(Vec)
 def _vec(node: Vec, d: DifferentialOf) -> Expr:
     return Vec(d(node.args[0]))  # d vec A = vec dA
+
+
+@defdifferential(Diag)
+def _diag(node: Diag, d: DifferentialOf) -> Expr:
+    return Diag(d(node.args[0]))  # d diag(v) = diag(dv)
+
+
+@defdifferential(Kron)
+def _kron(node: Kron, d: DifferentialOf) -> Expr:
+    a, b = node.args  # d(A ⊗ B) = dA ⊗ B + A ⊗ dB  (M&N 8.2)
+    da, db = d(a), d(b)
+    return _sum([term for term, moves in ((Kron(da, b), da), (Kron(a, db), db)) if not isinstance(moves, Zero)], node)

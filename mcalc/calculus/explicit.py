@@ -14,7 +14,7 @@ import sympy as sp
 from .. import dims
 from ..errors import McalcError
 from ..expr import Expr
-from ..simplify import simplify
+from ..simplification import simplify
 
 
 class Expander:

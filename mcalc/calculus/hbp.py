@@ -9,17 +9,11 @@
 """
 from __future__ import annotations
 
-from ..errors import McalcError
 from ..expr import Add, Expr, MatMul, PSDProjection, Seed, Symbol, Transpose, Zero
-from ..simplify import simplify
+from ..modes import CURVATURES, Curvature
+from ..simplification import simplify
 
-CURVATURES = ("exact", "ggn", "pch-abs", "pch-clip")
-
-
-def check_curvature(curvature: str) -> str:
-    if curvature not in CURVATURES:
-        raise McalcError(f"unknown curvature {curvature!r}; choose one of {', '.join(CURVATURES)}")
-    return curvature
+__all__ = ["CURVATURES", "cast_concave", "gauss_newton_term", "hbp", "variable_label"]
 
 
 def gauss_newton_term(jacobian: Expr, hz: Seed) -> Expr:
@@ -27,18 +21,19 @@ def gauss_newton_term(jacobian: Expr, hz: Seed) -> Expr:
     return simplify(MatMul(Transpose(jacobian), hz, jacobian))
 
 
-def cast_concave(second_order: Expr, curvature: str) -> Expr:
+def cast_concave(second_order: Expr, curvature: Curvature | str) -> Expr:
     """The second term of (4a)/(4b) as the curvature mode treats it."""
-    if curvature == "exact":
+    curvature = Curvature.parse(curvature)
+    if curvature is Curvature.EXACT:
         return second_order
-    if curvature == "ggn":
+    if curvature is Curvature.GGN:
         return Zero(*second_order.shape)
-    return simplify(PSDProjection(curvature.removeprefix("pch-"), second_order))
+    return simplify(PSDProjection(curvature.projection, second_order))
 
 
-def hbp(ggn_term: Expr, second_order: Expr, curvature: str) -> Expr:
+def hbp(ggn_term: Expr, second_order: Expr, curvature: Curvature | str) -> Expr:
     """(4a)/(4b) in the given curvature mode."""
-    return simplify(Add(ggn_term, cast_concave(second_order, check_curvature(curvature))))
+    return simplify(Add(ggn_term, cast_concave(second_order, curvature)))
 
 
 def variable_label(v: Symbol) -> str:

@@ -40,7 +40,7 @@ from ..expr import (
     Zero,
     product,
 )
-from ..simplify import simplify
+from ..simplification import simplify
 
 JacobianOf = Callable[[Expr], Expr]
 JVP_RULES: dict[type, Callable[[Expr, JacobianOf], Expr]] = {}
@@ -176,7 +176,17 @@ def _vec(node: Vec, jac: JacobianOf) -> Expr:
     return jac(node.args[0])  # d vec A = vec dA
 
 
+@defjvp(Diag)
+def _diag(node: Diag, jac: JacobianOf) -> Expr:
+    # vec diag(v) = E v with E = (Iₙ ⊗ 1ₙ) ⊙ (1ₙ ⊗ Iₙ), the n² × n matrix with a 1 at (i + n·i, i)
+    n = node.args[0].rows
+    E = Hadamard(Kron(Identity(n), Ones(n, ONE)), Kron(Ones(n, ONE), Identity(n)))
+    return MatMul(E, jac(node.args[0]))
+
+
 for _constant in (Seed, Identity, Zero, Ones, Commutation):
     JVP_RULES[_constant] = lambda node, jac: Zero(node.size, jac.wrt.size)  # type: ignore[attr-defined]
 
-# Diag and PSDProjection appear in derived rules only: no rule on purpose.
+# PSDProjection appears in derived rules only: no rule on purpose. Kron has a differential (the
+# adjoint of Vec makes one) but no Jacobian or adjoint: a module that takes mc.kron of its variables is
+# refused with a clear error.

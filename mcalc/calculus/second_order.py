@@ -35,7 +35,7 @@ from ..expr import (
     Zero,
     product,
 )
-from ..simplify import simplify
+from ..simplification import simplify
 from .adjoint import child_adjoints
 from .jacobian import Jacobians
 

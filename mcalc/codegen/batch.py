@@ -20,10 +20,8 @@ summed concave term.
 """
 from __future__ import annotations
 
-import functools
-
 from ..calculus.derivation import Derivation
-from ..calculus.hbp import cast_concave, check_curvature
+from ..calculus.hbp import cast_concave
 from ..errors import McalcError
 from ..expr import (
     BATCH,
@@ -48,12 +46,8 @@ from ..expr import (
     Vec,
     tangent,
 )
-from ..simplify import simplify
-
-APPROXIMATIONS = {
-    "6": "E[Jᵀ E(H) J]: the expectation of the sandwiched Hessian, eq. (6)",
-    "7": "E(J)ᵀ E(H) E(J) + the second-order term of (6): averaged Jacobians, eq. (7)",
-}
+from ..modes import Approximation, Curvature
+from ..simplification import simplify
 
 
 class BatchLowering:
@@ -62,6 +56,7 @@ class BatchLowering:
     def __init__(self, derivation: Derivation) -> None:
         self.derivation = derivation
         m = derivation.module
+        self._varies: dict[Expr, bool] = {}
         self.leaves: tuple[Expr, ...] = (*m.inputs, *[c for c in m.constants if c.is_vector], derivation.dz,
                                          *map(tangent, m.inputs), derivation.Rdz)
         matrices = [s.name for s in m.inputs if not s.is_vector] + ([] if m.output.is_vector else ["dz"])
@@ -71,14 +66,12 @@ class BatchLowering:
                 "batches stack per-sample vectors"
             )
 
-    @functools.cache  # noqa: B019 - one lowering per derivation
     def varies(self, e: Expr) -> bool:
-        """Whether ``e`` differs from sample to sample."""
-        if e in self.leaves:
-            return True
-        if isinstance(e, Stacked):
-            return False
-        return any(self.varies(c) for c in e.children)
+        """Whether ``e`` differs from sample to sample (memoised per lowering)."""
+        if e not in self._varies:
+            self._varies[e] = e in self.leaves or (
+                not isinstance(e, Stacked) and any(self.varies(c) for c in e.children))
+        return self._varies[e]
 
     def _mean_fallback(self, e: Expr) -> Expr:
         return BatchMean(e, tuple(leaf for leaf in self.leaves if _contains(e, leaf)))
@@ -237,10 +230,6 @@ def _contains(e: Expr, leaf: Expr) -> bool:
 
 
 # --- the batch rules of a module ---------------------------------------------------
-def batch_lowering(d: Derivation) -> BatchLowering:
-    return BatchLowering(d)
-
-
 def batch_forward(d: Derivation) -> Expr:
     """Z: the module's outputs for the batch, (size z × B)."""
     return _require(BatchLowering(d).stack(d.module.output), d, "forward pass")
@@ -277,16 +266,14 @@ def _batch_of_gradient(d: Derivation, name: str, per_sample: Expr, what: str) ->
                     else ScalarMul(BATCH, mean))
 
 
-def batch_hbp(d: Derivation, name: str, curvature: str = "exact", approximation: str = "6",
-              terminal: bool = False) -> Expr:
+def batch_hbp(d: Derivation, name: str, curvature: Curvature | str = Curvature.EXACT,
+              approximation: Approximation | str = Approximation.MEAN_OF_SANDWICHES, terminal: bool = False) -> Expr:
     """𝓗̄v over a batch by approximation (6) or (7), structured (see the module docstring).
 
     ``terminal``: no curvature arrives from above (𝓗z = 0, the module is the loss, whose outputs
     are summed): the Gauss–Newton term E[Jᵀ 𝓗z J] vanishes and only the module's own second-order
     term is left: eq. (4a) where backpropagation starts, with δz = 1/B per sample for the batch mean."""
-    check_curvature(curvature)
-    if approximation not in APPROXIMATIONS:
-        raise McalcError(f"unknown batch approximation {approximation!r}; choose 6 or 7")
+    curvature, approximation = Curvature.parse(curvature), Approximation.parse(approximation)
     lowering = BatchLowering(d)
     # Σᵢ Σₖ Hzₖ(xᵢ) δzᵢₖ per sample under both approximations: (7) averages the Jacobians of the
     # Gauss–Newton term only, as the authors' code does (bpexts/hbp/nonlinear.py, ``_residuum``:
@@ -294,7 +281,7 @@ def batch_hbp(d: Derivation, name: str, curvature: str = "exact", approximation:
     concave = cast_concave(simplify(ScalarMul(BATCH, lowering.mean(d.second_order(name)))), curvature)
     if terminal:
         return simplify(concave)
-    if approximation == "6":
+    if approximation is Approximation.MEAN_OF_SANDWICHES:
         ggn = lowering.mean(d.gauss_newton(name))
     else:
         jacobian = simplify(lowering.mean(d.jacobian(name)))

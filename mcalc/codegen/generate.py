@@ -7,15 +7,15 @@ from pathlib import Path
 from .. import __version__
 from ..calculus.derivation import Derivation
 from ..errors import McalcError
+from ..files import write_atomic
 from ..module import Module
-from .locations import project_folder
-from .manifest import content_hash, read_manifest, source_hash, write_atomic, write_manifest
+from ..runtime.generated_code import content_hash, read_manifest
+from .manifest import source_hash, write_manifest
 from .plan import plan_module, sanitise
 from .render import render_module, template_hash
 
 BACKENDS = ("numpy", "cupy")
 HEADERS = {"numpy": "import numpy as xp", "cupy": "import cupy as xp"}
-DEFAULT_DIRECTORY = project_folder("generated")
 
 
 def render(module: Module, backend: str) -> str:
@@ -30,6 +30,7 @@ def render(module: Module, backend: str) -> str:
 
 
 def entry_name(module: Module, backend: str) -> str:
+    """The file of ``module``'s code for ``backend``, relative to its folder."""
     return f"{backend}/{sanitise(module.name)}.py"
 
 

@@ -1,7 +1,7 @@
-"""The manifest of generated code: what each file was generated from, and atomic writes.
+"""The manifest of generated code, as the compiler writes it: what each file was generated from.
 
-An entry records the mcalc version, a hash of the module's declaration, a hash
-of the backend's templates and a hash of the file's content; the loader
+An entry records the module and backend, the mcalc version, a hash of the module's declaration, a
+hash of the backend's templates and a hash of the file's content; :mod:`mcalc.codegen.store`
 refuses an entry whose file or inputs no longer match.
 """
 from __future__ import annotations
@@ -9,18 +9,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import sympy as sp
 
 from ..expr import Expr
+from ..files import write_atomic
 from ..functions import ElementwiseFunction
 from ..module import Module
-
-MANIFEST = "manifest.json"
+from ..runtime.generated_code import MANIFEST
 
 
 def _canonical(value: Any) -> str:
@@ -55,41 +53,6 @@ def compiler_hash() -> str:
     for path in sorted(package.rglob("*.py")):
         digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
-
-
-def content_hash(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def write_atomic(path: Path, content: str | bytes) -> None:
-    """Write ``content`` (text, or bytes as they are) to ``path`` through a temporary file and a
-    rename: never half-written; its mode follows the umask, as a plain ``open`` would."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.fchmod(fd, 0o666 & ~umask)  # as open() would make it (mkstemp's own mode is 0600)
-        with (os.fdopen(fd, "wb") if isinstance(content, bytes)
-              else os.fdopen(fd, "w", encoding="utf-8", newline="\n")) as f:
-            f.write(content)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_manifest(directory: Path) -> dict[str, Any]:
-    path = directory / MANIFEST
-    if not path.exists():
-        return {"entries": {}}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        from ..errors import McalcError
-
-        raise McalcError(f"{path}: corrupted manifest ({exc}); regenerate with `mcalc generate`") from None
-    return data
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:

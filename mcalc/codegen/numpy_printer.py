@@ -11,14 +11,45 @@ diagonal added to a matrix is written onto its diagonal.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping
 
 import sympy as sp
 from sympy.printing.numpy import NumPyPrinter as _SymPyNumPyPrinter
 
 from ..expr import ONE, Diag, Expr, Identity, Ones, ScalarMul
 from ..functions import ElementwiseFunction
-from .plan import sanitise
+from .plan import Argument, Axis, BatchColumns, Column, DimensionSource, InPlace, Reference, sanitise
+
+
+# --- references and dimensions of a plan, as Python ---------------------------------------------
+def argument_code(argument: Argument) -> str:
+    """``P['W']``, ``S['x']``, ``V['dz']``; ``Hz`` for an argument without a key."""
+    return argument.table if argument.key is None else f"{argument.table}[{argument.key!r}]"
+
+
+def reference_code(reference: Reference) -> str:
+    """A temporary's name, an argument, or a per-sample column ``col['S[...]']`` (keyed by where the
+    loop read the batch)."""
+    if isinstance(reference, Argument):
+        return argument_code(reference)
+    if isinstance(reference, Column):
+        return f"col[{argument_code(reference.of)!r}]"
+    if isinstance(reference, InPlace):
+        raise ValueError("a constant has no name: the printer writes it where it is read")
+    return reference
+
+
+def scale_code(scale: Reference | sp.Expr) -> str:
+    """A Kronecker term's scale: an array's reference, or a number in parentheses."""
+    return f"({sp.pycode(scale)})" if isinstance(scale, sp.Expr) else reference_code(scale)
+
+
+def dimension_code(source: DimensionSource) -> str:
+    """Where a generated function reads a dimension off its arguments."""
+    if isinstance(source, BatchColumns):  # δZ's columns, else any per-sample argument's, else 1
+        return "S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1"
+    assert isinstance(source, Axis)
+    return f"{argument_code(source.argument)}.shape[{source.axis}]"
 
 
 class ElementwisePrinter(_SymPyNumPyPrinter):
@@ -62,16 +93,20 @@ def function_source(f: ElementwiseFunction) -> str:
 
 
 class ArrayPrinter:
-    """Right-hand sides of program steps; ``ref`` names an already computed child, and a name in
-    ``overwritable`` is an array that no other step reads, which a step may write into. A matrix
-    product is printed by ``product`` (``a @ b``; the CuPy backend calls a function that a CUDA
-    graph can capture)."""
+    """Right-hand sides of program steps; ``names`` holds the references of the computed children
+    (:attr:`.plan.Program.names`), and a name in ``overwritable`` is an array that no other step reads,
+    which a step may write into. A matrix product is printed by ``product`` (``a @ b``; the CuPy
+    backend calls a function that a CUDA graph can capture)."""
 
-    def __init__(self, ref: Callable[[Expr], str], overwritable: set[str] = frozenset(),
+    def __init__(self, names: Mapping[Expr, Reference], overwritable: set[str] = frozenset(),
                  product: str = "({a} @ {b})") -> None:
-        self.ref = ref
+        self.names = names
         self.overwritable = overwritable
         self.product = product
+
+    def ref(self, node: Expr) -> str:
+        """The code that reads an already computed (or argument) node."""
+        return reference_code(self.names[node])
 
     def rhs(self, node: Expr) -> str:
         return getattr(self, f"_print_{type(node).__name__}")(node)
@@ -89,6 +124,12 @@ class ArrayPrinter:
         if node.__class__.__name__ == "Zero":
             return f"xp.zeros(({self.dim(node.rows)}, {self.dim(node.cols)}), dtype=dtype)"
         return self.ref(node)
+
+    # --- a constant result, computed by a step of its own ------------------
+    def _print_Ones(self, node: Expr) -> str:
+        return self.operand(node)
+
+    _print_Identity = _print_Zero = _print_Ones
 
     # --- products --------------------------------------------------------
     def _print_MatMul(self, node: Expr) -> str:

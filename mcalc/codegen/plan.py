@@ -14,11 +14,11 @@ from __future__ import annotations
 import keyword
 import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import sympy as sp
 
 from ..calculus.derivation import Derivation
-from ..calculus.hbp import CURVATURES
 from ..expr import (
     BATCH,
     ONE,
@@ -40,9 +40,9 @@ from ..expr import (
     Zero,
     tangent_of,
 )
-from ..simplify import simplify
+from ..modes import APPROXIMATIONS, CURVATURES, Approximation, Curvature
+from ..simplification import simplify
 from .batch import (
-    APPROXIMATIONS,
     BatchLowering,
     batch_forward,
     batch_gradient,
@@ -62,6 +62,52 @@ def sanitise(name: str) -> str:
     return clean
 
 
+# --- what a program refers to: data, printed by the backends' printers ---------------------------
+@dataclass(frozen=True)
+class Argument:
+    """A value a generated function reads from its arguments: ``P[key]`` (the parameters), ``S[key]``
+    (the batch), ``V[key]`` (the directions of a curvature product), or an argument of its own without
+    a key (``Hz``, the curvature arriving from above)."""
+
+    table: str
+    key: str | None = None
+
+
+@dataclass(frozen=True)
+class Column:
+    """One sample's column of a batch argument, as a per-sample fallback loop reads it."""
+
+    of: Argument
+
+
+class InPlace:
+    """The reference of a constant (ones, an identity, zeros): printed where it is read, never a step."""
+
+    def __repr__(self) -> str:
+        return "IN_PLACE"
+
+
+IN_PLACE = InPlace()
+Reference = str | Argument | Column | InPlace  # a str is a step's target: a temporary of the function
+
+
+@dataclass(frozen=True)
+class BatchColumns:
+    """The batch size B: the columns of δZ, else of any per-sample argument, else 1 (a module of
+    parameters alone)."""
+
+
+@dataclass(frozen=True)
+class Axis:
+    """A dimension read off an argument: its extent along ``axis``."""
+
+    argument: Argument
+    axis: int
+
+
+DimensionSource = BatchColumns | Axis
+
+
 @dataclass
 class Step:
     """``target = node(children)``."""
@@ -72,10 +118,11 @@ class Step:
 
 @dataclass
 class BlockPlan:
-    """A curvature block Σⱼ (Aⱼ ⊗ Bⱼ) + M: temps of the factors and of the dense part."""
+    """A curvature block Σⱼ sⱼ (Aⱼ ⊗ Bⱼ) + M: the references of the factors and of the dense part; a
+    scale sⱼ is a (1 × 1) array's reference or a number (a SymPy expression such as 1/B)."""
 
-    kron: list[tuple[str, str, str]] = field(default_factory=list)  # (scale, A, B)
-    dense: str | None = None
+    kron: list[tuple[Reference | sp.Expr, Reference, Reference]] = field(default_factory=list)  # (s, A, B)
+    dense: Reference | None = None
 
 
 @dataclass
@@ -83,26 +130,25 @@ class Program:
     """Steps computing a set of named results."""
 
     steps: list[Step] = field(default_factory=list)
-    results: dict[str, str | BlockPlan] = field(default_factory=dict)
+    results: dict[str, Reference | BlockPlan] = field(default_factory=dict)
     fallbacks: list[tuple[str, Program, tuple[Expr, ...]]] = field(default_factory=list)
-    names: dict[Expr, str] = field(default_factory=dict)  # how each computed node is referred to
+    names: dict[Expr, Reference] = field(default_factory=dict)  # how each node is referred to
 
-    def result_names(self) -> list[str]:
-        """The names the results read: a result, or a block's Kronecker scales and factors and its
-        dense part (a scale may also be a number, written as code)."""
+    def result_names(self) -> list[Reference]:
+        """The references the results read: a result, or a block's array scales, factors and dense part."""
         return [name for result in self.results.values()
-                for name in ([result] if isinstance(result, str) else
+                for name in ([result] if not isinstance(result, BlockPlan) else
                              [part for triple in result.kron for part in triple] + [result.dense])
-                if name]
+                if name is not None and not isinstance(name, (sp.Expr, InPlace))]
 
-    def use_counts(self) -> dict[str, int]:
-        """How often each name is read: once per step that reads it (diag(v) in a product or sum
+    def use_counts(self) -> dict[Reference, int]:
+        """How often each reference is read: once per step that reads it (diag(v) in a product or sum
         reads v), twice for a result, which is also read outside."""
-        uses: dict[str, int] = {}
+        uses: dict[Reference, int] = {}
         for s in self.steps:
             for child in s.node.children:
-                name = self.names.get(_in_place(s.node, child))
-                if name:
+                name = self.names.get(in_place(s.node, child))
+                if name is not None and name is not IN_PLACE:
                     uses[name] = uses.get(name, 0) + 1
         for name in self.result_names():
             uses[name] = uses.get(name, 0) + 2
@@ -124,11 +170,11 @@ class ProgramBuilder:
         self.prefix = prefix
         self._separated: dict[Expr, Expr] = {}
 
-    def leaf_name(self, node: Expr) -> str | None:
+    def leaf_name(self, node: Expr) -> Argument | None:
         if isinstance(node, Stacked):
             return batch_reference(node.args[0])
         if isinstance(node, Symbol):
-            return f"P[{node.name!r}]"
+            return Argument("P", node.name)
         if isinstance(node, Seed):
             return seed_reference(node)
         return None
@@ -150,7 +196,7 @@ class ProgramBuilder:
             self._separated[node] = self._separated[out] = out
         return self._separated[node]
 
-    def ref(self, node: Expr) -> str:
+    def ref(self, node: Expr) -> Reference:
         node = self._broadcasts_apart(node)
         if node in self.names:
             return self.names[node]
@@ -159,23 +205,33 @@ class ProgramBuilder:
             self.names[node] = leaf
             return leaf
         if isinstance(node, (Ones, Identity, Zero)):
-            self.names[node] = ""  # printed in place by the printer
-            return ""
+            self.names[node] = IN_PLACE
+            return IN_PLACE
         if isinstance(node, BatchMean):
             return self._fallback(node)
         for child in node.children:
-            self.ref(_in_place(node, child))
+            self.ref(in_place(node, child))
         target = f"{self.prefix}{len(self.program.steps)}"
         self.program.steps.append(Step(target, node))
         self.names[node] = target
         return target
 
+    def result(self, node: Expr) -> Reference:
+        """The reference of a value the function returns: a constant one (an identity block, say) is
+        computed by a step of its own, since a result needs a name."""
+        reference = self.ref(node)
+        if reference is not IN_PLACE:
+            return reference
+        target = f"{self.prefix}{len(self.program.steps)}"
+        self.program.steps.append(Step(target, self._broadcasts_apart(node)))
+        return target
+
     def _fallback(self, node: BatchMean) -> str:
         operand, leaves = node.args
         inner = ProgramBuilder(prefix=f"f{len(self.program.fallbacks)}_")
-        for leaf in leaves:  # per-sample columns inside the loop, keyed by where the batch is read
-            inner.names[leaf] = f"col[{batch_reference(leaf)!r}]"
-        inner.program.results["value"] = inner.ref(operand)
+        for leaf in leaves:  # per-sample columns inside the loop
+            inner.names[leaf] = Column(batch_reference(leaf))
+        inner.program.results["value"] = inner.result(operand)
         name = f"_mean{len(self.program.fallbacks)}"
         self.program.fallbacks.append((name, inner.program, leaves))
         target = f"{self.prefix}{len(self.program.steps)}"
@@ -194,29 +250,29 @@ class ProgramBuilder:
                 continue
             coefficient, scale, left, right = factors
             # A number (1/B) stays a number: an array scale would cost a kernel and its own dtype.
-            scale_code = self.ref(simplify(ScalarMul(coefficient, scale))) if scale is not None \
-                else f"({sp.pycode(coefficient)})"
-            plan.kron.append((scale_code, self.ref(_implicit_gram(left)), self.ref(_implicit_gram(right))))
-        if dense:
-            plan.dense = self.ref(dense[0] if len(dense) == 1 else Add(*dense))
+            array_or_number = self.result(simplify(ScalarMul(coefficient, scale))) if scale is not None else coefficient
+            plan.kron.append((array_or_number, self.result(_implicit_gram(left)), self.result(_implicit_gram(right))))
+        remainder = dense[0] if len(dense) == 1 else Add(*dense) if dense else None
+        if remainder is not None and not isinstance(remainder, Zero):  # a zero block has no dense part
+            plan.dense = self.result(remainder)
         return plan
 
 
-def seed_reference(seed: Seed) -> str:
+def seed_reference(seed: Seed) -> Argument:
     """Where generated code reads a seed: 𝓗z is an argument, δZ is S['dz'], and the R-operator's
     directions are in V (a variable's tangent under its name, R{δZ} under 'dz')."""
     variable = tangent_of(seed)
     if variable is not None:
-        return f"V[{variable!r}]"
-    return {"Hz": "Hz", "dz": "S['dz']", "Rdz": "V['dz']"}[seed.kind]
+        return Argument("V", variable)
+    return {"Hz": Argument("Hz"), "dz": Argument("S", "dz"), "Rdz": Argument("V", "dz")}[seed.kind]
 
 
-def batch_reference(leaf: Expr) -> str:
+def batch_reference(leaf: Expr) -> Argument:
     """Where generated code reads the batch of a per-sample leaf (an input, a label, δz, a tangent)."""
-    return seed_reference(leaf) if isinstance(leaf, Seed) else f"S[{leaf.name!r}]"
+    return seed_reference(leaf) if isinstance(leaf, Seed) else Argument("S", leaf.name)
 
 
-def _in_place(parent: Expr, child: Expr) -> Expr:
+def in_place(parent: Expr, child: Expr) -> Expr:
     """What of ``child`` the printer needs when it writes ``parent``: a diagonal is used through its vector."""
     if isinstance(parent, (Add, MatMul)):
         core = child.operand if isinstance(child, ScalarMul) and isinstance(parent, Add) else child
@@ -260,6 +316,30 @@ def _kron_factors(term: Expr) -> tuple[sp.Expr, Expr | None, Expr, Expr] | None:
 
 
 # --- the functions a module's generated code provides ----------------------------------
+class HBPKey(NamedTuple):
+    """What one HBP function of a module computes."""
+
+    curvature: Curvature
+    approximation: Approximation
+    with_inputs: bool  # the inputs' blocks too, or the parameters' alone
+
+    @property
+    def function_name(self) -> str:
+        return f"_hbp_{self.curvature.identifier}_{self.approximation}_{'all' if self.with_inputs else 'params'}"
+
+
+def distinct_programs(programs: dict[HBPKey, Program]) -> tuple[dict[HBPKey, Program], dict[HBPKey, HBPKey]]:
+    """The programs that differ, each under the first key that has it, and every key's alias to it: the
+    modes that coincide for a module (for Linear, whose output is linear in its inputs and
+    parameters, every curvature mode is the Gauss–Newton one) are generated once."""
+    kept: dict[HBPKey, Program] = {}
+    aliases: dict[HBPKey, HBPKey] = {}
+    for key, program in programs.items():
+        aliases[key] = next((k for k, p in kept.items() if p == program), key)
+        kept.setdefault(aliases[key], program)
+    return kept, aliases
+
+
 @dataclass
 class ModulePlan:
     """Every program of one module: forward, gradients, the R-operator's tangents, and HBP per
@@ -271,9 +351,10 @@ class ModulePlan:
     gradients: dict[bool, Program]  # with inputs (True) or for parameters alone (False)
     jvp: dict[bool, Program]  # R{Z}; parameters alone only where the module has parameters
     rgradients: dict[bool, Program]  # R{δv} of every variable (Pearlmutter's R-backprop)
-    hbp: dict[tuple[str, str, bool], Program]  # (curvature, approximation, with inputs)
-    loss_hessian: dict[str, Program]  # by approximation: HBP's start, 𝓗z = 0 (a module with one output)
-    dims: dict[str, str]  # dimension name → how to read it off the arguments
+    hbp: dict[HBPKey, Program]  # the distinct programs, each under the first key that has it
+    hbp_aliases: dict[HBPKey, HBPKey]  # every key → the key its program is kept under
+    loss_hessian: dict[Approximation, Program]  # HBP's start, 𝓗z = 0 (a module with one output)
+    dims: dict[str, DimensionSource]  # dimension name → where to read it off the arguments
     per_sample: list[str]
     params: list[str]
 
@@ -290,7 +371,7 @@ def plan_module(d: Derivation) -> ModulePlan:
     m = d.module
     BatchLowering(d)  # refuses modules without a batch form, with a clear error
     forward = ProgramBuilder()
-    forward.program.results["Z"] = forward.ref(batch_forward(d))
+    forward.program.results["Z"] = forward.result(batch_forward(d))
     # A first layer's input needs no gradient or curvature: a second program skips that work.
     wanted = {True: m.variables, False: m.params}
     gradients: dict[bool, Program] = {}
@@ -299,32 +380,32 @@ def plan_module(d: Derivation) -> ModulePlan:
     for with_inputs, variables in wanted.items():
         builder = ProgramBuilder()
         for v in variables:
-            builder.program.results[v.name] = builder.ref(batch_gradient(d, v.name))
+            builder.program.results[v.name] = builder.result(batch_gradient(d, v.name))
         gradients[with_inputs] = builder.program
         if not variables:
             continue  # nothing moves: a module without parameters has no parameters-only tangent
         builder = ProgramBuilder()
-        builder.program.results["Z"] = builder.ref(batch_jvp(d, with_inputs))
+        builder.program.results["Z"] = builder.result(batch_jvp(d, with_inputs))
         jvp[with_inputs] = builder.program
         builder = ProgramBuilder()
         for v in variables:
-            builder.program.results[v.name] = builder.ref(batch_gradient_tangent(d, v.name, with_inputs))
+            builder.program.results[v.name] = builder.result(batch_gradient_tangent(d, v.name, with_inputs))
         rgradients[with_inputs] = builder.program
-    def blocks(variables: tuple, curvature: str, approximation: str, terminal: bool = False) -> Program:
+    def blocks(variables: tuple, curvature: Curvature, approximation: Approximation, terminal: bool = False) -> Program:
         builder = ProgramBuilder()
         for v in variables:
             builder.program.results[v.name] = builder.block(batch_hbp(d, v.name, curvature, approximation, terminal))
         return builder.program
 
-    hbp = {(curvature, approximation, with_inputs): blocks(variables, curvature, approximation)
-           for curvature in CURVATURES for approximation in APPROXIMATIONS
-           for with_inputs, variables in wanted.items()}
+    hbp, hbp_aliases = distinct_programs({
+        HBPKey(curvature, approximation, with_inputs): blocks(variables, curvature, approximation)
+        for curvature in CURVATURES for approximation in APPROXIMATIONS for with_inputs, variables in wanted.items()})
     # a loss (one number per sample) starts HBP: nothing arrives from above
-    loss_hessian = {approximation: blocks(m.variables, "exact", approximation, terminal=True)
+    loss_hessian = {approximation: blocks(m.variables, Curvature.EXACT, approximation, terminal=True)
                     for approximation in APPROXIMATIONS} if m.output.rows == ONE else {}
     per_sample = [s.name for s in (*m.inputs, *[c for c in m.constants if c.is_vector])]
     shared = [s.name for s in m.params + tuple(c for c in m.constants if not c.is_vector)]
-    return ModulePlan(m.name, d, forward.program, gradients, jvp, rgradients, hbp, loss_hessian,
+    return ModulePlan(m.name, d, forward.program, gradients, jvp, rgradients, hbp, hbp_aliases, loss_hessian,
                       _dimension_sources(d, per_sample), per_sample, shared)
 
 
@@ -361,13 +442,12 @@ def invariant_steps(program: Program, family: str | None) -> set[str]:
     return {step.target for step in program.steps if not varies(step.node)}
 
 
-def _dimension_sources(d: Derivation, per_sample: list[str]) -> dict[str, str]:
-    # B: from δZ, else from any per-sample input, else 1 (a module of parameters alone)
-    sources: dict[str, str] = {"B": "S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1"}
+def _dimension_sources(d: Derivation, per_sample: list[str]) -> dict[str, DimensionSource]:
+    sources: dict[str, DimensionSource] = {"B": BatchColumns()}
     for s in d.module.symbols:
-        where = f"S[{s.name!r}]" if s.name in per_sample else f"P[{s.name!r}]"
+        where = Argument("S" if s.name in per_sample else "P", s.name)
         for axis, extent in enumerate(s.shape if s.name not in per_sample else (s.rows,)):
             if extent.is_Symbol and str(extent) not in sources:
-                sources[str(extent)] = f"{where}.shape[{axis}]"
+                sources[str(extent)] = Axis(where, axis)
     return sources
 

@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import jinja2
 
 from .. import __version__
 from ..expr import Apply, BatchMean
+from ..locations import project_folder
 from ..printing.text import to_text
-from .locations import project_folder
-from .numpy_printer import ArrayPrinter, function_source
-from .plan import ModulePlan, Program, batch_reference, invariant_steps
+from .fusion import Kernel, Launch, unfused
+from .numpy_printer import ArrayPrinter, argument_code, dimension_code, function_source, reference_code, scale_code
+from .plan import BlockPlan, HBPKey, ModulePlan, Program, Step, batch_reference, invariant_steps
 
 TEMPLATES = project_folder("templates")
 
@@ -40,36 +43,79 @@ def template_hash(backend: str) -> str:
     return digest.hexdigest()
 
 
-def _program_context(program: Program, family: str | None = None, product: str = "({a} @ {b})") -> dict[str, Any]:
-    """The lines of a program (and of its per-sample fallbacks) as the template prints them."""
+Schedule = Callable[[Program, set[str]], tuple[list[Step | Launch], list[Kernel]]]
+
+
+@dataclass(frozen=True)
+class ArrayFamily:
+    """How a backend family prints a program: the schedule pass that decides what runs (every step;
+    or, for CuPy, :func:`.fusion.fuse`'s kernels and the steps they leave), the printer of a step's
+    right-hand side (by node class, ``_print_<Node>``), and how it writes a matrix product."""
+
+    schedule: Schedule = unfused
+    printer: type[ArrayPrinter] = ArrayPrinter
+    product: str = "({a} @ {b})"
+
+
+NUMPY = ArrayFamily()
+
+
+def program_context(program: Program, array_family: ArrayFamily, family: str | None = None) -> dict[str, Any]:
+    """The lines of a program (and of its per-sample fallbacks) as the template prints them, and the
+    kernels they launch: one printer loop over the family's schedule. ``family``: the function family
+    (gradients, jvp, …) whose loop-invariant steps a cache keeps."""
     invariant = invariant_steps(program, family)
-    printer = ArrayPrinter(lambda node: program.names[node], program.overwritable(invariant), product)
+    schedule, kernels = array_family.schedule(program, invariant)
+    printer = array_family.printer(program.names, program.overwritable(invariant), array_family.product)
     lines, calls = [], iter(program.fallbacks)
-    for step in program.steps:
-        rhs = f"{next(calls)[0]}()" if isinstance(step.node, BatchMean) else printer.rhs(step.node)
-        lines.append((step.target, f"{step.target} = {rhs}"))
-    return assemble_context(program, lines, invariant,
-                            [_program_context(inner, product=product) for _, inner, _ in program.fallbacks])
+    for step in schedule:
+        targets = step.targets if isinstance(step, Launch) else (step.target,)
+        if isinstance(step, Step) and isinstance(step.node, BatchMean):
+            rhs = f"{next(calls)[0]}()"
+        else:
+            rhs = printer.rhs(step.node if isinstance(step, Step) else step)
+        lines.append((targets, f"{', '.join(targets)} = {rhs}"))
+    inner = [program_context(p, array_family) for _, p, _ in program.fallbacks]
+    return {**assemble_context(program, lines, invariant, inner),
+            "kernels": kernels + [k for context in inner for k in context["kernels"]]}
 
 
-def assemble_context(program: Program, lines: list[tuple[str, str]], invariant: set[str],
+def program_contexts(plan: ModulePlan, array_family: ArrayFamily) -> tuple[dict[str, Any], dict[str, dict]]:
+    """Every program of a module printed by one family: the forward pass, then each function family."""
+    return (program_context(plan.forward, array_family),
+            {family: {key: program_context(p, array_family, family) for key, p in programs.items()}
+             for family, programs in plan.families().items()})
+
+
+def assemble_context(program: Program, lines: list[tuple[tuple[str, ...], str]], invariant: set[str],
                      fallback_contexts: list[dict[str, Any]]) -> dict[str, Any]:
-    """What the templates print for a program, from its (target, line) pairs and the contexts of its
-    per-sample fallbacks (any backend's). The lines are split into the loop-invariant ones
+    """What the templates print for a program, from its (targets, line) pairs and the contexts of its
+    per-sample fallbacks. The lines are split into the loop-invariant ones
     (``invariant``, :func:`.plan.invariant_steps`), which a cache keeps (``hoisted``, the targets they
     assign), and the rest (``lines``), in program order: an invariant step depends only on invariant
     steps, so it may run first."""
     # a line may assign several targets (a kernel with several outputs): all or none are invariant
-    lines = [((t,) if isinstance(t, str) else t, line) for t, line in lines]
     kept = [(t, line) for t, line in lines if t[0] in invariant]
     fallbacks = [
-        {"name": name, "lines": context["lines"], "value": inner.results["value"],
-         "leaves": [batch_reference(leaf) for leaf in leaves]}
+        {"name": name, "lines": context["lines"], "value": reference_code(inner.results["value"]),
+         "leaves": [argument_code(batch_reference(leaf)) for leaf in leaves]}
         for (name, inner, leaves), context in zip(program.fallbacks, fallback_contexts)
     ]
     return {"lines": [line for t, line in lines if t[0] not in invariant],
             "invariant_lines": [line for _, line in kept], "hoisted": [name for t, _ in kept for name in t],
-            "fallbacks": fallbacks, "results": program.results}
+            "fallbacks": fallbacks, "results": printed_results(program)}
+
+
+def printed_results(program: Program) -> dict[str, Any]:
+    """The results as the templates print them: code that reads each, a block as its printed parts."""
+    out: dict[str, Any] = {}
+    for name, result in program.results.items():
+        if isinstance(result, BlockPlan):
+            out[name] = {"kron": [(scale_code(s), reference_code(a), reference_code(b)) for s, a, b in result.kron],
+                         "dense": None if result.dense is None else reference_code(result.dense)}
+        else:
+            out[name] = reference_code(result)
+    return out
 
 
 def functions_of(plan: ModulePlan) -> list[str]:
@@ -85,30 +131,46 @@ def functions_of(plan: ModulePlan) -> list[str]:
     return [seen[k] for k in sorted(seen)]
 
 
+def served_modes(plan: ModulePlan) -> dict[HBPKey, str]:
+    """For each distinct HBP program, the curvature modes and approximations it computes, in words
+    (``exact, ggn under (6) and (7), parameters only``)."""
+    served: dict[HBPKey, list[HBPKey]] = {}
+    for key, kept in plan.hbp_aliases.items():
+        served.setdefault(kept, []).append(key)
+    words = {}
+    for kept, keys in served.items():
+        curvatures: dict[str, list[str]] = {}  # approximation → its curvatures
+        for k in keys:
+            curvatures.setdefault(k.approximation, []).append(k.curvature)
+        approximations: dict[str, list[str]] = {}  # the curvatures, written out → their approximations
+        for approximation, modes in curvatures.items():
+            approximations.setdefault(", ".join(dict.fromkeys(modes)), []).append(f"({approximation})")
+        words[kept] = "; ".join(f"{modes} under {' and '.join(a)}" for modes, a in approximations.items()) + (
+            ", parameters only" if not kept.with_inputs else "")
+    return words
+
+
 def module_context(plan: ModulePlan) -> dict[str, Any]:
     """What the templates say about the module itself."""
     m = plan.derivation.module
     return {
+        "hbp_aliases": plan.hbp_aliases,
+        "hbp_served": served_modes(plan),
         "name": m.name,
         "output_text": to_text(m.output),
         "per_sample": plan.per_sample,
         "params": plan.params,
         "variables": [v.name for v in m.variables],
-        "dims": plan.dims,
+        "dims": {name: dimension_code(source) for name, source in plan.dims.items()},
         "dim_names": ", ".join(plan.dims) + ("," if len(plan.dims) == 1 else ""),
     }
 
 
-def render_module(plan: ModulePlan, backend: str, header: str, product: str = "({a} @ {b})") -> str:
-    """The module's source for one backend family; ``product`` prints a matrix product of the
-    NumPy family (``a @ b``)."""
+def render_module(plan: ModulePlan, backend: str, header: str, product: str = NUMPY.product) -> str:
+    """The module's source for the NumPy family (``header`` imports NumPy or CuPy as ``xp``);
+    ``product`` prints a matrix product (``a @ b``)."""
+    forward, families = program_contexts(plan, ArrayFamily(product=product))
     return environment().get_template(f"{backend}/module.py.j2").render(
-        module=module_context(plan),
-        version=__version__,
-        backend=backend,
-        header=header,
-        functions=functions_of(plan),
-        forward=_program_context(plan.forward, product=product),
-        **{family: {key: _program_context(p, family, product) for key, p in programs.items()}
-           for family, programs in plan.families().items()},
+        module=module_context(plan), version=__version__, backend=backend, header=header,
+        functions=functions_of(plan), forward=forward, **families,
     )

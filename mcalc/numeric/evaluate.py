@@ -15,7 +15,7 @@ import sympy as sp
 from .. import dims
 from ..errors import EvaluationError
 from ..expr import BATCH, Expr, Seed, Symbol
-from ..runtime.array_ops import commutation, psd_project
+from ..modes import Curvature, Projection
 
 
 def vec(a: np.ndarray) -> np.ndarray:
@@ -29,8 +29,30 @@ def unvec(v: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def commutation_matrix(m: int, n: int) -> np.ndarray:
-    """K_{m,n} with K vec(A) = vec(Aᵀ) for A of shape (m, n)."""
-    return commutation(m, n, np)
+    """K_{m,n} with K vec(A) = vec(Aᵀ) for A of shape (m, n): row i + n·j (entry (j, i) of Aᵀ, column
+    major) takes column i + m·j (entry (i, j) of A). The oracle's own, not the runtime's it checks."""
+    K = np.zeros((m * n, m * n))
+    for i in range(m):
+        for j in range(n):
+            K[j + n * i, i + m * j] = 1.0
+    return K
+
+
+def psd_project(a: np.ndarray, projection: Projection | str) -> np.ndarray:
+    """V f(Λ) Vᵀ of the symmetric part of ``a``: f = |·| (``abs``) or max(·, 0) (``clip``)."""
+    w, v = np.linalg.eigh(0.5 * (a + a.T))
+    cast = np.abs(w) if Projection.parse(projection) is Projection.ABS else np.maximum(w, 0.0)
+    return (v * cast) @ v.T
+
+
+def with_curvature(ggn: np.ndarray, second_order: np.ndarray, curvature: Curvature | str) -> np.ndarray:
+    """(4a)/(4b) from the dense Gauss–Newton term and second-order term, in a curvature mode."""
+    curvature = Curvature.parse(curvature)
+    if curvature is Curvature.EXACT:
+        return ggn + second_order
+    if curvature is Curvature.GGN:
+        return ggn
+    return ggn + psd_project(second_order, curvature.projection)
 
 
 def to_user_shape(a: np.ndarray, expr: Expr) -> np.ndarray:

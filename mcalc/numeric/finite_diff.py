@@ -11,8 +11,9 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from ..modes import Curvature
 from ..module import Module
-from .evaluate import Evaluator, as_matrix, psd_project, unvec, vec
+from .evaluate import Evaluator, as_matrix, unvec, vec, with_curvature
 
 JACOBIAN_STEP = 1e-6
 HESSIAN_STEP = 1e-4
@@ -68,16 +69,10 @@ def fd_second_order(module: Module, name: str, values: Mapping[str, np.ndarray],
 
 
 def fd_hbp(module: Module, name: str, values: Mapping[str, np.ndarray], dz: np.ndarray, Hz: np.ndarray,
-           curvature: str = "exact") -> np.ndarray:
+           curvature: Curvature | str = Curvature.EXACT) -> np.ndarray:
     """𝓗v of (4a)/(4b) in the given curvature mode, from finite differences only."""
     J = fd_jacobian(module, name, values)
-    ggn = J.T @ np.asarray(Hz, dtype=float) @ J
-    if curvature == "ggn":
-        return ggn
-    S = fd_second_order(module, name, values, dz)
-    if curvature == "exact":
-        return ggn + S
-    return ggn + psd_project(S, curvature.removeprefix("pch-"))
+    return with_curvature(J.T @ np.asarray(Hz, dtype=float) @ J, fd_second_order(module, name, values, dz), curvature)
 
 
 def joint_forward(module: Module, values: Mapping[str, np.ndarray], names: tuple[str, ...],

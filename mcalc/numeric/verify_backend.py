@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..calculus.hbp import CURVATURES
-from ..codegen.batch import APPROXIMATIONS
 from ..errors import McalcError
+from ..modes import APPROXIMATIONS, CURVATURES, Approximation, Curvature
 from ..module import Module
-from .evaluate import as_matrix, psd_project
+from .evaluate import as_matrix, with_curvature
 from .finite_diff import fd_gradient_tangents, fd_jacobian, fd_jvp, fd_second_order
 from .verify import TOLERANCES, Check, relative_error, sample_values
 
@@ -15,28 +14,24 @@ BATCH_SIZE = 4
 
 
 def _oracle(module: Module, samples: list[dict], name: str, dZ: np.ndarray, Hz: np.ndarray,
-            curvature: str, approximation: str) -> np.ndarray:
+            curvature: Curvature, approximation: Approximation) -> np.ndarray:
     """(6) or (7) from finite differences of each sample's forward pass; both with the per-sample
     second-order term Σᵢ Σₖ Hzₖ(xᵢ) δzᵢₖ, (7) averaging the Gauss–Newton term's Jacobians."""
     Js = [fd_jacobian(module, name, values) for values in samples]
     B = len(samples)
     concave = sum(fd_second_order(module, name, values, dZ[i]) for i, values in enumerate(samples))
-    if approximation == "6":
+    if Approximation.parse(approximation) is Approximation.MEAN_OF_SANDWICHES:
         ggn = sum(J.T @ Hz @ J for J in Js) / B
     else:
         J = sum(Js) / B
         ggn = J.T @ Hz @ J
-    if curvature == "exact":
-        return ggn + concave
-    if curvature == "ggn":
-        return ggn
-    return ggn + psd_project(concave, curvature.removeprefix("pch-"))
+    return with_curvature(ggn, concave, curvature)
 
 
 def verify_backend(module: Module, backend: str, *, seed: int = 0) -> list[Check]:
     """Check the generated forward, gradients and every HBP variant of ``module`` on ``backend``
     ('numpy', 'cupy', or 'cupy-emulated': the CuPy code with its kernels run on the CPU)."""
-    from ..runtime.loader import load
+    from ..codegen.store import load_code
 
     if backend == "cupy-emulated":
         from ..runtime.emulator import installed, unavailable_reason
@@ -47,7 +42,7 @@ def verify_backend(module: Module, backend: str, *, seed: int = 0) -> list[Check
         with installed():
             return verify_backend(module, "cupy", seed=seed)
 
-    code = load(module, backend)
+    code = load_code(module, backend)
     xp = np
     if backend == "cupy":
         import cupy as xp
@@ -88,7 +83,7 @@ def verify_backend(module: Module, backend: str, *, seed: int = 0) -> list[Check
     for approximation, start in code.LOSS_HESSIAN.items():  # a loss: HBP's start, nothing from above
         blocks = start(P, S)
         for v in module.variables:
-            reference = _oracle(module, samples, v.name, dZ, np.zeros_like(Hz), "exact", approximation)
+            reference = _oracle(module, samples, v.name, dZ, np.zeros_like(Hz), Curvature.EXACT, approximation)
             label = v.name if v.is_vector else f"vec {v.name}"
             checks.append(Check(module.name, f"𝓗̄{label} ({approximation}), 𝓗z = 0", "exact",
                                 relative_error(_host(blocks[v.name].to_dense()), reference), TOLERANCES["hbp"]))

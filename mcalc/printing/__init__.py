@@ -1,5 +1,3 @@
-"""Printers: text and LaTeX forms of expressions, reports of derivations."""
-from .latex import to_latex
-from .text import to_text
+"""Printers: text and LaTeX forms of expressions (``text``, ``latex``), reports of derivations (``report``)."""
 
-__all__ = ["to_latex", "to_text"]
+FORMATS = ("text", "latex", "markdown", "json")  # the report formats of `mcalc derive --format`

@@ -12,18 +12,16 @@ from .latex import to_latex
 from .text import to_text
 
 if TYPE_CHECKING:
-    from ..calculus.derivation import Derivation, Rule
-
-FORMATS = ("text", "latex", "markdown", "json")
+    from ..calculus.derivation import Derivation, DerivedRule
 
 
-def _heading(rule: Rule) -> str:
+def _heading(rule: DerivedRule) -> str:
     return rule.kind if rule.curvature is None else f"{rule.kind} [{rule.curvature}]"
 
 
-def merged(rules: list[Rule]) -> list[Rule]:
+def merged(rules: list[DerivedRule]) -> list[DerivedRule]:
     """Rules with curvature modes that coincide folded into one (e.g. 'exact = ggn')."""
-    out: list[Rule] = []
+    out: list[DerivedRule] = []
     for r in rules:
         previous = out[-1] if out else None
         if (previous is not None and r.curvature and previous.curvature and r.variable == previous.variable

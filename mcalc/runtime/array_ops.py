@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .blocks import Gram, namespace
+from ..modes import Projection
+from .blocks import GramFactor, namespace
 from .cuda_graph import matmul
 
 
@@ -38,24 +39,24 @@ def commutation(m: int, n: int, xp: Any, dtype: Any = float) -> Any:
     return k
 
 
-def psd_project(a: Any, mode: str) -> Any:
+def psd_project(a: Any, mode: Projection | str) -> Any:
     """V f(Λ) Vᵀ of the symmetric part of ``a``, f = |·| ('abs') or max(·, 0) ('clip')."""
     xp = namespace(a)
     w, v = xp.linalg.eigh(0.5 * (a + a.T))
-    return matmul(v * (xp.abs(w) if mode == "abs" else xp.maximum(w, 0.0)), v.T)
+    return matmul(v * (xp.abs(w) if mode == Projection.ABS else xp.maximum(w, 0.0)), v.T)
 
 
 def kron(scale: Any, a: Any, b: Any) -> tuple[Any, Any]:
     """Kronecker factors with a scalar folded into the smaller one (the cheaper pass); an implicit
-    :class:`Gram` cannot take it, so with two of them the smaller is formed first."""
+    :class:`GramFactor` cannot take it, so with two of them the smaller is formed first."""
     if isinstance(scale, (int, float)) and scale == 1:
         return a, b
-    if isinstance(a, Gram) and isinstance(b, Gram):
+    if isinstance(a, GramFactor) and isinstance(b, GramFactor):
         a, b = (a.dense(), b) if a.size <= b.size else (a, b.dense())
-    scale_a = not isinstance(a, Gram) and (a.size <= b.size or isinstance(b, Gram))
+    scale_a = not isinstance(a, GramFactor) and (a.size <= b.size or isinstance(b, GramFactor))
     return (a * scale, b) if scale_a else (a, b * scale)
 
 
 def gram(p: Any) -> Any:
     """P Pᵀ formed when that is cheaper than applying it through P (rows ≤ columns), else kept implicit."""
-    return matmul(p, p.T) if p.shape[0] <= p.shape[1] else Gram(p)
+    return matmul(p, p.T) if p.shape[0] <= p.shape[1] else GramFactor(p)

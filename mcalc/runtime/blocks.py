@@ -9,7 +9,7 @@ import numpy as np
 from ..errors import McalcError
 
 
-class Gram:
+class GramFactor:
     """The factor P Pᵀ of a batch matrix P (rows × B), applied through P without forming it.
 
     Forming it costs rows²·B once and rows² memory; applying it costs
@@ -30,17 +30,17 @@ class Gram:
 
 
 def _right_apply(v: Any, a: Any) -> Any:
-    return a.right_apply(v) if isinstance(a, Gram) else v @ a.T
+    return a.right_apply(v) if isinstance(a, GramFactor) else v @ a.T
 
 
 def dense_factor(a: Any) -> Any:
-    """A Kronecker factor as a matrix (an implicit :class:`Gram` formed)."""
-    return a.dense() if isinstance(a, Gram) else a
+    """A Kronecker factor as a matrix (an implicit :class:`GramFactor` formed)."""
+    return a.dense() if isinstance(a, GramFactor) else a
 
 
 @dataclass
 class CurvatureBlock:
-    """C = Σⱼ (Aⱼ ⊗ Bⱼ) + M, the factors kept apart (M may be absent; a factor may be an implicit :class:`Gram`).
+    """C = Σⱼ (Aⱼ ⊗ Bⱼ) + M, the factors kept apart (M may be absent; a factor may be an implicit :class:`GramFactor`).
 
     ``matvec`` multiplies vec V by C as Σⱼ vec(Bⱼ V Aⱼᵀ) + M vec V, never
     forming a Kronecker product (S.1).
@@ -167,7 +167,8 @@ def row_groups(rows: int, groups: int, xp: Any) -> list[Any]:
 
 
 def factor_eigh(a: Any) -> tuple[Any, Any]:
-    """Eigenvalues (ascending) and orthonormal eigenvectors of a symmetric factor (a :class:`Gram` formed first)."""
+    """Eigenvalues (ascending) and orthonormal eigenvectors of a symmetric factor (a :class:`GramFactor`
+    formed first)."""
     dense = dense_factor(a)
     return namespace(dense).linalg.eigh(dense)
 

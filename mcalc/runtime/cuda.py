@@ -1,7 +1,22 @@
 """Launching the fused kernels of generated CuPy code."""
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
+
+THREADS_PER_BLOCK = 256  # every launch's block; a row sum's shared-memory tree has this many entries
+
+
+class Layout(StrEnum):
+    """How a kernel divides its (rows, cols) work among threads."""
+
+    ENTRIES = "entries"  # a thread per entry (an elementwise map)
+    ROWS = "rows"  # a block per row (a row sum, a tree reduction)
+    COLUMNS = "columns"  # a thread per column (a softmax, a loop down the column)
+
+    def grid(self, rows: int, cols: int) -> tuple[int]:
+        blocks = lambda n: (n + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK  # noqa: E731
+        return {"entries": (blocks(rows * cols),), "rows": (rows,), "columns": (blocks(cols),)}[self.value]
 
 
 class KernelSet:
@@ -23,11 +38,10 @@ class KernelSet:
         return self._functions[key]
 
     def launch(self, name: str, dtype: Any, shape: tuple, out_shape: tuple | list[tuple], inputs: list[Any],
-               coefficients: list[float], layout: str) -> Any:
+               coefficients: list[float], layout: Layout | str) -> Any:
         """Run kernel ``name`` in ``dtype`` over ``shape``: one output of ``out_shape``, or, for a list of
-        shapes, a row sum and its siblings' outputs (a list is returned). ``layout`` is how the kernel
-        divides the work: a thread per entry ('entries'), a block of 256 per row ('rows', a row sum)
-        or a thread per column ('columns', a softmax).
+        shapes, a row sum and its siblings' outputs (a list is returned). ``layout`` (:class:`Layout`)
+        is how the kernel divides the work.
 
         A launch is the fused path's unit of Python overhead, so it does the least it can: inputs already
         contiguous and of ``dtype`` (the usual case) pass as they are, without a CuPy call each.
@@ -43,6 +57,5 @@ class KernelSet:
         rows, cols = shape
         scalar = dtype.type
         args = (*inputs, *[scalar(c) for c in coefficients], *outs, cupy.int64(rows), cupy.int64(cols))
-        grid = {"entries": ((rows * cols + 255) // 256,), "rows": (rows,), "columns": ((cols + 255) // 256,)}[layout]
-        self._function(name, dtype)(grid, (256,), args)
+        self._function(name, dtype)(Layout(layout).grid(rows, cols), (THREADS_PER_BLOCK,), args)
         return outs if several else outs[0]

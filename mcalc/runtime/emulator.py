@@ -331,7 +331,7 @@ class RawModule:
             source = _PRELUDE + self.code + "\n" + "".join(
                 _launcher(name, kinds, name in self._barriers) for name, kinds in self.kernels.items())
             digest = hashlib.sha256(source.encode()).hexdigest()[:24]
-            from .loader import cache_directory  # where user modules' generated code is cached too
+            from .generated_code import cache_directory  # where user modules' generated code is cached too
 
             directory = cache_directory() / "emulator"
             library = directory / f"kernels_{digest}.so"

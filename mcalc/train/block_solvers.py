@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import McalcError
-from ..runtime.blocks import CurvatureBlock, Eigenbasis, Gram, dense_factor, factor_eigh, namespace
+from ..runtime.blocks import CurvatureBlock, Eigenbasis, GramFactor, dense_factor, factor_eigh, namespace
 from .safeguards import is_linalg_error
 
 
@@ -111,16 +111,16 @@ _EIGEN_OPERATIONS = 6  # per eigenbasis solve: four products, a division, reshap
 
 
 def _factor_shapes(block: CurvatureBlock) -> tuple[int, int, int | None]:
-    """(n, m, batch): C = A ⊗ B with A n × n (batch columns when A is an implicit Gram), B m × m;
+    """(n, m, batch): C = A ⊗ B with A n × n (batch columns when A is an implicit GramFactor), B m × m;
     a dense block of size N is (1, N, None)."""
     if not block.kron:
         return 1, block.dense.shape[0], None
     a, b = block.kron[0]
-    return a.shape[0], b.shape[0], a.p.shape[1] if isinstance(a, Gram) else None
+    return a.shape[0], b.shape[0], a.p.shape[1] if isinstance(a, GramFactor) else None
 
 
 def _matvec_flops(block: CurvatureBlock) -> float:
-    """C v as vec(B V Aᵀ) (S.1), A applied through its batch matrix when it is a Gram."""
+    """C v as vec(B V Aᵀ) (S.1), A applied through its batch matrix when it is a GramFactor."""
     n, m, batch = _factor_shapes(block)
     if not block.kron:
         return 2.0 * m * m
@@ -150,7 +150,7 @@ def eigen_flops(block: CurvatureBlock, refresh: int, costs: SolveCosts, decompos
         if id(factor) not in decomposed:
             decomposed.add(id(factor))
             size = factor.shape[0]
-            forming = 2.0 * size * size * factor.p.shape[1] if isinstance(factor, Gram) else 0.0
+            forming = 2.0 * size * size * factor.p.shape[1] if isinstance(factor, GramFactor) else 0.0
             decompose += forming + costs.eigh_fixed + costs.eigh * size**3
     apply = 4.0 * m * m if not block.kron else 4.0 * m * n * (m + n)
     return (formation_flops(block, costs) + decompose) / refresh + apply + _EIGEN_OPERATIONS * costs.dispatch
@@ -220,8 +220,8 @@ class SharedAverage:
 
 
 def _owned(factor: Any) -> Any:
-    """A factor as a matrix of its own (a :class:`Gram` formed, an array copied)."""
-    return factor.dense() if isinstance(factor, Gram) else factor.copy()
+    """A factor as a matrix of its own (a :class:`GramFactor` formed, an array copied)."""
+    return factor.dense() if isinstance(factor, GramFactor) else factor.copy()
 
 
 @dataclass

@@ -16,21 +16,22 @@ from typing import Any
 
 import numpy as np
 
-from ..codegen.manifest import write_atomic
 from ..errors import McalcError
+from ..files import write_atomic
 
 FORMAT, VERSION = "mcalc-checkpoint", 1
 
 
 def _classes() -> dict[str, type]:
     """The classes a checkpoint may hold, by name (imported here: the optimisers import the trainer)."""
-    from ..runtime.blocks import CurvatureBlock, Eigenbasis, Gram
+    from ..runtime.blocks import CurvatureBlock, Eigenbasis, GramFactor
     from .block_solvers import BlockSolveState, DampedBlockSolver
     from .hessian_free import HessianFree
     from .optimizers import KBFGS, KFAC, SGD, Adam, HBPNewton
 
-    return {c.__name__: c for c in (SGD, Adam, HBPNewton, KFAC, KBFGS, HessianFree, DampedBlockSolver,
-                                    BlockSolveState, Eigenbasis, CurvatureBlock, Gram)}
+    table = {c.__name__: c for c in (SGD, Adam, HBPNewton, KFAC, KBFGS, HessianFree, DampedBlockSolver,
+                                     BlockSolveState, Eigenbasis, CurvatureBlock, GramFactor)}
+    return {**table, "Gram": GramFactor}  # its name in checkpoints written before it was renamed
 
 
 class _Encoder:

@@ -174,7 +174,7 @@ def npz(path: str | Path) -> Dataset:
                    y_test.astype(np.int64))
 
 
-def load(spec: str, seed: int = 0, folder: str | None = None) -> Dataset:
+def load_dataset(spec: str, seed: int = 0, folder: str | None = None) -> Dataset:
     """``digits``, ``mnist1d``, ``synthetic``, ``mnist`` / ``cifar10`` (files in ``folder``, or
     ``mnist:FOLDER``) or a .npz FILE."""
     if spec == "digits":

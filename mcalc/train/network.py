@@ -9,26 +9,28 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from .. import layers as L
 from ..errors import McalcError
-from ..module import Module
+from ..modes import Approximation, Curvature, CurvatureMatrix
 from ..runtime.array_ops import softmax
 from ..runtime.blocks import CurvatureBlock
-from ..runtime.loader import load
+from ..runtime.generated_code import library_code
 
-ACTIVATIONS = {"sigmoid": L.Sigmoid, "tanh": L.Tanh, "relu": L.ReLU, "softplus": L.Softplus}
-LOSSES = {"ce": L.CrossEntropy, "mse": L.MSE}
+# the spec's tokens and the library modules they name (mcalc/layers/)
+SPEC_ACTIVATIONS = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "ReLU", "softplus": "Softplus"}
+SPEC_LOSSES = {"ce": "CrossEntropy", "mse": "MSE"}
+BackwardResult = tuple[float, dict[str, Any], dict[str, CurvatureBlock]]  # loss, gradients, blocks
 
 
 @dataclass
 class Layer:
-    """One module of the network and the names of its parameters in the network."""
+    """One module of the network, by name, and the names of its parameters in the network."""
 
-    module: Module
+    module: str
     params: dict[str, str]  # module's parameter name → network parameter name
 
 
@@ -41,14 +43,14 @@ def parse_spec(spec: str) -> tuple[list[int], list[str]]:
             if int(token) < 1:
                 raise McalcError(f"model spec '{spec}': width {token} must be positive")
             widths.append(int(token))
-        elif token in ACTIVATIONS:
+        elif token in SPEC_ACTIVATIONS:
             layer = len(widths) - 2  # the linear layer that ends at the last width
             if layer < 0 or layer in after:
                 raise McalcError(f"model spec '{spec}': activation '{token}' must follow a width")
             after[layer] = token
         else:
             raise McalcError(f"model spec '{spec}': unknown token '{token}'; widths are integers, "
-                             f"activations are {', '.join(ACTIVATIONS)}")
+                             f"activations are {', '.join(SPEC_ACTIVATIONS)}")
     if len(widths) < 2:
         raise McalcError(f"model spec '{spec}': needs an input and an output width, e.g. 64-10")
     if len(widths) - 2 in after:
@@ -57,12 +59,18 @@ def parse_spec(spec: str) -> tuple[list[int], list[str]]:
 
 
 class Network:
-    """A feed-forward network of library modules with a loss, run on the generated code of one backend."""
+    """A feed-forward network of library modules with a loss, run on the generated code of one backend.
+
+    ``code`` maps module names to their imported generated code (as :mod:`mcalc.codegen.store` loads
+    it); the modules it lacks come from the library's ``generated/`` folder, by
+    :func:`mcalc.runtime.generated_code.library_code`, without the compiler.
+    """
 
     def __init__(self, spec: str, loss: str = "ce", backend: str = "numpy", seed: int = 0,
-                 dtype: Any = np.float64, weights: Mapping[str, Any] | None = None) -> None:
-        if loss not in LOSSES:
-            raise McalcError(f"unknown loss '{loss}'; choose one of {', '.join(LOSSES)}")
+                 dtype: Any = np.float64, weights: Mapping[str, Any] | None = None,
+                 code: Mapping[str, ModuleType] | None = None) -> None:
+        if loss not in SPEC_LOSSES:
+            raise McalcError(f"unknown loss '{loss}'; choose one of {', '.join(SPEC_LOSSES)}")
         self.spec, self.backend, self.dtype = spec, backend, dtype
         self.widths, activations = parse_spec(spec)
         self.xp = np
@@ -78,12 +86,14 @@ class Network:
             bound = np.sqrt(6.0 / (fan_in + fan_out))  # Xavier / Glorot uniform
             self._params[f"W{i + 1}"] = self.xp.asarray(rng.uniform(-bound, bound, (fan_out, fan_in)), dtype=dtype)
             self._params[f"b{i + 1}"] = self.xp.zeros((fan_out, 1), dtype=dtype)
-            self.layers.append(Layer(L.Linear, {"W": f"W{i + 1}", "b": f"b{i + 1}"}))
+            self.layers.append(Layer("Linear", {"W": f"W{i + 1}", "b": f"b{i + 1}"}))
             if activations[i]:
-                self.layers.append(Layer(ACTIVATIONS[activations[i]], {}))
-        self.loss_module = LOSSES[loss]
-        self.code = {layer.module.name: load(layer.module, backend) for layer in self.layers}
-        self.code[self.loss_module.name] = load(self.loss_module, backend)
+                self.layers.append(Layer(SPEC_ACTIVATIONS[activations[i]], {}))
+        self.loss_module = SPEC_LOSSES[loss]
+        self.code: dict[str, ModuleType] = dict(code or {})
+        for name in [layer.module for layer in self.layers] + [self.loss_module]:
+            if name not in self.code:
+                self.code[name] = library_code(name, backend)
         if weights is not None:
             self.load_weights(weights)
 
@@ -136,16 +146,16 @@ class Network:
         inputs, Z = [], X
         for layer in self.layers:
             inputs.append(Z)
-            Z = self.code[layer.module.name].forward(self._module_params(layer, params), {"x": Z})["Z"]
+            Z = self.code[layer.module].forward(self._module_params(layer, params), {"x": Z})["Z"]
         return Z, inputs
 
     def loss(self, X: Any, Y: Any, params: dict[str, Any] | None = None) -> float:
         """The batch mean of the per-sample losses."""
         Z, _ = self.forward(X, params)
-        return float(self.code[self.loss_module.name].forward({}, {"x": Z, "y": Y})["Z"].mean())
+        return float(self.code[self.loss_module].forward({}, {"x": Z, "y": Y})["Z"].mean())
 
-    def backward(self, X: Any, Y: Any, curvature: str | None = None, approximation: str = "6",
-                 ) -> tuple[float, dict[str, Any], dict[str, CurvatureBlock]]:
+    def backward(self, X: Any, Y: Any, curvature: Curvature | str | None = None,
+                 approximation: Approximation | str = Approximation.MEAN_OF_SANDWICHES) -> BackwardResult:
         """Loss, gradients of every parameter and, with ``curvature``, their HBP blocks (Section 3.3).
 
         The loss is the batch mean: δZ carries 1/B and 𝓗̄z is the mean of the
@@ -154,11 +164,11 @@ class Network:
         loss, grads, blocks = self._backward(X, Y, curvature, approximation)
         return float(loss), grads, blocks
 
-    def output_curvatures(self, X: Any, Y: Any, curvature: str = "ggn", approximation: str = "6") -> list[Any]:
+    def output_curvatures(self, X: Any, Y: Any, curvature: Curvature | str = Curvature.GGN,
+                          approximation: Approximation | str = Approximation.MEAN_OF_SANDWICHES) -> list[Any]:
         """𝓗̄ at every layer's output, in layer order (the last is the loss's own Hessian where HBP
         starts): what each module's HBP rule receives from above, by (4a)."""
-        if not curvature:
-            raise McalcError("output curvatures need a curvature mode (exact, ggn, pch-abs or pch-clip)")
+        curvature = Curvature.parse(curvature)
         record: dict[int, Any] = {}
         self._backward(X, Y, curvature, approximation, record)
         return [record[position] for position in range(len(self.layers))]
@@ -176,7 +186,7 @@ class Network:
             start += value.size
         return out
 
-    def curvature_operator(self, X: Any, Y: Any, matrix: str = "gn") -> Any:
+    def curvature_operator(self, X: Any, Y: Any, matrix: CurvatureMatrix | str = CurvatureMatrix.GAUSS_NEWTON) -> Any:
         """The whole network's Gauss–Newton matrix (``'gn'``) or Hessian (``'hessian'``) of the batch-mean
         loss on (X, Y) as a ``scipy.sparse.linalg.LinearOperator`` on :meth:`flat` vectors (so ``eigsh`` and
         ``cg`` work on it, as with curvlinops'), applied through :meth:`curvature_product`, never formed."""
@@ -191,8 +201,9 @@ class Network:
 
         return LinearOperator((size, size), matvec=matvec, rmatvec=matvec, dtype=np.dtype(self.dtype))  # symmetric
 
-    def capture_backward(self, X: Any, Y: Any, curvature: str | None = None, approximation: str = "6",
-                         ) -> Callable[[Any, Any], tuple[float, dict[str, Any], dict[str, CurvatureBlock]]]:
+    def capture_backward(self, X: Any, Y: Any, curvature: Curvature | str | None = None,
+                         approximation: Approximation | str = Approximation.MEAN_OF_SANDWICHES,
+                         ) -> Callable[[Any, Any], BackwardResult]:
         """:meth:`backward` recorded once as a CUDA graph (cupy backend), for batches shaped as (X, Y).
 
         The returned function replays it: one launch instead of one per kernel and product. Its
@@ -207,39 +218,37 @@ class Network:
         captured = CapturedCall(lambda x, y: self._backward(x, y, curvature, approximation), [X, Y],
                                 lambda: self.params)
 
-        def replay(X: Any, Y: Any) -> tuple[float, dict[str, Any], dict[str, CurvatureBlock]]:
+        def replay(X: Any, Y: Any) -> BackwardResult:
             loss, grads, blocks = captured(X, Y)
             return float(loss), grads, blocks
 
         return replay
 
-    def _backward(self, X: Any, Y: Any, curvature: str | None, approximation: str,
+    def _backward(self, X: Any, Y: Any, curvature: Curvature | str | None, approximation: Approximation | str,
                   record: dict[int, Any] | None = None) -> tuple[Any, dict[str, Any], dict[str, CurvatureBlock]]:
         """:meth:`backward` with the loss left on the device (no host synchronisation: capturable); with
         ``record``, the curvature arriving at each layer's output is kept there by layer position."""
-        code = self.code[self.loss_module.name]
-        if curvature and (curvature, approximation) not in code.HBP:
-            raise McalcError(f"unknown curvature {curvature!r} with approximation {approximation!r}; curvatures: "
-                             f"{', '.join(sorted({c for c, _ in code.HBP}))}; approximations: "
-                             f"{', '.join(sorted({repr(a) for _, a in code.HBP}))}")
+        code = self.code[self.loss_module]
+        approximation = Approximation.parse(approximation)
+        curvature = Curvature.parse(curvature) if curvature is not None else None
         Z, inputs = self.forward(X)
         S = self._loss_inputs(Z, Y)
         loss = code.forward({}, S)["Z"].mean()
         dZ = code.gradients({}, S)["x"]
-        Hz = code.LOSS_HESSIAN[approximation]({}, S)["x"].dense if curvature else None
+        Hz = code.LOSS_HESSIAN[approximation]({}, S)["x"].dense if curvature is not None else None
         grads: dict[str, Any] = {}
         blocks: dict[str, CurvatureBlock] = {}
         for position in reversed(range(len(self.layers))):
             layer = self.layers[position]
             P, S = self._module_params(layer), {"x": inputs[position], "dz": dZ}
             first = position == 0  # the data needs no gradient or curvature
-            g = self.code[layer.module.name].gradients(P, S, inputs=not first)
+            g = self.code[layer.module].gradients(P, S, inputs=not first)
             for own, name in layer.params.items():
                 grads[name] = g[own]
-            if curvature:
+            if curvature is not None:
                 if record is not None:
                     record[position] = Hz
-                out = self.code[layer.module.name].HBP[(curvature, approximation)](P, S, Hz, inputs=not first)
+                out = self.code[layer.module].HBP[(curvature, approximation)](P, S, Hz, inputs=not first)
                 for own, name in layer.params.items():
                     blocks[name] = out[own]
                 if not first:
@@ -254,7 +263,7 @@ class Network:
 
     def output_gradient(self, Z: Any, Y: Any) -> Any:
         """δZ: the gradient of the batch-mean loss with respect to the network's outputs."""
-        return self.code[self.loss_module.name].gradients({}, self._loss_inputs(Z, Y))["x"]
+        return self.code[self.loss_module].gradients({}, self._loss_inputs(Z, Y))["x"]
 
     def adjoints(self, inputs: list[Any], dZ: Any) -> dict[int, Any]:
         """The adjoint of every layer's output, from ``dZ`` at the network's output (gradient backprop)."""
@@ -262,11 +271,12 @@ class Network:
         for position in range(len(self.layers) - 1, 0, -1):
             layer = self.layers[position]
             S = {"x": inputs[position], "dz": dZ}
-            dZ = self.code[layer.module.name].gradients(self._module_params(layer), S)["x"]
+            dZ = self.code[layer.module].gradients(self._module_params(layer), S)["x"]
             out[position - 1] = dZ
         return out
 
-    def curvature_product(self, X: Any, Y: Any, matrix: str = "gn") -> Callable[[dict[str, Any]], dict[str, Any]]:
+    def curvature_product(self, X: Any, Y: Any, matrix: CurvatureMatrix | str = CurvatureMatrix.GAUSS_NEWTON,
+                          ) -> Callable[[dict[str, Any]], dict[str, Any]]:
         """V ↦ C V over every parameter at once, for the batch-mean loss on (X, Y), without forming C.
 
         ``matrix='gn'``: the Gauss–Newton matrix Jᵀ 𝓗L J (Schraudolph 2002; Martens 2010): the
@@ -278,13 +288,12 @@ class Network:
         not depend on V (activation derivatives, softmax) in a cache of its own for the batch; each
         product costs one tangent pass forwards and one backwards.
         """
-        if matrix not in ("gn", "hessian"):
-            raise McalcError(f"unknown curvature matrix '{matrix}'; choose gn or hessian")
+        matrix = CurvatureMatrix.parse(matrix)
         xp = self.xp
         Z, inputs = self.forward(X)
         B = X.shape[1]
         loss_S = self._loss_inputs(Z, Y)
-        adjoints = self.adjoints(inputs, self.output_gradient(Z, Y)) if matrix == "hessian" else {}
+        adjoints = self.adjoints(inputs, self.output_gradient(Z, Y)) if matrix is CurvatureMatrix.HESSIAN else {}
         caches: list[dict] = [{} for _ in range(len(self.layers) + 1)]  # the loss's is the last
 
         def product(V: dict[str, Any]) -> dict[str, Any]:
@@ -294,16 +303,16 @@ class Network:
                 tangents.append(T)
                 if T is not None or moved:
                     V_layer = moved if T is None else {"x": T, **moved}
-                    T = self.code[layer.module.name].jvp(P, {"x": inputs[position]}, V_layer,
+                    T = self.code[layer.module].jvp(P, {"x": inputs[position]}, V_layer,
                                                           inputs=T is not None, cache=caches[position])["Z"]
-            loss = self.code[self.loss_module.name]
+            loss = self.code[self.loss_module]
             R = loss.rgradients({}, loss_S, {"x": T, "dz": xp.zeros((1, B), dtype=Z.dtype)},
                                 cache=caches[-1])["x"]  # 𝓗L R{Z}
             out: dict[str, Any] = {}
             for position in reversed(range(len(self.layers))):
                 layer, T_in = self.layers[position], tangents[position]
-                code, P = self.code[layer.module.name], self._module_params(layer)
-                if matrix == "gn":
+                code, P = self.code[layer.module], self._module_params(layer)
+                if matrix is CurvatureMatrix.GAUSS_NEWTON:
                     r = code.gradients(P, {"x": inputs[position], "dz": R}, inputs=T_in is not None,
                                        cache=caches[position])
                 else:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import McalcError
-from .network import ACTIVATIONS, Network
+from .network import Network
 
 _TORCH_ACTIVATIONS = {"Sigmoid": "sigmoid", "Tanh": "tanh", "ReLU": "relu", "Softplus": "softplus"}
 
@@ -57,11 +57,9 @@ def to_torch(net: Network) -> Any:
     """The ``nn.Sequential`` (float64) computing the same function as ``net``, with a copy of its weights."""
     torch = _torch()
     modules: list[Any] = []
-    by_name = {v: k for k, v in _TORCH_ACTIVATIONS.items()}
     for layer in net.layers:
-        if not layer.params:
-            name = next(n for n, module in ACTIVATIONS.items() if module is layer.module)
-            modules.append(getattr(torch.nn, by_name[name])())
+        if not layer.params:  # an activation: torch.nn's class has the library module's name
+            modules.append(getattr(torch.nn, layer.module)())
             continue
         W = net.params[layer.params["W"]]
         b = net.params[layer.params["b"]]

@@ -7,24 +7,13 @@
 - :func:`damped_solve`: solves a damped symmetric system, and when NumPy or CuPy finds it singular or
   the solution is not finite, raises the damping and warns instead of ending the run with a traceback
   (an eigen-decomposition that fails likewise leaves its block to CG, :mod:`.block_solvers`).
-- :class:`SecondOrder`: what the training loop asks of an optimiser with a damping: ``reject()``,
-  called after a step it rejected (a loss that is not finite, or that rose past the trust bound), once
-  the weights and the optimiser's own state are restored.
 """
 from __future__ import annotations
 
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
-
-
-@runtime_checkable
-class SecondOrder(Protocol):
-    """An optimiser whose steps the training loop guards with a trust bound."""
-
-    def reject(self) -> None:
-        """The step just proposed was rejected: make the next one more conservative (more damping)."""
+from typing import Any
 
 
 def reduction_ratio(old_loss: float, new_loss: float, model_change: float) -> float:

@@ -13,12 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from ..codegen.manifest import write_atomic
 from ..errors import McalcError
+from ..files import write_atomic
+from ..modes import Approximation
 from .checkpoint import save_checkpoint
 from .data import Dataset
 from .network import Network
-from .safeguards import SecondOrder
+from .optimizer_protocol import Optimizer
 
 TRUST_BOUND = 2.0  # a second-order step that more than doubles its own mini-batch's loss is rejected
 
@@ -28,29 +29,23 @@ def one_hot(labels: np.ndarray, classes: int) -> np.ndarray:
     return np.eye(classes)[:, labels]
 
 
-def curvature_for_step(optimizer: Any) -> str | None:
-    """The curvature mode whose blocks the optimiser's next step needs; None for gradients only."""
-    needs = getattr(optimizer, "needs_curvature", None)
-    return getattr(optimizer, "curvature", None) if needs is None or needs() else None
-
-
-def restore(optimizer: Any, snapshot: Any) -> None:
+def restore(optimizer: Optimizer, snapshot: Optimizer) -> None:
     """Put ``optimizer`` back, in place, into the state ``snapshot`` (a deep copy) holds."""
     vars(optimizer).clear()
     vars(optimizer).update(vars(snapshot))
 
 
-def step_is_rejected(optimizer: Any, loss_before: float, loss_after: float, updates: dict[str, Any], xp: Any,
+def step_is_rejected(optimizer: Optimizer, loss_before: float, loss_after: float, updates: dict[str, Any], xp: Any,
                      trust_bound: float = TRUST_BOUND) -> bool:
     """Whether the training loop rejects a step: its loss or an update is not finite or, for a
-    second-order optimiser (:class:`.safeguards.SecondOrder`), its mini-batch loss rose past
+    second-order optimiser (:attr:`.Optimizer.second_order`), its mini-batch loss rose past
     ``trust_bound`` times the loss before it."""
     if not math.isfinite(loss_after) or not all(bool(xp.isfinite(u).all()) for u in updates.values()):
         return True
-    return isinstance(optimizer, SecondOrder) and loss_after > trust_bound * loss_before
+    return optimizer.second_order and loss_after > trust_bound * loss_before
 
 
-def train(net: Network, data: Dataset, optimizer: Any, *, epochs: int, batch_size: int, seed: int = 0,
+def train(net: Network, data: Dataset, optimizer: Optimizer, *, epochs: int, batch_size: int, seed: int = 0,
           progress: bool = False, name: str = "", checkpoint: str | Path | None = None,
           resume: dict[str, Any] | None = None, graphs: bool = False,
           on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
@@ -61,9 +56,9 @@ def train(net: Network, data: Dataset, optimizer: Any, *, epochs: int, batch_siz
     (:func:`step_is_rejected`): the weights and the optimiser's own state
     (velocities, factors, quasi-Newton matrices) are restored to what they were
     before the step, and the optimiser's ``reject()`` raises its damping; steps
-    rejected are counted. An optimiser with a ``prepare(net, X_train)`` method
-    is given the training inputs once before its first step (K-BFGS's pass
-    over the data).
+    rejected are counted. The optimiser's ``prepare(net, X_train)`` is given
+    the training inputs once before its first step (K-BFGS's pass over the
+    data); :mod:`.optimizer_protocol` says what else the loop asks of it.
     With ``checkpoint`` the state is saved after every epoch; ``resume`` (a
     loaded checkpoint) continues that run exactly where it stopped. ``graphs``
     (cupy backend): each backward pass is a CUDA graph replayed, one captured per
@@ -77,7 +72,8 @@ def train(net: Network, data: Dataset, optimizer: Any, *, epochs: int, batch_siz
 
     def backward(X: Any, Y: Any) -> tuple:
         """Loss, gradients and the blocks the optimiser's next step needs."""
-        curvature, approximation = curvature_for_step(optimizer), getattr(optimizer, "approximation", "6")
+        request = optimizer.curvature_request()
+        curvature, approximation = request or (None, Approximation.MEAN_OF_SANDWICHES)
         if not graphs:
             return net.backward(X, Y, curvature, approximation)
         key = (curvature, approximation, X.shape)
@@ -97,7 +93,7 @@ def train(net: Network, data: Dataset, optimizer: Any, *, epochs: int, batch_siz
     X_train, X_test = as_array(data.x_train.T), as_array(data.x_test.T)
     Y_train, Y_test = as_array(one_hot(data.y_train, data.classes)), as_array(one_hot(data.y_test, data.classes))
     labels_test = xp.asarray(data.y_test)
-    if resume is None and hasattr(optimizer, "prepare"):
+    if resume is None:
         optimizer.prepare(net, X_train)
     steps = math.ceil(len(data.y_train) / batch_size)
     start = time.perf_counter() - elapsed
@@ -121,8 +117,7 @@ def train(net: Network, data: Dataset, optimizer: Any, *, epochs: int, batch_siz
                 net.params = previous  # never corrupt the weights, nor the optimiser's state
                 restore(optimizer, snapshot)
                 rejected += 1
-                if isinstance(optimizer, SecondOrder):
-                    optimizer.reject()
+                optimizer.reject()
             else:
                 losses.append(loss)
             if bar is not None:

@@ -23,9 +23,10 @@ from ..expr import (
     Zero,
 )
 from ..functions import absolute, relu
+from ..modes import Projection
 from .engine import rule
 
-_CAST = {"abs": absolute, "clip": relu}
+_CAST = {Projection.ABS: absolute, Projection.CLIP: relu}
 
 
 def is_symmetric(e: Expr) -> bool:
@@ -88,9 +89,9 @@ def psd_constant(e: PSDProjection) -> Expr | None:
         c = a.coefficient
         if c >= 0:
             return ScalarMul(c, PSDProjection(e.mode, a.operand))
-        if e.mode == "abs":
+        if e.mode == Projection.ABS:
             return ScalarMul(-c, PSDProjection(e.mode, a.operand))
-    if isinstance(a, ScaleBy) and e.mode == "abs":
+    if isinstance(a, ScaleBy) and e.mode == Projection.ABS:
         return ScaleBy(Apply(absolute, a.args[0]), PSDProjection(e.mode, a.args[1]))
     return None
 
@@ -101,10 +102,10 @@ def psd_kronecker(e: PSDProjection) -> Expr | None:
     if not isinstance(a, Kron) or not (is_symmetric(a.args[0]) and is_symmetric(a.args[1])):
         return None
     left, right = a.args
-    if e.mode == "abs":  # |λμ| = |λ||μ|
-        return Kron(PSDProjection("abs", left), PSDProjection("abs", right))
+    if e.mode == Projection.ABS:  # |λμ| = |λ||μ|
+        return Kron(PSDProjection(Projection.ABS, left), PSDProjection(Projection.ABS, right))
     if is_psd(left):  # max(λμ, 0) = λ max(μ, 0) for λ ≥ 0
-        return Kron(left, PSDProjection("clip", right))
+        return Kron(left, PSDProjection(Projection.CLIP, right))
     if is_psd(right):
-        return Kron(PSDProjection("clip", left), right)
+        return Kron(PSDProjection(Projection.CLIP, left), right)
     return None

@@ -20,7 +20,7 @@ from ..expr import Expr
 
 
 @dataclass(frozen=True)
-class Rule:
+class RewriteRule:
     """One rewrite: where it applies, what it is called and which equation it is."""
 
     node_type: type
@@ -30,29 +30,29 @@ class Rule:
     apply: Callable[[Expr], Expr | None]
 
 
-RULES: dict[tuple[str, type], list[Rule]] = defaultdict(list)
-_observers: list[Callable[[Rule, Expr, Expr], None]] = []
+RULES: dict[tuple[str, type], list[RewriteRule]] = defaultdict(list)
+_observers: list[Callable[[RewriteRule, Expr, Expr], None]] = []
 
 
 def rule(node_type: type, cite: str, ruleset: str = "algebra") -> Callable:
     """Register ``fn`` as a rewrite of ``node_type`` nodes, citing its identity."""
 
     def register(fn: Callable[[Expr], Expr | None]) -> Callable[[Expr], Expr | None]:
-        RULES[(ruleset, node_type)].append(Rule(node_type, fn.__name__, cite, ruleset, fn))
+        RULES[(ruleset, node_type)].append(RewriteRule(node_type, fn.__name__, cite, ruleset, fn))
         return fn
 
     return register
 
 
-def all_rules() -> list[Rule]:
+def all_rules() -> list[RewriteRule]:
     """Every registered rule (all rule sets)."""
     return [r for rules in RULES.values() for r in rules]
 
 
 @contextlib.contextmanager
-def record_rewrites() -> Iterator[list[tuple[Rule, Expr, Expr]]]:
+def record_rewrites() -> Iterator[list[tuple[RewriteRule, Expr, Expr]]]:
     """Collect every (rule, before, after) that fires inside the block."""
-    seen: list[tuple[Rule, Expr, Expr]] = []
+    seen: list[tuple[RewriteRule, Expr, Expr]] = []
     observer = lambda r, before, after: seen.append((r, before, after))  # noqa: E731
     _observers.append(observer)
     try:

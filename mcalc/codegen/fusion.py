@@ -1,0 +1,246 @@
+"""Kernel fusion, a planning pass: which steps of a program run fused into CUDA kernels, and the
+schedule of what the generated function then runs.
+
+A *group* is an elementwise step with the elementwise steps that feed only it (same shape), inlined
+into one expression per output entry (a product diag(u) M diag(v) that only scales rows and columns
+counts as elementwise). A row sum M 1 over such a group becomes one reduction kernel, and a
+column-wise softmax or log-softmax of one becomes one kernel with a thread per column (its max, its
+sum of exponentials and its entries in one pass down the column). A row sum and an elementwise
+kernel over the same (rows, cols) share one launch. :func:`fuse` hands the backend a schedule of
+plain steps and :class:`Launch` steps; the CUDA source of each kernel is the printer's
+(:mod:`mcalc.codegen.cuda`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+from ..expr import (
+    ONE,
+    Add,
+    Apply,
+    BatchMean,
+    Diag,
+    Expr,
+    Hadamard,
+    Identity,
+    LogSoftmax,
+    MatMul,
+    Ones,
+    ScalarMul,
+    ScaleBy,
+    Softmax,
+)
+from ..functions import ElementwiseFunction
+from .plan import Program, Reference, Step, in_place
+
+FUSABLE = (Add, Hadamard, ScalarMul, ScaleBy, Apply)
+UNNAMED = "KERNEL_NAME"  # stands for a kernel's name until its content names it (its CUDA source)
+
+
+def is_broadcast(node: Expr) -> bool:
+    """v 1ᵀ or 1 wᵀ: a vector repeated, read in place by a kernel."""
+    return isinstance(node, MatMul) and len(node.args) == 2 and (
+        (isinstance(node.args[1], Ones) and node.args[0].cols == ONE and node.args[1].rows == ONE)
+        or (isinstance(node.args[0], Ones) and node.args[1].rows == ONE and node.args[0].cols == ONE))
+
+
+def is_all_ones(node: Expr) -> bool:
+    """1 or a product of ones (1ₙ 1_Bᵀ): the constant 1 in every entry, printed in place."""
+    return isinstance(node, Ones) or (isinstance(node, MatMul) and all(isinstance(a, Ones) for a in node.args))
+
+
+def broadcast_source(node: Expr) -> Expr:
+    """v for the broadcast v 1ᵀ or 1 vᵀ; any other node itself."""
+    if not is_broadcast(node):
+        return node
+    return node.args[1] if isinstance(node.args[0], Ones) else node.args[0]
+
+
+def scaled_matrix(node: Expr) -> Expr | None:
+    """M of diag(u) M diag(v) (either side may be missing or repeated): a product that only scales the
+    rows and columns of one matrix, entry (r, c) = u[r] M[r, c] v[c], so elementwise work for a kernel."""
+    if not isinstance(node, MatMul):
+        return None
+    dense = [a for a in node.args if not isinstance(a, Diag)]
+    if len(dense) != 1 or len(dense) == len(node.args) or isinstance(dense[0], Ones) \
+            or tuple(dense[0].shape) != tuple(node.shape):
+        return None
+    return dense[0]
+
+
+def is_elementwise(node: Expr) -> bool:
+    return isinstance(node, FUSABLE) or scaled_matrix(node) is not None
+
+
+def is_row_sum(node: Expr) -> bool:
+    return isinstance(node, MatMul) and len(node.args) == 2 and isinstance(node.args[1], Ones) \
+        and node.args[1].cols == ONE and node.args[1].rows != ONE
+
+
+@dataclass
+class Kernel:
+    """One fused kernel: output ``target`` of shape ``shape``, inputs in order, coefficients.
+
+    ``kind`` says what it computes from ``body``: its entries ('map'), its row sums M 1 ('row_sum'),
+    or its column-wise softmax or log-softmax ('softmax', 'log_softmax').
+
+    A row-sum kernel may also write ``extra`` elementwise outputs over the same (rows, cols) in the
+    same pass (sibling fusion); the launch then happens at ``placed_at``, the earlier of their steps.
+    """
+
+    name: str
+    target: str
+    shape: tuple[sp.Expr, sp.Expr]
+    body: Expr  # the root node (an elementwise node, or the operand of a row sum or softmax)
+    kind: str
+    members: set[str] = field(default_factory=set)
+    inputs: list[tuple[Reference, tuple[sp.Expr, sp.Expr]]] = field(default_factory=list)
+    coefficients: list[sp.Expr] = field(default_factory=list)  # in the order the kernel takes them
+    functions: list[ElementwiseFunction] = field(default_factory=list)
+    extra: list[Kernel] = field(default_factory=list)
+    placed_at: str = ""
+    source: dict[str, str] = field(default_factory=dict)  # dtype → CUDA source
+
+
+class KernelBuilder:
+    """Finds the fusion groups of a program."""
+
+    def __init__(self, program: Program, invariant: set[str] = frozenset()) -> None:
+        self.program = program
+        self.invariant = invariant  # the loop-invariant steps, which a cache keeps: not merged with others
+        self.by_target = {s.target: s for s in program.steps}
+        self.uses = program.use_counts()
+        self.kernels: list[Kernel] = []
+
+    def _internal(self, node: Expr, shape: tuple) -> bool:
+        """Whether ``node`` is computed inside a kernel over ``shape``: elementwise, used once, and of the
+        kernel's shape or a vector or scalar along it (read as entry r, c or 0: |·| of a row sum, say,
+        is evaluated where the kernel reads it, instead of in a kernel of its own)."""
+        name = self.program.names.get(node, "")
+        step = self.by_target.get(name)
+        rows, cols = shape
+        return (step is not None and is_elementwise(step.node) and self.uses.get(name, 0) == 1
+                and tuple(node.shape) in {(rows, cols), (rows, ONE), (ONE, cols), (ONE, ONE)})
+
+    def build(self) -> list[Kernel]:
+        fused: set[str] = set()
+        for step in reversed(self.program.steps):
+            if step.target in fused:
+                continue
+            node = step.node
+            if is_row_sum(node) and self._internal(node.args[0], node.args[0].shape):
+                kernel = Kernel(UNNAMED, step.target, node.args[0].shape, node.args[0], "row_sum")
+                self._collect(kernel, kernel.body, top=True)
+            elif is_elementwise(node):
+                kernel = Kernel(UNNAMED, step.target, node.shape, node, "map")
+                self._collect(kernel, kernel.body, top=True)
+            elif isinstance(node, (Softmax, LogSoftmax)):
+                kind = "softmax" if isinstance(node, Softmax) else "log_softmax"
+                kernel = Kernel(UNNAMED, step.target, node.shape, node.args[0], kind, members={step.target})
+                self._collect(kernel, kernel.body)  # the operand: inlined when it is a group read only here
+            else:
+                continue
+            if not kernel.inputs:  # made of constants alone: the array printer writes it in the function's dtype
+                continue
+            fused |= kernel.members
+            kernel.placed_at = kernel.target
+            self.kernels.append(kernel)
+        self._merge_siblings()
+        return self.kernels
+
+    def _merge_siblings(self) -> None:
+        """A row sum and an elementwise kernel over the same (rows, cols), neither reading the other,
+        become one launch that reads the inputs once: in an activation's exact or PCH block (6), φ′(x)
+        for the Gram product and the row sum of δz ⊙ φ″(x)."""
+        position = {s.target: i for i, s in enumerate(self.program.steps)}
+        at = lambda name: position.get(name, -1)  # noqa: E731 - an argument (a leaf) is there from the start
+        for host in [k for k in self.kernels if k.kind == "row_sum"]:
+            for other in [k for k in self.kernels if k.kind == "map" and not k.extra]:
+                if other.shape != host.shape or (other.target in self.invariant) != (host.target in self.invariant):
+                    continue
+                first, later = sorted((host, other), key=lambda k: at(k.target))
+                if any(at(name) >= at(first.target) for name, _ in later.inputs):
+                    continue  # the later one needs what is computed from the earlier one's place on
+                host.extra.append(other)
+                host.members |= other.members
+                host.inputs += [i for i in other.inputs if i not in host.inputs]
+                host.placed_at = first.target
+                self.kernels.remove(other)
+                break
+
+    def _collect(self, kernel: Kernel, node: Expr, top: bool = False) -> None:
+        if top or self._internal(node, kernel.shape):
+            kernel.members.add(self.program.names[node])
+            for child in node.children:
+                target = in_place(node, child)
+                if isinstance(target, Identity) or is_all_ones(target):
+                    continue
+                if isinstance(child, Diag) and scaled_matrix(node) is not None:
+                    self._add_input(kernel, target)  # read at r or at c by the scaling, never inlined
+                    continue
+                self._collect(kernel, target)
+            return
+        if is_all_ones(node):
+            return
+        source = broadcast_source(node)
+        if source is not node and self._internal(source, kernel.shape):
+            self._collect(kernel, source)
+            return
+        self._add_input(kernel, source)
+
+    def _add_input(self, kernel: Kernel, node: Expr) -> None:
+        name = self.program.names[node]
+        if name not in [n for n, _ in kernel.inputs]:
+            kernel.inputs.append((name, node.shape))
+
+def live_steps(program: Program, kernels: list[Kernel]) -> set[str]:
+    """The targets of the steps the function must run (a kernel's: where it is placed): those its
+    results need, through the printed steps' operands and the kernels' inputs. A step fused into a
+    kernel is not run, nor one that kernels read only in place (the broadcast v 1ᵀ is read as v)."""
+    needed = set(program.result_names())
+    outputs = {t.target: k for k in kernels for t in (k, *k.extra)}
+    members = set().union(*[k.members for k in kernels])
+    live = set()
+    for step in reversed(program.steps):
+        if step.target not in needed:
+            continue
+        if step.target in outputs:
+            live.add(outputs[step.target].placed_at)
+            needed |= {name for name, _ in outputs[step.target].inputs}
+        elif step.target in members:
+            continue
+        else:
+            live.add(step.target)
+            if not isinstance(step.node, BatchMean):  # a per-sample fallback reads the batch itself
+                needed |= {program.names.get(in_place(step.node, child)) for child in step.node.children}
+    return live
+
+
+@dataclass
+class Launch:
+    """A step of the schedule: ``kernel`` launched where its first output is due, writing every output."""
+
+    kernel: Kernel
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(k.target for k in (self.kernel, *self.kernel.extra))
+
+
+def fuse(program: Program, invariant: set[str] = frozenset()) -> tuple[list[Step | Launch], list[Kernel]]:
+    """The fusion pass: the schedule of ``program`` (in program order, the steps its results need that
+    no kernel computes, and a :class:`Launch` where each kernel is placed) and its kernels.
+    ``invariant``: the loop-invariant steps, which a cache keeps (a kernel never mixes them with others)."""
+    kernels = KernelBuilder(program, invariant).build()
+    live = live_steps(program, kernels)
+    launches = {k.placed_at: k for k in kernels}
+    schedule: list[Step | Launch] = [Launch(launches[s.target]) if s.target in launches else s
+                                     for s in program.steps if s.target in live]
+    return schedule, kernels
+
+
+def unfused(program: Program, invariant: set[str] = frozenset()) -> tuple[list[Step | Launch], list[Kernel]]:
+    """The schedule without fusion: every step, in program order (the NumPy family's)."""
+    return list(program.steps), []
