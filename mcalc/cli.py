@@ -102,10 +102,13 @@ def _verify(args: argparse.Namespace) -> int:
         print(json.dumps({"backend": args.backend, "checks": [c.as_dict() for c in checks],
                           "failed": len(failed)}, indent=2, ensure_ascii=False))
     else:
-        rows = [[c.module, c.rule, c.curvature, f"{c.error:.1e}", f"{c.tolerance:.0e}", "ok" if c.ok else "MISMATCH"]
-                for c in checks]
+        result = lambda c: ("ok" if c.ok else "MISMATCH") + (" (zero oracle)" if c.vacuous else "")  # noqa: E731
+        rows = [[c.module, c.rule, c.curvature, f"{c.error:.1e}", f"{c.tolerance:.0e}", result(c)] for c in checks]
         print(_table(rows, ["module", "rule", "curvature", "error", "tolerance", "result"]))
-        print(f"\n{len(checks) - len(failed)} passed, {len(failed)} failed")
+        vacuous = sum(c.vacuous for c in checks)
+        print(f"\n{len(checks) - len(failed)} passed, {len(failed)} failed"
+              + (f"; {vacuous} compared zero with zero at every point tried (nonzero rules that tested nothing: "
+                 "widen the sample, or check the module)" if vacuous else ""))
     return EXIT_MISMATCH if failed else 0
 
 

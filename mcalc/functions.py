@@ -5,10 +5,15 @@ SymPy derives φ′ and φ″; each derivative is itself an
 and a printer or code generator can look at its formula.
 
 Non-smooth functions: SymPy's derivative of a kink is a ``Heaviside`` step and
-its second derivative a ``DiracDelta``. mcalc refuses such a φ″ unless the
-function is declared ``piecewise_linear=True`` (as :data:`relu` is); then the
-convention is φ″ = 0 (its value almost everywhere) and a step's value at the
-kink is 0, i.e. relu′(0) = 0 (the convention of PyTorch and NumPy codes).
+its second derivative a ``DiracDelta``. Before each derivative mcalc looks at
+where the function may break (the roots of the arguments of ``Heaviside``,
+``Abs``, ``sign``, ``Max``, ``Min`` and of a ``Piecewise``'s conditions): where it
+is continuous there, its derivative's Dirac terms vanish (t·δ(t), or δ(t) − e^t δ(−t)
+in ELU's second derivative) and are dropped; where it jumps, the derivative does
+not exist and mcalc refuses it, unless the function is declared
+``piecewise_linear=True`` (as :data:`relu` is); then the convention is the value
+almost everywhere, φ″ = 0 at a kink, and a step's value at the kink is 0, i.e.
+relu′(0) = 0 (the convention of PyTorch and NumPy codes).
 """
 from __future__ import annotations
 
@@ -107,14 +112,16 @@ class ElementwiseFunction:
                 f"no differential rule for elementwise function '{self.display_name}': "
                 f"SymPy cannot differentiate {self.expr}"
             )
-        if raw.has(sp.DiracDelta):
-            if not self.piecewise_linear:
-                raise DifferentiabilityError(
-                    f"elementwise function '{self.base.name}' is not twice differentiable: "
-                    f"{self.display_name}'(t) = {raw} has a Dirac delta at its kink; "
-                    + NON_SMOOTH_CONVENTION
-                )
-            raw = raw.replace(sp.DiracDelta, lambda *a: sp.Integer(0))
+        jumps = [] if self.piecewise_linear else _jumps(self.expr)
+        if jumps:
+            what = "differentiable" if self.order == 0 else "twice differentiable" if self.order == 1 \
+                else f"{self.order + 1} times differentiable"
+            raise DifferentiabilityError(
+                f"elementwise function '{self.base.name}' is not {what}: {self.display_name}(t) = {self.expr} "
+                f"jumps at t = {', '.join(format(p, 'g') for p in jumps)}; " + NON_SMOOTH_CONVENTION
+            )
+        # where the function is continuous its derivative's Dirac terms vanish; declared, they are dropped
+        raw = raw.replace(sp.DiracDelta, lambda *a: sp.Integer(0))
         derived = _simplify(raw)
         return ElementwiseFunction(
             self.base.name,
@@ -139,7 +146,7 @@ class ElementwiseFunction:
     def numpy(self) -> Callable[[np.ndarray], np.ndarray]:
         """A vectorised NumPy implementation of φ (kinks valued by the convention)."""
         expr = self.expr.replace(sp.Heaviside, lambda arg, *rest: sp.Heaviside(arg, 0))
-        fn = sp.lambdify(_T, expr, modules="numpy")
+        fn = sp.lambdify(_T, expr, modules=["scipy", "numpy"])  # special functions (erf, …) from SciPy
 
         def apply(values: np.ndarray) -> np.ndarray:
             out = fn(values)
@@ -152,10 +159,60 @@ class ElementwiseFunction:
         return self.expr.xreplace({_T: value})
 
 
+def _breakpoints(expr: sp.Expr) -> list[float]:
+    """The real points where ``expr`` may break: roots of the arguments of steps, kinks and signs, of
+    max/min's differences, and of a piecewise function's conditions."""
+    candidates: list[sp.Expr] = []
+    for node in sp.preorder_traversal(expr):
+        if isinstance(node, (sp.Heaviside, sp.Abs, sp.sign, sp.DiracDelta)):
+            candidates.append(node.args[0])
+        elif isinstance(node, (sp.Max, sp.Min)):
+            candidates += [a - b for i, a in enumerate(node.args) for b in node.args[i + 1:]]
+        elif isinstance(node, sp.Piecewise):
+            candidates += [c.lhs - c.rhs for _, c in node.args if isinstance(c, sp.core.relational.Relational)]
+    points: set[float] = set()
+    for g in candidates:
+        try:
+            roots = sp.solve(g, _T)
+        except (NotImplementedError, TypeError, ValueError):
+            continue
+        points |= {float(r) for r in roots if r.is_real}
+    return sorted(points)
+
+
+def _jumps(expr: sp.Expr, width: float = 1e-7) -> list[float]:
+    """The breakpoints (:func:`_breakpoints`) where ``expr`` jumps: its values just left and right of the
+    point differ by more than a difference quotient's worth (``width`` times the slope near it)."""
+    points = _breakpoints(expr)
+    if not points:
+        return []
+    f = sp.lambdify(_T, expr.replace(sp.Heaviside, lambda arg, *rest: sp.Heaviside(arg, 0)),
+                    modules=["scipy", "numpy"])
+    jumps = []
+    for p in points:
+        left, right = (float(f(p + s * width)) for s in (-1.0, 1.0))
+        outer = [float(f(p + s * 100 * width)) for s in (-1.0, 1.0)]  # the slope near it, on either side
+        allowance = 10 * (abs(left - outer[0]) + abs(outer[1] - right)) / 99 + 1e-9 * (1 + abs(left))
+        if not abs(right - left) <= allowance:
+            jumps.append(p)
+    return jumps
+
+
+FULL_SIMPLIFY_OPS = 12  # SymPy's simplify on larger derivatives can take minutes (GELU's tanh form: 200 s)
+
+
 def _simplify(expr: sp.Expr) -> sp.Expr:
+    """A shorter form of a derivative. A small one (every built-in function's) goes through SymPy's
+    ``simplify``; a larger one is simplified as a rational function of its function applications, each
+    held as a symbol (tanh(u) as T): deterministic and fast, where ``simplify``'s trigonometric rewriting
+    of the applications themselves is what costs minutes."""
     if expr.has(sp.Heaviside, sp.Piecewise, sp.Max, sp.Min, sp.sign):
         return expr
-    simpler = sp.simplify(expr)
+    if sp.count_ops(expr) <= FULL_SIMPLIFY_OPS:
+        simpler = sp.simplify(expr)
+    else:
+        held = {f: sp.Dummy(f"f{i}") for i, f in enumerate(sorted(expr.atoms(sp.Function), key=sp.default_sort_key))}
+        simpler = sp.simplify(expr.xreplace(held)).xreplace({d: f for f, d in held.items()})
     return simpler if sp.count_ops(simpler) <= sp.count_ops(expr) else expr
 
 

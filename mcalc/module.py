@@ -18,6 +18,14 @@ if TYPE_CHECKING:
 RESERVED_NAMES = {"dz": "δz, the gradient backpropagated into a module", "Hz": "𝓗z, the Hessian passed back"}
 
 
+def _describe(s: Symbol) -> str:
+    """'a matrix of shape m × n', 'a positive vector of size n' and the like."""
+    hints = "".join(f"{h} " for h in s.hints)
+    if s.is_scalar:
+        return f"a {hints}scalar"
+    return f"a {hints}vector of size {s.rows}" if s.is_vector else f"a {hints}matrix of shape {s.rows} × {s.cols}"
+
+
 class Module:
     """A network module z = f(inputs, params; constants).
 
@@ -59,14 +67,20 @@ class Module:
                     raise DeclarationError(f"module '{self.name}': the name '{s.name}' is reserved "
                                            f"({RESERVED_NAMES[s.name]}); rename the symbol")
                 labelled[s.name] = s
-        used = {s.name: s for s in self.output.symbols}
+        used: dict[str, Symbol] = {}
+        for s in self.output.symbols:  # a set: two symbols of one name must be refused whichever comes first
+            if used.setdefault(s.name, s) != s:
+                raise DeclarationError(f"module '{self.name}': two different symbols are named '{s.name}' "
+                                       f"({_describe(used[s.name])} and {_describe(s)}); give each its own name")
         for n, s in used.items():
             if n not in labelled:
                 raise DeclarationError(
                     f"module '{self.name}': symbol '{n}' in the output is not labelled input, param or constant"
                 )
             if labelled[n] != s:
-                raise DeclarationError(f"module '{self.name}': two different symbols are named '{n}'")
+                raise DeclarationError(f"module '{self.name}': two different symbols are named '{n}' "
+                                       f"({_describe(labelled[n])} labelled, {_describe(s)} in the output); "
+                                       "give each its own name")
         for n in labelled:
             if n not in used:
                 raise DeclarationError(f"module '{self.name}': symbol '{n}' is labelled but unused in the output")

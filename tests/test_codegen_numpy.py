@@ -165,6 +165,21 @@ def test_a_loss_starts_hbp_with_its_own_hessian(generated):
     assert load_code(L.Linear, "numpy", generated).LOSS_HESSIAN == {}  # not a loss: 𝓗z always arrives from above
 
 
+def test_a_scalar_output_module_has_sized_blocks_even_where_they_are_zero(tmp_path):
+    """xᵀ A x starts HBP (one output per sample): its own Hessian in x is (A + Aᵀ) per sample, in A zero,
+    and the zero block has a size (it used to be empty, and to_dense failed)."""
+    x, A = mc.Vector("x", "n"), mc.Matrix("A", "n", "n")
+    quadratic = mc.Module("Quadratic", output=x.T @ A @ x, inputs=[x], params=[A])
+    generate([quadratic], ["numpy"], tmp_path)
+    code = load_code(quadratic, "numpy", tmp_path)
+    rng = np.random.default_rng(0)
+    a, B = rng.normal(size=(3, 3)), 5
+    blocks = code.LOSS_HESSIAN["6"]({"A": a}, {"x": rng.normal(size=(3, B)), "dz": np.full((1, B), 1 / B)})
+    np.testing.assert_allclose(blocks["x"].to_dense(), a + a.T, atol=1e-14)
+    assert blocks["A"].to_dense().shape == (9, 9) and not blocks["A"].to_dense().any()
+    assert blocks["A"].matvec(np.ones(9)).shape == (9,)
+
+
 @pytest.mark.parametrize("kinds", ["gram-gram", "gram-dense", "dense-gram", "dense-dense"])
 def test_a_kronecker_scale_goes_into_a_factor_that_can_take_it(kinds):
     """(s A) ⊗ B or A ⊗ (s B): an implicit GramFactor cannot be scaled, so with two of them (found by Hypothesis on a

@@ -118,3 +118,23 @@ def test_cli_missing_file():
     result = subprocess.run([sys.executable, "-m", "mcalc.cli", "derive", "/nonexistent.py"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "no such file" in result.stderr
+
+
+def test_two_symbols_of_one_name_are_refused_whichever_comes_first():
+    """The output's symbols are a set: the check must not depend on which of the two it meets first."""
+    other = mc.Vector("x", "m")
+    for output in (W @ x + other, other + W @ x, mc.sum(other) * (W @ x)):
+        with pytest.raises(mc.DeclarationError, match=r"two different symbols are named 'x' \(a vector of size"):
+            mc.Module("Twice", output=output, inputs=[x], params=[W])
+
+
+def test_a_function_outside_its_domain_gets_a_hint():
+    y = mc.Vector("y", "n")
+    module = mc.Module("Log", output=mc.log(y), inputs=[y])
+    from mcalc.numeric.verify import verify_module
+
+    with pytest.raises(mc.EvaluationError, match=r"log is not finite there; if y must be positive, declare it so "
+                                                 r"\(mc.Vector\('y', ..., positive=True\)\)"):
+        verify_module(module)
+    positive = mc.Vector("y", "n", positive=True)
+    assert all(c.ok for c in verify_module(mc.Module("Log", output=mc.log(positive), inputs=[positive])))

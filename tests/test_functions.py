@@ -43,3 +43,69 @@ def test_bad_function_declarations():
         mc.elementwise("f", t * u, t)
     with pytest.raises(mc.DeclarationError, match="identifier"):
         mc.elementwise("not a name", t, t)
+
+
+_t = sp.Symbol("t")
+SPECIAL = [
+    mc.elementwise("gelu", _t * (1 + sp.erf(_t / sp.sqrt(2))) / 2, _t),  # GELU, exact form (Hendrycks & Gimpel)
+    mc.elementwise("erfc_gate", sp.erfc(_t) * _t, _t),
+]
+
+
+@pytest.mark.parametrize("function", SPECIAL, ids=lambda f: f.name)
+def test_special_functions_verify_and_generate_for_every_backend(function, tmp_path, monkeypatch):
+    """erf and erfc (SciPy's in NumPy code, cupyx's in CuPy code, the C library's in CUDA kernels): the rules
+    against finite differences, the generated NumPy code and the CUDA kernels (emulated) against the oracle."""
+    from mcalc.numeric.verify import verify_module
+    from mcalc.numeric.verify_backend import verify_backend
+    from mcalc.runtime import emulator
+
+    monkeypatch.setenv("MCALC_CACHE", str(tmp_path))
+    x, W = mc.Vector("x", "n"), mc.Matrix("W", "m", "n")
+    module = mc.Module(f"{function.name}Linear", output=W @ function(x), inputs=[x], params=[W])
+    for checks in (verify_module(module), verify_backend(module, "numpy")):
+        assert checks and all(c.ok for c in checks) and not any(c.vacuous for c in checks), checks
+    if not emulator.unavailable_reason():
+        checks = verify_backend(module, "cupy-emulated")
+        assert checks and all(c.ok for c in checks)
+
+
+def test_dirac_terms_that_vanish_are_dropped_and_jumps_refused():
+    """ELU (α = 1) written with steps is C¹: its derivatives' Dirac terms (t·δ(t), and δ(t) − e^t δ(−t) in
+    φ″) vanish, and it verifies. With α = 2 its φ′ jumps at 0, and a Piecewise that jumps is refused too
+    (its pieces' derivatives alone would hide the jump)."""
+    from mcalc.numeric.verify import verify_module
+
+    elu = mc.elementwise("elu", _t * sp.Heaviside(_t) + (sp.exp(_t) - 1) * sp.Heaviside(-_t), _t)
+    assert not elu.derivative(2).expr.has(sp.DiracDelta)
+    x = mc.Vector("x", "n")
+    checks = verify_module(mc.Module("ELU", output=elu(x), inputs=[x]))
+    assert checks and all(c.ok for c in checks)
+    steeper = mc.elementwise("elu2", _t * sp.Heaviside(_t) + 2 * (sp.exp(_t) - 1) * sp.Heaviside(-_t), _t)
+    steeper.derivative(1)
+    with pytest.raises(mc.DifferentiabilityError, match=r"'elu2' is not twice differentiable.*jumps at t = 0"):
+        steeper.derivative(2)
+    jump = mc.elementwise("jump", sp.Piecewise((_t, _t < 0), (_t + 1, True)), _t)
+    with pytest.raises(mc.DifferentiabilityError, match=r"'jump' is not differentiable.*jumps at t = 0"):
+        jump.derivative(1)
+    declared = mc.elementwise("step", sp.Piecewise((_t, _t < 0), (_t + 1, True)), _t, piecewise_linear=True)
+    assert declared.derivative(1).expr == 1  # the value almost everywhere, as declared
+
+
+def test_a_cold_derive_of_gelus_tanh_form_is_quick(tmp_path):
+    """SymPy's simplify spent 200 s on GELU's φ′ (tanh form); held as a rational function of its
+    applications, every rule derives in about a second, in a fresh process (the target: 10 s)."""
+    import subprocess
+    import sys
+    import time
+
+    source = tmp_path / "gelu.py"
+    source.write_text(
+        "import mcalc as mc, sympy as sp\nt = sp.Symbol('t')\n"
+        "gelu = mc.elementwise('gelu', t / 2 * (1 + sp.tanh(sp.sqrt(2 / sp.pi) * (t + 0.044715 * t**3))), t)\n"
+        "x, W = mc.Vector('x', 'n'), mc.Matrix('W', 'm', 'n')\n"
+        "GELULinear = mc.Module('GELULinear', output=W @ gelu(x), inputs=[x], params=[W])\n")
+    start = time.perf_counter()
+    run = subprocess.run([sys.executable, "-m", "mcalc.cli", "derive", str(source)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert time.perf_counter() - start < 10 and "gelu''" in run.stdout

@@ -142,3 +142,18 @@ def test_pch_casts_the_concave_diagonal():
     concave = s2 * (Wc.T @ d.dz)
     assert d.hbp("x", "pch-abs") == mc.simplify(d.hbp("x", "ggn") + mc.diag(mc.functions.absolute(concave)))
     assert d.hbp("x", "pch-clip") == mc.simplify(d.hbp("x", "ggn") + mc.diag(mc.relu(concave)))
+
+
+def test_a_check_that_compares_zero_with_zero_is_drawn_again_or_reported():
+    """relu(s)·x with a scalar s: where s < 0 every rule of x is zero, and its checks would test nothing.
+    verify draws another point; a unit dead at every point (relu of −N x, N and x positive) is reported."""
+    s, x = mc.Scalar("s"), mc.Vector("x", "n")
+    gated = mc.Module("Gated", output=mc.relu(s) * mc.tanh(x), inputs=[x], params=[s])
+    seed = next(k for k in range(50) if sample_values(gated, np.random.default_rng(k))["s"] < 0)
+    checks = verify_module(gated, seed=seed)
+    assert checks and all(c.ok for c in checks) and not any(c.vacuous for c in checks)
+    N, xp, W = mc.Matrix("N", "n", "n", positive=True), mc.Vector("x", "n", positive=True), mc.Matrix("W", "n", "n")
+    dead = mc.Module("Dead", output=W @ mc.relu(-(N @ xp)), inputs=[xp], params=[W], constants=[N])
+    checks = verify_module(dead)
+    assert {c.rule for c in checks if c.vacuous} >= {"Dz(x)", "δx", "R{z}"}
+    assert not any(c.vacuous for c in verify_module(L.Linear))  # Linear's zero second-order term is Zero itself

@@ -432,6 +432,7 @@ from mcalc.runtime.array_ops import log_softmax as _log_softmax  # noqa: F401
 from mcalc.runtime.array_ops import plus_diagonal as _plus_diagonal  # noqa: F401
 from mcalc.runtime.array_ops import psd_project as _psd_project  # noqa: F401
 from mcalc.runtime.array_ops import softmax as _softmax  # noqa: F401
+from mcalc.runtime.array_ops import special as _special  # noqa: F401
 
 
 

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 
 import sympy as sp
 from sympy.printing.numpy import NumPyPrinter as _SymPyNumPyPrinter
+from sympy.printing.numpy import SciPyPrinter as _SymPySciPyPrinter
 
 from ..expr import ONE, Diag, Expr, Identity, Ones, ScalarMul
 from ..functions import ElementwiseFunction
@@ -44,6 +45,11 @@ def scale_code(scale: Reference | sp.Expr) -> str:
     return f"({sp.pycode(scale)})" if isinstance(scale, sp.Expr) else reference_code(scale)
 
 
+def dim_code(d: sp.Expr) -> str:
+    """A dimension expression (``n*m``, ``1/B``) as Python over the dimension variables."""
+    return sp.pycode(d).replace("math.", "")
+
+
 def dimension_code(source: DimensionSource) -> str:
     """Where a generated function reads a dimension off its arguments."""
     if isinstance(source, BatchColumns):  # δZ's columns, else any per-sample argument's, else 1
@@ -52,9 +58,12 @@ def dimension_code(source: DimensionSource) -> str:
     return f"{argument_code(source.argument)}.shape[{source.axis}]"
 
 
-class ElementwisePrinter(_SymPyNumPyPrinter):
-    """SymPy's NumPy printer, with a reciprocal written as a division: ``1/(1 + exp(-t))``, not
-    ``(1 + exp(-t))**(-1.0)`` (a general power costs NumPy several times a division)."""
+class ElementwisePrinter(_SymPySciPyPrinter):
+    """SymPy's NumPy printer (SciPy's for special functions such as erf), with a reciprocal written as a
+    division: ``1/(1 + exp(-t))``, not ``(1 + exp(-t))**(-1.0)`` (a general power costs NumPy several
+    times a division)."""
+
+    _kc = _SymPyNumPyPrinter._kc  # constants from NumPy (π is numpy.pi): CuPy has them too, scipy.constants not
 
     def _print_Pow(self, expr: sp.Pow, rational: bool = False) -> str:
         if expr.exp == -1:
@@ -76,17 +85,23 @@ def through_base(f: ElementwiseFunction) -> tuple[sp.Expr, sp.Expr] | None:
     return base.xreplace({t: sp.Symbol("t")}), g.xreplace({sp.Symbol(f.base.name): sp.Symbol("s")})
 
 
+def _array_code(printer: ElementwisePrinter, e: sp.Expr) -> str:
+    """``e`` over the array module ``xp`` (NumPy or CuPy); a special function from the SciPy of the
+    argument's array module (``_special(t)``: scipy.special or cupyx.scipy.special)."""
+    return printer.doprint(e).replace("scipy.special.", "_special(t).").replace("numpy.", "xp.")
+
+
 def function_source(f: ElementwiseFunction) -> str:
     """``def _fn_sigmoid_1(t): return …`` from the SymPy formula of φ^(k)."""
     printer = ElementwisePrinter({"fully_qualified_modules": True})
     pieces = through_base(f)
     if pieces is not None:
         base, g = pieces
-        base_code, g_code = (printer.doprint(e).replace("numpy.", "xp.") for e in (base, g))
+        base_code, g_code = (_array_code(printer, e) for e in (base, g))
         return f"def {function_name(f)}(t):\n    s = {base_code}\n    return {g_code}\n"
     expr = f.expr.replace(sp.Heaviside, lambda arg, *rest: sp.Heaviside(arg, 0))
     (t,) = expr.free_symbols or {sp.Symbol("t", real=True)}
-    code = printer.doprint(expr.xreplace({t: sp.Symbol("t")})).replace("numpy.", "xp.")
+    code = _array_code(printer, expr.xreplace({t: sp.Symbol("t")}))
     if not expr.free_symbols:
         code = f"xp.full_like(t, {code})"
     return f"def {function_name(f)}(t):\n    return {code}\n"
@@ -113,7 +128,7 @@ class ArrayPrinter:
 
     # --- helpers ---------------------------------------------------------
     def dim(self, d: sp.Expr) -> str:
-        return sp.pycode(d).replace("math.", "")
+        return dim_code(d)
 
     def operand(self, node: Expr) -> str:
         """A child as code: a name, or an in-place constant."""

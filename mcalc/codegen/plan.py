@@ -123,6 +123,7 @@ class BlockPlan:
 
     kron: list[tuple[Reference | sp.Expr, Reference, Reference]] = field(default_factory=list)  # (s, A, B)
     dense: Reference | None = None
+    order: sp.Expr = ONE  # the block's side (the variable's size): a block with no parts is zero
 
 
 @dataclass
@@ -241,7 +242,7 @@ class ProgramBuilder:
 
     def block(self, rule: Expr) -> BlockPlan:
         """Plan a curvature block: its Kronecker terms as factors, the rest dense."""
-        plan = BlockPlan()
+        plan = BlockPlan(order=rule.rows)
         dense: list[Expr] = []
         for term in rule.args if isinstance(rule, Add) else (rule,):
             factors = _kron_factors(term)

@@ -13,7 +13,15 @@ from ..expr import Apply, BatchMean
 from ..locations import project_folder
 from ..printing.text import to_text
 from .fusion import Kernel, Launch, unfused
-from .numpy_printer import ArrayPrinter, argument_code, dimension_code, function_source, reference_code, scale_code
+from .numpy_printer import (
+    ArrayPrinter,
+    argument_code,
+    dim_code,
+    dimension_code,
+    function_source,
+    reference_code,
+    scale_code,
+)
 from .plan import BlockPlan, HBPKey, ModulePlan, Program, Step, batch_reference, invariant_steps
 
 TEMPLATES = project_folder("templates")
@@ -111,8 +119,11 @@ def printed_results(program: Program) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, result in program.results.items():
         if isinstance(result, BlockPlan):
+            dense = None if result.dense is None else reference_code(result.dense)
+            if dense is None and not result.kron:  # a zero block: its zeros, so that it has a size
+                dense = f"xp.zeros(({dim_code(result.order)}, {dim_code(result.order)}), dtype=dtype)"
             out[name] = {"kron": [(scale_code(s), reference_code(a), reference_code(b)) for s, a, b in result.kron],
-                         "dense": None if result.dense is None else reference_code(result.dense)}
+                         "dense": dense}
         else:
             out[name] = reference_code(result)
     return out

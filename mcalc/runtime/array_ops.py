@@ -60,3 +60,13 @@ def kron(scale: Any, a: Any, b: Any) -> tuple[Any, Any]:
 def gram(p: Any) -> Any:
     """P Pᵀ formed when that is cheaper than applying it through P (rows ≤ columns), else kept implicit."""
     return matmul(p, p.T) if p.shape[0] <= p.shape[1] else GramFactor(p)
+
+
+def special(a: Any) -> Any:
+    """The special functions (erf, erfc, gamma, …) for the array ``a``: ``scipy.special`` for NumPy,
+    ``cupyx.scipy.special`` for CuPy; imported when a generated function first uses one."""
+    if type(a).__module__.split(".")[0] == "cupy":
+        import cupyx.scipy.special as module
+    else:
+        import scipy.special as module
+    return module
