@@ -27,7 +27,7 @@ R = mc.Matrix("R", "r", "n")
 LowRank = mc.Module("LowRank", output=U @ (R @ x), inputs=[x], params=[U, R])
 
 # RMS normalisation with a learned gain: z = g ⊙ x / sqrt(mean(x ⊙ x) + ε).
-g = mc.Vector("g", "n")
+g = mc.Vector("g", "n", positive=True)  # a gain: a network starts it at 1
 eps = sp.Rational(1, 100)
 RMSNorm = mc.Module(
     "RMSNorm",
@@ -37,7 +37,7 @@ RMSNorm = mc.Module(
 )
 
 # Swish with a learned temperature β per unit: z = x ⊙ σ(β ⊙ x).
-beta = mc.Vector("beta", "n")
+beta = mc.Vector("beta", "n", positive=True)  # a network starts it at 1 (swish)
 Swish = mc.Module("Swish", output=x * mc.sigmoid(beta * x), inputs=[x], params=[beta])
 
 # Mish activation declared from a SymPy expression, φ(t) = t tanh(softplus(t)); SymPy derives φ′ and φ″.

@@ -29,7 +29,8 @@ _API = {
     "Module": "module", "chain": "module",
     "simplify": "simplification",
     "Matrix": "symbols", "Scalar": "symbols", "Vector": "symbols", "diag": "symbols", "identity": "symbols",
-    "inv": "symbols", "kron": "symbols", "log_softmax": "symbols", "mean": "symbols", "softmax": "symbols",
+    "inv": "symbols", "kron": "symbols", "log_softmax": "symbols", "mean": "symbols", "ones": "symbols",
+    "softmax": "symbols",
     "sum": "symbols", "trace": "symbols", "vec": "symbols",
 }
 

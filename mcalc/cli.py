@@ -142,18 +142,30 @@ def _check_train_arguments(args: argparse.Namespace) -> None:
         _require_gpu("--backend cupy")
 
 
+def _user_module_code(file: str, model: str, backend: str) -> dict:
+    """The generated code of the modules of ``file`` that ``model`` names (generated on first use, cached)."""
+    from .codegen.store import load_code
+    from .train.model_spec import UserModule, parse_spec
+    from .user_modules import load_modules
+
+    modules = {m.name: m for m in load_modules(file)}
+    named = {t.name for t in parse_spec(model, modules=modules) if isinstance(t, UserModule)}
+    return {name: load_code(modules[name], backend) for name in sorted(named)}
+
+
 def _train(args: argparse.Namespace) -> int:
     from .train.checkpoint import load_checkpoint
     from .train.data import load_dataset
-    from .train.network import Network, parse_spec
+    from .train.network import Network
     from .train.optimizers import make_optimizer
     from .train.trainer import plot, train, write_json
 
     _check_train_arguments(args)
+    code = _user_module_code(args.modules, args.model, args.backend) if args.modules else {}
+    net = Network(args.model, loss=args.loss, backend=args.backend, seed=args.seed, code=code)
     data = load_dataset(args.data, seed=args.seed, folder=args.data_dir)
-    widths, _ = parse_spec(args.model)
-    if widths[0] != data.features or widths[-1] != data.classes:
-        raise McalcError(f"model '{args.model}' maps {widths[0]} → {widths[-1]}, but the data have "
+    if net.widths[0] != data.features or net.widths[-1] != data.classes:
+        raise McalcError(f"model '{args.model}' maps {net.widths[0]} → {net.widths[-1]}, but the data have "
                          f"{data.features} features and {data.classes} classes")
     options = {"lr": args.lr}
     if args.optimizer == "hbp-newton":
@@ -171,7 +183,6 @@ def _train(args: argparse.Namespace) -> int:
         saved = resume.get("name") or type(resume["optimizer"]).__name__
         if saved not in (args.optimizer, type(optimizer).__name__):
             raise McalcError(f"{args.resume}: the checkpoint is of optimizer '{saved}', not '{args.optimizer}'")
-    net = Network(args.model, loss=args.loss, backend=args.backend, seed=args.seed)
     print(f"training {args.model} ({args.loss} loss) on {data.name} ({len(data.y_train)} training, "
           f"{len(data.y_test)} test samples) with {args.optimizer}: {args.epochs} epochs, batch {args.batch_size}, "
           f"seed {args.seed}, {args.backend}", flush=True)
@@ -317,7 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="digits (bundled), mnist1d (generated offline), synthetic (5 classes, correlated features), "
                         "mnist, cifar10 (with --data-dir) or FILE.npz")
     p.add_argument("--data-dir", help="folder of the MNIST IDX files or CIFAR-10 python batches")
-    p.add_argument("--model", default="64-128-sigmoid-10", help="widths and activations, e.g. 64-128-sigmoid-10")
+    p.add_argument("--model", default="64-128-sigmoid-10",
+                   help="widths, activations and modules of --modules, e.g. 64-128-sigmoid-10 or "
+                        "64-RMSNorm-GatedLinear(m=32)-10 (a module's input takes the current width; bind its "
+                        "other dimensions in parentheses)")
+    p.add_argument("--modules", metavar="FILE.py", help="a Python file declaring mc.Module objects the model may use "
+                   "by name; their code is generated on first use and cached")
     p.add_argument("--loss", choices=["ce", "mse"], default="ce",
                    help="cross-entropy, or the per-sample squared error (z − y)ᵀ(z − y)")
     p.add_argument("--optimizer", choices=["sgd", "adam", "hbp-newton", "kfac", "kbfgs", "hf-newton", "hf-gn"],

@@ -15,6 +15,7 @@ from .expr import (
     Inverse,
     Kron,
     LogSoftmax,
+    Ones,
     Softmax,
     Sum,
     Symbol,
@@ -121,6 +122,12 @@ def vec(a: Expr) -> Expr:
     return Vec(_expr(a, "vec"))
 
 
+def ones(rows: str | int, cols: str | int = 1) -> Expr:
+    """The all-ones matrix (a column by default): ``mc.mean(x) * mc.ones("n")`` broadcasts a scalar
+    over a vector, as in mean-centring x − 1·mean(x)."""
+    return Ones(dims.dim(rows, where="ones"), dims.dim(cols, where="ones"))
+
+
 def identity(n: str | int) -> Expr:
     """The identity matrix I_n."""
     return Identity(dims.dim(n, where="identity"))
@@ -136,6 +143,7 @@ __all__ = [
     "kron",
     "log_softmax",
     "mean",
+    "ones",
     "softmax",
     "sp",
     "sum",

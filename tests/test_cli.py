@@ -1,5 +1,6 @@
 """The command line: derive in every format, verify's table and exit codes, demo."""
 import json
+import re
 import subprocess
 import sys
 
@@ -198,3 +199,17 @@ def test_a_network_is_handed_its_generated_code(tmp_path):
     X, Y = np.ones((4, 5)), np.eye(2)[:, [0, 1, 0, 1, 0]]
     assert net.backward(X, Y)[0] == Network("4-3-tanh-2").backward(X, Y)[0]
     assert len(calls) == 2  # both linear layers ran the code handed over
+
+
+def test_train_with_a_users_modules_from_the_command_line(tmp_path, monkeypatch):
+    """`--modules FILE.py` and the modules by name in `--model`, their code generated on first use."""
+    monkeypatch.setenv("MCALC_CACHE", str(tmp_path))
+    result = run("train", "--modules", EXAMPLES, "--model", "64-RMSNorm-32-relu-Swish-10", "--epochs", "1",
+                     "--optimizer", "hbp-newton", "--json", str(tmp_path / "run.json"))
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "run.json").read_text())["history"][0]["test_accuracy"] > 0.5
+    for model, message in [("64-LayerNorm-10", "unknown token 'LayerNorm'.*modules: GatedLinear"),
+                           ("64-LowRank(m=8)-10", "dimension 'r' is not fixed by its input")]:
+        result = run("train", "--modules", EXAMPLES, "--model", model, "--epochs", "1")
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert re.search(message, result.stderr), result.stderr

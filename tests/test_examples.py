@@ -1,4 +1,5 @@
 """The examples run: the custom layers verify, and the paper's CIFAR-10 experiment runs its table (smoke)."""
+import os
 import re
 import subprocess
 import sys
@@ -45,3 +46,19 @@ def test_every_python_block_of_the_readme_runs():
     for code in blocks[1:]:
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
         assert done.returncode == 0, (code, done.stderr)
+
+
+def test_layernorm_and_gelu_verify_generate_and_train(tmp_path):
+    """The README's "your own layer" example: every rule and the generated NumPy code against finite
+    differences, then a network of both trained from the command line."""
+    env = {**os.environ, "MCALC_CACHE": str(tmp_path)}
+    example = str(ROOT / "examples" / "layernorm_gelu.py")
+    for backend in ("symbolic", "numpy"):
+        done = subprocess.run([sys.executable, "-m", "mcalc.cli", "verify", example, "--backend", backend],
+                              capture_output=True, text=True, env=env)
+        assert done.returncode == 0 and " 0 failed" in done.stdout, done.stdout + done.stderr
+    done = subprocess.run([sys.executable, "-m", "mcalc.cli", "train", "--modules", example, "--model",
+                           "64-LayerNorm-128-GELU-10", "--optimizer", "hbp-newton", "--epochs", "2"],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout.split("test accuracy")[-1].split()[0]) > 0.9

@@ -8,24 +8,34 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT
 
 import mcalc as mc
 from mcalc.numeric.finite_diff import hessian_fd
 from mcalc.train import data as D
 from mcalc.train.block_solvers import conjugate_gradient
-from mcalc.train.network import Network, parse_spec
+from mcalc.train.model_spec import Activation, UserModule, Width, parse_spec
+from mcalc.train.network import Network
 from mcalc.train.optimizer_protocol import Optimizer
 from mcalc.train.optimizers import HBPNewton, make_optimizer
 from mcalc.train.trainer import train
 
 
 def test_parse_spec():
-    assert parse_spec("64-128-sigmoid-64-tanh-10") == ([64, 128, 64, 10], ["sigmoid", "tanh", ""])
-    assert parse_spec("4-3-2") == ([4, 3, 2], ["", ""])
-    for bad, message in [("64", "input and an output"), ("64-sigmoid-10", "must follow a width"),
-                         ("64-10-relu", "ends with an activation"), ("64-gelu-10", "unknown token")]:
+    assert parse_spec("64-128-sigmoid-64-tanh-10") == [Width(64), Width(128), Activation("Sigmoid"), Width(64),
+                                                       Activation("Tanh"), Width(10)]
+    assert parse_spec("4-3-2") == [Width(4), Width(3), Width(2)]
+    assert parse_spec("64-Norm-Gate(m=32, r=4)-relu-10", modules=["Norm", "Gate"]) == [
+        Width(64), UserModule("Norm"), UserModule("Gate", (("m", 32), ("r", 4))), Activation("ReLU"), Width(10)]
+    for bad, message in [("64", "input and an output"), ("64-sigmoid-10", "must follow a width or a module"),
+                         ("64-10-relu", "ends with an activation"),
+                         ("64-gelu-10", "unknown token 'gelu'.*modules: Gate"), ("64-Norm-10", "unknown token 'Norm'"),
+                         ("64-10-relu-tanh-10", "must follow a width"), ("64-Gate(m=0)-10", "m=0.*positive integer"),
+                         ("64-10-Gate", "ends with a module")]:
         with pytest.raises(mc.McalcError, match=message):
-            parse_spec(bad)
+            parse_spec(bad, modules=["Gate"])
+    with pytest.raises(mc.McalcError, match=r"unknown token 'LayerNorm'.*needs --modules FILE\.py"):
+        parse_spec("64-LayerNorm-10")
 
 
 def _tiny(seed=0, batch=6):
@@ -515,3 +525,72 @@ def test_cli_hbp_newton_solver_options(tmp_path, capsys):
     assert json.loads(out.read_text())["history"][0]["test_accuracy"] > 0.8
     assert cli.main(["train", "--optimizer", "hbp-newton", "--refresh", "0", "--epochs", "1"]) == 2
     assert "--refresh must be a positive integer, not 0" in capsys.readouterr().err
+
+
+def _user_modules(tmp_path):
+    """Code for examples/custom_layers.py's RMSNorm, Swish and LowRank, generated into a folder of the test's."""
+    from mcalc.codegen.generate import generate
+    from mcalc.codegen.store import load_code
+    from mcalc.user_modules import load_modules
+
+    modules = {m.name: m for m in load_modules(ROOT / "examples" / "custom_layers.py")}
+    chosen = [modules[name] for name in ("RMSNorm", "Swish", "LowRank")]
+    generate(chosen, ["numpy"], tmp_path)
+    return {m.name: load_code(m, "numpy", tmp_path) for m in chosen}
+
+
+def test_a_network_of_user_modules_has_the_gradients_and_curvature_of_its_loss(tmp_path):
+    """A user's modules by name in the spec, dimensions bound there; gradients against finite differences of
+    the loss, the Hessian-vector product against finite differences of the gradients, and the HBP blocks
+    of a user module's parameter (eq. (6), exact, B = 1) against the dense Hessian of the loss."""
+    code = _user_modules(tmp_path)
+    net = Network("5-RMSNorm-LowRank(m=4, r=2)-tanh-Swish-3", code=code, seed=1)
+    assert [layer.module for layer in net.layers] == ["RMSNorm", "LowRank", "Tanh", "Swish", "Linear"]
+    assert net.widths == [5, 5, 4, 4, 3] and net.params["RMSNorm1.g"].tolist() == [[1.0]] * 5  # a gain starts at 1
+    rng = np.random.default_rng(2)
+    net.params = {k: v + 0.3 * rng.normal(size=v.shape) for k, v in net.params.items()}
+    X, Y = rng.normal(size=(5, 1)), np.eye(3)[:, [1]]
+    _, grads, blocks = net.backward(X, Y, "exact")
+    flat = net.flat(net.params)
+    loss = lambda v: net.loss(X, Y, net.unflat(v))  # noqa: E731
+    h, n = 1e-6, flat.size
+    numeric = np.array([(loss(flat + h * e) - loss(flat - h * e)) / (2 * h) for e in np.eye(n)])
+    np.testing.assert_allclose(net.flat(grads), numeric, rtol=1e-6, atol=1e-8)
+    hessian = np.zeros((n, n))
+    for i, e in enumerate(np.eye(n)):
+        for sign in (1, -1):
+            net.params = net.unflat(flat + sign * h * e)
+            hessian[:, i] += sign * net.flat(net.backward(X, Y)[1]) / (2 * h)
+    net.params = net.unflat(flat)
+    hessian = (hessian + hessian.T) / 2
+    v = rng.normal(size=n)
+    np.testing.assert_allclose(net.flat(net.curvature_product(X, Y, "hessian")(net.unflat(v))), hessian @ v,
+                               rtol=1e-4, atol=1e-6)
+    where = {name: slice(start, start + value.size) for name, value, start in
+             zip(net.params, net.params.values(), np.cumsum([0] + [a.size for a in net.params.values()]))}
+    for name in ("RMSNorm1.g", "Swish4.beta", "LowRank2.R"):
+        rows, cols = net.params[name].shape
+        block = hessian[where[name], where[name]]  # row-major flat; the block is column-stacking vec
+        order = np.arange(rows * cols).reshape(rows, cols).reshape(-1, order="F")
+        np.testing.assert_allclose(blocks[name].to_dense(), block[np.ix_(order, order)], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "hbp-newton", "hf-gn", "hf-newton"])
+def test_every_optimizer_trains_a_network_of_user_modules(tmp_path, optimizer):
+    code = _user_modules(tmp_path)
+    data = D.load_dataset("synthetic", seed=0)
+    net = Network(f"{data.features}-RMSNorm-32-relu-Swish-{data.classes}", code=code, seed=0)
+    result = train(net, data, make_optimizer(optimizer), epochs=3, batch_size=64, seed=0)
+    accuracies = [h["test_accuracy"] for h in result["history"]]
+    assert accuracies[-1] > 0.5 and result["history"][-1]["train_loss"] < np.log(data.classes)
+
+
+def test_kronecker_factored_optimizers_refuse_user_modules_with_parameters(tmp_path):
+    code = _user_modules(tmp_path)
+    data = D.load_dataset("synthetic", seed=0)
+    for optimizer in ("kfac", "kbfgs"):
+        net = Network(f"{data.features}-RMSNorm-{data.classes}", code=code)
+        with pytest.raises(mc.McalcError, match=rf"{optimizer} factors Linear layers only, and RMSNorm has parameters"):
+            train(net, data, make_optimizer(optimizer), epochs=1, batch_size=64)
+    with pytest.raises(mc.McalcError, match=r"dimension 'r' is not fixed by its input; .*LowRank\(r=32\)"):
+        Network("5-LowRank(m=3)-2", code=code)

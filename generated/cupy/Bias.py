@@ -12,6 +12,10 @@ MODULE = "Bias"
 PER_SAMPLE = ["x"]
 PARAMS = ["b"]
 VARIABLES = ["x", "b"]
+# every symbol's (rows, cols) as Python over the dimensions, and whether it is declared positive;
+# the output's shape: what a network needs to size and start the module's parameters
+SYMBOLS = {'x': {'shape': ('m', '1'), 'positive': False}, 'b': {'shape': ('m', '1'), 'positive': False}}
+OUTPUT_SHAPE = ('m', '1')
 
 
 from mcalc.runtime.cuda import KernelSet

@@ -12,6 +12,10 @@ MODULE = "MatMul"
 PER_SAMPLE = ["x"]
 PARAMS = ["W"]
 VARIABLES = ["x", "W"]
+# every symbol's (rows, cols) as Python over the dimensions, and whether it is declared positive;
+# the output's shape: what a network needs to size and start the module's parameters
+SYMBOLS = {'x': {'shape': ('n', '1'), 'positive': False}, 'W': {'shape': ('m', 'n'), 'positive': False}}
+OUTPUT_SHAPE = ('m', '1')
 
 
 from mcalc.runtime.cuda import KernelSet

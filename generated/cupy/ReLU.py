@@ -12,6 +12,10 @@ MODULE = "ReLU"
 PER_SAMPLE = ["x"]
 PARAMS = []
 VARIABLES = ["x"]
+# every symbol's (rows, cols) as Python over the dimensions, and whether it is declared positive;
+# the output's shape: what a network needs to size and start the module's parameters
+SYMBOLS = {'x': {'shape': ('n', '1'), 'positive': False}}
+OUTPUT_SHAPE = ('n', '1')
 
 def _fn_relu_0(t):
     return functools.reduce(xp.maximum, [0, t])

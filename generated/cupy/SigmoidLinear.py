@@ -12,6 +12,10 @@ MODULE = "SigmoidLinear"
 PER_SAMPLE = ["x"]
 PARAMS = ["W", "b"]
 VARIABLES = ["x", "W", "b"]
+# every symbol's (rows, cols) as Python over the dimensions, and whether it is declared positive;
+# the output's shape: what a network needs to size and start the module's parameters
+SYMBOLS = {'x': {'shape': ('n', '1'), 'positive': False}, 'W': {'shape': ('m', 'n'), 'positive': False}, 'b': {'shape': ('m', '1'), 'positive': False}}
+OUTPUT_SHAPE = ('m', '1')
 
 def _fn_abs_0(t):
     return abs(t)

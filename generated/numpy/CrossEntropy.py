@@ -12,6 +12,10 @@ MODULE = "CrossEntropy"
 PER_SAMPLE = ["x", "y"]
 PARAMS = []
 VARIABLES = ["x"]
+# every symbol's (rows, cols) as Python over the dimensions, and whether it is declared positive;
+# the output's shape: what a network needs to size and start the module's parameters
+SYMBOLS = {'x': {'shape': ('n', '1'), 'positive': False}, 'y': {'shape': ('n', '1'), 'positive': False}}
+OUTPUT_SHAPE = ('1', '1')
 
 
 from mcalc.runtime.array_ops import commutation as _commutation  # noqa: F401

@@ -12,6 +12,10 @@ MODULE = "Softmax"
 PER_SAMPLE = ["x"]
 PARAMS = []
 VARIABLES = ["x"]
+# every symbol's (rows, cols) as Python over the dimensions, and whether it is declared positive;
+# the output's shape: what a network needs to size and start the module's parameters
+SYMBOLS = {'x': {'shape': ('n', '1'), 'positive': False}}
+OUTPUT_SHAPE = ('n', '1')
 
 
 from mcalc.runtime.array_ops import commutation as _commutation  # noqa: F401

@@ -172,6 +172,9 @@ def module_context(plan: ModulePlan) -> dict[str, Any]:
         "per_sample": plan.per_sample,
         "params": plan.params,
         "variables": [v.name for v in m.variables],
+        "symbols": {s.name: {"shape": (dim_code(s.rows), dim_code(s.cols)), "positive": "positive" in s.hints}
+                    for s in m.symbols},
+        "output_shape": (dim_code(m.output.rows), dim_code(m.output.cols)),
         "dims": {name: dimension_code(source) for name, source in plan.dims.items()},
         "dim_names": ", ".join(plan.dims) + ("," if len(plan.dims) == 1 else ""),
     }

@@ -110,13 +110,14 @@ def truncated_cg(matvec: Any, b: Any, x0: Any, *, max_iterations: int, tolerance
 
 def squared_gradients(net: Network, X: Any, Y: Any) -> dict[str, Any]:
     """Σᵢ gᵢ²/B for every parameter, gᵢ the gradient of sample i's loss (Martens' ``grad2``): for a
-    linear layer z = W a + b with δᵢ = ∂ℓᵢ/∂zᵢ, (δ ⊙ δ)(a ⊙ a)ᵀ/B and Σᵢ δᵢ²/B."""
+    linear layer z = W a + b with δᵢ = ∂ℓᵢ/∂zᵢ, (δ ⊙ δ)(a ⊙ a)ᵀ/B and Σᵢ δᵢ²/B. A user's module has no
+    closed form here: its parameters get 0, so the preconditioner is the damping's alone there."""
     Z, inputs = net.forward(X)
     adjoints = net.adjoints(inputs, net.output_gradient(Z, Y))
     B = X.shape[1]
-    out = {}
+    out = {name: net.xp.zeros_like(value) for name, value in net.params.items()}
     for position, layer in enumerate(net.layers):
-        if "W" in layer.params:
+        if layer.module == "Linear":
             delta = adjoints[position] * B  # δZ carries 1/B: per-sample gradients, one per column
             a = inputs[position]
             out[layer.params["W"]] = (delta * delta) @ (a * a).T / B

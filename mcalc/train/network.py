@@ -1,9 +1,10 @@
-"""Networks: a sequence of library modules on their generated kernels, with curvature backprop.
+"""Networks: a sequence of modules on their generated code, with curvature backprop.
 
 A spec such as ``64-128-sigmoid-64-sigmoid-10`` reads: input width 64, a
 linear layer to 128, a sigmoid, a linear layer to 64, a sigmoid, a linear
-layer to 10; the loss (cross-entropy or square loss) follows. Arrays hold one
-sample per column, as the generated code does.
+layer to 10; the loss (cross-entropy or square loss) follows. A user's module
+takes its place by name, ``64-RMSNorm-128-…`` (:mod:`.model_spec`), given its
+generated code. Arrays hold one sample per column, as the generated code does.
 """
 from __future__ import annotations
 
@@ -19,43 +20,20 @@ from ..modes import Approximation, Curvature, CurvatureMatrix
 from ..runtime.array_ops import softmax
 from ..runtime.blocks import CurvatureBlock
 from ..runtime.generated_code import library_code
+from .model_spec import Activation, UserModule, Width, dimension_value, parse_spec
 
-# the spec's tokens and the library modules they name (mcalc/layers/)
-SPEC_ACTIVATIONS = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "ReLU", "softplus": "Softplus"}
 SPEC_LOSSES = {"ce": "CrossEntropy", "mse": "MSE"}
 BackwardResult = tuple[float, dict[str, Any], dict[str, CurvatureBlock]]  # loss, gradients, blocks
 
 
 @dataclass
 class Layer:
-    """One module of the network, by name, and the names of its parameters in the network."""
+    """One module of the network, by name: the names of its parameters in the network, and the name of
+    its per-sample input in its generated code."""
 
     module: str
     params: dict[str, str]  # module's parameter name → network parameter name
-
-
-def parse_spec(spec: str) -> tuple[list[int], list[str]]:
-    """Widths, and for each linear layer the activation that follows it ('' for none)."""
-    widths: list[int] = []
-    after: dict[int, str] = {}  # linear layer index → activation
-    for token in (t.strip().lower() for t in spec.split("-") if t.strip()):
-        if token.isdigit():
-            if int(token) < 1:
-                raise McalcError(f"model spec '{spec}': width {token} must be positive")
-            widths.append(int(token))
-        elif token in SPEC_ACTIVATIONS:
-            layer = len(widths) - 2  # the linear layer that ends at the last width
-            if layer < 0 or layer in after:
-                raise McalcError(f"model spec '{spec}': activation '{token}' must follow a width")
-            after[layer] = token
-        else:
-            raise McalcError(f"model spec '{spec}': unknown token '{token}'; widths are integers, "
-                             f"activations are {', '.join(SPEC_ACTIVATIONS)}")
-    if len(widths) < 2:
-        raise McalcError(f"model spec '{spec}': needs an input and an output width, e.g. 64-10")
-    if len(widths) - 2 in after:
-        raise McalcError(f"model spec '{spec}': ends with an activation; the last token is the output width")
-    return widths, [after.get(i, "") for i in range(len(widths) - 1)]
+    input: str = "x"
 
 
 class Network:
@@ -72,7 +50,8 @@ class Network:
         if loss not in SPEC_LOSSES:
             raise McalcError(f"unknown loss '{loss}'; choose one of {', '.join(SPEC_LOSSES)}")
         self.spec, self.backend, self.dtype = spec, backend, dtype
-        self.widths, activations = parse_spec(spec)
+        self.code: dict[str, ModuleType] = dict(code or {})
+        tokens = parse_spec(spec, modules=[name for name in self.code if name not in SPEC_LOSSES.values()])
         self.xp = np
         if backend == "cupy":
             import cupy
@@ -81,25 +60,70 @@ class Network:
         self.layers: list[Layer] = []
         self._params: dict[str, Any] = {}
         rng = np.random.default_rng(seed)
-        for i in range(len(self.widths) - 1):
-            fan_in, fan_out = self.widths[i], self.widths[i + 1]
-            bound = np.sqrt(6.0 / (fan_in + fan_out))  # Xavier / Glorot uniform
-            self._params[f"W{i + 1}"] = self.xp.asarray(rng.uniform(-bound, bound, (fan_out, fan_in)), dtype=dtype)
-            self._params[f"b{i + 1}"] = self.xp.zeros((fan_out, 1), dtype=dtype)
-            self.layers.append(Layer("Linear", {"W": f"W{i + 1}", "b": f"b{i + 1}"}))
-            if activations[i]:
-                self.layers.append(Layer(SPEC_ACTIVATIONS[activations[i]], {}))
+        self.widths = [tokens[0].size]  # the input's, then each Linear layer's and module's output width
+        for token in tokens[1:]:
+            if isinstance(token, Width):
+                k = sum(layer.module == "Linear" for layer in self.layers) + 1
+                fan_in, fan_out = self.widths[-1], token.size
+                bound = np.sqrt(6.0 / (fan_in + fan_out))  # Xavier / Glorot uniform
+                self._params[f"W{k}"] = self.xp.asarray(rng.uniform(-bound, bound, (fan_out, fan_in)), dtype=dtype)
+                self._params[f"b{k}"] = self.xp.zeros((fan_out, 1), dtype=dtype)
+                self.layers.append(Layer("Linear", {"W": f"W{k}", "b": f"b{k}"}))
+                self.widths.append(fan_out)
+            elif isinstance(token, Activation):
+                self.layers.append(Layer(token.module, {}))
+            else:
+                self.widths.append(self._add_module(token, rng))
         self.loss_module = SPEC_LOSSES[loss]
-        self.code: dict[str, ModuleType] = dict(code or {})
         for name in [layer.module for layer in self.layers] + [self.loss_module]:
             if name not in self.code:
                 self.code[name] = library_code(name, backend)
         if weights is not None:
             self.load_weights(weights)
 
+    def _add_module(self, token: UserModule, rng: np.random.Generator) -> int:
+        """A user's module as the next layer: its input takes the current width, the spec binds the other
+        dimensions, its parameters start as Glorot-uniform matrices and as vectors of 0 (or of 1 where the
+        symbol is declared positive: a gain). Returns its output width."""
+        code, name = self.code[token.name], token.name
+        symbols = code.SYMBOLS
+        inputs = [v for v in code.VARIABLES if v in code.PER_SAMPLE]
+        others = [s for s in symbols if s not in code.VARIABLES]
+        if len(inputs) != 1 or others:
+            raise McalcError(f"module '{name}' cannot be a layer: a layer has one per-sample input vector and no "
+                             f"constants (it has inputs {inputs} and constants {others})")
+        (input_name,) = inputs
+        rows = symbols[input_name]["shape"][0]
+        dims = dict(token.dims)
+        if rows.isidentifier():
+            if dims.setdefault(rows, self.widths[-1]) != self.widths[-1]:
+                raise McalcError(f"module '{name}': its input has {rows} = {self.widths[-1]} entries here, "
+                                 f"not {dims[rows]}")
+        elif dimension_value(rows, dims, name) != self.widths[-1]:
+            raise McalcError(f"module '{name}': its input has {rows} entries, but the layer before gives "
+                             f"{self.widths[-1]}")
+        position = len(self.layers) + 1
+        names = {}
+        for p in code.PARAMS:
+            shape = tuple(dimension_value(d, dims, name) for d in symbols[p]["shape"])
+            names[p] = f"{name}{position}.{p}"
+            if shape[1] > 1:
+                bound = np.sqrt(6.0 / (shape[0] + shape[1]))
+                value = rng.uniform(-bound, bound, shape)
+            else:
+                value = np.full(shape, 1.0 if symbols[p]["positive"] else 0.0)
+            self._params[names[p]] = self.xp.asarray(value, dtype=self.dtype)
+        out_rows, out_cols = (dimension_value(d, dims, name) for d in code.OUTPUT_SHAPE)
+        if out_cols != 1:
+            raise McalcError(f"module '{name}' gives a {out_rows} × {out_cols} matrix per sample; "
+                             "a layer gives a vector")
+        self.layers.append(Layer(name, names, input_name))
+        return out_rows
+
     @property
     def params(self) -> dict[str, Any]:
-        """The parameters by name (W1, b1, W2, …): Wᵢ (out, in), bᵢ (out, 1)."""
+        """The parameters by name: a Linear layer's Wᵢ (out, in) and bᵢ (out, 1), numbered in order; a
+        user's module's ``Name<position>.<symbol>``."""
         return self._params
 
     @params.setter
@@ -146,7 +170,7 @@ class Network:
         inputs, Z = [], X
         for layer in self.layers:
             inputs.append(Z)
-            Z = self.code[layer.module].forward(self._module_params(layer, params), {"x": Z})["Z"]
+            Z = self.code[layer.module].forward(self._module_params(layer, params), {layer.input: Z})["Z"]
         return Z, inputs
 
     def loss(self, X: Any, Y: Any, params: dict[str, Any] | None = None) -> float:
@@ -240,7 +264,7 @@ class Network:
         blocks: dict[str, CurvatureBlock] = {}
         for position in reversed(range(len(self.layers))):
             layer = self.layers[position]
-            P, S = self._module_params(layer), {"x": inputs[position], "dz": dZ}
+            P, S = self._module_params(layer), {layer.input: inputs[position], "dz": dZ}
             first = position == 0  # the data needs no gradient or curvature
             g = self.code[layer.module].gradients(P, S, inputs=not first)
             for own, name in layer.params.items():
@@ -252,9 +276,9 @@ class Network:
                 for own, name in layer.params.items():
                     blocks[name] = out[own]
                 if not first:
-                    Hz = out["x"].dense
+                    Hz = out[layer.input].dense
             if not first:
-                dZ = g["x"]
+                dZ = g[layer.input]
         return loss, grads, blocks
 
     def _loss_inputs(self, Z: Any, Y: Any) -> dict[str, Any]:
@@ -270,8 +294,8 @@ class Network:
         out = {len(self.layers) - 1: dZ}
         for position in range(len(self.layers) - 1, 0, -1):
             layer = self.layers[position]
-            S = {"x": inputs[position], "dz": dZ}
-            dZ = self.code[layer.module].gradients(self._module_params(layer), S)["x"]
+            S = {layer.input: inputs[position], "dz": dZ}
+            dZ = self.code[layer.module].gradients(self._module_params(layer), S)[layer.input]
             out[position - 1] = dZ
         return out
 
@@ -302,8 +326,8 @@ class Network:
                 P, moved = self._module_params(layer), self._module_params(layer, V)
                 tangents.append(T)
                 if T is not None or moved:
-                    V_layer = moved if T is None else {"x": T, **moved}
-                    T = self.code[layer.module].jvp(P, {"x": inputs[position]}, V_layer,
+                    V_layer = moved if T is None else {layer.input: T, **moved}
+                    T = self.code[layer.module].jvp(P, {layer.input: inputs[position]}, V_layer,
                                                           inputs=T is not None, cache=caches[position])["Z"]
             loss = self.code[self.loss_module]
             R = loss.rgradients({}, loss_S, {"x": T, "dz": xp.zeros((1, B), dtype=Z.dtype)},
@@ -313,16 +337,17 @@ class Network:
                 layer, T_in = self.layers[position], tangents[position]
                 code, P = self.code[layer.module], self._module_params(layer)
                 if matrix is CurvatureMatrix.GAUSS_NEWTON:
-                    r = code.gradients(P, {"x": inputs[position], "dz": R}, inputs=T_in is not None,
+                    r = code.gradients(P, {layer.input: inputs[position], "dz": R}, inputs=T_in is not None,
                                        cache=caches[position])
                 else:
-                    V_layer = {**self._module_params(layer, V), "dz": R, **({"x": T_in} if T_in is not None else {})}
-                    r = code.rgradients(P, {"x": inputs[position], "dz": adjoints[position]}, V_layer,
+                    V_layer = {**self._module_params(layer, V), "dz": R,
+                               **({layer.input: T_in} if T_in is not None else {})}
+                    r = code.rgradients(P, {layer.input: inputs[position], "dz": adjoints[position]}, V_layer,
                                         inputs=T_in is not None, cache=caches[position])
                 for own, name in layer.params.items():
                     out[name] = r[own]
                 if T_in is not None:
-                    R = r["x"]
+                    R = r[layer.input]
             return out
 
         return product

@@ -18,6 +18,14 @@ from .optimizer_protocol import CurvatureRequest, Optimizer
 from .safeguards import LevenbergMarquardt, damped_solve, reduction_ratio
 
 
+def linear_layers_only(net: Network, optimizer: str) -> None:
+    """Refuse a network whose parameters are not all Linear layers' (Kronecker factors are per Linear layer)."""
+    others = sorted({layer.module for layer in net.layers if layer.params and layer.module != "Linear"})
+    if others:
+        raise McalcError(f"{optimizer} factors Linear layers only, and {', '.join(others)} has parameters; "
+                         "train it with hbp-newton, hf-gn, hf-newton, sgd or adam")
+
+
 def heavy_ball(velocity: dict[str, Any], name: str, direction: Any, momentum: float) -> Any:
     """v ← μ v + direction for parameter ``name``, kept in ``velocity``; returns v."""
     v = momentum * velocity.get(name, 0.0) + direction
@@ -272,6 +280,9 @@ class KFAC(Optimizer):
         if self.inverse_period < 1 or self.damping_period < 1:
             raise McalcError("kfac: inverse_period and damping_period must be positive")
 
+    def prepare(self, net: Network, X_train: Any) -> None:
+        linear_layers_only(net, "kfac")
+
     @property
     def _factor(self) -> float:
         """What λ is multiplied or divided by at an adaptation."""
@@ -434,6 +445,7 @@ class KBFGS(Optimizer):
 
     def prepare(self, net: Network, X_train: Any) -> None:
         """Ā from one pass over the training inputs at the initial weights (``training_utils.py``)."""
+        linear_layers_only(net, "kbfgs")
         _, inputs = net.forward(X_train)
         for position, layer in enumerate(net.layers):
             if layer.params:

@@ -57,6 +57,10 @@ def to_torch(net: Network) -> Any:
     """The ``nn.Sequential`` (float64) computing the same function as ``net``, with a copy of its weights."""
     torch = _torch()
     modules: list[Any] = []
+    custom = sorted({layer.module for layer in net.layers if not hasattr(torch.nn, layer.module)})
+    if custom:
+        raise McalcError(f"to_torch translates Linear layers and activations; {', '.join(custom)} has no "
+                         "torch.nn counterpart")
     for layer in net.layers:
         if not layer.params:  # an activation: torch.nn's class has the library module's name
             modules.append(getattr(torch.nn, layer.module)())
