@@ -575,7 +575,7 @@ def test_a_network_of_user_modules_has_the_gradients_and_curvature_of_its_loss(t
         np.testing.assert_allclose(blocks[name].to_dense(), block[np.ix_(order, order)], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam", "hbp-newton", "hf-gn", "hf-newton"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "hbp-newton", "kfac", "kbfgs", "hf-gn", "hf-newton"])
 def test_every_optimizer_trains_a_network_of_user_modules(tmp_path, optimizer):
     code = _user_modules(tmp_path)
     data = D.load_dataset("synthetic", seed=0)
@@ -585,12 +585,27 @@ def test_every_optimizer_trains_a_network_of_user_modules(tmp_path, optimizer):
     assert accuracies[-1] > 0.5 and result["history"][-1]["train_loss"] < np.log(data.classes)
 
 
-def test_kronecker_factored_optimizers_refuse_user_modules_with_parameters(tmp_path):
+@pytest.mark.parametrize("optimizer", ["kfac", "kbfgs"])
+def test_kronecker_factored_optimizers_step_user_parameters_by_their_blocks(tmp_path, optimizer):
+    """K-FAC and K-BFGS factor the Linear layers; a user's module's parameters step by (C + λI)⁻¹ of their
+    Gauss–Newton HBP blocks (here RMSNorm's gain: its first step against that solve, by hand)."""
     code = _user_modules(tmp_path)
-    data = D.load_dataset("synthetic", seed=0)
-    for optimizer in ("kfac", "kbfgs"):
-        net = Network(f"{data.features}-RMSNorm-{data.classes}", code=code)
-        with pytest.raises(mc.McalcError, match=rf"{optimizer} factors Linear layers only, and RMSNorm has parameters"):
-            train(net, data, make_optimizer(optimizer), epochs=1, batch_size=64)
+    net = Network("5-RMSNorm-3", code=code, seed=0)
+    rng = np.random.default_rng(0)
+    X, Y = rng.normal(size=(5, 8)), np.eye(3)[:, rng.integers(0, 3, 8)]
+    opt = make_optimizer(optimizer, **({"lr": 0.5, "momentum": 0.0} if optimizer == "kfac" else {"momentum": 0.0}))
+    opt.prepare(net, X)
+    assert opt.block_params == ["RMSNorm1.g"] and opt.curvature_request() == ("ggn", "6")
+    _, grads, blocks = net.backward(X, Y, *opt.curvature_request())
+    step = opt.step(net, grads, blocks, (X, Y))
+    g = grads["RMSNorm1.g"] + (opt.weight_decay * net.params["RMSNorm1.g"] if optimizer == "kbfgs" else 0)
+    solve = np.linalg.solve(blocks["RMSNorm1.g"].to_dense() + opt.damping * np.eye(5), g)
+    rate = 0.5 if optimizer == "kfac" else opt.lr
+    np.testing.assert_allclose(step["RMSNorm1.g"], -rate * solve, rtol=1e-10)
+    assert np.abs(solve).max() > 1e-3
+
+
+def test_a_module_dimension_its_input_does_not_fix_must_be_bound(tmp_path):
+    code = _user_modules(tmp_path)
     with pytest.raises(mc.McalcError, match=r"dimension 'r' is not fixed by its input; .*LowRank\(r=32\)"):
         Network("5-LowRank(m=3)-2", code=code)

@@ -8,6 +8,7 @@ an old pickled checkpoint, another version or a damaged file is refused with a c
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import zipfile
@@ -88,9 +89,23 @@ def _decode(value: Any, arrays: Any, classes: dict[str, type]) -> Any:
         if cls is None:
             raise McalcError(f"it holds a '{value['__object__']}', which no mcalc checkpoint holds")
         obj = cls.__new__(cls)
+        vars(obj).update(_defaults(cls))  # a field added since the checkpoint was written starts at its default
         vars(obj).update({k: _decode(v, arrays, classes) for k, v in value["attributes"].items()})
         return obj
     raise McalcError(f"it holds an entry of unknown kind ({sorted(value)})")
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """The default of every field of a dataclass that has one."""
+    if not dataclasses.is_dataclass(cls):
+        return {}
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
 
 
 def _freeze(key: Any) -> Any:

@@ -12,18 +12,36 @@ from ..errors import McalcError
 from ..modes import Approximation, Curvature, CurvatureMatrix
 from ..runtime.array_ops import softmax
 from ..runtime.blocks import CurvatureBlock, namespace, row_groups
-from .block_solvers import DampedBlockSolver
+from .block_solvers import DampedBlockSolver, conjugate_gradient
 from .network import Network
 from .optimizer_protocol import CurvatureRequest, Optimizer
 from .safeguards import LevenbergMarquardt, damped_solve, reduction_ratio
 
+DENSE_BLOCK_SOLVE = 1024  # the largest block solved densely; a larger one by CG through its matvec
 
-def linear_layers_only(net: Network, optimizer: str) -> None:
-    """Refuse a network whose parameters are not all Linear layers' (Kronecker factors are per Linear layer)."""
-    others = sorted({layer.module for layer in net.layers if layer.params and layer.module != "Linear"})
-    if others:
-        raise McalcError(f"{optimizer} factors Linear layers only, and {', '.join(others)} has parameters; "
-                         "train it with hbp-newton, hf-gn, hf-newton, sgd or adam")
+
+def block_parameters(net: Network) -> list[str]:
+    """The parameters of the network's modules other than Linear layers (a user's LayerNorm gain, say):
+    those the Kronecker-factored optimisers cannot factor."""
+    return [name for layer in net.layers if layer.module != "Linear" for name in layer.params.values()]
+
+
+def damped_block_directions(names: list[str], vectors: dict[str, Any], blocks: dict[str, CurvatureBlock],
+                            damping: float, xp: Any) -> dict[str, Any]:
+    """(C + λI)⁻¹ v for each named parameter, C its HBP block: eq. (8) with the optimiser's damping as the
+    Tikhonov term, for the parameters its Kronecker factors do not cover. A dense solve up to
+    :data:`DENSE_BLOCK_SOLVE` entries, CG through the block's matvec beyond."""
+    out = {}
+    for name in names:
+        v, block = vectors[name], blocks[name]
+        flat = v.reshape(-1, order="F")  # blocks act on column-stacking vec (S.1)
+        if flat.size <= DENSE_BLOCK_SOLVE:
+            dense = block.to_dense() + damping * xp.eye(flat.size, dtype=flat.dtype)
+            solution = damped_solve(dense, flat, xp, what=f"the block of {name}")
+        else:
+            solution = conjugate_gradient(lambda u: block.matvec(u) + damping * u, flat, 1e-6, 250).x  # noqa: B023
+        out[name] = solution.reshape(v.shape, order="F")
+    return out
 
 
 def heavy_ball(velocity: dict[str, Any], name: str, direction: Any, momentum: float) -> Any:
@@ -247,6 +265,10 @@ class KFAC(Optimizer):
       ``damping_decay``^``damping_period`` (thresholds 1/4, 3/4), kept in [``min_damping``,
       ``max_damping``] (Section 6.5; kfac-jax's ``_compute_new_damping_and_rho``).
 
+    The parameters of a user's modules, which no Linear factor covers, are preconditioned by their
+    Gauss–Newton HBP blocks, (C + λI)⁻¹ ∇ (eq. (8) with K-FAC's λ; mcalc's extension), inside the same
+    quadratic model.
+
     Defaults: kfac-jax's example (decay 0.95, max 1000, periods 5), but for two of mcalc's own, for
     mini-batches (kfac-jax's examples adapt on the full batch, and its README advises against these
     adaptive options for stochastic optimisation): λ₀ = 1, not 150, since from 150 the adaptation
@@ -272,6 +294,7 @@ class KFAC(Optimizer):
     inverses: dict[int, tuple[Any, Any]] = field(default_factory=dict)
     velocity: dict[str, Any] = field(default_factory=dict)  # the previous update δ
     rng: np.random.Generator | None = None  # the labels' sampler (part of the state a checkpoint keeps)
+    block_params: list[str] = field(default_factory=list)  # stepped by eq. (8) blocks (prepare)
     second_order = True
 
     def __post_init__(self) -> None:
@@ -281,7 +304,13 @@ class KFAC(Optimizer):
             raise McalcError("kfac: inverse_period and damping_period must be positive")
 
     def prepare(self, net: Network, X_train: Any) -> None:
-        linear_layers_only(net, "kfac")
+        """The parameters its factors do not cover: a user's modules', stepped through their HBP blocks."""
+        self.block_params = block_parameters(net)
+
+    def curvature_request(self) -> CurvatureRequest | None:
+        """The Gauss–Newton blocks (K-FAC's curvature, the Fisher of a softmax cross-entropy) of the
+        parameters outside Linear layers; none when every parameter is a Linear layer's."""
+        return CurvatureRequest(Curvature.GGN, Approximation.MEAN_OF_SANDWICHES) if self.block_params else None
 
     @property
     def _factor(self) -> float:
@@ -302,7 +331,7 @@ class KFAC(Optimizer):
             targets = [(xp.zeros_like(p) + xp.eye(p.shape[0])[:, [c]], p[c:c + 1, :]) for c in range(p.shape[0])]
         out: dict[int, tuple[Any, Any]] = {}
         for position, layer in enumerate(net.layers):
-            if layer.params:
+            if layer.module == "Linear":
                 a = with_bias_row(inputs[position], xp)
                 out[position] = (a @ a.T / B, 0)
         for target, weight in targets:
@@ -343,6 +372,7 @@ class KFAC(Optimizer):
             names = net.layers[position].params
             W, b = names["W"], names["b"]
             natural.update(split_joined(G_inverse @ joined(grads, W, b, xp) @ A_inverse, W, b))
+        natural.update(damped_block_directions(self.block_params, grads, blocks, self.damping, xp))
         vectors = [natural] + ([self.velocity] if self.velocity else [])
         product = net.curvature_product(X, Y, CurvatureMatrix.GAUSS_NEWTON)
         curved = [product(v) for v in vectors]
@@ -408,7 +438,8 @@ def double_damping(H: Any, s: Any, y: Any, mu1: float, mu2: float) -> tuple[Any,
 class KBFGS(Optimizer):
     """K-BFGS (Goldfarb, Ren & Bahamou 2020) as the authors' code does it (``kbfgs_utils.py``,
     ``training_function.py``, ``training_utils.py`` of their public repository): per linear layer the
-    inverse curvature H_g ⊗ H_a.
+    inverse curvature H_g ⊗ H_a. The parameters of a user's modules, which no Linear factor covers, step
+    by their Gauss–Newton HBP blocks, −γ (C + λI)⁻¹ m (eq. (8) with K-BFGS's λ; mcalc's extension).
 
     - Before the first step, Ā = E[ã ãᵀ] (ã = [a; 1]) over the training data (:meth:`prepare`);
       H_a starts as (Ā + √λ I)⁻¹ and H_g as I.
@@ -441,14 +472,19 @@ class KBFGS(Optimizer):
     H_g: dict[int, Any] = field(default_factory=dict)
     pairs: dict[int, tuple[Any, Any]] = field(default_factory=dict)
     m: dict[str, Any] = field(default_factory=dict)
+    block_params: list[str] = field(default_factory=list)  # stepped by eq. (8) blocks (prepare)
     second_order = True
+
+    def curvature_request(self) -> CurvatureRequest | None:
+        """The Gauss–Newton blocks of the parameters outside Linear layers, which BFGS factors do not cover."""
+        return CurvatureRequest(Curvature.GGN, Approximation.MEAN_OF_SANDWICHES) if self.block_params else None
 
     def prepare(self, net: Network, X_train: Any) -> None:
         """Ā from one pass over the training inputs at the initial weights (``training_utils.py``)."""
-        linear_layers_only(net, "kbfgs")
+        self.block_params = block_parameters(net)
         _, inputs = net.forward(X_train)
         for position, layer in enumerate(net.layers):
-            if layer.params:
+            if layer.module == "Linear":
                 a = with_bias_row(inputs[position], net.xp)
                 self.A[position] = a @ a.T / a.shape[1]
 
@@ -465,7 +501,7 @@ class KBFGS(Optimizer):
             net.params = saved
         out = {}
         for position, layer in enumerate(net.layers):
-            if layer.params:
+            if layer.module == "Linear":
                 pre = inputs[position + 1] if position + 1 < len(net.layers) else Z
                 out[position] = (pre.mean(axis=1, keepdims=True), adjoints[position].sum(axis=1, keepdims=True))
         return out, inputs
@@ -484,7 +520,7 @@ class KBFGS(Optimizer):
         updates: dict[str, Any] = {}
         damped, means = {}, {}
         for position, layer in enumerate(net.layers):
-            if not layer.params:
+            if layer.module != "Linear":
                 continue
             a = with_bias_row(inputs[position], xp)
             batch_A = a @ a.T / X.shape[1]
@@ -501,6 +537,8 @@ class KBFGS(Optimizer):
             direction = -H_g @ joined(self.m, W, b, xp) @ self.H_a[position]
             for name, part in split_joined(direction, W, b):
                 updates[name] = self.lr * part
+        for name, direction in damped_block_directions(self.block_params, self.m, blocks, self.damping, xp).items():
+            updates[name] = -self.lr * direction
         after, _ = self._linear_statistics(net, X, Y, {k: v + updates[k] for k, v in net.params.items()})
         for position, (pre, grad) in before.items():
             s, y = pre - after[position][0], grad - after[position][1]
