@@ -62,3 +62,26 @@ def test_layernorm_and_gelu_verify_generate_and_train(tmp_path):
                           capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     assert float(done.stdout.split("test accuracy")[-1].split()[0]) > 0.9
+
+
+def test_a_long_report_names_its_repeated_subexpressions():
+    """LayerNorm's rules repeat sqrt(mean(x_c ⊙ x_c) + ε) dozens of times: the report names each repeated
+    subexpression once (every name used at least twice), and the zero sum(x − mean(x)·1) is gone."""
+    import mcalc as mc
+    from mcalc.layers import SigmoidLinear
+    from mcalc.printing.report import merged, render
+    from mcalc.printing.shared import shared_names
+    from mcalc.printing.text import to_text
+    from mcalc.user_modules import load_modules
+
+    (layer_norm,) = [m for m in load_modules(ROOT / "examples" / "layernorm_gelu.py") if m.name == "LayerNorm"]
+    d = mc.derive(layer_norm)
+    plain = sum(len(to_text(r.expr)) for r in d.rules())
+    report = render(d, "text")
+    assert len(report) < plain / 4 and "where s₁ = x + (-1/n)·sum(x)·1_n" in report
+    assert "sum(x + (-1/n)·sum(x)·1_n)" not in "".join(to_text(r.expr) for r in d.rules())
+    names = shared_names([r.expr for r in merged(d.rules())])
+    body = report.split("\n  where reciprocal")[0]
+    for name in names.values():
+        assert len(re.findall(rf"{name}(?![₀-₉])", body)) >= 3  # defined once, used at least twice
+    assert "where s₁" not in render(mc.derive(SigmoidLinear), "text")  # S.11's rules read best written out

@@ -20,7 +20,8 @@ def _random_env(exprs, rng):
     binding, env, seeds = {}, {}, {}
     for e in exprs:
         for node in e.walk():
-            for extent in node.shape:
+            extents = [*node.shape, *([node.args[0]] if isinstance(node, ScalarMul) else [])]  # (1/n)·s too
+            for extent in extents:
                 for d in sp.sympify(extent).free_symbols:
                     binding.setdefault(d, SIZES.get(str(d), 3))
     for e in exprs:
@@ -51,6 +52,7 @@ def _corpus():
         mc.vec(mc.Matrix("Z", "m", "n") * 0),
         mc.sum(2 * B), mc.diag(s * x), mc.diag(0 * x), mc.diag(x * 0 + 1),
         (mc.diag(x) @ hz @ mc.diag(y)), mc.trace(A) * (x + 1), (3 * x) * y, x.T.T,
+        mc.sum(x - mc.mean(x) * mc.ones("n")), mc.sum(A @ x + s * mc.ones("n")),  # sum(A x + s·1) = sum(A x) + n s
     ]
     return targeted
 

@@ -23,20 +23,26 @@ ATOM = 100
 
 
 class Printer:
-    """Base class; subclasses define the ``_print_<Node>`` methods."""
+    """Base class; subclasses define the ``_print_<Node>`` methods. ``names``: subexpressions printed as
+    a name (common subexpressions a report defines once, :mod:`.shared`)."""
 
-    def doprint(self, expr: Expr) -> str:
-        return self._print(expr)
+    def __init__(self, names: dict[Expr, str] | None = None) -> None:
+        self.names = names or {}
 
-    def _print(self, expr: Expr) -> str:
+    def doprint(self, expr: Expr, *, define: bool = False) -> str:
+        """``expr`` printed; ``define``: it is itself named, and is printed out (its definition)."""
+        return self._print(expr, top=define)
+
+    def _print(self, expr: Expr, top: bool = False) -> str:
+        if not top and expr in self.names:
+            return self.names[expr]
         method = getattr(self, f"_print_{type(expr).__name__}", None)
         if method is None:
             raise NotImplementedError(f"{type(self).__name__} cannot print {type(expr).__name__}")
         return method(expr)
 
-    @staticmethod
-    def precedence(expr: Expr) -> int:
-        return PRECEDENCE.get(type(expr).__name__, ATOM)
+    def precedence(self, expr: Expr) -> int:
+        return ATOM if expr in self.names else PRECEDENCE.get(type(expr).__name__, ATOM)
 
     def parens(self, text: str) -> str:
         return f"({text})"

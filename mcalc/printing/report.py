@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Any
 import sympy as sp
 
 from ..expr import Apply
-from .latex import to_latex
-from .text import to_text
+from .latex import LatexPrinter, to_latex
+from .shared import shared_names
+from .text import TextPrinter, to_text
 
 if TYPE_CHECKING:
     from ..calculus.derivation import Derivation, DerivedRule
@@ -73,25 +74,38 @@ def _as_dict(d: Derivation) -> dict[str, Any]:
 
 
 def render(d: Derivation, fmt: str) -> str:
-    """All rules of ``d`` in format ``fmt`` (one of :data:`FORMATS`)."""
+    """All rules of ``d`` in format ``fmt`` (one of :data:`FORMATS`); text, LaTeX and Markdown name the
+    subexpressions the rules repeat (:mod:`.shared`) and define them after the rules."""
     if fmt == "json":
         return json.dumps(_as_dict(d), indent=2, ensure_ascii=False)
     m = d.module
     rules = merged(d.rules())
+    names = shared_names([r.expr for r in rules])
+    text, latex = TextPrinter(names), LatexPrinter({e: _latex_name(n) for e, n in names.items()})
     if fmt == "latex":
         lines = [rf"z &= {to_latex(m.output)} \\"]
-        lines += [rf"{r.lhs_latex} &= {to_latex(r.expr)} && \text{{{_heading(r)} {r.equation}}} \\" for r in rules]
+        lines += [rf"{r.lhs_latex} &= {latex.doprint(r.expr)} && \text{{{_heading(r)} {r.equation}}} \\"
+                  for r in rules]
+        lines += [rf"\text{{where }} {latex.names[e]} &= {latex.doprint(e, define=True)} \\" for e in names]
         return "\\begin{align*}\n" + "\n".join(lines) + "\n\\end{align*}"
     if fmt == "markdown":
         out = [f"### {m.name}", "", f"$z = {to_latex(m.output)}$", "", "| rule | | equation |", "|---|---|---|"]
-        out += [f"| {_heading(r)} | ${r.lhs_latex} = {to_latex(r.expr)}$ | {r.equation} |" for r in rules]
+        out += [f"| {_heading(r)} | ${r.lhs_latex} = {latex.doprint(r.expr)}$ | {r.equation} |" for r in rules]
+        out += [f"\nwhere ${latex.names[e]} = {latex.doprint(e, define=True)}$" for e in names]
         for f in functions_used(d):
             extra = f" = {f['through_base']}" if "through_base" in f else ""
             out.append(f"\n- `{f['name']}(t) = {f['formula']}`{extra}")
         return "\n".join(out)
     out = [f"{m.name}:  z = {to_text(m.output)}"]
-    out += [f"  {r.lhs} = {to_text(r.expr)}    [{_heading(r)}, {r.equation}]" for r in rules]
+    out += [f"  {r.lhs} = {text.doprint(r.expr)}    [{_heading(r)}, {r.equation}]" for r in rules]
+    out += [f"  where {name} = {text.doprint(e, define=True)}" for e, name in names.items()]
     for f in functions_used(d):
         extra = f"  = {f['through_base']}" if "through_base" in f else ""
         out.append(f"  where {f['name']}(t) = {f['formula']}{extra}")
     return "\n".join(out)
+
+
+def _latex_name(name: str) -> str:
+    """s₁ → s_{1}."""
+    digits = name[1:].translate(str.maketrans("₀₁₂₃₄₅₆₇₈₉", "0123456789"))
+    return f"s_{{{digits}}}"

@@ -468,6 +468,14 @@ def sum_trivial(e: Sum) -> Expr | None:
     return None
 
 
+@rule(Sum, "sum(A + B) = sum(A) + sum(B): a sum of a centred vector, sum(x − mean(x)·1), cancels to 0")
+def sum_linear(e: Sum) -> Expr | None:
+    (a,) = e.args
+    if isinstance(a, Add) and any(isinstance(_scalar_parts(t)[1], ScaleBy) for t in a.args):
+        return Add(*[Sum(t) for t in a.args])  # only where a broadcast term s·1 can cancel against the rest
+    return None
+
+
 @rule(Inverse, "(A⁻¹)⁻¹ = A; I⁻¹ = I")
 def inverse_trivial(e: Inverse) -> Expr | None:
     (a,) = e.args
