@@ -51,14 +51,19 @@ extern "C" __global__ void k_a3cc1fa8db9e_double(const double* __restrict__ in0,
 _launch = KernelSet(_SOURCE).launch
 
 
+from mcalc.runtime.array_ops import batch_mean as _batch_mean  # noqa: F401
 from mcalc.runtime.array_ops import commutation as _commutation  # noqa: F401
+from mcalc.runtime.array_ops import diagonal_matrix as _diagonal_matrix  # noqa: F401
 from mcalc.runtime.array_ops import gram as _gram  # noqa: F401
 from mcalc.runtime.array_ops import kron as _kron  # noqa: F401
+from mcalc.runtime.array_ops import kron_product as _kron_product  # noqa: F401
 from mcalc.runtime.array_ops import log_softmax as _log_softmax  # noqa: F401
 from mcalc.runtime.array_ops import plus_diagonal as _plus_diagonal  # noqa: F401
 from mcalc.runtime.array_ops import psd_project as _psd_project  # noqa: F401
 from mcalc.runtime.array_ops import softmax as _softmax  # noqa: F401
 from mcalc.runtime.array_ops import special as _special  # noqa: F401
+from mcalc.runtime.array_ops import transpose as _transpose  # noqa: F401
+from mcalc.runtime.array_ops import vec as _vec  # noqa: F401
 
 
 

@@ -146,15 +146,28 @@ class ArrayPrinter:
 
     _print_Identity = _print_Zero = _print_Ones
 
+    # --- what a stack of matrices prints otherwise (:class:`BatchedArrayPrinter`) ---
+    def _row_sums(self, code: str) -> str:
+        return f"{code}.sum(axis=1, keepdims=True)"
+
+    def _column_sums(self, code: str) -> str:
+        return f"{code}.sum(axis=0, keepdims=True)"
+
+    def _broadcast_columns(self, code: str, rows: sp.Expr, cols: sp.Expr) -> str:
+        return f"xp.broadcast_to({code}, ({self.dim(rows)}, {self.dim(cols)}))"
+
+    def _transposed(self, code: str) -> str:
+        return f"{code}.T"
+
     # --- products --------------------------------------------------------
     def _print_MatMul(self, node: Expr) -> str:
         code, row_scales, column_sum = None, [], False
         for f in node.args:
             if isinstance(f, Ones) and code is not None and f.cols == ONE:  # M 1 = row sums
-                code = f"{code}.sum(axis=1, keepdims=True)" if f.rows != ONE else code
+                code = self._row_sums(code) if f.rows != ONE else code
                 continue
             if isinstance(f, Ones) and code is not None and f.rows == ONE:  # v 1ᵀ = v broadcast
-                code = f"xp.broadcast_to({code}, ({self.dim(node.rows)}, {self.dim(f.cols)}))"
+                code = self._broadcast_columns(code, node.rows, f.cols)
                 continue
             if isinstance(f, Ones) and code is None and f.rows == ONE and not row_scales:  # 1ᵀ M = column sums
                 column_sum = True
@@ -164,14 +177,14 @@ class ArrayPrinter:
                 if code is None:
                     row_scales.append(v)
                 else:
-                    code = f"({code} * {v}.T)"
+                    code = f"({code} * {self._transposed(v)})"
                 continue
             factor = self.operand(f)
             for v in row_scales:
                 factor = f"({v} * {factor})"
             row_scales = []
             if column_sum:
-                factor, column_sum = f"{factor}.sum(axis=0, keepdims=True)", False
+                factor, column_sum = self._column_sums(factor), False
             code = factor if code is None else self.product.format(a=code, b=factor)
         return code
 
@@ -205,7 +218,7 @@ class ArrayPrinter:
         return " * ".join(self.operand(f) for f in node.args)
 
     def _print_Transpose(self, node: Expr) -> str:
-        return f"{self.operand(node.args[0])}.T"
+        return self._transposed(self.operand(node.args[0]))
 
     def _print_Apply(self, node: Expr) -> str:
         return f"{function_name(node.args[0])}({self.operand(node.args[1])})"
@@ -242,3 +255,38 @@ class ArrayPrinter:
 
     def _print_Gram(self, node: Expr) -> str:
         return f"_gram({self.operand(node.args[0])})"
+
+
+class BatchedArrayPrinter(ArrayPrinter):
+    """The array printer over stacks of per-sample matrices (…, rows, cols), the samples on the leading
+    axis: a per-sample rule with no closed batch form (a :class:`~mcalc.expr.BatchMean`) runs as one
+    array program over the whole batch, never a Python loop over it. Products broadcast over the stack
+    (``@``), and what would read or write a matrix's two axes reads the last two."""
+
+    def _row_sums(self, code: str) -> str:
+        return f"{code}.sum(axis=-1, keepdims=True)"
+
+    def _column_sums(self, code: str) -> str:
+        return f"{code}.sum(axis=-2, keepdims=True)"
+
+    def _broadcast_columns(self, code: str, rows: sp.Expr, cols: sp.Expr) -> str:
+        return f"({code} * xp.ones((1, {self.dim(cols)}), dtype=dtype))"
+
+    def _transposed(self, code: str) -> str:
+        return f"_transpose({code})"
+
+    def _print_Sum(self, node: Expr) -> str:
+        return f"{self.operand(node.args[0])}.sum(axis=(-2, -1), keepdims=True)"
+
+    def _print_Trace(self, node: Expr) -> str:
+        return f"xp.trace({self.operand(node.args[0])}, axis1=-2, axis2=-1)[..., None, None]"
+
+    def _print_Kron(self, node: Expr) -> str:
+        return f"_kron_product({self.operand(node.args[0])}, {self.operand(node.args[1])})"
+
+    def _print_Diag(self, node: Expr) -> str:
+        return f"_diagonal_matrix({self.ref(node.args[0])})"
+
+    def _print_Vec(self, node: Expr) -> str:
+        return f"_vec({self.operand(node.args[0])})"
+

@@ -15,6 +15,7 @@ from ..printing.text import to_text
 from .fusion import Kernel, Launch, unfused
 from .numpy_printer import (
     ArrayPrinter,
+    BatchedArrayPrinter,
     argument_code,
     dim_code,
     dimension_code,
@@ -83,7 +84,8 @@ def program_context(program: Program, array_family: ArrayFamily, family: str | N
         else:
             rhs = printer.rhs(step.node if isinstance(step, Step) else step)
         lines.append((targets, f"{', '.join(targets)} = {rhs}"))
-    inner = [program_context(p, array_family) for _, p, _ in program.fallbacks]
+    batched = ArrayFamily(printer=BatchedArrayPrinter, product=array_family.product)  # no loop over the batch
+    inner = [program_context(p, batched) for _, p, _ in program.fallbacks]
     return {**assemble_context(program, lines, invariant, inner),
             "kernels": kernels + [k for context in inner for k in context["kernels"]]}
 

@@ -1,4 +1,7 @@
-"""Array helpers the generated code calls, for NumPy and CuPy arrays alike."""
+"""Array helpers the generated code calls, for NumPy and CuPy arrays alike.
+
+Each takes a matrix or a stack of them (leading axes: the samples of a batch, as the batched form of a
+per-sample rule computes them) and works on the last two axes."""
 from __future__ import annotations
 
 from typing import Any
@@ -9,26 +12,60 @@ from .cuda_graph import matmul
 
 
 def plus_diagonal(m: Any, v: Any, copy: bool) -> Any:
-    """m + diag(v); ``m`` is written in place unless it is an argument (``copy``) or a view."""
+    """m + diag(v); ``m`` is written in place unless it is an argument (``copy``) or a view. A stack of
+    diagonals added to one matrix gives a stack."""
     xp = namespace(m)
-    out = xp.array(m, copy=True) if copy or m.base is not None else m
-    index = xp.arange(out.shape[0])
-    out[index, index] += xp.reshape(xp.asarray(v, dtype=out.dtype), (-1,))
+    v = xp.asarray(v, dtype=m.dtype)
+    stack = v.shape[:-2]
+    if stack and m.shape[:-2] != stack:
+        out = xp.array(xp.broadcast_to(m, stack + m.shape[-2:]))
+    else:
+        out = xp.array(m, copy=True) if copy or m.base is not None else m
+    index = xp.arange(out.shape[-1])
+    out[..., index, index] += v.reshape(stack + (-1,)) if v.ndim >= 2 else xp.reshape(v, (-1,))
     return out
 
 
 def softmax(x: Any) -> Any:
     """Column-wise softmax."""
     xp = namespace(x)
-    e = xp.exp(x - x.max(axis=0, keepdims=True))
-    return e / e.sum(axis=0, keepdims=True)
+    e = xp.exp(x - x.max(axis=-2, keepdims=True))
+    return e / e.sum(axis=-2, keepdims=True)
 
 
 def log_softmax(x: Any) -> Any:
     """Column-wise log-softmax, in the stable form."""
     xp = namespace(x)
-    shifted = x - x.max(axis=0, keepdims=True)
-    return shifted - xp.log(xp.exp(shifted).sum(axis=0, keepdims=True))
+    shifted = x - x.max(axis=-2, keepdims=True)
+    return shifted - xp.log(xp.exp(shifted).sum(axis=-2, keepdims=True))
+
+
+def transpose(a: Any) -> Any:
+    """Aᵀ of a matrix or of each matrix of a stack."""
+    return namespace(a).swapaxes(a, -1, -2)
+
+
+def diagonal_matrix(v: Any) -> Any:
+    """diag(v) of a column (n, 1), or of each column of a stack (…, n, 1)."""
+    xp = namespace(v)
+    return xp.eye(v.shape[-2], dtype=v.dtype) * v
+
+
+def vec(a: Any) -> Any:
+    """vec A (columns stacked) of a matrix, or of each matrix of a stack."""
+    return transpose(a).reshape(a.shape[:-2] + (-1, 1))
+
+
+def kron_product(a: Any, b: Any) -> Any:
+    """A ⊗ B of matrices, or of the matrices of stacks, sample by sample (M&N 2.2)."""
+    xp = namespace(a if hasattr(a, "shape") else b)
+    product = xp.einsum("...ij,...kl->...ikjl", a, b)
+    return product.reshape(product.shape[:-4] + (a.shape[-2] * b.shape[-2], a.shape[-1] * b.shape[-1]))
+
+
+def batch_mean(a: Any) -> Any:
+    """The mean over the samples of a stack (its first axis); a matrix the samples share, as it is."""
+    return a.mean(axis=0) if a.ndim > 2 else a
 
 
 def commutation(m: int, n: int, xp: Any, dtype: Any = float) -> Any:
@@ -42,8 +79,8 @@ def commutation(m: int, n: int, xp: Any, dtype: Any = float) -> Any:
 def psd_project(a: Any, mode: Projection | str) -> Any:
     """V f(Λ) Vᵀ of the symmetric part of ``a``, f = |·| ('abs') or max(·, 0) ('clip')."""
     xp = namespace(a)
-    w, v = xp.linalg.eigh(0.5 * (a + a.T))
-    return matmul(v * (xp.abs(w) if mode == Projection.ABS else xp.maximum(w, 0.0)), v.T)
+    w, v = xp.linalg.eigh(0.5 * (a + transpose(a)))
+    return matmul(v * (xp.abs(w) if mode == Projection.ABS else xp.maximum(w, 0.0))[..., None, :], transpose(v))
 
 
 def kron(scale: Any, a: Any, b: Any) -> tuple[Any, Any]:

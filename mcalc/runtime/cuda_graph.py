@@ -31,8 +31,8 @@ def matmul(a: Any, b: Any) -> Any:
     """``a @ b`` for the generated CuPy code. While a graph is captured the product is enqueued by
     calling cuBLAS directly: CuPy refuses any cuBLAS call on a capturing stream, though cuBLAS
     itself supports capture."""
-    if not _capturing or getattr(sys.modules.get("cupy"), "EMULATED", False):  # the emulator records `@`
-        return a @ b
+    if not _capturing or getattr(sys.modules.get("cupy"), "EMULATED", False) or a.ndim > 2 or b.ndim > 2:
+        return a @ b  # the emulator records `@`; a stack of products (a batched rule) is not captured
     return _captured_gemm(a, b)
 
 
