@@ -194,3 +194,33 @@ def test_a_kronecker_scale_goes_into_a_factor_that_can_take_it(kinds):
     scaled = kron(-2.5, a, b)
     expected = -2.5 * np.kron(dense_factor(a), dense_factor(b))
     np.testing.assert_allclose(np.kron(dense_factor(scaled[0]), dense_factor(scaled[1])), expected, atol=1e-12)
+
+
+def test_a_residual_blocks_inner_parameters_get_the_documented_batch_mean(tmp_path):
+    """z = x + W₂ tanh(W₁ x + b₁): the blocks of its inner parameters are means over the batch of
+    per-sample Kronecker products, which have no closed batch form and run as one batched array program.
+    Against torch autograd, sample by sample: (6) is (1/B) Σᵢ Jᵢᵀ 𝓗z Jᵢ + Σᵢ Σₖ Hzₖ(xᵢ) δzᵢₖ (δZ carries 1/B),
+    exact for B = 1."""
+    import torch_reference
+
+    x, W1, b1, W2 = mc.Vector("x", "n"), mc.Matrix("W1", "h", "n"), mc.Vector("b1", "h"), mc.Matrix("W2", "n", "h")
+    residual = mc.Module("Residual", output=x + W2 @ mc.tanh(W1 @ x + b1), inputs=[x], params=[W1, b1, W2])
+    generate([residual], ["numpy"], tmp_path)
+    code = load_code(residual, "numpy", tmp_path)
+    assert "for i in range" not in (tmp_path / "numpy" / "Residual.py").read_text()
+    rng = np.random.default_rng(7)
+    n, h = 3, 4
+    P = {"W1": rng.normal(size=(h, n)), "b1": rng.normal(size=(h, 1)), "W2": rng.normal(size=(n, h))}
+    a = rng.normal(size=(n, n))
+    Hz = a @ a.T
+    for B in (1, 5):
+        X, dZ = rng.normal(size=(n, B)), rng.normal(size=(n, B)) / B
+        blocks = code.HBP[("exact", "6")](P, {"x": X, "dz": dZ}, Hz)
+        for name in ("W1", "b1", "W2", "x"):
+            reference = 0
+            for i in range(B):
+                values = {**{k: v.reshape(-1) if k == "b1" else v for k, v in P.items()}, "x": X[:, i]}
+                dense = torch_reference.dense_rules(residual, name, values, dZ[:, i], Hz)
+                reference = reference + dense["ggn"] / B + dense["second-order"]
+            assert np.abs(reference).max() > 1e-3
+            np.testing.assert_allclose(blocks[name].to_dense(), reference, rtol=1e-9, atol=1e-11, err_msg=name)
