@@ -58,6 +58,9 @@ class Approximation(_Choice):
 
     MEAN_OF_SANDWICHES = "6"  # E[Jᵀ E(𝓗) J]: exact for the batch-mean loss, eq. (6)
     SANDWICH_OF_MEANS = "7"  # E(J)ᵀ E(𝓗) E(J) + the second-order term of (6): averaged Jacobians, eq. (7)
+    # (6) with every batch mean of a Kronecker product of per-sample factors factored, E[Aᵢ ⊗ Bᵢ] ≈ E[Aᵢ] ⊗ E[Bᵢ]
+    # (K-FAC's assumption, Martens & Grosse 2015): where (6) has no closed batch form, a block stays two factors
+    KRONECKER_FACTORED = "6-kfac"
 
 
 CURVATURES = tuple(Curvature)

@@ -224,3 +224,31 @@ def test_a_residual_blocks_inner_parameters_get_the_documented_batch_mean(tmp_pa
                 reference = reference + dense["ggn"] / B + dense["second-order"]
             assert np.abs(reference).max() > 1e-3
             np.testing.assert_allclose(blocks[name].to_dense(), reference, rtol=1e-9, atol=1e-11, err_msg=name)
+
+
+def test_the_kronecker_factored_approximation_is_k_facs_factorisation(tmp_path):
+    """(6-kfac): GatedLinear's W block, (1/B) Σᵢ (xᵢ xᵢᵀ) ⊗ (Dᵢ 𝓗z Dᵢ) with Dᵢ = diag σ(V xᵢ + c) under (6),
+    becomes E[x xᵀ] ⊗ E[D 𝓗z D], two factors (K-FAC's assumption); for one sample it is (6) itself."""
+    (gated,) = [m for m in EXAMPLES if m.name == "GatedLinear"]
+    generate([gated], ["numpy"], tmp_path)
+    code = load_code(gated, "numpy", tmp_path)
+    rng = np.random.default_rng(4)
+    n, m = 3, 2
+    P = {"W": rng.normal(size=(m, n)), "V": rng.normal(size=(m, n)), "b": rng.normal(size=(m, 1)),
+         "c": rng.normal(size=(m, 1))}
+    a = rng.normal(size=(m, m))
+    Hz = a @ a.T
+    for B in (1, 4):
+        X, dZ = rng.normal(size=(n, B)), rng.normal(size=(m, B)) / B
+        S = {"x": X, "dz": dZ}
+        factored = code.HBP[("ggn", "6-kfac")](P, S, Hz)
+        exact = code.HBP[("ggn", "6")](P, S, Hz)
+        gates = 1 / (1 + np.exp(-(P["V"] @ X + P["c"])))
+        expected = np.kron(X @ X.T / B, sum(np.diag(g) @ Hz @ np.diag(g) for g in gates.T) / B)
+        assert len(factored["W"].kron) == 1 and factored["W"].dense is None  # two factors, never formed
+        np.testing.assert_allclose(factored["W"].to_dense(), expected, rtol=1e-12)
+        if B == 1:
+            for name in ("W", "V", "b", "c", "x"):
+                np.testing.assert_allclose(factored[name].to_dense(), exact[name].to_dense(), rtol=1e-12)
+        else:
+            assert not np.allclose(factored["W"].to_dense(), exact["W"].to_dense())  # an approximation

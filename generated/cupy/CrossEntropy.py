@@ -475,7 +475,7 @@ def _no_parameters():
 
 
 def _hbp_exact_6_all(P, S, Hz):
-    """Batch HBP: exact under (6)."""
+    """Batch HBP: exact under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
@@ -494,7 +494,7 @@ def _hbp_exact_6_all(P, S, Hz):
     }
 
 def _hbp_exact_6_params(P, S, Hz):
-    """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7), parameters only."""
+    """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7) and (6-kfac), parameters only."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
 
@@ -521,7 +521,7 @@ def _hbp_exact_7_all(P, S, Hz):
     }
 
 def _hbp_ggn_6_all(P, S, Hz):
-    """Batch HBP: ggn under (6)."""
+    """Batch HBP: ggn under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
@@ -553,7 +553,7 @@ def _hbp_ggn_7_all(P, S, Hz):
     }
 
 def _hbp_pch_abs_6_all(P, S, Hz):
-    """Batch HBP: pch-abs under (6)."""
+    """Batch HBP: pch-abs under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
@@ -595,7 +595,7 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     }
 
 def _hbp_pch_clip_6_all(P, S, Hz):
-    """Batch HBP: pch-clip under (6)."""
+    """Batch HBP: pch-clip under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
@@ -649,18 +649,26 @@ _HBP = {
     ("exact", "6", False): _hbp_exact_6_params,
     ("exact", "7", True): _hbp_exact_7_all,
     ("exact", "7", False): _hbp_exact_6_params,
+    ("exact", "6-kfac", True): _hbp_exact_6_all,
+    ("exact", "6-kfac", False): _hbp_exact_6_params,
     ("ggn", "6", True): _hbp_ggn_6_all,
     ("ggn", "6", False): _hbp_exact_6_params,
     ("ggn", "7", True): _hbp_ggn_7_all,
     ("ggn", "7", False): _hbp_exact_6_params,
+    ("ggn", "6-kfac", True): _hbp_ggn_6_all,
+    ("ggn", "6-kfac", False): _hbp_exact_6_params,
     ("pch-abs", "6", True): _hbp_pch_abs_6_all,
     ("pch-abs", "6", False): _hbp_exact_6_params,
     ("pch-abs", "7", True): _hbp_pch_abs_7_all,
     ("pch-abs", "7", False): _hbp_exact_6_params,
+    ("pch-abs", "6-kfac", True): _hbp_pch_abs_6_all,
+    ("pch-abs", "6-kfac", False): _hbp_exact_6_params,
     ("pch-clip", "6", True): _hbp_pch_clip_6_all,
     ("pch-clip", "6", False): _hbp_exact_6_params,
     ("pch-clip", "7", True): _hbp_pch_clip_7_all,
     ("pch-clip", "7", False): _hbp_exact_6_params,
+    ("pch-clip", "6-kfac", True): _hbp_pch_clip_6_all,
+    ("pch-clip", "6-kfac", False): _hbp_exact_6_params,
 }
 HBP = {(c, a): _hbp(c, a) for c, a, _ in _HBP}
 
@@ -681,21 +689,5 @@ def _loss_hessian_6(P, S):
     }
 
 
-def _loss_hessian_7(P, S):
-    """Where HBP starts: the exact blocks of approximation (7) with no curvature from above (𝓗z = 0)."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-    t1 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
-    t2 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [S['dz'], t1], [], 'entries')
-    t3 = t2.sum(axis=1, keepdims=True)
-    t4 = t1.T
-    t5 = _matmul(t2, t4)
-    t8 = _launch('k_c5fcf4f17afa', dtype, (n, n), (n, n), [t3, t5], [B, 1/B, -1/B], 'entries')
-
-    return {
-        "x": CurvatureBlock(kron=[], dense=t8),
-    }
-
-
 # a loss module's (one output per sample) curvature blocks where HBP starts, by approximation: HBP with 𝓗z = 0
-LOSS_HESSIAN = {"6": _loss_hessian_6, "7": _loss_hessian_7, }
+LOSS_HESSIAN = {"6": _loss_hessian_6, "7": _loss_hessian_6, "6-kfac": _loss_hessian_6, }

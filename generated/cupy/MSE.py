@@ -415,7 +415,7 @@ def _no_parameters():
 
 
 def _hbp_exact_6_all(P, S, Hz):
-    """Batch HBP: exact under (6)."""
+    """Batch HBP: exact under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['x'], S['y']], [-1], 'entries')
@@ -432,7 +432,7 @@ def _hbp_exact_6_all(P, S, Hz):
     }
 
 def _hbp_exact_6_params(P, S, Hz):
-    """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7), parameters only."""
+    """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7) and (6-kfac), parameters only."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
 
@@ -457,7 +457,7 @@ def _hbp_exact_7_all(P, S, Hz):
     }
 
 def _hbp_ggn_6_all(P, S, Hz):
-    """Batch HBP: ggn under (6)."""
+    """Batch HBP: ggn under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['x'], S['y']], [-1], 'entries')
@@ -487,7 +487,7 @@ def _hbp_ggn_7_all(P, S, Hz):
     }
 
 def _hbp_pch_abs_6_all(P, S, Hz):
-    """Batch HBP: pch-abs under (6)."""
+    """Batch HBP: pch-abs under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['x'], S['y']], [-1], 'entries')
@@ -521,7 +521,7 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     }
 
 def _hbp_pch_clip_6_all(P, S, Hz):
-    """Batch HBP: pch-clip under (6)."""
+    """Batch HBP: pch-clip under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['x'], S['y']], [-1], 'entries')
@@ -571,18 +571,26 @@ _HBP = {
     ("exact", "6", False): _hbp_exact_6_params,
     ("exact", "7", True): _hbp_exact_7_all,
     ("exact", "7", False): _hbp_exact_6_params,
+    ("exact", "6-kfac", True): _hbp_exact_6_all,
+    ("exact", "6-kfac", False): _hbp_exact_6_params,
     ("ggn", "6", True): _hbp_ggn_6_all,
     ("ggn", "6", False): _hbp_exact_6_params,
     ("ggn", "7", True): _hbp_ggn_7_all,
     ("ggn", "7", False): _hbp_exact_6_params,
+    ("ggn", "6-kfac", True): _hbp_ggn_6_all,
+    ("ggn", "6-kfac", False): _hbp_exact_6_params,
     ("pch-abs", "6", True): _hbp_pch_abs_6_all,
     ("pch-abs", "6", False): _hbp_exact_6_params,
     ("pch-abs", "7", True): _hbp_pch_abs_7_all,
     ("pch-abs", "7", False): _hbp_exact_6_params,
+    ("pch-abs", "6-kfac", True): _hbp_pch_abs_6_all,
+    ("pch-abs", "6-kfac", False): _hbp_exact_6_params,
     ("pch-clip", "6", True): _hbp_pch_clip_6_all,
     ("pch-clip", "6", False): _hbp_exact_6_params,
     ("pch-clip", "7", True): _hbp_pch_clip_7_all,
     ("pch-clip", "7", False): _hbp_exact_6_params,
+    ("pch-clip", "6-kfac", True): _hbp_pch_clip_6_all,
+    ("pch-clip", "6-kfac", False): _hbp_exact_6_params,
 }
 HBP = {(c, a): _hbp(c, a) for c, a, _ in _HBP}
 
@@ -600,18 +608,5 @@ def _loss_hessian_6(P, S):
     }
 
 
-def _loss_hessian_7(P, S):
-    """Where HBP starts: the exact blocks of approximation (7) with no curvature from above (𝓗z = 0)."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-    t0 = S['dz'].T
-    t1 = t0.sum(keepdims=True)
-    t3 = _launch('k_5364c3039914', dtype, (n, n), (n, n), [t1], [2], 'entries')
-
-    return {
-        "x": CurvatureBlock(kron=[], dense=t3),
-    }
-
-
 # a loss module's (one output per sample) curvature blocks where HBP starts, by approximation: HBP with 𝓗z = 0
-LOSS_HESSIAN = {"6": _loss_hessian_6, "7": _loss_hessian_7, }
+LOSS_HESSIAN = {"6": _loss_hessian_6, "7": _loss_hessian_6, "6-kfac": _loss_hessian_6, }

@@ -733,7 +733,7 @@ def _no_parameters():
 
 
 def _hbp_exact_6_all(P, S, Hz):
-    """Batch HBP: exact under (6)."""
+    """Batch HBP: exact under (6) and (6-kfac)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = P['W'].T
@@ -753,7 +753,7 @@ def _hbp_exact_6_all(P, S, Hz):
     }
 
 def _hbp_exact_6_params(P, S, Hz):
-    """Batch HBP: exact, ggn, pch-abs, pch-clip under (6), parameters only."""
+    """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (6-kfac), parameters only."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
@@ -796,7 +796,7 @@ def _hbp_exact_7_params(P, S, Hz):
     }
 
 def _hbp_ggn_6_all(P, S, Hz):
-    """Batch HBP: ggn under (6)."""
+    """Batch HBP: ggn under (6) and (6-kfac)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = P['W'].T
@@ -832,7 +832,7 @@ def _hbp_ggn_7_all(P, S, Hz):
     }
 
 def _hbp_pch_abs_6_all(P, S, Hz):
-    """Batch HBP: pch-abs under (6)."""
+    """Batch HBP: pch-abs under (6) and (6-kfac)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = P['W'].T
@@ -871,7 +871,7 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     }
 
 def _hbp_pch_clip_6_all(P, S, Hz):
-    """Batch HBP: pch-clip under (6)."""
+    """Batch HBP: pch-clip under (6) and (6-kfac)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = P['W'].T
@@ -922,18 +922,26 @@ _HBP = {
     ("exact", "6", False): _hbp_exact_6_params,
     ("exact", "7", True): _hbp_exact_7_all,
     ("exact", "7", False): _hbp_exact_7_params,
+    ("exact", "6-kfac", True): _hbp_exact_6_all,
+    ("exact", "6-kfac", False): _hbp_exact_6_params,
     ("ggn", "6", True): _hbp_ggn_6_all,
     ("ggn", "6", False): _hbp_exact_6_params,
     ("ggn", "7", True): _hbp_ggn_7_all,
     ("ggn", "7", False): _hbp_exact_7_params,
+    ("ggn", "6-kfac", True): _hbp_ggn_6_all,
+    ("ggn", "6-kfac", False): _hbp_exact_6_params,
     ("pch-abs", "6", True): _hbp_pch_abs_6_all,
     ("pch-abs", "6", False): _hbp_exact_6_params,
     ("pch-abs", "7", True): _hbp_pch_abs_7_all,
     ("pch-abs", "7", False): _hbp_exact_7_params,
+    ("pch-abs", "6-kfac", True): _hbp_pch_abs_6_all,
+    ("pch-abs", "6-kfac", False): _hbp_exact_6_params,
     ("pch-clip", "6", True): _hbp_pch_clip_6_all,
     ("pch-clip", "6", False): _hbp_exact_6_params,
     ("pch-clip", "7", True): _hbp_pch_clip_7_all,
     ("pch-clip", "7", False): _hbp_exact_7_params,
+    ("pch-clip", "6-kfac", True): _hbp_pch_clip_6_all,
+    ("pch-clip", "6-kfac", False): _hbp_exact_6_params,
 }
 HBP = {(c, a): _hbp(c, a) for c, a, _ in _HBP}
 

@@ -137,7 +137,7 @@ def _no_parameters():
 
 
 def _hbp_exact_6_all(P, S, Hz):
-    """Batch HBP: exact, ggn, pch-abs, pch-clip under (6)."""
+    """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = _fn_relu_1(S['x'])
@@ -151,7 +151,7 @@ def _hbp_exact_6_all(P, S, Hz):
     }
 
 def _hbp_exact_6_params(P, S, Hz):
-    """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7), parameters only."""
+    """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7) and (6-kfac), parameters only."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
 
@@ -184,18 +184,26 @@ _HBP = {
     ("exact", "6", False): _hbp_exact_6_params,
     ("exact", "7", True): _hbp_exact_7_all,
     ("exact", "7", False): _hbp_exact_6_params,
+    ("exact", "6-kfac", True): _hbp_exact_6_all,
+    ("exact", "6-kfac", False): _hbp_exact_6_params,
     ("ggn", "6", True): _hbp_exact_6_all,
     ("ggn", "6", False): _hbp_exact_6_params,
     ("ggn", "7", True): _hbp_exact_7_all,
     ("ggn", "7", False): _hbp_exact_6_params,
+    ("ggn", "6-kfac", True): _hbp_exact_6_all,
+    ("ggn", "6-kfac", False): _hbp_exact_6_params,
     ("pch-abs", "6", True): _hbp_exact_6_all,
     ("pch-abs", "6", False): _hbp_exact_6_params,
     ("pch-abs", "7", True): _hbp_exact_7_all,
     ("pch-abs", "7", False): _hbp_exact_6_params,
+    ("pch-abs", "6-kfac", True): _hbp_exact_6_all,
+    ("pch-abs", "6-kfac", False): _hbp_exact_6_params,
     ("pch-clip", "6", True): _hbp_exact_6_all,
     ("pch-clip", "6", False): _hbp_exact_6_params,
     ("pch-clip", "7", True): _hbp_exact_7_all,
     ("pch-clip", "7", False): _hbp_exact_6_params,
+    ("pch-clip", "6-kfac", True): _hbp_exact_6_all,
+    ("pch-clip", "6-kfac", False): _hbp_exact_6_params,
 }
 HBP = {(c, a): _hbp(c, a) for c, a, _ in _HBP}
 

@@ -152,7 +152,7 @@ def _no_parameters():
 
 
 def _hbp_exact_6_all(P, S, Hz):
-    """Batch HBP: exact under (6)."""
+    """Batch HBP: exact under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = _fn_sigmoid_1(S['x'])
@@ -170,7 +170,7 @@ def _hbp_exact_6_all(P, S, Hz):
     }
 
 def _hbp_exact_6_params(P, S, Hz):
-    """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7), parameters only."""
+    """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7) and (6-kfac), parameters only."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
 
@@ -195,7 +195,7 @@ def _hbp_exact_7_all(P, S, Hz):
     }
 
 def _hbp_ggn_6_all(P, S, Hz):
-    """Batch HBP: ggn under (6)."""
+    """Batch HBP: ggn under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = _fn_sigmoid_1(S['x'])
@@ -222,7 +222,7 @@ def _hbp_ggn_7_all(P, S, Hz):
     }
 
 def _hbp_pch_abs_6_all(P, S, Hz):
-    """Batch HBP: pch-abs under (6)."""
+    """Batch HBP: pch-abs under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = _fn_sigmoid_1(S['x'])
@@ -259,7 +259,7 @@ def _hbp_pch_abs_7_all(P, S, Hz):
     }
 
 def _hbp_pch_clip_6_all(P, S, Hz):
-    """Batch HBP: pch-clip under (6)."""
+    """Batch HBP: pch-clip under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = _fn_sigmoid_1(S['x'])
@@ -308,18 +308,26 @@ _HBP = {
     ("exact", "6", False): _hbp_exact_6_params,
     ("exact", "7", True): _hbp_exact_7_all,
     ("exact", "7", False): _hbp_exact_6_params,
+    ("exact", "6-kfac", True): _hbp_exact_6_all,
+    ("exact", "6-kfac", False): _hbp_exact_6_params,
     ("ggn", "6", True): _hbp_ggn_6_all,
     ("ggn", "6", False): _hbp_exact_6_params,
     ("ggn", "7", True): _hbp_ggn_7_all,
     ("ggn", "7", False): _hbp_exact_6_params,
+    ("ggn", "6-kfac", True): _hbp_ggn_6_all,
+    ("ggn", "6-kfac", False): _hbp_exact_6_params,
     ("pch-abs", "6", True): _hbp_pch_abs_6_all,
     ("pch-abs", "6", False): _hbp_exact_6_params,
     ("pch-abs", "7", True): _hbp_pch_abs_7_all,
     ("pch-abs", "7", False): _hbp_exact_6_params,
+    ("pch-abs", "6-kfac", True): _hbp_pch_abs_6_all,
+    ("pch-abs", "6-kfac", False): _hbp_exact_6_params,
     ("pch-clip", "6", True): _hbp_pch_clip_6_all,
     ("pch-clip", "6", False): _hbp_exact_6_params,
     ("pch-clip", "7", True): _hbp_pch_clip_7_all,
     ("pch-clip", "7", False): _hbp_exact_6_params,
+    ("pch-clip", "6-kfac", True): _hbp_pch_clip_6_all,
+    ("pch-clip", "6-kfac", False): _hbp_exact_6_params,
 }
 HBP = {(c, a): _hbp(c, a) for c, a, _ in _HBP}
 

@@ -53,8 +53,9 @@ from ..simplification import simplify
 class BatchLowering:
     """Lowers the per-sample rules of one module over a batch."""
 
-    def __init__(self, derivation: Derivation) -> None:
+    def __init__(self, derivation: Derivation, factored: bool = False) -> None:
         self.derivation = derivation
+        self.factored = factored  # E[Aᵢ ⊗ Bᵢ] → E[Aᵢ] ⊗ E[Bᵢ] (Approximation.KRONECKER_FACTORED)
         m = derivation.module
         self._varies: dict[Expr, bool] = {}
         self.leaves: tuple[Expr, ...] = (*m.inputs, *[c for c in m.constants if c.is_vector], derivation.dz,
@@ -163,6 +164,8 @@ class BatchLowering:
                 return Kron(self.mean(left), right)
             if not self.varies(left):
                 return Kron(left, self.mean(right))
+            if self.factored:  # K-FAC's factorisation of a mean of Kronecker products
+                return Kron(self.mean(left), self.mean(right))
         if isinstance(e, MatMul):
             closed = self._mean_product(e)
             if closed is not None:
@@ -274,14 +277,14 @@ def batch_hbp(d: Derivation, name: str, curvature: Curvature | str = Curvature.E
     are summed): the Gauss–Newton term E[Jᵀ 𝓗z J] vanishes and only the module's own second-order
     term is left: eq. (4a) where backpropagation starts, with δz = 1/B per sample for the batch mean."""
     curvature, approximation = Curvature.parse(curvature), Approximation.parse(approximation)
-    lowering = BatchLowering(d)
+    lowering = BatchLowering(d, factored=approximation is Approximation.KRONECKER_FACTORED)
     # Σᵢ Σₖ Hzₖ(xᵢ) δzᵢₖ per sample under both approximations: (7) averages the Jacobians of the
     # Gauss–Newton term only, as the authors' code does (bpexts/hbp/nonlinear.py, ``_residuum``:
     # einsum("bi,bi->i", φ″, δz) whatever ``average_input_jac``), which made the paper's CIFAR-10 figures
     concave = cast_concave(simplify(ScalarMul(BATCH, lowering.mean(d.second_order(name)))), curvature)
     if terminal:
         return simplify(concave)
-    if approximation is Approximation.MEAN_OF_SANDWICHES:
+    if approximation is not Approximation.SANDWICH_OF_MEANS:
         ggn = lowering.mean(d.gauss_newton(name))
     else:
         jacobian = simplify(lowering.mean(d.jacobian(name)))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import keyword
 import re
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import sympy as sp
 
@@ -317,6 +317,9 @@ def _kron_factors(term: Expr) -> tuple[sp.Expr, Expr | None, Expr, Expr] | None:
 
 
 # --- the functions a module's generated code provides ----------------------------------
+K = TypeVar("K")
+
+
 class HBPKey(NamedTuple):
     """What one HBP function of a module computes."""
 
@@ -326,15 +329,16 @@ class HBPKey(NamedTuple):
 
     @property
     def function_name(self) -> str:
-        return f"_hbp_{self.curvature.identifier}_{self.approximation}_{'all' if self.with_inputs else 'params'}"
+        inputs = "all" if self.with_inputs else "params"
+        return f"_hbp_{self.curvature.identifier}_{self.approximation.identifier}_{inputs}"
 
 
-def distinct_programs(programs: dict[HBPKey, Program]) -> tuple[dict[HBPKey, Program], dict[HBPKey, HBPKey]]:
+def distinct_programs(programs: dict[K, Program]) -> tuple[dict[K, Program], dict[K, K]]:
     """The programs that differ, each under the first key that has it, and every key's alias to it: the
     modes that coincide for a module (for Linear, whose output is linear in its inputs and
     parameters, every curvature mode is the Gauss–Newton one) are generated once."""
-    kept: dict[HBPKey, Program] = {}
-    aliases: dict[HBPKey, HBPKey] = {}
+    kept: dict[K, Program] = {}
+    aliases: dict[K, K] = {}
     for key, program in programs.items():
         aliases[key] = next((k for k, p in kept.items() if p == program), key)
         kept.setdefault(aliases[key], program)
@@ -354,7 +358,8 @@ class ModulePlan:
     rgradients: dict[bool, Program]  # R{δv} of every variable (Pearlmutter's R-backprop)
     hbp: dict[HBPKey, Program]  # the distinct programs, each under the first key that has it
     hbp_aliases: dict[HBPKey, HBPKey]  # every key → the key its program is kept under
-    loss_hessian: dict[Approximation, Program]  # HBP's start, 𝓗z = 0 (a module with one output)
+    loss_hessian: dict[Approximation, Program]  # HBP's start, 𝓗z = 0 (a module with one output), distinct
+    loss_aliases: dict[Approximation, Approximation]  # every approximation → the one its program is kept under
     dims: dict[str, DimensionSource]  # dimension name → where to read it off the arguments
     per_sample: list[str]
     params: list[str]
@@ -402,11 +407,13 @@ def plan_module(d: Derivation) -> ModulePlan:
         HBPKey(curvature, approximation, with_inputs): blocks(variables, curvature, approximation)
         for curvature in CURVATURES for approximation in APPROXIMATIONS for with_inputs, variables in wanted.items()})
     # a loss (one number per sample) starts HBP: nothing arrives from above
-    loss_hessian = {approximation: blocks(m.variables, Curvature.EXACT, approximation, terminal=True)
-                    for approximation in APPROXIMATIONS} if m.output.rows == ONE else {}
+    loss_hessian, loss_aliases = distinct_programs(
+        {approximation: blocks(m.variables, Curvature.EXACT, approximation, terminal=True)
+         for approximation in APPROXIMATIONS} if m.output.rows == ONE else {})
     per_sample = [s.name for s in (*m.inputs, *[c for c in m.constants if c.is_vector])]
     shared = [s.name for s in m.params + tuple(c for c in m.constants if not c.is_vector)]
     return ModulePlan(m.name, d, forward.program, gradients, jvp, rgradients, hbp, hbp_aliases, loss_hessian,
+                      loss_aliases,
                       _dimension_sources(d, per_sample), per_sample, shared)
 
 

@@ -168,6 +168,7 @@ def module_context(plan: ModulePlan) -> dict[str, Any]:
     m = plan.derivation.module
     return {
         "hbp_aliases": plan.hbp_aliases,
+        "loss_aliases": plan.loss_aliases,
         "hbp_served": served_modes(plan),
         "name": m.name,
         "output_text": to_text(m.output),
