@@ -1,4 +1,4 @@
-"""Two layers people ask curvature libraries for, declared, verified, generated and trained by mcalc.
+"""Layers people ask curvature libraries for, declared, verified, generated and trained by mcalc.
 
     mcalc derive examples/layernorm_gelu.py
     mcalc verify examples/layernorm_gelu.py                      # every rule against finite differences
@@ -26,3 +26,8 @@ LayerNorm = mc.Module(
 t = sp.Symbol("t")
 gelu = mc.elementwise("gelu", t * (1 + sp.erf(t / sp.sqrt(2))) / 2, t)
 GELU = mc.Module("GELU", output=gelu(x), inputs=[x])
+
+# A residual block, z = x + W₂ tanh(W₁ x + b₁): its inner parameters' blocks are batch means of per-sample
+# Kronecker products (exact under (6), two factors under 6-kfac).
+W1, b1, W2 = mc.Matrix("W1", "h", "n"), mc.Vector("b1", "h"), mc.Matrix("W2", "n", "h")
+Residual = mc.Module("Residual", output=x + W2 @ mc.tanh(W1 @ x + b1), inputs=[x], params=[W1, b1, W2])
