@@ -214,7 +214,9 @@ class BatchLowering:
 
 
 def _push_scale(s: Expr, m: Expr) -> Expr | None:
-    """sᵢ Mᵢ with sᵢ moved onto a vector: s(A + B) = sA + sB, s diag(v) = diag(s v), s (u wᵀ) = (s u) wᵀ."""
+    """sᵢ Mᵢ with sᵢ moved onto a vector: s(A + B) = sA + sB, s diag(v) = diag(s v), s (u wᵀ) = (s u) wᵀ,
+    s diag(u) M = diag(s u) M (a normalised layer's s² diag(x̂) 𝓗z diag(x̂): then the closed form of a
+    mean of diag(a) H diag(b))."""
     if isinstance(m, Add):
         return Add(*[ScaleBy(s, t) for t in m.args])
     if isinstance(m, ScalarMul):
@@ -225,6 +227,8 @@ def _push_scale(s: Expr, m: Expr) -> Expr | None:
         for i, f in enumerate(m.args):
             if f.cols == ONE:
                 return MatMul(*m.args[:i], ScaleBy(s, f), *m.args[i + 1 :])
+        if isinstance(m.args[0], Diag):
+            return MatMul(Diag(ScaleBy(s, m.args[0].args[0])), *m.args[1:])
     return None
 
 
