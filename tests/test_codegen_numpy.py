@@ -252,3 +252,21 @@ def test_the_kronecker_factored_approximation_is_k_facs_factorisation(tmp_path):
                 np.testing.assert_allclose(factored[name].to_dense(), exact[name].to_dense(), rtol=1e-12)
         else:
             assert not np.allclose(factored["W"].to_dense(), exact["W"].to_dense())  # an approximation
+
+
+def test_an_exact_block_too_large_to_form_per_sample_is_refused_with_a_hint(tmp_path, monkeypatch):
+    """The exact (6) block of a residual block's W₁ at width 128 would be 32 GiB at batch 64: refused with
+    the factored approximation named, before anything is allocated (here with the limit lowered)."""
+    from mcalc.runtime import array_ops
+
+    (residual,) = [m for m in load_modules(ROOT / "examples" / "layernorm_gelu.py") if m.name == "Residual"]
+    generate([residual], ["numpy"], tmp_path)
+    code = load_code(residual, "numpy", tmp_path)
+    rng = np.random.default_rng(0)
+    P = {"W1": rng.normal(size=(4, 3)), "b1": rng.normal(size=(4, 1)), "W2": rng.normal(size=(3, 4))}
+    S, Hz = {"x": rng.normal(size=(3, 8)), "dz": rng.normal(size=(3, 8))}, np.eye(3)
+    code.HBP[("exact", "6")](P, S, Hz)  # within the limit
+    monkeypatch.setattr(array_ops, "STACK_LIMIT_BYTES", 1000)
+    with pytest.raises(mc.McalcError, match=r"8 samples of 12 × 12.*--approximation 6-kfac"):
+        code.HBP[("exact", "6")](P, S, Hz)
+    code.HBP[("exact", "6-kfac")](P, S, Hz)  # the factored blocks stay two factors

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
+from ..errors import McalcError
 from ..modes import Projection
 from .blocks import GramFactor, namespace
 from .cuda_graph import matmul
@@ -56,9 +59,21 @@ def vec(a: Any) -> Any:
     return transpose(a).reshape(a.shape[:-2] + (-1, 1))
 
 
+STACK_LIMIT_BYTES = 2**31  # a stack of per-sample Kronecker products larger than this is refused
+
+
 def kron_product(a: Any, b: Any) -> Any:
-    """A ⊗ B of matrices, or of the matrices of stacks, sample by sample (M&N 2.2)."""
+    """A ⊗ B of matrices, or of the matrices of stacks, sample by sample (M&N 2.2). A stack larger than
+    :data:`STACK_LIMIT_BYTES` (the exact (6) block of a large inner parameter, formed per sample) is refused
+    with a clear error instead of exhausting the memory."""
     xp = namespace(a if hasattr(a, "shape") else b)
+    stack = max(a.shape[:-2], b.shape[:-2], key=len)
+    entries = int(np.prod(stack, dtype=np.int64)) * a.shape[-2] * b.shape[-2] * a.shape[-1] * b.shape[-1]
+    if stack and entries * a.dtype.itemsize > STACK_LIMIT_BYTES:
+        raise McalcError(f"an exact (6) curvature block would be formed sample by sample: {stack[0]} samples of "
+                         f"{a.shape[-2] * b.shape[-2]} × {a.shape[-1] * b.shape[-1]}, "
+                         f"{entries * a.dtype.itemsize / 2**30:.1f} GiB; use the Kronecker-factored approximation "
+                         "(--approximation 6-kfac, or approximation='6-kfac')")
     product = xp.einsum("...ij,...kl->...ikjl", a, b)
     return product.reshape(product.shape[:-4] + (a.shape[-2] * b.shape[-2], a.shape[-1] * b.shape[-1]))
 
