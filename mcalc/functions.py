@@ -112,7 +112,7 @@ class ElementwiseFunction:
                 f"no differential rule for elementwise function '{self.display_name}': "
                 f"SymPy cannot differentiate {self.expr}"
             )
-        jumps = [] if self.piecewise_linear else _jumps(self.expr)
+        jumps = [] if self.piecewise_linear else _jumps(self)
         if jumps:
             what = "differentiable" if self.order == 0 else "twice differentiable" if self.order == 1 \
                 else f"{self.order + 1} times differentiable"
@@ -180,14 +180,14 @@ def _breakpoints(expr: sp.Expr) -> list[float]:
     return sorted(points)
 
 
-def _jumps(expr: sp.Expr, width: float = 1e-7) -> list[float]:
-    """The breakpoints (:func:`_breakpoints`) where ``expr`` jumps: its values just left and right of the
-    point differ by more than a difference quotient's worth (``width`` times the slope near it)."""
-    points = _breakpoints(expr)
+def _jumps(function: ElementwiseFunction, width: float = 1e-7) -> list[float]:
+    """The breakpoints (:func:`_breakpoints`) where ``function`` jumps: its values (by its NumPy form) just
+    left and right of the point differ by more than a difference quotient's worth (``width`` times the
+    slope near it)."""
+    points = _breakpoints(function.expr)
     if not points:
         return []
-    f = sp.lambdify(_T, expr.replace(sp.Heaviside, lambda arg, *rest: sp.Heaviside(arg, 0)),
-                    modules=["scipy", "numpy"])
+    f = function.numpy
     jumps = []
     for p in points:
         left, right = (float(f(p + s * width)) for s in (-1.0, 1.0))

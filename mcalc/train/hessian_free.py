@@ -171,7 +171,7 @@ class HessianFree(Optimizer):
                               max_iterations=self.cg_iterations, tolerance=self.cg_tolerance,
                               preconditioner=preconditioner)
         self.previous = result.x
-        loss = lambda d: net.loss(X, Y, {n: net.params[n] + u for n, u in unpack(d).items()})  # noqa: E731
+        loss = lambda d: net.loss(X, Y, net.params_plus(unpack(d)))  # noqa: E731
         base = net.loss(X, Y)
         chosen = len(result.iterates) - 1
         value = loss(result.iterates[chosen])

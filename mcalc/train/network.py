@@ -26,6 +26,12 @@ SPEC_LOSSES = {"ce": "CrossEntropy", "mse": "MSE"}
 BackwardResult = tuple[float, dict[str, Any], dict[str, CurvatureBlock]]  # loss, gradients, blocks
 
 
+def glorot_uniform(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
+    """A (rows, cols) weight matrix drawn uniformly from ±√(6/(rows + cols)) (Xavier / Glorot)."""
+    bound = np.sqrt(6.0 / (rows + cols))
+    return rng.uniform(-bound, bound, (rows, cols))
+
+
 @dataclass
 class Layer:
     """One module of the network, by name: the names of its parameters in the network, and the name of
@@ -64,12 +70,10 @@ class Network:
         for token in tokens[1:]:
             if isinstance(token, Width):
                 k = sum(layer.module == "Linear" for layer in self.layers) + 1
-                fan_in, fan_out = self.widths[-1], token.size
-                bound = np.sqrt(6.0 / (fan_in + fan_out))  # Xavier / Glorot uniform
-                self._params[f"W{k}"] = self.xp.asarray(rng.uniform(-bound, bound, (fan_out, fan_in)), dtype=dtype)
-                self._params[f"b{k}"] = self.xp.zeros((fan_out, 1), dtype=dtype)
+                self._params[f"W{k}"] = self.xp.asarray(glorot_uniform(rng, token.size, self.widths[-1]), dtype=dtype)
+                self._params[f"b{k}"] = self.xp.zeros((token.size, 1), dtype=dtype)
                 self.layers.append(Layer("Linear", {"W": f"W{k}", "b": f"b{k}"}))
-                self.widths.append(fan_out)
+                self.widths.append(token.size)
             elif isinstance(token, Activation):
                 self.layers.append(Layer(token.module, {}))
             else:
@@ -108,8 +112,7 @@ class Network:
             shape = tuple(dimension_value(d, dims, name) for d in symbols[p]["shape"])
             names[p] = f"{name}{position}.{p}"
             if shape[1] > 1:
-                bound = np.sqrt(6.0 / (shape[0] + shape[1]))
-                value = rng.uniform(-bound, bound, shape)
+                value = glorot_uniform(rng, *shape)
             else:
                 value = np.full(shape, 1.0 if symbols[p]["positive"] else 0.0)
             self._params[names[p]] = self.xp.asarray(value, dtype=self.dtype)
@@ -137,6 +140,10 @@ class Network:
             raise McalcError(f"parameters of '{self.spec}' must be {want}, not {got} (load_weights converts "
                              "PyTorch's layouts)")
         self._params = params
+
+    def params_plus(self, updates: Mapping[str, Any]) -> dict[str, Any]:
+        """θ + Δ by name, for updates Δ of every parameter (a new dict; the network's own are kept)."""
+        return {name: value + updates[name] for name, value in self._params.items()}
 
     def load_weights(self, weights: Mapping[str, Any]) -> None:
         """Take every parameter from ``weights`` (NumPy, CuPy or torch arrays, by name: W1, b1, W2, …), each

@@ -199,8 +199,7 @@ class HBPNewton(Optimizer):
             curved = block.matvec(d.reshape(-1, order="F"))
             model += self.lr * float((g * d).sum()) + 0.5 * self.lr**2 * float(d.reshape(-1, order="F") @ curved)
         X, Y = batch
-        rho = reduction_ratio(net.loss(X, Y), net.loss(X, Y, {k: v + updates[k] for k, v in net.params.items()}),
-                              model)
+        rho = reduction_ratio(net.loss(X, Y), net.loss(X, Y, net.params_plus(updates)), model)
         self.alpha = LevenbergMarquardt(self.alpha, minimum=self.alpha_min, maximum=1.0).update(rho)
 
     def reject(self) -> None:
@@ -384,7 +383,7 @@ class KFAC(Optimizer):
         updates = {name: sum(c * v[name] for c, v in zip(w, vectors)) for name in natural}
         if (self.steps + 1) % self.damping_period == 0:
             old_loss = net.loss(X, Y)
-            new_loss = net.loss(X, Y, {k: v + updates[k] for k, v in net.params.items()})
+            new_loss = net.loss(X, Y, net.params_plus(updates))
             rho = reduction_ratio(old_loss, new_loss, model_change)
             self.damping = LevenbergMarquardt(self.damping, 1 / self._factor, self._factor, minimum=self.min_damping,
                                               maximum=self.max_damping).update(rho)
@@ -539,7 +538,7 @@ class KBFGS(Optimizer):
                 updates[name] = self.lr * part
         for name, direction in damped_block_directions(self.block_params, self.m, blocks, self.damping, xp).items():
             updates[name] = -self.lr * direction
-        after, _ = self._linear_statistics(net, X, Y, {k: v + updates[k] for k, v in net.params.items()})
+        after, _ = self._linear_statistics(net, X, Y, net.params_plus(updates))
         for position, (pre, grad) in before.items():
             s, y = pre - after[position][0], grad - after[position][1]
             s0, y0 = self.pairs.get(position, (0.0, 0.0))  # the averages start at zero

@@ -112,7 +112,7 @@ def train(net: Network, data: Dataset, optimizer: Optimizer, *, epochs: int, bat
             snapshot = copy.deepcopy(optimizer)
             updates = optimizer.step(net, grads, blocks, (X, Y))
             previous = dict(net.params)
-            net.params = {name: value + updates[name] for name, value in net.params.items()}
+            net.params = net.params_plus(updates)
             if step_is_rejected(optimizer, loss, net.loss(X, Y), updates, xp):
                 net.params = previous  # never corrupt the weights, nor the optimiser's state
                 restore(optimizer, snapshot)
