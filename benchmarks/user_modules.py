@@ -1,10 +1,10 @@
 """One HBP pass of a network of a user's modules against the nearest network of built-in layers, side by side.
 
-    python benchmarks/user_modules.py [--repeats 7] [--batch 64] [--json OUT]
+    python benchmarks/user_modules.py [--repeats 7] [--passes 20] [--batch 64] [--json OUT]
 
 The user's network is 64-LayerNorm-128-GELU-Residual(h=64)-10 (``examples/layernorm_gelu.py``); the
 built-in one has the same widths where it can, 64-128-tanh-64-tanh-128-10 (no LayerNorm, tanh for GELU,
-the residual block's two Linear layers without the skip). Each repeat times a backward pass with
+the residual block's two Linear layers without the skip). Each repeat times ``--passes`` backward passes with
 Gauss–Newton blocks of every parameter, both networks in turn; medians are compared (PCH-abs would cast
 the residual block's W₁ block, 8192 × 8192, by a dense eigen-decomposition: 100 s a pass). The user's
 network runs
@@ -36,6 +36,7 @@ CURVATURE = "ggn"  # PCH-abs casts the residual block's W₁ block (8192 × 8192
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--passes", type=int, default=20, help="passes per repeat (a pass takes about a ms)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -57,8 +58,9 @@ def main() -> None:
     for repeat in range(args.repeats):
         for name, (net, a) in contenders.items():
             start = time.perf_counter()
-            net.backward(X, Y, CURVATURE, a)
-            times[name].append(time.perf_counter() - start)
+            for _ in range(args.passes):
+                net.backward(X, Y, CURVATURE, a)
+            times[name].append((time.perf_counter() - start) / args.passes)
         print(f"[{repeat + 1}/{args.repeats}] " + ", ".join(f"{n} {t[-1] * 1e3:.1f} ms" for n, t in times.items()),
               flush=True)
     medians = {name: statistics.median(t) for name, t in times.items()}
@@ -70,7 +72,7 @@ def main() -> None:
     print(f"  generated functions that loop over the batch in Python: {loops or 'none'}")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "user": USER, "built_in": BUILT_IN, "batch": args.batch, "repeats": args.repeats,
+            "user": USER, "built_in": BUILT_IN, "batch": args.batch, "repeats": args.repeats, "passes": args.passes,
             "median_seconds": medians, "ratio": ratio, "python_batch_loops": loops,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "python": platform.python_version(),
         }, indent=2) + "\n")

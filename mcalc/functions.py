@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import sympy as sp
@@ -205,9 +206,46 @@ def _simplify(expr: sp.Expr) -> sp.Expr:
     """A shorter form of a derivative. A small one (every built-in function's) goes through SymPy's
     ``simplify``; a larger one is simplified as a rational function of its function applications, each
     held as a symbol (tanh(u) as T): deterministic and fast, where ``simplify``'s trigonometric rewriting
-    of the applications themselves is what costs minutes."""
+    of the applications themselves is what costs minutes. Results are kept on disk across calls
+    (:func:`_cached_simplification`)."""
     if expr.has(sp.Heaviside, sp.Piecewise, sp.Max, sp.Min, sp.sign):
         return expr
+    return _cached_simplification(expr, _simplify_now)
+
+
+def _cached_simplification(expr: sp.Expr, simplify: Callable[[sp.Expr], sp.Expr]) -> sp.Expr:
+    """``simplify(expr)``, read from the cache folder's ``simplified/`` where an earlier call wrote it:
+    a file per expression, named by a hash of SymPy's version, this module's source and the
+    expression, holding the result's ``srepr``. Expressions with functions of the user's own (not
+    SymPy's classes, which a file could not name again) are simplified afresh every time."""
+    import hashlib
+
+    from .files import write_atomic
+    from .locations import cache_directory
+
+    def sympy_functions_only(e: sp.Expr) -> bool:
+        return all((type(f).__module__ or "").startswith("sympy.") for f in e.atoms(sp.Function))
+
+    if not sympy_functions_only(expr):
+        return simplify(expr)
+    digest = hashlib.sha256(b"\0".join([sp.__version__.encode(), Path(__file__).read_bytes(),
+                                         sp.srepr(expr).encode()])).hexdigest()
+    path = cache_directory() / "simplified" / f"{digest[:32]}.txt"
+    try:
+        return sp.sympify(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError, SyntaxError, sp.SympifyError):
+        pass  # not there yet, or unreadable: simplified again and written anew
+    result = simplify(expr)
+    text = sp.srepr(result)
+    if sympy_functions_only(result) and sp.srepr(sp.sympify(text)) == text:
+        try:
+            write_atomic(path, text)
+        except OSError:
+            pass  # a read-only cache folder costs time, not correctness
+    return result
+
+
+def _simplify_now(expr: sp.Expr) -> sp.Expr:
     if sp.count_ops(expr) <= FULL_SIMPLIFY_OPS:
         simpler = sp.simplify(expr)
     else:

@@ -194,7 +194,7 @@ def test_a_network_is_handed_its_generated_code(tmp_path):
     code = load_code(L.Linear, "numpy", tmp_path)
     calls = []
     handed = types.SimpleNamespace(**vars(code))  # the same functions, its forward pass counted
-    handed.forward = lambda P, S: calls.append(1) or code.forward(P, S)
+    handed.forward = lambda P, S, cache=None: calls.append(1) or code.forward(P, S, cache)
     net = Network("4-3-tanh-2", code={"Linear": handed})
     X, Y = np.ones((4, 5)), np.eye(2)[:, [0, 1, 0, 1, 0]]
     assert net.backward(X, Y)[0] == Network("4-3-tanh-2").backward(X, Y)[0]

@@ -201,7 +201,8 @@ def test_row_and_column_scalings_fuse_into_one_kernel():
 
         namespace = {"_launch": KernelSet(cuda_source(context["kernels"])).launch, "dtype": np.dtype(float),
                      "P": {k: cp.asarray(a) for k, a in values.items()}, "m": 3, "n": 5}
-        exec(context["lines"][0], namespace)
+        line = context["lines"][0]
+        exec(f"{line['targets']} = {line['rhs']}", namespace)
         out = namespace[target].get()
     np.testing.assert_allclose(out, 3 * values["u"] * values["M"] * values["v"].T, rtol=1e-14)
 

@@ -57,6 +57,45 @@ def check_generated(module, code):
                                        err_msg=f"{v.name} {curvature} ({approximation})")
             probe = rng.normal(size=expected.shape[0])
             np.testing.assert_allclose(got.matvec(probe), expected @ probe, atol=1e-10)
+    check_one_cache_per_batch(module, code, shared, S, Hz, rng)
+
+
+def check_one_cache_per_batch(module, code, P, S, Hz, rng):
+    """A backward pass whose functions share one cache (forward, gradients, every HBP mode, then the
+    gradients again with another δZ, as a Gauss–Newton product does) equals the calls without one."""
+    cache = {}
+    if len(S) > 1:
+        np.testing.assert_allclose(code.forward(P, S, cache)["Z"], code.forward(P, S)["Z"], atol=1e-14)
+    for name, value in code.gradients(P, S, cache=cache).items():
+        np.testing.assert_allclose(value, code.gradients(P, S)[name], atol=1e-14)
+    for mode, function in code.HBP.items():
+        shared, fresh = function(P, S, Hz, cache=cache), function(P, S, Hz)
+        for name in fresh:
+            np.testing.assert_allclose(shared[name].to_dense(), fresh[name].to_dense(), atol=1e-13, err_msg=str(mode))
+    other = dict(S, dz=rng.normal(size=S["dz"].shape))
+    for name, value in code.gradients(P, other, cache=cache).items():
+        np.testing.assert_allclose(value, code.gradients(P, other)[name], atol=1e-14)
+
+
+def test_a_backward_pass_computes_an_activations_derivative_once(generated):
+    """Forward, gradients and curvature share what they have in common through one cache: σ′(x) is
+    evaluated by the gradients and read by the curvature; without a cache, each computes it."""
+    code = load_code(L.Sigmoid, "numpy", generated)
+    calls = []
+    derivative = code._fn_sigmoid_1
+    code._fn_sigmoid_1 = lambda t: calls.append(1) or derivative(t)
+    try:
+        X, dZ = np.random.default_rng(0).normal(size=(2, 4, 6))
+        S, cache = {"x": X, "dz": dZ}, {}
+        code.forward({}, S, cache)
+        code.gradients({}, S, cache=cache)
+        code.HBP[("ggn", "6")]({}, S, np.eye(4), cache=cache)
+        assert len(calls) == 1
+        code.gradients({}, S)
+        code.HBP[("ggn", "6")]({}, S, np.eye(4))
+        assert len(calls) == 3
+    finally:
+        code._fn_sigmoid_1 = derivative
 
 
 def check_generated_tangents(module, code, d, ev, P, S, rng):

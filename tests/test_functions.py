@@ -1,4 +1,6 @@
 """Elementwise functions: SymPy derives φ′ and φ″; known ones come out in their textbook form."""
+import os
+
 import numpy as np
 import pytest
 import sympy as sp
@@ -106,6 +108,38 @@ def test_a_cold_derive_of_gelus_tanh_form_is_quick(tmp_path):
         "x, W = mc.Vector('x', 'n'), mc.Matrix('W', 'm', 'n')\n"
         "GELULinear = mc.Module('GELULinear', output=W @ gelu(x), inputs=[x], params=[W])\n")
     start = time.perf_counter()
-    run = subprocess.run([sys.executable, "-m", "mcalc.cli", "derive", str(source)], capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-m", "mcalc.cli", "derive", str(source)], capture_output=True, text=True,
+                         env={**os.environ, "MCALC_CACHE": str(tmp_path / "cache")})  # cold: nothing kept on disk
     assert run.returncode == 0, run.stderr
     assert time.perf_counter() - start < 10 and "gelu''" in run.stdout
+
+
+def test_simplified_derivatives_are_kept_on_disk(tmp_path, monkeypatch):
+    """A derivative simplified once is read back by the next call (another process would find the same
+    file), without SymPy simplifying again; an unreadable file is simplified and written anew, and a
+    function of the user's own class, which a file could not name again, is never kept."""
+    from mcalc.functions import _simplify
+
+    monkeypatch.setenv("MCALC_CACHE", str(tmp_path))
+    gelu = _t / 2 * (1 + sp.tanh(sp.sqrt(2 / sp.pi) * (_t + sp.Rational(44715, 1000000) * _t**3)))
+    derivative = sp.diff(gelu, _t, 2)
+    first = _simplify(derivative)
+    kept = list((tmp_path / "simplified").iterdir())
+    assert len(kept) == 1 and first != derivative
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("simplified again")
+
+    with monkeypatch.context() as m:
+        m.setattr(sp, "simplify", refuse)
+        assert _simplify(derivative) == first
+        kept[0].write_text("Mul(Integer(2), ")  # unreadable
+        with pytest.raises(AssertionError, match="simplified again"):
+            _simplify(derivative)
+    assert _simplify(derivative) == first and sp.sympify(kept[0].read_text()) == first
+
+    class Own(sp.Function):
+        pass
+
+    _simplify(sp.diff(Own(_t) * sp.exp(_t) ** 2, _t))
+    assert len(list((tmp_path / "simplified").iterdir())) == 1

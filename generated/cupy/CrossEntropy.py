@@ -378,8 +378,10 @@ def _dims(P, S):
     return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], }
 
 
-def forward(P, S):
-    """Z = the module's outputs, (size z, B)."""
+def forward(P, S, cache=None):
+    """Z = the module's outputs, (size z, B). The module's functions that share ``cache`` (a dict, one
+    per batch) compute what they have in common once; they must share P and S, except what the
+    function's own docstring says may change."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = _launch('k_37936cc9666e', dtype, (n, B), (n, B), [S['x']], [], 'columns')
@@ -393,13 +395,10 @@ def forward(P, S):
 def _gradients_all(P, S, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    hoisted = C.get('gradients_all') if C is not None else None
-    if hoisted is None:
-        t3 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
-        if C is not None:
-            C['gradients_all'] = (t3,)
-    else:
-        t3, = hoisted
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    t3 = C['m0']
     t5 = _launch('k_eaa61725f54d', dtype, (n, B), (n, B), [S['dz'], S['y'], t3], [-1], 'entries')
 
     return {"x": t5, }
@@ -415,21 +414,18 @@ def _gradients_params(P, S, C=None):
 def gradients(P, S, inputs=True, cache=None):
     """δ of every input (size, B) and parameter (summed over the batch); S['dz'] holds δZ.
 
-    ``inputs=False`` skips the inputs (a first layer's data needs no gradient). Calls that share
-    ``cache`` (a dict) must share P and S except S['dz']: what does not depend on it is reused."""
+    ``inputs=False`` skips the inputs (a first layer's data needs no gradient). ``cache`` as for
+    ``forward``; S['dz'] may change between calls: what does not depend on it is reused."""
     return _gradients_all(P, S, cache) if inputs else _gradients_params(P, S, cache)
 
 
 def _jvp_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    hoisted = C.get('jvp_all') if C is not None else None
-    if hoisted is None:
-        t0 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
-        if C is not None:
-            C['jvp_all'] = (t0,)
-    else:
-        t0, = hoisted
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    t0 = C['m0']
     t1 = _launch('k_531d59972706', dtype, (n, B), (n, B), [V['x'], t0], [], 'entries')
     t2 = t1.sum(axis=0, keepdims=True)
     t6 = _launch('k_27e0e74c7c19', dtype, (n, B), (n, B), [V['x'], t2, S['y']], [-1], 'entries')
@@ -449,13 +445,10 @@ def jvp(P, S, V, inputs=True, cache=None):
 def _rgradients_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    hoisted = C.get('rgradients_all') if C is not None else None
-    if hoisted is None:
-        t3 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
-        if C is not None:
-            C['rgradients_all'] = (t3,)
-    else:
-        t3, = hoisted
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    t3 = C['m0']
     t6 = _launch('k_531d59972706', dtype, (n, B), (n, B), [V['x'], t3], [], 'entries')
     t7 = t6.sum(axis=0, keepdims=True)
     t13 = _launch('k_ba00e81ff075', dtype, (n, B), (n, B), [V['dz'], S['y'], t3, S['dz'], t6, t7], [-1, -1], 'entries')
@@ -474,16 +467,25 @@ def _no_parameters():
     raise ValueError(f"module {MODULE} has no parameters: with inputs=False nothing moves")
 
 
-def _hbp_exact_6_all(P, S, Hz):
+def _hbp_exact_6_all(P, S, Hz, C=None):
     """Batch HBP: exact under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
-    t2 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['y'], t0], [-1], 'entries')
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    t0 = C['m0']
+    if 'm3' not in C:
+        C['m3'] = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['y'], t0], [-1], 'entries')
+    t2 = C['m3']
     t3 = S['y'].T
     t5 = t0.T
-    t7 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], 'entries')
-    t8 = _matmul(t2, t7)
+    if 'm6' not in C:
+        C['m6'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], 'entries')
+    t7 = C['m6']
+    if 'm7' not in C:
+        C['m7'] = _matmul(t2, t7)
+    t8 = C['m7']
     t11 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
     t12 = t11.sum(axis=1, keepdims=True)
     t13 = _matmul(t11, t5)
@@ -493,7 +495,7 @@ def _hbp_exact_6_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t17),
     }
 
-def _hbp_exact_6_params(P, S, Hz):
+def _hbp_exact_6_params(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7) and (6-kfac), parameters only."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
@@ -501,16 +503,25 @@ def _hbp_exact_6_params(P, S, Hz):
     return {
     }
 
-def _hbp_exact_7_all(P, S, Hz):
+def _hbp_exact_7_all(P, S, Hz, C=None):
     """Batch HBP: exact under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
-    t3 = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['y'], t1], [1/B, -1/B], 'entries')
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    t1 = C['m0']
+    if 'm10' not in C:
+        C['m10'] = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['y'], t1], [1/B, -1/B], 'entries')
+    t3 = C['m10']
     t4 = S['y'].T
     t6 = t1.T
-    t8 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t4, t6], [1/B, -1/B], 'entries')
-    t9 = _matmul(xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)), t8)
+    if 'm6' not in C:
+        C['m6'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t4, t6], [1/B, -1/B], 'entries')
+    t8 = C['m6']
+    if 'm11' not in C:
+        C['m11'] = _matmul(xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)), t8)
+    t9 = C['m11']
     t12 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [S['dz'], t1], [], 'entries')
     t13 = t12.sum(axis=1, keepdims=True)
     t14 = _matmul(t12, t6)
@@ -520,48 +531,75 @@ def _hbp_exact_7_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t18),
     }
 
-def _hbp_ggn_6_all(P, S, Hz):
+def _hbp_ggn_6_all(P, S, Hz, C=None):
     """Batch HBP: ggn under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
-    t2 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['y'], t0], [-1], 'entries')
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    t0 = C['m0']
+    if 'm3' not in C:
+        C['m3'] = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['y'], t0], [-1], 'entries')
+    t2 = C['m3']
     t3 = S['y'].T
     t5 = t0.T
-    t7 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], 'entries')
-    t8 = _matmul(t2, t7)
+    if 'm6' not in C:
+        C['m6'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], 'entries')
+    t7 = C['m6']
+    if 'm7' not in C:
+        C['m7'] = _matmul(t2, t7)
+    t8 = C['m7']
     t9 = _launch('k_f676ffeebc3d', dtype, (n, n), (n, n), [Hz, t8], [], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t9),
     }
 
-def _hbp_ggn_7_all(P, S, Hz):
+def _hbp_ggn_7_all(P, S, Hz, C=None):
     """Batch HBP: ggn under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
-    t3 = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['y'], t1], [1/B, -1/B], 'entries')
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    t1 = C['m0']
+    if 'm10' not in C:
+        C['m10'] = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['y'], t1], [1/B, -1/B], 'entries')
+    t3 = C['m10']
     t4 = S['y'].T
     t6 = t1.T
-    t8 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t4, t6], [1/B, -1/B], 'entries')
-    t9 = _matmul(xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)), t8)
+    if 'm6' not in C:
+        C['m6'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t4, t6], [1/B, -1/B], 'entries')
+    t8 = C['m6']
+    if 'm11' not in C:
+        C['m11'] = _matmul(xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)), t8)
+    t9 = C['m11']
     t10 = _launch('k_f676ffeebc3d', dtype, (n, n), (n, n), [Hz, t9], [], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t10),
     }
 
-def _hbp_pch_abs_6_all(P, S, Hz):
+def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     """Batch HBP: pch-abs under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
-    t2 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['y'], t0], [-1], 'entries')
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    t0 = C['m0']
+    if 'm3' not in C:
+        C['m3'] = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['y'], t0], [-1], 'entries')
+    t2 = C['m3']
     t3 = S['y'].T
     t5 = t0.T
-    t7 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], 'entries')
-    t8 = _matmul(t2, t7)
+    if 'm6' not in C:
+        C['m6'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], 'entries')
+    t7 = C['m6']
+    if 'm7' not in C:
+        C['m7'] = _matmul(t2, t7)
+    t8 = C['m7']
     t11 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
     t12 = t11.sum(axis=1, keepdims=True)
     t13 = _matmul(t11, t5)
@@ -573,16 +611,25 @@ def _hbp_pch_abs_6_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t18),
     }
 
-def _hbp_pch_abs_7_all(P, S, Hz):
+def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     """Batch HBP: pch-abs under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
-    t3 = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['y'], t1], [1/B, -1/B], 'entries')
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    t1 = C['m0']
+    if 'm10' not in C:
+        C['m10'] = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['y'], t1], [1/B, -1/B], 'entries')
+    t3 = C['m10']
     t4 = S['y'].T
     t6 = t1.T
-    t8 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t4, t6], [1/B, -1/B], 'entries')
-    t9 = _matmul(xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)), t8)
+    if 'm6' not in C:
+        C['m6'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t4, t6], [1/B, -1/B], 'entries')
+    t8 = C['m6']
+    if 'm11' not in C:
+        C['m11'] = _matmul(xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)), t8)
+    t9 = C['m11']
     t12 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [S['dz'], t1], [], 'entries')
     t13 = t12.sum(axis=1, keepdims=True)
     t14 = _matmul(t12, t6)
@@ -594,16 +641,25 @@ def _hbp_pch_abs_7_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t19),
     }
 
-def _hbp_pch_clip_6_all(P, S, Hz):
+def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     """Batch HBP: pch-clip under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
-    t2 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['y'], t0], [-1], 'entries')
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    t0 = C['m0']
+    if 'm3' not in C:
+        C['m3'] = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['y'], t0], [-1], 'entries')
+    t2 = C['m3']
     t3 = S['y'].T
     t5 = t0.T
-    t7 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], 'entries')
-    t8 = _matmul(t2, t7)
+    if 'm6' not in C:
+        C['m6'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], 'entries')
+    t7 = C['m6']
+    if 'm7' not in C:
+        C['m7'] = _matmul(t2, t7)
+    t8 = C['m7']
     t11 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
     t12 = t11.sum(axis=1, keepdims=True)
     t13 = _matmul(t11, t5)
@@ -615,16 +671,25 @@ def _hbp_pch_clip_6_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t18),
     }
 
-def _hbp_pch_clip_7_all(P, S, Hz):
+def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     """Batch HBP: pch-clip under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
-    t3 = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['y'], t1], [1/B, -1/B], 'entries')
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    t1 = C['m0']
+    if 'm10' not in C:
+        C['m10'] = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['y'], t1], [1/B, -1/B], 'entries')
+    t3 = C['m10']
     t4 = S['y'].T
     t6 = t1.T
-    t8 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t4, t6], [1/B, -1/B], 'entries')
-    t9 = _matmul(xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)), t8)
+    if 'm6' not in C:
+        C['m6'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t4, t6], [1/B, -1/B], 'entries')
+    t8 = C['m6']
+    if 'm11' not in C:
+        C['m11'] = _matmul(xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)), t8)
+    t9 = C['m11']
     t12 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [S['dz'], t1], [], 'entries')
     t13 = t12.sum(axis=1, keepdims=True)
     t14 = _matmul(t12, t6)
@@ -638,9 +703,10 @@ def _hbp_pch_clip_7_all(P, S, Hz):
 
 
 def _hbp(curvature, approximation):
-    def run(P, S, Hz, inputs=True):
-        """Curvature blocks of every input and parameter (parameters only when ``inputs=False``)."""
-        return _HBP[(curvature, approximation, inputs)](P, S, Hz)
+    def run(P, S, Hz, inputs=True, cache=None):
+        """Curvature blocks of every input and parameter (parameters only when ``inputs=False``); ``cache``
+        as for ``forward``."""
+        return _HBP[(curvature, approximation, inputs)](P, S, Hz, cache)
     return run
 
 
@@ -673,11 +739,14 @@ _HBP = {
 HBP = {(c, a): _hbp(c, a) for c, a, _ in _HBP}
 
 
-def _loss_hessian_6(P, S):
+def _loss_hessian_6(P, S, C=None):
     """Where HBP starts: the exact blocks of approximation (6) with no curvature from above (𝓗z = 0)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    t1 = C['m0']
     t2 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [S['dz'], t1], [], 'entries')
     t3 = t2.sum(axis=1, keepdims=True)
     t4 = t1.T

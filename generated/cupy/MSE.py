@@ -344,11 +344,16 @@ def _dims(P, S):
     return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], }
 
 
-def forward(P, S):
-    """Z = the module's outputs, (size z, B)."""
+def forward(P, S, cache=None):
+    """Z = the module's outputs, (size z, B). The module's functions that share ``cache`` (a dict, one
+    per batch) compute what they have in common once; they must share P and S, except what the
+    function's own docstring says may change."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['x'], S['y']], [-1], 'entries')
+    C = {} if cache is None else cache
+    if 'm1' not in C:
+        C['m1'] = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['x'], S['y']], [-1], 'entries')
+    t1 = C['m1']
     t2 = _launch('k_3609146dac45', dtype, (n, B), (n, B), [t1], [], 'entries')
     t3 = t2.sum(axis=0, keepdims=True)
 
@@ -373,8 +378,8 @@ def _gradients_params(P, S, C=None):
 def gradients(P, S, inputs=True, cache=None):
     """δ of every input (size, B) and parameter (summed over the batch); S['dz'] holds δZ.
 
-    ``inputs=False`` skips the inputs (a first layer's data needs no gradient). Calls that share
-    ``cache`` (a dict) must share P and S except S['dz']: what does not depend on it is reused."""
+    ``inputs=False`` skips the inputs (a first layer's data needs no gradient). ``cache`` as for
+    ``forward``; S['dz'] may change between calls: what does not depend on it is reused."""
     return _gradients_all(P, S, cache) if inputs else _gradients_params(P, S, cache)
 
 
@@ -414,15 +419,22 @@ def _no_parameters():
     raise ValueError(f"module {MODULE} has no parameters: with inputs=False nothing moves")
 
 
-def _hbp_exact_6_all(P, S, Hz):
+def _hbp_exact_6_all(P, S, Hz, C=None):
     """Batch HBP: exact under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['x'], S['y']], [-1], 'entries')
+    C = {} if C is None else C
+    if 'm1' not in C:
+        C['m1'] = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['x'], S['y']], [-1], 'entries')
+    t1 = C['m1']
     t2 = S['x'].T
     t4 = S['y'].T
-    t6 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t2, t4], [1/B, -1/B], 'entries')
-    t7 = _matmul(t1, t6)
+    if 'm5' not in C:
+        C['m5'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t2, t4], [1/B, -1/B], 'entries')
+    t6 = C['m5']
+    if 'm6' not in C:
+        C['m6'] = _matmul(t1, t6)
+    t7 = C['m6']
     t10 = S['dz'].T
     t11 = t10.sum(keepdims=True)
     t14 = _launch('k_f058db9b2cae', dtype, (n, n), (n, n), [Hz, t7, t11], [4, 2], 'entries')
@@ -431,7 +443,7 @@ def _hbp_exact_6_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t14),
     }
 
-def _hbp_exact_6_params(P, S, Hz):
+def _hbp_exact_6_params(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7) and (6-kfac), parameters only."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
@@ -439,15 +451,22 @@ def _hbp_exact_6_params(P, S, Hz):
     return {
     }
 
-def _hbp_exact_7_all(P, S, Hz):
+def _hbp_exact_7_all(P, S, Hz, C=None):
     """Batch HBP: exact under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t2 = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], 'entries')
+    C = {} if C is None else C
+    if 'm9' not in C:
+        C['m9'] = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], 'entries')
+    t2 = C['m9']
     t3 = S['x'].T
     t5 = S['y'].T
-    t7 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], 'entries')
-    t8 = _matmul(xp.broadcast_to(t2.sum(axis=1, keepdims=True), (n, B)), t7)
+    if 'm5' not in C:
+        C['m5'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], 'entries')
+    t7 = C['m5']
+    if 'm10' not in C:
+        C['m10'] = _matmul(xp.broadcast_to(t2.sum(axis=1, keepdims=True), (n, B)), t7)
+    t8 = C['m10']
     t11 = S['dz'].T
     t12 = t11.sum(keepdims=True)
     t15 = _launch('k_f058db9b2cae', dtype, (n, n), (n, n), [Hz, t8, t12], [4, 2], 'entries')
@@ -456,45 +475,66 @@ def _hbp_exact_7_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t15),
     }
 
-def _hbp_ggn_6_all(P, S, Hz):
+def _hbp_ggn_6_all(P, S, Hz, C=None):
     """Batch HBP: ggn under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['x'], S['y']], [-1], 'entries')
+    C = {} if C is None else C
+    if 'm1' not in C:
+        C['m1'] = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['x'], S['y']], [-1], 'entries')
+    t1 = C['m1']
     t2 = S['x'].T
     t4 = S['y'].T
-    t6 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t2, t4], [1/B, -1/B], 'entries')
-    t7 = _matmul(t1, t6)
+    if 'm5' not in C:
+        C['m5'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t2, t4], [1/B, -1/B], 'entries')
+    t6 = C['m5']
+    if 'm6' not in C:
+        C['m6'] = _matmul(t1, t6)
+    t7 = C['m6']
     t9 = _launch('k_de71cc95aead', dtype, (n, n), (n, n), [Hz, t7], [4], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t9),
     }
 
-def _hbp_ggn_7_all(P, S, Hz):
+def _hbp_ggn_7_all(P, S, Hz, C=None):
     """Batch HBP: ggn under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t2 = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], 'entries')
+    C = {} if C is None else C
+    if 'm9' not in C:
+        C['m9'] = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], 'entries')
+    t2 = C['m9']
     t3 = S['x'].T
     t5 = S['y'].T
-    t7 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], 'entries')
-    t8 = _matmul(xp.broadcast_to(t2.sum(axis=1, keepdims=True), (n, B)), t7)
+    if 'm5' not in C:
+        C['m5'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], 'entries')
+    t7 = C['m5']
+    if 'm10' not in C:
+        C['m10'] = _matmul(xp.broadcast_to(t2.sum(axis=1, keepdims=True), (n, B)), t7)
+    t8 = C['m10']
     t10 = _launch('k_de71cc95aead', dtype, (n, n), (n, n), [Hz, t8], [4], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t10),
     }
 
-def _hbp_pch_abs_6_all(P, S, Hz):
+def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     """Batch HBP: pch-abs under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['x'], S['y']], [-1], 'entries')
+    C = {} if C is None else C
+    if 'm1' not in C:
+        C['m1'] = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['x'], S['y']], [-1], 'entries')
+    t1 = C['m1']
     t2 = S['x'].T
     t4 = S['y'].T
-    t6 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t2, t4], [1/B, -1/B], 'entries')
-    t7 = _matmul(t1, t6)
+    if 'm5' not in C:
+        C['m5'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t2, t4], [1/B, -1/B], 'entries')
+    t6 = C['m5']
+    if 'm6' not in C:
+        C['m6'] = _matmul(t1, t6)
+    t7 = C['m6']
     t10 = S['dz'].T
     t11 = t10.sum(keepdims=True)
     t15 = _launch('k_e404d3259fed', dtype, (n, n), (n, n), [Hz, t7, t11], [4, 2], 'entries')
@@ -503,15 +543,22 @@ def _hbp_pch_abs_6_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t15),
     }
 
-def _hbp_pch_abs_7_all(P, S, Hz):
+def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     """Batch HBP: pch-abs under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t2 = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], 'entries')
+    C = {} if C is None else C
+    if 'm9' not in C:
+        C['m9'] = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], 'entries')
+    t2 = C['m9']
     t3 = S['x'].T
     t5 = S['y'].T
-    t7 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], 'entries')
-    t8 = _matmul(xp.broadcast_to(t2.sum(axis=1, keepdims=True), (n, B)), t7)
+    if 'm5' not in C:
+        C['m5'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], 'entries')
+    t7 = C['m5']
+    if 'm10' not in C:
+        C['m10'] = _matmul(xp.broadcast_to(t2.sum(axis=1, keepdims=True), (n, B)), t7)
+    t8 = C['m10']
     t11 = S['dz'].T
     t12 = t11.sum(keepdims=True)
     t16 = _launch('k_e404d3259fed', dtype, (n, n), (n, n), [Hz, t8, t12], [4, 2], 'entries')
@@ -520,15 +567,22 @@ def _hbp_pch_abs_7_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t16),
     }
 
-def _hbp_pch_clip_6_all(P, S, Hz):
+def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     """Batch HBP: pch-clip under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['x'], S['y']], [-1], 'entries')
+    C = {} if C is None else C
+    if 'm1' not in C:
+        C['m1'] = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['x'], S['y']], [-1], 'entries')
+    t1 = C['m1']
     t2 = S['x'].T
     t4 = S['y'].T
-    t6 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t2, t4], [1/B, -1/B], 'entries')
-    t7 = _matmul(t1, t6)
+    if 'm5' not in C:
+        C['m5'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t2, t4], [1/B, -1/B], 'entries')
+    t6 = C['m5']
+    if 'm6' not in C:
+        C['m6'] = _matmul(t1, t6)
+    t7 = C['m6']
     t10 = S['dz'].T
     t11 = t10.sum(keepdims=True)
     t12 = _launch('k_b7885957cd37', dtype, (n, n), (n, n), [t11], [], 'entries')
@@ -539,15 +593,22 @@ def _hbp_pch_clip_6_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t15),
     }
 
-def _hbp_pch_clip_7_all(P, S, Hz):
+def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     """Batch HBP: pch-clip under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t2 = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], 'entries')
+    C = {} if C is None else C
+    if 'm9' not in C:
+        C['m9'] = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], 'entries')
+    t2 = C['m9']
     t3 = S['x'].T
     t5 = S['y'].T
-    t7 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], 'entries')
-    t8 = _matmul(xp.broadcast_to(t2.sum(axis=1, keepdims=True), (n, B)), t7)
+    if 'm5' not in C:
+        C['m5'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], 'entries')
+    t7 = C['m5']
+    if 'm10' not in C:
+        C['m10'] = _matmul(xp.broadcast_to(t2.sum(axis=1, keepdims=True), (n, B)), t7)
+    t8 = C['m10']
     t11 = S['dz'].T
     t12 = t11.sum(keepdims=True)
     t13 = _launch('k_b7885957cd37', dtype, (n, n), (n, n), [t12], [], 'entries')
@@ -560,9 +621,10 @@ def _hbp_pch_clip_7_all(P, S, Hz):
 
 
 def _hbp(curvature, approximation):
-    def run(P, S, Hz, inputs=True):
-        """Curvature blocks of every input and parameter (parameters only when ``inputs=False``)."""
-        return _HBP[(curvature, approximation, inputs)](P, S, Hz)
+    def run(P, S, Hz, inputs=True, cache=None):
+        """Curvature blocks of every input and parameter (parameters only when ``inputs=False``); ``cache``
+        as for ``forward``."""
+        return _HBP[(curvature, approximation, inputs)](P, S, Hz, cache)
     return run
 
 
@@ -595,7 +657,7 @@ _HBP = {
 HBP = {(c, a): _hbp(c, a) for c, a, _ in _HBP}
 
 
-def _loss_hessian_6(P, S):
+def _loss_hessian_6(P, S, C=None):
     """Where HBP starts: the exact blocks of approximation (6) with no curvature from above (𝓗z = 0)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)

@@ -209,8 +209,10 @@ def _dims(P, S):
     return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], }
 
 
-def forward(P, S):
-    """Z = the module's outputs, (size z, B)."""
+def forward(P, S, cache=None):
+    """Z = the module's outputs, (size z, B). The module's functions that share ``cache`` (a dict, one
+    per batch) compute what they have in common once; they must share P and S, except what the
+    function's own docstring says may change."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = _launch('k_90b16f48f862', dtype, (n, B), (n, B), [S['x']], [], 'entries')
@@ -236,8 +238,8 @@ def _gradients_params(P, S, C=None):
 def gradients(P, S, inputs=True, cache=None):
     """δ of every input (size, B) and parameter (summed over the batch); S['dz'] holds δZ.
 
-    ``inputs=False`` skips the inputs (a first layer's data needs no gradient). Calls that share
-    ``cache`` (a dict) must share P and S except S['dz']: what does not depend on it is reused."""
+    ``inputs=False`` skips the inputs (a first layer's data needs no gradient). ``cache`` as for
+    ``forward``; S['dz'] may change between calls: what does not depend on it is reused."""
     return _gradients_all(P, S, cache) if inputs else _gradients_params(P, S, cache)
 
 
@@ -275,11 +277,14 @@ def _no_parameters():
     raise ValueError(f"module {MODULE} has no parameters: with inputs=False nothing moves")
 
 
-def _hbp_exact_6_all(P, S, Hz):
+def _hbp_exact_6_all(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_e5758009459e', dtype, (n, B), (n, B), [S['x']], [], 'entries')
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _launch('k_e5758009459e', dtype, (n, B), (n, B), [S['x']], [], 'entries')
+    t0 = C['m0']
     t1 = t0.T
     t2 = _matmul(t0, t1)
     t4 = _launch('k_bbf53db00b39', dtype, (n, n), (n, n), [t2, Hz], [1/B], 'entries')
@@ -288,7 +293,7 @@ def _hbp_exact_6_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t4),
     }
 
-def _hbp_exact_6_params(P, S, Hz):
+def _hbp_exact_6_params(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7) and (6-kfac), parameters only."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
@@ -296,7 +301,7 @@ def _hbp_exact_6_params(P, S, Hz):
     return {
     }
 
-def _hbp_exact_7_all(P, S, Hz):
+def _hbp_exact_7_all(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
@@ -309,9 +314,10 @@ def _hbp_exact_7_all(P, S, Hz):
 
 
 def _hbp(curvature, approximation):
-    def run(P, S, Hz, inputs=True):
-        """Curvature blocks of every input and parameter (parameters only when ``inputs=False``)."""
-        return _HBP[(curvature, approximation, inputs)](P, S, Hz)
+    def run(P, S, Hz, inputs=True, cache=None):
+        """Curvature blocks of every input and parameter (parameters only when ``inputs=False``); ``cache``
+        as for ``forward``."""
+        return _HBP[(curvature, approximation, inputs)](P, S, Hz, cache)
     return run
 
 

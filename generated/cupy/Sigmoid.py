@@ -454,8 +454,10 @@ def _dims(P, S):
     return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], }
 
 
-def forward(P, S):
-    """Z = the module's outputs, (size z, B)."""
+def forward(P, S, cache=None):
+    """Z = the module's outputs, (size z, B). The module's functions that share ``cache`` (a dict, one
+    per batch) compute what they have in common once; they must share P and S, except what the
+    function's own docstring says may change."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
@@ -481,8 +483,8 @@ def _gradients_params(P, S, C=None):
 def gradients(P, S, inputs=True, cache=None):
     """δ of every input (size, B) and parameter (summed over the batch); S['dz'] holds δZ.
 
-    ``inputs=False`` skips the inputs (a first layer's data needs no gradient). Calls that share
-    ``cache`` (a dict) must share P and S except S['dz']: what does not depend on it is reused."""
+    ``inputs=False`` skips the inputs (a first layer's data needs no gradient). ``cache`` as for
+    ``forward``; S['dz'] may change between calls: what does not depend on it is reused."""
     return _gradients_all(P, S, cache) if inputs else _gradients_params(P, S, cache)
 
 
@@ -520,20 +522,23 @@ def _no_parameters():
     raise ValueError(f"module {MODULE} has no parameters: with inputs=False nothing moves")
 
 
-def _hbp_exact_6_all(P, S, Hz):
+def _hbp_exact_6_all(P, S, Hz, C=None):
     """Batch HBP: exact under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
+    C = {} if C is None else C
     t7, t0 = _launch('k_e554610883c3', dtype, (n, B), [(n, 1), (n, B)], [S['dz'], S['x']], [], 'rows')
     t1 = t0.T
-    t2 = _matmul(t0, t1)
+    if 'm2' not in C:
+        C['m2'] = _matmul(t0, t1)
+    t2 = C['m2']
     t8 = _launch('k_98a1b805bfa4', dtype, (n, n), (n, n), [t2, Hz, t7], [1/B], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t8),
     }
 
-def _hbp_exact_6_params(P, S, Hz):
+def _hbp_exact_6_params(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7) and (6-kfac), parameters only."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
@@ -541,11 +546,14 @@ def _hbp_exact_6_params(P, S, Hz):
     return {
     }
 
-def _hbp_exact_7_all(P, S, Hz):
+def _hbp_exact_7_all(P, S, Hz, C=None):
     """Batch HBP: exact under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    C = {} if C is None else C
+    if 'm3' not in C:
+        C['m3'] = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    t1 = C['m3']
     t6 = _launch('k_36ef97f1d271', dtype, (n, B), (n, 1), [S['dz'], S['x']], [], 'rows')
     t7 = _launch('k_977fb34fc135', dtype, (n, n), (n, n), [t1, Hz, t6], [B**(-2)], 'entries')
 
@@ -553,48 +561,62 @@ def _hbp_exact_7_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t7),
     }
 
-def _hbp_ggn_6_all(P, S, Hz):
+def _hbp_ggn_6_all(P, S, Hz, C=None):
     """Batch HBP: ggn under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_8f7445a19454', dtype, (n, B), (n, B), [S['x']], [], 'entries')
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _launch('k_8f7445a19454', dtype, (n, B), (n, B), [S['x']], [], 'entries')
+    t0 = C['m0']
     t1 = t0.T
-    t2 = _matmul(t0, t1)
+    if 'm2' not in C:
+        C['m2'] = _matmul(t0, t1)
+    t2 = C['m2']
     t4 = _launch('k_bbf53db00b39', dtype, (n, n), (n, n), [t2, Hz], [1/B], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t4),
     }
 
-def _hbp_ggn_7_all(P, S, Hz):
+def _hbp_ggn_7_all(P, S, Hz, C=None):
     """Batch HBP: ggn under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    C = {} if C is None else C
+    if 'm3' not in C:
+        C['m3'] = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    t1 = C['m3']
     t3 = _launch('k_d13b2ab6b72d', dtype, (n, n), (n, n), [t1, Hz], [B**(-2)], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t3),
     }
 
-def _hbp_pch_abs_6_all(P, S, Hz):
+def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     """Batch HBP: pch-abs under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
+    C = {} if C is None else C
     t7, t0 = _launch('k_e554610883c3', dtype, (n, B), [(n, 1), (n, B)], [S['dz'], S['x']], [], 'rows')
     t1 = t0.T
-    t2 = _matmul(t0, t1)
+    if 'm2' not in C:
+        C['m2'] = _matmul(t0, t1)
+    t2 = C['m2']
     t9 = _launch('k_7aaf865ab029', dtype, (n, n), (n, n), [t2, Hz, t7], [1/B], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t9),
     }
 
-def _hbp_pch_abs_7_all(P, S, Hz):
+def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     """Batch HBP: pch-abs under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    C = {} if C is None else C
+    if 'm3' not in C:
+        C['m3'] = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    t1 = C['m3']
     t6 = _launch('k_36ef97f1d271', dtype, (n, B), (n, 1), [S['dz'], S['x']], [], 'rows')
     t8 = _launch('k_d4490dea0273', dtype, (n, n), (n, n), [t1, Hz, t6], [B**(-2)], 'entries')
 
@@ -602,24 +624,30 @@ def _hbp_pch_abs_7_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t8),
     }
 
-def _hbp_pch_clip_6_all(P, S, Hz):
+def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     """Batch HBP: pch-clip under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
+    C = {} if C is None else C
     t7, t0 = _launch('k_e554610883c3', dtype, (n, B), [(n, 1), (n, B)], [S['dz'], S['x']], [], 'rows')
     t1 = t0.T
-    t2 = _matmul(t0, t1)
+    if 'm2' not in C:
+        C['m2'] = _matmul(t0, t1)
+    t2 = C['m2']
     t9 = _launch('k_ea5e41d44144', dtype, (n, n), (n, n), [t2, Hz, t7], [1/B], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t9),
     }
 
-def _hbp_pch_clip_7_all(P, S, Hz):
+def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     """Batch HBP: pch-clip under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    C = {} if C is None else C
+    if 'm3' not in C:
+        C['m3'] = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    t1 = C['m3']
     t6 = _launch('k_36ef97f1d271', dtype, (n, B), (n, 1), [S['dz'], S['x']], [], 'rows')
     t8 = _launch('k_576d80003b4f', dtype, (n, n), (n, n), [t1, Hz, t6], [B**(-2)], 'entries')
 
@@ -629,9 +657,10 @@ def _hbp_pch_clip_7_all(P, S, Hz):
 
 
 def _hbp(curvature, approximation):
-    def run(P, S, Hz, inputs=True):
-        """Curvature blocks of every input and parameter (parameters only when ``inputs=False``)."""
-        return _HBP[(curvature, approximation, inputs)](P, S, Hz)
+    def run(P, S, Hz, inputs=True, cache=None):
+        """Curvature blocks of every input and parameter (parameters only when ``inputs=False``); ``cache``
+        as for ``forward``."""
+        return _HBP[(curvature, approximation, inputs)](P, S, Hz, cache)
     return run
 
 

@@ -578,11 +578,16 @@ def _dims(P, S):
     return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], "m": P['W'].shape[0], }
 
 
-def forward(P, S):
-    """Z = the module's outputs, (size z, B)."""
+def forward(P, S, cache=None):
+    """Z = the module's outputs, (size z, B). The module's functions that share ``cache`` (a dict, one
+    per batch) compute what they have in common once; they must share P and S, except what the
+    function's own docstring says may change."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
+    C = {} if cache is None else cache
+    if 'm0' not in C:
+        C['m0'] = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
+    t0 = C['m0']
     t1 = _matmul(P['W'], t0)
     t3 = _launch('k_a3cc1fa8db9e', dtype, (m, B), (m, B), [t1, P['b']], [], 'entries')
 
@@ -592,17 +597,14 @@ def forward(P, S):
 def _gradients_all(P, S, C=None):
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    hoisted = C.get('gradients_all') if C is not None else None
-    if hoisted is None:
-        t0 = P['W'].T
-        t4 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
-        t5 = t4.T
-        if C is not None:
-            C['gradients_all'] = (t0, t4, t5,)
-    else:
-        t0, t4, t5, = hoisted
+    C = {} if C is None else C
+    t0 = P['W'].T
     t1 = _matmul(t0, S['dz'])
     t3 = _launch('k_7f80f5161959', dtype, (n, B), (n, B), [t1, S['x']], [], 'entries')
+    if 'm0' not in C:
+        C['m0'] = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
+    t4 = C['m0']
+    t5 = t4.T
     t6 = _matmul(S['dz'], t5)
     t7 = S['dz'].sum(axis=1, keepdims=True)
 
@@ -612,14 +614,11 @@ def _gradients_all(P, S, C=None):
 def _gradients_params(P, S, C=None):
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    hoisted = C.get('gradients_params') if C is not None else None
-    if hoisted is None:
-        t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
-        t1 = t0.T
-        if C is not None:
-            C['gradients_params'] = (t0, t1,)
-    else:
-        t0, t1, = hoisted
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
+    t0 = C['m0']
+    t1 = t0.T
     t2 = _matmul(S['dz'], t1)
     t3 = S['dz'].sum(axis=1, keepdims=True)
 
@@ -629,21 +628,18 @@ def _gradients_params(P, S, C=None):
 def gradients(P, S, inputs=True, cache=None):
     """δ of every input (size, B) and parameter (summed over the batch); S['dz'] holds δZ.
 
-    ``inputs=False`` skips the inputs (a first layer's data needs no gradient). Calls that share
-    ``cache`` (a dict) must share P and S except S['dz']: what does not depend on it is reused."""
+    ``inputs=False`` skips the inputs (a first layer's data needs no gradient). ``cache`` as for
+    ``forward``; S['dz'] may change between calls: what does not depend on it is reused."""
     return _gradients_all(P, S, cache) if inputs else _gradients_params(P, S, cache)
 
 
 def _jvp_all(P, S, V, C=None):
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    hoisted = C.get('jvp_all') if C is not None else None
-    if hoisted is None:
-        t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
-        if C is not None:
-            C['jvp_all'] = (t0,)
-    else:
-        t0, = hoisted
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
+    t0 = C['m0']
     t1 = _matmul(V['W'], t0)
     t3 = _launch('k_7f80f5161959', dtype, (n, B), (n, B), [V['x'], S['x']], [], 'entries')
     t4 = _matmul(P['W'], t3)
@@ -655,13 +651,10 @@ def _jvp_all(P, S, V, C=None):
 def _jvp_params(P, S, V, C=None):
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    hoisted = C.get('jvp_params') if C is not None else None
-    if hoisted is None:
-        t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
-        if C is not None:
-            C['jvp_params'] = (t0,)
-    else:
-        t0, = hoisted
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
+    t0 = C['m0']
     t1 = _matmul(V['W'], t0)
     t3 = _launch('k_a3cc1fa8db9e', dtype, (m, B), (m, B), [t1, V['b']], [], 'entries')
 
@@ -678,24 +671,25 @@ def jvp(P, S, V, inputs=True, cache=None):
 def _rgradients_all(P, S, V, C=None):
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    hoisted = C.get('rgradients_all') if C is not None else None
-    if hoisted is None:
-        t2 = P['W'].T
-        t5 = _launch('k_8f7445a19454', dtype, (n, B), (n, B), [S['x']], [], 'entries')
-        t7 = _matmul(t2, S['dz'])
-        t12 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
-        t13 = t12.T
-        t16 = t5.T
-        if C is not None:
-            C['rgradients_all'] = (t2, t5, t7, t12, t13, t16,)
-    else:
-        t2, t5, t7, t12, t13, t16, = hoisted
+    C = {} if C is None else C
     t0 = V['W'].T
     t1 = _matmul(t0, S['dz'])
+    t2 = P['W'].T
     t3 = _matmul(t2, V['dz'])
+    if 'm1' not in C:
+        C['m1'] = _launch('k_8f7445a19454', dtype, (n, B), (n, B), [S['x']], [], 'entries')
+    t5 = C['m1']
+    if 'm2' not in C:
+        C['m2'] = _matmul(t2, S['dz'])
+    t7 = C['m2']
     t11 = _launch('k_1a0ed3fc59d5', dtype, (n, B), (n, B), [t1, t3, t5, t7, V['x'], S['x']], [], 'entries')
+    if 'm0' not in C:
+        C['m0'] = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
+    t12 = C['m0']
+    t13 = t12.T
     t14 = _matmul(V['dz'], t13)
     t15 = V['x'].T
+    t16 = t5.T
     t17 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t15, t16], [], 'entries')
     t18 = _matmul(S['dz'], t17)
     t19 = _launch('k_41a52876c677', dtype, (m, n), (m, n), [t14, t18], [], 'entries')
@@ -707,14 +701,11 @@ def _rgradients_all(P, S, V, C=None):
 def _rgradients_params(P, S, V, C=None):
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    hoisted = C.get('rgradients_params') if C is not None else None
-    if hoisted is None:
-        t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
-        t1 = t0.T
-        if C is not None:
-            C['rgradients_params'] = (t0, t1,)
-    else:
-        t0, t1, = hoisted
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
+    t0 = C['m0']
+    t1 = t0.T
     t2 = _matmul(V['dz'], t1)
     t3 = V['dz'].sum(axis=1, keepdims=True)
 
@@ -732,19 +723,26 @@ def _no_parameters():
     raise ValueError(f"module {MODULE} has no parameters: with inputs=False nothing moves")
 
 
-def _hbp_exact_6_all(P, S, Hz):
+def _hbp_exact_6_all(P, S, Hz, C=None):
     """Batch HBP: exact under (6) and (6-kfac)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
+    C = {} if C is None else C
     t0 = P['W'].T
     t1 = _matmul(_matmul(t0, Hz), P['W'])
-    t2 = _launch('k_8f7445a19454', dtype, (n, B), (n, B), [S['x']], [], 'entries')
+    if 'm1' not in C:
+        C['m1'] = _launch('k_8f7445a19454', dtype, (n, B), (n, B), [S['x']], [], 'entries')
+    t2 = C['m1']
     t3 = t2.T
-    t4 = _matmul(t2, t3)
+    if 'm4' not in C:
+        C['m4'] = _matmul(t2, t3)
+    t4 = C['m4']
     t7 = _matmul(t0, S['dz'])
     t10, t12 = _launch('k_d6afe995a41c', dtype, (n, B), [(n, 1), (n, B)], [t7, S['x']], [], 'rows')
     t11 = _launch('k_98a1b805bfa4', dtype, (n, n), (n, n), [t1, t4, t10], [1/B], 'entries')
-    t13 = _gram(t12)
+    if 'm5' not in C:
+        C['m5'] = _gram(t12)
+    t13 = C['m5']
 
     return {
         "x": CurvatureBlock(kron=[], dense=t11),
@@ -752,30 +750,42 @@ def _hbp_exact_6_all(P, S, Hz):
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def _hbp_exact_6_params(P, S, Hz):
+def _hbp_exact_6_params(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (6-kfac), parameters only."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
-    t1 = _gram(t0)
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
+    t0 = C['m0']
+    if 'm5' not in C:
+        C['m5'] = _gram(t0)
+    t1 = C['m5']
 
     return {
         "W": CurvatureBlock(kron=[_kron((1/B), t1, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def _hbp_exact_7_all(P, S, Hz):
+def _hbp_exact_7_all(P, S, Hz, C=None):
     """Batch HBP: exact under (7)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    C = {} if C is None else C
+    if 'm6' not in C:
+        C['m6'] = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    t1 = C['m6']
     t2 = P['W'].T
     t3 = (_matmul(_matmul((t1 * t2), Hz), P['W']) * t1.T)
     t5 = _matmul(t2, S['dz'])
     t8 = _launch('k_36ef97f1d271', dtype, (n, B), (n, 1), [t5, S['x']], [], 'rows')
     t9 = _launch('k_8f3b530c7461', dtype, (n, n), (n, n), [t3, t8], [B**(-2)], 'entries')
-    t11 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t12 = _gram(t11)
+    if 'm7' not in C:
+        C['m7'] = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    t11 = C['m7']
+    if 'm8' not in C:
+        C['m8'] = _gram(t11)
+    t12 = C['m8']
 
     return {
         "x": CurvatureBlock(kron=[], dense=t9),
@@ -783,30 +793,44 @@ def _hbp_exact_7_all(P, S, Hz):
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def _hbp_exact_7_params(P, S, Hz):
+def _hbp_exact_7_params(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (7), parameters only."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t2 = _gram(t1)
+    C = {} if C is None else C
+    if 'm7' not in C:
+        C['m7'] = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    t1 = C['m7']
+    if 'm8' not in C:
+        C['m8'] = _gram(t1)
+    t2 = C['m8']
 
     return {
         "W": CurvatureBlock(kron=[_kron((B**(-2)), t2, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def _hbp_ggn_6_all(P, S, Hz):
+def _hbp_ggn_6_all(P, S, Hz, C=None):
     """Batch HBP: ggn under (6) and (6-kfac)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
+    C = {} if C is None else C
     t0 = P['W'].T
     t1 = _matmul(_matmul(t0, Hz), P['W'])
-    t2 = _launch('k_8f7445a19454', dtype, (n, B), (n, B), [S['x']], [], 'entries')
+    if 'm1' not in C:
+        C['m1'] = _launch('k_8f7445a19454', dtype, (n, B), (n, B), [S['x']], [], 'entries')
+    t2 = C['m1']
     t3 = t2.T
-    t4 = _matmul(t2, t3)
+    if 'm4' not in C:
+        C['m4'] = _matmul(t2, t3)
+    t4 = C['m4']
     t6 = _launch('k_bbf53db00b39', dtype, (n, n), (n, n), [t1, t4], [1/B], 'entries')
-    t7 = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
-    t8 = _gram(t7)
+    if 'm0' not in C:
+        C['m0'] = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
+    t7 = C['m0']
+    if 'm5' not in C:
+        C['m5'] = _gram(t7)
+    t8 = C['m5']
 
     return {
         "x": CurvatureBlock(kron=[], dense=t6),
@@ -814,16 +838,23 @@ def _hbp_ggn_6_all(P, S, Hz):
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def _hbp_ggn_7_all(P, S, Hz):
+def _hbp_ggn_7_all(P, S, Hz, C=None):
     """Batch HBP: ggn under (7)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    C = {} if C is None else C
+    if 'm6' not in C:
+        C['m6'] = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    t1 = C['m6']
     t2 = P['W'].T
     t3 = (_matmul(_matmul((t1 * t2), Hz), P['W']) * t1.T)
     t4 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t3], [B**(-2)], 'entries')
-    t6 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t7 = _gram(t6)
+    if 'm7' not in C:
+        C['m7'] = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    t6 = C['m7']
+    if 'm8' not in C:
+        C['m8'] = _gram(t6)
+    t7 = C['m8']
 
     return {
         "x": CurvatureBlock(kron=[], dense=t4),
@@ -831,19 +862,26 @@ def _hbp_ggn_7_all(P, S, Hz):
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def _hbp_pch_abs_6_all(P, S, Hz):
+def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     """Batch HBP: pch-abs under (6) and (6-kfac)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
+    C = {} if C is None else C
     t0 = P['W'].T
     t1 = _matmul(_matmul(t0, Hz), P['W'])
-    t2 = _launch('k_8f7445a19454', dtype, (n, B), (n, B), [S['x']], [], 'entries')
+    if 'm1' not in C:
+        C['m1'] = _launch('k_8f7445a19454', dtype, (n, B), (n, B), [S['x']], [], 'entries')
+    t2 = C['m1']
     t3 = t2.T
-    t4 = _matmul(t2, t3)
+    if 'm4' not in C:
+        C['m4'] = _matmul(t2, t3)
+    t4 = C['m4']
     t7 = _matmul(t0, S['dz'])
     t10, t13 = _launch('k_d6afe995a41c', dtype, (n, B), [(n, 1), (n, B)], [t7, S['x']], [], 'rows')
     t12 = _launch('k_7aaf865ab029', dtype, (n, n), (n, n), [t1, t4, t10], [1/B], 'entries')
-    t14 = _gram(t13)
+    if 'm5' not in C:
+        C['m5'] = _gram(t13)
+    t14 = C['m5']
 
     return {
         "x": CurvatureBlock(kron=[], dense=t12),
@@ -851,18 +889,25 @@ def _hbp_pch_abs_6_all(P, S, Hz):
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def _hbp_pch_abs_7_all(P, S, Hz):
+def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     """Batch HBP: pch-abs under (7)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    C = {} if C is None else C
+    if 'm6' not in C:
+        C['m6'] = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    t1 = C['m6']
     t2 = P['W'].T
     t3 = (_matmul(_matmul((t1 * t2), Hz), P['W']) * t1.T)
     t5 = _matmul(t2, S['dz'])
     t8 = _launch('k_36ef97f1d271', dtype, (n, B), (n, 1), [t5, S['x']], [], 'rows')
     t10 = _launch('k_edf067d60f1a', dtype, (n, n), (n, n), [t3, t8], [B**(-2)], 'entries')
-    t12 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t13 = _gram(t12)
+    if 'm7' not in C:
+        C['m7'] = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    t12 = C['m7']
+    if 'm8' not in C:
+        C['m8'] = _gram(t12)
+    t13 = C['m8']
 
     return {
         "x": CurvatureBlock(kron=[], dense=t10),
@@ -870,19 +915,26 @@ def _hbp_pch_abs_7_all(P, S, Hz):
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def _hbp_pch_clip_6_all(P, S, Hz):
+def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     """Batch HBP: pch-clip under (6) and (6-kfac)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
+    C = {} if C is None else C
     t0 = P['W'].T
     t1 = _matmul(_matmul(t0, Hz), P['W'])
-    t2 = _launch('k_8f7445a19454', dtype, (n, B), (n, B), [S['x']], [], 'entries')
+    if 'm1' not in C:
+        C['m1'] = _launch('k_8f7445a19454', dtype, (n, B), (n, B), [S['x']], [], 'entries')
+    t2 = C['m1']
     t3 = t2.T
-    t4 = _matmul(t2, t3)
+    if 'm4' not in C:
+        C['m4'] = _matmul(t2, t3)
+    t4 = C['m4']
     t7 = _matmul(t0, S['dz'])
     t10, t13 = _launch('k_d6afe995a41c', dtype, (n, B), [(n, 1), (n, B)], [t7, S['x']], [], 'rows')
     t12 = _launch('k_ea5e41d44144', dtype, (n, n), (n, n), [t1, t4, t10], [1/B], 'entries')
-    t14 = _gram(t13)
+    if 'm5' not in C:
+        C['m5'] = _gram(t13)
+    t14 = C['m5']
 
     return {
         "x": CurvatureBlock(kron=[], dense=t12),
@@ -890,18 +942,25 @@ def _hbp_pch_clip_6_all(P, S, Hz):
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def _hbp_pch_clip_7_all(P, S, Hz):
+def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     """Batch HBP: pch-clip under (7)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    C = {} if C is None else C
+    if 'm6' not in C:
+        C['m6'] = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    t1 = C['m6']
     t2 = P['W'].T
     t3 = (_matmul(_matmul((t1 * t2), Hz), P['W']) * t1.T)
     t5 = _matmul(t2, S['dz'])
     t8 = _launch('k_36ef97f1d271', dtype, (n, B), (n, 1), [t5, S['x']], [], 'rows')
     t10 = _launch('k_207a6eb360e6', dtype, (n, n), (n, n), [t3, t8], [B**(-2)], 'entries')
-    t12 = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t13 = _gram(t12)
+    if 'm7' not in C:
+        C['m7'] = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    t12 = C['m7']
+    if 'm8' not in C:
+        C['m8'] = _gram(t12)
+    t13 = C['m8']
 
     return {
         "x": CurvatureBlock(kron=[], dense=t10),
@@ -911,9 +970,10 @@ def _hbp_pch_clip_7_all(P, S, Hz):
 
 
 def _hbp(curvature, approximation):
-    def run(P, S, Hz, inputs=True):
-        """Curvature blocks of every input and parameter (parameters only when ``inputs=False``)."""
-        return _HBP[(curvature, approximation, inputs)](P, S, Hz)
+    def run(P, S, Hz, inputs=True, cache=None):
+        """Curvature blocks of every input and parameter (parameters only when ``inputs=False``); ``cache``
+        as for ``forward``."""
+        return _HBP[(curvature, approximation, inputs)](P, S, Hz, cache)
     return run
 
 

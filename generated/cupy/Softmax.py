@@ -406,11 +406,16 @@ def _dims(P, S):
     return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], }
 
 
-def forward(P, S):
-    """Z = the module's outputs, (size z, B)."""
+def forward(P, S, cache=None):
+    """Z = the module's outputs, (size z, B). The module's functions that share ``cache`` (a dict, one
+    per batch) compute what they have in common once; they must share P and S, except what the
+    function's own docstring says may change."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    C = {} if cache is None else cache
+    if 'm0' not in C:
+        C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    t0 = C['m0']
 
     return {"Z": t0}
 
@@ -418,13 +423,10 @@ def forward(P, S):
 def _gradients_all(P, S, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    hoisted = C.get('gradients_all') if C is not None else None
-    if hoisted is None:
-        t0 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
-        if C is not None:
-            C['gradients_all'] = (t0,)
-    else:
-        t0, = hoisted
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    t0 = C['m0']
     t1 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
     t2 = t1.sum(axis=0, keepdims=True)
     t6 = _launch('k_9943cdd96570', dtype, (n, B), (n, B), [t1, t2, t0], [-1], 'entries')
@@ -442,21 +444,18 @@ def _gradients_params(P, S, C=None):
 def gradients(P, S, inputs=True, cache=None):
     """δ of every input (size, B) and parameter (summed over the batch); S['dz'] holds δZ.
 
-    ``inputs=False`` skips the inputs (a first layer's data needs no gradient). Calls that share
-    ``cache`` (a dict) must share P and S except S['dz']: what does not depend on it is reused."""
+    ``inputs=False`` skips the inputs (a first layer's data needs no gradient). ``cache`` as for
+    ``forward``; S['dz'] may change between calls: what does not depend on it is reused."""
     return _gradients_all(P, S, cache) if inputs else _gradients_params(P, S, cache)
 
 
 def _jvp_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    hoisted = C.get('jvp_all') if C is not None else None
-    if hoisted is None:
-        t0 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
-        if C is not None:
-            C['jvp_all'] = (t0,)
-    else:
-        t0, = hoisted
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    t0 = C['m0']
     t1 = _launch('k_531d59972706', dtype, (n, B), (n, B), [V['x'], t0], [], 'entries')
     t2 = t1.sum(axis=0, keepdims=True)
     t6 = _launch('k_9943cdd96570', dtype, (n, B), (n, B), [t1, t2, t0], [-1], 'entries')
@@ -474,15 +473,10 @@ def jvp(P, S, V, inputs=True, cache=None):
 def _rgradients_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    hoisted = C.get('rgradients_all') if C is not None else None
-    if hoisted is None:
-        t0 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
-        t13 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
-        t14 = t13.sum(axis=0, keepdims=True)
-        if C is not None:
-            C['rgradients_all'] = (t0, t13, t14,)
-    else:
-        t0, t13, t14, = hoisted
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    t0 = C['m0']
     t1 = _launch('k_531d59972706', dtype, (n, B), (n, B), [V['x'], t0], [], 'entries')
     t2 = t1.sum(axis=0, keepdims=True)
     t6 = _launch('k_9943cdd96570', dtype, (n, B), (n, B), [t1, t2, t0], [-1], 'entries')
@@ -490,6 +484,12 @@ def _rgradients_all(P, S, V, C=None):
     t8 = _launch('k_531d59972706', dtype, (n, B), (n, B), [V['dz'], t0], [], 'entries')
     t9 = _launch('k_41a52876c677', dtype, (n, B), (n, B), [t7, t8], [], 'entries')
     t10 = t9.sum(axis=0, keepdims=True)
+    if 'm1' not in C:
+        C['m1'] = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
+    t13 = C['m1']
+    if 'm2' not in C:
+        C['m2'] = t13.sum(axis=0, keepdims=True)
+    t14 = C['m2']
     t19 = _launch('k_0f12f3cab709', dtype, (n, B), (n, B), [t7, t8, t10, t0, t14, t6], [-1], 'entries')
 
     return {"x": t19, }
@@ -506,13 +506,18 @@ def _no_parameters():
     raise ValueError(f"module {MODULE} has no parameters: with inputs=False nothing moves")
 
 
-def _hbp_exact_6_all(P, S, Hz):
+def _hbp_exact_6_all(P, S, Hz, C=None):
     """Batch HBP: exact under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    t0 = C['m0']
     t1 = t0.T
-    t2 = _matmul(t0, t1)
+    if 'm4' not in C:
+        C['m4'] = _matmul(t0, t1)
+    t2 = C['m4']
     t5 = _matmul(Hz, t0)
     t6 = _launch('k_531d59972706', dtype, (n, B), (n, B), [t0, t5], [], 'entries')
     t7 = _matmul(t6, t1)
@@ -538,7 +543,7 @@ def _hbp_exact_6_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t45),
     }
 
-def _hbp_exact_6_params(P, S, Hz):
+def _hbp_exact_6_params(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7) and (6-kfac), parameters only."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
@@ -546,15 +551,24 @@ def _hbp_exact_6_params(P, S, Hz):
     return {
     }
 
-def _hbp_exact_7_all(P, S, Hz):
+def _hbp_exact_7_all(P, S, Hz, C=None):
     """Batch HBP: exact under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
-    t1 = t0.sum(axis=1, keepdims=True)
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    t0 = C['m0']
+    if 'm5' not in C:
+        C['m5'] = t0.sum(axis=1, keepdims=True)
+    t1 = C['m5']
     t2 = t0.T
-    t3 = _matmul(t0, t2)
-    t5 = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t1, t3], [1/B, -1/B], 'entries')
+    if 'm4' not in C:
+        C['m4'] = _matmul(t0, t2)
+    t3 = C['m4']
+    if 'm7' not in C:
+        C['m7'] = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t1, t3], [1/B, -1/B], 'entries')
+    t5 = C['m7']
     t6 = _matmul(_matmul(t5, Hz), t5)
     t7 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
     t9 = t7.sum(axis=0, keepdims=True)
@@ -573,13 +587,18 @@ def _hbp_exact_7_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t33),
     }
 
-def _hbp_ggn_6_all(P, S, Hz):
+def _hbp_ggn_6_all(P, S, Hz, C=None):
     """Batch HBP: ggn under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    t0 = C['m0']
     t1 = t0.T
-    t2 = _matmul(t0, t1)
+    if 'm4' not in C:
+        C['m4'] = _matmul(t0, t1)
+    t2 = C['m4']
     t5 = _matmul(Hz, t0)
     t6 = _launch('k_531d59972706', dtype, (n, B), (n, B), [t0, t5], [], 'entries')
     t7 = _matmul(t6, t1)
@@ -594,28 +613,42 @@ def _hbp_ggn_6_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t19),
     }
 
-def _hbp_ggn_7_all(P, S, Hz):
+def _hbp_ggn_7_all(P, S, Hz, C=None):
     """Batch HBP: ggn under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
-    t1 = t0.sum(axis=1, keepdims=True)
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    t0 = C['m0']
+    if 'm5' not in C:
+        C['m5'] = t0.sum(axis=1, keepdims=True)
+    t1 = C['m5']
     t2 = t0.T
-    t3 = _matmul(t0, t2)
-    t5 = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t1, t3], [1/B, -1/B], 'entries')
+    if 'm4' not in C:
+        C['m4'] = _matmul(t0, t2)
+    t3 = C['m4']
+    if 'm7' not in C:
+        C['m7'] = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t1, t3], [1/B, -1/B], 'entries')
+    t5 = C['m7']
     t6 = _matmul(_matmul(t5, Hz), t5)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t6),
     }
 
-def _hbp_pch_abs_6_all(P, S, Hz):
+def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     """Batch HBP: pch-abs under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    t0 = C['m0']
     t1 = t0.T
-    t2 = _matmul(t0, t1)
+    if 'm4' not in C:
+        C['m4'] = _matmul(t0, t1)
+    t2 = C['m4']
     t5 = _matmul(Hz, t0)
     t6 = _launch('k_531d59972706', dtype, (n, B), (n, B), [t0, t5], [], 'entries')
     t7 = _matmul(t6, t1)
@@ -643,15 +676,24 @@ def _hbp_pch_abs_6_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t46),
     }
 
-def _hbp_pch_abs_7_all(P, S, Hz):
+def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     """Batch HBP: pch-abs under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
-    t1 = t0.sum(axis=1, keepdims=True)
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    t0 = C['m0']
+    if 'm5' not in C:
+        C['m5'] = t0.sum(axis=1, keepdims=True)
+    t1 = C['m5']
     t2 = t0.T
-    t3 = _matmul(t0, t2)
-    t5 = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t1, t3], [1/B, -1/B], 'entries')
+    if 'm4' not in C:
+        C['m4'] = _matmul(t0, t2)
+    t3 = C['m4']
+    if 'm7' not in C:
+        C['m7'] = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t1, t3], [1/B, -1/B], 'entries')
+    t5 = C['m7']
     t6 = _matmul(_matmul(t5, Hz), t5)
     t7 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
     t9 = t7.sum(axis=0, keepdims=True)
@@ -672,13 +714,18 @@ def _hbp_pch_abs_7_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t34),
     }
 
-def _hbp_pch_clip_6_all(P, S, Hz):
+def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     """Batch HBP: pch-clip under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    t0 = C['m0']
     t1 = t0.T
-    t2 = _matmul(t0, t1)
+    if 'm4' not in C:
+        C['m4'] = _matmul(t0, t1)
+    t2 = C['m4']
     t5 = _matmul(Hz, t0)
     t6 = _launch('k_531d59972706', dtype, (n, B), (n, B), [t0, t5], [], 'entries')
     t7 = _matmul(t6, t1)
@@ -706,15 +753,24 @@ def _hbp_pch_clip_6_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t46),
     }
 
-def _hbp_pch_clip_7_all(P, S, Hz):
+def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     """Batch HBP: pch-clip under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
-    t1 = t0.sum(axis=1, keepdims=True)
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    t0 = C['m0']
+    if 'm5' not in C:
+        C['m5'] = t0.sum(axis=1, keepdims=True)
+    t1 = C['m5']
     t2 = t0.T
-    t3 = _matmul(t0, t2)
-    t5 = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t1, t3], [1/B, -1/B], 'entries')
+    if 'm4' not in C:
+        C['m4'] = _matmul(t0, t2)
+    t3 = C['m4']
+    if 'm7' not in C:
+        C['m7'] = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t1, t3], [1/B, -1/B], 'entries')
+    t5 = C['m7']
     t6 = _matmul(_matmul(t5, Hz), t5)
     t7 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
     t9 = t7.sum(axis=0, keepdims=True)
@@ -737,9 +793,10 @@ def _hbp_pch_clip_7_all(P, S, Hz):
 
 
 def _hbp(curvature, approximation):
-    def run(P, S, Hz, inputs=True):
-        """Curvature blocks of every input and parameter (parameters only when ``inputs=False``)."""
-        return _HBP[(curvature, approximation, inputs)](P, S, Hz)
+    def run(P, S, Hz, inputs=True, cache=None):
+        """Curvature blocks of every input and parameter (parameters only when ``inputs=False``); ``cache``
+        as for ``forward``."""
+        return _HBP[(curvature, approximation, inputs)](P, S, Hz, cache)
     return run
 
 

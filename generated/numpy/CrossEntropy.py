@@ -43,8 +43,10 @@ def _dims(P, S):
     return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], }
 
 
-def forward(P, S):
-    """Z = the module's outputs, (size z, B)."""
+def forward(P, S, cache=None):
+    """Z = the module's outputs, (size z, B). The module's functions that share ``cache`` (a dict, one
+    per batch) compute what they have in common once; they must share P and S, except what the
+    function's own docstring says may change."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = _log_softmax(S['x'])
@@ -58,16 +60,13 @@ def forward(P, S):
 def _gradients_all(P, S, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    hoisted = C.get('gradients_all') if C is not None else None
-    if hoisted is None:
-        t3 = _softmax(S['x'])
-        if C is not None:
-            C['gradients_all'] = (t3,)
-    else:
-        t3, = hoisted
+    C = {} if C is None else C
     t0 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
     t1 = t0 * S['y']
     t2 = (-1) * t1
+    if 'm0' not in C:
+        C['m0'] = _softmax(S['x'])
+    t3 = C['m0']
     t4 = t0 * t3
     t5 = t2 + t4
 
@@ -84,21 +83,18 @@ def _gradients_params(P, S, C=None):
 def gradients(P, S, inputs=True, cache=None):
     """δ of every input (size, B) and parameter (summed over the batch); S['dz'] holds δZ.
 
-    ``inputs=False`` skips the inputs (a first layer's data needs no gradient). Calls that share
-    ``cache`` (a dict) must share P and S except S['dz']: what does not depend on it is reused."""
+    ``inputs=False`` skips the inputs (a first layer's data needs no gradient). ``cache`` as for
+    ``forward``; S['dz'] may change between calls: what does not depend on it is reused."""
     return _gradients_all(P, S, cache) if inputs else _gradients_params(P, S, cache)
 
 
 def _jvp_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    hoisted = C.get('jvp_all') if C is not None else None
-    if hoisted is None:
-        t0 = _softmax(S['x'])
-        if C is not None:
-            C['jvp_all'] = (t0,)
-    else:
-        t0, = hoisted
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _softmax(S['x'])
+    t0 = C['m0']
     t1 = V['x'] * t0
     t2 = t1.sum(axis=0, keepdims=True)
     t3 = (xp.ones((n, 1), dtype=dtype) @ t2)
@@ -121,18 +117,17 @@ def jvp(P, S, V, inputs=True, cache=None):
 def _rgradients_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    hoisted = C.get('rgradients_all') if C is not None else None
-    if hoisted is None:
-        t3 = _softmax(S['x'])
-        t5 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
-        if C is not None:
-            C['rgradients_all'] = (t3, t5,)
-    else:
-        t3, t5, = hoisted
+    C = {} if C is None else C
     t0 = (xp.ones((n, 1), dtype=dtype) @ V['dz'])
     t1 = t0 * S['y']
     t2 = (-1) * t1
+    if 'm0' not in C:
+        C['m0'] = _softmax(S['x'])
+    t3 = C['m0']
     t4 = t0 * t3
+    if 'm1' not in C:
+        C['m1'] = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
+    t5 = C['m1']
     t6 = V['x'] * t3
     t7 = t6.sum(axis=0, keepdims=True)
     t8 = (xp.ones((n, 1), dtype=dtype) @ t7)
@@ -156,19 +151,34 @@ def _no_parameters():
     raise ValueError(f"module {MODULE} has no parameters: with inputs=False nothing moves")
 
 
-def _hbp_exact_6_all(P, S, Hz):
+def _hbp_exact_6_all(P, S, Hz, C=None):
     """Batch HBP: exact under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _softmax(S['x'])
-    t1 = (-1) * t0
-    t2 = S['y'] + t1
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _softmax(S['x'])
+    t0 = C['m0']
+    if 'm2' not in C:
+        C['m2'] = (-1) * t0
+    t1 = C['m2']
+    if 'm3' not in C:
+        C['m3'] = S['y'] + t1
+    t2 = C['m3']
     t3 = S['y'].T
-    t4 = (1/B) * t3
+    if 'm4' not in C:
+        C['m4'] = (1/B) * t3
+    t4 = C['m4']
     t5 = t0.T
-    t6 = (-1/B) * t5
-    t7 = t4 + t6
-    t8 = (t2 @ t7)
+    if 'm5' not in C:
+        C['m5'] = (-1/B) * t5
+    t6 = C['m5']
+    if 'm6' not in C:
+        C['m6'] = t4 + t6
+    t7 = C['m6']
+    if 'm7' not in C:
+        C['m7'] = (t2 @ t7)
+    t8 = C['m7']
     t9 = t8 * Hz
     t10 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
     t11 = t10 * t0
@@ -183,7 +193,7 @@ def _hbp_exact_6_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t17),
     }
 
-def _hbp_exact_6_params(P, S, Hz):
+def _hbp_exact_6_params(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7) and (6-kfac), parameters only."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
@@ -191,20 +201,37 @@ def _hbp_exact_6_params(P, S, Hz):
     return {
     }
 
-def _hbp_exact_7_all(P, S, Hz):
+def _hbp_exact_7_all(P, S, Hz, C=None):
     """Batch HBP: exact under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = (1/B) * S['y']
-    t1 = _softmax(S['x'])
-    t2 = (-1/B) * t1
-    t3 = t0 + t2
+    C = {} if C is None else C
+    if 'm8' not in C:
+        C['m8'] = (1/B) * S['y']
+    t0 = C['m8']
+    if 'm0' not in C:
+        C['m0'] = _softmax(S['x'])
+    t1 = C['m0']
+    if 'm9' not in C:
+        C['m9'] = (-1/B) * t1
+    t2 = C['m9']
+    if 'm10' not in C:
+        C['m10'] = t0 + t2
+    t3 = C['m10']
     t4 = S['y'].T
-    t5 = (1/B) * t4
+    if 'm4' not in C:
+        C['m4'] = (1/B) * t4
+    t5 = C['m4']
     t6 = t1.T
-    t7 = (-1/B) * t6
-    t8 = t5 + t7
-    t9 = (xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)) @ t8)
+    if 'm5' not in C:
+        C['m5'] = (-1/B) * t6
+    t7 = C['m5']
+    if 'm6' not in C:
+        C['m6'] = t5 + t7
+    t8 = C['m6']
+    if 'm11' not in C:
+        C['m11'] = (xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)) @ t8)
+    t9 = C['m11']
     t10 = t9 * Hz
     t11 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
     t12 = t11 * t1
@@ -219,58 +246,105 @@ def _hbp_exact_7_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t18),
     }
 
-def _hbp_ggn_6_all(P, S, Hz):
+def _hbp_ggn_6_all(P, S, Hz, C=None):
     """Batch HBP: ggn under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _softmax(S['x'])
-    t1 = (-1) * t0
-    t2 = S['y'] + t1
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _softmax(S['x'])
+    t0 = C['m0']
+    if 'm2' not in C:
+        C['m2'] = (-1) * t0
+    t1 = C['m2']
+    if 'm3' not in C:
+        C['m3'] = S['y'] + t1
+    t2 = C['m3']
     t3 = S['y'].T
-    t4 = (1/B) * t3
+    if 'm4' not in C:
+        C['m4'] = (1/B) * t3
+    t4 = C['m4']
     t5 = t0.T
-    t6 = (-1/B) * t5
-    t7 = t4 + t6
-    t8 = (t2 @ t7)
+    if 'm5' not in C:
+        C['m5'] = (-1/B) * t5
+    t6 = C['m5']
+    if 'm6' not in C:
+        C['m6'] = t4 + t6
+    t7 = C['m6']
+    if 'm7' not in C:
+        C['m7'] = (t2 @ t7)
+    t8 = C['m7']
     t9 = t8 * Hz
 
     return {
         "x": CurvatureBlock(kron=[], dense=t9),
     }
 
-def _hbp_ggn_7_all(P, S, Hz):
+def _hbp_ggn_7_all(P, S, Hz, C=None):
     """Batch HBP: ggn under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = (1/B) * S['y']
-    t1 = _softmax(S['x'])
-    t2 = (-1/B) * t1
-    t3 = t0 + t2
+    C = {} if C is None else C
+    if 'm8' not in C:
+        C['m8'] = (1/B) * S['y']
+    t0 = C['m8']
+    if 'm0' not in C:
+        C['m0'] = _softmax(S['x'])
+    t1 = C['m0']
+    if 'm9' not in C:
+        C['m9'] = (-1/B) * t1
+    t2 = C['m9']
+    if 'm10' not in C:
+        C['m10'] = t0 + t2
+    t3 = C['m10']
     t4 = S['y'].T
-    t5 = (1/B) * t4
+    if 'm4' not in C:
+        C['m4'] = (1/B) * t4
+    t5 = C['m4']
     t6 = t1.T
-    t7 = (-1/B) * t6
-    t8 = t5 + t7
-    t9 = (xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)) @ t8)
+    if 'm5' not in C:
+        C['m5'] = (-1/B) * t6
+    t7 = C['m5']
+    if 'm6' not in C:
+        C['m6'] = t5 + t7
+    t8 = C['m6']
+    if 'm11' not in C:
+        C['m11'] = (xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)) @ t8)
+    t9 = C['m11']
     t10 = t9 * Hz
 
     return {
         "x": CurvatureBlock(kron=[], dense=t10),
     }
 
-def _hbp_pch_abs_6_all(P, S, Hz):
+def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     """Batch HBP: pch-abs under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _softmax(S['x'])
-    t1 = (-1) * t0
-    t2 = S['y'] + t1
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _softmax(S['x'])
+    t0 = C['m0']
+    if 'm2' not in C:
+        C['m2'] = (-1) * t0
+    t1 = C['m2']
+    if 'm3' not in C:
+        C['m3'] = S['y'] + t1
+    t2 = C['m3']
     t3 = S['y'].T
-    t4 = (1/B) * t3
+    if 'm4' not in C:
+        C['m4'] = (1/B) * t3
+    t4 = C['m4']
     t5 = t0.T
-    t6 = (-1/B) * t5
-    t7 = t4 + t6
-    t8 = (t2 @ t7)
+    if 'm5' not in C:
+        C['m5'] = (-1/B) * t5
+    t6 = C['m5']
+    if 'm6' not in C:
+        C['m6'] = t4 + t6
+    t7 = C['m6']
+    if 'm7' not in C:
+        C['m7'] = (t2 @ t7)
+    t8 = C['m7']
     t9 = t8 * Hz
     t10 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
     t11 = t10 * t0
@@ -286,20 +360,37 @@ def _hbp_pch_abs_6_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t18),
     }
 
-def _hbp_pch_abs_7_all(P, S, Hz):
+def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     """Batch HBP: pch-abs under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = (1/B) * S['y']
-    t1 = _softmax(S['x'])
-    t2 = (-1/B) * t1
-    t3 = t0 + t2
+    C = {} if C is None else C
+    if 'm8' not in C:
+        C['m8'] = (1/B) * S['y']
+    t0 = C['m8']
+    if 'm0' not in C:
+        C['m0'] = _softmax(S['x'])
+    t1 = C['m0']
+    if 'm9' not in C:
+        C['m9'] = (-1/B) * t1
+    t2 = C['m9']
+    if 'm10' not in C:
+        C['m10'] = t0 + t2
+    t3 = C['m10']
     t4 = S['y'].T
-    t5 = (1/B) * t4
+    if 'm4' not in C:
+        C['m4'] = (1/B) * t4
+    t5 = C['m4']
     t6 = t1.T
-    t7 = (-1/B) * t6
-    t8 = t5 + t7
-    t9 = (xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)) @ t8)
+    if 'm5' not in C:
+        C['m5'] = (-1/B) * t6
+    t7 = C['m5']
+    if 'm6' not in C:
+        C['m6'] = t5 + t7
+    t8 = C['m6']
+    if 'm11' not in C:
+        C['m11'] = (xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)) @ t8)
+    t9 = C['m11']
     t10 = t9 * Hz
     t11 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
     t12 = t11 * t1
@@ -315,19 +406,34 @@ def _hbp_pch_abs_7_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t19),
     }
 
-def _hbp_pch_clip_6_all(P, S, Hz):
+def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     """Batch HBP: pch-clip under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _softmax(S['x'])
-    t1 = (-1) * t0
-    t2 = S['y'] + t1
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _softmax(S['x'])
+    t0 = C['m0']
+    if 'm2' not in C:
+        C['m2'] = (-1) * t0
+    t1 = C['m2']
+    if 'm3' not in C:
+        C['m3'] = S['y'] + t1
+    t2 = C['m3']
     t3 = S['y'].T
-    t4 = (1/B) * t3
+    if 'm4' not in C:
+        C['m4'] = (1/B) * t3
+    t4 = C['m4']
     t5 = t0.T
-    t6 = (-1/B) * t5
-    t7 = t4 + t6
-    t8 = (t2 @ t7)
+    if 'm5' not in C:
+        C['m5'] = (-1/B) * t5
+    t6 = C['m5']
+    if 'm6' not in C:
+        C['m6'] = t4 + t6
+    t7 = C['m6']
+    if 'm7' not in C:
+        C['m7'] = (t2 @ t7)
+    t8 = C['m7']
     t9 = t8 * Hz
     t10 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
     t11 = t10 * t0
@@ -343,20 +449,37 @@ def _hbp_pch_clip_6_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t18),
     }
 
-def _hbp_pch_clip_7_all(P, S, Hz):
+def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     """Batch HBP: pch-clip under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = (1/B) * S['y']
-    t1 = _softmax(S['x'])
-    t2 = (-1/B) * t1
-    t3 = t0 + t2
+    C = {} if C is None else C
+    if 'm8' not in C:
+        C['m8'] = (1/B) * S['y']
+    t0 = C['m8']
+    if 'm0' not in C:
+        C['m0'] = _softmax(S['x'])
+    t1 = C['m0']
+    if 'm9' not in C:
+        C['m9'] = (-1/B) * t1
+    t2 = C['m9']
+    if 'm10' not in C:
+        C['m10'] = t0 + t2
+    t3 = C['m10']
     t4 = S['y'].T
-    t5 = (1/B) * t4
+    if 'm4' not in C:
+        C['m4'] = (1/B) * t4
+    t5 = C['m4']
     t6 = t1.T
-    t7 = (-1/B) * t6
-    t8 = t5 + t7
-    t9 = (xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)) @ t8)
+    if 'm5' not in C:
+        C['m5'] = (-1/B) * t6
+    t7 = C['m5']
+    if 'm6' not in C:
+        C['m6'] = t5 + t7
+    t8 = C['m6']
+    if 'm11' not in C:
+        C['m11'] = (xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)) @ t8)
+    t9 = C['m11']
     t10 = t9 * Hz
     t11 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
     t12 = t11 * t1
@@ -374,9 +497,10 @@ def _hbp_pch_clip_7_all(P, S, Hz):
 
 
 def _hbp(curvature, approximation):
-    def run(P, S, Hz, inputs=True):
-        """Curvature blocks of every input and parameter (parameters only when ``inputs=False``)."""
-        return _HBP[(curvature, approximation, inputs)](P, S, Hz)
+    def run(P, S, Hz, inputs=True, cache=None):
+        """Curvature blocks of every input and parameter (parameters only when ``inputs=False``); ``cache``
+        as for ``forward``."""
+        return _HBP[(curvature, approximation, inputs)](P, S, Hz, cache)
     return run
 
 
@@ -409,12 +533,15 @@ _HBP = {
 HBP = {(c, a): _hbp(c, a) for c, a, _ in _HBP}
 
 
-def _loss_hessian_6(P, S):
+def _loss_hessian_6(P, S, C=None):
     """Where HBP starts: the exact blocks of approximation (6) with no curvature from above (𝓗z = 0)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
+    C = {} if C is None else C
     t0 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
-    t1 = _softmax(S['x'])
+    if 'm0' not in C:
+        C['m0'] = _softmax(S['x'])
+    t1 = C['m0']
     t2 = t0 * t1
     t3 = t2.sum(axis=1, keepdims=True)
     t4 = t1.T

@@ -60,8 +60,10 @@ def _dims(P, S):
     return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], }
 
 
-def forward(P, S):
-    """Z = the module's outputs, (size z, B)."""
+def forward(P, S, cache=None):
+    """Z = the module's outputs, (size z, B). The module's functions that share ``cache`` (a dict, one
+    per batch) compute what they have in common once; they must share P and S, except what the
+    function's own docstring says may change."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = _fn_exp_0(S['x'])
@@ -72,13 +74,10 @@ def forward(P, S):
 def _gradients_all(P, S, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    hoisted = C.get('gradients_all') if C is not None else None
-    if hoisted is None:
-        t0 = _fn_exp_1(S['x'])
-        if C is not None:
-            C['gradients_all'] = (t0,)
-    else:
-        t0, = hoisted
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _fn_exp_1(S['x'])
+    t0 = C['m0']
     t1 = S['dz'] * t0
 
     return {"x": t1, }
@@ -94,21 +93,18 @@ def _gradients_params(P, S, C=None):
 def gradients(P, S, inputs=True, cache=None):
     """δ of every input (size, B) and parameter (summed over the batch); S['dz'] holds δZ.
 
-    ``inputs=False`` skips the inputs (a first layer's data needs no gradient). Calls that share
-    ``cache`` (a dict) must share P and S except S['dz']: what does not depend on it is reused."""
+    ``inputs=False`` skips the inputs (a first layer's data needs no gradient). ``cache`` as for
+    ``forward``; S['dz'] may change between calls: what does not depend on it is reused."""
     return _gradients_all(P, S, cache) if inputs else _gradients_params(P, S, cache)
 
 
 def _jvp_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    hoisted = C.get('jvp_all') if C is not None else None
-    if hoisted is None:
-        t0 = _fn_exp_1(S['x'])
-        if C is not None:
-            C['jvp_all'] = (t0,)
-    else:
-        t0, = hoisted
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _fn_exp_1(S['x'])
+    t0 = C['m0']
     t1 = V['x'] * t0
 
     return {"Z": t1}
@@ -124,16 +120,15 @@ def jvp(P, S, V, inputs=True, cache=None):
 def _rgradients_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    hoisted = C.get('rgradients_all') if C is not None else None
-    if hoisted is None:
-        t0 = _fn_exp_2(S['x'])
-        t3 = _fn_exp_1(S['x'])
-        if C is not None:
-            C['rgradients_all'] = (t0, t3,)
-    else:
-        t0, t3, = hoisted
+    C = {} if C is None else C
+    if 'm1' not in C:
+        C['m1'] = _fn_exp_2(S['x'])
+    t0 = C['m1']
     t1 = V['x'] * t0
     t2 = t1 * S['dz']
+    if 'm0' not in C:
+        C['m0'] = _fn_exp_1(S['x'])
+    t3 = C['m0']
     t4 = V['dz'] * t3
     t5 = t2 + t4
 
@@ -151,16 +146,23 @@ def _no_parameters():
     raise ValueError(f"module {MODULE} has no parameters: with inputs=False nothing moves")
 
 
-def _hbp_exact_6_all(P, S, Hz):
+def _hbp_exact_6_all(P, S, Hz, C=None):
     """Batch HBP: exact under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _fn_exp_1(S['x'])
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _fn_exp_1(S['x'])
+    t0 = C['m0']
     t1 = t0.T
-    t2 = (t0 @ t1)
+    if 'm2' not in C:
+        C['m2'] = (t0 @ t1)
+    t2 = C['m2']
     t3 = t2 * Hz
     t4 = (1/B) * t3
-    t5 = _fn_exp_2(S['x'])
+    if 'm1' not in C:
+        C['m1'] = _fn_exp_2(S['x'])
+    t5 = C['m1']
     t6 = S['dz'] * t5
     t7 = t6.sum(axis=1, keepdims=True)
     t8 = _plus_diagonal(t4, t7, copy=False)
@@ -169,7 +171,7 @@ def _hbp_exact_6_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t8),
     }
 
-def _hbp_exact_6_params(P, S, Hz):
+def _hbp_exact_6_params(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7) and (6-kfac), parameters only."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
@@ -177,15 +179,22 @@ def _hbp_exact_6_params(P, S, Hz):
     return {
     }
 
-def _hbp_exact_7_all(P, S, Hz):
+def _hbp_exact_7_all(P, S, Hz, C=None):
     """Batch HBP: exact under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _fn_exp_1(S['x'])
-    t1 = t0.sum(axis=1, keepdims=True)
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _fn_exp_1(S['x'])
+    t0 = C['m0']
+    if 'm3' not in C:
+        C['m3'] = t0.sum(axis=1, keepdims=True)
+    t1 = C['m3']
     t2 = ((t1 * Hz) * t1.T)
     t3 = (B**(-2)) * t2
-    t4 = _fn_exp_2(S['x'])
+    if 'm1' not in C:
+        C['m1'] = _fn_exp_2(S['x'])
+    t4 = C['m1']
     t5 = S['dz'] * t4
     t6 = t5.sum(axis=1, keepdims=True)
     t7 = _plus_diagonal(t3, t6, copy=False)
@@ -194,13 +203,18 @@ def _hbp_exact_7_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t7),
     }
 
-def _hbp_ggn_6_all(P, S, Hz):
+def _hbp_ggn_6_all(P, S, Hz, C=None):
     """Batch HBP: ggn under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _fn_exp_1(S['x'])
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _fn_exp_1(S['x'])
+    t0 = C['m0']
     t1 = t0.T
-    t2 = (t0 @ t1)
+    if 'm2' not in C:
+        C['m2'] = (t0 @ t1)
+    t2 = C['m2']
     t3 = t2 * Hz
     t4 = (1/B) * t3
 
@@ -208,12 +222,17 @@ def _hbp_ggn_6_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t4),
     }
 
-def _hbp_ggn_7_all(P, S, Hz):
+def _hbp_ggn_7_all(P, S, Hz, C=None):
     """Batch HBP: ggn under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _fn_exp_1(S['x'])
-    t1 = t0.sum(axis=1, keepdims=True)
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _fn_exp_1(S['x'])
+    t0 = C['m0']
+    if 'm3' not in C:
+        C['m3'] = t0.sum(axis=1, keepdims=True)
+    t1 = C['m3']
     t2 = ((t1 * Hz) * t1.T)
     t3 = (B**(-2)) * t2
 
@@ -221,16 +240,23 @@ def _hbp_ggn_7_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t3),
     }
 
-def _hbp_pch_abs_6_all(P, S, Hz):
+def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     """Batch HBP: pch-abs under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _fn_exp_1(S['x'])
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _fn_exp_1(S['x'])
+    t0 = C['m0']
     t1 = t0.T
-    t2 = (t0 @ t1)
+    if 'm2' not in C:
+        C['m2'] = (t0 @ t1)
+    t2 = C['m2']
     t3 = t2 * Hz
     t4 = (1/B) * t3
-    t5 = _fn_exp_2(S['x'])
+    if 'm1' not in C:
+        C['m1'] = _fn_exp_2(S['x'])
+    t5 = C['m1']
     t6 = S['dz'] * t5
     t7 = t6.sum(axis=1, keepdims=True)
     t8 = _fn_abs_0(t7)
@@ -240,15 +266,22 @@ def _hbp_pch_abs_6_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t9),
     }
 
-def _hbp_pch_abs_7_all(P, S, Hz):
+def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     """Batch HBP: pch-abs under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _fn_exp_1(S['x'])
-    t1 = t0.sum(axis=1, keepdims=True)
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _fn_exp_1(S['x'])
+    t0 = C['m0']
+    if 'm3' not in C:
+        C['m3'] = t0.sum(axis=1, keepdims=True)
+    t1 = C['m3']
     t2 = ((t1 * Hz) * t1.T)
     t3 = (B**(-2)) * t2
-    t4 = _fn_exp_2(S['x'])
+    if 'm1' not in C:
+        C['m1'] = _fn_exp_2(S['x'])
+    t4 = C['m1']
     t5 = S['dz'] * t4
     t6 = t5.sum(axis=1, keepdims=True)
     t7 = _fn_abs_0(t6)
@@ -258,16 +291,23 @@ def _hbp_pch_abs_7_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t8),
     }
 
-def _hbp_pch_clip_6_all(P, S, Hz):
+def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     """Batch HBP: pch-clip under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _fn_exp_1(S['x'])
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _fn_exp_1(S['x'])
+    t0 = C['m0']
     t1 = t0.T
-    t2 = (t0 @ t1)
+    if 'm2' not in C:
+        C['m2'] = (t0 @ t1)
+    t2 = C['m2']
     t3 = t2 * Hz
     t4 = (1/B) * t3
-    t5 = _fn_exp_2(S['x'])
+    if 'm1' not in C:
+        C['m1'] = _fn_exp_2(S['x'])
+    t5 = C['m1']
     t6 = S['dz'] * t5
     t7 = t6.sum(axis=1, keepdims=True)
     t8 = _fn_relu_0(t7)
@@ -277,15 +317,22 @@ def _hbp_pch_clip_6_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t9),
     }
 
-def _hbp_pch_clip_7_all(P, S, Hz):
+def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     """Batch HBP: pch-clip under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _fn_exp_1(S['x'])
-    t1 = t0.sum(axis=1, keepdims=True)
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _fn_exp_1(S['x'])
+    t0 = C['m0']
+    if 'm3' not in C:
+        C['m3'] = t0.sum(axis=1, keepdims=True)
+    t1 = C['m3']
     t2 = ((t1 * Hz) * t1.T)
     t3 = (B**(-2)) * t2
-    t4 = _fn_exp_2(S['x'])
+    if 'm1' not in C:
+        C['m1'] = _fn_exp_2(S['x'])
+    t4 = C['m1']
     t5 = S['dz'] * t4
     t6 = t5.sum(axis=1, keepdims=True)
     t7 = _fn_relu_0(t6)
@@ -297,9 +344,10 @@ def _hbp_pch_clip_7_all(P, S, Hz):
 
 
 def _hbp(curvature, approximation):
-    def run(P, S, Hz, inputs=True):
-        """Curvature blocks of every input and parameter (parameters only when ``inputs=False``)."""
-        return _HBP[(curvature, approximation, inputs)](P, S, Hz)
+    def run(P, S, Hz, inputs=True, cache=None):
+        """Curvature blocks of every input and parameter (parameters only when ``inputs=False``); ``cache``
+        as for ``forward``."""
+        return _HBP[(curvature, approximation, inputs)](P, S, Hz, cache)
     return run
 
 

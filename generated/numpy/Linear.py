@@ -43,8 +43,10 @@ def _dims(P, S):
     return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], "m": P['W'].shape[0], }
 
 
-def forward(P, S):
-    """Z = the module's outputs, (size z, B)."""
+def forward(P, S, cache=None):
+    """Z = the module's outputs, (size z, B). The module's functions that share ``cache`` (a dict, one
+    per batch) compute what they have in common once; they must share P and S, except what the
+    function's own docstring says may change."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = (P['W'] @ S['x'])
@@ -57,15 +59,9 @@ def forward(P, S):
 def _gradients_all(P, S, C=None):
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    hoisted = C.get('gradients_all') if C is not None else None
-    if hoisted is None:
-        t0 = P['W'].T
-        t2 = S['x'].T
-        if C is not None:
-            C['gradients_all'] = (t0, t2,)
-    else:
-        t0, t2, = hoisted
+    t0 = P['W'].T
     t1 = (t0 @ S['dz'])
+    t2 = S['x'].T
     t3 = (S['dz'] @ t2)
     t4 = S['dz'].sum(axis=1, keepdims=True)
 
@@ -75,13 +71,7 @@ def _gradients_all(P, S, C=None):
 def _gradients_params(P, S, C=None):
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    hoisted = C.get('gradients_params') if C is not None else None
-    if hoisted is None:
-        t0 = S['x'].T
-        if C is not None:
-            C['gradients_params'] = (t0,)
-    else:
-        t0, = hoisted
+    t0 = S['x'].T
     t1 = (S['dz'] @ t0)
     t2 = S['dz'].sum(axis=1, keepdims=True)
 
@@ -91,8 +81,8 @@ def _gradients_params(P, S, C=None):
 def gradients(P, S, inputs=True, cache=None):
     """δ of every input (size, B) and parameter (summed over the batch); S['dz'] holds δZ.
 
-    ``inputs=False`` skips the inputs (a first layer's data needs no gradient). Calls that share
-    ``cache`` (a dict) must share P and S except S['dz']: what does not depend on it is reused."""
+    ``inputs=False`` skips the inputs (a first layer's data needs no gradient). ``cache`` as for
+    ``forward``; S['dz'] may change between calls: what does not depend on it is reused."""
     return _gradients_all(P, S, cache) if inputs else _gradients_params(P, S, cache)
 
 
@@ -127,18 +117,12 @@ def jvp(P, S, V, inputs=True, cache=None):
 def _rgradients_all(P, S, V, C=None):
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    hoisted = C.get('rgradients_all') if C is not None else None
-    if hoisted is None:
-        t2 = P['W'].T
-        t5 = S['x'].T
-        if C is not None:
-            C['rgradients_all'] = (t2, t5,)
-    else:
-        t2, t5, = hoisted
     t0 = V['W'].T
     t1 = (t0 @ S['dz'])
+    t2 = P['W'].T
     t3 = (t2 @ V['dz'])
     t4 = t1 + t3
+    t5 = S['x'].T
     t6 = (V['dz'] @ t5)
     t7 = V['x'].T
     t8 = (S['dz'] @ t7)
@@ -151,13 +135,7 @@ def _rgradients_all(P, S, V, C=None):
 def _rgradients_params(P, S, V, C=None):
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    hoisted = C.get('rgradients_params') if C is not None else None
-    if hoisted is None:
-        t0 = S['x'].T
-        if C is not None:
-            C['rgradients_params'] = (t0,)
-    else:
-        t0, = hoisted
+    t0 = S['x'].T
     t1 = (V['dz'] @ t0)
     t2 = V['dz'].sum(axis=1, keepdims=True)
 
@@ -175,13 +153,16 @@ def _no_parameters():
     raise ValueError(f"module {MODULE} has no parameters: with inputs=False nothing moves")
 
 
-def _hbp_exact_6_all(P, S, Hz):
+def _hbp_exact_6_all(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (6-kfac)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
+    C = {} if C is None else C
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
-    t2 = _gram(S['x'])
+    if 'm0' not in C:
+        C['m0'] = _gram(S['x'])
+    t2 = C['m0']
 
     return {
         "x": CurvatureBlock(kron=[], dense=t1),
@@ -189,25 +170,33 @@ def _hbp_exact_6_all(P, S, Hz):
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def _hbp_exact_6_params(P, S, Hz):
+def _hbp_exact_6_params(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (6-kfac), parameters only."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _gram(S['x'])
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _gram(S['x'])
+    t0 = C['m0']
 
     return {
         "W": CurvatureBlock(kron=[_kron((1/B), t0, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def _hbp_exact_7_all(P, S, Hz):
+def _hbp_exact_7_all(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (7)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
+    C = {} if C is None else C
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
-    t2 = S['x'].sum(axis=1, keepdims=True)
-    t3 = _gram(t2)
+    if 'm1' not in C:
+        C['m1'] = S['x'].sum(axis=1, keepdims=True)
+    t2 = C['m1']
+    if 'm2' not in C:
+        C['m2'] = _gram(t2)
+    t3 = C['m2']
 
     return {
         "x": CurvatureBlock(kron=[], dense=t1),
@@ -215,12 +204,17 @@ def _hbp_exact_7_all(P, S, Hz):
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def _hbp_exact_7_params(P, S, Hz):
+def _hbp_exact_7_params(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (7), parameters only."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = S['x'].sum(axis=1, keepdims=True)
-    t1 = _gram(t0)
+    C = {} if C is None else C
+    if 'm1' not in C:
+        C['m1'] = S['x'].sum(axis=1, keepdims=True)
+    t0 = C['m1']
+    if 'm2' not in C:
+        C['m2'] = _gram(t0)
+    t1 = C['m2']
 
     return {
         "W": CurvatureBlock(kron=[_kron((B**(-2)), t1, Hz), ], dense=None),
@@ -229,9 +223,10 @@ def _hbp_exact_7_params(P, S, Hz):
 
 
 def _hbp(curvature, approximation):
-    def run(P, S, Hz, inputs=True):
-        """Curvature blocks of every input and parameter (parameters only when ``inputs=False``)."""
-        return _HBP[(curvature, approximation, inputs)](P, S, Hz)
+    def run(P, S, Hz, inputs=True, cache=None):
+        """Curvature blocks of every input and parameter (parameters only when ``inputs=False``); ``cache``
+        as for ``forward``."""
+        return _HBP[(curvature, approximation, inputs)](P, S, Hz, cache)
     return run
 
 

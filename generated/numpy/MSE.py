@@ -46,12 +46,19 @@ def _dims(P, S):
     return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], }
 
 
-def forward(P, S):
-    """Z = the module's outputs, (size z, B)."""
+def forward(P, S, cache=None):
+    """Z = the module's outputs, (size z, B). The module's functions that share ``cache`` (a dict, one
+    per batch) compute what they have in common once; they must share P and S, except what the
+    function's own docstring says may change."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = (-1) * S['y']
-    t1 = S['x'] + t0
+    C = {} if cache is None else cache
+    if 'm0' not in C:
+        C['m0'] = (-1) * S['y']
+    t0 = C['m0']
+    if 'm1' not in C:
+        C['m1'] = S['x'] + t0
+    t1 = C['m1']
     t2 = t1 * t1
     t3 = t2.sum(axis=0, keepdims=True)
 
@@ -61,15 +68,14 @@ def forward(P, S):
 def _gradients_all(P, S, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    hoisted = C.get('gradients_all') if C is not None else None
-    if hoisted is None:
-        t1 = (-1) * S['y']
-        t2 = S['x'] + t1
-        if C is not None:
-            C['gradients_all'] = (t1, t2,)
-    else:
-        t1, t2, = hoisted
+    C = {} if C is None else C
     t0 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
+    if 'm0' not in C:
+        C['m0'] = (-1) * S['y']
+    t1 = C['m0']
+    if 'm1' not in C:
+        C['m1'] = S['x'] + t1
+    t2 = C['m1']
     t3 = t0 * t2
     t4 = (2) * t3
 
@@ -86,22 +92,21 @@ def _gradients_params(P, S, C=None):
 def gradients(P, S, inputs=True, cache=None):
     """δ of every input (size, B) and parameter (summed over the batch); S['dz'] holds δZ.
 
-    ``inputs=False`` skips the inputs (a first layer's data needs no gradient). Calls that share
-    ``cache`` (a dict) must share P and S except S['dz']: what does not depend on it is reused."""
+    ``inputs=False`` skips the inputs (a first layer's data needs no gradient). ``cache`` as for
+    ``forward``; S['dz'] may change between calls: what does not depend on it is reused."""
     return _gradients_all(P, S, cache) if inputs else _gradients_params(P, S, cache)
 
 
 def _jvp_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    hoisted = C.get('jvp_all') if C is not None else None
-    if hoisted is None:
-        t0 = (-1) * S['y']
-        t1 = S['x'] + t0
-        if C is not None:
-            C['jvp_all'] = (t0, t1,)
-    else:
-        t0, t1, = hoisted
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = (-1) * S['y']
+    t0 = C['m0']
+    if 'm1' not in C:
+        C['m1'] = S['x'] + t0
+    t1 = C['m1']
     t2 = V['x'] * t1
     t3 = t2.sum(axis=0, keepdims=True)
     t4 = (2) * t3
@@ -119,17 +124,18 @@ def jvp(P, S, V, inputs=True, cache=None):
 def _rgradients_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    hoisted = C.get('rgradients_all') if C is not None else None
-    if hoisted is None:
-        t1 = (-1) * S['y']
-        t2 = S['x'] + t1
-        t4 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
-        if C is not None:
-            C['rgradients_all'] = (t1, t2, t4,)
-    else:
-        t1, t2, t4, = hoisted
+    C = {} if C is None else C
     t0 = (xp.ones((n, 1), dtype=dtype) @ V['dz'])
+    if 'm0' not in C:
+        C['m0'] = (-1) * S['y']
+    t1 = C['m0']
+    if 'm1' not in C:
+        C['m1'] = S['x'] + t1
+    t2 = C['m1']
     t3 = t0 * t2
+    if 'm2' not in C:
+        C['m2'] = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
+    t4 = C['m2']
     t5 = t4 * V['x']
     t6 = t3 + t5
     t7 = (2) * t6
@@ -148,18 +154,31 @@ def _no_parameters():
     raise ValueError(f"module {MODULE} has no parameters: with inputs=False nothing moves")
 
 
-def _hbp_exact_6_all(P, S, Hz):
+def _hbp_exact_6_all(P, S, Hz, C=None):
     """Batch HBP: exact under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = (-1) * S['y']
-    t1 = S['x'] + t0
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = (-1) * S['y']
+    t0 = C['m0']
+    if 'm1' not in C:
+        C['m1'] = S['x'] + t0
+    t1 = C['m1']
     t2 = S['x'].T
-    t3 = (1/B) * t2
+    if 'm3' not in C:
+        C['m3'] = (1/B) * t2
+    t3 = C['m3']
     t4 = S['y'].T
-    t5 = (-1/B) * t4
-    t6 = t3 + t5
-    t7 = (t1 @ t6)
+    if 'm4' not in C:
+        C['m4'] = (-1/B) * t4
+    t5 = C['m4']
+    if 'm5' not in C:
+        C['m5'] = t3 + t5
+    t6 = C['m5']
+    if 'm6' not in C:
+        C['m6'] = (t1 @ t6)
+    t7 = C['m6']
     t8 = t7 * Hz
     t9 = (4) * t8
     t10 = S['dz'].T
@@ -172,7 +191,7 @@ def _hbp_exact_6_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t14),
     }
 
-def _hbp_exact_6_params(P, S, Hz):
+def _hbp_exact_6_params(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7) and (6-kfac), parameters only."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
@@ -180,19 +199,34 @@ def _hbp_exact_6_params(P, S, Hz):
     return {
     }
 
-def _hbp_exact_7_all(P, S, Hz):
+def _hbp_exact_7_all(P, S, Hz, C=None):
     """Batch HBP: exact under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = (1/B) * S['x']
-    t1 = (-1/B) * S['y']
-    t2 = t0 + t1
+    C = {} if C is None else C
+    if 'm7' not in C:
+        C['m7'] = (1/B) * S['x']
+    t0 = C['m7']
+    if 'm8' not in C:
+        C['m8'] = (-1/B) * S['y']
+    t1 = C['m8']
+    if 'm9' not in C:
+        C['m9'] = t0 + t1
+    t2 = C['m9']
     t3 = S['x'].T
-    t4 = (1/B) * t3
+    if 'm3' not in C:
+        C['m3'] = (1/B) * t3
+    t4 = C['m3']
     t5 = S['y'].T
-    t6 = (-1/B) * t5
-    t7 = t4 + t6
-    t8 = (xp.broadcast_to(t2.sum(axis=1, keepdims=True), (n, B)) @ t7)
+    if 'm4' not in C:
+        C['m4'] = (-1/B) * t5
+    t6 = C['m4']
+    if 'm5' not in C:
+        C['m5'] = t4 + t6
+    t7 = C['m5']
+    if 'm10' not in C:
+        C['m10'] = (xp.broadcast_to(t2.sum(axis=1, keepdims=True), (n, B)) @ t7)
+    t8 = C['m10']
     t9 = t8 * Hz
     t10 = (4) * t9
     t11 = S['dz'].T
@@ -205,18 +239,31 @@ def _hbp_exact_7_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t15),
     }
 
-def _hbp_ggn_6_all(P, S, Hz):
+def _hbp_ggn_6_all(P, S, Hz, C=None):
     """Batch HBP: ggn under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = (-1) * S['y']
-    t1 = S['x'] + t0
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = (-1) * S['y']
+    t0 = C['m0']
+    if 'm1' not in C:
+        C['m1'] = S['x'] + t0
+    t1 = C['m1']
     t2 = S['x'].T
-    t3 = (1/B) * t2
+    if 'm3' not in C:
+        C['m3'] = (1/B) * t2
+    t3 = C['m3']
     t4 = S['y'].T
-    t5 = (-1/B) * t4
-    t6 = t3 + t5
-    t7 = (t1 @ t6)
+    if 'm4' not in C:
+        C['m4'] = (-1/B) * t4
+    t5 = C['m4']
+    if 'm5' not in C:
+        C['m5'] = t3 + t5
+    t6 = C['m5']
+    if 'm6' not in C:
+        C['m6'] = (t1 @ t6)
+    t7 = C['m6']
     t8 = t7 * Hz
     t9 = (4) * t8
 
@@ -224,19 +271,34 @@ def _hbp_ggn_6_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t9),
     }
 
-def _hbp_ggn_7_all(P, S, Hz):
+def _hbp_ggn_7_all(P, S, Hz, C=None):
     """Batch HBP: ggn under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = (1/B) * S['x']
-    t1 = (-1/B) * S['y']
-    t2 = t0 + t1
+    C = {} if C is None else C
+    if 'm7' not in C:
+        C['m7'] = (1/B) * S['x']
+    t0 = C['m7']
+    if 'm8' not in C:
+        C['m8'] = (-1/B) * S['y']
+    t1 = C['m8']
+    if 'm9' not in C:
+        C['m9'] = t0 + t1
+    t2 = C['m9']
     t3 = S['x'].T
-    t4 = (1/B) * t3
+    if 'm3' not in C:
+        C['m3'] = (1/B) * t3
+    t4 = C['m3']
     t5 = S['y'].T
-    t6 = (-1/B) * t5
-    t7 = t4 + t6
-    t8 = (xp.broadcast_to(t2.sum(axis=1, keepdims=True), (n, B)) @ t7)
+    if 'm4' not in C:
+        C['m4'] = (-1/B) * t5
+    t6 = C['m4']
+    if 'm5' not in C:
+        C['m5'] = t4 + t6
+    t7 = C['m5']
+    if 'm10' not in C:
+        C['m10'] = (xp.broadcast_to(t2.sum(axis=1, keepdims=True), (n, B)) @ t7)
+    t8 = C['m10']
     t9 = t8 * Hz
     t10 = (4) * t9
 
@@ -244,18 +306,31 @@ def _hbp_ggn_7_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t10),
     }
 
-def _hbp_pch_abs_6_all(P, S, Hz):
+def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     """Batch HBP: pch-abs under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = (-1) * S['y']
-    t1 = S['x'] + t0
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = (-1) * S['y']
+    t0 = C['m0']
+    if 'm1' not in C:
+        C['m1'] = S['x'] + t0
+    t1 = C['m1']
     t2 = S['x'].T
-    t3 = (1/B) * t2
+    if 'm3' not in C:
+        C['m3'] = (1/B) * t2
+    t3 = C['m3']
     t4 = S['y'].T
-    t5 = (-1/B) * t4
-    t6 = t3 + t5
-    t7 = (t1 @ t6)
+    if 'm4' not in C:
+        C['m4'] = (-1/B) * t4
+    t5 = C['m4']
+    if 'm5' not in C:
+        C['m5'] = t3 + t5
+    t6 = C['m5']
+    if 'm6' not in C:
+        C['m6'] = (t1 @ t6)
+    t7 = C['m6']
     t8 = t7 * Hz
     t9 = (4) * t8
     t10 = S['dz'].T
@@ -269,19 +344,34 @@ def _hbp_pch_abs_6_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t15),
     }
 
-def _hbp_pch_abs_7_all(P, S, Hz):
+def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     """Batch HBP: pch-abs under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = (1/B) * S['x']
-    t1 = (-1/B) * S['y']
-    t2 = t0 + t1
+    C = {} if C is None else C
+    if 'm7' not in C:
+        C['m7'] = (1/B) * S['x']
+    t0 = C['m7']
+    if 'm8' not in C:
+        C['m8'] = (-1/B) * S['y']
+    t1 = C['m8']
+    if 'm9' not in C:
+        C['m9'] = t0 + t1
+    t2 = C['m9']
     t3 = S['x'].T
-    t4 = (1/B) * t3
+    if 'm3' not in C:
+        C['m3'] = (1/B) * t3
+    t4 = C['m3']
     t5 = S['y'].T
-    t6 = (-1/B) * t5
-    t7 = t4 + t6
-    t8 = (xp.broadcast_to(t2.sum(axis=1, keepdims=True), (n, B)) @ t7)
+    if 'm4' not in C:
+        C['m4'] = (-1/B) * t5
+    t6 = C['m4']
+    if 'm5' not in C:
+        C['m5'] = t4 + t6
+    t7 = C['m5']
+    if 'm10' not in C:
+        C['m10'] = (xp.broadcast_to(t2.sum(axis=1, keepdims=True), (n, B)) @ t7)
+    t8 = C['m10']
     t9 = t8 * Hz
     t10 = (4) * t9
     t11 = S['dz'].T
@@ -295,18 +385,31 @@ def _hbp_pch_abs_7_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t16),
     }
 
-def _hbp_pch_clip_6_all(P, S, Hz):
+def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     """Batch HBP: pch-clip under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = (-1) * S['y']
-    t1 = S['x'] + t0
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = (-1) * S['y']
+    t0 = C['m0']
+    if 'm1' not in C:
+        C['m1'] = S['x'] + t0
+    t1 = C['m1']
     t2 = S['x'].T
-    t3 = (1/B) * t2
+    if 'm3' not in C:
+        C['m3'] = (1/B) * t2
+    t3 = C['m3']
     t4 = S['y'].T
-    t5 = (-1/B) * t4
-    t6 = t3 + t5
-    t7 = (t1 @ t6)
+    if 'm4' not in C:
+        C['m4'] = (-1/B) * t4
+    t5 = C['m4']
+    if 'm5' not in C:
+        C['m5'] = t3 + t5
+    t6 = C['m5']
+    if 'm6' not in C:
+        C['m6'] = (t1 @ t6)
+    t7 = C['m6']
     t8 = t7 * Hz
     t9 = (4) * t8
     t10 = S['dz'].T
@@ -320,19 +423,34 @@ def _hbp_pch_clip_6_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t15),
     }
 
-def _hbp_pch_clip_7_all(P, S, Hz):
+def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     """Batch HBP: pch-clip under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = (1/B) * S['x']
-    t1 = (-1/B) * S['y']
-    t2 = t0 + t1
+    C = {} if C is None else C
+    if 'm7' not in C:
+        C['m7'] = (1/B) * S['x']
+    t0 = C['m7']
+    if 'm8' not in C:
+        C['m8'] = (-1/B) * S['y']
+    t1 = C['m8']
+    if 'm9' not in C:
+        C['m9'] = t0 + t1
+    t2 = C['m9']
     t3 = S['x'].T
-    t4 = (1/B) * t3
+    if 'm3' not in C:
+        C['m3'] = (1/B) * t3
+    t4 = C['m3']
     t5 = S['y'].T
-    t6 = (-1/B) * t5
-    t7 = t4 + t6
-    t8 = (xp.broadcast_to(t2.sum(axis=1, keepdims=True), (n, B)) @ t7)
+    if 'm4' not in C:
+        C['m4'] = (-1/B) * t5
+    t6 = C['m4']
+    if 'm5' not in C:
+        C['m5'] = t4 + t6
+    t7 = C['m5']
+    if 'm10' not in C:
+        C['m10'] = (xp.broadcast_to(t2.sum(axis=1, keepdims=True), (n, B)) @ t7)
+    t8 = C['m10']
     t9 = t8 * Hz
     t10 = (4) * t9
     t11 = S['dz'].T
@@ -348,9 +466,10 @@ def _hbp_pch_clip_7_all(P, S, Hz):
 
 
 def _hbp(curvature, approximation):
-    def run(P, S, Hz, inputs=True):
-        """Curvature blocks of every input and parameter (parameters only when ``inputs=False``)."""
-        return _HBP[(curvature, approximation, inputs)](P, S, Hz)
+    def run(P, S, Hz, inputs=True, cache=None):
+        """Curvature blocks of every input and parameter (parameters only when ``inputs=False``); ``cache``
+        as for ``forward``."""
+        return _HBP[(curvature, approximation, inputs)](P, S, Hz, cache)
     return run
 
 
@@ -383,7 +502,7 @@ _HBP = {
 HBP = {(c, a): _hbp(c, a) for c, a, _ in _HBP}
 
 
-def _loss_hessian_6(P, S):
+def _loss_hessian_6(P, S, C=None):
     """Where HBP starts: the exact blocks of approximation (6) with no curvature from above (𝓗z = 0)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)

@@ -49,8 +49,10 @@ def _dims(P, S):
     return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], }
 
 
-def forward(P, S):
-    """Z = the module's outputs, (size z, B)."""
+def forward(P, S, cache=None):
+    """Z = the module's outputs, (size z, B). The module's functions that share ``cache`` (a dict, one
+    per batch) compute what they have in common once; they must share P and S, except what the
+    function's own docstring says may change."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = _fn_relu_0(S['x'])
@@ -61,13 +63,10 @@ def forward(P, S):
 def _gradients_all(P, S, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    hoisted = C.get('gradients_all') if C is not None else None
-    if hoisted is None:
-        t0 = _fn_relu_1(S['x'])
-        if C is not None:
-            C['gradients_all'] = (t0,)
-    else:
-        t0, = hoisted
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _fn_relu_1(S['x'])
+    t0 = C['m0']
     t1 = S['dz'] * t0
 
     return {"x": t1, }
@@ -83,21 +82,18 @@ def _gradients_params(P, S, C=None):
 def gradients(P, S, inputs=True, cache=None):
     """δ of every input (size, B) and parameter (summed over the batch); S['dz'] holds δZ.
 
-    ``inputs=False`` skips the inputs (a first layer's data needs no gradient). Calls that share
-    ``cache`` (a dict) must share P and S except S['dz']: what does not depend on it is reused."""
+    ``inputs=False`` skips the inputs (a first layer's data needs no gradient). ``cache`` as for
+    ``forward``; S['dz'] may change between calls: what does not depend on it is reused."""
     return _gradients_all(P, S, cache) if inputs else _gradients_params(P, S, cache)
 
 
 def _jvp_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    hoisted = C.get('jvp_all') if C is not None else None
-    if hoisted is None:
-        t0 = _fn_relu_1(S['x'])
-        if C is not None:
-            C['jvp_all'] = (t0,)
-    else:
-        t0, = hoisted
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _fn_relu_1(S['x'])
+    t0 = C['m0']
     t1 = V['x'] * t0
 
     return {"Z": t1}
@@ -113,13 +109,10 @@ def jvp(P, S, V, inputs=True, cache=None):
 def _rgradients_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    hoisted = C.get('rgradients_all') if C is not None else None
-    if hoisted is None:
-        t0 = _fn_relu_1(S['x'])
-        if C is not None:
-            C['rgradients_all'] = (t0,)
-    else:
-        t0, = hoisted
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _fn_relu_1(S['x'])
+    t0 = C['m0']
     t1 = V['dz'] * t0
 
     return {"x": t1, }
@@ -136,11 +129,14 @@ def _no_parameters():
     raise ValueError(f"module {MODULE} has no parameters: with inputs=False nothing moves")
 
 
-def _hbp_exact_6_all(P, S, Hz):
+def _hbp_exact_6_all(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _fn_relu_1(S['x'])
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _fn_relu_1(S['x'])
+    t0 = C['m0']
     t1 = t0.T
     t2 = (t0 @ t1)
     t3 = t2 * Hz
@@ -150,7 +146,7 @@ def _hbp_exact_6_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t4),
     }
 
-def _hbp_exact_6_params(P, S, Hz):
+def _hbp_exact_6_params(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7) and (6-kfac), parameters only."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
@@ -158,11 +154,14 @@ def _hbp_exact_6_params(P, S, Hz):
     return {
     }
 
-def _hbp_exact_7_all(P, S, Hz):
+def _hbp_exact_7_all(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _fn_relu_1(S['x'])
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _fn_relu_1(S['x'])
+    t0 = C['m0']
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = ((t1 * Hz) * t1.T)
     t3 = (B**(-2)) * t2
@@ -173,9 +172,10 @@ def _hbp_exact_7_all(P, S, Hz):
 
 
 def _hbp(curvature, approximation):
-    def run(P, S, Hz, inputs=True):
-        """Curvature blocks of every input and parameter (parameters only when ``inputs=False``)."""
-        return _HBP[(curvature, approximation, inputs)](P, S, Hz)
+    def run(P, S, Hz, inputs=True, cache=None):
+        """Curvature blocks of every input and parameter (parameters only when ``inputs=False``); ``cache``
+        as for ``forward``."""
+        return _HBP[(curvature, approximation, inputs)](P, S, Hz, cache)
     return run
 
 

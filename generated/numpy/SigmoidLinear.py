@@ -60,11 +60,16 @@ def _dims(P, S):
     return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], "m": P['W'].shape[0], }
 
 
-def forward(P, S):
-    """Z = the module's outputs, (size z, B)."""
+def forward(P, S, cache=None):
+    """Z = the module's outputs, (size z, B). The module's functions that share ``cache`` (a dict, one
+    per batch) compute what they have in common once; they must share P and S, except what the
+    function's own docstring says may change."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _fn_sigmoid_0(S['x'])
+    C = {} if cache is None else cache
+    if 'm0' not in C:
+        C['m0'] = _fn_sigmoid_0(S['x'])
+    t0 = C['m0']
     t1 = (P['W'] @ t0)
     t2 = xp.broadcast_to(P['b'], (m, B))
     t3 = t1 + t2
@@ -75,18 +80,17 @@ def forward(P, S):
 def _gradients_all(P, S, C=None):
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    hoisted = C.get('gradients_all') if C is not None else None
-    if hoisted is None:
-        t0 = P['W'].T
-        t2 = _fn_sigmoid_1(S['x'])
-        t4 = _fn_sigmoid_0(S['x'])
-        t5 = t4.T
-        if C is not None:
-            C['gradients_all'] = (t0, t2, t4, t5,)
-    else:
-        t0, t2, t4, t5, = hoisted
+    C = {} if C is None else C
+    t0 = P['W'].T
     t1 = (t0 @ S['dz'])
+    if 'm1' not in C:
+        C['m1'] = _fn_sigmoid_1(S['x'])
+    t2 = C['m1']
     t3 = t1 * t2
+    if 'm0' not in C:
+        C['m0'] = _fn_sigmoid_0(S['x'])
+    t4 = C['m0']
+    t5 = t4.T
     t6 = (S['dz'] @ t5)
     t7 = S['dz'].sum(axis=1, keepdims=True)
 
@@ -96,14 +100,11 @@ def _gradients_all(P, S, C=None):
 def _gradients_params(P, S, C=None):
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    hoisted = C.get('gradients_params') if C is not None else None
-    if hoisted is None:
-        t0 = _fn_sigmoid_0(S['x'])
-        t1 = t0.T
-        if C is not None:
-            C['gradients_params'] = (t0, t1,)
-    else:
-        t0, t1, = hoisted
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _fn_sigmoid_0(S['x'])
+    t0 = C['m0']
+    t1 = t0.T
     t2 = (S['dz'] @ t1)
     t3 = S['dz'].sum(axis=1, keepdims=True)
 
@@ -113,23 +114,22 @@ def _gradients_params(P, S, C=None):
 def gradients(P, S, inputs=True, cache=None):
     """δ of every input (size, B) and parameter (summed over the batch); S['dz'] holds δZ.
 
-    ``inputs=False`` skips the inputs (a first layer's data needs no gradient). Calls that share
-    ``cache`` (a dict) must share P and S except S['dz']: what does not depend on it is reused."""
+    ``inputs=False`` skips the inputs (a first layer's data needs no gradient). ``cache`` as for
+    ``forward``; S['dz'] may change between calls: what does not depend on it is reused."""
     return _gradients_all(P, S, cache) if inputs else _gradients_params(P, S, cache)
 
 
 def _jvp_all(P, S, V, C=None):
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    hoisted = C.get('jvp_all') if C is not None else None
-    if hoisted is None:
-        t0 = _fn_sigmoid_0(S['x'])
-        t2 = _fn_sigmoid_1(S['x'])
-        if C is not None:
-            C['jvp_all'] = (t0, t2,)
-    else:
-        t0, t2, = hoisted
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _fn_sigmoid_0(S['x'])
+    t0 = C['m0']
     t1 = (V['W'] @ t0)
+    if 'm1' not in C:
+        C['m1'] = _fn_sigmoid_1(S['x'])
+    t2 = C['m1']
     t3 = V['x'] * t2
     t4 = (P['W'] @ t3)
     t5 = xp.broadcast_to(V['b'], (m, B))
@@ -141,13 +141,10 @@ def _jvp_all(P, S, V, C=None):
 def _jvp_params(P, S, V, C=None):
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    hoisted = C.get('jvp_params') if C is not None else None
-    if hoisted is None:
-        t0 = _fn_sigmoid_0(S['x'])
-        if C is not None:
-            C['jvp_params'] = (t0,)
-    else:
-        t0, = hoisted
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _fn_sigmoid_0(S['x'])
+    t0 = C['m0']
     t1 = (V['W'] @ t0)
     t2 = xp.broadcast_to(V['b'], (m, B))
     t3 = t1 + t2
@@ -165,29 +162,32 @@ def jvp(P, S, V, inputs=True, cache=None):
 def _rgradients_all(P, S, V, C=None):
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    hoisted = C.get('rgradients_all') if C is not None else None
-    if hoisted is None:
-        t2 = P['W'].T
-        t5 = _fn_sigmoid_1(S['x'])
-        t7 = (t2 @ S['dz'])
-        t8 = _fn_sigmoid_2(S['x'])
-        t12 = _fn_sigmoid_0(S['x'])
-        t13 = t12.T
-        t16 = t5.T
-        if C is not None:
-            C['rgradients_all'] = (t2, t5, t7, t8, t12, t13, t16,)
-    else:
-        t2, t5, t7, t8, t12, t13, t16, = hoisted
+    C = {} if C is None else C
     t0 = V['W'].T
     t1 = (t0 @ S['dz'])
+    t2 = P['W'].T
     t3 = (t2 @ V['dz'])
     t4 = t1 + t3
+    if 'm1' not in C:
+        C['m1'] = _fn_sigmoid_1(S['x'])
+    t5 = C['m1']
     t6 = t4 * t5
+    if 'm2' not in C:
+        C['m2'] = (t2 @ S['dz'])
+    t7 = C['m2']
+    if 'm3' not in C:
+        C['m3'] = _fn_sigmoid_2(S['x'])
+    t8 = C['m3']
     t9 = V['x'] * t8
     t10 = t7 * t9
     t11 = t6 + t10
+    if 'm0' not in C:
+        C['m0'] = _fn_sigmoid_0(S['x'])
+    t12 = C['m0']
+    t13 = t12.T
     t14 = (V['dz'] @ t13)
     t15 = V['x'].T
+    t16 = t5.T
     t17 = t15 * t16
     t18 = (S['dz'] @ t17)
     t19 = t14 + t18
@@ -199,14 +199,11 @@ def _rgradients_all(P, S, V, C=None):
 def _rgradients_params(P, S, V, C=None):
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    hoisted = C.get('rgradients_params') if C is not None else None
-    if hoisted is None:
-        t0 = _fn_sigmoid_0(S['x'])
-        t1 = t0.T
-        if C is not None:
-            C['rgradients_params'] = (t0, t1,)
-    else:
-        t0, t1, = hoisted
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _fn_sigmoid_0(S['x'])
+    t0 = C['m0']
+    t1 = t0.T
     t2 = (V['dz'] @ t1)
     t3 = V['dz'].sum(axis=1, keepdims=True)
 
@@ -224,24 +221,35 @@ def _no_parameters():
     raise ValueError(f"module {MODULE} has no parameters: with inputs=False nothing moves")
 
 
-def _hbp_exact_6_all(P, S, Hz):
+def _hbp_exact_6_all(P, S, Hz, C=None):
     """Batch HBP: exact under (6) and (6-kfac)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
+    C = {} if C is None else C
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
-    t2 = _fn_sigmoid_1(S['x'])
+    if 'm1' not in C:
+        C['m1'] = _fn_sigmoid_1(S['x'])
+    t2 = C['m1']
     t3 = t2.T
-    t4 = (t2 @ t3)
+    if 'm4' not in C:
+        C['m4'] = (t2 @ t3)
+    t4 = C['m4']
     t5 = t1 * t4
     t6 = (1/B) * t5
     t7 = (t0 @ S['dz'])
-    t8 = _fn_sigmoid_2(S['x'])
+    if 'm3' not in C:
+        C['m3'] = _fn_sigmoid_2(S['x'])
+    t8 = C['m3']
     t9 = t7 * t8
     t10 = t9.sum(axis=1, keepdims=True)
     t11 = _plus_diagonal(t6, t10, copy=False)
-    t12 = _fn_sigmoid_0(S['x'])
-    t13 = _gram(t12)
+    if 'm0' not in C:
+        C['m0'] = _fn_sigmoid_0(S['x'])
+    t12 = C['m0']
+    if 'm5' not in C:
+        C['m5'] = _gram(t12)
+    t13 = C['m5']
 
     return {
         "x": CurvatureBlock(kron=[], dense=t11),
@@ -249,35 +257,53 @@ def _hbp_exact_6_all(P, S, Hz):
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def _hbp_exact_6_params(P, S, Hz):
+def _hbp_exact_6_params(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (6-kfac), parameters only."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _fn_sigmoid_0(S['x'])
-    t1 = _gram(t0)
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _fn_sigmoid_0(S['x'])
+    t0 = C['m0']
+    if 'm5' not in C:
+        C['m5'] = _gram(t0)
+    t1 = C['m5']
 
     return {
         "W": CurvatureBlock(kron=[_kron((1/B), t1, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def _hbp_exact_7_all(P, S, Hz):
+def _hbp_exact_7_all(P, S, Hz, C=None):
     """Batch HBP: exact under (7)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _fn_sigmoid_1(S['x'])
-    t1 = t0.sum(axis=1, keepdims=True)
+    C = {} if C is None else C
+    if 'm1' not in C:
+        C['m1'] = _fn_sigmoid_1(S['x'])
+    t0 = C['m1']
+    if 'm6' not in C:
+        C['m6'] = t0.sum(axis=1, keepdims=True)
+    t1 = C['m6']
     t2 = P['W'].T
     t3 = ((((t1 * t2) @ Hz) @ P['W']) * t1.T)
     t4 = (B**(-2)) * t3
     t5 = (t2 @ S['dz'])
-    t6 = _fn_sigmoid_2(S['x'])
+    if 'm3' not in C:
+        C['m3'] = _fn_sigmoid_2(S['x'])
+    t6 = C['m3']
     t7 = t5 * t6
     t8 = t7.sum(axis=1, keepdims=True)
     t9 = _plus_diagonal(t4, t8, copy=False)
-    t10 = _fn_sigmoid_0(S['x'])
-    t11 = t10.sum(axis=1, keepdims=True)
-    t12 = _gram(t11)
+    if 'm0' not in C:
+        C['m0'] = _fn_sigmoid_0(S['x'])
+    t10 = C['m0']
+    if 'm7' not in C:
+        C['m7'] = t10.sum(axis=1, keepdims=True)
+    t11 = C['m7']
+    if 'm8' not in C:
+        C['m8'] = _gram(t11)
+    t12 = C['m8']
 
     return {
         "x": CurvatureBlock(kron=[], dense=t9),
@@ -285,32 +311,48 @@ def _hbp_exact_7_all(P, S, Hz):
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def _hbp_exact_7_params(P, S, Hz):
+def _hbp_exact_7_params(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (7), parameters only."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _fn_sigmoid_0(S['x'])
-    t1 = t0.sum(axis=1, keepdims=True)
-    t2 = _gram(t1)
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _fn_sigmoid_0(S['x'])
+    t0 = C['m0']
+    if 'm7' not in C:
+        C['m7'] = t0.sum(axis=1, keepdims=True)
+    t1 = C['m7']
+    if 'm8' not in C:
+        C['m8'] = _gram(t1)
+    t2 = C['m8']
 
     return {
         "W": CurvatureBlock(kron=[_kron((B**(-2)), t2, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def _hbp_ggn_6_all(P, S, Hz):
+def _hbp_ggn_6_all(P, S, Hz, C=None):
     """Batch HBP: ggn under (6) and (6-kfac)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
+    C = {} if C is None else C
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
-    t2 = _fn_sigmoid_1(S['x'])
+    if 'm1' not in C:
+        C['m1'] = _fn_sigmoid_1(S['x'])
+    t2 = C['m1']
     t3 = t2.T
-    t4 = (t2 @ t3)
+    if 'm4' not in C:
+        C['m4'] = (t2 @ t3)
+    t4 = C['m4']
     t5 = t1 * t4
     t6 = (1/B) * t5
-    t7 = _fn_sigmoid_0(S['x'])
-    t8 = _gram(t7)
+    if 'm0' not in C:
+        C['m0'] = _fn_sigmoid_0(S['x'])
+    t7 = C['m0']
+    if 'm5' not in C:
+        C['m5'] = _gram(t7)
+    t8 = C['m5']
 
     return {
         "x": CurvatureBlock(kron=[], dense=t6),
@@ -318,18 +360,29 @@ def _hbp_ggn_6_all(P, S, Hz):
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def _hbp_ggn_7_all(P, S, Hz):
+def _hbp_ggn_7_all(P, S, Hz, C=None):
     """Batch HBP: ggn under (7)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _fn_sigmoid_1(S['x'])
-    t1 = t0.sum(axis=1, keepdims=True)
+    C = {} if C is None else C
+    if 'm1' not in C:
+        C['m1'] = _fn_sigmoid_1(S['x'])
+    t0 = C['m1']
+    if 'm6' not in C:
+        C['m6'] = t0.sum(axis=1, keepdims=True)
+    t1 = C['m6']
     t2 = P['W'].T
     t3 = ((((t1 * t2) @ Hz) @ P['W']) * t1.T)
     t4 = (B**(-2)) * t3
-    t5 = _fn_sigmoid_0(S['x'])
-    t6 = t5.sum(axis=1, keepdims=True)
-    t7 = _gram(t6)
+    if 'm0' not in C:
+        C['m0'] = _fn_sigmoid_0(S['x'])
+    t5 = C['m0']
+    if 'm7' not in C:
+        C['m7'] = t5.sum(axis=1, keepdims=True)
+    t6 = C['m7']
+    if 'm8' not in C:
+        C['m8'] = _gram(t6)
+    t7 = C['m8']
 
     return {
         "x": CurvatureBlock(kron=[], dense=t4),
@@ -337,25 +390,36 @@ def _hbp_ggn_7_all(P, S, Hz):
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def _hbp_pch_abs_6_all(P, S, Hz):
+def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     """Batch HBP: pch-abs under (6) and (6-kfac)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
+    C = {} if C is None else C
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
-    t2 = _fn_sigmoid_1(S['x'])
+    if 'm1' not in C:
+        C['m1'] = _fn_sigmoid_1(S['x'])
+    t2 = C['m1']
     t3 = t2.T
-    t4 = (t2 @ t3)
+    if 'm4' not in C:
+        C['m4'] = (t2 @ t3)
+    t4 = C['m4']
     t5 = t1 * t4
     t6 = (1/B) * t5
     t7 = (t0 @ S['dz'])
-    t8 = _fn_sigmoid_2(S['x'])
+    if 'm3' not in C:
+        C['m3'] = _fn_sigmoid_2(S['x'])
+    t8 = C['m3']
     t9 = t7 * t8
     t10 = t9.sum(axis=1, keepdims=True)
     t11 = _fn_abs_0(t10)
     t12 = _plus_diagonal(t6, t11, copy=False)
-    t13 = _fn_sigmoid_0(S['x'])
-    t14 = _gram(t13)
+    if 'm0' not in C:
+        C['m0'] = _fn_sigmoid_0(S['x'])
+    t13 = C['m0']
+    if 'm5' not in C:
+        C['m5'] = _gram(t13)
+    t14 = C['m5']
 
     return {
         "x": CurvatureBlock(kron=[], dense=t12),
@@ -363,24 +427,37 @@ def _hbp_pch_abs_6_all(P, S, Hz):
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def _hbp_pch_abs_7_all(P, S, Hz):
+def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     """Batch HBP: pch-abs under (7)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _fn_sigmoid_1(S['x'])
-    t1 = t0.sum(axis=1, keepdims=True)
+    C = {} if C is None else C
+    if 'm1' not in C:
+        C['m1'] = _fn_sigmoid_1(S['x'])
+    t0 = C['m1']
+    if 'm6' not in C:
+        C['m6'] = t0.sum(axis=1, keepdims=True)
+    t1 = C['m6']
     t2 = P['W'].T
     t3 = ((((t1 * t2) @ Hz) @ P['W']) * t1.T)
     t4 = (B**(-2)) * t3
     t5 = (t2 @ S['dz'])
-    t6 = _fn_sigmoid_2(S['x'])
+    if 'm3' not in C:
+        C['m3'] = _fn_sigmoid_2(S['x'])
+    t6 = C['m3']
     t7 = t5 * t6
     t8 = t7.sum(axis=1, keepdims=True)
     t9 = _fn_abs_0(t8)
     t10 = _plus_diagonal(t4, t9, copy=False)
-    t11 = _fn_sigmoid_0(S['x'])
-    t12 = t11.sum(axis=1, keepdims=True)
-    t13 = _gram(t12)
+    if 'm0' not in C:
+        C['m0'] = _fn_sigmoid_0(S['x'])
+    t11 = C['m0']
+    if 'm7' not in C:
+        C['m7'] = t11.sum(axis=1, keepdims=True)
+    t12 = C['m7']
+    if 'm8' not in C:
+        C['m8'] = _gram(t12)
+    t13 = C['m8']
 
     return {
         "x": CurvatureBlock(kron=[], dense=t10),
@@ -388,25 +465,36 @@ def _hbp_pch_abs_7_all(P, S, Hz):
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def _hbp_pch_clip_6_all(P, S, Hz):
+def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     """Batch HBP: pch-clip under (6) and (6-kfac)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
+    C = {} if C is None else C
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
-    t2 = _fn_sigmoid_1(S['x'])
+    if 'm1' not in C:
+        C['m1'] = _fn_sigmoid_1(S['x'])
+    t2 = C['m1']
     t3 = t2.T
-    t4 = (t2 @ t3)
+    if 'm4' not in C:
+        C['m4'] = (t2 @ t3)
+    t4 = C['m4']
     t5 = t1 * t4
     t6 = (1/B) * t5
     t7 = (t0 @ S['dz'])
-    t8 = _fn_sigmoid_2(S['x'])
+    if 'm3' not in C:
+        C['m3'] = _fn_sigmoid_2(S['x'])
+    t8 = C['m3']
     t9 = t7 * t8
     t10 = t9.sum(axis=1, keepdims=True)
     t11 = _fn_relu_0(t10)
     t12 = _plus_diagonal(t6, t11, copy=False)
-    t13 = _fn_sigmoid_0(S['x'])
-    t14 = _gram(t13)
+    if 'm0' not in C:
+        C['m0'] = _fn_sigmoid_0(S['x'])
+    t13 = C['m0']
+    if 'm5' not in C:
+        C['m5'] = _gram(t13)
+    t14 = C['m5']
 
     return {
         "x": CurvatureBlock(kron=[], dense=t12),
@@ -414,24 +502,37 @@ def _hbp_pch_clip_6_all(P, S, Hz):
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
-def _hbp_pch_clip_7_all(P, S, Hz):
+def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     """Batch HBP: pch-clip under (7)."""
     B, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _fn_sigmoid_1(S['x'])
-    t1 = t0.sum(axis=1, keepdims=True)
+    C = {} if C is None else C
+    if 'm1' not in C:
+        C['m1'] = _fn_sigmoid_1(S['x'])
+    t0 = C['m1']
+    if 'm6' not in C:
+        C['m6'] = t0.sum(axis=1, keepdims=True)
+    t1 = C['m6']
     t2 = P['W'].T
     t3 = ((((t1 * t2) @ Hz) @ P['W']) * t1.T)
     t4 = (B**(-2)) * t3
     t5 = (t2 @ S['dz'])
-    t6 = _fn_sigmoid_2(S['x'])
+    if 'm3' not in C:
+        C['m3'] = _fn_sigmoid_2(S['x'])
+    t6 = C['m3']
     t7 = t5 * t6
     t8 = t7.sum(axis=1, keepdims=True)
     t9 = _fn_relu_0(t8)
     t10 = _plus_diagonal(t4, t9, copy=False)
-    t11 = _fn_sigmoid_0(S['x'])
-    t12 = t11.sum(axis=1, keepdims=True)
-    t13 = _gram(t12)
+    if 'm0' not in C:
+        C['m0'] = _fn_sigmoid_0(S['x'])
+    t11 = C['m0']
+    if 'm7' not in C:
+        C['m7'] = t11.sum(axis=1, keepdims=True)
+    t12 = C['m7']
+    if 'm8' not in C:
+        C['m8'] = _gram(t12)
+    t13 = C['m8']
 
     return {
         "x": CurvatureBlock(kron=[], dense=t10),
@@ -441,9 +542,10 @@ def _hbp_pch_clip_7_all(P, S, Hz):
 
 
 def _hbp(curvature, approximation):
-    def run(P, S, Hz, inputs=True):
-        """Curvature blocks of every input and parameter (parameters only when ``inputs=False``)."""
-        return _HBP[(curvature, approximation, inputs)](P, S, Hz)
+    def run(P, S, Hz, inputs=True, cache=None):
+        """Curvature blocks of every input and parameter (parameters only when ``inputs=False``); ``cache``
+        as for ``forward``."""
+        return _HBP[(curvature, approximation, inputs)](P, S, Hz, cache)
     return run
 
 

@@ -43,11 +43,16 @@ def _dims(P, S):
     return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], }
 
 
-def forward(P, S):
-    """Z = the module's outputs, (size z, B)."""
+def forward(P, S, cache=None):
+    """Z = the module's outputs, (size z, B). The module's functions that share ``cache`` (a dict, one
+    per batch) compute what they have in common once; they must share P and S, except what the
+    function's own docstring says may change."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _softmax(S['x'])
+    C = {} if cache is None else cache
+    if 'm0' not in C:
+        C['m0'] = _softmax(S['x'])
+    t0 = C['m0']
 
     return {"Z": t0}
 
@@ -55,13 +60,10 @@ def forward(P, S):
 def _gradients_all(P, S, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    hoisted = C.get('gradients_all') if C is not None else None
-    if hoisted is None:
-        t0 = _softmax(S['x'])
-        if C is not None:
-            C['gradients_all'] = (t0,)
-    else:
-        t0, = hoisted
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _softmax(S['x'])
+    t0 = C['m0']
     t1 = S['dz'] * t0
     t2 = t1.sum(axis=0, keepdims=True)
     t3 = (xp.ones((n, 1), dtype=dtype) @ t2)
@@ -82,21 +84,18 @@ def _gradients_params(P, S, C=None):
 def gradients(P, S, inputs=True, cache=None):
     """δ of every input (size, B) and parameter (summed over the batch); S['dz'] holds δZ.
 
-    ``inputs=False`` skips the inputs (a first layer's data needs no gradient). Calls that share
-    ``cache`` (a dict) must share P and S except S['dz']: what does not depend on it is reused."""
+    ``inputs=False`` skips the inputs (a first layer's data needs no gradient). ``cache`` as for
+    ``forward``; S['dz'] may change between calls: what does not depend on it is reused."""
     return _gradients_all(P, S, cache) if inputs else _gradients_params(P, S, cache)
 
 
 def _jvp_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    hoisted = C.get('jvp_all') if C is not None else None
-    if hoisted is None:
-        t0 = _softmax(S['x'])
-        if C is not None:
-            C['jvp_all'] = (t0,)
-    else:
-        t0, = hoisted
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _softmax(S['x'])
+    t0 = C['m0']
     t1 = V['x'] * t0
     t2 = t1.sum(axis=0, keepdims=True)
     t3 = (xp.ones((n, 1), dtype=dtype) @ t2)
@@ -117,16 +116,10 @@ def jvp(P, S, V, inputs=True, cache=None):
 def _rgradients_all(P, S, V, C=None):
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    hoisted = C.get('rgradients_all') if C is not None else None
-    if hoisted is None:
-        t0 = _softmax(S['x'])
-        t13 = S['dz'] * t0
-        t14 = t13.sum(axis=0, keepdims=True)
-        t15 = (xp.ones((n, 1), dtype=dtype) @ t14)
-        if C is not None:
-            C['rgradients_all'] = (t0, t13, t14, t15,)
-    else:
-        t0, t13, t14, t15, = hoisted
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _softmax(S['x'])
+    t0 = C['m0']
     t1 = V['x'] * t0
     t2 = t1.sum(axis=0, keepdims=True)
     t3 = (xp.ones((n, 1), dtype=dtype) @ t2)
@@ -139,6 +132,15 @@ def _rgradients_all(P, S, V, C=None):
     t10 = t9.sum(axis=0, keepdims=True)
     t11 = (xp.ones((n, 1), dtype=dtype) @ t10)
     t12 = t11 * t0
+    if 'm1' not in C:
+        C['m1'] = S['dz'] * t0
+    t13 = C['m1']
+    if 'm2' not in C:
+        C['m2'] = t13.sum(axis=0, keepdims=True)
+    t14 = C['m2']
+    if 'm3' not in C:
+        C['m3'] = (xp.ones((n, 1), dtype=dtype) @ t14)
+    t15 = C['m3']
     t16 = t15 * t6
     t17 = t12 + t16
     t18 = (-1) * t17
@@ -158,13 +160,18 @@ def _no_parameters():
     raise ValueError(f"module {MODULE} has no parameters: with inputs=False nothing moves")
 
 
-def _hbp_exact_6_all(P, S, Hz):
+def _hbp_exact_6_all(P, S, Hz, C=None):
     """Batch HBP: exact under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _softmax(S['x'])
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _softmax(S['x'])
+    t0 = C['m0']
     t1 = t0.T
-    t2 = (t0 @ t1)
+    if 'm4' not in C:
+        C['m4'] = (t0 @ t1)
+    t2 = C['m4']
     t3 = t2 * Hz
     t4 = (1/B) * t3
     t5 = (Hz @ t0)
@@ -213,7 +220,7 @@ def _hbp_exact_6_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t45),
     }
 
-def _hbp_exact_6_params(P, S, Hz):
+def _hbp_exact_6_params(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7) and (6-kfac), parameters only."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
@@ -221,16 +228,27 @@ def _hbp_exact_6_params(P, S, Hz):
     return {
     }
 
-def _hbp_exact_7_all(P, S, Hz):
+def _hbp_exact_7_all(P, S, Hz, C=None):
     """Batch HBP: exact under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _softmax(S['x'])
-    t1 = t0.sum(axis=1, keepdims=True)
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _softmax(S['x'])
+    t0 = C['m0']
+    if 'm5' not in C:
+        C['m5'] = t0.sum(axis=1, keepdims=True)
+    t1 = C['m5']
     t2 = t0.T
-    t3 = (t0 @ t2)
-    t4 = (-1/B) * t3
-    t5 = _plus_diagonal(t4, (1/B) * t1, copy=False)
+    if 'm4' not in C:
+        C['m4'] = (t0 @ t2)
+    t3 = C['m4']
+    if 'm6' not in C:
+        C['m6'] = (-1/B) * t3
+    t4 = C['m6']
+    if 'm7' not in C:
+        C['m7'] = _plus_diagonal(t4, (1/B) * t1, copy=True)
+    t5 = C['m7']
     t6 = ((t5 @ Hz) @ t5)
     t7 = S['dz'] * t0
     t8 = (1/B) * t7
@@ -264,13 +282,18 @@ def _hbp_exact_7_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t33),
     }
 
-def _hbp_ggn_6_all(P, S, Hz):
+def _hbp_ggn_6_all(P, S, Hz, C=None):
     """Batch HBP: ggn under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _softmax(S['x'])
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _softmax(S['x'])
+    t0 = C['m0']
     t1 = t0.T
-    t2 = (t0 @ t1)
+    if 'm4' not in C:
+        C['m4'] = (t0 @ t1)
+    t2 = C['m4']
     t3 = t2 * Hz
     t4 = (1/B) * t3
     t5 = (Hz @ t0)
@@ -293,29 +316,45 @@ def _hbp_ggn_6_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t19),
     }
 
-def _hbp_ggn_7_all(P, S, Hz):
+def _hbp_ggn_7_all(P, S, Hz, C=None):
     """Batch HBP: ggn under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _softmax(S['x'])
-    t1 = t0.sum(axis=1, keepdims=True)
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _softmax(S['x'])
+    t0 = C['m0']
+    if 'm5' not in C:
+        C['m5'] = t0.sum(axis=1, keepdims=True)
+    t1 = C['m5']
     t2 = t0.T
-    t3 = (t0 @ t2)
-    t4 = (-1/B) * t3
-    t5 = _plus_diagonal(t4, (1/B) * t1, copy=False)
+    if 'm4' not in C:
+        C['m4'] = (t0 @ t2)
+    t3 = C['m4']
+    if 'm6' not in C:
+        C['m6'] = (-1/B) * t3
+    t4 = C['m6']
+    if 'm7' not in C:
+        C['m7'] = _plus_diagonal(t4, (1/B) * t1, copy=True)
+    t5 = C['m7']
     t6 = ((t5 @ Hz) @ t5)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t6),
     }
 
-def _hbp_pch_abs_6_all(P, S, Hz):
+def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     """Batch HBP: pch-abs under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _softmax(S['x'])
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _softmax(S['x'])
+    t0 = C['m0']
     t1 = t0.T
-    t2 = (t0 @ t1)
+    if 'm4' not in C:
+        C['m4'] = (t0 @ t1)
+    t2 = C['m4']
     t3 = t2 * Hz
     t4 = (1/B) * t3
     t5 = (Hz @ t0)
@@ -365,16 +404,27 @@ def _hbp_pch_abs_6_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t46),
     }
 
-def _hbp_pch_abs_7_all(P, S, Hz):
+def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     """Batch HBP: pch-abs under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _softmax(S['x'])
-    t1 = t0.sum(axis=1, keepdims=True)
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _softmax(S['x'])
+    t0 = C['m0']
+    if 'm5' not in C:
+        C['m5'] = t0.sum(axis=1, keepdims=True)
+    t1 = C['m5']
     t2 = t0.T
-    t3 = (t0 @ t2)
-    t4 = (-1/B) * t3
-    t5 = _plus_diagonal(t4, (1/B) * t1, copy=False)
+    if 'm4' not in C:
+        C['m4'] = (t0 @ t2)
+    t3 = C['m4']
+    if 'm6' not in C:
+        C['m6'] = (-1/B) * t3
+    t4 = C['m6']
+    if 'm7' not in C:
+        C['m7'] = _plus_diagonal(t4, (1/B) * t1, copy=True)
+    t5 = C['m7']
     t6 = ((t5 @ Hz) @ t5)
     t7 = S['dz'] * t0
     t8 = (1/B) * t7
@@ -409,13 +459,18 @@ def _hbp_pch_abs_7_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t34),
     }
 
-def _hbp_pch_clip_6_all(P, S, Hz):
+def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     """Batch HBP: pch-clip under (6) and (6-kfac)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _softmax(S['x'])
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _softmax(S['x'])
+    t0 = C['m0']
     t1 = t0.T
-    t2 = (t0 @ t1)
+    if 'm4' not in C:
+        C['m4'] = (t0 @ t1)
+    t2 = C['m4']
     t3 = t2 * Hz
     t4 = (1/B) * t3
     t5 = (Hz @ t0)
@@ -465,16 +520,27 @@ def _hbp_pch_clip_6_all(P, S, Hz):
         "x": CurvatureBlock(kron=[], dense=t46),
     }
 
-def _hbp_pch_clip_7_all(P, S, Hz):
+def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     """Batch HBP: pch-clip under (7)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _softmax(S['x'])
-    t1 = t0.sum(axis=1, keepdims=True)
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _softmax(S['x'])
+    t0 = C['m0']
+    if 'm5' not in C:
+        C['m5'] = t0.sum(axis=1, keepdims=True)
+    t1 = C['m5']
     t2 = t0.T
-    t3 = (t0 @ t2)
-    t4 = (-1/B) * t3
-    t5 = _plus_diagonal(t4, (1/B) * t1, copy=False)
+    if 'm4' not in C:
+        C['m4'] = (t0 @ t2)
+    t3 = C['m4']
+    if 'm6' not in C:
+        C['m6'] = (-1/B) * t3
+    t4 = C['m6']
+    if 'm7' not in C:
+        C['m7'] = _plus_diagonal(t4, (1/B) * t1, copy=True)
+    t5 = C['m7']
     t6 = ((t5 @ Hz) @ t5)
     t7 = S['dz'] * t0
     t8 = (1/B) * t7
@@ -511,9 +577,10 @@ def _hbp_pch_clip_7_all(P, S, Hz):
 
 
 def _hbp(curvature, approximation):
-    def run(P, S, Hz, inputs=True):
-        """Curvature blocks of every input and parameter (parameters only when ``inputs=False``)."""
-        return _HBP[(curvature, approximation, inputs)](P, S, Hz)
+    def run(P, S, Hz, inputs=True, cache=None):
+        """Curvature blocks of every input and parameter (parameters only when ``inputs=False``); ``cache``
+        as for ``forward``."""
+        return _HBP[(curvature, approximation, inputs)](P, S, Hz, cache)
     return run
 
 

@@ -369,8 +369,13 @@ class ModulePlan:
         return {"gradients": self.gradients, "jvp": self.jvp, "rgradients": self.rgradients, "hbp": self.hbp,
                 "loss_hessian": self.loss_hessian}
 
+    def keyed_programs(self) -> list[tuple[str, Program]]:
+        """Every program with the name of its family, the forward pass first."""
+        return [("forward", self.forward), *[(family, p) for family, programs in self.families().items()
+                                             for p in programs.values()]]
+
     def programs(self) -> list[Program]:
-        return [self.forward, *[p for family in self.families().values() for p in family.values()]]
+        return [p for _, p in self.keyed_programs()]
 
 
 def plan_module(d: Derivation) -> ModulePlan:
@@ -417,29 +422,33 @@ def plan_module(d: Derivation) -> ModulePlan:
                       _dimension_sources(d, per_sample), per_sample, shared)
 
 
-# --- hoisting: what a repeated call can reuse ------------------------------------------------------
-# Inside a CG loop a module's functions run again and again on the same batch with only some
+# --- memoising: what a module's calls on one batch share ----------------------------------------
+# The functions of a module run on one batch several times: forward, gradients and HBP once each in
+# a backward pass, and inside a CG loop gradients, jvp or rgradients again and again with only some
 # arguments changing: δZ for `gradients` (it carries R{δZ} in a Gauss–Newton product), the
-# directions V for `jvp` and `rgradients`. Steps that depend on none of those (activation
-# derivatives, softmax, their batch forms) are loop invariants: computed on the first call and
-# kept in a cache the caller passes (loop-invariant code motion).
+# directions V for `jvp` and `rgradients`. A step that depends on none of its function's changing
+# arguments (an activation and its derivatives, softmax, their batch forms) is computed once per
+# cache the caller passes, one per batch, and kept there under a key of its node that every function
+# of the module shares: the forward pass computes tanh(W x + b) once for the gradients and the
+# curvature after it (loop-invariant code motion and common subexpressions across functions).
 def _moves_with_direction(seed: Seed) -> bool:
     return tangent_of(seed) is not None or seed.kind == "Rdz"
 
 
 CHANGING_SEEDS = {
+    "forward": lambda seed: False,
     "gradients": lambda seed: seed.kind == "dz",
     "jvp": _moves_with_direction,
     "rgradients": _moves_with_direction,
+    "hbp": lambda seed: seed.kind in ("Hz", "dz"),  # called once a batch: only its steps that others share
+    "loss_hessian": lambda seed: seed.kind == "dz",
 }
+LOOPED = {"gradients", "jvp", "rgradients"}  # the families a CG loop calls again on one batch
 
 
-def invariant_steps(program: Program, family: str | None) -> set[str]:
-    """The targets of the steps of ``program`` that do not depend on the family's changing seeds
-    (empty for a family without a cache, and for no family: the forward pass)."""
-    changing = CHANGING_SEEDS.get(family)
-    if changing is None:
-        return set()
+def invariant_steps(program: Program, family: str) -> set[str]:
+    """The targets of the steps of ``program`` that do not depend on the family's changing seeds."""
+    changing = CHANGING_SEEDS[family]
     memo: dict[Expr, bool] = {}
 
     def varies(node: Expr) -> bool:
@@ -448,6 +457,33 @@ def invariant_steps(program: Program, family: str | None) -> set[str]:
         return memo[node]
 
     return {step.target for step in program.steps if not varies(step.node)}
+
+
+def memo_keys(plan: ModulePlan) -> dict[Expr, str]:
+    """The cache key of every node a module's functions keep: an invariant step of a looped family
+    (reused by the next call of the loop) or one that is invariant in two programs or more (computed
+    by the first of them that runs)."""
+    invariant: list[tuple[str, list[Expr]]] = []
+    programs_with: dict[Expr, int] = {}
+    for family, program in plan.keyed_programs():
+        kept = invariant_steps(program, family)
+        nodes = list(dict.fromkeys(s.node for s in program.steps if s.target in kept))
+        invariant.append((family, nodes))
+        for node in nodes:
+            programs_with[node] = programs_with.get(node, 0) + 1
+    keys: dict[Expr, str] = {}
+    for family, nodes in invariant:
+        for node in nodes:
+            if isinstance(node, Transpose):
+                continue  # a view, free to make again
+            if family in LOOPED or programs_with[node] > 1:
+                keys.setdefault(node, f"m{len(keys)}")
+    return keys
+
+
+def memoised_steps(program: Program, family: str, keys: dict[Expr, str]) -> set[str]:
+    """The targets of the steps of ``program`` that a cache keeps, under ``keys`` (:func:`memo_keys`)."""
+    return {s.target for s in program.steps if s.node in keys} & invariant_steps(program, family)
 
 
 def _dimension_sources(d: Derivation, per_sample: list[str]) -> dict[str, DimensionSource]:

@@ -9,7 +9,7 @@ from typing import Any
 import jinja2
 
 from .. import __version__
-from ..expr import Apply, BatchMean
+from ..expr import Apply, BatchMean, Expr
 from ..locations import project_folder
 from ..printing.text import to_text
 from .fusion import Kernel, Launch, unfused
@@ -23,7 +23,17 @@ from .numpy_printer import (
     reference_code,
     scale_code,
 )
-from .plan import BlockPlan, HBPKey, ModulePlan, Program, Step, batch_reference, invariant_steps
+from .plan import (
+    LOOPED,
+    BlockPlan,
+    HBPKey,
+    ModulePlan,
+    Program,
+    Step,
+    batch_reference,
+    memo_keys,
+    memoised_steps,
+)
 
 TEMPLATES = project_folder("templates")
 
@@ -69,51 +79,50 @@ class ArrayFamily:
 NUMPY = ArrayFamily()
 
 
-def program_context(program: Program, array_family: ArrayFamily, family: str | None = None) -> dict[str, Any]:
+def program_context(program: Program, array_family: ArrayFamily, family: str | None = None,
+                    keys: dict[Expr, str] | None = None) -> dict[str, Any]:
     """The lines of a program (and of its per-sample fallbacks) as the template prints them, and the
-    kernels they launch: one printer loop over the family's schedule. ``family``: the function family
-    (gradients, jvp, …) whose loop-invariant steps a cache keeps."""
-    invariant = invariant_steps(program, family)
-    schedule, kernels = array_family.schedule(program, invariant)
-    printer = array_family.printer(program.names, program.overwritable(invariant), array_family.product)
+    kernels they launch: one printer loop over the family's schedule. ``family`` (forward, gradients,
+    jvp, …) and ``keys`` (:func:`.plan.memo_keys`): which steps a cache keeps, and under what key."""
+    kept = memoised_steps(program, family, keys) if family is not None and keys else set()
+    # A loop's invariants run apart from the rest, once per loop. Elsewhere a kernel may fuse a step
+    # another function shares (an activation's derivative), which is then computed again inside it:
+    # cheaper on a GPU than a launch of its own.
+    schedule, kernels = array_family.schedule(program, kept if family in LOOPED else set())
+    memoised = {t for step in schedule for t in _targets(step) if set(_targets(step)) <= kept}
+    printer = array_family.printer(program.names, program.overwritable(memoised), array_family.product)
+    node_of = {s.target: s.node for s in program.steps}
     lines, calls = [], iter(program.fallbacks)
     for step in schedule:
-        targets = step.targets if isinstance(step, Launch) else (step.target,)
+        targets = _targets(step)
         if isinstance(step, Step) and isinstance(step.node, BatchMean):
             rhs = f"{next(calls)[0]}()"
         else:
             rhs = printer.rhs(step.node if isinstance(step, Step) else step)
-        lines.append((targets, f"{', '.join(targets)} = {rhs}"))
+        # a line may assign several targets (a kernel with several outputs): all or none are kept
+        key = " ".join(keys[node_of[t]] for t in targets) if targets[0] in memoised else None
+        lines.append({"targets": ", ".join(targets), "rhs": rhs, "key": key})
     batched = ArrayFamily(printer=BatchedArrayPrinter, product=array_family.product)  # no loop over the batch
     inner = [program_context(p, batched) for _, p, _ in program.fallbacks]
-    return {**assemble_context(program, lines, invariant, inner),
+    fallbacks = [
+        {"name": name, "lines": context["lines"], "value": reference_code(inner_program.results["value"]),
+         "leaves": [argument_code(batch_reference(leaf)) for leaf in leaves]}
+        for (name, inner_program, leaves), context in zip(program.fallbacks, inner)
+    ]
+    return {"lines": lines, "fallbacks": fallbacks, "results": printed_results(program),
             "kernels": kernels + [k for context in inner for k in context["kernels"]]}
+
+
+def _targets(step: Step | Launch) -> tuple[str, ...]:
+    return step.targets if isinstance(step, Launch) else (step.target,)
 
 
 def program_contexts(plan: ModulePlan, array_family: ArrayFamily) -> tuple[dict[str, Any], dict[str, dict]]:
     """Every program of a module printed by one family: the forward pass, then each function family."""
-    return (program_context(plan.forward, array_family),
-            {family: {key: program_context(p, array_family, family) for key, p in programs.items()}
+    keys = memo_keys(plan)
+    return (program_context(plan.forward, array_family, "forward", keys),
+            {family: {key: program_context(p, array_family, family, keys) for key, p in programs.items()}
              for family, programs in plan.families().items()})
-
-
-def assemble_context(program: Program, lines: list[tuple[tuple[str, ...], str]], invariant: set[str],
-                     fallback_contexts: list[dict[str, Any]]) -> dict[str, Any]:
-    """What the templates print for a program, from its (targets, line) pairs and the contexts of its
-    per-sample fallbacks. The lines are split into the loop-invariant ones
-    (``invariant``, :func:`.plan.invariant_steps`), which a cache keeps (``hoisted``, the targets they
-    assign), and the rest (``lines``), in program order: an invariant step depends only on invariant
-    steps, so it may run first."""
-    # a line may assign several targets (a kernel with several outputs): all or none are invariant
-    kept = [(t, line) for t, line in lines if t[0] in invariant]
-    fallbacks = [
-        {"name": name, "lines": context["lines"], "value": reference_code(inner.results["value"]),
-         "leaves": [argument_code(batch_reference(leaf)) for leaf in leaves]}
-        for (name, inner, leaves), context in zip(program.fallbacks, fallback_contexts)
-    ]
-    return {"lines": [line for t, line in lines if t[0] not in invariant],
-            "invariant_lines": [line for _, line in kept], "hoisted": [name for t, _ in kept for name in t],
-            "fallbacks": fallbacks, "results": printed_results(program)}
 
 
 def printed_results(program: Program) -> dict[str, Any]:

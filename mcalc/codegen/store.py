@@ -14,10 +14,10 @@ from types import ModuleType
 
 from .. import __version__
 from ..errors import McalcError
+from ..locations import cache_directory
 from ..module import Module
 from ..runtime.generated_code import (
     LIBRARY_DIRECTORY,
-    cache_directory,
     checked_entry,
     import_code,
     regenerate_hint,

@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import McalcError
+from ..locations import cache_directory
 
 COUNTS: Counter = Counter()
 """Device operations since the last reset: 'kernel' (generated kernels), 'matmul', 'reduce', 'elementwise', 'fill'."""
@@ -331,8 +332,6 @@ class RawModule:
             source = _PRELUDE + self.code + "\n" + "".join(
                 _launcher(name, kinds, name in self._barriers) for name, kinds in self.kernels.items())
             digest = hashlib.sha256(source.encode()).hexdigest()[:24]
-            from .generated_code import cache_directory  # where user modules' generated code is cached too
-
             directory = cache_directory() / "emulator"
             library = directory / f"kernels_{digest}.so"
             if not library.exists():

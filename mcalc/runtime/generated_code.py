@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -22,13 +21,6 @@ from ..locations import project_folder
 
 MANIFEST = "manifest.json"
 LIBRARY_DIRECTORY = project_folder("generated")  # the built-in library's code, committed
-
-
-def cache_directory() -> Path:
-    """Where user modules' generated code and the emulator's compiled kernels are cached
-    (``$MCALC_CACHE``, else ``~/.cache/mcalc``)."""
-    root = os.environ.get("MCALC_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mcalc")
-    return Path(root)
 
 
 def content_hash(text: str) -> str:

@@ -172,12 +172,15 @@ class Network:
         params = self.params if params is None else params
         return {own: params[name] for own, name in layer.params.items()}
 
-    def forward(self, X: Any, params: dict[str, Any] | None = None) -> tuple[Any, list[Any]]:
-        """Outputs (widths[-1], B) and the input of every layer."""
+    def forward(self, X: Any, params: dict[str, Any] | None = None,
+                caches: list[dict] | None = None) -> tuple[Any, list[Any]]:
+        """Outputs (widths[-1], B) and the input of every layer; with ``caches`` (a dict per layer), what
+        each layer's forward pass shares with its gradients and curvature is kept there for them."""
         inputs, Z = [], X
-        for layer in self.layers:
+        for position, layer in enumerate(self.layers):
             inputs.append(Z)
-            Z = self.code[layer.module].forward(self._module_params(layer, params), {layer.input: Z})["Z"]
+            cache = caches[position] if caches is not None else None
+            Z = self.code[layer.module].forward(self._module_params(layer, params), {layer.input: Z}, cache)["Z"]
         return Z, inputs
 
     def loss(self, X: Any, Y: Any, params: dict[str, Any] | None = None) -> float:
@@ -262,24 +265,26 @@ class Network:
         code = self.code[self.loss_module]
         approximation = Approximation.parse(approximation)
         curvature = Curvature.parse(curvature) if curvature is not None else None
-        Z, inputs = self.forward(X)
+        caches: list[dict] = [{} for _ in range(len(self.layers) + 1)]  # one per module, the loss's last
+        Z, inputs = self.forward(X, caches=caches)
         S = self._loss_inputs(Z, Y)
-        loss = code.forward({}, S)["Z"].mean()
-        dZ = code.gradients({}, S)["x"]
-        Hz = code.LOSS_HESSIAN[approximation]({}, S)["x"].dense if curvature is not None else None
+        loss = code.forward({}, S, caches[-1])["Z"].mean()
+        dZ = code.gradients({}, S, cache=caches[-1])["x"]
+        Hz = code.LOSS_HESSIAN[approximation]({}, S, caches[-1])["x"].dense if curvature is not None else None
         grads: dict[str, Any] = {}
         blocks: dict[str, CurvatureBlock] = {}
         for position in reversed(range(len(self.layers))):
             layer = self.layers[position]
             P, S = self._module_params(layer), {layer.input: inputs[position], "dz": dZ}
             first = position == 0  # the data needs no gradient or curvature
-            g = self.code[layer.module].gradients(P, S, inputs=not first)
+            g = self.code[layer.module].gradients(P, S, inputs=not first, cache=caches[position])
             for own, name in layer.params.items():
                 grads[name] = g[own]
             if curvature is not None:
                 if record is not None:
                     record[position] = Hz
-                out = self.code[layer.module].HBP[(curvature, approximation)](P, S, Hz, inputs=not first)
+                out = self.code[layer.module].HBP[(curvature, approximation)](P, S, Hz, inputs=not first,
+                                                                               cache=caches[position])
                 for own, name in layer.params.items():
                     blocks[name] = out[own]
                 if not first:
