@@ -143,7 +143,7 @@ extern "C" __global__ void k_41a52876c677_double(const double* __restrict__ in0,
     out[i] = (in0[r * cols + c] + in1[r * cols + c]);
 }
 
-extern "C" __global__ void k_b209d0b303fe_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float* __restrict__ in5, const float* __restrict__ in6, const float* __restrict__ in7, const float c0, const float c1, const float c2, const float c3, const float c4, const float c5, const float c6, const float c7, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_1f858f1385dc_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float* __restrict__ in5, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -151,10 +151,10 @@ extern "C" __global__ void k_b209d0b303fe_float(const float* __restrict__ in0, c
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (c1 * in2[r * cols + c]) + (c2 * in3[r * cols + c]) + (c3 * ((r == c ? in4[r] : (float)0) + (c4 * ((c5 * in5[r * cols + c]) + (c6 * in6[r * cols + c]))) + (c7 * in7[r * cols + c]))));
+    out[i] = ((in0[r * cols + c] + (c0 * (in1[r * cols + c] * in2[r * cols + c])) + (r == c ? (c1 * in3[r]) : (float)0)) + in4[r * cols + c] + in5[r * cols + c]);
 }
 
-extern "C" __global__ void k_b209d0b303fe_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double* __restrict__ in4, const double* __restrict__ in5, const double* __restrict__ in6, const double* __restrict__ in7, const double c0, const double c1, const double c2, const double c3, const double c4, const double c5, const double c6, const double c7, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_1f858f1385dc_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double* __restrict__ in4, const double* __restrict__ in5, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -162,7 +162,145 @@ extern "C" __global__ void k_b209d0b303fe_double(const double* __restrict__ in0,
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (c1 * in2[r * cols + c]) + (c2 * in3[r * cols + c]) + (c3 * ((r == c ? in4[r] : (double)0) + (c4 * ((c5 * in5[r * cols + c]) + (c6 * in6[r * cols + c]))) + (c7 * in7[r * cols + c]))));
+    out[i] = ((in0[r * cols + c] + (c0 * (in1[r * cols + c] * in2[r * cols + c])) + (r == c ? (c1 * in3[r]) : (double)0)) + in4[r * cols + c] + in5[r * cols + c]);
+}
+
+extern "C" __global__ void k_ff42c73e37d0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (c1 * in2[r * cols + c]));
+}
+
+extern "C" __global__ void k_ff42c73e37d0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (c1 * in2[r * cols + c]));
+}
+
+extern "C" __global__ void k_4b58d386d3f4_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+{
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ float partial[256];
+    float acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += ((c0 * in0[r * cols + c]) + (c1 * (in1[c] * in2[r * cols + c])));
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[r] = partial[0];
+}
+
+extern "C" __global__ void k_4b58d386d3f4_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+{
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ double partial[256];
+    double acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += ((c0 * in0[r * cols + c]) + (c1 * (in1[c] * in2[r * cols + c])));
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[r] = partial[0];
+}
+
+extern "C" __global__ void k_4cc389bc22ff_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = ((c0 * (in0[r] * in1[r * cols + c])) + (c1 * (in2[r] * in1[r * cols + c])));
+}
+
+extern "C" __global__ void k_4cc389bc22ff_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = ((c0 * (in0[r] * in1[r * cols + c])) + (c1 * (in2[r] * in1[r * cols + c])));
+}
+
+extern "C" __global__ void k_d5d47e522dde_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+{
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ float partial[256];
+    float acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += (in0[r * cols + c] * in1[r * cols + c]);
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[r] = partial[0];
+}
+
+extern "C" __global__ void k_d5d47e522dde_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+{
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ double partial[256];
+    double acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += (in0[r * cols + c] * in1[r * cols + c]);
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[r] = partial[0];
+}
+
+extern "C" __global__ void k_8e52ce19ca2b_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float c0, const float c1, const float c2, const float c3, const float c4, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (in0[r * cols + c] + (c0 * ((r == c ? in1[r] : (float)0) + (c1 * ((c2 * in2[r * cols + c]) + (c3 * in3[r * cols + c]))) + (c4 * in4[r * cols + c]))));
+}
+
+extern "C" __global__ void k_8e52ce19ca2b_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double* __restrict__ in4, const double c0, const double c1, const double c2, const double c3, const double c4, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (in0[r * cols + c] + (c0 * ((r == c ? in1[r] : (double)0) + (c1 * ((c2 * in2[r * cols + c]) + (c3 * in3[r * cols + c]))) + (c4 * in4[r * cols + c]))));
 }
 
 extern "C" __global__ void k_edb4640e4693_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
@@ -209,86 +347,6 @@ extern "C" __global__ void k_c3f430aafdd9_double(const double* __restrict__ in0,
     out[i] = (in0[r] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void k_4b58d386d3f4_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += ((c0 * in0[r * cols + c]) + (c1 * (in1[c] * in2[r * cols + c])));
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void k_4b58d386d3f4_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += ((c0 * in0[r * cols + c]) + (c1 * (in1[c] * in2[r * cols + c])));
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void k_70f23b55b7a4_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * (in1[r] * in2[r * cols + c])));
-}
-
-extern "C" __global__ void k_70f23b55b7a4_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * (in1[r] * in2[r * cols + c])));
-}
-
-extern "C" __global__ void k_8e52ce19ca2b_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float c0, const float c1, const float c2, const float c3, const float c4, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * ((r == c ? in1[r] : (float)0) + (c1 * ((c2 * in2[r * cols + c]) + (c3 * in3[r * cols + c]))) + (c4 * in4[r * cols + c]))));
-}
-
-extern "C" __global__ void k_8e52ce19ca2b_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double* __restrict__ in4, const double c0, const double c1, const double c2, const double c3, const double c4, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * ((r == c ? in1[r] : (double)0) + (c1 * ((c2 * in2[r * cols + c]) + (c3 * in3[r * cols + c]))) + (c4 * in4[r * cols + c]))));
-}
-
 extern "C" __global__ void k_259bde065cff_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
@@ -311,7 +369,7 @@ extern "C" __global__ void k_259bde065cff_double(const double* __restrict__ in0,
     out[i] = ((r == c ? (c0 * in0[r]) : (double)0) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void k_1dd3535c2bc6_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float c0, const float c1, const float c2, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_4e5f191b786f_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -319,10 +377,10 @@ extern "C" __global__ void k_1dd3535c2bc6_float(const float* __restrict__ in0, c
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (c1 * in2[r * cols + c]) + (c2 * in3[r * cols + c]));
+    out[i] = (((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (c1 * in2[r * cols + c])) + in3[r * cols + c] + in4[r * cols + c]);
 }
 
-extern "C" __global__ void k_1dd3535c2bc6_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double c0, const double c1, const double c2, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_4e5f191b786f_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double* __restrict__ in4, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -330,10 +388,10 @@ extern "C" __global__ void k_1dd3535c2bc6_double(const double* __restrict__ in0,
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (c1 * in2[r * cols + c]) + (c2 * in3[r * cols + c]));
+    out[i] = (((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (c1 * in2[r * cols + c])) + in3[r * cols + c] + in4[r * cols + c]);
 }
 
-extern "C" __global__ void k_04022f018b2c_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float c0, const float c1, const float c2, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_b6da753aeb00_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -341,10 +399,10 @@ extern "C" __global__ void k_04022f018b2c_float(const float* __restrict__ in0, c
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (c1 * in2[r * cols + c]) + (c2 * in3[r * cols + c]) + in4[r * cols + c]);
+    out[i] = (c0 * in0[r * cols + c]);
 }
 
-extern "C" __global__ void k_04022f018b2c_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double* __restrict__ in4, const double c0, const double c1, const double c2, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_b6da753aeb00_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -352,7 +410,29 @@ extern "C" __global__ void k_04022f018b2c_double(const double* __restrict__ in0,
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (c1 * in2[r * cols + c]) + (c2 * in3[r * cols + c]) + in4[r * cols + c]);
+    out[i] = (c0 * in0[r * cols + c]);
+}
+
+extern "C" __global__ void k_1d284ea612f1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float* __restrict__ in5, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (c1 * in2[r * cols + c]) + in3[r * cols + c]) + in4[r * cols + c] + in5[r * cols + c]);
+}
+
+extern "C" __global__ void k_1d284ea612f1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double* __restrict__ in4, const double* __restrict__ in5, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (c1 * in2[r * cols + c]) + in3[r * cols + c]) + in4[r * cols + c] + in5[r * cols + c]);
 }
 
 extern "C" __global__ void k_fd465ba65c13_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float c0, const float c1, const float c2, const float c3, const float c4, float* __restrict__ out, const long long rows, const long long cols)
@@ -515,32 +595,26 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
         C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
     t0 = C['m0']
     t1 = t0.T
+    t2 = _matmul(t1, Hz)
+    t4 = _launch('k_d5d47e522dde', dtype, (B, n), (B, 1), [t1, t2], [], 'rows')
+    t8 = S['dz'].T
+    t10 = _launch('k_d5d47e522dde', dtype, (B, n), (B, 1), [t8, t1], [], 'rows')
+    t14 = _launch('k_4cc389bc22ff', dtype, (B, n), (B, n), [t4, t1, t10], [1/B, 2], 'entries')
+    t15 = _matmul(t0, t14)
     if 'm4' not in C:
         C['m4'] = _matmul(t0, t1)
-    t2 = C['m4']
-    t5 = _matmul(Hz, t0)
-    t6 = _launch('k_531d59972706', dtype, (n, B), (n, B), [t0, t5], [], 'entries')
-    t7 = _matmul(t6, t1)
-    t9 = _matmul(t1, Hz)
-    t10 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t1, t9], [], 'entries')
-    t12 = t10.sum(axis=1, keepdims=True)
-    t16 = _launch('k_70f23b55b7a4', dtype, (B, n), (B, n), [t10, t12, t1], [1/B, -1/B], 'entries')
-    t17 = _matmul(t0, t16)
+    t16 = C['m4']
     t19 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
     t21 = t19.sum(axis=0, keepdims=True)
     t26 = _launch('k_4b58d386d3f4', dtype, (n, B), (n, 1), [t19, t21, t0], [1/B, -1/B], 'rows')
-    t27 = _matmul(t19, t1)
-    t29 = S['dz'].T
-    t30 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t29, t1], [], 'entries')
-    t31 = t30.sum(axis=1, keepdims=True)
-    t33 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t31, t1], [], 'entries')
-    t34 = _matmul(t0, t33)
-    t40 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t30, t33], [1/B, -1/B], 'entries')
-    t41 = _matmul(t0, t40)
-    t45 = _launch('k_b209d0b303fe', dtype, (n, n), (n, n), [t2, Hz, t7, t17, t26, t27, t34, t41], [1/B, -1/B, -1, B, -1, 1/B, -1/B, -1], 'entries')
+    t28 = _matmul(Hz, t0)
+    t32 = _launch('k_ff42c73e37d0', dtype, (n, B), (n, B), [t0, t28, t19], [-1/B, -1], 'entries')
+    t33 = _matmul(t32, t1)
+    t34 = t33.T
+    t35 = _launch('k_1f858f1385dc', dtype, (n, n), (n, n), [t15, t16, Hz, t26, t33, t34], [1/B, B], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t45),
+        "x": CurvatureBlock(kron=[], dense=t35),
     }
 
 def _hbp_exact_6_params(P, S, Hz, C=None):
@@ -599,18 +673,19 @@ def _hbp_ggn_6_all(P, S, Hz, C=None):
     if 'm4' not in C:
         C['m4'] = _matmul(t0, t1)
     t2 = C['m4']
-    t5 = _matmul(Hz, t0)
-    t6 = _launch('k_531d59972706', dtype, (n, B), (n, B), [t0, t5], [], 'entries')
-    t7 = _matmul(t6, t1)
-    t9 = _matmul(t1, Hz)
-    t10 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t1, t9], [], 'entries')
-    t12 = t10.sum(axis=1, keepdims=True)
-    t16 = _launch('k_70f23b55b7a4', dtype, (B, n), (B, n), [t10, t12, t1], [1/B, -1/B], 'entries')
-    t17 = _matmul(t0, t16)
-    t19 = _launch('k_1dd3535c2bc6', dtype, (n, n), (n, n), [t2, Hz, t7, t17], [1/B, -1/B, -1], 'entries')
+    t5 = _matmul(t1, Hz)
+    t7 = _launch('k_d5d47e522dde', dtype, (B, n), (B, 1), [t1, t5], [], 'rows')
+    t9 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t7, t1], [], 'entries')
+    t10 = _matmul(t0, t9)
+    t13 = _matmul(Hz, t0)
+    t14 = _launch('k_531d59972706', dtype, (n, B), (n, B), [t0, t13], [], 'entries')
+    t15 = _matmul(t14, t1)
+    t16 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t15], [-1/B], 'entries')
+    t17 = t16.T
+    t18 = _launch('k_4e5f191b786f', dtype, (n, n), (n, n), [t2, Hz, t10, t16, t17], [1/B, 1/B], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t19),
+        "x": CurvatureBlock(kron=[], dense=t18),
     }
 
 def _hbp_ggn_7_all(P, S, Hz, C=None):
@@ -649,31 +724,32 @@ def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     if 'm4' not in C:
         C['m4'] = _matmul(t0, t1)
     t2 = C['m4']
-    t5 = _matmul(Hz, t0)
-    t6 = _launch('k_531d59972706', dtype, (n, B), (n, B), [t0, t5], [], 'entries')
-    t7 = _matmul(t6, t1)
-    t9 = _matmul(t1, Hz)
-    t10 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t1, t9], [], 'entries')
-    t12 = t10.sum(axis=1, keepdims=True)
-    t16 = _launch('k_70f23b55b7a4', dtype, (B, n), (B, n), [t10, t12, t1], [1/B, -1/B], 'entries')
-    t17 = _matmul(t0, t16)
-    t19 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
-    t21 = t19.sum(axis=0, keepdims=True)
-    t26 = _launch('k_4b58d386d3f4', dtype, (n, B), (n, 1), [t19, t21, t0], [1/B, -1/B], 'rows')
-    t27 = _matmul(t19, t1)
-    t29 = S['dz'].T
-    t30 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t29, t1], [], 'entries')
-    t31 = t30.sum(axis=1, keepdims=True)
-    t33 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t31, t1], [], 'entries')
+    t5 = _matmul(t1, Hz)
+    t7 = _launch('k_d5d47e522dde', dtype, (B, n), (B, 1), [t1, t5], [], 'rows')
+    t9 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t7, t1], [], 'entries')
+    t10 = _matmul(t0, t9)
+    t12 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
+    t14 = t12.sum(axis=0, keepdims=True)
+    t19 = _launch('k_4b58d386d3f4', dtype, (n, B), (n, 1), [t12, t14, t0], [1/B, -1/B], 'rows')
+    t20 = _matmul(t12, t1)
+    t22 = S['dz'].T
+    t23 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t22, t1], [], 'entries')
+    t24 = t23.sum(axis=1, keepdims=True)
+    t26 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t24, t1], [], 'entries')
+    t27 = _matmul(t0, t26)
+    t33 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t23, t26], [1/B, -1/B], 'entries')
     t34 = _matmul(t0, t33)
-    t40 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t30, t33], [1/B, -1/B], 'entries')
-    t41 = _matmul(t0, t40)
-    t44 = _launch('k_fd465ba65c13', dtype, (n, n), (n, n), [t26, t27, t34, t41], [B, -1, 1/B, -1/B, -1], 'entries')
-    t45 = _psd_project(t44, 'abs')
-    t46 = _launch('k_04022f018b2c', dtype, (n, n), (n, n), [t2, Hz, t7, t17, t45], [1/B, -1/B, -1], 'entries')
+    t37 = _launch('k_fd465ba65c13', dtype, (n, n), (n, n), [t19, t20, t27, t34], [B, -1, 1/B, -1/B, -1], 'entries')
+    t38 = _psd_project(t37, 'abs')
+    t40 = _matmul(Hz, t0)
+    t41 = _launch('k_531d59972706', dtype, (n, B), (n, B), [t0, t40], [], 'entries')
+    t42 = _matmul(t41, t1)
+    t43 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t42], [-1/B], 'entries')
+    t44 = t43.T
+    t45 = _launch('k_1d284ea612f1', dtype, (n, n), (n, n), [t2, Hz, t10, t38, t43, t44], [1/B, 1/B], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t46),
+        "x": CurvatureBlock(kron=[], dense=t45),
     }
 
 def _hbp_pch_abs_7_all(P, S, Hz, C=None):
@@ -726,31 +802,32 @@ def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     if 'm4' not in C:
         C['m4'] = _matmul(t0, t1)
     t2 = C['m4']
-    t5 = _matmul(Hz, t0)
-    t6 = _launch('k_531d59972706', dtype, (n, B), (n, B), [t0, t5], [], 'entries')
-    t7 = _matmul(t6, t1)
-    t9 = _matmul(t1, Hz)
-    t10 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t1, t9], [], 'entries')
-    t12 = t10.sum(axis=1, keepdims=True)
-    t16 = _launch('k_70f23b55b7a4', dtype, (B, n), (B, n), [t10, t12, t1], [1/B, -1/B], 'entries')
-    t17 = _matmul(t0, t16)
-    t19 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
-    t21 = t19.sum(axis=0, keepdims=True)
-    t26 = _launch('k_4b58d386d3f4', dtype, (n, B), (n, 1), [t19, t21, t0], [1/B, -1/B], 'rows')
-    t27 = _matmul(t19, t1)
-    t29 = S['dz'].T
-    t30 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t29, t1], [], 'entries')
-    t31 = t30.sum(axis=1, keepdims=True)
-    t33 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t31, t1], [], 'entries')
+    t5 = _matmul(t1, Hz)
+    t7 = _launch('k_d5d47e522dde', dtype, (B, n), (B, 1), [t1, t5], [], 'rows')
+    t9 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t7, t1], [], 'entries')
+    t10 = _matmul(t0, t9)
+    t12 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
+    t14 = t12.sum(axis=0, keepdims=True)
+    t19 = _launch('k_4b58d386d3f4', dtype, (n, B), (n, 1), [t12, t14, t0], [1/B, -1/B], 'rows')
+    t20 = _matmul(t12, t1)
+    t22 = S['dz'].T
+    t23 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t22, t1], [], 'entries')
+    t24 = t23.sum(axis=1, keepdims=True)
+    t26 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t24, t1], [], 'entries')
+    t27 = _matmul(t0, t26)
+    t33 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t23, t26], [1/B, -1/B], 'entries')
     t34 = _matmul(t0, t33)
-    t40 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t30, t33], [1/B, -1/B], 'entries')
-    t41 = _matmul(t0, t40)
-    t44 = _launch('k_fd465ba65c13', dtype, (n, n), (n, n), [t26, t27, t34, t41], [B, -1, 1/B, -1/B, -1], 'entries')
-    t45 = _psd_project(t44, 'clip')
-    t46 = _launch('k_04022f018b2c', dtype, (n, n), (n, n), [t2, Hz, t7, t17, t45], [1/B, -1/B, -1], 'entries')
+    t37 = _launch('k_fd465ba65c13', dtype, (n, n), (n, n), [t19, t20, t27, t34], [B, -1, 1/B, -1/B, -1], 'entries')
+    t38 = _psd_project(t37, 'clip')
+    t40 = _matmul(Hz, t0)
+    t41 = _launch('k_531d59972706', dtype, (n, B), (n, B), [t0, t40], [], 'entries')
+    t42 = _matmul(t41, t1)
+    t43 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t42], [-1/B], 'entries')
+    t44 = t43.T
+    t45 = _launch('k_1d284ea612f1', dtype, (n, n), (n, n), [t2, Hz, t10, t38, t43, t44], [1/B, 1/B], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t46),
+        "x": CurvatureBlock(kron=[], dense=t45),
     }
 
 def _hbp_pch_clip_7_all(P, S, Hz, C=None):

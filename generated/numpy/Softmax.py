@@ -169,25 +169,25 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
         C['m0'] = _softmax(S['x'])
     t0 = C['m0']
     t1 = t0.T
+    t2 = (t1 @ Hz)
+    t3 = t1 * t2
+    t4 = t3.sum(axis=1, keepdims=True)
+    t5 = xp.broadcast_to(t4, (B, n))
+    t6 = t5 * t1
+    t7 = (1/B) * t6
+    t8 = S['dz'].T
+    t9 = t8 * t1
+    t10 = t9.sum(axis=1, keepdims=True)
+    t11 = xp.broadcast_to(t10, (B, n))
+    t12 = t11 * t1
+    t13 = (2) * t12
+    t14 = t7 + t13
+    t15 = (t0 @ t14)
     if 'm4' not in C:
         C['m4'] = (t0 @ t1)
-    t2 = C['m4']
-    t3 = t2 * Hz
-    t4 = (1/B) * t3
-    t5 = (Hz @ t0)
-    t6 = t0 * t5
-    t7 = (t6 @ t1)
-    t8 = (-1/B) * t7
-    t9 = (t1 @ Hz)
-    t10 = t1 * t9
-    t11 = (1/B) * t10
-    t12 = t10.sum(axis=1, keepdims=True)
-    t13 = xp.broadcast_to(t12, (B, n))
-    t14 = t13 * t1
-    t15 = (-1/B) * t14
-    t16 = t11 + t15
-    t17 = (t0 @ t16)
-    t18 = (-1) * t17
+    t16 = C['m4']
+    t17 = t16 * Hz
+    t18 = (1/B) * t17
     t19 = S['dz'] * t0
     t20 = (1/B) * t19
     t21 = t19.sum(axis=0, keepdims=True)
@@ -196,28 +196,18 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
     t24 = (-1/B) * t23
     t25 = t20 + t24
     t26 = t25.sum(axis=1, keepdims=True)
-    t27 = (t19 @ t1)
-    t28 = (1/B) * t27
-    t29 = S['dz'].T
-    t30 = t29 * t1
-    t31 = t30.sum(axis=1, keepdims=True)
-    t32 = xp.broadcast_to(t31, (B, n))
-    t33 = t32 * t1
-    t34 = (t0 @ t33)
-    t35 = (-1/B) * t34
-    t36 = t28 + t35
-    t37 = (-1) * t36
-    t38 = (1/B) * t30
-    t39 = (-1/B) * t33
-    t40 = t38 + t39
-    t41 = (t0 @ t40)
-    t42 = (-1) * t41
-    t43 = _plus_diagonal(t37 + t42, t26, copy=False)
-    t44 = (B) * t43
-    t45 = t4 + t8 + t18 + t44
+    t27 = _plus_diagonal(t15 + t18, (B) * t26, copy=False)
+    t28 = (Hz @ t0)
+    t29 = t0 * t28
+    t30 = (-1/B) * t29
+    t31 = (-1) * t19
+    t32 = t30 + t31
+    t33 = (t32 @ t1)
+    t34 = t33.T
+    t35 = t27 + t33 + t34
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t45),
+        "x": CurvatureBlock(kron=[], dense=t35),
     }
 
 def _hbp_exact_6_params(P, S, Hz, C=None):
@@ -296,24 +286,23 @@ def _hbp_ggn_6_all(P, S, Hz, C=None):
     t2 = C['m4']
     t3 = t2 * Hz
     t4 = (1/B) * t3
-    t5 = (Hz @ t0)
-    t6 = t0 * t5
-    t7 = (t6 @ t1)
-    t8 = (-1/B) * t7
-    t9 = (t1 @ Hz)
-    t10 = t1 * t9
+    t5 = (t1 @ Hz)
+    t6 = t1 * t5
+    t7 = t6.sum(axis=1, keepdims=True)
+    t8 = xp.broadcast_to(t7, (B, n))
+    t9 = t8 * t1
+    t10 = (t0 @ t9)
     t11 = (1/B) * t10
-    t12 = t10.sum(axis=1, keepdims=True)
-    t13 = xp.broadcast_to(t12, (B, n))
-    t14 = t13 * t1
-    t15 = (-1/B) * t14
-    t16 = t11 + t15
-    t17 = (t0 @ t16)
-    t18 = (-1) * t17
-    t19 = t4 + t8 + t18
+    t12 = t4 + t11
+    t13 = (Hz @ t0)
+    t14 = t0 * t13
+    t15 = (t14 @ t1)
+    t16 = (-1/B) * t15
+    t17 = t16.T
+    t18 = t12 + t16 + t17
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t19),
+        "x": CurvatureBlock(kron=[], dense=t18),
     }
 
 def _hbp_ggn_7_all(P, S, Hz, C=None):
@@ -357,51 +346,50 @@ def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     t2 = C['m4']
     t3 = t2 * Hz
     t4 = (1/B) * t3
-    t5 = (Hz @ t0)
-    t6 = t0 * t5
-    t7 = (t6 @ t1)
-    t8 = (-1/B) * t7
-    t9 = (t1 @ Hz)
-    t10 = t1 * t9
+    t5 = (t1 @ Hz)
+    t6 = t1 * t5
+    t7 = t6.sum(axis=1, keepdims=True)
+    t8 = xp.broadcast_to(t7, (B, n))
+    t9 = t8 * t1
+    t10 = (t0 @ t9)
     t11 = (1/B) * t10
-    t12 = t10.sum(axis=1, keepdims=True)
-    t13 = xp.broadcast_to(t12, (B, n))
-    t14 = t13 * t1
-    t15 = (-1/B) * t14
-    t16 = t11 + t15
-    t17 = (t0 @ t16)
-    t18 = (-1) * t17
-    t19 = S['dz'] * t0
-    t20 = (1/B) * t19
-    t21 = t19.sum(axis=0, keepdims=True)
-    t22 = (xp.ones((n, 1), dtype=dtype) @ t21)
-    t23 = t22 * t0
-    t24 = (-1/B) * t23
-    t25 = t20 + t24
-    t26 = t25.sum(axis=1, keepdims=True)
-    t27 = (t19 @ t1)
-    t28 = (1/B) * t27
-    t29 = S['dz'].T
-    t30 = t29 * t1
-    t31 = t30.sum(axis=1, keepdims=True)
-    t32 = xp.broadcast_to(t31, (B, n))
-    t33 = t32 * t1
+    t12 = S['dz'] * t0
+    t13 = (1/B) * t12
+    t14 = t12.sum(axis=0, keepdims=True)
+    t15 = (xp.ones((n, 1), dtype=dtype) @ t14)
+    t16 = t15 * t0
+    t17 = (-1/B) * t16
+    t18 = t13 + t17
+    t19 = t18.sum(axis=1, keepdims=True)
+    t20 = (t12 @ t1)
+    t21 = (1/B) * t20
+    t22 = S['dz'].T
+    t23 = t22 * t1
+    t24 = t23.sum(axis=1, keepdims=True)
+    t25 = xp.broadcast_to(t24, (B, n))
+    t26 = t25 * t1
+    t27 = (t0 @ t26)
+    t28 = (-1/B) * t27
+    t29 = t21 + t28
+    t30 = (-1) * t29
+    t31 = (1/B) * t23
+    t32 = (-1/B) * t26
+    t33 = t31 + t32
     t34 = (t0 @ t33)
-    t35 = (-1/B) * t34
-    t36 = t28 + t35
-    t37 = (-1) * t36
-    t38 = (1/B) * t30
-    t39 = (-1/B) * t33
-    t40 = t38 + t39
-    t41 = (t0 @ t40)
-    t42 = (-1) * t41
-    t43 = _plus_diagonal(t37 + t42, t26, copy=False)
-    t44 = (B) * t43
-    t45 = _psd_project(t44, 'abs')
-    t46 = t4 + t8 + t18 + t45
+    t35 = (-1) * t34
+    t36 = _plus_diagonal(t30 + t35, t19, copy=False)
+    t37 = (B) * t36
+    t38 = _psd_project(t37, 'abs')
+    t39 = t4 + t11 + t38
+    t40 = (Hz @ t0)
+    t41 = t0 * t40
+    t42 = (t41 @ t1)
+    t43 = (-1/B) * t42
+    t44 = t43.T
+    t45 = t39 + t43 + t44
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t46),
+        "x": CurvatureBlock(kron=[], dense=t45),
     }
 
 def _hbp_pch_abs_7_all(P, S, Hz, C=None):
@@ -473,51 +461,50 @@ def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     t2 = C['m4']
     t3 = t2 * Hz
     t4 = (1/B) * t3
-    t5 = (Hz @ t0)
-    t6 = t0 * t5
-    t7 = (t6 @ t1)
-    t8 = (-1/B) * t7
-    t9 = (t1 @ Hz)
-    t10 = t1 * t9
+    t5 = (t1 @ Hz)
+    t6 = t1 * t5
+    t7 = t6.sum(axis=1, keepdims=True)
+    t8 = xp.broadcast_to(t7, (B, n))
+    t9 = t8 * t1
+    t10 = (t0 @ t9)
     t11 = (1/B) * t10
-    t12 = t10.sum(axis=1, keepdims=True)
-    t13 = xp.broadcast_to(t12, (B, n))
-    t14 = t13 * t1
-    t15 = (-1/B) * t14
-    t16 = t11 + t15
-    t17 = (t0 @ t16)
-    t18 = (-1) * t17
-    t19 = S['dz'] * t0
-    t20 = (1/B) * t19
-    t21 = t19.sum(axis=0, keepdims=True)
-    t22 = (xp.ones((n, 1), dtype=dtype) @ t21)
-    t23 = t22 * t0
-    t24 = (-1/B) * t23
-    t25 = t20 + t24
-    t26 = t25.sum(axis=1, keepdims=True)
-    t27 = (t19 @ t1)
-    t28 = (1/B) * t27
-    t29 = S['dz'].T
-    t30 = t29 * t1
-    t31 = t30.sum(axis=1, keepdims=True)
-    t32 = xp.broadcast_to(t31, (B, n))
-    t33 = t32 * t1
+    t12 = S['dz'] * t0
+    t13 = (1/B) * t12
+    t14 = t12.sum(axis=0, keepdims=True)
+    t15 = (xp.ones((n, 1), dtype=dtype) @ t14)
+    t16 = t15 * t0
+    t17 = (-1/B) * t16
+    t18 = t13 + t17
+    t19 = t18.sum(axis=1, keepdims=True)
+    t20 = (t12 @ t1)
+    t21 = (1/B) * t20
+    t22 = S['dz'].T
+    t23 = t22 * t1
+    t24 = t23.sum(axis=1, keepdims=True)
+    t25 = xp.broadcast_to(t24, (B, n))
+    t26 = t25 * t1
+    t27 = (t0 @ t26)
+    t28 = (-1/B) * t27
+    t29 = t21 + t28
+    t30 = (-1) * t29
+    t31 = (1/B) * t23
+    t32 = (-1/B) * t26
+    t33 = t31 + t32
     t34 = (t0 @ t33)
-    t35 = (-1/B) * t34
-    t36 = t28 + t35
-    t37 = (-1) * t36
-    t38 = (1/B) * t30
-    t39 = (-1/B) * t33
-    t40 = t38 + t39
-    t41 = (t0 @ t40)
-    t42 = (-1) * t41
-    t43 = _plus_diagonal(t37 + t42, t26, copy=False)
-    t44 = (B) * t43
-    t45 = _psd_project(t44, 'clip')
-    t46 = t4 + t8 + t18 + t45
+    t35 = (-1) * t34
+    t36 = _plus_diagonal(t30 + t35, t19, copy=False)
+    t37 = (B) * t36
+    t38 = _psd_project(t37, 'clip')
+    t39 = t4 + t11 + t38
+    t40 = (Hz @ t0)
+    t41 = t0 * t40
+    t42 = (t41 @ t1)
+    t43 = (-1/B) * t42
+    t44 = t43.T
+    t45 = t39 + t43 + t44
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t46),
+        "x": CurvatureBlock(kron=[], dense=t45),
     }
 
 def _hbp_pch_clip_7_all(P, S, Hz, C=None):

@@ -42,6 +42,7 @@ from ..expr import (
 )
 from ..modes import APPROXIMATIONS, CURVATURES, Approximation, Curvature
 from ..simplification import simplify
+from ..simplification.symmetric import pair_transposes
 from .batch import (
     BatchLowering,
     batch_forward,
@@ -255,7 +256,7 @@ class ProgramBuilder:
             plan.kron.append((array_or_number, self.result(_implicit_gram(left)), self.result(_implicit_gram(right))))
         remainder = dense[0] if len(dense) == 1 else Add(*dense) if dense else None
         if remainder is not None and not isinstance(remainder, Zero):  # a zero block has no dense part
-            plan.dense = self.result(remainder)
+            plan.dense = self.result(pair_transposes(remainder))  # a block is symmetric
         return plan
 
 

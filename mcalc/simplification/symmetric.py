@@ -1,0 +1,101 @@
+"""Transposed pairs in a symmetric sum: S + X + Xᵀ with X computed once.
+
+A curvature block is symmetric, and a block that is a sum often holds a term and its transpose: the
+input block of a residual block z = x + W₂ tanh(W₁x + b₁) under (6) is
+𝓗z + 𝓗z Ā + Āᵀ 𝓗z + W₁ᵀ (W₂ᵀ𝓗zW₂ ⊙ E[φ′φ′ᵀ]) W₁ with Ā = W₂ diag(E[φ′]) W₁, and the rewriting of
+:mod:`.algebra`, which factors common terms, writes it 𝓗z (I + Ā) + W₁ᵀ (Ā′ 𝓗z + …), where each half
+costs its own products. Expanded into monomials, a term m whose transpose mᵀ is another term is
+paired with it, and the block is planned as S + X + Xᵀ: X is computed once and Xᵀ is a view
+(the classic symmetric rank-2k update, BLAS's ``syr2k``). Kept only where it costs fewer flops.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import sympy as sp
+
+from ..expr import Add, Diag, Expr, Hadamard, MatMul, Ones, ScalarMul, Transpose
+from .engine import simplify
+
+MAX_MONOMIALS = 32  # expanding further costs more planning time than it can save
+SIZE = 64  # every dimension, where flops are compared
+
+
+def pair_transposes(block: Expr) -> Expr:
+    """``block`` (symmetric) as S + X + Xᵀ, where that costs fewer flops; else ``block`` itself."""
+    monomials = _monomials(block)
+    if monomials is None or len(monomials) < 2:
+        return block
+    pool = [simplify(m) for m in monomials]
+    halves: list[Expr] = []  # one term of each pair
+    unpaired: list[Expr] = []
+    while pool:
+        m = pool.pop(0)
+        t = simplify(Transpose(m))
+        if t != m and t in pool:
+            pool.remove(t)
+            halves.append(m)
+        else:
+            unpaired.append(m)
+    if not halves:
+        return block
+    half = simplify(Add(*halves)) if len(halves) > 1 else halves[0]
+    parts = ([simplify(Add(*unpaired)) if len(unpaired) > 1 else unpaired[0]] if unpaired else []) \
+        + [half, Transpose(half)]
+    paired = Add(*parts)
+    return paired if flops(paired) < flops(block) else block
+
+
+def _monomials(e: Expr) -> list[Expr] | None:
+    """``e`` as a list of products (its terms with every product of sums multiplied out); None past
+    :data:`MAX_MONOMIALS`."""
+    if isinstance(e, Add):
+        out: list[Expr] = []
+        for a in e.args:
+            terms = _monomials(a)
+            if terms is None or len(out) + len(terms) > MAX_MONOMIALS:
+                return None
+            out += terms
+        return out
+    if isinstance(e, ScalarMul):
+        terms = _monomials(e.args[1])
+        return None if terms is None else [ScalarMul(e.args[0], t) for t in terms]
+    if isinstance(e, Transpose):
+        terms = _monomials(e.args[0])
+        return None if terms is None else [Transpose(t) for t in terms]
+    if isinstance(e, MatMul):
+        factors = [_monomials(a) for a in e.args]
+        if any(f is None for f in factors) or math.prod(len(f) for f in factors) > MAX_MONOMIALS:
+            return None
+        return [MatMul(*combination) for combination in itertools.product(*factors)]
+    return [e]
+
+
+def flops(e: Expr) -> float:
+    """Multiply-adds of evaluating ``e`` as planned (each distinct node once, products left to right,
+    elementwise work one per entry), with every dimension :data:`SIZE`."""
+    seen: set[Expr] = set()
+
+    def size(d: sp.Expr) -> float:
+        return float(d.subs({s: SIZE for s in d.free_symbols})) if d.free_symbols else float(d)
+
+    def visit(node: Expr) -> float:
+        if node in seen:
+            return 0.0
+        seen.add(node)
+        total = sum(visit(c) for c in node.children)
+        rows, cols = size(node.rows), size(node.cols)
+        if isinstance(node, MatMul):
+            inner_rows, inner_cols = size(node.args[0].rows), size(node.args[0].cols)
+            for f in node.args[1:]:
+                if isinstance(f, (Diag, Ones)):
+                    total += inner_rows * inner_cols
+                else:
+                    total += inner_rows * inner_cols * size(f.cols)
+                inner_cols = size(f.cols)
+        elif isinstance(node, (Add, Hadamard, ScalarMul)):
+            total += rows * cols * max(len(node.children) - 1, 1)
+        return total
+
+    return visit(e)
