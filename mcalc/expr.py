@@ -625,15 +625,48 @@ BATCH = sp.Symbol("B", integer=True, positive=True)  # the batch size
 
 
 class Stacked(Expr):
-    """A per-sample vector (an input, a label, δz) stacked over the batch: column i is sample i."""
+    """A per-sample quantity (an input, a label, δz) over the batch, its samples side by side: a vector's
+    batch is (rows × B), column i sample i; a matrix's (rows × cols) is (rows × cols·B), columns
+    i·cols … (i+1)·cols − 1 sample i (a convolution's patches, a sequence's positions)."""
 
     __slots__ = ()
 
     def _infer_shape(self) -> dims.Shape:
         (v,) = self.args
-        if not v.is_vector:
-            raise ShapeError(f"only per-sample vectors are stacked, not {v!r} of shape {_fmt(v.shape)}")
-        return (v.rows, BATCH)
+        return (v.rows, v.cols * BATCH)
+
+
+class SampleProduct(Expr):
+    """M's samples each multiplied on the right by a shared V: M (r × c·B) side by side (as
+    :class:`Stacked`), V (c × c′), the result (r × c′·B), i.e. M (I_B ⊗ V). ``args`` = (M, V)."""
+
+    __slots__ = ()
+
+    def _infer_shape(self) -> dims.Shape:
+        m, v = self.args
+        return (m.rows, v.cols * BATCH)
+
+
+class UnvecOfSamples(Expr):
+    """The inverse of :class:`VecOfSamples`: per-sample vectors (r·c × B), each the vec of an (r × c)
+    matrix, to those matrices side by side, (r × c·B). ``args`` = (M, r)."""
+
+    __slots__ = ()
+
+    def _infer_shape(self) -> dims.Shape:
+        m, rows = self.args
+        return (rows, m.rows / rows * BATCH)
+
+
+class VecOfSamples(Expr):
+    """The batch of vec(Xᵢ): from the samples side by side, M (r × c·B), to one column per sample,
+    (r·c × B), as per-sample vectors are stacked. ``args`` = (M, c)."""
+
+    __slots__ = ()
+
+    def _infer_shape(self) -> dims.Shape:
+        m, cols = self.args
+        return (m.rows * cols, BATCH)
 
 
 class BatchMean(Expr):

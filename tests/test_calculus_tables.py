@@ -23,8 +23,9 @@ OPERATIONS = {E.MatMul, E.Add, E.ScalarMul, E.ScaleBy, E.Hadamard, E.Transpose, 
 LINEAR = {E.Add, E.ScalarMul, E.Transpose, E.Sum, E.Trace, E.Vec, E.Diag}
 LEAVES = {E.Symbol, E.Seed, E.Identity, E.Zero, E.Ones, E.Commutation}  # constants under differentiation
 # nodes only the engine and code generation build: Kron (a differential only, for the adjoint of Vec),
-# PSDProjection, Gram, Stacked and BatchMean (rules, batch forms)
-DERIVED_ONLY = {E.Kron, E.PSDProjection, E.Gram, E.Stacked, E.BatchMean}
+# PSDProjection, Gram, and the batch forms (Stacked, BatchMean, and the layouts of per-sample matrices)
+DERIVED_ONLY = {E.Kron, E.PSDProjection, E.Gram, E.Stacked, E.BatchMean, E.SampleProduct, E.VecOfSamples,
+                E.UnvecOfSamples}
 
 
 def test_every_node_of_the_ir_is_classified():

@@ -39,14 +39,16 @@ def check_generated(module, code):
     a = rng.normal(size=(size, size))
     Hz = a @ a.T / size
     ev = Evaluator.for_batch(module, shared, batch, dZ=dZ, Hz=Hz)
-    S = {name: value.T for name, value in batch.items()}
+    S = {name: batch_argument(value) for name, value in batch.items()}
     shared = {name: as_matrix(value, module.symbol(name), name) for name, value in shared.items()}
     if S:  # a module of parameters alone has no batch to run forward over
-        np.testing.assert_allclose(code.forward(shared, S)["Z"], ev.value(batch_forward(d)), atol=1e-12)
-    S["dz"] = dZ.T
+        np.testing.assert_allclose(side_by_side(code.forward(shared, S)["Z"]), ev.value(batch_forward(d)),
+                                   atol=1e-12)
+    rows, cols = (ev.dim(n) for n in module.output.shape)
+    S["dz"] = batch_argument(dZ.reshape(5, cols, rows).transpose(0, 2, 1))  # each row vec(δzᵢ)
     grads = code.gradients(shared, S)
     for v in module.variables:
-        np.testing.assert_allclose(grads[v.name], ev.value(batch_gradient(d, v.name)), atol=1e-12)
+        np.testing.assert_allclose(side_by_side(grads[v.name]), ev.value(batch_gradient(d, v.name)), atol=1e-12)
     check_generated_tangents(module, code, d, ev, shared, S, rng)
     for (curvature, approximation), function in code.HBP.items():
         blocks = function(shared, S, Hz)
@@ -98,29 +100,40 @@ def test_a_backward_pass_computes_an_activations_derivative_once(generated):
         code._fn_sigmoid_1 = derivative
 
 
+def batch_argument(samples):
+    """A batch (B, rows) or (B, rows, cols) as generated code takes it: (rows, B) or (rows, B, cols)."""
+    return samples.T if samples.ndim == 2 else samples.transpose(1, 0, 2) if samples.shape[2] > 1 \
+        else samples[:, :, 0].T
+
+
+def side_by_side(batch):
+    """What generated code returns for a batch, as the symbolic batch rules lay it out."""
+    return batch.reshape(batch.shape[0], -1)
+
+
 def check_generated_tangents(module, code, d, ev, P, S, rng):
     """The generated jvp and rgradients (all variables moving, then the parameters alone) against the
     symbolic batch rules, evaluated densely with the same tangents."""
-    B = S["dz"].shape[1]
-    V = {v.name: rng.normal(size=(v.rows.xreplace(ev.binding), B) if v in module.inputs else P[v.name].shape)
+    V = {v.name: rng.normal(size=S[v.name].shape if v in module.inputs else P[v.name].shape)
          for v in module.variables}
     V["dz"] = rng.normal(size=S["dz"].shape)
     for v in module.inputs:
-        ev.stacked[tangent(v).kind] = V[v.name]
+        ev.stacked[tangent(v).kind] = side_by_side(V[v.name])
     for v in module.params:
         ev.seeds[tangent(v).kind] = V[v.name]
-    ev.stacked[d.Rdz.kind] = V["dz"]
+    ev.stacked[d.Rdz.kind] = side_by_side(V["dz"])
     for with_inputs in (True, False):
         if not with_inputs and not module.params:
             with pytest.raises(ValueError, match="no parameters"):
                 code.jvp(P, S, V, inputs=False)
             continue
         moving = {n: a for n, a in V.items() if with_inputs or n not in {v.name for v in module.inputs}}
-        np.testing.assert_allclose(code.jvp(P, S, moving, inputs=with_inputs)["Z"],
+        np.testing.assert_allclose(side_by_side(code.jvp(P, S, moving, inputs=with_inputs)["Z"]),
                                    ev.value(batch_jvp(d, with_inputs)), atol=1e-12)
         got = code.rgradients(P, S, moving, inputs=with_inputs)
         for v in module.variables if with_inputs else module.params:
-            np.testing.assert_allclose(got[v.name], ev.value(batch_gradient_tangent(d, v.name, with_inputs)),
+            np.testing.assert_allclose(side_by_side(got[v.name]),
+                                       ev.value(batch_gradient_tangent(d, v.name, with_inputs)),
                                        atol=1e-12, err_msg=f"R{{δ{v.name}}}")
         # A cache shared by calls on the same batch: the second call, with other directions, reuses
         # the loop invariants and still equals an uncached call.

@@ -189,14 +189,21 @@ from mcalc.runtime.array_ops import commutation as _commutation  # noqa: F401
 from mcalc.runtime.array_ops import diagonal_matrix as _diagonal_matrix  # noqa: F401
 from mcalc.runtime.array_ops import gram as _gram  # noqa: F401
 from mcalc.runtime.array_ops import kron as _kron  # noqa: F401
+from mcalc.runtime.array_ops import kron_matmul as _kron_matmul  # noqa: F401
 from mcalc.runtime.array_ops import kron_product as _kron_product  # noqa: F401
 from mcalc.runtime.array_ops import log_softmax as _log_softmax  # noqa: F401
+from mcalc.runtime.array_ops import matmul_kron as _matmul_kron  # noqa: F401
 from mcalc.runtime.array_ops import plus_diagonal as _plus_diagonal  # noqa: F401
 from mcalc.runtime.array_ops import psd_project as _psd_project  # noqa: F401
+from mcalc.runtime.array_ops import sample_product as _sample_product  # noqa: F401
+from mcalc.runtime.array_ops import samples_first as _samples_first  # noqa: F401
+from mcalc.runtime.array_ops import side_by_side as _side_by_side  # noqa: F401
 from mcalc.runtime.array_ops import softmax as _softmax  # noqa: F401
 from mcalc.runtime.array_ops import special as _special  # noqa: F401
 from mcalc.runtime.array_ops import transpose as _transpose  # noqa: F401
+from mcalc.runtime.array_ops import unvec_of_samples as _unvec_of_samples  # noqa: F401
 from mcalc.runtime.array_ops import vec as _vec  # noqa: F401
+from mcalc.runtime.array_ops import vec_of_samples as _vec_of_samples  # noqa: F401
 
 
 

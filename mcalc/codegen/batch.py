@@ -37,13 +37,17 @@ from ..expr import (
     LogSoftmax,
     MatMul,
     Ones,
+    SampleProduct,
     ScalarMul,
     ScaleBy,
     Softmax,
     Stacked,
     Sum,
     Transpose,
+    UnvecOfSamples,
     Vec,
+    VecOfSamples,
+    product,
     tangent,
 )
 from ..modes import Approximation, Curvature
@@ -60,12 +64,6 @@ class BatchLowering:
         self._varies: dict[Expr, bool] = {}
         self.leaves: tuple[Expr, ...] = (*m.inputs, *[c for c in m.constants if c.is_vector], derivation.dz,
                                          *map(tangent, m.inputs), derivation.Rdz)
-        matrices = [s.name for s in m.inputs if not s.is_vector] + ([] if m.output.is_vector else ["dz"])
-        if matrices:
-            raise McalcError(
-                f"module '{m.name}': per-sample matrix {matrices} (a matrix input or output) has no batch form; "
-                "batches stack per-sample vectors"
-            )
 
     def varies(self, e: Expr) -> bool:
         """Whether ``e`` differs from sample to sample (memoised per lowering)."""
@@ -77,15 +75,22 @@ class BatchLowering:
     def _mean_fallback(self, e: Expr) -> Expr:
         return BatchMean(e, tuple(leaf for leaf in self.leaves if _contains(e, leaf)))
 
-    # --- per-sample vectors → (rows × B) ----------------------------------------
+    # --- per-sample vectors → (rows × B), matrices → (rows × cols·B) ---------------------
     def stack(self, e: Expr) -> Expr | None:
-        """The (rows × B) batch form of a per-sample column vector, or None."""
+        """The batch of a per-sample vector or matrix, its samples side by side (as :class:`Stacked`), or
+        None where the lowering has no batch form for it."""
         if not self.varies(e):
-            return MatMul(e, Ones(ONE, BATCH)) if e.cols == ONE else None
-        if e.cols != ONE:
-            return None
+            return _repeated(e)
         if e in self.leaves:
             return Stacked(e)
+        if isinstance(e, Vec):
+            inner = e.args[0]
+            columns = self.stack(inner)
+            return columns if inner.cols == ONE or columns is None else VecOfSamples(columns, inner.cols)
+        unvec = _unvec_operand(e)
+        if unvec is not None:  # the adjoint of vec, a per-sample vector back to its matrix
+            vectors = self.stack(unvec)
+            return None if vectors is None else UnvecOfSamples(vectors, e.rows)
         parts = [self.stack(c) for c in e.children]
         if any(p is None for p in parts):
             return self._stack_product(e) if isinstance(e, MatMul) else None
@@ -93,17 +98,17 @@ class BatchLowering:
             return type(e)(*parts)
         if isinstance(e, (ScalarMul, Apply)):
             return type(e)(e.args[0], parts[0])
-        if isinstance(e, (Softmax, LogSoftmax)):
+        if isinstance(e, (Softmax, LogSoftmax)):  # column by column: a matrix's columns side by side too
             return type(e)(parts[0])
-        if isinstance(e, Vec):
-            return parts[0]
         if isinstance(e, ScaleBy):
             scale = e.args[0]
             if not self.varies(scale):
                 return ScaleBy(scale, parts[1])
-            return Hadamard(MatMul(Ones(e.rows, ONE), parts[0]), parts[1])
+            per_column = parts[0] if e.cols == ONE else SampleProduct(parts[0], Ones(ONE, e.cols))
+            return Hadamard(MatMul(Ones(e.rows, ONE), per_column), parts[1])
         if isinstance(e, Sum):
-            return MatMul(Ones(ONE, e.args[0].rows), parts[0])
+            sums = MatMul(Ones(ONE, e.args[0].rows), parts[0])
+            return sums if e.args[0].cols == ONE else SampleProduct(sums, Ones(e.args[0].cols, ONE))
         if isinstance(e, MatMul):
             return self._stack_product(e)
         return None
@@ -115,6 +120,12 @@ class BatchLowering:
         first = rest[0]
         if len(rest) == 1:
             inner = self.stack(first)
+        elif not any(self.varies(f) for f in rest[1:]) and (first.cols != ONE or e.cols != ONE):
+            # a per-sample matrix (or column) times shared factors, Xᵢ V: each sample's block times V
+            columns = self.stack(first)
+            inner = None if columns is None else SampleProduct(columns, product(rest[1:], first.cols))
+        elif e.cols != ONE:  # a per-sample matrix from per-sample factors (s sᵀ, say): no batch form here
+            inner = None
         elif isinstance(first, Diag):  # diag(v) c = v ⊙ c
             column = rest[1] if len(rest) == 2 else MatMul(*rest[1:])
             v, c = self.stack(first.args[0]), self.stack(column)
@@ -188,11 +199,13 @@ class BatchLowering:
         for j in varying:  # (…)(A + B)(…) = (…)A(…) + (…)B(…): distribute a varying sum
             if isinstance(f[j], Add):
                 return Add(*[self.mean(simplify(MatMul(*f[:j], t, *f[j + 1 :]))) for t in f[j].args])
-        for t in range(varying[0] + 1, varying[-1] + 1):  # uᵢ wᵢᵀ with uᵢ = F₁…Fₜ a column, wᵢᵀ a row
-            left, right = f[:t], f[t:]
-            if left[-1].cols == ONE and right[0].rows == ONE:
-                u = self.stack(left[0] if len(left) == 1 else MatMul(*left))
-                w = self.stack(simplify(Transpose(right[0] if len(right) == 1 else MatMul(*right))))
+        for t in range(varying[0] + 1, varying[-1] + 1):
+            # uᵢ wᵢᵀ with uᵢ = F₁…Fₜ a column and wᵢᵀ a row, or Lᵢ Rᵢ with both per-sample matrices
+            # (Σᵢ Lᵢ Rᵢ = [L₁ … L_B] [R₁ᵀ … R_Bᵀ]ᵀ, the samples side by side: δZ Uᵀ of a convolution)
+            left, right = product(f[:t], f[0].rows), product(f[t:], f[t].rows)
+            outer = left.cols == ONE and right.rows == ONE
+            if outer or (self.varies(left) and self.varies(right)):
+                u, w = self.stack(left), self.stack(simplify(Transpose(right)))
                 if u is not None and w is not None:
                     return ScalarMul(1 / BATCH, MatMul(u, Transpose(w)))
         if len(varying) != 2:
@@ -211,6 +224,28 @@ class BatchLowering:
                 return None
             return around(ScalarMul(1 / BATCH, MatMul(u, Transpose(w))), j, k)
         return None
+
+
+def _unvec_operand(e: Expr) -> Expr | None:
+    """v for unvec(v) written as the adjoint of vec, (vec(I_c)ᵀ ⊗ I_r)(I_c ⊗ v); else None."""
+    if not (isinstance(e, MatMul) and len(e.args) == 2 and all(isinstance(a, Kron) for a in e.args)):
+        return None
+    (left, identity), (c, v) = e.args[0].args, e.args[1].args
+    if isinstance(identity, Identity) and isinstance(c, Identity) and v.cols == ONE \
+            and left == Transpose(Vec(Identity(c.rows))):
+        return v
+    return None
+
+
+def _repeated(e: Expr) -> Expr | None:
+    """The batch of a quantity shared by every sample: v 1_Bᵀ for a vector, and for a matrix that is a
+    broadcast column, v 1_cᵀ, v 1_{c·B}ᵀ (a bias over positions); None for any other shared matrix."""
+    e = simplify(e)
+    if e.cols == ONE:
+        return MatMul(e, Ones(ONE, BATCH))
+    if isinstance(e, MatMul) and isinstance(e.args[-1], Ones) and e.args[-1].rows == ONE:
+        return MatMul(*e.args[:-1], Ones(ONE, e.cols * BATCH))
+    return None
 
 
 def _push_scale(s: Expr, m: Expr) -> Expr | None:
@@ -298,7 +333,8 @@ def batch_hbp(d: Derivation, name: str, curvature: Curvature | str = Curvature.E
 
 def _require(e: Expr | None, d: Derivation, what: str) -> Expr:
     if e is None:
-        raise McalcError(f"module '{d.module.name}': the {what} has no batch form (per-sample matrices)")
+        raise McalcError(f"module '{d.module.name}': the {what} has no batch form: a product of two per-sample "
+                         "matrices (Xᵢ Yᵢ, or Xᵢ vᵢ as attention has) is not lowered over a batch yet")
     return simplify(e)
 
 

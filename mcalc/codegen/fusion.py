@@ -25,6 +25,7 @@ from ..expr import (
     Expr,
     Hadamard,
     Identity,
+    Kron,
     LogSoftmax,
     MatMul,
     Ones,
@@ -33,7 +34,7 @@ from ..expr import (
     Softmax,
 )
 from ..functions import ElementwiseFunction
-from .plan import Program, Reference, Step, in_place
+from .plan import Program, Reference, Step, read_by
 
 FUSABLE = (Add, Hadamard, ScalarMul, ScaleBy, Apply)
 UNNAMED = "KERNEL_NAME"  # stands for a kernel's name until its content names it (its CUDA source)
@@ -64,7 +65,7 @@ def scaled_matrix(node: Expr) -> Expr | None:
     if not isinstance(node, MatMul):
         return None
     dense = [a for a in node.args if not isinstance(a, Diag)]
-    if len(dense) != 1 or len(dense) == len(node.args) or isinstance(dense[0], Ones) \
+    if len(dense) != 1 or len(dense) == len(node.args) or isinstance(dense[0], (Ones, Kron)) \
             or tuple(dense[0].shape) != tuple(node.shape):
         return None
     return dense[0]
@@ -174,13 +175,13 @@ class KernelBuilder:
         if top or self._internal(node, kernel.shape):
             kernel.members.add(self.program.names[node])
             for child in node.children:
-                target = in_place(node, child)
-                if isinstance(target, Identity) or is_all_ones(target):
-                    continue
-                if isinstance(child, Diag) and scaled_matrix(node) is not None:
-                    self._add_input(kernel, target)  # read at r or at c by the scaling, never inlined
-                    continue
-                self._collect(kernel, target)
+                for target in read_by(node, child):
+                    if isinstance(target, Identity) or is_all_ones(target):
+                        continue
+                    if isinstance(child, Diag) and scaled_matrix(node) is not None:
+                        self._add_input(kernel, target)  # read at r or at c by the scaling, never inlined
+                        continue
+                    self._collect(kernel, target)
             return
         if is_all_ones(node):
             return
@@ -214,7 +215,8 @@ def live_steps(program: Program, kernels: list[Kernel]) -> set[str]:
         else:
             live.add(step.target)
             if not isinstance(step.node, BatchMean):  # a per-sample fallback reads the batch itself
-                needed |= {program.names.get(in_place(step.node, child)) for child in step.node.children}
+                needed |= {program.names.get(read) for child in step.node.children
+                           for read in read_by(step.node, child)}
     return live
 
 

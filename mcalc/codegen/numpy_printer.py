@@ -17,9 +17,19 @@ import sympy as sp
 from sympy.printing.numpy import NumPyPrinter as _SymPyNumPyPrinter
 from sympy.printing.numpy import SciPyPrinter as _SymPySciPyPrinter
 
-from ..expr import ONE, Diag, Expr, Identity, Ones, ScalarMul
+from ..expr import ONE, Diag, Expr, Identity, Kron, MatMul, Ones, ScalarMul
 from ..functions import ElementwiseFunction
-from .plan import Argument, Axis, BatchColumns, Column, DimensionSource, InPlace, Reference, sanitise
+from .plan import (
+    Argument,
+    Axis,
+    BatchColumns,
+    Column,
+    DimensionSource,
+    InPlace,
+    Reference,
+    batch_reference,
+    sanitise,
+)
 
 
 # --- references and dimensions of a plan, as Python ---------------------------------------------
@@ -160,9 +170,33 @@ class ArrayPrinter:
         return f"{code}.T"
 
     # --- products --------------------------------------------------------
+    def _kron_factor(self, f: Expr) -> str:
+        """An argument of :func:`~mcalc.runtime.array_ops.kron_matmul`: None for an identity."""
+        return "None" if isinstance(f, Identity) else self.operand(f)
+
     def _print_MatMul(self, node: Expr) -> str:
+        factors = node.args
+        if not any(not isinstance(f, (Diag, Ones, Kron)) for f in factors):
+            structured = False  # nothing to apply a Kronecker factor to: it is formed, scaled or summed
+        elif isinstance(factors[0], Kron):
+            # (A ⊗ B) (rest): the rest first, then the Kronecker factor applied to it
+            rest = factors[1] if len(factors) == 2 else MatMul(*factors[1:])
+            a, b = factors[0].args
+            inner = self.operand(rest) if len(factors) == 2 else self._print_MatMul(rest)
+            return f"_kron_matmul({self._kron_factor(a)}, {self._kron_factor(b)}, {inner})"
+        else:
+            structured = True
         code, row_scales, column_sum = None, [], False
         for f in node.args:
+            if isinstance(f, Kron) and structured:
+                if code is None:  # diag(v) (A ⊗ B) …: the rows of the product from the Kronecker factor on
+                    rest = node.args[node.args.index(f):]
+                    code = self._print_MatMul(rest[0] if len(rest) == 1 else MatMul(*rest))
+                    for v in row_scales:
+                        code = f"({v} * {code})"
+                    return self._column_sums(code) if column_sum else code
+                code = f"_matmul_kron({code}, {self._kron_factor(f.args[0])}, {self._kron_factor(f.args[1])})"
+                continue
             if isinstance(f, Ones) and code is not None and f.cols == ONE:  # M 1 = row sums
                 code = self._row_sums(code) if f.rows != ONE else code
                 continue
@@ -179,7 +213,7 @@ class ArrayPrinter:
                 else:
                     code = f"({code} * {self._transposed(v)})"
                 continue
-            factor = self.operand(f)
+            factor = self._print_Kron(f) if isinstance(f, Kron) else self.operand(f)  # a Kron has no step
             for v in row_scales:
                 factor = f"({v} * {factor})"
             row_scales = []
@@ -255,6 +289,19 @@ class ArrayPrinter:
 
     def _print_Gram(self, node: Expr) -> str:
         return f"_gram({self.operand(node.args[0])})"
+
+    # --- per-sample matrices, their samples side by side ------------------------------------------
+    def _print_Stacked(self, node: Expr) -> str:  # a per-sample matrix argument, (rows, B, cols)
+        return f"_side_by_side({argument_code(batch_reference(node.args[0]))})"
+
+    def _print_SampleProduct(self, node: Expr) -> str:
+        return f"_sample_product({self.operand(node.args[0])}, {self.operand(node.args[1])})"
+
+    def _print_VecOfSamples(self, node: Expr) -> str:
+        return f"_vec_of_samples({self.operand(node.args[0])}, {self.dim(node.args[1])})"
+
+    def _print_UnvecOfSamples(self, node: Expr) -> str:
+        return f"_unvec_of_samples({self.operand(node.args[0])}, {self.dim(node.args[1])})"
 
 
 class BatchedArrayPrinter(ArrayPrinter):

@@ -135,6 +135,9 @@ class Program:
     results: dict[str, Reference | BlockPlan] = field(default_factory=dict)
     fallbacks: list[tuple[str, Program, tuple[Expr, ...]]] = field(default_factory=list)
     names: dict[Expr, Reference] = field(default_factory=dict)  # how each node is referred to
+    # results that are per-sample matrices (rows × cols each), computed side by side (rows, cols·B) and
+    # returned as the batch arguments are passed, (rows, B, cols): their rows
+    sample_rows: dict[str, sp.Expr] = field(default_factory=dict)
 
     def result_names(self) -> list[Reference]:
         """The references the results read: a result, or a block's array scales, factors and dense part."""
@@ -149,9 +152,10 @@ class Program:
         uses: dict[Reference, int] = {}
         for s in self.steps:
             for child in s.node.children:
-                name = self.names.get(in_place(s.node, child))
-                if name is not None and name is not IN_PLACE:
-                    uses[name] = uses.get(name, 0) + 1
+                for read in read_by(s.node, child):
+                    name = self.names.get(read)
+                    if name is not None and name is not IN_PLACE:
+                        uses[name] = uses.get(name, 0) + 1
         for name in self.result_names():
             uses[name] = uses.get(name, 0) + 2
         return uses
@@ -173,8 +177,8 @@ class ProgramBuilder:
         self._separated: dict[Expr, Expr] = {}
 
     def leaf_name(self, node: Expr) -> Argument | None:
-        if isinstance(node, Stacked):
-            return batch_reference(node.args[0])
+        if isinstance(node, Stacked):  # a per-sample matrix is a step: its samples side by side
+            return batch_reference(node.args[0]) if node.args[0].cols == ONE else None
         if isinstance(node, Symbol):
             return Argument("P", node.name)
         if isinstance(node, Seed):
@@ -212,11 +216,19 @@ class ProgramBuilder:
         if isinstance(node, BatchMean):
             return self._fallback(node)
         for child in node.children:
-            self.ref(in_place(node, child))
+            for read in read_by(node, child):
+                self.ref(read)
         target = f"{self.prefix}{len(self.program.steps)}"
         self.program.steps.append(Step(target, node))
         self.names[node] = target
         return target
+
+    def named_result(self, name: str, node: Expr, sample: Expr | None = None) -> None:
+        """The result ``name``: ``node``; with ``sample``, the batch of that per-sample vector or matrix
+        (a matrix is returned as the batch arguments are passed)."""
+        self.program.results[name] = self.result(node)
+        if sample is not None and sample.cols != ONE:
+            self.program.sample_rows[name] = sample.rows
 
     def result(self, node: Expr) -> Reference:
         """The reference of a value the function returns: a constant one (an identity block, say) is
@@ -274,15 +286,21 @@ def batch_reference(leaf: Expr) -> Argument:
     return seed_reference(leaf) if isinstance(leaf, Seed) else Argument("S", leaf.name)
 
 
-def in_place(parent: Expr, child: Expr) -> Expr:
-    """What of ``child`` the printer needs when it writes ``parent``: a diagonal is used through its vector."""
+def read_by(parent: Expr, child: Expr) -> tuple[Expr, ...]:
+    """What of ``child`` the printer reads when it writes ``parent``: a diagonal through its vector, a
+    Kronecker factor of a product through its factors (identities need nothing), never formed; a
+    batch argument reads no step."""
+    if isinstance(parent, Stacked):
+        return ()
     if isinstance(parent, (Add, MatMul)):
         core = child.operand if isinstance(child, ScalarMul) and isinstance(parent, Add) else child
         if isinstance(core, Diag):
-            return core.args[0]
+            return (core.args[0],)
         if isinstance(core, Identity) and isinstance(parent, Add):
-            return core
-    return child
+            return (core,)
+        if isinstance(core, Kron) and isinstance(parent, MatMul):
+            return tuple(f for f in core.args if not isinstance(f, Identity))
+    return (child,)
 
 
 def _implicit_gram(factor: Expr) -> Expr:
@@ -383,7 +401,7 @@ def plan_module(d: Derivation) -> ModulePlan:
     m = d.module
     BatchLowering(d)  # refuses modules without a batch form, with a clear error
     forward = ProgramBuilder()
-    forward.program.results["Z"] = forward.result(batch_forward(d))
+    forward.named_result("Z", batch_forward(d), m.output)
     # A first layer's input needs no gradient or curvature: a second program skips that work.
     wanted = {True: m.variables, False: m.params}
     gradients: dict[bool, Program] = {}
@@ -392,16 +410,16 @@ def plan_module(d: Derivation) -> ModulePlan:
     for with_inputs, variables in wanted.items():
         builder = ProgramBuilder()
         for v in variables:
-            builder.program.results[v.name] = builder.result(batch_gradient(d, v.name))
+            builder.named_result(v.name, batch_gradient(d, v.name), v if v in m.inputs else None)
         gradients[with_inputs] = builder.program
         if not variables:
             continue  # nothing moves: a module without parameters has no parameters-only tangent
         builder = ProgramBuilder()
-        builder.program.results["Z"] = builder.result(batch_jvp(d, with_inputs))
+        builder.named_result("Z", batch_jvp(d, with_inputs), m.output)
         jvp[with_inputs] = builder.program
         builder = ProgramBuilder()
         for v in variables:
-            builder.program.results[v.name] = builder.result(batch_gradient_tangent(d, v.name, with_inputs))
+            builder.named_result(v.name, batch_gradient_tangent(d, v.name, with_inputs), v if v in m.inputs else None)
         rgradients[with_inputs] = builder.program
     def blocks(variables: tuple, curvature: Curvature, approximation: Approximation, terminal: bool = False) -> Program:
         builder = ProgramBuilder()
@@ -491,7 +509,9 @@ def _dimension_sources(d: Derivation, per_sample: list[str]) -> dict[str, Dimens
     sources: dict[str, DimensionSource] = {"B": BatchColumns()}
     for s in d.module.symbols:
         where = Argument("S" if s.name in per_sample else "P", s.name)
-        for axis, extent in enumerate(s.shape if s.name not in per_sample else (s.rows,)):
+        # a batch argument is (rows, B) or (rows, B, cols), a parameter as declared
+        axes = enumerate(s.shape) if s.name not in per_sample else ((0, s.rows), (2, s.cols))
+        for axis, extent in axes:
             if extent.is_Symbol and str(extent) not in sources:
                 sources[str(extent)] = Axis(where, axis)
     return sources

@@ -135,6 +135,8 @@ def printed_results(program: Program) -> dict[str, Any]:
                 dense = f"xp.zeros(({dim_code(result.order)}, {dim_code(result.order)}), dtype=dtype)"
             out[name] = {"kron": [(scale_code(s), reference_code(a), reference_code(b)) for s, a, b in result.kron],
                          "dense": dense}
+        elif name in program.sample_rows:  # per-sample matrices, back to (rows, B, cols)
+            out[name] = f"{reference_code(result)}.reshape({dim_code(program.sample_rows[name])}, B, -1)"
         else:
             out[name] = reference_code(result)
     return out

@@ -81,6 +81,14 @@ def as_matrix(value: Any, symbol: Symbol | Seed, what: str) -> np.ndarray:
     return a
 
 
+def side_by_side(samples: np.ndarray) -> np.ndarray:
+    """A batch (B, rows) of vectors or (B, rows, cols) of matrices as the samples side by side, (rows,
+    B) or (rows, cols·B): the layout of a :class:`~mcalc.expr.Stacked` batch."""
+    if samples.ndim == 2:
+        return samples.T
+    return np.concatenate(list(samples), axis=1)
+
+
 class Evaluator:
     """Evaluates expressions under one set of values, memoising shared subexpressions."""
 
@@ -156,10 +164,12 @@ class Evaluator:
         for s in module.symbols:
             if s.name in batch:
                 a = np.asarray(batch[s.name], dtype=float)
-                if a.ndim != 2 or not s.is_vector:
-                    raise EvaluationError(f"batch of '{s.name}': expected shape (B, {s.rows}), got {a.shape}")
-                dims.bind(s.shape, (a.shape[1], 1), binding, what=f"batch of '{s.name}' with shape {a.shape}")
-                stacked[s.name] = a.T
+                if a.ndim != (2 if s.is_vector else 3):
+                    expected = f"(B, {s.rows})" if s.is_vector else f"(B, {s.rows}, {s.cols})"
+                    raise EvaluationError(f"batch of '{s.name}': expected shape {expected}, got {a.shape}")
+                dims.bind(s.shape, (a.shape[1], a.shape[2] if a.ndim == 3 else 1), binding,
+                          what=f"batch of '{s.name}' with shape {a.shape}")
+                stacked[s.name] = side_by_side(a)
             elif s.name in shared:
                 a = as_matrix(shared[s.name], s, f"value of '{s.name}'")
                 dims.bind(s.shape, a.shape, binding, what=f"value of '{s.name}' with shape {a.shape}")
@@ -167,8 +177,10 @@ class Evaluator:
             else:
                 raise EvaluationError(f"module '{module.name}': no value for symbol '{s.name}'")
         seeds: dict[str, np.ndarray] = {}
-        if dZ is not None:
-            stacked["dz"] = np.asarray(dZ, dtype=float).reshape(binding[BATCH], -1).T
+        if dZ is not None:  # (B, size z): each row vec(δzᵢ)
+            rows, cols = (dims.evaluate(d, binding) for d in module.output.shape)
+            dZ = np.asarray(dZ, dtype=float).reshape(binding[BATCH], cols, rows)
+            stacked["dz"] = side_by_side(dZ.transpose(0, 2, 1))
         if Hz is not None:
             seeds["Hz"] = np.asarray(Hz, dtype=float)
         return cls(env, binding, seeds, stacked)
@@ -254,6 +266,19 @@ class Evaluator:
             raise EvaluationError(f"no batch of values for '{key}'")
         return self.stacked[key]
 
+    def _eval_SampleProduct(self, e: Expr) -> np.ndarray:
+        m, v = self.value(e.args[0]), self.value(e.args[1])
+        blocks = m.reshape(m.shape[0], self.dim(BATCH), v.shape[0])
+        return side_by_side((blocks @ v).transpose(1, 0, 2))
+
+    def _eval_VecOfSamples(self, e: Expr) -> np.ndarray:
+        m = self.value(e.args[0])
+        return np.stack([vec(block) for block in np.split(m, self.dim(BATCH), axis=1)], axis=1)
+
+    def _eval_UnvecOfSamples(self, e: Expr) -> np.ndarray:
+        m, rows = self.value(e.args[0]), self.dim(e.args[1])
+        return np.concatenate([unvec(m[:, i], (rows, m.shape[0] // rows)) for i in range(m.shape[1])], axis=1)
+
     def _eval_BatchMean(self, e: Expr) -> np.ndarray:
         operand, leaves = e.args
         total = None
@@ -261,10 +286,11 @@ class Evaluator:
         for i in range(size):
             env, seeds = dict(self.env), dict(self.seeds)
             for leaf in leaves:
+                c = self.dim(leaf.cols)  # sample i's columns of the samples side by side
                 if isinstance(leaf, Seed):
-                    seeds[leaf.kind] = self.stacked[leaf.kind][:, i : i + 1]
+                    seeds[leaf.kind] = self.stacked[leaf.kind][:, i * c : (i + 1) * c]
                 else:
-                    env[leaf.args[0]] = self.stacked[leaf.args[0]][:, i : i + 1]
+                    env[leaf.args[0]] = self.stacked[leaf.args[0]][:, i * c : (i + 1) * c]
             value = Evaluator(env, self.binding, seeds, self.stacked).value(operand)
             total = value if total is None else total + value
         return total / size

@@ -6,9 +6,10 @@ import numpy as np
 from ..calculus.derivation import Derivation
 from ..codegen.batch import batch_hbp
 from ..errors import McalcError
+from ..expr import Expr
 from ..modes import APPROXIMATIONS, CURVATURES, Approximation, Curvature
 from ..module import Module
-from .evaluate import Evaluator, as_matrix, with_curvature
+from .evaluate import Evaluator, as_matrix, unvec, vec, with_curvature
 from .finite_diff import fd_gradient_tangents, fd_jacobian, fd_jvp, fd_second_order
 from .verify import TOLERANCES, Check, relative_error, sample_values
 
@@ -55,25 +56,31 @@ def verify_backend(module: Module, backend: str, *, seed: int = 0) -> list[Check
         values.update(shared)
     rng = np.random.default_rng(seed)
     P = {k: xp.asarray(v) for k, v in shared.items()}
-    S = {s.name: xp.asarray(np.stack([np.reshape(v[s.name], -1) for v in samples], axis=1)) for s in per_sample}
-    Z = np.asarray(_host(code.forward(P, S)["Z"]))
-    dZ = rng.normal(size=(BATCH_SIZE, Z.shape[0])) / BATCH_SIZE
+    S = {s.name: xp.asarray(batch_argument([v[s.name] for v in samples], s)) for s in per_sample}
+    Z = vec_columns(_host(code.forward(P, S)["Z"]))
+    dZ = rng.normal(size=(BATCH_SIZE, Z.shape[0])) / BATCH_SIZE  # row i: vec δzᵢ
     a = rng.normal(size=(Z.shape[0], Z.shape[0]))
     Hz = a @ a.T / Z.shape[0]
     checks = [Check(module.name, "Z (forward)", "-", relative_error(
-        Z, np.stack([np.reshape(module.forward(v), -1) for v in samples], axis=1)), TOLERANCES["jacobian"])]
-    S["dz"] = xp.asarray(dZ.T)
+        Z, np.stack([vec(as_matrix(module.forward(v), module.output, "z")) for v in samples], axis=1)),
+        TOLERANCES["jacobian"])]
+    S["dz"] = xp.asarray(batch_argument([unvec(row, _output_shape(module, samples)) for row in dZ], module.output))
     grads = code.gradients(P, S)
     for v in module.variables:
         Js = [fd_jacobian(module, v.name, values) for values in samples]
         per = [J.T @ dZ[i] for i, J in enumerate(Js)]
         got = _host(grads[v.name])
-        expected = np.stack(per, axis=1) if v in module.inputs else sum(per).reshape(got.shape, order="F")
+        if v in module.inputs:
+            got, expected = vec_columns(got), np.stack(per, axis=1)
+        else:
+            expected = sum(per).reshape(got.shape, order="F")
         checks.append(Check(module.name, f"δ{v.name} (batch)", "-",
                             relative_error(got, expected), TOLERANCES["gradient"]))
     checks += _tangent_checks(module, code, xp, samples, P, S, dZ, rng)
     factored = Evaluator.for_batch(module, {k: _host(v) for k, v in P.items()},
-                                   {s.name: _host(S[s.name]).T for s in per_sample}, dZ=dZ, Hz=Hz)
+                                   {s.name: np.stack([as_matrix(v[s.name], s, s.name) for v in samples])
+                                    if not s.is_vector else np.stack([np.reshape(v[s.name], -1) for v in samples])
+                                    for s in per_sample}, dZ=dZ, Hz=Hz)
     for curvature in CURVATURES:
         for approximation in APPROXIMATIONS:
             blocks = code.HBP[(curvature, approximation)](P, S, xp.asarray(Hz))
@@ -103,7 +110,7 @@ def _tangent_checks(module: Module, code: object, xp: object, samples: list[dict
     each sample's finite differences."""
     checks = []
     B = len(samples)
-    per_sample = {v.name for v in module.inputs}
+    per_sample = {v.name: v for v in module.inputs}
     shared = {v.name: rng.normal(size=np.shape(samples[0][v.name])) for v in module.params}
     tangents = [{**shared, **{n: rng.normal(size=np.shape(samples[0][n])) for n in per_sample}} for _ in range(B)]
     RdZ = rng.normal(size=dZ.shape)
@@ -112,23 +119,42 @@ def _tangent_checks(module: Module, code: object, xp: object, samples: list[dict
         if not moving:
             continue
         chosen = [{n: t[n] for n in (v.name for v in moving)} for t in tangents]
-        V = {v.name: xp.asarray(np.stack([np.reshape(t[v.name], -1) for t in chosen], axis=1)) if v.name in per_sample
+        V = {v.name: xp.asarray(batch_argument([t[v.name] for t in chosen], v)) if v.name in per_sample
              else xp.asarray(as_matrix(chosen[0][v.name], v, v.name)) for v in moving}
-        V["dz"] = xp.asarray(RdZ.T)
+        V["dz"] = xp.asarray(batch_argument([unvec(row, _output_shape(module, samples)) for row in RdZ],
+                                            module.output))
         which = "" if with_inputs else ", parameters moving"
         expected = np.stack([fd_jvp(module, values, t) for values, t in zip(samples, chosen)], axis=1)
-        got = _host(code.jvp(P, S, V, inputs=with_inputs)["Z"])
+        got = vec_columns(_host(code.jvp(P, S, V, inputs=with_inputs)["Z"]))
         checks.append(Check(module.name, f"R{{Z}}{which}", "-", relative_error(got, expected),
                             TOLERANCES["jacobian"]))
         per = [fd_gradient_tangents(module, samples[i], dZ[i], chosen[i], RdZ[i]) for i in range(B)]
         results = code.rgradients(P, S, V, inputs=with_inputs)
         for v in moving:
             got = _host(results[v.name])
-            expected = np.stack([r[v.name] for r in per], axis=1) if v.name in per_sample else \
-                sum(r[v.name] for r in per).reshape(got.shape, order="F")
+            if v.name in per_sample:
+                got, expected = vec_columns(got), np.stack([np.reshape(r[v.name], -1) for r in per], axis=1)
+            else:
+                expected = sum(r[v.name] for r in per).reshape(got.shape, order="F")
             checks.append(Check(module.name, f"R{{δ{v.name}}} (batch{which})", "-",
                                 relative_error(got, expected), TOLERANCES["hbp"]))
     return checks
+
+
+def batch_argument(values: list, symbol: Expr) -> np.ndarray:
+    """Per-sample values of ``symbol`` as generated code takes their batch: a vector's (rows, B), a
+    matrix's (rows, B, cols)."""
+    matrices = np.stack([as_matrix(v, symbol, "a sample") for v in values], axis=1)  # (rows, B, cols)
+    return matrices[:, :, 0] if symbol.is_vector else matrices
+
+
+def vec_columns(batch: np.ndarray) -> np.ndarray:
+    """A batch as generated code returns it, (rows, B) or (rows, B, cols), as one column vec(·ᵢ) per sample."""
+    return batch if batch.ndim == 2 else batch.transpose(1, 2, 0).reshape(batch.shape[1], -1).T
+
+
+def _output_shape(module: Module, samples: list[dict]) -> tuple[int, int]:
+    return as_matrix(module.forward(samples[0]), module.output, "z").shape
 
 
 def _host(a: object) -> np.ndarray:

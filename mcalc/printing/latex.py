@@ -101,6 +101,15 @@ class LatexPrinter(Printer):
     def _print_Stacked(self, e: Expr) -> str:
         return rf"\left[{self._print(e.args[0])}\right]_{{B}}"
 
+    def _print_SampleProduct(self, e: Expr) -> str:
+        return rf"{self.wrap(e.args[0], ATOM)} \left(I_{{B}} \otimes {self._print(e.args[1])}\right)"
+
+    def _print_VecOfSamples(self, e: Expr) -> str:
+        return rf"\operatorname{{vec}}_{{i}}\left[{self._print(e.args[0])}\right]"
+
+    def _print_UnvecOfSamples(self, e: Expr) -> str:
+        return rf"\operatorname{{unvec}}_{{i}}\left[{self._print(e.args[0])}\right]"
+
     def _print_BatchMean(self, e: Expr) -> str:
         return rf"\overline{{{self._print(e.args[0])}}}"
 

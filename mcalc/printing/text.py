@@ -94,6 +94,15 @@ class TextPrinter(Printer):
     def _print_Stacked(self, e: Expr) -> str:
         return f"[{self._print(e.args[0])}]_B"
 
+    def _print_SampleProduct(self, e: Expr) -> str:  # each sample's block times V: M (I_B ⊗ V)
+        return f"{self.wrap(e.args[0], ATOM)} (I_B ⊗ {self._print(e.args[1])})"
+
+    def _print_VecOfSamples(self, e: Expr) -> str:
+        return f"vecᵢ[{self._print(e.args[0])}]"
+
+    def _print_UnvecOfSamples(self, e: Expr) -> str:
+        return f"unvecᵢ[{self._print(e.args[0])}]"
+
     def _print_BatchMean(self, e: Expr) -> str:
         return f"meanᵢ[{self._print(e.args[0])}]"
 

@@ -78,6 +78,60 @@ def kron_product(a: Any, b: Any) -> Any:
     return product.reshape(product.shape[:-4] + (a.shape[-2] * b.shape[-2], a.shape[-1] * b.shape[-1]))
 
 
+# --- per-sample matrices: (rows, B, cols) arguments, (rows, cols·B) side by side in a program -----
+def side_by_side(a: Any) -> Any:
+    """A batch of per-sample matrices, (rows, B, cols), as the samples side by side, (rows, B·cols), sample
+    i in columns i·cols … (i+1)·cols − 1: a view."""
+    return a.reshape(a.shape[0], -1)
+
+
+def samples_first(a: Any) -> Any:
+    """A batch argument as a stack of its samples, (B, rows, cols): a per-sample rule's operand."""
+    return namespace(a).moveaxis(a, 1, 0) if a.ndim == 3 else a.T[:, :, None]
+
+
+def sample_product(m: Any, v: Any) -> Any:
+    """Each sample's block of the side-by-side ``m`` (rows, B·c) times ``v`` (c, c′): (rows, B·c′)."""
+    return matmul(m.reshape(-1, v.shape[0]), v).reshape(m.shape[0], -1)
+
+
+def vec_of_samples(m: Any, cols: int) -> Any:
+    """vec of each sample's (rows, cols) block of the side-by-side ``m``, one column per sample."""
+    rows = m.shape[0]
+    return namespace(m).moveaxis(m.reshape(rows, -1, cols), 2, 0).reshape(rows * cols, -1)
+
+
+def unvec_of_samples(m: Any, rows: int) -> Any:
+    """The inverse of :func:`vec_of_samples`: columns vec(Xᵢ) to the blocks Xᵢ (rows, c) side by side."""
+    cols = m.shape[0] // rows
+    return namespace(m).moveaxis(m.reshape(cols, rows, -1), 0, 2).reshape(rows, -1)
+
+
+def kron_matmul(a: Any, b: Any, m: Any) -> Any:
+    """(A ⊗ B) M without forming A ⊗ B (M&N: (A ⊗ B) vec X = vec(B X Aᵀ), column by column of M); None
+    stands for an identity factor: A ⊗ I is one product of M's reshape, I ⊗ B one per block of M. Any
+    of the three may be a stack (the samples on leading axes)."""
+    k = m.shape[-1]
+    if b is None:  # (A ⊗ I_s) M: A times M's rows grouped by A's columns
+        out = matmul(a, m.reshape(m.shape[:-2] + (a.shape[-1], -1)))
+        return out.reshape(out.shape[:-2] + (-1, k))
+    xp = namespace(m)
+    s = b.shape[-1]
+    blocks = m.reshape(m.shape[:-2] + (-1, s, k))  # (…, q, s, k): M's q blocks of s rows
+    if a is None and m.ndim == 2 and b.ndim == 2:  # (I_q ⊗ B) M as one product over the blocks
+        q = blocks.shape[0]
+        return matmul(b, xp.moveaxis(blocks, 1, 0).reshape(s, -1)).reshape(-1, q, k).swapaxes(0, 1).reshape(-1, k)
+    out = xp.einsum("...rs,...qsk->...qrk", b, blocks) if a is None else \
+        xp.einsum("...pq,...rs,...qsk->...prk", a, b, blocks)
+    return out.reshape(out.shape[:-3] + (-1, k))
+
+
+def matmul_kron(m: Any, a: Any, b: Any) -> Any:
+    """M (A ⊗ B) without forming A ⊗ B: ((Aᵀ ⊗ Bᵀ) Mᵀ)ᵀ."""
+    flip = lambda x: None if x is None else transpose(x)  # noqa: E731
+    return transpose(kron_matmul(flip(a), flip(b), transpose(m)))
+
+
 def batch_mean(a: Any) -> Any:
     """The mean over the samples of a stack (its first axis); a matrix the samples share, as it is."""
     return a.mean(axis=0) if a.ndim > 2 else a

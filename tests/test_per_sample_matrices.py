@@ -1,0 +1,115 @@
+"""Per-sample matrix inputs and outputs (d × T) through the whole compiler: batch rules, generated code on
+NumPy and on the CUDA emulator, against per-sample averages and finite differences."""
+import numpy as np
+import pytest
+from conftest import ROOT
+from test_batch import check_batch_rules
+from test_codegen_numpy import check_generated
+
+from mcalc.codegen.generate import generate
+from mcalc.codegen.store import code_path, load_code
+from mcalc.numeric.verify_backend import verify_backend
+from mcalc.runtime import array_ops, emulator
+from mcalc.user_modules import load_modules
+
+MODULES = load_modules(ROOT / "examples" / "per_sample_matrices.py")
+BY_NAME = {m.name: m for m in MODULES}
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("generated")
+    generate(MODULES, ["numpy"], directory)
+    return directory
+
+
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: m.name)
+def test_batch_rules_equal_per_sample_averages(module):
+    check_batch_rules(module)
+
+
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: m.name)
+def test_generated_code_matches_the_batch_rules(module, generated):
+    check_generated(module, load_code(module, "numpy", generated))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cupy-emulated"])
+def test_generated_code_matches_finite_differences(backend, tmp_path, monkeypatch):
+    if backend == "cupy-emulated" and emulator.unavailable_reason():
+        pytest.skip(emulator.unavailable_reason())
+    monkeypatch.setenv("MCALC_CACHE", str(tmp_path))
+    for module in (BY_NAME["PositionwiseLinear"], BY_NAME["Flatten"]):
+        checks = verify_backend(module, backend)
+        assert checks and all(c.ok for c in checks), [c for c in checks if not c.ok]
+        assert sum(c.error > 0 for c in checks) > len(checks) // 2  # real comparisons, not zeros with zeros
+
+
+def test_shared_weights_are_applied_without_forming_kronecker_products(generated):
+    """(I_T ⊗ Wᵀ) 𝓗z (I_T ⊗ W), the input's block of a position-wise Linear layer, is applied to 𝓗z by
+    reshapes and products (T·m·d work per entry), never formed as a (T·m × T·d) matrix; no function loops
+    over the batch."""
+    source = code_path(BY_NAME["PositionwiseLinear"], "numpy", generated).read_text()
+    assert "xp.kron(" not in source and "_kron_matmul(" in source and "for i in range" not in source
+
+
+def test_kronecker_products_applied_by_reshapes_equal_the_dense_ones():
+    rng = np.random.default_rng(0)
+    A, B = rng.normal(size=(3, 4)), rng.normal(size=(5, 2))
+    for a, b in [(A, B), (None, B), (A, None)]:
+        dense = np.kron(np.eye(4) if a is None else a, np.eye(2) if b is None else b)
+        M, N = rng.normal(size=(dense.shape[1], 7)), rng.normal(size=(7, dense.shape[0]))
+        np.testing.assert_allclose(array_ops.kron_matmul(a, b, M), dense @ M, rtol=1e-12)
+        np.testing.assert_allclose(array_ops.matmul_kron(N, a, b), N @ dense, rtol=1e-12)
+    stack = rng.normal(size=(4, 3, 5))  # a stack of samples (B, d, T)
+    H = rng.normal(size=(10, 10))
+    got = array_ops.kron_matmul(stack, None, array_ops.matmul_kron(H, array_ops.transpose(stack), None))
+    np.testing.assert_allclose(got, [np.kron(u, np.eye(2)) @ H @ np.kron(u.T, np.eye(2)) for u in stack])
+
+
+def test_the_layouts_of_a_batch_of_matrices_agree():
+    """(d, B, T) as passed, side by side (d, T·B), one vec per sample (d·T, B), and back."""
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(3, 4, 5))
+    side = array_ops.side_by_side(X)
+    np.testing.assert_array_equal(side[:, 5:10], X[:, 1, :])
+    columns = array_ops.vec_of_samples(side, 5)
+    np.testing.assert_array_equal(columns[:, 2], X[:, 2, :].reshape(-1, order="F"))
+    np.testing.assert_array_equal(array_ops.unvec_of_samples(columns, 3), side)
+    V = rng.normal(size=(5, 2))
+    np.testing.assert_allclose(array_ops.sample_product(side, V)[:, 2:4], X[:, 1, :] @ V)
+    np.testing.assert_array_equal(array_ops.samples_first(X)[2], X[:, 2, :])
+
+
+def test_curvature_blocks_of_a_shared_weight_equal_torch_autograd(tmp_path):
+    """z = tanh(W U + b 1ᵀ) with U (d × T): every (6) block of the generated code against the per-sample
+    blocks from torch autograd (Jacobians and Hessians of the whole position-wise layer), averaged."""
+    import torch_reference
+
+    import mcalc as mc
+
+    U, W, b = mc.Matrix("U", "d", "T"), mc.Matrix("W", "m", "d"), mc.Vector("b", "m")
+    layer = mc.Module("TanhConv1x1", output=mc.tanh(W @ U + b @ mc.ones("T").T), inputs=[U], params=[W, b])
+    generate([layer], ["numpy"], tmp_path)
+    code = load_code(layer, "numpy", tmp_path)
+    rng = np.random.default_rng(3)
+    d, T, m, B = 2, 3, 4, 3
+    P = {"W": rng.normal(size=(m, d)), "b": rng.normal(size=(m, 1))}
+    X, dZ = rng.normal(size=(d, B, T)), rng.normal(size=(m, B, T)) / B
+    a = rng.normal(size=(m * T, m * T))
+    Hz = a @ a.T / (m * T)
+    for name in ("U", "W", "b"):
+        ggn, second = 0, 0  # (6): the mean of the per-sample Gauss–Newton terms, the summed second-order term
+        for i in range(B):
+            values = {"W": P["W"], "b": P["b"].reshape(-1), "U": X[:, i, :]}
+            dense = torch_reference.dense_rules(layer, name, values, dZ[:, i, :].reshape(-1, order="F"), Hz)
+            ggn, second = ggn + dense["ggn"] / B, second + dense["second-order"]
+        assert np.abs(ggn).max() > 1e-3 and np.abs(second).max() > 1e-3
+        for curvature, reference in (("exact", ggn + second), ("ggn", ggn), ("pch-abs", ggn + _psd_abs(second))):
+            block = code.HBP[(curvature, "6")](P, {"U": X, "dz": dZ}, Hz)[name]
+            np.testing.assert_allclose(block.to_dense(), reference, rtol=1e-9, atol=1e-11,
+                                       err_msg=f"{name} {curvature}")
+
+
+def _psd_abs(S):
+    w, v = np.linalg.eigh((S + S.T) / 2)
+    return (v * np.abs(w)) @ v.T
