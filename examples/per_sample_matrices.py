@@ -24,3 +24,14 @@ SumOverPositions = mc.Module("SumOverPositions", output=U @ mc.ones("T"), inputs
 
 # Flatten: the positions' columns stacked into one vector (column-major vec), for a Linear layer after.
 Flatten = mc.Module("Flatten", output=mc.vec(U), inputs=[U])
+
+# A 1-D convolution (PyTorch's Conv1d): c input channels, m filters of width 5, the signal padded with 2
+# zeros at each end so that the output has as many positions as the input; W is (m × c·5), PyTorch's
+# weight reshaped.
+X = mc.Matrix("X", "c", "L")
+K = mc.Matrix("K", "m", "c*5")
+Conv1d = mc.Module("Conv1d", output=K @ mc.unfold(X, 5, padding=2) + b @ mc.ones("L").T, inputs=[X], params=[K, b])
+
+# The same with stride 2 and dilation 2: fewer, wider-spaced patches.
+StridedConv1d = mc.Module("StridedConv1d", output=K @ mc.unfold(X, 5, stride=2, padding=1, dilation=2),
+                          inputs=[X], params=[K])

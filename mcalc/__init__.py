@@ -31,7 +31,7 @@ _API = {
     "Matrix": "symbols", "Scalar": "symbols", "Vector": "symbols", "diag": "symbols", "identity": "symbols",
     "inv": "symbols", "kron": "symbols", "log_softmax": "symbols", "mean": "symbols", "ones": "symbols",
     "softmax": "symbols",
-    "sum": "symbols", "trace": "symbols", "vec": "symbols",
+    "sum": "symbols", "trace": "symbols", "unfold": "symbols", "fold": "symbols", "vec": "symbols",
 }
 
 

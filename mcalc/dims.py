@@ -19,7 +19,8 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z_0-9]*$")
 
 
 def dim(value: str | int | sp.Expr, *, where: str = "") -> sp.Expr:
-    """Parse one declared dimension: a positive int or an identifier."""
+    """Parse one declared dimension: a positive int, an identifier, or a product of them (``"c*5"``, the
+    columns of a convolution's weight over c channels and 5 taps)."""
     context = f" in {where}" if where else ""
     if isinstance(value, bool):
         raise DimensionError(f"unknown dimension {value!r}{context}: dimensions are identifiers or positive integers")
@@ -33,7 +34,10 @@ def dim(value: str | int | sp.Expr, *, where: str = "") -> sp.Expr:
         return sp.Symbol(value, integer=True, positive=True)
     if isinstance(value, str) and value.strip().isdigit():
         return dim(int(value), where=where)
-    raise DimensionError(f"unknown dimension {value!r}{context}: dimensions are identifiers or positive integers")
+    if isinstance(value, str) and "*" in value and all(part.strip() for part in value.split("*")):
+        return sp.Mul(*[dim(part.strip(), where=where) for part in value.split("*")])
+    raise DimensionError(f"unknown dimension {value!r}{context}: dimensions are identifiers, positive integers "
+                         "or products of them (c*5)")
 
 
 def same(a: sp.Expr, b: sp.Expr) -> bool:
@@ -53,6 +57,17 @@ def bind(shape: Shape, actual: tuple[int, int], binding: dict[sp.Symbol, int], *
                 raise DimensionError(
                     f"{what}: dimension '{declared}' is {number} here but {previous} elsewhere"
                 )
+        elif declared.free_symbols <= set(binding):
+            if evaluate(declared, binding) != number:
+                raise DimensionError(f"{what}: expected a size of {declared} = {evaluate(declared, binding)}, "
+                                     f"got {number}")
+        elif len(declared.free_symbols - set(binding)) == 1:  # c*3 = 6 fixes c = 2
+            (unknown,) = declared.free_symbols - set(binding)
+            solutions = [v for v in sp.solve(sp.Eq(declared.xreplace(binding), number), unknown)
+                         if v.is_Integer and v > 0]
+            if not solutions:
+                raise DimensionError(f"{what}: a size of {number} is not {declared} for any positive '{unknown}'")
+            binding[unknown] = int(solutions[0])
 
 
 def evaluate(d: sp.Expr, binding: Mapping[sp.Symbol, int]) -> int:

@@ -13,6 +13,7 @@ compare structurally, so they can key dictionaries and be rewritten.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import sympy as sp
@@ -382,6 +383,55 @@ class Commutation(Expr):
         return (size, size)
 
 
+@dataclass(frozen=True)
+class UnfoldSpec:
+    """The patches of a 1-D convolution: ``kernel`` taps ``dilation`` apart, every ``stride`` positions, over
+    the signal padded with ``padding`` zeros at both ends (PyTorch's Conv1d arguments)."""
+
+    kernel: int
+    stride: int = 1
+    padding: int = 0
+    dilation: int = 1
+
+    def __post_init__(self) -> None:
+        if min(self.kernel, self.stride, self.dilation) < 1 or self.padding < 0:
+            raise ShapeError(f"unfold needs kernel, stride, dilation ≥ 1 and padding ≥ 0, not {self}")
+
+    def positions(self, length: sp.Expr) -> sp.Expr:
+        """T, the number of patches of a signal of ``length``: ⌊(L + 2p − d(k − 1) − 1)/s⌋ + 1."""
+        return sp.floor((length + 2 * self.padding - self.dilation * (self.kernel - 1) - 1) / self.stride) + 1
+
+    def taps(self, length: int) -> Iterator[tuple[int, int, int]]:
+        """(j, t, position) of every tap j of every patch t that reads the signal (not its padding)."""
+        for t in range(int(self.positions(length))):
+            for j in range(self.kernel):
+                position = t * self.stride - self.padding + j * self.dilation
+                if 0 <= position < length:
+                    yield j, t, position
+
+    def matrix_ones(self, channels: int, length: int) -> Iterator[tuple[int, int]]:
+        """(row, column) of every 1 of :class:`UnfoldMatrix` P: vec(unfold X) = P vec X, both vecs
+        column-major, patch rows ch·k + j."""
+        rows = channels * self.kernel
+        for j, t, position in self.taps(length):
+            for ch in range(channels):
+                yield t * rows + ch * self.kernel + j, position * channels + ch
+
+
+class UnfoldMatrix(Expr):
+    """P, the 0/1 matrix of unfold: vec(unfold X) = P vec X for X (c × L), (c·k·T × c·L). Applied by
+    index maps, never formed. ``args`` = (spec, c, L)."""
+
+    __slots__ = ()
+
+    def __init__(self, spec: UnfoldSpec, channels: sp.Expr, length: sp.Expr) -> None:
+        super().__init__(spec, sp.sympify(channels), sp.sympify(length))
+
+    def _infer_shape(self) -> dims.Shape:
+        spec, c, length = self.args
+        return (c * spec.kernel * spec.positions(length), c * length)
+
+
 # =============================================================================
 # Operations a declaration uses
 # =============================================================================
@@ -543,6 +593,36 @@ class Inverse(Expr):
 # =============================================================================
 # Structured factors of derived rules
 # =============================================================================
+class Unfold(Expr):
+    """The patches of X (c × L) as columns (im2col), (c·k × T): entry (ch·k + j, t) is X[ch, t·s − p + j·d],
+    0 in the padding, PyTorch's order, so that a Conv1d is W unfold(X) with W (m × c·k). Of samples
+    side by side (c × L·B, as :class:`Stacked`), each sample's patches side by side (c·k × T·B).
+    ``args`` = (X, spec, L)."""
+
+    __slots__ = ()
+
+    def __init__(self, x: Expr, spec: UnfoldSpec, length: sp.Expr | None = None) -> None:
+        super().__init__(x, spec, sp.sympify(x.cols if length is None else length))
+
+    def _infer_shape(self) -> dims.Shape:
+        x, spec, length = self.args
+        return (x.rows * spec.kernel, spec.positions(length) * sp.cancel(x.cols / length))
+
+
+class Fold(Expr):
+    """The adjoint of :class:`Unfold` (col2im): patches U (c·k × T) added back into a signal (c × L), each
+    entry to the position it was read from. ``args`` = (U, spec, L)."""
+
+    __slots__ = ()
+
+    def __init__(self, u: Expr, spec: UnfoldSpec, length: sp.Expr) -> None:
+        super().__init__(u, spec, sp.sympify(length))
+
+    def _infer_shape(self) -> dims.Shape:
+        u, spec, length = self.args
+        return (sp.cancel(u.rows / spec.kernel), length * sp.cancel(u.cols / spec.positions(length)))
+
+
 class Kron(Expr):
     """The Kronecker product A ⊗ B."""
 

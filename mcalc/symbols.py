@@ -11,6 +11,7 @@ from .errors import DeclarationError, ShapeError, UnsupportedOperationError
 from .expr import (
     Diag,
     Expr,
+    Fold,
     Identity,
     Inverse,
     Kron,
@@ -20,6 +21,8 @@ from .expr import (
     Sum,
     Symbol,
     Trace,
+    Unfold,
+    UnfoldSpec,
     Vec,
 )
 
@@ -133,11 +136,27 @@ def identity(n: str | int) -> Expr:
     return Identity(dims.dim(n, where="identity"))
 
 
+def unfold(x: Expr, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> Expr:
+    """The patches of a signal X (channels × length) as columns (im2col), (channels·kernel × positions):
+    entry (ch·kernel + j, t) is X[ch, t·stride − padding + j·dilation], 0 in the padding (PyTorch's
+    order). A 1-D convolution is ``W @ mc.unfold(X, k)`` with W (out channels × channels·k)."""
+    x = _expr(x, "unfold")
+    return Unfold(x, UnfoldSpec(int(kernel), int(stride), int(padding), int(dilation)))
+
+
+def fold(u: Expr, length: str | int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> Expr:
+    """The adjoint of :func:`unfold` (col2im): patches (channels·kernel × positions) added back into a
+    signal of ``length``, each entry to the position it was read from."""
+    u = _expr(u, "fold")
+    return Fold(u, UnfoldSpec(int(kernel), int(stride), int(padding), int(dilation)), dims.dim(length, where="fold"))
+
+
 __all__ = [
     "Matrix",
     "Scalar",
     "Vector",
     "diag",
+    "fold",
     "identity",
     "inv",
     "kron",
@@ -148,5 +167,6 @@ __all__ = [
     "sp",
     "sum",
     "trace",
+    "unfold",
     "vec",
 ]

@@ -19,9 +19,10 @@ from mcalc.numeric.verify import sample_values, verify_module
 
 # what a declaration can apply to its variables, and which of those are linear (no second differential)
 OPERATIONS = {E.MatMul, E.Add, E.ScalarMul, E.ScaleBy, E.Hadamard, E.Transpose, E.Apply, E.Sum, E.Trace,
-              E.Softmax, E.LogSoftmax, E.Inverse, E.Vec, E.Diag}
-LINEAR = {E.Add, E.ScalarMul, E.Transpose, E.Sum, E.Trace, E.Vec, E.Diag}
-LEAVES = {E.Symbol, E.Seed, E.Identity, E.Zero, E.Ones, E.Commutation}  # constants under differentiation
+              E.Softmax, E.LogSoftmax, E.Inverse, E.Vec, E.Diag, E.Unfold, E.Fold}
+LINEAR = {E.Add, E.ScalarMul, E.Transpose, E.Sum, E.Trace, E.Vec, E.Diag, E.Unfold, E.Fold}
+# constants under differentiation (UnfoldMatrix: unfold's Jacobian, an index map)
+LEAVES = {E.Symbol, E.Seed, E.Identity, E.Zero, E.Ones, E.Commutation, E.UnfoldMatrix}
 # nodes only the engine and code generation build: Kron (a differential only, for the adjoint of Vec),
 # PSDProjection, Gram, and the batch forms (Stacked, BatchMean, and the layouts of per-sample matrices)
 DERIVED_ONLY = {E.Kron, E.PSDProjection, E.Gram, E.Stacked, E.BatchMean, E.SampleProduct, E.VecOfSamples,
@@ -46,6 +47,34 @@ VEC_AND_DIAG = [
     mc.Module("VecOfMatrix", output=mc.tanh(mc.vec(A * (W @ mc.diag(x)))), inputs=[x], params=[W], constants=[A]),
     mc.Module("DiagScale", output=mc.sigmoid(W @ mc.diag(mc.tanh(x)) @ x), inputs=[x], params=[W]),
 ]
+
+
+X, K, U = mc.Matrix("X", "c", "L"), mc.Matrix("K", "m", "c*3"), mc.Matrix("U", "c*3", "L")
+UNFOLD_AND_FOLD = [
+    mc.Module("StridedConvTanh", output=mc.vec(mc.tanh(K @ mc.unfold(X, 3, stride=2, padding=1, dilation=2))),
+              inputs=[X], params=[K]),
+    mc.Module("FoldTanh", output=mc.vec(mc.sigmoid(mc.fold(U * U, "L", 3, padding=1))), inputs=[U]),
+]
+
+
+@pytest.mark.parametrize("module", UNFOLD_AND_FOLD, ids=lambda m: m.name)
+def test_unfold_and_fold_rules_against_finite_differences_and_torch(module):
+    """unfold (im2col) and its adjoint fold in every rule, against finite differences and against torch
+    autograd through PyTorch's own unfold and fold."""
+    checks = verify_module(module, seed=2)
+    assert checks and all(c.ok for c in checks), [c for c in checks if not c.ok]
+    rng = np.random.default_rng(5)
+    values = sample_values(module, rng, {"c": 2, "m": 3, "L": 7})
+    d = mc.derive(module)
+    size = int(np.size(module.forward(values)))
+    dz, Hz = seeds_for(size, rng)
+    for v in module.variables:
+        reference = torch_reference.dense_rules(module, v.name, values, dz, Hz)
+        assert np.abs(reference["jacobian"]).max() > 1e-3 and np.abs(reference["second-order"]).max() > 1e-3
+        np.testing.assert_allclose(d.evaluate_jacobian(v.name, values), reference["jacobian"], atol=1e-10)
+        for c in mc.CURVATURES:
+            np.testing.assert_allclose(d.evaluate_hbp(v.name, values, dz=dz, Hz=Hz, curvature=c), reference[c],
+                                       atol=1e-10)
 
 
 @pytest.mark.parametrize("module", VEC_AND_DIAG, ids=lambda m: m.name)

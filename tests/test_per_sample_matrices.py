@@ -38,7 +38,7 @@ def test_generated_code_matches_finite_differences(backend, tmp_path, monkeypatc
     if backend == "cupy-emulated" and emulator.unavailable_reason():
         pytest.skip(emulator.unavailable_reason())
     monkeypatch.setenv("MCALC_CACHE", str(tmp_path))
-    for module in (BY_NAME["PositionwiseLinear"], BY_NAME["Flatten"]):
+    for module in (BY_NAME["PositionwiseLinear"], BY_NAME["Flatten"], BY_NAME["StridedConv1d"]):
         checks = verify_backend(module, backend)
         assert checks and all(c.ok for c in checks), [c for c in checks if not c.ok]
         assert sum(c.error > 0 for c in checks) > len(checks) // 2  # real comparisons, not zeros with zeros
@@ -46,10 +46,11 @@ def test_generated_code_matches_finite_differences(backend, tmp_path, monkeypatc
 
 def test_shared_weights_are_applied_without_forming_kronecker_products(generated):
     """(I_T ⊗ Wᵀ) 𝓗z (I_T ⊗ W), the input's block of a position-wise Linear layer, is applied to 𝓗z by
-    reshapes and products (T·m·d work per entry), never formed as a (T·m × T·d) matrix; no function loops
-    over the batch."""
-    source = code_path(BY_NAME["PositionwiseLinear"], "numpy", generated).read_text()
-    assert "xp.kron(" not in source and "_kron_matmul(" in source and "for i in range" not in source
+    reshapes and products (T·m·d work per entry), never formed as a (T·m × T·d) matrix, and a convolution's
+    Pᵀ (…) P by fold and unfold, never formed either; no function loops over the batch."""
+    for name, helper in (("PositionwiseLinear", "_kron_matmul("), ("Conv1d", "_fold_rows(")):
+        source = code_path(BY_NAME[name], "numpy", generated).read_text()
+        assert "xp.kron(" not in source and helper in source and "for i in range" not in source
 
 
 def test_kronecker_products_applied_by_reshapes_equal_the_dense_ones():
@@ -80,34 +81,64 @@ def test_the_layouts_of_a_batch_of_matrices_agree():
     np.testing.assert_array_equal(array_ops.samples_first(X)[2], X[:, 2, :])
 
 
-def test_curvature_blocks_of_a_shared_weight_equal_torch_autograd(tmp_path):
-    """z = tanh(W U + b 1ᵀ) with U (d × T): every (6) block of the generated code against the per-sample
-    blocks from torch autograd (Jacobians and Hessians of the whole position-wise layer), averaged."""
-    import torch_reference
-
+def _conv_layers():
     import mcalc as mc
 
-    U, W, b = mc.Matrix("U", "d", "T"), mc.Matrix("W", "m", "d"), mc.Vector("b", "m")
-    layer = mc.Module("TanhConv1x1", output=mc.tanh(W @ U + b @ mc.ones("T").T), inputs=[U], params=[W, b])
+    X, b = mc.Matrix("X", "c", "L"), mc.Vector("b", "m")
+    bias = b @ mc.ones("L").T
+    W, K = mc.Matrix("W", "m", "c"), mc.Matrix("K", "m", "c*3")
+    return [mc.Module("TanhConv1x1", output=mc.tanh(W @ X + bias), inputs=[X], params=[W, b]),
+            mc.Module("TanhConv3", output=mc.tanh(K @ mc.unfold(X, 3, padding=1) + bias), inputs=[X], params=[K, b])]
+
+
+@pytest.mark.parametrize("layer", _conv_layers(), ids=lambda m: m.name)
+def test_curvature_blocks_of_a_shared_weight_equal_torch_autograd(layer, tmp_path):
+    """z = tanh(W unfold(X) + b 1ᵀ) with X (c × L): every (6) block of the generated code against the
+    per-sample blocks from torch autograd (Jacobians and Hessians of the whole layer, PyTorch's own
+    unfold), averaged."""
+    import torch_reference
+
     generate([layer], ["numpy"], tmp_path)
     code = load_code(layer, "numpy", tmp_path)
     rng = np.random.default_rng(3)
-    d, T, m, B = 2, 3, 4, 3
-    P = {"W": rng.normal(size=(m, d)), "b": rng.normal(size=(m, 1))}
-    X, dZ = rng.normal(size=(d, B, T)), rng.normal(size=(m, B, T)) / B
-    a = rng.normal(size=(m * T, m * T))
-    Hz = a @ a.T / (m * T)
-    for name in ("U", "W", "b"):
+    c, L, m, B = 2, 4, 3, 3
+    weight = "W" if "W" in [p.name for p in layer.params] else "K"
+    P = {weight: rng.normal(size=(m, c if weight == "W" else 3 * c)), "b": rng.normal(size=(m, 1))}
+    X, dZ = rng.normal(size=(c, B, L)), rng.normal(size=(m, B, L)) / B
+    a = rng.normal(size=(m * L, m * L))
+    Hz = a @ a.T / (m * L)
+    for name in ("X", weight, "b"):
         ggn, second = 0, 0  # (6): the mean of the per-sample Gauss–Newton terms, the summed second-order term
         for i in range(B):
-            values = {"W": P["W"], "b": P["b"].reshape(-1), "U": X[:, i, :]}
+            values = {weight: P[weight], "b": P["b"].reshape(-1), "X": X[:, i, :]}
             dense = torch_reference.dense_rules(layer, name, values, dZ[:, i, :].reshape(-1, order="F"), Hz)
             ggn, second = ggn + dense["ggn"] / B, second + dense["second-order"]
         assert np.abs(ggn).max() > 1e-3 and np.abs(second).max() > 1e-3
         for curvature, reference in (("exact", ggn + second), ("ggn", ggn), ("pch-abs", ggn + _psd_abs(second))):
-            block = code.HBP[(curvature, "6")](P, {"U": X, "dz": dZ}, Hz)[name]
+            block = code.HBP[(curvature, "6")](P, {"X": X, "dz": dZ}, Hz)[name]
             np.testing.assert_allclose(block.to_dense(), reference, rtol=1e-9, atol=1e-11,
                                        err_msg=f"{name} {curvature}")
+
+
+def test_a_convolution_is_pytorchs_conv1d(generated):
+    """The generated forward pass of Conv1d (5 taps, padding 2) and its gradients equal PyTorch's conv1d
+    with the weight K (m × c·5) reshaped to (m, c, 5): PyTorch's layout of patches."""
+    import torch
+
+    code = load_code(BY_NAME["Conv1d"], "numpy", generated)
+    rng = np.random.default_rng(2)
+    c, L, m, B = 3, 9, 4, 5
+    K, b = rng.normal(size=(m, c * 5)), rng.normal(size=(m, 1))
+    X, dZ = rng.normal(size=(c, B, L)), rng.normal(size=(m, B, L))
+    Z = code.forward({"K": K, "b": b}, {"X": X})["Z"]
+    x = torch.tensor(X.transpose(1, 0, 2), requires_grad=True)
+    weight = torch.tensor(K.reshape(m, c, 5), requires_grad=True)
+    z = torch.nn.functional.conv1d(x, weight, torch.tensor(b[:, 0]), padding=2)
+    np.testing.assert_allclose(Z, z.detach().numpy().transpose(1, 0, 2), rtol=1e-12)
+    z.backward(torch.tensor(dZ.transpose(1, 0, 2)))
+    grads = code.gradients({"K": K, "b": b}, {"X": X, "dz": dZ})
+    np.testing.assert_allclose(grads["X"], x.grad.numpy().transpose(1, 0, 2), rtol=1e-11)
+    np.testing.assert_allclose(grads["K"], weight.grad.numpy().reshape(m, c * 5), rtol=1e-11)
 
 
 def _psd_abs(S):

@@ -68,6 +68,13 @@ def forward(node: E.Expr, env: dict[str, torch.Tensor], sizes: dict) -> torch.Te
         return a[0].T.reshape(-1, 1)  # columns stacked
     if t is E.Diag:
         return torch.diag(a[0].reshape(-1))
+    if t in (E.Unfold, E.Fold):  # PyTorch's own im2col and col2im, on a 1 × L image
+        spec, length = node.args[1], int(node.args[2].xreplace(sizes))
+        options = dict(kernel_size=(1, spec.kernel), dilation=(1, spec.dilation), padding=(0, spec.padding),
+                       stride=(1, spec.stride))
+        if t is E.Unfold:
+            return torch.nn.functional.unfold(a[0][None, :, None, :], **options)[0]
+        return torch.nn.functional.fold(a[0][None], output_size=(1, length), **options)[0, :, 0, :]
     raise NotImplementedError(t.__name__)
 
 

@@ -21,6 +21,8 @@ OUTPUT_SHAPE = ('m', '1')
 from mcalc.runtime.array_ops import batch_mean as _batch_mean  # noqa: F401
 from mcalc.runtime.array_ops import commutation as _commutation  # noqa: F401
 from mcalc.runtime.array_ops import diagonal_matrix as _diagonal_matrix  # noqa: F401
+from mcalc.runtime.array_ops import fold as _fold  # noqa: F401
+from mcalc.runtime.array_ops import fold_rows as _fold_rows  # noqa: F401
 from mcalc.runtime.array_ops import gram as _gram  # noqa: F401
 from mcalc.runtime.array_ops import kron as _kron  # noqa: F401
 from mcalc.runtime.array_ops import kron_matmul as _kron_matmul  # noqa: F401
@@ -35,6 +37,8 @@ from mcalc.runtime.array_ops import side_by_side as _side_by_side  # noqa: F401
 from mcalc.runtime.array_ops import softmax as _softmax  # noqa: F401
 from mcalc.runtime.array_ops import special as _special  # noqa: F401
 from mcalc.runtime.array_ops import transpose as _transpose  # noqa: F401
+from mcalc.runtime.array_ops import unfold as _unfold  # noqa: F401
+from mcalc.runtime.array_ops import unfold_rows as _unfold_rows  # noqa: F401
 from mcalc.runtime.array_ops import unvec_of_samples as _unvec_of_samples  # noqa: F401
 from mcalc.runtime.array_ops import vec as _vec  # noqa: F401
 from mcalc.runtime.array_ops import vec_of_samples as _vec_of_samples  # noqa: F401

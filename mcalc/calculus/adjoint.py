@@ -16,6 +16,7 @@ from ..expr import (
     Apply,
     Diag,
     Expr,
+    Fold,
     Hadamard,
     Identity,
     Inverse,
@@ -30,6 +31,7 @@ from ..expr import (
     Symbol,
     Trace,
     Transpose,
+    Unfold,
     Vec,
     product,
 )
@@ -148,6 +150,18 @@ def _inverse(node: Inverse, lam: Expr) -> list[Expr]:
 def _diag(node: Diag, lam: Expr) -> list[Expr]:
     (v,) = node.args  # ⟨Λ, diag dv⟩ = ⟨(Λ ⊙ I) 1, dv⟩: the diagonal of Λ
     return [MatMul(Hadamard(lam, Identity(v.rows)), Ones(v.rows, ONE))]
+
+
+@defvjp(Unfold)
+def _unfold(node: Unfold, lam: Expr) -> list[Expr]:
+    _, spec, length = node.args  # ⟨Λ, unfold dX⟩ = ⟨fold Λ, dX⟩: each patch entry back to where it was read
+    return [Fold(lam, spec, length)]
+
+
+@defvjp(Fold)
+def _fold(node: Fold, lam: Expr) -> list[Expr]:
+    _, spec, length = node.args
+    return [Unfold(lam, spec, length)]
 
 
 @defvjp(Vec)

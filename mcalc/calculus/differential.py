@@ -23,6 +23,7 @@ from ..expr import (
     Apply,
     Diag,
     Expr,
+    Fold,
     Hadamard,
     Inverse,
     Kron,
@@ -35,6 +36,7 @@ from ..expr import (
     Sum,
     Trace,
     Transpose,
+    Unfold,
     Vec,
     Zero,
 )
@@ -170,6 +172,18 @@ def _inverse(node: Inverse, d: DifferentialOf) -> Expr:
 @defdifferential(Vec)
 def _vec(node: Vec, d: DifferentialOf) -> Expr:
     return Vec(d(node.args[0]))  # d vec A = vec dA
+
+
+@defdifferential(Unfold)
+def _unfold(node: Unfold, d: DifferentialOf) -> Expr:
+    x, spec, length = node.args
+    return Unfold(d(x), spec, length)  # linear: d unfold(X) = unfold(dX)
+
+
+@defdifferential(Fold)
+def _fold(node: Fold, d: DifferentialOf) -> Expr:
+    u, spec, length = node.args
+    return Fold(d(u), spec, length)  # linear: d fold(U) = fold(dU)
 
 
 @defdifferential(Diag)

@@ -13,7 +13,7 @@ import sympy as sp
 
 from .. import dims
 from ..errors import McalcError
-from ..expr import Expr
+from ..expr import Expr, UnfoldMatrix
 from ..simplification import simplify
 
 
@@ -65,6 +65,29 @@ class Expander:
             for j in range(n):
                 k[j + n * i, i + m * j] = 1
         return k
+
+    def _x_UnfoldMatrix(self, e: Expr) -> sp.Matrix:
+        spec, c, length = e.args
+        out = sp.zeros(self.dim(e.rows), self.dim(e.cols))
+        for row, col in spec.matrix_ones(self.dim(c), self.dim(length)):
+            out[row, col] = 1
+        return out
+
+    def _x_Unfold(self, e: Expr) -> sp.Matrix:
+        x, spec, length = e.args
+        a = self(x)
+        columns = sp.Matrix([a[i, j] for j in range(a.cols) for i in range(a.rows)])  # vec X
+        patches = self(UnfoldMatrix(spec, x.rows, length)) * columns
+        rows = self.dim(e.rows)
+        return sp.Matrix(rows, self.dim(e.cols), lambda i, j: patches[j * rows + i])
+
+    def _x_Fold(self, e: Expr) -> sp.Matrix:
+        u, spec, length = e.args
+        a = self(u)
+        columns = sp.Matrix([a[i, j] for j in range(a.cols) for i in range(a.rows)])  # vec U
+        signal = self(UnfoldMatrix(spec, e.rows, length)).T * columns
+        rows = self.dim(e.rows)
+        return sp.Matrix(rows, self.dim(e.cols), lambda i, j: signal[j * rows + i])
 
     def _x_MatMul(self, e: Expr) -> sp.Matrix:
         out = self(e.args[0])

@@ -21,6 +21,7 @@ from ..expr import (
     Commutation,
     Diag,
     Expr,
+    Fold,
     Hadamard,
     Identity,
     Inverse,
@@ -36,6 +37,8 @@ from ..expr import (
     Symbol,
     Trace,
     Transpose,
+    Unfold,
+    UnfoldMatrix,
     Vec,
     Zero,
     product,
@@ -176,6 +179,18 @@ def _vec(node: Vec, jac: JacobianOf) -> Expr:
     return jac(node.args[0])  # d vec A = vec dA
 
 
+@defjvp(Unfold)
+def _unfold(node: Unfold, jac: JacobianOf) -> Expr:
+    x, spec, length = node.args  # vec unfold(X) = P vec X, P the index map (M&N's selection matrices)
+    return MatMul(UnfoldMatrix(spec, x.rows, length), jac(x))
+
+
+@defjvp(Fold)
+def _fold(node: Fold, jac: JacobianOf) -> Expr:
+    u, spec, length = node.args  # fold is unfold's adjoint: vec fold(U) = Pᵀ vec U
+    return MatMul(Transpose(UnfoldMatrix(spec, node.rows, length)), jac(u))
+
+
 @defjvp(Diag)
 def _diag(node: Diag, jac: JacobianOf) -> Expr:
     # vec diag(v) = E v with E = (Iₙ ⊗ 1ₙ) ⊙ (1ₙ ⊗ Iₙ), the n² × n matrix with a 1 at (i + n·i, i)
@@ -184,7 +199,7 @@ def _diag(node: Diag, jac: JacobianOf) -> Expr:
     return MatMul(E, jac(node.args[0]))
 
 
-for _constant in (Seed, Identity, Zero, Ones, Commutation):
+for _constant in (Seed, Identity, Zero, Ones, Commutation, UnfoldMatrix):
     JVP_RULES[_constant] = lambda node, jac: Zero(node.size, jac.wrt.size)  # type: ignore[attr-defined]
 
 # PSDProjection appears in derived rules only: no rule on purpose. Kron has a differential (the

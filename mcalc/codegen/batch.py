@@ -31,6 +31,7 @@ from ..expr import (
     BatchMean,
     Diag,
     Expr,
+    Fold,
     Hadamard,
     Identity,
     Kron,
@@ -44,6 +45,7 @@ from ..expr import (
     Stacked,
     Sum,
     Transpose,
+    Unfold,
     UnvecOfSamples,
     Vec,
     VecOfSamples,
@@ -100,6 +102,8 @@ class BatchLowering:
             return type(e)(e.args[0], parts[0])
         if isinstance(e, (Softmax, LogSoftmax)):  # column by column: a matrix's columns side by side too
             return type(e)(parts[0])
+        if isinstance(e, (Unfold, Fold)):  # sample by sample: each sample's patches (or signal) side by side
+            return type(e)(parts[0], *e.args[1:])
         if isinstance(e, ScaleBy):
             scale = e.args[0]
             if not self.varies(scale):

@@ -16,8 +16,9 @@ from collections.abc import Mapping
 import sympy as sp
 from sympy.printing.numpy import NumPyPrinter as _SymPyNumPyPrinter
 from sympy.printing.numpy import SciPyPrinter as _SymPySciPyPrinter
+from sympy.printing.pycode import PythonCodePrinter
 
-from ..expr import ONE, Diag, Expr, Identity, Kron, MatMul, Ones, ScalarMul
+from ..expr import ONE, Diag, Expr, Identity, Kron, MatMul, Ones, ScalarMul, Transpose, UnfoldMatrix
 from ..functions import ElementwiseFunction
 from .plan import (
     Argument,
@@ -55,9 +56,17 @@ def scale_code(scale: Reference | sp.Expr) -> str:
     return f"({sp.pycode(scale)})" if isinstance(scale, sp.Expr) else reference_code(scale)
 
 
+class _DimensionPrinter(PythonCodePrinter):
+    """Dimensions as Python: ⌊a/b⌋ (a convolution's positions) as integer division."""
+
+    def _print_floor(self, e: sp.floor) -> str:
+        numerator, denominator = e.args[0].as_numer_denom()
+        return f"(({self._print(numerator)}) // {self._print(denominator)})"
+
+
 def dim_code(d: sp.Expr) -> str:
-    """A dimension expression (``n*m``, ``1/B``) as Python over the dimension variables."""
-    return sp.pycode(d).replace("math.", "")
+    """A dimension expression (``n*m``, ``1/B``, ``(L - 1)//2 + 1``) as Python over the dimension variables."""
+    return _DimensionPrinter().doprint(d).replace("math.", "")
 
 
 def dimension_code(source: DimensionSource) -> str:
@@ -174,8 +183,37 @@ class ArrayPrinter:
         """An argument of :func:`~mcalc.runtime.array_ops.kron_matmul`: None for an identity."""
         return "None" if isinstance(f, Identity) else self.operand(f)
 
+    def _index_map(self, f: Expr) -> tuple[str, str] | None:
+        """For P or Pᵀ (an :class:`UnfoldMatrix`): the helpers that apply it from the left, P M and Pᵀ M,
+        in that order for P, swapped for Pᵀ, and their trailing arguments; else None."""
+        transposed = isinstance(f, Transpose) and isinstance(f.args[0], UnfoldMatrix)
+        if not (transposed or isinstance(f, UnfoldMatrix)):
+            return None
+        spec, channels, length = (f.args[0] if transposed else f).args
+        arguments = f"{spec.kernel}, {spec.stride}, {spec.padding}, {spec.dilation}, {self.dim(channels)}, " \
+                    f"{self.dim(length)}"
+        return ("_fold_rows", "_unfold_rows", arguments) if transposed else ("_unfold_rows", "_fold_rows", arguments)
+
     def _print_MatMul(self, node: Expr) -> str:
         factors = node.args
+        index_maps = [i for i, f in enumerate(factors) if self._index_map(f) is not None]
+        if index_maps:  # P M = unfold of M's columns; M P = (Pᵀ Mᵀ)ᵀ: never formed
+            i = index_maps[0]
+            left, right = factors[:i], factors[i + 1:]
+            if not right:
+                _, transposed, arguments = self._index_map(factors[i])
+                rest = left[0] if len(left) == 1 else MatMul(*left)
+                inner = self.operand(rest) if len(left) == 1 else self._print_MatMul(rest)
+                return self._transposed(f"{transposed}({self._transposed(inner)}, {arguments})")
+            helper, _, arguments = self._index_map(factors[i])
+            rest = right[0] if len(right) == 1 else MatMul(*right)
+            inner = self.operand(rest) if len(right) == 1 else self._print_MatMul(rest)
+            applied = f"{helper}({inner}, {arguments})"
+            if not left:
+                return applied
+            prefix = left[0] if len(left) == 1 else MatMul(*left)
+            head = self.operand(prefix) if len(left) == 1 else self._print_MatMul(prefix)
+            return self.product.format(a=head, b=applied)
         if not any(not isinstance(f, (Diag, Ones, Kron)) for f in factors):
             structured = False  # nothing to apply a Kronecker factor to: it is formed, scaled or summed
         elif isinstance(factors[0], Kron):
@@ -289,6 +327,17 @@ class ArrayPrinter:
 
     def _print_Gram(self, node: Expr) -> str:
         return f"_gram({self.operand(node.args[0])})"
+
+    # --- a convolution's patches ---------------------------------------------------------------------
+    def _print_Unfold(self, node: Expr) -> str:
+        x, spec, length = node.args
+        return f"_unfold({self.operand(x)}, {spec.kernel}, {spec.stride}, {spec.padding}, {spec.dilation}, " \
+               f"{self.dim(length)})"
+
+    def _print_Fold(self, node: Expr) -> str:
+        u, spec, length = node.args
+        return f"_fold({self.operand(u)}, {spec.kernel}, {spec.stride}, {spec.padding}, {spec.dilation}, " \
+               f"{self.dim(length)})"
 
     # --- per-sample matrices, their samples side by side ------------------------------------------
     def _print_Stacked(self, node: Expr) -> str:  # a per-sample matrix argument, (rows, B, cols)

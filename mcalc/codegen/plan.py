@@ -37,6 +37,7 @@ from ..expr import (
     Stacked,
     Symbol,
     Transpose,
+    UnfoldMatrix,
     Zero,
     tangent_of,
 )
@@ -300,6 +301,9 @@ def read_by(parent: Expr, child: Expr) -> tuple[Expr, ...]:
             return (core,)
         if isinstance(core, Kron) and isinstance(parent, MatMul):
             return tuple(f for f in core.args if not isinstance(f, Identity))
+        if isinstance(parent, MatMul) and isinstance(core.args[0] if isinstance(core, Transpose) else core,
+                                                     UnfoldMatrix):
+            return ()  # an index map, applied by unfold and fold
     return (child,)
 
 

@@ -14,7 +14,7 @@ import sympy as sp
 
 from .. import dims
 from ..errors import EvaluationError
-from ..expr import BATCH, Expr, Seed, Symbol
+from ..expr import BATCH, Expr, Seed, Symbol, UnfoldMatrix
 from ..modes import Curvature, Projection
 
 
@@ -300,6 +300,28 @@ class Evaluator:
             return np.linalg.inv(self.value(e.args[0]))
         except np.linalg.LinAlgError:
             raise EvaluationError(f"{e.args[0]!r} is singular at these values") from None
+
+    def _eval_UnfoldMatrix(self, e: Expr) -> np.ndarray:
+        spec, c, length = e.args
+        out = np.zeros((self.dim(e.rows), self.dim(e.cols)))
+        for row, col in spec.matrix_ones(self.dim(c), self.dim(length)):
+            out[row, col] = 1.0
+        return out
+
+    def _per_block(self, a: np.ndarray, P: np.ndarray, length_in: int, rows_out: int) -> np.ndarray:
+        """unvec(P vec(block)) for every block of ``length_in`` columns of ``a`` (samples side by side)."""
+        blocks = np.split(a, a.shape[1] // length_in, axis=1)
+        return np.concatenate([unvec(P @ vec(b), (rows_out, P.shape[0] // rows_out)) for b in blocks], axis=1)
+
+    def _eval_Unfold(self, e: Expr) -> np.ndarray:
+        x, spec, length = e.args
+        P = self.value(UnfoldMatrix(spec, x.rows, length))
+        return self._per_block(self.value(x), P, self.dim(length), self.dim(e.rows))
+
+    def _eval_Fold(self, e: Expr) -> np.ndarray:
+        u, spec, length = e.args
+        P = self.value(UnfoldMatrix(spec, e.rows, length))
+        return self._per_block(self.value(u), P.T, self.dim(spec.positions(length)), self.dim(e.rows))
 
     def _eval_Kron(self, e: Expr) -> np.ndarray:
         return np.kron(self.value(e.args[0]), self.value(e.args[1]))

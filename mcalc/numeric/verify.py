@@ -5,6 +5,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import sympy as sp
 
 from ..calculus.derivation import Derivation
 from ..calculus.hbp import CURVATURES
@@ -49,12 +50,19 @@ def relative_error(value: np.ndarray, reference: np.ndarray) -> float:
 def sample_values(module: Module, rng: np.random.Generator,
                   dims: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
     """A random point for ``module``: distinct small sizes, values shaped by the symbols' hints."""
-    names = sorted({str(d) for s in module.symbols for d in s.shape if d.is_Symbol})
-    sizes = {n: (dims or {}).get(n, SAMPLE_DIMS[i % len(SAMPLE_DIMS)]) for i, n in enumerate(names)}
+    names = sorted({str(x) for s in module.symbols for d in s.shape for x in d.free_symbols})
+    sizes = {sp.Symbol(n, integer=True, positive=True): (dims or {}).get(n, SAMPLE_DIMS[i % len(SAMPLE_DIMS)])
+             for i, n in enumerate(names)}
+    for _ in range(64):  # grow a signal until every shape is positive (a convolution's patches fit)
+        short = {x for node in module.output.walk() for d in node.shape if d.free_symbols
+                 and int(d.xreplace(sizes)) < 1 for x in d.free_symbols}
+        if not short:
+            break
+        sizes.update({x: sizes[x] + 1 for x in short if (dims or {}).get(str(x)) is None})
     inverted = {node.args[0] for node in module.output.walk() if isinstance(node, Inverse)}
     values: dict[str, np.ndarray] = {}
     for s in module.symbols:
-        rows, cols = (int(d) if d.is_Integer else sizes[str(d)] for d in s.shape)
+        rows, cols = (int(d.xreplace(sizes)) for d in s.shape)  # a product such as c*5 too
         values[s.name] = draw_value(s, rows, cols, rng, s in inverted)
     return values
 

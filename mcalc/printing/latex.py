@@ -98,6 +98,15 @@ class LatexPrinter(Printer):
         inner = self.wrap(e.args[0], ATOM)
         return rf"{inner} {inner}^{{\top}}"
 
+    def _print_Unfold(self, e: Expr) -> str:
+        return rf"\operatorname{{unfold}}_{{{e.args[1].kernel}}}\left({self._print(e.args[0])}\right)"
+
+    def _print_Fold(self, e: Expr) -> str:
+        return rf"\operatorname{{fold}}_{{{e.args[1].kernel}}}\left({self._print(e.args[0])}\right)"
+
+    def _print_UnfoldMatrix(self, e: Expr) -> str:
+        return rf"P_{{\mathrm{{unfold}}, {e.args[0].kernel}}}"
+
     def _print_Stacked(self, e: Expr) -> str:
         return rf"\left[{self._print(e.args[0])}\right]_{{B}}"
 

@@ -91,6 +91,15 @@ class TextPrinter(Printer):
         inner = self.wrap(e.args[0], ATOM)
         return f"{inner} {inner}ᵀ"
 
+    def _print_Unfold(self, e: Expr) -> str:
+        return f"unfold{_spec_text(e.args[1])}({self._print(e.args[0])})"
+
+    def _print_Fold(self, e: Expr) -> str:
+        return f"fold{_spec_text(e.args[1])}({self._print(e.args[0])})"
+
+    def _print_UnfoldMatrix(self, e: Expr) -> str:
+        return f"P_unfold{_spec_text(e.args[0])}"
+
     def _print_Stacked(self, e: Expr) -> str:
         return f"[{self._print(e.args[0])}]_B"
 
@@ -116,3 +125,10 @@ _printer = TextPrinter()
 def to_text(expr: Expr) -> str:
     """The plain-text form of ``expr``."""
     return _printer.doprint(expr)
+
+
+def _spec_text(spec) -> str:
+    """[k=5, s=2, p=2, d=1] with the defaults (stride 1, padding 0, dilation 1) left out."""
+    parts = [f"k={spec.kernel}"] + [f"{n}={v}" for n, v, default in (("s", spec.stride, 1), ("p", spec.padding, 0),
+                                                                    ("d", spec.dilation, 1)) if v != default]
+    return "[" + ", ".join(parts) + "]"

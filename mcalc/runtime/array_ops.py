@@ -107,6 +107,55 @@ def unvec_of_samples(m: Any, rows: int) -> Any:
     return namespace(m).moveaxis(m.reshape(cols, rows, -1), 0, 2).reshape(rows, -1)
 
 
+# --- a convolution's patches: unfold (im2col) and its adjoint fold (col2im) ---------------------
+def positions(length: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """T, the patches of a signal of ``length``."""
+    return (length + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def unfold(x: Any, kernel: int, stride: int, padding: int, dilation: int, length: int) -> Any:
+    """The patches of signals (…, c, L·n), n of ``length`` side by side, as (…, c·k, T·n): row ch·k + j, column
+    i·T + t holds sample i's x[ch, t·s − p + j·d] (0 in the padding). One strided copy per tap: the loop
+    runs over the k taps of the kernel, never over the samples."""
+    xp = namespace(x)
+    lead, channels = x.shape[:-2], x.shape[-2]
+    count = positions(length, kernel, stride, padding, dilation)
+    signals = x.reshape(lead + (channels, -1, length))
+    if padding:
+        signals = xp.pad(signals, [(0, 0)] * (signals.ndim - 1) + [(padding, padding)])
+    out = xp.empty(lead + (channels, kernel, signals.shape[-2], count), dtype=x.dtype)
+    for j in range(kernel):
+        start = j * dilation
+        out[..., j, :, :] = signals[..., start : start + stride * (count - 1) + 1 : stride]
+    return out.reshape(lead + (channels * kernel, -1))
+
+
+def fold(u: Any, kernel: int, stride: int, padding: int, dilation: int, length: int) -> Any:
+    """The adjoint of :func:`unfold`: patches (…, c·k, T·n) added back into signals (…, c, L·n)."""
+    xp = namespace(u)
+    lead, channels = u.shape[:-2], u.shape[-2] // kernel
+    count = positions(length, kernel, stride, padding, dilation)
+    patches = u.reshape(lead + (channels, kernel, -1, count))
+    out = xp.zeros(lead + (channels, patches.shape[-2], length + 2 * padding), dtype=u.dtype)
+    for j in range(kernel):
+        start = j * dilation
+        out[..., start : start + stride * (count - 1) + 1 : stride] += patches[..., j, :, :]
+    return out[..., padding : padding + length].reshape(lead + (channels, -1))
+
+
+def unfold_rows(m: Any, kernel: int, stride: int, padding: int, dilation: int, channels: int, length: int) -> Any:
+    """P M for P the matrix of unfold (vec unfold X = P vec X): each column of M a vec X, without P."""
+    count = positions(length, kernel, stride, padding, dilation)
+    signals = unvec_of_samples(m, channels)
+    return vec_of_samples(unfold(signals, kernel, stride, padding, dilation, length), count)
+
+
+def fold_rows(m: Any, kernel: int, stride: int, padding: int, dilation: int, channels: int, length: int) -> Any:
+    """Pᵀ M: each column of M a vec of patches, folded back into a vec of the signal."""
+    patches = unvec_of_samples(m, channels * kernel)
+    return vec_of_samples(fold(patches, kernel, stride, padding, dilation, length), length)
+
+
 def kron_matmul(a: Any, b: Any, m: Any) -> Any:
     """(A ⊗ B) M without forming A ⊗ B (M&N: (A ⊗ B) vec X = vec(B X Aᵀ), column by column of M); None
     stands for an identity factor: A ⊗ I is one product of M's reshape, I ⊗ B one per block of M. Any
