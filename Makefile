@@ -10,8 +10,15 @@ $(VENV)/base: setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e .
 	touch $@
 
+# The peers the tests and benchmarks run side by side (BackPACK 1.7.1, curvlinops 3.0.1), installed
+# without their dependencies on purpose: BackPACK declares torchvision, which they do not use and which
+# would pull a multi-GB CUDA torch; what they do import is listed beside them.
+PEERS := backpack-for-pytorch==1.7.1 curvlinops-for-pytorch==3.0.1 unfoldNd==0.2.3 einops==0.8.2 \
+	einconv==0.1.0 linear_operator==0.6.1 jaxtyping==0.3.11 wadler_lindig==0.1.8 opt_einsum==3.4.0 tqdm==4.70.1
+
 $(VENV)/installed: $(VENV)/base
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps $(PEERS)
 	touch $@
 
 demo: $(VENV)/base
@@ -21,10 +28,8 @@ test: $(VENV)/installed
 	$(VENV)/bin/ruff check mcalc tests examples benchmarks
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
-# Benchmarks side by side with BackPACK 1.7.1. Installed without its dependencies on purpose:
-# it declares torchvision, which HBP does not use and which would pull a multi-GB CUDA torch.
+# Benchmarks side by side with the peers above
 bench: $(VENV)/installed
-	$(PY) -m pip install -q --no-deps backpack-for-pytorch==1.7.1 unfoldNd==0.2.3 einops
 	$(PY) benchmarks/derive.py --json benchmarks/results/derive.json
 	$(PY) benchmarks/hbp_pass.py --json benchmarks/results/hbp_pass_cpu.json
 	$(PY) benchmarks/hbp_pass.py --count-launches --json benchmarks/results/launch_counts.json

@@ -353,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hbp-newton's batch rule: 6 averages the sandwiched Hessians E[Jᵀ 𝓗 J] (exact for the batch), "
                         "7 sandwiches with the averaged Jacobians E[J]ᵀ 𝓗 E[J] (cheaper), 6-kfac is 6 with each "
                         "mean of Kronecker products factored, E[A ⊗ B] ≈ E[A] ⊗ E[B] (K-FAC's; for a user's inner "
-                        "parameters)")
+                        "parameters), and a weight shared over positions by K-FAC-expand; 6-kfac-reduce the same "
+                        "with K-FAC-reduce")
     p.add_argument("--split", type=int, default=1, help="row-wise sub-blocks per parameter (Section 4)")
     p.add_argument("--solver", choices=["auto", "cg", "eigen"], default="cg",
                    help="hbp-newton: CG per step (the paper's), averaged eigenbases renewed every --refresh "

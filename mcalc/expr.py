@@ -623,6 +623,24 @@ class Fold(Expr):
         return (sp.cancel(u.rows / spec.kernel), length * sp.cancel(u.cols / spec.positions(length)))
 
 
+class BlockTrace(Expr):
+    """Σₜ Mₜₜ, the sum of the T diagonal blocks of M (T·m × T·m): the partial trace over positions of a
+    curvature on vec Z, Z (m × T). ``args`` = (M, T)."""
+
+    __slots__ = ()
+
+    def __init__(self, m: Expr, blocks: sp.Expr) -> None:
+        super().__init__(m, sp.sympify(blocks))
+
+    def _infer_shape(self) -> dims.Shape:
+        m, blocks = self.args
+        return (sp.cancel(m.rows / blocks), sp.cancel(m.cols / blocks))
+
+    @property
+    def symmetric(self) -> bool:
+        return self.args[0].symmetric
+
+
 class Kron(Expr):
     """The Kronecker product A ⊗ B."""
 

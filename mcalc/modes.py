@@ -59,8 +59,17 @@ class Approximation(_Choice):
     MEAN_OF_SANDWICHES = "6"  # E[Jᵀ E(𝓗) J]: exact for the batch-mean loss, eq. (6)
     SANDWICH_OF_MEANS = "7"  # E(J)ᵀ E(𝓗) E(J) + the second-order term of (6): averaged Jacobians, eq. (7)
     # (6) with every batch mean of a Kronecker product of per-sample factors factored, E[Aᵢ ⊗ Bᵢ] ≈ E[Aᵢ] ⊗ E[Bᵢ]
-    # (K-FAC's assumption, Martens & Grosse 2015): where (6) has no closed batch form, a block stays two factors
+    # (K-FAC's assumption, Martens & Grosse 2015): where (6) has no closed batch form, a block stays two factors.
+    # A weight shared over T positions, E[(Uᵢ ⊗ I) 𝓗 (Uᵢᵀ ⊗ I)], is factored as K-FAC-expand (Eschenhagen et
+    # al. 2023; KFC's for convolutions, Grosse & Martens 2016): E[U Uᵀ]/T ⊗ Σₜ 𝓗ₜₜ, the positions as more samples
     KRONECKER_FACTORED = "6-kfac"
+    # the same, with a shared weight factored as K-FAC-reduce: E[ū ūᵀ] ⊗ Σₜₛ 𝓗ₜₛ, ū = U 1/T the mean position
+    KRONECKER_FACTORED_REDUCE = "6-kfac-reduce"
+
+    @property
+    def factored(self) -> bool:
+        """Whether batch means of Kronecker products are factored (K-FAC's approximations)."""
+        return self in (Approximation.KRONECKER_FACTORED, Approximation.KRONECKER_FACTORED_REDUCE)
 
 
 CURVATURES = tuple(Curvature)

@@ -26,7 +26,7 @@ LEAVES = {E.Symbol, E.Seed, E.Identity, E.Zero, E.Ones, E.Commutation, E.UnfoldM
 # nodes only the engine and code generation build: Kron (a differential only, for the adjoint of Vec),
 # PSDProjection, Gram, and the batch forms (Stacked, BatchMean, and the layouts of per-sample matrices)
 DERIVED_ONLY = {E.Kron, E.PSDProjection, E.Gram, E.Stacked, E.BatchMean, E.SampleProduct, E.VecOfSamples,
-                E.UnvecOfSamples}
+                E.UnvecOfSamples, E.BlockTrace}
 
 
 def test_every_node_of_the_ir_is_classified():

@@ -38,7 +38,7 @@ def test_generated_code_matches_finite_differences(backend, tmp_path, monkeypatc
     if backend == "cupy-emulated" and emulator.unavailable_reason():
         pytest.skip(emulator.unavailable_reason())
     monkeypatch.setenv("MCALC_CACHE", str(tmp_path))
-    for module in (BY_NAME["PositionwiseLinear"], BY_NAME["Flatten"], BY_NAME["StridedConv1d"]):
+    for module in (BY_NAME["PositionwiseLinear"], BY_NAME["Flatten"], BY_NAME["Conv1d"]):
         checks = verify_backend(module, backend)
         assert checks and all(c.ok for c in checks), [c for c in checks if not c.ok]
         assert sum(c.error > 0 for c in checks) > len(checks) // 2  # real comparisons, not zeros with zeros
@@ -144,3 +144,42 @@ def test_a_convolution_is_pytorchs_conv1d(generated):
 def _psd_abs(S):
     w, v = np.linalg.eigh((S + S.T) / 2)
     return (v * np.abs(w)) @ v.T
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # inside a dependency
+def test_kronecker_factored_convolution_blocks_equal_curvlinops(generated):
+    """A Conv1d weight's block under 6-kfac and 6-kfac-reduce against curvlinops' K-FAC-expand and -reduce
+    (type-2 Fisher, the GGN) of the same convolution, a PyTorch Conv2d over a 1 × L image, followed by a
+    cross-entropy over its flattened outputs, in float64: equal up to the batch size (curvlinops' loss
+    is the sum over the batch, mcalc's the mean). The bias: reduce is equal too; expand drops its
+    cross-position terms in curvlinops, where mcalc keeps the exact (6) block, which has a closed form."""
+    import curvlinops  # installed by `make test` (the Makefile's PEERS)
+    import torch
+
+    code = load_code(BY_NAME["Conv1d"], "numpy", generated)
+    rng = np.random.default_rng(0)
+    c, L, m, B, k = 2, 6, 3, 5, 5
+    K, b, X = rng.normal(size=(m, c * k)), rng.normal(size=(m, 1)), rng.normal(size=(c, B, L))
+    labels = torch.tensor(rng.integers(0, m * L, size=B))
+    model = torch.nn.Sequential(torch.nn.Conv2d(c, m, (1, k), padding=(0, 2)), torch.nn.Flatten()).double()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor(K.reshape(m, c, 1, k)))
+        model[0].bias.copy_(torch.tensor(b[:, 0]))
+    images = torch.tensor(X.transpose(1, 0, 2))[:, :, None, :]
+    # 𝓗̄z: the mean of the per-sample cross-entropy Hessians diag(p) − p pᵀ, from PyTorch's flattened order
+    # (o·L + t) to vec Z's (t·m + o)
+    order = np.array([o * L + t for t in range(L) for o in range(m)])
+    probabilities = torch.softmax(model(images), dim=1).detach().numpy()
+    Hz = sum((np.diag(p) - np.outer(p, p))[np.ix_(order, order)] for p in probabilities) / B
+    weight = np.array([o * c * k + j for j in range(c * k) for o in range(m)])  # vec K → PyTorch's flat weight
+    for kfac_approx, approximation in (("expand", "6-kfac"), ("reduce", "6-kfac-reduce")):
+        operator = curvlinops.KFACLinearOperator(
+            model, torch.nn.CrossEntropyLoss(reduction="sum"), list(model.parameters()), [(images, labels)],
+            fisher_type="type-2", kfac_approx=kfac_approx, check_deterministic=False)
+        dense = operator.to_scipy() @ np.eye(m * c * k + m)
+        blocks = code.HBP[("ggn", approximation)]({"K": K, "b": b}, {"X": X}, Hz)
+        reference = dense[: m * c * k, : m * c * k][np.ix_(weight, weight)] / B
+        assert np.abs(reference).max() > 1e-3
+        np.testing.assert_allclose(blocks["K"].to_dense(), reference, rtol=1e-10, atol=1e-12, err_msg=kfac_approx)
+        if kfac_approx == "reduce":
+            np.testing.assert_allclose(blocks["b"].to_dense(), dense[m * c * k :, m * c * k :] / B, rtol=1e-10)

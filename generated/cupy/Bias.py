@@ -52,6 +52,7 @@ _launch = KernelSet(_SOURCE).launch
 
 
 from mcalc.runtime.array_ops import batch_mean as _batch_mean  # noqa: F401
+from mcalc.runtime.array_ops import block_trace as _block_trace  # noqa: F401
 from mcalc.runtime.array_ops import commutation as _commutation  # noqa: F401
 from mcalc.runtime.array_ops import diagonal_matrix as _diagonal_matrix  # noqa: F401
 from mcalc.runtime.array_ops import fold as _fold  # noqa: F401
@@ -173,7 +174,7 @@ def _no_parameters():
 
 
 def _hbp_exact_6_all(P, S, Hz, C=None):
-    """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7) and (6-kfac)."""
+    """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7) and (6-kfac) and (6-kfac-reduce)."""
     B, m = _dims(P, S).values()
     dtype = _dtype(P, S)
 
@@ -183,7 +184,7 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
     }
 
 def _hbp_exact_6_params(P, S, Hz, C=None):
-    """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7) and (6-kfac), parameters only."""
+    """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7) and (6-kfac) and (6-kfac-reduce), parameters only."""
     B, m = _dims(P, S).values()
     dtype = _dtype(P, S)
 
@@ -207,24 +208,32 @@ _HBP = {
     ("exact", "7", False): _hbp_exact_6_params,
     ("exact", "6-kfac", True): _hbp_exact_6_all,
     ("exact", "6-kfac", False): _hbp_exact_6_params,
+    ("exact", "6-kfac-reduce", True): _hbp_exact_6_all,
+    ("exact", "6-kfac-reduce", False): _hbp_exact_6_params,
     ("ggn", "6", True): _hbp_exact_6_all,
     ("ggn", "6", False): _hbp_exact_6_params,
     ("ggn", "7", True): _hbp_exact_6_all,
     ("ggn", "7", False): _hbp_exact_6_params,
     ("ggn", "6-kfac", True): _hbp_exact_6_all,
     ("ggn", "6-kfac", False): _hbp_exact_6_params,
+    ("ggn", "6-kfac-reduce", True): _hbp_exact_6_all,
+    ("ggn", "6-kfac-reduce", False): _hbp_exact_6_params,
     ("pch-abs", "6", True): _hbp_exact_6_all,
     ("pch-abs", "6", False): _hbp_exact_6_params,
     ("pch-abs", "7", True): _hbp_exact_6_all,
     ("pch-abs", "7", False): _hbp_exact_6_params,
     ("pch-abs", "6-kfac", True): _hbp_exact_6_all,
     ("pch-abs", "6-kfac", False): _hbp_exact_6_params,
+    ("pch-abs", "6-kfac-reduce", True): _hbp_exact_6_all,
+    ("pch-abs", "6-kfac-reduce", False): _hbp_exact_6_params,
     ("pch-clip", "6", True): _hbp_exact_6_all,
     ("pch-clip", "6", False): _hbp_exact_6_params,
     ("pch-clip", "7", True): _hbp_exact_6_all,
     ("pch-clip", "7", False): _hbp_exact_6_params,
     ("pch-clip", "6-kfac", True): _hbp_exact_6_all,
     ("pch-clip", "6-kfac", False): _hbp_exact_6_params,
+    ("pch-clip", "6-kfac-reduce", True): _hbp_exact_6_all,
+    ("pch-clip", "6-kfac-reduce", False): _hbp_exact_6_params,
 }
 HBP = {(c, a): _hbp(c, a) for c, a, _ in _HBP}
 

@@ -354,6 +354,7 @@ _launch = KernelSet(_SOURCE).launch
 
 
 from mcalc.runtime.array_ops import batch_mean as _batch_mean  # noqa: F401
+from mcalc.runtime.array_ops import block_trace as _block_trace  # noqa: F401
 from mcalc.runtime.array_ops import commutation as _commutation  # noqa: F401
 from mcalc.runtime.array_ops import diagonal_matrix as _diagonal_matrix  # noqa: F401
 from mcalc.runtime.array_ops import fold as _fold  # noqa: F401
@@ -479,7 +480,7 @@ def _no_parameters():
 
 
 def _hbp_exact_6_all(P, S, Hz, C=None):
-    """Batch HBP: exact under (6) and (6-kfac)."""
+    """Batch HBP: exact under (6) and (6-kfac) and (6-kfac-reduce)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
@@ -507,7 +508,7 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
     }
 
 def _hbp_exact_6_params(P, S, Hz, C=None):
-    """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7) and (6-kfac), parameters only."""
+    """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7) and (6-kfac) and (6-kfac-reduce), parameters only."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
 
@@ -543,7 +544,7 @@ def _hbp_exact_7_all(P, S, Hz, C=None):
     }
 
 def _hbp_ggn_6_all(P, S, Hz, C=None):
-    """Batch HBP: ggn under (6) and (6-kfac)."""
+    """Batch HBP: ggn under (6) and (6-kfac) and (6-kfac-reduce)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
@@ -593,7 +594,7 @@ def _hbp_ggn_7_all(P, S, Hz, C=None):
     }
 
 def _hbp_pch_abs_6_all(P, S, Hz, C=None):
-    """Batch HBP: pch-abs under (6) and (6-kfac)."""
+    """Batch HBP: pch-abs under (6) and (6-kfac) and (6-kfac-reduce)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
@@ -653,7 +654,7 @@ def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     }
 
 def _hbp_pch_clip_6_all(P, S, Hz, C=None):
-    """Batch HBP: pch-clip under (6) and (6-kfac)."""
+    """Batch HBP: pch-clip under (6) and (6-kfac) and (6-kfac-reduce)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
@@ -728,24 +729,32 @@ _HBP = {
     ("exact", "7", False): _hbp_exact_6_params,
     ("exact", "6-kfac", True): _hbp_exact_6_all,
     ("exact", "6-kfac", False): _hbp_exact_6_params,
+    ("exact", "6-kfac-reduce", True): _hbp_exact_6_all,
+    ("exact", "6-kfac-reduce", False): _hbp_exact_6_params,
     ("ggn", "6", True): _hbp_ggn_6_all,
     ("ggn", "6", False): _hbp_exact_6_params,
     ("ggn", "7", True): _hbp_ggn_7_all,
     ("ggn", "7", False): _hbp_exact_6_params,
     ("ggn", "6-kfac", True): _hbp_ggn_6_all,
     ("ggn", "6-kfac", False): _hbp_exact_6_params,
+    ("ggn", "6-kfac-reduce", True): _hbp_ggn_6_all,
+    ("ggn", "6-kfac-reduce", False): _hbp_exact_6_params,
     ("pch-abs", "6", True): _hbp_pch_abs_6_all,
     ("pch-abs", "6", False): _hbp_exact_6_params,
     ("pch-abs", "7", True): _hbp_pch_abs_7_all,
     ("pch-abs", "7", False): _hbp_exact_6_params,
     ("pch-abs", "6-kfac", True): _hbp_pch_abs_6_all,
     ("pch-abs", "6-kfac", False): _hbp_exact_6_params,
+    ("pch-abs", "6-kfac-reduce", True): _hbp_pch_abs_6_all,
+    ("pch-abs", "6-kfac-reduce", False): _hbp_exact_6_params,
     ("pch-clip", "6", True): _hbp_pch_clip_6_all,
     ("pch-clip", "6", False): _hbp_exact_6_params,
     ("pch-clip", "7", True): _hbp_pch_clip_7_all,
     ("pch-clip", "7", False): _hbp_exact_6_params,
     ("pch-clip", "6-kfac", True): _hbp_pch_clip_6_all,
     ("pch-clip", "6-kfac", False): _hbp_exact_6_params,
+    ("pch-clip", "6-kfac-reduce", True): _hbp_pch_clip_6_all,
+    ("pch-clip", "6-kfac-reduce", False): _hbp_exact_6_params,
 }
 HBP = {(c, a): _hbp(c, a) for c, a, _ in _HBP}
 
@@ -770,4 +779,4 @@ def _loss_hessian_6(P, S, C=None):
 
 
 # a loss module's (one output per sample) curvature blocks where HBP starts, by approximation: HBP with 𝓗z = 0
-LOSS_HESSIAN = {"6": _loss_hessian_6, "7": _loss_hessian_6, "6-kfac": _loss_hessian_6, }
+LOSS_HESSIAN = {"6": _loss_hessian_6, "7": _loss_hessian_6, "6-kfac": _loss_hessian_6, "6-kfac-reduce": _loss_hessian_6, }

@@ -19,6 +19,7 @@ OUTPUT_SHAPE = ('1', '1')
 
 
 from mcalc.runtime.array_ops import batch_mean as _batch_mean  # noqa: F401
+from mcalc.runtime.array_ops import block_trace as _block_trace  # noqa: F401
 from mcalc.runtime.array_ops import commutation as _commutation  # noqa: F401
 from mcalc.runtime.array_ops import diagonal_matrix as _diagonal_matrix  # noqa: F401
 from mcalc.runtime.array_ops import fold as _fold  # noqa: F401
@@ -163,7 +164,7 @@ def _no_parameters():
 
 
 def _hbp_exact_6_all(P, S, Hz, C=None):
-    """Batch HBP: exact under (6) and (6-kfac)."""
+    """Batch HBP: exact under (6) and (6-kfac) and (6-kfac-reduce)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
@@ -205,7 +206,7 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
     }
 
 def _hbp_exact_6_params(P, S, Hz, C=None):
-    """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7) and (6-kfac), parameters only."""
+    """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7) and (6-kfac) and (6-kfac-reduce), parameters only."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
 
@@ -258,7 +259,7 @@ def _hbp_exact_7_all(P, S, Hz, C=None):
     }
 
 def _hbp_ggn_6_all(P, S, Hz, C=None):
-    """Batch HBP: ggn under (6) and (6-kfac)."""
+    """Batch HBP: ggn under (6) and (6-kfac) and (6-kfac-reduce)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
@@ -329,7 +330,7 @@ def _hbp_ggn_7_all(P, S, Hz, C=None):
     }
 
 def _hbp_pch_abs_6_all(P, S, Hz, C=None):
-    """Batch HBP: pch-abs under (6) and (6-kfac)."""
+    """Batch HBP: pch-abs under (6) and (6-kfac) and (6-kfac-reduce)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
@@ -418,7 +419,7 @@ def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     }
 
 def _hbp_pch_clip_6_all(P, S, Hz, C=None):
-    """Batch HBP: pch-clip under (6) and (6-kfac)."""
+    """Batch HBP: pch-clip under (6) and (6-kfac) and (6-kfac-reduce)."""
     B, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
@@ -522,24 +523,32 @@ _HBP = {
     ("exact", "7", False): _hbp_exact_6_params,
     ("exact", "6-kfac", True): _hbp_exact_6_all,
     ("exact", "6-kfac", False): _hbp_exact_6_params,
+    ("exact", "6-kfac-reduce", True): _hbp_exact_6_all,
+    ("exact", "6-kfac-reduce", False): _hbp_exact_6_params,
     ("ggn", "6", True): _hbp_ggn_6_all,
     ("ggn", "6", False): _hbp_exact_6_params,
     ("ggn", "7", True): _hbp_ggn_7_all,
     ("ggn", "7", False): _hbp_exact_6_params,
     ("ggn", "6-kfac", True): _hbp_ggn_6_all,
     ("ggn", "6-kfac", False): _hbp_exact_6_params,
+    ("ggn", "6-kfac-reduce", True): _hbp_ggn_6_all,
+    ("ggn", "6-kfac-reduce", False): _hbp_exact_6_params,
     ("pch-abs", "6", True): _hbp_pch_abs_6_all,
     ("pch-abs", "6", False): _hbp_exact_6_params,
     ("pch-abs", "7", True): _hbp_pch_abs_7_all,
     ("pch-abs", "7", False): _hbp_exact_6_params,
     ("pch-abs", "6-kfac", True): _hbp_pch_abs_6_all,
     ("pch-abs", "6-kfac", False): _hbp_exact_6_params,
+    ("pch-abs", "6-kfac-reduce", True): _hbp_pch_abs_6_all,
+    ("pch-abs", "6-kfac-reduce", False): _hbp_exact_6_params,
     ("pch-clip", "6", True): _hbp_pch_clip_6_all,
     ("pch-clip", "6", False): _hbp_exact_6_params,
     ("pch-clip", "7", True): _hbp_pch_clip_7_all,
     ("pch-clip", "7", False): _hbp_exact_6_params,
     ("pch-clip", "6-kfac", True): _hbp_pch_clip_6_all,
     ("pch-clip", "6-kfac", False): _hbp_exact_6_params,
+    ("pch-clip", "6-kfac-reduce", True): _hbp_pch_clip_6_all,
+    ("pch-clip", "6-kfac-reduce", False): _hbp_exact_6_params,
 }
 HBP = {(c, a): _hbp(c, a) for c, a, _ in _HBP}
 
@@ -567,4 +576,4 @@ def _loss_hessian_6(P, S, C=None):
 
 
 # a loss module's (one output per sample) curvature blocks where HBP starts, by approximation: HBP with 𝓗z = 0
-LOSS_HESSIAN = {"6": _loss_hessian_6, "7": _loss_hessian_6, "6-kfac": _loss_hessian_6, }
+LOSS_HESSIAN = {"6": _loss_hessian_6, "7": _loss_hessian_6, "6-kfac": _loss_hessian_6, "6-kfac-reduce": _loss_hessian_6, }

@@ -29,6 +29,7 @@ from ..expr import (
     Add,
     Apply,
     BatchMean,
+    BlockTrace,
     Diag,
     Expr,
     Fold,
@@ -59,9 +60,10 @@ from ..simplification import simplify
 class BatchLowering:
     """Lowers the per-sample rules of one module over a batch."""
 
-    def __init__(self, derivation: Derivation, factored: bool = False) -> None:
+    def __init__(self, derivation: Derivation, approximation: Approximation = Approximation.MEAN_OF_SANDWICHES) -> None:
         self.derivation = derivation
-        self.factored = factored  # E[Aᵢ ⊗ Bᵢ] → E[Aᵢ] ⊗ E[Bᵢ] (Approximation.KRONECKER_FACTORED)
+        self.approximation = approximation
+        self.factored = approximation.factored  # E[Aᵢ ⊗ Bᵢ] → E[Aᵢ] ⊗ E[Bᵢ] (K-FAC's)
         m = derivation.module
         self._varies: dict[Expr, bool] = {}
         self.leaves: tuple[Expr, ...] = (*m.inputs, *[c for c in m.constants if c.is_vector], derivation.dz,
@@ -182,12 +184,36 @@ class BatchLowering:
             if self.factored:  # K-FAC's factorisation of a mean of Kronecker products
                 return Kron(self.mean(left), self.mean(right))
         if isinstance(e, MatMul):
+            shared = self._shared_weight(e) if self.factored else None
+            if shared is not None:
+                return shared
             closed = self._mean_product(e)
             if closed is not None:
                 return closed
         if e.rows == ONE and e.cols != ONE:
             return Transpose(self.mean(simplify(Transpose(e))))
         return self._mean_fallback(e)
+
+    def _shared_weight(self, e: MatMul) -> Expr | None:
+        """The block of a weight shared over T positions, E[(Uᵢ ⊗ I) Mᵢ (Uᵢᵀ ⊗ I)] = Σₜₛ E[uₜ uₛᵀ ⊗ Mₜₛ] with
+        Uᵢ (d × T) per sample, factored by K-FAC-expand (the positions as more samples, cross-position
+        terms dropped) or K-FAC-reduce (the mean position's input, the positions' blocks summed),
+        as Eschenhagen et al. (2023) define them and curvlinops computes them (``kfac_math.py``: inputs
+        flattened over positions and normalised by T, or averaged; gradients flattened, or summed); None
+        for any other product."""
+        if len(e.args) != 3 or not all(isinstance(f, Kron) for f in (e.args[0], e.args[2])):
+            return None
+        (u, identity), middle, (u_t, identity_t) = e.args[0].args, e.args[1], e.args[2].args
+        positions = u.cols
+        if not (isinstance(identity, Identity) and identity == identity_t and self.varies(u) and positions != ONE
+                and simplify(Transpose(u)) == u_t):
+            return None
+        if self.approximation is Approximation.KRONECKER_FACTORED_REDUCE:
+            mean_position = ScalarMul(1 / positions, MatMul(u, Ones(positions, ONE)))
+            summed = Kron(Ones(ONE, positions), identity)
+            return Kron(self.mean(MatMul(mean_position, Transpose(mean_position))),
+                        self.mean(MatMul(summed, middle, Transpose(summed))))
+        return Kron(ScalarMul(1 / positions, self.mean(MatMul(u, u_t))), BlockTrace(self.mean(middle), positions))
 
     def _mean_product(self, e: MatMul) -> Expr | None:
         f = e.args
@@ -320,7 +346,7 @@ def batch_hbp(d: Derivation, name: str, curvature: Curvature | str = Curvature.E
     are summed): the Gauss–Newton term E[Jᵀ 𝓗z J] vanishes and only the module's own second-order
     term is left: eq. (4a) where backpropagation starts, with δz = 1/B per sample for the batch mean."""
     curvature, approximation = Curvature.parse(curvature), Approximation.parse(approximation)
-    lowering = BatchLowering(d, factored=approximation is Approximation.KRONECKER_FACTORED)
+    lowering = BatchLowering(d, approximation)
     # Σᵢ Σₖ Hzₖ(xᵢ) δzᵢₖ per sample under both approximations: (7) averages the Jacobians of the
     # Gauss–Newton term only, as the authors' code does (bpexts/hbp/nonlinear.py, ``_residuum``:
     # einsum("bi,bi->i", φ″, δz) whatever ``average_input_jac``), which made the paper's CIFAR-10 figures

@@ -53,7 +53,7 @@ def reference_code(reference: Reference) -> str:
 
 def scale_code(scale: Reference | sp.Expr) -> str:
     """A Kronecker term's scale: an array's reference, or a number in parentheses."""
-    return f"({sp.pycode(scale)})" if isinstance(scale, sp.Expr) else reference_code(scale)
+    return f"({dim_code(scale)})" if isinstance(scale, sp.Expr) else reference_code(scale)
 
 
 class _DimensionPrinter(PythonCodePrinter):
@@ -327,6 +327,9 @@ class ArrayPrinter:
 
     def _print_Gram(self, node: Expr) -> str:
         return f"_gram({self.operand(node.args[0])})"
+
+    def _print_BlockTrace(self, node: Expr) -> str:
+        return f"_block_trace({self.operand(node.args[0])}, {self.dim(node.args[1])})"
 
     # --- a convolution's patches ---------------------------------------------------------------------
     def _print_Unfold(self, node: Expr) -> str:

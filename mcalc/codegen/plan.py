@@ -45,7 +45,6 @@ from ..modes import APPROXIMATIONS, CURVATURES, Approximation, Curvature
 from ..simplification import simplify
 from ..simplification.symmetric import pair_transposes
 from .batch import (
-    BatchLowering,
     batch_forward,
     batch_gradient,
     batch_gradient_tangent,
@@ -403,7 +402,6 @@ class ModulePlan:
 
 def plan_module(d: Derivation) -> ModulePlan:
     m = d.module
-    BatchLowering(d)  # refuses modules without a batch form, with a clear error
     forward = ProgramBuilder()
     forward.named_result("Z", batch_forward(d), m.output)
     # A first layer's input needs no gradient or curvature: a second program skips that work.

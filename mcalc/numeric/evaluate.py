@@ -323,6 +323,11 @@ class Evaluator:
         P = self.value(UnfoldMatrix(spec, e.rows, length))
         return self._per_block(self.value(u), P.T, self.dim(spec.positions(length)), self.dim(e.rows))
 
+    def _eval_BlockTrace(self, e: Expr) -> np.ndarray:
+        m, blocks = self.value(e.args[0]), self.dim(e.args[1])
+        rows, cols = m.shape[0] // blocks, m.shape[1] // blocks
+        return sum(m[t * rows : (t + 1) * rows, t * cols : (t + 1) * cols] for t in range(blocks))
+
     def _eval_Kron(self, e: Expr) -> np.ndarray:
         return np.kron(self.value(e.args[0]), self.value(e.args[1]))
 

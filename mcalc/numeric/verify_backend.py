@@ -16,19 +16,28 @@ from .verify import TOLERANCES, Check, relative_error, sample_values
 BATCH_SIZE = 4
 
 
-def _oracle(module: Module, samples: list[dict], name: str, dZ: np.ndarray, Hz: np.ndarray,
-            curvature: Curvature, approximation: Approximation) -> np.ndarray:
+class _Oracle:
     """(6) or (7) from finite differences of each sample's forward pass; both with the per-sample
-    second-order term Σᵢ Σₖ Hzₖ(xᵢ) δzᵢₖ, (7) averaging the Gauss–Newton term's Jacobians."""
-    Js = [fd_jacobian(module, name, values) for values in samples]
-    B = len(samples)
-    concave = sum(fd_second_order(module, name, values, dZ[i]) for i, values in enumerate(samples))
-    if Approximation.parse(approximation) is Approximation.MEAN_OF_SANDWICHES:
-        ggn = sum(J.T @ Hz @ J for J in Js) / B
-    else:
-        J = sum(Js) / B
-        ggn = J.T @ Hz @ J
-    return with_curvature(ggn, concave, curvature)
+    second-order term Σᵢ Σₖ Hzₖ(xᵢ) δzᵢₖ, (7) averaging the Gauss–Newton term's Jacobians. The
+    finite differences of a variable are taken once, for every curvature and approximation."""
+
+    def __init__(self, module: Module, samples: list[dict], dZ: np.ndarray) -> None:
+        self.module, self.samples, self.dZ = module, samples, dZ
+        self._parts: dict[str, tuple[list[np.ndarray], np.ndarray]] = {}
+
+    def __call__(self, name: str, Hz: np.ndarray, curvature: Curvature, approximation: Approximation) -> np.ndarray:
+        if name not in self._parts:
+            Js = [fd_jacobian(self.module, name, values) for values in self.samples]
+            concave = sum(fd_second_order(self.module, name, values, self.dZ[i])
+                          for i, values in enumerate(self.samples))
+            self._parts[name] = (Js, concave)
+        Js, concave = self._parts[name]
+        if Approximation.parse(approximation) is Approximation.MEAN_OF_SANDWICHES:
+            ggn = sum(J.T @ Hz @ J for J in Js) / len(Js)
+        else:
+            J = sum(Js) / len(Js)
+            ggn = J.T @ Hz @ J
+        return with_curvature(ggn, concave, curvature)
 
 
 def verify_backend(module: Module, backend: str, *, seed: int = 0) -> list[Check]:
@@ -77,6 +86,7 @@ def verify_backend(module: Module, backend: str, *, seed: int = 0) -> list[Check
         checks.append(Check(module.name, f"δ{v.name} (batch)", "-",
                             relative_error(got, expected), TOLERANCES["gradient"]))
     checks += _tangent_checks(module, code, xp, samples, P, S, dZ, rng)
+    oracle = _Oracle(module, samples, dZ)
     factored = Evaluator.for_batch(module, {k: _host(v) for k, v in P.items()},
                                    {s.name: np.stack([as_matrix(v[s.name], s, s.name) for v in samples])
                                     if not s.is_vector else np.stack([np.reshape(v[s.name], -1) for v in samples])
@@ -87,17 +97,17 @@ def verify_backend(module: Module, backend: str, *, seed: int = 0) -> list[Check
             for v in module.variables:
                 block = blocks[v.name]
                 got = _host(block.to_dense())
-                if approximation is Approximation.KRONECKER_FACTORED:  # an approximation by definition: against
+                if approximation.factored:  # an approximation by definition: against
                     reference = factored.value(batch_hbp(Derivation(module), v.name, curvature, approximation))
                 else:  # the factored batch rule; finite differences test (6) and (7)
-                    reference = _oracle(module, samples, v.name, dZ, Hz, curvature, approximation)
+                    reference = oracle(v.name, Hz, curvature, approximation)
                 label = v.name if v.is_vector else f"vec {v.name}"
                 checks.append(Check(module.name, f"𝓗̄{label} ({approximation})", curvature,
                                     relative_error(got, reference), TOLERANCES["hbp"]))
     for approximation, start in code.LOSS_HESSIAN.items():  # a loss: HBP's start, nothing from above
         blocks = start(P, S)
         for v in module.variables:
-            reference = _oracle(module, samples, v.name, dZ, np.zeros_like(Hz), Curvature.EXACT, approximation)
+            reference = oracle(v.name, np.zeros_like(Hz), Curvature.EXACT, approximation)
             label = v.name if v.is_vector else f"vec {v.name}"
             checks.append(Check(module.name, f"𝓗̄{label} ({approximation}), 𝓗z = 0", "exact",
                                 relative_error(_host(blocks[v.name].to_dense()), reference), TOLERANCES["hbp"]))

@@ -156,6 +156,12 @@ def fold_rows(m: Any, kernel: int, stride: int, padding: int, dilation: int, cha
     return vec_of_samples(fold(patches, kernel, stride, padding, dilation, length), length)
 
 
+def block_trace(m: Any, blocks: int) -> Any:
+    """Σₜ Mₜₜ: the sum of the ``blocks`` diagonal blocks of M (or of each matrix of a stack)."""
+    rows, cols = m.shape[-2] // blocks, m.shape[-1] // blocks
+    return namespace(m).einsum("...tatb->...ab", m.reshape(m.shape[:-2] + (blocks, rows, blocks, cols)))
+
+
 def kron_matmul(a: Any, b: Any, m: Any) -> Any:
     """(A ⊗ B) M without forming A ⊗ B (M&N: (A ⊗ B) vec X = vec(B X Aᵀ), column by column of M); None
     stands for an identity factor: A ⊗ I is one product of M's reshape, I ⊗ B one per block of M. Any
