@@ -27,7 +27,7 @@ def test_parse_spec():
     assert parse_spec("4-3-2") == [Width(4), Width(3), Width(2)]
     assert parse_spec("64-Norm-Gate(m=32, r=4)-relu-10", modules=["Norm", "Gate"]) == [
         Width(64), UserModule("Norm"), UserModule("Gate", (("m", 32), ("r", 4))), Activation("ReLU"), Width(10)]
-    for bad, message in [("64", "input and an output"), ("64-sigmoid-10", "must follow a width or a module"),
+    for bad, message in [("64", "needs an input .* and an output"), ("64-sigmoid-10", "must follow a width, a conv"),
                          ("64-10-relu", "ends with an activation"),
                          ("64-gelu-10", "unknown token 'gelu'.*modules: Gate"), ("64-Norm-10", "unknown token 'Norm'"),
                          ("64-10-relu-tanh-10", "must follow a width"), ("64-Gate(m=0)-10", "m=0.*positive integer"),
@@ -595,7 +595,7 @@ def test_kronecker_factored_optimizers_step_user_parameters_by_their_blocks(tmp_
     X, Y = rng.normal(size=(5, 8)), np.eye(3)[:, rng.integers(0, 3, 8)]
     opt = make_optimizer(optimizer, **({"lr": 0.5, "momentum": 0.0} if optimizer == "kfac" else {"momentum": 0.0}))
     opt.prepare(net, X)
-    assert opt.block_params == ["RMSNorm1.g"] and opt.curvature_request() == ("ggn", "6")
+    assert opt.block_params == ["RMSNorm1.g"] and opt.curvature_request() == ("ggn", "6-kfac")
     _, grads, blocks = net.backward(X, Y, *opt.curvature_request())
     step = opt.step(net, grads, blocks, (X, Y))
     g = grads["RMSNorm1.g"] + (opt.weight_decay * net.params["RMSNorm1.g"] if optimizer == "kbfgs" else 0)

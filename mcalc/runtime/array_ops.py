@@ -162,6 +162,16 @@ def block_trace(m: Any, blocks: int) -> Any:
     return namespace(m).einsum("...tatb->...ab", m.reshape(m.shape[:-2] + (blocks, rows, blocks, cols)))
 
 
+def matrices_of_columns(columns: Any, rows: int) -> Any:
+    """Columns vec(Xᵢ) (rows·cols, B) as the batch argument of per-sample matrices, (rows, B, cols)."""
+    return unvec_of_samples(columns, rows).reshape(rows, columns.shape[1], -1)
+
+
+def columns_of_matrices(batch: Any) -> Any:
+    """The inverse of :func:`matrices_of_columns`; a batch of vectors (rows, B) as it is."""
+    return batch if batch.ndim == 2 else vec_of_samples(side_by_side(batch), batch.shape[2])
+
+
 def kron_matmul(a: Any, b: Any, m: Any) -> Any:
     """(A ⊗ B) M without forming A ⊗ B (M&N: (A ⊗ B) vec X = vec(B X Aᵀ), column by column of M); None
     stands for an identity factor: A ⊗ I is one product of M's reshape, I ⊗ B one per block of M. Any

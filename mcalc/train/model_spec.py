@@ -4,6 +4,11 @@ A token is a width (a Linear layer to that width; the first token is the input w
 activation (``sigmoid``, ``tanh``, ``relu``, ``softplus``), or the name of a user's module, with
 ``Name(dim=value, ...)`` binding the dimensions its input does not fix. The last token is the output
 width. An activation follows a width or a module.
+
+A network of convolutions starts with the input's shape, channels × length (``1x40``: MNIST-1D's
+signals), and uses ``conv(m, k)`` (m filters of k taps; ``stride=``, ``pad=``, ``dil=`` as PyTorch's
+Conv1d) and ``flatten`` (the channels of every position stacked, before a width):
+``1x40-conv(32,5,pad=2)-relu-conv(32,5,pad=2)-relu-flatten-10``.
 """
 from __future__ import annotations
 
@@ -41,20 +46,61 @@ class UserModule:
     dims: tuple[tuple[str, int], ...] = ()
 
 
-Token = Width | Activation | UserModule
+@dataclass(frozen=True)
+class Signal:
+    """The input as per-sample matrices: ``channels`` × ``length``."""
+
+    channels: int
+    length: int
+
+    @property
+    def size(self) -> int:
+        return self.channels * self.length
+
+
+@dataclass(frozen=True)
+class Conv:
+    """A 1-D convolution: ``filters`` output channels, PyTorch's Conv1d hyper-parameters."""
+
+    filters: int
+    kernel: int
+    stride: int = 1
+    padding: int = 0
+    dilation: int = 1
+
+
+@dataclass(frozen=True)
+class Flatten:
+    """A signal's positions stacked into one vector (column-major vec: position by position)."""
+
+
+Token = Width | Activation | UserModule | Signal | Conv | Flatten
+_SIGNAL = re.compile(r"^(\d+)x(\d+)$")
+_CONV = re.compile(r"^conv\((.*)\)$", re.IGNORECASE)
+_CONV_OPTIONS = {"stride": "stride", "pad": "padding", "padding": "padding", "dil": "dilation", "dilation": "dilation"}
 
 
 def parse_spec(spec: str, modules: Collection[str] = ()) -> list[Token]:
     """The layers of ``spec``; ``modules``: the names of the user's modules it may use."""
     tokens: list[Token] = []
     for text in (t.strip() for t in spec.split("-") if t.strip()):
-        if text.isdigit():
+        if not tokens and (match := _SIGNAL.match(text)):
+            channels, length = int(match.group(1)), int(match.group(2))
+            if channels < 1 or length < 1:
+                raise McalcError(f"model spec '{spec}': the input '{text}' needs positive channels and length")
+            tokens.append(Signal(channels, length))
+        elif match := _CONV.match(text):
+            tokens.append(_conv(spec, text, match.group(1)))
+        elif text.lower() == "flatten":
+            tokens.append(Flatten())
+        elif text.isdigit():
             if int(text) < 1:
                 raise McalcError(f"model spec '{spec}': width {text} must be positive")
             tokens.append(Width(int(text)))
         elif text.lower() in SPEC_ACTIVATIONS:
-            if len(tokens) < 2 or isinstance(tokens[-1], Activation):
-                raise McalcError(f"model spec '{spec}': activation '{text}' must follow a width or a module")
+            if len(tokens) < 2 or isinstance(tokens[-1], (Activation, Flatten)):
+                raise McalcError(f"model spec '{spec}': activation '{text}' must follow a width, a convolution "
+                                 "or a module")
             tokens.append(Activation(SPEC_ACTIVATIONS[text.lower()]))
         elif (match := _MODULE.match(text)) and match.group(1) in modules:
             tokens.append(UserModule(match.group(1), _bindings(spec, match.group(1), match.group(2))))
@@ -63,13 +109,36 @@ def parse_spec(spec: str, modules: Collection[str] = ()) -> list[Token]:
                      else " (a module of yours needs --modules FILE.py)")
             raise McalcError(f"model spec '{spec}': unknown token '{text}'; widths are integers, "
                              f"activations are {', '.join(SPEC_ACTIVATIONS)}{known}")
-    if sum(isinstance(t, Width) for t in tokens) < 2 or not isinstance(tokens[0], Width):
-        raise McalcError(f"model spec '{spec}': needs an input and an output width, e.g. 64-10")
+    if not isinstance(tokens[0], (Width, Signal)) or sum(isinstance(t, (Width, Signal)) for t in tokens) < 2:
+        raise McalcError(f"model spec '{spec}': needs an input (a width, or channels x length) and an output "
+                         "width, e.g. 64-10 or 1x40-conv(8,5)-flatten-10")
+    if any(isinstance(t, Conv) for t in tokens) and not isinstance(tokens[0], Signal):
+        raise McalcError(f"model spec '{spec}': a convolution needs a signal: start with channels x length, "
+                         "e.g. 1x40")
     if isinstance(tokens[-1], Activation):
         raise McalcError(f"model spec '{spec}': ends with an activation; the last token is the output width")
     if not isinstance(tokens[-1], Width):
         raise McalcError(f"model spec '{spec}': ends with a module; the last token is the output width")
     return tokens
+
+
+def _conv(spec: str, text: str, arguments: str) -> Conv:
+    """conv(m, k, stride=1, pad=0, dil=1)."""
+    usage = "conv(filters, kernel[, stride=…, pad=…, dil=…]), e.g. conv(32,5,pad=2)"
+    positional, options = [], {}
+    for part in (p.strip() for p in arguments.split(",") if p.strip()):
+        key, equals, value = part.partition("=")
+        if not (value if equals else key).strip().isdigit():
+            raise McalcError(f"model spec '{spec}': '{part}' in '{text}' is not an integer; {usage}")
+        if equals:
+            if key.strip() not in _CONV_OPTIONS:
+                raise McalcError(f"model spec '{spec}': unknown option '{key.strip()}' in '{text}'; {usage}")
+            options[_CONV_OPTIONS[key.strip()]] = int(value)
+        else:
+            positional.append(int(key))
+    if len(positional) != 2 or min(positional) < 1 or options.get("stride", 1) < 1 or options.get("dilation", 1) < 1:
+        raise McalcError(f"model spec '{spec}': '{text}' needs positive filters and kernel; {usage}")
+    return Conv(positional[0], positional[1], **options)
 
 
 def _bindings(spec: str, name: str, text: str | None) -> tuple[tuple[str, int], ...]:

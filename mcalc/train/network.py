@@ -17,10 +17,10 @@ import numpy as np
 
 from ..errors import McalcError
 from ..modes import Approximation, Curvature, CurvatureMatrix
-from ..runtime.array_ops import softmax
+from ..runtime.array_ops import columns_of_matrices, matrices_of_columns, softmax
 from ..runtime.blocks import CurvatureBlock
 from ..runtime.generated_code import library_code
-from .model_spec import Activation, UserModule, Width, dimension_value, parse_spec
+from .model_spec import Activation, Conv, Flatten, Signal, UserModule, Width, dimension_value, parse_spec
 
 SPEC_LOSSES = {"ce": "CrossEntropy", "mse": "MSE"}
 BackwardResult = tuple[float, dict[str, Any], dict[str, CurvatureBlock]]  # loss, gradients, blocks
@@ -35,11 +35,23 @@ def glorot_uniform(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray
 @dataclass
 class Layer:
     """One module of the network, by name: the names of its parameters in the network, and the name of
-    its per-sample input in its generated code."""
+    its per-sample input in its generated code. Between layers every sample is a column (a matrix as its
+    vec); a module whose input or output is a per-sample matrix (a convolution's signal) takes or gives
+    its batch as (rows, B, cols), and ``input_rows`` / ``output_rows`` say how many rows (None: a vector)."""
 
     module: str
     params: dict[str, str]  # module's parameter name → network parameter name
     input: str = "x"
+    input_rows: int | None = None
+    output_rows: int | None = None
+
+    def takes(self, columns: Any) -> Any:
+        """The layer's input batch from the columns between layers."""
+        return columns if self.input_rows is None else matrices_of_columns(columns, self.input_rows)
+
+    def takes_output(self, columns: Any) -> Any:
+        """A batch shaped like the layer's outputs (δZ, R{δZ}) from the columns between layers."""
+        return columns if self.output_rows is None else matrices_of_columns(columns, self.output_rows)
 
 
 class Network:
@@ -67,17 +79,30 @@ class Network:
         self._params: dict[str, Any] = {}
         rng = np.random.default_rng(seed)
         self.widths = [tokens[0].size]  # the input's, then each Linear layer's and module's output width
+        # each sample's shape after every width, module and flatten: (rows, cols), a vector's (n, 1)
+        self.shapes = [(tokens[0].channels, tokens[0].length) if isinstance(tokens[0], Signal) else (tokens[0].size, 1)]
         for token in tokens[1:]:
+            if isinstance(token, Width) and self.shapes[-1][1] != 1:
+                raise McalcError(f"model spec '{spec}': a width follows a signal of {self.shapes[-1][0]} × "
+                                 f"{self.shapes[-1][1]}; flatten it first (…-flatten-{token.size})")
             if isinstance(token, Width):
                 k = sum(layer.module == "Linear" for layer in self.layers) + 1
                 self._params[f"W{k}"] = self.xp.asarray(glorot_uniform(rng, token.size, self.widths[-1]), dtype=dtype)
                 self._params[f"b{k}"] = self.xp.zeros((token.size, 1), dtype=dtype)
                 self.layers.append(Layer("Linear", {"W": f"W{k}", "b": f"b{k}"}))
                 self.widths.append(token.size)
-            elif isinstance(token, Activation):
+                self.shapes.append((token.size, 1))
+            elif isinstance(token, Activation):  # entry by entry: a signal stays one
                 self.layers.append(Layer(token.module, {}))
+            elif isinstance(token, Flatten):
+                self.shapes.append((self.shapes[-1][0] * self.shapes[-1][1], 1))
+            elif isinstance(token, Conv):  # conv1.K, conv1.b, conv2.K, …
+                label = f"conv{sum(layer.module.startswith('Conv1d_') for layer in self.layers) + 1}"
+                self.shapes.append(self._add_module(self._convolution(token, backend), rng, label))
+                self.widths.append(self.shapes[-1][0] * self.shapes[-1][1])
             else:
-                self.widths.append(self._add_module(token, rng))
+                self.shapes.append(self._add_module(token, rng))
+                self.widths.append(self.shapes[-1][0] * self.shapes[-1][1])
         self.loss_module = SPEC_LOSSES[loss]
         for name in [layer.module for layer in self.layers] + [self.loss_module]:
             if name not in self.code:
@@ -85,43 +110,57 @@ class Network:
         if weights is not None:
             self.load_weights(weights)
 
-    def _add_module(self, token: UserModule, rng: np.random.Generator) -> int:
-        """A user's module as the next layer: its input takes the current width, the spec binds the other
-        dimensions, its parameters start as Glorot-uniform matrices and as vectors of 0 (or of 1 where the
-        symbol is declared positive: a gain). Returns its output width."""
+    def _convolution(self, token: Conv, backend: str) -> UserModule:
+        """The Conv1d module of ``token``'s hyper-parameters, its code generated on first use (and cached, as
+        a user's module's is: this needs the compiler), as a module token binding its filters."""
+        from ..codegen.store import load_code
+        from ..layers.convolution import conv1d
+
+        module = conv1d(token.kernel, token.stride, token.padding, token.dilation)
+        if module.name not in self.code:
+            self.code[module.name] = load_code(module, backend)
+        return UserModule(module.name, (("m", token.filters),))
+
+    def _add_module(self, token: UserModule, rng: np.random.Generator, label: str | None = None) -> tuple[int, int]:
+        """A user's module (or a convolution) as the next layer: its input takes the current shape, the spec
+        binds the other dimensions, its parameters start as Glorot-uniform matrices and as vectors of 0
+        (or of 1 where the symbol is declared positive: a gain), named ``<label>.<symbol>`` (by default
+        ``<module><position>``). Returns each sample's output shape."""
         code, name = self.code[token.name], token.name
         symbols = code.SYMBOLS
         inputs = [v for v in code.VARIABLES if v in code.PER_SAMPLE]
         others = [s for s in symbols if s not in code.VARIABLES]
         if len(inputs) != 1 or others:
-            raise McalcError(f"module '{name}' cannot be a layer: a layer has one per-sample input vector and no "
+            raise McalcError(f"module '{name}' cannot be a layer: a layer has one per-sample input and no "
                              f"constants (it has inputs {inputs} and constants {others})")
         (input_name,) = inputs
-        rows = symbols[input_name]["shape"][0]
         dims = dict(token.dims)
-        if rows.isidentifier():
-            if dims.setdefault(rows, self.widths[-1]) != self.widths[-1]:
-                raise McalcError(f"module '{name}': its input has {rows} = {self.widths[-1]} entries here, "
-                                 f"not {dims[rows]}")
-        elif dimension_value(rows, dims, name) != self.widths[-1]:
-            raise McalcError(f"module '{name}': its input has {rows} entries, but the layer before gives "
-                             f"{self.widths[-1]}")
-        position = len(self.layers) + 1
+        in_shape = self.shapes[-1] if symbols[input_name]["shape"][1] != "1" else (self.widths[-1], 1)
+        for declared, actual in zip(symbols[input_name]["shape"], in_shape):
+            if declared.isidentifier():
+                if dims.setdefault(declared, actual) != actual:
+                    raise McalcError(f"module '{name}': its input has {declared} = {actual} here, not "
+                                     f"{dims[declared]}")
+            elif dimension_value(declared, dims, name) != actual:
+                raise McalcError(f"module '{name}': its input is {' × '.join(symbols[input_name]['shape'])}, but "
+                                 f"the layer before gives {in_shape[0]} × {in_shape[1]}")
+        prefix = label or f"{name}{len(self.layers) + 1}"
         names = {}
         for p in code.PARAMS:
             shape = tuple(dimension_value(d, dims, name) for d in symbols[p]["shape"])
-            names[p] = f"{name}{position}.{p}"
+            names[p] = f"{prefix}.{p}"
             if shape[1] > 1:
                 value = glorot_uniform(rng, *shape)
             else:
                 value = np.full(shape, 1.0 if symbols[p]["positive"] else 0.0)
             self._params[names[p]] = self.xp.asarray(value, dtype=self.dtype)
         out_rows, out_cols = (dimension_value(d, dims, name) for d in code.OUTPUT_SHAPE)
-        if out_cols != 1:
-            raise McalcError(f"module '{name}' gives a {out_rows} × {out_cols} matrix per sample; "
-                             "a layer gives a vector")
-        self.layers.append(Layer(name, names, input_name))
-        return out_rows
+        if min(out_rows, out_cols) < 1:
+            raise McalcError(f"module '{name}' gives {out_rows} × {out_cols} per sample here: its input of "
+                             f"{in_shape[0]} × {in_shape[1]} is too short")
+        self.layers.append(Layer(name, names, input_name, input_rows=in_shape[0] if in_shape[1] != 1 else None,
+                                 output_rows=out_rows if out_cols != 1 else None))
+        return out_rows, out_cols
 
     @property
     def params(self) -> dict[str, Any]:
@@ -180,7 +219,8 @@ class Network:
         for position, layer in enumerate(self.layers):
             inputs.append(Z)
             cache = caches[position] if caches is not None else None
-            Z = self.code[layer.module].forward(self._module_params(layer, params), {layer.input: Z}, cache)["Z"]
+            Z = columns_of_matrices(self.code[layer.module].forward(
+                self._module_params(layer, params), {layer.input: layer.takes(Z)}, cache)["Z"])
         return Z, inputs
 
     def loss(self, X: Any, Y: Any, params: dict[str, Any] | None = None) -> float:
@@ -275,7 +315,8 @@ class Network:
         blocks: dict[str, CurvatureBlock] = {}
         for position in reversed(range(len(self.layers))):
             layer = self.layers[position]
-            P, S = self._module_params(layer), {layer.input: inputs[position], "dz": dZ}
+            P, S = self._module_params(layer), {layer.input: layer.takes(inputs[position]),
+                                                "dz": layer.takes_output(dZ)}
             first = position == 0  # the data needs no gradient or curvature
             g = self.code[layer.module].gradients(P, S, inputs=not first, cache=caches[position])
             for own, name in layer.params.items():
@@ -290,7 +331,7 @@ class Network:
                 if not first:
                     Hz = out[layer.input].dense
             if not first:
-                dZ = g[layer.input]
+                dZ = columns_of_matrices(g[layer.input])
         return loss, grads, blocks
 
     def _loss_inputs(self, Z: Any, Y: Any) -> dict[str, Any]:
@@ -306,8 +347,8 @@ class Network:
         out = {len(self.layers) - 1: dZ}
         for position in range(len(self.layers) - 1, 0, -1):
             layer = self.layers[position]
-            S = {layer.input: inputs[position], "dz": dZ}
-            dZ = self.code[layer.module].gradients(self._module_params(layer), S)[layer.input]
+            S = {layer.input: layer.takes(inputs[position]), "dz": layer.takes_output(dZ)}
+            dZ = columns_of_matrices(self.code[layer.module].gradients(self._module_params(layer), S)[layer.input])
             out[position - 1] = dZ
         return out
 
@@ -338,9 +379,10 @@ class Network:
                 P, moved = self._module_params(layer), self._module_params(layer, V)
                 tangents.append(T)
                 if T is not None or moved:
-                    V_layer = moved if T is None else {layer.input: T, **moved}
-                    T = self.code[layer.module].jvp(P, {layer.input: inputs[position]}, V_layer,
-                                                          inputs=T is not None, cache=caches[position])["Z"]
+                    V_layer = moved if T is None else {layer.input: layer.takes(T), **moved}
+                    T = columns_of_matrices(self.code[layer.module].jvp(
+                        P, {layer.input: layer.takes(inputs[position])}, V_layer, inputs=T is not None,
+                        cache=caches[position])["Z"])
             loss = self.code[self.loss_module]
             R = loss.rgradients({}, loss_S, {"x": T, "dz": xp.zeros((1, B), dtype=Z.dtype)},
                                 cache=caches[-1])["x"]  # 𝓗L R{Z}
@@ -348,18 +390,19 @@ class Network:
             for position in reversed(range(len(self.layers))):
                 layer, T_in = self.layers[position], tangents[position]
                 code, P = self.code[layer.module], self._module_params(layer)
+                S = {layer.input: layer.takes(inputs[position])}
                 if matrix is CurvatureMatrix.GAUSS_NEWTON:
-                    r = code.gradients(P, {layer.input: inputs[position], "dz": R}, inputs=T_in is not None,
+                    r = code.gradients(P, {**S, "dz": layer.takes_output(R)}, inputs=T_in is not None,
                                        cache=caches[position])
                 else:
-                    V_layer = {**self._module_params(layer, V), "dz": R,
-                               **({layer.input: T_in} if T_in is not None else {})}
-                    r = code.rgradients(P, {layer.input: inputs[position], "dz": adjoints[position]}, V_layer,
+                    V_layer = {**self._module_params(layer, V), "dz": layer.takes_output(R),
+                               **({layer.input: layer.takes(T_in)} if T_in is not None else {})}
+                    r = code.rgradients(P, {**S, "dz": layer.takes_output(adjoints[position])}, V_layer,
                                         inputs=T_in is not None, cache=caches[position])
                 for own, name in layer.params.items():
                     out[name] = r[own]
                 if T_in is not None:
-                    R = r[layer.input]
+                    R = columns_of_matrices(r[layer.input])
             return out
 
         return product

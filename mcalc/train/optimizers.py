@@ -308,8 +308,9 @@ class KFAC(Optimizer):
 
     def curvature_request(self) -> CurvatureRequest | None:
         """The Gauss–Newton blocks (K-FAC's curvature, the Fisher of a softmax cross-entropy) of the
-        parameters outside Linear layers; none when every parameter is a Linear layer's."""
-        return CurvatureRequest(Curvature.GGN, Approximation.MEAN_OF_SANDWICHES) if self.block_params else None
+        parameters outside Linear layers, Kronecker-factored as K-FAC factors (a convolution's by
+        K-FAC-expand, KFC's, Grosse & Martens 2016); none when every parameter is a Linear layer's."""
+        return CurvatureRequest(Curvature.GGN, Approximation.KRONECKER_FACTORED) if self.block_params else None
 
     @property
     def _factor(self) -> float:
@@ -475,8 +476,9 @@ class KBFGS(Optimizer):
     second_order = True
 
     def curvature_request(self) -> CurvatureRequest | None:
-        """The Gauss–Newton blocks of the parameters outside Linear layers, which BFGS factors do not cover."""
-        return CurvatureRequest(Curvature.GGN, Approximation.MEAN_OF_SANDWICHES) if self.block_params else None
+        """The Gauss–Newton blocks of the parameters outside Linear layers, which BFGS factors do not cover,
+        Kronecker-factored as K-FAC's (a convolution's by K-FAC-expand)."""
+        return CurvatureRequest(Curvature.GGN, Approximation.KRONECKER_FACTORED) if self.block_params else None
 
     def prepare(self, net: Network, X_train: Any) -> None:
         """Ā from one pass over the training inputs at the initial weights (``training_utils.py``)."""

@@ -1,0 +1,24 @@
+"""Convolutions, declared with mcalc itself: one module per kernel size, stride, padding and dilation.
+
+A signal is a per-sample matrix X (c channels × L positions); a 1-D convolution with m filters is
+K unfold(X) + b 1ᵀ with K (m × c·k), PyTorch's Conv1d weight (m, c, k) reshaped, and unfold the index
+map of :func:`mcalc.unfold`. Unlike the library's modules these are not generated in advance: a
+network that uses one has its code generated on first use and cached, as a user's module is.
+"""
+from __future__ import annotations
+
+import functools
+
+from ..expr import ONE, Ones, Unfold, UnfoldSpec
+from ..module import Module
+from ..symbols import Matrix, Vector
+
+
+@functools.cache
+def conv1d(kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> Module:
+    """The module z = K unfold(X) + b 1ᵀ of a Conv1d with these hyper-parameters (``Conv1d_k5s1p2d1``)."""
+    spec = UnfoldSpec(kernel, stride, padding, dilation)
+    X, K, b = Matrix("X", "c", "L"), Matrix("K", "m", f"c*{kernel}"), Vector("b", "m")
+    patches = Unfold(X, spec)
+    return Module(f"Conv1d_k{kernel}s{stride}p{padding}d{dilation}",
+                  output=K @ patches + b @ Ones(ONE, patches.cols), inputs=[X], params=[K, b])

@@ -1,0 +1,112 @@
+"""Convolutional networks from the model spec (issue 14): 1x40-conv(m,k,…)-relu-…-flatten-10, with PyTorch's
+losses, gradients and Gauss–Newton products, trained by every optimiser and from the command line."""
+import json
+
+import numpy as np
+import pytest
+
+import mcalc as mc
+from mcalc.train import data as D
+from mcalc.train.model_spec import Activation, Conv, Flatten, Signal, Width, parse_spec
+from mcalc.train.network import Network
+from mcalc.train.optimizers import make_optimizer
+from mcalc.train.trainer import train
+
+SPEC = "2x9-conv(3,3,pad=1)-tanh-conv(4,3,stride=2)-relu-flatten-5"
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MCALC_CACHE", str(tmp_path / "cache"))  # each convolution's code, generated afresh
+
+
+def test_the_spec_of_a_convolutional_network():
+    assert parse_spec("1x40-conv(32,5,pad=2)-relu-conv(8,3,stride=2,dil=2)-flatten-10") == [
+        Signal(1, 40), Conv(32, 5, padding=2), Activation("ReLU"), Conv(8, 3, stride=2, dilation=2), Flatten(),
+        Width(10)]
+    for bad, message in [("40-conv(8,5)-10", "a convolution needs a signal"),
+                         ("1x40-conv(8)-flatten-10", r"needs positive filters and kernel"),
+                         ("1x40-conv(8,5,pad=x)-flatten-10", "'pad=x' in 'conv\\(8,5,pad=x\\)' is not an integer"),
+                         ("1x40-conv(8,5,step=2)-flatten-10", "unknown option 'step'"),
+                         ("1x40-flatten-relu-10", "must follow a width, a convolution")]:
+        with pytest.raises(mc.McalcError, match=message):
+            parse_spec(bad)
+    with pytest.raises(mc.McalcError, match=r"a width follows a signal of 8 × 40; flatten it first"):
+        Network("1x40-conv(8,5,pad=2)-10")
+    with pytest.raises(mc.McalcError, match=r"gives 8 × 0 per sample here: its input of 1 × 4 is too short"):
+        Network("1x4-conv(8,5)-flatten-10")
+
+
+def _torch_logits(x, K1, b1, K2, b2, W, b):
+    """The same network in PyTorch, by its functional convolutions: flatten position by position (mcalc's
+    vec of a channels × positions matrix)."""
+    import torch.nn.functional as F
+
+    h = F.relu(F.conv1d(F.conv1d(x, K1.reshape(3, 2, 3), b1, padding=1).tanh(), K2.reshape(4, 3, 3), b2, stride=2))
+    return F.linear(h.transpose(1, 2).reshape(len(x), -1), W, b)
+
+
+NAMES = ["conv1.K", "conv1.b", "conv2.K", "conv2.b", "W1", "b1"]
+
+
+def _batch(B=6, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(18, B))  # each column the vec of a 2 × 9 signal: position by position
+    labels = rng.integers(0, 5, B)
+    return X, labels, np.eye(5)[:, labels]
+
+
+def test_a_convolutional_network_has_pytorchs_loss_gradients_and_gauss_newton_products():
+    import torch
+
+    net = Network(SPEC, seed=1)
+    assert net.shapes == [(2, 9), (3, 9), (4, 4), (16, 1), (5, 1)] and net.widths == [18, 27, 16, 5]
+    assert net.params["conv1.K"].shape == (3, 6) and net.params["conv2.K"].shape == (4, 9)
+    X, labels, Y = _batch()
+    x = torch.tensor(X.T.reshape(-1, 9, 2).transpose(0, 2, 1).copy())
+    params = [torch.tensor(net.params[n].reshape(-1) if n.endswith(".b") or n == "b1" else net.params[n],
+                           requires_grad=True) for n in NAMES]
+    loss = torch.nn.functional.cross_entropy(_torch_logits(x, *params), torch.tensor(labels))
+    loss.backward()
+    value, grads, _ = net.backward(X, Y)
+    assert value == pytest.approx(loss.item(), rel=1e-12)
+    for name, p in zip(NAMES, params):
+        np.testing.assert_allclose(grads[name], p.grad.numpy().reshape(grads[name].shape), rtol=1e-10, atol=1e-13)
+    # the Gauss–Newton product Jᵀ 𝓗L J v against torch's Jacobian-vector products of the logits
+    rng = np.random.default_rng(3)
+    V = {k: rng.normal(size=v.shape) for k, v in net.params.items()}
+    got = net.curvature_product(X, Y, "gn")(V)
+    primals = tuple(p.detach() for p in params)
+    tangents = tuple(torch.tensor(V[n]).reshape(p.shape) for n, p in zip(NAMES, params))
+    logits = lambda *values: _torch_logits(x, *values)  # noqa: E731
+    z, Jv = torch.autograd.functional.jvp(logits, primals, tangents)
+    probabilities = torch.softmax(z, 1)  # 𝓗L of the batch-mean cross-entropy: (diag p − p pᵀ)/B per sample
+    HJv = (probabilities * Jv - probabilities * (probabilities * Jv).sum(1, keepdim=True)) / len(x)
+    _, JtHJv = torch.autograd.functional.vjp(logits, primals, HJv)
+    assert max(float(t.abs().max()) for t in JtHJv) > 1e-4
+    for name, expected in zip(NAMES, JtHJv):
+        np.testing.assert_allclose(got[name], expected.numpy().reshape(got[name].shape), rtol=1e-9, atol=1e-12,
+                                   err_msg=name)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "hbp-newton", "kfac", "kbfgs", "hf-gn", "hf-newton"])
+def test_every_optimizer_trains_a_convolutional_network(optimizer):
+    """Every optimiser at its defaults (hbp-newton with the Kronecker-factored blocks, which a convolution's
+    weight needs: its exact (6) block is a mean of per-sample Kronecker products) on the synthetic data as
+    one-channel signals."""
+    data = D.load_dataset("synthetic", seed=0)
+    net = Network(f"1x{data.features}-conv(4,3,pad=1)-relu-flatten-{data.classes}", seed=0)
+    options = {"approximation": "6-kfac", "curvature": "ggn"} if optimizer == "hbp-newton" else {}
+    result = train(net, data, make_optimizer(optimizer, **options), epochs=4, batch_size=64, seed=0)
+    history = result["history"]  # 5 classes: chance is 0.2, and a loss of log 5 at the start
+    assert history[-1]["test_accuracy"] > 0.4 and min(h["train_loss"] for h in history) < np.log(data.classes)
+
+
+def test_a_convolutional_network_trains_from_the_command_line(tmp_path):
+    from mcalc import cli
+
+    out = tmp_path / "cnn.json"
+    assert cli.main(["train", "--data", "mnist1d", "--model", "1x40-conv(8,5,pad=2)-relu-flatten-10",
+                     "--optimizer", "sgd", "--epochs", "2", "--json", str(out)]) == 0
+    history = json.loads(out.read_text())["history"]
+    assert history[-1]["test_accuracy"] > 0.3 and history[-1]["train_loss"] < history[0]["train_loss"]
