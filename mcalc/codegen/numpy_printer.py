@@ -126,6 +126,11 @@ def function_source(f: ElementwiseFunction) -> str:
     return f"def {function_name(f)}(t):\n    return {code}\n"
 
 
+def _typical(d: sp.Expr) -> float:
+    """A dimension's size with every symbol 64: what a printer compares intermediate sizes by."""
+    return float(d.xreplace({x: 64 for x in d.free_symbols})) if d.free_symbols else float(d)
+
+
 class ArrayPrinter:
     """Right-hand sides of program steps; ``names`` holds the references of the computed children
     (:attr:`.plan.Program.names`), and a name in ``overwritable`` is an array that no other step reads,
@@ -194,7 +199,49 @@ class ArrayPrinter:
                     f"{self.dim(length)}"
         return ("_fold_rows", "_unfold_rows", arguments) if transposed else ("_unfold_rows", "_fold_rows", arguments)
 
+    def _is_operator(self, f: Expr) -> bool:
+        """A factor that is applied to a matrix, never formed: A ⊗ B, or an index map P or Pᵀ."""
+        return isinstance(f, Kron) or self._index_map(f) is not None
+
+    def _apply_left(self, f: Expr, code: str) -> str:
+        if isinstance(f, Kron):
+            return f"_kron_matmul({self._kron_factor(f.args[0])}, {self._kron_factor(f.args[1])}, {code})"
+        helper, _, arguments = self._index_map(f)
+        return f"{helper}({code}, {arguments})"
+
+    def _apply_right(self, code: str, f: Expr) -> str:
+        if isinstance(f, Kron):
+            return f"_matmul_kron({code}, {self._kron_factor(f.args[0])}, {self._kron_factor(f.args[1])})"
+        _, transposed, arguments = self._index_map(f)  # M P = (Pᵀ Mᵀ)ᵀ
+        return self._transposed(f"{transposed}({self._transposed(code)}, {arguments})")
+
+    def _print_sandwich(self, node: Expr) -> str | None:
+        """Operators (Kronecker factors, index maps) around one run of other factors with a matrix among
+        them, applied to that run outward, each time on the side that keeps the intermediate smaller (every
+        dimension taken as 64): the input block of a convolution, Pᵀ (I ⊗ Kᵀ) 𝓗z (I ⊗ K) P, never forms
+        (I ⊗ Kᵀ) 𝓗z (I ⊗ K), k² times the block's size. None for any other product."""
+        factors = node.args
+        core = [i for i, f in enumerate(factors) if not self._is_operator(f)]
+        if not core or len(core) == len(factors) or core != list(range(core[0], core[-1] + 1)) \
+                or all(isinstance(factors[i], (Diag, Ones)) for i in core):
+            return None
+        run = factors[core[0] : core[-1] + 1]
+        code = self.operand(run[0]) if len(run) == 1 else self._print_MatMul(MatMul(*run))
+        left, right = list(factors[: core[0]]), list(factors[core[-1] + 1 :])
+        rows, cols = _typical(run[0].rows), _typical(run[-1].cols)
+        while left or right:
+            if right and (not left or rows * _typical(right[0].cols) < _typical(left[-1].rows) * cols):
+                f = right.pop(0)
+                code, cols = self._apply_right(code, f), _typical(f.cols)
+            else:
+                f = left.pop()
+                code, rows = self._apply_left(f, code), _typical(f.rows)
+        return code
+
     def _print_MatMul(self, node: Expr) -> str:
+        sandwich = self._print_sandwich(node)
+        if sandwich is not None:
+            return sandwich
         factors = node.args
         index_maps = [i for i, f in enumerate(factors) if self._index_map(f) is not None]
         if index_maps:  # P M = unfold of M's columns; M P = (Pᵀ Mᵀ)ᵀ: never formed
