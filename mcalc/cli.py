@@ -351,12 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curvature", choices=[c.value for c in Curvature], default=Curvature.PCH_ABS.value,
                    help="hbp-newton's curvature blocks")
     p.add_argument("--approximation", choices=[a.value for a in Approximation],
-                   default=Approximation.MEAN_OF_SANDWICHES.value,
+                   default=Approximation.AUTO.value,
                    help="hbp-newton's batch rule: 6 averages the sandwiched Hessians E[Jᵀ 𝓗 J] (exact for the batch), "
                         "7 sandwiches with the averaged Jacobians E[J]ᵀ 𝓗 E[J] (cheaper), 6-kfac is 6 with each "
                         "mean of Kronecker products factored, E[A ⊗ B] ≈ E[A] ⊗ E[B] (K-FAC's; for a user's inner "
                         "parameters), and a weight shared over positions by K-FAC-expand; 6-kfac-reduce the same "
-                        "with K-FAC-reduce")
+                        "with K-FAC-reduce; auto (the default) is 6 where it has a closed batch form (every MLP) "
+                        "and 6-kfac where 6 would be formed sample by sample (a convolution's weight)")
     p.add_argument("--split", type=int, default=1, help="row-wise sub-blocks per parameter (Section 4)")
     p.add_argument("--solver", choices=["auto", "cg", "eigen"], default="cg",
                    help="hbp-newton: CG per step (the paper's), averaged eigenbases renewed every --refresh "

@@ -65,6 +65,10 @@ class Approximation(_Choice):
     KRONECKER_FACTORED = "6-kfac"
     # the same, with a shared weight factored as K-FAC-reduce: E[ū ūᵀ] ⊗ Σₜₛ 𝓗ₜₛ, ū = U 1/T the mean position
     KRONECKER_FACTORED_REDUCE = "6-kfac-reduce"
+    # chosen per module by a cost model (mcalc's): (6) where it has a closed batch form (every layer of an
+    # MLP, the paper's networks), 6-kfac where (6) would be formed sample by sample (a convolution's
+    # weight, a gated unit's inner weights); a choice of the training driver, not a batch rule of its own
+    AUTO = "auto"
 
     @property
     def factored(self) -> bool:
@@ -73,7 +77,7 @@ class Approximation(_Choice):
 
 
 CURVATURES = tuple(Curvature)
-APPROXIMATIONS = tuple(Approximation)
+APPROXIMATIONS = tuple(a for a in Approximation if a is not Approximation.AUTO)  # the batch rules
 
 
 class CurvatureMatrix(_Choice):

@@ -351,6 +351,8 @@ _HBP = {
     ("pch-clip", "6-kfac-reduce", False): _hbp_exact_6_params,
 }
 HBP = {(c, a): _hbp(c, a) for c, a, _ in _HBP}
+# (curvature, approximation) whose blocks are formed sample by sample: a batch mean with no closed form
+HBP_PER_SAMPLE = set()
 
 
 # a loss module's (one output per sample) curvature blocks where HBP starts, by approximation: HBP with 𝓗z = 0

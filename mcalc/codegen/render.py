@@ -179,6 +179,10 @@ def module_context(plan: ModulePlan) -> dict[str, Any]:
     m = plan.derivation.module
     return {
         "hbp_aliases": plan.hbp_aliases,
+        # the modes whose blocks are formed sample by sample somewhere (a per-sample program): the cost
+        # model of Approximation.AUTO reads it
+        "hbp_per_sample": sorted({(k.curvature.value, k.approximation.value) for k, kept in plan.hbp_aliases.items()
+                                  if plan.hbp[kept].fallbacks}),
         "loss_aliases": plan.loss_aliases,
         "hbp_served": served_modes(plan),
         "name": m.name,

@@ -305,12 +305,13 @@ class Network:
         code = self.code[self.loss_module]
         approximation = Approximation.parse(approximation)
         curvature = Curvature.parse(curvature) if curvature is not None else None
+        start = Approximation.MEAN_OF_SANDWICHES if approximation is Approximation.AUTO else approximation
         caches: list[dict] = [{} for _ in range(len(self.layers) + 1)]  # one per module, the loss's last
         Z, inputs = self.forward(X, caches=caches)
         S = self._loss_inputs(Z, Y)
         loss = code.forward({}, S, caches[-1])["Z"].mean()
         dZ = code.gradients({}, S, cache=caches[-1])["x"]
-        Hz = code.LOSS_HESSIAN[approximation]({}, S, caches[-1])["x"].dense if curvature is not None else None
+        Hz = code.LOSS_HESSIAN[start]({}, S, caches[-1])["x"].dense if curvature is not None else None
         grads: dict[str, Any] = {}
         blocks: dict[str, CurvatureBlock] = {}
         for position in reversed(range(len(self.layers))):
@@ -324,8 +325,8 @@ class Network:
             if curvature is not None:
                 if record is not None:
                     record[position] = Hz
-                out = self.code[layer.module].HBP[(curvature, approximation)](P, S, Hz, inputs=not first,
-                                                                               cache=caches[position])
+                mode = (curvature, self.batch_rule(layer, curvature, approximation))
+                out = self.code[layer.module].HBP[mode](P, S, Hz, inputs=not first, cache=caches[position])
                 for own, name in layer.params.items():
                     blocks[name] = out[own]
                 if not first:
@@ -333,6 +334,16 @@ class Network:
             if not first:
                 dZ = columns_of_matrices(g[layer.input])
         return loss, grads, blocks
+
+    def batch_rule(self, layer: Layer, curvature: Curvature, approximation: Approximation) -> Approximation:
+        """The batch rule a layer's blocks are computed by: ``approximation`` itself, or for
+        :attr:`Approximation.AUTO` (6) where the module's generated code forms it in closed form and
+        6-kfac where (6) would be formed sample by sample (its ``HBP_PER_SAMPLE``)."""
+        if approximation is not Approximation.AUTO:
+            return approximation
+        per_sample = getattr(self.code[layer.module], "HBP_PER_SAMPLE", set())
+        exact = (curvature.value, Approximation.MEAN_OF_SANDWICHES.value) not in per_sample
+        return Approximation.MEAN_OF_SANDWICHES if exact else Approximation.KRONECKER_FACTORED
 
     def _loss_inputs(self, Z: Any, Y: Any) -> dict[str, Any]:
         """The loss module's batch: outputs, labels, and δ = 1/B per sample (the loss is the batch mean)."""

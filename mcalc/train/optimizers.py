@@ -133,7 +133,7 @@ class HBPNewton(Optimizer):
     cg_tolerance: float = 0.1
     cg_iterations: int = 50
     curvature: Curvature = Curvature.PCH_ABS
-    approximation: Approximation = Approximation.MEAN_OF_SANDWICHES
+    approximation: Approximation = Approximation.AUTO  # (6) wherever it has a closed batch form: the paper's
     split: int = 1
     solver: str = "cg"
     refresh: int = 5
