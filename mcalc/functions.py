@@ -143,10 +143,22 @@ class ElementwiseFunction:
         return _through_base(self)
 
     # ------------------------------------------------------------------
+    @property
+    def step_at_kink(self) -> sp.Rational:
+        """A step's value where its argument is 0: 0 for a function declared piecewise-linear (relu′(0) = 0,
+        the convention of PyTorch and NumPy codes), ½ otherwise, where every derivative that mcalc accepts is
+        continuous (its Dirac terms vanish) and ½ on both sides of a kink gives its value there: ELU's
+        φ′(t) = H(t) + eᵗ H(−t) is 1 at 0, not 0."""
+        return sp.Integer(0) if self.piecewise_linear else sp.Rational(1, 2)
+
+    def with_steps_valued(self) -> sp.Expr:
+        """φ's formula with each step's value at its kink set (:attr:`step_at_kink`), as code evaluates it."""
+        return self.expr.replace(sp.Heaviside, lambda arg, *rest: sp.Heaviside(arg, self.step_at_kink))
+
     @functools.cached_property
     def numpy(self) -> Callable[[np.ndarray], np.ndarray]:
         """A vectorised NumPy implementation of φ (kinks valued by the convention)."""
-        expr = self.expr.replace(sp.Heaviside, lambda arg, *rest: sp.Heaviside(arg, 0))
+        expr = self.with_steps_valued()
         fn = sp.lambdify(_T, expr, modules=["scipy", "numpy"])  # special functions (erf, …) from SciPy
 
         def apply(values: np.ndarray) -> np.ndarray:

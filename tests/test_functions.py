@@ -143,3 +143,22 @@ def test_simplified_derivatives_are_kept_on_disk(tmp_path, monkeypatch):
 
     _simplify(sp.diff(Own(_t) * sp.exp(_t) ** 2, _t))
     assert len(list((tmp_path / "simplified").iterdir())) == 1
+
+
+def test_a_step_at_its_kink_is_half_unless_the_function_is_piecewise_linear(tmp_path):
+    """ELU (α = 1) is C¹: φ′(0) = 1, from H(t) + eᵗ H(−t) with H(0) = ½, in the oracle's NumPy, the generated
+    NumPy code and the CUDA device function; relu′(0) stays 0 (declared piecewise-linear: PyTorch's)."""
+    from mcalc.codegen.cuda import device_function
+    from mcalc.codegen.generate import generate
+    from mcalc.codegen.store import load_code
+
+    elu = mc.elementwise("elu", _t * sp.Heaviside(_t) + (sp.exp(_t) - 1) * sp.Heaviside(-_t), _t)
+    assert elu.derivative(1).numpy(np.array([0.0, 1e-9, -1e-9])) == pytest.approx([1.0, 1.0, 1.0])
+    assert mc.relu.derivative(1).numpy(np.array([0.0]))[0] == 0.0
+    x = mc.Vector("x", "n")
+    module = mc.Module("ELU", output=elu(x), inputs=[x])
+    generate([module], ["numpy"], tmp_path)
+    code = load_code(module, "numpy", tmp_path)
+    assert code._fn_elu_1(np.array([0.0]))[0] == 1.0
+    assert "(t == 0) ? ( 1.0/2.0 )" in device_function(elu.derivative(1), "double")
+    assert "== 0" not in device_function(mc.relu.derivative(1), "double")

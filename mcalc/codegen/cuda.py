@@ -126,8 +126,11 @@ class _ElementPrinter:
 
 
 def device_function(f: ElementwiseFunction, dtype: str) -> str:
-    """``__device__ T fn_sigmoid_1(T t)`` from φ^(k)'s SymPy formula (a step is 0 at its kink)."""
-    expr = f.expr.replace(sp.Heaviside, lambda arg, *rest: sp.Piecewise((1, arg > 0), (0, True)))
+    """``__device__ T fn_sigmoid_1(T t)`` from φ^(k)'s SymPy formula (a step valued at its kink as
+    :attr:`~mcalc.functions.ElementwiseFunction.step_at_kink` says)."""
+    kink = f.step_at_kink
+    expr = f.expr.replace(sp.Heaviside, lambda arg, *rest: sp.Piecewise((1, arg > 0), (kink, sp.Eq(arg, 0)), (0, True))
+                          if kink else sp.Piecewise((1, arg > 0), (0, True)))
     expr = expr.rewrite(sp.Piecewise) if expr.has(sp.Max, sp.Min) else expr  # ternaries: no host-only fmax(int, T)
     t = next(iter(expr.free_symbols), sp.Symbol("t"))
     printer = C99CodePrinter(settings={"type_aliases": {real: DTYPES[dtype]}})

@@ -118,7 +118,7 @@ def function_source(f: ElementwiseFunction) -> str:
         base, g = pieces
         base_code, g_code = (_array_code(printer, e) for e in (base, g))
         return f"def {function_name(f)}(t):\n    s = {base_code}\n    return {g_code}\n"
-    expr = f.expr.replace(sp.Heaviside, lambda arg, *rest: sp.Heaviside(arg, 0))
+    expr = f.with_steps_valued()
     (t,) = expr.free_symbols or {sp.Symbol("t", real=True)}
     code = _array_code(printer, expr.xreplace({t: sp.Symbol("t")}))
     if not expr.free_symbols:
