@@ -106,6 +106,12 @@ class BatchLowering:
             return type(e)(parts[0])
         if isinstance(e, (Unfold, Fold)):  # sample by sample: each sample's patches (or signal) side by side
             return type(e)(parts[0], *e.args[1:])
+        if isinstance(e, Kron):  # with a shared column v: [M₁ M₂ …] ⊗ v = [M₁ ⊗ v, M₂ ⊗ v, …], v ⊗ alike
+            a, b = e.args
+            if not self.varies(b) and b.cols == ONE:
+                return Kron(parts[0], b)
+            if not self.varies(a) and a.cols == ONE:
+                return Kron(a, parts[1])
         if isinstance(e, ScaleBy):
             scale = e.args[0]
             if not self.varies(scale):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,7 +20,20 @@ from ..modes import Approximation, Curvature, CurvatureMatrix
 from ..runtime.array_ops import columns_of_matrices, matrices_of_columns, softmax
 from ..runtime.blocks import CurvatureBlock
 from ..runtime.generated_code import library_code
-from .model_spec import Activation, Conv, Flatten, Signal, UserModule, Width, dimension_value, parse_spec
+from .model_spec import (
+    Activation,
+    AvgPool,
+    Conv,
+    Flatten,
+    Signal,
+    UserModule,
+    Width,
+    dimension_value,
+    parse_spec,
+)
+
+if TYPE_CHECKING:
+    from ..module import Module
 
 SPEC_LOSSES = {"ce": "CrossEntropy", "mse": "MSE"}
 BackwardResult = tuple[float, dict[str, Any], dict[str, CurvatureBlock]]  # loss, gradients, blocks
@@ -96,6 +109,11 @@ class Network:
                 self.layers.append(Layer(token.module, {}))
             elif isinstance(token, Flatten):
                 self.shapes.append((self.shapes[-1][0] * self.shapes[-1][1], 1))
+            elif isinstance(token, AvgPool):
+                from ..layers.convolution import avg_pool1d  # declared on demand: SymPy only for such a network
+
+                self.shapes.append(self._add_module(self._compiled(avg_pool1d(token.kernel), backend), rng))
+                self.widths.append(self.shapes[-1][0] * self.shapes[-1][1])
             elif isinstance(token, Conv):  # conv1.K, conv1.b, conv2.K, …
                 label = f"conv{sum(layer.module.startswith('Conv1d_') for layer in self.layers) + 1}"
                 self.shapes.append(self._add_module(self._convolution(token, backend), rng, label))
@@ -110,16 +128,21 @@ class Network:
         if weights is not None:
             self.load_weights(weights)
 
-    def _convolution(self, token: Conv, backend: str) -> UserModule:
-        """The Conv1d module of ``token``'s hyper-parameters, its code generated on first use (and cached, as
-        a user's module's is: this needs the compiler), as a module token binding its filters."""
+    def _compiled(self, module: Module, backend: str, dims: tuple[tuple[str, int], ...] = ()) -> UserModule:
+        """A built-in module declared on demand (a convolution, a pooling), its code generated on first use and
+        cached as a user's module's is (this needs the compiler), as a module token binding ``dims``."""
         from ..codegen.store import load_code
+
+        if module.name not in self.code:
+            self.code[module.name] = load_code(module, backend)
+        return UserModule(module.name, dims)
+
+    def _convolution(self, token: Conv, backend: str) -> UserModule:
+        """The Conv1d module of ``token``'s hyper-parameters, binding its filters."""
         from ..layers.convolution import conv1d
 
         module = conv1d(token.kernel, token.stride, token.padding, token.dilation)
-        if module.name not in self.code:
-            self.code[module.name] = load_code(module, backend)
-        return UserModule(module.name, (("m", token.filters),))
+        return self._compiled(module, backend, (("m", token.filters),))
 
     def _add_module(self, token: UserModule, rng: np.random.Generator, label: str | None = None) -> tuple[int, int]:
         """A user's module (or a convolution) as the next layer: its input takes the current shape, the spec
