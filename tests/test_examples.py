@@ -85,3 +85,18 @@ def test_a_long_report_names_its_repeated_subexpressions():
     for name in names.values():
         assert len(re.findall(rf"{name}(?![₀-₉])", body)) >= 3  # defined once, used at least twice
     assert "where s₁" not in render(mc.derive(SigmoidLinear), "text")  # S.11's rules read best written out
+
+
+def test_the_mnist1d_cnn_example_trains_and_writes_its_history(tmp_path):
+    """examples/mnist1d_cnn.py: Greydanus' ConvBase as a model spec, an epoch of hbp-newton (its default), the
+    history in mcalc train's --json format."""
+    import json
+
+    out = tmp_path / "history.json"
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "mnist1d_cnn.py"), "--epochs", "1", "--json",
+                           str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "MCALC_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 0, done.stderr
+    history = json.loads(out.read_text())
+    assert history["optimizer"] == "hbp-newton" and len(history["history"]) == 1
+    assert history["history"][0]["test_accuracy"] > 0.3  # chance is 0.1
