@@ -1,14 +1,16 @@
 """Batch lowering: a per-sample rule rewritten over a batch of B samples (Section 3.3).
 
 Per-sample vectors (inputs, labels, δz) become stacked (rows × B) matrices,
-column i holding sample i, and batch means are pushed through the rule's
-structure with closed forms, so that batch work is matrix products plus
-elementwise passes:
+column i holding sample i, and per-sample matrices (rows × cols: a signal's
+positions) their samples side by side, (rows × cols·B); batch means are pushed
+through the rule's structure with closed forms, so that batch work is matrix
+products plus elementwise passes:
 
     meanᵢ(S vᵢ T)               = S meanᵢ(vᵢ) T                   (linearity)
     meanᵢ(uᵢ wᵢᵀ)               = U Wᵀ / B                        (one matrix product)
     meanᵢ(diag(aᵢ) H diag(bᵢ))  = H ⊙ (A Bᵀ) / B                  (diag(a)H diag(b) = H ⊙ abᵀ)
     meanᵢ(Pᵢ ⊗ Q)               = meanᵢ(Pᵢ) ⊗ Q                   (M&N 2.2, linearity)
+    meanᵢ(Lᵢ Rᵢ)                = [L₁ … L_B] [R₁ᵀ … R_Bᵀ]ᵀ / B      (per-sample matrices side by side)
 
 A rule with no closed form keeps a :class:`~mcalc.expr.BatchMean` node that
 is evaluated sample by sample.
