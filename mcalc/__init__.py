@@ -31,7 +31,8 @@ _API = {
     "Matrix": "symbols", "Scalar": "symbols", "Vector": "symbols", "diag": "symbols", "identity": "symbols",
     "inv": "symbols", "kron": "symbols", "log_softmax": "symbols", "mean": "symbols", "ones": "symbols",
     "softmax": "symbols",
-    "sum": "symbols", "trace": "symbols", "unfold": "symbols", "fold": "symbols", "vec": "symbols",
+    "sum": "symbols", "trace": "symbols", "unfold": "symbols", "fold": "symbols",
+    "max_pool": "symbols", "vec": "symbols",
 }
 
 

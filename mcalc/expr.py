@@ -609,6 +609,21 @@ class Unfold(Expr):
         return (x.rows * spec.kernel, spec.positions(length) * sp.cancel(x.cols / length))
 
 
+class WindowArgmax(Expr):
+    """The 0/1 mask of each window's maximum: for patches U (c·k × T), rows ch·k + j, a 1 at the first
+    largest of the k taps of every channel and position, 0 elsewhere. Piecewise constant in U (its
+    differential is 0 almost everywhere, as a step's is), so that max pooling is the piecewise-linear
+    selection (I_c ⊗ 1_kᵀ) (mask(U) ⊙ U). ``args`` = (U, k)."""
+
+    __slots__ = ()
+
+    def __init__(self, u: Expr, kernel: int) -> None:
+        super().__init__(u, int(kernel))
+
+    def _infer_shape(self) -> dims.Shape:
+        return self.args[0].shape
+
+
 class Fold(Expr):
     """The adjoint of :class:`Unfold` (col2im): patches U (c·k × T) added back into a signal (c × L), each
     entry to the position it was read from. ``args`` = (U, spec, L)."""

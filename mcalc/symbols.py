@@ -9,9 +9,11 @@ import sympy as sp
 from . import dims
 from .errors import DeclarationError, ShapeError, UnsupportedOperationError
 from .expr import (
+    ONE,
     Diag,
     Expr,
     Fold,
+    Hadamard,
     Identity,
     Inverse,
     Kron,
@@ -24,6 +26,7 @@ from .expr import (
     Unfold,
     UnfoldSpec,
     Vec,
+    WindowArgmax,
 )
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z_0-9]*$")
@@ -144,6 +147,15 @@ def unfold(x: Expr, kernel: int, stride: int = 1, padding: int = 0, dilation: in
     return Unfold(x, UnfoldSpec(int(kernel), int(stride), int(padding), int(dilation)))
 
 
+def max_pool(x: Expr, kernel: int) -> Expr:
+    """Max pooling of a signal X (channels × length) over windows of ``kernel`` positions, ``kernel`` apart
+    (PyTorch's MaxPool1d(k)): the piecewise-linear selection (I_c ⊗ 1_kᵀ) (mask(U) ⊙ U) of U = unfold(X),
+    mask the 0/1 argmax of each window (the first of equal maxima), constant under differentiation."""
+    x = _expr(x, "max_pool")
+    patches = Unfold(x, UnfoldSpec(int(kernel), int(kernel)))
+    return Kron(Identity(x.rows), Ones(ONE, sp.Integer(kernel))) @ Hadamard(WindowArgmax(patches, kernel), patches)
+
+
 def fold(u: Expr, length: str | int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> Expr:
     """The adjoint of :func:`unfold` (col2im): patches (channels·kernel × positions) added back into a
     signal of ``length``, each entry to the position it was read from."""
@@ -161,6 +173,7 @@ __all__ = [
     "inv",
     "kron",
     "log_softmax",
+    "max_pool",
     "mean",
     "ones",
     "softmax",

@@ -19,8 +19,9 @@ from mcalc.numeric.verify import sample_values, verify_module
 
 # what a declaration can apply to its variables, and which of those are linear (no second differential)
 OPERATIONS = {E.MatMul, E.Add, E.ScalarMul, E.ScaleBy, E.Hadamard, E.Transpose, E.Apply, E.Sum, E.Trace,
-              E.Softmax, E.LogSoftmax, E.Inverse, E.Vec, E.Diag, E.Unfold, E.Fold}
+              E.Softmax, E.LogSoftmax, E.Inverse, E.Vec, E.Diag, E.Unfold, E.Fold, E.WindowArgmax}
 LINEAR = {E.Add, E.ScalarMul, E.Transpose, E.Sum, E.Trace, E.Vec, E.Diag, E.Unfold, E.Fold}
+PIECEWISE_CONSTANT = {E.WindowArgmax}  # max pooling's mask: d = 0 almost everywhere, no curvature of its own
 # constants under differentiation (UnfoldMatrix: unfold's Jacobian, an index map)
 LEAVES = {E.Symbol, E.Seed, E.Identity, E.Zero, E.Ones, E.Commutation, E.UnfoldMatrix}
 # nodes only the engine and code generation build: Kron (a differential only, for the adjoint of Vec),
@@ -38,7 +39,7 @@ def test_the_tables_cover_the_same_operations():
     assert set(DIFFERENTIAL_RULES) == OPERATIONS | {E.Kron}
     assert set(JVP_RULES) == OPERATIONS | (LEAVES - {E.Symbol})  # a symbol is the identity or zero
     assert set(VJP_RULES) == OPERATIONS
-    assert set(LOCAL_RULES) == OPERATIONS - LINEAR  # a linear operation adds no curvature of its own
+    assert set(LOCAL_RULES) == OPERATIONS - LINEAR - PIECEWISE_CONSTANT  # no curvature of their own
 
 
 W, A = mc.Matrix("W", "m", "n"), mc.Matrix("A", "m", "n")
@@ -54,6 +55,8 @@ UNFOLD_AND_FOLD = [
     mc.Module("StridedConvTanh", output=mc.vec(mc.tanh(K @ mc.unfold(X, 3, stride=2, padding=1, dilation=2))),
               inputs=[X], params=[K]),
     mc.Module("FoldTanh", output=mc.vec(mc.sigmoid(mc.fold(U * U, "L", 3, padding=1))), inputs=[U]),
+    mc.Module("MaxPoolTanh", output=mc.vec(mc.tanh(mc.max_pool(K @ mc.unfold(X, 3, padding=1), 2))), inputs=[X],
+              params=[K]),
 ]
 
 

@@ -7,7 +7,7 @@ import pytest
 
 import mcalc as mc
 from mcalc.train import data as D
-from mcalc.train.model_spec import Activation, AvgPool, Conv, Flatten, Signal, Width, parse_spec
+from mcalc.train.model_spec import Activation, AvgPool, Conv, Flatten, MaxPool, Signal, Width, parse_spec
 from mcalc.train.network import Network
 from mcalc.train.optimizers import make_optimizer
 from mcalc.train.trainer import train
@@ -21,9 +21,9 @@ def _cache(tmp_path, monkeypatch):
 
 
 def test_the_spec_of_a_convolutional_network():
-    assert parse_spec("1x40-conv(32,5,pad=2)-relu-avgpool(2)-conv(8,3,stride=2,dil=2)-flatten-10") == [
+    assert parse_spec("1x40-conv(32,5,pad=2)-relu-avgpool(2)-conv(8,3,stride=2,dil=2)-maxpool(2)-flatten-10") == [
         Signal(1, 40), Conv(32, 5, padding=2), Activation("ReLU"), AvgPool(2), Conv(8, 3, stride=2, dilation=2),
-        Flatten(), Width(10)]
+        MaxPool(2), Flatten(), Width(10)]
     for bad, message in [("40-conv(8,5)-10", "a convolution needs a signal"),
                          ("1x40-conv(8)-flatten-10", r"needs positive filters and kernel"),
                          ("1x40-conv(8,5,pad=x)-flatten-10", "'pad=x' in 'conv\\(8,5,pad=x\\)' is not an integer"),
@@ -127,24 +127,27 @@ def test_the_cost_model_factors_only_what_would_be_formed_sample_by_sample():
     assert np.abs(exact["conv1.K"].to_dense() - factored["conv1.K"].to_dense()).max() > 1e-4  # they differ there
 
 
-def test_average_pooling_is_pytorchs_and_verifies():
-    """avgpool(k): (1/k) (I_c ⊗ 1_kᵀ) unfold(X, k, stride=k), against finite differences (every rule, the
-    generated code) and, in a network, PyTorch's avg_pool1d with its gradients."""
+@pytest.mark.parametrize("pool", ["avg", "max"])
+def test_pooling_is_pytorchs_and_verifies(pool):
+    """avgpool(k), (1/k) (I_c ⊗ 1_kᵀ) unfold(X, k, stride=k), and maxpool(k), the selection (I_c ⊗ 1_kᵀ)
+    (mask ⊙ unfold(X)) by each window's first maximum: against finite differences (every rule, the
+    generated code) and, in a network, PyTorch's avg_pool1d and max_pool1d with their gradients."""
     import torch
     import torch.nn.functional as F
 
-    from mcalc.layers.convolution import avg_pool1d
+    from mcalc.layers.convolution import avg_pool1d, max_pool1d
     from mcalc.numeric.verify import verify_module
     from mcalc.numeric.verify_backend import verify_backend
 
-    for checks in (verify_module(avg_pool1d(2)), verify_backend(avg_pool1d(3), "numpy")):
+    declare = avg_pool1d if pool == "avg" else max_pool1d
+    for checks in (verify_module(declare(2)), verify_backend(declare(3), "numpy")):
         assert checks and all(c.ok for c in checks), [c for c in checks if not c.ok]
-    net = Network("2x9-conv(3,3,pad=1)-tanh-avgpool(2)-flatten-5", seed=2)
+    net = Network(f"2x9-conv(3,3,pad=1)-tanh-{pool}pool(2)-flatten-5", seed=2)
     assert net.shapes == [(2, 9), (3, 9), (3, 4), (12, 1), (5, 1)]
     X, labels, Y = _batch()
     x = torch.tensor(X.T.reshape(-1, 9, 2).transpose(0, 2, 1).copy())
     K, b, W, c = (torch.tensor(net.params[n], requires_grad=True) for n in ("conv1.K", "conv1.b", "W1", "b1"))
-    h = F.avg_pool1d(F.conv1d(x, K.reshape(3, 2, 3), b[:, 0], padding=1).tanh(), 2)
+    h = (F.avg_pool1d if pool == "avg" else F.max_pool1d)(F.conv1d(x, K.reshape(3, 2, 3), b[:, 0], padding=1).tanh(), 2)
     loss = F.cross_entropy(F.linear(h.transpose(1, 2).reshape(len(x), -1), W, c[:, 0]), torch.tensor(labels))
     loss.backward()
     value, grads, _ = net.backward(X, Y)

@@ -53,6 +53,8 @@ def _corpus():
         mc.sum(2 * B), mc.diag(s * x), mc.diag(0 * x), mc.diag(x * 0 + 1),
         (mc.diag(x) @ hz @ mc.diag(y)), mc.trace(A) * (x + 1), (3 * x) * y, x.T.T,
         mc.sum(x - mc.mean(x) * mc.ones("n")), mc.sum(A @ x + s * mc.ones("n")),  # sum(A x + s·1) = sum(A x) + n s
+        mc.unfold(3 * B, 3, padding=1), mc.unfold(B * 0, 2), mc.fold(2 * mc.unfold(B, 3, padding=1), "n", 3, padding=1),
+        mc.fold(mc.unfold(B, 2) * 0, "n", 2),
     ]
     return targeted
 

@@ -68,6 +68,14 @@ def forward(node: E.Expr, env: dict[str, torch.Tensor], sizes: dict) -> torch.Te
         return a[0].T.reshape(-1, 1)  # columns stacked
     if t is E.Diag:
         return torch.diag(a[0].reshape(-1))
+    if t is E.Identity:
+        return torch.eye(int(node.rows.xreplace(sizes)), dtype=torch.float64)
+    if t is E.Kron:
+        return torch.kron(a[0], a[1])
+    if t is E.WindowArgmax:  # the first maximum of each window, a constant mask
+        windows = a[0].detach().reshape(-1, node.args[1], a[0].shape[1])
+        mask = torch.nn.functional.one_hot(windows.argmax(1), node.args[1]).transpose(1, 2)
+        return mask.reshape(a[0].shape).to(a[0].dtype)
     if t in (E.Unfold, E.Fold):  # PyTorch's own im2col and col2im, on a 1 × L image
         spec, length = node.args[1], int(node.args[2].xreplace(sizes))
         options = dict(kernel_size=(1, spec.kernel), dilation=(1, spec.dilation), padding=(0, spec.padding),

@@ -76,6 +76,7 @@ from mcalc.runtime.array_ops import unfold_rows as _unfold_rows  # noqa: F401
 from mcalc.runtime.array_ops import unvec_of_samples as _unvec_of_samples  # noqa: F401
 from mcalc.runtime.array_ops import vec as _vec  # noqa: F401
 from mcalc.runtime.array_ops import vec_of_samples as _vec_of_samples  # noqa: F401
+from mcalc.runtime.array_ops import window_argmax as _window_argmax  # noqa: F401
 
 
 

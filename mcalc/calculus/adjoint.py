@@ -33,6 +33,8 @@ from ..expr import (
     Transpose,
     Unfold,
     Vec,
+    WindowArgmax,
+    Zero,
     product,
 )
 from ..simplification import simplify
@@ -156,6 +158,11 @@ def _diag(node: Diag, lam: Expr) -> list[Expr]:
 def _unfold(node: Unfold, lam: Expr) -> list[Expr]:
     _, spec, length = node.args  # ⟨Λ, unfold dX⟩ = ⟨fold Λ, dX⟩: each patch entry back to where it was read
     return [Fold(lam, spec, length)]
+
+
+@defvjp(WindowArgmax)
+def _window_argmax(node: WindowArgmax, lam: Expr) -> list[Expr]:
+    return [Zero(*node.args[0].shape)]  # piecewise constant: nothing flows back through the mask
 
 
 @defvjp(Fold)

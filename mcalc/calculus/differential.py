@@ -38,6 +38,7 @@ from ..expr import (
     Transpose,
     Unfold,
     Vec,
+    WindowArgmax,
     Zero,
 )
 from ..simplification import simplify
@@ -178,6 +179,11 @@ def _vec(node: Vec, d: DifferentialOf) -> Expr:
 def _unfold(node: Unfold, d: DifferentialOf) -> Expr:
     x, spec, length = node.args
     return Unfold(d(x), spec, length)  # linear: d unfold(X) = unfold(dX)
+
+
+@defdifferential(WindowArgmax)
+def _window_argmax(node: WindowArgmax, d: DifferentialOf) -> Expr:
+    return Zero(node.rows, node.cols)  # piecewise constant: d mask = 0 (almost everywhere)
 
 
 @defdifferential(Fold)

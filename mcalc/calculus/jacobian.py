@@ -40,6 +40,7 @@ from ..expr import (
     Unfold,
     UnfoldMatrix,
     Vec,
+    WindowArgmax,
     Zero,
     product,
 )
@@ -199,7 +200,7 @@ def _diag(node: Diag, jac: JacobianOf) -> Expr:
     return MatMul(E, jac(node.args[0]))
 
 
-for _constant in (Seed, Identity, Zero, Ones, Commutation, UnfoldMatrix):
+for _constant in (Seed, Identity, Zero, Ones, Commutation, UnfoldMatrix, WindowArgmax):  # WindowArgmax: a.e.
     JVP_RULES[_constant] = lambda node, jac: Zero(node.size, jac.wrt.size)  # type: ignore[attr-defined]
 
 # PSDProjection appears in derived rules only: no rule on purpose. Kron has a differential (the

@@ -161,4 +161,5 @@ def _inverse(node: Inverse, lam: Expr, jac: Jacobians) -> list[Expr]:
     return _symmetrised(ja, bilinear, ja)
 
 
-# Add, ScalarMul, Transpose, Sum, Trace, Vec, Unfold, Fold are linear: d² of a linear map is 0, no local term.
+# Add, ScalarMul, Transpose, Sum, Trace, Vec, Unfold, Fold are linear: d² of a linear map is 0, no local term;
+# WindowArgmax is piecewise constant, its d² 0 almost everywhere.

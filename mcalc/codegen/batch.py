@@ -52,6 +52,7 @@ from ..expr import (
     UnvecOfSamples,
     Vec,
     VecOfSamples,
+    WindowArgmax,
     product,
     tangent,
 )
@@ -106,7 +107,7 @@ class BatchLowering:
             return type(e)(e.args[0], parts[0])
         if isinstance(e, (Softmax, LogSoftmax)):  # column by column: a matrix's columns side by side too
             return type(e)(parts[0])
-        if isinstance(e, (Unfold, Fold)):  # sample by sample: each sample's patches (or signal) side by side
+        if isinstance(e, (Unfold, Fold, WindowArgmax)):  # sample by sample, each sample's part side by side
             return type(e)(parts[0], *e.args[1:])
         if isinstance(e, Kron):  # with a shared column v: [M₁ M₂ …] ⊗ v = [M₁ ⊗ v, M₂ ⊗ v, …], v ⊗ alike
             a, b = e.args

@@ -204,30 +204,52 @@ class ArrayPrinter:
         return isinstance(f, Kron) or self._index_map(f) is not None
 
     def _apply_left(self, f: Expr, code: str) -> str:
+        if isinstance(f, Diag):
+            return f"({self.ref(f.args[0])} * {code})"
         if isinstance(f, Kron):
             return f"_kron_matmul({self._kron_factor(f.args[0])}, {self._kron_factor(f.args[1])}, {code})"
         helper, _, arguments = self._index_map(f)
         return f"{helper}({code}, {arguments})"
 
     def _apply_right(self, code: str, f: Expr) -> str:
+        if isinstance(f, Diag):
+            return f"({code} * {self._transposed(self.ref(f.args[0]))})"
         if isinstance(f, Kron):
             return f"_matmul_kron({code}, {self._kron_factor(f.args[0])}, {self._kron_factor(f.args[1])})"
         _, transposed, arguments = self._index_map(f)  # M P = (Pᵀ Mᵀ)ᵀ
         return self._transposed(f"{transposed}({self._transposed(code)}, {arguments})")
 
     def _print_sandwich(self, node: Expr) -> str | None:
-        """Operators (Kronecker factors, index maps) around one run of other factors with a matrix among
-        them, applied to that run outward, each time on the side that keeps the intermediate smaller (every
-        dimension taken as 64): the input block of a convolution, Pᵀ (I ⊗ Kᵀ) 𝓗z (I ⊗ K) P, never forms
-        (I ⊗ Kᵀ) 𝓗z (I ⊗ K), k² times the block's size. None for any other product."""
+        """Operators (Kronecker factors, index maps, and with them diagonals) around one run of other
+        factors with a matrix among them, applied to that run outward, each time on the side that keeps the
+        intermediate smaller (every dimension taken as 64): the input block of a convolution,
+        Pᵀ (I ⊗ Kᵀ) 𝓗z (I ⊗ K) P, never forms (I ⊗ Kᵀ) 𝓗z (I ⊗ K), k² times the block's size. None for
+        any other product."""
         factors = node.args
-        core = [i for i, f in enumerate(factors) if not self._is_operator(f)]
-        if not core or len(core) == len(factors) or core != list(range(core[0], core[-1] + 1)) \
-                or all(isinstance(factors[i], (Diag, Ones)) for i in core):
+        if not any(self._is_operator(f) for f in factors):
+            return None
+        # with a Kronecker factor or an index map in the chain, a diagonal is applied too (a row or column scaling)
+        core = [i for i, f in enumerate(factors) if not (self._is_operator(f) or isinstance(f, Diag))]
+        if not core:  # operators alone ((I ⊗ K) P, a Jacobian kept for several rules): the first one formed
+            first = next(i for i, f in enumerate(factors) if self._is_operator(f))
+            return self._print_sandwich_around(factors, first, self._formed(factors[first]))
+        if core != list(range(core[0], core[-1] + 1)) or all(isinstance(factors[i], Ones) for i in core):
             return None
         run = factors[core[0] : core[-1] + 1]
         code = self.operand(run[0]) if len(run) == 1 else self._print_MatMul(MatMul(*run))
-        left, right = list(factors[: core[0]]), list(factors[core[-1] + 1 :])
+        return self._print_sandwich_around(factors, core[0], code, core[-1])
+
+    def _formed(self, f: Expr) -> str:
+        """An operator as a dense matrix: A ⊗ B by ``kron``, P (or Pᵀ) as unfold (fold) of an identity."""
+        if isinstance(f, Kron):
+            return self._print_Kron(f)
+        return self._apply_left(f, f"xp.eye({self.dim(f.cols)}, dtype=dtype)")
+
+    def _print_sandwich_around(self, factors: tuple[Expr, ...], start: int, code: str, end: int | None = None) -> str:
+        """``code`` (factors[start..end], computed) with the operators left and right of it applied outward."""
+        end = start if end is None else end
+        run = factors[start : end + 1]
+        left, right = list(factors[:start]), list(factors[end + 1 :])
         rows, cols = _typical(run[0].rows), _typical(run[-1].cols)
         while left or right:
             if right and (not left or rows * _typical(right[0].cols) < _typical(left[-1].rows) * cols):
@@ -383,6 +405,9 @@ class ArrayPrinter:
         x, spec, length = node.args
         return f"_unfold({self.operand(x)}, {spec.kernel}, {spec.stride}, {spec.padding}, {spec.dilation}, " \
                f"{self.dim(length)})"
+
+    def _print_WindowArgmax(self, node: Expr) -> str:
+        return f"_window_argmax({self.operand(node.args[0])}, {node.args[1]})"
 
     def _print_Fold(self, node: Expr) -> str:
         u, spec, length = node.args

@@ -14,7 +14,7 @@ import sympy as sp
 
 from ..expr import ONE, Ones, Unfold, UnfoldSpec
 from ..module import Module
-from ..symbols import Matrix, Vector, identity, kron, ones
+from ..symbols import Matrix, Vector, identity, kron, max_pool, ones
 
 
 @functools.cache
@@ -34,3 +34,11 @@ def avg_pool1d(kernel: int) -> Module:
     X = Matrix("X", "c", "L")
     window = kron(identity("c"), ones(kernel).T) @ Unfold(X, UnfoldSpec(kernel, kernel))
     return Module(f"AvgPool1d_k{kernel}", output=window * (1 / sp.Integer(kernel)), inputs=[X])
+
+
+@functools.cache
+def max_pool1d(kernel: int) -> Module:
+    """Max pooling over windows of ``kernel`` positions, ``kernel`` apart (PyTorch's MaxPool1d(k)): the
+    piecewise-linear selection of :func:`mcalc.max_pool` (``MaxPool1d_k2``)."""
+    X = Matrix("X", "c", "L")
+    return Module(f"MaxPool1d_k{kernel}", output=max_pool(X, kernel), inputs=[X])

@@ -318,6 +318,14 @@ class Evaluator:
         P = self.value(UnfoldMatrix(spec, x.rows, length))
         return self._per_block(self.value(x), P, self.dim(length), self.dim(e.rows))
 
+    def _eval_WindowArgmax(self, e: Expr) -> np.ndarray:
+        u, kernel = self.value(e.args[0]), e.args[1]
+        out = np.zeros_like(u)
+        for window in range(u.shape[0] // kernel):
+            rows = slice(window * kernel, (window + 1) * kernel)
+            out[window * kernel + np.argmax(u[rows], axis=0), np.arange(u.shape[1])] = 1.0
+        return out
+
     def _eval_Fold(self, e: Expr) -> np.ndarray:
         u, spec, length = e.args
         P = self.value(UnfoldMatrix(spec, e.rows, length))

@@ -98,6 +98,9 @@ class LatexPrinter(Printer):
         inner = self.wrap(e.args[0], ATOM)
         return rf"{inner} {inner}^{{\top}}"
 
+    def _print_WindowArgmax(self, e: Expr) -> str:
+        return rf"\operatorname{{argmax}}_{{{e.args[1]}}}\left({self._print(e.args[0])}\right)"
+
     def _print_BlockTrace(self, e: Expr) -> str:
         return rf"\operatorname{{tr}}_{{{sp.latex(e.args[1])}}}\left({self._print(e.args[0])}\right)"
 

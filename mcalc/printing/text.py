@@ -91,6 +91,9 @@ class TextPrinter(Printer):
         inner = self.wrap(e.args[0], ATOM)
         return f"{inner} {inner}ᵀ"
 
+    def _print_WindowArgmax(self, e: Expr) -> str:
+        return f"argmax_{e.args[1]}({self._print(e.args[0])})"
+
     def _print_BlockTrace(self, e: Expr) -> str:
         return f"blocktrace_{self.dim(e.args[1])}({self._print(e.args[0])})"
 

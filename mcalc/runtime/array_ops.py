@@ -96,15 +96,19 @@ def sample_product(m: Any, v: Any) -> Any:
 
 
 def vec_of_samples(m: Any, cols: int) -> Any:
-    """vec of each sample's (rows, cols) block of the side-by-side ``m``, one column per sample."""
-    rows = m.shape[0]
-    return namespace(m).moveaxis(m.reshape(rows, -1, cols), 2, 0).reshape(rows * cols, -1)
+    """vec of each sample's (rows, cols) block of the side-by-side ``m``, one column per sample (of each
+    matrix of a stack)."""
+    lead, rows = m.shape[:-2], m.shape[-2]
+    blocks = m.reshape(lead + (rows, -1, cols))
+    return namespace(m).moveaxis(blocks, -1, -3).reshape(lead + (rows * cols, -1))
 
 
 def unvec_of_samples(m: Any, rows: int) -> Any:
     """The inverse of :func:`vec_of_samples`: columns vec(Xᵢ) to the blocks Xᵢ (rows, c) side by side."""
-    cols = m.shape[0] // rows
-    return namespace(m).moveaxis(m.reshape(cols, rows, -1), 0, 2).reshape(rows, -1)
+    lead = m.shape[:-2]
+    cols = m.shape[-2] // rows
+    blocks = m.reshape(lead + (cols, rows, -1))
+    return namespace(m).moveaxis(blocks, -3, -1).reshape(lead + (rows, -1))
 
 
 # --- a convolution's patches: unfold (im2col) and its adjoint fold (col2im) ---------------------
@@ -141,6 +145,16 @@ def fold(u: Any, kernel: int, stride: int, padding: int, dilation: int, length: 
         start = j * dilation
         out[..., start : start + stride * (count - 1) + 1 : stride] += patches[..., j, :, :]
     return out[..., padding : padding + length].reshape(lead + (channels, -1))
+
+
+def window_argmax(u: Any, kernel: int) -> Any:
+    """The 0/1 mask of each window's first maximum in patches (…, c·k, n): per channel, position and sample,
+    a 1 at the largest of its k taps."""
+    xp = namespace(u)
+    windows = u.reshape(u.shape[:-2] + (-1, kernel, u.shape[-1]))
+    first = xp.expand_dims(xp.argmax(windows, axis=-2), -2)
+    taps = xp.arange(kernel).reshape((kernel, 1))
+    return (taps == first).astype(u.dtype).reshape(u.shape)
 
 
 def unfold_rows(m: Any, kernel: int, stride: int, padding: int, dilation: int, channels: int, length: int) -> Any:

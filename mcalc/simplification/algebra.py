@@ -17,6 +17,7 @@ from ..expr import (
     Commutation,
     Diag,
     Expr,
+    Fold,
     Hadamard,
     Identity,
     Inverse,
@@ -28,6 +29,7 @@ from ..expr import (
     Sum,
     Symbol,
     Transpose,
+    Unfold,
     Vec,
     Zero,
 )
@@ -400,6 +402,25 @@ def diag_trivial(e: Diag) -> Expr | None:
         return Identity(v.rows)
     if isinstance(v, (ScalarMul, ScaleBy)):
         return type(v)(v.args[0], Diag(v.args[1]))
+    return None
+
+
+@rule(Unfold, "unfold and fold are linear: unfold(0) = 0, unfold(c·U) = c·unfold(U)")
+def unfold_linear(e: Unfold) -> Expr | None:
+    return _linear_index_map(e)
+
+
+@rule(Fold, "unfold and fold are linear: fold(0) = 0, fold(c·U) = c·fold(U)")
+def fold_linear(e: Fold) -> Expr | None:
+    return _linear_index_map(e)
+
+
+def _linear_index_map(e: Expr) -> Expr | None:
+    operand, *rest = e.args
+    if isinstance(operand, Zero):
+        return Zero(*e.shape)
+    if isinstance(operand, ScalarMul):
+        return ScalarMul(operand.coefficient, type(e)(operand.operand, *rest))
     return None
 
 

@@ -7,7 +7,7 @@ width. An activation follows a width or a module.
 
 A network of convolutions starts with the input's shape, channels × length (``1x40``: MNIST-1D's
 signals), and uses ``conv(m, k)`` (m filters of k taps; ``stride=``, ``pad=``, ``dil=`` as PyTorch's
-Conv1d), ``avgpool(k)`` (windows of k positions, k apart) and ``flatten`` (the channels of every
+Conv1d), ``avgpool(k)`` and ``maxpool(k)`` (windows of k positions, k apart) and ``flatten`` (the channels of every
 position stacked, before a width): ``1x40-conv(32,5,pad=2)-relu-avgpool(2)-conv(32,5,pad=2)-relu-flatten-10``.
 """
 from __future__ import annotations
@@ -77,14 +77,21 @@ class AvgPool:
 
 
 @dataclass(frozen=True)
+class MaxPool:
+    """Max pooling over windows of ``kernel`` positions, ``kernel`` apart."""
+
+    kernel: int
+
+
+@dataclass(frozen=True)
 class Flatten:
     """A signal's positions stacked into one vector (column-major vec: position by position)."""
 
 
-Token = Width | Activation | UserModule | Signal | Conv | AvgPool | Flatten
+Token = Width | Activation | UserModule | Signal | Conv | AvgPool | MaxPool | Flatten
 _SIGNAL = re.compile(r"^(\d+)x(\d+)$")
 _CONV = re.compile(r"^conv\((.*)\)$", re.IGNORECASE)
-_AVGPOOL = re.compile(r"^avgpool\((\d+)\)$", re.IGNORECASE)
+_POOL = re.compile(r"^(avg|max)pool\((\d+)\)$", re.IGNORECASE)
 _CONV_OPTIONS = {"stride": "stride", "pad": "padding", "padding": "padding", "dil": "dilation", "dilation": "dilation"}
 
 
@@ -99,10 +106,10 @@ def parse_spec(spec: str, modules: Collection[str] = ()) -> list[Token]:
             tokens.append(Signal(channels, length))
         elif match := _CONV.match(text):
             tokens.append(_conv(spec, text, match.group(1)))
-        elif match := _AVGPOOL.match(text):
-            if int(match.group(1)) < 1:
+        elif match := _POOL.match(text):
+            if int(match.group(2)) < 1:
                 raise McalcError(f"model spec '{spec}': '{text}' needs a positive window")
-            tokens.append(AvgPool(int(match.group(1))))
+            tokens.append((AvgPool if match.group(1).lower() == "avg" else MaxPool)(int(match.group(2))))
         elif text.lower() == "flatten":
             tokens.append(Flatten())
         elif text.isdigit():
@@ -124,7 +131,7 @@ def parse_spec(spec: str, modules: Collection[str] = ()) -> list[Token]:
     if not isinstance(tokens[0], (Width, Signal)) or sum(isinstance(t, (Width, Signal)) for t in tokens) < 2:
         raise McalcError(f"model spec '{spec}': needs an input (a width, or channels x length) and an output "
                          "width, e.g. 64-10 or 1x40-conv(8,5)-flatten-10")
-    if any(isinstance(t, (Conv, AvgPool)) for t in tokens) and not isinstance(tokens[0], Signal):
+    if any(isinstance(t, (Conv, AvgPool, MaxPool)) for t in tokens) and not isinstance(tokens[0], Signal):
         raise McalcError(f"model spec '{spec}': a convolution needs a signal: start with channels x length, "
                          "e.g. 1x40")
     if isinstance(tokens[-1], Activation):

@@ -25,6 +25,7 @@ from .model_spec import (
     AvgPool,
     Conv,
     Flatten,
+    MaxPool,
     Signal,
     UserModule,
     Width,
@@ -109,10 +110,11 @@ class Network:
                 self.layers.append(Layer(token.module, {}))
             elif isinstance(token, Flatten):
                 self.shapes.append((self.shapes[-1][0] * self.shapes[-1][1], 1))
-            elif isinstance(token, AvgPool):
-                from ..layers.convolution import avg_pool1d  # declared on demand: SymPy only for such a network
+            elif isinstance(token, (AvgPool, MaxPool)):
+                from ..layers.convolution import avg_pool1d, max_pool1d  # declared on demand: SymPy only here
 
-                self.shapes.append(self._add_module(self._compiled(avg_pool1d(token.kernel), backend), rng))
+                pool = (avg_pool1d if isinstance(token, AvgPool) else max_pool1d)(token.kernel)
+                self.shapes.append(self._add_module(self._compiled(pool, backend), rng))
                 self.widths.append(self.shapes[-1][0] * self.shapes[-1][1])
             elif isinstance(token, Conv):  # conv1.K, conv1.b, conv2.K, …
                 label = f"conv{sum(layer.module.startswith('Conv1d_') for layer in self.layers) + 1}"
