@@ -11,6 +11,7 @@ diagonal added to a matrix is written onto its diagonal.
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 
 import sympy as sp
@@ -204,27 +205,34 @@ class ArrayPrinter:
         return isinstance(f, Kron) or self._index_map(f) is not None
 
     def _apply_left(self, f: Expr, code: str) -> str:
+        """f M for the computed M (``code``): an operator or a diagonal by its helper, any other factor by
+        a product."""
         if isinstance(f, Diag):
             return f"({self.ref(f.args[0])} * {code})"
         if isinstance(f, Kron):
             return f"_kron_matmul({self._kron_factor(f.args[0])}, {self._kron_factor(f.args[1])}, {code})"
+        if self._index_map(f) is None:
+            return self.product.format(a=self.operand(f), b=code)
         helper, _, arguments = self._index_map(f)
         return f"{helper}({code}, {arguments})"
 
     def _apply_right(self, code: str, f: Expr) -> str:
+        """M f, as :meth:`_apply_left`."""
         if isinstance(f, Diag):
             return f"({code} * {self._transposed(self.ref(f.args[0]))})"
         if isinstance(f, Kron):
             return f"_matmul_kron({code}, {self._kron_factor(f.args[0])}, {self._kron_factor(f.args[1])})"
+        if self._index_map(f) is None:
+            return self.product.format(a=code, b=self.operand(f))
         _, transposed, arguments = self._index_map(f)  # M P = (Pᵀ Mᵀ)ᵀ
         return self._transposed(f"{transposed}({self._transposed(code)}, {arguments})")
 
     def _print_sandwich(self, node: Expr) -> str | None:
-        """Operators (Kronecker factors, index maps, and with them diagonals) around one run of other
-        factors with a matrix among them, applied to that run outward, each time on the side that keeps the
-        intermediate smaller (every dimension taken as 64): the input block of a convolution,
-        Pᵀ (I ⊗ Kᵀ) 𝓗z (I ⊗ K) P, never forms (I ⊗ Kᵀ) 𝓗z (I ⊗ K), k² times the block's size. None for
-        any other product."""
+        """A product with operators (Kronecker factors, index maps), which are applied, never formed: from
+        its first run of other factors (diagonals aside) outward, each factor on the side that keeps the
+        intermediate smaller (every dimension taken as 64), so that the input block of a convolution,
+        Pᵀ (I ⊗ Kᵀ) 𝓗z (I ⊗ K) P, never forms (I ⊗ Kᵀ) 𝓗z (I ⊗ K), k² times the block's size. A product of
+        operators alone starts from its first, formed. None for a product without operators."""
         factors = node.args
         if not any(self._is_operator(f) for f in factors):
             return None
@@ -233,11 +241,10 @@ class ArrayPrinter:
         if not core:  # operators alone ((I ⊗ K) P, a Jacobian kept for several rules): the first one formed
             first = next(i for i, f in enumerate(factors) if self._is_operator(f))
             return self._print_sandwich_around(factors, first, self._formed(factors[first]))
-        if core != list(range(core[0], core[-1] + 1)) or all(isinstance(factors[i], Ones) for i in core):
-            return None
-        run = factors[core[0] : core[-1] + 1]
+        end = next((i for i, j in itertools.pairwise(core) if j != i + 1), core[-1])  # the first run of matrices
+        run = factors[core[0] : end + 1]
         code = self.operand(run[0]) if len(run) == 1 else self._print_MatMul(MatMul(*run))
-        return self._print_sandwich_around(factors, core[0], code, core[-1])
+        return self._print_sandwich_around(factors, core[0], code, end)
 
     def _formed(self, f: Expr) -> str:
         """An operator as a dense matrix: A ⊗ B by ``kron``, P (or Pᵀ) as unfold (fold) of an identity."""
@@ -264,46 +271,8 @@ class ArrayPrinter:
         sandwich = self._print_sandwich(node)
         if sandwich is not None:
             return sandwich
-        factors = node.args
-        index_maps = [i for i, f in enumerate(factors) if self._index_map(f) is not None]
-        if index_maps:  # P M = unfold of M's columns; M P = (Pᵀ Mᵀ)ᵀ: never formed
-            i = index_maps[0]
-            left, right = factors[:i], factors[i + 1:]
-            if not right:
-                _, transposed, arguments = self._index_map(factors[i])
-                rest = left[0] if len(left) == 1 else MatMul(*left)
-                inner = self.operand(rest) if len(left) == 1 else self._print_MatMul(rest)
-                return self._transposed(f"{transposed}({self._transposed(inner)}, {arguments})")
-            helper, _, arguments = self._index_map(factors[i])
-            rest = right[0] if len(right) == 1 else MatMul(*right)
-            inner = self.operand(rest) if len(right) == 1 else self._print_MatMul(rest)
-            applied = f"{helper}({inner}, {arguments})"
-            if not left:
-                return applied
-            prefix = left[0] if len(left) == 1 else MatMul(*left)
-            head = self.operand(prefix) if len(left) == 1 else self._print_MatMul(prefix)
-            return self.product.format(a=head, b=applied)
-        if not any(not isinstance(f, (Diag, Ones, Kron)) for f in factors):
-            structured = False  # nothing to apply a Kronecker factor to: it is formed, scaled or summed
-        elif isinstance(factors[0], Kron):
-            # (A ⊗ B) (rest): the rest first, then the Kronecker factor applied to it
-            rest = factors[1] if len(factors) == 2 else MatMul(*factors[1:])
-            a, b = factors[0].args
-            inner = self.operand(rest) if len(factors) == 2 else self._print_MatMul(rest)
-            return f"_kron_matmul({self._kron_factor(a)}, {self._kron_factor(b)}, {inner})"
-        else:
-            structured = True
         code, row_scales, column_sum = None, [], False
         for f in node.args:
-            if isinstance(f, Kron) and structured:
-                if code is None:  # diag(v) (A ⊗ B) …: the rows of the product from the Kronecker factor on
-                    rest = node.args[node.args.index(f):]
-                    code = self._print_MatMul(rest[0] if len(rest) == 1 else MatMul(*rest))
-                    for v in row_scales:
-                        code = f"({v} * {code})"
-                    return self._column_sums(code) if column_sum else code
-                code = f"_matmul_kron({code}, {self._kron_factor(f.args[0])}, {self._kron_factor(f.args[1])})"
-                continue
             if isinstance(f, Ones) and code is not None and f.cols == ONE:  # M 1 = row sums
                 code = self._row_sums(code) if f.rows != ONE else code
                 continue
@@ -320,7 +289,7 @@ class ArrayPrinter:
                 else:
                     code = f"({code} * {self._transposed(v)})"
                 continue
-            factor = self._print_Kron(f) if isinstance(f, Kron) else self.operand(f)  # a Kron has no step
+            factor = self.operand(f)
             for v in row_scales:
                 factor = f"({v} * {factor})"
             row_scales = []
