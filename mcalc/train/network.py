@@ -104,8 +104,7 @@ class Network:
                 self._params[f"W{k}"] = self.xp.asarray(glorot_uniform(rng, token.size, self.widths[-1]), dtype=dtype)
                 self._params[f"b{k}"] = self.xp.zeros((token.size, 1), dtype=dtype)
                 self.layers.append(Layer("Linear", {"W": f"W{k}", "b": f"b{k}"}))
-                self.widths.append(token.size)
-                self.shapes.append((token.size, 1))
+                self._grow((token.size, 1))
             elif isinstance(token, Activation):  # entry by entry: a signal stays one
                 self.layers.append(Layer(token.module, {}))
             elif isinstance(token, Flatten):
@@ -114,21 +113,23 @@ class Network:
                 from ..layers.convolution import avg_pool1d, max_pool1d  # declared on demand: SymPy only here
 
                 pool = (avg_pool1d if isinstance(token, AvgPool) else max_pool1d)(token.kernel)
-                self.shapes.append(self._add_module(self._compiled(pool, backend), rng))
-                self.widths.append(self.shapes[-1][0] * self.shapes[-1][1])
+                self._grow(self._add_module(self._compiled(pool, backend), rng))
             elif isinstance(token, Conv):  # conv1.K, conv1.b, conv2.K, …
                 label = f"conv{sum(layer.module.startswith('Conv1d_') for layer in self.layers) + 1}"
-                self.shapes.append(self._add_module(self._convolution(token, backend), rng, label))
-                self.widths.append(self.shapes[-1][0] * self.shapes[-1][1])
+                self._grow(self._add_module(self._convolution(token, backend), rng, label))
             else:
-                self.shapes.append(self._add_module(token, rng))
-                self.widths.append(self.shapes[-1][0] * self.shapes[-1][1])
+                self._grow(self._add_module(token, rng))
         self.loss_module = SPEC_LOSSES[loss]
         for name in [layer.module for layer in self.layers] + [self.loss_module]:
             if name not in self.code:
                 self.code[name] = library_code(name, backend)
         if weights is not None:
             self.load_weights(weights)
+
+    def _grow(self, shape: tuple[int, int]) -> None:
+        """The next layer's output: each sample's shape, and its size among the widths."""
+        self.shapes.append(shape)
+        self.widths.append(shape[0] * shape[1])
 
     def _compiled(self, module: Module, backend: str, dims: tuple[tuple[str, int], ...] = ()) -> UserModule:
         """A built-in module declared on demand (a convolution, a pooling), its code generated on first use and
