@@ -7,7 +7,7 @@ import pytest
 
 import mcalc as mc
 from mcalc.train import data as D
-from mcalc.train.model_spec import Activation, AvgPool, Conv, Flatten, MaxPool, Signal, Width, parse_spec
+from mcalc.train.model_spec import Activation, Conv, Flatten, Pool, Signal, Width, parse_spec
 from mcalc.train.network import Network
 from mcalc.train.optimizers import make_optimizer
 from mcalc.train.trainer import train
@@ -22,8 +22,8 @@ def _cache(tmp_path, monkeypatch):
 
 def test_the_spec_of_a_convolutional_network():
     assert parse_spec("1x40-conv(32,5,pad=2)-relu-avgpool(2)-conv(8,3,stride=2,dil=2)-maxpool(2)-flatten-10") == [
-        Signal(1, 40), Conv(32, 5, padding=2), Activation("ReLU"), AvgPool(2), Conv(8, 3, stride=2, dilation=2),
-        MaxPool(2), Flatten(), Width(10)]
+        Signal(1, 40), Conv(32, 5, padding=2), Activation("ReLU"), Pool("avg", 2), Conv(8, 3, stride=2, dilation=2),
+        Pool("max", 2), Flatten(), Width(10)]
     for bad, message in [("40-conv(8,5)-10", "a convolution needs a signal"),
                          ("1x40-conv(8)-flatten-10", r"needs positive filters and kernel"),
                          ("1x40-conv(8,5,pad=x)-flatten-10", "'pad=x' in 'conv\\(8,5,pad=x\\)' is not an integer"),

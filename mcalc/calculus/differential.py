@@ -176,20 +176,15 @@ def _vec(node: Vec, d: DifferentialOf) -> Expr:
 
 
 @defdifferential(Unfold)
-def _unfold(node: Unfold, d: DifferentialOf) -> Expr:
-    x, spec, length = node.args
-    return Unfold(d(x), spec, length)  # linear: d unfold(X) = unfold(dX)
+@defdifferential(Fold)
+def _index_map(node: Unfold | Fold, d: DifferentialOf) -> Expr:
+    operand, spec, length = node.args  # linear: d unfold(X) = unfold(dX), d fold(U) = fold(dU)
+    return type(node)(d(operand), spec, length)
 
 
 @defdifferential(WindowArgmax)
 def _window_argmax(node: WindowArgmax, d: DifferentialOf) -> Expr:
     return Zero(node.rows, node.cols)  # piecewise constant: d mask = 0 (almost everywhere)
-
-
-@defdifferential(Fold)
-def _fold(node: Fold, d: DifferentialOf) -> Expr:
-    u, spec, length = node.args
-    return Fold(d(u), spec, length)  # linear: d fold(U) = fold(dU)
 
 
 @defdifferential(Diag)

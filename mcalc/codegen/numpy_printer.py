@@ -189,7 +189,7 @@ class ArrayPrinter:
         """An argument of :func:`~mcalc.runtime.array_ops.kron_matmul`: None for an identity."""
         return "None" if isinstance(f, Identity) else self.operand(f)
 
-    def _index_map(self, f: Expr) -> tuple[str, str] | None:
+    def _index_map(self, f: Expr) -> tuple[str, str, str] | None:
         """For P or Pᵀ (an :class:`UnfoldMatrix`): the helpers that apply it from the left, P M and Pᵀ M,
         in that order for P, swapped for Pᵀ, and their trailing arguments; else None."""
         transposed = isinstance(f, Transpose) and isinstance(f.args[0], UnfoldMatrix)
@@ -211,9 +211,10 @@ class ArrayPrinter:
             return f"({self.ref(f.args[0])} * {code})"
         if isinstance(f, Kron):
             return f"_kron_matmul({self._kron_factor(f.args[0])}, {self._kron_factor(f.args[1])}, {code})"
-        if self._index_map(f) is None:
+        index_map = self._index_map(f)
+        if index_map is None:
             return self.product.format(a=self.operand(f), b=code)
-        helper, _, arguments = self._index_map(f)
+        helper, _, arguments = index_map
         return f"{helper}({code}, {arguments})"
 
     def _apply_right(self, code: str, f: Expr) -> str:
@@ -222,9 +223,10 @@ class ArrayPrinter:
             return f"({code} * {self._transposed(self.ref(f.args[0]))})"
         if isinstance(f, Kron):
             return f"_matmul_kron({code}, {self._kron_factor(f.args[0])}, {self._kron_factor(f.args[1])})"
-        if self._index_map(f) is None:
+        index_map = self._index_map(f)
+        if index_map is None:
             return self.product.format(a=code, b=self.operand(f))
-        _, transposed, arguments = self._index_map(f)  # M P = (Pᵀ Mᵀ)ᵀ
+        _, transposed, arguments = index_map  # M P = (Pᵀ Mᵀ)ᵀ
         return self._transposed(f"{transposed}({self._transposed(code)}, {arguments})")
 
     def _print_sandwich(self, node: Expr) -> str | None:
@@ -240,11 +242,11 @@ class ArrayPrinter:
         core = [i for i, f in enumerate(factors) if not (self._is_operator(f) or isinstance(f, Diag))]
         if not core:  # operators alone ((I ⊗ K) P, a Jacobian kept for several rules): the first one formed
             first = next(i for i, f in enumerate(factors) if self._is_operator(f))
-            return self._print_sandwich_around(factors, first, self._formed(factors[first]))
+            return self._print_sandwich_around(factors, first, first, self._formed(factors[first]))
         end = next((i for i, j in itertools.pairwise(core) if j != i + 1), core[-1])  # the first run of matrices
         run = factors[core[0] : end + 1]
         code = self.operand(run[0]) if len(run) == 1 else self._print_MatMul(MatMul(*run))
-        return self._print_sandwich_around(factors, core[0], code, end)
+        return self._print_sandwich_around(factors, core[0], end, code)
 
     def _formed(self, f: Expr) -> str:
         """An operator as a dense matrix: A ⊗ B by ``kron``, P (or Pᵀ) as unfold (fold) of an identity."""
@@ -252,9 +254,8 @@ class ArrayPrinter:
             return self._print_Kron(f)
         return self._apply_left(f, f"xp.eye({self.dim(f.cols)}, dtype=dtype)")
 
-    def _print_sandwich_around(self, factors: tuple[Expr, ...], start: int, code: str, end: int | None = None) -> str:
-        """``code`` (factors[start..end], computed) with the operators left and right of it applied outward."""
-        end = start if end is None else end
+    def _print_sandwich_around(self, factors: tuple[Expr, ...], start: int, end: int, code: str) -> str:
+        """``code`` (factors[start..end], computed) with the factors left and right of it applied outward."""
         run = factors[start : end + 1]
         left, right = list(factors[:start]), list(factors[end + 1 :])
         rows, cols = _typical(run[0].rows), _typical(run[-1].cols)

@@ -76,7 +76,7 @@ class Argument:
 
 @dataclass(frozen=True)
 class Column:
-    """One sample's column of a batch argument, as a per-sample fallback loop reads it."""
+    """A batch argument as a stack of its samples, as a per-sample rule run over the batch reads it."""
 
     of: Argument
 

@@ -88,9 +88,8 @@ def verify_backend(module: Module, backend: str, *, seed: int = 0) -> list[Check
     checks += _tangent_checks(module, code, xp, samples, P, S, dZ, rng)
     oracle = _Oracle(module, samples, dZ)
     factored = Evaluator.for_batch(module, {k: _host(v) for k, v in P.items()},
-                                   {s.name: np.stack([as_matrix(v[s.name], s, s.name) for v in samples])
-                                    if not s.is_vector else np.stack([np.reshape(v[s.name], -1) for v in samples])
-                                    for s in per_sample}, dZ=dZ, Hz=Hz)
+                                   {s.name: np.moveaxis(_host(S[s.name]), 1, 0) for s in per_sample},  # (B, …)
+                                   dZ=dZ, Hz=Hz)
     for curvature in CURVATURES:
         for approximation in APPROXIMATIONS:
             blocks = code.HBP[(curvature, approximation)](P, S, xp.asarray(Hz))

@@ -70,16 +70,10 @@ class Conv:
 
 
 @dataclass(frozen=True)
-class AvgPool:
-    """Average pooling over windows of ``kernel`` positions, ``kernel`` apart."""
+class Pool:
+    """Pooling over windows of ``kernel`` positions, ``kernel`` apart: their average or their maximum."""
 
-    kernel: int
-
-
-@dataclass(frozen=True)
-class MaxPool:
-    """Max pooling over windows of ``kernel`` positions, ``kernel`` apart."""
-
+    kind: str  # "avg" or "max"
     kernel: int
 
 
@@ -88,7 +82,7 @@ class Flatten:
     """A signal's positions stacked into one vector (column-major vec: position by position)."""
 
 
-Token = Width | Activation | UserModule | Signal | Conv | AvgPool | MaxPool | Flatten
+Token = Width | Activation | UserModule | Signal | Conv | Pool | Flatten
 _SIGNAL = re.compile(r"^(\d+)x(\d+)$")
 _CONV = re.compile(r"^conv\((.*)\)$", re.IGNORECASE)
 _POOL = re.compile(r"^(avg|max)pool\((\d+)\)$", re.IGNORECASE)
@@ -109,7 +103,7 @@ def parse_spec(spec: str, modules: Collection[str] = ()) -> list[Token]:
         elif match := _POOL.match(text):
             if int(match.group(2)) < 1:
                 raise McalcError(f"model spec '{spec}': '{text}' needs a positive window")
-            tokens.append((AvgPool if match.group(1).lower() == "avg" else MaxPool)(int(match.group(2))))
+            tokens.append(Pool(match.group(1).lower(), int(match.group(2))))
         elif text.lower() == "flatten":
             tokens.append(Flatten())
         elif text.isdigit():
@@ -131,7 +125,7 @@ def parse_spec(spec: str, modules: Collection[str] = ()) -> list[Token]:
     if not isinstance(tokens[0], (Width, Signal)) or sum(isinstance(t, (Width, Signal)) for t in tokens) < 2:
         raise McalcError(f"model spec '{spec}': needs an input (a width, or channels x length) and an output "
                          "width, e.g. 64-10 or 1x40-conv(8,5)-flatten-10")
-    if any(isinstance(t, (Conv, AvgPool, MaxPool)) for t in tokens) and not isinstance(tokens[0], Signal):
+    if any(isinstance(t, (Conv, Pool)) for t in tokens) and not isinstance(tokens[0], Signal):
         raise McalcError(f"model spec '{spec}': a convolution needs a signal: start with channels x length, "
                          "e.g. 1x40")
     if isinstance(tokens[-1], Activation):

@@ -22,10 +22,9 @@ from ..runtime.blocks import CurvatureBlock
 from ..runtime.generated_code import library_code
 from .model_spec import (
     Activation,
-    AvgPool,
     Conv,
     Flatten,
-    MaxPool,
+    Pool,
     Signal,
     UserModule,
     Width,
@@ -109,10 +108,10 @@ class Network:
                 self.layers.append(Layer(token.module, {}))
             elif isinstance(token, Flatten):
                 self.shapes.append((self.shapes[-1][0] * self.shapes[-1][1], 1))
-            elif isinstance(token, (AvgPool, MaxPool)):
+            elif isinstance(token, Pool):
                 from ..layers.convolution import avg_pool1d, max_pool1d  # declared on demand: SymPy only here
 
-                pool = (avg_pool1d if isinstance(token, AvgPool) else max_pool1d)(token.kernel)
+                pool = {"avg": avg_pool1d, "max": max_pool1d}[token.kind](token.kernel)
                 self._grow(self._add_module(self._compiled(pool, backend), rng))
             elif isinstance(token, Conv):  # conv1.K, conv1.b, conv2.K, …
                 label = f"conv{sum(layer.module.startswith('Conv1d_') for layer in self.layers) + 1}"
