@@ -35,3 +35,11 @@ Conv1d = mc.Module("Conv1d", output=K @ mc.unfold(X, 5, padding=2) + b @ mc.ones
 # The same with stride 2 and dilation 2: fewer, wider-spaced patches.
 StridedConv1d = mc.Module("StridedConv1d", output=K @ mc.unfold(X, 5, stride=2, padding=1, dilation=2),
                           inputs=[X], params=[K])
+
+# A 2-D convolution (PyTorch's Conv2d) over 4 × 3 images: each image is c × 12, its pixels row by row
+# (PyTorch's reshape(c, H*W)), and unfold takes their size; 3 × 3 filters, padding 1, so that the output
+# is again 4 × 3 images, (m × 12).
+Image = mc.Matrix("X", "c", 12)
+K9 = mc.Matrix("K", "m", "c*9")
+Conv2d = mc.Module("Conv2d", output=K9 @ mc.unfold(Image, 3, padding=1, size=(4, 3)) + b @ mc.ones(12).T,
+                   inputs=[Image], params=[K9, b])

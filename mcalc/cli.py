@@ -332,8 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="widths, activations and modules of --modules, e.g. 64-128-sigmoid-10 or "
                         "64-RMSNorm-GatedLinear(m=32)-10 (a module's input takes the current width; bind its "
                         "other dimensions in parentheses); a convolutional network starts with channels x length "
-                        "and uses conv(filters, kernel[, stride=, pad=, dil=]), avgpool(k), maxpool(k) and "
-                        "flatten, e.g. 1x40-conv(32,5,pad=2)-relu-maxpool(2)-flatten-10")
+                        "(or channels x height x width) and uses conv(filters, kernel[, stride=, pad=, dil=]), "
+                        "avgpool(k), maxpool(k), attention(features) and flatten, e.g. "
+                        "1x40-conv(32,5,pad=2)-relu-maxpool(2)-flatten-10 or 1x8x8-conv(16,3,pad=1)-relu-flatten-10")
     p.add_argument("--modules", metavar="FILE.py", help="a Python file declaring mc.Module objects the model may use "
                    "by name; their code is generated on first use and cached")
     p.add_argument("--loss", choices=["ce", "mse"], default="ce",

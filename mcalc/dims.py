@@ -5,6 +5,7 @@ symbols (positive integers) so that shapes such as ``m*n`` simplify.
 """
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 
@@ -63,17 +64,26 @@ def bind(shape: Shape, actual: tuple[int, int], binding: dict[sp.Symbol, int], *
                                      f"got {number}")
         elif len(declared.free_symbols - set(binding)) == 1:  # c*3 = 6 fixes c = 2
             (unknown,) = declared.free_symbols - set(binding)
-            solutions = [v for v in sp.solve(sp.Eq(declared.xreplace(binding), number), unknown)
-                         if v.is_Integer and v > 0]
-            if not solutions:
+            value = _solve(declared.xreplace(binding), number, unknown)
+            if value is None:
                 raise DimensionError(f"{what}: a size of {number} is not {declared} for any positive '{unknown}'")
-            binding[unknown] = int(solutions[0])
+            binding[unknown] = value
+
+
+@functools.lru_cache(maxsize=1024)
+def _solve(declared: sp.Expr, number: int, unknown: sp.Symbol) -> int | None:
+    """The positive integer value of ``unknown`` for which ``declared`` is ``number``, if any (kept: finite
+    differences bind the same shapes hundreds of thousands of times)."""
+    solutions = [v for v in sp.solve(sp.Eq(declared, number), unknown) if v.is_Integer and v > 0]
+    return int(solutions[0]) if solutions else None
 
 
 def evaluate(d: sp.Expr, binding: Mapping[sp.Symbol, int]) -> int:
     """A dimension expression's value under ``binding``."""
     if d.is_Integer:
         return int(d)
+    if d in binding:  # a plain dimension, the common case: no substitution
+        return binding[d]
     missing = sorted(str(s) for s in d.free_symbols if s not in binding)
     if missing:
         raise DimensionError(f"unknown dimension '{missing[0]}': no value fixes it")

@@ -12,7 +12,10 @@ compare structurally, so they can key dictionaries and be rewritten.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import itertools
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -385,51 +388,93 @@ class Commutation(Expr):
 
 @dataclass(frozen=True)
 class UnfoldSpec:
-    """The patches of a 1-D convolution: ``kernel`` taps ``dilation`` apart, every ``stride`` positions, over
-    the signal padded with ``padding`` zeros at both ends (PyTorch's Conv1d arguments)."""
+    """The patches of a convolution over n spatial dimensions (1 for a signal, 2 for an image): per
+    dimension, ``kernel`` taps ``dilation`` apart, every ``stride`` positions, over the input padded with
+    ``padding`` zeros at both ends (PyTorch's ConvNd arguments, one entry per dimension). Built by
+    :meth:`of`, which repeats a single number over the dimensions."""
 
-    kernel: int
-    stride: int = 1
-    padding: int = 0
-    dilation: int = 1
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+
+    @classmethod
+    def of(cls, kernel: int | Sequence[int], stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0,
+           dilation: int | Sequence[int] = 1, ndim: int | None = None) -> UnfoldSpec:
+        """The spec of these arguments, each a number (repeated over ``ndim`` dimensions, by default those
+        of the first argument given as a sequence, else 1) or one number per dimension."""
+        given = [a for a in (kernel, stride, padding, dilation) if not isinstance(a, int)]
+        n = ndim or (len(given[0]) if given else 1)
+        spread = [tuple(int(v) for v in a) if not isinstance(a, int) else (int(a),) * n
+                  for a in (kernel, stride, padding, dilation)]
+        if any(len(a) != n for a in spread):
+            raise ShapeError(f"unfold over {n} dimensions needs one kernel, stride, padding and dilation each, "
+                             f"not {spread}")
+        return cls(*spread)
 
     def __post_init__(self) -> None:
-        if min(self.kernel, self.stride, self.dilation) < 1 or self.padding < 0:
+        if min(*self.kernel, *self.stride, *self.dilation) < 1 or min(self.padding) < 0:
             raise ShapeError(f"unfold needs kernel, stride, dilation ≥ 1 and padding ≥ 0, not {self}")
 
-    def positions(self, length: sp.Expr) -> sp.Expr:
-        """T, the number of patches of a signal of ``length``: ⌊(L + 2p − d(k − 1) − 1)/s⌋ + 1."""
-        return sp.floor((length + 2 * self.padding - self.dilation * (self.kernel - 1) - 1) / self.stride) + 1
+    @property
+    def ndim(self) -> int:
+        return len(self.kernel)
 
-    def taps(self, length: int) -> Iterator[tuple[int, int, int]]:
-        """(j, t, position) of every tap j of every patch t that reads the signal (not its padding)."""
-        for t in range(int(self.positions(length))):
-            for j in range(self.kernel):
-                position = t * self.stride - self.padding + j * self.dilation
-                if 0 <= position < length:
-                    yield j, t, position
+    @property
+    def taps(self) -> int:
+        """The taps of one channel's patch, the product of the kernel's extents."""
+        return math.prod(self.kernel)
 
-    def matrix_ones(self, channels: int, length: int) -> Iterator[tuple[int, int]]:
+    def grid(self, size: Sequence[sp.Expr | int]) -> tuple[sp.Expr | int, ...]:
+        """The patches along each dimension of an input of ``size``: ⌊(L + 2p − d(k − 1) − 1)/s⌋ + 1 (Python
+        integers of integers)."""
+        return tuple((length + 2 * p - d * (k - 1) - 1) // s + 1 if isinstance(length, int) else
+                     sp.floor((length + 2 * p - d * (k - 1) - 1) / s) + 1 for length, k, s, p, d in
+                     zip(size, self.kernel, self.stride, self.padding, self.dilation, strict=True))
+
+    def positions(self, size: Sequence[sp.Expr | int]) -> sp.Expr | int:
+        """T, the number of patches of an input of ``size`` (per dimension)."""
+        return math.prod(self.grid(size))
+
+    def tap_positions(self, size: Sequence[int]) -> Iterator[tuple[int, int, int]]:
+        """(j, t, position) of every tap j of every patch t that reads the input (not its padding), each
+        index over the dimensions in row-major order (PyTorch's)."""
+        grid = [int(g) for g in self.grid(size)]
+        kernel_dims = [range(k) for k in self.kernel]
+        for t, patch in enumerate(itertools.product(*map(range, grid))):
+            for j, tap in enumerate(itertools.product(*kernel_dims)):
+                where = [q * s - p + i * d for q, i, s, p, d in
+                         zip(patch, tap, self.stride, self.padding, self.dilation)]
+                if all(0 <= w < length for w, length in zip(where, size)):
+                    yield j, t, functools.reduce(lambda flat, wl: flat * wl[1] + wl[0], zip(where, size), 0)
+
+    def matrix_ones(self, channels: int, size: Sequence[int]) -> Iterator[tuple[int, int]]:
         """(row, column) of every 1 of :class:`UnfoldMatrix` P: vec(unfold X) = P vec X, both vecs
-        column-major, patch rows ch·k + j."""
-        rows = channels * self.kernel
-        for j, t, position in self.taps(length):
+        column-major, patch rows ch·taps + j."""
+        rows = channels * self.taps
+        for j, t, position in self.tap_positions(size):
             for ch in range(channels):
-                yield t * rows + ch * self.kernel + j, position * channels + ch
+                yield t * rows + ch * self.taps + j, position * channels + ch
+
+
+def spatial_size(size: Sequence[Any]) -> sp.Tuple:
+    """An input's extents along its spatial dimensions as the SymPy tuple the index-map nodes keep (their
+    dimensions substitute like any other)."""
+    return sp.Tuple(*[sp.sympify(s) for s in size])
 
 
 class UnfoldMatrix(Expr):
-    """P, the 0/1 matrix of unfold: vec(unfold X) = P vec X for X (c × L), (c·k·T × c·L). Applied by
-    index maps, never formed. ``args`` = (spec, c, L)."""
+    """P, the 0/1 matrix of unfold: vec(unfold X) = P vec X for X (c × N), N = ΠLᵢ positions,
+    (c·taps·T × c·N). Applied by index maps, never formed. ``args`` = (spec, c, size)."""
 
     __slots__ = ()
 
-    def __init__(self, spec: UnfoldSpec, channels: sp.Expr, length: sp.Expr) -> None:
-        super().__init__(spec, sp.sympify(channels), sp.sympify(length))
+    def __init__(self, spec: UnfoldSpec, channels: sp.Expr, size: sp.Tuple) -> None:
+        super().__init__(spec, sp.sympify(channels), size)
 
     def _infer_shape(self) -> dims.Shape:
-        spec, c, length = self.args
-        return (c * spec.kernel * spec.positions(length), c * length)
+        spec, c, size = self.args
+        return (c * spec.taps * spec.positions(size), c * sp.Mul(*size))
 
 
 # =============================================================================
@@ -594,26 +639,30 @@ class Inverse(Expr):
 # Structured factors of derived rules
 # =============================================================================
 class Unfold(Expr):
-    """The patches of X (c × L) as columns (im2col), (c·k × T): entry (ch·k + j, t) is X[ch, t·s − p + j·d],
-    0 in the padding, PyTorch's order, so that a Conv1d is W unfold(X) with W (m × c·k). Of samples
-    side by side (c × L·B, as :class:`Stacked`), each sample's patches side by side (c·k × T·B).
-    ``args`` = (X, spec, L)."""
+    """The patches of X (c × N) as columns (im2col), (c·taps × T). X's N = ΠLᵢ columns are the positions of an
+    input of ``size`` (L₁, …, Lₙ) in row-major order (a signal's positions; an image's pixels row by row, as
+    PyTorch's ``reshape(c, H*W)``). Entry (ch·taps + j, t) is X at tap j of patch t (0 in the padding), both
+    indices row-major over the dimensions, PyTorch's ``unfold`` order, so that a convolution is W unfold(X)
+    with W (m × c·taps). Of samples side by side (c × N·B, as :class:`Stacked`), each sample's patches side
+    by side (c·taps × T·B). ``args`` = (X, spec, size); a signal's size is (L,), X's columns."""
 
     __slots__ = ()
 
-    def __init__(self, x: Expr, spec: UnfoldSpec, length: sp.Expr | None = None) -> None:
-        super().__init__(x, spec, sp.sympify(x.cols if length is None else length))
+    def __init__(self, x: Expr, spec: UnfoldSpec, size: sp.Tuple | None = None) -> None:
+        super().__init__(x, spec, spatial_size((x.cols,)) if size is None else size)
 
     def _infer_shape(self) -> dims.Shape:
-        x, spec, length = self.args
-        return (x.rows * spec.kernel, spec.positions(length) * sp.cancel(x.cols / length))
+        x, spec, size = self.args
+        if len(size) != spec.ndim:
+            raise ShapeError(f"unfold over {spec.ndim} dimensions of an input of size {tuple(size)}")
+        return (x.rows * spec.taps, spec.positions(size) * sp.cancel(x.cols / sp.Mul(*size)))
 
 
 class WindowArgmax(Expr):
     """The 0/1 mask of each window's maximum: for patches U (c·k × T), rows ch·k + j, a 1 at the first
-    largest of the k taps of every channel and position, 0 elsewhere. Piecewise constant in U (its
-    differential is 0 almost everywhere, as a step's is), so that max pooling is the piecewise-linear
-    selection (I_c ⊗ 1_kᵀ) (mask(U) ⊙ U). ``args`` = (U, k)."""
+    largest of the k taps (an image's window's k = kh·kw) of every channel and position, 0 elsewhere.
+    Piecewise constant in U (its differential is 0 almost everywhere, as a step's is), so that max pooling
+    is the piecewise-linear selection (I_c ⊗ 1_kᵀ) (mask(U) ⊙ U). ``args`` = (U, k)."""
 
     __slots__ = ()
 
@@ -625,17 +674,17 @@ class WindowArgmax(Expr):
 
 
 class Fold(Expr):
-    """The adjoint of :class:`Unfold` (col2im): patches U (c·k × T) added back into a signal (c × L), each
-    entry to the position it was read from. ``args`` = (U, spec, L)."""
+    """The adjoint of :class:`Unfold` (col2im): patches U (c·taps × T) added back into an input (c × N) of
+    ``size``, each entry to the position it was read from. ``args`` = (U, spec, size)."""
 
     __slots__ = ()
 
-    def __init__(self, u: Expr, spec: UnfoldSpec, length: sp.Expr) -> None:
-        super().__init__(u, spec, sp.sympify(length))
+    def __init__(self, u: Expr, spec: UnfoldSpec, size: sp.Tuple) -> None:
+        super().__init__(u, spec, size)
 
     def _infer_shape(self) -> dims.Shape:
-        u, spec, length = self.args
-        return (sp.cancel(u.rows / spec.kernel), length * sp.cancel(u.cols / spec.positions(length)))
+        u, spec, size = self.args
+        return (sp.cancel(u.rows / spec.taps), sp.Mul(*size) * sp.cancel(u.cols / spec.positions(size)))
 
 
 class BlockTrace(Expr):
@@ -758,6 +807,29 @@ class SampleProduct(Expr):
     def _infer_shape(self) -> dims.Shape:
         m, v = self.args
         return (m.rows, v.cols * BATCH)
+
+
+class SampleMatMul(Expr):
+    """The per-sample products Lᵢ Rᵢ of two batches side by side (as :class:`Stacked`): L (r × k·B), R (k × c·B),
+    the result (r × c·B), blockdiag(L₁ … L_B) [R₁; …; R_B]; a batched product, sample i's blocks only.
+    ``args`` = (L, R)."""
+
+    __slots__ = ()
+
+    def _infer_shape(self) -> dims.Shape:
+        left, right = self.args
+        return (left.rows, right.cols)
+
+
+class SampleTranspose(Expr):
+    """Each sample's block transposed, the samples still side by side: M (r × c·B) to (c × r·B).
+    ``args`` = (M, c)."""
+
+    __slots__ = ()
+
+    def _infer_shape(self) -> dims.Shape:
+        m, cols = self.args
+        return (cols, m.rows * BATCH)
 
 
 class UnvecOfSamples(Expr):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import keyword
 import re
+from collections.abc import Sequence
 
 import sympy as sp
 
@@ -27,6 +28,7 @@ from .expr import (
     UnfoldSpec,
     Vec,
     WindowArgmax,
+    spatial_size,
 )
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z_0-9]*$")
@@ -97,8 +99,8 @@ def _vector(x: object, op: str) -> Expr:
 
 
 def softmax(x: Expr) -> Expr:
-    """softmax of a vector."""
-    return Softmax(_vector(x, "softmax"))
+    """softmax of a vector, or of each column of a matrix (attention's weights, one column per query)."""
+    return Softmax(_expr(x, "softmax"))
 
 
 def log_softmax(x: Expr) -> Expr:
@@ -139,28 +141,63 @@ def identity(n: str | int) -> Expr:
     return Identity(dims.dim(n, where="identity"))
 
 
-def unfold(x: Expr, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> Expr:
-    """The patches of a signal X (channels × length) as columns (im2col), (channels·kernel × positions):
-    entry (ch·kernel + j, t) is X[ch, t·stride − padding + j·dilation], 0 in the padding (PyTorch's
-    order). A 1-D convolution is ``W @ mc.unfold(X, k)`` with W (out channels × channels·k)."""
+Size = str | int | Sequence[str | int]
+
+
+def _size(x: Expr, spec: UnfoldSpec, size: Size | None, where: str) -> sp.Tuple:
+    """The spatial extents of an input X (channels × positions) under ``spec``: a signal's length by default
+    (X's columns), an image's (height, width) given, their product X's columns."""
+    if size is None:
+        if spec.ndim > 1:
+            raise ShapeError(f"{where} over {spec.ndim} dimensions needs the input's size, e.g. size=('H', 'W')")
+        return spatial_size((x.cols,))
+    extents = [size] if isinstance(size, (str, int)) else list(size)
+    if len(extents) != spec.ndim:
+        raise ShapeError(f"{where}: size {tuple(extents)} has {len(extents)} dimensions, its kernel "
+                         f"{spec.kernel} {spec.ndim}")
+    return spatial_size([dims.dim(e, where=where) for e in extents])
+
+
+def unfold(x: Expr, kernel: int | Sequence[int], stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0,
+           dilation: int | Sequence[int] = 1, size: Size | None = None) -> Expr:
+    """The patches of an input X (channels × positions) as columns (im2col), (channels·taps × patches), in
+    PyTorch's order (its ``unfold``): entry (ch·taps + j, t) is X at tap j of patch t, 0 in the padding.
+    A signal's positions are X's columns; an image's pixels are too, row by row (PyTorch's
+    ``reshape(c, H*W)``), with ``size=(H, W)`` and a kernel, stride, padding and dilation that are each a
+    number for both dimensions or a pair. A convolution is ``W @ mc.unfold(X, k)`` with W (out channels ×
+    channels·taps)."""
     x = _expr(x, "unfold")
-    return Unfold(x, UnfoldSpec(int(kernel), int(stride), int(padding), int(dilation)))
+    spec = UnfoldSpec.of(kernel, stride, padding, dilation, ndim=None if size is None or isinstance(size, (str, int))
+                         else len(size))
+    unfolded = Unfold(x, spec, _size(x, spec, size, "unfold"))
+    if not dims.same(x.cols, sp.Mul(*unfolded.args[2])):
+        raise ShapeError(f"unfold: an input of size {tuple(unfolded.args[2])} has {sp.Mul(*unfolded.args[2])} "
+                         f"positions, but X has {x.cols} columns")
+    return unfolded
 
 
-def max_pool(x: Expr, kernel: int) -> Expr:
-    """Max pooling of a signal X (channels × length) over windows of ``kernel`` positions, ``kernel`` apart
-    (PyTorch's MaxPool1d(k)): the piecewise-linear selection (I_c ⊗ 1_kᵀ) (mask(U) ⊙ U) of U = unfold(X),
-    mask the 0/1 argmax of each window (the first of equal maxima), constant under differentiation."""
-    x = _expr(x, "max_pool")
-    patches = Unfold(x, UnfoldSpec(int(kernel), int(kernel)))
-    return Kron(Identity(x.rows), Ones(ONE, sp.Integer(kernel))) @ Hadamard(WindowArgmax(patches, kernel), patches)
+def max_pool(x: Expr, kernel: int | Sequence[int], size: Size | None = None) -> Expr:
+    """Max pooling of an input X (channels × positions) over windows of ``kernel`` positions, ``kernel`` apart
+    (PyTorch's MaxPool1d(k), or MaxPool2d with ``size=(H, W)``): the piecewise-linear selection
+    (I_c ⊗ 1ᵀ) (mask(U) ⊙ U) of U = unfold(X), 1 over a window's taps, mask the 0/1 argmax of each window
+    (the first of equal maxima), constant under differentiation."""
+    patches = unfold(x, kernel, stride=kernel, size=size)
+    taps = patches.args[1].taps
+    return Kron(Identity(x.rows), Ones(ONE, sp.Integer(taps))) @ Hadamard(WindowArgmax(patches, taps), patches)
 
 
-def fold(u: Expr, length: str | int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> Expr:
-    """The adjoint of :func:`unfold` (col2im): patches (channels·kernel × positions) added back into a
-    signal of ``length``, each entry to the position it was read from."""
+def fold(u: Expr, size: Size, kernel: int | Sequence[int], stride: int | Sequence[int] = 1,
+         padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1) -> Expr:
+    """The adjoint of :func:`unfold` (col2im): patches (channels·taps × patches) added back into an input of
+    ``size`` (a signal's length, or an image's (H, W)), each entry to the position it was read from."""
     u = _expr(u, "fold")
-    return Fold(u, UnfoldSpec(int(kernel), int(stride), int(padding), int(dilation)), dims.dim(length, where="fold"))
+    spec = UnfoldSpec.of(kernel, stride, padding, dilation,
+                         ndim=None if isinstance(size, (str, int)) else len(size))
+    size = _size(u, spec, size, "fold")
+    if not dims.same(u.cols, spec.positions(size)):
+        raise ShapeError(f"fold: an input of size {tuple(size)} has {spec.positions(size)} patches under "
+                         f"{spec.kernel} taps, but U has {u.cols} columns")
+    return Fold(u, spec, size)
 
 
 __all__ = [

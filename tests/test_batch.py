@@ -101,5 +101,5 @@ def test_activation_batch_rule_fuses_the_diagonal_sandwich():
 def test_random_modules_in_batches(module, batch_size, seed):
     try:
         check_batch_rules(module, batch_size, seed)
-    except mc.McalcError as exc:  # products of two per-sample matrices have no batch form yet
+    except mc.McalcError as exc:  # a per-sample inverse, say, has no batch form
         assert "no batch form" in str(exc)

@@ -26,7 +26,8 @@ PIECEWISE_CONSTANT = {E.WindowArgmax}  # max pooling's mask: d = 0 almost everyw
 LEAVES = {E.Symbol, E.Seed, E.Identity, E.Zero, E.Ones, E.Commutation, E.UnfoldMatrix}
 # nodes only the engine and code generation build: Kron (a differential only, for the adjoint of Vec),
 # PSDProjection, Gram, and the batch forms (Stacked, BatchMean, and the layouts of per-sample matrices)
-DERIVED_ONLY = {E.Kron, E.PSDProjection, E.Gram, E.Stacked, E.BatchMean, E.SampleProduct, E.VecOfSamples,
+DERIVED_ONLY = {E.Kron, E.PSDProjection, E.Gram, E.Stacked, E.BatchMean, E.SampleProduct, E.SampleMatMul,
+                E.SampleTranspose, E.VecOfSamples,
                 E.UnvecOfSamples, E.BlockTrace}
 
 
@@ -57,6 +58,16 @@ UNFOLD_AND_FOLD = [
     mc.Module("FoldTanh", output=mc.vec(mc.sigmoid(mc.fold(U * U, "L", 3, padding=1))), inputs=[U]),
     mc.Module("MaxPoolTanh", output=mc.vec(mc.tanh(mc.max_pool(K @ mc.unfold(X, 3, padding=1), 2))), inputs=[X],
               params=[K]),
+]
+# over images (c × H·W, pixels row by row): a rectangular kernel, strides, padding and dilation per dimension
+IMAGE, K6, U4 = mc.Matrix("X", "c", 12), mc.Matrix("K", "m", "c*6"), mc.Matrix("U", "c*4", 4)
+UNFOLD_AND_FOLD += [
+    mc.Module("Conv2dTanh", output=mc.vec(mc.tanh(K6 @ mc.unfold(IMAGE, (2, 3), stride=(2, 1), padding=(1, 0),
+                                                                  dilation=(2, 1), size=(3, 4)))),
+              inputs=[IMAGE], params=[K6]),
+    mc.Module("Fold2dTanh", output=mc.vec(mc.sigmoid(mc.fold(U4 * U4, (3, 3), 2, stride=(1, 2), padding=(0, 1)))),
+              inputs=[U4]),
+    mc.Module("MaxPool2dTanh", output=mc.vec(mc.tanh(mc.max_pool(IMAGE * IMAGE, 2, size=(3, 4)))), inputs=[IMAGE]),
 ]
 
 

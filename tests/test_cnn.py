@@ -22,7 +22,7 @@ def _cache(tmp_path, monkeypatch):
 
 def test_the_spec_of_a_convolutional_network():
     assert parse_spec("1x40-conv(32,5,pad=2)-relu-avgpool(2)-conv(8,3,stride=2,dil=2)-maxpool(2)-flatten-10") == [
-        Signal(1, 40), Conv(32, 5, padding=2), Activation("ReLU"), Pool("avg", 2), Conv(8, 3, stride=2, dilation=2),
+        Signal(1, (40,)), Conv(32, 5, padding=2), Activation("ReLU"), Pool("avg", 2), Conv(8, 3, stride=2, dilation=2),
         Pool("max", 2), Flatten(), Width(10)]
     for bad, message in [("40-conv(8,5)-10", "a convolution needs a signal"),
                          ("1x40-conv(8)-flatten-10", r"needs positive filters and kernel"),
@@ -33,8 +33,12 @@ def test_the_spec_of_a_convolutional_network():
             parse_spec(bad)
     with pytest.raises(mc.McalcError, match=r"a width follows a signal of 8 × 40; flatten it first"):
         Network("1x40-conv(8,5,pad=2)-10")
-    with pytest.raises(mc.McalcError, match=r"gives 8 × 0 per sample here: its input of 1 × 4 is too short"):
+    with pytest.raises(mc.McalcError, match=r"conv leaves no positions of its input of 1 × 4"):
         Network("1x4-conv(8,5)-flatten-10")
+    with pytest.raises(mc.McalcError, match=r"pool leaves no positions of its input of 2 × 3 × 1"):
+        Network("1x3x1-conv(2,1)-maxpool(2)-flatten-10")
+    with pytest.raises(mc.McalcError, match=r"conv needs a signal or an image, but follows a vector of 9"):
+        Network("1x3x3-flatten-conv(2,1)-10")
 
 
 def _torch_logits(x, K1, b1, K2, b2, W, b):
@@ -109,6 +113,61 @@ def test_a_convolutional_network_trains_from_the_command_line(tmp_path):
     assert history[-1]["test_accuracy"] > 0.3 and history[-1]["train_loss"] < history[0]["train_loss"]
 
 
+@pytest.mark.parametrize("pool", ["avg", "max"])
+def test_an_image_network_has_pytorchs_loss_gradients_and_gauss_newton_products(pool):
+    """2x9x8-conv(3,3,stride=2,pad=1,dil=2)-tanh-{pool}pool(2)-conv(4,2)-relu-flatten-5: Conv2d, AvgPool2d and
+    MaxPool2d over images whose pixels are a sample's columns row by row, against PyTorch's conv2d,
+    avg_pool2d and max_pool2d: the loss, every gradient and the Gauss–Newton product."""
+    import torch
+    import torch.nn.functional as F
+
+    net = Network(f"2x9x8-conv(3,3,stride=2,pad=1,dil=2)-tanh-{pool}pool(2)-conv(4,2,pad=1)-relu-flatten-5", seed=4)
+    # 9 × 8 → 4 × 3 (stride 2, dilation 2) → 2 × 1 (pooling) → 3 × 2 (a 2 × 2 kernel, padding 1)
+    assert net.shapes == [(2, 72), (3, 12), (3, 2), (4, 6), (24, 1), (5, 1)]
+    names = ["conv1.K", "conv1.b", "conv2.K", "conv2.b", "W1", "b1"]
+    pooling = F.avg_pool2d if pool == "avg" else F.max_pool2d
+
+    def logits(x, K1, b1, K2, b2, W, b):
+        h = pooling(F.conv2d(x, K1.reshape(3, 2, 3, 3), b1, stride=2, padding=1, dilation=2).tanh(), 2)
+        h = F.relu(F.conv2d(h, K2.reshape(4, 3, 2, 2), b2, padding=1))
+        return F.linear(h.permute(0, 2, 3, 1).reshape(len(x), -1), W, b)  # pixel by pixel, channels within
+
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(144, 6))  # each column the vec of a 2 × 72 image: pixel by pixel
+    labels = rng.integers(0, 5, 6)
+    x = torch.tensor(X.T.reshape(6, 72, 2).transpose(0, 2, 1).reshape(6, 2, 9, 8).copy())
+    params = [torch.tensor(net.params[n].reshape(-1) if net.params[n].shape[1] == 1 else net.params[n],
+                           requires_grad=True) for n in names]
+    loss = F.cross_entropy(logits(x, *params), torch.tensor(labels))
+    loss.backward()
+    value, grads, _ = net.backward(X, np.eye(5)[:, labels])
+    assert value == pytest.approx(loss.item(), rel=1e-12)
+    for name, p in zip(names, params):
+        assert np.abs(p.grad.numpy()).max() > 1e-4, name
+        np.testing.assert_allclose(grads[name], p.grad.numpy().reshape(grads[name].shape), rtol=1e-10, atol=1e-13)
+    V = {k: rng.normal(size=v.shape) for k, v in net.params.items()}
+    got = net.curvature_product(X, np.eye(5)[:, labels], "gn")(V)
+    primals = tuple(p.detach() for p in params)
+    tangents = tuple(torch.tensor(V[n]).reshape(p.shape) for n, p in zip(names, params))
+    z, Jv = torch.autograd.functional.jvp(lambda *values: logits(x, *values), primals, tangents)
+    probabilities = torch.softmax(z, 1)
+    HJv = (probabilities * Jv - probabilities * (probabilities * Jv).sum(1, keepdim=True)) / len(x)
+    _, JtHJv = torch.autograd.functional.vjp(lambda *values: logits(x, *values), primals, HJv)
+    for name, expected in zip(names, JtHJv):
+        np.testing.assert_allclose(got[name], expected.numpy().reshape(got[name].shape), rtol=1e-9, atol=1e-12,
+                                   err_msg=name)
+
+
+def test_digits_train_as_images():
+    """Digits as 1 × 8 × 8 images (each sample's 64 features are its pixels row by row): a small CNN with
+    hbp-newton at its defaults learns them."""
+    data = D.load_dataset("digits", seed=0)
+    net = Network("1x8x8-conv(6,3,pad=1)-relu-maxpool(2)-flatten-10", seed=0)
+    assert net.shapes == [(1, 64), (6, 64), (6, 16), (96, 1), (10, 1)]
+    history = train(net, data, make_optimizer("hbp-newton"), epochs=2, batch_size=64, seed=0)["history"]
+    assert history[-1]["test_accuracy"] > 0.85, history[-1]
+
+
 def test_the_cost_model_factors_only_what_would_be_formed_sample_by_sample():
     """approximation='auto' (hbp-newton's default): (6) for every module whose generated code forms it in
     closed form, 6-kfac for a convolution's, whose (6) weight block is a mean of per-sample Kronecker
@@ -135,12 +194,12 @@ def test_pooling_is_pytorchs_and_verifies(pool):
     import torch
     import torch.nn.functional as F
 
-    from mcalc.layers.convolution import avg_pool1d, max_pool1d
+    from mcalc.layers.convolution import avg_pooling, max_pooling
     from mcalc.numeric.verify import verify_module
     from mcalc.numeric.verify_backend import verify_backend
 
-    declare = avg_pool1d if pool == "avg" else max_pool1d
-    for checks in (verify_module(declare(2)), verify_backend(declare(3), "numpy")):
+    declare = avg_pooling if pool == "avg" else max_pooling
+    for checks in (verify_module(declare((2,))), verify_backend(declare((3,)), "numpy")):
         assert checks and all(c.ok for c in checks), [c for c in checks if not c.ok]
     net = Network(f"2x9-conv(3,3,pad=1)-tanh-{pool}pool(2)-flatten-5", seed=2)
     assert net.shapes == [(2, 9), (3, 9), (3, 4), (12, 1), (5, 1)]

@@ -208,8 +208,8 @@ def test_row_and_column_scalings_fuse_into_one_kernel():
 
 
 def _generate_random(module, backend, tmp_path_factory):
-    """A folder with the module's generated code; None for a module without a batch form (per-sample
-    matrices), which must be refused with an error that says so."""
+    """A folder with the module's generated code; None for a module without a batch form (a per-sample
+    inverse, say), which must be refused with an error that says so."""
     try:
         plan_module(mc.derive(module))
     except mc.McalcError as exc:

@@ -38,7 +38,7 @@ def test_generated_code_matches_finite_differences(backend, tmp_path, monkeypatc
     if backend == "cupy-emulated" and emulator.unavailable_reason():
         pytest.skip(emulator.unavailable_reason())
     monkeypatch.setenv("MCALC_CACHE", str(tmp_path))
-    for module in (BY_NAME["PositionwiseLinear"], BY_NAME["Flatten"], BY_NAME["Conv1d"]):
+    for module in (BY_NAME["PositionwiseLinear"], BY_NAME["Flatten"], BY_NAME["Conv1d"], BY_NAME["Conv2d"]):
         checks = verify_backend(module, backend)
         assert checks and all(c.ok for c in checks), [c for c in checks if not c.ok]
         assert sum(c.error > 0 for c in checks) > len(checks) // 2  # real comparisons, not zeros with zeros

@@ -5,6 +5,8 @@ operation (its forward semantics) is restated with torch operations.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import sympy as sp
 import torch
@@ -76,13 +78,15 @@ def forward(node: E.Expr, env: dict[str, torch.Tensor], sizes: dict) -> torch.Te
         windows = a[0].detach().reshape(-1, node.args[1], a[0].shape[1])
         mask = torch.nn.functional.one_hot(windows.argmax(1), node.args[1]).transpose(1, 2)
         return mask.reshape(a[0].shape).to(a[0].dtype)
-    if t in (E.Unfold, E.Fold):  # PyTorch's own im2col and col2im, on a 1 × L image
-        spec, length = node.args[1], int(node.args[2].xreplace(sizes))
-        options = dict(kernel_size=(1, spec.kernel), dilation=(1, spec.dilation), padding=(0, spec.padding),
-                       stride=(1, spec.stride))
+    if t in (E.Unfold, E.Fold):  # PyTorch's own im2col and col2im; a signal as a 1 × L image
+        spec, size = node.args[1], tuple(int(s.xreplace(sizes)) for s in node.args[2])
+        flat = 2 - spec.ndim  # the leading dimension of 1 a signal adds
+        size = (1,) * flat + size
+        options = dict(kernel_size=(1,) * flat + spec.kernel, dilation=(1,) * flat + spec.dilation,
+                       padding=(0,) * flat + spec.padding, stride=(1,) * flat + spec.stride)
         if t is E.Unfold:
-            return torch.nn.functional.unfold(a[0][None, :, None, :], **options)[0]
-        return torch.nn.functional.fold(a[0][None], output_size=(1, length), **options)[0, :, 0, :]
+            return torch.nn.functional.unfold(a[0].reshape(1, -1, *size), **options)[0]
+        return torch.nn.functional.fold(a[0][None], output_size=size, **options)[0].reshape(-1, math.prod(size))
     raise NotImplementedError(t.__name__)
 
 

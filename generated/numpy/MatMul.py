@@ -32,7 +32,9 @@ from mcalc.runtime.array_ops import log_softmax as _log_softmax  # noqa: F401
 from mcalc.runtime.array_ops import matmul_kron as _matmul_kron  # noqa: F401
 from mcalc.runtime.array_ops import plus_diagonal as _plus_diagonal  # noqa: F401
 from mcalc.runtime.array_ops import psd_project as _psd_project  # noqa: F401
+from mcalc.runtime.array_ops import sample_matmul as _sample_matmul  # noqa: F401
 from mcalc.runtime.array_ops import sample_product as _sample_product  # noqa: F401
+from mcalc.runtime.array_ops import sample_transpose as _sample_transpose  # noqa: F401
 from mcalc.runtime.array_ops import samples_first as _samples_first  # noqa: F401
 from mcalc.runtime.array_ops import side_by_side as _side_by_side  # noqa: F401
 from mcalc.runtime.array_ops import softmax as _softmax  # noqa: F401

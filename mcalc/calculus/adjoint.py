@@ -133,7 +133,10 @@ def _trace(node: Trace, lam: Expr) -> list[Expr]:
 
 @defvjp(Softmax)
 def _softmax(node: Softmax, lam: Expr) -> list[Expr]:
-    p = node  # (diag p − p pᵀ) λ = p ⊙ λ − p (pᵀ λ)
+    p = node  # (diag p − p pᵀ) λ = p ⊙ λ − p (pᵀ λ), column by column for a matrix (the Jacobian is symmetric)
+    if p.cols != ONE:
+        scaled = Hadamard(p, lam)
+        return [Add(scaled, ScalarMul(-1, Hadamard(p, MatMul(Ones(p.rows, p.rows), scaled))))]
     return [Add(Hadamard(p, lam), ScalarMul(-1, MatMul(p, Transpose(p), lam)))]
 
 
@@ -156,8 +159,8 @@ def _diag(node: Diag, lam: Expr) -> list[Expr]:
 
 @defvjp(Unfold)
 def _unfold(node: Unfold, lam: Expr) -> list[Expr]:
-    _, spec, length = node.args  # ⟨Λ, unfold dX⟩ = ⟨fold Λ, dX⟩: each patch entry back to where it was read
-    return [Fold(lam, spec, length)]
+    _, spec, size = node.args  # ⟨Λ, unfold dX⟩ = ⟨fold Λ, dX⟩: each patch entry back to where it was read
+    return [Fold(lam, spec, size)]
 
 
 @defvjp(WindowArgmax)
@@ -167,8 +170,8 @@ def _window_argmax(node: WindowArgmax, lam: Expr) -> list[Expr]:
 
 @defvjp(Fold)
 def _fold(node: Fold, lam: Expr) -> list[Expr]:
-    _, spec, length = node.args
-    return [Unfold(lam, spec, length)]
+    _, spec, size = node.args
+    return [Unfold(lam, spec, size)]
 
 
 @defvjp(Vec)

@@ -155,6 +155,9 @@ def _trace(node: Trace, d: DifferentialOf) -> Expr:
 def _softmax(node: Softmax, d: DifferentialOf) -> Expr:
     p = node  # dp = (diag p − p pᵀ) dx = p ⊙ dx − p (pᵀ dx)
     dx = d(node.args[0])
+    if p.cols != ONE:  # column by column: dS = S ⊙ dA − S ⊙ (1 1ᵀ (S ⊙ dA)), each column's pᵀ dx spread down it
+        scaled = Hadamard(p, dx)
+        return Add(scaled, ScalarMul(-1, Hadamard(p, MatMul(Ones(p.rows, p.rows), scaled))))
     return Add(Hadamard(p, dx), ScalarMul(-1, MatMul(p, Transpose(p), dx)))
 
 
@@ -178,8 +181,8 @@ def _vec(node: Vec, d: DifferentialOf) -> Expr:
 @defdifferential(Unfold)
 @defdifferential(Fold)
 def _index_map(node: Unfold | Fold, d: DifferentialOf) -> Expr:
-    operand, spec, length = node.args  # linear: d unfold(X) = unfold(dX), d fold(U) = fold(dU)
-    return type(node)(d(operand), spec, length)
+    operand, spec, size = node.args  # linear: d unfold(X) = unfold(dX), d fold(U) = fold(dU)
+    return type(node)(d(operand), spec, size)
 
 
 @defdifferential(WindowArgmax)

@@ -67,25 +67,25 @@ class Expander:
         return k
 
     def _x_UnfoldMatrix(self, e: Expr) -> sp.Matrix:
-        spec, c, length = e.args
+        spec, c, size = e.args
         out = sp.zeros(self.dim(e.rows), self.dim(e.cols))
-        for row, col in spec.matrix_ones(self.dim(c), self.dim(length)):
+        for row, col in spec.matrix_ones(self.dim(c), [self.dim(s) for s in size]):
             out[row, col] = 1
         return out
 
     def _x_Unfold(self, e: Expr) -> sp.Matrix:
-        x, spec, length = e.args
+        x, spec, size = e.args
         a = self(x)
         columns = sp.Matrix([a[i, j] for j in range(a.cols) for i in range(a.rows)])  # vec X
-        patches = self(UnfoldMatrix(spec, x.rows, length)) * columns
+        patches = self(UnfoldMatrix(spec, x.rows, size)) * columns
         rows = self.dim(e.rows)
         return sp.Matrix(rows, self.dim(e.cols), lambda i, j: patches[j * rows + i])
 
     def _x_Fold(self, e: Expr) -> sp.Matrix:
-        u, spec, length = e.args
+        u, spec, size = e.args
         a = self(u)
         columns = sp.Matrix([a[i, j] for j in range(a.cols) for i in range(a.rows)])  # vec U
-        signal = self(UnfoldMatrix(spec, e.rows, length)).T * columns
+        signal = self(UnfoldMatrix(spec, e.rows, size)).T * columns
         rows = self.dim(e.rows)
         return sp.Matrix(rows, self.dim(e.cols), lambda i, j: signal[j * rows + i])
 

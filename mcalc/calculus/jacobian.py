@@ -155,9 +155,18 @@ def _trace(node: Trace, jac: JacobianOf) -> Expr:
 
 @defjvp(Softmax)
 def _softmax(node: Softmax, jac: JacobianOf) -> Expr:
-    # dp = (diag p − p pᵀ) dx for p = softmax(x)
+    # dp = (diag p − p pᵀ) dx for p = softmax(x); of a matrix S = softmax(A), column by column, the block
+    # diagonal of those: diag(vec S) − diag(vec S) (I_T ⊗ 1 1ᵀ) diag(vec S)
     p = node
+    if p.cols != ONE:
+        s = Diag(Vec(p))
+        return MatMul(Add(s, ScalarMul(-1, MatMul(s, column_blocks(p), s))), jac(node.args[0]))
     return MatMul(Add(Diag(p), ScalarMul(-1, MatMul(p, Transpose(p)))), jac(node.args[0]))
+
+
+def column_blocks(a: Expr) -> Expr:
+    """I_T ⊗ 1 1ᵀ for A (n × T): on vec A, each column's entries summed and spread down that column."""
+    return Kron(Identity(a.cols), Ones(a.rows, a.rows))
 
 
 @defjvp(LogSoftmax)
@@ -182,14 +191,14 @@ def _vec(node: Vec, jac: JacobianOf) -> Expr:
 
 @defjvp(Unfold)
 def _unfold(node: Unfold, jac: JacobianOf) -> Expr:
-    x, spec, length = node.args  # vec unfold(X) = P vec X, P the index map (M&N's selection matrices)
-    return MatMul(UnfoldMatrix(spec, x.rows, length), jac(x))
+    x, spec, size = node.args  # vec unfold(X) = P vec X, P the index map (M&N's selection matrices)
+    return MatMul(UnfoldMatrix(spec, x.rows, size), jac(x))
 
 
 @defjvp(Fold)
 def _fold(node: Fold, jac: JacobianOf) -> Expr:
-    u, spec, length = node.args  # fold is unfold's adjoint: vec fold(U) = Pᵀ vec U
-    return MatMul(Transpose(UnfoldMatrix(spec, node.rows, length)), jac(u))
+    u, spec, size = node.args  # fold is unfold's adjoint: vec fold(U) = Pᵀ vec U
+    return MatMul(Transpose(UnfoldMatrix(spec, node.rows, size)), jac(u))
 
 
 @defjvp(Diag)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..expr import (
+    ONE,
     Add,
     Apply,
     Commutation,
@@ -36,8 +37,8 @@ from ..expr import (
     product,
 )
 from ..simplification import simplify
-from .adjoint import child_adjoints
-from .jacobian import Jacobians
+from .adjoint import VJP_RULES, child_adjoints
+from .jacobian import Jacobians, column_blocks
 
 LOCAL_RULES: dict[type, Callable[[Expr, Expr, Jacobians], list[Expr]]] = {}
 
@@ -132,11 +133,17 @@ def _apply(node: Apply, lam: Expr, jac: Jacobians) -> list[Expr]:
 
 @deflocal(Softmax)
 def _softmax(node: Softmax, lam: Expr, jac: Jacobians) -> list[Expr]:
-    # H⟨λ, softmax(x)⟩ = diag(u) − u pᵀ − p uᵀ with u = (diag p − p pᵀ) λ
+    # H⟨λ, softmax(x)⟩ = diag(u) − u pᵀ − p uᵀ with u = (diag p − p pᵀ) λ; of a matrix, column by column:
+    # the block diagonal diag(vec U) − diag(vec U) C diag(vec S) − diag(vec S) C diag(vec U), C = I_T ⊗ 1 1ᵀ
     p = node
+    jx = jac(node.args[0])
+    if p.cols != ONE:
+        (u,) = VJP_RULES[Softmax](p, lam)
+        s, du, blocks = Diag(Vec(p)), Diag(Vec(u)), column_blocks(p)
+        middle = Add(du, ScalarMul(-1, MatMul(du, blocks, s)), ScalarMul(-1, MatMul(s, blocks, du)))
+        return [MatMul(Transpose(jx), middle, jx)]
     u = Add(Hadamard(p, lam), ScalarMul(-1, MatMul(p, Transpose(p), lam)))
     middle = Add(Diag(u), ScalarMul(-1, MatMul(u, Transpose(p))), ScalarMul(-1, MatMul(p, Transpose(u))))
-    jx = jac(node.args[0])
     return [MatMul(Transpose(jx), middle, jx)]
 
 

@@ -41,7 +41,9 @@ from ..expr import (
     LogSoftmax,
     MatMul,
     Ones,
+    SampleMatMul,
     SampleProduct,
+    SampleTranspose,
     ScalarMul,
     ScaleBy,
     Softmax,
@@ -105,6 +107,8 @@ class BatchLowering:
             return type(e)(*parts)
         if isinstance(e, (ScalarMul, Apply)):
             return type(e)(e.args[0], parts[0])
+        if isinstance(e, Transpose):  # each sample's block transposed: a column's rows side by side, (1 × n·B)
+            return SampleTranspose(parts[0], e.args[0].cols)
         if isinstance(e, (Softmax, LogSoftmax)):  # column by column: a matrix's columns side by side too
             return type(e)(parts[0])
         if isinstance(e, (Unfold, Fold, WindowArgmax)):  # sample by sample, each sample's part side by side
@@ -139,8 +143,8 @@ class BatchLowering:
             # a per-sample matrix (or column) times shared factors, Xᵢ V: each sample's block times V
             columns = self.stack(first)
             inner = None if columns is None else SampleProduct(columns, product(rest[1:], first.cols))
-        elif e.cols != ONE:  # a per-sample matrix from per-sample factors (s sᵀ, say): no batch form here
-            inner = None
+        elif e.cols != ONE:  # a per-sample matrix from per-sample factors (Xᵢᵀ Xᵢ, say)
+            inner = self._sample_chain(rest)
         elif isinstance(first, Diag):  # diag(v) c = v ⊙ c
             column = rest[1] if len(rest) == 2 else MatMul(*rest[1:])
             v, c = self.stack(first.args[0]), self.stack(column)
@@ -152,11 +156,26 @@ class BatchLowering:
             column = rest[1] if len(rest) == 2 else MatMul(*rest[1:])
             u, c = self.stack(simplify(Transpose(first))), self.stack(column)
             inner = None if u is None or c is None else MatMul(Ones(ONE, first.cols), Hadamard(u, c))
-        else:
-            inner = None
+        else:  # a per-sample matrix times per-sample columns (Xᵢ sᵢ, attention's)
+            inner = self._sample_chain(rest)
         if inner is None:
             return None
         return MatMul(*prefix, inner) if prefix else inner
+
+    def _sample_chain(self, factors: tuple[Expr, ...]) -> Expr | None:
+        """F₁ F₂ … of per-sample and shared factors as one batch, left to right: each sample's block times a
+        shared factor (:class:`SampleProduct`) or times its own block of a per-sample one (:class:`SampleMatMul`,
+        a batched product)."""
+        batch = self.stack(factors[0])
+        for f in factors[1:]:
+            if batch is None:
+                return None
+            if not self.varies(f):
+                batch = SampleProduct(batch, f)
+            else:
+                own = self.stack(f)
+                batch = None if own is None else SampleMatMul(batch, own)
+        return batch
 
     # --- batch means --------------------------------------------------------------
     def mean(self, e: Expr) -> Expr:
@@ -199,8 +218,13 @@ class BatchLowering:
             closed = self._mean_product(e)
             if closed is not None:
                 return closed
-        if e.rows == ONE and e.cols != ONE:
-            return Transpose(self.mean(simplify(Transpose(e))))
+        if e.rows == ONE and e.cols != ONE:  # a row: the mean of its transpose, where that is simpler
+            flipped = simplify(Transpose(e))
+            if not isinstance(flipped, Transpose):
+                return Transpose(self.mean(flipped))
+            rows = self.stack(e)  # else the samples' rows side by side, as columns, summed
+            if rows is not None:
+                return Transpose(ScalarMul(1 / BATCH, MatMul(SampleTranspose(rows, e.cols), Ones(BATCH, ONE))))
         return self._mean_fallback(e)
 
     def _shared_weight(self, e: MatMul) -> Expr | None:
@@ -372,8 +396,10 @@ def batch_hbp(d: Derivation, name: str, curvature: Curvature | str = Curvature.E
 
 def _require(e: Expr | None, d: Derivation, what: str) -> Expr:
     if e is None:
-        raise McalcError(f"module '{d.module.name}': the {what} has no batch form: a product of two per-sample "
-                         "matrices (Xᵢ Yᵢ, or Xᵢ vᵢ as attention has) is not lowered over a batch yet")
+        raise McalcError(f"module '{d.module.name}': the {what} has no batch form: mcalc lowers per-sample "
+                         "vectors and matrices through products (batched where both factors are per sample), "
+                         "transposes, sums, elementwise functions, softmax, unfold and fold, and this rule "
+                         "uses an operation on per-sample values outside them (a per-sample inverse or diag, say)")
     return simplify(e)
 
 

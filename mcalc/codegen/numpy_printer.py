@@ -19,7 +19,7 @@ from sympy.printing.numpy import NumPyPrinter as _SymPyNumPyPrinter
 from sympy.printing.numpy import SciPyPrinter as _SymPySciPyPrinter
 from sympy.printing.pycode import PythonCodePrinter
 
-from ..expr import ONE, Diag, Expr, Identity, Kron, MatMul, Ones, ScalarMul, Transpose, UnfoldMatrix
+from ..expr import ONE, Diag, Expr, Identity, Kron, MatMul, Ones, ScalarMul, Transpose, UnfoldMatrix, UnfoldSpec
 from ..functions import ElementwiseFunction
 from .plan import (
     Argument,
@@ -63,6 +63,12 @@ class _DimensionPrinter(PythonCodePrinter):
     def _print_floor(self, e: sp.floor) -> str:
         numerator, denominator = e.args[0].as_numer_denom()
         return f"(({self._print(numerator)}) // {self._print(denominator)})"
+
+    def _print_Pow(self, e: sp.Pow, rational: bool = False) -> str:  # √h (attention's scale) without math
+        if e.exp in (sp.S.Half, -sp.S.Half):
+            root = f"({self._print(e.base)})**0.5"
+            return root if e.exp > 0 else f"1/{root}"
+        return super()._print_Pow(e, rational)
 
 
 def dim_code(d: sp.Expr) -> str:
@@ -195,9 +201,8 @@ class ArrayPrinter:
         transposed = isinstance(f, Transpose) and isinstance(f.args[0], UnfoldMatrix)
         if not (transposed or isinstance(f, UnfoldMatrix)):
             return None
-        spec, channels, length = (f.args[0] if transposed else f).args
-        arguments = f"{spec.kernel}, {spec.stride}, {spec.padding}, {spec.dilation}, {self.dim(channels)}, " \
-                    f"{self.dim(length)}"
+        spec, channels, size = (f.args[0] if transposed else f).args
+        arguments = f"{self._spec(spec, size)}, {self.dim(channels)}"
         return ("_fold_rows", "_unfold_rows", arguments) if transposed else ("_unfold_rows", "_fold_rows", arguments)
 
     def _is_operator(self, f: Expr) -> bool:
@@ -371,22 +376,31 @@ class ArrayPrinter:
         return f"_block_trace({self.operand(node.args[0])}, {self.dim(node.args[1])})"
 
     # --- a convolution's patches ---------------------------------------------------------------------
+    def _spec(self, spec: UnfoldSpec, size: sp.Tuple) -> str:
+        """The trailing arguments of the index-map helpers: kernel, stride, padding, dilation, size."""
+        size_code = ", ".join(self.dim(s) for s in size) + ("," if len(size) == 1 else "")
+        return f"{spec.kernel}, {spec.stride}, {spec.padding}, {spec.dilation}, ({size_code})"
+
     def _print_Unfold(self, node: Expr) -> str:
-        x, spec, length = node.args
-        return f"_unfold({self.operand(x)}, {spec.kernel}, {spec.stride}, {spec.padding}, {spec.dilation}, " \
-               f"{self.dim(length)})"
+        x, spec, size = node.args
+        return f"_unfold({self.operand(x)}, {self._spec(spec, size)})"
 
     def _print_WindowArgmax(self, node: Expr) -> str:
         return f"_window_argmax({self.operand(node.args[0])}, {node.args[1]})"
 
     def _print_Fold(self, node: Expr) -> str:
-        u, spec, length = node.args
-        return f"_fold({self.operand(u)}, {spec.kernel}, {spec.stride}, {spec.padding}, {spec.dilation}, " \
-               f"{self.dim(length)})"
+        u, spec, size = node.args
+        return f"_fold({self.operand(u)}, {self._spec(spec, size)})"
 
     # --- per-sample matrices, their samples side by side ------------------------------------------
     def _print_Stacked(self, node: Expr) -> str:  # a per-sample matrix argument, (rows, B, cols)
         return f"_side_by_side({argument_code(batch_reference(node.args[0]))})"
+
+    def _print_SampleMatMul(self, node: Expr) -> str:
+        return f"_sample_matmul({self.operand(node.args[0])}, {self.operand(node.args[1])})"
+
+    def _print_SampleTranspose(self, node: Expr) -> str:
+        return f"_sample_transpose({self.operand(node.args[0])}, {self.dim(node.args[1])})"
 
     def _print_SampleProduct(self, node: Expr) -> str:
         return f"_sample_product({self.operand(node.args[0])}, {self.operand(node.args[1])})"

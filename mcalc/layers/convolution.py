@@ -1,44 +1,64 @@
 """Convolutions and pooling, declared with mcalc itself: one module per kernel size, stride, padding and
-dilation.
+dilation (and, over an image, per image size).
 
-A signal is a per-sample matrix X (c channels × L positions); a 1-D convolution with m filters is
-K unfold(X) + b 1ᵀ with K (m × c·k), PyTorch's Conv1d weight (m, c, k) reshaped, and unfold the index
-map of :func:`mcalc.unfold`. Unlike the library's modules these are not generated in advance: a
-network that uses one has its code generated on first use and cached, as a user's module is.
+An input is a per-sample matrix X (c channels × N positions): a signal's N = L positions, an image's
+N = H·W pixels row by row (PyTorch's ``reshape(c, H*W)``). A convolution with m filters is
+K unfold(X) + b 1ᵀ with K (m × c·taps), PyTorch's Conv1d or Conv2d weight (m, c, k…) reshaped, and unfold
+the index map of :func:`mcalc.unfold`. A signal's length stays a dimension, read off the batch; an image's
+height and width are fixed in the module (its code reads N alone). Unlike the library's modules these
+are not generated in advance: a network that uses one has its code generated on first use and cached,
+as a user's module is.
 """
 from __future__ import annotations
 
 import functools
+import math
 
 import sympy as sp
 
-from ..expr import ONE, Ones, Unfold, UnfoldSpec
+from ..expr import ONE, Ones
 from ..module import Module
-from ..symbols import Matrix, Vector, identity, kron, max_pool, ones
+from ..printing.base import spec_text
+from ..symbols import Matrix, Vector, identity, kron, max_pool, ones, unfold
+
+Pair = tuple[int, ...]  # a hyper-parameter per spatial dimension: (k,) for a signal, (kh, kw) for an image
+
+
+def _input(size: Pair | None) -> tuple[Matrix, Pair | None, str]:
+    """X (c × L) of a signal (``size`` None), or (c × H·W) of an image of ``size``; the name's suffix."""
+    if size is None:
+        return Matrix("X", "c", "L"), None, ""
+    return Matrix("X", "c", math.prod(size)), size, "_" + spec_text(size)
 
 
 @functools.cache
-def conv1d(kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> Module:
-    """The module z = K unfold(X) + b 1ᵀ of a Conv1d with these hyper-parameters (``Conv1d_k5s1p2d1``)."""
-    spec = UnfoldSpec(kernel, stride, padding, dilation)
-    X, K, b = Matrix("X", "c", "L"), Matrix("K", "m", f"c*{kernel}"), Vector("b", "m")
-    patches = Unfold(X, spec)
-    return Module(f"Conv1d_k{kernel}s{stride}p{padding}d{dilation}",
-                  output=K @ patches + b @ Ones(ONE, patches.cols), inputs=[X], params=[K, b])
+def convolution(kernel: Pair, stride: Pair, padding: Pair, dilation: Pair, size: Pair | None = None) -> Module:
+    """The module z = K unfold(X) + b 1ᵀ of a Conv1d (``size`` None) or of a Conv2d over images of ``size``
+    (``Conv1d_k5s1p2d1``, ``Conv2d_k3x3s1x1p1x1d1x1_8x8``)."""
+    X, size, suffix = _input(size)
+    K, b = Matrix("K", "m", f"c*{math.prod(kernel)}"), Vector("b", "m")
+    patches = unfold(X, kernel, stride, padding, dilation, size=size)
+    name = f"Conv{len(kernel)}d_k{spec_text(kernel)}s{spec_text(stride)}p{spec_text(padding)}d{spec_text(dilation)}"
+    return Module(name + suffix, output=K @ patches + b @ Ones(ONE, patches.cols), inputs=[X], params=[K, b])
 
 
 @functools.cache
-def avg_pool1d(kernel: int) -> Module:
-    """Average pooling over windows of ``kernel`` positions, ``kernel`` apart (PyTorch's AvgPool1d(k)):
-    z = (1/k) (I_c ⊗ 1_kᵀ) unfold(X), each channel's taps of a window summed (``AvgPool1d_k2``)."""
-    X = Matrix("X", "c", "L")
-    window = kron(identity("c"), ones(kernel).T) @ Unfold(X, UnfoldSpec(kernel, kernel))
-    return Module(f"AvgPool1d_k{kernel}", output=window * (1 / sp.Integer(kernel)), inputs=[X])
+def avg_pooling(kernel: Pair, size: Pair | None = None) -> Module:
+    """Average pooling over windows of ``kernel`` positions, ``kernel`` apart (PyTorch's AvgPool1d(k), or
+    AvgPool2d over images of ``size``): z = (1/taps) (I_c ⊗ 1ᵀ) unfold(X), each channel's taps of a window
+    summed (``AvgPool1d_k2``, ``AvgPool2d_k2x2_8x8``)."""
+    X, size, suffix = _input(size)
+    taps = math.prod(kernel)
+    window = kron(identity("c"), ones(taps).T) @ unfold(X, kernel, stride=kernel, size=size)
+    return Module(f"AvgPool{len(kernel)}d_k{spec_text(kernel)}{suffix}", output=window * (1 / sp.Integer(taps)),
+                  inputs=[X])
 
 
 @functools.cache
-def max_pool1d(kernel: int) -> Module:
-    """Max pooling over windows of ``kernel`` positions, ``kernel`` apart (PyTorch's MaxPool1d(k)): the
-    piecewise-linear selection of :func:`mcalc.max_pool` (``MaxPool1d_k2``)."""
-    X = Matrix("X", "c", "L")
-    return Module(f"MaxPool1d_k{kernel}", output=max_pool(X, kernel), inputs=[X])
+def max_pooling(kernel: Pair, size: Pair | None = None) -> Module:
+    """Max pooling over windows of ``kernel`` positions, ``kernel`` apart (PyTorch's MaxPool1d(k), or
+    MaxPool2d over images of ``size``): the piecewise-linear selection of :func:`mcalc.max_pool`
+    (``MaxPool1d_k2``, ``MaxPool2d_k2x2_8x8``)."""
+    X, size, suffix = _input(size)
+    return Module(f"MaxPool{len(kernel)}d_k{spec_text(kernel)}{suffix}", output=max_pool(X, kernel, size=size),
+                  inputs=[X])

@@ -6,6 +6,8 @@ whatever NumPy's storage order.
 """
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -14,7 +16,7 @@ import sympy as sp
 
 from .. import dims
 from ..errors import EvaluationError
-from ..expr import BATCH, Expr, Seed, Symbol, UnfoldMatrix
+from ..expr import BATCH, Expr, Seed, Symbol, UnfoldSpec
 from ..modes import Curvature, Projection
 
 
@@ -271,6 +273,14 @@ class Evaluator:
         blocks = m.reshape(m.shape[0], self.dim(BATCH), v.shape[0])
         return side_by_side((blocks @ v).transpose(1, 0, 2))
 
+    def _eval_SampleMatMul(self, e: Expr) -> np.ndarray:
+        left, right = self.value(e.args[0]), self.value(e.args[1])
+        pairs = zip(np.split(left, self.dim(BATCH), axis=1), np.split(right, self.dim(BATCH), axis=1))
+        return np.concatenate([a @ b for a, b in pairs], axis=1)
+
+    def _eval_SampleTranspose(self, e: Expr) -> np.ndarray:
+        return np.concatenate([b.T for b in np.split(self.value(e.args[0]), self.dim(BATCH), axis=1)], axis=1)
+
     def _eval_VecOfSamples(self, e: Expr) -> np.ndarray:
         m = self.value(e.args[0])
         return np.stack([vec(block) for block in np.split(m, self.dim(BATCH), axis=1)], axis=1)
@@ -302,11 +312,8 @@ class Evaluator:
             raise EvaluationError(f"{e.args[0]!r} is singular at these values") from None
 
     def _eval_UnfoldMatrix(self, e: Expr) -> np.ndarray:
-        spec, c, length = e.args
-        out = np.zeros((self.dim(e.rows), self.dim(e.cols)))
-        for row, col in spec.matrix_ones(self.dim(c), self.dim(length)):
-            out[row, col] = 1.0
-        return out
+        spec, c, size = e.args
+        return _unfold_matrix(spec, self.dim(c), tuple(self.dim(s) for s in size))
 
     def _per_block(self, a: np.ndarray, P: np.ndarray, length_in: int, rows_out: int) -> np.ndarray:
         """unvec(P vec(block)) for every block of ``length_in`` columns of ``a`` (samples side by side)."""
@@ -314,9 +321,10 @@ class Evaluator:
         return np.concatenate([unvec(P @ vec(b), (rows_out, P.shape[0] // rows_out)) for b in blocks], axis=1)
 
     def _eval_Unfold(self, e: Expr) -> np.ndarray:
-        x, spec, length = e.args
-        P = self.value(UnfoldMatrix(spec, x.rows, length))
-        return self._per_block(self.value(x), P, self.dim(length), self.dim(e.rows))
+        x, spec, size = e.args
+        size = tuple(self.dim(s) for s in size)
+        P = _unfold_matrix(spec, self.dim(x.rows), size)
+        return self._per_block(self.value(x), P, math.prod(size), self.dim(e.rows))
 
     def _eval_WindowArgmax(self, e: Expr) -> np.ndarray:
         u, kernel = self.value(e.args[0]), e.args[1]
@@ -327,9 +335,10 @@ class Evaluator:
         return out
 
     def _eval_Fold(self, e: Expr) -> np.ndarray:
-        u, spec, length = e.args
-        P = self.value(UnfoldMatrix(spec, e.rows, length))
-        return self._per_block(self.value(u), P.T, self.dim(spec.positions(length)), self.dim(e.rows))
+        u, spec, size = e.args
+        size = tuple(self.dim(s) for s in size)
+        P = _unfold_matrix(spec, self.dim(e.rows), size)
+        return self._per_block(self.value(u), P.T, spec.positions(size), self.dim(e.rows))
 
     def _eval_BlockTrace(self, e: Expr) -> np.ndarray:
         m, blocks = self.value(e.args[0]), self.dim(e.args[1])
@@ -352,3 +361,13 @@ class Evaluator:
     def _eval_PSDProjection(self, e: Expr) -> np.ndarray:
         return psd_project(self.value(e.args[1]), e.args[0])
 
+
+@functools.lru_cache(maxsize=64)
+def _unfold_matrix(spec: UnfoldSpec, channels: int, size: tuple[int, ...]) -> np.ndarray:
+    """P of unfold, read-only and kept: finite differences evaluate the same index map again and again."""
+    rows = channels * spec.taps * spec.positions(size)
+    out = np.zeros((rows, channels * math.prod(size)))
+    for row, col in spec.matrix_ones(channels, size):
+        out[row, col] = 1.0
+    out.flags.writeable = False
+    return out

@@ -41,6 +41,19 @@ def hessian_fd(q: Callable[[np.ndarray], float], x0: np.ndarray, h: float = HESS
     return H
 
 
+def hessian_vector_fd(q: Callable[[np.ndarray], float], x0: np.ndarray, v: np.ndarray,
+                      h: float = HESSIAN_STEP) -> np.ndarray:
+    """∂²q/∂x∂xᵀ · v by the same four-point formula along (eᵢ, v): 4n evaluations, not the 2n² of the
+    whole Hessian."""
+    b = h * v
+    out = np.empty(x0.size)
+    for i in range(x0.size):
+        a = np.zeros_like(x0)
+        a[i] = h
+        out[i] = (q(x0 + a + b) - q(x0 + a - b) - q(x0 - a + b) + q(x0 - a - b)) / (4 * h * h)
+    return out
+
+
 def vectorised_forward(
     module: Module, values: Mapping[str, np.ndarray], name: str
 ) -> tuple[Callable[[np.ndarray], np.ndarray], np.ndarray]:
@@ -112,11 +125,10 @@ def fd_gradient_tangents(module: Module, values: Mapping[str, np.ndarray], dz: n
     names = tuple(v.name for v in module.variables)
     f, x0, where = joint_forward(module, values, names)
     weights = np.asarray(dz, dtype=float).reshape(-1)
-    H = hessian_fd(lambda x: float(weights @ f(x)), x0)
     direction = np.zeros_like(x0)
     for n, value in tangents.items():
         direction[where[n]] = np.asarray(value, dtype=float).reshape(-1, order="F")
-    moved = H @ direction
+    moved = hessian_vector_fd(lambda x: float(weights @ f(x)), x0, direction)
     J = jacobian_fd(f, x0)
     pulled = J.T @ np.asarray(Rdz, dtype=float).reshape(-1, order="F")
     return {n: moved[where[n]] + pulled[where[n]] for n in names}

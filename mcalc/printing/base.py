@@ -68,3 +68,8 @@ class Printer:
             else:
                 out += " + " + self._print(t)
         return out
+
+
+def spec_text(values: tuple[int, ...]) -> str:
+    """A convolution's hyper-parameter over its dimensions: 5, or 3x3 for an image's."""
+    return "x".join(map(str, values))

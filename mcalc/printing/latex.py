@@ -4,7 +4,7 @@ from __future__ import annotations
 import sympy as sp
 
 from ..expr import ONE, Expr, tangent_of
-from .base import ATOM, Printer
+from .base import ATOM, Printer, spec_text
 
 
 def _name(name: str) -> str:
@@ -105,19 +105,25 @@ class LatexPrinter(Printer):
         return rf"\operatorname{{tr}}_{{{sp.latex(e.args[1])}}}\left({self._print(e.args[0])}\right)"
 
     def _print_Unfold(self, e: Expr) -> str:
-        return rf"\operatorname{{unfold}}_{{{e.args[1].kernel}}}\left({self._print(e.args[0])}\right)"
+        return rf"\operatorname{{unfold}}_{{{spec_text(e.args[1].kernel)}}}\left({self._print(e.args[0])}\right)"
 
     def _print_Fold(self, e: Expr) -> str:
-        return rf"\operatorname{{fold}}_{{{e.args[1].kernel}}}\left({self._print(e.args[0])}\right)"
+        return rf"\operatorname{{fold}}_{{{spec_text(e.args[1].kernel)}}}\left({self._print(e.args[0])}\right)"
 
     def _print_UnfoldMatrix(self, e: Expr) -> str:
-        return rf"P_{{\mathrm{{unfold}}, {e.args[0].kernel}}}"
+        return rf"P_{{\mathrm{{unfold}}, {spec_text(e.args[0].kernel)}}}"
 
     def _print_Stacked(self, e: Expr) -> str:
         return rf"\left[{self._print(e.args[0])}\right]_{{B}}"
 
     def _print_SampleProduct(self, e: Expr) -> str:
         return rf"{self.wrap(e.args[0], ATOM)} \left(I_{{B}} \otimes {self._print(e.args[1])}\right)"
+
+    def _print_SampleMatMul(self, e: Expr) -> str:
+        return rf"\left[{self._print(e.args[0])} \cdot {self._print(e.args[1])}\right]_{{i}}"
+
+    def _print_SampleTranspose(self, e: Expr) -> str:
+        return rf"\left[{self._print(e.args[0])}\right]_{{i}}^{{\top}}"
 
     def _print_VecOfSamples(self, e: Expr) -> str:
         return rf"\operatorname{{vec}}_{{i}}\left[{self._print(e.args[0])}\right]"

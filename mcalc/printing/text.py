@@ -4,7 +4,7 @@ from __future__ import annotations
 import sympy as sp
 
 from ..expr import ONE, Expr, tangent_of
-from .base import ATOM, Printer
+from .base import ATOM, Printer, spec_text
 
 
 class TextPrinter(Printer):
@@ -112,6 +112,12 @@ class TextPrinter(Printer):
     def _print_SampleProduct(self, e: Expr) -> str:  # each sample's block times V: M (I_B ⊗ V)
         return f"{self.wrap(e.args[0], ATOM)} (I_B ⊗ {self._print(e.args[1])})"
 
+    def _print_SampleMatMul(self, e: Expr) -> str:
+        return f"[{self._print(e.args[0])} · {self._print(e.args[1])}]ᵢ"
+
+    def _print_SampleTranspose(self, e: Expr) -> str:
+        return f"[{self._print(e.args[0])}]ᵢᵀ"
+
     def _print_VecOfSamples(self, e: Expr) -> str:
         return f"vecᵢ[{self._print(e.args[0])}]"
 
@@ -134,7 +140,8 @@ def to_text(expr: Expr) -> str:
 
 
 def _spec_text(spec) -> str:
-    """[k=5, s=2, p=2, d=1] with the defaults (stride 1, padding 0, dilation 1) left out."""
-    parts = [f"k={spec.kernel}"] + [f"{n}={v}" for n, v, default in (("s", spec.stride, 1), ("p", spec.padding, 0),
-                                                                    ("d", spec.dilation, 1)) if v != default]
+    """[k=5, s=2, p=2] or [k=3x3, p=1x1], with the defaults (stride 1, padding 0, dilation 1) left out."""
+    parts = [f"k={spec_text(spec.kernel)}"] + [
+        f"{n}={spec_text(v)}" for n, v, default in (("s", spec.stride, 1), ("p", spec.padding, 0),
+                                                    ("d", spec.dilation, 1)) if set(v) != {default}]
     return "[" + ", ".join(parts) + "]"

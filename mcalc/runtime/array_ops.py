@@ -4,6 +4,8 @@ Each takes a matrix or a stack of them (leading axes: the samples of a batch, as
 per-sample rule computes them) and works on the last two axes."""
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Any
 
 import numpy as np
@@ -95,6 +97,21 @@ def sample_product(m: Any, v: Any) -> Any:
     return matmul(m.reshape(-1, v.shape[0]), v).reshape(m.shape[0], -1)
 
 
+def sample_matmul(left: Any, right: Any) -> Any:
+    """Lᵢ Rᵢ for every sample of the side-by-side ``left`` (rows, B·k) and ``right`` (k, B·c): (rows, B·c), one
+    batched product."""
+    xp, k = namespace(left), right.shape[0]
+    lefts = xp.moveaxis(left.reshape(left.shape[0], -1, k), 1, 0)  # (B, rows, k)
+    rights = xp.moveaxis(right.reshape(k, lefts.shape[0], -1), 1, 0)  # (B, k, c)
+    return xp.moveaxis(matmul(lefts, rights), 0, 1).reshape(left.shape[0], -1)
+
+
+def sample_transpose(m: Any, cols: int) -> Any:
+    """Each sample's (rows, cols) block of the side-by-side ``m`` transposed: (cols, B·rows)."""
+    blocks = m.reshape(m.shape[0], -1, cols)  # (rows, B, cols)
+    return namespace(m).ascontiguousarray(blocks.transpose(2, 1, 0)).reshape(cols, -1)
+
+
 def vec_of_samples(m: Any, cols: int) -> Any:
     """vec of each sample's (rows, cols) block of the side-by-side ``m``, one column per sample (of each
     matrix of a stack)."""
@@ -112,39 +129,52 @@ def unvec_of_samples(m: Any, rows: int) -> Any:
 
 
 # --- a convolution's patches: unfold (im2col) and its adjoint fold (col2im) ---------------------
-def positions(length: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    """T, the patches of a signal of ``length``."""
-    return (length + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+# Over n spatial dimensions: a signal's (L,), an image's (H, W). Every hyper-parameter is a tuple with
+# one entry per dimension; an input's N = ΠLᵢ positions are its columns, row-major (PyTorch's order).
+Dims = tuple[int, ...]
 
 
-def unfold(x: Any, kernel: int, stride: int, padding: int, dilation: int, length: int) -> Any:
-    """The patches of signals (…, c, L·n), n of ``length`` side by side, as (…, c·k, T·n): row ch·k + j, column
-    i·T + t holds sample i's x[ch, t·s − p + j·d] (0 in the padding). One strided copy per tap: the loop
-    runs over the k taps of the kernel, never over the samples."""
+def grid(size: Dims, kernel: Dims, stride: Dims, padding: Dims, dilation: Dims) -> Dims:
+    """The patches along each dimension of an input of ``size``."""
+    return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
+                 for n, k, s, p, d in zip(size, kernel, stride, padding, dilation))
+
+
+def _windows(tap: Dims, stride: Dims, dilation: Dims, patches: Dims) -> tuple:
+    """The strided slices of a padded input that tap ``tap`` reads, one per dimension."""
+    return tuple(slice(i * d, i * d + s * (g - 1) + 1, s) for i, s, d, g in zip(tap, stride, dilation, patches))
+
+
+def unfold(x: Any, kernel: Dims, stride: Dims, padding: Dims, dilation: Dims, size: Dims) -> Any:
+    """The patches of inputs (…, c, N·n), n of ``size`` side by side, as (…, c·taps, T·n): row ch·taps + j,
+    column i·T + t holds sample i's input at tap j of patch t (0 in the padding), j and t row-major over
+    the dimensions. One strided copy per tap: the loop runs over the kernel's taps, never over the samples."""
     xp = namespace(x)
-    lead, channels = x.shape[:-2], x.shape[-2]
-    count = positions(length, kernel, stride, padding, dilation)
-    signals = x.reshape(lead + (channels, -1, length))
-    if padding:
-        signals = xp.pad(signals, [(0, 0)] * (signals.ndim - 1) + [(padding, padding)])
-    out = xp.empty(lead + (channels, kernel, signals.shape[-2], count), dtype=x.dtype)
-    for j in range(kernel):
-        start = j * dilation
-        out[..., j, :, :] = signals[..., start : start + stride * (count - 1) + 1 : stride]
-    return out.reshape(lead + (channels * kernel, -1))
+    lead, channels, n = x.shape[:-2], x.shape[-2], len(size)
+    patches = grid(size, kernel, stride, padding, dilation)
+    inputs = x.reshape(lead + (channels, -1) + tuple(size))
+    if any(padding):
+        inputs = xp.pad(inputs, [(0, 0)] * (inputs.ndim - n) + [(p, p) for p in padding])
+    out = xp.empty(lead + (channels,) + tuple(kernel) + (inputs.shape[-n - 1],) + patches, dtype=x.dtype)
+    for tap in itertools.product(*map(range, kernel)):
+        window = (Ellipsis, *_windows(tap, stride, dilation, patches))
+        out[(Ellipsis, *tap) + (slice(None),) * (n + 1)] = inputs[window]
+    return out.reshape(lead + (channels * math.prod(kernel), -1))
 
 
-def fold(u: Any, kernel: int, stride: int, padding: int, dilation: int, length: int) -> Any:
-    """The adjoint of :func:`unfold`: patches (…, c·k, T·n) added back into signals (…, c, L·n)."""
+def fold(u: Any, kernel: Dims, stride: Dims, padding: Dims, dilation: Dims, size: Dims) -> Any:
+    """The adjoint of :func:`unfold`: patches (…, c·taps, T·n) added back into inputs (…, c, N·n)."""
     xp = namespace(u)
-    lead, channels = u.shape[:-2], u.shape[-2] // kernel
-    count = positions(length, kernel, stride, padding, dilation)
-    patches = u.reshape(lead + (channels, kernel, -1, count))
-    out = xp.zeros(lead + (channels, patches.shape[-2], length + 2 * padding), dtype=u.dtype)
-    for j in range(kernel):
-        start = j * dilation
-        out[..., start : start + stride * (count - 1) + 1 : stride] += patches[..., j, :, :]
-    return out[..., padding : padding + length].reshape(lead + (channels, -1))
+    lead, channels, n = u.shape[:-2], u.shape[-2] // math.prod(kernel), len(size)
+    patches = grid(size, kernel, stride, padding, dilation)
+    columns = u.reshape(lead + (channels,) + tuple(kernel) + (-1,) + patches)
+    padded = tuple(length + 2 * p for length, p in zip(size, padding))
+    out = xp.zeros(lead + (channels, columns.shape[-n - 1]) + padded, dtype=u.dtype)
+    for tap in itertools.product(*map(range, kernel)):
+        window = (Ellipsis, *_windows(tap, stride, dilation, patches))
+        out[window] += columns[(Ellipsis, *tap) + (slice(None),) * (n + 1)]
+    inside = tuple(slice(p, p + length) for p, length in zip(padding, size))
+    return out[(Ellipsis, *inside)].reshape(lead + (channels, -1))
 
 
 def window_argmax(u: Any, kernel: int) -> Any:
@@ -157,17 +187,17 @@ def window_argmax(u: Any, kernel: int) -> Any:
     return (taps == first).astype(u.dtype).reshape(u.shape)
 
 
-def unfold_rows(m: Any, kernel: int, stride: int, padding: int, dilation: int, channels: int, length: int) -> Any:
+def unfold_rows(m: Any, kernel: Dims, stride: Dims, padding: Dims, dilation: Dims, size: Dims, channels: int) -> Any:
     """P M for P the matrix of unfold (vec unfold X = P vec X): each column of M a vec X, without P."""
-    count = positions(length, kernel, stride, padding, dilation)
     signals = unvec_of_samples(m, channels)
-    return vec_of_samples(unfold(signals, kernel, stride, padding, dilation, length), count)
+    return vec_of_samples(unfold(signals, kernel, stride, padding, dilation, size),
+                          math.prod(grid(size, kernel, stride, padding, dilation)))
 
 
-def fold_rows(m: Any, kernel: int, stride: int, padding: int, dilation: int, channels: int, length: int) -> Any:
-    """Pᵀ M: each column of M a vec of patches, folded back into a vec of the signal."""
-    patches = unvec_of_samples(m, channels * kernel)
-    return vec_of_samples(fold(patches, kernel, stride, padding, dilation, length), length)
+def fold_rows(m: Any, kernel: Dims, stride: Dims, padding: Dims, dilation: Dims, size: Dims, channels: int) -> Any:
+    """Pᵀ M: each column of M a vec of patches, folded back into a vec of the input."""
+    patches = unvec_of_samples(m, channels * math.prod(kernel))
+    return vec_of_samples(fold(patches, kernel, stride, padding, dilation, size), math.prod(size))
 
 
 def block_trace(m: Any, blocks: int) -> Any:

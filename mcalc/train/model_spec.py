@@ -5,14 +5,20 @@ activation (``sigmoid``, ``tanh``, ``relu``, ``softplus``), or the name of a use
 ``Name(dim=value, ...)`` binding the dimensions its input does not fix. The last token is the output
 width. An activation follows a width or a module.
 
-A network of convolutions starts with the input's shape, channels × length (``1x40``: MNIST-1D's
-signals), and uses ``conv(m, k)`` (m filters of k taps; ``stride=``, ``pad=``, ``dil=`` as PyTorch's
-Conv1d), ``avgpool(k)`` and ``maxpool(k)`` (windows of k positions, k apart) and ``flatten`` (the channels of every
-position stacked, before a width): ``1x40-conv(32,5,pad=2)-relu-avgpool(2)-conv(32,5,pad=2)-relu-flatten-10``.
+A network of convolutions starts with the input's shape: channels × length for signals (``1x40``:
+MNIST-1D's), channels × height × width for images (``1x8x8``: digits). It uses ``conv(m, k)`` (m filters
+of k taps, k × k over an image; ``stride=``, ``pad=``, ``dil=`` as PyTorch's Conv1d and Conv2d, the same
+along both dimensions of an image), ``avgpool(k)`` and ``maxpool(k)`` (windows of k positions, k apart,
+k × k over an image) and ``flatten`` (the channels of every position stacked, before a width):
+``1x40-conv(32,5,pad=2)-relu-avgpool(2)-conv(32,5,pad=2)-relu-flatten-10``,
+``1x8x8-conv(16,3,pad=1)-relu-maxpool(2)-conv(32,3,pad=1)-relu-flatten-10``. ``attention(h)`` is
+single-head self-attention over the positions (queries and keys of h features, as many output channels
+as input channels): ``1x40-conv(16,5,pad=2)-relu-attention(8)-relu-flatten-10``.
 """
 from __future__ import annotations
 
 import ast
+import math
 import operator
 import re
 from collections.abc import Collection, Mapping
@@ -48,19 +54,25 @@ class UserModule:
 
 @dataclass(frozen=True)
 class Signal:
-    """The input as per-sample matrices: ``channels`` × ``length``."""
+    """The input as per-sample matrices: ``channels`` × the positions of ``extents`` (a signal's (L,), an
+    image's (H, W), its pixels row by row)."""
 
     channels: int
-    length: int
+    extents: tuple[int, ...]
+
+    @property
+    def positions(self) -> int:
+        return math.prod(self.extents)
 
     @property
     def size(self) -> int:
-        return self.channels * self.length
+        return self.channels * self.positions
 
 
 @dataclass(frozen=True)
 class Conv:
-    """A 1-D convolution: ``filters`` output channels, PyTorch's Conv1d hyper-parameters."""
+    """A convolution: ``filters`` output channels, PyTorch's Conv1d or Conv2d hyper-parameters (an image's
+    the same along both dimensions)."""
 
     filters: int
     kernel: int
@@ -71,10 +83,18 @@ class Conv:
 
 @dataclass(frozen=True)
 class Pool:
-    """Pooling over windows of ``kernel`` positions, ``kernel`` apart: their average or their maximum."""
+    """Pooling over windows of ``kernel`` positions, ``kernel`` apart (k × k over an image): their average or
+    their maximum."""
 
     kind: str  # "avg" or "max"
     kernel: int
+
+
+@dataclass(frozen=True)
+class Attention:
+    """Single-head self-attention over the positions, queries and keys of ``features`` each."""
+
+    features: int
 
 
 @dataclass(frozen=True)
@@ -82,10 +102,11 @@ class Flatten:
     """A signal's positions stacked into one vector (column-major vec: position by position)."""
 
 
-Token = Width | Activation | UserModule | Signal | Conv | Pool | Flatten
-_SIGNAL = re.compile(r"^(\d+)x(\d+)$")
+Token = Width | Activation | UserModule | Signal | Conv | Pool | Attention | Flatten
+_SIGNAL = re.compile(r"^\d+(?:x\d+){1,2}$")
 _CONV = re.compile(r"^conv\((.*)\)$", re.IGNORECASE)
 _POOL = re.compile(r"^(avg|max)pool\((\d+)\)$", re.IGNORECASE)
+_ATTENTION = re.compile(r"^attention\((\d+)\)$", re.IGNORECASE)
 _CONV_OPTIONS = {"stride": "stride", "pad": "padding", "padding": "padding", "dil": "dilation", "dilation": "dilation"}
 
 
@@ -93,17 +114,21 @@ def parse_spec(spec: str, modules: Collection[str] = ()) -> list[Token]:
     """The layers of ``spec``; ``modules``: the names of the user's modules it may use."""
     tokens: list[Token] = []
     for text in (t.strip() for t in spec.split("-") if t.strip()):
-        if not tokens and (match := _SIGNAL.match(text)):
-            channels, length = int(match.group(1)), int(match.group(2))
-            if channels < 1 or length < 1:
-                raise McalcError(f"model spec '{spec}': the input '{text}' needs positive channels and length")
-            tokens.append(Signal(channels, length))
+        if not tokens and _SIGNAL.match(text):
+            channels, *extents = (int(n) for n in text.split("x"))
+            if min(channels, *extents) < 1:
+                raise McalcError(f"model spec '{spec}': the input '{text}' needs positive channels and extents")
+            tokens.append(Signal(channels, tuple(extents)))
         elif match := _CONV.match(text):
             tokens.append(_conv(spec, text, match.group(1)))
         elif match := _POOL.match(text):
             if int(match.group(2)) < 1:
                 raise McalcError(f"model spec '{spec}': '{text}' needs a positive window")
             tokens.append(Pool(match.group(1).lower(), int(match.group(2))))
+        elif match := _ATTENTION.match(text):
+            if int(match.group(1)) < 1:
+                raise McalcError(f"model spec '{spec}': '{text}' needs a positive number of features")
+            tokens.append(Attention(int(match.group(1))))
         elif text.lower() == "flatten":
             tokens.append(Flatten())
         elif text.isdigit():
@@ -123,11 +148,12 @@ def parse_spec(spec: str, modules: Collection[str] = ()) -> list[Token]:
             raise McalcError(f"model spec '{spec}': unknown token '{text}'; widths are integers, "
                              f"activations are {', '.join(SPEC_ACTIVATIONS)}{known}")
     if not isinstance(tokens[0], (Width, Signal)) or sum(isinstance(t, (Width, Signal)) for t in tokens) < 2:
-        raise McalcError(f"model spec '{spec}': needs an input (a width, or channels x length) and an output "
-                         "width, e.g. 64-10 or 1x40-conv(8,5)-flatten-10")
-    if any(isinstance(t, (Conv, Pool)) for t in tokens) and not isinstance(tokens[0], Signal):
-        raise McalcError(f"model spec '{spec}': a convolution needs a signal: start with channels x length, "
-                         "e.g. 1x40")
+        raise McalcError(f"model spec '{spec}': needs an input (a width, channels x length or channels x height "
+                         "x width) and an output width, e.g. 64-10, 1x40-conv(8,5)-flatten-10 or "
+                         "1x8x8-conv(8,3)-flatten-10")
+    if any(isinstance(t, (Conv, Pool, Attention)) for t in tokens) and not isinstance(tokens[0], Signal):
+        raise McalcError(f"model spec '{spec}': a convolution needs a signal or an image: start with channels x "
+                         "length or channels x height x width, e.g. 1x40 or 1x8x8")
     if isinstance(tokens[-1], Activation):
         raise McalcError(f"model spec '{spec}': ends with an activation; the last token is the output width")
     if not isinstance(tokens[-1], Width):

@@ -8,6 +8,7 @@ generated code. Arrays hold one sample per column, as the generated code does.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
@@ -17,11 +18,12 @@ import numpy as np
 
 from ..errors import McalcError
 from ..modes import Approximation, Curvature, CurvatureMatrix
-from ..runtime.array_ops import columns_of_matrices, matrices_of_columns, softmax
+from ..runtime.array_ops import columns_of_matrices, grid, matrices_of_columns, softmax
 from ..runtime.blocks import CurvatureBlock
 from ..runtime.generated_code import library_code
 from .model_spec import (
     Activation,
+    Attention,
     Conv,
     Flatten,
     Pool,
@@ -37,6 +39,14 @@ if TYPE_CHECKING:
 
 SPEC_LOSSES = {"ce": "CrossEntropy", "mse": "MSE"}
 BackwardResult = tuple[float, dict[str, Any], dict[str, CurvatureBlock]]  # loss, gradients, blocks
+
+
+def window_extents(token: Conv | Pool, extents: tuple[int, ...]) -> tuple[int, ...]:
+    """The extents of a convolution's or pooling's output, each dimension's patches."""
+    n = len(extents)
+    if isinstance(token, Pool):
+        return grid(extents, (token.kernel,) * n, (token.kernel,) * n, (0,) * n, (1,) * n)
+    return grid(extents, (token.kernel,) * n, (token.stride,) * n, (token.padding,) * n, (token.dilation,) * n)
 
 
 def glorot_uniform(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
@@ -93,7 +103,10 @@ class Network:
         rng = np.random.default_rng(seed)
         self.widths = [tokens[0].size]  # the input's, then each Linear layer's and module's output width
         # each sample's shape after every width, module and flatten: (rows, cols), a vector's (n, 1)
-        self.shapes = [(tokens[0].channels, tokens[0].length) if isinstance(tokens[0], Signal) else (tokens[0].size, 1)]
+        self.shapes = [(tokens[0].channels, tokens[0].positions) if isinstance(tokens[0], Signal)
+                       else (tokens[0].size, 1)]
+        # the current signal's length or image's (height, width), its positions the shape's columns; None: a vector
+        extents = tokens[0].extents if isinstance(tokens[0], Signal) else None
         for token in tokens[1:]:
             if isinstance(token, Width) and self.shapes[-1][1] != 1:
                 raise McalcError(f"model spec '{spec}': a width follows a signal of {self.shapes[-1][0]} × "
@@ -108,16 +121,33 @@ class Network:
                 self.layers.append(Layer(token.module, {}))
             elif isinstance(token, Flatten):
                 self.shapes.append((self.shapes[-1][0] * self.shapes[-1][1], 1))
-            elif isinstance(token, Pool):
-                from ..layers.convolution import avg_pool1d, max_pool1d  # declared on demand: SymPy only here
+                extents = None
+            elif isinstance(token, (Conv, Pool)):  # conv1.K, conv1.b, conv2.K, …
+                if extents is None:
+                    raise McalcError(f"model spec '{spec}': {type(token).__name__.lower()} needs a signal or an "
+                                     f"image, but follows a vector of {self.widths[-1]}")
+                label = f"conv{sum(layer.module.startswith('Conv') for layer in self.layers) + 1}" \
+                    if isinstance(token, Conv) else None
+                after = window_extents(token, extents)
+                if min(after) < 1:
+                    raise McalcError(f"model spec '{spec}': {type(token).__name__.lower()} leaves no positions of "
+                                     f"its input of {self.shapes[-1][0]} × {' × '.join(map(str, extents))}")
+                self._grow(self._add_module(self._window_module(token, extents, backend), rng, label))
+                extents = after
+            elif isinstance(token, Attention):  # attention1.Q, attention1.K, attention1.V; positions unchanged
+                if extents is None:
+                    raise McalcError(f"model spec '{spec}': attention needs a signal or an image, but follows a "
+                                     f"vector of {self.widths[-1]}")
+                from ..layers.attention import self_attention
 
-                pool = {"avg": avg_pool1d, "max": max_pool1d}[token.kind](token.kernel)
-                self._grow(self._add_module(self._compiled(pool, backend), rng))
-            elif isinstance(token, Conv):  # conv1.K, conv1.b, conv2.K, …
-                label = f"conv{sum(layer.module.startswith('Conv1d_') for layer in self.layers) + 1}"
-                self._grow(self._add_module(self._convolution(token, backend), rng, label))
+                label = f"attention{sum(layer.module == 'SelfAttention' for layer in self.layers) + 1}"
+                module = self._compiled(self_attention(), backend, (("h", token.features), ("m", self.shapes[-1][0])))
+                self._grow(self._add_module(module, rng, label))
             else:
                 self._grow(self._add_module(token, rng))
+                cols = self.shapes[-1][1]
+                if extents is not None and cols != math.prod(extents):  # a signal's new length; an image's unknown
+                    extents = (cols,) if len(extents) == 1 and cols > 1 else None
         self.loss_module = SPEC_LOSSES[loss]
         for name in [layer.module for layer in self.layers] + [self.loss_module]:
             if name not in self.code:
@@ -139,11 +169,17 @@ class Network:
             self.code[module.name] = load_code(module, backend)
         return UserModule(module.name, dims)
 
-    def _convolution(self, token: Conv, backend: str) -> UserModule:
-        """The Conv1d module of ``token``'s hyper-parameters, binding its filters."""
-        from ..layers.convolution import conv1d
+    def _window_module(self, token: Conv | Pool, extents: tuple[int, ...], backend: str) -> UserModule:
+        """The convolution (binding its filters) or pooling module of ``token`` on inputs of ``extents``: over a
+        signal, one for every length; over an image, one for its height and width."""
+        from ..layers.convolution import avg_pooling, convolution, max_pooling  # declared on demand: SymPy only here
 
-        module = conv1d(token.kernel, token.stride, token.padding, token.dilation)
+        n, size = len(extents), (extents if len(extents) > 1 else None)
+        if isinstance(token, Pool):
+            declare = avg_pooling if token.kind == "avg" else max_pooling
+            return self._compiled(declare((token.kernel,) * n, size), backend)
+        module = convolution((token.kernel,) * n, (token.stride,) * n, (token.padding,) * n, (token.dilation,) * n,
+                             size)
         return self._compiled(module, backend, (("m", token.filters),))
 
     def _add_module(self, token: UserModule, rng: np.random.Generator, label: str | None = None) -> tuple[int, int]:
