@@ -168,6 +168,47 @@ def test_digits_train_as_images():
     assert history[-1]["test_accuracy"] > 0.85, history[-1]
 
 
+def test_kfac_factors_a_convolution_as_kfc_equal_to_curvlinops():
+    """kfac's factors of a convolution (exact Fisher): Ā = E[Σₜ ãₜ ãₜᵀ]/T over the patches with their bias row
+    and G = E[Σₜ gₜ gₜᵀ] (KFC's, K-FAC-expand) against curvlinops' K-FAC-expand (type-2 Fisher) of the same
+    network in PyTorch, a Conv2d over 1 × L images, in float64: Ā ⊗ G equal to its [weight, bias] block up
+    to the batch size (curvlinops' loss is the sum, mcalc's the mean)."""
+    import curvlinops  # installed by `make test` (the Makefile's PEERS)
+    import torch
+
+    net = Network("1x7-conv(3,3,pad=1)-tanh-flatten-4", seed=0)
+    rng = np.random.default_rng(0)
+    B, m, c, k, L = 5, 3, 1, 3, 7
+    X = rng.normal(size=(L, B))
+    kfac = make_optimizer("kfac", fisher="exact")
+    kfac.prepare(net, X)
+    assert kfac.block_params == []  # the convolution is factored, not stepped through HBP blocks
+    A, G = kfac._statistics(net, X)[0]
+
+    class PositionMajor(torch.nn.Module):  # mcalc's flatten: position by position, the channels within
+        def forward(self, x):
+            return x[:, :, 0, :].transpose(1, 2).reshape(len(x), -1)
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(c, m, (1, k), padding=(0, 1)), torch.nn.Tanh(), PositionMajor(),
+                                torch.nn.Linear(m * L, 4)).double()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor(net.params["conv1.K"].reshape(m, c, 1, k)))
+        model[0].bias.copy_(torch.tensor(net.params["conv1.b"][:, 0]))
+        model[3].weight.copy_(torch.tensor(net.params["W1"]))
+        model[3].bias.copy_(torch.tensor(net.params["b1"][:, 0]))
+    images = torch.tensor(X.T)[:, None, None, :]
+    operator = curvlinops.KFACLinearOperator(
+        model, torch.nn.CrossEntropyLoss(reduction="sum"), list(model.parameters()),
+        [(images, torch.zeros(B, dtype=torch.long))], fisher_type="type-2", kfac_approx="expand",
+        separate_weight_and_bias=False, check_deterministic=False)  # [K b] jointly, as kfac-jax and KFC
+    n = m * c * k + m
+    reference = (operator.to_scipy() @ np.eye(operator.shape[1]))[:n, :n] / B
+    # curvlinops' order: the weight row-major (o, j), then the bias (o); mcalc's: vec [K b], column-major
+    order = np.array([j * m + o for o in range(m) for j in range(c * k)] + [c * k * m + o for o in range(m)])
+    assert np.abs(reference).max() > 1e-3
+    np.testing.assert_allclose(np.kron(A, G)[np.ix_(order, order)], reference, rtol=1e-10, atol=1e-12)
+
+
 def test_the_cost_model_factors_only_what_would_be_formed_sample_by_sample():
     """approximation='auto' (hbp-newton's default): (6) for every module whose generated code forms it in
     closed form, 6-kfac for a convolution's, whose (6) weight block is a mean of per-sample Kronecker

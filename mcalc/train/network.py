@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import McalcError
 from ..modes import Approximation, Curvature, CurvatureMatrix
-from ..runtime.array_ops import columns_of_matrices, grid, matrices_of_columns, softmax
+from ..runtime.array_ops import columns_of_matrices, grid, matrices_of_columns, side_by_side, softmax, unfold
 from ..runtime.blocks import CurvatureBlock
 from ..runtime.generated_code import library_code
 from .model_spec import (
@@ -67,6 +67,8 @@ class Layer:
     input: str = "x"
     input_rows: int | None = None
     output_rows: int | None = None
+    # a convolution's patches: kernel, stride, padding and dilation per dimension, and the input's extents
+    window: tuple[tuple[int, ...], ...] | None = None
 
     def takes(self, columns: Any) -> Any:
         """The layer's input batch from the columns between layers."""
@@ -75,6 +77,11 @@ class Layer:
     def takes_output(self, columns: Any) -> Any:
         """A batch shaped like the layer's outputs (δZ, R{δZ}) from the columns between layers."""
         return columns if self.output_rows is None else matrices_of_columns(columns, self.output_rows)
+
+    def patches(self, columns: Any) -> Any:
+        """A convolution's input patches, every sample's side by side: (channels·taps, positions·B)."""
+        assert self.window is not None, f"{self.module} is not a convolution"
+        return unfold(side_by_side(self.takes(columns)), *self.window)
 
 
 class Network:
@@ -133,6 +140,10 @@ class Network:
                     raise McalcError(f"model spec '{spec}': {type(token).__name__.lower()} leaves no positions of "
                                      f"its input of {self.shapes[-1][0]} × {' × '.join(map(str, extents))}")
                 self._grow(self._add_module(self._window_module(token, extents, backend), rng, label))
+                if isinstance(token, Conv):
+                    n = len(extents)
+                    self.layers[-1].window = ((token.kernel,) * n, (token.stride,) * n, (token.padding,) * n,
+                                              (token.dilation,) * n, extents)
                 extents = after
             elif isinstance(token, Attention):  # attention1.Q, attention1.K, attention1.V; positions unchanged
                 if extents is None:

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import McalcError
 from ..modes import Approximation, Curvature, CurvatureMatrix
-from ..runtime.array_ops import softmax
+from ..runtime.array_ops import softmax, unvec_of_samples
 from ..runtime.blocks import CurvatureBlock, namespace, row_groups
 from .block_solvers import DampedBlockSolver, conjugate_gradient
 from .network import Network
@@ -20,10 +20,12 @@ from .safeguards import LevenbergMarquardt, damped_solve, reduction_ratio
 DENSE_BLOCK_SOLVE = 1024  # the largest block solved densely; a larger one by CG through its matvec
 
 
-def block_parameters(net: Network) -> list[str]:
-    """The parameters of the network's modules other than Linear layers (a user's LayerNorm gain, say):
-    those the Kronecker-factored optimisers cannot factor."""
-    return [name for layer in net.layers if layer.module != "Linear" for name in layer.params.values()]
+def block_parameters(net: Network, convolutions: bool = False) -> list[str]:
+    """The parameters of the network's modules other than Linear layers (a user's LayerNorm gain, say), and
+    of its convolutions unless ``convolutions`` says the optimiser factors those too: what a
+    Kronecker-factored optimiser steps through HBP blocks instead."""
+    return [name for layer in net.layers if layer.module != "Linear" and not (convolutions and layer.window)
+            for name in layer.params.values()]
 
 
 def damped_block_directions(names: list[str], vectors: dict[str, Any], blocks: dict[str, CurvatureBlock],
@@ -250,7 +252,10 @@ class KFAC(Optimizer):
     Per linear layer F ≈ Ā ⊗ G with Ā = E[ã ãᵀ], ã = [a; 1], G = E[g gᵀ], g the per-sample gradient
     of the log-likelihood at the layer's output: ``fisher='mc'`` samples one label per input from the
     model's softmax (kfac-jax's ``fisher_gradients``), ``'exact'`` sums over the classes weighted by
-    their probabilities. Every step:
+    their probabilities. Per convolution the same with its T positions as more samples (KFC, Grosse &
+    Martens 2016, eqs. (32)–(33); K-FAC-expand in Eschenhagen et al. 2023, curvlinops' and kfac-jax's
+    convolution blocks): Ā = E[Σₜ ãₜ ãₜᵀ]/T over the patches ãₜ = [uₜ; 1] and G = E[Σₜ gₜ gₜᵀ] over the
+    output positions' gradients. Every step:
 
     - the factors are averaged with decay ε = min(1 − 1/k, ``decay``) at step k (Martens & Grosse,
       Section 5);
@@ -304,12 +309,12 @@ class KFAC(Optimizer):
 
     def prepare(self, net: Network, X_train: Any) -> None:
         """The parameters its factors do not cover: a user's modules', stepped through their HBP blocks."""
-        self.block_params = block_parameters(net)
+        self.block_params = block_parameters(net, convolutions=True)
 
     def curvature_request(self) -> CurvatureRequest | None:
         """The Gauss–Newton blocks (K-FAC's curvature, the Fisher of a softmax cross-entropy) of the
-        parameters outside Linear layers, Kronecker-factored as K-FAC factors (a convolution's by
-        K-FAC-expand, KFC's, Grosse & Martens 2016); none when every parameter is a Linear layer's."""
+        parameters outside Linear layers and convolutions, Kronecker-factored; none when its own factors
+        cover every parameter."""
         return CurvatureRequest(Curvature.GGN, Approximation.KRONECKER_FACTORED) if self.block_params else None
 
     @property
@@ -334,10 +339,15 @@ class KFAC(Optimizer):
             if layer.module == "Linear":
                 a = with_bias_row(inputs[position], xp)
                 out[position] = (a @ a.T / B, 0)
+            elif layer.window is not None:  # the positions as more samples: Σₜ ãₜ ãₜᵀ / T, averaged
+                a = with_bias_row(layer.patches(inputs[position]), xp)
+                out[position] = (a @ a.T / a.shape[1], 0)
         for target, weight in targets:
             adjoints = net.adjoints(inputs, (p - target) * xp.sqrt(weight) / B)
             for position in out:
                 g = adjoints[position] * B  # per-sample gradients, one per column
+                if net.layers[position].output_rows is not None:  # a convolution's: one column per position
+                    g = unvec_of_samples(g, net.layers[position].output_rows)
                 A, G = out[position]
                 out[position] = (A, G + g @ g.T / B)
         return out
@@ -370,7 +380,7 @@ class KFAC(Optimizer):
         natural: dict[str, Any] = {}
         for position, (A_inverse, G_inverse) in self.inverses.items():
             names = net.layers[position].params
-            W, b = names["W"], names["b"]
+            W, b = names["W" if "W" in names else "K"], names["b"]  # a Linear layer's, or a convolution's
             natural.update(split_joined(G_inverse @ joined(grads, W, b, xp) @ A_inverse, W, b))
         natural.update(damped_block_directions(self.block_params, grads, blocks, self.damping, xp))
         vectors = [natural] + ([self.velocity] if self.velocity else [])
