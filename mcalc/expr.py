@@ -390,31 +390,39 @@ class Commutation(Expr):
 class UnfoldSpec:
     """The patches of a convolution over n spatial dimensions (1 for a signal, 2 for an image): per
     dimension, ``kernel`` taps ``dilation`` apart, every ``stride`` positions, over the input padded with
-    ``padding`` zeros at both ends (PyTorch's ConvNd arguments, one entry per dimension). Built by
-    :meth:`of`, which repeats a single number over the dimensions."""
+    ``padding`` zeros at both ends (PyTorch's ConvNd arguments, one entry per dimension), or a pair
+    (before, after) where they differ (TensorFlow's 'same' padding, PyTorch's ZeroPad2d before a layer).
+    Built by :meth:`of`, which repeats a single number over the dimensions."""
 
     kernel: tuple[int, ...]
     stride: tuple[int, ...]
-    padding: tuple[int, ...]
+    padding: tuple[int | tuple[int, int], ...]
     dilation: tuple[int, ...]
 
     @classmethod
-    def of(cls, kernel: int | Sequence[int], stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0,
-           dilation: int | Sequence[int] = 1, ndim: int | None = None) -> UnfoldSpec:
+    def of(cls, kernel: int | Sequence[int], stride: int | Sequence[int] = 1,
+           padding: int | Sequence[int | tuple[int, int]] = 0, dilation: int | Sequence[int] = 1,
+           ndim: int | None = None) -> UnfoldSpec:
         """The spec of these arguments, each a number (repeated over ``ndim`` dimensions, by default those
-        of the first argument given as a sequence, else 1) or one number per dimension."""
+        of the first argument given as a sequence, else 1) or one entry per dimension (a padding's may be
+        a pair (before, after))."""
         given = [a for a in (kernel, stride, padding, dilation) if not isinstance(a, int)]
         n = ndim or (len(given[0]) if given else 1)
-        spread = [tuple(int(v) for v in a) if not isinstance(a, int) else (int(a),) * n
-                  for a in (kernel, stride, padding, dilation)]
+        spread = [tuple(v if isinstance(v, int) else tuple(map(int, v)) for v in a) if not isinstance(a, int)
+                  else (int(a),) * n for a in (kernel, stride, padding, dilation)]
         if any(len(a) != n for a in spread):
             raise ShapeError(f"unfold over {n} dimensions needs one kernel, stride, padding and dilation each, "
                              f"not {spread}")
         return cls(*spread)
 
     def __post_init__(self) -> None:
-        if min(*self.kernel, *self.stride, *self.dilation) < 1 or min(self.padding) < 0:
+        if min(*self.kernel, *self.stride, *self.dilation) < 1 or min(p for pair in self.pads for p in pair) < 0:
             raise ShapeError(f"unfold needs kernel, stride, dilation ≥ 1 and padding ≥ 0, not {self}")
+
+    @property
+    def pads(self) -> tuple[tuple[int, int], ...]:
+        """The padding (before, after) along each dimension."""
+        return tuple((p, p) if isinstance(p, int) else p for p in self.padding)
 
     @property
     def ndim(self) -> int:
@@ -426,11 +434,11 @@ class UnfoldSpec:
         return math.prod(self.kernel)
 
     def grid(self, size: Sequence[sp.Expr | int]) -> tuple[sp.Expr | int, ...]:
-        """The patches along each dimension of an input of ``size``: ⌊(L + 2p − d(k − 1) − 1)/s⌋ + 1 (Python
-        integers of integers)."""
-        return tuple((length + 2 * p - d * (k - 1) - 1) // s + 1 if isinstance(length, int) else
-                     sp.floor((length + 2 * p - d * (k - 1) - 1) / s) + 1 for length, k, s, p, d in
-                     zip(size, self.kernel, self.stride, self.padding, self.dilation, strict=True))
+        """The patches along each dimension of an input of ``size``: ⌊(L + p₀ + p₁ − d(k − 1) − 1)/s⌋ + 1
+        (Python integers of integers)."""
+        return tuple((length + sum(p) - d * (k - 1) - 1) // s + 1 if isinstance(length, int) else
+                     sp.floor((length + sum(p) - d * (k - 1) - 1) / s) + 1 for length, k, s, p, d in
+                     zip(size, self.kernel, self.stride, self.pads, self.dilation, strict=True))
 
     def positions(self, size: Sequence[sp.Expr | int]) -> sp.Expr | int:
         """T, the number of patches of an input of ``size`` (per dimension)."""
@@ -443,8 +451,8 @@ class UnfoldSpec:
         kernel_dims = [range(k) for k in self.kernel]
         for t, patch in enumerate(itertools.product(*map(range, grid))):
             for j, tap in enumerate(itertools.product(*kernel_dims)):
-                where = [q * s - p + i * d for q, i, s, p, d in
-                         zip(patch, tap, self.stride, self.padding, self.dilation)]
+                where = [q * s - p + i * d for q, i, s, (p, _), d in
+                         zip(patch, tap, self.stride, self.pads, self.dilation)]
                 if all(0 <= w < length for w, length in zip(where, size)):
                     yield j, t, functools.reduce(lambda flat, wl: flat * wl[1] + wl[0], zip(where, size), 0)
 
@@ -659,15 +667,17 @@ class Unfold(Expr):
 
 
 class WindowArgmax(Expr):
-    """The 0/1 mask of each window's maximum: for patches U (c·k × T), rows ch·k + j, a 1 at the first
-    largest of the k taps (an image's window's k = kh·kw) of every channel and position, 0 elsewhere.
-    Piecewise constant in U (its differential is 0 almost everywhere, as a step's is), so that max pooling
-    is the piecewise-linear selection (I_c ⊗ 1_kᵀ) (mask(U) ⊙ U). ``args`` = (U, k)."""
+    """The 0/1 mask of each window's maximum: for patches U = unfold(X) (c·k × T) under ``spec`` over an
+    input of ``size``, rows ch·k + j, a 1 at the first largest of the k taps (an image's window's
+    k = kh·kw) of every channel and position that read the input, never its padding (PyTorch pads max
+    pooling with −∞), 0 elsewhere. Piecewise constant in U (its differential is 0 almost everywhere, as a
+    step's is), so that max pooling is the piecewise-linear selection (I_c ⊗ 1_kᵀ) (mask(U) ⊙ U).
+    ``args`` = (U, spec, size)."""
 
     __slots__ = ()
 
-    def __init__(self, u: Expr, kernel: int) -> None:
-        super().__init__(u, int(kernel))
+    def __init__(self, u: Expr, spec: UnfoldSpec, size: sp.Tuple) -> None:
+        super().__init__(u, spec, size)
 
     def _infer_shape(self) -> dims.Shape:
         return self.args[0].shape

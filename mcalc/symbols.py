@@ -176,14 +176,17 @@ def unfold(x: Expr, kernel: int | Sequence[int], stride: int | Sequence[int] = 1
     return unfolded
 
 
-def max_pool(x: Expr, kernel: int | Sequence[int], size: Size | None = None) -> Expr:
-    """Max pooling of an input X (channels × positions) over windows of ``kernel`` positions, ``kernel`` apart
-    (PyTorch's MaxPool1d(k), or MaxPool2d with ``size=(H, W)``): the piecewise-linear selection
+def max_pool(x: Expr, kernel: int | Sequence[int], stride: int | Sequence[int] | None = None,
+             padding: int | Sequence[int] = 0, size: Size | None = None) -> Expr:
+    """Max pooling of an input X (channels × positions) over windows of ``kernel`` positions, ``stride`` apart
+    (``kernel`` by default), the input padded with ``padding`` positions that no window's maximum takes
+    (PyTorch's MaxPool1d, or MaxPool2d with ``size=(H, W)``): the piecewise-linear selection
     (I_c ⊗ 1ᵀ) (mask(U) ⊙ U) of U = unfold(X), 1 over a window's taps, mask the 0/1 argmax of each window
     (the first of equal maxima), constant under differentiation."""
-    patches = unfold(x, kernel, stride=kernel, size=size)
-    taps = patches.args[1].taps
-    return Kron(Identity(x.rows), Ones(ONE, sp.Integer(taps))) @ Hadamard(WindowArgmax(patches, taps), patches)
+    patches = unfold(x, kernel, stride=kernel if stride is None else stride, padding=padding, size=size)
+    _, spec, extents = patches.args
+    mask = WindowArgmax(patches, spec, extents)
+    return Kron(Identity(x.rows), Ones(ONE, sp.Integer(spec.taps))) @ Hadamard(mask, patches)
 
 
 def fold(u: Expr, size: Size, kernel: int | Sequence[int], stride: int | Sequence[int] = 1,

@@ -68,6 +68,13 @@ UNFOLD_AND_FOLD += [
     mc.Module("Fold2dTanh", output=mc.vec(mc.sigmoid(mc.fold(U4 * U4, (3, 3), 2, stride=(1, 2), padding=(0, 1)))),
               inputs=[U4]),
     mc.Module("MaxPool2dTanh", output=mc.vec(mc.tanh(mc.max_pool(IMAGE * IMAGE, 2, size=(3, 4)))), inputs=[IMAGE]),
+    # a padding that differs before and after (TensorFlow's 'same'), and a strided fold over it
+    mc.Module("AsymmetricConv2dTanh", output=mc.vec(mc.tanh(K6 @ mc.unfold(IMAGE, (2, 3), stride=2,
+                                                                            padding=((0, 1), (1, 0)), size=(3, 4)))),
+              inputs=[IMAGE], params=[K6]),
+    # overlapping windows over a padding no maximum takes: the inputs −X⊙X are ≤ 0, so a zero pad would win
+    mc.Module("PaddedMaxPool2dTanh", output=mc.vec(mc.tanh(mc.max_pool(-1 * (IMAGE * IMAGE), 3, stride=2, padding=1,
+                                                                         size=(3, 4)))), inputs=[IMAGE]),
 ]
 
 

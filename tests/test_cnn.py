@@ -25,7 +25,9 @@ def test_the_spec_of_a_convolutional_network():
         Signal(1, (40,)), Conv(32, 5, padding=2), Activation("ReLU"), Pool("avg", 2), Conv(8, 3, stride=2, dilation=2),
         Pool("max", 2), Flatten(), Width(10)]
     for bad, message in [("40-conv(8,5)-10", "a convolution needs a signal"),
-                         ("1x40-conv(8)-flatten-10", r"needs positive filters and kernel"),
+                         ("1x40-conv(8)-flatten-10", r"'conv\(8\)' needs 2 numbers"),
+                         ("1x40-maxpool(2,dil=2)-flatten-10", "unknown option 'dil'"),
+                         ("1x40-maxpool(2,pad=2)-flatten-10", "padding at most half the window"),
                          ("1x40-conv(8,5,pad=x)-flatten-10", "'pad=x' in 'conv\\(8,5,pad=x\\)' is not an integer"),
                          ("1x40-conv(8,5,step=2)-flatten-10", "unknown option 'step'"),
                          ("1x40-flatten-relu-10", "must follow a width, a convolution")]:
@@ -111,6 +113,53 @@ def test_a_convolutional_network_trains_from_the_command_line(tmp_path):
                      "--optimizer", "sgd", "--epochs", "2", "--json", str(out)]) == 0
     history = json.loads(out.read_text())["history"]
     assert history[-1]["test_accuracy"] > 0.3 and history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+@pytest.mark.parametrize("pool", ["avg", "max"])
+def test_overlapping_padded_pooling_is_pytorchs(pool):
+    """{pool}pool(3,stride=2,pad=1) over images: overlapping windows, a padding that average pooling counts
+    (PyTorch's default) and max pooling never takes (PyTorch pads it with −∞; the inputs here are
+    negative, so a zero would win), against avg_pool2d and max_pool2d with their gradients."""
+    import torch
+    import torch.nn.functional as F
+
+    net = Network(f"1x5x6-{pool}pool(3,stride=2,pad=1)-flatten-4", seed=0)
+    assert net.shapes == [(1, 30), (1, 9), (9, 1), (4, 1)]
+    rng = np.random.default_rng(0)
+    X, labels = -np.abs(rng.normal(size=(30, 3))) - 0.1, rng.integers(0, 4, 3)
+    x = torch.tensor(X.T.reshape(3, 1, 5, 6).copy(), requires_grad=True)
+    W, b = (torch.tensor(net.params[n], requires_grad=True) for n in ("W1", "b1"))
+    pooled = (F.avg_pool2d if pool == "avg" else F.max_pool2d)(x, 3, stride=2, padding=1)
+    loss = F.cross_entropy(F.linear(pooled.reshape(3, -1), W, b[:, 0]), torch.tensor(labels))
+    loss.backward()
+    value, grads, _ = net.backward(X, np.eye(4)[:, labels])
+    assert value == pytest.approx(loss.item(), rel=1e-12)
+    np.testing.assert_allclose(grads["W1"], W.grad.numpy(), rtol=1e-10, atol=1e-13)
+
+
+def test_same_padding_is_tensorflows_as_deepobs_pads():
+    """pad=same (TensorFlow's, as DeepOBS' 3C3D pads with ZeroPad2d): ⌈L/s⌉ outputs, an odd total padding's
+    extra zero after; here 7 × 6 → 4 × 3 (padding 1 and 1, then 0 and 1) → 2 × 2 (padding 0 and 1, 1 and 1
+    split), against F.pad, conv2d and max_pool2d, with the gradients."""
+    import torch
+    import torch.nn.functional as F
+
+    net = Network("1x7x6-conv(2,3,stride=2,pad=same)-relu-maxpool(3,stride=2,pad=same)-flatten-3", seed=0)
+    assert net.shapes == [(1, 42), (2, 12), (2, 4), (8, 1), (3, 1)]
+    assert net.layers[0].window[2] == (1, (0, 1))  # rows: 2 split evenly; columns: 1, after
+    rng = np.random.default_rng(2)
+    X, labels = rng.normal(size=(42, 4)), rng.integers(0, 3, 4)
+    x = torch.tensor(X.T.reshape(4, 1, 7, 6).copy())
+    K, b, W, c = (torch.tensor(net.params[n], requires_grad=True) for n in ("conv1.K", "conv1.b", "W1", "b1"))
+    h = F.relu(F.conv2d(F.pad(x, (0, 1, 1, 1)), K.reshape(2, 1, 3, 3), b[:, 0], stride=2))
+    h = F.max_pool2d(F.pad(h, (1, 1, 0, 1)), 3, stride=2)  # ZeroPad2d, then MaxPool2d: after a ReLU the same
+    loss = F.cross_entropy(F.linear(h.permute(0, 2, 3, 1).reshape(4, -1), W, c[:, 0]), torch.tensor(labels))
+    loss.backward()
+    value, grads, _ = net.backward(X, np.eye(3)[:, labels])
+    assert value == pytest.approx(loss.item(), rel=1e-12)
+    for name, p in (("conv1.K", K), ("conv1.b", b), ("W1", W)):
+        assert np.abs(p.grad.numpy()).max() > 1e-4
+        np.testing.assert_allclose(grads[name], p.grad.numpy(), rtol=1e-10, atol=1e-13)
 
 
 @pytest.mark.parametrize("pool", ["avg", "max"])

@@ -74,20 +74,40 @@ def forward(node: E.Expr, env: dict[str, torch.Tensor], sizes: dict) -> torch.Te
         return torch.eye(int(node.rows.xreplace(sizes)), dtype=torch.float64)
     if t is E.Kron:
         return torch.kron(a[0], a[1])
-    if t is E.WindowArgmax:  # the first maximum of each window, a constant mask
-        windows = a[0].detach().reshape(-1, node.args[1], a[0].shape[1])
-        mask = torch.nn.functional.one_hot(windows.argmax(1), node.args[1]).transpose(1, 2)
-        return mask.reshape(a[0].shape).to(a[0].dtype)
-    if t in (E.Unfold, E.Fold):  # PyTorch's own im2col and col2im; a signal as a 1 × L image
+    if t is E.WindowArgmax:  # the first maximum of each window's taps that read the input, a constant mask
         spec, size = node.args[1], tuple(int(s.xreplace(sizes)) for s in node.args[2])
-        flat = 2 - spec.ndim  # the leading dimension of 1 a signal adds
-        size = (1,) * flat + size
-        options = dict(kernel_size=(1,) * flat + spec.kernel, dilation=(1,) * flat + spec.dilation,
-                       padding=(0,) * flat + spec.padding, stride=(1,) * flat + spec.stride)
-        if t is E.Unfold:
-            return torch.nn.functional.unfold(a[0].reshape(1, -1, *size), **options)[0]
-        return torch.nn.functional.fold(a[0][None], output_size=size, **options)[0].reshape(-1, math.prod(size))
+        reads = _patches(torch.ones(1, math.prod(size), dtype=torch.float64), spec, size)
+        windows = a[0].detach().reshape(-1, spec.taps, a[0].shape[1])
+        windows = torch.where(reads.repeat(1, a[0].shape[1] // reads.shape[1]) > 0, windows, -torch.inf)
+        mask = torch.nn.functional.one_hot(windows.argmax(1), spec.taps).transpose(1, 2)
+        return mask.reshape(a[0].shape).to(a[0].dtype)
+    if t is E.Unfold:
+        spec, size = node.args[1], tuple(int(s.xreplace(sizes)) for s in node.args[2])
+        return _patches(a[0], spec, size)
+    if t is E.Fold:  # PyTorch's col2im onto the padded input, the padding cut off
+        spec, size = node.args[1], tuple(int(s.xreplace(sizes)) for s in node.args[2])
+        image, options, pads = _as_image(spec, size)
+        padded = tuple(n + before + after for n, (before, after) in zip(image, pads))
+        out = torch.nn.functional.fold(a[0][None], output_size=padded, **options)[0]
+        (top, _), (left, _) = pads
+        return out[:, top : top + image[0], left : left + image[1]].reshape(-1, math.prod(size))
     raise NotImplementedError(t.__name__)
+
+
+def _as_image(spec, size: tuple[int, ...]) -> tuple[tuple[int, int], dict, tuple]:
+    """A signal as a 1 × L image: the image's size, PyTorch's unfold options (padding 0: it is applied
+    separately, since it may differ before and after) and the padding (before, after) per dimension."""
+    flat = 2 - spec.ndim
+    options = dict(kernel_size=(1,) * flat + spec.kernel, dilation=(1,) * flat + spec.dilation,
+                   stride=(1,) * flat + spec.stride)
+    return (1,) * flat + size, options, ((0, 0),) * flat + spec.pads
+
+
+def _patches(x: torch.Tensor, spec, size: tuple[int, ...]) -> torch.Tensor:
+    """PyTorch's im2col of one input (c × N) of ``size``, zero-padded by ``torch.nn.functional.pad``."""
+    image, options, ((top, bottom), (left, right)) = _as_image(spec, size)
+    padded = torch.nn.functional.pad(x.reshape(1, -1, *image), (left, right, top, bottom))
+    return torch.nn.functional.unfold(padded, **options)[0]
 
 
 def dense_rules(module: mc.Module, name: str, values: dict, dz: np.ndarray, Hz: np.ndarray) -> dict:

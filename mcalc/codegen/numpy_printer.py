@@ -386,7 +386,8 @@ class ArrayPrinter:
         return f"_unfold({self.operand(x)}, {self._spec(spec, size)})"
 
     def _print_WindowArgmax(self, node: Expr) -> str:
-        return f"_window_argmax({self.operand(node.args[0])}, {node.args[1]})"
+        u, spec, size = node.args
+        return f"_window_argmax({self.operand(u)}, {self._spec(spec, size)})"
 
     def _print_Fold(self, node: Expr) -> str:
         u, spec, size = node.args

@@ -42,23 +42,34 @@ def convolution(kernel: Pair, stride: Pair, padding: Pair, dilation: Pair, size:
     return Module(name + suffix, output=K @ patches + b @ Ones(ONE, patches.cols), inputs=[X], params=[K, b])
 
 
+def _pool_name(kind: str, kernel: Pair, stride: Pair, padding: Pair, suffix: str) -> str:
+    """``MaxPool1d_k2``, ``AvgPool2d_k3x3s2x2p1x1_28x28``: stride and padding named where not the defaults."""
+    options = ("" if stride == kernel else f"s{spec_text(stride)}") + (f"p{spec_text(padding)}" if any(padding) else "")
+    return f"{kind}{len(kernel)}d_k{spec_text(kernel)}{options}{suffix}"
+
+
 @functools.cache
-def avg_pooling(kernel: Pair, size: Pair | None = None) -> Module:
-    """Average pooling over windows of ``kernel`` positions, ``kernel`` apart (PyTorch's AvgPool1d(k), or
-    AvgPool2d over images of ``size``): z = (1/taps) (I_c ⊗ 1ᵀ) unfold(X), each channel's taps of a window
-    summed (``AvgPool1d_k2``, ``AvgPool2d_k2x2_8x8``)."""
+def avg_pooling(kernel: Pair, stride: Pair | None = None, padding: Pair | None = None,
+                size: Pair | None = None) -> Module:
+    """Average pooling over windows of ``kernel`` positions, ``stride`` apart (``kernel`` by default), over the
+    input padded with ``padding`` zeros (PyTorch's AvgPool1d, or AvgPool2d over images of ``size``, the
+    padding counted, its default): z = (1/taps) (I_c ⊗ 1ᵀ) unfold(X), each channel's taps of a window
+    summed."""
+    stride, padding = stride or kernel, padding or (0,) * len(kernel)
     X, size, suffix = _input(size)
     taps = math.prod(kernel)
-    window = kron(identity("c"), ones(taps).T) @ unfold(X, kernel, stride=kernel, size=size)
-    return Module(f"AvgPool{len(kernel)}d_k{spec_text(kernel)}{suffix}", output=window * (1 / sp.Integer(taps)),
+    window = kron(identity("c"), ones(taps).T) @ unfold(X, kernel, stride=stride, padding=padding, size=size)
+    return Module(_pool_name("AvgPool", kernel, stride, padding, suffix), output=window * (1 / sp.Integer(taps)),
                   inputs=[X])
 
 
 @functools.cache
-def max_pooling(kernel: Pair, size: Pair | None = None) -> Module:
-    """Max pooling over windows of ``kernel`` positions, ``kernel`` apart (PyTorch's MaxPool1d(k), or
-    MaxPool2d over images of ``size``): the piecewise-linear selection of :func:`mcalc.max_pool`
-    (``MaxPool1d_k2``, ``MaxPool2d_k2x2_8x8``)."""
+def max_pooling(kernel: Pair, stride: Pair | None = None, padding: Pair | None = None,
+                size: Pair | None = None) -> Module:
+    """Max pooling over windows of ``kernel`` positions, ``stride`` apart (``kernel`` by default), the padding
+    never a window's maximum (PyTorch's MaxPool1d, or MaxPool2d over images of ``size``): the
+    piecewise-linear selection of :func:`mcalc.max_pool`."""
+    stride, padding = stride or kernel, padding or (0,) * len(kernel)
     X, size, suffix = _input(size)
-    return Module(f"MaxPool{len(kernel)}d_k{spec_text(kernel)}{suffix}", output=max_pool(X, kernel, size=size),
-                  inputs=[X])
+    return Module(_pool_name("MaxPool", kernel, stride, padding, suffix),
+                  output=max_pool(X, kernel, stride=stride, padding=padding, size=size), inputs=[X])

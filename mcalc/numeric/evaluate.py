@@ -327,11 +327,15 @@ class Evaluator:
         return self._per_block(self.value(x), P, math.prod(size), self.dim(e.rows))
 
     def _eval_WindowArgmax(self, e: Expr) -> np.ndarray:
-        u, kernel = self.value(e.args[0]), e.args[1]
+        u, spec, size = self.value(e.args[0]), e.args[1], tuple(self.dim(s) for s in e.args[2])
+        kernel, positions = spec.taps, spec.positions(size)
+        # the taps that read the input: P 1 of one channel, (taps × T); a padded tap is never the maximum
+        reads = (_unfold_matrix(spec, 1, size).sum(axis=1) > 0).reshape((kernel, positions), order="F")
+        reads = np.tile(reads, (1, u.shape[1] // positions))
         out = np.zeros_like(u)
         for window in range(u.shape[0] // kernel):
             rows = slice(window * kernel, (window + 1) * kernel)
-            out[window * kernel + np.argmax(u[rows], axis=0), np.arange(u.shape[1])] = 1.0
+            out[window * kernel + np.argmax(np.where(reads, u[rows], -np.inf), axis=0), np.arange(u.shape[1])] = 1.0
         return out
 
     def _eval_Fold(self, e: Expr) -> np.ndarray:

@@ -70,6 +70,7 @@ class Printer:
         return out
 
 
-def spec_text(values: tuple[int, ...]) -> str:
-    """A convolution's hyper-parameter over its dimensions: 5, or 3x3 for an image's."""
-    return "x".join(map(str, values))
+def spec_text(values: tuple) -> str:
+    """A convolution's hyper-parameter over its dimensions: 5, or 3x3 for an image's; a padding that
+    differs before and after, 0_1."""
+    return "x".join(str(v) if isinstance(v, int) else f"{v[0]}_{v[1]}" for v in values)

@@ -99,7 +99,7 @@ class LatexPrinter(Printer):
         return rf"{inner} {inner}^{{\top}}"
 
     def _print_WindowArgmax(self, e: Expr) -> str:
-        return rf"\operatorname{{argmax}}_{{{e.args[1]}}}\left({self._print(e.args[0])}\right)"
+        return rf"\operatorname{{argmax}}_{{{spec_text(e.args[1].kernel)}}}\left({self._print(e.args[0])}\right)"
 
     def _print_BlockTrace(self, e: Expr) -> str:
         return rf"\operatorname{{tr}}_{{{sp.latex(e.args[1])}}}\left({self._print(e.args[0])}\right)"

@@ -92,7 +92,7 @@ class TextPrinter(Printer):
         return f"{inner} {inner}ᵀ"
 
     def _print_WindowArgmax(self, e: Expr) -> str:
-        return f"argmax_{e.args[1]}({self._print(e.args[0])})"
+        return f"argmax{_spec_text(e.args[1])}({self._print(e.args[0])})"
 
     def _print_BlockTrace(self, e: Expr) -> str:
         return f"blocktrace_{self.dim(e.args[1])}({self._print(e.args[0])})"

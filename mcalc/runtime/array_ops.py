@@ -134,10 +134,15 @@ def unvec_of_samples(m: Any, rows: int) -> Any:
 Dims = tuple[int, ...]
 
 
-def grid(size: Dims, kernel: Dims, stride: Dims, padding: Dims, dilation: Dims) -> Dims:
+def pads(padding: tuple) -> tuple[tuple[int, int], ...]:
+    """A padding per dimension, each a number or a pair (before, after), as pairs."""
+    return tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
+
+
+def grid(size: Dims, kernel: Dims, stride: Dims, padding: tuple, dilation: Dims) -> Dims:
     """The patches along each dimension of an input of ``size``."""
-    return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
-                 for n, k, s, p, d in zip(size, kernel, stride, padding, dilation))
+    return tuple((n + sum(p) - d * (k - 1) - 1) // s + 1
+                 for n, k, s, p, d in zip(size, kernel, stride, pads(padding), dilation))
 
 
 def _windows(tap: Dims, stride: Dims, dilation: Dims, patches: Dims) -> tuple:
@@ -145,7 +150,7 @@ def _windows(tap: Dims, stride: Dims, dilation: Dims, patches: Dims) -> tuple:
     return tuple(slice(i * d, i * d + s * (g - 1) + 1, s) for i, s, d, g in zip(tap, stride, dilation, patches))
 
 
-def unfold(x: Any, kernel: Dims, stride: Dims, padding: Dims, dilation: Dims, size: Dims) -> Any:
+def unfold(x: Any, kernel: Dims, stride: Dims, padding: tuple, dilation: Dims, size: Dims) -> Any:
     """The patches of inputs (…, c, N·n), n of ``size`` side by side, as (…, c·taps, T·n): row ch·taps + j,
     column i·T + t holds sample i's input at tap j of patch t (0 in the padding), j and t row-major over
     the dimensions. One strided copy per tap: the loop runs over the kernel's taps, never over the samples."""
@@ -154,7 +159,7 @@ def unfold(x: Any, kernel: Dims, stride: Dims, padding: Dims, dilation: Dims, si
     patches = grid(size, kernel, stride, padding, dilation)
     inputs = x.reshape(lead + (channels, -1) + tuple(size))
     if any(padding):
-        inputs = xp.pad(inputs, [(0, 0)] * (inputs.ndim - n) + [(p, p) for p in padding])
+        inputs = xp.pad(inputs, [(0, 0)] * (inputs.ndim - n) + list(pads(padding)))
     out = xp.empty(lead + (channels,) + tuple(kernel) + (inputs.shape[-n - 1],) + patches, dtype=x.dtype)
     for tap in itertools.product(*map(range, kernel)):
         window = (Ellipsis, *_windows(tap, stride, dilation, patches))
@@ -162,39 +167,44 @@ def unfold(x: Any, kernel: Dims, stride: Dims, padding: Dims, dilation: Dims, si
     return out.reshape(lead + (channels * math.prod(kernel), -1))
 
 
-def fold(u: Any, kernel: Dims, stride: Dims, padding: Dims, dilation: Dims, size: Dims) -> Any:
+def fold(u: Any, kernel: Dims, stride: Dims, padding: tuple, dilation: Dims, size: Dims) -> Any:
     """The adjoint of :func:`unfold`: patches (…, c·taps, T·n) added back into inputs (…, c, N·n)."""
     xp = namespace(u)
     lead, channels, n = u.shape[:-2], u.shape[-2] // math.prod(kernel), len(size)
     patches = grid(size, kernel, stride, padding, dilation)
     columns = u.reshape(lead + (channels,) + tuple(kernel) + (-1,) + patches)
-    padded = tuple(length + 2 * p for length, p in zip(size, padding))
+    padded = tuple(length + sum(p) for length, p in zip(size, pads(padding)))
     out = xp.zeros(lead + (channels, columns.shape[-n - 1]) + padded, dtype=u.dtype)
     for tap in itertools.product(*map(range, kernel)):
         window = (Ellipsis, *_windows(tap, stride, dilation, patches))
         out[window] += columns[(Ellipsis, *tap) + (slice(None),) * (n + 1)]
-    inside = tuple(slice(p, p + length) for p, length in zip(padding, size))
+    inside = tuple(slice(p, p + length) for (p, _), length in zip(pads(padding), size))
     return out[(Ellipsis, *inside)].reshape(lead + (channels, -1))
 
 
-def window_argmax(u: Any, kernel: int) -> Any:
-    """The 0/1 mask of each window's first maximum in patches (…, c·k, n): per channel, position and sample,
-    a 1 at the largest of its k taps."""
+def window_argmax(u: Any, kernel: Dims, stride: Dims, padding: tuple, dilation: Dims, size: Dims) -> Any:
+    """The 0/1 mask of each window's first maximum in patches (…, c·taps, T·n) of :func:`unfold`: per channel,
+    position and sample, a 1 at the largest of its taps that read the input (a padded tap never is, as
+    PyTorch pads max pooling with −∞)."""
     xp = namespace(u)
-    windows = u.reshape(u.shape[:-2] + (-1, kernel, u.shape[-1]))
+    taps = math.prod(kernel)
+    windows = u.reshape(u.shape[:-2] + (-1, taps, u.shape[-1]))
+    if any(padding):
+        reads = unfold(xp.ones((1, math.prod(size)), dtype=u.dtype), kernel, stride, padding, dilation, size)
+        reads = xp.tile(reads, (1, u.shape[-1] // reads.shape[1])) > 0  # (taps, T·n)
+        windows = xp.where(reads, windows, -xp.inf)
     first = xp.expand_dims(xp.argmax(windows, axis=-2), -2)
-    taps = xp.arange(kernel).reshape((kernel, 1))
-    return (taps == first).astype(u.dtype).reshape(u.shape)
+    return (xp.arange(taps).reshape((taps, 1)) == first).astype(u.dtype).reshape(u.shape)
 
 
-def unfold_rows(m: Any, kernel: Dims, stride: Dims, padding: Dims, dilation: Dims, size: Dims, channels: int) -> Any:
+def unfold_rows(m: Any, kernel: Dims, stride: Dims, padding: tuple, dilation: Dims, size: Dims, channels: int) -> Any:
     """P M for P the matrix of unfold (vec unfold X = P vec X): each column of M a vec X, without P."""
     signals = unvec_of_samples(m, channels)
     return vec_of_samples(unfold(signals, kernel, stride, padding, dilation, size),
                           math.prod(grid(size, kernel, stride, padding, dilation)))
 
 
-def fold_rows(m: Any, kernel: Dims, stride: Dims, padding: Dims, dilation: Dims, size: Dims, channels: int) -> Any:
+def fold_rows(m: Any, kernel: Dims, stride: Dims, padding: tuple, dilation: Dims, size: Dims, channels: int) -> Any:
     """Pᵀ M: each column of M a vec of patches, folded back into a vec of the input."""
     patches = unvec_of_samples(m, channels * math.prod(kernel))
     return vec_of_samples(fold(patches, kernel, stride, padding, dilation, size), math.prod(size))

@@ -9,7 +9,9 @@ A network of convolutions starts with the input's shape: channels × length for 
 MNIST-1D's), channels × height × width for images (``1x8x8``: digits). It uses ``conv(m, k)`` (m filters
 of k taps, k × k over an image; ``stride=``, ``pad=``, ``dil=`` as PyTorch's Conv1d and Conv2d, the same
 along both dimensions of an image), ``avgpool(k)`` and ``maxpool(k)`` (windows of k positions, k apart,
-k × k over an image) and ``flatten`` (the channels of every position stacked, before a width):
+k × k over an image; ``stride=`` and ``pad=`` as PyTorch's) and ``flatten`` (the channels of every position
+stacked, before a width); ``pad=same`` is TensorFlow's 'same' padding (⌈L/s⌉ outputs, the padding split
+with its odd one after, as DeepOBS' networks pad):
 ``1x40-conv(32,5,pad=2)-relu-avgpool(2)-conv(32,5,pad=2)-relu-flatten-10``,
 ``1x8x8-conv(16,3,pad=1)-relu-maxpool(2)-conv(32,3,pad=1)-relu-flatten-10``. ``attention(h)`` is
 single-head self-attention over the positions (queries and keys of h features, as many output channels
@@ -77,17 +79,23 @@ class Conv:
     filters: int
     kernel: int
     stride: int = 1
-    padding: int = 0
+    padding: int | str = 0  # or "same"
     dilation: int = 1
 
 
 @dataclass(frozen=True)
 class Pool:
-    """Pooling over windows of ``kernel`` positions, ``kernel`` apart (k × k over an image): their average or
-    their maximum."""
+    """Pooling over windows of ``kernel`` positions (k × k over an image), ``stride`` apart (by default
+    ``kernel``), over the input padded with ``padding`` positions: their average or their maximum."""
 
     kind: str  # "avg" or "max"
     kernel: int
+    stride: int | None = None
+    padding: int | str = 0  # or "same"
+
+    @property
+    def step(self) -> int:
+        return self.kernel if self.stride is None else self.stride
 
 
 @dataclass(frozen=True)
@@ -105,7 +113,7 @@ class Flatten:
 Token = Width | Activation | UserModule | Signal | Conv | Pool | Attention | Flatten
 _SIGNAL = re.compile(r"^\d+(?:x\d+){1,2}$")
 _CONV = re.compile(r"^conv\((.*)\)$", re.IGNORECASE)
-_POOL = re.compile(r"^(avg|max)pool\((\d+)\)$", re.IGNORECASE)
+_POOL = re.compile(r"^(avg|max)pool\((.*)\)$", re.IGNORECASE)
 _ATTENTION = re.compile(r"^attention\((\d+)\)$", re.IGNORECASE)
 _CONV_OPTIONS = {"stride": "stride", "pad": "padding", "padding": "padding", "dil": "dilation", "dilation": "dilation"}
 
@@ -122,9 +130,13 @@ def parse_spec(spec: str, modules: Collection[str] = ()) -> list[Token]:
         elif match := _CONV.match(text):
             tokens.append(_conv(spec, text, match.group(1)))
         elif match := _POOL.match(text):
-            if int(match.group(2)) < 1:
-                raise McalcError(f"model spec '{spec}': '{text}' needs a positive window")
-            tokens.append(Pool(match.group(1).lower(), int(match.group(2))))
+            usage = "avgpool(kernel[, stride=…, pad=…]) or maxpool(…), e.g. maxpool(2) or maxpool(3,stride=2,pad=1)"
+            (kernel,), options = _integers(spec, text, match.group(2), 1, {"stride", "padding"}, usage)
+            padding = options.get("padding", 0)
+            if kernel < 1 or options.get("stride", 1) < 1 or (padding != "same" and padding > kernel // 2):
+                raise McalcError(f"model spec '{spec}': '{text}' needs a positive window and stride, and padding "
+                                 f"at most half the window; {usage}")
+            tokens.append(Pool(match.group(1).lower(), kernel, **options))
         elif match := _ATTENTION.match(text):
             if int(match.group(1)) < 1:
                 raise McalcError(f"model spec '{spec}': '{text}' needs a positive number of features")
@@ -161,23 +173,34 @@ def parse_spec(spec: str, modules: Collection[str] = ()) -> list[Token]:
     return tokens
 
 
-def _conv(spec: str, text: str, arguments: str) -> Conv:
-    """conv(m, k, stride=1, pad=0, dil=1)."""
-    usage = "conv(filters, kernel[, stride=…, pad=…, dil=…]), e.g. conv(32,5,pad=2)"
+def _integers(spec: str, text: str, arguments: str, count: int, allowed: set[str],
+              usage: str) -> tuple[list[int], dict[str, int]]:
+    """The ``count`` positional integers and the named options (``stride=``, ``pad=``, ``dil=``) of a token's
+    arguments."""
     positional, options = [], {}
     for part in (p.strip() for p in arguments.split(",") if p.strip()):
         key, equals, value = part.partition("=")
-        if not (value if equals else key).strip().isdigit():
+        same = equals and _CONV_OPTIONS.get(key.strip()) == "padding" and value.strip() == "same"
+        if not ((value if equals else key).strip().isdigit() or same):
             raise McalcError(f"model spec '{spec}': '{part}' in '{text}' is not an integer; {usage}")
         if equals:
-            if key.strip() not in _CONV_OPTIONS:
+            if _CONV_OPTIONS.get(key.strip()) not in allowed:
                 raise McalcError(f"model spec '{spec}': unknown option '{key.strip()}' in '{text}'; {usage}")
-            options[_CONV_OPTIONS[key.strip()]] = int(value)
+            options[_CONV_OPTIONS[key.strip()]] = "same" if same else int(value)
         else:
             positional.append(int(key))
-    if len(positional) != 2 or min(positional) < 1 or options.get("stride", 1) < 1 or options.get("dilation", 1) < 1:
+    if len(positional) != count:
+        raise McalcError(f"model spec '{spec}': '{text}' needs {count} number{'s' if count > 1 else ''}; {usage}")
+    return positional, options
+
+
+def _conv(spec: str, text: str, arguments: str) -> Conv:
+    """conv(m, k, stride=1, pad=0, dil=1)."""
+    usage = "conv(filters, kernel[, stride=…, pad=…, dil=…]), e.g. conv(32,5,pad=2)"
+    (filters, kernel), options = _integers(spec, text, arguments, 2, {"stride", "padding", "dilation"}, usage)
+    if min(filters, kernel) < 1 or options.get("stride", 1) < 1 or options.get("dilation", 1) < 1:
         raise McalcError(f"model spec '{spec}': '{text}' needs positive filters and kernel; {usage}")
-    return Conv(positional[0], positional[1], **options)
+    return Conv(filters, kernel, **options)
 
 
 def _bindings(spec: str, name: str, text: str | None) -> tuple[tuple[str, int], ...]:

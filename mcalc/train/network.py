@@ -41,12 +41,19 @@ SPEC_LOSSES = {"ce": "CrossEntropy", "mse": "MSE"}
 BackwardResult = tuple[float, dict[str, Any], dict[str, CurvatureBlock]]  # loss, gradients, blocks
 
 
-def window_extents(token: Conv | Pool, extents: tuple[int, ...]) -> tuple[int, ...]:
-    """The extents of a convolution's or pooling's output, each dimension's patches."""
+def window(token: Conv | Pool, extents: tuple[int, ...]) -> tuple[tuple, ...]:
+    """A convolution's or pooling's kernel, stride, padding and dilation along each dimension of inputs of
+    ``extents``, and those extents: the arguments of :func:`~mcalc.runtime.array_ops.unfold`. ``pad=same``
+    is TensorFlow's: ⌈L/s⌉ outputs, the total padding split with its odd one after."""
     n = len(extents)
-    if isinstance(token, Pool):
-        return grid(extents, (token.kernel,) * n, (token.kernel,) * n, (0,) * n, (1,) * n)
-    return grid(extents, (token.kernel,) * n, (token.stride,) * n, (token.padding,) * n, (token.dilation,) * n)
+    stride, dilation = (token.step, 1) if isinstance(token, Pool) else (token.stride, token.dilation)
+    if token.padding == "same":
+        totals = [max((-(-length // stride) - 1) * stride + (token.kernel - 1) * dilation + 1 - length, 0)
+                  for length in extents]
+        padding = tuple(total // 2 if total % 2 == 0 else (total // 2, total - total // 2) for total in totals)
+    else:
+        padding = (token.padding,) * n
+    return (token.kernel,) * n, (stride,) * n, padding, (dilation,) * n, extents
 
 
 def glorot_uniform(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
@@ -135,15 +142,14 @@ class Network:
                                      f"image, but follows a vector of {self.widths[-1]}")
                 label = f"conv{sum(layer.module.startswith('Conv') for layer in self.layers) + 1}" \
                     if isinstance(token, Conv) else None
-                after = window_extents(token, extents)
+                patches = window(token, extents)
+                after = grid(extents, *patches[:4])
                 if min(after) < 1:
                     raise McalcError(f"model spec '{spec}': {type(token).__name__.lower()} leaves no positions of "
                                      f"its input of {self.shapes[-1][0]} × {' × '.join(map(str, extents))}")
-                self._grow(self._add_module(self._window_module(token, extents, backend), rng, label))
+                self._grow(self._add_module(self._window_module(token, patches, backend), rng, label))
                 if isinstance(token, Conv):
-                    n = len(extents)
-                    self.layers[-1].window = ((token.kernel,) * n, (token.stride,) * n, (token.padding,) * n,
-                                              (token.dilation,) * n, extents)
+                    self.layers[-1].window = patches
                 extents = after
             elif isinstance(token, Attention):  # attention1.Q, attention1.K, attention1.V; positions unchanged
                 if extents is None:
@@ -180,18 +186,18 @@ class Network:
             self.code[module.name] = load_code(module, backend)
         return UserModule(module.name, dims)
 
-    def _window_module(self, token: Conv | Pool, extents: tuple[int, ...], backend: str) -> UserModule:
-        """The convolution (binding its filters) or pooling module of ``token`` on inputs of ``extents``: over a
-        signal, one for every length; over an image, one for its height and width."""
+    def _window_module(self, token: Conv | Pool, patches: tuple[tuple, ...], backend: str) -> UserModule:
+        """The convolution (binding its filters) or pooling module of ``token`` with the kernel, stride, padding
+        and dilation of ``patches`` (:func:`window`): over a signal, one for every length; over an image, one
+        for its height and width."""
         from ..layers.convolution import avg_pooling, convolution, max_pooling  # declared on demand: SymPy only here
 
-        n, size = len(extents), (extents if len(extents) > 1 else None)
+        kernel, stride, padding, dilation, extents = patches
+        size = extents if len(extents) > 1 else None
         if isinstance(token, Pool):
             declare = avg_pooling if token.kind == "avg" else max_pooling
-            return self._compiled(declare((token.kernel,) * n, size), backend)
-        module = convolution((token.kernel,) * n, (token.stride,) * n, (token.padding,) * n, (token.dilation,) * n,
-                             size)
-        return self._compiled(module, backend, (("m", token.filters),))
+            return self._compiled(declare(kernel, stride, padding, size), backend)
+        return self._compiled(convolution(kernel, stride, padding, dilation, size), backend, (("m", token.filters),))
 
     def _add_module(self, token: UserModule, rng: np.random.Generator, label: str | None = None) -> tuple[int, int]:
         """A user's module (or a convolution) as the next layer: its input takes the current shape, the spec
@@ -425,13 +431,17 @@ class Network:
         """δZ: the gradient of the batch-mean loss with respect to the network's outputs."""
         return self.code[self.loss_module].gradients({}, self._loss_inputs(Z, Y))["x"]
 
-    def adjoints(self, inputs: list[Any], dZ: Any) -> dict[int, Any]:
-        """The adjoint of every layer's output, from ``dZ`` at the network's output (gradient backprop)."""
+    def adjoints(self, inputs: list[Any], dZ: Any, caches: list[dict] | None = None) -> dict[int, Any]:
+        """The adjoint of every layer's output, from ``dZ`` at the network's output (gradient backprop). Calls
+        on the same ``inputs`` with other ``dZ`` may share ``caches`` (a dict per layer): what does not
+        depend on dZ (a max pooling's mask, a convolution's patches) is computed once."""
         out = {len(self.layers) - 1: dZ}
         for position in range(len(self.layers) - 1, 0, -1):
             layer = self.layers[position]
             S = {layer.input: layer.takes(inputs[position]), "dz": layer.takes_output(dZ)}
-            dZ = columns_of_matrices(self.code[layer.module].gradients(self._module_params(layer), S)[layer.input])
+            cache = None if caches is None else caches[position]
+            dZ = columns_of_matrices(self.code[layer.module].gradients(self._module_params(layer), S,
+                                                                       cache=cache)[layer.input])
             out[position - 1] = dZ
         return out
 

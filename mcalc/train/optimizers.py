@@ -342,8 +342,9 @@ class KFAC(Optimizer):
             elif layer.window is not None:  # the positions as more samples: Σₜ ãₜ ãₜᵀ / T, averaged
                 a = with_bias_row(layer.patches(inputs[position]), xp)
                 out[position] = (a @ a.T / a.shape[1], 0)
+        caches: list[dict] = [{} for _ in net.layers]  # one forward pass, a backward pass per class
         for target, weight in targets:
-            adjoints = net.adjoints(inputs, (p - target) * xp.sqrt(weight) / B)
+            adjoints = net.adjoints(inputs, (p - target) * xp.sqrt(weight) / B, caches)
             for position in out:
                 g = adjoints[position] * B  # per-sample gradients, one per column
                 if net.layers[position].output_rows is not None:  # a convolution's: one column per position

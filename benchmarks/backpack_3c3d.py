@@ -1,0 +1,177 @@
+"""K-FAC factors of BackPACK's 3C3D network on CIFAR-10-shaped input: mcalc's kfac against BackPACK's KFLR.
+
+    python benchmarks/backpack_3c3d.py [--batch 64] [--repeats 5] [--json OUT]
+
+The network is DeepOBS' ``cifar10_3c3d`` as BackPACK's own benchmarks build it (three convolutions of 64,
+96 and 128 filters with ReLUs, each followed by a 3 × 3 max pooling of stride 2 with TensorFlow's 'same'
+padding, then Linear layers of 512, 256 and 10 units), written as an mcalc model spec; the PyTorch copy
+pads with ZeroPad2d as DeepOBS does and gets mcalc's weights (its flatten's order permuted). Both sides
+compute one pass of exact-Fisher Kronecker factors (the GGN of the cross-entropy, summed over the
+classes): mcalc's ``KFAC._statistics(fisher='exact')`` (ten backward passes through the generated code,
+one per class) and BackPACK's ``KFLR`` (the classes' square roots backpropagated at once). Factors are
+compared where the two conventions coincide: every input factor (BackPACK's convolution factor is
+Σₜ uₜ uₜᵀ where mcalc's KFC factor is its mean over the T positions, and mcalc's carries the bias row)
+and the Linear layers' output factors. A convolution's output factor is not: BackPACK sums the positions'
+gradients before the outer product (K-FAC-reduce's factor), mcalc's kfac after it (KFC's, K-FAC-expand),
+so those are reported, not compared. The check runs in float64; the times in float32, the contenders in
+turn within each repeat, medians reported, one BLAS thread each side unless the environment says more.
+
+HBP's own modes (exact, GGN, PCH-abs under (6)) are not run here: (6) backpropagates the batch-averaged
+curvature 𝓗̄z as a dense matrix, 50,176² entries at the first convolution's output (about 10 GB in float32),
+and BackPACK's KFRA does the same; the script prints that size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mcalc.train.network import Network  # noqa: E402
+from mcalc.train.optimizers import make_optimizer  # noqa: E402
+
+# mcalc flattens the last 128 × 3 × 3 output pixel by pixel (the channels within), PyTorch channel by channel
+FLATTEN = np.array([p * 128 + ch for ch in range(128) for p in range(9)])
+SPEC = ("3x32x32-conv(64,5)-relu-maxpool(3,stride=2,pad=same)-conv(96,3)-relu-maxpool(3,stride=2,pad=same)"
+        "-conv(128,3,pad=same)-relu-maxpool(3,stride=2,pad=same)-flatten-512-relu-256-relu-10")
+
+
+def backpack_model(net: Network, dtype):
+    """DeepOBS' 3C3D in PyTorch with ``net``'s weights: ZeroPad2d before each pooling (and the third
+    convolution), as its tf-'same' padding computes them for 32 × 32 inputs."""
+    import torch
+    from torch import nn
+
+    conv = lambda i, o, k: nn.Conv2d(i, o, k)  # noqa: E731
+    pool = lambda: [nn.ZeroPad2d((0, 1, 0, 1)), nn.MaxPool2d(3, stride=2)]  # noqa: E731
+    model = nn.Sequential(conv(3, 64, 5), nn.ReLU(), *pool(), conv(64, 96, 3), nn.ReLU(), *pool(),
+                          nn.ZeroPad2d(1), conv(96, 128, 3), nn.ReLU(), *pool(), nn.Flatten(),
+                          nn.Linear(1152, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10)).to(dtype)
+    convs = [m for m in model if isinstance(m, nn.Conv2d)]
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        for k, m in enumerate(convs, 1):
+            m.weight.copy_(torch.tensor(net.params[f"conv{k}.K"].reshape(m.weight.shape)))
+            m.bias.copy_(torch.tensor(net.params[f"conv{k}.b"][:, 0]))
+        for k, m in enumerate(linears, 1):
+            W = net.params[f"W{k}"]
+            m.weight.copy_(torch.tensor(W[:, FLATTEN] if k == 1 else W))
+            m.bias.copy_(torch.tensor(net.params[f"b{k}"][:, 0]))
+    return model
+
+
+def mcalc_factors(net: Network, X) -> list[tuple]:
+    """mcalc's exact-Fisher K-FAC factors (Ā with the bias row, G) of every convolution and Linear layer."""
+    kfac = make_optimizer("kfac", fisher="exact")
+    statistics_ = kfac._statistics(net, X)
+    return [statistics_[p] for p in sorted(statistics_)]
+
+
+def backpack_factors(model, X, y) -> list[list]:
+    """BackPACK's KFLR factors of every weight, in layer order: [G, A] (a convolution's A summed over the
+    positions)."""
+    import torch
+    from backpack import backpack, extend
+    from backpack.extensions import KFLR
+
+    model, loss_fn = extend(model), extend(torch.nn.CrossEntropyLoss())
+    model.zero_grad()
+    with backpack(KFLR()):
+        loss_fn(model(X), y).backward()
+    return [m.weight.kflr for m in model if hasattr(m, "weight") and m.weight is not None]
+
+
+def compare(ours: list[tuple], theirs: list[list], positions: list[int]) -> list[dict]:
+    """Relative differences where the conventions coincide; a convolution's (T > 1) output factor is not."""
+    out = []
+    for k, ((A, G), (G_b, A_b), T) in enumerate(zip(ours, theirs, positions)):
+        A_b, G_b = A_b.detach().numpy(), G_b.detach().numpy()
+        A = A[:-1, :-1] if k != len(positions) - 3 else A[:-1, :-1][np.ix_(FLATTEN, FLATTEN)]  # the first Linear's
+        input_gap = np.abs(T * A - A_b).max() / np.abs(A_b).max()
+        output_gap = None if T > 1 else float(np.abs(G - G_b).max() / np.abs(G_b).max())
+        out.append({"positions": T, "input_factor": float(input_gap), "output_factor": output_gap})
+    return out
+
+
+def timed(contenders: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each contender, run in turn within every repeat after a warm-up."""
+    for fn in contenders.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    import torch
+
+    threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    dense_entries = (64 * 28 * 28) ** 2
+    print(f"(6) would backpropagate 𝓗̄z of {64 * 28 * 28:,} × {64 * 28 * 28:,} at conv1's output: "
+          f"{dense_entries * 4 / 2**30:.1f} GiB in float32; HBP's modes are not run", flush=True)
+
+    # the check, in float64, on a small batch
+    net = Network(SPEC, seed=0)
+    positions = [int(np.prod(_grid(layer))) if layer.window else 1 for layer in net.layers if layer.params]
+    X = rng.normal(size=(3 * 32 * 32, 8))
+    y = rng.integers(0, 10, 8)
+    images = torch.tensor(X.T.reshape(8, 32 * 32, 3).transpose(0, 2, 1).reshape(8, 3, 32, 32).copy())
+    check = compare(mcalc_factors(net, X), backpack_factors(backpack_model(net, torch.float64), images,
+                                                            torch.tensor(y)), positions)
+    for k, row in enumerate(check):
+        output = "not compared (reduce vs expand)" if row["output_factor"] is None else f"{row['output_factor']:.1e}"
+        print(f"  layer {k + 1} (T = {row['positions']:4d}): input factor {row['input_factor']:.1e}, "
+              f"output factor {output}", flush=True)
+    worst = max(max(r["input_factor"], r["output_factor"] or 0) for r in check)
+    assert worst < 1e-8, f"factors differ: {worst}"
+
+    # the timing, in float32
+    net32 = Network(SPEC, seed=0, dtype=np.float32)
+    B = args.batch
+    X = rng.normal(size=(3 * 32 * 32, B)).astype(np.float32)
+    y = torch.tensor(rng.integers(0, 10, B))
+    images = torch.tensor(X.T.reshape(B, 32 * 32, 3).transpose(0, 2, 1).reshape(B, 3, 32, 32).copy())
+    model = backpack_model(net32, torch.float32)
+    times = timed({"mcalc kfac (exact Fisher)": lambda: mcalc_factors(net32, X),
+                   "BackPACK KFLR": lambda: backpack_factors(model, images, y)}, args.repeats)
+    ratio = times["BackPACK KFLR"] / times["mcalc kfac (exact Fisher)"]
+    print(f"\n3C3D, batch {B}, float32, {threads} thread(s), median of {args.repeats}:")
+    for name, seconds in times.items():
+        print(f"  {name:<28} {seconds * 1e3:9.1f} ms")
+    print(f"  BackPACK / mcalc: {ratio:.2f}×")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "spec": SPEC, "batch": B, "dtype": "float32", "threads": threads, "repeats": args.repeats,
+            "seconds": times, "backpack_over_mcalc": ratio, "check_float64": check,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}, indent=2))
+
+
+def _grid(layer) -> tuple[int, ...]:
+    from mcalc.runtime.array_ops import grid
+
+    kernel, stride, padding, dilation, extents = layer.window
+    return grid(extents, kernel, stride, padding, dilation)
+
+
+if __name__ == "__main__":
+    main()
