@@ -17,7 +17,7 @@ PEERS := backpack-for-pytorch==1.7.1 curvlinops-for-pytorch==3.0.1 unfoldNd==0.2
 	einconv==0.1.0 linear_operator==0.6.1 jaxtyping==0.3.11 wadler_lindig==0.1.8 opt_einsum==3.4.0 tqdm==4.70.1
 
 $(VENV)/installed: $(VENV)/base
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,mpi]"
 	$(PY) -m pip install -q --no-deps $(PEERS)
 	touch $@
 

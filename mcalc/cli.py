@@ -19,6 +19,7 @@ from .printing import FORMATS
 
 if TYPE_CHECKING:  # the compiler is imported by the commands that use it: `mcalc train` runs without SymPy
     from .module import Module
+    from .train.distributed import DataParallel
 
 EXIT_MISMATCH = 1
 EXIT_BAD_INPUT = 2
@@ -154,12 +155,29 @@ def _user_module_code(file: str, model: str, backend: str) -> dict:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .train.distributed import DataParallel, communicator
+
+    parallel = DataParallel(communicator())
+    if parallel.comm.size == 1:
+        return _train_on(args, parallel)
+    try:  # a rank that fails ends them all, rather than leaving the others waiting in a reduction
+        return _train_on(args, parallel)
+    except BaseException as exc:
+        message = str(exc) if isinstance(exc, McalcError) else f"{type(exc).__name__}: {exc}"
+        print(f"mcalc: error on rank {parallel.comm.rank} of {parallel.comm.size}: {message}", file=sys.stderr,
+              flush=True)
+        parallel.comm.abort(EXIT_BAD_INPUT)
+        raise
+
+
+def _train_on(args: argparse.Namespace, parallel: DataParallel) -> int:
     from .train.checkpoint import load_checkpoint
     from .train.data import load_dataset
     from .train.network import Network
     from .train.optimizers import make_optimizer
     from .train.trainer import plot, train, write_json
 
+    say = print if parallel.is_root else lambda *a, **k: None  # rank 0 speaks and writes for the run
     _check_train_arguments(args)
     code = _user_module_code(args.modules, args.model, args.backend) if args.modules else {}
     net = Network(args.model, loss=args.loss, backend=args.backend, seed=args.seed, code=code)
@@ -183,9 +201,10 @@ def _train(args: argparse.Namespace) -> int:
         saved = resume.get("name") or type(resume["optimizer"]).__name__
         if saved not in (args.optimizer, type(optimizer).__name__):
             raise McalcError(f"{args.resume}: the checkpoint is of optimizer '{saved}', not '{args.optimizer}'")
-    print(f"training {args.model} ({args.loss} loss) on {data.name} ({len(data.y_train)} training, "
-          f"{len(data.y_test)} test samples) with {args.optimizer}: {args.epochs} epochs, batch {args.batch_size}, "
-          f"seed {args.seed}, {args.backend}", flush=True)
+    ranks = f", {parallel.comm.size} ranks" if parallel.comm.size > 1 else ""
+    say(f"training {args.model} ({args.loss} loss) on {data.name} ({len(data.y_train)} training, "
+        f"{len(data.y_test)} test samples) with {args.optimizer}: {args.epochs} epochs, batch {args.batch_size}, "
+        f"seed {args.seed}, {args.backend}{ranks}", flush=True)
 
     def report(row: dict) -> None:  # each epoch as it ends, flushed also when the output goes to a file
         print(f"epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f}  test loss {row['test_loss']:.4f}  "
@@ -193,7 +212,9 @@ def _train(args: argparse.Namespace) -> int:
 
     result = train(net, data, optimizer, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                    progress=sys.stderr.isatty(), name=args.optimizer, checkpoint=args.checkpoint or args.resume,
-                   resume=resume, graphs=args.graphs, on_epoch=report)
+                   resume=resume, graphs=args.graphs, on_epoch=report, parallel=parallel)
+    if not parallel.is_root:
+        return 0
     if result["final"]["rejected_steps"]:
         print(f"{result['final']['rejected_steps']} steps rejected (loss not finite, or more than doubled)")
     if args.json:

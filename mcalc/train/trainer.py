@@ -18,6 +18,7 @@ from ..files import write_atomic
 from ..modes import Approximation
 from .checkpoint import save_checkpoint
 from .data import Dataset
+from .distributed import DataParallel
 from .network import Network
 from .optimizer_protocol import Optimizer
 
@@ -48,7 +49,8 @@ def step_is_rejected(optimizer: Optimizer, loss_before: float, loss_after: float
 def train(net: Network, data: Dataset, optimizer: Optimizer, *, epochs: int, batch_size: int, seed: int = 0,
           progress: bool = False, name: str = "", checkpoint: str | Path | None = None,
           resume: dict[str, Any] | None = None, graphs: bool = False,
-          on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+          on_epoch: Callable[[dict[str, Any]], None] | None = None,
+          parallel: DataParallel | None = None) -> dict[str, Any]:
     """Train ``net`` and return ``{"optimizer", "history": [...], "final": {...}}`` (the design's format).
 
     A step is rejected when its loss or an update is not finite or, for a
@@ -63,10 +65,17 @@ def train(net: Network, data: Dataset, optimizer: Optimizer, *, epochs: int, bat
     loaded checkpoint) continues that run exactly where it stopped. ``graphs``
     (cupy backend): each backward pass is a CUDA graph replayed, one captured per
     curvature mode and batch shape (:meth:`Network.capture_backward`). ``on_epoch`` is called with each
-    epoch's history row as the epoch ends (the CLI prints it).
+    epoch's history row as the epoch ends (the CLI prints it). With ``parallel`` over several ranks each
+    takes its shard of every batch and the loss and gradients are averaged over them
+    (:mod:`.distributed`); only rank 0 calls ``on_epoch``, shows progress and writes checkpoints.
     """
     if graphs and net.backend != "cupy":
         raise McalcError(f"CUDA graphs need the cupy backend; this network runs on {net.backend}")
+    parallel = parallel or DataParallel()
+    if parallel.comm.size > 1 and optimizer.second_order:
+        raise McalcError(f"{name or type(optimizer).__name__} cannot run on {parallel.comm.size} ranks yet: only the "
+                         "gradients are averaged over the ranks so far, not curvature (issue 16); use sgd or adam")
+    progress = progress and parallel.is_root
     xp = net.xp
     captured: dict[tuple, Any] = {}
 
@@ -106,14 +115,20 @@ def train(net: Network, data: Dataset, optimizer: Optimizer, *, epochs: int, bat
         order = rng.permutation(len(data.y_train))
         losses = []
         for k in range(steps):
-            index = xp.asarray(order[k * batch_size:(k + 1) * batch_size])
+            batch = order[k * batch_size:(k + 1) * batch_size]
+            index = xp.asarray(parallel.shard(batch))  # all of it in a single process
             X, Y = X_train[:, index], Y_train[:, index]
-            loss, grads, blocks = backward(X, Y)
+            if len(index):
+                loss, grads, blocks = backward(X, Y)
+            else:  # a last batch smaller than the ranks: this one has no sample, and adds nothing
+                loss, grads, blocks = 0.0, {p: xp.zeros_like(v) for p, v in net.params.items()}, {}
+            loss, grads = parallel.average(loss, grads, len(index), len(batch), xp)
             snapshot = copy.deepcopy(optimizer)
             updates = optimizer.step(net, grads, blocks, (X, Y))
             previous = dict(net.params)
             net.params = net.params_plus(updates)
-            if step_is_rejected(optimizer, loss, net.loss(X, Y), updates, xp):
+            loss_after = parallel.mean_loss(net.loss(X, Y) if len(index) else 0.0, len(index), len(batch))
+            if step_is_rejected(optimizer, loss, loss_after, updates, xp):
                 net.params = previous  # never corrupt the weights, nor the optimiser's state
                 restore(optimizer, snapshot)
                 rejected += 1
@@ -131,13 +146,13 @@ def train(net: Network, data: Dataset, optimizer: Optimizer, *, epochs: int, bat
         })
         if bar is not None:
             bar.set_postfix(acc=f"{history[-1]['test_accuracy']:.3f}")
-        if on_epoch is not None:
+        if on_epoch is not None and parallel.is_root:
             if bar is not None:
                 bar.clear()
             on_epoch(history[-1])
             if bar is not None:
                 bar.refresh()
-        if checkpoint is not None:
+        if checkpoint is not None and parallel.is_root:
             save_checkpoint(checkpoint, {"epoch": epoch, "params": dict(net.params), "optimizer": optimizer,
                                          "name": name, "rng": rng.bit_generator.state, "history": history,
                                          "rejected": rejected, "spec": net.spec})

@@ -1,0 +1,130 @@
+"""Data parallelism over MPI (issue 16): `mpiexec -n 2 mcalc train` equal to one process on the global batch."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mcalc as mc
+from mcalc.train.distributed import DataParallel, communicator
+
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+MODEL = ["--data", "synthetic", "--model", "20-16-tanh-5"]
+
+
+def _mpi_unavailable() -> str | None:
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return "mpi4py is not installed (pip install -e '.[mpi]')"
+    return None if MPIEXEC.exists() or shutil.which("mpiexec") else "no mpiexec (pip install -e '.[mpi]')"
+
+
+needs_mpi = pytest.mark.skipif(_mpi_unavailable() is not None, reason=_mpi_unavailable() or "")
+
+
+def _train(ranks: int, *arguments: str, cwd: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "mcalc.cli", "train", *MODEL, *arguments]
+    if ranks > 1:
+        command = [str(MPIEXEC if MPIEXEC.exists() else shutil.which("mpiexec")), "-n", str(ranks), *command]
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def _history(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["history"]
+
+
+def _assert_same(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        for key in ("train_loss", "test_loss", "test_accuracy"):
+            assert x[key] == pytest.approx(y[key], rel=1e-6), key
+
+
+class _Ranks:
+    """Ranks simulated in one process: each all-reduce sums what every rank contributes in turn."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.rank, self.pending = size, 0, []
+
+    def allreduce(self, a: np.ndarray) -> np.ndarray:
+        self.pending.append(a)
+        return a
+
+
+def test_shards_and_weighted_means_give_the_global_batch_mean():
+    """Uneven shards of a batch of 7 over 3 ranks; Σ_r (n_r/n) mean_r is the global mean of loss and gradients."""
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(7, 3))
+    index = np.arange(7)
+    ranks = _Ranks(3)
+    shards = []
+    for rank in range(3):
+        ranks.rank = rank
+        parallel = DataParallel(ranks)
+        shard = parallel.shard(index)
+        shards.append(shard)
+        parallel.average(float(values[shard, 0].mean()), {"g": values[shard].mean(axis=0)}, len(shard), 7)
+    assert [len(s) for s in shards] == [3, 2, 2] and np.array_equal(np.concatenate(shards), index)
+    total = sum(ranks.pending)
+    np.testing.assert_allclose(total[0], values[:, 0].mean(), rtol=1e-14)
+    np.testing.assert_allclose(total[1:], values.mean(axis=0), rtol=1e-14)
+
+
+def test_a_single_process_communicates_nothing(monkeypatch):
+    for name in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "PMIX_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    parallel = DataParallel(communicator())
+    assert parallel.comm.size == 1 and parallel.is_root
+    grads = {"W": np.ones((2, 2))}
+    assert parallel.average(0.5, grads, 3, 3) == (0.5, grads)
+
+
+@needs_mpi
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_two_ranks_equal_one_process(optimizer, tmp_path):
+    """The global batch of 63 (1600 samples: the last batch 25) shared 32/31 and 13/12: the histories equal
+    one process's, and rank 0 alone writes."""
+    options = ["--optimizer", optimizer, "--epochs", "2", "--batch-size", "63"]
+    one = _train(1, *options, "--json", "one.json", cwd=tmp_path)
+    two = _train(2, *options, "--json", "two.json", cwd=tmp_path)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    assert two.stdout.count("wrote two.json") == 1 and two.stdout.count("epoch   2") == 1 and "2 ranks" in two.stdout
+    _assert_same(_history(tmp_path / "one.json"), _history(tmp_path / "two.json"))
+
+
+@needs_mpi
+def test_a_two_rank_checkpoint_resumes_on_one_rank_and_the_reverse(tmp_path):
+    options = ["--optimizer", "adam", "--batch-size", "64"]
+    reference = _train(1, *options, "--epochs", "3", "--json", "ref.json", cwd=tmp_path)
+    first = _train(2, *options, "--epochs", "2", "--checkpoint", "two.ckpt", cwd=tmp_path)
+    resumed = _train(1, *options, "--epochs", "3", "--resume", "two.ckpt", "--json", "resumed.json", cwd=tmp_path)
+    assert reference.returncode == first.returncode == resumed.returncode == 0, first.stderr + resumed.stderr
+    _assert_same(_history(tmp_path / "ref.json"), _history(tmp_path / "resumed.json"))
+    first = _train(1, *options, "--epochs", "2", "--checkpoint", "one.ckpt", cwd=tmp_path)
+    resumed = _train(2, *options, "--epochs", "3", "--resume", "one.ckpt", "--json", "resumed2.json", cwd=tmp_path)
+    assert first.returncode == resumed.returncode == 0, resumed.stderr
+    _assert_same(_history(tmp_path / "ref.json"), _history(tmp_path / "resumed2.json"))
+
+
+def test_curvature_on_several_ranks_is_refused_before_any_step():
+    from mcalc.train import data as D
+    from mcalc.train.network import Network
+    from mcalc.train.optimizers import make_optimizer
+    from mcalc.train.trainer import train
+
+    with pytest.raises(mc.McalcError, match="kfac cannot run on 2 ranks yet"):
+        train(Network("20-5"), D.load_dataset("synthetic"), make_optimizer("kfac"), epochs=1, batch_size=64,
+              name="kfac", parallel=DataParallel(_Ranks(2)))
+
+
+@needs_mpi
+def test_curvature_on_several_ranks_ends_the_run_with_a_clear_message(tmp_path):
+    run = _train(2, "--optimizer", "hbp-newton", "--epochs", "1", cwd=tmp_path)
+    assert run.returncode == 2 and "hbp-newton cannot run on 2 ranks yet" in run.stderr
+    assert "Traceback" not in run.stderr
