@@ -164,11 +164,12 @@ def test_an_error_in_a_users_file_names_the_users_line(tmp_path):
 
 
 def test_make_demo_installs_mcalc_without_the_test_extra():
-    """The demo's environment has no PyTorch: `make demo` depends on the base install, `make test` adds the extra."""
+    """The demo's environment has no PyTorch: `make demo` depends on the base install, `make test` adds the test
+    and mpi extras."""
     makefile = (ROOT / "Makefile").read_text()
     base = makefile.split("$(VENV)/base:")[1].split("\n\n")[0]
     assert "demo: $(VENV)/base" in makefile and "-e ." in base and "[test]" not in base
-    assert "test: $(VENV)/installed" in makefile and '-e ".[test]"' in makefile.split("$(VENV)/installed:")[1]
+    assert "test: $(VENV)/installed" in makefile and '-e ".[test,mpi]"' in makefile.split("$(VENV)/installed:")[1]
 
 
 def test_training_the_library_runs_without_the_compiler():

@@ -69,11 +69,13 @@ def test_shards_and_weighted_means_give_the_global_batch_mean():
         parallel = DataParallel(ranks)
         shard = parallel.shard(index)
         shards.append(shard)
-        parallel.average(float(values[shard, 0].mean()), {"g": values[shard].mean(axis=0)}, len(shard), 7)
+        parallel.mean({"loss": float(values[shard, 0].mean()), "g": values[shard].mean(axis=0)}, len(shard))
     assert [len(s) for s in shards] == [3, 2, 2] and np.array_equal(np.concatenate(shards), index)
-    total = sum(ranks.pending)
-    np.testing.assert_allclose(total[0], values[:, 0].mean(), rtol=1e-14)
-    np.testing.assert_allclose(total[1:], values.mean(axis=0), rtol=1e-14)
+    total = sum(ranks.pending)  # [Σ n_r, Σ n_r loss_r, Σ n_r g_r]
+    np.testing.assert_allclose(total[1] / total[0], values[:, 0].mean(), rtol=1e-14)
+    np.testing.assert_allclose(total[2:] / total[0], values.mean(axis=0), rtol=1e-14)
+    ranks.rank = 1  # a batch smaller than the ranks is every rank's whole, weighed so
+    assert np.array_equal(DataParallel(ranks).shard(np.arange(2)), np.arange(2))
 
 
 def test_a_single_process_communicates_nothing(monkeypatch):
@@ -81,15 +83,16 @@ def test_a_single_process_communicates_nothing(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     parallel = DataParallel(communicator())
     assert parallel.comm.size == 1 and parallel.is_root
-    grads = {"W": np.ones((2, 2))}
-    assert parallel.average(0.5, grads, 3, 3) == (0.5, grads)
+    values = {"loss": 0.5, "W": np.ones((2, 2))}
+    assert parallel.mean(values, 3) == values
 
 
 @needs_mpi
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "kfac", "kbfgs", "hf-gn", "hf-newton"])
 def test_two_ranks_equal_one_process(optimizer, tmp_path):
     """The global batch of 63 (1600 samples: the last batch 25) shared 32/31 and 13/12: the histories equal
-    one process's, and rank 0 alone writes."""
+    one process's (gradients, K-FAC's and K-BFGS's factors with K-FAC's sampled labels, curvature products,
+    losses and Martens' squared gradients all averaged over the ranks), and rank 0 alone writes."""
     options = ["--optimizer", optimizer, "--epochs", "2", "--batch-size", "63"]
     one = _train(1, *options, "--json", "one.json", cwd=tmp_path)
     two = _train(2, *options, "--json", "two.json", cwd=tmp_path)
@@ -112,19 +115,19 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank_and_the_reverse(tmp_path):
     _assert_same(_history(tmp_path / "ref.json"), _history(tmp_path / "resumed2.json"))
 
 
-def test_curvature_on_several_ranks_is_refused_before_any_step():
+def test_hbp_blocks_on_several_ranks_are_refused_before_any_step():
     from mcalc.train import data as D
     from mcalc.train.network import Network
     from mcalc.train.optimizers import make_optimizer
     from mcalc.train.trainer import train
 
-    with pytest.raises(mc.McalcError, match="kfac cannot run on 2 ranks yet"):
-        train(Network("20-5"), D.load_dataset("synthetic"), make_optimizer("kfac"), epochs=1, batch_size=64,
-              name="kfac", parallel=DataParallel(_Ranks(2)))
+    with pytest.raises(mc.McalcError, match="hbp-newton cannot run on 2 ranks yet"):
+        train(Network("20-5"), D.load_dataset("synthetic"), make_optimizer("hbp-newton"), epochs=1, batch_size=64,
+              name="hbp-newton", parallel=DataParallel(_Ranks(2)))
 
 
 @needs_mpi
-def test_curvature_on_several_ranks_ends_the_run_with_a_clear_message(tmp_path):
+def test_hbp_blocks_on_several_ranks_end_the_run_with_a_clear_message(tmp_path):
     run = _train(2, "--optimizer", "hbp-newton", "--epochs", "1", cwd=tmp_path)
     assert run.returncode == 2 and "hbp-newton cannot run on 2 ranks yet" in run.stderr
     assert "Traceback" not in run.stderr

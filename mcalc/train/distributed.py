@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import McalcError
+from ..runtime.blocks import namespace
 
 # what MPI launchers set in every rank's environment (MPICH's Hydra and gforker, Open MPI, Intel MPI, Slurm)
 _LAUNCHER_SIZE = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "PMIX_SIZE")
@@ -68,38 +69,43 @@ def communicator() -> Communicator:
 
 
 class DataParallel:
-    """The global batch shared out over the ranks of ``comm``, and the means that put it back together."""
+    """The global batch shared out over the ranks of ``comm``, and the means that put it back together.
+    Every rank must make the same calls in the same order (each reduction waits for all of them)."""
 
     def __init__(self, comm: Communicator | None = None) -> None:
         self.comm = comm or SingleProcess()
+        self.batch = 0  # the current global batch's size (:meth:`shard`)
 
     @property
     def is_root(self) -> bool:
         return self.comm.rank == 0
 
     def shard(self, index: np.ndarray) -> np.ndarray:
-        """This rank's contiguous part of a global batch's sample indices (sizes differing by at most one)."""
-        return np.array_split(index, self.comm.size)[self.comm.rank]
+        """This rank's contiguous part of a global batch's sample indices, sizes differing by at most one; a
+        batch smaller than the ranks is every rank's whole (:meth:`mean` weighs it so)."""
+        self.batch = len(index)
+        return self.local(index)
 
-    def average(self, loss: float, grads: Mapping[str, Any], local: int, total: int,
-                xp: Any = np) -> tuple[float, dict[str, Any]]:
-        """The global batch's mean loss and gradients from each rank's mean over its ``local`` of ``total``
-        samples: Σ_r (n_r / n) mean_r, one all-reduce of everything flattened into one buffer."""
+    def local(self, values: np.ndarray) -> np.ndarray:
+        """This rank's part of something drawn for every sample of the current global batch (K-FAC's
+        sampled labels), cut as :meth:`shard` cuts the batch."""
+        if self.comm.size == 1 or len(values) < self.comm.size:
+            return values
+        return np.array_split(values, self.comm.size)[self.comm.rank]
+
+    def mean(self, values: Mapping[str, Any], count: int) -> dict[str, Any]:
+        """The mean over the global batch of quantities each rank has averaged over its ``count`` samples:
+        Σ_r n_r v_r / Σ_r n_r, everything in one all-reduce; arrays keep their type (NumPy or CuPy) and
+        dtype, numbers come back as floats."""
         if self.comm.size == 1:
-            return loss, dict(grads)
-        weight = local / total
-        names = list(grads)
-        host = [np.asarray(g.get() if hasattr(g, "get") else g, dtype=np.float64) for g in grads.values()]
-        flat = np.concatenate([[loss if local else 0.0]] + [h.reshape(-1) for h in host]) * weight
+            return dict(values)
+        host = [np.asarray(v.get() if hasattr(v, "get") else v, dtype=np.float64) for v in values.values()]
+        flat = np.concatenate([[1.0]] + [h.reshape(-1) for h in host]) * count
         summed = self.comm.allreduce(flat)
         out, start = {}, 1
-        for name, h, g in zip(names, host, grads.values()):
-            out[name] = xp.asarray(summed[start : start + h.size].reshape(h.shape), dtype=g.dtype)
+        for (name, value), h in zip(values.items(), host):
+            part = summed[start : start + h.size].reshape(h.shape) / summed[0]
             start += h.size
-        return float(summed[0]), out
-
-    def mean_loss(self, loss: float, local: int, total: int) -> float:
-        """The global batch's mean loss from each rank's mean over its shard."""
-        if self.comm.size == 1:
-            return loss
-        return float(self.comm.allreduce(np.array([loss * local / total if local else 0.0]))[0])
+            out[name] = float(part) if isinstance(value, (int, float)) else \
+                namespace(value).asarray(part, dtype=getattr(value, "dtype", np.float64))
+        return out

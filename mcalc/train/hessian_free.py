@@ -122,7 +122,7 @@ def squared_gradients(net: Network, X: Any, Y: Any) -> dict[str, Any]:
             a = inputs[position]
             out[layer.params["W"]] = (delta * delta) @ (a * a).T / B
             out[layer.params["b"]] = (delta * delta).sum(axis=1, keepdims=True) / B
-    return out
+    return net.parallel.mean(out, B)  # over every rank's shard of the batch
 
 
 @dataclass

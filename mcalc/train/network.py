@@ -21,6 +21,7 @@ from ..modes import Approximation, Curvature, CurvatureMatrix
 from ..runtime.array_ops import columns_of_matrices, grid, matrices_of_columns, side_by_side, softmax, unfold
 from ..runtime.blocks import CurvatureBlock
 from ..runtime.generated_code import library_code
+from .distributed import DataParallel
 from .model_spec import (
     Activation,
     Attention,
@@ -105,6 +106,8 @@ class Network:
         if loss not in SPEC_LOSSES:
             raise McalcError(f"unknown loss '{loss}'; choose one of {', '.join(SPEC_LOSSES)}")
         self.spec, self.backend, self.dtype = spec, backend, dtype
+        # the ranks a batch is shared out over (the trainer sets it): batch means are averaged over them
+        self.parallel = DataParallel()
         self.code: dict[str, ModuleType] = dict(code or {})
         tokens = parse_spec(spec, modules=[name for name in self.code if name not in SPEC_LOSSES.values()])
         self.xp = np
@@ -302,9 +305,10 @@ class Network:
         return Z, inputs
 
     def loss(self, X: Any, Y: Any, params: dict[str, Any] | None = None) -> float:
-        """The batch mean of the per-sample losses."""
+        """The batch mean of the per-sample losses (over every rank's shard of the batch)."""
         Z, _ = self.forward(X, params)
-        return float(self.code[self.loss_module].forward({}, {"x": Z, "y": Y})["Z"].mean())
+        local = float(self.code[self.loss_module].forward({}, {"x": Z, "y": Y})["Z"].mean())
+        return self.parallel.mean({"loss": local}, X.shape[1])["loss"]
 
     def backward(self, X: Any, Y: Any, curvature: Curvature | str | None = None,
                  approximation: Approximation | str = Approximation.MEAN_OF_SANDWICHES) -> BackwardResult:
@@ -313,7 +317,13 @@ class Network:
         The loss is the batch mean: δZ carries 1/B and 𝓗̄z is the mean of the
         per-sample loss Hessians, passed backwards module by module by (4a).
         """
+        if curvature is not None and self.parallel.comm.size > 1:
+            raise McalcError(f"HBP blocks are not averaged over {self.parallel.comm.size} ranks yet (issue 16): "
+                             "hbp-newton, and kfac or kbfgs on a user's modules, run in one process")
         loss, grads, blocks = self._backward(X, Y, curvature, approximation)
+        if self.parallel.comm.size > 1:  # the global batch's mean loss and gradients
+            means = self.parallel.mean({"": float(loss), **grads}, X.shape[1])
+            loss, grads = means.pop(""), means
         return float(loss), grads, blocks
 
     def output_curvatures(self, X: Any, Y: Any, curvature: Curvature | str = Curvature.GGN,
@@ -496,7 +506,7 @@ class Network:
                     out[name] = r[own]
                 if T_in is not None:
                     R = columns_of_matrices(r[layer.input])
-            return out
+            return self.parallel.mean(out, B)  # over every rank's shard of the batch
 
         return product
 

@@ -330,7 +330,9 @@ class KFAC(Optimizer):
         if self.fisher == "mc":  # one label per input drawn from softmax(z); δz = (p − y)/B for the mean loss
             self.rng = self.rng or np.random.default_rng(self.seed)
             cumulative = np.cumsum(np.asarray(p.get() if hasattr(p, "get") else p), axis=0)
-            labels = np.minimum((self.rng.random(B)[None, :] > cumulative).sum(axis=0), p.shape[0] - 1)
+            # drawn for the global batch and cut to this rank's shard, so that the ranks draw what one process would
+            draws = net.parallel.local(self.rng.random(net.parallel.batch or B))
+            labels = np.minimum((draws[None, :] > cumulative).sum(axis=0), p.shape[0] - 1)
             targets = [(xp.asarray(np.eye(p.shape[0])[:, labels]), 1.0)]
         else:  # every class, weighted by its probability
             targets = [(xp.zeros_like(p) + xp.eye(p.shape[0])[:, [c]], p[c:c + 1, :]) for c in range(p.shape[0])]
@@ -351,7 +353,10 @@ class KFAC(Optimizer):
                     g = unvec_of_samples(g, net.layers[position].output_rows)
                 A, G = out[position]
                 out[position] = (A, G + g @ g.T / B)
-        return out
+        # the means over every rank's shard of the batch
+        means = net.parallel.mean({f"{factor}{position}": value for position, (A, G) in out.items()
+                                   for factor, value in (("A", A), ("G", G))}, B)
+        return {position: (means[f"A{position}"], means[f"G{position}"]) for position in out}
 
     def _invert(self, xp: Any) -> None:
         """The damped factors' inverses, factored Tikhonov damping (Martens & Grosse, eq. (S.13))."""
@@ -511,11 +516,15 @@ class KBFGS(Optimizer):
             adjoints = net.adjoints(inputs, net.output_gradient(Z, Y))
         finally:
             net.params = saved
-        out = {}
+        means = {}
         for position, layer in enumerate(net.layers):
             if layer.module == "Linear":
                 pre = inputs[position + 1] if position + 1 < len(net.layers) else Z
-                out[position] = (pre.mean(axis=1, keepdims=True), adjoints[position].sum(axis=1, keepdims=True))
+                means[f"pre{position}"] = pre.mean(axis=1, keepdims=True)
+                means[f"grad{position}"] = adjoints[position].sum(axis=1, keepdims=True)  # δZ carries 1/B
+        means = net.parallel.mean(means, X.shape[1])  # over every rank's shard of the batch
+        out = {position: (means[f"pre{position}"], means[f"grad{position}"])
+               for position, layer in enumerate(net.layers) if layer.module == "Linear"}
         return out, inputs
 
     def step(self, net: Network, grads: dict[str, Any], blocks: dict[str, CurvatureBlock],
@@ -535,13 +544,14 @@ class KBFGS(Optimizer):
             if layer.module != "Linear":
                 continue
             a = with_bias_row(inputs[position], xp)
-            batch_A = a @ a.T / X.shape[1]
+            batch = net.parallel.mean({"A": a @ a.T / X.shape[1], "a": a.mean(axis=1, keepdims=True)}, X.shape[1])
+            batch_A = batch["A"]
             if position not in self.A:  # no pass over the data was made
                 self.A[position] = batch_A
             elif self.steps > 0:
                 self.A[position] = self.decay * self.A[position] + (1 - self.decay) * batch_A
             eye = xp.eye(len(batch_A), dtype=batch_A.dtype)
-            damped[position], means[position] = self.A[position] + root * eye, a.mean(axis=1, keepdims=True)
+            damped[position], means[position] = self.A[position] + root * eye, batch["a"]
             if position not in self.H_a:
                 self.H_a[position] = damped_solve(damped[position], eye, xp, what=f"kbfgs factor A{position}")
             W, b = layer.params["W"], layer.params["b"]

@@ -72,9 +72,7 @@ def train(net: Network, data: Dataset, optimizer: Optimizer, *, epochs: int, bat
     if graphs and net.backend != "cupy":
         raise McalcError(f"CUDA graphs need the cupy backend; this network runs on {net.backend}")
     parallel = parallel or DataParallel()
-    if parallel.comm.size > 1 and optimizer.second_order:
-        raise McalcError(f"{name or type(optimizer).__name__} cannot run on {parallel.comm.size} ranks yet: only the "
-                         "gradients are averaged over the ranks so far, not curvature (issue 16); use sgd or adam")
+    net.parallel = parallel
     progress = progress and parallel.is_root
     xp = net.xp
     captured: dict[tuple, Any] = {}
@@ -104,6 +102,9 @@ def train(net: Network, data: Dataset, optimizer: Optimizer, *, epochs: int, bat
     labels_test = xp.asarray(data.y_test)
     if resume is None:
         optimizer.prepare(net, X_train)
+    if parallel.comm.size > 1 and optimizer.curvature_request() is not None:
+        raise McalcError(f"{name or type(optimizer).__name__} cannot run on {parallel.comm.size} ranks yet: its HBP "
+                         "blocks are not averaged over the ranks (issue 16); the other optimisers can")
     steps = math.ceil(len(data.y_train) / batch_size)
     start = time.perf_counter() - elapsed
     bar = None
@@ -115,20 +116,14 @@ def train(net: Network, data: Dataset, optimizer: Optimizer, *, epochs: int, bat
         order = rng.permutation(len(data.y_train))
         losses = []
         for k in range(steps):
-            batch = order[k * batch_size:(k + 1) * batch_size]
-            index = xp.asarray(parallel.shard(batch))  # all of it in a single process
+            index = xp.asarray(parallel.shard(order[k * batch_size:(k + 1) * batch_size]))  # all of it in one process
             X, Y = X_train[:, index], Y_train[:, index]
-            if len(index):
-                loss, grads, blocks = backward(X, Y)
-            else:  # a last batch smaller than the ranks: this one has no sample, and adds nothing
-                loss, grads, blocks = 0.0, {p: xp.zeros_like(v) for p, v in net.params.items()}, {}
-            loss, grads = parallel.average(loss, grads, len(index), len(batch), xp)
+            loss, grads, blocks = backward(X, Y)  # means over the global batch
             snapshot = copy.deepcopy(optimizer)
             updates = optimizer.step(net, grads, blocks, (X, Y))
             previous = dict(net.params)
             net.params = net.params_plus(updates)
-            loss_after = parallel.mean_loss(net.loss(X, Y) if len(index) else 0.0, len(index), len(batch))
-            if step_is_rejected(optimizer, loss, loss_after, updates, xp):
+            if step_is_rejected(optimizer, loss, net.loss(X, Y), updates, xp):
                 net.params = previous  # never corrupt the weights, nor the optimiser's state
                 restore(optimizer, snapshot)
                 rejected += 1
