@@ -75,6 +75,7 @@ class DataParallel:
     def __init__(self, comm: Communicator | None = None) -> None:
         self.comm = comm or SingleProcess()
         self.batch = 0  # the current global batch's size (:meth:`shard`)
+        self.reductions, self.communicated = 0, 0  # all-reduces made, and the bytes of their buffers
 
     @property
     def is_root(self) -> bool:
@@ -102,6 +103,7 @@ class DataParallel:
         host = [np.asarray(v.get() if hasattr(v, "get") else v, dtype=np.float64) for v in values.values()]
         flat = np.concatenate([[1.0]] + [h.reshape(-1) for h in host]) * count
         summed = self.comm.allreduce(flat)
+        self.reductions, self.communicated = self.reductions + 1, self.communicated + flat.nbytes
         out, start = {}, 1
         for (name, value), h in zip(values.items(), host):
             part = summed[start : start + h.size].reshape(h.shape) / summed[0]
