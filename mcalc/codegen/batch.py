@@ -11,6 +11,7 @@ products plus elementwise passes:
     meanᵢ(diag(aᵢ) H diag(bᵢ))  = H ⊙ (A Bᵀ) / B                  (diag(a)H diag(b) = H ⊙ abᵀ)
     meanᵢ(Pᵢ ⊗ Q)               = meanᵢ(Pᵢ) ⊗ Q                   (M&N 2.2, linearity)
     meanᵢ(Lᵢ Rᵢ)                = [L₁ … L_B] [R₁ᵀ … R_Bᵀ]ᵀ / B      (per-sample matrices side by side)
+    [Lᵢ Rᵢ]ᵢ                    = [L₁R₁ … L_BR_B]                 (one batched product: attention's Xᵢᵀ Q Xᵢ)
 
 A rule with no closed form keeps a :class:`~mcalc.expr.BatchMean` node that
 is evaluated sample by sample.

@@ -2,9 +2,12 @@
 
 Every rank holds the whole network and data set, draws the same batch order (the same seed), and takes
 its contiguous shard of every global batch (:meth:`DataParallel.shard`). A batch mean over the global
-batch is the sum over ranks of each shard's mean weighted by its share of the batch, so the loss and the
-gradients are all-reduced that way (:meth:`DataParallel.average`), and every rank takes the same step.
-Rank 0 alone prints, writes the history, the plot and the checkpoints.
+batch is the sum over ranks of each shard's mean weighted by its share of the batch, so every batch mean
+a step needs (the loss, gradients, curvature products, K-FAC's and K-BFGS's factors) is all-reduced that
+way (:meth:`DataParallel.mean`), where the network and the optimisers compute it, and every rank takes
+the same step. Rank 0 alone prints, writes the history, the plot and the checkpoints. HBP's blocks are
+not reduced yet: a PSD projection of the summed concave term, or a product of batch means ((7),
+6-kfac), is not the mean of the ranks' own, so the reduction belongs inside the generated code.
 
 Without an MPI launcher (or with one rank) a :class:`SingleProcess` stands in and nothing is
 communicated. mpi4py and an MPI library (the ``mpich`` wheel) come with the ``mpi`` extra.
