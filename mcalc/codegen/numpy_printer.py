@@ -355,7 +355,15 @@ class ArrayPrinter:
         return f"xp.linalg.inv({self.operand(node.args[0])})"
 
     def _print_Kron(self, node: Expr) -> str:
-        return f"xp.kron({self.operand(node.args[0])}, {self.operand(node.args[1])})"
+        a, b = node.args
+        if isinstance(b, Ones):  # A ⊗ 1: each entry of A repeated over a block (a pooling's window)
+            return f"xp.repeat(xp.repeat({self.operand(a)}, {self.dim(b.rows)}, axis=0), {self.dim(b.cols)}, axis=1)" \
+                if b.rows != ONE and b.cols != ONE else \
+                f"xp.repeat({self.operand(a)}, {self.dim(b.rows if b.cols == ONE else b.cols)}, " \
+                f"axis={0 if b.cols == ONE else 1})"
+        if isinstance(a, Ones):  # 1 ⊗ B: B tiled
+            return f"xp.tile({self.operand(b)}, ({self.dim(a.rows)}, {self.dim(a.cols)}))"
+        return f"xp.kron({self.operand(a)}, {self.operand(b)})"
 
     def _print_Diag(self, node: Expr) -> str:
         return f"xp.diagflat({self.ref(node.args[0])})"
