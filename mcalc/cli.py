@@ -190,7 +190,7 @@ def _train_on(args: argparse.Namespace, parallel: DataParallel) -> int:
         options.update(curvature=args.curvature, approximation=args.approximation, split=args.split,
                        solver=args.solver, refresh=args.refresh)
     if args.optimizer == "kfac":
-        options.update(fisher=args.fisher, seed=args.seed, damping=args.damping)
+        options.update(fisher=args.fisher, kfac_approx=args.kfac_approx, seed=args.seed, damping=args.damping)
     if args.optimizer in ("hf-newton", "hf-gn"):
         options.update(damping=args.damping, cg_iterations=args.cg_iterations)
     optimizer = make_optimizer(args.optimizer, **options)
@@ -363,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=["sgd", "adam", "hbp-newton", "kfac", "kbfgs", "hf-newton", "hf-gn"],
                    default="hbp-newton", help="each at its reference's defaults (README)")
     p.add_argument("--fisher", choices=["mc", "exact"], default="mc", help="kfac: sampled or exact Fisher")
+    p.add_argument("--kfac-approx", choices=["expand", "reduce"], default="expand",
+                   help="kfac: a convolution's factors, K-FAC-expand (KFC's) or K-FAC-reduce (Eschenhagen et al. 2023)")
     p.add_argument("--damping", type=float,
                    help="initial Levenberg–Marquardt λ of kfac (default 1) and hf-newton, hf-gn (default 45)")
     p.add_argument("--cg-iterations", type=int, help="hf-newton, hf-gn: at most this many CG steps (default 250)")

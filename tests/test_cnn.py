@@ -217,11 +217,13 @@ def test_digits_train_as_images():
     assert history[-1]["test_accuracy"] > 0.85, history[-1]
 
 
-def test_kfac_factors_a_convolution_as_kfc_equal_to_curvlinops():
+@pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
+def test_kfac_factors_a_convolution_as_kfc_equal_to_curvlinops(kfac_approx):
     """kfac's factors of a convolution (exact Fisher): Ā = E[Σₜ ãₜ ãₜᵀ]/T over the patches with their bias row
-    and G = E[Σₜ gₜ gₜᵀ] (KFC's, K-FAC-expand) against curvlinops' K-FAC-expand (type-2 Fisher) of the same
-    network in PyTorch, a Conv2d over 1 × L images, in float64: Ā ⊗ G equal to its [weight, bias] block up
-    to the batch size (curvlinops' loss is the sum, mcalc's the mean)."""
+    and G = E[Σₜ gₜ gₜᵀ] (KFC's, K-FAC-expand), or the positions summed out first (K-FAC-reduce), against
+    curvlinops' K-FAC of the same kind (type-2 Fisher) of the same network in PyTorch, a Conv2d over 1 × L
+    images, in float64: Ā ⊗ G equal to its [weight, bias] block up to the batch size (curvlinops' loss is
+    the sum, mcalc's the mean)."""
     import curvlinops  # installed by `make test` (the Makefile's PEERS)
     import torch
 
@@ -229,7 +231,7 @@ def test_kfac_factors_a_convolution_as_kfc_equal_to_curvlinops():
     rng = np.random.default_rng(0)
     B, m, c, k, L = 5, 3, 1, 3, 7
     X = rng.normal(size=(L, B))
-    kfac = make_optimizer("kfac", fisher="exact")
+    kfac = make_optimizer("kfac", fisher="exact", kfac_approx=kfac_approx)
     kfac.prepare(net, X)
     assert kfac.block_params == []  # the convolution is factored, not stepped through HBP blocks
     A, G = kfac._statistics(net, X)[0]
@@ -248,7 +250,7 @@ def test_kfac_factors_a_convolution_as_kfc_equal_to_curvlinops():
     images = torch.tensor(X.T)[:, None, None, :]
     operator = curvlinops.KFACLinearOperator(
         model, torch.nn.CrossEntropyLoss(reduction="sum"), list(model.parameters()),
-        [(images, torch.zeros(B, dtype=torch.long))], fisher_type="type-2", kfac_approx="expand",
+        [(images, torch.zeros(B, dtype=torch.long))], fisher_type="type-2", kfac_approx=kfac_approx,
         separate_weight_and_bias=False, check_deterministic=False)  # [K b] jointly, as kfac-jax and KFC
     n = m * c * k + m
     reference = (operator.to_scipy() @ np.eye(operator.shape[1]))[:n, :n] / B

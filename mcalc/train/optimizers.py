@@ -255,7 +255,9 @@ class KFAC(Optimizer):
     their probabilities. Per convolution the same with its T positions as more samples (KFC, Grosse &
     Martens 2016, eqs. (32)–(33); K-FAC-expand in Eschenhagen et al. 2023, curvlinops' and kfac-jax's
     convolution blocks): Ā = E[Σₜ ãₜ ãₜᵀ]/T over the patches ãₜ = [uₜ; 1] and G = E[Σₜ gₜ gₜᵀ] over the
-    output positions' gradients. Every step:
+    output positions' gradients; or, with ``kfac_approx='reduce'`` (Eschenhagen et al.'s K-FAC-reduce),
+    the positions summed out first: Ā = E[ā āᵀ] of the mean patch ā = Σₜ ãₜ/T and G = E[ḡ ḡᵀ] of
+    ḡ = Σₜ gₜ (BackPACK's convolution output factor). Every step:
 
     - the factors are averaged with decay ε = min(1 − 1/k, ``decay``) at step k (Martens & Grosse,
       Section 5);
@@ -292,6 +294,7 @@ class KFAC(Optimizer):
     min_damping: float = 1e-2
     max_damping: float = 1000.0
     fisher: str = "mc"
+    kfac_approx: str = "expand"  # a convolution's factors: K-FAC-expand (KFC's) or K-FAC-reduce
     seed: int = 0
     steps: int = 0
     factors: dict[int, tuple[Any, Any]] = field(default_factory=dict)
@@ -304,6 +307,8 @@ class KFAC(Optimizer):
     def __post_init__(self) -> None:
         if self.fisher not in ("mc", "exact"):
             raise McalcError(f"unknown Fisher '{self.fisher}'; choose mc or exact")
+        if self.kfac_approx not in ("expand", "reduce"):
+            raise McalcError(f"unknown K-FAC approximation '{self.kfac_approx}'; choose expand or reduce")
         if self.inverse_period < 1 or self.damping_period < 1:
             raise McalcError("kfac: inverse_period and damping_period must be positive")
 
@@ -341,16 +346,22 @@ class KFAC(Optimizer):
             if layer.module == "Linear":
                 a = with_bias_row(inputs[position], xp)
                 out[position] = (a @ a.T / B, 0)
-            elif layer.window is not None:  # the positions as more samples: Σₜ ãₜ ãₜᵀ / T, averaged
-                a = with_bias_row(layer.patches(inputs[position]), xp)
+            elif layer.window is not None:  # expand: the positions as more samples, Σₜ ãₜ ãₜᵀ / T, averaged
+                patches = layer.patches(inputs[position])  # sample i's T positions in columns i·T … i·T + T − 1
+                if self.kfac_approx == "reduce":  # the mean patch of each sample
+                    patches = patches.reshape(patches.shape[0], B, -1).mean(axis=2)
+                a = with_bias_row(patches, xp)
                 out[position] = (a @ a.T / a.shape[1], 0)
         caches: list[dict] = [{} for _ in net.layers]  # one forward pass, a backward pass per class
         for target, weight in targets:
             adjoints = net.adjoints(inputs, (p - target) * xp.sqrt(weight) / B, caches)
             for position in out:
                 g = adjoints[position] * B  # per-sample gradients, one per column
-                if net.layers[position].output_rows is not None:  # a convolution's: one column per position
-                    g = unvec_of_samples(g, net.layers[position].output_rows)
+                rows = net.layers[position].output_rows
+                if rows is not None and self.kfac_approx == "reduce":  # a convolution's, summed over positions
+                    g = g.reshape(-1, rows, B).sum(axis=0)
+                elif rows is not None:  # a convolution's, one column per position
+                    g = unvec_of_samples(g, rows)
                 A, G = out[position]
                 out[position] = (A, G + g @ g.T / B)
         # the means over every rank's shard of the batch
