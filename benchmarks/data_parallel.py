@@ -2,7 +2,7 @@
 against gradient-only data parallelism, and seconds per step on 1 and 2 ranks.
 
     python benchmarks/data_parallel.py [--optimizers sgd adam kfac kbfgs hf-gn hf-newton] [--steps 15]
-                                       [--batch 256] [--json OUT]
+                                       [--batch 256] [--json OUT] [--plot OUT.png]
 
 Each optimiser trains 40-100-relu-100-relu-10 on MNIST-1D for ``--steps`` steps of the global batch, once
 in one process and once under ``mpiexec -n 2`` (this script, as its own worker), at its defaults, one
@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--worker")
     parser.add_argument("--json")
+    parser.add_argument("--plot")
     args = parser.parse_args()
     if args.worker:
         result = worker(args.worker, args.steps, args.batch)
@@ -104,11 +105,38 @@ def main() -> None:
               + "  ".join(f"{seconds * 1e6:>23.2f} µs" for seconds in model.values()), flush=True)
     latency = rows[0]["two_ranks"]["allreduce_latency_s"]
     print(f"one small all-reduce here (MPICH, 2 ranks, shared memory): {latency * 1e6:.1f} µs")
+    if args.plot:
+        plot(rows, args.plot)
     if args.json:
         Path(args.json).write_text(json.dumps({"spec": SPEC, "batch": args.batch, "steps": args.steps,
                                                "busbw": BUSBW, "rows": rows,
                                                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"},
                                               indent=2))
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Bytes all-reduced per step against gradient-only, and seconds per step on 1 and 2 ranks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = [r["two_ranks"]["optimizer"] for r in rows]
+    x = np.arange(len(names))
+    fig, (volume, speed) = plt.subplots(1, 2, figsize=(11, 3.8))
+    volume.bar(x, [r["two_ranks"]["bytes_per_step"] / 1024 for r in rows], color="tab:blue")
+    volume.axhline(rows[0]["two_ranks"]["gradient_only_bytes_per_step"] / 1024, color="gray", linestyle="--",
+                   label="gradient-only")
+    volume.set(xticks=x, xticklabels=names, ylabel="KiB all-reduced per step", title="communication")
+    volume.legend()
+    for offset, key, label in ((-0.2, "one_rank", "1 rank"), (0.2, "two_ranks", "2 ranks")):
+        speed.bar(x + offset, [r[key]["seconds_per_step"] * 1e3 for r in rows], width=0.4, label=label)
+    speed.set(xticks=x, xticklabels=names, ylabel="ms per step", title="time (2-core machine)")
+    speed.legend()
+    fig.suptitle(f"{SPEC} on MNIST-1D, data parallel over MPI")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -166,6 +166,7 @@ def _train(args: argparse.Namespace) -> int:
         message = str(exc) if isinstance(exc, McalcError) else f"{type(exc).__name__}: {exc}"
         print(f"mcalc: error on rank {parallel.comm.rank} of {parallel.comm.size}: {message}", file=sys.stderr,
               flush=True)
+        time.sleep(0.5)  # the launcher forwards the message before the abort tears the ranks down
         parallel.comm.abort(EXIT_BAD_INPUT)
         raise
 
