@@ -36,6 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mcalc.runtime.array_ops import grid  # noqa: E402
 from mcalc.train.network import Network  # noqa: E402
 from mcalc.train.optimizers import make_optimizer  # noqa: E402
 
@@ -133,7 +134,7 @@ def main() -> None:
 
     # the check, in float64, on a small batch
     net = Network(SPEC, seed=0)
-    positions = [int(np.prod(_grid(layer))) if layer.window else 1 for layer in net.layers if layer.params]
+    positions = [_positions(layer) for layer in net.layers if layer.params]
     X = rng.normal(size=(3 * 32 * 32, 8))
     y = rng.integers(0, 10, 8)
     images = torch.tensor(X.T.reshape(8, 32 * 32, 3).transpose(0, 2, 1).reshape(8, 3, 32, 32).copy())
@@ -166,11 +167,12 @@ def main() -> None:
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}, indent=2))
 
 
-def _grid(layer) -> tuple[int, ...]:
-    from mcalc.runtime.array_ops import grid
-
+def _positions(layer) -> int:
+    """T, a convolution's output positions; 1 for a Linear layer."""
+    if layer.window is None:
+        return 1
     kernel, stride, padding, dilation, extents = layer.window
-    return grid(extents, kernel, stride, padding, dilation)
+    return int(np.prod(grid(extents, kernel, stride, padding, dilation)))
 
 
 if __name__ == "__main__":

@@ -24,18 +24,18 @@ from ..symbols import Matrix, Vector, identity, kron, max_pool, ones, unfold
 Pair = tuple[int, ...]  # a hyper-parameter per spatial dimension: (k,) for a signal, (kh, kw) for an image
 
 
-def _input(size: Pair | None) -> tuple[Matrix, Pair | None, str]:
+def _input(size: Pair | None) -> tuple[Matrix, str]:
     """X (c × L) of a signal (``size`` None), or (c × H·W) of an image of ``size``; the name's suffix."""
     if size is None:
-        return Matrix("X", "c", "L"), None, ""
-    return Matrix("X", "c", math.prod(size)), size, "_" + spec_text(size)
+        return Matrix("X", "c", "L"), ""
+    return Matrix("X", "c", math.prod(size)), "_" + spec_text(size)
 
 
 @functools.cache
 def convolution(kernel: Pair, stride: Pair, padding: Pair, dilation: Pair, size: Pair | None = None) -> Module:
     """The module z = K unfold(X) + b 1ᵀ of a Conv1d (``size`` None) or of a Conv2d over images of ``size``
     (``Conv1d_k5s1p2d1``, ``Conv2d_k3x3s1x1p1x1d1x1_8x8``)."""
-    X, size, suffix = _input(size)
+    X, suffix = _input(size)
     K, b = Matrix("K", "m", f"c*{math.prod(kernel)}"), Vector("b", "m")
     patches = unfold(X, kernel, stride, padding, dilation, size=size)
     name = f"Conv{len(kernel)}d_k{spec_text(kernel)}s{spec_text(stride)}p{spec_text(padding)}d{spec_text(dilation)}"
@@ -56,7 +56,7 @@ def avg_pooling(kernel: Pair, stride: Pair | None = None, padding: Pair | None =
     padding counted, its default): z = (1/taps) (I_c ⊗ 1ᵀ) unfold(X), each channel's taps of a window
     summed."""
     stride, padding = stride or kernel, padding or (0,) * len(kernel)
-    X, size, suffix = _input(size)
+    X, suffix = _input(size)
     taps = math.prod(kernel)
     window = kron(identity("c"), ones(taps).T) @ unfold(X, kernel, stride=stride, padding=padding, size=size)
     return Module(_pool_name("AvgPool", kernel, stride, padding, suffix), output=window * (1 / sp.Integer(taps)),
@@ -70,6 +70,6 @@ def max_pooling(kernel: Pair, stride: Pair | None = None, padding: Pair | None =
     never a window's maximum (PyTorch's MaxPool1d, or MaxPool2d over images of ``size``): the
     piecewise-linear selection of :func:`mcalc.max_pool`."""
     stride, padding = stride or kernel, padding or (0,) * len(kernel)
-    X, size, suffix = _input(size)
+    X, suffix = _input(size)
     return Module(_pool_name("MaxPool", kernel, stride, padding, suffix),
                   output=max_pool(X, kernel, stride=stride, padding=padding, size=size), inputs=[X])

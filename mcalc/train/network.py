@@ -139,10 +139,10 @@ class Network:
             elif isinstance(token, Flatten):
                 self.shapes.append((self.shapes[-1][0] * self.shapes[-1][1], 1))
                 extents = None
+            elif isinstance(token, (Conv, Pool, Attention)) and extents is None:
+                raise McalcError(f"model spec '{spec}': {type(token).__name__.lower()} needs a signal or an "
+                                 f"image, but follows a vector of {self.widths[-1]}")
             elif isinstance(token, (Conv, Pool)):  # conv1.K, conv1.b, conv2.K, …
-                if extents is None:
-                    raise McalcError(f"model spec '{spec}': {type(token).__name__.lower()} needs a signal or an "
-                                     f"image, but follows a vector of {self.widths[-1]}")
                 label = f"conv{sum(layer.module.startswith('Conv') for layer in self.layers) + 1}" \
                     if isinstance(token, Conv) else None
                 patches = window(token, extents)
@@ -155,9 +155,6 @@ class Network:
                     self.layers[-1].window = patches
                 extents = after
             elif isinstance(token, Attention):  # attention1.Q, attention1.K, attention1.V; positions unchanged
-                if extents is None:
-                    raise McalcError(f"model spec '{spec}': attention needs a signal or an image, but follows a "
-                                     f"vector of {self.widths[-1]}")
                 from ..layers.attention import self_attention
 
                 label = f"attention{sum(layer.module == 'SelfAttention' for layer in self.layers) + 1}"

@@ -66,8 +66,9 @@ def train(net: Network, data: Dataset, optimizer: Optimizer, *, epochs: int, bat
     (cupy backend): each backward pass is a CUDA graph replayed, one captured per
     curvature mode and batch shape (:meth:`Network.capture_backward`). ``on_epoch`` is called with each
     epoch's history row as the epoch ends (the CLI prints it). With ``parallel`` over several ranks each
-    takes its shard of every batch and the loss and gradients are averaged over them
-    (:mod:`.distributed`); only rank 0 calls ``on_epoch``, shows progress and writes checkpoints.
+    takes its shard of every batch, and the network (``net.parallel``) and the optimisers average every
+    batch mean of a step over them (:mod:`.distributed`); only rank 0 calls ``on_epoch``, shows progress
+    and writes checkpoints.
     """
     if graphs and net.backend != "cupy":
         raise McalcError(f"CUDA graphs need the cupy backend; this network runs on {net.backend}")
