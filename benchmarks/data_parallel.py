@@ -1,7 +1,7 @@
 """What data parallelism over MPI communicates and costs, per optimiser: bytes all-reduced per step
 against gradient-only data parallelism, and seconds per step on 1 and 2 ranks.
 
-    python benchmarks/data_parallel.py [--optimizers sgd adam kfac kbfgs hf-gn hf-newton] [--steps 15]
+    python benchmarks/data_parallel.py [--optimizers sgd adam kfac kbfgs hf-gn hf-newton hbp-newton] [--steps 15]
                                        [--batch 256] [--json OUT] [--plot OUT.png]
 
 Each optimiser trains 40-100-relu-100-relu-10 on MNIST-1D for ``--steps`` steps of the global batch, once
@@ -77,7 +77,8 @@ def run(ranks: int, optimizer: str, steps: int, batch: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--optimizers", nargs="+", default=["sgd", "adam", "kfac", "kbfgs", "hf-gn", "hf-newton"])
+    parser.add_argument("--optimizers", nargs="+",
+                        default=["sgd", "adam", "kfac", "kbfgs", "hf-gn", "hf-newton", "hbp-newton"])
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--worker")

@@ -794,6 +794,8 @@ class PSDProjection(Expr):
 # Batch forms (layer 4: a per-sample rule lowered over a batch of B samples)
 # =============================================================================
 BATCH = sp.Symbol("B", integer=True, positive=True)  # the batch size
+# the samples a batch mean is over: B in one process, every rank's shard together in data parallelism
+SAMPLES = sp.Symbol("B_all", integer=True, positive=True)
 
 
 class Stacked(Expr):
@@ -884,6 +886,17 @@ class BatchMean(Expr):
 
     def rebuild(self, children: list[Expr]) -> Expr:
         return BatchMean(children[0], self.args[1])
+
+
+class RankSum(Expr):
+    """The sum over the ranks of data parallelism of a sum over this rank's samples: what a batch mean
+    (1/B_all) Σᵢ sums, every rank's shard of the batch at once. In one process it is its operand.
+    ``args`` = (e,)."""
+
+    __slots__ = ()
+
+    def _infer_shape(self) -> dims.Shape:
+        return self.args[0].shape
 
 
 def product(factors: tuple[Expr, ...], rows: sp.Expr) -> Expr:

@@ -85,14 +85,16 @@ def test_library_batch_rules_are_closed_forms(module):
 
 def test_linear_weight_block_is_the_kronecker_of_the_batch():
     d = mc.derive(L.Linear)
-    assert repr(batch_hbp(d, "W")) == "(1/B)·(([x]_B [x]_Bᵀ) ⊗ 𝓗z)"  # E[x xᵀ] ⊗ 𝓗̄z
+    # E[x xᵀ] ⊗ 𝓗̄z, the batch sum summed over the ranks of data parallelism (B_all = B in one process)
+    assert repr(batch_hbp(d, "W")) == "(1/B_all)·(Σ_ranks[[x]_B [x]_Bᵀ] ⊗ 𝓗z)"
     assert repr(batch_hbp(d, "x")) == "Wᵀ 𝓗z W"
 
 
 def test_activation_batch_rule_fuses_the_diagonal_sandwich():
     d = mc.derive(L.Sigmoid)
     assert repr(batch_hbp(d, "x", "pch-abs")) == (
-        "(1/B)·((sigmoid'([x]_B) sigmoid'([x]_B)ᵀ) ⊙ 𝓗z) + diag[abs(([δz]_B ⊙ sigmoid''([x]_B)) 1_B)]")
+        "(1/B_all)·(Σ_ranks[sigmoid'([x]_B) sigmoid'([x]_B)ᵀ] ⊙ 𝓗z) "
+        "+ diag[abs(Σ_ranks[([δz]_B ⊙ sigmoid''([x]_B)) 1_B])]")  # |·| of the sum over every rank
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow],

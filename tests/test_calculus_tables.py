@@ -28,7 +28,7 @@ LEAVES = {E.Symbol, E.Seed, E.Identity, E.Zero, E.Ones, E.Commutation, E.UnfoldM
 # PSDProjection, Gram, and the batch forms (Stacked, BatchMean, and the layouts of per-sample matrices)
 DERIVED_ONLY = {E.Kron, E.PSDProjection, E.Gram, E.Stacked, E.BatchMean, E.SampleProduct, E.SampleMatMul,
                 E.SampleTranspose, E.VecOfSamples,
-                E.UnvecOfSamples, E.BlockTrace}
+                E.UnvecOfSamples, E.BlockTrace, E.RankSum}
 
 
 def test_every_node_of_the_ir_is_classified():

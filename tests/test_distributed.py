@@ -78,6 +78,35 @@ def test_shards_and_weighted_means_give_the_global_batch_mean():
     assert np.array_equal(DataParallel(ranks).shard(np.arange(2)), np.arange(2))
 
 
+def test_jobs_go_to_the_least_loaded_rank_costliest_first():
+    assert DataParallel(_Ranks(2)).assign([1.0, 8.0, 3.0, 3.0, 2.0]) == [0, 0, 1, 1, 1]  # loads 9 and 8
+    assert DataParallel(_Ranks(3)).assign([5.0, 5.0]) == [0, 1]
+    assert DataParallel().assign([1.0, 2.0]) == [0, 0]
+
+
+def test_each_rank_solves_only_its_blocks(rng):
+    """Rank 1 of 2, its all-reduce seeing no other rank: the directions of the blocks assigned to rank 0
+    come back zero, its own equal one process's, and the two sets make up every block."""
+    from mcalc.runtime.blocks import CurvatureBlock
+    from mcalc.train.block_solvers import DampedBlockSolver
+
+    parts = []
+    for i, n in enumerate([3, 9, 5, 6]):
+        a = rng.normal(size=(n, n))
+        parts.append((f"W{i}", rng.normal(size=(n, 1)), CurvatureBlock(dense=a @ a.T)))
+    whole = DampedBlockSolver().solve(parts, 0.1)
+    ranks = _Ranks(2)
+    ranks.rank = 1
+    mine = DampedBlockSolver().solve(parts, 0.1, DataParallel(ranks))
+    solved = {key for key, d in mine.items() if np.abs(d).max() > 0}
+    assert solved and solved != set(whole)
+    for key in solved:
+        np.testing.assert_array_equal(mine[key], whole[key])
+    ranks.rank = 0
+    assert {key for key, d in DampedBlockSolver().solve(parts, 0.1, DataParallel(ranks)).items()
+            if np.abs(d).max() > 0} == set(whole) - solved
+
+
 def test_a_single_process_communicates_nothing(monkeypatch):
     for name in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "PMIX_SIZE"):
         monkeypatch.delenv(name, raising=False)
@@ -88,12 +117,14 @@ def test_a_single_process_communicates_nothing(monkeypatch):
 
 
 @needs_mpi
-@pytest.mark.parametrize("optimizer", ["sgd", "adam", "kfac", "kbfgs", "hf-gn", "hf-newton"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "kfac", "kbfgs", "hf-gn", "hf-newton", "hbp-newton",
+                                       "hbp-newton --solver eigen", "hbp-newton --solver auto"])
 def test_two_ranks_equal_one_process(optimizer, tmp_path):
     """The global batch of 63 (1600 samples: the last batch 25) shared 32/31 and 13/12: the histories equal
-    one process's (gradients, K-FAC's and K-BFGS's factors with K-FAC's sampled labels, curvature products,
-    losses and Martens' squared gradients all averaged over the ranks), and rank 0 alone writes."""
-    options = ["--optimizer", optimizer, "--epochs", "2", "--batch-size", "63"]
+    one process's (gradients, HBP's blocks, K-FAC's and K-BFGS's factors with K-FAC's sampled labels,
+    curvature products, losses and Martens' squared gradients all averaged over the ranks; eq. (8)'s
+    solves and decompositions and K-FAC's inverses shared out), and rank 0 alone writes."""
+    options = ["--optimizer", *optimizer.split(), "--epochs", "2", "--batch-size", "63"]
     one = _train(1, *options, "--json", "one.json", cwd=tmp_path)
     two = _train(2, *options, "--json", "two.json", cwd=tmp_path)
     assert one.returncode == 0 and two.returncode == 0, two.stderr
@@ -115,19 +146,33 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank_and_the_reverse(tmp_path):
     _assert_same(_history(tmp_path / "ref.json"), _history(tmp_path / "resumed2.json"))
 
 
-def test_hbp_blocks_on_several_ranks_are_refused_before_any_step():
+@needs_mpi
+def test_hbp_blocks_on_two_ranks_equal_one_process():
+    """Every curvature and approximation, an MLP and a CNN, uneven shards and a batch smaller than the
+    ranks: the blocks the generated code sums over the ranks as it forms each batch mean (through a PSD
+    cast, (7)'s product of means and 6-kfac's factors alike) equal one process's to 1e-10."""
+    script = Path(__file__).parent / "mpi_hbp_blocks.py"
+    run = subprocess.run([str(MPIEXEC if MPIEXEC.exists() else shutil.which("mpiexec")), "-n", "2", sys.executable,
+                          str(script)], capture_output=True, text=True, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"},
+                         timeout=600)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr
+
+
+def test_graphs_on_several_ranks_are_refused_before_any_step():
     from mcalc.train import data as D
     from mcalc.train.network import Network
     from mcalc.train.optimizers import make_optimizer
     from mcalc.train.trainer import train
 
-    with pytest.raises(mc.McalcError, match="hbp-newton cannot run on 2 ranks yet"):
-        train(Network("20-5"), D.load_dataset("synthetic"), make_optimizer("hbp-newton"), epochs=1, batch_size=64,
-              name="hbp-newton", parallel=DataParallel(_Ranks(2)))
+    net = Network("20-5")
+    net.backend = "cupy"  # what graphs need; refused for the ranks before any array is touched
+    with pytest.raises(mc.McalcError, match="CUDA graphs run in one process"):
+        train(net, D.load_dataset("synthetic"), make_optimizer("sgd"), epochs=1, batch_size=64, graphs=True,
+              parallel=DataParallel(_Ranks(2)))
 
 
 @needs_mpi
-def test_hbp_blocks_on_several_ranks_end_the_run_with_a_clear_message(tmp_path):
-    run = _train(2, "--optimizer", "hbp-newton", "--epochs", "1", cwd=tmp_path)
-    assert run.returncode == 2 and "hbp-newton cannot run on 2 ranks yet" in run.stderr
+def test_a_failing_rank_ends_the_run_with_a_clear_message(tmp_path):
+    run = _train(2, "--optimizer", "sgd", "--epochs", "1", "--graphs", cwd=tmp_path)
+    assert run.returncode == 2 and "CUDA graphs need the cupy backend" in run.stderr
     assert "Traceback" not in run.stderr

@@ -6,7 +6,19 @@ from conftest import ROOT
 
 import mcalc as mc
 from mcalc import layers as L
-from mcalc.expr import Commutation, Identity, Inverse, Kron, MatMul, PSDProjection, ScalarMul, Seed, Sum, Symbol
+from mcalc.expr import (
+    Commutation,
+    Identity,
+    Inverse,
+    Kron,
+    MatMul,
+    PSDProjection,
+    RankSum,
+    ScalarMul,
+    Seed,
+    Sum,
+    Symbol,
+)
 from mcalc.numeric.evaluate import Evaluator
 from mcalc.numeric.verify import draw_value
 from mcalc.simplification import all_rules, record_rewrites, simplify
@@ -55,6 +67,7 @@ def _corpus():
         mc.sum(x - mc.mean(x) * mc.ones("n")), mc.sum(A @ x + s * mc.ones("n")),  # sum(A x + s·1) = sum(A x) + n s
         mc.unfold(3 * B, 3, padding=1), mc.unfold(B * 0, 2), mc.fold(2 * mc.unfold(B, 3, padding=1), "n", 3, padding=1),
         mc.fold(mc.unfold(B, 2) * 0, "n", 2),
+        RankSum(ScalarMul(2, A)) + RankSum(A @ A) + x @ y.T,  # batch means over ranks: one sum of both
     ]
     return targeted
 

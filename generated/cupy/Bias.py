@@ -79,6 +79,8 @@ from mcalc.runtime.array_ops import unvec_of_samples as _unvec_of_samples  # noq
 from mcalc.runtime.array_ops import vec as _vec  # noqa: F401
 from mcalc.runtime.array_ops import vec_of_samples as _vec_of_samples  # noqa: F401
 from mcalc.runtime.array_ops import window_argmax as _window_argmax  # noqa: F401
+from mcalc.runtime.rank_sum import rank_sum as _rank_sum  # noqa: F401
+from mcalc.runtime.rank_sum import samples as _samples  # noqa: F401
 
 
 
@@ -88,14 +90,14 @@ def _dtype(P, S):
 
 
 def _dims(P, S):
-    return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "m": S['x'].shape[0], }
+    return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "B_all": _samples(S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1), "m": S['x'].shape[0], }
 
 
 def forward(P, S, cache=None):
     """Z = the module's outputs, (size z, B). The module's functions that share ``cache`` (a dict, one
     per batch) compute what they have in common once; they must share P and S, except what the
     function's own docstring says may change."""
-    B, m = _dims(P, S).values()
+    B, B_all, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_a3cc1fa8db9e', dtype, (m, B), (m, B), [S['x'], P['b']], [], 'entries')
 
@@ -103,7 +105,7 @@ def forward(P, S, cache=None):
 
 
 def _gradients_all(P, S, C=None):
-    B, m = _dims(P, S).values()
+    B, B_all, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = S['dz'].sum(axis=1, keepdims=True)
 
@@ -111,7 +113,7 @@ def _gradients_all(P, S, C=None):
 
 
 def _gradients_params(P, S, C=None):
-    B, m = _dims(P, S).values()
+    B, B_all, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = S['dz'].sum(axis=1, keepdims=True)
 
@@ -127,7 +129,7 @@ def gradients(P, S, inputs=True, cache=None):
 
 
 def _jvp_all(P, S, V, C=None):
-    B, m = _dims(P, S).values()
+    B, B_all, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_a3cc1fa8db9e', dtype, (m, B), (m, B), [V['x'], V['b']], [], 'entries')
 
@@ -135,7 +137,7 @@ def _jvp_all(P, S, V, C=None):
 
 
 def _jvp_params(P, S, V, C=None):
-    B, m = _dims(P, S).values()
+    B, B_all, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = xp.broadcast_to(V['b'], (m, B))
 
@@ -150,7 +152,7 @@ def jvp(P, S, V, inputs=True, cache=None):
 
 
 def _rgradients_all(P, S, V, C=None):
-    B, m = _dims(P, S).values()
+    B, B_all, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = V['dz'].sum(axis=1, keepdims=True)
 
@@ -158,7 +160,7 @@ def _rgradients_all(P, S, V, C=None):
 
 
 def _rgradients_params(P, S, V, C=None):
-    B, m = _dims(P, S).values()
+    B, B_all, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = V['dz'].sum(axis=1, keepdims=True)
 
@@ -178,7 +180,7 @@ def _no_parameters():
 
 def _hbp_exact_6_all(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7) and (6-kfac) and (6-kfac-reduce)."""
-    B, m = _dims(P, S).values()
+    B, B_all, m = _dims(P, S).values()
     dtype = _dtype(P, S)
 
     return {
@@ -188,7 +190,7 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
 
 def _hbp_exact_6_params(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7) and (6-kfac) and (6-kfac-reduce), parameters only."""
-    B, m = _dims(P, S).values()
+    B, B_all, m = _dims(P, S).values()
     dtype = _dtype(P, S)
 
     return {

@@ -283,6 +283,66 @@ extern "C" __global__ void k_52dc92557383_double(const double* __restrict__ in0,
     out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
 }
 
+extern "C" __global__ void k_0f62a7d17135_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = ((c0 * in0[c]) + (c1 * in1[c]));
+}
+
+extern "C" __global__ void k_0f62a7d17135_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = ((c0 * in0[c]) + (c1 * in1[c]));
+}
+
+extern "C" __global__ void k_b5a7a31bf411_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, float* __restrict__ out1, const long long rows, const long long cols)
+{
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ float partial[256];
+    float acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
+        out1[r * cols + c] = (in2[c] * in1[r * cols + c]);  // a sibling's entry, from the same reads
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[r] = partial[0];
+}
+
+extern "C" __global__ void k_b5a7a31bf411_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, double* __restrict__ out1, const long long rows, const long long cols)
+{
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ double partial[256];
+    double acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
+        out1[r * cols + c] = (in2[c] * in1[r * cols + c]);  // a sibling's entry, from the same reads
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[r] = partial[0];
+}
+
 extern "C" __global__ void k_f676ffeebc3d_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
@@ -303,6 +363,42 @@ extern "C" __global__ void k_f676ffeebc3d_double(const double* __restrict__ in0,
     (void)r;
     (void)c;
     out[i] = (in0[0] * in1[r * cols + c]);
+}
+
+extern "C" __global__ void k_90f34360737f_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+{
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ float partial[256];
+    float acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[r] = partial[0];
+}
+
+extern "C" __global__ void k_90f34360737f_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+{
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ double partial[256];
+    double acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[r] = partial[0];
 }
 
 extern "C" __global__ void k_6864483093b3_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, float* __restrict__ out, const long long rows, const long long cols)
@@ -381,6 +477,8 @@ from mcalc.runtime.array_ops import unvec_of_samples as _unvec_of_samples  # noq
 from mcalc.runtime.array_ops import vec as _vec  # noqa: F401
 from mcalc.runtime.array_ops import vec_of_samples as _vec_of_samples  # noqa: F401
 from mcalc.runtime.array_ops import window_argmax as _window_argmax  # noqa: F401
+from mcalc.runtime.rank_sum import rank_sum as _rank_sum  # noqa: F401
+from mcalc.runtime.rank_sum import samples as _samples  # noqa: F401
 
 
 
@@ -390,14 +488,14 @@ def _dtype(P, S):
 
 
 def _dims(P, S):
-    return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], }
+    return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "B_all": _samples(S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1), "n": S['x'].shape[0], }
 
 
 def forward(P, S, cache=None):
     """Z = the module's outputs, (size z, B). The module's functions that share ``cache`` (a dict, one
     per batch) compute what they have in common once; they must share P and S, except what the
     function's own docstring says may change."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = _launch('k_37936cc9666e', dtype, (n, B), (n, B), [S['x']], [], 'columns')
     t1 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['y'], t0], [], 'entries')
@@ -408,7 +506,7 @@ def forward(P, S, cache=None):
 
 
 def _gradients_all(P, S, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -420,7 +518,7 @@ def _gradients_all(P, S, C=None):
 
 
 def _gradients_params(P, S, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
 
     return {}
@@ -435,7 +533,7 @@ def gradients(P, S, inputs=True, cache=None):
 
 
 def _jvp_all(P, S, V, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -458,7 +556,7 @@ def jvp(P, S, V, inputs=True, cache=None):
 
 
 def _rgradients_all(P, S, V, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -484,7 +582,7 @@ def _no_parameters():
 
 def _hbp_exact_6_all(P, S, Hz, C=None):
     """Batch HBP: exact under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -496,23 +594,28 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
     t3 = S['y'].T
     t5 = t0.T
     if 'm6' not in C:
-        C['m6'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], 'entries')
+        C['m6'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B_all, -1/B_all], 'entries')
     t7 = C['m6']
     if 'm7' not in C:
         C['m7'] = _matmul(t2, t7)
     t8 = C['m7']
-    t11 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
-    t12 = t11.sum(axis=1, keepdims=True)
-    t13 = _matmul(t11, t5)
-    t17 = _launch('k_8a39c66b9282', dtype, (n, n), (n, n), [Hz, t8, t12, t13], [B, 1/B, -1/B], 'entries')
+    if 'm8' not in C:
+        C['m8'] = _rank_sum(t8)
+    t9 = C['m8']
+    t12 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
+    t13 = t12.sum(axis=1, keepdims=True)
+    t14 = _rank_sum(t13)
+    t15 = _matmul(t12, t5)
+    t16 = _rank_sum(t15)
+    t20 = _launch('k_8a39c66b9282', dtype, (n, n), (n, n), [Hz, t9, t14, t16], [B_all, 1/B_all, -1/B_all], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t17),
+        "x": CurvatureBlock(kron=[], dense=t20),
     }
 
 def _hbp_exact_6_params(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7) and (6-kfac) and (6-kfac-reduce), parameters only."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
 
     return {
@@ -520,35 +623,50 @@ def _hbp_exact_6_params(P, S, Hz, C=None):
 
 def _hbp_exact_7_all(P, S, Hz, C=None):
     """Batch HBP: exact under (7)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
         C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
     t1 = C['m0']
-    if 'm10' not in C:
-        C['m10'] = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['y'], t1], [1/B, -1/B], 'entries')
-    t3 = C['m10']
-    t4 = S['y'].T
-    t6 = t1.T
-    if 'm6' not in C:
-        C['m6'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t4, t6], [1/B, -1/B], 'entries')
-    t8 = C['m6']
-    if 'm11' not in C:
-        C['m11'] = _matmul(xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)), t8)
-    t9 = C['m11']
-    t12 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [S['dz'], t1], [], 'entries')
-    t13 = t12.sum(axis=1, keepdims=True)
-    t14 = _matmul(t12, t6)
-    t18 = _launch('k_8a39c66b9282', dtype, (n, n), (n, n), [Hz, t9, t13, t14], [B, 1/B, -1/B], 'entries')
+    t4, t18 = _launch('k_b5a7a31bf411', dtype, (n, B), [(n, 1), (n, B)], [S['y'], t1, S['dz']], [1/B_all, -1/B_all], 'rows')
+    if 'm13' not in C:
+        C['m13'] = _rank_sum(t4)
+    t5 = C['m13']
+    if 'm14' not in C:
+        C['m14'] = S['y'].sum(axis=1, keepdims=True)
+    t6 = C['m14']
+    if 'm15' not in C:
+        C['m15'] = _rank_sum(t6)
+    t7 = C['m15']
+    t8 = t7.T
+    if 'm17' not in C:
+        C['m17'] = t1.sum(axis=1, keepdims=True)
+    t10 = C['m17']
+    if 'm18' not in C:
+        C['m18'] = _rank_sum(t10)
+    t11 = C['m18']
+    t12 = t11.T
+    if 'm20' not in C:
+        C['m20'] = _launch('k_0f62a7d17135', dtype, (1, n), (1, n), [t8, t12], [1/B_all, -1/B_all], 'entries')
+    t14 = C['m20']
+    if 'm21' not in C:
+        C['m21'] = _matmul(t5, t14)
+    t15 = C['m21']
+    t19 = t18.sum(axis=1, keepdims=True)
+    t20 = _rank_sum(t19)
+    t21 = t1.T
+    t22 = _matmul(t18, t21)
+    t23 = _rank_sum(t22)
+    t27 = _launch('k_8a39c66b9282', dtype, (n, n), (n, n), [Hz, t15, t20, t23], [B_all, 1/B_all, -1/B_all], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t18),
+        "x": CurvatureBlock(kron=[], dense=t27),
     }
 
 def _hbp_ggn_6_all(P, S, Hz, C=None):
     """Batch HBP: ggn under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -560,45 +678,63 @@ def _hbp_ggn_6_all(P, S, Hz, C=None):
     t3 = S['y'].T
     t5 = t0.T
     if 'm6' not in C:
-        C['m6'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], 'entries')
+        C['m6'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B_all, -1/B_all], 'entries')
     t7 = C['m6']
     if 'm7' not in C:
         C['m7'] = _matmul(t2, t7)
     t8 = C['m7']
-    t9 = _launch('k_f676ffeebc3d', dtype, (n, n), (n, n), [Hz, t8], [], 'entries')
-
-    return {
-        "x": CurvatureBlock(kron=[], dense=t9),
-    }
-
-def _hbp_ggn_7_all(P, S, Hz, C=None):
-    """Batch HBP: ggn under (7)."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-    C = {} if C is None else C
-    if 'm0' not in C:
-        C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
-    t1 = C['m0']
-    if 'm10' not in C:
-        C['m10'] = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['y'], t1], [1/B, -1/B], 'entries')
-    t3 = C['m10']
-    t4 = S['y'].T
-    t6 = t1.T
-    if 'm6' not in C:
-        C['m6'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t4, t6], [1/B, -1/B], 'entries')
-    t8 = C['m6']
-    if 'm11' not in C:
-        C['m11'] = _matmul(xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)), t8)
-    t9 = C['m11']
+    if 'm8' not in C:
+        C['m8'] = _rank_sum(t8)
+    t9 = C['m8']
     t10 = _launch('k_f676ffeebc3d', dtype, (n, n), (n, n), [Hz, t9], [], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t10),
     }
 
+def _hbp_ggn_7_all(P, S, Hz, C=None):
+    """Batch HBP: ggn under (7)."""
+    B, B_all, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
+    t1 = C['m0']
+    if 'm12' not in C:
+        C['m12'] = _launch('k_90f34360737f', dtype, (n, B), (n, 1), [S['y'], t1], [1/B_all, -1/B_all], 'rows')
+    t4 = C['m12']
+    if 'm13' not in C:
+        C['m13'] = _rank_sum(t4)
+    t5 = C['m13']
+    if 'm14' not in C:
+        C['m14'] = S['y'].sum(axis=1, keepdims=True)
+    t6 = C['m14']
+    if 'm15' not in C:
+        C['m15'] = _rank_sum(t6)
+    t7 = C['m15']
+    t8 = t7.T
+    if 'm17' not in C:
+        C['m17'] = t1.sum(axis=1, keepdims=True)
+    t10 = C['m17']
+    if 'm18' not in C:
+        C['m18'] = _rank_sum(t10)
+    t11 = C['m18']
+    t12 = t11.T
+    if 'm20' not in C:
+        C['m20'] = _launch('k_0f62a7d17135', dtype, (1, n), (1, n), [t8, t12], [1/B_all, -1/B_all], 'entries')
+    t14 = C['m20']
+    if 'm21' not in C:
+        C['m21'] = _matmul(t5, t14)
+    t15 = C['m21']
+    t16 = _launch('k_f676ffeebc3d', dtype, (n, n), (n, n), [Hz, t15], [], 'entries')
+
+    return {
+        "x": CurvatureBlock(kron=[], dense=t16),
+    }
+
 def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     """Batch HBP: pch-abs under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -610,55 +746,75 @@ def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     t3 = S['y'].T
     t5 = t0.T
     if 'm6' not in C:
-        C['m6'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], 'entries')
+        C['m6'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B_all, -1/B_all], 'entries')
     t7 = C['m6']
     if 'm7' not in C:
         C['m7'] = _matmul(t2, t7)
     t8 = C['m7']
-    t11 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
-    t12 = t11.sum(axis=1, keepdims=True)
-    t13 = _matmul(t11, t5)
-    t16 = _launch('k_c5fcf4f17afa', dtype, (n, n), (n, n), [t12, t13], [B, 1/B, -1/B], 'entries')
-    t17 = _psd_project(t16, 'abs')
-    t18 = _launch('k_6864483093b3', dtype, (n, n), (n, n), [Hz, t8, t17], [], 'entries')
+    if 'm8' not in C:
+        C['m8'] = _rank_sum(t8)
+    t9 = C['m8']
+    t12 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
+    t13 = t12.sum(axis=1, keepdims=True)
+    t14 = _rank_sum(t13)
+    t15 = _matmul(t12, t5)
+    t16 = _rank_sum(t15)
+    t19 = _launch('k_c5fcf4f17afa', dtype, (n, n), (n, n), [t14, t16], [B_all, 1/B_all, -1/B_all], 'entries')
+    t20 = _psd_project(t19, 'abs')
+    t21 = _launch('k_6864483093b3', dtype, (n, n), (n, n), [Hz, t9, t20], [], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t18),
+        "x": CurvatureBlock(kron=[], dense=t21),
     }
 
 def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     """Batch HBP: pch-abs under (7)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
         C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
     t1 = C['m0']
-    if 'm10' not in C:
-        C['m10'] = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['y'], t1], [1/B, -1/B], 'entries')
-    t3 = C['m10']
-    t4 = S['y'].T
-    t6 = t1.T
-    if 'm6' not in C:
-        C['m6'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t4, t6], [1/B, -1/B], 'entries')
-    t8 = C['m6']
-    if 'm11' not in C:
-        C['m11'] = _matmul(xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)), t8)
-    t9 = C['m11']
-    t12 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [S['dz'], t1], [], 'entries')
-    t13 = t12.sum(axis=1, keepdims=True)
-    t14 = _matmul(t12, t6)
-    t17 = _launch('k_c5fcf4f17afa', dtype, (n, n), (n, n), [t13, t14], [B, 1/B, -1/B], 'entries')
-    t18 = _psd_project(t17, 'abs')
-    t19 = _launch('k_6864483093b3', dtype, (n, n), (n, n), [Hz, t9, t18], [], 'entries')
+    t4, t18 = _launch('k_b5a7a31bf411', dtype, (n, B), [(n, 1), (n, B)], [S['y'], t1, S['dz']], [1/B_all, -1/B_all], 'rows')
+    if 'm13' not in C:
+        C['m13'] = _rank_sum(t4)
+    t5 = C['m13']
+    if 'm14' not in C:
+        C['m14'] = S['y'].sum(axis=1, keepdims=True)
+    t6 = C['m14']
+    if 'm15' not in C:
+        C['m15'] = _rank_sum(t6)
+    t7 = C['m15']
+    t8 = t7.T
+    if 'm17' not in C:
+        C['m17'] = t1.sum(axis=1, keepdims=True)
+    t10 = C['m17']
+    if 'm18' not in C:
+        C['m18'] = _rank_sum(t10)
+    t11 = C['m18']
+    t12 = t11.T
+    if 'm20' not in C:
+        C['m20'] = _launch('k_0f62a7d17135', dtype, (1, n), (1, n), [t8, t12], [1/B_all, -1/B_all], 'entries')
+    t14 = C['m20']
+    if 'm21' not in C:
+        C['m21'] = _matmul(t5, t14)
+    t15 = C['m21']
+    t19 = t18.sum(axis=1, keepdims=True)
+    t20 = _rank_sum(t19)
+    t21 = t1.T
+    t22 = _matmul(t18, t21)
+    t23 = _rank_sum(t22)
+    t26 = _launch('k_c5fcf4f17afa', dtype, (n, n), (n, n), [t20, t23], [B_all, 1/B_all, -1/B_all], 'entries')
+    t27 = _psd_project(t26, 'abs')
+    t28 = _launch('k_6864483093b3', dtype, (n, n), (n, n), [Hz, t15, t27], [], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t19),
+        "x": CurvatureBlock(kron=[], dense=t28),
     }
 
 def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     """Batch HBP: pch-clip under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -670,50 +826,70 @@ def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     t3 = S['y'].T
     t5 = t0.T
     if 'm6' not in C:
-        C['m6'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], 'entries')
+        C['m6'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B_all, -1/B_all], 'entries')
     t7 = C['m6']
     if 'm7' not in C:
         C['m7'] = _matmul(t2, t7)
     t8 = C['m7']
-    t11 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
-    t12 = t11.sum(axis=1, keepdims=True)
-    t13 = _matmul(t11, t5)
-    t16 = _launch('k_c5fcf4f17afa', dtype, (n, n), (n, n), [t12, t13], [B, 1/B, -1/B], 'entries')
-    t17 = _psd_project(t16, 'clip')
-    t18 = _launch('k_6864483093b3', dtype, (n, n), (n, n), [Hz, t8, t17], [], 'entries')
+    if 'm8' not in C:
+        C['m8'] = _rank_sum(t8)
+    t9 = C['m8']
+    t12 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
+    t13 = t12.sum(axis=1, keepdims=True)
+    t14 = _rank_sum(t13)
+    t15 = _matmul(t12, t5)
+    t16 = _rank_sum(t15)
+    t19 = _launch('k_c5fcf4f17afa', dtype, (n, n), (n, n), [t14, t16], [B_all, 1/B_all, -1/B_all], 'entries')
+    t20 = _psd_project(t19, 'clip')
+    t21 = _launch('k_6864483093b3', dtype, (n, n), (n, n), [Hz, t9, t20], [], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t18),
+        "x": CurvatureBlock(kron=[], dense=t21),
     }
 
 def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     """Batch HBP: pch-clip under (7)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
         C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
     t1 = C['m0']
-    if 'm10' not in C:
-        C['m10'] = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['y'], t1], [1/B, -1/B], 'entries')
-    t3 = C['m10']
-    t4 = S['y'].T
-    t6 = t1.T
-    if 'm6' not in C:
-        C['m6'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t4, t6], [1/B, -1/B], 'entries')
-    t8 = C['m6']
-    if 'm11' not in C:
-        C['m11'] = _matmul(xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)), t8)
-    t9 = C['m11']
-    t12 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [S['dz'], t1], [], 'entries')
-    t13 = t12.sum(axis=1, keepdims=True)
-    t14 = _matmul(t12, t6)
-    t17 = _launch('k_c5fcf4f17afa', dtype, (n, n), (n, n), [t13, t14], [B, 1/B, -1/B], 'entries')
-    t18 = _psd_project(t17, 'clip')
-    t19 = _launch('k_6864483093b3', dtype, (n, n), (n, n), [Hz, t9, t18], [], 'entries')
+    t4, t18 = _launch('k_b5a7a31bf411', dtype, (n, B), [(n, 1), (n, B)], [S['y'], t1, S['dz']], [1/B_all, -1/B_all], 'rows')
+    if 'm13' not in C:
+        C['m13'] = _rank_sum(t4)
+    t5 = C['m13']
+    if 'm14' not in C:
+        C['m14'] = S['y'].sum(axis=1, keepdims=True)
+    t6 = C['m14']
+    if 'm15' not in C:
+        C['m15'] = _rank_sum(t6)
+    t7 = C['m15']
+    t8 = t7.T
+    if 'm17' not in C:
+        C['m17'] = t1.sum(axis=1, keepdims=True)
+    t10 = C['m17']
+    if 'm18' not in C:
+        C['m18'] = _rank_sum(t10)
+    t11 = C['m18']
+    t12 = t11.T
+    if 'm20' not in C:
+        C['m20'] = _launch('k_0f62a7d17135', dtype, (1, n), (1, n), [t8, t12], [1/B_all, -1/B_all], 'entries')
+    t14 = C['m20']
+    if 'm21' not in C:
+        C['m21'] = _matmul(t5, t14)
+    t15 = C['m21']
+    t19 = t18.sum(axis=1, keepdims=True)
+    t20 = _rank_sum(t19)
+    t21 = t1.T
+    t22 = _matmul(t18, t21)
+    t23 = _rank_sum(t22)
+    t26 = _launch('k_c5fcf4f17afa', dtype, (n, n), (n, n), [t20, t23], [B_all, 1/B_all, -1/B_all], 'entries')
+    t27 = _psd_project(t26, 'clip')
+    t28 = _launch('k_6864483093b3', dtype, (n, n), (n, n), [Hz, t15, t27], [], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t19),
+        "x": CurvatureBlock(kron=[], dense=t28),
     }
 
 
@@ -766,7 +942,7 @@ HBP_PER_SAMPLE = set()
 
 def _loss_hessian_6(P, S, C=None):
     """Where HBP starts: the exact blocks of approximation (6) with no curvature from above (𝓗z = 0)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -774,12 +950,14 @@ def _loss_hessian_6(P, S, C=None):
     t1 = C['m0']
     t2 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [S['dz'], t1], [], 'entries')
     t3 = t2.sum(axis=1, keepdims=True)
-    t4 = t1.T
-    t5 = _matmul(t2, t4)
-    t8 = _launch('k_c5fcf4f17afa', dtype, (n, n), (n, n), [t3, t5], [B, 1/B, -1/B], 'entries')
+    t4 = _rank_sum(t3)
+    t5 = t1.T
+    t6 = _matmul(t2, t5)
+    t7 = _rank_sum(t6)
+    t10 = _launch('k_c5fcf4f17afa', dtype, (n, n), (n, n), [t4, t7], [B_all, 1/B_all, -1/B_all], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t8),
+        "x": CurvatureBlock(kron=[], dense=t10),
     }
 
 

@@ -205,6 +205,64 @@ extern "C" __global__ void k_edb4640e4693_double(const double* __restrict__ in0,
     out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
+extern "C" __global__ void k_0f62a7d17135_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = ((c0 * in0[c]) + (c1 * in1[c]));
+}
+
+extern "C" __global__ void k_0f62a7d17135_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = ((c0 * in0[c]) + (c1 * in1[c]));
+}
+
+extern "C" __global__ void k_90f34360737f_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+{
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ float partial[256];
+    float acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[r] = partial[0];
+}
+
+extern "C" __global__ void k_90f34360737f_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+{
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ double partial[256];
+    double acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[r] = partial[0];
+}
+
 extern "C" __global__ void k_de71cc95aead_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
@@ -347,6 +405,8 @@ from mcalc.runtime.array_ops import unvec_of_samples as _unvec_of_samples  # noq
 from mcalc.runtime.array_ops import vec as _vec  # noqa: F401
 from mcalc.runtime.array_ops import vec_of_samples as _vec_of_samples  # noqa: F401
 from mcalc.runtime.array_ops import window_argmax as _window_argmax  # noqa: F401
+from mcalc.runtime.rank_sum import rank_sum as _rank_sum  # noqa: F401
+from mcalc.runtime.rank_sum import samples as _samples  # noqa: F401
 
 
 
@@ -356,14 +416,14 @@ def _dtype(P, S):
 
 
 def _dims(P, S):
-    return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], }
+    return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "B_all": _samples(S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1), "n": S['x'].shape[0], }
 
 
 def forward(P, S, cache=None):
     """Z = the module's outputs, (size z, B). The module's functions that share ``cache`` (a dict, one
     per batch) compute what they have in common once; they must share P and S, except what the
     function's own docstring says may change."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if cache is None else cache
     if 'm1' not in C:
@@ -376,7 +436,7 @@ def forward(P, S, cache=None):
 
 
 def _gradients_all(P, S, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t4 = _launch('k_89a14ba3b649', dtype, (n, B), (n, B), [S['dz'], S['x'], S['y']], [2, -1], 'entries')
 
@@ -384,7 +444,7 @@ def _gradients_all(P, S, C=None):
 
 
 def _gradients_params(P, S, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
 
     return {}
@@ -399,7 +459,7 @@ def gradients(P, S, inputs=True, cache=None):
 
 
 def _jvp_all(P, S, V, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t2 = _launch('k_3ac21bab4968', dtype, (n, B), (n, B), [V['x'], S['x'], S['y']], [-1], 'entries')
     t3 = t2.sum(axis=0, keepdims=True)
@@ -416,7 +476,7 @@ def jvp(P, S, V, inputs=True, cache=None):
 
 
 def _rgradients_all(P, S, V, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t7 = _launch('k_0554ac7d87a1', dtype, (n, B), (n, B), [V['dz'], S['x'], S['y'], S['dz'], V['x']], [2, -1], 'entries')
 
@@ -436,7 +496,7 @@ def _no_parameters():
 
 def _hbp_exact_6_all(P, S, Hz, C=None):
     """Batch HBP: exact under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm1' not in C:
@@ -445,22 +505,26 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
     t2 = S['x'].T
     t4 = S['y'].T
     if 'm5' not in C:
-        C['m5'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t2, t4], [1/B, -1/B], 'entries')
+        C['m5'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t2, t4], [1/B_all, -1/B_all], 'entries')
     t6 = C['m5']
     if 'm6' not in C:
         C['m6'] = _matmul(t1, t6)
     t7 = C['m6']
-    t10 = S['dz'].T
-    t11 = t10.sum(keepdims=True)
-    t14 = _launch('k_f058db9b2cae', dtype, (n, n), (n, n), [Hz, t7, t11], [4, 2], 'entries')
+    if 'm7' not in C:
+        C['m7'] = _rank_sum(t7)
+    t8 = C['m7']
+    t11 = S['dz'].T
+    t12 = t11.sum(keepdims=True)
+    t13 = _rank_sum(t12)
+    t16 = _launch('k_f058db9b2cae', dtype, (n, n), (n, n), [Hz, t8, t13], [4, 2], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t14),
+        "x": CurvatureBlock(kron=[], dense=t16),
     }
 
 def _hbp_exact_6_params(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7) and (6-kfac) and (6-kfac-reduce), parameters only."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
 
     return {
@@ -468,31 +532,47 @@ def _hbp_exact_6_params(P, S, Hz, C=None):
 
 def _hbp_exact_7_all(P, S, Hz, C=None):
     """Batch HBP: exact under (7)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
-    if 'm9' not in C:
-        C['m9'] = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], 'entries')
-    t2 = C['m9']
-    t3 = S['x'].T
-    t5 = S['y'].T
-    if 'm5' not in C:
-        C['m5'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], 'entries')
-    t7 = C['m5']
-    if 'm10' not in C:
-        C['m10'] = _matmul(xp.broadcast_to(t2.sum(axis=1, keepdims=True), (n, B)), t7)
-    t8 = C['m10']
-    t11 = S['dz'].T
-    t12 = t11.sum(keepdims=True)
-    t15 = _launch('k_f058db9b2cae', dtype, (n, n), (n, n), [Hz, t8, t12], [4, 2], 'entries')
+    if 'm11' not in C:
+        C['m11'] = _launch('k_90f34360737f', dtype, (n, B), (n, 1), [S['x'], S['y']], [1/B_all, -1/B_all], 'rows')
+    t3 = C['m11']
+    if 'm12' not in C:
+        C['m12'] = _rank_sum(t3)
+    t4 = C['m12']
+    if 'm13' not in C:
+        C['m13'] = S['x'].sum(axis=1, keepdims=True)
+    t5 = C['m13']
+    if 'm14' not in C:
+        C['m14'] = _rank_sum(t5)
+    t6 = C['m14']
+    t7 = t6.T
+    if 'm16' not in C:
+        C['m16'] = S['y'].sum(axis=1, keepdims=True)
+    t9 = C['m16']
+    if 'm17' not in C:
+        C['m17'] = _rank_sum(t9)
+    t10 = C['m17']
+    t11 = t10.T
+    if 'm19' not in C:
+        C['m19'] = _launch('k_0f62a7d17135', dtype, (1, n), (1, n), [t7, t11], [1/B_all, -1/B_all], 'entries')
+    t13 = C['m19']
+    if 'm20' not in C:
+        C['m20'] = _matmul(t4, t13)
+    t14 = C['m20']
+    t17 = S['dz'].T
+    t18 = t17.sum(keepdims=True)
+    t19 = _rank_sum(t18)
+    t22 = _launch('k_f058db9b2cae', dtype, (n, n), (n, n), [Hz, t14, t19], [4, 2], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t15),
+        "x": CurvatureBlock(kron=[], dense=t22),
     }
 
 def _hbp_ggn_6_all(P, S, Hz, C=None):
     """Batch HBP: ggn under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm1' not in C:
@@ -501,42 +581,60 @@ def _hbp_ggn_6_all(P, S, Hz, C=None):
     t2 = S['x'].T
     t4 = S['y'].T
     if 'm5' not in C:
-        C['m5'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t2, t4], [1/B, -1/B], 'entries')
+        C['m5'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t2, t4], [1/B_all, -1/B_all], 'entries')
     t6 = C['m5']
     if 'm6' not in C:
         C['m6'] = _matmul(t1, t6)
     t7 = C['m6']
-    t9 = _launch('k_de71cc95aead', dtype, (n, n), (n, n), [Hz, t7], [4], 'entries')
-
-    return {
-        "x": CurvatureBlock(kron=[], dense=t9),
-    }
-
-def _hbp_ggn_7_all(P, S, Hz, C=None):
-    """Batch HBP: ggn under (7)."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-    C = {} if C is None else C
-    if 'm9' not in C:
-        C['m9'] = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], 'entries')
-    t2 = C['m9']
-    t3 = S['x'].T
-    t5 = S['y'].T
-    if 'm5' not in C:
-        C['m5'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], 'entries')
-    t7 = C['m5']
-    if 'm10' not in C:
-        C['m10'] = _matmul(xp.broadcast_to(t2.sum(axis=1, keepdims=True), (n, B)), t7)
-    t8 = C['m10']
+    if 'm7' not in C:
+        C['m7'] = _rank_sum(t7)
+    t8 = C['m7']
     t10 = _launch('k_de71cc95aead', dtype, (n, n), (n, n), [Hz, t8], [4], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t10),
     }
 
+def _hbp_ggn_7_all(P, S, Hz, C=None):
+    """Batch HBP: ggn under (7)."""
+    B, B_all, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
+    C = {} if C is None else C
+    if 'm11' not in C:
+        C['m11'] = _launch('k_90f34360737f', dtype, (n, B), (n, 1), [S['x'], S['y']], [1/B_all, -1/B_all], 'rows')
+    t3 = C['m11']
+    if 'm12' not in C:
+        C['m12'] = _rank_sum(t3)
+    t4 = C['m12']
+    if 'm13' not in C:
+        C['m13'] = S['x'].sum(axis=1, keepdims=True)
+    t5 = C['m13']
+    if 'm14' not in C:
+        C['m14'] = _rank_sum(t5)
+    t6 = C['m14']
+    t7 = t6.T
+    if 'm16' not in C:
+        C['m16'] = S['y'].sum(axis=1, keepdims=True)
+    t9 = C['m16']
+    if 'm17' not in C:
+        C['m17'] = _rank_sum(t9)
+    t10 = C['m17']
+    t11 = t10.T
+    if 'm19' not in C:
+        C['m19'] = _launch('k_0f62a7d17135', dtype, (1, n), (1, n), [t7, t11], [1/B_all, -1/B_all], 'entries')
+    t13 = C['m19']
+    if 'm20' not in C:
+        C['m20'] = _matmul(t4, t13)
+    t14 = C['m20']
+    t16 = _launch('k_de71cc95aead', dtype, (n, n), (n, n), [Hz, t14], [4], 'entries')
+
+    return {
+        "x": CurvatureBlock(kron=[], dense=t16),
+    }
+
 def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     """Batch HBP: pch-abs under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm1' not in C:
@@ -545,46 +643,66 @@ def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     t2 = S['x'].T
     t4 = S['y'].T
     if 'm5' not in C:
-        C['m5'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t2, t4], [1/B, -1/B], 'entries')
+        C['m5'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t2, t4], [1/B_all, -1/B_all], 'entries')
     t6 = C['m5']
     if 'm6' not in C:
         C['m6'] = _matmul(t1, t6)
     t7 = C['m6']
-    t10 = S['dz'].T
-    t11 = t10.sum(keepdims=True)
-    t15 = _launch('k_e404d3259fed', dtype, (n, n), (n, n), [Hz, t7, t11], [4, 2], 'entries')
+    if 'm7' not in C:
+        C['m7'] = _rank_sum(t7)
+    t8 = C['m7']
+    t11 = S['dz'].T
+    t12 = t11.sum(keepdims=True)
+    t13 = _rank_sum(t12)
+    t17 = _launch('k_e404d3259fed', dtype, (n, n), (n, n), [Hz, t8, t13], [4, 2], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t15),
+        "x": CurvatureBlock(kron=[], dense=t17),
     }
 
 def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     """Batch HBP: pch-abs under (7)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
-    if 'm9' not in C:
-        C['m9'] = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], 'entries')
-    t2 = C['m9']
-    t3 = S['x'].T
-    t5 = S['y'].T
-    if 'm5' not in C:
-        C['m5'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], 'entries')
-    t7 = C['m5']
-    if 'm10' not in C:
-        C['m10'] = _matmul(xp.broadcast_to(t2.sum(axis=1, keepdims=True), (n, B)), t7)
-    t8 = C['m10']
-    t11 = S['dz'].T
-    t12 = t11.sum(keepdims=True)
-    t16 = _launch('k_e404d3259fed', dtype, (n, n), (n, n), [Hz, t8, t12], [4, 2], 'entries')
+    if 'm11' not in C:
+        C['m11'] = _launch('k_90f34360737f', dtype, (n, B), (n, 1), [S['x'], S['y']], [1/B_all, -1/B_all], 'rows')
+    t3 = C['m11']
+    if 'm12' not in C:
+        C['m12'] = _rank_sum(t3)
+    t4 = C['m12']
+    if 'm13' not in C:
+        C['m13'] = S['x'].sum(axis=1, keepdims=True)
+    t5 = C['m13']
+    if 'm14' not in C:
+        C['m14'] = _rank_sum(t5)
+    t6 = C['m14']
+    t7 = t6.T
+    if 'm16' not in C:
+        C['m16'] = S['y'].sum(axis=1, keepdims=True)
+    t9 = C['m16']
+    if 'm17' not in C:
+        C['m17'] = _rank_sum(t9)
+    t10 = C['m17']
+    t11 = t10.T
+    if 'm19' not in C:
+        C['m19'] = _launch('k_0f62a7d17135', dtype, (1, n), (1, n), [t7, t11], [1/B_all, -1/B_all], 'entries')
+    t13 = C['m19']
+    if 'm20' not in C:
+        C['m20'] = _matmul(t4, t13)
+    t14 = C['m20']
+    t17 = S['dz'].T
+    t18 = t17.sum(keepdims=True)
+    t19 = _rank_sum(t18)
+    t23 = _launch('k_e404d3259fed', dtype, (n, n), (n, n), [Hz, t14, t19], [4, 2], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t16),
+        "x": CurvatureBlock(kron=[], dense=t23),
     }
 
 def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     """Batch HBP: pch-clip under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm1' not in C:
@@ -593,45 +711,65 @@ def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     t2 = S['x'].T
     t4 = S['y'].T
     if 'm5' not in C:
-        C['m5'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t2, t4], [1/B, -1/B], 'entries')
+        C['m5'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t2, t4], [1/B_all, -1/B_all], 'entries')
     t6 = C['m5']
     if 'm6' not in C:
         C['m6'] = _matmul(t1, t6)
     t7 = C['m6']
-    t10 = S['dz'].T
-    t11 = t10.sum(keepdims=True)
-    t12 = _launch('k_b7885957cd37', dtype, (n, n), (n, n), [t11], [], 'entries')
-    t13 = _psd_project(t12, 'clip')
-    t15 = _launch('k_fda518cfe531', dtype, (n, n), (n, n), [Hz, t7, t13], [4, 2], 'entries')
+    if 'm7' not in C:
+        C['m7'] = _rank_sum(t7)
+    t8 = C['m7']
+    t11 = S['dz'].T
+    t12 = t11.sum(keepdims=True)
+    t13 = _rank_sum(t12)
+    t14 = _launch('k_b7885957cd37', dtype, (n, n), (n, n), [t13], [], 'entries')
+    t15 = _psd_project(t14, 'clip')
+    t17 = _launch('k_fda518cfe531', dtype, (n, n), (n, n), [Hz, t8, t15], [4, 2], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t15),
+        "x": CurvatureBlock(kron=[], dense=t17),
     }
 
 def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     """Batch HBP: pch-clip under (7)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
-    if 'm9' not in C:
-        C['m9'] = _launch('k_edb4640e4693', dtype, (n, B), (n, B), [S['x'], S['y']], [1/B, -1/B], 'entries')
-    t2 = C['m9']
-    t3 = S['x'].T
-    t5 = S['y'].T
-    if 'm5' not in C:
-        C['m5'] = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t3, t5], [1/B, -1/B], 'entries')
-    t7 = C['m5']
-    if 'm10' not in C:
-        C['m10'] = _matmul(xp.broadcast_to(t2.sum(axis=1, keepdims=True), (n, B)), t7)
-    t8 = C['m10']
-    t11 = S['dz'].T
-    t12 = t11.sum(keepdims=True)
-    t13 = _launch('k_b7885957cd37', dtype, (n, n), (n, n), [t12], [], 'entries')
-    t14 = _psd_project(t13, 'clip')
-    t16 = _launch('k_fda518cfe531', dtype, (n, n), (n, n), [Hz, t8, t14], [4, 2], 'entries')
+    if 'm11' not in C:
+        C['m11'] = _launch('k_90f34360737f', dtype, (n, B), (n, 1), [S['x'], S['y']], [1/B_all, -1/B_all], 'rows')
+    t3 = C['m11']
+    if 'm12' not in C:
+        C['m12'] = _rank_sum(t3)
+    t4 = C['m12']
+    if 'm13' not in C:
+        C['m13'] = S['x'].sum(axis=1, keepdims=True)
+    t5 = C['m13']
+    if 'm14' not in C:
+        C['m14'] = _rank_sum(t5)
+    t6 = C['m14']
+    t7 = t6.T
+    if 'm16' not in C:
+        C['m16'] = S['y'].sum(axis=1, keepdims=True)
+    t9 = C['m16']
+    if 'm17' not in C:
+        C['m17'] = _rank_sum(t9)
+    t10 = C['m17']
+    t11 = t10.T
+    if 'm19' not in C:
+        C['m19'] = _launch('k_0f62a7d17135', dtype, (1, n), (1, n), [t7, t11], [1/B_all, -1/B_all], 'entries')
+    t13 = C['m19']
+    if 'm20' not in C:
+        C['m20'] = _matmul(t4, t13)
+    t14 = C['m20']
+    t17 = S['dz'].T
+    t18 = t17.sum(keepdims=True)
+    t19 = _rank_sum(t18)
+    t20 = _launch('k_b7885957cd37', dtype, (n, n), (n, n), [t19], [], 'entries')
+    t21 = _psd_project(t20, 'clip')
+    t23 = _launch('k_fda518cfe531', dtype, (n, n), (n, n), [Hz, t14, t21], [4, 2], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t16),
+        "x": CurvatureBlock(kron=[], dense=t23),
     }
 
 
@@ -684,14 +822,15 @@ HBP_PER_SAMPLE = set()
 
 def _loss_hessian_6(P, S, C=None):
     """Where HBP starts: the exact blocks of approximation (6) with no curvature from above (𝓗z = 0)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = S['dz'].T
     t1 = t0.sum(keepdims=True)
-    t3 = _launch('k_5364c3039914', dtype, (n, n), (n, n), [t1], [2], 'entries')
+    t2 = _rank_sum(t1)
+    t4 = _launch('k_5364c3039914', dtype, (n, n), (n, n), [t2], [2], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t3),
+        "x": CurvatureBlock(kron=[], dense=t4),
     }
 
 

@@ -212,6 +212,8 @@ from mcalc.runtime.array_ops import unvec_of_samples as _unvec_of_samples  # noq
 from mcalc.runtime.array_ops import vec as _vec  # noqa: F401
 from mcalc.runtime.array_ops import vec_of_samples as _vec_of_samples  # noqa: F401
 from mcalc.runtime.array_ops import window_argmax as _window_argmax  # noqa: F401
+from mcalc.runtime.rank_sum import rank_sum as _rank_sum  # noqa: F401
+from mcalc.runtime.rank_sum import samples as _samples  # noqa: F401
 
 
 
@@ -221,14 +223,14 @@ def _dtype(P, S):
 
 
 def _dims(P, S):
-    return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], }
+    return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "B_all": _samples(S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1), "n": S['x'].shape[0], }
 
 
 def forward(P, S, cache=None):
     """Z = the module's outputs, (size z, B). The module's functions that share ``cache`` (a dict, one
     per batch) compute what they have in common once; they must share P and S, except what the
     function's own docstring says may change."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = _launch('k_90b16f48f862', dtype, (n, B), (n, B), [S['x']], [], 'entries')
 
@@ -236,7 +238,7 @@ def forward(P, S, cache=None):
 
 
 def _gradients_all(P, S, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_29b586e8102a', dtype, (n, B), (n, B), [S['dz'], S['x']], [], 'entries')
 
@@ -244,7 +246,7 @@ def _gradients_all(P, S, C=None):
 
 
 def _gradients_params(P, S, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
 
     return {}
@@ -259,7 +261,7 @@ def gradients(P, S, inputs=True, cache=None):
 
 
 def _jvp_all(P, S, V, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_29b586e8102a', dtype, (n, B), (n, B), [V['x'], S['x']], [], 'entries')
 
@@ -274,7 +276,7 @@ def jvp(P, S, V, inputs=True, cache=None):
 
 
 def _rgradients_all(P, S, V, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_29b586e8102a', dtype, (n, B), (n, B), [V['dz'], S['x']], [], 'entries')
 
@@ -294,7 +296,7 @@ def _no_parameters():
 
 def _hbp_exact_6_all(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -302,15 +304,16 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
     t0 = C['m0']
     t1 = t0.T
     t2 = _matmul(t0, t1)
-    t4 = _launch('k_bbf53db00b39', dtype, (n, n), (n, n), [t2, Hz], [1/B], 'entries')
+    t3 = _rank_sum(t2)
+    t5 = _launch('k_bbf53db00b39', dtype, (n, n), (n, n), [t3, Hz], [1/B_all], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t4),
+        "x": CurvatureBlock(kron=[], dense=t5),
     }
 
 def _hbp_exact_6_params(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7) and (6-kfac) and (6-kfac-reduce), parameters only."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
 
     return {
@@ -318,13 +321,14 @@ def _hbp_exact_6_params(P, S, Hz, C=None):
 
 def _hbp_exact_7_all(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (7)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_e2964d1f4ef1', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t3 = _launch('k_d13b2ab6b72d', dtype, (n, n), (n, n), [t1, Hz], [B**(-2)], 'entries')
+    t2 = _rank_sum(t1)
+    t4 = _launch('k_d13b2ab6b72d', dtype, (n, n), (n, n), [t2, Hz], [B_all**(-2)], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t3),
+        "x": CurvatureBlock(kron=[], dense=t4),
     }
 
 

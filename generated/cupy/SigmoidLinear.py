@@ -581,6 +581,8 @@ from mcalc.runtime.array_ops import unvec_of_samples as _unvec_of_samples  # noq
 from mcalc.runtime.array_ops import vec as _vec  # noqa: F401
 from mcalc.runtime.array_ops import vec_of_samples as _vec_of_samples  # noqa: F401
 from mcalc.runtime.array_ops import window_argmax as _window_argmax  # noqa: F401
+from mcalc.runtime.rank_sum import rank_sum as _rank_sum  # noqa: F401
+from mcalc.runtime.rank_sum import samples as _samples  # noqa: F401
 
 
 
@@ -590,14 +592,14 @@ def _dtype(P, S):
 
 
 def _dims(P, S):
-    return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], "m": P['W'].shape[0], }
+    return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "B_all": _samples(S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1), "n": S['x'].shape[0], "m": P['W'].shape[0], }
 
 
 def forward(P, S, cache=None):
     """Z = the module's outputs, (size z, B). The module's functions that share ``cache`` (a dict, one
     per batch) compute what they have in common once; they must share P and S, except what the
     function's own docstring says may change."""
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if cache is None else cache
     if 'm0' not in C:
@@ -610,7 +612,7 @@ def forward(P, S, cache=None):
 
 
 def _gradients_all(P, S, C=None):
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     t0 = P['W'].T
@@ -627,7 +629,7 @@ def _gradients_all(P, S, C=None):
 
 
 def _gradients_params(P, S, C=None):
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -649,7 +651,7 @@ def gradients(P, S, inputs=True, cache=None):
 
 
 def _jvp_all(P, S, V, C=None):
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -664,7 +666,7 @@ def _jvp_all(P, S, V, C=None):
 
 
 def _jvp_params(P, S, V, C=None):
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -684,7 +686,7 @@ def jvp(P, S, V, inputs=True, cache=None):
 
 
 def _rgradients_all(P, S, V, C=None):
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     t0 = V['W'].T
@@ -714,7 +716,7 @@ def _rgradients_all(P, S, V, C=None):
 
 
 def _rgradients_params(P, S, V, C=None):
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -740,7 +742,7 @@ def _no_parameters():
 
 def _hbp_exact_6_all(P, S, Hz, C=None):
     """Batch HBP: exact under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     t0 = P['W'].T
@@ -752,82 +754,102 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
     if 'm4' not in C:
         C['m4'] = _matmul(t2, t3)
     t4 = C['m4']
-    t7 = _matmul(t0, S['dz'])
-    t10, t12 = _launch('k_d6afe995a41c', dtype, (n, B), [(n, 1), (n, B)], [t7, S['x']], [], 'rows')
-    t11 = _launch('k_98a1b805bfa4', dtype, (n, n), (n, n), [t1, t4, t10], [1/B], 'entries')
     if 'm5' not in C:
-        C['m5'] = _gram(t12)
-    t13 = C['m5']
+        C['m5'] = _rank_sum(t4)
+    t5 = C['m5']
+    t8 = _matmul(t0, S['dz'])
+    t11, t14 = _launch('k_d6afe995a41c', dtype, (n, B), [(n, 1), (n, B)], [t8, S['x']], [], 'rows')
+    t12 = _rank_sum(t11)
+    t13 = _launch('k_98a1b805bfa4', dtype, (n, n), (n, n), [t1, t5, t12], [1/B_all], 'entries')
+    if 'm6' not in C:
+        C['m6'] = _gram(t14)
+    t15 = C['m6']
+    if 'm7' not in C:
+        C['m7'] = _rank_sum(t15)
+    t16 = C['m7']
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t11),
-        "W": CurvatureBlock(kron=[_kron((1/B), t13, Hz), ], dense=None),
+        "x": CurvatureBlock(kron=[], dense=t13),
+        "W": CurvatureBlock(kron=[_kron((1/B_all), t16, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_exact_6_params(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (6-kfac) and (6-kfac-reduce), parameters only."""
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
         C['m0'] = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
     t0 = C['m0']
-    if 'm5' not in C:
-        C['m5'] = _gram(t0)
-    t1 = C['m5']
+    if 'm6' not in C:
+        C['m6'] = _gram(t0)
+    t1 = C['m6']
+    if 'm7' not in C:
+        C['m7'] = _rank_sum(t1)
+    t2 = C['m7']
 
     return {
-        "W": CurvatureBlock(kron=[_kron((1/B), t1, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1/B_all), t2, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_exact_7_all(P, S, Hz, C=None):
     """Batch HBP: exact under (7)."""
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
-    if 'm6' not in C:
-        C['m6'] = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t1 = C['m6']
-    t2 = P['W'].T
-    t3 = (_matmul(_matmul((t1 * t2), Hz), P['W']) * t1.T)
-    t5 = _matmul(t2, S['dz'])
-    t8 = _launch('k_36ef97f1d271', dtype, (n, B), (n, 1), [t5, S['x']], [], 'rows')
-    t9 = _launch('k_8f3b530c7461', dtype, (n, n), (n, n), [t3, t8], [B**(-2)], 'entries')
-    if 'm7' not in C:
-        C['m7'] = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t11 = C['m7']
     if 'm8' not in C:
-        C['m8'] = _gram(t11)
-    t12 = C['m8']
+        C['m8'] = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    t1 = C['m8']
+    if 'm9' not in C:
+        C['m9'] = _rank_sum(t1)
+    t2 = C['m9']
+    t3 = P['W'].T
+    t4 = (_matmul(_matmul((t2 * t3), Hz), P['W']) * t2.T)
+    t6 = _matmul(t3, S['dz'])
+    t9 = _launch('k_36ef97f1d271', dtype, (n, B), (n, 1), [t6, S['x']], [], 'rows')
+    t10 = _rank_sum(t9)
+    t11 = _launch('k_8f3b530c7461', dtype, (n, n), (n, n), [t4, t10], [B_all**(-2)], 'entries')
+    if 'm10' not in C:
+        C['m10'] = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    t13 = C['m10']
+    if 'm11' not in C:
+        C['m11'] = _rank_sum(t13)
+    t14 = C['m11']
+    if 'm12' not in C:
+        C['m12'] = _gram(t14)
+    t15 = C['m12']
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t9),
-        "W": CurvatureBlock(kron=[_kron((B**(-2)), t12, Hz), ], dense=None),
+        "x": CurvatureBlock(kron=[], dense=t11),
+        "W": CurvatureBlock(kron=[_kron((B_all**(-2)), t15, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_exact_7_params(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (7), parameters only."""
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
-    if 'm7' not in C:
-        C['m7'] = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t1 = C['m7']
-    if 'm8' not in C:
-        C['m8'] = _gram(t1)
-    t2 = C['m8']
+    if 'm10' not in C:
+        C['m10'] = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    t1 = C['m10']
+    if 'm11' not in C:
+        C['m11'] = _rank_sum(t1)
+    t2 = C['m11']
+    if 'm12' not in C:
+        C['m12'] = _gram(t2)
+    t3 = C['m12']
 
     return {
-        "W": CurvatureBlock(kron=[_kron((B**(-2)), t2, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((B_all**(-2)), t3, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_ggn_6_all(P, S, Hz, C=None):
     """Batch HBP: ggn under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     t0 = P['W'].T
@@ -839,47 +861,59 @@ def _hbp_ggn_6_all(P, S, Hz, C=None):
     if 'm4' not in C:
         C['m4'] = _matmul(t2, t3)
     t4 = C['m4']
-    t6 = _launch('k_bbf53db00b39', dtype, (n, n), (n, n), [t1, t4], [1/B], 'entries')
+    if 'm5' not in C:
+        C['m5'] = _rank_sum(t4)
+    t5 = C['m5']
+    t7 = _launch('k_bbf53db00b39', dtype, (n, n), (n, n), [t1, t5], [1/B_all], 'entries')
     if 'm0' not in C:
         C['m0'] = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
-    t7 = C['m0']
-    if 'm5' not in C:
-        C['m5'] = _gram(t7)
-    t8 = C['m5']
+    t8 = C['m0']
+    if 'm6' not in C:
+        C['m6'] = _gram(t8)
+    t9 = C['m6']
+    if 'm7' not in C:
+        C['m7'] = _rank_sum(t9)
+    t10 = C['m7']
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t6),
-        "W": CurvatureBlock(kron=[_kron((1/B), t8, Hz), ], dense=None),
+        "x": CurvatureBlock(kron=[], dense=t7),
+        "W": CurvatureBlock(kron=[_kron((1/B_all), t10, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_ggn_7_all(P, S, Hz, C=None):
     """Batch HBP: ggn under (7)."""
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
-    if 'm6' not in C:
-        C['m6'] = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t1 = C['m6']
-    t2 = P['W'].T
-    t3 = (_matmul(_matmul((t1 * t2), Hz), P['W']) * t1.T)
-    t4 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t3], [B**(-2)], 'entries')
-    if 'm7' not in C:
-        C['m7'] = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t6 = C['m7']
     if 'm8' not in C:
-        C['m8'] = _gram(t6)
-    t7 = C['m8']
+        C['m8'] = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    t1 = C['m8']
+    if 'm9' not in C:
+        C['m9'] = _rank_sum(t1)
+    t2 = C['m9']
+    t3 = P['W'].T
+    t4 = (_matmul(_matmul((t2 * t3), Hz), P['W']) * t2.T)
+    t5 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t4], [B_all**(-2)], 'entries')
+    if 'm10' not in C:
+        C['m10'] = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    t7 = C['m10']
+    if 'm11' not in C:
+        C['m11'] = _rank_sum(t7)
+    t8 = C['m11']
+    if 'm12' not in C:
+        C['m12'] = _gram(t8)
+    t9 = C['m12']
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t4),
-        "W": CurvatureBlock(kron=[_kron((B**(-2)), t7, Hz), ], dense=None),
+        "x": CurvatureBlock(kron=[], dense=t5),
+        "W": CurvatureBlock(kron=[_kron((B_all**(-2)), t9, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     """Batch HBP: pch-abs under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     t0 = P['W'].T
@@ -891,48 +925,62 @@ def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     if 'm4' not in C:
         C['m4'] = _matmul(t2, t3)
     t4 = C['m4']
-    t7 = _matmul(t0, S['dz'])
-    t10, t13 = _launch('k_d6afe995a41c', dtype, (n, B), [(n, 1), (n, B)], [t7, S['x']], [], 'rows')
-    t12 = _launch('k_7aaf865ab029', dtype, (n, n), (n, n), [t1, t4, t10], [1/B], 'entries')
     if 'm5' not in C:
-        C['m5'] = _gram(t13)
-    t14 = C['m5']
+        C['m5'] = _rank_sum(t4)
+    t5 = C['m5']
+    t8 = _matmul(t0, S['dz'])
+    t11, t15 = _launch('k_d6afe995a41c', dtype, (n, B), [(n, 1), (n, B)], [t8, S['x']], [], 'rows')
+    t12 = _rank_sum(t11)
+    t14 = _launch('k_7aaf865ab029', dtype, (n, n), (n, n), [t1, t5, t12], [1/B_all], 'entries')
+    if 'm6' not in C:
+        C['m6'] = _gram(t15)
+    t16 = C['m6']
+    if 'm7' not in C:
+        C['m7'] = _rank_sum(t16)
+    t17 = C['m7']
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t12),
-        "W": CurvatureBlock(kron=[_kron((1/B), t14, Hz), ], dense=None),
+        "x": CurvatureBlock(kron=[], dense=t14),
+        "W": CurvatureBlock(kron=[_kron((1/B_all), t17, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     """Batch HBP: pch-abs under (7)."""
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
-    if 'm6' not in C:
-        C['m6'] = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t1 = C['m6']
-    t2 = P['W'].T
-    t3 = (_matmul(_matmul((t1 * t2), Hz), P['W']) * t1.T)
-    t5 = _matmul(t2, S['dz'])
-    t8 = _launch('k_36ef97f1d271', dtype, (n, B), (n, 1), [t5, S['x']], [], 'rows')
-    t10 = _launch('k_edf067d60f1a', dtype, (n, n), (n, n), [t3, t8], [B**(-2)], 'entries')
-    if 'm7' not in C:
-        C['m7'] = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t12 = C['m7']
     if 'm8' not in C:
-        C['m8'] = _gram(t12)
-    t13 = C['m8']
+        C['m8'] = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    t1 = C['m8']
+    if 'm9' not in C:
+        C['m9'] = _rank_sum(t1)
+    t2 = C['m9']
+    t3 = P['W'].T
+    t4 = (_matmul(_matmul((t2 * t3), Hz), P['W']) * t2.T)
+    t6 = _matmul(t3, S['dz'])
+    t9 = _launch('k_36ef97f1d271', dtype, (n, B), (n, 1), [t6, S['x']], [], 'rows')
+    t10 = _rank_sum(t9)
+    t12 = _launch('k_edf067d60f1a', dtype, (n, n), (n, n), [t4, t10], [B_all**(-2)], 'entries')
+    if 'm10' not in C:
+        C['m10'] = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    t14 = C['m10']
+    if 'm11' not in C:
+        C['m11'] = _rank_sum(t14)
+    t15 = C['m11']
+    if 'm12' not in C:
+        C['m12'] = _gram(t15)
+    t16 = C['m12']
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t10),
-        "W": CurvatureBlock(kron=[_kron((B**(-2)), t13, Hz), ], dense=None),
+        "x": CurvatureBlock(kron=[], dense=t12),
+        "W": CurvatureBlock(kron=[_kron((B_all**(-2)), t16, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     """Batch HBP: pch-clip under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     t0 = P['W'].T
@@ -944,42 +992,56 @@ def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     if 'm4' not in C:
         C['m4'] = _matmul(t2, t3)
     t4 = C['m4']
-    t7 = _matmul(t0, S['dz'])
-    t10, t13 = _launch('k_d6afe995a41c', dtype, (n, B), [(n, 1), (n, B)], [t7, S['x']], [], 'rows')
-    t12 = _launch('k_ea5e41d44144', dtype, (n, n), (n, n), [t1, t4, t10], [1/B], 'entries')
     if 'm5' not in C:
-        C['m5'] = _gram(t13)
-    t14 = C['m5']
+        C['m5'] = _rank_sum(t4)
+    t5 = C['m5']
+    t8 = _matmul(t0, S['dz'])
+    t11, t15 = _launch('k_d6afe995a41c', dtype, (n, B), [(n, 1), (n, B)], [t8, S['x']], [], 'rows')
+    t12 = _rank_sum(t11)
+    t14 = _launch('k_ea5e41d44144', dtype, (n, n), (n, n), [t1, t5, t12], [1/B_all], 'entries')
+    if 'm6' not in C:
+        C['m6'] = _gram(t15)
+    t16 = C['m6']
+    if 'm7' not in C:
+        C['m7'] = _rank_sum(t16)
+    t17 = C['m7']
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t12),
-        "W": CurvatureBlock(kron=[_kron((1/B), t14, Hz), ], dense=None),
+        "x": CurvatureBlock(kron=[], dense=t14),
+        "W": CurvatureBlock(kron=[_kron((1/B_all), t17, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     """Batch HBP: pch-clip under (7)."""
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
-    if 'm6' not in C:
-        C['m6'] = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t1 = C['m6']
-    t2 = P['W'].T
-    t3 = (_matmul(_matmul((t1 * t2), Hz), P['W']) * t1.T)
-    t5 = _matmul(t2, S['dz'])
-    t8 = _launch('k_36ef97f1d271', dtype, (n, B), (n, 1), [t5, S['x']], [], 'rows')
-    t10 = _launch('k_207a6eb360e6', dtype, (n, n), (n, n), [t3, t8], [B**(-2)], 'entries')
-    if 'm7' not in C:
-        C['m7'] = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t12 = C['m7']
     if 'm8' not in C:
-        C['m8'] = _gram(t12)
-    t13 = C['m8']
+        C['m8'] = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    t1 = C['m8']
+    if 'm9' not in C:
+        C['m9'] = _rank_sum(t1)
+    t2 = C['m9']
+    t3 = P['W'].T
+    t4 = (_matmul(_matmul((t2 * t3), Hz), P['W']) * t2.T)
+    t6 = _matmul(t3, S['dz'])
+    t9 = _launch('k_36ef97f1d271', dtype, (n, B), (n, 1), [t6, S['x']], [], 'rows')
+    t10 = _rank_sum(t9)
+    t12 = _launch('k_207a6eb360e6', dtype, (n, n), (n, n), [t4, t10], [B_all**(-2)], 'entries')
+    if 'm10' not in C:
+        C['m10'] = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    t14 = C['m10']
+    if 'm11' not in C:
+        C['m11'] = _rank_sum(t14)
+    t15 = C['m11']
+    if 'm12' not in C:
+        C['m12'] = _gram(t15)
+    t16 = C['m12']
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t10),
-        "W": CurvatureBlock(kron=[_kron((B**(-2)), t13, Hz), ], dense=None),
+        "x": CurvatureBlock(kron=[], dense=t12),
+        "W": CurvatureBlock(kron=[_kron((B_all**(-2)), t16, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 

@@ -143,7 +143,7 @@ extern "C" __global__ void k_41a52876c677_double(const double* __restrict__ in0,
     out[i] = (in0[r * cols + c] + in1[r * cols + c]);
 }
 
-extern "C" __global__ void k_1f858f1385dc_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float* __restrict__ in5, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_799587efc0c1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -151,10 +151,10 @@ extern "C" __global__ void k_1f858f1385dc_float(const float* __restrict__ in0, c
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((in0[r * cols + c] + (c0 * (in1[r * cols + c] * in2[r * cols + c])) + (r == c ? (c1 * in3[r]) : (float)0)) + in4[r * cols + c] + in5[r * cols + c]);
+    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + in2[r * cols + c] + (c1 * ((r == c ? in3[r] : (float)0) + in4[r * cols + c])));
 }
 
-extern "C" __global__ void k_1f858f1385dc_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double* __restrict__ in4, const double* __restrict__ in5, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_799587efc0c1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double* __restrict__ in4, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -162,10 +162,10 @@ extern "C" __global__ void k_1f858f1385dc_double(const double* __restrict__ in0,
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((in0[r * cols + c] + (c0 * (in1[r * cols + c] * in2[r * cols + c])) + (r == c ? (c1 * in3[r]) : (double)0)) + in4[r * cols + c] + in5[r * cols + c]);
+    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + in2[r * cols + c] + (c1 * ((r == c ? in3[r] : (double)0) + in4[r * cols + c])));
 }
 
-extern "C" __global__ void k_ff42c73e37d0_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_6bfdb0d9961e_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, const float c2, const float c3, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -173,10 +173,10 @@ extern "C" __global__ void k_ff42c73e37d0_float(const float* __restrict__ in0, c
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (c1 * in2[r * cols + c]));
+    out[i] = ((c0 * ((c1 * in0[r * cols + c]) + (c2 * in1[r * cols + c]))) + (c3 * in2[r * cols + c]));
 }
 
-extern "C" __global__ void k_ff42c73e37d0_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_6bfdb0d9961e_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, const double c2, const double c3, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -184,123 +184,7 @@ extern "C" __global__ void k_ff42c73e37d0_double(const double* __restrict__ in0,
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (c1 * in2[r * cols + c]));
-}
-
-extern "C" __global__ void k_4b58d386d3f4_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += ((c0 * in0[r * cols + c]) + (c1 * (in1[c] * in2[r * cols + c])));
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void k_4b58d386d3f4_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += ((c0 * in0[r * cols + c]) + (c1 * (in1[c] * in2[r * cols + c])));
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void k_4cc389bc22ff_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * (in0[r] * in1[r * cols + c])) + (c1 * (in2[r] * in1[r * cols + c])));
-}
-
-extern "C" __global__ void k_4cc389bc22ff_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * (in0[r] * in1[r * cols + c])) + (c1 * (in2[r] * in1[r * cols + c])));
-}
-
-extern "C" __global__ void k_d5d47e522dde_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * in1[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void k_d5d47e522dde_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * in1[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void k_8e52ce19ca2b_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float c0, const float c1, const float c2, const float c3, const float c4, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * ((r == c ? in1[r] : (float)0) + (c1 * ((c2 * in2[r * cols + c]) + (c3 * in3[r * cols + c]))) + (c4 * in4[r * cols + c]))));
-}
-
-extern "C" __global__ void k_8e52ce19ca2b_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double* __restrict__ in4, const double c0, const double c1, const double c2, const double c3, const double c4, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * ((r == c ? in1[r] : (double)0) + (c1 * ((c2 * in2[r * cols + c]) + (c3 * in3[r * cols + c]))) + (c4 * in4[r * cols + c]))));
+    out[i] = ((c0 * ((c1 * in0[r * cols + c]) + (c2 * in1[r * cols + c]))) + (c3 * in2[r * cols + c]));
 }
 
 extern "C" __global__ void k_edb4640e4693_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
@@ -347,6 +231,86 @@ extern "C" __global__ void k_c3f430aafdd9_double(const double* __restrict__ in0,
     out[i] = (in0[r] * in1[r * cols + c]);
 }
 
+extern "C" __global__ void k_4b58d386d3f4_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+{
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ float partial[256];
+    float acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += ((c0 * in0[r * cols + c]) + (c1 * (in1[c] * in2[r * cols + c])));
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[r] = partial[0];
+}
+
+extern "C" __global__ void k_4b58d386d3f4_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+{
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ double partial[256];
+    double acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += ((c0 * in0[r * cols + c]) + (c1 * (in1[c] * in2[r * cols + c])));
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[r] = partial[0];
+}
+
+extern "C" __global__ void k_70f23b55b7a4_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * (in1[r] * in2[r * cols + c])));
+}
+
+extern "C" __global__ void k_70f23b55b7a4_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * (in1[r] * in2[r * cols + c])));
+}
+
+extern "C" __global__ void k_c3615173c71a_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (in0[r * cols + c] + (c0 * ((r == c ? in1[r] : (float)0) + in2[r * cols + c])));
+}
+
+extern "C" __global__ void k_c3615173c71a_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (in0[r * cols + c] + (c0 * ((r == c ? in1[r] : (double)0) + in2[r * cols + c])));
+}
+
 extern "C" __global__ void k_259bde065cff_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
@@ -369,7 +333,7 @@ extern "C" __global__ void k_259bde065cff_double(const double* __restrict__ in0,
     out[i] = ((r == c ? (c0 * in0[r]) : (double)0) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void k_4e5f191b786f_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_46b3349b7318_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -377,10 +341,10 @@ extern "C" __global__ void k_4e5f191b786f_float(const float* __restrict__ in0, c
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (c1 * in2[r * cols + c])) + in3[r * cols + c] + in4[r * cols + c]);
+    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + in2[r * cols + c]);
 }
 
-extern "C" __global__ void k_4e5f191b786f_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double* __restrict__ in4, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_46b3349b7318_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -388,10 +352,10 @@ extern "C" __global__ void k_4e5f191b786f_double(const double* __restrict__ in0,
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (c1 * in2[r * cols + c])) + in3[r * cols + c] + in4[r * cols + c]);
+    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + in2[r * cols + c]);
 }
 
-extern "C" __global__ void k_b6da753aeb00_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_0370683baa28_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -399,10 +363,10 @@ extern "C" __global__ void k_b6da753aeb00_float(const float* __restrict__ in0, c
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
+    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + in2[r * cols + c] + in3[r * cols + c]);
 }
 
-extern "C" __global__ void k_b6da753aeb00_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_0370683baa28_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -410,10 +374,10 @@ extern "C" __global__ void k_b6da753aeb00_double(const double* __restrict__ in0,
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
+    out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + in2[r * cols + c] + in3[r * cols + c]);
 }
 
-extern "C" __global__ void k_1d284ea612f1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float* __restrict__ in5, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_d567ab4aacaf_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -421,10 +385,10 @@ extern "C" __global__ void k_1d284ea612f1_float(const float* __restrict__ in0, c
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (c1 * in2[r * cols + c]) + in3[r * cols + c]) + in4[r * cols + c] + in5[r * cols + c]);
+    out[i] = (c0 * ((r == c ? in0[r] : (float)0) + in1[r * cols + c]));
 }
 
-extern "C" __global__ void k_1d284ea612f1_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double* __restrict__ in4, const double* __restrict__ in5, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_d567ab4aacaf_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -432,29 +396,7 @@ extern "C" __global__ void k_1d284ea612f1_double(const double* __restrict__ in0,
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (c1 * in2[r * cols + c]) + in3[r * cols + c]) + in4[r * cols + c] + in5[r * cols + c]);
-}
-
-extern "C" __global__ void k_fd465ba65c13_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float c0, const float c1, const float c2, const float c3, const float c4, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * ((r == c ? in0[r] : (float)0) + (c1 * ((c2 * in1[r * cols + c]) + (c3 * in2[r * cols + c]))) + (c4 * in3[r * cols + c])));
-}
-
-extern "C" __global__ void k_fd465ba65c13_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, const double c0, const double c1, const double c2, const double c3, const double c4, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * ((r == c ? in0[r] : (double)0) + (c1 * ((c2 * in1[r * cols + c]) + (c3 * in2[r * cols + c]))) + (c4 * in3[r * cols + c])));
+    out[i] = (c0 * ((r == c ? in0[r] : (double)0) + in1[r * cols + c]));
 }
 
 """
@@ -489,6 +431,8 @@ from mcalc.runtime.array_ops import unvec_of_samples as _unvec_of_samples  # noq
 from mcalc.runtime.array_ops import vec as _vec  # noqa: F401
 from mcalc.runtime.array_ops import vec_of_samples as _vec_of_samples  # noqa: F401
 from mcalc.runtime.array_ops import window_argmax as _window_argmax  # noqa: F401
+from mcalc.runtime.rank_sum import rank_sum as _rank_sum  # noqa: F401
+from mcalc.runtime.rank_sum import samples as _samples  # noqa: F401
 
 
 
@@ -498,14 +442,14 @@ def _dtype(P, S):
 
 
 def _dims(P, S):
-    return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], }
+    return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "B_all": _samples(S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1), "n": S['x'].shape[0], }
 
 
 def forward(P, S, cache=None):
     """Z = the module's outputs, (size z, B). The module's functions that share ``cache`` (a dict, one
     per batch) compute what they have in common once; they must share P and S, except what the
     function's own docstring says may change."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if cache is None else cache
     if 'm0' not in C:
@@ -516,7 +460,7 @@ def forward(P, S, cache=None):
 
 
 def _gradients_all(P, S, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -530,7 +474,7 @@ def _gradients_all(P, S, C=None):
 
 
 def _gradients_params(P, S, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
 
     return {}
@@ -545,7 +489,7 @@ def gradients(P, S, inputs=True, cache=None):
 
 
 def _jvp_all(P, S, V, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -566,7 +510,7 @@ def jvp(P, S, V, inputs=True, cache=None):
 
 
 def _rgradients_all(P, S, V, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -603,38 +547,52 @@ def _no_parameters():
 
 def _hbp_exact_6_all(P, S, Hz, C=None):
     """Batch HBP: exact under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
         C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
     t0 = C['m0']
     t1 = t0.T
-    t2 = _matmul(t1, Hz)
-    t4 = _launch('k_d5d47e522dde', dtype, (B, n), (B, 1), [t1, t2], [], 'rows')
-    t8 = S['dz'].T
-    t10 = _launch('k_d5d47e522dde', dtype, (B, n), (B, 1), [t8, t1], [], 'rows')
-    t14 = _launch('k_4cc389bc22ff', dtype, (B, n), (B, n), [t4, t1, t10], [1/B, 2], 'entries')
-    t15 = _matmul(t0, t14)
     if 'm4' not in C:
         C['m4'] = _matmul(t0, t1)
-    t16 = C['m4']
-    t19 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
-    t21 = t19.sum(axis=0, keepdims=True)
-    t26 = _launch('k_4b58d386d3f4', dtype, (n, B), (n, 1), [t19, t21, t0], [1/B, -1/B], 'rows')
-    t28 = _matmul(Hz, t0)
-    t32 = _launch('k_ff42c73e37d0', dtype, (n, B), (n, B), [t0, t28, t19], [-1/B, -1], 'entries')
-    t33 = _matmul(t32, t1)
-    t34 = t33.T
-    t35 = _launch('k_1f858f1385dc', dtype, (n, n), (n, n), [t15, t16, Hz, t26, t33, t34], [1/B, B], 'entries')
+    t2 = C['m4']
+    if 'm5' not in C:
+        C['m5'] = _rank_sum(t2)
+    t3 = C['m5']
+    t6 = _matmul(Hz, t0)
+    t7 = _launch('k_531d59972706', dtype, (n, B), (n, B), [t0, t6], [], 'entries')
+    t8 = _matmul(t7, t1)
+    t10 = _matmul(t1, Hz)
+    t11 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t1, t10], [], 'entries')
+    t13 = t11.sum(axis=1, keepdims=True)
+    t17 = _launch('k_70f23b55b7a4', dtype, (B, n), (B, n), [t11, t13, t1], [1/B_all, -1/B_all], 'entries')
+    t18 = _matmul(t0, t17)
+    t20 = _launch('k_edb4640e4693', dtype, (n, n), (n, n), [t8, t18], [-1/B_all, -1], 'entries')
+    t21 = _rank_sum(t20)
+    t22 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
+    t24 = t22.sum(axis=0, keepdims=True)
+    t29 = _launch('k_4b58d386d3f4', dtype, (n, B), (n, 1), [t22, t24, t0], [1/B_all, -1/B_all], 'rows')
+    t30 = _rank_sum(t29)
+    t31 = _matmul(t22, t1)
+    t33 = S['dz'].T
+    t34 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t33, t1], [], 'entries')
+    t35 = t34.sum(axis=1, keepdims=True)
+    t37 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t35, t1], [], 'entries')
+    t38 = _matmul(t0, t37)
+    t44 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t34, t37], [1/B_all, -1/B_all], 'entries')
+    t45 = _matmul(t0, t44)
+    t47 = _launch('k_6bfdb0d9961e', dtype, (n, n), (n, n), [t31, t38, t45], [-1, 1/B_all, -1/B_all, -1], 'entries')
+    t48 = _rank_sum(t47)
+    t51 = _launch('k_799587efc0c1', dtype, (n, n), (n, n), [t3, Hz, t21, t30, t48], [1/B_all, B_all], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t35),
+        "x": CurvatureBlock(kron=[], dense=t51),
     }
 
 def _hbp_exact_6_params(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7) and (6-kfac) and (6-kfac-reduce), parameters only."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
 
     return {
@@ -642,43 +600,56 @@ def _hbp_exact_6_params(P, S, Hz, C=None):
 
 def _hbp_exact_7_all(P, S, Hz, C=None):
     """Batch HBP: exact under (7)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
         C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
     t0 = C['m0']
-    if 'm5' not in C:
-        C['m5'] = t0.sum(axis=1, keepdims=True)
-    t1 = C['m5']
-    t2 = t0.T
-    if 'm4' not in C:
-        C['m4'] = _matmul(t0, t2)
-    t3 = C['m4']
+    if 'm6' not in C:
+        C['m6'] = t0.sum(axis=1, keepdims=True)
+    t1 = C['m6']
     if 'm7' not in C:
-        C['m7'] = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t1, t3], [1/B, -1/B], 'entries')
-    t5 = C['m7']
-    t6 = _matmul(_matmul(t5, Hz), t5)
-    t7 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
-    t9 = t7.sum(axis=0, keepdims=True)
-    t14 = _launch('k_4b58d386d3f4', dtype, (n, B), (n, 1), [t7, t9, t0], [1/B, -1/B], 'rows')
-    t15 = _matmul(t7, t2)
-    t17 = S['dz'].T
-    t18 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t17, t2], [], 'entries')
-    t19 = t18.sum(axis=1, keepdims=True)
-    t21 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t19, t2], [], 'entries')
-    t22 = _matmul(t0, t21)
-    t28 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t18, t21], [1/B, -1/B], 'entries')
-    t29 = _matmul(t0, t28)
-    t33 = _launch('k_8e52ce19ca2b', dtype, (n, n), (n, n), [t6, t14, t15, t22, t29], [B, -1, 1/B, -1/B, -1], 'entries')
+        C['m7'] = _rank_sum(t1)
+    t2 = C['m7']
+    t3 = t0.T
+    if 'm4' not in C:
+        C['m4'] = _matmul(t0, t3)
+    t4 = C['m4']
+    if 'm5' not in C:
+        C['m5'] = _rank_sum(t4)
+    t5 = C['m5']
+    t6 = t5.T
+    if 'm9' not in C:
+        C['m9'] = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t2, t6], [1/B_all, -1/B_all], 'entries')
+    t8 = C['m9']
+    if 'm11' not in C:
+        C['m11'] = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t2, t5], [1/B_all, -1/B_all], 'entries')
+    t10 = C['m11']
+    t11 = _matmul(_matmul(t8, Hz), t10)
+    t12 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
+    t14 = t12.sum(axis=0, keepdims=True)
+    t19 = _launch('k_4b58d386d3f4', dtype, (n, B), (n, 1), [t12, t14, t0], [1/B_all, -1/B_all], 'rows')
+    t20 = _rank_sum(t19)
+    t21 = _matmul(t12, t3)
+    t23 = S['dz'].T
+    t24 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t23, t3], [], 'entries')
+    t25 = t24.sum(axis=1, keepdims=True)
+    t27 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t25, t3], [], 'entries')
+    t28 = _matmul(t0, t27)
+    t34 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t24, t27], [1/B_all, -1/B_all], 'entries')
+    t35 = _matmul(t0, t34)
+    t37 = _launch('k_6bfdb0d9961e', dtype, (n, n), (n, n), [t21, t28, t35], [-1, 1/B_all, -1/B_all, -1], 'entries')
+    t38 = _rank_sum(t37)
+    t41 = _launch('k_c3615173c71a', dtype, (n, n), (n, n), [t11, t20, t38], [B_all], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t33),
+        "x": CurvatureBlock(kron=[], dense=t41),
     }
 
 def _hbp_ggn_6_all(P, S, Hz, C=None):
     """Batch HBP: ggn under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -688,48 +659,62 @@ def _hbp_ggn_6_all(P, S, Hz, C=None):
     if 'm4' not in C:
         C['m4'] = _matmul(t0, t1)
     t2 = C['m4']
-    t5 = _matmul(t1, Hz)
-    t7 = _launch('k_d5d47e522dde', dtype, (B, n), (B, 1), [t1, t5], [], 'rows')
-    t9 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t7, t1], [], 'entries')
-    t10 = _matmul(t0, t9)
-    t13 = _matmul(Hz, t0)
-    t14 = _launch('k_531d59972706', dtype, (n, B), (n, B), [t0, t13], [], 'entries')
-    t15 = _matmul(t14, t1)
-    t16 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t15], [-1/B], 'entries')
-    t17 = t16.T
-    t18 = _launch('k_4e5f191b786f', dtype, (n, n), (n, n), [t2, Hz, t10, t16, t17], [1/B, 1/B], 'entries')
+    if 'm5' not in C:
+        C['m5'] = _rank_sum(t2)
+    t3 = C['m5']
+    t6 = _matmul(Hz, t0)
+    t7 = _launch('k_531d59972706', dtype, (n, B), (n, B), [t0, t6], [], 'entries')
+    t8 = _matmul(t7, t1)
+    t10 = _matmul(t1, Hz)
+    t11 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t1, t10], [], 'entries')
+    t13 = t11.sum(axis=1, keepdims=True)
+    t17 = _launch('k_70f23b55b7a4', dtype, (B, n), (B, n), [t11, t13, t1], [1/B_all, -1/B_all], 'entries')
+    t18 = _matmul(t0, t17)
+    t20 = _launch('k_edb4640e4693', dtype, (n, n), (n, n), [t8, t18], [-1/B_all, -1], 'entries')
+    t21 = _rank_sum(t20)
+    t22 = _launch('k_46b3349b7318', dtype, (n, n), (n, n), [t3, Hz, t21], [1/B_all], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t18),
+        "x": CurvatureBlock(kron=[], dense=t22),
     }
 
 def _hbp_ggn_7_all(P, S, Hz, C=None):
     """Batch HBP: ggn under (7)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
         C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
     t0 = C['m0']
-    if 'm5' not in C:
-        C['m5'] = t0.sum(axis=1, keepdims=True)
-    t1 = C['m5']
-    t2 = t0.T
-    if 'm4' not in C:
-        C['m4'] = _matmul(t0, t2)
-    t3 = C['m4']
+    if 'm6' not in C:
+        C['m6'] = t0.sum(axis=1, keepdims=True)
+    t1 = C['m6']
     if 'm7' not in C:
-        C['m7'] = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t1, t3], [1/B, -1/B], 'entries')
-    t5 = C['m7']
-    t6 = _matmul(_matmul(t5, Hz), t5)
+        C['m7'] = _rank_sum(t1)
+    t2 = C['m7']
+    t3 = t0.T
+    if 'm4' not in C:
+        C['m4'] = _matmul(t0, t3)
+    t4 = C['m4']
+    if 'm5' not in C:
+        C['m5'] = _rank_sum(t4)
+    t5 = C['m5']
+    t6 = t5.T
+    if 'm9' not in C:
+        C['m9'] = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t2, t6], [1/B_all, -1/B_all], 'entries')
+    t8 = C['m9']
+    if 'm11' not in C:
+        C['m11'] = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t2, t5], [1/B_all, -1/B_all], 'entries')
+    t10 = C['m11']
+    t11 = _matmul(_matmul(t8, Hz), t10)
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t6),
+        "x": CurvatureBlock(kron=[], dense=t11),
     }
 
 def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     """Batch HBP: pch-abs under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -739,75 +724,95 @@ def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     if 'm4' not in C:
         C['m4'] = _matmul(t0, t1)
     t2 = C['m4']
-    t5 = _matmul(t1, Hz)
-    t7 = _launch('k_d5d47e522dde', dtype, (B, n), (B, 1), [t1, t5], [], 'rows')
-    t9 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t7, t1], [], 'entries')
-    t10 = _matmul(t0, t9)
-    t12 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
-    t14 = t12.sum(axis=0, keepdims=True)
-    t19 = _launch('k_4b58d386d3f4', dtype, (n, B), (n, 1), [t12, t14, t0], [1/B, -1/B], 'rows')
-    t20 = _matmul(t12, t1)
-    t22 = S['dz'].T
-    t23 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t22, t1], [], 'entries')
-    t24 = t23.sum(axis=1, keepdims=True)
-    t26 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t24, t1], [], 'entries')
-    t27 = _matmul(t0, t26)
-    t33 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t23, t26], [1/B, -1/B], 'entries')
-    t34 = _matmul(t0, t33)
-    t37 = _launch('k_fd465ba65c13', dtype, (n, n), (n, n), [t19, t20, t27, t34], [B, -1, 1/B, -1/B, -1], 'entries')
-    t38 = _psd_project(t37, 'abs')
-    t40 = _matmul(Hz, t0)
-    t41 = _launch('k_531d59972706', dtype, (n, B), (n, B), [t0, t40], [], 'entries')
-    t42 = _matmul(t41, t1)
-    t43 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t42], [-1/B], 'entries')
-    t44 = t43.T
-    t45 = _launch('k_1d284ea612f1', dtype, (n, n), (n, n), [t2, Hz, t10, t38, t43, t44], [1/B, 1/B], 'entries')
+    if 'm5' not in C:
+        C['m5'] = _rank_sum(t2)
+    t3 = C['m5']
+    t6 = _matmul(Hz, t0)
+    t7 = _launch('k_531d59972706', dtype, (n, B), (n, B), [t0, t6], [], 'entries')
+    t8 = _matmul(t7, t1)
+    t10 = _matmul(t1, Hz)
+    t11 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t1, t10], [], 'entries')
+    t13 = t11.sum(axis=1, keepdims=True)
+    t17 = _launch('k_70f23b55b7a4', dtype, (B, n), (B, n), [t11, t13, t1], [1/B_all, -1/B_all], 'entries')
+    t18 = _matmul(t0, t17)
+    t20 = _launch('k_edb4640e4693', dtype, (n, n), (n, n), [t8, t18], [-1/B_all, -1], 'entries')
+    t21 = _rank_sum(t20)
+    t22 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
+    t24 = t22.sum(axis=0, keepdims=True)
+    t29 = _launch('k_4b58d386d3f4', dtype, (n, B), (n, 1), [t22, t24, t0], [1/B_all, -1/B_all], 'rows')
+    t30 = _rank_sum(t29)
+    t31 = _matmul(t22, t1)
+    t33 = S['dz'].T
+    t34 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t33, t1], [], 'entries')
+    t35 = t34.sum(axis=1, keepdims=True)
+    t37 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t35, t1], [], 'entries')
+    t38 = _matmul(t0, t37)
+    t44 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t34, t37], [1/B_all, -1/B_all], 'entries')
+    t45 = _matmul(t0, t44)
+    t47 = _launch('k_6bfdb0d9961e', dtype, (n, n), (n, n), [t31, t38, t45], [-1, 1/B_all, -1/B_all, -1], 'entries')
+    t48 = _rank_sum(t47)
+    t50 = _launch('k_d567ab4aacaf', dtype, (n, n), (n, n), [t30, t48], [B_all], 'entries')
+    t51 = _psd_project(t50, 'abs')
+    t52 = _launch('k_0370683baa28', dtype, (n, n), (n, n), [t3, Hz, t21, t51], [1/B_all], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t45),
+        "x": CurvatureBlock(kron=[], dense=t52),
     }
 
 def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     """Batch HBP: pch-abs under (7)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
         C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
     t0 = C['m0']
-    if 'm5' not in C:
-        C['m5'] = t0.sum(axis=1, keepdims=True)
-    t1 = C['m5']
-    t2 = t0.T
-    if 'm4' not in C:
-        C['m4'] = _matmul(t0, t2)
-    t3 = C['m4']
+    if 'm6' not in C:
+        C['m6'] = t0.sum(axis=1, keepdims=True)
+    t1 = C['m6']
     if 'm7' not in C:
-        C['m7'] = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t1, t3], [1/B, -1/B], 'entries')
-    t5 = C['m7']
-    t6 = _matmul(_matmul(t5, Hz), t5)
-    t7 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
-    t9 = t7.sum(axis=0, keepdims=True)
-    t14 = _launch('k_4b58d386d3f4', dtype, (n, B), (n, 1), [t7, t9, t0], [1/B, -1/B], 'rows')
-    t15 = _matmul(t7, t2)
-    t17 = S['dz'].T
-    t18 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t17, t2], [], 'entries')
-    t19 = t18.sum(axis=1, keepdims=True)
-    t21 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t19, t2], [], 'entries')
-    t22 = _matmul(t0, t21)
-    t28 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t18, t21], [1/B, -1/B], 'entries')
-    t29 = _matmul(t0, t28)
-    t32 = _launch('k_fd465ba65c13', dtype, (n, n), (n, n), [t14, t15, t22, t29], [B, -1, 1/B, -1/B, -1], 'entries')
-    t33 = _psd_project(t32, 'abs')
-    t34 = _launch('k_41a52876c677', dtype, (n, n), (n, n), [t6, t33], [], 'entries')
+        C['m7'] = _rank_sum(t1)
+    t2 = C['m7']
+    t3 = t0.T
+    if 'm4' not in C:
+        C['m4'] = _matmul(t0, t3)
+    t4 = C['m4']
+    if 'm5' not in C:
+        C['m5'] = _rank_sum(t4)
+    t5 = C['m5']
+    t6 = t5.T
+    if 'm9' not in C:
+        C['m9'] = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t2, t6], [1/B_all, -1/B_all], 'entries')
+    t8 = C['m9']
+    if 'm11' not in C:
+        C['m11'] = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t2, t5], [1/B_all, -1/B_all], 'entries')
+    t10 = C['m11']
+    t11 = _matmul(_matmul(t8, Hz), t10)
+    t12 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
+    t14 = t12.sum(axis=0, keepdims=True)
+    t19 = _launch('k_4b58d386d3f4', dtype, (n, B), (n, 1), [t12, t14, t0], [1/B_all, -1/B_all], 'rows')
+    t20 = _rank_sum(t19)
+    t21 = _matmul(t12, t3)
+    t23 = S['dz'].T
+    t24 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t23, t3], [], 'entries')
+    t25 = t24.sum(axis=1, keepdims=True)
+    t27 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t25, t3], [], 'entries')
+    t28 = _matmul(t0, t27)
+    t34 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t24, t27], [1/B_all, -1/B_all], 'entries')
+    t35 = _matmul(t0, t34)
+    t37 = _launch('k_6bfdb0d9961e', dtype, (n, n), (n, n), [t21, t28, t35], [-1, 1/B_all, -1/B_all, -1], 'entries')
+    t38 = _rank_sum(t37)
+    t40 = _launch('k_d567ab4aacaf', dtype, (n, n), (n, n), [t20, t38], [B_all], 'entries')
+    t41 = _psd_project(t40, 'abs')
+    t42 = _launch('k_41a52876c677', dtype, (n, n), (n, n), [t11, t41], [], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t34),
+        "x": CurvatureBlock(kron=[], dense=t42),
     }
 
 def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     """Batch HBP: pch-clip under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -817,70 +822,90 @@ def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     if 'm4' not in C:
         C['m4'] = _matmul(t0, t1)
     t2 = C['m4']
-    t5 = _matmul(t1, Hz)
-    t7 = _launch('k_d5d47e522dde', dtype, (B, n), (B, 1), [t1, t5], [], 'rows')
-    t9 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t7, t1], [], 'entries')
-    t10 = _matmul(t0, t9)
-    t12 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
-    t14 = t12.sum(axis=0, keepdims=True)
-    t19 = _launch('k_4b58d386d3f4', dtype, (n, B), (n, 1), [t12, t14, t0], [1/B, -1/B], 'rows')
-    t20 = _matmul(t12, t1)
-    t22 = S['dz'].T
-    t23 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t22, t1], [], 'entries')
-    t24 = t23.sum(axis=1, keepdims=True)
-    t26 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t24, t1], [], 'entries')
-    t27 = _matmul(t0, t26)
-    t33 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t23, t26], [1/B, -1/B], 'entries')
-    t34 = _matmul(t0, t33)
-    t37 = _launch('k_fd465ba65c13', dtype, (n, n), (n, n), [t19, t20, t27, t34], [B, -1, 1/B, -1/B, -1], 'entries')
-    t38 = _psd_project(t37, 'clip')
-    t40 = _matmul(Hz, t0)
-    t41 = _launch('k_531d59972706', dtype, (n, B), (n, B), [t0, t40], [], 'entries')
-    t42 = _matmul(t41, t1)
-    t43 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t42], [-1/B], 'entries')
-    t44 = t43.T
-    t45 = _launch('k_1d284ea612f1', dtype, (n, n), (n, n), [t2, Hz, t10, t38, t43, t44], [1/B, 1/B], 'entries')
+    if 'm5' not in C:
+        C['m5'] = _rank_sum(t2)
+    t3 = C['m5']
+    t6 = _matmul(Hz, t0)
+    t7 = _launch('k_531d59972706', dtype, (n, B), (n, B), [t0, t6], [], 'entries')
+    t8 = _matmul(t7, t1)
+    t10 = _matmul(t1, Hz)
+    t11 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t1, t10], [], 'entries')
+    t13 = t11.sum(axis=1, keepdims=True)
+    t17 = _launch('k_70f23b55b7a4', dtype, (B, n), (B, n), [t11, t13, t1], [1/B_all, -1/B_all], 'entries')
+    t18 = _matmul(t0, t17)
+    t20 = _launch('k_edb4640e4693', dtype, (n, n), (n, n), [t8, t18], [-1/B_all, -1], 'entries')
+    t21 = _rank_sum(t20)
+    t22 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
+    t24 = t22.sum(axis=0, keepdims=True)
+    t29 = _launch('k_4b58d386d3f4', dtype, (n, B), (n, 1), [t22, t24, t0], [1/B_all, -1/B_all], 'rows')
+    t30 = _rank_sum(t29)
+    t31 = _matmul(t22, t1)
+    t33 = S['dz'].T
+    t34 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t33, t1], [], 'entries')
+    t35 = t34.sum(axis=1, keepdims=True)
+    t37 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t35, t1], [], 'entries')
+    t38 = _matmul(t0, t37)
+    t44 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t34, t37], [1/B_all, -1/B_all], 'entries')
+    t45 = _matmul(t0, t44)
+    t47 = _launch('k_6bfdb0d9961e', dtype, (n, n), (n, n), [t31, t38, t45], [-1, 1/B_all, -1/B_all, -1], 'entries')
+    t48 = _rank_sum(t47)
+    t50 = _launch('k_d567ab4aacaf', dtype, (n, n), (n, n), [t30, t48], [B_all], 'entries')
+    t51 = _psd_project(t50, 'clip')
+    t52 = _launch('k_0370683baa28', dtype, (n, n), (n, n), [t3, Hz, t21, t51], [1/B_all], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t45),
+        "x": CurvatureBlock(kron=[], dense=t52),
     }
 
 def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     """Batch HBP: pch-clip under (7)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
         C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
     t0 = C['m0']
-    if 'm5' not in C:
-        C['m5'] = t0.sum(axis=1, keepdims=True)
-    t1 = C['m5']
-    t2 = t0.T
-    if 'm4' not in C:
-        C['m4'] = _matmul(t0, t2)
-    t3 = C['m4']
+    if 'm6' not in C:
+        C['m6'] = t0.sum(axis=1, keepdims=True)
+    t1 = C['m6']
     if 'm7' not in C:
-        C['m7'] = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t1, t3], [1/B, -1/B], 'entries')
-    t5 = C['m7']
-    t6 = _matmul(_matmul(t5, Hz), t5)
-    t7 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
-    t9 = t7.sum(axis=0, keepdims=True)
-    t14 = _launch('k_4b58d386d3f4', dtype, (n, B), (n, 1), [t7, t9, t0], [1/B, -1/B], 'rows')
-    t15 = _matmul(t7, t2)
-    t17 = S['dz'].T
-    t18 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t17, t2], [], 'entries')
-    t19 = t18.sum(axis=1, keepdims=True)
-    t21 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t19, t2], [], 'entries')
-    t22 = _matmul(t0, t21)
-    t28 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t18, t21], [1/B, -1/B], 'entries')
-    t29 = _matmul(t0, t28)
-    t32 = _launch('k_fd465ba65c13', dtype, (n, n), (n, n), [t14, t15, t22, t29], [B, -1, 1/B, -1/B, -1], 'entries')
-    t33 = _psd_project(t32, 'clip')
-    t34 = _launch('k_41a52876c677', dtype, (n, n), (n, n), [t6, t33], [], 'entries')
+        C['m7'] = _rank_sum(t1)
+    t2 = C['m7']
+    t3 = t0.T
+    if 'm4' not in C:
+        C['m4'] = _matmul(t0, t3)
+    t4 = C['m4']
+    if 'm5' not in C:
+        C['m5'] = _rank_sum(t4)
+    t5 = C['m5']
+    t6 = t5.T
+    if 'm9' not in C:
+        C['m9'] = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t2, t6], [1/B_all, -1/B_all], 'entries')
+    t8 = C['m9']
+    if 'm11' not in C:
+        C['m11'] = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t2, t5], [1/B_all, -1/B_all], 'entries')
+    t10 = C['m11']
+    t11 = _matmul(_matmul(t8, Hz), t10)
+    t12 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
+    t14 = t12.sum(axis=0, keepdims=True)
+    t19 = _launch('k_4b58d386d3f4', dtype, (n, B), (n, 1), [t12, t14, t0], [1/B_all, -1/B_all], 'rows')
+    t20 = _rank_sum(t19)
+    t21 = _matmul(t12, t3)
+    t23 = S['dz'].T
+    t24 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t23, t3], [], 'entries')
+    t25 = t24.sum(axis=1, keepdims=True)
+    t27 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t25, t3], [], 'entries')
+    t28 = _matmul(t0, t27)
+    t34 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t24, t27], [1/B_all, -1/B_all], 'entries')
+    t35 = _matmul(t0, t34)
+    t37 = _launch('k_6bfdb0d9961e', dtype, (n, n), (n, n), [t21, t28, t35], [-1, 1/B_all, -1/B_all, -1], 'entries')
+    t38 = _rank_sum(t37)
+    t40 = _launch('k_d567ab4aacaf', dtype, (n, n), (n, n), [t20, t38], [B_all], 'entries')
+    t41 = _psd_project(t40, 'clip')
+    t42 = _launch('k_41a52876c677', dtype, (n, n), (n, n), [t11, t41], [], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t34),
+        "x": CurvatureBlock(kron=[], dense=t42),
     }
 
 

@@ -455,6 +455,8 @@ from mcalc.runtime.array_ops import unvec_of_samples as _unvec_of_samples  # noq
 from mcalc.runtime.array_ops import vec as _vec  # noqa: F401
 from mcalc.runtime.array_ops import vec_of_samples as _vec_of_samples  # noqa: F401
 from mcalc.runtime.array_ops import window_argmax as _window_argmax  # noqa: F401
+from mcalc.runtime.rank_sum import rank_sum as _rank_sum  # noqa: F401
+from mcalc.runtime.rank_sum import samples as _samples  # noqa: F401
 
 
 
@@ -464,14 +466,14 @@ def _dtype(P, S):
 
 
 def _dims(P, S):
-    return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], }
+    return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "B_all": _samples(S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1), "n": S['x'].shape[0], }
 
 
 def forward(P, S, cache=None):
     """Z = the module's outputs, (size z, B). The module's functions that share ``cache`` (a dict, one
     per batch) compute what they have in common once; they must share P and S, except what the
     function's own docstring says may change."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = _launch('k_05480c8a8cbb', dtype, (n, B), (n, B), [S['x']], [], 'entries')
 
@@ -479,7 +481,7 @@ def forward(P, S, cache=None):
 
 
 def _gradients_all(P, S, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_454f781be5fc', dtype, (n, B), (n, B), [S['dz'], S['x']], [], 'entries')
 
@@ -487,7 +489,7 @@ def _gradients_all(P, S, C=None):
 
 
 def _gradients_params(P, S, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
 
     return {}
@@ -502,7 +504,7 @@ def gradients(P, S, inputs=True, cache=None):
 
 
 def _jvp_all(P, S, V, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t1 = _launch('k_454f781be5fc', dtype, (n, B), (n, B), [V['x'], S['x']], [], 'entries')
 
@@ -517,7 +519,7 @@ def jvp(P, S, V, inputs=True, cache=None):
 
 
 def _rgradients_all(P, S, V, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t5 = _launch('k_d9118980587e', dtype, (n, B), (n, B), [V['x'], S['x'], S['dz'], V['dz']], [], 'entries')
 
@@ -537,23 +539,27 @@ def _no_parameters():
 
 def _hbp_exact_6_all(P, S, Hz, C=None):
     """Batch HBP: exact under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
-    t7, t0 = _launch('k_928bd2c6d438', dtype, (n, B), [(n, 1), (n, B)], [S['dz'], S['x']], [], 'rows')
+    t8, t0 = _launch('k_928bd2c6d438', dtype, (n, B), [(n, 1), (n, B)], [S['dz'], S['x']], [], 'rows')
     t1 = t0.T
     if 'm2' not in C:
         C['m2'] = _matmul(t0, t1)
     t2 = C['m2']
-    t8 = _launch('k_98a1b805bfa4', dtype, (n, n), (n, n), [t2, Hz, t7], [1/B], 'entries')
+    if 'm3' not in C:
+        C['m3'] = _rank_sum(t2)
+    t3 = C['m3']
+    t9 = _rank_sum(t8)
+    t10 = _launch('k_98a1b805bfa4', dtype, (n, n), (n, n), [t3, Hz, t9], [1/B_all], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t8),
+        "x": CurvatureBlock(kron=[], dense=t10),
     }
 
 def _hbp_exact_6_params(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7) and (6-kfac) and (6-kfac-reduce), parameters only."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
 
     return {
@@ -561,22 +567,26 @@ def _hbp_exact_6_params(P, S, Hz, C=None):
 
 def _hbp_exact_7_all(P, S, Hz, C=None):
     """Batch HBP: exact under (7)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
-    if 'm3' not in C:
-        C['m3'] = _launch('k_26045612d8a9', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t1 = C['m3']
-    t6 = _launch('k_f3488bff5e17', dtype, (n, B), (n, 1), [S['dz'], S['x']], [], 'rows')
-    t7 = _launch('k_977fb34fc135', dtype, (n, n), (n, n), [t1, Hz, t6], [B**(-2)], 'entries')
+    if 'm4' not in C:
+        C['m4'] = _launch('k_26045612d8a9', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    t1 = C['m4']
+    if 'm5' not in C:
+        C['m5'] = _rank_sum(t1)
+    t2 = C['m5']
+    t7 = _launch('k_f3488bff5e17', dtype, (n, B), (n, 1), [S['dz'], S['x']], [], 'rows')
+    t8 = _rank_sum(t7)
+    t9 = _launch('k_977fb34fc135', dtype, (n, n), (n, n), [t2, Hz, t8], [B_all**(-2)], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t7),
+        "x": CurvatureBlock(kron=[], dense=t9),
     }
 
 def _hbp_ggn_6_all(P, S, Hz, C=None):
     """Batch HBP: ggn under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -586,86 +596,108 @@ def _hbp_ggn_6_all(P, S, Hz, C=None):
     if 'm2' not in C:
         C['m2'] = _matmul(t0, t1)
     t2 = C['m2']
-    t4 = _launch('k_bbf53db00b39', dtype, (n, n), (n, n), [t2, Hz], [1/B], 'entries')
+    if 'm3' not in C:
+        C['m3'] = _rank_sum(t2)
+    t3 = C['m3']
+    t5 = _launch('k_bbf53db00b39', dtype, (n, n), (n, n), [t3, Hz], [1/B_all], 'entries')
+
+    return {
+        "x": CurvatureBlock(kron=[], dense=t5),
+    }
+
+def _hbp_ggn_7_all(P, S, Hz, C=None):
+    """Batch HBP: ggn under (7)."""
+    B, B_all, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
+    C = {} if C is None else C
+    if 'm4' not in C:
+        C['m4'] = _launch('k_26045612d8a9', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    t1 = C['m4']
+    if 'm5' not in C:
+        C['m5'] = _rank_sum(t1)
+    t2 = C['m5']
+    t4 = _launch('k_d13b2ab6b72d', dtype, (n, n), (n, n), [t2, Hz], [B_all**(-2)], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t4),
     }
 
-def _hbp_ggn_7_all(P, S, Hz, C=None):
-    """Batch HBP: ggn under (7)."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-    C = {} if C is None else C
-    if 'm3' not in C:
-        C['m3'] = _launch('k_26045612d8a9', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t1 = C['m3']
-    t3 = _launch('k_d13b2ab6b72d', dtype, (n, n), (n, n), [t1, Hz], [B**(-2)], 'entries')
-
-    return {
-        "x": CurvatureBlock(kron=[], dense=t3),
-    }
-
 def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     """Batch HBP: pch-abs under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
-    t7, t0 = _launch('k_928bd2c6d438', dtype, (n, B), [(n, 1), (n, B)], [S['dz'], S['x']], [], 'rows')
+    t8, t0 = _launch('k_928bd2c6d438', dtype, (n, B), [(n, 1), (n, B)], [S['dz'], S['x']], [], 'rows')
     t1 = t0.T
     if 'm2' not in C:
         C['m2'] = _matmul(t0, t1)
     t2 = C['m2']
-    t9 = _launch('k_7aaf865ab029', dtype, (n, n), (n, n), [t2, Hz, t7], [1/B], 'entries')
+    if 'm3' not in C:
+        C['m3'] = _rank_sum(t2)
+    t3 = C['m3']
+    t9 = _rank_sum(t8)
+    t11 = _launch('k_7aaf865ab029', dtype, (n, n), (n, n), [t3, Hz, t9], [1/B_all], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t9),
+        "x": CurvatureBlock(kron=[], dense=t11),
     }
 
 def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     """Batch HBP: pch-abs under (7)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
-    if 'm3' not in C:
-        C['m3'] = _launch('k_26045612d8a9', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t1 = C['m3']
-    t6 = _launch('k_f3488bff5e17', dtype, (n, B), (n, 1), [S['dz'], S['x']], [], 'rows')
-    t8 = _launch('k_d4490dea0273', dtype, (n, n), (n, n), [t1, Hz, t6], [B**(-2)], 'entries')
+    if 'm4' not in C:
+        C['m4'] = _launch('k_26045612d8a9', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    t1 = C['m4']
+    if 'm5' not in C:
+        C['m5'] = _rank_sum(t1)
+    t2 = C['m5']
+    t7 = _launch('k_f3488bff5e17', dtype, (n, B), (n, 1), [S['dz'], S['x']], [], 'rows')
+    t8 = _rank_sum(t7)
+    t10 = _launch('k_d4490dea0273', dtype, (n, n), (n, n), [t2, Hz, t8], [B_all**(-2)], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t8),
+        "x": CurvatureBlock(kron=[], dense=t10),
     }
 
 def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     """Batch HBP: pch-clip under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
-    t7, t0 = _launch('k_928bd2c6d438', dtype, (n, B), [(n, 1), (n, B)], [S['dz'], S['x']], [], 'rows')
+    t8, t0 = _launch('k_928bd2c6d438', dtype, (n, B), [(n, 1), (n, B)], [S['dz'], S['x']], [], 'rows')
     t1 = t0.T
     if 'm2' not in C:
         C['m2'] = _matmul(t0, t1)
     t2 = C['m2']
-    t9 = _launch('k_ea5e41d44144', dtype, (n, n), (n, n), [t2, Hz, t7], [1/B], 'entries')
+    if 'm3' not in C:
+        C['m3'] = _rank_sum(t2)
+    t3 = C['m3']
+    t9 = _rank_sum(t8)
+    t11 = _launch('k_ea5e41d44144', dtype, (n, n), (n, n), [t3, Hz, t9], [1/B_all], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t9),
+        "x": CurvatureBlock(kron=[], dense=t11),
     }
 
 def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     """Batch HBP: pch-clip under (7)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
-    if 'm3' not in C:
-        C['m3'] = _launch('k_26045612d8a9', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t1 = C['m3']
-    t6 = _launch('k_f3488bff5e17', dtype, (n, B), (n, 1), [S['dz'], S['x']], [], 'rows')
-    t8 = _launch('k_576d80003b4f', dtype, (n, n), (n, n), [t1, Hz, t6], [B**(-2)], 'entries')
+    if 'm4' not in C:
+        C['m4'] = _launch('k_26045612d8a9', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    t1 = C['m4']
+    if 'm5' not in C:
+        C['m5'] = _rank_sum(t1)
+    t2 = C['m5']
+    t7 = _launch('k_f3488bff5e17', dtype, (n, B), (n, 1), [S['dz'], S['x']], [], 'rows')
+    t8 = _rank_sum(t7)
+    t10 = _launch('k_576d80003b4f', dtype, (n, n), (n, n), [t2, Hz, t8], [B_all**(-2)], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t8),
+        "x": CurvatureBlock(kron=[], dense=t10),
     }
 
 

@@ -46,6 +46,8 @@ from mcalc.runtime.array_ops import unvec_of_samples as _unvec_of_samples  # noq
 from mcalc.runtime.array_ops import vec as _vec  # noqa: F401
 from mcalc.runtime.array_ops import vec_of_samples as _vec_of_samples  # noqa: F401
 from mcalc.runtime.array_ops import window_argmax as _window_argmax  # noqa: F401
+from mcalc.runtime.rank_sum import rank_sum as _rank_sum  # noqa: F401
+from mcalc.runtime.rank_sum import samples as _samples  # noqa: F401
 
 
 
@@ -55,14 +57,14 @@ def _dtype(P, S):
 
 
 def _dims(P, S):
-    return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "m": S['x'].shape[0], }
+    return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "B_all": _samples(S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1), "m": S['x'].shape[0], }
 
 
 def forward(P, S, cache=None):
     """Z = the module's outputs, (size z, B). The module's functions that share ``cache`` (a dict, one
     per batch) compute what they have in common once; they must share P and S, except what the
     function's own docstring says may change."""
-    B, m = _dims(P, S).values()
+    B, B_all, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = xp.broadcast_to(P['b'], (m, B))
     t1 = S['x'] + t0
@@ -71,7 +73,7 @@ def forward(P, S, cache=None):
 
 
 def _gradients_all(P, S, C=None):
-    B, m = _dims(P, S).values()
+    B, B_all, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = S['dz'].sum(axis=1, keepdims=True)
 
@@ -79,7 +81,7 @@ def _gradients_all(P, S, C=None):
 
 
 def _gradients_params(P, S, C=None):
-    B, m = _dims(P, S).values()
+    B, B_all, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = S['dz'].sum(axis=1, keepdims=True)
 
@@ -95,7 +97,7 @@ def gradients(P, S, inputs=True, cache=None):
 
 
 def _jvp_all(P, S, V, C=None):
-    B, m = _dims(P, S).values()
+    B, B_all, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = xp.broadcast_to(V['b'], (m, B))
     t1 = V['x'] + t0
@@ -104,7 +106,7 @@ def _jvp_all(P, S, V, C=None):
 
 
 def _jvp_params(P, S, V, C=None):
-    B, m = _dims(P, S).values()
+    B, B_all, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = xp.broadcast_to(V['b'], (m, B))
 
@@ -119,7 +121,7 @@ def jvp(P, S, V, inputs=True, cache=None):
 
 
 def _rgradients_all(P, S, V, C=None):
-    B, m = _dims(P, S).values()
+    B, B_all, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = V['dz'].sum(axis=1, keepdims=True)
 
@@ -127,7 +129,7 @@ def _rgradients_all(P, S, V, C=None):
 
 
 def _rgradients_params(P, S, V, C=None):
-    B, m = _dims(P, S).values()
+    B, B_all, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = V['dz'].sum(axis=1, keepdims=True)
 
@@ -147,7 +149,7 @@ def _no_parameters():
 
 def _hbp_exact_6_all(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7) and (6-kfac) and (6-kfac-reduce)."""
-    B, m = _dims(P, S).values()
+    B, B_all, m = _dims(P, S).values()
     dtype = _dtype(P, S)
 
     return {
@@ -157,7 +159,7 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
 
 def _hbp_exact_6_params(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7) and (6-kfac) and (6-kfac-reduce), parameters only."""
-    B, m = _dims(P, S).values()
+    B, B_all, m = _dims(P, S).values()
     dtype = _dtype(P, S)
 
     return {

@@ -46,6 +46,8 @@ from mcalc.runtime.array_ops import unvec_of_samples as _unvec_of_samples  # noq
 from mcalc.runtime.array_ops import vec as _vec  # noqa: F401
 from mcalc.runtime.array_ops import vec_of_samples as _vec_of_samples  # noqa: F401
 from mcalc.runtime.array_ops import window_argmax as _window_argmax  # noqa: F401
+from mcalc.runtime.rank_sum import rank_sum as _rank_sum  # noqa: F401
+from mcalc.runtime.rank_sum import samples as _samples  # noqa: F401
 
 
 
@@ -55,14 +57,14 @@ def _dtype(P, S):
 
 
 def _dims(P, S):
-    return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], }
+    return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "B_all": _samples(S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1), "n": S['x'].shape[0], }
 
 
 def forward(P, S, cache=None):
     """Z = the module's outputs, (size z, B). The module's functions that share ``cache`` (a dict, one
     per batch) compute what they have in common once; they must share P and S, except what the
     function's own docstring says may change."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = _log_softmax(S['x'])
     t1 = S['y'] * t0
@@ -73,7 +75,7 @@ def forward(P, S, cache=None):
 
 
 def _gradients_all(P, S, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     t0 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
@@ -89,7 +91,7 @@ def _gradients_all(P, S, C=None):
 
 
 def _gradients_params(P, S, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
 
     return {}
@@ -104,7 +106,7 @@ def gradients(P, S, inputs=True, cache=None):
 
 
 def _jvp_all(P, S, V, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -130,7 +132,7 @@ def jvp(P, S, V, inputs=True, cache=None):
 
 
 def _rgradients_all(P, S, V, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     t0 = (xp.ones((n, 1), dtype=dtype) @ V['dz'])
@@ -168,7 +170,7 @@ def _no_parameters():
 
 def _hbp_exact_6_all(P, S, Hz, C=None):
     """Batch HBP: exact under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -182,11 +184,11 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
     t2 = C['m3']
     t3 = S['y'].T
     if 'm4' not in C:
-        C['m4'] = (1/B) * t3
+        C['m4'] = (1/B_all) * t3
     t4 = C['m4']
     t5 = t0.T
     if 'm5' not in C:
-        C['m5'] = (-1/B) * t5
+        C['m5'] = (-1/B_all) * t5
     t6 = C['m5']
     if 'm6' not in C:
         C['m6'] = t4 + t6
@@ -194,23 +196,28 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
     if 'm7' not in C:
         C['m7'] = (t2 @ t7)
     t8 = C['m7']
-    t9 = t8 * Hz
-    t10 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
-    t11 = t10 * t0
-    t12 = t11.sum(axis=1, keepdims=True)
-    t13 = (t11 @ t5)
-    t14 = (-1/B) * t13
-    t15 = _plus_diagonal(t14, (1/B) * t12, copy=False)
-    t16 = (B) * t15
-    t17 = t9 + t16
+    if 'm8' not in C:
+        C['m8'] = _rank_sum(t8)
+    t9 = C['m8']
+    t10 = t9 * Hz
+    t11 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
+    t12 = t11 * t0
+    t13 = t12.sum(axis=1, keepdims=True)
+    t14 = _rank_sum(t13)
+    t15 = (t12 @ t5)
+    t16 = _rank_sum(t15)
+    t17 = (-1/B_all) * t16
+    t18 = _plus_diagonal(t17, (1/B_all) * t14, copy=False)
+    t19 = (B_all) * t18
+    t20 = t10 + t19
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t17),
+        "x": CurvatureBlock(kron=[], dense=t20),
     }
 
 def _hbp_exact_6_params(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7) and (6-kfac) and (6-kfac-reduce), parameters only."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
 
     return {
@@ -218,52 +225,73 @@ def _hbp_exact_6_params(P, S, Hz, C=None):
 
 def _hbp_exact_7_all(P, S, Hz, C=None):
     """Batch HBP: exact under (7)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
-    if 'm8' not in C:
-        C['m8'] = (1/B) * S['y']
-    t0 = C['m8']
+    if 'm9' not in C:
+        C['m9'] = (1/B_all) * S['y']
+    t0 = C['m9']
     if 'm0' not in C:
         C['m0'] = _softmax(S['x'])
     t1 = C['m0']
-    if 'm9' not in C:
-        C['m9'] = (-1/B) * t1
-    t2 = C['m9']
     if 'm10' not in C:
-        C['m10'] = t0 + t2
-    t3 = C['m10']
-    t4 = S['y'].T
-    if 'm4' not in C:
-        C['m4'] = (1/B) * t4
-    t5 = C['m4']
-    t6 = t1.T
-    if 'm5' not in C:
-        C['m5'] = (-1/B) * t6
-    t7 = C['m5']
-    if 'm6' not in C:
-        C['m6'] = t5 + t7
-    t8 = C['m6']
+        C['m10'] = (-1/B_all) * t1
+    t2 = C['m10']
     if 'm11' not in C:
-        C['m11'] = (xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)) @ t8)
-    t9 = C['m11']
-    t10 = t9 * Hz
-    t11 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
-    t12 = t11 * t1
-    t13 = t12.sum(axis=1, keepdims=True)
-    t14 = (t12 @ t6)
-    t15 = (-1/B) * t14
-    t16 = _plus_diagonal(t15, (1/B) * t13, copy=False)
-    t17 = (B) * t16
-    t18 = t10 + t17
+        C['m11'] = t0 + t2
+    t3 = C['m11']
+    if 'm12' not in C:
+        C['m12'] = t3.sum(axis=1, keepdims=True)
+    t4 = C['m12']
+    if 'm13' not in C:
+        C['m13'] = _rank_sum(t4)
+    t5 = C['m13']
+    if 'm14' not in C:
+        C['m14'] = S['y'].sum(axis=1, keepdims=True)
+    t6 = C['m14']
+    if 'm15' not in C:
+        C['m15'] = _rank_sum(t6)
+    t7 = C['m15']
+    t8 = t7.T
+    if 'm16' not in C:
+        C['m16'] = (1/B_all) * t8
+    t9 = C['m16']
+    if 'm17' not in C:
+        C['m17'] = t1.sum(axis=1, keepdims=True)
+    t10 = C['m17']
+    if 'm18' not in C:
+        C['m18'] = _rank_sum(t10)
+    t11 = C['m18']
+    t12 = t11.T
+    if 'm19' not in C:
+        C['m19'] = (-1/B_all) * t12
+    t13 = C['m19']
+    if 'm20' not in C:
+        C['m20'] = t9 + t13
+    t14 = C['m20']
+    if 'm21' not in C:
+        C['m21'] = (t5 @ t14)
+    t15 = C['m21']
+    t16 = t15 * Hz
+    t17 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
+    t18 = t17 * t1
+    t19 = t18.sum(axis=1, keepdims=True)
+    t20 = _rank_sum(t19)
+    t21 = t1.T
+    t22 = (t18 @ t21)
+    t23 = _rank_sum(t22)
+    t24 = (-1/B_all) * t23
+    t25 = _plus_diagonal(t24, (1/B_all) * t20, copy=False)
+    t26 = (B_all) * t25
+    t27 = t16 + t26
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t18),
+        "x": CurvatureBlock(kron=[], dense=t27),
     }
 
 def _hbp_ggn_6_all(P, S, Hz, C=None):
     """Batch HBP: ggn under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -277,11 +305,11 @@ def _hbp_ggn_6_all(P, S, Hz, C=None):
     t2 = C['m3']
     t3 = S['y'].T
     if 'm4' not in C:
-        C['m4'] = (1/B) * t3
+        C['m4'] = (1/B_all) * t3
     t4 = C['m4']
     t5 = t0.T
     if 'm5' not in C:
-        C['m5'] = (-1/B) * t5
+        C['m5'] = (-1/B_all) * t5
     t6 = C['m5']
     if 'm6' not in C:
         C['m6'] = t4 + t6
@@ -289,52 +317,73 @@ def _hbp_ggn_6_all(P, S, Hz, C=None):
     if 'm7' not in C:
         C['m7'] = (t2 @ t7)
     t8 = C['m7']
-    t9 = t8 * Hz
-
-    return {
-        "x": CurvatureBlock(kron=[], dense=t9),
-    }
-
-def _hbp_ggn_7_all(P, S, Hz, C=None):
-    """Batch HBP: ggn under (7)."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-    C = {} if C is None else C
     if 'm8' not in C:
-        C['m8'] = (1/B) * S['y']
-    t0 = C['m8']
-    if 'm0' not in C:
-        C['m0'] = _softmax(S['x'])
-    t1 = C['m0']
-    if 'm9' not in C:
-        C['m9'] = (-1/B) * t1
-    t2 = C['m9']
-    if 'm10' not in C:
-        C['m10'] = t0 + t2
-    t3 = C['m10']
-    t4 = S['y'].T
-    if 'm4' not in C:
-        C['m4'] = (1/B) * t4
-    t5 = C['m4']
-    t6 = t1.T
-    if 'm5' not in C:
-        C['m5'] = (-1/B) * t6
-    t7 = C['m5']
-    if 'm6' not in C:
-        C['m6'] = t5 + t7
-    t8 = C['m6']
-    if 'm11' not in C:
-        C['m11'] = (xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)) @ t8)
-    t9 = C['m11']
+        C['m8'] = _rank_sum(t8)
+    t9 = C['m8']
     t10 = t9 * Hz
 
     return {
         "x": CurvatureBlock(kron=[], dense=t10),
     }
 
+def _hbp_ggn_7_all(P, S, Hz, C=None):
+    """Batch HBP: ggn under (7)."""
+    B, B_all, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
+    C = {} if C is None else C
+    if 'm9' not in C:
+        C['m9'] = (1/B_all) * S['y']
+    t0 = C['m9']
+    if 'm0' not in C:
+        C['m0'] = _softmax(S['x'])
+    t1 = C['m0']
+    if 'm10' not in C:
+        C['m10'] = (-1/B_all) * t1
+    t2 = C['m10']
+    if 'm11' not in C:
+        C['m11'] = t0 + t2
+    t3 = C['m11']
+    if 'm12' not in C:
+        C['m12'] = t3.sum(axis=1, keepdims=True)
+    t4 = C['m12']
+    if 'm13' not in C:
+        C['m13'] = _rank_sum(t4)
+    t5 = C['m13']
+    if 'm14' not in C:
+        C['m14'] = S['y'].sum(axis=1, keepdims=True)
+    t6 = C['m14']
+    if 'm15' not in C:
+        C['m15'] = _rank_sum(t6)
+    t7 = C['m15']
+    t8 = t7.T
+    if 'm16' not in C:
+        C['m16'] = (1/B_all) * t8
+    t9 = C['m16']
+    if 'm17' not in C:
+        C['m17'] = t1.sum(axis=1, keepdims=True)
+    t10 = C['m17']
+    if 'm18' not in C:
+        C['m18'] = _rank_sum(t10)
+    t11 = C['m18']
+    t12 = t11.T
+    if 'm19' not in C:
+        C['m19'] = (-1/B_all) * t12
+    t13 = C['m19']
+    if 'm20' not in C:
+        C['m20'] = t9 + t13
+    t14 = C['m20']
+    if 'm21' not in C:
+        C['m21'] = (t5 @ t14)
+    t15 = C['m21']
+    t16 = t15 * Hz
+
+    return {
+        "x": CurvatureBlock(kron=[], dense=t16),
+    }
+
 def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     """Batch HBP: pch-abs under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -348,11 +397,11 @@ def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     t2 = C['m3']
     t3 = S['y'].T
     if 'm4' not in C:
-        C['m4'] = (1/B) * t3
+        C['m4'] = (1/B_all) * t3
     t4 = C['m4']
     t5 = t0.T
     if 'm5' not in C:
-        C['m5'] = (-1/B) * t5
+        C['m5'] = (-1/B_all) * t5
     t6 = C['m5']
     if 'm6' not in C:
         C['m6'] = t4 + t6
@@ -360,70 +409,96 @@ def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     if 'm7' not in C:
         C['m7'] = (t2 @ t7)
     t8 = C['m7']
-    t9 = t8 * Hz
-    t10 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
-    t11 = t10 * t0
-    t12 = t11.sum(axis=1, keepdims=True)
-    t13 = (t11 @ t5)
-    t14 = (-1/B) * t13
-    t15 = _plus_diagonal(t14, (1/B) * t12, copy=False)
-    t16 = (B) * t15
-    t17 = _psd_project(t16, 'abs')
-    t18 = t9 + t17
+    if 'm8' not in C:
+        C['m8'] = _rank_sum(t8)
+    t9 = C['m8']
+    t10 = t9 * Hz
+    t11 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
+    t12 = t11 * t0
+    t13 = t12.sum(axis=1, keepdims=True)
+    t14 = _rank_sum(t13)
+    t15 = (t12 @ t5)
+    t16 = _rank_sum(t15)
+    t17 = (-1/B_all) * t16
+    t18 = _plus_diagonal(t17, (1/B_all) * t14, copy=False)
+    t19 = (B_all) * t18
+    t20 = _psd_project(t19, 'abs')
+    t21 = t10 + t20
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t18),
+        "x": CurvatureBlock(kron=[], dense=t21),
     }
 
 def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     """Batch HBP: pch-abs under (7)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
-    if 'm8' not in C:
-        C['m8'] = (1/B) * S['y']
-    t0 = C['m8']
+    if 'm9' not in C:
+        C['m9'] = (1/B_all) * S['y']
+    t0 = C['m9']
     if 'm0' not in C:
         C['m0'] = _softmax(S['x'])
     t1 = C['m0']
-    if 'm9' not in C:
-        C['m9'] = (-1/B) * t1
-    t2 = C['m9']
     if 'm10' not in C:
-        C['m10'] = t0 + t2
-    t3 = C['m10']
-    t4 = S['y'].T
-    if 'm4' not in C:
-        C['m4'] = (1/B) * t4
-    t5 = C['m4']
-    t6 = t1.T
-    if 'm5' not in C:
-        C['m5'] = (-1/B) * t6
-    t7 = C['m5']
-    if 'm6' not in C:
-        C['m6'] = t5 + t7
-    t8 = C['m6']
+        C['m10'] = (-1/B_all) * t1
+    t2 = C['m10']
     if 'm11' not in C:
-        C['m11'] = (xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)) @ t8)
-    t9 = C['m11']
-    t10 = t9 * Hz
-    t11 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
-    t12 = t11 * t1
-    t13 = t12.sum(axis=1, keepdims=True)
-    t14 = (t12 @ t6)
-    t15 = (-1/B) * t14
-    t16 = _plus_diagonal(t15, (1/B) * t13, copy=False)
-    t17 = (B) * t16
-    t18 = _psd_project(t17, 'abs')
-    t19 = t10 + t18
+        C['m11'] = t0 + t2
+    t3 = C['m11']
+    if 'm12' not in C:
+        C['m12'] = t3.sum(axis=1, keepdims=True)
+    t4 = C['m12']
+    if 'm13' not in C:
+        C['m13'] = _rank_sum(t4)
+    t5 = C['m13']
+    if 'm14' not in C:
+        C['m14'] = S['y'].sum(axis=1, keepdims=True)
+    t6 = C['m14']
+    if 'm15' not in C:
+        C['m15'] = _rank_sum(t6)
+    t7 = C['m15']
+    t8 = t7.T
+    if 'm16' not in C:
+        C['m16'] = (1/B_all) * t8
+    t9 = C['m16']
+    if 'm17' not in C:
+        C['m17'] = t1.sum(axis=1, keepdims=True)
+    t10 = C['m17']
+    if 'm18' not in C:
+        C['m18'] = _rank_sum(t10)
+    t11 = C['m18']
+    t12 = t11.T
+    if 'm19' not in C:
+        C['m19'] = (-1/B_all) * t12
+    t13 = C['m19']
+    if 'm20' not in C:
+        C['m20'] = t9 + t13
+    t14 = C['m20']
+    if 'm21' not in C:
+        C['m21'] = (t5 @ t14)
+    t15 = C['m21']
+    t16 = t15 * Hz
+    t17 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
+    t18 = t17 * t1
+    t19 = t18.sum(axis=1, keepdims=True)
+    t20 = _rank_sum(t19)
+    t21 = t1.T
+    t22 = (t18 @ t21)
+    t23 = _rank_sum(t22)
+    t24 = (-1/B_all) * t23
+    t25 = _plus_diagonal(t24, (1/B_all) * t20, copy=False)
+    t26 = (B_all) * t25
+    t27 = _psd_project(t26, 'abs')
+    t28 = t16 + t27
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t19),
+        "x": CurvatureBlock(kron=[], dense=t28),
     }
 
 def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     """Batch HBP: pch-clip under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -437,11 +512,11 @@ def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     t2 = C['m3']
     t3 = S['y'].T
     if 'm4' not in C:
-        C['m4'] = (1/B) * t3
+        C['m4'] = (1/B_all) * t3
     t4 = C['m4']
     t5 = t0.T
     if 'm5' not in C:
-        C['m5'] = (-1/B) * t5
+        C['m5'] = (-1/B_all) * t5
     t6 = C['m5']
     if 'm6' not in C:
         C['m6'] = t4 + t6
@@ -449,65 +524,91 @@ def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     if 'm7' not in C:
         C['m7'] = (t2 @ t7)
     t8 = C['m7']
-    t9 = t8 * Hz
-    t10 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
-    t11 = t10 * t0
-    t12 = t11.sum(axis=1, keepdims=True)
-    t13 = (t11 @ t5)
-    t14 = (-1/B) * t13
-    t15 = _plus_diagonal(t14, (1/B) * t12, copy=False)
-    t16 = (B) * t15
-    t17 = _psd_project(t16, 'clip')
-    t18 = t9 + t17
+    if 'm8' not in C:
+        C['m8'] = _rank_sum(t8)
+    t9 = C['m8']
+    t10 = t9 * Hz
+    t11 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
+    t12 = t11 * t0
+    t13 = t12.sum(axis=1, keepdims=True)
+    t14 = _rank_sum(t13)
+    t15 = (t12 @ t5)
+    t16 = _rank_sum(t15)
+    t17 = (-1/B_all) * t16
+    t18 = _plus_diagonal(t17, (1/B_all) * t14, copy=False)
+    t19 = (B_all) * t18
+    t20 = _psd_project(t19, 'clip')
+    t21 = t10 + t20
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t18),
+        "x": CurvatureBlock(kron=[], dense=t21),
     }
 
 def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     """Batch HBP: pch-clip under (7)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
-    if 'm8' not in C:
-        C['m8'] = (1/B) * S['y']
-    t0 = C['m8']
+    if 'm9' not in C:
+        C['m9'] = (1/B_all) * S['y']
+    t0 = C['m9']
     if 'm0' not in C:
         C['m0'] = _softmax(S['x'])
     t1 = C['m0']
-    if 'm9' not in C:
-        C['m9'] = (-1/B) * t1
-    t2 = C['m9']
     if 'm10' not in C:
-        C['m10'] = t0 + t2
-    t3 = C['m10']
-    t4 = S['y'].T
-    if 'm4' not in C:
-        C['m4'] = (1/B) * t4
-    t5 = C['m4']
-    t6 = t1.T
-    if 'm5' not in C:
-        C['m5'] = (-1/B) * t6
-    t7 = C['m5']
-    if 'm6' not in C:
-        C['m6'] = t5 + t7
-    t8 = C['m6']
+        C['m10'] = (-1/B_all) * t1
+    t2 = C['m10']
     if 'm11' not in C:
-        C['m11'] = (xp.broadcast_to(t3.sum(axis=1, keepdims=True), (n, B)) @ t8)
-    t9 = C['m11']
-    t10 = t9 * Hz
-    t11 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
-    t12 = t11 * t1
-    t13 = t12.sum(axis=1, keepdims=True)
-    t14 = (t12 @ t6)
-    t15 = (-1/B) * t14
-    t16 = _plus_diagonal(t15, (1/B) * t13, copy=False)
-    t17 = (B) * t16
-    t18 = _psd_project(t17, 'clip')
-    t19 = t10 + t18
+        C['m11'] = t0 + t2
+    t3 = C['m11']
+    if 'm12' not in C:
+        C['m12'] = t3.sum(axis=1, keepdims=True)
+    t4 = C['m12']
+    if 'm13' not in C:
+        C['m13'] = _rank_sum(t4)
+    t5 = C['m13']
+    if 'm14' not in C:
+        C['m14'] = S['y'].sum(axis=1, keepdims=True)
+    t6 = C['m14']
+    if 'm15' not in C:
+        C['m15'] = _rank_sum(t6)
+    t7 = C['m15']
+    t8 = t7.T
+    if 'm16' not in C:
+        C['m16'] = (1/B_all) * t8
+    t9 = C['m16']
+    if 'm17' not in C:
+        C['m17'] = t1.sum(axis=1, keepdims=True)
+    t10 = C['m17']
+    if 'm18' not in C:
+        C['m18'] = _rank_sum(t10)
+    t11 = C['m18']
+    t12 = t11.T
+    if 'm19' not in C:
+        C['m19'] = (-1/B_all) * t12
+    t13 = C['m19']
+    if 'm20' not in C:
+        C['m20'] = t9 + t13
+    t14 = C['m20']
+    if 'm21' not in C:
+        C['m21'] = (t5 @ t14)
+    t15 = C['m21']
+    t16 = t15 * Hz
+    t17 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
+    t18 = t17 * t1
+    t19 = t18.sum(axis=1, keepdims=True)
+    t20 = _rank_sum(t19)
+    t21 = t1.T
+    t22 = (t18 @ t21)
+    t23 = _rank_sum(t22)
+    t24 = (-1/B_all) * t23
+    t25 = _plus_diagonal(t24, (1/B_all) * t20, copy=False)
+    t26 = (B_all) * t25
+    t27 = _psd_project(t26, 'clip')
+    t28 = t16 + t27
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t19),
+        "x": CurvatureBlock(kron=[], dense=t28),
     }
 
 
@@ -560,7 +661,7 @@ HBP_PER_SAMPLE = set()
 
 def _loss_hessian_6(P, S, C=None):
     """Where HBP starts: the exact blocks of approximation (6) with no curvature from above (𝓗z = 0)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     t0 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
@@ -569,14 +670,16 @@ def _loss_hessian_6(P, S, C=None):
     t1 = C['m0']
     t2 = t0 * t1
     t3 = t2.sum(axis=1, keepdims=True)
-    t4 = t1.T
-    t5 = (t2 @ t4)
-    t6 = (-1/B) * t5
-    t7 = _plus_diagonal(t6, (1/B) * t3, copy=False)
-    t8 = (B) * t7
+    t4 = _rank_sum(t3)
+    t5 = t1.T
+    t6 = (t2 @ t5)
+    t7 = _rank_sum(t6)
+    t8 = (-1/B_all) * t7
+    t9 = _plus_diagonal(t8, (1/B_all) * t4, copy=False)
+    t10 = (B_all) * t9
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t8),
+        "x": CurvatureBlock(kron=[], dense=t10),
     }
 
 

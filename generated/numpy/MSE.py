@@ -49,6 +49,8 @@ from mcalc.runtime.array_ops import unvec_of_samples as _unvec_of_samples  # noq
 from mcalc.runtime.array_ops import vec as _vec  # noqa: F401
 from mcalc.runtime.array_ops import vec_of_samples as _vec_of_samples  # noqa: F401
 from mcalc.runtime.array_ops import window_argmax as _window_argmax  # noqa: F401
+from mcalc.runtime.rank_sum import rank_sum as _rank_sum  # noqa: F401
+from mcalc.runtime.rank_sum import samples as _samples  # noqa: F401
 
 
 
@@ -58,14 +60,14 @@ def _dtype(P, S):
 
 
 def _dims(P, S):
-    return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], }
+    return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "B_all": _samples(S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1), "n": S['x'].shape[0], }
 
 
 def forward(P, S, cache=None):
     """Z = the module's outputs, (size z, B). The module's functions that share ``cache`` (a dict, one
     per batch) compute what they have in common once; they must share P and S, except what the
     function's own docstring says may change."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if cache is None else cache
     if 'm0' not in C:
@@ -81,7 +83,7 @@ def forward(P, S, cache=None):
 
 
 def _gradients_all(P, S, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     t0 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
@@ -98,7 +100,7 @@ def _gradients_all(P, S, C=None):
 
 
 def _gradients_params(P, S, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
 
     return {}
@@ -113,7 +115,7 @@ def gradients(P, S, inputs=True, cache=None):
 
 
 def _jvp_all(P, S, V, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -137,7 +139,7 @@ def jvp(P, S, V, inputs=True, cache=None):
 
 
 def _rgradients_all(P, S, V, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     t0 = (xp.ones((n, 1), dtype=dtype) @ V['dz'])
@@ -171,7 +173,7 @@ def _no_parameters():
 
 def _hbp_exact_6_all(P, S, Hz, C=None):
     """Batch HBP: exact under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -182,11 +184,11 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
     t1 = C['m1']
     t2 = S['x'].T
     if 'm3' not in C:
-        C['m3'] = (1/B) * t2
+        C['m3'] = (1/B_all) * t2
     t3 = C['m3']
     t4 = S['y'].T
     if 'm4' not in C:
-        C['m4'] = (-1/B) * t4
+        C['m4'] = (-1/B_all) * t4
     t5 = C['m4']
     if 'm5' not in C:
         C['m5'] = t3 + t5
@@ -194,204 +196,14 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
     if 'm6' not in C:
         C['m6'] = (t1 @ t6)
     t7 = C['m6']
-    t8 = t7 * Hz
-    t9 = (4) * t8
-    t10 = S['dz'].T
-    t11 = t10.sum(keepdims=True)
-    t12 = xp.eye(n, dtype=dtype) * t11
-    t13 = (2) * t12
-    t14 = t9 + t13
-
-    return {
-        "x": CurvatureBlock(kron=[], dense=t14),
-    }
-
-def _hbp_exact_6_params(P, S, Hz, C=None):
-    """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7) and (6-kfac) and (6-kfac-reduce), parameters only."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-
-    return {
-    }
-
-def _hbp_exact_7_all(P, S, Hz, C=None):
-    """Batch HBP: exact under (7)."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-    C = {} if C is None else C
     if 'm7' not in C:
-        C['m7'] = (1/B) * S['x']
-    t0 = C['m7']
-    if 'm8' not in C:
-        C['m8'] = (-1/B) * S['y']
-    t1 = C['m8']
-    if 'm9' not in C:
-        C['m9'] = t0 + t1
-    t2 = C['m9']
-    t3 = S['x'].T
-    if 'm3' not in C:
-        C['m3'] = (1/B) * t3
-    t4 = C['m3']
-    t5 = S['y'].T
-    if 'm4' not in C:
-        C['m4'] = (-1/B) * t5
-    t6 = C['m4']
-    if 'm5' not in C:
-        C['m5'] = t4 + t6
-    t7 = C['m5']
-    if 'm10' not in C:
-        C['m10'] = (xp.broadcast_to(t2.sum(axis=1, keepdims=True), (n, B)) @ t7)
-    t8 = C['m10']
+        C['m7'] = _rank_sum(t7)
+    t8 = C['m7']
     t9 = t8 * Hz
     t10 = (4) * t9
     t11 = S['dz'].T
     t12 = t11.sum(keepdims=True)
-    t13 = xp.eye(n, dtype=dtype) * t12
-    t14 = (2) * t13
-    t15 = t10 + t14
-
-    return {
-        "x": CurvatureBlock(kron=[], dense=t15),
-    }
-
-def _hbp_ggn_6_all(P, S, Hz, C=None):
-    """Batch HBP: ggn under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-    C = {} if C is None else C
-    if 'm0' not in C:
-        C['m0'] = (-1) * S['y']
-    t0 = C['m0']
-    if 'm1' not in C:
-        C['m1'] = S['x'] + t0
-    t1 = C['m1']
-    t2 = S['x'].T
-    if 'm3' not in C:
-        C['m3'] = (1/B) * t2
-    t3 = C['m3']
-    t4 = S['y'].T
-    if 'm4' not in C:
-        C['m4'] = (-1/B) * t4
-    t5 = C['m4']
-    if 'm5' not in C:
-        C['m5'] = t3 + t5
-    t6 = C['m5']
-    if 'm6' not in C:
-        C['m6'] = (t1 @ t6)
-    t7 = C['m6']
-    t8 = t7 * Hz
-    t9 = (4) * t8
-
-    return {
-        "x": CurvatureBlock(kron=[], dense=t9),
-    }
-
-def _hbp_ggn_7_all(P, S, Hz, C=None):
-    """Batch HBP: ggn under (7)."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-    C = {} if C is None else C
-    if 'm7' not in C:
-        C['m7'] = (1/B) * S['x']
-    t0 = C['m7']
-    if 'm8' not in C:
-        C['m8'] = (-1/B) * S['y']
-    t1 = C['m8']
-    if 'm9' not in C:
-        C['m9'] = t0 + t1
-    t2 = C['m9']
-    t3 = S['x'].T
-    if 'm3' not in C:
-        C['m3'] = (1/B) * t3
-    t4 = C['m3']
-    t5 = S['y'].T
-    if 'm4' not in C:
-        C['m4'] = (-1/B) * t5
-    t6 = C['m4']
-    if 'm5' not in C:
-        C['m5'] = t4 + t6
-    t7 = C['m5']
-    if 'm10' not in C:
-        C['m10'] = (xp.broadcast_to(t2.sum(axis=1, keepdims=True), (n, B)) @ t7)
-    t8 = C['m10']
-    t9 = t8 * Hz
-    t10 = (4) * t9
-
-    return {
-        "x": CurvatureBlock(kron=[], dense=t10),
-    }
-
-def _hbp_pch_abs_6_all(P, S, Hz, C=None):
-    """Batch HBP: pch-abs under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-    C = {} if C is None else C
-    if 'm0' not in C:
-        C['m0'] = (-1) * S['y']
-    t0 = C['m0']
-    if 'm1' not in C:
-        C['m1'] = S['x'] + t0
-    t1 = C['m1']
-    t2 = S['x'].T
-    if 'm3' not in C:
-        C['m3'] = (1/B) * t2
-    t3 = C['m3']
-    t4 = S['y'].T
-    if 'm4' not in C:
-        C['m4'] = (-1/B) * t4
-    t5 = C['m4']
-    if 'm5' not in C:
-        C['m5'] = t3 + t5
-    t6 = C['m5']
-    if 'm6' not in C:
-        C['m6'] = (t1 @ t6)
-    t7 = C['m6']
-    t8 = t7 * Hz
-    t9 = (4) * t8
-    t10 = S['dz'].T
-    t11 = t10.sum(keepdims=True)
-    t12 = _fn_abs_0(t11)
-    t13 = xp.eye(n, dtype=dtype) * t12
-    t14 = (2) * t13
-    t15 = t9 + t14
-
-    return {
-        "x": CurvatureBlock(kron=[], dense=t15),
-    }
-
-def _hbp_pch_abs_7_all(P, S, Hz, C=None):
-    """Batch HBP: pch-abs under (7)."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-    C = {} if C is None else C
-    if 'm7' not in C:
-        C['m7'] = (1/B) * S['x']
-    t0 = C['m7']
-    if 'm8' not in C:
-        C['m8'] = (-1/B) * S['y']
-    t1 = C['m8']
-    if 'm9' not in C:
-        C['m9'] = t0 + t1
-    t2 = C['m9']
-    t3 = S['x'].T
-    if 'm3' not in C:
-        C['m3'] = (1/B) * t3
-    t4 = C['m3']
-    t5 = S['y'].T
-    if 'm4' not in C:
-        C['m4'] = (-1/B) * t5
-    t6 = C['m4']
-    if 'm5' not in C:
-        C['m5'] = t4 + t6
-    t7 = C['m5']
-    if 'm10' not in C:
-        C['m10'] = (xp.broadcast_to(t2.sum(axis=1, keepdims=True), (n, B)) @ t7)
-    t8 = C['m10']
-    t9 = t8 * Hz
-    t10 = (4) * t9
-    t11 = S['dz'].T
-    t12 = t11.sum(keepdims=True)
-    t13 = _fn_abs_0(t12)
+    t13 = _rank_sum(t12)
     t14 = xp.eye(n, dtype=dtype) * t13
     t15 = (2) * t14
     t16 = t10 + t15
@@ -400,9 +212,76 @@ def _hbp_pch_abs_7_all(P, S, Hz, C=None):
         "x": CurvatureBlock(kron=[], dense=t16),
     }
 
-def _hbp_pch_clip_6_all(P, S, Hz, C=None):
-    """Batch HBP: pch-clip under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n = _dims(P, S).values()
+def _hbp_exact_6_params(P, S, Hz, C=None):
+    """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7) and (6-kfac) and (6-kfac-reduce), parameters only."""
+    B, B_all, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
+
+    return {
+    }
+
+def _hbp_exact_7_all(P, S, Hz, C=None):
+    """Batch HBP: exact under (7)."""
+    B, B_all, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
+    C = {} if C is None else C
+    if 'm8' not in C:
+        C['m8'] = (1/B_all) * S['x']
+    t0 = C['m8']
+    if 'm9' not in C:
+        C['m9'] = (-1/B_all) * S['y']
+    t1 = C['m9']
+    if 'm10' not in C:
+        C['m10'] = t0 + t1
+    t2 = C['m10']
+    if 'm11' not in C:
+        C['m11'] = t2.sum(axis=1, keepdims=True)
+    t3 = C['m11']
+    if 'm12' not in C:
+        C['m12'] = _rank_sum(t3)
+    t4 = C['m12']
+    if 'm13' not in C:
+        C['m13'] = S['x'].sum(axis=1, keepdims=True)
+    t5 = C['m13']
+    if 'm14' not in C:
+        C['m14'] = _rank_sum(t5)
+    t6 = C['m14']
+    t7 = t6.T
+    if 'm15' not in C:
+        C['m15'] = (1/B_all) * t7
+    t8 = C['m15']
+    if 'm16' not in C:
+        C['m16'] = S['y'].sum(axis=1, keepdims=True)
+    t9 = C['m16']
+    if 'm17' not in C:
+        C['m17'] = _rank_sum(t9)
+    t10 = C['m17']
+    t11 = t10.T
+    if 'm18' not in C:
+        C['m18'] = (-1/B_all) * t11
+    t12 = C['m18']
+    if 'm19' not in C:
+        C['m19'] = t8 + t12
+    t13 = C['m19']
+    if 'm20' not in C:
+        C['m20'] = (t4 @ t13)
+    t14 = C['m20']
+    t15 = t14 * Hz
+    t16 = (4) * t15
+    t17 = S['dz'].T
+    t18 = t17.sum(keepdims=True)
+    t19 = _rank_sum(t18)
+    t20 = xp.eye(n, dtype=dtype) * t19
+    t21 = (2) * t20
+    t22 = t16 + t21
+
+    return {
+        "x": CurvatureBlock(kron=[], dense=t22),
+    }
+
+def _hbp_ggn_6_all(P, S, Hz, C=None):
+    """Batch HBP: ggn under (6) and (6-kfac) and (6-kfac-reduce)."""
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -413,11 +292,11 @@ def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     t1 = C['m1']
     t2 = S['x'].T
     if 'm3' not in C:
-        C['m3'] = (1/B) * t2
+        C['m3'] = (1/B_all) * t2
     t3 = C['m3']
     t4 = S['y'].T
     if 'm4' not in C:
-        C['m4'] = (-1/B) * t4
+        C['m4'] = (-1/B_all) * t4
     t5 = C['m4']
     if 'm5' not in C:
         C['m5'] = t3 + t5
@@ -425,58 +304,271 @@ def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     if 'm6' not in C:
         C['m6'] = (t1 @ t6)
     t7 = C['m6']
-    t8 = t7 * Hz
-    t9 = (4) * t8
-    t10 = S['dz'].T
-    t11 = t10.sum(keepdims=True)
-    t12 = xp.eye(n, dtype=dtype) * t11
-    t13 = _psd_project(t12, 'clip')
-    t14 = (2) * t13
-    t15 = t9 + t14
+    if 'm7' not in C:
+        C['m7'] = _rank_sum(t7)
+    t8 = C['m7']
+    t9 = t8 * Hz
+    t10 = (4) * t9
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t15),
+        "x": CurvatureBlock(kron=[], dense=t10),
     }
 
-def _hbp_pch_clip_7_all(P, S, Hz, C=None):
-    """Batch HBP: pch-clip under (7)."""
-    B, n = _dims(P, S).values()
+def _hbp_ggn_7_all(P, S, Hz, C=None):
+    """Batch HBP: ggn under (7)."""
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
-    if 'm7' not in C:
-        C['m7'] = (1/B) * S['x']
-    t0 = C['m7']
     if 'm8' not in C:
-        C['m8'] = (-1/B) * S['y']
-    t1 = C['m8']
+        C['m8'] = (1/B_all) * S['x']
+    t0 = C['m8']
     if 'm9' not in C:
-        C['m9'] = t0 + t1
-    t2 = C['m9']
-    t3 = S['x'].T
-    if 'm3' not in C:
-        C['m3'] = (1/B) * t3
-    t4 = C['m3']
-    t5 = S['y'].T
-    if 'm4' not in C:
-        C['m4'] = (-1/B) * t5
-    t6 = C['m4']
-    if 'm5' not in C:
-        C['m5'] = t4 + t6
-    t7 = C['m5']
+        C['m9'] = (-1/B_all) * S['y']
+    t1 = C['m9']
     if 'm10' not in C:
-        C['m10'] = (xp.broadcast_to(t2.sum(axis=1, keepdims=True), (n, B)) @ t7)
-    t8 = C['m10']
+        C['m10'] = t0 + t1
+    t2 = C['m10']
+    if 'm11' not in C:
+        C['m11'] = t2.sum(axis=1, keepdims=True)
+    t3 = C['m11']
+    if 'm12' not in C:
+        C['m12'] = _rank_sum(t3)
+    t4 = C['m12']
+    if 'm13' not in C:
+        C['m13'] = S['x'].sum(axis=1, keepdims=True)
+    t5 = C['m13']
+    if 'm14' not in C:
+        C['m14'] = _rank_sum(t5)
+    t6 = C['m14']
+    t7 = t6.T
+    if 'm15' not in C:
+        C['m15'] = (1/B_all) * t7
+    t8 = C['m15']
+    if 'm16' not in C:
+        C['m16'] = S['y'].sum(axis=1, keepdims=True)
+    t9 = C['m16']
+    if 'm17' not in C:
+        C['m17'] = _rank_sum(t9)
+    t10 = C['m17']
+    t11 = t10.T
+    if 'm18' not in C:
+        C['m18'] = (-1/B_all) * t11
+    t12 = C['m18']
+    if 'm19' not in C:
+        C['m19'] = t8 + t12
+    t13 = C['m19']
+    if 'm20' not in C:
+        C['m20'] = (t4 @ t13)
+    t14 = C['m20']
+    t15 = t14 * Hz
+    t16 = (4) * t15
+
+    return {
+        "x": CurvatureBlock(kron=[], dense=t16),
+    }
+
+def _hbp_pch_abs_6_all(P, S, Hz, C=None):
+    """Batch HBP: pch-abs under (6) and (6-kfac) and (6-kfac-reduce)."""
+    B, B_all, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = (-1) * S['y']
+    t0 = C['m0']
+    if 'm1' not in C:
+        C['m1'] = S['x'] + t0
+    t1 = C['m1']
+    t2 = S['x'].T
+    if 'm3' not in C:
+        C['m3'] = (1/B_all) * t2
+    t3 = C['m3']
+    t4 = S['y'].T
+    if 'm4' not in C:
+        C['m4'] = (-1/B_all) * t4
+    t5 = C['m4']
+    if 'm5' not in C:
+        C['m5'] = t3 + t5
+    t6 = C['m5']
+    if 'm6' not in C:
+        C['m6'] = (t1 @ t6)
+    t7 = C['m6']
+    if 'm7' not in C:
+        C['m7'] = _rank_sum(t7)
+    t8 = C['m7']
     t9 = t8 * Hz
     t10 = (4) * t9
     t11 = S['dz'].T
     t12 = t11.sum(keepdims=True)
-    t13 = xp.eye(n, dtype=dtype) * t12
-    t14 = _psd_project(t13, 'clip')
-    t15 = (2) * t14
-    t16 = t10 + t15
+    t13 = _rank_sum(t12)
+    t14 = _fn_abs_0(t13)
+    t15 = xp.eye(n, dtype=dtype) * t14
+    t16 = (2) * t15
+    t17 = t10 + t16
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t16),
+        "x": CurvatureBlock(kron=[], dense=t17),
+    }
+
+def _hbp_pch_abs_7_all(P, S, Hz, C=None):
+    """Batch HBP: pch-abs under (7)."""
+    B, B_all, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
+    C = {} if C is None else C
+    if 'm8' not in C:
+        C['m8'] = (1/B_all) * S['x']
+    t0 = C['m8']
+    if 'm9' not in C:
+        C['m9'] = (-1/B_all) * S['y']
+    t1 = C['m9']
+    if 'm10' not in C:
+        C['m10'] = t0 + t1
+    t2 = C['m10']
+    if 'm11' not in C:
+        C['m11'] = t2.sum(axis=1, keepdims=True)
+    t3 = C['m11']
+    if 'm12' not in C:
+        C['m12'] = _rank_sum(t3)
+    t4 = C['m12']
+    if 'm13' not in C:
+        C['m13'] = S['x'].sum(axis=1, keepdims=True)
+    t5 = C['m13']
+    if 'm14' not in C:
+        C['m14'] = _rank_sum(t5)
+    t6 = C['m14']
+    t7 = t6.T
+    if 'm15' not in C:
+        C['m15'] = (1/B_all) * t7
+    t8 = C['m15']
+    if 'm16' not in C:
+        C['m16'] = S['y'].sum(axis=1, keepdims=True)
+    t9 = C['m16']
+    if 'm17' not in C:
+        C['m17'] = _rank_sum(t9)
+    t10 = C['m17']
+    t11 = t10.T
+    if 'm18' not in C:
+        C['m18'] = (-1/B_all) * t11
+    t12 = C['m18']
+    if 'm19' not in C:
+        C['m19'] = t8 + t12
+    t13 = C['m19']
+    if 'm20' not in C:
+        C['m20'] = (t4 @ t13)
+    t14 = C['m20']
+    t15 = t14 * Hz
+    t16 = (4) * t15
+    t17 = S['dz'].T
+    t18 = t17.sum(keepdims=True)
+    t19 = _rank_sum(t18)
+    t20 = _fn_abs_0(t19)
+    t21 = xp.eye(n, dtype=dtype) * t20
+    t22 = (2) * t21
+    t23 = t16 + t22
+
+    return {
+        "x": CurvatureBlock(kron=[], dense=t23),
+    }
+
+def _hbp_pch_clip_6_all(P, S, Hz, C=None):
+    """Batch HBP: pch-clip under (6) and (6-kfac) and (6-kfac-reduce)."""
+    B, B_all, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = (-1) * S['y']
+    t0 = C['m0']
+    if 'm1' not in C:
+        C['m1'] = S['x'] + t0
+    t1 = C['m1']
+    t2 = S['x'].T
+    if 'm3' not in C:
+        C['m3'] = (1/B_all) * t2
+    t3 = C['m3']
+    t4 = S['y'].T
+    if 'm4' not in C:
+        C['m4'] = (-1/B_all) * t4
+    t5 = C['m4']
+    if 'm5' not in C:
+        C['m5'] = t3 + t5
+    t6 = C['m5']
+    if 'm6' not in C:
+        C['m6'] = (t1 @ t6)
+    t7 = C['m6']
+    if 'm7' not in C:
+        C['m7'] = _rank_sum(t7)
+    t8 = C['m7']
+    t9 = t8 * Hz
+    t10 = (4) * t9
+    t11 = S['dz'].T
+    t12 = t11.sum(keepdims=True)
+    t13 = _rank_sum(t12)
+    t14 = xp.eye(n, dtype=dtype) * t13
+    t15 = _psd_project(t14, 'clip')
+    t16 = (2) * t15
+    t17 = t10 + t16
+
+    return {
+        "x": CurvatureBlock(kron=[], dense=t17),
+    }
+
+def _hbp_pch_clip_7_all(P, S, Hz, C=None):
+    """Batch HBP: pch-clip under (7)."""
+    B, B_all, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
+    C = {} if C is None else C
+    if 'm8' not in C:
+        C['m8'] = (1/B_all) * S['x']
+    t0 = C['m8']
+    if 'm9' not in C:
+        C['m9'] = (-1/B_all) * S['y']
+    t1 = C['m9']
+    if 'm10' not in C:
+        C['m10'] = t0 + t1
+    t2 = C['m10']
+    if 'm11' not in C:
+        C['m11'] = t2.sum(axis=1, keepdims=True)
+    t3 = C['m11']
+    if 'm12' not in C:
+        C['m12'] = _rank_sum(t3)
+    t4 = C['m12']
+    if 'm13' not in C:
+        C['m13'] = S['x'].sum(axis=1, keepdims=True)
+    t5 = C['m13']
+    if 'm14' not in C:
+        C['m14'] = _rank_sum(t5)
+    t6 = C['m14']
+    t7 = t6.T
+    if 'm15' not in C:
+        C['m15'] = (1/B_all) * t7
+    t8 = C['m15']
+    if 'm16' not in C:
+        C['m16'] = S['y'].sum(axis=1, keepdims=True)
+    t9 = C['m16']
+    if 'm17' not in C:
+        C['m17'] = _rank_sum(t9)
+    t10 = C['m17']
+    t11 = t10.T
+    if 'm18' not in C:
+        C['m18'] = (-1/B_all) * t11
+    t12 = C['m18']
+    if 'm19' not in C:
+        C['m19'] = t8 + t12
+    t13 = C['m19']
+    if 'm20' not in C:
+        C['m20'] = (t4 @ t13)
+    t14 = C['m20']
+    t15 = t14 * Hz
+    t16 = (4) * t15
+    t17 = S['dz'].T
+    t18 = t17.sum(keepdims=True)
+    t19 = _rank_sum(t18)
+    t20 = xp.eye(n, dtype=dtype) * t19
+    t21 = _psd_project(t20, 'clip')
+    t22 = (2) * t21
+    t23 = t16 + t22
+
+    return {
+        "x": CurvatureBlock(kron=[], dense=t23),
     }
 
 
@@ -529,15 +621,16 @@ HBP_PER_SAMPLE = set()
 
 def _loss_hessian_6(P, S, C=None):
     """Where HBP starts: the exact blocks of approximation (6) with no curvature from above (𝓗z = 0)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = S['dz'].T
     t1 = t0.sum(keepdims=True)
-    t2 = xp.eye(n, dtype=dtype) * t1
-    t3 = (2) * t2
+    t2 = _rank_sum(t1)
+    t3 = xp.eye(n, dtype=dtype) * t2
+    t4 = (2) * t3
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t3),
+        "x": CurvatureBlock(kron=[], dense=t4),
     }
 
 

@@ -46,6 +46,8 @@ from mcalc.runtime.array_ops import unvec_of_samples as _unvec_of_samples  # noq
 from mcalc.runtime.array_ops import vec as _vec  # noqa: F401
 from mcalc.runtime.array_ops import vec_of_samples as _vec_of_samples  # noqa: F401
 from mcalc.runtime.array_ops import window_argmax as _window_argmax  # noqa: F401
+from mcalc.runtime.rank_sum import rank_sum as _rank_sum  # noqa: F401
+from mcalc.runtime.rank_sum import samples as _samples  # noqa: F401
 
 
 
@@ -55,14 +57,14 @@ def _dtype(P, S):
 
 
 def _dims(P, S):
-    return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], "m": P['W'].shape[0], }
+    return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "B_all": _samples(S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1), "n": S['x'].shape[0], "m": P['W'].shape[0], }
 
 
 def forward(P, S, cache=None):
     """Z = the module's outputs, (size z, B). The module's functions that share ``cache`` (a dict, one
     per batch) compute what they have in common once; they must share P and S, except what the
     function's own docstring says may change."""
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = (P['W'] @ S['x'])
 
@@ -70,7 +72,7 @@ def forward(P, S, cache=None):
 
 
 def _gradients_all(P, S, C=None):
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = P['W'].T
     t1 = (t0 @ S['dz'])
@@ -81,7 +83,7 @@ def _gradients_all(P, S, C=None):
 
 
 def _gradients_params(P, S, C=None):
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = S['x'].T
     t1 = (S['dz'] @ t0)
@@ -98,7 +100,7 @@ def gradients(P, S, inputs=True, cache=None):
 
 
 def _jvp_all(P, S, V, C=None):
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = (V['W'] @ S['x'])
     t1 = (P['W'] @ V['x'])
@@ -108,7 +110,7 @@ def _jvp_all(P, S, V, C=None):
 
 
 def _jvp_params(P, S, V, C=None):
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = (V['W'] @ S['x'])
 
@@ -123,7 +125,7 @@ def jvp(P, S, V, inputs=True, cache=None):
 
 
 def _rgradients_all(P, S, V, C=None):
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = V['W'].T
     t1 = (t0 @ S['dz'])
@@ -140,7 +142,7 @@ def _rgradients_all(P, S, V, C=None):
 
 
 def _rgradients_params(P, S, V, C=None):
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = S['x'].T
     t1 = (V['dz'] @ t0)
@@ -161,7 +163,7 @@ def _no_parameters():
 
 def _hbp_exact_6_all(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     t0 = P['W'].T
@@ -169,58 +171,70 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
     if 'm0' not in C:
         C['m0'] = _gram(S['x'])
     t2 = C['m0']
+    if 'm1' not in C:
+        C['m1'] = _rank_sum(t2)
+    t3 = C['m1']
 
     return {
         "x": CurvatureBlock(kron=[], dense=t1),
-        "W": CurvatureBlock(kron=[_kron((1/B), t2, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1/B_all), t3, Hz), ], dense=None),
     }
 
 def _hbp_exact_6_params(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (6-kfac) and (6-kfac-reduce), parameters only."""
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
         C['m0'] = _gram(S['x'])
     t0 = C['m0']
+    if 'm1' not in C:
+        C['m1'] = _rank_sum(t0)
+    t1 = C['m1']
 
     return {
-        "W": CurvatureBlock(kron=[_kron((1/B), t0, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1/B_all), t1, Hz), ], dense=None),
     }
 
 def _hbp_exact_7_all(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (7)."""
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
-    if 'm1' not in C:
-        C['m1'] = S['x'].sum(axis=1, keepdims=True)
-    t2 = C['m1']
     if 'm2' not in C:
-        C['m2'] = _gram(t2)
-    t3 = C['m2']
+        C['m2'] = S['x'].sum(axis=1, keepdims=True)
+    t2 = C['m2']
+    if 'm3' not in C:
+        C['m3'] = _rank_sum(t2)
+    t3 = C['m3']
+    if 'm4' not in C:
+        C['m4'] = _gram(t3)
+    t4 = C['m4']
 
     return {
         "x": CurvatureBlock(kron=[], dense=t1),
-        "W": CurvatureBlock(kron=[_kron((B**(-2)), t3, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((B_all**(-2)), t4, Hz), ], dense=None),
     }
 
 def _hbp_exact_7_params(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (7), parameters only."""
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
-    if 'm1' not in C:
-        C['m1'] = S['x'].sum(axis=1, keepdims=True)
-    t0 = C['m1']
     if 'm2' not in C:
-        C['m2'] = _gram(t0)
-    t1 = C['m2']
+        C['m2'] = S['x'].sum(axis=1, keepdims=True)
+    t0 = C['m2']
+    if 'm3' not in C:
+        C['m3'] = _rank_sum(t0)
+    t1 = C['m3']
+    if 'm4' not in C:
+        C['m4'] = _gram(t1)
+    t2 = C['m4']
 
     return {
-        "W": CurvatureBlock(kron=[_kron((B**(-2)), t1, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((B_all**(-2)), t2, Hz), ], dense=None),
     }
 
 

@@ -52,6 +52,8 @@ from mcalc.runtime.array_ops import unvec_of_samples as _unvec_of_samples  # noq
 from mcalc.runtime.array_ops import vec as _vec  # noqa: F401
 from mcalc.runtime.array_ops import vec_of_samples as _vec_of_samples  # noqa: F401
 from mcalc.runtime.array_ops import window_argmax as _window_argmax  # noqa: F401
+from mcalc.runtime.rank_sum import rank_sum as _rank_sum  # noqa: F401
+from mcalc.runtime.rank_sum import samples as _samples  # noqa: F401
 
 
 
@@ -61,14 +63,14 @@ def _dtype(P, S):
 
 
 def _dims(P, S):
-    return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], }
+    return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "B_all": _samples(S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1), "n": S['x'].shape[0], }
 
 
 def forward(P, S, cache=None):
     """Z = the module's outputs, (size z, B). The module's functions that share ``cache`` (a dict, one
     per batch) compute what they have in common once; they must share P and S, except what the
     function's own docstring says may change."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = _fn_relu_0(S['x'])
 
@@ -76,7 +78,7 @@ def forward(P, S, cache=None):
 
 
 def _gradients_all(P, S, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -88,7 +90,7 @@ def _gradients_all(P, S, C=None):
 
 
 def _gradients_params(P, S, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
 
     return {}
@@ -103,7 +105,7 @@ def gradients(P, S, inputs=True, cache=None):
 
 
 def _jvp_all(P, S, V, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -122,7 +124,7 @@ def jvp(P, S, V, inputs=True, cache=None):
 
 
 def _rgradients_all(P, S, V, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -146,7 +148,7 @@ def _no_parameters():
 
 def _hbp_exact_6_all(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -154,16 +156,17 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
     t0 = C['m0']
     t1 = t0.T
     t2 = (t0 @ t1)
-    t3 = t2 * Hz
-    t4 = (1/B) * t3
+    t3 = _rank_sum(t2)
+    t4 = t3 * Hz
+    t5 = (1/B_all) * t4
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t4),
+        "x": CurvatureBlock(kron=[], dense=t5),
     }
 
 def _hbp_exact_6_params(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7) and (6-kfac) and (6-kfac-reduce), parameters only."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
 
     return {
@@ -171,18 +174,19 @@ def _hbp_exact_6_params(P, S, Hz, C=None):
 
 def _hbp_exact_7_all(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (7)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
         C['m0'] = _fn_relu_1(S['x'])
     t0 = C['m0']
     t1 = t0.sum(axis=1, keepdims=True)
-    t2 = ((t1 * Hz) * t1.T)
-    t3 = (B**(-2)) * t2
+    t2 = _rank_sum(t1)
+    t3 = ((t2 * Hz) * t2.T)
+    t4 = (B_all**(-2)) * t3
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t3),
+        "x": CurvatureBlock(kron=[], dense=t4),
     }
 
 

@@ -63,6 +63,8 @@ from mcalc.runtime.array_ops import unvec_of_samples as _unvec_of_samples  # noq
 from mcalc.runtime.array_ops import vec as _vec  # noqa: F401
 from mcalc.runtime.array_ops import vec_of_samples as _vec_of_samples  # noqa: F401
 from mcalc.runtime.array_ops import window_argmax as _window_argmax  # noqa: F401
+from mcalc.runtime.rank_sum import rank_sum as _rank_sum  # noqa: F401
+from mcalc.runtime.rank_sum import samples as _samples  # noqa: F401
 
 
 
@@ -72,14 +74,14 @@ def _dtype(P, S):
 
 
 def _dims(P, S):
-    return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], "m": P['W'].shape[0], }
+    return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "B_all": _samples(S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1), "n": S['x'].shape[0], "m": P['W'].shape[0], }
 
 
 def forward(P, S, cache=None):
     """Z = the module's outputs, (size z, B). The module's functions that share ``cache`` (a dict, one
     per batch) compute what they have in common once; they must share P and S, except what the
     function's own docstring says may change."""
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if cache is None else cache
     if 'm0' not in C:
@@ -93,7 +95,7 @@ def forward(P, S, cache=None):
 
 
 def _gradients_all(P, S, C=None):
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     t0 = P['W'].T
@@ -113,7 +115,7 @@ def _gradients_all(P, S, C=None):
 
 
 def _gradients_params(P, S, C=None):
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -135,7 +137,7 @@ def gradients(P, S, inputs=True, cache=None):
 
 
 def _jvp_all(P, S, V, C=None):
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -154,7 +156,7 @@ def _jvp_all(P, S, V, C=None):
 
 
 def _jvp_params(P, S, V, C=None):
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -175,7 +177,7 @@ def jvp(P, S, V, inputs=True, cache=None):
 
 
 def _rgradients_all(P, S, V, C=None):
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     t0 = V['W'].T
@@ -212,7 +214,7 @@ def _rgradients_all(P, S, V, C=None):
 
 
 def _rgradients_params(P, S, V, C=None):
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -238,7 +240,7 @@ def _no_parameters():
 
 def _hbp_exact_6_all(P, S, Hz, C=None):
     """Batch HBP: exact under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     t0 = P['W'].T
@@ -250,105 +252,125 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
     if 'm4' not in C:
         C['m4'] = (t2 @ t3)
     t4 = C['m4']
-    t5 = t1 * t4
-    t6 = (1/B) * t5
-    t7 = (t0 @ S['dz'])
+    if 'm5' not in C:
+        C['m5'] = _rank_sum(t4)
+    t5 = C['m5']
+    t6 = t1 * t5
+    t7 = (1/B_all) * t6
+    t8 = (t0 @ S['dz'])
     if 'm3' not in C:
         C['m3'] = _fn_sigmoid_2(S['x'])
-    t8 = C['m3']
-    t9 = t7 * t8
-    t10 = t9.sum(axis=1, keepdims=True)
-    t11 = _plus_diagonal(t6, t10, copy=False)
+    t9 = C['m3']
+    t10 = t8 * t9
+    t11 = t10.sum(axis=1, keepdims=True)
+    t12 = _rank_sum(t11)
+    t13 = _plus_diagonal(t7, t12, copy=False)
     if 'm0' not in C:
         C['m0'] = _fn_sigmoid_0(S['x'])
-    t12 = C['m0']
-    if 'm5' not in C:
-        C['m5'] = _gram(t12)
-    t13 = C['m5']
+    t14 = C['m0']
+    if 'm6' not in C:
+        C['m6'] = _gram(t14)
+    t15 = C['m6']
+    if 'm7' not in C:
+        C['m7'] = _rank_sum(t15)
+    t16 = C['m7']
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t11),
-        "W": CurvatureBlock(kron=[_kron((1/B), t13, Hz), ], dense=None),
+        "x": CurvatureBlock(kron=[], dense=t13),
+        "W": CurvatureBlock(kron=[_kron((1/B_all), t16, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_exact_6_params(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (6-kfac) and (6-kfac-reduce), parameters only."""
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
         C['m0'] = _fn_sigmoid_0(S['x'])
     t0 = C['m0']
-    if 'm5' not in C:
-        C['m5'] = _gram(t0)
-    t1 = C['m5']
+    if 'm6' not in C:
+        C['m6'] = _gram(t0)
+    t1 = C['m6']
+    if 'm7' not in C:
+        C['m7'] = _rank_sum(t1)
+    t2 = C['m7']
 
     return {
-        "W": CurvatureBlock(kron=[_kron((1/B), t1, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1/B_all), t2, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_exact_7_all(P, S, Hz, C=None):
     """Batch HBP: exact under (7)."""
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm1' not in C:
         C['m1'] = _fn_sigmoid_1(S['x'])
     t0 = C['m1']
-    if 'm6' not in C:
-        C['m6'] = t0.sum(axis=1, keepdims=True)
-    t1 = C['m6']
-    t2 = P['W'].T
-    t3 = ((((t1 * t2) @ Hz) @ P['W']) * t1.T)
-    t4 = (B**(-2)) * t3
-    t5 = (t2 @ S['dz'])
+    if 'm8' not in C:
+        C['m8'] = t0.sum(axis=1, keepdims=True)
+    t1 = C['m8']
+    if 'm9' not in C:
+        C['m9'] = _rank_sum(t1)
+    t2 = C['m9']
+    t3 = P['W'].T
+    t4 = ((((t2 * t3) @ Hz) @ P['W']) * t2.T)
+    t5 = (B_all**(-2)) * t4
+    t6 = (t3 @ S['dz'])
     if 'm3' not in C:
         C['m3'] = _fn_sigmoid_2(S['x'])
-    t6 = C['m3']
-    t7 = t5 * t6
-    t8 = t7.sum(axis=1, keepdims=True)
-    t9 = _plus_diagonal(t4, t8, copy=False)
+    t7 = C['m3']
+    t8 = t6 * t7
+    t9 = t8.sum(axis=1, keepdims=True)
+    t10 = _rank_sum(t9)
+    t11 = _plus_diagonal(t5, t10, copy=False)
     if 'm0' not in C:
         C['m0'] = _fn_sigmoid_0(S['x'])
-    t10 = C['m0']
-    if 'm7' not in C:
-        C['m7'] = t10.sum(axis=1, keepdims=True)
-    t11 = C['m7']
-    if 'm8' not in C:
-        C['m8'] = _gram(t11)
-    t12 = C['m8']
+    t12 = C['m0']
+    if 'm10' not in C:
+        C['m10'] = t12.sum(axis=1, keepdims=True)
+    t13 = C['m10']
+    if 'm11' not in C:
+        C['m11'] = _rank_sum(t13)
+    t14 = C['m11']
+    if 'm12' not in C:
+        C['m12'] = _gram(t14)
+    t15 = C['m12']
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t9),
-        "W": CurvatureBlock(kron=[_kron((B**(-2)), t12, Hz), ], dense=None),
+        "x": CurvatureBlock(kron=[], dense=t11),
+        "W": CurvatureBlock(kron=[_kron((B_all**(-2)), t15, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_exact_7_params(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (7), parameters only."""
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
         C['m0'] = _fn_sigmoid_0(S['x'])
     t0 = C['m0']
-    if 'm7' not in C:
-        C['m7'] = t0.sum(axis=1, keepdims=True)
-    t1 = C['m7']
-    if 'm8' not in C:
-        C['m8'] = _gram(t1)
-    t2 = C['m8']
+    if 'm10' not in C:
+        C['m10'] = t0.sum(axis=1, keepdims=True)
+    t1 = C['m10']
+    if 'm11' not in C:
+        C['m11'] = _rank_sum(t1)
+    t2 = C['m11']
+    if 'm12' not in C:
+        C['m12'] = _gram(t2)
+    t3 = C['m12']
 
     return {
-        "W": CurvatureBlock(kron=[_kron((B**(-2)), t2, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((B_all**(-2)), t3, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_ggn_6_all(P, S, Hz, C=None):
     """Batch HBP: ggn under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     t0 = P['W'].T
@@ -360,54 +382,66 @@ def _hbp_ggn_6_all(P, S, Hz, C=None):
     if 'm4' not in C:
         C['m4'] = (t2 @ t3)
     t4 = C['m4']
-    t5 = t1 * t4
-    t6 = (1/B) * t5
+    if 'm5' not in C:
+        C['m5'] = _rank_sum(t4)
+    t5 = C['m5']
+    t6 = t1 * t5
+    t7 = (1/B_all) * t6
     if 'm0' not in C:
         C['m0'] = _fn_sigmoid_0(S['x'])
-    t7 = C['m0']
-    if 'm5' not in C:
-        C['m5'] = _gram(t7)
-    t8 = C['m5']
+    t8 = C['m0']
+    if 'm6' not in C:
+        C['m6'] = _gram(t8)
+    t9 = C['m6']
+    if 'm7' not in C:
+        C['m7'] = _rank_sum(t9)
+    t10 = C['m7']
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t6),
-        "W": CurvatureBlock(kron=[_kron((1/B), t8, Hz), ], dense=None),
+        "x": CurvatureBlock(kron=[], dense=t7),
+        "W": CurvatureBlock(kron=[_kron((1/B_all), t10, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_ggn_7_all(P, S, Hz, C=None):
     """Batch HBP: ggn under (7)."""
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm1' not in C:
         C['m1'] = _fn_sigmoid_1(S['x'])
     t0 = C['m1']
-    if 'm6' not in C:
-        C['m6'] = t0.sum(axis=1, keepdims=True)
-    t1 = C['m6']
-    t2 = P['W'].T
-    t3 = ((((t1 * t2) @ Hz) @ P['W']) * t1.T)
-    t4 = (B**(-2)) * t3
+    if 'm8' not in C:
+        C['m8'] = t0.sum(axis=1, keepdims=True)
+    t1 = C['m8']
+    if 'm9' not in C:
+        C['m9'] = _rank_sum(t1)
+    t2 = C['m9']
+    t3 = P['W'].T
+    t4 = ((((t2 * t3) @ Hz) @ P['W']) * t2.T)
+    t5 = (B_all**(-2)) * t4
     if 'm0' not in C:
         C['m0'] = _fn_sigmoid_0(S['x'])
-    t5 = C['m0']
-    if 'm7' not in C:
-        C['m7'] = t5.sum(axis=1, keepdims=True)
-    t6 = C['m7']
-    if 'm8' not in C:
-        C['m8'] = _gram(t6)
-    t7 = C['m8']
+    t6 = C['m0']
+    if 'm10' not in C:
+        C['m10'] = t6.sum(axis=1, keepdims=True)
+    t7 = C['m10']
+    if 'm11' not in C:
+        C['m11'] = _rank_sum(t7)
+    t8 = C['m11']
+    if 'm12' not in C:
+        C['m12'] = _gram(t8)
+    t9 = C['m12']
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t4),
-        "W": CurvatureBlock(kron=[_kron((B**(-2)), t7, Hz), ], dense=None),
+        "x": CurvatureBlock(kron=[], dense=t5),
+        "W": CurvatureBlock(kron=[_kron((B_all**(-2)), t9, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     """Batch HBP: pch-abs under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     t0 = P['W'].T
@@ -419,70 +453,84 @@ def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     if 'm4' not in C:
         C['m4'] = (t2 @ t3)
     t4 = C['m4']
-    t5 = t1 * t4
-    t6 = (1/B) * t5
-    t7 = (t0 @ S['dz'])
+    if 'm5' not in C:
+        C['m5'] = _rank_sum(t4)
+    t5 = C['m5']
+    t6 = t1 * t5
+    t7 = (1/B_all) * t6
+    t8 = (t0 @ S['dz'])
     if 'm3' not in C:
         C['m3'] = _fn_sigmoid_2(S['x'])
-    t8 = C['m3']
-    t9 = t7 * t8
-    t10 = t9.sum(axis=1, keepdims=True)
-    t11 = _fn_abs_0(t10)
-    t12 = _plus_diagonal(t6, t11, copy=False)
+    t9 = C['m3']
+    t10 = t8 * t9
+    t11 = t10.sum(axis=1, keepdims=True)
+    t12 = _rank_sum(t11)
+    t13 = _fn_abs_0(t12)
+    t14 = _plus_diagonal(t7, t13, copy=False)
     if 'm0' not in C:
         C['m0'] = _fn_sigmoid_0(S['x'])
-    t13 = C['m0']
-    if 'm5' not in C:
-        C['m5'] = _gram(t13)
-    t14 = C['m5']
+    t15 = C['m0']
+    if 'm6' not in C:
+        C['m6'] = _gram(t15)
+    t16 = C['m6']
+    if 'm7' not in C:
+        C['m7'] = _rank_sum(t16)
+    t17 = C['m7']
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t12),
-        "W": CurvatureBlock(kron=[_kron((1/B), t14, Hz), ], dense=None),
+        "x": CurvatureBlock(kron=[], dense=t14),
+        "W": CurvatureBlock(kron=[_kron((1/B_all), t17, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     """Batch HBP: pch-abs under (7)."""
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm1' not in C:
         C['m1'] = _fn_sigmoid_1(S['x'])
     t0 = C['m1']
-    if 'm6' not in C:
-        C['m6'] = t0.sum(axis=1, keepdims=True)
-    t1 = C['m6']
-    t2 = P['W'].T
-    t3 = ((((t1 * t2) @ Hz) @ P['W']) * t1.T)
-    t4 = (B**(-2)) * t3
-    t5 = (t2 @ S['dz'])
+    if 'm8' not in C:
+        C['m8'] = t0.sum(axis=1, keepdims=True)
+    t1 = C['m8']
+    if 'm9' not in C:
+        C['m9'] = _rank_sum(t1)
+    t2 = C['m9']
+    t3 = P['W'].T
+    t4 = ((((t2 * t3) @ Hz) @ P['W']) * t2.T)
+    t5 = (B_all**(-2)) * t4
+    t6 = (t3 @ S['dz'])
     if 'm3' not in C:
         C['m3'] = _fn_sigmoid_2(S['x'])
-    t6 = C['m3']
-    t7 = t5 * t6
-    t8 = t7.sum(axis=1, keepdims=True)
-    t9 = _fn_abs_0(t8)
-    t10 = _plus_diagonal(t4, t9, copy=False)
+    t7 = C['m3']
+    t8 = t6 * t7
+    t9 = t8.sum(axis=1, keepdims=True)
+    t10 = _rank_sum(t9)
+    t11 = _fn_abs_0(t10)
+    t12 = _plus_diagonal(t5, t11, copy=False)
     if 'm0' not in C:
         C['m0'] = _fn_sigmoid_0(S['x'])
-    t11 = C['m0']
-    if 'm7' not in C:
-        C['m7'] = t11.sum(axis=1, keepdims=True)
-    t12 = C['m7']
-    if 'm8' not in C:
-        C['m8'] = _gram(t12)
-    t13 = C['m8']
+    t13 = C['m0']
+    if 'm10' not in C:
+        C['m10'] = t13.sum(axis=1, keepdims=True)
+    t14 = C['m10']
+    if 'm11' not in C:
+        C['m11'] = _rank_sum(t14)
+    t15 = C['m11']
+    if 'm12' not in C:
+        C['m12'] = _gram(t15)
+    t16 = C['m12']
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t10),
-        "W": CurvatureBlock(kron=[_kron((B**(-2)), t13, Hz), ], dense=None),
+        "x": CurvatureBlock(kron=[], dense=t12),
+        "W": CurvatureBlock(kron=[_kron((B_all**(-2)), t16, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     """Batch HBP: pch-clip under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     t0 = P['W'].T
@@ -494,64 +542,78 @@ def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     if 'm4' not in C:
         C['m4'] = (t2 @ t3)
     t4 = C['m4']
-    t5 = t1 * t4
-    t6 = (1/B) * t5
-    t7 = (t0 @ S['dz'])
+    if 'm5' not in C:
+        C['m5'] = _rank_sum(t4)
+    t5 = C['m5']
+    t6 = t1 * t5
+    t7 = (1/B_all) * t6
+    t8 = (t0 @ S['dz'])
     if 'm3' not in C:
         C['m3'] = _fn_sigmoid_2(S['x'])
-    t8 = C['m3']
-    t9 = t7 * t8
-    t10 = t9.sum(axis=1, keepdims=True)
-    t11 = _fn_relu_0(t10)
-    t12 = _plus_diagonal(t6, t11, copy=False)
+    t9 = C['m3']
+    t10 = t8 * t9
+    t11 = t10.sum(axis=1, keepdims=True)
+    t12 = _rank_sum(t11)
+    t13 = _fn_relu_0(t12)
+    t14 = _plus_diagonal(t7, t13, copy=False)
     if 'm0' not in C:
         C['m0'] = _fn_sigmoid_0(S['x'])
-    t13 = C['m0']
-    if 'm5' not in C:
-        C['m5'] = _gram(t13)
-    t14 = C['m5']
+    t15 = C['m0']
+    if 'm6' not in C:
+        C['m6'] = _gram(t15)
+    t16 = C['m6']
+    if 'm7' not in C:
+        C['m7'] = _rank_sum(t16)
+    t17 = C['m7']
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t12),
-        "W": CurvatureBlock(kron=[_kron((1/B), t14, Hz), ], dense=None),
+        "x": CurvatureBlock(kron=[], dense=t14),
+        "W": CurvatureBlock(kron=[_kron((1/B_all), t17, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
 def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     """Batch HBP: pch-clip under (7)."""
-    B, n, m = _dims(P, S).values()
+    B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm1' not in C:
         C['m1'] = _fn_sigmoid_1(S['x'])
     t0 = C['m1']
-    if 'm6' not in C:
-        C['m6'] = t0.sum(axis=1, keepdims=True)
-    t1 = C['m6']
-    t2 = P['W'].T
-    t3 = ((((t1 * t2) @ Hz) @ P['W']) * t1.T)
-    t4 = (B**(-2)) * t3
-    t5 = (t2 @ S['dz'])
+    if 'm8' not in C:
+        C['m8'] = t0.sum(axis=1, keepdims=True)
+    t1 = C['m8']
+    if 'm9' not in C:
+        C['m9'] = _rank_sum(t1)
+    t2 = C['m9']
+    t3 = P['W'].T
+    t4 = ((((t2 * t3) @ Hz) @ P['W']) * t2.T)
+    t5 = (B_all**(-2)) * t4
+    t6 = (t3 @ S['dz'])
     if 'm3' not in C:
         C['m3'] = _fn_sigmoid_2(S['x'])
-    t6 = C['m3']
-    t7 = t5 * t6
-    t8 = t7.sum(axis=1, keepdims=True)
-    t9 = _fn_relu_0(t8)
-    t10 = _plus_diagonal(t4, t9, copy=False)
+    t7 = C['m3']
+    t8 = t6 * t7
+    t9 = t8.sum(axis=1, keepdims=True)
+    t10 = _rank_sum(t9)
+    t11 = _fn_relu_0(t10)
+    t12 = _plus_diagonal(t5, t11, copy=False)
     if 'm0' not in C:
         C['m0'] = _fn_sigmoid_0(S['x'])
-    t11 = C['m0']
-    if 'm7' not in C:
-        C['m7'] = t11.sum(axis=1, keepdims=True)
-    t12 = C['m7']
-    if 'm8' not in C:
-        C['m8'] = _gram(t12)
-    t13 = C['m8']
+    t13 = C['m0']
+    if 'm10' not in C:
+        C['m10'] = t13.sum(axis=1, keepdims=True)
+    t14 = C['m10']
+    if 'm11' not in C:
+        C['m11'] = _rank_sum(t14)
+    t15 = C['m11']
+    if 'm12' not in C:
+        C['m12'] = _gram(t15)
+    t16 = C['m12']
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t10),
-        "W": CurvatureBlock(kron=[_kron((B**(-2)), t13, Hz), ], dense=None),
+        "x": CurvatureBlock(kron=[], dense=t12),
+        "W": CurvatureBlock(kron=[_kron((B_all**(-2)), t16, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 

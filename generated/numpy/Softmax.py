@@ -46,6 +46,8 @@ from mcalc.runtime.array_ops import unvec_of_samples as _unvec_of_samples  # noq
 from mcalc.runtime.array_ops import vec as _vec  # noqa: F401
 from mcalc.runtime.array_ops import vec_of_samples as _vec_of_samples  # noqa: F401
 from mcalc.runtime.array_ops import window_argmax as _window_argmax  # noqa: F401
+from mcalc.runtime.rank_sum import rank_sum as _rank_sum  # noqa: F401
+from mcalc.runtime.rank_sum import samples as _samples  # noqa: F401
 
 
 
@@ -55,14 +57,14 @@ def _dtype(P, S):
 
 
 def _dims(P, S):
-    return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], }
+    return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "B_all": _samples(S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1), "n": S['x'].shape[0], }
 
 
 def forward(P, S, cache=None):
     """Z = the module's outputs, (size z, B). The module's functions that share ``cache`` (a dict, one
     per batch) compute what they have in common once; they must share P and S, except what the
     function's own docstring says may change."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if cache is None else cache
     if 'm0' not in C:
@@ -73,7 +75,7 @@ def forward(P, S, cache=None):
 
 
 def _gradients_all(P, S, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -90,7 +92,7 @@ def _gradients_all(P, S, C=None):
 
 
 def _gradients_params(P, S, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
 
     return {}
@@ -105,7 +107,7 @@ def gradients(P, S, inputs=True, cache=None):
 
 
 def _jvp_all(P, S, V, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -129,7 +131,7 @@ def jvp(P, S, V, inputs=True, cache=None):
 
 
 def _rgradients_all(P, S, V, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -177,57 +179,75 @@ def _no_parameters():
 
 def _hbp_exact_6_all(P, S, Hz, C=None):
     """Batch HBP: exact under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
         C['m0'] = _softmax(S['x'])
     t0 = C['m0']
     t1 = t0.T
-    t2 = (t1 @ Hz)
-    t3 = t1 * t2
-    t4 = t3.sum(axis=1, keepdims=True)
-    t5 = xp.broadcast_to(t4, (B, n))
-    t6 = t5 * t1
-    t7 = (1/B) * t6
-    t8 = S['dz'].T
-    t9 = t8 * t1
-    t10 = t9.sum(axis=1, keepdims=True)
-    t11 = xp.broadcast_to(t10, (B, n))
-    t12 = t11 * t1
-    t13 = (2) * t12
-    t14 = t7 + t13
-    t15 = (t0 @ t14)
     if 'm4' not in C:
         C['m4'] = (t0 @ t1)
-    t16 = C['m4']
-    t17 = t16 * Hz
-    t18 = (1/B) * t17
-    t19 = S['dz'] * t0
-    t20 = (1/B) * t19
-    t21 = t19.sum(axis=0, keepdims=True)
-    t22 = (xp.ones((n, 1), dtype=dtype) @ t21)
-    t23 = t22 * t0
-    t24 = (-1/B) * t23
-    t25 = t20 + t24
-    t26 = t25.sum(axis=1, keepdims=True)
-    t27 = _plus_diagonal(t15 + t18, (B) * t26, copy=False)
-    t28 = (Hz @ t0)
-    t29 = t0 * t28
-    t30 = (-1/B) * t29
-    t31 = (-1) * t19
-    t32 = t30 + t31
-    t33 = (t32 @ t1)
-    t34 = t33.T
-    t35 = t27 + t33 + t34
+    t2 = C['m4']
+    if 'm5' not in C:
+        C['m5'] = _rank_sum(t2)
+    t3 = C['m5']
+    t4 = t3 * Hz
+    t5 = (1/B_all) * t4
+    t6 = (Hz @ t0)
+    t7 = t0 * t6
+    t8 = (t7 @ t1)
+    t9 = (-1/B_all) * t8
+    t10 = (t1 @ Hz)
+    t11 = t1 * t10
+    t12 = (1/B_all) * t11
+    t13 = t11.sum(axis=1, keepdims=True)
+    t14 = xp.broadcast_to(t13, (B, n))
+    t15 = t14 * t1
+    t16 = (-1/B_all) * t15
+    t17 = t12 + t16
+    t18 = (t0 @ t17)
+    t19 = (-1) * t18
+    t20 = t9 + t19
+    t21 = _rank_sum(t20)
+    t22 = S['dz'] * t0
+    t23 = (1/B_all) * t22
+    t24 = t22.sum(axis=0, keepdims=True)
+    t25 = (xp.ones((n, 1), dtype=dtype) @ t24)
+    t26 = t25 * t0
+    t27 = (-1/B_all) * t26
+    t28 = t23 + t27
+    t29 = t28.sum(axis=1, keepdims=True)
+    t30 = _rank_sum(t29)
+    t31 = (t22 @ t1)
+    t32 = (1/B_all) * t31
+    t33 = S['dz'].T
+    t34 = t33 * t1
+    t35 = t34.sum(axis=1, keepdims=True)
+    t36 = xp.broadcast_to(t35, (B, n))
+    t37 = t36 * t1
+    t38 = (t0 @ t37)
+    t39 = (-1/B_all) * t38
+    t40 = t32 + t39
+    t41 = (-1) * t40
+    t42 = (1/B_all) * t34
+    t43 = (-1/B_all) * t37
+    t44 = t42 + t43
+    t45 = (t0 @ t44)
+    t46 = (-1) * t45
+    t47 = t41 + t46
+    t48 = _rank_sum(t47)
+    t49 = _plus_diagonal(t48, t30, copy=False)
+    t50 = (B_all) * t49
+    t51 = t5 + t21 + t50
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t35),
+        "x": CurvatureBlock(kron=[], dense=t51),
     }
 
 def _hbp_exact_6_params(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7) and (6-kfac) and (6-kfac-reduce), parameters only."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
 
     return {
@@ -235,61 +255,77 @@ def _hbp_exact_6_params(P, S, Hz, C=None):
 
 def _hbp_exact_7_all(P, S, Hz, C=None):
     """Batch HBP: exact under (7)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
         C['m0'] = _softmax(S['x'])
     t0 = C['m0']
-    if 'm5' not in C:
-        C['m5'] = t0.sum(axis=1, keepdims=True)
-    t1 = C['m5']
-    t2 = t0.T
-    if 'm4' not in C:
-        C['m4'] = (t0 @ t2)
-    t3 = C['m4']
     if 'm6' not in C:
-        C['m6'] = (-1/B) * t3
-    t4 = C['m6']
+        C['m6'] = t0.sum(axis=1, keepdims=True)
+    t1 = C['m6']
     if 'm7' not in C:
-        C['m7'] = _plus_diagonal(t4, (1/B) * t1, copy=True)
-    t5 = C['m7']
-    t6 = ((t5 @ Hz) @ t5)
-    t7 = S['dz'] * t0
-    t8 = (1/B) * t7
-    t9 = t7.sum(axis=0, keepdims=True)
-    t10 = (xp.ones((n, 1), dtype=dtype) @ t9)
-    t11 = t10 * t0
-    t12 = (-1/B) * t11
-    t13 = t8 + t12
-    t14 = t13.sum(axis=1, keepdims=True)
-    t15 = (t7 @ t2)
-    t16 = (1/B) * t15
-    t17 = S['dz'].T
-    t18 = t17 * t2
+        C['m7'] = _rank_sum(t1)
+    t2 = C['m7']
+    t3 = t0.T
+    if 'm4' not in C:
+        C['m4'] = (t0 @ t3)
+    t4 = C['m4']
+    if 'm5' not in C:
+        C['m5'] = _rank_sum(t4)
+    t5 = C['m5']
+    t6 = t5.T
+    if 'm8' not in C:
+        C['m8'] = (-1/B_all) * t6
+    t7 = C['m8']
+    if 'm9' not in C:
+        C['m9'] = _plus_diagonal(t7, (1/B_all) * t2, copy=True)
+    t8 = C['m9']
+    if 'm10' not in C:
+        C['m10'] = (-1/B_all) * t5
+    t9 = C['m10']
+    if 'm11' not in C:
+        C['m11'] = _plus_diagonal(t9, (1/B_all) * t2, copy=True)
+    t10 = C['m11']
+    t11 = ((t8 @ Hz) @ t10)
+    t12 = S['dz'] * t0
+    t13 = (1/B_all) * t12
+    t14 = t12.sum(axis=0, keepdims=True)
+    t15 = (xp.ones((n, 1), dtype=dtype) @ t14)
+    t16 = t15 * t0
+    t17 = (-1/B_all) * t16
+    t18 = t13 + t17
     t19 = t18.sum(axis=1, keepdims=True)
-    t20 = xp.broadcast_to(t19, (B, n))
-    t21 = t20 * t2
-    t22 = (t0 @ t21)
-    t23 = (-1/B) * t22
-    t24 = t16 + t23
-    t25 = (-1) * t24
-    t26 = (1/B) * t18
-    t27 = (-1/B) * t21
-    t28 = t26 + t27
-    t29 = (t0 @ t28)
-    t30 = (-1) * t29
-    t31 = _plus_diagonal(t25 + t30, t14, copy=False)
-    t32 = (B) * t31
-    t33 = t6 + t32
+    t20 = _rank_sum(t19)
+    t21 = (t12 @ t3)
+    t22 = (1/B_all) * t21
+    t23 = S['dz'].T
+    t24 = t23 * t3
+    t25 = t24.sum(axis=1, keepdims=True)
+    t26 = xp.broadcast_to(t25, (B, n))
+    t27 = t26 * t3
+    t28 = (t0 @ t27)
+    t29 = (-1/B_all) * t28
+    t30 = t22 + t29
+    t31 = (-1) * t30
+    t32 = (1/B_all) * t24
+    t33 = (-1/B_all) * t27
+    t34 = t32 + t33
+    t35 = (t0 @ t34)
+    t36 = (-1) * t35
+    t37 = t31 + t36
+    t38 = _rank_sum(t37)
+    t39 = _plus_diagonal(t38, t20, copy=False)
+    t40 = (B_all) * t39
+    t41 = t11 + t40
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t33),
+        "x": CurvatureBlock(kron=[], dense=t41),
     }
 
 def _hbp_ggn_6_all(P, S, Hz, C=None):
     """Batch HBP: ggn under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -299,57 +335,76 @@ def _hbp_ggn_6_all(P, S, Hz, C=None):
     if 'm4' not in C:
         C['m4'] = (t0 @ t1)
     t2 = C['m4']
-    t3 = t2 * Hz
-    t4 = (1/B) * t3
-    t5 = (t1 @ Hz)
-    t6 = t1 * t5
-    t7 = t6.sum(axis=1, keepdims=True)
-    t8 = xp.broadcast_to(t7, (B, n))
-    t9 = t8 * t1
-    t10 = (t0 @ t9)
-    t11 = (1/B) * t10
-    t12 = t4 + t11
-    t13 = (Hz @ t0)
-    t14 = t0 * t13
-    t15 = (t14 @ t1)
-    t16 = (-1/B) * t15
-    t17 = t16.T
-    t18 = t12 + t16 + t17
+    if 'm5' not in C:
+        C['m5'] = _rank_sum(t2)
+    t3 = C['m5']
+    t4 = t3 * Hz
+    t5 = (1/B_all) * t4
+    t6 = (Hz @ t0)
+    t7 = t0 * t6
+    t8 = (t7 @ t1)
+    t9 = (-1/B_all) * t8
+    t10 = (t1 @ Hz)
+    t11 = t1 * t10
+    t12 = (1/B_all) * t11
+    t13 = t11.sum(axis=1, keepdims=True)
+    t14 = xp.broadcast_to(t13, (B, n))
+    t15 = t14 * t1
+    t16 = (-1/B_all) * t15
+    t17 = t12 + t16
+    t18 = (t0 @ t17)
+    t19 = (-1) * t18
+    t20 = t9 + t19
+    t21 = _rank_sum(t20)
+    t22 = t5 + t21
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t18),
+        "x": CurvatureBlock(kron=[], dense=t22),
     }
 
 def _hbp_ggn_7_all(P, S, Hz, C=None):
     """Batch HBP: ggn under (7)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
         C['m0'] = _softmax(S['x'])
     t0 = C['m0']
-    if 'm5' not in C:
-        C['m5'] = t0.sum(axis=1, keepdims=True)
-    t1 = C['m5']
-    t2 = t0.T
-    if 'm4' not in C:
-        C['m4'] = (t0 @ t2)
-    t3 = C['m4']
     if 'm6' not in C:
-        C['m6'] = (-1/B) * t3
-    t4 = C['m6']
+        C['m6'] = t0.sum(axis=1, keepdims=True)
+    t1 = C['m6']
     if 'm7' not in C:
-        C['m7'] = _plus_diagonal(t4, (1/B) * t1, copy=True)
-    t5 = C['m7']
-    t6 = ((t5 @ Hz) @ t5)
+        C['m7'] = _rank_sum(t1)
+    t2 = C['m7']
+    t3 = t0.T
+    if 'm4' not in C:
+        C['m4'] = (t0 @ t3)
+    t4 = C['m4']
+    if 'm5' not in C:
+        C['m5'] = _rank_sum(t4)
+    t5 = C['m5']
+    t6 = t5.T
+    if 'm8' not in C:
+        C['m8'] = (-1/B_all) * t6
+    t7 = C['m8']
+    if 'm9' not in C:
+        C['m9'] = _plus_diagonal(t7, (1/B_all) * t2, copy=True)
+    t8 = C['m9']
+    if 'm10' not in C:
+        C['m10'] = (-1/B_all) * t5
+    t9 = C['m10']
+    if 'm11' not in C:
+        C['m11'] = _plus_diagonal(t9, (1/B_all) * t2, copy=True)
+    t10 = C['m11']
+    t11 = ((t8 @ Hz) @ t10)
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t6),
+        "x": CurvatureBlock(kron=[], dense=t11),
     }
 
 def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     """Batch HBP: pch-abs under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -359,112 +414,137 @@ def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     if 'm4' not in C:
         C['m4'] = (t0 @ t1)
     t2 = C['m4']
-    t3 = t2 * Hz
-    t4 = (1/B) * t3
-    t5 = (t1 @ Hz)
-    t6 = t1 * t5
-    t7 = t6.sum(axis=1, keepdims=True)
-    t8 = xp.broadcast_to(t7, (B, n))
-    t9 = t8 * t1
-    t10 = (t0 @ t9)
-    t11 = (1/B) * t10
-    t12 = S['dz'] * t0
-    t13 = (1/B) * t12
-    t14 = t12.sum(axis=0, keepdims=True)
-    t15 = (xp.ones((n, 1), dtype=dtype) @ t14)
-    t16 = t15 * t0
-    t17 = (-1/B) * t16
-    t18 = t13 + t17
-    t19 = t18.sum(axis=1, keepdims=True)
-    t20 = (t12 @ t1)
-    t21 = (1/B) * t20
-    t22 = S['dz'].T
-    t23 = t22 * t1
-    t24 = t23.sum(axis=1, keepdims=True)
-    t25 = xp.broadcast_to(t24, (B, n))
-    t26 = t25 * t1
-    t27 = (t0 @ t26)
-    t28 = (-1/B) * t27
-    t29 = t21 + t28
-    t30 = (-1) * t29
-    t31 = (1/B) * t23
-    t32 = (-1/B) * t26
-    t33 = t31 + t32
-    t34 = (t0 @ t33)
-    t35 = (-1) * t34
-    t36 = _plus_diagonal(t30 + t35, t19, copy=False)
-    t37 = (B) * t36
-    t38 = _psd_project(t37, 'abs')
-    t39 = t4 + t11 + t38
-    t40 = (Hz @ t0)
-    t41 = t0 * t40
-    t42 = (t41 @ t1)
-    t43 = (-1/B) * t42
-    t44 = t43.T
-    t45 = t39 + t43 + t44
+    if 'm5' not in C:
+        C['m5'] = _rank_sum(t2)
+    t3 = C['m5']
+    t4 = t3 * Hz
+    t5 = (1/B_all) * t4
+    t6 = (Hz @ t0)
+    t7 = t0 * t6
+    t8 = (t7 @ t1)
+    t9 = (-1/B_all) * t8
+    t10 = (t1 @ Hz)
+    t11 = t1 * t10
+    t12 = (1/B_all) * t11
+    t13 = t11.sum(axis=1, keepdims=True)
+    t14 = xp.broadcast_to(t13, (B, n))
+    t15 = t14 * t1
+    t16 = (-1/B_all) * t15
+    t17 = t12 + t16
+    t18 = (t0 @ t17)
+    t19 = (-1) * t18
+    t20 = t9 + t19
+    t21 = _rank_sum(t20)
+    t22 = S['dz'] * t0
+    t23 = (1/B_all) * t22
+    t24 = t22.sum(axis=0, keepdims=True)
+    t25 = (xp.ones((n, 1), dtype=dtype) @ t24)
+    t26 = t25 * t0
+    t27 = (-1/B_all) * t26
+    t28 = t23 + t27
+    t29 = t28.sum(axis=1, keepdims=True)
+    t30 = _rank_sum(t29)
+    t31 = (t22 @ t1)
+    t32 = (1/B_all) * t31
+    t33 = S['dz'].T
+    t34 = t33 * t1
+    t35 = t34.sum(axis=1, keepdims=True)
+    t36 = xp.broadcast_to(t35, (B, n))
+    t37 = t36 * t1
+    t38 = (t0 @ t37)
+    t39 = (-1/B_all) * t38
+    t40 = t32 + t39
+    t41 = (-1) * t40
+    t42 = (1/B_all) * t34
+    t43 = (-1/B_all) * t37
+    t44 = t42 + t43
+    t45 = (t0 @ t44)
+    t46 = (-1) * t45
+    t47 = t41 + t46
+    t48 = _rank_sum(t47)
+    t49 = _plus_diagonal(t48, t30, copy=False)
+    t50 = (B_all) * t49
+    t51 = _psd_project(t50, 'abs')
+    t52 = t5 + t21 + t51
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t45),
+        "x": CurvatureBlock(kron=[], dense=t52),
     }
 
 def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     """Batch HBP: pch-abs under (7)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
         C['m0'] = _softmax(S['x'])
     t0 = C['m0']
-    if 'm5' not in C:
-        C['m5'] = t0.sum(axis=1, keepdims=True)
-    t1 = C['m5']
-    t2 = t0.T
-    if 'm4' not in C:
-        C['m4'] = (t0 @ t2)
-    t3 = C['m4']
     if 'm6' not in C:
-        C['m6'] = (-1/B) * t3
-    t4 = C['m6']
+        C['m6'] = t0.sum(axis=1, keepdims=True)
+    t1 = C['m6']
     if 'm7' not in C:
-        C['m7'] = _plus_diagonal(t4, (1/B) * t1, copy=True)
-    t5 = C['m7']
-    t6 = ((t5 @ Hz) @ t5)
-    t7 = S['dz'] * t0
-    t8 = (1/B) * t7
-    t9 = t7.sum(axis=0, keepdims=True)
-    t10 = (xp.ones((n, 1), dtype=dtype) @ t9)
-    t11 = t10 * t0
-    t12 = (-1/B) * t11
-    t13 = t8 + t12
-    t14 = t13.sum(axis=1, keepdims=True)
-    t15 = (t7 @ t2)
-    t16 = (1/B) * t15
-    t17 = S['dz'].T
-    t18 = t17 * t2
+        C['m7'] = _rank_sum(t1)
+    t2 = C['m7']
+    t3 = t0.T
+    if 'm4' not in C:
+        C['m4'] = (t0 @ t3)
+    t4 = C['m4']
+    if 'm5' not in C:
+        C['m5'] = _rank_sum(t4)
+    t5 = C['m5']
+    t6 = t5.T
+    if 'm8' not in C:
+        C['m8'] = (-1/B_all) * t6
+    t7 = C['m8']
+    if 'm9' not in C:
+        C['m9'] = _plus_diagonal(t7, (1/B_all) * t2, copy=True)
+    t8 = C['m9']
+    if 'm10' not in C:
+        C['m10'] = (-1/B_all) * t5
+    t9 = C['m10']
+    if 'm11' not in C:
+        C['m11'] = _plus_diagonal(t9, (1/B_all) * t2, copy=True)
+    t10 = C['m11']
+    t11 = ((t8 @ Hz) @ t10)
+    t12 = S['dz'] * t0
+    t13 = (1/B_all) * t12
+    t14 = t12.sum(axis=0, keepdims=True)
+    t15 = (xp.ones((n, 1), dtype=dtype) @ t14)
+    t16 = t15 * t0
+    t17 = (-1/B_all) * t16
+    t18 = t13 + t17
     t19 = t18.sum(axis=1, keepdims=True)
-    t20 = xp.broadcast_to(t19, (B, n))
-    t21 = t20 * t2
-    t22 = (t0 @ t21)
-    t23 = (-1/B) * t22
-    t24 = t16 + t23
-    t25 = (-1) * t24
-    t26 = (1/B) * t18
-    t27 = (-1/B) * t21
-    t28 = t26 + t27
-    t29 = (t0 @ t28)
-    t30 = (-1) * t29
-    t31 = _plus_diagonal(t25 + t30, t14, copy=False)
-    t32 = (B) * t31
-    t33 = _psd_project(t32, 'abs')
-    t34 = t6 + t33
+    t20 = _rank_sum(t19)
+    t21 = (t12 @ t3)
+    t22 = (1/B_all) * t21
+    t23 = S['dz'].T
+    t24 = t23 * t3
+    t25 = t24.sum(axis=1, keepdims=True)
+    t26 = xp.broadcast_to(t25, (B, n))
+    t27 = t26 * t3
+    t28 = (t0 @ t27)
+    t29 = (-1/B_all) * t28
+    t30 = t22 + t29
+    t31 = (-1) * t30
+    t32 = (1/B_all) * t24
+    t33 = (-1/B_all) * t27
+    t34 = t32 + t33
+    t35 = (t0 @ t34)
+    t36 = (-1) * t35
+    t37 = t31 + t36
+    t38 = _rank_sum(t37)
+    t39 = _plus_diagonal(t38, t20, copy=False)
+    t40 = (B_all) * t39
+    t41 = _psd_project(t40, 'abs')
+    t42 = t11 + t41
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t34),
+        "x": CurvatureBlock(kron=[], dense=t42),
     }
 
 def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     """Batch HBP: pch-clip under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -474,107 +554,132 @@ def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     if 'm4' not in C:
         C['m4'] = (t0 @ t1)
     t2 = C['m4']
-    t3 = t2 * Hz
-    t4 = (1/B) * t3
-    t5 = (t1 @ Hz)
-    t6 = t1 * t5
-    t7 = t6.sum(axis=1, keepdims=True)
-    t8 = xp.broadcast_to(t7, (B, n))
-    t9 = t8 * t1
-    t10 = (t0 @ t9)
-    t11 = (1/B) * t10
-    t12 = S['dz'] * t0
-    t13 = (1/B) * t12
-    t14 = t12.sum(axis=0, keepdims=True)
-    t15 = (xp.ones((n, 1), dtype=dtype) @ t14)
-    t16 = t15 * t0
-    t17 = (-1/B) * t16
-    t18 = t13 + t17
-    t19 = t18.sum(axis=1, keepdims=True)
-    t20 = (t12 @ t1)
-    t21 = (1/B) * t20
-    t22 = S['dz'].T
-    t23 = t22 * t1
-    t24 = t23.sum(axis=1, keepdims=True)
-    t25 = xp.broadcast_to(t24, (B, n))
-    t26 = t25 * t1
-    t27 = (t0 @ t26)
-    t28 = (-1/B) * t27
-    t29 = t21 + t28
-    t30 = (-1) * t29
-    t31 = (1/B) * t23
-    t32 = (-1/B) * t26
-    t33 = t31 + t32
-    t34 = (t0 @ t33)
-    t35 = (-1) * t34
-    t36 = _plus_diagonal(t30 + t35, t19, copy=False)
-    t37 = (B) * t36
-    t38 = _psd_project(t37, 'clip')
-    t39 = t4 + t11 + t38
-    t40 = (Hz @ t0)
-    t41 = t0 * t40
-    t42 = (t41 @ t1)
-    t43 = (-1/B) * t42
-    t44 = t43.T
-    t45 = t39 + t43 + t44
+    if 'm5' not in C:
+        C['m5'] = _rank_sum(t2)
+    t3 = C['m5']
+    t4 = t3 * Hz
+    t5 = (1/B_all) * t4
+    t6 = (Hz @ t0)
+    t7 = t0 * t6
+    t8 = (t7 @ t1)
+    t9 = (-1/B_all) * t8
+    t10 = (t1 @ Hz)
+    t11 = t1 * t10
+    t12 = (1/B_all) * t11
+    t13 = t11.sum(axis=1, keepdims=True)
+    t14 = xp.broadcast_to(t13, (B, n))
+    t15 = t14 * t1
+    t16 = (-1/B_all) * t15
+    t17 = t12 + t16
+    t18 = (t0 @ t17)
+    t19 = (-1) * t18
+    t20 = t9 + t19
+    t21 = _rank_sum(t20)
+    t22 = S['dz'] * t0
+    t23 = (1/B_all) * t22
+    t24 = t22.sum(axis=0, keepdims=True)
+    t25 = (xp.ones((n, 1), dtype=dtype) @ t24)
+    t26 = t25 * t0
+    t27 = (-1/B_all) * t26
+    t28 = t23 + t27
+    t29 = t28.sum(axis=1, keepdims=True)
+    t30 = _rank_sum(t29)
+    t31 = (t22 @ t1)
+    t32 = (1/B_all) * t31
+    t33 = S['dz'].T
+    t34 = t33 * t1
+    t35 = t34.sum(axis=1, keepdims=True)
+    t36 = xp.broadcast_to(t35, (B, n))
+    t37 = t36 * t1
+    t38 = (t0 @ t37)
+    t39 = (-1/B_all) * t38
+    t40 = t32 + t39
+    t41 = (-1) * t40
+    t42 = (1/B_all) * t34
+    t43 = (-1/B_all) * t37
+    t44 = t42 + t43
+    t45 = (t0 @ t44)
+    t46 = (-1) * t45
+    t47 = t41 + t46
+    t48 = _rank_sum(t47)
+    t49 = _plus_diagonal(t48, t30, copy=False)
+    t50 = (B_all) * t49
+    t51 = _psd_project(t50, 'clip')
+    t52 = t5 + t21 + t51
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t45),
+        "x": CurvatureBlock(kron=[], dense=t52),
     }
 
 def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     """Batch HBP: pch-clip under (7)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
         C['m0'] = _softmax(S['x'])
     t0 = C['m0']
-    if 'm5' not in C:
-        C['m5'] = t0.sum(axis=1, keepdims=True)
-    t1 = C['m5']
-    t2 = t0.T
-    if 'm4' not in C:
-        C['m4'] = (t0 @ t2)
-    t3 = C['m4']
     if 'm6' not in C:
-        C['m6'] = (-1/B) * t3
-    t4 = C['m6']
+        C['m6'] = t0.sum(axis=1, keepdims=True)
+    t1 = C['m6']
     if 'm7' not in C:
-        C['m7'] = _plus_diagonal(t4, (1/B) * t1, copy=True)
-    t5 = C['m7']
-    t6 = ((t5 @ Hz) @ t5)
-    t7 = S['dz'] * t0
-    t8 = (1/B) * t7
-    t9 = t7.sum(axis=0, keepdims=True)
-    t10 = (xp.ones((n, 1), dtype=dtype) @ t9)
-    t11 = t10 * t0
-    t12 = (-1/B) * t11
-    t13 = t8 + t12
-    t14 = t13.sum(axis=1, keepdims=True)
-    t15 = (t7 @ t2)
-    t16 = (1/B) * t15
-    t17 = S['dz'].T
-    t18 = t17 * t2
+        C['m7'] = _rank_sum(t1)
+    t2 = C['m7']
+    t3 = t0.T
+    if 'm4' not in C:
+        C['m4'] = (t0 @ t3)
+    t4 = C['m4']
+    if 'm5' not in C:
+        C['m5'] = _rank_sum(t4)
+    t5 = C['m5']
+    t6 = t5.T
+    if 'm8' not in C:
+        C['m8'] = (-1/B_all) * t6
+    t7 = C['m8']
+    if 'm9' not in C:
+        C['m9'] = _plus_diagonal(t7, (1/B_all) * t2, copy=True)
+    t8 = C['m9']
+    if 'm10' not in C:
+        C['m10'] = (-1/B_all) * t5
+    t9 = C['m10']
+    if 'm11' not in C:
+        C['m11'] = _plus_diagonal(t9, (1/B_all) * t2, copy=True)
+    t10 = C['m11']
+    t11 = ((t8 @ Hz) @ t10)
+    t12 = S['dz'] * t0
+    t13 = (1/B_all) * t12
+    t14 = t12.sum(axis=0, keepdims=True)
+    t15 = (xp.ones((n, 1), dtype=dtype) @ t14)
+    t16 = t15 * t0
+    t17 = (-1/B_all) * t16
+    t18 = t13 + t17
     t19 = t18.sum(axis=1, keepdims=True)
-    t20 = xp.broadcast_to(t19, (B, n))
-    t21 = t20 * t2
-    t22 = (t0 @ t21)
-    t23 = (-1/B) * t22
-    t24 = t16 + t23
-    t25 = (-1) * t24
-    t26 = (1/B) * t18
-    t27 = (-1/B) * t21
-    t28 = t26 + t27
-    t29 = (t0 @ t28)
-    t30 = (-1) * t29
-    t31 = _plus_diagonal(t25 + t30, t14, copy=False)
-    t32 = (B) * t31
-    t33 = _psd_project(t32, 'clip')
-    t34 = t6 + t33
+    t20 = _rank_sum(t19)
+    t21 = (t12 @ t3)
+    t22 = (1/B_all) * t21
+    t23 = S['dz'].T
+    t24 = t23 * t3
+    t25 = t24.sum(axis=1, keepdims=True)
+    t26 = xp.broadcast_to(t25, (B, n))
+    t27 = t26 * t3
+    t28 = (t0 @ t27)
+    t29 = (-1/B_all) * t28
+    t30 = t22 + t29
+    t31 = (-1) * t30
+    t32 = (1/B_all) * t24
+    t33 = (-1/B_all) * t27
+    t34 = t32 + t33
+    t35 = (t0 @ t34)
+    t36 = (-1) * t35
+    t37 = t31 + t36
+    t38 = _rank_sum(t37)
+    t39 = _plus_diagonal(t38, t20, copy=False)
+    t40 = (B_all) * t39
+    t41 = _psd_project(t40, 'clip')
+    t42 = t11 + t41
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t34),
+        "x": CurvatureBlock(kron=[], dense=t42),
     }
 
 

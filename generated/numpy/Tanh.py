@@ -63,6 +63,8 @@ from mcalc.runtime.array_ops import unvec_of_samples as _unvec_of_samples  # noq
 from mcalc.runtime.array_ops import vec as _vec  # noqa: F401
 from mcalc.runtime.array_ops import vec_of_samples as _vec_of_samples  # noqa: F401
 from mcalc.runtime.array_ops import window_argmax as _window_argmax  # noqa: F401
+from mcalc.runtime.rank_sum import rank_sum as _rank_sum  # noqa: F401
+from mcalc.runtime.rank_sum import samples as _samples  # noqa: F401
 
 
 
@@ -72,14 +74,14 @@ def _dtype(P, S):
 
 
 def _dims(P, S):
-    return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "n": S['x'].shape[0], }
+    return {"B": S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1, "B_all": _samples(S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1), "n": S['x'].shape[0], }
 
 
 def forward(P, S, cache=None):
     """Z = the module's outputs, (size z, B). The module's functions that share ``cache`` (a dict, one
     per batch) compute what they have in common once; they must share P and S, except what the
     function's own docstring says may change."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = _fn_tanh_0(S['x'])
 
@@ -87,7 +89,7 @@ def forward(P, S, cache=None):
 
 
 def _gradients_all(P, S, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -99,7 +101,7 @@ def _gradients_all(P, S, C=None):
 
 
 def _gradients_params(P, S, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
 
     return {}
@@ -114,7 +116,7 @@ def gradients(P, S, inputs=True, cache=None):
 
 
 def _jvp_all(P, S, V, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -133,7 +135,7 @@ def jvp(P, S, V, inputs=True, cache=None):
 
 
 def _rgradients_all(P, S, V, C=None):
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm1' not in C:
@@ -163,7 +165,7 @@ def _no_parameters():
 
 def _hbp_exact_6_all(P, S, Hz, C=None):
     """Batch HBP: exact under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -173,22 +175,26 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
     if 'm2' not in C:
         C['m2'] = (t0 @ t1)
     t2 = C['m2']
-    t3 = t2 * Hz
-    t4 = (1/B) * t3
+    if 'm3' not in C:
+        C['m3'] = _rank_sum(t2)
+    t3 = C['m3']
+    t4 = t3 * Hz
+    t5 = (1/B_all) * t4
     if 'm1' not in C:
         C['m1'] = _fn_tanh_2(S['x'])
-    t5 = C['m1']
-    t6 = S['dz'] * t5
-    t7 = t6.sum(axis=1, keepdims=True)
-    t8 = _plus_diagonal(t4, t7, copy=False)
+    t6 = C['m1']
+    t7 = S['dz'] * t6
+    t8 = t7.sum(axis=1, keepdims=True)
+    t9 = _rank_sum(t8)
+    t10 = _plus_diagonal(t5, t9, copy=False)
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t8),
+        "x": CurvatureBlock(kron=[], dense=t10),
     }
 
 def _hbp_exact_6_params(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (6) and (7) and (6-kfac) and (6-kfac-reduce), parameters only."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
 
     return {
@@ -196,31 +202,35 @@ def _hbp_exact_6_params(P, S, Hz, C=None):
 
 def _hbp_exact_7_all(P, S, Hz, C=None):
     """Batch HBP: exact under (7)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
         C['m0'] = _fn_tanh_1(S['x'])
     t0 = C['m0']
-    if 'm3' not in C:
-        C['m3'] = t0.sum(axis=1, keepdims=True)
-    t1 = C['m3']
-    t2 = ((t1 * Hz) * t1.T)
-    t3 = (B**(-2)) * t2
+    if 'm4' not in C:
+        C['m4'] = t0.sum(axis=1, keepdims=True)
+    t1 = C['m4']
+    if 'm5' not in C:
+        C['m5'] = _rank_sum(t1)
+    t2 = C['m5']
+    t3 = ((t2 * Hz) * t2.T)
+    t4 = (B_all**(-2)) * t3
     if 'm1' not in C:
         C['m1'] = _fn_tanh_2(S['x'])
-    t4 = C['m1']
-    t5 = S['dz'] * t4
-    t6 = t5.sum(axis=1, keepdims=True)
-    t7 = _plus_diagonal(t3, t6, copy=False)
+    t5 = C['m1']
+    t6 = S['dz'] * t5
+    t7 = t6.sum(axis=1, keepdims=True)
+    t8 = _rank_sum(t7)
+    t9 = _plus_diagonal(t4, t8, copy=False)
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t7),
+        "x": CurvatureBlock(kron=[], dense=t9),
     }
 
 def _hbp_ggn_6_all(P, S, Hz, C=None):
     """Batch HBP: ggn under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -230,34 +240,40 @@ def _hbp_ggn_6_all(P, S, Hz, C=None):
     if 'm2' not in C:
         C['m2'] = (t0 @ t1)
     t2 = C['m2']
-    t3 = t2 * Hz
-    t4 = (1/B) * t3
+    if 'm3' not in C:
+        C['m3'] = _rank_sum(t2)
+    t3 = C['m3']
+    t4 = t3 * Hz
+    t5 = (1/B_all) * t4
+
+    return {
+        "x": CurvatureBlock(kron=[], dense=t5),
+    }
+
+def _hbp_ggn_7_all(P, S, Hz, C=None):
+    """Batch HBP: ggn under (7)."""
+    B, B_all, n = _dims(P, S).values()
+    dtype = _dtype(P, S)
+    C = {} if C is None else C
+    if 'm0' not in C:
+        C['m0'] = _fn_tanh_1(S['x'])
+    t0 = C['m0']
+    if 'm4' not in C:
+        C['m4'] = t0.sum(axis=1, keepdims=True)
+    t1 = C['m4']
+    if 'm5' not in C:
+        C['m5'] = _rank_sum(t1)
+    t2 = C['m5']
+    t3 = ((t2 * Hz) * t2.T)
+    t4 = (B_all**(-2)) * t3
 
     return {
         "x": CurvatureBlock(kron=[], dense=t4),
     }
 
-def _hbp_ggn_7_all(P, S, Hz, C=None):
-    """Batch HBP: ggn under (7)."""
-    B, n = _dims(P, S).values()
-    dtype = _dtype(P, S)
-    C = {} if C is None else C
-    if 'm0' not in C:
-        C['m0'] = _fn_tanh_1(S['x'])
-    t0 = C['m0']
-    if 'm3' not in C:
-        C['m3'] = t0.sum(axis=1, keepdims=True)
-    t1 = C['m3']
-    t2 = ((t1 * Hz) * t1.T)
-    t3 = (B**(-2)) * t2
-
-    return {
-        "x": CurvatureBlock(kron=[], dense=t3),
-    }
-
 def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     """Batch HBP: pch-abs under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -267,48 +283,56 @@ def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     if 'm2' not in C:
         C['m2'] = (t0 @ t1)
     t2 = C['m2']
-    t3 = t2 * Hz
-    t4 = (1/B) * t3
+    if 'm3' not in C:
+        C['m3'] = _rank_sum(t2)
+    t3 = C['m3']
+    t4 = t3 * Hz
+    t5 = (1/B_all) * t4
     if 'm1' not in C:
         C['m1'] = _fn_tanh_2(S['x'])
-    t5 = C['m1']
-    t6 = S['dz'] * t5
-    t7 = t6.sum(axis=1, keepdims=True)
-    t8 = _fn_abs_0(t7)
-    t9 = _plus_diagonal(t4, t8, copy=False)
+    t6 = C['m1']
+    t7 = S['dz'] * t6
+    t8 = t7.sum(axis=1, keepdims=True)
+    t9 = _rank_sum(t8)
+    t10 = _fn_abs_0(t9)
+    t11 = _plus_diagonal(t5, t10, copy=False)
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t9),
+        "x": CurvatureBlock(kron=[], dense=t11),
     }
 
 def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     """Batch HBP: pch-abs under (7)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
         C['m0'] = _fn_tanh_1(S['x'])
     t0 = C['m0']
-    if 'm3' not in C:
-        C['m3'] = t0.sum(axis=1, keepdims=True)
-    t1 = C['m3']
-    t2 = ((t1 * Hz) * t1.T)
-    t3 = (B**(-2)) * t2
+    if 'm4' not in C:
+        C['m4'] = t0.sum(axis=1, keepdims=True)
+    t1 = C['m4']
+    if 'm5' not in C:
+        C['m5'] = _rank_sum(t1)
+    t2 = C['m5']
+    t3 = ((t2 * Hz) * t2.T)
+    t4 = (B_all**(-2)) * t3
     if 'm1' not in C:
         C['m1'] = _fn_tanh_2(S['x'])
-    t4 = C['m1']
-    t5 = S['dz'] * t4
-    t6 = t5.sum(axis=1, keepdims=True)
-    t7 = _fn_abs_0(t6)
-    t8 = _plus_diagonal(t3, t7, copy=False)
+    t5 = C['m1']
+    t6 = S['dz'] * t5
+    t7 = t6.sum(axis=1, keepdims=True)
+    t8 = _rank_sum(t7)
+    t9 = _fn_abs_0(t8)
+    t10 = _plus_diagonal(t4, t9, copy=False)
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t8),
+        "x": CurvatureBlock(kron=[], dense=t10),
     }
 
 def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     """Batch HBP: pch-clip under (6) and (6-kfac) and (6-kfac-reduce)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
@@ -318,43 +342,51 @@ def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     if 'm2' not in C:
         C['m2'] = (t0 @ t1)
     t2 = C['m2']
-    t3 = t2 * Hz
-    t4 = (1/B) * t3
+    if 'm3' not in C:
+        C['m3'] = _rank_sum(t2)
+    t3 = C['m3']
+    t4 = t3 * Hz
+    t5 = (1/B_all) * t4
     if 'm1' not in C:
         C['m1'] = _fn_tanh_2(S['x'])
-    t5 = C['m1']
-    t6 = S['dz'] * t5
-    t7 = t6.sum(axis=1, keepdims=True)
-    t8 = _fn_relu_0(t7)
-    t9 = _plus_diagonal(t4, t8, copy=False)
+    t6 = C['m1']
+    t7 = S['dz'] * t6
+    t8 = t7.sum(axis=1, keepdims=True)
+    t9 = _rank_sum(t8)
+    t10 = _fn_relu_0(t9)
+    t11 = _plus_diagonal(t5, t10, copy=False)
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t9),
+        "x": CurvatureBlock(kron=[], dense=t11),
     }
 
 def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     """Batch HBP: pch-clip under (7)."""
-    B, n = _dims(P, S).values()
+    B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
         C['m0'] = _fn_tanh_1(S['x'])
     t0 = C['m0']
-    if 'm3' not in C:
-        C['m3'] = t0.sum(axis=1, keepdims=True)
-    t1 = C['m3']
-    t2 = ((t1 * Hz) * t1.T)
-    t3 = (B**(-2)) * t2
+    if 'm4' not in C:
+        C['m4'] = t0.sum(axis=1, keepdims=True)
+    t1 = C['m4']
+    if 'm5' not in C:
+        C['m5'] = _rank_sum(t1)
+    t2 = C['m5']
+    t3 = ((t2 * Hz) * t2.T)
+    t4 = (B_all**(-2)) * t3
     if 'm1' not in C:
         C['m1'] = _fn_tanh_2(S['x'])
-    t4 = C['m1']
-    t5 = S['dz'] * t4
-    t6 = t5.sum(axis=1, keepdims=True)
-    t7 = _fn_relu_0(t6)
-    t8 = _plus_diagonal(t3, t7, copy=False)
+    t5 = C['m1']
+    t6 = S['dz'] * t5
+    t7 = t6.sum(axis=1, keepdims=True)
+    t8 = _rank_sum(t7)
+    t9 = _fn_relu_0(t8)
+    t10 = _plus_diagonal(t4, t9, copy=False)
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t8),
+        "x": CurvatureBlock(kron=[], dense=t10),
     }
 
 

@@ -16,6 +16,12 @@ products plus elementwise passes:
 A rule with no closed form keeps a :class:`~mcalc.expr.BatchMean` node that
 is evaluated sample by sample.
 
+HBP's means are over every rank's shard of the batch in data parallelism: each
+is (1/B_all) Σ_ranks of this rank's batch sum (:class:`~mcalc.expr.RankSum`),
+which the runtime all-reduces (one process: the sum itself, B_all = B), so that
+a PSD cast or a product of means reads the global mean. Gradients, tangents and
+R-products stay this rank's sums; their callers reduce them.
+
 Batch conventions (BackPACK's): the loss is the batch mean, δZ holds the
 gradients of that mean (so each column carries the 1/B), 𝓗z̄ is the batch
 average of the per-sample loss Hessians, and the PCH cast applies to the
@@ -29,6 +35,7 @@ from ..errors import McalcError
 from ..expr import (
     BATCH,
     ONE,
+    SAMPLES,
     Add,
     Apply,
     BatchMean,
@@ -42,6 +49,7 @@ from ..expr import (
     LogSoftmax,
     MatMul,
     Ones,
+    RankSum,
     SampleMatMul,
     SampleProduct,
     SampleTranspose,
@@ -66,9 +74,11 @@ from ..simplification import simplify
 class BatchLowering:
     """Lowers the per-sample rules of one module over a batch."""
 
-    def __init__(self, derivation: Derivation, approximation: Approximation = Approximation.MEAN_OF_SANDWICHES) -> None:
+    def __init__(self, derivation: Derivation, approximation: Approximation = Approximation.MEAN_OF_SANDWICHES,
+                 across_ranks: bool = False) -> None:
         self.derivation = derivation
         self.approximation = approximation
+        self.across_ranks = across_ranks  # batch means over every rank's shard (:class:`RankSum`)
         self.factored = approximation.factored  # E[Aᵢ ⊗ Bᵢ] → E[Aᵢ] ⊗ E[Bᵢ] (K-FAC's)
         m = derivation.module
         self._varies: dict[Expr, bool] = {}
@@ -83,7 +93,15 @@ class BatchLowering:
         return self._varies[e]
 
     def _mean_fallback(self, e: Expr) -> Expr:
-        return BatchMean(e, tuple(leaf for leaf in self.leaves if _contains(e, leaf)))
+        mean = BatchMean(e, tuple(leaf for leaf in self.leaves if _contains(e, leaf)))
+        return self._averaged(ScalarMul(BATCH, mean)) if self.across_ranks else mean
+
+    def _averaged(self, total: Expr) -> Expr:
+        """The batch mean whose sum over this rank's samples is ``total``: (1/B) Σᵢ, or across ranks
+        (1/B_all) Σ_ranks Σᵢ, which a PSD cast or a product of means ((7), 6-kfac) may then read whole."""
+        if self.across_ranks:
+            return ScalarMul(1 / SAMPLES, RankSum(total))
+        return ScalarMul(1 / BATCH, total)
 
     # --- per-sample vectors → (rows × B), matrices → (rows × cols·B) ---------------------
     def stack(self, e: Expr) -> Expr | None:
@@ -192,7 +210,7 @@ class BatchLowering:
         if e.cols == ONE:
             stacked = self.stack(e)
             if stacked is not None:
-                return ScalarMul(1 / BATCH, MatMul(stacked, Ones(BATCH, ONE)))
+                return self._averaged(MatMul(stacked, Ones(BATCH, ONE)))
         if isinstance(e, Diag):
             return Diag(self.mean(e.args[0]))
         if isinstance(e, ScaleBy):
@@ -225,7 +243,7 @@ class BatchLowering:
                 return Transpose(self.mean(flipped))
             rows = self.stack(e)  # else the samples' rows side by side, as columns, summed
             if rows is not None:
-                return Transpose(ScalarMul(1 / BATCH, MatMul(SampleTranspose(rows, e.cols), Ones(BATCH, ONE))))
+                return Transpose(self._averaged(MatMul(SampleTranspose(rows, e.cols), Ones(BATCH, ONE))))
         return self._mean_fallback(e)
 
     def _shared_weight(self, e: MatMul) -> Expr | None:
@@ -271,7 +289,7 @@ class BatchLowering:
             if outer or (self.varies(left) and self.varies(right)):
                 u, w = self.stack(left), self.stack(simplify(Transpose(right)))
                 if u is not None and w is not None:
-                    return ScalarMul(1 / BATCH, MatMul(u, Transpose(w)))
+                    return self._averaged(MatMul(u, Transpose(w)))
         if len(varying) != 2:
             return None
         j, k = varying
@@ -281,12 +299,12 @@ class BatchLowering:
                 return None
             inner = f[j + 1 : k]
             h = Identity(f[j].cols) if not inner else inner[0] if len(inner) == 1 else MatMul(*inner)
-            return around(Hadamard(h, ScalarMul(1 / BATCH, MatMul(a, Transpose(b)))), j, k)
+            return around(Hadamard(h, self._averaged(MatMul(a, Transpose(b)))), j, k)
         if k == j + 1 and f[j].cols == ONE and f[k].rows == ONE:
             u, w = self.stack(f[j]), self.stack(simplify(Transpose(f[k])))
             if u is None or w is None:
                 return None
-            return around(ScalarMul(1 / BATCH, MatMul(u, Transpose(w))), j, k)
+            return around(self._averaged(MatMul(u, Transpose(w))), j, k)
         return None
 
 
@@ -380,11 +398,11 @@ def batch_hbp(d: Derivation, name: str, curvature: Curvature | str = Curvature.E
     are summed): the Gauss–Newton term E[Jᵀ 𝓗z J] vanishes and only the module's own second-order
     term is left: eq. (4a) where backpropagation starts, with δz = 1/B per sample for the batch mean."""
     curvature, approximation = Curvature.parse(curvature), Approximation.parse(approximation)
-    lowering = BatchLowering(d, approximation)
+    lowering = BatchLowering(d, approximation, across_ranks=True)
     # Σᵢ Σₖ Hzₖ(xᵢ) δzᵢₖ per sample under both approximations: (7) averages the Jacobians of the
     # Gauss–Newton term only, as the authors' code does (bpexts/hbp/nonlinear.py, ``_residuum``:
     # einsum("bi,bi->i", φ″, δz) whatever ``average_input_jac``), which made the paper's CIFAR-10 figures
-    concave = cast_concave(simplify(ScalarMul(BATCH, lowering.mean(d.second_order(name)))), curvature)
+    concave = cast_concave(simplify(ScalarMul(SAMPLES, lowering.mean(d.second_order(name)))), curvature)
     if terminal:
         return simplify(concave)
     if approximation is not Approximation.SANDWICH_OF_MEANS:

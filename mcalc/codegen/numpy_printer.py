@@ -29,6 +29,7 @@ from .plan import (
     DimensionSource,
     InPlace,
     Reference,
+    SampleCount,
     batch_reference,
     sanitise,
 )
@@ -80,6 +81,8 @@ def dimension_code(source: DimensionSource) -> str:
     """Where a generated function reads a dimension off its arguments."""
     if isinstance(source, BatchColumns):  # δZ's columns, else any per-sample argument's, else 1
         return "S['dz'].shape[1] if 'dz' in S else next(iter(S.values())).shape[1] if S else 1"
+    if isinstance(source, SampleCount):
+        return f"_samples({dimension_code(BatchColumns())})"
     assert isinstance(source, Axis)
     return f"{argument_code(source.argument)}.shape[{source.axis}]"
 
@@ -404,6 +407,9 @@ class ArrayPrinter:
     # --- per-sample matrices, their samples side by side ------------------------------------------
     def _print_Stacked(self, node: Expr) -> str:  # a per-sample matrix argument, (rows, B, cols)
         return f"_side_by_side({argument_code(batch_reference(node.args[0]))})"
+
+    def _print_RankSum(self, node: Expr) -> str:
+        return f"_rank_sum({self.operand(node.args[0])})"
 
     def _print_SampleMatMul(self, node: Expr) -> str:
         return f"_sample_matmul({self.operand(node.args[0])}, {self.operand(node.args[1])})"

@@ -31,6 +31,7 @@ from ..expr import (
     Kron,
     MatMul,
     Ones,
+    RankSum,
     ScalarMul,
     ScaleBy,
     Seed,
@@ -99,6 +100,12 @@ class BatchColumns:
 
 
 @dataclass(frozen=True)
+class SampleCount:
+    """B_all, the samples a batch mean is over: B in one process, every rank's shard together when
+    the runtime sums over the ranks of data parallelism (:mod:`mcalc.runtime.rank_sum`)."""
+
+
+@dataclass(frozen=True)
 class Axis:
     """A dimension read off an argument: its extent along ``axis``."""
 
@@ -106,7 +113,7 @@ class Axis:
     axis: int
 
 
-DimensionSource = BatchColumns | Axis
+DimensionSource = BatchColumns | SampleCount | Axis
 
 
 @dataclass
@@ -308,7 +315,10 @@ def read_by(parent: Expr, child: Expr) -> tuple[Expr, ...]:
 
 def _implicit_gram(factor: Expr) -> Expr:
     """A thin Gram matrix P Pᵀ (P with B columns, or one) as a :class:`Gram` factor, formed or kept
-    implicit at run time: X Xᵀ in (6), the rank-one (X 1)(X 1)ᵀ in (7)."""
+    implicit at run time: X Xᵀ in (6), the rank-one (X 1)(X 1)ᵀ in (7); summed over ranks, the sum of
+    every rank's Gram matrix (formed on more than one rank)."""
+    if isinstance(factor, RankSum):
+        return RankSum(_implicit_gram(factor.args[0]))
     if not isinstance(factor, MatMul) or len(factor.args) % 2:
         return factor
     half = len(factor.args) // 2
@@ -508,7 +518,7 @@ def memoised_steps(program: Program, family: str, keys: dict[Expr, str]) -> set[
 
 
 def _dimension_sources(d: Derivation, per_sample: list[str]) -> dict[str, DimensionSource]:
-    sources: dict[str, DimensionSource] = {"B": BatchColumns()}
+    sources: dict[str, DimensionSource] = {"B": BatchColumns(), "B_all": SampleCount()}
     for s in d.module.symbols:
         where = Argument("S" if s.name in per_sample else "P", s.name)
         # a batch argument is (rows, B) or (rows, B, cols), a parameter as declared

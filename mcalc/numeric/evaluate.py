@@ -16,7 +16,7 @@ import sympy as sp
 
 from .. import dims
 from ..errors import EvaluationError
-from ..expr import BATCH, Expr, Seed, Symbol, UnfoldSpec
+from ..expr import BATCH, SAMPLES, Expr, Seed, Symbol, UnfoldSpec
 from ..modes import Curvature, Projection
 
 
@@ -162,7 +162,7 @@ class Evaluator:
         sizes = {np.shape(v)[0] for v in batch.values()} | ({np.shape(dZ)[0]} if dZ is not None else set())
         if len(sizes) != 1:
             raise EvaluationError(f"batch arrays disagree on the batch size: {sorted(sizes)}")
-        binding[BATCH] = sizes.pop()
+        binding[BATCH] = binding[SAMPLES] = sizes.pop()  # one process: the batch mean is over B
         for s in module.symbols:
             if s.name in batch:
                 a = np.asarray(batch[s.name], dtype=float)
@@ -288,6 +288,9 @@ class Evaluator:
     def _eval_UnvecOfSamples(self, e: Expr) -> np.ndarray:
         m, rows = self.value(e.args[0]), self.dim(e.args[1])
         return np.concatenate([unvec(m[:, i], (rows, m.shape[0] // rows)) for i in range(m.shape[1])], axis=1)
+
+    def _eval_RankSum(self, e: Expr) -> np.ndarray:
+        return self.value(e.args[0])  # one process: this rank's sum is every rank's
 
     def _eval_BatchMean(self, e: Expr) -> np.ndarray:
         operand, leaves = e.args

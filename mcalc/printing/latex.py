@@ -134,6 +134,9 @@ class LatexPrinter(Printer):
     def _print_BatchMean(self, e: Expr) -> str:
         return rf"\overline{{{self._print(e.args[0])}}}"
 
+    def _print_RankSum(self, e: Expr) -> str:
+        return rf"\sum_{{\mathrm{{ranks}}}}\left[{self._print(e.args[0])}\right]"
+
     def _print_PSDProjection(self, e: Expr) -> str:
         return rf"\operatorname{{{e.args[0]}}}_{{\mathrm{{eig}}}}\left[{self._print(e.args[1])}\right]"
 

@@ -127,6 +127,9 @@ class TextPrinter(Printer):
     def _print_BatchMean(self, e: Expr) -> str:
         return f"meanᵢ[{self._print(e.args[0])}]"
 
+    def _print_RankSum(self, e: Expr) -> str:
+        return f"Σ_ranks[{self._print(e.args[0])}]"
+
     def _print_PSDProjection(self, e: Expr) -> str:
         return f"{e.args[0]}_eig[{self._print(e.args[1])}]"
 

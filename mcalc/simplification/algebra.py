@@ -11,6 +11,7 @@ import sympy as sp
 
 from .. import dims
 from ..expr import (
+    BATCH,
     ONE,
     Add,
     Apply,
@@ -24,6 +25,7 @@ from ..expr import (
     Kron,
     MatMul,
     Ones,
+    RankSum,
     ScalarMul,
     ScaleBy,
     Sum,
@@ -277,6 +279,35 @@ def add_common_kron_factor(e: Add) -> Expr | None:
             others = [t for i, t in enumerate(e.args) if i not in members]
             return factored if not others else Add(factored, *others)
     return None
+
+
+# --- sums over the ranks of data parallelism (linear: each term's own sum would be an all-reduce) -------
+def _same_on_every_rank(c: sp.Expr) -> bool:
+    """A coefficient that may cross Σ_r: not this rank's own batch size B (its shard's, which differs)."""
+    return BATCH not in sp.sympify(c).free_symbols
+
+
+@rule(RankSum, "Σ_r (c·A) = c·Σ_r A for c the same on every rank (linearity)")
+def rank_sum_pull_constant(e: RankSum) -> Expr | None:
+    inner = e.args[0]
+    if isinstance(inner, ScalarMul) and _same_on_every_rank(inner.coefficient):
+        return ScalarMul(inner.coefficient, RankSum(inner.operand))
+    return None
+
+
+@rule(Add, "a·Σ_r A + b·Σ_r B = Σ_r (a·A + b·B) for a, b the same on every rank (linearity: one all-reduce)")
+def add_rank_sums(e: Add) -> Expr | None:
+    summed = [i for i, t in enumerate(e.args)
+              if isinstance(_scalar_parts(t)[1], RankSum) and _same_on_every_rank(_scalar_parts(t)[0])]
+    if len(summed) < 2:
+        return None
+    inner = []
+    for i in summed:
+        c, total = _scalar_parts(e.args[i])
+        inner.append(_with(c, (total.args[0],)))
+    merged = RankSum(Add(*inner))
+    others = [t for i, t in enumerate(e.args) if i not in summed]
+    return merged if not others else Add(*others, merged)
 
 
 @rule(ScalarMul, "1·A = A, 0·A = 0, c·0 = 0")

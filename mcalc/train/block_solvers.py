@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import McalcError
 from ..runtime.blocks import CurvatureBlock, Eigenbasis, GramFactor, dense_factor, factor_eigh, namespace
+from .distributed import DataParallel
 from .safeguards import is_linalg_error
 
 
@@ -295,11 +296,17 @@ class DampedBlockSolver:
         return not self.using_eigen or self.steps % self.refresh == 0 or any(
             s.basis is None for s in self.states.values())
 
-    def solve(self, parts: list[tuple[Any, Any, CurvatureBlock | None]], alpha: float) -> dict[Any, Any]:
-        """Directions for ``[(key, gradient, block or None)]``, one call per training step."""
+    def solve(self, parts: list[tuple[Any, Any, CurvatureBlock | None]], alpha: float,
+              parallel: DataParallel | None = None) -> dict[Any, Any]:
+        """Directions for ``[(key, gradient, block or None)]``, one call per training step. With ``parallel``
+        over several ranks each CG solve and each eigen-decomposition runs on one rank, the costliest first
+        to the least loaded (as KAISA shares K-FAC's inverses out), and its result is all-reduced: every
+        rank ends the step with the directions and the state of one process."""
+        parallel = parallel or DataParallel()
         out: dict[Any, Any] = {}
         if parts[0][2] is not None and self.steps % self.refresh == 0:
-            self._renew(parts, alpha, out)
+            self._renew(parts, alpha, out, parallel)
+        jobs = []
         for key, g, block in parts:
             if key in out:
                 continue
@@ -310,23 +317,26 @@ class DampedBlockSolver:
                 raise McalcError(f"no curvature block for {key} and no eigenbasis to reuse: this step needs "
                                  "the curvature pass (ask needs_curvature())")
             else:
-                out[key] = self._cg(state, block, g, alpha)
+                jobs.append((key, g, block))
+        out.update(self._cg(jobs, alpha, parallel))
         self.steps += 1
         return out
 
-    def _renew(self, parts: list[tuple[Any, Any, CurvatureBlock | None]], alpha: float, out: dict[Any, Any]) -> None:
+    def _renew(self, parts: list[tuple[Any, Any, CurvatureBlock | None]], alpha: float, out: dict[Any, Any],
+               parallel: DataParallel) -> None:
         """Choose the way for the next steps and, where eigenbases are cheaper, average and decompose the
         blocks (under ``auto`` also while CG serves, to measure how stale a kept basis gets)."""
-        previous = {}
+        previous, jobs = {}, []
         for key, g, block in parts:
             state = self.states.setdefault(key, BlockSolveState())
             # the basis made at the last renewal, with the gain it was floored by
             previous[key] = None if state.basis is None else BlockSolveState(gain=state.gain, basis=state.basis)
             state.basis = None
             if self.method != "eigen" or not state.iterations:  # eigen: one CG solve measures the gain
-                out[key] = self._cg(state, block, g, alpha)
+                jobs.append((key, g, block))
+        out.update(self._cg(jobs, alpha, parallel))
         cheaper = self.method == "eigen" or (self.method == "auto" and self._eigen_is_cheaper(parts))
-        average, decompose = SharedAverage(self.decay), Decompositions(self.basis_tolerance)
+        average, kept = SharedAverage(self.decay), []
         for key, _, block in parts:
             state = self.states[key]
             if not (cheaper and block.single_term):
@@ -334,20 +344,54 @@ class DampedBlockSolver:
                 continue
             state.average = average(state.average, block)
             old = previous[key].basis.pairs if previous[key] is not None else [None] * len(block.factors())
-            try:
-                basis = Eigenbasis([decompose(f, o) for f, o in zip(state.average.factors(), old)])
-            except Exception as exc:
-                if not is_linalg_error(exc):
-                    raise
-                warnings.warn(f"the eigen-decomposition of {key}'s factors failed ({exc}); CG solves it",
-                              RuntimeWarning, stacklevel=2)
+            kept.append((key, list(zip(state.average.factors(), old))))
+        for key, pairs in self._decompose(kept, parallel).items():
+            state = self.states[key]
+            if pairs is None:  # a decomposition failed: CG solves it
                 state.average = None
                 continue
+            basis = Eigenbasis(pairs)
             if alpha + (1 - alpha) * float(basis.spectrum.min()) > 0:
                 state.basis = basis
-        self.decompositions += decompose.full
-        self.corrections += decompose.corrected
         self.using_eigen = self.method == "eigen" or (cheaper and self._eigen_is_safe(parts, previous, alpha, out))
+
+    def _decompose(self, blocks: list[tuple[Any, list[tuple[Any, tuple[Any, Any] | None]]]],
+                   parallel: DataParallel) -> dict[Any, list[tuple[Any, Any]] | None]:
+        """The eigenpairs of every block's averaged factors (each distinct factor once, by
+        :class:`Decompositions`, on the rank its n³ assigns it), given ``[(key, [(factor, previous
+        pairs)])]``; None for a block one of whose factors would not decompose."""
+        factors: dict[int, tuple[Any, tuple[Any, Any] | None, Any]] = {}  # by identity: factor, previous, a key
+        for key, pairs in blocks:
+            for factor, old in pairs:
+                factors.setdefault(id(factor), (factor, old, key))
+        decompose = Decompositions(self.basis_tolerance)
+        owners = parallel.assign([float(f.shape[0]) ** 3 for f, _, _ in factors.values()])
+        shared: dict[str, Any] = {}
+        for i, ((factor, old, key), owner) in enumerate(zip(factors.values(), owners)):
+            if owner != parallel.comm.rank:  # another rank's: zeros in the sum
+                xp, n = namespace(factor), factor.shape[0]
+                lam, q, how = xp.zeros(n, dtype=factor.dtype), xp.zeros((n, n), dtype=factor.dtype), 0.0
+            else:
+                full = decompose.full
+                try:
+                    lam, q = decompose(factor, old)
+                    how = 1.0 if decompose.full > full else 2.0
+                except Exception as exc:
+                    if not is_linalg_error(exc):
+                        raise
+                    warnings.warn(f"the eigen-decomposition of {key}'s factors failed ({exc}); CG solves it",
+                                  RuntimeWarning, stacklevel=2)
+                    lam, q, how = factor[0] * 0, factor * 0, 3.0
+            shared.update({f"lam{i}": lam, f"q{i}": q, f"how{i}": how})
+        shared = parallel.sum(shared)
+        result: dict[int, tuple[Any, Any] | None] = {}
+        for i, identity in enumerate(factors):
+            how = round(shared[f"how{i}"])  # 1 decomposed, 2 corrected, 3 failed
+            self.decompositions += how == 1
+            self.corrections += how == 2
+            result[identity] = None if how == 3 else (shared[f"lam{i}"], shared[f"q{i}"])
+        return {key: None if any(result[id(f)] is None for f, _ in pairs) else [result[id(f)] for f, _ in pairs]
+                for key, pairs in blocks}
 
     def _eigen_is_safe(self, parts: list[tuple[Any, Any, CurvatureBlock | None]],
                        previous: dict[Any, BlockSolveState | None], alpha: float, cg: dict[Any, Any]) -> bool:
@@ -374,12 +418,28 @@ class DampedBlockSolver:
         by_eigen = sum(eigen_flops(block, self.refresh, costs, decomposed) for _, block in eligible)
         return by_eigen < by_cg
 
-    def _cg(self, state: BlockSolveState, block: CurvatureBlock, g: Any, alpha: float) -> Any:
-        rhs = -g.reshape(-1, order="F")
-        matvec = lambda v: alpha * v + (1 - alpha) * block.matvec(v)  # noqa: E731
-        solution = conjugate_gradient(matvec, rhs, self.tolerance, self.max_iterations)
-        state.iterations.append(solution.iterations)
-        del state.iterations[:-10]  # the recent ones: how hard the blocks are now
-        if self.method != "cg":  # only eigen solves are floored by it
-            state.gain = solution.gain
-        return solution.x.reshape(g.shape, order="F")
+    def _cg(self, jobs: list[tuple[Any, Any, CurvatureBlock]], alpha: float, parallel: DataParallel) -> dict[Any, Any]:
+        """Truncated CG on each ``(key, gradient, block)``, on the rank its expected cost assigns it; the
+        directions, iteration counts and gains all-reduced to every rank's states."""
+        states = [self.states.setdefault(key, BlockSolveState()) for key, _, _ in jobs]
+        costs = [_matvec_flops(block) * (state.mean_iterations() if state.iterations else self.max_iterations)
+                 for (_, _, block), state in zip(jobs, states)]
+        shared: dict[str, Any] = {}
+        for i, ((_, g, block), owner) in enumerate(zip(jobs, parallel.assign(costs))):
+            if owner == parallel.comm.rank:
+                matvec = lambda v, block=block: alpha * v + (1 - alpha) * block.matvec(v)  # noqa: E731
+                solution = conjugate_gradient(matvec, -g.reshape(-1, order="F"), self.tolerance, self.max_iterations)
+                x, iterations = solution.x.reshape(g.shape, order="F"), float(solution.iterations)
+                gain = solution.gain if self.method != "cg" else 0.0  # only eigen solves are floored by it
+            else:  # another rank's: zeros in the sum
+                x, iterations, gain = g * 0, 0.0, 0.0
+            shared.update({f"x{i}": x, f"n{i}": iterations, f"gain{i}": gain})
+        shared = parallel.sum(shared)
+        out = {}
+        for i, ((key, _, _), state) in enumerate(zip(jobs, states)):
+            state.iterations.append(round(shared[f"n{i}"]))
+            del state.iterations[:-10]  # the recent ones: how hard the blocks are now
+            if self.method != "cg":
+                state.gain = shared[f"gain{i}"]
+            out[key] = shared[f"x{i}"]
+        return out

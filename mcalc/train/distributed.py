@@ -5,9 +5,12 @@ its contiguous shard of every global batch (:meth:`DataParallel.shard`). A batch
 batch is the sum over ranks of each shard's mean weighted by its share of the batch, so every batch mean
 a step needs (the loss, gradients, curvature products, K-FAC's and K-BFGS's factors) is all-reduced that
 way (:meth:`DataParallel.mean`), where the network and the optimisers compute it, and every rank takes
-the same step. Rank 0 alone prints, writes the history, the plot and the checkpoints. HBP's blocks are
-not reduced yet: a PSD projection of the summed concave term, or a product of batch means ((7),
-6-kfac), is not the mean of the ranks' own, so the reduction belongs inside the generated code.
+the same step. HBP's blocks are reduced inside the generated code, at every batch mean it forms, before
+anything reads it (a PSD cast of the summed concave term, a product of means under (7) or 6-kfac):
+:mod:`mcalc.runtime.rank_sum`. Eq. (8)'s block solves and decompositions and K-FAC's inverses are shared
+out, each to one rank by cost (:meth:`DataParallel.assign`), and their results all-reduced, so every rank
+keeps the state of one process (and a checkpoint of any rank resumes on any number of them). Rank 0
+alone prints, writes the history, the plot and the checkpoints.
 
 Without an MPI launcher (or with one rank) a :class:`SingleProcess` stands in and nothing is
 communicated. mpi4py and an MPI library (the ``mpich`` wheel) come with the ``mpi`` extra.
@@ -15,7 +18,7 @@ communicated. mpi4py and an MPI library (the ``mpich`` wheel) come with the ``mp
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -97,20 +100,48 @@ class DataParallel:
             return values
         return np.array_split(values, self.comm.size)[self.comm.rank]
 
+    def sum(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """Σ_r v_r over the ranks, everything in one all-reduce; arrays keep their type (NumPy or CuPy) and
+        dtype, numbers come back as floats."""
+        return self._all_reduce(values, None)
+
     def mean(self, values: Mapping[str, Any], count: int) -> dict[str, Any]:
         """The mean over the global batch of quantities each rank has averaged over its ``count`` samples:
-        Σ_r n_r v_r / Σ_r n_r, everything in one all-reduce; arrays keep their type (NumPy or CuPy) and
-        dtype, numbers come back as floats."""
+        Σ_r n_r v_r / Σ_r n_r, in one all-reduce (as :meth:`sum`)."""
+        return self._all_reduce(values, count)
+
+    def _all_reduce(self, values: Mapping[str, Any], count: int | None) -> dict[str, Any]:
+        """Σ_r v_r, or with ``count`` Σ_r n_r v_r / Σ_r n_r, the weights summed in the same buffer (float64
+        throughout, so a float32 value loses nothing to the weighting)."""
         if self.comm.size == 1:
             return dict(values)
         host = [np.asarray(v.get() if hasattr(v, "get") else v, dtype=np.float64) for v in values.values()]
-        flat = np.concatenate([[1.0]] + [h.reshape(-1) for h in host]) * count
+        flat = np.concatenate([[1.0]] + [h.reshape(-1) for h in host]) * (1 if count is None else count)
         summed = self.comm.allreduce(flat)
         self.reductions, self.communicated = self.reductions + 1, self.communicated + flat.nbytes
+        divisor = 1.0 if count is None else summed[0]
         out, start = {}, 1
         for (name, value), h in zip(values.items(), host):
-            part = summed[start : start + h.size].reshape(h.shape) / summed[0]
+            part = summed[start : start + h.size].reshape(h.shape) / divisor
             start += h.size
             out[name] = float(part) if isinstance(value, (int, float)) else \
                 namespace(value).asarray(part, dtype=getattr(value, "dtype", np.float64))
         return out
+
+    def assign(self, costs: Sequence[float]) -> list[int]:
+        """The rank that does each of several jobs of these ``costs``: the costliest first, each to the
+        least loaded rank (longest processing time first, as KAISA balances K-FAC's inverses over its
+        workers); the same answer on every rank, whose costs must agree."""
+        loads, owners = [0.0] * self.comm.size, [0] * len(costs)
+        for job in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
+            owners[job] = min(range(self.comm.size), key=lambda r: (loads[r], r))
+            loads[owners[job]] += costs[job]
+        return owners
+
+    def samples(self, count: int) -> int:
+        """Σ_r n_r: the samples of the global batch, from this rank's ``count``."""
+        return count if self.comm.size == 1 else round(self.sum({"": float(count)})[""])
+
+    def array_sum(self, a: Any) -> Any:
+        """One array summed over the ranks (what generated HBP code reduces at a batch mean)."""
+        return self.sum({"": a})[""]

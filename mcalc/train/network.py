@@ -21,6 +21,7 @@ from ..modes import Approximation, Curvature, CurvatureMatrix
 from ..runtime.array_ops import columns_of_matrices, grid, matrices_of_columns, side_by_side, softmax, unfold
 from ..runtime.blocks import CurvatureBlock
 from ..runtime.generated_code import library_code
+from ..runtime.rank_sum import across_ranks, samples
 from .distributed import DataParallel
 from .model_spec import (
     Activation,
@@ -312,15 +313,17 @@ class Network:
         """Loss, gradients of every parameter and, with ``curvature``, their HBP blocks (Section 3.3).
 
         The loss is the batch mean: δZ carries 1/B and 𝓗̄z is the mean of the
-        per-sample loss Hessians, passed backwards module by module by (4a).
+        per-sample loss Hessians, passed backwards module by module by (4a). On several ranks
+        (:attr:`parallel`) X and Y are this rank's shard and everything returned is the global
+        batch's, the same on every rank: the generated HBP code sums each batch mean over the ranks
+        as it forms it (:mod:`mcalc.runtime.rank_sum`, δZ carrying 1/B_all), and the loss and the
+        gradients are reduced over the ranks in one all-reduce.
         """
-        if curvature is not None and self.parallel.comm.size > 1:
-            raise McalcError(f"HBP blocks are not averaged over {self.parallel.comm.size} ranks yet (issue 16): "
-                             "hbp-newton, and kfac or kbfgs on a user's modules, run in one process")
         loss, grads, blocks = self._backward(X, Y, curvature, approximation)
-        if self.parallel.comm.size > 1:  # the global batch's mean loss and gradients
-            means = self.parallel.mean({"": float(loss), **grads}, X.shape[1])
-            loss, grads = means.pop(""), means
+        if self.parallel.comm.size > 1:  # this rank's share of the sums (with blocks), else its own means
+            values = {"": float(loss), **grads}
+            reduced = self.parallel.sum(values) if curvature is not None else self.parallel.mean(values, X.shape[1])
+            loss, grads = reduced.pop(""), reduced
         return float(loss), grads, blocks
 
     def output_curvatures(self, X: Any, Y: Any, curvature: Curvature | str = Curvature.GGN,
@@ -386,7 +389,16 @@ class Network:
     def _backward(self, X: Any, Y: Any, curvature: Curvature | str | None, approximation: Approximation | str,
                   record: dict[int, Any] | None = None) -> tuple[Any, dict[str, Any], dict[str, CurvatureBlock]]:
         """:meth:`backward` with the loss left on the device (no host synchronisation: capturable); with
-        ``record``, the curvature arriving at each layer's output is kept there by layer position."""
+        ``record``, the curvature arriving at each layer's output is kept there by layer position. On
+        several ranks, with ``curvature``, the blocks are the global batch's and the loss and gradients
+        this rank's share of it (δZ = 1/B_all); without, its own means (:meth:`backward` reduces both)."""
+        if self.parallel.comm.size == 1 or curvature is None:
+            return self._backward_pass(X, Y, curvature, approximation, record)
+        with across_ranks(self.parallel.array_sum, self.parallel.samples(X.shape[1])):
+            return self._backward_pass(X, Y, curvature, approximation, record)
+
+    def _backward_pass(self, X: Any, Y: Any, curvature: Curvature | str | None, approximation: Approximation | str,
+                       record: dict[int, Any] | None) -> tuple[Any, dict[str, Any], dict[str, CurvatureBlock]]:
         code = self.code[self.loss_module]
         approximation = Approximation.parse(approximation)
         curvature = Curvature.parse(curvature) if curvature is not None else None
@@ -394,7 +406,9 @@ class Network:
         caches: list[dict] = [{} for _ in range(len(self.layers) + 1)]  # one per module, the loss's last
         Z, inputs = self.forward(X, caches=caches)
         S = self._loss_inputs(Z, Y)
-        loss = code.forward({}, S, caches[-1])["Z"].mean()
+        losses, B = code.forward({}, S, caches[-1])["Z"], Z.shape[1]
+        # the batch mean; across ranks this rank's share of the global batch's (its sum over B_all)
+        loss = losses.mean() if samples(B) == B else losses.sum() / samples(B)
         dZ = code.gradients({}, S, cache=caches[-1])["x"]
         Hz = code.LOSS_HESSIAN[start]({}, S, caches[-1])["x"].dense if curvature is not None else None
         grads: dict[str, Any] = {}
@@ -431,8 +445,9 @@ class Network:
         return Approximation.MEAN_OF_SANDWICHES if exact else Approximation.KRONECKER_FACTORED
 
     def _loss_inputs(self, Z: Any, Y: Any) -> dict[str, Any]:
-        """The loss module's batch: outputs, labels, and δ = 1/B per sample (the loss is the batch mean)."""
-        return {"x": Z, "y": Y, "dz": self.xp.full((1, Z.shape[1]), 1.0 / Z.shape[1], dtype=Z.dtype)}
+        """The loss module's batch: outputs, labels, and δ = 1/B per sample (the loss is the batch mean;
+        1/B_all, every rank's samples together, inside a backward pass on several ranks)."""
+        return {"x": Z, "y": Y, "dz": self.xp.full((1, Z.shape[1]), 1.0 / samples(Z.shape[1]), dtype=Z.dtype)}
 
     def output_gradient(self, Z: Any, Y: Any) -> Any:
         """δZ: the gradient of the batch-mean loss with respect to the network's outputs."""

@@ -13,6 +13,7 @@ from ..modes import Approximation, Curvature, CurvatureMatrix
 from ..runtime.array_ops import softmax, unvec_of_samples
 from ..runtime.blocks import CurvatureBlock, namespace, row_groups
 from .block_solvers import DampedBlockSolver, conjugate_gradient
+from .distributed import DataParallel
 from .network import Network
 from .optimizer_protocol import CurvatureRequest, Optimizer
 from .safeguards import LevenbergMarquardt, damped_solve, reduction_ratio
@@ -178,7 +179,7 @@ class HBPNewton(Optimizer):
             rows_of[name] = row_groups(g.shape[0], self.split, net.xp)
             subs = block.split_rows(g.shape[0], self.split) if block is not None else [None] * self.split
             parts.extend(((name, i), g[rows], sub) for i, (rows, sub) in enumerate(zip(rows_of[name], subs)))
-        directions = self.block_solver.solve(parts, self.alpha)
+        directions = self.block_solver.solve(parts, self.alpha, net.parallel)
         updates = {}
         for name, g in grads.items():
             if self.split == 1:
@@ -369,16 +370,24 @@ class KFAC(Optimizer):
                                    for factor, value in (("A", A), ("G", G))}, B)
         return {position: (means[f"A{position}"], means[f"G{position}"]) for position in out}
 
-    def _invert(self, xp: Any) -> None:
-        """The damped factors' inverses, factored Tikhonov damping (Martens & Grosse, eq. (S.13))."""
+    def _invert(self, xp: Any, parallel: DataParallel) -> None:
+        """The damped factors' inverses, factored Tikhonov damping (Martens & Grosse, eq. (S.13)); on several
+        ranks each inverse is made by the rank its n³ assigns it and all-reduced to every rank (KAISA's
+        sharing of the inverses, Pauloski et al. 2021)."""
         root = self.damping**0.5
+        damped = {}
         for position, (A, G) in self.factors.items():
             pi = float(xp.sqrt((xp.trace(A) / A.shape[0]) / (xp.trace(G) / G.shape[0])))
             if not math.isfinite(pi) or pi <= 0:
                 pi = 1.0
-            eye_a, eye_g = xp.eye(A.shape[0], dtype=A.dtype), xp.eye(G.shape[0], dtype=G.dtype)
-            self.inverses[position] = (damped_solve(A + pi * root * eye_a, eye_a, xp, what=f"kfac factor A{position}"),
-                                       damped_solve(G + root / pi * eye_g, eye_g, xp, what=f"kfac factor G{position}"))
+            damped[f"A{position}"] = A + pi * root * xp.eye(A.shape[0], dtype=A.dtype)
+            damped[f"G{position}"] = G + root / pi * xp.eye(G.shape[0], dtype=G.dtype)
+        owners = parallel.assign([float(m.shape[0]) ** 3 for m in damped.values()])
+        inverses = parallel.sum({
+            name: damped_solve(m, xp.eye(m.shape[0], dtype=m.dtype), xp, what=f"kfac factor {name}")
+            if owner == parallel.comm.rank else m * 0  # another rank's: zeros in the sum
+            for (name, m), owner in zip(damped.items(), owners)})
+        self.inverses = {position: (inverses[f"A{position}"], inverses[f"G{position}"]) for position in self.factors}
 
     def step(self, net: Network, grads: dict[str, Any], blocks: dict[str, CurvatureBlock],
              batch: tuple[Any, Any] | None = None) -> dict[str, Any]:
@@ -393,7 +402,7 @@ class KFAC(Optimizer):
                 A, G = epsilon * A0 + (1 - epsilon) * A, epsilon * G0 + (1 - epsilon) * G
             self.factors[position] = (A, G)
         if self.steps % self.inverse_period == 0:
-            self._invert(xp)
+            self._invert(xp, net.parallel)
         natural: dict[str, Any] = {}
         for position, (A_inverse, G_inverse) in self.inverses.items():
             names = net.layers[position].params

@@ -73,6 +73,9 @@ def train(net: Network, data: Dataset, optimizer: Optimizer, *, epochs: int, bat
     if graphs and net.backend != "cupy":
         raise McalcError(f"CUDA graphs need the cupy backend; this network runs on {net.backend}")
     parallel = parallel or DataParallel()
+    if graphs and parallel.comm.size > 1:
+        raise McalcError(f"CUDA graphs run in one process: a captured pass cannot make the all-reduces of "
+                         f"{parallel.comm.size} ranks; run without --graphs")
     net.parallel = parallel
     progress = progress and parallel.is_root
     xp = net.xp
@@ -103,9 +106,6 @@ def train(net: Network, data: Dataset, optimizer: Optimizer, *, epochs: int, bat
     labels_test = xp.asarray(data.y_test)
     if resume is None:
         optimizer.prepare(net, X_train)
-    if parallel.comm.size > 1 and optimizer.curvature_request() is not None:
-        raise McalcError(f"{name or type(optimizer).__name__} cannot run on {parallel.comm.size} ranks yet: its HBP "
-                         "blocks are not averaged over the ranks (issue 16); the other optimisers can")
     steps = math.ceil(len(data.y_train) / batch_size)
     start = time.perf_counter() - elapsed
     bar = None
