@@ -16,14 +16,16 @@ called from Python and recorded once as a CUDA graph that is replayed
 medians are reported.
 
 ``--count-launches`` needs no GPU, PyTorch or BackPACK: it runs the fused and
-the unfused CuPy code of one pass on the CPU emulator and counts the device
-operations each launches (generated kernels, cuBLAS products, CuPy's own
+the unfused CuPy code of one pass, and the pass linked into one program fused
+across the modules (``Network(linked=True)``), on the CPU emulator and counts the
+device operations each launches (generated kernels, cuBLAS products, CuPy's own
 elementwise and reduction kernels, fills): where a pass is bound by launches,
 as it is on a GPU at this size, their ratio is what fusion can gain.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -47,6 +49,46 @@ from mcalc.train.network import Network  # noqa: E402
 SIZES = [3072, 1024, 512, 256, 128, 64, 32, 16, 10]
 BATCH = 500
 MODES = {"exact": "hessian", "ggn": "ggn", "pch-abs": "pch-abs"}
+
+
+def pass_flops() -> float:
+    """The floating-point operations of the products of one pass ((6), as mcalc plans it): forward,
+    δW and δX per layer, Wᵀ 𝓗z W but for the first layer, the Gram factors it forms (rows ≤ B), and
+    each sigmoid's φ′ φ′ᵀ."""
+    flops = sum(2.0 * n * n * BATCH for n in SIZES[1:-1])
+    for layer, (n, m) in enumerate(itertools.pairwise(SIZES)):
+        flops += 3 * 2.0 * BATCH * n * m + (2.0 * n * n * BATCH if n <= BATCH else 0)
+        if layer > 0:  # the data needs no block
+            flops += 2.0 * (m * m * n + m * n * n)
+    return flops
+
+
+def gemm_floor(xp, repeats: int) -> float:
+    """Seconds of one square float32 cuBLAS GEMM doing the pass's flops: the compute floor of the device."""
+    side = round((pass_flops() / 2) ** (1 / 3))
+    a = xp.ones((side, side), dtype=xp.float32)
+    sync = xp.cuda.Device().synchronize
+    return timed_side_by_side({"floor": (lambda: a @ a, sync)}, repeats)["floor"]
+
+
+def graphed_forward_backward(model, loss_fn, X_t, y_t):
+    """PyTorch's forward and backward of ``model`` captured once as a CUDA graph (``torch.cuda.graphs``,
+    as its documentation captures a whole network: warm-up on a side stream, gradients set to None so
+    that the graph allocates them from its pool); returns the replay."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            loss_fn(model(X_t), y_t).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    model.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        loss_fn(model(X_t), y_t).backward()
+    return graph.replay
 
 
 def unfused(module: mc.Module) -> types.ModuleType:
@@ -119,10 +161,12 @@ def spec() -> str:
 
 
 def cupy_networks() -> dict[str, Network]:
-    """The network on the fused CuPy kernels, and on the same plan as unfused CuPy operations."""
+    """The network on the fused CuPy kernels module by module, on the same plan as unfused CuPy operations,
+    and linked into one program per pass fused across the modules (``Network(linked=True)``)."""
     unfused_net = Network(spec(), backend="cupy", dtype=np.float32)
     unfused_net.code = {m.name: unfused(m) for m in (L.Linear, L.Sigmoid, L.CrossEntropy)}
-    return {"fused": Network(spec(), backend="cupy", dtype=np.float32), "unfused": unfused_net}
+    return {"fused": Network(spec(), backend="cupy", dtype=np.float32), "unfused": unfused_net,
+            "linked": Network(spec(), backend="cupy", dtype=np.float32, linked=True)}
 
 
 def launch_counts() -> dict[str, dict[str, dict[str, int]]]:
@@ -152,7 +196,8 @@ def print_launch_counts(counts: dict, json_path: str | None) -> None:
     for mode, variants in counts.items():
         for name, c in variants.items():
             print(f"  {mode:<8} {name:<8} " + " ".join(f"{c.get(k, 0):>11}" for k in [*kinds, "total"]))
-        print(f"  {mode:<8} unfused / fused: {variants['unfused']['total'] / variants['fused']['total']:.2f}×")
+        print(f"  {mode:<8} unfused / fused: {variants['unfused']['total'] / variants['fused']['total']:.2f}×, "
+              f"fused / linked: {variants['fused']['total'] / variants['linked']['total']:.2f}×")
     if json_path:
         Path(json_path).write_text(json.dumps({"machine": "CPU emulator (counts do not depend on the machine)",
                                                "launches": counts}, indent=2))
@@ -195,7 +240,8 @@ def main() -> None:
     else:
         xp = np
         sync = torch_sync = lambda: None
-        variants = {"mcalc NumPy": Network(spec(), backend="numpy", dtype=np.float32)}
+        variants = {"mcalc NumPy": Network(spec(), backend="numpy", dtype=np.float32),
+                    "mcalc NumPy linked": Network(spec(), backend="numpy", dtype=np.float32, linked=True)}
     linears = [m for m in model if hasattr(m, "weight")]
     for net in variants.values():  # the PyTorch model's weights
         for i, m in enumerate(linears, start=1):
@@ -208,7 +254,13 @@ def main() -> None:
         model.zero_grad()
         loss_fn(model(X_t), y_t).backward()
 
-    results = timed_side_by_side({"plain PyTorch forward+backward": (plain, torch_sync)}, args.repeats)
+    peers = {"plain PyTorch forward+backward": (plain, torch_sync)}
+    if args.device == "cuda":  # the fair peer of a replayed mcalc graph: PyTorch's pass replayed too
+        peers["plain PyTorch forward+backward graph"] = (graphed_forward_backward(model, loss_fn, X_t, y_t),
+                                                         torch_sync)
+    results = timed_side_by_side(peers, args.repeats)
+    if args.device == "cuda":
+        results[f"float32 GEMM of the pass's {pass_flops() / 1e9:.1f} GFLOP (floor)"] = gemm_floor(xp, args.repeats)
     agreement = {}
     for mode in MODES:
         reference = backpack_pass(model, loss_fn, X_t, y_t, mode)
@@ -244,7 +296,18 @@ def main() -> None:
                     results[f"mcalc unfused CuPy{graph} [{mode}]"] / results[f"mcalc fused CuPy{graph} [{mode}]"])
             ratios[f"fused / fused graph [{mode}]"] = (results[f"mcalc fused CuPy [{mode}]"]
                                                        / results[f"mcalc fused CuPy graph [{mode}]"])
+            for graph in ("", " graph"):
+                ratios[f"fused{graph} / linked{graph} [{mode}]"] = (
+                    results[f"mcalc fused CuPy{graph} [{mode}]"] / results[f"mcalc linked CuPy{graph} [{mode}]"])
+        else:
+            ratios[f"NumPy / NumPy linked [{mode}]"] = (results[f"mcalc NumPy [{mode}]"]
+                                                        / results[f"mcalc NumPy linked [{mode}]"])
         ratios[f"BackPACK / plain PyTorch [{mode}]"] = bp / results["plain PyTorch forward+backward"]
+        if args.device == "cuda":  # the issue's target: a graphed mcalc pass within 1.5× of PyTorch's graph
+            linked = results[f"mcalc linked CuPy graph [{mode}]"]
+            torch_graph = results["plain PyTorch forward+backward graph"]
+            ratios[f"linked graph / plain PyTorch graph [{mode}]"] = linked / torch_graph
+            ratios[f"linked graph / GEMM floor [{mode}]"] = linked / next(v for k, v in results.items() if "floor" in k)
     for name, r in ratios.items():
         print(f"  {name:<48} {r:6.2f}×")
     if args.json:

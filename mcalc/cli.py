@@ -181,7 +181,7 @@ def _train_on(args: argparse.Namespace, parallel: DataParallel) -> int:
     say = print if parallel.is_root else lambda *a, **k: None  # rank 0 speaks and writes for the run
     _check_train_arguments(args)
     code = _user_module_code(args.modules, args.model, args.backend) if args.modules else {}
-    net = Network(args.model, loss=args.loss, backend=args.backend, seed=args.seed, code=code)
+    net = Network(args.model, loss=args.loss, backend=args.backend, seed=args.seed, code=code, linked=args.linked)
     data = load_dataset(args.data, seed=args.seed, folder=args.data_dir)
     if net.widths[0] != data.features or net.widths[-1] != data.classes:
         raise McalcError(f"model '{args.model}' maps {net.widths[0]} → {net.widths[-1]}, but the data have "
@@ -389,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "steps, or eigenbases where they are cheaper and as safe as CG (auto)")
     p.add_argument("--refresh", type=int, default=5, help="hbp-newton: steps between eigenbasis renewals")
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy", help="where the arrays live")
+    p.add_argument("--linked", action="store_true",
+                   help="run each backward pass as one program generated for the whole network, fused across "
+                        "its modules (an MLP of library modules; others run module by module)")
     p.add_argument("--graphs", action="store_true",
                    help="cupy: replay each backward pass as a CUDA graph (one launch instead of one per kernel)")
     p.add_argument("--seed", type=int, default=0, help="initial weights, data order, split of digits")

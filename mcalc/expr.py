@@ -743,10 +743,11 @@ class Diag(Expr):
 
 
 class Gram(Expr):
-    """P Pᵀ for a batch matrix P (rows × B): a Kronecker factor such as B·E[x xᵀ].
+    """c·P Pᵀ for a batch matrix P (rows × B): a Kronecker factor such as E[x xᵀ] = (1/B)·X Xᵀ.
 
     Kept as P so that a backend can decide from the sizes whether to form it
-    (cost rows²·B once) or apply it through P (cost 2·rows·B per product).
+    (cost rows²·B once, the scale c riding on the product) or apply it through P
+    (cost 2·rows·B per product). ``args`` = (P,) or (P, c).
     """
 
     __slots__ = ()
@@ -754,6 +755,10 @@ class Gram(Expr):
 
     def _infer_shape(self) -> dims.Shape:
         return (self.args[0].rows, self.args[0].rows)
+
+    @property
+    def scale(self) -> sp.Expr:
+        return self.args[1] if len(self.args) > 1 else ONE
 
 
 class Vec(Expr):

@@ -13,9 +13,10 @@ from mcalc.modes import APPROXIMATIONS, CURVATURES
 from mcalc.train.distributed import DataParallel, MPICommunicator
 from mcalc.train.network import Network
 
-NETWORKS = [  # an MLP (every activation's concave term), a CNN (shared weights, per-sample fallbacks, pooling)
-    "12-10-sigmoid-9-relu-8-tanh-5",
-    "1x12-conv(3,3,pad=1)-tanh-maxpool(2)-conv(2,3)-softplus-flatten-5",
+NETWORKS = [  # an MLP (every activation's concave term), module by module and linked into one program; a CNN
+    ("12-10-sigmoid-9-relu-8-tanh-5", False),  # (shared weights, per-sample fallbacks, pooling)
+    ("12-10-sigmoid-9-relu-8-tanh-5", True),
+    ("1x12-conv(3,3,pad=1)-tanh-maxpool(2)-conv(2,3)-softplus-flatten-5", False),
 ]
 
 
@@ -24,11 +25,11 @@ def main() -> None:
     rng = np.random.default_rng(0)
     if comm.Get_rank() != 0:  # the first rank compiles the convolutions into the cache, then the others read it
         comm.Barrier()
-    nets = [(Network(spec, seed=1), Network(spec, seed=1)) for spec in NETWORKS]
+    nets = [(Network(spec, seed=1, linked=linked), Network(spec, seed=1)) for spec, linked in NETWORKS]
     if comm.Get_rank() == 0:
         comm.Barrier()
     checked = 0
-    for (sharded, whole), spec in zip(nets, NETWORKS):
+    for (sharded, whole), (spec, linked) in zip(nets, NETWORKS):
         sharded.parallel = DataParallel(MPICommunicator())
         for batch in (7, 1):  # shards of 4 and 3; a batch smaller than the ranks is every rank's whole
             X = rng.normal(size=(whole.widths[0], batch))
@@ -51,7 +52,8 @@ def main() -> None:
                         comm.Abort(1)
                     checked += 1
         if comm.Get_rank() == 0:
-            print(f"{spec}: every block, loss and gradient equal ({checked} cases)", flush=True)
+            print(f"{spec}{' linked' if linked else ''}: every block, loss and gradient equal ({checked} cases)",
+                  flush=True)
     if comm.Get_rank() == 0:
         print("ok")
     sys.exit(0)

@@ -11,25 +11,6 @@ import mcalc as mc
 from mcalc import layers as L
 from mcalc.codegen.store import load_code
 from mcalc.numeric.verify_backend import verify_backend
-from mcalc.runtime import emulator
-from mcalc.runtime.backends import gpu_available, gpu_unavailable_reason
-
-
-@pytest.fixture(params=["gpu", "emulated"])
-def cp(request):
-    """The CuPy module the test runs on: the real one on a GPU, or the emulator."""
-    if request.param == "gpu":
-        if not gpu_available():
-            pytest.skip(f"no GPU: {gpu_unavailable_reason()}")
-        import cupy
-
-        yield cupy
-        return
-    reason = emulator.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    with emulator.installed() as cupy:
-        yield cupy
 
 
 def _inputs(module, rng, batch, dtype):

@@ -217,26 +217,52 @@ extern "C" __global__ void k_8a39c66b9282_double(const double* __restrict__ in0,
     out[i] = ((in0[0] * in1[r * cols + c]) + (c0 * ((r == c ? (c1 * in2[r]) : (double)0) + (c2 * in3[r * cols + c]))));
 }
 
-extern "C" __global__ void k_e3154fdc0682_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_38f3a5fc280b_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, float* __restrict__ out1, float* __restrict__ out2, const long long rows, const long long cols)
 {
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[c] * in1[r * cols + c]);
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ float partial[256];
+    float acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += (in0[c] * in1[r * cols + c]);
+        out1[r * cols + c] = (in0[c] * in1[r * cols + c]);  // a sibling's entry, from the same reads
+        out2[r * cols + c] = (in2[r * cols + c] + (c0 * in1[r * cols + c]));  // a sibling's entry, from the same reads
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) {
+            partial[threadIdx.x] += partial[threadIdx.x + s];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        out[r] = partial[0];
+    }
 }
 
-extern "C" __global__ void k_e3154fdc0682_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_38f3a5fc280b_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, double* __restrict__ out1, double* __restrict__ out2, const long long rows, const long long cols)
 {
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[c] * in1[r * cols + c]);
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ double partial[256];
+    double acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += (in0[c] * in1[r * cols + c]);
+        out1[r * cols + c] = (in0[c] * in1[r * cols + c]);  // a sibling's entry, from the same reads
+        out2[r * cols + c] = (in2[r * cols + c] + (c0 * in1[r * cols + c]));  // a sibling's entry, from the same reads
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) {
+            partial[threadIdx.x] += partial[threadIdx.x + s];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        out[r] = partial[0];
+    }
 }
 
 extern "C" __global__ void k_edb4640e4693_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
@@ -261,26 +287,62 @@ extern "C" __global__ void k_edb4640e4693_double(const double* __restrict__ in0,
     out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void k_52dc92557383_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_3e99d9202b87_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, float* __restrict__ out1, float* __restrict__ out2, const long long rows, const long long cols)
 {
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ float partial[256];
+    __shared__ float partial2[256];
+    float acc = 0;
+    float acc2 = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += (in0[c] * in1[r * cols + c]);
+        out1[r * cols + c] = (in0[c] * in1[r * cols + c]);  // a sibling's entry, from the same reads
+        acc2 += ((c0 * in2[r * cols + c]) + (c1 * in1[r * cols + c]));  // a sibling row sum, from the same reads
+    }
+    partial[threadIdx.x] = acc;
+    partial2[threadIdx.x] = acc2;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) {
+            partial[threadIdx.x] += partial[threadIdx.x + s];
+            partial2[threadIdx.x] += partial2[threadIdx.x + s];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        out[r] = partial[0];
+        out2[r] = partial2[0];
+    }
 }
 
-extern "C" __global__ void k_52dc92557383_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_3e99d9202b87_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, double* __restrict__ out1, double* __restrict__ out2, const long long rows, const long long cols)
 {
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ double partial[256];
+    __shared__ double partial2[256];
+    double acc = 0;
+    double acc2 = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += (in0[c] * in1[r * cols + c]);
+        out1[r * cols + c] = (in0[c] * in1[r * cols + c]);  // a sibling's entry, from the same reads
+        acc2 += ((c0 * in2[r * cols + c]) + (c1 * in1[r * cols + c]));  // a sibling row sum, from the same reads
+    }
+    partial[threadIdx.x] = acc;
+    partial2[threadIdx.x] = acc2;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) {
+            partial[threadIdx.x] += partial[threadIdx.x + s];
+            partial2[threadIdx.x] += partial2[threadIdx.x + s];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        out[r] = partial[0];
+        out2[r] = partial2[0];
+    }
 }
 
 extern "C" __global__ void k_0f62a7d17135_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
@@ -305,44 +367,6 @@ extern "C" __global__ void k_0f62a7d17135_double(const double* __restrict__ in0,
     out[i] = ((c0 * in0[c]) + (c1 * in1[c]));
 }
 
-extern "C" __global__ void k_b5a7a31bf411_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, float* __restrict__ out1, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-        out1[r * cols + c] = (in2[c] * in1[r * cols + c]);  // a sibling's entry, from the same reads
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void k_b5a7a31bf411_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, double* __restrict__ out1, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-        out1[r * cols + c] = (in2[c] * in1[r * cols + c]);  // a sibling's entry, from the same reads
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
 extern "C" __global__ void k_f676ffeebc3d_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
@@ -365,7 +389,29 @@ extern "C" __global__ void k_f676ffeebc3d_double(const double* __restrict__ in0,
     out[i] = (in0[0] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void k_90f34360737f_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_52dc92557383_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
+}
+
+extern "C" __global__ void k_52dc92557383_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (in0[r * cols + c] + (c0 * in1[r * cols + c]));
+}
+
+extern "C" __global__ void k_17a1960cbbad_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -377,13 +423,17 @@ extern "C" __global__ void k_90f34360737f_float(const float* __restrict__ in0, c
     partial[threadIdx.x] = acc;
     __syncthreads();
     for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        if (threadIdx.x < s) {
+            partial[threadIdx.x] += partial[threadIdx.x + s];
+        }
         __syncthreads();
     }
-    if (threadIdx.x == 0) out[r] = partial[0];
+    if (threadIdx.x == 0) {
+        out[r] = partial[0];
+    }
 }
 
-extern "C" __global__ void k_90f34360737f_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_17a1960cbbad_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -395,10 +445,14 @@ extern "C" __global__ void k_90f34360737f_double(const double* __restrict__ in0,
     partial[threadIdx.x] = acc;
     __syncthreads();
     for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        if (threadIdx.x < s) {
+            partial[threadIdx.x] += partial[threadIdx.x + s];
+        }
         __syncthreads();
     }
-    if (threadIdx.x == 0) out[r] = partial[0];
+    if (threadIdx.x == 0) {
+        out[r] = partial[0];
+    }
 }
 
 extern "C" __global__ void k_6864483093b3_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, float* __restrict__ out, const long long rows, const long long cols)
@@ -443,6 +497,52 @@ extern "C" __global__ void k_c5fcf4f17afa_double(const double* __restrict__ in0,
     (void)r;
     (void)c;
     out[i] = (c0 * ((r == c ? (c1 * in0[r]) : (double)0) + (c2 * in1[r * cols + c])));
+}
+
+extern "C" __global__ void k_0c770e308236_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, float* __restrict__ out1, const long long rows, const long long cols)
+{
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ float partial[256];
+    float acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += (in0[c] * in1[r * cols + c]);
+        out1[r * cols + c] = (in0[c] * in1[r * cols + c]);  // a sibling's entry, from the same reads
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) {
+            partial[threadIdx.x] += partial[threadIdx.x + s];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        out[r] = partial[0];
+    }
+}
+
+extern "C" __global__ void k_0c770e308236_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, double* __restrict__ out1, const long long rows, const long long cols)
+{
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ double partial[256];
+    double acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += (in0[c] * in1[r * cols + c]);
+        out1[r * cols + c] = (in0[c] * in1[r * cols + c]);  // a sibling's entry, from the same reads
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) {
+            partial[threadIdx.x] += partial[threadIdx.x + s];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        out[r] = partial[0];
+    }
 }
 
 """
@@ -588,9 +688,7 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
     if 'm0' not in C:
         C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
     t0 = C['m0']
-    if 'm3' not in C:
-        C['m3'] = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['y'], t0], [-1], 'entries')
-    t2 = C['m3']
+    t13, t12, t2 = _launch('k_38f3a5fc280b', dtype, (n, B), [(n, 1), (n, B), (n, B)], [S['dz'], t0, S['y']], [-1], 'rows')
     t3 = S['y'].T
     t5 = t0.T
     if 'm6' not in C:
@@ -602,8 +700,6 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
     if 'm8' not in C:
         C['m8'] = _rank_sum(t8)
     t9 = C['m8']
-    t12 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
-    t13 = t12.sum(axis=1, keepdims=True)
     t14 = _rank_sum(t13)
     t15 = _matmul(t12, t5)
     t16 = _rank_sum(t15)
@@ -629,7 +725,7 @@ def _hbp_exact_7_all(P, S, Hz, C=None):
     if 'm0' not in C:
         C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
     t1 = C['m0']
-    t4, t18 = _launch('k_b5a7a31bf411', dtype, (n, B), [(n, 1), (n, B)], [S['y'], t1, S['dz']], [1/B_all, -1/B_all], 'rows')
+    t19, t18, t4 = _launch('k_3e99d9202b87', dtype, (n, B), [(n, 1), (n, B), (n, 1)], [S['dz'], t1, S['y']], [1/B_all, -1/B_all], 'rows')
     if 'm13' not in C:
         C['m13'] = _rank_sum(t4)
     t5 = C['m13']
@@ -653,7 +749,6 @@ def _hbp_exact_7_all(P, S, Hz, C=None):
     if 'm21' not in C:
         C['m21'] = _matmul(t5, t14)
     t15 = C['m21']
-    t19 = t18.sum(axis=1, keepdims=True)
     t20 = _rank_sum(t19)
     t21 = t1.T
     t22 = _matmul(t18, t21)
@@ -701,7 +796,7 @@ def _hbp_ggn_7_all(P, S, Hz, C=None):
         C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
     t1 = C['m0']
     if 'm12' not in C:
-        C['m12'] = _launch('k_90f34360737f', dtype, (n, B), (n, 1), [S['y'], t1], [1/B_all, -1/B_all], 'rows')
+        C['m12'] = _launch('k_17a1960cbbad', dtype, (n, B), (n, 1), [S['y'], t1], [1/B_all, -1/B_all], 'rows')
     t4 = C['m12']
     if 'm13' not in C:
         C['m13'] = _rank_sum(t4)
@@ -740,9 +835,7 @@ def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     if 'm0' not in C:
         C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
     t0 = C['m0']
-    if 'm3' not in C:
-        C['m3'] = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['y'], t0], [-1], 'entries')
-    t2 = C['m3']
+    t13, t12, t2 = _launch('k_38f3a5fc280b', dtype, (n, B), [(n, 1), (n, B), (n, B)], [S['dz'], t0, S['y']], [-1], 'rows')
     t3 = S['y'].T
     t5 = t0.T
     if 'm6' not in C:
@@ -754,8 +847,6 @@ def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     if 'm8' not in C:
         C['m8'] = _rank_sum(t8)
     t9 = C['m8']
-    t12 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
-    t13 = t12.sum(axis=1, keepdims=True)
     t14 = _rank_sum(t13)
     t15 = _matmul(t12, t5)
     t16 = _rank_sum(t15)
@@ -775,7 +866,7 @@ def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     if 'm0' not in C:
         C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
     t1 = C['m0']
-    t4, t18 = _launch('k_b5a7a31bf411', dtype, (n, B), [(n, 1), (n, B)], [S['y'], t1, S['dz']], [1/B_all, -1/B_all], 'rows')
+    t19, t18, t4 = _launch('k_3e99d9202b87', dtype, (n, B), [(n, 1), (n, B), (n, 1)], [S['dz'], t1, S['y']], [1/B_all, -1/B_all], 'rows')
     if 'm13' not in C:
         C['m13'] = _rank_sum(t4)
     t5 = C['m13']
@@ -799,7 +890,6 @@ def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     if 'm21' not in C:
         C['m21'] = _matmul(t5, t14)
     t15 = C['m21']
-    t19 = t18.sum(axis=1, keepdims=True)
     t20 = _rank_sum(t19)
     t21 = t1.T
     t22 = _matmul(t18, t21)
@@ -820,9 +910,7 @@ def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     if 'm0' not in C:
         C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
     t0 = C['m0']
-    if 'm3' not in C:
-        C['m3'] = _launch('k_52dc92557383', dtype, (n, B), (n, B), [S['y'], t0], [-1], 'entries')
-    t2 = C['m3']
+    t13, t12, t2 = _launch('k_38f3a5fc280b', dtype, (n, B), [(n, 1), (n, B), (n, B)], [S['dz'], t0, S['y']], [-1], 'rows')
     t3 = S['y'].T
     t5 = t0.T
     if 'm6' not in C:
@@ -834,8 +922,6 @@ def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     if 'm8' not in C:
         C['m8'] = _rank_sum(t8)
     t9 = C['m8']
-    t12 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
-    t13 = t12.sum(axis=1, keepdims=True)
     t14 = _rank_sum(t13)
     t15 = _matmul(t12, t5)
     t16 = _rank_sum(t15)
@@ -855,7 +941,7 @@ def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     if 'm0' not in C:
         C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
     t1 = C['m0']
-    t4, t18 = _launch('k_b5a7a31bf411', dtype, (n, B), [(n, 1), (n, B)], [S['y'], t1, S['dz']], [1/B_all, -1/B_all], 'rows')
+    t19, t18, t4 = _launch('k_3e99d9202b87', dtype, (n, B), [(n, 1), (n, B), (n, 1)], [S['dz'], t1, S['y']], [1/B_all, -1/B_all], 'rows')
     if 'm13' not in C:
         C['m13'] = _rank_sum(t4)
     t5 = C['m13']
@@ -879,7 +965,6 @@ def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     if 'm21' not in C:
         C['m21'] = _matmul(t5, t14)
     t15 = C['m21']
-    t19 = t18.sum(axis=1, keepdims=True)
     t20 = _rank_sum(t19)
     t21 = t1.T
     t22 = _matmul(t18, t21)
@@ -948,8 +1033,7 @@ def _loss_hessian_6(P, S, C=None):
     if 'm0' not in C:
         C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
     t1 = C['m0']
-    t2 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [S['dz'], t1], [], 'entries')
-    t3 = t2.sum(axis=1, keepdims=True)
+    t3, t2 = _launch('k_0c770e308236', dtype, (n, B), [(n, 1), (n, B)], [S['dz'], t1], [], 'rows')
     t4 = _rank_sum(t3)
     t5 = t1.T
     t6 = _matmul(t2, t5)

@@ -252,7 +252,7 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
     t0 = P['W'].T
     t1 = _matmul(_matmul(t0, Hz), P['W'])
     if 'm0' not in C:
-        C['m0'] = _gram(S['x'])
+        C['m0'] = _gram(S['x'], 1/B_all)
     t2 = C['m0']
     if 'm1' not in C:
         C['m1'] = _rank_sum(t2)
@@ -260,7 +260,7 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
 
     return {
         "x": CurvatureBlock(kron=[], dense=t1),
-        "W": CurvatureBlock(kron=[_kron((1/B_all), t3, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1), t3, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -270,14 +270,14 @@ def _hbp_exact_6_params(P, S, Hz, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
-        C['m0'] = _gram(S['x'])
+        C['m0'] = _gram(S['x'], 1/B_all)
     t0 = C['m0']
     if 'm1' not in C:
         C['m1'] = _rank_sum(t0)
     t1 = C['m1']
 
     return {
-        "W": CurvatureBlock(kron=[_kron((1/B_all), t1, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1), t1, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -295,12 +295,12 @@ def _hbp_exact_7_all(P, S, Hz, C=None):
         C['m3'] = _rank_sum(t2)
     t3 = C['m3']
     if 'm4' not in C:
-        C['m4'] = _gram(t3)
+        C['m4'] = _gram(t3, B_all**(-2))
     t4 = C['m4']
 
     return {
         "x": CurvatureBlock(kron=[], dense=t1),
-        "W": CurvatureBlock(kron=[_kron((B_all**(-2)), t4, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1), t4, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -316,11 +316,11 @@ def _hbp_exact_7_params(P, S, Hz, C=None):
         C['m3'] = _rank_sum(t0)
     t1 = C['m3']
     if 'm4' not in C:
-        C['m4'] = _gram(t1)
+        C['m4'] = _gram(t1, B_all**(-2))
     t2 = C['m4']
 
     return {
-        "W": CurvatureBlock(kron=[_kron((B_all**(-2)), t2, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1), t2, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 

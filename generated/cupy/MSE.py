@@ -227,7 +227,7 @@ extern "C" __global__ void k_0f62a7d17135_double(const double* __restrict__ in0,
     out[i] = ((c0 * in0[c]) + (c1 * in1[c]));
 }
 
-extern "C" __global__ void k_90f34360737f_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_17a1960cbbad_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -239,13 +239,17 @@ extern "C" __global__ void k_90f34360737f_float(const float* __restrict__ in0, c
     partial[threadIdx.x] = acc;
     __syncthreads();
     for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        if (threadIdx.x < s) {
+            partial[threadIdx.x] += partial[threadIdx.x + s];
+        }
         __syncthreads();
     }
-    if (threadIdx.x == 0) out[r] = partial[0];
+    if (threadIdx.x == 0) {
+        out[r] = partial[0];
+    }
 }
 
-extern "C" __global__ void k_90f34360737f_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_17a1960cbbad_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -257,10 +261,14 @@ extern "C" __global__ void k_90f34360737f_double(const double* __restrict__ in0,
     partial[threadIdx.x] = acc;
     __syncthreads();
     for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        if (threadIdx.x < s) {
+            partial[threadIdx.x] += partial[threadIdx.x + s];
+        }
         __syncthreads();
     }
-    if (threadIdx.x == 0) out[r] = partial[0];
+    if (threadIdx.x == 0) {
+        out[r] = partial[0];
+    }
 }
 
 extern "C" __global__ void k_de71cc95aead_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
@@ -536,7 +544,7 @@ def _hbp_exact_7_all(P, S, Hz, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm11' not in C:
-        C['m11'] = _launch('k_90f34360737f', dtype, (n, B), (n, 1), [S['x'], S['y']], [1/B_all, -1/B_all], 'rows')
+        C['m11'] = _launch('k_17a1960cbbad', dtype, (n, B), (n, 1), [S['x'], S['y']], [1/B_all, -1/B_all], 'rows')
     t3 = C['m11']
     if 'm12' not in C:
         C['m12'] = _rank_sum(t3)
@@ -601,7 +609,7 @@ def _hbp_ggn_7_all(P, S, Hz, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm11' not in C:
-        C['m11'] = _launch('k_90f34360737f', dtype, (n, B), (n, 1), [S['x'], S['y']], [1/B_all, -1/B_all], 'rows')
+        C['m11'] = _launch('k_17a1960cbbad', dtype, (n, B), (n, 1), [S['x'], S['y']], [1/B_all, -1/B_all], 'rows')
     t3 = C['m11']
     if 'm12' not in C:
         C['m12'] = _rank_sum(t3)
@@ -666,7 +674,7 @@ def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm11' not in C:
-        C['m11'] = _launch('k_90f34360737f', dtype, (n, B), (n, 1), [S['x'], S['y']], [1/B_all, -1/B_all], 'rows')
+        C['m11'] = _launch('k_17a1960cbbad', dtype, (n, B), (n, 1), [S['x'], S['y']], [1/B_all, -1/B_all], 'rows')
     t3 = C['m11']
     if 'm12' not in C:
         C['m12'] = _rank_sum(t3)
@@ -736,7 +744,7 @@ def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm11' not in C:
-        C['m11'] = _launch('k_90f34360737f', dtype, (n, B), (n, 1), [S['x'], S['y']], [1/B_all, -1/B_all], 'rows')
+        C['m11'] = _launch('k_17a1960cbbad', dtype, (n, B), (n, 1), [S['x'], S['y']], [1/B_all, -1/B_all], 'rows')
     t3 = C['m11']
     if 'm12' not in C:
         C['m12'] = _rank_sum(t3)

@@ -144,7 +144,7 @@ extern "C" __global__ void k_d13b2ab6b72d_double(const double* __restrict__ in0,
     out[i] = (c0 * (in0[r] * in1[r * cols + c] * in0[c]));
 }
 
-extern "C" __global__ void k_e2964d1f4ef1_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_31db6b972277_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -156,13 +156,17 @@ extern "C" __global__ void k_e2964d1f4ef1_float(const float* __restrict__ in0, f
     partial[threadIdx.x] = acc;
     __syncthreads();
     for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        if (threadIdx.x < s) {
+            partial[threadIdx.x] += partial[threadIdx.x + s];
+        }
         __syncthreads();
     }
-    if (threadIdx.x == 0) out[r] = partial[0];
+    if (threadIdx.x == 0) {
+        out[r] = partial[0];
+    }
 }
 
-extern "C" __global__ void k_e2964d1f4ef1_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_31db6b972277_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -174,10 +178,14 @@ extern "C" __global__ void k_e2964d1f4ef1_double(const double* __restrict__ in0,
     partial[threadIdx.x] = acc;
     __syncthreads();
     for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        if (threadIdx.x < s) {
+            partial[threadIdx.x] += partial[threadIdx.x + s];
+        }
         __syncthreads();
     }
-    if (threadIdx.x == 0) out[r] = partial[0];
+    if (threadIdx.x == 0) {
+        out[r] = partial[0];
+    }
 }
 
 """
@@ -323,7 +331,7 @@ def _hbp_exact_7_all(P, S, Hz, C=None):
     """Batch HBP: exact, ggn, pch-abs, pch-clip under (7)."""
     B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t1 = _launch('k_e2964d1f4ef1', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    t1 = _launch('k_31db6b972277', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
     t2 = _rank_sum(t1)
     t4 = _launch('k_d13b2ab6b72d', dtype, (n, n), (n, n), [t2, Hz], [B_all**(-2)], 'entries')
 

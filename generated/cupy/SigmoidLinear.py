@@ -183,6 +183,30 @@ extern "C" __global__ void k_531d59972706_double(const double* __restrict__ in0,
     out[i] = (in0[r * cols + c] * in1[r * cols + c]);
 }
 
+extern "C" __global__ void k_272c1eda65da_float(const float* __restrict__ in0, float* __restrict__ out, float* __restrict__ out1, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = fn_sigmoid_0_float(in0[r * cols + c]);
+    out1[i] = fn_sigmoid_1_float(in0[r * cols + c]);  // a sibling's entry, from the same reads
+}
+
+extern "C" __global__ void k_272c1eda65da_double(const double* __restrict__ in0, double* __restrict__ out, double* __restrict__ out1, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = fn_sigmoid_0_double(in0[r * cols + c]);
+    out1[i] = fn_sigmoid_1_double(in0[r * cols + c]);  // a sibling's entry, from the same reads
+}
+
 extern "C" __global__ void k_1a0ed3fc59d5_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float* __restrict__ in5, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
@@ -203,28 +227,6 @@ extern "C" __global__ void k_1a0ed3fc59d5_double(const double* __restrict__ in0,
     (void)r;
     (void)c;
     out[i] = (((in0[r * cols + c] + in1[r * cols + c]) * in2[r * cols + c]) + (in3[r * cols + c] * (in4[r * cols + c] * fn_sigmoid_2_double(in5[r * cols + c]))));
-}
-
-extern "C" __global__ void k_8f7445a19454_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_1_float(in0[r * cols + c]);
-}
-
-extern "C" __global__ void k_8f7445a19454_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = fn_sigmoid_1_double(in0[r * cols + c]);
 }
 
 extern "C" __global__ void k_98a1b805bfa4_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
@@ -249,7 +251,7 @@ extern "C" __global__ void k_98a1b805bfa4_double(const double* __restrict__ in0,
     out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? in2[r] : (double)0));
 }
 
-extern "C" __global__ void k_d6afe995a41c_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, float* __restrict__ out1, const long long rows, const long long cols)
+extern "C" __global__ void k_d9e2716803b1_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, float* __restrict__ out1, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -262,13 +264,17 @@ extern "C" __global__ void k_d6afe995a41c_float(const float* __restrict__ in0, c
     partial[threadIdx.x] = acc;
     __syncthreads();
     for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        if (threadIdx.x < s) {
+            partial[threadIdx.x] += partial[threadIdx.x + s];
+        }
         __syncthreads();
     }
-    if (threadIdx.x == 0) out[r] = partial[0];
+    if (threadIdx.x == 0) {
+        out[r] = partial[0];
+    }
 }
 
-extern "C" __global__ void k_d6afe995a41c_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, double* __restrict__ out1, const long long rows, const long long cols)
+extern "C" __global__ void k_d9e2716803b1_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, double* __restrict__ out1, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -281,46 +287,92 @@ extern "C" __global__ void k_d6afe995a41c_double(const double* __restrict__ in0,
     partial[threadIdx.x] = acc;
     __syncthreads();
     for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        if (threadIdx.x < s) {
+            partial[threadIdx.x] += partial[threadIdx.x + s];
+        }
         __syncthreads();
     }
-    if (threadIdx.x == 0) out[r] = partial[0];
+    if (threadIdx.x == 0) {
+        out[r] = partial[0];
+    }
 }
 
-extern "C" __global__ void k_0022d4faedf5_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_8f7445a19454_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = fn_sigmoid_1_float(in0[r * cols + c]);
+}
+
+extern "C" __global__ void k_8f7445a19454_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = fn_sigmoid_1_double(in0[r * cols + c]);
+}
+
+extern "C" __global__ void k_88a6fbc9ce16_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, float* __restrict__ out1, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
     __shared__ float partial[256];
+    __shared__ float partial1[256];
     float acc = 0;
+    float acc1 = 0;
     for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
         acc += fn_sigmoid_0_float(in0[r * cols + c]);
+        acc1 += (in1[r * cols + c] * fn_sigmoid_2_float(in0[r * cols + c]));  // a sibling row sum, from the same reads
     }
     partial[threadIdx.x] = acc;
+    partial1[threadIdx.x] = acc1;
     __syncthreads();
     for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        if (threadIdx.x < s) {
+            partial[threadIdx.x] += partial[threadIdx.x + s];
+            partial1[threadIdx.x] += partial1[threadIdx.x + s];
+        }
         __syncthreads();
     }
-    if (threadIdx.x == 0) out[r] = partial[0];
+    if (threadIdx.x == 0) {
+        out[r] = partial[0];
+        out1[r] = partial1[0];
+    }
 }
 
-extern "C" __global__ void k_0022d4faedf5_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_88a6fbc9ce16_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, double* __restrict__ out1, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
     __shared__ double partial[256];
+    __shared__ double partial1[256];
     double acc = 0;
+    double acc1 = 0;
     for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
         acc += fn_sigmoid_0_double(in0[r * cols + c]);
+        acc1 += (in1[r * cols + c] * fn_sigmoid_2_double(in0[r * cols + c]));  // a sibling row sum, from the same reads
     }
     partial[threadIdx.x] = acc;
+    partial1[threadIdx.x] = acc1;
     __syncthreads();
     for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        if (threadIdx.x < s) {
+            partial[threadIdx.x] += partial[threadIdx.x + s];
+            partial1[threadIdx.x] += partial1[threadIdx.x + s];
+        }
         __syncthreads();
     }
-    if (threadIdx.x == 0) out[r] = partial[0];
+    if (threadIdx.x == 0) {
+        out[r] = partial[0];
+        out1[r] = partial1[0];
+    }
 }
 
 extern "C" __global__ void k_8f3b530c7461_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
@@ -345,43 +397,7 @@ extern "C" __global__ void k_8f3b530c7461_double(const double* __restrict__ in0,
     out[i] = ((c0 * in0[r * cols + c]) + (r == c ? in1[r] : (double)0));
 }
 
-extern "C" __global__ void k_36ef97f1d271_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * fn_sigmoid_2_float(in1[r * cols + c]));
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void k_36ef97f1d271_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * fn_sigmoid_2_double(in1[r * cols + c]));
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void k_95c0909512b8_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_15bd6dcb0bd0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -393,13 +409,17 @@ extern "C" __global__ void k_95c0909512b8_float(const float* __restrict__ in0, f
     partial[threadIdx.x] = acc;
     __syncthreads();
     for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        if (threadIdx.x < s) {
+            partial[threadIdx.x] += partial[threadIdx.x + s];
+        }
         __syncthreads();
     }
-    if (threadIdx.x == 0) out[r] = partial[0];
+    if (threadIdx.x == 0) {
+        out[r] = partial[0];
+    }
 }
 
-extern "C" __global__ void k_95c0909512b8_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_15bd6dcb0bd0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -411,10 +431,58 @@ extern "C" __global__ void k_95c0909512b8_double(const double* __restrict__ in0,
     partial[threadIdx.x] = acc;
     __syncthreads();
     for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        if (threadIdx.x < s) {
+            partial[threadIdx.x] += partial[threadIdx.x + s];
+        }
         __syncthreads();
     }
-    if (threadIdx.x == 0) out[r] = partial[0];
+    if (threadIdx.x == 0) {
+        out[r] = partial[0];
+    }
+}
+
+extern "C" __global__ void k_dc5aa9530fdd_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ float partial[256];
+    float acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += fn_sigmoid_0_float(in0[r * cols + c]);
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) {
+            partial[threadIdx.x] += partial[threadIdx.x + s];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        out[r] = partial[0];
+    }
+}
+
+extern "C" __global__ void k_dc5aa9530fdd_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ double partial[256];
+    double acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += fn_sigmoid_0_double(in0[r * cols + c]);
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) {
+            partial[threadIdx.x] += partial[threadIdx.x + s];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        out[r] = partial[0];
+    }
 }
 
 extern "C" __global__ void k_bbf53db00b39_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
@@ -437,6 +505,62 @@ extern "C" __global__ void k_bbf53db00b39_double(const double* __restrict__ in0,
     (void)r;
     (void)c;
     out[i] = (c0 * (in0[r * cols + c] * in1[r * cols + c]));
+}
+
+extern "C" __global__ void k_e337fffc6c6a_float(const float* __restrict__ in0, float* __restrict__ out, float* __restrict__ out1, const long long rows, const long long cols)
+{
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ float partial[256];
+    __shared__ float partial1[256];
+    float acc = 0;
+    float acc1 = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += fn_sigmoid_0_float(in0[r * cols + c]);
+        acc1 += fn_sigmoid_1_float(in0[r * cols + c]);  // a sibling row sum, from the same reads
+    }
+    partial[threadIdx.x] = acc;
+    partial1[threadIdx.x] = acc1;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) {
+            partial[threadIdx.x] += partial[threadIdx.x + s];
+            partial1[threadIdx.x] += partial1[threadIdx.x + s];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        out[r] = partial[0];
+        out1[r] = partial1[0];
+    }
+}
+
+extern "C" __global__ void k_e337fffc6c6a_double(const double* __restrict__ in0, double* __restrict__ out, double* __restrict__ out1, const long long rows, const long long cols)
+{
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ double partial[256];
+    __shared__ double partial1[256];
+    double acc = 0;
+    double acc1 = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += fn_sigmoid_0_double(in0[r * cols + c]);
+        acc1 += fn_sigmoid_1_double(in0[r * cols + c]);  // a sibling row sum, from the same reads
+    }
+    partial[threadIdx.x] = acc;
+    partial1[threadIdx.x] = acc1;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) {
+            partial[threadIdx.x] += partial[threadIdx.x + s];
+            partial1[threadIdx.x] += partial1[threadIdx.x + s];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        out[r] = partial[0];
+        out1[r] = partial1[0];
+    }
 }
 
 extern "C" __global__ void k_b6da753aeb00_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
@@ -693,16 +817,13 @@ def _rgradients_all(P, S, V, C=None):
     t1 = _matmul(t0, S['dz'])
     t2 = P['W'].T
     t3 = _matmul(t2, V['dz'])
-    if 'm1' not in C:
-        C['m1'] = _launch('k_8f7445a19454', dtype, (n, B), (n, B), [S['x']], [], 'entries')
-    t5 = C['m1']
+    if 'm0 m1' not in C:
+        C['m0 m1'] = _launch('k_272c1eda65da', dtype, (n, B), [(n, B), (n, B)], [S['x']], [], 'entries')
+    t12, t5 = C['m0 m1']
     if 'm2' not in C:
         C['m2'] = _matmul(t2, S['dz'])
     t7 = C['m2']
     t11 = _launch('k_1a0ed3fc59d5', dtype, (n, B), (n, B), [t1, t3, t5, t7, V['x'], S['x']], [], 'entries')
-    if 'm0' not in C:
-        C['m0'] = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
-    t12 = C['m0']
     t13 = t12.T
     t14 = _matmul(V['dz'], t13)
     t15 = V['x'].T
@@ -758,11 +879,11 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
         C['m5'] = _rank_sum(t4)
     t5 = C['m5']
     t8 = _matmul(t0, S['dz'])
-    t11, t14 = _launch('k_d6afe995a41c', dtype, (n, B), [(n, 1), (n, B)], [t8, S['x']], [], 'rows')
+    t11, t14 = _launch('k_d9e2716803b1', dtype, (n, B), [(n, 1), (n, B)], [t8, S['x']], [], 'rows')
     t12 = _rank_sum(t11)
     t13 = _launch('k_98a1b805bfa4', dtype, (n, n), (n, n), [t1, t5, t12], [1/B_all], 'entries')
     if 'm6' not in C:
-        C['m6'] = _gram(t14)
+        C['m6'] = _gram(t14, 1/B_all)
     t15 = C['m6']
     if 'm7' not in C:
         C['m7'] = _rank_sum(t15)
@@ -770,7 +891,7 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
 
     return {
         "x": CurvatureBlock(kron=[], dense=t13),
-        "W": CurvatureBlock(kron=[_kron((1/B_all), t16, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1), t16, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -783,14 +904,14 @@ def _hbp_exact_6_params(P, S, Hz, C=None):
         C['m0'] = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
     t0 = C['m0']
     if 'm6' not in C:
-        C['m6'] = _gram(t0)
+        C['m6'] = _gram(t0, 1/B_all)
     t1 = C['m6']
     if 'm7' not in C:
         C['m7'] = _rank_sum(t1)
     t2 = C['m7']
 
     return {
-        "W": CurvatureBlock(kron=[_kron((1/B_all), t2, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1), t2, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -800,7 +921,7 @@ def _hbp_exact_7_all(P, S, Hz, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm8' not in C:
-        C['m8'] = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+        C['m8'] = _launch('k_15bd6dcb0bd0', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
     t1 = C['m8']
     if 'm9' not in C:
         C['m9'] = _rank_sum(t1)
@@ -808,22 +929,19 @@ def _hbp_exact_7_all(P, S, Hz, C=None):
     t3 = P['W'].T
     t4 = (_matmul(_matmul((t2 * t3), Hz), P['W']) * t2.T)
     t6 = _matmul(t3, S['dz'])
-    t9 = _launch('k_36ef97f1d271', dtype, (n, B), (n, 1), [t6, S['x']], [], 'rows')
+    t13, t9 = _launch('k_88a6fbc9ce16', dtype, (n, B), [(n, 1), (n, 1)], [S['x'], t6], [], 'rows')
     t10 = _rank_sum(t9)
     t11 = _launch('k_8f3b530c7461', dtype, (n, n), (n, n), [t4, t10], [B_all**(-2)], 'entries')
-    if 'm10' not in C:
-        C['m10'] = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t13 = C['m10']
     if 'm11' not in C:
         C['m11'] = _rank_sum(t13)
     t14 = C['m11']
     if 'm12' not in C:
-        C['m12'] = _gram(t14)
+        C['m12'] = _gram(t14, B_all**(-2))
     t15 = C['m12']
 
     return {
         "x": CurvatureBlock(kron=[], dense=t11),
-        "W": CurvatureBlock(kron=[_kron((B_all**(-2)), t15, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1), t15, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -833,17 +951,17 @@ def _hbp_exact_7_params(P, S, Hz, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm10' not in C:
-        C['m10'] = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+        C['m10'] = _launch('k_dc5aa9530fdd', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
     t1 = C['m10']
     if 'm11' not in C:
         C['m11'] = _rank_sum(t1)
     t2 = C['m11']
     if 'm12' not in C:
-        C['m12'] = _gram(t2)
+        C['m12'] = _gram(t2, B_all**(-2))
     t3 = C['m12']
 
     return {
-        "W": CurvatureBlock(kron=[_kron((B_all**(-2)), t3, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1), t3, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -854,9 +972,9 @@ def _hbp_ggn_6_all(P, S, Hz, C=None):
     C = {} if C is None else C
     t0 = P['W'].T
     t1 = _matmul(_matmul(t0, Hz), P['W'])
-    if 'm1' not in C:
-        C['m1'] = _launch('k_8f7445a19454', dtype, (n, B), (n, B), [S['x']], [], 'entries')
-    t2 = C['m1']
+    if 'm0 m1' not in C:
+        C['m0 m1'] = _launch('k_272c1eda65da', dtype, (n, B), [(n, B), (n, B)], [S['x']], [], 'entries')
+    t8, t2 = C['m0 m1']
     t3 = t2.T
     if 'm4' not in C:
         C['m4'] = _matmul(t2, t3)
@@ -865,11 +983,8 @@ def _hbp_ggn_6_all(P, S, Hz, C=None):
         C['m5'] = _rank_sum(t4)
     t5 = C['m5']
     t7 = _launch('k_bbf53db00b39', dtype, (n, n), (n, n), [t1, t5], [1/B_all], 'entries')
-    if 'm0' not in C:
-        C['m0'] = _launch('k_431f249de813', dtype, (n, B), (n, B), [S['x']], [], 'entries')
-    t8 = C['m0']
     if 'm6' not in C:
-        C['m6'] = _gram(t8)
+        C['m6'] = _gram(t8, 1/B_all)
     t9 = C['m6']
     if 'm7' not in C:
         C['m7'] = _rank_sum(t9)
@@ -877,7 +992,7 @@ def _hbp_ggn_6_all(P, S, Hz, C=None):
 
     return {
         "x": CurvatureBlock(kron=[], dense=t7),
-        "W": CurvatureBlock(kron=[_kron((1/B_all), t10, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1), t10, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -886,28 +1001,25 @@ def _hbp_ggn_7_all(P, S, Hz, C=None):
     B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
-    if 'm8' not in C:
-        C['m8'] = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t1 = C['m8']
+    if 'm10 m8' not in C:
+        C['m10 m8'] = _launch('k_e337fffc6c6a', dtype, (n, B), [(n, 1), (n, 1)], [S['x']], [], 'rows')
+    t7, t1 = C['m10 m8']
     if 'm9' not in C:
         C['m9'] = _rank_sum(t1)
     t2 = C['m9']
     t3 = P['W'].T
     t4 = (_matmul(_matmul((t2 * t3), Hz), P['W']) * t2.T)
     t5 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t4], [B_all**(-2)], 'entries')
-    if 'm10' not in C:
-        C['m10'] = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t7 = C['m10']
     if 'm11' not in C:
         C['m11'] = _rank_sum(t7)
     t8 = C['m11']
     if 'm12' not in C:
-        C['m12'] = _gram(t8)
+        C['m12'] = _gram(t8, B_all**(-2))
     t9 = C['m12']
 
     return {
         "x": CurvatureBlock(kron=[], dense=t5),
-        "W": CurvatureBlock(kron=[_kron((B_all**(-2)), t9, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1), t9, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -929,11 +1041,11 @@ def _hbp_pch_abs_6_all(P, S, Hz, C=None):
         C['m5'] = _rank_sum(t4)
     t5 = C['m5']
     t8 = _matmul(t0, S['dz'])
-    t11, t15 = _launch('k_d6afe995a41c', dtype, (n, B), [(n, 1), (n, B)], [t8, S['x']], [], 'rows')
+    t11, t15 = _launch('k_d9e2716803b1', dtype, (n, B), [(n, 1), (n, B)], [t8, S['x']], [], 'rows')
     t12 = _rank_sum(t11)
     t14 = _launch('k_7aaf865ab029', dtype, (n, n), (n, n), [t1, t5, t12], [1/B_all], 'entries')
     if 'm6' not in C:
-        C['m6'] = _gram(t15)
+        C['m6'] = _gram(t15, 1/B_all)
     t16 = C['m6']
     if 'm7' not in C:
         C['m7'] = _rank_sum(t16)
@@ -941,7 +1053,7 @@ def _hbp_pch_abs_6_all(P, S, Hz, C=None):
 
     return {
         "x": CurvatureBlock(kron=[], dense=t14),
-        "W": CurvatureBlock(kron=[_kron((1/B_all), t17, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1), t17, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -951,7 +1063,7 @@ def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm8' not in C:
-        C['m8'] = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+        C['m8'] = _launch('k_15bd6dcb0bd0', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
     t1 = C['m8']
     if 'm9' not in C:
         C['m9'] = _rank_sum(t1)
@@ -959,22 +1071,19 @@ def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     t3 = P['W'].T
     t4 = (_matmul(_matmul((t2 * t3), Hz), P['W']) * t2.T)
     t6 = _matmul(t3, S['dz'])
-    t9 = _launch('k_36ef97f1d271', dtype, (n, B), (n, 1), [t6, S['x']], [], 'rows')
+    t14, t9 = _launch('k_88a6fbc9ce16', dtype, (n, B), [(n, 1), (n, 1)], [S['x'], t6], [], 'rows')
     t10 = _rank_sum(t9)
     t12 = _launch('k_edf067d60f1a', dtype, (n, n), (n, n), [t4, t10], [B_all**(-2)], 'entries')
-    if 'm10' not in C:
-        C['m10'] = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t14 = C['m10']
     if 'm11' not in C:
         C['m11'] = _rank_sum(t14)
     t15 = C['m11']
     if 'm12' not in C:
-        C['m12'] = _gram(t15)
+        C['m12'] = _gram(t15, B_all**(-2))
     t16 = C['m12']
 
     return {
         "x": CurvatureBlock(kron=[], dense=t12),
-        "W": CurvatureBlock(kron=[_kron((B_all**(-2)), t16, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1), t16, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -996,11 +1105,11 @@ def _hbp_pch_clip_6_all(P, S, Hz, C=None):
         C['m5'] = _rank_sum(t4)
     t5 = C['m5']
     t8 = _matmul(t0, S['dz'])
-    t11, t15 = _launch('k_d6afe995a41c', dtype, (n, B), [(n, 1), (n, B)], [t8, S['x']], [], 'rows')
+    t11, t15 = _launch('k_d9e2716803b1', dtype, (n, B), [(n, 1), (n, B)], [t8, S['x']], [], 'rows')
     t12 = _rank_sum(t11)
     t14 = _launch('k_ea5e41d44144', dtype, (n, n), (n, n), [t1, t5, t12], [1/B_all], 'entries')
     if 'm6' not in C:
-        C['m6'] = _gram(t15)
+        C['m6'] = _gram(t15, 1/B_all)
     t16 = C['m6']
     if 'm7' not in C:
         C['m7'] = _rank_sum(t16)
@@ -1008,7 +1117,7 @@ def _hbp_pch_clip_6_all(P, S, Hz, C=None):
 
     return {
         "x": CurvatureBlock(kron=[], dense=t14),
-        "W": CurvatureBlock(kron=[_kron((1/B_all), t17, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1), t17, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -1018,7 +1127,7 @@ def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm8' not in C:
-        C['m8'] = _launch('k_95c0909512b8', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+        C['m8'] = _launch('k_15bd6dcb0bd0', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
     t1 = C['m8']
     if 'm9' not in C:
         C['m9'] = _rank_sum(t1)
@@ -1026,22 +1135,19 @@ def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     t3 = P['W'].T
     t4 = (_matmul(_matmul((t2 * t3), Hz), P['W']) * t2.T)
     t6 = _matmul(t3, S['dz'])
-    t9 = _launch('k_36ef97f1d271', dtype, (n, B), (n, 1), [t6, S['x']], [], 'rows')
+    t14, t9 = _launch('k_88a6fbc9ce16', dtype, (n, B), [(n, 1), (n, 1)], [S['x'], t6], [], 'rows')
     t10 = _rank_sum(t9)
     t12 = _launch('k_207a6eb360e6', dtype, (n, n), (n, n), [t4, t10], [B_all**(-2)], 'entries')
-    if 'm10' not in C:
-        C['m10'] = _launch('k_0022d4faedf5', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t14 = C['m10']
     if 'm11' not in C:
         C['m11'] = _rank_sum(t14)
     t15 = C['m11']
     if 'm12' not in C:
-        C['m12'] = _gram(t15)
+        C['m12'] = _gram(t15, B_all**(-2))
     t16 = C['m12']
 
     return {
         "x": CurvatureBlock(kron=[], dense=t12),
-        "W": CurvatureBlock(kron=[_kron((B_all**(-2)), t16, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1), t16, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 

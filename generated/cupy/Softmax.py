@@ -143,6 +143,30 @@ extern "C" __global__ void k_41a52876c677_double(const double* __restrict__ in0,
     out[i] = (in0[r * cols + c] + in1[r * cols + c]);
 }
 
+extern "C" __global__ void k_d824884d323a_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, float* __restrict__ out, float* __restrict__ out1, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (in0[r * cols + c] * in1[r * cols + c]);
+    out1[i] = (in2[r * cols + c] * in3[r * cols + c]);  // a sibling's entry, from the same reads
+}
+
+extern "C" __global__ void k_d824884d323a_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, double* __restrict__ out, double* __restrict__ out1, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (in0[r * cols + c] * in1[r * cols + c]);
+    out1[i] = (in2[r * cols + c] * in3[r * cols + c]);  // a sibling's entry, from the same reads
+}
+
 extern "C" __global__ void k_799587efc0c1_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, const float* __restrict__ in4, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
@@ -231,7 +255,53 @@ extern "C" __global__ void k_c3f430aafdd9_double(const double* __restrict__ in0,
     out[i] = (in0[r] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void k_4b58d386d3f4_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_2d75a57dee95_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, float* __restrict__ out1, const long long rows, const long long cols)
+{
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ float partial[256];
+    float acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += (in0[r * cols + c] * in1[r * cols + c]);
+        out1[r * cols + c] = (in0[r * cols + c] * in1[r * cols + c]);  // a sibling's entry, from the same reads
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) {
+            partial[threadIdx.x] += partial[threadIdx.x + s];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        out[r] = partial[0];
+    }
+}
+
+extern "C" __global__ void k_2d75a57dee95_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, double* __restrict__ out1, const long long rows, const long long cols)
+{
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ double partial[256];
+    double acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += (in0[r * cols + c] * in1[r * cols + c]);
+        out1[r * cols + c] = (in0[r * cols + c] * in1[r * cols + c]);  // a sibling's entry, from the same reads
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) {
+            partial[threadIdx.x] += partial[threadIdx.x + s];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        out[r] = partial[0];
+    }
+}
+
+extern "C" __global__ void k_b26f0fb5839f_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -243,13 +313,17 @@ extern "C" __global__ void k_4b58d386d3f4_float(const float* __restrict__ in0, c
     partial[threadIdx.x] = acc;
     __syncthreads();
     for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        if (threadIdx.x < s) {
+            partial[threadIdx.x] += partial[threadIdx.x + s];
+        }
         __syncthreads();
     }
-    if (threadIdx.x == 0) out[r] = partial[0];
+    if (threadIdx.x == 0) {
+        out[r] = partial[0];
+    }
 }
 
-extern "C" __global__ void k_4b58d386d3f4_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_b26f0fb5839f_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -261,10 +335,38 @@ extern "C" __global__ void k_4b58d386d3f4_double(const double* __restrict__ in0,
     partial[threadIdx.x] = acc;
     __syncthreads();
     for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        if (threadIdx.x < s) {
+            partial[threadIdx.x] += partial[threadIdx.x + s];
+        }
         __syncthreads();
     }
-    if (threadIdx.x == 0) out[r] = partial[0];
+    if (threadIdx.x == 0) {
+        out[r] = partial[0];
+    }
+}
+
+extern "C" __global__ void k_ee99e8611f5c_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, float* __restrict__ out, float* __restrict__ out1, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (in0[r * cols + c] * in1[r * cols + c]);
+    out1[i] = (in1[r * cols + c] * in2[r * cols + c]);  // a sibling's entry, from the same reads
+}
+
+extern "C" __global__ void k_ee99e8611f5c_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, double* __restrict__ out, double* __restrict__ out1, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (in0[r * cols + c] * in1[r * cols + c]);
+    out1[i] = (in1[r * cols + c] * in2[r * cols + c]);  // a sibling's entry, from the same reads
 }
 
 extern "C" __global__ void k_70f23b55b7a4_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
@@ -311,7 +413,7 @@ extern "C" __global__ void k_c3615173c71a_double(const double* __restrict__ in0,
     out[i] = (in0[r * cols + c] + (c0 * ((r == c ? in1[r] : (double)0) + in2[r * cols + c])));
 }
 
-extern "C" __global__ void k_259bde065cff_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_b1f18eabf05c_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, const float c2, const float c3, float* __restrict__ out, float* __restrict__ out1, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -320,9 +422,10 @@ extern "C" __global__ void k_259bde065cff_float(const float* __restrict__ in0, c
     (void)r;
     (void)c;
     out[i] = ((r == c ? (c0 * in0[r]) : (float)0) + (c1 * in1[r * cols + c]));
+    out1[i] = ((r == c ? (c2 * in0[r]) : (float)0) + (c3 * in2[r * cols + c]));  // a sibling's entry, from the same reads
 }
 
-extern "C" __global__ void k_259bde065cff_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_b1f18eabf05c_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, const double c2, const double c3, double* __restrict__ out, double* __restrict__ out1, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -331,6 +434,7 @@ extern "C" __global__ void k_259bde065cff_double(const double* __restrict__ in0,
     (void)r;
     (void)c;
     out[i] = ((r == c ? (c0 * in0[r]) : (double)0) + (c1 * in1[r * cols + c]));
+    out1[i] = ((r == c ? (c2 * in0[r]) : (double)0) + (c3 * in2[r * cols + c]));  // a sibling's entry, from the same reads
 }
 
 extern "C" __global__ void k_46b3349b7318_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
@@ -519,8 +623,7 @@ def _rgradients_all(P, S, V, C=None):
     t1 = _launch('k_531d59972706', dtype, (n, B), (n, B), [V['x'], t0], [], 'entries')
     t2 = t1.sum(axis=0, keepdims=True)
     t6 = _launch('k_9943cdd96570', dtype, (n, B), (n, B), [t1, t2, t0], [-1], 'entries')
-    t7 = _launch('k_531d59972706', dtype, (n, B), (n, B), [t6, S['dz']], [], 'entries')
-    t8 = _launch('k_531d59972706', dtype, (n, B), (n, B), [V['dz'], t0], [], 'entries')
+    t8, t7 = _launch('k_d824884d323a', dtype, (n, B), [(n, B), (n, B)], [V['dz'], t0, t6, S['dz']], [], 'entries')
     t9 = _launch('k_41a52876c677', dtype, (n, B), (n, B), [t7, t8], [], 'entries')
     t10 = t9.sum(axis=0, keepdims=True)
     if 'm1' not in C:
@@ -561,23 +664,20 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
         C['m5'] = _rank_sum(t2)
     t3 = C['m5']
     t6 = _matmul(Hz, t0)
-    t7 = _launch('k_531d59972706', dtype, (n, B), (n, B), [t0, t6], [], 'entries')
+    t22, t7 = _launch('k_ee99e8611f5c', dtype, (n, B), [(n, B), (n, B)], [S['dz'], t0, t6], [], 'entries')
     t8 = _matmul(t7, t1)
     t10 = _matmul(t1, Hz)
-    t11 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t1, t10], [], 'entries')
-    t13 = t11.sum(axis=1, keepdims=True)
+    t13, t11 = _launch('k_2d75a57dee95', dtype, (B, n), [(B, 1), (B, n)], [t1, t10], [], 'rows')
     t17 = _launch('k_70f23b55b7a4', dtype, (B, n), (B, n), [t11, t13, t1], [1/B_all, -1/B_all], 'entries')
     t18 = _matmul(t0, t17)
     t20 = _launch('k_edb4640e4693', dtype, (n, n), (n, n), [t8, t18], [-1/B_all, -1], 'entries')
     t21 = _rank_sum(t20)
-    t22 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
     t24 = t22.sum(axis=0, keepdims=True)
-    t29 = _launch('k_4b58d386d3f4', dtype, (n, B), (n, 1), [t22, t24, t0], [1/B_all, -1/B_all], 'rows')
+    t29 = _launch('k_b26f0fb5839f', dtype, (n, B), (n, 1), [t22, t24, t0], [1/B_all, -1/B_all], 'rows')
     t30 = _rank_sum(t29)
     t31 = _matmul(t22, t1)
     t33 = S['dz'].T
-    t34 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t33, t1], [], 'entries')
-    t35 = t34.sum(axis=1, keepdims=True)
+    t35, t34 = _launch('k_2d75a57dee95', dtype, (B, n), [(B, 1), (B, n)], [t33, t1], [], 'rows')
     t37 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t35, t1], [], 'entries')
     t38 = _matmul(t0, t37)
     t44 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t34, t37], [1/B_all, -1/B_all], 'entries')
@@ -620,21 +720,17 @@ def _hbp_exact_7_all(P, S, Hz, C=None):
         C['m5'] = _rank_sum(t4)
     t5 = C['m5']
     t6 = t5.T
-    if 'm9' not in C:
-        C['m9'] = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t2, t6], [1/B_all, -1/B_all], 'entries')
-    t8 = C['m9']
-    if 'm11' not in C:
-        C['m11'] = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t2, t5], [1/B_all, -1/B_all], 'entries')
-    t10 = C['m11']
+    if 'm11 m9' not in C:
+        C['m11 m9'] = _launch('k_b1f18eabf05c', dtype, (n, n), [(n, n), (n, n)], [t2, t5, t6], [1/B_all, -1/B_all, 1/B_all, -1/B_all], 'entries')
+    t10, t8 = C['m11 m9']
     t11 = _matmul(_matmul(t8, Hz), t10)
     t12 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
     t14 = t12.sum(axis=0, keepdims=True)
-    t19 = _launch('k_4b58d386d3f4', dtype, (n, B), (n, 1), [t12, t14, t0], [1/B_all, -1/B_all], 'rows')
+    t19 = _launch('k_b26f0fb5839f', dtype, (n, B), (n, 1), [t12, t14, t0], [1/B_all, -1/B_all], 'rows')
     t20 = _rank_sum(t19)
     t21 = _matmul(t12, t3)
     t23 = S['dz'].T
-    t24 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t23, t3], [], 'entries')
-    t25 = t24.sum(axis=1, keepdims=True)
+    t25, t24 = _launch('k_2d75a57dee95', dtype, (B, n), [(B, 1), (B, n)], [t23, t3], [], 'rows')
     t27 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t25, t3], [], 'entries')
     t28 = _matmul(t0, t27)
     t34 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t24, t27], [1/B_all, -1/B_all], 'entries')
@@ -666,8 +762,7 @@ def _hbp_ggn_6_all(P, S, Hz, C=None):
     t7 = _launch('k_531d59972706', dtype, (n, B), (n, B), [t0, t6], [], 'entries')
     t8 = _matmul(t7, t1)
     t10 = _matmul(t1, Hz)
-    t11 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t1, t10], [], 'entries')
-    t13 = t11.sum(axis=1, keepdims=True)
+    t13, t11 = _launch('k_2d75a57dee95', dtype, (B, n), [(B, 1), (B, n)], [t1, t10], [], 'rows')
     t17 = _launch('k_70f23b55b7a4', dtype, (B, n), (B, n), [t11, t13, t1], [1/B_all, -1/B_all], 'entries')
     t18 = _matmul(t0, t17)
     t20 = _launch('k_edb4640e4693', dtype, (n, n), (n, n), [t8, t18], [-1/B_all, -1], 'entries')
@@ -700,12 +795,9 @@ def _hbp_ggn_7_all(P, S, Hz, C=None):
         C['m5'] = _rank_sum(t4)
     t5 = C['m5']
     t6 = t5.T
-    if 'm9' not in C:
-        C['m9'] = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t2, t6], [1/B_all, -1/B_all], 'entries')
-    t8 = C['m9']
-    if 'm11' not in C:
-        C['m11'] = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t2, t5], [1/B_all, -1/B_all], 'entries')
-    t10 = C['m11']
+    if 'm11 m9' not in C:
+        C['m11 m9'] = _launch('k_b1f18eabf05c', dtype, (n, n), [(n, n), (n, n)], [t2, t5, t6], [1/B_all, -1/B_all, 1/B_all, -1/B_all], 'entries')
+    t10, t8 = C['m11 m9']
     t11 = _matmul(_matmul(t8, Hz), t10)
 
     return {
@@ -728,23 +820,20 @@ def _hbp_pch_abs_6_all(P, S, Hz, C=None):
         C['m5'] = _rank_sum(t2)
     t3 = C['m5']
     t6 = _matmul(Hz, t0)
-    t7 = _launch('k_531d59972706', dtype, (n, B), (n, B), [t0, t6], [], 'entries')
+    t22, t7 = _launch('k_ee99e8611f5c', dtype, (n, B), [(n, B), (n, B)], [S['dz'], t0, t6], [], 'entries')
     t8 = _matmul(t7, t1)
     t10 = _matmul(t1, Hz)
-    t11 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t1, t10], [], 'entries')
-    t13 = t11.sum(axis=1, keepdims=True)
+    t13, t11 = _launch('k_2d75a57dee95', dtype, (B, n), [(B, 1), (B, n)], [t1, t10], [], 'rows')
     t17 = _launch('k_70f23b55b7a4', dtype, (B, n), (B, n), [t11, t13, t1], [1/B_all, -1/B_all], 'entries')
     t18 = _matmul(t0, t17)
     t20 = _launch('k_edb4640e4693', dtype, (n, n), (n, n), [t8, t18], [-1/B_all, -1], 'entries')
     t21 = _rank_sum(t20)
-    t22 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
     t24 = t22.sum(axis=0, keepdims=True)
-    t29 = _launch('k_4b58d386d3f4', dtype, (n, B), (n, 1), [t22, t24, t0], [1/B_all, -1/B_all], 'rows')
+    t29 = _launch('k_b26f0fb5839f', dtype, (n, B), (n, 1), [t22, t24, t0], [1/B_all, -1/B_all], 'rows')
     t30 = _rank_sum(t29)
     t31 = _matmul(t22, t1)
     t33 = S['dz'].T
-    t34 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t33, t1], [], 'entries')
-    t35 = t34.sum(axis=1, keepdims=True)
+    t35, t34 = _launch('k_2d75a57dee95', dtype, (B, n), [(B, 1), (B, n)], [t33, t1], [], 'rows')
     t37 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t35, t1], [], 'entries')
     t38 = _matmul(t0, t37)
     t44 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t34, t37], [1/B_all, -1/B_all], 'entries')
@@ -781,21 +870,17 @@ def _hbp_pch_abs_7_all(P, S, Hz, C=None):
         C['m5'] = _rank_sum(t4)
     t5 = C['m5']
     t6 = t5.T
-    if 'm9' not in C:
-        C['m9'] = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t2, t6], [1/B_all, -1/B_all], 'entries')
-    t8 = C['m9']
-    if 'm11' not in C:
-        C['m11'] = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t2, t5], [1/B_all, -1/B_all], 'entries')
-    t10 = C['m11']
+    if 'm11 m9' not in C:
+        C['m11 m9'] = _launch('k_b1f18eabf05c', dtype, (n, n), [(n, n), (n, n)], [t2, t5, t6], [1/B_all, -1/B_all, 1/B_all, -1/B_all], 'entries')
+    t10, t8 = C['m11 m9']
     t11 = _matmul(_matmul(t8, Hz), t10)
     t12 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
     t14 = t12.sum(axis=0, keepdims=True)
-    t19 = _launch('k_4b58d386d3f4', dtype, (n, B), (n, 1), [t12, t14, t0], [1/B_all, -1/B_all], 'rows')
+    t19 = _launch('k_b26f0fb5839f', dtype, (n, B), (n, 1), [t12, t14, t0], [1/B_all, -1/B_all], 'rows')
     t20 = _rank_sum(t19)
     t21 = _matmul(t12, t3)
     t23 = S['dz'].T
-    t24 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t23, t3], [], 'entries')
-    t25 = t24.sum(axis=1, keepdims=True)
+    t25, t24 = _launch('k_2d75a57dee95', dtype, (B, n), [(B, 1), (B, n)], [t23, t3], [], 'rows')
     t27 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t25, t3], [], 'entries')
     t28 = _matmul(t0, t27)
     t34 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t24, t27], [1/B_all, -1/B_all], 'entries')
@@ -826,23 +911,20 @@ def _hbp_pch_clip_6_all(P, S, Hz, C=None):
         C['m5'] = _rank_sum(t2)
     t3 = C['m5']
     t6 = _matmul(Hz, t0)
-    t7 = _launch('k_531d59972706', dtype, (n, B), (n, B), [t0, t6], [], 'entries')
+    t22, t7 = _launch('k_ee99e8611f5c', dtype, (n, B), [(n, B), (n, B)], [S['dz'], t0, t6], [], 'entries')
     t8 = _matmul(t7, t1)
     t10 = _matmul(t1, Hz)
-    t11 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t1, t10], [], 'entries')
-    t13 = t11.sum(axis=1, keepdims=True)
+    t13, t11 = _launch('k_2d75a57dee95', dtype, (B, n), [(B, 1), (B, n)], [t1, t10], [], 'rows')
     t17 = _launch('k_70f23b55b7a4', dtype, (B, n), (B, n), [t11, t13, t1], [1/B_all, -1/B_all], 'entries')
     t18 = _matmul(t0, t17)
     t20 = _launch('k_edb4640e4693', dtype, (n, n), (n, n), [t8, t18], [-1/B_all, -1], 'entries')
     t21 = _rank_sum(t20)
-    t22 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
     t24 = t22.sum(axis=0, keepdims=True)
-    t29 = _launch('k_4b58d386d3f4', dtype, (n, B), (n, 1), [t22, t24, t0], [1/B_all, -1/B_all], 'rows')
+    t29 = _launch('k_b26f0fb5839f', dtype, (n, B), (n, 1), [t22, t24, t0], [1/B_all, -1/B_all], 'rows')
     t30 = _rank_sum(t29)
     t31 = _matmul(t22, t1)
     t33 = S['dz'].T
-    t34 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t33, t1], [], 'entries')
-    t35 = t34.sum(axis=1, keepdims=True)
+    t35, t34 = _launch('k_2d75a57dee95', dtype, (B, n), [(B, 1), (B, n)], [t33, t1], [], 'rows')
     t37 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t35, t1], [], 'entries')
     t38 = _matmul(t0, t37)
     t44 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t34, t37], [1/B_all, -1/B_all], 'entries')
@@ -879,21 +961,17 @@ def _hbp_pch_clip_7_all(P, S, Hz, C=None):
         C['m5'] = _rank_sum(t4)
     t5 = C['m5']
     t6 = t5.T
-    if 'm9' not in C:
-        C['m9'] = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t2, t6], [1/B_all, -1/B_all], 'entries')
-    t8 = C['m9']
-    if 'm11' not in C:
-        C['m11'] = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t2, t5], [1/B_all, -1/B_all], 'entries')
-    t10 = C['m11']
+    if 'm11 m9' not in C:
+        C['m11 m9'] = _launch('k_b1f18eabf05c', dtype, (n, n), [(n, n), (n, n)], [t2, t5, t6], [1/B_all, -1/B_all, 1/B_all, -1/B_all], 'entries')
+    t10, t8 = C['m11 m9']
     t11 = _matmul(_matmul(t8, Hz), t10)
     t12 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
     t14 = t12.sum(axis=0, keepdims=True)
-    t19 = _launch('k_4b58d386d3f4', dtype, (n, B), (n, 1), [t12, t14, t0], [1/B_all, -1/B_all], 'rows')
+    t19 = _launch('k_b26f0fb5839f', dtype, (n, B), (n, 1), [t12, t14, t0], [1/B_all, -1/B_all], 'rows')
     t20 = _rank_sum(t19)
     t21 = _matmul(t12, t3)
     t23 = S['dz'].T
-    t24 = _launch('k_531d59972706', dtype, (B, n), (B, n), [t23, t3], [], 'entries')
-    t25 = t24.sum(axis=1, keepdims=True)
+    t25, t24 = _launch('k_2d75a57dee95', dtype, (B, n), [(B, 1), (B, n)], [t23, t3], [], 'rows')
     t27 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t25, t3], [], 'entries')
     t28 = _matmul(t0, t27)
     t34 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t24, t27], [1/B_all, -1/B_all], 'entries')

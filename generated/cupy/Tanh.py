@@ -139,7 +139,7 @@ extern "C" __global__ void k_98a1b805bfa4_double(const double* __restrict__ in0,
     out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? in2[r] : (double)0));
 }
 
-extern "C" __global__ void k_d50d2803006a_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, float* __restrict__ out1, const long long rows, const long long cols)
+extern "C" __global__ void k_8a329e5197ac_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, float* __restrict__ out1, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -152,13 +152,17 @@ extern "C" __global__ void k_d50d2803006a_float(const float* __restrict__ in0, c
     partial[threadIdx.x] = acc;
     __syncthreads();
     for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        if (threadIdx.x < s) {
+            partial[threadIdx.x] += partial[threadIdx.x + s];
+        }
         __syncthreads();
     }
-    if (threadIdx.x == 0) out[r] = partial[0];
+    if (threadIdx.x == 0) {
+        out[r] = partial[0];
+    }
 }
 
-extern "C" __global__ void k_d50d2803006a_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, double* __restrict__ out1, const long long rows, const long long cols)
+extern "C" __global__ void k_8a329e5197ac_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, double* __restrict__ out1, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
@@ -171,10 +175,14 @@ extern "C" __global__ void k_d50d2803006a_double(const double* __restrict__ in0,
     partial[threadIdx.x] = acc;
     __syncthreads();
     for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        if (threadIdx.x < s) {
+            partial[threadIdx.x] += partial[threadIdx.x + s];
+        }
         __syncthreads();
     }
-    if (threadIdx.x == 0) out[r] = partial[0];
+    if (threadIdx.x == 0) {
+        out[r] = partial[0];
+    }
 }
 
 extern "C" __global__ void k_977fb34fc135_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
@@ -199,76 +207,60 @@ extern "C" __global__ void k_977fb34fc135_double(const double* __restrict__ in0,
     out[i] = ((c0 * (in0[r] * in1[r * cols + c] * in0[c])) + (r == c ? in2[r] : (double)0));
 }
 
-extern "C" __global__ void k_b3d733bf1653_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_5c03dc97b4ed_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, float* __restrict__ out1, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
     __shared__ float partial[256];
+    __shared__ float partial1[256];
     float acc = 0;
+    float acc1 = 0;
     for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
         acc += (in0[r * cols + c] * fn_tanh_2_float(in1[r * cols + c]));
+        acc1 += fn_tanh_1_float(in1[r * cols + c]);  // a sibling row sum, from the same reads
     }
     partial[threadIdx.x] = acc;
+    partial1[threadIdx.x] = acc1;
     __syncthreads();
     for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        if (threadIdx.x < s) {
+            partial[threadIdx.x] += partial[threadIdx.x + s];
+            partial1[threadIdx.x] += partial1[threadIdx.x + s];
+        }
         __syncthreads();
     }
-    if (threadIdx.x == 0) out[r] = partial[0];
+    if (threadIdx.x == 0) {
+        out[r] = partial[0];
+        out1[r] = partial1[0];
+    }
 }
 
-extern "C" __global__ void k_b3d733bf1653_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_5c03dc97b4ed_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, double* __restrict__ out1, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
     __shared__ double partial[256];
+    __shared__ double partial1[256];
     double acc = 0;
+    double acc1 = 0;
     for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
         acc += (in0[r * cols + c] * fn_tanh_2_double(in1[r * cols + c]));
+        acc1 += fn_tanh_1_double(in1[r * cols + c]);  // a sibling row sum, from the same reads
     }
     partial[threadIdx.x] = acc;
+    partial1[threadIdx.x] = acc1;
     __syncthreads();
     for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        if (threadIdx.x < s) {
+            partial[threadIdx.x] += partial[threadIdx.x + s];
+            partial1[threadIdx.x] += partial1[threadIdx.x + s];
+        }
         __syncthreads();
     }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void k_bbece1c4b4b0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_tanh_1_float(in0[r * cols + c]);
+    if (threadIdx.x == 0) {
+        out[r] = partial[0];
+        out1[r] = partial1[0];
     }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
-}
-
-extern "C" __global__ void k_bbece1c4b4b0_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += fn_tanh_1_double(in0[r * cols + c]);
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[r] = partial[0];
 }
 
 extern "C" __global__ void k_bbf53db00b39_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
@@ -335,6 +327,50 @@ extern "C" __global__ void k_d13b2ab6b72d_double(const double* __restrict__ in0,
     (void)r;
     (void)c;
     out[i] = (c0 * (in0[r] * in1[r * cols + c] * in0[c]));
+}
+
+extern "C" __global__ void k_eb3b9a48bb32_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ float partial[256];
+    float acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += fn_tanh_1_float(in0[r * cols + c]);
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) {
+            partial[threadIdx.x] += partial[threadIdx.x + s];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        out[r] = partial[0];
+    }
+}
+
+extern "C" __global__ void k_eb3b9a48bb32_double(const double* __restrict__ in0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
+    const long long r = blockIdx.x;
+    __shared__ double partial[256];
+    double acc = 0;
+    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
+        acc += fn_tanh_1_double(in0[r * cols + c]);
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) {
+            partial[threadIdx.x] += partial[threadIdx.x + s];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        out[r] = partial[0];
+    }
 }
 
 extern "C" __global__ void k_7aaf865ab029_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
@@ -544,7 +580,7 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
     B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
-    t8, t0 = _launch('k_d50d2803006a', dtype, (n, B), [(n, 1), (n, B)], [S['dz'], S['x']], [], 'rows')
+    t8, t0 = _launch('k_8a329e5197ac', dtype, (n, B), [(n, 1), (n, B)], [S['dz'], S['x']], [], 'rows')
     t1 = t0.T
     if 'm2' not in C:
         C['m2'] = _matmul(t0, t1)
@@ -572,13 +608,10 @@ def _hbp_exact_7_all(P, S, Hz, C=None):
     B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
-    if 'm4' not in C:
-        C['m4'] = _launch('k_bbece1c4b4b0', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t1 = C['m4']
+    t7, t1 = _launch('k_5c03dc97b4ed', dtype, (n, B), [(n, 1), (n, 1)], [S['dz'], S['x']], [], 'rows')
     if 'm5' not in C:
         C['m5'] = _rank_sum(t1)
     t2 = C['m5']
-    t7 = _launch('k_b3d733bf1653', dtype, (n, B), (n, 1), [S['dz'], S['x']], [], 'rows')
     t8 = _rank_sum(t7)
     t9 = _launch('k_977fb34fc135', dtype, (n, n), (n, n), [t2, Hz, t8], [B_all**(-2)], 'entries')
 
@@ -613,7 +646,7 @@ def _hbp_ggn_7_all(P, S, Hz, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm4' not in C:
-        C['m4'] = _launch('k_bbece1c4b4b0', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+        C['m4'] = _launch('k_eb3b9a48bb32', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
     t1 = C['m4']
     if 'm5' not in C:
         C['m5'] = _rank_sum(t1)
@@ -629,7 +662,7 @@ def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
-    t8, t0 = _launch('k_d50d2803006a', dtype, (n, B), [(n, 1), (n, B)], [S['dz'], S['x']], [], 'rows')
+    t8, t0 = _launch('k_8a329e5197ac', dtype, (n, B), [(n, 1), (n, B)], [S['dz'], S['x']], [], 'rows')
     t1 = t0.T
     if 'm2' not in C:
         C['m2'] = _matmul(t0, t1)
@@ -649,13 +682,10 @@ def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
-    if 'm4' not in C:
-        C['m4'] = _launch('k_bbece1c4b4b0', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t1 = C['m4']
+    t7, t1 = _launch('k_5c03dc97b4ed', dtype, (n, B), [(n, 1), (n, 1)], [S['dz'], S['x']], [], 'rows')
     if 'm5' not in C:
         C['m5'] = _rank_sum(t1)
     t2 = C['m5']
-    t7 = _launch('k_b3d733bf1653', dtype, (n, B), (n, 1), [S['dz'], S['x']], [], 'rows')
     t8 = _rank_sum(t7)
     t10 = _launch('k_d4490dea0273', dtype, (n, n), (n, n), [t2, Hz, t8], [B_all**(-2)], 'entries')
 
@@ -668,7 +698,7 @@ def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
-    t8, t0 = _launch('k_d50d2803006a', dtype, (n, B), [(n, 1), (n, B)], [S['dz'], S['x']], [], 'rows')
+    t8, t0 = _launch('k_8a329e5197ac', dtype, (n, B), [(n, 1), (n, B)], [S['dz'], S['x']], [], 'rows')
     t1 = t0.T
     if 'm2' not in C:
         C['m2'] = _matmul(t0, t1)
@@ -688,13 +718,10 @@ def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
-    if 'm4' not in C:
-        C['m4'] = _launch('k_bbece1c4b4b0', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t1 = C['m4']
+    t7, t1 = _launch('k_5c03dc97b4ed', dtype, (n, B), [(n, 1), (n, 1)], [S['dz'], S['x']], [], 'rows')
     if 'm5' not in C:
         C['m5'] = _rank_sum(t1)
     t2 = C['m5']
-    t7 = _launch('k_b3d733bf1653', dtype, (n, B), (n, 1), [S['dz'], S['x']], [], 'rows')
     t8 = _rank_sum(t7)
     t10 = _launch('k_576d80003b4f', dtype, (n, n), (n, n), [t2, Hz, t8], [B_all**(-2)], 'entries')
 

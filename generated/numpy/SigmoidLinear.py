@@ -269,7 +269,7 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
         C['m0'] = _fn_sigmoid_0(S['x'])
     t14 = C['m0']
     if 'm6' not in C:
-        C['m6'] = _gram(t14)
+        C['m6'] = _gram(t14, 1/B_all)
     t15 = C['m6']
     if 'm7' not in C:
         C['m7'] = _rank_sum(t15)
@@ -277,7 +277,7 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
 
     return {
         "x": CurvatureBlock(kron=[], dense=t13),
-        "W": CurvatureBlock(kron=[_kron((1/B_all), t16, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1), t16, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -290,14 +290,14 @@ def _hbp_exact_6_params(P, S, Hz, C=None):
         C['m0'] = _fn_sigmoid_0(S['x'])
     t0 = C['m0']
     if 'm6' not in C:
-        C['m6'] = _gram(t0)
+        C['m6'] = _gram(t0, 1/B_all)
     t1 = C['m6']
     if 'm7' not in C:
         C['m7'] = _rank_sum(t1)
     t2 = C['m7']
 
     return {
-        "W": CurvatureBlock(kron=[_kron((1/B_all), t2, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1), t2, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -336,12 +336,12 @@ def _hbp_exact_7_all(P, S, Hz, C=None):
         C['m11'] = _rank_sum(t13)
     t14 = C['m11']
     if 'm12' not in C:
-        C['m12'] = _gram(t14)
+        C['m12'] = _gram(t14, B_all**(-2))
     t15 = C['m12']
 
     return {
         "x": CurvatureBlock(kron=[], dense=t11),
-        "W": CurvatureBlock(kron=[_kron((B_all**(-2)), t15, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1), t15, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -360,11 +360,11 @@ def _hbp_exact_7_params(P, S, Hz, C=None):
         C['m11'] = _rank_sum(t1)
     t2 = C['m11']
     if 'm12' not in C:
-        C['m12'] = _gram(t2)
+        C['m12'] = _gram(t2, B_all**(-2))
     t3 = C['m12']
 
     return {
-        "W": CurvatureBlock(kron=[_kron((B_all**(-2)), t3, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1), t3, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -391,7 +391,7 @@ def _hbp_ggn_6_all(P, S, Hz, C=None):
         C['m0'] = _fn_sigmoid_0(S['x'])
     t8 = C['m0']
     if 'm6' not in C:
-        C['m6'] = _gram(t8)
+        C['m6'] = _gram(t8, 1/B_all)
     t9 = C['m6']
     if 'm7' not in C:
         C['m7'] = _rank_sum(t9)
@@ -399,7 +399,7 @@ def _hbp_ggn_6_all(P, S, Hz, C=None):
 
     return {
         "x": CurvatureBlock(kron=[], dense=t7),
-        "W": CurvatureBlock(kron=[_kron((1/B_all), t10, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1), t10, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -430,12 +430,12 @@ def _hbp_ggn_7_all(P, S, Hz, C=None):
         C['m11'] = _rank_sum(t7)
     t8 = C['m11']
     if 'm12' not in C:
-        C['m12'] = _gram(t8)
+        C['m12'] = _gram(t8, B_all**(-2))
     t9 = C['m12']
 
     return {
         "x": CurvatureBlock(kron=[], dense=t5),
-        "W": CurvatureBlock(kron=[_kron((B_all**(-2)), t9, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1), t9, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -471,7 +471,7 @@ def _hbp_pch_abs_6_all(P, S, Hz, C=None):
         C['m0'] = _fn_sigmoid_0(S['x'])
     t15 = C['m0']
     if 'm6' not in C:
-        C['m6'] = _gram(t15)
+        C['m6'] = _gram(t15, 1/B_all)
     t16 = C['m6']
     if 'm7' not in C:
         C['m7'] = _rank_sum(t16)
@@ -479,7 +479,7 @@ def _hbp_pch_abs_6_all(P, S, Hz, C=None):
 
     return {
         "x": CurvatureBlock(kron=[], dense=t14),
-        "W": CurvatureBlock(kron=[_kron((1/B_all), t17, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1), t17, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -519,12 +519,12 @@ def _hbp_pch_abs_7_all(P, S, Hz, C=None):
         C['m11'] = _rank_sum(t14)
     t15 = C['m11']
     if 'm12' not in C:
-        C['m12'] = _gram(t15)
+        C['m12'] = _gram(t15, B_all**(-2))
     t16 = C['m12']
 
     return {
         "x": CurvatureBlock(kron=[], dense=t12),
-        "W": CurvatureBlock(kron=[_kron((B_all**(-2)), t16, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1), t16, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -560,7 +560,7 @@ def _hbp_pch_clip_6_all(P, S, Hz, C=None):
         C['m0'] = _fn_sigmoid_0(S['x'])
     t15 = C['m0']
     if 'm6' not in C:
-        C['m6'] = _gram(t15)
+        C['m6'] = _gram(t15, 1/B_all)
     t16 = C['m6']
     if 'm7' not in C:
         C['m7'] = _rank_sum(t16)
@@ -568,7 +568,7 @@ def _hbp_pch_clip_6_all(P, S, Hz, C=None):
 
     return {
         "x": CurvatureBlock(kron=[], dense=t14),
-        "W": CurvatureBlock(kron=[_kron((1/B_all), t17, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1), t17, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 
@@ -608,12 +608,12 @@ def _hbp_pch_clip_7_all(P, S, Hz, C=None):
         C['m11'] = _rank_sum(t14)
     t15 = C['m11']
     if 'm12' not in C:
-        C['m12'] = _gram(t15)
+        C['m12'] = _gram(t15, B_all**(-2))
     t16 = C['m12']
 
     return {
         "x": CurvatureBlock(kron=[], dense=t12),
-        "W": CurvatureBlock(kron=[_kron((B_all**(-2)), t16, Hz), ], dense=None),
+        "W": CurvatureBlock(kron=[_kron((1), t16, Hz), ], dense=None),
         "b": CurvatureBlock(kron=[], dense=Hz),
     }
 

@@ -47,6 +47,7 @@ def kernel_source(program: Program, kernel: Kernel, dtype: str) -> str:
     kernel.coefficients, kernel.functions = printer.coefficients, printer.functions
     return environment().get_template("cupy/kernel.cu.j2").render(
         kernel=kernel, dtype=dtype, value=value, extra_values=extra_values, inputs=printer.loads,
+        extra_sums=[e.kind == "row_sum" for e in kernel.extra],
         coefficients=[f"c{i}" for i in range(len(printer.coefficients))], threads_per_block=THREADS_PER_BLOCK,
     )
 
@@ -158,7 +159,8 @@ class CuPyPrinter(ArrayPrinter):
         shape = lambda rows, cols: f"({self.dim(rows)}, {self.dim(cols)})"  # noqa: E731
         out = shape(k.shape[0], ONE) if k.kind == "row_sum" else shape(*k.shape)
         if k.extra:
-            out = "[" + ", ".join([out, *[shape(*e.shape) for e in k.extra]]) + "]"
+            out = "[" + ", ".join([out, *[shape(e.shape[0], ONE) if e.kind == "row_sum" else shape(*e.shape)
+                                          for e in k.extra]]) + "]"
         dims = ", ".join(self.dim(d) for d in k.shape)
         coefficients = ", ".join(self.dim(c) for c in k.coefficients)
         inputs = ", ".join(reference_code(name) for name, _ in k.inputs)
@@ -185,7 +187,7 @@ def _contexts(plan: ModulePlan) -> tuple[dict, dict[str, dict], list[Kernel]]:
 def render_cupy_module(plan: ModulePlan) -> str:
     forward, families, kernels = _contexts(plan)
     return environment().get_template("cupy/module.py.j2").render(
-        module=module_context(plan), version=__version__, backend="cupy", functions=functions_of(plan),
+        module=module_context(plan), version=__version__, backend="cupy", functions=functions_of(plan.programs()),
         forward=forward, cuda_source=cuda_source(kernels), **families,
     )
 

@@ -114,6 +114,30 @@ class KernelBuilder:
         self.by_target = {s.target: s for s in program.steps}
         self.uses = program.use_counts()
         self.kernels: list[Kernel] = []
+        self.readers: dict[str, list[Expr]] = {}  # the nodes of the steps that read each step
+        for step in program.steps:
+            for child in step.node.children:
+                for read in read_by(step.node, child):
+                    name = program.names.get(read)
+                    if isinstance(name, str):
+                        self.readers.setdefault(name, []).append(step.node)
+        results = set(program.result_names())
+        self.recomputed = {s.target for s in program.steps if s.target not in results and self._recomputable(s)}
+
+    def _recomputable(self, step: Step) -> bool:
+        """A bias added to a product, (W X) + b 1ᵀ, read by elementwise work alone (an activation, its
+        derivatives, a softmax): computed again inside each kernel that reads it (one read of W X and of b
+        either way), never written. Across a network's modules this fuses a bias add with the activation
+        after it and with that activation's derivatives in the backward pass."""
+        node = step.node
+        if not isinstance(node, Add) or self.uses.get(step.target, 0) < 2 or step.target in self.invariant:
+            return False
+        if not all(is_broadcast(t) or not is_elementwise(t) for t in node.args):
+            return False
+        readers = self.readers.get(step.target, [])
+        return bool(readers) and all(
+            is_elementwise(r) or isinstance(r, (Softmax, LogSoftmax)) or (is_row_sum(r) and r.args[0] == node)
+            for r in readers)
 
     def _internal(self, node: Expr, shape: tuple) -> bool:
         """Whether ``node`` is computed inside a kernel over ``shape``: elementwise, used once, and of the
@@ -122,13 +146,14 @@ class KernelBuilder:
         name = self.program.names.get(node, "")
         step = self.by_target.get(name)
         rows, cols = shape
-        return (step is not None and is_elementwise(step.node) and self.uses.get(name, 0) == 1
+        return (step is not None and is_elementwise(step.node)
+                and (self.uses.get(name, 0) == 1 or name in self.recomputed)
                 and tuple(node.shape) in {(rows, cols), (rows, ONE), (ONE, cols), (ONE, ONE)})
 
     def build(self) -> list[Kernel]:
         fused: set[str] = set()
         for step in reversed(self.program.steps):
-            if step.target in fused:
+            if step.target in fused or step.target in self.recomputed:
                 continue
             node = step.node
             if is_row_sum(node) and self._internal(node.args[0], node.args[0].shape):
@@ -148,28 +173,56 @@ class KernelBuilder:
             fused |= kernel.members
             kernel.placed_at = kernel.target
             self.kernels.append(kernel)
+        self._sum_rows_of_written()
         self._merge_siblings()
         return self.kernels
 
+    def _sum_rows_of_written(self) -> None:
+        """A row sum M 1 of a map kernel's output M that others read too (a layer's δZ, whose row sum is
+        its bias gradient) is summed by that kernel as it writes M: a row-sum kernel over M's expression
+        with M as its sibling output, one launch instead of a kernel and a reduction."""
+        kernel_of = {k.target: k for k in self.kernels}
+        fused = set().union(*[k.members for k in self.kernels]) if self.kernels else set()
+        for step in self.program.steps:
+            operand = step.node.args[0] if is_row_sum(step.node) else None
+            written = kernel_of.get(self.program.names.get(operand, "")) if operand is not None else None
+            if written is None or written.kind != "map" or written.extra or step.target in fused \
+                    or (written.target in self.invariant) != (step.target in self.invariant):
+                continue
+            host = Kernel(UNNAMED, step.target, written.shape, written.body, "row_sum",
+                          members=written.members | {step.target}, inputs=list(written.inputs),
+                          extra=[written], placed_at=written.target)
+            self.kernels[self.kernels.index(written)] = host
+            kernel_of[written.target] = host
+
     def _merge_siblings(self) -> None:
-        """A row sum and an elementwise kernel over the same (rows, cols), neither reading the other,
-        become one launch that reads the inputs once: in an activation's exact or PCH block (6), φ′(x)
-        for the Gram product and the row sum of δz ⊙ φ″(x)."""
+        """Kernels over the same (rows, cols), neither reading the other, become one launch that reads the
+        inputs once: elementwise maps and row sums with a row sum, maps with each other (in an
+        activation's exact or PCH block (6), φ′(x) for the Gram product and the row sum of δz ⊙ φ″(x);
+        across a network, δz ⊙ φ′(x), its row sum (a bias gradient), φ′(x) and the row sum of δz ⊙ φ″(x))."""
         position = {s.target: i for i, s in enumerate(self.program.steps)}
         at = lambda name: position.get(name, -1)  # noqa: E731 - an argument (a leaf) is there from the start
-        for host in [k for k in self.kernels if k.kind == "row_sum"]:
-            for other in [k for k in self.kernels if k.kind == "map" and not k.extra]:
+        hosts = sorted([k for k in self.kernels if k.kind in ("row_sum", "map")], key=lambda k: k.kind != "row_sum")
+        for host in hosts:
+            if host not in self.kernels:
+                continue  # merged into another already
+            absorbed = ("map", "row_sum") if host.kind == "row_sum" else ("map",)  # a block per row sums too
+            for other in [k for k in self.kernels if k.kind in absorbed and k is not host
+                          and (not k.extra or host.kind == "row_sum")]:
                 if other.shape != host.shape or (other.target in self.invariant) != (host.target in self.invariant):
                     continue
-                first, later = sorted((host, other), key=lambda k: at(k.target))
-                if any(at(name) >= at(first.target) for name, _ in later.inputs):
+                first, later = sorted((host, other), key=lambda k: at(k.placed_at))
+                if any(at(name) >= at(first.placed_at) for name, _ in later.inputs):
                     continue  # the later one needs what is computed from the earlier one's place on
-                host.extra.append(other)
+                if any(name in {k.target for k in (other, *other.extra)} for name, _ in host.inputs) or \
+                        any(name in {k.target for k in (host, *host.extra)} for name, _ in other.inputs):
+                    continue  # one reads the other's output
+                host.extra += [other, *other.extra]  # its own siblings become the host's
+                other.extra = []
                 host.members |= other.members
                 host.inputs += [i for i in other.inputs if i not in host.inputs]
-                host.placed_at = first.target
+                host.placed_at = first.placed_at
                 self.kernels.remove(other)
-                break
 
     def _collect(self, kernel: Kernel, node: Expr, top: bool = False) -> None:
         if top or self._internal(node, kernel.shape):

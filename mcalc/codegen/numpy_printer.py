@@ -380,8 +380,9 @@ class ArrayPrinter:
     def _print_PSDProjection(self, node: Expr) -> str:
         return f"_psd_project({self.operand(node.args[1])}, {node.args[0]!r})"
 
-    def _print_Gram(self, node: Expr) -> str:
-        return f"_gram({self.operand(node.args[0])})"
+    def _print_Gram(self, node: Expr) -> str:  # the scale rides on the product (cuBLAS's alpha)
+        scale = "" if node.scale == 1 else f", {self.dim(node.scale)}"
+        return f"_gram({self.operand(node.args[0])}{scale})"
 
     def _print_BlockTrace(self, node: Expr) -> str:
         return f"_block_trace({self.operand(node.args[0])}, {self.dim(node.args[1])})"

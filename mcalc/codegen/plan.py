@@ -270,9 +270,15 @@ class ProgramBuilder:
                 dense.append(term)
                 continue
             coefficient, scale, left, right = factors
+            left, right = _implicit_gram(left), _implicit_gram(right)
+            if scale is None:  # a number (1/B) rides on a Gram factor's product, where it costs nothing
+                folded = _scaled_gram(left, coefficient) or _scaled_gram(right, coefficient)
+                if folded is not None:
+                    left, right = (folded, right) if _scaled_gram(left, coefficient) else (left, folded)
+                    coefficient = ONE
             # A number (1/B) stays a number: an array scale would cost a kernel and its own dtype.
             array_or_number = self.result(simplify(ScalarMul(coefficient, scale))) if scale is not None else coefficient
-            plan.kron.append((array_or_number, self.result(_implicit_gram(left)), self.result(_implicit_gram(right))))
+            plan.kron.append((array_or_number, self.result(left), self.result(right)))
         remainder = dense[0] if len(dense) == 1 else Add(*dense) if dense else None
         if remainder is not None and not isinstance(remainder, Zero):  # a zero block has no dense part
             plan.dense = self.result(pair_transposes(remainder))  # a block is symmetric
@@ -327,6 +333,19 @@ def _implicit_gram(factor: Expr) -> Expr:
         return factor
     p = left[0] if half == 1 else MatMul(*left)
     return Gram(p) if p.cols in (BATCH, sp.Integer(1)) else factor
+
+
+def _scaled_gram(factor: Expr, coefficient: sp.Expr) -> Expr | None:
+    """c·P Pᵀ for a Gram factor P Pᵀ (or a sum of them over the ranks, c being the same on every rank),
+    so that the product forming it scales it (cuBLAS's alpha); None for any other factor or c = 1."""
+    if coefficient == 1:
+        return None
+    if isinstance(factor, RankSum) and BATCH not in sp.sympify(coefficient).free_symbols:
+        inner = _scaled_gram(factor.args[0], coefficient)
+        return None if inner is None else RankSum(inner)
+    if isinstance(factor, Gram) and factor.scale == 1:
+        return Gram(factor.args[0], coefficient)
+    return None
 
 
 def _kron_factors(term: Expr) -> tuple[sp.Expr, Expr | None, Expr, Expr] | None:

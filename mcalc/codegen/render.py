@@ -142,9 +142,10 @@ def printed_results(program: Program) -> dict[str, Any]:
     return out
 
 
-def functions_of(plan: ModulePlan) -> list[str]:
+def functions_of(programs: list[Program]) -> list[str]:
+    """The Python source of every elementwise function (and derivative) the programs apply, once each."""
     seen: dict[str, str] = {}
-    programs = plan.programs()
+    programs = list(programs)
     while programs:
         p = programs.pop()
         programs += [inner for _, inner, _ in p.fallbacks]
@@ -204,5 +205,5 @@ def render_module(plan: ModulePlan, backend: str, header: str, product: str = NU
     forward, families = program_contexts(plan, ArrayFamily(product=product))
     return environment().get_template(f"{backend}/module.py.j2").render(
         module=module_context(plan), version=__version__, backend=backend, header=header,
-        functions=functions_of(plan), forward=forward, **families,
+        functions=functions_of(plan.programs()), forward=forward, **families,
     )

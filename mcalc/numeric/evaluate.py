@@ -357,7 +357,7 @@ class Evaluator:
 
     def _eval_Gram(self, e: Expr) -> np.ndarray:
         p = self.value(e.args[0])
-        return p @ p.T
+        return float(sp.sympify(e.scale).xreplace(self.binding)) * (p @ p.T)
 
     def _eval_Diag(self, e: Expr) -> np.ndarray:
         return np.diag(self.value(e.args[0])[:, 0])

@@ -96,7 +96,8 @@ class LatexPrinter(Printer):
 
     def _print_Gram(self, e: Expr) -> str:
         inner = self.wrap(e.args[0], ATOM)
-        return rf"{inner} {inner}^{{\top}}"
+        scale = "" if e.scale == 1 else sp.latex(e.scale) + r"\,"
+        return rf"{scale}{inner} {inner}^{{\top}}"
 
     def _print_WindowArgmax(self, e: Expr) -> str:
         return rf"\operatorname{{argmax}}_{{{spec_text(e.args[1].kernel)}}}\left({self._print(e.args[0])}\right)"

@@ -89,7 +89,7 @@ class TextPrinter(Printer):
 
     def _print_Gram(self, e: Expr) -> str:
         inner = self.wrap(e.args[0], ATOM)
-        return f"{inner} {inner}ᵀ"
+        return f"{inner} {inner}ᵀ" if e.scale == 1 else f"({e.scale})·{inner} {inner}ᵀ"
 
     def _print_WindowArgmax(self, e: Expr) -> str:
         return f"argmax{_spec_text(e.args[1])}({self._print(e.args[0])})"

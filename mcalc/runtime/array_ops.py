@@ -282,9 +282,10 @@ def kron(scale: Any, a: Any, b: Any) -> tuple[Any, Any]:
     return (a * scale, b) if scale_a else (a, b * scale)
 
 
-def gram(p: Any) -> Any:
-    """P Pᵀ formed when that is cheaper than applying it through P (rows ≤ columns), else kept implicit."""
-    return matmul(p, p.T) if p.shape[0] <= p.shape[1] else GramFactor(p)
+def gram(p: Any, scale: float = 1.0) -> Any:
+    """scale·P Pᵀ formed (the scale on the product) when that is cheaper than applying it through P
+    (rows ≤ columns), else kept implicit."""
+    return matmul(p, p.T, scale) if p.shape[0] <= p.shape[1] else GramFactor(p, scale)
 
 
 def special(a: Any) -> Any:

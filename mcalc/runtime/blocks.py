@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import McalcError
+from .cuda_graph import matmul
 
 
 class GramFactor:
@@ -16,17 +17,19 @@ class GramFactor:
     2·rows·B per column, so it stays implicit when rows > B.
     """
 
-    def __init__(self, p: Any) -> None:
-        self.p = p
+    scale = 1.0  # c of c·P Pᵀ (a class default: factors pickled before it existed have none)
+
+    def __init__(self, p: Any, scale: float = 1.0) -> None:
+        self.p, self.scale = p, scale
         self.shape = (p.shape[0], p.shape[0])
         self.size = p.shape[0] * p.shape[0]
 
     def right_apply(self, v: Any) -> Any:
-        """V (P Pᵀ)ᵀ = (V P) Pᵀ."""
-        return (v @ self.p) @ self.p.T
+        """V (c P Pᵀ)ᵀ = c (V P) Pᵀ."""
+        return matmul(v @ self.p, self.p.T, self.scale)
 
     def dense(self) -> Any:
-        return self.p @ self.p.T
+        return matmul(self.p, self.p.T, self.scale)
 
 
 def _right_apply(v: Any, a: Any) -> Any:

@@ -27,13 +27,22 @@ from ..errors import McalcError
 _capturing = False  # set while a CapturedCall records: products then call cuBLAS themselves
 
 
-def matmul(a: Any, b: Any) -> Any:
-    """``a @ b`` for the generated CuPy code. While a graph is captured the product is enqueued by
-    calling cuBLAS directly: CuPy refuses any cuBLAS call on a capturing stream, though cuBLAS
-    itself supports capture."""
-    if not _capturing or getattr(sys.modules.get("cupy"), "EMULATED", False) or a.ndim > 2 or b.ndim > 2:
-        return a @ b  # the emulator records `@`; a stack of products (a batched rule) is not captured
-    return _captured_gemm(a, b)
+def matmul(a: Any, b: Any, alpha: float = 1.0) -> Any:
+    """``alpha * (a @ b)`` as one product, for the generated code. On a GPU, while a graph is captured
+    or with a scale (cuBLAS's alpha, which CuPy's ``@`` does not take), the product is enqueued by
+    calling cuBLAS directly: CuPy refuses any cuBLAS call on a capturing stream, though cuBLAS itself
+    supports capture. The emulator counts and records it as one product; NumPy scales after."""
+    cupy = sys.modules.get("cupy")
+    flat = a.ndim == 2 and b.ndim == 2  # a stack of products (a batched rule) is neither captured nor scaled
+    if type(a).__module__.split(".")[0] == "cupy" and not getattr(cupy, "EMULATED", False):
+        if flat and (_capturing or alpha != 1.0):
+            return _captured_gemm(a, b, alpha)
+    elif getattr(cupy, "EMULATED", False) and isinstance(a, cupy.ndarray) and flat and alpha != 1.0:
+        return cupy.scaled_matmul(a, b, alpha)
+    product = a @ b
+    if alpha != 1.0:
+        product *= alpha
+    return product
 
 
 @functools.cache
@@ -55,12 +64,12 @@ def _column_major(x: Any) -> tuple[Any, int, int]:
     return x, 0, max(1, x.shape[1])  # CUBLAS_OP_N
 
 
-def _captured_gemm(a: Any, b: Any) -> Any:
-    """C = A B as the column-major Cᵀ = Bᵀ Aᵀ, by cublas{S,D}gemm on the current stream."""
+def _captured_gemm(a: Any, b: Any, alpha: float = 1.0) -> Any:
+    """C = alpha A B as the column-major Cᵀ = alpha Bᵀ Aᵀ, by cublas{S,D}gemm on the current stream."""
     import cupy
 
     if a.ndim != 2 or b.ndim != 2 or a.dtype != b.dtype or a.dtype not in (cupy.float32, cupy.float64):
-        return a @ b  # not a product the generated code makes; CuPy says why it cannot be captured
+        return (a @ b) * alpha  # not a product the generated code makes; CuPy says why it cannot be captured
     (m, k), n = a.shape, b.shape[1]
     if m == 0 or n == 0 or k == 0:
         return cupy.zeros((m, n), dtype=a.dtype)
@@ -69,10 +78,10 @@ def _captured_gemm(a: Any, b: Any) -> Any:
     library, handle = _cublas(), cupy.cuda.Device().cublas_handle
     scalar, gemm = ((ctypes.c_float, library.cublasSgemm_v2) if a.dtype == cupy.float32
                     else (ctypes.c_double, library.cublasDgemm_v2))
-    one, zero = scalar(1), scalar(0)
+    scale, zero = scalar(alpha), scalar(0)
     _check(library.cublasSetStream_v2(ctypes.c_void_p(handle),
                                       ctypes.c_void_p(cupy.cuda.get_current_stream().ptr)))
-    _check(gemm(ctypes.c_void_p(handle), op_b, op_a, n, m, k, ctypes.byref(one),
+    _check(gemm(ctypes.c_void_p(handle), op_b, op_a, n, m, k, ctypes.byref(scale),
                 ctypes.c_void_p(b.data.ptr), ld_b, ctypes.c_void_p(a.data.ptr), ld_a,
                 ctypes.byref(zero), ctypes.c_void_p(out.data.ptr), max(1, n)))
     return out

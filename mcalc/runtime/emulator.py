@@ -404,6 +404,9 @@ def emulated_cupy() -> types.ModuleType:
                                       MemoryPool=lambda: types.SimpleNamespace(malloc=None),
                                       using_allocator=lambda *_: contextlib.nullcontext(),
                                       runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
+    # cuBLAS's gemm with alpha, which runtime.cuda_graph.matmul calls on a GPU: one product
+    cupy.scaled_matmul = _on_device(lambda a, b, alpha: np.multiply(np.matmul(np.asarray(a), np.asarray(b)), alpha),
+                                    counted="matmul")
     cupy.EMULATED = True  # what must differ from CuPy (cuBLAS is not there to call) asks for this
     return cupy
 

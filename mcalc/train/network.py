@@ -37,6 +37,7 @@ from .model_spec import (
 )
 
 if TYPE_CHECKING:
+    from ..codegen.network_plan import Chain
     from ..module import Module
 
 SPEC_LOSSES = {"ce": "CrossEntropy", "mse": "MSE"}
@@ -103,10 +104,13 @@ class Network:
 
     def __init__(self, spec: str, loss: str = "ce", backend: str = "numpy", seed: int = 0,
                  dtype: Any = np.float64, weights: Mapping[str, Any] | None = None,
-                 code: Mapping[str, ModuleType] | None = None) -> None:
+                 code: Mapping[str, ModuleType] | None = None, linked: bool = False) -> None:
         if loss not in SPEC_LOSSES:
             raise McalcError(f"unknown loss '{loss}'; choose one of {', '.join(SPEC_LOSSES)}")
         self.spec, self.backend, self.dtype = spec, backend, dtype
+        # one generated program per pass, fused across the modules (codegen.network_plan), where the chain allows
+        self.linked = linked
+        self._chain: Any = None
         # the ranks a batch is shared out over (the trainer sets it): batch means are averaged over them
         self.parallel = DataParallel()
         self.code: dict[str, ModuleType] = dict(code or {})
@@ -402,6 +406,8 @@ class Network:
         code = self.code[self.loss_module]
         approximation = Approximation.parse(approximation)
         curvature = Curvature.parse(curvature) if curvature is not None else None
+        if self.linked and record is None and self.chain() is not None:
+            return self._linked_pass(X, Y, curvature, approximation)
         start = Approximation.MEAN_OF_SANDWICHES if approximation is Approximation.AUTO else approximation
         caches: list[dict] = [{} for _ in range(len(self.layers) + 1)]  # one per module, the loss's last
         Z, inputs = self.forward(X, caches=caches)
@@ -433,6 +439,42 @@ class Network:
             if not first:
                 dZ = columns_of_matrices(g[layer.input])
         return loss, grads, blocks
+
+    def chain(self) -> Chain | None:
+        """The network as a chain of library modules for :mod:`mcalc.codegen.network_plan`, or None where it is
+        not one that a linked program holds (a user's module, a convolution: those run module by module)."""
+        if self._chain is None:
+            from ..codegen.network_plan import Chain, ChainLayer, bind_dims, output_size, unsupported
+            from ..layers import LIBRARY
+
+            by_name = {m.name: m for m in LIBRARY}
+            layers, width = [], self.widths[0]
+            for layer in self.layers:
+                module = by_name.get(layer.module)
+                if module is None or layer.input_rows is not None or layer.output_rows is not None:
+                    self._chain = False
+                    return None
+                shapes = {layer.input: (width, 1), **{own: tuple(self._params[name].shape)
+                                                      for own, name in layer.params.items()}}
+                dims = bind_dims(module, shapes)
+                layers.append(ChainLayer(module, dims, dict(layer.params)))
+                width = output_size(module, dims)
+            loss = by_name[self.loss_module]
+            chain = Chain(tuple(layers), loss, bind_dims(loss, {s.name: (width, 1) for s in loss.symbols}))
+            self._chain = chain if unsupported(chain) is None else False
+        return self._chain or None
+
+    def _linked_pass(self, X: Any, Y: Any, curvature: Curvature | None,
+                     approximation: Approximation) -> tuple[Any, dict[str, Any], dict[str, CurvatureBlock]]:
+        """:meth:`_backward_pass` as one generated program over the whole network (generated on first use)."""
+        from ..codegen.network_code import network_code
+
+        if approximation is Approximation.AUTO:  # every module of a linked chain has (6) in closed form
+            approximation = Approximation.MEAN_OF_SANDWICHES
+        title = f"{self.spec}, loss {self.loss_module}"
+        code = network_code(self.chain(), curvature, approximation, self.backend, title)
+        out = code.run(self.params, {"X": X, "Y": Y})
+        return out["loss"].reshape(()), out["grads"], out["blocks"]
 
     def batch_rule(self, layer: Layer, curvature: Curvature, approximation: Approximation) -> Approximation:
         """The batch rule a layer's blocks are computed by: ``approximation`` itself, or for
