@@ -1,7 +1,7 @@
 """The CNN target of issue 14 on MNIST-1D: Greydanus' ConvBase (examples/mnist1d_cnn.py) trained by each
 optimiser at its defaults over several seeds, every run counted.
 
-    python benchmarks/mnist1d_cnn.py [--optimizers hbp-newton adam kfac] [--seeds 3] [--epochs 40]
+    python benchmarks/mnist1d_cnn.py [--optimizers hbp-newton adam kfac kbfgs] [--seeds 3] [--epochs 40]
                                      [--json OUT] [--plot OUT.png]
 
 Reports each optimiser's final and best test accuracy (mean over seeds, and every seed's), its wall time,
@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--optimizers", nargs="+", default=["hbp-newton", "adam", "kfac"])
+    parser.add_argument("--optimizers", nargs="+", default=["hbp-newton", "adam", "kfac", "kbfgs"])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--json")

@@ -105,6 +105,38 @@ def test_every_optimizer_trains_a_convolutional_network(optimizer):
     assert history[-1]["test_accuracy"] > 0.4 and min(h["train_loss"] for h in history) < np.log(data.classes)
 
 
+def test_kbfgs_factors_a_convolution_over_its_patches_and_positions():
+    """K-BFGS's first step on a convolution, transcribed by hand: Ā over the zero-padded patches of the
+    training signals (a loop over positions), H_a = (Ā + √λ I)⁻¹, H_g = I, the momentum 0.1 (∇ + τθ) of
+    [K b]; then the pair that updates H_g: the changes of the pre-activations and of the per-sample
+    gradients at them, averaged over positions and samples (KF-QN-CNN's), s scaled by 1 − 0.9."""
+    from mcalc.train.optimizers import KBFGS
+
+    rng = np.random.default_rng(0)
+    net = Network("2x7-conv(3,3,pad=1)-tanh-flatten-4", seed=0)
+    X, X_train = rng.normal(size=(14, 5)), rng.normal(size=(14, 20))
+    Y = np.eye(4)[:, rng.integers(0, 4, 5)]
+    # a sample's column is vec of its (channels × positions) signal; padded: (channels, positions + 2, samples)
+    signals = np.pad(X_train.reshape(7, 2, -1).transpose(1, 0, 2), ((0, 0), (1, 1), (0, 0)))
+    patches = [np.append(signals[:, t:t + 3, i].reshape(-1), 1.0) for i in range(20) for t in range(7)]
+    A = sum(np.outer(p, p) for p in patches) / len(patches)  # E[Σₜ ãₜ ãₜᵀ] / T, channel-major taps
+    optimizer = KBFGS(lr=0.5, damping=0.3)
+    optimizer.prepare(net, X_train)
+    np.testing.assert_allclose(optimizer.A[0], A, atol=1e-12)
+    _, grads, _ = net.backward(X, Y)
+    theta = {name: value.copy() for name, value in net.params.items()}
+    _, inputs_before = net.forward(X)
+    updates = optimizer.step(net, grads, {}, (X, Y))
+    K, b = net.layers[0].params["K"], net.layers[0].params["b"]
+    gradient = 0.1 * (np.hstack([grads[K], grads[b]]) + 1e-5 * np.hstack([theta[K], theta[b]]))
+    expected = -0.5 * gradient @ np.linalg.inv(A + np.sqrt(0.3) * np.eye(len(A)))
+    np.testing.assert_allclose(np.hstack([updates[K], updates[b]]), expected, atol=1e-12)
+    _, inputs_after = net.forward(X, net.params_plus(updates))
+    change = (inputs_before[1] - inputs_after[1]).reshape(7, 3, 5)  # (positions, channels, samples)
+    s, _ = optimizer.pairs[0]
+    np.testing.assert_allclose(s[:, 0], 0.1 * change.mean(axis=(0, 2)), atol=1e-12)
+
+
 def test_a_convolutional_network_trains_from_the_command_line(tmp_path):
     from mcalc import cli
 

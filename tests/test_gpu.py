@@ -124,15 +124,18 @@ def test_hbp_newton_steps_on_cupy_match_numpy(cp, solver):
             np.testing.assert_allclose(steps[1][name].get(), expected, rtol=1e-8, atol=1e-10, err_msg=name)
 
 
+@pytest.mark.parametrize("linked", [False, True], ids=["modules", "linked"])
 @pytest.mark.parametrize("curvature", ["ggn", "exact"])
-def test_captured_backward_replays_the_eager_pass(cp, curvature):
+def test_captured_backward_replays_the_eager_pass(cp, curvature, linked):
     """Network.capture_backward (a CUDA graph) gives the eager pass's loss, gradients and blocks on new
-    batches, after the parameters are rebound (as an optimiser does) and after an in-place update."""
+    batches, after the parameters are rebound (as an optimiser does) and after an in-place update; also
+    when the captured pass is one linked program (its Gram factors scaled by the product, cuBLAS's alpha)."""
     from mcalc.train.network import Network
 
     rng = np.random.default_rng(4)
     batch = lambda: (cp.asarray(rng.normal(size=(12, 32))), cp.asarray(np.eye(4)[:, rng.integers(0, 4, 32)]))  # noqa: E731
-    eager, captured = (Network("12-8-tanh-6-sigmoid-4", backend="cupy", seed=1) for _ in range(2))
+    eager = Network("12-8-tanh-6-sigmoid-4", backend="cupy", seed=1)
+    captured = Network("12-8-tanh-6-sigmoid-4", backend="cupy", seed=1, linked=linked)
     replay = captured.capture_backward(*batch(), curvature)
     for change in ("none", "rebind", "in place"):
         if change == "rebind":

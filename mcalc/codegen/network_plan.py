@@ -155,14 +155,13 @@ def link(chain: Chain, curvature: Curvature | None, approximation: Approximation
     at_loss = {loss.input: Z, loss.dz: per_sample_mean}
     if loss.constant is not None:
         at_loss[loss.constant] = Stacked(Symbol(LABELS, loss.constant.rows, ONE))
-    builder = ProgramBuilder()
+    builder, outputs = ProgramBuilder(), chain.loss.inputs[0].name
     losses = loss.instance(batch_forward(loss.derivation), at_loss)
     builder.named_result("loss", ScalarMul(1 / SAMPLES, MatMul(losses, Ones(BATCH, ONE))))
-    dZ = loss.instance(batch_gradient(loss.derivation, loss.derivation.module.inputs[0].name), at_loss)
-    Hz = None
+    dZ = loss.instance(batch_gradient(loss.derivation, outputs), at_loss)
+    Hz = None  # where HBP starts: the loss's own Hessian, (4a) with nothing from above
     if curvature is not None:
-        Hz = loss.instance(batch_hbp(loss.derivation, loss.derivation.module.inputs[0].name, Curvature.EXACT,
-                                     approximation, terminal=True), at_loss)
+        Hz = loss.instance(batch_hbp(loss.derivation, outputs, Curvature.EXACT, approximation, terminal=True), at_loss)
     for position in reversed(range(len(layers))):
         layer, d = layers[position], layers[position].derivation
         arguments = {layer.input: inputs[position], layer.dz: dZ, **({layer.Hz: Hz} if Hz is not None else {})}
