@@ -1,0 +1,108 @@
+"""mcalc's HBP on a Conv2d network side by side with BackPACK 1.7.1 (issue 14), in float64.
+
+BackPACK's KFRA (``HBP`` with the batch-averaged backpropagation strategy) passes the batch average of
+Jᵀ 𝓗 J backwards module by module, through the convolutions, ReLUs, max pooling, flatten and Linear
+layers: approximation (6) with the Gauss–Newton curvature, which mcalc's HBP computes too. At each
+convolution BackPACK factors its weight block as [Σₜₛ of 𝓗̄ at its output (its T × T position blocks
+summed), E[Σₜ uₜ uₜᵀ] over its unfolded input], and each Linear weight as [𝓗̄ at its output, E[x xᵀ]]:
+both factors are compared with what mcalc's pass holds there, so the test checks every 𝓗̄ mcalc
+backpropagates, not only the last.
+"""
+import numpy as np
+import pytest
+
+from mcalc.train.network import Network
+
+torch = pytest.importorskip("torch", reason="the peers are installed by `make test`")
+backpack = pytest.importorskip("backpack", reason="BackPACK is installed by `make test`")
+
+SPEC = "2x7x7-conv(3,3)-relu-conv(4,2)-relu-maxpool(2)-flatten-5"
+C_OUT, PIXELS = 4, 4  # the flattened 4 channels × 2 × 2 pixels: mcalc's pixel by pixel, PyTorch's channel by channel
+FLATTEN = np.array([p * C_OUT + c for c in range(C_OUT) for p in range(PIXELS)])
+
+
+def _torch_model(net: Network):
+    from torch import nn
+
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 4, 2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(16, 5)).double()
+    with torch.no_grad():
+        for k, m in enumerate([model[0], model[2]], 1):
+            m.weight.copy_(torch.tensor(net.params[f"conv{k}.K"].reshape(m.weight.shape)))
+            m.bias.copy_(torch.tensor(net.params[f"conv{k}.b"][:, 0]))
+        model[6].weight.copy_(torch.tensor(net.params["W1"][:, FLATTEN]))
+        model[6].bias.copy_(torch.tensor(net.params["b1"][:, 0]))
+    return model
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")
+def test_hbp_on_a_conv2d_network_backpropagates_backpacks_kfra_curvature():
+    from backpack import extend
+    from backpack.extensions import KFRA
+
+    rng = np.random.default_rng(0)
+    net = Network(SPEC, seed=3)
+    B = 6
+    X, labels = rng.normal(size=(2 * 49, B)), rng.integers(0, 5, B)
+    images = torch.tensor(X.T.reshape(B, 49, 2).transpose(0, 2, 1).reshape(B, 2, 7, 7).copy())
+    model, loss_fn = extend(_torch_model(net)), extend(torch.nn.CrossEntropyLoss())
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # BackPACK's max pooling makes its buffer in the default dtype
+    try:
+        with backpack.backpack(KFRA()):
+            loss_fn(model(images), torch.tensor(labels)).backward()
+    finally:
+        torch.set_default_dtype(default)
+
+    curvature = net.output_curvatures(X, np.eye(5)[:, labels], "ggn", "6")  # 𝓗̄ at every layer's output
+    _, inputs = net.forward(X)
+    positions = {0: 25, 2: 16}  # the convolutions' output positions (5 × 5, 4 × 4)
+    for layer_position, module in ((0, model[0]), (2, model[2])):
+        out_factor, in_factor = (f.detach().numpy() for f in module.weight.kfra)
+        channels, T = out_factor.shape[0], positions[layer_position]
+        H = curvature[layer_position].reshape(T, channels, T, channels)  # mcalc's 𝓗̄: position-major
+        summed = H.sum(axis=(0, 2))
+        assert np.abs(out_factor).max() > 1e-6  # curvature that got there, not zeros
+        np.testing.assert_allclose(summed, out_factor, rtol=1e-10, atol=1e-12 * np.abs(out_factor).max())
+        patches = net.layers[layer_position].patches(inputs[layer_position])
+        np.testing.assert_allclose(patches @ patches.T / B, in_factor, rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(module.bias.kfra[0].detach().numpy(), summed, rtol=1e-10,
+                                   atol=1e-12 * np.abs(summed).max())
+    H_out, x_cov = (f.detach().numpy() for f in model[6].weight.kfra)
+    linear = net.layers.index(next(layer for layer in net.layers if layer.module == "Linear"))
+    np.testing.assert_allclose(curvature[linear], H_out, rtol=1e-10, atol=1e-14)
+    x = inputs[linear]
+    np.testing.assert_allclose((x @ x.T / B)[np.ix_(FLATTEN, FLATTEN)], x_cov, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")
+def test_the_gauss_newton_diagonal_of_a_conv2d_network_is_backpacks():
+    """The exact Gauss–Newton matrix's diagonal, mcalc's from its curvature products (one per parameter,
+    :meth:`Network.curvature_operator`), BackPACK's from ``DiagGGNExact`` (the classes' square roots
+    backpropagated)."""
+    from backpack import extend
+    from backpack.extensions import DiagGGNExact
+
+    rng = np.random.default_rng(1)
+    net = Network(SPEC, seed=4)
+    B = 5
+    X, labels = rng.normal(size=(2 * 49, B)), rng.integers(0, 5, B)
+    images = torch.tensor(X.T.reshape(B, 49, 2).transpose(0, 2, 1).reshape(B, 2, 7, 7).copy())
+    model, loss_fn = extend(_torch_model(net)), extend(torch.nn.CrossEntropyLoss())
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with backpack.backpack(DiagGGNExact()):
+            loss_fn(model(images), torch.tensor(labels)).backward()
+    finally:
+        torch.set_default_dtype(default)
+    operator = net.curvature_operator(X, np.eye(5)[:, labels], "gn")
+    size = operator.shape[0]
+    diagonal = net.unflat(np.array([operator.matvec(np.eye(size)[:, i])[i] for i in range(size)]))
+    theirs = {"conv1.K": model[0].weight, "conv1.b": model[0].bias, "conv2.K": model[2].weight,
+              "conv2.b": model[2].bias, "W1": model[6].weight, "b1": model[6].bias}
+    for name, parameter in theirs.items():
+        ours = diagonal[name][:, FLATTEN] if name == "W1" else diagonal[name]
+        expected = parameter.diag_ggn_exact.detach().numpy().reshape(ours.shape)
+        assert np.abs(expected).max() > 1e-6, name
+        np.testing.assert_allclose(ours, expected, rtol=1e-9, atol=1e-12 * np.abs(expected).max(), err_msg=name)
