@@ -143,15 +143,16 @@ def _check_train_arguments(args: argparse.Namespace) -> None:
         _require_gpu("--backend cupy")
 
 
-def _user_module_code(file: str, model: str, backend: str) -> dict:
-    """The generated code of the modules of ``file`` that ``model`` names (generated on first use, cached)."""
+def _user_modules(file: str, model: str, backend: str) -> tuple[dict, dict]:
+    """The generated code of the modules of ``file`` that ``model`` names (generated on first use, cached),
+    and their declarations."""
     from .codegen.store import load_code
     from .train.model_spec import UserModule, parse_spec
     from .user_modules import load_modules
 
     modules = {m.name: m for m in load_modules(file)}
-    named = {t.name for t in parse_spec(model, modules=modules) if isinstance(t, UserModule)}
-    return {name: load_code(modules[name], backend) for name in sorted(named)}
+    named = sorted({t.name for t in parse_spec(model, modules=modules) if isinstance(t, UserModule)})
+    return {name: load_code(modules[name], backend) for name in named}, {name: modules[name] for name in named}
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -180,8 +181,9 @@ def _train_on(args: argparse.Namespace, parallel: DataParallel) -> int:
 
     say = print if parallel.is_root else lambda *a, **k: None  # rank 0 speaks and writes for the run
     _check_train_arguments(args)
-    code = _user_module_code(args.modules, args.model, args.backend) if args.modules else {}
-    net = Network(args.model, loss=args.loss, backend=args.backend, seed=args.seed, code=code, linked=args.linked)
+    code, declarations = _user_modules(args.modules, args.model, args.backend) if args.modules else ({}, {})
+    net = Network(args.model, loss=args.loss, backend=args.backend, seed=args.seed, code=code, linked=args.linked,
+                  declarations=declarations)
     data = load_dataset(args.data, seed=args.seed, folder=args.data_dir)
     if net.widths[0] != data.features or net.widths[-1] != data.classes:
         raise McalcError(f"model '{args.model}' maps {net.widths[0]} → {net.widths[-1]}, but the data have "
@@ -391,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy", help="where the arrays live")
     p.add_argument("--linked", action="store_true",
                    help="run each backward pass as one program generated for the whole network, fused across "
-                        "its modules (an MLP of library modules; others run module by module)")
+                        "its modules (a chain of vector modules, a user's too; convolutions and attention run "
+                        "module by module)")
     p.add_argument("--graphs", action="store_true",
                    help="cupy: replay each backward pass as a CUDA graph (one launch instead of one per kernel)")
     p.add_argument("--seed", type=int, default=0, help="initial weights, data order, split of digits")

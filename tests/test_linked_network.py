@@ -49,6 +49,28 @@ def test_a_linked_pass_equals_the_pass_module_by_module(spec, loss):
                               modules.backward(X, Y, curvature, approximation), modules.params, 1e-12)
 
 
+def test_a_linked_pass_of_a_users_modules_equals_the_pass_module_by_module():
+    """LayerNorm, GELU and a residual block (examples/layernorm_gelu.py) linked with Linear layers: under
+    6-kfac and auto (each layer's own rule) the same loss, gradients and blocks; under (6), where the
+    residual block's W₁ block has no closed batch form, a warning and the pass module by module."""
+    from mcalc.codegen.store import load_code
+    from mcalc.user_modules import load_modules
+
+    modules = load_modules(ROOT / "examples" / "layernorm_gelu.py")
+    code, declarations = {m.name: load_code(m, "numpy") for m in modules}, {m.name: m for m in modules}
+    spec = "12-LayerNorm-16-GELU-Residual(h=8)-5"
+    by_modules = Network(spec, code=code, seed=1)
+    linked = Network(spec, code=code, seed=1, linked=True, declarations=declarations)
+    assert linked.chain() is not None
+    X, Y = _batch(by_modules, np.random.default_rng(3))
+    for curvature, approximation in (("ggn", "6-kfac"), ("exact", "auto"), ("pch-abs", "6-kfac-reduce")):
+        _assert_same_pass(linked.backward(X, Y, curvature, approximation),
+                          by_modules.backward(X, Y, curvature, approximation), by_modules.params, 1e-10)
+    with pytest.warns(RuntimeWarning, match="no closed form.*module by module"):
+        ours = linked.backward(X, Y, "ggn", "6")
+    _assert_same_pass(ours, by_modules.backward(X, Y, "ggn", "6"), by_modules.params, 0.0)
+
+
 def test_a_chain_a_linked_program_cannot_hold_runs_module_by_module():
     net = Network("1x12-conv(3,3)-relu-flatten-5", linked=True)
     assert net.chain() is None
@@ -90,9 +112,12 @@ def test_the_papers_network_takes_at_most_80_device_operations_a_pass(cp):
         assert 0 < sum(emulator.COUNTS.values()) <= 80, (curvature, dict(emulator.COUNTS))
 
 
-def test_linked_training_from_the_cli(tmp_path, capsys):
+@pytest.mark.parametrize("modules", [[], ["--modules", str(ROOT / "examples" / "custom_layers.py")]],
+                         ids=["library", "user modules"])
+def test_linked_training_from_the_cli(tmp_path, capsys, modules):
     from mcalc.cli import main
 
-    code = main(["train", "--model", "64-32-sigmoid-10", "--optimizer", "hbp-newton", "--epochs", "1",
-                 "--linked", "--json", str(tmp_path / "run.json")])
+    model = "64-RMSNorm-32-relu-10" if modules else "64-32-sigmoid-10"
+    code = main(["train", *modules, "--model", model, "--optimizer", "hbp-newton", "--epochs", "1", "--linked",
+                 "--json", str(tmp_path / "run.json")])
     assert code == 0 and "epoch   1" in capsys.readouterr().out

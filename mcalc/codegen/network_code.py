@@ -3,6 +3,7 @@ fused across the modules' boundaries), cached on disk by the chain, the mode, th
 own source, and imported."""
 from __future__ import annotations
 
+import hashlib
 from types import ModuleType
 
 from .. import __version__
@@ -37,13 +38,16 @@ def render_network(program: Program, backend: str, title: str, params: list[str]
 
 
 def network_code(chain: Chain, curvature: Curvature | None, approximation: Approximation, backend: str,
-                 title: str) -> ModuleType:
-    """The imported code of one linked pass over ``chain``, generated into the cache on first use."""
+                 title: str, per_layer: tuple[Approximation, ...] | None = None) -> ModuleType:
+    """The imported code of one linked pass over ``chain`` (:func:`.network_plan.link`), generated into
+    the cache on first use."""
     mode = "gradients" if curvature is None else f"{curvature.value}-{approximation.value}"
+    if curvature is not None and per_layer:  # auto's choice, layer by layer
+        mode += "-" + hashlib.sha256(repr([a.value for a in per_layer]).encode()).hexdigest()[:12]
     key = "-".join(part[:16] for part in (chain.key(), template_hash(backend), compiler_hash()))
     path = cache_directory() / "networks" / key / f"{backend}-{mode}.py"
     if not path.exists():
         params = [name for layer in chain.layers for name in layer.params.values()]
-        program = link(chain, curvature, approximation)
+        program = link(chain, curvature, approximation, per_layer)
         write_atomic(path, render_network(program, backend, title, params, curvature, approximation))
     return import_code(path)

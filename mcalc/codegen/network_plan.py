@@ -134,17 +134,19 @@ class _Instance:
         return linked
 
 
-def link(chain: Chain, curvature: Curvature | None, approximation: Approximation) -> Program:
+def link(chain: Chain, curvature: Curvature | None, approximation: Approximation,
+         per_layer: tuple[Approximation, ...] | None = None) -> Program:
     """One pass over ``chain`` as one program: forward, the batch-mean loss (``'loss'``), the gradient
     of every parameter (``'grad:W1'``, …) and, with ``curvature``, its HBP block by ``approximation``
-    (``'block:W1'``, …; :attr:`Approximation.AUTO` is (6), which every linked chain has in closed form).
-    Its arguments are the batch ``S['X']``, ``S['Y']`` and the parameters ``P`` by network name. δZ
-    carries 1/B_all (the batch mean; every rank's samples in data parallelism, where the gradients and
-    loss are this rank's share of them)."""
+    (``'block:W1'``, …), or by each layer's own in ``per_layer`` (what :attr:`Approximation.AUTO` chose
+    for it; HBP then starts from the loss's (6) blocks). Its arguments are the batch ``S['X']``,
+    ``S['Y']`` and the parameters ``P`` by network name. δZ carries 1/B_all (the batch mean; every
+    rank's samples in data parallelism, where the gradients and loss are this rank's share of them)."""
     why = unsupported(chain)
     if why is not None:
         raise McalcError(f"this network cannot be linked into one program: {why}")
     approximation = Approximation.MEAN_OF_SANDWICHES if approximation is Approximation.AUTO else approximation
+    per_layer = per_layer or (approximation,) * len(chain.layers)
     layers = [_Instance(layer.module, layer.dims, layer.params) for layer in chain.layers]
     loss = _Instance(chain.loss, chain.loss_dims, {})
     inputs, Z = [], Stacked(Symbol(INPUT, layers[0].input.rows, ONE))
@@ -169,11 +171,11 @@ def link(chain: Chain, curvature: Curvature | None, approximation: Approximation
             name = layer.renamed[layer.bound(p)].name
             builder.named_result(f"grad:{name}", layer.instance(batch_gradient(d, p.name), arguments))
             if curvature is not None:
-                block = layer.instance(batch_hbp(d, p.name, curvature, approximation), arguments)
+                block = layer.instance(batch_hbp(d, p.name, curvature, per_layer[position]), arguments)
                 builder.program.results[f"block:{name}"] = builder.block(block)
         if position > 0:  # the data needs no gradient or curvature
             x = d.module.inputs[0].name
             if curvature is not None:
-                Hz = layer.instance(batch_hbp(d, x, curvature, approximation), arguments)
+                Hz = layer.instance(batch_hbp(d, x, curvature, per_layer[position]), arguments)
             dZ = layer.instance(batch_gradient(d, x), arguments)
     return builder.program

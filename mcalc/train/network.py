@@ -79,6 +79,7 @@ class Layer:
     output_rows: int | None = None
     # a convolution's patches: kernel, stride, padding and dilation per dimension, and the input's extents
     window: tuple[tuple[int, ...], ...] | None = None
+    dims: dict[str, int] | None = None  # a user's module's dimensions as the spec and its input bound them
 
     def takes(self, columns: Any) -> Any:
         """The layer's input batch from the columns between layers."""
@@ -99,18 +100,25 @@ class Network:
 
     ``code`` maps module names to their imported generated code (as :mod:`mcalc.codegen.store` loads
     it); the modules it lacks come from the library's ``generated/`` folder, by
-    :func:`mcalc.runtime.generated_code.library_code`, without the compiler.
+    :func:`mcalc.runtime.generated_code.library_code`, without the compiler. ``linked``: each backward
+    pass of a chain of vector modules (library modules, and a user's whose ``declarations`` are given)
+    runs as one program generated for the whole network and fused across its modules
+    (:mod:`mcalc.codegen.network_plan`; generated on first use, which needs the compiler); other
+    networks, and modes whose rules a linked program cannot hold, run module by module.
     """
 
     def __init__(self, spec: str, loss: str = "ce", backend: str = "numpy", seed: int = 0,
                  dtype: Any = np.float64, weights: Mapping[str, Any] | None = None,
-                 code: Mapping[str, ModuleType] | None = None, linked: bool = False) -> None:
+                 code: Mapping[str, ModuleType] | None = None, linked: bool = False,
+                 declarations: Mapping[str, Module] | None = None) -> None:
         if loss not in SPEC_LOSSES:
             raise McalcError(f"unknown loss '{loss}'; choose one of {', '.join(SPEC_LOSSES)}")
         self.spec, self.backend, self.dtype = spec, backend, dtype
         # one generated program per pass, fused across the modules (codegen.network_plan), where the chain allows
         self.linked = linked
+        self.declarations = dict(declarations or {})  # a user's modules of ``code``, declared: what linking reads
         self._chain: Any = None
+        self._linked_code: dict[tuple, ModuleType | None] = {}  # by (curvature, approximation); None: unlinkable
         # the ranks a batch is shared out over (the trainer sets it): batch means are averaged over them
         self.parallel = DataParallel()
         self.code: dict[str, ModuleType] = dict(code or {})
@@ -242,7 +250,7 @@ class Network:
             raise McalcError(f"module '{name}' gives {out_rows} × {out_cols} per sample here: its input of "
                              f"{in_shape[0]} × {in_shape[1]} is too short")
         self.layers.append(Layer(name, names, input_name, input_rows=in_shape[0] if in_shape[1] != 1 else None,
-                                 output_rows=out_rows if out_cols != 1 else None))
+                                 output_rows=out_rows if out_cols != 1 else None, dims=dims))
         return out_rows, out_cols
 
     @property
@@ -403,11 +411,13 @@ class Network:
 
     def _backward_pass(self, X: Any, Y: Any, curvature: Curvature | str | None, approximation: Approximation | str,
                        record: dict[int, Any] | None) -> tuple[Any, dict[str, Any], dict[str, CurvatureBlock]]:
-        code = self.code[self.loss_module]
         approximation = Approximation.parse(approximation)
         curvature = Curvature.parse(curvature) if curvature is not None else None
         if self.linked and record is None and self.chain() is not None:
-            return self._linked_pass(X, Y, curvature, approximation)
+            linked = self._linked_pass(X, Y, curvature, approximation)
+            if linked is not None:
+                return linked
+        code = self.code[self.loss_module]
         start = Approximation.MEAN_OF_SANDWICHES if approximation is Approximation.AUTO else approximation
         caches: list[dict] = [{} for _ in range(len(self.layers) + 1)]  # one per module, the loss's last
         Z, inputs = self.forward(X, caches=caches)
@@ -441,13 +451,13 @@ class Network:
         return loss, grads, blocks
 
     def chain(self) -> Chain | None:
-        """The network as a chain of library modules for :mod:`mcalc.codegen.network_plan`, or None where it is
-        not one that a linked program holds (a user's module, a convolution: those run module by module)."""
+        """The network as a chain of declared modules for :mod:`mcalc.codegen.network_plan`, or None where it
+        is not one that a linked program holds (a convolution, a module whose declaration it lacks)."""
         if self._chain is None:
             from ..codegen.network_plan import Chain, ChainLayer, bind_dims, output_size, unsupported
             from ..layers import LIBRARY
 
-            by_name = {m.name: m for m in LIBRARY}
+            by_name = {**{m.name: m for m in LIBRARY}, **self.declarations}
             layers, width = [], self.widths[0]
             for layer in self.layers:
                 module = by_name.get(layer.module)
@@ -456,7 +466,7 @@ class Network:
                     return None
                 shapes = {layer.input: (width, 1), **{own: tuple(self._params[name].shape)
                                                       for own, name in layer.params.items()}}
-                dims = bind_dims(module, shapes)
+                dims = {**bind_dims(module, shapes), **(layer.dims or {})}
                 layers.append(ChainLayer(module, dims, dict(layer.params)))
                 width = output_size(module, dims)
             loss = by_name[self.loss_module]
@@ -464,15 +474,28 @@ class Network:
             self._chain = chain if unsupported(chain) is None else False
         return self._chain or None
 
-    def _linked_pass(self, X: Any, Y: Any, curvature: Curvature | None,
-                     approximation: Approximation) -> tuple[Any, dict[str, Any], dict[str, CurvatureBlock]]:
-        """:meth:`_backward_pass` as one generated program over the whole network (generated on first use)."""
+    def _linked_pass(self, X: Any, Y: Any, curvature: Curvature | None, approximation: Approximation,
+                     ) -> tuple[Any, dict[str, Any], dict[str, CurvatureBlock]] | None:
+        """:meth:`_backward_pass` as one generated program over the whole network (generated on first use);
+        None, with a warning, where a module's rule in this mode has no closed batch form to link."""
+        import warnings
+
         from ..codegen.network_code import network_code
 
-        if approximation is Approximation.AUTO:  # every module of a linked chain has (6) in closed form
-            approximation = Approximation.MEAN_OF_SANDWICHES
-        title = f"{self.spec}, loss {self.loss_module}"
-        code = network_code(self.chain(), curvature, approximation, self.backend, title)
+        per_layer = None  # auto: each layer's batch rule, as module by module
+        if approximation is Approximation.AUTO and curvature is not None:
+            per_layer = tuple(self.batch_rule(layer, curvature, approximation) for layer in self.layers)
+        if (curvature, approximation) not in self._linked_code:  # generated, or found in the cache, once
+            try:
+                self._linked_code[curvature, approximation] = network_code(
+                    self.chain(), curvature, approximation, self.backend, f"{self.spec}, loss {self.loss_module}",
+                    per_layer)
+            except McalcError as exc:
+                warnings.warn(f"{exc}; this mode runs module by module", RuntimeWarning, stacklevel=3)
+                self._linked_code[curvature, approximation] = None
+        code = self._linked_code[curvature, approximation]
+        if code is None:
+            return None
         out = code.run(self.params, {"X": X, "Y": Y})
         return out["loss"].reshape(()), out["grads"], out["blocks"]
 
