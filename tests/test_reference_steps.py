@@ -136,6 +136,32 @@ def test_kbfgs_steps_follow_the_authors_algorithm():
         np.testing.assert_allclose(net.params[name], value, rtol=1e-9, atol=1e-12)
 
 
+def test_a_rejected_kbfgs_step_restarts_its_quasi_newton_matrices():
+    """mcalc's safeguard after a rejected step: λ doubled and H_a = (Ā + √(2λ) I)⁻¹, H_g = I on the next
+    step. Keeping the matrices (λ alone steers neither) repeats the rejected step: with the convolutions'
+    gradient changes summed over the positions, MNIST-1D's ConvBase froze at epoch 19 (every step rejected,
+    λ → 10¹¹⁶); with the restart it trained on to 0.940."""
+    rng = np.random.default_rng(0)
+    net = Network("4-5-tanh-3", seed=0)
+    X_train = rng.normal(size=(4, 30))
+    optimizer = KBFGS(lr=0.3)
+    optimizer.prepare(net, X_train)
+    for X, Y in _batches(rng):
+        _, grads, _ = net.backward(X, Y)
+        net.params = net.params_plus(optimizer.step(net, grads, {}, (X, Y)))
+    assert not np.allclose(optimizer.H_g[0], np.eye(5))
+    optimizer.reject()
+    X, Y = _batches(rng)[0]
+    _, grads, _ = net.backward(X, Y)
+    A = {position: a.copy() for position, a in optimizer.A.items()}
+    updates = optimizer.step(net, grads, {}, (X, Y))
+    a = np.vstack([X, np.ones((1, X.shape[1]))])
+    A0 = 0.9 * A[0] + 0.1 * a @ a.T / X.shape[1]  # Ā averaged with this batch, then damped with 2λ
+    direction = -np.hstack([optimizer.m["W1"], optimizer.m["b1"]]) @ np.linalg.inv(A0 + np.sqrt(0.6) * np.eye(5))
+    np.testing.assert_allclose(np.hstack([updates["W1"], updates["b1"]]), 0.3 * direction, rtol=1e-10)
+    assert optimizer.damping == pytest.approx(0.6)
+
+
 # --- K-FAC ------------------------------------------------------------------------------------------
 def test_quadratic_model_coefficients_minimise_the_model():
     rng = np.random.default_rng(1)
