@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mcalc as mc
-from mcalc.runtime.blocks import CurvatureBlock, Eigenbasis, GramFactor
+from mcalc.runtime.blocks import CurvatureBlock, GramFactor
 from mcalc.train import data as D
 from mcalc.train.block_solvers import (
     COSTS,
@@ -16,6 +16,7 @@ from mcalc.train.block_solvers import (
     cg_flops,
     eigen_flops,
 )
+from mcalc.train.distributed import DataParallel
 from mcalc.train.network import Network
 from mcalc.train.optimizers import HBPNewton, make_optimizer
 from mcalc.train.trainer import train
@@ -69,10 +70,10 @@ def test_shared_factors_are_averaged_and_decomposed_once():
     np.testing.assert_allclose(w_avg.kron[0][0], 0.8 * A1 + 0.2 * A2)
     np.testing.assert_allclose(w_avg.kron[0][1], 0.8 * B1 + 0.2 * B2)
     assert b_avg.dense is w_avg.kron[0][1]
-    decompose = Decompositions(tolerance=0.0)
-    w_basis = Eigenbasis([decompose(f, None) for f in w_avg.factors()])
-    b_basis = Eigenbasis([decompose(f, None) for f in b_avg.factors()])
-    assert decompose.full == 2 and b_basis.pairs[0] is w_basis.pairs[1]
+    solver = DampedBlockSolver(basis_tolerance=0.0)  # one decomposition per distinct factor, shared
+    pairs = solver._decompose([("W", [(f, None) for f in w_avg.factors()]),
+                               ("b", [(f, None) for f in b_avg.factors()])], DataParallel())
+    assert solver.decompositions == 2 and pairs["b"][0] is pairs["W"][1]
 
 
 def test_a_basis_that_still_diagonalises_the_factor_only_gets_new_eigenvalues():

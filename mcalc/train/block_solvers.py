@@ -158,9 +158,9 @@ def eigen_flops(block: CurvatureBlock, refresh: int, costs: SolveCosts, decompos
 
 
 class Decompositions:
-    """The eigen-decompositions of one renewal's factors, each distinct factor (by identity) once:
-    blocks that share a factor (a linear layer's bias block is the B factor of its weight block
-    under (6)) share its decomposition.
+    """The eigen-decompositions of one renewal's factors (the solver asks once per distinct factor:
+    blocks that share one, a linear layer's bias block and the B factor of its weight block under (6),
+    share its decomposition), counting the full ones and the corrected ones.
 
     A factor whose previous eigenvectors Q still nearly diagonalise it (the off-diagonal part of
     Qᵀ F Q at most ``tolerance`` of the whole, in Frobenius norm) keeps Q and takes diag(Qᵀ F Q)
@@ -170,13 +170,9 @@ class Decompositions:
 
     def __init__(self, tolerance: float) -> None:
         self.tolerance = tolerance
-        self.done: list[tuple[Any, tuple[Any, Any]]] = []
         self.full = self.corrected = 0
 
     def __call__(self, factor: Any, previous: tuple[Any, Any] | None) -> tuple[Any, Any]:
-        for seen, result in self.done:
-            if seen is factor:
-                return result
         result = None
         if previous is not None and previous[1].shape[0] == factor.shape[0]:
             q = previous[1]
@@ -189,7 +185,6 @@ class Decompositions:
         if result is None:
             result = factor_eigh(factor)
             self.full += 1
-        self.done.append((factor, result))
         return result
 
 
