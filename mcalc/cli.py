@@ -158,7 +158,7 @@ def _user_modules(file: str, model: str, backend: str) -> tuple[dict, dict]:
 def _train(args: argparse.Namespace) -> int:
     from .train.distributed import DataParallel, communicator
 
-    parallel = DataParallel(communicator())
+    parallel = DataParallel(communicator(args.backend))
     if parallel.comm.size == 1:
         return _train_on(args, parallel)
     try:  # a rank that fails ends them all, rather than leaving the others waiting in a reduction

@@ -107,6 +107,25 @@ def test_each_rank_solves_only_its_blocks(rng):
             if np.abs(d).max() > 0} == set(whole) - solved
 
 
+def test_nccl_sums_cupy_arrays_on_the_device():
+    """NCCL's sum of one rank (MPI's COMM_SELF hands out its id): a CuPy array stays on the GPU. Needs a GPU
+    and CuPy with NCCL; NCCL refuses two ranks on one GPU, so the two-rank run needs two GPUs."""
+    from mcalc.runtime.backends import gpu_available, gpu_unavailable_reason
+    from mcalc.train.distributed import MPICommunicator, NCCLCommunicator, nccl_unavailable_reason
+
+    if not gpu_available():
+        pytest.skip(f"no GPU: {gpu_unavailable_reason()}")
+    if nccl_unavailable_reason() or _mpi_unavailable():
+        pytest.skip(nccl_unavailable_reason() or _mpi_unavailable())
+    import cupy
+    from mpi4py import MPI
+
+    nccl = NCCLCommunicator(MPICommunicator(), MPI.COMM_SELF)
+    a = cupy.arange(7.0)
+    summed = nccl.allreduce(a)
+    assert isinstance(summed, cupy.ndarray) and bool((summed == a).all()) and nccl.size == 1
+
+
 def test_a_single_process_communicates_nothing(monkeypatch):
     for name in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "PMIX_SIZE"):
         monkeypatch.delenv(name, raising=False)

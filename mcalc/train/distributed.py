@@ -13,7 +13,9 @@ keeps the state of one process (and a checkpoint of any rank resumes on any numb
 alone prints, writes the history, the plot and the checkpoints.
 
 Without an MPI launcher (or with one rank) a :class:`SingleProcess` stands in and nothing is
-communicated. mpi4py and an MPI library (the ``mpich`` wheel) come with the ``mpi`` extra.
+communicated. mpi4py and an MPI library (the ``mpich`` wheel) come with the ``mpi`` extra. On the
+CuPy backend the sums run through NCCL on the GPUs where CuPy has it (:class:`NCCLCommunicator`),
+else through the host.
 """
 from __future__ import annotations
 
@@ -65,13 +67,63 @@ class MPICommunicator:
         self.comm.Abort(code)
 
 
-Communicator = SingleProcess | MPICommunicator
+class NCCLCommunicator:
+    """The ranks of an MPI communicator whose sums NCCL makes on their GPUs (``cupy.cuda.nccl``): CuPy
+    arrays never leave the device. Each rank takes GPU rank mod the GPUs it sees (before CuPy allocates
+    anything there); MPI hands NCCL's id from rank 0 to the others and aborts a failed run."""
+
+    def __init__(self, mpi: MPICommunicator, comm: Any = None) -> None:
+        import cupy
+        from cupy.cuda import nccl
+
+        self.mpi, self._nccl = mpi, nccl
+        world = comm if comm is not None else mpi.comm  # an mpi4py communicator (COMM_SELF in a test)
+        self.rank, self.size = world.Get_rank(), world.Get_size()
+        cupy.cuda.Device(self.rank % cupy.cuda.runtime.getDeviceCount()).use()
+        unique_id = world.bcast(nccl.get_unique_id() if self.rank == 0 else None, root=0)
+        self.comm = nccl.NcclCommunicator(self.size, unique_id, self.rank)
+
+    @property
+    def xp(self) -> Any:
+        import cupy
+
+        return cupy
+
+    def allreduce(self, a: Any) -> Any:
+        """The elementwise sum over the ranks of a float64 CuPy array, on the current stream."""
+        import cupy
+
+        a = cupy.ascontiguousarray(a, dtype=cupy.float64)
+        out = cupy.empty_like(a)
+        self.comm.allReduce(a.data.ptr, out.data.ptr, a.size, self._nccl.NCCL_FLOAT64, self._nccl.NCCL_SUM,
+                            cupy.cuda.get_current_stream().ptr)
+        return out
+
+    def abort(self, code: int) -> None:
+        self.mpi.abort(code)
 
 
-def communicator() -> Communicator:
-    """MPI's world where an MPI launcher started more than one rank, else a single process."""
+Communicator = SingleProcess | MPICommunicator | NCCLCommunicator
+
+
+def nccl_unavailable_reason() -> str | None:
+    """Why CuPy's arrays cannot be summed by NCCL here, or None when they can."""
+    try:
+        import cupy
+        from cupy.cuda import nccl  # noqa: F401
+    except ImportError as exc:
+        return f"no CuPy with NCCL ({exc})"
+    return None if getattr(cupy.cuda, "nccl_enabled", False) else "CuPy was built without NCCL"
+
+
+def communicator(backend: str = "numpy") -> Communicator:
+    """MPI's world where an MPI launcher started more than one rank, else a single process; for the
+    ``cupy`` backend its sums made by NCCL on the GPUs where CuPy has NCCL (through the host otherwise)."""
     sizes = [os.environ[name] for name in _LAUNCHER_SIZE if os.environ.get(name, "").isdigit()]
-    return MPICommunicator() if sizes and int(sizes[0]) > 1 else SingleProcess()
+    if not (sizes and int(sizes[0]) > 1):
+        return SingleProcess()
+    mpi = MPICommunicator()
+    return NCCLCommunicator(mpi) if backend == "cupy" and nccl_unavailable_reason() is None else mpi
 
 
 class DataParallel:
@@ -115,13 +167,15 @@ class DataParallel:
         throughout, so a float32 value loses nothing to the weighting)."""
         if self.comm.size == 1:
             return dict(values)
-        host = [np.asarray(v.get() if hasattr(v, "get") else v, dtype=np.float64) for v in values.values()]
-        flat = np.concatenate([[1.0]] + [h.reshape(-1) for h in host]) * (1 if count is None else count)
+        xp = getattr(self.comm, "xp", np)  # where the communicator sums: the host (MPI), or the GPUs (NCCL)
+        parts = [xp.asarray(v.get() if xp is np and hasattr(v, "get") else v, dtype=xp.float64)
+                 for v in values.values()]
+        flat = xp.concatenate([xp.ones(1)] + [h.reshape(-1) for h in parts]) * (1 if count is None else count)
         summed = self.comm.allreduce(flat)
         self.reductions, self.communicated = self.reductions + 1, self.communicated + flat.nbytes
         divisor = 1.0 if count is None else summed[0]
         out, start = {}, 1
-        for (name, value), h in zip(values.items(), host):
+        for (name, value), h in zip(values.items(), parts):
             part = summed[start : start + h.size].reshape(h.shape) / divisor
             start += h.size
             out[name] = float(part) if isinstance(value, (int, float)) else \
