@@ -3,11 +3,14 @@ schedule of what the generated function then runs.
 
 A *group* is an elementwise step with the elementwise steps that feed only it (same shape), inlined
 into one expression per output entry (a product diag(u) M diag(v) that only scales rows and columns
-counts as elementwise). A row sum M 1 over such a group becomes one reduction kernel, and a
-column-wise softmax or log-softmax of one becomes one kernel with a thread per column (its max, its
-sum of exponentials and its entries in one pass down the column). A row sum and an elementwise
-kernel over the same (rows, cols) share one launch. :func:`fuse` hands the backend a schedule of
-plain steps and :class:`Launch` steps; the CUDA source of each kernel is the printer's
+counts as elementwise). A bias added to a product, read by elementwise work alone, is computed again
+inside every kernel that reads it and never written (across a linked network's modules: the bias
+add inside the activation's kernels). A row sum M 1 over such a group becomes one reduction kernel,
+and a column-wise softmax or log-softmax of one becomes one kernel with a thread per column (its
+max, its sum of exponentials and its entries in one pass down the column). A kernel whose output is
+also summed by rows writes both; kernels over the same (rows, cols), neither reading the other, share
+one launch (maps with maps, maps and row sums with a row sum). :func:`fuse` hands the backend a
+schedule of plain steps and :class:`Launch` steps; the CUDA source of each kernel is the printer's
 (:mod:`mcalc.codegen.cuda`).
 """
 from __future__ import annotations
