@@ -11,12 +11,11 @@ from ..files import write_atomic
 from ..locations import cache_directory
 from ..modes import Approximation, Curvature
 from ..runtime.generated_code import import_code
+from .generate import HEADERS
 from .manifest import compiler_hash
 from .network_plan import Chain, link
 from .plan import Program
 from .render import NUMPY, environment, functions_of, printed_results, program_context, template_hash
-
-HEADERS = {"numpy": "import numpy as xp", "cupy": "import cupy as xp"}
 
 
 def render_network(program: Program, backend: str, title: str, params: list[str],
