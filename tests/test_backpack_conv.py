@@ -35,24 +35,33 @@ def _torch_model(net: Network):
     return model
 
 
+def _backpack_pass(net: Network, X: np.ndarray, labels: np.ndarray, extension):
+    """The PyTorch copy of ``net``, extended, after one backward pass of the mean cross-entropy on the
+    images of ``X`` (each column vec of its channels × pixels) under BackPACK's ``extension``."""
+    from backpack import extend
+
+    B = X.shape[1]
+    images = torch.tensor(X.T.reshape(B, 49, 2).transpose(0, 2, 1).reshape(B, 2, 7, 7).copy())
+    model, loss_fn = extend(_torch_model(net)), extend(torch.nn.CrossEntropyLoss())
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # BackPACK's max pooling makes its buffer in the default dtype
+    try:
+        with backpack.backpack(extension):
+            loss_fn(model(images), torch.tensor(labels)).backward()
+    finally:
+        torch.set_default_dtype(default)
+    return model
+
+
 @pytest.mark.filterwarnings("ignore:Full backward hook")
 def test_hbp_on_a_conv2d_network_backpropagates_backpacks_kfra_curvature():
-    from backpack import extend
     from backpack.extensions import KFRA
 
     rng = np.random.default_rng(0)
     net = Network(SPEC, seed=3)
     B = 6
     X, labels = rng.normal(size=(2 * 49, B)), rng.integers(0, 5, B)
-    images = torch.tensor(X.T.reshape(B, 49, 2).transpose(0, 2, 1).reshape(B, 2, 7, 7).copy())
-    model, loss_fn = extend(_torch_model(net)), extend(torch.nn.CrossEntropyLoss())
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)  # BackPACK's max pooling makes its buffer in the default dtype
-    try:
-        with backpack.backpack(KFRA()):
-            loss_fn(model(images), torch.tensor(labels)).backward()
-    finally:
-        torch.set_default_dtype(default)
+    model = _backpack_pass(net, X, labels, KFRA())
 
     curvature = net.output_curvatures(X, np.eye(5)[:, labels], "ggn", "6")  # 𝓗̄ at every layer's output
     _, inputs = net.forward(X)
@@ -80,22 +89,12 @@ def test_the_gauss_newton_diagonal_of_a_conv2d_network_is_backpacks():
     """The exact Gauss–Newton matrix's diagonal, mcalc's from its curvature products (one per parameter,
     :meth:`Network.curvature_operator`), BackPACK's from ``DiagGGNExact`` (the classes' square roots
     backpropagated)."""
-    from backpack import extend
     from backpack.extensions import DiagGGNExact
 
     rng = np.random.default_rng(1)
     net = Network(SPEC, seed=4)
-    B = 5
-    X, labels = rng.normal(size=(2 * 49, B)), rng.integers(0, 5, B)
-    images = torch.tensor(X.T.reshape(B, 49, 2).transpose(0, 2, 1).reshape(B, 2, 7, 7).copy())
-    model, loss_fn = extend(_torch_model(net)), extend(torch.nn.CrossEntropyLoss())
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        with backpack.backpack(DiagGGNExact()):
-            loss_fn(model(images), torch.tensor(labels)).backward()
-    finally:
-        torch.set_default_dtype(default)
+    X, labels = rng.normal(size=(2 * 49, 5)), rng.integers(0, 5, 5)
+    model = _backpack_pass(net, X, labels, DiagGGNExact())
     operator = net.curvature_operator(X, np.eye(5)[:, labels], "gn")
     size = operator.shape[0]
     diagonal = net.unflat(np.array([operator.matvec(np.eye(size)[:, i])[i] for i in range(size)]))
