@@ -272,10 +272,10 @@ class ProgramBuilder:
             coefficient, scale, left, right = factors
             left, right = _implicit_gram(left), _implicit_gram(right)
             if scale is None:  # a number (1/B) rides on a Gram factor's product, where it costs nothing
-                folded = _scaled_gram(left, coefficient) or _scaled_gram(right, coefficient)
-                if folded is not None:
-                    left, right = (folded, right) if _scaled_gram(left, coefficient) else (left, folded)
-                    coefficient = ONE
+                if (folded := _scaled_gram(left, coefficient)) is not None:
+                    left, coefficient = folded, ONE
+                elif (folded := _scaled_gram(right, coefficient)) is not None:
+                    right, coefficient = folded, ONE
             # A number (1/B) stays a number: an array scale would cost a kernel and its own dtype.
             array_or_number = self.result(simplify(ScalarMul(coefficient, scale))) if scale is not None else coefficient
             plan.kron.append((array_or_number, self.result(left), self.result(right)))

@@ -33,12 +33,12 @@ def matmul(a: Any, b: Any, alpha: float = 1.0) -> Any:
     calling cuBLAS directly: CuPy refuses any cuBLAS call on a capturing stream, though cuBLAS itself
     supports capture. The emulator counts and records it as one product; NumPy scales after."""
     cupy = sys.modules.get("cupy")
-    flat = a.ndim == 2 and b.ndim == 2  # a stack of products (a batched rule) is neither captured nor scaled
-    if type(a).__module__.split(".")[0] == "cupy" and not getattr(cupy, "EMULATED", False):
-        if flat and (_capturing or alpha != 1.0):
+    emulated = getattr(cupy, "EMULATED", False)
+    if a.ndim == 2 and b.ndim == 2:  # a stack of products (a batched rule) runs as `@`, scaled after
+        if emulated and isinstance(a, cupy.ndarray) and alpha != 1.0:
+            return cupy.scaled_matmul(a, b, alpha)
+        if not emulated and type(a).__module__.split(".")[0] == "cupy" and (_capturing or alpha != 1.0):
             return _captured_gemm(a, b, alpha)
-    elif getattr(cupy, "EMULATED", False) and isinstance(a, cupy.ndarray) and flat and alpha != 1.0:
-        return cupy.scaled_matmul(a, b, alpha)
     product = a @ b
     if alpha != 1.0:
         product *= alpha

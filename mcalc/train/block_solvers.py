@@ -359,32 +359,34 @@ class DampedBlockSolver:
         for key, pairs in blocks:
             for factor, old in pairs:
                 factors.setdefault(id(factor), (factor, old, key))
-        decompose = Decompositions(self.basis_tolerance)
-        owners = parallel.assign([float(f.shape[0]) ** 3 for f, _, _ in factors.values()])
-        shared: dict[str, Any] = {}
-        for i, ((factor, old, key), owner) in enumerate(zip(factors.values(), owners)):
-            if owner != parallel.comm.rank:  # another rank's: zeros in the sum
-                xp, n = namespace(factor), factor.shape[0]
-                lam, q, how = xp.zeros(n, dtype=factor.dtype), xp.zeros((n, n), dtype=factor.dtype), 0.0
-            else:
-                full = decompose.full
-                try:
-                    lam, q = decompose(factor, old)
-                    how = 1.0 if decompose.full > full else 2.0
-                except Exception as exc:
-                    if not is_linalg_error(exc):
-                        raise
-                    warnings.warn(f"the eigen-decomposition of {key}'s factors failed ({exc}); CG solves it",
-                                  RuntimeWarning, stacklevel=2)
-                    lam, q, how = factor[0] * 0, factor * 0, 3.0
-            shared.update({f"lam{i}": lam, f"q{i}": q, f"how{i}": how})
-        shared = parallel.sum(shared)
+        entries, decompose = list(factors.values()), Decompositions(self.basis_tolerance)
+
+        def zeros(job: int, how: float) -> dict[str, Any]:
+            factor = entries[job][0]
+            xp, n = namespace(factor), factor.shape[0]
+            return {"lam": xp.zeros(n, dtype=factor.dtype), "q": xp.zeros((n, n), dtype=factor.dtype), "how": how}
+
+        def decomposed(job: int) -> dict[str, Any]:  # how: 1 decomposed, 2 corrected, 3 failed
+            factor, old, key = entries[job]
+            full = decompose.full
+            try:
+                lam, q = decompose(factor, old)
+            except Exception as exc:
+                if not is_linalg_error(exc):
+                    raise
+                warnings.warn(f"the eigen-decomposition of {key}'s factors failed ({exc}); CG solves it",
+                              RuntimeWarning, stacklevel=4)
+                return zeros(job, 3.0)
+            return {"lam": lam, "q": q, "how": 1.0 if decompose.full > full else 2.0}
+
+        costs = [float(f.shape[0]) ** 3 for f, _, _ in entries]
+        shared = parallel.share(costs, decomposed, lambda job: zeros(job, 0.0))
         result: dict[int, tuple[Any, Any] | None] = {}
-        for i, identity in enumerate(factors):
-            how = round(shared[f"how{i}"])  # 1 decomposed, 2 corrected, 3 failed
+        for identity, done in zip(factors, shared):
+            how = round(done["how"])
             self.decompositions += how == 1
             self.corrections += how == 2
-            result[identity] = None if how == 3 else (shared[f"lam{i}"], shared[f"q{i}"])
+            result[identity] = None if how == 3 else (done["lam"], done["q"])
         return {key: None if any(result[id(f)] is None for f, _ in pairs) else [result[id(f)] for f, _ in pairs]
                 for key, pairs in blocks}
 
@@ -419,22 +421,20 @@ class DampedBlockSolver:
         states = [self.states.setdefault(key, BlockSolveState()) for key, _, _ in jobs]
         costs = [_matvec_flops(block) * (state.mean_iterations() if state.iterations else self.max_iterations)
                  for (_, _, block), state in zip(jobs, states)]
-        shared: dict[str, Any] = {}
-        for i, ((_, g, block), owner) in enumerate(zip(jobs, parallel.assign(costs))):
-            if owner == parallel.comm.rank:
-                matvec = lambda v, block=block: alpha * v + (1 - alpha) * block.matvec(v)  # noqa: E731
-                solution = conjugate_gradient(matvec, -g.reshape(-1, order="F"), self.tolerance, self.max_iterations)
-                x, iterations = solution.x.reshape(g.shape, order="F"), float(solution.iterations)
-                gain = solution.gain if self.method != "cg" else 0.0  # only eigen solves are floored by it
-            else:  # another rank's: zeros in the sum
-                x, iterations, gain = g * 0, 0.0, 0.0
-            shared.update({f"x{i}": x, f"n{i}": iterations, f"gain{i}": gain})
-        shared = parallel.sum(shared)
+
+        def solved(job: int) -> dict[str, Any]:
+            _, g, block = jobs[job]
+            matvec = lambda v: alpha * v + (1 - alpha) * block.matvec(v)  # noqa: E731
+            solution = conjugate_gradient(matvec, -g.reshape(-1, order="F"), self.tolerance, self.max_iterations)
+            return {"x": solution.x.reshape(g.shape, order="F"), "n": float(solution.iterations),
+                    "gain": solution.gain if self.method != "cg" else 0.0}  # only eigen solves are floored by it
+
         out = {}
-        for i, ((key, _, _), state) in enumerate(zip(jobs, states)):
-            state.iterations.append(round(shared[f"n{i}"]))
+        shared = parallel.share(costs, solved, lambda job: {"x": jobs[job][1] * 0, "n": 0.0, "gain": 0.0})
+        for (key, _, _), state, done in zip(jobs, states, shared):
+            state.iterations.append(round(done["n"]))
             del state.iterations[:-10]  # the recent ones: how hard the blocks are now
             if self.method != "cg":
-                state.gain = shared[f"gain{i}"]
-            out[key] = shared[f"x{i}"]
+                state.gain = done["gain"]
+            out[key] = done["x"]
         return out

@@ -20,7 +20,7 @@ else through the host.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -191,6 +191,20 @@ class DataParallel:
             owners[job] = min(range(self.comm.size), key=lambda r: (loads[r], r))
             loads[owners[job]] += costs[job]
         return owners
+
+    def share(self, costs: Sequence[float], work: Callable[[int], dict[str, Any]],
+              blank: Callable[[int], dict[str, Any]]) -> list[dict[str, Any]]:
+        """Jobs shared out, KAISA's way: job i is done by the rank :meth:`assign` gives it, ``work(i)`` (named
+        arrays and numbers), every other rank contributing ``blank(i)``, zeros of the same shapes; one
+        all-reduce then hands every rank every job's results. In one process: every ``work(i)``."""
+        owners = self.assign(costs)
+        flat = {f"{job}/{name}": value for job, owner in enumerate(owners)
+                for name, value in (work(job) if owner == self.comm.rank else blank(job)).items()}
+        out: list[dict[str, Any]] = [{} for _ in owners]
+        for key, value in self.sum(flat).items():
+            job, name = key.split("/", 1)
+            out[int(job)][name] = value
+        return out
 
     def samples(self, count: int) -> int:
         """Σ_r n_r: the samples of the global batch, from this rank's ``count``."""

@@ -482,10 +482,10 @@ class Network:
 
         from ..codegen.network_code import network_code
 
-        per_layer = None  # auto: each layer's batch rule, as module by module
-        if approximation is Approximation.AUTO and curvature is not None:
-            per_layer = tuple(self.batch_rule(layer, curvature, approximation) for layer in self.layers)
         if (curvature, approximation) not in self._linked_code:  # generated, or found in the cache, once
+            per_layer = None  # auto: each layer's batch rule, as module by module
+            if approximation is Approximation.AUTO and curvature is not None:
+                per_layer = tuple(self.batch_rule(layer, curvature, approximation) for layer in self.layers)
             try:
                 self._linked_code[curvature, approximation] = network_code(
                     self.chain(), curvature, approximation, self.backend, f"{self.spec}, loss {self.loss_module}",

@@ -14,19 +14,40 @@ from ..runtime.array_ops import softmax, unvec_of_samples
 from ..runtime.blocks import CurvatureBlock, namespace, row_groups
 from .block_solvers import DampedBlockSolver, conjugate_gradient
 from .distributed import DataParallel
-from .network import Network
+from .network import Layer, Network
 from .optimizer_protocol import CurvatureRequest, Optimizer
 from .safeguards import LevenbergMarquardt, damped_solve, reduction_ratio
 
 DENSE_BLOCK_SOLVE = 1024  # the largest block solved densely; a larger one by CG through its matvec
 
 
-def block_parameters(net: Network, convolutions: bool = False) -> list[str]:
-    """The parameters of the network's modules other than Linear layers (a user's LayerNorm gain, say), and
-    of its convolutions unless ``convolutions`` says the optimiser factors those too: what a
-    Kronecker-factored optimiser steps through HBP blocks instead."""
-    return [name for layer in net.layers if layer.module != "Linear" and not (convolutions and layer.window)
+def factored_layers(net: Network) -> list[int]:
+    """The positions of the layers a Kronecker-factored optimiser (kfac, kbfgs) factors as [W b] against its
+    inputs: Linear layers and convolutions (their patches)."""
+    return [position for position, layer in enumerate(net.layers)
+            if layer.module == "Linear" or layer.window is not None]
+
+
+def block_parameters(net: Network) -> list[str]:
+    """The parameters of the other layers (a user's LayerNorm gain, say): what a Kronecker-factored
+    optimiser steps through HBP blocks instead."""
+    factored = set(factored_layers(net))
+    return [name for position, layer in enumerate(net.layers) if position not in factored
             for name in layer.params.values()]
+
+
+def weight_and_bias(layer: Layer) -> tuple[str, str]:
+    """The network's names of a factored layer's weight (a Linear layer's W, a convolution's K) and bias."""
+    return layer.params["W" if "W" in layer.params else "K"], layer.params["b"]
+
+
+def factor_inputs(layer: Layer, inputs: Any, xp: Any, mean_patch: bool = False) -> Any:
+    """ã = [a; 1] of a factored layer from its inputs: a column per sample (a Linear layer) or per patch (a
+    convolution), or with ``mean_patch`` each sample's mean patch (K-FAC-reduce's)."""
+    a = inputs if layer.window is None else layer.patches(inputs)
+    if mean_patch and layer.window is not None:
+        a = a.reshape(a.shape[0], inputs.shape[1], -1).mean(axis=2)
+    return with_bias_row(a, xp)
 
 
 def damped_block_directions(names: list[str], vectors: dict[str, Any], blocks: dict[str, CurvatureBlock],
@@ -315,7 +336,7 @@ class KFAC(Optimizer):
 
     def prepare(self, net: Network, X_train: Any) -> None:
         """The parameters its factors do not cover: a user's modules', stepped through their HBP blocks."""
-        self.block_params = block_parameters(net, convolutions=True)
+        self.block_params = block_parameters(net)
 
     def curvature_request(self) -> CurvatureRequest | None:
         """The Gauss–Newton blocks (K-FAC's curvature, the Fisher of a softmax cross-entropy) of the
@@ -343,16 +364,9 @@ class KFAC(Optimizer):
         else:  # every class, weighted by its probability
             targets = [(xp.zeros_like(p) + xp.eye(p.shape[0])[:, [c]], p[c:c + 1, :]) for c in range(p.shape[0])]
         out: dict[int, tuple[Any, Any]] = {}
-        for position, layer in enumerate(net.layers):
-            if layer.module == "Linear":
-                a = with_bias_row(inputs[position], xp)
-                out[position] = (a @ a.T / B, 0)
-            elif layer.window is not None:  # expand: the positions as more samples, Σₜ ãₜ ãₜᵀ / T, averaged
-                patches = layer.patches(inputs[position])  # sample i's T positions in columns i·T … i·T + T − 1
-                if self.kfac_approx == "reduce":  # the mean patch of each sample
-                    patches = patches.reshape(patches.shape[0], B, -1).mean(axis=2)
-                a = with_bias_row(patches, xp)
-                out[position] = (a @ a.T / a.shape[1], 0)
+        for position in factored_layers(net):  # a convolution's expand: positions as more samples, Σₜ ãₜ ãₜᵀ / T
+            a = factor_inputs(net.layers[position], inputs[position], xp, mean_patch=self.kfac_approx == "reduce")
+            out[position] = (a @ a.T / a.shape[1], 0)
         caches: list[dict] = [{} for _ in net.layers]  # one forward pass, a backward pass per class
         for target, weight in targets:
             adjoints = net.adjoints(inputs, (p - target) * xp.sqrt(weight) / B, caches)
@@ -375,18 +389,21 @@ class KFAC(Optimizer):
         ranks each inverse is made by the rank its n³ assigns it and all-reduced to every rank (KAISA's
         sharing of the inverses, Pauloski et al. 2021)."""
         root = self.damping**0.5
-        damped = {}
+        damped = []  # (name, matrix): every layer's A and G, damped
         for position, (A, G) in self.factors.items():
             pi = float(xp.sqrt((xp.trace(A) / A.shape[0]) / (xp.trace(G) / G.shape[0])))
             if not math.isfinite(pi) or pi <= 0:
                 pi = 1.0
-            damped[f"A{position}"] = A + pi * root * xp.eye(A.shape[0], dtype=A.dtype)
-            damped[f"G{position}"] = G + root / pi * xp.eye(G.shape[0], dtype=G.dtype)
-        owners = parallel.assign([float(m.shape[0]) ** 3 for m in damped.values()])
-        inverses = parallel.sum({
-            name: damped_solve(m, xp.eye(m.shape[0], dtype=m.dtype), xp, what=f"kfac factor {name}")
-            if owner == parallel.comm.rank else m * 0  # another rank's: zeros in the sum
-            for (name, m), owner in zip(damped.items(), owners)})
+            damped += [(f"A{position}", A + pi * root * xp.eye(A.shape[0], dtype=A.dtype)),
+                       (f"G{position}", G + root / pi * xp.eye(G.shape[0], dtype=G.dtype))]
+
+        def inverted(job: int) -> dict[str, Any]:
+            name, m = damped[job]
+            return {"inverse": damped_solve(m, xp.eye(m.shape[0], dtype=m.dtype), xp, what=f"kfac factor {name}")}
+
+        shared = parallel.share([float(m.shape[0]) ** 3 for _, m in damped], inverted,
+                                lambda job: {"inverse": damped[job][1] * 0})
+        inverses = {name: done["inverse"] for (name, _), done in zip(damped, shared)}
         self.inverses = {position: (inverses[f"A{position}"], inverses[f"G{position}"]) for position in self.factors}
 
     def step(self, net: Network, grads: dict[str, Any], blocks: dict[str, CurvatureBlock],
@@ -405,8 +422,7 @@ class KFAC(Optimizer):
             self._invert(xp, net.parallel)
         natural: dict[str, Any] = {}
         for position, (A_inverse, G_inverse) in self.inverses.items():
-            names = net.layers[position].params
-            W, b = names["W" if "W" in names else "K"], names["b"]  # a Linear layer's, or a convolution's
+            W, b = weight_and_bias(net.layers[position])
             natural.update(split_joined(G_inverse @ joined(grads, W, b, xp) @ A_inverse, W, b))
         natural.update(damped_block_directions(self.block_params, grads, blocks, self.damping, xp))
         vectors = [natural] + ([self.velocity] if self.velocity else [])
@@ -524,28 +540,16 @@ class KBFGS(Optimizer):
         factors do not cover (a user's module's), Kronecker-factored as K-FAC's."""
         return CurvatureRequest(Curvature.GGN, Approximation.KRONECKER_FACTORED) if self.block_params else None
 
-    @staticmethod
-    def _factored(net: Network) -> list[int]:
-        """The positions of the layers BFGS factors: Linear layers and convolutions."""
-        return [position for position, layer in enumerate(net.layers)
-                if layer.module == "Linear" or layer.window is not None]
-
-    @staticmethod
-    def _inputs(net: Network, position: int, inputs: list[Any]) -> Any:
-        """ã of a factored layer, one column per sample (a Linear layer) or per patch (a convolution)."""
-        layer = net.layers[position]
-        a = inputs[position] if layer.window is None else layer.patches(inputs[position])
-        return with_bias_row(a, net.xp)
-
     def prepare(self, net: Network, X_train: Any) -> None:
         """Ā from one pass over the training inputs at the initial weights (``training_utils.py``)."""
-        self.block_params = block_parameters(net, convolutions=True)
+        self.block_params = block_parameters(net)
         _, inputs = net.forward(X_train)
-        for position in self._factored(net):
-            a = self._inputs(net, position, inputs)
+        for position in factored_layers(net):
+            a = factor_inputs(net.layers[position], inputs[position], net.xp)
             self.A[position] = a @ a.T / a.shape[1]
 
-    def _layer_statistics(self, net: Network, X: Any, Y: Any, params: dict[str, Any],
+    @staticmethod
+    def _layer_statistics(net: Network, X: Any, Y: Any, params: dict[str, Any],
                           ) -> tuple[dict[int, tuple[Any, Any]], list[Any]]:
         """Per factored layer: the mean pre-activation and the mean per-sample gradient of the loss at it
         (over samples, and a convolution's positions); and the input of every layer."""
@@ -556,7 +560,7 @@ class KBFGS(Optimizer):
         finally:
             net.params = saved
         means, B = {}, X.shape[1]
-        for position in self._factored(net):
+        for position in factored_layers(net):
             pre = inputs[position + 1] if position + 1 < len(net.layers) else Z
             grad, rows = adjoints[position], net.layers[position].output_rows
             if rows is not None:  # a convolution's (rows · T, B): its positions averaged, per sample
@@ -564,7 +568,7 @@ class KBFGS(Optimizer):
             means[f"pre{position}"] = pre.mean(axis=1, keepdims=True)
             means[f"grad{position}"] = grad.sum(axis=1, keepdims=True)  # δZ carries 1/B
         means = net.parallel.mean(means, B)  # over every rank's shard of the batch
-        out = {position: (means[f"pre{position}"], means[f"grad{position}"]) for position in self._factored(net)}
+        out = {position: (means[f"pre{position}"], means[f"grad{position}"]) for position in factored_layers(net)}
         return out, inputs
 
     def step(self, net: Network, grads: dict[str, Any], blocks: dict[str, CurvatureBlock],
@@ -580,9 +584,9 @@ class KBFGS(Optimizer):
         root = self.damping**0.5
         updates: dict[str, Any] = {}
         damped, means = {}, {}
-        for position in self._factored(net):
+        for position in factored_layers(net):
             layer = net.layers[position]
-            a = self._inputs(net, position, inputs)
+            a = factor_inputs(layer, inputs[position], xp)
             batch = net.parallel.mean({"A": a @ a.T / a.shape[1], "a": a.mean(axis=1, keepdims=True)}, X.shape[1])
             batch_A = batch["A"]
             if position not in self.A:  # no pass over the data was made
@@ -593,7 +597,7 @@ class KBFGS(Optimizer):
             damped[position], means[position] = self.A[position] + root * eye, batch["a"]
             if position not in self.H_a:
                 self.H_a[position] = damped_solve(damped[position], eye, xp, what=f"kbfgs factor A{position}")
-            W, b = layer.params["W" if "W" in layer.params else "K"], layer.params["b"]  # a convolution's K
+            W, b = weight_and_bias(layer)
             H_g = self.H_g.setdefault(position, xp.eye(grads[W].shape[0], dtype=X.dtype))
             direction = -H_g @ joined(self.m, W, b, xp) @ self.H_a[position]
             for name, part in split_joined(direction, W, b):
