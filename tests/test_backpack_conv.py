@@ -7,6 +7,9 @@ convolution BackPACK factors its weight block as [Σₜₛ of 𝓗̄ at its outp
 summed), E[Σₜ uₜ uₜᵀ] over its unfolded input], and each Linear weight as [𝓗̄ at its output, E[x xᵀ]]:
 both factors are compared with what mcalc's pass holds there, so the test checks every 𝓗̄ mcalc
 backpropagates, not only the last.
+
+BackPACK's ``DiagGGNExact`` and ``KFAC`` (Monte Carlo Fisher, for the labels mcalc's kfac draws) are compared
+with mcalc's Gauss–Newton diagonal and kfac factors.
 """
 import numpy as np
 import pytest
@@ -105,3 +108,50 @@ def test_the_gauss_newton_diagonal_of_a_conv2d_network_is_backpacks():
         expected = parameter.diag_ggn_exact.detach().numpy().reshape(ours.shape)
         assert np.abs(expected).max() > 1e-6, name
         np.testing.assert_allclose(ours, expected, rtol=1e-9, atol=1e-12 * np.abs(expected).max(), err_msg=name)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")
+def test_mc_fisher_kfac_factors_of_a_conv2d_network_are_backpacks_kfac_for_the_same_labels():
+    """BackPACK's ``KFAC`` (one sampled label per input, its square root backpropagated) against mcalc's
+    ``kfac`` with ``fisher='mc'``, BackPACK's sampler made to draw the labels mcalc's draws (``KFAC._statistics``'s
+    inverse-CDF sampling from its seeded generator, transcribed here). BackPACK's convolution input factor
+    Σₜ uₜuₜᵀ is T times mcalc's K-FAC-expand factor (bias row left out); its output factor sums the positions'
+    gradients first, as K-FAC-reduce's does; a Linear layer's are the same in both."""
+    from backpack.core.derivatives.crossentropyloss import CrossEntropyLossDerivatives
+    from backpack.extensions import KFAC
+
+    from mcalc.runtime.array_ops import softmax
+    from mcalc.train.optimizers import make_optimizer
+
+    rng = np.random.default_rng(2)
+    net = Network(SPEC, seed=5)
+    B = 7
+    X, labels = rng.normal(size=(2 * 49, B)), rng.integers(0, 5, B)
+    kfac = {approx: make_optimizer("kfac", fisher="mc", kfac_approx=approx, seed=11) for approx in ("expand", "reduce")}
+    expand, reduce = (kfac[approx]._statistics(net, X) for approx in ("expand", "reduce"))
+    p = softmax(net.forward(X)[0])
+    draws = np.random.default_rng(11).random(B)  # the draws of a fresh kfac with seed 11
+    sampled = np.minimum((draws[None, :] > np.cumsum(p, axis=0)).sum(axis=0), 4)
+    assert len(set(sampled)) > 1 and (sampled != p.argmax(axis=0)).any()  # labels that are samples, not the mode
+
+    class Drawn:  # BackPACK's Categorical, drawing mcalc's labels: [mc_samples = 1, N]
+        def sample(self, shape):
+            return torch.tensor(sampled)[None, :].expand(*shape, B)
+
+    original = CrossEntropyLossDerivatives._make_distribution
+    CrossEntropyLossDerivatives._make_distribution = lambda self, subsampled_input: Drawn()
+    try:
+        model = _backpack_pass(net, X, labels, KFAC(mc_samples=1))
+    finally:
+        CrossEntropyLossDerivatives._make_distribution = original
+
+    linear = net.layers.index(next(layer for layer in net.layers if layer.module == "Linear"))
+    for position, module, T in ((0, model[0], 25), (2, model[2], 16), (linear, model[6], 1)):
+        G_theirs, A_theirs = (f.detach().numpy() for f in module.weight.kfac)
+        A, G = T * expand[position][0][:-1, :-1], reduce[position][1]
+        if position == linear:  # the Linear layer after flatten: PyTorch orders its inputs channel by channel
+            A = A[np.ix_(FLATTEN, FLATTEN)]
+        assert np.abs(G_theirs).max() > 1e-6 and np.abs(A_theirs).max() > 1e-6
+        np.testing.assert_allclose(G, G_theirs, rtol=1e-10, atol=1e-12 * np.abs(G_theirs).max(), err_msg=position)
+        np.testing.assert_allclose(A, A_theirs, rtol=1e-10, atol=1e-12 * np.abs(A_theirs).max(), err_msg=position)
+        np.testing.assert_allclose(module.bias.kfac[0].detach().numpy(), G_theirs, rtol=1e-12)
