@@ -85,7 +85,7 @@ def test_a_backward_pass_computes_an_activations_derivative_once(generated):
     code = load_code(L.Sigmoid, "numpy", generated)
     calls = []
     derivative = code._fn_sigmoid_1
-    code._fn_sigmoid_1 = lambda t: calls.append(1) or derivative(t)
+    code._fn_sigmoid_1 = lambda t, *cache: calls.append(1) or derivative(t, *cache)
     try:
         X, dZ = np.random.default_rng(0).normal(size=(2, 4, 6))
         S, cache = {"x": X, "dz": dZ}, {}
@@ -98,6 +98,53 @@ def test_a_backward_pass_computes_an_activations_derivative_once(generated):
         assert len(calls) == 3
     finally:
         code._fn_sigmoid_1 = derivative
+
+
+def test_an_elementwise_functions_orders_compute_their_shared_part_once(tmp_path):
+    """GELU's φ and φ′ both read erf(t/√2), and φ′ and φ″ exp(−t²/2) (numpy_printer.shared_parts): with
+    one cache, a forward pass and the gradients evaluate erf once, and give what they give without one."""
+    import sympy as sp
+
+    from mcalc.runtime import array_ops
+
+    t = sp.Symbol("t")
+    gelu = mc.elementwise("gelu", t * (1 + sp.erf(t / sp.sqrt(2))) / 2, t)
+    x = mc.Vector("x", "n")
+    module = mc.Module("GELU", output=gelu(x), inputs=[x])
+    generate([module], ["numpy"], tmp_path)
+    code = load_code(module, "numpy", tmp_path)
+    erf_calls = []
+
+    class Counting:
+        @staticmethod
+        def erf(a):
+            erf_calls.append(1)
+            return array_ops.special(a).erf(a)
+
+    code._special = lambda a: Counting
+    X, dZ = np.random.default_rng(0).normal(size=(2, 4, 6))
+    S, cache = {"x": X, "dz": dZ}, {}
+    Z = code.forward({}, S, cache)["Z"]
+    dX = code.gradients({}, S, cache=cache)["x"]
+    assert len(erf_calls) == 1
+    np.testing.assert_allclose(Z, code.forward({}, S)["Z"], rtol=1e-15)
+    np.testing.assert_allclose(dX, code.gradients({}, S)["x"], rtol=1e-15)
+    assert len(erf_calls) == 3
+    phi = X * (1 + np.vectorize(__import__("math").erf)(X / np.sqrt(2))) / 2
+    np.testing.assert_allclose(Z, phi, rtol=1e-12)
+    other = X + 1  # another argument: computed afresh, and the cache keeps one entry per part
+    code.forward({}, {"x": other}, cache)
+    assert len(erf_calls) == 4 and sum(isinstance(k, tuple) for k in cache) == 2  # erf and exp(−t²/2)
+
+
+def test_a_bias_is_broadcast_by_the_array_module_not_by_a_view(generated):
+    """W x + b 1ᵀ prints as W x + b: NumPy broadcasts b, with no broadcast view made and no strided read
+    (.numpy_printer.ArrayPrinter.elementwise_operands), and the step that made the view is gone."""
+    import inspect
+
+    code = load_code(L.Linear, "numpy", generated)
+    source = inspect.getsource(code.forward)
+    assert "broadcast_to" not in source and "+ P['b']" in source
 
 
 def batch_argument(samples):

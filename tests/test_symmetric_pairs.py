@@ -1,4 +1,5 @@
-"""Transposed pairs in a symmetric block (S + X + Xᵀ, X computed once): the same values, fewer flops."""
+"""Transposed pairs in a symmetric block (S + X + Xᵀ, X computed once), and runs of factors that products
+share (computed once): the same values, fewer flops."""
 import numpy as np
 import pytest
 from conftest import ROOT
@@ -7,9 +8,10 @@ from test_batch import _batch
 import mcalc as mc
 from mcalc import layers as L
 from mcalc.codegen.batch import batch_hbp
-from mcalc.expr import Add, Transpose
+from mcalc.expr import Add, MatMul, Seed, Transpose
 from mcalc.modes import APPROXIMATIONS, CURVATURES
 from mcalc.numeric.evaluate import Evaluator
+from mcalc.simplification.shared_runs import share_runs
 from mcalc.simplification.symmetric import flops, pair_transposes
 from mcalc.user_modules import load_modules
 
@@ -52,3 +54,31 @@ def test_a_residual_blocks_input_block_computes_its_cross_term_once():
 def test_a_block_without_pairs_is_left_as_it_is():
     block = batch_hbp(mc.derive(L.Sigmoid), "x", "ggn", "6")
     assert pair_transposes(block) is block
+
+
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: m.name)
+def test_shared_runs_keep_every_blocks_value(module):
+    """Every mode's blocks of a module, planned together with the runs their products share nested
+    (:func:`share_runs`), evaluate to the blocks themselves, at no more flops."""
+    d, ev = mc.derive(module), _evaluator(module, 2)
+    for curvature in CURVATURES:
+        for approximation in APPROXIMATIONS:
+            blocks = [pair_transposes(batch_hbp(d, v.name, curvature, approximation)) for v in module.variables]
+            shared = share_runs(blocks)
+            assert flops(*shared) <= flops(*blocks)
+            for before, after in zip(blocks, shared):
+                np.testing.assert_allclose(ev.value(after), ev.value(before), rtol=1e-10, atol=1e-12)
+
+
+def test_a_residual_blocks_products_compute_hz_w2_once():
+    """The residual block's parameter blocks hold W₂ᵀ 𝓗z W₂ and its input block 𝓗z W₂ diag(E[φ′]) W₁: planned
+    together, 𝓗z W₂ is one product that both read, and the blocks cost fewer flops."""
+    d = mc.derive(USER["Residual"])
+    blocks = [pair_transposes(batch_hbp(d, v.name, "ggn", "6-kfac")) for v in USER["Residual"].variables]
+    shared = share_runs(blocks)
+    products = {n for b in shared for n in b.walk() if isinstance(n, MatMul)}
+    hz_w2 = [p for p in products if len(p.args) == 2 and isinstance(p.args[0], Seed) and p.args[1].name == "W2"]
+    assert len(hz_w2) == 1
+    readers = {p for p in products if hz_w2[0] in p.args}
+    assert len(readers) >= 2
+    assert flops(*shared) < flops(*blocks)

@@ -20,15 +20,16 @@ OUTPUT_SHAPE = ('n', '1')
 def _fn_abs_0(t):
     return abs(t)
 
-def _fn_exp_0(t):
-    return xp.exp(t)
+def _fn_exp_0(t, C=None):
+    u0 = _elementwise_part(C, 'exp(t)', t, lambda: xp.exp(t))
+    return u0
 
-def _fn_exp_1(t):
-    s = xp.exp(t)
+def _fn_exp_1(t, C=None):
+    s = _elementwise_part(C, 'exp(t)', t, lambda: xp.exp(t))
     return s
 
-def _fn_exp_2(t):
-    s = xp.exp(t)
+def _fn_exp_2(t, C=None):
+    s = _elementwise_part(C, 'exp(t)', t, lambda: xp.exp(t))
     return s
 
 def _fn_relu_0(t):
@@ -469,6 +470,7 @@ from mcalc.runtime.array_ops import batch_mean as _batch_mean  # noqa: F401
 from mcalc.runtime.array_ops import block_trace as _block_trace  # noqa: F401
 from mcalc.runtime.array_ops import commutation as _commutation  # noqa: F401
 from mcalc.runtime.array_ops import diagonal_matrix as _diagonal_matrix  # noqa: F401
+from mcalc.runtime.array_ops import elementwise_part as _elementwise_part  # noqa: F401
 from mcalc.runtime.array_ops import fold as _fold  # noqa: F401
 from mcalc.runtime.array_ops import fold_rows as _fold_rows  # noqa: F401
 from mcalc.runtime.array_ops import gram as _gram  # noqa: F401

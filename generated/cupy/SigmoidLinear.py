@@ -23,15 +23,16 @@ def _fn_abs_0(t):
 def _fn_relu_0(t):
     return functools.reduce(xp.maximum, [0, t])
 
-def _fn_sigmoid_0(t):
-    return 1/(1 + xp.exp(-t))
+def _fn_sigmoid_0(t, C=None):
+    u0 = _elementwise_part(C, '1/(1 + exp(-t))', t, lambda: 1/(1 + xp.exp(-t)))
+    return u0
 
-def _fn_sigmoid_1(t):
-    s = 1/(1 + xp.exp(-t))
+def _fn_sigmoid_1(t, C=None):
+    s = _elementwise_part(C, '1/(1 + exp(-t))', t, lambda: 1/(1 + xp.exp(-t)))
     return s*(1 - s)
 
-def _fn_sigmoid_2(t):
-    s = 1/(1 + xp.exp(-t))
+def _fn_sigmoid_2(t, C=None):
+    s = _elementwise_part(C, '1/(1 + exp(-t))', t, lambda: 1/(1 + xp.exp(-t)))
     return s*(s - 1)*(2*s - 1)
 
 
@@ -681,6 +682,7 @@ from mcalc.runtime.array_ops import batch_mean as _batch_mean  # noqa: F401
 from mcalc.runtime.array_ops import block_trace as _block_trace  # noqa: F401
 from mcalc.runtime.array_ops import commutation as _commutation  # noqa: F401
 from mcalc.runtime.array_ops import diagonal_matrix as _diagonal_matrix  # noqa: F401
+from mcalc.runtime.array_ops import elementwise_part as _elementwise_part  # noqa: F401
 from mcalc.runtime.array_ops import fold as _fold  # noqa: F401
 from mcalc.runtime.array_ops import fold_rows as _fold_rows  # noqa: F401
 from mcalc.runtime.array_ops import gram as _gram  # noqa: F401

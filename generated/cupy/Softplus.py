@@ -23,14 +23,17 @@ def _fn_abs_0(t):
 def _fn_relu_0(t):
     return functools.reduce(xp.maximum, [0, t])
 
-def _fn_softplus_0(t):
-    return xp.log(xp.exp(t) + 1)
+def _fn_softplus_0(t, C=None):
+    u0 = _elementwise_part(C, 'exp(t)', t, lambda: xp.exp(t))
+    return xp.log(u0 + 1)
 
-def _fn_softplus_1(t):
-    return xp.exp(t)/(xp.exp(t) + 1)
+def _fn_softplus_1(t, C=None):
+    u0 = _elementwise_part(C, 'exp(t)', t, lambda: xp.exp(t))
+    return u0/(u0 + 1)
 
-def _fn_softplus_2(t):
-    return xp.exp(t)/(xp.exp(2*t) + 2*xp.exp(t) + 1)
+def _fn_softplus_2(t, C=None):
+    u0 = _elementwise_part(C, 'exp(t)', t, lambda: xp.exp(t))
+    return u0/(2*u0 + xp.exp(2*t) + 1)
 
 
 from mcalc.runtime.cuda import KernelSet
@@ -467,6 +470,7 @@ from mcalc.runtime.array_ops import batch_mean as _batch_mean  # noqa: F401
 from mcalc.runtime.array_ops import block_trace as _block_trace  # noqa: F401
 from mcalc.runtime.array_ops import commutation as _commutation  # noqa: F401
 from mcalc.runtime.array_ops import diagonal_matrix as _diagonal_matrix  # noqa: F401
+from mcalc.runtime.array_ops import elementwise_part as _elementwise_part  # noqa: F401
 from mcalc.runtime.array_ops import fold as _fold  # noqa: F401
 from mcalc.runtime.array_ops import fold_rows as _fold_rows  # noqa: F401
 from mcalc.runtime.array_ops import gram as _gram  # noqa: F401

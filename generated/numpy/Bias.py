@@ -22,6 +22,7 @@ from mcalc.runtime.array_ops import batch_mean as _batch_mean  # noqa: F401
 from mcalc.runtime.array_ops import block_trace as _block_trace  # noqa: F401
 from mcalc.runtime.array_ops import commutation as _commutation  # noqa: F401
 from mcalc.runtime.array_ops import diagonal_matrix as _diagonal_matrix  # noqa: F401
+from mcalc.runtime.array_ops import elementwise_part as _elementwise_part  # noqa: F401
 from mcalc.runtime.array_ops import fold as _fold  # noqa: F401
 from mcalc.runtime.array_ops import fold_rows as _fold_rows  # noqa: F401
 from mcalc.runtime.array_ops import gram as _gram  # noqa: F401
@@ -66,8 +67,7 @@ def forward(P, S, cache=None):
     function's own docstring says may change."""
     B, B_all, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = xp.broadcast_to(P['b'], (m, B))
-    t1 = S['x'] + t0
+    t1 = S['x'] + P['b']
 
     return {"Z": t1}
 
@@ -99,8 +99,7 @@ def gradients(P, S, inputs=True, cache=None):
 def _jvp_all(P, S, V, C=None):
     B, B_all, m = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = xp.broadcast_to(V['b'], (m, B))
-    t1 = V['x'] + t0
+    t1 = V['x'] + V['b']
 
     return {"Z": t1}
 

@@ -22,6 +22,7 @@ from mcalc.runtime.array_ops import batch_mean as _batch_mean  # noqa: F401
 from mcalc.runtime.array_ops import block_trace as _block_trace  # noqa: F401
 from mcalc.runtime.array_ops import commutation as _commutation  # noqa: F401
 from mcalc.runtime.array_ops import diagonal_matrix as _diagonal_matrix  # noqa: F401
+from mcalc.runtime.array_ops import elementwise_part as _elementwise_part  # noqa: F401
 from mcalc.runtime.array_ops import fold as _fold  # noqa: F401
 from mcalc.runtime.array_ops import fold_rows as _fold_rows  # noqa: F401
 from mcalc.runtime.array_ops import gram as _gram  # noqa: F401
@@ -78,13 +79,12 @@ def _gradients_all(P, S, C=None):
     B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
-    t0 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
-    t1 = t0 * S['y']
+    t1 = S['dz'] * S['y']
     t2 = (-1) * t1
     if 'm0' not in C:
         C['m0'] = _softmax(S['x'])
     t3 = C['m0']
-    t4 = t0 * t3
+    t4 = S['dz'] * t3
     t5 = t2 + t4
 
     return {"x": t5, }
@@ -114,7 +114,7 @@ def _jvp_all(P, S, V, C=None):
     t0 = C['m0']
     t1 = V['x'] * t0
     t2 = t1.sum(axis=0, keepdims=True)
-    t3 = (xp.ones((n, 1), dtype=dtype) @ t2)
+    t3 = xp.broadcast_to(t2, (n, B))
     t4 = (-1) * t3
     t5 = V['x'] + t4
     t6 = t5 * S['y']
@@ -135,23 +135,18 @@ def _rgradients_all(P, S, V, C=None):
     B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
-    t0 = (xp.ones((n, 1), dtype=dtype) @ V['dz'])
-    t1 = t0 * S['y']
+    t1 = V['dz'] * S['y']
     t2 = (-1) * t1
     if 'm0' not in C:
         C['m0'] = _softmax(S['x'])
     t3 = C['m0']
-    t4 = t0 * t3
-    if 'm1' not in C:
-        C['m1'] = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
-    t5 = C['m1']
+    t4 = V['dz'] * t3
     t6 = V['x'] * t3
     t7 = t6.sum(axis=0, keepdims=True)
-    t8 = (xp.ones((n, 1), dtype=dtype) @ t7)
-    t9 = t8 * t3
+    t9 = t7 * t3
     t10 = (-1) * t9
     t11 = t6 + t10
-    t12 = t5 * t11
+    t12 = S['dz'] * t11
     t13 = t2 + t4 + t12
 
     return {"x": t13, }
@@ -200,8 +195,7 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
         C['m8'] = _rank_sum(t8)
     t9 = C['m8']
     t10 = t9 * Hz
-    t11 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
-    t12 = t11 * t0
+    t12 = S['dz'] * t0
     t13 = t12.sum(axis=1, keepdims=True)
     t14 = _rank_sum(t13)
     t15 = (t12 @ t5)
@@ -273,8 +267,7 @@ def _hbp_exact_7_all(P, S, Hz, C=None):
         C['m21'] = (t5 @ t14)
     t15 = C['m21']
     t16 = t15 * Hz
-    t17 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
-    t18 = t17 * t1
+    t18 = S['dz'] * t1
     t19 = t18.sum(axis=1, keepdims=True)
     t20 = _rank_sum(t19)
     t21 = t1.T
@@ -413,8 +406,7 @@ def _hbp_pch_abs_6_all(P, S, Hz, C=None):
         C['m8'] = _rank_sum(t8)
     t9 = C['m8']
     t10 = t9 * Hz
-    t11 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
-    t12 = t11 * t0
+    t12 = S['dz'] * t0
     t13 = t12.sum(axis=1, keepdims=True)
     t14 = _rank_sum(t13)
     t15 = (t12 @ t5)
@@ -479,8 +471,7 @@ def _hbp_pch_abs_7_all(P, S, Hz, C=None):
         C['m21'] = (t5 @ t14)
     t15 = C['m21']
     t16 = t15 * Hz
-    t17 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
-    t18 = t17 * t1
+    t18 = S['dz'] * t1
     t19 = t18.sum(axis=1, keepdims=True)
     t20 = _rank_sum(t19)
     t21 = t1.T
@@ -528,8 +519,7 @@ def _hbp_pch_clip_6_all(P, S, Hz, C=None):
         C['m8'] = _rank_sum(t8)
     t9 = C['m8']
     t10 = t9 * Hz
-    t11 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
-    t12 = t11 * t0
+    t12 = S['dz'] * t0
     t13 = t12.sum(axis=1, keepdims=True)
     t14 = _rank_sum(t13)
     t15 = (t12 @ t5)
@@ -594,8 +584,7 @@ def _hbp_pch_clip_7_all(P, S, Hz, C=None):
         C['m21'] = (t5 @ t14)
     t15 = C['m21']
     t16 = t15 * Hz
-    t17 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
-    t18 = t17 * t1
+    t18 = S['dz'] * t1
     t19 = t18.sum(axis=1, keepdims=True)
     t20 = _rank_sum(t19)
     t21 = t1.T
@@ -664,11 +653,10 @@ def _loss_hessian_6(P, S, C=None):
     B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
-    t0 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
     if 'm0' not in C:
         C['m0'] = _softmax(S['x'])
     t1 = C['m0']
-    t2 = t0 * t1
+    t2 = S['dz'] * t1
     t3 = t2.sum(axis=1, keepdims=True)
     t4 = _rank_sum(t3)
     t5 = t1.T

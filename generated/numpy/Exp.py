@@ -20,15 +20,16 @@ OUTPUT_SHAPE = ('n', '1')
 def _fn_abs_0(t):
     return abs(t)
 
-def _fn_exp_0(t):
-    return xp.exp(t)
+def _fn_exp_0(t, C=None):
+    u0 = _elementwise_part(C, 'exp(t)', t, lambda: xp.exp(t))
+    return u0
 
-def _fn_exp_1(t):
-    s = xp.exp(t)
+def _fn_exp_1(t, C=None):
+    s = _elementwise_part(C, 'exp(t)', t, lambda: xp.exp(t))
     return s
 
-def _fn_exp_2(t):
-    s = xp.exp(t)
+def _fn_exp_2(t, C=None):
+    s = _elementwise_part(C, 'exp(t)', t, lambda: xp.exp(t))
     return s
 
 def _fn_relu_0(t):
@@ -39,6 +40,7 @@ from mcalc.runtime.array_ops import batch_mean as _batch_mean  # noqa: F401
 from mcalc.runtime.array_ops import block_trace as _block_trace  # noqa: F401
 from mcalc.runtime.array_ops import commutation as _commutation  # noqa: F401
 from mcalc.runtime.array_ops import diagonal_matrix as _diagonal_matrix  # noqa: F401
+from mcalc.runtime.array_ops import elementwise_part as _elementwise_part  # noqa: F401
 from mcalc.runtime.array_ops import fold as _fold  # noqa: F401
 from mcalc.runtime.array_ops import fold_rows as _fold_rows  # noqa: F401
 from mcalc.runtime.array_ops import gram as _gram  # noqa: F401
@@ -83,7 +85,8 @@ def forward(P, S, cache=None):
     function's own docstring says may change."""
     B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _fn_exp_0(S['x'])
+    C = {} if cache is None else cache
+    t0 = _fn_exp_0(S['x'], C)
 
     return {"Z": t0}
 
@@ -93,7 +96,7 @@ def _gradients_all(P, S, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
-        C['m0'] = _fn_exp_1(S['x'])
+        C['m0'] = _fn_exp_1(S['x'], C)
     t0 = C['m0']
     t1 = S['dz'] * t0
 
@@ -120,7 +123,7 @@ def _jvp_all(P, S, V, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
-        C['m0'] = _fn_exp_1(S['x'])
+        C['m0'] = _fn_exp_1(S['x'], C)
     t0 = C['m0']
     t1 = V['x'] * t0
 
@@ -139,12 +142,12 @@ def _rgradients_all(P, S, V, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm1' not in C:
-        C['m1'] = _fn_exp_2(S['x'])
+        C['m1'] = _fn_exp_2(S['x'], C)
     t0 = C['m1']
     t1 = V['x'] * t0
     t2 = t1 * S['dz']
     if 'm0' not in C:
-        C['m0'] = _fn_exp_1(S['x'])
+        C['m0'] = _fn_exp_1(S['x'], C)
     t3 = C['m0']
     t4 = V['dz'] * t3
     t5 = t2 + t4
@@ -169,7 +172,7 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
-        C['m0'] = _fn_exp_1(S['x'])
+        C['m0'] = _fn_exp_1(S['x'], C)
     t0 = C['m0']
     t1 = t0.T
     if 'm2' not in C:
@@ -181,7 +184,7 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
     t4 = t3 * Hz
     t5 = (1/B_all) * t4
     if 'm1' not in C:
-        C['m1'] = _fn_exp_2(S['x'])
+        C['m1'] = _fn_exp_2(S['x'], C)
     t6 = C['m1']
     t7 = S['dz'] * t6
     t8 = t7.sum(axis=1, keepdims=True)
@@ -206,7 +209,7 @@ def _hbp_exact_7_all(P, S, Hz, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
-        C['m0'] = _fn_exp_1(S['x'])
+        C['m0'] = _fn_exp_1(S['x'], C)
     t0 = C['m0']
     if 'm4' not in C:
         C['m4'] = t0.sum(axis=1, keepdims=True)
@@ -217,7 +220,7 @@ def _hbp_exact_7_all(P, S, Hz, C=None):
     t3 = ((t2 * Hz) * t2.T)
     t4 = (B_all**(-2)) * t3
     if 'm1' not in C:
-        C['m1'] = _fn_exp_2(S['x'])
+        C['m1'] = _fn_exp_2(S['x'], C)
     t5 = C['m1']
     t6 = S['dz'] * t5
     t7 = t6.sum(axis=1, keepdims=True)
@@ -234,7 +237,7 @@ def _hbp_ggn_6_all(P, S, Hz, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
-        C['m0'] = _fn_exp_1(S['x'])
+        C['m0'] = _fn_exp_1(S['x'], C)
     t0 = C['m0']
     t1 = t0.T
     if 'm2' not in C:
@@ -256,7 +259,7 @@ def _hbp_ggn_7_all(P, S, Hz, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
-        C['m0'] = _fn_exp_1(S['x'])
+        C['m0'] = _fn_exp_1(S['x'], C)
     t0 = C['m0']
     if 'm4' not in C:
         C['m4'] = t0.sum(axis=1, keepdims=True)
@@ -277,7 +280,7 @@ def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
-        C['m0'] = _fn_exp_1(S['x'])
+        C['m0'] = _fn_exp_1(S['x'], C)
     t0 = C['m0']
     t1 = t0.T
     if 'm2' not in C:
@@ -289,7 +292,7 @@ def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     t4 = t3 * Hz
     t5 = (1/B_all) * t4
     if 'm1' not in C:
-        C['m1'] = _fn_exp_2(S['x'])
+        C['m1'] = _fn_exp_2(S['x'], C)
     t6 = C['m1']
     t7 = S['dz'] * t6
     t8 = t7.sum(axis=1, keepdims=True)
@@ -307,7 +310,7 @@ def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
-        C['m0'] = _fn_exp_1(S['x'])
+        C['m0'] = _fn_exp_1(S['x'], C)
     t0 = C['m0']
     if 'm4' not in C:
         C['m4'] = t0.sum(axis=1, keepdims=True)
@@ -318,7 +321,7 @@ def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     t3 = ((t2 * Hz) * t2.T)
     t4 = (B_all**(-2)) * t3
     if 'm1' not in C:
-        C['m1'] = _fn_exp_2(S['x'])
+        C['m1'] = _fn_exp_2(S['x'], C)
     t5 = C['m1']
     t6 = S['dz'] * t5
     t7 = t6.sum(axis=1, keepdims=True)
@@ -336,7 +339,7 @@ def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
-        C['m0'] = _fn_exp_1(S['x'])
+        C['m0'] = _fn_exp_1(S['x'], C)
     t0 = C['m0']
     t1 = t0.T
     if 'm2' not in C:
@@ -348,7 +351,7 @@ def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     t4 = t3 * Hz
     t5 = (1/B_all) * t4
     if 'm1' not in C:
-        C['m1'] = _fn_exp_2(S['x'])
+        C['m1'] = _fn_exp_2(S['x'], C)
     t6 = C['m1']
     t7 = S['dz'] * t6
     t8 = t7.sum(axis=1, keepdims=True)
@@ -366,7 +369,7 @@ def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
-        C['m0'] = _fn_exp_1(S['x'])
+        C['m0'] = _fn_exp_1(S['x'], C)
     t0 = C['m0']
     if 'm4' not in C:
         C['m4'] = t0.sum(axis=1, keepdims=True)
@@ -377,7 +380,7 @@ def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     t3 = ((t2 * Hz) * t2.T)
     t4 = (B_all**(-2)) * t3
     if 'm1' not in C:
-        C['m1'] = _fn_exp_2(S['x'])
+        C['m1'] = _fn_exp_2(S['x'], C)
     t5 = C['m1']
     t6 = S['dz'] * t5
     t7 = t6.sum(axis=1, keepdims=True)

@@ -22,6 +22,7 @@ from mcalc.runtime.array_ops import batch_mean as _batch_mean  # noqa: F401
 from mcalc.runtime.array_ops import block_trace as _block_trace  # noqa: F401
 from mcalc.runtime.array_ops import commutation as _commutation  # noqa: F401
 from mcalc.runtime.array_ops import diagonal_matrix as _diagonal_matrix  # noqa: F401
+from mcalc.runtime.array_ops import elementwise_part as _elementwise_part  # noqa: F401
 from mcalc.runtime.array_ops import fold as _fold  # noqa: F401
 from mcalc.runtime.array_ops import fold_rows as _fold_rows  # noqa: F401
 from mcalc.runtime.array_ops import gram as _gram  # noqa: F401
@@ -67,8 +68,7 @@ def forward(P, S, cache=None):
     B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = (P['W'] @ S['x'])
-    t1 = xp.broadcast_to(P['b'], (m, B))
-    t2 = t0 + t1
+    t2 = t0 + P['b']
 
     return {"Z": t2}
 
@@ -108,8 +108,7 @@ def _jvp_all(P, S, V, C=None):
     dtype = _dtype(P, S)
     t0 = (V['W'] @ S['x'])
     t1 = (P['W'] @ V['x'])
-    t2 = xp.broadcast_to(V['b'], (m, B))
-    t3 = t0 + t1 + t2
+    t3 = t0 + t1 + V['b']
 
     return {"Z": t3}
 
@@ -118,8 +117,7 @@ def _jvp_params(P, S, V, C=None):
     B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = (V['W'] @ S['x'])
-    t1 = xp.broadcast_to(V['b'], (m, B))
-    t2 = t0 + t1
+    t2 = t0 + V['b']
 
     return {"Z": t2}
 

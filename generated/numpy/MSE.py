@@ -25,6 +25,7 @@ from mcalc.runtime.array_ops import batch_mean as _batch_mean  # noqa: F401
 from mcalc.runtime.array_ops import block_trace as _block_trace  # noqa: F401
 from mcalc.runtime.array_ops import commutation as _commutation  # noqa: F401
 from mcalc.runtime.array_ops import diagonal_matrix as _diagonal_matrix  # noqa: F401
+from mcalc.runtime.array_ops import elementwise_part as _elementwise_part  # noqa: F401
 from mcalc.runtime.array_ops import fold as _fold  # noqa: F401
 from mcalc.runtime.array_ops import fold_rows as _fold_rows  # noqa: F401
 from mcalc.runtime.array_ops import gram as _gram  # noqa: F401
@@ -86,14 +87,13 @@ def _gradients_all(P, S, C=None):
     B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
-    t0 = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
     if 'm0' not in C:
         C['m0'] = (-1) * S['y']
     t1 = C['m0']
     if 'm1' not in C:
         C['m1'] = S['x'] + t1
     t2 = C['m1']
-    t3 = t0 * t2
+    t3 = S['dz'] * t2
     t4 = (2) * t3
 
     return {"x": t4, }
@@ -142,18 +142,14 @@ def _rgradients_all(P, S, V, C=None):
     B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
-    t0 = (xp.ones((n, 1), dtype=dtype) @ V['dz'])
     if 'm0' not in C:
         C['m0'] = (-1) * S['y']
     t1 = C['m0']
     if 'm1' not in C:
         C['m1'] = S['x'] + t1
     t2 = C['m1']
-    t3 = t0 * t2
-    if 'm2' not in C:
-        C['m2'] = (xp.ones((n, 1), dtype=dtype) @ S['dz'])
-    t4 = C['m2']
-    t5 = t4 * V['x']
+    t3 = V['dz'] * t2
+    t5 = S['dz'] * V['x']
     t6 = t3 + t5
     t7 = (2) * t6
 

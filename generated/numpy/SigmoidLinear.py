@@ -23,15 +23,16 @@ def _fn_abs_0(t):
 def _fn_relu_0(t):
     return functools.reduce(xp.maximum, [0, t])
 
-def _fn_sigmoid_0(t):
-    return 1/(1 + xp.exp(-t))
+def _fn_sigmoid_0(t, C=None):
+    u0 = _elementwise_part(C, '1/(1 + exp(-t))', t, lambda: 1/(1 + xp.exp(-t)))
+    return u0
 
-def _fn_sigmoid_1(t):
-    s = 1/(1 + xp.exp(-t))
+def _fn_sigmoid_1(t, C=None):
+    s = _elementwise_part(C, '1/(1 + exp(-t))', t, lambda: 1/(1 + xp.exp(-t)))
     return s*(1 - s)
 
-def _fn_sigmoid_2(t):
-    s = 1/(1 + xp.exp(-t))
+def _fn_sigmoid_2(t, C=None):
+    s = _elementwise_part(C, '1/(1 + exp(-t))', t, lambda: 1/(1 + xp.exp(-t)))
     return s*(s - 1)*(2*s - 1)
 
 
@@ -39,6 +40,7 @@ from mcalc.runtime.array_ops import batch_mean as _batch_mean  # noqa: F401
 from mcalc.runtime.array_ops import block_trace as _block_trace  # noqa: F401
 from mcalc.runtime.array_ops import commutation as _commutation  # noqa: F401
 from mcalc.runtime.array_ops import diagonal_matrix as _diagonal_matrix  # noqa: F401
+from mcalc.runtime.array_ops import elementwise_part as _elementwise_part  # noqa: F401
 from mcalc.runtime.array_ops import fold as _fold  # noqa: F401
 from mcalc.runtime.array_ops import fold_rows as _fold_rows  # noqa: F401
 from mcalc.runtime.array_ops import gram as _gram  # noqa: F401
@@ -85,11 +87,10 @@ def forward(P, S, cache=None):
     dtype = _dtype(P, S)
     C = {} if cache is None else cache
     if 'm0' not in C:
-        C['m0'] = _fn_sigmoid_0(S['x'])
+        C['m0'] = _fn_sigmoid_0(S['x'], C)
     t0 = C['m0']
     t1 = (P['W'] @ t0)
-    t2 = xp.broadcast_to(P['b'], (m, B))
-    t3 = t1 + t2
+    t3 = t1 + P['b']
 
     return {"Z": t3}
 
@@ -101,11 +102,11 @@ def _gradients_all(P, S, C=None):
     t0 = P['W'].T
     t1 = (t0 @ S['dz'])
     if 'm1' not in C:
-        C['m1'] = _fn_sigmoid_1(S['x'])
+        C['m1'] = _fn_sigmoid_1(S['x'], C)
     t2 = C['m1']
     t3 = t1 * t2
     if 'm0' not in C:
-        C['m0'] = _fn_sigmoid_0(S['x'])
+        C['m0'] = _fn_sigmoid_0(S['x'], C)
     t4 = C['m0']
     t5 = t4.T
     t6 = (S['dz'] @ t5)
@@ -119,7 +120,7 @@ def _gradients_params(P, S, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
-        C['m0'] = _fn_sigmoid_0(S['x'])
+        C['m0'] = _fn_sigmoid_0(S['x'], C)
     t0 = C['m0']
     t1 = t0.T
     t2 = (S['dz'] @ t1)
@@ -141,16 +142,15 @@ def _jvp_all(P, S, V, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
-        C['m0'] = _fn_sigmoid_0(S['x'])
+        C['m0'] = _fn_sigmoid_0(S['x'], C)
     t0 = C['m0']
     t1 = (V['W'] @ t0)
     if 'm1' not in C:
-        C['m1'] = _fn_sigmoid_1(S['x'])
+        C['m1'] = _fn_sigmoid_1(S['x'], C)
     t2 = C['m1']
     t3 = V['x'] * t2
     t4 = (P['W'] @ t3)
-    t5 = xp.broadcast_to(V['b'], (m, B))
-    t6 = t1 + t4 + t5
+    t6 = t1 + t4 + V['b']
 
     return {"Z": t6}
 
@@ -160,11 +160,10 @@ def _jvp_params(P, S, V, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
-        C['m0'] = _fn_sigmoid_0(S['x'])
+        C['m0'] = _fn_sigmoid_0(S['x'], C)
     t0 = C['m0']
     t1 = (V['W'] @ t0)
-    t2 = xp.broadcast_to(V['b'], (m, B))
-    t3 = t1 + t2
+    t3 = t1 + V['b']
 
     return {"Z": t3}
 
@@ -186,20 +185,20 @@ def _rgradients_all(P, S, V, C=None):
     t3 = (t2 @ V['dz'])
     t4 = t1 + t3
     if 'm1' not in C:
-        C['m1'] = _fn_sigmoid_1(S['x'])
+        C['m1'] = _fn_sigmoid_1(S['x'], C)
     t5 = C['m1']
     t6 = t4 * t5
     if 'm2' not in C:
         C['m2'] = (t2 @ S['dz'])
     t7 = C['m2']
     if 'm3' not in C:
-        C['m3'] = _fn_sigmoid_2(S['x'])
+        C['m3'] = _fn_sigmoid_2(S['x'], C)
     t8 = C['m3']
     t9 = V['x'] * t8
     t10 = t7 * t9
     t11 = t6 + t10
     if 'm0' not in C:
-        C['m0'] = _fn_sigmoid_0(S['x'])
+        C['m0'] = _fn_sigmoid_0(S['x'], C)
     t12 = C['m0']
     t13 = t12.T
     t14 = (V['dz'] @ t13)
@@ -218,7 +217,7 @@ def _rgradients_params(P, S, V, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
-        C['m0'] = _fn_sigmoid_0(S['x'])
+        C['m0'] = _fn_sigmoid_0(S['x'], C)
     t0 = C['m0']
     t1 = t0.T
     t2 = (V['dz'] @ t1)
@@ -246,7 +245,7 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
     if 'm1' not in C:
-        C['m1'] = _fn_sigmoid_1(S['x'])
+        C['m1'] = _fn_sigmoid_1(S['x'], C)
     t2 = C['m1']
     t3 = t2.T
     if 'm4' not in C:
@@ -259,14 +258,14 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
     t7 = (1/B_all) * t6
     t8 = (t0 @ S['dz'])
     if 'm3' not in C:
-        C['m3'] = _fn_sigmoid_2(S['x'])
+        C['m3'] = _fn_sigmoid_2(S['x'], C)
     t9 = C['m3']
     t10 = t8 * t9
     t11 = t10.sum(axis=1, keepdims=True)
     t12 = _rank_sum(t11)
     t13 = _plus_diagonal(t7, t12, copy=False)
     if 'm0' not in C:
-        C['m0'] = _fn_sigmoid_0(S['x'])
+        C['m0'] = _fn_sigmoid_0(S['x'], C)
     t14 = C['m0']
     if 'm6' not in C:
         C['m6'] = _gram(t14, 1/B_all)
@@ -287,7 +286,7 @@ def _hbp_exact_6_params(P, S, Hz, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
-        C['m0'] = _fn_sigmoid_0(S['x'])
+        C['m0'] = _fn_sigmoid_0(S['x'], C)
     t0 = C['m0']
     if 'm6' not in C:
         C['m6'] = _gram(t0, 1/B_all)
@@ -307,7 +306,7 @@ def _hbp_exact_7_all(P, S, Hz, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm1' not in C:
-        C['m1'] = _fn_sigmoid_1(S['x'])
+        C['m1'] = _fn_sigmoid_1(S['x'], C)
     t0 = C['m1']
     if 'm8' not in C:
         C['m8'] = t0.sum(axis=1, keepdims=True)
@@ -320,14 +319,14 @@ def _hbp_exact_7_all(P, S, Hz, C=None):
     t5 = (B_all**(-2)) * t4
     t6 = (t3 @ S['dz'])
     if 'm3' not in C:
-        C['m3'] = _fn_sigmoid_2(S['x'])
+        C['m3'] = _fn_sigmoid_2(S['x'], C)
     t7 = C['m3']
     t8 = t6 * t7
     t9 = t8.sum(axis=1, keepdims=True)
     t10 = _rank_sum(t9)
     t11 = _plus_diagonal(t5, t10, copy=False)
     if 'm0' not in C:
-        C['m0'] = _fn_sigmoid_0(S['x'])
+        C['m0'] = _fn_sigmoid_0(S['x'], C)
     t12 = C['m0']
     if 'm10' not in C:
         C['m10'] = t12.sum(axis=1, keepdims=True)
@@ -351,7 +350,7 @@ def _hbp_exact_7_params(P, S, Hz, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
-        C['m0'] = _fn_sigmoid_0(S['x'])
+        C['m0'] = _fn_sigmoid_0(S['x'], C)
     t0 = C['m0']
     if 'm10' not in C:
         C['m10'] = t0.sum(axis=1, keepdims=True)
@@ -376,7 +375,7 @@ def _hbp_ggn_6_all(P, S, Hz, C=None):
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
     if 'm1' not in C:
-        C['m1'] = _fn_sigmoid_1(S['x'])
+        C['m1'] = _fn_sigmoid_1(S['x'], C)
     t2 = C['m1']
     t3 = t2.T
     if 'm4' not in C:
@@ -388,7 +387,7 @@ def _hbp_ggn_6_all(P, S, Hz, C=None):
     t6 = t1 * t5
     t7 = (1/B_all) * t6
     if 'm0' not in C:
-        C['m0'] = _fn_sigmoid_0(S['x'])
+        C['m0'] = _fn_sigmoid_0(S['x'], C)
     t8 = C['m0']
     if 'm6' not in C:
         C['m6'] = _gram(t8, 1/B_all)
@@ -409,7 +408,7 @@ def _hbp_ggn_7_all(P, S, Hz, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm1' not in C:
-        C['m1'] = _fn_sigmoid_1(S['x'])
+        C['m1'] = _fn_sigmoid_1(S['x'], C)
     t0 = C['m1']
     if 'm8' not in C:
         C['m8'] = t0.sum(axis=1, keepdims=True)
@@ -421,7 +420,7 @@ def _hbp_ggn_7_all(P, S, Hz, C=None):
     t4 = ((((t2 * t3) @ Hz) @ P['W']) * t2.T)
     t5 = (B_all**(-2)) * t4
     if 'm0' not in C:
-        C['m0'] = _fn_sigmoid_0(S['x'])
+        C['m0'] = _fn_sigmoid_0(S['x'], C)
     t6 = C['m0']
     if 'm10' not in C:
         C['m10'] = t6.sum(axis=1, keepdims=True)
@@ -447,7 +446,7 @@ def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
     if 'm1' not in C:
-        C['m1'] = _fn_sigmoid_1(S['x'])
+        C['m1'] = _fn_sigmoid_1(S['x'], C)
     t2 = C['m1']
     t3 = t2.T
     if 'm4' not in C:
@@ -460,7 +459,7 @@ def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     t7 = (1/B_all) * t6
     t8 = (t0 @ S['dz'])
     if 'm3' not in C:
-        C['m3'] = _fn_sigmoid_2(S['x'])
+        C['m3'] = _fn_sigmoid_2(S['x'], C)
     t9 = C['m3']
     t10 = t8 * t9
     t11 = t10.sum(axis=1, keepdims=True)
@@ -468,7 +467,7 @@ def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     t13 = _fn_abs_0(t12)
     t14 = _plus_diagonal(t7, t13, copy=False)
     if 'm0' not in C:
-        C['m0'] = _fn_sigmoid_0(S['x'])
+        C['m0'] = _fn_sigmoid_0(S['x'], C)
     t15 = C['m0']
     if 'm6' not in C:
         C['m6'] = _gram(t15, 1/B_all)
@@ -489,7 +488,7 @@ def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm1' not in C:
-        C['m1'] = _fn_sigmoid_1(S['x'])
+        C['m1'] = _fn_sigmoid_1(S['x'], C)
     t0 = C['m1']
     if 'm8' not in C:
         C['m8'] = t0.sum(axis=1, keepdims=True)
@@ -502,7 +501,7 @@ def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     t5 = (B_all**(-2)) * t4
     t6 = (t3 @ S['dz'])
     if 'm3' not in C:
-        C['m3'] = _fn_sigmoid_2(S['x'])
+        C['m3'] = _fn_sigmoid_2(S['x'], C)
     t7 = C['m3']
     t8 = t6 * t7
     t9 = t8.sum(axis=1, keepdims=True)
@@ -510,7 +509,7 @@ def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     t11 = _fn_abs_0(t10)
     t12 = _plus_diagonal(t5, t11, copy=False)
     if 'm0' not in C:
-        C['m0'] = _fn_sigmoid_0(S['x'])
+        C['m0'] = _fn_sigmoid_0(S['x'], C)
     t13 = C['m0']
     if 'm10' not in C:
         C['m10'] = t13.sum(axis=1, keepdims=True)
@@ -536,7 +535,7 @@ def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     t0 = P['W'].T
     t1 = ((t0 @ Hz) @ P['W'])
     if 'm1' not in C:
-        C['m1'] = _fn_sigmoid_1(S['x'])
+        C['m1'] = _fn_sigmoid_1(S['x'], C)
     t2 = C['m1']
     t3 = t2.T
     if 'm4' not in C:
@@ -549,7 +548,7 @@ def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     t7 = (1/B_all) * t6
     t8 = (t0 @ S['dz'])
     if 'm3' not in C:
-        C['m3'] = _fn_sigmoid_2(S['x'])
+        C['m3'] = _fn_sigmoid_2(S['x'], C)
     t9 = C['m3']
     t10 = t8 * t9
     t11 = t10.sum(axis=1, keepdims=True)
@@ -557,7 +556,7 @@ def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     t13 = _fn_relu_0(t12)
     t14 = _plus_diagonal(t7, t13, copy=False)
     if 'm0' not in C:
-        C['m0'] = _fn_sigmoid_0(S['x'])
+        C['m0'] = _fn_sigmoid_0(S['x'], C)
     t15 = C['m0']
     if 'm6' not in C:
         C['m6'] = _gram(t15, 1/B_all)
@@ -578,7 +577,7 @@ def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm1' not in C:
-        C['m1'] = _fn_sigmoid_1(S['x'])
+        C['m1'] = _fn_sigmoid_1(S['x'], C)
     t0 = C['m1']
     if 'm8' not in C:
         C['m8'] = t0.sum(axis=1, keepdims=True)
@@ -591,7 +590,7 @@ def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     t5 = (B_all**(-2)) * t4
     t6 = (t3 @ S['dz'])
     if 'm3' not in C:
-        C['m3'] = _fn_sigmoid_2(S['x'])
+        C['m3'] = _fn_sigmoid_2(S['x'], C)
     t7 = C['m3']
     t8 = t6 * t7
     t9 = t8.sum(axis=1, keepdims=True)
@@ -599,7 +598,7 @@ def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     t11 = _fn_relu_0(t10)
     t12 = _plus_diagonal(t5, t11, copy=False)
     if 'm0' not in C:
-        C['m0'] = _fn_sigmoid_0(S['x'])
+        C['m0'] = _fn_sigmoid_0(S['x'], C)
     t13 = C['m0']
     if 'm10' not in C:
         C['m10'] = t13.sum(axis=1, keepdims=True)

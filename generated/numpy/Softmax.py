@@ -22,6 +22,7 @@ from mcalc.runtime.array_ops import batch_mean as _batch_mean  # noqa: F401
 from mcalc.runtime.array_ops import block_trace as _block_trace  # noqa: F401
 from mcalc.runtime.array_ops import commutation as _commutation  # noqa: F401
 from mcalc.runtime.array_ops import diagonal_matrix as _diagonal_matrix  # noqa: F401
+from mcalc.runtime.array_ops import elementwise_part as _elementwise_part  # noqa: F401
 from mcalc.runtime.array_ops import fold as _fold  # noqa: F401
 from mcalc.runtime.array_ops import fold_rows as _fold_rows  # noqa: F401
 from mcalc.runtime.array_ops import gram as _gram  # noqa: F401
@@ -83,8 +84,7 @@ def _gradients_all(P, S, C=None):
     t0 = C['m0']
     t1 = S['dz'] * t0
     t2 = t1.sum(axis=0, keepdims=True)
-    t3 = (xp.ones((n, 1), dtype=dtype) @ t2)
-    t4 = t3 * t0
+    t4 = t2 * t0
     t5 = (-1) * t4
     t6 = t1 + t5
 
@@ -115,8 +115,7 @@ def _jvp_all(P, S, V, C=None):
     t0 = C['m0']
     t1 = V['x'] * t0
     t2 = t1.sum(axis=0, keepdims=True)
-    t3 = (xp.ones((n, 1), dtype=dtype) @ t2)
-    t4 = t3 * t0
+    t4 = t2 * t0
     t5 = (-1) * t4
     t6 = t1 + t5
 
@@ -139,26 +138,21 @@ def _rgradients_all(P, S, V, C=None):
     t0 = C['m0']
     t1 = V['x'] * t0
     t2 = t1.sum(axis=0, keepdims=True)
-    t3 = (xp.ones((n, 1), dtype=dtype) @ t2)
-    t4 = t3 * t0
+    t4 = t2 * t0
     t5 = (-1) * t4
     t6 = t1 + t5
     t7 = t6 * S['dz']
     t8 = V['dz'] * t0
     t9 = t7 + t8
     t10 = t9.sum(axis=0, keepdims=True)
-    t11 = (xp.ones((n, 1), dtype=dtype) @ t10)
-    t12 = t11 * t0
+    t12 = t10 * t0
     if 'm1' not in C:
         C['m1'] = S['dz'] * t0
     t13 = C['m1']
     if 'm2' not in C:
         C['m2'] = t13.sum(axis=0, keepdims=True)
     t14 = C['m2']
-    if 'm3' not in C:
-        C['m3'] = (xp.ones((n, 1), dtype=dtype) @ t14)
-    t15 = C['m3']
-    t16 = t15 * t6
+    t16 = t14 * t6
     t17 = t12 + t16
     t18 = (-1) * t17
     t19 = t7 + t8 + t18
@@ -202,8 +196,7 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
     t11 = t1 * t10
     t12 = (1/B_all) * t11
     t13 = t11.sum(axis=1, keepdims=True)
-    t14 = xp.broadcast_to(t13, (B, n))
-    t15 = t14 * t1
+    t15 = t13 * t1
     t16 = (-1/B_all) * t15
     t17 = t12 + t16
     t18 = (t0 @ t17)
@@ -213,8 +206,7 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
     t22 = S['dz'] * t0
     t23 = (1/B_all) * t22
     t24 = t22.sum(axis=0, keepdims=True)
-    t25 = (xp.ones((n, 1), dtype=dtype) @ t24)
-    t26 = t25 * t0
+    t26 = t24 * t0
     t27 = (-1/B_all) * t26
     t28 = t23 + t27
     t29 = t28.sum(axis=1, keepdims=True)
@@ -224,8 +216,7 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
     t33 = S['dz'].T
     t34 = t33 * t1
     t35 = t34.sum(axis=1, keepdims=True)
-    t36 = xp.broadcast_to(t35, (B, n))
-    t37 = t36 * t1
+    t37 = t35 * t1
     t38 = (t0 @ t37)
     t39 = (-1/B_all) * t38
     t40 = t32 + t39
@@ -291,8 +282,7 @@ def _hbp_exact_7_all(P, S, Hz, C=None):
     t12 = S['dz'] * t0
     t13 = (1/B_all) * t12
     t14 = t12.sum(axis=0, keepdims=True)
-    t15 = (xp.ones((n, 1), dtype=dtype) @ t14)
-    t16 = t15 * t0
+    t16 = t14 * t0
     t17 = (-1/B_all) * t16
     t18 = t13 + t17
     t19 = t18.sum(axis=1, keepdims=True)
@@ -302,8 +292,7 @@ def _hbp_exact_7_all(P, S, Hz, C=None):
     t23 = S['dz'].T
     t24 = t23 * t3
     t25 = t24.sum(axis=1, keepdims=True)
-    t26 = xp.broadcast_to(t25, (B, n))
-    t27 = t26 * t3
+    t27 = t25 * t3
     t28 = (t0 @ t27)
     t29 = (-1/B_all) * t28
     t30 = t22 + t29
@@ -348,8 +337,7 @@ def _hbp_ggn_6_all(P, S, Hz, C=None):
     t11 = t1 * t10
     t12 = (1/B_all) * t11
     t13 = t11.sum(axis=1, keepdims=True)
-    t14 = xp.broadcast_to(t13, (B, n))
-    t15 = t14 * t1
+    t15 = t13 * t1
     t16 = (-1/B_all) * t15
     t17 = t12 + t16
     t18 = (t0 @ t17)
@@ -427,8 +415,7 @@ def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     t11 = t1 * t10
     t12 = (1/B_all) * t11
     t13 = t11.sum(axis=1, keepdims=True)
-    t14 = xp.broadcast_to(t13, (B, n))
-    t15 = t14 * t1
+    t15 = t13 * t1
     t16 = (-1/B_all) * t15
     t17 = t12 + t16
     t18 = (t0 @ t17)
@@ -438,8 +425,7 @@ def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     t22 = S['dz'] * t0
     t23 = (1/B_all) * t22
     t24 = t22.sum(axis=0, keepdims=True)
-    t25 = (xp.ones((n, 1), dtype=dtype) @ t24)
-    t26 = t25 * t0
+    t26 = t24 * t0
     t27 = (-1/B_all) * t26
     t28 = t23 + t27
     t29 = t28.sum(axis=1, keepdims=True)
@@ -449,8 +435,7 @@ def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     t33 = S['dz'].T
     t34 = t33 * t1
     t35 = t34.sum(axis=1, keepdims=True)
-    t36 = xp.broadcast_to(t35, (B, n))
-    t37 = t36 * t1
+    t37 = t35 * t1
     t38 = (t0 @ t37)
     t39 = (-1/B_all) * t38
     t40 = t32 + t39
@@ -509,8 +494,7 @@ def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     t12 = S['dz'] * t0
     t13 = (1/B_all) * t12
     t14 = t12.sum(axis=0, keepdims=True)
-    t15 = (xp.ones((n, 1), dtype=dtype) @ t14)
-    t16 = t15 * t0
+    t16 = t14 * t0
     t17 = (-1/B_all) * t16
     t18 = t13 + t17
     t19 = t18.sum(axis=1, keepdims=True)
@@ -520,8 +504,7 @@ def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     t23 = S['dz'].T
     t24 = t23 * t3
     t25 = t24.sum(axis=1, keepdims=True)
-    t26 = xp.broadcast_to(t25, (B, n))
-    t27 = t26 * t3
+    t27 = t25 * t3
     t28 = (t0 @ t27)
     t29 = (-1/B_all) * t28
     t30 = t22 + t29
@@ -567,8 +550,7 @@ def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     t11 = t1 * t10
     t12 = (1/B_all) * t11
     t13 = t11.sum(axis=1, keepdims=True)
-    t14 = xp.broadcast_to(t13, (B, n))
-    t15 = t14 * t1
+    t15 = t13 * t1
     t16 = (-1/B_all) * t15
     t17 = t12 + t16
     t18 = (t0 @ t17)
@@ -578,8 +560,7 @@ def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     t22 = S['dz'] * t0
     t23 = (1/B_all) * t22
     t24 = t22.sum(axis=0, keepdims=True)
-    t25 = (xp.ones((n, 1), dtype=dtype) @ t24)
-    t26 = t25 * t0
+    t26 = t24 * t0
     t27 = (-1/B_all) * t26
     t28 = t23 + t27
     t29 = t28.sum(axis=1, keepdims=True)
@@ -589,8 +570,7 @@ def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     t33 = S['dz'].T
     t34 = t33 * t1
     t35 = t34.sum(axis=1, keepdims=True)
-    t36 = xp.broadcast_to(t35, (B, n))
-    t37 = t36 * t1
+    t37 = t35 * t1
     t38 = (t0 @ t37)
     t39 = (-1/B_all) * t38
     t40 = t32 + t39
@@ -649,8 +629,7 @@ def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     t12 = S['dz'] * t0
     t13 = (1/B_all) * t12
     t14 = t12.sum(axis=0, keepdims=True)
-    t15 = (xp.ones((n, 1), dtype=dtype) @ t14)
-    t16 = t15 * t0
+    t16 = t14 * t0
     t17 = (-1/B_all) * t16
     t18 = t13 + t17
     t19 = t18.sum(axis=1, keepdims=True)
@@ -660,8 +639,7 @@ def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     t23 = S['dz'].T
     t24 = t23 * t3
     t25 = t24.sum(axis=1, keepdims=True)
-    t26 = xp.broadcast_to(t25, (B, n))
-    t27 = t26 * t3
+    t27 = t25 * t3
     t28 = (t0 @ t27)
     t29 = (-1/B_all) * t28
     t30 = t22 + t29

@@ -23,20 +23,24 @@ def _fn_abs_0(t):
 def _fn_relu_0(t):
     return functools.reduce(xp.maximum, [0, t])
 
-def _fn_softplus_0(t):
-    return xp.log(xp.exp(t) + 1)
+def _fn_softplus_0(t, C=None):
+    u0 = _elementwise_part(C, 'exp(t)', t, lambda: xp.exp(t))
+    return xp.log(u0 + 1)
 
-def _fn_softplus_1(t):
-    return xp.exp(t)/(xp.exp(t) + 1)
+def _fn_softplus_1(t, C=None):
+    u0 = _elementwise_part(C, 'exp(t)', t, lambda: xp.exp(t))
+    return u0/(u0 + 1)
 
-def _fn_softplus_2(t):
-    return xp.exp(t)/(xp.exp(2*t) + 2*xp.exp(t) + 1)
+def _fn_softplus_2(t, C=None):
+    u0 = _elementwise_part(C, 'exp(t)', t, lambda: xp.exp(t))
+    return u0/(2*u0 + xp.exp(2*t) + 1)
 
 
 from mcalc.runtime.array_ops import batch_mean as _batch_mean  # noqa: F401
 from mcalc.runtime.array_ops import block_trace as _block_trace  # noqa: F401
 from mcalc.runtime.array_ops import commutation as _commutation  # noqa: F401
 from mcalc.runtime.array_ops import diagonal_matrix as _diagonal_matrix  # noqa: F401
+from mcalc.runtime.array_ops import elementwise_part as _elementwise_part  # noqa: F401
 from mcalc.runtime.array_ops import fold as _fold  # noqa: F401
 from mcalc.runtime.array_ops import fold_rows as _fold_rows  # noqa: F401
 from mcalc.runtime.array_ops import gram as _gram  # noqa: F401
@@ -81,7 +85,8 @@ def forward(P, S, cache=None):
     function's own docstring says may change."""
     B, B_all, n = _dims(P, S).values()
     dtype = _dtype(P, S)
-    t0 = _fn_softplus_0(S['x'])
+    C = {} if cache is None else cache
+    t0 = _fn_softplus_0(S['x'], C)
 
     return {"Z": t0}
 
@@ -91,7 +96,7 @@ def _gradients_all(P, S, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
-        C['m0'] = _fn_softplus_1(S['x'])
+        C['m0'] = _fn_softplus_1(S['x'], C)
     t0 = C['m0']
     t1 = S['dz'] * t0
 
@@ -118,7 +123,7 @@ def _jvp_all(P, S, V, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
-        C['m0'] = _fn_softplus_1(S['x'])
+        C['m0'] = _fn_softplus_1(S['x'], C)
     t0 = C['m0']
     t1 = V['x'] * t0
 
@@ -137,12 +142,12 @@ def _rgradients_all(P, S, V, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm1' not in C:
-        C['m1'] = _fn_softplus_2(S['x'])
+        C['m1'] = _fn_softplus_2(S['x'], C)
     t0 = C['m1']
     t1 = V['x'] * t0
     t2 = t1 * S['dz']
     if 'm0' not in C:
-        C['m0'] = _fn_softplus_1(S['x'])
+        C['m0'] = _fn_softplus_1(S['x'], C)
     t3 = C['m0']
     t4 = V['dz'] * t3
     t5 = t2 + t4
@@ -167,7 +172,7 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
-        C['m0'] = _fn_softplus_1(S['x'])
+        C['m0'] = _fn_softplus_1(S['x'], C)
     t0 = C['m0']
     t1 = t0.T
     if 'm2' not in C:
@@ -179,7 +184,7 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
     t4 = t3 * Hz
     t5 = (1/B_all) * t4
     if 'm1' not in C:
-        C['m1'] = _fn_softplus_2(S['x'])
+        C['m1'] = _fn_softplus_2(S['x'], C)
     t6 = C['m1']
     t7 = S['dz'] * t6
     t8 = t7.sum(axis=1, keepdims=True)
@@ -204,7 +209,7 @@ def _hbp_exact_7_all(P, S, Hz, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
-        C['m0'] = _fn_softplus_1(S['x'])
+        C['m0'] = _fn_softplus_1(S['x'], C)
     t0 = C['m0']
     if 'm4' not in C:
         C['m4'] = t0.sum(axis=1, keepdims=True)
@@ -215,7 +220,7 @@ def _hbp_exact_7_all(P, S, Hz, C=None):
     t3 = ((t2 * Hz) * t2.T)
     t4 = (B_all**(-2)) * t3
     if 'm1' not in C:
-        C['m1'] = _fn_softplus_2(S['x'])
+        C['m1'] = _fn_softplus_2(S['x'], C)
     t5 = C['m1']
     t6 = S['dz'] * t5
     t7 = t6.sum(axis=1, keepdims=True)
@@ -232,7 +237,7 @@ def _hbp_ggn_6_all(P, S, Hz, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
-        C['m0'] = _fn_softplus_1(S['x'])
+        C['m0'] = _fn_softplus_1(S['x'], C)
     t0 = C['m0']
     t1 = t0.T
     if 'm2' not in C:
@@ -254,7 +259,7 @@ def _hbp_ggn_7_all(P, S, Hz, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
-        C['m0'] = _fn_softplus_1(S['x'])
+        C['m0'] = _fn_softplus_1(S['x'], C)
     t0 = C['m0']
     if 'm4' not in C:
         C['m4'] = t0.sum(axis=1, keepdims=True)
@@ -275,7 +280,7 @@ def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
-        C['m0'] = _fn_softplus_1(S['x'])
+        C['m0'] = _fn_softplus_1(S['x'], C)
     t0 = C['m0']
     t1 = t0.T
     if 'm2' not in C:
@@ -287,7 +292,7 @@ def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     t4 = t3 * Hz
     t5 = (1/B_all) * t4
     if 'm1' not in C:
-        C['m1'] = _fn_softplus_2(S['x'])
+        C['m1'] = _fn_softplus_2(S['x'], C)
     t6 = C['m1']
     t7 = S['dz'] * t6
     t8 = t7.sum(axis=1, keepdims=True)
@@ -305,7 +310,7 @@ def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
-        C['m0'] = _fn_softplus_1(S['x'])
+        C['m0'] = _fn_softplus_1(S['x'], C)
     t0 = C['m0']
     if 'm4' not in C:
         C['m4'] = t0.sum(axis=1, keepdims=True)
@@ -316,7 +321,7 @@ def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     t3 = ((t2 * Hz) * t2.T)
     t4 = (B_all**(-2)) * t3
     if 'm1' not in C:
-        C['m1'] = _fn_softplus_2(S['x'])
+        C['m1'] = _fn_softplus_2(S['x'], C)
     t5 = C['m1']
     t6 = S['dz'] * t5
     t7 = t6.sum(axis=1, keepdims=True)
@@ -334,7 +339,7 @@ def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
-        C['m0'] = _fn_softplus_1(S['x'])
+        C['m0'] = _fn_softplus_1(S['x'], C)
     t0 = C['m0']
     t1 = t0.T
     if 'm2' not in C:
@@ -346,7 +351,7 @@ def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     t4 = t3 * Hz
     t5 = (1/B_all) * t4
     if 'm1' not in C:
-        C['m1'] = _fn_softplus_2(S['x'])
+        C['m1'] = _fn_softplus_2(S['x'], C)
     t6 = C['m1']
     t7 = S['dz'] * t6
     t8 = t7.sum(axis=1, keepdims=True)
@@ -364,7 +369,7 @@ def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     if 'm0' not in C:
-        C['m0'] = _fn_softplus_1(S['x'])
+        C['m0'] = _fn_softplus_1(S['x'], C)
     t0 = C['m0']
     if 'm4' not in C:
         C['m4'] = t0.sum(axis=1, keepdims=True)
@@ -375,7 +380,7 @@ def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     t3 = ((t2 * Hz) * t2.T)
     t4 = (B_all**(-2)) * t3
     if 'm1' not in C:
-        C['m1'] = _fn_softplus_2(S['x'])
+        C['m1'] = _fn_softplus_2(S['x'], C)
     t5 = C['m1']
     t6 = S['dz'] * t5
     t7 = t6.sum(axis=1, keepdims=True)

@@ -323,6 +323,8 @@ def _repeated(e: Expr) -> Expr | None:
     """The batch of a quantity shared by every sample: v 1_Bᵀ for a vector, and for a matrix that is a
     broadcast column, v 1_cᵀ, v 1_{c·B}ᵀ (a bias over positions); None for any other shared matrix."""
     e = simplify(e)
+    if isinstance(e, Ones) and e.cols == ONE:  # 1_n 1_Bᵀ = 1_(n×B): a Hadamard factor that drops out
+        return Ones(e.rows, BATCH)
     if e.cols == ONE:
         return MatMul(e, Ones(ONE, BATCH))
     if isinstance(e, MatMul) and isinstance(e.args[-1], Ones) and e.args[-1].rows == ONE:

@@ -37,29 +37,15 @@ from ..expr import (
     Softmax,
 )
 from ..functions import ElementwiseFunction
-from .plan import Program, Reference, Step, read_by
+from .plan import Program, Reference, Step, broadcast_source, is_broadcast, read_by
 
 FUSABLE = (Add, Hadamard, ScalarMul, ScaleBy, Apply)
 UNNAMED = "KERNEL_NAME"  # stands for a kernel's name until its content names it (its CUDA source)
 
 
-def is_broadcast(node: Expr) -> bool:
-    """v 1ᵀ or 1 wᵀ: a vector repeated, read in place by a kernel."""
-    return isinstance(node, MatMul) and len(node.args) == 2 and (
-        (isinstance(node.args[1], Ones) and node.args[0].cols == ONE and node.args[1].rows == ONE)
-        or (isinstance(node.args[0], Ones) and node.args[1].rows == ONE and node.args[0].cols == ONE))
-
-
 def is_all_ones(node: Expr) -> bool:
     """1 or a product of ones (1ₙ 1_Bᵀ): the constant 1 in every entry, printed in place."""
     return isinstance(node, Ones) or (isinstance(node, MatMul) and all(isinstance(a, Ones) for a in node.args))
-
-
-def broadcast_source(node: Expr) -> Expr:
-    """v for the broadcast v 1ᵀ or 1 vᵀ; any other node itself."""
-    if not is_broadcast(node):
-        return node
-    return node.args[1] if isinstance(node.args[0], Ones) else node.args[0]
 
 
 def scaled_matrix(node: Expr) -> Expr | None:

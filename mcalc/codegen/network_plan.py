@@ -164,6 +164,7 @@ def link(chain: Chain, curvature: Curvature | None, approximation: Approximation
     Hz = None  # where HBP starts: the loss's own Hessian, (4a) with nothing from above
     if curvature is not None:
         Hz = loss.instance(batch_hbp(loss.derivation, outputs, Curvature.EXACT, approximation, terminal=True), at_loss)
+    blocks = {}
     for position in reversed(range(len(layers))):
         layer, d = layers[position], layers[position].derivation
         arguments = {layer.input: inputs[position], layer.dz: dZ, **({layer.Hz: Hz} if Hz is not None else {})}
@@ -171,11 +172,12 @@ def link(chain: Chain, curvature: Curvature | None, approximation: Approximation
             name = layer.renamed[layer.bound(p)].name
             builder.named_result(f"grad:{name}", layer.instance(batch_gradient(d, p.name), arguments))
             if curvature is not None:
-                block = layer.instance(batch_hbp(d, p.name, curvature, per_layer[position]), arguments)
-                builder.program.results[f"block:{name}"] = builder.block(block)
+                rule = batch_hbp(d, p.name, curvature, per_layer[position])
+                blocks[f"block:{name}"] = layer.instance(rule, arguments)
         if position > 0:  # the data needs no gradient or curvature
             x = d.module.inputs[0].name
             if curvature is not None:
                 Hz = layer.instance(batch_hbp(d, x, curvature, per_layer[position]), arguments)
             dZ = layer.instance(batch_gradient(d, x), arguments)
+    builder.program.results.update(builder.blocks(blocks))
     return builder.program

@@ -11,6 +11,7 @@ diagonal added to a matrix is written onto its diagonal.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Mapping
 
@@ -19,6 +20,7 @@ from sympy.printing.numpy import NumPyPrinter as _SymPyNumPyPrinter
 from sympy.printing.numpy import SciPyPrinter as _SymPySciPyPrinter
 from sympy.printing.pycode import PythonCodePrinter
 
+from ..errors import McalcError
 from ..expr import ONE, Diag, Expr, Identity, Kron, MatMul, Ones, ScalarMul, Transpose, UnfoldMatrix, UnfoldSpec
 from ..functions import ElementwiseFunction
 from .plan import (
@@ -31,6 +33,8 @@ from .plan import (
     Reference,
     SampleCount,
     batch_reference,
+    broadcast_source,
+    is_broadcast,
     sanitise,
 )
 
@@ -120,20 +124,58 @@ def _array_code(printer: ElementwisePrinter, e: sp.Expr) -> str:
     return printer.doprint(e).replace("scipy.special.", "_special(t).").replace("numpy.", "xp.")
 
 
+_CHEAP = (sp.Piecewise, sp.Heaviside, sp.Abs, sp.sign, sp.DiracDelta)
+
+
+def _candidate_parts(f: ElementwiseFunction) -> set[sp.Expr]:
+    """What φ^(k)'s code computes that a sibling's might too: its special functions and transcendentals
+    (erf, exp, tanh, …), or, written through the base (σ′ = σ(1 − σ)), the base's value; and the base
+    function's whole formula, which such a sibling reads."""
+    if through_base(f) is not None:
+        return {through_base(f)[0]}
+    expr = f.with_steps_valued().xreplace({t: sp.Symbol("t") for t in f.expr.free_symbols})
+    parts = {a for a in expr.atoms(sp.Function) if not isinstance(a, _CHEAP) and a.free_symbols}
+    return parts | ({expr} if f.order == 0 and expr.free_symbols else set())
+
+
+@functools.cache
+def shared_parts(f: ElementwiseFunction) -> tuple[sp.Expr, ...]:
+    """The parts of φ^(k) (:func:`_candidate_parts`) that φ, φ′ or φ″ computes too, such as GELU's
+    erf(t/√2) in φ and φ′, or tanh(t) in tanh and tanh′ = 1 − tanh²: the generated function computes each
+    once per argument and cache (:func:`~mcalc.runtime.array_ops.elementwise_part`), not once per order."""
+    siblings = set()
+    for order in {0, 1, 2} - {f.order}:
+        try:
+            siblings |= _candidate_parts(f.base.derivative(order))
+        except McalcError:  # not that many times differentiable
+            continue
+    return tuple(sorted(_candidate_parts(f) & siblings, key=sp.srepr))
+
+
+def _part_line(printer: ElementwisePrinter, name: str, part: sp.Expr) -> str:
+    return f"    {name} = _elementwise_part(C, {str(part)!r}, t, lambda: {_array_code(printer, part)})\n"
+
+
 def function_source(f: ElementwiseFunction) -> str:
-    """``def _fn_sigmoid_1(t): return …`` from the SymPy formula of φ^(k)."""
+    """``def _fn_sigmoid_1(t): return …`` from the SymPy formula of φ^(k); with the cache ``C`` where it
+    shares parts with its siblings (:func:`shared_parts`)."""
     printer = ElementwisePrinter({"fully_qualified_modules": True})
+    parts = shared_parts(f)
+    signature = f"def {function_name(f)}(t{', C=None' if parts else ''}):\n"
     pieces = through_base(f)
     if pieces is not None:
         base, g = pieces
-        base_code, g_code = (_array_code(printer, e) for e in (base, g))
-        return f"def {function_name(f)}(t):\n    s = {base_code}\n    return {g_code}\n"
+        s = _part_line(printer, "s", base) if parts else f"    s = {_array_code(printer, base)}\n"
+        return f"{signature}{s}    return {_array_code(printer, g)}\n"
     expr = f.with_steps_valued()
     (t,) = expr.free_symbols or {sp.Symbol("t", real=True)}
-    code = _array_code(printer, expr.xreplace({t: sp.Symbol("t")}))
+    expr = expr.xreplace({t: sp.Symbol("t")})
+    names = {part: sp.Symbol(f"u{i}") for i, part in enumerate(parts)}
+    code = _array_code(printer, expr.xreplace(names))
     if not expr.free_symbols:
         code = f"xp.full_like(t, {code})"
-    return f"def {function_name(f)}(t):\n    return {code}\n"
+    return signature + "".join(_part_line(printer, str(u), part) for part, u in names.items()) + \
+        f"    return {code}\n"
 
 
 def _typical(d: sp.Expr) -> float:
@@ -152,10 +194,22 @@ class ArrayPrinter:
         self.names = names
         self.overwritable = overwritable
         self.product = product
+        self.reads_cache = False  # whether a printed step reads the function's cache C (shared parts)
+        self.reads: set[str] = set()  # the steps printed code reads (what a caller may clear between steps)
 
     def ref(self, node: Expr) -> str:
         """The code that reads an already computed (or argument) node."""
-        return reference_code(self.names[node])
+        reference = self.names[node]
+        if isinstance(reference, str):
+            self.reads.add(reference)
+        return reference_code(reference)
+
+    def elementwise_operands(self, terms: tuple[Expr, ...]) -> list[str]:
+        """The operands of an elementwise sum or product: a broadcast v 1ᵀ (or 1 wᵀ) beside an operand of
+        the full shape as v itself, which the array module broadcasts without a view and its strided reads."""
+        full = any(not is_broadcast(t) and not isinstance(t, (Ones, Identity)) and type(t).__name__ != "Zero"
+                   for t in terms)
+        return [self.operand(broadcast_source(t) if full else t) for t in terms]
 
     def rhs(self, node: Expr) -> str:
         return getattr(self, f"_print_{type(node).__name__}")(node)
@@ -189,6 +243,8 @@ class ArrayPrinter:
 
     def _broadcast_columns(self, code: str, rows: sp.Expr, cols: sp.Expr) -> str:
         return f"xp.broadcast_to({code}, ({self.dim(rows)}, {self.dim(cols)}))"
+
+    _broadcast_rows = _broadcast_columns
 
     def _transposed(self, code: str) -> str:
         return f"{code}.T"
@@ -280,6 +336,11 @@ class ArrayPrinter:
         sandwich = self._print_sandwich(node)
         if sandwich is not None:
             return sandwich
+        first = node.args[0]
+        if isinstance(first, Ones) and first.cols == ONE and first.rows != ONE:  # 1 wᵀ = wᵀ broadcast down
+            rest = node.args[1] if len(node.args) == 2 else MatMul(*node.args[1:])
+            code = self.operand(rest) if len(node.args) == 2 else self._print_MatMul(rest)
+            return self._broadcast_rows(code, first.rows, node.cols)
         code, row_scales, column_sum = None, [], False
         for f in node.args:
             if isinstance(f, Ones) and code is not None and f.cols == ONE:  # M 1 = row sums
@@ -318,7 +379,7 @@ class ArrayPrinter:
                 diagonal.append(f"{self.dim(c)}")
             else:
                 dense.append(t)
-        total = " + ".join(map(self.operand, dense)) if dense else \
+        total = " + ".join(self.elementwise_operands(tuple(dense))) if dense else \
             f"xp.zeros(({self.dim(node.rows)}, {self.dim(node.cols)}), dtype=dtype)"
         if not diagonal:
             return total
@@ -334,13 +395,17 @@ class ArrayPrinter:
         return f"{self.operand(node.args[1])} * {self.ref(node.args[0])}"
 
     def _print_Hadamard(self, node: Expr) -> str:
-        return " * ".join(self.operand(f) for f in node.args)
+        return " * ".join(self.elementwise_operands(node.args))
 
     def _print_Transpose(self, node: Expr) -> str:
         return self._transposed(self.operand(node.args[0]))
 
     def _print_Apply(self, node: Expr) -> str:
-        return f"{function_name(node.args[0])}({self.operand(node.args[1])})"
+        f = node.args[0]
+        if shared_parts(f):  # its parts are kept in the function's cache C, for the other orders to read
+            self.reads_cache = True
+            return f"{function_name(f)}({self.operand(node.args[1])}, C)"
+        return f"{function_name(f)}({self.operand(node.args[1])})"
 
     def _print_Sum(self, node: Expr) -> str:
         return f"{self.operand(node.args[0])}.sum(keepdims=True)"
@@ -442,6 +507,9 @@ class BatchedArrayPrinter(ArrayPrinter):
 
     def _broadcast_columns(self, code: str, rows: sp.Expr, cols: sp.Expr) -> str:
         return f"({code} * xp.ones((1, {self.dim(cols)}), dtype=dtype))"
+
+    def _broadcast_rows(self, code: str, rows: sp.Expr, cols: sp.Expr) -> str:
+        return f"(xp.ones(({self.dim(rows)}, 1), dtype=dtype) * {code})"
 
     def _transposed(self, code: str) -> str:
         return f"_transpose({code})"

@@ -44,6 +44,7 @@ from ..expr import (
 )
 from ..modes import APPROXIMATIONS, CURVATURES, Approximation, Curvature
 from ..simplification import simplify
+from ..simplification.shared_runs import share_runs
 from ..simplification.symmetric import pair_transposes
 from .batch import (
     batch_forward,
@@ -260,10 +261,36 @@ class ProgramBuilder:
         self.names[node] = target
         return target
 
-    def block(self, rule: Expr) -> BlockPlan:
-        """Plan a curvature block: its Kronecker terms as factors, the rest dense."""
-        plan = BlockPlan(order=rule.rows)
-        dense: list[Expr] = []
+    def blocks(self, rules: dict[str, Expr]) -> dict[str, BlockPlan]:
+        """Plan curvature blocks together: each one's Kronecker terms as factors, the rest dense, and the
+        runs of factors their products share computed once (:func:`.shared_runs.share_runs`)."""
+        terms = {name: BlockTerms.of(rule) for name, rule in rules.items()}
+        nodes = [node for t in terms.values() for node in t.nodes()]
+        shared = iter(share_runs(nodes))
+        return {name: self._named(t.with_nodes([next(shared) for _ in t.nodes()])) for name, t in terms.items()}
+
+    def _named(self, terms: BlockTerms) -> BlockPlan:
+        plan = BlockPlan(order=terms.order)
+        for scale, left, right in terms.kron:
+            plan.kron.append((self.result(scale) if isinstance(scale, Expr) else scale, self.result(left),
+                              self.result(right)))
+        if terms.dense is not None:
+            plan.dense = self.result(terms.dense)
+        return plan
+
+
+@dataclass
+class BlockTerms:
+    """A curvature block before its steps are named: Σⱼ sⱼ (Aⱼ ⊗ Bⱼ) + M, each scale sⱼ a number (a
+    SymPy expression such as 1/B) or a (1 × 1) array's expression, and M (symmetric) or None."""
+
+    order: sp.Expr
+    kron: list[tuple[sp.Expr | Expr, Expr, Expr]]
+    dense: Expr | None
+
+    @classmethod
+    def of(cls, rule: Expr) -> BlockTerms:
+        kron, dense = [], []
         for term in rule.args if isinstance(rule, Add) else (rule,):
             factors = _kron_factors(term)
             if factors is None:
@@ -277,12 +304,36 @@ class ProgramBuilder:
                 elif (folded := _scaled_gram(right, coefficient)) is not None:
                     right, coefficient = folded, ONE
             # A number (1/B) stays a number: an array scale would cost a kernel and its own dtype.
-            array_or_number = self.result(simplify(ScalarMul(coefficient, scale))) if scale is not None else coefficient
-            plan.kron.append((array_or_number, self.result(left), self.result(right)))
+            kron.append((simplify(ScalarMul(coefficient, scale)) if scale is not None else coefficient, left, right))
         remainder = dense[0] if len(dense) == 1 else Add(*dense) if dense else None
-        if remainder is not None and not isinstance(remainder, Zero):  # a zero block has no dense part
-            plan.dense = self.result(pair_transposes(remainder))  # a block is symmetric
-        return plan
+        if remainder is not None and isinstance(remainder, Zero):  # a zero block has no dense part
+            remainder = None
+        return cls(rule.rows, kron, None if remainder is None else pair_transposes(remainder))  # a block is symmetric
+
+    def nodes(self) -> list[Expr]:
+        """Every expression it holds, in order: array scales, factors, the dense part."""
+        out = [e for term in self.kron for e in term if isinstance(e, Expr)]
+        return out + ([self.dense] if self.dense is not None else [])
+
+    def with_nodes(self, nodes: list[Expr]) -> BlockTerms:
+        """The same block over new expressions, in the order of :meth:`nodes`."""
+        it = iter(nodes)
+        kron = [tuple(next(it) if isinstance(e, Expr) else e for e in term) for term in self.kron]
+        return BlockTerms(self.order, kron, next(it) if self.dense is not None else None)
+
+
+def is_broadcast(node: Expr) -> bool:
+    """v 1ᵀ or 1 wᵀ: a vector repeated, read in place by a kernel."""
+    return isinstance(node, MatMul) and len(node.args) == 2 and (
+        (isinstance(node.args[1], Ones) and node.args[0].cols == ONE and node.args[1].rows == ONE)
+        or (isinstance(node.args[0], Ones) and node.args[1].rows == ONE and node.args[0].cols == ONE))
+
+
+def broadcast_source(node: Expr) -> Expr:
+    """v for the broadcast v 1ᵀ or 1 vᵀ; any other node itself."""
+    if not is_broadcast(node):
+        return node
+    return node.args[1] if isinstance(node.args[0], Ones) else node.args[0]
 
 
 def seed_reference(seed: Seed) -> Argument:
@@ -454,8 +505,8 @@ def plan_module(d: Derivation) -> ModulePlan:
         rgradients[with_inputs] = builder.program
     def blocks(variables: tuple, curvature: Curvature, approximation: Approximation, terminal: bool = False) -> Program:
         builder = ProgramBuilder()
-        for v in variables:
-            builder.program.results[v.name] = builder.block(batch_hbp(d, v.name, curvature, approximation, terminal))
+        builder.program.results.update(builder.blocks(
+            {v.name: batch_hbp(d, v.name, curvature, approximation, terminal) for v in variables}))
         return builder.program
 
     hbp, hbp_aliases = distinct_programs({

@@ -22,6 +22,7 @@ from .numpy_printer import (
     function_source,
     reference_code,
     scale_code,
+    shared_parts,
 )
 from .plan import (
     LOOPED,
@@ -90,18 +91,24 @@ def program_context(program: Program, array_family: ArrayFamily, family: str | N
     # cheaper on a GPU than a launch of its own.
     schedule, kernels = array_family.schedule(program, kept if family in LOOPED else set())
     memoised = {t for step in schedule for t in _targets(step) if set(_targets(step)) <= kept}
-    printer = array_family.printer(program.names, program.overwritable(memoised), array_family.product)
+    # an elementwise function's value may be the part its cache keeps (tanh(x) for tanh′): never written to
+    kept_parts = {s.target for s in program.steps if isinstance(s.node, Apply) and shared_parts(s.node.args[0])}
+    printer = array_family.printer(program.names, program.overwritable(memoised) - kept_parts, array_family.product)
     node_of = {s.target: s.node for s in program.steps}
     lines, calls = [], iter(program.fallbacks)
     for step in schedule:
         targets = _targets(step)
+        printer.reads = set()
         if isinstance(step, Step) and isinstance(step.node, BatchMean):
             rhs = f"{next(calls)[0]}()"
         else:
             rhs = printer.rhs(step.node if isinstance(step, Step) else step)
         # a line may assign several targets (a kernel with several outputs): all or none are kept
         key = " ".join(keys[node_of[t]] for t in targets) if targets[0] in memoised else None
-        lines.append({"targets": ", ".join(targets), "rhs": rhs, "key": key})
+        lines.append({"targets": ", ".join(targets), "rhs": rhs, "key": key, "reads": printer.reads,
+                      "fallback": isinstance(step, Step) and isinstance(step.node, BatchMean)})
+    if array_family.schedule is unfused:
+        lines = _read_lines(lines, set(program.result_names()))
     batched = ArrayFamily(printer=BatchedArrayPrinter, product=array_family.product)  # no loop over the batch
     inner = [program_context(p, batched) for _, p, _ in program.fallbacks]
     fallbacks = [
@@ -110,7 +117,19 @@ def program_context(program: Program, array_family: ArrayFamily, family: str | N
         for (name, inner_program, leaves), context in zip(program.fallbacks, inner)
     ]
     return {"lines": lines, "fallbacks": fallbacks, "results": printed_results(program),
-            "kernels": kernels + [k for context in inner for k in context["kernels"]]}
+            "kernels": kernels + [k for context in inner for k in context["kernels"]],
+            "reads_cache": printer.reads_cache or any(context["reads_cache"] for context in inner)}
+
+
+def _read_lines(lines: list[dict[str, Any]], results: set[str]) -> list[dict[str, Any]]:
+    """The lines whose values the results need, through what each printed line reads: a broadcast v 1ᵀ
+    that every reader takes as v (:meth:`.numpy_printer.ArrayPrinter.elementwise_operands`) is not made."""
+    needed, kept = set(results), []
+    for line in reversed(lines):
+        if line["fallback"] or set(line["targets"].split(", ")) & needed:
+            kept.append(line)
+            needed |= line["reads"]
+    return kept[::-1]
 
 
 def _targets(step: Step | Launch) -> tuple[str, ...]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -286,6 +287,21 @@ def gram(p: Any, scale: float = 1.0) -> Any:
     """scale·P Pᵀ formed (the scale on the product) when that is cheaper than applying it through P
     (rows ≤ columns), else kept implicit."""
     return matmul(p, p.T, scale) if p.shape[0] <= p.shape[1] else GramFactor(p, scale)
+
+
+def elementwise_part(cache: dict | None, key: str, t: Any, compute: Callable[[], Any]) -> Any:
+    """A part of an elementwise function that its derivatives compute too (GELU's erf(t/√2), named by
+    ``key``), computed once for the argument ``t`` per ``cache`` (a module's cache of one batch).
+
+    The cache keeps the last argument each part was computed for, and its value: a hit is that very
+    array (a forward pass's input, which the backward pass reads again), so that an argument made
+    afresh by each call of a loop misses and replaces the entry instead of piling up."""
+    if cache is None:
+        return compute()
+    entry = cache.get(("part", key))
+    if entry is None or entry[0] is not t:
+        entry = cache[("part", key)] = (t, compute())
+    return entry[1]
 
 
 def special(a: Any) -> Any:

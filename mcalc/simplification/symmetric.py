@@ -10,6 +10,7 @@ paired with it, and the block is planned as S + X + Xᵀ: X is computed once and
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -72,13 +73,11 @@ def _monomials(e: Expr) -> list[Expr] | None:
     return [e]
 
 
-def flops(e: Expr) -> float:
-    """Multiply-adds of evaluating ``e`` as planned (each distinct node once, products left to right,
+def flops(*roots: Expr) -> float:
+    """Multiply-adds of evaluating ``roots`` as planned (each distinct node once, products left to right,
     elementwise work one per entry), with every dimension :data:`SIZE`."""
     seen: set[Expr] = set()
-
-    def size(d: sp.Expr) -> float:
-        return float(d.subs({s: SIZE for s in d.free_symbols})) if d.free_symbols else float(d)
+    size = _size
 
     def visit(node: Expr) -> float:
         if node in seen:
@@ -87,15 +86,24 @@ def flops(e: Expr) -> float:
         total = sum(visit(c) for c in node.children)
         rows, cols = size(node.rows), size(node.cols)
         if isinstance(node, MatMul):
-            inner_rows, inner_cols = size(node.args[0].rows), size(node.args[0].cols)
-            for f in node.args[1:]:
-                if isinstance(f, (Diag, Ones)):
-                    total += inner_rows * inner_cols
-                else:
-                    total += inner_rows * inner_cols * size(f.cols)
-                inner_cols = size(f.cols)
+            total += product_flops(node.args)
         elif isinstance(node, (Add, Hadamard, ScalarMul)):
             total += rows * cols * max(len(node.children) - 1, 1)
         return total
 
-    return visit(e)
+    return sum(visit(e) for e in roots)
+
+
+def product_flops(factors: tuple[Expr, ...]) -> float:
+    """Multiply-adds of the product of ``factors``, left to right (a diagonal or ones factor: one per entry)."""
+    total, inner_rows, inner_cols = 0.0, _size(factors[0].rows), _size(factors[0].cols)
+    for f in factors[1:]:
+        total += inner_rows * inner_cols * (1 if isinstance(f, (Diag, Ones)) else _size(f.cols))
+        inner_cols = _size(f.cols)
+    return total
+
+
+@functools.cache
+def _size(d: sp.Expr) -> float:
+    """A dimension with every symbol :data:`SIZE`."""
+    return float(d.xreplace({s: SIZE for s in d.free_symbols})) if d.free_symbols else float(d)
