@@ -106,8 +106,9 @@ def test_every_rule_cites_its_identity(rule):
 
 
 def test_planned_broadcasts_keep_their_value():
-    """The planner's (A … v) 1ᵀ → (A … v)·1ᵀ and 1 (wᵀ … B) → 1·(wᵀ … B) (the product is associative):
-    both sides on random values, nested inside elementwise work and in a product's middle too."""
+    """The planner's (A … v) 1ᵀ → (A … v)·1ᵀ and 1 (wᵀ … B) → 1·(wᵀ … B) (the product is associative), and
+    c (v 1ᵀ) → (c v) 1ᵀ: both sides on random values, nested inside elementwise work and in a product's
+    middle too."""
     from mcalc.codegen.plan import ProgramBuilder
     from mcalc.expr import Hadamard, Ones
 
@@ -120,6 +121,8 @@ def test_planned_broadcasts_keep_their_value():
         MatMul(Ones(k, 1), w.T, A),
         Hadamard(X, MatMul(A, x, Ones(1, k))),
         MatMul(A, MatMul(X, Ones(k, 1), Ones(1, k)), Ones(k, 1)),
+        ScalarMul(3, MatMul(x, Ones(1, k))),  # c (v 1ᵀ) = (c v) 1ᵀ
+        Hadamard(X, ScalarMul(-2, MatMul(Ones(n, 1), w.T, X))),  # c (1 wᵀ X) = 1 (c wᵀ X), inside a product
     ]
     rng = np.random.default_rng(1)
     for e in cases:

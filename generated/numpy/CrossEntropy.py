@@ -114,9 +114,8 @@ def _jvp_all(P, S, V, C=None):
     t0 = C['m0']
     t1 = V['x'] * t0
     t2 = t1.sum(axis=0, keepdims=True)
-    t3 = xp.broadcast_to(t2, (n, B))
-    t4 = (-1) * t3
-    t5 = V['x'] + t4
+    t3 = (-1) * t2
+    t5 = V['x'] + t3
     t6 = t5 * S['y']
     t7 = t6.sum(axis=0, keepdims=True)
     t8 = (-1) * t7

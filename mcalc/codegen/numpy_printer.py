@@ -131,8 +131,9 @@ def _candidate_parts(f: ElementwiseFunction) -> set[sp.Expr]:
     """What φ^(k)'s code computes that a sibling's might too: its special functions and transcendentals
     (erf, exp, tanh, …), or, written through the base (σ′ = σ(1 − σ)), the base's value; and the base
     function's whole formula, which such a sibling reads."""
-    if through_base(f) is not None:
-        return {through_base(f)[0]}
+    pieces = through_base(f)
+    if pieces is not None:
+        return {pieces[0]}
     expr = f.with_steps_valued().xreplace({t: sp.Symbol("t") for t in f.expr.free_symbols})
     parts = {a for a in expr.atoms(sp.Function) if not isinstance(a, _CHEAP) and a.free_symbols}
     return parts | ({expr} if f.order == 0 and expr.free_symbols else set())
@@ -195,7 +196,7 @@ class ArrayPrinter:
         self.overwritable = overwritable
         self.product = product
         self.reads_cache = False  # whether a printed step reads the function's cache C (shared parts)
-        self.reads: set[str] = set()  # the steps printed code reads (what a caller may clear between steps)
+        self.reads: set[str] = set()  # the steps printed code reads: render drops a step no line reads
 
     def ref(self, node: Expr) -> str:
         """The code that reads an already computed (or argument) node."""

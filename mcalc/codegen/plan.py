@@ -200,6 +200,10 @@ class ProgramBuilder:
         if node not in self._separated:
             kids = node.children
             out = node.rebuild([self._broadcasts_apart(c) for c in kids]) if kids else node
+            if isinstance(out, ScalarMul) and is_broadcast(out.args[1]):  # c (v 1ᵀ) = (c v) 1ᵀ: c scales v alone
+                c, (left, right) = out.args[0], out.args[1].args
+                scaled = (ScalarMul(c, left), right) if isinstance(right, Ones) else (left, ScalarMul(c, right))
+                out = MatMul(*scaled)
             if isinstance(out, MatMul) and len(out.args) > 2:
                 first, last = out.args[0], out.args[-1]
                 # the rest split again: 1 (… v) 1ᵀ broadcasts both ways, and each name must be of a split node
