@@ -8,8 +8,9 @@ summed), E[Σₜ uₜ uₜᵀ] over its unfolded input], and each Linear weight 
 both factors are compared with what mcalc's pass holds there, so the test checks every 𝓗̄ mcalc
 backpropagates, not only the last.
 
-BackPACK's ``DiagGGNExact`` and ``KFAC`` (Monte Carlo Fisher, for the labels mcalc's kfac draws) are compared
-with mcalc's Gauss–Newton diagonal and kfac factors.
+BackPACK's ``HBP`` (Gauss–Newton, on the network with sigmoids), ``DiagGGNExact``, ``KFAC`` (Monte Carlo Fisher,
+for the labels mcalc's kfac draws) and ``KFLR`` (exact Fisher) are compared with mcalc's HBP, Gauss–Newton
+diagonal and kfac factors.
 """
 import numpy as np
 import pytest
@@ -24,10 +25,11 @@ C_OUT, PIXELS = 4, 4  # the flattened 4 channels × 2 × 2 pixels: mcalc's pixel
 FLATTEN = np.array([p * C_OUT + c for c in range(C_OUT) for p in range(PIXELS)])
 
 
-def _torch_model(net: Network):
+def _torch_model(net: Network, activation: str = "ReLU"):
     from torch import nn
 
-    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 4, 2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+    act = getattr(nn, activation)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), act(), nn.Conv2d(3, 4, 2), act(), nn.MaxPool2d(2), nn.Flatten(),
                           nn.Linear(16, 5)).double()
     with torch.no_grad():
         for k, m in enumerate([model[0], model[2]], 1):
@@ -38,14 +40,14 @@ def _torch_model(net: Network):
     return model
 
 
-def _backpack_pass(net: Network, X: np.ndarray, labels: np.ndarray, extension):
+def _backpack_pass(net: Network, X: np.ndarray, labels: np.ndarray, extension, activation: str = "ReLU"):
     """The PyTorch copy of ``net``, extended, after one backward pass of the mean cross-entropy on the
     images of ``X`` (each column vec of its channels × pixels) under BackPACK's ``extension``."""
     from backpack import extend
 
     B = X.shape[1]
     images = torch.tensor(X.T.reshape(B, 49, 2).transpose(0, 2, 1).reshape(B, 2, 7, 7).copy())
-    model, loss_fn = extend(_torch_model(net)), extend(torch.nn.CrossEntropyLoss())
+    model, loss_fn = extend(_torch_model(net, activation)), extend(torch.nn.CrossEntropyLoss())
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)  # BackPACK's max pooling makes its buffer in the default dtype
     try:
@@ -54,6 +56,21 @@ def _backpack_pass(net: Network, X: np.ndarray, labels: np.ndarray, extension):
     finally:
         torch.set_default_dtype(default)
     return model
+
+
+def _assert_kfac_factors_equal(net: Network, expand: dict, reduce: dict, model, field: str) -> None:
+    """BackPACK's Kronecker factors [G, A] of every weight (in ``field``) against mcalc's kfac statistics:
+    A is T times K-FAC-expand's (its bias row left out), G K-FAC-reduce's; a bias's factor is G."""
+    linear = net.layers.index(next(layer for layer in net.layers if layer.module == "Linear"))
+    for position, module, T in ((0, model[0], 25), (2, model[2], 16), (linear, model[6], 1)):
+        G_theirs, A_theirs = (f.detach().numpy() for f in getattr(module.weight, field))
+        A, G = T * expand[position][0][:-1, :-1], reduce[position][1]
+        if position == linear:  # the Linear layer after flatten: PyTorch orders its inputs channel by channel
+            A = A[np.ix_(FLATTEN, FLATTEN)]
+        assert np.abs(G_theirs).max() > 1e-6 and np.abs(A_theirs).max() > 1e-6
+        np.testing.assert_allclose(G, G_theirs, rtol=1e-10, atol=1e-12 * np.abs(G_theirs).max(), err_msg=position)
+        np.testing.assert_allclose(A, A_theirs, rtol=1e-10, atol=1e-12 * np.abs(A_theirs).max(), err_msg=position)
+        np.testing.assert_allclose(getattr(module.bias, field)[0].detach().numpy(), G_theirs, rtol=1e-12)
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook")
@@ -85,6 +102,30 @@ def test_hbp_on_a_conv2d_network_backpropagates_backpacks_kfra_curvature():
     np.testing.assert_allclose(curvature[linear], H_out, rtol=1e-10, atol=1e-14)
     x = inputs[linear]
     np.testing.assert_allclose((x @ x.T / B)[np.ix_(FLATTEN, FLATTEN)], x_cov, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")
+def test_hbp_on_a_sigmoid_conv2d_network_is_backpacks_hbp():
+    """BackPACK's ``HBP('ggn', 'sum', 'average', …)`` (its general HBP extension) on the network with
+    sigmoids: at each convolution its output factor is Σₜₛ of mcalc's 𝓗̄ under (6), at the Linear layer 𝓗̄
+    itself. Its other curvatures do not run here: their residual terms behind a convolution stop at an
+    assertion of BackPACK 1.7.1 (``HBPBase.add_diag_to_mat`` takes a diagonal of one axis, not (C, H, W))."""
+    from backpack.extensions import HBP
+
+    rng = np.random.default_rng(4)
+    net = Network(SPEC.replace("relu", "sigmoid"), seed=6)
+    B = 5
+    X, labels = rng.normal(size=(2 * 49, B)), rng.integers(0, 5, B)
+    model = _backpack_pass(net, X, labels, HBP("ggn", "sum", "average", "E[J^T E(H) J]"), "Sigmoid")
+    curvature_at = net.output_curvatures(X, np.eye(5)[:, labels], "ggn", "6")
+    for layer_position, module, T in ((0, model[0], 25), (2, model[2], 16)):
+        out_factor = module.weight.hbp[0].detach().numpy()
+        channels = out_factor.shape[0]
+        summed = curvature_at[layer_position].reshape(T, channels, T, channels).sum(axis=(0, 2))
+        assert np.abs(out_factor).max() > 1e-6
+        np.testing.assert_allclose(summed, out_factor, rtol=1e-9, atol=1e-12 * np.abs(out_factor).max())
+    linear = net.layers.index(next(layer for layer in net.layers if layer.module == "Linear"))
+    np.testing.assert_allclose(curvature_at[linear], model[6].weight.hbp[0].detach().numpy(), rtol=1e-10)
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook")
@@ -145,13 +186,23 @@ def test_mc_fisher_kfac_factors_of_a_conv2d_network_are_backpacks_kfac_for_the_s
     finally:
         CrossEntropyLossDerivatives._make_distribution = original
 
-    linear = net.layers.index(next(layer for layer in net.layers if layer.module == "Linear"))
-    for position, module, T in ((0, model[0], 25), (2, model[2], 16), (linear, model[6], 1)):
-        G_theirs, A_theirs = (f.detach().numpy() for f in module.weight.kfac)
-        A, G = T * expand[position][0][:-1, :-1], reduce[position][1]
-        if position == linear:  # the Linear layer after flatten: PyTorch orders its inputs channel by channel
-            A = A[np.ix_(FLATTEN, FLATTEN)]
-        assert np.abs(G_theirs).max() > 1e-6 and np.abs(A_theirs).max() > 1e-6
-        np.testing.assert_allclose(G, G_theirs, rtol=1e-10, atol=1e-12 * np.abs(G_theirs).max(), err_msg=position)
-        np.testing.assert_allclose(A, A_theirs, rtol=1e-10, atol=1e-12 * np.abs(A_theirs).max(), err_msg=position)
-        np.testing.assert_allclose(module.bias.kfac[0].detach().numpy(), G_theirs, rtol=1e-12)
+    _assert_kfac_factors_equal(net, expand, reduce, model, "kfac")
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")
+def test_exact_fisher_kfac_factors_of_a_conv2d_network_are_backpacks_kflr():
+    """BackPACK's ``KFLR`` (every class's square root of the loss Hessian backpropagated) against mcalc's
+    ``kfac`` with ``fisher='exact'`` (a backward pass per class, weighted by its probability): the input
+    factor is T times K-FAC-expand's, the output factor K-FAC-reduce's, as for ``KFAC`` above."""
+    from backpack.extensions import KFLR
+
+    from mcalc.train.optimizers import make_optimizer
+
+    rng = np.random.default_rng(3)
+    net = Network(SPEC, seed=7)
+    B = 6
+    X, labels = rng.normal(size=(2 * 49, B)), rng.integers(0, 5, B)
+    expand, reduce = (make_optimizer("kfac", fisher="exact", kfac_approx=a)._statistics(net, X)
+                      for a in ("expand", "reduce"))
+    model = _backpack_pass(net, X, labels, KFLR())
+    _assert_kfac_factors_equal(net, expand, reduce, model, "kflr")
