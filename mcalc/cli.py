@@ -137,6 +137,8 @@ def _check_train_arguments(args: argparse.Namespace) -> None:
     for option, value in (("--lr", args.lr), ("--damping", args.damping)):
         if value is not None and not value > 0:
             raise McalcError(f"{option} must be positive, not {value}")
+    if args.alpha is not None and args.optimizer != "hbp-newton":
+        raise McalcError(f"--alpha is hbp-newton's damping of eq. (8); {args.optimizer} has none")
     if args.cg_iterations is not None and args.cg_iterations < 1:
         raise McalcError(f"--cg-iterations must be a positive integer, not {args.cg_iterations}")
     if args.backend == "cupy":
@@ -177,7 +179,7 @@ def _train_on(args: argparse.Namespace, parallel: DataParallel) -> int:
     from .train.data import load_dataset
     from .train.network import Network
     from .train.optimizers import make_optimizer
-    from .train.trainer import plot, train, write_json
+    from .train.trainer import check_lr_drops, plot, train, write_json
 
     say = print if parallel.is_root else lambda *a, **k: None  # rank 0 speaks and writes for the run
     _check_train_arguments(args)
@@ -192,11 +194,14 @@ def _train_on(args: argparse.Namespace, parallel: DataParallel) -> int:
     if args.optimizer == "hbp-newton":
         options.update(curvature=args.curvature, approximation=args.approximation, split=args.split,
                        solver=args.solver, refresh=args.refresh)
+        if args.alpha is not None:
+            options["alpha"] = args.alpha
     if args.optimizer == "kfac":
         options.update(fisher=args.fisher, kfac_approx=args.kfac_approx, seed=args.seed, damping=args.damping)
     if args.optimizer in ("hf-newton", "hf-gn"):
         options.update(damping=args.damping, cg_iterations=args.cg_iterations)
     optimizer = make_optimizer(args.optimizer, **options)
+    check_lr_drops(optimizer, args.lr_drop, args.epochs)
     resume = load_checkpoint(args.resume) if args.resume else None
     if resume is not None:
         if resume.get("spec") != args.model:
@@ -215,7 +220,7 @@ def _train_on(args: argparse.Namespace, parallel: DataParallel) -> int:
 
     result = train(net, data, optimizer, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                    progress=sys.stderr.isatty(), name=args.optimizer, checkpoint=args.checkpoint or args.resume,
-                   resume=resume, graphs=args.graphs, on_epoch=report, parallel=parallel)
+                   resume=resume, graphs=args.graphs, on_epoch=report, parallel=parallel, lr_drops=args.lr_drop)
     if not parallel.is_root:
         return 0
     if result["final"]["rejected_steps"]:
@@ -390,6 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hbp-newton: CG per step (the paper's), averaged eigenbases renewed every --refresh "
                         "steps, or eigenbases where they are cheaper and as safe as CG (auto)")
     p.add_argument("--refresh", type=int, default=5, help="hbp-newton: steps between eigenbasis renewals")
+    p.add_argument("--alpha", type=float, help="hbp-newton: α of eq. (8), where its adaptation starts and its "
+                   "floor (default: the paper's 0.02)")
+    p.add_argument("--lr-drop", type=int, nargs="+", default=[], metavar="EPOCH",
+                   help="divide the learning rate by ten at the start of each of these epochs (step decay)")
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy", help="where the arrays live")
     p.add_argument("--linked", action="store_true",
                    help="run each backward pass as one program generated for the whole network, fused across "

@@ -91,6 +91,10 @@ def test_demo_runs(tmp_path):
     (["--epochs", "0"], "--epochs must be a positive integer, not 0"),
     (["--split", "0"], "--split must be a positive integer, not 0"),
     (["--cg-iterations", "0"], "--cg-iterations must be a positive integer"),
+    (["--optimizer", "sgd", "--alpha", "0.1"], "--alpha is hbp-newton's damping of eq. (8); sgd has none"),
+    (["--alpha", "0"], "alpha must lie in (0, 1], not 0.0"),
+    (["--epochs", "3", "--lr-drop", "4"], "--lr-drop 4: a drop happens at the start of an epoch from 2 to 3"),
+    (["--optimizer", "kfac", "--lr-drop", "2"], "KFAC chooses its step length itself"),
 ])
 def test_train_refuses_numbers_a_run_cannot_start_with(arguments, message, tmp_path, capsys):
     out = tmp_path / "h.json"

@@ -364,7 +364,7 @@ def test_cli_train_writes_json_and_plot(tmp_path):
 
 @pytest.mark.parametrize(("optimizer", "options"), [
     ("sgd", {}), ("adam", {}), ("hbp-newton", {}), ("hbp-newton", {"solver": "eigen", "split": 2}), ("kfac", {}),
-    ("kbfgs", {}), ("hf-gn", {"cg_iterations": 10}),
+    ("kbfgs", {}), ("hf-gn", {"cg_iterations": 10})
 ])
 def test_resume_gives_the_same_history_as_an_uninterrupted_run(tmp_path, optimizer, options):
     """Every optimiser's whole state (velocities, factors, quasi-Newton matrices, eigenbases with their
@@ -379,6 +379,28 @@ def test_resume_gives_the_same_history_as_an_uninterrupted_run(tmp_path, optimiz
           seed=5, checkpoint=path)
     resumed = train(Network("64-32-sigmoid-10", seed=99), data, make_optimizer(optimizer, **options), epochs=4,
                     batch_size=128, seed=5, resume=load_checkpoint(path))
+    strip = lambda h: [{k: v for k, v in row.items() if k != "wall_s"} for row in h]  # noqa: E731
+    assert strip(resumed["history"]) == strip(whole["history"])
+
+
+@pytest.mark.parametrize("stop", [2, 3])
+def test_lr_drops_divide_the_learning_rate_once_each_also_across_a_resume(tmp_path, stop):
+    """Step decay: the rate is a tenth from each drop's epoch on; a run resumed before or after a drop gives
+    the history of the uninterrupted run (a resumed optimiser already has its lower rate)."""
+    from mcalc.train.checkpoint import load_checkpoint
+
+    data = D.digits()
+    optimizer = make_optimizer("sgd", lr=0.5)
+    whole = train(Network("64-16-tanh-10", seed=1), data, optimizer, epochs=4, batch_size=256, lr_drops=[3, 4])
+    assert optimizer.lr == pytest.approx(0.005)
+    plain = train(Network("64-16-tanh-10", seed=1), data, make_optimizer("sgd", lr=0.5), epochs=4, batch_size=256)
+    assert plain["history"][2]["train_loss"] != whole["history"][2]["train_loss"]  # the drop changed the run
+    assert plain["history"][1] | {"wall_s": 0} == whole["history"][1] | {"wall_s": 0}  # not before it
+    path = tmp_path / "run.ckpt"
+    train(Network("64-16-tanh-10", seed=1), data, make_optimizer("sgd", lr=0.5), epochs=stop, batch_size=256,
+          lr_drops=[e for e in (3, 4) if e <= stop], checkpoint=path)
+    resumed = train(Network("64-16-tanh-10", seed=7), data, make_optimizer("sgd", lr=0.5), epochs=4,
+                    batch_size=256, lr_drops=[3, 4], resume=load_checkpoint(path))
     strip = lambda h: [{k: v for k, v in row.items() if k != "wall_s"} for row in h]  # noqa: E731
     assert strip(resumed["history"]) == strip(whole["history"])
 

@@ -7,7 +7,7 @@ import io
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ def train(net: Network, data: Dataset, optimizer: Optimizer, *, epochs: int, bat
           progress: bool = False, name: str = "", checkpoint: str | Path | None = None,
           resume: dict[str, Any] | None = None, graphs: bool = False,
           on_epoch: Callable[[dict[str, Any]], None] | None = None,
-          parallel: DataParallel | None = None) -> dict[str, Any]:
+          parallel: DataParallel | None = None, lr_drops: Sequence[int] = ()) -> dict[str, Any]:
     """Train ``net`` and return ``{"optimizer", "history": [...], "final": {...}}`` (the design's format).
 
     A step is rejected when its loss or an update is not finite or, for a
@@ -68,7 +68,8 @@ def train(net: Network, data: Dataset, optimizer: Optimizer, *, epochs: int, bat
     epoch's history row as the epoch ends (the CLI prints it). With ``parallel`` over several ranks each
     takes its shard of every batch, and the network (``net.parallel``) and the optimisers average every
     batch mean of a step over them (:mod:`.distributed`); only rank 0 calls ``on_epoch``, shows progress
-    and writes checkpoints.
+    and writes checkpoints. ``lr_drops``: the epochs at whose start the learning rate is divided by ten
+    (step decay; :func:`check_lr_drops` says which optimisers have one).
     """
     if graphs and net.backend != "cupy":
         raise McalcError(f"CUDA graphs need the cupy backend; this network runs on {net.backend}")
@@ -113,7 +114,10 @@ def train(net: Network, data: Dataset, optimizer: Optimizer, *, epochs: int, bat
         from tqdm import tqdm
 
         bar = tqdm(total=(epochs - first_epoch + 1) * steps, desc=name or "train", unit="step", leave=False)
+    check_lr_drops(optimizer, lr_drops, epochs)
     for epoch in range(first_epoch, epochs + 1):
+        if epoch in lr_drops:  # a run resumed past a drop has its optimiser's lower rate already
+            drop_learning_rate(optimizer)
         order = rng.permutation(len(data.y_train))
         losses = []
         for k in range(steps):
@@ -157,6 +161,22 @@ def train(net: Network, data: Dataset, optimizer: Optimizer, *, epochs: int, bat
     if not history:
         raise McalcError(f"nothing to train: the run already has {first_epoch - 1} of {epochs} epochs")
     return {"optimizer": name, "history": history, "final": {**history[-1], "rejected_steps": rejected}}
+
+
+def check_lr_drops(optimizer: Optimizer, lr_drops: Sequence[int], epochs: int) -> None:
+    """Refuses drops that cannot happen: an optimiser that chooses its own step length (kfac's quadratic
+    model, Hessian-free's line search), or an epoch outside 2 … ``epochs``."""
+    if lr_drops and not isinstance(getattr(optimizer, "lr", None), (int, float)):
+        raise McalcError(f"{type(optimizer).__name__} chooses its step length itself: a learning-rate drop needs "
+                         f"a fixed learning rate (--lr)")
+    wrong = [e for e in lr_drops if not 2 <= e <= epochs]
+    if wrong:
+        raise McalcError(f"--lr-drop {wrong[0]}: a drop happens at the start of an epoch from 2 to {epochs}")
+
+
+def drop_learning_rate(optimizer: Optimizer) -> None:
+    """The optimiser's learning rate divided by ten (a step of step decay)."""
+    optimizer.lr = optimizer.lr / 10
 
 
 def write_json(result: dict[str, Any], path: str | Path) -> None:
