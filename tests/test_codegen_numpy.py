@@ -49,6 +49,10 @@ def check_generated(module, code):
     grads = code.gradients(shared, S)
     for v in module.variables:
         np.testing.assert_allclose(side_by_side(grads[v.name]), ev.value(batch_gradient(d, v.name)), atol=1e-12)
+    adjoints = code.gradients(shared, S, params=False)  # the inputs' alone (an adjoint pass)
+    assert set(adjoints) == {v.name for v in module.inputs} or not module.params
+    for v in module.inputs:
+        np.testing.assert_allclose(adjoints[v.name], grads[v.name], atol=1e-14)
     check_generated_tangents(module, code, d, ev, shared, S, rng)
     for (curvature, approximation), function in code.HBP.items():
         blocks = function(shared, S, Hz)

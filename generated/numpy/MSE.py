@@ -106,11 +106,14 @@ def _gradients_params(P, S, C=None):
     return {}
 
 
-def gradients(P, S, inputs=True, cache=None):
+def gradients(P, S, inputs=True, cache=None, params=True):
     """δ of every input (size, B) and parameter (summed over the batch); S['dz'] holds δZ.
 
-    ``inputs=False`` skips the inputs (a first layer's data needs no gradient). ``cache`` as for
-    ``forward``; S['dz'] may change between calls: what does not depend on it is reused."""
+    ``inputs=False`` skips the inputs (a first layer's data needs no gradient), ``params=False`` the
+    parameters (a pass of adjoints alone). ``cache`` as for ``forward``; S['dz'] may change between
+    calls: what does not depend on it is reused."""
+    if not params:
+        return _gradients_all(P, S, cache)
     return _gradients_all(P, S, cache) if inputs else _gradients_params(P, S, cache)
 
 

@@ -129,11 +129,28 @@ def _gradients_params(P, S, C=None):
     return {"W": t2, "b": t3, }
 
 
-def gradients(P, S, inputs=True, cache=None):
+def _gradients_inputs(P, S, C=None):
+    B, B_all, n, m = _dims(P, S).values()
+    dtype = _dtype(P, S)
+    C = {} if C is None else C
+    t0 = P['W'].T
+    t1 = (t0 @ S['dz'])
+    if 'm1' not in C:
+        C['m1'] = _fn_sigmoid_1(S['x'], C)
+    t2 = C['m1']
+    t3 = t1 * t2
+
+    return {"x": t3, }
+
+
+def gradients(P, S, inputs=True, cache=None, params=True):
     """δ of every input (size, B) and parameter (summed over the batch); S['dz'] holds δZ.
 
-    ``inputs=False`` skips the inputs (a first layer's data needs no gradient). ``cache`` as for
-    ``forward``; S['dz'] may change between calls: what does not depend on it is reused."""
+    ``inputs=False`` skips the inputs (a first layer's data needs no gradient), ``params=False`` the
+    parameters (a pass of adjoints alone). ``cache`` as for ``forward``; S['dz'] may change between
+    calls: what does not depend on it is reused."""
+    if not params:
+        return _gradients_inputs(P, S, cache)
     return _gradients_all(P, S, cache) if inputs else _gradients_params(P, S, cache)
 
 

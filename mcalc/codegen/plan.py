@@ -459,7 +459,7 @@ class ModulePlan:
     name: str
     derivation: Derivation
     forward: Program
-    gradients: dict[bool, Program]  # with inputs (True) or for parameters alone (False)
+    gradients: dict[str, Program]  # of every variable ('all'), the parameters alone, or the inputs alone
     jvp: dict[bool, Program]  # R{Z}; parameters alone only where the module has parameters
     rgradients: dict[bool, Program]  # R{δv} of every variable (Pearlmutter's R-backprop)
     hbp: dict[HBPKey, Program]  # the distinct programs, each under the first key that has it
@@ -488,16 +488,19 @@ def plan_module(d: Derivation) -> ModulePlan:
     m = d.module
     forward = ProgramBuilder()
     forward.named_result("Z", batch_forward(d), m.output)
-    # A first layer's input needs no gradient or curvature: a second program skips that work.
+    # A first layer's input needs no gradient or curvature: a second program skips that work. A pass of
+    # adjoints alone (K-FAC's per-class statistics) needs no parameter gradients: a third.
     wanted = {True: m.variables, False: m.params}
-    gradients: dict[bool, Program] = {}
+    gradients: dict[str, Program] = {}
     jvp: dict[bool, Program] = {}
     rgradients: dict[bool, Program] = {}
+    for key, variables in {"all": m.variables, "params": m.params, "inputs": m.inputs if m.params else ()}.items():
+        if key != "inputs" or variables:
+            builder = ProgramBuilder()
+            for v in variables:
+                builder.named_result(v.name, batch_gradient(d, v.name), v if v in m.inputs else None)
+            gradients[key] = builder.program
     for with_inputs, variables in wanted.items():
-        builder = ProgramBuilder()
-        for v in variables:
-            builder.named_result(v.name, batch_gradient(d, v.name), v if v in m.inputs else None)
-        gradients[with_inputs] = builder.program
         if not variables:
             continue  # nothing moves: a module without parameters has no parameters-only tangent
         builder = ProgramBuilder()

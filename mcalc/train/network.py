@@ -527,8 +527,8 @@ class Network:
             layer = self.layers[position]
             S = {layer.input: layer.takes(inputs[position]), "dz": layer.takes_output(dZ)}
             cache = None if caches is None else caches[position]
-            dZ = columns_of_matrices(self.code[layer.module].gradients(self._module_params(layer), S,
-                                                                       cache=cache)[layer.input])
+            dZ = columns_of_matrices(self.code[layer.module].gradients(self._module_params(layer), S, cache=cache,
+                                                                       params=False)[layer.input])
             out[position - 1] = dZ
         return out
 
