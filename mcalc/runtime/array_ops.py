@@ -113,20 +113,30 @@ def sample_transpose(m: Any, cols: int) -> Any:
     return namespace(m).ascontiguousarray(blocks.transpose(2, 1, 0)).reshape(cols, -1)
 
 
+def _permuted(a: Any, first: tuple[int, int], second: tuple[int, int]) -> Any:
+    """``a`` with two pairs of axes swapped in turn, each copied: NumPy's copy of a permutation of three axes
+    at once is not cache-blocked and, for a layer's activations, two simple copies take half its time
+    (13 → 7 ms for 784 × 64 × 64 float32 here); CuPy's one kernel reads each entry once."""
+    xp = namespace(a)
+    if xp is not np:
+        return xp.ascontiguousarray(a.swapaxes(*first).swapaxes(*second))
+    return np.ascontiguousarray(np.ascontiguousarray(a.swapaxes(*first)).swapaxes(*second))
+
+
 def vec_of_samples(m: Any, cols: int) -> Any:
     """vec of each sample's (rows, cols) block of the side-by-side ``m``, one column per sample (of each
     matrix of a stack)."""
     lead, rows = m.shape[:-2], m.shape[-2]
-    blocks = m.reshape(lead + (rows, -1, cols))
-    return namespace(m).moveaxis(blocks, -1, -3).reshape(lead + (rows * cols, -1))
+    blocks = m.reshape(lead + (rows, -1, cols))  # (…, rows, B, cols) → (…, rows, cols, B) → (…, cols, rows, B)
+    return _permuted(blocks, (-1, -2), (-3, -2)).reshape(lead + (rows * cols, -1))
 
 
 def unvec_of_samples(m: Any, rows: int) -> Any:
     """The inverse of :func:`vec_of_samples`: columns vec(Xᵢ) to the blocks Xᵢ (rows, c) side by side."""
     lead = m.shape[:-2]
     cols = m.shape[-2] // rows
-    blocks = m.reshape(lead + (cols, rows, -1))
-    return namespace(m).moveaxis(blocks, -3, -1).reshape(lead + (rows, -1))
+    blocks = m.reshape(lead + (cols, rows, -1))  # (…, cols, rows, B) → (…, rows, cols, B) → (…, rows, B, cols)
+    return _permuted(blocks, (-3, -2), (-2, -1)).reshape(lead + (rows, -1))
 
 
 # --- a convolution's patches: unfold (im2col) and its adjoint fold (col2im) ---------------------
