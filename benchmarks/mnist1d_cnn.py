@@ -89,23 +89,28 @@ def main() -> None:
             "summary": summary, "runs": runs, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         }, indent=2) + "\n")
     if args.plot:
-        import matplotlib
+        plot(runs, args.optimizers, setting, args.plot)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for i, optimizer in enumerate(args.optimizers):
-            for r in (r for r in runs if r["optimizer"] == optimizer):
-                ax.plot([h["epoch"] for h in r["history"]], [h["test_accuracy"] for h in r["history"]],
-                        color=f"C{i}", alpha=0.7, label=optimizer if r["seed"] == 0 else None)
-        ax.axhline(0.94, color="gray", linestyle="--", label="published CNN (94%)")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("test accuracy")
-        ax.set_title(f"ConvBase on MNIST-1D, {setting}")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
+def plot(runs: list[dict], optimizers: list[str], setting: str, path: str) -> None:
+    """Test accuracy against epochs, a line per run, coloured by optimiser."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, optimizer in enumerate(optimizers):
+        for r in (r for r in runs if r["optimizer"] == optimizer):
+            ax.plot([h["epoch"] for h in r["history"]], [h["test_accuracy"] for h in r["history"]],
+                    color=f"C{i}", alpha=0.7, label=optimizer if r["seed"] == 0 else None)
+    ax.axhline(0.94, color="gray", linestyle="--", label="published CNN (94%)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"ConvBase on MNIST-1D\n{setting}", fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
