@@ -310,9 +310,9 @@ class BlockTerms:
             # A number (1/B) stays a number: an array scale would cost a kernel and its own dtype.
             kron.append((simplify(ScalarMul(coefficient, scale)) if scale is not None else coefficient, left, right))
         remainder = dense[0] if len(dense) == 1 else Add(*dense) if dense else None
-        if remainder is not None and isinstance(remainder, Zero):  # a zero block has no dense part
-            remainder = None
-        return cls(rule.rows, kron, None if remainder is None else pair_transposes(remainder))  # a block is symmetric
+        if remainder is None or isinstance(remainder, Zero):  # a zero block has no dense part
+            return cls(rule.rows, kron, None)
+        return cls(rule.rows, kron, pair_transposes(remainder))  # a block is symmetric
 
     def nodes(self) -> list[Expr]:
         """Every expression it holds, in order: array scales, factors, the dense part."""
@@ -494,12 +494,12 @@ def plan_module(d: Derivation) -> ModulePlan:
     gradients: dict[str, Program] = {}
     jvp: dict[bool, Program] = {}
     rgradients: dict[bool, Program] = {}
-    for key, variables in {"all": m.variables, "params": m.params, "inputs": m.inputs if m.params else ()}.items():
-        if key != "inputs" or variables:
-            builder = ProgramBuilder()
-            for v in variables:
-                builder.named_result(v.name, batch_gradient(d, v.name), v if v in m.inputs else None)
-            gradients[key] = builder.program
+    kept = {"all": m.variables, "params": m.params, **({"inputs": m.inputs} if m.params else {})}
+    for key, variables in kept.items():
+        builder = ProgramBuilder()
+        for v in variables:
+            builder.named_result(v.name, batch_gradient(d, v.name), v if v in m.inputs else None)
+        gradients[key] = builder.program
     for with_inputs, variables in wanted.items():
         if not variables:
             continue  # nothing moves: a module without parameters has no parameters-only tangent

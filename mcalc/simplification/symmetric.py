@@ -77,14 +77,13 @@ def flops(*roots: Expr) -> float:
     """Multiply-adds of evaluating ``roots`` as planned (each distinct node once, products left to right,
     elementwise work one per entry), with every dimension :data:`SIZE`."""
     seen: set[Expr] = set()
-    size = _size
 
     def visit(node: Expr) -> float:
         if node in seen:
             return 0.0
         seen.add(node)
         total = sum(visit(c) for c in node.children)
-        rows, cols = size(node.rows), size(node.cols)
+        rows, cols = _size(node.rows), _size(node.cols)
         if isinstance(node, MatMul):
             total += product_flops(node.args)
         elif isinstance(node, (Add, Hadamard, ScalarMul)):

@@ -116,8 +116,8 @@ def train(net: Network, data: Dataset, optimizer: Optimizer, *, epochs: int, bat
         bar = tqdm(total=(epochs - first_epoch + 1) * steps, desc=name or "train", unit="step", leave=False)
     check_lr_drops(optimizer, lr_drops, epochs)
     for epoch in range(first_epoch, epochs + 1):
-        if epoch in lr_drops:  # a run resumed past a drop has its optimiser's lower rate already
-            drop_learning_rate(optimizer)
+        if epoch in lr_drops:  # step decay; a run resumed past a drop has its optimiser's lower rate already
+            optimizer.lr = optimizer.lr / 10
         order = rng.permutation(len(data.y_train))
         losses = []
         for k in range(steps):
@@ -164,19 +164,14 @@ def train(net: Network, data: Dataset, optimizer: Optimizer, *, epochs: int, bat
 
 
 def check_lr_drops(optimizer: Optimizer, lr_drops: Sequence[int], epochs: int) -> None:
-    """Refuses drops that cannot happen: an optimiser that chooses its own step length (kfac's quadratic
-    model, Hessian-free's line search), or an epoch outside 2 … ``epochs``."""
+    """Refuses drops that cannot happen: an optimiser that chooses its own step length (kfac's, from its
+    quadratic model, unless ``lr`` fixes it), or an epoch outside 2 … ``epochs``."""
     if lr_drops and not isinstance(getattr(optimizer, "lr", None), (int, float)):
         raise McalcError(f"{type(optimizer).__name__} chooses its step length itself: a learning-rate drop needs "
                          f"a fixed learning rate (--lr)")
     wrong = [e for e in lr_drops if not 2 <= e <= epochs]
     if wrong:
         raise McalcError(f"--lr-drop {wrong[0]}: a drop happens at the start of an epoch from 2 to {epochs}")
-
-
-def drop_learning_rate(optimizer: Optimizer) -> None:
-    """The optimiser's learning rate divided by ten (a step of step decay)."""
-    optimizer.lr = optimizer.lr / 10
 
 
 def write_json(result: dict[str, Any], path: str | Path) -> None:
