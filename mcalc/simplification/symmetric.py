@@ -16,7 +16,7 @@ import math
 
 import sympy as sp
 
-from ..expr import Add, Diag, Expr, Hadamard, MatMul, Ones, ScalarMul, Transpose
+from ..expr import Add, Diag, Expr, Hadamard, MatMul, Ones, RankSum, ScalarMul, Transpose
 from .engine import simplify
 
 MAX_MONOMIALS = 32  # expanding further costs more planning time than it can save
@@ -42,10 +42,64 @@ def pair_transposes(block: Expr) -> Expr:
     if not halves:
         return block
     half = simplify(Add(*halves)) if len(halves) > 1 else halves[0]
-    parts = ([simplify(Add(*unpaired)) if len(unpaired) > 1 else unpaired[0]] if unpaired else []) \
-        + [half, Transpose(half)]
-    paired = Add(*parts)
+    paired = _with_pair(unpaired, half)
+    folded = _fold_sandwich(unpaired, halves)
+    if folded is not None and flops(_with_pair(*folded)) < flops(paired):
+        paired = _with_pair(*folded)
     return paired if flops(paired) < flops(block) else block
+
+
+def _with_pair(unpaired: list[Expr], half: Expr) -> Expr:
+    """S + X + Xᵀ: the unpaired terms summed, and the half with its transpose."""
+    rest = [simplify(Add(*unpaired)) if len(unpaired) > 1 else unpaired[0]] if unpaired else []
+    return Add(*rest, half, Transpose(half))
+
+
+def _fold_sandwich(unpaired: list[Expr], halves: list[Expr]) -> tuple[list[Expr], Expr] | None:
+    """A symmetric sandwich c Aᵀ M A among the unpaired terms folded into halves that all end in A:
+    c Aᵀ M A + Σₕ cₕ Nₕ A + (…)ᵀ = Y + Yᵀ with Y = (½ c Aᵀ M + Σₕ cₕ Nₕ) A, since (Aᵀ M A)ᵀ = Aᵀ M A:
+    one product by A instead of two (the residual block's input block, A = W₁). The other unpaired
+    terms and Y; None where no such term is."""
+    split = [_coefficient_and_factors(h) for h in halves]
+    last = split[0][1][-1]
+    if any(len(factors) < 2 or factors[-1] != last for _, factors in split):
+        return None
+    for i, term in enumerate(unpaired):
+        c, factors = _coefficient_and_factors(term)
+        if len(factors) >= 3 and factors[-1] == last and factors[0] == simplify(Transpose(last)) \
+                and _symmetric(_product(factors[1:-1])):
+            left = [ScalarMul(c / 2, _product(factors[:-1]))] + [ScalarMul(ch, _product(f[:-1])) for ch, f in split]
+            return unpaired[:i] + unpaired[i + 1:], MatMul(Add(*left), last)
+    return None
+
+
+def _symmetric(e: Expr) -> bool:
+    """Whether ``e`` is known to equal its transpose: a node that says so (𝓗z, a Gram factor, …), a sum,
+    Hadamard product, multiple or sum over ranks of such, or a product that reads the same both ways
+    (F₁ … M … F₁ᵀ, M symmetric)."""
+    if e.symmetric:
+        return True
+    if isinstance(e, (Add, Hadamard)):
+        return all(_symmetric(a) for a in e.args)
+    if isinstance(e, (ScalarMul, RankSum)):
+        return _symmetric(e.children[-1])
+    if isinstance(e, MatMul):
+        k = len(e.args)
+        return all(e.args[i] == simplify(Transpose(e.args[k - 1 - i])) for i in range(k // 2)) \
+            and (k % 2 == 0 or _symmetric(e.args[k // 2]))
+    return False
+
+
+def _coefficient_and_factors(term: Expr) -> tuple[sp.Expr, tuple[Expr, ...]]:
+    """c and (F₁, F₂, …) of the term c F₁ F₂ …"""
+    c = sp.Integer(1)
+    while isinstance(term, ScalarMul):
+        c, term = c * term.args[0], term.args[1]
+    return c, term.args if isinstance(term, MatMul) else (term,)
+
+
+def _product(factors: tuple[Expr, ...]) -> Expr:
+    return factors[0] if len(factors) == 1 else MatMul(*factors)
 
 
 def _monomials(e: Expr) -> list[Expr] | None:
