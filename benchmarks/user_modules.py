@@ -11,6 +11,7 @@ network runs
 under 6-kfac: under (6) its residual block's W₁ block is a batch mean of per-sample Kronecker products,
 formed densely, (64·128)² entries per sample, 32 GiB at batch 64. For the built-in network the two
 approximations are the same code. Also reports whether any generated function loops over the batch.
+glibc's malloc thresholds are fixed first, as ``mcalc`` does (``mcalc/runtime/allocator.py``).
 """
 from __future__ import annotations
 
@@ -42,8 +43,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from mcalc.codegen.store import code_path, load_code
+    from mcalc.runtime.allocator import keep_freed_memory
     from mcalc.train.network import Network
     from mcalc.user_modules import load_modules
+
+    fixed = keep_freed_memory()  # as `mcalc train` runs: else the timings depend on the process's history
 
     modules = load_modules(ROOT / "examples" / "layernorm_gelu.py")
     code = {m.name: load_code(m, "numpy") for m in modules}
@@ -74,6 +78,7 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({
             "user": USER, "built_in": BUILT_IN, "batch": args.batch, "repeats": args.repeats, "passes": args.passes,
             "median_seconds": medians, "ratio": ratio, "python_batch_loops": loops,
+            "malloc_thresholds_fixed": fixed,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "python": platform.python_version(),
         }, indent=2) + "\n")
 

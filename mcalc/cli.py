@@ -424,7 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .runtime.allocator import keep_freed_memory
+
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # generated code's temporaries reuse freed memory (runtime/allocator.py)
     try:
         return args.run(args)
     except McalcError as exc:

@@ -218,3 +218,15 @@ def test_train_with_a_users_modules_from_the_command_line(tmp_path, monkeypatch)
         result = run("train", "--modules", EXAMPLES, "--model", model, "--epochs", "1")
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert re.search(message, result.stderr), result.stderr
+
+
+def test_the_cli_fixes_glibcs_malloc_thresholds():
+    """runtime/allocator.py: on glibc the thresholds are set (mallopt returns 1); elsewhere nothing is."""
+    import platform
+
+    from mcalc.runtime.allocator import keep_freed_memory
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc: mcalc leaves the allocator alone")
+    keep_freed_memory.cache_clear()
+    assert keep_freed_memory() is True
