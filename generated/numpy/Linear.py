@@ -51,7 +51,6 @@ from mcalc.runtime.rank_sum import rank_sum as _rank_sum  # noqa: F401
 from mcalc.runtime.rank_sum import samples as _samples  # noqa: F401
 
 
-
 def _dtype(P, S):
     """The arguments' floating type: constants are made in it, so float32 stays float32."""
     return next((a.dtype for a in (*S.values(), *P.values()) if a.dtype.kind == "f"), xp.dtype(float))
