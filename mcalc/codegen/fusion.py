@@ -76,8 +76,9 @@ class Kernel:
     ``kind`` says what it computes from ``body``: its entries ('map'), its row sums M 1 ('row_sum'),
     or its column-wise softmax or log-softmax ('softmax', 'log_softmax').
 
-    A row-sum kernel may also write ``extra`` elementwise outputs over the same (rows, cols) in the
-    same pass (sibling fusion); the launch then happens at ``placed_at``, the earlier of their steps.
+    A kernel may also write ``extra`` outputs over the same (rows, cols) in the same pass (sibling
+    fusion: maps, and row sums beside a row sum); the launch then happens at ``placed_at``, the earliest
+    of their steps.
     """
 
     name: str
@@ -93,6 +94,11 @@ class Kernel:
     placed_at: str = ""
     source: dict[str, str] = field(default_factory=dict)  # dtype → CUDA source
 
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The steps it writes: its own and its siblings'."""
+        return tuple(k.target for k in (self, *self.extra))
+
 
 class KernelBuilder:
     """Finds the fusion groups of a program."""
@@ -103,13 +109,7 @@ class KernelBuilder:
         self.by_target = {s.target: s for s in program.steps}
         self.uses = program.use_counts()
         self.kernels: list[Kernel] = []
-        self.readers: dict[str, list[Expr]] = {}  # the nodes of the steps that read each step
-        for step in program.steps:
-            for child in step.node.children:
-                for read in read_by(step.node, child):
-                    name = program.names.get(read)
-                    if isinstance(name, str):
-                        self.readers.setdefault(name, []).append(step.node)
+        self.readers = program.readers()  # the nodes of the steps that read each step
         results = set(program.result_names())
         self.recomputed = {s.target for s in program.steps if s.target not in results and self._recomputable(s)}
 
@@ -203,8 +203,8 @@ class KernelBuilder:
                 first, later = sorted((host, other), key=lambda k: at(k.placed_at))
                 if any(at(name) >= at(first.placed_at) for name, _ in later.inputs):
                     continue  # the later one needs what is computed from the earlier one's place on
-                if any(name in {k.target for k in (other, *other.extra)} for name, _ in host.inputs) or \
-                        any(name in {k.target for k in (host, *host.extra)} for name, _ in other.inputs):
+                if any(name in other.outputs for name, _ in host.inputs) or \
+                        any(name in host.outputs for name, _ in other.inputs):
                     continue  # one reads the other's output
                 host.extra += [other, *other.extra]  # its own siblings become the host's
                 other.extra = []
@@ -243,7 +243,7 @@ def live_steps(program: Program, kernels: list[Kernel]) -> set[str]:
     results need, through the printed steps' operands and the kernels' inputs. A step fused into a
     kernel is not run, nor one that kernels read only in place (the broadcast v 1ᵀ is read as v)."""
     needed = set(program.result_names())
-    outputs = {t.target: k for k in kernels for t in (k, *k.extra)}
+    outputs = {target: k for k in kernels for target in k.outputs}
     members = set().union(*[k.members for k in kernels])
     live = set()
     for step in reversed(program.steps):
@@ -270,7 +270,7 @@ class Launch:
 
     @property
     def targets(self) -> tuple[str, ...]:
-        return tuple(k.target for k in (self.kernel, *self.kernel.extra))
+        return self.kernel.outputs
 
 
 def fuse(program: Program, invariant: set[str] = frozenset()) -> tuple[list[Step | Launch], list[Kernel]]:

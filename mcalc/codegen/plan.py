@@ -154,16 +154,22 @@ class Program:
                              [part for triple in result.kron for part in triple] + [result.dense])
                 if name is not None and not isinstance(name, (sp.Expr, InPlace))]
 
-    def use_counts(self) -> dict[Reference, int]:
-        """How often each reference is read: once per step that reads it (diag(v) in a product or sum
-        reads v), twice for a result, which is also read outside."""
-        uses: dict[Reference, int] = {}
+    def readers(self) -> dict[Reference, list[Expr]]:
+        """The nodes of the steps that read each reference, once per read (diag(v) in a product or sum
+        reads v)."""
+        out: dict[Reference, list[Expr]] = {}
         for s in self.steps:
             for child in s.node.children:
                 for read in read_by(s.node, child):
                     name = self.names.get(read)
                     if name is not None and name is not IN_PLACE:
-                        uses[name] = uses.get(name, 0) + 1
+                        out.setdefault(name, []).append(s.node)
+        return out
+
+    def use_counts(self) -> dict[Reference, int]:
+        """How often each reference is read: once per step that reads it, twice for a result, which is also
+        read outside."""
+        uses = {name: len(nodes) for name, nodes in self.readers().items()}
         for name in self.result_names():
             uses[name] = uses.get(name, 0) + 2
         return uses
