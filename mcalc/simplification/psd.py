@@ -13,10 +13,12 @@ from ..expr import (
     Apply,
     Diag,
     Expr,
+    Hadamard,
     Identity,
     Kron,
     MatMul,
     PSDProjection,
+    RankSum,
     ScalarMul,
     ScaleBy,
     Transpose,
@@ -30,7 +32,8 @@ _CAST = {Projection.ABS: absolute, Projection.CLIP: relu}
 
 
 def is_symmetric(e: Expr) -> bool:
-    """Symmetry that follows from structure (palindromic products, symmetric factors)."""
+    """Symmetry that follows from structure (palindromic products, symmetric factors, sums, Hadamard
+    products and sums over the ranks of symmetric terms)."""
     if e.symmetric:
         return True
     if isinstance(e, MatMul):
@@ -40,8 +43,10 @@ def is_symmetric(e: Expr) -> bool:
                        for i in range(half))
         middle_ok = len(factors) % 2 == 0 or is_symmetric(factors[half])
         return mirrored and middle_ok
-    if isinstance(e, (Add,)):
+    if isinstance(e, (Add, Hadamard)):
         return all(is_symmetric(t) for t in e.args)
+    if isinstance(e, RankSum):
+        return is_symmetric(e.args[0])
     if isinstance(e, (ScalarMul, ScaleBy)):
         return is_symmetric(e.args[1])
     if isinstance(e, Kron):

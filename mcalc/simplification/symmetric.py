@@ -16,8 +16,9 @@ import math
 
 import sympy as sp
 
-from ..expr import Add, Diag, Expr, Hadamard, MatMul, Ones, RankSum, ScalarMul, Transpose
+from ..expr import Add, Diag, Expr, Hadamard, MatMul, Ones, ScalarMul, Transpose
 from .engine import simplify
+from .psd import is_symmetric
 
 MAX_MONOMIALS = 32  # expanding further costs more planning time than it can save
 SIZE = 64  # every dimension, where flops are compared
@@ -67,27 +68,10 @@ def _fold_sandwich(unpaired: list[Expr], halves: list[Expr]) -> tuple[list[Expr]
     for i, term in enumerate(unpaired):
         c, factors = _coefficient_and_factors(term)
         if len(factors) >= 3 and factors[-1] == last and factors[0] == simplify(Transpose(last)) \
-                and _symmetric(_product(factors[1:-1])):
+                and is_symmetric(_product(factors[1:-1])):
             left = [ScalarMul(c / 2, _product(factors[:-1]))] + [ScalarMul(ch, _product(f[:-1])) for ch, f in split]
             return unpaired[:i] + unpaired[i + 1:], MatMul(Add(*left), last)
     return None
-
-
-def _symmetric(e: Expr) -> bool:
-    """Whether ``e`` is known to equal its transpose: a node that says so (𝓗z, a Gram factor, …), a sum,
-    Hadamard product, multiple or sum over ranks of such, or a product that reads the same both ways
-    (F₁ … M … F₁ᵀ, M symmetric)."""
-    if e.symmetric:
-        return True
-    if isinstance(e, (Add, Hadamard)):
-        return all(_symmetric(a) for a in e.args)
-    if isinstance(e, (ScalarMul, RankSum)):
-        return _symmetric(e.children[-1])
-    if isinstance(e, MatMul):
-        k = len(e.args)
-        return all(e.args[i] == simplify(Transpose(e.args[k - 1 - i])) for i in range(k // 2)) \
-            and (k % 2 == 0 or _symmetric(e.args[k // 2]))
-    return False
 
 
 def _coefficient_and_factors(term: Expr) -> tuple[sp.Expr, tuple[Expr, ...]]:
