@@ -44,7 +44,7 @@ def main() -> None:
     from mcalc.train.data import load_dataset
     from mcalc.train.network import Network
     from mcalc.train.optimizers import make_optimizer
-    from mcalc.train.trainer import train
+    from mcalc.train.trainer import has_learning_rate, train
 
     data = load_dataset("mnist1d")
     runs = []
@@ -56,7 +56,7 @@ def main() -> None:
 
             options = {"alpha": args.alpha} if optimizer == "hbp-newton" and args.alpha else {}
             chosen = make_optimizer(optimizer, **options)
-            drops = args.lr_drop if isinstance(getattr(chosen, "lr", None), float) else []
+            drops = args.lr_drop if has_learning_rate(chosen) else []
             result = train(Network(SPEC, seed=seed), data, chosen, epochs=args.epochs, batch_size=args.batch_size,
                            seed=seed, on_epoch=show, lr_drops=drops)
             runs.append({"optimizer": optimizer, "seed": seed, "history": result["history"],

@@ -77,6 +77,7 @@ def train(net: Network, data: Dataset, optimizer: Optimizer, *, epochs: int, bat
     if graphs and parallel.comm.size > 1:
         raise McalcError(f"CUDA graphs run in one process: a captured pass cannot make the all-reduces of "
                          f"{parallel.comm.size} ranks; run without --graphs")
+    check_lr_drops(optimizer, lr_drops, epochs)
     net.parallel = parallel
     progress = progress and parallel.is_root
     xp = net.xp
@@ -114,7 +115,6 @@ def train(net: Network, data: Dataset, optimizer: Optimizer, *, epochs: int, bat
         from tqdm import tqdm
 
         bar = tqdm(total=(epochs - first_epoch + 1) * steps, desc=name or "train", unit="step", leave=False)
-    check_lr_drops(optimizer, lr_drops, epochs)
     for epoch in range(first_epoch, epochs + 1):
         if epoch in lr_drops:  # step decay; a run resumed past a drop has its optimiser's lower rate already
             optimizer.lr = optimizer.lr / 10
@@ -163,10 +163,16 @@ def train(net: Network, data: Dataset, optimizer: Optimizer, *, epochs: int, bat
     return {"optimizer": name, "history": history, "final": {**history[-1], "rejected_steps": rejected}}
 
 
+def has_learning_rate(optimizer: Optimizer) -> bool:
+    """Whether the optimiser steps by a fixed learning rate, which a drop can divide (kfac's comes from its
+    quadratic model unless ``lr`` fixes it)."""
+    return isinstance(getattr(optimizer, "lr", None), (int, float))
+
+
 def check_lr_drops(optimizer: Optimizer, lr_drops: Sequence[int], epochs: int) -> None:
-    """Refuses drops that cannot happen: an optimiser that chooses its own step length (kfac's, from its
-    quadratic model, unless ``lr`` fixes it), or an epoch outside 2 … ``epochs``."""
-    if lr_drops and not isinstance(getattr(optimizer, "lr", None), (int, float)):
+    """Refuses drops that cannot happen: an optimiser without a learning rate (:func:`has_learning_rate`),
+    or an epoch outside 2 … ``epochs``."""
+    if lr_drops and not has_learning_rate(optimizer):
         raise McalcError(f"{type(optimizer).__name__} chooses its step length itself: a learning-rate drop needs "
                          f"a fixed learning rate (--lr)")
     wrong = [e for e in lr_drops if not 2 <= e <= epochs]
