@@ -18,13 +18,15 @@ from mcalc import layers as L
 from mcalc.codegen.compile import compile_source
 from mcalc.codegen.cuda import CUPY, cuda_source, kernel_sources
 from mcalc.codegen.generate import BACKENDS, generate
-from mcalc.codegen.plan import ProgramBuilder, plan_module, sanitise
+from mcalc.codegen.plan import HBPKey, ProgramBuilder, plan_module, sanitise
 from mcalc.codegen.render import program_context
 from mcalc.codegen.store import check_entry, load_code
-from mcalc.expr import Diag, MatMul, ScalarMul
+from mcalc.expr import Diag, MatMul, ScalarMul, Transpose
+from mcalc.modes import Approximation, Curvature
 from mcalc.numeric.verify_backend import verify_backend
 from mcalc.runtime import emulator
 from mcalc.runtime.generated_code import LIBRARY_DIRECTORY
+from mcalc.simplification import simplify
 from mcalc.user_modules import load_modules
 
 EXAMPLES = load_modules(ROOT / "examples" / "custom_layers.py")
@@ -131,11 +133,21 @@ def test_numpy_backend_against_finite_differences(module):
 @example(module=mc.Module("Found", (mc.sum(mc.Matrix("W", "m", "n")) * mc.sum(mc.Matrix("W", "m", "n")))
                           * mc.tanh(mc.Vector("x", "k") * mc.Vector("x", "k")), inputs=[],
                           params=[mc.Matrix("W", "m", "n"), mc.Vector("x", "k")]))
+@example(module=mc.Module("Found", mc.softmax(mc.sum(mc.Vector("u", "m"))
+                                              * (mc.Vector("x", "n") * mc.Vector("x", "n"))),
+                          inputs=[], params=[mc.Vector("u", "m"), mc.Vector("x", "n")]))
+@example(module=mc.Module("Found", ((mc.Scalar("s") * mc.Vector("x", "m").T @ mc.Matrix("V", "m", "n")).T
+                                    * (mc.Vector("u", "n") * mc.Vector("u", "n")))
+                          * (mc.tanh(mc.Vector("u", "n")) * mc.Vector("u", "n")), inputs=[],
+                          params=[mc.Vector("u", "n")],
+                          constants=[mc.Matrix("V", "m", "n"), mc.Scalar("s"), mc.Vector("x", "m")]))
 def test_numpy_backend_on_random_modules(module, tmp_path_factory):
     """The examples are ones Hypothesis found. Under approximation (7), diag(δZ-sum ⊙ φ″) was added in
     place onto a product that a later step read again, so 𝓗̄u counted that diagonal twice. And a product
     that broadcasts both ways, 1 (tᵀ 𝓗z t) 1ᵀ, was split once, (1 tᵀ 𝓗z t) 1ᵀ: its inner product was
-    named only split again, so the printer found no name for it (KeyError)."""
+    named only split again, so the printer found no name for it (KeyError). The third's scale, placed on
+    such a product (.simplification.scale_placement), was split on one side only (KeyError again); in the
+    fourth, a broadcast v 1ᵀ was read as the transposed view of 1 vᵀ, so v was never a step of its own."""
     directory = _generate_random(module, "numpy", tmp_path_factory)
     if directory is not None:
         check_generated(module, load_code(module, "numpy", directory))
@@ -205,6 +217,29 @@ def test_row_and_column_scalings_fuse_into_one_kernel():
         exec(f"{line['targets']} = {line['rhs']}", namespace)
         out = namespace[target].get()
     np.testing.assert_allclose(out, 3 * values["u"] * values["M"] * values["v"].T, rtol=1e-14)
+
+
+def test_a_transpose_of_a_planned_step_is_read_as_its_view():
+    """(A B)ᵀ simplifies to Bᵀ Aᵀ, a product of its own: where A B is a step already, the planner reads
+    it as that step's transposed view instead of multiplying again."""
+    A, B = mc.Matrix("A", "m", "k"), mc.Matrix("B", "k", "n")
+    builder = ProgramBuilder()
+    product = builder.ref(MatMul(A, B))
+    flipped = builder.ref(simplify(Transpose(MatMul(A, B))))
+    assert [type(s.node).__name__ for s in builder.program.steps] == ["MatMul", "Transpose"]
+    assert builder.program.steps[1].node.args[0] == MatMul(A, B) and flipped != product
+
+
+def test_layer_norms_gain_block_is_the_gram_matrix_of_its_normalised_input():
+    """LayerNorm's g block is 𝓗z ⊙ E[x̂ x̂ᵀ], derived as ((x − μ) diag(1/σ)²) (x − μ)ᵀ: planned as the Gram
+    matrix of x̂ = (x − μ) diag(1/σ), which the forward pass computed (.simplification.fusion.scaled_gram)."""
+    layer_norm = next(m for m in load_modules(ROOT / "examples" / "layernorm_gelu.py") if m.name == "LayerNorm")
+    plan = plan_module(mc.derive(layer_norm))
+    program = plan.hbp[plan.hbp_aliases[HBPKey(Curvature.GGN, Approximation.MEAN_OF_SANDWICHES, False)]]
+    forward = {s.node for s in plan.forward.steps}
+    grams = [s.node for s in program.steps if isinstance(s.node, MatMul) and len(s.node.args) == 2
+             and Transpose(s.node.args[0]) == s.node.args[1]]
+    assert len(grams) == 1 and grams[0].args[0] in forward
 
 
 def _generate_random(module, backend, tmp_path_factory):

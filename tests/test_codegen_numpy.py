@@ -141,6 +141,32 @@ def test_an_elementwise_functions_orders_compute_their_shared_part_once(tmp_path
     assert len(erf_calls) == 4 and sum(isinstance(k, tuple) for k in cache) == 2  # erf and exp(−t²/2)
 
 
+def test_an_elementwise_functions_constants_are_one_float(tmp_path):
+    """GELU's φ′ = Φ(t) + t·exp(−t²/2)/√(2π) multiplies t by 1/√(2π), one number, not by √2, ½ and 1/√π
+    in turn (numpy_printer._folded_constants): one array operation, and a float32 batch stays float32
+    (numpy.sqrt(2), a float64 scalar, promoted it)."""
+    import sympy as sp
+
+    from mcalc.codegen.numpy_printer import function_source
+
+    t = sp.Symbol("t")
+    gelu = mc.elementwise("gelu", t * (1 + sp.erf(t / sp.sqrt(2))) / 2, t)
+    source = function_source(gelu.derivative(1))
+    assert "0.398942280401432677" in source and "xp.pi" not in source and "xp.sqrt" not in source
+    x = mc.Vector("x", "n")
+    module = mc.Module("GELU", output=gelu(x), inputs=[x])
+    generate([module], ["numpy"], tmp_path)
+    code = load_code(module, "numpy", tmp_path)
+    X = np.random.default_rng(1).normal(size=(4, 6))
+    dX = code.gradients({}, {"x": X, "dz": np.ones_like(X)})["x"]
+    density = np.exp(-X ** 2 / 2) / np.sqrt(2 * np.pi)
+    np.testing.assert_allclose(dX, (1 + np.vectorize(__import__("math").erf)(X / np.sqrt(2))) / 2 + X * density,
+                               rtol=1e-14)
+    single = code.gradients({}, {"x": X.astype(np.float32), "dz": np.ones_like(X, dtype=np.float32)})["x"]
+    assert single.dtype == np.float32
+    np.testing.assert_allclose(single, dX, rtol=1e-5)
+
+
 def test_a_bias_is_broadcast_by_the_array_module_not_by_a_view(generated):
     """W x + b 1ᵀ prints as W x + b: NumPy broadcasts b, with no broadcast view made and no strided read
     (.numpy_printer.ArrayPrinter.elementwise_operands), and the step that made the view is gone."""

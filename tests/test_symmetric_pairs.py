@@ -1,16 +1,18 @@
-"""Transposed pairs in a symmetric block (S + X + Xᵀ, X computed once), and runs of factors that products
-share (computed once): the same values, fewer flops."""
+"""Transposed pairs in a symmetric block (S + X + Xᵀ, X computed once), runs of factors that products
+share (computed once), and numbers placed on the operands of fewest entries: the same values, less work."""
 import numpy as np
 import pytest
+import sympy as sp
 from conftest import ROOT
 from test_batch import _batch
 
 import mcalc as mc
 from mcalc import layers as L
 from mcalc.codegen.batch import batch_hbp
-from mcalc.expr import Add, MatMul, Seed, Transpose
+from mcalc.expr import Add, Diag, Hadamard, MatMul, Ones, ScalarMul, Seed, Transpose
 from mcalc.modes import APPROXIMATIONS, CURVATURES
 from mcalc.numeric.evaluate import Evaluator
+from mcalc.simplification.scale_placement import entries, place_scales
 from mcalc.simplification.shared_runs import share_runs
 from mcalc.simplification.symmetric import flops, pair_transposes
 from mcalc.user_modules import load_modules
@@ -85,3 +87,48 @@ def test_a_residual_blocks_products_compute_hz_w2_once():
     readers = {p for p in products if hz_w2[0] in p.args}
     assert len(readers) >= 2
     assert flops(*shared) < flops(*blocks)
+
+
+def _entries_scaled(roots):
+    """The entries that the numbers c of c·X in ``roots`` scale, with every dimension 64."""
+    sizes = [sp.sympify(entries(n.args[1])) for r in roots for n in set(r.walk()) if isinstance(n, ScalarMul)]
+    return sum(float(size.xreplace({s: 64 for s in size.free_symbols})) for size in sizes)
+
+
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: m.name)
+def test_placed_scales_keep_every_blocks_value(module):
+    """Every mode's blocks with their numbers moved to the operands of fewest entries
+    (:func:`place_scales`) evaluate to the blocks themselves, and never scale more entries."""
+    d, ev = mc.derive(module), _evaluator(module, 3)
+    varies = lambda node: any(isinstance(n, Seed) for n in node.walk())  # noqa: E731
+    for curvature in CURVATURES:
+        for approximation in APPROXIMATIONS:
+            blocks = share_runs([pair_transposes(batch_hbp(d, v.name, curvature, approximation))
+                                 for v in module.variables])
+            placed = place_scales(blocks, varies)
+            assert _entries_scaled(placed) <= _entries_scaled(blocks)
+            for before, after in zip(blocks, placed):
+                np.testing.assert_allclose(ev.value(after), ev.value(before), rtol=1e-10, atol=1e-12)
+
+
+def test_a_residual_blocks_cross_term_scales_a_vector_not_a_matrix():
+    """(1/B)·(𝓗z W₂ diag(d̄)) in the residual block's input block scales d̄ (h entries), not the n × h
+    product; W₁ᵀ (½/B) M against (½/B) W₁ᵀ M is h·h against n·h, which no size decides, and stays."""
+    d = mc.derive(USER["Residual"])
+    blocks = share_runs([pair_transposes(batch_hbp(d, v.name, "ggn", "6-kfac")) for v in USER["Residual"].variables])
+    placed = place_scales(blocks, lambda node: any(isinstance(n, Seed) for n in node.walk()))
+    diagonals = {n for b in placed for n in b.walk() if isinstance(n, Diag)}
+    assert any(isinstance(n.args[0], ScalarMul) for n in diagonals)
+    assert not any(isinstance(n.args[0], ScalarMul) for b in blocks for n in b.walk() if isinstance(n, Diag))
+    assert _entries_scaled(placed) < _entries_scaled(blocks)
+
+
+def test_a_scale_stays_on_a_product_that_another_block_reads():
+    """c·(A ⊙ 1 wᵀ) scales w alone, unless A ⊙ 1 wᵀ is read elsewhere too: computed once, c scales it there."""
+    n = sp.Symbol("n", integer=True, positive=True)
+    A, w = MatMul(Seed("Hz", n, n), mc.Matrix("W", "n", "m")), mc.Vector("w", "m").T
+    product = Hadamard(A, MatMul(Ones(n, 1), w))
+    roots = [ScalarMul(sp.Rational(1, 2), product), product]
+    assert place_scales(roots, lambda node: True) == roots
+    alone = place_scales(roots[:1], lambda node: True)[0]
+    assert alone == Hadamard(A, ScalarMul(sp.Rational(1, 2), MatMul(Ones(n, 1), w)))

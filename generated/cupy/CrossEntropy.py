@@ -345,28 +345,6 @@ extern "C" __global__ void k_3e99d9202b87_double(const double* __restrict__ in0,
     }
 }
 
-extern "C" __global__ void k_0f62a7d17135_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[c]) + (c1 * in1[c]));
-}
-
-extern "C" __global__ void k_0f62a7d17135_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[c]) + (c1 * in1[c]));
-}
-
 extern "C" __global__ void k_f676ffeebc3d_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
@@ -728,38 +706,22 @@ def _hbp_exact_7_all(P, S, Hz, C=None):
     if 'm0' not in C:
         C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
     t1 = C['m0']
-    t19, t18, t4 = _launch('k_3e99d9202b87', dtype, (n, B), [(n, 1), (n, B), (n, 1)], [S['dz'], t1, S['y']], [1/B_all, -1/B_all], 'rows')
+    t11, t10, t4 = _launch('k_3e99d9202b87', dtype, (n, B), [(n, 1), (n, B), (n, 1)], [S['dz'], t1, S['y']], [1/B_all, -1/B_all], 'rows')
     if 'm13' not in C:
         C['m13'] = _rank_sum(t4)
     t5 = C['m13']
+    t6 = t5.T
     if 'm14' not in C:
-        C['m14'] = S['y'].sum(axis=1, keepdims=True)
-    t6 = C['m14']
-    if 'm15' not in C:
-        C['m15'] = _rank_sum(t6)
-    t7 = C['m15']
-    t8 = t7.T
-    if 'm17' not in C:
-        C['m17'] = t1.sum(axis=1, keepdims=True)
-    t10 = C['m17']
-    if 'm18' not in C:
-        C['m18'] = _rank_sum(t10)
-    t11 = C['m18']
-    t12 = t11.T
-    if 'm20' not in C:
-        C['m20'] = _launch('k_0f62a7d17135', dtype, (1, n), (1, n), [t8, t12], [1/B_all, -1/B_all], 'entries')
-    t14 = C['m20']
-    if 'm21' not in C:
-        C['m21'] = _matmul(t5, t14)
-    t15 = C['m21']
-    t20 = _rank_sum(t19)
-    t21 = t1.T
-    t22 = _matmul(t18, t21)
-    t23 = _rank_sum(t22)
-    t27 = _launch('k_8a39c66b9282', dtype, (n, n), (n, n), [Hz, t15, t20, t23], [B_all, 1/B_all, -1/B_all], 'entries')
+        C['m14'] = _matmul(t5, t6)
+    t7 = C['m14']
+    t12 = _rank_sum(t11)
+    t13 = t1.T
+    t14 = _matmul(t10, t13)
+    t15 = _rank_sum(t14)
+    t19 = _launch('k_8a39c66b9282', dtype, (n, n), (n, n), [Hz, t7, t12, t15], [B_all, 1/B_all, -1/B_all], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t27),
+        "x": CurvatureBlock(kron=[], dense=t19),
     }
 
 def _hbp_ggn_6_all(P, S, Hz, C=None):
@@ -804,30 +766,14 @@ def _hbp_ggn_7_all(P, S, Hz, C=None):
     if 'm13' not in C:
         C['m13'] = _rank_sum(t4)
     t5 = C['m13']
+    t6 = t5.T
     if 'm14' not in C:
-        C['m14'] = S['y'].sum(axis=1, keepdims=True)
-    t6 = C['m14']
-    if 'm15' not in C:
-        C['m15'] = _rank_sum(t6)
-    t7 = C['m15']
-    t8 = t7.T
-    if 'm17' not in C:
-        C['m17'] = t1.sum(axis=1, keepdims=True)
-    t10 = C['m17']
-    if 'm18' not in C:
-        C['m18'] = _rank_sum(t10)
-    t11 = C['m18']
-    t12 = t11.T
-    if 'm20' not in C:
-        C['m20'] = _launch('k_0f62a7d17135', dtype, (1, n), (1, n), [t8, t12], [1/B_all, -1/B_all], 'entries')
-    t14 = C['m20']
-    if 'm21' not in C:
-        C['m21'] = _matmul(t5, t14)
-    t15 = C['m21']
-    t16 = _launch('k_f676ffeebc3d', dtype, (n, n), (n, n), [Hz, t15], [], 'entries')
+        C['m14'] = _matmul(t5, t6)
+    t7 = C['m14']
+    t8 = _launch('k_f676ffeebc3d', dtype, (n, n), (n, n), [Hz, t7], [], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t16),
+        "x": CurvatureBlock(kron=[], dense=t8),
     }
 
 def _hbp_pch_abs_6_all(P, S, Hz, C=None):
@@ -869,40 +815,24 @@ def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     if 'm0' not in C:
         C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
     t1 = C['m0']
-    t19, t18, t4 = _launch('k_3e99d9202b87', dtype, (n, B), [(n, 1), (n, B), (n, 1)], [S['dz'], t1, S['y']], [1/B_all, -1/B_all], 'rows')
+    t11, t10, t4 = _launch('k_3e99d9202b87', dtype, (n, B), [(n, 1), (n, B), (n, 1)], [S['dz'], t1, S['y']], [1/B_all, -1/B_all], 'rows')
     if 'm13' not in C:
         C['m13'] = _rank_sum(t4)
     t5 = C['m13']
+    t6 = t5.T
     if 'm14' not in C:
-        C['m14'] = S['y'].sum(axis=1, keepdims=True)
-    t6 = C['m14']
-    if 'm15' not in C:
-        C['m15'] = _rank_sum(t6)
-    t7 = C['m15']
-    t8 = t7.T
-    if 'm17' not in C:
-        C['m17'] = t1.sum(axis=1, keepdims=True)
-    t10 = C['m17']
-    if 'm18' not in C:
-        C['m18'] = _rank_sum(t10)
-    t11 = C['m18']
-    t12 = t11.T
-    if 'm20' not in C:
-        C['m20'] = _launch('k_0f62a7d17135', dtype, (1, n), (1, n), [t8, t12], [1/B_all, -1/B_all], 'entries')
-    t14 = C['m20']
-    if 'm21' not in C:
-        C['m21'] = _matmul(t5, t14)
-    t15 = C['m21']
-    t20 = _rank_sum(t19)
-    t21 = t1.T
-    t22 = _matmul(t18, t21)
-    t23 = _rank_sum(t22)
-    t26 = _launch('k_c5fcf4f17afa', dtype, (n, n), (n, n), [t20, t23], [B_all, 1/B_all, -1/B_all], 'entries')
-    t27 = _psd_project(t26, 'abs')
-    t28 = _launch('k_6864483093b3', dtype, (n, n), (n, n), [Hz, t15, t27], [], 'entries')
+        C['m14'] = _matmul(t5, t6)
+    t7 = C['m14']
+    t12 = _rank_sum(t11)
+    t13 = t1.T
+    t14 = _matmul(t10, t13)
+    t15 = _rank_sum(t14)
+    t18 = _launch('k_c5fcf4f17afa', dtype, (n, n), (n, n), [t12, t15], [B_all, 1/B_all, -1/B_all], 'entries')
+    t19 = _psd_project(t18, 'abs')
+    t20 = _launch('k_6864483093b3', dtype, (n, n), (n, n), [Hz, t7, t19], [], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t28),
+        "x": CurvatureBlock(kron=[], dense=t20),
     }
 
 def _hbp_pch_clip_6_all(P, S, Hz, C=None):
@@ -944,40 +874,24 @@ def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     if 'm0' not in C:
         C['m0'] = _launch('k_5d70c76b687f', dtype, (n, B), (n, B), [S['x']], [], 'columns')
     t1 = C['m0']
-    t19, t18, t4 = _launch('k_3e99d9202b87', dtype, (n, B), [(n, 1), (n, B), (n, 1)], [S['dz'], t1, S['y']], [1/B_all, -1/B_all], 'rows')
+    t11, t10, t4 = _launch('k_3e99d9202b87', dtype, (n, B), [(n, 1), (n, B), (n, 1)], [S['dz'], t1, S['y']], [1/B_all, -1/B_all], 'rows')
     if 'm13' not in C:
         C['m13'] = _rank_sum(t4)
     t5 = C['m13']
+    t6 = t5.T
     if 'm14' not in C:
-        C['m14'] = S['y'].sum(axis=1, keepdims=True)
-    t6 = C['m14']
-    if 'm15' not in C:
-        C['m15'] = _rank_sum(t6)
-    t7 = C['m15']
-    t8 = t7.T
-    if 'm17' not in C:
-        C['m17'] = t1.sum(axis=1, keepdims=True)
-    t10 = C['m17']
-    if 'm18' not in C:
-        C['m18'] = _rank_sum(t10)
-    t11 = C['m18']
-    t12 = t11.T
-    if 'm20' not in C:
-        C['m20'] = _launch('k_0f62a7d17135', dtype, (1, n), (1, n), [t8, t12], [1/B_all, -1/B_all], 'entries')
-    t14 = C['m20']
-    if 'm21' not in C:
-        C['m21'] = _matmul(t5, t14)
-    t15 = C['m21']
-    t20 = _rank_sum(t19)
-    t21 = t1.T
-    t22 = _matmul(t18, t21)
-    t23 = _rank_sum(t22)
-    t26 = _launch('k_c5fcf4f17afa', dtype, (n, n), (n, n), [t20, t23], [B_all, 1/B_all, -1/B_all], 'entries')
-    t27 = _psd_project(t26, 'clip')
-    t28 = _launch('k_6864483093b3', dtype, (n, n), (n, n), [Hz, t15, t27], [], 'entries')
+        C['m14'] = _matmul(t5, t6)
+    t7 = C['m14']
+    t12 = _rank_sum(t11)
+    t13 = t1.T
+    t14 = _matmul(t10, t13)
+    t15 = _rank_sum(t14)
+    t18 = _launch('k_c5fcf4f17afa', dtype, (n, n), (n, n), [t12, t15], [B_all, 1/B_all, -1/B_all], 'entries')
+    t19 = _psd_project(t18, 'clip')
+    t20 = _launch('k_6864483093b3', dtype, (n, n), (n, n), [Hz, t7, t19], [], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t28),
+        "x": CurvatureBlock(kron=[], dense=t20),
     }
 
 

@@ -205,28 +205,6 @@ extern "C" __global__ void k_edb4640e4693_double(const double* __restrict__ in0,
     out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
-extern "C" __global__ void k_0f62a7d17135_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[c]) + (c1 * in1[c]));
-}
-
-extern "C" __global__ void k_0f62a7d17135_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[c]) + (c1 * in1[c]));
-}
-
 extern "C" __global__ void k_17a1960cbbad_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
@@ -552,33 +530,17 @@ def _hbp_exact_7_all(P, S, Hz, C=None):
     if 'm12' not in C:
         C['m12'] = _rank_sum(t3)
     t4 = C['m12']
+    t5 = t4.T
     if 'm13' not in C:
-        C['m13'] = S['x'].sum(axis=1, keepdims=True)
-    t5 = C['m13']
-    if 'm14' not in C:
-        C['m14'] = _rank_sum(t5)
-    t6 = C['m14']
-    t7 = t6.T
-    if 'm16' not in C:
-        C['m16'] = S['y'].sum(axis=1, keepdims=True)
-    t9 = C['m16']
-    if 'm17' not in C:
-        C['m17'] = _rank_sum(t9)
-    t10 = C['m17']
-    t11 = t10.T
-    if 'm19' not in C:
-        C['m19'] = _launch('k_0f62a7d17135', dtype, (1, n), (1, n), [t7, t11], [1/B_all, -1/B_all], 'entries')
-    t13 = C['m19']
-    if 'm20' not in C:
-        C['m20'] = _matmul(t4, t13)
-    t14 = C['m20']
-    t17 = S['dz'].T
-    t18 = t17.sum(keepdims=True)
-    t19 = _rank_sum(t18)
-    t22 = _launch('k_f058db9b2cae', dtype, (n, n), (n, n), [Hz, t14, t19], [4, 2], 'entries')
+        C['m13'] = _matmul(t4, t5)
+    t6 = C['m13']
+    t9 = S['dz'].T
+    t10 = t9.sum(keepdims=True)
+    t11 = _rank_sum(t10)
+    t14 = _launch('k_f058db9b2cae', dtype, (n, n), (n, n), [Hz, t6, t11], [4, 2], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t22),
+        "x": CurvatureBlock(kron=[], dense=t14),
     }
 
 def _hbp_ggn_6_all(P, S, Hz, C=None):
@@ -617,30 +579,14 @@ def _hbp_ggn_7_all(P, S, Hz, C=None):
     if 'm12' not in C:
         C['m12'] = _rank_sum(t3)
     t4 = C['m12']
+    t5 = t4.T
     if 'm13' not in C:
-        C['m13'] = S['x'].sum(axis=1, keepdims=True)
-    t5 = C['m13']
-    if 'm14' not in C:
-        C['m14'] = _rank_sum(t5)
-    t6 = C['m14']
-    t7 = t6.T
-    if 'm16' not in C:
-        C['m16'] = S['y'].sum(axis=1, keepdims=True)
-    t9 = C['m16']
-    if 'm17' not in C:
-        C['m17'] = _rank_sum(t9)
-    t10 = C['m17']
-    t11 = t10.T
-    if 'm19' not in C:
-        C['m19'] = _launch('k_0f62a7d17135', dtype, (1, n), (1, n), [t7, t11], [1/B_all, -1/B_all], 'entries')
-    t13 = C['m19']
-    if 'm20' not in C:
-        C['m20'] = _matmul(t4, t13)
-    t14 = C['m20']
-    t16 = _launch('k_de71cc95aead', dtype, (n, n), (n, n), [Hz, t14], [4], 'entries')
+        C['m13'] = _matmul(t4, t5)
+    t6 = C['m13']
+    t8 = _launch('k_de71cc95aead', dtype, (n, n), (n, n), [Hz, t6], [4], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t16),
+        "x": CurvatureBlock(kron=[], dense=t8),
     }
 
 def _hbp_pch_abs_6_all(P, S, Hz, C=None):
@@ -682,33 +628,17 @@ def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     if 'm12' not in C:
         C['m12'] = _rank_sum(t3)
     t4 = C['m12']
+    t5 = t4.T
     if 'm13' not in C:
-        C['m13'] = S['x'].sum(axis=1, keepdims=True)
-    t5 = C['m13']
-    if 'm14' not in C:
-        C['m14'] = _rank_sum(t5)
-    t6 = C['m14']
-    t7 = t6.T
-    if 'm16' not in C:
-        C['m16'] = S['y'].sum(axis=1, keepdims=True)
-    t9 = C['m16']
-    if 'm17' not in C:
-        C['m17'] = _rank_sum(t9)
-    t10 = C['m17']
-    t11 = t10.T
-    if 'm19' not in C:
-        C['m19'] = _launch('k_0f62a7d17135', dtype, (1, n), (1, n), [t7, t11], [1/B_all, -1/B_all], 'entries')
-    t13 = C['m19']
-    if 'm20' not in C:
-        C['m20'] = _matmul(t4, t13)
-    t14 = C['m20']
-    t17 = S['dz'].T
-    t18 = t17.sum(keepdims=True)
-    t19 = _rank_sum(t18)
-    t23 = _launch('k_e404d3259fed', dtype, (n, n), (n, n), [Hz, t14, t19], [4, 2], 'entries')
+        C['m13'] = _matmul(t4, t5)
+    t6 = C['m13']
+    t9 = S['dz'].T
+    t10 = t9.sum(keepdims=True)
+    t11 = _rank_sum(t10)
+    t15 = _launch('k_e404d3259fed', dtype, (n, n), (n, n), [Hz, t6, t11], [4, 2], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t23),
+        "x": CurvatureBlock(kron=[], dense=t15),
     }
 
 def _hbp_pch_clip_6_all(P, S, Hz, C=None):
@@ -752,35 +682,19 @@ def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     if 'm12' not in C:
         C['m12'] = _rank_sum(t3)
     t4 = C['m12']
+    t5 = t4.T
     if 'm13' not in C:
-        C['m13'] = S['x'].sum(axis=1, keepdims=True)
-    t5 = C['m13']
-    if 'm14' not in C:
-        C['m14'] = _rank_sum(t5)
-    t6 = C['m14']
-    t7 = t6.T
-    if 'm16' not in C:
-        C['m16'] = S['y'].sum(axis=1, keepdims=True)
-    t9 = C['m16']
-    if 'm17' not in C:
-        C['m17'] = _rank_sum(t9)
-    t10 = C['m17']
-    t11 = t10.T
-    if 'm19' not in C:
-        C['m19'] = _launch('k_0f62a7d17135', dtype, (1, n), (1, n), [t7, t11], [1/B_all, -1/B_all], 'entries')
-    t13 = C['m19']
-    if 'm20' not in C:
-        C['m20'] = _matmul(t4, t13)
-    t14 = C['m20']
-    t17 = S['dz'].T
-    t18 = t17.sum(keepdims=True)
-    t19 = _rank_sum(t18)
-    t20 = _launch('k_b7885957cd37', dtype, (n, n), (n, n), [t19], [], 'entries')
-    t21 = _psd_project(t20, 'clip')
-    t23 = _launch('k_fda518cfe531', dtype, (n, n), (n, n), [Hz, t14, t21], [4, 2], 'entries')
+        C['m13'] = _matmul(t4, t5)
+    t6 = C['m13']
+    t9 = S['dz'].T
+    t10 = t9.sum(keepdims=True)
+    t11 = _rank_sum(t10)
+    t12 = _launch('k_b7885957cd37', dtype, (n, n), (n, n), [t11], [], 'entries')
+    t13 = _psd_project(t12, 'clip')
+    t15 = _launch('k_fda518cfe531', dtype, (n, n), (n, n), [Hz, t6, t13], [4, 2], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t23),
+        "x": CurvatureBlock(kron=[], dense=t15),
     }
 
 

@@ -122,7 +122,7 @@ extern "C" __global__ void k_e5758009459e_double(const double* __restrict__ in0,
     out[i] = fn_relu_1_double(in0[r * cols + c]);
 }
 
-extern "C" __global__ void k_d13b2ab6b72d_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_dd8096371265_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -130,10 +130,10 @@ extern "C" __global__ void k_d13b2ab6b72d_float(const float* __restrict__ in0, c
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (c0 * (in0[r] * in1[r * cols + c] * in0[c]));
+    out[i] = (in0[r] * in1[r * cols + c] * in2[c]);
 }
 
-extern "C" __global__ void k_d13b2ab6b72d_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_dd8096371265_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -141,7 +141,29 @@ extern "C" __global__ void k_d13b2ab6b72d_double(const double* __restrict__ in0,
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (c0 * (in0[r] * in1[r * cols + c] * in0[c]));
+    out[i] = (in0[r] * in1[r * cols + c] * in2[c]);
+}
+
+extern "C" __global__ void k_c74b4d341e79_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * in0[r]);
+}
+
+extern "C" __global__ void k_c74b4d341e79_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * in0[r]);
 }
 
 extern "C" __global__ void k_31db6b972277_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
@@ -336,7 +358,8 @@ def _hbp_exact_7_all(P, S, Hz, C=None):
     dtype = _dtype(P, S)
     t1 = _launch('k_31db6b972277', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
     t2 = _rank_sum(t1)
-    t4 = _launch('k_d13b2ab6b72d', dtype, (n, n), (n, n), [t2, Hz], [B_all**(-2)], 'entries')
+    t3 = _launch('k_c74b4d341e79', dtype, (n, 1), (n, 1), [t2], [B_all**(-2)], 'entries')
+    t4 = _launch('k_dd8096371265', dtype, (n, n), (n, n), [t3, Hz, t2], [], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t4),

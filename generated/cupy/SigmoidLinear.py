@@ -376,7 +376,7 @@ extern "C" __global__ void k_88a6fbc9ce16_double(const double* __restrict__ in0,
     }
 }
 
-extern "C" __global__ void k_8f3b530c7461_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_6ddfcd7aef52_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -384,10 +384,10 @@ extern "C" __global__ void k_8f3b530c7461_float(const float* __restrict__ in0, c
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (r == c ? in1[r] : (float)0));
+    out[i] = (in0[r * cols + c] + (r == c ? in1[r] : (float)0));
 }
 
-extern "C" __global__ void k_8f3b530c7461_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_6ddfcd7aef52_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -395,7 +395,29 @@ extern "C" __global__ void k_8f3b530c7461_double(const double* __restrict__ in0,
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (r == c ? in1[r] : (double)0));
+    out[i] = (in0[r * cols + c] + (r == c ? in1[r] : (double)0));
+}
+
+extern "C" __global__ void k_c74b4d341e79_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * in0[r]);
+}
+
+extern "C" __global__ void k_c74b4d341e79_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * in0[r]);
 }
 
 extern "C" __global__ void k_15bd6dcb0bd0_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
@@ -564,28 +586,6 @@ extern "C" __global__ void k_e337fffc6c6a_double(const double* __restrict__ in0,
     }
 }
 
-extern "C" __global__ void k_b6da753aeb00_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
-}
-
-extern "C" __global__ void k_b6da753aeb00_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (c0 * in0[r * cols + c]);
-}
-
 extern "C" __global__ void k_7aaf865ab029_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
@@ -608,7 +608,7 @@ extern "C" __global__ void k_7aaf865ab029_double(const double* __restrict__ in0,
     out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? fn_abs_0_double(in2[r]) : (double)0));
 }
 
-extern "C" __global__ void k_edf067d60f1a_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_144f1bbe57ac_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -616,10 +616,10 @@ extern "C" __global__ void k_edf067d60f1a_float(const float* __restrict__ in0, c
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (r == c ? fn_abs_0_float(in1[r]) : (float)0));
+    out[i] = (in0[r * cols + c] + (r == c ? fn_abs_0_float(in1[r]) : (float)0));
 }
 
-extern "C" __global__ void k_edf067d60f1a_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_144f1bbe57ac_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -627,7 +627,7 @@ extern "C" __global__ void k_edf067d60f1a_double(const double* __restrict__ in0,
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (r == c ? fn_abs_0_double(in1[r]) : (double)0));
+    out[i] = (in0[r * cols + c] + (r == c ? fn_abs_0_double(in1[r]) : (double)0));
 }
 
 extern "C" __global__ void k_ea5e41d44144_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
@@ -652,7 +652,7 @@ extern "C" __global__ void k_ea5e41d44144_double(const double* __restrict__ in0,
     out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? fn_relu_0_double(in2[r]) : (double)0));
 }
 
-extern "C" __global__ void k_207a6eb360e6_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_690aac995f98_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -660,10 +660,10 @@ extern "C" __global__ void k_207a6eb360e6_float(const float* __restrict__ in0, c
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (r == c ? fn_relu_0_float(in1[r]) : (float)0));
+    out[i] = (in0[r * cols + c] + (r == c ? fn_relu_0_float(in1[r]) : (float)0));
 }
 
-extern "C" __global__ void k_207a6eb360e6_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_690aac995f98_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -671,7 +671,7 @@ extern "C" __global__ void k_207a6eb360e6_double(const double* __restrict__ in0,
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (r == c ? fn_relu_0_double(in1[r]) : (double)0));
+    out[i] = (in0[r * cols + c] + (r == c ? fn_relu_0_double(in1[r]) : (double)0));
 }
 
 """
@@ -940,18 +940,21 @@ def _hbp_exact_7_all(P, S, Hz, C=None):
     if 'm9' not in C:
         C['m9'] = _rank_sum(t1)
     t2 = C['m9']
-    t3 = P['W'].T
-    t4 = (_matmul(_matmul((t2 * t3), Hz), P['W']) * t2.T)
-    t6 = _matmul(t3, S['dz'])
+    if 'm10' not in C:
+        C['m10'] = _launch('k_c74b4d341e79', dtype, (n, 1), (n, 1), [t2], [B_all**(-2)], 'entries')
+    t3 = C['m10']
+    t4 = P['W'].T
+    t5 = (_matmul(_matmul((t3 * t4), Hz), P['W']) * t2.T)
+    t6 = _matmul(t4, S['dz'])
     t13, t9 = _launch('k_88a6fbc9ce16', dtype, (n, B), [(n, 1), (n, 1)], [S['x'], t6], [], 'rows')
     t10 = _rank_sum(t9)
-    t11 = _launch('k_8f3b530c7461', dtype, (n, n), (n, n), [t4, t10], [B_all**(-2)], 'entries')
-    if 'm11' not in C:
-        C['m11'] = _rank_sum(t13)
-    t14 = C['m11']
+    t11 = _launch('k_6ddfcd7aef52', dtype, (n, n), (n, n), [t5, t10], [], 'entries')
     if 'm12' not in C:
-        C['m12'] = _gram(t14, B_all**(-2))
-    t15 = C['m12']
+        C['m12'] = _rank_sum(t13)
+    t14 = C['m12']
+    if 'm13' not in C:
+        C['m13'] = _gram(t14, B_all**(-2))
+    t15 = C['m13']
 
     return {
         "x": CurvatureBlock(kron=[], dense=t11),
@@ -964,15 +967,15 @@ def _hbp_exact_7_params(P, S, Hz, C=None):
     B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
-    if 'm10' not in C:
-        C['m10'] = _launch('k_dc5aa9530fdd', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
-    t1 = C['m10']
     if 'm11' not in C:
-        C['m11'] = _rank_sum(t1)
-    t2 = C['m11']
+        C['m11'] = _launch('k_dc5aa9530fdd', dtype, (n, B), (n, 1), [S['x']], [], 'rows')
+    t1 = C['m11']
     if 'm12' not in C:
-        C['m12'] = _gram(t2, B_all**(-2))
-    t3 = C['m12']
+        C['m12'] = _rank_sum(t1)
+    t2 = C['m12']
+    if 'm13' not in C:
+        C['m13'] = _gram(t2, B_all**(-2))
+    t3 = C['m13']
 
     return {
         "W": CurvatureBlock(kron=[_kron((1), t3, Hz), ], dense=None),
@@ -1015,21 +1018,23 @@ def _hbp_ggn_7_all(P, S, Hz, C=None):
     B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     C = {} if C is None else C
-    if 'm10 m8' not in C:
-        C['m10 m8'] = _launch('k_e337fffc6c6a', dtype, (n, B), [(n, 1), (n, 1)], [S['x']], [], 'rows')
-    t7, t1 = C['m10 m8']
+    if 'm11 m8' not in C:
+        C['m11 m8'] = _launch('k_e337fffc6c6a', dtype, (n, B), [(n, 1), (n, 1)], [S['x']], [], 'rows')
+    t7, t1 = C['m11 m8']
     if 'm9' not in C:
         C['m9'] = _rank_sum(t1)
     t2 = C['m9']
-    t3 = P['W'].T
-    t4 = (_matmul(_matmul((t2 * t3), Hz), P['W']) * t2.T)
-    t5 = _launch('k_b6da753aeb00', dtype, (n, n), (n, n), [t4], [B_all**(-2)], 'entries')
-    if 'm11' not in C:
-        C['m11'] = _rank_sum(t7)
-    t8 = C['m11']
+    if 'm10' not in C:
+        C['m10'] = _launch('k_c74b4d341e79', dtype, (n, 1), (n, 1), [t2], [B_all**(-2)], 'entries')
+    t3 = C['m10']
+    t4 = P['W'].T
+    t5 = (_matmul(_matmul((t3 * t4), Hz), P['W']) * t2.T)
     if 'm12' not in C:
-        C['m12'] = _gram(t8, B_all**(-2))
-    t9 = C['m12']
+        C['m12'] = _rank_sum(t7)
+    t8 = C['m12']
+    if 'm13' not in C:
+        C['m13'] = _gram(t8, B_all**(-2))
+    t9 = C['m13']
 
     return {
         "x": CurvatureBlock(kron=[], dense=t5),
@@ -1082,18 +1087,21 @@ def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     if 'm9' not in C:
         C['m9'] = _rank_sum(t1)
     t2 = C['m9']
-    t3 = P['W'].T
-    t4 = (_matmul(_matmul((t2 * t3), Hz), P['W']) * t2.T)
-    t6 = _matmul(t3, S['dz'])
+    if 'm10' not in C:
+        C['m10'] = _launch('k_c74b4d341e79', dtype, (n, 1), (n, 1), [t2], [B_all**(-2)], 'entries')
+    t3 = C['m10']
+    t4 = P['W'].T
+    t5 = (_matmul(_matmul((t3 * t4), Hz), P['W']) * t2.T)
+    t6 = _matmul(t4, S['dz'])
     t14, t9 = _launch('k_88a6fbc9ce16', dtype, (n, B), [(n, 1), (n, 1)], [S['x'], t6], [], 'rows')
     t10 = _rank_sum(t9)
-    t12 = _launch('k_edf067d60f1a', dtype, (n, n), (n, n), [t4, t10], [B_all**(-2)], 'entries')
-    if 'm11' not in C:
-        C['m11'] = _rank_sum(t14)
-    t15 = C['m11']
+    t12 = _launch('k_144f1bbe57ac', dtype, (n, n), (n, n), [t5, t10], [], 'entries')
     if 'm12' not in C:
-        C['m12'] = _gram(t15, B_all**(-2))
-    t16 = C['m12']
+        C['m12'] = _rank_sum(t14)
+    t15 = C['m12']
+    if 'm13' not in C:
+        C['m13'] = _gram(t15, B_all**(-2))
+    t16 = C['m13']
 
     return {
         "x": CurvatureBlock(kron=[], dense=t12),
@@ -1146,18 +1154,21 @@ def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     if 'm9' not in C:
         C['m9'] = _rank_sum(t1)
     t2 = C['m9']
-    t3 = P['W'].T
-    t4 = (_matmul(_matmul((t2 * t3), Hz), P['W']) * t2.T)
-    t6 = _matmul(t3, S['dz'])
+    if 'm10' not in C:
+        C['m10'] = _launch('k_c74b4d341e79', dtype, (n, 1), (n, 1), [t2], [B_all**(-2)], 'entries')
+    t3 = C['m10']
+    t4 = P['W'].T
+    t5 = (_matmul(_matmul((t3 * t4), Hz), P['W']) * t2.T)
+    t6 = _matmul(t4, S['dz'])
     t14, t9 = _launch('k_88a6fbc9ce16', dtype, (n, B), [(n, 1), (n, 1)], [S['x'], t6], [], 'rows')
     t10 = _rank_sum(t9)
-    t12 = _launch('k_207a6eb360e6', dtype, (n, n), (n, n), [t4, t10], [B_all**(-2)], 'entries')
-    if 'm11' not in C:
-        C['m11'] = _rank_sum(t14)
-    t15 = C['m11']
+    t12 = _launch('k_690aac995f98', dtype, (n, n), (n, n), [t5, t10], [], 'entries')
     if 'm12' not in C:
-        C['m12'] = _gram(t15, B_all**(-2))
-    t16 = C['m12']
+        C['m12'] = _rank_sum(t14)
+    t15 = C['m12']
+    if 'm13' not in C:
+        C['m13'] = _gram(t15, B_all**(-2))
+    t16 = C['m13']
 
     return {
         "x": CurvatureBlock(kron=[], dense=t12),

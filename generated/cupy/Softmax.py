@@ -211,59 +211,15 @@ extern "C" __global__ void k_6bfdb0d9961e_double(const double* __restrict__ in0,
     out[i] = ((c0 * ((c1 * in0[r * cols + c]) + (c2 * in1[r * cols + c]))) + (c3 * in2[r * cols + c]));
 }
 
-extern "C" __global__ void k_edb4640e4693_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void k_edb4640e4693_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
-}
-
-extern "C" __global__ void k_c3f430aafdd9_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[r] * in1[r * cols + c]);
-}
-
-extern "C" __global__ void k_c3f430aafdd9_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
-{
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= rows * cols) return;
-    const long long r = i / cols;
-    const long long c = i % cols;
-    (void)r;
-    (void)c;
-    out[i] = (in0[r] * in1[r * cols + c]);
-}
-
-extern "C" __global__ void k_2d75a57dee95_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, float* __restrict__ out1, const long long rows, const long long cols)
+extern "C" __global__ void k_d2fbf1a8a5e5_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, const float c2, const float c3, float* __restrict__ out, float* __restrict__ out1, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
     __shared__ float partial[256];
     float acc = 0;
     for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * in1[r * cols + c]);
-        out1[r * cols + c] = (in0[r * cols + c] * in1[r * cols + c]);  // a sibling's entry, from the same reads
+        acc += ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
+        out1[r * cols + c] = ((c2 * in0[r * cols + c]) + (c3 * in1[r * cols + c]));  // a sibling's entry, from the same reads
     }
     partial[threadIdx.x] = acc;
     __syncthreads();
@@ -278,15 +234,15 @@ extern "C" __global__ void k_2d75a57dee95_float(const float* __restrict__ in0, c
     }
 }
 
-extern "C" __global__ void k_2d75a57dee95_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, double* __restrict__ out1, const long long rows, const long long cols)
+extern "C" __global__ void k_d2fbf1a8a5e5_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, const double c2, const double c3, double* __restrict__ out, double* __restrict__ out1, const long long rows, const long long cols)
 {
     // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
     const long long r = blockIdx.x;
     __shared__ double partial[256];
     double acc = 0;
     for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += (in0[r * cols + c] * in1[r * cols + c]);
-        out1[r * cols + c] = (in0[r * cols + c] * in1[r * cols + c]);  // a sibling's entry, from the same reads
+        acc += ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
+        out1[r * cols + c] = ((c2 * in0[r * cols + c]) + (c3 * in1[r * cols + c]));  // a sibling's entry, from the same reads
     }
     partial[threadIdx.x] = acc;
     __syncthreads();
@@ -301,48 +257,26 @@ extern "C" __global__ void k_2d75a57dee95_double(const double* __restrict__ in0,
     }
 }
 
-extern "C" __global__ void k_b26f0fb5839f_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_e3154fdc0682_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, const long long rows, const long long cols)
 {
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ float partial[256];
-    float acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += ((c0 * in0[r * cols + c]) + (c1 * (in1[c] * in2[r * cols + c])));
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) {
-            partial[threadIdx.x] += partial[threadIdx.x + s];
-        }
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) {
-        out[r] = partial[0];
-    }
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (in0[c] * in1[r * cols + c]);
 }
 
-extern "C" __global__ void k_b26f0fb5839f_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_e3154fdc0682_double(const double* __restrict__ in0, const double* __restrict__ in1, double* __restrict__ out, const long long rows, const long long cols)
 {
-    // out[r] = sum over c of the fused expression: one block per row, a tree reduction in shared memory
-    const long long r = blockIdx.x;
-    __shared__ double partial[256];
-    double acc = 0;
-    for (long long c = threadIdx.x; c < cols; c += blockDim.x) {
-        acc += ((c0 * in0[r * cols + c]) + (c1 * (in1[c] * in2[r * cols + c])));
-    }
-    partial[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) {
-            partial[threadIdx.x] += partial[threadIdx.x + s];
-        }
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) {
-        out[r] = partial[0];
-    }
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (in0[c] * in1[r * cols + c]);
 }
 
 extern "C" __global__ void k_ee99e8611f5c_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, float* __restrict__ out, float* __restrict__ out1, const long long rows, const long long cols)
@@ -367,6 +301,28 @@ extern "C" __global__ void k_ee99e8611f5c_double(const double* __restrict__ in0,
     (void)c;
     out[i] = (in0[r * cols + c] * in1[r * cols + c]);
     out1[i] = (in1[r * cols + c] * in2[r * cols + c]);  // a sibling's entry, from the same reads
+}
+
+extern "C" __global__ void k_edb4640e4693_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
+}
+
+extern "C" __global__ void k_edb4640e4693_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = ((c0 * in0[r * cols + c]) + (c1 * in1[r * cols + c]));
 }
 
 extern "C" __global__ void k_70f23b55b7a4_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
@@ -413,7 +369,7 @@ extern "C" __global__ void k_c3615173c71a_double(const double* __restrict__ in0,
     out[i] = (in0[r * cols + c] + (c0 * ((r == c ? in1[r] : (double)0) + in2[r * cols + c])));
 }
 
-extern "C" __global__ void k_b1f18eabf05c_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, const float c1, const float c2, const float c3, float* __restrict__ out, float* __restrict__ out1, const long long rows, const long long cols)
+extern "C" __global__ void k_259bde065cff_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, const float c1, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -422,10 +378,9 @@ extern "C" __global__ void k_b1f18eabf05c_float(const float* __restrict__ in0, c
     (void)r;
     (void)c;
     out[i] = ((r == c ? (c0 * in0[r]) : (float)0) + (c1 * in1[r * cols + c]));
-    out1[i] = ((r == c ? (c2 * in0[r]) : (float)0) + (c3 * in2[r * cols + c]));  // a sibling's entry, from the same reads
 }
 
-extern "C" __global__ void k_b1f18eabf05c_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, const double c1, const double c2, const double c3, double* __restrict__ out, double* __restrict__ out1, const long long rows, const long long cols)
+extern "C" __global__ void k_259bde065cff_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, const double c1, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -434,7 +389,6 @@ extern "C" __global__ void k_b1f18eabf05c_double(const double* __restrict__ in0,
     (void)r;
     (void)c;
     out[i] = ((r == c ? (c0 * in0[r]) : (double)0) + (c1 * in1[r * cols + c]));
-    out1[i] = ((r == c ? (c2 * in0[r]) : (double)0) + (c3 * in2[r * cols + c]));  // a sibling's entry, from the same reads
 }
 
 extern "C" __global__ void k_46b3349b7318_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
@@ -667,30 +621,29 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
         C['m5'] = _rank_sum(t2)
     t3 = C['m5']
     t6 = _matmul(Hz, t0)
-    t22, t7 = _launch('k_ee99e8611f5c', dtype, (n, B), [(n, B), (n, B)], [S['dz'], t0, t6], [], 'entries')
+    t21, t7 = _launch('k_ee99e8611f5c', dtype, (n, B), [(n, B), (n, B)], [S['dz'], t0, t6], [], 'entries')
     t8 = _matmul(t7, t1)
-    t10 = _matmul(t1, Hz)
-    t13, t11 = _launch('k_2d75a57dee95', dtype, (B, n), [(B, 1), (B, n)], [t1, t10], [], 'rows')
-    t17 = _launch('k_70f23b55b7a4', dtype, (B, n), (B, n), [t11, t13, t1], [1/B_all, -1/B_all], 'entries')
-    t18 = _matmul(t0, t17)
-    t20 = _launch('k_edb4640e4693', dtype, (n, n), (n, n), [t8, t18], [-1/B_all, -1], 'entries')
-    t21 = _rank_sum(t20)
-    t24 = t22.sum(axis=0, keepdims=True)
-    t29 = _launch('k_b26f0fb5839f', dtype, (n, B), (n, 1), [t22, t24, t0], [1/B_all, -1/B_all], 'rows')
-    t30 = _rank_sum(t29)
-    t31 = _matmul(t22, t1)
-    t33 = S['dz'].T
-    t35, t34 = _launch('k_2d75a57dee95', dtype, (B, n), [(B, 1), (B, n)], [t33, t1], [], 'rows')
-    t37 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t35, t1], [], 'entries')
+    t10 = t7.T
+    t12 = t10.sum(axis=1, keepdims=True)
+    t16 = _launch('k_70f23b55b7a4', dtype, (B, n), (B, n), [t10, t12, t1], [1/B_all, -1/B_all], 'entries')
+    t17 = _matmul(t0, t16)
+    t19 = _launch('k_edb4640e4693', dtype, (n, n), (n, n), [t8, t17], [-1/B_all, -1], 'entries')
+    t20 = _rank_sum(t19)
+    t23 = t21.sum(axis=0, keepdims=True)
+    t25 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [t23, t0], [], 'entries')
+    t28, t27 = _launch('k_d2fbf1a8a5e5', dtype, (n, B), [(n, 1), (n, B)], [t21, t25], [1/B_all, -1/B_all, 1/B_all, -1/B_all], 'rows')
+    t29 = _rank_sum(t28)
+    t30 = _matmul(t21, t1)
+    t32 = t25.T
+    t33 = _matmul(t0, t32)
+    t37 = t27.T
     t38 = _matmul(t0, t37)
-    t44 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t34, t37], [1/B_all, -1/B_all], 'entries')
-    t45 = _matmul(t0, t44)
-    t47 = _launch('k_6bfdb0d9961e', dtype, (n, n), (n, n), [t31, t38, t45], [-1, 1/B_all, -1/B_all, -1], 'entries')
-    t48 = _rank_sum(t47)
-    t51 = _launch('k_799587efc0c1', dtype, (n, n), (n, n), [t3, Hz, t21, t30, t48], [1/B_all, B_all], 'entries')
+    t40 = _launch('k_6bfdb0d9961e', dtype, (n, n), (n, n), [t30, t33, t38], [-1, 1/B_all, -1/B_all, -1], 'entries')
+    t41 = _rank_sum(t40)
+    t44 = _launch('k_799587efc0c1', dtype, (n, n), (n, n), [t3, Hz, t20, t29, t41], [1/B_all, B_all], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t51),
+        "x": CurvatureBlock(kron=[], dense=t44),
     }
 
 def _hbp_exact_6_params(P, S, Hz, C=None):
@@ -723,27 +676,27 @@ def _hbp_exact_7_all(P, S, Hz, C=None):
         C['m5'] = _rank_sum(t4)
     t5 = C['m5']
     t6 = t5.T
-    if 'm11 m9' not in C:
-        C['m11 m9'] = _launch('k_b1f18eabf05c', dtype, (n, n), [(n, n), (n, n)], [t2, t5, t6], [1/B_all, -1/B_all, 1/B_all, -1/B_all], 'entries')
-    t10, t8 = C['m11 m9']
-    t11 = _matmul(_matmul(t8, Hz), t10)
-    t12 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
-    t14 = t12.sum(axis=0, keepdims=True)
-    t19 = _launch('k_b26f0fb5839f', dtype, (n, B), (n, 1), [t12, t14, t0], [1/B_all, -1/B_all], 'rows')
-    t20 = _rank_sum(t19)
-    t21 = _matmul(t12, t3)
-    t23 = S['dz'].T
-    t25, t24 = _launch('k_2d75a57dee95', dtype, (B, n), [(B, 1), (B, n)], [t23, t3], [], 'rows')
-    t27 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t25, t3], [], 'entries')
+    if 'm9' not in C:
+        C['m9'] = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t2, t6], [1/B_all, -1/B_all], 'entries')
+    t8 = C['m9']
+    t9 = t8.T
+    t10 = _matmul(_matmul(t8, Hz), t9)
+    t11 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
+    t13 = t11.sum(axis=0, keepdims=True)
+    t15 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [t13, t0], [], 'entries')
+    t18, t17 = _launch('k_d2fbf1a8a5e5', dtype, (n, B), [(n, 1), (n, B)], [t11, t15], [1/B_all, -1/B_all, 1/B_all, -1/B_all], 'rows')
+    t19 = _rank_sum(t18)
+    t20 = _matmul(t11, t3)
+    t22 = t15.T
+    t23 = _matmul(t0, t22)
+    t27 = t17.T
     t28 = _matmul(t0, t27)
-    t34 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t24, t27], [1/B_all, -1/B_all], 'entries')
-    t35 = _matmul(t0, t34)
-    t37 = _launch('k_6bfdb0d9961e', dtype, (n, n), (n, n), [t21, t28, t35], [-1, 1/B_all, -1/B_all, -1], 'entries')
-    t38 = _rank_sum(t37)
-    t41 = _launch('k_c3615173c71a', dtype, (n, n), (n, n), [t11, t20, t38], [B_all], 'entries')
+    t30 = _launch('k_6bfdb0d9961e', dtype, (n, n), (n, n), [t20, t23, t28], [-1, 1/B_all, -1/B_all, -1], 'entries')
+    t31 = _rank_sum(t30)
+    t34 = _launch('k_c3615173c71a', dtype, (n, n), (n, n), [t10, t19, t31], [B_all], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t41),
+        "x": CurvatureBlock(kron=[], dense=t34),
     }
 
 def _hbp_ggn_6_all(P, S, Hz, C=None):
@@ -764,16 +717,16 @@ def _hbp_ggn_6_all(P, S, Hz, C=None):
     t6 = _matmul(Hz, t0)
     t7 = _launch('k_531d59972706', dtype, (n, B), (n, B), [t0, t6], [], 'entries')
     t8 = _matmul(t7, t1)
-    t10 = _matmul(t1, Hz)
-    t13, t11 = _launch('k_2d75a57dee95', dtype, (B, n), [(B, 1), (B, n)], [t1, t10], [], 'rows')
-    t17 = _launch('k_70f23b55b7a4', dtype, (B, n), (B, n), [t11, t13, t1], [1/B_all, -1/B_all], 'entries')
-    t18 = _matmul(t0, t17)
-    t20 = _launch('k_edb4640e4693', dtype, (n, n), (n, n), [t8, t18], [-1/B_all, -1], 'entries')
-    t21 = _rank_sum(t20)
-    t22 = _launch('k_46b3349b7318', dtype, (n, n), (n, n), [t3, Hz, t21], [1/B_all], 'entries')
+    t10 = t7.T
+    t12 = t10.sum(axis=1, keepdims=True)
+    t16 = _launch('k_70f23b55b7a4', dtype, (B, n), (B, n), [t10, t12, t1], [1/B_all, -1/B_all], 'entries')
+    t17 = _matmul(t0, t16)
+    t19 = _launch('k_edb4640e4693', dtype, (n, n), (n, n), [t8, t17], [-1/B_all, -1], 'entries')
+    t20 = _rank_sum(t19)
+    t21 = _launch('k_46b3349b7318', dtype, (n, n), (n, n), [t3, Hz, t20], [1/B_all], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t22),
+        "x": CurvatureBlock(kron=[], dense=t21),
     }
 
 def _hbp_ggn_7_all(P, S, Hz, C=None):
@@ -798,13 +751,14 @@ def _hbp_ggn_7_all(P, S, Hz, C=None):
         C['m5'] = _rank_sum(t4)
     t5 = C['m5']
     t6 = t5.T
-    if 'm11 m9' not in C:
-        C['m11 m9'] = _launch('k_b1f18eabf05c', dtype, (n, n), [(n, n), (n, n)], [t2, t5, t6], [1/B_all, -1/B_all, 1/B_all, -1/B_all], 'entries')
-    t10, t8 = C['m11 m9']
-    t11 = _matmul(_matmul(t8, Hz), t10)
+    if 'm9' not in C:
+        C['m9'] = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t2, t6], [1/B_all, -1/B_all], 'entries')
+    t8 = C['m9']
+    t9 = t8.T
+    t10 = _matmul(_matmul(t8, Hz), t9)
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t11),
+        "x": CurvatureBlock(kron=[], dense=t10),
     }
 
 def _hbp_pch_abs_6_all(P, S, Hz, C=None):
@@ -823,32 +777,31 @@ def _hbp_pch_abs_6_all(P, S, Hz, C=None):
         C['m5'] = _rank_sum(t2)
     t3 = C['m5']
     t6 = _matmul(Hz, t0)
-    t22, t7 = _launch('k_ee99e8611f5c', dtype, (n, B), [(n, B), (n, B)], [S['dz'], t0, t6], [], 'entries')
+    t21, t7 = _launch('k_ee99e8611f5c', dtype, (n, B), [(n, B), (n, B)], [S['dz'], t0, t6], [], 'entries')
     t8 = _matmul(t7, t1)
-    t10 = _matmul(t1, Hz)
-    t13, t11 = _launch('k_2d75a57dee95', dtype, (B, n), [(B, 1), (B, n)], [t1, t10], [], 'rows')
-    t17 = _launch('k_70f23b55b7a4', dtype, (B, n), (B, n), [t11, t13, t1], [1/B_all, -1/B_all], 'entries')
-    t18 = _matmul(t0, t17)
-    t20 = _launch('k_edb4640e4693', dtype, (n, n), (n, n), [t8, t18], [-1/B_all, -1], 'entries')
-    t21 = _rank_sum(t20)
-    t24 = t22.sum(axis=0, keepdims=True)
-    t29 = _launch('k_b26f0fb5839f', dtype, (n, B), (n, 1), [t22, t24, t0], [1/B_all, -1/B_all], 'rows')
-    t30 = _rank_sum(t29)
-    t31 = _matmul(t22, t1)
-    t33 = S['dz'].T
-    t35, t34 = _launch('k_2d75a57dee95', dtype, (B, n), [(B, 1), (B, n)], [t33, t1], [], 'rows')
-    t37 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t35, t1], [], 'entries')
+    t10 = t7.T
+    t12 = t10.sum(axis=1, keepdims=True)
+    t16 = _launch('k_70f23b55b7a4', dtype, (B, n), (B, n), [t10, t12, t1], [1/B_all, -1/B_all], 'entries')
+    t17 = _matmul(t0, t16)
+    t19 = _launch('k_edb4640e4693', dtype, (n, n), (n, n), [t8, t17], [-1/B_all, -1], 'entries')
+    t20 = _rank_sum(t19)
+    t23 = t21.sum(axis=0, keepdims=True)
+    t25 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [t23, t0], [], 'entries')
+    t28, t27 = _launch('k_d2fbf1a8a5e5', dtype, (n, B), [(n, 1), (n, B)], [t21, t25], [1/B_all, -1/B_all, 1/B_all, -1/B_all], 'rows')
+    t29 = _rank_sum(t28)
+    t30 = _matmul(t21, t1)
+    t32 = t25.T
+    t33 = _matmul(t0, t32)
+    t37 = t27.T
     t38 = _matmul(t0, t37)
-    t44 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t34, t37], [1/B_all, -1/B_all], 'entries')
-    t45 = _matmul(t0, t44)
-    t47 = _launch('k_6bfdb0d9961e', dtype, (n, n), (n, n), [t31, t38, t45], [-1, 1/B_all, -1/B_all, -1], 'entries')
-    t48 = _rank_sum(t47)
-    t50 = _launch('k_d567ab4aacaf', dtype, (n, n), (n, n), [t30, t48], [B_all], 'entries')
-    t51 = _psd_project(t50, 'abs')
-    t52 = _launch('k_0370683baa28', dtype, (n, n), (n, n), [t3, Hz, t21, t51], [1/B_all], 'entries')
+    t40 = _launch('k_6bfdb0d9961e', dtype, (n, n), (n, n), [t30, t33, t38], [-1, 1/B_all, -1/B_all, -1], 'entries')
+    t41 = _rank_sum(t40)
+    t43 = _launch('k_d567ab4aacaf', dtype, (n, n), (n, n), [t29, t41], [B_all], 'entries')
+    t44 = _psd_project(t43, 'abs')
+    t45 = _launch('k_0370683baa28', dtype, (n, n), (n, n), [t3, Hz, t20, t44], [1/B_all], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t52),
+        "x": CurvatureBlock(kron=[], dense=t45),
     }
 
 def _hbp_pch_abs_7_all(P, S, Hz, C=None):
@@ -873,29 +826,29 @@ def _hbp_pch_abs_7_all(P, S, Hz, C=None):
         C['m5'] = _rank_sum(t4)
     t5 = C['m5']
     t6 = t5.T
-    if 'm11 m9' not in C:
-        C['m11 m9'] = _launch('k_b1f18eabf05c', dtype, (n, n), [(n, n), (n, n)], [t2, t5, t6], [1/B_all, -1/B_all, 1/B_all, -1/B_all], 'entries')
-    t10, t8 = C['m11 m9']
-    t11 = _matmul(_matmul(t8, Hz), t10)
-    t12 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
-    t14 = t12.sum(axis=0, keepdims=True)
-    t19 = _launch('k_b26f0fb5839f', dtype, (n, B), (n, 1), [t12, t14, t0], [1/B_all, -1/B_all], 'rows')
-    t20 = _rank_sum(t19)
-    t21 = _matmul(t12, t3)
-    t23 = S['dz'].T
-    t25, t24 = _launch('k_2d75a57dee95', dtype, (B, n), [(B, 1), (B, n)], [t23, t3], [], 'rows')
-    t27 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t25, t3], [], 'entries')
+    if 'm9' not in C:
+        C['m9'] = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t2, t6], [1/B_all, -1/B_all], 'entries')
+    t8 = C['m9']
+    t9 = t8.T
+    t10 = _matmul(_matmul(t8, Hz), t9)
+    t11 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
+    t13 = t11.sum(axis=0, keepdims=True)
+    t15 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [t13, t0], [], 'entries')
+    t18, t17 = _launch('k_d2fbf1a8a5e5', dtype, (n, B), [(n, 1), (n, B)], [t11, t15], [1/B_all, -1/B_all, 1/B_all, -1/B_all], 'rows')
+    t19 = _rank_sum(t18)
+    t20 = _matmul(t11, t3)
+    t22 = t15.T
+    t23 = _matmul(t0, t22)
+    t27 = t17.T
     t28 = _matmul(t0, t27)
-    t34 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t24, t27], [1/B_all, -1/B_all], 'entries')
-    t35 = _matmul(t0, t34)
-    t37 = _launch('k_6bfdb0d9961e', dtype, (n, n), (n, n), [t21, t28, t35], [-1, 1/B_all, -1/B_all, -1], 'entries')
-    t38 = _rank_sum(t37)
-    t40 = _launch('k_d567ab4aacaf', dtype, (n, n), (n, n), [t20, t38], [B_all], 'entries')
-    t41 = _psd_project(t40, 'abs')
-    t42 = _launch('k_41a52876c677', dtype, (n, n), (n, n), [t11, t41], [], 'entries')
+    t30 = _launch('k_6bfdb0d9961e', dtype, (n, n), (n, n), [t20, t23, t28], [-1, 1/B_all, -1/B_all, -1], 'entries')
+    t31 = _rank_sum(t30)
+    t33 = _launch('k_d567ab4aacaf', dtype, (n, n), (n, n), [t19, t31], [B_all], 'entries')
+    t34 = _psd_project(t33, 'abs')
+    t35 = _launch('k_41a52876c677', dtype, (n, n), (n, n), [t10, t34], [], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t42),
+        "x": CurvatureBlock(kron=[], dense=t35),
     }
 
 def _hbp_pch_clip_6_all(P, S, Hz, C=None):
@@ -914,32 +867,31 @@ def _hbp_pch_clip_6_all(P, S, Hz, C=None):
         C['m5'] = _rank_sum(t2)
     t3 = C['m5']
     t6 = _matmul(Hz, t0)
-    t22, t7 = _launch('k_ee99e8611f5c', dtype, (n, B), [(n, B), (n, B)], [S['dz'], t0, t6], [], 'entries')
+    t21, t7 = _launch('k_ee99e8611f5c', dtype, (n, B), [(n, B), (n, B)], [S['dz'], t0, t6], [], 'entries')
     t8 = _matmul(t7, t1)
-    t10 = _matmul(t1, Hz)
-    t13, t11 = _launch('k_2d75a57dee95', dtype, (B, n), [(B, 1), (B, n)], [t1, t10], [], 'rows')
-    t17 = _launch('k_70f23b55b7a4', dtype, (B, n), (B, n), [t11, t13, t1], [1/B_all, -1/B_all], 'entries')
-    t18 = _matmul(t0, t17)
-    t20 = _launch('k_edb4640e4693', dtype, (n, n), (n, n), [t8, t18], [-1/B_all, -1], 'entries')
-    t21 = _rank_sum(t20)
-    t24 = t22.sum(axis=0, keepdims=True)
-    t29 = _launch('k_b26f0fb5839f', dtype, (n, B), (n, 1), [t22, t24, t0], [1/B_all, -1/B_all], 'rows')
-    t30 = _rank_sum(t29)
-    t31 = _matmul(t22, t1)
-    t33 = S['dz'].T
-    t35, t34 = _launch('k_2d75a57dee95', dtype, (B, n), [(B, 1), (B, n)], [t33, t1], [], 'rows')
-    t37 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t35, t1], [], 'entries')
+    t10 = t7.T
+    t12 = t10.sum(axis=1, keepdims=True)
+    t16 = _launch('k_70f23b55b7a4', dtype, (B, n), (B, n), [t10, t12, t1], [1/B_all, -1/B_all], 'entries')
+    t17 = _matmul(t0, t16)
+    t19 = _launch('k_edb4640e4693', dtype, (n, n), (n, n), [t8, t17], [-1/B_all, -1], 'entries')
+    t20 = _rank_sum(t19)
+    t23 = t21.sum(axis=0, keepdims=True)
+    t25 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [t23, t0], [], 'entries')
+    t28, t27 = _launch('k_d2fbf1a8a5e5', dtype, (n, B), [(n, 1), (n, B)], [t21, t25], [1/B_all, -1/B_all, 1/B_all, -1/B_all], 'rows')
+    t29 = _rank_sum(t28)
+    t30 = _matmul(t21, t1)
+    t32 = t25.T
+    t33 = _matmul(t0, t32)
+    t37 = t27.T
     t38 = _matmul(t0, t37)
-    t44 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t34, t37], [1/B_all, -1/B_all], 'entries')
-    t45 = _matmul(t0, t44)
-    t47 = _launch('k_6bfdb0d9961e', dtype, (n, n), (n, n), [t31, t38, t45], [-1, 1/B_all, -1/B_all, -1], 'entries')
-    t48 = _rank_sum(t47)
-    t50 = _launch('k_d567ab4aacaf', dtype, (n, n), (n, n), [t30, t48], [B_all], 'entries')
-    t51 = _psd_project(t50, 'clip')
-    t52 = _launch('k_0370683baa28', dtype, (n, n), (n, n), [t3, Hz, t21, t51], [1/B_all], 'entries')
+    t40 = _launch('k_6bfdb0d9961e', dtype, (n, n), (n, n), [t30, t33, t38], [-1, 1/B_all, -1/B_all, -1], 'entries')
+    t41 = _rank_sum(t40)
+    t43 = _launch('k_d567ab4aacaf', dtype, (n, n), (n, n), [t29, t41], [B_all], 'entries')
+    t44 = _psd_project(t43, 'clip')
+    t45 = _launch('k_0370683baa28', dtype, (n, n), (n, n), [t3, Hz, t20, t44], [1/B_all], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t52),
+        "x": CurvatureBlock(kron=[], dense=t45),
     }
 
 def _hbp_pch_clip_7_all(P, S, Hz, C=None):
@@ -964,29 +916,29 @@ def _hbp_pch_clip_7_all(P, S, Hz, C=None):
         C['m5'] = _rank_sum(t4)
     t5 = C['m5']
     t6 = t5.T
-    if 'm11 m9' not in C:
-        C['m11 m9'] = _launch('k_b1f18eabf05c', dtype, (n, n), [(n, n), (n, n)], [t2, t5, t6], [1/B_all, -1/B_all, 1/B_all, -1/B_all], 'entries')
-    t10, t8 = C['m11 m9']
-    t11 = _matmul(_matmul(t8, Hz), t10)
-    t12 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
-    t14 = t12.sum(axis=0, keepdims=True)
-    t19 = _launch('k_b26f0fb5839f', dtype, (n, B), (n, 1), [t12, t14, t0], [1/B_all, -1/B_all], 'rows')
-    t20 = _rank_sum(t19)
-    t21 = _matmul(t12, t3)
-    t23 = S['dz'].T
-    t25, t24 = _launch('k_2d75a57dee95', dtype, (B, n), [(B, 1), (B, n)], [t23, t3], [], 'rows')
-    t27 = _launch('k_c3f430aafdd9', dtype, (B, n), (B, n), [t25, t3], [], 'entries')
+    if 'm9' not in C:
+        C['m9'] = _launch('k_259bde065cff', dtype, (n, n), (n, n), [t2, t6], [1/B_all, -1/B_all], 'entries')
+    t8 = C['m9']
+    t9 = t8.T
+    t10 = _matmul(_matmul(t8, Hz), t9)
+    t11 = _launch('k_531d59972706', dtype, (n, B), (n, B), [S['dz'], t0], [], 'entries')
+    t13 = t11.sum(axis=0, keepdims=True)
+    t15 = _launch('k_e3154fdc0682', dtype, (n, B), (n, B), [t13, t0], [], 'entries')
+    t18, t17 = _launch('k_d2fbf1a8a5e5', dtype, (n, B), [(n, 1), (n, B)], [t11, t15], [1/B_all, -1/B_all, 1/B_all, -1/B_all], 'rows')
+    t19 = _rank_sum(t18)
+    t20 = _matmul(t11, t3)
+    t22 = t15.T
+    t23 = _matmul(t0, t22)
+    t27 = t17.T
     t28 = _matmul(t0, t27)
-    t34 = _launch('k_edb4640e4693', dtype, (B, n), (B, n), [t24, t27], [1/B_all, -1/B_all], 'entries')
-    t35 = _matmul(t0, t34)
-    t37 = _launch('k_6bfdb0d9961e', dtype, (n, n), (n, n), [t21, t28, t35], [-1, 1/B_all, -1/B_all, -1], 'entries')
-    t38 = _rank_sum(t37)
-    t40 = _launch('k_d567ab4aacaf', dtype, (n, n), (n, n), [t20, t38], [B_all], 'entries')
-    t41 = _psd_project(t40, 'clip')
-    t42 = _launch('k_41a52876c677', dtype, (n, n), (n, n), [t11, t41], [], 'entries')
+    t30 = _launch('k_6bfdb0d9961e', dtype, (n, n), (n, n), [t20, t23, t28], [-1, 1/B_all, -1/B_all, -1], 'entries')
+    t31 = _rank_sum(t30)
+    t33 = _launch('k_d567ab4aacaf', dtype, (n, n), (n, n), [t19, t31], [B_all], 'entries')
+    t34 = _psd_project(t33, 'clip')
+    t35 = _launch('k_41a52876c677', dtype, (n, n), (n, n), [t10, t34], [], 'entries')
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t42),
+        "x": CurvatureBlock(kron=[], dense=t35),
     }
 
 

@@ -186,7 +186,7 @@ extern "C" __global__ void k_8a329e5197ac_double(const double* __restrict__ in0,
     }
 }
 
-extern "C" __global__ void k_977fb34fc135_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_73017ed9f603_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -194,10 +194,10 @@ extern "C" __global__ void k_977fb34fc135_float(const float* __restrict__ in0, c
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * (in0[r] * in1[r * cols + c] * in0[c])) + (r == c ? in2[r] : (float)0));
+    out[i] = ((in0[r] * in1[r * cols + c] * in2[c]) + (r == c ? in3[r] : (float)0));
 }
 
-extern "C" __global__ void k_977fb34fc135_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_73017ed9f603_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -205,7 +205,7 @@ extern "C" __global__ void k_977fb34fc135_double(const double* __restrict__ in0,
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * (in0[r] * in1[r * cols + c] * in0[c])) + (r == c ? in2[r] : (double)0));
+    out[i] = ((in0[r] * in1[r * cols + c] * in2[c]) + (r == c ? in3[r] : (double)0));
 }
 
 extern "C" __global__ void k_5c03dc97b4ed_float(const float* __restrict__ in0, const float* __restrict__ in1, float* __restrict__ out, float* __restrict__ out1, const long long rows, const long long cols)
@@ -264,6 +264,28 @@ extern "C" __global__ void k_5c03dc97b4ed_double(const double* __restrict__ in0,
     }
 }
 
+extern "C" __global__ void k_c74b4d341e79_float(const float* __restrict__ in0, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * in0[r]);
+}
+
+extern "C" __global__ void k_c74b4d341e79_double(const double* __restrict__ in0, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    const long long r = i / cols;
+    const long long c = i % cols;
+    (void)r;
+    (void)c;
+    out[i] = (c0 * in0[r]);
+}
+
 extern "C" __global__ void k_bbf53db00b39_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
@@ -308,7 +330,7 @@ extern "C" __global__ void k_5b3c6dcec810_double(const double* __restrict__ in0,
     out[i] = fn_tanh_1_double(in0[r * cols + c]);
 }
 
-extern "C" __global__ void k_d13b2ab6b72d_float(const float* __restrict__ in0, const float* __restrict__ in1, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_dd8096371265_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -316,10 +338,10 @@ extern "C" __global__ void k_d13b2ab6b72d_float(const float* __restrict__ in0, c
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (c0 * (in0[r] * in1[r * cols + c] * in0[c]));
+    out[i] = (in0[r] * in1[r * cols + c] * in2[c]);
 }
 
-extern "C" __global__ void k_d13b2ab6b72d_double(const double* __restrict__ in0, const double* __restrict__ in1, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_dd8096371265_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -327,7 +349,7 @@ extern "C" __global__ void k_d13b2ab6b72d_double(const double* __restrict__ in0,
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = (c0 * (in0[r] * in1[r * cols + c] * in0[c]));
+    out[i] = (in0[r] * in1[r * cols + c] * in2[c]);
 }
 
 extern "C" __global__ void k_eb3b9a48bb32_float(const float* __restrict__ in0, float* __restrict__ out, const long long rows, const long long cols)
@@ -396,7 +418,7 @@ extern "C" __global__ void k_7aaf865ab029_double(const double* __restrict__ in0,
     out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? fn_abs_0_double(in2[r]) : (double)0));
 }
 
-extern "C" __global__ void k_d4490dea0273_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_54c6a41964eb_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -404,10 +426,10 @@ extern "C" __global__ void k_d4490dea0273_float(const float* __restrict__ in0, c
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * (in0[r] * in1[r * cols + c] * in0[c])) + (r == c ? fn_abs_0_float(in2[r]) : (float)0));
+    out[i] = ((in0[r] * in1[r * cols + c] * in2[c]) + (r == c ? fn_abs_0_float(in3[r]) : (float)0));
 }
 
-extern "C" __global__ void k_d4490dea0273_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_54c6a41964eb_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -415,7 +437,7 @@ extern "C" __global__ void k_d4490dea0273_double(const double* __restrict__ in0,
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * (in0[r] * in1[r * cols + c] * in0[c])) + (r == c ? fn_abs_0_double(in2[r]) : (double)0));
+    out[i] = ((in0[r] * in1[r * cols + c] * in2[c]) + (r == c ? fn_abs_0_double(in3[r]) : (double)0));
 }
 
 extern "C" __global__ void k_ea5e41d44144_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
@@ -440,7 +462,7 @@ extern "C" __global__ void k_ea5e41d44144_double(const double* __restrict__ in0,
     out[i] = ((c0 * (in0[r * cols + c] * in1[r * cols + c])) + (r == c ? fn_relu_0_double(in2[r]) : (double)0));
 }
 
-extern "C" __global__ void k_576d80003b4f_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float c0, float* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_cec187f651f5_float(const float* __restrict__ in0, const float* __restrict__ in1, const float* __restrict__ in2, const float* __restrict__ in3, float* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -448,10 +470,10 @@ extern "C" __global__ void k_576d80003b4f_float(const float* __restrict__ in0, c
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * (in0[r] * in1[r * cols + c] * in0[c])) + (r == c ? fn_relu_0_float(in2[r]) : (float)0));
+    out[i] = ((in0[r] * in1[r * cols + c] * in2[c]) + (r == c ? fn_relu_0_float(in3[r]) : (float)0));
 }
 
-extern "C" __global__ void k_576d80003b4f_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double c0, double* __restrict__ out, const long long rows, const long long cols)
+extern "C" __global__ void k_cec187f651f5_double(const double* __restrict__ in0, const double* __restrict__ in1, const double* __restrict__ in2, const double* __restrict__ in3, double* __restrict__ out, const long long rows, const long long cols)
 {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
@@ -459,7 +481,7 @@ extern "C" __global__ void k_576d80003b4f_double(const double* __restrict__ in0,
     const long long c = i % cols;
     (void)r;
     (void)c;
-    out[i] = ((c0 * (in0[r] * in1[r * cols + c] * in0[c])) + (r == c ? fn_relu_0_double(in2[r]) : (double)0));
+    out[i] = ((in0[r] * in1[r * cols + c] * in2[c]) + (r == c ? fn_relu_0_double(in3[r]) : (double)0));
 }
 
 """
@@ -616,8 +638,11 @@ def _hbp_exact_7_all(P, S, Hz, C=None):
     if 'm5' not in C:
         C['m5'] = _rank_sum(t1)
     t2 = C['m5']
+    if 'm6' not in C:
+        C['m6'] = _launch('k_c74b4d341e79', dtype, (n, 1), (n, 1), [t2], [B_all**(-2)], 'entries')
+    t3 = C['m6']
     t8 = _rank_sum(t7)
-    t9 = _launch('k_977fb34fc135', dtype, (n, n), (n, n), [t2, Hz, t8], [B_all**(-2)], 'entries')
+    t9 = _launch('k_73017ed9f603', dtype, (n, n), (n, n), [t3, Hz, t2, t8], [], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t9),
@@ -655,7 +680,10 @@ def _hbp_ggn_7_all(P, S, Hz, C=None):
     if 'm5' not in C:
         C['m5'] = _rank_sum(t1)
     t2 = C['m5']
-    t4 = _launch('k_d13b2ab6b72d', dtype, (n, n), (n, n), [t2, Hz], [B_all**(-2)], 'entries')
+    if 'm6' not in C:
+        C['m6'] = _launch('k_c74b4d341e79', dtype, (n, 1), (n, 1), [t2], [B_all**(-2)], 'entries')
+    t3 = C['m6']
+    t4 = _launch('k_dd8096371265', dtype, (n, n), (n, n), [t3, Hz, t2], [], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t4),
@@ -690,8 +718,11 @@ def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     if 'm5' not in C:
         C['m5'] = _rank_sum(t1)
     t2 = C['m5']
+    if 'm6' not in C:
+        C['m6'] = _launch('k_c74b4d341e79', dtype, (n, 1), (n, 1), [t2], [B_all**(-2)], 'entries')
+    t3 = C['m6']
     t8 = _rank_sum(t7)
-    t10 = _launch('k_d4490dea0273', dtype, (n, n), (n, n), [t2, Hz, t8], [B_all**(-2)], 'entries')
+    t10 = _launch('k_54c6a41964eb', dtype, (n, n), (n, n), [t3, Hz, t2, t8], [], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t10),
@@ -726,8 +757,11 @@ def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     if 'm5' not in C:
         C['m5'] = _rank_sum(t1)
     t2 = C['m5']
+    if 'm6' not in C:
+        C['m6'] = _launch('k_c74b4d341e79', dtype, (n, 1), (n, 1), [t2], [B_all**(-2)], 'entries')
+    t3 = C['m6']
     t8 = _rank_sum(t7)
-    t10 = _launch('k_576d80003b4f', dtype, (n, n), (n, n), [t2, Hz, t8], [B_all**(-2)], 'entries')
+    t10 = _launch('k_cec187f651f5', dtype, (n, n), (n, n), [t3, Hz, t2, t8], [], 'entries')
 
     return {
         "x": CurvatureBlock(kron=[], dense=t10),

@@ -241,46 +241,24 @@ def _hbp_exact_7_all(P, S, Hz, C=None):
     if 'm13' not in C:
         C['m13'] = _rank_sum(t4)
     t5 = C['m13']
+    t6 = t5.T
     if 'm14' not in C:
-        C['m14'] = S['y'].sum(axis=1, keepdims=True)
-    t6 = C['m14']
-    if 'm15' not in C:
-        C['m15'] = _rank_sum(t6)
-    t7 = C['m15']
-    t8 = t7.T
-    if 'm16' not in C:
-        C['m16'] = (1/B_all) * t8
-    t9 = C['m16']
-    if 'm17' not in C:
-        C['m17'] = t1.sum(axis=1, keepdims=True)
-    t10 = C['m17']
-    if 'm18' not in C:
-        C['m18'] = _rank_sum(t10)
-    t11 = C['m18']
-    t12 = t11.T
-    if 'm19' not in C:
-        C['m19'] = (-1/B_all) * t12
-    t13 = C['m19']
-    if 'm20' not in C:
-        C['m20'] = t9 + t13
-    t14 = C['m20']
-    if 'm21' not in C:
-        C['m21'] = (t5 @ t14)
-    t15 = C['m21']
-    t16 = t15 * Hz
-    t18 = S['dz'] * t1
-    t19 = t18.sum(axis=1, keepdims=True)
-    t20 = _rank_sum(t19)
-    t21 = t1.T
-    t22 = (t18 @ t21)
-    t23 = _rank_sum(t22)
-    t24 = (-1/B_all) * t23
-    t25 = _plus_diagonal(t24, (1/B_all) * t20, copy=False)
-    t26 = (B_all) * t25
-    t27 = t16 + t26
+        C['m14'] = (t5 @ t6)
+    t7 = C['m14']
+    t8 = t7 * Hz
+    t10 = S['dz'] * t1
+    t11 = t10.sum(axis=1, keepdims=True)
+    t12 = _rank_sum(t11)
+    t13 = t1.T
+    t14 = (t10 @ t13)
+    t15 = _rank_sum(t14)
+    t16 = (-1/B_all) * t15
+    t17 = _plus_diagonal(t16, (1/B_all) * t12, copy=False)
+    t18 = (B_all) * t17
+    t19 = t8 + t18
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t27),
+        "x": CurvatureBlock(kron=[], dense=t19),
     }
 
 def _hbp_ggn_6_all(P, S, Hz, C=None):
@@ -343,36 +321,14 @@ def _hbp_ggn_7_all(P, S, Hz, C=None):
     if 'm13' not in C:
         C['m13'] = _rank_sum(t4)
     t5 = C['m13']
+    t6 = t5.T
     if 'm14' not in C:
-        C['m14'] = S['y'].sum(axis=1, keepdims=True)
-    t6 = C['m14']
-    if 'm15' not in C:
-        C['m15'] = _rank_sum(t6)
-    t7 = C['m15']
-    t8 = t7.T
-    if 'm16' not in C:
-        C['m16'] = (1/B_all) * t8
-    t9 = C['m16']
-    if 'm17' not in C:
-        C['m17'] = t1.sum(axis=1, keepdims=True)
-    t10 = C['m17']
-    if 'm18' not in C:
-        C['m18'] = _rank_sum(t10)
-    t11 = C['m18']
-    t12 = t11.T
-    if 'm19' not in C:
-        C['m19'] = (-1/B_all) * t12
-    t13 = C['m19']
-    if 'm20' not in C:
-        C['m20'] = t9 + t13
-    t14 = C['m20']
-    if 'm21' not in C:
-        C['m21'] = (t5 @ t14)
-    t15 = C['m21']
-    t16 = t15 * Hz
+        C['m14'] = (t5 @ t6)
+    t7 = C['m14']
+    t8 = t7 * Hz
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t16),
+        "x": CurvatureBlock(kron=[], dense=t8),
     }
 
 def _hbp_pch_abs_6_all(P, S, Hz, C=None):
@@ -445,47 +401,25 @@ def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     if 'm13' not in C:
         C['m13'] = _rank_sum(t4)
     t5 = C['m13']
+    t6 = t5.T
     if 'm14' not in C:
-        C['m14'] = S['y'].sum(axis=1, keepdims=True)
-    t6 = C['m14']
-    if 'm15' not in C:
-        C['m15'] = _rank_sum(t6)
-    t7 = C['m15']
-    t8 = t7.T
-    if 'm16' not in C:
-        C['m16'] = (1/B_all) * t8
-    t9 = C['m16']
-    if 'm17' not in C:
-        C['m17'] = t1.sum(axis=1, keepdims=True)
-    t10 = C['m17']
-    if 'm18' not in C:
-        C['m18'] = _rank_sum(t10)
-    t11 = C['m18']
-    t12 = t11.T
-    if 'm19' not in C:
-        C['m19'] = (-1/B_all) * t12
-    t13 = C['m19']
-    if 'm20' not in C:
-        C['m20'] = t9 + t13
-    t14 = C['m20']
-    if 'm21' not in C:
-        C['m21'] = (t5 @ t14)
-    t15 = C['m21']
-    t16 = t15 * Hz
-    t18 = S['dz'] * t1
-    t19 = t18.sum(axis=1, keepdims=True)
-    t20 = _rank_sum(t19)
-    t21 = t1.T
-    t22 = (t18 @ t21)
-    t23 = _rank_sum(t22)
-    t24 = (-1/B_all) * t23
-    t25 = _plus_diagonal(t24, (1/B_all) * t20, copy=False)
-    t26 = (B_all) * t25
-    t27 = _psd_project(t26, 'abs')
-    t28 = t16 + t27
+        C['m14'] = (t5 @ t6)
+    t7 = C['m14']
+    t8 = t7 * Hz
+    t10 = S['dz'] * t1
+    t11 = t10.sum(axis=1, keepdims=True)
+    t12 = _rank_sum(t11)
+    t13 = t1.T
+    t14 = (t10 @ t13)
+    t15 = _rank_sum(t14)
+    t16 = (-1/B_all) * t15
+    t17 = _plus_diagonal(t16, (1/B_all) * t12, copy=False)
+    t18 = (B_all) * t17
+    t19 = _psd_project(t18, 'abs')
+    t20 = t8 + t19
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t28),
+        "x": CurvatureBlock(kron=[], dense=t20),
     }
 
 def _hbp_pch_clip_6_all(P, S, Hz, C=None):
@@ -558,47 +492,25 @@ def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     if 'm13' not in C:
         C['m13'] = _rank_sum(t4)
     t5 = C['m13']
+    t6 = t5.T
     if 'm14' not in C:
-        C['m14'] = S['y'].sum(axis=1, keepdims=True)
-    t6 = C['m14']
-    if 'm15' not in C:
-        C['m15'] = _rank_sum(t6)
-    t7 = C['m15']
-    t8 = t7.T
-    if 'm16' not in C:
-        C['m16'] = (1/B_all) * t8
-    t9 = C['m16']
-    if 'm17' not in C:
-        C['m17'] = t1.sum(axis=1, keepdims=True)
-    t10 = C['m17']
-    if 'm18' not in C:
-        C['m18'] = _rank_sum(t10)
-    t11 = C['m18']
-    t12 = t11.T
-    if 'm19' not in C:
-        C['m19'] = (-1/B_all) * t12
-    t13 = C['m19']
-    if 'm20' not in C:
-        C['m20'] = t9 + t13
-    t14 = C['m20']
-    if 'm21' not in C:
-        C['m21'] = (t5 @ t14)
-    t15 = C['m21']
-    t16 = t15 * Hz
-    t18 = S['dz'] * t1
-    t19 = t18.sum(axis=1, keepdims=True)
-    t20 = _rank_sum(t19)
-    t21 = t1.T
-    t22 = (t18 @ t21)
-    t23 = _rank_sum(t22)
-    t24 = (-1/B_all) * t23
-    t25 = _plus_diagonal(t24, (1/B_all) * t20, copy=False)
-    t26 = (B_all) * t25
-    t27 = _psd_project(t26, 'clip')
-    t28 = t16 + t27
+        C['m14'] = (t5 @ t6)
+    t7 = C['m14']
+    t8 = t7 * Hz
+    t10 = S['dz'] * t1
+    t11 = t10.sum(axis=1, keepdims=True)
+    t12 = _rank_sum(t11)
+    t13 = t1.T
+    t14 = (t10 @ t13)
+    t15 = _rank_sum(t14)
+    t16 = (-1/B_all) * t15
+    t17 = _plus_diagonal(t16, (1/B_all) * t12, copy=False)
+    t18 = (B_all) * t17
+    t19 = _psd_project(t18, 'clip')
+    t20 = t8 + t19
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t28),
+        "x": CurvatureBlock(kron=[], dense=t20),
     }
 
 

@@ -219,8 +219,10 @@ def _hbp_exact_7_all(P, S, Hz, C=None):
     if 'm5' not in C:
         C['m5'] = _rank_sum(t1)
     t2 = C['m5']
-    t3 = ((t2 * Hz) * t2.T)
-    t4 = (B_all**(-2)) * t3
+    if 'm6' not in C:
+        C['m6'] = (B_all**(-2)) * t2
+    t3 = C['m6']
+    t4 = ((t3 * Hz) * t2.T)
     if 'm1' not in C:
         C['m1'] = _fn_exp_2(S['x'], C)
     t5 = C['m1']
@@ -269,8 +271,10 @@ def _hbp_ggn_7_all(P, S, Hz, C=None):
     if 'm5' not in C:
         C['m5'] = _rank_sum(t1)
     t2 = C['m5']
-    t3 = ((t2 * Hz) * t2.T)
-    t4 = (B_all**(-2)) * t3
+    if 'm6' not in C:
+        C['m6'] = (B_all**(-2)) * t2
+    t3 = C['m6']
+    t4 = ((t3 * Hz) * t2.T)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t4),
@@ -320,8 +324,10 @@ def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     if 'm5' not in C:
         C['m5'] = _rank_sum(t1)
     t2 = C['m5']
-    t3 = ((t2 * Hz) * t2.T)
-    t4 = (B_all**(-2)) * t3
+    if 'm6' not in C:
+        C['m6'] = (B_all**(-2)) * t2
+    t3 = C['m6']
+    t4 = ((t3 * Hz) * t2.T)
     if 'm1' not in C:
         C['m1'] = _fn_exp_2(S['x'], C)
     t5 = C['m1']
@@ -379,8 +385,10 @@ def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     if 'm5' not in C:
         C['m5'] = _rank_sum(t1)
     t2 = C['m5']
-    t3 = ((t2 * Hz) * t2.T)
-    t4 = (B_all**(-2)) * t3
+    if 'm6' not in C:
+        C['m6'] = (B_all**(-2)) * t2
+    t3 = C['m6']
+    t4 = ((t3 * Hz) * t2.T)
     if 'm1' not in C:
         C['m1'] = _fn_exp_2(S['x'], C)
     t5 = C['m1']

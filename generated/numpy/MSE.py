@@ -238,43 +238,21 @@ def _hbp_exact_7_all(P, S, Hz, C=None):
     if 'm12' not in C:
         C['m12'] = _rank_sum(t3)
     t4 = C['m12']
+    t5 = t4.T
     if 'm13' not in C:
-        C['m13'] = S['x'].sum(axis=1, keepdims=True)
-    t5 = C['m13']
-    if 'm14' not in C:
-        C['m14'] = _rank_sum(t5)
-    t6 = C['m14']
-    t7 = t6.T
-    if 'm15' not in C:
-        C['m15'] = (1/B_all) * t7
-    t8 = C['m15']
-    if 'm16' not in C:
-        C['m16'] = S['y'].sum(axis=1, keepdims=True)
-    t9 = C['m16']
-    if 'm17' not in C:
-        C['m17'] = _rank_sum(t9)
-    t10 = C['m17']
-    t11 = t10.T
-    if 'm18' not in C:
-        C['m18'] = (-1/B_all) * t11
-    t12 = C['m18']
-    if 'm19' not in C:
-        C['m19'] = t8 + t12
-    t13 = C['m19']
-    if 'm20' not in C:
-        C['m20'] = (t4 @ t13)
-    t14 = C['m20']
-    t15 = t14 * Hz
-    t16 = (4) * t15
-    t17 = S['dz'].T
-    t18 = t17.sum(keepdims=True)
-    t19 = _rank_sum(t18)
-    t20 = xp.eye(n, dtype=dtype) * t19
-    t21 = (2) * t20
-    t22 = t16 + t21
+        C['m13'] = (t4 @ t5)
+    t6 = C['m13']
+    t7 = t6 * Hz
+    t8 = (4) * t7
+    t9 = S['dz'].T
+    t10 = t9.sum(keepdims=True)
+    t11 = _rank_sum(t10)
+    t12 = xp.eye(n, dtype=dtype) * t11
+    t13 = (2) * t12
+    t14 = t8 + t13
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t22),
+        "x": CurvatureBlock(kron=[], dense=t14),
     }
 
 def _hbp_ggn_6_all(P, S, Hz, C=None):
@@ -332,37 +310,15 @@ def _hbp_ggn_7_all(P, S, Hz, C=None):
     if 'm12' not in C:
         C['m12'] = _rank_sum(t3)
     t4 = C['m12']
+    t5 = t4.T
     if 'm13' not in C:
-        C['m13'] = S['x'].sum(axis=1, keepdims=True)
-    t5 = C['m13']
-    if 'm14' not in C:
-        C['m14'] = _rank_sum(t5)
-    t6 = C['m14']
-    t7 = t6.T
-    if 'm15' not in C:
-        C['m15'] = (1/B_all) * t7
-    t8 = C['m15']
-    if 'm16' not in C:
-        C['m16'] = S['y'].sum(axis=1, keepdims=True)
-    t9 = C['m16']
-    if 'm17' not in C:
-        C['m17'] = _rank_sum(t9)
-    t10 = C['m17']
-    t11 = t10.T
-    if 'm18' not in C:
-        C['m18'] = (-1/B_all) * t11
-    t12 = C['m18']
-    if 'm19' not in C:
-        C['m19'] = t8 + t12
-    t13 = C['m19']
-    if 'm20' not in C:
-        C['m20'] = (t4 @ t13)
-    t14 = C['m20']
-    t15 = t14 * Hz
-    t16 = (4) * t15
+        C['m13'] = (t4 @ t5)
+    t6 = C['m13']
+    t7 = t6 * Hz
+    t8 = (4) * t7
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t16),
+        "x": CurvatureBlock(kron=[], dense=t8),
     }
 
 def _hbp_pch_abs_6_all(P, S, Hz, C=None):
@@ -427,44 +383,22 @@ def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     if 'm12' not in C:
         C['m12'] = _rank_sum(t3)
     t4 = C['m12']
+    t5 = t4.T
     if 'm13' not in C:
-        C['m13'] = S['x'].sum(axis=1, keepdims=True)
-    t5 = C['m13']
-    if 'm14' not in C:
-        C['m14'] = _rank_sum(t5)
-    t6 = C['m14']
-    t7 = t6.T
-    if 'm15' not in C:
-        C['m15'] = (1/B_all) * t7
-    t8 = C['m15']
-    if 'm16' not in C:
-        C['m16'] = S['y'].sum(axis=1, keepdims=True)
-    t9 = C['m16']
-    if 'm17' not in C:
-        C['m17'] = _rank_sum(t9)
-    t10 = C['m17']
-    t11 = t10.T
-    if 'm18' not in C:
-        C['m18'] = (-1/B_all) * t11
-    t12 = C['m18']
-    if 'm19' not in C:
-        C['m19'] = t8 + t12
-    t13 = C['m19']
-    if 'm20' not in C:
-        C['m20'] = (t4 @ t13)
-    t14 = C['m20']
-    t15 = t14 * Hz
-    t16 = (4) * t15
-    t17 = S['dz'].T
-    t18 = t17.sum(keepdims=True)
-    t19 = _rank_sum(t18)
-    t20 = _fn_abs_0(t19)
-    t21 = xp.eye(n, dtype=dtype) * t20
-    t22 = (2) * t21
-    t23 = t16 + t22
+        C['m13'] = (t4 @ t5)
+    t6 = C['m13']
+    t7 = t6 * Hz
+    t8 = (4) * t7
+    t9 = S['dz'].T
+    t10 = t9.sum(keepdims=True)
+    t11 = _rank_sum(t10)
+    t12 = _fn_abs_0(t11)
+    t13 = xp.eye(n, dtype=dtype) * t12
+    t14 = (2) * t13
+    t15 = t8 + t14
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t23),
+        "x": CurvatureBlock(kron=[], dense=t15),
     }
 
 def _hbp_pch_clip_6_all(P, S, Hz, C=None):
@@ -529,44 +463,22 @@ def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     if 'm12' not in C:
         C['m12'] = _rank_sum(t3)
     t4 = C['m12']
+    t5 = t4.T
     if 'm13' not in C:
-        C['m13'] = S['x'].sum(axis=1, keepdims=True)
-    t5 = C['m13']
-    if 'm14' not in C:
-        C['m14'] = _rank_sum(t5)
-    t6 = C['m14']
-    t7 = t6.T
-    if 'm15' not in C:
-        C['m15'] = (1/B_all) * t7
-    t8 = C['m15']
-    if 'm16' not in C:
-        C['m16'] = S['y'].sum(axis=1, keepdims=True)
-    t9 = C['m16']
-    if 'm17' not in C:
-        C['m17'] = _rank_sum(t9)
-    t10 = C['m17']
-    t11 = t10.T
-    if 'm18' not in C:
-        C['m18'] = (-1/B_all) * t11
-    t12 = C['m18']
-    if 'm19' not in C:
-        C['m19'] = t8 + t12
-    t13 = C['m19']
-    if 'm20' not in C:
-        C['m20'] = (t4 @ t13)
-    t14 = C['m20']
-    t15 = t14 * Hz
-    t16 = (4) * t15
-    t17 = S['dz'].T
-    t18 = t17.sum(keepdims=True)
-    t19 = _rank_sum(t18)
-    t20 = xp.eye(n, dtype=dtype) * t19
-    t21 = _psd_project(t20, 'clip')
-    t22 = (2) * t21
-    t23 = t16 + t22
+        C['m13'] = (t4 @ t5)
+    t6 = C['m13']
+    t7 = t6 * Hz
+    t8 = (4) * t7
+    t9 = S['dz'].T
+    t10 = t9.sum(keepdims=True)
+    t11 = _rank_sum(t10)
+    t12 = xp.eye(n, dtype=dtype) * t11
+    t13 = _psd_project(t12, 'clip')
+    t14 = (2) * t13
+    t15 = t8 + t14
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t23),
+        "x": CurvatureBlock(kron=[], dense=t15),
     }
 
 

@@ -185,8 +185,8 @@ def _hbp_exact_7_all(P, S, Hz, C=None):
     t0 = C['m0']
     t1 = t0.sum(axis=1, keepdims=True)
     t2 = _rank_sum(t1)
-    t3 = ((t2 * Hz) * t2.T)
-    t4 = (B_all**(-2)) * t3
+    t3 = (B_all**(-2)) * t2
+    t4 = ((t3 * Hz) * t2.T)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t4),

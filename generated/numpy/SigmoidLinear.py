@@ -330,10 +330,12 @@ def _hbp_exact_7_all(P, S, Hz, C=None):
     if 'm9' not in C:
         C['m9'] = _rank_sum(t1)
     t2 = C['m9']
-    t3 = P['W'].T
-    t4 = ((((t2 * t3) @ Hz) @ P['W']) * t2.T)
-    t5 = (B_all**(-2)) * t4
-    t6 = (t3 @ S['dz'])
+    if 'm10' not in C:
+        C['m10'] = (B_all**(-2)) * t2
+    t3 = C['m10']
+    t4 = P['W'].T
+    t5 = ((((t3 * t4) @ Hz) @ P['W']) * t2.T)
+    t6 = (t4 @ S['dz'])
     if 'm3' not in C:
         C['m3'] = _fn_sigmoid_2(S['x'], C)
     t7 = C['m3']
@@ -344,15 +346,15 @@ def _hbp_exact_7_all(P, S, Hz, C=None):
     if 'm0' not in C:
         C['m0'] = _fn_sigmoid_0(S['x'], C)
     t12 = C['m0']
-    if 'm10' not in C:
-        C['m10'] = t12.sum(axis=1, keepdims=True)
-    t13 = C['m10']
     if 'm11' not in C:
-        C['m11'] = _rank_sum(t13)
-    t14 = C['m11']
+        C['m11'] = t12.sum(axis=1, keepdims=True)
+    t13 = C['m11']
     if 'm12' not in C:
-        C['m12'] = _gram(t14, B_all**(-2))
-    t15 = C['m12']
+        C['m12'] = _rank_sum(t13)
+    t14 = C['m12']
+    if 'm13' not in C:
+        C['m13'] = _gram(t14, B_all**(-2))
+    t15 = C['m13']
 
     return {
         "x": CurvatureBlock(kron=[], dense=t11),
@@ -368,15 +370,15 @@ def _hbp_exact_7_params(P, S, Hz, C=None):
     if 'm0' not in C:
         C['m0'] = _fn_sigmoid_0(S['x'], C)
     t0 = C['m0']
-    if 'm10' not in C:
-        C['m10'] = t0.sum(axis=1, keepdims=True)
-    t1 = C['m10']
     if 'm11' not in C:
-        C['m11'] = _rank_sum(t1)
-    t2 = C['m11']
+        C['m11'] = t0.sum(axis=1, keepdims=True)
+    t1 = C['m11']
     if 'm12' not in C:
-        C['m12'] = _gram(t2, B_all**(-2))
-    t3 = C['m12']
+        C['m12'] = _rank_sum(t1)
+    t2 = C['m12']
+    if 'm13' not in C:
+        C['m13'] = _gram(t2, B_all**(-2))
+    t3 = C['m13']
 
     return {
         "W": CurvatureBlock(kron=[_kron((1), t3, Hz), ], dense=None),
@@ -432,21 +434,23 @@ def _hbp_ggn_7_all(P, S, Hz, C=None):
     if 'm9' not in C:
         C['m9'] = _rank_sum(t1)
     t2 = C['m9']
-    t3 = P['W'].T
-    t4 = ((((t2 * t3) @ Hz) @ P['W']) * t2.T)
-    t5 = (B_all**(-2)) * t4
+    if 'm10' not in C:
+        C['m10'] = (B_all**(-2)) * t2
+    t3 = C['m10']
+    t4 = P['W'].T
+    t5 = ((((t3 * t4) @ Hz) @ P['W']) * t2.T)
     if 'm0' not in C:
         C['m0'] = _fn_sigmoid_0(S['x'], C)
     t6 = C['m0']
-    if 'm10' not in C:
-        C['m10'] = t6.sum(axis=1, keepdims=True)
-    t7 = C['m10']
     if 'm11' not in C:
-        C['m11'] = _rank_sum(t7)
-    t8 = C['m11']
+        C['m11'] = t6.sum(axis=1, keepdims=True)
+    t7 = C['m11']
     if 'm12' not in C:
-        C['m12'] = _gram(t8, B_all**(-2))
-    t9 = C['m12']
+        C['m12'] = _rank_sum(t7)
+    t8 = C['m12']
+    if 'm13' not in C:
+        C['m13'] = _gram(t8, B_all**(-2))
+    t9 = C['m13']
 
     return {
         "x": CurvatureBlock(kron=[], dense=t5),
@@ -512,10 +516,12 @@ def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     if 'm9' not in C:
         C['m9'] = _rank_sum(t1)
     t2 = C['m9']
-    t3 = P['W'].T
-    t4 = ((((t2 * t3) @ Hz) @ P['W']) * t2.T)
-    t5 = (B_all**(-2)) * t4
-    t6 = (t3 @ S['dz'])
+    if 'm10' not in C:
+        C['m10'] = (B_all**(-2)) * t2
+    t3 = C['m10']
+    t4 = P['W'].T
+    t5 = ((((t3 * t4) @ Hz) @ P['W']) * t2.T)
+    t6 = (t4 @ S['dz'])
     if 'm3' not in C:
         C['m3'] = _fn_sigmoid_2(S['x'], C)
     t7 = C['m3']
@@ -527,15 +533,15 @@ def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     if 'm0' not in C:
         C['m0'] = _fn_sigmoid_0(S['x'], C)
     t13 = C['m0']
-    if 'm10' not in C:
-        C['m10'] = t13.sum(axis=1, keepdims=True)
-    t14 = C['m10']
     if 'm11' not in C:
-        C['m11'] = _rank_sum(t14)
-    t15 = C['m11']
+        C['m11'] = t13.sum(axis=1, keepdims=True)
+    t14 = C['m11']
     if 'm12' not in C:
-        C['m12'] = _gram(t15, B_all**(-2))
-    t16 = C['m12']
+        C['m12'] = _rank_sum(t14)
+    t15 = C['m12']
+    if 'm13' not in C:
+        C['m13'] = _gram(t15, B_all**(-2))
+    t16 = C['m13']
 
     return {
         "x": CurvatureBlock(kron=[], dense=t12),
@@ -601,10 +607,12 @@ def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     if 'm9' not in C:
         C['m9'] = _rank_sum(t1)
     t2 = C['m9']
-    t3 = P['W'].T
-    t4 = ((((t2 * t3) @ Hz) @ P['W']) * t2.T)
-    t5 = (B_all**(-2)) * t4
-    t6 = (t3 @ S['dz'])
+    if 'm10' not in C:
+        C['m10'] = (B_all**(-2)) * t2
+    t3 = C['m10']
+    t4 = P['W'].T
+    t5 = ((((t3 * t4) @ Hz) @ P['W']) * t2.T)
+    t6 = (t4 @ S['dz'])
     if 'm3' not in C:
         C['m3'] = _fn_sigmoid_2(S['x'], C)
     t7 = C['m3']
@@ -616,15 +624,15 @@ def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     if 'm0' not in C:
         C['m0'] = _fn_sigmoid_0(S['x'], C)
     t13 = C['m0']
-    if 'm10' not in C:
-        C['m10'] = t13.sum(axis=1, keepdims=True)
-    t14 = C['m10']
     if 'm11' not in C:
-        C['m11'] = _rank_sum(t14)
-    t15 = C['m11']
+        C['m11'] = t13.sum(axis=1, keepdims=True)
+    t14 = C['m11']
     if 'm12' not in C:
-        C['m12'] = _gram(t15, B_all**(-2))
-    t16 = C['m12']
+        C['m12'] = _rank_sum(t14)
+    t15 = C['m12']
+    if 'm13' not in C:
+        C['m13'] = _gram(t15, B_all**(-2))
+    t16 = C['m13']
 
     return {
         "x": CurvatureBlock(kron=[], dense=t12),

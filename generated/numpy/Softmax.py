@@ -194,48 +194,42 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
     t7 = t0 * t6
     t8 = (t7 @ t1)
     t9 = (-1/B_all) * t8
-    t10 = (t1 @ Hz)
-    t11 = t1 * t10
-    t12 = (1/B_all) * t11
-    t13 = t11.sum(axis=1, keepdims=True)
-    t15 = t13 * t1
-    t16 = (-1/B_all) * t15
-    t17 = t12 + t16
-    t18 = (t0 @ t17)
-    t19 = (-1) * t18
-    t20 = t9 + t19
-    t21 = _rank_sum(t20)
-    t22 = S['dz'] * t0
-    t23 = (1/B_all) * t22
-    t24 = t22.sum(axis=0, keepdims=True)
-    t26 = t24 * t0
-    t27 = (-1/B_all) * t26
-    t28 = t23 + t27
-    t29 = t28.sum(axis=1, keepdims=True)
-    t30 = _rank_sum(t29)
-    t31 = (t22 @ t1)
-    t32 = (1/B_all) * t31
-    t33 = S['dz'].T
-    t34 = t33 * t1
-    t35 = t34.sum(axis=1, keepdims=True)
-    t37 = t35 * t1
+    t10 = t7.T
+    t11 = (1/B_all) * t10
+    t12 = t10.sum(axis=1, keepdims=True)
+    t14 = t12 * t1
+    t15 = (-1/B_all) * t14
+    t16 = t11 + t15
+    t17 = (t0 @ t16)
+    t18 = (-1) * t17
+    t19 = t9 + t18
+    t20 = _rank_sum(t19)
+    t21 = S['dz'] * t0
+    t22 = (1/B_all) * t21
+    t23 = t21.sum(axis=0, keepdims=True)
+    t25 = t23 * t0
+    t26 = (-1/B_all) * t25
+    t27 = t22 + t26
+    t28 = t27.sum(axis=1, keepdims=True)
+    t29 = _rank_sum(t28)
+    t30 = (t21 @ t1)
+    t31 = (1/B_all) * t30
+    t32 = t25.T
+    t33 = (t0 @ t32)
+    t34 = (-1/B_all) * t33
+    t35 = t31 + t34
+    t36 = (-1) * t35
+    t37 = t27.T
     t38 = (t0 @ t37)
-    t39 = (-1/B_all) * t38
-    t40 = t32 + t39
-    t41 = (-1) * t40
-    t42 = (1/B_all) * t34
-    t43 = (-1/B_all) * t37
-    t44 = t42 + t43
-    t45 = (t0 @ t44)
-    t46 = (-1) * t45
-    t47 = t41 + t46
-    t48 = _rank_sum(t47)
-    t49 = _plus_diagonal(t48, t30, copy=False)
-    t50 = (B_all) * t49
-    t51 = t5 + t21 + t50
+    t39 = (-1) * t38
+    t40 = t36 + t39
+    t41 = _rank_sum(t40)
+    t42 = _plus_diagonal(t41, t29, copy=False)
+    t43 = (B_all) * t42
+    t44 = t5 + t20 + t43
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t51),
+        "x": CurvatureBlock(kron=[], dense=t44),
     }
 
 def _hbp_exact_6_params(P, S, Hz, C=None):
@@ -274,44 +268,34 @@ def _hbp_exact_7_all(P, S, Hz, C=None):
     if 'm9' not in C:
         C['m9'] = _plus_diagonal(t7, (1/B_all) * t2, copy=True)
     t8 = C['m9']
-    if 'm10' not in C:
-        C['m10'] = (-1/B_all) * t5
-    t9 = C['m10']
-    if 'm11' not in C:
-        C['m11'] = _plus_diagonal(t9, (1/B_all) * t2, copy=True)
-    t10 = C['m11']
-    t11 = ((t8 @ Hz) @ t10)
-    t12 = S['dz'] * t0
-    t13 = (1/B_all) * t12
-    t14 = t12.sum(axis=0, keepdims=True)
-    t16 = t14 * t0
-    t17 = (-1/B_all) * t16
-    t18 = t13 + t17
-    t19 = t18.sum(axis=1, keepdims=True)
-    t20 = _rank_sum(t19)
-    t21 = (t12 @ t3)
-    t22 = (1/B_all) * t21
-    t23 = S['dz'].T
-    t24 = t23 * t3
-    t25 = t24.sum(axis=1, keepdims=True)
-    t27 = t25 * t3
+    t9 = t8.T
+    t10 = ((t8 @ Hz) @ t9)
+    t11 = S['dz'] * t0
+    t12 = (1/B_all) * t11
+    t13 = t11.sum(axis=0, keepdims=True)
+    t15 = t13 * t0
+    t16 = (-1/B_all) * t15
+    t17 = t12 + t16
+    t18 = t17.sum(axis=1, keepdims=True)
+    t19 = _rank_sum(t18)
+    t20 = (t11 @ t3)
+    t21 = (1/B_all) * t20
+    t22 = t15.T
+    t23 = (t0 @ t22)
+    t24 = (-1/B_all) * t23
+    t25 = t21 + t24
+    t26 = (-1) * t25
+    t27 = t17.T
     t28 = (t0 @ t27)
-    t29 = (-1/B_all) * t28
-    t30 = t22 + t29
-    t31 = (-1) * t30
-    t32 = (1/B_all) * t24
-    t33 = (-1/B_all) * t27
-    t34 = t32 + t33
-    t35 = (t0 @ t34)
-    t36 = (-1) * t35
-    t37 = t31 + t36
-    t38 = _rank_sum(t37)
-    t39 = _plus_diagonal(t38, t20, copy=False)
-    t40 = (B_all) * t39
-    t41 = t11 + t40
+    t29 = (-1) * t28
+    t30 = t26 + t29
+    t31 = _rank_sum(t30)
+    t32 = _plus_diagonal(t31, t19, copy=False)
+    t33 = (B_all) * t32
+    t34 = t10 + t33
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t41),
+        "x": CurvatureBlock(kron=[], dense=t34),
     }
 
 def _hbp_ggn_6_all(P, S, Hz, C=None):
@@ -335,21 +319,20 @@ def _hbp_ggn_6_all(P, S, Hz, C=None):
     t7 = t0 * t6
     t8 = (t7 @ t1)
     t9 = (-1/B_all) * t8
-    t10 = (t1 @ Hz)
-    t11 = t1 * t10
-    t12 = (1/B_all) * t11
-    t13 = t11.sum(axis=1, keepdims=True)
-    t15 = t13 * t1
-    t16 = (-1/B_all) * t15
-    t17 = t12 + t16
-    t18 = (t0 @ t17)
-    t19 = (-1) * t18
-    t20 = t9 + t19
-    t21 = _rank_sum(t20)
-    t22 = t5 + t21
+    t10 = t7.T
+    t11 = (1/B_all) * t10
+    t12 = t10.sum(axis=1, keepdims=True)
+    t14 = t12 * t1
+    t15 = (-1/B_all) * t14
+    t16 = t11 + t15
+    t17 = (t0 @ t16)
+    t18 = (-1) * t17
+    t19 = t9 + t18
+    t20 = _rank_sum(t19)
+    t21 = t5 + t20
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t22),
+        "x": CurvatureBlock(kron=[], dense=t21),
     }
 
 def _hbp_ggn_7_all(P, S, Hz, C=None):
@@ -380,16 +363,11 @@ def _hbp_ggn_7_all(P, S, Hz, C=None):
     if 'm9' not in C:
         C['m9'] = _plus_diagonal(t7, (1/B_all) * t2, copy=True)
     t8 = C['m9']
-    if 'm10' not in C:
-        C['m10'] = (-1/B_all) * t5
-    t9 = C['m10']
-    if 'm11' not in C:
-        C['m11'] = _plus_diagonal(t9, (1/B_all) * t2, copy=True)
-    t10 = C['m11']
-    t11 = ((t8 @ Hz) @ t10)
+    t9 = t8.T
+    t10 = ((t8 @ Hz) @ t9)
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t11),
+        "x": CurvatureBlock(kron=[], dense=t10),
     }
 
 def _hbp_pch_abs_6_all(P, S, Hz, C=None):
@@ -413,49 +391,43 @@ def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     t7 = t0 * t6
     t8 = (t7 @ t1)
     t9 = (-1/B_all) * t8
-    t10 = (t1 @ Hz)
-    t11 = t1 * t10
-    t12 = (1/B_all) * t11
-    t13 = t11.sum(axis=1, keepdims=True)
-    t15 = t13 * t1
-    t16 = (-1/B_all) * t15
-    t17 = t12 + t16
-    t18 = (t0 @ t17)
-    t19 = (-1) * t18
-    t20 = t9 + t19
-    t21 = _rank_sum(t20)
-    t22 = S['dz'] * t0
-    t23 = (1/B_all) * t22
-    t24 = t22.sum(axis=0, keepdims=True)
-    t26 = t24 * t0
-    t27 = (-1/B_all) * t26
-    t28 = t23 + t27
-    t29 = t28.sum(axis=1, keepdims=True)
-    t30 = _rank_sum(t29)
-    t31 = (t22 @ t1)
-    t32 = (1/B_all) * t31
-    t33 = S['dz'].T
-    t34 = t33 * t1
-    t35 = t34.sum(axis=1, keepdims=True)
-    t37 = t35 * t1
+    t10 = t7.T
+    t11 = (1/B_all) * t10
+    t12 = t10.sum(axis=1, keepdims=True)
+    t14 = t12 * t1
+    t15 = (-1/B_all) * t14
+    t16 = t11 + t15
+    t17 = (t0 @ t16)
+    t18 = (-1) * t17
+    t19 = t9 + t18
+    t20 = _rank_sum(t19)
+    t21 = S['dz'] * t0
+    t22 = (1/B_all) * t21
+    t23 = t21.sum(axis=0, keepdims=True)
+    t25 = t23 * t0
+    t26 = (-1/B_all) * t25
+    t27 = t22 + t26
+    t28 = t27.sum(axis=1, keepdims=True)
+    t29 = _rank_sum(t28)
+    t30 = (t21 @ t1)
+    t31 = (1/B_all) * t30
+    t32 = t25.T
+    t33 = (t0 @ t32)
+    t34 = (-1/B_all) * t33
+    t35 = t31 + t34
+    t36 = (-1) * t35
+    t37 = t27.T
     t38 = (t0 @ t37)
-    t39 = (-1/B_all) * t38
-    t40 = t32 + t39
-    t41 = (-1) * t40
-    t42 = (1/B_all) * t34
-    t43 = (-1/B_all) * t37
-    t44 = t42 + t43
-    t45 = (t0 @ t44)
-    t46 = (-1) * t45
-    t47 = t41 + t46
-    t48 = _rank_sum(t47)
-    t49 = _plus_diagonal(t48, t30, copy=False)
-    t50 = (B_all) * t49
-    t51 = _psd_project(t50, 'abs')
-    t52 = t5 + t21 + t51
+    t39 = (-1) * t38
+    t40 = t36 + t39
+    t41 = _rank_sum(t40)
+    t42 = _plus_diagonal(t41, t29, copy=False)
+    t43 = (B_all) * t42
+    t44 = _psd_project(t43, 'abs')
+    t45 = t5 + t20 + t44
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t52),
+        "x": CurvatureBlock(kron=[], dense=t45),
     }
 
 def _hbp_pch_abs_7_all(P, S, Hz, C=None):
@@ -486,45 +458,35 @@ def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     if 'm9' not in C:
         C['m9'] = _plus_diagonal(t7, (1/B_all) * t2, copy=True)
     t8 = C['m9']
-    if 'm10' not in C:
-        C['m10'] = (-1/B_all) * t5
-    t9 = C['m10']
-    if 'm11' not in C:
-        C['m11'] = _plus_diagonal(t9, (1/B_all) * t2, copy=True)
-    t10 = C['m11']
-    t11 = ((t8 @ Hz) @ t10)
-    t12 = S['dz'] * t0
-    t13 = (1/B_all) * t12
-    t14 = t12.sum(axis=0, keepdims=True)
-    t16 = t14 * t0
-    t17 = (-1/B_all) * t16
-    t18 = t13 + t17
-    t19 = t18.sum(axis=1, keepdims=True)
-    t20 = _rank_sum(t19)
-    t21 = (t12 @ t3)
-    t22 = (1/B_all) * t21
-    t23 = S['dz'].T
-    t24 = t23 * t3
-    t25 = t24.sum(axis=1, keepdims=True)
-    t27 = t25 * t3
+    t9 = t8.T
+    t10 = ((t8 @ Hz) @ t9)
+    t11 = S['dz'] * t0
+    t12 = (1/B_all) * t11
+    t13 = t11.sum(axis=0, keepdims=True)
+    t15 = t13 * t0
+    t16 = (-1/B_all) * t15
+    t17 = t12 + t16
+    t18 = t17.sum(axis=1, keepdims=True)
+    t19 = _rank_sum(t18)
+    t20 = (t11 @ t3)
+    t21 = (1/B_all) * t20
+    t22 = t15.T
+    t23 = (t0 @ t22)
+    t24 = (-1/B_all) * t23
+    t25 = t21 + t24
+    t26 = (-1) * t25
+    t27 = t17.T
     t28 = (t0 @ t27)
-    t29 = (-1/B_all) * t28
-    t30 = t22 + t29
-    t31 = (-1) * t30
-    t32 = (1/B_all) * t24
-    t33 = (-1/B_all) * t27
-    t34 = t32 + t33
-    t35 = (t0 @ t34)
-    t36 = (-1) * t35
-    t37 = t31 + t36
-    t38 = _rank_sum(t37)
-    t39 = _plus_diagonal(t38, t20, copy=False)
-    t40 = (B_all) * t39
-    t41 = _psd_project(t40, 'abs')
-    t42 = t11 + t41
+    t29 = (-1) * t28
+    t30 = t26 + t29
+    t31 = _rank_sum(t30)
+    t32 = _plus_diagonal(t31, t19, copy=False)
+    t33 = (B_all) * t32
+    t34 = _psd_project(t33, 'abs')
+    t35 = t10 + t34
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t42),
+        "x": CurvatureBlock(kron=[], dense=t35),
     }
 
 def _hbp_pch_clip_6_all(P, S, Hz, C=None):
@@ -548,49 +510,43 @@ def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     t7 = t0 * t6
     t8 = (t7 @ t1)
     t9 = (-1/B_all) * t8
-    t10 = (t1 @ Hz)
-    t11 = t1 * t10
-    t12 = (1/B_all) * t11
-    t13 = t11.sum(axis=1, keepdims=True)
-    t15 = t13 * t1
-    t16 = (-1/B_all) * t15
-    t17 = t12 + t16
-    t18 = (t0 @ t17)
-    t19 = (-1) * t18
-    t20 = t9 + t19
-    t21 = _rank_sum(t20)
-    t22 = S['dz'] * t0
-    t23 = (1/B_all) * t22
-    t24 = t22.sum(axis=0, keepdims=True)
-    t26 = t24 * t0
-    t27 = (-1/B_all) * t26
-    t28 = t23 + t27
-    t29 = t28.sum(axis=1, keepdims=True)
-    t30 = _rank_sum(t29)
-    t31 = (t22 @ t1)
-    t32 = (1/B_all) * t31
-    t33 = S['dz'].T
-    t34 = t33 * t1
-    t35 = t34.sum(axis=1, keepdims=True)
-    t37 = t35 * t1
+    t10 = t7.T
+    t11 = (1/B_all) * t10
+    t12 = t10.sum(axis=1, keepdims=True)
+    t14 = t12 * t1
+    t15 = (-1/B_all) * t14
+    t16 = t11 + t15
+    t17 = (t0 @ t16)
+    t18 = (-1) * t17
+    t19 = t9 + t18
+    t20 = _rank_sum(t19)
+    t21 = S['dz'] * t0
+    t22 = (1/B_all) * t21
+    t23 = t21.sum(axis=0, keepdims=True)
+    t25 = t23 * t0
+    t26 = (-1/B_all) * t25
+    t27 = t22 + t26
+    t28 = t27.sum(axis=1, keepdims=True)
+    t29 = _rank_sum(t28)
+    t30 = (t21 @ t1)
+    t31 = (1/B_all) * t30
+    t32 = t25.T
+    t33 = (t0 @ t32)
+    t34 = (-1/B_all) * t33
+    t35 = t31 + t34
+    t36 = (-1) * t35
+    t37 = t27.T
     t38 = (t0 @ t37)
-    t39 = (-1/B_all) * t38
-    t40 = t32 + t39
-    t41 = (-1) * t40
-    t42 = (1/B_all) * t34
-    t43 = (-1/B_all) * t37
-    t44 = t42 + t43
-    t45 = (t0 @ t44)
-    t46 = (-1) * t45
-    t47 = t41 + t46
-    t48 = _rank_sum(t47)
-    t49 = _plus_diagonal(t48, t30, copy=False)
-    t50 = (B_all) * t49
-    t51 = _psd_project(t50, 'clip')
-    t52 = t5 + t21 + t51
+    t39 = (-1) * t38
+    t40 = t36 + t39
+    t41 = _rank_sum(t40)
+    t42 = _plus_diagonal(t41, t29, copy=False)
+    t43 = (B_all) * t42
+    t44 = _psd_project(t43, 'clip')
+    t45 = t5 + t20 + t44
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t52),
+        "x": CurvatureBlock(kron=[], dense=t45),
     }
 
 def _hbp_pch_clip_7_all(P, S, Hz, C=None):
@@ -621,45 +577,35 @@ def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     if 'm9' not in C:
         C['m9'] = _plus_diagonal(t7, (1/B_all) * t2, copy=True)
     t8 = C['m9']
-    if 'm10' not in C:
-        C['m10'] = (-1/B_all) * t5
-    t9 = C['m10']
-    if 'm11' not in C:
-        C['m11'] = _plus_diagonal(t9, (1/B_all) * t2, copy=True)
-    t10 = C['m11']
-    t11 = ((t8 @ Hz) @ t10)
-    t12 = S['dz'] * t0
-    t13 = (1/B_all) * t12
-    t14 = t12.sum(axis=0, keepdims=True)
-    t16 = t14 * t0
-    t17 = (-1/B_all) * t16
-    t18 = t13 + t17
-    t19 = t18.sum(axis=1, keepdims=True)
-    t20 = _rank_sum(t19)
-    t21 = (t12 @ t3)
-    t22 = (1/B_all) * t21
-    t23 = S['dz'].T
-    t24 = t23 * t3
-    t25 = t24.sum(axis=1, keepdims=True)
-    t27 = t25 * t3
+    t9 = t8.T
+    t10 = ((t8 @ Hz) @ t9)
+    t11 = S['dz'] * t0
+    t12 = (1/B_all) * t11
+    t13 = t11.sum(axis=0, keepdims=True)
+    t15 = t13 * t0
+    t16 = (-1/B_all) * t15
+    t17 = t12 + t16
+    t18 = t17.sum(axis=1, keepdims=True)
+    t19 = _rank_sum(t18)
+    t20 = (t11 @ t3)
+    t21 = (1/B_all) * t20
+    t22 = t15.T
+    t23 = (t0 @ t22)
+    t24 = (-1/B_all) * t23
+    t25 = t21 + t24
+    t26 = (-1) * t25
+    t27 = t17.T
     t28 = (t0 @ t27)
-    t29 = (-1/B_all) * t28
-    t30 = t22 + t29
-    t31 = (-1) * t30
-    t32 = (1/B_all) * t24
-    t33 = (-1/B_all) * t27
-    t34 = t32 + t33
-    t35 = (t0 @ t34)
-    t36 = (-1) * t35
-    t37 = t31 + t36
-    t38 = _rank_sum(t37)
-    t39 = _plus_diagonal(t38, t20, copy=False)
-    t40 = (B_all) * t39
-    t41 = _psd_project(t40, 'clip')
-    t42 = t11 + t41
+    t29 = (-1) * t28
+    t30 = t26 + t29
+    t31 = _rank_sum(t30)
+    t32 = _plus_diagonal(t31, t19, copy=False)
+    t33 = (B_all) * t32
+    t34 = _psd_project(t33, 'clip')
+    t35 = t10 + t34
 
     return {
-        "x": CurvatureBlock(kron=[], dense=t42),
+        "x": CurvatureBlock(kron=[], dense=t35),
     }
 
 

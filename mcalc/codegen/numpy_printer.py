@@ -118,10 +118,24 @@ def through_base(f: ElementwiseFunction) -> tuple[sp.Expr, sp.Expr] | None:
     return base.xreplace({t: sp.Symbol("t")}), g.xreplace({sp.Symbol(f.base.name): sp.Symbol("s")})
 
 
+def _folded_constants(e: sp.Expr) -> sp.Expr:
+    """``e`` with the irrational constant of every product as one float: √2·t·u/(2√π) is printed as
+    0.3989…·t·u, one array operation where NumPy would make three (a Python float also keeps a float32
+    array float32, where numpy.sqrt(2), a float64 scalar, promotes it)."""
+    def fold(m: sp.Mul) -> sp.Expr:
+        constant, rest = m.as_independent(*m.free_symbols, as_Add=False)
+        if not constant.is_number or not constant.is_real or constant.is_Rational or rest == 1:
+            return m
+        return sp.Mul(constant.evalf(20), rest, evaluate=False)
+
+    return e.replace(lambda x: x.is_Mul, fold)
+
+
 def _array_code(printer: ElementwisePrinter, e: sp.Expr) -> str:
-    """``e`` over the array module ``xp`` (NumPy or CuPy); a special function from the SciPy of the
-    argument's array module (``_special(t)``: scipy.special or cupyx.scipy.special)."""
-    return printer.doprint(e).replace("scipy.special.", "_special(t).").replace("numpy.", "xp.")
+    """``e`` over the array module ``xp`` (NumPy or CuPy), its constants folded; a special function from
+    the SciPy of the argument's array module (``_special(t)``: scipy.special or cupyx.scipy.special)."""
+    code = printer.doprint(_folded_constants(e))
+    return code.replace("scipy.special.", "_special(t).").replace("numpy.", "xp.")
 
 
 _CHEAP = (sp.Piecewise, sp.Heaviside, sp.Abs, sp.sign, sp.DiracDelta)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import keyword
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple, TypeVar
 
@@ -44,6 +45,8 @@ from ..expr import (
 )
 from ..modes import APPROXIMATIONS, CURVATURES, Approximation, Curvature
 from ..simplification import simplify
+from ..simplification.fusion import for_codegen
+from ..simplification.scale_placement import place_scales
 from ..simplification.shared_runs import share_runs
 from ..simplification.symmetric import pair_transposes
 from .batch import (
@@ -208,7 +211,9 @@ class ProgramBuilder:
             out = node.rebuild([self._broadcasts_apart(c) for c in kids]) if kids else node
             if isinstance(out, ScalarMul) and is_broadcast(out.args[1]):  # c (v 1ᵀ) = (c v) 1ᵀ: c scales v alone
                 c, (left, right) = out.args[0], out.args[1].args
-                scaled = (ScalarMul(c, left), right) if isinstance(right, Ones) else (left, ScalarMul(c, right))
+                # c (1 w 1ᵀ) = (c (1 w)) 1ᵀ = (1 (c w)) 1ᵀ: the scaled part split again
+                scaled = ((self._broadcasts_apart(ScalarMul(c, left)), right) if isinstance(right, Ones) else
+                          (left, self._broadcasts_apart(ScalarMul(c, right))))
                 out = MatMul(*scaled)
             if isinstance(out, MatMul) and len(out.args) > 2:
                 first, last = out.args[0], out.args[-1]
@@ -221,7 +226,7 @@ class ProgramBuilder:
         return self._separated[node]
 
     def ref(self, node: Expr) -> Reference:
-        node = self._broadcasts_apart(node)
+        node = self._broadcasts_apart(for_codegen(node))
         if node in self.names:
             return self.names[node]
         leaf = self.leaf_name(node)
@@ -233,13 +238,28 @@ class ProgramBuilder:
             return IN_PLACE
         if isinstance(node, BatchMean):
             return self._fallback(node)
-        for child in node.children:
-            for read in read_by(node, child):
+        flipped = self._named_transpose(node)
+        computed = node if flipped is None else Transpose(flipped)  # Mᵀ where M is a step already: a view
+        if computed in self.names:
+            self.names[node] = self.names[computed]
+            return self.names[node]
+        for child in computed.children:
+            for read in read_by(computed, child):
                 self.ref(read)
         target = f"{self.prefix}{len(self.program.steps)}"
-        self.program.steps.append(Step(target, node))
-        self.names[node] = target
+        self.program.steps.append(Step(target, computed))
+        self.names[node] = self.names[computed] = target
         return target
+
+    def _named_transpose(self, node: Expr) -> Expr | None:
+        """M for a node equal to Mᵀ where M is a step already (xᵀ − (1/n) xᵀ 1 1ᵀ, say, beside the
+        centred x − (1/n) 1 1ᵀ x): the node is then read as a view of M's array, not computed again."""
+        if isinstance(node, (Transpose, Symbol, Seed)) or node.is_scalar or node.symmetric or is_broadcast(node):
+            return None  # a broadcast v 1ᵀ is read through v, which must be a step of its own
+        flipped = self._broadcasts_apart(simplify(Transpose(node)))
+        if flipped == node or not isinstance(self.names.get(flipped), str):
+            return None
+        return flipped
 
     def named_result(self, name: str, node: Expr, sample: Expr | None = None) -> None:
         """The result ``name``: ``node``; with ``sample``, the batch of that per-sample vector or matrix
@@ -276,7 +296,7 @@ class ProgramBuilder:
         runs of factors their products share computed once (:func:`.shared_runs.share_runs`)."""
         terms = {name: BlockTerms.of(rule) for name, rule in rules.items()}
         nodes = [node for t in terms.values() for node in t.nodes()]
-        shared = iter(share_runs(nodes))
+        shared = iter(place_scales(share_runs(nodes), _reads_seeds(CHANGING_SEEDS["hbp"])))
         return {name: self._named(t.with_nodes([next(shared) for _ in t.nodes()])) for name, t in terms.items()}
 
     def _named(self, terms: BlockTerms) -> BlockPlan:
@@ -560,9 +580,8 @@ CHANGING_SEEDS = {
 LOOPED = {"gradients", "jvp", "rgradients"}  # the families a CG loop calls again on one batch
 
 
-def invariant_steps(program: Program, family: str) -> set[str]:
-    """The targets of the steps of ``program`` that do not depend on the family's changing seeds."""
-    changing = CHANGING_SEEDS[family]
+def _reads_seeds(changing: Callable[[Seed], bool]) -> Callable[[Expr], bool]:
+    """Whether a node reads a seed that ``changing`` says changes between calls (remembered per node)."""
     memo: dict[Expr, bool] = {}
 
     def varies(node: Expr) -> bool:
@@ -570,6 +589,12 @@ def invariant_steps(program: Program, family: str) -> set[str]:
             memo[node] = (isinstance(node, Seed) and changing(node)) or any(varies(c) for c in node.children)
         return memo[node]
 
+    return varies
+
+
+def invariant_steps(program: Program, family: str) -> set[str]:
+    """The targets of the steps of ``program`` that do not depend on the family's changing seeds."""
+    varies = _reads_seeds(CHANGING_SEEDS[family])
     return {step.target for step in program.steps if not varies(step.node)}
 
 

@@ -1,22 +1,37 @@
-"""Rewrites that a code generator wants and a reader does not.
+"""Rewrites that a code generator wants and a reader does not, applied to every node a program plans.
 
-``diag(a) H diag(b) = H ⊙ a bᵀ`` turns two scalings into one elementwise pass
-that fuses with its neighbours; the paper's (S.9) form stays the display form.
+``C diag(a)² Cᵀ = (C diag(a))(C diag(a))ᵀ`` turns a product into a Gram matrix,
+which BLAS forms by half (syrk) from a scaled C that the forward pass may hold
+already (LayerNorm's normalised input (x − μ)/σ, in its gain's block).
 """
 from __future__ import annotations
 
-from ..expr import Diag, Expr, Hadamard, MatMul, Transpose
-from .engine import rule
+from ..expr import ONE, Expr, Hadamard, MatMul, Ones, Transpose
+from .engine import Simplifier, rule, simplify
 
 
-@rule(MatMul, "diag(a) H diag(b) = H ⊙ (a bᵀ)", ruleset="fusion")
-def diagonal_sandwich(e: MatMul) -> Expr | None:
-    f = e.args
-    for i in range(len(f) - 2):
-        left, middle, right = f[i], f[i + 1], f[i + 2]
-        if isinstance(left, Diag) and isinstance(right, Diag) and not isinstance(middle, Diag):
-            a, b = left.args[0], right.args[0]
-            fused = Hadamard(middle, MatMul(a, Transpose(b)))
-            rest = f[:i] + (fused,) + f[i + 3 :]
-            return rest[0] if len(rest) == 1 else MatMul(*rest)
+def _squared_column_scale(node: Expr) -> tuple[Expr, Expr] | None:
+    """(a, C) for (1 (a ⊙ a)) ⊙ C, C diag(a)² with a a row: each column of C scaled by a square."""
+    if not isinstance(node, Hadamard):
+        return None
+    for scale, c in (node.args, node.args[::-1]):
+        if (isinstance(scale, MatMul) and len(scale.args) == 2 and isinstance(scale.args[0], Ones)
+                and scale.args[0].cols == ONE and isinstance(scale.args[1], Hadamard)
+                and scale.args[1].args[0] == scale.args[1].args[1]):
+            return scale.args[1].args[0], c
     return None
+
+
+@rule(MatMul, "C diag(a)² Cᵀ = (C diag(a)) (C diag(a))ᵀ, C diag(a) = (1 aᵀ) ⊙ C", ruleset="fusion")
+def scaled_gram(e: MatMul) -> Expr | None:
+    f = e.args
+    for i in range(len(f) - 1):
+        found = _squared_column_scale(f[i])
+        if found is not None and simplify(Transpose(found[1])) == f[i + 1]:
+            a, c = found
+            p = simplify(Hadamard(MatMul(Ones(c.rows, a.rows), a), c))
+            return MatMul(*f[:i], p, Transpose(p), *f[i + 2 :])
+    return None
+
+
+for_codegen = Simplifier(("fusion",))  # a node as code is planned: the fusion rules alone, remembered
