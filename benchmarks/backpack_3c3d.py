@@ -14,7 +14,8 @@ compared one to one, each with the mcalc convention it shares: BackPACK's convol
 output factor sums the positions' gradients before the outer product, as mcalc's
 ``kfac_approx='reduce'`` does (K-FAC-reduce's output factor); the Linear layers' are the same in all.
 The check runs in float64; the times (kfac's default, expand) in float32, the contenders in turn within
-each repeat, medians reported, one BLAS thread each side unless the environment says more.
+each repeat, medians reported, one BLAS thread each side unless the environment says more; glibc's malloc
+thresholds fixed first, as ``mcalc`` does (``mcalc/runtime/allocator.py``).
 
 HBP's own modes (exact, GGN, PCH-abs under (6)) are not run here: (6) backpropagates the batch-averaged
 curvature 𝓗̄z as a dense matrix, 50,176² entries at the first convolution's output (about 10 GB in float32),
@@ -125,6 +126,9 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
+    from mcalc.runtime.allocator import keep_freed_memory
+
+    fixed = keep_freed_memory()  # as `mcalc train` runs (both contenders share the process's allocator)
     threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
     torch.set_num_threads(threads)
     rng = np.random.default_rng(0)
@@ -164,7 +168,7 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({
             "spec": SPEC, "batch": B, "dtype": "float32", "threads": threads, "repeats": args.repeats,
             "seconds": times, "backpack_over_mcalc": ratio, "check_float64": check,
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}, indent=2))
+            "malloc_thresholds_fixed": fixed, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}, indent=2))
 
 
 def _positions(layer) -> int:

@@ -337,3 +337,50 @@ def test_pooling_is_pytorchs_and_verifies(pool):
     assert value == pytest.approx(loss.item(), rel=1e-12)
     np.testing.assert_allclose(grads["conv1.K"], K.grad.numpy(), rtol=1e-10, atol=1e-13)
     np.testing.assert_allclose(grads["W1"], W.grad.numpy(), rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("pool", ["avg", "max"])
+def test_a_poolings_adjoint_folds_its_taps_without_repeating_them(pool):
+    """A pooling's δX is the fold of (δZ ⊗ 1_taps) ⊙ mask (max) or of δZ ⊗ 1_taps (average): the generated
+    code folds δZ tap by tap (array_ops.fold_repeated), never making the taps-times larger repeat, and
+    gives what the fold of the repeat gives, over overlapping, strided, padded windows of images."""
+    import inspect
+
+    from mcalc.codegen.store import load_code
+    from mcalc.layers.convolution import avg_pooling, max_pooling
+    from mcalc.runtime.array_ops import fold, fold_repeated, unfold, window_argmax
+
+    module = (avg_pooling if pool == "avg" else max_pooling)((3, 3), (2, 2), ((0, 1), (1, 1)), (7, 8))
+    source = inspect.getsource(load_code(module, "numpy").gradients.__globals__["_gradients_all"])
+    assert "_fold_repeated(" in source and "repeat(" not in source.replace("_fold_repeated(", "")
+    rng = np.random.default_rng(3)
+    geometry = ((3, 3), (2, 2), ((0, 1), (1, 1)), (1, 1), (7, 8))
+    X = rng.normal(size=(2, 5 * 56))  # 2 channels, 5 images of 7 × 8
+    U = unfold(X, *geometry)
+    mask = window_argmax(U, *geometry) if pool == "max" else None
+    dZ = rng.normal(size=(2, U.shape[1]))
+    repeated = np.repeat(dZ, 9, axis=0) * (mask if mask is not None else 1)
+    expected = fold(repeated, *geometry)
+    assert np.abs(expected).max() > 0.1
+    np.testing.assert_allclose(fold_repeated(dZ, mask, *geometry), expected, rtol=1e-14, atol=1e-14)
+
+
+def test_adjoints_keep_a_signals_layout_between_convolutions():
+    """With ``matrices``, the adjoints between convolutions and poolings stay per-sample matrices, the
+    activations between them run on that layout, and every adjoint is the one given as columns."""
+    from mcalc.runtime.array_ops import columns_of_matrices
+
+    net = Network("2x12-conv(3,3,pad=1)-relu-maxpool(2)-conv(4,3)-tanh-flatten-5", seed=1)
+    rng = np.random.default_rng(0)
+    X, Y = rng.normal(size=(24, 7)), np.eye(5)[:, rng.integers(0, 5, 7)]
+    Z, inputs = net.forward(X)
+    dZ = net.output_gradient(Z, Y)
+    caches = [{} for _ in net.layers]
+    as_matrices = net.adjoints(inputs, dZ, caches, matrices=True)
+    as_columns = net.adjoints(inputs, dZ)
+    assert {p for p, a in as_matrices.items() if a.ndim == 3} == {0, 1, 2}  # conv1, relu and the pooling
+    for position, adjoint in as_columns.items():
+        assert adjoint.ndim == 2 and np.abs(adjoint).max() > 1e-6
+        np.testing.assert_allclose(columns_of_matrices(as_matrices[position]), adjoint, rtol=1e-13, atol=1e-15)
+    again = net.adjoints(inputs, 2 * dZ, caches, matrices=True)  # the caches hold the layout's inputs
+    np.testing.assert_allclose(columns_of_matrices(again[0]), 2 * as_columns[0], rtol=1e-13, atol=1e-15)

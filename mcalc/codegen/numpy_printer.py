@@ -35,6 +35,7 @@ from .plan import (
     batch_reference,
     broadcast_source,
     is_broadcast,
+    repeated_patches,
     sanitise,
 )
 
@@ -483,6 +484,11 @@ class ArrayPrinter:
 
     def _print_Fold(self, node: Expr) -> str:
         u, spec, size = node.args
+        repeated = repeated_patches(node)
+        if repeated is not None:  # a pooling's δX: its δZ and window mask read tap by tap, never repeated
+            v, mask = repeated
+            mask_code = "None" if mask is None else self.operand(mask)
+            return f"_fold_repeated({self.operand(v)}, {mask_code}, {self._spec(spec, size)})"
         return f"_fold({self.operand(u)}, {self._spec(spec, size)})"
 
     # --- per-sample matrices, their samples side by side ------------------------------------------

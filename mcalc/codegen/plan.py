@@ -27,7 +27,9 @@ from ..expr import (
     BatchMean,
     Diag,
     Expr,
+    Fold,
     Gram,
+    Hadamard,
     Identity,
     Kron,
     MatMul,
@@ -386,6 +388,8 @@ def read_by(parent: Expr, child: Expr) -> tuple[Expr, ...]:
     batch argument reads no step."""
     if isinstance(parent, Stacked):
         return ()
+    if isinstance(parent, Fold) and (repeated := repeated_patches(parent)) is not None:
+        return tuple(a for a in repeated if a is not None)  # folded tap by tap (runtime fold_repeated)
     if isinstance(parent, (Add, MatMul)):
         core = child.operand if isinstance(child, ScalarMul) and isinstance(parent, Add) else child
         if isinstance(core, Diag):
@@ -398,6 +402,18 @@ def read_by(parent: Expr, child: Expr) -> tuple[Expr, ...]:
                                                      UnfoldMatrix):
             return ()  # an index map, applied by unfold and fold
     return (child,)
+
+
+def repeated_patches(fold: Expr) -> tuple[Expr, Expr | None] | None:
+    """(v, M) for the fold of patches (v ⊗ 1_taps) ⊙ M, (v, None) for that of v ⊗ 1_taps (max and average
+    pooling's δX from their δZ, one value per window read at each of its taps); else None."""
+    patches, spec, _ = fold.args
+    factors = patches.args if isinstance(patches, Hadamard) and len(patches.args) == 2 else (patches,)
+    for i, f in enumerate(factors):
+        if (isinstance(f, Kron) and isinstance(f.args[1], Ones) and f.args[1].cols == ONE
+                and f.args[1].rows == spec.taps):
+            return f.args[0], (factors[1 - i] if len(factors) == 2 else None)
+    return None
 
 
 def _implicit_gram(factor: Expr) -> Expr:

@@ -180,17 +180,38 @@ def unfold(x: Any, kernel: Dims, stride: Dims, padding: tuple, dilation: Dims, s
 
 def fold(u: Any, kernel: Dims, stride: Dims, padding: tuple, dilation: Dims, size: Dims) -> Any:
     """The adjoint of :func:`unfold`: patches (…, c·taps, T·n) added back into inputs (…, c, N·n)."""
-    xp = namespace(u)
-    lead, channels, n = u.shape[:-2], u.shape[-2] // math.prod(kernel), len(size)
+    channels, patches = u.shape[-2] // math.prod(kernel), grid(size, kernel, stride, padding, dilation)
+    columns = u.reshape(u.shape[:-2] + (channels,) + tuple(kernel) + (-1,) + patches)
+    return _fold_taps(lambda tap: columns[(Ellipsis, *tap) + (slice(None),) * (len(size) + 1)],
+                      kernel, stride, padding, dilation, size)
+
+
+def fold_repeated(v: Any, mask: Any, kernel: Dims, stride: Dims, padding: tuple, dilation: Dims, size: Dims) -> Any:
+    """:func:`fold` of (v ⊗ 1_taps) ⊙ mask, v (…, c, T·n) one value per channel and patch, read at every tap
+    (max pooling's δZ and its window maxima ``mask``; average pooling's, with ``mask`` None): v times a tap's
+    mask is added in place, tap by tap, so the taps·size array of the repeat is never made."""
     patches = grid(size, kernel, stride, padding, dilation)
-    columns = u.reshape(lead + (channels,) + tuple(kernel) + (-1,) + patches)
+    values = v.reshape(v.shape[:-1] + (-1,) + patches)
+    if mask is None:
+        return _fold_taps(lambda tap: values, kernel, stride, padding, dilation, size)
+    masks = mask.reshape(v.shape[:-1] + tuple(kernel) + (-1,) + patches)
+    return _fold_taps(lambda tap: values * masks[(Ellipsis, *tap) + (slice(None),) * (len(size) + 1)],
+                      kernel, stride, padding, dilation, size)
+
+
+def _fold_taps(tap_values: Callable[[tuple[int, ...]], Any], kernel: Dims, stride: Dims, padding: tuple,
+               dilation: Dims, size: Dims) -> Any:
+    """Σ over the taps of ``tap_values(tap)`` (…, c, N, *patches), each added at the input positions the tap
+    reads; the inputs (…, c, N·n). One strided addition per tap: never a loop over the samples."""
+    first = tap_values((0,) * len(kernel))
+    xp, n = namespace(first), len(size)
     padded = tuple(length + sum(p) for length, p in zip(size, pads(padding)))
-    out = xp.zeros(lead + (channels, columns.shape[-n - 1]) + padded, dtype=u.dtype)
+    patches = grid(size, kernel, stride, padding, dilation)
+    out = xp.zeros(first.shape[:-n] + padded, dtype=first.dtype)
     for tap in itertools.product(*map(range, kernel)):
-        window = (Ellipsis, *_windows(tap, stride, dilation, patches))
-        out[window] += columns[(Ellipsis, *tap) + (slice(None),) * (n + 1)]
+        out[(Ellipsis, *_windows(tap, stride, dilation, patches))] += first if not any(tap) else tap_values(tap)
     inside = tuple(slice(p, p + length) for (p, _), length in zip(pads(padding), size))
-    return out[(Ellipsis, *inside)].reshape(lead + (channels, -1))
+    return out[(Ellipsis, *inside)].reshape(first.shape[:-n - 1] + (-1,))
 
 
 def window_argmax(u: Any, kernel: Dims, stride: Dims, padding: tuple, dilation: Dims, size: Dims) -> Any:

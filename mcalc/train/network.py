@@ -80,6 +80,7 @@ class Layer:
     # a convolution's patches: kernel, stride, padding and dilation per dimension, and the input's extents
     window: tuple[tuple[int, ...], ...] | None = None
     dims: dict[str, int] | None = None  # a user's module's dimensions as the spec and its input bound them
+    signal_rows: int | None = None  # an activation of a signal: its channels (entry by entry, any layout)
 
     def takes(self, columns: Any) -> Any:
         """The layer's input batch from the columns between layers."""
@@ -148,7 +149,8 @@ class Network:
                 self.layers.append(Layer("Linear", {"W": f"W{k}", "b": f"b{k}"}))
                 self._grow((token.size, 1))
             elif isinstance(token, Activation):  # entry by entry: a signal stays one
-                self.layers.append(Layer(token.module, {}))
+                rows, cols = self.shapes[-1]
+                self.layers.append(Layer(token.module, {}, signal_rows=rows if cols != 1 else None))
             elif isinstance(token, Flatten):
                 self.shapes.append((self.shapes[-1][0] * self.shapes[-1][1], 1))
                 extents = None
@@ -518,18 +520,33 @@ class Network:
         """δZ: the gradient of the batch-mean loss with respect to the network's outputs."""
         return self.code[self.loss_module].gradients({}, self._loss_inputs(Z, Y))["x"]
 
-    def adjoints(self, inputs: list[Any], dZ: Any, caches: list[dict] | None = None) -> dict[int, Any]:
+    def adjoints(self, inputs: list[Any], dZ: Any, caches: list[dict] | None = None,
+                 matrices: bool = False) -> dict[int, Any]:
         """The adjoint of every layer's output, from ``dZ`` at the network's output (gradient backprop). Calls
         on the same ``inputs`` with other ``dZ`` may share ``caches`` (a dict per layer): what does not
-        depend on dZ (a max pooling's mask, a convolution's patches) is computed once."""
+        depend on dZ (a max pooling's mask, a convolution's patches) is computed once.
+
+        With ``matrices``, an adjoint that a layer gives as per-sample matrices (rows, B, cols), a convolution's
+        or a pooling's δX, stays so: the activations of a signal between such layers run entry by entry on
+        that layout, and the layout copies to columns and back between them are never made (a CNN's
+        K-FAC statistics); by default every adjoint is columns."""
         out = {len(self.layers) - 1: dZ}
         for position in range(len(self.layers) - 1, 0, -1):
             layer = self.layers[position]
-            S = {layer.input: layer.takes(inputs[position]), "dz": layer.takes_output(dZ)}
             cache = None if caches is None else caches[position]
-            dZ = columns_of_matrices(self.code[layer.module].gradients(self._module_params(layer), S, cache=cache,
-                                                                       params=False)[layer.input])
-            out[position - 1] = dZ
+            x = inputs[position]
+            if dZ.ndim == 3 and layer.signal_rows is not None:  # entry by entry, on the matrices' layout
+                cache = {} if cache is None else cache.setdefault("matrices", {})  # apart from columns' values
+                if "x" not in cache:
+                    cache["x"] = matrices_of_columns(x, layer.signal_rows)
+                S = {layer.input: cache["x"], "dz": dZ}
+            else:  # a δZ already of per-sample matrices is the batch a matrix-output layer takes
+                if dZ.ndim == 3 and layer.output_rows is None:
+                    dZ = columns_of_matrices(dZ)
+                S = {layer.input: layer.takes(x), "dz": dZ if dZ.ndim == 3 else layer.takes_output(dZ)}
+            dZ = self.code[layer.module].gradients(self._module_params(layer), S, cache=cache,
+                                                   params=False)[layer.input]
+            out[position - 1] = dZ if matrices else columns_of_matrices(dZ)
         return out
 
     def curvature_product(self, X: Any, Y: Any, matrix: CurvatureMatrix | str = CurvatureMatrix.GAUSS_NEWTON,

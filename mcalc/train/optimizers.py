@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import McalcError
 from ..modes import Approximation, Curvature, CurvatureMatrix
-from ..runtime.array_ops import softmax, unvec_of_samples
+from ..runtime.array_ops import matrices_of_columns, side_by_side, softmax
 from ..runtime.blocks import CurvatureBlock, namespace, row_groups
 from .block_solvers import DampedBlockSolver, conjugate_gradient
 from .distributed import DataParallel
@@ -369,14 +369,14 @@ class KFAC(Optimizer):
             out[position] = (a @ a.T / a.shape[1], 0)
         caches: list[dict] = [{} for _ in net.layers]  # one forward pass, a backward pass per class
         for target, weight in targets:
-            adjoints = net.adjoints(inputs, (p - target) * xp.sqrt(weight) / B, caches)
+            adjoints = net.adjoints(inputs, (p - target) * xp.sqrt(weight) / B, caches, matrices=True)
             for position in out:
-                g = adjoints[position] * B  # per-sample gradients, one per column
+                g = adjoints[position] * B  # per-sample gradients: a column each, a convolution's (rows, B, T)
                 rows = net.layers[position].output_rows
-                if rows is not None and self.kfac_approx == "reduce":  # a convolution's, summed over positions
-                    g = g.reshape(-1, rows, B).sum(axis=0)
-                elif rows is not None:  # a convolution's, one column per position
-                    g = unvec_of_samples(g, rows)
+                if rows is not None and g.ndim == 2:  # a convolution's as columns (a flatten after it)
+                    g = matrices_of_columns(g, rows)
+                if rows is not None:  # a convolution's: summed over positions, or one column per position
+                    g = g.sum(axis=2) if self.kfac_approx == "reduce" else side_by_side(g)
                 A, G = out[position]
                 out[position] = (A, G + g @ g.T / B)
         # the means over every rank's shard of the batch
