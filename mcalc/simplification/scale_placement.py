@@ -68,11 +68,11 @@ def entries(node: Expr) -> sp.Expr:
 def fewer(a: sp.Expr, b: sp.Expr) -> bool:
     """Entries a < b for every size of the dimensions: b/a is a product of dimensions (h·h against n·h,
     say, is not)."""
-    ratio = sp.powsimp(sp.sympify(b) / a)
-    if ratio.is_number:
-        return bool(ratio > 1)
-    return all(base.is_Symbol and exponent.is_positive for base, exponent in ratio.as_powers_dict().items()
-               if not base.is_number)
+    coefficient, dimensions = sp.powsimp(sp.sympify(b) / a).as_coeff_Mul()
+    if dimensions == 1:
+        return bool(coefficient > 1)
+    return bool(coefficient >= 1) and all(base.is_Symbol and exponent.is_positive
+                                          for base, exponent in dimensions.as_powers_dict().items())
 
 
 _HELD = (Ones, Identity, Zero, Kron, UnfoldMatrix)  # structure a product reads in place
