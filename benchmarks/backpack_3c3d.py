@@ -14,7 +14,8 @@ compared one to one, each with the mcalc convention it shares: BackPACK's convol
 output factor sums the positions' gradients before the outer product, as mcalc's
 ``kfac_approx='reduce'`` does (K-FAC-reduce's output factor); the Linear layers' are the same in all.
 The check runs in float64; the times (kfac's default, expand) in float32, the contenders in turn within
-each repeat, medians reported, one BLAS thread each side unless the environment says more; glibc's malloc
+each repeat, medians reported, one BLAS thread each side unless the environment says more (also mcalc's
+K-FAC-reduce, whose output factor sums the positions first as KFLR's does); glibc's malloc
 thresholds fixed first, as ``mcalc`` does (``mcalc/runtime/allocator.py``).
 
 HBP's own modes (exact, GGN, PCH-abs under (6)) are not run here: (6) backpropagates the batch-averaged
@@ -158,6 +159,7 @@ def main() -> None:
     images = torch.tensor(X.T.reshape(B, 32 * 32, 3).transpose(0, 2, 1).reshape(B, 3, 32, 32).copy())
     model = backpack_model(net32, torch.float32)
     times = timed({"mcalc kfac (exact Fisher)": lambda: mcalc_factors(net32, X),
+                   "mcalc kfac, reduce": lambda: mcalc_factors(net32, X, "reduce"),
                    "BackPACK KFLR": lambda: backpack_factors(model, images, y)}, args.repeats)
     ratio = times["BackPACK KFLR"] / times["mcalc kfac (exact Fisher)"]
     print(f"\n3C3D, batch {B}, float32, {threads} thread(s), median of {args.repeats}:")
