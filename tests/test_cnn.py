@@ -384,3 +384,28 @@ def test_adjoints_keep_a_signals_layout_between_convolutions():
         np.testing.assert_allclose(columns_of_matrices(as_matrices[position]), adjoint, rtol=1e-13, atol=1e-15)
     again = net.adjoints(inputs, 2 * dZ, caches, matrices=True)  # the caches hold the layout's inputs
     np.testing.assert_allclose(columns_of_matrices(again[0]), 2 * as_columns[0], rtol=1e-13, atol=1e-15)
+
+
+def test_kfac_statistics_change_a_batchs_layout_once(monkeypatch):
+    """K-FAC's exact Fisher runs a backward pass per class: the layers' inputs as per-sample matrices (a
+    pooling's, a convolution's, a signal's activation's) are made once for the batch, in the forward pass
+    or the first class's pass, and kept in the layers' caches, never made again for the next class."""
+    from collections import Counter
+
+    import mcalc.train.network as network_module
+    import mcalc.train.optimizers as optimizers_module
+
+    made, kept = Counter(), []  # kept alive: no two arrays share an id
+    original = network_module.matrices_of_columns
+
+    def counted(columns, rows):
+        made[id(columns)] += 1
+        kept.append(columns)
+        return original(columns, rows)
+
+    monkeypatch.setattr(network_module, "matrices_of_columns", counted)
+    monkeypatch.setattr(optimizers_module, "matrices_of_columns", counted)
+    net = Network("2x12-conv(3,3,pad=1)-relu-maxpool(2)-conv(4,3)-tanh-flatten-5", seed=1)
+    X = np.random.default_rng(0).normal(size=(24, 7))
+    make_optimizer("kfac", fisher="exact")._statistics(net, X)
+    assert sum(made.values()) > 5 and max(made.values()) == 1

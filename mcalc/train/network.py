@@ -82,18 +82,26 @@ class Layer:
     dims: dict[str, int] | None = None  # a user's module's dimensions as the spec and its input bound them
     signal_rows: int | None = None  # an activation of a signal: its channels (entry by entry, any layout)
 
-    def takes(self, columns: Any) -> Any:
-        """The layer's input batch from the columns between layers."""
-        return columns if self.input_rows is None else matrices_of_columns(columns, self.input_rows)
+    def takes(self, columns: Any, cache: dict | None = None) -> Any:
+        """The layer's input batch from the columns between layers; a batch of per-sample matrices is kept in
+        the layer's ``cache`` (one per batch) once made, so that the passes after the first skip its layout
+        copy."""
+        if self.input_rows is None:
+            return columns
+        if cache is None:
+            return matrices_of_columns(columns, self.input_rows)
+        if "input" not in cache:
+            cache["input"] = matrices_of_columns(columns, self.input_rows)
+        return cache["input"]
 
     def takes_output(self, columns: Any) -> Any:
         """A batch shaped like the layer's outputs (δZ, R{δZ}) from the columns between layers."""
         return columns if self.output_rows is None else matrices_of_columns(columns, self.output_rows)
 
-    def patches(self, columns: Any) -> Any:
+    def patches(self, columns: Any, cache: dict | None = None) -> Any:
         """A convolution's input patches, every sample's side by side: (channels·taps, positions·B)."""
         assert self.window is not None, f"{self.module} is not a convolution"
-        return unfold(side_by_side(self.takes(columns)), *self.window)
+        return unfold(side_by_side(self.takes(columns, cache)), *self.window)
 
 
 class Network:
@@ -313,7 +321,7 @@ class Network:
             inputs.append(Z)
             cache = caches[position] if caches is not None else None
             Z = columns_of_matrices(self.code[layer.module].forward(
-                self._module_params(layer, params), {layer.input: layer.takes(Z)}, cache)["Z"])
+                self._module_params(layer, params), {layer.input: layer.takes(Z, cache)}, cache)["Z"])
         return Z, inputs
 
     def loss(self, X: Any, Y: Any, params: dict[str, Any] | None = None) -> float:
@@ -433,8 +441,9 @@ class Network:
         blocks: dict[str, CurvatureBlock] = {}
         for position in reversed(range(len(self.layers))):
             layer = self.layers[position]
-            P, S = self._module_params(layer), {layer.input: layer.takes(inputs[position]),
-                                                "dz": layer.takes_output(dZ)}
+            P = self._module_params(layer)
+            S = {layer.input: layer.takes(inputs[position], caches[position]),
+                 "dz": layer.takes_output(dZ)}
             first = position == 0  # the data needs no gradient or curvature
             g = self.code[layer.module].gradients(P, S, inputs=not first, cache=caches[position])
             for own, name in layer.params.items():
@@ -537,13 +546,14 @@ class Network:
             x = inputs[position]
             if dZ.ndim == 3 and layer.signal_rows is not None:  # entry by entry, on the matrices' layout
                 cache = {} if cache is None else cache.setdefault("matrices", {})  # apart from columns' values
-                if "x" not in cache:
-                    cache["x"] = matrices_of_columns(x, layer.signal_rows)
-                S = {layer.input: cache["x"], "dz": dZ}
+                if "input" not in cache:
+                    cache["input"] = matrices_of_columns(x, layer.signal_rows)
+                S = {layer.input: cache["input"], "dz": dZ}
             else:  # a δZ already of per-sample matrices is the batch a matrix-output layer takes
                 if dZ.ndim == 3 and layer.output_rows is None:
                     dZ = columns_of_matrices(dZ)
-                S = {layer.input: layer.takes(x), "dz": dZ if dZ.ndim == 3 else layer.takes_output(dZ)}
+                S = {layer.input: layer.takes(x, cache),
+                     "dz": dZ if dZ.ndim == 3 else layer.takes_output(dZ)}
             dZ = self.code[layer.module].gradients(self._module_params(layer), S, cache=cache,
                                                    params=False)[layer.input]
             out[position - 1] = dZ if matrices else columns_of_matrices(dZ)
@@ -578,8 +588,8 @@ class Network:
                 if T is not None or moved:
                     V_layer = moved if T is None else {layer.input: layer.takes(T), **moved}
                     T = columns_of_matrices(self.code[layer.module].jvp(
-                        P, {layer.input: layer.takes(inputs[position])}, V_layer, inputs=T is not None,
-                        cache=caches[position])["Z"])
+                        P, {layer.input: layer.takes(inputs[position], caches[position])}, V_layer,
+                        inputs=T is not None, cache=caches[position])["Z"])
             loss = self.code[self.loss_module]
             R = loss.rgradients({}, loss_S, {"x": T, "dz": xp.zeros((1, B), dtype=Z.dtype)},
                                 cache=caches[-1])["x"]  # 𝓗L R{Z}
@@ -587,7 +597,7 @@ class Network:
             for position in reversed(range(len(self.layers))):
                 layer, T_in = self.layers[position], tangents[position]
                 code, P = self.code[layer.module], self._module_params(layer)
-                S = {layer.input: layer.takes(inputs[position])}
+                S = {layer.input: layer.takes(inputs[position], caches[position])}
                 if matrix is CurvatureMatrix.GAUSS_NEWTON:
                     r = code.gradients(P, {**S, "dz": layer.takes_output(R)}, inputs=T_in is not None,
                                        cache=caches[position])

@@ -41,10 +41,11 @@ def weight_and_bias(layer: Layer) -> tuple[str, str]:
     return layer.params["W" if "W" in layer.params else "K"], layer.params["b"]
 
 
-def factor_inputs(layer: Layer, inputs: Any, xp: Any, mean_patch: bool = False) -> Any:
+def factor_inputs(layer: Layer, inputs: Any, xp: Any, mean_patch: bool = False, cache: dict | None = None) -> Any:
     """ã = [a; 1] of a factored layer from its inputs: a column per sample (a Linear layer) or per patch (a
-    convolution), or with ``mean_patch`` each sample's mean patch (K-FAC-reduce's)."""
-    a = inputs if layer.window is None else layer.patches(inputs)
+    convolution), or with ``mean_patch`` each sample's mean patch (K-FAC-reduce's); ``cache``, the layer's
+    for the batch, as :meth:`Layer.takes` keeps it."""
+    a = inputs if layer.window is None else layer.patches(inputs, cache)
     if mean_patch and layer.window is not None:
         a = a.reshape(a.shape[0], inputs.shape[1], -1).mean(axis=2)
     return with_bias_row(a, xp)
@@ -351,7 +352,8 @@ class KFAC(Optimizer):
 
     def _statistics(self, net: Network, X: Any) -> dict[int, tuple[Any, Any]]:
         xp = net.xp
-        Z, inputs = net.forward(X)
+        caches: list[dict] = [{} for _ in net.layers]  # one forward pass, whose masks and patches every class reads
+        Z, inputs = net.forward(X, caches=caches)
         B = X.shape[1]
         p = softmax(Z)  # the model's predictive distribution, from the same forward pass
         if self.fisher == "mc":  # one label per input drawn from softmax(z); δz = (p − y)/B for the mean loss
@@ -365,10 +367,10 @@ class KFAC(Optimizer):
             targets = [(xp.zeros_like(p) + xp.eye(p.shape[0])[:, [c]], p[c:c + 1, :]) for c in range(p.shape[0])]
         out: dict[int, tuple[Any, Any]] = {}
         for position in factored_layers(net):  # a convolution's expand: positions as more samples, Σₜ ãₜ ãₜᵀ / T
-            a = factor_inputs(net.layers[position], inputs[position], xp, mean_patch=self.kfac_approx == "reduce")
+            a = factor_inputs(net.layers[position], inputs[position], xp, mean_patch=self.kfac_approx == "reduce",
+                              cache=caches[position])
             out[position] = (a @ a.T / a.shape[1], 0)
-        caches: list[dict] = [{} for _ in net.layers]  # one forward pass, a backward pass per class
-        for target, weight in targets:
+        for target, weight in targets:  # a backward pass per class
             adjoints = net.adjoints(inputs, (p - target) * xp.sqrt(weight) / B, caches, matrices=True)
             for position in out:
                 g = adjoints[position] * B  # per-sample gradients: a column each, a convolution's (rows, B, T)
