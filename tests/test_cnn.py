@@ -409,3 +409,19 @@ def test_kfac_statistics_change_a_batchs_layout_once(monkeypatch):
     X = np.random.default_rng(0).normal(size=(24, 7))
     make_optimizer("kfac", fisher="exact")._statistics(net, X)
     assert sum(made.values()) > 5 and max(made.values()) == 1
+
+
+@pytest.mark.parametrize("pool", ["avg", "max"])
+def test_poolings_verify_on_the_cuda_emulator(pool):
+    """The CuPy backend's pooling code, its δX folded tap by tap on CuPy arrays (the emulator's), against
+    finite differences over overlapping, padded windows of images."""
+    from mcalc.layers.convolution import avg_pooling, max_pooling
+    from mcalc.numeric.verify_backend import verify_backend
+    from mcalc.runtime import emulator
+
+    if emulator.unavailable_reason():
+        pytest.skip(emulator.unavailable_reason())
+    module = (avg_pooling if pool == "avg" else max_pooling)((3, 3), (2, 2), ((0, 1), (0, 1)), (6, 7))
+    checks = verify_backend(module, "cupy-emulated")
+    assert checks and all(c.ok for c in checks), [c for c in checks if not c.ok]
+    assert sum(c.error > 0 for c in checks) > len(checks) // 2  # real comparisons, not zeros with zeros
