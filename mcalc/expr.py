@@ -911,6 +911,20 @@ def product(factors: tuple[Expr, ...], rows: sp.Expr) -> Expr:
     return factors[0] if len(factors) == 1 else MatMul(*factors)
 
 
+def is_broadcast(node: Expr) -> bool:
+    """v 1ᵀ or 1 wᵀ: a vector repeated, read in place by a kernel."""
+    return isinstance(node, MatMul) and len(node.args) == 2 and (
+        (isinstance(node.args[1], Ones) and node.args[0].cols == ONE and node.args[1].rows == ONE)
+        or (isinstance(node.args[0], Ones) and node.args[1].rows == ONE and node.args[0].cols == ONE))
+
+
+def broadcast_source(node: Expr) -> Expr:
+    """v for the broadcast v 1ᵀ or 1 vᵀ; any other node itself."""
+    if not is_broadcast(node):
+        return node
+    return node.args[1] if isinstance(node.args[0], Ones) else node.args[0]
+
+
 def substitute(expr: Expr, mapping: dict[Expr, Expr]) -> Expr:
     """Replace subexpressions (typically symbols) by others of the same shape."""
     memo: dict[Expr, Expr] = {}

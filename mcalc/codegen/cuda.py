@@ -16,12 +16,12 @@ from sympy.codegen.ast import float32, float64, real
 from sympy.printing.c import C99CodePrinter, get_math_macros
 
 from .. import __version__
-from ..expr import ONE, Add, Apply, Diag, Expr, Hadamard, Identity, ScalarMul, ScaleBy
+from ..expr import ONE, Add, Apply, Diag, Expr, Hadamard, Identity, ScalarMul, ScaleBy, broadcast_source
 from ..functions import ElementwiseFunction
 from ..runtime.cuda import THREADS_PER_BLOCK, Layout
 from .fusion import UNNAMED, Kernel, Launch, fuse, is_all_ones, scaled_matrix
 from .numpy_printer import ArrayPrinter, reference_code, through_base
-from .plan import ModulePlan, Program, Step, broadcast_source, sanitise
+from .plan import ModulePlan, Program, Step, sanitise
 from .render import ArrayFamily, environment, functions_of, module_context, program_contexts
 
 DTYPES = {"float": float32, "double": float64}

@@ -35,9 +35,11 @@ from ..expr import (
     ScalarMul,
     ScaleBy,
     Softmax,
+    broadcast_source,
+    is_broadcast,
 )
 from ..functions import ElementwiseFunction
-from .plan import Program, Reference, Step, broadcast_source, is_broadcast, read_by
+from .plan import Program, Reference, Step, read_by
 
 FUSABLE = (Add, Hadamard, ScalarMul, ScaleBy, Apply)
 UNNAMED = "KERNEL_NAME"  # stands for a kernel's name until its content names it (its CUDA source)

@@ -21,7 +21,21 @@ from sympy.printing.numpy import SciPyPrinter as _SymPySciPyPrinter
 from sympy.printing.pycode import PythonCodePrinter
 
 from ..errors import McalcError
-from ..expr import ONE, Diag, Expr, Identity, Kron, MatMul, Ones, ScalarMul, Transpose, UnfoldMatrix, UnfoldSpec
+from ..expr import (
+    ONE,
+    Diag,
+    Expr,
+    Identity,
+    Kron,
+    MatMul,
+    Ones,
+    ScalarMul,
+    Transpose,
+    UnfoldMatrix,
+    UnfoldSpec,
+    broadcast_source,
+    is_broadcast,
+)
 from ..functions import ElementwiseFunction
 from .plan import (
     Argument,
@@ -33,8 +47,6 @@ from .plan import (
     Reference,
     SampleCount,
     batch_reference,
-    broadcast_source,
-    is_broadcast,
     repeated_patches,
     sanitise,
 )

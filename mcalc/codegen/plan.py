@@ -43,6 +43,7 @@ from ..expr import (
     Transpose,
     UnfoldMatrix,
     Zero,
+    is_broadcast,
     tangent_of,
 )
 from ..modes import APPROXIMATIONS, CURVATURES, Approximation, Curvature
@@ -352,20 +353,6 @@ class BlockTerms:
         it = iter(nodes)
         kron = [tuple(next(it) if isinstance(e, Expr) else e for e in term) for term in self.kron]
         return BlockTerms(self.order, kron, next(it) if self.dense is not None else None)
-
-
-def is_broadcast(node: Expr) -> bool:
-    """v 1ᵀ or 1 wᵀ: a vector repeated, read in place by a kernel."""
-    return isinstance(node, MatMul) and len(node.args) == 2 and (
-        (isinstance(node.args[1], Ones) and node.args[0].cols == ONE and node.args[1].rows == ONE)
-        or (isinstance(node.args[0], Ones) and node.args[1].rows == ONE and node.args[0].cols == ONE))
-
-
-def broadcast_source(node: Expr) -> Expr:
-    """v for the broadcast v 1ᵀ or 1 vᵀ; any other node itself."""
-    if not is_broadcast(node):
-        return node
-    return node.args[1] if isinstance(node.args[0], Ones) else node.args[0]
 
 
 def seed_reference(seed: Seed) -> Argument:

@@ -6,7 +6,7 @@ already (LayerNorm's normalised input (x − μ)/σ, in its gain's block).
 """
 from __future__ import annotations
 
-from ..expr import ONE, Expr, Hadamard, MatMul, Ones, Transpose
+from ..expr import Expr, Hadamard, MatMul, Ones, Transpose, broadcast_source, is_broadcast
 from .engine import Simplifier, rule, simplify
 
 
@@ -15,10 +15,9 @@ def _squared_column_scale(node: Expr) -> tuple[Expr, Expr] | None:
     if not isinstance(node, Hadamard):
         return None
     for scale, c in (node.args, node.args[::-1]):
-        if (isinstance(scale, MatMul) and len(scale.args) == 2 and isinstance(scale.args[0], Ones)
-                and scale.args[0].cols == ONE and isinstance(scale.args[1], Hadamard)
-                and scale.args[1].args[0] == scale.args[1].args[1]):
-            return scale.args[1].args[0], c
+        row = broadcast_source(scale) if is_broadcast(scale) and isinstance(scale.args[0], Ones) else None
+        if isinstance(row, Hadamard) and row.args[0] == row.args[1]:
+            return row.args[0], c
     return None
 
 

@@ -13,7 +13,20 @@ from collections.abc import Callable
 
 import sympy as sp
 
-from ..expr import Diag, Expr, Hadamard, Identity, Kron, MatMul, Ones, ScalarMul, UnfoldMatrix, Zero
+from ..expr import (
+    Diag,
+    Expr,
+    Hadamard,
+    Identity,
+    Kron,
+    MatMul,
+    Ones,
+    ScalarMul,
+    UnfoldMatrix,
+    Zero,
+    broadcast_source,
+    is_broadcast,
+)
 
 
 def place_scales(roots: list[Expr], varies: Callable[[Expr], bool]) -> list[Expr]:
@@ -58,10 +71,8 @@ def entries(node: Expr) -> sp.Expr:
     """A node's entries: a diagonal's or a broadcast's (1 wᵀ) those of its vector."""
     if isinstance(node, Diag):
         return entries(node.args[0])
-    if isinstance(node, MatMul) and len(node.args) == 2 and any(isinstance(f, Ones) for f in node.args):
-        other = node.args[1] if isinstance(node.args[0], Ones) else node.args[0]
-        if other.rows == 1 or other.cols == 1:
-            return entries(other)
+    if is_broadcast(node):
+        return entries(broadcast_source(node))
     return sp.sympify(node.rows * node.cols)
 
 
