@@ -65,6 +65,16 @@ def glorot_uniform(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray
     return rng.uniform(-bound, bound, (rows, cols))
 
 
+def kept_matrices(columns: Any, rows: int, cache: dict | None) -> Any:
+    """The columns as per-sample matrices of ``rows`` rows, made once per ``cache`` (a layer's, one per batch)
+    and kept there under "input"."""
+    if cache is None:
+        return matrices_of_columns(columns, rows)
+    if "input" not in cache:
+        cache["input"] = matrices_of_columns(columns, rows)
+    return cache["input"]
+
+
 @dataclass
 class Layer:
     """One module of the network, by name: the names of its parameters in the network, and the name of
@@ -86,13 +96,7 @@ class Layer:
         """The layer's input batch from the columns between layers; a batch of per-sample matrices is kept in
         the layer's ``cache`` (one per batch) once made, so that the passes after the first skip its layout
         copy."""
-        if self.input_rows is None:
-            return columns
-        if cache is None:
-            return matrices_of_columns(columns, self.input_rows)
-        if "input" not in cache:
-            cache["input"] = matrices_of_columns(columns, self.input_rows)
-        return cache["input"]
+        return columns if self.input_rows is None else kept_matrices(columns, self.input_rows, cache)
 
     def takes_output(self, columns: Any) -> Any:
         """A batch shaped like the layer's outputs (δZ, R{δZ}) from the columns between layers."""
@@ -545,10 +549,8 @@ class Network:
             cache = None if caches is None else caches[position]
             x = inputs[position]
             if dZ.ndim == 3 and layer.signal_rows is not None:  # entry by entry, on the matrices' layout
-                cache = {} if cache is None else cache.setdefault("matrices", {})  # apart from columns' values
-                if "input" not in cache:
-                    cache["input"] = matrices_of_columns(x, layer.signal_rows)
-                S = {layer.input: cache["input"], "dz": dZ}
+                cache = None if cache is None else cache.setdefault("matrices", {})  # apart from columns' values
+                S = {layer.input: kept_matrices(x, layer.signal_rows, cache), "dz": dZ}
             else:  # a δZ already of per-sample matrices is the batch a matrix-output layer takes
                 if dZ.ndim == 3 and layer.output_rows is None:
                     dZ = columns_of_matrices(dZ)
