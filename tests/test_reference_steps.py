@@ -288,6 +288,39 @@ def test_hessian_free_backtracks_to_an_earlier_cg_iterate_and_tests_every_step_l
     assert len(calls) == 1 + 3  # d itself, then three shorter steps, each tested
 
 
+def test_hessian_free_raises_the_damping_until_the_hessian_system_is_positive_definite():
+    """Where C + λI is indefinite, CG meets negative curvature; λ is then raised (C's curvature along that
+    direction, damped, becomes the λ the step began with) and CG run again, until it meets none: the step
+    solves (C + λ*I) d = −g with C + λ*I positive definite. A fixed λ is raised for the step only."""
+    from mcalc.train.hessian_free import HessianFree
+
+    rng = np.random.default_rng(4)
+    net = Network("4-5-tanh-3", seed=2)
+    X, Y = _batches(rng, count=1)[0]
+    _, grads, _ = net.backward(X, Y)
+    flat, unflat = net.flat, net.unflat
+    n = flat(net.params).size
+    C = np.stack([flat(net.curvature_product(X, Y, "hessian")(unflat(e))) for e in np.eye(n)], axis=1)
+    lowest = np.linalg.eigvalsh(C)[0]
+    start = 0.01
+    assert lowest + start < -0.01  # the damped Hessian really is indefinite: CG meets negative curvature
+    options = dict(matrix="hessian", damping=start, cg_iterations=500, cg_tolerance=1e-12, min_damping=0.0,
+                   backtrack=False, precondition=False, warm_start=0.0)
+    fixed = HessianFree(**options, adapt_damping=False)
+    fixed.step(net, grads, {}, (X, Y))
+    assert fixed.damping == start  # raised for this step only
+    raised = HessianFree(**options, adapt_damping=True, damping_raises=20)
+    updates = raised.step(net, grads, {}, (X, Y))
+    damping = raised.damping / {True: 1.5, False: 2 / 3, None: 1}[  # undo the Levenberg–Marquardt update
+        None if 0.25 <= raised.ratios[0] <= 0.75 else raised.ratios[0] < 0.25]
+    assert damping + lowest > 0 and damping > start
+    d = np.linalg.solve(C + damping * np.eye(n), -flat(grads))
+    step = flat(updates)
+    alpha = float(step @ d / (d @ d))
+    assert np.linalg.norm(step - alpha * d) < 1e-3 * np.linalg.norm(alpha * d)  # CG's progress test ends it
+    assert 0 < alpha <= 1 + 1e-12
+
+
 # --- shared safeguards ---------------------------------------------------------------------------------
 def test_levenberg_marquardt_rule_and_reduction_ratio():
     rule = LevenbergMarquardt(1.0, minimum=0.5, maximum=2.0)

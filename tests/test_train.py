@@ -255,7 +255,7 @@ def test_hessian_free_step_is_the_damped_newton_step(matrix):
 
 @pytest.mark.parametrize(("optimizer", "options"), [
     ("hf-gn", {}),
-    ("hf-newton", {"min_damping": 0.3}),  # digits prefers the lower floor (the default 3 is for indefinite cases)
+    ("hf-newton", {}),
 ])
 def test_hessian_free_trains_digits_to_95_percent(optimizer, options):
     net = Network("64-128-sigmoid-10", seed=0)
