@@ -311,8 +311,8 @@ def test_hessian_free_raises_the_damping_until_the_hessian_system_is_positive_de
     assert fixed.damping == start  # raised for this step only
     raised = HessianFree(**options, adapt_damping=True, damping_raises=20)
     updates = raised.step(net, grads, {}, (X, Y))
-    damping = raised.damping / {True: 1.5, False: 2 / 3, None: 1}[  # undo the Levenberg–Marquardt update
-        None if 0.25 <= raised.ratios[0] <= 0.75 else raised.ratios[0] < 0.25]
+    rho = raised.ratios[0]
+    damping = raised.damping / (1.5 if rho < 0.25 else 2 / 3 if rho > 0.75 else 1)  # before the LM update
     assert damping + lowest > 0 and damping > start
     d = np.linalg.solve(C + damping * np.eye(n), -flat(grads))
     step = flat(updates)
