@@ -348,7 +348,7 @@ def test_a_poolings_adjoint_folds_its_taps_without_repeating_them(pool):
 
     from mcalc.codegen.store import load_code
     from mcalc.layers.convolution import avg_pooling, max_pooling
-    from mcalc.runtime.array_ops import fold, fold_repeated, unfold, window_argmax
+    from mcalc.runtime.array_ops import _selected_inputs, fold, fold_repeated, unfold, window_argmax
 
     module = (avg_pooling if pool == "avg" else max_pooling)((3, 3), (2, 2), ((0, 1), (1, 1)), (7, 8))
     source = inspect.getsource(load_code(module, "numpy").gradients.__globals__["_gradients_all"])
@@ -363,6 +363,25 @@ def test_a_poolings_adjoint_folds_its_taps_without_repeating_them(pool):
     expected = fold(repeated, *geometry)
     assert np.abs(expected).max() > 0.1
     np.testing.assert_allclose(fold_repeated(dZ, mask, *geometry), expected, rtol=1e-14, atol=1e-14)
+    if mask is not None:  # window_argmax's own mask is scattered by the inputs it selected; a copy, tap by tap
+        assert _selected_inputs(mask) is not None and _selected_inputs(mask.copy()) is None
+        assert not mask.flags.writeable  # the selection stays the mask's own
+        np.testing.assert_allclose(fold_repeated(dZ, mask.copy(), *geometry), expected, rtol=1e-14, atol=1e-14)
+
+
+def test_max_pooling_selects_each_windows_first_maximum():
+    """window_argmax marks the first of a window's equal maxima (as PyTorch's max pooling routes δ), never
+    a tap in the padding, even where every input of the window is negative (ReLU'd images tie at 0)."""
+    from mcalc.runtime.array_ops import unfold, window_argmax
+
+    geometry = ((3, 3), (2, 2), ((1, 1), (0, 1)), (1, 1), (7, 8))
+    rng = np.random.default_rng(4)
+    for X in (np.maximum(np.round(rng.normal(size=(2, 3 * 56)), 1), 0), -np.abs(rng.normal(size=(2, 3 * 56)))):
+        U = unfold(X, *geometry)
+        reads = unfold(np.ones((1, 56)), *geometry) > 0  # (taps, T): the taps inside the image
+        windows = np.where(np.tile(reads, (1, 3)), U.reshape(2, 9, -1), -np.inf)
+        expected = np.arange(9)[:, None] == windows.argmax(axis=1)[:, None, :]
+        np.testing.assert_array_equal(window_argmax(U, *geometry).reshape(2, 9, -1), expected)
 
 
 def test_adjoints_keep_a_signals_layout_between_convolutions():
@@ -384,6 +403,24 @@ def test_adjoints_keep_a_signals_layout_between_convolutions():
         np.testing.assert_allclose(columns_of_matrices(as_matrices[position]), adjoint, rtol=1e-13, atol=1e-15)
     again = net.adjoints(inputs, 2 * dZ, caches, matrices=True)  # the caches hold the layout's inputs
     np.testing.assert_allclose(columns_of_matrices(again[0]), 2 * as_columns[0], rtol=1e-13, atol=1e-15)
+
+
+def test_a_float32_network_stays_float32():
+    """Every array of a float32 CNN's passes is float32: the forward pass, gradients, adjoints, Gauss–Newton
+    products and K-FAC's statistics (ReLU′, a numpy.select of constants, and the one-hot targets of the
+    exact Fisher had turned the adjoints float64, and every GEMM after them twice as slow)."""
+    net = Network("2x12-conv(3,3,pad=1)-relu-maxpool(2)-conv(4,3)-tanh-flatten-5", seed=1, dtype=np.float32)
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(24, 7)).astype(np.float32)
+    Y = np.eye(5, dtype=np.float32)[:, rng.integers(0, 5, 7)]
+    Z, inputs = net.forward(X)
+    _, grads, _ = net.backward(X, Y)
+    adjoints = net.adjoints(inputs, Z, matrices=True)
+    product = net.curvature_product(X, Y, "gn")(grads)
+    arrays = [Z, *inputs[1:], *grads.values(), *adjoints.values(), *product.values()]
+    for fisher in ("exact", "mc"):
+        arrays += [f for pair in make_optimizer("kfac", fisher=fisher)._statistics(net, X).values() for f in pair]
+    assert len(arrays) > 20 and {a.dtype for a in arrays} == {np.dtype(np.float32)}
 
 
 def test_kfac_statistics_change_a_batchs_layout_once(monkeypatch):

@@ -229,6 +229,19 @@ def test_truncated_cg_solves_and_stops_at_negative_curvature():
     assert result.negative_curvature
 
 
+@pytest.mark.parametrize("b, m, a", [(1e-22, 12.8, 2.0), (4e-23, 2.5, 10.0)])
+def test_truncated_cg_stops_where_float32_loses_the_residual(b, m, a):
+    """A float32 residual whose direction's pᵀp and pᵀAp (b = 1e-22) or whose rᵀM⁻¹r alone (4e-23, A = 10 I)
+    underflow to 0 is solved, not a division by zero nor negative curvature (hf-gn on a float32 sigmoid
+    network reached it)."""
+    from mcalc.train.hessian_free import truncated_cg
+
+    b = np.array([b, 0.0], dtype=np.float32)
+    result = truncated_cg(lambda v: a * v, b, np.zeros(2, dtype=np.float32), max_iterations=10,
+                          preconditioner=np.full(2, m, dtype=np.float32))
+    assert not result.negative_curvature and result.iterations == 0 and not result.x.any()
+
+
 @pytest.mark.parametrize("matrix", ["gn", "hessian"])
 def test_hessian_free_step_is_the_damped_newton_step(matrix):
     """With CG run to convergence the step solves (C + λI) d = −g with the dense C; the damping then

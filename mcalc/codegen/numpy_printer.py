@@ -116,6 +116,23 @@ class ElementwisePrinter(_SymPySciPyPrinter):
             return f"1/{self.parenthesize(expr.base, sp.printing.precedence.PRECEDENCE['Pow'])}"
         return super()._print_Pow(expr, rational=rational)
 
+    def _print_Piecewise(self, expr: sp.Piecewise) -> str:
+        # pieces are made in t's type: numpy.select and numpy.where of Python numbers give float64 or int64
+        # whatever t is, and a float32 network's adjoints would turn float64 at ReLU′
+        if len(expr.args) == 2 and expr.args[1].cond == sp.true:  # one condition
+            (value, condition), (otherwise, _) = expr.args
+            if value.is_number and otherwise.is_number and value.is_finite and otherwise.is_finite:
+                if value == 0:  # the indicator of the other side: ReLU′ = [t > 0]
+                    value, otherwise, condition = otherwise, value, sp.Not(condition)
+                # value·[condition] + otherwise: a comparison and a cast, where numpy.where of two numbers
+                # costs eight times as much
+                code = f"({self._print(condition)}).astype(t.dtype)"
+                code = code if value - otherwise == 1 else f"{self._print(value - otherwise)}*{code}"
+                return code if otherwise == 0 else f"({code} + {self._print(otherwise)})"
+            typed = [f"t.dtype.type({self._print(e)})" if e.is_number else self._print(e) for e in (value, otherwise)]
+            return f"numpy.where({self._print(condition)}, {typed[0]}, {typed[1]})"
+        return f"{super()._print_Piecewise(expr)}.astype(t.dtype, copy=False)"
+
 
 def function_name(f: ElementwiseFunction) -> str:
     return f"_fn_{sanitise(f.base.name)}_{f.order}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -188,8 +189,18 @@ def fold(u: Any, kernel: Dims, stride: Dims, padding: tuple, dilation: Dims, siz
 
 def fold_repeated(v: Any, mask: Any, kernel: Dims, stride: Dims, padding: tuple, dilation: Dims, size: Dims) -> Any:
     """:func:`fold` of (v ⊗ 1_taps) ⊙ mask, v (…, c, T·n) one value per channel and patch, read at every tap
-    (max pooling's δZ and its window maxima ``mask``; average pooling's, with ``mask`` None): v times a tap's
-    mask is added in place, tap by tap, so the taps·size array of the repeat is never made."""
+    (max pooling's δZ and its window maxima ``mask``; average pooling's, with ``mask`` None).
+
+    A mask that :func:`window_argmax` made for NumPy carries one 1 per window: each value is added at the
+    input its window selected, one scatter (``np.add.at``) over the windows. Any other mask: v times a
+    tap's mask is added in place, tap by tap, so the taps·size array of the repeat is never made."""
+    selected = _selected_inputs(mask)
+    if selected is not None:
+        channels_and_samples = math.prod(v.shape[:-1]) * (v.shape[-1] // math.prod(grid(size, kernel, stride,
+                                                                                            padding, dilation)))
+        out = np.zeros(channels_and_samples * math.prod(size), dtype=v.dtype)
+        np.add.at(out, selected, v.reshape(-1))
+        return out.reshape(v.shape[:-1] + (-1,))
     patches = grid(size, kernel, stride, padding, dilation)
     values = v.reshape(v.shape[:-1] + (-1,) + patches)
     if mask is None:
@@ -217,16 +228,75 @@ def _fold_taps(tap_values: Callable[[tuple[int, ...]], Any], kernel: Dims, strid
 def window_argmax(u: Any, kernel: Dims, stride: Dims, padding: tuple, dilation: Dims, size: Dims) -> Any:
     """The 0/1 mask of each window's first maximum in patches (…, c·taps, T·n) of :func:`unfold`: per channel,
     position and sample, a 1 at the largest of its taps that read the input (a padded tap never is, as
-    PyTorch pads max pooling with −∞)."""
-    xp = namespace(u)
-    taps = math.prod(kernel)
+    PyTorch pads max pooling with −∞). The windows' maxima are found tap by tap, each a strided slice (an
+    argmax over the taps' axis, in the middle, is many times slower). A NumPy mask is read-only and
+    remembers, for :func:`fold_repeated`, the input position each window selected."""
+    xp, taps = namespace(u), math.prod(kernel)
     windows = u.reshape(u.shape[:-2] + (-1, taps, u.shape[-1]))
-    if any(padding):
-        reads = unfold(xp.ones((1, math.prod(size)), dtype=u.dtype), kernel, stride, padding, dilation, size)
-        reads = xp.tile(reads, (1, u.shape[-1] // reads.shape[1])) > 0  # (taps, T·n)
-        windows = xp.where(reads, windows, -xp.inf)
-    first = xp.expand_dims(xp.argmax(windows, axis=-2), -2)
-    return (xp.arange(taps).reshape((taps, 1)) == first).astype(u.dtype).reshape(u.shape)
+    positions = _tap_positions(kernel, stride, padding, dilation, size)  # (taps, T), −1 in the padding
+    samples = u.shape[-1] // positions.shape[1]
+
+    def tap(j: int) -> Any:  # tap j of every window, −∞ where it falls in the padding
+        if (positions[j] >= 0).all():
+            return windows[..., j, :]
+        reads = xp.asarray(np.tile(positions[j] >= 0, samples))
+        return xp.where(reads, windows[..., j, :], -xp.inf)
+
+    best = tap(0)
+    for j in range(1, taps):
+        best = xp.maximum(best, tap(j))
+    # the first tap that holds its window's maximum: taps − 1 unless an earlier one does
+    first = xp.full(best.shape, taps - 1, dtype=np.min_scalar_type(taps))
+    for j in reversed(range(taps - 1)):
+        xp.copyto(first, j, where=tap(j) == best)
+    mask = xp.empty(windows.shape, dtype=u.dtype)
+    for j in range(taps):
+        xp.equal(first, j, out=mask[..., j, :])
+    mask = mask.reshape(u.shape)
+    if xp is np:
+        _remember_selection(mask, first, positions, math.prod(size))
+    return mask
+
+
+def _tap_positions(kernel: Dims, stride: Dims, padding: tuple, dilation: Dims, size: Dims) -> np.ndarray:
+    """(taps, T): the flat position in an input of ``size`` that each tap of each patch reads, −1 where it
+    falls in the padding; taps and patches row-major over the dimensions, as :func:`unfold` orders them."""
+    patches, n = grid(size, kernel, stride, padding, dilation), len(size)
+    position = np.zeros((1,) * 2 * n, dtype=np.intp)
+    inside = np.ones((1,) * 2 * n, dtype=bool)
+    for d, (k, s, (before, _), dl, g, length) in enumerate(zip(kernel, stride, pads(padding), dilation, patches,
+                                                                size)):
+        along_taps, along_patches = [1] * 2 * n, [1] * 2 * n
+        along_taps[d], along_patches[n + d] = k, g
+        coordinate = (np.arange(k).reshape(along_taps) * dl + np.arange(g).reshape(along_patches) * s - before)
+        inside = inside & (coordinate >= 0) & (coordinate < length)
+        position = position * length + coordinate
+    return np.where(inside, position, -1).reshape(math.prod(kernel), math.prod(patches))
+
+
+# window_argmax's NumPy masks, by id, with a weak reference to the mask: the flat input position that each
+# window selected (what fold_repeated scatters δZ to); an entry goes when its mask does
+_SELECTIONS: dict[int, tuple[weakref.ref, np.ndarray]] = {}
+
+
+def _remember_selection(mask: np.ndarray, first: np.ndarray, positions: np.ndarray, size: int) -> None:
+    """Keeps, for ``mask`` (…, c·taps, T·n), the flat position in the inputs (…, c, N·n), n = ``size``, of
+    each window's selected tap ``first`` (…, c, T·n); the mask is made read-only, so that the positions
+    stay its own."""
+    taps, patches = positions.shape
+    rows_and_samples = first.size // patches  # (…, c) rows times the N samples
+    within = np.take(positions.T.reshape(-1), first.reshape(-1, patches) + np.arange(patches) * taps)
+    selected = (np.arange(rows_and_samples, dtype=np.intp)[:, None] * size + within).reshape(-1)
+    mask.flags.writeable = False
+    key = id(mask)
+    _SELECTIONS[key] = (weakref.ref(mask, lambda ref: _SELECTIONS.pop(key, None)
+                                    if _SELECTIONS.get(key, (None,))[0] is ref else None), selected)
+
+
+def _selected_inputs(mask: Any) -> np.ndarray | None:
+    """The inputs ``mask``'s windows selected (:func:`_remember_selection`), if window_argmax made it."""
+    entry = _SELECTIONS.get(id(mask)) if mask is not None else None
+    return entry[1] if entry is not None and entry[0]() is mask else None
 
 
 def unfold_rows(m: Any, kernel: Dims, stride: Dims, padding: tuple, dilation: Dims, size: Dims, channels: int) -> Any:

@@ -86,13 +86,15 @@ def truncated_cg(matvec: Any, b: Any, x0: Any, *, max_iterations: int, tolerance
     negative, rayleigh = False, 0.0
     i = 0
     for i in range(1, max_iterations + 1):
-        if float(r @ r) <= target:
+        # rᵀM⁻¹r = 0 with r ≠ 0: the residual is lost below the float's range (float32's first): solved
+        if float(r @ r) <= target or ry == 0:
             i -= 1
             break
         Ap = matvec(p)
         curvature = float(p @ Ap)
         if curvature <= 0:
-            negative, rayleigh, i = True, curvature / float(p @ p), i - 1
+            length = float(p @ p)  # 0 where p is lost below the float's range too: solved, not negative
+            negative, rayleigh, i = length > 0, curvature / length if length > 0 else 0.0, i - 1
             break
         alpha = ry / curvature
         x, Ax, r = x + alpha * p, Ax + alpha * Ap, r - alpha * Ap

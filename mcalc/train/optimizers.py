@@ -362,9 +362,10 @@ class KFAC(Optimizer):
             # drawn for the global batch and cut to this rank's shard, so that the ranks draw what one process would
             draws = net.parallel.local(self.rng.random(net.parallel.batch or B))
             labels = np.minimum((draws[None, :] > cumulative).sum(axis=0), p.shape[0] - 1)
-            targets = [(xp.asarray(np.eye(p.shape[0])[:, labels]), 1.0)]
+            targets = [(xp.asarray(np.eye(p.shape[0], dtype=p.dtype)[:, labels]), xp.ones_like(p[:1]))]
         else:  # every class, weighted by its probability
-            targets = [(xp.zeros_like(p) + xp.eye(p.shape[0])[:, [c]], p[c:c + 1, :]) for c in range(p.shape[0])]
+            identity = xp.eye(p.shape[0], dtype=p.dtype)  # in p's type, as the MC draw's: float32 adjoints stay so
+            targets = [(xp.zeros_like(p) + identity[:, [c]], p[c:c + 1, :]) for c in range(p.shape[0])]
         out: dict[int, tuple[Any, Any]] = {}
         for position in factored_layers(net):  # a convolution's expand: positions as more samples, Σₜ ãₜ ãₜᵀ / T
             a = factor_inputs(net.layers[position], inputs[position], xp, mean_patch=self.kfac_approx == "reduce",
@@ -373,14 +374,14 @@ class KFAC(Optimizer):
         for target, weight in targets:  # a backward pass per class
             adjoints = net.adjoints(inputs, (p - target) * xp.sqrt(weight) / B, caches, matrices=True)
             for position in out:
-                g = adjoints[position] * B  # per-sample gradients: a column each, a convolution's (rows, B, T)
+                g = adjoints[position]  # δZ carried 1/B: B g, the per-sample gradients, a column each (or (rows, B, T))
                 rows = net.layers[position].output_rows
                 if rows is not None and g.ndim == 2:  # a convolution's as columns (a flatten after it)
                     g = matrices_of_columns(g, rows)
                 if rows is not None:  # a convolution's: summed over positions, or one column per position
                     g = g.sum(axis=2) if self.kfac_approx == "reduce" else side_by_side(g)
                 A, G = out[position]
-                out[position] = (A, G + g @ g.T / B)
+                out[position] = (A, G + (g @ g.T) * B)  # (B g)(B g)ᵀ / B, B g never made
         # the means over every rank's shard of the batch
         means = net.parallel.mean({f"{factor}{position}": value for position, (A, G) in out.items()
                                    for factor, value in (("A", A), ("G", G))}, B)
