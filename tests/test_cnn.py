@@ -369,6 +369,31 @@ def test_a_poolings_adjoint_folds_its_taps_without_repeating_them(pool):
         np.testing.assert_allclose(fold_repeated(dZ, mask.copy(), *geometry), expected, rtol=1e-14, atol=1e-14)
 
 
+def test_max_poolings_output_and_tangent_gather_the_inputs_its_windows_selected():
+    """Max pooling's Z = (I ⊗ 1ᵀ)(M ⊙ unfold X) and R{Z} (unfold V in place of X) read each window's selected
+    input (array_ops.select_taps): the generated forward and jvp never unfold V, and the gather gives what
+    the mask applied to the patches gives (a copy of the mask, not window_argmax's own, is so applied)."""
+    import inspect
+
+    from mcalc.codegen.store import load_code
+    from mcalc.layers.convolution import max_pooling
+    from mcalc.runtime.array_ops import select_taps, unfold, window_argmax
+
+    geometry = ((3, 3), (2, 2), ((0, 1), (1, 1)), (1, 1), (7, 8))
+    functions = load_code(max_pooling(*geometry[:3], geometry[4]), "numpy").forward.__globals__
+    for name in ("forward", "_jvp_all"):
+        source = inspect.getsource(functions[name])
+        assert "_select_taps(" in source and source.count("_unfold(") == 1  # the input's patches, for the mask
+    rng = np.random.default_rng(5)
+    X, V = rng.normal(size=(2, 5 * 56)), rng.normal(size=(2, 5 * 56))
+    mask = window_argmax(unfold(X, *geometry), *geometry)
+    for Y in (X, V):
+        expected = (mask * unfold(Y, *geometry)).reshape(2, 9, -1).sum(axis=1)
+        assert np.abs(expected).max() > 0.1
+        np.testing.assert_array_equal(select_taps(Y, mask, *geometry), expected)
+        np.testing.assert_array_equal(select_taps(Y, mask.copy(), *geometry), expected)
+
+
 def test_max_pooling_selects_each_windows_first_maximum():
     """window_argmax marks the first of a window's equal maxima (as PyTorch's max pooling routes δ), never
     a tap in the padding, even where every input of the window is negative (ReLU'd images tie at 0)."""
@@ -397,7 +422,8 @@ def test_adjoints_keep_a_signals_layout_between_convolutions():
     caches = [{} for _ in net.layers]
     as_matrices = net.adjoints(inputs, dZ, caches, matrices=True)
     as_columns = net.adjoints(inputs, dZ)
-    assert {p for p, a in as_matrices.items() if a.ndim == 3} == {0, 1, 2}  # conv1, relu and the pooling
+    # conv1, relu and the pooling; conv2's, columns through tanh from the flatten, made its matrices once
+    assert {p for p, a in as_matrices.items() if a.ndim == 3} == {0, 1, 2, 3}
     for position, adjoint in as_columns.items():
         assert adjoint.ndim == 2 and np.abs(adjoint).max() > 1e-6
         np.testing.assert_allclose(columns_of_matrices(as_matrices[position]), adjoint, rtol=1e-13, atol=1e-15)
@@ -430,7 +456,6 @@ def test_kfac_statistics_change_a_batchs_layout_once(monkeypatch):
     from collections import Counter
 
     import mcalc.train.network as network_module
-    import mcalc.train.optimizers as optimizers_module
 
     made, kept = Counter(), []  # kept alive: no two arrays share an id
     original = network_module.matrices_of_columns
@@ -441,7 +466,6 @@ def test_kfac_statistics_change_a_batchs_layout_once(monkeypatch):
         return original(columns, rows)
 
     monkeypatch.setattr(network_module, "matrices_of_columns", counted)
-    monkeypatch.setattr(optimizers_module, "matrices_of_columns", counted)
     net = Network("2x12-conv(3,3,pad=1)-relu-maxpool(2)-conv(4,3)-tanh-flatten-5", seed=1)
     X = np.random.default_rng(0).normal(size=(24, 7))
     make_optimizer("kfac", fisher="exact")._statistics(net, X)

@@ -56,6 +56,7 @@ from mcalc.runtime.array_ops import sample_matmul as _sample_matmul  # noqa: F40
 from mcalc.runtime.array_ops import sample_product as _sample_product  # noqa: F401
 from mcalc.runtime.array_ops import sample_transpose as _sample_transpose  # noqa: F401
 from mcalc.runtime.array_ops import samples_first as _samples_first  # noqa: F401
+from mcalc.runtime.array_ops import select_taps as _select_taps  # noqa: F401
 from mcalc.runtime.array_ops import side_by_side as _side_by_side  # noqa: F401
 from mcalc.runtime.array_ops import softmax as _softmax  # noqa: F401
 from mcalc.runtime.array_ops import special as _special  # noqa: F401

@@ -49,6 +49,7 @@ from .plan import (
     batch_reference,
     repeated_patches,
     sanitise,
+    selected_taps,
 )
 
 
@@ -378,6 +379,11 @@ class ArrayPrinter:
         return code
 
     def _print_MatMul(self, node: Expr) -> str:
+        selected = selected_taps(node)
+        if selected is not None:  # max pooling: each window's selected input, the patches never made
+            y, mask = selected
+            _, spec, size = mask.args
+            return f"_select_taps({self.operand(y)}, {self.operand(mask)}, {self._spec(spec, size)})"
         sandwich = self._print_sandwich(node)
         if sandwich is not None:
             return sandwich

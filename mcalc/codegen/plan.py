@@ -41,7 +41,9 @@ from ..expr import (
     Stacked,
     Symbol,
     Transpose,
+    Unfold,
     UnfoldMatrix,
+    WindowArgmax,
     Zero,
     is_broadcast,
     tangent_of,
@@ -377,6 +379,8 @@ def read_by(parent: Expr, child: Expr) -> tuple[Expr, ...]:
         return ()
     if isinstance(parent, Fold) and (repeated := repeated_patches(parent)) is not None:
         return tuple(a for a in repeated if a is not None)  # folded tap by tap (runtime fold_repeated)
+    if isinstance(parent, MatMul) and (selected := selected_taps(parent)) is not None:
+        return selected  # each window's selected input read (runtime select_taps), the patches never made
     if isinstance(parent, (Add, MatMul)):
         core = child.operand if isinstance(child, ScalarMul) and isinstance(parent, Add) else child
         if isinstance(core, Diag):
@@ -400,6 +404,22 @@ def repeated_patches(fold: Expr) -> tuple[Expr, Expr | None] | None:
         if (isinstance(f, Kron) and isinstance(f.args[1], Ones) and f.args[1].cols == ONE
                 and f.args[1].rows == spec.taps):
             return f.args[0], (factors[1 - i] if len(factors) == 2 else None)
+    return None
+
+
+def selected_taps(product: Expr) -> tuple[Expr, Expr] | None:
+    """(Y, M) for (I ⊗ 1_tapsᵀ)(M ⊙ unfold(Y)), M a :class:`WindowArgmax` of the same windows: the input each
+    window selected, max pooling's output (Y = X) and its tangent (Y = V); else None."""
+    if not (isinstance(product, MatMul) and len(product.args) == 2):
+        return None
+    left, patches = product.args
+    if not (isinstance(left, Kron) and isinstance(left.args[0], Identity) and isinstance(left.args[1], Ones)
+            and left.args[1].rows == ONE and isinstance(patches, Hadamard) and len(patches.args) == 2):
+        return None
+    for mask, unfolded in (patches.args, reversed(patches.args)):
+        if (isinstance(mask, WindowArgmax) and isinstance(unfolded, Unfold) and unfolded.args[1:] == mask.args[1:]
+                and left.args[1].cols == mask.args[1].taps):
+            return unfolded.args[0], mask
     return None
 
 

@@ -258,6 +258,19 @@ def window_argmax(u: Any, kernel: Dims, stride: Dims, padding: tuple, dilation: 
     return mask
 
 
+def select_taps(x: Any, mask: Any, kernel: Dims, stride: Dims, padding: tuple, dilation: Dims, size: Dims) -> Any:
+    """(I_c ⊗ 1_tapsᵀ)(mask ⊙ unfold(x)) for inputs x (…, c, N·n): each window's input where ``mask`` is 1, as
+    (…, c, T·n), max pooling's output (x its input) or tangent (x the input's). A mask that
+    :func:`window_argmax` made for NumPy is read as the inputs its windows selected, one gather; any other
+    is applied to the patches, whose taps are then summed."""
+    selected = _selected_inputs(mask)
+    if selected is not None and selected.size == x.size // math.prod(size) * math.prod(
+            grid(size, kernel, stride, padding, dilation)):
+        return x.reshape(-1)[selected].reshape(x.shape[:-1] + (-1,))
+    patches = mask * unfold(x, kernel, stride, padding, dilation, size)
+    return patches.reshape(patches.shape[:-2] + (-1, math.prod(kernel), patches.shape[-1])).sum(axis=-2)
+
+
 def _tap_positions(kernel: Dims, stride: Dims, padding: tuple, dilation: Dims, size: Dims) -> np.ndarray:
     """(taps, T): the flat position in an input of ``size`` that each tap of each patch reads, −1 where it
     falls in the padding; taps and patches row-major over the dimensions, as :func:`unfold` orders them."""

@@ -542,7 +542,8 @@ class Network:
         With ``matrices``, an adjoint that a layer gives as per-sample matrices (rows, B, cols), a convolution's
         or a pooling's δX, stays so: the activations of a signal between such layers run entry by entry on
         that layout, and the layout copies to columns and back between them are never made (a CNN's
-        K-FAC statistics); by default every adjoint is columns."""
+        K-FAC statistics), and a matrix-output layer's adjoint that arrives as columns (a flatten above it)
+        is made into its matrices once, for the layer and the caller; by default every adjoint is columns."""
         out = {len(self.layers) - 1: dZ}
         for position in range(len(self.layers) - 1, 0, -1):
             layer = self.layers[position]
@@ -558,6 +559,9 @@ class Network:
                      "dz": dZ if dZ.ndim == 3 else layer.takes_output(dZ)}
             dZ = self.code[layer.module].gradients(self._module_params(layer), S, cache=cache,
                                                    params=False)[layer.input]
+            below = self.layers[position - 1]
+            if matrices and dZ.ndim == 2 and below.output_rows is not None:  # columns from a flatten: made
+                dZ = below.takes_output(dZ)  # matrices once, for the layer below and the caller alike
             out[position - 1] = dZ if matrices else columns_of_matrices(dZ)
         return out
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import McalcError
 from ..modes import Approximation, Curvature, CurvatureMatrix
-from ..runtime.array_ops import matrices_of_columns, side_by_side, softmax
+from ..runtime.array_ops import side_by_side, softmax
 from ..runtime.blocks import CurvatureBlock, namespace, row_groups
 from .block_solvers import DampedBlockSolver, conjugate_gradient
 from .distributed import DataParallel
@@ -375,11 +375,8 @@ class KFAC(Optimizer):
             adjoints = net.adjoints(inputs, (p - target) * xp.sqrt(weight) / B, caches, matrices=True)
             for position in out:
                 g = adjoints[position]  # δZ carried 1/B: B g, the per-sample gradients, a column each (or (rows, B, T))
-                rows = net.layers[position].output_rows
-                if rows is not None and g.ndim == 2:  # a convolution's as columns (a flatten after it)
-                    g = matrices_of_columns(g, rows)
-                if rows is not None:  # a convolution's: summed over positions, or one column per position
-                    g = g.sum(axis=2) if self.kfac_approx == "reduce" else side_by_side(g)
+                if net.layers[position].output_rows is not None:  # a convolution's (rows, B, T): reduce sums
+                    g = g.sum(axis=2) if self.kfac_approx == "reduce" else side_by_side(g)  # the positions
                 A, G = out[position]
                 out[position] = (A, G + (g @ g.T) * B)  # (B g)(B g)ᵀ / B, B g never made
         # the means over every rank's shard of the batch
