@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -135,8 +136,8 @@ def _check_train_arguments(args: argparse.Namespace) -> None:
         if value < 1:
             raise McalcError(f"{option} must be a positive integer, not {value}")
     for option, value in (("--lr", args.lr), ("--damping", args.damping)):
-        if value is not None and not value > 0:
-            raise McalcError(f"{option} must be positive, not {value}")
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise McalcError(f"{option} must be positive and finite, not {value}")
     if args.alpha is not None and args.optimizer != "hbp-newton":
         raise McalcError(f"--alpha is hbp-newton's damping of eq. (8); {args.optimizer} has none")
     if args.cg_iterations is not None and args.cg_iterations < 1:
@@ -323,6 +324,31 @@ class _WithDefaults(argparse.HelpFormatter):
         return text
 
 
+def _seed(text: str) -> int:
+    """A seed, as NumPy's generators take it: a whole number ≥ 0."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"a seed is a whole number ≥ 0, not {text!r}")
+    return int(text)
+
+
+def _count(text: str) -> int:
+    """A positive whole number (epochs)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, not {text!r}")
+    return int(text)
+
+
+def _accuracy(text: str) -> float:
+    """A test accuracy to reach: a fraction in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"an accuracy is a fraction in (0, 1], not {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mcalc", description="Matrix calculus for curvature: derive, "
                                      "verify and compile Hessian backpropagation rules.")
@@ -342,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what is checked: the symbolic rules (dense), or the generated code of a backend "
                         "(cupy-emulated: the CuPy code with its CUDA kernels run on the CPU, no GPU needed)")
     p.add_argument("--compile-only", action="store_true", help="only compile every CUDA kernel (nvcc or NVRTC)")
-    p.add_argument("--seed", type=int, default=0, help="random point to check at")
+    p.add_argument("--seed", type=_seed, default=0, help="random point to check at")
     p.add_argument("--json", action="store_true", help="print the checks as JSON")
     p.set_defaults(run=_verify)
 
@@ -406,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "module by module)")
     p.add_argument("--graphs", action="store_true",
                    help="cupy: replay each backward pass as a CUDA graph (one launch instead of one per kernel)")
-    p.add_argument("--seed", type=int, default=0, help="initial weights, data order, split of digits")
+    p.add_argument("--seed", type=_seed, default=0, help="initial weights, data order, split of digits")
     p.add_argument("--json", help="write the history here")
     p.add_argument("--plot", help="write loss and accuracy curves here (PNG)")
     p.add_argument("--checkpoint", help="save the run here after every epoch")
@@ -414,9 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_train)
 
     p = sub.add_parser("demo", help="the main job on embedded data")
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--target-accuracy", type=float, default=0.95)
+    p.add_argument("--epochs", type=_count, default=12)
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--target-accuracy", type=_accuracy, default=0.95)
     p.add_argument("--plot", default="mcalc-demo.png", help="where the training curves go")
     p.add_argument("--json", default="mcalc-demo.json", help="where the histories go")
     p.set_defaults(run=_demo)

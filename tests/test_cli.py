@@ -87,7 +87,8 @@ def test_demo_runs(tmp_path):
 @pytest.mark.parametrize(("arguments", "message"), [
     (["--batch-size", "0"], "--batch-size must be a positive integer, not 0"),
     (["--batch-size", "-5"], "--batch-size must be a positive integer, not -5"),
-    (["--lr", "-1"], "--lr must be positive, not -1.0"),
+    (["--lr", "-1"], "--lr must be positive and finite, not -1.0"),
+    (["--lr", "inf"], "--lr must be positive and finite, not inf"),
     (["--epochs", "0"], "--epochs must be a positive integer, not 0"),
     (["--split", "0"], "--split must be a positive integer, not 0"),
     (["--cg-iterations", "0"], "--cg-iterations must be a positive integer"),
@@ -102,6 +103,24 @@ def test_train_refuses_numbers_a_run_cannot_start_with(arguments, message, tmp_p
     err = capsys.readouterr().err
     assert err.strip() == f"mcalc: error: {message}" or (message in err and len(err.strip().splitlines()) == 1)
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["train", "--seed", "-1"], "argument --seed: a seed is a whole number ≥ 0, not '-1'"),
+    (["verify", "--seed", "x"], "argument --seed: a seed is a whole number ≥ 0, not 'x'"),
+    (["demo", "--seed", "-1"], "argument --seed: a seed is a whole number ≥ 0"),
+    (["demo", "--epochs", "0"], "argument --epochs: must be a positive whole number, not '0'"),
+    (["demo", "--target-accuracy", "2"], "argument --target-accuracy: an accuracy is a fraction in (0, 1]"),
+])
+def test_options_of_the_wrong_kind_are_one_line_of_usage(arguments, message, tmp_path, capsys, monkeypatch):
+    """A seed below 0 (NumPy's and scikit-learn's tracebacks before), no epochs or an accuracy past 1: exit 2,
+    argparse's usage and one error line, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(arguments)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"mcalc {arguments[0]}: error: {message}")
+    assert not list(tmp_path.iterdir())
 
 
 def test_train_on_cupy_without_a_gpu_is_one_clear_line(tmp_path, capsys):

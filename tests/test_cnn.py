@@ -28,7 +28,12 @@ def test_the_spec_of_a_convolutional_network():
                          ("1x40-conv(8)-flatten-10", r"'conv\(8\)' needs 2 numbers"),
                          ("1x40-maxpool(2,dil=2)-flatten-10", "unknown option 'dil'"),
                          ("1x40-maxpool(2,pad=2)-flatten-10", "padding at most half the window"),
-                         ("1x40-conv(8,5,pad=x)-flatten-10", "'pad=x' in 'conv\\(8,5,pad=x\\)' is not an integer"),
+                         ("1x40-conv(8,5,pad=x)-flatten-10", "'pad=x' in 'conv\\(8,5,pad=x\\)' is not a whole number"),
+                         ("1x40-conv(8,5,pad=-1)-flatten-10", r"'pad=-1' in 'conv\(8,5,pad=-1\)' is not a whole"),
+                         ("1x40-conv(8,5,stride=0)-flatten-10", "needs positive filters, kernel, stride and dil"),
+                         ("64--10", "an empty token"), ("64-10-", "an empty token"),
+                         ("1x40-conv(8,5-flatten-10", "unbalanced parentheses"),
+                         ("1x40-conv(8,5))-flatten-10", "unbalanced parentheses"),
                          ("1x40-conv(8,5,step=2)-flatten-10", "unknown option 'step'"),
                          ("1x40-flatten-relu-10", "must follow a width, a convolution")]:
         with pytest.raises(mc.McalcError, match=message):
@@ -41,6 +46,9 @@ def test_the_spec_of_a_convolutional_network():
         Network("1x3x1-conv(2,1)-maxpool(2)-flatten-10")
     with pytest.raises(mc.McalcError, match=r"conv needs a signal or an image, but follows a vector of 9"):
         Network("1x3x3-flatten-conv(2,1)-10")
+    with pytest.raises(mc.McalcError, match=r"flatten needs a signal or an image, but follows a vector of 9"):
+        Network("1x3x3-flatten-flatten-10")
+    assert Network("1x3x3-conv(2,3)-flatten-10").shapes[-2] == (2, 1)  # one position left: still a signal
 
 
 def _torch_logits(x, K1, b1, K2, b2, W, b):

@@ -121,7 +121,7 @@ _CONV_OPTIONS = {"stride": "stride", "pad": "padding", "padding": "padding", "di
 def parse_spec(spec: str, modules: Collection[str] = ()) -> list[Token]:
     """The layers of ``spec``; ``modules``: the names of the user's modules it may use."""
     tokens: list[Token] = []
-    for text in (t.strip() for t in spec.split("-") if t.strip()):
+    for text in _token_texts(spec):
         if not tokens and _SIGNAL.match(text):
             channels, *extents = (int(n) for n in text.split("x"))
             if min(channels, *extents) < 1:
@@ -173,6 +173,26 @@ def parse_spec(spec: str, modules: Collection[str] = ()) -> list[Token]:
     return tokens
 
 
+def _token_texts(spec: str) -> list[str]:
+    """The tokens of ``spec``: its text between the dashes outside parentheses, so that a negative option
+    (``pad=-1``) stays in its token and is refused there; an empty one (``64--10``) is refused."""
+    texts, depth, current = [], 0, ""
+    for character in spec + "-":
+        if character == "-" and depth == 0:
+            if not current.strip():
+                raise McalcError(f"model spec '{spec}': an empty token (a '-' at an end, or two in a row)")
+            texts.append(current.strip())
+            current = ""
+            continue
+        depth += (character == "(") - (character == ")")
+        if depth < 0:
+            break
+        current += character
+    if depth != 0:
+        raise McalcError(f"model spec '{spec}': unbalanced parentheses")
+    return texts
+
+
 def _integers(spec: str, text: str, arguments: str, count: int, allowed: set[str],
               usage: str) -> tuple[list[int], dict[str, int]]:
     """The ``count`` positional integers and the named options (``stride=``, ``pad=``, ``dil=``) of a token's
@@ -182,7 +202,7 @@ def _integers(spec: str, text: str, arguments: str, count: int, allowed: set[str
         key, equals, value = part.partition("=")
         same = equals and _CONV_OPTIONS.get(key.strip()) == "padding" and value.strip() == "same"
         if not ((value if equals else key).strip().isdigit() or same):
-            raise McalcError(f"model spec '{spec}': '{part}' in '{text}' is not an integer; {usage}")
+            raise McalcError(f"model spec '{spec}': '{part}' in '{text}' is not a whole number ≥ 0; {usage}")
         if equals:
             if _CONV_OPTIONS.get(key.strip()) not in allowed:
                 raise McalcError(f"model spec '{spec}': unknown option '{key.strip()}' in '{text}'; {usage}")
@@ -199,7 +219,8 @@ def _conv(spec: str, text: str, arguments: str) -> Conv:
     usage = "conv(filters, kernel[, stride=…, pad=…, dil=…]), e.g. conv(32,5,pad=2)"
     (filters, kernel), options = _integers(spec, text, arguments, 2, {"stride", "padding", "dilation"}, usage)
     if min(filters, kernel) < 1 or options.get("stride", 1) < 1 or options.get("dilation", 1) < 1:
-        raise McalcError(f"model spec '{spec}': '{text}' needs positive filters and kernel; {usage}")
+        raise McalcError(f"model spec '{spec}': '{text}' needs positive filters, kernel, stride and dilation; "
+                         f"{usage}")
     return Conv(filters, kernel, **options)
 
 

@@ -163,6 +163,9 @@ class Network:
             elif isinstance(token, Activation):  # entry by entry: a signal stays one
                 rows, cols = self.shapes[-1]
                 self.layers.append(Layer(token.module, {}, signal_rows=rows if cols != 1 else None))
+            elif isinstance(token, Flatten) and extents is None and self.shapes[-1][1] == 1:
+                raise McalcError(f"model spec '{spec}': flatten needs a signal or an image, but follows a vector of "
+                                 f"{self.shapes[-1][0]}")
             elif isinstance(token, Flatten):
                 self.shapes.append((self.shapes[-1][0] * self.shapes[-1][1], 1))
                 extents = None
