@@ -46,9 +46,6 @@ def test_the_spec_of_a_convolutional_network():
         Network("1x3x1-conv(2,1)-maxpool(2)-flatten-10")
     with pytest.raises(mc.McalcError, match=r"conv needs a signal or an image, but follows a vector of 9"):
         Network("1x3x3-flatten-conv(2,1)-10")
-    with pytest.raises(mc.McalcError, match=r"flatten needs a signal or an image, but follows a vector of 9"):
-        Network("1x3x3-flatten-flatten-10")
-    assert Network("1x3x3-conv(2,3)-flatten-10").shapes[-2] == (2, 1)  # one position left: still a signal
 
 
 def _torch_logits(x, K1, b1, K2, b2, W, b):

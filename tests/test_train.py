@@ -574,6 +574,19 @@ def _user_modules(tmp_path):
     return {m.name: load_code(m, "numpy", tmp_path) for m in chosen}
 
 
+def test_a_spec_binds_a_modules_own_dimensions_once_and_its_signal_flattens(tmp_path, monkeypatch):
+    """A binding of a dimension the module does not have, or of one twice, is refused by name; an
+    elementwise module of a convolution's signal may be followed by flatten, as a built-in activation may."""
+    monkeypatch.setenv("MCALC_CACHE", str(tmp_path / "cache"))
+    code = _user_modules(tmp_path)
+    with pytest.raises(mc.McalcError, match="module 'LowRank' has no dimension 'q'; its dimensions are m, n, r"):
+        Network("5-LowRank(m=4, q=2)-3", code=code)
+    with pytest.raises(mc.McalcError, match=r"LowRank\(…\) binds 'r' twice"):
+        Network("5-LowRank(m=4, r=2, r=3)-3", code=code)
+    net = Network("1x6-conv(2,3)-Swish-flatten-3", code=code)
+    assert net.forward(np.random.default_rng(0).normal(size=(6, 4)))[0].shape == (3, 4)
+
+
 def test_a_network_of_user_modules_has_the_gradients_and_curvature_of_its_loss(tmp_path):
     """A user's modules by name in the spec, dimensions bound there; gradients against finite differences of
     the loss, the Hessian-vector product against finite differences of the gradients, and the HBP blocks

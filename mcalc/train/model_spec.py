@@ -231,6 +231,8 @@ def _bindings(spec: str, name: str, text: str | None) -> tuple[tuple[str, int], 
         if not key.strip().isidentifier() or not value.strip().isdigit() or int(value) < 1:
             raise McalcError(f"model spec '{spec}': '{part}' in {name}(…) must bind a dimension to a positive "
                              "integer, e.g. h=32")
+        if key.strip() in out:
+            raise McalcError(f"model spec '{spec}': {name}(…) binds '{key.strip()}' twice")
         out[key.strip()] = int(value)
     return tuple(out.items())
 

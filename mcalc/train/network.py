@@ -9,6 +9,7 @@ generated code. Arrays hold one sample per column, as the generated code does.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
@@ -163,10 +164,7 @@ class Network:
             elif isinstance(token, Activation):  # entry by entry: a signal stays one
                 rows, cols = self.shapes[-1]
                 self.layers.append(Layer(token.module, {}, signal_rows=rows if cols != 1 else None))
-            elif isinstance(token, Flatten) and extents is None and self.shapes[-1][1] == 1:
-                raise McalcError(f"model spec '{spec}': flatten needs a signal or an image, but follows a vector of "
-                                 f"{self.shapes[-1][0]}")
-            elif isinstance(token, Flatten):
+            elif isinstance(token, Flatten):  # of a vector (a user's module's output, say): the identity
                 self.shapes.append((self.shapes[-1][0] * self.shapes[-1][1], 1))
                 extents = None
             elif isinstance(token, (Conv, Pool, Attention)) and extents is None:
@@ -243,6 +241,11 @@ class Network:
                              f"constants (it has inputs {inputs} and constants {others})")
         (input_name,) = inputs
         dims = dict(token.dims)
+        known = {n for shape in [*(s["shape"] for s in symbols.values()), code.OUTPUT_SHAPE] for d in shape
+                 for n in re.findall(r"[A-Za-z_]\w*", d)}
+        if unknown := sorted(set(dims) - known):
+            raise McalcError(f"module '{name}' has no dimension '{unknown[0]}'; its dimensions are "
+                             f"{', '.join(sorted(known))}")
         in_shape = self.shapes[-1] if symbols[input_name]["shape"][1] != "1" else (self.widths[-1], 1)
         for declared, actual in zip(symbols[input_name]["shape"], in_shape):
             if declared.isidentifier():
