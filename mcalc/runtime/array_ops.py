@@ -194,14 +194,12 @@ def fold_repeated(v: Any, mask: Any, kernel: Dims, stride: Dims, padding: tuple,
     A mask that :func:`window_argmax` made for NumPy carries one 1 per window: each value is added at the
     input its window selected, one scatter (``np.add.at``) over the windows. Any other mask: v times a
     tap's mask is added in place, tap by tap, so the taps·size array of the repeat is never made."""
+    patches = grid(size, kernel, stride, padding, dilation)
     selected = _selected_inputs(mask)
-    if selected is not None:
-        channels_and_samples = math.prod(v.shape[:-1]) * (v.shape[-1] // math.prod(grid(size, kernel, stride,
-                                                                                            padding, dilation)))
-        out = np.zeros(channels_and_samples * math.prod(size), dtype=v.dtype)
+    if selected is not None:  # v.size / T rows of inputs, each of n = Π size entries
+        out = np.zeros(v.size // math.prod(patches) * math.prod(size), dtype=v.dtype)
         np.add.at(out, selected, v.reshape(-1))
         return out.reshape(v.shape[:-1] + (-1,))
-    patches = grid(size, kernel, stride, padding, dilation)
     values = v.reshape(v.shape[:-1] + (-1,) + patches)
     if mask is None:
         return _fold_taps(lambda tap: values, kernel, stride, padding, dilation, size)
@@ -230,7 +228,8 @@ def window_argmax(u: Any, kernel: Dims, stride: Dims, padding: tuple, dilation: 
     position and sample, a 1 at the largest of its taps that read the input (a padded tap never is, as
     PyTorch pads max pooling with −∞). The windows' maxima are found tap by tap, each a strided slice (an
     argmax over the taps' axis, in the middle, is many times slower). A NumPy mask is read-only and
-    remembers, for :func:`fold_repeated`, the input position each window selected."""
+    remembers the input position each window selected, which :func:`select_taps` gathers from and
+    :func:`fold_repeated` scatters to."""
     xp, taps = namespace(u), math.prod(kernel)
     windows = u.reshape(u.shape[:-2] + (-1, taps, u.shape[-1]))
     positions = _tap_positions(kernel, stride, padding, dilation, size)  # (taps, T), −1 in the padding
@@ -264,8 +263,7 @@ def select_taps(x: Any, mask: Any, kernel: Dims, stride: Dims, padding: tuple, d
     :func:`window_argmax` made for NumPy is read as the inputs its windows selected, one gather; any other
     is applied to the patches, whose taps are then summed."""
     selected = _selected_inputs(mask)
-    if selected is not None and selected.size == x.size // math.prod(size) * math.prod(
-            grid(size, kernel, stride, padding, dilation)):
+    if selected is not None:
         return x.reshape(-1)[selected].reshape(x.shape[:-1] + (-1,))
     patches = mask * unfold(x, kernel, stride, padding, dilation, size)
     return patches.reshape(patches.shape[:-2] + (-1, math.prod(kernel), patches.shape[-1])).sum(axis=-2)
@@ -288,7 +286,7 @@ def _tap_positions(kernel: Dims, stride: Dims, padding: tuple, dilation: Dims, s
 
 
 # window_argmax's NumPy masks, by id, with a weak reference to the mask: the flat input position that each
-# window selected (what fold_repeated scatters δZ to); an entry goes when its mask does
+# window selected; an entry goes when its mask does
 _SELECTIONS: dict[int, tuple[weakref.ref, np.ndarray]] = {}
 
 
