@@ -399,6 +399,27 @@ def test_max_poolings_output_and_tangent_gather_the_inputs_its_windows_selected(
         np.testing.assert_array_equal(select_taps(Y, mask.copy(), *geometry), expected)
 
 
+@pytest.mark.parametrize("spec", ["2x5-avgpool(2,stride=1)-flatten-3", "2x4x6-maxpool(2)-conv(2,1)-tanh-flatten-3"])
+def test_a_network_that_pools_before_its_first_parameters_has_its_curvature_products(spec):
+    """Nothing moves below the first parameters: Gauss–Newton and Hessian products skip a pooling there (its
+    rgradients, with no tangent, raised, and its gradients read the loss's R{δ} of another shape); the
+    Hessian product is the central difference of the gradients."""
+    net = Network(spec, seed=0)
+    rng = np.random.default_rng(1)
+    X, Y = rng.normal(size=(net.shapes[0][0] * net.shapes[0][1], 3)), np.eye(3)[:, [0, 2, 1]]
+    V = {name: rng.normal(size=value.shape) for name, value in net.params.items()}
+    assert all(np.isfinite(v).all() for v in net.curvature_product(X, Y, "gn")(V).values())
+    product, params, h = net.curvature_product(X, Y, "hessian")(V), net.params, 1e-6
+    gradients = []
+    for sign in (1, -1):
+        net.params = {k: p + sign * h * V[k] for k, p in params.items()}
+        gradients.append(net.backward(X, Y)[1])
+    for name in params:
+        expected = (gradients[0][name] - gradients[1][name]) / (2 * h)
+        assert np.abs(expected).max() > 1e-3
+        np.testing.assert_allclose(product[name], expected, rtol=1e-5, atol=1e-8)
+
+
 def test_max_pooling_selects_each_windows_first_maximum():
     """window_argmax marks the first of a window's equal maxima (as PyTorch's max pooling routes δ), never
     a tap in the padding, even where every input of the window is negative (ReLU'd images tie at 0)."""

@@ -608,6 +608,8 @@ class Network:
             out: dict[str, Any] = {}
             for position in reversed(range(len(self.layers))):
                 layer, T_in = self.layers[position], tangents[position]
+                if T_in is None and not layer.params:  # a pooling before the first parameters: nothing moves
+                    continue
                 code, P = self.code[layer.module], self._module_params(layer)
                 S = {layer.input: layer.takes(inputs[position], caches[position])}
                 if matrix is CurvatureMatrix.GAUSS_NEWTON:
