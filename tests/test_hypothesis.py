@@ -1,14 +1,17 @@
 """Property tests: random shapes and points, and random modules of random operations."""
+import os
+
 import numpy as np
 import torch_reference
 from conftest import seeds_for
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 from strategies import modules
 
 import mcalc as mc
 from mcalc import layers as L
 from mcalc.numeric.verify import sample_values, verify_module
+from mcalc.train.network import Network
 
 # Each example derives and checks a whole module: shrinking a failure would take minutes, so it is off;
 # the failing module is printed as generated.
@@ -70,9 +73,52 @@ def networks(draw):
 @given(spec=networks(), loss=st.sampled_from(["ce", "mse"]), batch=st.integers(1, 6), seed=st.integers(0, 1000))
 def test_random_networks_curvature_products(spec, loss, batch, seed):
     """Hv against the central difference of the gradient along v; Gv symmetric and positive semi-definite."""
-    from mcalc.train.network import Network
+    _check_curvature_products(Network(spec, loss=loss, seed=seed), batch, seed)
 
-    net = Network(spec, loss=loss, seed=seed)
+
+@st.composite
+def convolutional_networks(draw):
+    """A random CNN spec: a signal or an image of 1–2 channels, then 1–3 of convolutions (stride, padding,
+    dilation), average and max poolings (stride, padding) and activations in any order, flatten, a width."""
+    dims = draw(st.integers(1, 2))
+    tokens = [f"{draw(st.integers(1, 2))}x" + "x".join(str(draw(st.integers(4, 8))) for _ in range(dims))]
+    for _ in range(draw(st.integers(1, 3))):
+        kind = draw(st.sampled_from(["conv", "avgpool", "maxpool", "activation"]))
+        k, stride = draw(st.integers(1, 3)), draw(st.integers(1, 2))
+        if kind == "conv":
+            padding, dilation = draw(st.sampled_from([0, 1, "same"])), draw(st.integers(1, 2))
+            tokens.append(f"conv({draw(st.integers(1, 3))},{k},stride={stride},pad={padding},dil={dilation})")
+        elif kind != "activation":
+            tokens.append(f"{kind}({k},stride={stride},pad={draw(st.sampled_from([0, k // 2, 'same']))})")
+        elif len(tokens) > 1 and not tokens[-1].isalpha():
+            tokens.append(draw(st.sampled_from(["sigmoid", "tanh", "softplus"])))
+    return "-".join([*tokens, "flatten", str(draw(st.integers(2, 4)))])
+
+
+@settings(SETTINGS, max_examples=8, suppress_health_check=list(HealthCheck))
+@given(spec=convolutional_networks(), loss=st.sampled_from(["ce", "mse"]), batch=st.integers(1, 4),
+       seed=st.integers(0, 1000))
+def test_random_convolutional_networks_curvature_products(spec, loss, batch, seed, tmp_path_factory):
+    """As for vector networks, over random convolutions and poolings (a pooling before the first parameters
+    failed 17 of 30 such networks); every HBP mode gives finite blocks."""
+    before = os.environ.get("MCALC_CACHE")
+    os.environ["MCALC_CACHE"] = str(tmp_path_factory.getbasetemp() / "cache")  # each window's code, generated
+    try:
+        try:
+            net = Network(spec, loss=loss, seed=seed)
+        except mc.McalcError as error:
+            assume("leaves no positions" not in str(error))  # windows larger than what is left of the input
+            raise
+        X, Y = _check_curvature_products(net, batch, seed)
+        for curvature in mc.CURVATURES:
+            assert all(np.isfinite(b.to_dense()).all() for b in net.backward(X, Y, curvature)[2].values())
+    finally:
+        os.environ.pop("MCALC_CACHE") if before is None else os.environ.__setitem__("MCALC_CACHE", before)
+
+
+def _check_curvature_products(net: Network, batch: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hv against the central difference of the gradient along v; Gv symmetric and positive semi-definite.
+    Returns the batch (X, Y) it checked at."""
     rng = np.random.default_rng(seed)
     # Random biases too: with zero biases a layer of dead ReLUs puts the next pre-activation on relu's kink.
     net.params = {k: rng.normal(scale=0.8, size=a.shape) for k, a in net.params.items()}
@@ -92,8 +138,9 @@ def test_random_networks_curvature_products(spec, loss, batch, seed):
     plus, minus = gradient(h), gradient(-h)
     Hv = net.curvature_product(X, Y, "hessian")(V)
     for k in theta:
-        np.testing.assert_allclose(Hv[k], (plus[k] - minus[k]) / (2 * h), atol=1e-6, err_msg=f"{spec} {k}")
+        np.testing.assert_allclose(Hv[k], (plus[k] - minus[k]) / (2 * h), atol=1e-6, err_msg=f"{net.spec} {k}")
     G = net.curvature_product(X, Y, "gn")
     Gu, Gv = G(U), G(V)
     assert abs(dot(U, Gv) - dot(V, Gu)) <= 1e-10 * (1 + abs(dot(U, Gv)))
     assert dot(V, Gv) >= -1e-12
+    return X, Y
