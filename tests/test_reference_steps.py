@@ -305,7 +305,7 @@ def test_hessian_free_raises_the_damping_until_the_hessian_system_is_positive_de
     start = 0.01
     assert lowest + start < -0.01  # the damped Hessian really is indefinite: CG meets negative curvature
     options = dict(matrix="hessian", damping=start, cg_iterations=500, cg_tolerance=1e-12, min_damping=0.0,
-                   backtrack=False, precondition=False, warm_start=0.0)
+                   backtrack=False, precondition=False, warm_start=0.0, negative_curvature="raise")
     fixed = HessianFree(**options, adapt_damping=False)
     fixed.step(net, grads, {}, (X, Y))
     assert fixed.damping == start  # raised for this step only
@@ -319,6 +319,33 @@ def test_hessian_free_raises_the_damping_until_the_hessian_system_is_positive_de
     alpha = float(step @ d / (d @ d))
     assert np.linalg.norm(step - alpha * d) < 1e-3 * np.linalg.norm(alpha * d)  # CG's progress test ends it
     assert 0 < alpha <= 1 + 1e-12
+
+
+def test_hf_newton_takes_the_gauss_newton_step_where_the_hessian_system_is_indefinite():
+    """hf-newton's default: where CG on H + λI meets negative curvature, the step solves (G + λI) d = −g with
+    the Gauss–Newton matrix G, λ unraised; where H + λI is positive definite, the step is the Newton one."""
+    from mcalc.train.hessian_free import HessianFree
+
+    rng = np.random.default_rng(4)
+    net = Network("4-5-tanh-3", seed=2)
+    X, Y = _batches(rng, count=1)[0]
+    _, grads, _ = net.backward(X, Y)
+    flat, unflat = net.flat, net.unflat
+    n = flat(net.params).size
+    H, G = (np.stack([flat(net.curvature_product(X, Y, m)(unflat(e))) for e in np.eye(n)], axis=1)
+            for m in ("hessian", "gn"))
+    assert np.linalg.eigvalsh(H)[0] + 0.01 < -0.01 < np.linalg.eigvalsh(H)[0] + 5  # indefinite at 0.01, not at 5
+    assert np.abs(H - G).max() > 0.1  # the two steps differ
+    for damping, C in ((0.01, G), (5.0, H)):
+        hf = HessianFree(matrix="hessian", damping=damping, cg_iterations=500, cg_tolerance=1e-12,
+                         min_damping=0.0, backtrack=False, precondition=False, warm_start=0.0, adapt_damping=False)
+        step = flat(hf.step(net, grads, {}, (X, Y)))
+        assert hf.damping == damping
+        d = np.linalg.solve(C + damping * np.eye(n), -flat(grads))
+        alpha = float(step @ d / (d @ d))
+        assert np.linalg.norm(step - alpha * d) < 1e-3 * np.linalg.norm(alpha * d) and 0 < alpha <= 1 + 1e-9
+    with pytest.raises(mc.McalcError, match="negative_curvature is 'gauss-newton' or 'raise'"):
+        HessianFree(negative_curvature="saddle-free")
 
 
 # --- shared safeguards ---------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ never formed. Following the paper and the code:
 
 - the preconditioner is diag(Σᵢ gᵢ²/B + λ)^¾, gᵢ the per-sample gradients (Section 4.7);
 - CG starts from the previous step's solution decayed by 0.95, runs at most 250 iterations, stops on
-  the relative-progress test (Section 4.4) or at negative curvature (which only the Hessian has: then
-  λ is raised, below), and keeps its iterates at i = ⌈5·1.3ᵏ⌉ and the last;
+  the relative-progress test (Section 4.4) or at negative curvature (which only the Hessian has: below),
+  and keeps its iterates at i = ⌈5·1.3ᵏ⌉ and the last;
 - CG-backtracking (Section 4.6): the last iterate, then earlier ones while the loss keeps falling;
 - λ adapts by the reduction ratio ρ = (f(θ + d) − f(θ)) / q(d) of the chosen iterate (q without the
   damping): λ ← 3/2 λ when ρ < 1/4, λ ← 2/3 λ when ρ > 3/4, from λ₀ = 45 (Section 4.1);
@@ -23,12 +23,18 @@ optimistic and, without a floor, λ shrinks until each step fits its own batch. 
 Gauss–Newton matrix is within 0.03 of the better first-order method in 17 cells with a floor of 0.3,
 25 with 0.6 and 24 with 1 (with 0.03, MNIST-1D with two ReLU layers ends at 0.30), so 0.6.
 
-The Hessian is indefinite. Where CG meets a direction p with pᵀ(C + λI)p ≤ 0, λ is raised so that C's
-curvature along p, damped, is the λ the step began with, and CG starts again from 0, at most
-``damping_raises`` times (the Levenberg–Marquardt condition λ > −λ_min(C) of Moré & Sorensen 1983;
-Martens' CG, written for the Gauss–Newton matrix, has no such case). Over the same matrix the Hessian is
-then within 0.03 in 14 cells with the floor of 0.6, against 7 when CG stopped there with a floor of 3
-(the README says what else was tried).
+The Hessian is indefinite, and Martens' CG, written for the Gauss–Newton matrix, has no case for a
+direction p with pᵀ(C + λI)p ≤ 0. ``negative_curvature`` says what hf-newton does there:
+
+- ``'gauss-newton'`` (the default): this step is the Gauss–Newton one, CG run again on G + λI from the
+  same start (the Gauss–Newton matrix is the Hessian's positive semi-definite part, Schraudolph 2002;
+  Martens 2010, Section 4.2, prefers it for its definiteness);
+- ``'raise'``: λ is raised so that C's curvature along p, damped, is the λ the step began with, and CG
+  starts again from 0, at most ``damping_raises`` times (the Levenberg–Marquardt condition
+  λ > −λ_min(C) of Moré & Sorensen 1983).
+
+Over the same matrix the Hessian is within 0.03 in 22 cells with the Gauss–Newton step, 14 with the
+raise, and 7 when CG stopped there with a floor of 3 (the README says what else was tried).
 """
 from __future__ import annotations
 
@@ -137,8 +143,8 @@ class HessianFree(Optimizer):
     """Hessian-free Newton (``matrix='hessian'``) or Gauss–Newton (``'gn'``); see the module docstring.
 
     Defaults are Martens' (λ₀ = 45, n_CG = 250, warm start 0.95, preconditioner exponent ¾, at most 60
-    step-length reductions); ``min_damping`` and ``damping_raises`` are mcalc's (the module docstring
-    says why).
+    step-length reductions); ``min_damping``, ``negative_curvature`` and ``damping_raises`` are mcalc's
+    (the module docstring says why).
     """
 
     matrix: CurvatureMatrix = CurvatureMatrix.GAUSS_NEWTON
@@ -153,6 +159,7 @@ class HessianFree(Optimizer):
     backtrack: bool = True
     line_search_steps: int = 60
     min_damping: float = 0.6
+    negative_curvature: str = "gauss-newton"  # or 'raise'
     damping_raises: int = 5
     previous: Any = None
     cg_steps: list[int] = field(default_factory=list)
@@ -161,6 +168,8 @@ class HessianFree(Optimizer):
 
     def __post_init__(self) -> None:
         self.matrix = CurvatureMatrix.parse(self.matrix)
+        if self.negative_curvature not in ("gauss-newton", "raise"):
+            raise McalcError(f"negative_curvature is 'gauss-newton' or 'raise', not {self.negative_curvature!r}")
 
     def step(self, net: Network, grads: dict[str, Any], blocks: dict[str, CurvatureBlock],
              batch: tuple[Any, Any] | None = None) -> dict[str, Any]:
@@ -174,17 +183,25 @@ class HessianFree(Optimizer):
         damping = self.damping
         preconditioner = (pack(squared_gradients(net, X, Y)) + damping) ** self.exponent if self.precondition else None
         start = self.warm_start * self.previous if self.previous is not None else xp.zeros_like(g)
-        for attempt in range(self.damping_raises + 1):
-            result = truncated_cg(lambda v, lam=damping: pack(product(unpack(v))) + lam * v, -g, start,
-                                  max_iterations=self.cg_iterations, tolerance=self.cg_tolerance,
-                                  preconditioner=preconditioner)
-            if not result.negative_curvature or attempt == self.damping_raises:
+
+        def solve(product: Any, damping: float, start: Any) -> CGResult:
+            return truncated_cg(lambda v: pack(product(unpack(v))) + damping * v, -g, start,
+                                max_iterations=self.cg_iterations, tolerance=self.cg_tolerance,
+                                preconditioner=preconditioner)
+
+        result = solve(product, damping, start)
+        if result.negative_curvature and self.negative_curvature == "gauss-newton":
+            product = net.curvature_product(X, Y, CurvatureMatrix.GAUSS_NEWTON)  # the Hessian's PSD part, G
+            result = solve(product, damping, start)
+        for _ in range(self.damping_raises if self.negative_curvature == "raise" else 0):
+            if not result.negative_curvature:
                 break
             # C + λI is indefinite along CG's direction p: λ rises until C's curvature there, κ − λ, damped is
             # the λ the step began with (Moré & Sorensen 1983: λ above −λ_min(C)), and CG starts again
             damping += self.damping - result.curvature
             start = xp.zeros_like(g)
-        if self.adapt_damping:  # a fixed λ (Martens' seed runs) is raised for this step only
+            result = solve(product, damping, start)
+        if self.adapt_damping:  # a fixed λ (Martens' seed runs) raised at negative curvature: this step only
             self.damping = damping
         self.previous = result.x
         loss = lambda d: net.loss(X, Y, net.params_plus(unpack(d)))  # noqa: E731
