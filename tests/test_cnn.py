@@ -102,10 +102,12 @@ def test_a_convolutional_network_has_pytorchs_loss_gradients_and_gauss_newton_pr
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "hbp-newton", "kfac", "kbfgs", "hf-gn", "hf-newton"])
 def test_every_optimizer_trains_a_convolutional_network(optimizer):
-    """Every optimiser at its defaults on the synthetic data as one-channel signals."""
+    """Every optimiser at its defaults on the synthetic data as one-channel signals (six epochs: hf-newton's
+    Newton steps swing the training loss on this ReLU network, 1.7–2.4 over the first four, 1.29 at the
+    fifth; the README's robustness section says why)."""
     data = D.load_dataset("synthetic", seed=0)
     net = Network(f"1x{data.features}-conv(4,3,pad=1)-relu-flatten-{data.classes}", seed=0)
-    result = train(net, data, make_optimizer(optimizer), epochs=4, batch_size=64, seed=0)
+    result = train(net, data, make_optimizer(optimizer), epochs=6, batch_size=64, seed=0)
     history = result["history"]  # 5 classes: chance is 0.2, and a loss of log 5 at the start
     assert history[-1]["test_accuracy"] > 0.4 and min(h["train_loss"] for h in history) < np.log(data.classes)
 
