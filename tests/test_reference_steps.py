@@ -288,37 +288,47 @@ def test_hessian_free_backtracks_to_an_earlier_cg_iterate_and_tests_every_step_l
     assert len(calls) == 1 + 3  # d itself, then three shorter steps, each tested
 
 
+def _indefinite_problem():
+    """A tiny tanh network and a batch where its Hessian is indefinite: the net, the batch, the gradients and
+    the dense Hessian and Gauss–Newton matrix."""
+    rng = np.random.default_rng(4)
+    net = Network("4-5-tanh-3", seed=2)
+    batch = _batches(rng, count=1)[0]
+    _, grads, _ = net.backward(*batch)
+    n = net.flat(net.params).size
+    dense = {m: np.stack([net.flat(net.curvature_product(*batch, m)(net.unflat(e))) for e in np.eye(n)], axis=1)
+             for m in ("hessian", "gn")}
+    return net, batch, grads, dense
+
+
+def _assert_damped_step(step, C, damping, g):
+    """The step is α (C + λI)⁻¹(−g) with 0 < α ≤ 1 (CG's progress test ends it near the solution)."""
+    d = np.linalg.solve(C + damping * np.eye(len(g)), -g)
+    alpha = float(step @ d / (d @ d))
+    assert np.linalg.norm(step - alpha * d) < 1e-3 * np.linalg.norm(alpha * d) and 0 < alpha <= 1 + 1e-9
+
+
 def test_hessian_free_raises_the_damping_until_the_hessian_system_is_positive_definite():
     """Where C + λI is indefinite, CG meets negative curvature; λ is then raised (C's curvature along that
     direction, damped, becomes the λ the step began with) and CG run again, until it meets none: the step
     solves (C + λ*I) d = −g with C + λ*I positive definite. A fixed λ is raised for the step only."""
     from mcalc.train.hessian_free import HessianFree
 
-    rng = np.random.default_rng(4)
-    net = Network("4-5-tanh-3", seed=2)
-    X, Y = _batches(rng, count=1)[0]
-    _, grads, _ = net.backward(X, Y)
-    flat, unflat = net.flat, net.unflat
-    n = flat(net.params).size
-    C = np.stack([flat(net.curvature_product(X, Y, "hessian")(unflat(e))) for e in np.eye(n)], axis=1)
-    lowest = np.linalg.eigvalsh(C)[0]
+    net, batch, grads, dense = _indefinite_problem()
+    lowest = np.linalg.eigvalsh(dense["hessian"])[0]
     start = 0.01
     assert lowest + start < -0.01  # the damped Hessian really is indefinite: CG meets negative curvature
     options = dict(matrix="hessian", damping=start, cg_iterations=500, cg_tolerance=1e-12, min_damping=0.0,
                    backtrack=False, precondition=False, warm_start=0.0, negative_curvature="raise")
     fixed = HessianFree(**options, adapt_damping=False)
-    fixed.step(net, grads, {}, (X, Y))
+    fixed.step(net, grads, {}, batch)
     assert fixed.damping == start  # raised for this step only
     raised = HessianFree(**options, adapt_damping=True, damping_raises=20)
-    updates = raised.step(net, grads, {}, (X, Y))
+    updates = raised.step(net, grads, {}, batch)
     rho = raised.ratios[0]
     damping = raised.damping / (1.5 if rho < 0.25 else 2 / 3 if rho > 0.75 else 1)  # before the LM update
     assert damping + lowest > 0 and damping > start
-    d = np.linalg.solve(C + damping * np.eye(n), -flat(grads))
-    step = flat(updates)
-    alpha = float(step @ d / (d @ d))
-    assert np.linalg.norm(step - alpha * d) < 1e-3 * np.linalg.norm(alpha * d)  # CG's progress test ends it
-    assert 0 < alpha <= 1 + 1e-12
+    _assert_damped_step(net.flat(updates), dense["hessian"], damping, net.flat(grads))
 
 
 def test_hf_newton_takes_the_gauss_newton_step_where_the_hessian_system_is_indefinite():
@@ -326,24 +336,16 @@ def test_hf_newton_takes_the_gauss_newton_step_where_the_hessian_system_is_indef
     the Gauss–Newton matrix G, λ unraised; where H + λI is positive definite, the step is the Newton one."""
     from mcalc.train.hessian_free import HessianFree
 
-    rng = np.random.default_rng(4)
-    net = Network("4-5-tanh-3", seed=2)
-    X, Y = _batches(rng, count=1)[0]
-    _, grads, _ = net.backward(X, Y)
-    flat, unflat = net.flat, net.unflat
-    n = flat(net.params).size
-    H, G = (np.stack([flat(net.curvature_product(X, Y, m)(unflat(e))) for e in np.eye(n)], axis=1)
-            for m in ("hessian", "gn"))
-    assert np.linalg.eigvalsh(H)[0] + 0.01 < -0.01 < np.linalg.eigvalsh(H)[0] + 5  # indefinite at 0.01, not at 5
-    assert np.abs(H - G).max() > 0.1  # the two steps differ
-    for damping, C in ((0.01, G), (5.0, H)):
+    net, batch, grads, dense = _indefinite_problem()
+    lowest = np.linalg.eigvalsh(dense["hessian"])[0]
+    assert lowest + 0.01 < -0.01 < lowest + 5  # indefinite at λ = 0.01, not at 5
+    assert np.abs(dense["hessian"] - dense["gn"]).max() > 0.1  # the two steps differ
+    for damping, matrix in ((0.01, "gn"), (5.0, "hessian")):
         hf = HessianFree(matrix="hessian", damping=damping, cg_iterations=500, cg_tolerance=1e-12,
                          min_damping=0.0, backtrack=False, precondition=False, warm_start=0.0, adapt_damping=False)
-        step = flat(hf.step(net, grads, {}, (X, Y)))
+        step = net.flat(hf.step(net, grads, {}, batch))
         assert hf.damping == damping
-        d = np.linalg.solve(C + damping * np.eye(n), -flat(grads))
-        alpha = float(step @ d / (d @ d))
-        assert np.linalg.norm(step - alpha * d) < 1e-3 * np.linalg.norm(alpha * d) and 0 < alpha <= 1 + 1e-9
+        _assert_damped_step(step, dense[matrix], damping, net.flat(grads))
     with pytest.raises(mc.McalcError, match="negative_curvature is 'gauss-newton' or 'raise'"):
         HessianFree(negative_curvature="saddle-free")
 
