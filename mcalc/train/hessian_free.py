@@ -27,8 +27,8 @@ The Hessian is indefinite, and Martens' CG, written for the Gauss–Newton matri
 direction p with pᵀ(C + λI)p ≤ 0. ``negative_curvature`` says what hf-newton does there:
 
 - ``'gauss-newton'`` (the default): this step is the Gauss–Newton one, CG run again on G + λI from the
-  same start (the Gauss–Newton matrix is the Hessian's positive semi-definite part, Schraudolph 2002;
-  Martens 2010, Section 4.2, prefers it for its definiteness);
+  same start (G is the Hessian without the network's second derivatives, positive semi-definite for a
+  convex loss, Schraudolph 2002; Martens 2010, Section 4.2, prefers it for that);
 - ``'raise'``: λ is raised so that C's curvature along p, damped, is the λ the step began with, and CG
   starts again from 0, at most ``damping_raises`` times (the Levenberg–Marquardt condition
   λ > −λ_min(C) of Moré & Sorensen 1983).
@@ -191,7 +191,7 @@ class HessianFree(Optimizer):
 
         result = solve(product, damping, start)
         if result.negative_curvature and self.negative_curvature == "gauss-newton":
-            product = net.curvature_product(X, Y, CurvatureMatrix.GAUSS_NEWTON)  # the Hessian's PSD part, G
+            product = net.curvature_product(X, Y, CurvatureMatrix.GAUSS_NEWTON)  # G, positive semi-definite
             result = solve(product, damping, start)
         for _ in range(self.damping_raises if self.negative_curvature == "raise" else 0):
             if not result.negative_curvature:
