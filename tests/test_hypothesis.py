@@ -1,5 +1,6 @@
 """Property tests: random shapes and points, and random modules of random operations."""
 import os
+from unittest import mock
 
 import numpy as np
 import torch_reference
@@ -101,9 +102,8 @@ def convolutional_networks(draw):
 def test_random_convolutional_networks_curvature_products(spec, loss, batch, seed, tmp_path_factory):
     """As for vector networks, over random convolutions and poolings (a pooling before the first parameters
     failed 17 of 30 such networks); every HBP mode gives finite blocks."""
-    before = os.environ.get("MCALC_CACHE")
-    os.environ["MCALC_CACHE"] = str(tmp_path_factory.getbasetemp() / "cache")  # each window's code, generated
-    try:
+    # each window's code generated into this session's temporary folder, not the user's cache
+    with mock.patch.dict(os.environ, {"MCALC_CACHE": str(tmp_path_factory.getbasetemp() / "cache")}):
         try:
             net = Network(spec, loss=loss, seed=seed)
         except mc.McalcError as error:
@@ -112,8 +112,6 @@ def test_random_convolutional_networks_curvature_products(spec, loss, batch, see
         X, Y = _check_curvature_products(net, batch, seed)
         for curvature in mc.CURVATURES:
             assert all(np.isfinite(b.to_dense()).all() for b in net.backward(X, Y, curvature)[2].values())
-    finally:
-        os.environ.pop("MCALC_CACHE") if before is None else os.environ.__setitem__("MCALC_CACHE", before)
 
 
 def _check_curvature_products(net: Network, batch: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
