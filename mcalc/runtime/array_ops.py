@@ -234,20 +234,17 @@ def window_argmax(u: Any, kernel: Dims, stride: Dims, padding: tuple, dilation: 
     windows = u.reshape(u.shape[:-2] + (-1, taps, u.shape[-1]))
     positions = _tap_positions(kernel, stride, padding, dilation, size)  # (taps, T), −1 in the padding
     samples = u.shape[-1] // positions.shape[1]
-
-    def tap(j: int) -> Any:  # tap j of every window, −∞ where it falls in the padding
-        if (positions[j] >= 0).all():
-            return windows[..., j, :]
-        reads = xp.asarray(np.tile(positions[j] >= 0, samples))
-        return xp.where(reads, windows[..., j, :], -xp.inf)
-
-    best = tap(0)
-    for j in range(1, taps):
-        best = xp.maximum(best, tap(j))
+    # the taps that fall in the padding somewhere: where each reads the input, over every sample's patches
+    reads = {j: xp.asarray(np.tile(positions[j] >= 0, samples)) for j in range(taps) if (positions[j] < 0).any()}
+    best = None
+    for j in range(taps):  # each window's maximum, a padded tap as −∞
+        tap = windows[..., j, :] if j not in reads else xp.where(reads[j], windows[..., j, :], -xp.inf)
+        best = tap if best is None else xp.maximum(best, tap)
     # the first tap that holds its window's maximum: taps − 1 unless an earlier one does
     first = xp.full(best.shape, taps - 1, dtype=np.min_scalar_type(taps))
     for j in reversed(range(taps - 1)):
-        xp.copyto(first, j, where=tap(j) == best)
+        holds = windows[..., j, :] == best
+        xp.copyto(first, j, where=holds if j not in reads else holds & reads[j])
     mask = xp.empty(windows.shape, dtype=u.dtype)
     for j in range(taps):
         xp.equal(first, j, out=mask[..., j, :])
@@ -271,18 +268,8 @@ def select_taps(x: Any, mask: Any, kernel: Dims, stride: Dims, padding: tuple, d
 
 def _tap_positions(kernel: Dims, stride: Dims, padding: tuple, dilation: Dims, size: Dims) -> np.ndarray:
     """(taps, T): the flat position in an input of ``size`` that each tap of each patch reads, −1 where it
-    falls in the padding; taps and patches row-major over the dimensions, as :func:`unfold` orders them."""
-    patches, n = grid(size, kernel, stride, padding, dilation), len(size)
-    position = np.zeros((1,) * 2 * n, dtype=np.intp)
-    inside = np.ones((1,) * 2 * n, dtype=bool)
-    for d, (k, s, (before, _), dl, g, length) in enumerate(zip(kernel, stride, pads(padding), dilation, patches,
-                                                                size)):
-        along_taps, along_patches = [1] * 2 * n, [1] * 2 * n
-        along_taps[d], along_patches[n + d] = k, g
-        coordinate = (np.arange(k).reshape(along_taps) * dl + np.arange(g).reshape(along_patches) * s - before)
-        inside = inside & (coordinate >= 0) & (coordinate < length)
-        position = position * length + coordinate
-    return np.where(inside, position, -1).reshape(math.prod(kernel), math.prod(patches))
+    falls in the padding: :func:`unfold` of the positions counted from 1, its padding 0."""
+    return unfold(np.arange(1, math.prod(size) + 1).reshape(1, -1), kernel, stride, padding, dilation, size) - 1
 
 
 # window_argmax's NumPy masks, by id, with a weak reference to the mask: the flat input position that each
