@@ -241,6 +241,11 @@ _OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.m
               ast.Pow: operator.pow}
 
 
+def dimension_names(code: str) -> set[str]:
+    """The dimensions a dimension written in generated code names (``n*m``: n and m)."""
+    return {node.id for node in ast.walk(ast.parse(code, mode="eval")) if isinstance(node, ast.Name)}
+
+
 def dimension_value(code: str, dims: Mapping[str, int], module: str) -> int:
     """A dimension written in generated code (``n``, ``n*m``, ``2``) over the bound dimensions."""
     def value(node: ast.AST) -> int:

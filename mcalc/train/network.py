@@ -9,7 +9,6 @@ generated code. Arrays hold one sample per column, as the generated code does.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
@@ -33,6 +32,7 @@ from .model_spec import (
     Signal,
     UserModule,
     Width,
+    dimension_names,
     dimension_value,
     parse_spec,
 )
@@ -241,8 +241,8 @@ class Network:
                              f"constants (it has inputs {inputs} and constants {others})")
         (input_name,) = inputs
         dims = dict(token.dims)
-        known = {n for shape in [*(s["shape"] for s in symbols.values()), code.OUTPUT_SHAPE] for d in shape
-                 for n in re.findall(r"[A-Za-z_]\w*", d)}
+        known = set().union(*(dimension_names(d) for shape in [*(s["shape"] for s in symbols.values()),
+                                                                code.OUTPUT_SHAPE] for d in shape))
         if unknown := sorted(set(dims) - known):
             raise McalcError(f"module '{name}' has no dimension '{unknown[0]}'; its dimensions are "
                              f"{', '.join(sorted(known))}")
