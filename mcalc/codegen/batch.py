@@ -82,6 +82,7 @@ class BatchLowering:
         self.factored = approximation.factored  # E[Aᵢ ⊗ Bᵢ] → E[Aᵢ] ⊗ E[Bᵢ] (K-FAC's)
         m = derivation.module
         self._varies: dict[Expr, bool] = {}
+        self._stacked: dict[Expr, Expr | None] = {}
         self.leaves: tuple[Expr, ...] = (*m.inputs, *[c for c in m.constants if c.is_vector], derivation.dz,
                                          *map(tangent, m.inputs), derivation.Rdz)
 
@@ -106,7 +107,13 @@ class BatchLowering:
     # --- per-sample vectors → (rows × B), matrices → (rows × cols·B) ---------------------
     def stack(self, e: Expr) -> Expr | None:
         """The batch of a per-sample vector or matrix, its samples side by side (as :class:`Stacked`), or
-        None where the lowering has no batch form for it."""
+        None where the lowering has no batch form for it (memoised per lowering: a rule's expression is a
+        DAG, and lowering each path to a shared subexpression anew costs exponential time in its depth)."""
+        if e not in self._stacked:
+            self._stacked[e] = self._stack(e)
+        return self._stacked[e]
+
+    def _stack(self, e: Expr) -> Expr | None:
         if not self.varies(e):
             return _repeated(e)
         if e in self.leaves:
