@@ -50,6 +50,7 @@ from .plan import (
     repeated_patches,
     sanitise,
     selected_taps,
+    window_inputs,
 )
 
 
@@ -513,9 +514,9 @@ class ArrayPrinter:
         x, spec, size = node.args
         return f"_unfold({self.operand(x)}, {self._spec(spec, size)})"
 
-    def _print_WindowArgmax(self, node: Expr) -> str:
-        u, spec, size = node.args
-        return f"_window_argmax({self.operand(u)}, {self._spec(spec, size)})"
+    def _print_WindowArgmax(self, node: Expr) -> str:  # read from the windows of X, unfold(X) never made
+        x, spec, size = window_inputs(node)
+        return f"_window_argmax({self.operand(x)}, {self._spec(spec, size)})"
 
     def _print_Fold(self, node: Expr) -> str:
         u, spec, size = node.args

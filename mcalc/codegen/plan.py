@@ -20,6 +20,7 @@ from typing import NamedTuple, TypeVar
 import sympy as sp
 
 from ..calculus.derivation import Derivation
+from ..errors import McalcError
 from ..expr import (
     BATCH,
     ONE,
@@ -43,6 +44,7 @@ from ..expr import (
     Transpose,
     Unfold,
     UnfoldMatrix,
+    UnfoldSpec,
     WindowArgmax,
     Zero,
     is_broadcast,
@@ -381,6 +383,8 @@ def read_by(parent: Expr, child: Expr) -> tuple[Expr, ...]:
         return tuple(a for a in repeated if a is not None)  # folded tap by tap (runtime fold_repeated)
     if isinstance(parent, MatMul) and (selected := selected_taps(parent)) is not None:
         return selected  # each window's selected input read (runtime select_taps), the patches never made
+    if isinstance(parent, WindowArgmax):
+        return (window_inputs(parent)[0],)  # the maxima read from the input's windows (runtime window_argmax)
     if isinstance(parent, (Add, MatMul)):
         core = child.operand if isinstance(child, ScalarMul) and isinstance(parent, Add) else child
         if isinstance(core, Diag):
@@ -421,6 +425,15 @@ def selected_taps(product: Expr) -> tuple[Expr, Expr] | None:
                 and left.args[1].cols == mask.args[1].taps):
             return unfolded.args[0], mask
     return None
+
+
+def window_inputs(mask: WindowArgmax) -> tuple[Expr, UnfoldSpec, sp.Tuple]:
+    """(X, spec, size) of a window mask M(unfold X): the input whose windows the mask is read from. mcalc
+    makes a mask of patches only so (:func:`mcalc.symbols.max_pooling`)."""
+    patches, spec, size = mask.args
+    if not (isinstance(patches, Unfold) and patches.args[1:] == (spec, size)):
+        raise McalcError(f"a window mask reads the windows of an input; {patches} is no unfold of one under {spec}")
+    return patches.args[0], spec, size
 
 
 def _implicit_gram(factor: Expr) -> Expr:

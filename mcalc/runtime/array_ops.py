@@ -223,32 +223,44 @@ def _fold_taps(tap_values: Callable[[tuple[int, ...]], Any], kernel: Dims, strid
     return out[(Ellipsis, *inside)].reshape(first.shape[:-n - 1] + (-1,))
 
 
-def window_argmax(u: Any, kernel: Dims, stride: Dims, padding: tuple, dilation: Dims, size: Dims) -> Any:
-    """The 0/1 mask of each window's first maximum in patches (…, c·taps, T·n) of :func:`unfold`: per channel,
-    position and sample, a 1 at the largest of its taps that read the input (a padded tap never is, as
-    PyTorch pads max pooling with −∞). The windows' maxima are found tap by tap, each a strided slice (an
-    argmax over the taps' axis, in the middle, is many times slower). A NumPy mask is read-only and
-    remembers the input position each window selected, which :func:`select_taps` gathers from and
-    :func:`fold_repeated` scatters to."""
-    xp, taps = namespace(u), math.prod(kernel)
-    windows = u.reshape(u.shape[:-2] + (-1, taps, u.shape[-1]))
+def window_argmax(x: Any, kernel: Dims, stride: Dims, padding: tuple, dilation: Dims, size: Dims) -> Any:
+    """The 0/1 mask (…, c·taps, T·n) of each window's first maximum in the patches of :func:`unfold` of inputs
+    x (…, c, N·n), read from x's windows without making the patches: per channel, position and sample, a 1
+    at the first of its largest taps that read the input (a padded tap never does, as PyTorch pads max
+    pooling with −∞).
+
+    Tap by tap, each a strided slice (an argmax over the taps' axis, in the middle, is many times slower):
+    the maxima, then the first tap that holds one, counted as the taps before it (the number of leading taps
+    that do not; a comparison and a count per tap, where writing the index where each tap holds one was 7×
+    slower). A NumPy mask is read-only and remembers the input position each window selected, which
+    :func:`select_taps` gathers from and :func:`fold_repeated` scatters to."""
+    xp, n, taps = namespace(x), len(size), math.prod(kernel)
+    lead, channels = x.shape[:-2], x.shape[-2]
+    patches = grid(size, kernel, stride, padding, dilation)
+    inputs = x.reshape(lead + (channels, -1) + tuple(size))
+    if any(padding):
+        inputs = xp.pad(inputs, [(0, 0)] * (inputs.ndim - n) + list(pads(padding)), constant_values=-xp.inf)
+    offsets = list(itertools.product(*map(range, kernel)))
     positions = _tap_positions(kernel, stride, padding, dilation, size)  # (taps, T), −1 in the padding
-    samples = u.shape[-1] // positions.shape[1]
-    # the taps that fall in the padding somewhere: where each reads the input, over every sample's patches
-    reads = {j: xp.asarray(np.tile(positions[j] >= 0, samples)) for j in range(taps) if (positions[j] < 0).any()}
-    best = None
-    for j in range(taps):  # each window's maximum, a padded tap as −∞
-        tap = windows[..., j, :] if j not in reads else xp.where(reads[j], windows[..., j, :], -xp.inf)
-        best = tap if best is None else xp.maximum(best, tap)
-    # the first tap that holds its window's maximum: taps − 1 unless an earlier one does
-    first = xp.full(best.shape, taps - 1, dtype=np.min_scalar_type(taps))
-    for j in reversed(range(taps - 1)):
-        holds = windows[..., j, :] == best
-        xp.copyto(first, j, where=holds if j not in reads else holds & reads[j])
-    mask = xp.empty(windows.shape, dtype=u.dtype)
-    for j in range(taps):
-        xp.equal(first, j, out=mask[..., j, :])
-    mask = mask.reshape(u.shape)
+
+    def tap(j: int) -> Any:  # (…, c, N, *patches)
+        return inputs[(Ellipsis, *_windows(offsets[j], stride, dilation, patches))]
+
+    best = xp.maximum(tap(0), tap(1)) if taps > 1 else tap(0)
+    for j in range(2, taps):
+        xp.maximum(best, tap(j), out=best)
+    first = xp.zeros(best.shape, dtype=np.min_scalar_type(taps))
+    missed = None  # where taps 0…j all miss the window's maximum
+    for j in range(taps - 1):
+        misses = tap(j) != best
+        if (positions[j] < 0).any():  # a padded tap (−∞) misses even a window of −∞
+            misses |= xp.asarray(positions[j] < 0).reshape(patches)
+        missed = misses if missed is None else xp.logical_and(missed, misses, out=missed)
+        first += missed
+    first = first.reshape(lead + (channels, -1))
+    mask = xp.empty(lead + (channels, taps, first.shape[-1]), dtype=x.dtype)
+    xp.equal(first[..., None, :], xp.arange(taps, dtype=first.dtype)[:, None], out=mask)
+    mask = mask.reshape(lead + (channels * taps, -1))
     if xp is np:
         _remember_selection(mask, first, positions, math.prod(size))
     return mask
