@@ -1,6 +1,7 @@
 """The generated NumPy backend agrees with the symbolic batch rules for every module, curvature and approximation."""
 import numpy as np
 import pytest
+import sympy as sp
 from conftest import ROOT
 from test_batch import _batch
 
@@ -107,8 +108,6 @@ def test_a_backward_pass_computes_an_activations_derivative_once(generated):
 def test_an_elementwise_functions_orders_compute_their_shared_part_once(tmp_path):
     """GELU's φ and φ′ both read erf(t/√2), and φ′ and φ″ exp(−t²/2) (numpy_printer.shared_parts): with
     one cache, a forward pass and the gradients evaluate erf once, and give what they give without one."""
-    import sympy as sp
-
     from mcalc.runtime import array_ops
 
     t = sp.Symbol("t")
@@ -145,8 +144,6 @@ def test_an_elementwise_functions_constants_are_one_float(tmp_path):
     """GELU's φ′ = Φ(t) + t·exp(−t²/2)/√(2π) multiplies t by 1/√(2π), one number, not by √2, ½ and 1/√π
     in turn (numpy_printer._folded_constants): one array operation, and a float32 batch stays float32
     (numpy.sqrt(2), a float64 scalar, promoted it)."""
-    import sympy as sp
-
     from mcalc.codegen.numpy_printer import function_source
 
     t = sp.Symbol("t")
@@ -175,6 +172,28 @@ def test_a_bias_is_broadcast_by_the_array_module_not_by_a_view(generated):
     code = load_code(L.Linear, "numpy", generated)
     source = inspect.getsource(code.forward)
     assert "broadcast_to" not in source and "+ P['b']" in source
+
+
+def test_a_constant_beside_a_batch_is_a_number(tmp_path):
+    """LayerNorm's mean((x − x̄)²) + ε: the batch form adds ε 1ᵀ, which prints as the number ε beside the row
+    of variances (.numpy_printer.ArrayPrinter.elementwise_operands), never an array of ones made, scaled
+    and read; and the module computes LayerNorm's output, in float32 too."""
+    import inspect
+
+    x = mc.Vector("x", "n")
+    centred = x - mc.mean(x) * mc.ones("n")
+    module = mc.Module("Normalise", output=centred / mc.sqrt(mc.mean(centred * centred) + sp.Rational(1, 1000)),
+                       inputs=[x])
+    generate([module], ["numpy"], tmp_path)
+    code = load_code(module, "numpy", tmp_path)
+    source = inspect.getsource(code.forward)
+    assert "xp.ones" not in source and "+ (1/1000)" in source
+    X = np.random.default_rng(2).normal(size=(5, 7))
+    expected = (X - X.mean(axis=0)) / np.sqrt(X.var(axis=0) + 1e-3)
+    np.testing.assert_allclose(code.forward({}, {"x": X})["Z"], expected, rtol=1e-13)
+    single = code.forward({}, {"x": X.astype(np.float32)})["Z"]
+    assert single.dtype == np.float32
+    np.testing.assert_allclose(single, expected, rtol=1e-5)
 
 
 def batch_argument(samples):

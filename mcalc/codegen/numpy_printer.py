@@ -54,6 +54,11 @@ from .plan import (
 )
 
 
+def _is_constant(node: Expr) -> bool:
+    """c 1 1ᵀ: a number in every entry."""
+    return isinstance(node, ScalarMul) and isinstance(node.operand, Ones)
+
+
 # --- references and dimensions of a plan, as Python ---------------------------------------------
 def argument_code(argument: Argument) -> str:
     """``P['W']``, ``S['x']``, ``V['dz']``; ``Hz`` for an argument without a key."""
@@ -253,10 +258,14 @@ class ArrayPrinter:
 
     def elementwise_operands(self, terms: tuple[Expr, ...]) -> list[str]:
         """The operands of an elementwise sum or product: a broadcast v 1ᵀ (or 1 wᵀ) beside an operand of
-        the full shape as v itself, which the array module broadcasts without a view and its strided reads."""
+        the full shape as v itself, which the array module broadcasts without a view and its strided reads,
+        and a constant c 1 1ᵀ there as the number c (LayerNorm's ε beside a row of variances), never made."""
         full = any(not is_broadcast(t) and not isinstance(t, (Ones, Identity)) and type(t).__name__ != "Zero"
-                   for t in terms)
-        return [self.operand(broadcast_source(t) if full else t) for t in terms]
+                   and not _is_constant(t) for t in terms)
+        if not full:
+            return [self.operand(t) for t in terms]
+        return [f"({self.dim(t.coefficient)})" if _is_constant(t) else "1" if isinstance(t, Ones)
+                else self.operand(broadcast_source(t)) for t in terms]
 
     def rhs(self, node: Expr) -> str:
         return getattr(self, f"_print_{type(node).__name__}")(node)

@@ -123,7 +123,8 @@ def program_context(program: Program, array_family: ArrayFamily, family: str | N
 
 def _read_lines(lines: list[dict[str, Any]], results: set[str]) -> list[dict[str, Any]]:
     """The lines whose values the results need, through what each printed line reads: a broadcast v 1ᵀ
-    that every reader takes as v (:meth:`.numpy_printer.ArrayPrinter.elementwise_operands`) is not made."""
+    that every reader takes as v, or a constant c 1 1ᵀ that every reader takes as c
+    (:meth:`.numpy_printer.ArrayPrinter.elementwise_operands`), is not made."""
     needed, kept = set(results), []
     for line in reversed(lines):
         if line["fallback"] or set(line["targets"].split(", ")) & needed:
