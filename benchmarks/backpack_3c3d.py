@@ -7,8 +7,9 @@ The network is DeepOBS' ``cifar10_3c3d`` as BackPACK's own benchmarks build it (
 padding, then Linear layers of 512, 256 and 10 units), written as an mcalc model spec; the PyTorch copy
 pads with ZeroPad2d as DeepOBS does and gets mcalc's weights (its flatten's order permuted). Both sides
 compute one pass of exact-Fisher Kronecker factors (the GGN of the cross-entropy, summed over the
-classes): mcalc's ``KFAC._statistics(fisher='exact')`` (ten backward passes through the generated code,
-one per class) and BackPACK's ``KFLR`` (the classes' square roots backpropagated at once). Factors are
+classes): mcalc's ``KFAC._statistics(fisher='exact')`` (nine backward passes through the generated code,
+one per column of the Fisher's rank-9 root at the logits) and BackPACK's ``KFLR`` (the ten classes' square
+roots backpropagated at once). Factors are
 compared one to one, each with the mcalc convention it shares: BackPACK's convolution input factor is
 Σₜ uₜ uₜᵀ, T times mcalc's KFC (K-FAC-expand) factor, which carries the bias row besides; its convolution
 output factor sums the positions' gradients before the outer product, as mcalc's

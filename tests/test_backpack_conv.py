@@ -192,7 +192,7 @@ def test_mc_fisher_kfac_factors_of_a_conv2d_network_are_backpacks_kfac_for_the_s
 @pytest.mark.filterwarnings("ignore:Full backward hook")
 def test_exact_fisher_kfac_factors_of_a_conv2d_network_are_backpacks_kflr():
     """BackPACK's ``KFLR`` (every class's square root of the loss Hessian backpropagated) against mcalc's
-    ``kfac`` with ``fisher='exact'`` (a backward pass per class, weighted by its probability): the input
+    ``kfac`` with ``fisher='exact'`` (a backward pass per column of the Fisher's C − 1 column root): the input
     factor is T times K-FAC-expand's, the output factor K-FAC-reduce's, as for ``KFAC`` above."""
     from backpack.extensions import KFLR
 

@@ -481,6 +481,37 @@ def test_kfac_factors_and_step_against_dense_computations():
         np.testing.assert_allclose(np.hstack([updates[names["W"]], updates[names["b"]]]), expected, atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_the_exact_fishers_root_has_one_column_fewer_than_the_classes(dtype):
+    """S Sᵀ = diag(p) − p pᵀ per sample from C − 1 columns (optimizers.fisher_root_columns), also where p is
+    nearly one-hot and for two classes; and exact-Fisher K-FAC's factors from them equal those of the C
+    columns (p − e_c)√p_c it made before, one backward pass each, while a column left out changes them."""
+    from mcalc.train.optimizers import KFAC, fisher_root_columns
+
+    rng = np.random.default_rng(3)
+    for classes in (2, 10):
+        z = rng.normal(size=(classes, 6)) * 3
+        z[0, 0] = 40.0  # p nearly one-hot in the first sample
+        p = np.exp(z - z.max(axis=0))
+        p = (p / p.sum(axis=0)).astype(dtype)
+        columns = fisher_root_columns(p)
+        assert len(columns) == classes - 1 and all(c.dtype == dtype for c in columns)
+        S = np.stack(columns, axis=1)
+        F = np.stack([np.diag(q) - np.outer(q, q) for q in p.T.astype(np.float64)], axis=2)
+        np.testing.assert_allclose(np.einsum("cjb,djb->cdb", S, S), F, atol=1e-6 if dtype == np.float32 else 1e-15)
+    net, X, _ = _tiny(batch=7)
+    factors = KFAC(fisher="exact")._statistics(net, X)
+    Z, inputs = net.forward(X)
+    p = np.exp(Z - Z.max(axis=0))
+    p /= p.sum(axis=0)
+    for dropped in (False, True):
+        seeds = [(p - np.eye(len(p))[:, [c]]) * np.sqrt(p[c]) / X.shape[1] for c in range(len(p) - dropped)]
+        adjoints = [net.adjoints(inputs, seed) for seed in seeds]
+        for position, (_, G) in factors.items():
+            expected = sum(a[position] @ a[position].T for a in adjoints) * X.shape[1]
+            assert np.allclose(G, expected, rtol=1e-12, atol=1e-15) != dropped
+
+
 @pytest.mark.parametrize("fisher", ["mc", "exact"])
 def test_kfac_trains_digits_to_95_percent(fisher):
     net = Network("64-128-sigmoid-10", seed=0)

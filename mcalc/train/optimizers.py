@@ -232,6 +232,28 @@ class HBPNewton(Optimizer):
         self.alpha = min(1.0, 2 * self.alpha)
 
 
+def fisher_root_columns(p: Any) -> list[Any]:
+    """The C − 1 columns of S, per sample, with S Sᵀ = diag(p) − p pᵀ (softmax cross-entropy's Fisher at the
+    logits, of rank C − 1), each (C, B) for p (C, B): exact-Fisher K-FAC's seeds, one backward pass each.
+
+    R = diag(√p) − p √pᵀ is a C-column root with R √p = 0, the seeds (p − e_c)√p_c up to sign; S = R Q with Q
+    the columns of the Householder reflection H (H √p = e_k, k the least likely class) other than k, an
+    orthonormal basis of √p's complement, so S Sᵀ = R (I − √p √pᵀ) Rᵀ = R Rᵀ: column j is R e_j +
+    √p_j/(1 − √p_k) R e_k (1 − √p_k ≥ 1 − 1/√C, never near 0). The factors every column's gradients sum
+    to are R Rᵀ's, from one backward pass fewer (BackPACK's KFLR and mcalc before it made C)."""
+    xp = namespace(p)
+    classes, samples = p.shape
+    r = xp.sqrt(p)
+    R = (xp.eye(classes, dtype=p.dtype)[:, :, None] - p[:, None, :]) * r[None, :, :]  # (C, C, B): R e_j, sample i
+    k = xp.argmin(p, axis=0)
+    every = xp.arange(samples)
+    S = R + R[:, k, every][:, None, :] * (r / (1 - r[k, every]))[None, :, :]
+    others = xp.arange(classes - 1)[:, None]
+    kept = others + (others >= k[None, :])  # (C − 1, B): the columns j ≠ k of each sample
+    S = xp.take_along_axis(S, kept[None, :, :], axis=1)
+    return [S[:, j, :] for j in range(classes - 1)]
+
+
 def quadratic_model_coefficients(A: Any, D: Any, b: Any, damping: float,
                                  fixed: tuple[float | None, ...]) -> tuple[list[float], float]:
     """The coefficients w of the update Σ wᵢ vᵢ that minimise the quadratic model
@@ -275,7 +297,8 @@ class KFAC(Optimizer):
     Per linear layer F ≈ Ā ⊗ G with Ā = E[ã ãᵀ], ã = [a; 1], G = E[g gᵀ], g the per-sample gradient
     of the log-likelihood at the layer's output: ``fisher='mc'`` samples one label per input from the
     model's softmax (kfac-jax's ``fisher_gradients``), ``'exact'`` sums over the classes weighted by
-    their probabilities. Per convolution the same with its T positions as more samples (KFC, Grosse &
+    their probabilities (as C − 1 backward passes, the columns of the Fisher's root at the logits:
+    :func:`fisher_root_columns`). Per convolution the same with its T positions as more samples (KFC, Grosse &
     Martens 2016, eqs. (32)–(33); K-FAC-expand in Eschenhagen et al. 2023, curvlinops' and kfac-jax's
     convolution blocks): Ā = E[Σₜ ãₜ ãₜᵀ]/T over the patches ãₜ = [uₜ; 1] and G = E[Σₜ gₜ gₜᵀ] over the
     output positions' gradients; or, with ``kfac_approx='reduce'`` (Eschenhagen et al.'s K-FAC-reduce),
@@ -362,17 +385,16 @@ class KFAC(Optimizer):
             # drawn for the global batch and cut to this rank's shard, so that the ranks draw what one process would
             draws = net.parallel.local(self.rng.random(net.parallel.batch or B))
             labels = np.minimum((draws[None, :] > cumulative).sum(axis=0), p.shape[0] - 1)
-            targets = [(xp.asarray(np.eye(p.shape[0], dtype=p.dtype)[:, labels]), xp.ones_like(p[:1]))]
-        else:  # every class, weighted by its probability
-            identity = xp.eye(p.shape[0], dtype=p.dtype)  # in p's type, as the MC draw's: float32 adjoints stay so
-            targets = [(xp.zeros_like(p) + identity[:, [c]], p[c:c + 1, :]) for c in range(p.shape[0])]
+            seeds = [p - xp.asarray(np.eye(p.shape[0], dtype=p.dtype)[:, labels])]  # in p's type: float32 stays so
+        else:  # every class, weighted by its probability: the Fisher's root, C − 1 columns
+            seeds = fisher_root_columns(p)
         out: dict[int, tuple[Any, Any]] = {}
         for position in factored_layers(net):  # a convolution's expand: positions as more samples, Σₜ ãₜ ãₜᵀ / T
             a = factor_inputs(net.layers[position], inputs[position], xp, mean_patch=self.kfac_approx == "reduce",
                               cache=caches[position])
             out[position] = (a @ a.T / a.shape[1], 0)
-        for target, weight in targets:  # a backward pass per class
-            adjoints = net.adjoints(inputs, (p - target) * xp.sqrt(weight) / B, caches, matrices=True)
+        for seed in seeds:  # a backward pass per column of the Fisher's root at the logits
+            adjoints = net.adjoints(inputs, seed / B, caches, matrices=True)
             for position in out:
                 g = adjoints[position]  # δZ carried 1/B: B g, the per-sample gradients, a column each (or (rows, B, T))
                 if net.layers[position].output_rows is not None:  # a convolution's (rows, B, T): reduce sums
