@@ -375,7 +375,7 @@ class KFAC(Optimizer):
 
     def _statistics(self, net: Network, X: Any) -> dict[int, tuple[Any, Any]]:
         xp = net.xp
-        caches: list[dict] = [{} for _ in net.layers]  # one forward pass, whose masks and patches every class reads
+        caches: list[dict] = [{} for _ in net.layers]  # one forward pass: its masks and patches serve every pass back
         Z, inputs = net.forward(X, caches=caches)
         B = X.shape[1]
         p = softmax(Z)  # the model's predictive distribution, from the same forward pass
