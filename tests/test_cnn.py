@@ -438,6 +438,36 @@ def test_max_pooling_selects_each_windows_first_maximum():
         np.testing.assert_array_equal(window_argmax(X, *geometry).reshape(2, 9, -1), expected)
 
 
+def test_max_pooling_selects_the_inputs_pytorch_selects():
+    """Over random images, windows, strides, paddings and dilations, with ties (ReLU'd, rounded inputs) and
+    without: the output window_argmax's selection gathers, and the input position each window selected, are
+    PyTorch's max_pool2d output and its return_indices."""
+    import torch
+    import torch.nn.functional as F
+
+    from mcalc.runtime.array_ops import _selected_inputs, select_taps, window_argmax
+
+    rng = np.random.default_rng(8)
+    checked = 0
+    while checked < 60:
+        c, n, H, W, kh, kw, sh, sw, dh, dw = (int(v) for v in rng.integers([1, 1, 3, 3, 1, 1, 1, 1, 1, 1],
+                                                                            [4, 4, 10, 10, 4, 4, 4, 4, 3, 3]))
+        ph, pw = int(rng.integers(0, kh // 2 + 1)), int(rng.integers(0, kw // 2 + 1))
+        if H + 2 * ph - dh * (kh - 1) < 1 or W + 2 * pw - dw * (kw - 1) < 1:
+            continue
+        x = rng.normal(size=(n, c, H, W))
+        x = np.maximum(np.round(x, 1), 0) if checked % 2 else x
+        out, indices = F.max_pool2d(torch.tensor(x), (kh, kw), (sh, sw), (ph, pw), (dh, dw), return_indices=True)
+        X = x.transpose(1, 0, 2, 3).reshape(c, -1)
+        geometry = ((kh, kw), (sh, sw), (ph, pw), (dh, dw), (H, W))
+        mask = window_argmax(X, *geometry)
+        np.testing.assert_array_equal(select_taps(X, mask, *geometry), out.numpy().transpose(1, 0, 2, 3).reshape(c, -1))
+        images = (np.arange(c)[:, None, None] * n + np.arange(n)[None, :, None]) * H * W  # each image's first entry
+        np.testing.assert_array_equal(_selected_inputs(mask).reshape(c, n, -1) - images,
+                                      indices.numpy().transpose(1, 0, 2, 3).reshape(c, n, -1))
+        checked += 1
+
+
 def test_adjoints_keep_a_signals_layout_between_convolutions():
     """With ``matrices``, the adjoints between convolutions and poolings stay per-sample matrices, the
     activations between them run on that layout, and every adjoint is the one given as columns."""
