@@ -242,6 +242,7 @@ def window_argmax(x: Any, kernel: Dims, stride: Dims, padding: tuple, dilation: 
         inputs = xp.pad(inputs, [(0, 0)] * (inputs.ndim - n) + list(pads(padding)), constant_values=-xp.inf)
     offsets = list(itertools.product(*map(range, kernel)))
     positions = _tap_positions(kernel, stride, padding, dilation, size)  # (taps, T), −1 in the padding
+    padded = positions < 0
 
     def tap(j: int) -> Any:  # (…, c, N, *patches)
         return inputs[(Ellipsis, *_windows(offsets[j], stride, dilation, patches))]
@@ -253,8 +254,8 @@ def window_argmax(x: Any, kernel: Dims, stride: Dims, padding: tuple, dilation: 
     missed = None  # where taps 0…j all miss the window's maximum
     for j in range(taps - 1):
         misses = tap(j) != best
-        if (positions[j] < 0).any():  # a padded tap (−∞) misses even a window of −∞
-            misses |= xp.asarray(positions[j] < 0).reshape(patches)
+        if padded[j].any():  # a padded tap (−∞) misses even a window of −∞
+            misses |= xp.asarray(padded[j]).reshape(patches)
         missed = misses if missed is None else xp.logical_and(missed, misses, out=missed)
         first += missed
     first = first.reshape(lead + (channels, -1))
