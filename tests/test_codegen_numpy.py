@@ -69,7 +69,9 @@ def check_generated(module, code):
 
 def check_one_cache_per_batch(module, code, P, S, Hz, rng):
     """A backward pass whose functions share one cache (forward, gradients, every HBP mode, then the
-    gradients again with another δZ, as a Gauss–Newton product does) equals the calls without one."""
+    gradients again with another δZ, as a Gauss–Newton product does) equals the calls without one, and
+    leaves its arguments as they were (a step writes only into arrays of its function's own making)."""
+    arguments = {name: value.copy() for name, value in [*P.items(), *S.items(), ("Hz", Hz)]}
     cache = {}
     if len(S) > 1:
         np.testing.assert_allclose(code.forward(P, S, cache)["Z"], code.forward(P, S)["Z"], atol=1e-14)
@@ -82,6 +84,55 @@ def check_one_cache_per_batch(module, code, P, S, Hz, rng):
     other = dict(S, dz=rng.normal(size=S["dz"].shape))
     for name, value in code.gradients(P, other, cache=cache).items():
         np.testing.assert_allclose(value, code.gradients(P, other)[name], atol=1e-14)
+    for name, value in [*P.items(), *S.items(), ("Hz", Hz)]:
+        np.testing.assert_array_equal(value, arguments[name], err_msg=f"{module.name} changed its argument {name}")
+
+
+def test_a_sum_is_computed_into_an_array_no_other_step_reads(tmp_path, monkeypatch):
+    """The residual block's input block, 𝓗z + M + Mᵀ, is one fresh array that the last term is added
+    into, and a scaled product is scaled where the product was made: no temporary per operator. Its
+    gradients and blocks are those of the code printed without writing in place, to the last bit."""
+    from mcalc.codegen.numpy_printer import ArrayPrinter
+
+    (residual,) = [m for m in load_modules(ROOT / "examples" / "layernorm_gelu.py") if m.name == "Residual"]
+    generate([residual], ["numpy"], tmp_path / "in_place")
+    source = (tmp_path / "in_place" / "numpy" / "Residual.py").read_text()
+    assert "= _add_into(Hz + t" in source and "= _multiply_into(t" in source
+    monkeypatch.setattr(ArrayPrinter, "writes_in_place", False)
+    generate([residual], ["numpy"], tmp_path / "plain")
+    assert "_add_into(" not in (tmp_path / "plain" / "numpy" / "Residual.py").read_text()
+    in_place, plain = (load_code(residual, "numpy", tmp_path / d) for d in ("in_place", "plain"))
+    rng = np.random.default_rng(5)
+    P = {"W1": rng.normal(size=(4, 3)), "b1": rng.normal(size=(4, 1)), "W2": rng.normal(size=(3, 4))}
+    a = rng.normal(size=(3, 3))
+    S, Hz = {"x": rng.normal(size=(3, 6)), "dz": rng.normal(size=(3, 6))}, a @ a.T
+    pairs = [(in_place.gradients(P, S), plain.gradients(P, S)),
+             *[(in_place.HBP[mode](P, S, Hz), plain.HBP[mode](P, S, Hz)) for mode in in_place.HBP]]
+    for ours, theirs in pairs:
+        for name, value in theirs.items():
+            dense = value.to_dense() if hasattr(value, "to_dense") else value
+            np.testing.assert_array_equal(ours[name].to_dense() if hasattr(value, "to_dense") else ours[name], dense,
+                                          err_msg=name)
+
+
+@pytest.mark.parametrize("helper, operator", [("add_into", np.add), ("multiply_into", np.multiply)])
+def test_a_sum_written_in_place_has_the_memory_order_numpy_gives_it(helper, operator):
+    """A column-major array (a product with one-hot labels, say) plus a row-major one is row-major in
+    NumPy: written into, it would stay column-major, and a later sum over its rows would add in another
+    order. So the helpers write in place only where NumPy keeps the written array's order."""
+    from mcalc.runtime import array_ops
+
+    rng = np.random.default_rng(0)
+    C = rng.normal(size=(5, 7))
+    F, row, column = np.asfortranarray(rng.normal(size=(5, 7))), rng.normal(size=(1, 7)), rng.normal(size=(5, 1))
+    for out, others in [(F, [C]), (C, [F]), (F, [F, row]), (F, [column, C]), (F, [2.5])]:
+        expected = out
+        for other in others:
+            expected = operator(expected, other)
+        got = getattr(array_ops, helper)(out.copy(order="K"), *others)
+        np.testing.assert_array_equal(got, expected)
+        assert (got.flags.c_contiguous, got.flags.f_contiguous) == (expected.flags.c_contiguous,
+                                                                    expected.flags.f_contiguous)
 
 
 def test_a_backward_pass_computes_an_activations_derivative_once(generated):
@@ -165,13 +216,14 @@ def test_an_elementwise_functions_constants_are_one_float(tmp_path):
 
 
 def test_a_bias_is_broadcast_by_the_array_module_not_by_a_view(generated):
-    """W x + b 1ᵀ prints as W x + b: NumPy broadcasts b, with no broadcast view made and no strided read
-    (.numpy_printer.ArrayPrinter.elementwise_operands), and the step that made the view is gone."""
+    """W x + b 1ᵀ prints as W x + b, b added into W x's fresh array: NumPy broadcasts b, with no broadcast
+    view made and no strided read (.numpy_printer.ArrayPrinter.elementwise_operands), and the step that
+    made the view is gone."""
     import inspect
 
     code = load_code(L.Linear, "numpy", generated)
     source = inspect.getsource(code.forward)
-    assert "broadcast_to" not in source and "+ P['b']" in source
+    assert "broadcast_to" not in source and "t2 = _add_into(t0, P['b'])" in source
 
 
 def test_a_constant_beside_a_batch_is_a_number(tmp_path):

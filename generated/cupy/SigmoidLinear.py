@@ -678,6 +678,7 @@ extern "C" __global__ void k_690aac995f98_double(const double* __restrict__ in0,
 _launch = KernelSet(_SOURCE).launch
 
 
+from mcalc.runtime.array_ops import add_into as _add_into  # noqa: F401
 from mcalc.runtime.array_ops import batch_mean as _batch_mean  # noqa: F401
 from mcalc.runtime.array_ops import block_trace as _block_trace  # noqa: F401
 from mcalc.runtime.array_ops import commutation as _commutation  # noqa: F401
@@ -692,6 +693,7 @@ from mcalc.runtime.array_ops import kron_matmul as _kron_matmul  # noqa: F401
 from mcalc.runtime.array_ops import kron_product as _kron_product  # noqa: F401
 from mcalc.runtime.array_ops import log_softmax as _log_softmax  # noqa: F401
 from mcalc.runtime.array_ops import matmul_kron as _matmul_kron  # noqa: F401
+from mcalc.runtime.array_ops import multiply_into as _multiply_into  # noqa: F401
 from mcalc.runtime.array_ops import plus_diagonal as _plus_diagonal  # noqa: F401
 from mcalc.runtime.array_ops import psd_project as _psd_project  # noqa: F401
 from mcalc.runtime.array_ops import sample_matmul as _sample_matmul  # noqa: F401

@@ -18,6 +18,7 @@ SYMBOLS = {'x': {'shape': ('n', '1'), 'positive': False}, 'y': {'shape': ('n', '
 OUTPUT_SHAPE = ('1', '1')
 
 
+from mcalc.runtime.array_ops import add_into as _add_into  # noqa: F401
 from mcalc.runtime.array_ops import batch_mean as _batch_mean  # noqa: F401
 from mcalc.runtime.array_ops import block_trace as _block_trace  # noqa: F401
 from mcalc.runtime.array_ops import commutation as _commutation  # noqa: F401
@@ -32,6 +33,7 @@ from mcalc.runtime.array_ops import kron_matmul as _kron_matmul  # noqa: F401
 from mcalc.runtime.array_ops import kron_product as _kron_product  # noqa: F401
 from mcalc.runtime.array_ops import log_softmax as _log_softmax  # noqa: F401
 from mcalc.runtime.array_ops import matmul_kron as _matmul_kron  # noqa: F401
+from mcalc.runtime.array_ops import multiply_into as _multiply_into  # noqa: F401
 from mcalc.runtime.array_ops import plus_diagonal as _plus_diagonal  # noqa: F401
 from mcalc.runtime.array_ops import psd_project as _psd_project  # noqa: F401
 from mcalc.runtime.array_ops import sample_matmul as _sample_matmul  # noqa: F401
@@ -81,12 +83,12 @@ def _gradients_all(P, S, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     t1 = S['dz'] * S['y']
-    t2 = (-1) * t1
+    t2 = _multiply_into(t1, (-1))
     if 'm0' not in C:
         C['m0'] = _softmax(S['x'])
     t3 = C['m0']
     t4 = S['dz'] * t3
-    t5 = t2 + t4
+    t5 = _add_into(t2, t4)
 
     return {"x": t5, }
 
@@ -120,7 +122,7 @@ def _jvp_all(P, S, V, C=None):
     t2 = t1.sum(axis=0, keepdims=True)
     t3 = (-1) * t2
     t5 = V['x'] + t3
-    t6 = t5 * S['y']
+    t6 = _multiply_into(t5, S['y'])
     t7 = t6.sum(axis=0, keepdims=True)
     t8 = (-1) * t7
 
@@ -139,7 +141,7 @@ def _rgradients_all(P, S, V, C=None):
     dtype = _dtype(P, S)
     C = {} if C is None else C
     t1 = V['dz'] * S['y']
-    t2 = (-1) * t1
+    t2 = _multiply_into(t1, (-1))
     if 'm0' not in C:
         C['m0'] = _softmax(S['x'])
     t3 = C['m0']
@@ -147,10 +149,10 @@ def _rgradients_all(P, S, V, C=None):
     t6 = V['x'] * t3
     t7 = t6.sum(axis=0, keepdims=True)
     t9 = t7 * t3
-    t10 = (-1) * t9
-    t11 = t6 + t10
-    t12 = S['dz'] * t11
-    t13 = t2 + t4 + t12
+    t10 = _multiply_into(t9, (-1))
+    t11 = _add_into(t10, t6)
+    t12 = _multiply_into(t11, S['dz'])
+    t13 = _add_into(t2, t4, t12)
 
     return {"x": t13, }
 
@@ -205,8 +207,8 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
     t16 = _rank_sum(t15)
     t17 = (-1/B_all) * t16
     t18 = _plus_diagonal(t17, (1/B_all) * t14, copy=False)
-    t19 = (B_all) * t18
-    t20 = t10 + t19
+    t19 = _multiply_into(t18, (B_all))
+    t20 = _add_into(t10, t19)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t20),
@@ -256,8 +258,8 @@ def _hbp_exact_7_all(P, S, Hz, C=None):
     t15 = _rank_sum(t14)
     t16 = (-1/B_all) * t15
     t17 = _plus_diagonal(t16, (1/B_all) * t12, copy=False)
-    t18 = (B_all) * t17
-    t19 = t8 + t18
+    t18 = _multiply_into(t17, (B_all))
+    t19 = _add_into(t8, t18)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t19),
@@ -372,9 +374,9 @@ def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     t16 = _rank_sum(t15)
     t17 = (-1/B_all) * t16
     t18 = _plus_diagonal(t17, (1/B_all) * t14, copy=False)
-    t19 = (B_all) * t18
+    t19 = _multiply_into(t18, (B_all))
     t20 = _psd_project(t19, 'abs')
-    t21 = t10 + t20
+    t21 = _add_into(t10, t20)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t21),
@@ -416,9 +418,9 @@ def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     t15 = _rank_sum(t14)
     t16 = (-1/B_all) * t15
     t17 = _plus_diagonal(t16, (1/B_all) * t12, copy=False)
-    t18 = (B_all) * t17
+    t18 = _multiply_into(t17, (B_all))
     t19 = _psd_project(t18, 'abs')
-    t20 = t8 + t19
+    t20 = _add_into(t8, t19)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t20),
@@ -463,9 +465,9 @@ def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     t16 = _rank_sum(t15)
     t17 = (-1/B_all) * t16
     t18 = _plus_diagonal(t17, (1/B_all) * t14, copy=False)
-    t19 = (B_all) * t18
+    t19 = _multiply_into(t18, (B_all))
     t20 = _psd_project(t19, 'clip')
-    t21 = t10 + t20
+    t21 = _add_into(t10, t20)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t21),
@@ -507,9 +509,9 @@ def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     t15 = _rank_sum(t14)
     t16 = (-1/B_all) * t15
     t17 = _plus_diagonal(t16, (1/B_all) * t12, copy=False)
-    t18 = (B_all) * t17
+    t18 = _multiply_into(t17, (B_all))
     t19 = _psd_project(t18, 'clip')
-    t20 = t8 + t19
+    t20 = _add_into(t8, t19)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t20),
@@ -579,7 +581,7 @@ def _loss_hessian_6(P, S, C=None):
     t7 = _rank_sum(t6)
     t8 = (-1/B_all) * t7
     t9 = _plus_diagonal(t8, (1/B_all) * t4, copy=False)
-    t10 = (B_all) * t9
+    t10 = _multiply_into(t9, (B_all))
 
     return {
         "x": CurvatureBlock(kron=[], dense=t10),

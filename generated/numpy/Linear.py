@@ -18,6 +18,7 @@ SYMBOLS = {'x': {'shape': ('n', '1'), 'positive': False}, 'W': {'shape': ('m', '
 OUTPUT_SHAPE = ('m', '1')
 
 
+from mcalc.runtime.array_ops import add_into as _add_into  # noqa: F401
 from mcalc.runtime.array_ops import batch_mean as _batch_mean  # noqa: F401
 from mcalc.runtime.array_ops import block_trace as _block_trace  # noqa: F401
 from mcalc.runtime.array_ops import commutation as _commutation  # noqa: F401
@@ -32,6 +33,7 @@ from mcalc.runtime.array_ops import kron_matmul as _kron_matmul  # noqa: F401
 from mcalc.runtime.array_ops import kron_product as _kron_product  # noqa: F401
 from mcalc.runtime.array_ops import log_softmax as _log_softmax  # noqa: F401
 from mcalc.runtime.array_ops import matmul_kron as _matmul_kron  # noqa: F401
+from mcalc.runtime.array_ops import multiply_into as _multiply_into  # noqa: F401
 from mcalc.runtime.array_ops import plus_diagonal as _plus_diagonal  # noqa: F401
 from mcalc.runtime.array_ops import psd_project as _psd_project  # noqa: F401
 from mcalc.runtime.array_ops import sample_matmul as _sample_matmul  # noqa: F401
@@ -69,7 +71,7 @@ def forward(P, S, cache=None):
     B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = (P['W'] @ S['x'])
-    t2 = t0 + P['b']
+    t2 = _add_into(t0, P['b'])
 
     return {"Z": t2}
 
@@ -121,7 +123,7 @@ def _jvp_all(P, S, V, C=None):
     dtype = _dtype(P, S)
     t0 = (V['W'] @ S['x'])
     t1 = (P['W'] @ V['x'])
-    t3 = t0 + t1 + V['b']
+    t3 = _add_into(t0, t1, V['b'])
 
     return {"Z": t3}
 
@@ -130,7 +132,7 @@ def _jvp_params(P, S, V, C=None):
     B, B_all, n, m = _dims(P, S).values()
     dtype = _dtype(P, S)
     t0 = (V['W'] @ S['x'])
-    t2 = t0 + V['b']
+    t2 = _add_into(t0, V['b'])
 
     return {"Z": t2}
 
@@ -149,12 +151,12 @@ def _rgradients_all(P, S, V, C=None):
     t1 = (t0 @ S['dz'])
     t2 = P['W'].T
     t3 = (t2 @ V['dz'])
-    t4 = t1 + t3
+    t4 = _add_into(t1, t3)
     t5 = S['x'].T
     t6 = (V['dz'] @ t5)
     t7 = V['x'].T
     t8 = (S['dz'] @ t7)
-    t9 = t6 + t8
+    t9 = _add_into(t6, t8)
     t10 = V['dz'].sum(axis=1, keepdims=True)
 
     return {"x": t4, "W": t9, "b": t10, }

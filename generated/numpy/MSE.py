@@ -21,6 +21,7 @@ def _fn_abs_0(t):
     return abs(t)
 
 
+from mcalc.runtime.array_ops import add_into as _add_into  # noqa: F401
 from mcalc.runtime.array_ops import batch_mean as _batch_mean  # noqa: F401
 from mcalc.runtime.array_ops import block_trace as _block_trace  # noqa: F401
 from mcalc.runtime.array_ops import commutation as _commutation  # noqa: F401
@@ -35,6 +36,7 @@ from mcalc.runtime.array_ops import kron_matmul as _kron_matmul  # noqa: F401
 from mcalc.runtime.array_ops import kron_product as _kron_product  # noqa: F401
 from mcalc.runtime.array_ops import log_softmax as _log_softmax  # noqa: F401
 from mcalc.runtime.array_ops import matmul_kron as _matmul_kron  # noqa: F401
+from mcalc.runtime.array_ops import multiply_into as _multiply_into  # noqa: F401
 from mcalc.runtime.array_ops import plus_diagonal as _plus_diagonal  # noqa: F401
 from mcalc.runtime.array_ops import psd_project as _psd_project  # noqa: F401
 from mcalc.runtime.array_ops import sample_matmul as _sample_matmul  # noqa: F401
@@ -95,7 +97,7 @@ def _gradients_all(P, S, C=None):
         C['m1'] = S['x'] + t1
     t2 = C['m1']
     t3 = S['dz'] * t2
-    t4 = (2) * t3
+    t4 = _multiply_into(t3, (2))
 
     return {"x": t4, }
 
@@ -154,8 +156,8 @@ def _rgradients_all(P, S, V, C=None):
     t2 = C['m1']
     t3 = V['dz'] * t2
     t5 = S['dz'] * V['x']
-    t6 = t3 + t5
-    t7 = (2) * t6
+    t6 = _add_into(t3, t5)
+    t7 = _multiply_into(t6, (2))
 
     return {"x": t7, }
 
@@ -200,13 +202,13 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
         C['m7'] = _rank_sum(t7)
     t8 = C['m7']
     t9 = t8 * Hz
-    t10 = (4) * t9
+    t10 = _multiply_into(t9, (4))
     t11 = S['dz'].T
     t12 = t11.sum(keepdims=True)
     t13 = _rank_sum(t12)
     t14 = xp.eye(n, dtype=dtype) * t13
-    t15 = (2) * t14
-    t16 = t10 + t15
+    t15 = _multiply_into(t14, (2))
+    t16 = _add_into(t10, t15)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t16),
@@ -245,13 +247,13 @@ def _hbp_exact_7_all(P, S, Hz, C=None):
         C['m13'] = (t4 @ t5)
     t6 = C['m13']
     t7 = t6 * Hz
-    t8 = (4) * t7
+    t8 = _multiply_into(t7, (4))
     t9 = S['dz'].T
     t10 = t9.sum(keepdims=True)
     t11 = _rank_sum(t10)
     t12 = xp.eye(n, dtype=dtype) * t11
-    t13 = (2) * t12
-    t14 = t8 + t13
+    t13 = _multiply_into(t12, (2))
+    t14 = _add_into(t8, t13)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t14),
@@ -286,7 +288,7 @@ def _hbp_ggn_6_all(P, S, Hz, C=None):
         C['m7'] = _rank_sum(t7)
     t8 = C['m7']
     t9 = t8 * Hz
-    t10 = (4) * t9
+    t10 = _multiply_into(t9, (4))
 
     return {
         "x": CurvatureBlock(kron=[], dense=t10),
@@ -317,7 +319,7 @@ def _hbp_ggn_7_all(P, S, Hz, C=None):
         C['m13'] = (t4 @ t5)
     t6 = C['m13']
     t7 = t6 * Hz
-    t8 = (4) * t7
+    t8 = _multiply_into(t7, (4))
 
     return {
         "x": CurvatureBlock(kron=[], dense=t8),
@@ -352,14 +354,14 @@ def _hbp_pch_abs_6_all(P, S, Hz, C=None):
         C['m7'] = _rank_sum(t7)
     t8 = C['m7']
     t9 = t8 * Hz
-    t10 = (4) * t9
+    t10 = _multiply_into(t9, (4))
     t11 = S['dz'].T
     t12 = t11.sum(keepdims=True)
     t13 = _rank_sum(t12)
     t14 = _fn_abs_0(t13)
     t15 = xp.eye(n, dtype=dtype) * t14
-    t16 = (2) * t15
-    t17 = t10 + t16
+    t16 = _multiply_into(t15, (2))
+    t17 = _add_into(t10, t16)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t17),
@@ -390,14 +392,14 @@ def _hbp_pch_abs_7_all(P, S, Hz, C=None):
         C['m13'] = (t4 @ t5)
     t6 = C['m13']
     t7 = t6 * Hz
-    t8 = (4) * t7
+    t8 = _multiply_into(t7, (4))
     t9 = S['dz'].T
     t10 = t9.sum(keepdims=True)
     t11 = _rank_sum(t10)
     t12 = _fn_abs_0(t11)
     t13 = xp.eye(n, dtype=dtype) * t12
-    t14 = (2) * t13
-    t15 = t8 + t14
+    t14 = _multiply_into(t13, (2))
+    t15 = _add_into(t8, t14)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t15),
@@ -432,14 +434,14 @@ def _hbp_pch_clip_6_all(P, S, Hz, C=None):
         C['m7'] = _rank_sum(t7)
     t8 = C['m7']
     t9 = t8 * Hz
-    t10 = (4) * t9
+    t10 = _multiply_into(t9, (4))
     t11 = S['dz'].T
     t12 = t11.sum(keepdims=True)
     t13 = _rank_sum(t12)
     t14 = xp.eye(n, dtype=dtype) * t13
     t15 = _psd_project(t14, 'clip')
     t16 = (2) * t15
-    t17 = t10 + t16
+    t17 = _add_into(t10, t16)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t17),
@@ -470,14 +472,14 @@ def _hbp_pch_clip_7_all(P, S, Hz, C=None):
         C['m13'] = (t4 @ t5)
     t6 = C['m13']
     t7 = t6 * Hz
-    t8 = (4) * t7
+    t8 = _multiply_into(t7, (4))
     t9 = S['dz'].T
     t10 = t9.sum(keepdims=True)
     t11 = _rank_sum(t10)
     t12 = xp.eye(n, dtype=dtype) * t11
     t13 = _psd_project(t12, 'clip')
     t14 = (2) * t13
-    t15 = t8 + t14
+    t15 = _add_into(t8, t14)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t15),
@@ -539,7 +541,7 @@ def _loss_hessian_6(P, S, C=None):
     t1 = t0.sum(keepdims=True)
     t2 = _rank_sum(t1)
     t3 = xp.eye(n, dtype=dtype) * t2
-    t4 = (2) * t3
+    t4 = _multiply_into(t3, (2))
 
     return {
         "x": CurvatureBlock(kron=[], dense=t4),

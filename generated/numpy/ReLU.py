@@ -24,6 +24,7 @@ def _fn_relu_1(t):
     return ((xp.greater(t, 0)).astype(t.dtype))
 
 
+from mcalc.runtime.array_ops import add_into as _add_into  # noqa: F401
 from mcalc.runtime.array_ops import batch_mean as _batch_mean  # noqa: F401
 from mcalc.runtime.array_ops import block_trace as _block_trace  # noqa: F401
 from mcalc.runtime.array_ops import commutation as _commutation  # noqa: F401
@@ -38,6 +39,7 @@ from mcalc.runtime.array_ops import kron_matmul as _kron_matmul  # noqa: F401
 from mcalc.runtime.array_ops import kron_product as _kron_product  # noqa: F401
 from mcalc.runtime.array_ops import log_softmax as _log_softmax  # noqa: F401
 from mcalc.runtime.array_ops import matmul_kron as _matmul_kron  # noqa: F401
+from mcalc.runtime.array_ops import multiply_into as _multiply_into  # noqa: F401
 from mcalc.runtime.array_ops import plus_diagonal as _plus_diagonal  # noqa: F401
 from mcalc.runtime.array_ops import psd_project as _psd_project  # noqa: F401
 from mcalc.runtime.array_ops import sample_matmul as _sample_matmul  # noqa: F401
@@ -163,7 +165,7 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
     t2 = (t0 @ t1)
     t3 = _rank_sum(t2)
     t4 = t3 * Hz
-    t5 = (1/B_all) * t4
+    t5 = _multiply_into(t4, (1/B_all))
 
     return {
         "x": CurvatureBlock(kron=[], dense=t5),

@@ -36,6 +36,7 @@ def _fn_sigmoid_2(t, C=None):
     return s*(s - 1)*(2*s - 1)
 
 
+from mcalc.runtime.array_ops import add_into as _add_into  # noqa: F401
 from mcalc.runtime.array_ops import batch_mean as _batch_mean  # noqa: F401
 from mcalc.runtime.array_ops import block_trace as _block_trace  # noqa: F401
 from mcalc.runtime.array_ops import commutation as _commutation  # noqa: F401
@@ -50,6 +51,7 @@ from mcalc.runtime.array_ops import kron_matmul as _kron_matmul  # noqa: F401
 from mcalc.runtime.array_ops import kron_product as _kron_product  # noqa: F401
 from mcalc.runtime.array_ops import log_softmax as _log_softmax  # noqa: F401
 from mcalc.runtime.array_ops import matmul_kron as _matmul_kron  # noqa: F401
+from mcalc.runtime.array_ops import multiply_into as _multiply_into  # noqa: F401
 from mcalc.runtime.array_ops import plus_diagonal as _plus_diagonal  # noqa: F401
 from mcalc.runtime.array_ops import psd_project as _psd_project  # noqa: F401
 from mcalc.runtime.array_ops import sample_matmul as _sample_matmul  # noqa: F401
@@ -91,7 +93,7 @@ def forward(P, S, cache=None):
         C['m0'] = _fn_sigmoid_0(S['x'], C)
     t0 = C['m0']
     t1 = (P['W'] @ t0)
-    t3 = t1 + P['b']
+    t3 = _add_into(t1, P['b'])
 
     return {"Z": t3}
 
@@ -105,7 +107,7 @@ def _gradients_all(P, S, C=None):
     if 'm1' not in C:
         C['m1'] = _fn_sigmoid_1(S['x'], C)
     t2 = C['m1']
-    t3 = t1 * t2
+    t3 = _multiply_into(t1, t2)
     if 'm0' not in C:
         C['m0'] = _fn_sigmoid_0(S['x'], C)
     t4 = C['m0']
@@ -139,7 +141,7 @@ def _gradients_inputs(P, S, C=None):
     if 'm1' not in C:
         C['m1'] = _fn_sigmoid_1(S['x'], C)
     t2 = C['m1']
-    t3 = t1 * t2
+    t3 = _multiply_into(t1, t2)
 
     return {"x": t3, }
 
@@ -168,7 +170,7 @@ def _jvp_all(P, S, V, C=None):
     t2 = C['m1']
     t3 = V['x'] * t2
     t4 = (P['W'] @ t3)
-    t6 = t1 + t4 + V['b']
+    t6 = _add_into(t1, t4, V['b'])
 
     return {"Z": t6}
 
@@ -181,7 +183,7 @@ def _jvp_params(P, S, V, C=None):
         C['m0'] = _fn_sigmoid_0(S['x'], C)
     t0 = C['m0']
     t1 = (V['W'] @ t0)
-    t3 = t1 + V['b']
+    t3 = _add_into(t1, V['b'])
 
     return {"Z": t3}
 
@@ -201,11 +203,11 @@ def _rgradients_all(P, S, V, C=None):
     t1 = (t0 @ S['dz'])
     t2 = P['W'].T
     t3 = (t2 @ V['dz'])
-    t4 = t1 + t3
+    t4 = _add_into(t1, t3)
     if 'm1' not in C:
         C['m1'] = _fn_sigmoid_1(S['x'], C)
     t5 = C['m1']
-    t6 = t4 * t5
+    t6 = _multiply_into(t4, t5)
     if 'm2' not in C:
         C['m2'] = (t2 @ S['dz'])
     t7 = C['m2']
@@ -213,8 +215,8 @@ def _rgradients_all(P, S, V, C=None):
         C['m3'] = _fn_sigmoid_2(S['x'], C)
     t8 = C['m3']
     t9 = V['x'] * t8
-    t10 = t7 * t9
-    t11 = t6 + t10
+    t10 = _multiply_into(t9, t7)
+    t11 = _add_into(t6, t10)
     if 'm0' not in C:
         C['m0'] = _fn_sigmoid_0(S['x'], C)
     t12 = C['m0']
@@ -224,7 +226,7 @@ def _rgradients_all(P, S, V, C=None):
     t16 = t5.T
     t17 = t15 * t16
     t18 = (S['dz'] @ t17)
-    t19 = t14 + t18
+    t19 = _add_into(t14, t18)
     t20 = V['dz'].sum(axis=1, keepdims=True)
 
     return {"x": t11, "W": t19, "b": t20, }
@@ -272,13 +274,13 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
     if 'm5' not in C:
         C['m5'] = _rank_sum(t4)
     t5 = C['m5']
-    t6 = t1 * t5
-    t7 = (1/B_all) * t6
+    t6 = _multiply_into(t1, t5)
+    t7 = _multiply_into(t6, (1/B_all))
     t8 = (t0 @ S['dz'])
     if 'm3' not in C:
         C['m3'] = _fn_sigmoid_2(S['x'], C)
     t9 = C['m3']
-    t10 = t8 * t9
+    t10 = _multiply_into(t8, t9)
     t11 = t10.sum(axis=1, keepdims=True)
     t12 = _rank_sum(t11)
     t13 = _plus_diagonal(t7, t12, copy=False)
@@ -341,7 +343,7 @@ def _hbp_exact_7_all(P, S, Hz, C=None):
     if 'm3' not in C:
         C['m3'] = _fn_sigmoid_2(S['x'], C)
     t7 = C['m3']
-    t8 = t6 * t7
+    t8 = _multiply_into(t6, t7)
     t9 = t8.sum(axis=1, keepdims=True)
     t10 = _rank_sum(t9)
     t11 = _plus_diagonal(t5, t10, copy=False)
@@ -404,8 +406,8 @@ def _hbp_ggn_6_all(P, S, Hz, C=None):
     if 'm5' not in C:
         C['m5'] = _rank_sum(t4)
     t5 = C['m5']
-    t6 = t1 * t5
-    t7 = (1/B_all) * t6
+    t6 = _multiply_into(t1, t5)
+    t7 = _multiply_into(t6, (1/B_all))
     if 'm0' not in C:
         C['m0'] = _fn_sigmoid_0(S['x'], C)
     t8 = C['m0']
@@ -477,13 +479,13 @@ def _hbp_pch_abs_6_all(P, S, Hz, C=None):
     if 'm5' not in C:
         C['m5'] = _rank_sum(t4)
     t5 = C['m5']
-    t6 = t1 * t5
-    t7 = (1/B_all) * t6
+    t6 = _multiply_into(t1, t5)
+    t7 = _multiply_into(t6, (1/B_all))
     t8 = (t0 @ S['dz'])
     if 'm3' not in C:
         C['m3'] = _fn_sigmoid_2(S['x'], C)
     t9 = C['m3']
-    t10 = t8 * t9
+    t10 = _multiply_into(t8, t9)
     t11 = t10.sum(axis=1, keepdims=True)
     t12 = _rank_sum(t11)
     t13 = _fn_abs_0(t12)
@@ -527,7 +529,7 @@ def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     if 'm3' not in C:
         C['m3'] = _fn_sigmoid_2(S['x'], C)
     t7 = C['m3']
-    t8 = t6 * t7
+    t8 = _multiply_into(t6, t7)
     t9 = t8.sum(axis=1, keepdims=True)
     t10 = _rank_sum(t9)
     t11 = _fn_abs_0(t10)
@@ -568,13 +570,13 @@ def _hbp_pch_clip_6_all(P, S, Hz, C=None):
     if 'm5' not in C:
         C['m5'] = _rank_sum(t4)
     t5 = C['m5']
-    t6 = t1 * t5
-    t7 = (1/B_all) * t6
+    t6 = _multiply_into(t1, t5)
+    t7 = _multiply_into(t6, (1/B_all))
     t8 = (t0 @ S['dz'])
     if 'm3' not in C:
         C['m3'] = _fn_sigmoid_2(S['x'], C)
     t9 = C['m3']
-    t10 = t8 * t9
+    t10 = _multiply_into(t8, t9)
     t11 = t10.sum(axis=1, keepdims=True)
     t12 = _rank_sum(t11)
     t13 = _fn_relu_0(t12)
@@ -618,7 +620,7 @@ def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     if 'm3' not in C:
         C['m3'] = _fn_sigmoid_2(S['x'], C)
     t7 = C['m3']
-    t8 = t6 * t7
+    t8 = _multiply_into(t6, t7)
     t9 = t8.sum(axis=1, keepdims=True)
     t10 = _rank_sum(t9)
     t11 = _fn_relu_0(t10)

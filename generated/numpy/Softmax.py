@@ -18,6 +18,7 @@ SYMBOLS = {'x': {'shape': ('n', '1'), 'positive': False}}
 OUTPUT_SHAPE = ('n', '1')
 
 
+from mcalc.runtime.array_ops import add_into as _add_into  # noqa: F401
 from mcalc.runtime.array_ops import batch_mean as _batch_mean  # noqa: F401
 from mcalc.runtime.array_ops import block_trace as _block_trace  # noqa: F401
 from mcalc.runtime.array_ops import commutation as _commutation  # noqa: F401
@@ -32,6 +33,7 @@ from mcalc.runtime.array_ops import kron_matmul as _kron_matmul  # noqa: F401
 from mcalc.runtime.array_ops import kron_product as _kron_product  # noqa: F401
 from mcalc.runtime.array_ops import log_softmax as _log_softmax  # noqa: F401
 from mcalc.runtime.array_ops import matmul_kron as _matmul_kron  # noqa: F401
+from mcalc.runtime.array_ops import multiply_into as _multiply_into  # noqa: F401
 from mcalc.runtime.array_ops import plus_diagonal as _plus_diagonal  # noqa: F401
 from mcalc.runtime.array_ops import psd_project as _psd_project  # noqa: F401
 from mcalc.runtime.array_ops import sample_matmul as _sample_matmul  # noqa: F401
@@ -86,8 +88,8 @@ def _gradients_all(P, S, C=None):
     t1 = S['dz'] * t0
     t2 = t1.sum(axis=0, keepdims=True)
     t4 = t2 * t0
-    t5 = (-1) * t4
-    t6 = t1 + t5
+    t5 = _multiply_into(t4, (-1))
+    t6 = _add_into(t5, t1)
 
     return {"x": t6, }
 
@@ -120,8 +122,8 @@ def _jvp_all(P, S, V, C=None):
     t1 = V['x'] * t0
     t2 = t1.sum(axis=0, keepdims=True)
     t4 = t2 * t0
-    t5 = (-1) * t4
-    t6 = t1 + t5
+    t5 = _multiply_into(t4, (-1))
+    t6 = _add_into(t5, t1)
 
     return {"Z": t6}
 
@@ -143,8 +145,8 @@ def _rgradients_all(P, S, V, C=None):
     t1 = V['x'] * t0
     t2 = t1.sum(axis=0, keepdims=True)
     t4 = t2 * t0
-    t5 = (-1) * t4
-    t6 = t1 + t5
+    t5 = _multiply_into(t4, (-1))
+    t6 = _add_into(t5, t1)
     t7 = t6 * S['dz']
     t8 = V['dz'] * t0
     t9 = t7 + t8
@@ -157,9 +159,9 @@ def _rgradients_all(P, S, V, C=None):
         C['m2'] = t13.sum(axis=0, keepdims=True)
     t14 = C['m2']
     t16 = t14 * t6
-    t17 = t12 + t16
-    t18 = (-1) * t17
-    t19 = t7 + t8 + t18
+    t17 = _add_into(t12, t16)
+    t18 = _multiply_into(t17, (-1))
+    t19 = _add_into(t7 + t8, t18)
 
     return {"x": t19, }
 
@@ -191,44 +193,44 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
         C['m5'] = _rank_sum(t2)
     t3 = C['m5']
     t4 = t3 * Hz
-    t5 = (1/B_all) * t4
+    t5 = _multiply_into(t4, (1/B_all))
     t6 = (Hz @ t0)
-    t7 = t0 * t6
+    t7 = _multiply_into(t6, t0)
     t8 = (t7 @ t1)
-    t9 = (-1/B_all) * t8
+    t9 = _multiply_into(t8, (-1/B_all))
     t10 = t7.T
     t11 = (1/B_all) * t10
     t12 = t10.sum(axis=1, keepdims=True)
     t14 = t12 * t1
-    t15 = (-1/B_all) * t14
-    t16 = t11 + t15
+    t15 = _multiply_into(t14, (-1/B_all))
+    t16 = _add_into(t11, t15)
     t17 = (t0 @ t16)
-    t18 = (-1) * t17
-    t19 = t9 + t18
+    t18 = _multiply_into(t17, (-1))
+    t19 = _add_into(t9, t18)
     t20 = _rank_sum(t19)
     t21 = S['dz'] * t0
     t22 = (1/B_all) * t21
     t23 = t21.sum(axis=0, keepdims=True)
     t25 = t23 * t0
     t26 = (-1/B_all) * t25
-    t27 = t22 + t26
+    t27 = _add_into(t22, t26)
     t28 = t27.sum(axis=1, keepdims=True)
     t29 = _rank_sum(t28)
     t30 = (t21 @ t1)
-    t31 = (1/B_all) * t30
+    t31 = _multiply_into(t30, (1/B_all))
     t32 = t25.T
     t33 = (t0 @ t32)
-    t34 = (-1/B_all) * t33
-    t35 = t31 + t34
-    t36 = (-1) * t35
+    t34 = _multiply_into(t33, (-1/B_all))
+    t35 = _add_into(t31, t34)
+    t36 = _multiply_into(t35, (-1))
     t37 = t27.T
     t38 = (t0 @ t37)
-    t39 = (-1) * t38
-    t40 = t36 + t39
+    t39 = _multiply_into(t38, (-1))
+    t40 = _add_into(t36, t39)
     t41 = _rank_sum(t40)
     t42 = _plus_diagonal(t41, t29, copy=False)
-    t43 = (B_all) * t42
-    t44 = t5 + t20 + t43
+    t43 = _multiply_into(t42, (B_all))
+    t44 = _add_into(t5, t20, t43)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t44),
@@ -277,24 +279,24 @@ def _hbp_exact_7_all(P, S, Hz, C=None):
     t13 = t11.sum(axis=0, keepdims=True)
     t15 = t13 * t0
     t16 = (-1/B_all) * t15
-    t17 = t12 + t16
+    t17 = _add_into(t12, t16)
     t18 = t17.sum(axis=1, keepdims=True)
     t19 = _rank_sum(t18)
     t20 = (t11 @ t3)
-    t21 = (1/B_all) * t20
+    t21 = _multiply_into(t20, (1/B_all))
     t22 = t15.T
     t23 = (t0 @ t22)
-    t24 = (-1/B_all) * t23
-    t25 = t21 + t24
-    t26 = (-1) * t25
+    t24 = _multiply_into(t23, (-1/B_all))
+    t25 = _add_into(t21, t24)
+    t26 = _multiply_into(t25, (-1))
     t27 = t17.T
     t28 = (t0 @ t27)
-    t29 = (-1) * t28
-    t30 = t26 + t29
+    t29 = _multiply_into(t28, (-1))
+    t30 = _add_into(t26, t29)
     t31 = _rank_sum(t30)
     t32 = _plus_diagonal(t31, t19, copy=False)
-    t33 = (B_all) * t32
-    t34 = t10 + t33
+    t33 = _multiply_into(t32, (B_all))
+    t34 = _add_into(t10, t33)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t34),
@@ -316,22 +318,22 @@ def _hbp_ggn_6_all(P, S, Hz, C=None):
         C['m5'] = _rank_sum(t2)
     t3 = C['m5']
     t4 = t3 * Hz
-    t5 = (1/B_all) * t4
+    t5 = _multiply_into(t4, (1/B_all))
     t6 = (Hz @ t0)
-    t7 = t0 * t6
+    t7 = _multiply_into(t6, t0)
     t8 = (t7 @ t1)
-    t9 = (-1/B_all) * t8
+    t9 = _multiply_into(t8, (-1/B_all))
     t10 = t7.T
     t11 = (1/B_all) * t10
     t12 = t10.sum(axis=1, keepdims=True)
     t14 = t12 * t1
-    t15 = (-1/B_all) * t14
-    t16 = t11 + t15
+    t15 = _multiply_into(t14, (-1/B_all))
+    t16 = _add_into(t11, t15)
     t17 = (t0 @ t16)
-    t18 = (-1) * t17
-    t19 = t9 + t18
+    t18 = _multiply_into(t17, (-1))
+    t19 = _add_into(t9, t18)
     t20 = _rank_sum(t19)
-    t21 = t5 + t20
+    t21 = _add_into(t5, t20)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t21),
@@ -388,45 +390,45 @@ def _hbp_pch_abs_6_all(P, S, Hz, C=None):
         C['m5'] = _rank_sum(t2)
     t3 = C['m5']
     t4 = t3 * Hz
-    t5 = (1/B_all) * t4
+    t5 = _multiply_into(t4, (1/B_all))
     t6 = (Hz @ t0)
-    t7 = t0 * t6
+    t7 = _multiply_into(t6, t0)
     t8 = (t7 @ t1)
-    t9 = (-1/B_all) * t8
+    t9 = _multiply_into(t8, (-1/B_all))
     t10 = t7.T
     t11 = (1/B_all) * t10
     t12 = t10.sum(axis=1, keepdims=True)
     t14 = t12 * t1
-    t15 = (-1/B_all) * t14
-    t16 = t11 + t15
+    t15 = _multiply_into(t14, (-1/B_all))
+    t16 = _add_into(t11, t15)
     t17 = (t0 @ t16)
-    t18 = (-1) * t17
-    t19 = t9 + t18
+    t18 = _multiply_into(t17, (-1))
+    t19 = _add_into(t9, t18)
     t20 = _rank_sum(t19)
     t21 = S['dz'] * t0
     t22 = (1/B_all) * t21
     t23 = t21.sum(axis=0, keepdims=True)
     t25 = t23 * t0
     t26 = (-1/B_all) * t25
-    t27 = t22 + t26
+    t27 = _add_into(t22, t26)
     t28 = t27.sum(axis=1, keepdims=True)
     t29 = _rank_sum(t28)
     t30 = (t21 @ t1)
-    t31 = (1/B_all) * t30
+    t31 = _multiply_into(t30, (1/B_all))
     t32 = t25.T
     t33 = (t0 @ t32)
-    t34 = (-1/B_all) * t33
-    t35 = t31 + t34
-    t36 = (-1) * t35
+    t34 = _multiply_into(t33, (-1/B_all))
+    t35 = _add_into(t31, t34)
+    t36 = _multiply_into(t35, (-1))
     t37 = t27.T
     t38 = (t0 @ t37)
-    t39 = (-1) * t38
-    t40 = t36 + t39
+    t39 = _multiply_into(t38, (-1))
+    t40 = _add_into(t36, t39)
     t41 = _rank_sum(t40)
     t42 = _plus_diagonal(t41, t29, copy=False)
-    t43 = (B_all) * t42
+    t43 = _multiply_into(t42, (B_all))
     t44 = _psd_project(t43, 'abs')
-    t45 = t5 + t20 + t44
+    t45 = _add_into(t5, t20, t44)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t45),
@@ -467,25 +469,25 @@ def _hbp_pch_abs_7_all(P, S, Hz, C=None):
     t13 = t11.sum(axis=0, keepdims=True)
     t15 = t13 * t0
     t16 = (-1/B_all) * t15
-    t17 = t12 + t16
+    t17 = _add_into(t12, t16)
     t18 = t17.sum(axis=1, keepdims=True)
     t19 = _rank_sum(t18)
     t20 = (t11 @ t3)
-    t21 = (1/B_all) * t20
+    t21 = _multiply_into(t20, (1/B_all))
     t22 = t15.T
     t23 = (t0 @ t22)
-    t24 = (-1/B_all) * t23
-    t25 = t21 + t24
-    t26 = (-1) * t25
+    t24 = _multiply_into(t23, (-1/B_all))
+    t25 = _add_into(t21, t24)
+    t26 = _multiply_into(t25, (-1))
     t27 = t17.T
     t28 = (t0 @ t27)
-    t29 = (-1) * t28
-    t30 = t26 + t29
+    t29 = _multiply_into(t28, (-1))
+    t30 = _add_into(t26, t29)
     t31 = _rank_sum(t30)
     t32 = _plus_diagonal(t31, t19, copy=False)
-    t33 = (B_all) * t32
+    t33 = _multiply_into(t32, (B_all))
     t34 = _psd_project(t33, 'abs')
-    t35 = t10 + t34
+    t35 = _add_into(t10, t34)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t35),
@@ -507,45 +509,45 @@ def _hbp_pch_clip_6_all(P, S, Hz, C=None):
         C['m5'] = _rank_sum(t2)
     t3 = C['m5']
     t4 = t3 * Hz
-    t5 = (1/B_all) * t4
+    t5 = _multiply_into(t4, (1/B_all))
     t6 = (Hz @ t0)
-    t7 = t0 * t6
+    t7 = _multiply_into(t6, t0)
     t8 = (t7 @ t1)
-    t9 = (-1/B_all) * t8
+    t9 = _multiply_into(t8, (-1/B_all))
     t10 = t7.T
     t11 = (1/B_all) * t10
     t12 = t10.sum(axis=1, keepdims=True)
     t14 = t12 * t1
-    t15 = (-1/B_all) * t14
-    t16 = t11 + t15
+    t15 = _multiply_into(t14, (-1/B_all))
+    t16 = _add_into(t11, t15)
     t17 = (t0 @ t16)
-    t18 = (-1) * t17
-    t19 = t9 + t18
+    t18 = _multiply_into(t17, (-1))
+    t19 = _add_into(t9, t18)
     t20 = _rank_sum(t19)
     t21 = S['dz'] * t0
     t22 = (1/B_all) * t21
     t23 = t21.sum(axis=0, keepdims=True)
     t25 = t23 * t0
     t26 = (-1/B_all) * t25
-    t27 = t22 + t26
+    t27 = _add_into(t22, t26)
     t28 = t27.sum(axis=1, keepdims=True)
     t29 = _rank_sum(t28)
     t30 = (t21 @ t1)
-    t31 = (1/B_all) * t30
+    t31 = _multiply_into(t30, (1/B_all))
     t32 = t25.T
     t33 = (t0 @ t32)
-    t34 = (-1/B_all) * t33
-    t35 = t31 + t34
-    t36 = (-1) * t35
+    t34 = _multiply_into(t33, (-1/B_all))
+    t35 = _add_into(t31, t34)
+    t36 = _multiply_into(t35, (-1))
     t37 = t27.T
     t38 = (t0 @ t37)
-    t39 = (-1) * t38
-    t40 = t36 + t39
+    t39 = _multiply_into(t38, (-1))
+    t40 = _add_into(t36, t39)
     t41 = _rank_sum(t40)
     t42 = _plus_diagonal(t41, t29, copy=False)
-    t43 = (B_all) * t42
+    t43 = _multiply_into(t42, (B_all))
     t44 = _psd_project(t43, 'clip')
-    t45 = t5 + t20 + t44
+    t45 = _add_into(t5, t20, t44)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t45),
@@ -586,25 +588,25 @@ def _hbp_pch_clip_7_all(P, S, Hz, C=None):
     t13 = t11.sum(axis=0, keepdims=True)
     t15 = t13 * t0
     t16 = (-1/B_all) * t15
-    t17 = t12 + t16
+    t17 = _add_into(t12, t16)
     t18 = t17.sum(axis=1, keepdims=True)
     t19 = _rank_sum(t18)
     t20 = (t11 @ t3)
-    t21 = (1/B_all) * t20
+    t21 = _multiply_into(t20, (1/B_all))
     t22 = t15.T
     t23 = (t0 @ t22)
-    t24 = (-1/B_all) * t23
-    t25 = t21 + t24
-    t26 = (-1) * t25
+    t24 = _multiply_into(t23, (-1/B_all))
+    t25 = _add_into(t21, t24)
+    t26 = _multiply_into(t25, (-1))
     t27 = t17.T
     t28 = (t0 @ t27)
-    t29 = (-1) * t28
-    t30 = t26 + t29
+    t29 = _multiply_into(t28, (-1))
+    t30 = _add_into(t26, t29)
     t31 = _rank_sum(t30)
     t32 = _plus_diagonal(t31, t19, copy=False)
-    t33 = (B_all) * t32
+    t33 = _multiply_into(t32, (B_all))
     t34 = _psd_project(t33, 'clip')
-    t35 = t10 + t34
+    t35 = _add_into(t10, t34)
 
     return {
         "x": CurvatureBlock(kron=[], dense=t35),

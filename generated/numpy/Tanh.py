@@ -36,6 +36,7 @@ def _fn_tanh_2(t, C=None):
     return 2*s**3 - 2*s
 
 
+from mcalc.runtime.array_ops import add_into as _add_into  # noqa: F401
 from mcalc.runtime.array_ops import batch_mean as _batch_mean  # noqa: F401
 from mcalc.runtime.array_ops import block_trace as _block_trace  # noqa: F401
 from mcalc.runtime.array_ops import commutation as _commutation  # noqa: F401
@@ -50,6 +51,7 @@ from mcalc.runtime.array_ops import kron_matmul as _kron_matmul  # noqa: F401
 from mcalc.runtime.array_ops import kron_product as _kron_product  # noqa: F401
 from mcalc.runtime.array_ops import log_softmax as _log_softmax  # noqa: F401
 from mcalc.runtime.array_ops import matmul_kron as _matmul_kron  # noqa: F401
+from mcalc.runtime.array_ops import multiply_into as _multiply_into  # noqa: F401
 from mcalc.runtime.array_ops import plus_diagonal as _plus_diagonal  # noqa: F401
 from mcalc.runtime.array_ops import psd_project as _psd_project  # noqa: F401
 from mcalc.runtime.array_ops import sample_matmul as _sample_matmul  # noqa: F401
@@ -149,12 +151,12 @@ def _rgradients_all(P, S, V, C=None):
         C['m1'] = _fn_tanh_2(S['x'], C)
     t0 = C['m1']
     t1 = V['x'] * t0
-    t2 = t1 * S['dz']
+    t2 = _multiply_into(t1, S['dz'])
     if 'm0' not in C:
         C['m0'] = _fn_tanh_1(S['x'], C)
     t3 = C['m0']
     t4 = V['dz'] * t3
-    t5 = t2 + t4
+    t5 = _add_into(t2, t4)
 
     return {"x": t5, }
 
@@ -186,7 +188,7 @@ def _hbp_exact_6_all(P, S, Hz, C=None):
         C['m3'] = _rank_sum(t2)
     t3 = C['m3']
     t4 = t3 * Hz
-    t5 = (1/B_all) * t4
+    t5 = _multiply_into(t4, (1/B_all))
     if 'm1' not in C:
         C['m1'] = _fn_tanh_2(S['x'], C)
     t6 = C['m1']
@@ -253,7 +255,7 @@ def _hbp_ggn_6_all(P, S, Hz, C=None):
         C['m3'] = _rank_sum(t2)
     t3 = C['m3']
     t4 = t3 * Hz
-    t5 = (1/B_all) * t4
+    t5 = _multiply_into(t4, (1/B_all))
 
     return {
         "x": CurvatureBlock(kron=[], dense=t5),
@@ -298,7 +300,7 @@ def _hbp_pch_abs_6_all(P, S, Hz, C=None):
         C['m3'] = _rank_sum(t2)
     t3 = C['m3']
     t4 = t3 * Hz
-    t5 = (1/B_all) * t4
+    t5 = _multiply_into(t4, (1/B_all))
     if 'm1' not in C:
         C['m1'] = _fn_tanh_2(S['x'], C)
     t6 = C['m1']
@@ -359,7 +361,7 @@ def _hbp_pch_clip_6_all(P, S, Hz, C=None):
         C['m3'] = _rank_sum(t2)
     t3 = C['m3']
     t4 = t3 * Hz
-    t5 = (1/B_all) * t4
+    t5 = _multiply_into(t4, (1/B_all))
     if 'm1' not in C:
         C['m1'] = _fn_tanh_2(S['x'], C)
     t6 = C['m1']

@@ -154,6 +154,8 @@ class CuPyPrinter(ArrayPrinter):
     """The array printer with kernel launches: ``_launch(name, dtype, shape, outputs, inputs,
     coefficients, layout)`` (:meth:`mcalc.runtime.cuda.KernelSet.launch`)."""
 
+    writes_in_place = False  # elementwise steps run fused in kernels, which make no temporaries
+
     def _print_Launch(self, launch: Launch) -> str:
         k = launch.kernel
         shape = lambda rows, cols: f"({self.dim(rows)}, {self.dim(cols)})"  # noqa: E731

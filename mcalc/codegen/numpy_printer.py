@@ -23,13 +23,16 @@ from sympy.printing.pycode import PythonCodePrinter
 from ..errors import McalcError
 from ..expr import (
     ONE,
+    Add,
     Diag,
     Expr,
+    Hadamard,
     Identity,
     Kron,
     MatMul,
     Ones,
     ScalarMul,
+    ScaleBy,
     Transpose,
     UnfoldMatrix,
     UnfoldSpec,
@@ -230,6 +233,17 @@ def function_source(f: ElementwiseFunction) -> str:
         f"    return {code}\n"
 
 
+def makes_own_array(node: Expr) -> bool:
+    """Whether the printed step computing ``node`` makes an array of its own: an elementwise sum, product
+    or scaling, or a product of matrices without structured factors, never a view (a transpose, a
+    broadcast) or an array passed on. A later step may write into such an array once nothing else reads it."""
+    if isinstance(node, (Add, Hadamard, ScalarMul, ScaleBy)):
+        return True
+    structured = (Ones, Identity, Kron, UnfoldMatrix)
+    return isinstance(node, MatMul) and selected_taps(node) is None and not any(
+        isinstance(f.args[0] if isinstance(f, Transpose) else f, structured) for f in node.args)
+
+
 def _typical(d: sp.Expr) -> float:
     """A dimension's size with every symbol 64: what a printer compares intermediate sizes by."""
     return float(d.xreplace({x: 64 for x in d.free_symbols})) if d.free_symbols else float(d)
@@ -238,13 +252,17 @@ def _typical(d: sp.Expr) -> float:
 class ArrayPrinter:
     """Right-hand sides of program steps; ``names`` holds the references of the computed children
     (:attr:`.plan.Program.names`), and a name in ``overwritable`` is an array that no other step reads,
-    which a step may write into. A matrix product is printed by ``product`` (``a @ b``; the CuPy
-    backend calls a function that a CUDA graph can capture)."""
+    which a step may write into (in ``writable`` too if the array is the step's own, not a view). A
+    matrix product is printed by ``product`` (``a @ b``; the CuPy backend calls a function that a CUDA
+    graph can capture)."""
+
+    writes_in_place = True  # a sum or product of matrices into an operand's array (not over stacks; below)
 
     def __init__(self, names: Mapping[Expr, Reference], overwritable: set[str] = frozenset(),
-                 product: str = "({a} @ {b})") -> None:
+                 product: str = "({a} @ {b})", writable: set[str] = frozenset()) -> None:
         self.names = names
         self.overwritable = overwritable
+        self.writable = writable  # overwritable steps whose arrays are their own (:func:`makes_own_array`)
         self.product = product
         self.reads_cache = False  # whether a printed step reads the function's cache C (shared parts)
         self.reads: set[str] = set()  # the steps printed code reads: render drops a step no line reads
@@ -440,7 +458,7 @@ class ArrayPrinter:
                 diagonal.append(f"{self.dim(c)}")
             else:
                 dense.append(t)
-        total = " + ".join(self.elementwise_operands(tuple(dense))) if dense else \
+        total = self._elementwise(node, tuple(dense), " + ", "_add_into") if dense else \
             f"xp.zeros(({self.dim(node.rows)}, {self.dim(node.cols)}), dtype=dtype)"
         if not diagonal:
             return total
@@ -450,13 +468,43 @@ class ArrayPrinter:
         return f"_plus_diagonal({total}, {' + '.join(diagonal)}, copy={shared})"
 
     def _print_ScalarMul(self, node: Expr) -> str:
+        if self._writable(node.args[1], node):
+            return f"_multiply_into({self.operand(node.args[1])}, ({self.dim(node.args[0])}))"
         return f"({self.dim(node.args[0])}) * {self.operand(node.args[1])}"
 
     def _print_ScaleBy(self, node: Expr) -> str:
+        if self._writable(node.args[1], node):
+            return f"_multiply_into({self.operand(node.args[1])}, {self.ref(node.args[0])})"
         return f"{self.operand(node.args[1])} * {self.ref(node.args[0])}"
 
     def _print_Hadamard(self, node: Expr) -> str:
-        return " * ".join(self.elementwise_operands(node.args))
+        return self._elementwise(node, node.args, " * ", "_multiply_into")
+
+    def _elementwise(self, node: Expr, terms: tuple[Expr, ...], operator: str, helper: str) -> str:
+        """The elementwise sum or product (``operator``) of ``terms``, computed into the array of one of
+        the first two terms where it has the result's shape and no other step reads it (``helper``,
+        ``_add_into`` or ``_multiply_into``); else, of three terms or more, into the first two's fresh
+        result; else as one expression, a temporary per operator. Either way the operations are those
+        of the expression, in its order (the first pair may be swapped), and the result has its memory
+        order (:func:`~mcalc.runtime.array_ops.add_into`): the same arrays to the last bit."""
+        operands = self.elementwise_operands(terms)
+        first_pair = [i for i in (0, 1) if self.writes_in_place and len(terms) > 1 and self._fills(terms[i], node)]
+        into = next((i for i in first_pair if self._writable(terms[i], node)), None)
+        if into is not None:
+            return f"{helper}({operands[into]}, {', '.join([operands[1 - into], *operands[2:]])})"
+        if len(terms) >= 3 and first_pair:  # the first pair's result has the whole shape, and is fresh
+            return f"{helper}({operands[0]}{operator}{operands[1]}, {', '.join(operands[2:])})"
+        return operator.join(operands)
+
+    @staticmethod
+    def _fills(term: Expr, node: Expr) -> bool:
+        """Whether ``term``'s array has the whole shape of ``node`` (not a broadcast or a constant)."""
+        return (not is_broadcast(term) and not _is_constant(term) and not isinstance(term, (Ones, Identity))
+                and type(term).__name__ != "Zero" and (term.rows, term.cols) == (node.rows, node.cols))
+
+    def _writable(self, term: Expr, node: Expr) -> bool:
+        """Whether ``node``'s step may write its result into ``term``'s array."""
+        return self.writes_in_place and self.names.get(term) in self.writable and self._fills(term, node)
 
     def _print_Transpose(self, node: Expr) -> str:
         return self._transposed(self.operand(node.args[0]))
@@ -564,6 +612,8 @@ class BatchedArrayPrinter(ArrayPrinter):
     axis: a per-sample rule with no closed batch form (a :class:`~mcalc.expr.BatchMean`) runs as one
     array program over the whole batch, never a Python loop over it. Products broadcast over the stack
     (``@``), and what would read or write a matrix's two axes reads the last two."""
+
+    writes_in_place = False  # an operand of a stack's shape may broadcast over the leading axis: no fixed shape
 
     def _row_sums(self, code: str) -> str:
         return f"{code}.sum(axis=-1, keepdims=True)"

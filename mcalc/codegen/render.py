@@ -20,6 +20,7 @@ from .numpy_printer import (
     dim_code,
     dimension_code,
     function_source,
+    makes_own_array,
     reference_code,
     scale_code,
     shared_parts,
@@ -93,7 +94,9 @@ def program_context(program: Program, array_family: ArrayFamily, family: str | N
     memoised = {t for step in schedule for t in _targets(step) if set(_targets(step)) <= kept}
     # an elementwise function's value may be the part its cache keeps (tanh(x) for tanh′): never written to
     kept_parts = {s.target for s in program.steps if isinstance(s.node, Apply) and shared_parts(s.node.args[0])}
-    printer = array_family.printer(program.names, program.overwritable(memoised) - kept_parts, array_family.product)
+    overwritable = program.overwritable(memoised) - kept_parts
+    own = {s.target for s in program.steps if makes_own_array(s.node)}
+    printer = array_family.printer(program.names, overwritable, array_family.product, writable=overwritable & own)
     node_of = {s.target: s.node for s in program.steps}
     lines, calls = [], iter(program.fallbacks)
     for step in schedule:

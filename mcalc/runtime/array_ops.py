@@ -33,6 +33,35 @@ def plus_diagonal(m: Any, v: Any, copy: bool) -> Any:
     return out
 
 
+def add_into(out: Any, *terms: Any) -> Any:
+    """``out`` + every term, written into ``out`` (a fresh array of the sum's shape that nothing else reads):
+    a sum of several matrices makes no temporary per term. Where ``out`` is column-major beside a
+    row-major term, the sum is a new row-major array, as NumPy's ``out + term`` would make it: the
+    result's memory order, which later sums add in, is the expression's."""
+    for term in terms:
+        if _keeps_order(out, term):
+            out += term
+        else:
+            out = out + term
+    return out
+
+
+def multiply_into(out: Any, *factors: Any) -> Any:
+    """``out`` ⊙ every factor (or times a number), written into ``out``, as :func:`add_into`."""
+    for factor in factors:
+        if _keeps_order(out, factor):
+            out *= factor
+        else:
+            out = out * factor
+    return out
+
+
+def _keeps_order(out: Any, operand: Any) -> bool:
+    """Whether NumPy's ``out ∘ operand`` has ``out``'s memory order: ``out`` row-major, or the operand
+    column-major (a vector or a number is both)."""
+    return out.flags.c_contiguous or getattr(operand, "flags", out.flags).f_contiguous
+
+
 def softmax(x: Any) -> Any:
     """Column-wise softmax."""
     xp = namespace(x)
