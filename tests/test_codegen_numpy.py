@@ -3,6 +3,8 @@ import numpy as np
 import pytest
 import sympy as sp
 from conftest import ROOT
+from hypothesis import HealthCheck, Phase, given, settings
+from strategies import modules
 from test_batch import _batch
 
 import mcalc as mc
@@ -471,3 +473,18 @@ def test_an_exact_block_too_large_to_form_per_sample_is_refused_with_a_hint(tmp_
     with pytest.raises(mc.McalcError, match=r"8 samples of 12 × 12.*--approximation 6-kfac"):
         code.HBP[("exact", "6")](P, S, Hz)
     code.HBP[("exact", "6-kfac")](P, S, Hz)  # the factored blocks stay two factors
+
+
+@settings(max_examples=25, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate],
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(module=modules())
+def test_random_modules_generate_code_that_matches_their_batch_rules(module, tmp_path_factory):
+    """Random modules (strategies.modules) through code generation: every generated function against the
+    symbolic batch rules, one cache shared as a backward pass shares it, and no argument written to."""
+    directory = tmp_path_factory.mktemp("random")
+    try:
+        generate([module], ["numpy"], directory)
+    except mc.McalcError as exc:  # a per-sample inverse, say, has no batch form
+        assert "no batch form" in str(exc)
+        return
+    check_generated(module, load_code(module, "numpy", directory))
