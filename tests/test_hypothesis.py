@@ -5,7 +5,7 @@ from unittest import mock
 import numpy as np
 import torch_reference
 from conftest import seeds_for
-from hypothesis import HealthCheck, Phase, assume, given, settings
+from hypothesis import HealthCheck, Phase, assume, example, given, settings
 from hypothesis import strategies as st
 from strategies import modules
 
@@ -99,6 +99,9 @@ def convolutional_networks(draw):
 @settings(SETTINGS, max_examples=8, suppress_health_check=list(HealthCheck))
 @given(spec=convolutional_networks(), loss=st.sampled_from(["ce", "mse"]), batch=st.integers(1, 4),
        seed=st.integers(0, 1000))
+# poolings down to one position, then a convolution: its input was taken as a vector, not a signal (IndexError)
+@example(spec="2x4-maxpool(3,stride=2,pad=same)-maxpool(2,stride=2,pad=0)-conv(1,1,stride=2,pad=same,dil=1)"
+              "-flatten-2", loss="ce", batch=4, seed=3)
 def test_random_convolutional_networks_curvature_products(spec, loss, batch, seed, tmp_path_factory):
     """As for vector networks, over random convolutions and poolings (a pooling before the first parameters
     failed 17 of 30 such networks); every HBP mode gives finite blocks."""

@@ -269,8 +269,10 @@ class Network:
         if min(out_rows, out_cols) < 1:
             raise McalcError(f"module '{name}' gives {out_rows} × {out_cols} per sample here: its input of "
                              f"{in_shape[0]} × {in_shape[1]} is too short")
-        self.layers.append(Layer(name, names, input_name, input_rows=in_shape[0] if in_shape[1] != 1 else None,
-                                 output_rows=out_rows if out_cols != 1 else None, dims=dims))
+        # a per-sample matrix (a signal) stays one where it has a single column (a signal of one position)
+        matrix_in, matrix_out = symbols[input_name]["shape"][1] != "1", code.OUTPUT_SHAPE[1] != "1"
+        self.layers.append(Layer(name, names, input_name, input_rows=in_shape[0] if matrix_in else None,
+                                 output_rows=out_rows if matrix_out else None, dims=dims))
         return out_rows, out_cols
 
     @property
