@@ -554,6 +554,22 @@ def test_double_damping_guarantees_positive_curvature():
     assert damped > 10
 
 
+def test_double_damping_of_a_pair_without_change_divides_by_nothing():
+    """y = 0 (the gradients did not change: a layer whose units are all dead) makes Powell's θ 0/0; s = 0 too
+    makes the Levenberg–Marquardt θ 0/0. Powell's part is skipped, Levenberg–Marquardt's gives y = μ₂ s
+    (curvature μ₂ along s), and with s = 0 the BFGS update keeps H: no ZeroDivisionError, nothing
+    non-finite."""
+    from mcalc.train.optimizers import bfgs_inverse_update, double_damping
+
+    H, s, zero = np.eye(3) * 2.0, np.array([[1.0], [-2.0], [0.5]]), np.zeros((3, 1))
+    s2, y2 = double_damping(H, s, zero, 0.2, 0.5)
+    np.testing.assert_array_equal(s2, s)
+    np.testing.assert_allclose(y2, 0.5 * s)
+    s3, y3 = double_damping(H, zero, zero, 0.2, 0.5)
+    assert not s3.any() and not y3.any()
+    assert bfgs_inverse_update(H, s3, y3) is H
+
+
 def test_kbfgs_first_step_against_the_dense_kronecker_computation():
     from mcalc.train.optimizers import KBFGS
 

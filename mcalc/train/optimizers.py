@@ -495,14 +495,17 @@ def double_damping(H: Any, s: Any, y: Any, mu1: float, mu2: float) -> tuple[Any,
     - if sᵀy < μ₂ sᵀs: y ← θ y + (1 − θ) s, θ = (1 − μ₂) sᵀs / (sᵀs − sᵀy) (Levenberg–Marquardt:
       y moved towards s until sᵀy = μ₂ sᵀs).
 
-    Afterwards sᵀy ≥ μ₂ sᵀs > 0, so the BFGS update keeps H positive definite.
+    Afterwards sᵀy ≥ μ₂ sᵀs > 0, so the BFGS update keeps H positive definite. Where a part's
+    denominator vanishes there is nothing for it to move: y = 0 (no change of the gradients, all of a
+    layer's units dead, say) has yᵀHy = 0 and skips Powell's part, where the authors' sᵀy / yᵀHy divides
+    by zero; s = 0 skips both, and the BFGS update then keeps H (sᵀy = 0).
     """
     sy, yHy = (s.T @ y).item(), (y.T @ (H @ y)).item()
-    if not sy > mu1 * yHy:
+    if not sy > mu1 * yHy and yHy != sy:
         theta = (1 - mu1) * yHy / (yHy - sy)
         s = theta * s + (1 - theta) * (H @ y)
     ss, sy = (s.T @ s).item(), (s.T @ y).item()
-    if not sy > mu2 * ss:
+    if not sy > mu2 * ss and ss != sy:
         theta = (1 - mu2) * ss / (ss - sy)
         y = theta * y + (1 - theta) * s
     return s, y
