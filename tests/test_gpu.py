@@ -97,6 +97,41 @@ def test_network_curvature_products_on_cupy_match_numpy(cp, matrix):
         np.testing.assert_allclose(got[name].get(), e, rtol=1e-9, atol=1e-11, err_msg=name)
 
 
+def test_a_cnn_on_cupy_matches_numpy(cp, tmp_path, monkeypatch):
+    """A CNN (convolutions with and without padding, ReLUs, max and average pooling, flatten) on the CuPy
+    backend: NumPy's loss, gradients, Gauss–Newton HBP blocks, exact-Fisher K-FAC factors (expand and
+    reduce, whose backward passes keep the signals' per-sample matrices through the ReLUs: a fused kernel
+    there wrote (channels, B), not (channels, B, positions)) and curvature products."""
+    from mcalc.train.network import Network
+    from mcalc.train.optimizers import make_optimizer
+
+    monkeypatch.setenv("MCALC_CACHE", str(tmp_path))  # each window's code generated here
+    spec = "1x12x12-conv(4,3,pad=1)-relu-maxpool(2)-conv(5,3)-relu-avgpool(2)-flatten-6-tanh-3"
+    rng = np.random.default_rng(0)
+    X, Y = rng.normal(size=(144, 5)), np.eye(3)[:, rng.integers(0, 3, 5)]
+    host, device = Network(spec, seed=0), Network(spec, backend="cupy", seed=0)
+    close = lambda got, expected, name: np.testing.assert_allclose(  # noqa: E731
+        got.get(), expected, rtol=1e-9, atol=1e-12, err_msg=name)
+    (loss, grads, blocks), (d_loss, d_grads, d_blocks) = (host.backward(X, Y, "ggn"),
+                                                          device.backward(cp.asarray(X), cp.asarray(Y), "ggn"))
+    assert float(d_loss) == pytest.approx(float(loss), rel=1e-12)
+    for name in grads:
+        close(d_grads[name], grads[name], name)
+        close(d_blocks[name].to_dense(), blocks[name].to_dense(), name)
+    for approximation in ("expand", "reduce"):
+        expected = make_optimizer("kfac", fisher="exact", kfac_approx=approximation)._statistics(host, X)
+        got = make_optimizer("kfac", fisher="exact", kfac_approx=approximation)._statistics(device, cp.asarray(X))
+        for position, factors in expected.items():
+            for factor, e in zip(got[position], factors):
+                close(factor, e, f"{approximation} factor at layer {position}")
+    V = {k: rng.normal(size=v.shape) for k, v in host.params.items()}
+    for matrix in ("gn", "hessian"):
+        expected = host.curvature_product(X, Y, matrix)(V)
+        got = device.curvature_product(cp.asarray(X), cp.asarray(Y), matrix)({k: cp.asarray(v) for k, v in V.items()})
+        for name, e in expected.items():
+            close(got[name], e, f"{matrix} {name}")
+
+
 @pytest.mark.parametrize("module", [L.SigmoidLinear, L.CrossEntropy], ids=lambda m: m.name)
 def test_cupy_backend_against_finite_differences(cp, module):
     checks = verify_backend(module, "cupy")

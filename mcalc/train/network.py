@@ -557,9 +557,13 @@ class Network:
             layer = self.layers[position]
             cache = None if caches is None else caches[position]
             x = inputs[position]
+            matrices_shape = None
             if dZ.ndim == 3 and layer.signal_rows is not None:  # entry by entry, on the matrices' layout
                 cache = None if cache is None else cache.setdefault("matrices", {})  # apart from columns' values
-                S = {layer.input: kept_matrices(x, layer.signal_rows, cache), "dz": dZ}
+                # (rows, B, cols) read as (rows, B·cols), views both: the activation's code (a fused kernel on
+                # a GPU) runs on a batch of vectors
+                matrices_shape, x = dZ.shape, kept_matrices(x, layer.signal_rows, cache)
+                S = {layer.input: x.reshape(x.shape[0], -1), "dz": dZ.reshape(dZ.shape[0], -1)}
             else:  # a δZ already of per-sample matrices is the batch a matrix-output layer takes
                 if dZ.ndim == 3 and layer.output_rows is None:
                     dZ = columns_of_matrices(dZ)
@@ -567,6 +571,8 @@ class Network:
                      "dz": dZ if dZ.ndim == 3 else layer.takes_output(dZ)}
             dZ = self.code[layer.module].gradients(self._module_params(layer), S, cache=cache,
                                                    params=False)[layer.input]
+            if matrices_shape is not None:
+                dZ = dZ.reshape(matrices_shape)
             below = self.layers[position - 1]
             if matrices and dZ.ndim == 2 and below.output_rows is not None:  # columns from a flatten: made
                 dZ = below.takes_output(dZ)  # matrices once, for the layer below and the caller alike
