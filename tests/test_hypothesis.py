@@ -102,6 +102,8 @@ def convolutional_networks(draw):
 # poolings down to one position, then a convolution: its input was taken as a vector, not a signal (IndexError)
 @example(spec="2x4-maxpool(3,stride=2,pad=same)-maxpool(2,stride=2,pad=0)-conv(1,1,stride=2,pad=same,dil=1)"
               "-flatten-2", loss="ce", batch=4, seed=3)
+# a pooling to one position: its input block's 1/k² was placed on Pᵀ, which was then to be formed (no printer)
+@example(spec="1x4x4-avgpool(3,stride=2,pad=0)-flatten-2", loss="ce", batch=2, seed=0)
 def test_random_convolutional_networks_curvature_products(spec, loss, batch, seed, tmp_path_factory):
     """As for vector networks, over random convolutions and poolings (a pooling before the first parameters
     failed 17 of 30 such networks); every HBP mode gives finite blocks."""

@@ -22,6 +22,7 @@ from ..expr import (
     MatMul,
     Ones,
     ScalarMul,
+    Transpose,
     UnfoldMatrix,
     Zero,
     broadcast_source,
@@ -94,7 +95,8 @@ def _pushed(c: sp.Expr, product: Expr, alone: Callable[[Expr], bool]) -> Expr | 
     there alone), or None where no operand has fewer entries than the product."""
     if not isinstance(product, (MatMul, Hadamard)):
         return None
-    candidates = [i for i, f in enumerate(product.args) if not isinstance(f, _HELD)]
+    candidates = [i for i, f in enumerate(product.args)  # a structured factor, or its transpose, is applied
+                  if not isinstance(f.args[0] if isinstance(f, Transpose) else f, _HELD)]
     if not candidates:
         return None
     fewest = [k for k in candidates if fewer(entries(product.args[k]), entries(product))]
