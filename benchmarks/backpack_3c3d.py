@@ -1,6 +1,6 @@
 """K-FAC factors of BackPACK's 3C3D network on CIFAR-10-shaped input: mcalc's kfac against BackPACK's KFLR.
 
-    python benchmarks/backpack_3c3d.py [--batch 64] [--repeats 5] [--json OUT]
+    python benchmarks/backpack_3c3d.py [--device cpu|cuda] [--batch 64] [--repeats 5] [--json OUT]
 
 The network is DeepOBS' ``cifar10_3c3d`` as BackPACK's own benchmarks build it (three convolutions of 64,
 96 and 128 filters with ReLUs, each followed by a 3 × 3 max pooling of stride 2 with TensorFlow's 'same'
@@ -17,7 +17,9 @@ output factor sums the positions' gradients before the outer product, as mcalc's
 The check runs in float64; the times (kfac's default, expand) in float32, the contenders in turn within
 each repeat, medians reported, one BLAS thread each side unless the environment says more (also mcalc's
 K-FAC-reduce, whose output factor sums the positions first as KFLR's does); glibc's malloc
-thresholds fixed first, as ``mcalc`` does (``mcalc/runtime/allocator.py``).
+thresholds fixed first, as ``mcalc`` does (``mcalc/runtime/allocator.py``). With ``--device cuda`` mcalc runs
+on its CuPy backend (its fused kernels) and BackPACK on PyTorch's CUDA, each timed to a synchronisation
+of the device, and the JSON names the GPU.
 
 HBP's own modes (exact, GGN, PCH-abs under (6)) are not run here: (6) backpropagates the batch-averaged
 curvature 𝓗̄z as a dense matrix, 50,176² entries at the first convolution's output (about 10 GB in float32),
@@ -98,9 +100,10 @@ def compare(expand: list[tuple], reduce: list[tuple], theirs: list[list], positi
     """The relative differences of every layer's factors: BackPACK's input factor against T times mcalc's
     expand factor (its bias row left out), its output factor against mcalc's reduce factor (for a Linear
     layer, T = 1, expand and reduce are one)."""
+    host = lambda a: a.get() if hasattr(a, "get") else a  # noqa: E731  (a CuPy array's values)
     out = []
     for k, ((A, _), (_, G), (G_b, A_b), T) in enumerate(zip(expand, reduce, theirs, positions)):
-        A_b, G_b = A_b.detach().numpy(), G_b.detach().numpy()
+        A, G, A_b, G_b = host(A), host(G), A_b.detach().cpu().numpy(), G_b.detach().cpu().numpy()
         A = A[:-1, :-1] if k != len(positions) - 3 else A[:-1, :-1][np.ix_(FLATTEN, FLATTEN)]  # the first Linear's
         out.append({"positions": T, "input_factor": float(np.abs(T * A - A_b).max() / np.abs(A_b).max()),
                     "output_factor": float(np.abs(G - G_b).max() / np.abs(G_b).max())})
@@ -122,6 +125,7 @@ def timed(contenders: dict, repeats: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json")
@@ -138,14 +142,26 @@ def main() -> None:
     print(f"(6) would backpropagate 𝓗̄z of {64 * 28 * 28:,} × {64 * 28 * 28:,} at conv1's output: "
           f"{dense_entries * 4 / 2**30:.1f} GiB in float32; HBP's modes are not run", flush=True)
 
+    cuda = args.device == "cuda"
+    if cuda:
+        import cupy
+
+        on_device, backend = cupy.asarray, "cupy"
+        synchronised = lambda run: lambda: (run(), cupy.cuda.Device().synchronize(),  # noqa: E731
+                                            torch.cuda.synchronize())
+    else:
+        on_device, backend, synchronised = np.asarray, "numpy", lambda run: run
+    device = torch.device(args.device)
+
     # the check, in float64, on a small batch
-    net = Network(SPEC, seed=0)
+    net = Network(SPEC, seed=0, backend=backend)
     positions = [_positions(layer) for layer in net.layers if layer.params]
     X = rng.normal(size=(3 * 32 * 32, 8))
     y = rng.integers(0, 10, 8)
     images = torch.tensor(X.T.reshape(8, 32 * 32, 3).transpose(0, 2, 1).reshape(8, 3, 32, 32).copy())
-    theirs = backpack_factors(backpack_model(net, torch.float64), images, torch.tensor(y))
-    check = compare(mcalc_factors(net, X), mcalc_factors(net, X, "reduce"), theirs, positions)
+    theirs = backpack_factors(backpack_model(net, torch.float64).to(device), images.to(device),
+                              torch.tensor(y).to(device))
+    check = compare(mcalc_factors(net, on_device(X)), mcalc_factors(net, on_device(X), "reduce"), theirs, positions)
     for k, row in enumerate(check):
         print(f"  layer {k + 1} (T = {row['positions']:4d}): input factor {row['input_factor']:.1e}, "
               f"output factor {row['output_factor']:.1e}", flush=True)
@@ -153,27 +169,30 @@ def main() -> None:
     assert worst < 1e-8, f"factors differ: {worst}"
 
     # the timing, in float32
-    net32 = Network(SPEC, seed=0, dtype=np.float32)
+    net32 = Network(SPEC, seed=0, dtype=np.float32, backend=backend)
     B = args.batch
     X = rng.normal(size=(3 * 32 * 32, B)).astype(np.float32)
-    y = torch.tensor(rng.integers(0, 10, B))
-    images = torch.tensor(X.T.reshape(B, 32 * 32, 3).transpose(0, 2, 1).reshape(B, 3, 32, 32).copy())
-    model = backpack_model(net32, torch.float32)
-    times = timed({"mcalc kfac (exact Fisher)": lambda: mcalc_factors(net32, X),
-                   "mcalc kfac, reduce": lambda: mcalc_factors(net32, X, "reduce"),
-                   "BackPACK KFLR": lambda: backpack_factors(model, images, y)}, args.repeats)
+    y = torch.tensor(rng.integers(0, 10, B)).to(device)
+    images = torch.tensor(X.T.reshape(B, 32 * 32, 3).transpose(0, 2, 1).reshape(B, 3, 32, 32).copy()).to(device)
+    model = backpack_model(net32, torch.float32).to(device)
+    X = on_device(X)
+    times = timed({"mcalc kfac (exact Fisher)": synchronised(lambda: mcalc_factors(net32, X)),
+                   "mcalc kfac, reduce": synchronised(lambda: mcalc_factors(net32, X, "reduce")),
+                   "BackPACK KFLR": synchronised(lambda: backpack_factors(model, images, y))}, args.repeats)
     ratio = times["BackPACK KFLR"] / times["mcalc kfac (exact Fisher)"]
     ratio_reduce = times["BackPACK KFLR"] / times["mcalc kfac, reduce"]  # the output factor BackPACK computes
-    print(f"\n3C3D, batch {B}, float32, {threads} thread(s), median of {args.repeats}:")
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs" + (f", {torch.cuda.get_device_name()}" if cuda else "")
+    print(f"\n3C3D on {args.device} ({machine}), batch {B}, float32, {threads} thread(s), median of {args.repeats}:")
     for name, seconds in times.items():
         print(f"  {name:<28} {seconds * 1e3:9.1f} ms")
     print(f"  BackPACK / mcalc: {ratio:.2f}× (expand), {ratio_reduce:.2f}× (reduce)")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "spec": SPEC, "batch": B, "dtype": "float32", "threads": threads, "repeats": args.repeats,
+            "spec": SPEC, "device": args.device, "batch": B, "dtype": "float32", "threads": threads,
+            "repeats": args.repeats,
             "seconds": times, "backpack_over_mcalc": ratio, "backpack_over_mcalc_reduce": ratio_reduce,
             "check_float64": check,
-            "malloc_thresholds_fixed": fixed, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}, indent=2))
+            "malloc_thresholds_fixed": fixed, "machine": machine}, indent=2))
 
 
 def _positions(layer) -> int:
