@@ -150,11 +150,16 @@ def _user_modules(file: str, model: str, backend: str) -> tuple[dict, dict]:
     """The generated code of the modules of ``file`` that ``model`` names (generated on first use, cached),
     and their declarations."""
     from .codegen.store import load_code
+    from .layers import LIBRARY
     from .train.model_spec import UserModule, parse_spec
     from .user_modules import load_modules
 
     modules = {m.name: m for m in load_modules(file)}
     named = sorted({t.name for t in parse_spec(model, modules=modules) if isinstance(t, UserModule)})
+    built_in = sorted(m.name for m in LIBRARY)
+    if clashes := [name for name in named if name in built_in]:  # a width's Linear layer would run it, say
+        raise McalcError(f"{file}: module '{clashes[0]}' has the name of a built-in module, which the network's "
+                         f"own layers run ({', '.join(built_in)}); rename it")
     return {name: load_code(modules[name], backend) for name in named}, {name: modules[name] for name in named}
 
 

@@ -239,6 +239,17 @@ def test_train_with_a_users_modules_from_the_command_line(tmp_path, monkeypatch)
         assert re.search(message, result.stderr), result.stderr
 
 
+def test_a_users_module_named_like_a_built_in_one_is_refused(tmp_path):
+    """A user's module called Linear would be run by every width of the spec (the network's own Linear layers),
+    and the loss then met the wrong width (a NumPy broadcasting traceback): refused, naming the clash."""
+    clash = tmp_path / "clash.py"
+    clash.write_text('import mcalc as mc\nx = mc.Vector("x", "n")\n'
+                     'Linear = mc.Module("Linear", output=mc.tanh(x), inputs=[x])\n')
+    result = run("train", "--modules", str(clash), "--model", "64-Linear-10", "--epochs", "1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "module 'Linear' has the name of a built-in module" in result.stderr, result.stderr
+
+
 def test_the_cli_fixes_glibcs_malloc_thresholds():
     """runtime/allocator.py: on glibc the thresholds are set (mallopt returns 1); elsewhere nothing is."""
     import platform
