@@ -336,6 +336,17 @@ def test_npz_and_bad_data(tmp_path):
     np.savez(path, x_train=np.ones((5, 3)), y_train=np.arange(4), x_test=np.ones((2, 3)), y_test=[0, 1])
     with pytest.raises(mc.McalcError, match="shapes do not fit"):
         D.load_dataset(str(path))
+    np.savez(path, x_train=np.ones((5, 3)), y_train=np.arange(5) % 2, x_test=np.ones((2, 3)), y_test=[0.0, 1.0])
+    assert D.load_dataset(str(path)).y_test.tolist() == [0, 1]  # whole numbers stored as floats
+    good = {"x_train": np.ones((5, 3)), "y_train": np.arange(5) % 2, "x_test": np.ones((2, 3)), "y_test": [0, 1]}
+    for bad, message in [({"x_train": np.zeros((0, 3)), "y_train": np.zeros(0)}, "x_train has no samples"),
+                         ({"x_test": np.full((2, 3), np.nan)}, "x_test must hold finite numbers"),
+                         ({"y_train": np.linspace(0, 1, 5)}, "y_train must hold class labels"),
+                         ({"y_test": [-1, 0]}, "y_test must hold class labels"),
+                         ({"y_train": np.eye(2)[np.arange(5) % 2]}, "shapes do not fit")]:  # one-hot labels
+        np.savez(path, **{**good, **bad})
+        with pytest.raises(mc.McalcError, match=message):
+            D.load_dataset(str(path))
     with pytest.raises(mc.McalcError, match="needs the folder"):
         D.load_dataset("cifar10")
     with pytest.raises(mc.McalcError, match="unknown data"):

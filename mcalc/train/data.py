@@ -167,9 +167,18 @@ def npz(path: str | Path) -> Dataset:
     except (KeyError, ValueError, OSError) as exc:
         raise McalcError(f"{path}: expected a .npz with x_train, y_train, x_test, y_test ({exc})") from None
     x_train, y_train, x_test, y_test = arrays
-    if x_train.ndim != 2 or len(x_train) != len(y_train) or x_test.shape[1:] != x_train.shape[1:]:
+    if (x_train.ndim != 2 or y_train.ndim != 1 or y_test.ndim != 1 or len(x_train) != len(y_train)
+            or len(x_test) != len(y_test) or x_test.shape[1:] != x_train.shape[1:]):
         raise McalcError(f"{path}: shapes do not fit: x_train {x_train.shape}, y_train {y_train.shape}, "
-                         f"x_test {x_test.shape}")
+                         f"x_test {x_test.shape}, y_test {y_test.shape} (features one sample per row, labels "
+                         f"one per sample)")
+    for name, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+        if not len(x):
+            raise McalcError(f"{path}: x_{name} has no samples")
+        if x.dtype.kind not in "biuf" or not np.isfinite(x).all():
+            raise McalcError(f"{path}: x_{name} must hold finite numbers")
+        if y.dtype.kind not in "biuf" or not np.isfinite(y).all() or (y != np.round(y)).any() or (y < 0).any():
+            raise McalcError(f"{path}: y_{name} must hold class labels 0, 1, 2, … (whole numbers ≥ 0)")
     return Dataset(path.stem, x_train.astype(float), y_train.astype(np.int64), x_test.astype(float),
                    y_test.astype(np.int64))
 
