@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import McalcError
+from .files import check_output
 from .modes import Approximation, Curvature
 from .printing import FORMATS
 
@@ -144,6 +145,9 @@ def _check_train_arguments(args: argparse.Namespace) -> None:
         raise McalcError(f"--cg-iterations must be a positive integer, not {args.cg_iterations}")
     if args.backend == "cupy":
         _require_gpu("--backend cupy")
+    for option in ("json", "plot", "checkpoint"):
+        if getattr(args, option, None):
+            check_output(getattr(args, option), f"--{option}")
 
 
 def _user_modules(file: str, model: str, backend: str) -> tuple[dict, dict]:
@@ -246,6 +250,8 @@ def _demo(args: argparse.Namespace) -> int:
     from .numeric.verify import verify_module
     from .printing.report import render
 
+    for option in ("json", "plot"):
+        check_output(getattr(args, option), f"--{option}")
     print(f"mcalc {__version__} — derive and verify the built-in library\n")
     rows, failures = [], 0
     for m in LIBRARY:

@@ -239,6 +239,21 @@ def test_train_with_a_users_modules_from_the_command_line(tmp_path, monkeypatch)
         assert re.search(message, result.stderr), result.stderr
 
 
+def test_an_output_that_cannot_be_a_file_is_refused_before_training(tmp_path):
+    """--json at a folder failed after the whole run with an IsADirectoryError traceback: refused at once, and
+    so is a path through a file; a write that fails later is an mcalc error too (files.write_atomic)."""
+    from mcalc.errors import McalcError
+    from mcalc.files import write_atomic
+
+    (tmp_path / "a_file").write_text("")
+    for option, path in [("--json", tmp_path), ("--plot", tmp_path / "a_file" / "curves.png")]:
+        result = run("train", "--model", "64-10", "--epochs", "1", option, str(path))
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert "epoch" not in result.stdout and option in result.stderr
+    with pytest.raises(McalcError, match="cannot write"):
+        write_atomic(tmp_path / "a_file" / "out.json", "{}")
+
+
 def test_a_users_module_named_like_a_built_in_one_is_refused(tmp_path):
     """A user's module called Linear would be run by every width of the spec (the network's own Linear layers),
     and the loss then met the wrong width (a NumPy broadcasting traceback): refused, naming the clash."""
