@@ -59,8 +59,8 @@ def to_torch(net: Network) -> Any:
     modules: list[Any] = []
     custom = sorted({layer.module for layer in net.layers if not hasattr(torch.nn, layer.module)})
     if custom:
-        raise McalcError(f"to_torch translates Linear layers and activations; {', '.join(custom)} has no "
-                         "torch.nn counterpart")
+        raise McalcError(f"to_torch translates Linear layers and activations only, not {', '.join(custom)} "
+                         "(convolutions, poolings, attention and a user's modules stay in mcalc)")
     for layer in net.layers:
         if not layer.params:  # an activation: torch.nn's class has the library module's name
             modules.append(getattr(torch.nn, layer.module)())
