@@ -80,11 +80,15 @@ def test_random_networks_curvature_products(spec, loss, batch, seed):
 @st.composite
 def convolutional_networks(draw):
     """A random CNN spec: a signal or an image of 1–2 channels, then 1–3 of convolutions (stride, padding,
-    dilation), average and max poolings (stride, padding) and activations in any order, flatten, a width."""
+    dilation), average and max poolings (stride, padding), activations and, over a signal, self-attention, in
+    any order, flatten, a width."""
     dims = draw(st.integers(1, 2))
     tokens = [f"{draw(st.integers(1, 2))}x" + "x".join(str(draw(st.integers(4, 8))) for _ in range(dims))]
     for _ in range(draw(st.integers(1, 3))):
-        kind = draw(st.sampled_from(["conv", "avgpool", "maxpool", "activation"]))
+        kind = draw(st.sampled_from(["conv", "avgpool", "maxpool", "activation"] + ["attention"] * (dims == 1)))
+        if kind == "attention":
+            tokens.append(f"attention({draw(st.integers(1, 3))})")
+            continue
         k, stride = draw(st.integers(1, 3)), draw(st.integers(1, 2))
         if kind == "conv":
             padding, dilation = draw(st.sampled_from([0, 1, "same"])), draw(st.integers(1, 2))
