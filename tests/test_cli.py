@@ -139,6 +139,12 @@ def test_resume_with_another_optimizer_is_refused(tmp_path, capsys):
     assert cli.main(["train", "--optimizer", "sgd", "--epochs", "2", "--resume", str(checkpoint)]) == 2
     assert "the checkpoint is of optimizer 'kfac', not 'sgd'" in capsys.readouterr().err
     assert cli.main(["train", "--optimizer", "kfac", "--epochs", "2", "--resume", str(checkpoint)]) == 0
+    # a run resumed with another loss, or with no epochs left, is refused too (it trained on, or did nothing)
+    resumed = ["train", "--optimizer", "kfac", "--resume", str(checkpoint)]
+    assert cli.main([*resumed, "--loss", "mse", "--epochs", "3"]) == 2
+    assert "the checkpoint is of the CrossEntropy loss, not MSE" in capsys.readouterr().err
+    assert cli.main([*resumed, "--epochs", "2"]) == 2
+    assert "the run already has 2 epochs: nothing to train with --epochs 2" in capsys.readouterr().err
 
 
 def test_train_prints_a_header_and_each_epoch_as_it_ends_when_piped():

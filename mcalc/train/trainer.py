@@ -155,7 +155,7 @@ def train(net: Network, data: Dataset, optimizer: Optimizer, *, epochs: int, bat
         if checkpoint is not None and parallel.is_root:
             save_checkpoint(checkpoint, {"epoch": epoch, "params": dict(net.params), "optimizer": optimizer,
                                          "name": name, "rng": rng.bit_generator.state, "history": history,
-                                         "rejected": rejected, "spec": net.spec})
+                                         "rejected": rejected, "spec": net.spec, "loss": net.loss_module})
     if bar is not None:
         bar.close()
     if not history:
