@@ -329,6 +329,25 @@ def test_a_cifar10_batch_that_would_run_code_is_refused(tmp_path, capsys):
     assert "this ran on load" not in capsys.readouterr().out
 
 
+def test_a_network_refuses_what_it_cannot_take():
+    """A batch, targets or directions of the wrong shape, an empty batch, an integer dtype or an unknown backend:
+    an McalcError naming what it takes (NumPy's broadcasting and matmul errors, an IndexError, a KeyError and a
+    ZeroDivisionError before)."""
+    net = Network("4-3-tanh-2")
+    X, Y = np.ones((4, 5)), np.eye(2)[:, [0, 1, 0, 1, 0]]
+    for call, message in [(lambda: net.backward(np.ones((3, 5)), Y), r"takes a batch X of shape \(4, B\)"),
+                          (lambda: net.backward(np.ones(4), Y), r"not \(4,\)"),
+                          (lambda: net.backward(np.ones((4, 0)), np.ones((2, 0))), r"B ≥ 1, not \(4, 0\)"),
+                          (lambda: net.predict(np.ones((5, 4))), r"takes a batch X"),
+                          (lambda: net.backward(X, np.ones((2, 4))), r"takes targets Y of shape \(2, 5\)"),
+                          (lambda: net.loss(X, np.ones((3, 5))), r"takes targets Y"),
+                          (lambda: net.curvature_product(X, Y)({"W1": np.ones((3, 4))}), r"directions V of"),
+                          (lambda: Network("4-3-2", dtype=np.int32), "dtype must be a floating type"),
+                          (lambda: Network("4-3-2", backend="jax"), "unknown backend 'jax'")]:
+        with pytest.raises(mc.McalcError, match=message):
+            call()
+
+
 def test_npz_and_bad_data(tmp_path):
     path = tmp_path / "toy.npz"
     np.savez(path, x_train=np.ones((5, 3)), y_train=np.arange(5) % 2, x_test=np.ones((2, 3)), y_test=[0, 1])

@@ -127,6 +127,10 @@ class Network:
                  declarations: Mapping[str, Module] | None = None) -> None:
         if loss not in SPEC_LOSSES:
             raise McalcError(f"unknown loss '{loss}'; choose one of {', '.join(SPEC_LOSSES)}")
+        if backend not in ("numpy", "cupy"):
+            raise McalcError(f"unknown backend '{backend}'; choose numpy or cupy")
+        if np.dtype(dtype).kind != "f":
+            raise McalcError(f"dtype must be a floating type (float32, float64), not {np.dtype(dtype)}")
         self.spec, self.backend, self.dtype = spec, backend, dtype
         # one generated program per pass, fused across the modules (codegen.network_plan), where the chain allows
         self.linked = linked
@@ -285,13 +289,28 @@ class Network:
     def params(self, params: dict[str, Any]) -> None:
         """Rebinding them (as optimisers do every step) is checked: the same names and shapes, or an
         :class:`McalcError` (a bias of the batch's size would broadcast into a silently wrong loss)."""
-        if params.keys() != self._params.keys() or any(
-                tuple(params[k].shape) != tuple(v.shape) for k, v in self._params.items()):
-            got = {k: tuple(getattr(v, "shape", ())) for k, v in params.items()}
-            want = {k: tuple(v.shape) for k, v in self._params.items()}
-            raise McalcError(f"parameters of '{self.spec}' must be {want}, not {got} (load_weights converts "
-                             "PyTorch's layouts)")
+        self._check_like_params(params, "parameters", " (load_weights converts PyTorch's layouts)")
         self._params = params
+
+    def _check_like_params(self, values: Mapping[str, Any], what: str, hint: str = "") -> None:
+        """``values`` by the parameters' names, each of its parameter's shape, or an :class:`McalcError`."""
+        if values.keys() != self._params.keys() or any(
+                tuple(getattr(values[k], "shape", ())) != tuple(v.shape) for k, v in self._params.items()):
+            got = {k: tuple(getattr(v, "shape", ())) for k, v in values.items()}
+            want = {k: tuple(v.shape) for k, v in self._params.items()}
+            raise McalcError(f"{what} of '{self.spec}' must be {want}, not {got}{hint}")
+
+    def _check_batch(self, X: Any) -> None:
+        """X as the network takes it: (features, B), B ≥ 1 samples as columns."""
+        if getattr(X, "ndim", None) != 2 or X.shape[0] != self.widths[0] or X.shape[1] < 1:
+            raise McalcError(f"'{self.spec}' takes a batch X of shape ({self.widths[0]}, B), one sample per column "
+                             f"and B ≥ 1, not {tuple(getattr(X, 'shape', ()))}")
+
+    def _check_targets(self, Y: Any, Z: Any) -> None:
+        """Y as the loss takes it: one column per sample of the outputs Z (a one-hot label for ce)."""
+        if tuple(getattr(Y, "shape", ())) != tuple(Z.shape):
+            raise McalcError(f"'{self.spec}' takes targets Y of shape {tuple(Z.shape)}, one column per sample (a "
+                             f"one-hot label for ce), not {tuple(getattr(Y, 'shape', ()))}")
 
     def params_plus(self, updates: Mapping[str, Any]) -> dict[str, Any]:
         """θ + Δ by name, for updates Δ of every parameter (a new dict; the network's own are kept)."""
@@ -328,6 +347,7 @@ class Network:
                 caches: list[dict] | None = None) -> tuple[Any, list[Any]]:
         """Outputs (widths[-1], B) and the input of every layer; with ``caches`` (a dict per layer), what
         each layer's forward pass shares with its gradients and curvature is kept there for them."""
+        self._check_batch(X)
         inputs, Z = [], X
         for position, layer in enumerate(self.layers):
             inputs.append(Z)
@@ -339,6 +359,7 @@ class Network:
     def loss(self, X: Any, Y: Any, params: dict[str, Any] | None = None) -> float:
         """The batch mean of the per-sample losses (over every rank's shard of the batch)."""
         Z, _ = self.forward(X, params)
+        self._check_targets(Y, Z)
         local = float(self.code[self.loss_module].forward({}, {"x": Z, "y": Y})["Z"].mean())
         return self.parallel.mean({"loss": local}, X.shape[1])["loss"]
 
@@ -535,6 +556,7 @@ class Network:
     def _loss_inputs(self, Z: Any, Y: Any) -> dict[str, Any]:
         """The loss module's batch: outputs, labels, and δ = 1/B per sample (the loss is the batch mean;
         1/B_all, every rank's samples together, inside a backward pass on several ranks)."""
+        self._check_targets(Y, Z)
         return {"x": Z, "y": Y, "dz": self.xp.full((1, Z.shape[1]), 1.0 / samples(Z.shape[1]), dtype=Z.dtype)}
 
     def output_gradient(self, Z: Any, Y: Any) -> Any:
@@ -601,6 +623,7 @@ class Network:
         caches: list[dict] = [{} for _ in range(len(self.layers) + 1)]  # the loss's is the last
 
         def product(V: dict[str, Any]) -> dict[str, Any]:
+            self._check_like_params(V, "directions V")
             tangents, T = [], None  # the tangent of every layer's input; the data's is None
             for position, layer in enumerate(self.layers):
                 P, moved = self._module_params(layer), self._module_params(layer, V)
