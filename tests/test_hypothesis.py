@@ -173,7 +173,7 @@ def test_random_networks_train_with_every_optimizer(spec, loss, optimizer, seed,
             raise
         rng = np.random.default_rng(seed)
         X, y = rng.normal(size=(48, net.widths[0])), rng.integers(0, net.widths[-1], 48)
-        y[0] = net.widths[-1] - 1  # every class a label, so that the data have the network's classes
+        y[0] = net.widths[-1] - 1  # the data's classes (the largest label + 1) are the network's outputs
         data = Dataset("random", X[:32], y[:32], X[32:], y[32:])
         result = train(net, data, make_optimizer(optimizer), epochs=2, batch_size=16, seed=seed)
         assert all(np.isfinite(h["train_loss"]) for h in result["history"])
