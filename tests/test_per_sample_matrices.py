@@ -65,6 +65,13 @@ def test_kronecker_products_applied_by_reshapes_equal_the_dense_ones():
     H = rng.normal(size=(10, 10))
     got = array_ops.kron_matmul(stack, None, array_ops.matmul_kron(H, array_ops.transpose(stack), None))
     np.testing.assert_allclose(got, [np.kron(u, np.eye(2)) @ H @ np.kron(u.T, np.eye(2)) for u in stack])
+    # both factors, or B alone, over stacks: each sample's, or one shared, factor and matrix (the per-sample
+    # programs of attention's blocks run these)
+    As, Bs, Ms = rng.normal(size=(4, 3, 4)), rng.normal(size=(4, 5, 2)), rng.normal(size=(4, 8, 6))
+    for a, b, m in [(As, Bs, Ms), (A, B, Ms), (As, B, Ms[0]), (None, Bs, Ms), (None, B, Ms)]:
+        pick = lambda x, i: x if x is None or x.ndim == 2 else x[i]  # noqa: E731
+        expected = [np.kron(np.eye(4) if pick(a, i) is None else pick(a, i), pick(b, i)) @ pick(m, i) for i in range(4)]
+        np.testing.assert_allclose(array_ops.kron_matmul(a, b, m), expected, rtol=1e-12)
 
 
 def test_the_layouts_of_a_batch_of_matrices_agree():
