@@ -62,6 +62,12 @@ def _is_constant(node: Expr) -> bool:
     return isinstance(node, ScalarMul) and isinstance(node.operand, Ones)
 
 
+def _is_whole(node: Expr) -> bool:
+    """An operand whose array holds every entry: not a broadcast v 1ᵀ, a constant, ones, an identity or zeros."""
+    return (not is_broadcast(node) and not _is_constant(node) and not isinstance(node, (Ones, Identity))
+            and type(node).__name__ != "Zero")
+
+
 # --- references and dimensions of a plan, as Python ---------------------------------------------
 def argument_code(argument: Argument) -> str:
     """``P['W']``, ``S['x']``, ``V['dz']``; ``Hz`` for an argument without a key."""
@@ -278,9 +284,7 @@ class ArrayPrinter:
         """The operands of an elementwise sum or product: a broadcast v 1ᵀ (or 1 wᵀ) beside an operand of
         the full shape as v itself, which the array module broadcasts without a view and its strided reads,
         and a constant c 1 1ᵀ there as the number c (LayerNorm's ε beside a row of variances), never made."""
-        full = any(not is_broadcast(t) and not isinstance(t, (Ones, Identity)) and type(t).__name__ != "Zero"
-                   and not _is_constant(t) for t in terms)
-        if not full:
+        if not any(_is_whole(t) for t in terms):
             return [self.operand(t) for t in terms]
         return [f"({self.dim(t.coefficient)})" if _is_constant(t) else "1" if isinstance(t, Ones)
                 else self.operand(broadcast_source(t)) for t in terms]
@@ -499,8 +503,7 @@ class ArrayPrinter:
     @staticmethod
     def _fills(term: Expr, node: Expr) -> bool:
         """Whether ``term``'s array has the whole shape of ``node`` (not a broadcast or a constant)."""
-        return (not is_broadcast(term) and not _is_constant(term) and not isinstance(term, (Ones, Identity))
-                and type(term).__name__ != "Zero" and (term.rows, term.cols) == (node.rows, node.cols))
+        return _is_whole(term) and (term.rows, term.cols) == (node.rows, node.cols)
 
     def _writable(self, term: Expr, node: Expr) -> bool:
         """Whether ``node``'s step may write its result into ``term``'s array."""
