@@ -218,10 +218,6 @@ def _train_on(args: argparse.Namespace, parallel: DataParallel) -> int:
             raise McalcError(f"{args.resume}: the checkpoint is of model '{resume.get('spec')}', not '{args.model}'")
         if resume.get("loss", net.loss_module) != net.loss_module:  # checkpoints before the loss was saved: unchecked
             raise McalcError(f"{args.resume}: the checkpoint is of the {resume['loss']} loss, not {net.loss_module}")
-        if resume["epoch"] >= args.epochs:
-            done = resume["epoch"]
-            raise McalcError(f"{args.resume}: the run already has {done} epoch{'s' * (done != 1)}: nothing to train "
-                             f"with --epochs {args.epochs}")
         saved = resume.get("name") or type(resume["optimizer"]).__name__
         if saved not in (args.optimizer, type(optimizer).__name__):
             raise McalcError(f"{args.resume}: the checkpoint is of optimizer '{saved}', not '{args.optimizer}'")

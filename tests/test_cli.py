@@ -144,7 +144,7 @@ def test_resume_with_another_optimizer_is_refused(tmp_path, capsys):
     assert cli.main([*resumed, "--loss", "mse", "--epochs", "3"]) == 2
     assert "the checkpoint is of the CrossEntropy loss, not MSE" in capsys.readouterr().err
     assert cli.main([*resumed, "--epochs", "2"]) == 2
-    assert "the run already has 2 epochs: nothing to train with --epochs 2" in capsys.readouterr().err
+    assert "nothing to train: the run already has 2 of 2 epochs" in capsys.readouterr().err
 
 
 def test_train_prints_a_header_and_each_epoch_as_it_ends_when_piped():

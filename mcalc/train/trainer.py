@@ -96,12 +96,15 @@ def train(net: Network, data: Dataset, optimizer: Optimizer, *, epochs: int, bat
 
     rng = np.random.default_rng(seed)
     history, rejected, first_epoch, elapsed = [], 0, 1, 0.0
+    done = resume["epoch"] if resume is not None else 0
+    if done >= epochs:  # refused before the network or the optimiser is touched
+        raise McalcError(f"nothing to train: the run already has {done} of {epochs} epochs")
     if resume is not None:
         net.params = {k: xp.asarray(v) for k, v in resume["params"].items()}
         optimizer = resume["optimizer"]
         rng.bit_generator.state = resume["rng"]
         history, rejected = list(resume["history"]), resume["rejected"]
-        first_epoch, elapsed = resume["epoch"] + 1, history[-1]["wall_s"] if history else 0.0
+        first_epoch, elapsed = done + 1, history[-1]["wall_s"] if history else 0.0
     as_array = lambda a: xp.asarray(a, dtype=net.dtype)  # noqa: E731
     X_train, X_test = as_array(data.x_train.T), as_array(data.x_test.T)
     Y_train, Y_test = as_array(one_hot(data.y_train, data.classes)), as_array(one_hot(data.y_test, data.classes))
@@ -158,8 +161,6 @@ def train(net: Network, data: Dataset, optimizer: Optimizer, *, epochs: int, bat
                                          "rejected": rejected, "spec": net.spec, "loss": net.loss_module})
     if bar is not None:
         bar.close()
-    if not history:
-        raise McalcError(f"nothing to train: the run already has {first_epoch - 1} of {epochs} epochs")
     return {"optimizer": name, "history": history, "final": {**history[-1], "rejected_steps": rejected}}
 
 
