@@ -179,6 +179,23 @@ def test_quadratic_model_coefficients_minimise_the_model():
     assert w[0] == pytest.approx(-b[0] / (A[0, 0] + 0.5 * D[0, 0]))
 
 
+def test_a_previous_update_parallel_to_the_new_direction_gets_the_least_norm_minimiser():
+    """Two vectors along one direction (a step repeated from the same weights) make the 2 × 2 model
+    singular: the step is still the model's minimiser along it, not a LinAlgError."""
+    rng = np.random.default_rng(2)
+    u = rng.normal(size=6)
+    v = np.stack([u, u])  # exactly singular: NumPy's solve raises
+    C = rng.normal(size=(6, 6))
+    C = C @ C.T
+    g = rng.normal(size=6)
+    A, D, b = v @ C @ v.T, v @ v.T, v @ g
+    w, _ = quadratic_model_coefficients(A, D, b, 0.5, (None, None))
+    step = np.array(w) @ v
+    best = -(u @ g) / (u @ C @ u + 0.5 * u @ u) * u  # the damped model's minimiser along u
+    np.testing.assert_allclose(step, best, rtol=1e-10)
+    assert w[0] == pytest.approx(w[1])  # the least-norm pair
+
+
 def _dense_gn(net, X, Y):
     names = list(net.params)
     sizes = [net.params[n].size for n in names]

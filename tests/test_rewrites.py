@@ -7,6 +7,7 @@ from conftest import ROOT
 import mcalc as mc
 from mcalc import layers as L
 from mcalc.expr import (
+    Add,
     Commutation,
     Hadamard,
     Identity,
@@ -141,3 +142,39 @@ def test_planned_broadcasts_keep_their_value():
         assert apart != e
         ev = _random_env([e], rng)
         np.testing.assert_allclose(ev.value(apart), ev.value(e), rtol=1e-12, err_msg=repr(e))
+
+
+def test_expanded_runs_keep_their_value():
+    """A per-sample program's runs beside 𝓗z as sums of chains (:mod:`mcalc.simplification.expansion`): both
+    sides on random values, for attention's own blocks (their sums nested in products) and for a sum inside
+    a scaled product on both sides of 𝓗z."""
+    from mcalc.calculus.derivation import Derivation
+    from mcalc.layers.attention import self_attention
+    from mcalc.simplification.expansion import expanded, expanded_runs
+
+    A, B, C = mc.Matrix("A", "n", "n"), mc.Matrix("B", "n", "n"), mc.Matrix("C", "n", "n")
+    hz = Seed("Hz", A.rows, A.rows)
+    cases = [ScalarMul(2, MatMul(A, Add(B, ScalarMul(-3, MatMul(C, B))), hz, Add(B, C), C))]
+    d = Derivation(self_attention())
+    cases += [d.gauss_newton(name) for name in ("X", "Q")]
+    rng = np.random.default_rng(2)
+    for e in cases:
+        after = expanded_runs(e)
+        assert after != e
+        ev = _random_env([e, after], rng)
+        np.testing.assert_allclose(ev.value(after), ev.value(e), rtol=1e-9, atol=1e-9)
+    assert len(expanded(MatMul(A, Add(B, C), Add(B, C)))) == 4  # (a + b)(c + d): four products
+
+
+def test_attentions_blocks_are_one_per_sample_program_each():
+    """A batch mean whose distributed terms would be several per-sample programs is one program of the whole
+    product: attention's input block E[Jᵢᵀ 𝓗z Jᵢ], J a sum of five chains, had been 25."""
+    from mcalc.calculus.derivation import Derivation
+    from mcalc.codegen.batch import batch_hbp
+    from mcalc.expr import BatchMean
+    from mcalc.layers.attention import self_attention
+
+    d = Derivation(self_attention())
+    for name in ("X", "Q", "K"):
+        block = batch_hbp(d, name, "ggn", "6")
+        assert sum(isinstance(node, BatchMean) for node in block.walk()) == 1, name

@@ -287,7 +287,10 @@ class BatchLowering:
             return around(self.mean(f[j]), j, j)
         for j in varying:  # (…)(A + B)(…) = (…)A(…) + (…)B(…): distribute a varying sum
             if isinstance(f[j], Add):
-                return Add(*[self.mean(simplify(MatMul(*f[:j], t, *f[j + 1 :]))) for t in f[j].args])
+                distributed = Add(*[self.mean(simplify(MatMul(*f[:j], t, *f[j + 1 :]))) for t in f[j].args])
+                # terms without a closed form, each a per-sample program: the whole product as one instead,
+                # whose runs beside 𝓗z (attention's J in Jᵀ 𝓗z J, 25 such terms) are made once each there
+                return distributed if _fallbacks(distributed) < 2 else self._mean_fallback(e)
         for t in range(varying[0] + 1, varying[-1] + 1):
             # uᵢ wᵢᵀ with uᵢ = F₁…Fₜ a column and wᵢᵀ a row, or Lᵢ Rᵢ with both per-sample matrices
             # (Σᵢ Lᵢ Rᵢ = [L₁ … L_B] [R₁ᵀ … R_Bᵀ]ᵀ, the samples side by side: δZ Uᵀ of a convolution)
@@ -313,6 +316,11 @@ class BatchLowering:
                 return None
             return around(self._averaged(MatMul(u, Transpose(w))), j, k)
         return None
+
+
+def _fallbacks(e: Expr) -> int:
+    """The batch means without a closed form in ``e``."""
+    return 1 if isinstance(e, BatchMean) else sum(_fallbacks(c) for c in e.children)
 
 
 def _unvec_operand(e: Expr) -> Expr | None:

@@ -52,6 +52,7 @@ from ..expr import (
 )
 from ..modes import APPROXIMATIONS, CURVATURES, Approximation, Curvature
 from ..simplification import simplify
+from ..simplification.expansion import expanded_runs
 from ..simplification.fusion import for_codegen
 from ..simplification.scale_placement import place_scales
 from ..simplification.shared_runs import share_runs
@@ -287,6 +288,7 @@ class ProgramBuilder:
 
     def _fallback(self, node: BatchMean) -> str:
         operand, leaves = node.args
+        operand = expanded_runs(operand)  # no sum inside a chain of structured factors: its terms apply them
         inner = ProgramBuilder(prefix=f"f{len(self.program.fallbacks)}_")
         for leaf in leaves:  # per-sample columns inside the loop
             inner.names[leaf] = Column(batch_reference(leaf))

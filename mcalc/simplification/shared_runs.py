@@ -6,13 +6,17 @@ input's. Each product is one step, evaluated left to right, so 𝓗z W₂ is com
 W₂ᵀ 𝓗z in the first: the run 𝓗z W₂ is written as a product of its own, W₂ᵀ (𝓗z W₂) and (𝓗z W₂) diag(…) W₁,
 which the planner names once (common subexpressions). Kept only where it costs fewer flops
 (counted as :func:`.symmetric.flops` counts them: products left to right, every distinct node once).
+
+A batch mean without a closed form (:class:`~mcalc.expr.BatchMean`) is left whole: its operand runs as a
+per-sample program of its own, which shares no step with the others and multiplies its chain in the
+order the sizes it meets favour (:mod:`mcalc.runtime.chain`); a run nested there would only split it.
 """
 from __future__ import annotations
 
 import functools
 from collections import Counter
 
-from ..expr import Expr, MatMul, Ones
+from ..expr import BatchMean, Expr, MatMul, Ones
 from .symmetric import product_flops
 
 MAX_ROUNDS = 8  # a run shared per round; programs rarely hold more
@@ -48,7 +52,7 @@ def _products(roots: tuple[Expr, ...]) -> set[MatMul]:
         node = stack.pop()
         if node not in seen:
             seen.add(node)
-            stack.extend(node.children)
+            stack.extend(node.children if not isinstance(node, BatchMean) else ())
     return {n for n in seen if isinstance(n, MatMul)}
 
 
@@ -86,7 +90,7 @@ def _nest(node: Expr, run: tuple[Expr, ...], done: dict[Expr, Expr]) -> Expr:
     """``node`` with the first occurrence of ``run`` in each product that holds it as a proper part
     written as a product of its own."""
     if node not in done:
-        kids = node.children
+        kids = node.children if not isinstance(node, BatchMean) else ()
         out = node.rebuild([_nest(c, run, done) for c in kids]) if kids else node
         if isinstance(out, MatMul) and len(out.args) > len(run):
             i = _position(out.args, run)

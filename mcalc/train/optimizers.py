@@ -273,7 +273,7 @@ def quadratic_model_coefficients(A: Any, D: Any, b: Any, damping: float,
         if damped[0, 0] == 0 and b[0] == 0:
             w[:size] = -b[:size]
         else:
-            w[:size] = -np.linalg.solve(damped[:size, :size], b[:size])
+            w[:size] = _minimiser(damped[:size, :size], b[:size])
     elif all(c is not None for c in fixed):
         w = np.asarray(fixed, dtype=float)
     else:  # exactly one of two adapted
@@ -282,6 +282,19 @@ def quadratic_model_coefficients(A: Any, D: Any, b: Any, damping: float,
         w[index] = -(b[index] + damped[1 - index, index] * w[1 - index]) / damped[index, index] \
             if damped[index, index] != 0 else 0.0
     return [float(x) for x in w], float(0.5 * w @ A @ w + w @ b)
+
+
+def _minimiser(A: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The w that minimises ½ wᵀAw + bᵀw for a positive semi-definite A: −A⁻¹b, or, where A is singular
+    (the preconditioned gradient parallel to the previous update, so that both span one direction), the
+    least-norm minimiser −A⁺b (kfac-jax's ``jnp.linalg.solve`` would give NaNs there)."""
+    try:
+        w = -np.linalg.solve(A, b)
+    except np.linalg.LinAlgError:
+        w = None
+    if w is None or not np.isfinite(w).all():
+        w = -np.linalg.lstsq(A, b, rcond=None)[0]
+    return w
 
 
 def _inner(a: dict[str, Any], b: dict[str, Any]) -> float:

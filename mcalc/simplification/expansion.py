@@ -1,0 +1,66 @@
+"""Products distributed over sums, for the per-sample programs of batch means without a closed form.
+
+The simplifier factors sums (A B + A C = A (B + C)), which a reader and a closed-form batch mean want. A
+per-sample program wants the opposite where a sum sits inside a chain of structured factors: attention's
+Jacobian of its scores' softmax, diag(s) − diag(s)(I ⊗ 1 1ᵀ) diag(s), is T² × T² per sample if formed, while
+each of its two products is applied to its neighbours by :func:`~mcalc.runtime.chain.chain_product`
+without it. So before such a program is planned, each run of factors beside 𝓗z becomes a sum of chains.
+"""
+from __future__ import annotations
+
+from ..expr import ONE, Add, Expr, MatMul, ScalarMul, Seed
+
+MAX_TERMS = 16  # a run whose expansion has more terms is kept as it is (a product of k sums has 2ᵏ)
+
+
+def expanded_runs(e: Expr) -> Expr:
+    """``e`` (a product, possibly times a number) with each run of factors beside 𝓗z a sum of products, no
+    sum left inside one; a run of more than :data:`MAX_TERMS` terms is kept."""
+    if isinstance(e, ScalarMul):
+        return ScalarMul(e.coefficient, expanded_runs(e.operand))
+    if not isinstance(e, MatMul):
+        return e
+    out: list[Expr] = []
+    run: list[Expr] = []
+    for f in (*e.args, None):
+        if f is not None and not (isinstance(f, Seed) and f.kind == "Hz"):
+            run.append(f)
+            continue
+        if run:
+            whole = run[0] if len(run) == 1 else MatMul(*run)
+            terms = expanded(whole)
+            out.append(whole if len(terms) > MAX_TERMS else terms[0] if len(terms) == 1 else Add(*terms))
+            run = []
+        if f is not None:
+            out.append(f)
+    return out[0] if len(out) == 1 else MatMul(*out)
+
+
+def expanded(e: Expr) -> list[Expr]:
+    """``e`` as its terms: products distributed over sums, each term one number times one product."""
+    if isinstance(e, Add):
+        return [t for a in e.args for t in expanded(a)]
+    if isinstance(e, ScalarMul):
+        return [_scaled(e.coefficient, t) for t in expanded(e.operand)]
+    if isinstance(e, MatMul):
+        terms: list[list[Expr]] = [[]]
+        for f in e.args:
+            terms = [[*t, p] for t in terms for p in expanded(f)]
+        return [_product(t) for t in terms]
+    return [e]
+
+
+def _scaled(c: object, e: Expr) -> Expr:
+    if isinstance(e, ScalarMul):
+        c, e = c * e.coefficient, e.operand
+    return e if c == ONE else ScalarMul(c, e)
+
+
+def _product(factors: list[Expr]) -> Expr:
+    """Factors, each possibly a number times a matrix, as one number times one flat product."""
+    coefficient, plain = ONE, []
+    for f in factors:
+        if isinstance(f, ScalarMul):
+            coefficient, f = coefficient * f.coefficient, f.operand
+        plain.extend(f.args if isinstance(f, MatMul) else [f])
+    return _scaled(coefficient, plain[0] if len(plain) == 1 else MatMul(*plain))

@@ -1,0 +1,84 @@
+"""runtime.chain: products of Kronecker factors, diagonals and matrices in the order of least cost."""
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mcalc.runtime.chain import DiagonalFactor, KronFactor, _sketch, chain_product, plan
+
+
+def _formed(f):
+    if isinstance(f, KronFactor):
+        return f.dense()
+    if isinstance(f, DiagonalFactor):
+        return np.eye(f.v.shape[-2]) * f.v
+    return f
+
+
+def _left_to_right(factors):
+    out = _formed(factors[0])
+    for f in factors[1:]:
+        out = out @ _formed(f)
+    return out
+
+
+@st.composite
+def chains(draw):
+    """A chain of 1–6 factors over one stack of samples: matrices, Kronecker products (either factor an
+    identity) and diagonals, each shared or per sample, with compatible shapes."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    samples = draw(st.integers(1, 3))
+    array = lambda shape, own: rng.normal(size=((samples,) if own else ()) + shape)  # noqa: E731
+    rows = draw(st.integers(1, 3)) * draw(st.integers(1, 3))
+    factors = []
+    for _ in range(draw(st.integers(1, 6))):
+        kind, own = draw(st.sampled_from(["dense", "kron", "diag"])), draw(st.booleans())
+        if kind == "diag":
+            factors.append(DiagonalFactor(array((rows, 1), own)))
+            continue
+        if kind == "kron":
+            p = next((d for d in (3, 2, 1) if rows % d == 0 and draw(st.booleans())), 1)
+            a_shape, b_shape = (p, draw(st.integers(1, 3))), (rows // p, draw(st.integers(1, 3)))
+            identity = draw(st.sampled_from([None, "a", "b"]))
+            if identity == "a":
+                a_shape = (p, p)
+            if identity == "b":
+                b_shape = (rows // p, rows // p)
+            a = None if identity == "a" else array(a_shape, own)
+            b = None if identity == "b" else array(b_shape, own and identity != "b")
+            cols = a_shape[1] * b_shape[1]
+            factors.append(KronFactor(a, b, (rows, cols)))
+        else:
+            cols = draw(st.integers(1, 6))
+            factors.append(array((rows, cols), own))
+        rows = cols
+    return factors
+
+
+@settings(max_examples=200, deadline=None)
+@given(factors=chains())
+def test_every_chain_equals_its_product_left_to_right(factors):
+    expected = _left_to_right(factors)
+    out = chain_product(*factors)
+    assert np.broadcast_shapes(out.shape, expected.shape) == expected.shape
+    np.testing.assert_allclose(np.broadcast_to(out, expected.shape), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_attentions_chain_is_multiplied_from_its_ends_not_from_its_curvature():
+    """(X ⊗ K X) diag(s) (I ⊗ Xᵀ Vᵀ) 𝓗z (I ⊗ V X) diag(s) (Xᵀ ⊗ Xᵀ Kᵀ) over 20 positions: from 𝓗z outward
+    (the printer's sandwich order) every intermediate is T² × T²; the planned order costs a fraction."""
+    rng = np.random.default_rng(0)
+    B, d, T, h, m = 8, 8, 20, 4, 8
+    X, K, V = rng.normal(size=(B, d, T)), rng.normal(size=(h, d)), rng.normal(size=(m, d))
+    s = rng.random(size=(B, T * T, 1))
+    Hz = rng.normal(size=(m * T, m * T))
+    Xt = X.swapaxes(-1, -2)
+    factors = [KronFactor(X, K @ X, (d * h, T * T)), DiagonalFactor(s), KronFactor(None, Xt @ V.T, (T * T, T * m)), Hz,
+               KronFactor(None, V @ X, (m * T, T * T)), DiagonalFactor(s), KronFactor(Xt, Xt @ K.T, (T * T, d * h))]
+    np.testing.assert_allclose(chain_product(*factors), _left_to_right(factors), rtol=1e-10)
+    cost, _ = plan(tuple(_sketch(f) for f in factors))
+    outward = B * (T * T * m * T * m  # (I ⊗ Xᵀ Vᵀ) 𝓗z: T² × mT
+                   + T * T * T * m * T  # … (I ⊗ V X): T² × T²
+                   + 2 * T**4  # both diagonals
+                   + d * h * T * T * T * T  # (X ⊗ K X) from the left, at the least
+                   + d * h * T * T * d * h)  # (Xᵀ ⊗ Xᵀ Kᵀ) from the right, at the least
+    assert cost < outward / 5
