@@ -8,8 +8,8 @@ the residual block's two Linear layers without the skip). Each repeat times ``--
 Gauss–Newton blocks of every parameter, both networks in turn; medians are compared (PCH-abs would cast
 the residual block's W₁ block, 8192 × 8192, by a dense eigen-decomposition: 100 s a pass). The user's
 network runs
-under 6-kfac: under (6) its residual block's W₁ block is a batch mean of per-sample Kronecker products,
-formed densely, (64·128)² entries per sample, 32 GiB at batch 64. For the built-in network the two
+under 6-kfac: under (6) its residual block's W₁ block is the dense batch mean of per-sample Kronecker
+products, 8192 × 8192 (512 MiB, one product over the samples each pass). For the built-in network the two
 approximations are the same code. Also reports whether any generated function loops over the batch.
 glibc's malloc thresholds are fixed first, as ``mcalc`` does (``mcalc/runtime/allocator.py``).
 """

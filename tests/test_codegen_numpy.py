@@ -457,9 +457,10 @@ def test_the_kronecker_factored_approximation_is_k_facs_factorisation(tmp_path):
             assert not np.allclose(factored["W"].to_dense(), exact["W"].to_dense())  # an approximation
 
 
-def test_an_exact_block_too_large_to_form_per_sample_is_refused_with_a_hint(tmp_path, monkeypatch):
-    """The exact (6) block of a residual block's W₁ at width 128 would be 32 GiB at batch 64: refused with
-    the factored approximation named, before anything is allocated (here with the limit lowered)."""
+def test_an_exact_block_too_large_to_form_is_refused_with_a_hint(tmp_path, monkeypatch):
+    """The exact (6) block of a residual block's W₁, E[xᵢxᵢᵀ ⊗ Mᵢ], is one product over the samples
+    (runtime kron_mean), the per-sample Kronecker products never formed; a block past the limit is refused
+    with the factored approximation named, before it is allocated (here with the limit lowered)."""
     from mcalc.runtime import array_ops
 
     (residual,) = [m for m in load_modules(ROOT / "examples" / "layernorm_gelu.py") if m.name == "Residual"]
@@ -470,9 +471,24 @@ def test_an_exact_block_too_large_to_form_per_sample_is_refused_with_a_hint(tmp_
     S, Hz = {"x": rng.normal(size=(3, 8)), "dz": rng.normal(size=(3, 8))}, np.eye(3)
     code.HBP[("exact", "6")](P, S, Hz)  # within the limit
     monkeypatch.setattr(array_ops, "STACK_LIMIT_BYTES", 1000)
-    with pytest.raises(mc.McalcError, match=r"8 samples of 12 × 12.*--approximation 6-kfac"):
+    with pytest.raises(mc.McalcError, match=r"block of 12 × 12 would be.*--approximation 6-kfac"):
         code.HBP[("exact", "6")](P, S, Hz)
     code.HBP[("exact", "6-kfac")](P, S, Hz)  # the factored blocks stay two factors
+
+
+def test_a_convolutions_exact_block_too_large_to_form_per_sample_is_refused_with_a_hint(monkeypatch):
+    """A convolution's (6) weight block E[(Uᵢ ⊗ I) 𝓗z (Uᵢᵀ ⊗ I)] is a stack of per-sample blocks (runtime
+    chain_product): past the limit (here lowered) it is refused with the factored approximation named."""
+    from mcalc.runtime import array_ops
+    from mcalc.train.network import Network
+
+    net = Network("1x12-conv(4,3,pad=1)-relu-flatten-3", seed=0)
+    rng = np.random.default_rng(0)
+    X, Y = rng.normal(size=(12, 8)), np.eye(3)[:, rng.integers(0, 3, 8)]
+    net.backward(X, Y, "ggn", "6")  # within the limit
+    monkeypatch.setattr(array_ops, "STACK_LIMIT_BYTES", 1000)
+    with pytest.raises(mc.McalcError, match=r"8 samples of 12 × 12.*--approximation 6-kfac"):
+        net.backward(X, Y, "ggn", "6")
 
 
 @settings(max_examples=25, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate],

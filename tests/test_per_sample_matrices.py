@@ -74,6 +74,16 @@ def test_kronecker_products_applied_by_reshapes_equal_the_dense_ones():
         np.testing.assert_allclose(array_ops.kron_matmul(a, b, m), expected, rtol=1e-12)
 
 
+def test_the_mean_of_kronecker_products_is_one_product_over_the_samples():
+    """kron_mean: E[Aᵢ ⊗ Bᵢ] against the mean of the formed products, both factors per sample or one shared."""
+    rng = np.random.default_rng(3)
+    As, Bs = rng.normal(size=(6, 3, 4)), rng.normal(size=(6, 2, 5))
+    expected = np.mean([np.kron(a, b) for a, b in zip(As, Bs)], axis=0)
+    np.testing.assert_allclose(array_ops.kron_mean(As, Bs), expected, rtol=1e-12)
+    np.testing.assert_allclose(array_ops.kron_mean(As[0], Bs), np.kron(As[0], Bs.mean(axis=0)), rtol=1e-12)
+    assert array_ops.kron_mean(As, Bs).flags.c_contiguous
+
+
 def test_the_layouts_of_a_batch_of_matrices_agree():
     """(d, B, T) as passed, side by side (d, T·B), one vec per sample (d·T, B), and back."""
     rng = np.random.default_rng(1)

@@ -690,6 +690,7 @@ from mcalc.runtime.array_ops import fold_rows as _fold_rows  # noqa: F401
 from mcalc.runtime.array_ops import gram as _gram  # noqa: F401
 from mcalc.runtime.array_ops import kron as _kron  # noqa: F401
 from mcalc.runtime.array_ops import kron_matmul as _kron_matmul  # noqa: F401
+from mcalc.runtime.array_ops import kron_mean as _kron_mean  # noqa: F401
 from mcalc.runtime.array_ops import kron_product as _kron_product  # noqa: F401
 from mcalc.runtime.array_ops import log_softmax as _log_softmax  # noqa: F401
 from mcalc.runtime.array_ops import matmul_kron as _matmul_kron  # noqa: F401

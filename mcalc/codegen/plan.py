@@ -292,7 +292,11 @@ class ProgramBuilder:
         inner = ProgramBuilder(prefix=f"f{len(self.program.fallbacks)}_")
         for leaf in leaves:  # per-sample columns inside the loop
             inner.names[leaf] = Column(batch_reference(leaf))
-        inner.program.results["value"] = inner.result(operand)
+        if isinstance(operand, Kron):  # E[Aᵢ ⊗ Bᵢ] as one product over the samples (runtime kron_mean)
+            inner.program.results["left"] = inner.result(operand.args[0])
+            inner.program.results["right"] = inner.result(operand.args[1])
+        else:
+            inner.program.results["value"] = inner.result(operand)
         name = f"_mean{len(self.program.fallbacks)}"
         self.program.fallbacks.append((name, inner.program, leaves))
         target = f"{self.prefix}{len(self.program.steps)}"

@@ -115,13 +115,22 @@ def program_context(program: Program, array_family: ArrayFamily, family: str | N
     batched = ArrayFamily(printer=BatchedArrayPrinter, product=array_family.product)  # no loop over the batch
     inner = [program_context(p, batched) for _, p, _ in program.fallbacks]
     fallbacks = [
-        {"name": name, "lines": context["lines"], "value": reference_code(inner_program.results["value"]),
+        {"name": name, "lines": context["lines"], "value": _mean_code(inner_program),
          "leaves": [argument_code(batch_reference(leaf)) for leaf in leaves]}
         for (name, inner_program, leaves), context in zip(program.fallbacks, inner)
     ]
     return {"lines": lines, "fallbacks": fallbacks, "results": printed_results(program),
             "kernels": kernels + [k for context in inner for k in context["kernels"]],
             "reads_cache": printer.reads_cache or any(context["reads_cache"] for context in inner)}
+
+
+def _mean_code(program: Program) -> str:
+    """The batch mean a per-sample program returns: of its value, or of the Kronecker product of its two
+    factors without forming it (:meth:`.plan.ProgramBuilder._fallback`)."""
+    results = program.results
+    if "value" in results:
+        return f"_batch_mean({reference_code(results['value'])})"
+    return f"_kron_mean({reference_code(results['left'])}, {reference_code(results['right'])})"
 
 
 def _read_lines(lines: list[dict[str, Any]], results: set[str]) -> list[dict[str, Any]]:

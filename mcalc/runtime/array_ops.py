@@ -95,18 +95,25 @@ def vec(a: Any) -> Any:
 STACK_LIMIT_BYTES = 2**31  # a stack of per-sample Kronecker products larger than this is refused
 
 
+def check_stack(samples: int, rows: int, cols: int, itemsize: int) -> None:
+    """Refuses a stack of per-sample curvature blocks (the exact (6) block of a large parameter, formed per
+    sample) larger than :data:`STACK_LIMIT_BYTES`, with a clear error, before it is allocated."""
+    size = samples * rows * cols * itemsize
+    if size > STACK_LIMIT_BYTES:
+        raise McalcError(f"an exact (6) curvature block would be formed sample by sample: {samples} samples of "
+                         f"{rows} × {cols}, {size / 2**30:.1f} GiB; use the Kronecker-factored approximation "
+                         "(--approximation 6-kfac, or approximation='6-kfac')")
+
+
 def kron_product(a: Any, b: Any) -> Any:
     """A ⊗ B of matrices, or of the matrices of stacks, sample by sample (M&N 2.2). A stack larger than
     :data:`STACK_LIMIT_BYTES` (the exact (6) block of a large inner parameter, formed per sample) is refused
     with a clear error instead of exhausting the memory."""
     xp = namespace(a if hasattr(a, "shape") else b)
     stack = max(a.shape[:-2], b.shape[:-2], key=len)
-    entries = int(np.prod(stack, dtype=np.int64)) * a.shape[-2] * b.shape[-2] * a.shape[-1] * b.shape[-1]
-    if stack and entries * a.dtype.itemsize > STACK_LIMIT_BYTES:
-        raise McalcError(f"an exact (6) curvature block would be formed sample by sample: {stack[0]} samples of "
-                         f"{a.shape[-2] * b.shape[-2]} × {a.shape[-1] * b.shape[-1]}, "
-                         f"{entries * a.dtype.itemsize / 2**30:.1f} GiB; use the Kronecker-factored approximation "
-                         "(--approximation 6-kfac, or approximation='6-kfac')")
+    if stack:
+        check_stack(int(np.prod(stack, dtype=np.int64)), a.shape[-2] * b.shape[-2], a.shape[-1] * b.shape[-1],
+                    a.dtype.itemsize)
     product = xp.einsum("...ij,...kl->...ikjl", a, b)
     return product.reshape(product.shape[:-4] + (a.shape[-2] * b.shape[-2], a.shape[-1] * b.shape[-1]))
 
@@ -395,6 +402,22 @@ def matmul_kron(m: Any, a: Any, b: Any) -> Any:
     """M (A ⊗ B) without forming A ⊗ B: ((Aᵀ ⊗ Bᵀ) Mᵀ)ᵀ."""
     flip = lambda x: None if x is None else transpose(x)  # noqa: E731
     return transpose(kron_matmul(flip(a), flip(b), transpose(m)))
+
+
+def kron_mean(a: Any, b: Any) -> Any:
+    """E[Aᵢ ⊗ Bᵢ] over the samples of the stacks ``a`` (S, I, J) and ``b`` (S, K, L), one product over the
+    samples, [vec A₁ … vec A_S] [vec B₁ … vec B_S]ᵀ / S, its (I·J) × (K·L) entries then ordered as A ⊗ B's
+    (M&N 2.2): the stack of S Kronecker products is never formed. A factor the samples share is taken out
+    of the mean. A block larger than :data:`STACK_LIMIT_BYTES` is refused, as :func:`kron_product` refuses."""
+    if a.ndim == 2 or b.ndim == 2:
+        return kron_product(batch_mean(a), batch_mean(b))
+    (samples, i, j), (_, k, l) = a.shape, b.shape
+    size = i * j * k * l * a.dtype.itemsize
+    if size > STACK_LIMIT_BYTES:
+        raise McalcError(f"an exact (6) curvature block of {i * k} × {j * l} would be {size / 2**30:.1f} GiB; use "
+                         "the Kronecker-factored approximation (--approximation 6-kfac, or approximation='6-kfac')")
+    pairs = matmul(transpose(a.reshape(samples, i * j)), b.reshape(samples, k * l), 1.0 / samples)
+    return namespace(a).ascontiguousarray(pairs.reshape(i, j, k, l).swapaxes(1, 2)).reshape(i * k, j * l)
 
 
 def batch_mean(a: Any) -> Any:

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from .array_ops import kron_matmul, kron_product, matmul_kron, transpose
+from .array_ops import check_stack, kron_matmul, kron_product, matmul_kron, transpose
 from .blocks import namespace
 from .cuda_graph import matmul
 
@@ -141,8 +141,13 @@ def plan(sketches: tuple[Sketch, ...]) -> tuple[int, dict[tuple[int, int], int]]
 
 def chain_product(*factors: Any) -> Any:
     """F₁ F₂ … Fₙ of matrices (or stacks of them), :class:`KronFactor` s and :class:`DiagonalFactor` s,
-    multiplied in the order of least cost for their sizes (:func:`plan`); a matrix or stack."""
-    _, split = plan(tuple(_sketch(f) for f in factors))
+    multiplied in the order of least cost for their sizes (:func:`plan`); a matrix or stack. A stack larger
+    than :data:`.array_ops.STACK_LIMIT_BYTES` is refused before it is made (:func:`.array_ops.check_stack`)."""
+    sketches = tuple(_sketch(f) for f in factors)
+    samples = max(s.stack for s in sketches)
+    if samples > 1:
+        check_stack(samples, sketches[0].rows, sketches[-1].cols, _dtype(factors).itemsize)
+    _, split = plan(sketches)
 
     def product(i: int, j: int) -> Any:
         if i == j:
@@ -151,6 +156,15 @@ def chain_product(*factors: Any) -> Any:
         return _multiply(product(i, k), product(k + 1, j))
 
     return _dense(product(0, len(factors) - 1))
+
+
+def _dtype(factors: tuple[Any, ...]) -> Any:
+    for f in factors:
+        array = f.v if isinstance(f, DiagonalFactor) else next(
+            (x for x in (f.a, f.b) if x is not None), None) if isinstance(f, KronFactor) else f
+        if array is not None:
+            return array.dtype
+    raise ValueError("a chain of identities")
 
 
 def _dense(f: Any) -> Any:
