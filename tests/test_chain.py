@@ -3,7 +3,17 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mcalc.runtime.chain import DiagonalFactor, KronFactor, _sketch, chain_product, plan
+from mcalc.runtime.array_ops import commutation
+from mcalc.runtime.chain import (
+    CommutationFactor,
+    DiagonalFactor,
+    KronFactor,
+    _combine,
+    _product,
+    _sketch,
+    chain_product,
+    plan,
+)
 
 
 def _formed(f):
@@ -11,6 +21,8 @@ def _formed(f):
         return f.dense()
     if isinstance(f, DiagonalFactor):
         return np.eye(f.v.shape[-2]) * f.v
+    if isinstance(f, CommutationFactor):
+        return commutation(f.m, f.n, np)
     return f
 
 
@@ -24,14 +36,21 @@ def _left_to_right(factors):
 @st.composite
 def chains(draw):
     """A chain of 1–6 factors over one stack of samples: matrices, Kronecker products (either factor an
-    identity) and diagonals, each shared or per sample, with compatible shapes."""
+    identity), diagonals and commutation matrices, each shared or per sample, with compatible shapes; the
+    first a matrix (a chain has an array to take its type from)."""
     rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
     samples = draw(st.integers(1, 3))
     array = lambda shape, own: rng.normal(size=((samples,) if own else ()) + shape)  # noqa: E731
     rows = draw(st.integers(1, 3)) * draw(st.integers(1, 3))
     factors = []
-    for _ in range(draw(st.integers(1, 6))):
-        kind, own = draw(st.sampled_from(["dense", "kron", "diag"])), draw(st.booleans())
+    for position in range(draw(st.integers(1, 6))):
+        kind, own = draw(st.sampled_from(["dense", "kron", "diag", "perm"])), draw(st.booleans())
+        if position == 0:
+            kind = "dense"
+        if kind == "perm":
+            m = next((d for d in (3, 2) if rows % d == 0 and draw(st.booleans())), 1)
+            factors.append(CommutationFactor(m, rows // m))
+            continue
         if kind == "diag":
             factors.append(DiagonalFactor(array((rows, 1), own)))
             continue
@@ -75,10 +94,12 @@ def test_attentions_chain_is_multiplied_from_its_ends_not_from_its_curvature():
     factors = [KronFactor(X, K @ X, (d * h, T * T)), DiagonalFactor(s), KronFactor(None, Xt @ V.T, (T * T, T * m)), Hz,
                KronFactor(None, V @ X, (m * T, T * T)), DiagonalFactor(s), KronFactor(Xt, Xt @ K.T, (T * T, d * h))]
     np.testing.assert_allclose(chain_product(*factors), _left_to_right(factors), rtol=1e-10)
-    cost, _ = plan(tuple(_sketch(f) for f in factors))
-    outward = B * (T * T * m * T * m  # (I ⊗ Xᵀ Vᵀ) 𝓗z: T² × mT
-                   + T * T * T * m * T  # … (I ⊗ V X): T² × T²
-                   + 2 * T**4  # both diagonals
-                   + d * h * T * T * T * T  # (X ⊗ K X) from the left, at the least
-                   + d * h * T * T * d * h)  # (Xᵀ ⊗ Xᵀ Kᵀ) from the right, at the least
+    sketches = [_sketch(f) for f in factors]
+    cost, _ = plan(tuple(sketches))
+    # the printer's sandwich order: 𝓗z, then a factor on each side in turn, outward
+    outward, middle = 0, sketches[3]
+    for side, k in [("left", 2), ("right", 4), ("left", 1), ("right", 5), ("left", 0), ("right", 6)]:
+        left, right = (sketches[k], middle) if side == "left" else (middle, sketches[k])
+        outward += _combine(left, right)[0]
+        middle = _product(left, right)
     assert cost < outward / 5

@@ -70,6 +70,7 @@ from mcalc.runtime.array_ops import unvec_of_samples as _unvec_of_samples  # noq
 from mcalc.runtime.array_ops import vec as _vec  # noqa: F401
 from mcalc.runtime.array_ops import vec_of_samples as _vec_of_samples  # noqa: F401
 from mcalc.runtime.array_ops import window_argmax as _window_argmax  # noqa: F401
+from mcalc.runtime.chain import CommutationFactor as _CommutationFactor  # noqa: F401
 from mcalc.runtime.chain import DiagonalFactor as _DiagonalFactor  # noqa: F401
 from mcalc.runtime.chain import KronFactor as _KronFactor  # noqa: F401
 from mcalc.runtime.chain import chain_product as _chain_product  # noqa: F401

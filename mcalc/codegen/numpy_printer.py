@@ -24,6 +24,7 @@ from ..errors import McalcError
 from ..expr import (
     ONE,
     Add,
+    Commutation,
     Diag,
     Expr,
     Hadamard,
@@ -640,7 +641,8 @@ class BatchedArrayPrinter(ArrayPrinter):
         is cheap from 𝓗z outward or from the ends inward depending on T² against h·d, which no
         dimension taken as 64 tells apart."""
         factors = node.args
-        if not any(isinstance(f, Kron) for f in factors) or any(self._index_map(f) is not None for f in factors):
+        structured = any(isinstance(f, (Kron, Commutation)) for f in factors)
+        if not structured or any(self._index_map(f) is not None for f in factors):
             return super()._print_sandwich(node)
         return f"_chain_product({', '.join(self._chain_factor(f) for f in factors)})"
 
@@ -650,6 +652,8 @@ class BatchedArrayPrinter(ArrayPrinter):
             return f"_KronFactor({a}, {b}, ({self.dim(f.rows)}, {self.dim(f.cols)}))"
         if isinstance(f, Diag):
             return f"_DiagonalFactor({self.ref(f.args[0])})"
+        if isinstance(f, Commutation):  # a permutation of rows or columns, not a dense product
+            return f"_CommutationFactor({self.dim(f.args[0])}, {self.dim(f.args[1])})"
         return self.operand(f)
 
     def _print_Sum(self, node: Expr) -> str:
