@@ -69,6 +69,8 @@ def test_unsupported_models_and_modes_get_clear_errors():
         from_torch(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(), torch.nn.Linear(2, 2)))
     with pytest.raises(mc.McalcError, match="start and end with a Linear"):
         from_torch(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()))
+    with pytest.raises(mc.McalcError, match=r"layer 2: Linear without a bias \(bias=False\)"):
+        from_torch(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.Linear(2, 2, bias=False)))
     with pytest.raises(mc.McalcError, match="Linear layers and activations only, not Conv1d_k3s1p0d1"):
         to_torch(Network("1x8-conv(2,3)-flatten-3"))
     net = from_torch(_model())

@@ -44,11 +44,11 @@ class KronFactor:
 
     def dense(self) -> Any:
         """A ⊗ B formed (M&N 2.2)."""
-        (identity_a, _), (identity_b, _) = self.factor_shapes()
+        (a_rows, _), (b_rows, _) = self.factor_shapes()
         some = self.a if self.a is not None else self.b
         xp = namespace(some)
-        a = self.a if self.a is not None else xp.eye(identity_a, dtype=some.dtype)
-        b = self.b if self.b is not None else xp.eye(identity_b, dtype=some.dtype)
+        a = self.a if self.a is not None else xp.eye(a_rows, dtype=some.dtype)
+        b = self.b if self.b is not None else xp.eye(b_rows, dtype=some.dtype)
         return kron_product(a, b)
 
 
@@ -166,8 +166,8 @@ def plan(sketches: tuple[Sketch, ...]) -> tuple[int, dict[tuple[int, int], int]]
 def chain_product(*factors: Any) -> Any:
     """F₁ F₂ … Fₙ of matrices (or stacks of them), :class:`KronFactor` s, :class:`DiagonalFactor` s and
     :class:`CommutationFactor` s, multiplied in the order of least cost for their sizes (:func:`plan`); a
-    matrix or stack. A stack larger than :data:`.array_ops.STACK_LIMIT_BYTES` is refused before it is made
-    (:func:`.array_ops.check_stack`)."""
+    matrix or stack. A resulting stack larger than :data:`.array_ops.STACK_LIMIT_BYTES` is refused before
+    anything is computed (:func:`.array_ops.check_stack`)."""
     sketches = tuple(_sketch(f) for f in factors)
     like = _an_array(factors)  # the array type and dtype a formed factor takes
     samples = max(s.stack for s in sketches)

@@ -23,8 +23,9 @@ def _torch() -> Any:
 
 
 def from_torch(model: Any, loss: str = "ce", backend: str = "numpy") -> Network:
-    """The :class:`Network` of an ``nn.Sequential`` of ``nn.Linear`` layers, each optionally followed by one
-    of ``nn.Sigmoid``, ``nn.Tanh``, ``nn.ReLU``, ``nn.Softplus`` (β = 1), with its weights (float64)."""
+    """The :class:`Network` of an ``nn.Sequential`` of ``nn.Linear`` layers (with biases), each optionally
+    followed by one of ``nn.Sigmoid``, ``nn.Tanh``, ``nn.ReLU``, ``nn.Softplus`` (β = 1), with its weights
+    (float64)."""
     torch = _torch()
     if not isinstance(model, torch.nn.Sequential):
         raise McalcError(f"from_torch takes an nn.Sequential, not {type(model).__name__}")
@@ -37,9 +38,12 @@ def from_torch(model: Any, loss: str = "ce", backend: str = "numpy") -> Network:
                 tokens.append(str(layer.in_features))
             elif tokens[-1].isdigit() and int(tokens[-1]) != layer.in_features:
                 raise McalcError(f"layer {index}: Linear({layer.in_features}, …) follows width {tokens[-1]}")
+            if layer.bias is None:  # a zero bias would be a parameter the torch model does not have, and train
+                raise McalcError(f"layer {index}: Linear without a bias (bias=False): mcalc's Linear layers have "
+                                 "a bias, which training would move; give the layer one, set to zero")
             number = sum(t.isdigit() for t in tokens)
             weights[f"W{number}"] = layer.weight
-            weights[f"b{number}"] = layer.bias if layer.bias is not None else torch.zeros(layer.out_features)
+            weights[f"b{number}"] = layer.bias
             tokens.append(str(layer.out_features))
         elif kind in _TORCH_ACTIVATIONS and tokens and tokens[-1].isdigit() and len(tokens) > 1:
             if kind == "Softplus" and (layer.beta != 1 or layer.threshold != 20):
