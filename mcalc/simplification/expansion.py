@@ -8,7 +8,8 @@ without it. So before such a program is planned, each run of factors beside 𝓗
 """
 from __future__ import annotations
 
-from ..expr import ONE, Add, Expr, MatMul, ScalarMul, Seed
+from ..expr import ONE, Add, Expr, MatMul, ScalarMul, Seed, Transpose
+from .engine import simplify
 
 MAX_TERMS = 16  # a run whose expansion has more terms is kept as it is (a product of k sums has 2ᵏ)
 
@@ -22,14 +23,20 @@ def expanded_runs(e: Expr) -> Expr:
         return e
     out: list[Expr] = []
     run: list[Expr] = []
+    done: dict[Expr, Expr] = {}  # each run as it was, and its expansion
     for f in (*e.args, None):
         if f is not None and not (isinstance(f, Seed) and f.kind == "Hz"):
             run.append(f)
             continue
         if run:
             whole = run[0] if len(run) == 1 else MatMul(*run)
-            terms = expanded(whole)
-            out.append(whole if len(terms) > MAX_TERMS else terms[0] if len(terms) == 1 else Add(*terms))
+            mirrored = simplify(Transpose(whole))
+            if mirrored in done:  # Jᵀ 𝓗z J: J is the expanded Jᵀ transposed, made once
+                out.append(Transpose(done[mirrored]))
+            else:
+                terms = expanded(whole)
+                done[whole] = whole if len(terms) > MAX_TERMS else terms[0] if len(terms) == 1 else Add(*terms)
+                out.append(done[whole])
             run = []
         if f is not None:
             out.append(f)
