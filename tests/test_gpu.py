@@ -16,7 +16,7 @@ from mcalc.numeric.verify_backend import verify_backend
 def _inputs(module, rng, batch, dtype):
 
     P, S = {}, {}
-    sizes = {"n": 7, "m": 5}
+    sizes = {"n": 7, "m": 5, "h": 4}
     for s in module.symbols:
         rows = int(s.rows) if s.rows.is_Integer else sizes[str(s.rows)]
         cols = int(s.cols) if s.cols.is_Integer else sizes[str(s.cols)]
@@ -130,6 +130,30 @@ def test_a_cnn_on_cupy_matches_numpy(cp, tmp_path, monkeypatch):
         got = device.curvature_product(cp.asarray(X), cp.asarray(Y), matrix)({k: cp.asarray(v) for k, v in V.items()})
         for name, e in expected.items():
             close(got[name], e, f"{matrix} {name}")
+
+
+def _example_modules():
+    from conftest import ROOT
+
+    from mcalc.user_modules import load_modules
+
+    return [m for f in ("custom_layers.py", "layernorm_gelu.py") for m in load_modules(ROOT / "examples" / f)
+            if m.name in ("GatedLinear", "Residual")]
+
+
+@pytest.mark.parametrize("module", _example_modules(), ids=lambda m: m.name)
+def test_per_sample_programs_on_cupy_match_numpy(cp, module):
+    """Blocks without a closed batch form (per-sample programs: the exact (6) means of Kronecker products by
+    kron_mean, the chains by chain_product) on CuPy, every HBP mode, against NumPy's."""
+    numpy_code, cupy_code, rng, P, S, Z, to_gpu, tol = _setup(cp, module, np.float64, seed=1)
+    a = rng.normal(size=(Z.shape[0], Z.shape[0]))
+    Hz = a @ a.T / Z.shape[0]
+    assert numpy_code.HBP_PER_SAMPLE  # the module has per-sample programs
+    for key in numpy_code.HBP_PER_SAMPLE:
+        expected, got = numpy_code.HBP[key](P, S, Hz), cupy_code.HBP[key](to_gpu(P), to_gpu(S), cp.asarray(Hz))
+        for v in module.variables:
+            np.testing.assert_allclose(got[v.name].to_dense().get(), expected[v.name].to_dense(), **tol,
+                                       err_msg=f"{module.name} {key} {v.name}")
 
 
 @pytest.mark.parametrize("module", [L.SigmoidLinear, L.CrossEntropy], ids=lambda m: m.name)
