@@ -30,11 +30,13 @@ def expanded_runs(e: Expr) -> Expr:
             continue
         if run:
             whole = run[0] if len(run) == 1 else MatMul(*run)
-            mirrored = simplify(Transpose(whole))
-            if mirrored in done:  # Jᵀ 𝓗z J: J is the expanded Jᵀ transposed, made once
-                out.append(Transpose(done[mirrored]))
+            mirrored = done.get(simplify(Transpose(whole)))
+            if isinstance(mirrored, Add):  # Jᵀ 𝓗z J with J a sum: the expanded Jᵀ, transposed, made once
+                out.append(Transpose(mirrored))
             else:
-                terms = expanded(whole)
+                # each term in the simplifier's form, so that a term and its transpose (the pairs of a symmetric
+                # block's terms) are seen as one, the second read as a view of the first
+                terms = [simplify(t) for t in expanded(whole)]
                 done[whole] = whole if len(terms) > MAX_TERMS else terms[0] if len(terms) == 1 else Add(*terms)
                 out.append(done[whole])
             run = []
