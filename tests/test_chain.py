@@ -103,3 +103,24 @@ def test_attentions_chain_is_multiplied_from_its_ends_not_from_its_curvature():
         outward += _combine(left, right)[0]
         middle = _product(left, right)
     assert cost < outward / 5
+
+
+def test_block_diagonal_runs_are_multiplied_block_by_block():
+    """(I_T ⊗ A) diag(vec S) (I_T ⊗ 1 1ᵀ) diag(vec S) (I_T ⊗ B), attention's softmax between two per-position
+    factors, is block-diagonal all along: its product is T products of blocks, against the dense product,
+    with both sides per sample or shared, and then applied to a matrix from either side."""
+    rng = np.random.default_rng(4)
+    S, T, d = 3, 5, 4
+    A, Bs, s = rng.normal(size=(d, T)), rng.normal(size=(S, T, d)), rng.random(size=(S, T * T, 1))
+    ones = np.ones((T, T))
+    run = [KronFactor(None, A, (T * d, T * T)), DiagonalFactor(s), KronFactor(None, ones, (T * T, T * T)),
+           DiagonalFactor(s), KronFactor(None, Bs, (T * T, T * d))]
+    M = rng.normal(size=(T * d, 7))
+    for factors in (run, [*run, M], [M.T, *run]):
+        np.testing.assert_allclose(chain_product(*factors), _left_to_right(factors), rtol=1e-10)
+    S, T, d = 64, 20, 16  # at attention's sizes (the planner reads shapes only)
+    run = [KronFactor(None, np.empty((d, T)), (T * d, T * T)), DiagonalFactor(np.empty((S, T * T, 1))),
+           KronFactor(None, np.empty((T, T)), (T * T, T * T)), DiagonalFactor(np.empty((S, T * T, 1))),
+           KronFactor(None, np.empty((S, T, d)), (T * T, T * d))]
+    cost, _ = plan(tuple(_sketch(f) for f in run))
+    assert cost < S * (T * d) * (T * T) * (T * d) / 10  # the last product of a dense order, alone

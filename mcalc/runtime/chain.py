@@ -10,7 +10,10 @@ sizes the generated code meets only at run time. So it hands the factors to :fun
 picks the order by dynamic programming over the chain (the matrix-chain order: Cormen et al.,
 *Introduction to Algorithms*, 3rd ed., §15.2; ``numpy.linalg.multi_dot`` does it for dense matrices),
 counting a Kronecker product as applied by :func:`.array_ops.kron_matmul`, a diagonal as a scaling and a
-commutation matrix as a permutation, each formed only where the other side is structured too.
+commutation matrix as a permutation, each formed only where the other side is structured too. A run of
+block-diagonal factors with as many blocks (I_T ⊗ B, and a diagonal between two of them) is multiplied
+block by block (:class:`BlockDiagonal`): (I_T ⊗ Xᵀ Kᵀ Q) diag(vec S) (I_T ⊗ 1 1ᵀ) diag(vec S) (I_T ⊗ Xᵀ Kᵀ Q),
+one of attention's chains, is T products of blocks instead of products through the T² space.
 """
 from __future__ import annotations
 
@@ -77,6 +80,31 @@ class CommutationFactor:
         return transpose(CommutationFactor(self.n, self.m).apply_left(transpose(x)))
 
 
+@dataclass(frozen=True)
+class BlockDiagonal:
+    """blockdiag(B₁, …, B_T): ``blocks`` (…, T, r, c), or (…, 1, r, c) for T equal blocks (I_T ⊗ B), a product
+    of block-diagonal factors kept as its blocks."""
+
+    blocks: Any
+    count: int
+
+    @classmethod
+    def of(cls, f: Any) -> BlockDiagonal:
+        """A block-diagonal factor as its blocks: I_T ⊗ B, or itself."""
+        if isinstance(f, KronFactor):
+            return cls(f.b[..., None, :, :], f.shape[0] // f.b.shape[-2])
+        return f
+
+    def dense(self) -> Any:
+        xp = namespace(self.blocks)
+        blocks = xp.broadcast_to(self.blocks, self.blocks.shape[:-3] + (self.count,) + self.blocks.shape[-2:])
+        (r, c), lead = blocks.shape[-2:], blocks.shape[:-3]
+        out = xp.zeros(lead + (self.count, r, self.count, c), dtype=blocks.dtype)
+        for t in range(self.count):  # one strided copy per block (T of them), never per sample
+            out[..., t, :, t, :] = blocks[..., t, :, :]
+        return out.reshape(lead + (self.count * r, self.count * c))
+
+
 class Sketch(NamedTuple):
     """What the order's planner knows of a factor, or of a product of a run of factors."""
 
@@ -86,6 +114,8 @@ class Sketch(NamedTuple):
     stack: int  # the samples it holds; 1 for a matrix the samples share
     # the multiplications per column (from the left) and per row (from the right) of what it is applied to
     apply_cost: tuple[int, int] = (0, 0)
+    blocks: int = 0  # block-diagonal with this many equal-sized blocks (I_T ⊗ B, a product of such); 0: not
+    distinct: bool = False  # whether its diagonal blocks differ (I_T ⊗ B's do not)
 
     def formed(self) -> Sketch:
         return Sketch("dense", self.rows, self.cols, self.stack)
@@ -107,7 +137,13 @@ def _sketch(f: Any) -> Sketch:
         else:  # B times each block, then A times the result's rows (kron_matmul)
             left, right = ac * br * bc + ar * ac * br, ar * br * bc + ar * ac * bc
         rows, cols = f.shape  # and the result's layout copied once
-        return Sketch("kron", rows, cols, stack, (left + PASS * rows, right + PASS * cols))
+        blocks = rows // br if f.a is None else 0
+        return Sketch("kron", rows, cols, stack, (left + PASS * rows, right + PASS * cols), blocks)
+    if isinstance(f, BlockDiagonal):
+        (r, c), count = f.blocks.shape[-2:], f.count
+        per = f.blocks.shape[-3] == count and count > 1
+        return Sketch("blocks", r * count, c * count, math.prod(f.blocks.shape[:-3]), (r * c * count, r * c * count),
+                      count, per)
     if isinstance(f, DiagonalFactor):
         n = f.v.shape[-2]
         return Sketch("diag", n, n, _stack(f.v), (PASS * n, PASS * n))
@@ -133,15 +169,35 @@ def _combine(left: Sketch, right: Sketch) -> tuple[int, str]:
         return stack * right.apply_cost[1] * left.rows, "apply right"
     if left.kind == right.kind == "diag":
         return stack * PASS * left.rows, "diagonal"
+    if _aligned(left, right):  # blockdiag(Aₜ) blockdiag(Bₜ) = blockdiag(Aₜ Bₜ): T products of blocks
+        count = left.blocks
+        times = count if left.distinct or right.distinct else 1
+        return stack * times * (left.rows // count) * (left.cols // count) * (right.cols // count), "blocks"
+    if left.kind == "diag" and right.blocks and right.rows % right.blocks == 0:
+        return stack * PASS * right.rows * right.cols // right.blocks, "scale blocks"
+    if right.kind == "diag" and left.blocks and left.cols % left.blocks == 0:
+        return stack * PASS * left.rows * left.cols // left.blocks, "scale blocks"
     form_left = left.stack * PASS * left.rows * left.cols + _combine(left.formed(), right)[0]
     form_right = right.stack * PASS * right.rows * right.cols + _combine(left, right.formed())[0]
     return (form_left, "form left") if form_left <= form_right else (form_right, "form right")
 
 
+def _aligned(left: Sketch, right: Sketch) -> bool:
+    """Two block-diagonal factors with as many blocks, those of one as wide as the other's are high."""
+    return bool(left.blocks) and left.blocks == right.blocks and "dense" not in (left.kind, right.kind)
+
+
 def _product(left: Sketch, right: Sketch) -> Sketch:
+    stack = max(left.stack, right.stack)
     if left.kind == right.kind == "diag":
-        return left._replace(stack=max(left.stack, right.stack))
-    return Sketch("dense", left.rows, right.cols, max(left.stack, right.stack))
+        return left._replace(stack=stack)
+    how = _combine(left, right)[1]
+    if how in ("blocks", "scale blocks"):
+        count = left.blocks or right.blocks
+        distinct = how == "scale blocks" or left.distinct or right.distinct
+        rows, cols = left.rows, right.cols
+        return Sketch("blocks", rows, cols, stack, (rows * cols // count,) * 2, count, distinct)
+    return Sketch("dense", left.rows, right.cols, stack)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -201,6 +257,8 @@ def _formed(f: Any, like: Any) -> Any:
         return namespace(f.v).eye(f.v.shape[-2], dtype=f.v.dtype) * f.v
     if isinstance(f, CommutationFactor):
         return commutation(f.m, f.n, namespace(like), like.dtype)
+    if isinstance(f, BlockDiagonal):
+        return f.dense()
     return f
 
 
@@ -212,11 +270,27 @@ def _multiply(left: Any, right: Any, like: Any) -> Any:
     if how == "apply left":
         if isinstance(left, KronFactor):
             return kron_matmul(left.a, left.b, right)
+        if isinstance(left, BlockDiagonal):  # each block times its rows of the matrix
+            lead, (r, c) = right.shape[:-2], left.blocks.shape[-2:]
+            out = matmul(left.blocks, right.reshape(lead + (left.count, c, right.shape[-1])))
+            return out.reshape(out.shape[:-3] + (left.count * r, right.shape[-1]))
         return left.v * right if isinstance(left, DiagonalFactor) else left.apply_left(right)
     if how == "apply right":
         if isinstance(right, KronFactor):
             return matmul_kron(left, right.a, right.b)
+        if isinstance(right, BlockDiagonal):  # (blocksᵀ Mᵀ)ᵀ
+            flipped = BlockDiagonal(transpose(right.blocks), right.count)
+            return transpose(_multiply(flipped, transpose(left), like))
         return left * transpose(right.v) if isinstance(right, DiagonalFactor) else right.apply_right(left)
+    if how == "blocks":
+        a, b = BlockDiagonal.of(left), BlockDiagonal.of(right)
+        return BlockDiagonal(matmul(a.blocks, b.blocks), a.count)
+    if how == "scale blocks":
+        if isinstance(left, DiagonalFactor):
+            b = BlockDiagonal.of(right)
+            return BlockDiagonal(left.v.reshape(left.v.shape[:-2] + (b.count, -1, 1)) * b.blocks, b.count)
+        a = BlockDiagonal.of(left)
+        return BlockDiagonal(a.blocks * transpose(right.v.reshape(right.v.shape[:-2] + (a.count, -1, 1))), a.count)
     if how == "diagonal":
         return DiagonalFactor(left.v * right.v)
     if how == "form left":
