@@ -93,6 +93,7 @@ def vec(a: Any) -> Any:
 
 
 STACK_LIMIT_BYTES = 2**31  # a stack of per-sample Kronecker products larger than this is refused
+FACTORED_HINT = "use the Kronecker-factored approximation (--approximation 6-kfac, or approximation='6-kfac')"
 
 
 def check_stack(samples: int, rows: int, cols: int, itemsize: int) -> None:
@@ -101,8 +102,7 @@ def check_stack(samples: int, rows: int, cols: int, itemsize: int) -> None:
     size = samples * rows * cols * itemsize
     if size > STACK_LIMIT_BYTES:
         raise McalcError(f"an exact (6) curvature block would be formed sample by sample: {samples} samples of "
-                         f"{rows} × {cols}, {size / 2**30:.1f} GiB; use the Kronecker-factored approximation "
-                         "(--approximation 6-kfac, or approximation='6-kfac')")
+                         f"{rows} × {cols}, {size / 2**30:.1f} GiB; {FACTORED_HINT}")
 
 
 def kron_product(a: Any, b: Any) -> Any:
@@ -414,8 +414,8 @@ def kron_mean(a: Any, b: Any) -> Any:
     (samples, i, j), (_, k, l) = a.shape, b.shape
     size = i * j * k * l * a.dtype.itemsize
     if size > STACK_LIMIT_BYTES:
-        raise McalcError(f"an exact (6) curvature block of {i * k} × {j * l} would be {size / 2**30:.1f} GiB; use "
-                         "the Kronecker-factored approximation (--approximation 6-kfac, or approximation='6-kfac')")
+        raise McalcError(f"an exact (6) curvature block of {i * k} × {j * l} would be {size / 2**30:.1f} GiB; "
+                         f"{FACTORED_HINT}")
     pairs = matmul(transpose(a.reshape(samples, i * j)), b.reshape(samples, k * l), 1.0 / samples)
     return namespace(a).ascontiguousarray(pairs.reshape(i, j, k, l).swapaxes(1, 2)).reshape(i * k, j * l)
 

@@ -96,6 +96,7 @@ class BlockDiagonal:
         return f
 
     def dense(self) -> Any:
+        """The block-diagonal matrix formed, zeros off its blocks."""
         xp = namespace(self.blocks)
         blocks = xp.broadcast_to(self.blocks, self.blocks.shape[:-3] + (self.count,) + self.blocks.shape[-2:])
         (r, c), lead = blocks.shape[-2:], blocks.shape[:-3]

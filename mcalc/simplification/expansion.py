@@ -8,6 +8,8 @@ without it. So before such a program is planned, each run of factors beside 𝓗
 """
 from __future__ import annotations
 
+import math
+
 from ..expr import ONE, Add, Expr, MatMul, ScalarMul, Seed, Transpose
 from .engine import simplify
 
@@ -33,16 +35,29 @@ def expanded_runs(e: Expr) -> Expr:
             mirrored = done.get(simplify(Transpose(whole)))
             if isinstance(mirrored, Add):  # Jᵀ 𝓗z J with J a sum: the expanded Jᵀ, transposed, made once
                 out.append(Transpose(mirrored))
+            elif _terms(whole) > MAX_TERMS:
+                out.append(whole)
             else:
                 # each term in the simplifier's form, so that a term and its transpose (the pairs of a symmetric
                 # block's terms) are seen as one, the second read as a view of the first
                 terms = [simplify(t) for t in expanded(whole)]
-                done[whole] = whole if len(terms) > MAX_TERMS else terms[0] if len(terms) == 1 else Add(*terms)
+                done[whole] = terms[0] if len(terms) == 1 else Add(*terms)
                 out.append(done[whole])
             run = []
         if f is not None:
             out.append(f)
     return out[0] if len(out) == 1 else MatMul(*out)
+
+
+def _terms(e: Expr) -> int:
+    """How many terms :func:`expanded` would give, counted without making them."""
+    if isinstance(e, Add):
+        return sum(_terms(a) for a in e.args)
+    if isinstance(e, ScalarMul):
+        return _terms(e.operand)
+    if isinstance(e, MatMul):
+        return math.prod(_terms(f) for f in e.args)
+    return 1
 
 
 def expanded(e: Expr) -> list[Expr]:
