@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from ..expr import ONE, Add, Expr, MatMul, ScalarMul, Seed, Transpose
+from ..expr import Add, Expr, MatMul, ScalarMul, Seed, Transpose
 from .engine import simplify
 
 MAX_TERMS = 16  # a run whose expansion has more terms is kept as it is (a product of k sums has 2ᵏ)
@@ -61,30 +61,14 @@ def _terms(e: Expr) -> int:
 
 
 def expanded(e: Expr) -> list[Expr]:
-    """``e`` as its terms: products distributed over sums, each term one number times one product."""
+    """``e`` as its terms, products distributed over sums (each term as made: the simplifier flattens it)."""
     if isinstance(e, Add):
         return [t for a in e.args for t in expanded(a)]
     if isinstance(e, ScalarMul):
-        return [_scaled(e.coefficient, t) for t in expanded(e.operand)]
+        return [ScalarMul(e.coefficient, t) for t in expanded(e.operand)]
     if isinstance(e, MatMul):
         terms: list[list[Expr]] = [[]]
         for f in e.args:
             terms = [[*t, p] for t in terms for p in expanded(f)]
-        return [_product(t) for t in terms]
+        return [MatMul(*t) for t in terms]
     return [e]
-
-
-def _scaled(c: object, e: Expr) -> Expr:
-    if isinstance(e, ScalarMul):
-        c, e = c * e.coefficient, e.operand
-    return e if c == ONE else ScalarMul(c, e)
-
-
-def _product(factors: list[Expr]) -> Expr:
-    """Factors, each possibly a number times a matrix, as one number times one flat product."""
-    coefficient, plain = ONE, []
-    for f in factors:
-        if isinstance(f, ScalarMul):
-            coefficient, f = coefficient * f.coefficient, f.operand
-        plain.extend(f.args if isinstance(f, MatMul) else [f])
-    return _scaled(coefficient, plain[0] if len(plain) == 1 else MatMul(*plain))
