@@ -30,6 +30,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from machine import describe  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 PASSES = {"attention over 20 positions": "1x20-conv(4,3,pad=1)-tanh-attention(4)-relu-flatten-5",
           "attention over 10 positions": "1x20-conv(4,3,pad=1)-tanh-avgpool(2)-attention(4)-relu-flatten-5"}
@@ -85,7 +86,7 @@ def main() -> None:
             "cases": {name: {"spec": spec, "median_seconds": medians[name]} for name, (spec, _) in cases.items()},
             "batch": args.batch, "repeats": args.repeats, "threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
             "malloc_thresholds_fixed": fixed,
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "python": platform.python_version(),
+            "machine": describe(), "python": platform.python_version(),
         }, indent=2) + "\n")
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -40,6 +39,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from machine import describe  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 from mcalc.runtime.array_ops import grid  # noqa: E402
 from mcalc.train.network import Network  # noqa: E402
@@ -181,7 +181,7 @@ def main() -> None:
                    "BackPACK KFLR": synchronised(lambda: backpack_factors(model, images, y))}, args.repeats)
     ratio = times["BackPACK KFLR"] / times["mcalc kfac (exact Fisher)"]
     ratio_reduce = times["BackPACK KFLR"] / times["mcalc kfac, reduce"]  # the output factor BackPACK computes
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs" + (f", {torch.cuda.get_device_name()}" if cuda else "")
+    machine = describe(torch.cuda.get_device_name() if cuda else None)
     print(f"\n3C3D on {args.device} ({machine}), batch {B}, float32, {threads} thread(s), median of {args.repeats}:")
     for name, seconds in times.items():
         print(f"  {name:<28} {seconds * 1e3:9.1f} ms")

@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from machine import describe  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 SPEC = "40-100-relu-100-relu-10"
 BUSBW = {"8 GPUs, NVLink (460 GB/s)": (8, 460e9), "64 GPUs, IB NDR (50 GB/s)": (64, 50e9)}
@@ -111,7 +111,7 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"spec": SPEC, "batch": args.batch, "steps": args.steps,
                                                "busbw": BUSBW, "rows": rows,
-                                               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"},
+                                               "machine": describe()},
                                               indent=2))
 
 

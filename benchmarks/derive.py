@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+from machine import describe  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 COLD = r"""
 import time, json, sys
@@ -88,8 +89,7 @@ def main() -> None:
         total = sum(dense.values())
         print(f"dense SymPy total {total:.2f} s at n = m = 3 (mcalc's rules hold for every size)")
     if args.json:
-        out = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
-                          f"{__import__('os').cpu_count()} cores, Python {platform.python_version()}",
+        out = {"machine": describe(), "python": platform.python_version(),
                "cold": cold, "dense_sympy_s": dense}
         Path(args.json).write_text(json.dumps(out, indent=2))
 

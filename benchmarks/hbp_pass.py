@@ -28,7 +28,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -39,6 +38,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from machine import describe  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 import mcalc as mc  # noqa: E402
 from mcalc import layers as L  # noqa: E402
@@ -312,9 +312,7 @@ def main() -> None:
     for name, r in ratios.items():
         print(f"  {name:<48} {r:6.2f}×")
     if args.json:
-        machine = f"{platform.node()}, {os.cpu_count()} CPU cores"
-        if args.device == "cuda":
-            machine += ", " + torch.cuda.get_device_name()
+        machine = describe(torch.cuda.get_device_name() if args.device == "cuda" else None)
         Path(args.json).write_text(json.dumps({"machine": machine, "seconds": results, "ratios": ratios,
                                                "agreement": agreement, "torch": torch.__version__}, indent=2))
 

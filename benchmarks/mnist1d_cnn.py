@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -25,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
+from machine import describe  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 
 def main() -> None:
@@ -86,7 +85,7 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({
             "spec": SPEC, "epochs": args.epochs, "seeds": args.seeds, "batch_size": args.batch_size,
             "lr_drops": args.lr_drop, "hbp_newton_alpha": args.alpha, "adam_final": adam_final,
-            "summary": summary, "runs": runs, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+            "summary": summary, "runs": runs, "machine": describe(),
         }, indent=2) + "\n")
     if args.plot:
         plot(runs, args.optimizers, setting, args.plot)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from machine import processor  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 OPTIMIZERS = ["sgd", "adam", "hbp-newton", "kfac", "kbfgs", "hf-gn", "hf-newton"]
 FIRST_ORDER = ("sgd", "adam")
@@ -172,7 +173,7 @@ def main() -> None:
     os.environ["OPENBLAS_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = args.blas_threads  # read by the workers
     jobs = [(d, a, k, o, s, args.epochs) for d in args.data for a in args.activations for k in args.depths
             for s in range(args.seeds) for o in args.optimizers]
-    machine = {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+    machine = {"processor": processor(), "cpus": os.cpu_count(),
                "python": platform.python_version(), "workers": args.workers}
     print(f"{len(jobs)} runs on {args.workers} workers ({machine['processor']}, {machine['cpus']} CPUs)", flush=True)
     rows: list[dict] = []

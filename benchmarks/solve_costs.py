@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from machine import describe  # benchmarks/machine.py, beside this script
 
 SIZES = [64, 128, 256, 512, 1024]
 
@@ -68,7 +68,7 @@ def main() -> None:
         sync = xp.cuda.Device().synchronize
         machine = xp.cuda.runtime.getDeviceProperties(0)["name"].decode()
     else:
-        xp, sync, machine = np, (lambda: None), platform.processor() or platform.machine()
+        xp, sync, machine = np, (lambda: None), describe()
     result = {"machine": machine, "device": args.device, **measure(xp, sync)}
     print(f"{machine} ({args.device}): GEMM {result['gemm_flops_per_second'] / 1e12:.2f} TFLOP/s")
     for n, c in result["eigh_in_n3_gemm_flops"].items():

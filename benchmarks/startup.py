@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+from machine import describe  # noqa: E402  (benchmarks/machine.py, beside this script)
+
 PROBE = ("import sys; from mcalc.cli import main; code = main({argv!r}); "
          "print('imported:', *[m for m in ('sympy', 'jinja2') if m in sys.modules]); sys.exit(code)")
 
@@ -56,7 +58,7 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({
             "command": ["mcalc", *argv], "root": str(args.root), "median_startup_s": median, "runs": runs,
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "python": platform.python_version(),
+            "machine": describe(), "python": platform.python_version(),
         }, indent=2) + "\n")
 
 

@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from machine import describe  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 from mcalc.cli import DEMO_RUNS  # noqa: E402
 from mcalc.train.data import load_dataset  # noqa: E402
@@ -97,7 +96,7 @@ def main() -> None:
               f"{row['median_seconds']:>8.2f} {row['seconds_per_epoch']:>8.3f} {ratio_e:>12.2f} {ratio_s:>13.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "machine": f"{platform.node()}, {os.cpu_count()} CPU cores", "data": args.data, "model": args.model,
+            "machine": describe(), "data": args.data, "model": args.model,
             "target": args.target, "baseline": args.baseline, "summary": summary}, indent=2))
     if args.plot:
         plot(first_runs, args.plot, title=f"{args.model} on {args.data}, seed 0")

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from machine import describe  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 from mcalc.train.data import Dataset  # noqa: E402
 from mcalc.train.network import Network  # noqa: E402
@@ -74,11 +73,12 @@ def main() -> None:
     for name, r in ratios.items():
         print(f"  {name:<24} {r:5.2f}×")
     if args.json:
-        machine = f"{platform.node()}, {os.cpu_count()} CPU cores"
+        gpu = None
         if backend == "cupy":
             import cupy
 
-            machine += ", " + cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+            gpu = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+        machine = describe(gpu)
         Path(args.json).write_text(json.dumps({"machine": machine, "network": args.sizes, "batch": args.batch,
                                                "seconds_per_step": seconds, "ratios": ratios}, indent=2))
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -28,6 +27,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from machine import describe  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 USER = "64-LayerNorm-128-GELU-Residual(h=64)-10"
 BUILT_IN = "64-128-tanh-64-tanh-128-10"
@@ -79,7 +79,7 @@ def main() -> None:
             "user": USER, "built_in": BUILT_IN, "batch": args.batch, "repeats": args.repeats, "passes": args.passes,
             "median_seconds": medians, "ratio": ratio, "python_batch_loops": loops,
             "malloc_thresholds_fixed": fixed,
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "python": platform.python_version(),
+            "machine": describe(), "python": platform.python_version(),
         }, indent=2) + "\n")
 
 
