@@ -190,3 +190,23 @@ def test_bad_solver_options_are_refused():
         HBPNewton(refresh=0)
     with pytest.raises(mc.McalcError, match="decay"):
         HBPNewton(decay=1.0)
+
+
+def test_cg_hands_back_the_blocks_products_with_its_directions():
+    """C Δ from CG's residual, (b − r − α Δ)/(1 − α), equals a matvec of the block at the direction CG
+    returns (the reduction ratio's model reads it instead of one more matvec); none at α = 1, where the
+    system does not involve C. (Shared out over ranks: tests/test_distributed.py.)"""
+    rng = np.random.default_rng(4)
+    blocks = {"W": CurvatureBlock(kron=[(_psd(rng, 5), _psd(rng, 4))]), "b": CurvatureBlock(dense=_psd(rng, 4))}
+    grads = {"W": rng.normal(size=(4, 5)), "b": rng.normal(size=(4, 1))}
+    parts = [(k, g, blocks[k]) for k, g in grads.items()]
+    products: dict = {}
+    directions = DampedBlockSolver(max_iterations=3).solve(parts, 0.1, None, products)
+    assert set(products) == {"W", "b"}
+    for key, block in blocks.items():
+        curved = block.matvec(directions[key].reshape(-1, order="F"))
+        assert np.linalg.norm(curved) > 0.1  # not zero against zero
+        np.testing.assert_allclose(products[key], curved, rtol=1e-10, atol=1e-12)
+    products.clear()
+    DampedBlockSolver().solve(parts, 1.0, None, products)
+    assert products == {}

@@ -94,17 +94,20 @@ def test_each_rank_solves_only_its_blocks(rng):
     for i, n in enumerate([3, 9, 5, 6]):
         a = rng.normal(size=(n, n))
         parts.append((f"W{i}", rng.normal(size=(n, 1)), CurvatureBlock(dense=a @ a.T)))
-    whole = DampedBlockSolver().solve(parts, 0.1)
+    whole_products, products = {}, [{}, {}]  # C Δ, from CG's residual: zeros where another rank solved
+    whole = DampedBlockSolver().solve(parts, 0.1, None, whole_products)
     ranks = _Ranks(2)
     ranks.rank = 1
-    mine = DampedBlockSolver().solve(parts, 0.1, DataParallel(ranks))
+    mine = DampedBlockSolver().solve(parts, 0.1, DataParallel(ranks), products[1])
     solved = {key for key, d in mine.items() if np.abs(d).max() > 0}
     assert solved and solved != set(whole)
     for key in solved:
         np.testing.assert_array_equal(mine[key], whole[key])
     ranks.rank = 0
-    assert {key for key, d in DampedBlockSolver().solve(parts, 0.1, DataParallel(ranks)).items()
+    assert {key for key, d in DampedBlockSolver().solve(parts, 0.1, DataParallel(ranks), products[0]).items()
             if np.abs(d).max() > 0} == set(whole) - solved
+    for key in whole:  # the ranks' contributions sum to one process's products
+        np.testing.assert_array_equal(products[0][key] + products[1][key], whole_products[key])
 
 
 def test_nccl_sums_cupy_arrays_on_the_device():

@@ -16,7 +16,7 @@ from mcalc.train import data as D
 from mcalc.train.block_solvers import conjugate_gradient
 from mcalc.train.model_spec import Activation, UserModule, Width, parse_spec
 from mcalc.train.network import Network
-from mcalc.train.optimizer_protocol import Optimizer
+from mcalc.train.optimizer_protocol import MiniBatch, Optimizer
 from mcalc.train.optimizers import HBPNewton, make_optimizer
 from mcalc.train.trainer import train
 
@@ -130,6 +130,36 @@ def test_non_finite_steps_are_rejected_and_weights_kept():
     assert result["final"]["rejected_steps"] == 3
     for name, value in net.params.items():
         np.testing.assert_array_equal(value, before[name])
+
+
+def test_a_steps_losses_are_computed_once_each(monkeypatch):
+    """The loss before a step is the backward pass's and the loss after it is computed once, though the
+    optimiser's reduction ratio and the loop's rejection test both read it: one forward pass of the loss a
+    step (and one for each epoch's test loss), where each asking for it had cost three."""
+    calls = []
+    loss = Network.loss
+    monkeypatch.setattr(Network, "loss", lambda self, *a, **k: calls.append(1) or loss(self, *a, **k))
+    data = D.digits()
+    steps = -(-len(data.y_train) // 256)
+    for name, options in [("hbp-newton", {}), ("kfac", {"damping_period": 1}), ("sgd", {})]:
+        calls.clear()
+        train(Network("64-8-tanh-10", seed=0), data, make_optimizer(name, **options), epochs=2, batch_size=256)
+        assert len(calls) == 2 * (steps + 1), name
+
+
+def test_a_mini_batch_keeps_its_loss_after_an_update_for_that_update_only():
+    net = Network("4-3-tanh-2", seed=0)
+    rng = np.random.default_rng(0)
+    X, Y = rng.normal(size=(4, 5)), np.eye(2)[:, rng.integers(0, 2, 5)]
+    batch = MiniBatch(net, X, Y)
+    assert batch.loss() == net.loss(X, Y) and tuple(batch) == (X, Y)
+    updates = {k: rng.normal(size=v.shape) for k, v in net.params.items()}
+    after = batch.loss(updates)
+    assert after == net.loss(X, Y, net.params_plus(updates)) != batch.loss()
+    assert batch.loss(updates) == after
+    updates["W1"] = 2 * updates["W1"]  # an entry replaced: the kept value no longer holds
+    assert batch.loss(updates) == net.loss(X, Y, net.params_plus(updates)) != after
+    assert batch.loss(dict(updates)) == batch.loss(updates)  # an equal dict of the same arrays: evaluated again
 
 
 @pytest.mark.parametrize(("optimizer", "options", "epochs"), [

@@ -22,10 +22,11 @@ from .safeguards import is_linalg_error
 
 @dataclass
 class CGSolution:
-    """CG's iterate, its iteration count, and its step sizes αⱼ and ratios βⱼ = rᵀr (new) / rᵀr (old),
-    from which :attr:`gain` follows."""
+    """CG's iterate, its residual b − A x (as CG updates it), its iteration count, and its step sizes αⱼ and
+    ratios βⱼ = rᵀr (new) / rᵀr (old), from which :attr:`gain` follows."""
 
     x: Any
+    residual: Any
     iterations: int
     steps: list[float]
     ratios: list[float]
@@ -53,7 +54,7 @@ def conjugate_gradient(matvec: Any, b: Any, tolerance: float, max_iterations: in
     ratios: list[float] = []
     for iteration in range(1, max_iterations + 1):
         if rr <= target:
-            return CGSolution(x, iteration - 1, steps, ratios)
+            return CGSolution(x, r, iteration - 1, steps, ratios)
         Ap = matvec(p)
         alpha = rr / float(p @ Ap)
         x = x + alpha * p
@@ -63,7 +64,7 @@ def conjugate_gradient(matvec: Any, b: Any, tolerance: float, max_iterations: in
         steps.append(alpha)
         ratios.append(rr_new / rr)
         rr = rr_new
-    return CGSolution(x, max_iterations, steps, ratios)
+    return CGSolution(x, r, max_iterations, steps, ratios)
 
 
 def lanczos_gain(steps: list[float], ratios: list[float]) -> float:
@@ -292,15 +293,18 @@ class DampedBlockSolver:
             s.basis is None for s in self.states.values())
 
     def solve(self, parts: list[tuple[Any, Any, CurvatureBlock | None]], alpha: float,
-              parallel: DataParallel | None = None) -> dict[Any, Any]:
+              parallel: DataParallel | None = None, products: dict[Any, Any] | None = None) -> dict[Any, Any]:
         """Directions for ``[(key, gradient, block or None)]``, one call per training step. With ``parallel``
         over several ranks each CG solve and each eigen-decomposition runs on one rank, the costliest first
         to the least loaded (as KAISA shares K-FAC's inverses out), and its result is all-reduced: every
-        rank ends the step with the directions and the state of one process."""
+        rank ends the step with the directions and the state of one process. ``products``, when given, is
+        filled with C Δ (column-stacking vec) of every block CG solved, from CG's residual: the block
+        model of the reduction ratio needs it, and a matvec of the block would cost what a CG iteration
+        does."""
         parallel = parallel or DataParallel()
         out: dict[Any, Any] = {}
         if parts[0][2] is not None and self.steps % self.refresh == 0:
-            self._renew(parts, alpha, out, parallel)
+            self._renew(parts, alpha, out, parallel, products)
         jobs = []
         for key, g, block in parts:
             if key in out:
@@ -313,12 +317,12 @@ class DampedBlockSolver:
                                  "the curvature pass (ask needs_curvature())")
             else:
                 jobs.append((key, g, block))
-        out.update(self._cg(jobs, alpha, parallel))
+        out.update(self._cg(jobs, alpha, parallel, products))
         self.steps += 1
         return out
 
     def _renew(self, parts: list[tuple[Any, Any, CurvatureBlock | None]], alpha: float, out: dict[Any, Any],
-               parallel: DataParallel) -> None:
+               parallel: DataParallel, products: dict[Any, Any] | None) -> None:
         """Choose the way for the next steps and, where eigenbases are cheaper, average and decompose the
         blocks (under ``auto`` also while CG serves, to measure how stale a kept basis gets)."""
         previous, jobs = {}, []
@@ -329,7 +333,7 @@ class DampedBlockSolver:
             state.basis = None
             if self.method != "eigen" or not state.iterations:  # eigen: one CG solve measures the gain
                 jobs.append((key, g, block))
-        out.update(self._cg(jobs, alpha, parallel))
+        out.update(self._cg(jobs, alpha, parallel, products))
         cheaper = self.method == "eigen" or (self.method == "auto" and self._eigen_is_cheaper(parts))
         average, kept = SharedAverage(self.decay), []
         for key, _, block in parts:
@@ -415,9 +419,12 @@ class DampedBlockSolver:
         by_eigen = sum(eigen_flops(block, self.refresh, costs, decomposed) for _, block in eligible)
         return by_eigen < by_cg
 
-    def _cg(self, jobs: list[tuple[Any, Any, CurvatureBlock]], alpha: float, parallel: DataParallel) -> dict[Any, Any]:
+    def _cg(self, jobs: list[tuple[Any, Any, CurvatureBlock]], alpha: float, parallel: DataParallel,
+            products: dict[Any, Any] | None = None) -> dict[Any, Any]:
         """Truncated CG on each ``(key, gradient, block)``, on the rank its expected cost assigns it; the
-        directions, iteration counts and gains all-reduced to every rank's states."""
+        directions, iteration counts and gains all-reduced to every rank's states, and, into ``products``,
+        C Δ = (b − r − α Δ)/(1 − α) from the residual r of [α I + (1 − α) C] Δ = b (none at α = 1)."""
+        with_products = products is not None and alpha < 1
         states = [self.states.setdefault(key, BlockSolveState()) for key, _, _ in jobs]
         costs = [_matvec_flops(block) * (state.mean_iterations() if state.iterations else self.max_iterations)
                  for (_, _, block), state in zip(jobs, states)]
@@ -425,16 +432,26 @@ class DampedBlockSolver:
         def solved(job: int) -> dict[str, Any]:
             _, g, block = jobs[job]
             matvec = lambda v: alpha * v + (1 - alpha) * block.matvec(v)  # noqa: E731
-            solution = conjugate_gradient(matvec, -g.reshape(-1, order="F"), self.tolerance, self.max_iterations)
-            return {"x": solution.x.reshape(g.shape, order="F"), "n": float(solution.iterations),
+            b = -g.reshape(-1, order="F")
+            solution = conjugate_gradient(matvec, b, self.tolerance, self.max_iterations)
+            done = {"x": solution.x.reshape(g.shape, order="F"), "n": float(solution.iterations),
                     "gain": solution.gain if self.method != "cg" else 0.0}  # only eigen solves are floored by it
+            if with_products:
+                done["Cx"] = (b - solution.residual - alpha * solution.x) / (1 - alpha)
+            return done
 
         out = {}
-        shared = parallel.share(costs, solved, lambda job: {"x": jobs[job][1] * 0, "n": 0.0, "gain": 0.0})
+        def nothing(job: int) -> dict[str, Any]:
+            g = jobs[job][1]
+            return {"x": g * 0, "n": 0.0, "gain": 0.0, **({"Cx": g.reshape(-1) * 0} if with_products else {})}
+
+        shared = parallel.share(costs, solved, nothing)
         for (key, _, _), state, done in zip(jobs, states, shared):
             state.iterations.append(round(done["n"]))
             del state.iterations[:-10]  # the recent ones: how hard the blocks are now
             if self.method != "cg":
                 state.gain = done["gain"]
             out[key] = done["x"]
+            if with_products:
+                products[key] = done["Cx"]
         return out

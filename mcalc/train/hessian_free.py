@@ -46,7 +46,7 @@ from ..errors import McalcError
 from ..modes import CurvatureMatrix
 from ..runtime.blocks import CurvatureBlock
 from .network import Network
-from .optimizer_protocol import Optimizer
+from .optimizer_protocol import MiniBatch, Optimizer
 from .safeguards import LevenbergMarquardt, reduction_ratio
 
 RECENT = 100  # CG steps and reduction ratios kept, for diagnostics
@@ -176,6 +176,7 @@ class HessianFree(Optimizer):
         if batch is None:
             raise McalcError("hessian-free optimisation needs the mini-batch for its curvature products")
         xp = net.xp
+        batch = MiniBatch.of(net, batch)
         X, Y = batch
         pack, unpack = net.flat, net.unflat
         product = net.curvature_product(X, Y, self.matrix)
@@ -204,8 +205,8 @@ class HessianFree(Optimizer):
         if self.adapt_damping:  # a fixed λ (Martens' seed runs) raised at negative curvature: this step only
             self.damping = damping
         self.previous = result.x
-        loss = lambda d: net.loss(X, Y, net.params_plus(unpack(d)))  # noqa: E731
-        base = net.loss(X, Y)
+        loss = lambda d: batch.loss(unpack(d))  # noqa: E731
+        base = batch.loss()
         chosen = len(result.iterates) - 1
         value = loss(result.iterates[chosen])
         while self.backtrack and chosen > 0:  # CG-backtracking (Section 4.6): earlier iterates while better
@@ -225,17 +226,20 @@ class HessianFree(Optimizer):
         if self.adapt_damping:  # Levenberg–Marquardt by the reduction ratio (Section 4.1)
             self.damping = LevenbergMarquardt(self.damping, minimum=self.min_damping).update(rho)
         rate = self.lr
+        direction = unpack(d)
+        updates = {n: rate * u for n, u in direction.items()}
         if rate != 1.0:
-            value = loss(rate * d)
+            value = batch.loss(updates)
         for reduction in range(self.line_search_steps + 1):  # Armijo backtracking; every rate is tested
             if value <= base + 1e-2 * rate * slope:
                 break
-            if reduction == self.line_search_steps:
-                rate = 0.0  # no decrease along d: keep the weights; the damping has gone up
+            if reduction == self.line_search_steps:  # no decrease along d: keep the weights; the damping has gone up
+                updates = {n: 0.0 * u for n, u in direction.items()}
                 break
             rate *= 0.8
-            value = loss(rate * d)
-        return {n: rate * u for n, u in unpack(d).items()}
+            updates = {n: rate * u for n, u in direction.items()}
+            value = batch.loss(updates)
+        return updates  # where the line search tested it, its loss is kept in ``batch`` for the rejection test
 
     def reject(self) -> None:
         """After a rejected step: λ raised as for a failed reduction ratio, and CG started afresh."""

@@ -4,10 +4,12 @@ The loop calls :meth:`Optimizer.curvature_request` before each backward pass (wh
 any, the next step needs), :meth:`Optimizer.prepare` once before the first step, :meth:`Optimizer.step`
 for the update and, for a :attr:`Optimizer.second_order` optimiser whose step it rejected (its loss rose
 past the trust bound, :mod:`.trainer`), :meth:`Optimizer.reject` once the weights and the optimiser's
-state are restored. The defaults are a first-order optimiser's.
+state are restored. The defaults are a first-order optimiser's. A step's mini-batch comes as a
+:class:`MiniBatch`, which computes its loss before and after the proposed update once for whoever asks.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from ..modes import Approximation, Curvature
@@ -15,6 +17,39 @@ from ..modes import Approximation, Curvature
 if TYPE_CHECKING:
     from ..runtime.blocks import CurvatureBlock
     from .network import Network
+
+
+class MiniBatch:
+    """A step's mini-batch (X, Y), which unpacks as that pair, with its mean loss at the weights before the
+    step and after a proposed update, each computed once however many ask: the optimiser's reduction
+    ratio asks for both, the training loop's rejection test for the second (three forward passes a step
+    had been one, the backward pass's, and one more)."""
+
+    def __init__(self, net: Network, X: Any, Y: Any, loss: float | None = None) -> None:
+        self.net, self.X, self.Y = net, X, Y
+        self._before = loss  # the backward pass's, when the caller has it
+        self._after: tuple[dict[str, Any], tuple[int, ...], float] | None = None
+
+    @classmethod
+    def of(cls, net: Network, batch: MiniBatch | tuple[Any, Any]) -> MiniBatch:
+        """``batch`` itself, or a plain (X, Y) made one."""
+        return batch if isinstance(batch, MiniBatch) else cls(net, *batch)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.X, self.Y))
+
+    def loss(self, updates: dict[str, Any] | None = None) -> float:
+        """The batch's mean loss at the network's weights, or at the weights plus ``updates``. The value
+        after an update is kept for that dict of those arrays (held here, so their identities stay
+        theirs): an update is never changed in place once proposed."""
+        if updates is None:
+            if self._before is None:
+                self._before = self.net.loss(self.X, self.Y)
+            return self._before
+        identity = tuple(id(u) for u in updates.values())
+        if self._after is None or self._after[0] is not updates or self._after[1] != identity:
+            self._after = (updates, identity, self.net.loss(self.X, self.Y, self.net.params_plus(updates)))
+        return self._after[2]
 
 
 class CurvatureRequest(NamedTuple):
@@ -37,7 +72,7 @@ class Optimizer:
         """Called once with the training inputs before the first step (K-BFGS's pass over the data)."""
 
     def step(self, net: Network, grads: dict[str, Any], blocks: dict[str, CurvatureBlock],
-             batch: tuple[Any, Any]) -> dict[str, Any]:
+             batch: MiniBatch | tuple[Any, Any]) -> dict[str, Any]:
         """The update of every parameter for the mini-batch ``batch`` = (X, Y), from its gradients and
         the blocks :meth:`curvature_request` asked for."""
         raise NotImplementedError

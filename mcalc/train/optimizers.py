@@ -15,7 +15,7 @@ from ..runtime.blocks import CurvatureBlock, namespace, row_groups
 from .block_solvers import DampedBlockSolver, conjugate_gradient
 from .distributed import DataParallel
 from .network import Layer, Network
-from .optimizer_protocol import CurvatureRequest, Optimizer
+from .optimizer_protocol import CurvatureRequest, MiniBatch, Optimizer
 from .safeguards import LevenbergMarquardt, damped_solve, reduction_ratio
 
 DENSE_BLOCK_SOLVE = 1024  # the largest block solved densely; a larger one by CG through its matvec
@@ -201,7 +201,8 @@ class HBPNewton(Optimizer):
             rows_of[name] = row_groups(g.shape[0], self.split, net.xp)
             subs = block.split_rows(g.shape[0], self.split) if block is not None else [None] * self.split
             parts.extend(((name, i), g[rows], sub) for i, (rows, sub) in enumerate(zip(rows_of[name], subs)))
-        directions = self.block_solver.solve(parts, self.alpha, net.parallel)
+        products: dict[Any, Any] = {}  # C Δ of the blocks CG solved, for the reduction ratio's model
+        directions = self.block_solver.solve(parts, self.alpha, net.parallel, products)
         updates = {}
         for name, g in grads.items():
             if self.split == 1:
@@ -212,19 +213,21 @@ class HBPNewton(Optimizer):
                 delta[rows] = directions[(name, i)]
             updates[name] = self.lr * delta
         if self.adapt_damping and batch is not None and all(block is not None for _, _, block in parts):
-            self._adapt(net, batch, parts, directions, updates)
+            self._adapt(net, batch, parts, directions, updates, products)
         return updates
 
-    def _adapt(self, net: Network, batch: tuple[Any, Any], parts: list[tuple[Any, Any, CurvatureBlock | None]],
-               directions: dict[Any, Any], updates: dict[str, Any]) -> None:
-        """α by the Levenberg–Marquardt rule on the reduction ratio of the block-diagonal model."""
+    def _adapt(self, net: Network, batch: MiniBatch | tuple[Any, Any],
+               parts: list[tuple[Any, Any, CurvatureBlock | None]], directions: dict[Any, Any],
+               updates: dict[str, Any], products: dict[Any, Any]) -> None:
+        """α by the Levenberg–Marquardt rule on the reduction ratio of the block-diagonal model, whose C Δ
+        ``products`` holds where CG gave it (else one matvec of the block)."""
         model = 0.0
         for key, g, block in parts:
             d = directions[key]
-            curved = block.matvec(d.reshape(-1, order="F"))
+            curved = products[key] if key in products else block.matvec(d.reshape(-1, order="F"))
             model += self.lr * float((g * d).sum()) + 0.5 * self.lr**2 * float(d.reshape(-1, order="F") @ curved)
-        X, Y = batch
-        rho = reduction_ratio(net.loss(X, Y), net.loss(X, Y, net.params_plus(updates)), model)
+        batch = MiniBatch.of(net, batch)
+        rho = reduction_ratio(batch.loss(), batch.loss(updates), model)
         self.alpha = LevenbergMarquardt(self.alpha, minimum=self.alpha_min, maximum=1.0).update(rho)
 
     def reject(self) -> None:
@@ -470,9 +473,8 @@ class KFAC(Optimizer):
         w, model_change = quadratic_model_coefficients(A_model, D_model, b_model, self.damping, fixed)
         updates = {name: sum(c * v[name] for c, v in zip(w, vectors)) for name in natural}
         if (self.steps + 1) % self.damping_period == 0:
-            old_loss = net.loss(X, Y)
-            new_loss = net.loss(X, Y, net.params_plus(updates))
-            rho = reduction_ratio(old_loss, new_loss, model_change)
+            batch = MiniBatch.of(net, batch)
+            rho = reduction_ratio(batch.loss(), batch.loss(updates), model_change)
             self.damping = LevenbergMarquardt(self.damping, 1 / self._factor, self._factor, minimum=self.min_damping,
                                               maximum=self.max_damping).update(rho)
         self.velocity = updates

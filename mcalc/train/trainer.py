@@ -20,7 +20,7 @@ from .checkpoint import save_checkpoint
 from .data import Dataset
 from .distributed import DataParallel
 from .network import Network
-from .optimizer_protocol import Optimizer
+from .optimizer_protocol import MiniBatch, Optimizer
 
 TRUST_BOUND = 2.0  # a second-order step that more than doubles its own mini-batch's loss is rejected
 
@@ -128,10 +128,12 @@ def train(net: Network, data: Dataset, optimizer: Optimizer, *, epochs: int, bat
             X, Y = X_train[:, index], Y_train[:, index]
             loss, grads, blocks = backward(X, Y)  # means over the global batch
             snapshot = copy.deepcopy(optimizer)
-            updates = optimizer.step(net, grads, blocks, (X, Y))
+            batch = MiniBatch(net, X, Y, loss)  # its loss after the update computed once, here or in the step
+            updates = optimizer.step(net, grads, blocks, batch)
+            loss_after = batch.loss(updates)
             previous = dict(net.params)
             net.params = net.params_plus(updates)
-            if step_is_rejected(optimizer, loss, net.loss(X, Y), updates, xp):
+            if step_is_rejected(optimizer, loss, loss_after, updates, xp):
                 net.params = previous  # never corrupt the weights, nor the optimiser's state
                 restore(optimizer, snapshot)
                 rejected += 1
