@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench
+.PHONY: demo test bench gpu-wheels
 # mcalc itself (what the demo needs), then the test extra on top (PyTorch's CPU build among it)
 $(VENV)/base: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -27,6 +27,14 @@ demo: $(VENV)/base
 test: $(VENV)/installed
 	$(VENV)/bin/ruff check mcalc tests examples benchmarks
 	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+# What a lent GPU machine's image lacks for benchmarks/gpu_session.sh (it reaches no registry; einops, opt_einsum
+# and the others of PEERS are in the image already): as wheels in .whl/, built here, carried by the device tool
+GPU_WHEELS := backpack-for-pytorch==1.7.1 curvlinops-for-pytorch==3.0.1 unfoldNd==0.2.3 einconv==0.1.0 mnist1d==0.0.2.post1
+
+gpu-wheels: $(VENV)/base
+	rm -rf .whl
+	$(PY) -m pip wheel -q --no-deps -w .whl $(GPU_WHEELS)
 
 # Benchmarks side by side with the peers above
 bench: $(VENV)/installed
