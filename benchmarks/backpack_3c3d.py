@@ -16,7 +16,10 @@ output factor sums the positions' gradients before the outer product, as mcalc's
 ``kfac_approx='reduce'`` does (K-FAC-reduce's output factor); the Linear layers' are the same in all.
 The check runs in float64; the times (kfac's default, expand) in float32, the contenders in turn within
 each repeat, medians reported, one BLAS thread each side unless the environment says more (also mcalc's
-K-FAC-reduce, whose output factor sums the positions first as KFLR's does); glibc's malloc
+K-FAC-reduce, whose output factor sums the positions first as KFLR's does). The same for each library's
+default K-FAC, the Monte Carlo Fisher (one label sampled per input, one backward pass): mcalc's
+``fisher='mc'`` against BackPACK's ``KFAC``, checked with BackPACK's sampler made to draw mcalc's labels
+(as ``tests/test_backpack_conv.py`` does). glibc's malloc
 thresholds fixed first, as ``mcalc`` does (``mcalc/runtime/allocator.py``). With ``--device cuda`` mcalc runs
 on its CuPy backend (its fused kernels) and BackPACK on PyTorch's CUDA, each timed to a synchronisation
 of the device, and the JSON names the GPU.
@@ -75,25 +78,52 @@ def backpack_model(net: Network, dtype):
     return model
 
 
-def mcalc_factors(net: Network, X, kfac_approx: str = "expand") -> list[tuple]:
-    """mcalc's exact-Fisher K-FAC factors (Ā with the bias row, G) of every convolution and Linear layer."""
-    kfac = make_optimizer("kfac", fisher="exact", kfac_approx=kfac_approx)
+MC_SEED = 11  # mcalc's Monte Carlo labels: each timed or checked call draws from a fresh generator of this seed
+
+
+def mcalc_factors(net: Network, X, kfac_approx: str = "expand", fisher: str = "exact") -> list[tuple]:
+    """mcalc's K-FAC factors (Ā with the bias row, G) of every convolution and Linear layer, of the exact
+    Fisher or of one label per input sampled from the model (the MC Fisher)."""
+    kfac = make_optimizer("kfac", fisher=fisher, kfac_approx=kfac_approx, seed=MC_SEED)
     statistics_ = kfac._statistics(net, X)
     return [statistics_[p] for p in sorted(statistics_)]
 
 
-def backpack_factors(model, X, y) -> list[list]:
-    """BackPACK's KFLR factors of every weight, in layer order: [G, A] (a convolution's A summed over the
-    positions)."""
+def mcalc_labels(net: Network, X) -> np.ndarray:
+    """The labels ``KFAC._statistics`` samples for X with ``fisher='mc'`` (inverse-CDF sampling of the
+    model's softmax by a fresh generator of :data:`MC_SEED`), transcribed."""
+    from mcalc.runtime.array_ops import softmax
+
+    host = lambda a: a.get() if hasattr(a, "get") else a  # noqa: E731
+    p = host(softmax(net.forward(X)[0]))
+    draws = np.random.default_rng(MC_SEED).random(p.shape[1])
+    return np.minimum((draws[None, :] > np.cumsum(p, axis=0)).sum(axis=0), p.shape[0] - 1)
+
+
+def backpack_factors(model, X, y, extension: str = "KFLR", sampled=None) -> list[list]:
+    """BackPACK's KFLR (or, with ``extension='KFAC'``, one-sample KFAC) factors of every weight, in layer
+    order: [G, A] (a convolution's A summed over the positions). ``sampled``: the labels KFAC's sampler is
+    made to draw (a tensor of one label per input), else its own."""
     import torch
-    from backpack import backpack, extend
-    from backpack.extensions import KFLR
+    from backpack import backpack, extend, extensions
+    from backpack.core.derivatives.crossentropyloss import CrossEntropyLossDerivatives
+
+    class Drawn:  # BackPACK's Categorical, drawing the given labels: [mc_samples = 1, N]
+        def sample(self, shape):
+            return sampled[None, :].expand(*shape, len(sampled))
 
     model, loss_fn = extend(model), extend(torch.nn.CrossEntropyLoss())
     model.zero_grad()
-    with backpack(KFLR()):
-        loss_fn(model(X), y).backward()
-    return [m.weight.kflr for m in model if hasattr(m, "weight") and m.weight is not None]
+    original = CrossEntropyLossDerivatives._make_distribution
+    if sampled is not None:
+        CrossEntropyLossDerivatives._make_distribution = lambda self, subsampled_input: Drawn()
+    try:
+        with backpack(getattr(extensions, extension)(**({"mc_samples": 1} if extension == "KFAC" else {}))):
+            loss_fn(model(X), y).backward()
+    finally:
+        CrossEntropyLossDerivatives._make_distribution = original
+    name = extension.lower()
+    return [getattr(m.weight, name) for m in model if hasattr(m, "weight") and m.weight is not None]
 
 
 def compare(expand: list[tuple], reduce: list[tuple], theirs: list[list], positions: list[int]) -> list[dict]:
@@ -162,10 +192,17 @@ def main() -> None:
     theirs = backpack_factors(backpack_model(net, torch.float64).to(device), images.to(device),
                               torch.tensor(y).to(device))
     check = compare(mcalc_factors(net, on_device(X)), mcalc_factors(net, on_device(X), "reduce"), theirs, positions)
-    for k, row in enumerate(check):
-        print(f"  layer {k + 1} (T = {row['positions']:4d}): input factor {row['input_factor']:.1e}, "
-              f"output factor {row['output_factor']:.1e}", flush=True)
-    worst = max(max(r["input_factor"], r["output_factor"]) for r in check)
+    sampled = torch.tensor(mcalc_labels(net, on_device(X))).to(device)
+    theirs_mc = backpack_factors(backpack_model(net, torch.float64).to(device), images.to(device),
+                                 torch.tensor(y).to(device), "KFAC", sampled)
+    check_mc = compare(mcalc_factors(net, on_device(X), fisher="mc"),
+                       mcalc_factors(net, on_device(X), "reduce", fisher="mc"), theirs_mc, positions)
+    for label, rows in (("exact Fisher, KFLR", check), ("MC Fisher, KFAC", check_mc)):
+        print(f"  {label}:")
+        for k, row in enumerate(rows):
+            print(f"    layer {k + 1} (T = {row['positions']:4d}): input factor {row['input_factor']:.1e}, "
+                  f"output factor {row['output_factor']:.1e}", flush=True)
+    worst = max(max(r["input_factor"], r["output_factor"]) for r in check + check_mc)
     assert worst < 1e-8, f"factors differ: {worst}"
 
     # the timing, in float32
@@ -178,20 +215,27 @@ def main() -> None:
     X = on_device(X)
     times = timed({"mcalc kfac (exact Fisher)": synchronised(lambda: mcalc_factors(net32, X)),
                    "mcalc kfac, reduce": synchronised(lambda: mcalc_factors(net32, X, "reduce")),
-                   "BackPACK KFLR": synchronised(lambda: backpack_factors(model, images, y))}, args.repeats)
+                   "BackPACK KFLR": synchronised(lambda: backpack_factors(model, images, y)),
+                   "mcalc kfac (MC Fisher)": synchronised(lambda: mcalc_factors(net32, X, fisher="mc")),
+                   "mcalc kfac (MC Fisher), reduce": synchronised(lambda: mcalc_factors(net32, X, "reduce", "mc")),
+                   "BackPACK KFAC": synchronised(lambda: backpack_factors(model, images, y, "KFAC"))}, args.repeats)
     ratio = times["BackPACK KFLR"] / times["mcalc kfac (exact Fisher)"]
     ratio_reduce = times["BackPACK KFLR"] / times["mcalc kfac, reduce"]  # the output factor BackPACK computes
+    ratio_mc = times["BackPACK KFAC"] / times["mcalc kfac (MC Fisher)"]  # each library's default K-FAC
+    ratio_mc_reduce = times["BackPACK KFAC"] / times["mcalc kfac (MC Fisher), reduce"]
     machine = describe(torch.cuda.get_device_name() if cuda else None)
     print(f"\n3C3D on {args.device} ({machine}), batch {B}, float32, {threads} thread(s), median of {args.repeats}:")
     for name, seconds in times.items():
-        print(f"  {name:<28} {seconds * 1e3:9.1f} ms")
-    print(f"  BackPACK / mcalc: {ratio:.2f}× (expand), {ratio_reduce:.2f}× (reduce)")
+        print(f"  {name:<32} {seconds * 1e3:9.1f} ms")
+    print(f"  BackPACK KFLR / mcalc exact Fisher: {ratio:.2f}× (expand), {ratio_reduce:.2f}× (reduce)")
+    print(f"  BackPACK KFAC / mcalc MC Fisher:    {ratio_mc:.2f}× (expand), {ratio_mc_reduce:.2f}× (reduce)")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "spec": SPEC, "device": args.device, "batch": B, "dtype": "float32", "threads": threads,
             "repeats": args.repeats,
             "seconds": times, "backpack_over_mcalc": ratio, "backpack_over_mcalc_reduce": ratio_reduce,
-            "check_float64": check,
+            "backpack_kfac_over_mcalc_mc": ratio_mc, "backpack_kfac_over_mcalc_mc_reduce": ratio_mc_reduce,
+            "check_float64": check, "check_float64_mc": check_mc,
             "malloc_thresholds_fixed": fixed, "machine": machine}, indent=2))
 
 
