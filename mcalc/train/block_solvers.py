@@ -440,11 +440,11 @@ class DampedBlockSolver:
                 done["Cx"] = (b - solution.residual - alpha * solution.x) / (1 - alpha)
             return done
 
-        out = {}
-        def nothing(job: int) -> dict[str, Any]:
+        def nothing(job: int) -> dict[str, Any]:  # another rank's job: zeros of its results' shapes
             g = jobs[job][1]
             return {"x": g * 0, "n": 0.0, "gain": 0.0, **({"Cx": g.reshape(-1) * 0} if with_products else {})}
 
+        out = {}
         shared = parallel.share(costs, solved, nothing)
         for (key, _, _), state, done in zip(jobs, states, shared):
             state.iterations.append(round(done["n"]))

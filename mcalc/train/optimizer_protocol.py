@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 class MiniBatch:
     """A step's mini-batch (X, Y), which unpacks as that pair, with its mean loss at the weights before the
     step and after a proposed update, each computed once however many ask: the optimiser's reduction
-    ratio asks for both, the training loop's rejection test for the second (three forward passes a step
-    had been one, the backward pass's, and one more)."""
+    ratio asks for both, the training loop's rejection test for the second. (hbp-newton's step had made
+    three forward passes besides the backward pass's; it makes one.)"""
 
     def __init__(self, net: Network, X: Any, Y: Any, loss: float | None = None) -> None:
         self.net, self.X, self.Y = net, X, Y
