@@ -152,7 +152,7 @@ def test_a_mini_batch_keeps_its_loss_after_an_update_for_that_update_only():
     rng = np.random.default_rng(0)
     X, Y = rng.normal(size=(4, 5)), np.eye(2)[:, rng.integers(0, 2, 5)]
     batch = MiniBatch(net, X, Y)
-    assert batch.loss() == net.loss(X, Y) and tuple(batch) == (X, Y)
+    assert batch.loss() == net.loss(X, Y) and tuple(batch) == (X, Y) and batch[1] is Y and len(batch) == 2
     updates = {k: rng.normal(size=v.shape) for k, v in net.params.items()}
     after = batch.loss(updates)
     assert after == net.loss(X, Y, net.params_plus(updates)) != batch.loss()

@@ -35,8 +35,14 @@ class MiniBatch:
         """``batch`` itself, or a plain (X, Y) made one."""
         return batch if isinstance(batch, MiniBatch) else cls(net, *batch)
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[Any]:  # read as the pair (X, Y) it replaces in ``step``'s signature
         return iter((self.X, self.Y))
+
+    def __getitem__(self, index: int) -> Any:
+        return (self.X, self.Y)[index]
+
+    def __len__(self) -> int:
+        return 2
 
     def loss(self, updates: dict[str, Any] | None = None) -> float:
         """The batch's mean loss at the network's weights, or at the weights plus ``updates``. The value
