@@ -528,7 +528,35 @@ def test_kfac_statistics_change_a_batchs_layout_once(monkeypatch):
     net = Network("2x12-conv(3,3,pad=1)-relu-maxpool(2)-conv(4,3)-tanh-flatten-5", seed=1)
     X = np.random.default_rng(0).normal(size=(24, 7))
     make_optimizer("kfac", fisher="exact")._statistics(net, X)
-    assert sum(made.values()) > 5 and max(made.values()) == 1
+    assert made and max(made.values()) == 1  # the data's, for conv1; the signal stays matrices after it
+
+
+def test_a_forward_pass_keeps_a_signal_as_matrices_between_its_layers(monkeypatch):
+    """With ``matrices`` the forward pass hands a signal from layer to layer as per-sample matrices, through
+    its activations: the same outputs as the columns' pass, every layer's input equal to the columns' once
+    made columns, and no layout copy between the first convolution and the Linear layer after the flatten
+    (the columns' pass makes two at each boundary inside the signal: to columns and back)."""
+    import mcalc.train.network as network_module
+    from mcalc.runtime.array_ops import columns_of_matrices
+
+    copies = []
+    for name in ("matrices_of_columns", "columns_of_matrices"):
+        original = getattr(network_module, name)
+        monkeypatch.setattr(network_module, name, lambda a, *rest, _f=original, _n=name: copies.append(_n) or
+                            _f(a, *rest))
+    net = Network("2x12-conv(3,3,pad=1)-relu-maxpool(2)-conv(4,3)-tanh-flatten-5", seed=1)
+    X = np.random.default_rng(0).normal(size=(24, 7))
+    Z, inputs = net.forward(X)
+    by_columns = len(copies)
+    copies.clear()
+    Z_kept, kept = net.forward(X, matrices=True)
+    np.testing.assert_array_equal(Z_kept, Z)
+    assert [a.ndim for a in kept] == [2, 3, 3, 3, 3, 2]  # conv1's data and the Linear layer's input: columns
+    # the data's for conv1, the signal's for the Linear layer: 2 copies, where the columns' pass made them at
+    # every boundary of the signal's layers
+    assert copies == ["matrices_of_columns", "columns_of_matrices"] and by_columns == 6
+    for ours, theirs in zip(kept, inputs):
+        np.testing.assert_array_equal(columns_of_matrices(ours), theirs)
 
 
 @pytest.mark.parametrize("pool", ["avg", "max"])

@@ -125,7 +125,7 @@ def squared_gradients(net: Network, X: Any, Y: Any) -> dict[str, Any]:
     """Σᵢ gᵢ²/B for every parameter, gᵢ the gradient of sample i's loss (Martens' ``grad2``): for a
     linear layer z = W a + b with δᵢ = ∂ℓᵢ/∂zᵢ, (δ ⊙ δ)(a ⊙ a)ᵀ/B and Σᵢ δᵢ²/B. A user's module has no
     closed form here: its parameters get 0, so the preconditioner is the damping's alone there."""
-    Z, inputs = net.forward(X)
+    Z, inputs = net.forward(X, matrices=True)  # a Linear layer's inputs are columns whatever the layout
     adjoints = net.adjoints(inputs, net.output_gradient(Z, Y))
     B = X.shape[1]
     out = {name: net.xp.zeros_like(value) for name, value in net.params.items()}

@@ -68,7 +68,9 @@ def glorot_uniform(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray
 
 def kept_matrices(columns: Any, rows: int, cache: dict | None) -> Any:
     """The columns as per-sample matrices of ``rows`` rows, made once per ``cache`` (a layer's, one per batch)
-    and kept there under "input"."""
+    and kept there under "input"; a batch already of per-sample matrices as it is."""
+    if columns.ndim == 3:
+        return columns
     if cache is None:
         return matrices_of_columns(columns, rows)
     if "input" not in cache:
@@ -94,10 +96,18 @@ class Layer:
     signal_rows: int | None = None  # an activation of a signal: its channels (entry by entry, any layout)
 
     def takes(self, columns: Any, cache: dict | None = None) -> Any:
-        """The layer's input batch from the columns between layers; a batch of per-sample matrices is kept in
-        the layer's ``cache`` (one per batch) once made, so that the passes after the first skip its layout
-        copy."""
-        return columns if self.input_rows is None else kept_matrices(columns, self.input_rows, cache)
+        """The layer's input batch from the columns between layers, or from the per-sample matrices that a
+        forward pass with ``matrices`` hands a signal's layers; what a layout copy made is kept in the
+        layer's ``cache`` (one per batch), so that the passes after the first skip it."""
+        if self.input_rows is not None:
+            return kept_matrices(columns, self.input_rows, cache)
+        if columns.ndim == 2:
+            return columns
+        if cache is None:
+            return columns_of_matrices(columns)
+        if "columns" not in cache:
+            cache["columns"] = columns_of_matrices(columns)
+        return cache["columns"]
 
     def takes_output(self, columns: Any) -> Any:
         """A batch shaped like the layer's outputs (δZ, R{δZ}) from the columns between layers."""
@@ -343,22 +353,39 @@ class Network:
         params = self.params if params is None else params
         return {own: params[name] for own, name in layer.params.items()}
 
-    def forward(self, X: Any, params: dict[str, Any] | None = None,
-                caches: list[dict] | None = None) -> tuple[Any, list[Any]]:
-        """Outputs (widths[-1], B) and the input of every layer; with ``caches`` (a dict per layer), what
-        each layer's forward pass shares with its gradients and curvature is kept there for them."""
+    def forward(self, X: Any, params: dict[str, Any] | None = None, caches: list[dict] | None = None,
+                matrices: bool = False) -> tuple[Any, list[Any]]:
+        """Outputs (widths[-1], B) and the input of every layer, each a column per sample; with ``caches`` (a
+        dict per layer), what each layer's forward pass shares with its gradients and curvature is kept
+        there for them.
+
+        With ``matrices`` a signal stays per-sample matrices (rows, B, cols) from the layer that makes them
+        through the activations after it to the next layer that takes them (a pooling, a convolution, a
+        flatten), as :meth:`adjoints` keeps them backwards: the layout copies to columns and back between
+        them are never made, and such a layer's input is given in that layout (:meth:`Layer.takes` makes
+        its columns where a pass needs them, once per cache). An activation runs entry by entry on
+        (rows, B·cols), its cache apart from the columns' values."""
         self._check_batch(X)
         inputs, Z = [], X
         for position, layer in enumerate(self.layers):
             inputs.append(Z)
             cache = caches[position] if caches is not None else None
-            Z = columns_of_matrices(self.code[layer.module].forward(
-                self._module_params(layer, params), {layer.input: layer.takes(Z, cache)}, cache)["Z"])
+            P = self._module_params(layer, params)
+            if Z.ndim == 3 and layer.signal_rows is not None:  # an activation, on the matrices' layout (views)
+                own = None if cache is None else cache.setdefault("matrices", {})
+                Z = self.code[layer.module].forward(P, {layer.input: Z.reshape(Z.shape[0], -1)}, own)["Z"] \
+                    .reshape(Z.shape)
+            else:
+                Z = self.code[layer.module].forward(P, {layer.input: layer.takes(Z, cache)}, cache)["Z"]
+            after = self.layers[position + 1] if position + 1 < len(self.layers) else None
+            keep = matrices and after is not None and (after.input_rows is not None or after.signal_rows is not None)
+            if Z.ndim == 3 and not keep:
+                Z = columns_of_matrices(Z)
         return Z, inputs
 
     def loss(self, X: Any, Y: Any, params: dict[str, Any] | None = None) -> float:
         """The batch mean of the per-sample losses (over every rank's shard of the batch)."""
-        Z, _ = self.forward(X, params)
+        Z, _ = self.forward(X, params, matrices=True)
         self._check_targets(Y, Z)
         local = float(self.code[self.loss_module].forward({}, {"x": Z, "y": Y})["Z"].mean())
         return self.parallel.mean({"loss": local}, X.shape[1])["loss"]
@@ -463,7 +490,7 @@ class Network:
         code = self.code[self.loss_module]
         start = Approximation.MEAN_OF_SANDWICHES if approximation is Approximation.AUTO else approximation
         caches: list[dict] = [{} for _ in range(len(self.layers) + 1)]  # one per module, the loss's last
-        Z, inputs = self.forward(X, caches=caches)
+        Z, inputs = self.forward(X, caches=caches, matrices=True)
         S = self._loss_inputs(Z, Y)
         losses, B = code.forward({}, S, caches[-1])["Z"], Z.shape[1]
         # the batch mean; across ranks this rank's share of the global batch's (its sum over B_all)
@@ -616,7 +643,7 @@ class Network:
         """
         matrix = CurvatureMatrix.parse(matrix)
         xp = self.xp
-        Z, inputs = self.forward(X)
+        Z, inputs = self.forward(X, matrices=True)
         B = X.shape[1]
         loss_S = self._loss_inputs(Z, Y)
         adjoints = self.adjoints(inputs, self.output_gradient(Z, Y)) if matrix is CurvatureMatrix.HESSIAN else {}
@@ -661,8 +688,8 @@ class Network:
 
     def predict(self, X: Any) -> Any:
         """The model's predictive distribution softmax(z), (classes, B)."""
-        return softmax(self.forward(X)[0])
+        return softmax(self.forward(X, matrices=True)[0])
 
     def accuracy(self, X: Any, labels: Any) -> float:
-        Z, _ = self.forward(X)
+        Z, _ = self.forward(X, matrices=True)
         return float((self.xp.argmax(Z, axis=0) == labels).mean())

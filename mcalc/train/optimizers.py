@@ -392,7 +392,7 @@ class KFAC(Optimizer):
     def _statistics(self, net: Network, X: Any) -> dict[int, tuple[Any, Any]]:
         xp = net.xp
         caches: list[dict] = [{} for _ in net.layers]  # one forward pass: its masks and patches serve every pass back
-        Z, inputs = net.forward(X, caches=caches)
+        Z, inputs = net.forward(X, caches=caches, matrices=True)
         B = X.shape[1]
         p = softmax(Z)  # the model's predictive distribution, from the same forward pass
         if self.fisher == "mc":  # one label per input drawn from softmax(z); δz = (p − y)/B for the mean loss
@@ -583,7 +583,7 @@ class KBFGS(Optimizer):
     def prepare(self, net: Network, X_train: Any) -> None:
         """Ā from one pass over the training inputs at the initial weights (``training_utils.py``)."""
         self.block_params = block_parameters(net)
-        _, inputs = net.forward(X_train)
+        _, inputs = net.forward(X_train, matrices=True)
         for position in factored_layers(net):
             a = factor_inputs(net.layers[position], inputs[position], net.xp)
             self.A[position] = a @ a.T / a.shape[1]
@@ -593,7 +593,7 @@ class KBFGS(Optimizer):
                           ) -> tuple[dict[int, tuple[Any, Any]], list[Any]]:
         """Per factored layer: the mean pre-activation and the mean per-sample gradient of the loss at it
         (over samples, and a convolution's positions); and the input of every layer."""
-        Z, inputs = net.forward(X, params)
+        Z, inputs = net.forward(X, params, matrices=True)
         saved, net.params = net.params, params
         try:
             adjoints = net.adjoints(inputs, net.output_gradient(Z, Y))
@@ -603,8 +603,12 @@ class KBFGS(Optimizer):
         for position in factored_layers(net):
             pre = inputs[position + 1] if position + 1 < len(net.layers) else Z
             grad, rows = adjoints[position], net.layers[position].output_rows
-            if rows is not None:  # a convolution's (rows · T, B): its positions averaged, per sample
-                pre, grad = pre.reshape(-1, rows, B).mean(axis=0), grad.reshape(-1, rows, B).mean(axis=0)
+            if rows is not None:  # a convolution's: its positions averaged, per sample
+                # as the forward pass keeps it, (rows, B, T), or as columns (T · rows, B): (T, rows, B) laid out
+                # as the columns are, so that the mean over T adds in their order
+                pre = (net.xp.ascontiguousarray(pre.transpose(2, 0, 1)) if pre.ndim == 3
+                       else pre.reshape(-1, rows, B)).mean(axis=0)
+                grad = grad.reshape(-1, rows, B).mean(axis=0)
             means[f"pre{position}"] = pre.mean(axis=1, keepdims=True)
             means[f"grad{position}"] = grad.sum(axis=1, keepdims=True)  # δZ carries 1/B
         means = net.parallel.mean(means, B)  # over every rank's shard of the batch
