@@ -51,6 +51,7 @@ from ..expr import (
     tangent_of,
 )
 from ..modes import APPROXIMATIONS, CURVATURES, Approximation, Curvature
+from ..runtime.generated_code import PATCHES_KEY
 from ..simplification import simplify
 from ..simplification.expansion import expanded_runs
 from ..simplification.fusion import for_codegen
@@ -643,7 +644,8 @@ def invariant_steps(program: Program, family: str) -> set[str]:
 def memo_keys(plan: ModulePlan) -> dict[Expr, str]:
     """The cache key of every node a module's functions keep: an invariant step of a looped family
     (reused by the next call of the loop) or one that is invariant in two programs or more (computed
-    by the first of them that runs)."""
+    by the first of them that runs). The patches of a per-sample input, unfold(X), are kept under
+    :data:`PATCHES_KEY`, where a network's K-FAC reads a convolution's patches that the forward pass made."""
     invariant: list[tuple[str, list[Expr]]] = []
     programs_with: dict[Expr, int] = {}
     for family, program in plan.keyed_programs():
@@ -658,7 +660,9 @@ def memo_keys(plan: ModulePlan) -> dict[Expr, str]:
             if isinstance(node, Transpose):
                 continue  # a view, free to make again
             if family in LOOPED or programs_with[node] > 1:
-                keys.setdefault(node, f"m{len(keys)}")
+                patches = isinstance(node, Unfold) and isinstance(node.args[0], Stacked) and \
+                    isinstance(node.args[0].args[0], Symbol) and PATCHES_KEY not in keys.values()
+                keys.setdefault(node, PATCHES_KEY if patches else f"m{len(keys)}")
     return keys
 
 

@@ -21,6 +21,9 @@ from ..locations import project_folder
 
 MANIFEST = "manifest.json"
 LIBRARY_DIRECTORY = project_folder("generated")  # the built-in library's code, committed
+# what a network reads in a module's cache for the batch: the patches of its per-sample input, unfold(X),
+# which a convolution's generated forward pass makes (and K-FAC's factors need again)
+PATCHES_KEY = "patches"
 
 
 def content_hash(text: str) -> str:

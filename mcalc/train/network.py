@@ -20,7 +20,7 @@ from ..errors import McalcError
 from ..modes import Approximation, Curvature, CurvatureMatrix
 from ..runtime.array_ops import columns_of_matrices, grid, matrices_of_columns, side_by_side, softmax, unfold
 from ..runtime.blocks import CurvatureBlock
-from ..runtime.generated_code import library_code
+from ..runtime.generated_code import PATCHES_KEY, library_code
 from ..runtime.rank_sum import across_ranks, samples
 from .distributed import DataParallel
 from .model_spec import (
@@ -114,8 +114,11 @@ class Layer:
         return columns if self.output_rows is None else matrices_of_columns(columns, self.output_rows)
 
     def patches(self, columns: Any, cache: dict | None = None) -> Any:
-        """A convolution's input patches, every sample's side by side: (channels·taps, positions·B)."""
+        """A convolution's input patches, every sample's side by side: (channels·taps, positions·B); those its
+        generated code made for the batch (kept in ``cache`` under ``PATCHES_KEY``) where there are."""
         assert self.window is not None, f"{self.module} is not a convolution"
+        if cache is not None and PATCHES_KEY in cache:
+            return cache[PATCHES_KEY]
         return unfold(side_by_side(self.takes(columns, cache)), *self.window)
 
 
