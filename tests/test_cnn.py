@@ -531,6 +531,25 @@ def test_kfac_statistics_change_a_batchs_layout_once(monkeypatch):
     assert made and max(made.values()) == 1  # the data's, for conv1; the signal stays matrices after it
 
 
+def test_k_fac_reads_a_convolutions_patches_from_its_forward_pass():
+    """A convolution's generated forward pass keeps its input's patches under PATCHES_KEY in the layer's
+    cache, and K-FAC's factor inputs read them there instead of unfolding the input again."""
+    from mcalc.runtime.array_ops import side_by_side, unfold
+    from mcalc.runtime.generated_code import PATCHES_KEY
+    from mcalc.train.optimizers import factor_inputs
+
+    net = Network("2x12-conv(3,3,pad=1)-relu-maxpool(2)-conv(4,3)-tanh-flatten-5", seed=1)
+    X = np.random.default_rng(0).normal(size=(24, 7))
+    caches = [{} for _ in net.layers]
+    _, inputs = net.forward(X, caches=caches, matrices=True)
+    for position in (0, 3):  # the two convolutions
+        layer, cache = net.layers[position], caches[position]
+        assert layer.patches(inputs[position], cache) is cache[PATCHES_KEY]
+        fresh = unfold(side_by_side(layer.takes(inputs[position])), *layer.window)
+        np.testing.assert_array_equal(cache[PATCHES_KEY], fresh)
+        np.testing.assert_array_equal(factor_inputs(layer, inputs[position], np, cache=cache)[:-1], fresh)
+
+
 def test_a_forward_pass_keeps_a_signal_as_matrices_between_its_layers(monkeypatch):
     """With ``matrices`` the forward pass hands a signal from layer to layer as per-sample matrices, through
     its activations: the same outputs as the columns' pass, every layer's input equal to the columns' once
