@@ -66,16 +66,19 @@ def glorot_uniform(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray
     return rng.uniform(-bound, bound, (rows, cols))
 
 
-def kept_matrices(columns: Any, rows: int, cache: dict | None) -> Any:
-    """The columns as per-sample matrices of ``rows`` rows, made once per ``cache`` (a layer's, one per batch)
-    and kept there under "input"; a batch already of per-sample matrices as it is."""
-    if columns.ndim == 3:
-        return columns
+def _kept(cache: dict | None, key: str, make: Callable[[], Any]) -> Any:
+    """``make()``, made once per ``cache`` (a layer's, one per batch) and kept there under ``key``."""
     if cache is None:
-        return matrices_of_columns(columns, rows)
-    if "input" not in cache:
-        cache["input"] = matrices_of_columns(columns, rows)
-    return cache["input"]
+        return make()
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
+
+
+def kept_matrices(columns: Any, rows: int, cache: dict | None) -> Any:
+    """The columns as per-sample matrices of ``rows`` rows, made once per ``cache`` and kept there under
+    "input"; a batch already of per-sample matrices as it is."""
+    return columns if columns.ndim == 3 else _kept(cache, "input", lambda: matrices_of_columns(columns, rows))
 
 
 @dataclass
@@ -101,13 +104,7 @@ class Layer:
         layer's ``cache`` (one per batch), so that the passes after the first skip it."""
         if self.input_rows is not None:
             return kept_matrices(columns, self.input_rows, cache)
-        if columns.ndim == 2:
-            return columns
-        if cache is None:
-            return columns_of_matrices(columns)
-        if "columns" not in cache:
-            cache["columns"] = columns_of_matrices(columns)
-        return cache["columns"]
+        return columns if columns.ndim == 2 else _kept(cache, "columns", lambda: columns_of_matrices(columns))
 
     def takes_output(self, columns: Any) -> Any:
         """A batch shaped like the layer's outputs (δZ, R{δZ}) from the columns between layers."""
