@@ -45,11 +45,13 @@ def run(data_name: str, activation: str, depth: int, optimizer: str, seed: int, 
     """One training run; never raises (a traceback is a result)."""
     import warnings
 
+    from mcalc.runtime.allocator import keep_freed_memory
     from mcalc.train.data import load_dataset
     from mcalc.train.network import Network
     from mcalc.train.optimizers import make_optimizer
     from mcalc.train.trainer import train
 
+    keep_freed_memory()  # as `mcalc train` runs
     row = {"data": data_name, "activation": activation, "depth": depth, "optimizer": optimizer, "seed": seed}
     start = time.perf_counter()
     try:

@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from machine import describe  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 from mcalc.cli import DEMO_RUNS  # noqa: E402
+from mcalc.runtime.allocator import keep_freed_memory  # noqa: E402
 from mcalc.train.data import load_dataset  # noqa: E402
 from mcalc.train.network import Network  # noqa: E402
 from mcalc.train.optimizers import make_optimizer  # noqa: E402
@@ -51,6 +52,7 @@ def main() -> None:
     parser.add_argument("--json")
     parser.add_argument("--plot")
     args = parser.parse_args()
+    keep_freed_memory()  # as `mcalc train` runs
     named = set(args.only or ()) | {args.baseline}
     runs = [run for run in RUNS if not args.only or run[0] in named]
     runs += [PUBLISHED_ADAM] if PUBLISHED_ADAM[0] in named else []

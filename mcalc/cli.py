@@ -209,7 +209,7 @@ def _train_on(args: argparse.Namespace, parallel: DataParallel) -> int:
     if args.optimizer == "kfac":
         options.update(fisher=args.fisher, kfac_approx=args.kfac_approx, seed=args.seed, damping=args.damping)
     if args.optimizer in ("hf-newton", "hf-gn"):
-        options.update(damping=args.damping, cg_iterations=args.cg_iterations)
+        options.update(damping=args.damping, cg_iterations=args.cg_iterations, measured_on=args.measure_on)
     optimizer = make_optimizer(args.optimizer, **options)
     check_lr_drops(optimizer, args.lr_drop, args.epochs)
     resume = load_checkpoint(args.resume) if args.resume else None
@@ -296,7 +296,7 @@ DEMO_RUNS = (  # optimiser, its options, batch size: the same network for each; 
     ("hbp-newton", {}, 64),  # the paper's: α = 0.02, γ = 0.1, CG with ε = 0.1, n = 50, PCH-abs
     ("kfac", {}, 64),  # kfac-jax's adaptive learning rate, momentum and damping
     ("kbfgs", {}, 64),  # the authors' λ = 0.3 and momentum 0.9; mcalc's γ = 1 (README)
-    ("hf-gn", {}, 64),  # Martens': λ₀ = 45, n_CG ≤ 250, preconditioned, CG-backtracking
+    ("hf-gn", {}, 64),  # Martens': λ₀ = 45, n_CG ≤ 250, preconditioned, CG-backtracking, the training set's gradient
     ("hf-newton", {}, 64),
 )
 
@@ -415,6 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--damping", type=float,
                    help="initial Levenberg–Marquardt λ of kfac (default 1) and hf-newton, hf-gn (default 45)")
     p.add_argument("--cg-iterations", type=int, help="hf-newton, hf-gn: at most this many CG steps (default 250)")
+    p.add_argument("--measure-on", choices=["training-set", "batch"], default="training-set",
+                   help="hf-newton, hf-gn: where the gradient, its squares, CG-backtracking and the line search are "
+                        "measured: the whole training set (Martens') or the mini-batch; the curvature products and "
+                        "the reduction ratio are the mini-batch's either way")
     p.add_argument("--epochs", type=int, default=10, help="passes over the training data")
     p.add_argument("--batch-size", type=int, default=64, help="samples per step")
     p.add_argument("--lr", type=float, help="learning rate (default: the optimiser's; kfac: fixed instead of "

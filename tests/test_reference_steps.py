@@ -4,7 +4,8 @@
   Goldfarb, Ren & Bahamou's public code) transcribed with torch's autograd for every gradient.
 - K-FAC: kfac-jax's quadratic model (``Optimizer._solve_quad_model``, ``_compute_new_damping_and_rho``)
   with a dense Gauss–Newton matrix.
-- Hessian-free: Martens' ``conjgrad`` (kept iterates, preconditioner), CG-backtracking and line search.
+- Hessian-free: Martens' ``conjgrad`` (kept iterates, preconditioner), CG-backtracking and line search,
+  measured on the training set and curved on the mini-batch as his ``nnet_train_2.m`` does.
 - Safeguards: each one removed makes a test here fail (restored state, trust bound, damping raised,
   singular solves, the eigen solver's amplification floor, auto's safety test).
 """
@@ -303,6 +304,61 @@ def test_hessian_free_backtracks_to_an_earlier_cg_iterate_and_tests_every_step_l
     updates = rejecting.step(Rising(), grads, {}, (X, Y))
     assert all(not np.any(u) for u in updates.values())
     assert len(calls) == 1 + 3  # d itself, then three shorter steps, each tested
+
+
+def test_hessian_free_measures_on_the_training_set_and_curves_on_the_mini_batch(monkeypatch):
+    """Martens' ``nnet_train_2.m``: the gradient, its per-sample squares (the preconditioner), CG-backtracking
+    and the line search on the whole training set; the Gauss–Newton products and ρ on the mini-batch (his
+    chunk), ρ's model with the training set's gradient. Transcribed with the chunk's dense Gauss–Newton
+    matrix and a gradient per training sample; measured on the mini-batch instead, the step differs."""
+    from mcalc.train import hessian_free
+    from mcalc.train.hessian_free import HessianFree
+    from mcalc.train.optimizer_protocol import MiniBatch
+
+    rng = np.random.default_rng(7)
+    net = Network("4-5-sigmoid-3", seed=3)
+    X_all, Y_all = _batches(rng, batch=40, count=1)[0]
+    X, Y = X_all[:, :8], Y_all[:, :8]  # the chunk: a part of the training set, as Martens' is
+    flat, unflat = net.flat, net.unflat
+    n = flat(net.params).size
+    G = np.stack([flat(net.curvature_product(X, Y, "gn")(unflat(e))) for e in np.eye(n)], axis=1)
+    per_sample = np.array([flat(net.backward(X_all[:, [i]], Y_all[:, [i]])[1]) for i in range(40)])
+    g, squares = per_sample.mean(axis=0), (per_sample**2).mean(axis=0)
+    _, grads, _ = net.backward(X, Y)
+    assert np.linalg.norm(flat(grads) - g) > 0.2 * np.linalg.norm(g)  # the chunk's gradient is another
+
+    seen, cg = {}, hessian_free.truncated_cg
+    monkeypatch.setattr(hessian_free, "truncated_cg", lambda matvec, b, x0, **options: seen.update(
+        b=b, preconditioner=options["preconditioner"]) or cg(matvec, b, x0, **options))
+    damping = 2.0
+    options = dict(damping=damping, cg_iterations=500, cg_tolerance=1e-12, backtrack=False)
+    hf = HessianFree(**options)
+    step = flat(hf.step(net, grads, {}, MiniBatch(net, X, Y, training=MiniBatch(net, X_all, Y_all))))
+    np.testing.assert_allclose(seen["b"], -g, atol=1e-12)
+    np.testing.assert_allclose(seen["preconditioner"], (squares + damping) ** 0.75, rtol=1e-10)
+    d = np.linalg.solve(G + damping * np.eye(n), -g)
+    on = lambda X, Y, v: net.loss(X, Y, {k: net.params[k] + u for k, u in unflat(v).items()})  # noqa: E731
+    # the line search: the first of 1, 0.8, 0.64, … that meets Armijo's condition on the training set
+    rate = next(0.8**k for k in range(61) if on(X_all, Y_all, 0.8**k * d) <= net.loss(X_all, Y_all)
+                + 1e-2 * 0.8**k * g @ d)
+    np.testing.assert_allclose(step, rate * d, atol=1e-8)
+    rho = (on(X, Y, d) - net.loss(X, Y)) / (g @ d + 0.5 * d @ G @ d)
+    assert hf.ratios == [pytest.approx(rho)]
+    assert hf.min_damping == 0.0  # Martens' λ has no floor
+
+    batch_only = HessianFree(**options, measured_on="batch")
+    other = flat(batch_only.step(net, grads, {}, MiniBatch(net, X, Y, training=MiniBatch(net, X_all, Y_all))))
+    assert np.linalg.norm(other - step) > 0.2 * np.linalg.norm(step) and batch_only.min_damping == 0.6
+    np.testing.assert_allclose(seen["b"], -flat(grads), atol=1e-12)
+
+    sizes = []  # with CG-backtracking: every loss with a step on the training set but ρ's one on the chunk
+    loss = Network.loss
+    monkeypatch.setattr(Network, "loss", lambda self, X, Y, params=None: sizes.append(
+        (X.shape[1], params is not None)) or loss(self, X, Y, params))
+    HessianFree(damping=damping).step(net, grads, {}, MiniBatch(net, X, Y, training=MiniBatch(net, X_all, Y_all)))
+    assert sizes.count((8, True)) == 1 and sizes.count((40, True)) >= 2 and len(sizes) == sizes.count((40, True)) + 2
+    with pytest.raises(mc.McalcError, match="measured_on is 'training-set' or 'batch'"):
+        HessianFree(measured_on="chunk")
 
 
 def _indefinite_problem():

@@ -162,6 +162,29 @@ def test_a_mini_batch_keeps_its_loss_after_an_update_for_that_update_only():
     assert batch.loss(dict(updates)) == batch.loss(updates)  # an equal dict of the same arrays: evaluated again
 
 
+def test_each_step_is_handed_the_whole_training_set():
+    """Beside its mini-batch a step gets the training set (``batch.training``, Martens' HF measures on it),
+    the same arrays every step, its loss computed afresh at each step's weights."""
+    seen = []
+
+    class Recording(Optimizer):
+        def step(self, net, grads, blocks, batch=None):
+            seen.append((batch.training.X, batch.training.Y, batch.training.loss(), batch.X.shape[1]))
+            return {name: -0.1 * g for name, g in grads.items()}
+
+    data = D.digits()
+    net = Network("64-10", seed=0)
+    train(net, data, Recording(), epochs=1, batch_size=512)
+    X_train = data.x_train.T
+    assert [b for *_, b in seen] == [512, 512, len(data.y_train) - 1024]
+    for X, Y, *_ in seen:
+        assert X is seen[0][0] and Y is seen[0][1]
+        np.testing.assert_array_equal(X, X_train)
+        np.testing.assert_array_equal(Y.argmax(axis=0), data.y_train)
+    losses = [loss for *_, loss, _ in seen]
+    assert losses[0] > losses[1] > losses[2]  # each step's own weights
+
+
 @pytest.mark.parametrize(("optimizer", "options", "epochs"), [
     ("sgd", {"lr": 0.1, "momentum": 0.9}, 20),
     ("adam", {"lr": 3e-3}, 15),
@@ -454,6 +477,27 @@ def test_resume_gives_the_same_history_as_an_uninterrupted_run(tmp_path, optimiz
                     batch_size=128, seed=5, resume=load_checkpoint(path))
     strip = lambda h: [{k: v for k, v in row.items() if k != "wall_s"} for row in h]  # noqa: E731
     assert strip(resumed["history"]) == strip(whole["history"])
+
+
+def test_a_hessian_free_checkpoint_from_before_measured_on_resumes_on_the_mini_batch(tmp_path):
+    """Checkpoints written before Hessian-free measured on the training set hold no ``measured_on``: the
+    resumed run goes on measuring on the mini-batch as the saved one did; a new checkpoint keeps its own."""
+    import json as json_module
+
+    from mcalc.train.checkpoint import load_checkpoint
+
+    data, path = D.digits(), tmp_path / "run.ckpt"
+    for measured_on in ("training-set", "batch"):
+        train(Network("64-10", seed=0), data, make_optimizer("hf-gn", measured_on=measured_on, cg_iterations=5),
+              epochs=1, batch_size=512, checkpoint=path)
+        assert load_checkpoint(path)["optimizer"].measured_on == measured_on
+    with np.load(path, allow_pickle=False) as archive:  # the batch run's, its option taken out
+        arrays = {name: archive[name] for name in archive.files}
+    document = json_module.loads(str(arrays["state"]))
+    optimizer = next(value for key, value in document["state"]["__dict__"] if key == "optimizer")
+    del optimizer["attributes"]["measured_on"]
+    np.savez(tmp_path / "old.npz", **{**arrays, "state": np.array(json_module.dumps(document))})
+    assert load_checkpoint(tmp_path / "old.npz")["optimizer"].measured_on == "batch"
 
 
 @pytest.mark.parametrize("stop", [2, 3])

@@ -89,7 +89,9 @@ def _decode(value: Any, arrays: Any, classes: dict[str, type]) -> Any:
         if cls is None:
             raise McalcError(f"it holds a '{value['__object__']}', which no mcalc checkpoint holds")
         obj = cls.__new__(cls)
-        vars(obj).update(_defaults(cls))  # a field added since the checkpoint was written starts at its default
+        # a field added since the checkpoint was written starts at its default, or where the default changed
+        # the algorithm, at what the saved run did (the class's SAVED_BEFORE)
+        vars(obj).update({**_defaults(cls), **getattr(cls, "SAVED_BEFORE", {})})
         vars(obj).update({k: _decode(v, arrays, classes) for k, v in value["attributes"].items()})
         return obj
     raise McalcError(f"it holds an entry of unknown kind ({sorted(value)})")

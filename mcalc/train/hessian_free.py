@@ -5,23 +5,25 @@ Each step minimises the local quadratic model q(d) = gᵀd + ½ dᵀ C d by prec
 (``hf-newton``), applied through the generated R-operator code (:meth:`Network.curvature_product`),
 never formed. Following the paper and the code:
 
-- the preconditioner is diag(Σᵢ gᵢ²/B + λ)^¾, gᵢ the per-sample gradients (Section 4.7);
+- g, the preconditioner's squared gradients, CG-backtracking and the line search are measured on the
+  whole training set, C and ρ on the step's mini-batch (his chunk, a part of the training set cycled
+  through: "the gradient and line-search are still computed using the full training set");
+- the preconditioner is diag(Σᵢ gᵢ²/N + λ)^¾, gᵢ the per-sample gradients (Section 4.7);
 - CG starts from the previous step's solution decayed by 0.95, runs at most 250 iterations, stops on
   the relative-progress test (Section 4.4) or at negative curvature (which only the Hessian has: below),
   and keeps its iterates at i = ⌈5·1.3ᵏ⌉ and the last;
 - CG-backtracking (Section 4.6): the last iterate, then earlier ones while the loss keeps falling;
-- λ adapts by the reduction ratio ρ = (f(θ + d) − f(θ)) / q(d) of the chosen iterate (q without the
-  damping): λ ← 3/2 λ when ρ < 1/4, λ ← 2/3 λ when ρ > 3/4, from λ₀ = 45 (Section 4.1);
+- λ adapts by the reduction ratio ρ = (f(θ + d) − f(θ)) / q(d) of the chosen iterate on the mini-batch
+  (q without the damping): λ ← 3/2 λ when ρ < 1/4, λ ← 2/3 λ when ρ > 3/4, from λ₀ = 45 (Section 4.1);
 - the step length is backtracked from 1 by 0.8 until the Armijo condition
   f(θ + αd) ≤ f(θ) + 10⁻² α gᵀd holds (at most 60 times; else the step is not taken).
 
-mcalc's own choices, each a named option: every quantity is measured on the mini-batch (Martens
-computes the gradient, its squares and the line search on the whole training set, and C on a part of
-it), and λ is kept above ``min_damping``, since ρ on the mini-batch the step was fitted to is
-optimistic and, without a floor, λ shrinks until each step fits its own batch. Over
-``benchmarks/robustness.py`` (batch 64, 27 cells of data set × activation × depth, 3 seeds) the
-Gauss–Newton matrix is within 0.03 of the better first-order method in 17 cells with a floor of 0.3,
-25 with 0.6 and 24 with 1 (with 0.03, MNIST-1D with two ReLU layers ends at 0.30), so 0.6.
+mcalc's own choice, a named option: ``measured_on='batch'`` measures everything on the mini-batch, a
+step's cost independent of the training set's size. ρ on the batch the step was fitted to is then
+optimistic and, without a floor, λ shrinks until each step fits its own batch, so λ is kept above
+``min_damping`` = 0.6 there (over ``benchmarks/robustness.py`` the Gauss–Newton matrix was within 0.03
+of the better first-order method in 17 of 27 cells with a floor of 0.3, 25 with 0.6 and 24 with 1).
+Measured on the training set, as Martens does, λ has no floor.
 
 The Hessian is indefinite, and Martens' CG, written for the Gauss–Newton matrix, has no case for a
 direction p with pᵀ(C + λI)p ≤ 0. ``negative_curvature`` says what hf-newton does there:
@@ -40,7 +42,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from ..errors import McalcError
 from ..modes import CurvatureMatrix
@@ -121,18 +123,21 @@ def truncated_cg(matvec: Any, b: Any, x0: Any, *, max_iterations: int, tolerance
     return CGResult(iterates, counts, Ax, negative, rayleigh)
 
 
-def squared_gradients(net: Network, X: Any, Y: Any) -> dict[str, Any]:
+def squared_gradients(net: Network, X: Any, Y: Any, taps: dict[int, tuple[Any, Any]] | None = None) -> dict[str, Any]:
     """Σᵢ gᵢ²/B for every parameter, gᵢ the gradient of sample i's loss (Martens' ``grad2``): for a
     linear layer z = W a + b with δᵢ = ∂ℓᵢ/∂zᵢ, (δ ⊙ δ)(a ⊙ a)ᵀ/B and Σᵢ δᵢ²/B. A user's module has no
-    closed form here: its parameters get 0, so the preconditioner is the damping's alone there."""
-    Z, inputs = net.forward(X, matrices=True)  # a Linear layer's inputs are columns whatever the layout
-    adjoints = net.adjoints(inputs, net.output_gradient(Z, Y))
+    closed form here: its parameters get 0, so the preconditioner is the damping's alone there. ``taps``:
+    the layers' inputs and δZ that :meth:`Network.backward` kept for (X, Y), else a pass of its own."""
+    if taps is None:
+        Z, inputs = net.forward(X, matrices=True)  # a Linear layer's inputs are columns whatever the layout
+        adjoints = net.adjoints(inputs, net.output_gradient(Z, Y))
+        taps = {position: (inputs[position], adjoints[position]) for position in range(len(net.layers))}
     B = X.shape[1]
     out = {name: net.xp.zeros_like(value) for name, value in net.params.items()}
     for position, layer in enumerate(net.layers):
         if layer.module == "Linear":
-            delta = adjoints[position] * B  # δZ carries 1/B: per-sample gradients, one per column
-            a = inputs[position]
+            a, delta = taps[position]
+            delta = delta * B  # δZ carries 1/B: per-sample gradients, one per column
             out[layer.params["W"]] = (delta * delta) @ (a * a).T / B
             out[layer.params["b"]] = (delta * delta).sum(axis=1, keepdims=True) / B
     return net.parallel.mean(out, B)  # over every rank's shard of the batch
@@ -143,8 +148,9 @@ class HessianFree(Optimizer):
     """Hessian-free Newton (``matrix='hessian'``) or Gauss–Newton (``'gn'``); see the module docstring.
 
     Defaults are Martens' (λ₀ = 45, n_CG = 250, warm start 0.95, preconditioner exponent ¾, at most 60
-    step-length reductions); ``min_damping``, ``negative_curvature`` and ``damping_raises`` are mcalc's
-    (the module docstring says why).
+    step-length reductions, the gradient and the line search on the training set, which the training loop
+    hands each step as ``batch.training``; a step given a bare (X, Y) measures on it); ``measured_on='batch'``,
+    ``min_damping``, ``negative_curvature`` and ``damping_raises`` are mcalc's (the module docstring says why).
     """
 
     matrix: CurvatureMatrix = CurvatureMatrix.GAUSS_NEWTON
@@ -158,18 +164,24 @@ class HessianFree(Optimizer):
     exponent: float = 0.75
     backtrack: bool = True
     line_search_steps: int = 60
-    min_damping: float = 0.6
+    min_damping: float | None = None  # 0 measured on the training set (Martens'), 0.6 on the mini-batch
+    measured_on: str = "training-set"  # or 'batch'
     negative_curvature: str = "gauss-newton"  # or 'raise'
     damping_raises: int = 5
     previous: Any = None
     cg_steps: list[int] = field(default_factory=list)
     ratios: list[float] = field(default_factory=list)
     second_order = True  # its curvature comes from R-operator products, not HBP blocks
+    SAVED_BEFORE: ClassVar[dict[str, str]] = {"measured_on": "batch"}  # a checkpoint from before the option
 
     def __post_init__(self) -> None:
         self.matrix = CurvatureMatrix.parse(self.matrix)
         if self.negative_curvature not in ("gauss-newton", "raise"):
             raise McalcError(f"negative_curvature is 'gauss-newton' or 'raise', not {self.negative_curvature!r}")
+        if self.measured_on not in ("training-set", "batch"):
+            raise McalcError(f"measured_on is 'training-set' or 'batch', not {self.measured_on!r}")
+        if self.min_damping is None:
+            self.min_damping = 0.0 if self.measured_on == "training-set" else 0.6
 
     def step(self, net: Network, grads: dict[str, Any], blocks: dict[str, CurvatureBlock],
              batch: tuple[Any, Any] | None = None) -> dict[str, Any]:
@@ -178,11 +190,17 @@ class HessianFree(Optimizer):
         xp = net.xp
         batch = MiniBatch.of(net, batch)
         X, Y = batch
+        measured, taps = batch, None  # where g, its squares, CG-backtracking and the line search are measured
+        if self.measured_on == "training-set" and batch.training is not None:
+            taps = {}  # the pass's inputs and δZ, from which the squared gradients follow without another pass
+            loss, grads, _ = net.backward(*batch.training, taps=taps)  # Martens' gradient: the training set's
+            measured = MiniBatch(net, *batch.training, loss)
         pack, unpack = net.flat, net.unflat
-        product = net.curvature_product(X, Y, self.matrix)
+        product = net.curvature_product(X, Y, self.matrix)  # Martens' chunk: the mini-batch
         g = pack(grads)
         damping = self.damping
-        preconditioner = (pack(squared_gradients(net, X, Y)) + damping) ** self.exponent if self.precondition else None
+        preconditioner = ((pack(squared_gradients(net, *measured, taps)) + damping) ** self.exponent
+                          if self.precondition else None)
         start = self.warm_start * self.previous if self.previous is not None else xp.zeros_like(g)
 
         def solve(product: Any, damping: float, start: Any) -> CGResult:
@@ -205,8 +223,8 @@ class HessianFree(Optimizer):
         if self.adapt_damping:  # a fixed λ (Martens' seed runs) raised at negative curvature: this step only
             self.damping = damping
         self.previous = result.x
-        loss = lambda d: batch.loss(unpack(d))  # noqa: E731
-        base = batch.loss()
+        loss = lambda d: measured.loss(unpack(d))  # noqa: E731
+        base = measured.loss()
         chosen = len(result.iterates) - 1
         value = loss(result.iterates[chosen])
         while self.backtrack and chosen > 0:  # CG-backtracking (Section 4.6): earlier iterates while better
@@ -220,7 +238,11 @@ class HessianFree(Optimizer):
             d, value = -g, loss(-g)  # negative curvature before any progress: fall back on the gradient
         slope = float(g @ d)
         Cd = result.Ax - damping * d if d is result.x else pack(product(unpack(d)))
-        rho = reduction_ratio(base, value, slope + 0.5 * float(d @ Cd))  # q without the damping term
+        model = slope + 0.5 * float(d @ Cd)  # q without the damping term
+        # ρ on the chunk whose curvature made the model (Martens' oldll_chunk − ll_chunk), with the gradient's
+        # slope from the training set
+        rho = reduction_ratio(base, value, model) if measured is batch else \
+            reduction_ratio(batch.loss(), batch.loss(unpack(d)), model)
         self.ratios.append(rho)
         del self.cg_steps[:-RECENT], self.ratios[:-RECENT]  # the recent ones: the training loop copies the state
         if self.adapt_damping:  # Levenberg–Marquardt by the reduction ratio (Section 4.1)
@@ -229,7 +251,7 @@ class HessianFree(Optimizer):
         direction = unpack(d)
         updates = {n: rate * u for n, u in direction.items()}
         if rate != 1.0:
-            value = batch.loss(updates)
+            value = measured.loss(updates)
         for reduction in range(self.line_search_steps + 1):  # Armijo backtracking; every rate is tested
             if value <= base + 1e-2 * rate * slope:
                 break
@@ -238,8 +260,8 @@ class HessianFree(Optimizer):
                 break
             rate *= 0.8
             updates = {n: rate * u for n, u in direction.items()}
-            value = batch.loss(updates)
-        return updates  # where the line search tested it, its loss is kept in ``batch`` for the rejection test
+            value = measured.loss(updates)
+        return updates  # measured on the mini-batch, its loss is kept in ``batch`` for the rejection test
 
     def reject(self) -> None:
         """After a rejected step: λ raised as for a failed reduction ratio, and CG started afresh."""

@@ -391,8 +391,11 @@ class Network:
         return self.parallel.mean({"loss": local}, X.shape[1])["loss"]
 
     def backward(self, X: Any, Y: Any, curvature: Curvature | str | None = None,
-                 approximation: Approximation | str = Approximation.MEAN_OF_SANDWICHES) -> BackwardResult:
-        """Loss, gradients of every parameter and, with ``curvature``, their HBP blocks (Section 3.3).
+                 approximation: Approximation | str = Approximation.MEAN_OF_SANDWICHES,
+                 taps: dict[int, tuple[Any, Any]] | None = None) -> BackwardResult:
+        """Loss, gradients of every parameter and, with ``curvature``, their HBP blocks (Section 3.3); with
+        ``taps``, every layer's input batch and δZ as its module took them (this rank's, δZ carrying 1/B),
+        kept there by layer position, for quantities the gradients do not give (Martens' squared gradients).
 
         The loss is the batch mean: δZ carries 1/B and 𝓗̄z is the mean of the
         per-sample loss Hessians, passed backwards module by module by (4a). On several ranks
@@ -401,7 +404,7 @@ class Network:
         as it forms it (:mod:`mcalc.runtime.rank_sum`, δZ carrying 1/B_all), and the loss and the
         gradients are reduced over the ranks in one all-reduce.
         """
-        loss, grads, blocks = self._backward(X, Y, curvature, approximation)
+        loss, grads, blocks = self._backward(X, Y, curvature, approximation, taps=taps)
         if self.parallel.comm.size > 1:  # this rank's share of the sums (with blocks), else its own means
             values = {"": float(loss), **grads}
             reduced = self.parallel.sum(values) if curvature is not None else self.parallel.mean(values, X.shape[1])
@@ -469,21 +472,23 @@ class Network:
         return replay
 
     def _backward(self, X: Any, Y: Any, curvature: Curvature | str | None, approximation: Approximation | str,
-                  record: dict[int, Any] | None = None) -> tuple[Any, dict[str, Any], dict[str, CurvatureBlock]]:
+                  record: dict[int, Any] | None = None, taps: dict[int, tuple[Any, Any]] | None = None,
+                  ) -> tuple[Any, dict[str, Any], dict[str, CurvatureBlock]]:
         """:meth:`backward` with the loss left on the device (no host synchronisation: capturable); with
         ``record``, the curvature arriving at each layer's output is kept there by layer position. On
         several ranks, with ``curvature``, the blocks are the global batch's and the loss and gradients
         this rank's share of it (δZ = 1/B_all); without, its own means (:meth:`backward` reduces both)."""
         if self.parallel.comm.size == 1 or curvature is None:
-            return self._backward_pass(X, Y, curvature, approximation, record)
+            return self._backward_pass(X, Y, curvature, approximation, record, taps)
         with across_ranks(self.parallel.array_sum, self.parallel.samples(X.shape[1])):
-            return self._backward_pass(X, Y, curvature, approximation, record)
+            return self._backward_pass(X, Y, curvature, approximation, record, taps)
 
     def _backward_pass(self, X: Any, Y: Any, curvature: Curvature | str | None, approximation: Approximation | str,
-                       record: dict[int, Any] | None) -> tuple[Any, dict[str, Any], dict[str, CurvatureBlock]]:
+                       record: dict[int, Any] | None, taps: dict[int, tuple[Any, Any]] | None = None,
+                       ) -> tuple[Any, dict[str, Any], dict[str, CurvatureBlock]]:
         approximation = Approximation.parse(approximation)
         curvature = Curvature.parse(curvature) if curvature is not None else None
-        if self.linked and record is None and self.chain() is not None:
+        if self.linked and record is None and taps is None and self.chain() is not None:
             linked = self._linked_pass(X, Y, curvature, approximation)
             if linked is not None:
                 return linked
@@ -505,6 +510,8 @@ class Network:
             S = {layer.input: layer.takes(inputs[position], caches[position]),
                  "dz": layer.takes_output(dZ)}
             first = position == 0  # the data needs no gradient or curvature
+            if taps is not None:
+                taps[position] = (S[layer.input], S["dz"])
             g = self.code[layer.module].gradients(P, S, inputs=not first, cache=caches[position])
             for own, name in layer.params.items():
                 grads[name] = g[own]

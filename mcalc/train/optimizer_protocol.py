@@ -5,7 +5,8 @@ any, the next step needs), :meth:`Optimizer.prepare` once before the first step,
 for the update and, for a :attr:`Optimizer.second_order` optimiser whose step it rejected (its loss rose
 past the trust bound, :mod:`.trainer`), :meth:`Optimizer.reject` once the weights and the optimiser's
 state are restored. The defaults are a first-order optimiser's. A step's mini-batch comes as a
-:class:`MiniBatch`, which computes its loss before and after the proposed update once for whoever asks.
+:class:`MiniBatch`, which computes its loss before and after the proposed update once for whoever asks,
+and holds the whole training set as another (``training``) for an optimiser that measures on it.
 """
 from __future__ import annotations
 
@@ -25,8 +26,10 @@ class MiniBatch:
     ratio asks for both, the training loop's rejection test for the second. (hbp-newton's step had made
     three forward passes besides the backward pass's; it makes one.)"""
 
-    def __init__(self, net: Network, X: Any, Y: Any, loss: float | None = None) -> None:
+    def __init__(self, net: Network, X: Any, Y: Any, loss: float | None = None,
+                 training: MiniBatch | None = None) -> None:
         self.net, self.X, self.Y = net, X, Y
+        self.training = training  # the whole training set (this rank's shard), for Martens' HF, which measures on it
         self._before = loss  # the backward pass's, when the caller has it
         self._after: tuple[dict[str, Any], tuple[int, ...], float] | None = None
 

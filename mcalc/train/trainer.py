@@ -112,6 +112,9 @@ def train(net: Network, data: Dataset, optimizer: Optimizer, *, epochs: int, bat
     if resume is None:
         optimizer.prepare(net, X_train)
     steps = math.ceil(len(data.y_train) / batch_size)
+    whole = parallel.local(np.arange(len(data.y_train)))  # this rank's shard of the training set
+    X_whole, Y_whole = (X_train, Y_train) if len(whole) == len(data.y_train) else \
+        (X_train[:, xp.asarray(whole)], Y_train[:, xp.asarray(whole)])
     start = time.perf_counter() - elapsed
     bar = None
     if progress:
@@ -128,7 +131,8 @@ def train(net: Network, data: Dataset, optimizer: Optimizer, *, epochs: int, bat
             X, Y = X_train[:, index], Y_train[:, index]
             loss, grads, blocks = backward(X, Y)  # means over the global batch
             snapshot = copy.deepcopy(optimizer)
-            batch = MiniBatch(net, X, Y, loss)  # its loss after the update computed once, here or in the step
+            # its loss after the update computed once, here or in the step; the training set's, by whoever asks
+            batch = MiniBatch(net, X, Y, loss, training=MiniBatch(net, X_whole, Y_whole))
             updates = optimizer.step(net, grads, blocks, batch)
             loss_after = batch.loss(updates)
             previous = dict(net.params)
