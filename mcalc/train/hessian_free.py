@@ -261,7 +261,7 @@ class HessianFree(Optimizer):
             rate *= 0.8
             updates = {n: rate * u for n, u in direction.items()}
             value = measured.loss(updates)
-        return updates  # measured on the mini-batch, its loss is kept in ``batch`` for the rejection test
+        return updates  # measured on the batch, the last loss the line search tested is kept for the rejection test
 
     def reject(self) -> None:
         """After a rejected step: λ raised as for a failed reduction ratio, and CG started afresh."""
