@@ -222,9 +222,12 @@ def _train_on(args: argparse.Namespace, parallel: DataParallel) -> int:
         if saved not in (args.optimizer, type(optimizer).__name__):
             raise McalcError(f"{args.resume}: the checkpoint is of optimizer '{saved}', not '{args.optimizer}'")
     ranks = f", {parallel.comm.size} ranks" if parallel.comm.size > 1 else ""
+    # Martens' Hessian-free passes over the training set at every step: said, since it sets the epoch's cost
+    whole = ", its gradient and line search on the whole training set" if getattr(
+        optimizer, "measured_on", None) == "training-set" else ""
     say(f"training {args.model} ({args.loss} loss) on {data.name} ({len(data.y_train)} training, "
         f"{len(data.y_test)} test samples) with {args.optimizer}: {args.epochs} epoch{'s' * (args.epochs != 1)}, "
-        f"batch {args.batch_size}, seed {args.seed}, {args.backend}{ranks}", flush=True)
+        f"batch {args.batch_size}{whole}, seed {args.seed}, {args.backend}{ranks}", flush=True)
 
     def report(row: dict) -> None:  # each epoch as it ends, flushed also when the output goes to a file
         print(f"epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f}  test loss {row['test_loss']:.4f}  "

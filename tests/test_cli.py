@@ -155,7 +155,8 @@ def test_train_prints_a_header_and_each_epoch_as_it_ends_when_piped():
     first = process.stdout.readline()
     running = process.poll() is None
     rest, _ = process.communicate()
-    assert header.startswith("training 64-128-sigmoid-10 (ce loss) on digits") and "hf-gn: 6 epochs, batch 64" in header
+    assert header.startswith("training 64-128-sigmoid-10 (ce loss) on digits")
+    assert "hf-gn: 6 epochs, batch 64, its gradient and line search on the whole training set" in header
     assert first.startswith("epoch   1  train loss") and "elapsed" in first
     assert running and process.returncode == 0 and rest.count("epoch ") == 5
 
