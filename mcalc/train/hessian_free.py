@@ -35,8 +35,9 @@ direction p with pᵀ(C + λI)p ≤ 0. ``negative_curvature`` says what hf-newto
   starts again from 0, at most ``damping_raises`` times (the Levenberg–Marquardt condition
   λ > −λ_min(C) of Moré & Sorensen 1983).
 
-Over the same matrix the Hessian is within 0.03 in 22 cells with the Gauss–Newton step, 14 with the
-raise, and 7 when CG stopped there with a floor of 3 (the README says what else was tried).
+Measured on the mini-batch, over the same matrix, the Hessian was within 0.03 in 22 cells with the
+Gauss–Newton step, 14 with the raise, and 7 when CG stopped there with a floor of 3 (the README says what
+else was tried); measured on the training set, both matrices are within 0.03 in all 27.
 """
 from __future__ import annotations
 
