@@ -60,7 +60,9 @@ def train(net: Network, data: Dataset, optimizer: Optimizer, *, epochs: int, bat
     before the step, and the optimiser's ``reject()`` raises its damping; steps
     rejected are counted. The optimiser's ``prepare(net, X_train)`` is given
     the training inputs once before its first step (K-BFGS's pass over the
-    data); :mod:`.optimizer_protocol` says what else the loop asks of it.
+    data), and each step the whole training set beside its batch (``batch.training``,
+    this rank's shard; Martens' Hessian-free measures on it); :mod:`.optimizer_protocol`
+    says what else the loop asks of it.
     With ``checkpoint`` the state is saved after every epoch; ``resume`` (a
     loaded checkpoint) continues that run exactly where it stopped. ``graphs``
     (cupy backend): each backward pass is a CUDA graph replayed, one captured per
