@@ -1,15 +1,18 @@
-"""The curvature of attention networks: one Gauss–Newton HBP pass and one K-FAC step, timed.
+"""The curvature of attention networks: one HBP pass and one K-FAC step, timed.
 
     python benchmarks/attention_curvature.py [--repeats 5] [--batch 64] [--json OUT]
 
 Attention's parameter and input blocks have no closed batch form: each is a batch mean of per-sample
 products E[Jᵢᵀ 𝓗z Jᵢ] through the softmax of its T × T scores, computed by a per-sample program over the
-whole batch (:class:`mcalc.expr.BatchMean`). Three cases, each at batch 64, one BLAS thread unless the
+whole batch (:class:`mcalc.expr.BatchMean`). Five cases, each at batch 64, one BLAS thread unless the
 environment says more, medians of ``--repeats`` after a warm-up (the first call generates and compiles):
 
-- one backward pass with hbp-newton's curvature request (Gauss–Newton blocks, batch rule ``auto``) of
-  ``1x20-conv(4,3,pad=1)-tanh-attention(4)-relu-flatten-5`` (attention over 20 positions) and of the
-  same network with ``avgpool(2)`` before the attention (10 positions);
+- one backward pass with hbp-newton's curvature request (PCH-abs blocks, batch rule ``auto``) of
+  ``1x20-conv(4,3,pad=1)-tanh-attention(4)-relu-flatten-5`` (attention over 20 positions), of the
+  same network with ``avgpool(2)`` before the attention (10 positions), of
+  ``1x8x8-conv(8,3,pad=1)-relu-attention(4)-flatten-10`` (digits' 8 × 8 images: 64 positions), and of the
+  README's MNIST-1D example ``1x40-conv(16,5,pad=2)-relu-avgpool(2)-attention(8)-relu-flatten-10``
+  (16 channels, h = 8, 20 positions);
 - one kfac step (its defaults; the attention's parameters stepped by their 6-kfac HBP blocks) of
   ``1x40-conv(8,5,pad=2)-relu-maxpool(2)-attention(4)-flatten-10``, loss and gradients included.
 
@@ -33,7 +36,9 @@ sys.path.insert(0, str(ROOT))
 from machine import describe  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 PASSES = {"attention over 20 positions": "1x20-conv(4,3,pad=1)-tanh-attention(4)-relu-flatten-5",
-          "attention over 10 positions": "1x20-conv(4,3,pad=1)-tanh-avgpool(2)-attention(4)-relu-flatten-5"}
+          "attention over 10 positions": "1x20-conv(4,3,pad=1)-tanh-avgpool(2)-attention(4)-relu-flatten-5",
+          "attention over 64 positions": "1x8x8-conv(8,3,pad=1)-relu-attention(4)-flatten-10",
+          "attention of 16 channels, h = 8": "1x40-conv(16,5,pad=2)-relu-avgpool(2)-attention(8)-relu-flatten-10"}
 KFAC = "1x40-conv(8,5,pad=2)-relu-maxpool(2)-attention(4)-flatten-10"
 
 

@@ -112,3 +112,34 @@ def test_an_attention_network_from_the_model_spec_has_pytorchs_gradients_and_tra
                   seed=0)
     history = train(net, data, make_optimizer("hbp-newton"), epochs=1, batch_size=64, seed=0)["history"]
     assert history[-1]["test_accuracy"] > 0.4 and history[-1]["train_loss"] < np.log(data.classes)
+
+
+def test_attentions_per_sample_programs_average_chain_by_chain(tmp_path, monkeypatch):
+    """The module's own second-order terms, sums of scaled and transposed chains through the T² space of the
+    scores, are averaged chain by chain (runtime chain_mean: the samples' index summed inside each
+    contraction, no stack of per-sample blocks): every HBP block equals that of the same code generated
+    with each mean taken of its stack."""
+    from mcalc.codegen import render as render_module
+
+    module = self_attention()
+    monkeypatch.setenv("MCALC_CACHE", str(tmp_path / "means"))
+    averaged = load_code(module, "numpy")
+    assert "_chain_mean(" in render(module, "numpy")
+    monkeypatch.setattr(render_module, "mean_steps", lambda program: set())
+    monkeypatch.setenv("MCALC_CACHE", str(tmp_path / "stacks"))
+    stacked = load_code(module, "numpy")
+    assert "_chain_mean(" not in render(module, "numpy")
+    rng = np.random.default_rng(3)
+    d, T, h, m, B = 3, 5, 2, 3, 6
+    P = {"Q": rng.normal(size=(h, d)), "K": rng.normal(size=(h, d)), "V": rng.normal(size=(m, d))}
+    S = {"X": rng.normal(size=(d, B, T)), "dz": rng.normal(size=(m, B, T))}
+    Hz = rng.normal(size=(m * T, m * T))
+    Hz = Hz @ Hz.T
+    for mode in averaged.HBP:
+        ours, theirs = averaged.HBP[mode](P, S, Hz), stacked.HBP[mode](P, S, Hz)
+        assert ours.keys() == theirs.keys()
+        for name in ours:
+            expected = theirs[name].to_dense()
+            assert np.abs(expected).max() > 1e-3, (mode, name)
+            np.testing.assert_allclose(ours[name].to_dense(), expected, rtol=1e-10, atol=1e-12 * np.abs(expected).max(),
+                                       err_msg=f"{mode} {name}")

@@ -11,9 +11,11 @@ from mcalc.runtime.chain import (
     _combine,
     _product,
     _sketch,
+    chain_mean,
     chain_product,
     plan,
 )
+from mcalc.runtime.tensor_network import compile_chain, signature
 
 
 def _formed(f):
@@ -73,13 +75,62 @@ def chains(draw):
     return factors
 
 
-@settings(max_examples=200, deadline=None)
-@given(factors=chains())
-def test_every_chain_equals_its_product_left_to_right(factors):
+def _with_ones(factors, which):
+    """The chain with the shared factors of the Kronecker products that ``which`` picks made all ones (1 1ᵀ,
+    as the softmax's Jacobian has it), which the tensor network takes as two sums."""
+    ones = lambda x: np.ones_like(x) if x is not None and x.ndim == 2 else x  # noqa: E731
+    return [KronFactor(ones(f.a), ones(f.b), f.shape) if isinstance(f, KronFactor) and w else f
+            for f, w in zip(factors, which + [False] * len(factors))]
+
+
+@settings(max_examples=300, deadline=None)
+@given(factors=chains(), which=st.lists(st.booleans(), min_size=6, max_size=6))
+def test_every_chain_equals_its_product_left_to_right(factors, which):
+    factors = _with_ones(factors, which)
     expected = _left_to_right(factors)
     out = chain_product(*factors)
     assert np.broadcast_shapes(out.shape, expected.shape) == expected.shape
     np.testing.assert_allclose(np.broadcast_to(out, expected.shape), expected, rtol=1e-10, atol=1e-10)
+
+
+@settings(max_examples=300, deadline=None)
+@given(factors=chains(), which=st.lists(st.booleans(), min_size=6, max_size=6))
+def test_every_chains_mean_is_the_mean_of_its_products(factors, which):
+    factors = _with_ones(factors, which)
+    expected = _left_to_right(factors)
+    expected = expected.mean(axis=0) if expected.ndim > 2 else expected
+    np.testing.assert_allclose(chain_mean(*factors), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_attentions_chain_through_the_scores_costs_its_own_entries():
+    """(I_T ⊗ A) diag(vec S) K_{T,T} (I_T ⊗ B) per sample is Σ A_ik S_kt B_tc at the entry (t, i), (k, c): the
+    tensor network does T² d² products a sample, where the matrix-chain order, which can only apply or form
+    each factor, goes through the T² space of the scores; its mean sums the samples inside the contraction."""
+    rng = np.random.default_rng(5)
+    samples, T, d = 4, 16, 3
+    A, s, B = rng.normal(size=(samples, d, T)), rng.random(size=(samples, T * T, 1)), rng.normal(size=(samples, T, d))
+    factors = [KronFactor(None, A, (T * d, T * T)), DiagonalFactor(s), CommutationFactor(T, T),
+               KronFactor(None, B, (T * T, T * d))]
+    expected = _left_to_right(factors)
+    S = s[..., 0].reshape(samples, T, T).swapaxes(1, 2)  # vec S column by column: entry k + T t is S[k, t]
+    entries = np.einsum("nik,nkt,ntc->ntikc", A, S, B).reshape(samples, T * d, T * d)
+    np.testing.assert_allclose(expected, entries, rtol=1e-10)  # the closed form the structure gives
+    np.testing.assert_allclose(chain_product(*factors), expected, rtol=1e-10)
+    np.testing.assert_allclose(chain_mean(*factors), expected.mean(axis=0), rtol=1e-10)
+    program = compile_chain(signature(tuple(factors)))
+    assert program.cost <= 2 * samples * (T * d) ** 2
+    assert plan(tuple(_sketch(f) for f in factors))[0] > 10 * program.cost
+
+
+def test_a_chain_whose_splits_of_a_space_disagree_is_multiplied_in_the_matrix_chain_order():
+    """(A ⊗ B) splits its 6 columns as 3 · 2, (C ⊗ D) its 6 rows as 2 · 3: no common refinement, no tensor
+    network; the planner multiplies it."""
+    rng = np.random.default_rng(6)
+    factors = [KronFactor(rng.normal(size=(2, 3)), rng.normal(size=(3, 2)), (6, 6)),
+               KronFactor(rng.normal(size=(2, 2)), rng.normal(size=(3, 3)), (6, 6))]
+    assert compile_chain(signature(tuple(factors))) is None
+    np.testing.assert_allclose(chain_product(*factors), _left_to_right(factors), rtol=1e-10)
+    np.testing.assert_allclose(chain_mean(*factors), _left_to_right(factors), rtol=1e-10)
 
 
 def test_attentions_chain_is_multiplied_from_its_ends_not_from_its_curvature():

@@ -73,6 +73,7 @@ from mcalc.runtime.array_ops import window_argmax as _window_argmax  # noqa: F40
 from mcalc.runtime.chain import CommutationFactor as _CommutationFactor  # noqa: F401
 from mcalc.runtime.chain import DiagonalFactor as _DiagonalFactor  # noqa: F401
 from mcalc.runtime.chain import KronFactor as _KronFactor  # noqa: F401
+from mcalc.runtime.chain import chain_mean as _chain_mean  # noqa: F401
 from mcalc.runtime.chain import chain_product as _chain_product  # noqa: F401
 from mcalc.runtime.rank_sum import rank_sum as _rank_sum  # noqa: F401
 from mcalc.runtime.rank_sum import samples as _samples  # noqa: F401

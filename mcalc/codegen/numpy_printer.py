@@ -63,7 +63,7 @@ def _is_constant(node: Expr) -> bool:
     return isinstance(node, ScalarMul) and isinstance(node.operand, Ones)
 
 
-def _is_whole(node: Expr) -> bool:
+def is_whole(node: Expr) -> bool:
     """An operand whose array holds every entry: not a broadcast v 1ᵀ, a constant, ones, an identity or zeros."""
     return (not is_broadcast(node) and not _is_constant(node) and not isinstance(node, (Ones, Identity))
             and type(node).__name__ != "Zero")
@@ -273,6 +273,7 @@ class ArrayPrinter:
         self.product = product
         self.reads_cache = False  # whether a printed step reads the function's cache C (shared parts)
         self.reads: set[str] = set()  # the steps printed code reads: render drops a step no line reads
+        self.step: str | None = None  # the target of the step being printed
 
     def ref(self, node: Expr) -> str:
         """The code that reads an already computed (or argument) node."""
@@ -285,7 +286,7 @@ class ArrayPrinter:
         """The operands of an elementwise sum or product: a broadcast v 1ᵀ (or 1 wᵀ) beside an operand of
         the full shape as v itself, which the array module broadcasts without a view and its strided reads,
         and a constant c 1 1ᵀ there as the number c (LayerNorm's ε beside a row of variances), never made."""
-        if not any(_is_whole(t) for t in terms):
+        if not any(is_whole(t) for t in terms):
             return [self.operand(t) for t in terms]
         return [f"({self.dim(t.coefficient)})" if _is_constant(t) else "1" if isinstance(t, Ones)
                 else self.operand(broadcast_source(t)) for t in terms]
@@ -504,7 +505,7 @@ class ArrayPrinter:
     @staticmethod
     def _fills(term: Expr, node: Expr) -> bool:
         """Whether ``term``'s array has the whole shape of ``node`` (not a broadcast or a constant)."""
-        return _is_whole(term) and (term.rows, term.cols) == (node.rows, node.cols)
+        return is_whole(term) and (term.rows, term.cols) == (node.rows, node.cols)
 
     def _writable(self, term: Expr, node: Expr) -> bool:
         """Whether ``node``'s step may write its result into ``term``'s array."""
@@ -611,6 +612,14 @@ class ArrayPrinter:
         return f"_unvec_of_samples({self.operand(node.args[0])}, {self.dim(node.args[1])})"
 
 
+def prints_as_chain(node: Expr) -> bool:
+    """Whether a per-sample program computes ``node`` by :func:`~mcalc.runtime.chain.chain_product`: a product
+    with Kronecker factors or commutation matrices and no index map (:meth:`BatchedArrayPrinter._print_sandwich`)."""
+    index_map = lambda f: isinstance(f.args[0] if isinstance(f, Transpose) else f, UnfoldMatrix)  # noqa: E731
+    return (isinstance(node, MatMul) and selected_taps(node) is None
+            and any(isinstance(f, (Kron, Commutation)) for f in node.args) and not any(map(index_map, node.args)))
+
+
 class BatchedArrayPrinter(ArrayPrinter):
     """The array printer over stacks of per-sample matrices (…, rows, cols), the samples on the leading
     axis: a per-sample rule with no closed batch form (a :class:`~mcalc.expr.BatchMean`) runs as one
@@ -618,6 +627,17 @@ class BatchedArrayPrinter(ArrayPrinter):
     (``@``), and what would read or write a matrix's two axes reads the last two."""
 
     writes_in_place = False  # an operand of a stack's shape may broadcast over the leading axis: no fixed shape
+    means: set[str] = frozenset()  # the steps computed as their batch means (:func:`.batch_means.mean_steps`)
+    _averaging = False  # whether the step being printed is a mean that reads its terms' means
+
+    def rhs(self, node: Expr) -> str:
+        self._averaging = self.step in self.means and not prints_as_chain(node)
+        return super().rhs(node)
+
+    def ref(self, node: Expr) -> str:
+        """As :meth:`ArrayPrinter.ref`; in a mean's step, a term that is a stack is read as its mean."""
+        code = super().ref(node)
+        return f"_batch_mean({code})" if self._averaging and self.names[node] not in self.means else code
 
     def _row_sums(self, code: str) -> str:
         return f"{code}.sum(axis=-1, keepdims=True)"
@@ -640,11 +660,10 @@ class BatchedArrayPrinter(ArrayPrinter):
         per-sample chain such as attention's (X ⊗ K X) diag(s) (I ⊗ Xᵀ Vᵀ) 𝓗z (I ⊗ V X) diag(s) (Xᵀ ⊗ Xᵀ Kᵀ)
         is cheap from 𝓗z outward or from the ends inward depending on T² against h·d, which no
         dimension taken as 64 tells apart."""
-        factors = node.args
-        structured = any(isinstance(f, (Kron, Commutation)) for f in factors)
-        if not structured or any(self._index_map(f) is not None for f in factors):
+        if not prints_as_chain(node):
             return super()._print_sandwich(node)
-        return f"_chain_product({', '.join(self._chain_factor(f) for f in factors)})"
+        helper = "_chain_mean" if self.step in self.means else "_chain_product"
+        return f"{helper}({', '.join(self._chain_factor(f) for f in node.args)})"
 
     def _chain_factor(self, f: Expr) -> str:
         if isinstance(f, Kron):

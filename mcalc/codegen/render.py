@@ -12,6 +12,7 @@ from .. import __version__
 from ..expr import Apply, BatchMean, Expr
 from ..locations import project_folder
 from ..printing.text import to_text
+from .batch_means import mean_steps
 from .fusion import Kernel, Launch, unfused
 from .numpy_printer import (
     ArrayPrinter,
@@ -82,10 +83,11 @@ NUMPY = ArrayFamily()
 
 
 def program_context(program: Program, array_family: ArrayFamily, family: str | None = None,
-                    keys: dict[Expr, str] | None = None) -> dict[str, Any]:
+                    keys: dict[Expr, str] | None = None, means: set[str] = frozenset()) -> dict[str, Any]:
     """The lines of a program (and of its per-sample fallbacks) as the template prints them, and the
     kernels they launch: one printer loop over the family's schedule. ``family`` (forward, gradients,
-    jvp, …) and ``keys`` (:func:`.plan.memo_keys`): which steps a cache keeps, and under what key."""
+    jvp, …) and ``keys`` (:func:`.plan.memo_keys`): which steps a cache keeps, and under what key;
+    ``means``, of a per-sample program: its steps computed as their batch means (:mod:`.batch_means`)."""
     kept = memoised_steps(program, family, keys) if family is not None and keys else set()
     # A loop's invariants run apart from the rest, once per loop. Elsewhere a kernel may fuse a step
     # another function shares (an activation's derivative), which is then computed again inside it:
@@ -97,11 +99,12 @@ def program_context(program: Program, array_family: ArrayFamily, family: str | N
     overwritable = program.overwritable(memoised) - kept_parts
     own = {s.target for s in program.steps if makes_own_array(s.node)}
     printer = array_family.printer(program.names, overwritable, array_family.product, writable=overwritable & own)
+    printer.means = means
     node_of = {s.target: s.node for s in program.steps}
     lines, calls = [], iter(program.fallbacks)
     for step in schedule:
         targets = _targets(step)
-        printer.reads = set()
+        printer.reads, printer.step = set(), targets[0]
         if isinstance(step, Step) and isinstance(step.node, BatchMean):
             rhs = f"{next(calls)[0]}()"
         else:
@@ -113,21 +116,25 @@ def program_context(program: Program, array_family: ArrayFamily, family: str | N
     if array_family.schedule is unfused:
         lines = _read_lines(lines, set(program.result_names()))
     batched = ArrayFamily(printer=BatchedArrayPrinter, product=array_family.product)  # no loop over the batch
-    inner = [program_context(p, batched) for _, p, _ in program.fallbacks]
+    means = [mean_steps(p) for _, p, _ in program.fallbacks]
+    inner = [program_context(p, batched, means=m) for (_, p, _), m in zip(program.fallbacks, means)]
     fallbacks = [
-        {"name": name, "lines": context["lines"], "value": _mean_code(inner_program),
+        {"name": name, "lines": context["lines"], "value": _mean_code(inner_program, m),
          "leaves": [argument_code(batch_reference(leaf)) for leaf in leaves]}
-        for (name, inner_program, leaves), context in zip(program.fallbacks, inner)
+        for (name, inner_program, leaves), context, m in zip(program.fallbacks, inner, means)
     ]
     return {"lines": lines, "fallbacks": fallbacks, "results": printed_results(program),
             "kernels": kernels + [k for context in inner for k in context["kernels"]],
             "reads_cache": printer.reads_cache or any(context["reads_cache"] for context in inner)}
 
 
-def _mean_code(program: Program) -> str:
-    """The batch mean a per-sample program returns: of its value, or of the Kronecker product of its two
-    factors without forming it (:meth:`.plan.ProgramBuilder._fallback`)."""
+def _mean_code(program: Program, means: set[str]) -> str:
+    """The batch mean a per-sample program returns: of its value (the value itself where it is computed as
+    its mean, ``means``), or of the Kronecker product of its two factors without forming it
+    (:meth:`.plan.ProgramBuilder._fallback`)."""
     results = program.results
+    if results.get("value") in means:
+        return reference_code(results["value"])
     if "value" in results:
         return f"_batch_mean({reference_code(results['value'])})"
     return f"_kron_mean({reference_code(results['left'])}, {reference_code(results['right'])})"

@@ -105,6 +105,15 @@ def check_stack(samples: int, rows: int, cols: int, itemsize: int) -> None:
                          f"{rows} × {cols}, {size / 2**30:.1f} GiB; {FACTORED_HINT}")
 
 
+def check_intermediate(entries: int, itemsize: int) -> None:
+    """Refuses a per-sample curvature block whose contraction (:mod:`.tensor_network`) would make an array
+    larger than :data:`STACK_LIMIT_BYTES`, with a clear error, before anything is computed."""
+    size = entries * itemsize
+    if size > STACK_LIMIT_BYTES:
+        raise McalcError(f"an exact (6) curvature block would be computed through an array of {entries:,} values "
+                         f"({size:,} bytes) over the limit of {STACK_LIMIT_BYTES:,}; {FACTORED_HINT}")
+
+
 def kron_product(a: Any, b: Any) -> Any:
     """A ⊗ B of matrices, or of the matrices of stacks, sample by sample (M&N 2.2). A stack larger than
     :data:`STACK_LIMIT_BYTES` (the exact (6) block of a large inner parameter, formed per sample) is refused

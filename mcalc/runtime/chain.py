@@ -14,6 +14,13 @@ commutation matrix as a permutation, each formed only where the other side is st
 block-diagonal factors with as many blocks (I_T ⊗ B, and a diagonal between two of them) is multiplied
 block by block (:class:`BlockDiagonal`): (I_T ⊗ Xᵀ Kᵀ Q) diag(vec S) (I_T ⊗ 1 1ᵀ) diag(vec S) (I_T ⊗ Xᵀ Kᵀ Q),
 one of attention's chains, is T products of blocks instead of products through the T² space.
+
+That order can only apply or form each factor. Wherever the factors' splits of the spaces between them
+agree, a chain is instead one tensor network (:mod:`.tensor_network`), in which identities and
+permutations are shared indices and 1 1ᵀ is two sums: (I_T ⊗ A) diag(vec S) K_{T,T} (I_T ⊗ B) costs its
+T² d² entries, not products through the T² space. The matrix-chain order serves the chains whose splits
+disagree. :func:`chain_mean` sums the samples inside the contraction, for a per-sample program whose mean
+is taken chain by chain (:mod:`mcalc.codegen.batch_means`).
 """
 from __future__ import annotations
 
@@ -22,9 +29,19 @@ import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from .array_ops import check_stack, commutation, kron_matmul, kron_product, matmul_kron, transpose
+from .array_ops import (
+    batch_mean,
+    check_intermediate,
+    check_stack,
+    commutation,
+    kron_matmul,
+    kron_product,
+    matmul_kron,
+    transpose,
+)
 from .blocks import namespace
 from .cuda_graph import matmul
+from .tensor_network import compile_chain, contract, signature
 
 
 @dataclass(frozen=True)
@@ -222,14 +239,20 @@ def plan(sketches: tuple[Sketch, ...]) -> tuple[int, dict[tuple[int, int], int]]
 
 def chain_product(*factors: Any) -> Any:
     """F₁ F₂ … Fₙ of matrices (or stacks of them), :class:`KronFactor` s, :class:`DiagonalFactor` s and
-    :class:`CommutationFactor` s, multiplied in the order of least cost for their sizes (:func:`plan`); a
-    matrix or stack. A resulting stack larger than :data:`.array_ops.STACK_LIMIT_BYTES` is refused before
-    anything is computed (:func:`.array_ops.check_stack`)."""
+    :class:`CommutationFactor` s: a tensor network's contraction (:mod:`.tensor_network`), or, where the
+    factors' spaces do not align, multiplied in the order of least cost for their sizes (:func:`plan`); a
+    matrix or stack. A resulting stack, or an array of the contraction, larger than
+    :data:`.array_ops.STACK_LIMIT_BYTES` is refused before anything is computed
+    (:func:`.array_ops.check_stack`, :func:`.array_ops.check_intermediate`)."""
     sketches = tuple(_sketch(f) for f in factors)
     like = _an_array(factors)  # the array type and dtype a formed factor takes
     samples = max(s.stack for s in sketches)
     if samples > 1:
         check_stack(samples, sketches[0].rows, sketches[-1].cols, like.dtype.itemsize)
+    program = compile_chain(sig) if (sig := signature(factors)) is not None else None
+    if program is not None:
+        check_intermediate(program.largest, like.dtype.itemsize)
+        return contract(program, factors, like)
     _, split = plan(sketches)
 
     def product(i: int, j: int) -> Any:
@@ -239,6 +262,20 @@ def chain_product(*factors: Any) -> Any:
         return _multiply(product(i, k), product(k + 1, j), like)
 
     return _formed(product(0, len(factors) - 1), like)
+
+
+def chain_mean(*factors: Any) -> Any:
+    """The mean over the samples of F₁ F₂ … Fₙ (:func:`chain_product`'s stack), its samples' index summed
+    inside the tensor network's contraction, so that the stack of products is never formed; a chain the
+    samples share, its product."""
+    sig = signature(factors)
+    program = compile_chain(sig, mean=True) if sig is not None else None
+    if program is None:
+        return batch_mean(chain_product(*factors))
+    like = _an_array(factors)
+    check_intermediate(program.largest, like.dtype.itemsize)
+    total = contract(program, factors, like)
+    return total / program.samples if program.samples > 1 else total
 
 
 def _an_array(factors: tuple[Any, ...]) -> Any:
