@@ -796,7 +796,8 @@ def test_kronecker_factored_optimizers_step_user_parameters_by_their_blocks(tmp_
     X, Y = rng.normal(size=(5, 8)), np.eye(3)[:, rng.integers(0, 3, 8)]
     opt = make_optimizer(optimizer, **({"lr": 0.5, "momentum": 0.0} if optimizer == "kfac" else {"momentum": 0.0}))
     opt.prepare(net, X)
-    assert opt.block_params == ["RMSNorm1.g"] and opt.curvature_request() == ("ggn", "6-kfac")
+    assert opt.block_params == ["RMSNorm1.g"]
+    assert opt.curvature_request() == ("ggn", "6-kfac", frozenset({"RMSNorm1.g"}))
     _, grads, blocks = net.backward(X, Y, *opt.curvature_request())
     step = opt.step(net, grads, blocks, (X, Y))
     g = grads["RMSNorm1.g"] + (opt.weight_decay * net.params["RMSNorm1.g"] if optimizer == "kbfgs" else 0)
@@ -804,6 +805,27 @@ def test_kronecker_factored_optimizers_step_user_parameters_by_their_blocks(tmp_
     rate = 0.5 if optimizer == "kfac" else opt.lr
     np.testing.assert_allclose(step["RMSNorm1.g"], -rate * solve, rtol=1e-10)
     assert np.abs(solve).max() > 1e-3
+
+
+def test_a_request_for_some_blocks_carries_no_curvature_below_their_lowest_layer():
+    """K-FAC's request names the parameters its own factors do not cover (an attention's): the pass forms
+    their blocks, and those of the layers above, as the full pass does, and no curvature below them (the
+    attention's input block, E[Jᵢᵀ 𝓗z Jᵢ] over per-sample Jacobians, is the costliest part of its pass)."""
+    net = Network("1x12-conv(4,3,pad=1)-relu-attention(2)-flatten-10", seed=0)
+    rng = np.random.default_rng(0)
+    X, Y = rng.normal(size=(12, 6)), np.eye(10)[:, rng.integers(0, 10, 6)]
+    kfac = make_optimizer("kfac")
+    kfac.prepare(net, X)
+    request = kfac.curvature_request()
+    assert request.parameters == {"attention1.Q", "attention1.K", "attention1.V"}
+    loss, grads, blocks = net.backward(X, Y, *request)
+    full_loss, full_grads, full = net.backward(X, Y, request.curvature, request.approximation)
+    assert "conv1.K" in full and not any(name.startswith("conv") for name in blocks)
+    assert set(blocks) == {name for name in full if not name.startswith("conv")}
+    assert loss == full_loss and all(np.array_equal(grads[k], full_grads[k]) for k in full_grads)
+    for name in blocks:
+        np.testing.assert_array_equal(blocks[name].to_dense(), full[name].to_dense())
+    assert np.abs(blocks["attention1.Q"].to_dense()).max() > 1e-6
 
 
 def test_a_module_dimension_its_input_does_not_fix_must_be_bound(tmp_path):

@@ -392,8 +392,11 @@ class Network:
 
     def backward(self, X: Any, Y: Any, curvature: Curvature | str | None = None,
                  approximation: Approximation | str = Approximation.MEAN_OF_SANDWICHES,
+                 parameters: frozenset[str] | None = None,
                  taps: dict[int, tuple[Any, Any]] | None = None) -> BackwardResult:
-        """Loss, gradients of every parameter and, with ``curvature``, their HBP blocks (Section 3.3); with
+        """Loss, gradients of every parameter and, with ``curvature``, their HBP blocks (Section 3.3), or
+        with ``parameters`` the blocks of the layers from the output down to the lowest that holds one of
+        them, whose input's curvature is not formed (the arguments of a :class:`.CurvatureRequest`); with
         ``taps``, every layer's input batch and δZ as its module took them (this rank's, δZ carrying 1/B),
         kept there by layer position, for quantities the gradients do not give (Martens' squared gradients).
 
@@ -404,7 +407,7 @@ class Network:
         as it forms it (:mod:`mcalc.runtime.rank_sum`, δZ carrying 1/B_all), and the loss and the
         gradients are reduced over the ranks in one all-reduce.
         """
-        loss, grads, blocks = self._backward(X, Y, curvature, approximation, taps=taps)
+        loss, grads, blocks = self._backward(X, Y, curvature, approximation, parameters=parameters, taps=taps)
         if self.parallel.comm.size > 1:  # this rank's share of the sums (with blocks), else its own means
             values = {"": float(loss), **grads}
             reduced = self.parallel.sum(values) if curvature is not None else self.parallel.mean(values, X.shape[1])
@@ -450,7 +453,7 @@ class Network:
 
     def capture_backward(self, X: Any, Y: Any, curvature: Curvature | str | None = None,
                          approximation: Approximation | str = Approximation.MEAN_OF_SANDWICHES,
-                         ) -> Callable[[Any, Any], BackwardResult]:
+                         parameters: frozenset[str] | None = None) -> Callable[[Any, Any], BackwardResult]:
         """:meth:`backward` recorded once as a CUDA graph (cupy backend), for batches shaped as (X, Y).
 
         The returned function replays it: one launch instead of one per kernel and product. Its
@@ -462,8 +465,8 @@ class Network:
             raise McalcError(f"CUDA graphs need the cupy backend; this network runs on {self.backend}")
         from ..runtime.cuda_graph import CapturedCall
 
-        captured = CapturedCall(lambda x, y: self._backward(x, y, curvature, approximation), [X, Y],
-                                lambda: self.params)
+        captured = CapturedCall(lambda x, y: self._backward(x, y, curvature, approximation, parameters=parameters),
+                                [X, Y], lambda: self.params)
 
         def replay(X: Any, Y: Any) -> BackwardResult:
             loss, grads, blocks = captured(X, Y)
@@ -473,18 +476,19 @@ class Network:
 
     def _backward(self, X: Any, Y: Any, curvature: Curvature | str | None, approximation: Approximation | str,
                   record: dict[int, Any] | None = None, taps: dict[int, tuple[Any, Any]] | None = None,
-                  ) -> tuple[Any, dict[str, Any], dict[str, CurvatureBlock]]:
+                  parameters: frozenset[str] | None = None) -> tuple[Any, dict[str, Any], dict[str, CurvatureBlock]]:
         """:meth:`backward` with the loss left on the device (no host synchronisation: capturable); with
         ``record``, the curvature arriving at each layer's output is kept there by layer position. On
         several ranks, with ``curvature``, the blocks are the global batch's and the loss and gradients
         this rank's share of it (δZ = 1/B_all); without, its own means (:meth:`backward` reduces both)."""
         if self.parallel.comm.size == 1 or curvature is None:
-            return self._backward_pass(X, Y, curvature, approximation, record, taps)
+            return self._backward_pass(X, Y, curvature, approximation, record, taps, parameters)
         with across_ranks(self.parallel.array_sum, self.parallel.samples(X.shape[1])):
-            return self._backward_pass(X, Y, curvature, approximation, record, taps)
+            return self._backward_pass(X, Y, curvature, approximation, record, taps, parameters)
 
     def _backward_pass(self, X: Any, Y: Any, curvature: Curvature | str | None, approximation: Approximation | str,
                        record: dict[int, Any] | None, taps: dict[int, tuple[Any, Any]] | None = None,
+                       parameters: frozenset[str] | None = None,
                        ) -> tuple[Any, dict[str, Any], dict[str, CurvatureBlock]]:
         approximation = Approximation.parse(approximation)
         curvature = Curvature.parse(curvature) if curvature is not None else None
@@ -504,6 +508,10 @@ class Network:
         Hz = code.LOSS_HESSIAN[start]({}, S, caches[-1])["x"].dense if curvature is not None else None
         grads: dict[str, Any] = {}
         blocks: dict[str, CurvatureBlock] = {}
+        # the lowest layer whose blocks are asked for: below it no curvature is carried
+        asked = [p for p, layer in enumerate(self.layers)
+                 if parameters is None or parameters & {*layer.params.values()}]
+        lowest = min(asked, default=len(self.layers))
         for position in reversed(range(len(self.layers))):
             layer = self.layers[position]
             P = self._module_params(layer)
@@ -515,14 +523,14 @@ class Network:
             g = self.code[layer.module].gradients(P, S, inputs=not first, cache=caches[position])
             for own, name in layer.params.items():
                 grads[name] = g[own]
-            if curvature is not None:
+            if curvature is not None and position >= lowest:
                 if record is not None:
                     record[position] = Hz
                 mode = (curvature, self.batch_rule(layer, curvature, approximation))
-                out = self.code[layer.module].HBP[mode](P, S, Hz, inputs=not first, cache=caches[position])
+                out = self.code[layer.module].HBP[mode](P, S, Hz, inputs=position > lowest, cache=caches[position])
                 for own, name in layer.params.items():
                     blocks[name] = out[own]
-                if not first:
+                if position > lowest:
                     Hz = out[layer.input].dense
             if not first:
                 dZ = columns_of_matrices(g[layer.input])

@@ -62,10 +62,13 @@ class MiniBatch:
 
 
 class CurvatureRequest(NamedTuple):
-    """The HBP blocks a step needs: a curvature mode and a batch approximation."""
+    """The HBP blocks a step needs: a curvature mode, a batch approximation and the parameters whose blocks
+    it reads (None: every parameter's). Below the lowest layer with such a parameter the backward pass
+    carries no curvature (K-FAC's own factors serve the layers below an attention)."""
 
     curvature: Curvature
     approximation: Approximation
+    parameters: frozenset[str] | None = None
 
 
 class Optimizer:

@@ -382,7 +382,8 @@ class KFAC(Optimizer):
         """The Gauss–Newton blocks (K-FAC's curvature, the Fisher of a softmax cross-entropy) of the
         parameters outside Linear layers and convolutions, Kronecker-factored; none when its own factors
         cover every parameter."""
-        return CurvatureRequest(Curvature.GGN, Approximation.KRONECKER_FACTORED) if self.block_params else None
+        return CurvatureRequest(Curvature.GGN, Approximation.KRONECKER_FACTORED,
+                                frozenset(self.block_params)) if self.block_params else None
 
     @property
     def _factor(self) -> float:
@@ -578,7 +579,8 @@ class KBFGS(Optimizer):
     def curvature_request(self) -> CurvatureRequest | None:
         """The Gauss–Newton blocks of the parameters outside Linear layers and convolutions, which BFGS
         factors do not cover (a user's module's), Kronecker-factored as K-FAC's."""
-        return CurvatureRequest(Curvature.GGN, Approximation.KRONECKER_FACTORED) if self.block_params else None
+        return CurvatureRequest(Curvature.GGN, Approximation.KRONECKER_FACTORED,
+                                frozenset(self.block_params)) if self.block_params else None
 
     def prepare(self, net: Network, X_train: Any) -> None:
         """Ā from one pass over the training inputs at the initial weights (``training_utils.py``)."""

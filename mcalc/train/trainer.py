@@ -20,7 +20,7 @@ from .checkpoint import save_checkpoint
 from .data import Dataset
 from .distributed import DataParallel
 from .network import Network
-from .optimizer_protocol import MiniBatch, Optimizer
+from .optimizer_protocol import CurvatureRequest, MiniBatch, Optimizer
 
 TRUST_BOUND = 2.0  # a second-order step that more than doubles its own mini-batch's loss is rejected
 
@@ -87,13 +87,12 @@ def train(net: Network, data: Dataset, optimizer: Optimizer, *, epochs: int, bat
 
     def backward(X: Any, Y: Any) -> tuple:
         """Loss, gradients and the blocks the optimiser's next step needs."""
-        request = optimizer.curvature_request()
-        curvature, approximation = request or (None, Approximation.MEAN_OF_SANDWICHES)
+        request = optimizer.curvature_request() or CurvatureRequest(None, Approximation.MEAN_OF_SANDWICHES)
         if not graphs:
-            return net.backward(X, Y, curvature, approximation)
-        key = (curvature, approximation, X.shape)
+            return net.backward(X, Y, *request)
+        key = (*request, X.shape)
         if key not in captured:
-            captured[key] = net.capture_backward(X, Y, curvature, approximation)
+            captured[key] = net.capture_backward(X, Y, *request)
         return captured[key](X, Y)
 
     rng = np.random.default_rng(seed)
