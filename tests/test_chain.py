@@ -76,10 +76,12 @@ def chains(draw):
 
 
 def _with_ones(factors, which):
-    """The chain with the shared factors of the Kronecker products that ``which`` picks made all ones (1 1ᵀ,
-    as the softmax's Jacobian has it), which the tensor network takes as two sums."""
-    ones = lambda x: np.ones_like(x) if x is not None and x.ndim == 2 else x  # noqa: E731
-    return [KronFactor(ones(f.a), ones(f.b), f.shape) if isinstance(f, KronFactor) and w else f
+    """The chain with the shared factors of the Kronecker products that ``which`` picks made 1 1ᵀ (as the
+    softmax's Jacobian has it) and marked so, as the code generator marks them: the tensor network takes
+    each as two sums."""
+    shared = lambda x: x is not None and x.ndim == 2  # noqa: E731
+    return [KronFactor(*(np.ones_like(x) if shared(x) else x for x in (f.a, f.b)), f.shape,
+                       ones=(shared(f.a), shared(f.b))) if isinstance(f, KronFactor) and w else f
             for f, w in zip(factors, which + [False] * len(factors))]
 
 

@@ -35,6 +35,8 @@ def test_the_spec_of_a_convolutional_network():
                          ("1x40-conv(8,5-flatten-10", "unbalanced parentheses"),
                          ("1x40-conv(8,5))-flatten-10", "unbalanced parentheses"),
                          ("1x40-conv(8,5,step=2)-flatten-10", "unknown option 'step'"),
+                         ("1x8x8-conv(8,(3,2))-flatten-10", r"'conv\(8,\(3,2\)\)' gives a size per dimension"),
+                         ("1x8x8-conv(8,3,stride=(1,2))-flatten-10", "one number serves every dimension"),
                          ("1x40-flatten-relu-10", "must follow a width, a convolution")]:
         with pytest.raises(mc.McalcError, match=message):
             parse_spec(bad)

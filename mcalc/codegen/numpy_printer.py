@@ -668,7 +668,9 @@ class BatchedArrayPrinter(ArrayPrinter):
     def _chain_factor(self, f: Expr) -> str:
         if isinstance(f, Kron):
             a, b = (self._kron_factor(g) for g in f.args)
-            return f"_KronFactor({a}, {b}, ({self.dim(f.rows)}, {self.dim(f.cols)}))"
+            ones = tuple(isinstance(g, Ones) for g in f.args)  # 1 1ᵀ: summed over, never read
+            marked = f", ones={ones}" if any(ones) else ""
+            return f"_KronFactor({a}, {b}, ({self.dim(f.rows)}, {self.dim(f.cols)}){marked})"
         if isinstance(f, Diag):
             return f"_DiagonalFactor({self.ref(f.args[0])})"
         if isinstance(f, Commutation):  # a permutation of rows or columns, not a dense product

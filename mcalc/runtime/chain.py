@@ -47,11 +47,14 @@ from .tensor_network import compile_chain, contract, signature
 @dataclass(frozen=True)
 class KronFactor:
     """A ⊗ B, applied to what it multiplies; None is an identity, whose size follows from ``shape``, the
-    (rows, cols) of A ⊗ B. Either factor may be a stack."""
+    (rows, cols) of A ⊗ B. Either factor may be a stack. ``ones`` says which of A and B is 1 1ᵀ (the
+    softmax's), which the code generator knows: a tensor network sums over it, and never reads its values
+    (on a GPU that would wait for the device)."""
 
     a: Any
     b: Any
     shape: tuple[int, int]
+    ones: tuple[bool, bool] = (False, False)
 
     def factor_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
         """The (rows, cols) of A and of B, an identity's inferred from the other's."""

@@ -130,18 +130,18 @@ class _Program:
 
 
 def signature(factors: tuple[Any, ...]) -> tuple | None:
-    """What a chain's program depends on: each factor's kind, the shapes of its arrays and which shared
-    factors of its Kronecker products are all ones, as the softmax's I ⊗ 1 1ᵀ (None for a factor kind a
-    tensor network does not take)."""
+    """What a chain's program depends on: each factor's kind, the shapes of its arrays and which factors of
+    its Kronecker products are 1 1ᵀ, as the softmax's I ⊗ 1 1ᵀ (None for a factor kind a tensor network
+    does not take)."""
     from .chain import CommutationFactor, DiagonalFactor, KronFactor
 
-    def part(x: Any) -> tuple | None:
-        return None if x is None else (tuple(x.shape), x.ndim == 2 and bool((x == 1).all()))
+    def part(x: Any, ones: bool) -> tuple | None:
+        return None if x is None else (tuple(x.shape), ones)
 
     out = []
     for f in factors:
         if isinstance(f, KronFactor):
-            out.append(("kron", part(f.a), part(f.b), f.shape))
+            out.append(("kron", part(f.a, f.ones[0]), part(f.b, f.ones[1]), f.shape))
         elif isinstance(f, DiagonalFactor):
             out.append(("diag", tuple(f.v.shape)))
         elif isinstance(f, CommutationFactor):

@@ -198,6 +198,9 @@ def _integers(spec: str, text: str, arguments: str, count: int, allowed: set[str
     """The ``count`` positional integers and the named options (``stride=``, ``pad=``, ``dil=``) of a token's
     arguments."""
     positional, options = [], {}
+    if "(" in arguments or ")" in arguments:  # a tuple would be cut at its commas into meaningless parts
+        raise McalcError(f"model spec '{spec}': '{text}' gives a size per dimension; one number serves every "
+                         f"dimension (a square kernel, the same stride, padding and dilation along each); {usage}")
     for part in (p.strip() for p in arguments.split(",") if p.strip()):
         key, equals, value = part.partition("=")
         same = equals and _CONV_OPTIONS.get(key.strip()) == "padding" and value.strip() == "same"
