@@ -151,9 +151,9 @@ def test_auto_measures_cg_then_picks_eigenbases_on_digits_and_skips_curvature_pa
     passes = []
     backward = net.backward
 
-    def counting(X, Y, curvature=None, approximation="6"):
+    def counting(X, Y, curvature=None, approximation="6", parameters=None):
         passes.append(curvature is not None)
-        return backward(X, Y, curvature, approximation)
+        return backward(X, Y, curvature, approximation, parameters)
 
     net.backward = counting
     train(net, D.digits(), optimizer, epochs=2, batch_size=64)
