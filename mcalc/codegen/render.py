@@ -99,7 +99,8 @@ def program_context(program: Program, array_family: ArrayFamily, family: str | N
     overwritable = program.overwritable(memoised) - kept_parts
     own = {s.target for s in program.steps if makes_own_array(s.node)}
     printer = array_family.printer(program.names, overwritable, array_family.product, writable=overwritable & own)
-    printer.means = means
+    if means:  # a per-sample program's (BatchedArrayPrinter)
+        printer.means = means
     node_of = {s.target: s.node for s in program.steps}
     lines, calls = [], iter(program.fallbacks)
     for step in schedule:

@@ -275,7 +275,7 @@ def contract(program: _Program, factors: tuple[Any, ...], like: Any) -> Any:
             arrays.append(xp.ones(o.shape, dtype=like.dtype))
             continue
         f = factors[o.factor]
-        array = {"a": lambda: f.a, "b": lambda: f.b, "v": lambda: f.v, "m": lambda: f}[o.part]()  # noqa: B023
+        array = f if o.part == "m" else getattr(f, o.part)  # a matrix, or a factor's A, B or v
         arrays.append(array.reshape(((-1,) if o.stacked else ()) + o.shape))
     labels = [o.labels for o in program.operands]
 
