@@ -202,8 +202,8 @@ def compile_chain(sig: tuple, mean: bool = False) -> _Program | None:
         lead = shape[:len(shape) - len(labels)]
         if lead:
             leads.add(lead)
-        # 1 1ᵀ is the ones of its rows times the ones of its columns: two vectors, each a sum over its label
-        for final in ([spaces.leaves([x]) for x in labels] if ones else [spaces.leaves(labels)]):
+        ones = ones and not lead  # 1 1ᵀ the samples share: the ones of its rows times the ones of its columns,
+        for final in ([spaces.leaves([x]) for x in labels] if ones else [spaces.leaves(labels)]):  # two sums
             if len(set(final)) < len(final):  # a trace within one operand: not a chain this program takes
                 return None
             operands.append(_Operand(k, "ones" if ones else part, tuple(final),
