@@ -234,7 +234,7 @@ def _train_on(args: argparse.Namespace, parallel: DataParallel) -> int:
               f"test accuracy {row['test_accuracy']:.4f}  elapsed {row['wall_s']:.1f} s", flush=True)
 
     result = train(net, data, optimizer, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                   progress=sys.stderr.isatty(), name=args.optimizer, checkpoint=args.checkpoint or args.resume,
+                   progress=True, name=args.optimizer, checkpoint=args.checkpoint or args.resume,
                    resume=resume, graphs=args.graphs, on_epoch=report, parallel=parallel, lr_drops=args.lr_drop)
     if not parallel.is_root:
         return 0

@@ -832,3 +832,20 @@ def test_a_module_dimension_its_input_does_not_fix_must_be_bound(tmp_path):
     code = _user_modules(tmp_path)
     with pytest.raises(mc.McalcError, match=r"dimension 'r' is not fixed by its input; .*LowRank\(r=32\)"):
         Network("5-LowRank(m=3)-2", code=code)
+
+
+def test_a_run_whose_output_goes_to_a_file_shows_its_steps_in_lines(monkeypatch):
+    """Off a terminal the bar is a line to standard error at most every ``interval`` seconds, each with the
+    steps done and the seconds; none once the run is done (the epoch's own line says that)."""
+    import io
+
+    from mcalc.train import progress
+
+    stream = io.StringIO()
+    clock = iter(float(t) for t in [0, 10, 31, 40, 70, 95, 200])
+    lines = progress.ProgressLines(6, "kfac", interval=30, stream=stream, clock=lambda: next(clock))
+    for _ in range(6):
+        lines.update()
+    assert stream.getvalue().splitlines() == ["kfac: step 2 of 6 (33%), 31 s", "kfac: step 4 of 6 (67%), 70 s"]
+    monkeypatch.setattr(progress.sys, "stderr", io.StringIO())  # not a terminal
+    assert isinstance(progress.progress_bar(10, "sgd"), progress.ProgressLines)

@@ -21,6 +21,7 @@ from .data import Dataset
 from .distributed import DataParallel
 from .network import Network
 from .optimizer_protocol import CurvatureRequest, MiniBatch, Optimizer
+from .progress import progress_bar
 
 TRUST_BOUND = 2.0  # a second-order step that more than doubles its own mini-batch's loss is rejected
 
@@ -67,7 +68,9 @@ def train(net: Network, data: Dataset, optimizer: Optimizer, *, epochs: int, bat
     loaded checkpoint) continues that run exactly where it stopped. ``graphs``
     (cupy backend): each backward pass is a CUDA graph replayed, one captured per
     curvature mode and batch shape (:meth:`Network.capture_backward`). ``on_epoch`` is called with each
-    epoch's history row as the epoch ends (the CLI prints it). With ``parallel`` over several ranks each
+    epoch's history row as the epoch ends (the CLI prints it); with ``progress``, the steps are shown as they
+    go: a bar on a terminal, else a line to standard error at most every 30 s (:mod:`.progress`). With
+    ``parallel`` over several ranks each
     takes its shard of every batch, and the network (``net.parallel``) and the optimisers average every
     batch mean of a step over them (:mod:`.distributed`); only rank 0 calls ``on_epoch``, shows progress
     and writes checkpoints. ``lr_drops``: the epochs at whose start the learning rate is divided by ten
@@ -117,11 +120,7 @@ def train(net: Network, data: Dataset, optimizer: Optimizer, *, epochs: int, bat
     X_whole, Y_whole = (X_train, Y_train) if len(whole) == len(data.y_train) else \
         (X_train[:, xp.asarray(whole)], Y_train[:, xp.asarray(whole)])
     start = time.perf_counter() - elapsed
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=(epochs - first_epoch + 1) * steps, desc=name or "train", unit="step", leave=False)
+    bar = progress_bar((epochs - first_epoch + 1) * steps, name or "train") if progress else None
     for epoch in range(first_epoch, epochs + 1):
         if epoch in lr_drops:  # step decay; a run resumed past a drop has its optimiser's lower rate already
             optimizer.lr = optimizer.lr / 10
