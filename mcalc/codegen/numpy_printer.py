@@ -337,9 +337,9 @@ class ArrayPrinter:
     def _index_map(self, f: Expr) -> tuple[str, str, str] | None:
         """For P or Pᵀ (an :class:`UnfoldMatrix`): the helpers that apply it from the left, P M and Pᵀ M,
         in that order for P, swapped for Pᵀ, and their trailing arguments; else None."""
-        transposed = isinstance(f, Transpose) and isinstance(f.args[0], UnfoldMatrix)
-        if not (transposed or isinstance(f, UnfoldMatrix)):
+        if not is_index_map(f):
             return None
+        transposed = isinstance(f, Transpose)
         spec, channels, size = (f.args[0] if transposed else f).args
         arguments = f"{self._spec(spec, size)}, {self.dim(channels)}"
         return ("_fold_rows", "_unfold_rows", arguments) if transposed else ("_unfold_rows", "_fold_rows", arguments)
@@ -612,12 +612,16 @@ class ArrayPrinter:
         return f"_unvec_of_samples({self.operand(node.args[0])}, {self.dim(node.args[1])})"
 
 
+def is_index_map(f: Expr) -> bool:
+    """Whether ``f`` is P or Pᵀ, an :class:`UnfoldMatrix`: applied by its helpers, never a factor of a chain."""
+    return isinstance(f.args[0] if isinstance(f, Transpose) else f, UnfoldMatrix)
+
+
 def prints_as_chain(node: Expr) -> bool:
     """Whether a per-sample program computes ``node`` by :func:`~mcalc.runtime.chain.chain_product`: a product
     with Kronecker factors or commutation matrices and no index map (:meth:`BatchedArrayPrinter._print_sandwich`)."""
-    index_map = lambda f: isinstance(f.args[0] if isinstance(f, Transpose) else f, UnfoldMatrix)  # noqa: E731
     return (isinstance(node, MatMul) and selected_taps(node) is None
-            and any(isinstance(f, (Kron, Commutation)) for f in node.args) and not any(map(index_map, node.args)))
+            and any(isinstance(f, (Kron, Commutation)) for f in node.args) and not any(map(is_index_map, node.args)))
 
 
 class BatchedArrayPrinter(ArrayPrinter):
