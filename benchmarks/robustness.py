@@ -3,10 +3,12 @@ epochs to a target, divergences and tracebacks, each run counted (none dropped).
 
     python benchmarks/robustness.py [--seeds 2] [--epochs 8] [--workers 2] [--json OUT] [--plot OUT.png]
                                     [--data digits mnist1d synthetic] [--optimizers ...]
+                                    [--set OPTIMIZER.OPTION=VALUE ...]
 
 A cell is (data set, activation, hidden layers); its networks have hidden widths 64 (digits,
 synthetic) or 100 (MNIST-1D, as Greydanus 2020's MLP). Every optimiser trains the same network of
-the cell from the same initialisation with the CLI's defaults (batch 64, its own default options).
+the cell from the same initialisation with the CLI's defaults (batch 64, its own default options;
+``--set hbp-newton.approximation=7`` changes one, for every run of that optimiser, and the JSON says so).
 A run *diverges* when its final test loss is not finite or above twice the loss of guessing,
 2 ln(classes); a run that raises is a *traceback*. The gap of a second-order optimiser in a cell is
 its mean final accuracy minus that of the better first-order baseline (sgd, adam) there.
@@ -41,8 +43,10 @@ def spec(data: str, activation: str, depth: int, features: int, classes: int) ->
     return "-".join([str(features)] + [f"{WIDTH[data]}-{activation}"] * depth + [str(classes)])
 
 
-def run(data_name: str, activation: str, depth: int, optimizer: str, seed: int, epochs: int) -> dict:
-    """One training run; never raises (a traceback is a result)."""
+def run(data_name: str, activation: str, depth: int, optimizer: str, seed: int, epochs: int,
+        settings: dict | None = None) -> dict:
+    """One training run with the optimiser's defaults but ``settings``; never raises (a traceback is a
+    result)."""
     import warnings
 
     from mcalc.runtime.allocator import keep_freed_memory
@@ -58,6 +62,8 @@ def run(data_name: str, activation: str, depth: int, optimizer: str, seed: int, 
         data = load_dataset(data_name, seed=seed)
         model = spec(data_name, activation, depth, data.features, data.classes)
         options = {"seed": seed} if optimizer == "kfac" else {}
+        options.update(settings or {})
+        row["settings"] = settings or {}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             result = train(Network(model, seed=seed), data, make_optimizer(optimizer, **options), epochs=epochs,
@@ -164,6 +170,8 @@ def main() -> None:
     parser.add_argument("--blas-threads", default="1",
                         help="BLAS threads per worker (the runs' matrices are small: more workers than cores "
                              "with threaded BLAS each ran the digits part 7x slower here)")
+    parser.add_argument("--set", action="append", default=[], metavar="OPTIMIZER.OPTION=VALUE",
+                        help="an option other than the default, e.g. hbp-newton.approximation=7 (repeatable)")
     parser.add_argument("--json")
     parser.add_argument("--plot")
     parser.add_argument("--from-json", help="no runs: summarise and plot the runs of this earlier --json")
@@ -173,11 +181,16 @@ def main() -> None:
         report(rows, args.plot)
         return
     os.environ["OPENBLAS_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = args.blas_threads  # read by the workers
-    jobs = [(d, a, k, o, s, args.epochs) for d in args.data for a in args.activations for k in args.depths
-            for s in range(args.seeds) for o in args.optimizers]
+    settings = parse_settings(args.set)
+    jobs = [(d, a, k, o, s, args.epochs, settings.get(o)) for d in args.data for a in args.activations
+            for k in args.depths for s in range(args.seeds) for o in args.optimizers]
     machine = {"processor": processor(), "cpus": os.cpu_count(),
                "python": platform.python_version(), "workers": args.workers}
+    if settings:
+        print("not the defaults: " + ", ".join(f"{o} {k}={v!r}" for o, opts in settings.items()
+                                                for k, v in opts.items()), flush=True)
     print(f"{len(jobs)} runs on {args.workers} workers ({machine['processor']}, {machine['cpus']} CPUs)", flush=True)
+    header = {"machine": machine, "epochs": args.epochs, "settings": settings, "targets": TARGET}
     rows: list[dict] = []
     start = time.perf_counter()
     with ProcessPoolExecutor(args.workers) as pool:
@@ -191,12 +204,30 @@ def main() -> None:
                   f"{row['activation']:7s} ×{row['depth']} seed {row['seed']} {row['optimizer']:10s} {status} "
                   f"({row['seconds']:.1f} s)", flush=True)
             if args.json:
-                Path(args.json).write_text(json.dumps({"machine": machine, "epochs": args.epochs,
-                                                       "targets": TARGET, "runs": rows}, indent=1) + "\n")
+                Path(args.json).write_text(json.dumps({**header, "runs": rows}, indent=1) + "\n")
     summary = report(rows, args.plot)
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine, "epochs": args.epochs, "targets": TARGET,
-                                               "summary": summary, "runs": rows}, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps({**header, "summary": summary, "runs": rows}, indent=1) + "\n")
+
+
+def parse_settings(items: list[str]) -> dict[str, dict]:
+    """``['hbp-newton.approximation=7', 'kfac.decay=0.9']`` as ``{optimizer: {option: value}}``, each value
+    read as the type of the option's default (a number, a flag, else the text, which enums parse)."""
+    from mcalc.train.optimizers import make_optimizer
+
+    settings: dict[str, dict] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        optimizer, dot, option = name.rpartition(".")
+        if not (sep and dot and optimizer in OPTIMIZERS and option):
+            raise SystemExit(f"--set {item}: write OPTIMIZER.OPTION=VALUE, OPTIMIZER one of {', '.join(OPTIMIZERS)}")
+        default = getattr(make_optimizer(optimizer), option, None)
+        if default is None:
+            raise SystemExit(f"--set {item}: {optimizer} has no option {option!r}")
+        kind = type(default)
+        value = text.lower() in ("1", "true", "yes") if kind is bool else kind(text) if kind in (int, float) else text
+        settings.setdefault(optimizer, {})[option] = value
+    return settings
 
 
 def report(rows: list[dict], plot_path: str | None) -> dict:

@@ -1,4 +1,5 @@
 """The examples run: the custom layers verify, and the paper's CIFAR-10 experiment runs its table (smoke)."""
+import json
 import os
 import re
 import subprocess
@@ -100,3 +101,24 @@ def test_the_mnist1d_cnn_example_trains_and_writes_its_history(tmp_path):
     history = json.loads(out.read_text())
     assert history["optimizer"] == "hbp-newton" and len(history["history"]) == 1
     assert history["history"][0]["test_accuracy"] > 0.3  # chance is 0.1
+
+
+def test_the_robustness_matrix_runs_an_option_other_than_the_default(tmp_path):
+    """``--set hbp-newton.approximation=7`` reaches the optimiser (the run differs from the default's) and the
+    JSON names it; an option the optimiser lacks is refused before anything runs."""
+    script = ROOT / "benchmarks" / "robustness.py"
+    losses = {}
+    for name, extra in (("default", []), ("paper", ["--set", "hbp-newton.approximation=7"])):
+        out = tmp_path / f"{name}.json"
+        done = subprocess.run([sys.executable, str(script), "--data", "digits", "--activations", "relu", "--depths",
+                               "1", "--optimizers", "hbp-newton", "--seeds", "1", "--epochs", "1", "--workers", "1",
+                               "--json", str(out), *extra], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        result = json.loads(out.read_text())
+        assert result["settings"] == ({"hbp-newton": {"approximation": "7"}} if extra else {})
+        losses[name] = result["runs"][0]["final_loss"]
+    assert losses["default"] != losses["paper"]
+    done = subprocess.run([sys.executable, str(script), "--set", "kfac.no_such_option=1", "--json",
+                           str(tmp_path / "never.json")], capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "kfac has no option 'no_such_option'" in done.stderr
+    assert not (tmp_path / "never.json").exists()
