@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import McalcError
+from ..runtime.backends import DISPATCH_FLOPS
 from ..runtime.blocks import CurvatureBlock, Eigenbasis, GramFactor, dense_factor, factor_eigh, namespace
 from .distributed import DataParallel
 from .safeguards import is_linalg_error
@@ -97,15 +98,14 @@ class SolveCosts:
     eigh_fixed: float = 0.0
 
 
-COSTS = {
+COSTS = {  # the dispatch costs: runtime.backends.DISPATCH_FLOPS
     # Measured on the 2-core CPU of the README (NumPy, OpenBLAS): numpy.linalg.eigh of
-    # n = 64…512 took as long as 17–58 n³ flops of that machine's GEMM; a small
-    # array operation takes ~3 µs, the time of ~1e5 GEMM flops there.
-    "numpy": SolveCosts(eigh=25.0, dispatch=1e5),
+    # n = 64…512 took as long as 17–58 n³ flops of that machine's GEMM.
+    "numpy": SolveCosts(eigh=25.0, dispatch=DISPATCH_FLOPS["numpy"]),
     # Measured on an H100 (benchmarks/solve_costs.py, benchmarks/results/solve_costs_h100.json;
     # float32 GEMM 24 TFLOP/s): cupy.linalg.eigh took 0.9 ms at n = 64 and 11.4 ms at n = 1024,
-    # fitted as 2e10 + 230 n³ flops; a small array operation took 16 µs = 3.8e8 flops.
-    "cupy": SolveCosts(eigh=230.0, dispatch=3.8e8, eigh_fixed=2e10),
+    # fitted as 2e10 + 230 n³ flops.
+    "cupy": SolveCosts(eigh=230.0, dispatch=DISPATCH_FLOPS["cupy"], eigh_fixed=2e10),
 }
 
 _CG_OPERATIONS = 14  # per CG iteration: the block's matvec (~6) and CG's axpys and dot products (~8)

@@ -12,6 +12,7 @@ from ..errors import McalcError
 from ..modes import Approximation, Curvature, CurvatureMatrix
 from ..runtime.array_ops import side_by_side, softmax
 from ..runtime.blocks import CurvatureBlock, namespace, row_groups
+from ..runtime.patch_gram import patch_gram, prefer_shifted
 from .block_solvers import DampedBlockSolver, conjugate_gradient
 from .distributed import DataParallel
 from .network import Layer, Network
@@ -49,6 +50,24 @@ def factor_inputs(layer: Layer, inputs: Any, xp: Any, mean_patch: bool = False, 
     if mean_patch and layer.window is not None:
         a = a.reshape(a.shape[0], inputs.shape[1], -1).mean(axis=2)
     return with_bias_row(a, xp)
+
+
+def input_factor(layer: Layer, inputs: Any, xp: Any, mean_patch: bool = False, cache: dict | None = None,
+                 with_mean: bool = False) -> Any:
+    """Ā = E[ã ãᵀ] over the columns of :func:`factor_inputs` (a convolution's patches as more samples, KFC's
+    eq. (32); or each sample's mean patch); with ``with_mean`` also their mean ā (a column). A stride-1
+    convolution's Ā comes from shifted products of its input where that is cheaper than syrk of its
+    patches (:mod:`~mcalc.runtime.patch_gram`); its ā is then Ā's bias column, E[ã · 1]."""
+    if layer.window is not None and not mean_patch:
+        kernel, stride, padding, dilation, size = layer.window
+        x = layer.takes(inputs, cache)  # (channels, B, positions)
+        if prefer_shifted(*x.shape[:2], kernel, stride, padding, dilation, size, "numpy" if xp is np else "cupy"):
+            gram = patch_gram(x, kernel, padding, dilation, size)
+            A = gram / gram[-1, -1]  # its corner counts the patches
+            return (A, A[:, -1:]) if with_mean else A
+    a = factor_inputs(layer, inputs, xp, mean_patch, cache)
+    A = a @ a.T / a.shape[1]
+    return (A, a.mean(axis=1, keepdims=True)) if with_mean else A
 
 
 def damped_block_directions(names: list[str], vectors: dict[str, Any], blocks: dict[str, CurvatureBlock],
@@ -410,9 +429,8 @@ class KFAC(Optimizer):
             seeds = fisher_root_columns(p)
         out: dict[int, tuple[Any, Any]] = {}
         for position in factored_layers(net):  # a convolution's expand: positions as more samples, Σₜ ãₜ ãₜᵀ / T
-            a = factor_inputs(net.layers[position], inputs[position], xp, mean_patch=self.kfac_approx == "reduce",
-                              cache=caches[position])
-            out[position] = (a @ a.T / a.shape[1], 0)
+            out[position] = (input_factor(net.layers[position], inputs[position], xp,
+                                          mean_patch=self.kfac_approx == "reduce", cache=caches[position]), 0)
         for seed in seeds:  # a backward pass per column of the Fisher's root at the logits
             adjoints = net.adjoints(inputs, seed / B, caches, matrices=True)
             for position in out:
@@ -590,8 +608,7 @@ class KBFGS(Optimizer):
         self.block_params = block_parameters(net)
         _, inputs = net.forward(X_train, matrices=True)
         for position in factored_layers(net):
-            a = factor_inputs(net.layers[position], inputs[position], net.xp)
-            self.A[position] = a @ a.T / a.shape[1]
+            self.A[position] = input_factor(net.layers[position], inputs[position], net.xp)
 
     @staticmethod
     def _layer_statistics(net: Network, X: Any, Y: Any, params: dict[str, Any],
@@ -635,8 +652,8 @@ class KBFGS(Optimizer):
         damped, means = {}, {}
         for position in factored_layers(net):
             layer = net.layers[position]
-            a = factor_inputs(layer, inputs[position], xp)
-            batch = net.parallel.mean({"A": a @ a.T / a.shape[1], "a": a.mean(axis=1, keepdims=True)}, X.shape[1])
+            A, a = input_factor(layer, inputs[position], xp, with_mean=True)
+            batch = net.parallel.mean({"A": A, "a": a}, X.shape[1])
             batch_A = batch["A"]
             if position not in self.A:  # no pass over the data was made
                 self.A[position] = batch_A
