@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from .array_ops import Dims, namespace, pads
@@ -39,33 +40,69 @@ def _as_rows(kernel: Dims, padding: tuple, dilation: Dims, size: Dims) -> tuple:
     return (1, kernel[0]), ((0, 0), pads(padding)[0]), (1, dilation[0]), (1, size[0])
 
 
-def _shifts(kernel: Dims, dilation: Dims) -> dict[tuple[int, int], list[tuple[int, int]]]:
-    """The tap pairs (j, j′), j ≤ j′ (row-major), grouped by their shift δ = o′ − o in input positions."""
-    taps = list(itertools.product(*map(range, kernel)))
-    shifts: dict[tuple[int, int], list[tuple[int, int]]] = {}
-    for j, o in enumerate(taps):
-        for k in range(j, len(taps)):
-            delta = tuple((b - a) * d for a, b, d in zip(o, taps[k], dilation))
-            shifts.setdefault(delta, []).append((j, k))
-    return shifts
+@dataclass
+class Shift:
+    """The products of one shift δ: the input rows and columns where a position and the one δ away both
+    exist (``rows``, ``columns``: ranges), the tap pairs (j, j′) it serves with the rows of each one's
+    window clipped to them (padding holds only zeros), and the column strips to subtract:
+    (the window's rows, a column) → the pairs whose window leaves that column out."""
+
+    delta: tuple[int, int]
+    rows: tuple[int, int]
+    columns: tuple[int, int]
+    windows: dict[tuple[int, int], tuple[int, int]]
+    strips: dict[tuple[int, int, int], list[tuple[int, int]]]
 
 
-def _plan(kernel: Dims, padding: tuple, dilation: Dims, size: Dims) -> tuple:
-    """Padded extents, output extents, taps and, per shift, its rows, columns and strips."""
+@dataclass
+class ShiftPlan:
+    """A stride-1 window's taps over inputs of ``size`` (rows, columns), its output extents ``out`` and
+    every shift between two of its taps in one half-plane (the other half are the transposes)."""
+
+    size: tuple[int, int]
+    out: tuple[int, int]
+    starts: list[tuple[int, int]]  # where each tap's window starts in the input (before it, if padded)
+    shifts: list[Shift]
+
+    def window(self, tap: int, rows: tuple[int, int], columns: tuple[int, int]) -> tuple[int, int, int, int]:
+        """Tap ``tap``'s window (top, bottom, left, right) clipped to ``rows`` and ``columns``."""
+        (y, x), (height, width) = self.starts[tap], self.out
+        return max(y, rows[0]), min(y + height, rows[1]), max(x, columns[0]), min(x + width, columns[1])
+
+    def products(self) -> int:
+        """Position products per C² entries and sample: the rows' and the strips'."""
+        return sum((s.rows[1] - s.rows[0]) * (s.columns[1] - s.columns[0])
+                   + sum(bottom - top for top, bottom, _ in s.strips) for s in self.shifts)
+
+    def operations(self) -> int:
+        """Array operations, about: six per shift and per strip, two per pair."""
+        return sum(6 + 6 * len(s.strips) + 2 * len(s.windows) for s in self.shifts)
+
+
+def plan_shifts(kernel: Dims, padding: tuple, dilation: Dims, size: Dims) -> ShiftPlan:
+    """The shifts of a stride-1 window (one or two dimensions), in the input's own coordinates."""
     kernel, padding, dilation, size = _as_rows(kernel, padding, dilation, size)
-    H, W = (n + sum(p) for n, p in zip(size, padding))
-    out = tuple(n - d * (k - 1) for n, k, d in zip((H, W), kernel, dilation))
+    out = tuple(n + sum(p) - d * (k - 1) for n, p, k, d in zip(size, padding, kernel, dilation))
     taps = list(itertools.product(*map(range, kernel)))
-    plan = []
-    for (dy, dx), pairs in _shifts(kernel, dilation).items():
-        rows, cols = (max(0, -dy), min(H, H - dy)), (max(0, -dx), min(W, W - dx))
-        strips = {}  # (first row of the window, column) → the pairs that exclude it
+    starts = [tuple(o * d - p[0] for o, d, p in zip(tap, dilation, padding)) for tap in taps]
+    plan = ShiftPlan(size, out, starts, [])
+    by_delta: dict[tuple[int, int], list[tuple[int, int]]] = {}  # j ≤ j′ row-major: one half-plane of δ
+    for j, k in itertools.combinations_with_replacement(range(len(taps)), 2):
+        by_delta.setdefault(tuple(b - a for a, b in zip(starts[j], starts[k])), []).append((j, k))
+    for (dy, dx), pairs in by_delta.items():
+        rows = (max(0, -dy), min(size[0], size[0] - dy))
+        columns = (max(0, -dx), min(size[1], size[1] - dx))
+        windows, strips = {}, {}
         for j, k in pairs:
-            top, left = taps[j][0] * dilation[0], taps[j][1] * dilation[1]
-            for column in [*range(cols[0], left), *range(left + out[1], cols[1])]:
-                strips.setdefault((top, column), []).append((j, k))
-        plan.append(((dy, dx), pairs, rows, cols, strips))
-    return (H, W), out, taps, kernel, dilation, padding, plan
+            top, bottom, left, right = plan.window(j, rows, columns)
+            if top >= bottom or left >= right:  # the window reads only padding here: its block is zero
+                windows[(j, k)] = (top, top)
+                continue
+            windows[(j, k)] = (top, bottom)
+            for column in [*range(columns[0], left), *range(right, columns[1])]:
+                strips.setdefault((top, bottom, column), []).append((j, k))
+        plan.shifts.append(Shift((dy, dx), rows, columns, windows, strips))
+    return plan
 
 
 def prefer_shifted(channels: int, batch: int, kernel: Dims, stride: Dims, padding: tuple, dilation: Dims,
@@ -76,56 +113,55 @@ def prefer_shifted(channels: int, batch: int, kernel: Dims, stride: Dims, paddin
     positions the edges' small products outweigh what the shifts save."""
     if any(s != 1 for s in stride) or len(size) > 2:
         return False
-    _, out, taps, _, _, _, plan = _plan(kernel, padding, dilation, size)
-    products = sum((rows[1] - rows[0]) * (cols[1] - cols[0]) + len(strips) * out[0]
-                   for _, _, rows, cols, strips in plan)
-    operations = sum(6 + 6 * len(strips) + 2 * len(pairs) for _, pairs, _, _, strips in plan)
-    shifted = 2 * channels**2 * batch * products + DISPATCH_FLOPS[backend] * operations
-    syrk = (channels * len(taps)) ** 2 * math.prod(out) * batch  # half of the product's 2·n²·T·B
+    plan = plan_shifts(kernel, padding, dilation, size)
+    shifted = 2 * channels**2 * batch * plan.products() + DISPATCH_FLOPS[backend] * plan.operations()
+    syrk = (channels * len(plan.starts)) ** 2 * math.prod(plan.out) * batch  # half of the product's 2·n²·T·B
     return shifted <= MIN_SAVING * syrk
 
 
 def patch_gram(x: Any, kernel: Dims, padding: tuple, dilation: Dims, size: Dims) -> Any:
     """Σ ã ãᵀ over the patches ã = [u; 1] of a stride-1 convolution's inputs ``x`` (C, B, Π size), every
     sample's: a (C·taps + 1)² matrix, rows ch·taps + j and the bias row last, as ``a @ a.T`` of
-    :func:`~.array_ops.unfold`'s patches with the row of ones would give it."""
+    :func:`~.array_ops.unfold`'s patches with the row of ones would give it. The padding is never made:
+    its products are zeros, so each window is clipped to the input."""
     xp = namespace(x)
     channels, batch = x.shape[:2]
-    (H, W), (rows_out, cols_out), taps, kernel, dilation, padding, plan = _plan(kernel, padding, dilation, size)
-    image = x.reshape(channels, batch, *(n - sum(p) for n, p in zip((H, W), padding)))
-    if any(map(any, padding)):
-        image = xp.pad(image, ((0, 0), (0, 0), *padding))
+    plan = plan_shifts(kernel, padding, dilation, size)
+    image = x.reshape(channels, batch, *plan.size)
     by_rows = xp.ascontiguousarray(image.transpose(2, 3, 1, 0))  # (H, W, B, C): a row's columns contiguous
     by_columns = xp.ascontiguousarray(image.transpose(3, 2, 1, 0))  # (W, H, B, C): a column's rows contiguous
-    blocks = xp.empty((len(taps), len(taps), channels, channels), dtype=x.dtype)
-    for (dy, dx), pairs, (y0, y1), (x0, x1), strips in plan:
+    taps = len(plan.starts)
+    blocks = xp.zeros((taps, taps, channels, channels), dtype=x.dtype)
+    for shift in plan.shifts:
+        (dy, dx), (y0, y1), (x0, x1) = shift.delta, shift.rows, shift.columns
+        if y0 >= y1 or x0 >= x1:
+            continue  # a shift past the input: no position has a partner, the blocks stay zero
         left = by_rows[y0:y1, x0:x1].reshape(y1 - y0, -1, channels)
         right = by_rows[y0 + dy:y1 + dy, x0 + dx:x1 + dx].reshape(y1 - y0, -1, channels)
         rows = xp.matmul(left.transpose(0, 2, 1), right)  # (rows, C, C): each row's products over its columns
-        windows: dict[int, Any] = {}  # a window's first row → Σ rows over the window
-        for j, k in pairs:
-            top = taps[j][0] * dilation[0]
-            if top not in windows:
-                windows[top] = rows[top - y0:top - y0 + rows_out].sum(axis=0)
-            blocks[j, k] = windows[top]
-        for (top, column), excluding in strips.items():
-            strip = by_columns[column, top:top + rows_out].reshape(-1, channels).T \
-                @ by_columns[column + dx, top + dy:top + dy + rows_out].reshape(-1, channels)
+        sums: dict[tuple[int, int], Any] = {}  # a window's rows → Σ rows over them
+        for (j, k), (top, bottom) in shift.windows.items():
+            if top < bottom:
+                if (top, bottom) not in sums:
+                    sums[(top, bottom)] = rows[top - y0:bottom - y0].sum(axis=0)
+                blocks[j, k] = sums[(top, bottom)]
+        for (top, bottom, column), excluding in shift.strips.items():
+            strip = by_columns[column, top:bottom].reshape(-1, channels).T \
+                @ by_columns[column + dx, top + dy:bottom + dy].reshape(-1, channels)
             for j, k in excluding:
                 blocks[j, k] -= strip
-        for j, k in pairs:
+        for j, k in shift.windows:
             if j != k:
                 blocks[k, j] = blocks[j, k].T
-    n = channels * len(taps)
+    n = channels * taps
     gram = xp.empty((n + 1, n + 1), dtype=x.dtype)
     gram[:n, :n] = blocks.transpose(2, 0, 3, 1).reshape(n, n)
-    # the bias row: Σ u over each tap's window, from the summed-table of the samples' sum
-    table = xp.zeros((channels, H + 1, W + 1), dtype=x.dtype)
+    # the bias row: Σ u over each tap's window in the input, from the summed-area table of the samples' sum
+    table = xp.zeros((channels, plan.size[0] + 1, plan.size[1] + 1), dtype=x.dtype)
     table[:, 1:, 1:] = image.sum(axis=1).cumsum(axis=1).cumsum(axis=2)
-    sums = xp.stack([table[:, a * dilation[0] + rows_out, b * dilation[1] + cols_out]
-                     - table[:, a * dilation[0], b * dilation[1] + cols_out]
-                     - table[:, a * dilation[0] + rows_out, b * dilation[1]]
-                     + table[:, a * dilation[0], b * dilation[1]] for a, b in taps], axis=1)
-    gram[:n, n] = gram[n, :n] = sums.reshape(-1)
-    gram[n, n] = batch * rows_out * cols_out
+    inside = [plan.window(j, (0, plan.size[0]), (0, plan.size[1])) for j in range(taps)]
+    sums_ = [table[:, b, r] - table[:, t, r] - table[:, b, left] + table[:, t, left] if t < b and left < r
+             else xp.zeros(channels, dtype=x.dtype) for t, b, left, r in inside]
+    gram[:n, n] = gram[n, :n] = xp.stack(sums_, axis=1).reshape(-1)
+    gram[n, n] = batch * math.prod(plan.out)
     return gram
