@@ -61,11 +61,11 @@ class CurvatureBlock:
 
     def matvec(self, v: Any) -> Any:
         """C v for a flat v (column-stacking vec of the parameter)."""
-        xp = namespace(v)
-        out = self.dense @ v if self.dense is not None else xp.zeros_like(v)
+        out = self.dense @ v if self.dense is not None else None
         for a, b in self.kron:
             V = v.reshape(b.shape[1], a.shape[1], order="F")
-            out = out + _right_apply(dense_factor(b) @ V, a).reshape(-1, order="F")
+            term = _right_apply(dense_factor(b) @ V, a).reshape(-1, order="F")
+            out = term if out is None else out + term
         return out
 
     def split_rows(self, rows: int, groups: int) -> list[CurvatureBlock]:

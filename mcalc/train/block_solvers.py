@@ -58,10 +58,11 @@ def conjugate_gradient(matvec: Any, b: Any, tolerance: float, max_iterations: in
             return CGSolution(x, r, iteration - 1, steps, ratios)
         Ap = matvec(p)
         alpha = rr / float(p @ Ap)
-        x = x + alpha * p
-        r = r - alpha * Ap
+        x += alpha * p  # in place: x, r and p are CG's own arrays
+        r -= alpha * Ap
         rr_new = float(r @ r)
-        p = r + (rr_new / rr) * p
+        p *= rr_new / rr
+        p += r
         steps.append(alpha)
         ratios.append(rr_new / rr)
         rr = rr_new
@@ -431,7 +432,12 @@ class DampedBlockSolver:
 
         def solved(job: int) -> dict[str, Any]:
             _, g, block = jobs[job]
-            matvec = lambda v: alpha * v + (1 - alpha) * block.matvec(v)  # noqa: E731
+            def matvec(v: Any) -> Any:  # [α I + (1 − α) C] v
+                out = block.matvec(v)  # a new array: scaled in place
+                out *= 1 - alpha
+                out += alpha * v
+                return out
+
             b = -g.reshape(-1, order="F")
             solution = conjugate_gradient(matvec, b, self.tolerance, self.max_iterations)
             done = {"x": solution.x.reshape(g.shape, order="F"), "n": float(solution.iterations),
