@@ -160,8 +160,8 @@ def patch_gram(x: Any, kernel: Dims, padding: tuple, dilation: Dims, size: Dims)
     table = xp.zeros((channels, plan.size[0] + 1, plan.size[1] + 1), dtype=x.dtype)
     table[:, 1:, 1:] = image.sum(axis=1).cumsum(axis=1).cumsum(axis=2)
     inside = [plan.window(j, (0, plan.size[0]), (0, plan.size[1])) for j in range(taps)]
-    sums_ = [table[:, b, r] - table[:, t, r] - table[:, b, left] + table[:, t, left] if t < b and left < r
-             else xp.zeros(channels, dtype=x.dtype) for t, b, left, r in inside]
-    gram[:n, n] = gram[n, :n] = xp.stack(sums_, axis=1).reshape(-1)
+    bias = [table[:, b, r] - table[:, t, r] - table[:, b, left] + table[:, t, left] if t < b and left < r
+            else xp.zeros(channels, dtype=x.dtype) for t, b, left, r in inside]
+    gram[:n, n] = gram[n, :n] = xp.stack(bias, axis=1).reshape(-1)
     gram[n, n] = batch * math.prod(plan.out)
     return gram
