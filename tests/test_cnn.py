@@ -594,3 +594,17 @@ def test_poolings_verify_on_the_cuda_emulator(pool):
     checks = verify_backend(module, "cupy-emulated")
     assert checks and all(c.ok for c in checks), [c for c in checks if not c.ok]
     assert sum(c.error > 0 for c in checks) > len(checks) // 2  # real comparisons, not zeros with zeros
+
+
+def test_a_piecewise_linear_cnn_has_one_curvature():
+    """Convolutions, ReLUs, a max pooling and Linear layers have no second-order module terms (almost
+    everywhere), so HBP's exact, GGN and PCH-abs blocks are one matrix (the README's 3C3D section)."""
+    net = Network("2x8x8-conv(4,3)-relu-maxpool(2,stride=1)-conv(3,2)-relu-flatten-6-relu-5", seed=0)
+    rng = np.random.default_rng(0)
+    X, Y = rng.normal(size=(128, 6)), np.eye(5)[rng.integers(0, 5, 6)].T
+    blocks = {curvature: net.backward(X, Y, curvature, "6")[2] for curvature in ("exact", "ggn", "pch-abs")}
+    for name, block in blocks["ggn"].items():
+        ggn = block.to_dense()
+        assert np.abs(ggn).max() > 0, name
+        for curvature in ("exact", "pch-abs"):
+            np.testing.assert_array_equal(blocks[curvature][name].to_dense(), ggn)
