@@ -1,5 +1,6 @@
 """The Gram matrix of a stride-1 convolution's patches from shifted products of its input
-(runtime/patch_gram.py), against syrk of the unfolded patches, and K-FAC's and K-BFGS's factors through it."""
+(runtime/patch_gram.py), against syrk of the unfolded patches, and K-FAC's and K-BFGS's factors through it;
+the index map of unfold applied to a matrix's rows in place (array_ops.unfold_rows, fold_rows), against P."""
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -98,3 +99,25 @@ def test_input_factor_of_a_linear_layer_is_its_inputs_syrk():
     ones = np.vstack([a, np.ones((1, 5))])
     np.testing.assert_allclose(A, ones @ ones.T / 5)
     np.testing.assert_allclose(mean[:, 0], ones.mean(axis=1))
+
+
+@settings(max_examples=100, deadline=None)
+@given(windows(), st.integers(1, 4), st.booleans(), st.integers(0, 2**32 - 1))
+def test_unfold_and_fold_of_rows_are_the_index_map_and_its_transpose(window, columns, stacked, seed):
+    """unfold_rows(M) = P M and fold_rows(U) = Pᵀ U, M's rows read in place (no layout copy), for P the
+    matrix of unfold (vec unfold X = P vec X), built column by column from unfold (itself checked against
+    PyTorch's), on a stack of matrices too; any stride."""
+    from mcalc.runtime.array_ops import fold_rows, grid, unfold_rows
+
+    channels, _, kernel, padding, dilation, size = window
+    rng = np.random.default_rng(seed)
+    stride = tuple(int(s) for s in rng.integers(1, 3, len(size)))
+    n, patches = int(np.prod(size)), int(np.prod(grid(size, kernel, stride, padding, dilation)))
+    unfolded = [unfold(e.reshape(channels, n, order="F"), kernel, stride, padding, dilation, size)
+                for e in np.eye(channels * n)]
+    P = np.stack([u.reshape(-1, order="F") for u in unfolded], axis=1)
+    lead = (2,) if stacked else ()
+    M = rng.normal(size=lead + (channels * n, columns))
+    U = rng.normal(size=lead + (channels * int(np.prod(kernel)) * patches, columns))
+    np.testing.assert_allclose(unfold_rows(M, kernel, stride, padding, dilation, size, channels), P @ M, atol=1e-12)
+    np.testing.assert_allclose(fold_rows(U, kernel, stride, padding, dilation, size, channels), P.T @ U, atol=1e-12)

@@ -356,16 +356,36 @@ def _selected_inputs(mask: Any) -> np.ndarray | None:
 
 
 def unfold_rows(m: Any, kernel: Dims, stride: Dims, padding: tuple, dilation: Dims, size: Dims, channels: int) -> Any:
-    """P M for P the matrix of unfold (vec unfold X = P vec X): each column of M a vec X, without P."""
-    signals = unvec_of_samples(m, channels)
-    return vec_of_samples(unfold(signals, kernel, stride, padding, dilation, size),
-                          math.prod(grid(size, kernel, stride, padding, dilation)))
+    """P M for P the matrix of unfold (vec unfold X = P vec X): each column of M a vec X, without P.
+
+    M's rows, the column-stacking vec of a channels × positions matrix, are read in place as (positions…,
+    channels) and each tap's strided window is copied into P M's rows, read as (patches…, channels,
+    taps…): M's columns stay innermost, so no layout copy is made (an input block of a convolution,
+    Pᵀ (I ⊗ Kᵀ) 𝓗z (I ⊗ K) P, is folded and unfolded along its rows and columns)."""
+    xp, lead, cols = namespace(m), m.shape[:-2], m.shape[-1]
+    patches, stack = grid(size, kernel, stride, padding, dilation), (slice(None),) * (m.ndim - 2)
+    inputs = m.reshape(lead + tuple(size) + (channels, cols))
+    if any(padding):
+        inputs = xp.pad(inputs, [(0, 0)] * len(lead) + list(pads(padding)) + [(0, 0), (0, 0)])
+    out = xp.empty(lead + patches + (channels,) + tuple(kernel) + (cols,), dtype=m.dtype)
+    for tap in itertools.product(*map(range, kernel)):
+        out[stack + (slice(None),) * (len(size) + 1) + tap] = inputs[stack + _windows(tap, stride, dilation, patches)]
+    return out.reshape(lead + (-1, cols))
 
 
 def fold_rows(m: Any, kernel: Dims, stride: Dims, padding: tuple, dilation: Dims, size: Dims, channels: int) -> Any:
-    """Pᵀ M: each column of M a vec of patches, folded back into a vec of the input."""
-    patches = unvec_of_samples(m, channels * math.prod(kernel))
-    return vec_of_samples(fold(patches, kernel, stride, padding, dilation, size), math.prod(size))
+    """Pᵀ M: each column of M a vec of patches, folded back into a vec of the input; the adjoint of
+    :func:`unfold_rows`, its rows read in place as (patches…, channels, taps…), one strided addition
+    per tap, in the taps' order as :func:`fold` adds them."""
+    xp, lead, cols = namespace(m), m.shape[:-2], m.shape[-1]
+    patches, stack = grid(size, kernel, stride, padding, dilation), (slice(None),) * (m.ndim - 2)
+    values = m.reshape(lead + patches + (channels,) + tuple(kernel) + (cols,))
+    padded = tuple(length + sum(p) for length, p in zip(size, pads(padding)))
+    out = xp.zeros(lead + padded + (channels, cols), dtype=m.dtype)
+    for tap in itertools.product(*map(range, kernel)):
+        out[stack + _windows(tap, stride, dilation, patches)] += values[stack + (slice(None),) * (len(size) + 1) + tap]
+    inside = tuple(slice(p, p + length) for (p, _), length in zip(pads(padding), size))
+    return out[stack + inside].reshape(lead + (-1, cols))
 
 
 def block_trace(m: Any, blocks: int) -> Any:
