@@ -53,15 +53,17 @@ def factor_inputs(layer: Layer, inputs: Any, xp: Any, mean_patch: bool = False, 
 
 
 def input_factor(layer: Layer, inputs: Any, xp: Any, mean_patch: bool = False, cache: dict | None = None,
-                 with_mean: bool = False) -> Any:
+                 with_mean: bool = False, batch: int = 0) -> Any:
     """Ā = E[ã ãᵀ] over the columns of :func:`factor_inputs` (a convolution's patches as more samples, KFC's
     eq. (32); or each sample's mean patch); with ``with_mean`` also their mean ā (a column). A stride-1
     convolution's Ā comes from shifted products of its input where that is cheaper than syrk of its
-    patches (:mod:`~mcalc.runtime.patch_gram`); its ā is then Ā's bias column, E[ã · 1]."""
+    patches (:mod:`~mcalc.runtime.patch_gram`); its ā is then Ā's bias column, E[ã · 1]. ``batch``: the
+    global batch the choice is made for (else this one), so that every rank chooses as one process."""
     if layer.window is not None and not mean_patch:
         kernel, stride, padding, dilation, size = layer.window
         x = layer.takes(inputs, cache)  # (channels, B, positions)
-        if prefer_shifted(*x.shape[:2], kernel, stride, padding, dilation, size, "numpy" if xp is np else "cupy"):
+        if prefer_shifted(x.shape[0], batch or x.shape[1], kernel, stride, padding, dilation, size,
+                          "numpy" if xp is np else "cupy"):
             gram = patch_gram(x, kernel, padding, dilation, size)
             A = gram / gram[-1, -1]  # its corner counts the patches
             return (A, A[:, -1:]) if with_mean else A
@@ -429,8 +431,8 @@ class KFAC(Optimizer):
             seeds = fisher_root_columns(p)
         out: dict[int, tuple[Any, Any]] = {}
         for position in factored_layers(net):  # a convolution's expand: positions as more samples, Σₜ ãₜ ãₜᵀ / T
-            out[position] = (input_factor(net.layers[position], inputs[position], xp,
-                                          mean_patch=self.kfac_approx == "reduce", cache=caches[position]), 0)
+            out[position] = (input_factor(net.layers[position], inputs[position], xp, cache=caches[position],
+                                          mean_patch=self.kfac_approx == "reduce", batch=net.parallel.batch), 0)
         for seed in seeds:  # a backward pass per column of the Fisher's root at the logits
             adjoints = net.adjoints(inputs, seed / B, caches, matrices=True)
             for position in out:
@@ -652,7 +654,7 @@ class KBFGS(Optimizer):
         damped, means = {}, {}
         for position in factored_layers(net):
             layer = net.layers[position]
-            A, a = input_factor(layer, inputs[position], xp, with_mean=True)
+            A, a = input_factor(layer, inputs[position], xp, with_mean=True, batch=net.parallel.batch)
             batch = net.parallel.mean({"A": A, "a": a}, X.shape[1])
             batch_A = batch["A"]
             if position not in self.A:  # no pass over the data was made
