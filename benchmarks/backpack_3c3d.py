@@ -33,9 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +41,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from machine import describe  # noqa: E402  (benchmarks/machine.py, beside this script)
+from side_by_side import timed_in_turn  # noqa: E402
 
 from mcalc.runtime.array_ops import grid  # noqa: E402
 from mcalc.train.network import Network  # noqa: E402
@@ -140,19 +139,6 @@ def compare(expand: list[tuple], reduce: list[tuple], theirs: list[list], positi
     return out
 
 
-def timed(contenders: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each contender, run in turn within every repeat after a warm-up."""
-    for fn in contenders.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -213,7 +199,7 @@ def main() -> None:
     images = torch.tensor(X.T.reshape(B, 32 * 32, 3).transpose(0, 2, 1).reshape(B, 3, 32, 32).copy()).to(device)
     model = backpack_model(net32, torch.float32).to(device)
     X = on_device(X)
-    times = timed({"mcalc kfac (exact Fisher)": synchronised(lambda: mcalc_factors(net32, X)),
+    times = timed_in_turn({"mcalc kfac (exact Fisher)": synchronised(lambda: mcalc_factors(net32, X)),
                    "mcalc kfac, reduce": synchronised(lambda: mcalc_factors(net32, X, "reduce")),
                    "BackPACK KFLR": synchronised(lambda: backpack_factors(model, images, y)),
                    "mcalc kfac (MC Fisher)": synchronised(lambda: mcalc_factors(net32, X, fisher="mc")),

@@ -28,9 +28,7 @@ import argparse
 import itertools
 import json
 import os
-import statistics
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -39,6 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from machine import describe  # noqa: E402  (benchmarks/machine.py, beside this script)
+from side_by_side import timed_in_turn  # noqa: E402
 
 import mcalc as mc  # noqa: E402
 from mcalc import layers as L  # noqa: E402
@@ -141,19 +140,10 @@ def _difference(ours: tuple, reference: tuple, xp) -> float:
 
 
 def timed_side_by_side(contenders: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each ``name: (fn, sync)``, run in turn within every repeat, so that drift of the
-    machine (a shared CPU, GPU clocks) affects all contenders alike."""
-    for fn, sync in contenders.values():  # warm-up: compilation, caches, allocator pools
-        fn()
-        sync()
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, (fn, sync) in contenders.items():
-            start = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    """Median seconds of each ``name: (fn, sync)``, the device synchronised after each run
+    (:func:`side_by_side.timed_in_turn`)."""
+    return timed_in_turn({name: (lambda fn=fn, sync=sync: (fn(), sync())) for name, (fn, sync) in contenders.items()},
+                         repeats)
 
 
 def spec() -> str:

@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +23,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from machine import describe  # noqa: E402  (benchmarks/machine.py, beside this script)
+from side_by_side import timed_in_turn  # noqa: E402
 
 from mcalc.runtime.array_ops import grid, unfold  # noqa: E402
 from mcalc.runtime.patch_gram import patch_gram, plan_shifts, prefer_shifted  # noqa: E402
@@ -52,15 +51,7 @@ def measure(name: str, channels: int, kernel: tuple, stride: tuple, padding: tup
     ways = {"syrk": lambda: a @ a.T}
     if all(s == 1 for s in stride):
         ways["shifted"] = lambda: patch_gram(x, kernel, padding, (1,) * dims, size)
-    for way in ways.values():
-        way()
-    times: dict[str, list[float]] = {w: [] for w in ways}
-    for _ in range(repeats):
-        for w, way in ways.items():
-            start = time.perf_counter()
-            way()
-            times[w].append(time.perf_counter() - start)
-    median = {w: statistics.median(t) for w, t in times.items()}
+    median = timed_in_turn(ways, repeats)
     positions = math.prod(grid(size, kernel, stride, padding, (1,) * dims))
     row = {"window": name, "channels": channels, "kernel": kernel, "stride": stride, "padding": padding,
            "size": size, "batch": batch, "syrk_seconds": median["syrk"],
