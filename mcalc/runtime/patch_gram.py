@@ -22,6 +22,7 @@ A one-dimensional convolution is the case of one row.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ def _as_rows(kernel: Dims, padding: tuple, dilation: Dims, size: Dims) -> tuple:
     return (1, kernel[0]), ((0, 0), pads(padding)[0]), (1, dilation[0]), (1, size[0])
 
 
-@dataclass
+@dataclass(frozen=True)
 class Shift:
     """The products of one shift δ: the input rows and columns where a position and the one δ away both
     exist (``rows``, ``columns``: ranges), the tap pairs (j, j′) it serves with the rows of each one's
@@ -54,7 +55,7 @@ class Shift:
     strips: dict[tuple[int, int, int], list[tuple[int, int]]]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ShiftPlan:
     """A stride-1 window's taps over inputs of ``size`` (rows, columns), its output extents ``out`` and
     every shift between two of its taps in one half-plane (the other half are the transposes)."""
@@ -79,8 +80,10 @@ class ShiftPlan:
         return sum(6 + 6 * len(s.strips) + 2 * len(s.windows) for s in self.shifts)
 
 
+@functools.lru_cache(maxsize=256)
 def plan_shifts(kernel: Dims, padding: tuple, dilation: Dims, size: Dims) -> ShiftPlan:
-    """The shifts of a stride-1 window (one or two dimensions), in the input's own coordinates."""
+    """The shifts of a stride-1 window (one or two dimensions), in the input's own coordinates; made once
+    per window (every K-FAC step asks for it twice per convolution: :func:`prefer_shifted`, :func:`patch_gram`)."""
     kernel, padding, dilation, size = _as_rows(kernel, padding, dilation, size)
     out = tuple(n + sum(p) - d * (k - 1) for n, p, k, d in zip(size, padding, kernel, dilation))
     taps = list(itertools.product(*map(range, kernel)))
